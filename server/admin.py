@@ -1,0 +1,54 @@
+"""AdminService handlers: the write in PostgreSQL (with its outbox row), then the invalidation.
+
+If the invalidation fails (a shard is down) the write still stands — it committed — and the outbox
+relay deletes the keys again until every shard has acknowledged. Nothing accepted is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from server.errors import BackendError
+from server.resolver import Resolver
+from server.store.admin import AdminStore, WriteResult
+
+log = logging.getLogger("crs.admin")
+
+
+class AdminHandlers:
+    def __init__(self, *, store: AdminStore, resolver: Resolver) -> None:
+        self.store = store
+        self.resolver = resolver
+        # One handler per RPC, all the same shape: store method, then invalidate.
+        for rpc, method in {
+            "CreateCustomer": store.create_customer, "UpdateCustomer": store.update_customer,
+            "SetCustomerStatus": store.set_customer_status, "CreateAccount": store.create_account,
+            "SetAccountStatus": store.set_account_status, "CloseAccount": store.close_account,
+            "LinkCustomer": store.link_customer, "UnlinkCustomer": store.unlink_customer,
+            "IssueCard": store.issue_card, "LinkCard": store.link_card, "SetCardStatus": store.set_card_status,
+        }.items():
+            setattr(self, rpc, self._handler(rpc, method))
+
+    def _handler(self, rpc: str, write: Callable[[Any], Awaitable[WriteResult]]) -> Callable[[Any], Awaitable[bytes]]:
+        async def handle(request: Any) -> bytes:
+            result = await write(request)
+            if result.outbox_id is not None:
+                await self._invalidate(rpc, result)
+            return result.response
+
+        handle.__name__ = rpc
+        return handle
+
+    async def _invalidate(self, rpc: str, result: WriteResult) -> None:
+        assert result.outbox_id is not None
+        if not await self.resolver.invalidate(result.stale_keys):
+            log.warning("invalidation incomplete; the outbox relay will retry",
+                        extra={"rpc": rpc, "outbox_id": result.outbox_id})
+            return
+        try:
+            await self.store.mark_invalidated(result.outbox_id)
+        except BackendError:
+            # Committed and invalidated; only the bookkeeping failed. The relay settles the row.
+            log.warning("could not mark outbox row invalidated", extra={"outbox_id": result.outbox_id})

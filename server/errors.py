@@ -1,0 +1,87 @@
+"""Domain errors and their one mapping to gRPC status codes.
+
+The tree (two families: the caller's fault and a dependency's fault)::
+
+    CrsError
+    ├── ClientError                 the request cannot succeed as sent
+    │   ├── InvalidKey              INVALID_ARGUMENT   malformed PAN, token, ABA, ids, oversize batch
+    │   ├── NotFound                NOT_FOUND          well-formed key that matches nothing
+    │   ├── AlreadyExists           ALREADY_EXISTS     natural key taken (PAN already issued, ...)
+    │   ├── FailedPrecondition      FAILED_PRECONDITION  e.g. a card on a closed account
+    │   └── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
+    └── BackendError                a dependency failed; the caller may retry
+        ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
+        └── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
+
+Messages are written for the caller and must never contain a full PAN or account number: the core
+builds them from masked values or lengths only. `status_for` is the only place that knows gRPC codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CrsError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ClientError(CrsError):
+    """The request is wrong; retrying it unchanged will fail again."""
+
+
+class InvalidKey(ClientError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(ClientError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(ClientError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(ClientError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class VersionConflict(ClientError):
+    code = grpc.StatusCode.ABORTED
+
+
+class BackendError(CrsError):
+    """A dependency (PostgreSQL, Redis) failed; the same request may succeed later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class BackendUnavailable(BackendError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class BackendTimeout(BackendError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and caller-facing message for any exception a handler lets escape.
+
+    Unknown exceptions become INTERNAL with a generic message: their text may carry data we do not
+    control (driver errors can quote parameters), so it is logged masked and never sent.
+    """
+    if isinstance(exc, CrsError):
+        return exc.code, exc.message
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def rpc_code_number(code: grpc.StatusCode) -> int:
+    """The numeric google.rpc.Code of a status, as LookupResult.code carries it."""
+    value: tuple[int, str] = code.value
+    return value[0]

@@ -1,0 +1,133 @@
+"""LookupService handlers: validate, turn the key into a cache key + loader, resolve, answer bytes.
+
+The whole hot path of a card lookup, in order: parse request (protobuf) → parse_pan (length,
+ASCII digits, Luhn) → HMAC fingerprint → Resolver.resolve (L1 → L2 → L3) → the cached bytes go back
+through an identity serializer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from functools import partial
+
+import asyncpg
+
+from server.cache import keys as ck
+from server.crypto import Keyring, account_fingerprint_input
+from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
+from server.errors import CrsError, InvalidKey, rpc_code_number
+from server.pan import parse_account_number, parse_customer_id, parse_pan, parse_routing_number, parse_token
+from server.proto import crs_pb2 as pb
+from server.resolver import Lookup, Resolver
+from server.store import reads
+
+MAX_CORRELATION_ID = 128
+
+
+class LookupHandlers:
+    def __init__(self, *, resolver: Resolver, pool: asyncpg.Pool, keyring: Keyring, pg_timeout: float,
+                 batch_max: int) -> None:
+        self.resolver = resolver
+        self.pool = pool
+        self.keyring = keyring
+        self.pg_timeout = pg_timeout
+        self.batch_max = batch_max
+
+    # -- key → Lookup ----------------------------------------------------------------------------
+    def card_by_pan(self, pan: str) -> Lookup:
+        parse_pan(pan)
+        version = self.keyring.fingerprint_version
+        fp = self.keyring.fingerprint(pan)
+        return Lookup(ck.card_key(version, fp),
+                      partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout), "card")
+
+    def card_by_token(self, token: str) -> Lookup:
+        parse_token(token)
+        return Lookup(ck.token_key(token), partial(reads.card_by_token, self.pool, token, timeout=self.pg_timeout),
+                      "card")
+
+    def account(self, routing_number: str, account_number: str) -> Lookup:
+        parse_routing_number(routing_number)
+        parse_account_number(account_number)
+        version = self.keyring.fingerprint_version
+        fp = self.keyring.fingerprint(account_fingerprint_input(routing_number, account_number))
+        return Lookup(ck.account_key(version, fp),
+                      partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout),
+                      "account")
+
+    def customer(self, customer_id: str) -> Lookup:
+        parse_customer_id(customer_id)
+        return Lookup(ck.customer_key(customer_id),
+                      partial(reads.customer_profile, self.pool, customer_id, timeout=self.pg_timeout), "customer")
+
+    def for_key(self, key: pb.LookupKey) -> tuple[Lookup, int]:
+        which = key.WhichOneof("key")
+        if which == "pan":
+            return self.card_by_pan(key.pan), RESOLUTION_FIELD
+        if which == "card_token":
+            return self.card_by_token(key.card_token), RESOLUTION_FIELD
+        if which == "account":
+            return self.account(key.account.routing_number, key.account.account_number), RESOLUTION_FIELD
+        if which == "customer_id":
+            return self.customer(key.customer_id), CUSTOMER_FIELD
+        raise InvalidKey("key is empty: set one of pan, card_token, account, customer_id")
+
+    # -- unary RPCs ------------------------------------------------------------------------------
+    async def ResolveCard(self, request: pb.ResolveCardRequest) -> bytes:
+        which = request.WhichOneof("key")
+        if which == "pan":
+            return await self.resolver.resolve(self.card_by_pan(request.pan))
+        if which == "token":
+            return await self.resolver.resolve(self.card_by_token(request.token))
+        raise InvalidKey("key is empty: set pan or token")
+
+    async def ResolveAccount(self, request: pb.ResolveAccountRequest) -> bytes:
+        return await self.resolver.resolve(self.account(request.routing_number, request.account_number))
+
+    async def GetCustomer(self, request: pb.GetCustomerRequest) -> bytes:
+        return await self.resolver.resolve(self.customer(request.customer_id))
+
+    # -- many keys -------------------------------------------------------------------------------
+    async def BatchResolve(self, request: pb.BatchResolveRequest) -> bytes:
+        n = len(request.keys)
+        if n == 0:
+            raise InvalidKey("keys is empty")
+        if n > self.batch_max:
+            raise InvalidKey(f"too many keys: {n} > the maximum of {self.batch_max} per batch")
+        prepared: list[tuple[str, Lookup | CrsError, int]] = []
+        for key in request.keys:
+            cid = key.correlation_id
+            try:
+                if len(cid) > MAX_CORRELATION_ID:
+                    raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
+                lookup, field = self.for_key(key)
+            except CrsError as exc:
+                prepared.append((cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD))
+            else:
+                prepared.append((cid, lookup, field))
+        todo = [p[1] for p in prepared if isinstance(p[1], Lookup)]
+        answers = iter(await self.resolver.resolve_many(todo)) if todo else iter(())
+        results: list[bytes] = []
+        for cid, item, field in prepared:
+            outcome = next(answers) if isinstance(item, Lookup) else item
+            results.append(_result(cid, outcome, field))
+        return batch_response(results)
+
+    async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey]) -> AsyncIterator[bytes]:
+        async for key in requests:
+            cid = key.correlation_id
+            try:
+                if len(cid) > MAX_CORRELATION_ID:
+                    cid = cid[:MAX_CORRELATION_ID]
+                    raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
+                lookup, field = self.for_key(key)
+                outcome: bytes | CrsError = await self.resolver.resolve(lookup)
+            except CrsError as exc:
+                outcome, field = exc, RESOLUTION_FIELD
+            yield _result(cid, outcome, field)
+
+
+def _result(correlation_id: str, outcome: bytes | CrsError, field: int) -> bytes:
+    if isinstance(outcome, bytes):
+        return lookup_result(correlation_id, 0, "", outcome, field)
+    return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None)

@@ -1,0 +1,48 @@
+"""Prometheus metrics of a node process.
+
+With several worker processes `crs serve` sets PROMETHEUS_MULTIPROC_DIR before the workers start and
+serves the merged view from the parent; a single process serves its own registry. Label children are
+bound once and reused: `.labels()` on every call would cost more than the lookup it measures.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
+_LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        self.rpc_latency = Histogram("crs_rpc_latency_seconds", "RPC handling time by method and status",
+                                     ["method", "code"], buckets=_LATENCY_BUCKETS, **kw)
+        self.lookups = Counter("crs_lookups_total", "Keys answered, by the tier that answered them",
+                               ["tier"], **kw)
+        self.shard_errors = Counter("crs_cache_shard_errors_total", "Failed Redis operations per shard",
+                                    ["shard"], **kw)
+        self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
+                              ["shard"], multiprocess_mode="min", **kw)
+        self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
+                                    multiprocess_mode="max", **kw)
+        self._tiers: dict[str, Counter] = {}
+        self._rpc: dict[tuple[str, str], Histogram] = {}
+
+    def tier_hit(self, tier: str) -> None:
+        child = self._tiers.get(tier)
+        if child is None:
+            child = self._tiers[tier] = self.lookups.labels(tier)
+        child.inc()
+
+    def observe_rpc(self, method: str, code: str, seconds: float) -> None:
+        child = self._rpc.get((method, code))
+        if child is None:
+            child = self._rpc[(method, code)] = self.rpc_latency.labels(method, code)
+        child.observe(seconds)
+
+    def shard_error(self, shard: str) -> None:
+        self.shard_errors.labels(shard).inc()
+
+    def shard_state(self, shard: str, up: bool) -> None:
+        self.shard_up.labels(shard).set(1 if up else 0)

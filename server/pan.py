@@ -1,0 +1,144 @@
+"""Validation and masking of the keys a caller sends: PANs, tokens, ABA routing and account numbers.
+
+Pure functions, no I/O. Every error message describes the problem without repeating the value:
+a malformed "PAN" may still be a real card number with a typo.
+"""
+
+from __future__ import annotations
+
+import re
+
+from server.errors import InvalidKey
+
+PAN_MIN_LEN = 12
+PAN_MAX_LEN = 19
+ACCOUNT_MIN_LEN = 4
+ACCOUNT_MAX_LEN = 17
+ROUTING_LEN = 9
+TOKEN_PREFIX = "tok_"
+CUSTOMER_PREFIX = "cus_"
+ACCOUNT_PREFIX = "acc_"
+_TOKEN_RE = re.compile(r"tok_[0-9a-z]{20,40}")
+_CUSTOMER_RE = re.compile(r"cus_[0-9a-z]{8,40}")
+_ACCOUNT_ID_RE = re.compile(r"acc_[0-9a-z]{8,40}")
+_EXPIRY_RE = re.compile(r"(20[0-9]{2})-(0[1-9]|1[0-2])")
+_ABA_WEIGHTS = (3, 7, 1, 3, 7, 1, 3, 7, 1)
+
+
+def _is_ascii_digits(value: str) -> bool:
+    # str.isdigit() alone accepts Arabic-Indic, fullwidth and superscript digits.
+    return value.isascii() and value.isdigit()
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    parity = len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = ord(ch) - 48
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def luhn_check_digit(partial: str) -> str:
+    """The digit that makes `partial + digit` Luhn-valid."""
+    for d in "0123456789":
+        if luhn_ok(partial + d):
+            return d
+    raise AssertionError("unreachable: one of ten digits always satisfies Luhn")
+
+
+def parse_pan(value: str) -> str:
+    """Return the PAN if it is 12-19 ASCII digits and Luhn-valid, else raise InvalidKey."""
+    if not value:
+        raise InvalidKey("pan is empty")
+    if len(value) < PAN_MIN_LEN or len(value) > PAN_MAX_LEN:
+        raise InvalidKey(f"pan must be {PAN_MIN_LEN}-{PAN_MAX_LEN} digits (got {min(len(value), 9999)} characters)")
+    if not _is_ascii_digits(value):
+        raise InvalidKey("pan must contain only ASCII digits 0-9")
+    if not luhn_ok(value):
+        raise InvalidKey("pan fails the Luhn check")
+    return value
+
+
+def parse_token(value: str) -> str:
+    if not value:
+        raise InvalidKey("card token is empty")
+    if not _TOKEN_RE.fullmatch(value):
+        raise InvalidKey("card token is malformed (expected 'tok_' and 20-40 lowercase letters or digits)")
+    return value
+
+
+def parse_customer_id(value: str) -> str:
+    if not value:
+        raise InvalidKey("customer_id is empty")
+    if not _CUSTOMER_RE.fullmatch(value):
+        raise InvalidKey("customer_id is malformed (expected 'cus_' and 8-40 lowercase letters or digits)")
+    return value
+
+
+def parse_account_id(value: str) -> str:
+    if not value:
+        raise InvalidKey("account_id is empty")
+    if not _ACCOUNT_ID_RE.fullmatch(value):
+        raise InvalidKey("account_id is malformed (expected 'acc_' and 8-40 lowercase letters or digits)")
+    return value
+
+
+def aba_ok(routing: str) -> bool:
+    return sum(w * (ord(c) - 48) for w, c in zip(_ABA_WEIGHTS, routing, strict=True)) % 10 == 0
+
+
+def aba_check_digit(first8: str) -> str:
+    for d in "0123456789":
+        if aba_ok(first8 + d):
+            return d
+    raise AssertionError("unreachable: one of ten digits always satisfies the ABA checksum")
+
+
+def parse_routing_number(value: str) -> str:
+    if not value:
+        raise InvalidKey("routing_number is empty")
+    if len(value) != ROUTING_LEN or not _is_ascii_digits(value):
+        raise InvalidKey("routing_number must be exactly 9 ASCII digits")
+    if not aba_ok(value):
+        raise InvalidKey("routing_number fails the ABA check digit")
+    return value
+
+
+def parse_account_number(value: str) -> str:
+    if not value:
+        raise InvalidKey("account_number is empty")
+    if len(value) < ACCOUNT_MIN_LEN or len(value) > ACCOUNT_MAX_LEN or not _is_ascii_digits(value):
+        raise InvalidKey(f"account_number must be {ACCOUNT_MIN_LEN}-{ACCOUNT_MAX_LEN} ASCII digits")
+    return value
+
+
+def parse_expiry(value: str) -> str:
+    if not _EXPIRY_RE.fullmatch(value or ""):
+        raise InvalidKey("expiry must be YYYY-MM (2000-2099)")
+    return value
+
+
+def mask_pan(pan: str) -> str:
+    """First six and last four, the most PCI DSS 3.4.1 allows to display."""
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+def mask_pan_parts(bin6: str, last4: str, length: int) -> str:
+    return bin6 + "*" * (length - 10) + last4
+
+
+def mask_account_number(last4: str, length: int = 10) -> str:
+    return "*" * max(length - 4, 2) + last4
+
+
+_LONG_DIGITS = re.compile(r"(?<![0-9])([0-9]{6})[0-9]{2,9}([0-9]{4})(?![0-9])")
+
+
+def redact_digits(text: str) -> str:
+    """Mask any 12-19 digit run in free text: the last guard before a log line is written."""
+    return _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)

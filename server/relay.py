@@ -1,0 +1,55 @@
+"""The outbox relay: the second, guaranteed invalidation of every write (DESIGN.md §3).
+
+Every node runs one. It takes unsettled outbox rows older than `reinvalidate_delay` (SKIP LOCKED, so
+nodes share the work), deletes their cache keys again and publishes them, then marks them settled.
+The delay closes the read/write race: a reader that loaded the old row from PostgreSQL just before
+the commit may SET it into Redis just after the writer's delete; the relay's delete comes later.
+A row whose shards did not all acknowledge stays unsettled and is retried on the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import asyncpg
+
+from server.metrics import Metrics
+from server.resolver import Resolver
+
+log = logging.getLogger("crs.relay")
+BATCH = 500
+
+
+async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) -> int:
+    """One pass; returns how many rows it settled."""
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
+            " AND created_at < clock_timestamp() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+            dt.timedelta(seconds=delay), BATCH)
+        settled = [r["id"] for r in rows if await resolver.invalidate(r["cache_keys"])]
+        if settled:
+            await conn.execute(
+                "UPDATE outbox SET settled_at = clock_timestamp(),"
+                " invalidated_at = coalesce(invalidated_at, clock_timestamp()) WHERE id = ANY($1::bigint[])",
+                settled)
+    return len(settled)
+
+
+async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *, delay: float,
+                    interval: float) -> None:
+    """Until cancelled. Database errors are logged and retried; they never stop the relay."""
+    while True:
+        try:
+            settled = await relay_once(pool, resolver, delay=delay)
+            pending = await pool.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL")
+            metrics.outbox_pending.set(pending)
+            if settled == BATCH:
+                continue
+        except asyncio.CancelledError:
+            raise
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            log.warning("outbox relay pass failed; retrying", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)

@@ -1,0 +1,66 @@
+"""Method tables for crs.v1 services, read from the proto descriptors (never string literals).
+
+The server registers handlers with these, using an identity serializer for responses that are
+already bytes (cached answers go out as they are). Clients (tests, CLI, load tests) build stubs with
+`stub(channel, "LookupService")`; it works with both sync and grpc.aio channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+
+from server.proto import crs_pb2
+
+LOOKUP_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["LookupService"]
+ADMIN_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["AdminService"]
+SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE)
+
+
+@dataclass(frozen=True)
+class Method:
+    service: str            # "crs.v1.LookupService"
+    name: str               # "ResolveCard"
+    path: str               # "/crs.v1.LookupService/ResolveCard"
+    request: type[Message]
+    response: type[Message]
+    client_streaming: bool
+    server_streaming: bool
+
+
+def _method(service: ServiceDescriptor, md: MethodDescriptor) -> Method:
+    return Method(service=service.full_name, name=md.name, path=f"/{service.full_name}/{md.name}",
+                  request=GetMessageClass(md.input_type), response=GetMessageClass(md.output_type),
+                  client_streaming=md.client_streaming, server_streaming=md.server_streaming)
+
+
+def methods(service: ServiceDescriptor) -> dict[str, Method]:
+    return {md.name: _method(service, md) for md in service.methods}
+
+
+class Stub:
+    """Callables per method, e.g. `stub.ResolveCard(request, timeout=1)`."""
+
+    def __init__(self, channel: Any, service: ServiceDescriptor) -> None:
+        for m in methods(service).values():
+            if m.client_streaming and m.server_streaming:
+                factory = channel.stream_stream
+            elif m.server_streaming:
+                factory = channel.unary_stream
+            elif m.client_streaming:
+                factory = channel.stream_unary
+            else:
+                factory = channel.unary_unary
+            setattr(self, m.name, factory(m.path, request_serializer=m.request.SerializeToString,
+                                          response_deserializer=m.response.FromString))
+
+    def __getattr__(self, name: str) -> Any:  # for type checkers: methods are set in __init__
+        raise AttributeError(name)
+
+
+def stub(channel: Any, service: str) -> Stub:
+    return Stub(channel, crs_pb2.DESCRIPTOR.services_by_name[service])

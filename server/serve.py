@@ -1,0 +1,131 @@
+"""`crs serve`: N node processes on one port (SO_REUSEPORT), uvloop, graceful SIGTERM.
+
+The parent process supervises: it starts the workers, restarts one that dies, serves the merged
+Prometheus metrics, and on SIGTERM/SIGINT forwards SIGTERM so every worker drains (NOT_SERVING,
+stop accepting, finish in-flight calls within grace_seconds) before it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+import tempfile
+import time
+from multiprocessing.context import SpawnProcess
+from pathlib import Path
+
+from server.logs import configure_logging
+from server.settings import Settings
+
+log = logging.getLogger("crs.serve")
+RESTART_BACKOFF = 1.0
+
+
+def run_node_process(settings: Settings) -> int:
+    """Run one node until SIGTERM/SIGINT. Returns the process exit code."""
+    import uvloop
+
+    from server.app import Node
+
+    configure_logging(settings.log_level)
+
+    async def main() -> int:
+        node = Node(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await node.start()
+        except Exception as exc:
+            log.error("node failed to start", extra={"error": type(exc).__name__, "reason": str(exc)})
+            await node.stop(grace=0)
+            return 3
+        await stop.wait()
+        log.info("draining", extra={"grace_s": settings.grace_seconds})
+        await node.stop()
+        return 0
+
+    return uvloop.run(main())
+
+
+def _worker(settings: Settings, index: int) -> None:
+    os.environ["CRS_WORKER_INDEX"] = str(index)
+    raise SystemExit(run_node_process(settings))
+
+
+def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
+    if not settings.metrics_port:
+        return
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    if multiproc_dir is None:
+        start_http_server(settings.metrics_port, addr=settings.grpc_host)
+        return
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+    start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+
+
+def serve(settings: Settings) -> int:
+    """Blocking: run the node processes until SIGTERM/SIGINT; the exit code for the CLI."""
+    configure_logging(settings.log_level)
+    settings.keyring()  # refuse to start workers with a bad key: the error is clearer here
+    workers = settings.effective_workers()
+    if workers == 1:
+        _start_metrics(settings, None)
+        return run_node_process(settings)
+
+    multiproc_dir = Path(tempfile.mkdtemp(prefix="crs-metrics-"))
+    # Must be in the environment before prometheus_client is imported by a worker.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
+    _start_metrics(settings, multiproc_dir)
+    ctx = mp.get_context("spawn")
+    procs: dict[int, SpawnProcess] = {}
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def start(i: int) -> None:
+        p = ctx.Process(target=_worker, args=(settings, i), name=f"crs-node-{i}", daemon=False)
+        p.start()
+        procs[i] = p
+
+    for i in range(workers):
+        start(i)
+    log.info("serving", extra={"workers": workers, "port": settings.grpc_port})
+    failures_in_a_row = 0
+    while not stopping:
+        time.sleep(0.2)
+        for i, p in list(procs.items()):
+            if p.exitcode is not None and not stopping:
+                failures_in_a_row += 1
+                log.error("worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
+                if failures_in_a_row > 5 * workers:
+                    log.error("workers keep failing; giving up")
+                    stopping = True
+                    break
+                time.sleep(RESTART_BACKOFF)
+                start(i)
+    for p in procs.values():
+        if p.is_alive() and p.pid is not None:
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + settings.grace_seconds + 5
+    for p in procs.values():
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    codes = [p.exitcode for p in procs.values()]
+    log.info("stopped", extra={"exitcodes": codes})
+    return 0 if failures_in_a_row <= 5 * workers else 1

@@ -1,0 +1,203 @@
+"""The one typed settings object, built once at start-up and handed to the parts that need it.
+
+Sources, later wins: defaults < config file (TOML, `CRS_CONFIG` or `--config`) < environment
+variables `CRS_*`. Every value is checked at once and a wrong one names the variable. README.md
+lists every variable with its default. No other module reads os.environ.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from server.crypto import KeyError_, Keyring, decode_key, parse_versioned_keys
+
+
+class SettingsError(ValueError):
+    """A configuration value is missing or wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class ShardAddress:
+    name: str
+    url: str
+    weight: int = 1
+
+
+def parse_shards(text: str) -> tuple[ShardAddress, ...]:
+    """'shard-0=redis://127.0.0.1:6379/0,shard-1=redis://...;weight=2' -> ShardAddress list."""
+    shards: list[ShardAddress] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, rest = part.partition("=")
+        if not sep or not name or not rest:
+            raise SettingsError(f"CRS_REDIS_SHARDS: entry {part!r} is not NAME=redis://HOST:PORT/DB[;weight=N]")
+        url, _, opts = rest.partition(";")
+        weight = 1
+        if opts:
+            key, _, val = opts.partition("=")
+            if key != "weight" or not val.isdigit() or int(val) <= 0:
+                raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: option {opts!r} is not weight=N (N > 0)")
+            weight = int(val)
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: url must start with redis://, rediss:// or unix://")
+        shards.append(ShardAddress(name=name.strip(), url=url.strip(), weight=weight))
+    if len({s.name for s in shards}) != len(shards):
+        raise SettingsError("CRS_REDIS_SHARDS: shard names must be unique")
+    return tuple(shards)
+
+
+def format_shards(shards: tuple[ShardAddress, ...]) -> str:
+    return ",".join(f"{s.name}={s.url}" + (f";weight={s.weight}" if s.weight != 1 else "") for s in shards)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- network
+    grpc_host: str = "127.0.0.1"          # bind address; 0.0.0.0 in a pod
+    grpc_port: int = 50051
+    workers: int = 0                      # node processes sharing the port (SO_REUSEPORT); 0 = CPU count
+    metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
+    grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
+    # --- PostgreSQL (system of record)
+    pg_dsn: str = field(default="", repr=False)
+    pg_pool_min: int = 2
+    pg_pool_max: int = 20                 # per node process; size it to the concurrency (DESIGN.md §2)
+    pg_timeout: float = 2.0               # seconds for one query before DEADLINE_EXCEEDED
+    # --- Redis cache tier
+    redis_shards: tuple[ShardAddress, ...] = ()
+    redis_pool_size: int = 32             # connections per shard per node process
+    redis_timeout: float = 0.25           # seconds per Redis command; a slow shard counts as a failure
+    cache_ttl: float = 300.0              # L2 TTL for found keys, seconds
+    cache_ttl_jitter: float = 0.1         # +- fraction of the TTL, so keys loaded together expire apart
+    negative_ttl: float = 30.0            # L2 TTL for keys that matched nothing
+    shard_failure_threshold: int = 3      # consecutive errors before a shard is marked down
+    shard_retry_interval: float = 5.0     # seconds a down shard is skipped before it is probed again
+    # --- near-cache (L1, in process)
+    near_cache_size: int = 100_000        # entries per node process; 0 disables L1
+    near_cache_ttl: float = 2.0           # seconds; also the worst-case staleness if pub/sub is lost
+    # --- consistency
+    reinvalidate_delay: float = 0.5       # the relay deletes a write's keys again this long after commit
+    outbox_poll_interval: float = 0.5     # relay scan period, seconds
+    # --- API limits
+    batch_max: int = 1000                 # keys per BatchResolve
+    # --- keys (never in repr)
+    fingerprint_keys: str = field(default="", repr=False)   # "1:BASE64,2:BASE64"
+    fingerprint_key_version: int = 0      # 0 = the highest configured version
+    kek: str = field(default="", repr=False)                # "BASE64" (32 bytes)
+    kek_version: int = 1
+    # --- logging
+    log_level: str = "INFO"
+
+    def keyring(self) -> Keyring:
+        try:
+            fp_keys = parse_versioned_keys(self.fingerprint_keys, what="CRS_FINGERPRINT_KEYS")
+            version = self.fingerprint_key_version or max(fp_keys)
+            return Keyring(fingerprint_keys=fp_keys, fingerprint_version=version,
+                           kek=decode_key(self.kek, what="CRS_KEK"), kek_version=self.kek_version)
+        except KeyError_ as exc:
+            raise SettingsError(str(exc)) from exc
+
+    def effective_workers(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
+
+
+_ENV_PREFIX = "CRS_"
+# Variables that name a file whose content is the value (mounted secrets).
+_FILE_VARIANTS = {"kek": "CRS_KEK_FILE", "fingerprint_keys": "CRS_FINGERPRINT_KEYS_FILE", "pg_dsn": "CRS_PG_DSN_FILE"}
+
+
+def _coerce(name: str, raw: Any, default: Any) -> Any:
+    where = _ENV_PREFIX + name.upper()
+    if name == "redis_shards":
+        return parse_shards(raw) if isinstance(raw, str) else raw
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(raw).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{where}={raw!r} is not a valid {type(default).__name__}") from exc
+
+
+def _validate(s: Settings) -> None:
+    problems: list[str] = []
+    positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold")
+    for name in positive:
+        if getattr(s, name) <= 0:
+            problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
+    nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version")
+    for name in nonneg:
+        if getattr(s, name) < 0:
+            problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
+    for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
+                 "shard_retry_interval", "outbox_poll_interval", "grace_seconds"):
+        if getattr(s, name) <= 0:
+            problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
+    if not 0 <= s.cache_ttl_jitter < 1:
+        problems.append(f"CRS_CACHE_TTL_JITTER must be in [0, 1) (got {s.cache_ttl_jitter})")
+    if s.reinvalidate_delay < 0:
+        problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
+    if not 0 < s.grpc_port < 65536:
+        problems.append(f"CRS_GRPC_PORT must be 1-65535 (got {s.grpc_port})")
+    if s.pg_pool_min > s.pg_pool_max:
+        problems.append("CRS_PG_POOL_MIN must be <= CRS_PG_POOL_MAX")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        problems.append(f"CRS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {s.log_level!r})")
+    if problems:
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def load_settings(environ: Mapping[str, str], *, config_file: Path | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Build and validate Settings from a config file, the environment and explicit overrides."""
+    values: dict[str, Any] = {}
+    defaults = {f.name: f.default for f in fields(Settings)}
+    path = config_file or (Path(environ["CRS_CONFIG"]) if environ.get("CRS_CONFIG") else None)
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"config file {path}: {exc}") from exc
+        for key, raw in data.items():
+            if key not in defaults:
+                raise SettingsError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, defaults[key])
+    for name, default in defaults.items():
+        env_name = _ENV_PREFIX + name.upper()
+        if env_name in environ:
+            values[name] = _coerce(name, environ[env_name], default)
+        file_var = _FILE_VARIANTS.get(name)
+        if file_var and environ.get(file_var):
+            try:
+                values[name] = Path(environ[file_var]).read_text().strip()
+            except OSError as exc:
+                raise SettingsError(f"{file_var}: cannot read {environ[file_var]}: {exc.strerror}") from exc
+    for key, raw in (overrides or {}).items():
+        values[key] = _coerce(key, raw, defaults[key])
+    settings = Settings(**values)
+    _validate(settings)
+    return settings
+
+
+def settings_to_env(s: Settings) -> dict[str, str]:
+    """The environment that reproduces `s` in a child process (used to start node workers)."""
+    env: dict[str, str] = {}
+    for f in fields(Settings):
+        value = getattr(s, f.name)
+        env[_ENV_PREFIX + f.name.upper()] = format_shards(value) if f.name == "redis_shards" else str(value)
+    return env

@@ -1,0 +1,428 @@
+"""Admin writes: one PostgreSQL transaction per write, with its outbox row and idempotency record.
+
+Each write returns the serialized response, the cache keys it made stale and the outbox row id.
+The caller (server/admin.py) invalidates those keys after commit; the relay retries what failed.
+"""
+
+from __future__ import annotations
+
+import secrets
+import string
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from google.protobuf.message import Message
+
+from server.cache import keys as ck
+from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
+from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, VersionConflict
+from server.pan import (
+    mask_account_number,
+    mask_pan,
+    parse_account_id,
+    parse_account_number,
+    parse_customer_id,
+    parse_expiry,
+    parse_pan,
+    parse_routing_number,
+    parse_token,
+)
+from server.proto import crs_pb2 as pb
+from server.store.db import translate_db_errors
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+MAX_NAME = 200
+MAX_REQUEST_ID = 128
+
+
+def new_id(prefix: str, length: int = 20) -> str:
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    response: bytes
+    stale_keys: list[str]
+    outbox_id: int | None   # None when a retried request_id returned the stored answer
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a write body hands back: the answer, the keys it made stale, the event for the outbox."""
+
+    response: Message
+    stale_keys: list[str]
+    event_type: str
+    entity_type: str
+    entity_id: str
+    payload: dict[str, Any]
+
+
+Body = Callable[[asyncpg.Connection], Awaitable[Change]]
+
+
+class AdminStore:
+    def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, data_key: DataKey, timeout: float) -> None:
+        self.pool = pool
+        self.keyring = keyring
+        self.data_key = data_key
+        self.timeout = timeout
+
+    # -- the write envelope --------------------------------------------------------------------
+    async def _write(self, rpc: str, request_id: str, body: Body) -> WriteResult:
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        with translate_db_errors():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                if request_id:
+                    stored = await self._stored_answer(conn, rpc, request_id)
+                    if stored is not None:
+                        return WriteResult(stored, [], None)
+                try:
+                    async with conn.transaction():
+                        change = await body(conn)
+                        response = change.response.SerializeToString()
+                        outbox_id = await conn.fetchval(
+                            "INSERT INTO outbox (event_type, entity_type, entity_id, payload, cache_keys)"
+                            " VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id",
+                            change.event_type, change.entity_type, change.entity_id,
+                            orjson.dumps(change.payload).decode(), sorted(set(change.stale_keys)))
+                        if request_id:
+                            await conn.execute(
+                                "INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, $2, $3)",
+                                request_id, rpc, response)
+                except asyncpg.UniqueViolationError as exc:
+                    if request_id and exc.constraint_name == "idempotency_pkey":
+                        # A concurrent retry of the same request won the race: answer as it did.
+                        stored = await self._stored_answer(conn, rpc, request_id)
+                        if stored is not None:
+                            return WriteResult(stored, [], None)
+                    raise
+                return WriteResult(response, change.stale_keys, int(outbox_id))
+
+    @staticmethod
+    async def _stored_answer(conn: asyncpg.Connection, rpc: str, request_id: str) -> bytes | None:
+        row = await conn.fetchrow("SELECT rpc, response FROM idempotency WHERE request_id = $1", request_id)
+        if row is None:
+            return None
+        if row["rpc"] != rpc:
+            raise AlreadyExists(f"request_id was already used for {row['rpc']}")
+        response: bytes = row["response"]
+        return response
+
+    async def mark_invalidated(self, outbox_id: int) -> None:
+        with translate_db_errors():
+            await self.pool.execute("UPDATE outbox SET invalidated_at = clock_timestamp() WHERE id = $1",
+                                    outbox_id, timeout=self.timeout)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    async def stale_keys_for_accounts(conn: asyncpg.Connection, account_ids: Iterable[str]) -> list[str]:
+        """Every cached answer that embeds one of these accounts: the account, its cards (by PAN
+        fingerprint and by token) and the profiles of its customers."""
+        ids = [a for a in set(account_ids) if a]
+        if not ids:
+            return []
+        rows = await conn.fetch(
+            "SELECT 'a' AS kind, fingerprint_version AS v, account_fingerprint AS fp, NULL AS ref"
+            " FROM accounts WHERE account_id = ANY($1::text[])"
+            " UNION ALL SELECT 'c', fingerprint_version, pan_fingerprint, token FROM cards"
+            " WHERE account_id = ANY($1::text[])"
+            " UNION ALL SELECT 'u', NULL, NULL, customer_id FROM account_customers"
+            " WHERE account_id = ANY($1::text[])", ids)
+        out: list[str] = []
+        for r in rows:
+            if r["kind"] == "a":
+                out.append(ck.account_key(r["v"], r["fp"]))
+            elif r["kind"] == "c":
+                out += [ck.card_key(r["v"], r["fp"]), ck.token_key(r["ref"])]
+            else:
+                out.append(ck.customer_key(r["ref"]))
+        return out
+
+    @staticmethod
+    async def _accounts_of(conn: asyncpg.Connection, customer_id: str) -> list[str]:
+        return [r["account_id"] for r in await conn.fetch(
+            "SELECT account_id FROM account_customers WHERE customer_id = $1", customer_id)]
+
+    @staticmethod
+    def _check_version(entity: str, expected: int, actual: int) -> None:
+        if expected and expected != actual:
+            raise VersionConflict(f"{entity} is at version {actual}, not the expected {expected}")
+
+    @staticmethod
+    def _check_enum(enum: Any, value: int, field_name: str) -> None:
+        if value == 0 or value not in enum.values():
+            raise InvalidKey(f"{field_name} must be one of {', '.join(enum.keys()[1:])}")
+
+    @staticmethod
+    def _customer_msg(row: asyncpg.Record) -> pb.Customer:
+        return pb.Customer(customer_id=row["customer_id"], display_name=row["display_name"],
+                           segment=row["segment"], status=row["status"], kyc_status=row["kyc_status"],
+                           version=row["version"])
+
+    @staticmethod
+    def _account_msg(row: asyncpg.Record) -> pb.Account:
+        return pb.Account(account_id=row["account_id"], routing_number=row["routing_number"],
+                          last4=row["account_last4"],
+                          masked_account_number=mask_account_number(row["account_last4"], row["account_length"]),
+                          type=row["account_type"], currency=row["currency"], status=row["status"],
+                          version=row["version"])
+
+    @staticmethod
+    def _card_msg(row: asyncpg.Record) -> pb.Card:
+        return pb.Card(token=row["token"], bin=row["bin"], last4=row["last4"],
+                       masked_pan=row["bin"] + "*" * (row["pan_length"] - 10) + row["last4"],
+                       status=row["status"], expiry=row["expiry"], account_id=row["account_id"] or "",
+                       version=row["version"])
+
+    async def _open_account(self, conn: asyncpg.Connection, account_id: str) -> asyncpg.Record:
+        row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR SHARE", account_id)
+        if row is None:
+            raise NotFound("account not found")
+        if row["status"] == pb.ACCOUNT_STATUS_CLOSED:
+            raise FailedPrecondition("account is closed")
+        return row
+
+    # -- customers -----------------------------------------------------------------------------
+    async def create_customer(self, req: pb.CreateCustomerRequest) -> WriteResult:
+        name = req.display_name.strip()
+        if not name or len(name) > MAX_NAME:
+            raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
+        segment = req.segment or "retail"
+        kyc = req.kyc_status or pb.KYC_STATUS_PENDING
+        self._check_enum(pb.KycStatus, kyc, "kyc_status")
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            row = await conn.fetchrow(
+                "INSERT INTO customers (customer_id, display_name, segment, status, kyc_status)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+                new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc)
+            cid = row["customer_id"]
+            return Change(self._customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
+                          {"segment": segment, "kyc_status": kyc})
+
+        return await self._write("CreateCustomer", req.request_id, body)
+
+    async def _change_customer(self, rpc: str, request_id: str, customer_id: str, expected: int,
+                               changes: dict[str, Any], event: str) -> WriteResult:
+        parse_customer_id(customer_id)
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            cur = await conn.fetchrow("SELECT * FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id)
+            if cur is None:
+                raise NotFound("customer not found")
+            self._check_version("customer", expected, cur["version"])
+            sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(changes))
+            row = await conn.fetchrow(
+                f"UPDATE customers SET {sets}{', ' if sets else ''}version = version + 1, updated_at = now()"
+                " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values())
+            stale = [ck.customer_key(customer_id)]
+            stale += await self.stale_keys_for_accounts(conn, await self._accounts_of(conn, customer_id))
+            return Change(self._customer_msg(row), stale, event, "customer", customer_id,
+                          {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
+
+        return await self._write(rpc, request_id, body)
+
+    async def update_customer(self, req: pb.UpdateCustomerRequest) -> WriteResult:
+        changes: dict[str, Any] = {}
+        if req.display_name:
+            name = req.display_name.strip()
+            if not name or len(name) > MAX_NAME:
+                raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
+            changes["display_name"] = name
+        if req.segment:
+            changes["segment"] = req.segment
+        if req.kyc_status:
+            self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
+            changes["kyc_status"] = req.kyc_status
+        return await self._change_customer("UpdateCustomer", req.request_id, req.customer_id,
+                                           req.expected_version, changes, "customer.updated")
+
+    async def set_customer_status(self, req: pb.SetCustomerStatusRequest) -> WriteResult:
+        self._check_enum(pb.CustomerStatus, req.status, "status")
+        return await self._change_customer("SetCustomerStatus", req.request_id, req.customer_id,
+                                           req.expected_version, {"status": req.status},
+                                           "customer.status_changed")
+
+    # -- accounts ------------------------------------------------------------------------------
+    async def create_account(self, req: pb.CreateAccountRequest) -> WriteResult:
+        routing = parse_routing_number(req.routing_number)
+        number = parse_account_number(req.account_number)
+        self._check_enum(pb.AccountType, req.type, "type")
+        currency = req.currency or "USD"
+        if len(currency) != 3 or not currency.isascii() or not currency.isalpha() or not currency.isupper():
+            raise InvalidKey("currency must be an ISO 4217 code such as USD")
+        owner = parse_customer_id(req.owner_customer_id)
+        version = self.keyring.fingerprint_version
+        fp = self.keyring.fingerprint(account_fingerprint_input(routing, number))
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            cust = await conn.fetchrow("SELECT status FROM customers WHERE customer_id = $1 FOR SHARE", owner)
+            if cust is None:
+                raise NotFound("owner customer not found")
+            if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:
+                raise FailedPrecondition("owner customer is closed")
+            account_id = new_id("acc_")
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO accounts (account_id, routing_number, fingerprint_version, account_fingerprint,"
+                    " account_last4, account_length, account_ciphertext, dek_id, account_type, currency, status)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
+                    account_id, routing, version, fp, number[-4:], len(number),
+                    self.data_key.encrypt(number, purpose=ACCOUNT_PURPOSE), self.data_key.dek_id,
+                    req.type, currency, pb.ACCOUNT_STATUS_OPEN)
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(f"an account {mask_account_number(number[-4:])} already exists"
+                                    " at this routing number") from exc
+            await conn.execute("INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)",
+                               account_id, owner, pb.RELATIONSHIP_ROLE_OWNER)
+            # The account key may hold a negative entry from an earlier lookup of this number.
+            stale = [ck.account_key(version, fp), ck.customer_key(owner)]
+            return Change(self._account_msg(row), stale, "account.created", "account", account_id,
+                          {"owner": owner, "type": req.type, "currency": currency, "routing": routing})
+
+        return await self._write("CreateAccount", req.request_id, body)
+
+    async def _change_account_status(self, rpc: str, request_id: str, account_id: str, expected: int,
+                                     status: int) -> WriteResult:
+        parse_account_id(account_id)
+        self._check_enum(pb.AccountStatus, status, "status")
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            cur = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", account_id)
+            if cur is None:
+                raise NotFound("account not found")
+            self._check_version("account", expected, cur["version"])
+            if cur["status"] == pb.ACCOUNT_STATUS_CLOSED and status != pb.ACCOUNT_STATUS_CLOSED:
+                raise FailedPrecondition("account is closed; a closed account cannot change status")
+            row = await conn.fetchrow(
+                "UPDATE accounts SET status = $2, version = version + 1, updated_at = now()"
+                " WHERE account_id = $1 RETURNING *", account_id, status)
+            stale = await self.stale_keys_for_accounts(conn, [account_id])
+            return Change(self._account_msg(row), stale, "account.status_changed", "account", account_id,
+                          {"status": status, "version": row["version"]})
+
+        return await self._write(rpc, request_id, body)
+
+    async def set_account_status(self, req: pb.SetAccountStatusRequest) -> WriteResult:
+        return await self._change_account_status("SetAccountStatus", req.request_id, req.account_id,
+                                                 req.expected_version, req.status)
+
+    async def close_account(self, req: pb.CloseAccountRequest) -> WriteResult:
+        return await self._change_account_status("CloseAccount", req.request_id, req.account_id,
+                                                 req.expected_version, pb.ACCOUNT_STATUS_CLOSED)
+
+    # -- relationships -------------------------------------------------------------------------
+    async def link_customer(self, req: pb.LinkCustomerRequest) -> WriteResult:
+        account_id = parse_account_id(req.account_id)
+        customer_id = parse_customer_id(req.customer_id)
+        self._check_enum(pb.RelationshipRole, req.role, "role")
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            await self._open_account(conn, account_id)
+            if await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1 FOR SHARE", customer_id) is None:
+                raise NotFound("customer not found")
+            await conn.execute(
+                "INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)"
+                " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role",
+                account_id, customer_id, req.role)
+            stale = await self.stale_keys_for_accounts(conn, [account_id])
+            return Change(pb.RelationshipResponse(account_id=account_id, customer_id=customer_id, role=req.role),
+                          stale, "relationship.linked", "account", account_id,
+                          {"customer_id": customer_id, "role": req.role})
+
+        return await self._write("LinkCustomer", req.request_id, body)
+
+    async def unlink_customer(self, req: pb.UnlinkCustomerRequest) -> WriteResult:
+        account_id = parse_account_id(req.account_id)
+        customer_id = parse_customer_id(req.customer_id)
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            rows = await conn.fetch("SELECT customer_id, role FROM account_customers WHERE account_id = $1"
+                                    " FOR UPDATE", account_id)
+            current = {r["customer_id"]: r["role"] for r in rows}
+            if customer_id not in current:
+                raise NotFound("customer is not related to this account")
+            owners = [c for c, role in current.items() if role == pb.RELATIONSHIP_ROLE_OWNER]
+            if owners == [customer_id]:
+                raise FailedPrecondition("cannot unlink the only owner of an account")
+            stale = await self.stale_keys_for_accounts(conn, [account_id])
+            await conn.execute("DELETE FROM account_customers WHERE account_id = $1 AND customer_id = $2",
+                               account_id, customer_id)
+            return Change(pb.RelationshipResponse(account_id=account_id, customer_id=customer_id,
+                                                  role=current[customer_id]),
+                          stale, "relationship.unlinked", "account", account_id, {"customer_id": customer_id})
+
+        return await self._write("UnlinkCustomer", req.request_id, body)
+
+    # -- cards ---------------------------------------------------------------------------------
+    async def issue_card(self, req: pb.IssueCardRequest) -> WriteResult:
+        pan = parse_pan(req.pan)
+        expiry = parse_expiry(req.expiry)
+        account_id = parse_account_id(req.account_id)
+        version = self.keyring.fingerprint_version
+        fp = self.keyring.fingerprint(pan)
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            await self._open_account(conn, account_id)
+            token = new_id("tok_", 24)
+            try:
+                row = await conn.fetchrow(
+                    "INSERT INTO cards (token, fingerprint_version, pan_fingerprint, bin, last4, pan_length,"
+                    " pan_ciphertext, dek_id, expiry, account_id, status)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
+                    token, version, fp, pan[:6], pan[-4:], len(pan),
+                    self.data_key.encrypt(pan, purpose=PAN_PURPOSE), self.data_key.dek_id, expiry, account_id,
+                    pb.CARD_STATUS_ACTIVE)
+            except asyncpg.UniqueViolationError as exc:
+                raise AlreadyExists(f"card {mask_pan(pan)} is already issued") from exc
+            stale = [ck.card_key(version, fp), ck.token_key(token)]
+            stale += await self.stale_keys_for_accounts(conn, [account_id])
+            return Change(self._card_msg(row), stale, "card.issued", "card", token,
+                          {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})
+
+        return await self._write("IssueCard", req.request_id, body)
+
+    async def _change_card(self, rpc: str, request_id: str, token: str, expected: int,
+                           status: int | None, account_id: str | None) -> WriteResult:
+        parse_token(token)
+
+        async def body(conn: asyncpg.Connection) -> Change:
+            cur = await conn.fetchrow("SELECT * FROM cards WHERE token = $1 FOR UPDATE", token)
+            if cur is None:
+                raise NotFound("card not found")
+            self._check_version("card", expected, cur["version"])
+            if cur["status"] == pb.CARD_STATUS_CLOSED and status is not None and status != pb.CARD_STATUS_CLOSED:
+                raise FailedPrecondition("card is closed; a closed card cannot change status")
+            if account_id is not None:
+                if cur["status"] == pb.CARD_STATUS_CLOSED:
+                    raise FailedPrecondition("card is closed")
+                await self._open_account(conn, account_id)
+            row = await conn.fetchrow(
+                "UPDATE cards SET status = coalesce($2, status), account_id = coalesce($3, account_id),"
+                " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",
+                token, status, account_id)
+            stale = [ck.card_key(cur["fingerprint_version"], cur["pan_fingerprint"]), ck.token_key(token)]
+            stale += await self.stale_keys_for_accounts(conn, [cur["account_id"], row["account_id"]])
+            payload: dict[str, Any] = {"version": row["version"]}
+            if status is not None:
+                payload["status"] = status
+            if account_id is not None:
+                payload["account_id"] = account_id
+            event = "card.status_changed" if status is not None else "card.linked"
+            return Change(self._card_msg(row), stale, event, "card", token, payload)
+
+        return await self._write(rpc, request_id, body)
+
+    async def link_card(self, req: pb.LinkCardRequest) -> WriteResult:
+        return await self._change_card("LinkCard", req.request_id, req.card_token, req.expected_version,
+                                       None, parse_account_id(req.account_id))
+
+    async def set_card_status(self, req: pb.SetCardStatusRequest) -> WriteResult:
+        self._check_enum(pb.CardStatus, req.status, "status")
+        return await self._change_card("SetCardStatus", req.request_id, req.card_token, req.expected_version,
+                                       req.status, None)

@@ -1,0 +1,65 @@
+"""PostgreSQL connection pool, data keys, and the translation of driver errors into domain errors."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import asyncpg
+from cryptography.exceptions import InvalidTag
+
+from server.crypto import DataKey, Keyring, new_key
+from server.errors import BackendTimeout, BackendUnavailable
+from server.settings import Settings
+
+
+async def create_pool(settings: Settings) -> asyncpg.Pool:
+    """A pool sized for this node process. Fails fast with BackendUnavailable if PG is unreachable."""
+    try:
+        pool = await asyncpg.create_pool(
+            settings.pg_dsn, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max,
+            command_timeout=settings.pg_timeout * 5, timeout=settings.pg_timeout * 5,
+            # Lookups run a handful of fixed statements: keep them all prepared.
+            statement_cache_size=256,
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+        raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+    assert pool is not None
+    return pool
+
+
+@contextlib.contextmanager
+def translate_db_errors() -> Iterator[None]:
+    """Driver and network failures become BackendUnavailable/BackendTimeout; nothing else changes."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise BackendTimeout("the database did not answer in time") from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError, OSError) as exc:
+        raise BackendUnavailable("the database is unavailable") from exc
+
+
+async def active_data_key(pool: asyncpg.Pool, keyring: Keyring) -> DataKey:
+    """The newest active data key, unwrapped with the KEK; created on first use.
+
+    A KEK that cannot unwrap it is a configuration error and is reported at start-up.
+    """
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow(
+            "SELECT dek_id, wrapped_key, kek_version FROM data_keys WHERE active ORDER BY dek_id DESC LIMIT 1")
+        if row is None:
+            dek_id = int(await conn.fetchval("SELECT coalesce(max(dek_id), 0) + 1 FROM data_keys"))
+            await conn.execute(
+                "INSERT INTO data_keys (dek_id, kek_version, wrapped_key) VALUES ($1, $2, $3)"
+                " ON CONFLICT (dek_id) DO NOTHING",
+                dek_id, keyring.kek_version, keyring.wrap(new_key(), dek_id))
+            row = await conn.fetchrow(
+                "SELECT dek_id, wrapped_key, kek_version FROM data_keys WHERE active ORDER BY dek_id DESC LIMIT 1")
+        assert row is not None
+    try:
+        return DataKey(row["dek_id"], keyring.unwrap(row["wrapped_key"], row["dek_id"]))
+    except InvalidTag as exc:
+        raise RuntimeError(
+            f"CRS_KEK cannot unwrap data key {row['dek_id']} (wrapped under KEK version {row['kek_version']}):"
+            " wrong key-encryption key for this database") from exc

@@ -1,0 +1,163 @@
+"""PostgreSQL reads for the lookup path (L3): one round trip per key, results as serialized protobuf.
+
+Each loader returns the bytes the caches store and the API returns, or None when nothing matches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.pan import mask_account_number, mask_pan_parts
+from server.proto import crs_pb2 as pb
+
+ACTIVE_CARD = pb.CARD_STATUS_ACTIVE
+OPEN_ACCOUNT = pb.ACCOUNT_STATUS_OPEN
+ACTIVE_CUSTOMER = pb.CUSTOMER_STATUS_ACTIVE
+
+_CUSTOMER_JSON = (
+    "json_build_object('id', cu.customer_id, 'name', cu.display_name, 'segment', cu.segment,"
+    " 'status', cu.status, 'kyc', cu.kyc_status, 'version', cu.version, 'role', ac.role)"
+)
+
+# The account's customers, owners first then in the order they were linked.
+_RELATED_SQL = (
+    "(SELECT coalesce(json_agg(" + _CUSTOMER_JSON + " ORDER BY ac.role, ac.created_at, ac.customer_id), '[]')"
+    " FROM account_customers ac JOIN customers cu ON cu.customer_id = ac.customer_id"
+    " WHERE ac.account_id = a.account_id)"
+)
+
+_ACCOUNT_COLS = (
+    "a.account_id, a.routing_number, a.account_last4, a.account_length, a.account_type, a.currency,"
+    " a.status AS account_status, a.version AS account_version"
+)
+
+CARD_BY_FINGERPRINT_SQL = (
+    "SELECT c.token, c.bin, c.last4, c.pan_length, c.status AS card_status, c.expiry, c.version AS card_version,"
+    f" {_ACCOUNT_COLS}, {_RELATED_SQL} AS related"
+    " FROM cards c LEFT JOIN accounts a ON a.account_id = c.account_id"
+    " WHERE c.fingerprint_version = $1 AND c.pan_fingerprint = $2"
+)
+
+CARD_BY_TOKEN_SQL = (
+    "SELECT c.token, c.bin, c.last4, c.pan_length, c.status AS card_status, c.expiry, c.version AS card_version,"
+    f" {_ACCOUNT_COLS}, {_RELATED_SQL} AS related"
+    " FROM cards c LEFT JOIN accounts a ON a.account_id = c.account_id"
+    " WHERE c.token = $1"
+)
+
+ACCOUNT_BY_FINGERPRINT_SQL = (
+    f"SELECT {_ACCOUNT_COLS}, {_RELATED_SQL} AS related FROM accounts a"
+    " WHERE a.fingerprint_version = $1 AND a.account_fingerprint = $2"
+)
+
+CUSTOMER_PROFILE_SQL = (
+    "SELECT cu.customer_id, cu.display_name, cu.segment, cu.status, cu.kyc_status, cu.version,"
+    " (SELECT coalesce(json_agg(json_build_object("
+    "    'id', a.account_id, 'routing', a.routing_number, 'last4', a.account_last4, 'len', a.account_length,"
+    "    'type', a.account_type, 'currency', a.currency, 'status', a.status, 'version', a.version,"
+    "    'role', ac.role) ORDER BY ac.created_at, a.account_id), '[]')"
+    "  FROM account_customers ac JOIN accounts a ON a.account_id = ac.account_id"
+    "  WHERE ac.customer_id = cu.customer_id) AS accounts,"
+    " (SELECT coalesce(json_agg(json_build_object("
+    "    'token', c.token, 'bin', c.bin, 'last4', c.last4, 'len', c.pan_length, 'status', c.status,"
+    "    'expiry', c.expiry, 'account', c.account_id, 'version', c.version) ORDER BY c.created_at, c.token), '[]')"
+    "  FROM account_customers ac JOIN cards c ON c.account_id = ac.account_id"
+    "  WHERE ac.customer_id = cu.customer_id) AS cards"
+    " FROM customers cu WHERE cu.customer_id = $1"
+)
+
+
+def _expired(expiry: str, today: dt.date) -> bool:
+    year, month = int(expiry[:4]), int(expiry[5:7])
+    return (year, month) < (today.year, today.month)
+
+
+def _customer(obj: dict[str, Any]) -> pb.Customer:
+    return pb.Customer(customer_id=obj["id"], display_name=obj["name"], segment=obj["segment"],
+                       status=obj["status"], kyc_status=obj["kyc"], version=obj["version"])
+
+
+def _account_from_row(row: asyncpg.Record) -> pb.Account:
+    return pb.Account(
+        account_id=row["account_id"], routing_number=row["routing_number"],
+        masked_account_number=mask_account_number(row["account_last4"], row["account_length"]),
+        last4=row["account_last4"], type=row["account_type"], currency=row["currency"],
+        status=row["account_status"], version=row["account_version"],
+    )
+
+
+def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date) -> bytes:
+    res = pb.Resolution()
+    good = True
+    if with_card:
+        card = res.card
+        card.token = row["token"]
+        card.bin = row["bin"]
+        card.last4 = row["last4"]
+        card.masked_pan = mask_pan_parts(row["bin"], row["last4"], row["pan_length"])
+        card.status = row["card_status"]
+        card.expiry = row["expiry"]
+        card.version = row["card_version"]
+        good = row["card_status"] == ACTIVE_CARD and not _expired(row["expiry"], today)
+        if row["account_id"] is not None:
+            card.account_id = row["account_id"]
+    if row["account_id"] is None:
+        res.in_good_standing = False
+        return res.SerializeToString()
+    res.account.CopyFrom(_account_from_row(row))
+    good = good and row["account_status"] == OPEN_ACCOUNT
+    related = orjson.loads(row["related"])
+    for obj in related:
+        res.related_customers.add(customer=_customer(obj), role=obj["role"])
+    owners = [obj for obj in related if obj["role"] == pb.RELATIONSHIP_ROLE_OWNER]
+    if owners:
+        res.customer.CopyFrom(_customer(owners[0]))
+        good = good and owners[0]["status"] == ACTIVE_CUSTOMER
+    else:
+        good = False
+    if with_card:
+        # A card answer carries the primary customer only; the full list is the ACH answer's job.
+        del res.related_customers[:]
+    res.in_good_standing = good
+    return res.SerializeToString()
+
+
+async def card_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
+                              *, timeout: float) -> bytes | None:
+    row = await conn.fetchrow(CARD_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
+    return None if row is None else _resolution(row, with_card=True, today=dt.date.today())
+
+
+async def card_by_token(conn: asyncpg.Connection | asyncpg.Pool, token: str, *, timeout: float) -> bytes | None:
+    row = await conn.fetchrow(CARD_BY_TOKEN_SQL, token, timeout=timeout)
+    return None if row is None else _resolution(row, with_card=True, today=dt.date.today())
+
+
+async def account_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
+                                 *, timeout: float) -> bytes | None:
+    row = await conn.fetchrow(ACCOUNT_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
+    return None if row is None else _resolution(row, with_card=False, today=dt.date.today())
+
+
+async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id: str,
+                           *, timeout: float) -> bytes | None:
+    row = await conn.fetchrow(CUSTOMER_PROFILE_SQL, customer_id, timeout=timeout)
+    if row is None:
+        return None
+    profile = pb.CustomerProfile(customer=pb.Customer(
+        customer_id=row["customer_id"], display_name=row["display_name"], segment=row["segment"],
+        status=row["status"], kyc_status=row["kyc_status"], version=row["version"]))
+    for a in orjson.loads(row["accounts"]):
+        profile.accounts.add(role=a["role"], account=pb.Account(
+            account_id=a["id"], routing_number=a["routing"], last4=a["last4"],
+            masked_account_number=mask_account_number(a["last4"], a["len"]), type=a["type"],
+            currency=a["currency"], status=a["status"], version=a["version"]))
+    for c in orjson.loads(row["cards"]):
+        profile.cards.add(token=c["token"], bin=c["bin"], last4=c["last4"],
+                          masked_pan=mask_pan_parts(c["bin"], c["last4"], c["len"]), status=c["status"],
+                          expiry=c["expiry"], account_id=c["account"] or "", version=c["version"])
+    return profile.SerializeToString()

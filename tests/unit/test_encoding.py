@@ -1,0 +1,44 @@
+"""Hand-assembled LookupResult / BatchResolveResponse framing equals what protobuf produces."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.encoding import CUSTOMER_FIELD, batch_response, lookup_result, varint
+from server.proto import crs_pb2 as pb
+
+
+def _resolution(i: int) -> bytes:
+    return pb.Resolution(card=pb.Card(token=f"tok_{i:024d}", last4="1234", status=pb.CARD_STATUS_ACTIVE),
+                         in_good_standing=bool(i % 2)).SerializeToString()
+
+
+@given(st.integers(min_value=0, max_value=2**63 - 1))
+def test_varint_matches_protobuf(n: int) -> None:
+    msg = pb.Card(version=n)
+    assert msg.SerializeToString() == (b"\x40" + varint(n) if n else b"")
+
+
+@given(st.text(max_size=200), st.sampled_from([0, 3, 5, 14]), st.text(max_size=300), st.integers(0, 3))
+def test_lookup_result_matches_protobuf(cid: str, code: int, message: str, which: int) -> None:
+    payload = None if which == 0 else _resolution(which) if which < 3 else b""
+    ours = lookup_result(cid, code, message, payload)
+    expected = pb.LookupResult(correlation_id=cid, code=code, message=message)
+    if payload is not None:
+        expected.resolution.MergeFromString(payload)
+        expected.resolution.SetInParent()
+    assert pb.LookupResult.FromString(ours) == expected
+    assert ours == expected.SerializeToString()
+
+
+def test_customer_payload_and_batch() -> None:
+    profile = pb.CustomerProfile(customer=pb.Customer(customer_id="cus_demo0000000001")).SerializeToString()
+    items = [lookup_result("a", 0, "", _resolution(1)), lookup_result("b", 5, "card not found", None),
+             lookup_result("", 0, "", profile, CUSTOMER_FIELD)]
+    decoded = pb.BatchResolveResponse.FromString(batch_response(items))
+    assert [r.correlation_id for r in decoded.results] == ["a", "b", ""]
+    assert decoded.results[0].WhichOneof("result") == "resolution"
+    assert decoded.results[1].code == 5 and decoded.results[1].message == "card not found"
+    assert decoded.results[2].customer.customer.customer_id == "cus_demo0000000001"
+    assert batch_response([]) == b""

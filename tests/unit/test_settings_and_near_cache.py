@@ -1,0 +1,76 @@
+"""Settings parsing/validation and the near-cache (pure, no servers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cache.near import NearCache
+from server.crypto import encode_key, new_key
+from server.settings import SettingsError, load_settings, parse_shards, settings_to_env
+
+
+def test_defaults_and_env_override() -> None:
+    s = load_settings({"CRS_GRPC_PORT": "6000", "CRS_NEAR_CACHE_TTL": "0.5"})
+    assert s.grpc_port == 6000 and s.near_cache_ttl == 0.5 and s.batch_max == 1000
+
+
+def test_every_bad_value_is_named() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"CRS_PG_POOL_MAX": "0", "CRS_CACHE_TTL_JITTER": "2", "CRS_LOG_LEVEL": "LOUD"})
+    text = str(info.value)
+    assert "CRS_PG_POOL_MAX" in text and "CRS_CACHE_TTL_JITTER" in text and "CRS_LOG_LEVEL" in text
+    with pytest.raises(SettingsError, match="CRS_GRPC_PORT='x'"):
+        load_settings({"CRS_GRPC_PORT": "x"})
+
+
+def test_config_file_env_wins_and_unknown_keys_rejected(tmp_path: Path) -> None:
+    cfg = tmp_path / "crs.toml"
+    cfg.write_text('grpc_port = 7000\nbatch_max = 10\n')
+    s = load_settings({"CRS_BATCH_MAX": "20"}, config_file=cfg)
+    assert s.grpc_port == 7000 and s.batch_max == 20
+    cfg.write_text('grpc_prot = 7000\n')
+    with pytest.raises(SettingsError, match="unknown setting 'grpc_prot'"):
+        load_settings({}, config_file=cfg)
+
+
+def test_shards_parse_and_round_trip() -> None:
+    shards = parse_shards("shard-0=redis://127.0.0.1:1/0, shard-1=redis://127.0.0.1:2/0;weight=2")
+    assert [(s.name, s.weight) for s in shards] == [("shard-0", 1), ("shard-1", 2)]
+    with pytest.raises(SettingsError, match="unique"):
+        parse_shards("a=redis://x:1/0,a=redis://x:2/0")
+    with pytest.raises(SettingsError, match="weight"):
+        parse_shards("a=redis://x:1/0;weight=0")
+
+
+def test_secrets_stay_out_of_repr_and_keys_checked(tmp_path: Path) -> None:
+    kek = encode_key(new_key())
+    fp = f"1:{encode_key(new_key())}"
+    s = load_settings({"CRS_KEK": kek, "CRS_FINGERPRINT_KEYS": fp, "CRS_PG_DSN": "postgresql://u:secretpw@h/db"})
+    assert kek not in repr(s) and "secretpw" not in repr(s)
+    assert s.keyring().fingerprint_version == 1
+    assert load_settings(settings_to_env(s)) == s
+    secret_file = tmp_path / "kek"
+    secret_file.write_text(kek + "\n")
+    assert load_settings({"CRS_KEK_FILE": str(secret_file), "CRS_FINGERPRINT_KEYS": fp}).keyring()
+    with pytest.raises(SettingsError, match="CRS_KEK"):
+        load_settings({"CRS_KEK": "short", "CRS_FINGERPRINT_KEYS": fp}).keyring()
+
+
+def test_near_cache_lru_ttl_and_discard() -> None:
+    now = [0.0]
+    cache = NearCache(max_entries=2, ttl=1.0, clock=lambda: now[0])
+    cache.put("a", b"1")
+    cache.put("b", b"2")
+    assert cache.get("a") == b"1"          # a is now most recent
+    cache.put("c", b"3")                   # evicts b
+    assert cache.get("b") is None and cache.get("a") == b"1" and cache.evictions == 1
+    now[0] = 1.5
+    assert cache.get("a") is None          # expired
+    cache.put("d", b"4")
+    cache.discard(["d", "zz"])
+    assert cache.get("d") is None
+    off = NearCache(max_entries=0, ttl=1.0)
+    off.put("a", b"1")
+    assert off.get("a") is None and not off.enabled
