@@ -1,0 +1,188 @@
+"""AdminService: writes, idempotency, optimistic concurrency, every error status, and that a write
+is visible to lookups on another node process within the documented bound."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+
+from server.demo import demo_routing
+from server.proto import crs_pb2 as pb
+from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
+
+pytestmark = pytest.mark.integration
+
+# README ("Consistency"): a committed write is visible on every node within near_cache_ttl (2 s) even
+# if its pub/sub invalidation is lost; normally within milliseconds.
+STALENESS_BOUND_S = 2.0
+
+
+def _setup_card(c: Clients, used: UsedSecrets) -> tuple[pb.Customer, pb.Account, pb.Card, str]:
+    customer = new_customer(c.admin)
+    account = c.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(1), account_number=fresh_account_number(used), type=pb.ACCOUNT_TYPE_CHECKING,
+        currency="USD", owner_customer_id=customer.customer_id), timeout=5)
+    pan = fresh_pan(used)
+    card = c.admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-01", account_id=account.account_id), timeout=5)
+    return customer, account, card, pan
+
+
+def test_create_and_resolve_end_to_end(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    customer = new_customer(node_a.admin, "Ada Example")
+    assert customer.customer_id.startswith("cus_") and customer.status == pb.CUSTOMER_STATUS_ACTIVE
+    number = fresh_account_number(used_secrets)
+    routing = demo_routing(2)
+    # A lookup before the account exists caches a negative answer; creating it must clear that.
+    expect_code(lambda: node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(
+        routing_number=routing, account_number=number), timeout=5), grpc.StatusCode.NOT_FOUND)
+    account = node_a.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=routing, account_number=number, type=pb.ACCOUNT_TYPE_SAVINGS, currency="EUR",
+        owner_customer_id=customer.customer_id), timeout=5)
+    assert account.masked_account_number.endswith(number[-4:]) and number not in str(account)
+    pan = fresh_pan(used_secrets)
+    expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5),
+                grpc.StatusCode.NOT_FOUND)
+    card = node_a.admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-02", account_id=account.account_id),
+                                  timeout=5)
+    assert card.token.startswith("tok_") and card.masked_pan == pan[:6] + "******" + pan[-4:]
+    resolved = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert resolved.card.token == card.token
+    assert resolved.account.account_id == account.account_id and resolved.account.currency == "EUR"
+    assert resolved.customer.customer_id == customer.customer_id and resolved.in_good_standing
+    by_account = node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=routing, account_number=number),
+                                              timeout=5)
+    assert by_account.account.account_id == account.account_id
+
+    joint = new_customer(node_a.admin, "Grace Example")
+    node_a.admin.LinkCustomer(pb.LinkCustomerRequest(account_id=account.account_id, customer_id=joint.customer_id,
+                                                     role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
+    by_account = node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=routing, account_number=number),
+                                              timeout=5)
+    assert [(r.customer.customer_id, r.role) for r in by_account.related_customers] == [
+        (customer.customer_id, pb.RELATIONSHIP_ROLE_OWNER), (joint.customer_id, pb.RELATIONSHIP_ROLE_JOINT)]
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=joint.customer_id), timeout=5)
+    assert [a.account.account_id for a in profile.accounts] == [account.account_id]
+    assert [c.token for c in profile.cards] == [card.token]
+    node_a.admin.UnlinkCustomer(pb.UnlinkCustomerRequest(account_id=account.account_id,
+                                                         customer_id=joint.customer_id), timeout=5)
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=joint.customer_id), timeout=5)
+    assert not profile.accounts
+
+
+def test_request_id_makes_retries_idempotent(node_a: Clients, node_b: Clients) -> None:
+    rid = str(uuid.uuid4())
+    first = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name="Once"), timeout=5)
+    retry = node_b.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name="Once"), timeout=5)
+    assert retry == first
+    expect_code(lambda: node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(
+        request_id=rid, customer_id=first.customer_id, segment="x"), timeout=5), grpc.StatusCode.ALREADY_EXISTS)
+
+
+def test_optimistic_concurrency(node_a: Clients) -> None:
+    customer = new_customer(node_a.admin)
+    v2 = node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=1,
+                                                              segment="premier"), timeout=5)
+    assert v2.version == 2 and v2.segment == "premier"
+    err = expect_code(lambda: node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(
+        customer_id=customer.customer_id, expected_version=1, segment="business"), timeout=5),
+        grpc.StatusCode.ABORTED)
+    assert "version 2" in (err.details() or "")
+
+
+def test_error_statuses(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    customer, account, card, pan = _setup_card(node_a, used_secrets)
+    admin = node_a.admin
+    # ALREADY_EXISTS: the same PAN twice; the message masks it.
+    err = expect_code(lambda: admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-01",
+                                                                  account_id=account.account_id), timeout=5),
+                      grpc.StatusCode.ALREADY_EXISTS)
+    assert pan not in (err.details() or "") and pan[-4:] in (err.details() or "")
+    # FAILED_PRECONDITION: the only owner cannot be unlinked; a closed account takes no card.
+    expect_code(lambda: admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
+        account_id=account.account_id, customer_id=customer.customer_id), timeout=5),
+        grpc.StatusCode.FAILED_PRECONDITION)
+    closed = admin.CloseAccount(pb.CloseAccountRequest(account_id=account.account_id), timeout=5)
+    assert closed.status == pb.ACCOUNT_STATUS_CLOSED
+    expect_code(lambda: admin.IssueCard(pb.IssueCardRequest(pan=fresh_pan(used_secrets), expiry="2030-01",
+                                                            account_id=account.account_id), timeout=5),
+                grpc.StatusCode.FAILED_PRECONDITION)
+    expect_code(lambda: admin.SetAccountStatus(pb.SetAccountStatusRequest(
+        account_id=account.account_id, status=pb.ACCOUNT_STATUS_OPEN), timeout=5), grpc.StatusCode.FAILED_PRECONDITION)
+    # NOT_FOUND
+    expect_code(lambda: admin.SetCardStatus(pb.SetCardStatusRequest(card_token="tok_" + "9" * 24,
+                                                                    status=pb.CARD_STATUS_BLOCKED), timeout=5),
+                grpc.StatusCode.NOT_FOUND)
+    expect_code(lambda: admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(0), account_number="123456", type=pb.ACCOUNT_TYPE_CHECKING,
+        owner_customer_id="cus_doesnotexist"), timeout=5), grpc.StatusCode.NOT_FOUND)
+    # INVALID_ARGUMENT
+    expect_code(lambda: admin.CreateCustomer(pb.CreateCustomerRequest(display_name=""), timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT)
+    expect_code(lambda: admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=99), timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT)
+    expect_code(lambda: admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-13",
+                                                            account_id=account.account_id), timeout=5),
+                grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def _wait_for(predicate: object, bound: float) -> float:
+    assert callable(predicate)
+    start = time.monotonic()
+    while not predicate():
+        elapsed = time.monotonic() - start
+        assert elapsed < bound + 1.0, f"not visible after {elapsed:.2f}s (bound {bound}s)"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_write_on_one_node_is_seen_on_another_within_bound(node_a: Clients, node_b: Clients,
+                                                          used_secrets: UsedSecrets) -> None:
+    customer, account, card, pan = _setup_card(node_a, used_secrets)
+    req = pb.ResolveCardRequest(pan=pan)
+    for _ in range(3):   # warm node B's near-cache and the Redis shard with the current state
+        assert node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
+    node_a.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_STOLEN),
+                               timeout=5)
+    card_lag = _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_STOLEN,
+                         STALENESS_BOUND_S)
+    assert card_lag <= STALENESS_BOUND_S
+    assert not node_b.lookup.ResolveCard(req, timeout=5).in_good_standing
+    # A customer-level change reaches the card answers that embed the customer.
+    node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=customer.customer_id,
+                                                               status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5)
+    lag = _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).customer.status ==
+                    pb.CUSTOMER_STATUS_SUSPENDED, STALENESS_BOUND_S)
+    assert lag <= STALENESS_BOUND_S
+    # Linking the card to another account moves it in both customers' profiles.
+    other_customer, other_account, _, _ = _setup_card(node_a, used_secrets)
+    node_b.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=other_customer.customer_id), timeout=5)
+    node_a.admin.LinkCard(pb.LinkCardRequest(card_token=card.token, account_id=other_account.account_id), timeout=5)
+    _wait_for(lambda: card.token in [c.token for c in node_b.lookup.GetCustomer(
+        pb.GetCustomerRequest(customer_id=other_customer.customer_id), timeout=5).cards], STALENESS_BOUND_S)
+
+
+def test_outbox_rows_are_written_and_settled(node_a: Clients, dev_env: object, used_secrets: UsedSecrets) -> None:
+    import asyncio
+
+    import asyncpg
+
+    from server.dev import DevEnvironment
+
+    assert isinstance(dev_env, DevEnvironment)
+    _setup_card(node_a, used_secrets)
+    dsn = dev_env.settings().pg_dsn
+
+    async def unsettled() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL"))
+        finally:
+            await conn.close()
+
+    deadline = time.monotonic() + 10
+    while asyncio.run(unsettled()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert asyncio.run(unsettled()) == 0

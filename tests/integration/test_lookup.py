@@ -1,0 +1,165 @@
+"""LookupService over real gRPC, real PostgreSQL and real Redis shards."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
+from server.proto import crs_pb2 as pb
+from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+
+pytestmark = pytest.mark.integration
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+
+
+def test_resolve_card_by_pan_and_token_agree(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    pan = demo_pan(3)
+    used_secrets.pans.add(pan)
+    by_pan = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert by_pan.card.masked_pan == pan[:6] + "******" + pan[-4:]
+    assert by_pan.card.token == demo_token(1, 3)
+    assert by_pan.account.account_id and by_pan.customer.customer_id
+    assert by_pan.card.account_id == by_pan.account.account_id
+    by_token = node_a.lookup.ResolveCard(pb.ResolveCardRequest(token=by_pan.card.token), timeout=5)
+    assert by_token == by_pan
+    again = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)   # now from a cache
+    assert again == by_pan
+
+
+def test_good_standing_reflects_statuses(node_a: Clients) -> None:
+    seen = {True: 0, False: 0}
+    for i in range(60):
+        r = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+        expected = (r.card.status == pb.CARD_STATUS_ACTIVE and r.account.status == pb.ACCOUNT_STATUS_OPEN
+                    and r.customer.status == pb.CUSTOMER_STATUS_ACTIVE and r.card.expiry >= "2026-11")
+        assert r.in_good_standing == expected
+        seen[r.in_good_standing] += 1
+    assert seen[True] > 0
+
+
+def test_resolve_account_lists_every_related_customer(node_a: Clients) -> None:
+    joint = None
+    for i in range(200):
+        r = node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(
+            routing_number=demo_routing(i), account_number=demo_account_number(i)), timeout=5)
+        assert r.account.masked_account_number.endswith(demo_account_number(i)[-4:])
+        assert demo_account_number(i) not in str(r)
+        roles = [rc.role for rc in r.related_customers]
+        assert roles[0] == pb.RELATIONSHIP_ROLE_OWNER and r.customer == r.related_customers[0].customer
+        if len(roles) > 1:
+            joint = r
+    assert joint is not None, "demo data has accounts with a joint holder or signer"
+
+
+def test_get_customer_profile(node_a: Clients) -> None:
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=demo_customer_id(1)), timeout=5)
+    assert profile.customer.customer_id == demo_customer_id(1)
+    assert profile.accounts and profile.cards
+    account_ids = {a.account.account_id for a in profile.accounts}
+    assert all(c.account_id in account_ids for c in profile.cards)
+    assert all("*" in c.masked_pan for c in profile.cards)
+
+
+def test_not_found_for_well_formed_unknown_keys(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    unknown_pan = fresh_pan(used_secrets)
+    for _ in range(2):   # the second answer comes from the negative cache
+        err = expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=unknown_pan), timeout=5),
+                          NOT_FOUND)
+        assert unknown_pan not in (err.details() or "")
+    expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(token="tok_" + "0" * 24), timeout=5),
+                NOT_FOUND)
+    number = fresh_account_number(used_secrets)
+    err = expect_code(lambda: node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(
+        routing_number=demo_routing(0), account_number=number), timeout=5), NOT_FOUND)
+    assert number not in (err.details() or "")
+    expect_code(lambda: node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id="cus_nobody0000"), timeout=5),
+                NOT_FOUND)
+
+
+@pytest.mark.parametrize("request_", [
+    pb.ResolveCardRequest(),
+    pb.ResolveCardRequest(pan=""),
+    pb.ResolveCardRequest(pan="4"),
+    pb.ResolveCardRequest(pan="9990000000000001"),        # Luhn
+    pb.ResolveCardRequest(token="not-a-token"),
+], ids=["empty", "empty-pan", "short", "luhn", "token"])
+def test_resolve_card_invalid(node_a: Clients, request_: pb.ResolveCardRequest) -> None:
+    expect_code(lambda: node_a.lookup.ResolveCard(request_, timeout=5), INVALID)
+
+
+def test_resolve_account_and_customer_invalid(node_a: Clients) -> None:
+    good_routing = demo_routing(0)
+    bad_routing = good_routing[:-1] + str((int(good_routing[-1]) + 1) % 10)
+    for req in (pb.ResolveAccountRequest(), pb.ResolveAccountRequest(routing_number=bad_routing, account_number="1234"),
+                pb.ResolveAccountRequest(routing_number=good_routing, account_number="12")):
+        expect_code(lambda req=req: node_a.lookup.ResolveAccount(req, timeout=5), INVALID)
+    expect_code(lambda: node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id="x"), timeout=5), INVALID)
+
+
+def test_batch_resolve_in_order_each_with_its_status(node_a: Clients) -> None:
+    keys = [
+        pb.LookupKey(pan=demo_pan(1), correlation_id="a"),
+        pb.LookupKey(pan="123", correlation_id="b"),
+        pb.LookupKey(card_token=demo_token(1, 2), correlation_id="c"),
+        pb.LookupKey(account=pb.AccountKey(routing_number=demo_routing(4), account_number=demo_account_number(4)),
+                     correlation_id="d"),
+        pb.LookupKey(customer_id=demo_customer_id(5), correlation_id="e"),
+        pb.LookupKey(customer_id="cus_missing000000", correlation_id="f"),
+        pb.LookupKey(correlation_id="g"),
+        pb.LookupKey(pan=demo_pan(1), correlation_id="h"),   # duplicate key in one batch
+    ]
+    results = node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=10).results
+    assert [r.correlation_id for r in results] == list("abcdefgh")
+    assert [r.code for r in results] == [0, 3, 0, 0, 0, 5, 3, 0]
+    assert results[0].resolution.card.last4 == demo_pan(1)[-4:]
+    assert results[0].resolution == results[7].resolution
+    assert results[2].resolution.card.token == demo_token(1, 2)
+    assert results[3].resolution.account.last4 == demo_account_number(4)[-4:]
+    assert results[4].customer.customer.customer_id == demo_customer_id(5)
+    assert results[1].message and "123" not in results[1].message
+
+
+def test_batch_resolve_size_limits(node_a: Clients) -> None:
+    expect_code(lambda: node_a.lookup.BatchResolve(pb.BatchResolveRequest(), timeout=5), INVALID)
+    too_many = pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i % 50)) for i in range(1001)])
+    err = expect_code(lambda: node_a.lookup.BatchResolve(too_many, timeout=5), INVALID)
+    assert "1000" in (err.details() or "")
+    full = pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i % 600)) for i in range(1000)])
+    results = node_a.lookup.BatchResolve(full, timeout=30).results
+    assert len(results) == 1000 and all(r.code == 0 for r in results)
+
+
+def test_stream_resolve_echoes_correlation_ids(node_a: Clients) -> None:
+    keys = [pb.LookupKey(pan=demo_pan(i), correlation_id=f"k{i}") for i in range(50)]
+    keys.append(pb.LookupKey(pan="bad", correlation_id="bad"))
+    results = list(node_a.lookup.StreamResolve(iter(keys), timeout=10))
+    by_id = {r.correlation_id: r for r in results}
+    assert len(results) == 51
+    assert all(by_id[f"k{i}"].resolution.card.last4 == demo_pan(i)[-4:] for i in range(50))
+    assert by_id["bad"].code == 3
+
+
+def test_health_and_reflection(node_a: Clients) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(node_a.channel)
+    for service in ("", "crs.v1.LookupService", "crs.v1.AdminService"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(node_a.channel)
+    replies = list(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                             timeout=5))
+    names = {s.name for s in replies[0].list_services_response.service}
+    assert {"crs.v1.LookupService", "crs.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+def test_metrics_count_tiers(node_a: Clients) -> None:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{node_a.node.settings.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'crs_lookups_total{tier="l1"}' in text
+    assert 'crs_rpc_latency_seconds_bucket{code="OK",le="0.001",method="ResolveCard"}' in text
