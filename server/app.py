@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,7 +24,7 @@ from server import rpc
 from server.admin import AdminHandlers
 from server.cache.near import NearCache
 from server.cache.redis_tier import RedisTier, ShardPolicy
-from server.errors import CrsError, status_for
+from server.errors import CrsError, InvalidKey, status_for
 from server.lookup import LookupHandlers
 from server.metrics import Metrics
 from server.relay import run_relay
@@ -38,13 +39,27 @@ log = logging.getLogger("crs.node")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
+def _parser(method: rpc.Method) -> Callable[[bytes], Any]:
+    from_string = method.request.FromString
+    what = method.request.DESCRIPTOR.full_name
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return from_string(raw)
+        except DecodeError as exc:
+            raise InvalidKey(f"request is not a valid {what} message") from exc
+
+    return parse
+
+
 def _unary(method: rpc.Method, fn: Callable[[Any], Awaitable[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
     name = method.name
+    parse = _parser(method)
 
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> bytes:
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         try:
-            response = await fn(request)
+            response = await fn(parse(raw))
         except CrsError as exc:
             code, message = status_for(exc)
             metrics.observe_rpc(name, code.name, time.perf_counter() - started)
@@ -57,18 +72,23 @@ def _unary(method: rpc.Method, fn: Callable[[Any], Awaitable[bytes]], metrics: M
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
         return response
 
-    # response_serializer=None: handlers return serialized bytes, sent as they are.
-    return grpc.unary_unary_rpc_method_handler(handler, request_deserializer=method.request.FromString,
-                                               response_serializer=None)
+    # No (de)serializers: requests are parsed inside the handler so a corrupt message maps to
+    # INVALID_ARGUMENT (grpc would answer UNKNOWN), and responses are already serialized bytes.
+    return grpc.unary_unary_rpc_method_handler(handler)
 
 
 def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
     name = method.name
+    parse = _parser(method)
 
-    async def handler(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def parsed(raw_items: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+        async for raw in raw_items:
+            yield parse(raw)
+
+    async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
-            async for item in fn(requests):
+            async for item in fn(parsed(requests)):
                 yield item
         except Exception as exc:
             code, message = status_for(exc)
@@ -78,8 +98,7 @@ def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics
             await context.abort(code, message)
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
 
-    return grpc.stream_stream_rpc_method_handler(handler, request_deserializer=method.request.FromString,
-                                                 response_serializer=None)
+    return grpc.stream_stream_rpc_method_handler(handler)
 
 
 def generic_handler(service: Any, target: object, metrics: Metrics) -> grpc.GenericRpcHandler:

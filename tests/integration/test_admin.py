@@ -140,7 +140,7 @@ def _wait_for(predicate: object, bound: float) -> float:
 
 def test_write_on_one_node_is_seen_on_another_within_bound(node_a: Clients, node_b: Clients,
                                                           used_secrets: UsedSecrets) -> None:
-    customer, account, card, pan = _setup_card(node_a, used_secrets)
+    customer, _account, card, pan = _setup_card(node_a, used_secrets)
     req = pb.ResolveCardRequest(pan=pan)
     for _ in range(3):   # warm node B's near-cache and the Redis shard with the current state
         assert node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
