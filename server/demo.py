@@ -140,9 +140,9 @@ class Progress:
 
     def advance(self, n: int, label: str) -> None:
         self.done += n
-        pct = 100 * self.done // max(self.total, 1)
+        pct = min(100, 100 * self.done // max(self.total, 1))
         bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        line = f"loading demo data [{bar}] {pct:3d}% {self.done:,}/{self.total:,} rows ({label})"
+        line = f"loading demo data [{bar}] {pct:3d}% {self.done:,} rows ({label})"
         self.out.write(("\r" + line) if self.tty else (line + "\n"))
         self.out.flush()
 
@@ -160,7 +160,8 @@ async def load_demo(dsn: str, keyring: Keyring, dek: DataKey, *, customers: int,
         if await conn.fetchval("SELECT count(*) FROM customers") > 0:
             raise RuntimeError("the database already holds customers; demo data loads only into an empty one")
         rng = random.Random(seed)
-        progress = Progress(size.customers + size.accounts * 2 + size.cards, out or sys.stderr)
+        # Relationships are ~1.25 per account (owners plus some joint holders and signers).
+        progress = Progress(size.customers + size.accounts * 9 // 4 + size.cards, out or sys.stderr)
         sources = {
             "customers": _customers(size.customers, rng),
             "accounts": _accounts(size, keyring, dek, rng),

@@ -1,0 +1,194 @@
+"""Faults on real servers: a Redis shard crashing or hanging, PostgreSQL going away.
+
+The bar: no failed lookup while a cache shard is gone, correct answers throughout, the node stays
+SERVING, a shard comes back only after a flush, and no accepted write is ever lost.
+These tests have their own stack: they kill servers the other tests rely on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server import rpc
+from server.cache import keys as ck
+from server.demo import demo_pan
+from server.dev import DevEnvironment, NodeProcess
+from server.proto import crs_pb2 as pb
+from shard_router import Ring, ShardSpec
+
+pytestmark = pytest.mark.integration
+CARDS = 150
+
+
+@dataclass
+class FaultStack:
+    env: DevEnvironment
+    node: NodeProcess
+    channel: grpc.Channel
+    lookup: rpc.Stub
+    admin: rpc.Stub
+    ring: Ring
+    expected_last4: dict[int, str] = field(default_factory=dict)
+
+    def shard_of_card(self, i: int) -> str:
+        keyring = self.node.settings.keyring()
+        return self.ring.node_for(ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i))))
+
+    def serving(self) -> bool:
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture(scope="module")
+def faults() -> Iterator[FaultStack]:
+    env = DevEnvironment(shards=3, customers=CARDS // 2,
+                         pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env.start()
+    try:
+        # No near-cache, so every lookup exercises the shards; fail fast, probe often.
+        node = env.start_node(workers=1, near_cache_size=0, redis_timeout=0.2, shard_failure_threshold=2,
+                              shard_retry_interval=0.5, pg_timeout=1.0, outbox_poll_interval=0.2)
+        channel = grpc.insecure_channel(node.address)
+        stack = FaultStack(env, node, channel, rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService"),
+                           Ring(ShardSpec(s.name) for s in node.settings.redis_shards))
+        yield stack
+        channel.close()
+    finally:
+        env.stop()
+
+
+class LookupLoad:
+    """Several client threads resolving demo cards until stopped; every answer checked."""
+
+    def __init__(self, stack: FaultStack, threads: int = 4) -> None:
+        self.stack = stack
+        self.stop_flag = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        i = offset
+        with grpc.insecure_channel(self.stack.node.address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            while not self.stop_flag.is_set():
+                n = i % CARDS
+                i += 7
+                try:
+                    r = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(n)), timeout=5)
+                    good = r.card.last4 == demo_pan(n)[-4:]
+                    with self.lock:
+                        if good:
+                            self.ok += 1
+                        else:
+                            self.failures.append(f"card {n}: wrong answer")
+                except grpc.RpcError as exc:
+                    with self.lock:
+                        self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
+
+    def __enter__(self) -> LookupLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def test_killed_shard_loses_no_lookup_and_returns_after_flush(faults: FaultStack) -> None:
+    assert faults.env.stack is not None
+    victim = faults.env.stack.redis[1]
+    with LookupLoad(faults) as load:
+        time.sleep(1.0)
+        before = load.ok
+        victim.kill()
+        time.sleep(2.0)
+        assert load.ok > before, "lookups continued while the shard was down"
+        assert faults.serving()
+        victim.restart()
+        time.sleep(2.0)
+    assert load.failures == []
+    assert faults.serving()
+    # Back in use: cards it owns are cached on it again.
+    client = redis.Redis.from_url(victim.url)
+    owned = [i for i in range(CARDS) if faults.shard_of_card(i) == victim.name]
+    for i in owned[:20]:
+        faults.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+    assert client.dbsize() > 0
+
+
+def test_hung_shard_never_serves_a_value_changed_while_it_was_away(faults: FaultStack) -> None:
+    """SIGSTOP a shard holding a card's cached answer, change the card, SIGCONT: never the old status."""
+    assert faults.env.stack is not None
+    shard_name = "shard-2"
+    victim = next(r for r in faults.env.stack.redis if r.name == shard_name)
+    n = next(i for i in range(CARDS) if faults.shard_of_card(i) == shard_name)
+    req = pb.ResolveCardRequest(pan=demo_pan(n))
+    card = faults.lookup.ResolveCard(req, timeout=5).card
+    faults.lookup.ResolveCard(req, timeout=5)    # cached on the shard now
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        with LookupLoad(faults, threads=2) as load:
+            time.sleep(1.0)
+            # The write is accepted even though its invalidation cannot reach the shard.
+            faults.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=new_status), timeout=5)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                assert faults.lookup.ResolveCard(req, timeout=5).card.status == new_status
+                time.sleep(0.05)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    assert load.failures == []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:   # the shard comes back (flush first): still never the old status
+        assert faults.lookup.ResolveCard(req, timeout=5).card.status == new_status
+        time.sleep(0.02)
+    assert faults.serving()
+
+
+def test_postgres_outage_keeps_node_up_and_loses_no_accepted_write(faults: FaultStack) -> None:
+    assert faults.env.stack is not None
+    pg = faults.env.stack.postgres
+    cached = pb.ResolveCardRequest(pan=demo_pan(3))
+    faults.lookup.ResolveCard(cached, timeout=5)
+    accepted = [faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name=f"Before outage {i}"), timeout=5)
+                for i in range(5)]
+    pg.kill()
+    try:
+        # Cached answers still come from Redis; an uncached key is UNAVAILABLE, not a crash.
+        assert faults.lookup.ResolveCard(cached, timeout=5).card.last4 == demo_pan(3)[-4:]
+        with pytest.raises(grpc.RpcError) as info:
+            faults.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(CARDS + 11)), timeout=5)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        with pytest.raises(grpc.RpcError) as info:
+            faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="During outage"), timeout=5)
+        assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert faults.serving() and faults.node.proc.poll() is None
+    finally:
+        pg.start()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            for c in accepted:
+                got = faults.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=c.customer_id), timeout=5)
+                assert got.customer.display_name == c.display_name
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            time.sleep(0.3)
+    faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="After outage"), timeout=5)

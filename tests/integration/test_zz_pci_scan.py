@@ -1,0 +1,76 @@
+"""PCI: no clear PAN or account number anywhere — every PostgreSQL table, every Redis key and value on
+every shard, the node and server logs, the metrics output. Runs last (file name) over everything the
+session's tests sent."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from server.demo import demo_account_number, demo_pan
+from server.dev import DevEnvironment
+from tests.conftest import Clients, UsedSecrets, node_logs
+
+pytestmark = pytest.mark.integration
+
+
+async def _dump_tables(dsn: str) -> dict[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = [r["tablename"] for r in await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname='public'")]
+        dumps = {}
+        for table in tables:
+            rows = await conn.fetch(f'SELECT t::text AS row FROM "{table}" t')
+            dumps[table] = "\n".join(r["row"] for r in rows)
+        return dumps
+    finally:
+        await conn.close()
+
+
+def _needles(secrets: set[str]) -> list[bytes]:
+    """The clear value as text and as the hex PostgreSQL uses to print bytea."""
+    out: list[bytes] = []
+    for s in secrets:
+        out += [s.encode(), s.encode().hex().encode()]
+    return out
+
+
+def test_no_clear_pan_or_account_number_anywhere(dev_env: DevEnvironment, node_a: Clients, node_b: Clients,
+                                                 used_secrets: UsedSecrets) -> None:
+    assert dev_env.stack is not None
+    # Everything the suite sent: the PANs and account numbers tests made, and demo keys they used.
+    secrets = set(used_secrets.pans) | set(used_secrets.account_numbers)
+    secrets |= {demo_pan(i) for i in range(600)} | {demo_account_number(i) for i in range(450)}
+    assert len(used_secrets.pans) >= 5, "the scan needs the PANs the other tests created"
+    needles = _needles(secrets)
+
+    dumps = asyncio.run(_dump_tables(dev_env.settings().pg_dsn))
+    assert {"cards", "accounts", "outbox", "idempotency", "customers"} <= set(dumps)
+    assert sum(len(d) for d in dumps.values()) > 10_000
+    for table, text in dumps.items():
+        data = text.encode()
+        leaked = [n for n in needles if n in data]
+        assert not leaked, f"clear card/account number in table {table}"
+
+    values_seen = 0
+    for shard in dev_env.stack.redis:
+        client = redis.Redis.from_url(shard.url)
+        for key in client.scan_iter(count=1000):
+            value = client.get(key) or b""
+            values_seen += 1
+            blob = key + b"\x00" + value
+            assert not [n for n in needles if n in blob], f"clear number in Redis {shard.name} key {key!r}"
+    assert values_seen > 100
+
+    logs = node_logs(dev_env) + Path(dev_env.stack.postgres.log_path).read_text(errors="replace")
+    for s in secrets:
+        assert s not in logs, "a clear card/account number was logged"
+    for clients in (node_a, node_b):
+        url = f"http://127.0.0.1:{clients.node.settings.metrics_port}/metrics"
+        metrics = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert not [s for s in secrets if s in metrics]
