@@ -23,7 +23,7 @@ KEY_BYTES = 32
 NONCE_BYTES = 12
 
 
-class KeyError_(ValueError):
+class KeyConfigError(ValueError):
     """A key is missing or malformed (raised at start-up, never at the first lookup)."""
 
 
@@ -33,9 +33,9 @@ def decode_key(text: str, *, what: str) -> bytes:
     try:
         key = base64.urlsafe_b64decode(raw.replace("+", "-").replace("/", "_") + "=" * (-len(raw) % 4))
     except (ValueError, TypeError) as exc:
-        raise KeyError_(f"{what} is not valid base64") from exc
+        raise KeyConfigError(f"{what} is not valid base64") from exc
     if len(key) != KEY_BYTES:
-        raise KeyError_(f"{what} must decode to {KEY_BYTES} bytes (got {len(key)})")
+        raise KeyConfigError(f"{what} must decode to {KEY_BYTES} bytes (got {len(key)})")
     return key
 
 
@@ -55,12 +55,12 @@ def parse_versioned_keys(text: str, *, what: str) -> dict[int, bytes]:
             continue
         version, sep, material = part.partition(":")
         if not sep or not version.isdigit() or int(version) <= 0:
-            raise KeyError_(f"{what}: each entry must be VERSION:BASE64KEY with VERSION a positive integer")
+            raise KeyConfigError(f"{what}: each entry must be VERSION:BASE64KEY with VERSION a positive integer")
         if int(version) in keys:
-            raise KeyError_(f"{what}: version {version} given twice")
+            raise KeyConfigError(f"{what}: version {version} given twice")
         keys[int(version)] = decode_key(material, what=f"{what} version {version}")
     if not keys:
-        raise KeyError_(f"{what} is empty")
+        raise KeyConfigError(f"{what} is empty")
     return keys
 
 
@@ -76,12 +76,12 @@ class Keyring:
 
     def __post_init__(self) -> None:
         if self.fingerprint_version not in self.fingerprint_keys:
-            raise KeyError_(
+            raise KeyConfigError(
                 f"fingerprint key version {self.fingerprint_version} is not among the configured "
                 f"versions {sorted(self.fingerprint_keys)}"
             )
         if len(self.kek) != KEY_BYTES:
-            raise KeyError_(f"the key-encryption key must be {KEY_BYTES} bytes")
+            raise KeyConfigError(f"the key-encryption key must be {KEY_BYTES} bytes")
         # A keyed HMAC object copied per call skips re-deriving the padded key each time (~2x faster).
         macs = {v: hmac.new(k, digestmod=hashlib.sha256) for v, k in self.fingerprint_keys.items()}
         object.__setattr__(self, "_macs", macs)

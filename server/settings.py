@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from server.crypto import KeyError_, Keyring, decode_key, parse_versioned_keys
+from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
 
 
 class SettingsError(ValueError):
@@ -100,7 +100,7 @@ class Settings:
             version = self.fingerprint_key_version or max(fp_keys)
             return Keyring(fingerprint_keys=fp_keys, fingerprint_version=version,
                            kek=decode_key(self.kek, what="CRS_KEK"), kek_version=self.kek_version)
-        except KeyError_ as exc:
+        except KeyConfigError as exc:
             raise SettingsError(str(exc)) from exc
 
     def effective_workers(self) -> int:

@@ -8,8 +8,8 @@ from cryptography.exceptions import InvalidTag
 from server.crypto import (
     PAN_PURPOSE,
     DataKey,
+    KeyConfigError,
     Keyring,
-    KeyError_,
     decode_key,
     encode_key,
     new_key,
@@ -61,12 +61,12 @@ def test_key_parsing_errors_are_clear_and_secret_free() -> None:
     key = new_key()
     assert decode_key(encode_key(key), what="k") == key
     assert parse_versioned_keys(f"1:{encode_key(key)}, 3:{encode_key(key)}", what="K") == {1: key, 3: key}
-    with pytest.raises(KeyError_, match="32 bytes"):
+    with pytest.raises(KeyConfigError, match="32 bytes"):
         decode_key(encode_key(key[:16]), what="CRS_KEK")
-    with pytest.raises(KeyError_, match="VERSION:BASE64KEY"):
+    with pytest.raises(KeyConfigError, match="VERSION:BASE64KEY"):
         parse_versioned_keys(encode_key(key), what="CRS_FINGERPRINT_KEYS")
-    with pytest.raises(KeyError_, match="given twice"):
+    with pytest.raises(KeyConfigError, match="given twice"):
         parse_versioned_keys(f"1:{encode_key(key)},1:{encode_key(key)}", what="K")
-    with pytest.raises(KeyError_, match="version 3"):
+    with pytest.raises(KeyConfigError, match="version 3"):
         _keyring(fingerprint_version=3)
     assert encode_key(key) not in repr(_keyring(kek=key))
