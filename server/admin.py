@@ -22,13 +22,14 @@ class AdminHandlers:
         self.store = store
         self.resolver = resolver
         # One handler per RPC, all the same shape: store method, then invalidate.
-        for rpc, method in {
+        writes: dict[str, Callable[[Any], Awaitable[WriteResult]]] = {
             "CreateCustomer": store.create_customer, "UpdateCustomer": store.update_customer,
             "SetCustomerStatus": store.set_customer_status, "CreateAccount": store.create_account,
             "SetAccountStatus": store.set_account_status, "CloseAccount": store.close_account,
             "LinkCustomer": store.link_customer, "UnlinkCustomer": store.unlink_customer,
             "IssueCard": store.issue_card, "LinkCard": store.link_card, "SetCardStatus": store.set_card_status,
-        }.items():
+        }
+        for rpc, method in writes.items():
             setattr(self, rpc, self._handler(rpc, method))
 
     def _handler(self, rpc: str, write: Callable[[Any], Awaitable[WriteResult]]) -> Callable[[Any], Awaitable[bytes]]:

@@ -7,7 +7,7 @@ bound once and reused: `.labels()` on every call would cost more than the lookup
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
@@ -15,17 +15,17 @@ _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        kw = {"registry": registry} if registry is not None else {}
+        reg = registry if registry is not None else REGISTRY
         self.rpc_latency = Histogram("crs_rpc_latency_seconds", "RPC handling time by method and status",
-                                     ["method", "code"], buckets=_LATENCY_BUCKETS, **kw)
+                                     ["method", "code"], buckets=_LATENCY_BUCKETS, registry=reg)
         self.lookups = Counter("crs_lookups_total", "Keys answered, by the tier that answered them",
-                               ["tier"], **kw)
+                               ["tier"], registry=reg)
         self.shard_errors = Counter("crs_cache_shard_errors_total", "Failed Redis operations per shard",
-                                    ["shard"], **kw)
+                                    ["shard"], registry=reg)
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
-                              ["shard"], multiprocess_mode="min", **kw)
+                              ["shard"], multiprocess_mode="min", registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
-                                    multiprocess_mode="max", **kw)
+                                    multiprocess_mode="max", registry=reg)
         self._tiers: dict[str, Counter] = {}
         self._rpc: dict[tuple[str, str], Histogram] = {}
 

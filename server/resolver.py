@@ -156,12 +156,9 @@ class Resolver:
                         raise r
                     out[i] = BackendUnavailable("internal error while loading")
         final: list[bytes | CrsError] = []
-        for lk, r in zip(lookups, out, strict=True):
-            assert r is not None
-            if r == NEGATIVE:
-                final.append(NotFound(f"{lk.what} not found"))
-            else:
-                final.append(r)
+        for lk, answer in zip(lookups, out, strict=True):
+            assert answer is not None
+            final.append(NotFound(f"{lk.what} not found") if answer == NEGATIVE else answer)
         return final
 
     # -- invalidation --------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))
+    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
     start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
 
 

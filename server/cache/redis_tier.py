@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -134,7 +135,7 @@ class RedisTier:
         if not shard.usable():
             raise ShardUnavailable(shard.name)
         try:
-            value: bytes | None = await shard.client.get(key)
+            value = cast("bytes | None", await shard.client.get(key))
         except _SHARD_ERRORS as exc:
             self._fail(shard, exc)
             raise ShardUnavailable(shard.name) from exc
@@ -160,7 +161,7 @@ class RedisTier:
                 return
             shard.succeeded()
             for i, v in zip(idx, values, strict=True):
-                out[i] = v
+                out[i] = cast("bytes | None", v)
 
         groups = self.ring.group_by_node(keys)
         if len(groups) == 1:
@@ -247,7 +248,7 @@ class RedisTier:
                 await asyncio.sleep(retry_interval)
             finally:
                 with contextlib.suppress(*_SHARD_ERRORS):
-                    await asyncio.shield(pubsub.aclose())
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
 
     async def ping_all(self) -> dict[str, bool]:
         async def one(shard: Shard) -> bool:

@@ -31,7 +31,7 @@ from server.pan import (
     parse_token,
 )
 from server.proto import crs_pb2 as pb
-from server.store.db import translate_db_errors
+from server.store.db import Conn, required, translate_db_errors
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 MAX_NAME = 200
@@ -61,7 +61,7 @@ class Change:
     payload: dict[str, Any]
 
 
-Body = Callable[[asyncpg.Connection], Awaitable[Change]]
+Body = Callable[[Conn], Awaitable[Change]]
 
 
 class AdminStore:
@@ -104,7 +104,7 @@ class AdminStore:
                 return WriteResult(response, change.stale_keys, int(outbox_id))
 
     @staticmethod
-    async def _stored_answer(conn: asyncpg.Connection, rpc: str, request_id: str) -> bytes | None:
+    async def _stored_answer(conn: Conn, rpc: str, request_id: str) -> bytes | None:
         row = await conn.fetchrow("SELECT rpc, response FROM idempotency WHERE request_id = $1", request_id)
         if row is None:
             return None
@@ -120,7 +120,7 @@ class AdminStore:
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
-    async def stale_keys_for_accounts(conn: asyncpg.Connection, account_ids: Iterable[str]) -> list[str]:
+    async def stale_keys_for_accounts(conn: Conn, account_ids: Iterable[str]) -> list[str]:
         """Every cached answer that embeds one of these accounts: the account, its cards (by PAN
         fingerprint and by token) and the profiles of its customers."""
         ids = [a for a in set(account_ids) if a]
@@ -144,7 +144,7 @@ class AdminStore:
         return out
 
     @staticmethod
-    async def _accounts_of(conn: asyncpg.Connection, customer_id: str) -> list[str]:
+    async def _accounts_of(conn: Conn, customer_id: str) -> list[str]:
         return [r["account_id"] for r in await conn.fetch(
             "SELECT account_id FROM account_customers WHERE customer_id = $1", customer_id)]
 
@@ -179,13 +179,13 @@ class AdminStore:
                        status=row["status"], expiry=row["expiry"], account_id=row["account_id"] or "",
                        version=row["version"])
 
-    async def _open_account(self, conn: asyncpg.Connection, account_id: str) -> asyncpg.Record:
+    async def _open_account(self, conn: Conn, account_id: str) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR SHARE", account_id)
         if row is None:
             raise NotFound("account not found")
         if row["status"] == pb.ACCOUNT_STATUS_CLOSED:
             raise FailedPrecondition("account is closed")
-        return row
+        return required(row)
 
     # -- customers -----------------------------------------------------------------------------
     async def create_customer(self, req: pb.CreateCustomerRequest) -> WriteResult:
@@ -196,11 +196,11 @@ class AdminStore:
         kyc = req.kyc_status or pb.KYC_STATUS_PENDING
         self._check_enum(pb.KycStatus, kyc, "kyc_status")
 
-        async def body(conn: asyncpg.Connection) -> Change:
-            row = await conn.fetchrow(
+        async def body(conn: Conn) -> Change:
+            row = required(await conn.fetchrow(
                 "INSERT INTO customers (customer_id, display_name, segment, status, kyc_status)"
                 " VALUES ($1, $2, $3, $4, $5) RETURNING *",
-                new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc)
+                new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc))
             cid = row["customer_id"]
             return Change(self._customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
                           {"segment": segment, "kyc_status": kyc})
@@ -211,15 +211,15 @@ class AdminStore:
                                changes: dict[str, Any], event: str) -> WriteResult:
         parse_customer_id(customer_id)
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             cur = await conn.fetchrow("SELECT * FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id)
             if cur is None:
                 raise NotFound("customer not found")
             self._check_version("customer", expected, cur["version"])
             sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(changes))
-            row = await conn.fetchrow(
+            row = required(await conn.fetchrow(
                 f"UPDATE customers SET {sets}{', ' if sets else ''}version = version + 1, updated_at = now()"
-                " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values())
+                " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values()))
             stale = [ck.customer_key(customer_id)]
             stale += await self.stale_keys_for_accounts(conn, await self._accounts_of(conn, customer_id))
             return Change(self._customer_msg(row), stale, event, "customer", customer_id,
@@ -260,7 +260,7 @@ class AdminStore:
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(account_fingerprint_input(routing, number))
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             cust = await conn.fetchrow("SELECT status FROM customers WHERE customer_id = $1 FOR SHARE", owner)
             if cust is None:
                 raise NotFound("owner customer not found")
@@ -268,13 +268,13 @@ class AdminStore:
                 raise FailedPrecondition("owner customer is closed")
             account_id = new_id("acc_")
             try:
-                row = await conn.fetchrow(
+                row = required(await conn.fetchrow(
                     "INSERT INTO accounts (account_id, routing_number, fingerprint_version, account_fingerprint,"
                     " account_last4, account_length, account_ciphertext, dek_id, account_type, currency, status)"
                     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
                     account_id, routing, version, fp, number[-4:], len(number),
                     self.data_key.encrypt(number, purpose=ACCOUNT_PURPOSE), self.data_key.dek_id,
-                    req.type, currency, pb.ACCOUNT_STATUS_OPEN)
+                    req.type, currency, pb.ACCOUNT_STATUS_OPEN))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"an account {mask_account_number(number[-4:])} already exists"
                                     " at this routing number") from exc
@@ -292,16 +292,16 @@ class AdminStore:
         parse_account_id(account_id)
         self._check_enum(pb.AccountStatus, status, "status")
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             cur = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR UPDATE", account_id)
             if cur is None:
                 raise NotFound("account not found")
             self._check_version("account", expected, cur["version"])
             if cur["status"] == pb.ACCOUNT_STATUS_CLOSED and status != pb.ACCOUNT_STATUS_CLOSED:
                 raise FailedPrecondition("account is closed; a closed account cannot change status")
-            row = await conn.fetchrow(
+            row = required(await conn.fetchrow(
                 "UPDATE accounts SET status = $2, version = version + 1, updated_at = now()"
-                " WHERE account_id = $1 RETURNING *", account_id, status)
+                " WHERE account_id = $1 RETURNING *", account_id, status))
             stale = await self.stale_keys_for_accounts(conn, [account_id])
             return Change(self._account_msg(row), stale, "account.status_changed", "account", account_id,
                           {"status": status, "version": row["version"]})
@@ -322,7 +322,7 @@ class AdminStore:
         customer_id = parse_customer_id(req.customer_id)
         self._check_enum(pb.RelationshipRole, req.role, "role")
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             await self._open_account(conn, account_id)
             if await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1 FOR SHARE", customer_id) is None:
                 raise NotFound("customer not found")
@@ -341,7 +341,7 @@ class AdminStore:
         account_id = parse_account_id(req.account_id)
         customer_id = parse_customer_id(req.customer_id)
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             rows = await conn.fetch("SELECT customer_id, role FROM account_customers WHERE account_id = $1"
                                     " FOR UPDATE", account_id)
             current = {r["customer_id"]: r["role"] for r in rows}
@@ -367,17 +367,17 @@ class AdminStore:
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             await self._open_account(conn, account_id)
             token = new_id("tok_", 24)
             try:
-                row = await conn.fetchrow(
+                row = required(await conn.fetchrow(
                     "INSERT INTO cards (token, fingerprint_version, pan_fingerprint, bin, last4, pan_length,"
                     " pan_ciphertext, dek_id, expiry, account_id, status)"
                     " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
                     token, version, fp, pan[:6], pan[-4:], len(pan),
                     self.data_key.encrypt(pan, purpose=PAN_PURPOSE), self.data_key.dek_id, expiry, account_id,
-                    pb.CARD_STATUS_ACTIVE)
+                    pb.CARD_STATUS_ACTIVE))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"card {mask_pan(pan)} is already issued") from exc
             stale = [ck.card_key(version, fp), ck.token_key(token)]
@@ -391,7 +391,7 @@ class AdminStore:
                            status: int | None, account_id: str | None) -> WriteResult:
         parse_token(token)
 
-        async def body(conn: asyncpg.Connection) -> Change:
+        async def body(conn: Conn) -> Change:
             cur = await conn.fetchrow("SELECT * FROM cards WHERE token = $1 FOR UPDATE", token)
             if cur is None:
                 raise NotFound("card not found")
@@ -402,10 +402,10 @@ class AdminStore:
                 if cur["status"] == pb.CARD_STATUS_CLOSED:
                     raise FailedPrecondition("card is closed")
                 await self._open_account(conn, account_id)
-            row = await conn.fetchrow(
+            row = required(await conn.fetchrow(
                 "UPDATE cards SET status = coalesce($2, status), account_id = coalesce($3, account_id),"
                 " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",
-                token, status, account_id)
+                token, status, account_id))
             stale = [ck.card_key(cur["fingerprint_version"], cur["pan_fingerprint"]), ck.token_key(token)]
             stale += await self.stale_keys_for_accounts(conn, [cur["account_id"], row["account_id"]])
             payload: dict[str, Any] = {"version": row["version"]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any, TypeAlias
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
@@ -11,6 +12,15 @@ from cryptography.exceptions import InvalidTag
 from server.crypto import DataKey, Keyring, new_key
 from server.errors import BackendTimeout, BackendUnavailable
 from server.settings import Settings
+
+# A plain connection or one borrowed from a pool: every query helper accepts both.
+Conn: TypeAlias = "asyncpg.Connection[Any] | asyncpg.pool.PoolConnectionProxy[Any]"
+
+
+def required(row: asyncpg.Record | None) -> asyncpg.Record:
+    """A row the statement always returns (INSERT/UPDATE ... RETURNING on a row we hold)."""
+    assert row is not None, "statement returned no row"
+    return row
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:

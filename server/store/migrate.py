@@ -12,6 +12,8 @@ from importlib import resources
 
 import asyncpg
 
+from server.store.db import Conn
+
 _LOCK_ID = 0x435253  # "CRS"
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -36,7 +38,7 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def applied_versions(conn: asyncpg.Connection) -> set[int]:
+async def applied_versions(conn: Conn) -> set[int]:
     exists = await conn.fetchval("SELECT to_regclass('schema_versions') IS NOT NULL")
     if not exists:
         return set()
@@ -72,7 +74,7 @@ async def migrate(dsn: str) -> list[Migration]:
     return applied_now
 
 
-async def check_schema(conn: asyncpg.Connection) -> None:
+async def check_schema(conn: Conn) -> None:
     """Raise with a clear message if the database is not fully migrated (checked at node start)."""
     missing = {m.version for m in available_migrations()} - await applied_versions(conn)
     if missing:
