@@ -7,6 +7,7 @@ through an identity serializer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -22,16 +23,18 @@ from server.resolver import Lookup, Resolver
 from server.store import reads
 
 MAX_CORRELATION_ID = 128
+STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
 
 
 class LookupHandlers:
     def __init__(self, *, resolver: Resolver, pool: asyncpg.Pool, keyring: Keyring, pg_timeout: float,
-                 batch_max: int) -> None:
+                 batch_max: int, stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
         self.pool = pool
         self.keyring = keyring
         self.pg_timeout = pg_timeout
         self.batch_max = batch_max
+        self.stream_window = stream_window
 
     # -- key → Lookup ----------------------------------------------------------------------------
     def card_by_pan(self, pan: str) -> Lookup:
@@ -114,17 +117,56 @@ class LookupHandlers:
         return batch_response(results)
 
     async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey]) -> AsyncIterator[bytes]:
-        async for key in requests:
-            cid = key.correlation_id
+        """Results in completion order (each carries its correlation id): a near-cache hit is answered
+        at once, misses run concurrently (at most `stream_window` per stream), so one slow key never
+        holds up the keys behind it and a client that waits for each answer before sending the next
+        key still works."""
+        results: asyncio.Queue[bytes | None] = asyncio.Queue()
+        window = asyncio.Semaphore(self.stream_window)
+        pending: set[asyncio.Task[None]] = set()
+
+        async def resolve_one(cid: str, lookup: Lookup, field: int) -> None:
             try:
-                if len(cid) > MAX_CORRELATION_ID:
-                    cid = cid[:MAX_CORRELATION_ID]
-                    raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
-                lookup, field = self.for_key(key)
                 outcome: bytes | CrsError = await self.resolver.resolve(lookup)
             except CrsError as exc:
                 outcome, field = exc, RESOLUTION_FIELD
-            yield _result(cid, outcome, field)
+            finally:
+                window.release()
+            results.put_nowait(_result(cid, outcome, field))
+
+        async def read_keys() -> None:
+            async for key in requests:
+                cid = key.correlation_id
+                try:
+                    if len(cid) > MAX_CORRELATION_ID:
+                        cid = cid[:MAX_CORRELATION_ID]
+                        raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
+                    lookup, field = self.for_key(key)
+                except CrsError as exc:
+                    results.put_nowait(_result(cid, exc, RESOLUTION_FIELD))
+                    continue
+                await window.acquire()
+                task = asyncio.create_task(resolve_one(cid, lookup, field))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            while pending:
+                await asyncio.gather(*list(pending))
+            results.put_nowait(None)
+
+        def reader_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                results.put_nowait(None)   # wake the writer; `await reader` below re-raises
+
+        reader = asyncio.create_task(read_keys())
+        reader.add_done_callback(reader_done)
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+            await reader   # re-raises what ended the reader early (e.g. a corrupt message)
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
 
 
 def _result(correlation_id: str, outcome: bytes | CrsError, field: int) -> bytes:

@@ -163,3 +163,24 @@ def test_metrics_count_tiers(node_a: Clients) -> None:
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert 'crs_lookups_total{tier="l1"}' in text
     assert 'crs_rpc_latency_seconds_bucket{code="OK",le="0.001",method="ResolveCard"}' in text
+
+
+def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A switch that sends a key and waits for its answer before the next (request/response over one
+    stream) gets every answer, hits and misses alike."""
+    import queue
+
+    outbox: queue.Queue[pb.LookupKey | None] = queue.Queue()
+
+    def keys() -> object:
+        while (item := outbox.get()) is not None:
+            yield item
+
+    stream = node_a.lookup.StreamResolve(keys(), timeout=20)
+    for i, pan in enumerate([demo_pan(20), fresh_pan(used_secrets), demo_pan(21), "bad", demo_pan(20)]):
+        outbox.put(pb.LookupKey(pan=pan, correlation_id=str(i)))
+        result = next(stream)
+        assert result.correlation_id == str(i)
+        assert result.code == {1: 5, 3: 3}.get(i, 0)
+    outbox.put(None)
+    assert list(stream) == []
