@@ -139,7 +139,7 @@ class Node:
                 on_error=self.metrics.shard_error, on_state_change=self.metrics.shard_state)
             for name in self.tier.shards:
                 self.metrics.shard_state(name, True)
-        self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics,
+        self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
         lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,

@@ -26,6 +26,11 @@ from server.metrics import Metrics
 Loader = Callable[[], Awaitable[bytes | None]]
 
 
+def _consume(task: asyncio.Future[bytes | None]) -> None:
+    if not task.cancelled():
+        task.exception()   # retrieved: no "exception was never retrieved" noise
+
+
 @dataclass(frozen=True)
 class CachePolicy:
     ttl: float = 300.0
@@ -50,11 +55,13 @@ class Lookup:
 
 class Resolver:
     def __init__(self, *, near: NearCache, tier: RedisTier | None, policy: CachePolicy,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, load_timeout: float = 2.0) -> None:
         self.near = near
         self.tier = tier
         self.policy = policy
         self.metrics = metrics
+        # Bounds the whole load, pool wait and (re)connect included, not just the query.
+        self.load_timeout = load_timeout
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
 
     # -- one key ---------------------------------------------------------------------------------
@@ -110,7 +117,7 @@ class Resolver:
 
     async def _load(self, lookup: Lookup) -> bytes:
         try:
-            loaded = await lookup.load()
+            loaded = await self._bounded(lookup.load())
         except CrsError:
             raise
         except TimeoutError as exc:
@@ -119,6 +126,22 @@ class Resolver:
             raise BackendUnavailable("the database is unavailable") from exc
         self.metrics.tier_hit("l3" if loaded is not None else "l3_negative")
         return NEGATIVE if loaded is None else loaded
+
+    async def _bounded(self, load: Awaitable[bytes | None]) -> bytes | None:
+        """Await `load` at most load_timeout. On timeout it is cancelled but not waited for: asyncpg's
+        cleanup of a cancelled query (a cancel request to the server) would hang on a hung database."""
+        task = asyncio.ensure_future(load)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self.load_timeout)
+        except asyncio.CancelledError:   # the caller went away: so does its load
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise BackendTimeout("the database did not answer in time")
+        return task.result()
 
     # -- many keys -------------------------------------------------------------------------------
     async def resolve_many(self, lookups: Sequence[Lookup]) -> list[bytes | CrsError]:

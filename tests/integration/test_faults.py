@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -192,3 +193,36 @@ def test_postgres_outage_keeps_node_up_and_loses_no_accepted_write(faults: Fault
             assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
             time.sleep(0.3)
     faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="After outage"), timeout=5)
+
+
+def _process_tree(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [pid, *(int(p) for p in out.split())]
+
+
+def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
+    """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
+    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
+    tree = _process_tree(faults.env.stack.postgres.pid)
+    unknown = pb.ResolveCardRequest(pan=demo_pan(CARDS + 23))
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            faults.lookup.ResolveCard(unknown, timeout=10)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert time.monotonic() - started < 5
+        assert faults.serving()
+    finally:
+        for pid in tree:
+            os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            faults.lookup.ResolveCard(unknown, timeout=5)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                break
+            assert time.monotonic() < deadline, exc.details()
+            time.sleep(0.2)
