@@ -146,11 +146,15 @@ class Node:
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max)
         admin = AdminHandlers(store=AdminStore(pool=self.pool, keyring=self.keyring, data_key=data_key,
                                                timeout=s.pg_timeout), resolver=self.resolver)
-        server = grpc.aio.server(options=[
+        options: list[tuple[str, int]] = [
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        ]
+        if s.max_connection_age:
+            options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
+                        ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
+        server = grpc.aio.server(options=options)
         server.add_generic_rpc_handlers((
             generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics),
             generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics),

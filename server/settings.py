@@ -64,11 +64,14 @@ class Settings:
     workers: int = 0                      # node processes sharing the port (SO_REUSEPORT); 0 = CPU count
     metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
+    max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
+                                          # lets round-robin clients find pods an autoscaler added
     # --- PostgreSQL (system of record)
     pg_dsn: str = field(default="", repr=False)
     pg_pool_min: int = 2
     pg_pool_max: int = 20                 # per node process; size it to the concurrency (DESIGN.md §2)
-    pg_timeout: float = 2.0               # seconds for one query before DEADLINE_EXCEEDED
+    pg_timeout: float = 2.0               # seconds for one load (pool wait + query) before DEADLINE_EXCEEDED
+    pg_statement_cache_size: int = 256    # prepared statements per connection; 0 behind PgBouncer (transaction mode)
     # --- Redis cache tier
     redis_shards: tuple[ShardAddress, ...] = ()
     redis_pool_size: int = 32             # connections per shard per node process
@@ -140,7 +143,7 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
-    nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version")
+    nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size")
     for name in nonneg:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
@@ -150,6 +153,8 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:
         problems.append(f"CRS_CACHE_TTL_JITTER must be in [0, 1) (got {s.cache_ttl_jitter})")
+    if s.max_connection_age < 0:
+        problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
     if s.reinvalidate_delay < 0:
         problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
     if not 0 < s.grpc_port < 65536:

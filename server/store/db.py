@@ -29,8 +29,8 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
         pool = await asyncpg.create_pool(
             settings.pg_dsn, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max,
             command_timeout=settings.pg_timeout * 5, timeout=settings.pg_timeout * 5,
-            # Lookups run a handful of fixed statements: keep them all prepared.
-            statement_cache_size=256,
+            # Lookups run a handful of fixed statements: keep them all prepared (0 behind PgBouncer).
+            statement_cache_size=settings.pg_statement_cache_size,
         )
     except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
