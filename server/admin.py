@@ -10,11 +10,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.errors import BackendError
+from server.auth import Caller
+from server.errors import BackendError, CrsError
 from server.resolver import Resolver
 from server.store.admin import AdminStore, WriteResult
 
 log = logging.getLogger("crs.admin")
+Write = Callable[[Any, Caller], Awaitable[WriteResult]]
 
 
 class AdminHandlers:
@@ -22,7 +24,7 @@ class AdminHandlers:
         self.store = store
         self.resolver = resolver
         # One handler per RPC, all the same shape: store method, then invalidate.
-        writes: dict[str, Callable[[Any], Awaitable[WriteResult]]] = {
+        writes: dict[str, Write] = {
             "CreateCustomer": store.create_customer, "UpdateCustomer": store.update_customer,
             "SetCustomerStatus": store.set_customer_status, "CreateAccount": store.create_account,
             "SetAccountStatus": store.set_account_status, "CloseAccount": store.close_account,
@@ -32,15 +34,25 @@ class AdminHandlers:
         for rpc, method in writes.items():
             setattr(self, rpc, self._handler(rpc, method))
 
-    def _handler(self, rpc: str, write: Callable[[Any], Awaitable[WriteResult]]) -> Callable[[Any], Awaitable[bytes]]:
-        async def handle(request: Any) -> bytes:
-            result = await write(request)
+    def _handler(self, rpc: str, write: Write) -> Callable[[Any, Caller], Awaitable[bytes]]:
+        async def handle(request: Any, caller: Caller) -> bytes:
+            try:
+                result = await write(request, caller)
+            except CrsError as exc:
+                await self._audit_failure(caller, rpc, request, exc)
+                raise
             if result.outbox_id is not None:
                 await self._invalidate(rpc, result)
             return result.response
 
         handle.__name__ = rpc
         return handle
+
+    async def _audit_failure(self, caller: Caller, rpc: str, request: Any, exc: CrsError) -> None:
+        try:
+            await self.store.audit_failure(caller, rpc, request, exc.code.name)
+        except BackendError:
+            log.warning("could not record a failed write in the audit log", extra={"rpc": rpc})
 
     async def _invalidate(self, rpc: str, result: WriteResult) -> None:
         assert result.outbox_id is not None

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server import rpc
 from server.admin import AdminHandlers
+from server.auth import ADMIN_WRITE, LOOKUP_RPC_SCOPE, Authenticator, Caller, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
 from server.cache.redis_tier import RedisTier, ShardPolicy
 from server.errors import CrsError, InvalidKey, status_for
@@ -31,12 +33,40 @@ from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings
 from server.store.admin import AdminStore
-from server.store.db import active_data_key, create_pool
+from server.store.db import active_data_key, create_pool, verify_key_checks
 from server.store.migrate import check_schema
 
 log = logging.getLogger("crs.node")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def build_authenticator(s: Settings) -> Authenticator:
+    registry = ClientRegistry.from_file(Path(s.clients_file)) if s.clients_file else None
+    verifier = (JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer)
+                if s.jwt_jwks_file else None)
+    if s.allow_anonymous:
+        log.warning("CRS_ALLOW_ANONYMOUS is on: callers without credentials get every scope (dev only)")
+    return Authenticator(registry=registry, jwt=verifier, allow_anonymous=s.allow_anonymous)
+
+
+def bind_ports(server: grpc.aio.Server, s: Settings) -> int:
+    """The gRPC port: mutual TLS when a client CA is configured, TLS otherwise, plaintext only when
+    explicitly allowed. The optional token port: server-only TLS for bearer-token callers."""
+    address = f"{s.grpc_host}:{s.grpc_port}"
+    if s.tls_cert_file:
+        pair = [(Path(s.tls_key_file).read_bytes(), Path(s.tls_cert_file).read_bytes())]
+        client_ca = Path(s.tls_client_ca_file).read_bytes() if s.tls_client_ca_file else None
+        port: int = server.add_secure_port(address, grpc.ssl_server_credentials(
+            pair, root_certificates=client_ca, require_client_auth=client_ca is not None))
+        if s.token_port:
+            server.add_secure_port(f"{s.grpc_host}:{s.token_port}", grpc.ssl_server_credentials(pair))
+    else:
+        log.warning("serving PLAINTEXT gRPC (CRS_ALLOW_PLAINTEXT): development only", extra={"address": address})
+        port = int(server.add_insecure_port(address))
+    if not port:
+        raise RuntimeError(f"cannot bind {address}")
+    return port
 
 
 def _parser(method: rpc.Method) -> Callable[[bytes], Any]:
@@ -52,14 +82,36 @@ def _parser(method: rpc.Method) -> Callable[[bytes], Any]:
     return parse
 
 
-def _unary(method: rpc.Method, fn: Callable[[Any], Awaitable[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
+class Gate:
+    """Runs before any handler work: who is calling (UNAUTHENTICATED), may they call this RPC
+    (PERMISSION_DENIED), and is their token bucket empty (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def scopes_for(self, method: rpc.Method) -> frozenset[str]:
+        if method.service == rpc.LOOKUP_SERVICE.full_name:
+            return LOOKUP_RPC_SCOPE[method.name]
+        return frozenset({ADMIN_WRITE})
+
+    def admit(self, context: grpc.aio.ServicerContext, scopes: frozenset[str], name: str) -> Caller:
+        caller = self.authenticator.authenticate(context)
+        caller.require_any(scopes, name)
+        self.authenticator.admit(caller)
+        return caller
+
+
+def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], metrics: Metrics,
+           gate: Gate) -> grpc.RpcMethodHandler:
     name = method.name
     parse = _parser(method)
+    scopes = gate.scopes_for(method)
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         try:
-            response = await fn(parse(raw))
+            caller = gate.admit(context, scopes, name)
+            response = await fn(parse(raw), caller)
         except CrsError as exc:
             code, message = status_for(exc)
             metrics.observe_rpc(name, code.name, time.perf_counter() - started)
@@ -77,9 +129,11 @@ def _unary(method: rpc.Method, fn: Callable[[Any], Awaitable[bytes]], metrics: M
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics: Metrics) -> grpc.RpcMethodHandler:
+def _bidi(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
+          gate: Gate) -> grpc.RpcMethodHandler:
     name = method.name
     parse = _parser(method)
+    scopes = gate.scopes_for(method)
 
     async def parsed(raw_items: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for raw in raw_items:
@@ -88,7 +142,8 @@ def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
-            async for item in fn(parsed(requests)):
+            caller = gate.admit(context, scopes, name)
+            async for item in fn(parsed(requests), caller):
                 yield item
         except Exception as exc:
             code, message = status_for(exc)
@@ -101,11 +156,12 @@ def _bidi(method: rpc.Method, fn: Callable[[Any], AsyncIterator[bytes]], metrics
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
-def generic_handler(service: Any, target: object, metrics: Metrics) -> grpc.GenericRpcHandler:
+def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, method in rpc.methods(service).items():
         fn = getattr(target, name)
-        handlers[name] = _bidi(method, fn, metrics) if method.client_streaming else _unary(method, fn, metrics)
+        handlers[name] = (_bidi(method, fn, metrics, gate) if method.client_streaming
+                          else _unary(method, fn, metrics, gate))
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -129,6 +185,7 @@ class Node:
         self.pool = await create_pool(s)
         async with self.pool.acquire() as conn:
             await check_schema(conn)
+        await verify_key_checks(self.pool, self.keyring)
         data_key = await active_data_key(self.pool, self.keyring)
         near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl)
         if s.redis_shards:
@@ -155,17 +212,16 @@ class Node:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
         server = grpc.aio.server(options=options)
+        gate = Gate(build_authenticator(s))
         server.add_generic_rpc_handlers((
-            generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics),
-            generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics),
+            generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics, gate),
+            generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics, gate),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [svc.full_name for svc in rpc.SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                        reflection.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
-        if not self.port:
-            raise RuntimeError(f"cannot bind {s.grpc_host}:{s.grpc_port}")
+        self.port = bind_ports(server, s)
         self.server = server
         await server.start()
         if self.tier is not None:

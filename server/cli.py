@@ -13,8 +13,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from server.settings import Settings, SettingsError, load_settings
+from server.settings import Settings, SettingsError, check_serving, load_settings
+
+if TYPE_CHECKING:
+    from server.dev import NodeProcess
 
 EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
 CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 2 bad usage or configuration,
@@ -31,8 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.serve import serve
 
     settings = _settings(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host)
-    if not settings.pg_dsn:
-        raise SettingsError("CRS_PG_DSN is not set: the node needs its PostgreSQL database")
+    check_serving(settings)
     return serve(settings)
 
 
@@ -71,7 +74,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing
     from server.proto import crs_pb2 as pb
 
-    with grpc.insecure_channel(args.target) as channel:
+    with _channel(args) as channel:
         lookup = rpc.stub(channel, "LookupService")
         try:
             if args.kind == "card":
@@ -97,13 +100,32 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _channel(args: argparse.Namespace) -> Any:
+    import grpc
+
+    ca, cert, key = args.ca, args.cert, args.key
+    if args.tls_dir:
+        tls = Path(args.tls_dir)
+        ca, cert, key = tls / "ca.pem", tls / f"client-{args.client}.pem", tls / f"client-{args.client}.key"
+    if not ca:
+        return grpc.insecure_channel(args.target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None)
+    call_creds = []
+    if args.token_file:
+        call_creds.append(grpc.access_token_call_credentials(Path(args.token_file).read_text().strip()))
+    return grpc.secure_channel(args.target, grpc.composite_channel_credentials(creds, *call_creds)
+                               if call_creds else creds)
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from server.dev import DevEnvironment
     from server.logs import configure_logging
 
     configure_logging("WARNING")
     base = Path(args.data_dir).resolve() if args.data_dir else None
-    env = DevEnvironment(shards=args.shards, customers=args.customers, base_dir=base,
+    env = DevEnvironment(shards=args.shards, customers=args.customers, base_dir=base, tls=not args.plaintext,
                          pg_binaries=args.pg_binaries, keep=base is not None)
     stop = False
 
@@ -120,7 +142,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         print(f"crs dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
         node = env.start_node(workers=args.workers, port=args.port)
         print(f"crs dev: ready in {time.monotonic() - started:.1f}s\n")
-        _print_samples(node.address)
+        _print_samples(node)
         pg = env.stack.postgres
         print("\nEndpoints")
         print(f"  gRPC       {node.address}   (crs.v1.LookupService, crs.v1.AdminService, health, reflection)")
@@ -129,8 +151,14 @@ def cmd_dev(args: argparse.Namespace) -> int:
         for name, url in env.stack.shard_urls().items():
             print(f"  {name:10} {url}")
         print(f"  logs       {node.log_path}")
-        print("\nTry:  ./crsw crs lookup card --demo 7   |   ./crsw crs lookup account --demo 3"
-              "   |   ./crsw crs lookup customer --demo 1")
+        tls = f" --tls-dir {env.pki.directory}" if env.pki else ""
+        target = "" if args.port == 50051 else f" --target {node.address}"
+        print(f"\nTry:  ./crsw crs lookup card --demo 7{target}{tls}")
+        print(f"      ./crsw crs lookup account --demo 3{target}{tls}")
+        print(f"      ./crsw crs lookup customer --demo 1{target}{tls} --client admin")
+        if env.pki:
+            print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
+                  " clients 'admin' and 'switch')")
         print("Ctrl-C stops everything.", flush=True)
         while not stop and node.proc.poll() is None:
             time.sleep(0.5)
@@ -145,8 +173,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_samples(address: str) -> None:
-    import grpc
+def _print_samples(node: NodeProcess) -> None:
     from google.protobuf.json_format import MessageToJson
 
     from server import rpc
@@ -154,7 +181,7 @@ def _print_samples(address: str) -> None:
     from server.pan import mask_pan
     from server.proto import crs_pb2 as pb
 
-    with grpc.insecure_channel(address) as channel:
+    with node.channel("switch") as channel:
         lookup = rpc.stub(channel, "LookupService")
         pan = demo_pan(0)
         card = lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
@@ -212,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")
     s.add_argument("--pg-binaries", choices=("auto", "system", "pgserver"), default="auto",
                    help="which PostgreSQL binaries to use (default auto: PATH first)")
+    s.add_argument("--plaintext", action="store_true",
+                   help="serve plaintext to anonymous callers instead of mutual TLS (default: mTLS with a dev PKI)")
     s.set_defaults(func=cmd_dev)
 
     s = sub.add_parser("keys", help="key utilities")
@@ -230,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--routing", help="ABA routing number (account lookups; account number from stdin)")
     s.add_argument("--customer-id", help="customer id (customer lookups)")
     s.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    s.add_argument("--tls-dir", help="a dev PKI directory (crs dev prints it): ca.pem + client-NAME.pem/.key")
+    s.add_argument("--client", default="switch", help="client certificate name in --tls-dir (default switch)")
+    s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS")
+    s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS")
+    s.add_argument("--key", help="client private key (PEM) for mutual TLS")
+    s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
     s.set_defaults(func=cmd_lookup)
     return p
 

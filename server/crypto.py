@@ -72,6 +72,7 @@ class Keyring:
     fingerprint_version: int
     kek: bytes = field(repr=False)
     kek_version: int = 1
+    previous_keks: dict[int, bytes] = field(default_factory=dict, repr=False)   # during KEK rotation
     _macs: dict[int, hmac.HMAC] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,11 +93,20 @@ class Keyring:
         return mac.digest()
 
     def wrap(self, dek: bytes, dek_id: int) -> bytes:
+        """Wrap under the current KEK."""
         nonce = os.urandom(NONCE_BYTES)
         return nonce + AESGCM(self.kek).encrypt(nonce, dek, b"crs:dek:%d" % dek_id)
 
-    def unwrap(self, wrapped: bytes, dek_id: int) -> bytes:
-        return AESGCM(self.kek).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], b"crs:dek:%d" % dek_id)
+    def unwrap(self, wrapped: bytes, dek_id: int, kek_version: int | None = None) -> bytes:
+        """Unwrap with the KEK of `kek_version` (current when None); KeyConfigError if we lack it."""
+        if kek_version is None or kek_version == self.kek_version:
+            kek = self.kek
+        elif kek_version in self.previous_keks:
+            kek = self.previous_keks[kek_version]
+        else:
+            raise KeyConfigError(f"data key {dek_id} is wrapped under KEK version {kek_version}, which is not"
+                                 f" configured (current is {self.kek_version}; set CRS_KEK_PREVIOUS to rotate)")
+        return AESGCM(kek).decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], b"crs:dek:%d" % dek_id)
 
 
 class DataKey:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,12 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.crypto import encode_key, new_key
 from server.demo import load_demo
 from server.embedded import EmbeddedStack, free_port
+from server.pki import DevPki, write_dev_pki
 from server.settings import Settings, ShardAddress, load_settings, settings_to_env
 from server.store.db import active_data_key, create_pool
 from server.store.migrate import migrate
@@ -30,9 +33,20 @@ def dev_keys() -> dict[str, str]:
     return {"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}", "CRS_KEK": encode_key(new_key())}
 
 
+SERVICE_ROLE = "crs_node"   # the login role nodes use: a member of crs_app (migration 0003)
+
+
 async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
-                           out: TextIO | None = None) -> None:
+                           out: TextIO | None = None, service_role: str | None = None) -> None:
+    """Migrate (as the owner in `settings.pg_dsn`), create the nodes' login role, load demo data."""
     await migrate(settings.pg_dsn)
+    if service_role:
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", service_role):
+                await conn.execute(f'CREATE ROLE "{service_role}" LOGIN IN ROLE crs_app')
+        finally:
+            await conn.close()
     if customers <= 0:
         return
     pool = await create_pool(replace(settings, pg_pool_min=1, pg_pool_max=2))
@@ -43,6 +57,18 @@ async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
     await load_demo(settings.pg_dsn, settings.keyring(), dek, customers=customers, seed=seed, out=out)
 
 
+# Dev callers and their scopes: an operator with everything, a payment switch with lookups only.
+DEV_CLIENTS = {
+    "admin": ["lookup:card", "lookup:account", "lookup:customer", "admin:write"],
+    "switch": ["lookup:card", "lookup:account"],
+}
+
+
+def dev_clients_config() -> dict[str, object]:
+    return {"clients": {cid: {"scopes": scopes, "cert_names": [cid]} for cid, scopes in DEV_CLIENTS.items()},
+            "revoked_serials": []}
+
+
 @dataclass
 class NodeProcess:
     """A `crs serve` child process."""
@@ -51,9 +77,15 @@ class NodeProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
 
+    pki: DevPki | None = None
+
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.settings.grpc_port}"
+
+    def channel(self, client: str = "admin") -> grpc.Channel:
+        """A channel to this node as `client` (mutual TLS with that client's dev certificate)."""
+        return open_channel(self.address, self.pki, client)
 
     def stop(self, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:
@@ -66,8 +98,18 @@ class NodeProcess:
         return self.proc.returncode
 
 
+def open_channel(address: str, pki: DevPki | None, client: str = "admin") -> grpc.Channel:
+    if pki is None:
+        return grpc.insecure_channel(address)
+    cert, key = pki.client_cert(client)
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes(),
+                                         private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
+    # The dev server certificate names localhost and 127.0.0.1.
+    return grpc.secure_channel(address, creds)
+
+
 def start_node(settings: Settings, *, log_path: Path, extra_env: dict[str, str] | None = None,
-               ready_timeout: float = 60.0) -> NodeProcess:
+               ready_timeout: float = 60.0, pki: DevPki | None = None) -> NodeProcess:
     """Start `crs serve` with these settings and wait until every worker answers SERVING."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
     env.update(settings_to_env(settings))
@@ -75,23 +117,24 @@ def start_node(settings: Settings, *, log_path: Path, extra_env: dict[str, str] 
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    node = NodeProcess(settings, proc, log_path)
+    node = NodeProcess(settings, proc, log_path, pki)
     try:
-        wait_serving(node.address, timeout=ready_timeout, proc=proc)
+        wait_serving(node.address, timeout=ready_timeout, proc=proc, pki=pki)
     except BaseException:
         node.stop()
         raise
     return node
 
 
-def wait_serving(address: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_serving(address: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None,
+                 pki: DevPki | None = None) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"node process exited with code {proc.returncode} before serving")
         try:
-            with grpc.insecure_channel(address) as channel:
+            with open_channel(address, pki) as channel:
                 status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if status.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -104,9 +147,15 @@ def wait_serving(address: str, *, timeout: float, proc: subprocess.Popen[bytes] 
 
 @dataclass
 class DevEnvironment:
-    """PostgreSQL + Redis shards + keys + schema (+ demo data). Nodes are started on demand."""
+    """PostgreSQL + Redis shards + keys + schema (+ demo data). Nodes are started on demand.
+
+    With tls=True (the default of `crs dev` and the tests) nodes serve mutual TLS with a generated
+    dev PKI and the clients file below; with tls=False they serve plaintext to anonymous callers.
+    Nodes log in to PostgreSQL as the restricted service role, never as the owner.
+    """
 
     shards: int = 4
+    tls: bool = False
     customers: int = 0
     base_dir: Path | None = None
     pg_binaries: str = "auto"
@@ -115,23 +164,42 @@ class DevEnvironment:
     keys: dict[str, str] = field(default_factory=dev_keys)
     nodes: list[NodeProcess] = field(default_factory=list)
 
+    pki: DevPki | None = None
+    clients_file: Path | None = None
+
     def start(self, *, out: TextIO | None = None) -> Settings:
         self.stack = EmbeddedStack(base_dir=self.base_dir, shards=self.shards, pg_binaries=self.pg_binaries,
                                    keep=self.keep)
         try:
             self.stack.start()
             self.stack.postgres.create_database("crs")
+            if self.tls:
+                self.pki = write_dev_pki(Path(self.stack.base_dir) / "pki", tuple(DEV_CLIENTS))
+                self.clients_file = Path(self.stack.base_dir) / "pki" / "clients.json"
+                self.clients_file.write_text(json.dumps(dev_clients_config(), indent=2))
             settings = self.settings()
-            asyncio.run(prepare_database(settings, customers=self.customers, out=out))
+            owner = replace(settings, pg_dsn=self.admin_dsn)
+            asyncio.run(prepare_database(owner, customers=self.customers, out=out, service_role=SERVICE_ROLE))
         except BaseException:
             self.stop()
             raise
         return settings
 
+    @property
+    def admin_dsn(self) -> str:
+        """The schema owner (superuser here): migrations, demo data, test inspection."""
+        assert self.stack is not None, "start() first"
+        return self.stack.postgres.dsn("crs")
+
     def settings(self, **overrides: object) -> Settings:
         assert self.stack is not None, "start() first"
         env = dict(self.keys)
-        env["CRS_PG_DSN"] = self.stack.postgres.dsn("crs")
+        env["CRS_PG_DSN"] = f"postgresql://{SERVICE_ROLE}@127.0.0.1:{self.stack.postgres.port}/crs"
+        if self.pki is not None and self.clients_file is not None:
+            env |= {"CRS_TLS_CERT_FILE": str(self.pki.server_cert), "CRS_TLS_KEY_FILE": str(self.pki.server_key),
+                    "CRS_TLS_CLIENT_CA_FILE": str(self.pki.ca_cert), "CRS_CLIENTS_FILE": str(self.clients_file)}
+        else:
+            env |= {"CRS_ALLOW_PLAINTEXT": "true", "CRS_ALLOW_ANONYMOUS": "true"}
         settings = load_settings(env)
         shards = tuple(ShardAddress(name=name, url=url) for name, url in self.stack.shard_urls().items())
         return replace(settings, redis_shards=shards, **overrides)  # type: ignore[arg-type]
@@ -142,7 +210,7 @@ class DevEnvironment:
                                  **overrides)
         log_dir = Path(self.stack.base_dir) / "logs"
         log_dir.mkdir(exist_ok=True)
-        node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log")
+        node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", pki=self.pki)
         self.nodes.append(node)
         return node
 

@@ -5,6 +5,9 @@ The tree (two families: the caller's fault and a dependency's fault)::
     CrsError
     ├── ClientError                 the request cannot succeed as sent
     │   ├── InvalidKey              INVALID_ARGUMENT   malformed PAN, token, ABA, ids, oversize batch
+    │   ├── Unauthenticated         UNAUTHENTICATED    no, bad, expired or unregistered credentials
+    │   ├── PermissionDenied        PERMISSION_DENIED  authenticated, but the RPC/key needs a scope it lacks
+    │   ├── RateLimited             RESOURCE_EXHAUSTED the caller's token bucket is empty
     │   ├── NotFound                NOT_FOUND          well-formed key that matches nothing
     │   ├── AlreadyExists           ALREADY_EXISTS     natural key taken (PAN already issued, ...)
     │   ├── FailedPrecondition      FAILED_PRECONDITION  e.g. a card on a closed account
@@ -38,6 +41,18 @@ class ClientError(CrsError):
 
 class InvalidKey(ClientError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Unauthenticated(ClientError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ClientError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class RateLimited(ClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class NotFound(ClientError):

@@ -8,21 +8,23 @@ through an identity serializer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 
 import asyncpg
 
+from server.auth import KEY_SCOPE, Caller
 from server.cache import keys as ck
 from server.crypto import Keyring, account_fingerprint_input
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
-from server.errors import CrsError, InvalidKey, rpc_code_number
+from server.errors import CrsError, InvalidKey, PermissionDenied, rpc_code_number
 from server.pan import parse_account_number, parse_customer_id, parse_pan, parse_routing_number, parse_token
 from server.proto import crs_pb2 as pb
-from server.resolver import Lookup, Resolver
+from server.resolver import Loader, Lookup, Resolver
 from server.store import reads
 
 MAX_CORRELATION_ID = 128
+Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
 
 
@@ -35,14 +37,18 @@ class LookupHandlers:
         self.pg_timeout = pg_timeout
         self.batch_max = batch_max
         self.stream_window = stream_window
+        current = keyring.fingerprint_version
+        self._other_versions = sorted((v for v in keyring.fingerprint_keys if v != current), reverse=True)
 
     # -- key → Lookup ----------------------------------------------------------------------------
     def card_by_pan(self, pan: str) -> Lookup:
         parse_pan(pan)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
-        return Lookup(ck.card_key(version, fp),
-                      partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout), "card")
+        load = partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout)
+        if self._other_versions:
+            load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
+        return Lookup(ck.card_key(version, fp), load, "card")
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
@@ -53,18 +59,32 @@ class LookupHandlers:
         parse_routing_number(routing_number)
         parse_account_number(account_number)
         version = self.keyring.fingerprint_version
-        fp = self.keyring.fingerprint(account_fingerprint_input(routing_number, account_number))
-        return Lookup(ck.account_key(version, fp),
-                      partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout),
-                      "account")
+        value = account_fingerprint_input(routing_number, account_number)
+        fp = self.keyring.fingerprint(value)
+        load = partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout)
+        if self._other_versions:
+            load = partial(self._any_version, reads.account_by_fingerprint, value, load)
+        return Lookup(ck.account_key(version, fp), load, "account")
+
+    async def _any_version(self, read: Read, value: str, current: Loader) -> bytes | None:
+        """During a fingerprint-key rotation a row may carry only another configured version yet:
+        a miss under the current version tries the others before answering NOT_FOUND."""
+        found = await current()
+        for version in self._other_versions:
+            if found is not None:
+                break
+            found = await read(self.pool, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout)
+        return found
 
     def customer(self, customer_id: str) -> Lookup:
         parse_customer_id(customer_id)
         return Lookup(ck.customer_key(customer_id),
                       partial(reads.customer_profile, self.pool, customer_id, timeout=self.pg_timeout), "customer")
 
-    def for_key(self, key: pb.LookupKey) -> tuple[Lookup, int]:
+    def for_key(self, key: pb.LookupKey, caller: Caller) -> tuple[Lookup, int]:
         which = key.WhichOneof("key")
+        if which is not None and not caller.may(KEY_SCOPE[which]):
+            raise PermissionDenied(f"client {caller.client_id!r} may not look up {which.replace('_', ' ')} keys")
         if which == "pan":
             return self.card_by_pan(key.pan), RESOLUTION_FIELD
         if which == "card_token":
@@ -76,7 +96,7 @@ class LookupHandlers:
         raise InvalidKey("key is empty: set one of pan, card_token, account, customer_id")
 
     # -- unary RPCs ------------------------------------------------------------------------------
-    async def ResolveCard(self, request: pb.ResolveCardRequest) -> bytes:
+    async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
         which = request.WhichOneof("key")
         if which == "pan":
             return await self.resolver.resolve(self.card_by_pan(request.pan))
@@ -84,14 +104,14 @@ class LookupHandlers:
             return await self.resolver.resolve(self.card_by_token(request.token))
         raise InvalidKey("key is empty: set pan or token")
 
-    async def ResolveAccount(self, request: pb.ResolveAccountRequest) -> bytes:
+    async def ResolveAccount(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes:
         return await self.resolver.resolve(self.account(request.routing_number, request.account_number))
 
-    async def GetCustomer(self, request: pb.GetCustomerRequest) -> bytes:
+    async def GetCustomer(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes:
         return await self.resolver.resolve(self.customer(request.customer_id))
 
     # -- many keys -------------------------------------------------------------------------------
-    async def BatchResolve(self, request: pb.BatchResolveRequest) -> bytes:
+    async def BatchResolve(self, request: pb.BatchResolveRequest, caller: Caller) -> bytes:
         n = len(request.keys)
         if n == 0:
             raise InvalidKey("keys is empty")
@@ -103,7 +123,7 @@ class LookupHandlers:
             try:
                 if len(cid) > MAX_CORRELATION_ID:
                     raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
-                lookup, field = self.for_key(key)
+                lookup, field = self.for_key(key, caller)
             except CrsError as exc:
                 prepared.append((cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD))
             else:
@@ -116,7 +136,7 @@ class LookupHandlers:
             results.append(_result(cid, outcome, field))
         return batch_response(results)
 
-    async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey]) -> AsyncIterator[bytes]:
+    async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
         """Results in completion order (each carries its correlation id): a near-cache hit is answered
         at once, misses run concurrently (at most `stream_window` per stream), so one slow key never
         holds up the keys behind it and a client that waits for each answer before sending the next
@@ -141,7 +161,7 @@ class LookupHandlers:
                     if len(cid) > MAX_CORRELATION_ID:
                         cid = cid[:MAX_CORRELATION_ID]
                         raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
-                    lookup, field = self.for_key(key)
+                    lookup, field = self.for_key(key, caller)
                 except CrsError as exc:
                     results.put_nowait(_result(cid, exc, RESOLUTION_FIELD))
                     continue

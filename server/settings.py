@@ -66,6 +66,17 @@ class Settings:
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
+    # --- transport security and callers (docs/security.md)
+    tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
+    tls_key_file: str = field(default="", repr=False)
+    tls_client_ca_file: str = ""          # CA for client certificates: set = mutual TLS required on grpc_port
+    token_port: int = 0                   # optional second port: server-only TLS, callers use bearer tokens
+    allow_plaintext: bool = False         # dev only: no TLS at all (the node logs a warning)
+    allow_anonymous: bool = False         # dev only: callers without credentials get every scope
+    clients_file: str = ""                # JSON: client ids, scopes, certificate names, rate limits
+    jwt_jwks_file: str = ""               # JWKS with the public keys bearer tokens are signed with
+    jwt_audience: str = "crs-lookup"
+    jwt_issuer: str = ""                  # required issuer ("" = not checked)
     # --- PostgreSQL (system of record)
     pg_dsn: str = field(default="", repr=False)
     pg_pool_min: int = 2
@@ -94,6 +105,8 @@ class Settings:
     fingerprint_key_version: int = 0      # 0 = the highest configured version
     kek: str = field(default="", repr=False)                # "BASE64" (32 bytes)
     kek_version: int = 1
+    kek_previous: str = field(default="", repr=False)       # the KEK being rotated away from (rotate-kek)
+    kek_previous_version: int = 0
     # --- logging
     log_level: str = "INFO"
 
@@ -101,8 +114,15 @@ class Settings:
         try:
             fp_keys = parse_versioned_keys(self.fingerprint_keys, what="CRS_FINGERPRINT_KEYS")
             version = self.fingerprint_key_version or max(fp_keys)
+            previous = {}
+            if self.kek_previous:
+                if not self.kek_previous_version or self.kek_previous_version == self.kek_version:
+                    raise KeyConfigError("CRS_KEK_PREVIOUS_VERSION must name the old KEK's version"
+                                         " (different from CRS_KEK_VERSION)")
+                previous[self.kek_previous_version] = decode_key(self.kek_previous, what="CRS_KEK_PREVIOUS")
             return Keyring(fingerprint_keys=fp_keys, fingerprint_version=version,
-                           kek=decode_key(self.kek, what="CRS_KEK"), kek_version=self.kek_version)
+                           kek=decode_key(self.kek, what="CRS_KEK"), kek_version=self.kek_version,
+                           previous_keks=previous)
         except KeyConfigError as exc:
             raise SettingsError(str(exc)) from exc
 
@@ -112,7 +132,8 @@ class Settings:
 
 _ENV_PREFIX = "CRS_"
 # Variables that name a file whose content is the value (mounted secrets).
-_FILE_VARIANTS = {"kek": "CRS_KEK_FILE", "fingerprint_keys": "CRS_FINGERPRINT_KEYS_FILE", "pg_dsn": "CRS_PG_DSN_FILE"}
+_FILE_VARIANTS = {"kek": "CRS_KEK_FILE", "fingerprint_keys": "CRS_FINGERPRINT_KEYS_FILE", "pg_dsn": "CRS_PG_DSN_FILE",
+                  "kek_previous": "CRS_KEK_PREVIOUS_FILE"}
 
 
 def _coerce(name: str, raw: Any, default: Any) -> Any:
@@ -153,6 +174,16 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:
         problems.append(f"CRS_CACHE_TTL_JITTER must be in [0, 1) (got {s.cache_ttl_jitter})")
+    if bool(s.tls_cert_file) != bool(s.tls_key_file):
+        problems.append("CRS_TLS_CERT_FILE and CRS_TLS_KEY_FILE go together")
+    if s.tls_client_ca_file and not s.tls_cert_file:
+        problems.append("CRS_TLS_CLIENT_CA_FILE needs CRS_TLS_CERT_FILE (mutual TLS is TLS first)")
+    if s.token_port and not (s.tls_cert_file and s.jwt_jwks_file):
+        problems.append("CRS_TOKEN_PORT needs CRS_TLS_CERT_FILE and CRS_JWT_JWKS_FILE")
+    if (s.tls_client_ca_file or s.jwt_jwks_file) and not s.clients_file:
+        problems.append("CRS_CLIENTS_FILE is required to map certificates and tokens to clients and scopes")
+    if not 0 <= s.token_port < 65536:
+        problems.append(f"CRS_TOKEN_PORT must be 0-65535 (got {s.token_port})")
     if s.max_connection_age < 0:
         problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
     if s.reinvalidate_delay < 0:
@@ -165,6 +196,18 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {s.log_level!r})")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def check_serving(s: Settings) -> None:
+    """What a node needs beyond what every command needs: a database, keys and a transport decision."""
+    problems = []
+    if not s.pg_dsn:
+        problems.append("CRS_PG_DSN is not set: the node needs its PostgreSQL database")
+    if not s.tls_cert_file and not s.allow_plaintext:
+        problems.append("CRS_TLS_CERT_FILE is not set: configure TLS, or set CRS_ALLOW_PLAINTEXT=true (dev only)")
+    if problems:
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+    s.keyring()
 
 
 def load_settings(environ: Mapping[str, str], *, config_file: Path | None = None,

@@ -46,7 +46,7 @@ def used_secrets() -> UsedSecrets:
 def dev_env() -> Iterator[DevEnvironment]:
     # base_dir=None: a fresh directory in /tmp that an unprivileged PostgreSQL user can reach when the
     # suite runs as root (pytest's tmp_path is mode 0700).
-    env = DevEnvironment(shards=3, customers=DEMO_CUSTOMERS,
+    env = DevEnvironment(shards=3, customers=DEMO_CUSTOMERS, tls=True,
                          pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
     env.start()
     yield env
@@ -54,7 +54,7 @@ def dev_env() -> Iterator[DevEnvironment]:
 
 
 def _clients(node: NodeProcess) -> Clients:
-    channel = grpc.insecure_channel(node.address)
+    channel = node.channel("admin")
     return Clients(node, channel, rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService"))
 
 

@@ -6,6 +6,7 @@ The caller (server/admin.py) invalidates those keys after commit; the relay retr
 
 from __future__ import annotations
 
+import re
 import secrets
 import string
 from collections.abc import Awaitable, Callable, Iterable
@@ -16,6 +17,7 @@ import asyncpg
 import orjson
 from google.protobuf.message import Message
 
+from server.auth import Caller
 from server.cache import keys as ck
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, VersionConflict
@@ -29,11 +31,15 @@ from server.pan import (
     parse_pan,
     parse_routing_number,
     parse_token,
+    redact_digits,
 )
 from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required, translate_db_errors
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
+_ID_FIELDS = ("customer_id", "account_id", "owner")
+_REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id")
+_SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_NAME = 200
 MAX_REQUEST_ID = 128
 
@@ -72,15 +78,15 @@ class AdminStore:
         self.timeout = timeout
 
     # -- the write envelope --------------------------------------------------------------------
-    async def _write(self, rpc: str, request_id: str, body: Body) -> WriteResult:
+    async def _write(self, rpc: str, request_id: str, body: Body, caller: Caller) -> WriteResult:
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
         with translate_db_errors():
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 if request_id:
-                    stored = await self._stored_answer(conn, rpc, request_id)
+                    stored = await self._replay(conn, rpc, request_id, caller)
                     if stored is not None:
-                        return WriteResult(stored, [], None)
+                        return stored
                 try:
                     async with conn.transaction():
                         change = await body(conn)
@@ -94,14 +100,43 @@ class AdminStore:
                             await conn.execute(
                                 "INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, $2, $3)",
                                 request_id, rpc, response)
+                        related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
+                        await self._audit(conn, caller, rpc, request_id, change.entity_type,
+                                          [change.entity_id, *related], "OK", int(outbox_id))
                 except asyncpg.UniqueViolationError as exc:
                     if request_id and exc.constraint_name == "idempotency_pkey":
                         # A concurrent retry of the same request won the race: answer as it did.
-                        stored = await self._stored_answer(conn, rpc, request_id)
+                        stored = await self._replay(conn, rpc, request_id, caller)
                         if stored is not None:
-                            return WriteResult(stored, [], None)
+                            return stored
                     raise
                 return WriteResult(response, change.stale_keys, int(outbox_id))
+
+    async def _replay(self, conn: Conn, rpc: str, request_id: str, caller: Caller) -> WriteResult | None:
+        stored = await self._stored_answer(conn, rpc, request_id)
+        if stored is None:
+            return None
+        await self._audit(conn, caller, rpc, request_id, None, [], "OK_REPLAYED", None)
+        return WriteResult(stored, [], None)
+
+    @staticmethod
+    async def _audit(conn: Conn, caller: Caller, rpc: str, request_id: str, entity_type: str | None,
+                     entity_ids: list[str], result: str, outbox_id: int | None) -> None:
+        await conn.execute(
+            "INSERT INTO audit_log (client_id, via, rpc, request_id, entity_type, entity_ids, result, outbox_id)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            caller.client_id, caller.via, rpc, redact_digits(request_id) or None, entity_type, entity_ids, result,
+            outbox_id)
+
+    async def audit_failure(self, caller: Caller, rpc: str, request: Any, result: str) -> None:
+        """Record a refused or failed write (its transaction, if any, rolled back)."""
+        ids = [getattr(request, f) for f in _REQUEST_ID_FIELDS if getattr(request, f, "")]
+        # Only well-formed ids: a malformed field may be anything, a pasted card number included.
+        ids = [i for i in ids if isinstance(i, str) and _SAFE_ID.fullmatch(i)]
+        with translate_db_errors():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                await self._audit(conn, caller, rpc, getattr(request, "request_id", "")[:MAX_REQUEST_ID], None,
+                                  ids, result, None)
 
     @staticmethod
     async def _stored_answer(conn: Conn, rpc: str, request_id: str) -> bytes | None:
@@ -126,11 +161,16 @@ class AdminStore:
         ids = [a for a in set(account_ids) if a]
         if not ids:
             return []
+        # Both fingerprint versions during a key rotation: answers may be cached under either.
         rows = await conn.fetch(
             "SELECT 'a' AS kind, fingerprint_version AS v, account_fingerprint AS fp, NULL AS ref"
             " FROM accounts WHERE account_id = ANY($1::text[])"
+            " UNION ALL SELECT 'a', next_fingerprint_version, next_account_fingerprint, NULL FROM accounts"
+            " WHERE account_id = ANY($1::text[]) AND next_account_fingerprint IS NOT NULL"
             " UNION ALL SELECT 'c', fingerprint_version, pan_fingerprint, token FROM cards"
             " WHERE account_id = ANY($1::text[])"
+            " UNION ALL SELECT 'c', next_fingerprint_version, next_pan_fingerprint, token FROM cards"
+            " WHERE account_id = ANY($1::text[]) AND next_pan_fingerprint IS NOT NULL"
             " UNION ALL SELECT 'u', NULL, NULL, customer_id FROM account_customers"
             " WHERE account_id = ANY($1::text[])", ids)
         out: list[str] = []
@@ -188,7 +228,7 @@ class AdminStore:
         return required(row)
 
     # -- customers -----------------------------------------------------------------------------
-    async def create_customer(self, req: pb.CreateCustomerRequest) -> WriteResult:
+    async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
         name = req.display_name.strip()
         if not name or len(name) > MAX_NAME:
             raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
@@ -205,10 +245,10 @@ class AdminStore:
             return Change(self._customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
                           {"segment": segment, "kyc_status": kyc})
 
-        return await self._write("CreateCustomer", req.request_id, body)
+        return await self._write("CreateCustomer", req.request_id, body, caller)
 
     async def _change_customer(self, rpc: str, request_id: str, customer_id: str, expected: int,
-                               changes: dict[str, Any], event: str) -> WriteResult:
+                               changes: dict[str, Any], event: str, caller: Caller) -> WriteResult:
         parse_customer_id(customer_id)
 
         async def body(conn: Conn) -> Change:
@@ -225,9 +265,9 @@ class AdminStore:
             return Change(self._customer_msg(row), stale, event, "customer", customer_id,
                           {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
 
-        return await self._write(rpc, request_id, body)
+        return await self._write(rpc, request_id, body, caller)
 
-    async def update_customer(self, req: pb.UpdateCustomerRequest) -> WriteResult:
+    async def update_customer(self, req: pb.UpdateCustomerRequest, caller: Caller) -> WriteResult:
         changes: dict[str, Any] = {}
         if req.display_name:
             name = req.display_name.strip()
@@ -240,16 +280,16 @@ class AdminStore:
             self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
             changes["kyc_status"] = req.kyc_status
         return await self._change_customer("UpdateCustomer", req.request_id, req.customer_id,
-                                           req.expected_version, changes, "customer.updated")
+                                           req.expected_version, changes, "customer.updated", caller)
 
-    async def set_customer_status(self, req: pb.SetCustomerStatusRequest) -> WriteResult:
+    async def set_customer_status(self, req: pb.SetCustomerStatusRequest, caller: Caller) -> WriteResult:
         self._check_enum(pb.CustomerStatus, req.status, "status")
         return await self._change_customer("SetCustomerStatus", req.request_id, req.customer_id,
                                            req.expected_version, {"status": req.status},
-                                           "customer.status_changed")
+                                           "customer.status_changed", caller)
 
     # -- accounts ------------------------------------------------------------------------------
-    async def create_account(self, req: pb.CreateAccountRequest) -> WriteResult:
+    async def create_account(self, req: pb.CreateAccountRequest, caller: Caller) -> WriteResult:
         routing = parse_routing_number(req.routing_number)
         number = parse_account_number(req.account_number)
         self._check_enum(pb.AccountType, req.type, "type")
@@ -285,10 +325,10 @@ class AdminStore:
             return Change(self._account_msg(row), stale, "account.created", "account", account_id,
                           {"owner": owner, "type": req.type, "currency": currency, "routing": routing})
 
-        return await self._write("CreateAccount", req.request_id, body)
+        return await self._write("CreateAccount", req.request_id, body, caller)
 
     async def _change_account_status(self, rpc: str, request_id: str, account_id: str, expected: int,
-                                     status: int) -> WriteResult:
+                                     status: int, caller: Caller) -> WriteResult:
         parse_account_id(account_id)
         self._check_enum(pb.AccountStatus, status, "status")
 
@@ -306,18 +346,18 @@ class AdminStore:
             return Change(self._account_msg(row), stale, "account.status_changed", "account", account_id,
                           {"status": status, "version": row["version"]})
 
-        return await self._write(rpc, request_id, body)
+        return await self._write(rpc, request_id, body, caller)
 
-    async def set_account_status(self, req: pb.SetAccountStatusRequest) -> WriteResult:
+    async def set_account_status(self, req: pb.SetAccountStatusRequest, caller: Caller) -> WriteResult:
         return await self._change_account_status("SetAccountStatus", req.request_id, req.account_id,
-                                                 req.expected_version, req.status)
+                                                 req.expected_version, req.status, caller)
 
-    async def close_account(self, req: pb.CloseAccountRequest) -> WriteResult:
+    async def close_account(self, req: pb.CloseAccountRequest, caller: Caller) -> WriteResult:
         return await self._change_account_status("CloseAccount", req.request_id, req.account_id,
-                                                 req.expected_version, pb.ACCOUNT_STATUS_CLOSED)
+                                                 req.expected_version, pb.ACCOUNT_STATUS_CLOSED, caller)
 
     # -- relationships -------------------------------------------------------------------------
-    async def link_customer(self, req: pb.LinkCustomerRequest) -> WriteResult:
+    async def link_customer(self, req: pb.LinkCustomerRequest, caller: Caller) -> WriteResult:
         account_id = parse_account_id(req.account_id)
         customer_id = parse_customer_id(req.customer_id)
         self._check_enum(pb.RelationshipRole, req.role, "role")
@@ -335,9 +375,9 @@ class AdminStore:
                           stale, "relationship.linked", "account", account_id,
                           {"customer_id": customer_id, "role": req.role})
 
-        return await self._write("LinkCustomer", req.request_id, body)
+        return await self._write("LinkCustomer", req.request_id, body, caller)
 
-    async def unlink_customer(self, req: pb.UnlinkCustomerRequest) -> WriteResult:
+    async def unlink_customer(self, req: pb.UnlinkCustomerRequest, caller: Caller) -> WriteResult:
         account_id = parse_account_id(req.account_id)
         customer_id = parse_customer_id(req.customer_id)
 
@@ -357,10 +397,10 @@ class AdminStore:
                                                   role=current[customer_id]),
                           stale, "relationship.unlinked", "account", account_id, {"customer_id": customer_id})
 
-        return await self._write("UnlinkCustomer", req.request_id, body)
+        return await self._write("UnlinkCustomer", req.request_id, body, caller)
 
     # -- cards ---------------------------------------------------------------------------------
-    async def issue_card(self, req: pb.IssueCardRequest) -> WriteResult:
+    async def issue_card(self, req: pb.IssueCardRequest, caller: Caller) -> WriteResult:
         pan = parse_pan(req.pan)
         expiry = parse_expiry(req.expiry)
         account_id = parse_account_id(req.account_id)
@@ -385,10 +425,10 @@ class AdminStore:
             return Change(self._card_msg(row), stale, "card.issued", "card", token,
                           {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})
 
-        return await self._write("IssueCard", req.request_id, body)
+        return await self._write("IssueCard", req.request_id, body, caller)
 
     async def _change_card(self, rpc: str, request_id: str, token: str, expected: int,
-                           status: int | None, account_id: str | None) -> WriteResult:
+                           status: int | None, account_id: str | None, caller: Caller) -> WriteResult:
         parse_token(token)
 
         async def body(conn: Conn) -> Change:
@@ -407,6 +447,8 @@ class AdminStore:
                 " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",
                 token, status, account_id))
             stale = [ck.card_key(cur["fingerprint_version"], cur["pan_fingerprint"]), ck.token_key(token)]
+            if cur["next_pan_fingerprint"] is not None:
+                stale.append(ck.card_key(cur["next_fingerprint_version"], cur["next_pan_fingerprint"]))
             stale += await self.stale_keys_for_accounts(conn, [cur["account_id"], row["account_id"]])
             payload: dict[str, Any] = {"version": row["version"]}
             if status is not None:
@@ -416,13 +458,13 @@ class AdminStore:
             event = "card.status_changed" if status is not None else "card.linked"
             return Change(self._card_msg(row), stale, event, "card", token, payload)
 
-        return await self._write(rpc, request_id, body)
+        return await self._write(rpc, request_id, body, caller)
 
-    async def link_card(self, req: pb.LinkCardRequest) -> WriteResult:
+    async def link_card(self, req: pb.LinkCardRequest, caller: Caller) -> WriteResult:
         return await self._change_card("LinkCard", req.request_id, req.card_token, req.expected_version,
-                                       None, parse_account_id(req.account_id))
+                                       None, parse_account_id(req.account_id), caller)
 
-    async def set_card_status(self, req: pb.SetCardStatusRequest) -> WriteResult:
+    async def set_card_status(self, req: pb.SetCardStatusRequest, caller: Caller) -> WriteResult:
         self._check_enum(pb.CardStatus, req.status, "status")
         return await self._change_card("SetCardStatus", req.request_id, req.card_token, req.expected_version,
-                                       req.status, None)
+                                       req.status, None, caller)

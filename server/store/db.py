@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 from collections.abc import Iterator
 from typing import Any, TypeAlias
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
 
-from server.crypto import DataKey, Keyring, new_key
+from server.crypto import DataKey, KeyConfigError, Keyring, new_key
 from server.errors import BackendTimeout, BackendUnavailable
 from server.settings import Settings
 
@@ -50,6 +52,24 @@ def translate_db_errors() -> Iterator[None]:
         raise BackendUnavailable("the database is unavailable") from exc
 
 
+KEY_CHECK_LABEL = b"crs:key-check:v1"
+
+
+async def verify_key_checks(pool: asyncpg.Pool, keyring: Keyring) -> None:
+    """Refuse to start with a fingerprint key that differs from the one this database used for the
+    same version (it would silently turn every lookup into NOT_FOUND). First use records the check."""
+    async with pool.acquire() as conn:
+        for version in sorted(keyring.fingerprint_keys):
+            check = hmac.new(keyring.fingerprint_keys[version], KEY_CHECK_LABEL, hashlib.sha256).digest()
+            await conn.execute("INSERT INTO key_checks (kind, version, check_value) VALUES ('fingerprint', $1, $2)"
+                               " ON CONFLICT DO NOTHING", version, check)
+            stored = await conn.fetchval(
+                "SELECT check_value FROM key_checks WHERE kind = 'fingerprint' AND version = $1", version)
+            if not hmac.compare_digest(bytes(stored), check):
+                raise KeyConfigError(f"CRS_FINGERPRINT_KEYS version {version} is not the key this database was"
+                                     " fingerprinted with: wrong key for this environment?")
+
+
 async def active_data_key(pool: asyncpg.Pool, keyring: Keyring) -> DataKey:
     """The newest active data key, unwrapped with the KEK; created on first use.
 
@@ -68,7 +88,7 @@ async def active_data_key(pool: asyncpg.Pool, keyring: Keyring) -> DataKey:
                 "SELECT dek_id, wrapped_key, kek_version FROM data_keys WHERE active ORDER BY dek_id DESC LIMIT 1")
         assert row is not None
     try:
-        return DataKey(row["dek_id"], keyring.unwrap(row["wrapped_key"], row["dek_id"]))
+        return DataKey(row["dek_id"], keyring.unwrap(row["wrapped_key"], row["dek_id"], row["kek_version"]))
     except InvalidTag as exc:
         raise RuntimeError(
             f"CRS_KEK cannot unwrap data key {row['dek_id']} (wrapped under KEK version {row['kek_version']}):"

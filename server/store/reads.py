@@ -39,7 +39,8 @@ CARD_BY_FINGERPRINT_SQL = (
     "SELECT c.token, c.bin, c.last4, c.pan_length, c.status AS card_status, c.expiry, c.version AS card_version,"
     f" {_ACCOUNT_COLS}, {_RELATED_SQL} AS related"
     " FROM cards c LEFT JOIN accounts a ON a.account_id = c.account_id"
-    " WHERE c.fingerprint_version = $1 AND c.pan_fingerprint = $2"
+    " WHERE (c.fingerprint_version = $1 AND c.pan_fingerprint = $2)"
+    "    OR (c.next_fingerprint_version = $1 AND c.next_pan_fingerprint = $2)"
 )
 
 CARD_BY_TOKEN_SQL = (
@@ -51,7 +52,8 @@ CARD_BY_TOKEN_SQL = (
 
 ACCOUNT_BY_FINGERPRINT_SQL = (
     f"SELECT {_ACCOUNT_COLS}, {_RELATED_SQL} AS related FROM accounts a"
-    " WHERE a.fingerprint_version = $1 AND a.account_fingerprint = $2"
+    " WHERE (a.fingerprint_version = $1 AND a.account_fingerprint = $2)"
+    "    OR (a.next_fingerprint_version = $1 AND a.next_account_fingerprint = $2)"
 )
 
 CUSTOMER_PROFILE_SQL = (

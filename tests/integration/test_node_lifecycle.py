@@ -36,7 +36,7 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
             with lock:
                 keys = [pb.LookupKey(pan=fresh_pan(used_secrets)) for _ in range(1000)]
             # A new connection per call: SO_REUSEPORT spreads connections over the workers.
-            with grpc.insecure_channel(node.address) as channel:
+            with node.channel() as channel:
                 started = time.monotonic()
                 try:
                     rpc.stub(channel, "LookupService").BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=20)

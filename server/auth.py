@@ -1,0 +1,259 @@
+"""Who is calling, what they may do, and how fast: caller identity, per-RPC scopes, rate limits.
+
+Identity comes from the client certificate of a mutual-TLS connection (its common name or a DNS SAN,
+mapped to a client id in the clients file) or from a signed JWT bearer token (`sub` = client id,
+verified against a JWKS with audience and expiry checks). Scopes are granted per client id in the
+clients file; a token can only narrow them. Everything here runs before a handler touches
+PostgreSQL or Redis.
+
+The clients file (CRS_CLIENTS_FILE, JSON)::
+
+    {"clients": {"switch-east": {"scopes": ["lookup:card", "lookup:account"],
+                                 "cert_names": ["switch-east", "switch-east.payments.internal"],
+                                 "rate_per_s": 20000, "burst": 40000}},
+     "revoked_serials": ["3f9a..."]}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from server.errors import PermissionDenied, RateLimited, Unauthenticated
+
+LOOKUP_CARD = "lookup:card"
+LOOKUP_ACCOUNT = "lookup:account"
+LOOKUP_CUSTOMER = "lookup:customer"
+ADMIN_WRITE = "admin:write"
+ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE})
+LOOKUP_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER})
+
+# The scope each LookupService RPC needs; batch and stream need one lookup scope to be called at all,
+# then each key is checked against the scope of its kind (KEY_SCOPE).
+LOOKUP_RPC_SCOPE: Mapping[str, frozenset[str]] = {
+    "ResolveCard": frozenset({LOOKUP_CARD}),
+    "ResolveAccount": frozenset({LOOKUP_ACCOUNT}),
+    "GetCustomer": frozenset({LOOKUP_CUSTOMER}),
+    "BatchResolve": LOOKUP_SCOPES,
+    "StreamResolve": LOOKUP_SCOPES,
+}
+KEY_SCOPE: Mapping[str, str] = {"pan": LOOKUP_CARD, "card_token": LOOKUP_CARD, "account": LOOKUP_ACCOUNT,
+                                "customer_id": LOOKUP_CUSTOMER}
+
+
+class ConfigError(ValueError):
+    """The clients file or the JWT keys are unusable (reported at start-up)."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    client_id: str
+    scopes: frozenset[str]
+    via: str   # "mtls", "jwt" or "anonymous"
+
+    def require_any(self, scopes: frozenset[str], what: str) -> None:
+        if not self.scopes & scopes:
+            raise PermissionDenied(f"client {self.client_id!r} may not call {what}"
+                                   f" (needs {' or '.join(sorted(scopes))})")
+
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+ANONYMOUS = Caller("anonymous", ALL_SCOPES, "anonymous")
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    client_id: str
+    scopes: frozenset[str]
+    cert_names: tuple[str, ...] = ()
+    rate_per_s: float = 0.0   # 0 = unlimited
+    burst: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientRegistry:
+    clients: Mapping[str, ClientPolicy]
+    revoked_serials: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_file(cls, path: Path) -> ClientRegistry:
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except OSError as exc:
+            raise ConfigError(f"CRS_CLIENTS_FILE: cannot read {path}: {exc.strerror}") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"CRS_CLIENTS_FILE: {path} is not valid JSON: {exc}") from exc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ClientRegistry:
+        clients: dict[str, ClientPolicy] = {}
+        names: dict[str, str] = {}
+        for client_id, spec in dict(data.get("clients", {})).items():
+            scopes = frozenset(spec.get("scopes", ()))
+            unknown = scopes - ALL_SCOPES
+            if unknown:
+                raise ConfigError(f"CRS_CLIENTS_FILE: client {client_id!r} has unknown scopes {sorted(unknown)};"
+                                  f" known: {sorted(ALL_SCOPES)}")
+            rate, burst = float(spec.get("rate_per_s", 0)), float(spec.get("burst", 0))
+            if rate < 0 or burst < 0:
+                raise ConfigError(f"CRS_CLIENTS_FILE: client {client_id!r}: rate_per_s and burst must be >= 0")
+            policy = ClientPolicy(client_id, scopes, tuple(spec.get("cert_names", ())), rate, burst or rate)
+            for name in policy.cert_names:
+                if name in names:
+                    raise ConfigError(f"CRS_CLIENTS_FILE: certificate name {name!r} maps to both"
+                                      f" {names[name]!r} and {client_id!r}")
+                names[name] = client_id
+            clients[client_id] = policy
+        revoked = frozenset(int(s, 16) for s in data.get("revoked_serials", ()))
+        return cls(clients, revoked)
+
+    def by_cert_name(self, names: Sequence[str]) -> ClientPolicy | None:
+        for policy in self.clients.values():
+            if any(n in policy.cert_names for n in names):
+                return policy
+        return None
+
+
+class JwtVerifier:
+    """Verifies signed bearer tokens (ES256/RS256/EdDSA) against a JWKS file; caches good tokens."""
+
+    ALGORITHMS = ("ES256", "RS256", "EdDSA")
+
+    def __init__(self, *, jwks_file: Path, audience: str, issuer: str = "", cache_size: int = 10_000) -> None:
+        import jwt
+
+        try:
+            self._keys = jwt.PyJWKSet.from_json(jwks_file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"CRS_JWT_JWKS_FILE: cannot read {jwks_file}: {exc.strerror}") from exc
+        except jwt.PyJWTError as exc:
+            raise ConfigError(f"CRS_JWT_JWKS_FILE: {jwks_file} is not a usable JWKS: {exc}") from exc
+        self._jwt = jwt
+        self.audience = audience
+        self.issuer = issuer
+        self._cache: OrderedDict[str, tuple[float, str, frozenset[str]]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def verify(self, token: str) -> tuple[str, frozenset[str]]:
+        """(client id, scopes in the token) or Unauthenticated."""
+        now = time.time()
+        hit = self._cache.get(token)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
+        jwt = self._jwt
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            key = self._keys[kid] if kid else self._keys.keys[0]
+            claims = jwt.decode(token, key.key, algorithms=list(self.ALGORITHMS), audience=self.audience,
+                                issuer=self.issuer or None, options={"require": ["exp", "sub", "aud"]})
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("bearer token has expired") from exc
+        except (jwt.PyJWTError, KeyError) as exc:
+            raise Unauthenticated("bearer token is not valid for this service") from exc
+        scopes = frozenset(str(claims.get("scope", "")).split())
+        if len(self._cache) >= self._cache_size:
+            self._cache.popitem(last=False)
+        self._cache[token] = (float(claims["exp"]), str(claims["sub"]), scopes)
+        return str(claims["sub"]), scopes
+
+
+class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = burst, time.monotonic()
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class Authenticator:
+    """Turns a call's transport and metadata into a Caller, or raises Unauthenticated."""
+
+    def __init__(self, *, registry: ClientRegistry | None, jwt: JwtVerifier | None, allow_anonymous: bool,
+                 cert_cache_size: int = 4096) -> None:
+        self.registry = registry or ClientRegistry({})
+        self.jwt = jwt
+        self.allow_anonymous = allow_anonymous
+        self._by_cert: OrderedDict[bytes, Caller | Unauthenticated] = OrderedDict()
+        self._cert_cache_size = cert_cache_size
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+        if self.jwt is not None:
+            for key, value in context.invocation_metadata() or ():
+                if key == "authorization":
+                    return self._from_token(str(value))
+        auth = context.auth_context()
+        pem = auth.get("x509_pem_cert")
+        if pem:
+            return self._from_cert(pem[0])
+        if self.allow_anonymous:
+            return ANONYMOUS
+        raise Unauthenticated("no credentials: present a registered client certificate or a bearer token")
+
+    def _from_token(self, header: str) -> Caller:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
+        assert self.jwt is not None
+        client_id, token_scopes = self.jwt.verify(token.strip())
+        policy = self.registry.clients.get(client_id)
+        if policy is None:
+            raise Unauthenticated("bearer token names a client this service does not know")
+        return Caller(client_id, policy.scopes & token_scopes if token_scopes else policy.scopes, "jwt")
+
+    def _from_cert(self, pem: bytes) -> Caller:
+        cached = self._by_cert.get(pem)
+        if cached is None:
+            cached = self._identify_cert(pem)
+            if len(self._by_cert) >= self._cert_cache_size:
+                self._by_cert.popitem(last=False)
+            self._by_cert[pem] = cached
+        if isinstance(cached, Unauthenticated):
+            raise Unauthenticated(cached.message)
+        return cached
+
+    def _identify_cert(self, pem: bytes) -> Caller | Unauthenticated:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        cert = x509.load_pem_x509_certificate(pem)
+        if cert.serial_number in self.registry.revoked_serials:
+            return Unauthenticated("client certificate has been revoked")
+        names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        try:
+            names += cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.DNSName)
+        except x509.ExtensionNotFound:
+            pass
+        policy = self.registry.by_cert_name(names)
+        if policy is None:
+            return Unauthenticated("client certificate is not registered with this service")
+        return Caller(policy.client_id, policy.scopes, "mtls")
+
+    def admit(self, caller: Caller) -> None:
+        """Charge one call to the caller's token bucket (per node process); RateLimited when empty."""
+        policy = self.registry.clients.get(caller.client_id)
+        if policy is None or not policy.rate_per_s:
+            return
+        bucket = self._buckets.get(caller.client_id)
+        if bucket is None:
+            bucket = self._buckets[caller.client_id] = TokenBucket(policy.rate_per_s, policy.burst)
+        if not bucket.take(time.monotonic()):
+            raise RateLimited(f"client {caller.client_id!r} is over its rate limit of {policy.rate_per_s:g}/s")
