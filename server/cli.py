@@ -119,6 +119,32 @@ def _channel(args: argparse.Namespace) -> Any:
                                if call_creds else creds)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    settings = _settings(args)
+
+    async def query() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            return await conn.fetch(
+                "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
+                " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
+                " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
+                " AND at >= now() - make_interval(hours => $4) ORDER BY id DESC LIMIT $5",
+                args.client, args.rpc, args.entity, args.hours, args.limit)
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(query())
+    print(f"{'at (UTC)':26} {'client':14} {'via':6} {'rpc':18} {'result':14} entities")
+    for r in rows:
+        print(f"{r['at'].strftime('%Y-%m-%d %H:%M:%S.%f'):26} {r['client_id']:14} {r['via']:6} {r['rpc']:18}"
+              f" {r['result']:14} {' '.join(r['entity_ids'])}")
+    print(f"({len(rows)} rows)")
+    return 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from server.dev import DevEnvironment
     from server.logs import configure_logging
@@ -242,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plaintext", action="store_true",
                    help="serve plaintext to anonymous callers instead of mutual TLS (default: mTLS with a dev PKI)")
     s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("audit", help="query the audit trail of admin writes", description=(
+        "Print admin writes from the append-only audit_log, newest first: when, which client (and how\n"
+        "it authenticated), which RPC, the result (OK, OK_REPLAYED for an idempotent retry, or the gRPC\n"
+        "status), and the entity ids. Needs CRS_PG_DSN (read access is enough)."),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--client", help="only this client id")
+    s.add_argument("--rpc", help="only this RPC, e.g. SetCardStatus")
+    s.add_argument("--entity", help="only writes touching this id (cus_..., acc_..., tok_...)")
+    s.add_argument("--hours", type=float, default=24.0, help="how far back (default 24)")
+    s.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
+    s.set_defaults(func=cmd_audit)
 
     s = sub.add_parser("keys", help="key utilities")
     ks = s.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")

@@ -204,13 +204,15 @@ class DevEnvironment:
         shards = tuple(ShardAddress(name=name, url=url) for name, url in self.stack.shard_urls().items())
         return replace(settings, redis_shards=shards, **overrides)  # type: ignore[arg-type]
 
-    def start_node(self, *, workers: int = 1, port: int | None = None, **overrides: object) -> NodeProcess:
+    def start_node(self, *, workers: int = 1, port: int | None = None, pki: DevPki | None = None,
+                   **overrides: object) -> NodeProcess:
+        """A `crs serve` with these setting overrides; `pki` when the overrides name another PKI's files."""
         assert self.stack is not None
         settings = self.settings(grpc_port=port or free_port(), workers=workers, metrics_port=free_port(),
                                  **overrides)
         log_dir = Path(self.stack.base_dir) / "logs"
         log_dir.mkdir(exist_ok=True)
-        node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", pki=self.pki)
+        node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", pki=pki or self.pki)
         self.nodes.append(node)
         return node
 

@@ -1,0 +1,223 @@
+"""Transport security and callers: mutual TLS, bearer tokens, scopes, rate limits, the audit trail.
+
+One node here runs with its own PKI and clients file (a stranger, a revoked certificate, a
+rate-limited client) and a token port; every refused call must be refused before it reaches
+PostgreSQL or Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+import jwt
+import pytest
+import redis
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server import rpc
+from server.demo import demo_customer_id, demo_pan
+from server.dev import DevEnvironment, NodeProcess, open_channel
+from server.pki import DevPki, write_dev_pki
+from server.proto import crs_pb2 as pb
+from tests.conftest import Clients
+
+pytestmark = pytest.mark.integration
+AUDIENCE = "crs-lookup-test"
+
+
+@dataclass
+class SecureNode:
+    node: NodeProcess
+    pki: DevPki
+    other_ca: DevPki
+    signing_key: ec.EllipticCurvePrivateKey
+    token_port: int
+
+    def channel(self, client: str) -> grpc.Channel:
+        return open_channel(self.node.address, self.pki, client)
+
+    def token_channel(self, token: str | None) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(root_certificates=self.pki.ca_cert.read_bytes())
+        if token is not None:
+            creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+        return grpc.secure_channel(f"127.0.0.1:{self.token_port}", creds)
+
+    def token(self, sub: str, *, scope: str = "", ttl: float = 300, aud: str = AUDIENCE,
+              key: ec.EllipticCurvePrivateKey | None = None) -> str:
+        claims = {"sub": sub, "aud": aud, "exp": int(time.time() + ttl), "iat": int(time.time())}
+        if scope:
+            claims["scope"] = scope
+        return jwt.encode(claims, key or self.signing_key, algorithm="ES256", headers={"kid": "test-1"})
+
+
+@pytest.fixture(scope="module")
+def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureNode]:
+    from server.embedded import free_port
+
+    assert dev_env.stack is not None
+    base = Path(dev_env.stack.base_dir) / "security-test"
+    pki = write_dev_pki(base / "pki", ("admin", "switch", "stranger", "revoked", "limited"))
+    other_ca = write_dev_pki(base / "other-ca", ("admin",))
+    revoked_serial = x509.load_pem_x509_certificate(pki.client_cert("revoked")[0].read_bytes()).serial_number
+    clients = {
+        "clients": {
+            "admin": {"scopes": ["lookup:card", "lookup:account", "lookup:customer", "admin:write"],
+                      "cert_names": ["admin"]},
+            "switch": {"scopes": ["lookup:card", "lookup:account"], "cert_names": ["switch"]},
+            "revoked": {"scopes": ["lookup:card"], "cert_names": ["revoked"]},
+            "limited": {"scopes": ["lookup:card"], "cert_names": ["limited"], "rate_per_s": 1, "burst": 3},
+            "token-switch": {"scopes": ["lookup:card", "lookup:account"]},
+        },
+        "revoked_serials": [format(revoked_serial, "x")],
+    }
+    clients_file = base / "clients.json"
+    clients_file.write_text(json.dumps(clients))
+    signing_key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
+    jwks_file = base / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [jwk | {"kid": "test-1", "alg": "ES256", "use": "sig"}]}))
+    token_port = free_port()
+    node = dev_env.start_node(
+        tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
+        clients_file=str(clients_file), jwt_jwks_file=str(jwks_file), jwt_audience=AUDIENCE, token_port=token_port,
+        pki=pki)
+    yield SecureNode(node, pki, other_ca, signing_key, token_port)
+
+
+def _backend_activity(dev_env: DevEnvironment, node: NodeProcess) -> tuple[int, float]:
+    """(Redis GET/MGET/SET calls over all shards, lookups answered by any tier on this node)."""
+    import urllib.request
+
+    assert dev_env.stack is not None
+    calls = 0
+    for shard in dev_env.stack.redis:
+        stats = redis.Redis.from_url(shard.url).info("commandstats")
+        calls += sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "mget", "set"))
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
+    tiers = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("crs_lookups_total{"))
+    return calls, tiers
+
+
+def _code(call: object) -> grpc.StatusCode:
+    assert callable(call)
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_refused_callers_get_the_right_status_and_reach_no_backend(secure: SecureNode,
+                                                                   dev_env: DevEnvironment) -> None:
+    card = pb.ResolveCardRequest(pan=demo_pan(2))
+    before = _backend_activity(dev_env, secure.node)
+    with secure.channel("switch") as ch:          # lookup scopes only
+        switch_admin = rpc.stub(ch, "AdminService")
+        assert _code(lambda: switch_admin.CreateCustomer(pb.CreateCustomerRequest(display_name="x"), timeout=5)) \
+            == grpc.StatusCode.PERMISSION_DENIED
+        lookup = rpc.stub(ch, "LookupService")
+        assert _code(lambda: lookup.GetCustomer(pb.GetCustomerRequest(customer_id=demo_customer_id(1)), timeout=5)) \
+            == grpc.StatusCode.PERMISSION_DENIED
+    with secure.channel("stranger") as ch:        # signed by our CA, not registered
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
+            == grpc.StatusCode.UNAUTHENTICATED
+    with secure.channel("revoked") as ch:
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
+            == grpc.StatusCode.UNAUTHENTICATED
+    with open_channel(secure.node.address, secure.other_ca, "admin") as ch:   # wrong CA: no handshake
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
+            == grpc.StatusCode.UNAVAILABLE
+    no_cert = grpc.secure_channel(secure.node.address,
+                                  grpc.ssl_channel_credentials(root_certificates=secure.pki.ca_cert.read_bytes()))
+    with no_cert as ch:                           # mTLS port without a client certificate: no handshake
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
+            == grpc.StatusCode.UNAVAILABLE
+    # The token port: no token, expired, wrong audience, unknown signer, unknown client, wrong scope.
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    cases = {
+        None: grpc.StatusCode.UNAUTHENTICATED,
+        secure.token("token-switch", ttl=-60): grpc.StatusCode.UNAUTHENTICATED,
+        secure.token("token-switch", aud="someone-else"): grpc.StatusCode.UNAUTHENTICATED,
+        secure.token("token-switch", key=other_key): grpc.StatusCode.UNAUTHENTICATED,
+        secure.token("nobody-we-know"): grpc.StatusCode.UNAUTHENTICATED,
+        secure.token("token-switch", scope="lookup:account"): grpc.StatusCode.PERMISSION_DENIED,
+    }
+    for token, expected in cases.items():
+        with secure.token_channel(token) as ch:
+            assert _code(lambda ch=ch: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) == expected, token
+    assert _backend_activity(dev_env, secure.node) == before, "a refused call reached Redis or PostgreSQL"
+
+
+def test_allowed_callers_and_per_key_scopes(secure: SecureNode) -> None:
+    with secure.channel("switch") as ch:
+        lookup = rpc.stub(ch, "LookupService")
+        assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5).card.last4
+        batch = lookup.BatchResolve(pb.BatchResolveRequest(keys=[
+            pb.LookupKey(pan=demo_pan(2), correlation_id="card"),
+            pb.LookupKey(customer_id=demo_customer_id(1), correlation_id="customer")]), timeout=5)
+        assert [(r.correlation_id, r.code) for r in batch.results] == [
+            ("card", 0), ("customer", grpc.StatusCode.PERMISSION_DENIED.value[0])]
+    with secure.token_channel(secure.token("token-switch")) as ch:
+        assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5).card.last4
+    with secure.token_channel(None) as ch:        # health stays open for probes
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_rate_limit_answers_resource_exhausted(secure: SecureNode) -> None:
+    with secure.channel("limited") as ch:
+        lookup = rpc.stub(ch, "LookupService")
+        codes = [_code(lambda: lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(4)), timeout=5))
+                 for _ in range(6)]
+    assert codes[:3] == [grpc.StatusCode.OK] * 3
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes[3:]
+    with secure.channel("admin") as ch:           # other callers are not starved
+        assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(4)), timeout=5).card.last4
+
+
+def test_admin_writes_are_audited_and_the_trail_is_append_only(node_a: Clients, dev_env: DevEnvironment) -> None:
+    customer = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Audited", request_id="audit-1"),
+                                           timeout=5)
+    node_a.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Audited", request_id="audit-1"), timeout=5)
+    assert _code(lambda: node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        customer_id=customer.customer_id, expected_version=9, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5)) \
+        == grpc.StatusCode.ABORTED
+
+    async def check() -> list[asyncpg.Record]:
+        service = await asyncpg.connect(dev_env.settings().pg_dsn)      # the nodes' own credentials
+        try:
+            rows = await service.fetch("SELECT client_id, via, rpc, entity_ids, result FROM audit_log"
+                                       " WHERE $1 = ANY(entity_ids) ORDER BY id", customer.customer_id)
+            for statement in ("UPDATE audit_log SET result = 'OK'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await service.execute(statement)
+        finally:
+            await service.close()
+        owner = await asyncpg.connect(dev_env.admin_dsn)                # even the owner: the trigger refuses
+        try:
+            with pytest.raises(asyncpg.RaiseError, match="append-only"):
+                await owner.execute("DELETE FROM audit_log")
+        finally:
+            await owner.close()
+        return rows
+
+    rows = asyncio.run(check())
+    assert [(r["client_id"], r["via"], r["rpc"], r["result"]) for r in rows] == [
+        ("admin", "mtls", "CreateCustomer", "OK"), ("admin", "mtls", "SetCustomerStatus", "ABORTED")]
+    # The retry is audited too, as a replay of the same request.
+    out = subprocess.run([sys.executable, "-m", "server.cli", "audit", "--client", "admin", "--limit", "50"],
+                         env={"CRS_PG_DSN": dev_env.settings().pg_dsn, "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "OK_REPLAYED" in out.stdout and customer.customer_id in out.stdout
