@@ -87,6 +87,12 @@ class Keyring:
         macs = {v: hmac.new(k, digestmod=hashlib.sha256) for v, k in self.fingerprint_keys.items()}
         object.__setattr__(self, "_macs", macs)
 
+    @property
+    def rotation_target(self) -> int | None:
+        """A configured version newer than the current one: a fingerprint rotation is under way."""
+        newest = max(self.fingerprint_keys)
+        return newest if newest > self.fingerprint_version else None
+
     def fingerprint(self, value: str, version: int | None = None) -> bytes:
         mac = self._macs[self.fingerprint_version if version is None else version].copy()
         mac.update(value.encode("ascii"))

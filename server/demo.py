@@ -19,6 +19,7 @@ import asyncpg
 
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
 from server.pan import aba_check_digit, luhn_check_digit
+from server.progress import Progress
 from server.proto import crs_pb2 as pb
 
 TEST_BIN_PREFIX = "99900"
@@ -129,26 +130,6 @@ _COLUMNS = {
               "dek_id", "expiry", "account_id", "status"),
 }
 CHUNK = 20_000
-
-
-class Progress:
-    """A one-line progress bar on a terminal, plain lines otherwise."""
-
-    def __init__(self, total: int, out: TextIO) -> None:
-        self.total, self.done, self.out = total, 0, out
-        self.tty = out.isatty()
-
-    def advance(self, n: int, label: str) -> None:
-        self.done += n
-        pct = min(100, 100 * self.done // max(self.total, 1))
-        bar = "#" * (pct // 4) + "." * (25 - pct // 4)
-        line = f"loading demo data [{bar}] {pct:3d}% {self.done:,} rows ({label})"
-        self.out.write(("\r" + line) if self.tty else (line + "\n"))
-        self.out.flush()
-
-    def finish(self) -> None:
-        if self.tty:
-            self.out.write("\n")
 
 
 async def load_demo(dsn: str, keyring: Keyring, dek: DataKey, *, customers: int, seed: int = 1,

@@ -219,6 +219,23 @@ class AdminStore:
                        status=row["status"], expiry=row["expiry"], account_id=row["account_id"] or "",
                        version=row["version"])
 
+    async def _taken_under_any_version(self, conn: Conn, spec: str, value: str) -> bool:
+        """During a fingerprint rotation the same number may be stored under another version: look
+        for it under every configured one, serialised by a lock on the oldest version's fingerprint."""
+        versions = sorted(self.keyring.fingerprint_keys)
+        if len(versions) == 1:
+            return False
+        lock_fp = self.keyring.fingerprint(value, versions[0])
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", int.from_bytes(lock_fp[:8], "big", signed=True))
+        table, col, next_col = (("cards", "pan_fingerprint", "next_pan_fingerprint") if spec == "card"
+                                else ("accounts", "account_fingerprint", "next_account_fingerprint"))
+        for v in versions:
+            fp = self.keyring.fingerprint(value, v)
+            if await conn.fetchval(f"SELECT 1 FROM {table} WHERE (fingerprint_version = $1 AND {col} = $2)"
+                                   f" OR (next_fingerprint_version = $1 AND {next_col} = $2)", v, fp):
+                return True
+        return False
+
     async def _open_account(self, conn: Conn, account_id: str) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR SHARE", account_id)
         if row is None:
@@ -299,6 +316,9 @@ class AdminStore:
         owner = parse_customer_id(req.owner_customer_id)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(account_fingerprint_input(routing, number))
+        next_version = self.keyring.rotation_target
+        next_fp = self.keyring.fingerprint(account_fingerprint_input(routing, number), next_version) \
+            if next_version else None
 
         async def body(conn: Conn) -> Change:
             cust = await conn.fetchrow("SELECT status FROM customers WHERE customer_id = $1 FOR SHARE", owner)
@@ -307,14 +327,18 @@ class AdminStore:
             if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:
                 raise FailedPrecondition("owner customer is closed")
             account_id = new_id("acc_")
+            if await self._taken_under_any_version(conn, "account", account_fingerprint_input(routing, number)):
+                raise AlreadyExists(f"an account {mask_account_number(number[-4:])} already exists"
+                                    " at this routing number")
             try:
                 row = required(await conn.fetchrow(
                     "INSERT INTO accounts (account_id, routing_number, fingerprint_version, account_fingerprint,"
-                    " account_last4, account_length, account_ciphertext, dek_id, account_type, currency, status)"
-                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
+                    " account_last4, account_length, account_ciphertext, dek_id, account_type, currency, status,"
+                    " next_fingerprint_version, next_account_fingerprint)"
+                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING *",
                     account_id, routing, version, fp, number[-4:], len(number),
                     self.data_key.encrypt(number, purpose=ACCOUNT_PURPOSE), self.data_key.dek_id,
-                    req.type, currency, pb.ACCOUNT_STATUS_OPEN))
+                    req.type, currency, pb.ACCOUNT_STATUS_OPEN, next_version, next_fp))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"an account {mask_account_number(number[-4:])} already exists"
                                     " at this routing number") from exc
@@ -322,6 +346,8 @@ class AdminStore:
                                account_id, owner, pb.RELATIONSHIP_ROLE_OWNER)
             # The account key may hold a negative entry from an earlier lookup of this number.
             stale = [ck.account_key(version, fp), ck.customer_key(owner)]
+            if next_version and next_fp:
+                stale.append(ck.account_key(next_version, next_fp))
             return Change(self._account_msg(row), stale, "account.created", "account", account_id,
                           {"owner": owner, "type": req.type, "currency": currency, "routing": routing})
 
@@ -406,21 +432,27 @@ class AdminStore:
         account_id = parse_account_id(req.account_id)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
+        next_version = self.keyring.rotation_target
+        next_fp = self.keyring.fingerprint(pan, next_version) if next_version else None
 
         async def body(conn: Conn) -> Change:
             await self._open_account(conn, account_id)
             token = new_id("tok_", 24)
+            if await self._taken_under_any_version(conn, "card", pan):
+                raise AlreadyExists(f"card {mask_pan(pan)} is already issued")
             try:
                 row = required(await conn.fetchrow(
                     "INSERT INTO cards (token, fingerprint_version, pan_fingerprint, bin, last4, pan_length,"
-                    " pan_ciphertext, dek_id, expiry, account_id, status)"
-                    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11) RETURNING *",
+                    " pan_ciphertext, dek_id, expiry, account_id, status, next_fingerprint_version,"
+                    " next_pan_fingerprint) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING *",
                     token, version, fp, pan[:6], pan[-4:], len(pan),
                     self.data_key.encrypt(pan, purpose=PAN_PURPOSE), self.data_key.dek_id, expiry, account_id,
-                    pb.CARD_STATUS_ACTIVE))
+                    pb.CARD_STATUS_ACTIVE, next_version, next_fp))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"card {mask_pan(pan)} is already issued") from exc
             stale = [ck.card_key(version, fp), ck.token_key(token)]
+            if next_version and next_fp:
+                stale.append(ck.card_key(next_version, next_fp))
             stale += await self.stale_keys_for_accounts(conn, [account_id])
             return Change(self._card_msg(row), stale, "card.issued", "card", token,
                           {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})

@@ -1,0 +1,154 @@
+"""Key rotation, online: fingerprint keys (re-fingerprint every card and account) and the KEK.
+
+Fingerprint rotation from version A to B (runbook: docs/security.md):
+  1. configure key B on every node next to A (CRS_FINGERPRINT_KEYS="A:..,B:.."), current still A;
+     from then on new cards and accounts get a B fingerprint too;
+  2. `crs keys rotate-fingerprint --to B` decrypts each stored number and writes its B fingerprint
+     next to the A one (resumable: it only takes rows without one, in batches, with progress);
+  3. switch nodes to CRS_FINGERPRINT_KEY_VERSION=B (a rolling restart); lookups by either version
+     find every row throughout, and a node that misses under one version tries the others;
+  4. `crs keys retire-fingerprint --version A` promotes B to the primary columns (refusing while any
+     row lacks a B fingerprint), then A is removed from the configuration.
+KEK rotation: configure the new KEK as CRS_KEK (+ version) and the old as CRS_KEK_PREVIOUS, run
+`crs keys rotate-kek` (re-wraps every data key; card rows are not touched), then drop the old KEK.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+import asyncpg
+
+from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, KeyConfigError, Keyring
+from server.progress import Progress
+
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    table: str
+    key: str
+    ciphertext: str
+    fingerprint: str
+    next_fingerprint: str
+    purpose: bytes
+
+
+CARDS = TableSpec("cards", "token", "pan_ciphertext", "pan_fingerprint", "next_pan_fingerprint", PAN_PURPOSE)
+ACCOUNTS = TableSpec("accounts", "account_id", "account_ciphertext", "account_fingerprint",
+                     "next_account_fingerprint", ACCOUNT_PURPOSE)
+
+
+async def _data_keys(conn: asyncpg.Connection, keyring: Keyring) -> dict[int, DataKey]:
+    rows = await conn.fetch("SELECT dek_id, wrapped_key, kek_version FROM data_keys")
+    return {r["dek_id"]: DataKey(r["dek_id"], keyring.unwrap(r["wrapped_key"], r["dek_id"], r["kek_version"]))
+            for r in rows}
+
+
+def _fingerprint_input(spec: TableSpec, clear: str, routing: str | None) -> str:
+    return clear if spec is CARDS else f"{routing}:{clear}"
+
+
+async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, batch: int = BATCH,
+                             out: TextIO | None = None) -> dict[str, int]:
+    """Give every card and account a `to_version` fingerprint. Returns rows done per table."""
+    if to_version not in keyring.fingerprint_keys:
+        raise KeyConfigError(f"fingerprint key version {to_version} is not configured in CRS_FINGERPRINT_KEYS")
+    conn = await asyncpg.connect(dsn)
+    done: dict[str, int] = {}
+    try:
+        deks = await _data_keys(conn, keyring)
+        for spec in (CARDS, ACCOUNTS):
+            todo_sql = (f" FROM {spec.table} WHERE fingerprint_version <> $1"
+                        f" AND next_fingerprint_version IS DISTINCT FROM $1")
+            total = int(await conn.fetchval("SELECT count(*)" + todo_sql, to_version))
+            progress = Progress(total, out or sys.stderr, what=f"re-fingerprinting {spec.table}")
+            done[spec.table] = 0
+            routing_col = "routing_number" if spec is ACCOUNTS else "NULL"
+            while True:
+                async with conn.transaction():
+                    rows = await conn.fetch(
+                        f"SELECT {spec.key} AS id, {spec.ciphertext} AS blob, dek_id, {routing_col} AS routing"
+                        + todo_sql + f" ORDER BY {spec.key} LIMIT $2 FOR UPDATE SKIP LOCKED", to_version, batch)
+                    if not rows:
+                        break
+                    updates = []
+                    for r in rows:
+                        clear = deks[r["dek_id"]].decrypt(r["blob"], purpose=spec.purpose)
+                        fp = keyring.fingerprint(_fingerprint_input(spec, clear, r["routing"]), to_version)
+                        updates.append((r["id"], to_version, fp))
+                    await conn.executemany(
+                        f"UPDATE {spec.table} SET next_fingerprint_version = $2, {spec.next_fingerprint} = $3"
+                        f" WHERE {spec.key} = $1", updates)
+                done[spec.table] += len(rows)
+                progress.advance(len(rows), spec.table)
+            progress.finish()
+    finally:
+        await conn.close()
+    return done
+
+
+async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
+    """Promote the next fingerprints of rows still primary under `version`; refuse if any lacks one."""
+    conn = await asyncpg.connect(dsn)
+    moved: dict[str, int] = {}
+    try:
+        async with conn.transaction():
+            for spec in (CARDS, ACCOUNTS):
+                missing = int(await conn.fetchval(
+                    f"SELECT count(*) FROM {spec.table} WHERE fingerprint_version = $1 AND {spec.next_fingerprint}"
+                    " IS NULL", version))
+                if missing:
+                    raise KeyConfigError(f"{missing} {spec.table} rows have no newer fingerprint yet: run"
+                                         " `crs keys rotate-fingerprint --to NEW` first")
+                status = await conn.execute(
+                    f"UPDATE {spec.table} SET fingerprint_version = next_fingerprint_version,"
+                    f" {spec.fingerprint} = {spec.next_fingerprint}, next_fingerprint_version = NULL,"
+                    f" {spec.next_fingerprint} = NULL WHERE fingerprint_version = $1", version)
+                moved[spec.table] = int(status.split()[-1])
+                await conn.execute(
+                    f"UPDATE {spec.table} SET next_fingerprint_version = NULL, {spec.next_fingerprint} = NULL"
+                    " WHERE next_fingerprint_version = fingerprint_version")
+            await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint' AND version = $1",
+                               version)
+    finally:
+        await conn.close()
+    return moved
+
+
+async def rotate_kek(dsn: str, keyring: Keyring) -> int:
+    """Re-wrap every data key not yet under the current KEK. Returns how many were re-wrapped."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch("SELECT dek_id, wrapped_key, kek_version FROM data_keys WHERE kek_version <> $1"
+                                    " FOR UPDATE", keyring.kek_version)
+            for r in rows:
+                clear = keyring.unwrap(r["wrapped_key"], r["dek_id"], r["kek_version"])
+                await conn.execute("UPDATE data_keys SET wrapped_key = $2, kek_version = $3 WHERE dek_id = $1",
+                                   r["dek_id"], keyring.wrap(clear, r["dek_id"]), keyring.kek_version)
+        return len(rows)
+    finally:
+        await conn.close()
+
+
+async def key_status(dsn: str) -> list[tuple[str, str]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        lines = []
+        for spec in (CARDS, ACCOUNTS):
+            for r in await conn.fetch(f"SELECT fingerprint_version AS v, next_fingerprint_version AS nv, count(*) AS n"
+                                      f" FROM {spec.table} GROUP BY 1, 2 ORDER BY 1, 2"):
+                nxt = f" (+ version {r['nv']})" if r["nv"] is not None else ""
+                lines.append((spec.table, f"{r['n']} rows fingerprinted with version {r['v']}{nxt}"))
+        for r in await conn.fetch("SELECT kek_version, count(*) AS n FROM data_keys GROUP BY 1 ORDER BY 1"):
+            lines.append(("data_keys", f"{r['n']} wrapped under KEK version {r['kek_version']}"))
+        for r in await conn.fetch("SELECT version, retired_at FROM key_checks WHERE kind = 'fingerprint' ORDER BY 1"):
+            lines.append(("key_checks", f"fingerprint version {r['version']}"
+                                        + (f" retired {r['retired_at']:%Y-%m-%d %H:%M}" if r["retired_at"] else "")))
+        return lines
+    finally:
+        await conn.close()
