@@ -146,6 +146,27 @@ def _channel(args: argparse.Namespace) -> Any:
                                if call_creds else creds)
 
 
+def cmd_certs_dev(args: argparse.Namespace) -> int:
+    import json
+
+    from server.dev import DEV_CLIENTS, dev_clients_config
+    from server.pki import write_dev_pki
+
+    out = Path(args.out)
+    clients = tuple(dict.fromkeys([*DEV_CLIENTS, *(args.client or [])]))
+    pki = write_dev_pki(out, clients)
+    config = dev_clients_config()
+    for extra in args.client or []:
+        if extra not in DEV_CLIENTS:
+            config["clients"][extra] = {"scopes": ["lookup:card", "lookup:account"], "cert_names": [extra]}  # type: ignore[index]
+    (out / "clients.json").write_text(json.dumps(config, indent=2))
+    print(f"dev PKI written to {out} (valid 30 days; for development only):")
+    print(f"  CRS_TLS_CERT_FILE={pki.server_cert}\n  CRS_TLS_KEY_FILE={pki.server_key}")
+    print(f"  CRS_TLS_CLIENT_CA_FILE={pki.ca_cert}\n  CRS_CLIENTS_FILE={out / 'clients.json'}")
+    print("  client certificates: " + ", ".join(f"client-{c}.pem" for c in clients))
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     import asyncpg
 
@@ -295,6 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plaintext", action="store_true",
                    help="serve plaintext to anonymous callers instead of mutual TLS (default: mTLS with a dev PKI)")
     s.set_defaults(func=cmd_dev)
+
+    s = sub.add_parser("certs", help="certificate utilities")
+    cs = s.add_subparsers(dest="certs_command", required=True, metavar="CERTS_COMMAND")
+    c = cs.add_parser("dev", help="generate a development PKI for mutual TLS", description=(
+        "Write a dev CA, a server certificate for localhost/127.0.0.1 and client certificates\n"
+        "('admin' with every scope, 'switch' with lookup:card and lookup:account, plus any --client,\n"
+        "which gets the switch's scopes) and a matching clients.json into --out. ECDSA P-256, valid\n"
+        "30 days, generated now: never commit them. Production certificates come from your PKI\n"
+        "(docs/security.md)."), formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--out", required=True, help="directory to write (created if missing)")
+    c.add_argument("--client", action="append", help="an extra client certificate name (repeatable)")
+    c.set_defaults(func=cmd_certs_dev)
 
     s = sub.add_parser("audit", help="query the audit trail of admin writes", description=(
         "Print admin writes from the append-only audit_log, newest first: when, which client (and how\n"

@@ -90,7 +90,8 @@ def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvir
 
 
 def test_cli_help_is_a_manual() -> None:
-    for args in ([], ["serve"], ["dev"], ["migrate"], ["load-demo"], ["lookup"], ["keys", "generate"]):
+    for args in ([], ["serve"], ["dev"], ["migrate"], ["load-demo"], ["lookup"], ["keys", "generate"],
+                 ["keys", "rotate-fingerprint"], ["keys", "rotate-kek"], ["certs", "dev"], ["audit"]):
         r = subprocess.run([sys.executable, "-m", "server.cli", *args, "--help"], capture_output=True, text=True,
                            timeout=30)
         assert r.returncode == 0 and "usage: crs" in r.stdout, (args, r.stderr)
