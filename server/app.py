@@ -47,7 +47,8 @@ def build_authenticator(s: Settings) -> Authenticator:
                 if s.jwt_jwks_file else None)
     if s.allow_anonymous:
         log.warning("CRS_ALLOW_ANONYMOUS is on: callers without credentials get every scope (dev only)")
-    return Authenticator(registry=registry, jwt=verifier, allow_anonymous=s.allow_anonymous)
+    return Authenticator(registry=registry, jwt=verifier, allow_anonymous=s.allow_anonymous,
+                         mtls=bool(s.tls_client_ca_file))
 
 
 def bind_ports(server: grpc.aio.Server, s: Settings) -> int:

@@ -186,9 +186,10 @@ class Authenticator:
     """Turns a call's transport and metadata into a Caller, or raises Unauthenticated."""
 
     def __init__(self, *, registry: ClientRegistry | None, jwt: JwtVerifier | None, allow_anonymous: bool,
-                 cert_cache_size: int = 4096) -> None:
+                 mtls: bool = True, cert_cache_size: int = 4096) -> None:
         self.registry = registry or ClientRegistry({})
         self.jwt = jwt
+        self.mtls = mtls   # False: no port asks for client certificates, so don't look for one
         self.allow_anonymous = allow_anonymous
         self._by_cert: OrderedDict[bytes, Caller | Unauthenticated] = OrderedDict()
         self._cert_cache_size = cert_cache_size
@@ -199,10 +200,10 @@ class Authenticator:
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization":
                     return self._from_token(str(value))
-        auth = context.auth_context()
-        pem = auth.get("x509_pem_cert")
-        if pem:
-            return self._from_cert(pem[0])
+        if self.mtls:
+            pem = context.auth_context().get("x509_pem_cert")
+            if pem:
+                return self._from_cert(pem[0])
         if self.allow_anonymous:
             return ANONYMOUS
         raise Unauthenticated("no credentials: present a registered client certificate or a bearer token")
