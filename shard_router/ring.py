@@ -1,7 +1,8 @@
 """Consistent-hash ring that routes keys exactly like twemproxy ``distribution: ketama``, ``hash: md5``.
 
 The server calls only ``Ring(shards)``, ``Ring.shards``, ``Ring.node_for``, ``Ring.group_by_node`` and
-``Ring.share``. See docs/ring.md for the algorithm and the compatibility evidence.
+``Ring.share``; the resharding planner also reads ``Ring.arcs``. See docs/ring.md for the algorithm and
+the compatibility evidence.
 """
 
 from __future__ import annotations
@@ -139,6 +140,14 @@ class Ring:
                 node = owners[0]
             groups[node].append(i)
         return {name: idx for name, idx in groups.items() if idx}
+
+    def arcs(self) -> list[tuple[int, str]]:
+        """The hash space cut into arcs, ascending: (last hash of the arc, its owner). The first arc
+        starts at 0, each next one just after the previous end, and the last ends at 2**32 - 1."""
+        arcs = list(zip(self._points, self._owners, strict=False))
+        if self._points[-1] < HASH_SPACE - 1:
+            arcs.append((HASH_SPACE - 1, self._owners[0]))   # past the last point: wraps to the first
+        return arcs
 
     def share(self) -> dict[str, float]:
         """Fraction of the 32-bit hash space each shard owns (sums to 1.0; 0.0 for a shard with no points)."""
