@@ -25,7 +25,8 @@ from server import rpc
 from server.admin import AdminHandlers
 from server.auth import ADMIN_WRITE, LOOKUP_RPC_SCOPE, Authenticator, Caller, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
-from server.cache.redis_tier import RedisTier, ShardPolicy
+from server.cache.redis_tier import RedisTier
+from server.cache.topology_watch import TopologyWatcher
 from server.errors import CrsError, InvalidKey, status_for
 from server.lookup import LookupHandlers
 from server.metrics import Metrics
@@ -175,6 +176,7 @@ class Node:
         self.keyring = settings.keyring()   # a bad key fails here, at start-up
         self.pool: asyncpg.Pool | None = None
         self.tier: RedisTier | None = None
+        self.topology: TopologyWatcher | None = None
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.resolver: Resolver | None = None
@@ -189,14 +191,8 @@ class Node:
         await verify_key_checks(self.pool, self.keyring)
         data_key = await active_data_key(self.pool, self.keyring)
         near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl)
-        if s.redis_shards:
-            self.tier = RedisTier(
-                shards=s.redis_shards, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
-                policy=ShardPolicy(failure_threshold=s.shard_failure_threshold,
-                                   retry_interval=s.shard_retry_interval),
-                on_error=self.metrics.shard_error, on_state_change=self.metrics.shard_state)
-            for name in self.tier.shards:
-                self.metrics.shard_state(name, True)
+        self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
+        self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS
         self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
@@ -230,6 +226,7 @@ class Node:
                 near.discard, near.clear, retry_interval=s.shard_retry_interval)))
         self._tasks.append(asyncio.create_task(run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
+        self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}",
@@ -247,6 +244,8 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self.topology is not None:
+            await self.topology.forget()
         if self.tier is not None:
             await self.tier.close()
             self.tier = None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.settings import Settings, SettingsError, check_serving, load_settings
+from server.shards_cli import register as register_shards_commands
 
 if TYPE_CHECKING:
     from server.dev import NodeProcess
@@ -389,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--key", help="client private key (PEM) for mutual TLS")
     s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
     s.set_defaults(func=cmd_lookup)
+    register_shards_commands(sub)
     return p
 
 

@@ -26,6 +26,31 @@ class Metrics:
                               ["shard"], multiprocess_mode="min", registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
                                     multiprocess_mode="max", registry=reg)
+        # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
+        # per shard what `crs shards status` prints.
+        self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",
+                                      multiprocess_mode="min", registry=reg)
+        self.topology_phase = Gauge("crs_topology_phase", "1 for the phase of the topology this process runs",
+                                    ["phase"], multiprocess_mode="max", registry=reg)
+        self.topology_confirmed = Gauge("crs_topology_confirmed_timestamp_seconds",
+                                        "Unix time this process last read the topology and reported its version",
+                                        multiprocess_mode="min", registry=reg)
+        self.shard_weight = Gauge("crs_cache_shard_weight", "Shard weight in the target ring (0 when draining)",
+                                  ["shard"], multiprocess_mode="max", registry=reg)
+        self.shard_share = Gauge("crs_cache_shard_share", "Fraction of the keyspace the shard owns in the target ring",
+                                 ["shard"], multiprocess_mode="max", registry=reg)
+        self.shard_topology_state = Gauge("crs_cache_shard_state", "1 for the shard's state in the topology",
+                                          ["shard", "state"], multiprocess_mode="max", registry=reg)
+        self.shard_keys = Gauge("crs_cache_shard_keys", "Keys on the shard (DBSIZE)", ["shard"],
+                                multiprocess_mode="max", registry=reg)
+        self.shard_memory = Gauge("crs_cache_shard_memory_bytes", "Memory the shard uses (INFO used_memory)",
+                                  ["shard"], multiprocess_mode="max", registry=reg)
+        self.shard_hit_ratio = Gauge("crs_cache_shard_hit_ratio",
+                                     "keyspace_hits / (hits + misses) since the shard started (INFO stats)",
+                                     ["shard"], multiprocess_mode="max", registry=reg)
+        self.migration_copies = Counter("crs_cache_migration_copies_total",
+                                        "Values a read copied from a key's old owner to its new one while keys move",
+                                        registry=reg)
         self._tiers: dict[str, Counter] = {}
         self._rpc: dict[tuple[str, str], Histogram] = {}
 
@@ -46,3 +71,7 @@ class Metrics:
 
     def shard_state(self, shard: str, up: bool) -> None:
         self.shard_up.labels(shard).set(1 if up else 0)
+
+    def copied(self, n: int) -> None:
+        if n:
+            self.migration_copies.inc(n)

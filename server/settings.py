@@ -92,6 +92,13 @@ class Settings:
     negative_ttl: float = 30.0            # L2 TTL for keys that matched nothing
     shard_failure_threshold: int = 3      # consecutive errors before a shard is marked down
     shard_retry_interval: float = 5.0     # seconds a down shard is skipped before it is probed again
+    # --- shard topology and resharding (docs/runbooks/resharding.md)
+    topology_file: str = ""               # JSON topology file instead of the shard_topology table ("" = PostgreSQL)
+    topology_poll_interval: float = 1.0   # seconds between a node's topology checks (bounds the pickup delay)
+    topology_lease: float = 10.0          # a node silent this long is presumed gone; it stops filling Redis
+    shard_stats_interval: float = 10.0    # seconds between a node's INFO of each shard for metrics (0 = off)
+    migration_rate: int = 20_000          # keys per second the resharding warmer and cleanup examine
+    migration_batch: int = 500            # keys per SCAN step of the warmer and cleanup
     # --- near-cache (L1, in process)
     near_cache_size: int = 100_000        # entries per node process; 0 disables L1
     near_cache_ttl: float = 2.0           # seconds; also the worst-case staleness if pub/sub is lost
@@ -194,6 +201,13 @@ def _validate(s: Settings) -> None:
         problems.append("CRS_PG_POOL_MIN must be <= CRS_PG_POOL_MAX")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         problems.append(f"CRS_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR (got {s.log_level!r})")
+    for name in ("topology_poll_interval", "migration_rate", "migration_batch"):
+        if getattr(s, name) <= 0:
+            problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
+    if s.topology_lease < 3 * s.topology_poll_interval:
+        problems.append(f"CRS_TOPOLOGY_LEASE must be >= 3 x CRS_TOPOLOGY_POLL_INTERVAL (got {s.topology_lease})")
+    if s.shard_stats_interval < 0:
+        problems.append("CRS_SHARD_STATS_INTERVAL must be >= 0")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
 

@@ -1,0 +1,192 @@
+"""Keeps one node process on the shard topology in force, without a restart.
+
+At start the node reads the topology (PostgreSQL, or CRS_TOPOLOGY_FILE; CRS_REDIS_SHARDS while none
+was ever published). Then every `topology_poll_interval` seconds it checks the version, swaps a new
+one into the RedisTier (one assignment: rings, clients, routing), waits for the writes it started
+under the old version to land, and only then reports the new version in its `node_status` heartbeat —
+the row `crs shards apply` waits on before each step of a move, and `crs shards status` shows.
+
+The heartbeat doubles as a lease: a node that has not confirmed its topology for `topology_lease`
+seconds stops writing to Redis (fills and copies; reads and deletes go on), so a node cut off from
+PostgreSQL long enough to be presumed gone by the migrator cannot put a key where it no longer belongs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections import Counter
+
+import asyncpg
+
+from server.cache.redis_tier import RedisTier, ShardPolicy
+from server.cache.shard_stats import STATS_ERRORS, read_stats
+from server.cache.topology_store import NodeReport, forget_node, heartbeat, open_store, prune_nodes
+from server.metrics import Metrics
+from server.settings import Settings
+from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text
+
+log = logging.getLogger("crs.topology")
+
+_CHECK_ERRORS = (TopologyError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+# Heartbeat rows of processes that vanished without a clean stop are deleted after this long.
+FORGET_NODES_AFTER = 24 * 3600.0
+
+
+def node_identity() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
+
+
+class TopologyWatcher:
+    def __init__(self, *, settings: Settings, pool: asyncpg.Pool, metrics: Metrics) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.store = open_store(pool, settings.topology_file)
+        self.node_id = node_identity()
+        self.address = ""
+        self.topology: Topology | None = None
+        self.tier: RedisTier | None = None
+        self.shard_errors: Counter[str] = Counter()
+        self._failing = False
+        self._exported: set[str] = set()
+
+    async def open_tier(self) -> RedisTier | None:
+        """The Redis tier for the topology in force, or None when there is no shard at all."""
+        s = self.settings
+        topology = await self.store.current()
+        if topology is None and s.redis_shards:
+            topology = Topology.bootstrap((a.name, a.url, a.weight) for a in s.redis_shards)
+        self.topology = topology
+        if topology is None:
+            return None
+        self.tier = RedisTier(
+            topology=topology, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
+            policy=ShardPolicy(failure_threshold=s.shard_failure_threshold, retry_interval=s.shard_retry_interval),
+            copy_budget=s.reinvalidate_delay / 2, on_error=self._shard_error,
+            on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied)
+        self.tier.renew_lease(time.monotonic() + s.topology_lease)
+        self._export(topology)
+        return self.tier
+
+    def _shard_error(self, shard: str) -> None:
+        self.shard_errors[shard] += 1
+        self.metrics.shard_error(shard)
+
+    async def run(self, *, host: str, port: int) -> None:
+        """Poll, swap, heartbeat, until cancelled. Database errors keep the current version."""
+        self.address = f"{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
+        s = self.settings
+        next_stats = time.monotonic()
+        try:
+            await prune_nodes(self.pool, FORGET_NODES_AFTER)
+        except _CHECK_ERRORS:
+            pass
+        while True:
+            started = time.monotonic()
+            try:
+                await self.check()
+            except _CHECK_ERRORS as exc:
+                if not self._failing:
+                    log.warning("topology check failed; staying on the current version",
+                                extra={"error": type(exc).__name__, "reason": str(exc)[:200],
+                                       "version": self.topology.version if self.topology else None})
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("topology check works again")
+                self._failing = False
+                if self.tier is not None:
+                    self.tier.renew_lease(started + s.topology_lease)
+                self.metrics.topology_confirmed.set(time.time())
+            if s.shard_stats_interval and time.monotonic() >= next_stats:
+                next_stats = time.monotonic() + s.shard_stats_interval
+                await self.collect_stats()
+            await asyncio.sleep(s.topology_poll_interval)
+
+    async def check(self) -> None:
+        """One poll: switch to a newer version if there is one, then report the version in force."""
+        running = self.topology.version if self.topology is not None else 0
+        version = await self.store.current_version()
+        if version > running:
+            topology = await self.store.current()
+            if topology is not None and topology.version > running:
+                await self.switch(topology)
+        elif version < running and version:
+            log.error("the stored topology version went backwards; keeping the one in force",
+                      extra={"stored": version, "running": running})
+        await heartbeat(self.pool, self.report())
+
+    async def switch(self, topology: Topology) -> None:
+        old = self.topology
+        if self.tier is None:
+            if old is None or topology.version > old.version:
+                log.warning("a shard topology was published but this node started without Redis shards:"
+                            " restart it to use them", extra={"version": topology.version})
+            self.topology = topology
+            return
+        previous_view = self.tier.apply_topology(topology)
+        drained = await self.tier.drain(previous_view, timeout=2 * self.settings.redis_timeout + 1)
+        self.topology = topology
+        self._export(topology)
+        log.info("shard topology switched", extra={
+            "version": topology.version, "phase": topology.phase.value, "aborting": topology.aborting,
+            "changes": [str(c) for c in diff(old.shards, topology.shards)] if old is not None else [],
+            "writes_drained": drained})
+
+    def report(self) -> NodeReport:
+        t = self.topology
+        tier = self.tier
+        down = tuple(sorted(name for name, shard in tier.shards.items() if not shard.is_up)) if tier else ()
+        return NodeReport(node_id=self.node_id, address=self.address or "?",
+                          topology_version=t.version if t else 0,
+                          phase=t.phase.value if t else Phase.STABLE.value,
+                          ring=ring_text(tier.view.routing.read.shards) if tier else "",
+                          shards_down=down, shard_errors=dict(self.shard_errors))
+
+    def _export(self, t: Topology) -> None:
+        m = self.metrics
+        m.topology_version.set(t.version)
+        for phase in Phase:
+            m.topology_phase.labels(phase.value).set(1 if phase is t.phase else 0)
+        share = t.target_ring.share()
+        for s in t.shards:
+            draining = s.state is ShardState.DRAINING
+            m.shard_weight.labels(s.name).set(0 if draining else s.weight)
+            m.shard_share.labels(s.name).set(share.get(s.name, 0.0))
+            for state in ShardState:
+                m.shard_topology_state.labels(s.name, state.value).set(1 if state is s.state else 0)
+            if self.tier is not None:
+                m.shard_state(s.name, self.tier.shards[s.name].is_up)
+        gone = set(self._exported) - {s.name for s in t.shards}
+        for name in gone:   # removed from the topology: no share, no state
+            m.shard_weight.labels(name).set(0)
+            m.shard_share.labels(name).set(0)
+            for state in ShardState:
+                m.shard_topology_state.labels(name, state.value).set(0)
+        self._exported = {s.name for s in t.shards} | gone
+
+    async def collect_stats(self) -> None:
+        if self.tier is None:
+            return
+        for name, shard in list(self.tier.shards.items()):
+            if not shard.is_up:
+                continue
+            try:
+                stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * 4)
+            except STATS_ERRORS:
+                continue
+            self.metrics.shard_keys.labels(name).set(stats.keys)
+            self.metrics.shard_memory.labels(name).set(stats.memory_bytes)
+            if stats.hit_ratio is not None:
+                self.metrics.shard_hit_ratio.labels(name).set(stats.hit_ratio)
+
+    async def forget(self) -> None:
+        """A clean stop: remove this process's heartbeat so no migration waits for it."""
+        try:
+            await forget_node(self.pool, self.node_id)
+        except _CHECK_ERRORS:
+            pass

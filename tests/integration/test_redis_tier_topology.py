@@ -1,0 +1,173 @@
+"""RedisTier under topology changes, on real redis-servers (no PostgreSQL, no node): what each phase
+reads, fills, copies and deletes; the fill lease; the copy budget; shards an operator marks down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from server.cache.redis_tier import RedisTier, ShardPolicy, ShardUnavailable
+from server.embedded import RedisServer
+from shard_router.topology import ShardState, Topology, TopologyShard, advance, begin, set_state, stage_add
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    base = Path(tmp_path_factory.mktemp("tier"))
+    started = [RedisServer(name=f"shard-{i}", data_dir=base / f"shard-{i}") for i in range(4)]
+    try:
+        for s in started:
+            s.start()
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture
+def sync(servers: list[RedisServer]) -> dict[str, redis.Redis]:
+    clients = {s.name: redis.Redis.from_url(s.url) for s in servers}
+    for c in clients.values():
+        c.flushdb()
+    return clients
+
+
+def three(servers: list[RedisServer]) -> Topology:
+    return Topology(version=1, shards=tuple(TopologyShard(s.name, s.url) for s in servers[:3]))
+
+
+def grow(servers: list[RedisServer]) -> Topology:
+    t = three(servers)
+    return begin(t, stage_add(t.shards, "shard-3", servers[3].url))
+
+
+@pytest.fixture
+async def tier(servers: list[RedisServer]) -> AsyncIterator[RedisTier]:
+    t = RedisTier(topology=three(servers), pool_size=4, timeout=0.5,
+                  policy=ShardPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
+    yield t
+    await t.close()
+
+
+def moving_keys(servers: list[RedisServer], n: int) -> list[str]:
+    p = grow(servers)
+    candidates = (f"crd:1:{i:08x}" for i in range(5000))
+    found = [k for k in candidates if p.source_ring.node_for(k) != p.target_ring.node_for(k)]
+    return found[:n]
+
+
+async def test_migrating_reads_fall_back_to_the_old_owner_and_copy_with_its_ttl(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier) -> None:
+    p = grow(servers)
+    key, other = moving_keys(servers, 2)
+    old, new = p.source_ring.node_for(key), p.target_ring.node_for(key)
+    assert new == "shard-3"
+    sync[old].set(key, b"v1", px=60_000)
+    sync[p.source_ring.node_for(other)].set(other, b"v2", px=60_000)
+    tier.apply_topology(p)                       # preparing: still the old owner only
+    assert await tier.get(key) == b"v1" and sync[new].get(key) is None
+    tier.apply_topology(advance(p))              # migrating
+    assert await tier.get(key) == b"v1"
+    assert sync[new].get(key) == b"v1" and 50_000 < sync[new].pttl(key) <= 60_000
+    assert await tier.mget([other, "crd:absent"]) == [b"v2", None]
+    assert sync["shard-3"].get(other) == b"v2"
+    sync[old].delete(key)
+    assert await tier.get(key) == b"v1"          # now from the new owner
+    assert tier.view.writes == 0
+
+
+async def test_fills_go_to_the_owner_of_the_phase_and_deletes_to_both(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier) -> None:
+    p = grow(servers)
+    key = moving_keys(servers, 1)[0]
+    old, new = p.source_ring.node_for(key), p.target_ring.node_for(key)
+    tier.apply_topology(p)
+    await tier.set_many([(key, b"a", 60_000)])
+    assert sync[old].get(key) == b"a" and sync[new].get(key) is None     # preparing fills the old owner
+    sync[new].set(key, b"stray")
+    assert await tier.invalidate([key]) and sync[old].get(key) is None and sync[new].get(key) is None
+    m = advance(p)
+    tier.apply_topology(m)
+    await tier.set_many([(key, b"b", 60_000)])
+    assert sync[new].get(key) == b"b" and sync[old].get(key) is None     # migrating fills the new owner
+    sync[old].set(key, b"old")
+    assert await tier.invalidate([key]) and sync[old].get(key) is None and sync[new].get(key) is None
+    f = advance(m)
+    tier.apply_topology(f)
+    sync[old].set(key, b"old")
+    assert await tier.get(key) is None                                   # finishing: no fallback
+    assert await tier.invalidate([key]) and sync[old].get(key) is None
+    tier.apply_topology(advance(f))
+    sync[old].set(key, b"old")
+    assert await tier.invalidate([key]) and sync[old].get(key) == b"old"  # stable: the owner only
+
+
+async def test_no_fill_or_copy_without_a_lease_or_beyond_the_copy_budget(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier) -> None:
+    p = advance(grow(servers))
+    key = moving_keys(servers, 1)[0]
+    old, new = p.source_ring.node_for(key), p.target_ring.node_for(key)
+    tier.apply_topology(p)
+    sync[old].set(key, b"v", px=60_000)
+    tier.renew_lease(0.0)                        # expired: reads work, nothing is written
+    assert await tier.get(key) == b"v" and sync[new].get(key) is None
+    await tier.set_many([("crd:fill", b"x", 60_000)])
+    assert all(c.get("crd:fill") is None for c in sync.values())
+    tier.renew_lease(float("inf"))
+    tier.copy_budget = 0.0                       # too slow to be trusted: served, not copied
+    assert await tier.get(key) == b"v" and sync[new].get(key) is None
+
+
+async def test_switching_waits_for_writes_of_the_old_view(servers: list[RedisServer], tier: RedisTier) -> None:
+    view = tier.view
+    view.writes += 1                             # a write in flight under the old view
+    tier.apply_topology(grow(servers))
+    assert not await tier.drain(view, timeout=0.05)
+    view.writes -= 1
+    assert await tier.drain(view, timeout=0.05)
+
+
+async def test_a_shard_marked_down_is_skipped_then_flushed_before_it_serves(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier) -> None:
+    t = three(servers)
+    key = next(k for k in (f"crd:2:{i}" for i in range(1000)) if t.target_ring.node_for(k) == "shard-1")
+    sync["shard-1"].set(key, b"cached")
+    down = set_state(t, "shard-1", ShardState.DOWN)
+    tier.apply_topology(down)
+    with pytest.raises(ShardUnavailable):
+        await tier.get(key)
+    sync["shard-1"].set(key, b"missed an invalidation while down")
+    tier.apply_topology(set_state(down, "shard-1", ShardState.ACTIVE))
+    with pytest.raises(ShardUnavailable):        # probing: PING + FLUSHDB first
+        await tier.get(key)
+    for _ in range(100):
+        try:
+            assert await tier.get(key) is None   # flushed: the stale value is gone
+            break
+        except ShardUnavailable:
+            await asyncio.sleep(0.02)
+    else:
+        pytest.fail("shard-1 never came back")
+
+
+async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
+                                                 tier: RedisTier) -> None:
+    got: list[str] = []
+    listener = asyncio.create_task(tier.listen_invalidations(got.extend, lambda: None, retry_interval=0.1))
+    try:
+        tier.apply_topology(grow(servers))
+        for _ in range(100):
+            sync["shard-3"].publish("crs:invalidate", "crd:from-shard-3")
+            if "crd:from-shard-3" in got:
+                break
+            await asyncio.sleep(0.02)
+        assert "crd:from-shard-3" in got
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)

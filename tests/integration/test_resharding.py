@@ -1,0 +1,387 @@
+"""Live resharding on real Redis and PostgreSQL, through the `crs shards` CLI the SREs use.
+
+Two node processes (near-cache off, so every lookup exercises the shards) serve lookups from several
+client threads while the topology grows 3 -> 4 shards and shrinks back 4 -> 3, and while a move is
+aborted half-way. The bar: zero failed lookups, every answer byte-for-byte the one PostgreSQL gave
+before the move, no stale value of a card written during the move left in any shard, the Redis hit
+ratio back above 95% once the keys are warm, and no key on a shard that does not own it.
+These tests have their own stack: they change the shard topology under the nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+import redis
+
+from server import rpc
+from server.cache import keys as ck
+from server.demo import demo_pan
+from server.dev import DevEnvironment, NodeProcess, start_node
+from server.embedded import free_port
+from server.proto import crs_pb2 as pb
+from server.settings import Settings, settings_to_env
+from shard_router import Ring, ShardSpec
+
+pytestmark = pytest.mark.integration
+CUSTOMERS = 600
+WRITTEN_CARDS = 8          # cards whose status a writer flips during a move (readers skip them)
+
+# Fast topology pickup for the test; the defaults are in README.md.
+NODE_SETTINGS: dict[str, Any] = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0,
+                                     shard_stats_interval=1.0, outbox_poll_interval=0.2, reinvalidate_delay=0.5)
+
+
+@dataclass
+class ReshardStack:
+    env: DevEnvironment
+    nodes: list[NodeProcess]
+    settings: Settings
+    cards: int
+    truth: dict[int, bytes] = field(default_factory=dict)     # card index -> the answer before any move
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def redis_servers(self) -> dict[str, redis.Redis]:
+        assert self.env.stack is not None
+        return {r.name: redis.Redis.from_url(r.url) for r in self.env.stack.redis}
+
+    def crs(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+        env.update(settings_to_env(self.settings))
+        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=env, capture_output=True,
+                           text=True, timeout=timeout)
+        if check:
+            assert r.returncode == 0, f"crs shards {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+        return r
+
+    def crs_background(self, *args: str) -> subprocess.Popen[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+        env.update(settings_to_env(self.settings))
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "shards", *args], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def status(self) -> dict[str, Any]:
+        doc: dict[str, Any] = json.loads(self.crs("status", "--json").stdout)
+        return doc
+
+    def card_key(self, i: int) -> str:
+        keyring = self.settings.keyring()
+        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+
+    def reader_cards(self) -> range:
+        return range(WRITTEN_CARDS, self.cards)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[ReshardStack]:
+    env = DevEnvironment(shards=4, customers=CUSTOMERS, pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env.start()
+    try:
+        assert env.stack is not None
+        boot = env.settings().redis_shards[:3]       # shard-3 runs but is not in the ring yet
+        nodes = []
+        for _ in range(2):
+            node_settings = replace(env.settings(grpc_port=free_port(), workers=1, metrics_port=free_port(),
+                                                 **NODE_SETTINGS), redis_shards=boot)
+            log_path = env.stack.base_dir / f"node-{node_settings.grpc_port}.log"
+            nodes.append(start_node(node_settings, log_path=log_path))
+            env.nodes.append(nodes[-1])
+        settings = replace(nodes[0].settings, grpc_port=50051, metrics_port=0)
+
+        async def count_cards() -> int:
+            conn = await asyncpg.connect(env.admin_dsn)
+            try:
+                return int(await conn.fetchval("SELECT count(*) FROM cards"))
+            finally:
+                await conn.close()
+
+        s = ReshardStack(env, nodes, settings, asyncio.run(count_cards()))
+        with grpc.insecure_channel(nodes[0].address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            for i in range(s.cards):     # the truth, straight from PostgreSQL; also warms the cache
+                s.truth[i] = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).SerializeToString()
+        yield s
+    finally:
+        env.stop()
+
+
+class LookupLoad:
+    """Client threads, each with its own channel to one of the nodes, resolving cards until stopped;
+    every answer is compared byte for byte with the one recorded before any move."""
+
+    def __init__(self, stack: ReshardStack, threads: int = 4) -> None:
+        self.stack = stack
+        self.stop_flag = threading.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def _run(self, t: int) -> None:
+        cards = self.stack.reader_cards()
+        i = t * 97
+        node = self.stack.nodes[t % len(self.stack.nodes)]
+        with grpc.insecure_channel(node.address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            while not self.stop_flag.is_set():
+                n = cards[i % len(cards)]
+                i += 13
+                try:
+                    r = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(n)), timeout=5)
+                    good = r.SerializeToString() == self.stack.truth[n]
+                    with self.lock:
+                        if good:
+                            self.ok += 1
+                        else:
+                            self.failures.append(f"card {n}: wrong answer")
+                except grpc.RpcError as exc:
+                    with self.lock:
+                        self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
+
+    def __enter__(self) -> LookupLoad:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        for t in self.threads:
+            t.join(10)
+
+
+class CardWriter:
+    """Flips the status of the first WRITTEN_CARDS cards (ACTIVE <-> BLOCKED) until stopped."""
+
+    def __init__(self, stack: ReshardStack) -> None:
+        self.stack = stack
+        self.stop_flag = threading.Event()
+        self.last: dict[int, int] = {}
+        self.writes = 0
+        self.errors: list[str] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with grpc.insecure_channel(self.stack.nodes[0].address) as channel:
+            admin = rpc.stub(channel, "AdminService")
+            lookup = rpc.stub(channel, "LookupService")
+            tokens = {i: lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.token
+                      for i in range(WRITTEN_CARDS)}
+            k = 0
+            while not self.stop_flag.is_set():
+                i = k % WRITTEN_CARDS
+                status = pb.CARD_STATUS_BLOCKED if (k // WRITTEN_CARDS) % 2 == 0 else pb.CARD_STATUS_ACTIVE
+                try:
+                    admin.SetCardStatus(pb.SetCardStatusRequest(card_token=tokens[i], status=status), timeout=5)
+                    self.last[i] = status
+                    self.writes += 1
+                except grpc.RpcError as exc:
+                    self.errors.append(f"{exc.code().name} {exc.details()}")
+                k += 1
+                time.sleep(0.02)
+
+    def __enter__(self) -> CardWriter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_flag.set()
+        self.thread.join(10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------------
+
+
+def target_ring(status: dict[str, Any]) -> Ring:
+    return Ring(ShardSpec(s["name"], s["weight"]) for s in status["shards"] if s["state"] != "draining")
+
+
+def misplaced_keys(stack: ReshardStack, ring: Ring) -> dict[str, int]:
+    """Per Redis server: keys it holds that `ring` does not send to it (all of them off the ring)."""
+    bad: dict[str, int] = {}
+    for name, client in stack.redis_servers.items():
+        n = sum(1 for key in client.scan_iter(count=1000) if ring.node_for(key) != name)
+        if n:
+            bad[name] = n
+    return bad
+
+
+def hit_ratio(stack: ReshardStack, seconds: float) -> float:
+    """Redis keyspace hit ratio over all servers during `seconds` of lookup load."""
+    clients = stack.redis_servers
+    for c in clients.values():
+        c.config_resetstat()
+    with LookupLoad(stack) as load:
+        time.sleep(seconds)
+    assert load.failures == []
+    hits = misses = 0
+    for c in clients.values():
+        info = c.info("stats")
+        hits += int(info["keyspace_hits"])
+        misses += int(info["keyspace_misses"])
+    return hits / max(hits + misses, 1)
+
+
+def check_written_cards(stack: ReshardStack, writer: CardWriter) -> None:
+    """After the writes settle, every node answers the last status, and no shard holds another."""
+    time.sleep(2 * stack.settings.reinvalidate_delay + 1.0)   # the relay's second delete has run
+    for node in stack.nodes:
+        with grpc.insecure_channel(node.address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            for i, status in writer.last.items():
+                got = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.status
+                assert got == status, f"card {i} on {node.address}: {got} != {status}"
+    for name, client in stack.redis_servers.items():
+        for i, status in writer.last.items():
+            raw = client.get(stack.card_key(i))
+            if raw is not None:
+                cached = pb.Resolution.FromString(raw).card.status
+                assert cached == status, f"{name} holds a stale value of card {i}"
+
+
+def moved_keys(stack: ReshardStack, before: Ring, after: Ring) -> int:
+    return sum(1 for name, client in stack.redis_servers.items() for key in client.scan_iter(count=1000)
+               if before.node_for(key) == name and after.node_for(key) != name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_help_is_a_manual() -> None:
+    for sub in ("status", "plan", "add", "remove", "reweight", "mark", "apply", "abort", "history"):
+        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", sub, "--help"], capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 0 and "usage: crs shards" in r.stdout and "Exit codes" in r.stdout, (sub, r.stderr)
+        assert len(r.stdout) > 900, f"`crs shards {sub} --help` is too thin to be a manual"
+
+
+def test_grow_3_to_4_then_shrink_to_3_under_load(stack: ReshardStack) -> None:
+    status = stack.status()
+    assert status["version"] == 0 and not status["published"]     # nodes run CRS_REDIS_SHARDS
+    assert {n["topology_version"] for n in status["nodes"]} == {0} and len(status["nodes"]) == 2
+    three = target_ring(status)
+    assert misplaced_keys(stack, three) == {}
+    stack.figures["hit_ratio_before"] = hit_ratio(stack, 1.5)
+
+    # -- grow --------------------------------------------------------------------------------------
+    assert stack.env.stack is not None
+    shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
+    redis.Redis.from_url(shard3.url).set("left-over-junk", b"x")      # a joining shard is flushed first
+    stack.crs("add", "shard-3", "--address", shard3.url)
+    four = Ring(ShardSpec(f"shard-{i}") for i in range(4))
+    expected = moved_keys(stack, three, four)
+    plan = json.loads(stack.crs("plan", "--sample", "0", "--json").stdout)
+    assert plan["exact"] and plan["keys_moving"] == expected
+    assert plan["shards"]["shard-3"]["keys_in"] == expected and 0.15 < plan["hash_fraction"] < 0.35
+    assert stack.status()["draft"]["changes"] == [f"+ shard-3 ({shard3.url} weight 1)"]
+
+    with LookupLoad(stack) as load, CardWriter(stack) as writer:
+        time.sleep(0.5)
+        started = time.monotonic()
+        out = stack.crs("apply", "--rate", "5000").stdout
+        stack.figures["grow_seconds"] = time.monotonic() - started
+        time.sleep(0.5)
+    assert load.failures == [] and writer.errors == []
+    assert load.ok > 100 and writer.writes > 10
+    assert "stable" in out and "copy:" in out
+    stack.figures["grow_output"] = out
+    status = stack.status()
+    assert status["phase"] == "stable" and [s["name"] for s in status["shards"]] == [f"shard-{i}" for i in range(4)]
+    assert status["node_versions"] == [status["version"]] and len(status["nodes"]) == 2
+    assert misplaced_keys(stack, four) == {}
+    check_written_cards(stack, writer)
+    stack.figures["keys_moved_grow"] = expected
+    ratio = hit_ratio(stack, 2.0)
+    stack.figures["hit_ratio_after_grow"] = ratio
+    assert ratio > 0.95
+
+    # -- shrink ------------------------------------------------------------------------------------
+    stack.crs("remove", "shard-3")
+    expected = moved_keys(stack, four, three)
+    plan = json.loads(stack.crs("plan", "--sample", "0", "--json").stdout)
+    assert plan["keys_moving"] == expected and plan["shards"]["shard-3"]["keys_after"] == 0
+    with LookupLoad(stack) as load, CardWriter(stack) as writer:
+        time.sleep(0.5)
+        started = time.monotonic()
+        stack.crs("apply")
+        stack.figures["shrink_seconds"] = time.monotonic() - started
+        time.sleep(0.5)
+    assert load.failures == [] and writer.errors == []
+    status = stack.status()
+    assert status["phase"] == "stable" and [s["name"] for s in status["shards"]] == ["shard-0", "shard-1", "shard-2"]
+    assert status["node_versions"] == [status["version"]]
+    assert misplaced_keys(stack, three) == {}
+    assert redis.Redis.from_url(shard3.url).dbsize() == 0
+    check_written_cards(stack, writer)
+    stack.figures["keys_moved_shrink"] = expected
+    ratio = hit_ratio(stack, 2.0)
+    stack.figures["hit_ratio_after_shrink"] = ratio
+    assert ratio > 0.95
+    print("\nresharding figures:", {k: v for k, v in stack.figures.items() if k != "grow_output"})
+    print(stack.figures["grow_output"])
+
+
+def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
+    before = stack.status()
+    assert before["phase"] == "stable"
+    three = target_ring(before)
+    assert stack.env.stack is not None
+    shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
+    stack.crs("add", "shard-3", "--address", shard3.url)
+    with LookupLoad(stack) as load:
+        # Slow enough to be caught in the middle of the copy.
+        apply = stack.crs_background("apply", "--rate", "150", "--batch", "20")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                st = stack.status()
+                copied = sum(p["moved"] for p in st["progress"].get("copy", {}).values())
+                if st["phase"] == "migrating" and copied > 0:
+                    break
+                assert time.monotonic() < deadline, st
+                time.sleep(0.1)
+            out = stack.crs("abort").stdout
+            apply_out, _ = apply.communicate(timeout=30)
+        finally:
+            if apply.poll() is None:
+                apply.kill()
+    assert load.failures == []
+    assert apply.returncode == 1 and "an abort?" in apply_out, apply_out
+    assert "stable" in out
+    after = stack.status()
+    assert after["phase"] == "stable" and [s["name"] for s in after["shards"]] == ["shard-0", "shard-1", "shard-2"]
+    assert after["version"] > before["version"] and after["node_versions"] == [after["version"]]
+    assert misplaced_keys(stack, three) == {}
+    assert redis.Redis.from_url(shard3.url).dbsize() == 0
+    assert hit_ratio(stack, 1.0) > 0.95
+
+
+def test_staging_is_checked_and_abort_discards_a_draft(stack: ReshardStack) -> None:
+    r = stack.crs("add", "shard-0", "--address", "redis://127.0.0.1:1/0", "--no-check", check=False)
+    assert r.returncode == 1 and "already in the topology" in r.stderr
+    r = stack.crs("add", "shard-9", "--address", "redis://127.0.0.1:1/0", check=False)
+    assert r.returncode == 3 and "does not answer" in r.stderr
+    r = stack.crs("remove", "shard-7", check=False)
+    assert r.returncode == 1 and "no shard named" in r.stderr
+    stack.crs("reweight", "shard-1", "--weight", "2")
+    plan = stack.crs("plan").stdout
+    assert "shard-1" in plan and "1 -> 2" in plan and "of the hash space changes owner" in plan
+    assert "discarded" in stack.crs("abort").stdout
+    assert stack.status()["draft"] is None
+    assert "nothing to do" in stack.crs("apply").stdout
