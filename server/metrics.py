@@ -33,7 +33,7 @@ class Metrics:
         self.topology_phase = Gauge("crs_topology_phase", "1 for the phase of the topology this process runs",
                                     ["phase"], multiprocess_mode="max", registry=reg)
         self.topology_confirmed = Gauge("crs_topology_confirmed_timestamp_seconds",
-                                        "Unix time this process last read the topology and reported its version",
+                                        "Unix time this process last checked the topology version",
                                         multiprocess_mode="min", registry=reg)
         self.shard_weight = Gauge("crs_cache_shard_weight", "Shard weight in the target ring (0 when draining)",
                                   ["shard"], multiprocess_mode="max", registry=reg)

@@ -523,11 +523,12 @@ def cmd_reweight(args: argparse.Namespace) -> int:
 def cmd_mark(args: argparse.Namespace) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
         from server.cache.migrator import ensure_published
+        from server.cache.topology_store import publish
         from shard_router.topology import ShardState, set_state
 
         current = await ensure_published(store, pool, settings, out=sys.stdout)
         new = set_state(current, args.name, ShardState(args.state))
-        await store.publish(new, reason=f"mark {args.name} {args.state}")
+        await publish(store, pool, new, reason=f"mark {args.name} {args.state}")
         print(f"published topology version {new.version}: {args.name} is {args.state}"
               + (" (nodes flush it before using it again)" if args.state == "active" else
                  " (its keys are served from PostgreSQL)"))

@@ -39,6 +39,7 @@ from server.cache.topology_store import (
     live_nodes,
     load_draft,
     load_progress,
+    publish,
     save_draft,
     save_progress,
 )
@@ -150,7 +151,7 @@ async def ensure_published(store: TopologyStore, pool: asyncpg.Pool, settings: S
             + "; ".join(f"{n.node_id} runs {n.ring or 'no shard'}" for n in odd[:5])
             + ". Run this command with the nodes' CRS_REDIS_SHARDS.")
     first = Topology(version=1, shards=boot.shards)
-    await store.publish(first, reason="seeded from CRS_REDIS_SHARDS")
+    await publish(store, pool, first, reason="seeded from CRS_REDIS_SHARDS")
     if out is not None:
         out.write(f"topology version 1 published from CRS_REDIS_SHARDS ({ring})\n")
     return first
@@ -294,7 +295,7 @@ class Migrator:
 
     async def _publish(self, t: Topology, reason: str) -> None:
         try:
-            await self.store.publish(t, reason=reason)
+            await publish(self.store, self.pool, t, reason=reason)
         except TopologyConflict as exc:
             raise MigrationError(
                 f"{exc}: someone else changed the topology (an abort?); see crs shards status") from exc

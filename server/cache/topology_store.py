@@ -12,7 +12,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -150,6 +150,26 @@ class FileTopologyStore:
 
     async def publish(self, topology: Topology, *, reason: str) -> None:
         await asyncio.to_thread(self._publish, topology, reason)
+
+
+# Serializes "a node reads the topology and registers its heartbeat" (shared) against "an operator
+# publishes a version" (exclusive), so a node starting during a move is either seen at the version it
+# read or reads the new one: the migrator can never miss a node two versions behind.
+REGISTRATION_LOCK = 0x43525303
+
+
+@contextlib.asynccontextmanager
+async def registration(pool: asyncpg.Pool, *, exclusive: bool) -> AsyncIterator[Conn]:
+    async with pool.acquire() as conn, conn.transaction():
+        lock = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+        await conn.execute(f"SELECT {lock}($1)", REGISTRATION_LOCK)
+        yield conn
+
+
+async def publish(store: TopologyStore, pool: asyncpg.Pool, topology: Topology, *, reason: str) -> None:
+    """Publish through `store` while no node is between reading the topology and registering."""
+    async with registration(pool, exclusive=True):
+        await store.publish(topology, reason=reason)
 
 
 def open_store(pool: asyncpg.Pool, topology_file: str) -> TopologyStore:

@@ -1,10 +1,12 @@
 """Keeps one node process on the shard topology in force, without a restart.
 
 At start the node reads the topology (PostgreSQL, or CRS_TOPOLOGY_FILE; CRS_REDIS_SHARDS while none
-was ever published). Then every `topology_poll_interval` seconds it checks the version, swaps a new
-one into the RedisTier (one assignment: rings, clients, routing), waits for the writes it started
-under the old version to land, and only then reports the new version in its `node_status` heartbeat —
-the row `crs shards apply` waits on before each step of a move, and `crs shards status` shows.
+was ever published) and registers its heartbeat with that version, both under a shared lock that
+publishing takes exclusively. Then every `topology_poll_interval` seconds it checks the version,
+swaps a new one into the RedisTier (one assignment: rings, clients, routing), waits for the writes it
+started under the old version to land, and only then reports the new version in its `node_status`
+heartbeat — the row `crs shards apply` waits on before each step of a move, and `crs shards status`
+shows. Heartbeats are written when the version changes and every third of `topology_lease`.
 
 The heartbeat doubles as a lease: a node that has not confirmed its topology for `topology_lease`
 seconds stops writing to Redis (fills and copies; reads and deletes go on), so a node cut off from
@@ -22,9 +24,16 @@ from collections import Counter
 
 import asyncpg
 
-from server.cache.redis_tier import RedisTier, ShardPolicy
+from server.cache.redis_tier import RedisTier, Shard, ShardPolicy
 from server.cache.shard_stats import STATS_ERRORS, read_stats
-from server.cache.topology_store import NodeReport, forget_node, heartbeat, open_store, prune_nodes
+from server.cache.topology_store import (
+    NodeReport,
+    forget_node,
+    heartbeat,
+    open_store,
+    prune_nodes,
+    registration,
+)
 from server.metrics import Metrics
 from server.settings import Settings
 from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text
@@ -53,23 +62,30 @@ class TopologyWatcher:
         self.shard_errors: Counter[str] = Counter()
         self._failing = False
         self._exported: set[str] = set()
+        self._reported = -1             # the version in the last heartbeat
+        self._next_beat = 0.0
 
     async def open_tier(self) -> RedisTier | None:
-        """The Redis tier for the topology in force, or None when there is no shard at all."""
+        """The Redis tier for the topology in force, or None when there is no shard at all. The node
+        registers its heartbeat with the version it read before anyone can publish the next one."""
         s = self.settings
-        topology = await self.store.current()
-        if topology is None and s.redis_shards:
-            topology = Topology.bootstrap((a.name, a.url, a.weight) for a in s.redis_shards)
-        self.topology = topology
-        if topology is None:
-            return None
-        self.tier = RedisTier(
-            topology=topology, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
-            policy=ShardPolicy(failure_threshold=s.shard_failure_threshold, retry_interval=s.shard_retry_interval),
-            copy_budget=s.reinvalidate_delay / 2, on_error=self._shard_error,
-            on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied)
-        self.tier.renew_lease(time.monotonic() + s.topology_lease)
-        self._export(topology)
+        async with registration(self.pool, exclusive=False) as conn:
+            topology = await self.store.current()
+            if topology is None and s.redis_shards:
+                topology = Topology.bootstrap((a.name, a.url, a.weight) for a in s.redis_shards)
+            self.topology = topology
+            if topology is not None:
+                self.tier = RedisTier(
+                    topology=topology, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
+                    policy=ShardPolicy(failure_threshold=s.shard_failure_threshold,
+                                       retry_interval=s.shard_retry_interval),
+                    copy_budget=s.reinvalidate_delay / 2, on_error=self._shard_error,
+                    on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied)
+                self._export(topology)
+            started = time.monotonic()
+            await heartbeat(conn, self.report())
+        if self.tier is not None:
+            self.tier.renew_lease(started + s.topology_lease)
         return self.tier
 
     def _shard_error(self, shard: str) -> None:
@@ -80,13 +96,22 @@ class TopologyWatcher:
         """Poll, swap, heartbeat, until cancelled. Database errors keep the current version."""
         self.address = f"{socket.gethostname() if host in ('0.0.0.0', '::', '') else host}:{port}"
         s = self.settings
-        next_stats = time.monotonic()
+        self._next_beat = 0.0          # the first check reports the address
         try:
             await prune_nodes(self.pool, FORGET_NODES_AFTER)
         except _CHECK_ERRORS:
             pass
+        stats = asyncio.create_task(self._stats_loop()) if s.shard_stats_interval else None
+        try:
+            await self._poll_loop()
+        finally:
+            if stats is not None:
+                stats.cancel()
+                await asyncio.gather(stats, return_exceptions=True)
+
+    async def _poll_loop(self) -> None:
+        s = self.settings
         while True:
-            started = time.monotonic()
             try:
                 await self.check()
             except _CHECK_ERRORS as exc:
@@ -99,13 +124,13 @@ class TopologyWatcher:
                 if self._failing:
                     log.info("topology check works again")
                 self._failing = False
-                if self.tier is not None:
-                    self.tier.renew_lease(started + s.topology_lease)
-                self.metrics.topology_confirmed.set(time.time())
-            if s.shard_stats_interval and time.monotonic() >= next_stats:
-                next_stats = time.monotonic() + s.shard_stats_interval
-                await self.collect_stats()
             await asyncio.sleep(s.topology_poll_interval)
+
+    async def _stats_loop(self) -> None:
+        """Apart from the poll loop, so a slow shard never delays a topology switch."""
+        while True:
+            await self.collect_stats()
+            await asyncio.sleep(self.settings.shard_stats_interval)
 
     async def check(self) -> None:
         """One poll: switch to a newer version if there is one, then report the version in force."""
@@ -118,7 +143,17 @@ class TopologyWatcher:
         elif version < running and version:
             log.error("the stored topology version went backwards; keeping the one in force",
                       extra={"stored": version, "running": running})
-        await heartbeat(self.pool, self.report())
+        report = self.report()
+        now = time.monotonic()
+        if report.topology_version != self._reported or now >= self._next_beat:
+            # A heartbeat when the version changes (the migrator waits for it) and every third of the
+            # lease; the lease runs from before the write, so it ends before the database's view of it.
+            await heartbeat(self.pool, report)
+            self._reported = report.topology_version
+            self._next_beat = now + max(self.settings.topology_lease / 3, self.settings.topology_poll_interval)
+            if self.tier is not None:
+                self.tier.renew_lease(now + self.settings.topology_lease)
+        self.metrics.topology_confirmed.set(time.time())
 
     async def switch(self, topology: Topology) -> None:
         old = self.topology
@@ -141,7 +176,7 @@ class TopologyWatcher:
         t = self.topology
         tier = self.tier
         down = tuple(sorted(name for name, shard in tier.shards.items() if not shard.is_up)) if tier else ()
-        return NodeReport(node_id=self.node_id, address=self.address or "?",
+        return NodeReport(node_id=self.node_id, address=self.address or "(starting)",
                           topology_version=t.version if t else 0,
                           phase=t.phase.value if t else Phase.STABLE.value,
                           ring=ring_text(tier.view.routing.read.shards) if tier else "",
@@ -172,17 +207,18 @@ class TopologyWatcher:
     async def collect_stats(self) -> None:
         if self.tier is None:
             return
-        for name, shard in list(self.tier.shards.items()):
-            if not shard.is_up:
-                continue
+
+        async def one(name: str, shard: Shard) -> None:
             try:
                 stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * 4)
             except STATS_ERRORS:
-                continue
+                return
             self.metrics.shard_keys.labels(name).set(stats.keys)
             self.metrics.shard_memory.labels(name).set(stats.memory_bytes)
             if stats.hit_ratio is not None:
                 self.metrics.shard_hit_ratio.labels(name).set(stats.hit_ratio)
+
+        await asyncio.gather(*(one(name, shard) for name, shard in self.tier.shards.items() if shard.is_up))
 
     async def forget(self) -> None:
         """A clean stop: remove this process's heartbeat so no migration waits for it."""

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,9 +59,10 @@ class ReshardStack:
         assert self.env.stack is not None
         return {r.name: redis.Redis.from_url(r.url) for r in self.env.stack.redis}
 
-    def crs(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def crs(self, *args: str, check: bool = True, timeout: float = 120,
+            settings: Settings | None = None) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-        env.update(settings_to_env(self.settings))
+        env.update(settings_to_env(settings or self.settings))
         r = subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=env, capture_output=True,
                            text=True, timeout=timeout)
         if check:
@@ -307,6 +309,12 @@ def test_grow_3_to_4_then_shrink_to_3_under_load(stack: ReshardStack) -> None:
     assert misplaced_keys(stack, four) == {}
     check_written_cards(stack, writer)
     stack.figures["keys_moved_grow"] = expected
+    for node in stack.nodes:       # the version and the shards are in every node's metrics too
+        page = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read()
+        text = page.decode()
+        assert f"crs_topology_version {float(status['version'])}" in text
+        assert 'crs_cache_shard_state{shard="shard-3",state="active"} 1.0' in text
+        assert 'crs_cache_shard_share{shard="shard-3"}' in text and 'crs_cache_shard_keys{shard="shard-3"}' in text
     ratio = hit_ratio(stack, 2.0)
     stack.figures["hit_ratio_after_grow"] = ratio
     assert ratio > 0.95
@@ -385,3 +393,55 @@ def test_staging_is_checked_and_abort_discards_a_draft(stack: ReshardStack) -> N
     assert "discarded" in stack.crs("abort").stdout
     assert stack.status()["draft"] is None
     assert "nothing to do" in stack.crs("apply").stdout
+
+
+def test_a_node_follows_a_topology_file_and_a_shard_marked_down(stack: ReshardStack) -> None:
+    """The file form (CRS_TOPOLOGY_FILE): `crs shards mark` publishes to it, a node picks it up."""
+    assert stack.env.stack is not None
+    path = stack.env.stack.base_dir / "topology.json"
+    file_settings = replace(stack.settings, topology_file=str(path))
+    out = stack.crs("mark", "shard-2", "down", settings=file_settings).stdout
+    assert "version 1 published from CRS_REDIS_SHARDS" in out and "version 2" in out
+    node_settings = replace(stack.nodes[0].settings, grpc_port=free_port(), metrics_port=free_port(),
+                            topology_file=str(path))
+    node = start_node(node_settings, log_path=stack.env.stack.base_dir / "node-file.log")
+    stack.env.nodes.append(node)
+
+    def report() -> dict[str, Any]:
+        deadline = time.monotonic() + 5
+        while True:     # its first heartbeat follows SERVING closely
+            found = [n for n in stack.status()["nodes"] if n["address"] == node.address]
+            if found or time.monotonic() > deadline:
+                return found[0]
+            time.sleep(0.1)
+
+    shard2 = redis.Redis.from_url(next(r.url for r in stack.env.stack.redis if r.name == "shard-2"))
+    ring = Ring(ShardSpec(f"shard-{i}") for i in range(3))
+    on_shard2 = [i for i in stack.reader_cards() if ring.node_for(stack.card_key(i)) == "shard-2"][:20]
+    try:
+        with grpc.insecure_channel(node.address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+
+            def check_answers() -> None:
+                for i in on_shard2:
+                    got = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).SerializeToString()
+                    assert got == stack.truth[i]
+
+            assert report()["topology_version"] == 2 and report()["shards_down"] == ["shard-2"]
+            shard2.set("missed-while-down", b"x")
+            check_answers()                                  # served from PostgreSQL
+            stack.crs("mark", "shard-2", "active", settings=file_settings)
+            deadline = time.monotonic() + 10
+            while shard2.exists("missed-while-down"):        # flushed before it serves again
+                check_answers()
+                assert time.monotonic() < deadline, "shard-2 was not flushed"
+                time.sleep(0.05)
+            check_answers()
+            deadline = time.monotonic() + 10
+            while (r := report())["topology_version"] != 3 or r["shards_down"]:
+                assert time.monotonic() < deadline, r
+                time.sleep(0.1)
+    finally:
+        node.stop()
+        stack.env.nodes.remove(node)
+    assert node.address not in [n["address"] for n in stack.status()["nodes"]]   # a clean stop forgets it
