@@ -90,6 +90,21 @@ class PortInUseError(EmbeddedServerError):
     """Its port is taken. When the launcher picked the port itself, it retries with another one."""
 
 
+class ChildAbortedBeforeExec(EmbeddedServerError):
+    """The forked child died of SIGABRT, having logged nothing but gRPC lines. gRPC >= 1.81 does this now and
+    then in a process with live channels (the test suite): its post-fork handler restarts a poller
+    thread that aborts when ``close_fds`` closes its epoll descriptor (grpc/grpc#43055); subprocess
+    forks rather than vforks because of our preexec_fn. Nothing ran, so the start is retried."""
+
+
+_GRPC_LOG_LINE = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]")
+
+
+def _aborted_before_exec(code: int, log_text: str) -> bool:
+    """SIGABRT, and nothing in the log but gRPC C-core lines: the server itself never ran."""
+    return code == -signal.SIGABRT and all(_GRPC_LOG_LINE.match(line) for line in log_text.splitlines() if line)
+
+
 # --------------------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------------------
@@ -853,6 +868,9 @@ class PostgresServer:
                     if not self._port_is_ours or attempt == _PORT_RETRIES - 1:
                         raise
                     self.port = free_port()
+                except ChildAbortedBeforeExec:
+                    if attempt == _PORT_RETRIES - 1:
+                        raise
             self._port_is_ours = False  # from now on the port is fixed (restarts come back on it)
             self.startup_seconds = time.monotonic() - began
 
@@ -973,6 +991,8 @@ class PostgresServer:
                 text = self._log.text()
                 if "Address already in use" in text or "could not create any TCP/IP sockets" in text:
                     raise PortInUseError(f"PostgreSQL could not bind 127.0.0.1:{self.port}\n{self._log.tail()}")
+                if _aborted_before_exec(code, text):
+                    raise ChildAbortedBeforeExec(f"PostgreSQL's process aborted before exec\n{self._log.tail()}")
                 raise EmbeddedServerError(
                     f"PostgreSQL ({self.kind}, {self.bindir}) exited with status {code} during startup"
                     f"\n{self._log.tail()}"
@@ -1181,6 +1201,9 @@ class RedisServer:
                     if not self._port_is_ours or attempt == _PORT_RETRIES - 1:
                         raise
                     self.port = free_port()
+                except ChildAbortedBeforeExec:
+                    if attempt == _PORT_RETRIES - 1:
+                        raise
             self._port_is_ours = False
 
     def _launch_and_wait(self, deadline: float) -> None:
@@ -1199,6 +1222,8 @@ class RedisServer:
                 self._cleanup_process()
                 if "Address already in use" in self._log.text():
                     raise PortInUseError(f"redis {self.name} could not bind 127.0.0.1:{self.port}\n{self._log.tail()}")
+                if _aborted_before_exec(code, self._log.text()):
+                    raise ChildAbortedBeforeExec(f"redis {self.name}'s process aborted before exec\n{self._log.tail()}")
                 raise EmbeddedServerError(
                     f"redis {self.name} exited with status {code} during startup\n{self._log.tail()}"
                 )
