@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -378,6 +379,39 @@ def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
     assert misplaced_keys(stack, three) == {}
     assert redis.Redis.from_url(shard3.url).dbsize() == 0
     assert hit_ratio(stack, 1.0) > 0.95
+
+
+def test_an_interrupted_apply_resumes_where_it_stopped(stack: ReshardStack) -> None:
+    assert stack.env.stack is not None
+    shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
+    stack.crs("add", "shard-3", "--address", shard3.url)
+    with LookupLoad(stack) as load:
+        apply = stack.crs_background("apply", "--rate", "150", "--batch", "20")
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                st = stack.status()
+                examined = sum(p["scanned"] for p in st["progress"].get("copy", {}).values())
+                if st["phase"] == "migrating" and examined > 0:
+                    break
+                assert time.monotonic() < deadline, st
+                time.sleep(0.1)
+            apply.send_signal(signal.SIGINT)          # Ctrl-C
+            first, _ = apply.communicate(timeout=30)
+        finally:
+            if apply.poll() is None:
+                apply.kill()
+        assert apply.returncode == 130 and "progress is saved" in first, first
+        assert stack.status()["phase"] == "migrating"     # paused, still serving
+        out = stack.crs("apply").stdout
+    assert load.failures == []
+    assert "resuming copy" in out and "is stable" in out
+    status = stack.status()
+    assert status["phase"] == "stable" and len(status["shards"]) == 4
+    assert misplaced_keys(stack, target_ring(status)) == {}
+    stack.crs("remove", "shard-3")                      # back to three for the next tests
+    stack.crs("apply")
+    assert misplaced_keys(stack, target_ring(stack.status())) == {}
 
 
 def test_staging_is_checked_and_abort_discards_a_draft(stack: ReshardStack) -> None:
