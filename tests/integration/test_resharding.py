@@ -60,21 +60,34 @@ class ReshardStack:
         assert self.env.stack is not None
         return {r.name: redis.Redis.from_url(r.url) for r in self.env.stack.redis}
 
+    def cli_env(self, settings: Settings | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+        return env | settings_to_env(settings or self.settings)
+
     def crs(self, *args: str, check: bool = True, timeout: float = 120,
             settings: Settings | None = None) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-        env.update(settings_to_env(settings or self.settings))
-        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=env, capture_output=True,
-                           text=True, timeout=timeout)
+        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=self.cli_env(settings),
+                           capture_output=True, text=True, timeout=timeout)
         if check:
             assert r.returncode == 0, f"crs shards {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
 
-    def crs_background(self, *args: str) -> subprocess.Popen[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-        env.update(settings_to_env(self.settings))
-        return subprocess.Popen([sys.executable, "-m", "server.cli", "shards", *args], env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def slow_apply_in_copy(self) -> subprocess.Popen[str]:
+        """`crs shards apply`, paced slowly, in the background; returns once its copy step has begun."""
+        apply = subprocess.Popen([sys.executable, "-m", "server.cli", "shards", "apply", "--rate", "150", "--batch",
+                                  "20"], env=self.cli_env(), text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            st = self.status()
+            examined = sum(p["scanned"] for p in st["progress"].get("copy", {}).values())
+            copied = sum(p["moved"] for p in st["progress"].get("copy", {}).values())
+            if st["phase"] == "migrating" and examined and copied:
+                return apply
+            if time.monotonic() > deadline or apply.poll() is not None:
+                apply.kill()
+                raise AssertionError(f"the copy step did not start: {st}")
+            time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.crs("status", "--json").stdout)
@@ -354,17 +367,8 @@ def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
     shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
     stack.crs("add", "shard-3", "--address", shard3.url)
     with LookupLoad(stack) as load:
-        # Slow enough to be caught in the middle of the copy.
-        apply = stack.crs_background("apply", "--rate", "150", "--batch", "20")
+        apply = stack.slow_apply_in_copy()
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                st = stack.status()
-                copied = sum(p["moved"] for p in st["progress"].get("copy", {}).values())
-                if st["phase"] == "migrating" and copied > 0:
-                    break
-                assert time.monotonic() < deadline, st
-                time.sleep(0.1)
             out = stack.crs("abort").stdout
             apply_out, _ = apply.communicate(timeout=30)
         finally:
@@ -386,16 +390,8 @@ def test_an_interrupted_apply_resumes_where_it_stopped(stack: ReshardStack) -> N
     shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
     stack.crs("add", "shard-3", "--address", shard3.url)
     with LookupLoad(stack) as load:
-        apply = stack.crs_background("apply", "--rate", "150", "--batch", "20")
+        apply = stack.slow_apply_in_copy()
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                st = stack.status()
-                examined = sum(p["scanned"] for p in st["progress"].get("copy", {}).values())
-                if st["phase"] == "migrating" and examined > 0:
-                    break
-                assert time.monotonic() < deadline, st
-                time.sleep(0.1)
             apply.send_signal(signal.SIGINT)          # Ctrl-C
             first, _ = apply.communicate(timeout=30)
         finally:
