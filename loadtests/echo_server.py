@@ -1,0 +1,84 @@
+"""The ceiling: a bare grpc.aio unary server on uvloop that answers every call with canned bytes.
+
+It registers the same method path as the node (/crs.v1.LookupService/ResolveCard) and answers with
+the serialized Resolution the node returns for a demo card, so the load generator runs the very same
+client code against it and the response has exactly the size of a real answer. It does nothing else:
+no parsing, no validation, no HMAC, no cache, no metrics. Whatever the node costs above this is the
+price of the service itself.
+
+    python -m loadtests.echo_server --port 50099 --payload FILE
+
+Prints ``READY <port>`` on stdout once it is serving; SIGTERM/SIGINT stop it, and so does its parent
+process going away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import uvloop
+
+from server import rpc
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+ECHO_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["ResolveCard"]
+
+
+async def serve(port: int, payload: bytes) -> None:
+    async def resolve(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return payload
+
+    # Identity (de)serializers, as the node uses: bytes in, bytes out.
+    handler = grpc.method_handlers_generic_handler(
+        ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(resolve)})
+    # The node's server options (server/app.py), so both sides of the comparison are configured alike.
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if not bound:
+        raise SystemExit(f"echo server: cannot bind 127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    parent = os.getppid()
+
+    def check_parent() -> None:
+        # The benchmark stops us; if it died without doing so, stop by ourselves.
+        if os.getppid() != parent:
+            stop.set()
+        else:
+            loop.call_later(0.5, check_parent)
+
+    check_parent()
+    print(f"READY {bound}", flush=True)
+    await stop.wait()
+    await server.stop(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.echo_server",
+                                     description="Bare grpc.aio unary server answering canned bytes (the "
+                                                 "benchmark's ceiling).")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--payload", type=Path, required=True,
+                        help="file whose bytes are the answer to every call (a serialized Resolution)")
+    args = parser.parse_args(argv)
+    uvloop.run(serve(args.port, args.payload.read_bytes()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,459 @@
+"""The load generator of one benchmark phase: a separate process, pinned to the client core.
+
+    python -m loadtests.loadgen < spec.json > result.json
+
+The spec (JSON on stdin, written by loadtests/benchmark.py) says what to call and how hard; the
+process warms up, measures a window, then measures latency with one call in flight, and prints one
+JSON object. It samples the CPU time of the server processes itself, exactly at the window's edges,
+so the server CPU-seconds and the work counted cover the same interval.
+
+Kinds: ``unary`` (ResolveCard, or the echo server, which answers the same path), ``batch``
+(BatchResolve), ``stream`` (StreamResolve over open bidi streams), ``asyncpg`` (direct PostgreSQL
+queries). Unary calls send pre-serialized requests and do not parse the answers (the first answer
+is parsed and checked before the phase starts): the client core needs the headroom to keep the
+server core busy. Batch and stream answers are parsed, to count per-key errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from loadtests import procs
+
+CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
+RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
+BATCH_RESOLVE = "/crs.v1.LookupService/BatchResolve"
+STREAM_RESOLVE = "/crs.v1.LookupService/StreamResolve"
+CARD_ROW_SQL = ("SELECT token, bin, last4, pan_length, status, expiry, account_id, version FROM cards"
+                " WHERE fingerprint_version = $1 AND pan_fingerprint = $2")
+
+
+def scrape_tiers(url: str | None) -> dict[str, float]:
+    """crs_lookups_total by tier from a node's /metrics (empty when there is none)."""
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith('crs_lookups_total{tier="'):
+            labels, _, value = line.rpartition(" ")
+            out[labels.split('"')[1]] = float(value)
+    return out
+
+
+def samples(latencies: list[float]) -> list[float]:
+    """Latency samples for the JSON result (microsecond resolution keeps it small)."""
+    return [round(x, 6) for x in latencies]
+
+
+class Window:
+    """State shared by the workers, and the measured window's edges (CPU, metrics, time)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.server_roots: list[int] = spec.get("server_pids", [])
+        self.backend_roots: list[int] = spec.get("backend_pids", [])
+        self.server_cpus: set[int] = set(spec.get("server_cpus") or [])
+        self.metrics_url: str | None = spec.get("metrics_url")
+        self.measuring = False
+        self.stop = False
+        self.items = 0
+        self.calls = 0
+        self.errors = 0
+        self.error_sample = ""
+        self.latencies: list[float] = []
+        self.next_key = itertools.count()
+
+    def pin_servers(self) -> None:
+        if self.server_cpus:
+            procs.pin(self.server_roots + self.backend_roots, self.server_cpus)
+
+    def begin(self) -> None:
+        self.pin_servers()   # PostgreSQL backends may have been forked during the warm-up
+        self._tiers0 = scrape_tiers(self.metrics_url)
+        self._srv0 = procs.cpu_snapshot(self.server_roots)
+        self._bk0 = procs.cpu_snapshot(self.backend_roots)
+        self._cl0 = time.process_time()
+        self.items = self.calls = self.errors = 0
+        self.latencies = []
+        self._t0 = time.perf_counter()
+        self.measuring = True
+
+    def end(self, collect: Callable[[], None] | None = None) -> dict[str, Any]:
+        self.measuring = False
+        t1 = time.perf_counter()
+        if collect is not None:
+            collect()
+        items, calls, errors = self.items, self.calls, self.errors
+        cl1 = time.process_time()
+        srv1 = procs.cpu_snapshot(self.server_roots)
+        bk1 = procs.cpu_snapshot(self.backend_roots)
+        tiers1 = scrape_tiers(self.metrics_url)
+        return {
+            "items": items, "calls": calls, "errors": errors,
+            "wall_s": t1 - self._t0,
+            "server_cpu_s": procs.cpu_delta(self._srv0, srv1),
+            "backend_cpu_s": procs.cpu_delta(self._bk0, bk1),
+            "client_cpu_s": cl1 - self._cl0,
+            "latency_s": samples(self.latencies),
+            "tiers": {k: int(v - self._tiers0.get(k, 0.0)) for k, v in tiers1.items()
+                      if v - self._tiers0.get(k, 0.0) > 0},
+        }
+
+    def failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if not self.error_sample:
+            code = getattr(exc, "code", None)
+            self.error_sample = f"{code().name}: {exc.details()}" if callable(code) else repr(exc)  # type: ignore[attr-defined]
+
+
+async def _drive(window: Window, spec: dict[str, Any], start_workers: Callable[[], list[asyncio.Task[None]]],
+                 idle: Callable[[float], Any]) -> dict[str, Any]:
+    window.pin_servers()
+    tasks = start_workers()
+    try:
+        await asyncio.sleep(spec["warmup"])
+        window.begin()
+        await asyncio.sleep(spec["seconds"])
+        result = window.end()
+    finally:
+        window.stop = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result["idle_latency_s"] = samples(await idle(spec["idle_seconds"]))
+    result["error_sample"] = window.error_sample
+    return result
+
+
+# -- gRPC, asyncio ---------------------------------------------------------------------------------
+def _channels(grpc: Any, spec: dict[str, Any]) -> list[Any]:
+    return [grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) for _ in range(spec["channels"])]
+
+
+async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    from server.demo import demo_pan
+    from server.proto import crs_pb2 as pb
+
+    reqs = [pb.ResolveCardRequest(pan=demo_pan(i)).SerializeToString() for i in spec["keys"]]
+    n = len(reqs)
+    channels = _channels(grpc, spec)
+    calls = [ch.unary_unary(RESOLVE_CARD) for ch in channels]
+    pb.Resolution.FromString(await calls[0](reqs[0], timeout=10))   # a real answer, or fail loudly
+    w = Window(spec)
+
+    async def worker(i: int) -> None:
+        call = calls[i % len(calls)]
+        perf = time.perf_counter
+        while not w.stop:
+            req = reqs[next(w.next_key) % n]
+            t = perf()
+            try:
+                await call(req)
+            except grpc.aio.AioRpcError as exc:
+                if w.measuring:
+                    w.failed(exc)
+                continue
+            if w.measuring:
+                w.latencies.append(perf() - t)
+                w.items += 1
+                w.calls += 1
+
+    async def idle(seconds: float) -> list[float]:
+        out: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(out) < 20:
+            t = time.perf_counter()
+            await calls[0](reqs[len(out) % n])
+            out.append(time.perf_counter() - t)
+        return out
+
+    try:
+        return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])],
+                            idle)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    from server.demo import demo_pan
+    from server.proto import crs_pb2 as pb
+
+    keys, size = spec["keys"], spec["batch_size"]
+    reqs = []
+    for b in range(max(1, len(keys) // size) * 2):   # several different batches over the key set
+        batch = [keys[(b * size + k) % len(keys)] for k in range(size)]
+        reqs.append(pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i), correlation_id=str(i))
+                                                 for i in batch]).SerializeToString())
+    channels = _channels(grpc, spec)
+    calls = [ch.unary_unary(BATCH_RESOLVE, response_deserializer=pb.BatchResolveResponse.FromString)
+             for ch in channels]
+    w = Window(spec)
+
+    async def worker(i: int) -> None:
+        call = calls[i % len(calls)]
+        perf = time.perf_counter
+        while not w.stop:
+            req = reqs[next(w.next_key) % len(reqs)]
+            t = perf()
+            try:
+                resp = await call(req)
+            except grpc.aio.AioRpcError as exc:
+                if w.measuring:
+                    w.failed(exc)
+                continue
+            if w.measuring:
+                w.latencies.append(perf() - t)
+                bad = sum(1 for r in resp.results if r.code)
+                w.calls += 1
+                w.items += len(resp.results) - bad
+                if bad:
+                    w.errors += bad
+                    w.error_sample = w.error_sample or next(r.message for r in resp.results if r.code)
+
+    async def idle(seconds: float) -> list[float]:
+        out: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(out) < 20:
+            t = time.perf_counter()
+            await calls[0](reqs[len(out) % len(reqs)])
+            out.append(time.perf_counter() - t)
+        return out
+
+    try:
+        return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])],
+                            idle)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def stream_aio(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    from server.demo import demo_pan
+    from server.proto import crs_pb2 as pb
+
+    # correlation_id = the key's index. Each stream walks the keys in order from its own offset, so its
+    # outstanding requests (at most `window` consecutive keys, window <= keys) have distinct ids and
+    # answers may come back in any order.
+    reqs = [(str(i), pb.LookupKey(pan=demo_pan(i), correlation_id=str(i)).SerializeToString()) for i in spec["keys"]]
+    n = len(reqs)
+    channels = _channels(grpc, spec)
+    methods = [ch.stream_stream(STREAM_RESOLVE, response_deserializer=pb.LookupResult.FromString) for ch in channels]
+    w = Window(spec)
+
+    async def one_stream(i: int, window: int, record: Callable[[float, Any], None],
+                         stop: Callable[[], bool]) -> None:
+        """Keep `window` requests outstanding on one stream until stop()."""
+        call = methods[i % len(methods)]()
+        sent: dict[str, float] = {}
+        slots = asyncio.Semaphore(window)
+
+        async def writer() -> None:
+            j = i * (n // max(1, spec["streams"]))
+            while True:
+                await slots.acquire()
+                if stop():
+                    break
+                cid, req = reqs[j % n]
+                j += 1
+                sent[cid] = time.perf_counter()
+                await call.write(req)
+            await call.done_writing()
+
+        async def reader() -> None:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                record(time.perf_counter() - sent.pop(msg.correlation_id), msg)
+                slots.release()
+
+        await asyncio.gather(writer(), reader())
+
+    def record(latency: float, msg: Any) -> None:
+        if not w.measuring:
+            return
+        w.calls += 1
+        if msg.code:
+            w.errors += 1
+            w.error_sample = w.error_sample or msg.message
+        else:
+            w.items += 1
+            w.latencies.append(latency)
+
+    async def guarded(i: int) -> None:
+        try:
+            await one_stream(i, spec["window"], record, lambda: w.stop)
+        except grpc.aio.AioRpcError as exc:
+            w.failed(exc)
+
+    async def idle(seconds: float) -> list[float]:
+        out: list[float] = []
+        deadline = time.perf_counter() + seconds
+        await one_stream(0, 1, lambda lat, msg: out.append(lat),
+                         lambda: time.perf_counter() >= deadline and len(out) >= 20)
+        return out
+
+    try:
+        return await _drive(w, spec, lambda: [asyncio.create_task(guarded(i)) for i in range(spec["streams"])], idle)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+# -- gRPC, sync threads ----------------------------------------------------------------------------
+def unary_threads(spec: dict[str, Any]) -> dict[str, Any]:
+    import grpc
+
+    from server.demo import demo_pan
+    from server.proto import crs_pb2 as pb
+
+    reqs = [pb.ResolveCardRequest(pan=demo_pan(i)).SerializeToString() for i in spec["keys"]]
+    n = len(reqs)
+    channels = [grpc.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) for _ in range(spec["channels"])]
+    calls = [ch.unary_unary(RESOLVE_CARD) for ch in channels]
+    pb.Resolution.FromString(calls[0](reqs[0], timeout=10))
+    w = Window(spec)
+    conc = spec["concurrency"]
+    counts = [0] * conc                       # each thread writes only its own slot: no lock
+    lats: list[list[float]] = [[] for _ in range(conc)]
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        call = calls[i % len(calls)]
+        perf = time.perf_counter
+        mine = lats[i]
+        while not w.stop:
+            req = reqs[next(w.next_key) % n]
+            t = perf()
+            try:
+                call(req)
+            except grpc.RpcError as exc:
+                if w.measuring:
+                    with lock:
+                        w.failed(exc)
+                continue
+            if w.measuring:
+                mine.append(perf() - t)
+                counts[i] += 1
+
+    def collect() -> None:
+        w.items = w.calls = sum(counts)
+        w.latencies = [x for lat in lats for x in lat]
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(conc)]
+    w.pin_servers()
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(spec["warmup"])
+        w.begin()
+        time.sleep(spec["seconds"])
+        result = w.end(collect)
+    finally:
+        w.stop = True
+        for th in threads:
+            th.join()
+    out: list[float] = []
+    deadline = time.perf_counter() + spec["idle_seconds"]
+    while time.perf_counter() < deadline or len(out) < 20:
+        t = time.perf_counter()
+        calls[0](reqs[len(out) % n])
+        out.append(time.perf_counter() - t)
+    result["idle_latency_s"] = samples(out)
+    result["error_sample"] = w.error_sample
+    for ch in channels:
+        ch.close()
+    return result
+
+
+# -- asyncpg ---------------------------------------------------------------------------------------
+async def direct_asyncpg(spec: dict[str, Any]) -> dict[str, Any]:
+    import asyncpg
+
+    version = spec["fingerprint_version"]
+    fps = [bytes.fromhex(h) for h in spec["fingerprints"]]
+    n = len(fps)
+    conns = [await asyncpg.connect(spec["dsn"]) for _ in range(spec["concurrency"])]
+    stmts = [await c.prepare(spec.get("sql") or CARD_ROW_SQL) for c in conns]
+    if await stmts[0].fetchrow(version, fps[0]) is None:
+        raise SystemExit("asyncpg phase: the first card row is missing")
+    w = Window(spec)
+
+    async def worker(i: int) -> None:
+        stmt = stmts[i]
+        perf = time.perf_counter
+        while not w.stop:
+            fp = fps[next(w.next_key) % n]
+            t = perf()
+            try:
+                row = await stmt.fetchrow(version, fp)
+            except (asyncpg.PostgresError, OSError) as exc:
+                if w.measuring:
+                    w.failed(exc)
+                continue
+            if w.measuring:
+                w.calls += 1
+                if row is None:
+                    w.errors += 1
+                    w.error_sample = w.error_sample or "card row not found"
+                else:
+                    w.items += 1
+                    w.latencies.append(perf() - t)
+
+    async def idle(seconds: float) -> list[float]:
+        out: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(out) < 20:
+            t = time.perf_counter()
+            await stmts[0].fetchrow(version, fps[len(out) % n])
+            out.append(time.perf_counter() - t)
+        return out
+
+    try:
+        return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(len(stmts))], idle)
+    finally:
+        for c in conns:
+            await c.close()
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    import uvloop
+
+    kind = spec["kind"]
+    if kind == "unary" and spec.get("client") == "threads":
+        return unary_threads(spec)
+    runners = {"unary": unary_aio, "batch": batch_aio, "stream": stream_aio, "asyncpg": direct_asyncpg}
+    if kind not in runners:
+        raise SystemExit(f"loadgen: unknown kind {kind!r}")
+    return uvloop.run(runners[kind](spec))
+
+
+def main() -> int:
+    spec = json.load(sys.stdin)
+    if spec.get("client_cpus"):
+        procs.pin_self(set(spec["client_cpus"]))   # before grpc starts any thread: they inherit it
+    result = run(spec)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
