@@ -1,0 +1,750 @@
+"""`python -m loadtests.sweep`: the scaling sweep — throughput and CPU cost per lookup vs node processes.
+
+Run with --help for the manual; docs/loadtests.md explains the method and how to read the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loadtests.keys import SCENARIOS, DataSet, format_mix, parse_mix
+from loadtests.latency import Timeline, coefficient_of_variation
+from loadtests.sweep_report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
+
+REPO = Path(__file__).resolve().parents[1]
+LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
+DEFAULT_OUT = REPO / "docs" / "benchmarks" / "sweep"
+
+DESCRIPTION = """\
+For each node count (and Redis shard count), start the service with that many node processes
+(`crs serve --workers N` on the embedded stack: PostgreSQL + Redis shards + demo data), drive it with
+locust workers (master + one worker per load core), and measure in a window after spawning and
+warm-up: lookups/s, p50/p95/p99 per call, error rate, and CPU-seconds per 1,000 lookups of the
+node processes, of Redis and of PostgreSQL (from /proc via psutil). Then write a report: sweep.csv,
+sweep.json, throughput.png (throughput vs nodes with the ideal line; matplotlib) and README.md
+with the scaling efficiency throughput(n) / (n x throughput(1)).
+
+Before the scaling runs, each scenario in --calibrate runs alone on the smallest configuration and a
+light-load run measures service latency: `crs capacity` reads those per-scenario costs.
+
+CPU layout. With enough cores (nodes + Redis/PostgreSQL cores + at least one load core) every role
+gets its own cores: nodes on the first N, Redis and PostgreSQL on the next, one locust worker per
+remaining core ("dedicated"). With fewer cores the service side shares the first half of the cores
+and the load generator the rest ("shared"): wall throughput then cannot grow with nodes, and the
+per-lookup CPU cost is what shows whether scaling is linear (constant within +-10%).
+"""
+
+EPILOG = """\
+Examples:
+  python -m loadtests.sweep --nodes 1,2 --seconds 8                      # a 2-core machine, ~4 min
+  python -m loadtests.sweep --nodes 1,2,4,8 --shards 1,1,2,2 --customers 100000 \\
+      --machine-name "16-core c7i.4xlarge"                                  # a 16-core machine
+  python -m loadtests.sweep --nodes 1,2 --calibrate none --no-light --out /tmp/sweep
+
+Linux only (/proc, sched_setaffinity). Every server listens on 127.0.0.1; every run stops by itself
+(locust --run-time bounds it even if this process dies). Exit status: 0 done, 1 a run failed or
+answered unexpected statuses, 2 bad usage, 3 the environment did not start.
+"""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, not {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, not {text!r}")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m loadtests.sweep", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to sweep")
+    g.add_argument("--nodes", type=_int_list, default=None,
+                   help="node process counts, e.g. 1,2,4,8 (default: 1,2,4,8 with >= 16 cores, else 1,2)")
+    g.add_argument("--shards", type=_int_list, default=[2],
+                   help="Redis shards: one count for every size, or one per --nodes entry (default 2)")
+    g.add_argument("--node-mode", choices=("workers", "processes"), default="workers",
+                   help="N nodes = one `crs serve --workers N` (workers; default, how a pod runs) or N separate "
+                        "`crs serve --workers 1` on one port (processes; like N single-core pods)")
+    g.add_argument("--mix", default="retail",
+                   help=f"scenario mix of the scaling runs, as locust's --crs-mix (default retail; "
+                        f"scenarios: {', '.join(SCENARIOS)})")
+    g.add_argument("--calibrate", default=",".join(SCENARIOS),
+                   help="scenarios run alone on the smallest configuration for the capacity model "
+                        "('none' to skip; default all)")
+    g.add_argument("--no-light", action="store_true", help="skip the light-load latency run")
+    g.add_argument("--customers", type=int, default=10_000,
+                   help="demo customers: x2 cards, x1.5 accounts; warming resolves all of their ~6.5 keys each "
+                        "(default 10000)")
+    g.add_argument("--skew", type=float, default=0.99, help="Zipf exponent of key popularity (default 0.99)")
+    g.add_argument("--unknown", type=float, default=0.02, help="share of unknown keys (default 0.02)")
+    g.add_argument("--malformed", type=float, default=0.01, help="share of malformed keys (default 0.01)")
+    g = p.add_argument_group("load and timing")
+    g.add_argument("--seconds", type=float, default=10.0, help="measured window per run (default 10)")
+    g.add_argument("--warmup", type=float, default=4.0, help="seconds after all users spawned, not measured "
+                                                             "(default 4)")
+    g.add_argument("--per-node-rate", type=float, default=0.0,
+                   help="offer this many calls/s per node (n nodes get n x this, paced evenly over the users) "
+                        "instead of a closed loop as fast as the users can go; the way to compare sizes on a "
+                        "machine whose load generator cannot saturate the biggest one (default 0 = closed loop)")
+    g.add_argument("--locust-workers", type=int, default=0,
+                   help="locust worker processes (default 0 = one per load core)")
+    g.add_argument("--users-per-worker", type=int, default=32,
+                   help="simulated users per locust worker, each with its own connection (default 32)")
+    g.add_argument("--light-users", type=int, default=2, help="users of the light-load run (default 2)")
+    g.add_argument("--light-rate", type=float, default=50.0,
+                   help="calls/s per user in the light-load run (default 50)")
+    g.add_argument("--cold", action="store_true",
+                   help="flush Redis before each run instead of resolving every demo key once at the start "
+                        "(default: warm, the steady state of a service whose hot set fits in Redis)")
+    g.add_argument("--cache-ttl", type=float, default=3600.0,
+                   help="CRS_CACHE_TTL of the sweep's nodes, long enough that the warmed Redis stays warm for "
+                        "the whole sweep (default 3600)")
+    g.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    g.add_argument("--pg-binaries", default="auto", choices=("auto", "system", "pgserver"))
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="report directory (default docs/benchmarks/sweep)")
+    g.add_argument("--machine-name", default="",
+                   help="how the report names this machine (default: hostname, cores and CPU model)")
+    g.add_argument("--artifacts", type=Path, default=None,
+                   help="keep each run's locust CSV/HTML/logs here (default: a temporary directory, removed)")
+    g.add_argument("--rerender", action="store_true",
+                   help="run nothing: rewrite README.md, sweep.csv and throughput.png in --out from its sweep.json")
+    g.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.nodes is None:
+        args.nodes = [1, 2, 4, 8] if cores >= 16 else [1, 2]
+    if len(args.shards) == 1:
+        args.shards = args.shards * len(args.nodes)
+    if len(args.shards) != len(args.nodes):
+        p.error(f"--shards: give one count or {len(args.nodes)} (one per --nodes entry), not {len(args.shards)}")
+    try:
+        parse_mix(args.mix)
+        args.calibrate_list = [] if args.calibrate.strip() == "none" else list(parse_mix(args.calibrate))
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.seconds <= 0 or args.warmup < 0:
+        p.error("--seconds must be > 0 and --warmup >= 0")
+    for name in ("customers", "users_per_worker", "light_users"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.locust_workers < 0:
+        p.error("--locust-workers must be >= 0")
+    return args
+
+
+def calibration_users(scenario: str, users_per_worker: int) -> int:
+    """Fewer users for the many-key scenarios: a BatchResolve of up to 500 keys or a stream with 16
+    keys outstanding is already dozens of lookups in flight per user; 32 such users queue for
+    seconds and time out instead of measuring cost."""
+    divisor = {"batch": 8, "stream": 4}.get(scenario, 1)
+    return max(2, users_per_worker // divisor)
+
+
+# -- CPU layout (pure) --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    mode: str                       # dedicated, shared, off
+    nodes: tuple[int, ...]          # cores of the node processes (empty = unpinned)
+    backends: tuple[int, ...]       # Redis + PostgreSQL
+    locust: tuple[int, ...]         # one locust worker per core
+    workers: int                    # locust worker processes
+
+    def describe(self) -> str:
+        if self.mode == "off":
+            return f"not pinned; {self.workers} locust worker(s)"
+
+        def span(cpus: tuple[int, ...]) -> str:
+            return ",".join(str(c) for c in cpus)
+
+        if self.mode == "shared":
+            return (f"shared: nodes + Redis + PostgreSQL on CPU {span(self.nodes)}, {self.workers} locust worker(s) "
+                    f"on CPU {span(self.locust)}")
+        return (f"dedicated: nodes on CPU {span(self.nodes)}, Redis + PostgreSQL on CPU {span(self.backends)}, "
+                f"{self.workers} locust worker(s) on CPU {span(self.locust)}")
+
+
+def backend_cores(shards: int) -> int:
+    """Cores for Redis + PostgreSQL: one per two shards (Redis is single-threaded and, behind a
+    near-cache, far less busy than a node), at least one."""
+    return max(1, math.ceil(shards / 2))
+
+
+def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: int = 0, pin: bool = True) -> Layout:
+    cpus = tuple(sorted(cpus))
+    if not pin or len(cpus) < 2:
+        return Layout("off", (), (), (), locust_workers or 1)
+    need = nodes + backend_cores(shards)
+    if len(cpus) >= need + 1:
+        load = cpus[need:]
+        workers = min(locust_workers, len(load)) if locust_workers else len(load)
+        return Layout("dedicated", cpus[:nodes], cpus[nodes:need], load, workers)
+    half = max(1, len(cpus) // 2)
+    load = cpus[half:]
+    workers = locust_workers or len(load)
+    return Layout("shared", cpus[:half], cpus[:half], load, workers)
+
+
+# -- processes: CPU time and pinning (psutil + /proc). Never import locust here: it patches gevent in.
+def tree(roots: Iterable[int]) -> list[int]:
+    import psutil
+
+    out: list[int] = []
+    for root in roots:
+        try:
+            proc = psutil.Process(root)
+            out.append(proc.pid)
+            out.extend(c.pid for c in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return out
+
+
+def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
+    import psutil
+
+    snap: dict[int, float] = {}
+    for pid in tree(roots):
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        snap[pid] = t.user + t.system
+    return snap
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU-seconds between two snapshots; a process new in `after` counts from zero."""
+    return sum(max(0.0, secs - before.get(pid, 0.0)) for pid, secs in after.items())
+
+
+def pin(roots: Iterable[int], cpus: Iterable[int]) -> int:
+    """Pin every thread of every process under `roots` (threads created later inherit it)."""
+    wanted = set(cpus)
+    if not wanted:
+        return 0
+    done = 0
+    for pid in tree(roots):
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, wanted)
+                done += 1
+            except OSError:
+                pass
+    return done
+
+
+def scrape_tiers(urls: Iterable[str]) -> dict[str, float]:
+    """crs_lookups_total by tier, summed over the nodes' /metrics pages."""
+    out: dict[str, float] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=3) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith('crs_lookups_total{tier="'):
+                labels, _, value = line.rpartition(" ")
+                tier = labels.split('"')[1]
+                out[tier] = out.get(tier, 0.0) + float(value)
+    return out
+
+
+# -- one locust run ---------------------------------------------------------------------------------------
+@dataclass
+class LoadSpec:
+    label: str
+    mix: str
+    users_per_worker: int
+    workers: int
+    user_rate: float = 0.0
+
+
+class LocustRun:
+    """locust master + workers, pinned, recording timelines; stopped with SIGTERM after the window."""
+
+    def __init__(self, spec: LoadSpec, *, host: str, customers: int, args: argparse.Namespace, layout: Layout,
+                 workdir: Path, max_seconds: float) -> None:
+        from server.embedded import free_port
+
+        self.spec, self.workdir = spec, workdir
+        self.record = workdir / "timelines"
+        self.record.mkdir(parents=True, exist_ok=True)
+        self.spawned = threading.Event()
+        self.failed_start = ""
+        self.procs: list[subprocess.Popen[bytes]] = []
+        port = free_port()
+        users = spec.users_per_worker * spec.workers
+        common = ["-f", str(LOCUSTFILE), "--crs-mix", spec.mix, "--crs-customers", str(customers),
+                  "--crs-skew", str(args.skew), "--crs-unknown", str(args.unknown), "--crs-malformed",
+                  str(args.malformed), "--crs-record", str(self.record), "--crs-user-rate", str(spec.user_rate)]
+        master = [sys.executable, "-m", "locust", *common, "--master", "--headless", "--master-bind-host",
+                  "127.0.0.1", "--master-bind-port", str(port), "--expect-workers", str(spec.workers),
+                  "-u", str(users), "-r", str(users), "-t", f"{math.ceil(max_seconds)}s", "--host", host,
+                  "--csv", str(workdir / "locust"), "--html", str(workdir / "locust.html"), "--only-summary",
+                  "--loglevel", "INFO", "--stop-timeout", "5"]
+        load_cpus = layout.locust
+        self.master_log = (workdir / "master.log").open("wb")
+        self.procs.append(self._spawn(master, set(load_cpus), stderr=subprocess.PIPE))
+        for i in range(spec.workers):
+            worker = [sys.executable, "-m", "locust", *common, "--worker", "--master-host", "127.0.0.1",
+                      "--master-port", str(port), "--loglevel", "WARNING"]
+            cpus = {load_cpus[i % len(load_cpus)]} if load_cpus else set()
+            log = (workdir / f"worker-{i}.log").open("wb")
+            self.procs.append(self._spawn(worker, cpus, stdout=log, stderr=subprocess.STDOUT))
+            log.close()
+        threading.Thread(target=self._watch_master, daemon=True).start()
+
+    def _spawn(self, argv: list[str], cpus: set[int], **kwargs: Any) -> subprocess.Popen[bytes]:
+        def preexec() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        return subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, preexec_fn=preexec,
+                                start_new_session=True, **kwargs)
+
+    def _watch_master(self) -> None:
+        stream = self.procs[0].stderr
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            self.master_log.write(raw)
+            self.master_log.flush()
+            if b"All users spawned" in raw:
+                self.spawned.set()
+        self.failed_start = self.failed_start or "locust master exited"
+        self.spawned.set()
+
+    def wait_spawned(self, timeout: float) -> float:
+        if not self.spawned.wait(timeout) or self.procs[0].poll() is not None:
+            raise RuntimeError(f"locust did not spawn its users within {timeout:.0f}s (see {self.workdir})")
+        return time.time()
+
+    def stop(self) -> None:
+        master = self.procs[0]
+        if master.poll() is None:
+            master.send_signal(signal.SIGTERM)   # headless master: stop, tell workers to quit, write reports
+        deadline = time.monotonic() + 30
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait()
+        self.master_log.close()
+
+    def timeline(self) -> Timeline:
+        out = Timeline()
+        for path in sorted(self.record.glob("timeline-*.json")):
+            out.merge(Timeline.from_json(json.loads(path.read_text())))
+        return out
+
+
+# -- the stack --------------------------------------------------------------------------------------------
+class Stack:
+    """One DevEnvironment (PostgreSQL + the most shards any configuration needs); nodes per configuration."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from server.dev import DevEnvironment
+
+        self.env = DevEnvironment(shards=max(args.shards), customers=args.customers, pg_binaries=args.pg_binaries)
+        self.nodes: list[Any] = []
+        self.cache_ttl = float(args.cache_ttl)
+
+    def start(self, quiet: Any) -> None:
+        self.env.start(out=quiet)
+        self.empty_memory = {r.url: self._used_memory(r.url) for r in self.redis}
+
+    @staticmethod
+    def _used_memory(url: str) -> int:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            return int(client.info("memory")["used_memory"])
+        finally:
+            client.close()
+
+    def warm(self, customers: int, seed: int = 1, batch: int = 25) -> float:
+        """Resolve every key of the demo data set once (BatchResolve), so Redis holds them all: the runs
+        then measure a warm service (steady state) rather than its first minutes. Returns seconds."""
+        import grpc
+
+        from loadtests.keys import DataSet
+        from server import rpc
+        from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
+        from server.proto import crs_pb2 as pb
+
+        data = DataSet(customers, seed)
+        keys: list[pb.LookupKey] = []
+        keys += [pb.LookupKey(pan=demo_pan(i)) for i in range(data.cards)]
+        keys += [pb.LookupKey(card_token=demo_token(seed, i)) for i in range(data.cards)]
+        keys += [pb.LookupKey(account=pb.AccountKey(routing_number=demo_routing(i),
+                                                    account_number=demo_account_number(i)))
+                 for i in range(data.accounts)]
+        keys += [pb.LookupKey(customer_id=demo_customer_id(i)) for i in range(data.customers)]
+        started = time.monotonic()
+        retry: list[pb.LookupKey] = []
+        with grpc.insecure_channel(self.address) as channel:
+            stub = rpc.stub(channel, "LookupService")
+
+            def call(chunk: list[pb.LookupKey]) -> list[pb.LookupKey]:
+                """Resolve a chunk; the keys that did not answer OK (a miss that timed out under load)."""
+                try:
+                    reply = stub.BatchResolve(pb.BatchResolveRequest(keys=chunk), timeout=120)
+                except grpc.RpcError:
+                    return chunk
+                return [k for k, r in zip(chunk, reply.results, strict=True) if r.code != 0]
+
+            # One small batch at a time. Each key of a batch that misses Redis runs its own GET (and SET)
+            # at once; more of them than CRS_REDIS_POOL_SIZE (32) wait for a connection, and a wait
+            # longer than CRS_REDIS_TIMEOUT (0.25 s) on a busy core is a shard error: three in a row and
+            # the node marks the shard down, then flushes it when it comes back (docs/loadtests.md).
+            for i in range(0, len(keys), batch):
+                retry += call(keys[i:i + batch])
+            for i in range(0, len(retry), 50):   # a second, gentle pass
+                left = call(retry[i:i + 50])
+                if left:
+                    print(f"sweep: warning: {len(left)} demo key(s) did not resolve while warming",
+                          file=sys.stderr)
+        return time.monotonic() - started
+
+    @property
+    def redis(self) -> list[Any]:
+        assert self.env.stack is not None
+        return list(self.env.stack.redis)
+
+    def start_node(self, nodes: int, shards: int, mode: str = "workers") -> None:
+        """`workers`: one `crs serve --workers N` (how a pod runs it; with N = 1 there is no supervisor
+        process and metrics stay in-process, with N >= 2 prometheus_client runs in multiprocess mode).
+        `processes`: N separate `crs serve --workers 1` sharing one port (SO_REUSEPORT), like N
+        single-core pods: every size runs the same code path."""
+        from server.dev import start_node
+        from server.embedded import free_port
+
+        self.stop_node()
+        assert self.env.stack is not None
+        used = self.env.settings().redis_shards[:shards]
+        log_dir = Path(self.env.stack.base_dir) / "logs"
+        log_dir.mkdir(exist_ok=True)
+        port = free_port()
+        count, workers = (nodes, 1) if mode == "processes" else (1, nodes)
+        for i in range(count):
+            settings = dataclasses.replace(self.env.settings(grpc_port=port, workers=workers, metrics_port=free_port(),
+                                                             cache_ttl=self.cache_ttl), redis_shards=used)
+            node = start_node(settings, log_path=log_dir / f"node-{port}-{i}.log")
+            self.nodes.append(node)
+            self.env.nodes.append(node)
+
+    @property
+    def address(self) -> str:
+        return str(self.nodes[0].address)
+
+    @property
+    def node_pids(self) -> list[int]:
+        return [n.proc.pid for n in self.nodes]
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{n.settings.metrics_port}/metrics" for n in self.nodes]
+
+    def stop_node(self) -> None:
+        for node in self.nodes:
+            node.stop()
+            self.env.nodes.remove(node)
+        self.nodes = []
+
+    def used_redis(self, shards: int) -> list[Any]:
+        urls = [s.url for s in self.env.settings().redis_shards[:shards]]
+        return [r for r in self.redis if r.url in urls] or self.redis[:shards]
+
+    def flush_redis(self) -> None:
+        import redis
+
+        for r in self.redis:
+            client = redis.Redis.from_url(r.url)
+            try:
+                client.flushall()
+            finally:
+                client.close()
+
+    def redis_memory(self, shards: int) -> tuple[int, int]:
+        """(keys, bytes of used_memory above the empty server's) summed over the shards in use."""
+        import redis
+
+        keys = used = 0
+        for r in self.used_redis(shards):
+            client = redis.Redis.from_url(r.url)
+            try:
+                keys += int(client.dbsize())
+                used += int(client.info("memory")["used_memory"]) - self.empty_memory.get(r.url, 0)
+            finally:
+                client.close()
+        return keys, max(0, used)
+
+    def stop(self) -> None:
+        self.env.stop()
+
+
+# -- one measured run ---------------------------------------------------------------------------------------
+def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: Layout, args: argparse.Namespace,
+            workdir: Path, log: Callable[[str], None]) -> RunResult:
+    assert stack.nodes and stack.env.stack is not None
+    node_pids = stack.node_pids
+    redis_pids = [r.pid for r in stack.used_redis(shards) if r.pid]
+    pg_pids = [stack.env.stack.postgres.pid] if stack.env.stack.postgres.pid else []
+    metrics_urls = stack.metrics_urls
+
+    def pin_service() -> None:
+        if layout.mode != "off":
+            pin(node_pids, layout.nodes)
+            pin(redis_pids + pg_pids, layout.backends)
+
+    pin_service()
+    max_seconds = 90 + args.warmup + args.seconds
+    run = LocustRun(spec, host=stack.address, customers=args.customers, args=args, layout=layout, workdir=workdir,
+                    max_seconds=max_seconds)
+    try:
+        spawned_at = run.wait_spawned(60)
+        t0 = math.ceil(spawned_at + args.warmup)
+        t1 = t0 + math.ceil(args.seconds)
+        time.sleep(max(0.0, t0 - time.time()))
+        pin_service()   # PostgreSQL backends forked during the warm-up
+        n0, r0, p0 = cpu_snapshot(node_pids), cpu_snapshot(redis_pids), cpu_snapshot(pg_pids)
+        tiers0 = scrape_tiers(metrics_urls)
+        w0 = time.time()
+        time.sleep(max(0.0, t1 - time.time()))
+        w1 = time.time()
+        n1, r1, p1 = cpu_snapshot(node_pids), cpu_snapshot(redis_pids), cpu_snapshot(pg_pids)
+        tiers1 = scrape_tiers(metrics_urls)
+    finally:
+        run.stop()
+    keys, used_mem = stack.redis_memory(shards)
+    timeline = run.timeline()
+    window = timeline.window(t0, t1)
+    if abs((w1 - w0) - (t1 - t0)) > 0.5:
+        log(f"  warning: the CPU window was {w1 - w0:.2f}s for a {t1 - t0}s load window")
+    return RunResult(
+        label=spec.label, mix=spec.mix, nodes=nodes, shards=shards, node_cpus=len(layout.nodes),
+        locust_workers=spec.workers, users=spec.users_per_worker * spec.workers, wall_s=float(t1 - t0),
+        offered_calls_per_s=spec.user_rate * spec.users_per_worker * spec.workers,
+        lookups=window.lookups, calls=window.calls, failures=window.failures, expected_errors=window.expected_errors,
+        latency_ms=window.latency().summary(), node_cpu_s=cpu_delta(n0, n1), redis_cpu_s=cpu_delta(r0, r1),
+        pg_cpu_s=cpu_delta(p0, p1),
+        tiers={k: int(v - tiers0.get(k, 0.0)) for k, v in tiers1.items() if v - tiers0.get(k, 0.0) > 0},
+        per_second=timeline.per_second(t0, t1), redis_keys=keys, redis_bytes=used_mem,
+        failure_kinds=dict(window.failure_kinds))
+
+
+def machine_info(name: str, layouts: dict[str, str]) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    try:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+        cpu_model = models[0] if models else platform.processor() or "unknown"
+    except OSError:
+        cpu_model = platform.processor() or "unknown"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "name": name or f"{socket.gethostname()} ({cores} cores)",
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "cpu_model": cpu_model, "cores": cores, "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(), "grpcio": pkg("grpcio"), "locust": pkg("locust"),
+    }
+    for key, text in layouts.items():
+        info[f"layout ({key})"] = text
+    info["load average at the end (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        info["commit"] = head or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        info["commit"] = "unknown"
+    return info
+
+
+def _summary_line(r: RunResult) -> str:
+    lat = r.latency_ms
+    return (f"{r.throughput:,.0f} lookups/s ({r.calls_per_s:,.0f} calls/s), p50 {lat.get('p50', math.nan):.2f} "
+            f"p99 {lat.get('p99', math.nan):.2f} ms, node {r.node_cpu_per_1k:.3f} CPU-s/1k, "
+            f"node cores busy {r.node_cores_busy:.2f}, errors {r.failures}")
+
+
+def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any], config: dict[str, Any]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(to_json(results, machine, config), indent=2) + "\n")
+    (out / "sweep.csv").write_text(to_csv(results))
+    has_plot = plot(results, str(out / "throughput.png"))
+    (out / "README.md").write_text(markdown(results, machine, config, "throughput.png" if has_plot else None))
+    return f"wrote {out}/README.md, sweep.json, sweep.csv" + (", throughput.png" if has_plot else
+                                                              " (no plot: pip install matplotlib)")
+
+
+def rerender(out: Path) -> int:
+    from loadtests.sweep_report import runs_from_report
+
+    report = json.loads((out / "sweep.json").read_text())
+    print(write_report(out, runs_from_report(report), report["machine"], report["config"]))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rerender:
+        return rerender(args.out)
+    if not Path("/proc/self/stat").exists():
+        print("sweep: needs Linux (/proc)", file=sys.stderr)
+        return 2
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    from server.logs import configure_logging
+
+    configure_logging("WARNING")
+    cpus = sorted(os.sched_getaffinity(0))
+    configs = list(zip(args.nodes, args.shards, strict=True))
+    layouts = {f"{n} nodes, {s} shards": plan_layout(cpus, n, s, args.locust_workers, not args.no_pin)
+               for n, s in configs}
+    started = time.monotonic()
+    load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    artifacts = args.artifacts or Path(tempfile.mkdtemp(prefix="crs-sweep-"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    quiet = sys.stderr if args.verbose else open(os.devnull, "w")
+    stack = Stack(args)
+    results: list[RunResult] = []
+    problems: list[str] = []
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+
+    try:
+        log(f"sweep: starting PostgreSQL + {max(args.shards)} Redis shard(s), loading {args.customers:,} demo "
+            "customers ...")
+        try:
+            stack.start(quiet)
+        except Exception as exc:
+            print(f"sweep: the environment did not start: {exc}", file=sys.stderr)
+            return 3
+        plan: list[tuple[int, int, LoadSpec]] = []
+        n_first, s_first = min(configs)
+        first_layout = layouts[f"{n_first} nodes, {s_first} shards"]
+        for scenario in args.calibrate_list:
+            plan.append((n_first, s_first, LoadSpec(f"calibrate:{scenario}", scenario,
+                                                    calibration_users(scenario, args.users_per_worker),
+                                                    first_layout.workers)))
+        if not args.no_light:
+            plan.append((n_first, s_first, LoadSpec("light", format_mix(parse_mix(args.mix)), args.light_users, 1,
+                                                    user_rate=args.light_rate)))
+        for n, s in configs:
+            lay = layouts[f"{n} nodes, {s} shards"]
+            users = args.users_per_worker * lay.workers
+            rate = args.per_node_rate * n / users if args.per_node_rate > 0 else 0.0
+            plan.append((n, s, LoadSpec("sweep", format_mix(parse_mix(args.mix)), args.users_per_worker, lay.workers,
+                                        user_rate=rate)))
+        if args.per_node_rate <= 0 and any(lay.mode != "dedicated" for lay in layouts.values()):
+            log("sweep: note: the load generator shares this machine's cores; a closed loop gives every size "
+                "the same total load, so each node of a bigger size sees less traffic (and fewer near-cache "
+                "hits). --per-node-rate compares sizes at the same load per node.")
+        warmed = False
+        log(f"sweep: ready in {time.monotonic() - started:.0f}s; {len(plan)} runs of "
+            f"~{args.warmup + args.seconds + 6:.0f}s; artifacts in {artifacts}")
+        for i, (n, s, spec) in enumerate(plan, 1):
+            lay = layouts[f"{n} nodes, {s} shards"]
+            if args.cold:
+                stack.flush_redis()
+            stack.start_node(n, s, args.node_mode)   # fresh node processes (empty near-caches) every run
+            if not args.cold and not warmed:
+                log(f"sweep: warming Redis: resolving all {DataSet(args.customers).keys:,} demo keys once ...")
+                log(f"    done in {stack.warm(args.customers):.0f}s")
+                warmed = True
+            log(f"[{i}/{len(plan)}] {spec.label}: {n} node(s), {s} shard(s), mix {spec.mix}, "
+                f"{spec.users_per_worker * spec.workers} users on {spec.workers} locust worker(s) ...")
+            try:
+                res = measure(stack, spec, nodes=n, shards=s, layout=lay, args=args,
+                              workdir=artifacts / f"{i:02d}-{spec.label.replace(':', '-')}-{n}n{s}s", log=log)
+            except (RuntimeError, OSError) as exc:
+                problems.append(f"{spec.label} at {n} nodes: {exc}")
+                log(f"    FAILED: {exc}")
+                continue
+            results.append(res)
+            cv = coefficient_of_variation(res.per_second)
+            log(f"    {_summary_line(res)}; per-second CV {cv:.2f}")
+            if res.failures:
+                problems.append(f"{spec.label} at {n} nodes: {res.failures} unexpected status(es): {res.failure_kinds}")
+            if res.lookups == 0:
+                problems.append(f"{spec.label} at {n} nodes: no lookups in the window")
+    except KeyboardInterrupt:
+        print("\nsweep: interrupted; stopping everything", file=sys.stderr)
+        return 130
+    finally:
+        stack.stop()
+        if quiet is not sys.stderr:
+            quiet.close()
+
+    machine = machine_info(args.machine_name, {k: v.describe() for k, v in layouts.items()})
+    machine["load average at the start (1/5/15 min)"] = load_at_start
+    config = {"nodes": ",".join(map(str, args.nodes)), "node_mode": args.node_mode,
+              "shards": ",".join(map(str, args.shards)),
+              "mix": args.mix, "calibrate": ",".join(args.calibrate_list) or "none", "customers": args.customers,
+              "cards": args.customers * 2, "skew": args.skew, "unknown": args.unknown, "malformed": args.malformed,
+              "per_node_rate": args.per_node_rate or "closed loop",
+              "caches": ("cold (Redis flushed before each run)" if args.cold
+                         else f"warm (every demo key resolved once at the start; CRS_CACHE_TTL {args.cache_ttl:g}s)"),
+              "seconds": args.seconds, "warmup": args.warmup,
+              "users_per_worker": args.users_per_worker,
+              "light": "off" if args.no_light else f"{args.light_users} users x {args.light_rate:g} calls/s",
+              "total_seconds": round(time.monotonic() - started, 1)}
+    rows = scaling([r for r in results if r.label == "sweep"])
+    print()
+    for row in rows:
+        r = row.run
+        print(f"{r.nodes} node(s) {r.shards} shard(s): {_summary_line(r)}; efficiency {row.efficiency:.2f}; "
+              f"CPU/lookup {row.cpu_ratio:.2f}x of the smallest ({row.linear})")
+    print(f"verdict: {verdict(rows)}")
+    print(write_report(args.out, results, machine, config))
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Load-test report math: latency histograms, windows, sweep derivations and outputs, CPU layout."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import random
+
+import pytest
+
+from loadtests.latency import Histogram, Timeline, WindowStats, bucket_of, bucket_upper_ms, coefficient_of_variation
+from loadtests.sweep import calibration_users, plan_layout
+from loadtests.sweep_report import (
+    RunResult,
+    ideal_line,
+    markdown,
+    plot,
+    runs_from_report,
+    scaling,
+    to_csv,
+    to_json,
+    verdict,
+)
+
+
+# -- histograms --------------------------------------------------------------------------------------
+def test_buckets_are_one_percent_wide() -> None:
+    for ms in (0.0005, 0.002, 0.137, 1.0, 12.5, 999.0):
+        b = bucket_of(ms)
+        assert bucket_upper_ms(b - 1) < ms <= bucket_upper_ms(b) * (1 + 1e-9) or ms <= 0.001
+
+
+def test_percentiles_within_one_percent_of_exact() -> None:
+    rng = random.Random(9)
+    samples = [rng.lognormvariate(0, 1.2) for _ in range(20_000)]   # ms, a long-tailed latency shape
+    h = Histogram()
+    for s in samples:
+        h.add(s)
+    ordered = sorted(samples)
+    for q in (50, 95, 99, 99.9):
+        exact = ordered[math.ceil(q / 100 * len(ordered)) - 1]
+        assert exact <= h.percentile(q) <= exact * 1.0101, q
+    assert h.percentile(100) == pytest.approx(max(samples))
+    assert h.mean_ms == pytest.approx(sum(samples) / len(samples))
+    assert math.isnan(Histogram().percentile(50))
+    with pytest.raises(ValueError):
+        h.percentile(101)
+
+
+def test_histograms_merge_and_round_trip() -> None:
+    a, b, both = Histogram(), Histogram(), Histogram()
+    for i in range(1, 500):
+        (a if i % 2 else b).add(i / 10)
+        both.add(i / 10)
+    a.merge(b)
+    assert a.counts == both.counts and a.n == both.n and a.percentile(99) == both.percentile(99)
+    again = Histogram.from_json(json.loads(json.dumps(a.to_json())))
+    assert again.summary() == a.summary()
+
+
+def test_window_counts_and_timeline() -> None:
+    t = Timeline()
+    for second in range(100, 110):
+        for _ in range(10):
+            t.record(second + 0.5, "ResolveCard pan", 2.0, lookups=1, failed=False, expected_error=False)
+        t.record(second + 0.1, "ResolveCard pan [NOT_FOUND]", 3.0, lookups=1, failed=False, expected_error=True)
+        t.record(second + 0.2, "BatchResolve", 30.0, lookups=100, failed=False, expected_error=False)
+    t.record(105.3, "ResolveCard pan", 900.0, lookups=1, failed=True, expected_error=False,
+             failure_kind="UNAVAILABLE")
+    w = t.window(102, 107)
+    assert (w.calls, w.lookups, w.failures, w.expected_errors) == (5 * 12 + 1, 5 * 111, 1, 5)
+    assert w.failure_kinds == {"UNAVAILABLE": 1}
+    assert w.error_rate == pytest.approx(1 / 61)
+    assert t.per_second(108, 112) == [111, 111, 0, 0]
+    assert t.everything().calls == 10 * 12 + 1
+    merged = Timeline.from_json(json.loads(json.dumps(t.to_json()))).merge(t)
+    assert merged.window(102, 107).lookups == 2 * w.lookups
+    assert WindowStats.from_json(w.to_json()).latency().summary() == w.latency().summary()
+
+
+def test_coefficient_of_variation() -> None:
+    assert coefficient_of_variation([10, 10, 10]) == 0
+    assert coefficient_of_variation([5, 15]) == pytest.approx(0.5)
+    assert math.isnan(coefficient_of_variation([3]))
+
+
+# -- sweep rows --------------------------------------------------------------------------------------
+def run(nodes: int, lookups: int, node_cpu: float, *, label: str = "sweep", mix: str = "retail=100",
+        wall: float = 10.0, failures: int = 0, redis_cpu: float = 0.2, offered: float = 0.0) -> RunResult:
+    return RunResult(label=label, mix=mix, nodes=nodes, shards=2, node_cpus=nodes, locust_workers=1, users=32,
+                     wall_s=wall, lookups=lookups, calls=lookups, failures=failures, expected_errors=lookups // 50,
+                     latency_ms={"p50": 1.0, "p95": 2.0, "p99": 4.0, "max": 9.0, "mean": 1.2, "n": float(lookups)},
+                     node_cpu_s=node_cpu, redis_cpu_s=redis_cpu, pg_cpu_s=0.05,
+                     tiers={"l1": lookups // 2, "l2": lookups // 2 - lookups // 10, "l3": lookups // 10},
+                     per_second=[lookups // 10] * 10, redis_keys=1000, redis_bytes=400_000,
+                     offered_calls_per_s=offered)
+
+
+def test_derived_figures() -> None:
+    r = run(1, 20_000, 9.0)
+    assert r.throughput == 2000
+    assert r.node_cpu_per_1k == pytest.approx(0.45)      # 9 CPU-s / 20k lookups x 1000
+    assert r.redis_cpu_per_1k == pytest.approx(0.01)
+    assert r.node_cores_busy == pytest.approx(0.9) and r.saturated
+    assert r.miss_ratio == pytest.approx(0.1) and r.l1_ratio == pytest.approx(0.5)
+    assert r.redis_ops_per_lookup == pytest.approx(0.6)   # 50% past L1 + 10% SETs after a miss
+    assert r.bytes_per_key == 400
+    assert math.isnan(run(1, 0, 1.0).node_cpu_per_1k)
+
+
+def test_scaling_efficiency_and_linearity() -> None:
+    rows = scaling([run(4, 76_000, 36.0), run(1, 20_000, 9.0), run(2, 39_000, 18.4)])
+    assert [r.run.nodes for r in rows] == [1, 2, 4]
+    assert [round(r.efficiency, 3) for r in rows] == [1.0, 0.975, 0.95]
+    assert rows[1].cpu_ratio == pytest.approx((18.4 / 39_000) / (9.0 / 20_000))
+    assert all(r.linear == "LINEAR" for r in rows)
+    assert ideal_line([r.run for r in rows]) == [(1, 2000.0), (2, 4000.0), (4, 8000.0)]
+    text = verdict(rows)
+    assert "LINEAR" in text and "NOT LINEAR" not in text and "efficiency at 4 nodes 0.95" in text
+
+
+def test_not_linear_and_not_saturated() -> None:
+    rows = scaling([run(1, 20_000, 9.0), run(2, 20_000, 11.0)])   # same load, 22% more CPU per lookup
+    assert rows[1].linear == "NOT LINEAR"
+    assert rows[1].efficiency == pytest.approx(0.5)
+    assert "NOT LINEAR" in verdict(rows) and "not meaningful" in verdict(rows)
+    paced = scaling([run(1, 6_000, 3.0, offered=600), run(2, 12_000, 6.1, offered=1200)])
+    assert "paced at the same load per node" in verdict(paced)
+    assert verdict(scaling([run(1, 10, 1.0)])).startswith("one configuration")
+
+
+def test_a_smallest_size_above_one_is_the_baseline() -> None:
+    rows = scaling([run(2, 40_000, 18.0), run(8, 150_000, 70.0)])
+    assert rows[1].efficiency == pytest.approx(150_000 / (4 * 40_000))
+
+
+def test_outputs_agree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runs = [run(1, 20_000, 9.0, label="calibrate:retail"), run(1, 20_000, 9.0), run(2, 39_000, 18.4),
+            run(1, 500, 0.4, label="light")]
+    machine = {"name": "test box", "date": "today", "cores": 2}
+    config = {"nodes": "1,2"}
+    report = to_json(runs, machine, config)
+    text = json.dumps(report)   # strict JSON: no NaN
+    assert "NaN" not in text
+    back = runs_from_report(json.loads(text))
+    assert [(r.label, r.nodes, r.lookups) for r in back] == [(r.label, r.nodes, r.lookups) for r in runs]
+    sweep_rows = [d for d in report["runs"] if d["label"] == "sweep"]
+    assert sweep_rows[1]["derived"]["efficiency"] == pytest.approx(0.975)
+    rows = list(csv.DictReader(io.StringIO(to_csv(runs))))
+    assert [row["label"] for row in rows] == ["calibrate:retail", "sweep", "sweep", "light"]
+    assert float(rows[2]["efficiency"]) == pytest.approx(0.975) and rows[0]["efficiency"] == ""
+    assert float(rows[1]["node_cpu_per_1k"]) == pytest.approx(0.45)
+    md = markdown(runs, machine, config)
+    assert "test box" in md and "| 2 | 2 | 3,900 | 0.97 |" in md and "calibrate" not in md.split("## Per-scenario")[0]
+    assert "| retail | 1 | 2,000 |" in md and "Light load" in md
+    with pytest.raises(ValueError):
+        runs_from_report({"schema": "something else"})
+    if plot(runs, str(tmp_path / "p.png")):
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# -- CPU layout -----------------------------------------------------------------------------------------
+def test_layout_on_two_cores_shares() -> None:
+    lay = plan_layout([0, 1], nodes=2, shards=2)
+    assert (lay.mode, lay.nodes, lay.backends, lay.locust, lay.workers) == ("shared", (0,), (0,), (1,), 1)
+    assert "shared" in lay.describe()
+
+
+def test_layout_on_sixteen_cores_is_dedicated() -> None:
+    lay = plan_layout(range(16), nodes=8, shards=2)
+    assert lay.mode == "dedicated"
+    assert lay.nodes == tuple(range(8)) and lay.backends == (8,) and lay.locust == tuple(range(9, 16))
+    assert lay.workers == 7
+    one = plan_layout(range(16), nodes=1, shards=4)
+    assert one.nodes == (0,) and one.backends == (1, 2) and one.workers == 13
+    assert plan_layout(range(16), nodes=1, shards=1, locust_workers=4).workers == 4
+
+
+def test_layout_off() -> None:
+    assert plan_layout([0, 1], 1, 1, pin=False).mode == "off"
+    assert plan_layout([0], 1, 1).mode == "off"
+
+
+def test_calibration_users() -> None:
+    assert calibration_users("retail", 32) == 32
+    assert calibration_users("batch", 32) == 4
+    assert calibration_users("stream", 32) == 8
+    assert calibration_users("batch", 4) == 2
