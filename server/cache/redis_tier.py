@@ -28,6 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from server.cache.resp import PipelinedReader
 from shard_router import Ring
 from shard_router.topology import Routing, ShardState, Topology, routing_for
 
@@ -56,7 +57,7 @@ class ShardPolicy:
 
 class Shard:
     __slots__ = ("_probe", "admin_down", "client", "down_until", "failures", "name", "on_state_change", "policy",
-                 "url")
+                 "reader", "url")
 
     def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: ShardPolicy,
                  on_state_change: Callable[[str, bool], None]) -> None:
@@ -73,6 +74,18 @@ class Shard:
             socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # Lookup reads (GET/MGET) go through a lean pipelined connection; everything else via redis-py.
+        self.reader = PipelinedReader(url, timeout=timeout) if url.startswith("redis://") else None
+
+    async def read(self, key: str) -> bytes | None:
+        if self.reader is not None:
+            return await self.reader.get(key)
+        return cast("bytes | None", await self.client.get(key))
+
+    async def read_many(self, keys: list[str]) -> list[bytes | None]:
+        if self.reader is not None:
+            return await self.reader.mget(keys)
+        return cast("list[bytes | None]", await self.client.mget(keys))
 
     @property
     def is_up(self) -> bool:
@@ -131,6 +144,8 @@ class Shard:
     async def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+        if self.reader is not None:
+            self.reader.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
@@ -269,7 +284,7 @@ class RedisTier:
         if not shard.usable():
             raise ShardUnavailable(shard.name)
         try:
-            value = cast("bytes | None", await shard.client.get(key))
+            value = await shard.read(key)
         except _SHARD_ERRORS as exc:
             self._fail(shard, exc)
             raise ShardUnavailable(shard.name) from exc
@@ -292,7 +307,7 @@ class RedisTier:
                     out[i] = ShardUnavailable(name)
                 return
             try:
-                values = await shard.client.mget([keys[i] for i in idx])
+                values = await shard.read_many([keys[i] for i in idx])
             except _SHARD_ERRORS as exc:
                 self._fail(shard, exc)
                 for i in idx:
@@ -300,7 +315,7 @@ class RedisTier:
                 return
             shard.succeeded()
             for i, v in zip(idx, values, strict=True):
-                out[i] = cast("bytes | None", v)
+                out[i] = v
 
         groups = view.routing.read.group_by_node(keys)
         if len(groups) == 1:
