@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import signal
 import sys
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
     s.set_defaults(func=cmd_lookup)
     register_shards_commands(sub)
+    if importlib.util.find_spec("loadtests"):   # `crs capacity` (docs/loadtests.md); the image has no loadtests/
+        importlib.import_module("loadtests.capacity").register(sub)
     return p
 
 

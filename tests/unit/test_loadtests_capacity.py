@@ -1,0 +1,150 @@
+"""The capacity model (loadtests/capacity.py) against sweep reports: a synthetic one with round numbers,
+and the committed docs/benchmarks/sweep/sweep.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from loadtests.capacity import DEFAULT_REPORT, KEYS_PER_CUSTOMER, Request, cmd_capacity, costs_from_report, plan
+from loadtests.sweep_report import RunResult, runs_from_report, to_json
+
+
+def _run(label: str, mix: str, nodes: int, lookups: int, node_cpu: float, redis_cpu: float, pg_cpu: float,
+         l3: int, p99: float = 5.0) -> RunResult:
+    return RunResult(label=label, mix=mix, nodes=nodes, shards=2, node_cpus=nodes, locust_workers=1, users=32,
+                     wall_s=10.0, lookups=lookups, calls=lookups, failures=0, expected_errors=0,
+                     latency_ms={"p50": p99 / 4, "p95": p99 / 2, "p99": p99, "max": p99 * 2, "mean": p99 / 3,
+                                 "n": float(lookups)},
+                     node_cpu_s=node_cpu, redis_cpu_s=redis_cpu, pg_cpu_s=pg_cpu,
+                     tiers={"l1": lookups // 2, "l2": lookups // 2 - l3, "l3": l3}, redis_keys=10_000,
+                     redis_bytes=5_000_000)
+
+
+def synthetic_report(penalty: float = 1.0) -> dict:  # type: ignore[type-arg]
+    # retail: 0.5 ms node CPU per lookup; ach: 1.0 ms; Redis 0.02 / 0.04 ms; PostgreSQL 0.01 ms; misses 1% / 2%
+    runs = [
+        _run("calibrate:retail", "retail", 1, 20_000, 10.0, 0.4, 0.2, 200),
+        _run("calibrate:ach", "ach", 1, 10_000, 10.0, 0.4, 0.1, 200),
+        _run("light", "retail=100", 1, 1_000, 0.5, 0.02, 0.01, 10, p99=2.0),
+        _run("sweep", "retail=100", 1, 20_000, 10.0, 0.4, 0.2, 200),
+        _run("sweep", "retail=100", 2, 40_000, 20.0 * penalty, 0.8, 0.4, 400),
+    ]
+    return json.loads(json.dumps(to_json(runs, {"name": "synthetic", "date": "d"}, {})))
+
+
+def test_costs_come_from_the_calibration_runs() -> None:
+    costs = costs_from_report(synthetic_report())
+    assert costs.scenarios["retail"].node_cpu_s == pytest.approx(0.0005)
+    assert costs.scenarios["ach"].node_cpu_s == pytest.approx(0.001)
+    assert costs.scenarios["ach"].miss_ratio == pytest.approx(0.02)
+    assert costs.scaling_penalty == 1.0
+    assert costs.bytes_per_key == 500
+    assert costs.light_p99_ms == 2.0
+
+
+def test_nodes_shards_and_postgres_for_a_target() -> None:
+    costs = costs_from_report(synthetic_report())
+    ans = plan(Request(target=10_000, mix={"retail": 0.5, "ach": 0.5}, p99_budget_ms=20, cores_per_pod=4,
+                       headroom=0.3, customers=1_000_000, shard_memory_gb=1.0), costs)
+    assert ans.node_cores == pytest.approx(7.5)                       # 10k x (0.5 x 0.5 + 0.5 x 1.0) ms
+    assert ans.latency_cap == pytest.approx(0.9)                      # 1 - 2 ms / 20 ms
+    assert ans.utilisation_cap == pytest.approx(0.7)                  # headroom is the tighter limit
+    assert ans.processes == math.ceil(7.5 / 0.7) == 11
+    assert ans.pods == 3
+    assert ans.redis_gb == pytest.approx(1_000_000 * KEYS_PER_CUSTOMER * 500 / 1e9)
+    assert ans.shards_for_memory == math.ceil(3.25 / 0.7) == 5
+    assert ans.redis_cores == pytest.approx(0.3)                      # 10k x (0.02 + 0.04) / 2 ms
+    assert ans.shards_for_ops == 1 and ans.shards == 5
+    assert ans.miss_ratio == pytest.approx(0.015)
+    assert ans.pg_reads_per_s == pytest.approx(150)
+    assert ans.pg_cores == pytest.approx(0.1)
+    assert ans.feasible
+
+
+def test_tight_latency_budget_lowers_utilisation_and_impossible_budget_is_reported() -> None:
+    costs = costs_from_report(synthetic_report())
+    tight = plan(Request(target=10_000, mix={"retail": 1.0}, p99_budget_ms=4, headroom=0.1), costs)
+    assert tight.utilisation_cap == pytest.approx(0.5)                # 1 - 2/4 < 1 - 0.1
+    assert tight.processes == 10                                      # 5 cores at <= 50 %
+    impossible = plan(Request(target=10_000, mix={"retail": 1.0}, p99_budget_ms=1.5), costs)
+    assert not impossible.feasible and "below the light-load p99" in impossible.notes[0]
+
+
+def test_scaling_penalty_from_the_sweep_is_applied() -> None:
+    costs = costs_from_report(synthetic_report(penalty=1.25))
+    assert costs.scaling_penalty == pytest.approx(1.25)
+    ans = plan(Request(target=10_000, mix={"retail": 1.0}, p99_budget_ms=100, headroom=0.0), costs)
+    assert ans.node_cores == pytest.approx(5 * 1.25)
+
+
+def test_unmeasured_scenario_and_bad_input() -> None:
+    costs = costs_from_report(synthetic_report())
+    with pytest.raises(ValueError, match="--calibrate batch"):
+        plan(Request(target=1000, mix={"batch": 1.0}, p99_budget_ms=10), costs)
+    with pytest.raises(ValueError):
+        plan(Request(target=0, mix={"retail": 1.0}, p99_budget_ms=10), costs)
+    with pytest.raises(ValueError):
+        costs_from_report({"schema": "nope"})
+
+
+# -- the committed report -------------------------------------------------------------------------------
+def committed() -> dict:  # type: ignore[type-arg]
+    return json.loads(DEFAULT_REPORT.read_text())
+
+
+def test_committed_report_gives_every_scenario_a_cost() -> None:
+    costs = costs_from_report(committed())
+    assert set(costs.scenarios) >= {"retail", "ach", "customer", "batch", "stream"}
+    for name, c in costs.scenarios.items():
+        assert 0 < c.node_cpu_s < 0.01, name            # under 10 ms of node CPU per lookup
+        assert 0 <= c.miss_ratio < 1
+    assert costs.scenarios["batch"].node_cpu_s < costs.scenarios["retail"].node_cpu_s   # batching pays
+    assert 50 < costs.bytes_per_key < 20_000
+    assert costs.scaling_penalty >= 1
+
+
+def test_model_reproduces_the_measured_runs() -> None:
+    """Fed a calibration run's own load (no headroom, no latency limit), the model needs exactly the node
+    CPU that run used, hence no more node processes than it had."""
+    report = committed()
+    costs = costs_from_report(report)
+    for run in runs_from_report(report):
+        if not run.label.startswith("calibrate:"):
+            continue
+        scenario = run.label.split(":", 1)[1]
+        ans = plan(Request(target=run.throughput, mix={scenario: 1.0}, p99_budget_ms=1e9, headroom=0.0), costs)
+        busy = run.node_cpu_s / run.wall_s
+        assert ans.node_cores == pytest.approx(busy * costs.scaling_penalty, rel=1e-6), scenario
+        assert ans.processes <= math.ceil(run.nodes * costs.scaling_penalty), scenario
+        assert ans.pg_reads_per_s == pytest.approx(run.throughput * costs.scenarios[scenario].miss_ratio)
+
+
+def test_cli_answers_from_the_committed_report(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import build_parser
+
+    args = build_parser().parse_args(["capacity", "--target", "20000", "--mix", "retail=80,ach=15,customer=5",
+                                      "--p99-ms", "200", "--cores-per-pod", "4"])
+    assert cmd_capacity(args) == 0
+    out = capsys.readouterr().out
+    assert "node processes" in out and "Redis" in out and "PostgreSQL" in out and "headroom 30%" in out
+    bad = argparse.Namespace(**{**vars(args), "report": "/nonexistent/sweep.json"})
+    assert cmd_capacity(bad) == 2
+
+
+def test_crs_without_the_loadtests_package_still_builds_its_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The container image ships server/ only: `crs` must not need loadtests/ to start."""
+    import importlib.util
+
+    from server import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "loadtests" else real(name, *a))
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["capacity", "--target", "1"])
+    assert parser.parse_args(["serve"]).command == "serve"
