@@ -15,8 +15,10 @@ outcome, an OK where an error was expected included, is a failure whose exceptio
 
 TLS hook. `channel_for(target, tls)` is the only place a channel is made: with a `TlsOptions`
 (CA bundle, and a client certificate + key for mutual TLS) it opens a secure channel. The
-locustfile exposes these as --crs-tls-* flags; defaults stay plaintext until the security work
-decides what the embedded stack serves.
+locustfile exposes these as --crs-tls-* flags (a production node: the bank's CA and a load-test
+client certificate whose clients-file entry grants the lookup scopes), and --crs-embedded-tls fills
+them from the embedded stack's dev PKI. Bearer tokens (JWT) would be one more metadata entry in
+`GrpcUser.call`; no flag sets one yet.
 """
 
 from __future__ import annotations

@@ -76,6 +76,9 @@ def _add_arguments(parser: Any) -> None:
                         "customers and aim at it; replaces --host (default 0 = off)")
     g.add_argument("--crs-embedded-workers", type=int, default=1, help="node processes of --crs-embedded")
     g.add_argument("--crs-embedded-shards", type=int, default=2, help="Redis shards of --crs-embedded")
+    g.add_argument("--crs-embedded-tls", action="store_true",
+                   help="the embedded stack serves mutual TLS (dev PKI, as `crs dev` does); the users connect with "
+                        "its CA and 'admin' client certificate through the --crs-tls-* hook")
     g.add_argument("--crs-tls-ca", default="", help="TLS hook: CA bundle that signs the server certificate")
     g.add_argument("--crs-tls-cert", default="", help="TLS hook: client certificate (mutual TLS)")
     g.add_argument("--crs-tls-key", default="", include_in_web_ui=False, help="TLS hook: client private key")
@@ -280,9 +283,9 @@ def _start_embedded(environment: Any, **_: Any) -> None:
     print(f"locustfile: starting the embedded stack ({opts.crs_embedded} customers, "
           f"{opts.crs_embedded_shards} Redis shards, {opts.crs_embedded_workers} node process(es)) ...",
           file=sys.stderr, flush=True)
-    _stack = subprocess.Popen([sys.executable, "-m", "loadtests.stack", "--customers", str(opts.crs_embedded),
-                               "--shards", str(opts.crs_embedded_shards), "--workers",
-                               str(opts.crs_embedded_workers)], cwd=REPO, stdin=subprocess.DEVNULL,
+    argv = [sys.executable, "-m", "loadtests.stack", "--customers", str(opts.crs_embedded), "--shards",
+            str(opts.crs_embedded_shards), "--workers", str(opts.crs_embedded_workers)]
+    _stack = subprocess.Popen(argv + (["--tls"] if opts.crs_embedded_tls else []), cwd=REPO, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, text=True)
     assert _stack.stdout is not None
     line = _stack.stdout.readline()   # gevent-patched: the stack prints READY or exits
@@ -291,8 +294,11 @@ def _start_embedded(environment: Any, **_: Any) -> None:
         sys.exit(f"locustfile: the embedded stack did not start (exit code {_stack.returncode})")
     info = json.loads(line[len("READY "):])
     environment.host = info["address"]
-    print(f"locustfile: embedded stack ready at {info['address']} (metrics {info['metrics']})", file=sys.stderr,
-          flush=True)
+    if info.get("tls"):   # workers receive these options from the master with their first spawn message
+        tls = info["tls"]
+        opts.crs_tls_ca, opts.crs_tls_cert, opts.crs_tls_key = tls["ca"], tls["cert"], tls["key"]
+    print(f"locustfile: embedded stack ready at {info['address']} (metrics {info['metrics']}"
+          + (", mutual TLS" if info.get("tls") else "") + ")", file=sys.stderr, flush=True)
 
 
 @events.quitting.add_listener

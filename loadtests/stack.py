@@ -24,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=2000, help="demo customers (default 2000)")
     p.add_argument("--shards", type=int, default=2, help="Redis shards (default 2)")
     p.add_argument("--workers", type=int, default=1, help="node processes (default 1)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve mutual TLS with a generated dev PKI (as `crs dev` does); READY then names the CA "
+                        "and the 'admin' client certificate and key")
     p.add_argument("--pg-binaries", default="auto", choices=("auto", "system", "pgserver"))
     args = p.parse_args(argv)
     if args.customers < 1 or args.shards < 1 or args.workers < 1:
@@ -42,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     parent = os.getppid()
-    env = DevEnvironment(shards=args.shards, customers=args.customers, pg_binaries=args.pg_binaries)
+    env = DevEnvironment(shards=args.shards, customers=args.customers, pg_binaries=args.pg_binaries, tls=args.tls)
     try:
         with open(os.devnull, "w") as quiet:
             env.start(out=quiet)
@@ -50,7 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert env.stack is not None
         info = {"address": node.address, "metrics": f"http://127.0.0.1:{node.settings.metrics_port}/metrics",
                 "node_pid": node.proc.pid, "customers": args.customers, "shards": args.shards,
-                "workers": args.workers, "log": str(node.log_path)}
+                "workers": args.workers, "log": str(node.log_path), "tls": None}
+        if env.pki is not None:
+            cert, key = env.pki.client_cert("admin")   # every lookup scope (the 'switch' client lacks customers)
+            info["tls"] = {"ca": str(env.pki.ca_cert), "cert": str(cert), "key": str(key)}
         print("READY " + json.dumps(info), flush=True)
         while not stop.wait(0.5):
             if os.getppid() != parent:   # the load generator died without stopping us

@@ -88,7 +88,8 @@ def test_an_unexpected_status_is_a_failure_with_its_code(node: NodeProcess, tmp_
 
 
 def test_one_command_against_the_embedded_stack(tmp_path: Path) -> None:
-    proc, stats, failures, _ = locust(tmp_path, "--crs-embedded", "100", "--crs-embedded-shards", "1", "-u", "2",
+    proc, stats, failures, _ = locust(tmp_path, "--crs-embedded", "100", "--crs-embedded-shards", "1",
+                                      "--crs-embedded-tls", "-u", "2",
                                       "-r", "2", "--crs-mix", "retail=3,ach=1", seconds=3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded stack ready at 127.0.0.1:" in proc.stderr
