@@ -114,7 +114,7 @@ class ZipfPicker:
             return 0.0
         if not self._cum:
             return 1.0 / self.n
-        return (1.0 / (rank + 1) ** self.skew) / self._cum[-1]
+        return float((1.0 / (rank + 1) ** self.skew) / self._cum[-1])
 
     def top_share(self, k: int) -> float:
         """Share of all picks that go to the k hottest keys."""

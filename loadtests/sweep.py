@@ -209,7 +209,7 @@ def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: in
 
 # -- processes: CPU time and pinning (psutil + /proc). Never import locust here: it patches gevent in.
 def tree(roots: Iterable[int]) -> list[int]:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     out: list[int] = []
     for root in roots:
@@ -323,13 +323,16 @@ class LocustRun:
         threading.Thread(target=self._watch_master, daemon=True).start()
 
     def _spawn(self, argv: list[str], cpus: set[int], **kwargs: Any) -> subprocess.Popen[bytes]:
-        def preexec() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
+        # Pinned right after the start, not in a preexec_fn: that makes subprocess fork instead of
+        # vfork, which gRPC (loaded in this process) does not survive (docs/decisions.md, grpc#43055).
         kwargs.setdefault("stdout", subprocess.DEVNULL)
-        return subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, preexec_fn=preexec,
-                                start_new_session=True, **kwargs)
+        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True, **kwargs)
+        if cpus:
+            try:
+                os.sched_setaffinity(proc.pid, cpus)   # before the interpreter starts its threads
+            except OSError:
+                pass
+        return proc
 
     def _watch_master(self) -> None:
         stream = self.procs[0].stderr

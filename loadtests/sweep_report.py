@@ -256,8 +256,9 @@ def to_json(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mappi
             d["derived"].update(efficiency=rows[id(r)].efficiency, cpu_ratio=rows[id(r)].cpu_ratio,
                                 redis_cpu_ratio=rows[id(r)].redis_cpu_ratio, linear=rows[id(r)].linear)
         out_runs.append(d)
-    return _clean({"schema": SCHEMA, "machine": dict(machine), "config": dict(config), "runs": out_runs,
+    out: dict[str, Any] = _clean({"schema": SCHEMA, "machine": dict(machine), "config": dict(config), "runs": out_runs,
                    "verdict": verdict(list(rows.values()))})
+    return out
 
 
 def runs_from_report(report: Mapping[str, Any]) -> list[RunResult]:
