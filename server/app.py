@@ -29,7 +29,7 @@ from server.cache.redis_tier import RedisTier
 from server.cache.topology_watch import TopologyWatcher
 from server.errors import CrsError, InvalidKey, status_for
 from server.lookup import LookupHandlers
-from server.metrics import Metrics
+from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings
@@ -227,10 +227,16 @@ class Node:
         self._tasks.append(asyncio.create_task(run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
+        self._tasks.append(asyncio.create_task(self._flush_metrics()))
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}",
                                         "shards": [sh.name for sh in s.redis_shards]})
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self.metrics.flush()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release."""
@@ -244,6 +250,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self.metrics.flush()
         if self.topology is not None:
             await self.topology.forget()
         if self.tier is not None:

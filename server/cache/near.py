@@ -1,11 +1,14 @@
 """L1: a bounded in-process LRU with a short TTL, invalidated through Redis pub/sub.
 
 The TTL bounds staleness even when an invalidation message is lost; eviction is LRU so hot cards stay.
+Each entry lives a random 80-100% of the TTL (never longer, so the bound holds): keys loaded together
+then expire apart instead of all refilling from Redis in the same instant.
 Not thread-safe: one instance per event loop (one per node process).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -44,7 +47,7 @@ class NearCache:
         if not self._max:
             return
         data = self._data
-        data[key] = (self._clock() + self._ttl, value)
+        data[key] = (self._clock() + self._ttl * (1.0 - 0.2 * random.random()), value)
         data.move_to_end(key)
         if len(data) > self._max:
             data.popitem(last=False)

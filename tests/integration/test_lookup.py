@@ -159,6 +159,12 @@ def test_health_and_reflection(node_a: Clients) -> None:
 def test_metrics_count_tiers(node_a: Clients) -> None:
     import urllib.request
 
+    import time
+
+    from server.metrics import FLUSH_INTERVAL
+
+    node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
+    time.sleep(FLUSH_INTERVAL * 1.5)   # per-call counts reach Prometheus at the next flush
     url = f"http://127.0.0.1:{node_a.node.settings.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     assert 'crs_lookups_total{tier="l1"}' in text
