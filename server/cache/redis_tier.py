@@ -82,6 +82,15 @@ class Shard:
             return await self.reader.get(key)
         return cast("bytes | None", await self.client.get(key))
 
+    async def fill(self, items: list[tuple[str, bytes, int]]) -> None:
+        if self.reader is not None:
+            await self.reader.set_px(items)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, value, ttl_ms in items:
+                pipe.set(key, value, px=ttl_ms)
+            await pipe.execute()
+
     async def read_many(self, keys: list[str]) -> list[bytes | None]:
         if self.reader is not None:
             return await self.reader.mget(keys)
@@ -414,10 +423,7 @@ class RedisTier:
             if not shard.usable():
                 return
             try:
-                async with shard.client.pipeline(transaction=False) as pipe:
-                    for i in idx:
-                        pipe.set(items[i][0], items[i][1], px=items[i][2])
-                    await pipe.execute()
+                await shard.fill([items[i] for i in idx])
             except _SHARD_ERRORS as exc:
                 self._fail(shard, exc)
             else:

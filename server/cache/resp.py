@@ -1,4 +1,5 @@
-"""A lean, pipelined Redis reader for the lookup hot path: GET and MGET on one connection per shard.
+"""A lean, pipelined Redis client for the lookup hot path: GET, MGET and cache fills (SET PX) on one
+connection per shard.
 
 Why not redis-py here: a redis-py GET costs 50-110 µs of client CPU (pool checkout, retry and
 timeout wrappers, one connection per call in flight), a third of a Redis-hit lookup
@@ -137,6 +138,23 @@ class PipelinedReader:
         reply = await self._send(_command(b"GET", key.encode()))
         assert reply is None or isinstance(reply, bytes)
         return reply
+
+    async def set_px(self, items: list[tuple[str, bytes, int]]) -> None:
+        """SET key value PX ttl_ms for each item, written at once; raises if any fails. Fills go here
+        rather than through a connection pool: a 1,000-key batch of misses would otherwise queue for
+        pooled connections and time out, which the tier would count against a healthy shard."""
+        protocol = self._protocol if self._protocol is not None else await self._connection()
+        assert protocol.transport is not None
+        loop = asyncio.get_running_loop()
+        futs: list[asyncio.Future[object]] = [loop.create_future() for _ in items]
+        now = time.monotonic()
+        self.waiters.extend((f, now) for f in futs)
+        protocol.transport.write(b"".join(_command(b"SET", k.encode(), v, b"PX", b"%d" % ttl) for k, v, ttl in items))
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._check_age)
+        await futs[-1]   # replies arrive in order: the last one settles them all
+        for f in futs:
+            f.result()
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
         reply = await self._send(_command(b"MGET", *(k.encode() for k in keys)))

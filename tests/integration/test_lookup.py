@@ -157,9 +157,8 @@ def test_health_and_reflection(node_a: Clients) -> None:
 
 
 def test_metrics_count_tiers(node_a: Clients) -> None:
-    import urllib.request
-
     import time
+    import urllib.request
 
     from server.metrics import FLUSH_INTERVAL
 
@@ -190,3 +189,26 @@ def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients
         assert result.code == {1: 5, 3: 3}.get(i, 0)
     outbox.put(None)
     assert list(stream) == []
+
+
+def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, used_secrets: UsedSecrets) -> None:
+    """1,000 keys that miss every cache: 1,000 fills at once must not look like shard failures."""
+    import time
+    import urllib.request
+
+    from server.metrics import FLUSH_INTERVAL
+
+    def metric(name: str) -> float:
+        time.sleep(FLUSH_INTERVAL * 1.5)   # per-call counts reach Prometheus at the next flush
+        url = f"http://127.0.0.1:{node_b.node.settings.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        assert "crs_cache_shard_errors_total{" not in text
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    before = metric('crs_lookups_total{tier="l3_negative"}')
+    keys = [pb.LookupKey(pan=fresh_pan(used_secrets)) for _ in range(1000)]
+    for _ in range(2):
+        results = node_b.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=30).results
+        assert [r.code for r in results] == [5] * 1000
+    # Only the first batch reached PostgreSQL; the second was answered from the negative cache.
+    assert metric('crs_lookups_total{tier="l3_negative"}') - before == 1000

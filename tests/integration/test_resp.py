@@ -67,3 +67,16 @@ def test_dead_and_hung_servers_fail_fast_and_recover(server: RedisServer) -> Non
             await dead.get("k1")
 
     uvloop.run(main())
+
+
+def test_fills_pipeline_on_the_same_connection(server: RedisServer) -> None:
+    async def main() -> None:
+        reader = PipelinedReader(server.url, timeout=1.0)
+        await asyncio.gather(*(reader.set_px([(f"fill{i}", b"x" * i, 60_000)]) for i in range(200)))
+        await reader.set_px([(f"many{i}", b"y", 60_000) for i in range(500)])
+        assert await reader.mget(["fill3", "many499", "nope"]) == [b"xxx", b"y", None]
+        reader.close()
+
+    uvloop.run(main())
+    ttl = redis.Redis.from_url(server.url).pttl("fill7")
+    assert 0 < ttl <= 60_000
