@@ -79,13 +79,16 @@ def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(max(0.0, secs - before.get(pid, 0.0)) for pid, secs in after.items())
 
 
-def pin(roots: Iterable[int], cpus: set[int]) -> int:
+def pin(roots: Iterable[int], cpus: Iterable[int]) -> int:
     """Pin every thread of every process in the trees under `roots` to `cpus`. Returns threads pinned.
 
     sched_setaffinity acts on one thread, and threads created later inherit from their creator, so
     every existing thread (/proc/PID/task/*) is pinned. Errors (a thread that just exited, no
     permission) are skipped: pinning is best effort and the report says whether it was on.
     """
+    cpus = set(cpus)
+    if not cpus:
+        return 0
     done = 0
     for pid in tree(roots):
         try:

@@ -27,6 +27,7 @@ from typing import Any
 
 from loadtests.keys import SCENARIOS, DataSet, format_mix, parse_mix
 from loadtests.latency import Timeline, coefficient_of_variation
+from loadtests.procs import cpu_delta, cpu_snapshot, pin
 from loadtests.sweep_report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ For each node count (and Redis shard count), start the service with that many no
 (`crs serve --workers N` on the embedded stack: PostgreSQL + Redis shards + demo data), drive it with
 locust workers (master + one worker per load core), and measure in a window after spawning and
 warm-up: lookups/s, p50/p95/p99 per call, error rate, and CPU-seconds per 1,000 lookups of the
-node processes, of Redis and of PostgreSQL (from /proc via psutil). Then write a report: sweep.csv,
+node processes, of Redis and of PostgreSQL (from /proc). Then write a report: sweep.csv,
 sweep.json, throughput.png (throughput vs nodes with the ideal line; matplotlib) and README.md
 with the scaling efficiency throughput(n) / (n x throughput(1)).
 
@@ -207,57 +208,8 @@ def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: in
     return Layout("shared", cpus[:half], cpus[:half], load, workers)
 
 
-# -- processes: CPU time and pinning (psutil + /proc). Never import locust here: it patches gevent in.
-def tree(roots: Iterable[int]) -> list[int]:
-    import psutil  # type: ignore[import-untyped]
-
-    out: list[int] = []
-    for root in roots:
-        try:
-            proc = psutil.Process(root)
-            out.append(proc.pid)
-            out.extend(c.pid for c in proc.children(recursive=True))
-        except psutil.Error:
-            continue
-    return out
-
-
-def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
-    import psutil
-
-    snap: dict[int, float] = {}
-    for pid in tree(roots):
-        try:
-            t = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        snap[pid] = t.user + t.system
-    return snap
-
-
-def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU-seconds between two snapshots; a process new in `after` counts from zero."""
-    return sum(max(0.0, secs - before.get(pid, 0.0)) for pid, secs in after.items())
-
-
-def pin(roots: Iterable[int], cpus: Iterable[int]) -> int:
-    """Pin every thread of every process under `roots` (threads created later inherit it)."""
-    wanted = set(cpus)
-    if not wanted:
-        return 0
-    done = 0
-    for pid in tree(roots):
-        try:
-            tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.sched_setaffinity(tid, wanted)
-                done += 1
-            except OSError:
-                pass
-    return done
+# Processes: CPU time and pinning come from loadtests/procs.py (/proc). Never import locust here: it patches
+# gevent in.
 
 
 def scrape_tiers(urls: Iterable[str]) -> dict[str, float]:
