@@ -202,14 +202,16 @@ class DevEnvironment:
             env |= {"CRS_ALLOW_PLAINTEXT": "true", "CRS_ALLOW_ANONYMOUS": "true"}
         settings = load_settings(env)
         shards = tuple(ShardAddress(name=name, url=url) for name, url in self.stack.shard_urls().items())
-        return replace(settings, redis_shards=shards, **overrides)  # type: ignore[arg-type]
+        values: dict[str, object] = {"redis_shards": shards} | overrides   # an override wins
+        return replace(settings, **values)  # type: ignore[arg-type]
 
     def start_node(self, *, workers: int = 1, port: int | None = None, pki: DevPki | None = None,
                    **overrides: object) -> NodeProcess:
         """A `crs serve` with these setting overrides; `pki` when the overrides name another PKI's files."""
         assert self.stack is not None
-        settings = self.settings(grpc_port=port or free_port(), workers=workers, metrics_port=free_port(),
-                                 **overrides)
+        defaults: dict[str, object] = {"grpc_port": port or free_port(), "workers": workers,
+                                       "metrics_port": free_port()}
+        settings = self.settings(**(defaults | overrides))
         log_dir = Path(self.stack.base_dir) / "logs"
         log_dir.mkdir(exist_ok=True)
         node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", pki=pki or self.pki)

@@ -458,6 +458,11 @@ class RedisTier:
         async def one(name: str, group: list[str]) -> None:
             nonlocal ok
             shard = view.shards[name]
+            if not shard.usable():
+                # Not acknowledged: the relay retries (from any node that can reach the shard), and the
+                # write does not wait a timeout here for a shard this node already knows is down.
+                ok = False
+                return
             try:
                 async with shard.client.pipeline(transaction=False) as pipe:
                     pipe.delete(*group)
