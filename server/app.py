@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import grpc
@@ -103,6 +103,17 @@ class Gate:
         return caller
 
 
+async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
+                started: float) -> NoReturn:
+    """End the call with the status errors.status_for maps `exc` to (the only place codes are chosen)."""
+    code, message = status_for(exc)
+    if not isinstance(exc, CrsError):
+        log.exception("unhandled error", extra={"rpc": name})
+    metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+    await context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
 def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], metrics: Metrics,
            gate: Gate) -> grpc.RpcMethodHandler:
     name = method.name
@@ -114,15 +125,8 @@ def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], me
         try:
             caller = gate.admit(context, scopes, name)
             response = await fn(parse(raw), caller)
-        except CrsError as exc:
-            code, message = status_for(exc)
-            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
-            await context.abort(code, message)
         except Exception as exc:
-            code, message = status_for(exc)
-            log.exception("unhandled error", extra={"rpc": name})
-            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
-            await context.abort(code, message)
+            await _fail(context, exc, name, metrics, started)
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
         return response
 
@@ -148,11 +152,7 @@ def _bidi(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]],
             async for item in fn(parsed(requests), caller):
                 yield item
         except Exception as exc:
-            code, message = status_for(exc)
-            if not isinstance(exc, CrsError):
-                log.exception("unhandled error", extra={"rpc": name})
-            metrics.observe_rpc(name, code.name, time.perf_counter() - started)
-            await context.abort(code, message)
+            await _fail(context, exc, name, metrics, started)
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
 
     return grpc.stream_stream_rpc_method_handler(handler)
