@@ -235,6 +235,9 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin' and 'switch')")
+        shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
+        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
+              f"      export CRS_PG_DSN={pg.dsn('crs')} CRS_REDIS_SHARDS={shards}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop and node.proc.poll() is None:
             time.sleep(0.5)
