@@ -726,7 +726,7 @@ def _redis_pid(port: int, timeout: float = 1.0) -> int | None:
 # Live-object registry (atexit)
 # --------------------------------------------------------------------------------------------------
 
-_live_servers: weakref.WeakSet[PostgresServer | RedisServer] = weakref.WeakSet()
+_live_servers: weakref.WeakSet[_ChildServer] = weakref.WeakSet()
 _live_stacks: weakref.WeakSet[EmbeddedStack] = weakref.WeakSet()
 
 
@@ -778,8 +778,35 @@ host    all   all   127.0.0.1/32  trust
 """
 
 
-class PostgresServer:
+class _ChildServer:
+    """What PostgresServer and RedisServer share: the child process, its log, and how it is stopped."""
+
+    _STOP_SIGNAL: signal.Signals = signal.SIGTERM
+    _proc: subprocess.Popen[bytes] | None
+    _log: _LogFile
+
+    def _cleanup_process(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+        if self._proc is None:
+            self._log.close()
+            _live_servers.discard(self)
+
+    def _signal_stop(self) -> None:
+        """Ask for a shutdown without waiting (used to stop several servers at once)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(self._STOP_SIGNAL)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+
+
+class PostgresServer(_ChildServer):
     """One PostgreSQL server (``initdb`` on first start) listening on 127.0.0.1:``port``."""
+
+    _STOP_SIGNAL = signal.SIGINT   # "fast" shutdown: SIGTERM would wait for every client to leave
 
     def __init__(
         self,
@@ -1012,20 +1039,6 @@ class PostgresServer:
 
     # -- stop --------------------------------------------------------------------------------------
 
-    def _cleanup_process(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
-        if self._proc is None:
-            self._log.close()
-            _live_servers.discard(self)
-
-    def _signal_stop(self) -> None:
-        """Ask for a fast shutdown without waiting (used to stop several servers at once)."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGINT)
-
     def stop(self, *, timeout: float = 15.0) -> None:
         """Fast shutdown (SIGINT); escalates to immediate shutdown then SIGKILL if it hangs. Idempotent."""
         with self._lock:
@@ -1113,7 +1126,7 @@ def _redis_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class RedisServer:
+class RedisServer(_ChildServer):
     """One ``redis-server`` on 127.0.0.1:``port``, without persistence, its files in ``data_dir``."""
 
     host: Final = LOOPBACK
@@ -1235,19 +1248,6 @@ class RedisServer:
                     f"redis {self.name} on 127.0.0.1:{self.port} not ready in time\n{self._log.tail()}"
                 )
             time.sleep(0.01)
-
-    def _cleanup_process(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
-        if self._proc is None:
-            self._log.close()
-            _live_servers.discard(self)
-
-    def _signal_stop(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM (Redis exits without saving: no save points), SIGKILL if it hangs. Idempotent."""
