@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from server.demo import demo_pan
 from server.dev import DevEnvironment, NodeProcess
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
+from tests.integration import load
 
 pytestmark = pytest.mark.integration
 CARDS = 150
@@ -68,45 +68,10 @@ def faults() -> Iterator[FaultStack]:
         env.stop()
 
 
-class LookupLoad:
-    """Several client threads resolving demo cards until stopped; every answer checked."""
-
-    def __init__(self, stack: FaultStack, threads: int = 4) -> None:
-        self.stack = stack
-        self.stop_flag = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
-
-    def _run(self, offset: int) -> None:
-        i = offset
-        with grpc.insecure_channel(self.stack.node.address) as channel:
-            lookup = rpc.stub(channel, "LookupService")
-            while not self.stop_flag.is_set():
-                n = i % CARDS
-                i += 7
-                try:
-                    r = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(n)), timeout=5)
-                    good = r.card.last4 == demo_pan(n)[-4:]
-                    with self.lock:
-                        if good:
-                            self.ok += 1
-                        else:
-                            self.failures.append(f"card {n}: wrong answer")
-                except grpc.RpcError as exc:
-                    with self.lock:
-                        self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
-
-    def __enter__(self) -> LookupLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(10)
+def LookupLoad(stack: FaultStack, threads: int = 4) -> load.LookupLoad:
+    """Client threads resolving the demo cards; an answer is good when it names the card asked for."""
+    return load.LookupLoad(addresses=[stack.node.address], cards=lambda: range(CARDS), threads=threads,
+                           check=lambda n, r: r.card.last4 == demo_pan(n)[-4:])
 
 
 def test_killed_shard_loses_no_lookup_and_returns_after_flush(faults: FaultStack) -> None:

@@ -36,6 +36,7 @@ from server.embedded import free_port
 from server.proto import crs_pb2 as pb
 from server.settings import Settings, settings_to_env
 from shard_router import Ring, ShardSpec
+from tests.integration import load
 
 pytestmark = pytest.mark.integration
 CUSTOMERS = 600
@@ -134,48 +135,11 @@ def stack() -> Iterator[ReshardStack]:
         env.stop()
 
 
-class LookupLoad:
-    """Client threads, each with its own channel to one of the nodes, resolving cards until stopped;
-    every answer is compared byte for byte with the one recorded before any move."""
-
-    def __init__(self, stack: ReshardStack, threads: int = 4) -> None:
-        self.stack = stack
-        self.stop_flag = threading.Event()
-        self.ok = 0
-        self.failures: list[str] = []
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
-
-    def _run(self, t: int) -> None:
-        cards = self.stack.reader_cards()
-        i = t * 97
-        node = self.stack.nodes[t % len(self.stack.nodes)]
-        with grpc.insecure_channel(node.address) as channel:
-            lookup = rpc.stub(channel, "LookupService")
-            while not self.stop_flag.is_set():
-                n = cards[i % len(cards)]
-                i += 13
-                try:
-                    r = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(n)), timeout=5)
-                    good = r.SerializeToString() == self.stack.truth[n]
-                    with self.lock:
-                        if good:
-                            self.ok += 1
-                        else:
-                            self.failures.append(f"card {n}: wrong answer")
-                except grpc.RpcError as exc:
-                    with self.lock:
-                        self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
-
-    def __enter__(self) -> LookupLoad:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(10)
+def LookupLoad(stack: ReshardStack, threads: int = 4) -> load.LookupLoad:
+    """Client threads over all nodes; every answer compared byte for byte with the one recorded before
+    any move."""
+    return load.LookupLoad(addresses=[n.address for n in stack.nodes], cards=stack.reader_cards, threads=threads,
+                           stride=13, check=lambda n, r: r.SerializeToString() == stack.truth[n])
 
 
 class CardWriter:
