@@ -237,7 +237,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
                   " clients 'admin' and 'switch')")
         shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
         print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
-              f"      export CRS_PG_DSN={pg.dsn('crs')} CRS_REDIS_SHARDS={shards}")
+              f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
         print("Ctrl-C stops everything.", flush=True)
         while not stop and node.proc.poll() is None:
             time.sleep(0.5)

@@ -34,6 +34,7 @@ def dev_keys() -> dict[str, str]:
 
 
 SERVICE_ROLE = "crs_node"   # the login role nodes use: a member of crs_app (migration 0003)
+OPERATOR_ROLE = "crs_sre"   # the login role for crs shards ...: a member of crs_operator (migration 0004)
 
 
 async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
@@ -43,8 +44,9 @@ async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
     if service_role:
         conn = await asyncpg.connect(settings.pg_dsn)
         try:
-            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", service_role):
-                await conn.execute(f'CREATE ROLE "{service_role}" LOGIN IN ROLE crs_app')
+            for role, group in ((service_role, "crs_app"), (OPERATOR_ROLE, "crs_operator")):
+                if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                    await conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE {group}')
         finally:
             await conn.close()
     if customers <= 0:
@@ -190,6 +192,12 @@ class DevEnvironment:
         """The schema owner (superuser here): migrations, demo data, test inspection."""
         assert self.stack is not None, "start() first"
         return self.stack.postgres.dsn("crs")
+
+    @property
+    def operator_dsn(self) -> str:
+        """What an SRE's `crs shards ...` logs in as: the service's rights plus the shard topology."""
+        assert self.stack is not None, "start() first"
+        return f"postgresql://{OPERATOR_ROLE}@127.0.0.1:{self.stack.postgres.port}/crs"
 
     def settings(self, **overrides: object) -> Settings:
         assert self.stack is not None, "start() first"

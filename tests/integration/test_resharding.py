@@ -63,7 +63,8 @@ class ReshardStack:
 
     def cli_env(self, settings: Settings | None = None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-        return env | settings_to_env(settings or self.settings)
+        # An SRE's credentials: the node's role may not change the topology (migration 0004).
+        return env | settings_to_env(replace(settings or self.settings, pg_dsn=self.env.operator_dsn))
 
     def crs(self, *args: str, check: bool = True, timeout: float = 120,
             settings: Settings | None = None) -> subprocess.CompletedProcess[str]:

@@ -221,3 +221,23 @@ def test_admin_writes_are_audited_and_the_trail_is_append_only(node_a: Clients, 
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "OK_REPLAYED" in out.stdout and customer.customer_id in out.stdout
+
+
+def test_only_operators_change_the_shard_topology(dev_env: DevEnvironment) -> None:
+    async def check() -> None:
+        service = await asyncpg.connect(dev_env.settings().pg_dsn)
+        operator = await asyncpg.connect(dev_env.operator_dsn)
+        try:
+            for table in ("shard_topology", "shard_topology_draft", "shard_migration_progress"):
+                await service.fetch(f"SELECT * FROM {table} LIMIT 1")          # nodes read it
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await service.execute(f"DELETE FROM {table}")
+            async with operator.transaction():
+                await operator.execute("DELETE FROM shard_topology_draft")      # operators may
+                await operator.fetch("SELECT client_id FROM audit_log LIMIT 1")
+            await service.execute("DELETE FROM node_status WHERE node_id = 'nobody'")   # own heartbeat: yes
+        finally:
+            await service.close()
+            await operator.close()
+
+    asyncio.run(check())
