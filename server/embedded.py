@@ -785,6 +785,19 @@ class _ChildServer:
     _proc: subprocess.Popen[bytes] | None
     _log: _LogFile
 
+    @property
+    def log_path(self) -> Path:
+        return self._log.path
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self.pid is not None
+
     def _cleanup_process(self) -> None:
         if self._proc is not None and self._proc.poll() is not None:
             self._proc = None
@@ -850,19 +863,6 @@ class PostgresServer(_ChildServer):
     def __repr__(self) -> str:
         state = f"pid {self.pid}" if self.is_running else "stopped"
         return f"<PostgresServer {self.kind} {LOOPBACK}:{self.port} {self.data_dir} {state}>"
-
-    @property
-    def log_path(self) -> Path:
-        return self._log.path
-
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self.pid is not None
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{PG_SUPERUSER}@{LOOPBACK}:{self.port}/{urllib.parse.quote(database, safe='')}"
@@ -1167,19 +1167,6 @@ class RedisServer(_ChildServer):
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}/0"
-
-    @property
-    def log_path(self) -> Path:
-        return self._log.path
-
-    @property
-    def pid(self) -> int | None:
-        proc = self._proc
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    @property
-    def is_running(self) -> bool:
-        return self.pid is not None
 
     def _config(self) -> str:
         lines = [
