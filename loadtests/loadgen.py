@@ -171,13 +171,7 @@ async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
                 w.calls += 1
 
     async def idle(seconds: float) -> list[float]:
-        out: list[float] = []
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(out) < 20:
-            t = time.perf_counter()
-            await calls[0](reqs[len(out) % n])
-            out.append(time.perf_counter() - t)
-        return out
+        return await _idle_calls(calls[0], reqs, seconds)
 
     try:
         return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])],
@@ -185,6 +179,17 @@ async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def _idle_calls(call: Any, reqs: list[bytes], seconds: float) -> list[float]:
+    """Latency of one call at a time for `seconds` (at least 20 calls): the unloaded figure."""
+    out: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(out) < 20:
+        t = time.perf_counter()
+        await call(reqs[len(out) % len(reqs)])
+        out.append(time.perf_counter() - t)
+    return out
 
 
 async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
@@ -226,13 +231,7 @@ async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
                     w.error_sample = w.error_sample or next(r.message for r in resp.results if r.code)
 
     async def idle(seconds: float) -> list[float]:
-        out: list[float] = []
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline or len(out) < 20:
-            t = time.perf_counter()
-            await calls[0](reqs[len(out) % len(reqs)])
-            out.append(time.perf_counter() - t)
-        return out
+        return await _idle_calls(calls[0], reqs, seconds)
 
     try:
         return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])],
