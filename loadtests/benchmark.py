@@ -58,7 +58,7 @@ DESCRIPTION = """\
 Measure, in one run on this machine, how many lookups per second one CRS node core serves, next to
 the ceiling of a bare grpc.aio server, and print PASS/MISS against the targets.
 
-The run starts its own PostgreSQL and Redis shards (server/dev.py, as `crs dev` does), loads a small
+The run starts its own PostgreSQL and Redis shards (devstack/, as `crs-dev up` does), loads a small
 demo data set, starts node processes (`crs serve`, workers=1, plaintext) and a bare grpc.aio echo
 server, then measures each phase after --warmup seconds of the same load:
 
@@ -129,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="distinct PANs the cache phases cycle through (default 256)")
     g.add_argument("--shards", type=int, default=2, help="Redis shards (default 2)")
     g.add_argument("--pg-binaries", default="auto", choices=("auto", "system", "pgserver"),
-                   help="which PostgreSQL binaries server/embedded.py uses (default auto)")
+                   help="which PostgreSQL binaries devstack/ uses (default auto)")
     g.add_argument("--no-pin", action="store_true", help="do not pin the server and client to separate CPUs")
     g = p.add_argument_group("load generator")
     g.add_argument("--client", choices=("aio", "threads"), default="aio",
@@ -234,11 +234,11 @@ class EchoServer:
 def start_node_without_redis(env: Any, **overrides: object) -> Any:
     """A node with redis_shards=() (caches off). DevEnvironment.start_node(redis_shards=()) raises
     TypeError (its settings() sets redis_shards itself, then the override again), so this builds
-    the settings the same way and starts the node with server.dev.start_node."""
+    the settings the same way and starts the node with devstack.environment.start_node."""
     import dataclasses
 
-    from server.dev import start_node
-    from server.embedded import free_port
+    from devstack import free_port
+    from devstack.environment import start_node
 
     settings = dataclasses.replace(env.settings(grpc_port=free_port(), workers=1, metrics_port=free_port(),
                                                 **overrides), redis_shards=())
@@ -384,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cpus is not None:
         procs.pin_self(cpus[1])   # the orchestrator idles on the client CPU; children inherit it
 
-    from server.demo import demo_pan
-    from server.dev import DevEnvironment
+    from devstack.demo import demo_pan
+    from devstack.environment import DevEnvironment
     from server.logs import configure_logging
     from server.store.reads import CARD_BY_FINGERPRINT_SQL as card_query
 

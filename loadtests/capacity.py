@@ -252,11 +252,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `capacity` to a CLI's subparsers (server/cli.py calls this)."""
+    """Add `capacity` to a CLI's subparsers (`crs-load`, loadtests/cli.py)."""
     p = subparsers.add_parser(
         "capacity", help="nodes, Redis shards and PostgreSQL load for a target lookups/s (from the sweep report)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Example: crs capacity --target 50000 --mix retail=80,ach=15,customer=5 --p99-ms 20 "
+        epilog="Example: crs-load capacity --target 50000 --mix retail=80,ach=15,customer=5 --p99-ms 20 "
                "--cores-per-pod 4 --customers 30000000\nExit status: 0 feasible, 1 not feasible as asked "
                "(p99 budget), 2 bad input or no report.")
     p.add_argument("--target", type=float, required=True, help="peak lookups per second to serve")

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token, plan
+from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token, plan
 
 OK, NOT_FOUND, INVALID_ARGUMENT = "OK", "NOT_FOUND", "INVALID_ARGUMENT"
 KINDS = ("pan", "token", "account", "customer")

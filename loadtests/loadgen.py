@@ -143,7 +143,7 @@ def _channels(grpc: Any, spec: dict[str, Any]) -> list[Any]:
 async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
-    from server.demo import demo_pan
+    from devstack.demo import demo_pan
     from server.proto import crs_pb2 as pb
 
     reqs = [pb.ResolveCardRequest(pan=demo_pan(i)).SerializeToString() for i in spec["keys"]]
@@ -195,7 +195,7 @@ async def _idle_calls(call: Any, reqs: list[bytes], seconds: float) -> list[floa
 async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
-    from server.demo import demo_pan
+    from devstack.demo import demo_pan
     from server.proto import crs_pb2 as pb
 
     keys, size = spec["keys"], spec["batch_size"]
@@ -244,7 +244,7 @@ async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
 async def stream_aio(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
-    from server.demo import demo_pan
+    from devstack.demo import demo_pan
     from server.proto import crs_pb2 as pb
 
     # correlation_id = the key's index. Each stream walks the keys in order from its own offset, so its
@@ -320,7 +320,7 @@ async def stream_aio(spec: dict[str, Any]) -> dict[str, Any]:
 def unary_threads(spec: dict[str, Any]) -> dict[str, Any]:
     import grpc
 
-    from server.demo import demo_pan
+    from devstack.demo import demo_pan
     from server.proto import crs_pb2 as pb
 
     reqs = [pb.ResolveCardRequest(pan=demo_pan(i)).SerializeToString() for i in spec["keys"]]

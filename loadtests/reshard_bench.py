@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import redis
 
-from server.dev import DevEnvironment
+from devstack.environment import DevEnvironment
 from server.settings import settings_to_env
 from shard_router import Ring, ShardSpec
 

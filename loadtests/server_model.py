@@ -30,13 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from devstack import free_port
+from devstack.demo import demo_pan
 from loadtests import procs
+from server import cache_keys as ck
 from server import rpc
-from server.cache import keys as ck
 from server.cache.near import NearCache
 from server.crypto import Keyring, new_key
-from server.demo import demo_pan
-from server.embedded import free_port
 from server.metrics import Metrics
 from server.pan import parse_pan
 from server.proto import crs_pb2 as pb

@@ -1,4 +1,4 @@
-"""`python -m loadtests.stack`: the embedded stack (server/dev.py) for a load test, as a child process.
+"""`python -m loadtests.stack`: the embedded stack (devstack/environment.py) for a load test, as a child process.
 
 Starts PostgreSQL + Redis shards, loads the demo data, starts one `crs serve` with --workers node
 processes on 127.0.0.1, prints one line `READY {"address": ..., "metrics": ..., ...}` and runs until
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.customers < 1 or args.shards < 1 or args.workers < 1:
         p.error("--customers, --shards and --workers must be >= 1")
 
-    from server.dev import DevEnvironment
+    from devstack.environment import DevEnvironment
     from server.logs import configure_logging
 
     configure_logging("WARNING")

@@ -244,7 +244,7 @@ class LocustRun:
 
     def __init__(self, spec: LoadSpec, *, host: str, customers: int, args: argparse.Namespace, layout: Layout,
                  workdir: Path, max_seconds: float) -> None:
-        from server.embedded import free_port
+        from devstack import free_port
 
         self.spec, self.workdir = spec, workdir
         self.record = workdir / "timelines"
@@ -330,7 +330,7 @@ class Stack:
     """One DevEnvironment (PostgreSQL + the most shards any configuration needs); nodes per configuration."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from server.dev import DevEnvironment
+        from devstack.environment import DevEnvironment
 
         self.env = DevEnvironment(shards=max(args.shards), customers=args.customers, pg_binaries=args.pg_binaries)
         self.nodes: list[Any] = []
@@ -355,9 +355,9 @@ class Stack:
         then measure a warm service (steady state) rather than its first minutes. Returns seconds."""
         import grpc
 
+        from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
         from loadtests.keys import DataSet
         from server import rpc
-        from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
         from server.proto import crs_pb2 as pb
 
         data = DataSet(customers, seed)
@@ -404,8 +404,8 @@ class Stack:
         process and metrics stay in-process, with N >= 2 prometheus_client runs in multiprocess mode).
         `processes`: N separate `crs serve --workers 1` sharing one port (SO_REUSEPORT), like N
         single-core pods: every size runs the same code path."""
-        from server.dev import start_node
-        from server.embedded import free_port
+        from devstack import free_port
+        from devstack.environment import start_node
 
         self.stop_node()
         assert self.env.stack is not None

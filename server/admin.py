@@ -10,7 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from server.auth import Caller
+from server.caller import Caller
 from server.errors import BackendError, CrsError
 from server.resolver import Resolver
 from server.store.admin import AdminStore, WriteResult

@@ -23,10 +23,10 @@ from grpc_reflection.v1alpha import reflection
 
 from server import rpc
 from server.admin import AdminHandlers
-from server.auth import ADMIN_WRITE, LOOKUP_RPC_SCOPE, Authenticator, Caller, ClientRegistry, JwtVerifier
+from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
 from server.cache.redis_tier import RedisTier
-from server.cache.topology_watch import TopologyWatcher
+from server.caller import ADMIN_WRITE, LOOKUP_RPC_SCOPE, Caller
 from server.errors import CrsError, InvalidKey, status_for
 from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
@@ -36,6 +36,7 @@ from server.settings import Settings
 from server.store.admin import AdminStore
 from server.store.db import active_data_key, create_pool, verify_key_checks
 from server.store.migrate import check_schema
+from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
 

@@ -26,48 +26,14 @@ from typing import Any
 
 import grpc
 
-from server.errors import PermissionDenied, RateLimited, Unauthenticated
-
-LOOKUP_CARD = "lookup:card"
-LOOKUP_ACCOUNT = "lookup:account"
-LOOKUP_CUSTOMER = "lookup:customer"
-ADMIN_WRITE = "admin:write"
-ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE})
-LOOKUP_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER})
-
-# The scope each LookupService RPC needs; batch and stream need one lookup scope to be called at all,
-# then each key is checked against the scope of its kind (KEY_SCOPE).
-LOOKUP_RPC_SCOPE: Mapping[str, frozenset[str]] = {
-    "ResolveCard": frozenset({LOOKUP_CARD}),
-    "ResolveAccount": frozenset({LOOKUP_ACCOUNT}),
-    "GetCustomer": frozenset({LOOKUP_CUSTOMER}),
-    "BatchResolve": LOOKUP_SCOPES,
-    "StreamResolve": LOOKUP_SCOPES,
-}
-KEY_SCOPE: Mapping[str, str] = {"pan": LOOKUP_CARD, "card_token": LOOKUP_CARD, "account": LOOKUP_ACCOUNT,
-                                "customer_id": LOOKUP_CUSTOMER}
+from server.caller import ALL_SCOPES, ANONYMOUS, Caller
+from server.errors import RateLimited, Unauthenticated
 
 
 class ConfigError(ValueError):
     """The clients file or the JWT keys are unusable (reported at start-up)."""
 
 
-@dataclass(frozen=True)
-class Caller:
-    client_id: str
-    scopes: frozenset[str]
-    via: str   # "mtls", "jwt" or "anonymous"
-
-    def require_any(self, scopes: frozenset[str], what: str) -> None:
-        if not self.scopes & scopes:
-            raise PermissionDenied(f"client {self.client_id!r} may not call {what}"
-                                   f" (needs {' or '.join(sorted(scopes))})")
-
-    def may(self, scope: str) -> bool:
-        return scope in self.scopes
-
-
-ANONYMOUS = Caller("anonymous", ALL_SCOPES, "anonymous")
 
 
 @dataclass(frozen=True)

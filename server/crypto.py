@@ -47,6 +47,11 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
+def generate_keys() -> dict[str, str]:
+    """Fresh random CRS_FINGERPRINT_KEYS and CRS_KEK values (`crs keys generate`, throwaway dev stacks)."""
+    return {"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}", "CRS_KEK": encode_key(new_key())}
+
+
 def parse_versioned_keys(text: str, *, what: str) -> dict[int, bytes]:
     """'1:BASE64,2:BASE64' -> {1: key, 2: key}."""
     keys: dict[int, bytes] = {}

@@ -13,8 +13,8 @@ from functools import partial
 
 import asyncpg
 
-from server.auth import KEY_SCOPE, Caller
-from server.cache import keys as ck
+from server import cache_keys as ck
+from server.caller import KEY_SCOPE, Caller
 from server.crypto import Keyring, account_fingerprint_input
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
 from server.errors import CrsError, InvalidKey, PermissionDenied, rpc_code_number

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from server.cache.keys import NEGATIVE
 from server.cache.near import NearCache
 from server.cache.redis_tier import RedisTier, ShardUnavailable
+from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
 from server.metrics import Metrics
 

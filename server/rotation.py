@@ -22,7 +22,7 @@ from typing import TextIO
 import asyncpg
 
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, KeyConfigError, Keyring
-from server.progress import Progress
+from server.progress import ProgressBar
 
 BATCH = 1000
 
@@ -65,7 +65,7 @@ async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, bat
             todo_sql = (f" FROM {spec.table} WHERE fingerprint_version <> $1"
                         f" AND next_fingerprint_version IS DISTINCT FROM $1")
             total = int(await conn.fetchval("SELECT count(*)" + todo_sql, to_version))
-            progress = Progress(total, out or sys.stderr, what=f"re-fingerprinting {spec.table}")
+            progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {spec.table}", total)
             done[spec.table] = 0
             routing_col = "routing_number" if spec is ACCOUNTS else "NULL"
             while True:

@@ -1,5 +1,5 @@
 """Shared fixtures: a real PostgreSQL + Redis shards + two node processes, started once per session
-through the same launcher `crs dev` uses (server/dev.py → server/embedded.py).
+through the same launcher `crs dev` uses (devstack/).
 
 Set CRS_TEST_PG_BINARIES=system|pgserver to force the PostgreSQL binaries (default: PATH first).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
-from server.dev import DevEnvironment, NodeProcess
 from server.proto import crs_pb2 as pb
 
 DEMO_CUSTOMERS = 300

@@ -17,8 +17,8 @@ import asyncpg
 import orjson
 from google.protobuf.message import Message
 
-from server.auth import Caller
-from server.cache import keys as ck
+from server import cache_keys as ck
+from server.caller import Caller
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, VersionConflict
 from server.pan import (

@@ -8,8 +8,8 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
+from devstack.demo import demo_pan
 from server import rpc
-from server.demo import demo_pan
 from server.proto import crs_pb2 as pb
 
 

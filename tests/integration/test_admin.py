@@ -9,7 +9,7 @@ import uuid
 import grpc
 import pytest
 
-from server.demo import demo_routing
+from devstack.demo import demo_routing
 from server.proto import crs_pb2 as pb
 from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
 
@@ -169,7 +169,7 @@ def test_outbox_rows_are_written_and_settled(node_a: Clients, dev_env: object, u
 
     import asyncpg
 
-    from server.dev import DevEnvironment
+    from devstack.environment import DevEnvironment
 
     assert isinstance(dev_env, DevEnvironment)
     _setup_card(node_a, used_secrets)

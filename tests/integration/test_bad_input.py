@@ -8,7 +8,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.demo import demo_pan, demo_routing
+from devstack.demo import demo_pan, demo_routing
 from server.proto import crs_pb2 as pb
 from tests.conftest import Clients
 

@@ -1,4 +1,4 @@
-"""The embedded-server launcher (server/embedded.py) against real PostgreSQL and Redis binaries."""
+"""The embedded-server launcher (devstack/) against real PostgreSQL and Redis binaries."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from server.embedded import (
+from devstack import (
     EmbeddedServerError,
     EmbeddedStack,
     PostgresServer,
@@ -246,7 +246,7 @@ def test_killed_parent_takes_its_servers_down(base_dir: Path) -> None:
         """
         import json, sys, time
         from pathlib import Path
-        from server.embedded import EmbeddedStack
+        from devstack import EmbeddedStack
         stack = EmbeddedStack(base_dir=Path(sys.argv[1]), shards=1)
         stack.start()  # starts the servers from worker threads
         print(json.dumps([stack.postgres.pid, stack.redis[0].pid]), flush=True)

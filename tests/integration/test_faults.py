@@ -19,10 +19,10 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.demo import demo_pan
+from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
 from server import rpc
-from server.cache import keys as ck
-from server.demo import demo_pan
-from server.dev import DevEnvironment, NodeProcess
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from devstack.demo import demo_account_number, demo_pan, demo_routing
+from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.crypto import encode_key, new_key
-from server.demo import demo_account_number, demo_pan, demo_routing
-from server.dev import DevEnvironment, NodeProcess
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
 

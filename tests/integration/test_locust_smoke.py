@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.environment import DevEnvironment, NodeProcess
 from loadtests.latency import Timeline
-from server.dev import DevEnvironment, NodeProcess
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
+from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from server.proto import crs_pb2 as pb
 from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
 

@@ -12,8 +12,8 @@ import time
 import grpc
 import pytest
 
+from devstack.environment import DevEnvironment
 from server import rpc
-from server.dev import DevEnvironment
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
 from tests.conftest import UsedSecrets, fresh_pan
@@ -90,11 +90,19 @@ def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvir
 
 
 def test_cli_help_is_a_manual() -> None:
-    for args in ([], ["serve"], ["dev"], ["migrate"], ["load-demo"], ["lookup"], ["keys", "generate"],
-                 ["keys", "rotate-fingerprint"], ["keys", "rotate-kek"], ["certs", "dev"], ["audit"]):
+    for args in ([], ["serve"], ["migrate"], ["lookup"], ["keys", "generate"], ["keys", "rotate-fingerprint"],
+                 ["keys", "rotate-kek"], ["audit"], ["shards"], ["shards", "status"]):
         r = subprocess.run([sys.executable, "-m", "server.cli", *args, "--help"], capture_output=True, text=True,
                            timeout=30)
         assert r.returncode == 0 and "usage: crs" in r.stdout, (args, r.stderr)
+    for args in ([], ["up"], ["load-demo"], ["certs"], ["lookup"]):
+        r = subprocess.run([sys.executable, "-m", "devstack.cli", *args, "--help"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and "usage: crs-dev" in r.stdout, (args, r.stderr)
+    # The product no longer carries the development commands.
+    r = subprocess.run([sys.executable, "-m", "server.cli", "dev", "--help"], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
     r = subprocess.run([sys.executable, "-m", "server.cli", "keys", "generate"], capture_output=True, text=True,
                        timeout=30)
     assert "CRS_KEK=" in r.stdout and "CRS_FINGERPRINT_KEYS=1:" in r.stdout

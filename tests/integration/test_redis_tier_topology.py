@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from devstack import RedisServer
 from server.cache.redis_tier import RedisTier, ShardPolicy, ShardUnavailable
-from server.embedded import RedisServer
 from shard_router.topology import ShardState, Topology, TopologyShard, advance, begin, set_state, stage_add
 
 pytestmark = pytest.mark.integration

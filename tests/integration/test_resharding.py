@@ -28,11 +28,11 @@ import grpc
 import pytest
 import redis
 
+from devstack import free_port
+from devstack.demo import demo_pan
+from devstack.environment import DevEnvironment, NodeProcess, start_node
+from server import cache_keys as ck
 from server import rpc
-from server.cache import keys as ck
-from server.demo import demo_pan
-from server.dev import DevEnvironment, NodeProcess, start_node
-from server.embedded import free_port
 from server.proto import crs_pb2 as pb
 from server.settings import Settings, settings_to_env
 from shard_router import Ring, ShardSpec

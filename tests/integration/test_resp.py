@@ -14,8 +14,8 @@ import pytest
 import redis
 import uvloop
 
+from devstack import RedisServer
 from server.cache.resp import PipelinedReader, RespError
-from server.embedded import RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -25,10 +25,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.demo import demo_customer_id, demo_pan
+from devstack.environment import DevEnvironment, NodeProcess, open_channel
+from devstack.pki import DevPki, write_dev_pki
 from server import rpc
-from server.demo import demo_customer_id, demo_pan
-from server.dev import DevEnvironment, NodeProcess, open_channel
-from server.pki import DevPki, write_dev_pki
 from server.proto import crs_pb2 as pb
 from tests.conftest import Clients
 
@@ -63,7 +63,7 @@ class SecureNode:
 
 @pytest.fixture(scope="module")
 def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureNode]:
-    from server.embedded import free_port
+    from devstack import free_port
 
     assert dev_env.stack is not None
     base = Path(dev_env.stack.base_dir) / "security-test"

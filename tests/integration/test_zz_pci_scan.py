@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 import redis
 
-from server.demo import demo_account_number, demo_pan
-from server.dev import DevEnvironment
+from devstack.demo import demo_account_number, demo_pan
+from devstack.environment import DevEnvironment
 from tests.conftest import Clients, UsedSecrets, node_logs
 
 pytestmark = pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.exceptions import InvalidTag
 
+from devstack.demo import demo_pan
 from server.crypto import (
     PAN_PURPOSE,
     DataKey,
@@ -15,7 +16,6 @@ from server.crypto import (
     new_key,
     parse_versioned_keys,
 )
-from server.demo import demo_pan
 
 
 def _keyring(**kw: object) -> Keyring:

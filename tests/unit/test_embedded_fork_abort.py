@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from server.embedded import _aborted_before_exec
+from devstack.processes import aborted_before_exec as _aborted_before_exec
 
 GRPC_LINE = ("E1123 12:23:29.374468    7647 ev_epoll1_linux.cc:373] (event_engine) Epoll1Poller:0x563e2500bf10"
              " encountered epoll_wait error: Bad file descriptor")

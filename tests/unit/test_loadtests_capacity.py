@@ -124,7 +124,7 @@ def test_model_reproduces_the_measured_runs() -> None:
 
 
 def test_cli_answers_from_the_committed_report(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import build_parser
+    from loadtests.cli import build_parser
 
     args = build_parser().parse_args(["capacity", "--target", "20000", "--mix", "retail=80,ach=15,customer=5",
                                       "--p99-ms", "200", "--cores-per-pod", "4"])
@@ -133,18 +133,3 @@ def test_cli_answers_from_the_committed_report(capsys: pytest.CaptureFixture[str
     assert "node processes" in out and "Redis" in out and "PostgreSQL" in out and "headroom 30%" in out
     bad = argparse.Namespace(**{**vars(args), "report": "/nonexistent/sweep.json"})
     assert cmd_capacity(bad) == 2
-
-
-def test_crs_without_the_loadtests_package_still_builds_its_parser(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The container image ships server/ only: `crs` must not need loadtests/ to start."""
-    import importlib.util
-
-    from server import cli
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "loadtests" else real(name, *a))
-    parser = cli.build_parser()
-    with pytest.raises(SystemExit):
-        parser.parse_args(["capacity", "--target", "1"])
-    assert parser.parse_args(["serve"]).command == "serve"

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from loadtests.keys import (
     INVALID_ARGUMENT,
     KINDS,
@@ -21,7 +22,6 @@ from loadtests.keys import (
     parse_mix,
     scatter,
 )
-from server.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from server.errors import CrsError
 from server.pan import parse_account_number, parse_customer_id, parse_pan, parse_routing_number, parse_token
 

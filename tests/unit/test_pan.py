@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.demo import demo_pan, demo_routing
+from devstack.demo import demo_pan, demo_routing
 from server.errors import InvalidKey
 from server.pan import (
     aba_ok,

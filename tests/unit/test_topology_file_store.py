@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.cache.topology_store import FileTopologyStore, TopologyConflict
+from server.topology.store import FileTopologyStore, TopologyConflict
 from shard_router.topology import Topology, TopologyError, TopologyShard, advance, begin, stage_add
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cache.migrator import MigrationPolicy
 from server.settings import SettingsError, load_settings
+from server.topology.migrator import MigrationPolicy
 
 
 def test_defaults_and_the_policy_derived_from_them() -> None:

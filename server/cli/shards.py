@@ -1,6 +1,6 @@
 """`crs shards ...`: the Redis shard topology, for SREs — see, plan, change, move, undo.
 
-Thin, like server/cli.py: parse, build settings, call server/cache/migrator.py and friends, print.
+Thin: parse, build settings, call server/topology/migrator.py and friends, print.
 docs/runbooks/resharding.md is the long form of the manuals below.
 """
 
@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from server.settings import Settings, load_settings
+from server.cli.base import settings_from_args
+from server.cli.render import percent, size, table
+from server.settings import Settings
 
 if TYPE_CHECKING:
     import asyncpg
 
-    from server.cache.topology_store import TopologyStore
+    from server.topology.store import TopologyStore
     from shard_router.topology import Topology, TopologyShard
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -177,23 +177,18 @@ def register(sub: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    config = Path(args.config) if getattr(args, "config", None) else None
-    return load_settings(os.environ, config_file=config)
-
-
 def _run(args: argparse.Namespace, body: Callable[[Settings, asyncpg.Pool, TopologyStore], Awaitable[int]]) -> int:
     """Settings, a small pool, the store; errors to messages and exit codes."""
     import asyncpg
     from redis.exceptions import RedisError
 
-    from server.cache.migrator import MigrationError
-    from server.cache.topology_store import TopologyConflict, open_store
     from server.errors import BackendUnavailable
     from server.store.db import create_pool
+    from server.topology.migrator import MigrationError
+    from server.topology.store import TopologyConflict, open_store
     from shard_router.topology import TopologyError
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
 
     async def main() -> int:
         pool = await create_pool(replace(settings, pg_pool_min=1, pg_pool_max=4))
@@ -213,25 +208,6 @@ def _run(args: argparse.Namespace, body: Callable[[Settings, asyncpg.Pool, Topol
     except (BackendUnavailable, RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         print(f"crs shards: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _table(rows: Sequence[Sequence[object]], out: TextIO) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
-    for r in cells:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
 
 
 async def _current_or_bootstrap(store: TopologyStore, settings: Settings) -> Topology:
@@ -260,8 +236,8 @@ async def _status(args: argparse.Namespace, settings: Settings, pool: asyncpg.Po
 
     import redis.asyncio as aioredis
 
-    from server.cache.shard_stats import STATS_ERRORS, ShardStats, read_stats
-    from server.cache.topology_store import PgTopologyStore, live_nodes, load_draft, load_progress
+    from server.topology.shard_stats import STATS_ERRORS, ShardStats, read_stats
+    from server.topology.store import PgTopologyStore, live_nodes, load_draft, load_progress
     from shard_router.topology import diff
 
     t = await _current_or_bootstrap(store, settings)
@@ -336,15 +312,15 @@ async def _status(args: argparse.Namespace, settings: Settings, pool: asyncpg.Po
     rows: list[list[object]] = [["SHARD", "STATE", "ADDRESS", "WEIGHT", "SHARE", "KEYS", "MEMORY", "HIT RATIO",
                                  "ERRORS", "DOWN ON"]]
     for r in shard_rows:
-        share_text = _pct(r["share"]) if t.is_stable else f"{_pct(r['source_share'])} -> {_pct(r['share'])}"
+        share_text = percent(r["share"]) if t.is_stable else f"{percent(r['source_share'])} -> {percent(r['share'])}"
         rows.append([r["name"], r["state"], r["address"], r["weight"], share_text,
                      f"{r['keys']:,}" if r["reachable"] else r["error"],
-                     _bytes(r["memory_bytes"]) if r["reachable"] else "-", _pct(r["hit_ratio"]),
+                     size(r["memory_bytes"]) if r["reachable"] else "-", percent(r["hit_ratio"]),
                      r["node_errors"], f"{r['down_on_nodes']} node(s)" if r["down_on_nodes"] else "-"])
-    _table(rows, out)
+    table(rows, out)
     out.write(f"\nNodes: {len(nodes)} live (heartbeat within CRS_TOPOLOGY_LEASE = {settings.topology_lease:g}s)\n")
     if nodes:
-        _table([["NODE", "ADDRESS", "VERSION", "PHASE", "SHARDS DOWN", "SEEN"]]
+        table([["NODE", "ADDRESS", "VERSION", "PHASE", "SHARDS DOWN", "SEEN"]]
                + [[n.node_id, n.address, n.topology_version, n.phase, ",".join(n.shards_down) or "-",
                    f"{n.age_s:.1f}s ago"] for n in nodes], out)
         if versions == [t.version]:
@@ -381,8 +357,8 @@ async def _plan(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
 
     import redis.asyncio as aioredis
 
-    from server.cache.shard_stats import STATS_ERRORS, sample_keys
-    from server.cache.topology_store import load_draft
+    from server.topology.shard_stats import STATS_ERRORS, sample_keys
+    from server.topology.store import load_draft
     from shard_router import Ring
     from shard_router.planner import ShardSample, plan_moves
     from shard_router.topology import diff
@@ -436,15 +412,15 @@ async def _plan(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
     for name, m in plan.shards.items():
         wb, wa = weights_before.get(name), weights_after.get(name)
         weight = f"{wb if wb is not None else '-'} -> {wa if wa is not None else '-'}" if wb != wa else str(wb)
-        rows.append([name, weight, f"{_pct(m.share_before)} -> {_pct(m.share_after)}",
+        rows.append([name, weight, f"{percent(m.share_before)} -> {percent(m.share_after)}",
                      f"{m.keys_before:,.0f}", f"-{m.keys_out:,.0f}", f"+{m.keys_in:,.0f}", f"{m.keys_after:,.0f}",
-                     _bytes(m.bytes_before), f"-{_bytes(m.bytes_out)}", f"+{_bytes(m.bytes_in)}",
-                     _bytes(m.bytes_after)])
-    _table(rows, out)
+                     size(m.bytes_before), f"-{size(m.bytes_out)}", f"+{size(m.bytes_in)}",
+                     size(m.bytes_after)])
+    table(rows, out)
     how = "every key examined" if plan.exact else f"extrapolated from up to {args.sample:,} keys per shard"
-    out.write(f"\nMoves {plan.keys_moving:,.0f} of {plan.keys_total:,.0f} keys ({_pct(plan.key_fraction)}),"
-              f" {_bytes(plan.bytes_moving)} of {_bytes(plan.bytes_total)} ({how});"
-              f" {_pct(plan.hash_fraction)} of the hash space changes owner.\n")
+    out.write(f"\nMoves {plan.keys_moving:,.0f} of {plan.keys_total:,.0f} keys ({percent(plan.key_fraction)}),"
+              f" {size(plan.bytes_moving)} of {size(plan.bytes_total)} ({how});"
+              f" {percent(plan.hash_fraction)} of the hash space changes owner.\n")
     if plan.pairs:
         out.write("From -> to:\n")
         for (a, b), n in sorted(plan.pairs.items(), key=lambda kv: -kv[1]):
@@ -464,7 +440,7 @@ async def _plan(args: argparse.Namespace, settings: Settings, pool: asyncpg.Pool
 def _stage(args: argparse.Namespace, change: Callable[[Sequence[TopologyShard]], Sequence[TopologyShard]],
            precheck: Callable[[Settings], Awaitable[None]] | None = None) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
-        from server.cache.migrator import stage_change
+        from server.topology.migrator import stage_change
         from shard_router import Ring
         from shard_router.planner import moved_fraction
         from shard_router.topology import diff
@@ -476,7 +452,7 @@ def _stage(args: argparse.Namespace, change: Callable[[Sequence[TopologyShard]],
         for c in diff(current.shards, draft.shards):
             print(f"  {c}")
         fraction = moved_fraction(current.target_ring, Ring(s.spec for s in draft.shards))
-        print(f"{_pct(fraction)} of the hash space would change owner."
+        print(f"{percent(fraction)} of the hash space would change owner."
               " Next: crs shards plan (count keys and bytes), crs shards apply; crs shards abort discards it.")
         return 0
 
@@ -491,7 +467,7 @@ def cmd_add(args: argparse.Namespace) -> int:
             return
         import redis.asyncio as aioredis
 
-        from server.cache.shard_stats import STATS_ERRORS
+        from server.topology.shard_stats import STATS_ERRORS
 
         client = aioredis.Redis.from_url(args.address, socket_timeout=3, socket_connect_timeout=3)
         try:
@@ -522,8 +498,8 @@ def cmd_reweight(args: argparse.Namespace) -> int:
 
 def cmd_mark(args: argparse.Namespace) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
-        from server.cache.migrator import ensure_published
-        from server.cache.topology_store import publish
+        from server.topology.migrator import ensure_published
+        from server.topology.store import publish
         from shard_router.topology import ShardState, set_state
 
         current = await ensure_published(store, pool, settings, out=sys.stdout)
@@ -544,7 +520,7 @@ def cmd_mark(args: argparse.Namespace) -> int:
 
 def _drive(args: argparse.Namespace, aborting: bool) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
-        from server.cache.migrator import MigrationPolicy, Migrator, ensure_published
+        from server.topology.migrator import MigrationPolicy, Migrator, ensure_published
 
         for flag in ("rate", "batch"):
             if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -581,7 +557,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
-        from server.cache.topology_store import PgTopologyStore
+        from server.topology.store import PgTopologyStore
         from shard_router.topology import ring_text
 
         if not isinstance(store, PgTopologyStore):
@@ -594,7 +570,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         if len(rows) == 1:
             print("no topology published yet (nodes run CRS_REDIS_SHARDS)")
         else:
-            _table(rows, sys.stdout)
+            table(rows, sys.stdout)
         return 0
 
     return _run(args, body)

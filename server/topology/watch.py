@@ -25,8 +25,10 @@ from collections import Counter
 import asyncpg
 
 from server.cache.redis_tier import RedisTier, Shard, ShardPolicy
-from server.cache.shard_stats import STATS_ERRORS, read_stats
-from server.cache.topology_store import (
+from server.metrics import Metrics
+from server.settings import Settings
+from server.topology.shard_stats import STATS_ERRORS, read_stats
+from server.topology.store import (
     NodeReport,
     forget_node,
     heartbeat,
@@ -34,8 +36,6 @@ from server.cache.topology_store import (
     prune_nodes,
     registration,
 )
-from server.metrics import Metrics
-from server.settings import Settings
 from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text
 
 log = logging.getLogger("crs.topology")

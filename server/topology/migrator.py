@@ -28,7 +28,9 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cache.topology_store import (
+from server.progress import ProgressBar
+from server.settings import Settings
+from server.topology.store import (
     Draft,
     NodeReport,
     Progress,
@@ -43,7 +45,6 @@ from server.cache.topology_store import (
     save_draft,
     save_progress,
 )
-from server.settings import Settings
 from shard_router import Ring
 from shard_router.pacing import Pacer
 from shard_router.topology import (
@@ -84,47 +85,6 @@ class MigrationPolicy:
                    wait_timeout=wait_timeout if wait_timeout is not None else max(60.0, 3 * s.topology_lease),
                    poll=min(0.5, s.topology_poll_interval / 2), copy_budget=s.reinvalidate_delay / 2,
                    redis_timeout=max(2.0, 8 * s.redis_timeout))
-
-
-# --------------------------------------------------------------------------------------------------
-# Progress display
-# --------------------------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """`label [#####-----] 52%  1,234/2,345 keys  copied 321  12,000 keys/s  ETA 3s` — redrawn in place
-    on a terminal (at most 10 times a second), one line every few seconds otherwise."""
-
-    WIDTH = 24
-
-    def __init__(self, out: TextIO, label: str, total: int, *, done: int = 0, verb: str = "moved") -> None:
-        self.out = out
-        self.label = label
-        self.total = max(total, 0)
-        self.verb = verb
-        self.tty = bool(getattr(out, "isatty", lambda: False)())
-        self.started = time.monotonic()
-        self.first_done = done
-        self._last_draw = 0.0 if self.tty else self.started   # no line before 3 s have passed
-
-    def update(self, done: int, moved: int, skipped: int, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if not final and now - self._last_draw < (0.1 if self.tty else 3.0):
-            return
-        self._last_draw = now
-        total = max(self.total, done)
-        fraction = done / total if total else 1.0
-        filled = int(fraction * self.WIDTH)
-        elapsed = max(now - self.started, 1e-9)
-        rate = (done - self.first_done) / elapsed
-        eta = f"ETA {max(total - done, 0) / rate:.0f}s" if rate > 0 and not final else f"{elapsed:.1f}s"
-        line = (f"{self.label} [{'#' * filled}{'-' * (self.WIDTH - filled)}] {fraction:4.0%}  {done:,}/{total:,} keys"
-                f"  {self.verb} {moved:,}  skipped {skipped:,}  {rate:,.0f} keys/s  {eta}")
-        if self.tty:
-            self.out.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,12 +348,12 @@ class Migrator:
                 self.say(f"  resuming {step}: {resumed:,} key(s) already examined")
             verb = "copied" if step == "copy" else "deleted"
             label = "  copy   " if step == "copy" else "  cleanup"
-            bar = ProgressBar(self.out, label, sum(totals.values()) + resumed, done=resumed, verb=verb)
+            bar = ProgressBar(self.out, label, sum(totals.values()) + resumed, unit="keys", done=resumed)
             pacer = Pacer(self.policy.rate, now=self.clock())
             watch = _VersionWatch(self.store, t.version, self.clock)
 
             def draw(final: bool = False) -> None:
-                bar.update(stats.scanned, stats.moved, stats.skipped, final=final)
+                bar.update(stats.scanned, f"{verb} {stats.moved:,}  skipped {stats.skipped:,}", final=final)
 
             async def run(name: str) -> None:
                 p = stats.shards[name]

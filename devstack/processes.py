@@ -1,0 +1,377 @@
+"""Child-process plumbing for the embedded servers: spawn, signal, wait, log, clean up.
+
+Child processes never outlive us: each runs in its own process group, is stopped by ``stop()`` and
+by an ``atexit`` hook, and on Linux gets ``PR_SET_PDEATHSIG`` so that a parent killed with SIGKILL
+takes its servers down. The death signal fires when the *thread* that forked the child exits, so
+every server is spawned from one long-lived daemon thread (``_Spawner``), whichever thread called
+``start()``; starting servers from worker threads (``EmbeddedStack.start``, ``asyncio.to_thread``)
+is therefore safe.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+LOOPBACK: Final = "127.0.0.1"
+LOG_TAIL_LINES: Final = 25
+PORT_RETRIES: Final = 3   # a port the launcher picked itself was taken: try another this many times
+
+
+class EmbeddedServerError(RuntimeError):
+    """A server could not be found, prepared, started or stopped."""
+
+
+class PortInUseError(EmbeddedServerError):
+    """Its port is taken. When the launcher picked the port itself, it retries with another one."""
+
+
+class ChildAbortedBeforeExec(EmbeddedServerError):
+    """The forked child died of SIGABRT, having logged nothing but gRPC lines. gRPC >= 1.81 does this now and
+    then in a process with live channels (the test suite): its post-fork handler restarts a poller
+    thread that aborts when ``close_fds`` closes its epoll descriptor (grpc/grpc#43055); subprocess
+    forks rather than vforks because of our preexec_fn. Nothing ran, so the start is retried."""
+
+
+_GRPC_LOG_LINE = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]")
+
+
+def aborted_before_exec(code: int, log_text: str) -> bool:
+    """SIGABRT, and nothing in the log but gRPC C-core lines: the server itself never ran."""
+    return code == -signal.SIGABRT and all(_GRPC_LOG_LINE.match(line) for line in log_text.splitlines() if line)
+
+
+# --------------------------------------------------------------------------------------------------
+# Process plumbing
+# --------------------------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG: Final = 1
+_prctl: Callable[..., int] | None = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        _prctl_fn = _libc.prctl
+        _prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+        _prctl_fn.restype = ctypes.c_int
+        _prctl = _prctl_fn
+    except (OSError, AttributeError):  # pragma: no cover - exotic libc
+        _prctl = None
+
+
+def _death_signal_preexec(sig: int) -> Callable[[], None] | None:
+    """A preexec_fn that makes the child receive ``sig`` when its parent dies (Linux only).
+
+    It runs in the child after subprocess has switched uid/gid (a credential change clears the
+    death signal, so it must come after), and does as little as possible: no imports, no allocation
+    beyond the ctypes call.
+    """
+    prctl = _prctl
+    if prctl is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The unprivileged user PostgreSQL runs as when we are root."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+class _Spawner:
+    """Runs every ``Popen`` of a long-lived server on one long-lived daemon thread.
+
+    PR_SET_PDEATHSIG fires when the thread that forked the child exits, not the process; a server
+    started from a short-lived worker thread would be killed when that thread ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], subprocess.Popen[bytes]], concurrent.futures.Future[subprocess.Popen[bytes]]]
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while True:
+            job, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def popen(self, job: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="crs-embedded-spawner", daemon=True)
+                self._thread.start()
+        future: concurrent.futures.Future[subprocess.Popen[bytes]] = concurrent.futures.Future()
+        self._jobs.put((job, future))
+        return future.result()
+
+    def reset_after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs = queue.SimpleQueue()
+        self._thread = None
+
+
+_spawner = _Spawner()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_spawner.reset_after_fork)
+
+
+def spawn(
+    argv: Sequence[str | Path],
+    *,
+    log: IO[bytes],
+    cwd: Path,
+    run_as: RunAs | None,
+    death_signal: int,
+) -> subprocess.Popen[bytes]:
+    """Start a server process: own process group, output to ``log``, death signal set (Linux)."""
+    extra = run_as.popen_kwargs() if run_as is not None else {}
+    preexec = _death_signal_preexec(death_signal)
+
+    def job() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(arg) for arg in argv],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            process_group=0,
+            preexec_fn=preexec,
+            close_fds=True,
+            **extra,
+        )
+
+    return _spawner.popen(job)
+
+
+def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Send ``sig`` to the child's process group (it leads one), falling back to the child alone."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+    except PermissionError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    try:
+        proc.wait(timeout=max(timeout, 0.0))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def child_pids(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
+    children: list[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                data = fh.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = data[data.rfind(b")") + 2 :].split()
+    return not fields or fields[0] not in (b"Z", b"X")
+
+
+def wait_pids_gone(pids: Sequence[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    remaining = list(pids)
+    while remaining and time.monotonic() < deadline:
+        remaining = [pid for pid in remaining if pid_alive(pid)]
+        if remaining:
+            time.sleep(0.02)
+
+
+class LogFile:
+    """A server's log file, appended to across restarts; ``tail()`` shows the current run only."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[bytes] | None = None
+        self._offset = 0
+
+    def open(self) -> IO[bytes]:
+        self.close()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "ab")  # closed by close(), from stop()
+        self._offset = self._fh.tell()
+        return self._fh
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def text(self) -> str:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                return fh.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        kept = self.text().splitlines()[-lines:]
+        body = "\n".join(f"    {line}" for line in kept) if kept else "    (empty)"
+        return f"last lines of {self.path}:\n{body}"
+
+
+def make_dirs(path: Path, *, open_up: bool) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created. With ``open_up`` they get mode 755 (ours
+    to change: another user must traverse them)."""
+    created: list[Path] = []
+    for directory in reversed([path, *path.parents]):
+        if directory.exists():
+            continue
+        try:
+            directory.mkdir()
+        except FileExistsError:  # created concurrently by someone else: not ours
+            continue
+        created.append(directory)
+        if open_up:
+            directory.chmod(0o755)
+    return created
+
+
+def require_kw_path(name: str, value: object) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, not {type(value).__name__}")
+    return Path(value).absolute()
+
+
+def require_port(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ValueError(f"port must be an int in 1..65535 or None, not {value!r}")
+    return value
+
+
+def require_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {value!r}")
+    return float(value)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Live-object registry (atexit)
+# --------------------------------------------------------------------------------------------------
+
+live_servers: weakref.WeakSet[ChildServer] = weakref.WeakSet()
+
+
+def _cleanup_at_exit() -> None:
+    for server in list(live_servers):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+atexit.register(_cleanup_at_exit)
+
+
+
+class ChildServer:
+    """What PostgresServer and RedisServer share: the child process, its log, and how it is stopped."""
+
+    _STOP_SIGNAL: signal.Signals = signal.SIGTERM
+    _proc: subprocess.Popen[bytes] | None
+    _log: LogFile
+
+    @property
+    def log_path(self) -> Path:
+        return self._log.path
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def _cleanup_process(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+        if self._proc is None:
+            self._log.close()
+            live_servers.discard(self)
+
+    def _signal_stop(self) -> None:
+        """Ask for a shutdown without waiting (used to stop several servers at once)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(self._STOP_SIGNAL)
+
+    def stop(self, *, timeout: float = 10.0) -> None:
+        raise NotImplementedError
+

@@ -1,0 +1,49 @@
+"""Who a request comes from and what it may do: the caller and the scopes (pure; no I/O).
+
+auth.py establishes the caller (client certificate, bearer token); handlers and writers only read it,
+so the store records *who* in the audit trail without depending on how they authenticated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from server.errors import PermissionDenied
+
+LOOKUP_CARD = "lookup:card"
+LOOKUP_ACCOUNT = "lookup:account"
+LOOKUP_CUSTOMER = "lookup:customer"
+ADMIN_WRITE = "admin:write"
+ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE})
+LOOKUP_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER})
+
+# The scope each LookupService RPC needs; batch and stream need one lookup scope to be called at all,
+# then each key is checked against the scope of its kind (KEY_SCOPE).
+LOOKUP_RPC_SCOPE: Mapping[str, frozenset[str]] = {
+    "ResolveCard": frozenset({LOOKUP_CARD}),
+    "ResolveAccount": frozenset({LOOKUP_ACCOUNT}),
+    "GetCustomer": frozenset({LOOKUP_CUSTOMER}),
+    "BatchResolve": LOOKUP_SCOPES,
+    "StreamResolve": LOOKUP_SCOPES,
+}
+KEY_SCOPE: Mapping[str, str] = {"pan": LOOKUP_CARD, "card_token": LOOKUP_CARD, "account": LOOKUP_ACCOUNT,
+                                "customer_id": LOOKUP_CUSTOMER}
+
+
+@dataclass(frozen=True)
+class Caller:
+    client_id: str
+    scopes: frozenset[str]
+    via: str   # "mtls", "jwt" or "anonymous"
+
+    def require_any(self, scopes: frozenset[str], what: str) -> None:
+        if not self.scopes & scopes:
+            raise PermissionDenied(f"client {self.client_id!r} may not call {what}"
+                                   f" (needs {' or '.join(sorted(scopes))})")
+
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+ANONYMOUS = Caller("anonymous", ALL_SCOPES, "anonymous")

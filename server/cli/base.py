@@ -1,0 +1,26 @@
+"""What every `crs` command shares: the settings object built from the environment and --config."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from server.settings import Settings, load_settings
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+class CommandFailed(Exception):
+    """A command refused or could not finish; the message says why and what to do next."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:
+    """The one Settings object: CRS_* variables, then --config, then the command's own flags."""
+    config = Path(args.config) if getattr(args, "config", None) else None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return load_settings(os.environ, config_file=config, overrides=given)

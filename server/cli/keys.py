@@ -1,0 +1,76 @@
+"""`crs keys ...`: fresh keys, online fingerprint-key and KEK rotation, which versions rows use."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from server.cli.base import RAW, settings_from_args
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from server.crypto import generate_keys
+
+    print("# Fresh random keys. Keep them in your secret store, never in the repository.")
+    for name, value in generate_keys().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from server import rotation
+    from server.crypto import KeyConfigError
+
+    settings = settings_from_args(args)
+    try:
+        if args.keys_command == "rotate-fingerprint":
+            done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
+                                                           batch=args.batch))
+            print(f"re-fingerprinted {done['cards']} cards and {done['accounts']} accounts with version {args.to}")
+        elif args.keys_command == "retire-fingerprint":
+            moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
+            print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"
+                  " use their newer fingerprint; remove the key from CRS_FINGERPRINT_KEYS")
+        elif args.keys_command == "rotate-kek":
+            n = asyncio.run(rotation.rotate_kek(settings.pg_dsn, settings.keyring()))
+            print(f"re-wrapped {n} data key(s) under KEK version {settings.kek_version};"
+                  " CRS_KEK_PREVIOUS can now be removed")
+        else:
+            for table, line in asyncio.run(rotation.key_status(settings.pg_dsn)):
+                print(f"{table:12} {line}")
+    except KeyConfigError as exc:
+        print(f"crs keys: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("keys", help="key utilities")
+    ks = s.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    k = ks.add_parser("generate", help="print fresh random CRS_FINGERPRINT_KEYS and CRS_KEK values")
+    k.set_defaults(func=cmd_keys_generate)
+    k = ks.add_parser("rotate-fingerprint", help="give every card and account a fingerprint under a new key",
+                      description=(
+        "Online and resumable: decrypts each stored number and writes its fingerprint under key version\n"
+        "--to next to the current one, in batches, showing progress; lookups by either version keep\n"
+        "working. Run it with the new version configured in CRS_FINGERPRINT_KEYS (nodes too), then\n"
+        "switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then retire-fingerprint the old version.\n"
+        "Runbook: docs/security.md."), formatter_class=RAW)
+    k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
+    k.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
+    k.set_defaults(func=cmd_keys)
+    k = ks.add_parser("retire-fingerprint", help="promote the newer fingerprints and retire a key version",
+                      description=(
+        "Make every row's newer fingerprint its primary one and mark --version retired. Refuses while\n"
+        "any row still lacks a newer fingerprint (run rotate-fingerprint again first)."), formatter_class=RAW)
+    k.add_argument("--version", type=int, required=True, help="the fingerprint key version to retire")
+    k.set_defaults(func=cmd_keys)
+    k = ks.add_parser("rotate-kek", help="re-wrap every data key under the current KEK", description=(
+        "Set CRS_KEK/CRS_KEK_VERSION to the new key-encryption key and CRS_KEK_PREVIOUS/\n"
+        "CRS_KEK_PREVIOUS_VERSION to the old one (nodes too), run this, then remove the old key.\n"
+        "Card and account rows are not touched: only the wrapped data keys change."), formatter_class=RAW)
+    k.set_defaults(func=cmd_keys)
+    k = ks.add_parser("status", help="which key versions the stored rows use")
+    k.set_defaults(func=cmd_keys)

@@ -1,0 +1,100 @@
+"""`crs lookup`: resolve one key against a running node (an operator's smoke test).
+
+A PAN or account number is read from standard input, never from the command line where shell
+history would keep it. `crs-dev lookup` (devstack/cli.py) adds --demo N on top of this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from server.cli.base import RAW
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_TIMEOUT = 5.0   # seconds: generous for a human at a terminal; a node answers in about a millisecond
+
+
+def add_arguments(s: argparse.ArgumentParser) -> None:
+    """The target, TLS and key arguments `crs lookup` and `crs-dev lookup` share."""
+    s.add_argument("kind", choices=("card", "account", "customer"))
+    s.add_argument("--target", default=DEFAULT_TARGET, help=f"node address (default {DEFAULT_TARGET})")
+    s.add_argument("--token", help="card token (card lookups)")
+    s.add_argument("--routing", help="ABA routing number (account lookups; account number from stdin)")
+    s.add_argument("--customer-id", help="customer id (customer lookups)")
+    s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})")
+    s.add_argument("--tls-dir", help="a dev PKI directory (crs-dev up prints it): ca.pem + client-NAME.pem/.key")
+    s.add_argument("--client", default="switch", help="client certificate name in --tls-dir (default switch)")
+    s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS")
+    s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS")
+    s.add_argument("--key", help="client private key (PEM) for mutual TLS")
+    s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
+
+
+def from_stdin() -> str:
+    return sys.stdin.readline().strip()
+
+
+def run(args: argparse.Namespace, *, pan: Callable[[], str] = from_stdin,
+        account_number: Callable[[], str] = from_stdin, customer_id: Callable[[], str] | None = None) -> int:
+    """Call the RPC `args.kind` names and print its answer as JSON; a gRPC error as `CODE: details`."""
+    import grpc
+    from google.protobuf.json_format import MessageToJson
+
+    from server import rpc
+    from server.proto import crs_pb2 as pb
+
+    with open_channel(args) as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        try:
+            if args.kind == "card":
+                request = (pb.ResolveCardRequest(token=args.token) if args.token
+                           else pb.ResolveCardRequest(pan=pan()))
+                reply = lookup.ResolveCard(request, timeout=args.timeout)
+            elif args.kind == "account":
+                number = account_number()
+                reply = lookup.ResolveAccount(pb.ResolveAccountRequest(routing_number=args.routing or "",
+                                                                       account_number=number), timeout=args.timeout)
+            else:
+                cid = customer_id() if customer_id is not None else (args.customer_id or "")
+                reply = lookup.GetCustomer(pb.GetCustomerRequest(customer_id=cid), timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(MessageToJson(reply, indent=2))
+    return 0
+
+
+def open_channel(args: argparse.Namespace) -> Any:
+    import grpc
+
+    ca, cert, key = args.ca, args.cert, args.key
+    if args.tls_dir:
+        tls = Path(args.tls_dir)
+        ca, cert, key = tls / "ca.pem", tls / f"client-{args.client}.pem", tls / f"client-{args.client}.key"
+    if not ca:
+        return grpc.insecure_channel(args.target)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None)
+    call_creds = []
+    if args.token_file:
+        call_creds.append(grpc.access_token_call_credentials(Path(args.token_file).read_text().strip()))
+    return grpc.secure_channel(args.target, grpc.composite_channel_credentials(creds, *call_creds)
+                               if call_creds else creds)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    return run(args)
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("lookup", help="call LookupService on a running node", description=(
+        "Resolve one key against a node. A PAN or account number is read from standard input (never\n"
+        "from the command line, where shell history would keep it). Demo keys: crs-dev lookup --demo N."),
+        formatter_class=RAW)
+    add_arguments(s)
+    s.set_defaults(func=cmd_lookup)

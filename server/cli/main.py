@@ -1,0 +1,37 @@
+"""The `crs` parser: every command family registers its sub-commands; errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from server.cli import audit, keys, lookup, serve, shards
+from server.settings import SettingsError
+
+EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
+CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 2 bad usage or configuration,
+3 a dependency (PostgreSQL, Redis) unavailable. Development commands (a local stack, demo data,
+dev certificates) are in `crs-dev --help`; the capacity model in `crs-load --help`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crs", description="CRS Lookup: card -> account -> customer resolution.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="TOML settings file (same names as the CRS_* variables, lower case)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for family in (serve, audit, keys, lookup, shards):
+        family.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SettingsError as exc:
+        print(f"crs: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,46 @@
+"""`crs serve` (the node processes) and `crs migrate` (the schema)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from server.cli.base import RAW, settings_from_args
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve
+    from server.settings import check_serving
+
+    settings = settings_from_args(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host)
+    check_serving(settings)
+    return serve(settings)
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from server.store.migrate import migrate
+
+    settings = settings_from_args(args)
+    applied = asyncio.run(migrate(settings.pg_dsn))
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+                                                    if applied else " (schema up to date)"))
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("serve", help="run node processes (gRPC + metrics)", description=(
+        "Run N node processes sharing one gRPC port (SO_REUSEPORT), each on uvloop with its own\n"
+        "PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
+        "metrics on CRS_METRICS_PORT. SIGTERM drains: health NOT_SERVING, stop accepting, finish\n"
+        "in-flight calls within CRS_GRACE_SECONDS, exit 0. Needs CRS_PG_DSN, CRS_REDIS_SHARDS,\n"
+        "CRS_FINGERPRINT_KEYS and CRS_KEK."), formatter_class=RAW)
+    s.add_argument("--workers", type=int, help="node processes (default CRS_WORKERS, 0 = CPU count)")
+    s.add_argument("--port", type=int, help="gRPC port (default CRS_GRPC_PORT = 50051)")
+    s.add_argument("--host", help="bind address (default CRS_GRPC_HOST = 127.0.0.1)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("migrate", help="apply pending schema migrations (idempotent)", description=(
+        "Apply every pending migration in order, each in one transaction, recorded in schema_versions.\n"
+        "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN."), formatter_class=RAW)
+    s.set_defaults(func=cmd_migrate)
