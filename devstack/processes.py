@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
+import psutil
+
 LOOPBACK: Final = "127.0.0.1"
 LOG_TAIL_LINES: Final = 25
 PORT_RETRIES: Final = 3   # a port the launcher picked itself was taken: try another this many times
@@ -201,43 +203,21 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 
 def child_pids(pid: int) -> list[int]:
-    """The pids whose parent is ``pid`` (Linux /proc; empty elsewhere)."""
-    children: list[int] = []
+    """The pids whose parent is ``pid`` (empty when it is gone)."""
     try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return children
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                data = fh.read()
-        except OSError:
-            continue
-        fields = data[data.rfind(b")") + 2 :].split()
-        if len(fields) > 1 and int(fields[1]) == pid:
-            children.append(int(entry))
-    return children
+        return [child.pid for child in psutil.Process(pid).children()]
+    except psutil.Error:
+        return []
 
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+    except psutil.Error:   # e.g. AccessDenied: it exists
         return True
-    fields = data[data.rfind(b")") + 2 :].split()
-    return not fields or fields[0] not in (b"Z", b"X")
 
 
 def wait_pids_gone(pids: Sequence[int], timeout: float) -> None:

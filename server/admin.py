@@ -13,7 +13,8 @@ from typing import Any
 from server.caller import Caller
 from server.errors import BackendError, CrsError
 from server.resolver import Resolver
-from server.store.admin import AdminStore, WriteResult
+from server.store.admin import AdminStore
+from server.store.envelope import WriteResult
 
 log = logging.getLogger("crs.admin")
 Write = Callable[[Any, Caller], Awaitable[WriteResult]]

@@ -1,5 +1,5 @@
 """Shared fixtures: a real PostgreSQL + Redis shards + two node processes, started once per session
-through the same launcher `crs dev` uses (devstack/).
+through the same launcher `crs-dev up` uses (devstack/).
 
 Set CRS_TEST_PG_BINARIES=system|pgserver to force the PostgreSQL binaries (default: PATH first).
 """

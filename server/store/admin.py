@@ -1,4 +1,5 @@
-"""Admin writes: one PostgreSQL transaction per write, with its outbox row and idempotency record.
+"""Admin writes of customers, accounts, relationships and cards, each inside the write envelope
+(server/store/envelope.py: one transaction with its outbox, idempotency and audit rows).
 
 Each write returns the serialized response, the cache keys it made stale and the outbox row id.
 The caller (server/admin.py) invalidates those keys after commit; the relay retries what failed.
@@ -6,16 +7,12 @@ The caller (server/admin.py) invalidates those keys after commit; the relay retr
 
 from __future__ import annotations
 
-import re
 import secrets
 import string
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any
 
 import asyncpg
-import orjson
-from google.protobuf.message import Message
 
 from server import cache_keys as ck
 from server.caller import Caller
@@ -31,127 +28,24 @@ from server.pan import (
     parse_pan,
     parse_routing_number,
     parse_token,
-    redact_digits,
 )
 from server.proto import crs_pb2 as pb
-from server.store.db import Conn, required, translate_db_errors
+from server.store.db import Conn, required
+from server.store.envelope import Change, WriteEnvelope, WriteResult
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
-_ID_FIELDS = ("customer_id", "account_id", "owner")
-_REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id")
-_SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_NAME = 200
-MAX_REQUEST_ID = 128
 
 
 def new_id(prefix: str, length: int = 20) -> str:
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
 
 
-@dataclass(frozen=True)
-class WriteResult:
-    response: bytes
-    stale_keys: list[str]
-    outbox_id: int | None   # None when a retried request_id returned the stored answer
-
-
-@dataclass(frozen=True)
-class Change:
-    """What a write body hands back: the answer, the keys it made stale, the event for the outbox."""
-
-    response: Message
-    stale_keys: list[str]
-    event_type: str
-    entity_type: str
-    entity_id: str
-    payload: dict[str, Any]
-
-
-Body = Callable[[Conn], Awaitable[Change]]
-
-
-class AdminStore:
+class AdminStore(WriteEnvelope):
     def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, data_key: DataKey, timeout: float) -> None:
-        self.pool = pool
+        super().__init__(pool=pool, timeout=timeout)
         self.keyring = keyring
         self.data_key = data_key
-        self.timeout = timeout
-
-    # -- the write envelope --------------------------------------------------------------------
-    async def _write(self, rpc: str, request_id: str, body: Body, caller: Caller) -> WriteResult:
-        if len(request_id) > MAX_REQUEST_ID:
-            raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
-        with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
-                if request_id:
-                    stored = await self._replay(conn, rpc, request_id, caller)
-                    if stored is not None:
-                        return stored
-                try:
-                    async with conn.transaction():
-                        change = await body(conn)
-                        response = change.response.SerializeToString()
-                        outbox_id = await conn.fetchval(
-                            "INSERT INTO outbox (event_type, entity_type, entity_id, payload, cache_keys)"
-                            " VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id",
-                            change.event_type, change.entity_type, change.entity_id,
-                            orjson.dumps(change.payload).decode(), sorted(set(change.stale_keys)))
-                        if request_id:
-                            await conn.execute(
-                                "INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, $2, $3)",
-                                request_id, rpc, response)
-                        related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
-                        await self._audit(conn, caller, rpc, request_id, change.entity_type,
-                                          [change.entity_id, *related], "OK", int(outbox_id))
-                except asyncpg.UniqueViolationError as exc:
-                    if request_id and exc.constraint_name == "idempotency_pkey":
-                        # A concurrent retry of the same request won the race: answer as it did.
-                        stored = await self._replay(conn, rpc, request_id, caller)
-                        if stored is not None:
-                            return stored
-                    raise
-                return WriteResult(response, change.stale_keys, int(outbox_id))
-
-    async def _replay(self, conn: Conn, rpc: str, request_id: str, caller: Caller) -> WriteResult | None:
-        stored = await self._stored_answer(conn, rpc, request_id)
-        if stored is None:
-            return None
-        await self._audit(conn, caller, rpc, request_id, None, [], "OK_REPLAYED", None)
-        return WriteResult(stored, [], None)
-
-    @staticmethod
-    async def _audit(conn: Conn, caller: Caller, rpc: str, request_id: str, entity_type: str | None,
-                     entity_ids: list[str], result: str, outbox_id: int | None) -> None:
-        await conn.execute(
-            "INSERT INTO audit_log (client_id, via, rpc, request_id, entity_type, entity_ids, result, outbox_id)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            caller.client_id, caller.via, rpc, redact_digits(request_id) or None, entity_type, entity_ids, result,
-            outbox_id)
-
-    async def audit_failure(self, caller: Caller, rpc: str, request: Any, result: str) -> None:
-        """Record a refused or failed write (its transaction, if any, rolled back)."""
-        ids = [getattr(request, f) for f in _REQUEST_ID_FIELDS if getattr(request, f, "")]
-        # Only well-formed ids: a malformed field may be anything, a pasted card number included.
-        ids = [i for i in ids if isinstance(i, str) and _SAFE_ID.fullmatch(i)]
-        with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
-                await self._audit(conn, caller, rpc, getattr(request, "request_id", "")[:MAX_REQUEST_ID], None,
-                                  ids, result, None)
-
-    @staticmethod
-    async def _stored_answer(conn: Conn, rpc: str, request_id: str) -> bytes | None:
-        row = await conn.fetchrow("SELECT rpc, response FROM idempotency WHERE request_id = $1", request_id)
-        if row is None:
-            return None
-        if row["rpc"] != rpc:
-            raise AlreadyExists(f"request_id was already used for {row['rpc']}")
-        response: bytes = row["response"]
-        return response
-
-    async def mark_invalidated(self, outbox_id: int) -> None:
-        with translate_db_errors():
-            await self.pool.execute("UPDATE outbox SET invalidated_at = clock_timestamp() WHERE id = $1",
-                                    outbox_id, timeout=self.timeout)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
