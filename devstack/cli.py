@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.cli import lookup as product_lookup
-from server.cli.base import RAW, settings_from_args
-from server.settings import SettingsError
+from server.cli.base import RAW, run_command, settings_from_args
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
@@ -201,15 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.func(args)
-        return code
-    except SettingsError as exc:
-        print(f"crs-dev: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

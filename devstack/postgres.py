@@ -14,7 +14,6 @@ import subprocess
 import threading
 import time
 import urllib.parse
-import warnings
 from pathlib import Path
 from typing import Final
 
@@ -347,30 +346,16 @@ class PostgresServer(ChildServer):
 
     # -- stop --------------------------------------------------------------------------------------
 
-    def stop(self, *, timeout: float = 15.0) -> None:
-        """Fast shutdown (SIGINT); escalates to immediate shutdown then SIGKILL if it hangs. Idempotent."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGINT)
-                if not wait_exit(proc, timeout):
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGQUIT)
-                    if not wait_exit(proc, 5.0):
-                        self._kill_tree(proc)
-            self._cleanup_process()
+    _STOP_TIMEOUT = 15.0
 
-    def kill(self) -> None:
-        """SIGKILL the postmaster and its backends at once, like a crash (for fault tests)."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                self._kill_tree(proc)
-            self._cleanup_process()
+    def _escalate(self, proc: subprocess.Popen[bytes]) -> None:
+        """Fast shutdown hung: immediate shutdown (SIGQUIT), then SIGKILL of the whole tree."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGQUIT)
+        if not wait_exit(proc, 5.0):
+            self._kill_now(proc)
 
-    @staticmethod
-    def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    def _kill_now(self, proc: subprocess.Popen[bytes]) -> None:
         # Backends call setsid(), so they are not in the postmaster's process group: collect them first.
         children = child_pids(proc.pid)
         signal_group(proc, signal.SIGKILL)
@@ -379,18 +364,6 @@ class PostgresServer(ChildServer):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
         wait_pids_gone(children, 5.0)
-
-    def __del__(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            warnings.warn(
-                f"{self!r} was garbage-collected while running; call stop()",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-            with contextlib.suppress(Exception):
-                proc.send_signal(signal.SIGINT)
 
     # -- SQL ---------------------------------------------------------------------------------------
 

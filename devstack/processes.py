@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -322,8 +323,10 @@ class ChildServer:
     """What PostgresServer and RedisServer share: the child process, its log, and how it is stopped."""
 
     _STOP_SIGNAL: signal.Signals = signal.SIGTERM
+    _STOP_TIMEOUT: float = 10.0   # seconds a clean shutdown may take before it is escalated
     _proc: subprocess.Popen[bytes] | None
     _log: LogFile
+    _lock: threading.RLock
 
     @property
     def log_path(self) -> Path:
@@ -352,6 +355,38 @@ class ChildServer:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(self._STOP_SIGNAL)
 
-    def stop(self, *, timeout: float = 10.0) -> None:
-        raise NotImplementedError
+    def stop(self, *, timeout: float | None = None) -> None:
+        """Ask for a clean shutdown (`_STOP_SIGNAL`); escalate if it hangs. Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self._STOP_SIGNAL)
+                if not wait_exit(proc, self._STOP_TIMEOUT if timeout is None else timeout):
+                    self._escalate(proc)
+            self._cleanup_process()
+
+    def kill(self) -> None:
+        """Die at once, like a crash (for fault tests)."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                self._kill_now(proc)
+            self._cleanup_process()
+
+    def _escalate(self, proc: subprocess.Popen[bytes]) -> None:
+        """The clean shutdown hung: by default, kill."""
+        self._kill_now(proc)
+
+    def _kill_now(self, proc: subprocess.Popen[bytes]) -> None:
+        signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            warnings.warn(f"{self!r} was garbage-collected while running; call stop()", ResourceWarning,
+                          stacklevel=2, source=self)
+            with contextlib.suppress(Exception):
+                proc.send_signal(self._STOP_SIGNAL)
 

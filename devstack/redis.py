@@ -9,7 +9,6 @@ import socket
 import subprocess
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Final
 
@@ -27,9 +26,7 @@ from devstack.processes import (
     require_kw_path,
     require_port,
     require_timeout,
-    signal_group,
     spawn,
-    wait_exit,
 )
 
 
@@ -174,44 +171,10 @@ class RedisServer(ChildServer):
                 )
             time.sleep(0.01)
 
-    def stop(self, *, timeout: float = 10.0) -> None:
-        """SIGTERM (Redis exits without saving: no save points), SIGKILL if it hangs. Idempotent."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                if not wait_exit(proc, timeout):
-                    signal_group(proc, signal.SIGKILL)
-                    proc.wait()
-            self._cleanup_process()
-
-    def kill(self) -> None:
-        """SIGKILL, to simulate a crash."""
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                signal_group(proc, signal.SIGKILL)
-                proc.wait()
-            self._cleanup_process()
-
     def restart(self, *, timeout: float = 15.0) -> None:
         """Come back on the same port, empty (a crashed shard returning). Stops it first if running."""
         with self._lock:
             self.stop()
             self._port_is_ours = False
             self.start(timeout=timeout)
-
-    def __del__(self) -> None:
-        proc = getattr(self, "_proc", None)
-        if proc is not None and proc.poll() is None:
-            warnings.warn(
-                f"{self!r} was garbage-collected while running; call stop()",
-                ResourceWarning,
-                stacklevel=2,
-                source=self,
-            )
-            with contextlib.suppress(Exception):
-                proc.send_signal(signal.SIGTERM)
-
 

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from loadtests import capacity
+from server.cli.base import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,12 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.func(args)
-        return code
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

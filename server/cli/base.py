@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from server.settings import Settings, load_settings
+from server.settings import Settings, SettingsError, load_settings
 
 RAW = argparse.RawDescriptionHelpFormatter
 
@@ -24,3 +26,17 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Setting
     config = Path(args.config) if getattr(args, "config", None) else None
     given = {k: v for k, v in overrides.items() if v is not None}
     return load_settings(os.environ, config_file=config, overrides=given)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse, run the chosen command's `func`, and turn the errors every command shares into exit
+    codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C."""
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except SettingsError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

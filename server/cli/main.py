@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from server.cli import audit, keys, lookup, serve, shards
-from server.settings import SettingsError
+from server.cli.base import run_command
 
 EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
 CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 2 bad usage or configuration,
@@ -26,12 +25,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        code: int = args.func(args)
-        return code
-    except SettingsError as exc:
-        print(f"crs: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_command(build_parser(), argv)
