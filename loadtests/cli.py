@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from loadtests import capacity
+from loadtests.sweep import capacity
 
 
 def build_parser() -> argparse.ArgumentParser:

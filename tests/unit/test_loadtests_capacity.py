@@ -1,4 +1,4 @@
-"""The capacity model (loadtests/capacity.py) against sweep reports: a synthetic one with round numbers,
+"""The capacity model (loadtests/sweep/capacity.py) against sweep reports: a synthetic one with round numbers,
 and the committed docs/benchmarks/sweep/sweep.json."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from loadtests.capacity import DEFAULT_REPORT, KEYS_PER_CUSTOMER, Request, cmd_capacity, costs_from_report, plan
-from loadtests.sweep_report import RunResult, runs_from_report, to_json
+from loadtests.sweep.capacity import DEFAULT_REPORT, KEYS_PER_CUSTOMER, Request, cmd_capacity, costs_from_report, plan
+from loadtests.sweep.report import RunResult, runs_from_report, to_json
 
 
 def _run(label: str, mix: str, nodes: int, lookups: int, node_cpu: float, redis_cpu: float, pg_cpu: float,

@@ -1,4 +1,4 @@
-"""`python -m loadtests.benchmark` (also `./crsw bench`): how fast one node core serves lookups.
+"""`python -m loadtests.bench` (also `./crsw bench`): how fast one node core serves lookups.
 
 Run with --help for the manual; docs/benchmarks/README.md explains the method.
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loadtests import procs
-from loadtests.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
+from loadtests.bench.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
+from loadtests.shared import procs
+from loadtests.shared.paths import BENCHMARKS_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "docs" / "benchmarks"
+DEFAULT_OUT = BENCHMARKS_DIR
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
 
 
@@ -63,7 +63,7 @@ demo data set, starts node processes (`crs serve`, workers=1, plaintext) and a b
 server, then measures each phase after --warmup seconds of the same load:
 
   echo          bare grpc.aio unary server on uvloop answering canned bytes the size of a ResolveCard
-                answer (loadtests/echo_server.py): the ceiling
+                answer (loadtests/bench/echo_server.py): the ceiling
   echo_threads  the same, driven by the sync-thread client instead (reference: which client saturates)
   l1            ResolveCard answered from the near-cache (the same --hot-keys PANs over and over)
   batch         BatchResolve with --batch-size keys per call from the near-cache (keys/s)
@@ -102,14 +102,14 @@ Linux only (/proc, sched_setaffinity). Everything listens on 127.0.0.1 and is st
 also on Ctrl-C or SIGTERM. The default run takes about 90 seconds.
 
 Examples:
-  python -m loadtests.benchmark                       # everything, ~90 s
-  python -m loadtests.benchmark --seconds 2 --no-write
-  python -m loadtests.benchmark --phases echo,l1 --client threads --concurrency 8
+  python -m loadtests.bench                       # everything, ~90 s
+  python -m loadtests.bench --seconds 2 --no-write
+  python -m loadtests.bench --phases echo,l1 --client threads --concurrency 8
 """
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.benchmark", description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--seconds", type=float, default=5.0,
@@ -189,7 +189,7 @@ def choose_cpus(no_pin: bool) -> tuple[set[int], set[int]] | None:
 class EchoServer:
     def __init__(self, payload: Path, log: Path) -> None:
         self.log = log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.echo_server", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.bench.echo_server", "--port", "0",
                                       "--payload", str(payload)], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=self.log, start_new_session=True)
         self.port = self._wait_ready(30.0)
@@ -319,7 +319,7 @@ def machine_info(settings: Any, stack: Any, cpus: tuple[set[int], set[int]] | No
 
 # -- phases ----------------------------------------------------------------------------------------
 def run_loadgen(spec: dict[str, Any], *, timeout: float, verbose: bool) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "loadtests.loadgen"], input=json.dumps(spec), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "loadtests.bench.loadgen"], input=json.dumps(spec), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     if verbose and proc.stderr:
         sys.stderr.write(proc.stderr)

@@ -1,6 +1,6 @@
 """Scaling-sweep arithmetic and output formats; pure (tests/unit/test_loadtests_report.py).
 
-The sweep (loadtests/sweep.py) measures raw numbers per run: lookups and failures in a window,
+The sweep (loadtests/sweep/run.py) measures raw numbers per run: lookups and failures in a window,
 its length, CPU-seconds of the node processes, Redis and PostgreSQL, a latency histogram, and the
 node's tier counters. Everything derived here:
 
@@ -308,7 +308,7 @@ def markdown(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mapp
     cal = [r for r in runs if r.label.startswith("calibrate:")]
     if cal:
         md += ["", "## Per-scenario cost (one configuration, each scenario alone)", "",
-               "The capacity model (`crs capacity`) weighs these by the planner's mix.", "",
+               "The capacity model (`crs-load capacity`) weighs these by the planner's mix.", "",
                "| scenario | nodes | lookups/s | calls/s | p99 ms | node CPU-s / 1k | Redis CPU-s / 1k "
                "| PG CPU-s / 1k | near-cache hits | PG loads | Redis B/key |",
                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

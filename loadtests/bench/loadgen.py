@@ -1,8 +1,8 @@
 """The load generator of one benchmark phase: a separate process, pinned to the client core.
 
-    python -m loadtests.loadgen < spec.json > result.json
+    python -m loadtests.bench.loadgen < spec.json > result.json
 
-The spec (JSON on stdin, written by loadtests/benchmark.py) says what to call and how hard; the
+The spec (JSON on stdin, written by loadtests/bench/run.py) says what to call and how hard; the
 process warms up, measures a window, then measures latency with one call in flight, and prints one
 JSON object. It samples the CPU time of the server processes itself, exactly at the window's edges,
 so the server CPU-seconds and the work counted cover the same interval.
@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from loadtests import procs
+from loadtests.shared import procs
 
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"

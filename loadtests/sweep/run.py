@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.keys import SCENARIOS, DataSet, format_mix, parse_mix
-from loadtests.latency import Timeline, coefficient_of_variation
-from loadtests.procs import cpu_delta, cpu_snapshot, pin
-from loadtests.sweep_report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
+from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
+from loadtests.shared.latency import Timeline, coefficient_of_variation
+from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
+from loadtests.shared.procs import cpu_delta, cpu_snapshot, pin
+from loadtests.sweep.report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
 
-REPO = Path(__file__).resolve().parents[1]
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
-DEFAULT_OUT = REPO / "docs" / "benchmarks" / "sweep"
+DEFAULT_OUT = SWEEP_DIR
 
 DESCRIPTION = """\
 For each node count (and Redis shard count), start the service with that many node processes
@@ -44,7 +43,7 @@ sweep.json, throughput.png (throughput vs nodes with the ideal line; matplotlib)
 with the scaling efficiency throughput(n) / (n x throughput(1)).
 
 Before the scaling runs, each scenario in --calibrate runs alone on the smallest configuration and a
-light-load run measures service latency: `crs capacity` reads those per-scenario costs.
+light-load run measures service latency: `crs-load capacity` reads those per-scenario costs.
 
 CPU layout. With enough cores (nodes + Redis/PostgreSQL cores + at least one load core) every role
 gets its own cores: nodes on the first N, Redis and PostgreSQL on the next, one locust worker per
@@ -208,7 +207,7 @@ def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: in
     return Layout("shared", cpus[:half], cpus[:half], load, workers)
 
 
-# Processes: CPU time and pinning come from loadtests/procs.py (/proc). Never import locust here: it patches
+# Processes: CPU time and pinning come from loadtests/shared/procs.py (/proc). Never import locust here: it patches
 # gevent in.
 
 
@@ -356,7 +355,7 @@ class Stack:
         import grpc
 
         from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
-        from loadtests.keys import DataSet
+        from loadtests.shared.keys import DataSet
         from server import rpc
         from server.proto import crs_pb2 as pb
 
@@ -573,7 +572,7 @@ def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any
 
 
 def rerender(out: Path) -> int:
-    from loadtests.sweep_report import runs_from_report
+    from loadtests.sweep.report import runs_from_report
 
     report = json.loads((out / "sweep.json").read_text())
     print(write_report(out, runs_from_report(report), report["machine"], report["config"]))
