@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loadtests.shared.arith import json_safe, safe_div
+
 SCHEMA_VERSION = 1
 CEILING = "echo"   # the phase whose per-core rate is the ceiling
 
@@ -33,10 +35,6 @@ def latency_summary(samples_s: Sequence[float]) -> dict[str, float]:
     out["max"] = ordered[-1] * 1000 if ordered else math.nan
     out["n"] = float(len(ordered))
     return out
-
-
-def safe_div(a: float, b: float) -> float:
-    return a / b if b > 0 else math.nan
 
 
 @dataclass
@@ -310,16 +308,6 @@ def markdown(results: Sequence[PhaseResult], targets: Sequence[Target], machine:
     return "\n".join(md)
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
-
-
 def to_json(results: Sequence[PhaseResult], targets: Sequence[Target], machine: Mapping[str, Any],
             config: Mapping[str, Any]) -> dict[str, Any]:
     by_key = {r.key: r for r in results}
@@ -332,7 +320,7 @@ def to_json(results: Sequence[PhaseResult], targets: Sequence[Target], machine: 
                  server_util=r.server_util, client_util=r.client_util, server_us_per_item=r.server_us_per_item,
                  ratio_to_ceiling_per_core=safe_div(r.per_core, ceiling))
         phases.append(d)
-    doc: dict[str, Any] = _clean({
+    doc: dict[str, Any] = json_safe({
         "schema": SCHEMA_VERSION,
         "machine": dict(machine),
         "config": dict(config),

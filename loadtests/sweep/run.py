@@ -19,14 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
 from loadtests.shared.latency import Timeline, coefficient_of_variation
+from loadtests.shared.metrics import scrape_tiers
 from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
 from loadtests.shared.procs import cpu_delta, cpu_snapshot, pin
 from loadtests.sweep.report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
@@ -207,25 +207,8 @@ def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: in
     return Layout("shared", cpus[:half], cpus[:half], load, workers)
 
 
-# Processes: CPU time and pinning come from loadtests/shared/procs.py (/proc). Never import locust here: it patches
-# gevent in.
-
-
-def scrape_tiers(urls: Iterable[str]) -> dict[str, float]:
-    """crs_lookups_total by tier, summed over the nodes' /metrics pages."""
-    out: dict[str, float] = {}
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith('crs_lookups_total{tier="'):
-                labels, _, value = line.rpartition(" ")
-                tier = labels.split('"')[1]
-                out[tier] = out.get(tier, 0.0) + float(value)
-    return out
+# Processes: CPU time and pinning come from loadtests/shared/procs.py (psutil), the tier counters from
+# loadtests/shared/metrics.py. Never import locust here: it patches gevent in.
 
 
 # -- one locust run ---------------------------------------------------------------------------------------
