@@ -133,3 +133,14 @@ def test_cli_answers_from_the_committed_report(capsys: pytest.CaptureFixture[str
     assert "node processes" in out and "Redis" in out and "PostgreSQL" in out and "headroom 30%" in out
     bad = argparse.Namespace(**{**vars(args), "report": "/nonexistent/sweep.json"})
     assert cmd_capacity(bad) == 2
+
+
+@pytest.mark.parametrize(("command", "prog"), [("sweep", "loadtests.sweep"), ("bench", "loadtests.bench")])
+def test_crs_load_hands_sweep_and_bench_their_arguments(command: str, prog: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: python -m {prog} " in capsys.readouterr().out
