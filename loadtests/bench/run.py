@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ from typing import Any, TextIO
 
 from loadtests.bench.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
 from loadtests.shared import procs
+from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
 from loadtests.shared.paths import BENCHMARKS_DIR, REPO
 
 DEFAULT_OUT = BENCHMARKS_DIR
@@ -270,15 +270,7 @@ def machine_info(settings: Any, stack: Any, cpus: tuple[set[int], set[int]] | No
     import redis
     import uvloop
 
-    info: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        info["cpu_model"] = models[0] if models else platform.processor() or "unknown"
-    except OSError:
-        info["cpu_model"] = platform.processor() or "unknown"
-    info["cores"] = os.cpu_count()
-    info["kernel"] = f"{platform.system()} {platform.release()}"
+    info: dict[str, Any] = {"date": utc_now(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "kernel": kernel()}
     info["python"] = f"{platform.python_implementation()} {platform.python_version()}"
     info["grpcio"] = grpc.__version__
     info["protobuf"] = google.protobuf.__version__
@@ -306,14 +298,7 @@ def machine_info(settings: Any, stack: Any, cpus: tuple[set[int], set[int]] | No
                        f"server side (server, Redis, PostgreSQL) on CPU {min(cpus[0])}, "
                        f"load generator on CPU {min(cpus[1])}")
     info["load_average_at_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["commit"] = (head + (" (with uncommitted changes)" if dirty else "")) if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = "unknown"
+    info["commit"] = git_commit(mark_dirty=True)
     return info
 
 

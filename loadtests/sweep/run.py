@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 
 from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
 from loadtests.shared.latency import Timeline, coefficient_of_variation
+from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
 from loadtests.shared.metrics import scrape_tiers
 from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
 from loadtests.shared.procs import cpu_delta, cpu_snapshot, pin
@@ -512,28 +512,16 @@ def machine_info(name: str, layouts: dict[str, str]) -> dict[str, Any]:
         except PackageNotFoundError:
             return "not installed"
 
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        cpu_model = models[0] if models else platform.processor() or "unknown"
-    except OSError:
-        cpu_model = platform.processor() or "unknown"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
         "name": name or f"{socket.gethostname()} ({cores} cores)",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "cpu_model": cpu_model, "cores": cores, "kernel": f"{platform.system()} {platform.release()}",
+        "date": utc_now(), "cpu_model": cpu_model(), "cores": cores, "kernel": kernel(),
         "python": platform.python_version(), "grpcio": pkg("grpcio"), "locust": pkg("locust"),
     }
     for key, text in layouts.items():
         info[f"layout ({key})"] = text
     info["load average at the end (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        info["commit"] = head or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = "unknown"
+    info["commit"] = git_commit()
     return info
 
 

@@ -128,3 +128,13 @@ def test_cpu_seconds_of_this_process_is_its_process_time() -> None:
         pass
     mine = procs.cpu_seconds_of(os.getpid())
     assert mine is not None and mine == pytest.approx(time.process_time(), abs=0.05)
+
+
+# -- machine -----------------------------------------------------------------------------------------
+def test_machine_description() -> None:
+    from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
+
+    assert utc_now().endswith(" UTC") and cpu_model() and kernel()
+    head = git_commit()
+    assert head == "unknown" or all(c in "0123456789abcdef" for c in head)
+    assert git_commit(mark_dirty=True).startswith(head)
