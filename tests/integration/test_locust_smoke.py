@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from devstack.environment import DevEnvironment, NodeProcess
-from loadtests.latency import Timeline
+from loadtests.shared.latency import Timeline
+from loadtests.shared.paths import LOCUSTFILE
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -37,7 +38,7 @@ def node() -> Iterator[NodeProcess]:
 def locust(out: Path, *args: str, seconds: int) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]],
                                                           list[dict[str, str]], Timeline]:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"), "--headless",
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
            "-t", f"{seconds}s", "--csv", str(out / "crs"), "--crs-record", str(out / "rec"), "--only-summary",
            "--loglevel", "WARNING", *args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=seconds + 90)

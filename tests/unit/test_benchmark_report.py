@@ -1,4 +1,4 @@
-"""The benchmark's arithmetic (loadtests/report.py): percentiles, per-core rates, ratios, targets."""
+"""The benchmark's arithmetic (loadtests/bench/report.py): percentiles, per-core rates, ratios, targets."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from loadtests.report import (
+from loadtests.bench.report import (
     PhaseResult,
     ceiling_per_core,
     console_table,

@@ -1,4 +1,4 @@
-"""The capacity model (loadtests/capacity.py) against sweep reports: a synthetic one with round numbers,
+"""The capacity model (loadtests/sweep/capacity.py) against sweep reports: a synthetic one with round numbers,
 and the committed docs/benchmarks/sweep/sweep.json."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 
 import pytest
 
-from loadtests.capacity import DEFAULT_REPORT, KEYS_PER_CUSTOMER, Request, cmd_capacity, costs_from_report, plan
-from loadtests.sweep_report import RunResult, runs_from_report, to_json
+from loadtests.sweep.capacity import DEFAULT_REPORT, KEYS_PER_CUSTOMER, Request, cmd_capacity, costs_from_report, plan
+from loadtests.sweep.report import RunResult, runs_from_report, to_json
 
 
 def _run(label: str, mix: str, nodes: int, lookups: int, node_cpu: float, redis_cpu: float, pg_cpu: float,
@@ -133,3 +133,14 @@ def test_cli_answers_from_the_committed_report(capsys: pytest.CaptureFixture[str
     assert "node processes" in out and "Redis" in out and "PostgreSQL" in out and "headroom 30%" in out
     bad = argparse.Namespace(**{**vars(args), "report": "/nonexistent/sweep.json"})
     assert cmd_capacity(bad) == 2
+
+
+@pytest.mark.parametrize(("command", "prog"), [("sweep", "loadtests.sweep"), ("bench", "loadtests.bench")])
+def test_crs_load_hands_sweep_and_bench_their_arguments(command: str, prog: str,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: python -m {prog} " in capsys.readouterr().out

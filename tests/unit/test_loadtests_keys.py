@@ -1,4 +1,4 @@
-"""The load tests' key picker (loadtests/keys.py): Zipf popularity, scatter, expected statuses, mixes."""
+"""The load tests' key picker (loadtests/shared/keys.py): Zipf popularity, scatter, expected statuses, mixes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
-from loadtests.keys import (
+from loadtests.shared.keys import (
     INVALID_ARGUMENT,
     KINDS,
     NOT_FOUND,

@@ -10,9 +10,15 @@ import random
 
 import pytest
 
-from loadtests.latency import Histogram, Timeline, WindowStats, bucket_of, bucket_upper_ms, coefficient_of_variation
-from loadtests.sweep import calibration_users, plan_layout
-from loadtests.sweep_report import (
+from loadtests.shared.latency import (
+    Histogram,
+    Timeline,
+    WindowStats,
+    bucket_of,
+    bucket_upper_ms,
+    coefficient_of_variation,
+)
+from loadtests.sweep.report import (
     RunResult,
     ideal_line,
     markdown,
@@ -23,6 +29,7 @@ from loadtests.sweep_report import (
     to_json,
     verdict,
 )
+from loadtests.sweep.run import calibration_users, plan_layout
 
 
 # -- histograms --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`crs capacity`: how many nodes, Redis shards and how much PostgreSQL read load a peak needs.
+"""`crs-load capacity`: how many nodes, Redis shards and how much PostgreSQL read load a peak needs.
 
 The model is arithmetic on costs MEASURED by the latest scaling sweep (docs/benchmarks/sweep/sweep.json,
 written by `python -m loadtests.sweep`); nothing here is a guess except the stated assumptions
@@ -22,16 +22,16 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.keys import SCENARIOS, format_mix, parse_mix
-from loadtests.sweep_report import RunResult, runs_from_report, scaling
+from loadtests.shared.keys import SCENARIOS, format_mix, parse_mix
+from loadtests.shared.paths import SWEEP_REPORT
+from loadtests.sweep.report import RunResult, runs_from_report, scaling
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_REPORT = REPO / "docs" / "benchmarks" / "sweep" / "sweep.json"
+DEFAULT_REPORT = SWEEP_REPORT
 KEYS_PER_CUSTOMER = 6.5   # demo shape: 2 cards (by PAN and by token) + 1.5 accounts + the customer
 
 
@@ -236,11 +236,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         costs = costs_from_report(report)
         answer = plan(_args_to_request(args, costs), costs)
     except FileNotFoundError:
-        print(f"crs capacity: no sweep report at {args.report}; run `python -m loadtests.sweep` first",
+        print(f"crs-load capacity: no sweep report at {args.report}; run `python -m loadtests.sweep` first",
               file=sys.stderr)
         return 2
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        print(f"crs capacity: {exc}", file=sys.stderr)
+        print(f"crs-load capacity: {exc}", file=sys.stderr)
         return 2
     if args.json:
         out = asdict(answer)
@@ -277,15 +277,3 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = p
     return parser
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.capacity")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(["capacity", *(argv if argv is not None else sys.argv[1:])])
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

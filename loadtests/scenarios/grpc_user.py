@@ -6,7 +6,7 @@ an exception that carries the gRPC status code, so failures by status show in th
 files and the HTML report.
 
 Expected error statuses. A load test sends some unknown and malformed keys on purpose
-(loadtests/keys.py); the service answering them NOT_FOUND / INVALID_ARGUMENT is correct
+(loadtests/shared/keys.py); the service answering them NOT_FOUND / INVALID_ARGUMENT is correct
 behaviour, not a failure. A call says what it expects (`expect="NOT_FOUND"`); the interceptor then
 reports the expected status as a *success* under its own name, e.g. `ResolveCard pan [NOT_FOUND]`,
 so those calls appear as separate rows (count, latency) and never in the failure table. Any other

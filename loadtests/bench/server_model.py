@@ -11,7 +11,7 @@ and driven by the same sync-thread client on CPU 1:
              HMAC fingerprint, cache key, NearCache.get, metrics — the node's own functions
   sync-hit   the same work on grpc.server
 
-    python -m loadtests.server_model [--seconds 5] [--threads 8] [--workers 8]
+    python -m loadtests.bench.server_model [--seconds 5] [--threads 8] [--workers 8]
 
 Prints calls/s per server CPU-second and the ratios. docs/decisions.md records the result.
 """
@@ -32,7 +32,7 @@ import grpc
 
 from devstack import free_port
 from devstack.demo import demo_pan
-from loadtests import procs
+from loadtests.shared import procs
 from server import cache_keys as ck
 from server import rpc
 from server.cache.near import NearCache
@@ -114,7 +114,7 @@ def serve(mode: str, port: int, workers: int) -> None:
 def measure(mode: str, *, seconds: float, threads: int, workers: int) -> float:
     """Calls per CPU-second of the server process."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "loadtests.server_model", "--serve", mode, "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "loadtests.bench.server_model", "--serve", mode, "--port", str(port),
                              "--workers", str(workers)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
@@ -153,7 +153,7 @@ def measure(mode: str, *, seconds: float, threads: int, workers: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.server_model", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench.server_model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per mode and round (default 5)")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the best per mode counts (default 2)")

@@ -35,7 +35,7 @@ DEFAULT_MIX = "retail=70,ach=15,customer=10,batch=3,stream=2"
 
 @dataclass(frozen=True)
 class DataSet:
-    """The demo data set the target was loaded with (`crs dev --customers N`, `crs load-demo`)."""
+    """The demo data set the target was loaded with (`crs-dev up --customers N`, `crs-dev load-demo`)."""
 
     customers: int
     seed: int = 1

@@ -1,6 +1,6 @@
 """Scaling-sweep arithmetic and output formats; pure (tests/unit/test_loadtests_report.py).
 
-The sweep (loadtests/sweep.py) measures raw numbers per run: lookups and failures in a window,
+The sweep (loadtests/sweep/run.py) measures raw numbers per run: lookups and failures in a window,
 its length, CPU-seconds of the node processes, Redis and PostgreSQL, a latency histogram, and the
 node's tier counters. Everything derived here:
 
@@ -24,14 +24,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loadtests.shared.arith import json_safe, safe_div
+
 SCHEMA = "crs-sweep/1"
 LINEAR_TOLERANCE = 0.10
 PG_TIERS = ("l3", "l3_negative")       # crs_lookups_total tiers that were loads from PostgreSQL
 SATURATED_UTIL = 0.85                  # node cores at least this busy = the nodes were the bottleneck
-
-
-def safe_div(a: float, b: float) -> float:
-    return a / b if b else math.nan
 
 
 @dataclass
@@ -235,16 +233,6 @@ def to_csv(runs: Sequence[RunResult]) -> str:
     return buf.getvalue()
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    return x
-
-
 def to_json(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
     sweep = [r for r in runs if r.label == "sweep"]
     rows = {id(r.run): r for r in scaling(sweep)}
@@ -256,8 +244,8 @@ def to_json(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mappi
             d["derived"].update(efficiency=rows[id(r)].efficiency, cpu_ratio=rows[id(r)].cpu_ratio,
                                 redis_cpu_ratio=rows[id(r)].redis_cpu_ratio, linear=rows[id(r)].linear)
         out_runs.append(d)
-    out: dict[str, Any] = _clean({"schema": SCHEMA, "machine": dict(machine), "config": dict(config), "runs": out_runs,
-                   "verdict": verdict(list(rows.values()))})
+    out: dict[str, Any] = json_safe({"schema": SCHEMA, "machine": dict(machine), "config": dict(config),
+                                     "runs": out_runs, "verdict": verdict(list(rows.values()))})
     return out
 
 
@@ -308,7 +296,7 @@ def markdown(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mapp
     cal = [r for r in runs if r.label.startswith("calibrate:")]
     if cal:
         md += ["", "## Per-scenario cost (one configuration, each scenario alone)", "",
-               "The capacity model (`crs capacity`) weighs these by the planner's mix.", "",
+               "The capacity model (`crs-load capacity`) weighs these by the planner's mix.", "",
                "| scenario | nodes | lookups/s | calls/s | p99 ms | node CPU-s / 1k | Redis CPU-s / 1k "
                "| PG CPU-s / 1k | near-cache hits | PG loads | Redis B/key |",
                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]

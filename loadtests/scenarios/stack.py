@@ -1,4 +1,5 @@
-"""`python -m loadtests.stack`: the embedded stack (devstack/environment.py) for a load test, as a child process.
+"""`python -m loadtests.scenarios.stack`: the embedded stack (devstack/environment.py) for a load test, as a
+child process.
 
 Starts PostgreSQL + Redis shards, loads the demo data, starts one `crs serve` with --workers node
 processes on 127.0.0.1, prints one line `READY {"address": ..., "metrics": ..., ...}` and runs until
@@ -19,13 +20,13 @@ from collections.abc import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.stack", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loadtests.scenarios.stack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--customers", type=int, default=2000, help="demo customers (default 2000)")
     p.add_argument("--shards", type=int, default=2, help="Redis shards (default 2)")
     p.add_argument("--workers", type=int, default=1, help="node processes (default 1)")
     p.add_argument("--tls", action="store_true",
-                   help="serve mutual TLS with a generated dev PKI (as `crs dev` does); READY then names the CA "
+                   help="serve mutual TLS with a generated dev PKI (as `crs-dev up` does); READY then names the CA "
                         "and the 'admin' client certificate and key")
     p.add_argument("--pg-binaries", default="auto", choices=("auto", "system", "pgserver"))
     args = p.parse_args(argv)

@@ -1,8 +1,8 @@
 """The load generator of one benchmark phase: a separate process, pinned to the client core.
 
-    python -m loadtests.loadgen < spec.json > result.json
+    python -m loadtests.bench.loadgen < spec.json > result.json
 
-The spec (JSON on stdin, written by loadtests/benchmark.py) says what to call and how hard; the
+The spec (JSON on stdin, written by loadtests/bench/run.py) says what to call and how hard; the
 process warms up, measures a window, then measures latency with one call in flight, and prints one
 JSON object. It samples the CPU time of the server processes itself, exactly at the window's edges,
 so the server CPU-seconds and the work counted cover the same interval.
@@ -22,11 +22,11 @@ import json
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from loadtests import procs
+from loadtests.shared import procs
+from loadtests.shared.metrics import scrape_tiers
 
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
@@ -34,23 +34,6 @@ BATCH_RESOLVE = "/crs.v1.LookupService/BatchResolve"
 STREAM_RESOLVE = "/crs.v1.LookupService/StreamResolve"
 CARD_ROW_SQL = ("SELECT token, bin, last4, pan_length, status, expiry, account_id, version FROM cards"
                 " WHERE fingerprint_version = $1 AND pan_fingerprint = $2")
-
-
-def scrape_tiers(url: str | None) -> dict[str, float]:
-    """crs_lookups_total by tier from a node's /metrics (empty when there is none)."""
-    if not url:
-        return {}
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            text = resp.read().decode()
-    except OSError:
-        return {}
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith('crs_lookups_total{tier="'):
-            labels, _, value = line.rpartition(" ")
-            out[labels.split('"')[1]] = float(value)
-    return out
 
 
 def samples(latencies: list[float]) -> list[float]:
@@ -79,9 +62,12 @@ class Window:
         if self.server_cpus:
             procs.pin(self.server_roots + self.backend_roots, self.server_cpus)
 
+    def _scrape_tiers(self) -> dict[str, float]:
+        return scrape_tiers([self.metrics_url] if self.metrics_url else [], timeout=2)
+
     def begin(self) -> None:
         self.pin_servers()   # PostgreSQL backends may have been forked during the warm-up
-        self._tiers0 = scrape_tiers(self.metrics_url)
+        self._tiers0 = self._scrape_tiers()
         self._srv0 = procs.cpu_snapshot(self.server_roots)
         self._bk0 = procs.cpu_snapshot(self.backend_roots)
         self._cl0 = time.process_time()
@@ -99,7 +85,7 @@ class Window:
         cl1 = time.process_time()
         srv1 = procs.cpu_snapshot(self.server_roots)
         bk1 = procs.cpu_snapshot(self.backend_roots)
-        tiers1 = scrape_tiers(self.metrics_url)
+        tiers1 = self._scrape_tiers()
         return {
             "items": items, "calls": calls, "errors": errors,
             "wall_s": t1 - self._t0,

@@ -1,7 +1,7 @@
 """Locust scenarios for CRS Lookup (docs/loadtests.md is the manual).
 
-    locust -f loadtests/locustfile.py --headless --crs-embedded 2000 -u 50 -r 25 -t 60s   # own stack
-    locust -f loadtests/locustfile.py --headless --host 127.0.0.1:50051 -u 200 -r 50 -t 5m \\
+    locust -f loadtests/scenarios/locustfile.py --headless --crs-embedded 2000 -u 50 -r 25 -t 60s   # own stack
+    locust -f loadtests/scenarios/locustfile.py --headless --host 127.0.0.1:50051 -u 200 -r 50 -t 5m \\
            --crs-customers 100000 --tags retail --csv out/crs --html out/crs.html      # a running node
 
 Scenarios (each a tagged task; choose with --tags / --exclude-tags, or weigh with --crs-mix):
@@ -13,7 +13,7 @@ Scenarios (each a tagged task; choose with --tags / --exclude-tags, or weigh wit
 Key popularity is Zipf(--crs-skew) over the demo data set; --crs-unknown and --crs-malformed are the
 shares of well-formed-but-absent and malformed keys. Their expected NOT_FOUND / INVALID_ARGUMENT
 answers are successes reported under their own names, e.g. "ResolveCard pan [NOT_FOUND]"; only
-unexpected statuses are failures (loadtests/grpc_user.py says why).
+unexpected statuses are failures (loadtests/scenarios/grpc_user.py says why).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:   # `locust -f loadtests/locustfile.py` from any directory, installed or not
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:   # `locust -f loadtests/scenarios/locustfile.py` from any directory, installed or not
     sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
@@ -37,9 +37,9 @@ from gevent.lock import Semaphore  # noqa: E402
 from locust import constant, constant_throughput, events, tag, task  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
-from loadtests.grpc_user import GrpcStatus, GrpcUser, TlsOptions, report_name  # noqa: E402
-from loadtests.keys import DEFAULT_MIX, KINDS, SCENARIOS, DataSet, Key, KeyMaker, integer_weights, parse_mix  # noqa: E402
-from loadtests.latency import Timeline  # noqa: E402
+from loadtests.scenarios.grpc_user import GrpcStatus, GrpcUser, TlsOptions, report_name  # noqa: E402
+from loadtests.shared.keys import DEFAULT_MIX, KINDS, SCENARIOS, DataSet, Key, KeyMaker, integer_weights, parse_mix  # noqa: E402
+from loadtests.shared.latency import Timeline  # noqa: E402
 from server.proto import crs_pb2 as pb  # noqa: E402
 
 MANY_KEY_KINDS = ("pan", "pan", "token", "account")   # what batches and streams carry: mostly cards
@@ -53,7 +53,7 @@ def _add_arguments(parser: Any) -> None:
                    help=f"task weights by scenario, e.g. 'retail=80,ach=20' or just 'batch' "
                         f"(scenarios: {', '.join(SCENARIOS)}; default {DEFAULT_MIX}); --tags filters on top")
     g.add_argument("--crs-customers", type=int, default=100_000,
-                   help="customers in the target's demo data set (crs dev / crs load-demo; default 100000)")
+                   help="customers in the target's demo data set (crs-dev up / crs-dev load-demo; default 100000)")
     g.add_argument("--crs-seed", type=int, default=1, help="demo data seed of the target (default 1)")
     g.add_argument("--crs-skew", type=float, default=0.99,
                    help="Zipf exponent of key popularity: 0 uniform, ~1 real card traffic (default 0.99)")
@@ -77,7 +77,7 @@ def _add_arguments(parser: Any) -> None:
     g.add_argument("--crs-embedded-workers", type=int, default=1, help="node processes of --crs-embedded")
     g.add_argument("--crs-embedded-shards", type=int, default=2, help="Redis shards of --crs-embedded")
     g.add_argument("--crs-embedded-tls", action="store_true",
-                   help="the embedded stack serves mutual TLS (dev PKI, as `crs dev` does); the users connect with "
+                   help="the embedded stack serves mutual TLS (dev PKI, as `crs-dev up` does); the users connect with "
                         "its CA and 'admin' client certificate through the --crs-tls-* hook")
     g.add_argument("--crs-tls-ca", default="", help="TLS hook: CA bundle that signs the server certificate")
     g.add_argument("--crs-tls-cert", default="", help="TLS hook: client certificate (mutual TLS)")
@@ -283,7 +283,7 @@ def _start_embedded(environment: Any, **_: Any) -> None:
     print(f"locustfile: starting the embedded stack ({opts.crs_embedded} customers, "
           f"{opts.crs_embedded_shards} Redis shards, {opts.crs_embedded_workers} node process(es)) ...",
           file=sys.stderr, flush=True)
-    argv = [sys.executable, "-m", "loadtests.stack", "--customers", str(opts.crs_embedded), "--shards",
+    argv = [sys.executable, "-m", "loadtests.scenarios.stack", "--customers", str(opts.crs_embedded), "--shards",
             str(opts.crs_embedded_shards), "--workers", str(opts.crs_embedded_workers)]
     _stack = subprocess.Popen(argv + (["--tls"] if opts.crs_embedded_tls else []), cwd=REPO, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, text=True)

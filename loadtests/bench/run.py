@@ -1,4 +1,4 @@
-"""`python -m loadtests.benchmark` (also `./crsw bench`): how fast one node core serves lookups.
+"""`python -m loadtests.bench` (also `./crsw bench`): how fast one node core serves lookups.
 
 Run with --help for the manual; docs/benchmarks/README.md explains the method.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import platform
@@ -21,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from loadtests import procs
-from loadtests.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
+from loadtests.bench.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
+from loadtests.shared import procs
+from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
+from loadtests.shared.paths import BENCHMARKS_DIR, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "docs" / "benchmarks"
+DEFAULT_OUT = BENCHMARKS_DIR
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
 
 
@@ -63,7 +63,7 @@ demo data set, starts node processes (`crs serve`, workers=1, plaintext) and a b
 server, then measures each phase after --warmup seconds of the same load:
 
   echo          bare grpc.aio unary server on uvloop answering canned bytes the size of a ResolveCard
-                answer (loadtests/echo_server.py): the ceiling
+                answer (loadtests/bench/echo_server.py): the ceiling
   echo_threads  the same, driven by the sync-thread client instead (reference: which client saturates)
   l1            ResolveCard answered from the near-cache (the same --hot-keys PANs over and over)
   batch         BatchResolve with --batch-size keys per call from the near-cache (keys/s)
@@ -102,14 +102,14 @@ Linux only (/proc, sched_setaffinity). Everything listens on 127.0.0.1 and is st
 also on Ctrl-C or SIGTERM. The default run takes about 90 seconds.
 
 Examples:
-  python -m loadtests.benchmark                       # everything, ~90 s
-  python -m loadtests.benchmark --seconds 2 --no-write
-  python -m loadtests.benchmark --phases echo,l1 --client threads --concurrency 8
+  python -m loadtests.bench                       # everything, ~90 s
+  python -m loadtests.bench --seconds 2 --no-write
+  python -m loadtests.bench --phases echo,l1 --client threads --concurrency 8
 """
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m loadtests.benchmark", description=DESCRIPTION, epilog=EPILOG,
+    p = argparse.ArgumentParser(prog="python -m loadtests.bench", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--seconds", type=float, default=5.0,
@@ -189,7 +189,7 @@ def choose_cpus(no_pin: bool) -> tuple[set[int], set[int]] | None:
 class EchoServer:
     def __init__(self, payload: Path, log: Path) -> None:
         self.log = log.open("wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.echo_server", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.bench.echo_server", "--port", "0",
                                       "--payload", str(payload)], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=self.log, start_new_session=True)
         self.port = self._wait_ready(30.0)
@@ -270,15 +270,7 @@ def machine_info(settings: Any, stack: Any, cpus: tuple[set[int], set[int]] | No
     import redis
     import uvloop
 
-    info: dict[str, Any] = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        info["cpu_model"] = models[0] if models else platform.processor() or "unknown"
-    except OSError:
-        info["cpu_model"] = platform.processor() or "unknown"
-    info["cores"] = os.cpu_count()
-    info["kernel"] = f"{platform.system()} {platform.release()}"
+    info: dict[str, Any] = {"date": utc_now(), "cpu_model": cpu_model(), "cores": os.cpu_count(), "kernel": kernel()}
     info["python"] = f"{platform.python_implementation()} {platform.python_version()}"
     info["grpcio"] = grpc.__version__
     info["protobuf"] = google.protobuf.__version__
@@ -306,20 +298,13 @@ def machine_info(settings: Any, stack: Any, cpus: tuple[set[int], set[int]] | No
                        f"server side (server, Redis, PostgreSQL) on CPU {min(cpus[0])}, "
                        f"load generator on CPU {min(cpus[1])}")
     info["load_average_at_start"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        info["commit"] = (head + (" (with uncommitted changes)" if dirty else "")) if head else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = "unknown"
+    info["commit"] = git_commit(mark_dirty=True)
     return info
 
 
 # -- phases ----------------------------------------------------------------------------------------
 def run_loadgen(spec: dict[str, Any], *, timeout: float, verbose: bool) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "loadtests.loadgen"], input=json.dumps(spec), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "loadtests.bench.loadgen"], input=json.dumps(spec), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     if verbose and proc.stderr:
         sys.stderr.write(proc.stderr)

@@ -6,7 +6,7 @@ client code against it and the response has exactly the size of a real answer. I
 no parsing, no validation, no HMAC, no cache, no metrics. Whatever the node costs above this is the
 price of the service itself.
 
-    python -m loadtests.echo_server --port 50099 --payload FILE
+    python -m loadtests.bench.echo_server --port 50099 --payload FILE
 
 Prints ``READY <port>`` on stdout once it is serving; SIGTERM/SIGINT stop it, and so does its parent
 process going away.
@@ -69,7 +69,7 @@ async def serve(port: int, payload: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.echo_server",
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench.echo_server",
                                      description="Bare grpc.aio unary server answering canned bytes (the "
                                                  "benchmark's ceiling).")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")

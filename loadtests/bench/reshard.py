@@ -1,7 +1,7 @@
 """How fast the resharding warmer and cleanup go: grow 3 -> 4 shards holding N synthetic cached values,
 through the real `crs shards` commands, and report plan/copy/cleanup times and keys per second.
 
-    .venv/bin/python -m loadtests.reshard_bench --keys 300000 --value-bytes 300 --rate 1000000
+    .venv/bin/python -m loadtests.bench.reshard --keys 300000 --value-bytes 300 --rate 1000000
 
 No node runs (nothing else competes for the CPU), so this is the warmer's own ceiling on this machine;
 under lookup load the pacing (--rate, CRS_MIGRATION_RATE) is what keeps it polite. docs/runbooks/

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import math
 import os
@@ -19,20 +18,20 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loadtests.keys import SCENARIOS, DataSet, format_mix, parse_mix
-from loadtests.latency import Timeline, coefficient_of_variation
-from loadtests.procs import cpu_delta, cpu_snapshot, pin
-from loadtests.sweep_report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
+from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
+from loadtests.shared.latency import Timeline, coefficient_of_variation
+from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
+from loadtests.shared.metrics import scrape_tiers
+from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
+from loadtests.shared.procs import cpu_delta, cpu_snapshot, pin
+from loadtests.sweep.report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
 
-REPO = Path(__file__).resolve().parents[1]
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
-DEFAULT_OUT = REPO / "docs" / "benchmarks" / "sweep"
+DEFAULT_OUT = SWEEP_DIR
 
 DESCRIPTION = """\
 For each node count (and Redis shard count), start the service with that many node processes
@@ -44,7 +43,7 @@ sweep.json, throughput.png (throughput vs nodes with the ideal line; matplotlib)
 with the scaling efficiency throughput(n) / (n x throughput(1)).
 
 Before the scaling runs, each scenario in --calibrate runs alone on the smallest configuration and a
-light-load run measures service latency: `crs capacity` reads those per-scenario costs.
+light-load run measures service latency: `crs-load capacity` reads those per-scenario costs.
 
 CPU layout. With enough cores (nodes + Redis/PostgreSQL cores + at least one load core) every role
 gets its own cores: nodes on the first N, Redis and PostgreSQL on the next, one locust worker per
@@ -208,25 +207,8 @@ def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: in
     return Layout("shared", cpus[:half], cpus[:half], load, workers)
 
 
-# Processes: CPU time and pinning come from loadtests/procs.py (/proc). Never import locust here: it patches
-# gevent in.
-
-
-def scrape_tiers(urls: Iterable[str]) -> dict[str, float]:
-    """crs_lookups_total by tier, summed over the nodes' /metrics pages."""
-    out: dict[str, float] = {}
-    for url in urls:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as resp:
-                text = resp.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith('crs_lookups_total{tier="'):
-                labels, _, value = line.rpartition(" ")
-                tier = labels.split('"')[1]
-                out[tier] = out.get(tier, 0.0) + float(value)
-    return out
+# Processes: CPU time and pinning come from loadtests/shared/procs.py (psutil), the tier counters from
+# loadtests/shared/metrics.py. Never import locust here: it patches gevent in.
 
 
 # -- one locust run ---------------------------------------------------------------------------------------
@@ -356,7 +338,7 @@ class Stack:
         import grpc
 
         from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
-        from loadtests.keys import DataSet
+        from loadtests.shared.keys import DataSet
         from server import rpc
         from server.proto import crs_pb2 as pb
 
@@ -530,28 +512,16 @@ def machine_info(name: str, layouts: dict[str, str]) -> dict[str, Any]:
         except PackageNotFoundError:
             return "not installed"
 
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-        cpu_model = models[0] if models else platform.processor() or "unknown"
-    except OSError:
-        cpu_model = platform.processor() or "unknown"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
         "name": name or f"{socket.gethostname()} ({cores} cores)",
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "cpu_model": cpu_model, "cores": cores, "kernel": f"{platform.system()} {platform.release()}",
+        "date": utc_now(), "cpu_model": cpu_model(), "cores": cores, "kernel": kernel(),
         "python": platform.python_version(), "grpcio": pkg("grpcio"), "locust": pkg("locust"),
     }
     for key, text in layouts.items():
         info[f"layout ({key})"] = text
     info["load average at the end (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        info["commit"] = head or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = "unknown"
+    info["commit"] = git_commit()
     return info
 
 
@@ -573,7 +543,7 @@ def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any
 
 
 def rerender(out: Path) -> int:
-    from loadtests.sweep_report import runs_from_report
+    from loadtests.sweep.report import runs_from_report
 
     report = json.loads((out / "sweep.json").read_text())
     print(write_report(out, runs_from_report(report), report["machine"], report["config"]))

@@ -1,0 +1,92 @@
+"""CPU time and CPU pinning of process trees (psutil).
+
+The benchmark's "per server core" figures and the sweep's CPU per lookup divide work done by the
+CPU-seconds the measured processes spent (user + system, every thread), read before and after a
+measured window. A process tree (PostgreSQL's postmaster and its backends) is summed over every
+process in it; a process that appears during the window counts from zero, one that exits during it
+is no longer counted (its last reading is lost).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import psutil
+
+
+def _cpu_seconds(proc: psutil.Process) -> float | None:
+    try:
+        times = proc.cpu_times()
+    except psutil.Error:   # gone
+        return None
+    return float(times.user + times.system)
+
+
+def cpu_seconds_of(pid: int) -> float | None:
+    """User + system CPU seconds of one process (all its threads, live and exited; not its children's);
+    None if it is gone."""
+    try:
+        return _cpu_seconds(psutil.Process(pid))
+    except psutil.Error:
+        return None
+
+
+def _processes(roots: Iterable[int]) -> list[psutil.Process]:
+    """The given processes and all their descendants that are alive now (each once)."""
+    found: dict[int, psutil.Process] = {}
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            found.setdefault(pid, root)
+            for child in root.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:   # gone, or gone while we looked
+            continue
+    return list(found.values())
+
+
+def cpu_snapshot(roots: Iterable[int]) -> dict[int, float]:
+    """{pid: CPU seconds} for every process in the trees under `roots`."""
+    snap: dict[int, float] = {}
+    for proc in _processes(roots):
+        secs = _cpu_seconds(proc)
+        if secs is not None:
+            snap[proc.pid] = secs
+    return snap
+
+
+def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent between two snapshots; processes new in `after` count from zero."""
+    return sum(max(0.0, secs - before.get(pid, 0.0)) for pid, secs in after.items())
+
+
+def pin(roots: Iterable[int], cpus: Iterable[int]) -> int:
+    """Pin every thread of every process in the trees under `roots` to `cpus`. Returns threads pinned.
+
+    sched_setaffinity acts on one thread (psutil's cpu_affinity too, on Linux: the main one), and
+    threads created later inherit from their creator, so every existing thread is pinned. Errors (a
+    thread that just exited, no permission) are skipped: pinning is best effort and the report says
+    whether it was on.
+    """
+    cpus = set(cpus)
+    if not cpus:
+        return 0
+    done = 0
+    for proc in _processes(roots):
+        try:
+            threads = proc.threads()
+        except psutil.Error:
+            continue
+        for thread in threads:
+            try:
+                os.sched_setaffinity(thread.id, cpus)
+                done += 1
+            except OSError:
+                pass
+    return done
+
+
+def pin_self(cpus: set[int]) -> None:
+    """Pin every thread of this process (call it early: later threads inherit it)."""
+    pin([os.getpid()], cpus)

@@ -1,0 +1,7 @@
+"""`python -m loadtests.sweep` (also `crs-load sweep`)."""
+
+import sys
+
+from loadtests.sweep.run import main
+
+sys.exit(main())
