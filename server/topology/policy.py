@@ -29,13 +29,13 @@ MIN_REDIS_TIMEOUT = 2.0
 
 @dataclass(frozen=True)
 class MigrationPolicy:
-    rate: float = 20_000.0         # keys examined per second, all shards together
-    batch: int = 500               # SCAN COUNT
-    lease: float = 10.0            # a node heartbeat older than this is a node that is gone
-    wait_timeout: float = 60.0     # how long to wait for live nodes to run a new version
-    poll: float = 0.2              # how often to look at the heartbeats while waiting
-    copy_budget: float = 0.25      # a copy is kept only if read and written within this many seconds
-    redis_timeout: float = 5.0     # per Redis command of the driver
+    rate: float = 20_000.0                  # keys examined per second, all shards together
+    batch: int = 500                        # SCAN COUNT
+    lease: float = 10.0                     # a node heartbeat older than this is a node that is gone
+    wait_timeout: float = MIN_WAIT_TIMEOUT  # how long to wait for live nodes to run a new version
+    poll: float = 0.2                       # how often to look at the heartbeats while waiting
+    copy_budget: float = 0.25               # a copy is kept only if read and written within this many seconds
+    redis_timeout: float = 5.0              # per Redis command of the driver
 
     @classmethod
     def from_settings(cls, s: Settings, *, rate: float | None = None, batch: int | None = None,
