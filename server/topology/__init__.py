@@ -6,6 +6,11 @@ warms the keys a move hands to a new owner.
 
     store         the versioned topology, the staged change and the move's progress (PostgreSQL or file)
     watch         a node's follower: poll, swap the ring, heartbeat
-    migrator      crs shards apply/abort: publish steps, wait for nodes, copy and clean up keys
+    staging       the topology to start from, the first published version, the staged change
+    migrator      crs shards apply/abort: the move driver (publish steps, wait for nodes, one driver)
+    key_steps     a step's keys: flush joining shards, copy moved keys, clean up old owners (paced, resumable)
+    policy        MigrationPolicy: rate, batch, waits and timeouts of a move, from the settings
+    errors        MigrationError and ShardUnreachable: why a topology command stops
+    report        what `crs shards status` and `plan` report: gathered, typed, with their JSON form
     shard_stats   INFO of each shard for metrics and `crs shards status`
 """

@@ -27,6 +27,7 @@ import asyncpg
 from server.cache.redis_tier import RedisTier, Shard, ShardPolicy
 from server.metrics import Metrics
 from server.settings import Settings
+from server.topology.policy import COPY_BUDGET_FRACTION
 from server.topology.shard_stats import STATS_ERRORS, read_stats
 from server.topology.store import (
     NodeReport,
@@ -43,6 +44,17 @@ log = logging.getLogger("crs.topology")
 _CHECK_ERRORS = (TopologyError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
 # Heartbeat rows of processes that vanished without a clean stop are deleted after this long.
 FORGET_NODES_AFTER = 24 * 3600.0
+# A heartbeat every this fraction of CRS_TOPOLOGY_LEASE (but not more often than the poll): a node
+# can miss two in a row before the migrator presumes it gone.
+HEARTBEATS_PER_LEASE = 3
+# How long a switch waits for the writes started under the previous version to land: a write is at
+# most two Redis commands in a row (a copy's SET and the DEL that undoes a late one), each bounded by
+# CRS_REDIS_TIMEOUT, plus DRAIN_SLACK seconds for a busy event loop to run their callbacks.
+DRAIN_COMMANDS = 2
+DRAIN_SLACK = 1.0
+# The INFO for metrics may take this many CRS_REDIS_TIMEOUTs: it is DBSIZE plus INFO, a far larger
+# reply than a lookup's, and it runs apart from lookups, so a slow answer costs nothing but a sample.
+STATS_TIMEOUT_FACTOR = 4
 
 
 def node_identity() -> str:
@@ -79,7 +91,7 @@ class TopologyWatcher:
                     topology=topology, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
                     policy=ShardPolicy(failure_threshold=s.shard_failure_threshold,
                                        retry_interval=s.shard_retry_interval),
-                    copy_budget=s.reinvalidate_delay / 2, on_error=self._shard_error,
+                    copy_budget=s.reinvalidate_delay * COPY_BUDGET_FRACTION, on_error=self._shard_error,
                     on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied)
                 self._export(topology)
             started = time.monotonic()
@@ -150,7 +162,8 @@ class TopologyWatcher:
             # lease; the lease runs from before the write, so it ends before the database's view of it.
             await heartbeat(self.pool, report)
             self._reported = report.topology_version
-            self._next_beat = now + max(self.settings.topology_lease / 3, self.settings.topology_poll_interval)
+            beat_every = max(self.settings.topology_lease / HEARTBEATS_PER_LEASE, self.settings.topology_poll_interval)
+            self._next_beat = now + beat_every
             if self.tier is not None:
                 self.tier.renew_lease(now + self.settings.topology_lease)
         self.metrics.topology_confirmed.set(time.time())
@@ -164,7 +177,8 @@ class TopologyWatcher:
             self.topology = topology
             return
         previous_view = self.tier.apply_topology(topology)
-        drained = await self.tier.drain(previous_view, timeout=2 * self.settings.redis_timeout + 1)
+        drain_timeout = DRAIN_COMMANDS * self.settings.redis_timeout + DRAIN_SLACK
+        drained = await self.tier.drain(previous_view, timeout=drain_timeout)
         self.topology = topology
         self._export(topology)
         log.info("shard topology switched", extra={
@@ -210,7 +224,7 @@ class TopologyWatcher:
 
         async def one(name: str, shard: Shard) -> None:
             try:
-                stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * 4)
+                stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * STATS_TIMEOUT_FACTOR)
             except STATS_ERRORS:
                 return
             self.metrics.shard_keys.labels(name).set(stats.keys)

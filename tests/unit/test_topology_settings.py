@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.settings import SettingsError, load_settings
-from server.topology.migrator import MigrationPolicy
+from server.topology.policy import MigrationPolicy
 
 
 def test_defaults_and_the_policy_derived_from_them() -> None:
