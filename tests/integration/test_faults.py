@@ -26,8 +26,8 @@ from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
+from tests.integration.support import own_env
 
-pytestmark = pytest.mark.integration
 CARDS = 150
 
 
@@ -52,8 +52,7 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def faults() -> Iterator[FaultStack]:
-    env = DevEnvironment(shards=3, customers=CARDS // 2,
-                         pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env = own_env(shards=3, customers=CARDS // 2)
     env.start()
     try:
         # No near-cache, so every lookup exercises the shards; fail fast, probe often.

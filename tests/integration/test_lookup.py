@@ -7,9 +7,8 @@ import pytest
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from server.proto import crs_pb2 as pb
-from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
 
-pytestmark = pytest.mark.integration
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
