@@ -8,15 +8,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
 import asyncpg
 import grpc
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.binaries import free_port
@@ -39,15 +45,20 @@ OPERATOR_ROLE = "crs_sre"   # the login role for crs shards ...: a member of crs
 
 
 async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
-                           out: TextIO | None = None, service_role: str | None = None) -> None:
-    """Migrate (as the owner in `settings.pg_dsn`), create the nodes' login role, load demo data."""
+                           out: TextIO | None = None, service_role: str | None = None,
+                           operator_role: str = OPERATOR_ROLE, passwords: dict[str, str] | None = None) -> None:
+    """Migrate (as the owner in `settings.pg_dsn`), create the nodes' login role, load demo data.
+
+    `passwords` (role -> password) gives roles created here a password (servers that are not 'trust')."""
     await migrate(settings.pg_dsn)
     if service_role:
         conn = await asyncpg.connect(settings.pg_dsn)
         try:
-            for role, group in ((service_role, "crs_app"), (OPERATOR_ROLE, "crs_operator")):
+            for role, group in ((service_role, "crs_app"), (operator_role, "crs_operator")):
                 if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                    await conn.execute(f'CREATE ROLE "{role}" LOGIN IN ROLE {group}')
+                    password = (passwords or {}).get(role)
+                    with_password = f" PASSWORD {_sql_literal(password)}" if password else ""
+                    await conn.execute(f'CREATE ROLE "{role}" LOGIN{with_password} IN ROLE {group}')
         finally:
             await conn.close()
     if customers <= 0:
@@ -58,6 +69,24 @@ async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
     finally:
         await pool.close()
     await load_demo(settings.pg_dsn, settings.keyring(), dek, customers=customers, seed=seed, out=out)
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _dsn_with(dsn: str, *, user: str | None = None, password: str | None = None, database: str | None = None) -> str:
+    """`dsn` (a postgresql:// URL) with its user, password and/or database replaced; the rest kept."""
+    parts = urllib.parse.urlsplit(dsn)
+    netloc = parts.netloc
+    if user is not None:
+        hostport = netloc.rpartition("@")[2]
+        auth = urllib.parse.quote(user, safe="")
+        if password is not None:
+            auth += ":" + urllib.parse.quote(password, safe="")
+        netloc = f"{auth}@{hostport}"
+    path = "/" + urllib.parse.quote(database, safe="") if database is not None else parts.path
+    return urllib.parse.urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment))
 
 
 # Dev callers and their scopes: an operator with everything, a payment switch with lookups only.
@@ -155,6 +184,13 @@ class DevEnvironment:
     With tls=True (the default of `crs-dev up` and the tests) nodes serve mutual TLS with a generated
     dev PKI and the clients file below; with tls=False they serve plaintext to anonymous callers.
     Nodes log in to PostgreSQL as the restricted service role, never as the owner.
+
+    External servers (a CI's service containers), both or neither: with `external_pg_dsn` (a superuser
+    DSN) and `external_redis_urls` (the shards, named shard-0..N-1; `shards` is then ignored) no server
+    is started. start() then creates the database `database` (default crs_<random>) and the login roles
+    <database>_node and <database>_sre with random passwords, and FLUSHDBs each Redis URL's database;
+    stop() drops that database and those roles (unless keep). `stack` stays None; use `work_dir` and
+    `shard_urls()`, which work in both modes.
     """
 
     shards: int = 4
@@ -170,58 +206,167 @@ class DevEnvironment:
     pki: DevPki | None = None
     clients_file: Path | None = None
 
+    external_pg_dsn: str | None = None
+    external_redis_urls: tuple[str, ...] = ()
+    database: str | None = None
+    _work_dir: Path | None = field(default=None, repr=False)
+    _passwords: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.external_redis_urls = tuple(self.external_redis_urls)
+        if bool(self.external_pg_dsn) != bool(self.external_redis_urls):
+            raise ValueError("give both external_pg_dsn and external_redis_urls, or neither")
+        if self.database is None:
+            self.database = f"crs_{secrets.token_hex(4)}" if self.external else "crs"
+
+    @property
+    def external(self) -> bool:
+        """True when the servers are already running elsewhere (nothing of ours to start or kill)."""
+        return bool(self.external_pg_dsn)
+
+    @property
+    def work_dir(self) -> Path:
+        """Where logs, the dev PKI and test files go: the stack's base directory, or our own."""
+        if self.stack is not None:
+            return Path(self.stack.base_dir)
+        assert self._work_dir is not None, "start() first"
+        return self._work_dir
+
+    def shard_urls(self) -> dict[str, str]:
+        """Shard name -> Redis URL, embedded or external."""
+        if self.stack is not None:
+            return self.stack.shard_urls()
+        return {f"shard-{i}": url for i, url in enumerate(self.external_redis_urls)}
+
+    @property
+    def service_role(self) -> str:
+        return f"{self.database}_node" if self.external else SERVICE_ROLE
+
+    @property
+    def operator_role(self) -> str:
+        return f"{self.database}_sre" if self.external else OPERATOR_ROLE
+
+    def _start_external(self) -> None:
+        dsn, database = self.external_pg_dsn, self.database
+        assert dsn is not None and database is not None
+        self._work_dir = self.base_dir or Path(tempfile.mkdtemp(prefix="crs-env-"))
+        for url in self.external_redis_urls:
+            with redis.Redis.from_url(url) as client:
+                client.flushdb()
+        self._passwords = {self.service_role: secrets.token_hex(16), self.operator_role: secrets.token_hex(16)}
+
+        async def create() -> None:
+            conn = await asyncpg.connect(dsn, timeout=30)
+            try:
+                await conn.execute(f'CREATE DATABASE "{database}"')
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
+    def _stop_external(self) -> None:
+        if self._work_dir is None:
+            return
+        if not self.keep:
+            dsn = self.external_pg_dsn
+
+            async def drop() -> None:
+                conn = await asyncpg.connect(dsn, timeout=30)
+                try:
+                    force = " WITH (FORCE)" if conn.get_server_version().major >= 13 else ""
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{self.database}"{force}')
+                    for role in (self.service_role, self.operator_role):
+                        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+                finally:
+                    await conn.close()
+
+            try:
+                asyncio.run(drop())
+            except Exception as exc:   # stop() must not fail; say what was left behind
+                warnings.warn(f"could not drop database {self.database} and its roles: {exc}", stacklevel=2)
+            if self.base_dir is None:
+                shutil.rmtree(self._work_dir, ignore_errors=True)
+        self._work_dir = None
+
     def start(self, *, out: TextIO | None = None) -> Settings:
+        if self.external:
+            try:
+                self._start_external()
+            except BaseException:
+                self.stop()
+                raise
+            return self._prepare(out)
         self.stack = EmbeddedStack(base_dir=self.base_dir, shards=self.shards, pg_binaries=self.pg_binaries,
                                    keep=self.keep)
         try:
             self.stack.start()
-            self.stack.postgres.create_database("crs")
+            assert self.database is not None
+            self.stack.postgres.create_database(self.database)
+        except BaseException:
+            self.stop()
+            raise
+        return self._prepare(out)
+
+    def _prepare(self, out: TextIO | None) -> Settings:
+        """PKI, schema, login roles, demo data: the same on embedded and external servers."""
+        try:
             if self.tls:
-                self.pki = write_dev_pki(Path(self.stack.base_dir) / "pki", tuple(DEV_CLIENTS))
-                self.clients_file = Path(self.stack.base_dir) / "pki" / "clients.json"
+                self.pki = write_dev_pki(self.work_dir / "pki", tuple(DEV_CLIENTS))
+                self.clients_file = self.work_dir / "pki" / "clients.json"
                 self.clients_file.write_text(json.dumps(dev_clients_config(), indent=2))
             settings = self.settings()
             owner = replace(settings, pg_dsn=self.admin_dsn)
-            asyncio.run(prepare_database(owner, customers=self.customers, out=out, service_role=SERVICE_ROLE))
+            asyncio.run(prepare_database(owner, customers=self.customers, out=out, service_role=self.service_role,
+                                         operator_role=self.operator_role, passwords=self._passwords))
         except BaseException:
             self.stop()
             raise
         return settings
 
+    def _dsn(self, role: str | None) -> str:
+        """The database's DSN as `role` (None: the owner/superuser)."""
+        assert self.database is not None
+        if self.external_pg_dsn is not None:
+            if role is None:
+                return _dsn_with(self.external_pg_dsn, database=self.database)
+            return _dsn_with(self.external_pg_dsn, user=role, password=self._passwords.get(role),
+                             database=self.database)
+        assert self.stack is not None, "start() first"
+        if role is None:
+            return self.stack.postgres.dsn(self.database)
+        return f"postgresql://{role}@127.0.0.1:{self.stack.postgres.port}/{self.database}"
+
     @property
     def admin_dsn(self) -> str:
         """The schema owner (superuser here): migrations, demo data, test inspection."""
-        assert self.stack is not None, "start() first"
-        return self.stack.postgres.dsn("crs")
+        return self._dsn(None)
 
     @property
     def operator_dsn(self) -> str:
         """What an SRE's `crs shards ...` logs in as: the service's rights plus the shard topology."""
-        assert self.stack is not None, "start() first"
-        return f"postgresql://{OPERATOR_ROLE}@127.0.0.1:{self.stack.postgres.port}/crs"
+        return self._dsn(self.operator_role)
 
     def settings(self, **overrides: object) -> Settings:
-        assert self.stack is not None, "start() first"
+        assert self.stack is not None or self._work_dir is not None, "start() first"
         env = dict(self.keys)
-        env["CRS_PG_DSN"] = f"postgresql://{SERVICE_ROLE}@127.0.0.1:{self.stack.postgres.port}/crs"
+        env["CRS_PG_DSN"] = self._dsn(self.service_role)
         if self.pki is not None and self.clients_file is not None:
             env |= {"CRS_TLS_CERT_FILE": str(self.pki.server_cert), "CRS_TLS_KEY_FILE": str(self.pki.server_key),
                     "CRS_TLS_CLIENT_CA_FILE": str(self.pki.ca_cert), "CRS_CLIENTS_FILE": str(self.clients_file)}
         else:
             env |= {"CRS_ALLOW_PLAINTEXT": "true", "CRS_ALLOW_ANONYMOUS": "true"}
         settings = load_settings(env)
-        shards = tuple(ShardAddress(name=name, url=url) for name, url in self.stack.shard_urls().items())
+        shards = tuple(ShardAddress(name=name, url=url) for name, url in self.shard_urls().items())
         values: dict[str, object] = {"redis_shards": shards} | overrides   # an override wins
         return replace(settings, **values)  # type: ignore[arg-type]
 
     def start_node(self, *, workers: int = 1, port: int | None = None, pki: DevPki | None = None,
                    **overrides: object) -> NodeProcess:
         """A `crs serve` with these setting overrides; `pki` when the overrides name another PKI's files."""
-        assert self.stack is not None
         defaults: dict[str, object] = {"grpc_port": port or free_port(), "workers": workers,
                                        "metrics_port": free_port()}
         settings = self.settings(**(defaults | overrides))
-        log_dir = Path(self.stack.base_dir) / "logs"
+        log_dir = self.work_dir / "logs"
         log_dir.mkdir(exist_ok=True)
         node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", pki=pki or self.pki)
         self.nodes.append(node)
@@ -233,3 +378,4 @@ class DevEnvironment:
         self.nodes.clear()
         if self.stack is not None:
             self.stack.stop()
+        self._stop_external()

@@ -1,7 +1,9 @@
 """Time shard_router.Ring: ns/key for node_for and for group_by_node over 1,000-key batches.
 
 Run from the repository root:  .venv/bin/python -m scripts.bench_ring [--shards 10] [--keys 100000]
-Plain timeit, best of --repeat runs (no pytest-benchmark needed).
+Plain timeit, best of --repeat runs (no pytest-benchmark needed). The target is < 2 us/key for
+node_for; --max-node-for-ns N exits 1 above N ns/key (a regression gate for a quiet machine: the
+test suite asserts no timings).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import platform
 import random
+import sys
 import time
 import timeit
 
@@ -21,6 +24,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--max-node-for-ns", type=float, default=None, help="exit 1 if node_for(str) is slower")
     args = ap.parse_args()
 
     rng = random.Random(1)
@@ -56,10 +60,13 @@ def main() -> None:
 
     print(f"python {platform.python_version()} on {platform.machine()}; {args.shards} shards, {args.keys} keys")
     print(f"Ring() build: {build_ms:.2f} ms")
-    print(f"node_for(str):   {per_key(loop_str, len(keys_str)):7.0f} ns/key")
+    node_for_ns = per_key(loop_str, len(keys_str))
+    print(f"node_for(str):   {node_for_ns:7.0f} ns/key")
     print(f"node_for(bytes): {per_key(loop_bytes, len(keys_bytes)):7.0f} ns/key")
     print(f"group_by_node({args.batch} keys): {per_key(grouped, len(keys_str)):7.0f} ns/key")
     print(f"(empty for-loop: {per_key(bare_loop, len(keys_str)):.0f} ns/key)")
+    if args.max_node_for_ns is not None and node_for_ns > args.max_node_for_ns:
+        sys.exit(f"node_for(str) takes {node_for_ns:.0f} ns/key, over --max-node-for-ns {args.max_node_for_ns:.0f}")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@ import time
 import uuid
 
 import grpc
-import pytest
 
 from devstack.demo import demo_routing
 from server.proto import crs_pb2 as pb
-from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
-
-pytestmark = pytest.mark.integration
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
 
 # README ("Consistency"): a committed write is visible on every node within near_cache_ttl (2 s) even
 # if its pub/sub invalidation is lost; normally within milliseconds.

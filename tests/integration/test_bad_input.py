@@ -10,9 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.demo import demo_pan, demo_routing
 from server.proto import crs_pb2 as pb
-from tests.conftest import Clients
-
-pytestmark = pytest.mark.integration
+from tests.integration.support import Clients
 
 
 def malformed_pans(rng: random.Random) -> list[str]:

@@ -31,8 +31,6 @@ from devstack import (
     free_port,
 )
 
-pytestmark = pytest.mark.integration
-
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

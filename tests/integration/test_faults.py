@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,9 +27,10 @@ from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
+from tests.integration.support import own_env
 
-pytestmark = pytest.mark.integration
 CARDS = 150
+SENTINEL = "crs-test:sentinel"
 
 
 @dataclass
@@ -41,9 +43,30 @@ class FaultStack:
     ring: Ring
     expected_last4: dict[int, str] = field(default_factory=dict)
 
-    def shard_of_card(self, i: int) -> str:
+    def card_key(self, i: int) -> str:
         keyring = self.node.settings.keyring()
-        return self.ring.node_for(ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i))))
+        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+
+    def shard_of_card(self, i: int) -> str:
+        return self.ring.node_for(self.card_key(i))
+
+    def cached_value(self, i: int) -> bytes | None:
+        """Card i's answer as cached on its shard (looked up first, so that it is there)."""
+        self.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+        assert self.env.stack is not None
+        shard = next(r for r in self.env.stack.redis if r.name == self.shard_of_card(i))
+        value = redis.Redis.from_url(shard.url).get(self.card_key(i))
+        assert value is None or isinstance(value, bytes)
+        return value
+
+    def shard_up(self, name: str) -> float:
+        """The node's crs_cache_shard_up gauge for this shard (1 in use, 0 marked down)."""
+        url = f"http://127.0.0.1:{self.node.settings.metrics_port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        prefix = f'crs_cache_shard_up{{shard="{name}"}} '
+        values = [float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)]
+        assert len(values) == 1, f"no {prefix.strip()} in the node's metrics"
+        return values[0]
 
     def serving(self) -> bool:
         reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
@@ -52,8 +75,7 @@ class FaultStack:
 
 @pytest.fixture(scope="module")
 def faults() -> Iterator[FaultStack]:
-    env = DevEnvironment(shards=3, customers=CARDS // 2,
-                         pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env = own_env(shards=3, customers=CARDS // 2)
     env.start()
     try:
         # No near-cache, so every lookup exercises the shards; fail fast, probe often.
@@ -74,9 +96,15 @@ def LookupLoad(stack: FaultStack, threads: int = 4) -> load.LookupLoad:
                            check=lambda n, r: r.card.last4 == demo_pan(n)[-4:])
 
 
-def test_killed_shard_loses_no_lookup_and_returns_after_flush(faults: FaultStack) -> None:
+def test_killed_shard_loses_no_lookup_and_is_flushed_before_it_serves_again(faults: FaultStack) -> None:
+    """While the node cannot reach a shard it may miss invalidations, so whatever the shard holds when it
+    returns must be flushed before the node reads from it. Proof: entries written into the returned
+    shard while the node still counts it down (a sentinel key, and a wrong answer under a card key it
+    owns) are gone once the node uses the shard again, and the wrong answer is never served."""
     assert faults.env.stack is not None
     victim = faults.env.stack.redis[1]
+    owned = [i for i in range(CARDS) if faults.shard_of_card(i) == victim.name]
+    other = next(i for i in range(CARDS) if faults.shard_of_card(i) != victim.name)
     with LookupLoad(faults) as load:
         time.sleep(1.0)
         before = load.ok
@@ -84,16 +112,35 @@ def test_killed_shard_loses_no_lookup_and_returns_after_flush(faults: FaultStack
         time.sleep(2.0)
         assert load.ok > before, "lookups continued while the shard was down"
         assert faults.serving()
-        victim.restart()
-        time.sleep(2.0)
     assert load.failures == []
-    assert faults.serving()
-    # Back in use: cards it owns are cached on it again.
+    assert faults.shard_up(victim.name) == 0, "the node marked the dead shard down"
+
+    # No lookups and no writes now: nothing routes to the shard, so the node cannot start its
+    # recovery probe. The shard comes back empty; plant what a missed invalidation leaves behind.
+    victim.restart()
     client = redis.Redis.from_url(victim.url)
-    owned = [i for i in range(CARDS) if faults.shard_of_card(i) == victim.name]
-    for i in owned[:20]:
-        faults.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
-    assert client.dbsize() > 0
+    client.set(SENTINEL, b"written while the node counted this shard down")
+    stale_card = owned[0]
+    wrong_answer = faults.cached_value(other)     # another card's answer, cached on its own shard
+    assert wrong_answer is not None
+    client.set(faults.card_key(stale_card), wrong_answer)
+    assert faults.shard_up(victim.name) == 0, "the sentinel must be written before the node's probe"
+
+    with LookupLoad(faults) as load:              # the victim's cards drive the probe
+        deadline = time.monotonic() + 15
+        while faults.shard_up(victim.name) != 1:
+            assert time.monotonic() < deadline, "the node never took the returned shard back"
+            time.sleep(0.1)
+        for i in owned[:20]:
+            faults.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+    assert load.failures == []                    # includes: the wrong answer was never served
+    assert faults.serving()
+    got = faults.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(stale_card)), timeout=5)
+    assert got.card.last4 == demo_pan(stale_card)[-4:]
+    assert client.exists(SENTINEL) == 0, "the returned shard was used without a flush"
+    assert client.get(faults.card_key(stale_card)) != wrong_answer
+    # Back in use: the cards it owns are cached on it again.
+    assert sum(client.exists(faults.card_key(i)) for i in owned[:20]) == 20
 
 
 def test_hung_shard_never_serves_a_value_changed_while_it_was_away(faults: FaultStack) -> None:

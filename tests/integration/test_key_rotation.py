@@ -18,15 +18,15 @@ from server import rpc
 from server.crypto import encode_key, new_key
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
+from tests.integration.support import own_env
 
-pytestmark = pytest.mark.integration
 CUSTOMERS = 150
 CARDS = CUSTOMERS * 2
 
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[DevEnvironment]:
-    e = DevEnvironment(shards=2, customers=CUSTOMERS, pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    e = own_env(shards=2, customers=CUSTOMERS)
     e.start()
     yield e
     e.stop()

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from devstack.environment import DevEnvironment, NodeProcess
+from devstack.environment import NodeProcess
 from loadtests.shared.latency import Timeline
 from loadtests.shared.paths import LOCUSTFILE
+from tests.integration.support import own_env
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 CUSTOMERS = 200
 
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[NodeProcess]:
-    env = DevEnvironment(shards=1, customers=CUSTOMERS, pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env = own_env(shards=1, customers=CUSTOMERS)
     with open(os.devnull, "w") as quiet:
         env.start(out=quiet)
     try:

@@ -7,9 +7,8 @@ import pytest
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from server.proto import crs_pb2 as pb
-from tests.conftest import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
 
-pytestmark = pytest.mark.integration
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 
@@ -156,19 +155,35 @@ def test_health_and_reflection(node_a: Clients) -> None:
     assert {"crs.v1.LookupService", "crs.v1.AdminService", "grpc.health.v1.Health"} <= names
 
 
-def test_metrics_count_tiers(node_a: Clients) -> None:
+def _counters(node: Clients) -> dict[str, float]:
+    """crs_lookups_total per tier and crs_rpc_latency_seconds_count per (method, code), scraped after
+    the node's next metrics flush (per-call counts reach Prometheus every FLUSH_INTERVAL)."""
     import time
     import urllib.request
 
     from server.metrics import FLUSH_INTERVAL
 
-    for _ in range(2):   # the second answer comes from the near-cache
-        node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
-    time.sleep(FLUSH_INTERVAL * 1.5)   # per-call counts reach Prometheus at the next flush
-    url = f"http://127.0.0.1:{node_a.node.settings.metrics_port}/metrics"
+    time.sleep(FLUSH_INTERVAL * 1.5)
+    url = f"http://127.0.0.1:{node.node.settings.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    assert 'crs_lookups_total{tier="l1"}' in text
-    assert 'crs_rpc_latency_seconds_bucket{code="OK",le="0.001",method="ResolveCard"}' in text
+    return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines())
+            if name.startswith(("crs_lookups_total{", "crs_rpc_latency_seconds_count{"))}
+
+
+def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """Two lookups of a PAN nobody has asked for: one answered by PostgreSQL (negatively), the second
+    by the near-cache; each RPC observed once. The counters move by exactly that, nothing else."""
+    before = _counters(node_a)
+    req = pb.ResolveCardRequest(pan=fresh_pan(used_secrets))
+    for _ in range(2):
+        expect_code(lambda: node_a.lookup.ResolveCard(req, timeout=5), NOT_FOUND)
+    after = _counters(node_a)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after.keys() | before.keys()}
+    assert {k: v for k, v in delta.items() if v} == {
+        'crs_lookups_total{tier="l3_negative"}': 1.0,
+        'crs_lookups_total{tier="l1"}': 1.0,
+        'crs_rpc_latency_seconds_count{code="NOT_FOUND",method="ResolveCard"}': 2.0,
+    }
 
 
 def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients, used_secrets: UsedSecrets) -> None:

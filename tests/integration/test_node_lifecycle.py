@@ -10,15 +10,12 @@ import threading
 import time
 
 import grpc
-import pytest
 
 from devstack.environment import DevEnvironment
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.conftest import UsedSecrets, fresh_pan
-
-pytestmark = pytest.mark.integration
+from tests.integration.support import UsedSecrets, fresh_pan
 
 
 def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:

@@ -14,8 +14,6 @@ from devstack import RedisServer
 from server.cache.redis_tier import RedisTier, ShardPolicy, ShardUnavailable
 from shard_router.topology import ShardState, Topology, TopologyShard, advance, begin, set_state, stage_add
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:

@@ -37,8 +37,8 @@ from server.proto import crs_pb2 as pb
 from server.settings import Settings, settings_to_env
 from shard_router import Ring, ShardSpec
 from tests.integration import load
+from tests.integration.support import own_env
 
-pytestmark = pytest.mark.integration
 CUSTOMERS = 600
 WRITTEN_CARDS = 8          # cards whose status a writer flips during a move (readers skip them)
 
@@ -105,7 +105,7 @@ class ReshardStack:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[ReshardStack]:
-    env = DevEnvironment(shards=4, customers=CUSTOMERS, pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
+    env = own_env(shards=4, customers=CUSTOMERS)
     env.start()
     try:
         assert env.stack is not None

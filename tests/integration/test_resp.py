@@ -17,8 +17,6 @@ import uvloop
 from devstack import RedisServer
 from server.cache.resp import PipelinedReader, RespError
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:

@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import grpc
@@ -30,9 +29,8 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.conftest import Clients
+from tests.integration.support import Clients
 
-pytestmark = pytest.mark.integration
 AUDIENCE = "crs-lookup-test"
 
 
@@ -65,8 +63,7 @@ class SecureNode:
 def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureNode]:
     from devstack import free_port
 
-    assert dev_env.stack is not None
-    base = Path(dev_env.stack.base_dir) / "security-test"
+    base = dev_env.work_dir / "security-test"
     pki = write_dev_pki(base / "pki", ("admin", "switch", "stranger", "revoked", "limited"))
     other_ca = write_dev_pki(base / "other-ca", ("admin",))
     revoked_serial = x509.load_pem_x509_certificate(pki.client_cert("revoked")[0].read_bytes()).serial_number
@@ -99,10 +96,9 @@ def _backend_activity(dev_env: DevEnvironment, node: NodeProcess) -> tuple[int, 
     """(Redis GET/MGET/SET calls over all shards, lookups answered by any tier on this node)."""
     import urllib.request
 
-    assert dev_env.stack is not None
     calls = 0
-    for shard in dev_env.stack.redis:
-        stats = redis.Redis.from_url(shard.url).info("commandstats")
+    for url in dev_env.shard_urls().values():
+        stats = redis.Redis.from_url(url).info("commandstats")
         calls += sum(int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("get", "mget", "set"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
     tiers = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("crs_lookups_total{"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -19,24 +20,101 @@ def _resolver() -> Resolver:
                     metrics=Metrics(CollectorRegistry()))
 
 
-async def test_concurrent_misses_load_once() -> None:
+def tiers(resolver: Resolver) -> dict[str, int]:
+    """crs_lookups_total by tier, as a scrape would see it: how each caller's answer was obtained."""
+    resolver.metrics.flush()
+    counts: dict[str, int] = {}
+    for metric in resolver.metrics.lookups.collect():
+        for sample in metric.samples:
+            if sample.name == "crs_lookups_total" and sample.value:
+                counts[sample.labels["tier"]] = int(sample.value)
+    return counts
+
+
+class SlowLoader:
+    """A fake of the PostgreSQL load: records every call and holds each one until released."""
+
+    def __init__(self, result: bytes | None = b"\x08\x01", error: BaseException | None = None) -> None:
+        self.result = result
+        self.error = error
+        self.calls = 0
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self) -> bytes | None:
+        self.calls += 1
+        self.started.set()
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the other tasks run until `condition` holds; a bound on loop turns, not on time."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
+
+
+@pytest.mark.parametrize("callers", [2, 50])
+async def test_concurrent_misses_share_one_load(callers: int) -> None:
     resolver = _resolver()
-    calls = 0
-    gate = asyncio.Event()
+    loader = SlowLoader()
+    lookup = Lookup("crd:1:ab", loader, "card")
+    waiters = [asyncio.create_task(resolver.resolve(lookup)) for _ in range(callers)]
+    await loader.started.wait()
+    # Every other caller is now parked on the one load in flight (the loader is still held).
+    await until(lambda: tiers(resolver).get("coalesced") == callers - 1, f"{callers - 1} callers coalesced")
+    assert loader.calls == 1 and not any(w.done() for w in waiters)
+    loader.release.set()
+    assert await asyncio.gather(*waiters) == [b"\x08\x01"] * callers
+    # One load, everyone else coalesced onto it, every caller counted exactly once.
+    assert loader.calls == 1
+    assert tiers(resolver) == {"l3": 1, "coalesced": callers - 1}
+    assert await resolver.resolve(lookup) == b"\x08\x01"           # now a near-cache hit
+    assert loader.calls == 1 and tiers(resolver) == {"l3": 1, "coalesced": callers - 1, "l1": 1}
 
-    async def load() -> bytes:
-        nonlocal calls
-        calls += 1
-        await gate.wait()          # slow database: every caller arrives while the load is in flight
-        return b"\x08\x01"
 
-    lookup = Lookup("crd:1:ab", load, "card")
-    waiters = [asyncio.create_task(resolver.resolve(lookup)) for _ in range(50)]
-    await asyncio.sleep(0.01)
-    gate.set()
-    assert await asyncio.gather(*waiters) == [b"\x08\x01"] * 50
-    assert calls == 1
-    assert await resolver.resolve(lookup) == b"\x08\x01" and calls == 1   # now a near-cache hit
+async def test_a_failed_load_fails_every_coalesced_caller_and_is_not_remembered() -> None:
+    resolver = _resolver()
+    failing = SlowLoader(error=asyncpg.exceptions.ConnectionDoesNotExistError("gone"))
+    lookup = Lookup("crd:1:ba", failing, "card")
+    waiters = [asyncio.create_task(resolver.resolve(lookup)) for _ in range(10)]
+    await failing.started.wait()
+    await until(lambda: tiers(resolver).get("coalesced") == 9, "9 callers coalesced")
+    failing.release.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, BackendUnavailable) for r in results), results
+    assert failing.calls == 1 and tiers(resolver) == {"coalesced": 9}
+    # Nothing in flight or cached for the key: the next caller loads afresh.
+    working = SlowLoader()
+    working.release.set()
+    assert await resolver.resolve(Lookup("crd:1:ba", working, "card")) == b"\x08\x01"
+    assert working.calls == 1 and tiers(resolver) == {"coalesced": 9, "l3": 1}
+
+
+async def test_different_keys_are_not_coalesced() -> None:
+    resolver = _resolver()
+    loaders = [SlowLoader(result=bytes([i])) for i in range(5)]
+    waiters = [asyncio.create_task(resolver.resolve(Lookup(f"crd:1:{i}", ld, "card"))) for i, ld in enumerate(loaders)]
+    for ld in loaders:
+        await ld.started.wait()
+        ld.release.set()
+    assert await asyncio.gather(*waiters) == [bytes([i]) for i in range(5)]
+    assert [ld.calls for ld in loaders] == [1] * 5
+    assert tiers(resolver) == {"l3": 5}
+
+
+async def test_duplicate_keys_in_a_batch_share_one_load() -> None:
+    resolver = _resolver()
+    loader = SlowLoader()
+    loader.release.set()
+    batch = [Lookup("crd:1:dd", loader, "card")] * 4
+    assert await resolver.resolve_many(batch) == [b"\x08\x01"] * 4
+    assert loader.calls == 1 and tiers(resolver) == {"l3": 1, "coalesced": 3}
 
 
 async def test_unknown_keys_are_cached_negatively() -> None:

@@ -449,17 +449,18 @@ def test_shard_router_imports_no_io_library() -> None:
     assert out.stdout.strip() == ""
 
 
-def test_node_for_is_fast_enough() -> None:
-    """Generous guard against gross regressions (the target is < 2 us/key; see scripts/bench_ring.py)."""
-    import time
-
+def test_many_card_keys_spread_over_every_shard_as_the_ring_shares_it() -> None:
+    """20,000 card-shaped keys on ten shards: each goes to a shard of the ring, node_for and
+    group_by_node agree, and each shard's count follows its share. (Speed is measured by
+    scripts/bench_ring.py, not asserted here: a wall-clock threshold depends on the machine's load.)"""
     ring = Ring(ShardSpec(f"shard-{i}") for i in range(10))
     keys = [f"card:{i:016d}" for i in range(20_000)]
-    node_for = ring.node_for
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for k in keys:
-            node_for(k)
-        best = min(best, time.perf_counter() - t0)
-    assert best / len(keys) < 10e-6
+    by_node_for: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        by_node_for.setdefault(ring.node_for(key), []).append(i)
+    groups = ring.group_by_node(keys)
+    assert groups == by_node_for
+    assert list(groups) == [spec.name for spec in ring.shards]   # every shard owns some
+    share = ring.share()
+    for name, idx in groups.items():
+        assert abs(len(idx) / len(keys) - share[name]) < 0.02, (name, len(idx), share[name])

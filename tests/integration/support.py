@@ -1,15 +1,12 @@
-"""Shared fixtures: a real PostgreSQL + Redis shards + two node processes, started once per session
-through the same launcher `crs-dev up` uses (devstack/).
-
-Set CRS_TEST_PG_BINARIES=system|pgserver to force the PostgreSQL binaries (default: PATH first).
-"""
+"""What integration tests share besides fixtures: client handles, the record of the secrets a test
+sent (for the PCI scan), test data helpers, and where servers come from (see conftest.py)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -18,7 +15,31 @@ from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
 
-DEMO_CUSTOMERS = 300
+# Which PostgreSQL binaries the suite's own servers use: auto (PATH first), system or pgserver.
+PG_BINARIES = os.environ.get("CRS_TEST_PG_BINARIES", "auto")
+# Already-running servers for the shared environment (both or neither): a superuser DSN, Redis URLs.
+EXTERNAL_PG_DSN = os.environ.get("CRS_TEST_PG_DSN", "").strip()
+EXTERNAL_REDIS_URLS = tuple(u.strip() for u in os.environ.get("CRS_TEST_REDIS_URLS", "").split(",") if u.strip())
+if bool(EXTERNAL_PG_DSN) != bool(EXTERNAL_REDIS_URLS):
+    raise pytest.UsageError("set both CRS_TEST_PG_DSN and CRS_TEST_REDIS_URLS, or neither")
+EXTERNAL = bool(EXTERNAL_PG_DSN)
+
+
+def shared_env(**options: Any) -> DevEnvironment:
+    """The session's environment: on the external servers when CRS_TEST_PG_DSN/CRS_TEST_REDIS_URLS
+    are set (a fresh database crs_test_<random>; the Redis DBs flushed), else on servers of its own."""
+    if EXTERNAL:
+        return DevEnvironment(external_pg_dsn=EXTERNAL_PG_DSN, external_redis_urls=EXTERNAL_REDIS_URLS,
+                              database=f"crs_test_{secrets.token_hex(4)}", **options)
+    return DevEnvironment(pg_binaries=PG_BINARIES, **options)
+
+
+def own_env(**options: Any) -> DevEnvironment:
+    """An environment on servers of its own, even when external servers are configured: for modules
+    that kill, stop or add servers, and for those that load demo data of their own (the demo data is
+    deterministic, so its cache keys, e.g. tok:<token> and cus:<id>, would collide with the shared
+    environment's on the same Redis databases, and the invalidation channel is server-wide)."""
+    return DevEnvironment(pg_binaries=PG_BINARIES, **options)
 
 
 @dataclass
@@ -37,44 +58,13 @@ class UsedSecrets:
     account_numbers: set[str] = field(default_factory=set)
 
 
-@pytest.fixture(scope="session")
-def used_secrets() -> UsedSecrets:
-    return UsedSecrets()
-
-
-@pytest.fixture(scope="session")
-def dev_env() -> Iterator[DevEnvironment]:
-    # base_dir=None: a fresh directory in /tmp that an unprivileged PostgreSQL user can reach when the
-    # suite runs as root (pytest's tmp_path is mode 0700).
-    env = DevEnvironment(shards=3, customers=DEMO_CUSTOMERS, tls=True,
-                         pg_binaries=os.environ.get("CRS_TEST_PG_BINARIES", "auto"))
-    env.start()
-    yield env
-    env.stop()
-
-
-def _clients(node: NodeProcess) -> Clients:
+def clients_of(node: NodeProcess) -> Clients:
     channel = node.channel("admin")
     return Clients(node, channel, rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService"))
 
 
-@pytest.fixture(scope="session")
-def node_a(dev_env: DevEnvironment) -> Iterator[Clients]:
-    clients = _clients(dev_env.start_node(workers=1))
-    yield clients
-    clients.channel.close()
-
-
-@pytest.fixture(scope="session")
-def node_b(dev_env: DevEnvironment) -> Iterator[Clients]:
-    clients = _clients(dev_env.start_node(workers=1))
-    yield clients
-    clients.channel.close()
-
-
 def node_logs(env: DevEnvironment) -> str:
-    assert env.stack is not None
-    logs = Path(env.stack.base_dir) / "logs"
+    logs = env.work_dir / "logs"
     return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log")))
 
 
