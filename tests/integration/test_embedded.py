@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import psutil
 import pytest
 import redis.asyncio as aioredis
 
@@ -38,25 +39,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def _pid_alive(pid: int) -> bool:
     """True while pid exists and is not a zombie (a reparented zombie is as good as gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            data = fh.read()
-    except FileNotFoundError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.NoSuchProcess:
         return False
-    return data[data.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def _children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as fh:
-                    data = fh.read()
-            except OSError:
-                continue
-            if int(data[data.rfind(b")") + 2 :].split()[1]) == pid and _pid_alive(int(entry)):
-                found.add(int(entry))
-    return found
+    try:
+        return {child.pid for child in psutil.Process(pid).children() if _pid_alive(child.pid)}
+    except psutil.NoSuchProcess:
+        return set()
 
 
 def _wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
