@@ -89,10 +89,12 @@ def _dsn_with(dsn: str, *, user: str | None = None, password: str | None = None,
     return urllib.parse.urlunsplit((parts.scheme, netloc, path, parts.query, parts.fragment))
 
 
-# Dev callers and their scopes: an operator with everything, a payment switch with lookups only.
+# Dev callers and their scopes: an operator with everything, a payment switch with lookups only, a
+# downstream system that follows the change feed and nothing else.
 DEV_CLIENTS = {
-    "admin": ["lookup:card", "lookup:account", "lookup:customer", "admin:write"],
+    "admin": ["lookup:card", "lookup:account", "lookup:customer", "admin:write", "feed:read"],
     "switch": ["lookup:card", "lookup:account"],
+    "feed": ["feed:read"],
 }
 
 

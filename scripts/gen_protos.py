@@ -18,10 +18,13 @@ OUT = ROOT / "server" / "proto"
 
 
 def generate(out_dir: Path) -> list[Path]:
+    import grpc_tools
     from grpc_tools import protoc
 
+    well_known = Path(grpc_tools.__file__).parent / "_proto"   # google/protobuf/timestamp.proto
     with tempfile.TemporaryDirectory() as tmp:
-        rc = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp}", f"--pyi_out={tmp}", PROTO])
+        rc = protoc.main(["protoc", f"-I{ROOT / 'protos'}", f"-I{well_known}", f"--python_out={tmp}",
+                          f"--pyi_out={tmp}", PROTO])
         if rc != 0:
             raise SystemExit(f"protoc failed with exit code {rc}")
         written = []

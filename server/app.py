@@ -26,8 +26,11 @@ from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
 from server.cache.redis_tier import RedisTier
-from server.caller import ADMIN_WRITE, LOOKUP_RPC_SCOPE, Caller
-from server.errors import CrsError, InvalidKey, status_for
+from server.caller import ADMIN_WRITE, FEED_READ, LOOKUP_RPC_SCOPE, Caller
+from server.errors import BackendUnavailable, CrsError, InvalidKey, status_for
+from server.feed.retention import run_compaction
+from server.feed.service import FeedHandlers
+from server.feed.tailer import FeedTailer
 from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
@@ -95,6 +98,8 @@ class Gate:
     def scopes_for(self, method: rpc.Method) -> frozenset[str]:
         if method.service == rpc.LOOKUP_SERVICE.full_name:
             return LOOKUP_RPC_SCOPE[method.name]
+        if method.service == rpc.FEED_SERVICE.full_name:
+            return frozenset({FEED_READ})
         return frozenset({ADMIN_WRITE})
 
     def admit(self, context: grpc.aio.ServicerContext, scopes: frozenset[str], name: str) -> Caller:
@@ -159,12 +164,35 @@ def _bidi(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]],
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
+def _server_stream(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
+                   gate: Gate) -> grpc.RpcMethodHandler:
+    name = method.name
+    parse = _parser(method)
+    scopes = gate.scopes_for(method)
+
+    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        try:
+            caller = gate.admit(context, scopes, name)
+            async for item in fn(parse(raw), caller):
+                yield item
+        except Exception as exc:
+            await _fail(context, exc, name, metrics, started)
+        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+
+    return grpc.unary_stream_rpc_method_handler(handler)
+
+
 def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, method in rpc.methods(service).items():
         fn = getattr(target, name)
-        handlers[name] = (_bidi(method, fn, metrics, gate) if method.client_streaming
-                          else _unary(method, fn, metrics, gate))
+        if method.client_streaming:
+            handlers[name] = _bidi(method, fn, metrics, gate)
+        elif method.server_streaming:
+            handlers[name] = _server_stream(method, fn, metrics, gate)
+        else:
+            handlers[name] = _unary(method, fn, metrics, gate)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -181,6 +209,7 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.resolver: Resolver | None = None
+        self.tailer: FeedTailer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int = 0
 
@@ -201,6 +230,11 @@ class Node:
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max)
         admin = AdminHandlers(store=AdminStore(pool=self.pool, keyring=self.keyring, data_key=data_key,
                                                timeout=s.pg_timeout), resolver=self.resolver)
+        self.tailer = FeedTailer(pool=self.pool, connect=lambda: asyncpg.connect(s.pg_dsn, timeout=s.pg_timeout),
+                                 poll_interval=s.feed_poll_interval, batch=s.feed_batch,
+                                 queue_size=s.feed_queue_size, timeout=s.pg_timeout)
+        feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
+                            progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk)
         options: list[tuple[str, int]] = [
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -214,6 +248,7 @@ class Node:
         server.add_generic_rpc_handlers((
             generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics, gate),
             generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics, gate),
+            generic_handler(rpc.FEED_SERVICE, feed, self.metrics, gate),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -228,6 +263,9 @@ class Node:
         self._tasks.append(asyncio.create_task(run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
+        self._tasks.append(asyncio.create_task(self.tailer.run()))
+        self._tasks.append(asyncio.create_task(run_compaction(self.pool, retention=s.feed_retention,
+                                                              interval=s.feed_compact_interval)))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
@@ -242,6 +280,8 @@ class Node:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release."""
         await self.health.enter_graceful_shutdown()
+        if self.tailer is not None:   # watch streams never end by themselves: end them, they resume elsewhere
+            self.tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds if grace is None else grace)
             self.server = None

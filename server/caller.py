@@ -15,7 +15,8 @@ LOOKUP_CARD = "lookup:card"
 LOOKUP_ACCOUNT = "lookup:account"
 LOOKUP_CUSTOMER = "lookup:customer"
 ADMIN_WRITE = "admin:write"
-ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE})
+FEED_READ = "feed:read"     # ChangeFeedService: every change, masked as every answer
+ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE, FEED_READ})
 LOOKUP_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER})
 
 # The scope each LookupService RPC needs; batch and stream need one lookup scope to be called at all,

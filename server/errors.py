@@ -11,7 +11,9 @@ The tree (two families: the caller's fault and a dependency's fault)::
     │   ├── NotFound                NOT_FOUND          well-formed key that matches nothing
     │   ├── AlreadyExists           ALREADY_EXISTS     natural key taken (PAN already issued, ...)
     │   ├── FailedPrecondition      FAILED_PRECONDITION  e.g. a card on a closed account
-    │   └── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
+    │   ├── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
+    │   ├── OutOfRange              OUT_OF_RANGE       a Watch from a sequence compaction removed
+    │   └── SlowConsumer            RESOURCE_EXHAUSTED a watcher fell further behind than its queue holds
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
         └── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
@@ -69,6 +71,14 @@ class FailedPrecondition(ClientError):
 
 class VersionConflict(ClientError):
     code = grpc.StatusCode.ABORTED
+
+
+class OutOfRange(ClientError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class SlowConsumer(ClientError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class BackendError(CrsError):

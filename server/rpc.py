@@ -18,7 +18,8 @@ from server.proto import crs_pb2
 
 LOOKUP_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["LookupService"]
 ADMIN_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["AdminService"]
-SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE)
+FEED_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["ChangeFeedService"]
+SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE)
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,14 @@ class Settings:
     outbox_poll_interval: float = 0.5     # relay scan period, seconds
     # --- API limits
     batch_max: int = 1000                 # keys per BatchResolve
+    # --- change feed (docs/feed.md)
+    feed_retention: float = 604_800.0     # seconds events are kept (7 days); older ones are compacted
+    feed_poll_interval: float = 0.5       # seconds between the tailer's reads when no NOTIFY wakes it
+    feed_progress_interval: float = 2.0   # an idle watcher gets a Progress mark this often, seconds
+    feed_queue_size: int = 10_000         # events a slow watcher may fall behind before RESOURCE_EXHAUSTED
+    feed_batch: int = 1000                # events per read (tailer, catch-up)
+    feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
+    feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
     # --- keys (never in repr)
     fingerprint_keys: str = field(default="", repr=False)   # "1:BASE64,2:BASE64"
     fingerprint_key_version: int = 0      # 0 = the highest configured version
@@ -167,7 +175,8 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 
 def _validate(s: Settings) -> None:
     problems: list[str] = []
-    positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold")
+    positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold",
+                "feed_queue_size", "feed_batch", "feed_snapshot_chunk")
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
@@ -176,7 +185,8 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
-                 "shard_retry_interval", "outbox_poll_interval", "grace_seconds"):
+                 "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
+                 "feed_poll_interval", "feed_progress_interval", "feed_compact_interval"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:

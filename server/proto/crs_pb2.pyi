@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -53,6 +56,22 @@ class RelationshipRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RELATIONSHIP_ROLE_OWNER: _ClassVar[RelationshipRole]
     RELATIONSHIP_ROLE_JOINT: _ClassVar[RelationshipRole]
     RELATIONSHIP_ROLE_AUTHORIZED_SIGNER: _ClassVar[RelationshipRole]
+
+class EntityType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENTITY_TYPE_UNSPECIFIED: _ClassVar[EntityType]
+    ENTITY_TYPE_CUSTOMER: _ClassVar[EntityType]
+    ENTITY_TYPE_ACCOUNT: _ClassVar[EntityType]
+    ENTITY_TYPE_CARD: _ClassVar[EntityType]
+    ENTITY_TYPE_RELATIONSHIP: _ClassVar[EntityType]
+    ENTITY_TYPE_MERGE: _ClassVar[EntityType]
+
+class Operation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPERATION_UNSPECIFIED: _ClassVar[Operation]
+    OPERATION_CREATE: _ClassVar[Operation]
+    OPERATION_UPDATE: _ClassVar[Operation]
+    OPERATION_DELETE: _ClassVar[Operation]
 CARD_STATUS_UNSPECIFIED: CardStatus
 CARD_STATUS_ACTIVE: CardStatus
 CARD_STATUS_BLOCKED: CardStatus
@@ -82,6 +101,16 @@ RELATIONSHIP_ROLE_UNSPECIFIED: RelationshipRole
 RELATIONSHIP_ROLE_OWNER: RelationshipRole
 RELATIONSHIP_ROLE_JOINT: RelationshipRole
 RELATIONSHIP_ROLE_AUTHORIZED_SIGNER: RelationshipRole
+ENTITY_TYPE_UNSPECIFIED: EntityType
+ENTITY_TYPE_CUSTOMER: EntityType
+ENTITY_TYPE_ACCOUNT: EntityType
+ENTITY_TYPE_CARD: EntityType
+ENTITY_TYPE_RELATIONSHIP: EntityType
+ENTITY_TYPE_MERGE: EntityType
+OPERATION_UNSPECIFIED: Operation
+OPERATION_CREATE: Operation
+OPERATION_UPDATE: Operation
+OPERATION_DELETE: Operation
 
 class Card(_message.Message):
     __slots__ = ("token", "masked_pan", "bin", "last4", "status", "expiry", "account_id", "version")
@@ -394,3 +423,87 @@ class RelationshipResponse(_message.Message):
     customer_id: str
     role: RelationshipRole
     def __init__(self, account_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., role: _Optional[_Union[RelationshipRole, str]] = ...) -> None: ...
+
+class Relationship(_message.Message):
+    __slots__ = ("account_id", "customer_id", "role")
+    ACCOUNT_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    account_id: str
+    customer_id: str
+    role: RelationshipRole
+    def __init__(self, account_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., role: _Optional[_Union[RelationshipRole, str]] = ...) -> None: ...
+
+class Merge(_message.Message):
+    __slots__ = ("winner_customer_id", "loser_customer_id", "unmerge")
+    WINNER_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    LOSER_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    UNMERGE_FIELD_NUMBER: _ClassVar[int]
+    winner_customer_id: str
+    loser_customer_id: str
+    unmerge: bool
+    def __init__(self, winner_customer_id: _Optional[str] = ..., loser_customer_id: _Optional[str] = ..., unmerge: _Optional[bool] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("high_water_sequence",)
+    HIGH_WATER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    high_water_sequence: int
+    def __init__(self, high_water_sequence: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("from_sequence", "entity_types")
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_TYPES_FIELD_NUMBER: _ClassVar[int]
+    from_sequence: int
+    entity_types: _containers.RepeatedScalarFieldContainer[EntityType]
+    def __init__(self, from_sequence: _Optional[int] = ..., entity_types: _Optional[_Iterable[_Union[EntityType, str]]] = ...) -> None: ...
+
+class ChangeEvent(_message.Message):
+    __slots__ = ("sequence", "committed_at", "entity_type", "entity_id", "op", "version", "customer", "account", "card", "relationship", "merge", "progress")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_ID_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
+    MERGE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    committed_at: _timestamp_pb2.Timestamp
+    entity_type: EntityType
+    entity_id: str
+    op: Operation
+    version: int
+    customer: Customer
+    account: Account
+    card: Card
+    relationship: Relationship
+    merge: Merge
+    progress: Progress
+    def __init__(self, sequence: _Optional[int] = ..., committed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entity_type: _Optional[_Union[EntityType, str]] = ..., entity_id: _Optional[str] = ..., op: _Optional[_Union[Operation, str]] = ..., version: _Optional[int] = ..., customer: _Optional[_Union[Customer, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., relationship: _Optional[_Union[Relationship, _Mapping]] = ..., merge: _Optional[_Union[Merge, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("entity_types",)
+    ENTITY_TYPES_FIELD_NUMBER: _ClassVar[int]
+    entity_types: _containers.RepeatedScalarFieldContainer[EntityType]
+    def __init__(self, entity_types: _Optional[_Iterable[_Union[EntityType, str]]] = ...) -> None: ...
+
+class SnapshotChunk(_message.Message):
+    __slots__ = ("sequence", "customers", "accounts", "cards", "relationships", "last")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMERS_FIELD_NUMBER: _ClassVar[int]
+    ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
+    CARDS_FIELD_NUMBER: _ClassVar[int]
+    RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    customers: _containers.RepeatedCompositeFieldContainer[Customer]
+    accounts: _containers.RepeatedCompositeFieldContainer[Account]
+    cards: _containers.RepeatedCompositeFieldContainer[Card]
+    relationships: _containers.RepeatedCompositeFieldContainer[Relationship]
+    last: bool
+    def __init__(self, sequence: _Optional[int] = ..., customers: _Optional[_Iterable[_Union[Customer, _Mapping]]] = ..., accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...

@@ -32,6 +32,7 @@ from server.pan import (
 from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required
 from server.store.envelope import Change, WriteEnvelope, WriteResult
+from server.store.messages import account_msg, card_msg, customer_msg
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 MAX_NAME = 200
@@ -92,27 +93,6 @@ class AdminStore(WriteEnvelope):
         if value == 0 or value not in enum.values():
             raise InvalidKey(f"{field_name} must be one of {', '.join(enum.keys()[1:])}")
 
-    @staticmethod
-    def _customer_msg(row: asyncpg.Record) -> pb.Customer:
-        return pb.Customer(customer_id=row["customer_id"], display_name=row["display_name"],
-                           segment=row["segment"], status=row["status"], kyc_status=row["kyc_status"],
-                           version=row["version"])
-
-    @staticmethod
-    def _account_msg(row: asyncpg.Record) -> pb.Account:
-        return pb.Account(account_id=row["account_id"], routing_number=row["routing_number"],
-                          last4=row["account_last4"],
-                          masked_account_number=mask_account_number(row["account_last4"], row["account_length"]),
-                          type=row["account_type"], currency=row["currency"], status=row["status"],
-                          version=row["version"])
-
-    @staticmethod
-    def _card_msg(row: asyncpg.Record) -> pb.Card:
-        return pb.Card(token=row["token"], bin=row["bin"], last4=row["last4"],
-                       masked_pan=row["bin"] + "*" * (row["pan_length"] - 10) + row["last4"],
-                       status=row["status"], expiry=row["expiry"], account_id=row["account_id"] or "",
-                       version=row["version"])
-
     async def _taken_under_any_version(self, conn: Conn, spec: str, value: str) -> bool:
         """During a fingerprint rotation the same number may be stored under another version: look
         for it under every configured one, serialised by a lock on the oldest version's fingerprint."""
@@ -153,7 +133,7 @@ class AdminStore(WriteEnvelope):
                 " VALUES ($1, $2, $3, $4, $5) RETURNING *",
                 new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc))
             cid = row["customer_id"]
-            return Change(self._customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
+            return Change(customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
                           {"segment": segment, "kyc_status": kyc})
 
         return await self._write("CreateCustomer", req.request_id, body, caller)
@@ -173,7 +153,7 @@ class AdminStore(WriteEnvelope):
                 " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values()))
             stale = [ck.customer_key(customer_id)]
             stale += await self.stale_keys_for_accounts(conn, await self._accounts_of(conn, customer_id))
-            return Change(self._customer_msg(row), stale, event, "customer", customer_id,
+            return Change(customer_msg(row), stale, event, "customer", customer_id,
                           {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
 
         return await self._write(rpc, request_id, body, caller)
@@ -242,8 +222,10 @@ class AdminStore(WriteEnvelope):
             stale = [ck.account_key(version, fp), ck.customer_key(owner)]
             if next_version and next_fp:
                 stale.append(ck.account_key(next_version, next_fp))
-            return Change(self._account_msg(row), stale, "account.created", "account", account_id,
-                          {"owner": owner, "type": req.type, "currency": currency, "routing": routing})
+            owned = pb.RelationshipResponse(account_id=account_id, customer_id=owner, role=pb.RELATIONSHIP_ROLE_OWNER)
+            return Change(account_msg(row), stale, "account.created", "account", account_id,
+                          {"owner": owner, "type": req.type, "currency": currency, "routing": routing},
+                          also=(("relationship.linked", owned),))
 
         return await self._write("CreateAccount", req.request_id, body, caller)
 
@@ -263,7 +245,7 @@ class AdminStore(WriteEnvelope):
                 "UPDATE accounts SET status = $2, version = version + 1, updated_at = now()"
                 " WHERE account_id = $1 RETURNING *", account_id, status))
             stale = await self.stale_keys_for_accounts(conn, [account_id])
-            return Change(self._account_msg(row), stale, "account.status_changed", "account", account_id,
+            return Change(account_msg(row), stale, "account.status_changed", "account", account_id,
                           {"status": status, "version": row["version"]})
 
         return await self._write(rpc, request_id, body, caller)
@@ -286,14 +268,14 @@ class AdminStore(WriteEnvelope):
             await self._open_account(conn, account_id)
             if await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1 FOR SHARE", customer_id) is None:
                 raise NotFound("customer not found")
-            await conn.execute(
+            inserted = await conn.fetchval(
                 "INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)"
-                " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role",
-                account_id, customer_id, req.role)
+                " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role"
+                " RETURNING xmax = 0", account_id, customer_id, req.role)
             stale = await self.stale_keys_for_accounts(conn, [account_id])
             return Change(pb.RelationshipResponse(account_id=account_id, customer_id=customer_id, role=req.role),
-                          stale, "relationship.linked", "account", account_id,
-                          {"customer_id": customer_id, "role": req.role})
+                          stale, "relationship.linked" if inserted else "relationship.role_changed", "account",
+                          account_id, {"customer_id": customer_id, "role": req.role})
 
         return await self._write("LinkCustomer", req.request_id, body, caller)
 
@@ -348,7 +330,7 @@ class AdminStore(WriteEnvelope):
             if next_version and next_fp:
                 stale.append(ck.card_key(next_version, next_fp))
             stale += await self.stale_keys_for_accounts(conn, [account_id])
-            return Change(self._card_msg(row), stale, "card.issued", "card", token,
+            return Change(card_msg(row), stale, "card.issued", "card", token,
                           {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})
 
         return await self._write("IssueCard", req.request_id, body, caller)
@@ -382,7 +364,7 @@ class AdminStore(WriteEnvelope):
             if account_id is not None:
                 payload["account_id"] = account_id
             event = "card.status_changed" if status is not None else "card.linked"
-            return Change(self._card_msg(row), stale, event, "card", token, payload)
+            return Change(card_msg(row), stale, event, "card", token, payload)
 
         return await self._write(rpc, request_id, body, caller)
 

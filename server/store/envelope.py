@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 
 from server.caller import Caller
 from server.errors import AlreadyExists, InvalidKey
+from server.feed.events import feed_fields
 from server.pan import redact_digits
 from server.store.db import Conn, translate_db_errors
 
@@ -27,6 +28,8 @@ _ID_FIELDS = ("customer_id", "account_id", "owner")
 _REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id")
 _SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_REQUEST_ID = 128
+FEED_LOCK = 0x43525346      # "CRSF": the transaction-level lock feed sequences are drawn under
+FEED_CHANNEL = "crs_feed"   # NOTIFY on commit wakes every node's feed tailer
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,9 @@ class Change:
     entity_type: str
     entity_id: str
     payload: dict[str, Any]
+    # Other entities the same transaction changed, as (event type, state after): each is one more
+    # feed event, right after the main one (e.g. the OWNER relationship CreateAccount makes).
+    also: tuple[tuple[str, Message], ...] = ()
 
 
 Body = Callable[[Conn], Awaitable[Change]]
@@ -69,18 +75,15 @@ class WriteEnvelope:
                     async with conn.transaction():
                         change = await body(conn)
                         response = change.response.SerializeToString()
-                        outbox_id = await conn.fetchval(
-                            "INSERT INTO outbox (event_type, entity_type, entity_id, payload, cache_keys)"
-                            " VALUES ($1, $2, $3, $4::jsonb, $5) RETURNING id",
-                            change.event_type, change.entity_type, change.entity_id,
-                            orjson.dumps(change.payload).decode(), sorted(set(change.stale_keys)))
+                        outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
                         if request_id:
                             await conn.execute(
                                 "INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, $2, $3)",
                                 request_id, rpc, response)
                         related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
                         await self._audit(conn, caller, rpc, request_id, change.entity_type,
-                                          [change.entity_id, *related], "OK", int(outbox_id))
+                                          [change.entity_id, *related], "OK", outbox_id)
+                        await self._append_to_feed(conn, outbox_id, change, response)
                 except asyncpg.UniqueViolationError as exc:
                     if request_id and exc.constraint_name == "idempotency_pkey":
                         # A concurrent retry of the same request won the race: answer as it did.
@@ -89,6 +92,32 @@ class WriteEnvelope:
                             return stored
                     raise
                 return WriteResult(response, change.stale_keys, int(outbox_id))
+
+    @staticmethod
+    async def _append_to_feed(conn: Conn, outbox_id: int, change: Change, state: bytes) -> None:
+        """The outbox rows, last in the transaction: their feed sequences are drawn under FEED_LOCK,
+        held until commit, so sequences are handed out in commit order, the events of one write are
+        consecutive, and a reader always sees a prefix of them. Everything that may wait (row locks,
+        idempotency, audit) happens before the lock."""
+        feed = feed_fields(change.event_type, change.response)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+        await conn.execute(
+            "INSERT INTO outbox (id, seq, event_type, entity_type, entity_id, payload, cache_keys,"
+            " feed_type, feed_op, feed_id, feed_version, state)"
+            " VALUES ($1, nextval('feed_seq'), $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)",
+            outbox_id, change.event_type, change.entity_type, change.entity_id,
+            orjson.dumps(change.payload).decode(), sorted(set(change.stale_keys)),
+            feed.entity_type, feed.op, feed.entity_id, feed.version, state)
+        for event_type, message in change.also:
+            # Feed-only rows: the main row carries the write's cache keys, so these are settled at once.
+            extra = feed_fields(event_type, message)
+            await conn.execute(
+                "INSERT INTO outbox (seq, event_type, entity_type, entity_id, feed_type, feed_op, feed_id,"
+                " feed_version, state, invalidated_at, settled_at)"
+                " VALUES (nextval('feed_seq'), $1, $2, $3, $4, $5, $6, $7, $8, clock_timestamp(), clock_timestamp())",
+                event_type, event_type.partition(".")[0], extra.entity_id, extra.entity_type, extra.op,
+                extra.entity_id, extra.version, message.SerializeToString())
+        await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)
 
     async def _replay(self, conn: Conn, rpc: str, request_id: str, caller: Caller) -> WriteResult | None:
         stored = await self._stored_answer(conn, rpc, request_id)

@@ -1,0 +1,98 @@
+"""ChangeFeedService handlers: Watch (resume from a sequence, then live, with progress marks) and
+Snapshot (every entity as of one sequence). Validation first, then the store or the tailer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+
+from server.caller import Caller
+from server.errors import CrsError, InvalidKey, OutOfRange
+from server.feed.events import ENTITY_TYPES, progress_event
+from server.feed.tailer import FeedTailer, Subscription
+from server.proto import crs_pb2 as pb
+from server.store.db import translate_db_errors
+from server.store.feed import SNAPSHOT_TYPES, event_from_row, events_after, horizon, snapshot
+
+
+def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
+    types = frozenset(int(t) for t in requested)
+    unknown = types - allowed
+    if unknown:
+        raise InvalidKey(f"unknown entity type(s) {sorted(unknown)}; known: {sorted(allowed)}")
+    return types
+
+
+class FeedHandlers:
+    def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
+                 progress_interval: float, snapshot_chunk: int) -> None:
+        self.pool = pool
+        self.tailer = tailer
+        self.timeout = timeout
+        self.batch = batch
+        self.progress_interval = progress_interval
+        self.snapshot_chunk = snapshot_chunk
+
+    async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:
+        if request.from_sequence < 0:
+            raise InvalidKey(f"from_sequence must be >= 0 (got {request.from_sequence})")
+        types = _types(request.entity_types, ENTITY_TYPES)
+        sub = await self.tailer.subscribe(types)   # first: nothing committed from here on can be missed
+        try:
+            with translate_db_errors():
+                oldest = await horizon(self.pool, timeout=self.timeout)
+            if request.from_sequence and request.from_sequence < oldest:
+                raise OutOfRange(f"sequence {request.from_sequence} was compacted; the oldest retained is"
+                                 f" {oldest + 1}: take a Snapshot and Watch from its sequence")
+            cursor = max(request.from_sequence, oldest)
+            async for data in self._catch_up(cursor, sub):
+                yield data
+            async for data in self._live(cursor, sub):
+                yield data
+        finally:
+            self.tailer.unsubscribe(sub)
+
+    async def _catch_up(self, cursor: int, sub: Subscription) -> AsyncIterator[bytes]:
+        """Events between the consumer's sequence and where the live subscription starts, from the table."""
+        while cursor < sub.start:
+            with translate_db_errors():
+                rows = await events_after(self.pool, cursor, self.batch, timeout=self.timeout)
+            if not rows:
+                break
+            for row in rows:
+                if row["seq"] > sub.start:
+                    return
+                cursor = row["seq"]
+                if sub.wants(row["feed_type"]):
+                    yield event_from_row(row).SerializeToString()
+        # Nothing (more) to read below the live start: the consumer is at it, even if nothing matched.
+
+    async def _live(self, cursor: int, sub: Subscription) -> AsyncIterator[bytes]:
+        delivered = max(cursor, sub.start)
+        while True:
+            try:
+                item = await asyncio.wait_for(sub.queue.get(), self.progress_interval)
+            except TimeoutError:
+                # Idle: everything up to the tailer's last boundary has been delivered or filtered out.
+                # Never a mark below what was delivered (it would split a transaction on resume).
+                if sub.boundary >= delivered:
+                    yield progress_event(sub.boundary).SerializeToString()
+                continue
+            if isinstance(item, CrsError):
+                raise item
+            sequence, data = item
+            if sequence <= delivered:
+                continue
+            delivered = sequence
+            yield data
+
+    async def Snapshot(self, request: pb.SnapshotRequest, caller: Caller) -> AsyncIterator[bytes]:
+        types = _types(request.entity_types, frozenset(SNAPSHOT_TYPES)) or frozenset(SNAPSHOT_TYPES)
+        ordered = [t for t in SNAPSHOT_TYPES if t in types]
+        with translate_db_errors():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk):
+                    yield chunk.SerializeToString()

@@ -1,0 +1,116 @@
+"""The change feed in PostgreSQL: reading events after a sequence, the retention horizon, compaction,
+and consistent snapshots.
+
+Sequences are drawn under one lock held until commit (server/store/envelope.py), so the outbox rows
+any reader sees are a prefix of the sequence (with holes only where a transaction rolled back after
+drawing). That is what makes `seq > last ORDER BY seq` correct here, and what gives a snapshot its
+point: the highest sequence its transaction can see.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import asyncpg
+from google.protobuf.message import Message
+
+from server.feed.events import change_event
+from server.proto import crs_pb2 as pb
+from server.store.db import Conn
+from server.store.messages import account_msg, card_msg, customer_msg, relationship_msg
+
+_EVENT_COLUMNS = "seq, created_at, feed_type, feed_op, feed_id, feed_version, state"
+
+
+def event_from_row(row: asyncpg.Record) -> pb.ChangeEvent:
+    return change_event(sequence=row["seq"], committed_at=row["created_at"], entity_type=row["feed_type"],
+                        op=row["feed_op"], entity_id=row["feed_id"], version=row["feed_version"],
+                        state=row["state"])
+
+
+async def events_after(conn: Conn | asyncpg.Pool, after: int, limit: int, *,
+                       timeout: float | None = None) -> list[asyncpg.Record]:
+    """Up to `limit` feed rows with seq > after, in sequence order."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit,
+        timeout=timeout)
+    return rows
+
+
+async def horizon(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> int:
+    """The highest sequence compaction removed: a Watch must start at or above it."""
+    value: int = await conn.fetchval("SELECT compacted_through FROM feed_horizon", timeout=timeout)
+    return value
+
+
+async def head(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> int:
+    """The highest committed sequence this connection's snapshot can see."""
+    value: int = await conn.fetchval(
+        "SELECT greatest((SELECT coalesce(max(seq), 0) FROM outbox),"
+        " (SELECT compacted_through FROM feed_horizon))", timeout=timeout)
+    return value
+
+
+async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 10_000) -> int:
+    """Delete settled feed rows older than the retention window, a prefix of the sequence at a time,
+    and move the horizon to the highest sequence removed. Returns how many rows went."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            through = await conn.fetchval(
+                "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE created_at < now() - $1::interval"
+                " ORDER BY seq LIMIT $2) AS old", older_than, batch)
+            if through is None:
+                return removed
+            status = await conn.execute(
+                "DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
+            await conn.execute(
+                "UPDATE feed_horizon SET compacted_through = greatest(compacted_through, $1),"
+                " compacted_at = now()", through)
+            count = int(status.split()[-1])
+            removed += count
+            if count < batch:
+                return removed
+
+
+SNAPSHOT_QUERIES: dict[int, tuple[str, str]] = {   # entity type -> (query, SnapshotChunk field)
+    pb.ENTITY_TYPE_CUSTOMER: (
+        "SELECT customer_id, display_name, segment, status, kyc_status, version FROM customers ORDER BY customer_id",
+        "customers"),
+    pb.ENTITY_TYPE_ACCOUNT: (
+        "SELECT account_id, routing_number, account_last4, account_length, account_type, currency, status, version"
+        " FROM accounts ORDER BY account_id", "accounts"),
+    pb.ENTITY_TYPE_CARD: (
+        "SELECT token, bin, last4, pan_length, status, expiry, account_id, version FROM cards ORDER BY token",
+        "cards"),
+    pb.ENTITY_TYPE_RELATIONSHIP: (
+        "SELECT account_id, customer_id, role FROM account_customers ORDER BY account_id, customer_id",
+        "relationships"),
+}
+_BUILDERS: dict[int, Callable[[Any], Message]] = {
+    pb.ENTITY_TYPE_CUSTOMER: customer_msg, pb.ENTITY_TYPE_ACCOUNT: account_msg,
+    pb.ENTITY_TYPE_CARD: card_msg, pb.ENTITY_TYPE_RELATIONSHIP: relationship_msg}
+SNAPSHOT_TYPES = tuple(SNAPSHOT_QUERIES)
+
+
+async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int) -> AsyncIterator[pb.SnapshotChunk]:
+    """Every entity of `types` as of one point, in chunks of at most `chunk_size` entities, each
+    chunk stamped with the point's sequence; the last chunk has `last` set. Runs in one REPEATABLE
+    READ transaction on `conn`, reading with server-side cursors: memory stays one chunk."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        sequence = await head(conn)
+        chunk = pb.SnapshotChunk(sequence=sequence)
+        items = 0
+        for entity_type in types:
+            query, repeated = SNAPSHOT_QUERIES[entity_type]
+            build = _BUILDERS[entity_type]
+            async for row in conn.cursor(query, prefetch=chunk_size):
+                getattr(chunk, repeated).append(build(row))
+                items += 1
+                if items >= chunk_size:
+                    yield chunk
+                    chunk, items = pb.SnapshotChunk(sequence=sequence), 0
+        chunk.last = True
+        yield chunk

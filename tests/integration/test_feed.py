@@ -1,0 +1,366 @@
+"""ChangeFeedService on the real stack: commit order under a forced interleaving, resume without
+loss, snapshot + watch = an exact copy, progress marks, a slow consumer cut off, bad requests, scopes,
+and compaction -> OUT_OF_RANGE (last: it compacts the shared database's feed)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import threading
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import grpc
+import pytest
+
+from devstack.demo import demo_routing
+from devstack.environment import DevEnvironment
+from server import rpc
+from server.caller import Caller
+from server.proto import crs_pb2 as pb
+from server.store.envelope import Change, WriteEnvelope
+from server.store.feed import compact
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
+
+WAIT_S = 10.0   # generous bound for an event to arrive (the latency target is 1 s; see docs/feed.md)
+
+
+class Watcher:
+    """A Watch stream read on a thread into a list, so a test can write while it watches."""
+
+    def __init__(self, channel: grpc.Channel, request: pb.WatchRequest) -> None:
+        self.call = rpc.stub(channel, "ChangeFeedService").Watch(request)
+        self.events: list[pb.ChangeEvent] = []
+        self.error: grpc.RpcError | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.call:
+                with self._lock:
+                    self.events.append(event)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def changes(self) -> list[pb.ChangeEvent]:
+        with self._lock:
+            return [e for e in self.events if e.WhichOneof("payload") != "progress"]
+
+    def wait_for(self, predicate: object, timeout: float = WAIT_S) -> list[pb.ChangeEvent]:
+        assert callable(predicate)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            changes = self.changes()
+            if predicate(changes):
+                return changes
+            if self.error is not None:
+                raise AssertionError(f"watch ended: {self.error.code().name}: {self.error.details()}")
+            time.sleep(0.02)
+        raise AssertionError(f"condition not met within {timeout}s; got {len(self.changes())} change(s)")
+
+    def close(self) -> None:
+        self.call.cancel()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def feed_channel(node_a: Clients) -> Iterator[grpc.Channel]:
+    channel = node_a.node.channel("feed")
+    yield channel
+    channel.close()
+
+
+def _ids(events: list[pb.ChangeEvent]) -> list[str]:
+    return [e.entity_id for e in events]
+
+
+def _assert_ordered(events: list[pb.ChangeEvent]) -> None:
+    sequences = [e.sequence for e in events]
+    assert sequences == sorted(sequences) and len(set(sequences)) == len(sequences), sequences
+
+
+def test_a_write_arrives_with_its_state_after_the_change(node_a: Clients, feed_channel: grpc.Channel,
+                                                           used_secrets: UsedSecrets) -> None:
+    watcher = Watcher(feed_channel, pb.WatchRequest())
+    try:
+        customer = new_customer(node_a.admin, "Feed Example")
+        account = node_a.admin.CreateAccount(pb.CreateAccountRequest(
+            routing_number=demo_routing(1), account_number=fresh_account_number(used_secrets),
+            type=pb.ACCOUNT_TYPE_CHECKING, currency="USD", owner_customer_id=customer.customer_id), timeout=5)
+        pan = fresh_pan(used_secrets)
+        card = node_a.admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id),
+                                      timeout=5)
+        blocked = node_a.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token,
+                                                                     status=pb.CARD_STATUS_BLOCKED), timeout=5)
+        events = watcher.wait_for(lambda ev: sum(e.entity_id == card.token for e in ev) >= 2)
+    finally:
+        watcher.close()
+    _assert_ordered(events)
+    mine = [e for e in events if e.entity_id in (customer.customer_id, account.account_id, card.token)]
+    assert [(e.entity_type, e.op) for e in mine] == [
+        (pb.ENTITY_TYPE_CUSTOMER, pb.OPERATION_CREATE), (pb.ENTITY_TYPE_ACCOUNT, pb.OPERATION_CREATE),
+        (pb.ENTITY_TYPE_CARD, pb.OPERATION_CREATE), (pb.ENTITY_TYPE_CARD, pb.OPERATION_UPDATE)]
+    assert mine[0].customer == customer and mine[1].account == account
+    assert mine[2].card == card and mine[3].card == blocked and mine[3].version == blocked.version == 2
+    assert all(e.committed_at.seconds > 0 for e in mine)
+    assert pan not in str(events) and pan[6:-4] not in "".join(e.card.masked_pan for e in mine)
+
+
+def test_commit_order_when_the_transaction_that_started_first_commits_last(
+        dev_env: DevEnvironment, node_a: Clients, feed_channel: grpc.Channel) -> None:
+    """T1 starts and changes a row, T2 starts later and commits; T1 commits last. Every consumer sees
+    T2 then T1, and one that checkpointed T2's sequence before T1 committed still gets T1 (a plain
+    bigserial drawn at insert would give T1 the smaller number and `seq > last` would skip it)."""
+    early = new_customer(node_a.admin, "Early Writer")
+    watcher = Watcher(feed_channel, pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+
+    async def scenario() -> tuple[int, pb.ChangeEvent]:
+        release = asyncio.Event()
+        pool = await asyncpg.create_pool(dev_env.settings().pg_dsn, min_size=1, max_size=2)
+        try:
+            envelope = WriteEnvelope(pool=pool, timeout=5.0)
+            body_done = asyncio.Event()
+
+            async def slow_body(conn: asyncpg.Connection) -> Change:
+                row = await conn.fetchrow(
+                    "UPDATE customers SET display_name = 'Late Committer', version = version + 1"
+                    " WHERE customer_id = $1 RETURNING customer_id, display_name, segment, status, kyc_status,"
+                    " version", early.customer_id)
+                body_done.set()
+                await release.wait()            # T1 stays open while T2 runs and commits
+                message = pb.Customer(customer_id=row["customer_id"], display_name=row["display_name"],
+                                      segment=row["segment"], status=row["status"], kyc_status=row["kyc_status"],
+                                      version=row["version"])
+                return Change(message, [], "customer.updated", "customer", early.customer_id, {})
+
+            caller = Caller("test", frozenset(), "test")
+            t1 = asyncio.create_task(envelope._write("UpdateCustomer", "", slow_body, caller))
+            await body_done.wait()
+            t2 = await asyncio.to_thread(new_customer, node_a.admin, "Second Writer")   # T2 commits now
+            seen = await asyncio.to_thread(watcher.wait_for, lambda ev: t2.customer_id in _ids(ev))
+            t2_seq = next(e.sequence for e in seen if e.entity_id == t2.customer_id)
+            # A consumer that checkpointed T2's sequence now, then resumed, must still get T1.
+            resumed = Watcher(feed_channel, pb.WatchRequest(from_sequence=t2_seq,
+                                                            entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+            try:
+                release.set()
+                await t1
+                got = await asyncio.to_thread(resumed.wait_for, lambda ev: early.customer_id in _ids(ev))
+            finally:
+                resumed.close()
+            return t2_seq, next(e for e in got if e.entity_id == early.customer_id)
+        finally:
+            await pool.close()
+
+    try:
+        t2_seq, t1_event = asyncio.run(scenario())
+        events = watcher.wait_for(lambda ev: any(e.entity_id == early.customer_id and e.op == pb.OPERATION_UPDATE
+                                                 for e in ev))
+    finally:
+        watcher.close()
+    assert t1_event.sequence > t2_seq and t1_event.customer.display_name == "Late Committer"
+    _assert_ordered(events)
+    t2_at = next(i for i, e in enumerate(events) if e.sequence == t2_seq)
+    t1_at = next(i for i, e in enumerate(events) if e.entity_id == early.customer_id and e.op == pb.OPERATION_UPDATE)
+    assert t1_at > t2_at, "the watcher saw T1 (committed last) before T2"
+
+
+def test_resume_after_a_disconnect_loses_nothing(node_a: Clients, node_b: Clients) -> None:
+    first = Watcher(node_a.node.channel("feed"), pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+    made = [new_customer(node_a.admin, f"Resume {i}").customer_id for i in range(3)]
+    got = first.wait_for(lambda ev: set(made) <= set(_ids(ev)))
+    first.close()
+    checkpoint = next(e.sequence for e in got if e.entity_id == made[-1])
+    later = [new_customer(node_b.admin, f"While away {i}").customer_id for i in range(5)]   # another node writes
+    second = Watcher(node_b.node.channel("feed"), pb.WatchRequest(from_sequence=checkpoint,
+                                                                 entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+    try:
+        events = second.wait_for(lambda ev: set(later) <= set(_ids(ev)))
+    finally:
+        second.close()
+    _assert_ordered(events)
+    assert all(e.sequence > checkpoint for e in events)
+    assert [i for i in _ids(events) if i in later] == later       # in commit order, none missing
+    assert not set(made) & set(_ids(events))
+
+
+def test_snapshot_then_watch_is_an_exact_copy(node_a: Clients, node_b: Clients, used_secrets: UsedSecrets) -> None:
+    feed = rpc.stub(node_a.node.channel("feed"), "ChangeFeedService")
+    chunks = list(feed.Snapshot(pb.SnapshotRequest(), timeout=60))
+    point = chunks[0].sequence
+    assert chunks[-1].last and all(c.sequence == point for c in chunks)
+    customers = {c.customer_id: c for ch in chunks for c in ch.customers}
+    accounts = {a.account_id: a for ch in chunks for a in ch.accounts}
+    cards = {c.token: c for ch in chunks for c in ch.cards}
+    relationships = {(r.account_id, r.customer_id): r for ch in chunks for r in ch.relationships}
+    assert customers and accounts and cards and relationships
+
+    # Changes after the snapshot, from two nodes, then follow them from the snapshot's sequence.
+    someone = next(iter(customers.values()))
+    changed = node_b.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        customer_id=someone.customer_id, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5)
+    fresh = new_customer(node_a.admin, "After The Snapshot")
+    account = node_a.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(2), account_number=fresh_account_number(used_secrets),
+        type=pb.ACCOUNT_TYPE_SAVINGS, currency="USD", owner_customer_id=fresh.customer_id), timeout=5)
+    card = node_b.admin.IssueCard(pb.IssueCardRequest(pan=fresh_pan(used_secrets), expiry="2032-03",
+                                                      account_id=account.account_id), timeout=5)
+    node_a.admin.LinkCustomer(pb.LinkCustomerRequest(account_id=account.account_id, customer_id=someone.customer_id,
+                                                     role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
+    watcher = Watcher(node_b.node.channel("feed"), pb.WatchRequest(from_sequence=point))
+    try:
+        events = watcher.wait_for(lambda ev: any(e.entity_type == pb.ENTITY_TYPE_RELATIONSHIP
+                                                 and e.relationship.account_id == account.account_id for e in ev))
+    finally:
+        watcher.close()
+    _assert_ordered(events)
+    for e in events:
+        kind = e.WhichOneof("payload")
+        if kind == "customer":
+            customers[e.entity_id] = e.customer
+        elif kind == "account":
+            accounts[e.entity_id] = e.account
+        elif kind == "card":
+            cards[e.entity_id] = e.card
+        elif kind == "relationship":
+            key = (e.relationship.account_id, e.relationship.customer_id)
+            if e.op == pb.OPERATION_DELETE:
+                relationships.pop(key, None)
+            else:
+                relationships[key] = e.relationship
+
+    # The copy answers what the service answers, for every touched entity.
+    for cid in (someone.customer_id, fresh.customer_id):
+        profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=cid), timeout=5)
+        assert customers[cid] == profile.customer
+        held = {(a.account.account_id, a.role) for a in profile.accounts}
+        assert held == {(acc, r.role) for (acc, c), r in relationships.items() if c == cid}
+    assert customers[someone.customer_id] == changed
+    resolved = node_b.lookup.ResolveCard(pb.ResolveCardRequest(token=card.token), timeout=5)
+    assert cards[card.token] == resolved.card and accounts[account.account_id] == resolved.account
+
+
+def test_an_idle_filtered_watcher_gets_progress_marks_past_what_it_filtered(node_a: Clients,
+                                                                            feed_channel: grpc.Channel) -> None:
+    watcher = Watcher(feed_channel, pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CARD]))
+    try:
+        customer = new_customer(node_a.admin, "Not A Card")       # filtered out
+        filtered = _seq_of(node_a, customer.customer_id)
+        deadline = time.monotonic() + WAIT_S
+        marks: list[int] = []
+        while time.monotonic() < deadline and not (marks and marks[-1] >= filtered):
+            time.sleep(0.1)
+            with watcher._lock:
+                marks = [e.progress.high_water_sequence for e in watcher.events
+                         if e.WhichOneof("payload") == "progress"]
+        assert watcher.changes() == []
+    finally:
+        watcher.close()
+    assert marks and marks == sorted(marks)
+    assert marks[-1] >= filtered, "the mark must pass the filtered event"
+
+
+def _seq_of(node: Clients, entity_id: str) -> int:
+    feed = rpc.stub(node.node.channel("feed"), "ChangeFeedService")
+    call = feed.Watch(pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=WAIT_S)
+    try:
+        for event in call:
+            if event.entity_id == entity_id:
+                return int(event.sequence)
+    except grpc.RpcError:
+        pass
+    finally:
+        call.cancel()
+    raise AssertionError(f"{entity_id} not in the feed")
+
+
+def test_bad_requests_and_scopes(node_a: Clients, feed_channel: grpc.Channel) -> None:
+    feed = rpc.stub(feed_channel, "ChangeFeedService")
+
+    def first(request: pb.WatchRequest) -> object:
+        return lambda: next(iter(feed.Watch(request, timeout=5)))
+
+    expect_code(first(pb.WatchRequest(from_sequence=-1)), grpc.StatusCode.INVALID_ARGUMENT)
+    expect_code(first(pb.WatchRequest(entity_types=[99])), grpc.StatusCode.INVALID_ARGUMENT)   # type: ignore[list-item]
+    expect_code(lambda: list(feed.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_MERGE]), timeout=5)),
+                grpc.StatusCode.INVALID_ARGUMENT)
+    with node_a.node.channel("switch") as switch:    # a payment switch may look up, not follow the feed
+        expect_code(lambda: next(iter(rpc.stub(switch, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=5))),
+                    grpc.StatusCode.PERMISSION_DENIED)
+    with node_a.node.channel("feed") as reader:      # and the feed reader may not look up or write
+        lookup = rpc.stub(reader, "LookupService")
+        expect_code(lambda: lookup.GetCustomer(pb.GetCustomerRequest(customer_id="cus_00000000000000000001"),
+                                               timeout=5), grpc.StatusCode.PERMISSION_DENIED)
+
+
+def test_a_slow_consumer_is_cut_off_not_buffered(dev_env: DevEnvironment) -> None:
+    node = dev_env.start_node(workers=1, feed_queue_size=8, feed_batch=200)
+    try:
+        channel = node.channel("feed")
+        # A consumer that reads one event, then stops reading while many commit.
+        call = rpc.stub(channel, "ChangeFeedService").Watch(pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+        admin = rpc.stub(node.channel("admin"), "AdminService")
+        new_customer(admin, "First")
+        next(iter(call))
+        asyncio.run(_commit_many(dev_env, 4000))
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:          # what grpc buffered arrives, then the status
+                pass
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "resume from the last sequence" in (info.value.details() or "")
+        channel.close()
+    finally:
+        node.stop()
+
+
+async def _commit_many(env: DevEnvironment, n: int) -> None:
+    """n customer events in one transaction, the way the envelope appends them (under the feed lock)."""
+    conn = await asyncpg.connect(env.admin_dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", 0x43525346)
+            await conn.execute(
+                "INSERT INTO outbox (seq, event_type, entity_type, entity_id, feed_type, feed_op, feed_id, state,"
+                " settled_at)"
+                " SELECT nextval('feed_seq'), 'customer.updated', 'customer', 'cus_bulk' || i, $1, $2,"
+                " 'cus_bulk' || i, $3, now() FROM generate_series(1, $4) AS i",
+                pb.ENTITY_TYPE_CUSTOMER, pb.OPERATION_UPDATE,
+                pb.Customer(customer_id="cus_bulk", display_name="x" * 200).SerializeToString(), n)
+            await conn.execute("SELECT pg_notify('crs_feed', '')")
+    finally:
+        await conn.close()
+
+
+def test_zz_compaction_answers_out_of_range_with_the_oldest_retained(dev_env: DevEnvironment, node_a: Clients,
+                                                                     feed_channel: grpc.Channel) -> None:
+    """Last in the module: it compacts the shared database's feed."""
+    new_customer(node_a.admin, "Before Compaction")
+    time.sleep(1.5)   # the relay settles rows after CRS_REINVALIDATE_DELAY; only settled rows are compacted
+
+    async def run() -> tuple[int, int]:
+        pool = await asyncpg.create_pool(dev_env.admin_dsn, min_size=1, max_size=2)
+        try:
+            removed = await compact(pool, older_than=dt.timedelta(0))
+            return removed, int(await pool.fetchval("SELECT compacted_through FROM feed_horizon"))
+        finally:
+            await pool.close()
+
+    removed, through = asyncio.run(run())
+    assert removed > 0 and through > 1
+    feed = rpc.stub(feed_channel, "ChangeFeedService")
+    err = expect_code(lambda: next(iter(feed.Watch(pb.WatchRequest(from_sequence=1), timeout=5))),
+                      grpc.StatusCode.OUT_OF_RANGE)
+    assert f"oldest retained is {through + 1}" in (err.details() or "")
+    # From 0 (the oldest retained) or from the horizon on, a Watch works; a Snapshot gives a point to resume.
+    after = new_customer(node_a.admin, "After Compaction")
+    watcher = Watcher(feed_channel, pb.WatchRequest(from_sequence=0, entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+    try:
+        events = watcher.wait_for(lambda ev: after.customer_id in _ids(ev))
+    finally:
+        watcher.close()
+    assert all(e.sequence > through for e in events)
+    point = next(iter(feed.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=30))).sequence
+    assert point >= through
