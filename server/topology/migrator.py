@@ -56,6 +56,7 @@ from shard_router.topology import (
     abort,
     advance,
     begin,
+    redact_url,
     ring_text,
 )
 
@@ -320,7 +321,8 @@ class Migrator:
                     held = int(await clients[s.name].dbsize())
                     await clients[s.name].flushdb()
                 except REDIS_ERRORS as exc:
-                    raise MigrationError(f"cannot flush joining shard {s.name} at {s.address}: {exc}") from exc
+                    raise MigrationError(f"cannot flush joining shard {s.name} at {redact_url(s.address)}:"
+                                         f" {exc}") from exc
                 self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it)")
         finally:
             await _close_all(clients)

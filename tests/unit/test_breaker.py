@@ -161,7 +161,7 @@ async def test_held_never_probes_and_release_makes_a_probe_due_at_once() -> None
 
 
 async def test_cancelled_probe_leaves_the_shard_down_and_due() -> None:
-    b, clock, probe, _ = breaker()
+    b, clock, _, _ = breaker()
     fail(b, 3)
     clock.now += 5
     b.start_probe_if_due()
