@@ -170,8 +170,11 @@ class PipelinedReader:
         protocol.transport = transport   # uvloop may call connection_made after create_connection returns
         try:
             await self._greet(protocol)
+            if transport.is_closing():
+                raise RespError(f"connection to {self.address} lost while connecting")
         except BaseException:
-            transport.abort()
+            if not transport.is_closing():
+                transport.abort()
             raise
         self._protocol = protocol
         return protocol
@@ -202,7 +205,9 @@ class PipelinedReader:
                         f.exception()
                     else:
                         f.cancel()
-                raise RespAuthError(self._refusal(step, exc)) from None
+                if isinstance(exc, RespReplyError | RespAuthError):
+                    raise RespAuthError(self._refusal(step, exc)) from None
+                raise exc   # lost, or LOADING: a connection failure like any other
 
     def _refusal(self, step: str, exc: BaseException) -> str:
         who = f" as user {self.username!r}" if step == "AUTH" and self.username else ""

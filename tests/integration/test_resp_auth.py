@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import uvloop
 
 from devstack import RedisServer
 from server.cache.breaker import BreakerPolicy
-from server.cache.resp import PipelinedReader, RespAuthError, RespReplyError
+from server.cache.resp import PipelinedReader, RespAuthError, RespError, RespReplyError
 from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
 from shard_router.topology import Topology, TopologyShard
@@ -100,6 +103,25 @@ def test_refused_auth_is_a_clear_error_without_the_password(server: RedisServer,
         with pytest.raises(RespAuthError, match="NOAUTH"):       # no credentials at all
             await anonymous.get("k1")
         anonymous.close()
+
+    uvloop.run(main())
+
+
+def test_a_hung_server_fails_the_handshake_in_time_as_a_connection_error(server: RedisServer,
+                                                                          admin: redis.Redis) -> None:
+    async def main() -> None:
+        reader = PipelinedReader(server.url, timeout=0.3)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)      # accepts (the kernel does), never answers AUTH
+        try:
+            started = time.monotonic()
+            with pytest.raises(RespError, match="no reply to AUTH") as info:
+                await reader.get("k1")
+            assert not isinstance(info.value, RespAuthError) and time.monotonic() - started < 1.5
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert await reader.get("k1") == b"v1"     # the next command connects again
+        reader.close()
 
     uvloop.run(main())
 
