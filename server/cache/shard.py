@@ -6,10 +6,11 @@ Every command the tier sends a shard is written the same way::
     with shard.guard:                    # ShardUnavailable at once if the breaker is not closed
         value = await shard.read(key)    # a shard error: counted, and raised as ShardUnavailable
 
-The guard is one object per shard, reused by every command (a sync context manager: entering and
-leaving it costs two method calls, no allocation — it wraps every Redis-hit lookup). It is where the
-breaker learns the outcome of each command, and where a request that finds the breaker open takes
-the explicit step of starting the recovery probe when one is due.
+The guard is one object per shard, reused by every command (no allocation). It is where the breaker
+learns the outcome of each command, and where a request that finds the breaker open takes the
+explicit step of starting the recovery probe when one is due (`refuse`). The Redis-hit GET, the one
+path where a microsecond shows, spells the same steps out without the `with` statement (`serving`,
+`refuse`, `classify`, `record_success`): measured, the context manager cost ~0.5 µs per GET.
 
 Two kinds of error, kept apart (docs/decisions.md "The lean RESP client"):
 - shard errors (connection lost or refused, timeout, authentication): the shard may be gone. They
@@ -28,7 +29,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Literal, cast
+from typing import Final, Literal, NoReturn, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -88,17 +89,28 @@ class ShardGuard:
         self._reply_is_failure = reply_is_failure
 
     def __enter__(self) -> None:
-        breaker = self._breaker
-        if breaker.serving:
-            return
-        breaker.start_probe_if_due()
-        raise ShardUnavailable(self._name)
+        if not self._breaker.serving:
+            self.refuse()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
         if exc is None:
             self._breaker.record_success()
             return False
+        error = self.classify(exc)
+        if error is None:
+            return False
+        raise error from exc
+
+    def refuse(self) -> NoReturn:
+        """The breaker is not closed: start the recovery probe if one is due (the explicit step; the
+        shard still does not serve until it completes), and refuse the command."""
+        self._breaker.start_probe_if_due()
+        raise ShardUnavailable(self._name)
+
+    def classify(self, exc: BaseException) -> ShardUnavailable | ShardReplyError | None:
+        """Record what `exc`, raised by a command, says about the shard, and return the exception the
+        caller raises instead of it; None: not the shard's doing (cancelled, a bug), re-raise `exc`."""
         if isinstance(exc, REPLY_ERRORS):
             code = _reply_code(exc)
             self._on_reply_error(self._name)
@@ -106,12 +118,12 @@ class ShardGuard:
                 "shard": self._name, "error": code, "counted_as_failure": self._reply_is_failure})
             if not self._reply_is_failure:
                 self._breaker.record_success()      # it answered: the connection is fine
-                raise ShardReplyError(self._name, code) from exc
+                return ShardReplyError(self._name, code)
         elif not isinstance(exc, SHARD_ERRORS):
-            return False                            # cancelled, or a bug: not the shard's doing
+            return None
         self._breaker.record_failure(exc)
         self._on_error(self._name)
-        raise ShardUnavailable(self._name) from exc
+        return ShardUnavailable(self._name)
 
 
 def _ignore(name: str) -> None:

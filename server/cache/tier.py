@@ -161,11 +161,21 @@ class RedisTier:
         """The cached value, None on a miss; ShardUnavailable when the owning shard cannot be used."""
         view = self._view
         shard = view.shards[view.routing.read.node_for(key)]
+        # `with shard.guard:` spelled out (server/cache/shard.py): this is the Redis-hit lookup.
+        breaker = shard.breaker
+        if not breaker.serving:
+            shard.guard.refuse()
         try:
-            with shard.guard:
-                value = await shard.read(key)
-        except ShardReplyError:
-            value = None
+            value = await shard.read(key)
+        except Exception as exc:
+            error = shard.guard.classify(exc)
+            if error is None:
+                raise
+            if not isinstance(error, ShardReplyError):
+                raise error from exc
+            value = None                 # an error reply to a read: a miss
+        else:
+            breaker.record_success()
         if value is None and view.routing.fallback is not None:
             out: list[bytes | ShardUnavailable | None] = [None]
             await self._from_old_owners(view, [key], [0], out)

@@ -242,3 +242,19 @@ def test_guard_lets_other_exceptions_through_uncounted() -> None:
     with pytest.raises(KeyError), g:
         raise KeyError("a bug, not the shard")
     assert b.serving and counts.errors == 0 and counts.replies == 0
+
+
+async def test_the_spelled_out_guard_of_the_read_path_decides_the_same() -> None:
+    b, clock, probe, _ = breaker(BreakerPolicy(failure_threshold=1, retry_interval=5.0))
+    g, counts = guard(b)
+    assert isinstance(g.classify(RespReplyError("WRONGTYPE x")), ShardReplyError) and b.serving
+    assert g.classify(KeyError("bug")) is None and b.serving
+    assert isinstance(g.classify(RespError("lost")), ShardUnavailable) and not b.serving
+    assert (counts.replies, counts.errors) == (1, 1)
+    clock.now += 5
+    with pytest.raises(ShardUnavailable):
+        g.refuse()
+    await asyncio.sleep(0)
+    assert probe.calls == 1
+    await probe.finish()
+    assert b.serving
