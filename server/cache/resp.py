@@ -123,8 +123,10 @@ class PipelinedReader:
         # As redis-py's from_url: an empty user name is none; both parts are URL-decoded.
         self.username = unquote(parsed.username) if parsed.username else None
         password = unquote(parsed.password) if parsed.password else None
-        if self.username is not None and password is None:
-            raise ValueError(f"redis URL for {self.address}: user {self.username!r} has no password")
+        # A user without a password cannot AUTH. Like redis-py, fail when connecting (a shard error the
+        # breaker handles), not here: a topology naming such a URL must not stop the node swapping it in.
+        self._unusable = (f"the URL for {self.address} names user {self.username!r} without a password"
+                          if self.username is not None and password is None else None)
         self._password = password
         self._handshake = self._hello(self.username, password, self.db)
         self.timeout = timeout
@@ -161,6 +163,8 @@ class PipelinedReader:
                 self._connecting = None
 
     async def _connect(self) -> _Protocol:
+        if self._unusable is not None:
+            raise RespAuthError(self._unusable)
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await asyncio.wait_for(
