@@ -9,8 +9,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 from devstack.binaries import find_redis_server, free_port, is_executable
 from devstack.processes import (
@@ -30,12 +32,20 @@ from devstack.processes import (
 )
 
 
-def redis_pid(port: int, timeout: float = 1.0) -> int | None:
-    """The process_id the Redis server at 127.0.0.1:port reports (INFO server), None if not ready."""
+def _resp(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def redis_pid(port: int, timeout: float = 1.0, *, password: str | None = None) -> int | None:
+    """The process_id the Redis server at 127.0.0.1:port reports (INFO server), None if not ready.
+    `password`: the default user's (requirepass), sent with AUTH first."""
     try:
         with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
-            sock.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+            hello = _resp(b"AUTH", password.encode()) if password is not None else b""
+            sock.sendall(hello + _resp(b"INFO", b"server"))
             with sock.makefile("rb") as reader:
+                if password is not None and not reader.readline().startswith(b"+OK"):
+                    return None
                 header = reader.readline()
                 if not header.startswith(b"$"):
                     return None  # e.g. -LOADING
@@ -53,12 +63,26 @@ def redis_pid(port: int, timeout: float = 1.0) -> int | None:
 
 _NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MAXMEMORY_RE: Final = re.compile(r"^[1-9][0-9]*(?:[kKmMgG][bB]?)?$")
+# A password, or one ACL rule: printable ASCII without spaces or quotes (no escaping in redis.conf).
+_SECRET_RE: Final = re.compile(r"^[!#-&(-~]{1,128}$")
+_ACL_USER_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 def _redis_quote(value: str) -> str:
     if any(ch in value for ch in "\n\r\0"):
         raise EmbeddedServerError(f"path not usable in a redis config: {value!r}")
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_acl_users(users: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    checked: dict[str, tuple[str, ...]] = {}
+    for user, rules in users.items():
+        if not isinstance(user, str) or not _ACL_USER_RE.match(user) or user == "default":
+            raise ValueError(f"ACL user name must match {_ACL_USER_RE.pattern} and not be 'default', not {user!r}")
+        if isinstance(rules, str) or not all(isinstance(r, str) and _SECRET_RE.match(r) for r in rules):
+            raise ValueError(f"ACL rules of {user!r} must be a list of words without spaces or quotes")
+        checked[user] = tuple(rules)
+    return checked
 
 
 class RedisServer(ChildServer):
@@ -74,7 +98,11 @@ class RedisServer(ChildServer):
         port: int | None = None,
         binary: Path | None = None,
         maxmemory: str | None = None,
+        requirepass: str | None = None,
+        acl_users: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
+        """`requirepass`: the default user's password (then `url` carries it). `acl_users`: ACL users
+        to create, name -> rules, e.g. {"alice": ["on", ">secret", "~*", "+@all"]}."""
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise ValueError(f"name must match {_NAME_RE.pattern}, not {name!r}")
         self.name = name
@@ -83,6 +111,10 @@ class RedisServer(ChildServer):
         if maxmemory is not None and (not isinstance(maxmemory, str) or not _MAXMEMORY_RE.match(maxmemory)):
             raise ValueError(f"maxmemory must look like '64mb' or '1000000', not {maxmemory!r}")
         self.maxmemory = maxmemory
+        if requirepass is not None and (not isinstance(requirepass, str) or not _SECRET_RE.match(requirepass)):
+            raise ValueError("requirepass must be 1-128 printable ASCII characters without spaces or quotes")
+        self.requirepass = requirepass
+        self.acl_users = _check_acl_users(acl_users or {})
         if binary is not None:
             self.binary = require_kw_path("binary", binary)
             if not is_executable(self.binary):
@@ -101,7 +133,15 @@ class RedisServer(ChildServer):
 
     @property
     def url(self) -> str:
+        """redis://host:port/0, with the default user's password when `requirepass` is set."""
+        if self.requirepass is not None:
+            return self.url_as(None, self.requirepass)
         return f"redis://{self.host}:{self.port}/0"
+
+    def url_as(self, user: str | None, password: str, db: int = 0) -> str:
+        """The URL that authenticates as `user` (None: the default user) with `password`, URL-encoded."""
+        name = quote(user, safe="") if user is not None else ""
+        return f"redis://{name}:{quote(password, safe='')}@{self.host}:{self.port}/{db}"
 
     def _config(self) -> str:
         lines = [
@@ -118,6 +158,10 @@ class RedisServer(ChildServer):
         ]
         if self.maxmemory is not None:
             lines += [f"maxmemory {self.maxmemory}", "maxmemory-policy allkeys-lru"]
+        if self.requirepass is not None:
+            lines.append(f"requirepass {self.requirepass}")
+        for user, rules in self.acl_users.items():
+            lines.append(" ".join(["user", user, *rules]))
         return "\n".join(lines) + "\n"
 
     def start(self, *, timeout: float = 15.0) -> None:
@@ -162,7 +206,7 @@ class RedisServer(ChildServer):
                 raise EmbeddedServerError(
                     f"redis {self.name} exited with status {code} during startup\n{self._log.tail()}"
                 )
-            if redis_pid(self.port) == proc.pid:
+            if redis_pid(self.port, password=self.requirepass) == proc.pid:
                 return
             if time.monotonic() >= deadline:
                 self.stop()

