@@ -2,8 +2,9 @@
 idempotency record and its audit row.
 
 Every write (server/store/admin.py) hands a body that changes rows and returns a `Change`; the
-envelope commits it together with the outbox row (the change feed and the relay's retry list) and
-answers a retried `request_id` with the stored response instead of writing twice. A refused or
+envelope commits it together with the outbox row (the relay's retry list and the change feed, whose
+sequence it draws last, under FEED_LOCK, so that sequence order is commit order) and answers a
+retried `request_id` with the stored response instead of writing twice. A refused or
 failed write is audited too (`audit_failure`), after its transaction rolled back.
 """
 

@@ -207,6 +207,48 @@ def test_postgres_outage_keeps_node_up_and_loses_no_accepted_write(faults: Fault
     faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="After outage"), timeout=5)
 
 
+def test_postgres_restart_ends_a_watch_unavailable_and_a_resume_loses_nothing(faults: FaultStack) -> None:
+    assert faults.env.stack is not None
+    pg = faults.env.stack.postgres
+    feed = rpc.stub(faults.channel, "ChangeFeedService")
+    customers_only = [pb.ENTITY_TYPE_CUSTOMER]
+    call = feed.Watch(pb.WatchRequest(entity_types=customers_only), timeout=60)
+    before = [faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name=f"Watched {i}"), timeout=5).customer_id
+              for i in range(3)]
+    seen: dict[str, int] = {}
+    for event in call:
+        if event.entity_id:
+            seen[event.entity_id] = event.sequence
+        if set(before) <= set(seen):
+            break
+    checkpoint = max(seen.values())
+    pg.kill()
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+    finally:
+        pg.start()
+    after: list[str] = []
+    deadline = time.monotonic() + 15
+    while len(after) < 3:
+        try:
+            request = pb.CreateCustomerRequest(display_name=f"After restart {len(after)}")
+            after.append(faults.admin.CreateCustomer(request, timeout=5).customer_id)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc.details()
+            time.sleep(0.3)
+    resumed: list[pb.ChangeEvent] = []
+    for event in feed.Watch(pb.WatchRequest(from_sequence=checkpoint, entity_types=customers_only), timeout=30):
+        if event.entity_id:
+            resumed.append(event)
+        if set(after) <= {e.entity_id for e in resumed}:
+            break
+    assert [e.entity_id for e in resumed] == after          # every later change, in order, nothing before
+    assert all(e.sequence > checkpoint for e in resumed)
+
+
 def _process_tree(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return [pid, *(int(p) for p in out.split())]
