@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 
@@ -20,7 +19,7 @@ async def run_compaction(pool: asyncpg.Pool, *, retention: float, interval: floa
     """Every `interval` seconds, if no other node is at it, compact events older than `retention`."""
     while True:
         await asyncio.sleep(interval)
-        with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError):
+        try:
             async with pool.acquire() as conn:
                 if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", COMPACTION_LOCK):
                     continue
@@ -30,3 +29,5 @@ async def run_compaction(pool: asyncpg.Pool, *, retention: float, interval: floa
                         log.info("feed compacted", extra={"events": removed})
                 finally:
                     await conn.execute("SELECT pg_advisory_unlock($1)", COMPACTION_LOCK)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("feed compaction failed; retrying next interval", extra={"error": type(exc).__name__})
