@@ -60,8 +60,8 @@ class Breaker:
     transitions are method calls so a unit test can drive them with a fake clock.
     """
 
-    __slots__ = ("_clock", "_on_state_change", "_probe", "_probe_task", "failures", "name", "policy",
-                 "retry_at", "serving", "state")
+    __slots__ = ("_clock", "_on_state_change", "_probe", "_probe_task", "delete_failures", "failures", "name",
+                 "policy", "retry_at", "serving", "state")
 
     def __init__(self, name: str, policy: BreakerPolicy, *, probe: Callable[[], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic,
@@ -74,6 +74,7 @@ class Breaker:
         self.state = BreakerState.CLOSED
         self.serving = True          # state is CLOSED; kept as an attribute for the read path
         self.failures = 0            # consecutive failures while closed
+        self.delete_failures = 0     # consecutive failed deletes: reads that succeed do not reset it
         self.retry_at = 0.0          # OPEN: clock time from which a probe is due
         self._probe_task: asyncio.Task[None] | None = None
 
@@ -86,16 +87,28 @@ class Breaker:
         """The shard answered: the failure streak is over."""
         self.failures = 0
 
-    def record_failure(self, exc: BaseException) -> None:
+    def record_delete_success(self) -> None:
+        self.failures = 0
+        self.delete_failures = 0
+
+    def record_delete_failure(self, exc: BaseException) -> None:
+        """A delete failed (or was refused). Counted apart from reads: a shard that answers GETs but
+        refuses DELs (MISCONF, READONLY after a failover) would otherwise never reach the threshold
+        while it keeps serving values whose writes committed."""
+        self.delete_failures += 1
+        self.record_failure(exc, streak=self.delete_failures)
+
+    def record_failure(self, exc: BaseException, *, streak: int | None = None) -> None:
         """The shard did not answer (connection lost, timeout, refused). Opens at the threshold."""
         self.failures += 1
-        if self.state is BreakerState.CLOSED and self.failures >= self.policy.failure_threshold:
+        if self.state is BreakerState.CLOSED and max(self.failures, streak or 0) >= self.policy.failure_threshold:
             self._open()
             log.warning("cache shard marked down", extra={"shard": self.name, "error": type(exc).__name__,
                                                           "retry_in_s": self.policy.retry_interval})
             self._on_state_change(self.name, False)
 
     def _open(self) -> None:
+        self.delete_failures = 0
         self.retry_at = self._clock() + self.policy.retry_interval
         self._enter(BreakerState.OPEN)
 

@@ -95,7 +95,10 @@ class ShardGuard:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> Literal[False]:
         if exc is None:
-            self._breaker.record_success()
+            if self._reply_is_failure:
+                self._breaker.record_delete_success()
+            else:
+                self._breaker.record_success()
             return False
         error = self.classify(exc)
         if error is None:
@@ -121,7 +124,10 @@ class ShardGuard:
                 return ShardReplyError(self._name, code)
         elif not isinstance(exc, SHARD_ERRORS):
             return None
-        self._breaker.record_failure(exc)
+        if self._reply_is_failure:
+            self._breaker.record_delete_failure(exc)
+        else:
+            self._breaker.record_failure(exc)
         self._on_error(self._name)
         return ShardUnavailable(self._name)
 

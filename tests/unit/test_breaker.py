@@ -234,6 +234,31 @@ def test_delete_guard_counts_a_refused_delete_as_a_failure() -> None:
     assert counts.replies == 1 and counts.errors == 1
 
 
+def test_refused_deletes_open_the_breaker_even_while_reads_succeed() -> None:
+    """A shard that answers GETs but refuses DELs (READONLY after a failover, MISCONF) must still be
+    taken out: it would keep serving values whose writes committed."""
+    b, _, _, changes = breaker(POLICY)
+    reads, _ = guard(b)
+    deletes, _ = guard(b, reply_is_failure=True)
+    for _ in range(POLICY.failure_threshold):
+        with reads:
+            pass                                  # a read succeeds between the refused deletes
+        with pytest.raises(ShardUnavailable), deletes:
+            raise ResponseError("READONLY You can't write against a read only replica.")
+    assert not b.serving and changes == [("shard-0", False)]
+
+
+def test_a_delete_that_succeeds_ends_the_delete_failure_streak() -> None:
+    b, _, _, _ = breaker(POLICY)
+    deletes, _ = guard(b, reply_is_failure=True)
+    for _ in range(5):
+        with pytest.raises(ShardUnavailable), deletes:
+            raise ResponseError("MISCONF cannot write")
+        with deletes:
+            pass
+    assert b.serving and b.delete_failures == 0
+
+
 def test_guard_lets_other_exceptions_through_uncounted() -> None:
     b, _, _, _ = breaker(BreakerPolicy(failure_threshold=1, retry_interval=5.0))
     g, counts = guard(b)
