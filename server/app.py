@@ -234,7 +234,8 @@ class Node:
                                  poll_interval=s.feed_poll_interval, batch=s.feed_batch,
                                  queue_size=s.feed_queue_size, timeout=s.pg_timeout)
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
-                            progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk)
+                            progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
+                            snapshot_max=s.feed_snapshot_max)
         options: list[tuple[str, int]] = [
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

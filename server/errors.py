@@ -13,7 +13,7 @@ The tree (two families: the caller's fault and a dependency's fault)::
     │   ├── FailedPrecondition      FAILED_PRECONDITION  e.g. a card on a closed account
     │   ├── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
     │   ├── OutOfRange              OUT_OF_RANGE       a Watch from a sequence compaction removed
-    │   └── SlowConsumer            RESOURCE_EXHAUSTED a watcher fell further behind than its queue holds
+    │   └── FeedOverload            RESOURCE_EXHAUSTED a watcher too far behind, or too many snapshots on a node
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
         └── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
@@ -77,7 +77,7 @@ class OutOfRange(ClientError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
-class SlowConsumer(ClientError):
+class FeedOverload(ClientError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -114,6 +114,7 @@ class Settings:
     feed_queue_size: int = 10_000         # events a slow watcher may fall behind before RESOURCE_EXHAUSTED
     feed_batch: int = 1000                # events per read (tailer, catch-up)
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
+    feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
     # --- keys (never in repr)
     fingerprint_keys: str = field(default="", repr=False)   # "1:BASE64,2:BASE64"
@@ -176,7 +177,7 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 def _validate(s: Settings) -> None:
     problems: list[str] = []
     positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold",
-                "feed_queue_size", "feed_batch", "feed_snapshot_chunk")
+                "feed_queue_size", "feed_batch", "feed_snapshot_chunk", "feed_snapshot_max")
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")

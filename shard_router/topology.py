@@ -98,10 +98,10 @@ class TopologyShard:
         if not isinstance(self.address, str) or not self.address or len(self.address) > MAX_ADDRESS_LENGTH \
                 or any(ch.isspace() for ch in self.address):
             raise TopologyError(f"shard {self.name!r}: address must be a non-empty URL without spaces,"
-                                f" at most {MAX_ADDRESS_LENGTH} characters (got {self.address!r})")
+                                f" at most {MAX_ADDRESS_LENGTH} characters (got {redact_url(str(self.address))!r})")
         if not self.address.startswith(("redis://", "rediss://", "unix://")):
             raise TopologyError(f"shard {self.name!r}: address must start with redis://, rediss:// or unix://"
-                                f" (got {self.address!r})")
+                                f" (got {redact_url(self.address)!r})")
         if not isinstance(self.state, ShardState):
             raise TopologyError(f"shard {self.name!r}: state must be a ShardState (got {self.state!r})")
 

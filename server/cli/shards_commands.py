@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from server.cli import shards_render as render
 from server.cli.base import CommandFailed, settings_from_args
 from server.settings import Settings
+from shard_router.topology import redact_url
 
 if TYPE_CHECKING:
     import asyncpg
@@ -154,10 +155,10 @@ def cmd_add(args: argparse.Namespace) -> int:
         try:
             held = await probe_shard(args.address)
         except STATS_ERRORS as exc:
-            raise CommandFailed(f"shard {args.name} at {args.address} does not answer ({type(exc).__name__}: {exc});"
-                                " start it first, or pass --no-check", 3) from exc
+            raise CommandFailed(f"shard {args.name} at {redact_url(args.address)} does not answer"
+                                f" ({type(exc).__name__}: {exc}); start it first, or pass --no-check", 3) from exc
         if held:
-            print(f"note: {args.address} holds {held:,} key(s); it is flushed when the move starts")
+            print(f"note: {redact_url(args.address)} holds {held:,} key(s); it is flushed when the move starts")
 
     return _stage(args, lambda draft: stage_add(draft, args.name, args.address, args.weight), check)
 

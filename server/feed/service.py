@@ -28,13 +28,15 @@ def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
 
 class FeedHandlers:
     def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
-                 progress_interval: float, snapshot_chunk: int) -> None:
+                 progress_interval: float, snapshot_chunk: int, snapshot_max: int) -> None:
         self.pool = pool
         self.tailer = tailer
         self.timeout = timeout
         self.batch = batch
         self.progress_interval = progress_interval
         self.snapshot_chunk = snapshot_chunk
+        self.snapshot_max = snapshot_max
+        self._snapshots_running = 0
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:
         if request.from_sequence < 0:
@@ -60,6 +62,10 @@ class FeedHandlers:
         while cursor < sub.start:
             with translate_db_errors():
                 rows = await events_after(self.pool, cursor, self.batch, timeout=self.timeout)
+                oldest = await horizon(self.pool, timeout=self.timeout)
+            if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
+                raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
+                                 f" retained is {oldest + 1}: take a Snapshot and Watch from its sequence")
             if not rows:
                 break
             for row in rows:

@@ -6,7 +6,7 @@ mode LISTEN does not work and polling alone keeps the feed moving. A hundred wat
 reader, not a hundred.
 
 Each watcher has a bounded queue. A watcher that falls further behind than its queue holds is cut
-off (SlowConsumer -> RESOURCE_EXHAUSTED) instead of growing memory; it resumes from its last
+off (FeedOverload -> RESOURCE_EXHAUSTED) instead of growing memory; it resumes from its last
 sequence. When PostgreSQL fails, every watcher's stream ends (BackendUnavailable -> UNAVAILABLE);
 their resume loses nothing because they resume from what they applied, not from what was sent.
 
@@ -21,11 +21,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import asyncpg
 
-from server.errors import BackendUnavailable, CrsError, SlowConsumer
+from server.errors import BackendUnavailable, CrsError, FeedOverload
 from server.store.envelope import FEED_CHANNEL
 from server.store.feed import event_from_row, events_after, head
 
@@ -41,7 +41,6 @@ class Subscription:
     start: int                          # live events are those with sequence > start
     queue: asyncio.Queue[Item]
     boundary: int = 0                   # everything <= boundary was read (and queued if it matched)
-    closed: bool = field(default=False)
 
     def wants(self, entity_type: int) -> bool:
         return not self.types or entity_type in self.types
@@ -62,20 +61,18 @@ class FeedTailer:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
 
-    @property
-    def watchers(self) -> int:
-        return len(self._subs)
-
     async def subscribe(self, types: frozenset[int]) -> Subscription:
         """A subscription to every event after the tailer's current head (`sub.start`)."""
-        await self._ready.wait()
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.timeout)
+        except TimeoutError:
+            raise BackendUnavailable("the change feed has not reached PostgreSQL yet; retry") from None
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
                            boundary=self.boundary)
         self._subs.add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        sub.closed = True
         self._subs.discard(sub)
 
     async def run(self) -> None:
@@ -122,17 +119,17 @@ class FeedTailer:
         try:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self._end(sub, SlowConsumer(f"the watcher fell more than {self.queue_size} events behind;"
+            self._end(sub, FeedOverload(f"the watcher fell more than {self.queue_size} events behind;"
                                         " resume from the last sequence you applied"))
 
     def _end(self, sub: Subscription, why: CrsError) -> None:
+        """End a watcher's stream with `why`. What it has not taken from its queue is dropped, all of
+        it: the watcher then stops at the last event it delivered, and a resume from there reads the
+        dropped ones again (dropping only the oldest would leave a hole behind a later event)."""
         self.unsubscribe(sub)
-        while True:   # make room: the reason must reach the watcher even when its queue is full
-            try:
-                sub.queue.put_nowait(why)
-                return
-            except asyncio.QueueFull:
-                sub.queue.get_nowait()
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(why)
 
     def close(self, why: CrsError) -> None:
         """End every watcher's stream now (a draining node: they resume on another one)."""

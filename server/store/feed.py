@@ -53,26 +53,26 @@ async def head(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> in
     return value
 
 
+COMPACTION_LOCK = 0x43525343   # "CRSC": one compaction at a time across nodes (transaction-level: PgBouncer-safe)
+
+
 async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 10_000) -> int:
-    """Delete settled feed rows older than the retention window, a prefix of the sequence at a time,
-    and move the horizon to the highest sequence removed. Returns how many rows went."""
+    """Delete settled feed rows older than the retention window, `batch` sequences at a time, and move
+    the horizon past them. Rows the relay has not settled yet stay (it still needs them) but are
+    below the horizon all the same. Returns how many rows went; 0 when another node is at it."""
     removed = 0
     while True:
         async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", COMPACTION_LOCK):
+                return removed
             through = await conn.fetchval(
-                "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE created_at < now() - $1::interval"
-                " ORDER BY seq LIMIT $2) AS old", older_than, batch)
+                "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE seq > (SELECT compacted_through FROM feed_horizon)"
+                " AND created_at < now() - $1::interval ORDER BY seq LIMIT $2) AS old", older_than, batch)
             if through is None:
                 return removed
-            status = await conn.execute(
-                "DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
-            await conn.execute(
-                "UPDATE feed_horizon SET compacted_through = greatest(compacted_through, $1),"
-                " compacted_at = now()", through)
-            count = int(status.split()[-1])
-            removed += count
-            if count < batch:
-                return removed
+            status = await conn.execute("DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
+            await conn.execute("UPDATE feed_horizon SET compacted_through = $1, compacted_at = now()", through)
+            removed += int(status.split()[-1])
 
 
 SNAPSHOT_QUERIES: dict[int, tuple[str, str]] = {   # entity type -> (query, SnapshotChunk field)

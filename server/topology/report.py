@@ -33,7 +33,7 @@ from server.topology.store import (
 )
 from shard_router import Ring
 from shard_router.planner import MovePlan, ShardSample, plan_moves
-from shard_router.topology import Phase, diff, ring_text
+from shard_router.topology import Phase, diff, redact_url, ring_text
 
 # `status` answers promptly even with a shard down: seconds to connect to and hear from a shard, and
 # for its DBSIZE + INFO together.
@@ -146,7 +146,7 @@ async def gather_status(settings: Settings, pool: asyncpg.Pool, store: TopologyS
     share = t.target_ring.share()
     source_share = t.source_ring.share() if not t.is_stable else share
     rows = tuple(
-        ShardRow(name=s.name, state=s.state.value, address=s.address, weight=s.weight,
+        ShardRow(name=s.name, state=s.state.value, address=redact_url(s.address), weight=s.weight,
                  share=share.get(s.name, 0.0), source_share=source_share.get(s.name, 0.0),
                  stats=st if isinstance(st, ShardStats) else None, error=None if isinstance(st, ShardStats) else st,
                  node_errors=sum(int((n.shard_errors or {}).get(s.name, 0)) for n in nodes),
@@ -234,7 +234,8 @@ async def _sample(name: str, address: str, limit: int, batch: int) -> ShardSampl
     try:
         total, keys = await sample_keys(client, limit=limit, batch=batch, timeout=PLAN_STEP_TIMEOUT)
     except STATS_ERRORS as exc:
-        raise ShardUnreachable(f"cannot read shard {name} at {address}: {type(exc).__name__}: {exc}") from exc
+        raise ShardUnreachable(f"cannot read shard {name} at {redact_url(address)}:"
+                               f" {type(exc).__name__}: {exc}") from exc
     finally:
         await client.aclose()
     return ShardSample(name, total, keys)

@@ -1,6 +1,6 @@
 """ChangeFeedService on the real stack: commit order under a forced interleaving, resume without
-loss, snapshot + watch = an exact copy, progress marks, a slow consumer cut off, bad requests, scopes,
-and compaction -> OUT_OF_RANGE (last: it compacts the shared database's feed)."""
+loss, snapshot + watch = an exact copy, progress marks, a slow consumer cut off, a draining node,
+bad requests, scopes, and compaction -> OUT_OF_RANGE (in a database of its own)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,16 @@ from server import rpc
 from server.caller import Caller
 from server.proto import crs_pb2 as pb
 from server.store.envelope import Change, WriteEnvelope
-from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
+from tests.integration.support import (
+    Clients,
+    UsedSecrets,
+    clients_of,
+    expect_code,
+    fresh_account_number,
+    fresh_pan,
+    new_customer,
+    own_env,
+)
 
 WAIT_S = 10.0   # generous bound for an event to arrive (the latency target is 1 s; see docs/feed.md)
 
@@ -106,65 +115,6 @@ def test_a_write_arrives_with_its_state_after_the_change(node_a: Clients, feed_c
     assert mine[2].card == card and mine[3].card == blocked and mine[3].version == blocked.version == 2
     assert all(e.committed_at.seconds > 0 for e in mine)
     assert pan not in str(events) and pan[6:-4] not in "".join(e.card.masked_pan for e in mine)
-
-
-def test_commit_order_when_the_transaction_that_started_first_commits_last(
-        dev_env: DevEnvironment, node_a: Clients, feed_channel: grpc.Channel) -> None:
-    """T1 starts and changes a row, T2 starts later and commits; T1 commits last. Every consumer sees
-    T2 then T1, and one that checkpointed T2's sequence before T1 committed still gets T1 (a plain
-    bigserial drawn at insert would give T1 the smaller number and `seq > last` would skip it)."""
-    early = new_customer(node_a.admin, "Early Writer")
-    watcher = Watcher(feed_channel, pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
-
-    async def scenario() -> tuple[int, pb.ChangeEvent]:
-        release = asyncio.Event()
-        pool = await asyncpg.create_pool(dev_env.settings().pg_dsn, min_size=1, max_size=2)
-        try:
-            envelope = WriteEnvelope(pool=pool, timeout=5.0)
-            body_done = asyncio.Event()
-
-            async def slow_body(conn: asyncpg.Connection) -> Change:
-                row = await conn.fetchrow(
-                    "UPDATE customers SET display_name = 'Late Committer', version = version + 1"
-                    " WHERE customer_id = $1 RETURNING customer_id, display_name, segment, status, kyc_status,"
-                    " version", early.customer_id)
-                body_done.set()
-                await release.wait()            # T1 stays open while T2 runs and commits
-                message = pb.Customer(customer_id=row["customer_id"], display_name=row["display_name"],
-                                      segment=row["segment"], status=row["status"], kyc_status=row["kyc_status"],
-                                      version=row["version"])
-                return Change(message, [], "customer.updated", "customer", early.customer_id, {})
-
-            caller = Caller("test", frozenset(), "test")
-            t1 = asyncio.create_task(envelope._write("UpdateCustomer", "", slow_body, caller))
-            await body_done.wait()
-            t2 = await asyncio.to_thread(new_customer, node_a.admin, "Second Writer")   # T2 commits now
-            seen = await asyncio.to_thread(watcher.wait_for, lambda ev: t2.customer_id in _ids(ev))
-            t2_seq = next(e.sequence for e in seen if e.entity_id == t2.customer_id)
-            # A consumer that checkpointed T2's sequence now, then resumed, must still get T1.
-            resumed = Watcher(feed_channel, pb.WatchRequest(from_sequence=t2_seq,
-                                                            entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
-            try:
-                release.set()
-                await t1
-                got = await asyncio.to_thread(resumed.wait_for, lambda ev: early.customer_id in _ids(ev))
-            finally:
-                resumed.close()
-            return t2_seq, next(e for e in got if e.entity_id == early.customer_id)
-        finally:
-            await pool.close()
-
-    try:
-        t2_seq, t1_event = asyncio.run(scenario())
-        events = watcher.wait_for(lambda ev: any(e.entity_id == early.customer_id and e.op == pb.OPERATION_UPDATE
-                                                 for e in ev))
-    finally:
-        watcher.close()
-    assert t1_event.sequence > t2_seq and t1_event.customer.display_name == "Late Committer"
-    _assert_ordered(events)
-    t2_at = next(i for i, e in enumerate(events) if e.sequence == t2_seq)
-    t1_at = next(i for i, e in enumerate(events) if e.entity_id == early.customer_id and e.op == pb.OPERATION_UPDATE)
-    assert t1_at > t2_at, "the watcher saw T1 (committed last) before T2"
 
 
 class HoldingEnvelope(WriteEnvelope):
@@ -348,7 +298,7 @@ def test_bad_requests_and_scopes(node_a: Clients, feed_channel: grpc.Channel) ->
                                                timeout=5), grpc.StatusCode.PERMISSION_DENIED)
 
 
-def test_a_slow_consumer_is_cut_off_not_buffered(dev_env: DevEnvironment) -> None:
+def test_a_slow_consumer_is_cut_off_not_buffered(dev_env: DevEnvironment, node_a: Clients) -> None:
     node = dev_env.start_node(workers=1, feed_queue_size=8, feed_batch=200)
     try:
         channel = node.channel("feed")
@@ -358,11 +308,27 @@ def test_a_slow_consumer_is_cut_off_not_buffered(dev_env: DevEnvironment) -> Non
         new_customer(admin, "First")
         next(iter(call))
         asyncio.run(_commit_many(dev_env, 4000))
+        received: list[int] = []
+        last_seen = 0
         with pytest.raises(grpc.RpcError) as info:
-            for _ in call:          # what grpc buffered arrives, then the status
-                pass
+            for event in call:      # what grpc buffered arrives, then the status
+                last_seen = event.sequence
+                if event.entity_id.startswith("cus_bulk"):
+                    received.append(event.sequence)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
         assert "resume from the last sequence" in (info.value.details() or "")
+        assert len(received) < 4000
+        # Resuming from the last sequence received (here on another node, with a normal queue)
+        # delivers the rest of the bulk, nothing missing.
+        resumed = Watcher(node_a.node.channel("feed"),
+                          pb.WatchRequest(from_sequence=last_seen, entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+        try:
+            rest = resumed.wait_for(lambda ev: sum(e.entity_id.startswith("cus_bulk") for e in ev)
+                                    >= 4000 - len(received))
+        finally:
+            resumed.close()
+        bulk = received + [e.sequence for e in rest if e.entity_id.startswith("cus_bulk")]
+        assert bulk == list(range(bulk[0], bulk[0] + 4000)), "a hole or a repeat across the cut"
         channel.close()
     finally:
         node.stop()
@@ -386,39 +352,72 @@ async def _commit_many(env: DevEnvironment, n: int) -> None:
         await conn.close()
 
 
-def test_zz_compaction_answers_out_of_range_with_the_oldest_retained(dev_env: DevEnvironment, node_a: Clients,
-                                                                     feed_channel: grpc.Channel) -> None:
-    """Last in the module: a node with a one-second retention compacts the shared database's feed
-    (as the service role, on its own schedule)."""
-    new_customer(node_a.admin, "Before Compaction")
+def test_a_draining_node_ends_its_watches_unavailable_at_once(dev_env: DevEnvironment) -> None:
+    node = dev_env.start_node(workers=1, grace_seconds=30)
+    channel = node.channel("feed")
+    call = rpc.stub(channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=60)
+    try:
+        next(iter(call))   # connected (a progress mark or an event)
+        started = time.monotonic()
+        node.proc.terminate()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in call:
+                pass
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        assert time.monotonic() - started < 15, "the stream waited for the drain grace instead of ending"
+        assert node.proc.wait(30) == 0
+    finally:
+        channel.close()
+        node.stop()
+
+
+def test_compaction_answers_out_of_range_with_the_oldest_retained() -> None:
+    """A node with a one-second retention compacts (as the service role, on its own schedule) in a
+    database of its own: the shared one keeps its outbox for the PCI scan."""
+    env = own_env(shards=1, customers=0, tls=True)
+    env.start()
+    try:
+        node = env.start_node(workers=1, feed_retention=1.0, feed_compact_interval=0.5,
+                              reinvalidate_delay=0.1, outbox_poll_interval=0.1)
+        _compaction_scenario(env, clients_of(node))
+    finally:
+        env.stop()
+
+
+def _compaction_scenario(env: DevEnvironment, c: Clients) -> None:
+    for i in range(3):
+        new_customer(c.admin, f"Before Compaction {i}")
 
     async def horizon() -> int:
-        conn = await asyncpg.connect(dev_env.admin_dsn)
+        conn = await asyncpg.connect(env.admin_dsn)
         try:
             return int(await conn.fetchval("SELECT compacted_through FROM feed_horizon"))
         finally:
             await conn.close()
 
-    compactor = dev_env.start_node(workers=1, feed_retention=1.0, feed_compact_interval=0.5)
-    try:
-        deadline = time.monotonic() + 20
-        while (through := asyncio.run(horizon())) <= 1:
-            assert time.monotonic() < deadline, "the node never compacted the feed"
-            time.sleep(0.5)
-    finally:
-        compactor.stop()
-    through = asyncio.run(horizon())     # it may have compacted once more before it stopped
-    feed = rpc.stub(feed_channel, "ChangeFeedService")
-    err = expect_code(lambda: next(iter(feed.Watch(pb.WatchRequest(from_sequence=1), timeout=5))),
-                      grpc.StatusCode.OUT_OF_RANGE)
-    assert f"oldest retained is {through + 1}" in (err.details() or "")
-    # From 0 (the oldest retained) or from the horizon on, a Watch works; a Snapshot gives a point to resume.
-    after = new_customer(node_a.admin, "After Compaction")
-    watcher = Watcher(feed_channel, pb.WatchRequest(from_sequence=0, entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
-    try:
-        events = watcher.wait_for(lambda ev: after.customer_id in _ids(ev))
-    finally:
-        watcher.close()
-    assert all(e.sequence > through for e in events)
-    point = next(iter(feed.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=30))).sequence
-    assert point >= through
+    deadline = time.monotonic() + 20
+    while asyncio.run(horizon()) < 2:
+        assert time.monotonic() < deadline, "the node never compacted the feed"
+        time.sleep(0.3)
+    with c.node.channel("feed") as channel:
+        feed = rpc.stub(channel, "ChangeFeedService")
+        err = expect_code(lambda: next(iter(feed.Watch(pb.WatchRequest(from_sequence=1), timeout=5))),
+                          grpc.StatusCode.OUT_OF_RANGE)
+        oldest = int((err.details() or "").split("oldest retained is ")[1].split(":")[0])
+        assert oldest > 2
+        # From 0 (the oldest retained) a Watch works and starts above the horizon; a Snapshot gives a
+        # point to resume from.
+        after = new_customer(c.admin, "After Compaction")
+        watcher = Watcher(channel, pb.WatchRequest(from_sequence=0, entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+        try:
+            events = watcher.wait_for(lambda ev: after.customer_id in _ids(ev))
+        finally:
+            watcher.close()
+        assert all(e.sequence >= oldest - 1 for e in events) and "Before Compaction 0" not in str(events)
+        point = next(iter(feed.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]),
+                                        timeout=30))).sequence
+        assert point >= after_sequence(events, after.customer_id)
+
+
+def after_sequence(events: list[pb.ChangeEvent], entity_id: str) -> int:
+    return next(e.sequence for e in events if e.entity_id == entity_id)
