@@ -4,6 +4,8 @@
 redrawn in place on a terminal (at most 10 times a second), one plain line every few seconds
 otherwise (logs, CI), and always a last line from `finish()`. Progress goes to the stream the
 caller passes (stderr by convention), so a command's answer on stdout stays parseable.
+With `total=None` (not known in advance, e.g. a streamed export) the line has no bar, percentage
+or ETA: `label  12,345 rows  cards  12,000 rows/s  1.0s`.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ LOG_LINE_SECONDS = 3.0      # a log gets a line every few seconds, not one per b
 
 
 class ProgressBar:
-    """Counts `done` of `total` `unit`s; `detail` adds the caller's own counters to the line."""
+    """Counts `done` of `total` `unit`s (None: unknown); `detail` adds the caller's own counters."""
 
     WIDTH = 24
 
-    def __init__(self, out: TextIO, label: str, total: int, *, unit: str = "rows", done: int = 0,
+    def __init__(self, out: TextIO, label: str, total: int | None, *, unit: str = "rows", done: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.out, self.label, self.unit, self.clock = out, label, unit, clock
-        self.total = max(total, 0)
+        self.total = None if total is None else max(total, 0)
         self.done = self.first_done = done
         self.tty = bool(getattr(out, "isatty", lambda: False)())
         self.started = clock()
@@ -39,14 +41,18 @@ class ProgressBar:
         if not final and now - self._last_draw < (TTY_REDRAW_SECONDS if self.tty else LOG_LINE_SECONDS):
             return
         self._last_draw = now
-        total = max(self.total, done)
-        fraction = done / total if total else 1.0
-        filled = int(fraction * self.WIDTH)
         elapsed = max(now - self.started, 1e-9)
         rate = (done - self.first_done) / elapsed
-        eta = f"ETA {max(total - done, 0) / rate:.0f}s" if rate > 0 and not final else f"{elapsed:.1f}s"
-        line = (f"{self.label} [{'#' * filled}{'-' * (self.WIDTH - filled)}] {fraction:4.0%}  {done:,}/{total:,}"
-                f" {self.unit}{'  ' + detail if detail else ''}  {rate:,.0f} {self.unit}/s  {eta}")
+        if self.total is None:
+            line = (f"{self.label}  {done:,} {self.unit}{'  ' + detail if detail else ''}"
+                    f"  {rate:,.0f} {self.unit}/s  {elapsed:.1f}s")
+        else:
+            total = max(self.total, done)
+            fraction = done / total if total else 1.0
+            filled = int(fraction * self.WIDTH)
+            eta = f"ETA {max(total - done, 0) / rate:.0f}s" if rate > 0 and not final else f"{elapsed:.1f}s"
+            line = (f"{self.label} [{'#' * filled}{'-' * (self.WIDTH - filled)}] {fraction:4.0%}  {done:,}/{total:,}"
+                    f" {self.unit}{'  ' + detail if detail else ''}  {rate:,.0f} {self.unit}/s  {eta}")
         if self.tty:
             self.out.write("\r" + line + ("\n" if final else ""))
         else:

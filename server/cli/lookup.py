@@ -21,17 +21,29 @@ DEFAULT_TIMEOUT = 5.0   # seconds: generous for a human at a terminal; a node an
 def add_arguments(s: argparse.ArgumentParser) -> None:
     """The target, TLS and key arguments `crs lookup` and `crs-dev lookup` share."""
     s.add_argument("kind", choices=("card", "account", "customer"))
-    s.add_argument("--target", default=DEFAULT_TARGET, help=f"node address (default {DEFAULT_TARGET})")
     s.add_argument("--token", help="card token (card lookups)")
     s.add_argument("--routing", help="ABA routing number (account lookups; account number from stdin)")
     s.add_argument("--customer-id", help="customer id (customer lookups)")
     s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})")
+    add_connection_arguments(s)
+
+
+def add_connection_arguments(s: argparse.ArgumentParser, *, client: str = "switch") -> None:
+    """How any `crs` command that calls a node reaches it: --target, TLS (--tls-dir/--client or
+    --ca/--cert/--key) and a bearer token; `open_channel` turns them into a channel."""
+    s.add_argument("--target", default=DEFAULT_TARGET, help=f"node address (default {DEFAULT_TARGET})")
     s.add_argument("--tls-dir", help="a dev PKI directory (crs-dev up prints it): ca.pem + client-NAME.pem/.key")
-    s.add_argument("--client", default="switch", help="client certificate name in --tls-dir (default switch)")
+    s.add_argument("--client", default=client, help=f"client certificate name in --tls-dir (default {client})")
     s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS")
     s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS")
     s.add_argument("--key", help="client private key (PEM) for mutual TLS")
     s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
+
+
+def rpc_failed(exc: Any) -> int:
+    """A gRPC error as every command prints it, `CODE: details` on stderr; exit status 1."""
+    print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+    return 1
 
 
 def from_stdin() -> str:
@@ -62,8 +74,7 @@ def run(args: argparse.Namespace, *, pan: Callable[[], str] = from_stdin,
                 cid = customer_id() if customer_id is not None else (args.customer_id or "")
                 reply = lookup.GetCustomer(pb.GetCustomerRequest(customer_id=cid), timeout=args.timeout)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            return rpc_failed(exc)
     print(MessageToJson(reply, indent=2))
     return 0
 

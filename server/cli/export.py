@@ -1,0 +1,246 @@
+"""`crs export`: a consistent extract of the repository from one Snapshot, with a manifest.
+
+One Snapshot RPC is one consistent point: every file is as of the manifest's `sequence`, and
+`Watch(from_sequence=sequence)` (or `crs feed tail --from sequence`) continues exactly from there.
+Rows are written as chunks arrive (memory: one chunk), each file under a temporary name that is
+renamed when the snapshot is complete; manifest.json comes last, so a directory with a manifest
+holds a complete extract and a failed export leaves none.
+
+Formats (FORMAT_VERSION 1):
+  jsonl  one entity a line: protobuf JSON (`MessageToDict`, proto field names, every field even at
+         its default; enums by name, int64 `version` as a string), readable back with ParseDict
+  csv    a header row, then one entity a row, the columns of COLUMNS (the proto fields, in field
+         order), the same values as jsonl; UTF-8, `\\n` line ends, quoted only where needed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, TextIO
+
+from server.cli.base import RAW, CommandFailed
+from server.cli.feed import types_argument
+from server.cli.lookup import add_connection_arguments, open_channel, rpc_failed
+from server.cli.render import size, table
+from server.progress import ProgressBar
+from server.proto import crs_pb2 as pb
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+# What can be exported: the name (the SnapshotChunk field; the file is `<name>.<format>`) -> its EntityType.
+EXPORT_TYPES: dict[str, int] = {
+    "customers": pb.ENTITY_TYPE_CUSTOMER,
+    "accounts": pb.ENTITY_TYPE_ACCOUNT,
+    "cards": pb.ENTITY_TYPE_CARD,
+    "relationships": pb.ENTITY_TYPE_RELATIONSHIP,
+}
+# The CSV columns, fixed: a new proto field is appended here on purpose (tests/unit/test_export.py).
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "customers": ("customer_id", "display_name", "segment", "status", "kyc_status", "version"),
+    "accounts": ("account_id", "routing_number", "masked_account_number", "last4", "type", "currency", "status",
+                 "version"),
+    "cards": ("token", "masked_pan", "bin", "last4", "status", "expiry", "account_id", "version"),
+    "relationships": ("account_id", "customer_id", "role"),
+}
+FORMATS = ("jsonl", "csv")
+
+
+def entity_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+class _HashingFile:
+    """A write-only UTF-8 file that hashes what it writes (csv.writer writes to it directly)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: IO[bytes] = open(path, "wb")   # closed by write_extract
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, text: str) -> int:
+        data = text.encode()
+        self.sha256.update(data)
+        self.file.write(data)
+        self.bytes += len(data)
+        return len(text)
+
+
+@dataclass
+class _Output:
+    name: str          # "customers"
+    final: Path
+    sink: _HashingFile
+    fmt: str
+    rows: int = 0
+    csv: Any = field(default=None)
+
+    def write(self, message: Any) -> None:
+        row = entity_dict(message)
+        if self.fmt == "csv":
+            self.csv.writerow([row.get(c, "") for c in COLUMNS[self.name]])
+        else:
+            self.sink.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
+        self.rows += 1
+
+
+def prepare_directory(out: Path, *, force: bool) -> None:
+    """Refuse a non-empty --out unless --force; with --force drop its manifest first, so that until
+    this export completes the directory does not look like a complete extract."""
+    if out.exists() and not out.is_dir():
+        raise CommandFailed(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise CommandFailed(f"{out} is not empty: choose another --out, or --force to replace the export's"
+                                " files in it")
+        (out / MANIFEST).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_extract(chunks: Iterable[pb.SnapshotChunk], out: Path, names: list[str], fmt: str, *,
+                  progress: ProgressBar, now: dt.datetime | None = None) -> dict[str, Any]:
+    """Write the files of `names` (file names: "customers", ...) from a Snapshot's chunks into `out`,
+    then the manifest; returns the manifest. Any error leaves no new file and no manifest behind."""
+    exported_at = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
+    outputs: dict[str, _Output] = {}
+    try:
+        for name in names:
+            sink = _HashingFile(out / f".{name}.{fmt}.partial")
+            output = _Output(name, out / f"{name}.{fmt}", sink, fmt)
+            if fmt == "csv":
+                output.csv = csv.writer(sink, lineterminator="\n")
+                output.csv.writerow(COLUMNS[name])
+            outputs[name] = output
+        sequence = _write_chunks(chunks, outputs, progress)
+        for output in outputs.values():
+            output.sink.file.flush()
+            os.fsync(output.sink.file.fileno())
+            output.sink.file.close()
+        manifest = {
+            "format_version": FORMAT_VERSION, "format": fmt, "sequence": sequence, "exported_at": exported_at,
+            "types": names,
+            "files": {o.name: {"file": o.final.name, "rows": o.rows, "bytes": o.sink.bytes,
+                               "sha256": o.sink.sha256.hexdigest()} for o in outputs.values()},
+        }
+        for output in outputs.values():
+            output.sink.path.replace(output.final)
+        partial = out / f".{MANIFEST}.partial"
+        with open(partial, "w") as f:
+            f.write(json.dumps(manifest, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(out / MANIFEST)
+        _fsync_dir(out)
+        return manifest
+    finally:
+        for output in outputs.values():
+            output.sink.file.close()
+            output.sink.path.unlink(missing_ok=True)
+        (out / f".{MANIFEST}.partial").unlink(missing_ok=True)
+
+
+def _write_chunks(chunks: Iterable[pb.SnapshotChunk], outputs: dict[str, _Output], progress: ProgressBar) -> int:
+    """Write every entity of every chunk; the snapshot's sequence (the same in every chunk)."""
+    sequence: int | None = None
+    for chunk in chunks:
+        if sequence is None:
+            sequence = chunk.sequence
+        elif chunk.sequence != sequence:
+            raise CommandFailed(f"the snapshot changed point mid-stream ({sequence} -> {chunk.sequence})")
+        rows, current = 0, ""
+        for name, output in outputs.items():
+            for message in getattr(chunk, name):
+                output.write(message)
+                rows, current = rows + 1, name
+        progress.advance(rows, current)
+        if chunk.last:
+            progress.finish(f"sequence {sequence}")
+            return sequence
+    raise CommandFailed("the snapshot stream ended before its last chunk; nothing was written")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import grpc
+
+    from server import rpc
+
+    names: list[str] = args.types or list(EXPORT_TYPES)
+    out = Path(args.out)
+    try:
+        prepare_directory(out, force=args.force)
+        with open_channel(args) as channel:
+            request = pb.SnapshotRequest(entity_types=[EXPORT_TYPES[n] for n in names])  # type: ignore[misc]
+            call = rpc.stub(channel, "ChangeFeedService").Snapshot(request, timeout=args.timeout)
+            try:
+                manifest = write_extract(call, out, names, args.format,
+                                         progress=ProgressBar(sys.stderr, "exporting", None, unit="rows"))
+            except BaseException:
+                call.cancel()
+                raise
+    except grpc.RpcError as exc:
+        return rpc_failed(exc)
+    except CommandFailed as exc:
+        print(f"crs export: {exc}", file=sys.stderr)
+        return exc.code
+    except OSError as exc:
+        print(f"crs export: {exc}", file=sys.stderr)
+        return 1
+    _summary(manifest, out, sys.stdout)
+    return 0
+
+
+def _summary(manifest: dict[str, Any], out: Path, stream: TextIO) -> None:
+    files = manifest["files"]
+    table([("type", "file", "rows", "size"),
+           *((name, f["file"], f"{f['rows']:,}", size(f["bytes"])) for name, f in files.items())], stream)
+    stream.write(f"{out / MANIFEST}: sequence {manifest['sequence']}; continue with"
+                 f" `crs feed tail --from {manifest['sequence']}` (or Watch from_sequence)\n")
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("export", help="write a consistent extract (files + manifest) from a Snapshot",
+                       description=(
+        "Write every customer, account, card and relationship (or --types) as of one point — one\n"
+        "ChangeFeedService.Snapshot of a running node — into --out: one file per type (customers.jsonl,\n"
+        "accounts.csv, ...) and manifest.json: format_version, format, sequence (continue from it with\n"
+        "`crs feed tail --from SEQUENCE` or Watch), exported_at, types, and per file its rows, bytes and\n"
+        "SHA-256. Files are written as the snapshot streams (memory: one chunk) under temporary names\n"
+        "and renamed at the end; manifest.json is written last, so only a complete extract has one.\n"
+        "Every entity is masked as every answer: no PAN or account number in clear.\n\n"
+        "jsonl: one protobuf JSON object a line (proto field names, every field; enums by name, version\n"
+        "as a string). csv: a header row, then the columns below, the same values:\n"
+        + "".join(f"  {name + ':':15}{','.join(cols)}\n" for name, cols in COLUMNS.items()) +
+        "\nNeeds a client with scope feed:read (dev stack: --tls-dir DIR --client feed, the default).\n"
+        "Exit codes: 0 written, 1 a gRPC error (`CODE: details`) or --out not empty without --force,\n"
+        "2 bad usage (e.g. an unknown --types name), 130 interrupted."), formatter_class=RAW)
+    s.add_argument("--out", required=True, metavar="DIR", help="directory to write (created if missing)")
+    s.add_argument("--types", type=types_argument(EXPORT_TYPES), metavar="T,T,...",
+                   help="customers, accounts, cards, relationships (default all)")
+    s.add_argument("--format", choices=FORMATS, default="jsonl", help="jsonl (default) or csv")
+    s.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out (its manifest is removed first; same-named files replaced)")
+    s.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")
+    add_connection_arguments(s, client="feed")
+    s.set_defaults(func=cmd_export)
