@@ -141,8 +141,10 @@ def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], me
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def _bidi(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
-          gate: Gate) -> grpc.RpcMethodHandler:
+def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
+               gate: Gate) -> grpc.RpcMethodHandler:
+    """A server-streaming RPC (Watch, Snapshot) or a bidi one (StreamResolve): the same gate, the same
+    failure path; only what the handler gets as its request differs (one message or a stream)."""
     name = method.name
     parse = _parser(method)
     scopes = gate.scopes_for(method)
@@ -151,35 +153,18 @@ def _bidi(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]],
         async for raw in raw_items:
             yield parse(raw)
 
-    async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
             caller = gate.admit(context, scopes, name)
-            async for item in fn(parsed(requests), caller):
+            async for item in fn(parsed(request) if method.client_streaming else parse(request), caller):
                 yield item
         except Exception as exc:
             await _fail(context, exc, name, metrics, started)
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
 
-    return grpc.stream_stream_rpc_method_handler(handler)
-
-
-def _server_stream(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
-                   gate: Gate) -> grpc.RpcMethodHandler:
-    name = method.name
-    parse = _parser(method)
-    scopes = gate.scopes_for(method)
-
-    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-        try:
-            caller = gate.admit(context, scopes, name)
-            async for item in fn(parse(raw), caller):
-                yield item
-        except Exception as exc:
-            await _fail(context, exc, name, metrics, started)
-        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
-
+    if method.client_streaming:
+        return grpc.stream_stream_rpc_method_handler(handler)
     return grpc.unary_stream_rpc_method_handler(handler)
 
 
@@ -187,10 +172,8 @@ def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate) 
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, method in rpc.methods(service).items():
         fn = getattr(target, name)
-        if method.client_streaming:
-            handlers[name] = _bidi(method, fn, metrics, gate)
-        elif method.server_streaming:
-            handlers[name] = _server_stream(method, fn, metrics, gate)
+        if method.server_streaming:
+            handlers[name] = _streaming(method, fn, metrics, gate)
         else:
             handlers[name] = _unary(method, fn, metrics, gate)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
