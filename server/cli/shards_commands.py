@@ -144,7 +144,7 @@ def _stage(args: argparse.Namespace, change: Callable[[Sequence[TopologyShard]],
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from shard_router.topology import stage_add
+    from shard_router.moves import stage_add
 
     async def check() -> None:
         if args.no_check:
@@ -164,13 +164,13 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from shard_router.topology import stage_remove
+    from shard_router.moves import stage_remove
 
     return _stage(args, lambda draft: stage_remove(draft, args.name))
 
 
 def cmd_reweight(args: argparse.Namespace) -> int:
-    from shard_router.topology import stage_reweight
+    from shard_router.moves import stage_reweight
 
     return _stage(args, lambda draft: stage_reweight(draft, args.name, args.weight))
 
@@ -179,7 +179,8 @@ def cmd_mark(args: argparse.Namespace) -> int:
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
         from server.topology.staging import ensure_published
         from server.topology.store import publish
-        from shard_router.topology import ShardState, set_state
+        from shard_router.moves import set_state
+        from shard_router.topology import ShardState
 
         current = await ensure_published(store, pool, settings, out=sys.stdout)
         new = set_state(current, args.name, ShardState(args.state))

@@ -14,7 +14,8 @@ from devstack import RedisServer
 from server.cache.breaker import BreakerPolicy
 from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
-from shard_router.topology import ShardState, Topology, TopologyShard, advance, begin, set_state, stage_add
+from shard_router.moves import advance, begin, set_state, stage_add
+from shard_router.topology import ShardState, Topology, TopologyShard
 
 
 @pytest.fixture(scope="module")

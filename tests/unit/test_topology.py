@@ -11,6 +11,7 @@ import pytest
 
 import shard_router
 from shard_router import Ring, ShardSpec
+from shard_router.moves import abort, advance, begin, set_state, stage_add, stage_remove, stage_reweight
 from shard_router.topology import (
     Change,
     Phase,
@@ -18,17 +19,10 @@ from shard_router.topology import (
     Topology,
     TopologyError,
     TopologyShard,
-    abort,
-    advance,
-    begin,
     diff,
     redact_url,
     ring_text,
     routing_for,
-    set_state,
-    stage_add,
-    stage_remove,
-    stage_reweight,
 )
 
 

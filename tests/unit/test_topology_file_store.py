@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from server.topology.store import FileTopologyStore, TopologyConflict
-from shard_router.topology import Topology, TopologyError, TopologyShard, advance, begin, stage_add
+from shard_router.moves import advance, begin, stage_add
+from shard_router.topology import Topology, TopologyError, TopologyShard
 
 
 def topo(version: int) -> Topology:
