@@ -213,9 +213,11 @@ class Node:
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max)
         admin = AdminHandlers(store=AdminStore(pool=self.pool, keyring=self.keyring, data_key=data_key,
                                                timeout=s.pg_timeout), resolver=self.resolver)
-        self.tailer = FeedTailer(pool=self.pool, connect=lambda: asyncpg.connect(s.pg_dsn, timeout=s.pg_timeout),
-                                 poll_interval=s.feed_poll_interval, batch=s.feed_batch,
-                                 queue_size=s.feed_queue_size, timeout=s.pg_timeout)
+        self.tailer = FeedTailer(
+            pool=self.pool, poll_interval=s.feed_poll_interval, batch=s.feed_batch, queue_size=s.feed_queue_size,
+            timeout=s.pg_timeout, on_change=self.metrics.feed_state,
+            # No LISTEN behind PgBouncer in transaction mode (CRS_FEED_LISTEN=false): polling alone.
+            connect=(lambda: asyncpg.connect(s.pg_dsn, timeout=s.pg_timeout)) if s.feed_listen else None)
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
                             progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
                             snapshot_max=s.feed_snapshot_max)

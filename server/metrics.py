@@ -40,6 +40,11 @@ class Metrics:
                               ["shard"], multiprocess_mode="min", registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
                                     multiprocess_mode="max", registry=reg)
+        # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
+        self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node", multiprocess_mode="sum",
+                                   registry=reg)
+        self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
+                               multiprocess_mode="min", registry=reg)
         # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
         # per shard what `crs shards status` prints.
         self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",
@@ -80,6 +85,10 @@ class Metrics:
             row = self._rpc_counts[(method, code)] = [0.0] * (len(self._bounds) + 1)
         row[bisect_left(self._bounds, seconds)] += 1   # buckets are "less or equal" bounds
         row[-1] += seconds
+
+    def feed_state(self, watchers: int, head: int) -> None:
+        self.feed_watchers.set(watchers)
+        self.feed_head.set(head)
 
     def flush(self) -> None:
         """Move the per-call counts into the Prometheus metrics."""

@@ -109,6 +109,7 @@ class Settings:
     batch_max: int = 1000                 # keys per BatchResolve
     # --- change feed (docs/feed.md)
     feed_retention: float = 604_800.0     # seconds events are kept (7 days); older ones are compacted
+    feed_listen: bool = True              # LISTEN for commits; false behind PgBouncer in transaction mode (poll only)
     feed_poll_interval: float = 0.5       # seconds between the tailer's reads when no NOTIFY wakes it
     feed_progress_interval: float = 2.0   # an idle watcher gets a Progress mark this often, seconds
     feed_queue_size: int = 10_000         # events a slow watcher may fall behind before RESOURCE_EXHAUSTED

@@ -19,6 +19,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 import grpc
@@ -26,6 +27,35 @@ import grpc
 from devstack.environment import DevEnvironment
 from server import rpc
 from server.proto import crs_pb2 as pb
+
+
+class FeedWatchers:
+    """Watch streams held open on nodes, each read to the end on a daemon thread (the benchmark's
+    --watchers): with no writes running they receive only Progress marks, so what they cost a node is
+    the feed machinery itself (tailer polls, queues, marks), not event volume."""
+
+    def __init__(self, addresses: Sequence[str], *, per_node: int) -> None:
+        self._channels = [grpc.insecure_channel(a) for a in addresses for _ in range(per_node)]
+        self._calls = [rpc.stub(c, "ChangeFeedService").Watch(pb.WatchRequest()) for c in self._channels]
+        self._threads = [threading.Thread(target=self._drain, args=(call,), daemon=True) for call in self._calls]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _drain(call: Any) -> None:
+        try:
+            for _ in call:
+                pass
+        except grpc.RpcError:
+            pass
+
+    def stop(self) -> None:
+        for call in self._calls:
+            call.cancel()
+        for t in self._threads:
+            t.join(5)
+        for c in self._channels:
+            c.close()
 
 
 def percentile(values: Sequence[float], q: float) -> float:

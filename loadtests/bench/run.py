@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from loadtests.bench.feed import FeedWatchers
 from loadtests.bench.report import console_table, evaluate_targets, markdown, merge_rounds, to_json
 from loadtests.shared import procs
 from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
@@ -146,6 +147,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--pg-connections", type=int, default=16,
                    help="connections (one query in flight each) in the asyncpg phase (default 16)")
     g = p.add_argument_group("output")
+    g.add_argument("--watchers", type=int, default=0,
+                   help="idle ChangeFeedService Watch streams attached to each node during every phase (default 0):"
+                        " what following the feed costs the lookup path")
     g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where latest.json/latest.md go "
                                                                  "(default docs/benchmarks)")
     g.add_argument("--no-write", action="store_true", help="print only; write no files")
@@ -167,6 +171,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if args.shards < 1:
         p.error("--shards must be >= 1 (the Redis phase needs a shard)")
+    if args.watchers < 0:
+        p.error("--watchers must be >= 0")
     if args.hot_keys > 2 * args.customers:
         p.error(f"--hot-keys {args.hot_keys} exceeds the {2 * args.customers} demo cards")
     if args.stream_window > args.hot_keys:
@@ -379,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet: TextIO = sys.stderr if args.verbose else open(os.devnull, "w")
     env = DevEnvironment(shards=args.shards, customers=args.customers, pg_binaries=args.pg_binaries)
     echo: EchoServer | None = None
+    watchers: FeedWatchers | None = None
     rounds: dict[str, list[dict[str, Any]]] = {}
     loads: dict[str, str] = {}
     failures: list[str] = []
@@ -409,6 +416,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   flush=True)
             if "l1" not in {ph.target for ph in args.phase_list}:
                 nodes.pop("l1").stop()   # started only to get a real answer for the echo payload
+        if args.watchers:
+            watchers = FeedWatchers([n.address for n in nodes.values()], per_node=args.watchers)
+            print(f"benchmark: {args.watchers} Watch stream(s) attached to each node", flush=True)
         machine = machine_info(settings, env.stack, cpus)
         backends = [pid for pid in [env.stack.postgres.pid, *(r.pid for r in env.stack.redis)] if pid]
         hot = list(range(args.hot_keys))
@@ -456,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nbenchmark: interrupted; stopping everything", file=sys.stderr)
         return 130
     finally:
+        if watchers is not None:
+            watchers.stop()
         if echo is not None:
             echo.stop()
         env.stop()

@@ -48,7 +48,8 @@ class Subscription:
 
 class FeedTailer:
     def __init__(self, *, pool: asyncpg.Pool, connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
-                 poll_interval: float, batch: int, queue_size: int, timeout: float) -> None:
+                 poll_interval: float, batch: int, queue_size: int, timeout: float,
+                 on_change: Callable[[int, int], None] = lambda watchers, head: None) -> None:
         self.pool = pool
         self._connect = connect             # a dedicated LISTEN connection (None: poll only)
         self.poll_interval = poll_interval
@@ -58,6 +59,7 @@ class FeedTailer:
         self.head = 0                       # highest sequence read so far
         self.boundary = 0
         self._subs: set[Subscription] = set()
+        self._on_change = on_change         # (watchers, head) for the metrics
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
 
@@ -70,10 +72,12 @@ class FeedTailer:
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
                            boundary=self.boundary)
         self._subs.add(sub)
+        self._on_change(len(self._subs), self.head)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
+        self._on_change(len(self._subs), self.head)
 
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen()) if self._connect is not None else None
@@ -109,6 +113,7 @@ class FeedTailer:
                             encoded = encoded or event_from_row(row).SerializeToString()
                             self._offer(sub, (row["seq"], encoded))
                 self.head = rows[-1]["seq"]
+                self._on_change(len(self._subs), self.head)
             if len(rows) < self.batch:          # caught up: a transaction boundary
                 self.boundary = self.head
                 for sub in self._subs:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,6 +115,12 @@ def test_a_write_arrives_with_its_state_after_the_change(node_a: Clients, feed_c
     assert mine[0].customer == customer and mine[1].account == account
     assert mine[2].card == card and mine[3].card == blocked and mine[3].version == blocked.version == 2
     assert all(e.committed_at.seconds > 0 for e in mine)
+    # CreateAccount's OWNER relationship is part of the same write: the very next sequence.
+    owned = next(e for e in events if e.entity_type == pb.ENTITY_TYPE_RELATIONSHIP
+                 and e.relationship.account_id == account.account_id)
+    assert owned.sequence == mine[1].sequence + 1 and owned.op == pb.OPERATION_CREATE
+    assert owned.relationship == pb.Relationship(account_id=account.account_id, customer_id=customer.customer_id,
+                                                 role=pb.RELATIONSHIP_ROLE_OWNER)
     assert pan not in str(events) and pan[6:-4] not in "".join(e.card.masked_pan for e in mine)
 
 
@@ -277,6 +284,23 @@ def _seq_of(node: Clients, entity_id: str) -> int:
     finally:
         call.cancel()
     raise AssertionError(f"{entity_id} not in the feed")
+
+
+def test_polling_alone_keeps_the_feed_moving(dev_env: DevEnvironment, node_a: Clients) -> None:
+    """CRS_FEED_LISTEN=false (PgBouncer in transaction mode): no LISTEN, the tailer polls."""
+    node = dev_env.start_node(workers=1, feed_listen=False, feed_poll_interval=0.2)
+    watcher = Watcher(node.channel("feed"), pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+    try:
+        made = new_customer(node_a.admin, "Seen By Polling")       # written through another node
+        watcher.wait_for(lambda ev: made.customer_id in _ids(ev))
+        url = f"http://127.0.0.1:{node.settings.metrics_port}/metrics"
+        deadline = time.monotonic() + WAIT_S
+        while "crs_feed_watchers 1.0" not in urllib.request.urlopen(url, timeout=5).read().decode():
+            assert time.monotonic() < deadline, "crs_feed_watchers never showed the open Watch"
+            time.sleep(0.2)
+    finally:
+        watcher.close()
+        node.stop()
 
 
 def test_bad_requests_and_scopes(node_a: Clients, feed_channel: grpc.Channel) -> None:
