@@ -3,7 +3,8 @@
 Nothing here is real: PANs are Luhn-valid numbers in the reserved test BIN range 999000-999009
 (issuer identification numbers starting with 9 are not assigned to card brands), routing numbers
 start with 999 (no such Federal Reserve district), names are made up. The same (seed, index) always
-gives the same key, so `crs demo-keys` can print keys that exist without storing any clear PAN.
+gives the same key, so `crs-dev lookup --demo N`, the tests and the load tests can name keys that
+exist without storing any clear PAN.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import asyncpg
 
 from server.metrics import Metrics
 from server.resolver import Resolver
+from server.store.db import DB_ERRORS
 
 log = logging.getLogger("crs.relay")
 BATCH = 500
@@ -50,6 +51,6 @@ async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *,
                 continue
         except asyncio.CancelledError:
             raise
-        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DB_ERRORS as exc:
             log.warning("outbox relay pass failed; retrying", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)

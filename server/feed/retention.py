@@ -8,6 +8,7 @@ import logging
 
 import asyncpg
 
+from server.store.db import DB_ERRORS
 from server.store.feed import compact
 
 log = logging.getLogger("crs.feed")
@@ -21,5 +22,5 @@ async def run_compaction(pool: asyncpg.Pool, *, retention: float, interval: floa
             removed = await compact(pool, older_than=dt.timedelta(seconds=retention))
             if removed:
                 log.info("feed compacted", extra={"events": removed})
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             log.warning("feed compaction failed; retrying next interval", extra={"error": type(exc).__name__})

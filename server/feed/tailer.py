@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from server.errors import BackendUnavailable, CrsError, FeedOverload
+from server.store.db import DB_ERRORS
 from server.store.envelope import FEED_CHANNEL
 from server.store.feed import event_from_row, events_after, head
 
@@ -88,7 +89,7 @@ class FeedTailer:
                         self.head = self.boundary = await head(self.pool, timeout=self.timeout)
                         self._ready.set()
                     await self._read_all()
-                except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DB_ERRORS as exc:
                     log.warning("feed read failed; watchers end with UNAVAILABLE", extra={"error": type(exc).__name__})
                     self._end_all(BackendUnavailable("the change feed lost PostgreSQL; resume from your last sequence"))
                     await asyncio.sleep(RETRY_SECONDS)
@@ -155,7 +156,7 @@ class FeedTailer:
                 await conn.add_listener(FEED_CHANNEL, lambda *_args: self._wake.set())
                 self._wake.set()          # anything committed while we were not listening
                 await lost.wait()
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DB_ERRORS as exc:
                 log.info("feed LISTEN unavailable; polling", extra={"error": type(exc).__name__})
             finally:
                 if conn is not None:

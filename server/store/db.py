@@ -25,6 +25,11 @@ def required(row: asyncpg.Record | None) -> asyncpg.Record:
     return row
 
 
+# What a lost, refusing or slow PostgreSQL raises through asyncpg: the background loops (relay, feed
+# tailer, compaction, topology watch) catch these, log, and try again later.
+DB_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
 async def create_pool(settings: Settings) -> asyncpg.Pool:
     """A pool sized for this node process. Fails fast with BackendUnavailable if PG is unreachable."""
     try:

@@ -29,6 +29,7 @@ from server.cache.shard import Shard
 from server.cache.tier import RedisTier
 from server.metrics import Metrics
 from server.settings import Settings
+from server.store.db import DB_ERRORS
 from server.topology.policy import COPY_BUDGET_FRACTION
 from server.topology.shard_stats import STATS_ERRORS, read_stats
 from server.topology.store import (
@@ -43,7 +44,7 @@ from shard_router.topology import Phase, ShardState, Topology, TopologyError, di
 
 log = logging.getLogger("crs.topology")
 
-_CHECK_ERRORS = (TopologyError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+_CHECK_ERRORS = (TopologyError, *DB_ERRORS)
 # Heartbeat rows of processes that vanished without a clean stop are deleted after this long.
 FORGET_NODES_AFTER = 24 * 3600.0
 # A heartbeat every this fraction of CRS_TOPOLOGY_LEASE (but not more often than the poll): a node

@@ -303,6 +303,33 @@ def test_polling_alone_keeps_the_feed_moving(dev_env: DevEnvironment, node_a: Cl
         node.stop()
 
 
+def test_a_lost_listen_connection_is_reopened(dev_env: DevEnvironment, node_a: Clients) -> None:
+    """With polling slowed to 30 s, only NOTIFY can deliver within seconds: after every LISTEN
+    connection is killed, the node listens again and a write still arrives long before a poll."""
+    node = dev_env.start_node(workers=1, feed_poll_interval=30.0)
+    watcher = Watcher(node.channel("feed"), pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
+
+    async def kill_listeners() -> int:
+        conn = await asyncpg.connect(dev_env.admin_dsn)
+        try:
+            killed = await conn.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                                         " WHERE query ILIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+            return int(killed)
+        finally:
+            await conn.close()
+
+    try:
+        first = new_customer(node_a.admin, "Before The Cut")
+        watcher.wait_for(lambda ev: first.customer_id in _ids(ev))
+        assert asyncio.run(kill_listeners()) >= 1
+        time.sleep(3)    # the tailer notices, waits its retry second, and listens again
+        second = new_customer(node_a.admin, "After The Cut")
+        watcher.wait_for(lambda ev: second.customer_id in _ids(ev), timeout=10)
+    finally:
+        watcher.close()
+        node.stop()
+
+
 def test_bad_requests_and_scopes(node_a: Clients, feed_channel: grpc.Channel) -> None:
     feed = rpc.stub(feed_channel, "ChangeFeedService")
 
