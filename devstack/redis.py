@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Final
 from urllib.parse import quote
 
-from devstack.binaries import find_redis_server, free_port, is_executable
+from devstack.binaries import find_redis_server, is_executable
 from devstack.processes import (
     LOOPBACK,
-    PORT_RETRIES,
     ChildAbortedBeforeExec,
     ChildServer,
     EmbeddedServerError,
     LogFile,
     PortInUseError,
     aborted_before_exec,
+    free_port,
     live_servers,
     require_kw_path,
     require_port,
@@ -172,17 +172,7 @@ class RedisServer(ChildServer):
                 return
             self._cleanup_process()
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            for attempt in range(PORT_RETRIES):
-                try:
-                    self._launch_and_wait(deadline)
-                    break
-                except PortInUseError:
-                    if not self._port_is_ours or attempt == PORT_RETRIES - 1:
-                        raise
-                    self.port = free_port()
-                except ChildAbortedBeforeExec:
-                    if attempt == PORT_RETRIES - 1:
-                        raise
+            self._launch_with_retries(deadline)
             self._port_is_ours = False
 
     def _launch_and_wait(self, deadline: float) -> None:
