@@ -92,8 +92,9 @@ def _dsn_with(dsn: str, *, user: str | None = None, password: str | None = None,
 # Dev callers and their scopes: an operator with everything, a payment switch with lookups only, a
 # downstream system that follows the change feed and nothing else.
 DEV_CLIENTS = {
-    "admin": ["lookup:card", "lookup:account", "lookup:customer", "admin:write", "feed:read"],
+    "admin": ["lookup:card", "lookup:account", "lookup:customer", "admin:write", "feed:read", "identity:read"],
     "switch": ["lookup:card", "lookup:account"],
+    "csr": ["lookup:customer", "identity:read"],     # customer service: profiles and identity, no writes
     "feed": ["feed:read"],
 }
 

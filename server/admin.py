@@ -33,9 +33,9 @@ class AdminHandlers:
             "IssueCard": store.issue_card, "LinkCard": store.link_card, "SetCardStatus": store.set_card_status,
         }
         for rpc, method in writes.items():
-            setattr(self, rpc, self._handler(rpc, method))
+            setattr(self, rpc, self.handler(rpc, method))
 
-    def _handler(self, rpc: str, write: Write) -> Callable[[Any, Caller], Awaitable[bytes]]:
+    def handler(self, rpc: str, write: Write) -> Callable[[Any, Caller], Awaitable[bytes]]:
         async def handle(request: Any, caller: Caller) -> bytes:
             try:
                 result = await write(request, caller)

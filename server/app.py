@@ -26,18 +26,21 @@ from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.cache.near import NearCache
 from server.cache.tier import RedisTier
-from server.caller import ADMIN_WRITE, FEED_READ, LOOKUP_RPC_SCOPE, Caller
+from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
 from server.errors import BackendUnavailable, CrsError, InvalidKey, status_for
 from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
+from server.identity.model import MatchModel, Thresholds
+from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings
-from server.store.admin import AdminStore
 from server.store.db import active_data_key, create_pool, verify_key_checks
+from server.store.identity import IdentityCodec, IdentityReads
+from server.store.identity_writes import IdentityWrites
 from server.store.migrate import check_schema
 from server.topology.watch import TopologyWatcher
 
@@ -100,6 +103,8 @@ class Gate:
             return LOOKUP_RPC_SCOPE[method.name]
         if method.service == rpc.FEED_SERVICE.full_name:
             return frozenset({FEED_READ})
+        if method.service == rpc.IDENTITY_SERVICE.full_name:
+            return IDENTITY_RPC_SCOPE[method.name]
         return frozenset({ADMIN_WRITE})
 
     def admit(self, context: grpc.aio.ServicerContext, scopes: frozenset[str], name: str) -> Caller:
@@ -211,8 +216,14 @@ class Node:
                                                     negative_ttl=s.negative_ttl))
         lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max)
-        admin = AdminHandlers(store=AdminStore(pool=self.pool, keyring=self.keyring, data_key=data_key,
-                                               timeout=s.pg_timeout), resolver=self.resolver)
+        codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
+        model = MatchModel.load(s.identity_weights or None)
+        thresholds = Thresholds(match=s.identity_match_threshold, review=s.identity_review_threshold)
+        writes = IdentityWrites(pool=self.pool, keyring=self.keyring, data_key=data_key, timeout=s.pg_timeout,
+                                codec=codec, model=model, thresholds=thresholds, policy=s.identity_possible_match)
+        admin = AdminHandlers(store=writes, resolver=self.resolver)
+        identity = IdentityHandlers(reads=IdentityReads(pool=self.pool, codec=codec, model=model,
+                                                        thresholds=thresholds, timeout=s.pg_timeout), writes=admin)
         self.tailer = FeedTailer(
             pool=self.pool, poll_interval=s.feed_poll_interval, batch=s.feed_batch, queue_size=s.feed_queue_size,
             timeout=s.pg_timeout, on_change=self.metrics.feed_state,
@@ -235,6 +246,7 @@ class Node:
             generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics, gate),
             generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics, gate),
             generic_handler(rpc.FEED_SERVICE, feed, self.metrics, gate),
+            generic_handler(rpc.IDENTITY_SERVICE, identity, self.metrics, gate),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

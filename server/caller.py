@@ -16,7 +16,8 @@ LOOKUP_ACCOUNT = "lookup:account"
 LOOKUP_CUSTOMER = "lookup:customer"
 ADMIN_WRITE = "admin:write"
 FEED_READ = "feed:read"     # ChangeFeedService: every change, masked as every answer
-ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE, FEED_READ})
+IDENTITY_READ = "identity:read"     # IdentityService reads: identity PII (masked national id), reviews
+ALL_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER, ADMIN_WRITE, FEED_READ, IDENTITY_READ})
 LOOKUP_SCOPES = frozenset({LOOKUP_CARD, LOOKUP_ACCOUNT, LOOKUP_CUSTOMER})
 
 # The scope each LookupService RPC needs; batch and stream need one lookup scope to be called at all,
@@ -27,6 +28,18 @@ LOOKUP_RPC_SCOPE: Mapping[str, frozenset[str]] = {
     "GetCustomer": frozenset({LOOKUP_CUSTOMER}),
     "BatchResolve": LOOKUP_SCOPES,
     "StreamResolve": LOOKUP_SCOPES,
+}
+# IdentityService: reads need identity:read (a switch never has it: its answers carry no identity PII);
+# resolving a source reference to a customer id is a lookup; writes are admin writes.
+IDENTITY_RPC_SCOPE: Mapping[str, frozenset[str]] = {
+    "IdentifyCustomer": frozenset({IDENTITY_READ}),
+    "GetCustomerIdentity": frozenset({IDENTITY_READ}),
+    "ResolveSourceRef": frozenset({IDENTITY_READ, LOOKUP_CUSTOMER}),
+    "ListReviewTasks": frozenset({IDENTITY_READ}),
+    "UpdateCustomerIdentity": frozenset({ADMIN_WRITE}),
+    "MergeCustomers": frozenset({ADMIN_WRITE}),
+    "UnmergeCustomer": frozenset({ADMIN_WRITE}),
+    "DecideReviewTask": frozenset({ADMIN_WRITE}),
 }
 KEY_SCOPE: Mapping[str, str] = {"pan": LOOKUP_CARD, "card_token": LOOKUP_CARD, "account": LOOKUP_ACCOUNT,
                                 "customer_id": LOOKUP_CUSTOMER}

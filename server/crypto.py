@@ -139,9 +139,18 @@ class DataKey:
     def decrypt(self, blob: bytes, *, purpose: bytes) -> str:
         return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], purpose).decode("ascii")
 
+    def seal(self, data: bytes, *, purpose: bytes) -> bytes:
+        """Encrypt arbitrary bytes (identity attributes: UTF-8 JSON)."""
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + self._aead.encrypt(nonce, data, purpose)
+
+    def open(self, blob: bytes, *, purpose: bytes) -> bytes:
+        return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], purpose)
+
 
 PAN_PURPOSE = b"crs:pan"
 ACCOUNT_PURPOSE = b"crs:account-number"
+IDENTITY_PURPOSE = b"crs:identity"
 
 
 def account_fingerprint_input(routing: str, account_number: str) -> str:

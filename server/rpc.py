@@ -19,7 +19,8 @@ from server.proto import crs_pb2
 LOOKUP_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["LookupService"]
 ADMIN_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["AdminService"]
 FEED_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["ChangeFeedService"]
-SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE)
+IDENTITY_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["IdentityService"]
+SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 
 
 @dataclass(frozen=True)

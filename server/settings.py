@@ -117,6 +117,11 @@ class Settings:
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
+    # --- customer identity (docs/identity.md)
+    identity_match_threshold: float = 0.99   # match probability at or above which a person is the same customer
+    identity_review_threshold: float = 0.80  # at or above (below match): POSSIBLE_MATCH, a person reviews
+    identity_possible_match: str = "review"  # CreateCustomer on POSSIBLE_MATCH: "review" (create + queue) or "refuse"
+    identity_weights: str = ""               # a trained weights file; "" = the packaged one
     # --- keys (never in repr)
     fingerprint_keys: str = field(default="", repr=False)   # "1:BASE64,2:BASE64"
     fingerprint_key_version: int = 0      # 0 = the highest configured version
@@ -220,6 +225,11 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_TOPOLOGY_LEASE must be >= 3 x CRS_TOPOLOGY_POLL_INTERVAL (got {s.topology_lease})")
     if s.shard_stats_interval < 0:
         problems.append("CRS_SHARD_STATS_INTERVAL must be >= 0")
+    if not 0 < s.identity_review_threshold <= s.identity_match_threshold < 1:
+        problems.append("CRS_IDENTITY_REVIEW_THRESHOLD and CRS_IDENTITY_MATCH_THRESHOLD need"
+                        f" 0 < review <= match < 1 (got {s.identity_review_threshold}, {s.identity_match_threshold})")
+    if s.identity_possible_match not in ("review", "refuse"):
+        problems.append(f"CRS_IDENTITY_POSSIBLE_MATCH must be review or refuse (got {s.identity_possible_match!r})")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
 

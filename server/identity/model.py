@@ -1,0 +1,144 @@
+"""The match model: exact rules where they are decisive, Fellegi–Sunter weights for the rest (pure).
+
+A candidate's *match weight* is log2 of the prior odds plus, for each attribute, log2(m/u) of the
+level it compared at (m: how often true matches show that level, u: how often non-matches do). Its
+probability is 2^w / (1 + 2^w). The m and u values are trained by splink (EM on generated records,
+`crs-load identity-train`) and live in a versioned JSON file next to this module.
+
+Rules, applied before the weights (docs/identity.md, "Decisions"):
+- same national id (same type) and same date of birth: MATCH, whatever else differs;
+- both have a national id of the same type and they differ by more than one typo: never MATCH (a
+  false merge of two people is the costly error, and twins share everything else);
+- the given names disagree outright (not a nickname, initial, typo or swap): never MATCH, for the
+  same reason (twins and siblings in one household), at most POSSIBLE_MATCH;
+- a pair a person rejected as two people (identity_distinct) is never proposed again (the store
+  filters those before scoring).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from server.identity.attributes import Identity
+from server.identity.compare import COMPARISONS, MISSING, compare
+
+EXACT_RULE = "national_id+date_of_birth"
+WEIGHTS_FILE = "weights.json"
+
+
+class ModelError(ValueError):
+    """The weights file is missing a level or holds an impossible probability (start-up error)."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    attribute: str
+    level: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Score:
+    match_weight: float
+    probability: float
+    evidence: tuple[Evidence, ...]
+    rule: str            # EXACT_RULE when the exact rule decided, else ""
+    may_match: bool      # False when a rule forbids MATCH (different national ids)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    match: float = 0.99      # at or above: MATCH
+    review: float = 0.80     # at or above (and below match): POSSIBLE_MATCH
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.review <= self.match < 1.0:
+            raise ModelError("identity thresholds need 0 < review <= match < 1")
+
+
+@dataclass(frozen=True)
+class Decision:
+    decision: str                        # "MATCH", "POSSIBLE_MATCH", "NEW"
+    candidates: tuple[tuple[str, Score], ...]   # (customer id, best score), best first
+
+
+class MatchModel:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.version = str(spec.get("version", ""))
+        prior = float(spec.get("prior_match_probability", 0))
+        if not 0.0 < prior < 1.0 or not self.version:
+            raise ModelError("weights file needs a version and 0 < prior_match_probability < 1")
+        self.prior_weight = math.log2(prior / (1.0 - prior))
+        self.weights: dict[str, dict[str, float]] = {}
+        comparisons = spec.get("comparisons", {})
+        for attribute, (_, levels) in COMPARISONS.items():
+            given = comparisons.get(attribute, {})
+            table = {MISSING: 0.0}
+            for level in levels:
+                mu = given.get(level)
+                if not isinstance(mu, dict) or not 0.0 < float(mu.get("m", 0)) <= 1.0 \
+                        or not 0.0 < float(mu.get("u", 0)) <= 1.0:
+                    raise ModelError(f"weights file: {attribute}.{level} needs 0 < m <= 1 and 0 < u <= 1")
+                table[level] = math.log2(float(mu["m"]) / float(mu["u"]))
+            self.weights[attribute] = table
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> MatchModel:
+        """The packaged weights, or the file at `path` (CRS_IDENTITY_WEIGHTS)."""
+        if path:
+            data = Path(path).read_bytes()
+        else:
+            data = resources.files("server.identity").joinpath(WEIGHTS_FILE).read_bytes()
+        try:
+            return cls(orjson.loads(data))
+        except orjson.JSONDecodeError as exc:
+            raise ModelError(f"weights file is not JSON: {exc}") from None
+
+    def score(self, a: Identity, b: Identity) -> Score:
+        levels = compare(a, b)
+        evidence = tuple(Evidence(attr, level, self.weights[attr][level]) for attr, level in levels.items())
+        weight = self.prior_weight + sum(e.weight for e in evidence)
+        rule = ""
+        probability = _probability(weight)
+        if levels["national_id"] == "exact" and levels["date_of_birth"] == "exact":
+            rule, probability = EXACT_RULE, 1.0
+        may_match = rule == EXACT_RULE or (levels["national_id"] != "else" and levels["given_name"] != "else")
+        return Score(weight, probability, evidence, rule, may_match)
+
+    def best(self, query: Identity, records: Iterable[Identity]) -> Score | None:
+        """The best score of `query` against the records of one customer (a cluster)."""
+        best: Score | None = None
+        for record in records:
+            s = self.score(query, record)
+            if best is None or (s.probability, s.match_weight) > (best.probability, best.match_weight):
+                best = s
+        return best
+
+    @staticmethod
+    def decide(scored: Iterable[tuple[str, Score]], thresholds: Thresholds, limit: int) -> Decision:
+        """MATCH when exactly one customer is at or above the match threshold and no rule forbids
+        it; POSSIBLE_MATCH when any is at or above the review threshold; else NEW."""
+        ranked = sorted(scored, key=lambda cs: (cs[1].probability, cs[1].match_weight), reverse=True)
+        kept = tuple(cs for cs in ranked if cs[1].probability >= thresholds.review)[:limit]
+        matches = [cs for cs in kept if cs[1].probability >= thresholds.match and cs[1].may_match]
+        if len(matches) == 1 and matches[0] is kept[0]:
+            return Decision("MATCH", kept)
+        if kept:
+            return Decision("POSSIBLE_MATCH", kept)
+        return Decision("NEW", ())
+
+
+def _probability(weight: float) -> float:
+    if weight > 60:
+        return 1.0
+    if weight < -60:
+        return 0.0
+    odds: float = 2.0 ** weight
+    return odds / (1.0 + odds)

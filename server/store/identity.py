@@ -1,0 +1,225 @@
+"""Customer identity in PostgreSQL: source records (sealed), blocking keys, candidate search, the
+golden record and the crosswalk (docs/identity.md). Writes that use these live in
+server/store/identity_writes.py (create, update) and server/store/merge.py (merge, unmerge, reviews).
+
+A source record's attributes are stored as one AES-256-GCM ciphertext of its normalised JSON under a
+data key; its national id also as a keyed fingerprint (exact-match index) and last four; its
+blocking keys as keyed 64-bit hashes. Candidate search: the query's blocking hashes -> the records
+sharing one (a block bigger than MAX_BLOCK is skipped) -> every record of those records' customers ->
+decrypt and score each customer by its best record.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server.crypto import IDENTITY_PURPOSE, DataKey, Keyring
+from server.errors import NotFound
+from server.identity.attributes import Identity, SourceRef
+from server.identity.blocking import MAX_BLOCK, block_hashes
+from server.identity.golden import Contribution, attributes_msg, golden
+from server.identity.model import Decision, MatchModel, Score, Thresholds
+from server.proto import crs_pb2 as pb
+from server.store.db import Conn, translate_db_errors
+
+MAX_CANDIDATE_CUSTOMERS = 50   # scored per query at most (the blocks' best are kept, see `candidates`)
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """An identity ready to store: nothing in it is clear PII."""
+
+    fingerprint_version: int
+    national_id_fp: bytes | None
+    national_id_last4: str | None
+    ciphertext: bytes
+    dek_id: int
+    blocks: list[int]
+
+
+class IdentityCodec:
+    """Seals identities for storage and opens stored ones (data keys unwrapped on first use)."""
+
+    def __init__(self, *, keyring: Keyring, data_key: DataKey) -> None:
+        self.keyring = keyring
+        self.data_key = data_key
+        self._deks: dict[int, DataKey] = {data_key.dek_id: data_key}
+
+    @property
+    def block_key(self) -> bytes:
+        return self.keyring.fingerprint_keys[self.keyring.fingerprint_version]
+
+    def blocks(self, identity: Identity) -> list[int]:
+        return block_hashes(self.block_key, identity)
+
+    def national_id_fp(self, identity: Identity) -> bytes | None:
+        key = identity.national_id_key
+        return self.keyring.fingerprint(key) if key else None
+
+    def seal(self, identity: Identity) -> SealedRecord:
+        return SealedRecord(
+            fingerprint_version=self.keyring.fingerprint_version, national_id_fp=self.national_id_fp(identity),
+            national_id_last4=identity.national_id_last4 or None,
+            ciphertext=self.data_key.seal(orjson.dumps(identity.to_dict()), purpose=IDENTITY_PURPOSE),
+            dek_id=self.data_key.dek_id, blocks=self.blocks(identity))
+
+    async def open(self, conn: Conn, ciphertext: bytes, dek_id: int) -> Identity:
+        dek = self._deks.get(dek_id)
+        if dek is None:
+            row = await conn.fetchrow("SELECT wrapped_key, kek_version FROM data_keys WHERE dek_id = $1", dek_id)
+            if row is None:
+                raise RuntimeError(f"data key {dek_id} of an identity record is missing")
+            dek = self._deks[dek_id] = DataKey(dek_id, self.keyring.unwrap(row["wrapped_key"], dek_id,
+                                                                           row["kek_version"]))
+        return Identity.from_dict(orjson.loads(dek.open(bytes(ciphertext), purpose=IDENTITY_PURPOSE)))
+
+
+async def insert_record(conn: Conn, codec: IdentityCodec, *, customer_id: str, source: SourceRef,
+                        identity: Identity) -> int:
+    """A new source record of `customer_id` with its blocking keys; returns its record id."""
+    sealed = codec.seal(identity)
+    record_id = int(await conn.fetchval(
+        "INSERT INTO source_records (source_system, source_key, customer_id, home_customer_id,"
+        " fingerprint_version, national_id_fp, national_id_last4, attributes_ciphertext, dek_id)"
+        " VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8) RETURNING record_id",
+        source.system, source.key, customer_id, sealed.fingerprint_version, sealed.national_id_fp,
+        sealed.national_id_last4, sealed.ciphertext, sealed.dek_id))
+    await conn.executemany("INSERT INTO identity_blocks (block, record_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                           [(b, record_id) for b in sealed.blocks])
+    return record_id
+
+
+async def replace_record(conn: Conn, codec: IdentityCodec, record_id: int, identity: Identity) -> None:
+    """New attributes for an existing record (its blocking keys follow)."""
+    sealed = codec.seal(identity)
+    await conn.execute(
+        "UPDATE source_records SET fingerprint_version = $2, national_id_fp = $3, national_id_last4 = $4,"
+        " attributes_ciphertext = $5, dek_id = $6, version = version + 1, updated_at = now() WHERE record_id = $1",
+        record_id, sealed.fingerprint_version, sealed.national_id_fp, sealed.national_id_last4,
+        sealed.ciphertext, sealed.dek_id)
+    await conn.execute("DELETE FROM identity_blocks WHERE record_id = $1", record_id)
+    await conn.executemany("INSERT INTO identity_blocks (block, record_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                           [(b, record_id) for b in sealed.blocks])
+
+
+async def contributions(conn: Conn, codec: IdentityCodec, customer_ids: list[str]) -> dict[str, list[Contribution]]:
+    """Every source record of these customers, opened."""
+    rows = await conn.fetch(
+        "SELECT record_id, customer_id, attributes_ciphertext, dek_id, updated_at FROM source_records"
+        " WHERE customer_id = ANY($1::text[])", customer_ids)
+    out: dict[str, list[Contribution]] = defaultdict(list)
+    for r in rows:
+        identity = await codec.open(conn, r["attributes_ciphertext"], r["dek_id"])
+        out[r["customer_id"]].append(Contribution(identity, r["updated_at"], r["record_id"]))
+    return out
+
+
+async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identity: Identity, *,
+                     exclude: str = "") -> list[tuple[str, Score]]:
+    """Existing customers that share a blocking key with `identity`, each with its best score.
+    `exclude`: a customer id not to propose (the one being updated), nor any pair a person rejected."""
+    hashes = codec.blocks(identity)
+    if not hashes:
+        return []
+    # Per block at most MAX_BLOCK + 1 rows: a block that fills them is too common and is skipped.
+    rows = await conn.fetch(
+        "SELECT b.k AS block, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
+        " LATERAL (SELECT s.customer_id FROM identity_blocks ib JOIN source_records s USING (record_id)"
+        "          WHERE ib.block = b.k LIMIT $2) r", hashes, MAX_BLOCK + 1)
+    per_block: dict[int, list[str]] = defaultdict(list)
+    for r in rows:
+        per_block[r["block"]].append(r["customer_id"])
+    hits: dict[str, int] = defaultdict(int)
+    for members in per_block.values():
+        if len(members) <= MAX_BLOCK:
+            for cid in set(members):
+                hits[cid] += 1
+    hits.pop(exclude, None)
+    if exclude and hits:
+        for r in await conn.fetch(
+                "SELECT customer_a, customer_b FROM identity_distinct WHERE (customer_a = $1 AND customer_b = ANY($2))"
+                " OR (customer_b = $1 AND customer_a = ANY($2))", exclude, list(hits)):
+            hits.pop(r["customer_b"] if r["customer_a"] == exclude else r["customer_a"], None)
+    # The customers sharing the most keys first: they are the likely matches when blocks are crowded.
+    chosen = sorted(hits, key=lambda c: (-hits[c], c))[:MAX_CANDIDATE_CUSTOMERS]
+    records = await contributions(conn, codec, chosen)
+    scored: list[tuple[str, Score]] = []
+    for cid in chosen:
+        best = model.best(identity, (c.identity for c in records.get(cid, [])))
+        if best is not None:
+            scored.append((cid, best))
+    return scored
+
+
+def evidence_msgs(score: Score) -> list[pb.AttributeEvidence]:
+    return [pb.AttributeEvidence(attribute=e.attribute, level=e.level, weight=round(e.weight, 3))
+            for e in score.evidence]
+
+
+def evidence_json(score: Score) -> list[dict[str, Any]]:
+    return [{"attribute": e.attribute, "level": e.level, "weight": round(e.weight, 3)} for e in score.evidence]
+
+
+def decision_msg(decision: Decision, model: MatchModel) -> pb.IdentifyCustomerResponse:
+    names = {"MATCH": pb.MATCH_DECISION_MATCH, "POSSIBLE_MATCH": pb.MATCH_DECISION_POSSIBLE_MATCH,
+             "NEW": pb.MATCH_DECISION_NEW}
+    return pb.IdentifyCustomerResponse(
+        decision=names[decision.decision], model_version=model.version,
+        candidates=[pb.MatchCandidate(customer_id=cid, probability=s.probability,
+                                      match_weight=round(s.match_weight, 3), evidence=evidence_msgs(s), rule=s.rule)
+                    for cid, s in decision.candidates])
+
+
+class IdentityReads:
+    """Identification and the read side of identity: golden record, crosswalk, source refs."""
+
+    def __init__(self, *, pool: asyncpg.Pool, codec: IdentityCodec, model: MatchModel, thresholds: Thresholds,
+                 timeout: float) -> None:
+        self.pool = pool
+        self.codec = codec
+        self.model = model
+        self.thresholds = thresholds
+        self.timeout = timeout
+
+    async def identify(self, identity: Identity, limit: int) -> Decision:
+        with translate_db_errors():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                scored = await candidates(conn, self.codec, self.model, identity)
+        return self.model.decide(scored, self.thresholds, limit)
+
+    async def resolve_source_ref(self, ref: SourceRef) -> pb.ResolveSourceRefResponse:
+        with translate_db_errors():
+            row = await self.pool.fetchrow(
+                "SELECT s.home_customer_id, coalesce(c.merged_into, s.customer_id) AS customer_id"
+                " FROM source_records s JOIN customers c ON c.customer_id = s.customer_id"
+                " WHERE s.source_system = $1 AND s.source_key = $2", ref.system, ref.key, timeout=self.timeout)
+        if row is None:
+            raise NotFound("no customer has this source reference")
+        home = row["home_customer_id"]
+        return pb.ResolveSourceRefResponse(customer_id=row["customer_id"],
+                                           merged_from=home if home != row["customer_id"] else "")
+
+    async def customer_identity(self, customer_id: str) -> pb.CustomerIdentity:
+        """The golden record of `customer_id`, or of its survivor when it was merged."""
+        with translate_db_errors():
+            async with self.pool.acquire(timeout=self.timeout) as conn:
+                row = await conn.fetchrow("SELECT customer_id, merged_into FROM customers WHERE customer_id = $1",
+                                          customer_id)
+                if row is None:
+                    raise NotFound("customer not found")
+                survivor = row["merged_into"] or customer_id
+                records = (await contributions(conn, self.codec, [survivor])).get(survivor, [])
+                refs = await conn.fetch("SELECT source_system, source_key FROM source_records WHERE customer_id = $1"
+                                        " ORDER BY source_system, source_key", survivor)
+                aliases = await conn.fetch("SELECT customer_id FROM customers WHERE merged_into = $1"
+                                           " ORDER BY customer_id", survivor)
+        return pb.CustomerIdentity(
+            customer_id=survivor, attributes=attributes_msg(golden(records)),
+            source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs],
+            merged_ids=[a["customer_id"] for a in aliases],
+            merged_from=customer_id if survivor != customer_id else "")

@@ -1,0 +1,184 @@
+"""Writes that identify: CreateCustomer with identity attributes, UpdateCustomerIdentity, and the
+review queue they feed (docs/identity.md). Each runs inside the write envelope like every admin write.
+
+Identification inside a write is serialised per blocking key: the transaction takes a
+transaction-level advisory lock on each of the new identity's blocking hashes before it searches, so
+two concurrent creates of the same person (they share keys) run one after the other and the second
+finds the first instead of creating a twin.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import asyncpg
+import orjson
+
+from server import cache_keys as ck
+from server.caller import Caller
+from server.crypto import DataKey, Keyring
+from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound
+from server.identity.attributes import AttributeProblem, Identity, SourceRef, has_name, parse_identity, parse_source_ref
+from server.identity.golden import attributes_msg, display_name, golden, raw_attributes
+from server.identity.model import MatchModel, Score, Thresholds
+from server.pan import parse_customer_id
+from server.proto import crs_pb2 as pb
+from server.store.admin import MAX_NAME, AdminStore, new_id
+from server.store.db import Conn, required
+from server.store.envelope import Change, WriteResult
+from server.store.identity import (
+    IdentityCodec,
+    candidates,
+    contributions,
+    evidence_json,
+    insert_record,
+    replace_record,
+)
+from server.store.messages import customer_msg
+
+IDENTIFY_LOCK = 0x4944          # "ID": the advisory-lock class of blocking-key locks
+POLICY_REVIEW = "review"        # POSSIBLE_MATCH: create the customer and queue a review task
+POLICY_REFUSE = "refuse"        # POSSIBLE_MATCH: refuse (FAILED_PRECONDITION naming the candidates)
+POLICIES = (POLICY_REVIEW, POLICY_REFUSE)
+MAX_CANDIDATES = 5
+
+
+def parse_request_identity(attributes: pb.IdentityAttributes) -> Identity:
+    try:
+        identity, _ = parse_identity(raw_attributes(attributes), strict=True)
+    except AttributeProblem as problem:
+        raise InvalidKey(f"identity.{problem.field} {problem.reason}") from None
+    if not has_name(identity):
+        raise InvalidKey("identity needs a given_name or a family_name")
+    return identity
+
+
+def parse_request_source(ref: pb.SourceRef) -> SourceRef:
+    try:
+        return parse_source_ref(ref.system, ref.key)
+    except AttributeProblem as problem:
+        raise InvalidKey(f"{problem.field} {problem.reason}") from None
+
+
+async def lock_blocks(conn: Conn, blocks: list[int]) -> None:
+    """Serialise identification of look-alikes (sorted: two writers never wait on each other in a cycle)."""
+    for b in sorted({h & 0x7FFFFFFF for h in blocks}):
+        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", IDENTIFY_LOCK, b)
+
+
+async def queue_reviews(conn: Conn, customer_id: str, scored: list[tuple[str, Score]], review: float) -> int:
+    """An open review task per candidate at or above the review threshold (one per pair)."""
+    n = 0
+    for candidate, score in scored:
+        if score.probability < review or candidate == customer_id:
+            continue
+        status = await conn.execute(
+            "INSERT INTO identity_reviews (review_id, customer_id, candidate_id, probability, evidence, status)"
+            " SELECT $1, $2, $3, $4, $5::jsonb, $6 WHERE NOT EXISTS (SELECT 1 FROM identity_distinct"
+            "  WHERE customer_a = LEAST($2, $3) AND customer_b = GREATEST($2, $3))"
+            " ON CONFLICT DO NOTHING",
+            "rev_" + secrets.token_hex(10), customer_id, candidate, score.probability,
+            orjson.dumps(evidence_json(score)).decode(), pb.REVIEW_STATUS_OPEN)
+        n += status.endswith(" 1")
+    return n
+
+
+class IdentityWrites(AdminStore):
+    """AdminStore whose CreateCustomer identifies when it is given identity attributes."""
+
+    def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, data_key: DataKey, timeout: float,
+                 codec: IdentityCodec, model: MatchModel, thresholds: Thresholds, policy: str) -> None:
+        super().__init__(pool=pool, keyring=keyring, data_key=data_key, timeout=timeout)
+        self.codec = codec
+        self.model = model
+        self.thresholds = thresholds
+        self.policy = policy
+
+    async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
+        if not req.HasField("identity") and not req.HasField("source_ref"):
+            return await super().create_customer(req, caller)
+        identity = parse_request_identity(req.identity)
+        if not req.HasField("source_ref"):
+            raise InvalidKey("source_ref is required with identity attributes (the record in your system)")
+        source = parse_request_source(req.source_ref)
+        name = req.display_name.strip() or display_name(identity)
+        if not name or len(name) > MAX_NAME:
+            raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
+        segment = req.segment or "retail"
+        kyc = req.kyc_status or pb.KYC_STATUS_PENDING
+        self._check_enum(pb.KycStatus, kyc, "kyc_status")
+
+        async def body(conn: Conn) -> Change:
+            sealed_blocks = self.codec.blocks(identity)
+            await lock_blocks(conn, sealed_blocks)
+            owner = await conn.fetchval("SELECT customer_id FROM source_records WHERE source_system = $1"
+                                        " AND source_key = $2", source.system, source.key)
+            if owner is not None:
+                raise AlreadyExists(f"source reference {source.system}/{source.key} already belongs to {owner}")
+            scored = [] if req.force_new else await candidates(conn, self.codec, self.model, identity)
+            decision = self.model.decide(scored, self.thresholds, MAX_CANDIDATES)
+            if decision.decision == "MATCH":
+                cid = decision.candidates[0][0]
+                await insert_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
+                row = required(await conn.fetchrow(
+                    "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1"
+                    " RETURNING *", cid))
+                return Change(customer_msg(row), [ck.customer_key(cid)], "customer.record_added", "customer", cid,
+                              {"source_system": source.system, "decision": "match", "version": row["version"]})
+            if decision.decision == "POSSIBLE_MATCH" and self.policy == POLICY_REFUSE:
+                listed = ", ".join(f"{c} ({s.probability:.3f})" for c, s in decision.candidates)
+                raise FailedPrecondition(f"possible match with {listed}: review them with IdentifyCustomer,"
+                                         " then merge or create with force_new")
+            row = required(await conn.fetchrow(
+                "INSERT INTO customers (customer_id, display_name, segment, status, kyc_status)"
+                " VALUES ($1, $2, $3, $4, $5) RETURNING *",
+                new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc))
+            cid = row["customer_id"]
+            await insert_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
+            queued = await queue_reviews(conn, cid, list(decision.candidates), self.thresholds.review)
+            return Change(customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
+                          {"segment": segment, "kyc_status": kyc, "source_system": source.system,
+                           "decision": "possible_match" if queued else "new", "reviews": queued})
+
+        return await self._write("CreateCustomer", req.request_id, body, caller)
+
+    async def update_customer_identity(self, req: pb.UpdateCustomerIdentityRequest, caller: Caller) -> WriteResult:
+        customer_id = parse_customer_id(req.customer_id)
+        source = parse_request_source(req.source_ref)
+        identity = parse_request_identity(req.attributes)
+
+        async def body(conn: Conn) -> Change:
+            await lock_blocks(conn, self.codec.blocks(identity))
+            cur = await conn.fetchrow("SELECT * FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id)
+            if cur is None:
+                raise NotFound("customer not found")
+            if cur["merged_into"]:
+                raise FailedPrecondition(f"customer was merged into {cur['merged_into']}: update that one")
+            rec = await conn.fetchrow("SELECT record_id, customer_id FROM source_records WHERE source_system = $1"
+                                      " AND source_key = $2 FOR UPDATE", source.system, source.key)
+            if rec is not None and rec["customer_id"] != customer_id:
+                raise FailedPrecondition(f"source reference {source.system}/{source.key} belongs to"
+                                         f" {rec['customer_id']}, not to this customer")
+            if rec is None:
+                await insert_record(conn, self.codec, customer_id=customer_id, source=source, identity=identity)
+            else:
+                await replace_record(conn, self.codec, rec["record_id"], identity)
+            # Identifying attributes changed: another customer may now look like the same person. Two
+            # existing customers are never merged automatically; a person reviews the pair.
+            scored = await candidates(conn, self.codec, self.model, identity, exclude=customer_id)
+            queued = await queue_reviews(conn, customer_id, scored, self.thresholds.review)
+            row = required(await conn.fetchrow(
+                "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1 RETURNING *",
+                customer_id))
+            records = (await contributions(conn, self.codec, [customer_id])).get(customer_id, [])
+            refs = await conn.fetch("SELECT source_system, source_key FROM source_records WHERE customer_id = $1"
+                                    " ORDER BY source_system, source_key", customer_id)
+            answer = pb.CustomerIdentity(
+                customer_id=customer_id, attributes=attributes_msg(golden(records)),
+                source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs])
+            payload: dict[str, Any] = {"source_system": source.system, "reviews": queued, "version": row["version"]}
+            return Change(answer, [ck.customer_key(customer_id)], "customer.identity_updated", "customer",
+                          customer_id, payload, feed_state=customer_msg(row))
+
+        return await self._write("UpdateCustomerIdentity", req.request_id, body, caller)
