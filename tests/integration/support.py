@@ -53,10 +53,12 @@ class Clients:
 
 @dataclass
 class UsedSecrets:
-    """Every clear PAN and account number a test sent, for the PCI scan at the end."""
+    """Every clear PAN and account number a test sent, for the PCI scan at the end; and every
+    national id (normalised: no separators) and date of birth (YYYY-MM-DD), for the PII scan."""
 
     pans: set[str] = field(default_factory=set)
     account_numbers: set[str] = field(default_factory=set)
+    identity: set[str] = field(default_factory=set)
 
 
 def clients_of(node: NodeProcess) -> Clients:

@@ -10,7 +10,7 @@ import uuid
 import grpc
 
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, expect_code
+from tests.integration.support import Clients, UsedSecrets, expect_code
 
 
 def _ref(system: str = "core") -> pb.SourceRef:
@@ -22,9 +22,15 @@ def random_ssn() -> str:
     return f"{random.randint(1, 665):03d}-{random.randint(1, 99):02d}-{random.randint(1, 9999):04d}"
 
 
+def random_dob() -> str:
+    """Made up at run time; day and month both 1-12 and different, so a day/month swap is a date too."""
+    month, day = random.sample(range(1, 13), 2)
+    return f"{random.randint(1930, 2004)}-{month:02d}-{day:02d}"
+
+
 def _person(**over: str) -> pb.IdentityAttributes:
     suffix = uuid.uuid4().hex[:6]
-    base = {"given_name": "Margaret", "family_name": f"Quill{suffix}", "date_of_birth": "1971-04-09",
+    base = {"given_name": "Margaret", "family_name": f"Quill{suffix}", "date_of_birth": random_dob(),
             "phone": "+1 415 555 0134", "email": f"mq{suffix}@example.com"}
     base.update(over)
     address = pb.PostalAddress(line1="12 Harbor Street", postcode="94110", locality="San Francisco", country="US")
@@ -36,8 +42,9 @@ def _create(c: Clients, person: pb.IdentityAttributes, ref: pb.SourceRef | None 
                                   timeout=10)
 
 
-def test_identify_new_then_match_with_evidence(node_a: Clients) -> None:
+def test_identify_new_then_match_with_evidence(node_a: Clients, used_secrets: UsedSecrets) -> None:
     person = _person()
+    used_secrets.identity.add(person.date_of_birth)
     assert node_a.identity.IdentifyCustomer(pb.IdentifyCustomerRequest(attributes=person), timeout=10).decision \
         == pb.MATCH_DECISION_NEW
     first = _create(node_a, person)
@@ -45,7 +52,8 @@ def test_identify_new_then_match_with_evidence(node_a: Clients) -> None:
     # The same person from another system, with a nickname, a day/month swap and a reformatted phone.
     variant = pb.IdentityAttributes()
     variant.CopyFrom(person)
-    variant.given_name, variant.date_of_birth, variant.phone = "Peggy", "1971-09-04", "(415) 555-0134"
+    y, m, d = person.date_of_birth.split("-")
+    variant.given_name, variant.date_of_birth, variant.phone = "Peggy", f"{y}-{d}-{m}", "(415) 555-0134"
     answer = node_a.identity.IdentifyCustomer(pb.IdentifyCustomerRequest(attributes=variant), timeout=10)
     assert answer.decision == pb.MATCH_DECISION_MATCH and answer.model_version
     best = answer.candidates[0]
@@ -64,12 +72,13 @@ def test_identify_new_then_match_with_evidence(node_a: Clients) -> None:
     assert golden.attributes.phone == "+14155550134"
 
 
-def test_exact_rule_and_national_id_masking(node_a: Clients) -> None:
+def test_exact_rule_and_national_id_masking(node_a: Clients, used_secrets: UsedSecrets) -> None:
     ssn = random_ssn()
     person = _person(national_id=ssn, national_id_type="US_SSN")
+    used_secrets.identity |= {ssn.replace("-", ""), person.date_of_birth}
     first = _create(node_a, person)
     # Same SSN and date of birth: MATCH by rule, whatever else differs.
-    other = pb.IdentityAttributes(given_name="M.", family_name="Different", date_of_birth="1971-04-09",
+    other = pb.IdentityAttributes(given_name="M.", family_name="Different", date_of_birth=person.date_of_birth,
                                   national_id=ssn.replace("-", ""), national_id_type="US_SSN")
     answer = node_a.identity.IdentifyCustomer(pb.IdentifyCustomerRequest(attributes=other), timeout=10)
     assert answer.decision == pb.MATCH_DECISION_MATCH

@@ -1,6 +1,7 @@
 """PCI: no clear PAN or account number anywhere — every PostgreSQL table, every Redis key and value on
 every shard, the node and server logs (PostgreSQL's when the suite started it), the metrics output.
-Runs last (file name) over everything the session's tests sent."""
+Identity PII likewise: no clear national id or date of birth. Runs last (file name) over everything
+the session's tests sent."""
 
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def test_no_clear_pan_or_account_number_anywhere(dev_env: DevEnvironment, node_a
     secrets = set(used_secrets.pans) | set(used_secrets.account_numbers)
     secrets |= {demo_pan(i) for i in range(600)} | {demo_account_number(i) for i in range(450)}
     assert len(used_secrets.pans) >= 5, "the scan needs the PANs the other tests created"
+    assert len(used_secrets.identity) >= 3, "the scan needs the national ids and birth dates tests sent"
+    secrets |= used_secrets.identity
     needles = _needles(secrets)
 
     dumps = asyncio.run(_dump_tables(dev_env.settings().pg_dsn))
