@@ -4,11 +4,12 @@ Fingerprint rotation from version A to B (runbook: docs/security.md):
   1. configure key B on every node next to A (CRS_FINGERPRINT_KEYS="A:..,B:.."), current still A;
      from then on new cards and accounts get a B fingerprint too;
   2. `crs keys rotate-fingerprint --to B` decrypts each stored number and writes its B fingerprint
-     next to the A one (resumable: it only takes rows without one, in batches, with progress);
+     next to the A one (resumable: it only takes rows without one, in batches, with progress), and
+     gives every identity source record its B blocking keys and national-id fingerprint;
   3. switch nodes to CRS_FINGERPRINT_KEY_VERSION=B (a rolling restart); lookups by either version
      find every row throughout, and a node that misses under one version tries the others;
   4. `crs keys retire-fingerprint --version A` promotes B to the primary columns (refusing while any
-     row lacks a B fingerprint), then A is removed from the configuration.
+     row lacks a B fingerprint) and drops the A blocking keys, then A is removed from the configuration.
 KEK rotation: configure the new KEK as CRS_KEK (+ version) and the old as CRS_KEK_PREVIOUS, run
 `crs keys rotate-kek` (re-wraps every data key; card rows are not touched), then drop the old KEK.
 """
@@ -20,8 +21,11 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import asyncpg
+import orjson
 
-from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, KeyConfigError, Keyring
+from server.crypto import ACCOUNT_PURPOSE, IDENTITY_PURPOSE, PAN_PURPOSE, DataKey, KeyConfigError, Keyring
+from server.identity.attributes import Identity
+from server.identity.blocking import block_hashes
 from server.progress import ProgressBar
 
 BATCH = 1000
@@ -86,8 +90,39 @@ async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, bat
                 done[spec.table] += len(rows)
                 progress.advance(len(rows), spec.table)
             progress.finish()
+        done["source_records"] = await _rotate_identity(conn, keyring, deks, to_version, batch, out)
     finally:
         await conn.close()
+    return done
+
+
+async def _rotate_identity(conn: asyncpg.Connection, keyring: Keyring, deks: dict[int, DataKey], to_version: int,
+                           batch: int, out: TextIO | None) -> int:
+    """Identity source records: `to_version` blocking keys and national-id fingerprint for each."""
+    todo_sql = " FROM source_records WHERE fingerprint_version <> $1 AND next_fingerprint_version IS DISTINCT FROM $1"
+    total = int(await conn.fetchval("SELECT count(*)" + todo_sql, to_version))
+    progress = ProgressBar(out or sys.stderr, "re-fingerprinting identity records", total)
+    key = keyring.fingerprint_keys[to_version]
+    done = 0
+    while True:
+        async with conn.transaction():
+            rows = await conn.fetch("SELECT record_id, attributes_ciphertext AS blob, dek_id" + todo_sql
+                                    + " ORDER BY record_id LIMIT $2 FOR UPDATE SKIP LOCKED", to_version, batch)
+            if not rows:
+                break
+            updates, blocks = [], []
+            for r in rows:
+                identity = Identity.from_dict(orjson.loads(deks[r["dek_id"]].open(r["blob"], purpose=IDENTITY_PURPOSE)))
+                nid = identity.national_id_key
+                updates.append((r["record_id"], to_version, keyring.fingerprint(nid, to_version) if nid else None))
+                blocks += [(to_version, h, r["record_id"]) for h in block_hashes(key, identity)]
+            await conn.executemany("UPDATE source_records SET next_fingerprint_version = $2, next_national_id_fp = $3"
+                                   " WHERE record_id = $1", updates)
+            await conn.executemany("INSERT INTO identity_blocks (version, block, record_id) VALUES ($1, $2, $3)"
+                                   " ON CONFLICT DO NOTHING", blocks)
+        done += len(rows)
+        progress.advance(len(rows), "source records")
+    progress.finish()
     return done
 
 
@@ -112,6 +147,20 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
                 await conn.execute(
                     f"UPDATE {spec.table} SET next_fingerprint_version = NULL, {spec.next_fingerprint} = NULL"
                     " WHERE next_fingerprint_version = fingerprint_version")
+            missing = int(await conn.fetchval(
+                "SELECT count(*) FROM source_records WHERE fingerprint_version = $1"
+                " AND next_fingerprint_version IS NULL", version))
+            if missing:
+                raise KeyConfigError(f"{missing} identity records have no newer fingerprint yet: run"
+                                     " `crs keys rotate-fingerprint --to NEW` first")
+            status = await conn.execute(
+                "UPDATE source_records SET fingerprint_version = next_fingerprint_version,"
+                " national_id_fp = next_national_id_fp, next_fingerprint_version = NULL, next_national_id_fp = NULL"
+                " WHERE fingerprint_version = $1", version)
+            moved["source_records"] = int(status.split()[-1])
+            await conn.execute("UPDATE source_records SET next_fingerprint_version = NULL, next_national_id_fp = NULL"
+                               " WHERE next_fingerprint_version = fingerprint_version")
+            await conn.execute("DELETE FROM identity_blocks WHERE version = $1", version)
             await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint' AND version = $1",
                                version)
     finally:

@@ -28,7 +28,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if args.keys_command == "rotate-fingerprint":
             done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
                                                            batch=args.batch))
-            print(f"re-fingerprinted {done['cards']} cards and {done['accounts']} accounts with version {args.to}")
+            print(f"re-fingerprinted {done['cards']} cards, {done['accounts']} accounts and"
+                  f" {done['source_records']} identity records with version {args.to}")
         elif args.keys_command == "retire-fingerprint":
             moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
             print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"

@@ -39,7 +39,10 @@ class SealedRecord:
     national_id_last4: str | None
     ciphertext: bytes
     dek_id: int
-    blocks: list[int]
+    blocks: list[int]                       # under the current fingerprint version (what search uses)
+    block_rows: list[tuple[int, int]]       # (version, hash) under every configured version: what is stored
+    next_fingerprint_version: int | None    # a rotation target, when one is configured
+    next_national_id_fp: bytes | None
 
 
 class IdentityCodec:
@@ -51,22 +54,31 @@ class IdentityCodec:
         self._deks: dict[int, DataKey] = {data_key.dek_id: data_key}
 
     @property
-    def block_key(self) -> bytes:
-        return self.keyring.fingerprint_keys[self.keyring.fingerprint_version]
+    def version(self) -> int:
+        return self.keyring.fingerprint_version
 
-    def blocks(self, identity: Identity) -> list[int]:
-        return block_hashes(self.block_key, identity)
+    def blocks(self, identity: Identity, version: int | None = None) -> list[int]:
+        return block_hashes(self.keyring.fingerprint_keys[version or self.version], identity)
 
-    def national_id_fp(self, identity: Identity) -> bytes | None:
+    def national_id_fp(self, identity: Identity, version: int | None = None) -> bytes | None:
         key = identity.national_id_key
-        return self.keyring.fingerprint(key) if key else None
+        return self.keyring.fingerprint(key, version) if key else None
 
     def seal(self, identity: Identity) -> SealedRecord:
+        """Blocks under every configured version: during a key rotation a node on either version
+        finds what the other wrote (the rotation fills in the records written before)."""
+        current = self.blocks(identity)
+        rows = [(self.version, h) for h in current]
+        for v in sorted(self.keyring.fingerprint_keys):
+            if v != self.version:
+                rows += [(v, h) for h in self.blocks(identity, v)]
+        target = self.keyring.rotation_target
         return SealedRecord(
-            fingerprint_version=self.keyring.fingerprint_version, national_id_fp=self.national_id_fp(identity),
+            fingerprint_version=self.version, national_id_fp=self.national_id_fp(identity),
             national_id_last4=identity.national_id_last4 or None,
             ciphertext=self.data_key.seal(orjson.dumps(identity.to_dict()), purpose=IDENTITY_PURPOSE),
-            dek_id=self.data_key.dek_id, blocks=self.blocks(identity))
+            dek_id=self.data_key.dek_id, blocks=current, block_rows=rows, next_fingerprint_version=target,
+            next_national_id_fp=self.national_id_fp(identity, target) if target else None)
 
     async def open(self, conn: Conn, ciphertext: bytes, dek_id: int) -> Identity:
         dek = self._deks.get(dek_id)
@@ -85,13 +97,19 @@ async def insert_record(conn: Conn, codec: IdentityCodec, *, customer_id: str, s
     sealed = codec.seal(identity)
     record_id = int(await conn.fetchval(
         "INSERT INTO source_records (source_system, source_key, customer_id, home_customer_id,"
-        " fingerprint_version, national_id_fp, national_id_last4, attributes_ciphertext, dek_id)"
-        " VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8) RETURNING record_id",
+        " fingerprint_version, national_id_fp, national_id_last4, attributes_ciphertext, dek_id,"
+        " next_fingerprint_version, next_national_id_fp)"
+        " VALUES ($1, $2, $3, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING record_id",
         source.system, source.key, customer_id, sealed.fingerprint_version, sealed.national_id_fp,
-        sealed.national_id_last4, sealed.ciphertext, sealed.dek_id))
-    await conn.executemany("INSERT INTO identity_blocks (block, record_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                           [(b, record_id) for b in sealed.blocks])
+        sealed.national_id_last4, sealed.ciphertext, sealed.dek_id, sealed.next_fingerprint_version,
+        sealed.next_national_id_fp))
+    await store_blocks(conn, record_id, sealed.block_rows)
     return record_id
+
+
+async def store_blocks(conn: Conn, record_id: int, rows: list[tuple[int, int]]) -> None:
+    await conn.executemany("INSERT INTO identity_blocks (version, block, record_id) VALUES ($1, $2, $3)"
+                           " ON CONFLICT DO NOTHING", [(v, b, record_id) for v, b in rows])
 
 
 async def replace_record(conn: Conn, codec: IdentityCodec, record_id: int, identity: Identity) -> None:
@@ -99,12 +117,12 @@ async def replace_record(conn: Conn, codec: IdentityCodec, record_id: int, ident
     sealed = codec.seal(identity)
     await conn.execute(
         "UPDATE source_records SET fingerprint_version = $2, national_id_fp = $3, national_id_last4 = $4,"
-        " attributes_ciphertext = $5, dek_id = $6, version = version + 1, updated_at = now() WHERE record_id = $1",
+        " attributes_ciphertext = $5, dek_id = $6, next_fingerprint_version = $7, next_national_id_fp = $8,"
+        " version = version + 1, updated_at = now() WHERE record_id = $1",
         record_id, sealed.fingerprint_version, sealed.national_id_fp, sealed.national_id_last4,
-        sealed.ciphertext, sealed.dek_id)
+        sealed.ciphertext, sealed.dek_id, sealed.next_fingerprint_version, sealed.next_national_id_fp)
     await conn.execute("DELETE FROM identity_blocks WHERE record_id = $1", record_id)
-    await conn.executemany("INSERT INTO identity_blocks (block, record_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                           [(b, record_id) for b in sealed.blocks])
+    await store_blocks(conn, record_id, sealed.block_rows)
 
 
 async def contributions(conn: Conn, codec: IdentityCodec, customer_ids: list[str]) -> dict[str, list[Contribution]]:
@@ -130,7 +148,7 @@ async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identi
     rows = await conn.fetch(
         "SELECT b.k AS block, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
         " LATERAL (SELECT s.customer_id FROM identity_blocks ib JOIN source_records s USING (record_id)"
-        "          WHERE ib.block = b.k LIMIT $2) r", hashes, MAX_BLOCK + 1)
+        "          WHERE ib.version = $3 AND ib.block = b.k LIMIT $2) r", hashes, MAX_BLOCK + 1, codec.version)
     per_block: dict[int, list[str]] = defaultdict(list)
     for r in rows:
         per_block[r["block"]].append(r["customer_id"])

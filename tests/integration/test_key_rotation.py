@@ -88,6 +88,27 @@ class Load:
         self.thread.join(10)
 
 
+def _person(n: int) -> pb.IdentityAttributes:
+    return pb.IdentityAttributes(given_name=f"Rota{'xyzw'[n]}", family_name="Keyholder", date_of_birth=f"198{n}-02-03",
+                                 phone=f"+1415555{n:04d}", email=f"rota{n}@example.com")
+
+
+def _create_person(node: NodeProcess, n: int) -> str:
+    with node.channel() as ch:
+        return str(rpc.stub(ch, "AdminService").CreateCustomer(pb.CreateCustomerRequest(
+            identity=_person(n), source_ref=pb.SourceRef(system="rotation", key=f"p{n}")), timeout=5).customer_id)
+
+
+def _identifies(node: NodeProcess, n: int, customer_id: str) -> None:
+    """A variant of person n (a nickname-free typo in the family name) is matched to its customer."""
+    variant = _person(n)
+    variant.family_name = "Keyholdr"
+    with node.channel() as ch:
+        answer = rpc.stub(ch, "IdentityService").IdentifyCustomer(pb.IdentifyCustomerRequest(attributes=variant),
+                                                                   timeout=5)
+    assert answer.decision == pb.MATCH_DECISION_MATCH and answer.candidates[0].customer_id == customer_id
+
+
 def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     k1 = env.keys["CRS_FINGERPRINT_KEYS"]                      # "1:..."
     k2 = f"2:{encode_key(new_key())}"
@@ -98,14 +119,20 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
 
     before = _node(env, old)
     _check_all(before, range(0, CARDS, 5))
+    people = {0: _create_person(before, 0)}      # identity blocking keys are fingerprinted too
     during = _node(env, both_on_1)
+    people[1] = _create_person(during, 1)
     with Load(during) as load:
         r = _crs(env, "keys", "rotate-fingerprint", "--to", "2", "--batch", "50", keys=both_on_1)
         assert r.returncode == 0, r.stderr
-        assert f"re-fingerprinted {CARDS} cards" in r.stdout
+        assert f"re-fingerprinted {CARDS} cards" in r.stdout and "and 1 identity records" in r.stdout
     assert load.errors == [] and load.ok > 0
     switched = _node(env, both_on_2)
     _check_all(switched, range(CARDS))
+    people[2] = _create_person(switched, 2)
+    for node in (during, switched):
+        for n, customer_id in people.items():
+            _identifies(node, n, customer_id)
     _check_all(during, range(0, CARDS, 3))
     # A card issued after the switch is found by nodes on either version.
     with switched.channel() as ch:
@@ -129,6 +156,8 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
         env.nodes.remove(node)
     after = _node(env, only_2)
     _check_all(after, range(CARDS))
+    for n, customer_id in people.items():
+        _identifies(after, n, customer_id)
     status = _crs(env, "keys", "status", keys=only_2)
     assert "version 1 retired" in status.stdout and "fingerprinted with version 1" not in status.stdout
     env.keys = only_2   # the environment now runs on version 2 only

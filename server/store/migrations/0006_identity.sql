@@ -22,6 +22,8 @@ CREATE TABLE source_records (
     fingerprint_version   integer NOT NULL,
     national_id_fp        bytea,              -- HMAC of "TYPE:normalised id"; NULL when unknown
     national_id_last4     text,
+    next_fingerprint_version integer,         -- during a fingerprint-key rotation (server/rotation.py)
+    next_national_id_fp   bytea,
     attributes_ciphertext bytea NOT NULL,     -- the record's normalised attributes (JSON), encrypted
     dek_id                integer NOT NULL REFERENCES data_keys (dek_id),
     version               bigint NOT NULL DEFAULT 1,
@@ -34,11 +36,13 @@ CREATE INDEX source_records_by_national_id ON source_records (fingerprint_versio
     WHERE national_id_fp IS NOT NULL;
 
 -- Blocking keys: the first 8 bytes of a keyed hash of each comparison key of a record
--- (server/identity/blocking.py). Candidate search reads the records sharing a key with the query.
+-- (server/identity/blocking.py), under each configured fingerprint-key version (two during a
+-- rotation). Candidate search reads the records sharing a key with the query.
 CREATE TABLE identity_blocks (
+    version    integer NOT NULL,
     block      bigint NOT NULL,
     record_id  bigint NOT NULL REFERENCES source_records (record_id) ON DELETE CASCADE,
-    PRIMARY KEY (block, record_id)
+    PRIMARY KEY (version, block, record_id)
 );
 CREATE INDEX identity_blocks_by_record ON identity_blocks (record_id);
 
