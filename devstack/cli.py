@@ -115,6 +115,14 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_bins(args: argparse.Namespace) -> int:
+    from devstack.bins import write_sample
+
+    n = write_sample(Path(args.out), args.ranges, args.seed)
+    print(f"wrote {n} ranges to {args.out}; import with: crs bins import {args.out}")
+    return 0
+
+
 def cmd_certs(args: argparse.Namespace) -> int:
     from devstack.environment import DEV_CLIENTS, dev_clients_config
     from devstack.pki import write_dev_pki
@@ -178,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--customers", type=int, default=100_000, help="customers to create (default 100000)")
     s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     s.set_defaults(func=cmd_load_demo)
+
+    s = sub.add_parser("sample-bins", help="write a synthetic BIN table CSV (for `crs bins import`)", description=(
+        "Made-up issuer ranges inside the card networks' public prefix blocks, plus the reserved test\n"
+        "range 999xxx that demo and test PANs use (devstack/bins.py). No real issuer data."), formatter_class=RAW)
+    s.add_argument("out", help="the CSV file to write")
+    s.add_argument("--ranges", type=int, default=10_000, help="made-up issuer ranges (default 10000)")
+    s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    s.set_defaults(func=cmd_sample_bins)
 
     s = sub.add_parser("certs", help="generate a development PKI for mutual TLS", description=(
         "Write a dev CA, a server certificate for localhost/127.0.0.1 and client certificates\n"

@@ -25,12 +25,15 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack.bins import sample_rows
 from devstack.demo import load_demo
 from devstack.pki import DevPki, write_dev_pki
 from devstack.processes import free_port
 from devstack.stack import EmbeddedStack
+from server.bins import parse_row
 from server.crypto import generate_keys
 from server.settings import Settings, ShardAddress, load_settings, settings_to_env
+from server.store import bins as bin_store
 from server.store.db import active_data_key, create_pool
 from server.store.migrate import migrate
 
@@ -69,6 +72,20 @@ async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
     finally:
         await pool.close()
     await load_demo(settings.pg_dsn, settings.keyring(), dek, customers=customers, seed=seed, out=out)
+    await load_sample_bins(settings.pg_dsn, SAMPLE_BIN_RANGES, seed=seed)
+
+
+SAMPLE_BIN_RANGES = 10_000   # made-up issuer ranges in the dev stack's BIN table (devstack/bins.py)
+
+
+async def load_sample_bins(dsn: str, ranges: int, *, seed: int = 1) -> int:
+    """Import a synthetic BIN table (version 1 of a fresh database) so not-on-us cards route."""
+    rows = [parse_row(r) for r in sample_rows(ranges, seed)]
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await bin_store.import_table(conn, rows, source_file="devstack-sample.csv", sha256="-", rejected=0)
+    finally:
+        await conn.close()
 
 
 def _sql_literal(text: str) -> str:

@@ -24,10 +24,11 @@ from grpc_reflection.v1alpha import reflection
 from server import rpc
 from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
+from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.tier import RedisTier
 from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
-from server.errors import BackendUnavailable, CrsError, InvalidKey, status_for
+from server.errors import BackendUnavailable, CrsError, InvalidKey, status_details_trailer, status_for
 from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
@@ -38,7 +39,7 @@ from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings
-from server.store.db import active_data_key, create_pool, verify_key_checks
+from server.store.db import DB_ERRORS, active_data_key, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.identity_writes import IdentityWrites
 from server.store.migrate import check_schema
@@ -121,6 +122,9 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, me
     if not isinstance(exc, CrsError):
         log.exception("unhandled error", extra={"rpc": name})
     metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+    trailer = status_details_trailer(exc)
+    if trailer:
+        await context.abort(code, message, trailer)
     await context.abort(code, message)
     raise AssertionError("unreachable: abort raises")
 
@@ -197,6 +201,7 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.resolver: Resolver | None = None
+        self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int = 0
@@ -214,8 +219,11 @@ class Node:
         self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
+        self.bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval, timeout=s.pg_timeout)
+        with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
+            await self.bins.refresh()
         lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,
-                                pg_timeout=s.pg_timeout, batch_max=s.batch_max)
+                                pg_timeout=s.pg_timeout, batch_max=s.batch_max, bins=self.bins)
         codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
         model = MatchModel.load(s.identity_weights or None)
         thresholds = Thresholds(match=s.identity_match_threshold, review=s.identity_review_threshold)
@@ -262,6 +270,7 @@ class Node:
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
         self._tasks.append(asyncio.create_task(self.tailer.run()))
+        self._tasks.append(asyncio.create_task(self.bins.run()))
         self._tasks.append(asyncio.create_task(run_compaction(self.pool, retention=s.feed_retention,
                                                               interval=s.feed_compact_interval)))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))

@@ -28,6 +28,7 @@ LOOKUP_RPC_SCOPE: Mapping[str, frozenset[str]] = {
     "GetCustomer": frozenset({LOOKUP_CUSTOMER}),
     "BatchResolve": LOOKUP_SCOPES,
     "StreamResolve": LOOKUP_SCOPES,
+    "ResolveBin": frozenset({LOOKUP_CARD}),
 }
 # IdentityService: reads need identity:read (a switch never has it: its answers carry no identity PII);
 # resolving a source reference to a customer id is a lookup; writes are admin writes.

@@ -25,16 +25,23 @@ builds them from masked values or lengths only. `status_for` is the only place t
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"   # the rich error model's trailer (google.rpc.Status)
 
 
 class CrsError(Exception):
-    """Base of every error the service raises on purpose."""
+    """Base of every error the service raises on purpose. `details`: messages a caller can act on,
+    sent as google.rpc.Status details (the rich error model) next to the code and message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, details: tuple[Message, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details
 
 
 class ClientError(CrsError):
@@ -104,6 +111,20 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, CrsError):
         return exc.code, exc.message
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def status_details_trailer(exc: BaseException) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries `exc.details` (empty when it has none)."""
+    details = getattr(exc, "details", ())
+    if not isinstance(exc, CrsError) or not details:
+        return ()
+    packed = []
+    for d in details:
+        item = any_pb2.Any()
+        item.Pack(d)
+        packed.append(item)
+    status = status_pb2.Status(code=rpc_code_number(exc.code), message=exc.message, details=packed)
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 def rpc_code_number(code: grpc.StatusCode) -> int:

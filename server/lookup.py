@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
+from typing import Protocol
 
 import asyncpg
 
 from server import cache_keys as ck
+from server.bins import MIN_PREFIX, PREFIX_DIGITS, BinTable
 from server.caller import KEY_SCOPE, Caller
 from server.crypto import Keyring, account_fingerprint_input
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
-from server.errors import CrsError, InvalidKey, PermissionDenied, rpc_code_number
+from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_code_number
 from server.pan import parse_account_number, parse_customer_id, parse_pan, parse_routing_number, parse_token
 from server.proto import crs_pb2 as pb
 from server.resolver import Loader, Lookup, Resolver
@@ -28,10 +30,15 @@ Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
 
 
+class BinTableHolder(Protocol):
+    table: BinTable     # replaced whole when a new version is loaded (server/bin_source.py)
+
+
 class LookupHandlers:
     def __init__(self, *, resolver: Resolver, pool: asyncpg.Pool, keyring: Keyring, pg_timeout: float,
-                 batch_max: int, stream_window: int = STREAM_WINDOW) -> None:
+                 batch_max: int, bins: BinTableHolder, stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
+        self.bins = bins
         self.pool = pool
         self.keyring = keyring
         self.pg_timeout = pg_timeout
@@ -95,11 +102,29 @@ class LookupHandlers:
             return self.customer(key.customer_id), CUSTOMER_FIELD
         raise InvalidKey("key is empty: set one of pan, card_token, account, customer_id")
 
+    # -- cards that are not ours -----------------------------------------------------------------
+    def not_ours(self, exc: NotFound, pan: str) -> NotFound:
+        """NOT_FOUND for a PAN, with its issuer range (when the BIN table has one) as a status detail."""
+        table = self.bins.table
+        row = table.lookup(pan)
+        if row is None:
+            return exc
+        return NotFound(f"{exc.message}; BIN range {row.low}-{row.high} ({row.network}, {row.issuer_country})",
+                        details=(row.message(table.version),))
+
+    def bin_range_bytes(self, key: pb.LookupKey, outcome: bytes | CrsError) -> bytes | None:
+        if isinstance(outcome, NotFound) and key.WhichOneof("key") == "pan":
+            return self.bins.table.message_bytes(key.pan)
+        return None
+
     # -- unary RPCs ------------------------------------------------------------------------------
     async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
         which = request.WhichOneof("key")
         if which == "pan":
-            return await self.resolver.resolve(self.card_by_pan(request.pan))
+            try:
+                return await self.resolver.resolve(self.card_by_pan(request.pan))
+            except NotFound as exc:
+                raise self.not_ours(exc, request.pan) from None
         if which == "token":
             return await self.resolver.resolve(self.card_by_token(request.token))
         raise InvalidKey("key is empty: set pan or token")
@@ -110,6 +135,22 @@ class LookupHandlers:
     async def GetCustomer(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes:
         return await self.resolver.resolve(self.customer(request.customer_id))
 
+    async def ResolveBin(self, request: pb.ResolveBinRequest, caller: Caller) -> bytes:
+        which = request.WhichOneof("key")
+        if which == "pan":
+            digits = parse_pan(request.pan)
+        elif which == "prefix":
+            digits = request.prefix
+            if not (digits.isascii() and digits.isdigit() and MIN_PREFIX <= len(digits) <= PREFIX_DIGITS):
+                raise InvalidKey(f"prefix must be {MIN_PREFIX}-{PREFIX_DIGITS} ASCII digits")
+        else:
+            raise InvalidKey("key is empty: set pan or prefix")
+        table = self.bins.table
+        row = table.lookup(digits)
+        if row is None:
+            raise NotFound("no BIN range holds this number" if table.version else "no BIN table is loaded")
+        return row.message(table.version).SerializeToString()
+
     # -- many keys -------------------------------------------------------------------------------
     async def BatchResolve(self, request: pb.BatchResolveRequest, caller: Caller) -> bytes:
         n = len(request.keys)
@@ -117,7 +158,7 @@ class LookupHandlers:
             raise InvalidKey("keys is empty")
         if n > self.batch_max:
             raise InvalidKey(f"too many keys: {n} > the maximum of {self.batch_max} per batch")
-        prepared: list[tuple[str, Lookup | CrsError, int]] = []
+        prepared: list[tuple[str, Lookup | CrsError, int, pb.LookupKey]] = []
         for key in request.keys:
             cid = key.correlation_id
             try:
@@ -125,15 +166,18 @@ class LookupHandlers:
                     raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
                 lookup, field = self.for_key(key, caller)
             except CrsError as exc:
-                prepared.append((cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD))
+                prepared.append((cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD, key))
             else:
-                prepared.append((cid, lookup, field))
+                prepared.append((cid, lookup, field, key))
         todo = [p[1] for p in prepared if isinstance(p[1], Lookup)]
         answers = iter(await self.resolver.resolve_many(todo)) if todo else iter(())
         results: list[bytes] = []
-        for cid, item, field in prepared:
-            outcome = next(answers) if isinstance(item, Lookup) else item
-            results.append(_result(cid, outcome, field))
+        for cid, item, field, key in prepared:
+            if isinstance(item, Lookup):
+                outcome = next(answers)
+                results.append(_result(cid, outcome, field, self.bin_range_bytes(key, outcome)))
+            else:
+                results.append(_result(cid, item, field))
         return batch_response(results)
 
     async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
@@ -145,14 +189,14 @@ class LookupHandlers:
         window = asyncio.Semaphore(self.stream_window)
         pending: set[asyncio.Task[None]] = set()
 
-        async def resolve_one(cid: str, lookup: Lookup, field: int) -> None:
+        async def resolve_one(cid: str, lookup: Lookup, field: int, key: pb.LookupKey) -> None:
             try:
                 outcome: bytes | CrsError = await self.resolver.resolve(lookup)
             except CrsError as exc:
                 outcome, field = exc, RESOLUTION_FIELD
             finally:
                 window.release()
-            results.put_nowait(_result(cid, outcome, field))
+            results.put_nowait(_result(cid, outcome, field, self.bin_range_bytes(key, outcome)))
 
         async def read_keys() -> None:
             async for key in requests:
@@ -166,7 +210,7 @@ class LookupHandlers:
                     results.put_nowait(_result(cid, exc, RESOLUTION_FIELD))
                     continue
                 await window.acquire()
-                task = asyncio.create_task(resolve_one(cid, lookup, field))
+                task = asyncio.create_task(resolve_one(cid, lookup, field, key))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             while pending:
@@ -189,7 +233,7 @@ class LookupHandlers:
                 task.cancel()
 
 
-def _result(correlation_id: str, outcome: bytes | CrsError, field: int) -> bytes:
+def _result(correlation_id: str, outcome: bytes | CrsError, field: int, bin_range: bytes | None = None) -> bytes:
     if isinstance(outcome, bytes):
         return lookup_result(correlation_id, 0, "", outcome, field)
-    return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None)
+    return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None, bin_range=bin_range)

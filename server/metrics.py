@@ -45,6 +45,11 @@ class Metrics:
                                    registry=reg)
         self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
                                multiprocess_mode="min", registry=reg)
+        # The BIN table (docs/bins.md) this process answers from.
+        self.bin_table_version = Gauge("crs_bin_table_version", "BIN table version this node process answers from",
+                                       multiprocess_mode="min", registry=reg)
+        self.bin_table_ranges = Gauge("crs_bin_table_ranges", "Ranges in the BIN table this node process holds",
+                                      multiprocess_mode="min", registry=reg)
         # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
         # per shard what `crs shards status` prints.
         self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",

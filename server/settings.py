@@ -117,6 +117,8 @@ class Settings:
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
+    # --- BIN table (docs/bins.md)
+    bin_poll_interval: float = 5.0        # seconds between checks for a newly activated BIN table version
     # --- customer identity (docs/identity.md)
     identity_match_threshold: float = 0.99   # match probability at or above which a person is the same customer
     identity_review_threshold: float = 0.80  # at or above (below match): POSSIBLE_MATCH, a person reviews
@@ -193,7 +195,7 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
                  "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
-                 "feed_poll_interval", "feed_progress_interval", "feed_compact_interval"):
+                 "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:

@@ -38,5 +38,8 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except SettingsError as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
+    except CommandFailed as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         return 130

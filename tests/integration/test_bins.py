@@ -1,0 +1,198 @@
+"""The BIN table on the real stack: ResolveBin, NOT_FOUND answers that carry the issuer range (status
+details for unary calls, LookupResult.bin_range for batch and stream), `crs bins import` with bad
+rows, partial overlaps and versions, and a reload under load with zero failed lookups.
+
+Every PAN here is in the reserved test range 999xxx (devstack/bins.py: 9991xx and 9992xx are made-up
+issuers that are not ours), generated at run time."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+from devstack.bins import write_sample
+from devstack.environment import DevEnvironment
+from server.pan import luhn_check_digit
+from server.proto import crs_pb2 as pb
+from server.settings import settings_to_env
+from tests.integration.support import Clients, clients_of, expect_code
+
+REPO = Path(__file__).resolve().parents[2]
+POLL = 0.2     # the reloading node's CRS_BIN_POLL_INTERVAL
+
+
+def _pan(prefix: str) -> str:
+    body = prefix + "".join(random.choice("0123456789") for _ in range(15 - len(prefix)))
+    return body + luhn_check_digit(body)
+
+
+def _detail(err: grpc.RpcError) -> pb.BinRange:
+    status = rpc_status.from_call(err)   # type: ignore[arg-type]
+    assert status is not None and len(status.details) == 1
+    found = pb.BinRange()
+    assert status.details[0].Unpack(found)
+    return found
+
+
+def _crs(env: DevEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
+    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=child, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def fast_node(dev_env: DevEnvironment) -> Iterator[Clients]:
+    clients = clients_of(dev_env.start_node(workers=1, bin_poll_interval=POLL))
+    yield clients
+    clients.channel.close()
+    clients.node.stop()
+    dev_env.nodes.remove(clients.node)
+
+
+def test_resolve_bin_most_specific_and_errors(node_a: Clients) -> None:
+    nested = node_a.lookup.ResolveBin(pb.ResolveBinRequest(prefix="99920012"), timeout=5)
+    assert (nested.issuer_name, nested.product, nested.low, nested.high) == \
+        ("Test Issuer B Prepaid", "prepaid", "99920000", "99920099")
+    outer = node_a.lookup.ResolveBin(pb.ResolveBinRequest(pan=_pan("9992013")), timeout=5)
+    assert (outer.issuer_name, outer.network, outer.issuer_country) == ("Test Issuer B", "testnet-domestic", "GB")
+    ours = node_a.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999003"), timeout=5)
+    assert ours.on_us and ours.table_version >= 1
+    expect_code(lambda: node_a.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999900"), timeout=5),
+                grpc.StatusCode.NOT_FOUND)
+    for bad in (pb.ResolveBinRequest(), pb.ResolveBinRequest(prefix="12345"), pb.ResolveBinRequest(prefix="9991a0"),
+                pb.ResolveBinRequest(prefix="999100123456"), pb.ResolveBinRequest(pan="9991001234567890")):
+        err = expect_code(lambda b=bad: node_a.lookup.ResolveBin(b, timeout=5),  # type: ignore[misc]
+                          grpc.StatusCode.INVALID_ARGUMENT)
+        assert "9991001234567890" not in (err.details() or "")
+
+
+def test_card_not_ours_answers_not_found_with_its_range(node_a: Clients) -> None:
+    pan = _pan("999150")
+    err = expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5),
+                      grpc.StatusCode.NOT_FOUND)
+    assert pan not in (err.details() or "") and "999100-999199" in (err.details() or "")
+    found = _detail(err)
+    assert (found.issuer_name, found.low, found.on_us) == ("Test Issuer A", "999100", False)
+    # Again, now from the negative cache: the same details.
+    err = expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5),
+                      grpc.StatusCode.NOT_FOUND)
+    assert _detail(err).issuer_name == "Test Issuer A"
+    # A PAN in no range: NOT_FOUND without details.
+    err = expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=_pan("999950")), timeout=5),
+                      grpc.StatusCode.NOT_FOUND)
+    assert rpc_status.from_call(err) is None   # type: ignore[arg-type]
+
+
+def test_batch_and_stream_results_carry_the_range(node_a: Clients) -> None:
+    keys = [pb.LookupKey(pan=_pan("9992001"), correlation_id="prepaid"),
+            pb.LookupKey(pan=_pan("999950"), correlation_id="nowhere"),
+            pb.LookupKey(card_token="tok_doesnotexist00000000", correlation_id="token"),
+            pb.LookupKey(pan="9991", correlation_id="bad")]
+    batch = node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=5)
+    streamed = {r.correlation_id: r for r in node_a.lookup.StreamResolve(iter(keys), timeout=5)}
+    for results in ({r.correlation_id: r for r in batch.results}, streamed):
+        assert results["prepaid"].code == 5 and results["prepaid"].bin_range.issuer_name == "Test Issuer B Prepaid"
+        assert results["nowhere"].code == 5 and not results["nowhere"].HasField("bin_range")
+        assert results["token"].code == 5 and not results["token"].HasField("bin_range")
+        assert results["bad"].code == 3 and not results["bad"].HasField("bin_range")
+
+
+def _write(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["low", "high", "pan_length", "network", "issuer_name", "issuer_country", "product", "on_us"])
+        w.writerows(rows)
+    return path
+
+
+def test_import_refuses_bad_files_and_keeps_the_table(dev_env: DevEnvironment, fast_node: Clients,
+                                                      tmp_path: Path) -> None:
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+    good = ["999100", "999199", "16", "testnet", "Test Issuer A", "US", "credit", "false"]
+    bad_rows = [
+        good,
+        ["99910", "99919", "16", "visa", "Short", "US", "credit", "false"],          # 5 digits
+        ["999100", "9991999", "16", "visa", "Lengths", "US", "credit", "false"],    # low/high lengths differ
+        ["999199", "999100", "16", "visa", "Reversed", "US", "credit", "false"],    # high < low
+        ["999300", "999399", "11", "visa", "Short PAN", "US", "credit", "false"],   # pan_length
+        ["999300", "999399", "16", "Visa Card!", "Net", "US", "credit", "false"],   # network
+        ["999300", "999399", "16", "visa", "", "US", "credit", "false"],            # issuer
+        ["999300", "999399", "16", "visa", "Country", "USA", "credit", "false"],    # country
+        ["999300", "999399", "16", "visa", "Product", "US", "gold", "false"],       # product
+        ["999300", "999399", "16", "visa", "On us", "US", "credit", "maybe"],       # on_us
+        ["999300", "999399", "16", "visa"],                                          # column count
+    ]
+    rejects = tmp_path / "rejects.csv"
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "bad.csv", bad_rows)), "--rejects", str(rejects))
+    assert r.returncode == 2 and "10 rejected rows > --max-rejects 0: the table was not replaced" in r.stderr
+    got = list(csv.DictReader(rejects.open()))
+    assert [(g["row"], g["column"]) for g in got] == [
+        ("3", "low"), ("4", "high"), ("5", "high"), ("6", "pan_length"), ("7", "network"), ("8", "issuer_name"),
+        ("9", "issuer_country"), ("10", "product"), ("11", "on_us"), ("12", "")]
+    partial = [good, ["999150", "999250", "16", "testnet", "Straddles", "US", "credit", "false"]]
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "partial.csv", partial)))
+    assert r.returncode == 2 and "1 partial" in r.stdout and "partial overlaps" in r.stderr
+    not_utf8 = tmp_path / "latin1.csv"
+    not_utf8.write_bytes(b"low,high,pan_length,network,issuer_name,issuer_country,product,on_us\n"
+                         b"999100,999199,16,testnet,Caf\xe9,US,credit,false\n")
+    assert _crs(dev_env, "bins", "import", str(not_utf8)).returncode == 2
+    time.sleep(POLL * 3)
+    assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before
+
+
+def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+    stop, failures, answered = threading.Event(), [], [0]
+    pans = [_pan("999150") for _ in range(20)]
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999150"), timeout=5)
+                try:
+                    fast_node.lookup.ResolveCard(pb.ResolveCardRequest(pan=random.choice(pans)), timeout=5)
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND or _detail(exc).low != "999100":
+                        raise
+                answered[0] += 1
+            except Exception as exc:   # every other outcome is a failed lookup
+                failures.append(repr(exc))
+
+    sample = tmp_path / "bins.csv"
+    write_sample(sample, 50_000, seed=7)
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        r = _crs(dev_env, "bins", "import", str(sample))
+        assert r.returncode == 0, r.stderr
+        deadline = time.monotonic() + 30
+        while fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
+            assert time.monotonic() < deadline, "the node did not load the new table"
+            time.sleep(POLL)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert failures == [] and answered[0] > 10
+    versions = _crs(dev_env, "bins", "versions")
+    assert f"* v{before + 1}" in versions.stdout and "50," in versions.stdout
+    assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
+    deadline = time.monotonic() + 30
+    while fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version != before:
+        assert time.monotonic() < deadline, "the node did not go back to the previous table"
+        time.sleep(POLL)
+    pan = _pan("999150")
+    shown = _crs(dev_env, "bins", "lookup", pan)
+    assert shown.returncode == 0 and "Test Issuer A" in shown.stdout and pan not in shown.stdout + shown.stderr
