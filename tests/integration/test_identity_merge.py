@@ -96,6 +96,11 @@ def test_merge_and_unmerge_across_nodes(node_a: Clients, node_b: Clients, used_s
                                            timeout=5).customer.customer_id == merged.customer_id
             node.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=survivor.customer_id), timeout=5)
 
+    # Near-cache entries live 2 s from their load: let node B's expire and reload them (from Redis)
+    # just before the merge, so that only an invalidation can refresh them within INVALIDATED_S.
+    time.sleep(2.1)
+    assert node_b.lookup.ResolveCard(card, timeout=5).customer.customer_id == merged.customer_id
+    assert node_b.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=merged.customer_id), timeout=5).merged_from == ""
     rid = _rid()
     answer = _merge(node_a, survivor.customer_id, merged.customer_id, rid)
     assert answer == pb.Merge(winner_customer_id=survivor.customer_id, loser_customer_id=merged.customer_id)
@@ -141,9 +146,8 @@ def test_merge_and_unmerge_across_nodes(node_a: Clients, node_b: Clients, used_s
     _until("the alias answer follows the survivor", lambda: node_b.lookup.GetCustomer(pb.GetCustomerRequest(
         customer_id=merged.customer_id), timeout=5).customer.segment == "private")
 
-    for _ in range(2):   # warm node A again, then unmerge on node B
-        node_a.lookup.ResolveCard(card, timeout=5)
-        node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=merged.customer_id), timeout=5)
+    time.sleep(2.1)   # as before the merge: node A's entries reloaded just before the unmerge
+    assert node_a.lookup.ResolveCard(card, timeout=5).customer.customer_id == survivor.customer_id
     undone = _unmerge(node_b, merged.customer_id)
     assert undone.unmerge and undone.winner_customer_id == survivor.customer_id
     _until("node A: the card answers the merged customer again", lambda: node_a.lookup.ResolveCard(
