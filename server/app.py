@@ -41,7 +41,7 @@ from server.resolver import CachePolicy, Resolver
 from server.settings import Settings
 from server.store.db import DB_ERRORS, active_data_key, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
-from server.store.identity_writes import IdentityWrites
+from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
 from server.topology.watch import TopologyWatcher
 
@@ -227,7 +227,7 @@ class Node:
         codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
         model = MatchModel.load(s.identity_weights or None)
         thresholds = Thresholds(match=s.identity_match_threshold, review=s.identity_review_threshold)
-        writes = IdentityWrites(pool=self.pool, keyring=self.keyring, data_key=data_key, timeout=s.pg_timeout,
+        writes = IdentityStore(pool=self.pool, keyring=self.keyring, data_key=data_key, timeout=s.pg_timeout,
                                 codec=codec, model=model, thresholds=thresholds, policy=s.identity_possible_match)
         admin = AdminHandlers(store=writes, resolver=self.resolver)
         identity = IdentityHandlers(reads=IdentityReads(pool=self.pool, codec=codec, model=model,

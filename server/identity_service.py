@@ -7,8 +7,6 @@ as AdminService writes do (server/admin.py), so the relay retries a delete that 
 
 from __future__ import annotations
 
-from typing import Any
-
 from server.admin import AdminHandlers
 from server.caller import Caller
 from server.errors import InvalidKey
@@ -16,6 +14,7 @@ from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
 from server.store.identity import IdentityReads, decision_msg
 from server.store.identity_writes import MAX_CANDIDATES, parse_request_identity, parse_request_source
+from server.store.merge import IdentityStore
 
 MAX_CANDIDATES_ASKED = 50
 
@@ -24,8 +23,15 @@ class IdentityHandlers:
     def __init__(self, *, reads: IdentityReads, writes: AdminHandlers) -> None:
         self.reads = reads
         # The write RPCs share AdminHandlers' shape: store write, then invalidate (and audit failures).
-        store: Any = writes.store
+        store = writes.store
+        if not isinstance(store, IdentityStore):
+            raise TypeError("IdentityHandlers needs AdminHandlers over an IdentityStore")
+        self.store = store
         self.UpdateCustomerIdentity = writes.handler("UpdateCustomerIdentity", store.update_customer_identity)
+        # Merge, unmerge and review decisions: server/store/merge.py.
+        self.MergeCustomers = writes.handler("MergeCustomers", store.merge_customers)
+        self.UnmergeCustomer = writes.handler("UnmergeCustomer", store.unmerge_customer)
+        self.DecideReviewTask = writes.handler("DecideReviewTask", store.decide_review)
 
     async def IdentifyCustomer(self, req: pb.IdentifyCustomerRequest, caller: Caller) -> bytes:
         identity = parse_request_identity(req.attributes)
@@ -47,15 +53,5 @@ class IdentityHandlers:
     async def ResolveSourceRef(self, req: pb.SourceRef, caller: Caller) -> bytes:
         return (await self.reads.resolve_source_ref(parse_request_source(req))).SerializeToString()
 
-    # Merge, unmerge and the review queue: server/store/merge.py (in progress this session).
-    async def MergeCustomers(self, req: pb.MergeCustomersRequest, caller: Caller) -> bytes:
-        raise NotImplementedError("MergeCustomers")
-
-    async def UnmergeCustomer(self, req: pb.UnmergeCustomerRequest, caller: Caller) -> bytes:
-        raise NotImplementedError("UnmergeCustomer")
-
     async def ListReviewTasks(self, req: pb.ListReviewTasksRequest, caller: Caller) -> bytes:
-        raise NotImplementedError("ListReviewTasks")
-
-    async def DecideReviewTask(self, req: pb.DecideReviewTaskRequest, caller: Caller) -> bytes:
-        raise NotImplementedError("DecideReviewTask")
+        return (await self.store.list_reviews(req)).SerializeToString()

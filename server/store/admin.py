@@ -67,7 +67,10 @@ class AdminStore(WriteEnvelope):
             " UNION ALL SELECT 'c', next_fingerprint_version, next_pan_fingerprint, token FROM cards"
             " WHERE account_id = ANY($1::text[]) AND next_pan_fingerprint IS NOT NULL"
             " UNION ALL SELECT 'u', NULL, NULL, customer_id FROM account_customers"
-            " WHERE account_id = ANY($1::text[])", ids)
+            " WHERE account_id = ANY($1::text[])"
+            # A merged customer's id (an alias) answers its survivor's profile: cached under the alias.
+            " UNION ALL SELECT 'u', NULL, NULL, m.customer_id FROM account_customers ac"
+            " JOIN customers m ON m.merged_into = ac.customer_id WHERE ac.account_id = ANY($1::text[])", ids)
         out: list[str] = []
         for r in rows:
             if r["kind"] == "a":
@@ -77,6 +80,20 @@ class AdminStore(WriteEnvelope):
             else:
                 out.append(ck.customer_key(r["ref"]))
         return out
+
+    @staticmethod
+    async def customer_keys(conn: Conn, customer_ids: Iterable[str]) -> list[str]:
+        """The profile keys of these customers and of every customer merged into them (their aliases
+        answer the survivor's profile, cached under the alias's own key)."""
+        ids = sorted(set(customer_ids))
+        aliases = await conn.fetch("SELECT customer_id FROM customers WHERE merged_into = ANY($1::text[])", ids)
+        return [ck.customer_key(c) for c in ids] + [ck.customer_key(r["customer_id"]) for r in aliases]
+
+    @staticmethod
+    def refuse_merged(row: asyncpg.Record, what: str = "customer") -> None:
+        """Writes go to the survivor, never to a merged customer (an alias)."""
+        if row["merged_into"]:
+            raise FailedPrecondition(f"{what} was merged into {row['merged_into']}: write to that one")
 
     @staticmethod
     async def _accounts_of(conn: Conn, customer_id: str) -> list[str]:
@@ -146,12 +163,13 @@ class AdminStore(WriteEnvelope):
             cur = await conn.fetchrow("SELECT * FROM customers WHERE customer_id = $1 FOR UPDATE", customer_id)
             if cur is None:
                 raise NotFound("customer not found")
+            self.refuse_merged(cur)
             self._check_version("customer", expected, cur["version"])
             sets = ", ".join(f"{col} = ${i + 2}" for i, col in enumerate(changes))
             row = required(await conn.fetchrow(
                 f"UPDATE customers SET {sets}{', ' if sets else ''}version = version + 1, updated_at = now()"
                 " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values()))
-            stale = [ck.customer_key(customer_id)]
+            stale = await self.customer_keys(conn, [customer_id])
             stale += await self.stale_keys_for_accounts(conn, await self._accounts_of(conn, customer_id))
             return Change(customer_msg(row), stale, event, "customer", customer_id,
                           {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
@@ -195,9 +213,11 @@ class AdminStore(WriteEnvelope):
             if next_version else None
 
         async def body(conn: Conn) -> Change:
-            cust = await conn.fetchrow("SELECT status FROM customers WHERE customer_id = $1 FOR SHARE", owner)
+            cust = await conn.fetchrow("SELECT status, merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
+                                       owner)
             if cust is None:
                 raise NotFound("owner customer not found")
+            self.refuse_merged(cust, "owner customer")
             if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:
                 raise FailedPrecondition("owner customer is closed")
             account_id = new_id("acc_")
@@ -219,7 +239,7 @@ class AdminStore(WriteEnvelope):
             await conn.execute("INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)",
                                account_id, owner, pb.RELATIONSHIP_ROLE_OWNER)
             # The account key may hold a negative entry from an earlier lookup of this number.
-            stale = [ck.account_key(version, fp), ck.customer_key(owner)]
+            stale = [ck.account_key(version, fp), *await self.customer_keys(conn, [owner])]
             if next_version and next_fp:
                 stale.append(ck.account_key(next_version, next_fp))
             owned = pb.RelationshipResponse(account_id=account_id, customer_id=owner, role=pb.RELATIONSHIP_ROLE_OWNER)
@@ -266,8 +286,11 @@ class AdminStore(WriteEnvelope):
 
         async def body(conn: Conn) -> Change:
             await self._open_account(conn, account_id)
-            if await conn.fetchval("SELECT 1 FROM customers WHERE customer_id = $1 FOR SHARE", customer_id) is None:
+            cust = await conn.fetchrow("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
+                                       customer_id)
+            if cust is None:
                 raise NotFound("customer not found")
+            self.refuse_merged(cust)
             inserted = await conn.fetchval(
                 "INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)"
                 " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role"

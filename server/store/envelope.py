@@ -26,7 +26,7 @@ from server.pan import redact_digits
 from server.store.db import Conn, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
-_REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id")
+_REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id", "survivor_id", "merged_id")
 _SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_REQUEST_ID = 128
 FEED_LOCK = 0x43525346      # "CRSF": the transaction-level lock feed sequences are drawn under

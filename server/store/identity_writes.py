@@ -124,7 +124,8 @@ class IdentityWrites(AdminStore):
                 row = required(await conn.fetchrow(
                     "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1"
                     " RETURNING *", cid))
-                return Change(customer_msg(row), [ck.customer_key(cid)], "customer.record_added", "customer", cid,
+                return Change(customer_msg(row), await self.customer_keys(conn, [cid]), "customer.record_added",
+                              "customer", cid,
                               {"source_system": source.system, "decision": "match", "version": row["version"]})
             if decision.decision == "POSSIBLE_MATCH" and self.policy == POLICY_REFUSE:
                 listed = ", ".join(f"{c} ({s.probability:.3f})" for c, s in decision.candidates)
@@ -178,7 +179,7 @@ class IdentityWrites(AdminStore):
                 customer_id=customer_id, attributes=attributes_msg(golden(records)),
                 source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs])
             payload: dict[str, Any] = {"source_system": source.system, "reviews": queued, "version": row["version"]}
-            return Change(answer, [ck.customer_key(customer_id)], "customer.identity_updated", "customer",
-                          customer_id, payload, feed_state=customer_msg(row))
+            return Change(answer, await self.customer_keys(conn, [customer_id]), "customer.identity_updated",
+                          "customer", customer_id, payload, feed_state=customer_msg(row))
 
         return await self._write("UpdateCustomerIdentity", req.request_id, body, caller)

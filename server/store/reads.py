@@ -58,6 +58,7 @@ ACCOUNT_BY_FINGERPRINT_SQL = (
 
 CUSTOMER_PROFILE_SQL = (
     "SELECT cu.customer_id, cu.display_name, cu.segment, cu.status, cu.kyc_status, cu.version,"
+    " asked.customer_id AS asked,"
     " (SELECT coalesce(json_agg(json_build_object("
     "    'id', a.account_id, 'routing', a.routing_number, 'last4', a.account_last4, 'len', a.account_length,"
     "    'type', a.account_type, 'currency', a.currency, 'status', a.status, 'version', a.version,"
@@ -69,7 +70,9 @@ CUSTOMER_PROFILE_SQL = (
     "    'expiry', c.expiry, 'account', c.account_id, 'version', c.version) ORDER BY c.created_at, c.token), '[]')"
     "  FROM account_customers ac JOIN cards c ON c.account_id = ac.account_id"
     "  WHERE ac.customer_id = cu.customer_id) AS cards"
-    " FROM customers cu WHERE cu.customer_id = $1"
+    # A merged customer's id (an alias) answers its survivor's profile, with merged_from = the id asked.
+    " FROM customers asked JOIN customers cu ON cu.customer_id = coalesce(asked.merged_into, asked.customer_id)"
+    " WHERE asked.customer_id = $1"
 )
 
 
@@ -153,6 +156,8 @@ async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id:
     profile = pb.CustomerProfile(customer=pb.Customer(
         customer_id=row["customer_id"], display_name=row["display_name"], segment=row["segment"],
         status=row["status"], kyc_status=row["kyc_status"], version=row["version"]))
+    if row["asked"] != row["customer_id"]:
+        profile.merged_from = row["asked"]
     for a in orjson.loads(row["accounts"]):
         profile.accounts.add(role=a["role"], account=pb.Account(
             account_id=a["id"], routing_number=a["routing"], last4=a["last4"],
