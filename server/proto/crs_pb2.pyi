@@ -199,18 +199,32 @@ class RelatedCustomer(_message.Message):
     def __init__(self, customer: _Optional[_Union[Customer, _Mapping]] = ..., role: _Optional[_Union[RelationshipRole, str]] = ...) -> None: ...
 
 class Resolution(_message.Message):
-    __slots__ = ("card", "account", "customer", "related_customers", "in_good_standing")
+    __slots__ = ("card", "account", "customer", "related_customers", "in_good_standing", "decision")
     CARD_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
     RELATED_CUSTOMERS_FIELD_NUMBER: _ClassVar[int]
     IN_GOOD_STANDING_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     card: Card
     account: Account
     customer: Customer
     related_customers: _containers.RepeatedCompositeFieldContainer[RelatedCustomer]
     in_good_standing: bool
-    def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., customer: _Optional[_Union[Customer, _Mapping]] = ..., related_customers: _Optional[_Iterable[_Union[RelatedCustomer, _Mapping]]] = ..., in_good_standing: _Optional[bool] = ...) -> None: ...
+    decision: DecisionHint
+    def __init__(self, card: _Optional[_Union[Card, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., customer: _Optional[_Union[Customer, _Mapping]] = ..., related_customers: _Optional[_Iterable[_Union[RelatedCustomer, _Mapping]]] = ..., in_good_standing: _Optional[bool] = ..., decision: _Optional[_Union[DecisionHint, _Mapping]] = ...) -> None: ...
+
+class DecisionHint(_message.Message):
+    __slots__ = ("iso8583_response_code", "nacha_return_code", "reason", "table_version")
+    ISO8583_RESPONSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    NACHA_RETURN_CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    iso8583_response_code: str
+    nacha_return_code: str
+    reason: str
+    table_version: str
+    def __init__(self, iso8583_response_code: _Optional[str] = ..., nacha_return_code: _Optional[str] = ..., reason: _Optional[str] = ..., table_version: _Optional[str] = ...) -> None: ...
 
 class CustomerAccount(_message.Message):
     __slots__ = ("account", "role")
@@ -277,20 +291,22 @@ class LookupKey(_message.Message):
     def __init__(self, pan: _Optional[str] = ..., card_token: _Optional[str] = ..., account: _Optional[_Union[AccountKey, _Mapping]] = ..., customer_id: _Optional[str] = ..., correlation_id: _Optional[str] = ...) -> None: ...
 
 class LookupResult(_message.Message):
-    __slots__ = ("correlation_id", "code", "message", "resolution", "customer", "bin_range")
+    __slots__ = ("correlation_id", "code", "message", "resolution", "customer", "bin_range", "decision")
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     CUSTOMER_FIELD_NUMBER: _ClassVar[int]
     BIN_RANGE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
     correlation_id: str
     code: int
     message: str
     resolution: Resolution
     customer: CustomerProfile
     bin_range: BinRange
-    def __init__(self, correlation_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., customer: _Optional[_Union[CustomerProfile, _Mapping]] = ..., bin_range: _Optional[_Union[BinRange, _Mapping]] = ...) -> None: ...
+    decision: DecisionHint
+    def __init__(self, correlation_id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., resolution: _Optional[_Union[Resolution, _Mapping]] = ..., customer: _Optional[_Union[CustomerProfile, _Mapping]] = ..., bin_range: _Optional[_Union[BinRange, _Mapping]] = ..., decision: _Optional[_Union[DecisionHint, _Mapping]] = ...) -> None: ...
 
 class BinRange(_message.Message):
     __slots__ = ("low", "high", "pan_length", "network", "issuer_name", "issuer_country", "product", "on_us", "table_version")
