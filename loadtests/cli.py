@@ -3,6 +3,8 @@
     crs-load capacity --target N ...   the capacity model (loadtests/sweep/capacity.py)
     crs-load sweep [ARGS]              = python -m loadtests.sweep
     crs-load bench [ARGS]              = python -m loadtests.bench (./crsw bench)
+    crs-load identity-people|identity-quality|identity-train   generated people, the identity model's
+                                       quality benchmark and training (loadtests/identity/)
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from loadtests.identity import people, quality, train
 from loadtests.sweep import capacity
 from server.cli.base import run_command
 
@@ -39,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="docs/loadtests.md is the manual.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     capacity.register(sub)
+    for module in (people, quality, train):
+        module.register(sub)
     for name, (_, help_text) in RUNNERS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return p

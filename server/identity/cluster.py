@@ -3,8 +3,10 @@ records that are not in the database yet (a bulk import's file, the quality benc
 
 Same blocking keys, same model, same decision rules as online identification: pairs that share a
 blocking key are scored once; pairs the model calls MATCH are joined, best first, unless the join
-would put two different national ids of one type in the same person (a chain A~B~C must not merge
-two people through a third record that resembles both). Pairs that reach the review threshold but
+would put two records in one person that the rules forbid to MATCH (national ids of one type further
+apart than a typo, given names or dates of birth that disagree outright): a chain A~B~C must not
+merge two people through a third record that resembles both, such as a record without a date of
+birth between a father and his son of the same name. Pairs that reach the review threshold but
 are not joined come back as possible matches for the review queue.
 """
 
@@ -17,7 +19,8 @@ from itertools import combinations
 
 from server.identity.attributes import Identity
 from server.identity.blocking import MAX_BLOCK, blocking_keys
-from server.identity.model import MatchModel, Score, Thresholds
+from server.identity.compare import COMPARISONS
+from server.identity.model import FORBID_MATCH_ON_ELSE, MatchModel, Score, Thresholds
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,7 @@ def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thres
     scored.sort(key=lambda t: (t[2].probability, t[2].match_weight), reverse=True)
 
     parent = list(range(len(identities)))
-    # Per cluster root: national id type -> the id, to refuse a join of two different people.
-    ids: dict[int, dict[str, str]] = {
-        i: {x.national_id_type: x.national_id} for i, x in enumerate(identities) if x.national_id}
+    members: dict[int, list[int]] = {i: [i] for i in range(len(identities))}     # per cluster root
 
     def root(i: int) -> int:
         while parent[i] != i:
@@ -64,14 +65,22 @@ def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thres
         ri, rj = root(i), root(j)
         if ri == rj:
             continue
-        a, b = ids.get(ri, {}), ids.get(rj, {})
-        conflict = any(k in b and b[k] != v for k, v in a.items())
-        if s.probability >= thresholds.match and s.may_match and not conflict:
+        if s.probability >= thresholds.match and s.may_match \
+                and not _conflict(identities, members[ri], members[rj]):
             keep, gone = min(ri, rj), max(ri, rj)
             parent[gone] = keep
-            if gone in ids:
-                ids[keep] = {**ids.pop(gone), **ids.get(keep, {})}
+            members[keep] += members.pop(gone)
             joined.append((i, j, s))
         else:
             possible.append((i, j, s))
     return Clusters([root(i) for i in range(len(identities))], joined, possible)
+
+
+_RULES = tuple(COMPARISONS[attribute][0] for attribute in FORBID_MATCH_ON_ELSE)
+
+
+def _conflict(identities: Sequence[Identity], a: list[int], b: list[int]) -> bool:
+    """Joining clusters a and b would put two records in one person that a rule says are two people:
+    national ids of one type further apart than a typo, or given names or dates of birth that
+    disagree outright (a record that lacks the attribute must not chain a father to his son)."""
+    return any(rule(identities[x], identities[y]) == "else" for x in a for y in b for rule in _RULES)

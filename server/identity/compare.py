@@ -3,7 +3,7 @@
 Each comparison answers a *level* name, strongest agreement first, or MISSING when either side does
 not know the attribute (a missing value is no evidence either way: weight 0). The Fellegi–Sunter
 model (model.py) gives each level its weight; loadtests/identity/train.py trains those weights with
-splink from comparisons that are defined to give the same levels (tests/unit/test_identity_model.py
+splink from comparisons that are defined to give the same levels (tests/unit/test_identity_train.py
 checks the two agree on generated pairs).
 
 String similarity is rapidfuzz's Jaro–Winkler and Damerau–Levenshtein; nicknames come from the
@@ -48,7 +48,7 @@ def jaro_winkler(a: str, b: str) -> float:
 def names_swapped(a: Identity, b: Identity) -> bool:
     """Given and family name written the wrong way round on one side (and not the same name)."""
     return (bool(a.given_name and a.family_name and b.given_name and b.family_name)
-            and a.given_name != a.family_name
+            and a.given_name != a.family_name and b.given_name != b.family_name
             and jaro_winkler(a.given_name, b.family_name) >= JW_HIGH
             and jaro_winkler(a.family_name, b.given_name) >= JW_HIGH
             and jaro_winkler(a.given_name, b.given_name) < JW_MID)

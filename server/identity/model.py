@@ -11,6 +11,9 @@ Rules, applied before the weights (docs/identity.md, "Decisions"):
   false merge of two people is the costly error, and twins share everything else);
 - the given names disagree outright (not a nickname, initial, typo or swap): never MATCH, for the
   same reason (twins and siblings in one household), at most POSSIBLE_MATCH;
+- the dates of birth disagree outright (not a day/month swap, one typo or the same year): never
+  MATCH (a father and son of one name at one address, two people of a common name);
+
 - a pair a person rejected as two people (identity_distinct) is never proposed again (the store
   filters those before scoring).
 """
@@ -30,6 +33,8 @@ from server.identity.attributes import Identity
 from server.identity.compare import COMPARISONS, MISSING, compare
 
 EXACT_RULE = "national_id+date_of_birth"
+# An outright disagreement ("else") on any of these forbids MATCH (unless the exact rule decided).
+FORBID_MATCH_ON_ELSE = ("national_id", "given_name", "date_of_birth")
 WEIGHTS_FILE = "weights.json"
 
 
@@ -109,7 +114,7 @@ class MatchModel:
         probability = _probability(weight)
         if levels["national_id"] == "exact" and levels["date_of_birth"] == "exact":
             rule, probability = EXACT_RULE, 1.0
-        may_match = rule == EXACT_RULE or (levels["national_id"] != "else" and levels["given_name"] != "else")
+        may_match = rule == EXACT_RULE or all(levels[a] != "else" for a in FORBID_MATCH_ON_ELSE)
         return Score(weight, probability, evidence, rule, may_match)
 
     def best(self, query: Identity, records: Iterable[Identity]) -> Score | None:

@@ -1,0 +1,150 @@
+"""Normalisation of identity attributes (server/identity/attributes.py, nationalid.py): pure, no servers.
+National ids are made up at run time with python-stdnum's own check-digit functions."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from stdnum import luhn
+from stdnum.br import cpf
+from stdnum.es import dni
+
+from server.identity.attributes import (
+    AttributeProblem,
+    normalise_address_line,
+    normalise_email,
+    normalise_name,
+    normalise_phone,
+    normalise_postcode,
+    parse_identity,
+)
+from server.identity.nationalid import NationalIdError, normalise_national_id
+
+rng = random.Random(20240601)
+
+
+def made_up_ssn() -> str:
+    return f"{rng.randrange(1, 600):03d}{rng.randrange(1, 100):02d}{rng.randrange(1, 10000):04d}"
+
+
+def made_up_sin() -> str:
+    body = str(rng.choice((1, 2, 3, 4, 5, 6, 7, 9))) + "".join(str(rng.randrange(10)) for _ in range(7))
+    return body + luhn.calc_check_digit(body)
+
+
+def made_up_dni() -> str:
+    body = f"{rng.randrange(10_000_000, 100_000_000)}"
+    return body + dni.calc_check_digit(body)
+
+
+def made_up_cpf() -> str:
+    while True:
+        body = "".join(str(rng.randrange(10)) for _ in range(9))
+        if len(set(body)) > 1:
+            return body + cpf._calc_check_digits(body)
+
+
+def wrong_last_digit(value: str) -> str:
+    return value[:-1] + str((int(value[-1]) + 1) % 10)
+
+
+# --- names -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("raw", "normal"), [
+    ("  Zoë  Ó'Brien ", "zoe o'brien"),
+    ("JOSÉ", "jose"),
+    ("Straße", "strasse"),
+    ("Anne-Marie", "anne-marie"),
+    ("Ｊｏｈｎ", "john"),                 # NFKC: full-width letters
+    ("Иван", "иван"),                    # any script, case-folded
+    ("李 小龙", "李 小龙"),
+    ("O'Neil3", "o'neil"),               # digits dropped
+])
+def test_names_normalise(raw: str, normal: str) -> None:
+    assert normalise_name("given_name", raw) == normal
+
+
+@pytest.mark.parametrize("raw", ["1234", "a\x00b", "x" * 101])
+def test_bad_names_are_refused(raw: str) -> None:
+    with pytest.raises(AttributeProblem) as caught:
+        normalise_name("given_name", raw)
+    assert caught.value.field == "given_name"
+
+
+@given(st.text(alphabet=st.characters(categories=("L", "Zs", "Mn", "Pd")), min_size=1, max_size=40))
+def test_name_normalisation_is_idempotent(raw: str) -> None:
+    try:
+        once = normalise_name("given_name", raw)
+    except AttributeProblem:
+        return
+    assert normalise_name("given_name", once) == once
+
+
+# --- phone, email, postcode, address ---------------------------------------------------------------------
+@pytest.mark.parametrize("raw", ["(212) 736-5000", "212.736.5000", "+1 212 736 5000", "1-212-736-5000",
+                                 "2127365000"])
+def test_phone_formats_give_one_e164(raw: str) -> None:
+    assert normalise_phone(raw, "US") == "+12127365000"
+
+
+def test_phone_uses_the_address_country() -> None:
+    assert normalise_phone("020 7946 0000", "GB") == "+442079460000"
+    with pytest.raises(AttributeProblem):
+        normalise_phone("12", "US")
+
+
+def test_email_postcode_address() -> None:
+    assert normalise_email(" Jane.Doe@Example.COM ") == "jane.doe@example.com"
+    with pytest.raises(AttributeProblem):
+        normalise_email("not-an-email")
+    assert normalise_postcode("sw1a 1aa") == "SW1A1AA"
+    assert normalise_address_line("address_line1", "12 Main Street, Apartment 4") == "12 main st apt 4"
+    assert normalise_address_line("address_line1", "12 MAIN ST.") == "12 main st"
+
+
+# --- national ids ----------------------------------------------------------------------------------------
+def test_national_ids_are_canonical_per_type() -> None:
+    ssn = made_up_ssn()
+    assert normalise_national_id("US_SSN", f"{ssn[:3]}-{ssn[3:5]}-{ssn[5:]}") == ssn
+    sin = made_up_sin()
+    assert normalise_national_id("CA_SIN", f"{sin[:3]} {sin[3:6]} {sin[6:]}") == sin
+    d = made_up_dni()
+    assert normalise_national_id("ES_DNI", d.lower()) == d
+    c = made_up_cpf()
+    assert normalise_national_id("BR_CPF", f"{c[:3]}.{c[3:6]}.{c[6:9]}-{c[9:]}") == c
+    assert normalise_national_id("", "ab-12 34") == "AB1234"
+
+
+@pytest.mark.parametrize("kind, make", [("CA_SIN", made_up_sin), ("BR_CPF", made_up_cpf)])
+def test_check_digit_failures_are_refused(kind: str, make: object) -> None:
+    value = make()  # type: ignore[operator]
+    with pytest.raises(NationalIdError) as caught:
+        normalise_national_id(kind, wrong_last_digit(value))
+    assert value[:-1] not in str(caught.value)        # the message never holds the id
+
+
+@pytest.mark.parametrize("area", ["000", "666", "900", "987"])
+def test_ssn_reserved_areas_are_refused(area: str) -> None:
+    with pytest.raises(NationalIdError):
+        normalise_national_id("US_SSN", area + made_up_ssn()[3:])
+
+
+def test_ssn_zero_group_or_serial_is_refused() -> None:
+    ssn = made_up_ssn()
+    for bad in (ssn[:3] + "00" + ssn[5:], ssn[:5] + "0000"):
+        with pytest.raises(NationalIdError):
+            normalise_national_id("US_SSN", bad)
+
+
+def test_parse_identity_lenient_drops_a_bad_attribute_and_strict_refuses() -> None:
+    raw = {"given_name": "Ann", "family_name": "Lee", "date_of_birth": "1980-02-30", "national_id": "666123456",
+           "national_id_type": "US_SSN", "phone": "212 736 5000"}
+    identity, problems = parse_identity(raw, strict=False)
+    assert identity.given_name == "ann" and identity.date_of_birth == "" and identity.national_id == ""
+    assert identity.phone == "+12127365000"
+    assert {p.field for p in problems} == {"date_of_birth", "national_id"}
+    assert all("666123456" not in str(p) for p in problems)
+    with pytest.raises(AttributeProblem):
+        parse_identity(raw, strict=True)

@@ -1,0 +1,176 @@
+"""Comparison levels, the match model's decisions and rules, blocking and batch clustering
+(server/identity/compare.py, model.py, blocking.py, cluster.py): pure, no servers. Ids made up."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.identity.attributes import Identity
+from server.identity.blocking import block_hashes, blocking_keys
+from server.identity.cluster import cluster
+from server.identity.compare import COMPARISONS, MISSING, compare
+from server.identity.model import EXACT_RULE, MatchModel, Thresholds
+
+SSN_A, SSN_B = "123456789", "523456781"        # made up, structurally valid, far apart
+BASE = Identity(given_name="margaret", family_name="kowalski", date_of_birth="1980-03-07", national_id=SSN_A,
+                national_id_type="US_SSN", address_line1="12 main st", postcode="10001", country="US",
+                phone="+12127365000", email="mkowalski@example.com")
+MODEL = MatchModel.load()
+
+
+def level(attribute: str, a: Identity, b: Identity) -> str:
+    return COMPARISONS[attribute][0](a, b)
+
+
+# --- comparison levels, every one -----------------------------------------------------------------------
+@pytest.mark.parametrize(("attribute", "change", "expected"), [
+    ("given_name", {}, "exact"),
+    ("given_name", {"given_name": "kowalski", "family_name": "margaret"}, "swapped"),
+    ("given_name", {"given_name": "peggy"}, "nickname"),
+    ("given_name", {"given_name": "margaert"}, "jw_high"),
+    ("given_name", {"given_name": "m"}, "initial"),
+    ("given_name", {"given_name": "margo"}, "jw_mid"),
+    ("given_name", {"given_name": "susan"}, "else"),
+    ("given_name", {"given_name": ""}, MISSING),
+    ("family_name", {}, "exact"),
+    ("family_name", {"given_name": "kowalski", "family_name": "margaret"}, "swapped"),
+    ("family_name", {"family_name": "kowalsky"}, "jw_high"),
+    ("family_name", {"family_name": "kovalsk"}, "jw_mid"),
+    ("family_name", {"family_name": "nguyen"}, "else"),
+    ("family_name", {"family_name": ""}, MISSING),
+    ("date_of_birth", {}, "exact"),
+    ("date_of_birth", {"date_of_birth": "1980-07-03"}, "day_month_swapped"),
+    ("date_of_birth", {"date_of_birth": "1980-03-08"}, "one_typo"),
+    ("date_of_birth", {"date_of_birth": "1980-11-21"}, "same_year"),
+    ("date_of_birth", {"date_of_birth": "1955-11-21"}, "else"),
+    ("date_of_birth", {"date_of_birth": ""}, MISSING),
+    ("national_id", {}, "exact"),
+    ("national_id", {"national_id": "123456780"}, "one_typo"),
+    ("national_id", {"national_id": SSN_B}, "else"),
+    ("national_id", {"national_id_type": "US_ITIN"}, MISSING),
+    ("address", {}, "exact"),
+    ("address", {"address_line1": "12 main st apt 4"}, "similar"),
+    ("address", {"address_line1": "99 elm rd"}, "postcode"),
+    ("address", {"postcode": "94105"}, "else"),
+    ("address", {"postcode": ""}, MISSING),
+    ("phone", {}, "exact"),
+    ("phone", {"phone": "+12127365001"}, "else"),
+    ("phone", {"phone": ""}, MISSING),
+    ("email", {}, "exact"),
+    ("email", {"email": "mkowalski@example.org"}, "local_part"),
+    ("email", {"email": "peggy@example.com"}, "else"),
+    ("email", {"email": ""}, MISSING),
+])
+def test_each_level(attribute: str, change: dict[str, str], expected: str) -> None:
+    other = replace(BASE, **change)
+    assert level(attribute, BASE, other) == expected
+    assert level(attribute, other, BASE) == expected
+
+
+def test_every_level_is_reachable_in_the_table_above() -> None:
+    # Guards the table: a level added to COMPARISONS needs a case above and weights in weights.json.
+    assert {a: len(levels) for a, (_, levels) in COMPARISONS.items()} == {
+        "given_name": 7, "family_name": 5, "date_of_birth": 5, "national_id": 3, "address": 4, "phone": 2, "email": 3}
+
+
+names = st.sampled_from(["margaret", "peggy", "maggie", "kowalski", "kowalsky", "m", "susan", "ann", "anne", ""])
+dates = st.sampled_from(["1980-03-07", "1980-07-03", "1980-03-08", "1980-11-21", "1955-01-01", ""])
+
+
+@given(names, names, names, names, dates, dates)
+def test_compare_is_symmetric(g1: str, f1: str, g2: str, f2: str, d1: str, d2: str) -> None:
+    a = replace(BASE, given_name=g1, family_name=f1, date_of_birth=d1)
+    b = replace(BASE, given_name=g2, family_name=f2, date_of_birth=d2, national_id=SSN_B)
+    assert compare(a, b) == compare(b, a)
+
+
+# --- weights and decisions --------------------------------------------------------------------------------
+def test_packaged_weights_cover_every_level() -> None:
+    for attribute, (_, levels) in COMPARISONS.items():
+        assert set(MODEL.weights[attribute]) == {*levels, MISSING}
+    assert MODEL.version
+    # The strongest agreement is evidence for, outright disagreement against.
+    for attribute in COMPARISONS:
+        assert MODEL.weights[attribute]["exact"] > 0 > MODEL.weights[attribute]["else"], attribute
+
+
+def test_exact_rule_matches_whatever_else_differs() -> None:
+    other = replace(BASE, given_name="susan", family_name="nguyen", address_line1="1 elm rd", postcode="94105",
+                    phone="", email="")
+    s = MODEL.score(BASE, other)
+    assert s.rule == EXACT_RULE and s.probability == 1.0 and s.may_match
+    assert MODEL.decide([("c1", s)], Thresholds(), 10).decision == "MATCH"
+
+
+def test_conflicting_national_ids_never_match() -> None:
+    s = MODEL.score(BASE, replace(BASE, national_id=SSN_B))
+    assert not s.may_match
+    assert MODEL.decide([("c1", s)], Thresholds(), 10).decision != "MATCH"
+
+
+def test_outright_given_name_disagreement_never_matches() -> None:       # twins
+    s = MODEL.score(BASE.without("national_id"), replace(BASE, given_name="susan").without("national_id"))
+    assert not s.may_match
+    assert MODEL.decide([("c1", s)], Thresholds(), 10).decision in ("POSSIBLE_MATCH", "NEW")
+
+
+def test_outright_birth_date_disagreement_never_matches() -> None:      # Jr/Sr
+    s = MODEL.score(BASE.without("national_id"), replace(BASE, date_of_birth="2008-01-30").without("national_id"))
+    assert not s.may_match
+    assert MODEL.decide([("c1", s)], Thresholds(), 10).decision != "MATCH"
+
+
+def test_a_plain_duplicate_matches_and_a_stranger_is_new() -> None:
+    dup = replace(BASE, given_name="peggy", national_id="", national_id_type="", phone="")
+    assert MODEL.decide([("c1", MODEL.score(BASE, dup))], Thresholds(), 10).decision == "MATCH"
+    stranger = Identity(given_name="li", family_name="wang", date_of_birth="1999-12-31", postcode="94105",
+                        address_line1="1 elm rd")
+    assert MODEL.decide([("c2", MODEL.score(BASE, stranger))], Thresholds(), 10).decision == "NEW"
+
+
+def test_two_candidates_above_match_are_a_possible_match() -> None:
+    s = MODEL.score(BASE, BASE)
+    decision = MODEL.decide([("c1", s), ("c2", s)], Thresholds(), 10)
+    assert decision.decision == "POSSIBLE_MATCH" and len(decision.candidates) == 2
+
+
+# --- blocking ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("change", [
+    {"given_name": "kowalski", "family_name": "margaret"},                 # swapped
+    {"date_of_birth": "1980-07-03"},                                      # day/month swap
+    {"given_name": "peggy"},                                              # nickname
+    {"family_name": "smith", "address_line1": "9 oak ave", "postcode": "60601"},   # married and moved
+])
+def test_a_duplicate_shares_a_blocking_key(change: dict[str, str]) -> None:
+    a, b = BASE.without("national_id").without("phone").without("email"), replace(BASE, **change)
+    b = b.without("national_id").without("phone").without("email")
+    assert set(blocking_keys(a)) & set(blocking_keys(b))
+    assert set(block_hashes(b"k" * 32, a)) & set(block_hashes(b"k" * 32, b))
+
+
+def test_blocking_keys_hold_no_clear_value_once_hashed() -> None:
+    hashes = block_hashes(b"k" * 32, BASE)
+    assert hashes and all(isinstance(h, int) and -(2**63) <= h < 2**63 for h in hashes)
+
+
+# --- clustering -------------------------------------------------------------------------------------------
+def test_cluster_joins_duplicates_and_not_across_two_national_ids() -> None:
+    a = BASE
+    b = replace(BASE, national_id=SSN_B)                    # same everything, another person's id
+    bridge = BASE.without("national_id")                     # resembles both
+    dup = replace(BASE, given_name="peggy")
+    labels = cluster([a, b, bridge, dup], MODEL, Thresholds()).labels
+    assert labels[0] == labels[3]
+    assert labels[0] != labels[1]
+
+
+def test_cluster_does_not_chain_father_and_son_through_a_record_without_birth_date() -> None:
+    father = BASE.without("national_id")
+    son = replace(father, date_of_birth="2008-01-30")
+    undated = replace(father, date_of_birth="")
+    labels = cluster([father, son, undated], MODEL, Thresholds()).labels
+    assert labels[0] != labels[1]
