@@ -147,7 +147,9 @@ class BulkCustomers:
 
     async def _identify_and_write(self, conn: Conn, rows: list[ImportRow]) -> list[Outcome]:
         identities = [r.identity for r in rows]
-        groups, pairs = self._decide(identities, await candidates_many(conn, self.codec, self.model, identities))
+        sealed = [self.codec.seal(i) for i in identities]
+        groups, pairs = self._decide(identities, await candidates_many(conn, self.codec, self.model, identities,
+                                                                       [s.blocks for s in sealed]))
         by_row = {m: g for g in groups for m in g.members}
         new_groups = [g for g in groups if not g.joins]
         for g in new_groups:
@@ -159,12 +161,11 @@ class BulkCustomers:
         record_ids = [r[0] for r in await conn.fetch(
             "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)", len(rows))]
         records, blocks = [], []
-        for i, (row, record_id) in enumerate(zip(rows, record_ids, strict=True)):
-            sealed = self.codec.seal(row.identity)
+        for i, (row, record_id, seal) in enumerate(zip(rows, record_ids, sealed, strict=True)):
             cid = by_row[i].customer_id
-            records.append((record_id, self.system, row.key, cid, cid, sealed.fingerprint_version,
-                            sealed.national_id_fp, sealed.national_id_last4, sealed.ciphertext, sealed.dek_id))
-            blocks += [(b, record_id) for b in sealed.blocks]
+            records.append((record_id, self.system, row.key, cid, cid, seal.fingerprint_version,
+                            seal.national_id_fp, seal.national_id_last4, seal.ciphertext, seal.dek_id))
+            blocks += [(b, record_id) for b in seal.blocks]
         await conn.copy_records_to_table("source_records", columns=_RECORD_COLUMNS, records=records)
         await conn.copy_records_to_table("identity_blocks", columns=("block", "record_id"), records=blocks)
         queued = 0

@@ -173,11 +173,12 @@ async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identi
     return _score(model, identity, chosen, await contributions(conn, codec, chosen))
 
 
-async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel,
-                          identities: list[Identity]) -> list[list[tuple[str, Score]]]:
+async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel, identities: list[Identity],
+                          hashes: list[list[int]] | None = None) -> list[list[tuple[str, Score]]]:
     """`candidates` for a batch (a bulk import): the blocks of every identity in one query, every
-    candidate customer's records in one more, then each identity scored as `candidates` scores it."""
-    hashes = [codec.blocks(i) for i in identities]
+    candidate customer's records in one more, then each identity scored as `candidates` scores it.
+    `hashes`: the identities' blocking hashes when the caller has them (sealed records carry them)."""
+    hashes = hashes if hashes is not None else [codec.blocks(i) for i in identities]
     every = sorted({h for hs in hashes for h in hs})
     per_block = await _block_members(conn, every) if every else {}
     chosen = [_chosen(hs, per_block) for hs in hashes]

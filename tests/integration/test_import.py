@@ -65,8 +65,8 @@ def _row(used: UsedSecrets, ref: str, **over: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:6]
     row = {c: "" for c in CUSTOMER_COLUMNS}
     row.update(source_ref=ref, given_name="Theodora", family_name=f"Vasquez{tag}", date_of_birth=_dob(used),
-               address_line1="41 Orchard Lane", locality="Springfield", postcode="62704", country="US",
-               phone=f"+1 217 555 {random.randint(100, 199):04d}", email=f"tv{tag}@example.com")
+               address_line1=f"{random.randint(1, 9999)} Orchard Lane", locality="Springfield",
+               postcode=f"{random.randint(10000, 99999)}", country="US", email=f"tv{tag}@example.com")
     row.update(over)
     return row
 
@@ -220,15 +220,17 @@ def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
     person = pb.IdentityAttributes(
         given_name=existing_row["given_name"], family_name=existing_row["family_name"],
         date_of_birth=existing_row["date_of_birth"], national_id=ssn, national_id_type="US_SSN",
-        address=pb.PostalAddress(line1="41 Orchard Lane", postcode="62704", country="US"))
+        address=pb.PostalAddress(line1=existing_row["address_line1"], postcode=existing_row["postcode"], country="US"))
     existing = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
         identity=person, source_ref=pb.SourceRef(system="onboarding", key=uuid.uuid4().hex[:10])), timeout=10)
     # The same person from this system, with another phone and address: the national id and date of birth.
     joins = dict(existing_row, source_ref="J-1", given_name="Teddy", phone="", address_line1="9 Elm St")
-    twin_a = _row(used_secrets, "T-1")
+    twin_a = _row(used_secrets, "T-1", given_name="Leopold", address_line1=f"{random.randint(10, 999)} Quarry Road",
+                  postcode=f"{random.randint(10000, 99999)}", phone="")
     y, m, d = twin_a["date_of_birth"].split("-")
-    twin_b = dict(twin_a, source_ref="T-2", given_name="Theo", date_of_birth=f"{y}-{d}-{m}", email="")
-    loner = _row(used_secrets, "L-1", given_name="Octavia")
+    twin_b = dict(twin_a, source_ref="T-2", given_name="Leo", date_of_birth=f"{y}-{d}-{m}", email="")
+    loner = _row(used_secrets, "L-1", given_name="Octavia", address_line1="7 Canal Walk",
+                 postcode=f"{random.randint(10000, 99999)}", phone="")
     file = _write(tmp_path / "people.csv", [_line(r) for r in (joins, twin_a, loner, twin_b)])
     seq_before = _sql(dev_env, "SELECT coalesce(max(seq), 0) AS s FROM outbox")[0]["s"]
 
