@@ -72,6 +72,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
         print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
               f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
+        keys = " ".join(f"{k}={v}" for k, v in sorted(env.keys.items()))
+        print(f"Bulk import (docs/identity.md, \"Bulk import\") needs that and this dev stack's throwaway keys:\n"
+              f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards} {keys}\n"
+              "      ./crsw crs-dev sample-customers /tmp/customers.csv --rows 10000 --dirty\n"
+              "      ./crsw crs import customers /tmp/customers.csv --source core-banking"
+              " --report /tmp/report.csv --rejects /tmp/rejects.csv")
         print("Ctrl-C stops everything.", flush=True)
         while not stop and node.proc.poll() is None:
             time.sleep(NODE_POLL_SECONDS)
@@ -155,6 +161,17 @@ def cmd_lookup(args: argparse.Namespace) -> int:
                               customer_id=lambda: demo_customer_id(n))
 
 
+def cmd_sample_customers(args: argparse.Namespace) -> int:
+    from devstack.sample import write_sample
+
+    if args.rows < 1:
+        print("crs-dev sample-customers: --rows must be at least 1", file=sys.stderr)
+        return 2
+    counts = write_sample(Path(args.out), args.rows, dirty=args.dirty, seed=args.seed)
+    print(f"{args.out}: {args.rows} rows (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crs-dev", description="CRS Lookup development tools (never in the node image).",
                                 epilog=EPILOG, formatter_class=RAW)
@@ -194,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ranges", type=int, default=10_000, help="made-up issuer ranges (default 10000)")
     s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     s.set_defaults(func=cmd_sample_bins)
+
+    s = sub.add_parser("sample-customers", help="write a made-up customers file for `crs import customers`",
+                       description=(
+        "Generate N customers with Faker at run time (made up, never committed): about 5% are another\n"
+        "source record of an earlier person (nickname, typo, reformatted phone, day/month swap), which\n"
+        "the import makes one customer. --dirty breaks about 4% on purpose (impossible dates, bad\n"
+        "check digits, missing source_ref or name, repeated source_ref, bad phone, wrong column count,\n"
+        "control characters) to show the rejects file and the report's warnings."), formatter_class=RAW)
+    s.add_argument("out", metavar="OUT.csv")
+    s.add_argument("--rows", type=int, default=1000, help="data rows (default 1000)")
+    s.add_argument("--dirty", action="store_true", help="include deliberately bad rows")
+    s.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
+    s.set_defaults(func=cmd_sample_customers)
 
     s = sub.add_parser("certs", help="generate a development PKI for mutual TLS", description=(
         "Write a dev CA, a server certificate for localhost/127.0.0.1 and client certificates\n"

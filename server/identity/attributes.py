@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import date
 from typing import Any
 
@@ -69,7 +69,8 @@ class Identity:
     email: str = ""
 
     def to_dict(self) -> dict[str, str]:
-        return {k: v for k, v in asdict(self).items() if v}
+        # Not dataclasses.asdict: its deep copy was a third of a bulk import's sealing time.
+        return {k: v for k in _FIELD_NAMES if (v := getattr(self, k))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Identity:
@@ -89,6 +90,9 @@ class Identity:
         if field == "national_id":
             return replace(self, national_id="", national_id_type="")
         return replace(self, **{field: ""})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Identity))
 
 
 @dataclass(frozen=True)

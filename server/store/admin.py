@@ -127,6 +127,18 @@ class AdminStore(WriteEnvelope):
                 return True
         return False
 
+    async def find_account(self, routing: str, number: str) -> str | None:
+        """The account with this routing and account number, under any configured fingerprint version."""
+        value = account_fingerprint_input(routing, number)
+        for v in sorted(self.keyring.fingerprint_keys, reverse=True):
+            fp = self.keyring.fingerprint(value, v)
+            found = await self.pool.fetchval(
+                "SELECT account_id FROM accounts WHERE (fingerprint_version = $1 AND account_fingerprint = $2)"
+                " OR (next_fingerprint_version = $1 AND next_account_fingerprint = $2)", v, fp, timeout=self.timeout)
+            if found is not None:
+                return str(found)
+        return None
+
     async def _open_account(self, conn: Conn, account_id: str) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR SHARE", account_id)
         if row is None:

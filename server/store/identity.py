@@ -137,6 +137,43 @@ async def contributions(conn: Conn, codec: IdentityCodec, customer_ids: list[str
     return out
 
 
+_BLOCK_MEMBERS = ("SELECT b.k AS block, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
+                  " LATERAL (SELECT s.customer_id FROM identity_blocks ib JOIN source_records s USING (record_id)"
+                  "          WHERE ib.version = $3 AND ib.block = b.k LIMIT $2) r")
+
+
+def _chosen(hashes: list[int], per_block: dict[int, list[str]], exclude: str = "",
+            limit: int | None = MAX_CANDIDATE_CUSTOMERS) -> list[str]:
+    """The customers sharing a (not too common) block with a query, those sharing the most keys first:
+    they are the likely matches when blocks are crowded."""
+    hits: dict[str, int] = defaultdict(int)
+    for h in hashes:
+        members = per_block.get(h, ())
+        if len(members) <= MAX_BLOCK:
+            for cid in set(members):
+                hits[cid] += 1
+    hits.pop(exclude, None)
+    return sorted(hits, key=lambda c: (-hits[c], c))[:limit]
+
+
+async def _block_members(conn: Conn, hashes: list[int], version: int) -> dict[int, list[str]]:
+    # Per block at most MAX_BLOCK + 1 rows: a block that fills them is too common and is skipped.
+    per_block: dict[int, list[str]] = defaultdict(list)
+    for r in await conn.fetch(_BLOCK_MEMBERS, hashes, MAX_BLOCK + 1, version):
+        per_block[r["block"]].append(r["customer_id"])
+    return per_block
+
+
+def _score(model: MatchModel, identity: Identity, chosen: list[str],
+           records: dict[str, list[Contribution]]) -> list[tuple[str, Score]]:
+    scored: list[tuple[str, Score]] = []
+    for cid in chosen:
+        best = model.best(identity, (c.identity for c in records.get(cid, [])))
+        if best is not None:
+            scored.append((cid, best))
+    return scored
+
+
 async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identity: Identity, *,
                      exclude: str = "") -> list[tuple[str, Score]]:
     """Existing customers that share a blocking key with `identity`, each with its best score.
@@ -144,34 +181,28 @@ async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identi
     hashes = codec.blocks(identity)
     if not hashes:
         return []
-    # Per block at most MAX_BLOCK + 1 rows: a block that fills them is too common and is skipped.
-    rows = await conn.fetch(
-        "SELECT b.k AS block, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
-        " LATERAL (SELECT s.customer_id FROM identity_blocks ib JOIN source_records s USING (record_id)"
-        "          WHERE ib.version = $3 AND ib.block = b.k LIMIT $2) r", hashes, MAX_BLOCK + 1, codec.version)
-    per_block: dict[int, list[str]] = defaultdict(list)
-    for r in rows:
-        per_block[r["block"]].append(r["customer_id"])
-    hits: dict[str, int] = defaultdict(int)
-    for members in per_block.values():
-        if len(members) <= MAX_BLOCK:
-            for cid in set(members):
-                hits[cid] += 1
-    hits.pop(exclude, None)
-    if exclude and hits:
-        for r in await conn.fetch(
-                "SELECT customer_a, customer_b FROM identity_distinct WHERE (customer_a = $1 AND customer_b = ANY($2))"
-                " OR (customer_b = $1 AND customer_a = ANY($2))", exclude, list(hits)):
-            hits.pop(r["customer_b"] if r["customer_a"] == exclude else r["customer_a"], None)
-    # The customers sharing the most keys first: they are the likely matches when blocks are crowded.
-    chosen = sorted(hits, key=lambda c: (-hits[c], c))[:MAX_CANDIDATE_CUSTOMERS]
-    records = await contributions(conn, codec, chosen)
-    scored: list[tuple[str, Score]] = []
-    for cid in chosen:
-        best = model.best(identity, (c.identity for c in records.get(cid, [])))
-        if best is not None:
-            scored.append((cid, best))
-    return scored
+    chosen = _chosen(hashes, await _block_members(conn, hashes, codec.version), exclude, None)
+    if exclude and chosen:
+        distinct = {r["customer_b"] if r["customer_a"] == exclude else r["customer_a"] for r in await conn.fetch(
+            "SELECT customer_a, customer_b FROM identity_distinct WHERE (customer_a = $1 AND customer_b = ANY($2))"
+            " OR (customer_b = $1 AND customer_a = ANY($2))", exclude, chosen)}
+        chosen = [c for c in chosen if c not in distinct]
+    chosen = chosen[:MAX_CANDIDATE_CUSTOMERS]
+    return _score(model, identity, chosen, await contributions(conn, codec, chosen))
+
+
+async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel, identities: list[Identity],
+                          hashes: list[list[int]] | None = None) -> list[list[tuple[str, Score]]]:
+    """`candidates` for a batch (a bulk import): the blocks of every identity in one query, every
+    candidate customer's records in one more, then each identity scored as `candidates` scores it.
+    `hashes`: the identities' blocking hashes when the caller has them (sealed records carry them)."""
+    hashes = hashes if hashes is not None else [codec.blocks(i) for i in identities]
+    every = sorted({h for hs in hashes for h in hs})
+    per_block = await _block_members(conn, every, codec.version) if every else {}
+    chosen = [_chosen(hs, per_block) for hs in hashes]
+    wanted = sorted({cid for cs in chosen for cid in cs})
+    records = await contributions(conn, codec, wanted) if wanted else {}
+    return [_score(model, identity, cs, records) for identity, cs in zip(identities, chosen, strict=True)]
 
 
 def evidence_msgs(score: Score) -> list[pb.AttributeEvidence]:

@@ -1,0 +1,211 @@
+"""The source files of `crs import`: reading a CSV row by row, validating each row, and the rejects
+and report files (docs/identity.md, "Bulk import").
+
+A row that cannot be used is never fatal: it becomes a line of the rejects file (row, column, reason,
+and the offending cell's *shape*: letters as x, digits as 9, so an operator can see what kind of
+value it was without the value itself). Nothing from a cell is ever written anywhere in clear: not
+to the rejects file, the report, the logs or the terminal. Every row read is either accepted or
+rejected, and the counts say so.
+
+Rows are numbered as a spreadsheet numbers them: the header is row 1, the first data row row 2 (a
+quoted cell spanning lines counts from the line it starts on).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from server.identity.attributes import AttributeProblem, has_name, parse_identity, parse_source_ref
+from server.store.bulk import ImportRow
+
+CUSTOMER_COLUMNS = ("source_ref", "given_name", "family_name", "date_of_birth", "national_id", "national_id_type",
+                    "address_line1", "address_line2", "locality", "postcode", "region", "country", "phone", "email")
+ACCOUNT_COLUMNS = ("source_ref", "customer_source_ref", "routing_number", "account_number", "type", "currency")
+CARD_COLUMNS = ("source_ref", "routing_number", "account_number", "pan", "expiry")
+MAX_CELL = 1000           # a longer cell is a broken file (e.g. an unbalanced quote), not a value
+_NUL = "\ue000"           # what a NUL byte is read as (the csv module refuses NUL itself)
+ROW = "(row)"             # the column of a problem with the whole row
+REJECT_COLUMNS = ("row", "column", "reason", "shape")
+_SHAPE_KEEP = set(" -/.@'+,()#:_")
+
+
+@dataclass(frozen=True)
+class Reject:
+    row: int
+    column: str
+    reason: str
+    shape: str = ""
+
+
+def shape(value: str, limit: int = 24) -> str:
+    """What kind of value a cell held, never the value: 'AB12-x' -> 'XX99-x (6 chars)'."""
+    out = []
+    for c in value[:limit]:
+        if c.isdigit():
+            out.append("9")
+        elif c.isalpha():
+            out.append("X" if c.isupper() else "x")
+        elif c in _SHAPE_KEEP:
+            out.append(c)
+        else:
+            out.append("?")
+    return "".join(out) + ("..." if len(value) > limit else "") + f" ({len(value)} chars)"
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """SHA-256 of the file's bytes and its number of lines (the progress bar's total)."""
+    digest, lines = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+    return digest.hexdigest(), lines
+
+
+class SourceFile:
+    """A CSV source file with a header row naming `columns` (in any order, each exactly once)."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.path, self.columns = path, tuple(columns)
+        self.rows_read = 0
+
+    def header_problems(self, header: list[str]) -> list[Reject]:
+        problems = []
+        seen: set[str] = set()
+        for name in header:
+            clean = name.strip().lower()
+            if clean in seen:
+                problems.append(Reject(1, clean[:64], "column appears twice in the header"))
+            elif clean not in self.columns:
+                problems.append(Reject(1, "(header)", f"unknown column {_printable(clean)!r}; expected"
+                                                      f" {', '.join(self.columns)}"))
+            seen.add(clean)
+        problems += [Reject(1, c, "missing from the header") for c in self.columns if c not in seen]
+        return problems
+
+    def read(self) -> Iterator[tuple[int, dict[str, str] | Reject]]:
+        """(row, cells by column) per data row, or (row, Reject); a bad header raises HeaderError."""
+        with open(self.path, "rb") as raw:
+            text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            yield from self._rows(text)
+
+    def _rows(self, text: IO[str]) -> Iterator[tuple[int, dict[str, str] | Reject]]:
+        lines = (line.replace("\0", _NUL) for line in text)
+        reader = csv.reader(lines, strict=True)
+        try:
+            header = next(reader)
+        except (StopIteration, csv.Error):
+            raise HeaderError([Reject(1, "(header)", "the file has no header row")]) from None
+        if header and header[0].startswith("\ufeff"):
+            header[0] = header[0][1:]
+        problems = self.header_problems(header)
+        if problems:
+            raise HeaderError(problems)
+        names = [h.strip().lower() for h in header]
+        start = reader.line_num + 1
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                self.rows_read += 1
+                yield start, Reject(start, ROW, f"is not valid CSV ({_csv_reason(exc)})")
+                start = reader.line_num + 1
+                continue
+            row, start = start, reader.line_num + 1
+            self.rows_read += 1
+            yield row, self._check(row, names, cells)
+
+    @staticmethod
+    def _check(row: int, names: list[str], cells: list[str]) -> dict[str, str] | Reject:
+        if not cells or (all(not c.strip() for c in cells) and len(cells) <= 1):
+            return Reject(row, ROW, "is empty")
+        if len(cells) != len(names):
+            return Reject(row, ROW, f"has {len(cells)} columns; the header has {len(names)}")
+        for name, cell in zip(names, cells, strict=True):
+            if any("\udc80" <= c <= "\udcff" for c in cell):
+                return Reject(row, name, "is not valid UTF-8", shape(cell))
+            if _NUL in cell:
+                return Reject(row, name, "contains a NUL byte", shape(cell))
+            if len(cell) > MAX_CELL:
+                return Reject(row, name, f"is longer than {MAX_CELL} characters", shape(cell))
+        return dict(zip(names, cells, strict=True))
+
+
+class HeaderError(Exception):
+    def __init__(self, problems: list[Reject]) -> None:
+        super().__init__("; ".join(f"{p.column}: {p.reason}" for p in problems))
+        self.problems = problems
+
+
+def _printable(text: str) -> str:
+    return "".join(c if c.isprintable() and not "\udc80" <= c <= "\udcff" else "?" for c in text)[:40]
+
+
+def _csv_reason(exc: csv.Error) -> str:
+    # The csv module's messages name the problem, never the cell ("',' expected after '\"'").
+    return _printable(str(exc))
+
+
+class SeenKeys:
+    """Source keys already read in this file: the second row with one is rejected."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, int] = {}
+
+    def check(self, row: int, key: str, column: str = "source_ref") -> Reject | None:
+        first = self.first.setdefault(key, row)
+        return None if first == row else Reject(row, column, f"duplicates the source_ref of row {first}")
+
+
+def source_key(row: int, value: str, column: str = "source_ref") -> str | Reject:
+    """A source key of the run's system, or why it is unusable."""
+    try:
+        return parse_source_ref("import", value).key
+    except AttributeProblem as problem:
+        reason = "is empty" if not value else problem.reason
+        return Reject(row, column, reason, shape(value))
+
+
+def customer_row(row: int, cells: dict[str, str], seen: SeenKeys) -> ImportRow | Reject:
+    """Validate one customer row: a source_ref and a name are required, every other attribute is
+    optional (a bad one is dropped and listed as a warning)."""
+    key = source_key(row, cells["source_ref"])
+    if isinstance(key, Reject):
+        return key
+    duplicate = seen.check(row, key)
+    if duplicate:
+        return duplicate
+    identity, problems = parse_identity(cells, strict=False)
+    warnings = tuple(f"{p.field}: {p.reason}" for p in problems)
+    if not has_name(identity):
+        why = "; ".join(w for w in warnings if w.startswith(("given_name", "family_name")))
+        return Reject(row, "given_name,family_name", "no usable name" + (f" ({why})" if why else ""))
+    return ImportRow(row, key, identity, warnings)
+
+
+class Rejects:
+    """The rejects file (written as rows are read; `count` of them)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.count = 0
+        self.file = open(path, "w", newline="", encoding="utf-8") if path else None
+        self.writer = csv.writer(self.file, lineterminator="\n") if self.file else None
+        if self.writer:
+            self.writer.writerow(REJECT_COLUMNS)
+
+    def add(self, reject: Reject) -> None:
+        self.count += 1
+        if self.writer:
+            self.writer.writerow((reject.row, reject.column, reject.reason, reject.shape))
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()

@@ -1,0 +1,270 @@
+"""`crs import customers|accounts|cards FILE.csv --source SYSTEM --report OUT.csv`: bulk loads from a
+source system's extract (docs/identity.md, "Bulk import").
+
+Customers are identified as online (server/store/bulk.py) in batches, one transaction each; accounts
+and cards go through the admin write path one row at a time (server/store/admin.py: the same
+validation, fingerprints, encryption, feed events and cache invalidation as CreateAccount/IssueCard),
+with the source reference as the request id, so a re-run answers the first run's account or card.
+Every command talks to PostgreSQL directly (CRS_PG_DSN) through a pool of two connections, so a
+running import leaves the nodes' lookups alone; stale cache keys go through the outbox relay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from server.cli.base import RAW, CommandFailed, settings_from_args
+from server.cli.import_files import (
+    ACCOUNT_COLUMNS,
+    CARD_COLUMNS,
+    CUSTOMER_COLUMNS,
+    HeaderError,
+    Reject,
+    Rejects,
+    SeenKeys,
+    SourceFile,
+    customer_row,
+    file_digest,
+    source_key,
+)
+from server.identity.attributes import AttributeProblem, parse_source_ref
+from server.progress import ProgressBar
+from server.settings import Settings
+
+BATCH = 1000
+POOL_SIZE = 2            # connections: an import must not starve the nodes' lookups
+KINDS = {"customers": CUSTOMER_COLUMNS, "accounts": ACCOUNT_COLUMNS, "cards": CARD_COLUMNS}
+REPORT_COLUMNS = {
+    "customers": ("row", "source_ref", "customer_id", "decision", "score", "warnings"),
+    "accounts": ("row", "source_ref", "account_id", "decision", "customer_id", "account"),
+    "cards": ("row", "source_ref", "token", "decision", "account_id", "card"),
+}
+
+
+class Summary:
+    def __init__(self) -> None:
+        self.read = self.rejected = 0
+        self.decisions: Counter[str] = Counter()
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.decisions.values())
+
+    def line(self, kind: str) -> str:
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items()))
+        return (f"{kind}: {self.read} rows read, {self.accepted} accepted ({parts or 'none'}),"
+                f" {self.rejected} rejected")
+
+
+def _report_file(path: Path) -> IO[str]:
+    return open(path, "w", newline="", encoding="utf-8")
+
+
+async def _open(settings: Settings) -> tuple[Any, Any, Any]:
+    import asyncpg
+
+    from server.errors import BackendUnavailable
+    from server.store.db import active_data_key
+
+    try:
+        pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=POOL_SIZE,
+                                         command_timeout=max(settings.pg_timeout * 50, 60))
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+    keyring = settings.keyring()
+    return pool, keyring, await active_data_key(pool, keyring)
+
+
+def _batches(source: SourceFile, rejects: Rejects, parse: Callable[[int, dict[str, str]], Any],
+             size: int) -> Iterator[tuple[list[Any], int]]:
+    """Accepted rows in batches of `size`, with the last row each batch reaches; rejects written."""
+    batch: list[Any] = []
+    last = 1
+    for row, cells in source.read():
+        last = row
+        item = cells if isinstance(cells, Reject) else parse(row, cells)
+        if isinstance(item, Reject):
+            rejects.add(item)
+        else:
+            batch.append(item)
+        if len(batch) >= size:
+            yield batch, last
+            batch = []
+    yield batch, last
+
+
+async def import_customers(settings: Settings, path: Path, system: str, report: Path, rejects_path: Path | None,
+                           batch: int, out: Any = None) -> Summary:
+    from server.identity.model import MatchModel, Thresholds
+    from server.store.bulk import BulkCustomers, begin_run, finish_run, run_id
+    from server.store.identity import IdentityCodec
+
+    digest, lines = file_digest(path)
+    pool, keyring, data_key = await _open(settings)
+    summary, rejects = Summary(), Rejects(rejects_path)
+    try:
+        bulk = BulkCustomers(pool=pool, codec=IdentityCodec(keyring=keyring, data_key=data_key),
+                             model=MatchModel.load(settings.identity_weights or None),
+                             thresholds=Thresholds(match=settings.identity_match_threshold,
+                                                   review=settings.identity_review_threshold), system=system)
+        run = run_id(system, "customers", digest)
+        done, finished = await begin_run(pool, run, system, "customers")
+        err = out or sys.stderr
+        if finished is not None:
+            err.write(f"this file was imported for {system} on {finished:%Y-%m-%d %H:%M}: checking every row,"
+                      " nothing will be created twice\n")
+        elif done:
+            err.write(f"resuming run {run}: rows up to {done} were committed before\n")
+        source = SourceFile(path, CUSTOMER_COLUMNS)
+        seen = SeenKeys()
+        progress = ProgressBar(err, f"importing customers from {path.name}", max(lines - 1, 0))
+        with _report_file(report) as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(REPORT_COLUMNS["customers"])
+            for rows, last in _batches(source, rejects, lambda r, c: customer_row(r, c, seen), batch):
+                outcomes = await bulk.write_batch(rows, run, last) if rows else []
+                for o in outcomes:
+                    summary.decisions[o.decision] += 1
+                    writer.writerow((o.row, o.key, o.customer_id, o.decision,
+                                     "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
+                progress.update(source.rows_read, f"rejected {rejects.count}")
+        summary.read, summary.rejected = source.rows_read, rejects.count
+        progress.finish(f"rejected {rejects.count}")
+        await finish_run(pool, run, last_row(source))
+    finally:
+        rejects.close()
+        await pool.close()
+    return summary
+
+
+def last_row(source: SourceFile) -> int:
+    return source.rows_read + 1
+
+
+async def import_links(kind: str, settings: Settings, path: Path, system: str, report: Path,
+                       rejects_path: Path | None, customer_system: str, out: Any = None) -> Summary:
+    """Accounts (owned by a customer named by its source reference) or cards (of an account named by
+    routing and account number), one admin write each."""
+    from server.cli.import_links import LinkWriter
+    from server.store.bulk import run_id
+
+    digest, lines = file_digest(path)
+    pool, keyring, data_key = await _open(settings)
+    summary, rejects = Summary(), Rejects(rejects_path)
+    try:
+        writer_ = LinkWriter(pool=pool, keyring=keyring, data_key=data_key, timeout=settings.pg_timeout * 5,
+                             system=system, customer_system=customer_system)
+        run = run_id(system, kind, digest)
+        await writer_.begin(run, kind)
+        source = SourceFile(path, KINDS[kind])
+        seen = SeenKeys()
+        progress = ProgressBar(out or sys.stderr, f"importing {kind} from {path.name}", max(lines - 1, 0))
+        parse = writer_.parse_account if kind == "accounts" else writer_.parse_card
+
+        def check(row: int, cells: dict[str, str]) -> Any:
+            key = source_key(row, cells["source_ref"])
+            if isinstance(key, Reject):
+                return key
+            return seen.check(row, key) or parse(row, key, cells)
+
+        with _report_file(report) as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(REPORT_COLUMNS[kind])
+            for rows, _ in _batches(source, rejects, check, BATCH // 10):
+                for item in rows:
+                    result = await writer_.write(kind, item, run)
+                    if isinstance(result, Reject):
+                        rejects.add(result)
+                        continue
+                    summary.decisions[result[2]] += 1
+                    writer.writerow(result)
+                progress.update(source.rows_read, f"rejected {rejects.count}")
+        summary.read, summary.rejected = source.rows_read, rejects.count
+        progress.finish(f"rejected {rejects.count}")
+        await writer_.finish(run, last_row(source))
+    finally:
+        rejects.close()
+        await pool.close()
+    return summary
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from server.errors import BackendUnavailable
+
+    kind: str = args.import_kind
+    try:
+        parse_source_ref(args.source, "x")
+        if args.customer_source:
+            parse_source_ref(args.customer_source, "x")
+    except AttributeProblem as problem:
+        print(f"crs import: --source {problem.reason}", file=sys.stderr)
+        return 2
+    if args.batch < 1 or args.batch > 50_000:
+        print("crs import: --batch must be 1-50000", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
+    path, report = Path(args.file), Path(args.report)
+    rejects = Path(args.rejects) if args.rejects else None
+    try:
+        if not path.is_file():
+            raise CommandFailed(f"{path} is not a file", 2)
+        if kind == "customers":
+            summary = asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch))
+        else:
+            summary = asyncio.run(import_links(kind, settings, path, args.source, report, rejects,
+                                               args.customer_source or args.source))
+    except HeaderError as exc:
+        if rejects:
+            r = Rejects(rejects)
+            for p in exc.problems:
+                r.add(p)
+            r.close()
+        print(f"crs import: {path.name}: bad header, nothing imported: {exc}", file=sys.stderr)
+        return 1
+    except CommandFailed as exc:
+        print(f"crs import: {exc}", file=sys.stderr)
+        return exc.code
+    except BackendUnavailable as exc:
+        print(f"crs import: {exc}", file=sys.stderr)
+        return 3
+    print(summary.line(kind))
+    print(f"report: {report}" + (f"; rejects: {rejects}" if rejects else ""))
+    if summary.read != summary.accepted + summary.rejected:       # never expected: say so loudly
+        print("crs import: rows read != accepted + rejected; please report this", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser("import", help="bulk-load customers, accounts or cards from a source system's CSV")
+    ks = s.add_subparsers(dest="import_kind", required=True, metavar="KIND")
+    help_text = {
+        "customers": "customers with identity attributes, identified against the repository and each other",
+        "accounts": "accounts, each owned by a customer named by its source reference",
+        "cards": "cards, each of an account named by routing and account number",
+    }
+    for kind, columns in KINDS.items():
+        k = ks.add_parser(kind, help=help_text[kind], formatter_class=RAW, description=(
+            f"Load {kind} from FILE (CSV, UTF-8, a header row) for source system --source. Columns:\n"
+            f"  {','.join(columns)}\n"
+            "An empty cell is unknown. Rows that cannot be used go to --rejects (row, column, reason,\n"
+            "the cell's shape: never a value); the load goes on. The source reference is the\n"
+            "idempotency key: re-running a file creates nothing twice, and an interrupted load resumes.\n"
+            "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
+            "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
+            "1 a bad header (nothing loaded), 2 bad usage, 3 PostgreSQL unavailable."))
+        k.add_argument("file", metavar="FILE.csv")
+        k.add_argument("--source", required=True, metavar="SYSTEM", help="the source system, e.g. core-banking")
+        k.add_argument("--report", required=True, metavar="OUT.csv", help="one line per accepted row")
+        k.add_argument("--rejects", metavar="REJECTS.csv", help="one line per rejected row")
+        k.add_argument("--batch", type=int, default=BATCH, help=f"rows per transaction (default {BATCH})")
+        k.add_argument("--customer-source", metavar="SYSTEM",
+                       help="accounts: the system of customer_source_ref (default --source)")
+        k.set_defaults(func=cmd_import)

@@ -1,0 +1,257 @@
+"""Bulk import of customers (`crs import customers`, docs/identity.md "Bulk import"): one PostgreSQL
+transaction per batch of a source file, with identification as online and the change feed as online.
+
+Per batch:
+1. rows whose source reference is already on file are answered with their customer (`existing`):
+   the source reference is the idempotency key, so a re-run or a resumed run creates nothing twice;
+2. the new rows are clustered among themselves (server/identity/cluster.py: duplicates inside one
+   file become one customer) and matched against the stored customers with the batched candidate
+   search (`candidates_many`: one query for every blocking key of the batch, one for the candidate
+   records), scored by the same MatchModel and decided by the same rules as IdentifyCustomer;
+3. a cluster whose rows MATCH exactly one existing customer joins it (its version goes up, an outbox
+   row carries its cache key to the relay); any other cluster becomes a new customer, with review
+   tasks for its possible matches (stored ones, and other clusters of the file);
+4. customers, source records and blocking keys are written with COPY, then the audit row, the
+   run's progress, and last the outbox rows, under FEED_LOCK as the write envelope draws them
+   (server/store/envelope.py), so feed sequences stay in commit order.
+
+Two concurrent creates of one person are serialised online by advisory locks on blocking keys; a
+batch takes none (thousands per transaction would exhaust the lock table), so an online create of
+the same person during an import may make a twin, which the review queue or a later merge catches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+import orjson
+
+from server import cache_keys as ck
+from server.feed.events import feed_fields
+from server.identity.attributes import Identity
+from server.identity.cluster import cluster
+from server.identity.golden import display_name
+from server.identity.model import MatchModel, Score, Thresholds
+from server.proto import crs_pb2 as pb
+from server.store.admin import MAX_NAME, new_id
+from server.store.db import Conn, translate_db_errors
+from server.store.envelope import FEED_CHANNEL, FEED_LOCK
+from server.store.identity import IdentityCodec, candidates_many
+from server.store.identity_writes import MAX_CANDIDATES, queue_reviews
+from server.store.messages import customer_msg
+
+IMPORT_CLIENT = "crs-import"     # the audit log's client id of bulk imports
+NEW, MATCHED, POSSIBLE, EXISTING = "new", "matched", "possible_match", "existing"
+_OUTBOX_COLUMNS = ("event_type", "entity_type", "entity_id", "payload", "cache_keys", "feed_type", "feed_op",
+                   "feed_id", "feed_version", "state", "invalidated_at", "settled_at")
+_RECORD_COLUMNS = ("record_id", "source_system", "source_key", "customer_id", "home_customer_id",
+                   "fingerprint_version", "national_id_fp", "national_id_last4", "attributes_ciphertext", "dek_id",
+                   "next_fingerprint_version", "next_national_id_fp")
+
+
+@dataclass(frozen=True)
+class ImportRow:
+    row: int                        # the row of the file (the header is row 1)
+    key: str                        # the source key (the system is the run's)
+    identity: Identity
+    warnings: tuple[str, ...] = ()  # "column: reason" of each attribute dropped (never a value)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    row: int
+    key: str
+    customer_id: str
+    decision: str                   # NEW, MATCHED, POSSIBLE, EXISTING
+    score: float | None
+    warnings: tuple[str, ...]
+
+
+@dataclass
+class _Group:
+    """One cluster of the batch: the rows that are one person, and what becomes of them."""
+
+    members: list[int]
+    customer_id: str = ""
+    joins: bool = False                                      # joins an existing customer
+    scores: dict[int, float] = field(default_factory=dict)   # per member: the score reported
+    reviews: dict[str, Score] = field(default_factory=dict)  # candidate customer -> best score
+    possible: bool = False                                   # resembles another cluster of the file
+
+
+def run_id(system: str, kind: str, content_sha256: str) -> str:
+    """The id of an import run: the same file for the same system resumes the same run."""
+    return hashlib.sha256(f"{kind}\0{system}\0{content_sha256}".encode()).hexdigest()[:32]
+
+
+async def begin_run(pool: asyncpg.Pool, run: str, system: str, kind: str) -> tuple[int, datetime | None]:
+    """Start or resume `run`: the rows committed so far and when it finished (None: not yet)."""
+    with translate_db_errors():
+        async with pool.acquire() as conn:
+            await conn.execute("INSERT INTO import_runs (run_id, source_system, kind) VALUES ($1, $2, $3)"
+                               " ON CONFLICT DO NOTHING", run, system, kind)
+            row = await conn.fetchrow("SELECT rows_done, finished_at FROM import_runs WHERE run_id = $1", run)
+    assert row is not None
+    return int(row["rows_done"]), row["finished_at"]
+
+
+async def finish_run(pool: asyncpg.Pool, run: str, rows: int) -> None:
+    with translate_db_errors():
+        await pool.execute("UPDATE import_runs SET rows_done = greatest(rows_done, $2),"
+                           " finished_at = coalesce(finished_at, now()) WHERE run_id = $1", run, rows)
+
+
+class BulkCustomers:
+    def __init__(self, *, pool: asyncpg.Pool, codec: IdentityCodec, model: MatchModel, thresholds: Thresholds,
+                 system: str) -> None:
+        self.pool, self.codec, self.model, self.thresholds, self.system = pool, codec, model, thresholds, system
+
+    @staticmethod
+    async def progress(conn: Conn, run: str, rows_done: int, rpc: str, entity: str, ids: list[str]) -> None:
+        """The run's progress and the batch's audit row, in the batch's transaction."""
+        await conn.execute("UPDATE import_runs SET rows_done = greatest(rows_done, $2) WHERE run_id = $1",
+                           run, rows_done)
+        await conn.execute(
+            "INSERT INTO audit_log (client_id, via, rpc, request_id, entity_type, entity_ids, result)"
+            " VALUES ($1, 'cli', $2, $3, $4, $5, 'OK')", IMPORT_CLIENT, rpc, run, entity, ids)
+
+    # -- customers -----------------------------------------------------------------------------
+    async def existing(self, conn: Conn, keys: list[str]) -> dict[str, str]:
+        """Source key -> the customer it belongs to now (a merged one answers its survivor)."""
+        rows = await conn.fetch(
+            "SELECT s.source_key, coalesce(c.merged_into, s.customer_id) AS customer_id FROM source_records s"
+            " JOIN customers c ON c.customer_id = s.customer_id"
+            " WHERE s.source_system = $1 AND s.source_key = ANY($2::text[])", self.system, keys)
+        return {r["source_key"]: r["customer_id"] for r in rows}
+
+    async def write_batch(self, rows: Sequence[ImportRow], run: str, rows_done: int) -> list[Outcome]:
+        """Identify and write one batch in one transaction; an outcome per row, in row order."""
+        with translate_db_errors():
+            async with self.pool.acquire() as conn, conn.transaction():
+                known = await self.existing(conn, [r.key for r in rows])
+                fresh = [r for r in rows if r.key not in known]
+                outcomes = [Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings)
+                            for r in rows if r.key in known]
+                if fresh:
+                    outcomes += await self._identify_and_write(conn, fresh)
+                created = sorted({o.customer_id for o in outcomes if o.decision in (NEW, POSSIBLE)})
+                joined = sorted({o.customer_id for o in outcomes if o.decision == MATCHED})
+                await self.progress(conn, run, rows_done, "ImportCustomers", "customer", created + joined)
+                if fresh:
+                    await self._feed(conn, created, joined, fresh)
+        return sorted(outcomes, key=lambda o: o.row)
+
+    async def _identify_and_write(self, conn: Conn, rows: list[ImportRow]) -> list[Outcome]:
+        identities = [r.identity for r in rows]
+        sealed = [self.codec.seal(i) for i in identities]
+        groups, pairs = self._decide(identities, await candidates_many(conn, self.codec, self.model, identities,
+                                                                       [s.blocks for s in sealed]))
+        by_row = {m: g for g in groups for m in g.members}
+        new_groups = [g for g in groups if not g.joins]
+        for g in new_groups:
+            g.customer_id = new_id("cus_")
+        await conn.copy_records_to_table(
+            "customers", columns=("customer_id", "display_name", "segment", "status", "kyc_status"),
+            records=[(g.customer_id, self._name(identities[g.members[0]]), "retail", pb.CUSTOMER_STATUS_ACTIVE,
+                      pb.KYC_STATUS_PENDING) for g in new_groups])
+        record_ids = [r[0] for r in await conn.fetch(
+            "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)", len(rows))]
+        records, blocks = [], []
+        for i, (row, record_id, seal) in enumerate(zip(rows, record_ids, sealed, strict=True)):
+            cid = by_row[i].customer_id
+            records.append((record_id, self.system, row.key, cid, cid, seal.fingerprint_version,
+                            seal.national_id_fp, seal.national_id_last4, seal.ciphertext, seal.dek_id,
+                            seal.next_fingerprint_version, seal.next_national_id_fp))
+            blocks += [(v, b, record_id) for v, b in seal.block_rows]
+        await conn.copy_records_to_table("source_records", columns=_RECORD_COLUMNS, records=records)
+        await conn.copy_records_to_table("identity_blocks", columns=("version", "block", "record_id"), records=blocks)
+        queued = 0
+        for g in new_groups:
+            queued += await queue_reviews(conn, g.customer_id, sorted(g.reviews.items()), self.thresholds.review)
+        for a, b, s in pairs:    # two customers of this file that resemble each other without a MATCH
+            if a.customer_id != b.customer_id:
+                queued += await queue_reviews(conn, a.customer_id, [(b.customer_id, s)], self.thresholds.review)
+        out: list[Outcome] = []
+        for i, row in enumerate(rows):
+            g = by_row[i]
+            decision = MATCHED if g.joins else POSSIBLE if g.reviews or g.possible else NEW
+            out.append(Outcome(row.row, row.key, g.customer_id, decision, g.scores.get(i), row.warnings))
+        return out
+
+    def _decide(self, identities: list[Identity], scored: list[list[tuple[str, Score]]]
+                ) -> tuple[list[_Group], list[tuple[_Group, _Group, Score]]]:
+        """Cluster the batch, then decide per cluster: join the one existing customer its rows MATCH,
+        else a new customer with reviews of every possible match (stored or in the file)."""
+        clusters = cluster(identities, self.model, self.thresholds)
+        members: dict[int, list[int]] = defaultdict(list)
+        for i, label in enumerate(clusters.labels):
+            members[label].append(i)
+        groups = {label: _Group(m) for label, m in members.items()}
+        for i, j, s in clusters.joined:       # a row that joined its cluster reports that score
+            later = max(i, j)
+            groups[clusters.labels[later]].scores.setdefault(later, s.probability)
+        for g in groups.values():
+            matched: dict[str, Score] = {}
+            for i in g.members:
+                decision = self.model.decide(scored[i], self.thresholds, MAX_CANDIDATES)
+                if decision.decision == "MATCH":
+                    cid, s = decision.candidates[0]
+                    if cid not in matched or s.probability > matched[cid].probability:
+                        matched[cid] = s
+                for cid, s in decision.candidates:
+                    if cid not in g.reviews or s.probability > g.reviews[cid].probability:
+                        g.reviews[cid] = s
+            if len(matched) == 1:
+                cid = next(iter(matched))
+                g.joins, g.customer_id, g.reviews = True, cid, {}
+                for i in g.members:
+                    own = {c: s for c, s in scored[i]}.get(cid)
+                    if own is not None and own.probability >= self.thresholds.review:
+                        g.scores[i] = own.probability
+            elif g.reviews:
+                best = max(s.probability for s in g.reviews.values())
+                for i in g.members:
+                    g.scores.setdefault(i, best)
+        # Two clusters of the file that resemble each other without a MATCH: a person reviews them.
+        pairs = [(groups[clusters.labels[i]], groups[clusters.labels[j]], s) for i, j, s in clusters.possible]
+        for a, b, s in pairs:
+            for g in (a, b):
+                if a is not b and not g.joins:
+                    g.possible = True
+                    for i in g.members:
+                        g.scores[i] = max(g.scores.get(i, 0.0), s.probability)
+        return list(groups.values()), [p for p in pairs if p[0] is not p[1]]
+
+    @staticmethod
+    def _name(identity: Identity) -> str:
+        return display_name(identity)[:MAX_NAME] or "(no name)"
+
+    async def _feed(self, conn: Conn, created: list[str], joined: list[str], rows: list[ImportRow]) -> None:
+        if joined:
+            await conn.execute("UPDATE customers SET version = version + 1, updated_at = now()"
+                               " WHERE customer_id = ANY($1::text[])", joined)
+        states = {r["customer_id"]: customer_msg(r) for r in await conn.fetch(
+            "SELECT * FROM customers WHERE customer_id = ANY($1::text[])", created + joined)}
+        now = datetime.now(UTC)
+        records = []
+        for event, ids in (("customer.created", created), ("customer.record_added", joined)):
+            for cid in ids:
+                state = states[cid]
+                feed = feed_fields(event, state)
+                payload = {"source_system": self.system, "decision": "import", "version": state.version}
+                # A new customer id was never cached: its row is settled at once. A joined customer's
+                # cached answer is stale: the relay deletes its key (throttled by the relay's batches).
+                keys = [ck.customer_key(cid)] if event == "customer.record_added" else []
+                settled = None if keys else now
+                records.append((event, "customer", cid, orjson.dumps(payload).decode(), keys, feed.entity_type,
+                                feed.op, feed.entity_id, feed.version, state.SerializeToString(), settled, settled))
+        # Last in the transaction, as the envelope: the feed sequences (the outbox's seq default) are
+        # drawn under FEED_LOCK, held until commit, so they are handed out in commit order.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", FEED_LOCK)
+        await conn.copy_records_to_table("outbox", columns=_OUTBOX_COLUMNS, records=records)
+        await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)

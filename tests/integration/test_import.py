@@ -1,0 +1,340 @@
+"""`crs import customers|accounts|cards` on the real stack (PostgreSQL, Redis, a node), run in-process
+through the `crs` parser: every kind of bad row is rejected or warned about with its row, column and
+reason and never with its value; counts add up; duplicates inside a file become one customer; a row
+of a customer created through gRPC joins it; a re-run creates nothing; an interrupted run resumes;
+the feed and the outbox carry the events; imported accounts and cards resolve through a node."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import random
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from devstack.environment import DevEnvironment
+from server.cli.import_files import CUSTOMER_COLUMNS
+from server.cli.main import main as crs
+from server.pan import luhn_check_digit
+from server.proto import crs_pb2 as pb
+from server.store.bulk import BulkCustomers
+from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan
+
+HEADER = ",".join(CUSTOMER_COLUMNS)
+
+
+@pytest.fixture
+def env_vars(dev_env: DevEnvironment, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for k, v in dev_env.keys.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("CRS_PG_DSN", dev_env.operator_dsn)
+    monkeypatch.setenv("CRS_REDIS_SHARDS", ",".join(f"{n}={u}" for n, u in dev_env.shard_urls().items()))
+    yield
+
+
+def _sql(env: DevEnvironment, query: str, *args: Any) -> list[asyncpg.Record]:
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(env.admin_dsn)
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _dob(used: UsedSecrets) -> str:
+    month, day = random.sample(range(1, 13), 2)
+    dob = f"{random.randint(1935, 2003)}-{month:02d}-{day:02d}"
+    used.identity.add(dob)
+    return dob
+
+
+def _ssn(used: UsedSecrets) -> str:
+    ssn = f"{random.randint(1, 665):03d}-{random.randint(1, 99):02d}-{random.randint(1, 9999):04d}"
+    used.identity.add(ssn.replace("-", ""))
+    return ssn
+
+
+def _row(used: UsedSecrets, ref: str, **over: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:6]
+    row = {c: "" for c in CUSTOMER_COLUMNS}
+    row.update(source_ref=ref, given_name="Theodora", family_name=f"Vasquez{tag}", date_of_birth=_dob(used),
+               address_line1=f"{random.randint(1, 9999)} Orchard Lane", locality="Springfield",
+               postcode=f"{random.randint(10000, 99999)}", country="US", email=f"tv{tag}@example.com")
+    row.update(over)
+    return row
+
+
+def _line(row: dict[str, str]) -> bytes:
+    out = []
+    for c in CUSTOMER_COLUMNS:
+        v = row[c]
+        out.append('"' + v.replace('"', '""') + '"' if any(ch in v for ch in ',"\n') else v)
+    return ",".join(out).encode("utf-8", "surrogateescape")
+
+
+def _write(path: Path, lines: list[bytes], header: bytes = HEADER.encode()) -> Path:
+    path.write_bytes(b"\n".join([header, *lines]) + b"\n")
+    return path
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _import(tmp: Path, kind: str, file: Path, source: str, *extra: str) -> tuple[int, list[dict[str, str]],
+                                                                                 list[dict[str, str]]]:
+    report, rejects = tmp / f"{file.stem}-report.csv", tmp / f"{file.stem}-rejects.csv"
+    code = crs(["import", kind, str(file), "--source", source, "--report", str(report), "--rejects", str(rejects),
+                *extra])
+    return code, _read(report) if report.exists() else [], _read(rejects) if rejects.exists() else []
+
+
+def _bad_sin(used: UsedSecrets) -> str:
+    body = f"{random.randint(1, 7)}{random.randint(0, 9999999):07d}"
+    good = luhn_check_digit(body)
+    sin = body + str((int(good) + 1) % 10)
+    used.identity.add(sin)
+    return sin
+
+
+def test_rejects_and_warnings_name_row_column_reason_never_a_value(
+        env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    system = "dirty-" + uuid.uuid4().hex[:6]
+    year = random.randint(1940, 1990)
+    for value in (f"{year}-02-30", f"{year}-13-01", f"12/31/{year}", f"1850-06-{random.randint(10, 28)}"):
+        used_secrets.identity.add(value)
+    lines: list[bytes] = []
+    expect: list[tuple[str, str, str]] = []      # (where, column, reason fragment), one per data row
+    good = _row(used_secrets, "R-good")
+
+    def add(where: str, column: str, reason: str, line: bytes) -> None:
+        lines.append(line)
+        expect.append((where, column, reason))
+
+    def row(where: str, column: str, reason: str, **over: str) -> None:
+        add(where, column, reason, _line(_row(used_secrets, over.pop("source_ref", f"R{len(lines)}"), **over)))
+
+    add("ok", "", "", _line(good))
+    # Rejected rows (the rejects file).
+    row("reject", "source_ref", "is empty", source_ref="")
+    row("reject", "source_ref", "without leading or trailing spaces", source_ref=" R-space")
+    row("reject", "source_ref", "printable characters", source_ref="R" * 129)
+    row("reject", "source_ref", "printable characters", source_ref="R-\x01ctl")
+    row("reject", "source_ref", "duplicates the source_ref of row 2", source_ref="R-good")
+    row("reject", "given_name,family_name", "no usable name", given_name="", family_name="")
+    row("reject", "given_name,family_name", "given_name: has no letters", given_name="1234", family_name="")
+    row("reject", "given_name,family_name", "given_name: is longer than 100", given_name="A" * 150, family_name="")
+    row("reject", "given_name,family_name", "given_name: contains control", given_name="Ann\x07", family_name="")
+    add("reject", "(row)", "has 13 columns; the header has 14", _line(_row(used_secrets, "R-few")).rsplit(b",", 1)[0])
+    add("reject", "(row)", "has 15 columns; the header has 14", _line(_row(used_secrets, "R-many")) + b",extra")
+    add("reject", "family_name", "is not valid UTF-8",
+        _line(_row(used_secrets, "R-latin1", family_name="M\udce9ndez")))
+    add("reject", "source_ref", "is not valid UTF-8", _line(_row(used_secrets, "R-\udcff")))
+    add("reject", "locality", "contains a NUL byte", _line(_row(used_secrets, "R-nul")).replace(b"Springfield",
+                                                                                                 b"Spring\x00field"))
+    add("reject", "(row)", "is empty", b"")
+    row("reject", "address_line2", "is longer than 1000 characters", address_line2="x" * 1200)
+    add("reject", "(row)", "is not valid CSV", b'R-quote,"Theo"dora,Smith' + b"," * 11)
+    # Accepted rows with a dropped attribute (the report's warnings).
+    row("warn", "date_of_birth", "is not a calendar date", date_of_birth=f"{year}-02-30")
+    row("warn", "date_of_birth", "is not a calendar date", date_of_birth=f"{year}-13-01")
+    row("warn", "date_of_birth", "must be YYYY-MM-DD", date_of_birth=f"12/31/{year}")
+    row("warn", "date_of_birth", "must be between 1900 and today", date_of_birth="2999-01-01")
+    row("warn", "date_of_birth", "must be between 1900 and today", date_of_birth=f"1850-06-{random.randint(10, 28)}")
+    row("warn", "national_id", "is not a valid US_SSN", national_id="000-12-3456", national_id_type="US_SSN")
+    row("warn", "national_id", "fails the CA_SIN check digit", national_id=_bad_sin(used_secrets),
+        national_id_type="CA_SIN")
+    row("warn", "national_id", "is not a valid UK National Insurance", national_id="QQ123456Z",
+        national_id_type="GB_NINO")
+    row("warn", "national_id_type", "must be one of", national_id="ABC12345", national_id_type="XX_ID")
+    row("warn", "national_id", "an opaque national id must be 4-20", national_id="ab1")
+    row("warn", "national_id", "is empty but national_id_type is set", national_id_type="US_SSN")
+    row("warn", "phone", "is not a phone number", phone="call me")
+    row("warn", "phone", "is not a valid number", phone="12-34")
+    row("warn", "email", "is not an email address", email="someone@")
+    row("warn", "country", "ISO 3166-1 alpha-2", country="USA")
+    row("warn", "postcode", "must be letters and digits", postcode="62@04")
+    row("warn", "address_line1", "is longer than 200", address_line1="9 " + "Long " * 50)
+    row("warn", "given_name", "contains control", given_name="Theo\x1bdora")
+    row("warn", "locality", "contains control", locality="Spring\x7ffield")
+    row("warn", "family_name", "has no letters", family_name="--")
+    used_secrets.identity |= {"000123456", "QQ123456Z", "ABC12345"}
+
+    code, report, rejects = _import(tmp_path, "customers", _write(tmp_path / "dirty.csv", lines), system)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    by_row_reject = {int(r["row"]): r for r in rejects}
+    by_row_report = {int(r["row"]): r for r in report}
+    kinds = set()
+    for n, (where, column, reason) in enumerate(expect, start=2):
+        if where == "reject":
+            got = by_row_reject.get(n)
+            assert got is not None and n not in by_row_report, (n, column, reason)
+            assert got["column"] == column and reason in got["reason"], (n, got)
+        else:
+            got = by_row_report.get(n)
+            assert got is not None and n not in by_row_reject, (n, column, reason)
+            if where == "warn":
+                assert any(w.startswith(f"{column}: ") and reason in w for w in got["warnings"].split("; ")), \
+                    (n, got)
+            else:
+                assert got["warnings"] == "" and got["decision"] in ("new", "possible_match"), got
+        kinds.add((where, column, reason))
+    assert len(kinds - {("ok", "", "")}) >= 30
+    # Counts add up, and say so.
+    assert len(report) + len(rejects) == len(expect)
+    assert f"{len(expect)} rows read, {len(report)} accepted" in out.out and f"{len(rejects)} rejected" in out.out
+    # No value of a cell is written anywhere: only source refs (the report's key) and shapes.
+    text = (tmp_path / "dirty-report.csv").read_text() + (tmp_path / "dirty-rejects.csv").read_text() \
+        + out.out + out.err
+    for secret in used_secrets.identity | {"Theodora", "Vasquez", "Orchard", "Springfield", "217 555", "example.com"}:
+        assert secret not in text, secret
+    assert "Vasquez" not in (tmp_path / "dirty-rejects.csv").read_text()
+
+
+def test_header_problems_refuse_the_file(env_vars: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    header = HEADER.replace("email", "e_mail").replace(",region", "").encode()
+    code, report, rejects = _import(tmp_path, "customers", _write(tmp_path / "hdr.csv", [b"x"], header), "hdr")
+    assert code == 1 and not report
+    problems = {(r["row"], r["column"], r["reason"].split(";")[0]) for r in rejects}
+    assert ("1", "(header)", "unknown column 'e_mail'") in problems
+    assert ("1", "email", "missing from the header") in problems and ("1", "region", "missing from the header") \
+        in problems
+    assert "nothing imported" in capsys.readouterr().err
+
+
+def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path) -> None:
+    system = "core-" + uuid.uuid4().hex[:6]
+    ssn = _ssn(used_secrets)
+    existing_row = _row(used_secrets, "X", national_id=ssn, national_id_type="US_SSN")
+    person = pb.IdentityAttributes(
+        given_name=existing_row["given_name"], family_name=existing_row["family_name"],
+        date_of_birth=existing_row["date_of_birth"], national_id=ssn, national_id_type="US_SSN",
+        address=pb.PostalAddress(line1=existing_row["address_line1"], postcode=existing_row["postcode"], country="US"))
+    existing = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+        identity=person, source_ref=pb.SourceRef(system="onboarding", key=uuid.uuid4().hex[:10])), timeout=10)
+    # The same person from this system, with another phone and address: the national id and date of birth.
+    joins = dict(existing_row, source_ref="J-1", given_name="Teddy", phone="", address_line1="9 Elm St")
+    twin_a = _row(used_secrets, "T-1", given_name="Leopold", address_line1=f"{random.randint(10, 999)} Quarry Road",
+                  postcode=f"{random.randint(10000, 99999)}", phone="")
+    y, m, d = twin_a["date_of_birth"].split("-")
+    twin_b = dict(twin_a, source_ref="T-2", given_name="Leo", date_of_birth=f"{y}-{d}-{m}", email="")
+    loner = _row(used_secrets, "L-1", given_name="Octavia", address_line1="7 Canal Walk",
+                 postcode=f"{random.randint(10000, 99999)}", phone="")
+    file = _write(tmp_path / "people.csv", [_line(r) for r in (joins, twin_a, loner, twin_b)])
+    seq_before = _sql(dev_env, "SELECT coalesce(max(seq), 0) AS s FROM outbox")[0]["s"]
+
+    code, report, rejects = _import(tmp_path, "customers", file, system)
+    assert code == 0 and not rejects
+    got = {r["source_ref"]: r for r in report}
+    assert got["J-1"]["customer_id"] == existing.customer_id and got["J-1"]["decision"] == "matched"
+    assert float(got["J-1"]["score"]) >= 0.99
+    assert got["T-1"]["customer_id"] == got["T-2"]["customer_id"] != got["L-1"]["customer_id"]
+    assert got["T-1"]["decision"] == got["T-2"]["decision"] == "new" and float(got["T-2"]["score"]) >= 0.99
+    resolved = node_a.identity.ResolveSourceRef(pb.SourceRef(system=system, key="T-2"), timeout=5)
+    assert resolved.customer_id == got["T-1"]["customer_id"]
+    golden = node_a.identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(customer_id=existing.customer_id),
+                                                 timeout=5)
+    assert {r.system for r in golden.source_refs} == {"onboarding", system}
+    # The feed: one created per new customer, a record_added (with the cache key) for the joined one.
+    events = _sql(dev_env, "SELECT event_type, entity_id, cache_keys, seq, feed_op FROM outbox WHERE seq > $1"
+                           " ORDER BY seq", seq_before)
+    mine = [(e["event_type"], e["entity_id"]) for e in events
+            if e["entity_id"] in {r["customer_id"] for r in report}]
+    assert sorted(mine) == sorted([("customer.created", got["T-1"]["customer_id"]),
+                                   ("customer.created", got["L-1"]["customer_id"]),
+                                   ("customer.record_added", existing.customer_id)])
+    added = next(e for e in events if e["event_type"] == "customer.record_added"
+                 and e["entity_id"] == existing.customer_id)
+    assert added["cache_keys"] and existing.customer_id in added["cache_keys"][0]
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=existing.customer_id), timeout=5)
+    assert profile.customer.version == existing.version + 1
+    # Re-running the same file creates nothing.
+    count = _sql(dev_env, "SELECT count(*) AS n FROM customers")[0]["n"]
+    code, again, _ = _import(tmp_path, "customers", file, system)
+    assert code == 0 and {r["decision"] for r in again} == {"existing"}
+    assert {r["source_ref"]: r["customer_id"] for r in again} == {k: v["customer_id"] for k, v in got.items()}
+    assert _sql(dev_env, "SELECT count(*) AS n FROM customers")[0]["n"] == count
+
+
+def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets,
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    system = "resume-" + uuid.uuid4().hex[:6]
+    file = _write(tmp_path / "big.csv", [_line(_row(used_secrets, f"P{i}", given_name=random.choice(
+        ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "x" * i)) for i in range(30)])
+    real = BulkCustomers.write_batch
+    calls = 0
+
+    async def crash_on_third(self: BulkCustomers, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise KeyboardInterrupt    # the operator's Ctrl-C (or a crash) after two committed batches
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(BulkCustomers, "write_batch", crash_on_third)
+    code, _, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
+    assert code == 130
+    run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
+    assert len(run) == 1 and run[0]["rows_done"] == 21 and run[0]["finished_at"] is None
+    assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
+    monkeypatch.setattr(BulkCustomers, "write_batch", real)
+    code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
+    assert code == 0 and len(report) == 30
+    assert [r["decision"] for r in report].count("existing") == 20
+    assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 30
+    run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
+    assert run[0]["rows_done"] == 31 and run[0]["finished_at"] is not None
+
+
+def test_accounts_and_cards_import_then_resolve_card(
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path) -> None:
+    system = "cards-" + uuid.uuid4().hex[:6]
+    people = _write(tmp_path / "owners.csv", [_line(_row(used_secrets, "O-1", given_name="Hyacinth")),
+                                              _line(_row(used_secrets, "O-2", given_name="Ignatius"))])
+    code, owners, _ = _import(tmp_path, "customers", people, system)
+    assert code == 0
+    routing = "021000021"
+    n1, n2 = fresh_account_number(used_secrets), fresh_account_number(used_secrets)
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text("source_ref,customer_source_ref,routing_number,account_number,type,currency\n"
+                        f"A-1,O-1,{routing},{n1},CHECKING,USD\nA-2,O-2,{routing},{n2},savings,\n"
+                        f"A-3,O-9,{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n"
+                        f"A-4,O-1,123456789,{fresh_account_number(used_secrets)},CHECKING,USD\n"
+                        f"A-5,O-1,{routing},12ab,CHECKING,USD\nA-6,O-1,{routing},{n1}0,LOAN,USD\n")
+    code, acc_report, acc_rejects = _import(tmp_path, "accounts", accounts, system)
+    assert code == 0
+    assert [(r["source_ref"], r["decision"]) for r in acc_report] == [("A-1", "created"), ("A-2", "created")]
+    assert {(r["row"], r["column"]) for r in acc_rejects} == {("4", "customer_source_ref"), ("5", "routing_number"),
+                                                             ("6", "account_number"), ("7", "type")}
+    used_secrets.account_numbers.add(n1 + "0")
+    pan, bad_pan = fresh_pan(used_secrets), fresh_pan(used_secrets)
+    bad_pan = bad_pan[:-1] + str((int(bad_pan[-1]) + 1) % 10)
+    used_secrets.pans.add(bad_pan)
+    cards = tmp_path / "cards.csv"
+    cards.write_text("source_ref,routing_number,account_number,pan,expiry\n"
+                     f"K-1,{routing},{n1},{pan},2030-11\nK-2,{routing},{n2},{bad_pan},2030-11\n"
+                     f"K-3,{routing},{n2},{fresh_pan(used_secrets)},11/30\n"
+                     f"K-4,{routing},{fresh_account_number(used_secrets)},{fresh_pan(used_secrets)},2030-11\n")
+    code, card_report, card_rejects = _import(tmp_path, "cards", cards, system)
+    assert code == 0 and [(r["source_ref"], r["decision"]) for r in card_report] == [("K-1", "created")]
+    assert {(r["row"], r["column"]) for r in card_rejects} == {("3", "pan"), ("4", "expiry"), ("5", "account_number")}
+    answer = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    owner = next(r["customer_id"] for r in owners if r["source_ref"] == "O-1")
+    assert answer.customer.customer_id == owner
+    # Re-running creates nothing; no clear number in any report or rejects file.
+    code, again, _ = _import(tmp_path, "cards", cards, system)
+    assert code == 0 and [(r["source_ref"], r["decision"]) for r in again] == [("K-1", "existing")]
+    text = "".join(p.read_text() for p in tmp_path.glob("*-re*.csv"))
+    for secret in used_secrets.pans | used_secrets.account_numbers:
+        assert secret not in text
