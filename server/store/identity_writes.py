@@ -178,6 +178,9 @@ class IdentityWrites(AdminStore):
             answer = pb.CustomerIdentity(
                 customer_id=customer_id, attributes=attributes_msg(golden(records)),
                 source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs])
+            # The answer is kept in the idempotency table for replays: no date of birth in it (the
+            # national id is already last-four only). GetCustomerIdentity reads the whole record.
+            answer.attributes.date_of_birth = ""
             payload: dict[str, Any] = {"source_system": source.system, "reviews": queued, "version": row["version"]}
             return Change(answer, await self.customer_keys(conn, [customer_id]), "customer.identity_updated",
                           "customer", customer_id, payload, feed_state=customer_msg(row))
