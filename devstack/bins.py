@@ -27,6 +27,7 @@ PRODUCTS = ("credit", "debit", "prepaid", "commercial")
 # The reserved test range (devstack/demo.py): ranges tests rely on.
 TEST_RANGES = (
     ("999000", "999009", 16, "testnet", "CRS Demo Bank", "US", "debit", True),
+    ("999010", "999019", 16, "testnet", "CRS Demo Bank (test cards)", "US", "credit", True),
     ("999100", "999199", 16, "testnet", "Test Issuer A", "US", "credit", False),
     ("999200", "999299", 16, "testnet-domestic", "Test Issuer B", "GB", "debit", False),
     ("99920000", "99920099", 16, "testnet-domestic", "Test Issuer B Prepaid", "GB", "prepaid", False),

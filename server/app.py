@@ -28,6 +28,7 @@ from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.tier import RedisTier
 from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
+from server.decisions import DecisionTable, parse_network_codes
 from server.errors import BackendUnavailable, CrsError, InvalidKey, status_details_trailer, status_for
 from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
@@ -223,7 +224,8 @@ class Node:
         with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
             await self.bins.refresh()
         lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,
-                                pg_timeout=s.pg_timeout, batch_max=s.batch_max, bins=self.bins)
+                                pg_timeout=s.pg_timeout, batch_max=s.batch_max, bins=self.bins,
+                                decisions=DecisionTable(parse_network_codes(s.decision_network_codes)))
         codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
         model = MatchModel.load(s.identity_weights or None)
         thresholds = Thresholds(match=s.identity_match_threshold, review=s.identity_review_threshold)

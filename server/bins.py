@@ -25,6 +25,7 @@ PRODUCTS = frozenset({"credit", "debit", "prepaid", "commercial"})
 _NETWORK = re.compile(r"[a-z][a-z0-9-]{1,31}")      # visa, mastercard, amex, ..., or a domestic scheme
 _COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_ISSUER = 120
+ROW_CACHE = 4096            # BinRow objects kept per table (hot BINs); cleared when full
 _TRUE, _FALSE = frozenset({"true", "yes", "1", "y"}), frozenset({"false", "no", "0", "n", ""})
 
 
@@ -173,6 +174,7 @@ class BinTable:
         # An array, not a list: contiguous 8-byte keys bisect faster (measured 1.2 vs 2.1 µs at 1M segments).
         self._starts = array("q", seg_starts)
         self._owners = array("i", seg_owners)
+        self._rows: dict[int, BinRow] = {}
 
     def __len__(self) -> int:
         return len(self._low)
@@ -182,11 +184,18 @@ class BinTable:
         return self._owners[k] if k >= 0 else -1
 
     def row(self, i: int) -> BinRow:
+        """Range `i` as a BinRow; the hot ones are kept (real traffic repeats a few thousand BINs)."""
+        cached = self._rows.get(i)
+        if cached is not None:
+            return cached
+        if len(self._rows) >= ROW_CACHE:
+            self._rows.clear()
         c = self._codes[4 * i: 4 * i + 4]
         s = self._strings
         width = self._digits[i]
-        return BinRow(str(self._low[i]).zfill(width), str(self._high[i]).zfill(width), self._pan_length[i],
-                      s[c[0]], s[c[1]], s[c[2]], s[c[3]], bool(self._on_us[i]))
+        row = self._rows[i] = BinRow(str(self._low[i]).zfill(width), str(self._high[i]).zfill(width),
+                                     self._pan_length[i], s[c[0]], s[c[1]], s[c[2]], s[c[3]], bool(self._on_us[i]))
+        return row
 
     def lookup(self, digits: str) -> BinRow | None:
         """The most specific range for a PAN or a prefix (ASCII digits, at least 6)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 RESOLUTION_FIELD = 4
 CUSTOMER_FIELD = 5
 BIN_RANGE_FIELD = 6     # LookupResult.bin_range: the issuer range of a PAN that is not ours
+DECISION_FIELD = 7      # LookupResult.decision: the decision hint of a key that did not resolve
 
 
 def varint(n: int) -> bytes:
@@ -27,7 +28,8 @@ def _len_field(field: int, payload: bytes) -> bytes:
 
 
 def lookup_result(correlation_id: str, code: int, message: str, payload: bytes | None,
-                  payload_field: int = RESOLUTION_FIELD, bin_range: bytes | None = None) -> bytes:
+                  payload_field: int = RESOLUTION_FIELD, bin_range: bytes | None = None,
+                  decision: bytes | None = None) -> bytes:
     """A serialized crs.v1.LookupResult. proto3 omits default scalars, and so do we."""
     parts = []
     if correlation_id:
@@ -40,6 +42,8 @@ def lookup_result(correlation_id: str, code: int, message: str, payload: bytes |
         parts.append(_len_field(payload_field, payload))
     if bin_range is not None:
         parts.append(_len_field(BIN_RANGE_FIELD, bin_range))
+    if decision is not None:
+        parts.append(_len_field(DECISION_FIELD, decision))
     return b"".join(parts)
 
 

@@ -13,14 +13,24 @@ from functools import partial
 from typing import Protocol
 
 import asyncpg
+from google.protobuf.message import Message
 
 from server import cache_keys as ck
+from server import decisions
 from server.bins import MIN_PREFIX, PREFIX_DIGITS, BinTable
 from server.caller import KEY_SCOPE, Caller
 from server.crypto import Keyring, account_fingerprint_input
+from server.decisions import DecisionTable
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
 from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_code_number
-from server.pan import parse_account_number, parse_customer_id, parse_pan, parse_routing_number, parse_token
+from server.pan import (
+    aba_ok,
+    parse_account_number,
+    parse_customer_id,
+    parse_pan,
+    parse_routing_number,
+    parse_token,
+)
 from server.proto import crs_pb2 as pb
 from server.resolver import Loader, Lookup, Resolver
 from server.store import reads
@@ -36,9 +46,11 @@ class BinTableHolder(Protocol):
 
 class LookupHandlers:
     def __init__(self, *, resolver: Resolver, pool: asyncpg.Pool, keyring: Keyring, pg_timeout: float,
-                 batch_max: int, bins: BinTableHolder, stream_window: int = STREAM_WINDOW) -> None:
+                 batch_max: int, bins: BinTableHolder, decisions: DecisionTable,
+                 stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
         self.bins = bins
+        self.hints = reads.Hints(decisions, self._network_of)
         self.pool = pool
         self.keyring = keyring
         self.pg_timeout = pg_timeout
@@ -52,15 +64,15 @@ class LookupHandlers:
         parse_pan(pan)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
-        load = partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout)
+        load = partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
             load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
         return Lookup(ck.card_key(version, fp), load, "card")
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
-        return Lookup(ck.token_key(token), partial(reads.card_by_token, self.pool, token, timeout=self.pg_timeout),
-                      "card")
+        return Lookup(ck.token_key(token), partial(reads.card_by_token, self.pool, token, timeout=self.pg_timeout,
+                                                   hints=self.hints), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
         parse_routing_number(routing_number)
@@ -68,7 +80,8 @@ class LookupHandlers:
         version = self.keyring.fingerprint_version
         value = account_fingerprint_input(routing_number, account_number)
         fp = self.keyring.fingerprint(value)
-        load = partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout)
+        load = partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout,
+                       hints=self.hints)
         if self._other_versions:
             load = partial(self._any_version, reads.account_by_fingerprint, value, load)
         return Lookup(ck.account_key(version, fp), load, "account")
@@ -80,7 +93,8 @@ class LookupHandlers:
         for version in self._other_versions:
             if found is not None:
                 break
-            found = await read(self.pool, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout)
+            found = await read(self.pool, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
+                               hints=self.hints)
         return found
 
     def customer(self, customer_id: str) -> Lookup:
@@ -102,35 +116,60 @@ class LookupHandlers:
             return self.customer(key.customer_id), CUSTOMER_FIELD
         raise InvalidKey("key is empty: set one of pan, card_token, account, customer_id")
 
-    # -- cards that are not ours -----------------------------------------------------------------
-    def not_ours(self, exc: NotFound, pan: str) -> NotFound:
-        """NOT_FOUND for a PAN, with its issuer range (when the BIN table has one) as a status detail."""
-        table = self.bins.table
-        row = table.lookup(pan)
-        if row is None:
-            return exc
-        return NotFound(f"{exc.message}; BIN range {row.low}-{row.high} ({row.network}, {row.issuer_country})",
-                        details=(row.message(table.version),))
+    # -- answers that did not resolve: decision hints and the BIN range --------------------------
+    def _network_of(self, bin6: str) -> str:
+        row = self.bins.table.lookup(bin6)
+        return row.network if row is not None else ""
 
-    def bin_range_bytes(self, key: pb.LookupKey, outcome: bytes | CrsError) -> bytes | None:
-        if isinstance(outcome, NotFound) and key.WhichOneof("key") == "pan":
-            return self.bins.table.message_bytes(key.pan)
-        return None
+    def card_failure(self, exc: CrsError, pan: str | None) -> CrsError:
+        """A card key's error with its decision hint (ErrorInfo) and, for a PAN that is not ours, its
+        issuer range (BinRange) as status details."""
+        hint = decisions.card_error(exc.code.name)
+        details: list[Message] = [hint.error_info()] if hint else []
+        message = exc.message
+        if pan is not None and isinstance(exc, NotFound):
+            table = self.bins.table
+            row = table.lookup(pan)
+            if row is not None:
+                message = f"{exc.message}; BIN range {row.low}-{row.high} ({row.network}, {row.issuer_country})"
+                details.append(row.message(table.version))
+        return type(exc)(message, details=tuple(details)) if details else exc
+
+    @staticmethod
+    def account_failure(exc: CrsError, routing_number: str) -> CrsError:
+        hint = decisions.account_error(exc.code.name, routing_ok=_routing_ok(routing_number))
+        return type(exc)(exc.message, details=(hint.error_info(),)) if hint else exc
+
+    def failure_extras(self, key: pb.LookupKey, outcome: CrsError) -> tuple[bytes | None, bytes | None]:
+        """(LookupResult.bin_range, LookupResult.decision) for a key that did not resolve."""
+        which = key.WhichOneof("key")
+        code = outcome.code.name
+        if which in ("pan", "card_token"):
+            hint = decisions.card_error(code)
+            bin_range = self.bins.table.message_bytes(key.pan) if which == "pan" and code == "NOT_FOUND" else None
+        elif which == "account":
+            hint, bin_range = decisions.account_error(code, routing_ok=_routing_ok(key.account.routing_number)), None
+        else:
+            return None, None
+        return bin_range, hint.message().SerializeToString() if hint else None
 
     # -- unary RPCs ------------------------------------------------------------------------------
     async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
         which = request.WhichOneof("key")
-        if which == "pan":
-            try:
+        try:
+            if which == "pan":
                 return await self.resolver.resolve(self.card_by_pan(request.pan))
-            except NotFound as exc:
-                raise self.not_ours(exc, request.pan) from None
-        if which == "token":
-            return await self.resolver.resolve(self.card_by_token(request.token))
-        raise InvalidKey("key is empty: set pan or token")
+            if which == "token":
+                return await self.resolver.resolve(self.card_by_token(request.token))
+            raise InvalidKey("key is empty: set pan or token")
+        except CrsError as exc:
+            raise self.card_failure(exc, request.pan if which == "pan" else None) from None
 
     async def ResolveAccount(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes:
-        return await self.resolver.resolve(self.account(request.routing_number, request.account_number))
+        try:
+            return await self.resolver.resolve(self.account(request.routing_number, request.account_number))
+        except CrsError as exc:
+            raise self.account_failure(exc, request.routing_number) from None
 
     async def GetCustomer(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes:
         return await self.resolver.resolve(self.customer(request.customer_id))
@@ -173,11 +212,8 @@ class LookupHandlers:
         answers = iter(await self.resolver.resolve_many(todo)) if todo else iter(())
         results: list[bytes] = []
         for cid, item, field, key in prepared:
-            if isinstance(item, Lookup):
-                outcome = next(answers)
-                results.append(_result(cid, outcome, field, self.bin_range_bytes(key, outcome)))
-            else:
-                results.append(_result(cid, item, field))
+            outcome = next(answers) if isinstance(item, Lookup) else item
+            results.append(self._result(cid, outcome, field, key))
         return batch_response(results)
 
     async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
@@ -196,7 +232,7 @@ class LookupHandlers:
                 outcome, field = exc, RESOLUTION_FIELD
             finally:
                 window.release()
-            results.put_nowait(_result(cid, outcome, field, self.bin_range_bytes(key, outcome)))
+            results.put_nowait(self._result(cid, outcome, field, key))
 
         async def read_keys() -> None:
             async for key in requests:
@@ -207,7 +243,7 @@ class LookupHandlers:
                         raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
                     lookup, field = self.for_key(key, caller)
                 except CrsError as exc:
-                    results.put_nowait(_result(cid, exc, RESOLUTION_FIELD))
+                    results.put_nowait(self._result(cid, exc, RESOLUTION_FIELD, key))
                     continue
                 await window.acquire()
                 task = asyncio.create_task(resolve_one(cid, lookup, field, key))
@@ -233,7 +269,14 @@ class LookupHandlers:
                 task.cancel()
 
 
-def _result(correlation_id: str, outcome: bytes | CrsError, field: int, bin_range: bytes | None = None) -> bytes:
-    if isinstance(outcome, bytes):
-        return lookup_result(correlation_id, 0, "", outcome, field)
-    return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None, bin_range=bin_range)
+    def _result(self, correlation_id: str, outcome: bytes | CrsError, field: int, key: pb.LookupKey) -> bytes:
+        if isinstance(outcome, bytes):
+            return lookup_result(correlation_id, 0, "", outcome, field)
+        bin_range, decision = self.failure_extras(key, outcome)
+        return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None,
+                             bin_range=bin_range, decision=decision)
+
+
+def _routing_ok(routing_number: str) -> bool:
+    return len(routing_number) == 9 and routing_number.isascii() and routing_number.isdigit() \
+        and aba_ok(routing_number)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
+from server.decisions import DEFAULT_NETWORK_CODES, parse_network_codes
 
 
 class SettingsError(ValueError):
@@ -117,6 +118,8 @@ class Settings:
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
+    # --- decision hints (docs/decision-hints.md)
+    decision_network_codes: str = DEFAULT_NETWORK_CODES   # per-network code substitutions, NETWORK:CODE=CODE,...
     # --- BIN table (docs/bins.md)
     bin_poll_interval: float = 5.0        # seconds between checks for a newly activated BIN table version
     # --- customer identity (docs/identity.md)
@@ -230,6 +233,10 @@ def _validate(s: Settings) -> None:
     if not 0 < s.identity_review_threshold <= s.identity_match_threshold < 1:
         problems.append("CRS_IDENTITY_REVIEW_THRESHOLD and CRS_IDENTITY_MATCH_THRESHOLD need"
                         f" 0 < review <= match < 1 (got {s.identity_review_threshold}, {s.identity_match_threshold})")
+    try:
+        parse_network_codes(s.decision_network_codes)
+    except ValueError as exc:
+        problems.append(f"CRS_DECISION_NETWORK_CODES: {exc}")
     if s.identity_possible_match not in ("review", "refuse"):
         problems.append(f"CRS_IDENTITY_POSSIBLE_MATCH must be review or refuse (got {s.identity_possible_match!r})")
     if problems:

@@ -6,11 +6,14 @@ Each loader returns the bytes the caches store and the API returns, or None when
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 
+from server.decisions import DecisionTable
 from server.pan import mask_account_number, mask_pan_parts
 from server.proto import crs_pb2 as pb
 
@@ -76,6 +79,15 @@ CUSTOMER_PROFILE_SQL = (
 )
 
 
+@dataclass(frozen=True)
+class Hints:
+    """What building a Resolution needs for its decision hint (server/decisions.py): the table, and a
+    card's network from its BIN (the BIN table; "" when no range holds it)."""
+
+    table: DecisionTable
+    network_of: Callable[[str], str]
+
+
 def _expired(expiry: str, today: dt.date) -> bool:
     year, month = int(expiry[:4]), int(expiry[5:7])
     return (year, month) < (today.year, today.month)
@@ -95,9 +107,10 @@ def _account_from_row(row: asyncpg.Record) -> pb.Account:
     )
 
 
-def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date) -> bytes:
+def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date, hints: Hints) -> bytes:
     res = pb.Resolution()
     good = True
+    expired = False
     if with_card:
         card = res.card
         card.token = row["token"]
@@ -107,45 +120,57 @@ def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date) -> byte
         card.status = row["card_status"]
         card.expiry = row["expiry"]
         card.version = row["card_version"]
-        good = row["card_status"] == ACTIVE_CARD and not _expired(row["expiry"], today)
+        expired = _expired(row["expiry"], today)
+        good = row["card_status"] == ACTIVE_CARD and not expired
         if row["account_id"] is not None:
             card.account_id = row["account_id"]
-    if row["account_id"] is None:
-        res.in_good_standing = False
-        return res.SerializeToString()
-    res.account.CopyFrom(_account_from_row(row))
-    good = good and row["account_status"] == OPEN_ACCOUNT
-    related = orjson.loads(row["related"])
-    for obj in related:
-        res.related_customers.add(customer=_customer(obj), role=obj["role"])
-    owners = [obj for obj in related if obj["role"] == pb.RELATIONSHIP_ROLE_OWNER]
-    if owners:
-        res.customer.CopyFrom(_customer(owners[0]))
-        good = good and owners[0]["status"] == ACTIVE_CUSTOMER
-    else:
+    owner_status: int | None = None
+    others: list[int] = []
+    if row["account_id"] is not None:
+        res.account.CopyFrom(_account_from_row(row))
+        good = good and row["account_status"] == OPEN_ACCOUNT
+        related = orjson.loads(row["related"])
+        for obj in related:
+            res.related_customers.add(customer=_customer(obj), role=obj["role"])
+        owners = [obj for obj in related if obj["role"] == pb.RELATIONSHIP_ROLE_OWNER]
+        if owners:
+            res.customer.CopyFrom(_customer(owners[0]))
+            owner_status = owners[0]["status"]
+            good = good and owner_status == ACTIVE_CUSTOMER
+        others = [obj["status"] for obj in related if not owners or obj is not owners[0]]
+        if with_card:
+            # A card answer carries the primary customer only; the full list is the ACH answer's job.
+            del res.related_customers[:]
+    if owner_status is None:
         good = False
-    if with_card:
-        # A card answer carries the primary customer only; the full list is the ACH answer's job.
-        del res.related_customers[:]
     res.in_good_standing = good
+    account_status = row["account_status"] if row["account_id"] is not None else None
+    if with_card:
+        hint = hints.table.card(card_status=row["card_status"], expired=expired, account_status=account_status,
+                                owner_status=owner_status, network=hints.network_of(row["bin"]))
+    else:
+        hint = hints.table.account(account_status=row["account_status"], account_type=row["account_type"],
+                                   owner_status=owner_status, other_statuses=others)
+    res.decision.CopyFrom(hint.message())
     return res.SerializeToString()
 
 
 async def card_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
-                              *, timeout: float) -> bytes | None:
+                              *, timeout: float, hints: Hints) -> bytes | None:
     row = await conn.fetchrow(CARD_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=True, today=dt.date.today())
+    return None if row is None else _resolution(row, with_card=True, today=dt.date.today(), hints=hints)
 
 
-async def card_by_token(conn: asyncpg.Connection | asyncpg.Pool, token: str, *, timeout: float) -> bytes | None:
+async def card_by_token(conn: asyncpg.Connection | asyncpg.Pool, token: str, *, timeout: float,
+                        hints: Hints) -> bytes | None:
     row = await conn.fetchrow(CARD_BY_TOKEN_SQL, token, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=True, today=dt.date.today())
+    return None if row is None else _resolution(row, with_card=True, today=dt.date.today(), hints=hints)
 
 
 async def account_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
-                                 *, timeout: float) -> bytes | None:
+                                 *, timeout: float, hints: Hints) -> bytes | None:
     row = await conn.fetchrow(ACCOUNT_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=False, today=dt.date.today())
+    return None if row is None else _resolution(row, with_card=False, today=dt.date.today(), hints=hints)
 
 
 async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id: str,
