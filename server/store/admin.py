@@ -148,13 +148,17 @@ class AdminStore(WriteEnvelope):
         return required(row)
 
     # -- customers -----------------------------------------------------------------------------
-    async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
-        name = req.display_name.strip()
+    def customer_fields(self, req: pb.CreateCustomerRequest, default_name: str = "") -> tuple[str, str, int]:
+        """(display name, segment, KYC status) of a CreateCustomer request, validated."""
+        name = req.display_name.strip() or default_name
         if not name or len(name) > MAX_NAME:
             raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
-        segment = req.segment or "retail"
         kyc = req.kyc_status or pb.KYC_STATUS_PENDING
         self._check_enum(pb.KycStatus, kyc, "kyc_status")
+        return name, req.segment or "retail", kyc
+
+    async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
+        name, segment, kyc = self.customer_fields(req)
 
         async def body(conn: Conn) -> Change:
             row = required(await conn.fetchrow(

@@ -24,7 +24,7 @@ from server.identity.golden import attributes_msg, display_name, golden, raw_att
 from server.identity.model import MatchModel, Score, Thresholds
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
-from server.store.admin import MAX_NAME, AdminStore, new_id
+from server.store.admin import AdminStore, new_id
 from server.store.db import Conn, required
 from server.store.envelope import Change, WriteResult
 from server.store.identity import (
@@ -102,12 +102,7 @@ class IdentityWrites(AdminStore):
         if not req.HasField("source_ref"):
             raise InvalidKey("source_ref is required with identity attributes (the record in your system)")
         source = parse_request_source(req.source_ref)
-        name = req.display_name.strip() or display_name(identity)
-        if not name or len(name) > MAX_NAME:
-            raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
-        segment = req.segment or "retail"
-        kyc = req.kyc_status or pb.KYC_STATUS_PENDING
-        self._check_enum(pb.KycStatus, kyc, "kyc_status")
+        name, segment, kyc = self.customer_fields(req, display_name(identity))
 
         async def body(conn: Conn) -> Change:
             sealed_blocks = self.codec.blocks(identity)

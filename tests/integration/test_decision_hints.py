@@ -80,10 +80,24 @@ def test_card_hints_state_by_state_and_precedence(node_a: Clients, used_secrets:
         ({"card": pb.CARD_STATUS_BLOCKED, "expiry": "2020-01"}, "54", "CARD_EXPIRED"),
         ({"card": pb.CARD_STATUS_BLOCKED, "owner": pb.CUSTOMER_STATUS_SUSPENDED}, "62", "CARD_BLOCKED"),
     ]
+    made = []
     for states, code, reason in cases:
-        hint = Card(node_a, used_secrets, **states).by_pan(node_a)   # type: ignore[arg-type]
+        card = Card(node_a, used_secrets, **states)   # type: ignore[arg-type]
+        hint = card.by_pan(node_a)
         assert (hint.iso8583_response_code, hint.reason, hint.nacha_return_code) == (code, reason, ""), states
         assert hint.table_version
+        made.append((card, code, reason))
+    # The same hints by token, and in batch and stream answers (the cached Resolution carries them).
+    keys = [pb.LookupKey(pan=c.pan, correlation_id=f"p{i}") for i, (c, _, _) in enumerate(made)]
+    keys += [pb.LookupKey(card_token=c.card.token, correlation_id=f"t{i}") for i, (c, _, _) in enumerate(made)]
+    batch = {r.correlation_id: r for r in node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys),
+                                                                      timeout=5).results}
+    streamed = {r.correlation_id: r for r in node_a.lookup.StreamResolve(iter(keys), timeout=10)}
+    for results in (batch, streamed):
+        for i, (_, code, reason) in enumerate(made):
+            for kind in "pt":
+                got = results[f"{kind}{i}"].resolution.decision
+                assert (got.iso8583_response_code, got.reason) == (code, reason)
 
 
 def test_account_hints_state_by_state_and_precedence(node_a: Clients, used_secrets: UsedSecrets) -> None:
@@ -99,9 +113,19 @@ def test_account_hints_state_by_state_and_precedence(node_a: Clients, used_secre
          "ACCOUNT_HOLDER_DECEASED"),
         ({"account": pb.ACCOUNT_STATUS_FROZEN, "account_type": pb.ACCOUNT_TYPE_CREDIT}, "R16", "ACCOUNT_FROZEN"),
     ]
+    made = []
     for states, code, reason in cases:
-        hint = Card(node_a, used_secrets, **states).by_account(node_a)   # type: ignore[arg-type]
+        card = Card(node_a, used_secrets, **states)   # type: ignore[arg-type]
+        hint = card.by_account(node_a)
         assert (hint.nacha_return_code, hint.reason, hint.iso8583_response_code) == (code, reason, ""), states
+        made.append((card, code, reason))
+    keys = [pb.LookupKey(account=pb.AccountKey(routing_number=c.routing, account_number=c.number),
+                         correlation_id=str(i)) for i, (c, _, _) in enumerate(made)]
+    batch = node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=5).results
+    streamed = {r.correlation_id: r for r in node_a.lookup.StreamResolve(iter(keys), timeout=10)}
+    for i, (_, code, reason) in enumerate(made):
+        for result in (batch[i], streamed[str(i)]):
+            assert (result.resolution.decision.nacha_return_code, result.resolution.decision.reason) == (code, reason)
 
 
 def test_error_hints_unary_batch_and_stream(node_a: Clients, used_secrets: UsedSecrets) -> None:
