@@ -55,7 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _print_samples(node)
         pg = env.stack.postgres
         print("\nEndpoints")
-        print(f"  gRPC       {node.address}   (crs.v1.LookupService, crs.v1.AdminService, health, reflection)")
+        print(f"  gRPC       {node.address}   (crs.v1 Lookup, Admin, Identity, ChangeFeed; health; reflection)")
         print(f"  metrics    http://127.0.0.1:{node.settings.metrics_port}/metrics")
         print(f"  PostgreSQL {pg.dsn('crs')}   ({pg.kind} binaries)")
         for name, url in env.stack.shard_urls().items():
@@ -68,7 +68,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"      ./crsw crs-dev lookup customer --demo 1{target}{tls} --client admin")
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
-                  " clients 'admin' and 'switch')")
+                  " clients 'admin', 'switch', 'feed' and 'csr')")
         shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
         print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
               f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
