@@ -113,9 +113,16 @@ def parse_source_ref(system: str, key: str) -> SourceRef:
 
 def _clean_text(field: str, value: str, limit: int) -> str:
     """NFKC, no control characters, collapsed spaces, within `limit` characters."""
-    text = unicodedata.normalize("NFKC", value)
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in text):
-        raise AttributeProblem(field, "contains control or unassigned characters")
+    if value.isascii():
+        # Most source data: NFKC leaves ASCII alone, and its only controls (Cc) are what
+        # isprintable() refuses besides the space (a bulk import's fast path: ~3x cheaper).
+        text = value
+        if not text.replace(" ", "").isprintable():
+            raise AttributeProblem(field, "contains control or unassigned characters")
+    else:
+        text = unicodedata.normalize("NFKC", value)
+        if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co") for c in text):
+            raise AttributeProblem(field, "contains control or unassigned characters")
     text = _SPACES.sub(" ", text).strip()
     if len(text) > limit:
         raise AttributeProblem(field, f"is longer than {limit} characters")
@@ -124,6 +131,8 @@ def _clean_text(field: str, value: str, limit: int) -> str:
 
 def fold(text: str) -> str:
     """Case-folded ASCII without accents: 'Zoë Ó'Brien' -> "zoe o'brien"."""
+    if text.isascii():
+        return text.lower()
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     return "".join(c for c in decomposed if not unicodedata.combining(c)).replace("ß", "ss")
 

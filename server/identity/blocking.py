@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from functools import lru_cache
 
 import jellyfish
 
@@ -62,10 +63,17 @@ def blocking_keys(identity: Identity) -> list[str]:
     return keys
 
 
+@lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """An HMAC already keyed and fed the label: copying it skips re-deriving the key per hash."""
+    return hmac.new(key, _LABEL, hashlib.sha256)
+
+
 def block_hash(key: bytes, clear: str) -> int:
     """A blocking key as stored: HMAC-SHA256 under `key` (a fingerprint key), first 8 bytes, signed."""
-    digest = hmac.new(key, _LABEL + clear.encode("utf-8"), hashlib.sha256).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+    mac = _keyed(key).copy()
+    mac.update(clear.encode("utf-8"))
+    return int.from_bytes(mac.digest()[:8], "big", signed=True)
 
 
 def block_hashes(key: bytes, identity: Identity) -> list[int]:
