@@ -28,6 +28,7 @@ from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.tier import RedisTier
 from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
+from server.db_health import probe_database
 from server.decisions import DecisionTable, parse_network_codes
 from server.errors import BackendUnavailable, CrsError, InvalidKey, status_details_trailer, status_for
 from server.feed.retention import run_compaction
@@ -273,6 +274,8 @@ class Node:
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
         self._tasks.append(asyncio.create_task(self.tailer.run()))
         self._tasks.append(asyncio.create_task(self.bins.run()))
+        self._tasks.append(asyncio.create_task(probe_database(
+            self.pool, self.health, self.metrics, interval=s.db_health_interval, timeout=s.pg_timeout)))
         self._tasks.append(asyncio.create_task(run_compaction(self.pool, retention=s.feed_retention,
                                                               interval=s.feed_compact_interval)))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))

@@ -45,6 +45,8 @@ class Metrics:
                                    registry=reg)
         self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
                                multiprocess_mode="min", registry=reg)
+        self.database_up = Gauge("crs_database_up", "1 when PostgreSQL answered the node's last probe",
+                                 multiprocess_mode="min", registry=reg)
         # The BIN table (docs/bins.md) this process answers from.
         self.bin_table_version = Gauge("crs_bin_table_version", "BIN table version this node process answers from",
                                        multiprocess_mode="min", registry=reg)

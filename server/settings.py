@@ -120,6 +120,8 @@ class Settings:
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
     # --- decision hints (docs/decision-hints.md)
     decision_network_codes: str = DEFAULT_NETWORK_CODES   # per-network code substitutions, NETWORK:CODE=CODE,...
+    # --- health
+    db_health_interval: float = 1.0       # seconds between probes behind the crs.v1.Database health status
     # --- BIN table (docs/bins.md)
     bin_poll_interval: float = 5.0        # seconds between checks for a newly activated BIN table version
     # --- customer identity (docs/identity.md)
@@ -198,7 +200,8 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
                  "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
-                 "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval"):
+                 "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
+                 "db_health_interval"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:

@@ -24,6 +24,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import cache_keys as ck
 from server import rpc
+from server.db_health import DATABASE_SERVICE
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
@@ -68,9 +69,18 @@ class FaultStack:
         assert len(values) == 1, f"no {prefix.strip()} in the node's metrics"
         return values[0]
 
-    def serving(self) -> bool:
-        reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    def serving(self, service: str = "") -> bool:
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                               timeout=5)
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_database(self, serving: bool, within: float = 10.0) -> None:
+        """The node's crs.v1.Database health status reaches `serving` in time (it probes every second)."""
+        deadline = time.monotonic() + within
+        while self.serving(DATABASE_SERVICE) != serving:
+            state = "SERVING" if serving else "NOT_SERVING"
+            assert time.monotonic() < deadline, f"crs.v1.Database never became {state}"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +191,12 @@ def test_postgres_outage_keeps_node_up_and_loses_no_accepted_write(faults: Fault
     faults.lookup.ResolveCard(cached, timeout=5)
     accepted = [faults.admin.CreateCustomer(pb.CreateCustomerRequest(display_name=f"Before outage {i}"), timeout=5)
                 for i in range(5)]
+    faults.wait_database(True)
     pg.kill()
     try:
+        # Probes can tell a PostgreSQL outage from a node outage: the node stays SERVING, its
+        # database status does not.
+        faults.wait_database(False)
         # Cached answers still come from Redis; an uncached key is UNAVAILABLE, not a crash.
         assert faults.lookup.ResolveCard(cached, timeout=5).card.last4 == demo_pan(3)[-4:]
         with pytest.raises(grpc.RpcError) as info:
@@ -194,6 +208,7 @@ def test_postgres_outage_keeps_node_up_and_loses_no_accepted_write(faults: Fault
         assert faults.serving() and faults.node.proc.poll() is None
     finally:
         pg.start()
+    faults.wait_database(True, within=20)
     deadline = time.monotonic() + 15
     while True:
         try:

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the f
     ("server.cache", "server.store"),
     ("server.topology",),
     ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
-     "server.feed.retention", "server.bin_source"),
+     "server.feed.retention", "server.bin_source", "server.db_health"),
     ("server.lookup", "server.admin", "server.feed.service", "server.identity_service"),
     ("server.app", "server.serve"),
     ("server.cli",),
