@@ -16,9 +16,10 @@ import tempfile
 import time
 import urllib.parse
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import asyncpg
 import grpc
@@ -150,14 +151,16 @@ class NodeProcess:
         return self.proc.returncode
 
 
-def open_channel(address: str, pki: DevPki | None, client: str = "admin") -> grpc.Channel:
+def open_channel(address: str, pki: DevPki | None, client: str = "admin",
+                 options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     if pki is None:
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=list(options))
     cert, key = pki.client_cert(client)
     creds = grpc.ssl_channel_credentials(root_certificates=pki.ca_cert.read_bytes(),
                                          private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
-    # The dev server certificate names localhost and 127.0.0.1.
-    return grpc.secure_channel(address, creds)
+    # The dev server certificate names localhost and 127.0.0.1 (a multi-address target names neither).
+    return grpc.secure_channel(address, creds,
+                               options=[*options, ("grpc.ssl_target_name_override", "localhost")])
 
 
 def start_node(settings: Settings, *, log_path: Path, extra_env: dict[str, str] | None = None,

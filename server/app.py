@@ -290,8 +290,15 @@ class Node:
             self.metrics.flush()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release."""
+        """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release.
+
+        Between NOT_SERVING and closing the listener the node keeps answering for `drain_delay`
+        seconds (lame duck): clients that watch health (server/client_config.py) move their new
+        calls to other nodes first, so none arrives at a server that is closing (those fail
+        CANCELLED, which no retry policy should retry)."""
         await self.health.enter_graceful_shutdown()
+        if grace != 0 and self.server is not None and self.settings.drain_delay:
+            await asyncio.sleep(self.settings.drain_delay)
         if self.tailer is not None:   # watch streams never end by themselves: end them, they resume elsewhere
             self.tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
         if self.server is not None:

@@ -65,6 +65,7 @@ class Settings:
     workers: int = 0                      # node processes sharing the port (SO_REUSEPORT); 0 = CPU count
     metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
+    drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
     # --- transport security and callers (docs/security.md)
@@ -218,6 +219,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_TOKEN_PORT must be 0-65535 (got {s.token_port})")
     if s.max_connection_age < 0:
         problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
+    if s.drain_delay < 0:
+        problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay < 0:
         problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
     if not 0 < s.grpc_port < 65536:

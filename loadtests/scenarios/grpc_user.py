@@ -35,6 +35,7 @@ from locust import User
 from locust.exception import LocustError
 
 from server import rpc
+from server.client_config import CHANNEL_OPTIONS as CLIENT_OPTIONS
 
 grpc_gevent.init_gevent()   # before any channel exists: grpc's I/O then yields to other greenlets
 
@@ -42,7 +43,8 @@ grpc_gevent.init_gevent()   # before any channel exists: grpc's I/O then yields 
 # target and options, so every simulated user of a process would ride ONE connection, and a node
 # with several worker processes (SO_REUSEPORT spreads connections, not calls) would see all the
 # load on one worker.
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.use_local_subchannel_pool", 1),)
+# The retry policy and balancing we recommend to every caller (server/client_config.py).
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.use_local_subchannel_pool", 1), *CLIENT_OPTIONS)
 
 LABEL_KEY = "x-locust-name"      # request metadata the interceptor reads and strips (never sent)
 EXPECT_KEY = "x-locust-expect"

@@ -82,12 +82,15 @@ def run(args: argparse.Namespace, *, pan: Callable[[], str] = from_stdin,
 def open_channel(args: argparse.Namespace) -> Any:
     import grpc
 
+    from server.client_config import CHANNEL_OPTIONS
+
+    options = list(CHANNEL_OPTIONS)   # the recommended retry policy (docs/deploy.md, "Clients")
     ca, cert, key = args.ca, args.cert, args.key
     if args.tls_dir:
         tls = Path(args.tls_dir)
         ca, cert, key = tls / "ca.pem", tls / f"client-{args.client}.pem", tls / f"client-{args.client}.key"
     if not ca:
-        return grpc.insecure_channel(args.target)
+        return grpc.insecure_channel(args.target, options=options)
     creds = grpc.ssl_channel_credentials(
         root_certificates=Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
         certificate_chain=Path(cert).read_bytes() if cert else None)
@@ -95,7 +98,7 @@ def open_channel(args: argparse.Namespace) -> Any:
     if args.token_file:
         call_creds.append(grpc.access_token_call_credentials(Path(args.token_file).read_text().strip()))
     return grpc.secure_channel(args.target, grpc.composite_channel_credentials(creds, *call_creds)
-                               if call_creds else creds)
+                               if call_creds else creds, options=options)
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
