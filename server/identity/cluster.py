@@ -6,8 +6,15 @@ blocking key are scored once; pairs the model calls MATCH are joined, best first
 would put two records in one person that the rules forbid to MATCH (national ids of one type further
 apart than a typo, given names or dates of birth that disagree outright): a chain A~B~C must not
 merge two people through a third record that resembles both, such as a record without a date of
-birth between a father and his son of the same name. Pairs that reach the review threshold but
-are not joined come back as possible matches for the review queue.
+birth between a father and his son of the same name.
+
+A record whose MATCH pairs reach two records that the rules call two people (the undated record of
+a father or his son, same name and address, matching both) is *ambiguous*: it is joined to neither
+and its pairs go to review, as online identification answers POSSIBLE_MATCH for two customers above
+the match threshold. Unless one side is clearly stronger: when its best pair outweighs every pair
+to a record in conflict with that best one by `AMBIGUITY_MARGIN` bits (the son's own phone and email
+as well as his name and address), it joins the stronger side as usual. Pairs that reach the review
+threshold but are not joined come back as possible matches for the review queue.
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from itertools import combinations
 
 from server.identity.attributes import Identity
 from server.identity.blocking import MAX_BLOCK, blocking_keys
-from server.identity.compare import COMPARISONS
-from server.identity.model import FORBID_MATCH_ON_ELSE, MatchModel, Score, Thresholds
+from server.identity.model import MatchModel, Score, Thresholds, rules_forbid
+
+# Match-weight bits by which a record's best MATCH pair must beat its pairs to a conflicting record
+# for the record to join the best one's side rather than be held back for review.
+AMBIGUITY_MARGIN = 10.0
 
 
 @dataclass(frozen=True)
@@ -42,13 +52,15 @@ def candidate_pairs(identities: Sequence[Identity]) -> set[tuple[int, int]]:
     return pairs
 
 
-def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thresholds) -> Clusters:
+def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thresholds,
+            margin: float = AMBIGUITY_MARGIN) -> Clusters:
     scored: list[tuple[int, int, Score]] = []
     for i, j in candidate_pairs(identities):
         s = model.score(identities[i], identities[j])
         if s.probability >= thresholds.review:
             scored.append((i, j, s))
     scored.sort(key=lambda t: (t[2].probability, t[2].match_weight), reverse=True)
+    held = ambiguous(identities, scored, thresholds, margin)
 
     parent = list(range(len(identities)))
     members: dict[int, list[int]] = {i: [i] for i in range(len(identities))}     # per cluster root
@@ -65,7 +77,7 @@ def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thres
         ri, rj = root(i), root(j)
         if ri == rj:
             continue
-        if s.probability >= thresholds.match and s.may_match \
+        if s.probability >= thresholds.match and s.may_match and i not in held and j not in held \
                 and not _conflict(identities, members[ri], members[rj]):
             keep, gone = min(ri, rj), max(ri, rj)
             parent[gone] = keep
@@ -76,11 +88,32 @@ def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thres
     return Clusters([root(i) for i in range(len(identities))], joined, possible)
 
 
-_RULES = tuple(COMPARISONS[attribute][0] for attribute in FORBID_MATCH_ON_ELSE)
+def ambiguous(identities: Sequence[Identity], scored: Sequence[tuple[int, int, Score]], thresholds: Thresholds,
+              margin: float = AMBIGUITY_MARGIN) -> set[int]:
+    """The records whose MATCH pairs reach two records that a rule calls two people, and whose best
+    such pair does not outweigh every pair to a record in conflict with it by `margin` bits."""
+    matches: dict[int, list[tuple[float, int]]] = defaultdict(list)     # record -> (weight, other)
+    for i, j, s in scored:
+        if s.probability >= thresholds.match and s.may_match:
+            matches[i].append((s.match_weight, j))
+            matches[j].append((s.match_weight, i))
+    held: set[int] = set()
+    for i, pairs in matches.items():
+        if len(pairs) < 2 or identities[i].date_of_birth or identities[i].national_id:
+            continue        # a date of birth or national id tells its people apart by the rules
+        pairs.sort(reverse=True)
+        best_weight, best = pairs[0]
+        for (_, x), (wy, y) in combinations(pairs, 2):
+            if rules_forbid(identities[x], identities[y]):
+                if x == best and best_weight - wy >= margin:
+                    continue        # the best side is clearly stronger than this rival
+                held.add(i)
+                break
+    return held
 
 
 def _conflict(identities: Sequence[Identity], a: list[int], b: list[int]) -> bool:
     """Joining clusters a and b would put two records in one person that a rule says are two people:
     national ids of one type further apart than a typo, or given names or dates of birth that
     disagree outright (a record that lacks the attribute must not chain a father to his son)."""
-    return any(rule(identities[x], identities[y]) == "else" for x in a for y in b for rule in _RULES)
+    return any(rules_forbid(identities[x], identities[y]) for x in a for y in b)

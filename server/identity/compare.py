@@ -74,6 +74,29 @@ def given_name_level(a: Identity, b: Identity) -> str:
     return "else"
 
 
+def given_names_disagree(a: Identity, b: Identity) -> bool:
+    """The given names are two people's (the rule that forbids MATCH), not one person's written two
+    ways: their level is "else" and they are not forms of one name that the levels cannot see when a
+    third change comes with it. Not a disagreement:
+
+    - one side's given name is the other side's family name (a swapped record whose family name
+      also changed by marriage or a typo, which `names_swapped` does not call a swap);
+    - two forms of one name (bradley ~ bradford: both nicknames of brad; meg ~ maggie);
+    - a nickname or canonical form of one is a close typo of the other (rick ~ richsrd).
+
+    Twins and siblings in one household have given names that are none of these."""
+    if given_name_level(a, b) != "else":
+        return False
+    x, y = a.given_name.split(" ")[0], b.given_name.split(" ")[0]
+    if (b.family_name and jaro_winkler(x, b.family_name.split(" ")[0]) >= JW_HIGH) \
+            or (a.family_name and jaro_winkler(y, a.family_name.split(" ")[0]) >= JW_HIGH):
+        return False
+    vx, vy = _name_variants(x), _name_variants(y)
+    if vx & vy:
+        return False
+    return not (any(jaro_winkler(v, y) >= JW_HIGH for v in vx) or any(jaro_winkler(v, x) >= JW_HIGH for v in vy))
+
+
 def family_name_level(a: Identity, b: Identity) -> str:
     x, y = a.family_name, b.family_name
     if not x or not y:

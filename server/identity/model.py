@@ -9,10 +9,16 @@ Rules, applied before the weights (docs/identity.md, "Decisions"):
 - same national id (same type) and same date of birth: MATCH, whatever else differs;
 - both have a national id of the same type and they differ by more than one typo: never MATCH (a
   false merge of two people is the costly error, and twins share everything else);
-- the given names disagree outright (not a nickname, initial, typo or swap): never MATCH, for the
-  same reason (twins and siblings in one household), at most POSSIBLE_MATCH;
+- the given names disagree outright (not a nickname, initial, typo or swap, nor two forms of one
+  name: compare.given_names_disagree): never MATCH, for the same reason (twins and siblings in one
+  household), at most POSSIBLE_MATCH;
 - the dates of birth disagree outright (not a day/month swap, one typo or the same year): never
   MATCH (a father and son of one name at one address, two people of a common name);
+- nothing but the names agrees (no date of birth, national id, address, phone or email at an
+  agreeing level): never MATCH (two people of a common name);
+- no date of birth or national id on one side or the other, and the phone or email disagrees (a
+  local part alone is not agreement) while neither agrees exactly: never MATCH (name and address
+  alone are a son's undated record at his father's address as often as a duplicate);
 
 - a pair a person rejected as two people (identity_distinct) is never proposed again (the store
   filters those before scoring).
@@ -30,10 +36,18 @@ from typing import Any
 import orjson
 
 from server.identity.attributes import Identity
-from server.identity.compare import COMPARISONS, MISSING, compare
+from server.identity.compare import (
+    COMPARISONS,
+    MISSING,
+    compare,
+    date_of_birth_level,
+    given_names_disagree,
+    national_id_level,
+)
 
 EXACT_RULE = "national_id+date_of_birth"
-# An outright disagreement ("else") on any of these forbids MATCH (unless the exact rule decided).
+# An outright disagreement ("else") on any of these forbids MATCH (unless the exact rule decided; for
+# given names only when compare.given_names_disagree says they are not forms of one name).
 FORBID_MATCH_ON_ELSE = ("national_id", "given_name", "date_of_birth")
 WEIGHTS_FILE = "weights.json"
 
@@ -114,7 +128,8 @@ class MatchModel:
         probability = _probability(weight)
         if levels["national_id"] == "exact" and levels["date_of_birth"] == "exact":
             rule, probability = EXACT_RULE, 1.0
-        may_match = rule == EXACT_RULE or all(levels[a] != "else" for a in FORBID_MATCH_ON_ELSE)
+        may_match = rule == EXACT_RULE or not (_disagree(a, b, levels) or _contact_contradicts(levels)
+                                               or _names_only(levels))
         return Score(weight, probability, evidence, rule, may_match)
 
     def best(self, query: Identity, records: Iterable[Identity]) -> Score | None:
@@ -138,6 +153,40 @@ class MatchModel:
         if kept:
             return Decision("POSSIBLE_MATCH", kept)
         return Decision("NEW", ())
+
+
+def rules_forbid(a: Identity, b: Identity) -> bool:
+    """A rule says `a` and `b` are two people: national ids of one type further apart than a typo,
+    dates of birth that disagree outright, or given names that do (compare.given_names_disagree).
+    (The exact rule is not consulted: a pair it decides never disagrees on date of birth or id.)"""
+    return national_id_level(a, b) == "else" or date_of_birth_level(a, b) == "else" or given_names_disagree(a, b)
+
+
+def _disagree(a: Identity, b: Identity, levels: dict[str, str]) -> bool:
+    if levels["national_id"] == "else" or levels["date_of_birth"] == "else":
+        return True
+    return levels["given_name"] == "else" and given_names_disagree(a, b)
+
+
+# The levels of the attributes besides the names that corroborate a match (one of them is needed).
+CORROBORATING = {"date_of_birth": ("exact", "day_month_swapped", "one_typo"), "national_id": ("exact", "one_typo"),
+                 "address": ("exact", "similar", "postcode"), "phone": ("exact",), "email": ("exact", "local_part")}
+
+
+def _names_only(levels: dict[str, str]) -> bool:
+    """Nothing but the names agrees: two people of a common name (born the same year, at two
+    addresses) look exactly like this, and a duplicate almost never does."""
+    return not any(levels[attribute] in agreeing for attribute, agreeing in CORROBORATING.items())
+
+
+def _contact_contradicts(levels: dict[str, str]) -> bool:
+    """Neither a date of birth nor a national id to compare, and the phone or email disagrees while
+    neither agrees exactly: name and address alone (a son's undated record at his father's address,
+    with his own phone or email) are not enough to MATCH."""
+    if levels["date_of_birth"] != MISSING or levels["national_id"] != MISSING:
+        return False
+    contact = (levels["phone"], levels["email"])
+    return "exact" not in contact and any(level not in (MISSING, "exact") for level in contact)
 
 
 def _probability(weight: float) -> float:

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from server.identity.attributes import Identity
 from server.identity.blocking import block_hashes, blocking_keys
 from server.identity.cluster import cluster
-from server.identity.compare import COMPARISONS, MISSING, compare
-from server.identity.model import EXACT_RULE, MatchModel, Thresholds
+from server.identity.compare import COMPARISONS, MISSING, compare, given_names_disagree
+from server.identity.model import EXACT_RULE, MatchModel, Thresholds, rules_forbid
 
 SSN_A, SSN_B = "123456789", "523456781"        # made up, structurally valid, far apart
 BASE = Identity(given_name="margaret", family_name="kowalski", date_of_birth="1980-03-07", national_id=SSN_A,
@@ -174,3 +174,88 @@ def test_cluster_does_not_chain_father_and_son_through_a_record_without_birth_da
     undated = replace(father, date_of_birth="")
     labels = cluster([father, son, undated], MODEL, Thresholds()).labels
     assert labels[0] != labels[1]
+
+
+# --- the rules added for precision and recall (docs/identity.md, "Decide") -------------------------------
+@pytest.mark.parametrize(("a", "b"), [
+    (("bradley", "kowalski"), ("bradford", "kowalski")),     # two forms of one name (both nicknames of brad)
+    (("bob", "kowalski"), ("robret", "kowalski")),           # a canonical form of one, with a typo
+    (("kowalski", "margaret"), ("margaret", "nguyen")),      # swapped on one side, married on the other
+])
+def test_forms_of_one_given_name_do_not_forbid_a_match(a: tuple[str, str], b: tuple[str, str]) -> None:
+    x = replace(BASE, given_name=a[0], family_name=a[1]).without("national_id")
+    y = replace(BASE, given_name=b[0], family_name=b[1]).without("national_id")
+    assert level("given_name", x, y) == "else"
+    assert not given_names_disagree(x, y) and not given_names_disagree(y, x)
+    assert MODEL.score(x, y).may_match
+
+
+def test_twins_given_names_still_disagree() -> None:
+    x, y = BASE.without("national_id"), replace(BASE, given_name="susan").without("national_id")
+    assert given_names_disagree(x, y) and rules_forbid(x, y)
+
+
+@pytest.mark.parametrize(("phone", "email", "may_match"), [
+    ("+12127365001", "", False),                       # another phone, no email
+    ("", "mk@example.org", False),                     # another email
+    ("", "mkowalski@example.org", False),              # the same local part is not agreement
+    ("+12127365001", "mkowalski@example.com", True),   # the email agrees
+    ("", "", True),                                    # nothing disagrees
+])
+def test_name_and_address_alone_with_contact_disagreeing_never_match(phone: str, email: str,
+                                                                     may_match: bool) -> None:
+    undated = replace(BASE, date_of_birth="", phone=phone, email=email).without("national_id")
+    s = MODEL.score(BASE.without("national_id"), undated)
+    assert s.may_match is may_match
+    if not may_match:
+        assert MODEL.decide([("c1", s)], Thresholds(), 10).decision == "POSSIBLE_MATCH"
+    # With a date of birth on both sides the contact attributes are ordinary evidence.
+    assert MODEL.score(BASE.without("national_id"), replace(undated, date_of_birth=BASE.date_of_birth)).may_match
+
+
+FATHER = BASE.without("national_id").without("email")
+SON = replace(FATHER, date_of_birth="2008-01-30")
+
+
+def test_cluster_holds_back_an_undated_record_that_matches_father_and_son() -> None:
+    undated = replace(FATHER, date_of_birth="")
+    c = cluster([FATHER, SON, undated], MODEL, Thresholds())
+    assert len(set(c.labels)) == 3                        # joined to neither
+    assert {frozenset((i, j)) for i, j, _ in c.possible} >= {frozenset((0, 2)), frozenset((1, 2))}
+    # Without the son it joins the father.
+    assert len(set(cluster([FATHER, undated], MODEL, Thresholds()).labels)) == 1
+
+
+def test_cluster_joins_an_undated_record_to_a_clearly_stronger_side() -> None:
+    son = replace(SON, phone="+12127365001", email="kowalski.jr@example.com")
+    undated = replace(son, date_of_birth="")                # the son's phone and email as well
+    father = replace(FATHER, phone="")
+    labels = cluster([father, son, undated], MODEL, Thresholds()).labels
+    assert labels[2] == labels[1] != labels[0]
+
+
+def test_a_dated_record_is_not_held_back() -> None:
+    # A record with a date of birth is never ambiguous: the rules tell its people apart. This one
+    # matches two records (each one typo away from its date) whose dates disagree outright.
+    dated = FATHER                                           # born 1980-03-07
+    x, y = replace(FATHER, date_of_birth="1981-03-07"), replace(FATHER, date_of_birth="1990-03-07")
+    assert rules_forbid(x, y) and MODEL.score(dated, x).may_match and MODEL.score(dated, y).may_match
+    labels = cluster([dated, x, y], MODEL, Thresholds()).labels
+    assert labels[0] in (labels[1], labels[2]) and labels[1] != labels[2]
+
+
+def test_online_two_conflicting_candidates_are_a_possible_match() -> None:
+    undated = replace(FATHER, date_of_birth="")
+    scored = [("father", MODEL.score(undated, FATHER)), ("son", MODEL.score(undated, SON))]
+    assert all(s.probability >= Thresholds().match and s.may_match for _, s in scored)
+    assert MODEL.decide(scored, Thresholds(), 10).decision == "POSSIBLE_MATCH"
+
+
+def test_names_alone_never_match() -> None:                              # two people of a common name
+    other = Identity(given_name="margaret", family_name="kowalski", date_of_birth="1980-11-21",
+                     address_line1="1 elm rd", postcode="94105", phone="+12127365001")
+    s = MODEL.score(BASE.without("national_id"), other)
+    assert s.probability >= Thresholds().match and not s.may_match
+    assert MODEL.decide([("c1", s)], Thresholds(), 10).decision == "POSSIBLE_MATCH"
+    # One corroborating attribute (here the date of birth, one typo away) is enough.
+    assert MODEL.score(BASE.without("national_id"), replace(other, date_of_birth="1980-03-08")).may_match
