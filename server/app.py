@@ -62,7 +62,7 @@ def build_authenticator(s: Settings) -> Authenticator:
                          mtls=bool(s.tls_client_ca_file))
 
 
-def bind_ports(server: grpc.aio.Server, s: Settings) -> int:
+def bind_ports(server: grpc.aio.Server, s: Settings, metrics: Metrics | None = None) -> int:
     """The gRPC port: mutual TLS when a client CA is configured, TLS otherwise, plaintext only when
     explicitly allowed. The optional token port: server-only TLS for bearer-token callers."""
     address = f"{s.grpc_host}:{s.grpc_port}"
@@ -73,6 +73,9 @@ def bind_ports(server: grpc.aio.Server, s: Settings) -> int:
             pair, root_certificates=client_ca, require_client_auth=client_ca is not None))
         if s.token_port:
             server.add_secure_port(f"{s.grpc_host}:{s.token_port}", grpc.ssl_server_credentials(pair))
+        if metrics is not None:
+            with contextlib.suppress(ValueError):   # grpc accepted the chain; a metric never stops a node
+                metrics.tls_certificate(pair[0][1])
     else:
         log.warning("serving PLAINTEXT gRPC (CRS_ALLOW_PLAINTEXT): development only", extra={"address": address})
         port = int(server.add_insecure_port(address))
@@ -263,7 +266,7 @@ class Node:
         reflection.enable_server_reflection(
             [svc.full_name for svc in rpc.SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                        reflection.SERVICE_NAME], server)
-        self.port = bind_ports(server, s)
+        self.port = bind_ports(server, s, self.metrics)
         self.server = server
         await server.start()
         if self.tier is not None:
@@ -288,6 +291,8 @@ class Node:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.metrics.flush()
+            if self.pool is not None:
+                self.metrics.pg_pool(self.pool.get_size(), self.pool.get_idle_size(), self.pool.get_max_size())
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, stop accepting, let in-flight calls finish within `grace`, release.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
+from cryptography import x509
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 FLUSH_INTERVAL = 1.0
@@ -40,6 +41,9 @@ class Metrics:
                               ["shard"], multiprocess_mode="min", registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
                                     multiprocess_mode="max", registry=reg)
+        self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
+                                "Age of the oldest outbox row not yet settled (0 when none)",
+                                multiprocess_mode="max", registry=reg)
         # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
         self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node", multiprocess_mode="sum",
                                    registry=reg)
@@ -74,6 +78,18 @@ class Metrics:
         self.shard_hit_ratio = Gauge("crs_cache_shard_hit_ratio",
                                      "keyspace_hits / (hits + misses) since the shard started (INFO stats)",
                                      ["shard"], multiprocess_mode="max", registry=reg)
+        # This process's asyncpg pool (server/store): connections open, idle among them, and the cap.
+        # In use = open - idle; a pod sums its workers (livesum: exited workers drop out).
+        self.pg_pool_connections = Gauge("crs_pg_pool_connections", "PostgreSQL connections open in the pool",
+                                         multiprocess_mode="livesum", registry=reg)
+        self.pg_pool_idle = Gauge("crs_pg_pool_idle_connections", "Open PostgreSQL connections not in use",
+                                  multiprocess_mode="livesum", registry=reg)
+        self.pg_pool_max = Gauge("crs_pg_pool_max_connections", "Most connections the pool may open",
+                                 multiprocess_mode="livesum", registry=reg)
+        # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
+        self.tls_cert_expiry = Gauge("crs_tls_certificate_expiry_timestamp_seconds",
+                                     "Unix time the earliest certificate of the served chain expires",
+                                     multiprocess_mode="min", registry=reg)
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)
@@ -114,6 +130,16 @@ class Metrics:
                     row[i] = 0.0
             child._sum.inc(row[-1])
             row[-1] = 0.0
+
+    def pg_pool(self, size: int, idle: int, maximum: int) -> None:
+        self.pg_pool_connections.set(size)
+        self.pg_pool_idle.set(idle)
+        self.pg_pool_max.set(maximum)
+
+    def tls_certificate(self, pem: bytes) -> None:
+        """Record when the served chain (PEM, leaf first) stops being valid: its earliest notAfter."""
+        chain = x509.load_pem_x509_certificates(pem)
+        self.tls_cert_expiry.set(min(c.not_valid_after_utc.timestamp() for c in chain))
 
     def shard_error(self, shard: str) -> None:
         self.shard_errors.labels(shard).inc()

@@ -45,8 +45,13 @@ async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *,
     while True:
         try:
             settled = await relay_once(pool, resolver, delay=delay)
-            pending = await pool.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL")
-            metrics.outbox_pending.set(pending)
+            # The partial index outbox_unsettled (on created_at) makes min() cheap.
+            row = await pool.fetchrow(
+                "SELECT count(*) AS n, coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8"
+                " AS age FROM outbox WHERE settled_at IS NULL")
+            if row is not None:   # an aggregate always returns its one row
+                metrics.outbox_pending.set(row["n"])
+                metrics.outbox_age.set(row["age"])
             if settled == BATCH:
                 continue
         except asyncio.CancelledError:
