@@ -180,6 +180,12 @@ def component_alerts() -> list[dict[str, Any]]:
                summary="{{ $labels.instance }} uses {{ $value | humanizePercentage }} of its PostgreSQL pools",
                description="Cache misses and writes queue for a connection and then time out "
                            "(DEADLINE_EXCEEDED / UNAVAILABLE)."),
+        _alert("CRSDatabaseUnreachable",
+               "min by (instance) (crs_database_up) == 0",
+               for_="1m", severity="page",
+               summary="{{ $labels.instance }} cannot reach PostgreSQL (health crs.v1.Database NOT_SERVING)",
+               description="Cached lookups still answer; cache misses, writes, identity and the change feed "
+                           "fail UNAVAILABLE until PostgreSQL answers again."),
         _alert("CRSFeedHeadLagging",
                "(crs:feed_head_lag:sequences > 0 and changes(crs_feed_head_sequence[5m]) == 0)\n"
                "or\n"
