@@ -14,6 +14,9 @@ Rules, applied before the weights (docs/identity.md, "Decisions"):
   household), at most POSSIBLE_MATCH;
 - the dates of birth disagree outright (not a day/month swap, one typo or the same year): never
   MATCH (a father and son of one name at one address, two people of a common name);
+- the family names disagree (outright or only loosely alike) and no national id, address, phone or email agrees (a
+  married name is tied to the person by one of those; a given name and a birthday are shared by
+  many people at a million customers): never MATCH;
 - nothing but the names agrees (no date of birth, national id, address, phone or email at an
   agreeing level): never MATCH (two people of a common name);
 - no date of birth or national id on one side or the other, and the phone or email disagrees (a
@@ -129,7 +132,7 @@ class MatchModel:
         if levels["national_id"] == "exact" and levels["date_of_birth"] == "exact":
             rule, probability = EXACT_RULE, 1.0
         may_match = rule == EXACT_RULE or not (_disagree(a, b, levels) or _contact_contradicts(levels)
-                                               or _names_only(levels))
+                                               or _names_only(levels) or _new_name_elsewhere(levels))
         return Score(weight, probability, evidence, rule, may_match)
 
     def best(self, query: Identity, records: Iterable[Identity]) -> Score | None:
@@ -177,6 +180,18 @@ def _names_only(levels: dict[str, str]) -> bool:
     """Nothing but the names agrees: two people of a common name (born the same year, at two
     addresses) look exactly like this, and a duplicate almost never does."""
     return not any(levels[attribute] in agreeing for attribute, agreeing in CORROBORATING.items())
+
+
+# What ties a record to a person when the family name changed (marriage) — a date of birth and a
+# given name do not: at a million customers many people share both.
+TIES = {"national_id": ("exact",), "address": ("exact", "similar"), "phone": ("exact",), "email": ("exact",)}
+
+
+def _new_name_elsewhere(levels: dict[str, str]) -> bool:
+    """The family names disagree (outright, or only loosely alike: Jaro-Winkler 0.80-0.92) and
+    nothing that belongs to one person (national id, address, phone, email) agrees: two people who
+    share a birthday and a similar name, not a bride."""
+    return levels["family_name"] in ("else", "jw_mid") and not any(levels[a] in ok for a, ok in TIES.items())
 
 
 def _contact_contradicts(levels: dict[str, str]) -> bool:

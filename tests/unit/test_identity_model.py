@@ -255,7 +255,23 @@ def test_names_alone_never_match() -> None:                              # two p
     other = Identity(given_name="margaret", family_name="kowalski", date_of_birth="1980-11-21",
                      address_line1="1 elm rd", postcode="94105", phone="+12127365001")
     s = MODEL.score(BASE.without("national_id"), other)
-    assert s.probability >= Thresholds().match and not s.may_match
+    assert s.probability >= Thresholds().review and not s.may_match
     assert MODEL.decide([("c1", s)], Thresholds(), 10).decision == "POSSIBLE_MATCH"
     # One corroborating attribute (here the date of birth, one typo away) is enough.
     assert MODEL.score(BASE.without("national_id"), replace(other, date_of_birth="1980-03-08")).may_match
+
+
+def test_a_shared_birthday_and_given_name_do_not_make_a_new_family_name_match() -> None:
+    """At a million customers many people share a given name and a date of birth: a record with
+    another family name (outright or only loosely alike) matches only when something that belongs
+    to one person agrees too (national id, address, phone, email), as a married name's record does."""
+    a = Identity(given_name="wencus", family_name="liloquin", date_of_birth="1954-05-16",
+                 address_line1="1508 cedar st", postcode="37212", phone="+17023021595")
+    for family in ("lanbersto", "lilomor"):          # else, and loosely alike (Jaro-Winkler 0.80-0.92)
+        b = replace(a, family_name=family, address_line1="3083 oak st", postcode="29770", phone="")
+        s = MODEL.score(a, b)
+        assert s.evidence[1].level in ("else", "jw_mid") and not s.may_match, family
+        assert MODEL.decide([("c1", s)], Thresholds(), 10).decision != "MATCH"
+    married = replace(a, family_name="lanbersto")      # same address and phone: the same person
+    assert MODEL.score(a, married).may_match
+    assert MODEL.decide([("c1", MODEL.score(a, married))], Thresholds(), 10).decision == "MATCH"
