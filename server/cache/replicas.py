@@ -70,6 +70,9 @@ class ReplicatedShard:
         """`op` on one copy, the next one (round robin) first; a copy that is down, fails or times out
         is skipped for the next. ShardReplyError from the copy that answered (the caller's miss);
         ShardUnavailable when no copy could be used."""
+        if self.only is not None:       # no replica: exactly what the shard did before replicas
+            with self.only.guard:
+                return await op(self.only)
         for copy in self._order():
             try:
                 with copy.guard:        # refuses a copy marked down (starting its probe when due)
