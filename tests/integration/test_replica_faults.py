@@ -147,10 +147,15 @@ def test_a_returning_primary_is_flushed_before_it_serves(stack: Stack) -> None:
     primary = stack.copies(VICTIM)[0]
     assert metric(node, "crs_cache_copy_up", shard=VICTIM, copy="primary") == 0
     channel = node.channel()
-    rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(other)), timeout=5)
+    other_replica = stack.copies(ring.node_for(stack.card_key(node, other)))[1]
+    wrong = None
+    deadline = time.monotonic() + 5
+    while wrong is None:     # the fill lands after the answer, and lives 1 s: look until it is seen
+        assert time.monotonic() < deadline, "another card's answer, cached on its own shard's replica"
+        rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(other)), timeout=5)
+        time.sleep(0.02)
+        wrong = other_replica.get(stack.card_key(node, other))
     channel.close()
-    wrong = stack.copies(ring.node_for(stack.card_key(node, other)))[1].get(stack.card_key(node, other))
-    assert wrong is not None, "another card's answer, cached on its own shard's replica"
     primary.set(SENTINEL, b"written while the node counted this copy down")
     primary.set(stack.card_key(node, owned[0]), wrong)
     with LookupLoad(node) as running:
