@@ -32,11 +32,12 @@ SAMPLE_TIMEOUT = 5.0      # seconds for the sample lookups `up` prints
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack.environment import DevEnvironment
     from server.logs import configure_logging
+    from server.settings import format_shards
 
     configure_logging("WARNING")
     base = Path(args.data_dir).resolve() if args.data_dir else None
-    env = DevEnvironment(shards=args.shards, customers=args.customers, base_dir=base, tls=not args.plaintext,
-                         pg_binaries=args.pg_binaries, keep=base is not None)
+    env = DevEnvironment(shards=args.shards, replicas=args.replicas, customers=args.customers, base_dir=base,
+                         tls=not args.plaintext, pg_binaries=args.pg_binaries, keep=base is not None)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -46,7 +47,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
     try:
-        print(f"crs-dev: starting PostgreSQL and {args.shards} Redis shards ...", flush=True)
+        copies = f" ({args.replicas} replica(s) each)" if args.replicas else ""
+        print(f"crs-dev: starting PostgreSQL and {args.shards} Redis shards{copies} ...", flush=True)
         env.start(out=sys.stdout)
         assert env.stack is not None
         print(f"crs-dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
@@ -58,8 +60,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  gRPC       {node.address}   (crs.v1 Lookup, Admin, Identity, ChangeFeed; health; reflection)")
         print(f"  metrics    http://127.0.0.1:{node.settings.metrics_port}/metrics")
         print(f"  PostgreSQL {pg.dsn('crs')}   ({pg.kind} binaries)")
-        for name, url in env.stack.shard_urls().items():
-            print(f"  {name:10} {url}")
+        for name, urls in env.stack.shard_copies().items():
+            print(f"  {name:10} {' | '.join(urls)}")
         print(f"  logs       {node.log_path}")
         tls = f" --tls-dir {env.pki.directory}" if env.pki else ""
         target = "" if args.port == 50051 else f" --target {node.address}"
@@ -69,7 +71,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin', 'switch', 'feed' and 'csr')")
-        shards = ",".join(f"{name}={url}" for name, url in env.stack.shard_urls().items())
+        shards = format_shards(env.shard_addresses())
         print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
               f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
         keys = " ".join(f"{k}={v}" for k, v in sorted(env.keys.items()))
@@ -187,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir is given. `./crsw dev` runs this."), formatter_class=RAW)
     s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
     s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
+    s.add_argument("--replicas", type=int, default=0,
+                   help="more Redis servers per shard, written alongside the primary, read on failover (default 0)")
     s.add_argument("--workers", type=int, default=2, help="node processes (default 2)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
     s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")

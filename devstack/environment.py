@@ -217,6 +217,7 @@ class DevEnvironment:
     """
 
     shards: int = 4
+    replicas: int = 0          # more copies of every shard (embedded servers only)
     tls: bool = False
     customers: int = 0
     base_dir: Path | None = None
@@ -239,6 +240,8 @@ class DevEnvironment:
         self.external_redis_urls = tuple(self.external_redis_urls)
         if bool(self.external_pg_dsn) != bool(self.external_redis_urls):
             raise ValueError("give both external_pg_dsn and external_redis_urls, or neither")
+        if self.replicas and self.external_pg_dsn:
+            raise ValueError("replicas need embedded servers: external_redis_urls name primaries only")
         if self.database is None:
             self.database = f"crs_{secrets.token_hex(4)}" if self.external else "crs"
 
@@ -256,10 +259,17 @@ class DevEnvironment:
         return self._work_dir
 
     def shard_urls(self) -> dict[str, str]:
-        """Shard name -> Redis URL, embedded or external."""
+        """Shard name -> Redis URL (its primary's), embedded or external."""
         if self.stack is not None:
             return self.stack.shard_urls()
         return {f"shard-{i}": url for i, url in enumerate(self.external_redis_urls)}
+
+    def shard_addresses(self) -> tuple[ShardAddress, ...]:
+        """The shards as CRS_REDIS_SHARDS names them, with their replicas."""
+        if self.stack is not None:
+            return tuple(ShardAddress(name=name, url=urls[0], replicas=tuple(urls[1:]))
+                         for name, urls in self.stack.shard_copies().items())
+        return tuple(ShardAddress(name=name, url=url) for name, url in self.shard_urls().items())
 
     @property
     def service_role(self) -> str:
@@ -319,8 +329,8 @@ class DevEnvironment:
                 self.stop()
                 raise
             return self._prepare(out)
-        self.stack = EmbeddedStack(base_dir=self.base_dir, shards=self.shards, pg_binaries=self.pg_binaries,
-                                   keep=self.keep)
+        self.stack = EmbeddedStack(base_dir=self.base_dir, shards=self.shards, replicas=self.replicas,
+                                   pg_binaries=self.pg_binaries, keep=self.keep)
         try:
             self.stack.start()
             assert self.database is not None
@@ -379,8 +389,7 @@ class DevEnvironment:
         else:
             env |= {"CRS_ALLOW_PLAINTEXT": "true", "CRS_ALLOW_ANONYMOUS": "true"}
         settings = load_settings(env)
-        shards = tuple(ShardAddress(name=name, url=url) for name, url in self.shard_urls().items())
-        values: dict[str, object] = {"redis_shards": shards} | overrides   # an override wins
+        values: dict[str, object] = {"redis_shards": self.shard_addresses()} | overrides   # an override wins
         return replace(settings, **values)  # type: ignore[arg-type]
 
     def start_node(self, *, workers: int = 1, port: int | None = None, pki: DevPki | None = None,

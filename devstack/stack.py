@@ -38,9 +38,13 @@ atexit.register(_stop_stacks_at_exit)
 class EmbeddedStack:
     """PostgreSQL + N Redis shards named shard-0..shard-{N-1}, in one base directory.
 
+    With ``replicas=R`` every shard has R more copies: independent redis-servers named
+    ``shard-K-replica-J`` that the nodes write to alongside the primary (client-side replication,
+    mcrouter style: no REPLICAOF), see docs/decisions.md "Replicated shards".
+
     Layout: ``<base>/postgres/`` (data), ``<base>/postgres.log``, ``<base>/redis/shard-K/`` (config,
-    ``redis.log``). With ``base_dir=None`` the base is a fresh temporary directory, removed by
-    ``stop()`` unless ``keep=True``; a given base_dir is never removed.
+    ``redis.log``; replicas in ``<base>/redis/shard-K-replica-J/``). With ``base_dir=None`` the base is
+    a fresh temporary directory, removed by ``stop()`` unless ``keep=True``; a given base_dir is never removed.
     """
 
     def __init__(
@@ -48,12 +52,15 @@ class EmbeddedStack:
         *,
         base_dir: Path | None = None,
         shards: int = 4,
+        replicas: int = 0,
         pg_binaries: str = "auto",
         pg_bindir: Path | None = None,
         keep: bool = False,
     ) -> None:
         if isinstance(shards, bool) or not isinstance(shards, int) or not 0 <= shards <= 64:
             raise ValueError(f"shards must be an int in 0..64, not {shards!r}")
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 4:
+            raise ValueError(f"replicas must be an int in 0..4, not {replicas!r}")
         if not isinstance(keep, bool):
             raise TypeError(f"keep must be a bool, not {type(keep).__name__}")
         self.keep = keep
@@ -73,6 +80,12 @@ class EmbeddedStack:
             self.redis = [
                 RedisServer(name=f"shard-{i}", data_dir=self.base_dir / "redis" / f"shard-{i}") for i in range(shards)
             ]
+            # replica_servers[i]: shard-i's replicas, in order (replica-1, replica-2, ...).
+            self.replica_servers = [
+                [RedisServer(name=f"shard-{i}-replica-{j}", data_dir=self.base_dir / "redis" / f"shard-{i}-replica-{j}")
+                 for j in range(1, replicas + 1)]
+                for i in range(shards)
+            ]
         except BaseException:
             self._remove_base()
             raise
@@ -84,10 +97,16 @@ class EmbeddedStack:
         return f"<EmbeddedStack {self.base_dir} postgres={self.postgres!r} shards={len(self.redis)}>"
 
     def shard_urls(self) -> dict[str, str]:
+        """Shard name -> its primary's URL."""
         return {server.name: server.url for server in self.redis}
 
+    def shard_copies(self) -> dict[str, list[str]]:
+        """Shard name -> the URLs of its copies, the primary first."""
+        return {server.name: [server.url, *(r.url for r in replicas)]
+                for server, replicas in zip(self.redis, self.replica_servers, strict=True)}
+
     def _servers(self) -> list[PostgresServer | RedisServer]:
-        return [self.postgres, *self.redis]
+        return [self.postgres, *self.redis, *(r for replicas in self.replica_servers for r in replicas)]
 
     def start(self) -> None:
         """Start PostgreSQL and every shard concurrently; on any failure stop all and raise."""

@@ -39,6 +39,11 @@ class Metrics:
                                           ["shard"], registry=reg)
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
                               ["shard"], multiprocess_mode="min", registry=reg)
+        # Per copy of a shard (primary, replica-1, ...): a shard is up while any copy is.
+        self.copy_up = Gauge("crs_cache_copy_up", "1 when the shard copy serves, 0 when marked down",
+                             ["shard", "copy"], multiprocess_mode="min", registry=reg)
+        self.copy_errors = Counter("crs_cache_copy_errors_total", "Failed Redis operations per shard copy",
+                                   ["shard", "copy"], registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
                                     multiprocess_mode="max", registry=reg)
         self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
@@ -149,6 +154,12 @@ class Metrics:
 
     def shard_state(self, shard: str, up: bool) -> None:
         self.shard_up.labels(shard).set(1 if up else 0)
+
+    def copy_state(self, shard: str, copy: str, up: bool) -> None:
+        self.copy_up.labels(shard, copy).set(1 if up else 0)
+
+    def copy_error(self, shard: str, copy: str) -> None:
+        self.copy_errors.labels(shard, copy).inc()
 
     def copied(self, n: int) -> None:
         if n:

@@ -22,39 +22,61 @@ class SettingsError(ValueError):
     """A configuration value is missing or wrong; the message names it."""
 
 
+_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 @dataclass(frozen=True)
 class ShardAddress:
+    """One shard of CRS_REDIS_SHARDS: its name and weight place keys; `url` is its primary copy and
+    `replicas` its other copies (docs/decisions.md "Replicated shards"), which never move a key."""
+
     name: str
     url: str
     weight: int = 1
+    replicas: tuple[str, ...] = ()
+
+    @property
+    def copies(self) -> tuple[str, ...]:
+        return (self.url, *self.replicas)
 
 
 def parse_shards(text: str) -> tuple[ShardAddress, ...]:
-    """'shard-0=redis://127.0.0.1:6379/0,shard-1=redis://...;weight=2' -> ShardAddress list."""
+    """'shard-0=redis://a:6379/0|redis://b:6379/0,shard-1=redis://...;weight=2' -> ShardAddress list.
+    Copies of one shard are separated by '|': the first is the primary, the others its replicas."""
     shards: list[ShardAddress] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
         name, sep, rest = part.partition("=")
+        name = name.strip()
         if not sep or not name or not rest:
-            raise SettingsError(f"CRS_REDIS_SHARDS: entry {part!r} is not NAME=redis://HOST:PORT/DB[;weight=N]")
-        url, _, opts = rest.partition(";")
+            raise SettingsError(f"CRS_REDIS_SHARDS: entry {part!r} is not NAME=redis://HOST:PORT/DB[|REPLICA_URL...][;weight=N]")
+        urls, _, opts = rest.partition(";")
         weight = 1
         if opts:
             key, _, val = opts.partition("=")
             if key != "weight" or not val.isdigit() or int(val) <= 0:
                 raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: option {opts!r} is not weight=N (N > 0)")
             weight = int(val)
-        if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: url must start with redis://, rediss:// or unix://")
-        shards.append(ShardAddress(name=name.strip(), url=url.strip(), weight=weight))
+        copies = [u.strip() for u in urls.split("|")]
+        for url in copies:
+            if not url.startswith(_SCHEMES):
+                raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: every url (copies separated by '|')"
+                                    " must start with redis://, rediss:// or unix://")
+        if len(set(copies)) != len(copies):
+            raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: a copy is listed twice")
+        shards.append(ShardAddress(name=name, url=copies[0], weight=weight, replicas=tuple(copies[1:])))
     if len({s.name for s in shards}) != len(shards):
         raise SettingsError("CRS_REDIS_SHARDS: shard names must be unique")
+    every = [u for s in shards for u in s.copies]
+    if len(set(every)) != len(every):
+        raise SettingsError("CRS_REDIS_SHARDS: two shards (or copies) cannot share a url")
     return tuple(shards)
 
 
 def format_shards(shards: tuple[ShardAddress, ...]) -> str:
-    return ",".join(f"{s.name}={s.url}" + (f";weight={s.weight}" if s.weight != 1 else "") for s in shards)
+    return ",".join(f"{s.name}={'|'.join(s.copies)}" + (f";weight={s.weight}" if s.weight != 1 else "")
+                    for s in shards)
 
 
 @dataclass(frozen=True)

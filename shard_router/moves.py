@@ -73,8 +73,8 @@ def begin(current: Topology, draft: Sequence[TopologyShard]) -> Topology:
     by_name = {s.name: s for s in current.shards}
     for s in target:
         old = by_name.get(s.name)
-        if old is not None and old.address != s.address:
-            raise TopologyError(f"shard {s.name!r}: its address cannot change during a move")
+        if old is not None and old.copies != s.copies:
+            raise TopologyError(f"shard {s.name!r}: its address cannot change during a move (nor its replicas)")
     if ring_text(s.spec for s in target) == ring_text(current.target_specs):
         raise TopologyError("the draft has the same shards and weights as the current ring: nothing to apply")
     return _moving(current.version + 1, target, current.shards, phase=Phase.PREPARING, aborting=False)

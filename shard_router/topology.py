@@ -78,31 +78,48 @@ MAX_ADDRESS_LENGTH = 512
 @dataclass(frozen=True, slots=True)
 class TopologyShard:
     """One shard as the topology records it. ``name`` and ``weight`` place keys (see ``ShardSpec``);
-    ``address`` (a redis:// URL) only says where to reach it, so changing it moves no key."""
+    ``address`` (a redis:// URL) only says where to reach it, so changing it moves no key.
+    ``replicas``: more copies of the same shard (reads go to one copy, writes to all); like the
+    address they never take part in placement."""
 
     name: str
     address: str
     weight: int = 1
     state: ShardState = ShardState.ACTIVE
+    replicas: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
             ShardSpec(self.name, self.weight)   # validates both, naming the bad value
         except (TypeError, ValueError) as exc:
             raise TopologyError(str(exc)) from None
-        if not isinstance(self.address, str) or not self.address or len(self.address) > MAX_ADDRESS_LENGTH \
-                or any(ch.isspace() for ch in self.address):
-            raise TopologyError(f"shard {self.name!r}: address must be a non-empty URL without spaces,"
-                                f" at most {MAX_ADDRESS_LENGTH} characters (got {redact_url(str(self.address))!r})")
-        if not self.address.startswith(("redis://", "rediss://", "unix://")):
-            raise TopologyError(f"shard {self.name!r}: address must start with redis://, rediss:// or unix://"
-                                f" (got {redact_url(self.address)!r})")
+        if not isinstance(self.replicas, tuple):
+            raise TopologyError(f"shard {self.name!r}: replicas must be a tuple of URLs (got {self.replicas!r})")
+        for address in (self.address, *self.replicas):
+            _check_address(self.name, address)
+        if len(set(self.copies)) != len(self.copies):
+            raise TopologyError(f"shard {self.name!r}: a copy is listed twice")
         if not isinstance(self.state, ShardState):
             raise TopologyError(f"shard {self.name!r}: state must be a ShardState (got {self.state!r})")
 
     @property
     def spec(self) -> ShardSpec:
         return ShardSpec(self.name, self.weight)
+
+    @property
+    def copies(self) -> tuple[str, ...]:
+        """Every copy's URL, the primary (``address``) first."""
+        return (self.address, *self.replicas)
+
+
+def _check_address(name: str, address: object) -> None:
+    if not isinstance(address, str) or not address or len(address) > MAX_ADDRESS_LENGTH \
+            or any(ch.isspace() for ch in address):
+        raise TopologyError(f"shard {name!r}: address must be a non-empty URL without spaces,"
+                            f" at most {MAX_ADDRESS_LENGTH} characters (got {redact_url(str(address))!r})")
+    if not address.startswith(("redis://", "rediss://", "unix://")):
+        raise TopologyError(f"shard {name!r}: address must start with redis://, rediss:// or unix://"
+                            f" (got {redact_url(address)!r})")
 
 
 @dataclass(frozen=True)
@@ -160,6 +177,7 @@ class Topology:
             "version": self.version,
             "phase": self.phase.value,
             "shards": [{"name": s.name, "address": s.address, "weight": s.weight, "state": s.state.value}
+                       | ({"replicas": list(s.replicas)} if s.replicas else {})
                        for s in self.shards],
         }
         if self.source:
@@ -198,9 +216,14 @@ class Topology:
         return cls(version=version, shards=shards, phase=phase, source=source, aborting=aborting, note=note)
 
     @classmethod
-    def bootstrap(cls, shards: Iterable[tuple[str, str, int]]) -> Topology:
-        """Version 0: the stable topology a node builds from CRS_REDIS_SHARDS while none is stored."""
-        return cls(version=0, shards=tuple(TopologyShard(name, address, weight) for name, address, weight in shards))
+    def bootstrap(cls, shards: Iterable[tuple[str, str, int] | tuple[str, str, int, tuple[str, ...]]]) -> Topology:
+        """Version 0: the stable topology a node builds from CRS_REDIS_SHARDS while none is stored.
+        Each item: (name, address, weight) or (name, address, weight, replicas)."""
+        built = []
+        for name, address, weight, *rest in shards:
+            replicas: tuple[str, ...] = tuple(rest[0]) if rest else ()
+            built.append(TopologyShard(name, address, weight, replicas=replicas))
+        return cls(version=0, shards=tuple(built))
 
 
 def _list_of_objects(value: Any, what: str) -> list[Mapping[str, Any]]:
@@ -210,7 +233,7 @@ def _list_of_objects(value: Any, what: str) -> list[Mapping[str, Any]]:
 
 
 def _shard_from(item: Mapping[str, Any]) -> TopologyShard:
-    unknown = set(item) - {"name", "address", "weight", "state"}
+    unknown = set(item) - {"name", "address", "weight", "state", "replicas"}
     if unknown:
         raise TopologyError(f"unknown shard field(s): {', '.join(sorted(unknown))}")
     try:
@@ -219,7 +242,11 @@ def _shard_from(item: Mapping[str, Any]) -> TopologyShard:
         raise TopologyError(f"shard {item.get('name')!r}: state must be one of"
                             f" {', '.join(s.value for s in ShardState)} (got {item.get('state')!r})") from None
     try:
-        return TopologyShard(name=item["name"], address=item["address"], weight=item.get("weight", 1), state=state)
+        replicas = item.get("replicas", [])
+        if not isinstance(replicas, list):
+            raise TopologyError(f"shard {item.get('name')!r}: replicas must be a list of URLs")
+        return TopologyShard(name=item["name"], address=item["address"], weight=item.get("weight", 1), state=state,
+                             replicas=tuple(replicas))
     except KeyError as exc:
         raise TopologyError(f"a shard lacks {exc.args[0]!r}") from None
     except TypeError as exc:
@@ -248,9 +275,9 @@ def _problems(t: Topology) -> list[str]:
     names = [s.name for s in t.shards]
     if len(set(names)) != len(names):
         problems.append(f"shard names must be unique (got {names})")
-    addresses = [s.address for s in t.shards]
+    addresses = [a for s in t.shards for a in s.copies]
     if len(set(addresses)) != len(addresses):
-        dup = sorted({a for a in addresses if addresses.count(a) > 1})
+        dup = sorted({redact_url(a) for a in addresses if addresses.count(a) > 1})
         problems.append(f"two shards cannot share an address ({', '.join(dup)})")
     by_state = {state: {s.name for s in t.shards if s.state is state} for state in ShardState}
     source_names = [s.name for s in t.source]
@@ -326,7 +353,7 @@ def routing_for(t: Topology) -> Routing:
 
 @dataclass(frozen=True)
 class Change:
-    """One difference between two shard lists. ``kind``: add, remove, reweight, address or state."""
+    """One difference between two shard lists. ``kind``: add, remove, reweight, address, replicas or state."""
 
     kind: str
     name: str
@@ -352,6 +379,10 @@ def redact_url(address: str) -> str:
     return f"{scheme}://{user}:***@{hostpart}"
 
 
+def _copies_text(urls: tuple[str, ...]) -> str:
+    return "|".join(redact_url(u) for u in urls) or "none"
+
+
 def diff(before: Iterable[TopologyShard], after: Iterable[TopologyShard]) -> list[Change]:
     """What changes from `before` to `after`, in the order of `before` then the added shards.
     Addresses appear without their passwords (redact_url): these lines are logged and printed."""
@@ -367,6 +398,8 @@ def diff(before: Iterable[TopologyShard], after: Iterable[TopologyShard]) -> lis
             changes.append(Change("reweight", name, str(s.weight), str(n.weight)))
         if n.address != s.address:
             changes.append(Change("address", name, redact_url(s.address), redact_url(n.address)))
+        if n.replicas != s.replicas:
+            changes.append(Change("replicas", name, _copies_text(s.replicas), _copies_text(n.replicas)))
         if n.state is not s.state:
             changes.append(Change("state", name, s.state.value, n.state.value))
     for name, n in new.items():

@@ -4,6 +4,10 @@ nodes delete so this node drops them from its near-cache.
 Deletes go to every owner a key has while keys move (shard_router.topology.Routing.also_invalidate)
 and run under each shard's `delete_guard`: a shard that refuses a delete — by error reply or by not
 answering — counts as failing, because it may otherwise keep serving a value that changed.
+A shard with replicas gets every delete on every copy (server/cache/replicas.py), and a delete is
+acknowledged only when all of them acknowledged it: the outbox row stays unsettled (and the relay
+retries) while any copy has not seen it. Each copy publishes and is listened to: a node hears an
+invalidation as long as one copy of the shard is reachable (hearing it twice is harmless).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from server.cache.shard import SHARD_ERRORS, Shard, ShardUnavailable
+from server.cache.replicas import ReplicatedShard
+from server.cache.shard import SHARD_ERRORS, Shard
 from shard_router.topology import Routing
 
 INVALIDATION_CHANNEL: Final = "crs:invalidate"
@@ -21,14 +26,14 @@ INVALIDATION_CHANNEL: Final = "crs:invalidate"
 LISTEN_POLL_SECONDS: Final = 1.0
 
 
-async def delete_everywhere(routing: Routing, shards: Mapping[str, Shard], keys: Iterable[str]) -> bool:
+async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedShard], keys: Iterable[str]) -> bool:
     """DEL the keys on their shards — both owners while keys move — and publish them for every node's
     near-cache, one pipeline per shard, all shards at once.
 
     True only if every owning shard acknowledged; the outbox relay retries otherwise. A shard that
     is marked down counts as not acknowledged: it will be flushed before it serves again, but the
     relay still retries so the record of the change is settled only once all shards saw it. (It
-    does not wait a timeout for a shard this node already knows is down.)
+    does not wait a timeout for a shard this node already knows is down.) The same holds per copy.
     """
     key_list = sorted(set(keys))
     if not key_list:
@@ -40,23 +45,21 @@ async def delete_everywhere(routing: Routing, shards: Mapping[str, Shard], keys:
         for name, idx in ring.group_by_node(key_list).items():
             per_shard.setdefault(name, {}).update(dict.fromkeys(key_list[i] for i in idx))
 
-    async def one(shard: Shard, group: list[str]) -> bool:
-        try:
-            with shard.delete_guard:
-                async with shard.client.pipeline(transaction=False) as pipe:
-                    pipe.delete(*group)
-                    pipe.publish(INVALIDATION_CHANNEL, "\n".join(group))
-                    await pipe.execute()
-        except ShardUnavailable:
-            return False
-        return True
+    async def on_copy(shard: Shard, group: list[str]) -> None:
+        async with shard.client.pipeline(transaction=False) as pipe:
+            pipe.delete(*group)
+            pipe.publish(INVALIDATION_CHANNEL, "\n".join(group))
+            await pipe.execute()
+
+    async def one(shard: ReplicatedShard, group: list[str]) -> bool:
+        return await shard.write_all(lambda copy: on_copy(copy, group), delete=True)
 
     acks = await asyncio.gather(*(one(shards[name], list(group)) for name, group in per_shard.items()))
     return all(acks)
 
 
 class InvalidationListeners:
-    """One pub/sub subscription per shard of the topology in force, following its changes.
+    """One pub/sub subscription per shard copy of the topology in force, following its changes.
 
     `on_gap` runs when a subscription was lost and re-established: messages may have been missed, so
     the caller drops its near-cache.
@@ -85,16 +88,16 @@ class InvalidationListeners:
     def follow(self, shards: Iterable[Shard], retired: Iterable[Shard]) -> None:
         """A new topology: stop listening on retired shards, listen on the shards in force."""
         for shard in retired:
-            entry = self._tasks.get(shard.name)
+            entry = self._tasks.get(shard.ident)
             if entry is not None and entry[0] is shard:
-                del self._tasks[shard.name]
+                del self._tasks[shard.ident]
                 entry[1].cancel()
         if self._listening is not None:
             for shard in shards:
                 self._start(shard)
 
     def _start(self, shard: Shard) -> None:
-        entry = self._tasks.get(shard.name)
+        entry = self._tasks.get(shard.ident)
         if entry is not None and entry[0] is shard:
             return
         if entry is not None:
@@ -102,7 +105,7 @@ class InvalidationListeners:
         assert self._listening is not None
         on_keys, on_gap, retry_interval = self._listening
         task = asyncio.get_running_loop().create_task(_listen(shard, on_keys, on_gap, retry_interval))
-        self._tasks[shard.name] = (shard, task)
+        self._tasks[shard.ident] = (shard, task)
 
 
 async def _listen(shard: Shard, on_keys: Callable[[list[str]], None], on_gap: Callable[[], None],

@@ -132,21 +132,37 @@ class ShardGuard:
         return ShardUnavailable(self._name)
 
 
-def _ignore(name: str) -> None:
+def _ignore(*args: object) -> None:
     pass
 
 
-class Shard:
-    """A shard's clients and breaker. Lookup reads and fills go through the lean pipelined client
-    (server/cache/resp.py) when the URL is redis://; everything else through redis-py."""
+PRIMARY: Final = "primary"
 
-    __slots__ = ("breaker", "client", "delete_guard", "guard", "name", "reader", "url")
+
+def copy_label(index: int) -> str:
+    """The name of a shard's copy in metrics and logs: `primary`, then `replica-1`, `replica-2`, ..."""
+    return PRIMARY if index == 0 else f"replica-{index}"
+
+
+class Shard:
+    """One Redis server holding a shard: one copy of it (server/cache/replicas.py groups a shard's
+    copies), with its clients and its own breaker. Lookup reads and fills go through the lean
+    pipelined client (server/cache/resp.py) when the URL is redis://; everything else through redis-py.
+
+    `name` is the shard's (what places keys); `copy` says which copy this is; `ident` names both in
+    logs and errors (`shard-0` for a primary, `shard-0/replica-1` for a replica)."""
+
+    __slots__ = ("breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader", "url")
 
     def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: BreakerPolicy,
-                 on_state_change: Callable[[str, bool], None],
-                 on_error: Callable[[str], None] = _ignore, on_reply_error: Callable[[str], None] = _ignore) -> None:
+                 copy: str = PRIMARY,
+                 on_state_change: Callable[[str, str, bool], None] = _ignore,
+                 on_error: Callable[[str, str], None] = _ignore,
+                 on_reply_error: Callable[[str], None] = _ignore) -> None:
         self.name = name
         self.url = url
+        self.copy = copy
+        self.ident = name if copy == PRIMARY else f"{name}/{copy}"
         # from_url passes the URL's user name, password (URL-decoded) and db to every connection:
         # deletes, pub/sub, the recovery probe and stats all authenticate like the lean client.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -155,14 +171,22 @@ class Shard:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.reader = PipelinedReader(url, timeout=timeout) if url.startswith("redis://") else None
-        self.breaker = Breaker(name, policy, probe=self._ping_then_flush, on_state_change=on_state_change)
-        self.guard = ShardGuard(name, self.breaker, on_error=on_error, on_reply_error=on_reply_error,
+        self.breaker = Breaker(self.ident, policy, probe=self._ping_then_flush,
+                               on_state_change=lambda _ident, up: on_state_change(name, copy, up))
+
+        def copy_error(_ident: str) -> None:
+            on_error(name, copy)
+
+        def reply_error(_ident: str) -> None:
+            on_reply_error(name)
+
+        self.guard = ShardGuard(self.ident, self.breaker, on_error=copy_error, on_reply_error=reply_error,
                                 reply_is_failure=False)
-        self.delete_guard = ShardGuard(name, self.breaker, on_error=on_error, on_reply_error=on_reply_error,
+        self.delete_guard = ShardGuard(self.ident, self.breaker, on_error=copy_error, on_reply_error=reply_error,
                                        reply_is_failure=True)
 
     def __repr__(self) -> str:   # the URL may hold a password
-        return f"<Shard {self.name} {self.breaker.state.value}>"
+        return f"<Shard {self.ident} {self.breaker.state.value}>"
 
     @property
     def is_up(self) -> bool:
@@ -170,7 +194,8 @@ class Shard:
 
     async def _ping_then_flush(self) -> None:
         """The recovery probe. It may have missed deletes while unreachable: nothing it holds can be
-        trusted, so it is emptied before it serves again (its keys are never remapped meanwhile)."""
+        trusted, so it is emptied before it serves again (its keys are never remapped meanwhile).
+        Per copy: a replica that was away is flushed like a primary, its siblings serving meanwhile."""
         await self.client.ping()
         await self.client.flushdb()
 

@@ -11,6 +11,10 @@ owner (copying what they find to the new one) and deletes go to both owners; see
 
 An error reply from a shard (not a lost connection: see server/cache/shard.py) fails one command
 only: a read that gets one is a miss, a fill or copy that gets one is not written.
+
+A shard may have replicas (server/cache/replicas.py): reads go to one copy and fail over to the
+next, fills, copies and deletes go to every copy, and each copy has its own breaker. Placement is
+by shard name only: the copies never change which shard owns a key.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from typing import Final, cast
 
 from server.cache.breaker import BreakerPolicy
 from server.cache.invalidation import InvalidationListeners, delete_everywhere
-from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable
+from server.cache.replicas import ReplicatedShard
+from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label
 from shard_router import Ring
 from shard_router.topology import Routing, ShardState, Topology, routing_for
 
@@ -46,7 +51,7 @@ class TierView:
 
     __slots__ = ("routing", "shards", "topology", "writes")
 
-    def __init__(self, topology: Topology, shards: dict[str, Shard]) -> None:
+    def __init__(self, topology: Topology, shards: dict[str, ReplicatedShard]) -> None:
         self.topology = topology
         self.routing: Routing = routing_for(topology)
         self.shards = shards
@@ -60,7 +65,11 @@ class RedisTier:
                  copy_budget: float = DEFAULT_COPY_BUDGET, on_error: Callable[[str], None] | None = None,
                  on_state_change: Callable[[str, bool], None] | None = None,
                  on_copy: Callable[[int], None] | None = None,
-                 on_reply_error: Callable[[str], None] | None = None) -> None:
+                 on_reply_error: Callable[[str], None] | None = None,
+                 on_copy_state: Callable[[str, str, bool], None] | None = None,
+                 on_copy_error: Callable[[str, str], None] | None = None) -> None:
+        """`on_state_change(shard, up)`: the shard as a whole (up while any copy serves);
+        `on_copy_state(shard, copy, up)` and `on_copy_error(shard, copy)`: per copy."""
         self._pool_size = pool_size
         self._timeout = timeout
         self._policy = policy
@@ -71,20 +80,58 @@ class RedisTier:
         self._on_reply_error = on_reply_error or (lambda shard: None)
         self._notify = on_state_change or (lambda shard, up: None)
         self._on_copy = on_copy or (lambda n: None)
+        self._on_copy_state = on_copy_state or (lambda shard, copy, up: None)
+        self._on_copy_error = on_copy_error or (lambda shard, copy: None)
+        self._reported: dict[str, bool] = {}     # the shard-level state last told on_state_change
         # Fills and copies stop when the node has not confirmed its topology for too long (the lease
         # the topology watcher renews); reads and deletes go on.
         self.fill_lease_until = math.inf
         self._listeners = InvalidationListeners()
         self._retiring: set[asyncio.Task[None]] = set()
-        shards = {s.name: self._new_shard(s.name, s.address) for s in topology.shards}
+        self._view = TierView(topology, {s.name: self._group(s.name, s.copies, None) for s in topology.shards})
         for s in topology.shards:
             if s.state is ShardState.DOWN:
-                shards[s.name].take_out()
-        self._view = TierView(topology, shards)
+                self._view.shards[s.name].take_out()
 
-    def _new_shard(self, name: str, url: str) -> Shard:
-        return Shard(name, url, pool_size=self._pool_size, timeout=self._timeout, policy=self._policy,
-                     on_state_change=self._notify, on_error=self._on_error, on_reply_error=self._on_reply_error)
+    def _new_copy(self, name: str, url: str, copy: str) -> Shard:
+        return Shard(name, url, copy=copy, pool_size=self._pool_size, timeout=self._timeout, policy=self._policy,
+                     on_state_change=self._copy_state, on_error=self._copy_error,
+                     on_reply_error=self._on_reply_error)
+
+    def _group(self, name: str, urls: tuple[str, ...], current: ReplicatedShard | None) -> ReplicatedShard:
+        """The copies of shard `name` at `urls`: a copy whose URL and place are unchanged keeps its client
+        and breaker; a new copy of a shard that existed is probed and flushed before it serves (whatever
+        that server holds was never invalidated)."""
+        if current is not None and current.urls == urls:
+            return current
+        kept = {(c.copy, c.url): c for c in current.copies} if current is not None else {}
+        copies = []
+        for i, url in enumerate(urls):
+            copy = kept.get((copy_label(i), url))
+            if copy is None:
+                copy = self._new_copy(name, url, copy_label(i))
+                if current is not None:
+                    copy.put_back()
+            copies.append(copy)
+        return ReplicatedShard(name, copies)
+
+    def _copy_state(self, name: str, copy: str, up: bool) -> None:
+        self._on_copy_state(name, copy, up)
+        self._report(name)
+
+    def _copy_error(self, name: str, copy: str) -> None:
+        self._on_error(name)
+        self._on_copy_error(name, copy)
+
+    def _report(self, name: str) -> None:
+        """Tell on_state_change when the shard as a whole goes down (no copy serves) or comes back."""
+        group = self._view.shards.get(name)
+        if group is None:
+            return
+        up = group.is_up
+        if self._reported.get(name, True) != up:
+            self._reported[name] = up
+            self._notify(name, up)
 
     # -- the topology in force --------------------------------------------------------------------
     @property
@@ -101,30 +148,29 @@ class RedisTier:
         return self._view.routing.read
 
     @property
-    def shards(self) -> dict[str, Shard]:
+    def shards(self) -> dict[str, ReplicatedShard]:
         return self._view.shards
 
+    def copies(self) -> list[Shard]:
+        """Every copy of every shard in force."""
+        return [c for group in self._view.shards.values() for c in group.copies]
+
     def apply_topology(self, topology: Topology) -> TierView:
-        """Run `topology` from now on; returns the previous view (see `drain`). Shards whose name and
-        address are unchanged keep their client, breaker and subscription."""
+        """Run `topology` from now on; returns the previous view (see `drain`). Copies whose shard,
+        address and place are unchanged keep their client, breaker and subscription."""
         old = self._view
-        shards: dict[str, Shard] = {}
-        for spec in topology.shards:
-            current = old.shards.get(spec.name)
-            if current is not None and current.url == spec.address:
-                shard = current
-            else:
-                shard = self._new_shard(spec.name, spec.address)
-                if current is not None:
-                    shard.put_back()   # a new address: whatever that server holds was never invalidated
-            if spec.state is ShardState.DOWN:
-                shard.take_out()
-            elif shard.breaker.held:
-                shard.put_back()    # marked active again: probed and flushed before it serves
-            shards[spec.name] = shard
+        shards = {spec.name: self._group(spec.name, spec.copies, old.shards.get(spec.name)) for spec in topology.shards}
         self._view = TierView(topology, shards)
-        retired = [s for name, s in old.shards.items() if shards.get(name) is not s]
-        self._listeners.follow(shards.values(), retired)
+        for spec in topology.shards:
+            if spec.state is ShardState.DOWN:
+                shards[spec.name].take_out()
+            else:
+                shards[spec.name].release_held()   # marked active again: probed and flushed before it serves
+        for name in shards:
+            self._report(name)
+        in_force = {id(c) for c in self.copies()}
+        retired = [c for group in old.shards.values() for c in group.copies if id(c) not in in_force]
+        self._listeners.follow(self.copies(), retired)
         if retired:
             # Operations that started on the old view may still use these clients for a moment.
             task = asyncio.get_running_loop().create_task(self._close_later(retired, _retire_delay(self._timeout)))
@@ -160,22 +206,29 @@ class RedisTier:
     async def get(self, key: str) -> bytes | None:
         """The cached value, None on a miss; ShardUnavailable when the owning shard cannot be used."""
         view = self._view
-        shard = view.shards[view.routing.read.node_for(key)]
-        # `with shard.guard:` spelled out (server/cache/shard.py): this is the Redis-hit lookup.
-        breaker = shard.breaker
-        if not breaker.serving:
-            shard.guard.refuse()
-        try:
-            value = await shard.read(key)
-        except Exception as exc:
-            error = shard.guard.classify(exc)
-            if error is None:
-                raise
-            if not isinstance(error, ShardReplyError):
-                raise error from exc
-            value = None                 # an error reply to a read: a miss
+        group = view.shards[view.routing.read.node_for(key)]
+        shard = group.only
+        if shard is None:                # replicas: one copy, failing over (server/cache/replicas.py)
+            try:
+                value = await group.read(lambda copy: copy.read(key))
+            except ShardReplyError:
+                value = None
         else:
-            breaker.record_success()
+            # `with shard.guard:` spelled out (server/cache/shard.py): this is the Redis-hit lookup.
+            breaker = shard.breaker
+            if not breaker.serving:
+                shard.guard.refuse()
+            try:
+                value = await shard.read(key)
+            except Exception as exc:
+                error = shard.guard.classify(exc)
+                if error is None:
+                    raise
+                if not isinstance(error, ShardReplyError):
+                    raise error from exc
+                value = None                 # an error reply to a read: a miss
+            else:
+                breaker.record_success()
         if value is None and view.routing.fallback is not None:
             out: list[bytes | ShardUnavailable | None] = [None]
             await self._from_old_owners(view, [key], [0], out)
@@ -188,10 +241,10 @@ class RedisTier:
         out: list[bytes | ShardUnavailable | None] = [None] * len(keys)
 
         async def one(name: str, idx: list[int]) -> None:
-            shard = view.shards[name]
+            group = view.shards[name]
+            wanted = [keys[i] for i in idx]
             try:
-                with shard.guard:
-                    values = await shard.read_many([keys[i] for i in idx])
+                values = await group.read(lambda copy: copy.read_many(wanted))
             except ShardUnavailable:
                 unavailable = ShardUnavailable(name)   # without the traceback, kept in `out`
                 for i in idx:
@@ -227,16 +280,17 @@ class RedisTier:
             if old != read.node_for(keys[i]):
                 groups.setdefault(old, []).append(i)
 
+        async def read_with_ttl(shard: Shard, idx: list[int]) -> list[object]:
+            async with shard.client.pipeline(transaction=False) as pipe:
+                for i in idx:
+                    pipe.get(keys[i])
+                    pipe.pttl(keys[i])
+                return cast("list[object]", await pipe.execute())
+
         async def one(name: str, idx: list[int]) -> None:
-            shard = view.shards[name]
             started = time.monotonic()
             try:
-                with shard.guard:
-                    async with shard.client.pipeline(transaction=False) as pipe:
-                        for i in idx:
-                            pipe.get(keys[i])
-                            pipe.pttl(keys[i])
-                        replies = await pipe.execute()
+                replies = await view.shards[name].read(lambda copy: read_with_ttl(copy, idx))
             except (ShardUnavailable, ShardReplyError):
                 return
             found: list[tuple[str, bytes, int]] = []
@@ -244,7 +298,7 @@ class RedisTier:
                 value, ttl = replies[2 * n], replies[2 * n + 1]
                 if value is not None and ttl != -2:
                     out[i] = cast("bytes", value)
-                    found.append((keys[i], value, ttl))
+                    found.append((keys[i], cast("bytes", value), cast("int", ttl)))
             if found:
                 await self._copy(view, found, started)
 
@@ -255,25 +309,26 @@ class RedisTier:
             return
         keys = [k for k, _, _ in items]
 
+        async def to_copy(shard: Shard, idx: list[int], copied: list[int]) -> None:
+            async with shard.client.pipeline(transaction=False) as pipe:
+                for i in idx:
+                    key, value, ttl = items[i]
+                    pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                replies = await pipe.execute()
+            written = [keys[i] for i, ok in zip(idx, replies, strict=True) if ok]
+            if written and time.monotonic() - started > self.copy_budget:
+                # Too slow: a write may have deleted the key after we read it, and the relay's
+                # second delete may already have run. Drop the copy (a refused delete is a failure).
+                with shard.delete_guard:
+                    await shard.client.delete(*written)
+                written = []
+            copied.append(len(written))
+
         async def one(name: str, idx: list[int]) -> None:
-            shard = view.shards[name]
-            try:
-                with shard.guard:
-                    async with shard.client.pipeline(transaction=False) as pipe:
-                        for i in idx:
-                            key, value, ttl = items[i]
-                            pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
-                        replies = await pipe.execute()
-                written = [keys[i] for i, ok in zip(idx, replies, strict=True) if ok]
-                if written and time.monotonic() - started > self.copy_budget:
-                    # Too slow: a write may have deleted the key after we read it, and the relay's
-                    # second delete may already have run. Drop the copy (a refused delete is a failure).
-                    with shard.delete_guard:
-                        await shard.client.delete(*written)
-                    written = []
-            except (ShardUnavailable, ShardReplyError):
-                return
-            self._on_copy(len(written))
+            copied: list[int] = []        # keys written, per copy of the new owner
+            await view.shards[name].write_all(lambda copy: to_copy(copy, idx, copied))
+            if copied:
+                self._on_copy(max(copied))
 
         view.writes += 1
         try:
@@ -290,12 +345,9 @@ class RedisTier:
         keys = [k for k, _, _ in items]
 
         async def one(name: str, idx: list[int]) -> None:
-            shard = view.shards[name]
-            try:
-                with shard.guard:
-                    await shard.fill([items[i] for i in idx])
-            except (ShardUnavailable, ShardReplyError):
-                pass                     # counted by the guard; the next miss fills again
+            # Every copy; a failure is counted by the copy's guard and the next miss fills again.
+            batch = [items[i] for i in idx]
+            await view.shards[name].write_all(lambda copy: copy.fill(batch))
 
         view.writes += 1
         try:
@@ -314,26 +366,26 @@ class RedisTier:
         """Subscribe on every shard of the topology in force (following its changes) until cancelled.
         `on_gap` runs when a subscription was lost and re-established: messages may have been missed,
         so the caller drops its near-cache."""
-        await self._listeners.run(lambda: self._view.shards.values(), on_keys, on_gap,
+        await self._listeners.run(self.copies, on_keys, on_gap,
                                   retry_interval=retry_interval)
 
     # -- health and shutdown -----------------------------------------------------------------------
     async def ping_all(self) -> dict[str, bool]:
+        """Per copy (`shard-0`, `shard-0/replica-1`, ...): does it answer PING?"""
         async def one(shard: Shard) -> bool:
             try:
                 return bool(await shard.client.ping())
             except SHARD_ERRORS:
                 return False
 
-        shards = self._view.shards
-        names = list(shards)
-        results = await asyncio.gather(*(one(shards[n]) for n in names))
-        return dict(zip(names, results, strict=True))
+        copies = self.copies()
+        results = await asyncio.gather(*(one(c) for c in copies))
+        return {c.ident: ok for c, ok in zip(copies, results, strict=True)}
 
     async def close(self) -> None:
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)
-        for shard in self._view.shards.values():
+        for shard in self.copies():
             with contextlib.suppress(*SHARD_ERRORS):
                 await shard.close()

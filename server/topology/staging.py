@@ -27,7 +27,7 @@ def bootstrap(store: TopologyStore, settings: Settings) -> Topology:
     """Version 0: the ring of CRS_REDIS_SHARDS, which nodes run while no topology was ever published."""
     if not settings.redis_shards:
         raise MigrationError(f"no topology in {store.where} and CRS_REDIS_SHARDS is empty")
-    return Topology.bootstrap((a.name, a.url, a.weight) for a in settings.redis_shards)
+    return Topology.bootstrap((a.name, a.url, a.weight, a.replicas) for a in settings.redis_shards)
 
 
 async def current_or_bootstrap(store: TopologyStore, settings: Settings) -> Topology:

@@ -25,7 +25,7 @@ from collections import Counter
 import asyncpg
 
 from server.cache.breaker import BreakerPolicy
-from server.cache.shard import Shard
+from server.cache.replicas import ReplicatedShard
 from server.cache.tier import RedisTier
 from server.metrics import Metrics
 from server.settings import Settings
@@ -87,7 +87,7 @@ class TopologyWatcher:
         async with registration(self.pool, exclusive=False) as conn:
             topology = await self.store.current()
             if topology is None and s.redis_shards:
-                topology = Topology.bootstrap((a.name, a.url, a.weight) for a in s.redis_shards)
+                topology = Topology.bootstrap((a.name, a.url, a.weight, a.replicas) for a in s.redis_shards)
             self.topology = topology
             if topology is not None:
                 self.tier = RedisTier(
@@ -96,7 +96,8 @@ class TopologyWatcher:
                                          retry_interval=s.shard_retry_interval),
                     copy_budget=s.reinvalidate_delay * COPY_BUDGET_FRACTION, on_error=self._shard_error,
                     on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied,
-                    on_reply_error=self.metrics.shard_reply_error)
+                    on_reply_error=self.metrics.shard_reply_error, on_copy_state=self.metrics.copy_state,
+                    on_copy_error=self.metrics.copy_error)
                 self._export(topology)
             started = time.monotonic()
             await heartbeat(conn, self.report())
@@ -213,7 +214,10 @@ class TopologyWatcher:
             for state in ShardState:
                 m.shard_topology_state.labels(s.name, state.value).set(1 if state is s.state else 0)
             if self.tier is not None:
-                m.shard_state(s.name, self.tier.shards[s.name].is_up)
+                group = self.tier.shards[s.name]
+                m.shard_state(s.name, group.is_up)
+                for copy in group.copies:
+                    m.copy_state(s.name, copy.copy, copy.is_up)
         gone = set(self._exported) - {s.name for s in t.shards}
         for name in gone:   # removed from the topology: no share, no state
             m.shard_weight.labels(name).set(0)
@@ -226,7 +230,10 @@ class TopologyWatcher:
         if self.tier is None:
             return
 
-        async def one(name: str, shard: Shard) -> None:
+        async def one(name: str, group: ReplicatedShard) -> None:
+            shard = group.serving_copy()      # one copy speaks for the shard: they hold the same keys
+            if shard is None:
+                return
             try:
                 stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * STATS_TIMEOUT_FACTOR)
             except STATS_ERRORS:

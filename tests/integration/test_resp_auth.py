@@ -214,7 +214,7 @@ async def test_an_error_reply_is_a_miss_not_a_shard_failure(admin: redis.Redis,
     for _ in range(3):                                               # threshold is 1: once would do
         assert await tier.get("a-list") is None                      # WRONGTYPE: a miss
     assert await tier.get("k1") == b"v1"
-    assert shard.is_up and shard.breaker.failures == 0
+    assert shard.is_up and shard.primary.breaker.failures == 0
     assert events.replies == ["shard-0"] * 3 and events.errors == [] and events.states == []
     assert admin.get(SENTINEL) == b"still here"                      # not flushed
     # The miss is filled as usual: SET replaces the list with the value.

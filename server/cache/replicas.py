@@ -1,0 +1,119 @@
+"""A shard's copies: its primary and its replicas (docs/decisions.md "Replicated shards").
+
+The ring places a key on a shard by the shard's name (shard_router/); which copies hold that shard
+is not part of placement, so adding, removing or moving a replica moves no key. Within a shard the
+routing is mcrouter's:
+
+- reads go to one copy, spread round robin, and fail over to the next copy when that one errors,
+  times out or is marked down (FailoverRoute). An error *reply* (WRONGTYPE, ...) is a miss, as
+  without replicas; a miss is a miss (no failover on a miss: every copy is filled alike).
+- fills (SET), copies and invalidations (DEL + publish) go to every copy (AllSyncRoute). A delete is
+  acknowledged only when every copy acknowledged it, so the outbox relay retries the write until
+  all copies have seen it — exactly the guarantee a single shard had.
+- every copy has its own breaker (server/cache/breaker.py): a copy that failed is skipped while its
+  siblings serve its keys, and is flushed before it serves again (its recovery probe), so a copy
+  that missed deletes while it was away never answers stale. The shard as a whole is down — its
+  keys go to PostgreSQL — only when no copy serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from server.cache.shard import Shard, ShardReplyError, ShardUnavailable
+
+T = TypeVar("T")
+
+
+class ReplicatedShard:
+    """The copies of one shard, the primary first. One per shard name per topology version."""
+
+    __slots__ = ("_next", "copies", "name", "only")
+
+    def __init__(self, name: str, copies: Sequence[Shard]) -> None:
+        if not copies:
+            raise ValueError(f"shard {name!r} needs at least one copy")
+        self.name = name
+        self.copies = tuple(copies)
+        # The one copy of a shard without replicas: the tier's GET takes its lean path then.
+        self.only = self.copies[0] if len(self.copies) == 1 else None
+        self._next = 0
+
+    def __repr__(self) -> str:   # the URLs may hold passwords
+        return f"<ReplicatedShard {self.name} {' '.join(repr(c) for c in self.copies)}>"
+
+    @property
+    def primary(self) -> Shard:
+        return self.copies[0]
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return tuple(c.url for c in self.copies)
+
+    @property
+    def is_up(self) -> bool:
+        """Some copy serves: the shard's keys are answered from Redis, not PostgreSQL."""
+        return any(c.breaker.serving for c in self.copies)
+
+    def serving_copy(self) -> Shard | None:
+        return next((c for c in self.copies if c.breaker.serving), None)
+
+    # -- reads: one copy, failing over -------------------------------------------------------------
+    def _order(self) -> tuple[Shard, ...]:
+        start = self._next
+        self._next = (start + 1) % len(self.copies)
+        return self.copies[start:] + self.copies[:start]
+
+    async def read(self, op: Callable[[Shard], Awaitable[T]]) -> T:
+        """`op` on one copy, the next one (round robin) first; a copy that is down, fails or times out
+        is skipped for the next. ShardReplyError from the copy that answered (the caller's miss);
+        ShardUnavailable when no copy could be used."""
+        if self.only is not None:       # no replica: exactly what the shard did before replicas
+            with self.only.guard:
+                return await op(self.only)
+        for copy in self._order():
+            try:
+                with copy.guard:        # refuses a copy marked down (starting its probe when due)
+                    return await op(copy)
+            except ShardUnavailable:
+                continue
+        raise ShardUnavailable(self.name)
+
+    # -- writes: every copy ------------------------------------------------------------------------
+    async def write_all(self, op: Callable[[Shard], Awaitable[object]], *, delete: bool = False) -> bool:
+        """`op` on every copy at once; True only if every copy did it. With `delete` it runs under
+        each copy's delete_guard (an error reply to a delete counts as the copy failing)."""
+        async def one(copy: Shard) -> bool:
+            try:
+                with copy.delete_guard if delete else copy.guard:
+                    await op(copy)
+            except (ShardUnavailable, ShardReplyError):
+                return False
+            return True
+
+        if self.only is not None:
+            return await one(self.only)
+        return all(await asyncio.gather(*(one(c) for c in self.copies)))
+
+    # -- the topology ------------------------------------------------------------------------------
+    def take_out(self) -> None:
+        """Marked down in the topology: every copy is skipped (the keys go to PostgreSQL)."""
+        for copy in self.copies:
+            copy.take_out()
+
+    def put_back(self) -> None:
+        """Marked active again: every copy is probed and flushed before it serves."""
+        for copy in self.copies:
+            copy.put_back()
+
+    def release_held(self) -> None:
+        """The topology says active: copies an operator had taken out are probed (and flushed)."""
+        for copy in self.copies:
+            if copy.breaker.held:
+                copy.put_back()
+
+    async def close(self) -> None:
+        for copy in self.copies:
+            await copy.close()

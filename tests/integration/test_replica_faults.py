@@ -1,0 +1,214 @@
+"""Replicated cache shards on real servers (docs/decisions.md "Replicated shards"): one replica per
+shard, a shard's primary killed under load.
+
+The bar: no failed lookup, and PostgreSQL sees no more reads than in the steady state (within 1.2x)
+— where without replicas every key of the dead shard falls through to PostgreSQL at once. Both are
+measured here, on the same servers: a node that knows only the primaries, then one that knows the
+replicas. Then the primary comes back and re-joins flushed, and a change written while a copy could
+not be reached is never answered stale by any copy.
+These tests have their own stack: they kill servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import pytest
+import redis
+
+from devstack.demo import demo_pan
+from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
+from server import rpc
+from server.proto import crs_pb2 as pb
+from shard_router import Ring, ShardSpec
+from tests.integration import load
+from tests.integration.support import own_env
+
+CARDS = 150
+SENTINEL = "crs-test:sentinel"
+VICTIM = "shard-1"
+WINDOW = 4.0          # seconds of load per measurement
+# A short L2 TTL, so that the steady state reads PostgreSQL too (keys expire and are loaded again):
+# the figure compared is the share of lookups answered by PostgreSQL (tier l3).
+NODE = dict(workers=1, near_cache_size=0, redis_timeout=0.2, shard_failure_threshold=2, shard_retry_interval=0.5,
+            pg_timeout=2.0, outbox_poll_interval=0.2, cache_ttl=1.0, cache_ttl_jitter=0.3)
+
+
+@dataclass
+class Stack:
+    env: DevEnvironment
+
+    def card_key(self, node: NodeProcess, i: int) -> str:
+        keyring = node.settings.keyring()
+        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+
+    def copies(self, name: str) -> list[redis.Redis]:
+        assert self.env.stack is not None
+        return [redis.Redis.from_url(u) for u in self.env.stack.shard_copies()[name]]
+
+
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    """Sum of the node's samples of `name` whose labels include `labels` (0 when none)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def l3_share(node: NodeProcess, seconds: float) -> tuple[float, float]:
+    """(share of lookups answered by PostgreSQL, lookups) over the next `seconds` (load running)."""
+    l3, every = metric(node, "crs_lookups_total", tier="l3"), metric(node, "crs_lookups_total")
+    time.sleep(seconds)
+    l3, every = metric(node, "crs_lookups_total", tier="l3") - l3, metric(node, "crs_lookups_total") - every
+    assert every > 0, "no lookups counted"
+    return l3 / every, every
+
+
+def LookupLoad(node: NodeProcess, threads: int = 4) -> load.LookupLoad:
+    return load.LookupLoad(addresses=[node.address], cards=lambda: range(CARDS), threads=threads,
+                           check=lambda n, r: r.card.last4 == demo_pan(n)[-4:])
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    env = own_env(shards=3, replicas=1, customers=CARDS // 2)
+    env.start()
+    try:
+        yield Stack(env)
+    finally:
+        env.stop()
+
+
+def wait_metric(node: NodeProcess, name: str, value: float, within: float = 15.0, **labels: str) -> None:
+    deadline = time.monotonic() + within
+    while metric(node, name, **labels) != value:
+        assert time.monotonic() < deadline, f"{name}{labels} never became {value}"
+        time.sleep(0.1)
+
+
+def outage(stack: Stack, node: NodeProcess) -> tuple[float, float, list[str]]:
+    """Under load on `node`: the PostgreSQL share in the steady state, then with VICTIM's primary
+    killed; the primary is restarted (empty) afterwards. Returns (steady, outage, failures)."""
+    assert stack.env.stack is not None
+    primary = next(r for r in stack.env.stack.redis if r.name == VICTIM)
+    with LookupLoad(node) as running:
+        time.sleep(2.0)                      # warm: every card cached
+        steady, _ = l3_share(node, WINDOW)
+        primary.kill()
+        time.sleep(0.5)
+        during, _ = l3_share(node, WINDOW)
+    primary.restart()
+    return steady, during, running.failures
+
+
+def test_a_replica_keeps_a_dead_primarys_keys_off_postgres(stack: Stack) -> None:
+    env = stack.env
+    # Without replicas: the same servers, a node that knows only the primaries.
+    primaries = tuple(replace(a, replicas=()) for a in env.shard_addresses())
+    bare = env.start_node(redis_shards=primaries, **NODE)
+    steady0, spike0, failures0 = outage(stack, bare)
+    bare.stop()
+    env.nodes.remove(bare)
+    assert failures0 == []
+    # With one replica per shard.
+    node = env.start_node(**NODE)
+    steady1, spike1, failures1 = outage(stack, node)
+    figures = (f"PostgreSQL share of lookups: without replicas {steady0:.3f} steady -> {spike0:.3f} with {VICTIM}'s"
+               f" primary dead ({spike0 / max(steady0, 1e-9):.2f}x); with 1 replica {steady1:.3f} -> {spike1:.3f}"
+               f" ({spike1 / max(steady1, 1e-9):.2f}x)")
+    print(figures)
+    assert failures1 == [], figures
+    assert spike1 <= 1.2 * steady1, figures
+    assert spike0 > 1.2 * steady0 and spike0 > spike1, figures
+    assert metric(node, "crs_cache_copy_up", shard=VICTIM, copy="primary") == 0, "the dead copy is marked down"
+    assert metric(node, "crs_cache_shard_up", shard=VICTIM) == 1, "the shard itself stays up on its replica"
+    assert metric(node, "crs_cache_copy_errors_total", shard=VICTIM, copy="primary") > 0
+
+
+def test_a_returning_primary_is_flushed_before_it_serves(stack: Stack) -> None:
+    """The primary restarted by the test above, still counted down by the node (nothing touched it
+    since: no lookups, no writes). Plant what a missed invalidation leaves behind on it: it must be
+    gone once the node uses the copy again, and never served meanwhile."""
+    env = stack.env
+    node = env.nodes[-1]
+    ring = Ring(ShardSpec(a.name) for a in node.settings.redis_shards)
+    owned = [i for i in range(CARDS) if ring.node_for(stack.card_key(node, i)) == VICTIM]
+    other = next(i for i in range(CARDS) if ring.node_for(stack.card_key(node, i)) != VICTIM)
+    primary = stack.copies(VICTIM)[0]
+    assert metric(node, "crs_cache_copy_up", shard=VICTIM, copy="primary") == 0
+    channel = node.channel()
+    other_replica = stack.copies(ring.node_for(stack.card_key(node, other)))[1]
+    wrong = None
+    deadline = time.monotonic() + 5
+    while wrong is None:     # the fill lands after the answer, and lives 1 s: look until it is seen
+        assert time.monotonic() < deadline, "another card's answer, cached on its own shard's replica"
+        rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(other)), timeout=5)
+        time.sleep(0.02)
+        wrong = other_replica.get(stack.card_key(node, other))
+    channel.close()
+    primary.set(SENTINEL, b"written while the node counted this copy down")
+    primary.set(stack.card_key(node, owned[0]), wrong)
+    with LookupLoad(node) as running:
+        wait_metric(node, "crs_cache_copy_up", 1, shard=VICTIM, copy="primary")
+        time.sleep(1.0)
+    assert running.failures == []           # includes: the planted wrong answer was never served
+    assert primary.exists(SENTINEL) == 0, "the returned copy was used without a flush"
+    assert primary.get(stack.card_key(node, owned[0])) != wrong
+    assert sum(primary.exists(stack.card_key(node, i)) for i in owned[:20]) > 0, "filled again"
+
+
+def test_a_change_written_while_a_copy_hangs_is_never_answered_stale(stack: Stack) -> None:
+    """SIGSTOP the primary (it keeps the old value), change a card, SIGCONT: lookups answer the new
+    status throughout, and afterwards every copy holds the new answer or nothing."""
+    env = stack.env
+    node = env.nodes[-1]
+    assert env.stack is not None
+    ring = Ring(ShardSpec(a.name) for a in node.settings.redis_shards)
+    n = next(i for i in range(CARDS) if ring.node_for(stack.card_key(node, i)) == VICTIM)
+    channel = node.channel()
+    lookup, admin = rpc.stub(channel, "LookupService"), rpc.stub(channel, "AdminService")
+    req = pb.ResolveCardRequest(pan=demo_pan(n))
+    key = stack.card_key(node, n)
+    copies = stack.copies(VICTIM)
+    card = lookup.ResolveCard(req, timeout=5).card
+    deadline = time.monotonic() + 5
+    while not all(c.exists(key) for c in copies):     # cached on both copies (fills go to every copy)
+        assert time.monotonic() < deadline, "a fill did not reach every copy"
+        lookup.ResolveCard(req, timeout=5)
+        time.sleep(0.05)
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    victim = next(r for r in env.stack.redis if r.name == VICTIM)
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:
+        with LookupLoad(node, threads=2) as running:
+            time.sleep(1.0)
+            admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=new_status), timeout=5)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                assert lookup.ResolveCard(req, timeout=5).card.status == new_status
+                time.sleep(0.05)
+            assert metric(node, "crs_outbox_unsettled") >= 1, "a delete the hung copy missed stays unsettled"
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    assert running.failures == []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:       # the copy re-joins (flushed first): never the old status
+        assert lookup.ResolveCard(req, timeout=5).card.status == new_status
+        time.sleep(0.02)
+    wait_metric(node, "crs_cache_copy_up", 1, shard=VICTIM, copy="primary")
+    wait_metric(node, "crs_outbox_unsettled", 0)
+    for c in copies:
+        value = c.get(key)
+        assert value is None or pb.Resolution.FromString(value).card.status == new_status
+    channel.close()

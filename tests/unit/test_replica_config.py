@@ -1,0 +1,63 @@
+"""Replicated shards in the configuration and the topology: the syntax, its checks, the stored
+document, and that replicas never move a key (placement is by shard name and weight only)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.settings import SettingsError, format_shards, parse_shards
+from shard_router.topology import Topology, TopologyError, TopologyShard, diff
+
+A, B, C, D = (f"redis://127.0.0.1:{p}/0" for p in (6001, 6002, 6003, 6004))
+
+
+def test_copies_are_separated_by_a_bar_and_the_old_syntax_still_parses() -> None:
+    shards = parse_shards(f"shard-0={A}|{B};weight=2, shard-1={C}")
+    assert [(s.name, s.url, s.replicas, s.weight) for s in shards] == [
+        ("shard-0", A, (B,), 2), ("shard-1", C, (), 1)]
+    assert shards[0].copies == (A, B)
+    assert parse_shards(format_shards(shards)) == shards
+    assert format_shards(shards) == f"shard-0={A}|{B};weight=2,shard-1={C}"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"shard-0={A}|", "every url"),
+    (f"shard-0={A}|http://x:1/0", "every url"),
+    (f"shard-0={A}|{A}", "listed twice"),
+    (f"shard-0={A}|{B},shard-1={B}", "cannot share a url"),
+])
+def test_bad_copies_are_refused_naming_the_shard(text: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        parse_shards(text)
+
+
+def test_replicas_are_stored_only_when_present_and_round_trip() -> None:
+    t = Topology.bootstrap([("shard-0", A, 1, (B,)), ("shard-1", C, 1)])
+    doc = t.to_document()
+    assert doc["shards"][0]["replicas"] == [B] and "replicas" not in doc["shards"][1]
+    assert Topology.from_document(doc) == t
+    assert t.shard("shard-0").copies == (A, B)
+
+
+def test_replicas_never_change_placement() -> None:
+    plain = Topology.bootstrap([("shard-0", A, 1), ("shard-1", C, 2)])
+    replicated = Topology.bootstrap([("shard-0", A, 1, (B,)), ("shard-1", C, 2, (D,))])
+    keys = [f"crd:{i}" for i in range(2000)]
+    assert [plain.target_ring.node_for(k) for k in keys] == [replicated.target_ring.node_for(k) for k in keys]
+
+
+def test_bad_replicas_in_a_topology_are_refused() -> None:
+    with pytest.raises(TopologyError, match="share an address"):
+        Topology(version=1, shards=(TopologyShard("shard-0", A, replicas=(B,)), TopologyShard("shard-1", B)))
+    with pytest.raises(TopologyError, match="listed twice"):
+        TopologyShard("shard-0", A, replicas=(A,))
+    with pytest.raises(TopologyError, match="must start with"):
+        TopologyShard("shard-0", A, replicas=("http://x/0",))
+    with pytest.raises(TopologyError, match="replicas must be a list"):
+        Topology.from_document({"version": 1, "shards": [{"name": "s", "address": A, "replicas": B}]})
+
+
+def test_diff_names_a_replica_change() -> None:
+    before = (TopologyShard("shard-0", A),)
+    after = (TopologyShard("shard-0", A, replicas=(B,)),)
+    assert [str(c) for c in diff(before, after)] == [f"~ shard-0 replicas none -> {B}"]
