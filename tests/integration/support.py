@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -104,3 +107,20 @@ def fresh_account_number(used: UsedSecrets) -> str:
     number = f"8{os.getpid() % 1000:03d}{next(_counter):08d}"
     used.account_numbers.add(number)
     return number
+
+
+@contextmanager
+def redis_servers(base: Path, names: list[str]) -> Iterator[list[Any]]:
+    """Bare redis-servers (devstack's), one per name, stopped on exit: for tests of the cache tier
+    without a node."""
+    from devstack import RedisServer
+
+    started = [RedisServer(name=name, data_dir=base / name) for name in names]
+    try:
+        for s in started:
+            s.start()
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+

@@ -18,19 +18,13 @@ from server.cache.breaker import BreakerPolicy
 from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
 from shard_router.topology import Topology, TopologyShard
+from tests.integration.support import redis_servers
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
-    base = Path(tmp_path_factory.mktemp("replicas"))
-    started = [RedisServer(name=f"copy-{i}", data_dir=base / f"copy-{i}") for i in range(3)]
-    try:
-        for s in started:
-            s.start()
+    with redis_servers(Path(tmp_path_factory.mktemp("replicas")), [f"copy-{i}" for i in range(3)]) as started:
         yield started
-    finally:
-        for s in started:
-            s.stop()
 
 
 @pytest.fixture

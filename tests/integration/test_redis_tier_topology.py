@@ -16,19 +16,13 @@ from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
 from shard_router.moves import advance, begin, set_state, stage_add
 from shard_router.topology import ShardState, Topology, TopologyShard
+from tests.integration.support import redis_servers
 
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
-    base = Path(tmp_path_factory.mktemp("tier"))
-    started = [RedisServer(name=f"shard-{i}", data_dir=base / f"shard-{i}") for i in range(4)]
-    try:
-        for s in started:
-            s.start()
+    with redis_servers(Path(tmp_path_factory.mktemp("tier")), [f"shard-{i}" for i in range(4)]) as started:
         yield started
-    finally:
-        for s in started:
-            s.stop()
 
 
 @pytest.fixture
