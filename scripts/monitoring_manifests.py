@@ -151,6 +151,15 @@ def component_alerts() -> list[dict[str, Any]]:
                summary="Redis shard {{ $labels.shard }} is down on at least one node",
                description="Nodes' circuit breaker has taken {{ $labels.shard }} out for 2 minutes (not an "
                            "operator's `crs shards mark`). Its keys are answered from PostgreSQL meanwhile."),
+        _alert("CRSCacheCopyDown",
+               'min by (job, shard, copy) (crs_cache_copy_up) == 0\n'
+               'unless on (job, shard)\n'
+               'min by (job, shard) (crs_cache_shard_up) == 0',
+               for_="5m", severity="ticket",
+               summary="Copy {{ $labels.copy }} of Redis shard {{ $labels.shard }} is down; its siblings serve",
+               description="No lookup fails and PostgreSQL sees no extra load while another copy of the shard "
+                           "serves, but the shard has lost its redundancy: one more failure sends its keys to "
+                           "PostgreSQL."),
         _alert("CRSCacheShardErrors",
                "sum by (job, shard) (rate(crs_cache_shard_errors_total[5m])) > 1\n"
                "or\n"
