@@ -60,6 +60,22 @@ class Publication:
 
 
 @dataclass(frozen=True)
+class CopyRow:
+    """A replica of a shard (server/cache/replicas.py): its address and what its server holds."""
+
+    label: str                   # replica-1, replica-2, ...
+    address: str
+    stats: ShardStats | None     # None: unreachable, and `error` says why
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        st = self.stats
+        return {"copy": self.label, "address": self.address, "keys": st.keys if st else None,
+                "memory_bytes": st.memory_bytes if st else None, "hit_ratio": st.hit_ratio if st else None,
+                "reachable": st is not None, "error": self.error}
+
+
+@dataclass(frozen=True)
 class ShardRow:
     name: str
     state: str
@@ -71,6 +87,7 @@ class ShardRow:
     error: str | None
     node_errors: int             # failed operations on it, summed over the live nodes' heartbeats
     down_on_nodes: int           # live nodes that see it down
+    replicas: tuple[CopyRow, ...] = ()   # the copies besides the primary (this row's address and stats)
 
     def as_dict(self) -> dict[str, Any]:
         st = self.stats
@@ -79,7 +96,8 @@ class ShardRow:
                 "keys": st.keys if st else None, "memory_bytes": st.memory_bytes if st else None,
                 "hit_ratio": st.hit_ratio if st else None, "hits": st.hits if st else None,
                 "misses": st.misses if st else None, "reachable": st is not None, "error": self.error,
-                "node_errors": self.node_errors, "down_on_nodes": self.down_on_nodes}
+                "node_errors": self.node_errors, "down_on_nodes": self.down_on_nodes,
+                "replicas": [r.as_dict() for r in self.replicas]}
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,14 @@ async def gather_status(settings: Settings, pool: asyncpg.Pool, store: TopologyS
     draft = await load_draft(pool)
     progress = {step: await load_progress(pool, t.version, step) for step in STEPS}
     stats = await asyncio.gather(*(_shard_stats(s.address) for s in t.shards))
+    replica_stats = await asyncio.gather(*(_shard_stats(url) for s in t.shards for url in s.replicas))
+    copies: dict[str, tuple[CopyRow, ...]] = {}
+    it = iter(replica_stats)
+    for s in t.shards:
+        copies[s.name] = tuple(
+            CopyRow(f"replica-{i}", redact_url(url), st if isinstance(st, ShardStats) else None,
+                    None if isinstance(st, ShardStats) else st)
+            for i, (url, st) in enumerate(((u, next(it)) for u in s.replicas), start=1))
     share = t.target_ring.share()
     source_share = t.source_ring.share() if not t.is_stable else share
     rows = tuple(
@@ -150,7 +176,7 @@ async def gather_status(settings: Settings, pool: asyncpg.Pool, store: TopologyS
                  share=share.get(s.name, 0.0), source_share=source_share.get(s.name, 0.0),
                  stats=st if isinstance(st, ShardStats) else None, error=None if isinstance(st, ShardStats) else st,
                  node_errors=sum(int((n.shard_errors or {}).get(s.name, 0)) for n in nodes),
-                 down_on_nodes=sum(1 for n in nodes if s.name in n.shards_down))
+                 down_on_nodes=sum(1 for n in nodes if s.name in n.shards_down), replicas=copies[s.name])
         for s, st in zip(t.shards, stats, strict=True))
     return StatusReport(
         version=t.version, phase=t.phase, aborting=t.aborting, stored_in=store.where,

@@ -92,7 +92,7 @@ def test_status_json_keeps_its_keys_and_values() -> None:
     assert doc["shards"][0] == {
         "name": "shard-0", "state": "active", "address": "redis://shard-0:6379/0", "weight": 1, "share": 0.33,
         "source_share": 0.5, "keys": 1200, "memory_bytes": 3 * 1024 * 1024, "hit_ratio": 0.9, "hits": 90,
-        "misses": 10, "reachable": True, "error": None, "node_errors": 0, "down_on_nodes": 0}
+        "misses": 10, "reachable": True, "error": None, "node_errors": 0, "down_on_nodes": 0, "replicas": []}
     down = doc["shards"][1]
     assert not down["reachable"] and down["error"] == "unreachable (ConnectionError)"
     assert down["keys"] is None and down["hit_ratio"] is None and down["down_on_nodes"] == 1
@@ -117,3 +117,25 @@ def test_status_json_of_a_staged_change_and_no_publication() -> None:
     assert doc["published"] is False and doc["published_at"] is doc["published_by"] is doc["reason"] is None
     assert doc["progress"] == {} and doc["node_versions"] == []
     assert doc["draft"] == {"base_version": 0, "changes": ["- shard-1"]}
+
+
+def test_replicas_are_listed_under_their_shard() -> None:
+    from dataclasses import replace
+
+    from server.topology.report import CopyRow
+
+    with_replicas = replace(
+        shard("shard-0", share=1.0, source_share=1.0, stats=ShardStats(10, 2048, 9, 1, 0)),
+        replicas=(CopyRow("replica-1", "redis://shard-0-r1:6379/0", ShardStats(9, 1024, 0, 0, 0), None),
+                  CopyRow("replica-2", "redis://shard-0-r2:6379/0", None, "unreachable (ConnectionError)")))
+    report = replace(moving_report(), shards=(with_replicas,))
+    out = io.StringIO()
+    shards_render.status_text(report, out)
+    lines = out.getvalue().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("shard-0"))
+    assert lines[at + 1].split()[:3] == ["replica-1", "redis://shard-0-r1:6379/0", "9"]
+    assert lines[at + 2].split()[:2] == ["replica-2", "redis://shard-0-r2:6379/0"]
+    assert "unreachable (ConnectionError)" in lines[at + 2]
+    replicas = with_replicas.as_dict()["replicas"]
+    assert [(r["copy"], r["keys"], r["reachable"]) for r in replicas] == \
+        [("replica-1", 9, True), ("replica-2", None, False)]
