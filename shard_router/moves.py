@@ -121,3 +121,16 @@ def set_state(current: Topology, name: str, state: ShardState) -> Topology:
         raise TopologyError(f"shard {name!r} is already {state.value}")
     shards = tuple(replace(s, state=state) if s.name == name else s for s in current.shards)
     return Topology(version=current.version + 1, shards=shards)
+
+
+def set_replicas(current: Topology, name: str, replicas: Sequence[str]) -> Topology:
+    """Give shard `name` these replicas (its primary unchanged) without moving any key: placement is
+    by shard name, so the ring is the same; nodes flush a new copy before it serves."""
+    if not current.is_stable:
+        raise TopologyError(f"topology version {current.version} is {current.phase.value}:"
+                            " a shard's replicas can change only in a stable topology")
+    shard = current.shard(name)
+    if tuple(replicas) == shard.replicas:
+        raise TopologyError(f"shard {name!r} already has exactly these replicas")
+    shards = tuple(replace(s, replicas=tuple(replicas)) if s.name == name else s for s in current.shards)
+    return Topology(version=current.version + 1, shards=shards)

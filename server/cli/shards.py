@@ -18,6 +18,7 @@ from server.cli.shards_commands import (
     cmd_mark,
     cmd_plan,
     cmd_remove,
+    cmd_replica,
     cmd_reweight,
     cmd_status,
 )
@@ -125,6 +126,25 @@ def register(sub: Any) -> None:
     s.add_argument("name")
     s.add_argument("state", choices=("down", "active"))
     s.set_defaults(func=cmd_mark)
+
+    s = ss.add_parser("add-replica", help="give a shard another copy (reads fail over to it); no key moves",
+                      epilog=EPILOG, formatter_class=RAW, description=(
+        "Publish a new version where shard NAME has one more copy at ADDRESS: nodes write every fill and\n"
+        "delete to all copies and read from one, failing over to the next (docs/decisions.md,\n"
+        "\"Replicated shards\"). Nodes flush the new copy before it serves: it fills from traffic.\n"
+        "Placement is by shard name, so no key moves. Only in a stable topology."))
+    s.add_argument("name")
+    s.add_argument("address", help="redis://[user:password@]host:port/db of the new copy")
+    s.add_argument("--no-check", action="store_true", help="do not PING the new copy now")
+    s.set_defaults(func=cmd_replica)
+
+    s = ss.add_parser("remove-replica", help="take a copy away from a shard; no key moves", epilog=EPILOG,
+                      formatter_class=RAW, description=(
+        "Publish a new version without the replica at ADDRESS of shard NAME. Stop that Redis only after\n"
+        "`crs shards status` shows the new version on every node. Only in a stable topology."))
+    s.add_argument("name")
+    s.add_argument("address")
+    s.set_defaults(func=cmd_replica)
 
     s = ss.add_parser("apply", help="start the staged change and move the keys (resumable)", epilog=EPILOG,
                       formatter_class=RAW, description=(

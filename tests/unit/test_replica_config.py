@@ -61,3 +61,19 @@ def test_diff_names_a_replica_change() -> None:
     before = (TopologyShard("shard-0", A),)
     after = (TopologyShard("shard-0", A, replicas=(B,)),)
     assert [str(c) for c in diff(before, after)] == [f"~ shard-0 replicas none -> {B}"]
+
+
+def test_set_replicas_publishes_without_moving_keys() -> None:
+    import pytest
+
+    from shard_router.moves import set_replicas
+    from shard_router.topology import Topology, TopologyError, TopologyShard
+
+    t = Topology(version=3, shards=(TopologyShard("shard-0", "redis://a:1/0"), TopologyShard("shard-1", "redis://b:1/0")))
+    new = set_replicas(t, "shard-0", ["redis://c:1/0"])
+    assert new.version == 4 and new.shard("shard-0").replicas == ("redis://c:1/0",)
+    assert new.target_ring.node_for("some-key") == t.target_ring.node_for("some-key")
+    assert [s.spec for s in new.shards] == [s.spec for s in t.shards]
+    with pytest.raises(TopologyError, match="already has exactly these replicas"):
+        set_replicas(new, "shard-0", ["redis://c:1/0"])
+    assert set_replicas(new, "shard-0", []).shard("shard-0").replicas == ()

@@ -1,0 +1,86 @@
+"""`crs shards add-replica / remove-replica` on a live node: a copy added to a published topology is
+flushed and then filled by traffic (it receives every fill), is listed by `crs shards status`, and
+leaves again without any key moving (placement is by shard name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+
+from devstack.demo import demo_pan
+from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
+from server import rpc
+from server.proto import crs_pb2 as pb
+from server.settings import settings_to_env
+from tests.integration.support import own_env, redis_servers
+
+NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[DevEnvironment]:
+    e = own_env(shards=2, customers=40)
+    e.start()
+    yield e
+    e.stop()
+
+
+def _crs(env: DevEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
+    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+    child |= settings_to_env(replace(env.settings(), pg_dsn=env.operator_dsn))   # an SRE's credentials
+    return subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=child, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _card_on(env: DevEnvironment, node: NodeProcess, shard: str) -> tuple[int, str]:
+    """A demo card whose cache key lives on `shard` (by the ring), and that key."""
+    keyring = env.settings().keyring()
+    from shard_router import Ring, ShardSpec
+
+    ring = Ring([ShardSpec(name, 1) for name in sorted(env.shard_urls())])
+    for i in range(80):
+        key = ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+        if ring.node_for(key) == shard:
+            return i, key
+    raise AssertionError(f"no demo card on {shard}")
+
+
+def test_add_and_remove_a_replica_live(env: DevEnvironment, tmp_path: Path) -> None:
+    node = env.start_node(workers=1, **NODE_SETTINGS)
+    with redis_servers(tmp_path, ["extra-copy"]) as (extra,), node.channel() as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        copy = redis.Redis.from_url(extra.url)
+        copy.set("stale:left-behind", "x")            # whatever a new copy holds is never served
+        r = _crs(env, "add-replica", "shard-0", extra.url)
+        assert r.returncode == 0, r.stderr
+        assert "no key moves" in r.stdout and "holds 1 key(s)" in r.stdout
+        i, key = _card_on(env, node, "shard-0")
+        deadline = time.monotonic() + 15
+        while copy.exists("stale:left-behind") or not copy.exists(key):
+            assert time.monotonic() < deadline, "the node never flushed and filled the new copy"
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+            time.sleep(0.2)
+        status = json.loads(_crs(env, "status", "--json").stdout)
+        shard0 = next(s for s in status["shards"] if s["name"] == "shard-0")
+        assert [c["copy"] for c in shard0["replicas"]] == ["replica-1"] and shard0["replicas"][0]["reachable"]
+        again = _crs(env, "add-replica", "shard-0", extra.url, "--no-check")
+        assert again.returncode == 2 and "already a replica" in again.stderr
+        r = _crs(env, "remove-replica", "shard-0", extra.url)
+        assert r.returncode == 0, r.stderr
+        status = json.loads(_crs(env, "status", "--json").stdout)
+        assert next(s for s in status["shards"] if s["name"] == "shard-0")["replicas"] == []
+        assert _crs(env, "remove-replica", "shard-0", extra.url).returncode == 2
+        # Lookups went on throughout, answered by the primary.
+        assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
+    node.stop()
+    env.nodes.remove(node)
