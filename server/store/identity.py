@@ -205,6 +205,19 @@ async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel, i
     return [_score(model, identity, cs, records) for identity, cs in zip(identities, chosen, strict=True)]
 
 
+async def golden_identity(conn: Conn, codec: IdentityCodec, customer_id: str) -> pb.CustomerIdentity:
+    """A customer's golden record (survivorship over its source records), its crosswalk and aliases."""
+    records = (await contributions(conn, codec, [customer_id])).get(customer_id, [])
+    refs = await conn.fetch("SELECT source_system, source_key FROM source_records WHERE customer_id = $1"
+                            " ORDER BY source_system, source_key", customer_id)
+    aliases = await conn.fetch("SELECT customer_id FROM customers WHERE merged_into = $1 ORDER BY customer_id",
+                               customer_id)
+    return pb.CustomerIdentity(
+        customer_id=customer_id, attributes=attributes_msg(golden(records)),
+        source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs],
+        merged_ids=[a["customer_id"] for a in aliases])
+
+
 def evidence_msgs(score: Score) -> list[pb.AttributeEvidence]:
     return [pb.AttributeEvidence(attribute=e.attribute, level=e.level, weight=round(e.weight, 3))
             for e in score.evidence]
@@ -262,13 +275,7 @@ class IdentityReads:
                 if row is None:
                     raise NotFound("customer not found")
                 survivor = row["merged_into"] or customer_id
-                records = (await contributions(conn, self.codec, [survivor])).get(survivor, [])
-                refs = await conn.fetch("SELECT source_system, source_key FROM source_records WHERE customer_id = $1"
-                                        " ORDER BY source_system, source_key", survivor)
-                aliases = await conn.fetch("SELECT customer_id FROM customers WHERE merged_into = $1"
-                                           " ORDER BY customer_id", survivor)
-        return pb.CustomerIdentity(
-            customer_id=survivor, attributes=attributes_msg(golden(records)),
-            source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs],
-            merged_ids=[a["customer_id"] for a in aliases],
-            merged_from=customer_id if survivor != customer_id else "")
+                answer = await golden_identity(conn, self.codec, survivor)
+        if survivor != customer_id:
+            answer.merged_from = customer_id
+        return answer

@@ -20,7 +20,7 @@ from server.caller import Caller
 from server.crypto import DataKey, Keyring
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound
 from server.identity.attributes import AttributeProblem, Identity, SourceRef, has_name, parse_identity, parse_source_ref
-from server.identity.golden import attributes_msg, display_name, golden, raw_attributes
+from server.identity.golden import display_name, raw_attributes
 from server.identity.model import MatchModel, Score, Thresholds
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
@@ -30,8 +30,8 @@ from server.store.envelope import Change, WriteResult
 from server.store.identity import (
     IdentityCodec,
     candidates,
-    contributions,
     evidence_json,
+    golden_identity,
     insert_record,
     replace_record,
 )
@@ -167,12 +167,7 @@ class IdentityWrites(AdminStore):
             row = required(await conn.fetchrow(
                 "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1 RETURNING *",
                 customer_id))
-            records = (await contributions(conn, self.codec, [customer_id])).get(customer_id, [])
-            refs = await conn.fetch("SELECT source_system, source_key FROM source_records WHERE customer_id = $1"
-                                    " ORDER BY source_system, source_key", customer_id)
-            answer = pb.CustomerIdentity(
-                customer_id=customer_id, attributes=attributes_msg(golden(records)),
-                source_refs=[pb.SourceRef(system=r["source_system"], key=r["source_key"]) for r in refs])
+            answer = await golden_identity(conn, self.codec, customer_id)
             # The answer is kept in the idempotency table for replays: no date of birth in it (the
             # national id is already last-four only). GetCustomerIdentity reads the whole record.
             answer.attributes.date_of_birth = ""
