@@ -37,7 +37,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     configure_logging("WARNING")
     base = Path(args.data_dir).resolve() if args.data_dir else None
     env = DevEnvironment(shards=args.shards, replicas=args.replicas, customers=args.customers, base_dir=base,
-                         tls=not args.plaintext, pg_binaries=args.pg_binaries, keep=base is not None)
+                         pg_replica=args.pg_replica, tls=not args.plaintext, pg_binaries=args.pg_binaries,
+                         keep=base is not None)
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -48,7 +49,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         copies = f" ({args.replicas} replica(s) each)" if args.replicas else ""
-        print(f"crs-dev: starting PostgreSQL and {args.shards} Redis shards{copies} ...", flush=True)
+        standby = " with a streaming standby" if args.pg_replica else ""
+        print(f"crs-dev: starting PostgreSQL{standby} and {args.shards} Redis shards{copies} ...", flush=True)
         env.start(out=sys.stdout)
         assert env.stack is not None
         print(f"crs-dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
@@ -60,6 +62,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  gRPC       {node.address}   (crs.v1 Lookup, Admin, Identity, ChangeFeed; health; reflection)")
         print(f"  metrics    http://127.0.0.1:{node.settings.metrics_port}/metrics")
         print(f"  PostgreSQL {pg.dsn('crs')}   ({pg.kind} binaries)")
+        if env.stack.pg_replica is not None:
+            print(f"  standby    {env.stack.pg_replica.dsn('crs')}   (synchronous; nodes read misses from it)")
         for name, urls in env.stack.shard_copies().items():
             print(f"  {name:10} {' | '.join(urls)}")
         print(f"  logs       {node.log_path}")
@@ -191,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
     s.add_argument("--replicas", type=int, default=0,
                    help="more Redis servers per shard, written alongside the primary, read on failover (default 0)")
+    s.add_argument("--pg-replica", action="store_true",
+                   help="a PostgreSQL hot standby (pg_basebackup, synchronous): nodes read cache misses from it"
+                        " (CRS_PG_READ_DSN) and name both servers in CRS_PG_DSN, so a promoted standby takes over")
     s.add_argument("--workers", type=int, default=2, help="node processes (default 2)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
     s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")

@@ -218,6 +218,7 @@ class DevEnvironment:
 
     shards: int = 4
     replicas: int = 0          # more copies of every shard (embedded servers only)
+    pg_replica: bool = False   # a PostgreSQL hot standby: nodes read misses from it, fail over to it
     tls: bool = False
     customers: int = 0
     base_dir: Path | None = None
@@ -242,6 +243,8 @@ class DevEnvironment:
             raise ValueError("give both external_pg_dsn and external_redis_urls, or neither")
         if self.replicas and self.external_pg_dsn:
             raise ValueError("replicas need embedded servers: external_redis_urls name primaries only")
+        if self.pg_replica and self.external_pg_dsn:
+            raise ValueError("pg_replica needs the embedded PostgreSQL: an external one brings its own replicas")
         if self.database is None:
             self.database = f"crs_{secrets.token_hex(4)}" if self.external else "crs"
 
@@ -330,7 +333,7 @@ class DevEnvironment:
                 raise
             return self._prepare(out)
         self.stack = EmbeddedStack(base_dir=self.base_dir, shards=self.shards, replicas=self.replicas,
-                                   pg_binaries=self.pg_binaries, keep=self.keep)
+                                   pg_replica=self.pg_replica, pg_binaries=self.pg_binaries, keep=self.keep)
         try:
             self.stack.start()
             assert self.database is not None
@@ -367,7 +370,26 @@ class DevEnvironment:
         assert self.stack is not None, "start() first"
         if role is None:
             return self.stack.postgres.dsn(self.database)
-        return f"postgresql://{role}@127.0.0.1:{self.stack.postgres.port}/{self.database}"
+        return self._node_dsn(role, "read-write")
+
+    def _node_dsn(self, role: str, target: str) -> str:
+        """`role`'s DSN to the embedded servers: with a standby it names both hosts, the one that
+        `target` (libpq's target_session_attrs) prefers first, so a promoted standby is found."""
+        assert self.stack is not None
+        primary, standby = self.stack.postgres.port, self.stack.pg_replica
+        if standby is None:
+            return f"postgresql://{role}@127.0.0.1:{primary}/{self.database}"
+        ports = [standby.port, primary] if target == "prefer-standby" else [primary, standby.port]
+        hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+        return f"postgresql://{role}@{hosts}/{self.database}?target_session_attrs={target}"
+
+    @property
+    def read_dsn(self) -> str:
+        """What nodes read cache misses from (CRS_PG_READ_DSN): the standby, else the primary; ""
+        without a standby."""
+        if self.stack is None or self.stack.pg_replica is None:
+            return ""
+        return self._node_dsn(self.service_role, "prefer-standby")
 
     @property
     def admin_dsn(self) -> str:
@@ -383,6 +405,8 @@ class DevEnvironment:
         assert self.stack is not None or self._work_dir is not None, "start() first"
         env = dict(self.keys)
         env["CRS_PG_DSN"] = self._dsn(self.service_role)
+        if self.read_dsn:
+            env["CRS_PG_READ_DSN"] = self.read_dsn
         if self.pki is not None and self.clients_file is not None:
             env |= {"CRS_TLS_CERT_FILE": str(self.pki.server_cert), "CRS_TLS_KEY_FILE": str(self.pki.server_key),
                     "CRS_TLS_CLIENT_CA_FILE": str(self.pki.ca_cert), "CRS_CLIENTS_FILE": str(self.clients_file)}

@@ -14,8 +14,9 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from devstack.binaries import PG_BINARY_KINDS, classify_bindir, find_postgres_bindir, is_pg_bindir
 from devstack.processes import (
@@ -42,6 +43,7 @@ from devstack.processes import (
 from devstack.runas import blocking_ancestor, pg_run_as, probe_as, readable_bindir
 
 PG_SUPERUSER: Final = "postgres"
+T = TypeVar("T")
 _UNIX_SOCKET_PATH_MAX: Final = 100  # sun_path is 108 bytes on Linux; keep a margin
 
 
@@ -116,15 +118,22 @@ def pg_major_version(bindir: Path) -> int:
 
 _PG_HBA: Final = """\
 # Written by devstack/: dev/test server, trust on loopback only. Never use in production.
-local   all   all                 trust
-host    all   all   127.0.0.1/32  trust
+local   all           all                 trust
+host    all           all   127.0.0.1/32  trust
+local   replication   all                 trust
+host    replication   all   127.0.0.1/32  trust
 """
 
 
 
 
 class PostgresServer(ChildServer):
-    """One PostgreSQL server (``initdb`` on first start) listening on 127.0.0.1:``port``."""
+    """One PostgreSQL server (``initdb`` on first start) listening on 127.0.0.1:``port``.
+
+    With ``primary=`` it is a hot standby of that (running) server instead: the first start copies
+    it with ``pg_basebackup -R`` (streaming replication, the same binaries) and every start follows
+    it. ``promote()`` turns it into a primary.
+    """
 
     _STOP_SIGNAL = signal.SIGINT   # "fast" shutdown: SIGTERM would wait for every client to leave
 
@@ -137,7 +146,15 @@ class PostgresServer(ChildServer):
         binaries: str = "auto",
         fast_unsafe: bool = True,
         log_path: Path | None = None,
+        primary: PostgresServer | None = None,
     ) -> None:
+        if primary is not None and not isinstance(primary, PostgresServer):
+            raise TypeError(f"primary must be a PostgresServer, not {type(primary).__name__}")
+        if primary is not None and bindir is None and binaries == "auto":
+            bindir = primary.bindir   # a standby runs the primary's binaries
+        self.primary = primary
+        self.bindir: Path
+        self.kind: str
         self.data_dir = require_kw_path("data_dir", data_dir)
         requested_port = require_port(port)
         if binaries not in PG_BINARY_KINDS:
@@ -190,10 +207,12 @@ class PostgresServer(ChildServer):
             self._run_as = pg_run_as()
             self._exec_bindir = readable_bindir(self.bindir, self._run_as) if self._run_as is not None else self.bindir
             self._prepare_data_dir()
-            if not (self.data_dir / "PG_VERSION").exists():
-                self._initdb(deadline)
-            else:
+            if (self.data_dir / "PG_VERSION").exists():
                 self._check_existing_cluster()
+            elif self.primary is not None:
+                self._basebackup(deadline)
+            else:
+                self._initdb(deadline)
             self._launch_with_retries(deadline)
             self._port_is_ours = False  # from now on the port is fixed (restarts come back on it)
             self.startup_seconds = time.monotonic() - began
@@ -255,6 +274,27 @@ class PostgresServer(ChildServer):
             argv.append("--no-instructions")
         if self.fast_unsafe:
             argv.append("--no-sync")
+        self._run_tool(argv, "initdb", deadline)
+        (self.data_dir / "pg_hba.conf").write_text(_PG_HBA)  # rewrites initdb's file: owner unchanged
+
+    def _basebackup(self, deadline: float) -> None:
+        """Copy the running primary into the empty data_dir as a standby that streams from it."""
+        assert self._exec_bindir is not None and self.primary is not None
+        if not self.primary.is_running:
+            raise EmbeddedServerError(f"the primary {self.primary!r} must run before its standby is created")
+        argv = [
+            str(self._exec_bindir / "pg_basebackup"),
+            "-h", LOOPBACK, "-p", str(self.primary.port), "-U", PG_SUPERUSER,
+            "-D", str(self.data_dir),
+            "-R",                      # standby.signal + primary_conninfo: follow the primary
+            "-X", "stream",
+            "--checkpoint=fast",
+        ]  # fmt: skip
+        if self.fast_unsafe:
+            argv.append("--no-sync")
+        self._run_tool(argv, "pg_basebackup", deadline)
+
+    def _run_tool(self, argv: list[str], what: str, deadline: float) -> None:
         log = self._log.open()
         try:
             result = subprocess.run(
@@ -268,12 +308,11 @@ class PostgresServer(ChildServer):
                 **(self._run_as.popen_kwargs() if self._run_as is not None else {}),
             )
         except subprocess.TimeoutExpired as exc:
-            raise EmbeddedServerError(f"initdb timed out\n{self._log.tail()}") from exc
+            raise EmbeddedServerError(f"{what} timed out\n{self._log.tail()}") from exc
         finally:
             log.flush()
         if result.returncode != 0:
-            raise EmbeddedServerError(f"initdb failed with exit status {result.returncode}\n{self._log.tail()}")
-        (self.data_dir / "pg_hba.conf").write_text(_PG_HBA)  # rewrites initdb's file: owner unchanged
+            raise EmbeddedServerError(f"{what} failed with exit status {result.returncode}\n{self._log.tail()}")
 
     def _server_argv(self) -> list[str]:
         assert self._exec_bindir is not None
@@ -322,7 +361,8 @@ class PostgresServer(ChildServer):
                     f"\n{self._log.tail()}"
                 )
             status = postmaster_status(self.data_dir)
-            if status is not None and status[0] == proc.pid and status[1] == "ready":
+            # A hot standby reports "standby" once it accepts read-only connections.
+            if status is not None and status[0] == proc.pid and status[1] in ("ready", "standby"):
                 last_probe = pg_probe(self.port) or ""
                 if not last_probe:
                     return
@@ -357,29 +397,54 @@ class PostgresServer(ChildServer):
 
     # -- SQL ---------------------------------------------------------------------------------------
 
-    def create_database(self, name: str) -> None:
-        """CREATE DATABASE ``name`` (owned by postgres) unless it exists. Uses asyncpg on its own loop."""
-        if not isinstance(name, str) or not name or "\0" in name or len(name.encode()) > 63:
-            raise ValueError(f"database name must be a non-empty str of at most 63 bytes, not {name!r}")
+    def _with_connection(self, database: str, work: Callable[[Any], Awaitable[T]]) -> T:
+        """`work(conn)` on a superuser connection to `database`. asyncpg runs on a loop of its own in
+        a fresh thread, so this works whether or not the caller's thread runs an event loop."""
         if not self.is_running:
             raise EmbeddedServerError(f"{self!r} is not running")
-        dsn = self.dsn()
+        dsn = self.dsn(database)
 
-        async def create() -> None:
+        async def run() -> T:
             import asyncpg
 
             conn = await asyncpg.connect(dsn, timeout=30)
             try:
-                if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-                    return
-                quoted = '"' + name.replace('"', '""') + '"'
-                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
-                    await conn.execute(f"CREATE DATABASE {quoted}")
+                return await work(conn)
             finally:
                 await conn.close()
 
-        # A fresh thread, so this works whether or not the caller's thread runs an event loop.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crs-createdb") as pool:
-            pool.submit(lambda: asyncio.run(create())).result()
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="crs-pg-sql") as pool:
+            return pool.submit(lambda: asyncio.run(run())).result()
 
+    def execute(self, *statements: str, database: str = "postgres") -> list[object]:
+        """Run each statement as the superuser; each one's first value."""
+        async def run(conn: Any) -> list[object]:
+            return [await conn.fetchval(statement, timeout=90) for statement in statements]
 
+        return self._with_connection(database, run)
+
+    def promote(self) -> None:
+        """A standby becomes a primary (``pg_promote()``, waiting until it accepts writes)."""
+        if self.execute("SELECT pg_promote(true, 60)") != [True]:
+            raise EmbeddedServerError(f"{self!r} did not finish promotion within 60 s")
+
+    def require_synchronous_standby(self) -> None:
+        """Commits wait until a standby has flushed them (``synchronous_standby_names = '*'``): a
+        failover to that standby then loses no acknowledged write."""
+        self.execute("ALTER SYSTEM SET synchronous_standby_names = '*'", "SELECT pg_reload_conf()")
+
+    def create_database(self, name: str) -> None:
+        """CREATE DATABASE ``name`` (owned by postgres) unless it exists."""
+        if not isinstance(name, str) or not name or "\0" in name or len(name.encode()) > 63:
+            raise ValueError(f"database name must be a non-empty str of at most 63 bytes, not {name!r}")
+
+        async def create(conn: Any) -> None:
+            import asyncpg
+
+            if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+                return
+            quoted = '"' + name.replace('"', '""') + '"'
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f"CREATE DATABASE {quoted}")
+
+        self._with_connection("postgres", create)

@@ -42,6 +42,10 @@ class EmbeddedStack:
     ``shard-K-replica-J`` that the nodes write to alongside the primary (client-side replication,
     mcrouter style: no REPLICAOF), see docs/decisions.md "Replicated shards".
 
+    With ``pg_replica=True`` PostgreSQL has a hot standby, ``<base>/postgres-replica/``, streaming
+    from the primary synchronously (a commit waits until the standby has flushed it, so promoting it
+    loses no acknowledged write); see docs/devstack.md.
+
     Layout: ``<base>/postgres/`` (data), ``<base>/postgres.log``, ``<base>/redis/shard-K/`` (config,
     ``redis.log``; replicas in ``<base>/redis/shard-K-replica-J/``). With ``base_dir=None`` the base is
     a fresh temporary directory, removed by ``stop()`` unless ``keep=True``; a given base_dir is never removed.
@@ -53,6 +57,7 @@ class EmbeddedStack:
         base_dir: Path | None = None,
         shards: int = 4,
         replicas: int = 0,
+        pg_replica: bool = False,
         pg_binaries: str = "auto",
         pg_bindir: Path | None = None,
         keep: bool = False,
@@ -63,6 +68,8 @@ class EmbeddedStack:
             raise ValueError(f"replicas must be an int in 0..4, not {replicas!r}")
         if not isinstance(keep, bool):
             raise TypeError(f"keep must be a bool, not {type(keep).__name__}")
+        if not isinstance(pg_replica, bool):
+            raise TypeError(f"pg_replica must be a bool, not {type(pg_replica).__name__}")
         self.keep = keep
         self._owns_base = base_dir is None
         if base_dir is None:
@@ -77,6 +84,10 @@ class EmbeddedStack:
                 binaries=pg_binaries,
                 log_path=self.base_dir / "postgres.log",
             )
+            self.pg_replica = PostgresServer(
+                data_dir=self.base_dir / "postgres-replica", primary=self.postgres,
+                log_path=self.base_dir / "postgres-replica.log",
+            ) if pg_replica else None
             self.redis = [
                 RedisServer(name=f"shard-{i}", data_dir=self.base_dir / "redis" / f"shard-{i}") for i in range(shards)
             ]
@@ -106,7 +117,9 @@ class EmbeddedStack:
                 for server, replicas in zip(self.redis, self.replica_servers, strict=True)}
 
     def _servers(self) -> list[PostgresServer | RedisServer]:
-        return [self.postgres, *self.redis, *(r for replicas in self.replica_servers for r in replicas)]
+        """Every server, in start order: all but the PostgreSQL standby start together, then it."""
+        standby = [self.pg_replica] if self.pg_replica is not None else []
+        return [self.postgres, *self.redis, *(r for replicas in self.replica_servers for r in replicas), *standby]
 
     def start(self) -> None:
         """Start PostgreSQL and every shard concurrently; on any failure stop all and raise."""
@@ -117,7 +130,7 @@ class EmbeddedStack:
             if self._owns_base and not self.base_dir.exists():
                 raise EmbeddedServerError(f"{self!r} was stopped and its base directory removed; make a new one")
             make_dirs(self.base_dir, open_up=pg_run_as() is not None)
-            servers = self._servers()
+            servers = [server for server in self._servers() if server is not self.pg_replica]
             with concurrent.futures.ThreadPoolExecutor(
                 max_workers=len(servers), thread_name_prefix="crs-embedded-start"
             ) as pool:
@@ -135,6 +148,13 @@ class EmbeddedStack:
                 for other in errors[1:]:
                     first.add_note(f"also: {other}")
                 raise first
+            if self.pg_replica is not None:
+                try:
+                    self.pg_replica.start()   # copies the running primary on first start
+                    self.postgres.require_synchronous_standby()
+                except BaseException:
+                    self._stop_servers()
+                    raise
 
     def _stop_servers(self) -> None:
         servers = self._servers()

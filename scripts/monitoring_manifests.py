@@ -195,6 +195,14 @@ def component_alerts() -> list[dict[str, Any]]:
                summary="{{ $labels.instance }} cannot reach PostgreSQL (health crs.v1.Database NOT_SERVING)",
                description="Cached lookups still answer; cache misses, writes, identity and the change feed "
                            "fail UNAVAILABLE until PostgreSQL answers again."),
+        _alert("CRSPostgresReplicaBehind",
+               "max by (instance) (crs_pg_replica_staleness_seconds) > 1",
+               for_="5m", severity="ticket",
+               summary="{{ $labels.instance }}: the PostgreSQL read replica is {{ $value | humanizeDuration }}"
+                       " behind the primary",
+               description="Cache misses read the primary instead (crs_pg_reads_total route"
+                           " primary_replica_behind): answers stay fresh, but the primary carries the read load"
+                           " the replica should."),
         _alert("CRSFeedHeadLagging",
                "(crs:feed_head_lag:sequences > 0 and changes(crs_feed_head_sequence[5m]) == 0)\n"
                "or\n"
@@ -344,6 +352,13 @@ def dashboard() -> dict[str, Any]:
             ("Outbox: unsettled rows and oldest age",
              [(f"max(crs_outbox_unsettled{{{J}}})", "unsettled rows"),
               (f"max(crs_outbox_oldest_unsettled_age_seconds{{{J}}})", "oldest age (s)")], "short", ""),
+            ("Cache-miss reads by route/s (CRS_PG_READ_DSN)",
+             [(f"sum by (route) (rate(crs_pg_reads_total{{{J}}}{rate}))", "{{route}}")], "reqps",
+             "replica = answered and cached from a standby; primary_replica_behind = the standby could not show"
+             " it was fresh; replica_uncached = the primary was out, served uncached."),
+            ("Read replica staleness per node",
+             [(f"max by (instance) (crs_pg_replica_staleness_seconds{{{J}}})", "{{instance}}")], "s",
+             "Age of the newest primary position the standby has replayed (CRSPostgresReplicaBehind > 1 s)."),
             ("PostgreSQL pool use per pod",
              [(f"crs_pg_pool_connections{{{J}}} - crs_pg_pool_idle_connections{{{J}}}", "{{instance}} in use"),
               (f"crs_pg_pool_max_connections{{{J}}}", "{{instance}} max")], "short", ""),

@@ -40,11 +40,12 @@ from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
-from server.settings import Settings
+from server.settings import Settings, replica_fill_window
 from server.store.db import DB_ERRORS, active_data_key, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
+from server.store.read_route import ReadRoute
 from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
@@ -201,6 +202,7 @@ class Node:
         self.metrics = metrics or Metrics()
         self.keyring = settings.keyring()   # a bad key fails here, at start-up
         self.pool: asyncpg.Pool | None = None
+        self.read_pool: asyncpg.Pool | None = None   # replicas (CRS_PG_READ_DSN), for cache misses
         self.tier: RedisTier | None = None
         self.topology: TopologyWatcher | None = None
         self.server: grpc.aio.Server | None = None
@@ -218,16 +220,24 @@ class Node:
             await check_schema(conn)
         await verify_key_checks(self.pool, self.keyring)
         data_key = await active_data_key(self.pool, self.keyring)
+        if s.pg_read_dsn:   # no connection yet: a replica that is down must not stop a node from starting
+            self.read_pool = await create_pool(s, dsn=s.pg_read_dsn, min_size=0)
+        route = ReadRoute(primary=self.pool, replica=self.read_pool, fill_window=replica_fill_window(s),
+                          position_interval=s.pg_position_interval, timeout=s.pg_timeout,
+                          replica_timeout=s.pg_timeout / 4, on_read=self.metrics.pg_read,
+                          on_staleness=self.metrics.pg_replica_staleness.set)
+        await route.poll_once()   # the first replica reads are judged against a primary position already
         near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl)
         self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
         self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS
-        self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, load_timeout=s.pg_timeout,
+        self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, route=route,
+                                 load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
         self.bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval, timeout=s.pg_timeout)
         with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
             await self.bins.refresh()
-        lookup = LookupHandlers(resolver=self.resolver, pool=self.pool, keyring=self.keyring,
+        lookup = LookupHandlers(resolver=self.resolver, keyring=self.keyring,
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max, bins=self.bins,
                                 decisions=DecisionTable(parse_network_codes(s.decision_network_codes)))
         codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
@@ -271,7 +281,7 @@ class Node:
         await server.start()
         if self.tier is not None:
             self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
-                near.discard, near.clear, retry_interval=s.shard_retry_interval)))
+                self.resolver.on_invalidated, near.clear, retry_interval=s.shard_retry_interval)))
         self._tasks.append(asyncio.create_task(run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
@@ -282,6 +292,7 @@ class Node:
         self._tasks.append(asyncio.create_task(run_compaction(self.pool, retention=s.feed_retention,
                                                               interval=s.feed_compact_interval)))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))
+        self._tasks.append(asyncio.create_task(route.run()))
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}",
@@ -321,6 +332,9 @@ class Node:
         if self.tier is not None:
             await self.tier.close()
             self.tier = None
+        if self.read_pool is not None:
+            await asyncio.shield(self.read_pool.close())
+            self.read_pool = None
         if self.pool is not None:
             await asyncio.shield(self.pool.close())
             self.pool = None

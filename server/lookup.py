@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Protocol
+from typing import Any, Protocol
 
-import asyncpg
 from google.protobuf.message import Message
 
 from server import cache_keys as ck
@@ -32,8 +31,9 @@ from server.pan import (
     parse_token,
 )
 from server.proto import crs_pb2 as pb
-from server.resolver import Loader, Lookup, Resolver
+from server.resolver import Lookup, Resolver
 from server.store import reads
+from server.store.read_route import Read as ReadQuery
 
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
@@ -45,13 +45,12 @@ class BinTableHolder(Protocol):
 
 
 class LookupHandlers:
-    def __init__(self, *, resolver: Resolver, pool: asyncpg.Pool, keyring: Keyring, pg_timeout: float,
+    def __init__(self, *, resolver: Resolver, keyring: Keyring, pg_timeout: float,
                  batch_max: int, bins: BinTableHolder, decisions: DecisionTable,
                  stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
         self.bins = bins
         self.hints = reads.Hints(decisions, self._network_of)
-        self.pool = pool
         self.keyring = keyring
         self.pg_timeout = pg_timeout
         self.batch_max = batch_max
@@ -64,14 +63,15 @@ class LookupHandlers:
         parse_pan(pan)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
-        load = partial(reads.card_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout, hints=self.hints)
+        load: ReadQuery = partial(reads.card_by_fingerprint, version=version, fingerprint=fp,
+                                  timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
             load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
         return Lookup(ck.card_key(version, fp), load, "card")
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
-        return Lookup(ck.token_key(token), partial(reads.card_by_token, self.pool, token, timeout=self.pg_timeout,
+        return Lookup(ck.token_key(token), partial(reads.card_by_token, token=token, timeout=self.pg_timeout,
                                                    hints=self.hints), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
@@ -80,27 +80,27 @@ class LookupHandlers:
         version = self.keyring.fingerprint_version
         value = account_fingerprint_input(routing_number, account_number)
         fp = self.keyring.fingerprint(value)
-        load = partial(reads.account_by_fingerprint, self.pool, version, fp, timeout=self.pg_timeout,
-                       hints=self.hints)
+        load: ReadQuery = partial(reads.account_by_fingerprint, version=version, fingerprint=fp,
+                                  timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
             load = partial(self._any_version, reads.account_by_fingerprint, value, load)
         return Lookup(ck.account_key(version, fp), load, "account")
 
-    async def _any_version(self, read: Read, value: str, current: Loader) -> bytes | None:
+    async def _any_version(self, read: Read, value: str, current: ReadQuery, conn: Any) -> bytes | None:
         """During a fingerprint-key rotation a row may carry only another configured version yet:
         a miss under the current version tries the others before answering NOT_FOUND."""
-        found = await current()
+        found = await current(conn)
         for version in self._other_versions:
             if found is not None:
                 break
-            found = await read(self.pool, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
+            found = await read(conn, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
                                hints=self.hints)
         return found
 
     def customer(self, customer_id: str) -> Lookup:
         parse_customer_id(customer_id)
         return Lookup(ck.customer_key(customer_id),
-                      partial(reads.customer_profile, self.pool, customer_id, timeout=self.pg_timeout), "customer")
+                      partial(reads.customer_profile, customer_id=customer_id, timeout=self.pg_timeout), "customer")
 
     def for_key(self, key: pb.LookupKey, caller: Caller) -> tuple[Lookup, int]:
         which = key.WhichOneof("key")

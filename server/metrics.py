@@ -91,6 +91,13 @@ class Metrics:
                                   multiprocess_mode="livesum", registry=reg)
         self.pg_pool_max = Gauge("crs_pg_pool_max_connections", "Most connections the pool may open",
                                  multiprocess_mode="livesum", registry=reg)
+        # Cache-miss reads with CRS_PG_READ_DSN (server/store/read_route.py): which server answered, and
+        # how far behind the primary the replica last showed itself to be.
+        self.pg_reads = Counter("crs_pg_reads_total", "Cache-miss reads by route: replica, replica_uncached (primary"
+                                " out), primary_replica_behind, primary_replica_failed", ["route"], registry=reg)
+        self.pg_replica_staleness = Gauge("crs_pg_replica_staleness_seconds",
+                                          "Age of the newest primary WAL position the read replica has replayed",
+                                          multiprocess_mode="max", registry=reg)
         # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
         self.tls_cert_expiry = Gauge("crs_tls_certificate_expiry_timestamp_seconds",
                                      "Unix time the earliest certificate of the served chain expires",
@@ -135,6 +142,9 @@ class Metrics:
                     row[i] = 0.0
             child._sum.inc(row[-1])
             row[-1] = 0.0
+
+    def pg_read(self, route: str) -> None:
+        self.pg_reads.labels(route).inc()
 
     def pg_pool(self, size: int, idle: int, maximum: int) -> None:
         self.pg_pool_connections.set(size)

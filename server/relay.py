@@ -30,7 +30,9 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) ->
             "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
             " AND created_at < clock_timestamp() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
             dt.timedelta(seconds=delay), BATCH)
-        settled = [r["id"] for r in rows if await resolver.invalidate(r["cache_keys"])]
+        # These rows' writes committed before this read of the primary's position (read replicas).
+        position = await resolver.route.write_position() if rows else None
+        settled = [r["id"] for r in rows if await resolver.invalidate(r["cache_keys"], position=position)]
         if settled:
             await conn.execute(
                 "UPDATE outbox SET settled_at = clock_timestamp(),"

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import asyncpg
 
 from server.cache.near import NearCache
 from server.cache.shard import ShardUnavailable
@@ -23,13 +22,8 @@ from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
 from server.metrics import Metrics
-
-Loader = Callable[[], Awaitable[bytes | None]]
-
-
-def _consume(task: asyncio.Future[bytes | None]) -> None:
-    if not task.cancelled():
-        task.exception()   # retrieved: no "exception was never retrieved" noise
+from server.store.db import DB_ERRORS, bounded
+from server.store.read_route import ALWAYS, Loaded, Read, ReadRoute
 
 
 @dataclass(frozen=True)
@@ -47,16 +41,18 @@ class CachePolicy:
 
 @dataclass(frozen=True)
 class Lookup:
-    """One key to resolve: its cache key, how to load it from PostgreSQL, and how to name it in errors."""
+    """One key to resolve: its cache key, how to load it from PostgreSQL (a query given a pool or
+    connection: the read route picks replica or primary), and how to name it in errors."""
 
     cache_key: str
-    load: Loader
+    load: Read
     what: str  # "card", "account", "customer": for NOT_FOUND messages (never the key itself)
 
 
 class Resolver:
     def __init__(self, *, near: NearCache, tier: RedisTier | None, policy: CachePolicy,
-                 metrics: Metrics, load_timeout: float = 2.0) -> None:
+                 metrics: Metrics, route: ReadRoute, load_timeout: float = 2.0) -> None:
+        self.route = route
         self.near = near
         self.tier = tier
         self.policy = policy
@@ -110,39 +106,28 @@ class Resolver:
                 self.metrics.tier_hit("l2")
                 self.near.put(key, cached)
                 return cached
-        value = await self._load(lookup)
-        if tier_ok and self.tier is not None:
-            await self.tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
-        self.near.put(key, value)
+        loaded = await self._load(lookup)
+        value = NEGATIVE if loaded.value is None else loaded.value
+        # A replica's answer may be cached only within its freshness window (server/store/read_route.py).
+        if loaded.fill_by is ALWAYS or time.monotonic() < loaded.fill_by:
+            if tier_ok and self.tier is not None:
+                await self.tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
+            if loaded.fill_by is ALWAYS or time.monotonic() < loaded.fill_by:
+                self.near.put(key, value)
         return value
 
-    async def _load(self, lookup: Lookup) -> bytes:
+    async def _load(self, lookup: Lookup) -> Loaded:
         try:
-            loaded = await self._bounded(lookup.load())
+            # Bounds the whole load, pool wait, reconnect and replica fallback included.
+            loaded = await bounded(self.route.read(lookup.load), self.load_timeout)
         except CrsError:
             raise
         except TimeoutError as exc:
             raise BackendTimeout("the database did not answer in time") from exc
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except DB_ERRORS as exc:
             raise BackendUnavailable("the database is unavailable") from exc
-        self.metrics.tier_hit("l3" if loaded is not None else "l3_negative")
-        return NEGATIVE if loaded is None else loaded
-
-    async def _bounded(self, load: Awaitable[bytes | None]) -> bytes | None:
-        """Await `load` at most load_timeout. On timeout it is cancelled but not waited for: asyncpg's
-        cleanup of a cancelled query (a cancel request to the server) would hang on a hung database."""
-        task = asyncio.ensure_future(load)
-        try:
-            done, _ = await asyncio.wait((task,), timeout=self.load_timeout)
-        except asyncio.CancelledError:   # the caller went away: so does its load
-            task.cancel()
-            task.add_done_callback(_consume)
-            raise
-        if not done:
-            task.cancel()
-            task.add_done_callback(_consume)
-            raise BackendTimeout("the database did not answer in time")
-        return task.result()
+        self.metrics.tier_hit("l3" if loaded.value is not None else "l3_negative")
+        return loaded
 
     # -- many keys -------------------------------------------------------------------------------
     async def resolve_many(self, lookups: Sequence[Lookup]) -> list[bytes | CrsError]:
@@ -186,9 +171,19 @@ class Resolver:
         return final
 
     # -- invalidation --------------------------------------------------------------------------
-    async def invalidate(self, keys: Sequence[str]) -> bool:
-        """Drop keys here, on their shards, and (via pub/sub) on every other node. True if all acked."""
-        self.near.discard(keys)
+    async def invalidate(self, keys: Sequence[str], *, position: int | None = None) -> bool:
+        """Drop keys here, on their shards, and (via pub/sub) on every other node. True if all acked.
+
+        Call it after the write committed. With read replicas the announcement carries the primary's
+        position (`position`, else read now), so no node answers from a replica older than the write."""
+        if position is None:
+            position = await self.route.write_position()
+        self.on_invalidated(keys, position)
         if self.tier is None:
             return True
-        return await self.tier.invalidate(keys)
+        return await self.tier.invalidate(keys, position=position)
+
+    def on_invalidated(self, keys: Sequence[str], position: int | None) -> None:
+        """Keys another node (or this one) invalidated, with the write's primary position if known."""
+        self.route.saw_write(position)
+        self.near.discard(keys)

@@ -107,6 +107,8 @@ class Settings:
     pg_pool_max: int = 20                 # per node process; size it to the concurrency (DESIGN.md §2)
     pg_timeout: float = 2.0               # seconds for one load (pool wait + query) before DEADLINE_EXCEEDED
     pg_statement_cache_size: int = 256    # prepared statements per connection; 0 behind PgBouncer (transaction mode)
+    pg_read_dsn: str = field(default="", repr=False)  # replicas for cache misses ("" = the primary); docs/deploy.md
+    pg_position_interval: float = 0.1     # seconds between polls of the primary's WAL position (replica freshness)
     # --- Redis cache tier
     redis_shards: tuple[ShardAddress, ...] = ()
     redis_pool_size: int = 32             # connections per shard per node process
@@ -185,6 +187,7 @@ class Settings:
 _ENV_PREFIX = "CRS_"
 # Variables that name a file whose content is the value (mounted secrets).
 _FILE_VARIANTS = {"kek": "CRS_KEK_FILE", "fingerprint_keys": "CRS_FINGERPRINT_KEYS_FILE", "pg_dsn": "CRS_PG_DSN_FILE",
+                  "pg_read_dsn": "CRS_PG_READ_DSN_FILE",
                   "kek_previous": "CRS_KEK_PREVIOUS_FILE"}
 
 
@@ -224,7 +227,7 @@ def _validate(s: Settings) -> None:
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
                  "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
                  "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
-                 "db_health_interval"):
+                 "db_health_interval", "pg_position_interval"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.cache_ttl_jitter < 1:
@@ -245,6 +248,10 @@ def _validate(s: Settings) -> None:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay < 0:
         problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
+    if s.pg_read_dsn and s.pg_position_interval * 2 >= replica_fill_window(s):
+        problems.append("with CRS_PG_READ_DSN, CRS_PG_POSITION_INTERVAL must be under half of CRS_REINVALIDATE_DELAY"
+                        " - CRS_REDIS_TIMEOUT: a replica's answer is cached only within that window of a primary"
+                        " position it has replayed (docs/deploy.md)")
     if not 0 < s.grpc_port < 65536:
         problems.append(f"CRS_GRPC_PORT must be 1-65535 (got {s.grpc_port})")
     if s.pg_pool_min > s.pg_pool_max:
@@ -269,6 +276,13 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_IDENTITY_POSSIBLE_MATCH must be review or refuse (got {s.identity_possible_match!r})")
     if problems:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def replica_fill_window(s: Settings) -> float:
+    """How long after a primary position a replica's answer covers may it still be cached: the
+    relay's second delete comes `reinvalidate_delay` after a commit, less one Redis command's time
+    for the fill itself (server/store/read_route.py)."""
+    return s.reinvalidate_delay - s.redis_timeout
 
 
 def check_serving(s: Settings) -> None:

@@ -22,11 +22,34 @@ from server.cache.shard import SHARD_ERRORS, Shard
 from shard_router.topology import Routing
 
 INVALIDATION_CHANNEL: Final = "crs:invalidate"
+# An announcement is its keys, one per line, plus (with read replicas) one line "@wal:<position>":
+# the primary's WAL position after the write committed (server/store/read_route.py). No cache key
+# starts with "@", and a node that does not know the line drops it as a key it never held.
+POSITION_PREFIX: Final = "@wal:"
+
+
+def announcement(keys: list[str], position: int | None) -> str:
+    return "\n".join(keys if position is None else [*keys, f"{POSITION_PREFIX}{position}"])
+
+
+def parse_announcement(text: str) -> tuple[list[str], int | None]:
+    """(keys, position) of an announcement; a malformed position line is ignored."""
+    keys, position = [], None
+    for line in text.split("\n"):
+        if line.startswith(POSITION_PREFIX):
+            digits = line[len(POSITION_PREFIX):]
+            if digits.isdigit():
+                position = int(digits)
+        else:
+            keys.append(line)
+    return keys, position
+OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
 # How long one wait for a pub/sub message lasts before the loop looks again (and notices cancellation).
 LISTEN_POLL_SECONDS: Final = 1.0
 
 
-async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedShard], keys: Iterable[str]) -> bool:
+async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedShard], keys: Iterable[str], *,
+                            position: int | None = None) -> bool:
     """DEL the keys on their shards — both owners while keys move — and publish them for every node's
     near-cache, one pipeline per shard, all shards at once.
 
@@ -48,7 +71,7 @@ async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedSha
     async def on_copy(shard: Shard, group: list[str]) -> None:
         async with shard.client.pipeline(transaction=False) as pipe:
             pipe.delete(*group)
-            pipe.publish(INVALIDATION_CHANNEL, "\n".join(group))
+            pipe.publish(INVALIDATION_CHANNEL, announcement(group, position))
             await pipe.execute()
 
     async def one(shard: ReplicatedShard, group: list[str]) -> bool:
@@ -66,10 +89,10 @@ class InvalidationListeners:
     """
 
     def __init__(self) -> None:
-        self._listening: tuple[Callable[[list[str]], None], Callable[[], None], float] | None = None
+        self._listening: tuple[OnKeys, Callable[[], None], float] | None = None
         self._tasks: dict[str, tuple[Shard, asyncio.Task[None]]] = {}
 
-    async def run(self, shards: Callable[[], Iterable[Shard]], on_keys: Callable[[list[str]], None],
+    async def run(self, shards: Callable[[], Iterable[Shard]], on_keys: OnKeys,
                   on_gap: Callable[[], None], *, retry_interval: float) -> None:
         """Subscribe on every shard `shards()` names now (`follow` adds later ones) until cancelled."""
         self._listening = (on_keys, on_gap, retry_interval)
@@ -108,7 +131,7 @@ class InvalidationListeners:
         self._tasks[shard.ident] = (shard, task)
 
 
-async def _listen(shard: Shard, on_keys: Callable[[list[str]], None], on_gap: Callable[[], None],
+async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
                   retry_interval: float) -> None:
     first = True
     while True:
@@ -121,7 +144,7 @@ async def _listen(shard: Shard, on_keys: Callable[[list[str]], None], on_gap: Ca
             while True:
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS)
                 if msg is not None and msg["type"] == "message":
-                    on_keys(msg["data"].decode().split("\n"))
+                    on_keys(*parse_announcement(msg["data"].decode()))
         except SHARD_ERRORS:
             first = False
             on_gap()

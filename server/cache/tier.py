@@ -355,17 +355,17 @@ class RedisTier:
         finally:
             view.writes -= 1
 
-    async def invalidate(self, keys: Iterable[str]) -> bool:
-        """DEL the keys on their owners and announce them (server/cache/invalidation.py); True only if
-        every owning shard acknowledged."""
+    async def invalidate(self, keys: Iterable[str], *, position: int | None = None) -> bool:
+        """DEL the keys on their owners and announce them (server/cache/invalidation.py), with the
+        write's primary WAL position when known; True only if every owning shard acknowledged."""
         view = self._view
-        return await delete_everywhere(view.routing, view.shards, keys)
+        return await delete_everywhere(view.routing, view.shards, keys, position=position)
 
-    async def listen_invalidations(self, on_keys: Callable[[list[str]], None],
+    async def listen_invalidations(self, on_keys: Callable[[list[str], int | None], None],
                                    on_gap: Callable[[], None], *, retry_interval: float) -> None:
         """Subscribe on every shard of the topology in force (following its changes) until cancelled.
-        `on_gap` runs when a subscription was lost and re-established: messages may have been missed,
-        so the caller drops its near-cache."""
+        `on_keys(keys, position)` gets each announcement; `on_gap` runs when a subscription was lost
+        and re-established: messages may have been missed, so the caller drops its near-cache."""
         await self._listeners.run(self.copies, on_keys, on_gap,
                                   retry_interval=retry_interval)
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Iterator
-from typing import Any, TypeAlias
+from collections.abc import Awaitable, Iterator
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 from cryptography.exceptions import InvalidTag
@@ -26,20 +27,55 @@ def required(row: asyncpg.Record | None) -> asyncpg.Record:
 
 
 # What a lost, refusing or slow PostgreSQL raises through asyncpg: the background loops (relay, feed
-# tailer, compaction, topology watch) catch these, log, and try again later.
-DB_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# tailer, compaction, topology watch) catch these, log, and try again later. TargetServerAttributeNotMatched:
+# a multi-host DSN found no host with its target_session_attrs (during a failover, only a standby answers).
+NO_SUITABLE_HOST = asyncpg.exceptions.TargetServerAttributeNotMatched
+DB_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, NO_SUITABLE_HOST)
+# The server is going away, or is (still, or again) a read-only standby: a failover in progress.
+UNAVAILABLE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
+                      asyncpg.TooManyConnectionsError, asyncpg.exceptions.AdminShutdownError,
+                      asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.ReadOnlySQLTransactionError,
+                      NO_SUITABLE_HOST, OSError)
 
 
-async def create_pool(settings: Settings) -> asyncpg.Pool:
-    """A pool sized for this node process. Fails fast with BackendUnavailable if PG is unreachable."""
+T = TypeVar("T")
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()   # retrieved: no "exception was never retrieved" noise
+
+
+async def bounded(work: Awaitable[T], timeout: float) -> T:
+    """`work`'s result within `timeout` seconds, else TimeoutError. On timeout (or when the caller is
+    cancelled) the work is cancelled but not waited for: asyncpg's cleanup of a cancelled query (a
+    cancel request to the server) would hang on a hung database."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_consume)
+        raise TimeoutError(f"no answer within {timeout:g} s")
+    return task.result()
+
+
+async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: int | None = None) -> asyncpg.Pool:
+    """A pool sized for this node process, on CRS_PG_DSN unless `dsn` is given. Fails fast with
+    BackendUnavailable if PG is unreachable (with min_size=0 it connects only on first use)."""
     try:
         pool = await asyncpg.create_pool(
-            settings.pg_dsn, min_size=settings.pg_pool_min, max_size=settings.pg_pool_max,
+            dsn or settings.pg_dsn, max_size=settings.pg_pool_max,
+            min_size=settings.pg_pool_min if min_size is None else min_size,
             command_timeout=settings.pg_timeout * 5, timeout=settings.pg_timeout * 5,
             # Lookups run a handful of fixed statements: keep them all prepared (0 behind PgBouncer).
             statement_cache_size=settings.pg_statement_cache_size,
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, NO_SUITABLE_HOST) as exc:
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
     assert pool is not None
     return pool
@@ -52,8 +88,7 @@ def translate_db_errors() -> Iterator[None]:
         yield
     except TimeoutError as exc:
         raise BackendTimeout("the database did not answer in time") from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
-            asyncpg.TooManyConnectionsError, OSError) as exc:
+    except UNAVAILABLE_ERRORS as exc:
         raise BackendUnavailable("the database is unavailable") from exc
 
 

@@ -154,7 +154,8 @@ async def test_a_shard_marked_down_is_skipped_then_flushed_before_it_serves(
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
                                                  tier: RedisTier) -> None:
     got: list[str] = []
-    listener = asyncio.create_task(tier.listen_invalidations(got.extend, lambda: None, retry_interval=0.1))
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys), lambda: None,
+                                                             retry_interval=0.1))
     try:
         tier.apply_topology(grow(servers))
         for _ in range(100):

@@ -39,6 +39,7 @@ FAKE_SECRETS: dict[str, Callable[[], str]] = {
     "CRS_KEK": lambda: encode_key(new_key()),
     "CRS_FINGERPRINT_KEYS": lambda: f"1:{encode_key(new_key())}",
     "CRS_PG_DSN": lambda: "postgresql://crs:test@crs-pg-rw:5432/crs",
+    "CRS_PG_READ_DSN": lambda: "postgresql://crs:test@crs-pg-ro:5432/crs",
 }
 
 Doc = dict[str, Any]
@@ -240,7 +241,7 @@ def test_node_environment_loads_with_the_real_settings(rendered: list[Doc], tmp_
     assert {n for n in env if n.startswith("CRS_")} <= SETTING_NAMES | {f"{n}_FILE" for n in SETTING_NAMES}
     # Each *_FILE variable reads the secret key of its own name, and secrets are never plain env values.
     assert backing == {"CRS_KEK_FILE": "CRS_KEK", "CRS_FINGERPRINT_KEYS_FILE": "CRS_FINGERPRINT_KEYS",
-                       "CRS_PG_DSN_FILE": "CRS_PG_DSN"}
+                       "CRS_PG_DSN_FILE": "CRS_PG_DSN", "CRS_PG_READ_DSN_FILE": "CRS_PG_READ_DSN"}
     assert not {"CRS_KEK", "CRS_FINGERPRINT_KEYS", "CRS_PG_DSN"} & set(env)
     settings = load_settings(env)
     settings.keyring()

@@ -13,11 +13,14 @@ from server.cache.near import NearCache
 from server.errors import BackendTimeout, BackendUnavailable, NotFound
 from server.metrics import Metrics
 from server.resolver import CachePolicy, Lookup, Resolver
+from server.store.read_route import ReadRoute
+
+PRIMARY = object()   # what each query is given: these fakes of the PostgreSQL load ignore it
 
 
 def _resolver() -> Resolver:
     return Resolver(near=NearCache(max_entries=100, ttl=60), tier=None, policy=CachePolicy(),
-                    metrics=Metrics(CollectorRegistry()))
+                    metrics=Metrics(CollectorRegistry()), route=ReadRoute.primary_only(PRIMARY, timeout=2.0))
 
 
 def tiers(resolver: Resolver) -> dict[str, int]:
@@ -41,7 +44,7 @@ class SlowLoader:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self) -> bytes | None:
+    async def __call__(self, _conn: object) -> bytes | None:
         self.calls += 1
         self.started.set()
         await self.release.wait()
@@ -121,7 +124,7 @@ async def test_unknown_keys_are_cached_negatively() -> None:
     resolver = _resolver()
     calls = 0
 
-    async def load() -> None:
+    async def load(_conn: object) -> None:
         nonlocal calls
         calls += 1
 
@@ -135,7 +138,7 @@ async def test_database_errors_become_backend_errors_and_are_not_cached() -> Non
     resolver = _resolver()
     failures = [asyncpg.exceptions.ConnectionDoesNotExistError("gone"), TimeoutError()]
 
-    async def load() -> bytes:
+    async def load(_conn: object) -> bytes:
         if failures:
             raise failures.pop(0)
         return b"ok"
@@ -152,13 +155,13 @@ async def test_batch_mixes_hits_misses_and_not_found_in_order() -> None:
     resolver = _resolver()
     resolver.near.put("k1", b"one")
 
-    async def two() -> bytes:
+    async def two(_conn: object) -> bytes:
         return b"two"
 
-    async def nothing() -> None:
+    async def nothing(_conn: object) -> None:
         return None
 
-    async def never() -> bytes:
+    async def never(_conn: object) -> bytes:
         raise AssertionError("a near-cache hit must not load")
 
     answers = await resolver.resolve_many([Lookup("k1", never, "card"), Lookup("k2", two, "card"),

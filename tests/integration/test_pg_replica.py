@@ -1,0 +1,199 @@
+"""PostgreSQL read replica and failover on real servers (docs/decisions.md "Replica reads"): an
+embedded primary with a synchronous hot standby (pg_basebackup), nodes with CRS_PG_READ_DSN on the
+standby and a two-host CRS_PG_DSN (target_session_attrs=read-write).
+
+- Cache misses are read from the standby, and a stale standby answer is never cached: with replay
+  paused, a change written on the primary is answered at once and the cache never holds the old one.
+- The primary killed under load, the standby promoted: no lookup fails, writes answer UNAVAILABLE
+  only during the gap, every write that was acknowledged is on the new primary, and the nodes
+  reconnect by themselves.
+These tests have their own stack: they pause, kill and promote servers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import redis
+
+from devstack.demo import demo_pan
+from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
+from server import rpc
+from server.proto import crs_pb2 as pb
+from tests.integration import load
+from tests.integration.support import own_env
+from tests.integration.test_replica_faults import metric
+
+CARDS = 120
+NODE = dict(workers=1, pg_timeout=2.0, outbox_poll_interval=0.2, near_cache_ttl=0.5)
+# Short cache lifetimes for the failover, so that lookups keep missing (and reading PostgreSQL) throughout.
+ROUTES = ("replica", "replica_uncached", "primary_replica_behind", "primary_replica_failed")
+CHURN = NODE | dict(cache_ttl=1.0, cache_ttl_jitter=0.3)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[DevEnvironment]:
+    env = own_env(shards=2, pg_replica=True, customers=CARDS // 2)
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
+def replay(env: DevEnvironment, *, paused: bool) -> None:
+    assert env.stack is not None and env.stack.pg_replica is not None
+    env.stack.pg_replica.execute("SELECT pg_wal_replay_pause()" if paused else "SELECT pg_wal_replay_resume()")
+
+
+def card_key(node: NodeProcess, i: int) -> str:
+    keyring = node.settings.keyring()
+    return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+
+
+def flush_caches(env: DevEnvironment) -> None:
+    for url in env.shard_urls().values():
+        with redis.Redis.from_url(url) as client:
+            client.flushdb()
+
+
+def test_misses_read_the_standby(env: DevEnvironment) -> None:
+    node = env.start_node(**NODE)
+    flush_caches(env)
+    lookup = rpc.stub(node.channel(), "LookupService")
+    for i in range(20):
+        assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
+    time.sleep(1.2)   # metrics flush
+    routes = {r: metric(node, "crs_pg_reads_total", route=r) for r in ROUTES}
+    assert routes["replica"] >= 15, f"misses should read the standby: {routes}"
+    assert metric(node, "crs_pg_replica_staleness_seconds") < 1.0
+
+
+def test_a_stale_standby_answer_is_never_cached(env: DevEnvironment) -> None:
+    """Replay paused: the standby keeps the old status. After the change, every node answers the new
+    one (the primary answers what the standby cannot prove fresh) and no cache holds the old one."""
+    writer, reader = env.start_node(**NODE), env.start_node(**NODE)
+    admin = rpc.stub(writer.channel(), "AdminService")
+    lookup = rpc.stub(reader.channel(), "LookupService")
+    n = 7
+    req = pb.ResolveCardRequest(pan=demo_pan(n))
+    card = lookup.ResolveCard(req, timeout=5).card
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    replay(env, paused=True)
+    try:
+        admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=new_status), timeout=5)
+        flush_caches(env)    # every answer from here on is a miss: it must come from the primary
+        assert env.stack is not None and env.stack.pg_replica is not None
+        [old] = env.stack.pg_replica.execute(f"SELECT status FROM cards WHERE token = '{card.token}'",
+                                             database=env.database or "crs")
+        assert old == card.status, "the paused standby still holds the old status"
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert lookup.ResolveCard(req, timeout=5).card.status == new_status
+            time.sleep(0.05)
+        for url in env.shard_urls().values():
+            with redis.Redis.from_url(url) as client:
+                cached = client.get(card_key(reader, n))
+                if cached is not None:
+                    assert pb.Resolution.FromString(cached).card.status == new_status
+        time.sleep(1.2)
+        assert metric(reader, "crs_pg_reads_total", route="primary_replica_behind") >= 1
+        assert metric(reader, "crs_pg_replica_staleness_seconds") > 0.3
+    finally:
+        replay(env, paused=False)
+    deadline = time.monotonic() + 10
+    while metric(reader, "crs_pg_replica_staleness_seconds") > 0.3:
+        assert time.monotonic() < deadline, "the standby never caught up after replay resumed"
+        time.sleep(0.2)
+    for node in (writer, reader):
+        node.stop()
+        env.nodes.remove(node)
+
+
+@dataclass
+class Writes:
+    """A writer thread: card status changes, each with its own request id and retried with that id
+    until acknowledged (at most RETRY_FOR seconds). Records the acknowledged state of each card, how
+    many writes were acknowledged, and every failed attempt's code."""
+
+    node: NodeProcess
+    tokens: list[str]
+    acknowledged: dict[str, int] = field(default_factory=dict)   # token -> status it was last set to
+    acks: int = 0
+    attempts_failed: list[str] = field(default_factory=list)
+    in_doubt: list[str] = field(default_factory=list)            # gave up before an acknowledgement
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    RETRY_FOR = 20.0
+
+    def run(self) -> None:
+        with grpc.insecure_channel(self.node.address) as channel:
+            admin = rpc.stub(channel, "AdminService")
+            i = 0
+            while not self.stop.is_set():
+                token = self.tokens[i % len(self.tokens)]
+                status = (pb.CARD_STATUS_BLOCKED, pb.CARD_STATUS_ACTIVE)[(i // len(self.tokens)) % 2]
+                request = pb.SetCardStatusRequest(request_id=str(uuid.uuid4()), card_token=token, status=status)
+                give_up = time.monotonic() + self.RETRY_FOR
+                while True:
+                    try:
+                        admin.SetCardStatus(request, timeout=5)
+                    except grpc.RpcError as exc:
+                        self.attempts_failed.append(exc.code().name)
+                        if time.monotonic() > give_up:
+                            self.in_doubt.append(token)
+                            return
+                        time.sleep(0.1)
+                    else:
+                        self.acknowledged[token] = status
+                        self.acks += 1
+                        break
+                i += 1
+                time.sleep(0.02)
+
+
+def test_the_primary_dies_and_the_standby_is_promoted(env: DevEnvironment) -> None:
+    assert env.stack is not None and env.stack.pg_replica is not None
+    node = env.start_node(**CHURN)
+    probe = rpc.stub(node.channel(), "LookupService")
+    tokens = [probe.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.token
+              for i in range(CARDS // 2, CARDS // 2 + 8)]
+    writes = Writes(node, tokens)
+    writer = threading.Thread(target=writes.run, daemon=True)
+    # Lookups of cards the writer does not touch: their answers never change.
+    cards = [i for i in range(CARDS // 2)]
+    with load.LookupLoad(addresses=[node.address], cards=lambda: cards, threads=3,
+                         check=lambda n, r: r.card.last4 == demo_pan(n)[-4:]) as running:
+        writer.start()
+        time.sleep(2.0)
+        env.stack.postgres.kill()
+        time.sleep(1.0)                      # the gap: no primary
+        env.stack.pg_replica.promote()
+        time.sleep(3.0)
+        acked_before = writes.acks
+        time.sleep(2.0)
+        writes.stop.set()
+        writer.join(30)
+    time.sleep(1.2)   # metrics flush
+    routes = {r: metric(node, "crs_pg_reads_total", route=r) for r in ROUTES}
+    print(f"failover: {running.ok} lookups ok, {len(running.failures)} failed; {writes.acks} writes acknowledged,"
+          f" {len(writes.attempts_failed)} attempts failed ({sorted(set(writes.attempts_failed))}); reads {routes}")
+    assert running.failures == [], running.failures[:5]
+    assert running.ok > 0
+    assert writes.in_doubt == []
+    assert set(writes.attempts_failed) <= {"UNAVAILABLE"}, writes.attempts_failed
+    assert writes.attempts_failed, "some write should have met the gap"
+    assert writes.acks > acked_before, "writes resume on the promoted standby"
+    assert routes["replica_uncached"] > 0, "misses during the gap were answered by the standby"
+    # Every acknowledged write is on the new primary.
+    rows = env.stack.pg_replica.execute(*(f"SELECT status FROM cards WHERE token = '{t}'" for t in writes.acknowledged),
+                                        database=env.database or "crs")
+    lost = [t for t, status in zip(writes.acknowledged, rows, strict=True) if status != writes.acknowledged[t]]
+    assert lost == [], f"{len(lost)} acknowledged writes lost"
