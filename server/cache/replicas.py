@@ -19,10 +19,12 @@ routing is mcrouter's:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
-from server.cache.shard import Shard, ShardReplyError, ShardUnavailable
+from server.cache.shard import PTTL_NO_KEY, Shard, ShardReplyError, ShardUnavailable
 
 T = TypeVar("T")
 
@@ -80,6 +82,45 @@ class ReplicatedShard:
             except ShardUnavailable:
                 continue
         raise ShardUnavailable(self.name)
+
+    async def get(self, key: str, *, copy_budget: float, may_copy: bool) -> bytes | None:
+        """GET on one copy, failing over like `read`; a miss on a warming copy asks a warmed sibling
+        and (with `may_copy`) copies the value it finds onto the warming copy."""
+        for copy in self._order():
+            try:
+                with copy.guard:
+                    value = await copy.read(key)
+            except ShardUnavailable:
+                continue
+            if value is not None or not copy.warming:
+                return value
+            return await self._from_sibling(copy, key, copy_budget=copy_budget, may_copy=may_copy)
+        raise ShardUnavailable(self.name)
+
+    async def _from_sibling(self, warming: Shard, key: str, *, copy_budget: float, may_copy: bool) -> bytes | None:
+        sibling = next((c for c in self.copies if c is not warming and c.breaker.serving and not c.warming), None)
+        if sibling is None:
+            return None
+        started = time.monotonic()
+        try:
+            with sibling.guard:
+                async with sibling.client.pipeline(transaction=False) as pipe:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                    value, ttl = await pipe.execute()
+        except (ShardUnavailable, ShardReplyError):
+            return None
+        if value is None or ttl == PTTL_NO_KEY:
+            return None
+        if may_copy and time.monotonic() - started <= copy_budget:
+            with contextlib.suppress(ShardUnavailable, ShardReplyError):
+                with warming.guard:
+                    await warming.client.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                if time.monotonic() - started > copy_budget:
+                    # Too slow: a write may have deleted the key in between (as RedisTier._copy).
+                    with warming.delete_guard:
+                        await warming.client.delete(key)
+        return cast("bytes", value)
 
     # -- writes: every copy ------------------------------------------------------------------------
     async def write_all(self, op: Callable[[Shard], Awaitable[object]], *, delete: bool = False) -> bool:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Final, Literal, NoReturn, cast
@@ -139,6 +140,9 @@ def _ignore(*args: object) -> None:
 PRIMARY: Final = "primary"
 
 
+PTTL_NO_KEY: Final = -2   # PTTL's answer for a key that does not exist
+
+
 def copy_label(index: int) -> str:
     """The name of a shard's copy in metrics and logs: `primary`, then `replica-1`, `replica-2`, ..."""
     return PRIMARY if index == 0 else f"replica-{index}"
@@ -152,10 +156,11 @@ class Shard:
     `name` is the shard's (what places keys); `copy` says which copy this is; `ident` names both in
     logs and errors (`shard-0` for a primary, `shard-0/replica-1` for a replica)."""
 
-    __slots__ = ("breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader", "url")
+    __slots__ = ("breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader", "url",
+                 "warm_until", "warm_window")
 
     def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: BreakerPolicy,
-                 copy: str = PRIMARY,
+                 copy: str = PRIMARY, warm_window: float = 0.0,
                  on_state_change: Callable[[str, str, bool], None] = _ignore,
                  on_error: Callable[[str, str], None] = _ignore,
                  on_reply_error: Callable[[str], None] = _ignore) -> None:
@@ -163,6 +168,11 @@ class Shard:
         self.url = url
         self.copy = copy
         self.ident = name if copy == PRIMARY else f"{name}/{copy}"
+        # After its recovery flush a copy is "warming" for warm_window seconds: a miss there asks a
+        # sibling copy first (server/cache/replicas.py), so an emptied copy does not send its share
+        # of reads to PostgreSQL.
+        self.warm_window = warm_window
+        self.warm_until = 0.0
         # from_url passes the URL's user name, password (URL-decoded) and db to every connection:
         # deletes, pub/sub, the recovery probe and stats all authenticate like the lean client.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -198,6 +208,11 @@ class Shard:
         Per copy: a replica that was away is flushed like a primary, its siblings serving meanwhile."""
         await self.client.ping()
         await self.client.flushdb()
+        self.warm_until = time.monotonic() + self.warm_window
+
+    @property
+    def warming(self) -> bool:
+        return self.warm_until > 0.0 and time.monotonic() < self.warm_until
 
     # -- the commands of the read path ---------------------------------------------------------
     async def read(self, key: str) -> bytes | None:

@@ -29,7 +29,7 @@ from typing import Final, cast
 from server.cache.breaker import BreakerPolicy
 from server.cache.invalidation import InvalidationListeners, delete_everywhere
 from server.cache.replicas import ReplicatedShard
-from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label
+from server.cache.shard import PTTL_NO_KEY, SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label
 from shard_router import Ring
 from shard_router.topology import Routing, ShardState, Topology, routing_for
 
@@ -62,7 +62,8 @@ class RedisTier:
     """The sharded cache: GET/MGET/SET/DEL routed by the topology, with per-shard failure handling."""
 
     def __init__(self, *, topology: Topology, pool_size: int, timeout: float, policy: BreakerPolicy,
-                 copy_budget: float = DEFAULT_COPY_BUDGET, on_error: Callable[[str], None] | None = None,
+                 copy_budget: float = DEFAULT_COPY_BUDGET, warm_window: float = 0.0,
+                 on_error: Callable[[str], None] | None = None,
                  on_state_change: Callable[[str, bool], None] | None = None,
                  on_copy: Callable[[int], None] | None = None,
                  on_reply_error: Callable[[str], None] | None = None,
@@ -76,6 +77,7 @@ class RedisTier:
         # A value copied from an old owner is kept only if read and written within this many seconds:
         # the outbox relay's second delete (reinvalidate_delay after a write) then always comes after it.
         self.copy_budget = copy_budget
+        self._warm_window = warm_window     # a copy back from a flush asks its siblings on a miss this long
         self._on_error = on_error or (lambda shard: None)
         self._on_reply_error = on_reply_error or (lambda shard: None)
         self._notify = on_state_change or (lambda shard, up: None)
@@ -95,7 +97,7 @@ class RedisTier:
 
     def _new_copy(self, name: str, url: str, copy: str) -> Shard:
         return Shard(name, url, copy=copy, pool_size=self._pool_size, timeout=self._timeout, policy=self._policy,
-                     on_state_change=self._copy_state, on_error=self._copy_error,
+                     warm_window=self._warm_window, on_state_change=self._copy_state, on_error=self._copy_error,
                      on_reply_error=self._on_reply_error)
 
     def _group(self, name: str, urls: tuple[str, ...], current: ReplicatedShard | None) -> ReplicatedShard:
@@ -210,7 +212,7 @@ class RedisTier:
         shard = group.only
         if shard is None:                # replicas: one copy, failing over (server/cache/replicas.py)
             try:
-                value = await group.read(lambda copy: copy.read(key))
+                value = await group.get(key, copy_budget=self.copy_budget, may_copy=self._may_write(view))
             except ShardReplyError:
                 value = None
         else:
@@ -296,7 +298,7 @@ class RedisTier:
             found: list[tuple[str, bytes, int]] = []
             for n, i in enumerate(idx):
                 value, ttl = replies[2 * n], replies[2 * n + 1]
-                if value is not None and ttl != -2:
+                if value is not None and ttl != PTTL_NO_KEY:
                     out[i] = cast("bytes", value)
                     found.append((keys[i], cast("bytes", value), cast("int", ttl)))
             if found:

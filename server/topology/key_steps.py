@@ -17,6 +17,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from server.cache.shard import PTTL_NO_KEY
 from server.progress import ProgressBar
 from server.topology.errors import MigrationError
 from server.topology.policy import MigrationPolicy
@@ -32,8 +33,6 @@ STEPS = (COPY, CLEANUP)
 # A running step looks for a newer topology version (an abort) at most this often, in seconds: one cheap
 # query, and an abort is noticed within a batch or two.
 VERSION_CHECK_SECONDS = 0.25
-# PTTL's answer for a key that no longer exists (expired or deleted since SCAN returned it): not copied.
-PTTL_NO_KEY = -2
 
 
 @dataclass

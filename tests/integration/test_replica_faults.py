@@ -212,3 +212,28 @@ def test_a_change_written_while_a_copy_hangs_is_never_answered_stale(stack: Stac
         value = c.get(key)
         assert value is None or pb.Resolution.FromString(value).card.status == new_status
     channel.close()
+
+
+def test_a_copy_back_empty_refills_from_its_sibling_not_postgres(stack: Stack) -> None:
+    """A shard's primary restarts empty: after its recovery flush it is warming, and a miss there asks
+    the replica (MissFailoverRoute) and copies the value over, so PostgreSQL loads none of its keys."""
+    env = stack.env
+    assert env.stack is not None
+    node = env.start_node(**(NODE | dict(cache_ttl=300.0, cache_ttl_jitter=0.0)))
+    ring = Ring(ShardSpec(a.name) for a in node.settings.redis_shards)
+    owned = [i for i in range(CARDS) if ring.node_for(stack.card_key(node, i)) == VICTIM]
+    victim = next(r for r in env.stack.redis if r.name == VICTIM)
+    with LookupLoad(node) as running:
+        time.sleep(2.0)                      # warm: every card cached on both copies
+        victim.kill()
+        time.sleep(1.0)
+        victim.restart()                     # empty: no persistence
+        wait_metric(node, "crs_cache_copy_up", 1, shard=VICTIM, copy="primary")
+        loads = metric(node, "crs_lookups_total", tier="l3")
+        time.sleep(WINDOW)
+        loads = metric(node, "crs_lookups_total", tier="l3") - loads
+    assert running.failures == []
+    refilled = sum(stack.copies(VICTIM)[0].exists(stack.card_key(node, i)) for i in owned)
+    print(f"{VICTIM}'s primary back empty: {refilled}/{len(owned)} of its keys refilled, {loads:.0f} PostgreSQL loads")
+    assert refilled >= 0.9 * len(owned), "the returned copy refilled from its sibling"
+    assert loads < 0.1 * len(owned), f"{loads:.0f} loads from PostgreSQL for {len(owned)} keys that a sibling held"
