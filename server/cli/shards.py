@@ -131,7 +131,8 @@ def register(sub: Any) -> None:
                       epilog=EPILOG, formatter_class=RAW, description=(
         "Publish a new version where shard NAME has one more copy at ADDRESS: nodes write every fill and\n"
         "delete to all copies and read from one, failing over to the next (docs/decisions.md,\n"
-        "\"Replicated shards\"). Nodes flush the new copy before it serves: it fills from traffic.\n"
+        "\"Replicated shards\"). Nodes flush the new copy before it serves; then a miss on it asks a\n"
+        "sibling copy and copies the value over, so it refills without loading PostgreSQL.\n"
         "Placement is by shard name, so no key moves. Only in a stable topology."))
     s.add_argument("name")
     s.add_argument("address", help="redis://[user:password@]host:port/db of the new copy")

@@ -17,7 +17,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cache.shard import PTTL_NO_KEY
+from server.cache.shard import PTTL_NO_KEY, copy_label
 from server.progress import ProgressBar
 from server.topology.errors import MigrationError
 from server.topology.policy import MigrationPolicy
@@ -90,38 +90,51 @@ class KeySteps:
         self.out.write(text + "\n")
         self.out.flush()
 
-    def _clients(self, t: Topology) -> dict[str, aioredis.Redis]:
+    def _clients(self, t: Topology) -> dict[str, list[aioredis.Redis]]:
+        """Per shard name, a client per copy, the primary first (docs/decisions.md "Replicated shards")."""
         timeout = self.policy.redis_timeout
-        return {s.name: aioredis.Redis.from_url(s.address, socket_timeout=timeout, socket_connect_timeout=timeout)
-                for s in t.shards}
+        return {s.name: [aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+                         for url in s.copies] for s in t.shards}
 
     async def flush_joining(self, t: Topology) -> None:
-        """Shards joining the ring may hold anything (nobody invalidated them): empty them while no node
-        reads or fills them (preparing)."""
+        """Shards joining the ring may hold anything (nobody invalidated them): empty every copy of
+        them while no node reads or fills them (preparing)."""
         joining = [s for s in t.shards if s.state is ShardState.WARMING]
         clients = self._clients(t)
         try:
             for s in joining:
-                try:
-                    held = int(await clients[s.name].dbsize())
-                    await clients[s.name].flushdb()
-                except REDIS_ERRORS as exc:
-                    raise MigrationError(f"cannot flush joining shard {s.name} at {redact_url(s.address)}:"
-                                         f" {exc}") from exc
-                self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it)")
+                held = 0
+                for url, client in zip(s.copies, clients[s.name], strict=True):
+                    try:
+                        held += int(await client.dbsize())
+                        await client.flushdb()
+                    except REDIS_ERRORS as exc:
+                        raise MigrationError(f"cannot flush joining shard {s.name} at {redact_url(url)}:"
+                                             f" {exc}") from exc
+                copies = f" on {len(s.copies)} copies" if len(s.copies) > 1 else ""
+                self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it{copies})")
         finally:
             await _close_all(clients)
 
     async def scan_step(self, t: Topology, step: str) -> None:
-        """copy: every key an old owner holds whose owner changes goes to its new owner.
-        cleanup: every key a shard of the old ring holds that it does not own in the new ring is deleted."""
-        clients = self._clients(t)
+        """copy: every key an old owner holds whose owner changes goes to its new owner (read from the
+        old owner's primary, written to every copy of the new one).
+        cleanup: every key a shard of the old ring holds that it does not own in the new ring is deleted,
+        on each copy (each is scanned: a copy may hold keys another lost in a flush)."""
+        shard_clients = self._clients(t)
+        # The scanned sources, by progress name: the old owners' primaries for the copy, every copy
+        # of the old owners for the cleanup ("shard-0", "shard-0/replica-1", ...).
+        clients: dict[str, aioredis.Redis] = {}
+        for spec in t.source:
+            copies = shard_clients[spec.name] if step == CLEANUP else shard_clients[spec.name][:1]
+            for i, client in enumerate(copies):
+                clients[spec.name if i == 0 else f"{spec.name}/{copy_label(i)}"] = client
         stats = StepStats(step)
         self.stats.append(stats)
         started = self.clock()
         try:
             saved = await load_progress(self.pool, t.version, step)
-            sources = [spec.name for spec in t.source]
+            sources = list(clients)
             totals: dict[str, int] = {}
             for name in sources:
                 try:
@@ -146,12 +159,13 @@ class KeySteps:
                 p = stats.shards[name]
                 if p.done:
                     return
-                one = self._copy_batch if step == COPY else self._cleanup_batch
                 while True:
                     try:
                         cursor, keys = await clients[name].scan(cursor=p.scan_cursor, count=self.policy.batch)
-                        if keys:
-                            await one(t, name, keys, clients, p)
+                        if keys and step == COPY:
+                            await self._copy_batch(t, name, keys, clients[name], shard_clients, p)
+                        elif keys:
+                            await self._cleanup_batch(t, name.partition("/")[0], keys, clients[name], p)
                     except REDIS_ERRORS as exc:
                         raise MigrationError(f"{step} on shard {name} failed: {type(exc).__name__}: {exc}."
                                              " Rerun `crs shards apply` to resume from the last batch") from exc
@@ -171,10 +185,10 @@ class KeySteps:
             draw(final=True)
         finally:
             stats.seconds = self.clock() - started
-            await _close_all(clients)
+            await _close_all(shard_clients)
 
-    async def _copy_batch(self, t: Topology, name: str, keys: list[Any], clients: dict[str, aioredis.Redis],
-                          p: Progress) -> None:
+    async def _copy_batch(self, t: Topology, name: str, keys: list[Any], client: aioredis.Redis,
+                          shard_clients: dict[str, list[aioredis.Redis]], p: Progress) -> None:
         source, target = t.source_ring, t.target_ring
         moving: dict[str, list[bytes]] = {}
         for key in keys:
@@ -188,7 +202,7 @@ class KeySteps:
             return
         order = [k for group in moving.values() for k in group]
         started = self.clock()
-        async with clients[name].pipeline(transaction=False) as pipe:
+        async with client.pipeline(transaction=False) as pipe:
             for key in order:
                 pipe.get(key)
                 pipe.pttl(key)
@@ -200,24 +214,26 @@ class KeySteps:
             p.skipped += len(group) - len(items)
             if not items:
                 continue
-            async with clients[owner].pipeline(transaction=False) as pipe:
-                for key, value, ttl in items:
-                    pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
-                written = [k for (k, _, _), ok in zip(items, await pipe.execute(), strict=True) if ok]
-            if written and self.clock() - started > self.policy.copy_budget:
-                # Too slow to be sure a write did not delete the key in between (see RedisTier._copy).
-                await clients[owner].delete(*written)
-                p.skipped += len(written)
-                written = []
+            written: set[bytes] = set()
+            for copy in shard_clients[owner]:     # every copy of the new owner
+                async with copy.pipeline(transaction=False) as pipe:
+                    for key, value, ttl in items:
+                        pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                    on_copy = [k for (k, _, _), ok in zip(items, await pipe.execute(), strict=True) if ok]
+                if on_copy and self.clock() - started > self.policy.copy_budget:
+                    # Too slow to be sure a write did not delete the key in between (see RedisTier._copy).
+                    await copy.delete(*on_copy)
+                    on_copy = []
+                written.update(on_copy)
             p.moved += len(written)
             p.skipped += len(items) - len(written)
 
-    async def _cleanup_batch(self, t: Topology, name: str, keys: list[Any], clients: dict[str, aioredis.Redis],
+    async def _cleanup_batch(self, t: Topology, name: str, keys: list[Any], client: aioredis.Redis,
                              p: Progress) -> None:
         target: Ring = t.target_ring
         gone = [key for key in keys if target.node_for(key) != name]
         if gone:
-            p.moved += int(await clients[name].unlink(*gone))
+            p.moved += int(await client.unlink(*gone))
 
 
 async def _gather_or_cancel(jobs: Sequence[Awaitable[None]]) -> None:
@@ -232,7 +248,8 @@ async def _gather_or_cancel(jobs: Sequence[Awaitable[None]]) -> None:
         raise
 
 
-async def _close_all(clients: dict[str, aioredis.Redis]) -> None:
-    for client in clients.values():
-        with contextlib.suppress(*REDIS_ERRORS):
-            await client.aclose()
+async def _close_all(clients: dict[str, list[aioredis.Redis]]) -> None:
+    for copies in clients.values():
+        for client in copies:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.aclose()

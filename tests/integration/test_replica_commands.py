@@ -1,6 +1,7 @@
 """`crs shards add-replica / remove-replica` on a live node: a copy added to a published topology is
 flushed and then filled by traffic (it receives every fill), is listed by `crs shards status`, and
-leaves again without any key moving (placement is by shard name)."""
+leaves again without any key moving (placement is by shard name). A resharding move of shards with
+replicas copies to, and cleans, every copy."""
 
 from __future__ import annotations
 
@@ -82,5 +83,41 @@ def test_add_and_remove_a_replica_live(env: DevEnvironment, tmp_path: Path) -> N
         assert _crs(env, "remove-replica", "shard-0", extra.url).returncode == 2
         # Lookups went on throughout, answered by the primary.
         assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
+    node.stop()
+    env.nodes.remove(node)
+
+
+def test_a_move_copies_to_and_cleans_every_copy(env: DevEnvironment, tmp_path: Path) -> None:
+    """Both shards get a replica; removing shard-1 copies its keys to *both* copies of shard-0 (so the
+    replica does not send them to PostgreSQL) and deletes them from *both* copies of shard-1."""
+    node = env.start_node(workers=1, **NODE_SETTINGS)
+    cards = range(60)
+    with redis_servers(tmp_path, ["copy-0", "copy-1"]) as (copy0, copy1), node.channel() as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        for name, server in (("shard-0", copy0), ("shard-1", copy1)):
+            assert _crs(env, "add-replica", name, server.url).returncode == 0
+        keyring = env.settings().keyring()
+        keys = {i: ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i))) for i in cards}
+        replicas = {"shard-0": redis.Redis.from_url(copy0.url), "shard-1": redis.Redis.from_url(copy1.url)}
+        from shard_router import Ring, ShardSpec
+
+        ring = Ring([ShardSpec(name, 1) for name in sorted(env.shard_urls())])
+        on_1 = [i for i in cards if ring.node_for(keys[i]) == "shard-1"]
+        deadline = time.monotonic() + 20
+        # The new copies are flushed, then refill from their siblings as reads reach them (round robin).
+        while sum(replicas["shard-1"].exists(keys[i]) for i in on_1) < len(on_1) // 2:
+            assert time.monotonic() < deadline, "shard-1's replica never refilled"
+            for i in cards:
+                lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+            time.sleep(0.3)
+        assert _crs(env, "remove", "shard-1").returncode == 0
+        r = _crs(env, "apply")
+        assert r.returncode == 0, r.stderr
+        primary0, primary1 = (redis.Redis.from_url(env.shard_urls()[n]) for n in ("shard-0", "shard-1"))
+        moved = [i for i in on_1 if primary0.exists(keys[i])]
+        assert len(moved) >= 0.9 * len(on_1), "the move copied shard-1's keys to shard-0"
+        assert all(replicas["shard-0"].exists(keys[i]) for i in moved), "...and to shard-0's replica"
+        assert not any(c.exists(keys[i]) for c in (primary1, replicas["shard-1"]) for i in on_1), \
+            "the cleanup deleted them from every copy of shard-1"
     node.stop()
     env.nodes.remove(node)
