@@ -8,6 +8,7 @@ lists every variable with its default. No other module reads os.environ.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -116,6 +117,7 @@ class Settings:
     cache_ttl: float = 300.0              # L2 TTL for found keys, seconds
     cache_ttl_jitter: float = 0.1         # +- fraction of the TTL, so keys loaded together expire apart
     negative_ttl: float = 30.0            # L2 TTL for keys that matched nothing
+    cache_preferred_copy: str = ""        # copy reads try first: primary, replica-1, ... (its zone's); "" = spread
     shard_failure_threshold: int = 3      # consecutive errors before a shard is marked down
     shard_retry_interval: float = 5.0     # seconds a down shard is skipped before it is probed again
     # --- shard topology and resharding (docs/runbooks/resharding.md)
@@ -248,6 +250,8 @@ def _validate(s: Settings) -> None:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay < 0:
         problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
+    if s.cache_preferred_copy and not re.fullmatch(r"primary|replica-[1-9][0-9]*", s.cache_preferred_copy):
+        problems.append(f"CRS_CACHE_PREFERRED_COPY must be primary or replica-N (got {s.cache_preferred_copy!r})")
     if s.pg_read_dsn and s.pg_position_interval * 2 >= replica_fill_window(s):
         problems.append("with CRS_PG_READ_DSN, CRS_PG_POSITION_INTERVAL must be under half of CRS_REINVALIDATE_DELAY"
                         " - CRS_REDIS_TIMEOUT: a replica's answer is cached only within that window of a primary"

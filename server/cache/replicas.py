@@ -4,7 +4,8 @@ The ring places a key on a shard by the shard's name (shard_router/); which copi
 is not part of placement, so adding, removing or moving a replica moves no key. Within a shard the
 routing is mcrouter's:
 
-- reads go to one copy, spread round robin, and fail over to the next copy when that one errors,
+- reads go to one copy — the node's preferred copy when it has one (`CRS_CACHE_PREFERRED_COPY`, e.g.
+  the copy in its own zone), else spread round robin — and fail over to the next copy when that one errors,
   times out or is marked down (FailoverRoute). An error *reply* (WRONGTYPE, ...) is a miss, as
   without replicas; a miss is a miss (no failover on a miss: every copy is filled alike).
 - fills (SET), copies and invalidations (DEL + publish) go to every copy (AllSyncRoute). A delete is
@@ -32,9 +33,10 @@ T = TypeVar("T")
 class ReplicatedShard:
     """The copies of one shard, the primary first. One per shard name per topology version."""
 
-    __slots__ = ("_next", "copies", "name", "only")
+    __slots__ = ("_next", "copies", "name", "only", "preferred")
 
-    def __init__(self, name: str, copies: Sequence[Shard]) -> None:
+    def __init__(self, name: str, copies: Sequence[Shard], *, preferred: str = "") -> None:
+        """`preferred`: the copy label (`primary`, `replica-1`, ...) reads try first; "" spreads them."""
         if not copies:
             raise ValueError(f"shard {name!r} needs at least one copy")
         self.name = name
@@ -42,6 +44,9 @@ class ReplicatedShard:
         # The one copy of a shard without replicas: the tier's GET takes its lean path then.
         self.only = self.copies[0] if len(self.copies) == 1 else None
         self._next = 0
+        first = next((c for c in self.copies if c.copy == preferred), None)
+        # The preferred copy, then the others in their order (a shard without that copy spreads).
+        self.preferred = (first, *(c for c in self.copies if c is not first)) if first is not None else None
 
     def __repr__(self) -> str:   # the URLs may hold passwords
         return f"<ReplicatedShard {self.name} {' '.join(repr(c) for c in self.copies)}>"
@@ -64,6 +69,8 @@ class ReplicatedShard:
 
     # -- reads: one copy, failing over -------------------------------------------------------------
     def _order(self) -> tuple[Shard, ...]:
+        if self.preferred is not None:
+            return self.preferred
         start = self._next
         self._next = (start + 1) % len(self.copies)
         return self.copies[start:] + self.copies[:start]

@@ -62,7 +62,7 @@ class RedisTier:
     """The sharded cache: GET/MGET/SET/DEL routed by the topology, with per-shard failure handling."""
 
     def __init__(self, *, topology: Topology, pool_size: int, timeout: float, policy: BreakerPolicy,
-                 copy_budget: float = DEFAULT_COPY_BUDGET, warm_window: float = 0.0,
+                 copy_budget: float = DEFAULT_COPY_BUDGET, warm_window: float = 0.0, preferred_copy: str = "",
                  on_error: Callable[[str], None] | None = None,
                  on_state_change: Callable[[str, bool], None] | None = None,
                  on_copy: Callable[[int], None] | None = None,
@@ -78,6 +78,7 @@ class RedisTier:
         # the outbox relay's second delete (reinvalidate_delay after a write) then always comes after it.
         self.copy_budget = copy_budget
         self._warm_window = warm_window     # a copy back from a flush asks its siblings on a miss this long
+        self._preferred_copy = preferred_copy   # the copy label reads try first ("" = round robin)
         self._on_error = on_error or (lambda shard: None)
         self._on_reply_error = on_reply_error or (lambda shard: None)
         self._notify = on_state_change or (lambda shard, up: None)
@@ -105,7 +106,7 @@ class RedisTier:
         and breaker; a new copy of a shard that existed is probed and flushed before it serves (whatever
         that server holds was never invalidated)."""
         if current is not None and current.urls == urls:
-            return current
+            return current   # (the preference is a node setting: it cannot differ between versions)
         kept = {(c.copy, c.url): c for c in current.copies} if current is not None else {}
         copies = []
         for i, url in enumerate(urls):
@@ -115,7 +116,7 @@ class RedisTier:
                 if current is not None:
                     copy.put_back()
             copies.append(copy)
-        return ReplicatedShard(name, copies)
+        return ReplicatedShard(name, copies, preferred=self._preferred_copy)
 
     def _copy_state(self, name: str, copy: str, up: bool) -> None:
         self._on_copy_state(name, copy, up)

@@ -237,3 +237,32 @@ def test_a_copy_back_empty_refills_from_its_sibling_not_postgres(stack: Stack) -
     print(f"{VICTIM}'s primary back empty: {refilled}/{len(owned)} of its keys refilled, {loads:.0f} PostgreSQL loads")
     assert refilled >= 0.9 * len(owned), "the returned copy refilled from its sibling"
     assert loads < 0.1 * len(owned), f"{loads:.0f} loads from PostgreSQL for {len(owned)} keys that a sibling held"
+
+
+def test_a_node_reads_its_preferred_copy(stack: Stack) -> None:
+    """CRS_CACHE_PREFERRED_COPY=replica-1 (say, the copies in the node's zone): every read goes to the
+    replicas while they serve; the primaries still receive every fill."""
+    env = stack.env
+    node = env.start_node(**(NODE | dict(cache_ttl=300.0, cache_preferred_copy="replica-1")))
+    names = [a.name for a in node.settings.redis_shards]
+
+    def reads() -> dict[str, list[int]]:
+        out = {}
+        for name in names:
+            per_copy = []
+            for copy in stack.copies(name):
+                info = copy.info("stats")
+                per_copy.append(int(info["keyspace_hits"]) + int(info["keyspace_misses"]))
+            out[name] = per_copy
+        return out
+
+    before = reads()
+    channel = node.channel()
+    lookup = rpc.stub(channel, "LookupService")
+    for i in range(CARDS):
+        assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
+    channel.close()
+    after = reads()
+    on_primaries = sum(after[n][0] - before[n][0] for n in names)
+    on_replicas = sum(after[n][1] - before[n][1] for n in names)
+    assert on_replicas >= CARDS and on_primaries == 0, (on_primaries, on_replicas)

@@ -1,11 +1,15 @@
 """Replicated shards in the configuration and the topology: the syntax, its checks, the stored
-document, and that replicas never move a key (placement is by shard name and weight only)."""
+document, that replicas never move a key (placement is by shard name and weight only), and which
+copy a read tries first."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.settings import SettingsError, format_shards, parse_shards
+from server.cache.breaker import BreakerPolicy
+from server.cache.replicas import ReplicatedShard
+from server.cache.shard import Shard, copy_label
+from server.settings import SettingsError, format_shards, load_settings, parse_shards
 from shard_router.topology import Topology, TopologyError, TopologyShard, diff
 
 A, B, C, D = (f"redis://127.0.0.1:{p}/0" for p in (6001, 6002, 6003, 6004))
@@ -77,3 +81,30 @@ def test_set_replicas_publishes_without_moving_keys() -> None:
     with pytest.raises(TopologyError, match="already has exactly these replicas"):
         set_replicas(new, "shard-0", ["redis://c:1/0"])
     assert set_replicas(new, "shard-0", []).shard("shard-0").replicas == ()
+
+
+def _copies(n: int) -> list[Shard]:
+    policy = BreakerPolicy(failure_threshold=1, retry_interval=60.0)
+    return [Shard("shard-0", f"redis://127.0.0.1:{9 + i}/0", copy=copy_label(i), pool_size=1, timeout=0.1,
+                  policy=policy) for i in range(n)]
+
+
+def test_reads_spread_over_copies_without_a_preference() -> None:
+    group = ReplicatedShard("shard-0", _copies(3))
+    firsts = [group._order()[0].copy for _ in range(6)]
+    assert firsts == ["primary", "replica-1", "replica-2"] * 2
+
+
+def test_a_preferred_copy_is_read_first_and_the_others_stay_its_failover() -> None:
+    group = ReplicatedShard("shard-0", _copies(3), preferred="replica-2")
+    for _ in range(3):
+        assert [c.copy for c in group._order()] == ["replica-2", "primary", "replica-1"]
+    assert ReplicatedShard("shard-0", _copies(2), preferred="replica-2").preferred is None, \
+        "a shard without that copy spreads its reads"
+
+
+def test_the_preferred_copy_setting_is_checked() -> None:
+    base = {"CRS_PG_DSN": "postgresql://x@127.0.0.1/x"}
+    assert load_settings(base | {"CRS_CACHE_PREFERRED_COPY": "replica-1"}).cache_preferred_copy == "replica-1"
+    with pytest.raises(SettingsError, match="CRS_CACHE_PREFERRED_COPY"):
+        load_settings(base | {"CRS_CACHE_PREFERRED_COPY": "zone-a"})
