@@ -15,7 +15,11 @@ node's tier counters. Everything derived here:
   miss ratio             lookups that reached PostgreSQL / lookups the node resolved (crs_lookups_total)
 
 A sweep has up to two series, each compared with its own smallest size: "nodes" (node processes
-grow, shards fixed) and "shards" (Redis shards grow, nodes fixed).
+grow, shards fixed or growing with them) and "shards" (Redis shards grow, nodes fixed). With
+--rounds K every size ran K times, interleaved with the other sizes so that a change in the machine's
+background load hits every size alike; a size's figures pool its rounds (CPU and lookups summed,
+latency percentiles the median of the rounds'), and the spread of the rounds' node CPU per lookup
+says how much one run alone could be trusted.
 
 On a machine where the load generator shares the cores with the service, wall throughput cannot
 grow with nodes and the efficiency column says so ("client-bound"); the CPU cost per lookup is
@@ -27,6 +31,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -73,6 +78,8 @@ class RunResult:
     node_idle_cpu_s: float = 0.0    # CPU-seconds in that idle window
     redis_idle_cpu_s: float = 0.0
     pg_idle_cpu_s: float = 0.0
+    round: int = 1                  # which round of the sweep (--rounds); 0 = several rounds pooled
+    rounds_node_cpu_per_1k: list[float] = field(default_factory=list)   # pooled: each round's node figure
 
     # -- derived ---------------------------------------------------------------------------------
     @property
@@ -203,6 +210,44 @@ class ScalingRow:
         return "FAIL" if "FAIL" in marks else ("PASS" if "PASS" in marks else "N/A")
 
 
+def pool(runs: Sequence[RunResult]) -> list[RunResult]:
+    """One run per size (series, nodes, shards): a size measured once stays as it is; the rounds of a
+    size measured several times are summed into one (round 0), in the order sizes first appear."""
+    groups: dict[tuple[str, int, int], list[RunResult]] = {}
+    for r in runs:
+        groups.setdefault((r.series, r.nodes, r.shards), []).append(r)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        first = group[0]
+
+        def total(name: str, rs: list[RunResult] = group) -> Any:
+            return sum(getattr(r, name) for r in rs)
+
+        tiers: dict[str, int] = {}
+        kinds: dict[str, int] = {}
+        for r in group:
+            for k, v in r.tiers.items():
+                tiers[k] = tiers.get(k, 0) + v
+            for k, v in r.failure_kinds.items():
+                kinds[k] = kinds.get(k, 0) + v
+        latency = {k: statistics.median(r.latency_ms.get(k, math.nan) for r in group) for k in first.latency_ms}
+        out.append(RunResult(
+            label=first.label, mix=first.mix, nodes=first.nodes, shards=first.shards, node_cpus=first.node_cpus,
+            locust_workers=first.locust_workers, users=first.users, wall_s=total("wall_s"), lookups=total("lookups"),
+            calls=total("calls"), failures=total("failures"), expected_errors=total("expected_errors"),
+            latency_ms=latency, node_cpu_s=total("node_cpu_s"), redis_cpu_s=total("redis_cpu_s"),
+            pg_cpu_s=total("pg_cpu_s"), tiers=tiers, per_second=[x for r in group for x in r.per_second],
+            redis_keys=max(r.redis_keys for r in group), redis_bytes=max(r.redis_bytes for r in group),
+            failure_kinds=kinds, offered_calls_per_s=first.offered_calls_per_s, series=first.series,
+            idle_s=total("idle_s"), node_idle_cpu_s=total("node_idle_cpu_s"),
+            redis_idle_cpu_s=total("redis_idle_cpu_s"), pg_idle_cpu_s=total("pg_idle_cpu_s"), round=0,
+            rounds_node_cpu_per_1k=[r.node_cpu_per_1k for r in group]))
+    return out
+
+
 def by_series(runs: Sequence[RunResult]) -> dict[str, list[RunResult]]:
     """The sweep runs of each series, in SERIES order (series without runs left out)."""
     out: dict[str, list[RunResult]] = {}
@@ -223,7 +268,7 @@ def scaling(runs: Sequence[RunResult]) -> list[ScalingRow]:
     if not runs:
         return []
     key = (lambda r: (r.shards, r.nodes)) if runs[0].series == "shards" else (lambda r: (r.nodes, r.shards))
-    ordered = sorted(runs, key=key)
+    ordered = sorted(pool(runs), key=key)
     base = ordered[0]
     paced = all(r.offered_calls_per_s > 0 for r in ordered)
     rows = []
@@ -236,8 +281,14 @@ def scaling(runs: Sequence[RunResult]) -> list[ScalingRow]:
 
 
 def all_rows(runs: Sequence[RunResult]) -> dict[int, ScalingRow]:
-    """id(run) -> its row, over every series."""
+    """id(run) -> its row, over every series (a size of several rounds: the pooled run's id)."""
     return {id(row.run): row for group in by_series(runs).values() for row in scaling(group)}
+
+
+def spread(run: RunResult) -> float:
+    """(max - min) / pooled node CPU per lookup over a size's rounds; nan for a single run."""
+    xs = run.rounds_node_cpu_per_1k
+    return safe_div(max(xs) - min(xs), run.node_cpu_per_1k) if len(xs) > 1 else math.nan
 
 
 def ideal_line(runs: Sequence[RunResult]) -> list[tuple[int, float]]:
@@ -299,7 +350,7 @@ def _pct(x: float, digits: int = 1) -> str:
     return "-" if math.isnan(x) else f"{100 * x:.{digits}f}%"
 
 
-CSV_COLUMNS = ("label", "series", "mix", "nodes", "shards", "locust_workers", "users", "offered_calls_per_s",
+CSV_COLUMNS = ("label", "series", "round", "mix", "nodes", "shards", "locust_workers", "users", "offered_calls_per_s",
                "wall_s", "lookups", "calls", "failures", "expected_errors", "throughput", "efficiency", "error_rate",
                "p50_ms", "p95_ms", "p99_ms", "node_cpu_s", "redis_cpu_s", "pg_cpu_s", "node_cpu_per_1k",
                "redis_cpu_per_1k", "pg_cpu_per_1k", "cpu_ratio", "redis_cpu_ratio", "pg_cpu_ratio", "verdict",
@@ -309,11 +360,14 @@ CSV_COLUMNS = ("label", "series", "mix", "nodes", "shards", "locust_workers", "u
 
 
 def to_csv(runs: Sequence[RunResult]) -> str:
+    """One line per run; then, for sizes of several rounds, their pooled line (round "pooled"), which
+    alone carries the efficiency, the ratios and the verdict."""
     rows = all_rows(runs)
+    pooled = [row.run for row in rows.values() if row.run.round == 0]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    for r in runs:
+    for r in [*runs, *pooled]:
         row = rows.get(id(r))
         d = r.derived()
         values: dict[str, Any] = {**asdict(r), **d, "efficiency": row.efficiency if row else math.nan,
@@ -322,6 +376,7 @@ def to_csv(runs: Sequence[RunResult]) -> str:
                                   "pg_cpu_ratio": row.pg_cpu_ratio if row else math.nan,
                                   "verdict": row.verdict if row else "",
                                   "series": r.series if r.label == "sweep" else "",
+                                  "round": ("pooled" if r.round == 0 else r.round) if r.label == "sweep" else "",
                                   "p50_ms": r.latency_ms.get("p50", math.nan),
                                   "p95_ms": r.latency_ms.get("p95", math.nan),
                                   "p99_ms": r.latency_ms.get("p99", math.nan)}
@@ -347,10 +402,17 @@ def to_json(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mappi
                                 redis_cpu_ratio=row.redis_cpu_ratio, pg_cpu_ratio=row.pg_cpu_ratio,
                                 linear=row.linear, verdict=row.verdict)
         out_runs.append(d)
+    sizes = []
+    for row in rows.values():
+        d = asdict(row.run)
+        d["derived"] = {**row.run.derived(), "efficiency": row.efficiency, "cpu_ratio": row.cpu_ratio,
+                        "redis_cpu_ratio": row.redis_cpu_ratio, "pg_cpu_ratio": row.pg_cpu_ratio,
+                        "linear": row.linear, "verdict": row.verdict, "rounds_spread": spread(row.run)}
+        sizes.append(d)
     texts = verdicts(runs)
     out: dict[str, Any] = json_safe({"schema": SCHEMA, "machine": dict(machine), "config": dict(config),
                                      "runs": out_runs, "verdict": texts.get("nodes", next(iter(texts.values()), "")),
-                                     "verdicts": texts})
+                                     "verdicts": texts, "sizes": sizes})
     return out
 
 
@@ -374,17 +436,24 @@ def _cell(row: ScalingRow, tier: str) -> str:
     return f"{_f(r.cpu_per_1k(tier), 3)} ({_f(row.ratio(tier), 2)}x {within(row.ratio(tier))})"
 
 
-SERIES_TITLES = {"nodes": "Nodes grow, shards fixed", "shards": "Redis shards grow, nodes fixed"}
+def series_title(name: str, runs: Sequence[RunResult]) -> str:
+    if name == "shards":
+        nodes = sorted({r.nodes for r in runs})
+        return f"Redis shards grow, {', '.join(map(str, nodes))} node(s) fixed"
+    shards = sorted({r.shards for r in runs})
+    return f"Nodes grow, {shards[0]} shard(s) fixed" if len(shards) == 1 else "Nodes grow, and Redis shards with them"
 
 
 def _series_tables(name: str, rows: Sequence[ScalingRow]) -> list[str]:
     unit = "shards" if name == "shards" else "nodes"
     mix = rows[0].run.mix if rows else "-"
-    md = [f"## {SERIES_TITLES[name]} (scenario mix: `{mix}`)", "", f"**Verdict:** {verdict(rows)}.", "",
+    md = [f"## {series_title(name, [r.run for r in rows])} (scenario mix: `{mix}`)", "",
+          f"**Verdict:** {verdict(rows)}.", "",
           f"| {unit} | {'nodes' if unit == 'shards' else 'shards'} | offered calls/s | lookups/s | efficiency "
           "| p50 ms | p99 ms | errors | node CPU-s / 1k (vs smallest) | Redis CPU-s / 1k | PG CPU-s / 1k "
-          "| ±10% | node cores busy | near-cache hits | PG loads |",
-          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+          "| ±10% | rounds (node CPU spread) | node cores busy | near-cache hits | PG loads |",
+          "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: "
+          "| ---: |"]
     for row in rows:
         r = row.run
         other = r.nodes if unit == "shards" else r.shards
@@ -392,7 +461,8 @@ def _series_tables(name: str, rows: Sequence[ScalingRow]) -> list[str]:
                   f"| {_f(r.throughput)} | {_f(row.efficiency, 2)} | "
                   f"{_f(r.latency_ms.get('p50', math.nan), 2)} | {_f(r.latency_ms.get('p99', math.nan), 2)} | "
                   f"{_pct(r.error_rate, 2)} | {_cell(row, 'node')} | {_cell(row, 'redis')} | {_cell(row, 'pg')} | "
-                  f"**{row.verdict}** | {_f(r.node_cores_busy, 2)} | {_pct(r.l1_ratio)} | {_pct(r.miss_ratio, 2)} |")
+                  f"**{row.verdict}** | {max(1, len(r.rounds_node_cpu_per_1k))} ({_pct(spread(r), 0)}) | "
+                  f"{_f(r.node_cores_busy, 2)} | {_pct(r.l1_ratio)} | {_pct(r.miss_ratio, 2)} |")
     if any(row.run.idle_s > 0 for row in rows):
         md += ["", "Fixed and load-driven cost: CPU-seconds per second of each tier at rest (measured just before "
                "the load, same processes), and CPU-seconds per 1,000 lookups above that rate.", "",
@@ -417,7 +487,7 @@ def markdown(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mapp
               "[sweep.json](sweep.json), [sweep.csv](sweep.csv). Method: [docs/loadtests.md](../../loadtests.md).")
     md.append("")
     for name, group in groups.items():
-        md.append(f"**{SERIES_TITLES[name]}:** {verdict(scaling(group))}.")
+        md.append(f"**{series_title(name, group)}:** {verdict(scaling(group))}.")
         md.append("")
     if not groups:
         md += ["No scaling runs.", ""]
@@ -502,10 +572,9 @@ def plot(runs: Sequence[RunResult], path: str) -> bool:
         ax.set_ylim(min([0.5, *finite]) * 0.95, max([1.5, *finite]) * 1.05)
         ax.grid(alpha=0.3)
         run0 = rows[0].run
-        fixed = f"{run0.nodes} nodes" if name == "shards" else f"{run0.shards} shard(s)"
         load = (f"paced, {run0.offered_calls_per_s / run0.nodes:,.0f} calls/s per node"
                 if all(r.run.offered_calls_per_s > 0 for r in rows) else "closed loop")
-        ax.set_title(f"{SERIES_TITLES[name]} ({fixed}; {load})", fontsize=9)
+        ax.set_title(f"{series_title(name, group)}\n({load})", fontsize=9)
         handles, labels = ax.get_legend_handles_labels()
         if name == "nodes":
             ax2 = ax.twinx()

@@ -128,6 +128,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--idle-seconds", type=float, default=5.0,
                    help="an idle window before each load (fresh nodes, serving, no traffic) that measures each "
                         "tier's fixed CPU cost (default 5; 0 = skip)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="run every sweep size this many times, interleaved (odd rounds smallest first, even rounds "
+                        "largest first), and pool the rounds per size: on a machine shared with other work one run "
+                        "per size can move +-15%% with the background load (default 1)")
     g.add_argument("--locust-workers", type=int, default=0,
                    help="locust worker processes (default 0 = one per load core)")
     g.add_argument("--users-per-worker", type=int, default=32,
@@ -173,7 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--seconds must be > 0 and --warmup >= 0")
     if args.idle_seconds < 0:
         p.error("--idle-seconds must be >= 0")
-    for name in ("customers", "users_per_worker", "light_users", "users_per_node", "shard_series_nodes"):
+    for name in ("customers", "users_per_worker", "light_users", "users_per_node", "shard_series_nodes", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.locust_workers < 0:
@@ -246,6 +250,7 @@ class LoadSpec:
     workers: int
     user_rate: float = 0.0
     series: str = "nodes"
+    round: int = 1
 
 
 def paced_spec(series: str, mix: str, *, nodes: int, per_node_rate: float, users_per_node: int,
@@ -572,7 +577,8 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         pg_cpu_s=cpu_delta(p0, p1),
         tiers={k: int(v - tiers0.get(k, 0.0)) for k, v in tiers1.items() if v - tiers0.get(k, 0.0) > 0},
         per_second=timeline.per_second(t0, t1), redis_keys=keys, redis_bytes=used_mem,
-        failure_kinds=dict(window.failure_kinds), series=spec.series, idle_s=idle_s, node_idle_cpu_s=idle[0],
+        failure_kinds=dict(window.failure_kinds), series=spec.series, round=spec.round, idle_s=idle_s,
+        node_idle_cpu_s=idle[0],
         redis_idle_cpu_s=idle[1], pg_idle_cpu_s=idle[2])
 
 
@@ -680,18 +686,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan.append((n_first, s_first, LoadSpec("light", format_mix(parse_mix(args.mix)), args.light_users, 1,
                                                     user_rate=args.light_rate)))
         mix = format_mix(parse_mix(args.mix))
-        for series, n, s in sweeps:
-            lay = layouts[f"{n} nodes, {s} shards"]
-            if args.per_node_rate > 0:
-                plan.append((n, s, paced_spec(series, mix, nodes=n, per_node_rate=args.per_node_rate,
-                                              users_per_node=args.users_per_node, workers=lay.workers)))
-            else:
-                plan.append((n, s, LoadSpec("sweep", mix, args.users_per_worker, lay.workers, series=series)))
+        for round_no in range(1, args.rounds + 1):
+            for series, n, s in (sweeps if round_no % 2 else reversed(sweeps)):
+                lay = layouts[f"{n} nodes, {s} shards"]
+                if args.per_node_rate > 0:
+                    spec = paced_spec(series, mix, nodes=n, per_node_rate=args.per_node_rate,
+                                      users_per_node=args.users_per_node, workers=lay.workers)
+                else:
+                    spec = LoadSpec("sweep", mix, args.users_per_worker, lay.workers, series=series)
+                spec.round = round_no
+                plan.append((n, s, spec))
         if args.per_node_rate <= 0 and any(lay.mode != "dedicated" for lay in layouts.values()):
             log("sweep: note: the load generator shares this machine's cores; a closed loop gives every size "
                 "the same total load, so each node of a bigger size sees less traffic (and fewer near-cache "
                 "hits). --per-node-rate compares sizes at the same load per node.")
-        warmed_for: int | None = None   # the shard count Redis was last warmed for
+        warmed_for: set[int] = set()   # the shard counts whose ring Redis was warmed for
         log(f"sweep: ready in {time.monotonic() - started:.0f}s; {len(plan)} runs of "
             f"~{args.warmup + args.seconds + 6:.0f}s; artifacts in {artifacts}")
         for i, (n, s, spec) in enumerate(plan, 1):
@@ -699,14 +708,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cold:
                 stack.flush_redis()
             stack.start_node(n, s, args.node_mode)   # fresh node processes (empty near-caches) every run
-            if not args.cold and warmed_for != s:
-                # Again whenever the shard count changes: the ring of s shards places most keys on other
-                # shards than the last one did, and a run on half-empty shards would measure their filling.
+            if not args.cold and s not in warmed_for:
+                # Once per shard count: the ring of s shards places most keys on other shards than the last
+                # one did, and a run on half-empty shards would measure their filling. The copies stay (long
+                # TTL, no writes), so a ring warmed once is warm whenever it comes back.
                 log(f"sweep: warming Redis ({s} shard(s)): resolving all {DataSet(args.customers).keys:,} demo "
                     "keys once ...")
                 log(f"    done in {stack.warm(args.customers):.0f}s")
-                warmed_for = s
-            what = f"{spec.label} ({spec.series} series)" if spec.label == "sweep" else spec.label
+                warmed_for.add(s)
+            what = (f"{spec.label} ({spec.series} series, round {spec.round}/{args.rounds})" if spec.label == "sweep"
+                    else spec.label)
             log(f"[{i}/{len(plan)}] {what}: {n} node(s), {s} shard(s), mix {spec.mix}, "
                 f"{spec.users_per_worker * spec.workers} users on {spec.workers} locust worker(s) ...")
             try:
@@ -746,6 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "seconds": args.seconds, "warmup": args.warmup,
               "users_per_worker": args.users_per_worker,
               "users_per_node": args.users_per_node if args.per_node_rate > 0 else "-",
+              "rounds": args.rounds,
               "idle_seconds": args.idle_seconds,
               "light": "off" if args.no_light else f"{args.light_users} users x {args.light_rate:g} calls/s",
               "total_seconds": round(time.monotonic() - started, 1)}

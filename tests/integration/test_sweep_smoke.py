@@ -43,6 +43,6 @@ def test_a_two_size_paced_sweep_writes_its_report(tmp_path: Path) -> None:
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert [row["series"] for row in rows if row["label"] == "sweep"] == ["nodes", "nodes"]
     readme = (out / "README.md").read_text()
-    assert "## Nodes grow, shards fixed" in readme and "integration test" in readme
+    assert "## Nodes grow, 1 shard(s) fixed" in readme and "integration test" in readme
     costs = costs_from_report(report)        # the capacity model reads what the sweep wrote
     assert costs.scenarios["retail"].node_cpu_s > 0 and costs.scaling_penalty >= 1

@@ -26,6 +26,7 @@ from loadtests.sweep.report import (
     plot,
     runs_from_report,
     scaling,
+    spread,
     to_csv,
     to_json,
     verdict,
@@ -270,7 +271,7 @@ def test_two_series_in_every_output(tmp_path) -> None:  # type: ignore[no-untype
                                                                       ("shards", "FAIL")]
     assert float(rows[0]["node_idle_cores"]) == pytest.approx(0.02) and rows[1]["node_idle_cores"] == ""
     md = markdown(runs, {"name": "box"}, {}, notes=["No 16-core machine this time."])
-    assert "## Nodes grow, shards fixed" in md and "## Redis shards grow, nodes fixed" in md
+    assert "## Nodes grow, 2 shard(s) fixed" in md and "## Redis shards grow, 4 node(s) fixed" in md
     assert "No 16-core machine this time." in md
     assert "| 8 | 4 | 400 | 400 | 1.00 |" in md and "0.045 (1.50x FAIL)" in md and "**FAIL**" in md
     assert "Fixed and load-driven cost" in md
@@ -291,3 +292,27 @@ def test_paced_spec_gives_every_size_the_same_load_and_users_per_node() -> None:
     two = paced_spec("shards", "retail=100", nodes=3, per_node_rate=100, users_per_node=5, workers=2)
     assert (two.users_per_worker, two.workers, two.series) == (8, 2, "shards")   # 15 users round up to 16
     assert two.user_rate * 16 == pytest.approx(300)
+
+
+def test_rounds_of_a_size_are_pooled() -> None:
+    """Three rounds of the 2-node size (node CPU per 1k 0.5, 0.6, 0.7) pool to their sums: 1.8 CPU-s over 3,000
+    lookups = 0.6, spread (0.7 - 0.5) / 0.6; latency percentiles the median of the rounds'."""
+    base = run(1, 1_000, 0.5, offered=100)
+    rounds = [run(2, 1_000, cpu, offered=200) for cpu in (0.5, 0.7, 0.6)]
+    for i, r in enumerate(rounds, 1):
+        r.round = i
+        r.latency_ms = {"p50": float(i), "p99": 10.0 * i}
+    rows = scaling([base, *rounds])
+    assert [r.size for r in rows] == [1, 2]
+    two = rows[1].run
+    assert (two.round, two.lookups, two.wall_s) == (0, 3_000, 30.0)
+    assert two.node_cpu_per_1k == pytest.approx(0.6) and rows[1].cpu_ratio == pytest.approx(1.2)
+    assert spread(two) == pytest.approx(0.2 / 0.6)
+    assert two.latency_ms == {"p50": 2.0, "p99": 20.0}
+    assert math.isnan(spread(base))
+    lines = list(csv.DictReader(io.StringIO(to_csv([base, *rounds]))))
+    assert [row["round"] for row in lines] == ["1", "1", "2", "3", "pooled"]
+    assert lines[1]["verdict"] == "" and lines[-1]["verdict"] == "FAIL"
+    report = to_json([base, *rounds], {}, {})
+    assert [d["nodes"] for d in report["sizes"]] == [1, 2]
+    assert "| 3 (33%) |" in markdown([base, *rounds], {}, {})
