@@ -502,9 +502,11 @@ def markdown(runs: Sequence[RunResult], machine: Mapping[str, Any], config: Mapp
            "size's; a size passes when all three do. Efficiency = lookups/s / (the smallest size's lookups/s x the "
            "offered-load ratio when paced, the node-count ratio in a closed loop). CPU-s / 1k lookups = CPU-seconds "
            "of those processes in the window (scheduler run time of every thread, nanosecond resolution) / lookups "
-           "x 1000. Lookups are keys answered as expected (a BatchResolve of 200 keys is 200; expected NOT_FOUND / "
-           "INVALID_ARGUMENT answers count); latency is per call, measured by the load generator, queueing "
-           "included."]
+           "x 1000. Rounds: how many times the size ran, interleaved with the other sizes, pooled (CPU and "
+           "lookups summed); the spread is (max - min) / pooled of the rounds' node CPU per lookup, the noise one "
+           "run alone carries. Lookups are keys answered as expected (a BatchResolve of 200 keys is 200; "
+           "expected NOT_FOUND / INVALID_ARGUMENT answers count); latency is per call, measured by the load "
+           "generator, queueing included."]
     cal = [r for r in runs if r.label.startswith("calibrate:")]
     if cal:
         md += ["", "## Per-scenario cost (one configuration, each scenario alone)", "",
