@@ -79,6 +79,7 @@ class RunResult:
     redis_idle_cpu_s: float = 0.0
     pg_idle_cpu_s: float = 0.0
     round: int = 1                  # which round of the sweep (--rounds); 0 = several rounds pooled
+    started_at: float = 0.0         # unix time the measured window began (to line it up with other records)
     rounds_node_cpu_per_1k: list[float] = field(default_factory=list)   # pooled: each round's node figure
 
     # -- derived ---------------------------------------------------------------------------------

@@ -555,8 +555,8 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         time.sleep(max(0.0, t0 - time.time()))
         pin_service()   # PostgreSQL backends forked during the warm-up
         n0, r0, p0 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
+        w0 = time.time()   # the CPU window's start; the /metrics scrape after it took up to 6 s on a crowded machine
         tiers0 = scrape_tiers(metrics_urls)
-        w0 = time.time()
         time.sleep(max(0.0, t1 - time.time()))
         w1 = time.time()
         n1, r1, p1 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
@@ -567,7 +567,7 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
     timeline = run.timeline()
     window = timeline.window(t0, t1)
     if abs((w1 - w0) - (t1 - t0)) > 0.5:
-        log(f"  warning: the CPU window was {w1 - w0:.2f}s for a {t1 - t0}s load window")
+        log(f"  warning: the CPU window was {w1 - w0:.2f}s for a {t1 - t0}s load window (the CPU snapshots were late)")
     return RunResult(
         label=spec.label, mix=spec.mix, nodes=nodes, shards=shards, node_cpus=len(layout.nodes),
         locust_workers=spec.workers, users=spec.users_per_worker * spec.workers, wall_s=float(t1 - t0),
@@ -577,7 +577,8 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         pg_cpu_s=cpu_delta(p0, p1),
         tiers={k: int(v - tiers0.get(k, 0.0)) for k, v in tiers1.items() if v - tiers0.get(k, 0.0) > 0},
         per_second=timeline.per_second(t0, t1), redis_keys=keys, redis_bytes=used_mem,
-        failure_kinds=dict(window.failure_kinds), series=spec.series, round=spec.round, idle_s=idle_s,
+        failure_kinds=dict(window.failure_kinds), series=spec.series, round=spec.round, started_at=float(t0),
+        idle_s=idle_s,
         node_idle_cpu_s=idle[0],
         redis_idle_cpu_s=idle[1], pg_idle_cpu_s=idle[2])
 

@@ -316,3 +316,18 @@ def test_rounds_of_a_size_are_pooled() -> None:
     report = to_json([base, *rounds], {}, {})
     assert [d["nodes"] for d in report["sizes"]] == [1, 2]
     assert "| 3 (33%) |" in markdown([base, *rounds], {}, {})
+
+
+def test_probe_comparison_lines_up_windows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from loadtests.sweep.probe import compare
+
+    small, big = run(1, 1_000, 0.5, offered=100), run(8, 8_000, 6.0, offered=800)
+    small.started_at, big.started_at = 1000.0, 2000.0
+    (tmp_path / "sweep.json").write_text(json.dumps(to_json([small, big], {}, {})))
+    lines = [{"t": 1000 + i, "jobs": 20, "cpu_us_median": 1000.0} for i in range(10)]
+    lines += [{"t": 2000 + i, "jobs": 20, "cpu_us_median": 1200.0} for i in range(10)]
+    lines += [{"t": 2010, "jobs": 20, "cpu_us_median": 9999.0}]            # after the window: ignored
+    (tmp_path / "probe.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    text = compare(str(tmp_path / "probe.jsonl"), str(tmp_path / "sweep.json")).splitlines()
+    assert "(1.00x), probe 1000 us/job (1.00x)" in text[0]
+    assert "8 node(s) 2 shard(s): node CPU 0.750 CPU-s/1k (1.50x), probe 1200 us/job (1.20x)" in text[1]
