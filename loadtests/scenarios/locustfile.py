@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:   # `locust -f loadtests/scenarios/locustfile.py` from any directory, installed or not
     sys.path.insert(0, str(REPO))
 
+import gevent  # noqa: E402
 import grpc  # noqa: E402
 from gevent.lock import Semaphore  # noqa: E402
 from locust import constant, constant_throughput, events, tag, task  # noqa: E402
@@ -69,7 +70,8 @@ def _add_arguments(parser: Any) -> None:
     g.add_argument("--crs-stream-window", type=int, default=16,
                    help="keys outstanding per stream (default 16)")
     g.add_argument("--crs-user-rate", type=float, default=0.0,
-                   help="task runs per second per user (0 = back to back, to saturate; default 0)")
+                   help="task runs per second per user, each user starting at a random phase (0 = back to back, "
+                        "to saturate; default 0)")
     g.add_argument("--crs-timeout", type=float, default=5.0, help="seconds per call (default 5)")
     g.add_argument("--crs-embedded", type=int, default=0, metavar="CUSTOMERS",
                    help="start the embedded stack (PostgreSQL, Redis, one node) with this many demo "
@@ -122,6 +124,10 @@ class CrsUser(GrpcUser):
         if opts.crs_user_rate > 0:
             pacing = constant_throughput(opts.crs_user_rate)
             self.wait_time = lambda: pacing(self)  # type: ignore[method-assign]
+            # A random phase: users spawned together would otherwise stay in step and send their calls
+            # in bursts (all of them within a millisecond, once per period), which queue behind each
+            # other and look cheaper per call to a node that gets more of them at once.
+            gevent.sleep(self.rng.uniform(0, 1 / opts.crs_user_rate))
 
     def __init__(self, environment: Any) -> None:
         if environment.parsed_options is not None:

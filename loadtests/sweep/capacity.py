@@ -6,14 +6,17 @@ written by `python -m loadtests.sweep`); nothing here is a guess except the stat
 against a sweep report.
 
   node CPU (cores)   = target x sum over scenarios of share x node CPU-s per lookup (calibration runs)
-                       x scaling penalty (the worst node-CPU-per-lookup ratio of the sweep, never < 1)
+                       x node scaling penalty (the worst node-CPU-per-lookup ratio to the smallest size
+                       in the sweep's nodes series, where the service grows with the load; never < 1)
   node processes     = ceil(node CPU / utilisation cap); one process uses at most one core
   utilisation cap    = min(1 - headroom, 1 - light-load p99 / p99 budget)   (M/M/1: waiting time grows
                        as 1 / (1 - utilisation), so p99 ~ light-load p99 / (1 - utilisation))
   pods               = ceil(processes / cores per pod)            (crs serve --workers = cores per pod)
   Redis shards       = max(ceil(keys x bytes per key / (shard memory x (1 - headroom))),
-                           ceil(target x Redis CPU-s per lookup / (1 - headroom)))   (Redis: 1 core each)
-  PostgreSQL reads/s = target x miss ratio; PostgreSQL cores = target x PostgreSQL CPU-s per lookup
+                           ceil(target x Redis CPU-s per lookup x Redis penalty / (1 - headroom)))
+                       (Redis: 1 core each; the penalty is the worst Redis ratio of the nodes series)
+  PostgreSQL reads/s = target x miss ratio;
+  PostgreSQL cores   = target x PostgreSQL CPU-s per lookup x PostgreSQL penalty (same rule)
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 from loadtests.shared.keys import SCENARIOS, format_mix, parse_mix
 from loadtests.shared.paths import SWEEP_REPORT
-from loadtests.sweep.report import RunResult, runs_from_report, scaling
+from loadtests.sweep.report import TIERS, RunResult, by_series, runs_from_report, scaling, verdict
 
 DEFAULT_REPORT = SWEEP_REPORT
 KEYS_PER_CUSTOMER = 6.5   # demo shape: 2 cards (by PAN and by token) + 1.5 accounts + the customer
@@ -49,12 +52,30 @@ class ScenarioCost:
 @dataclass(frozen=True)
 class Costs:
     scenarios: dict[str, ScenarioCost]
-    scaling_penalty: float      # >= 1
+    scaling_penalty: float      # node CPU per lookup, worst ratio to the smallest size; >= 1
     bytes_per_key: float
     light_p99_ms: float
     sweep_p99_ms: float
     machine: str
     date: str
+    redis_penalty: float = 1.0  # the same for Redis and PostgreSQL CPU per lookup
+    pg_penalty: float = 1.0
+    linearity: dict[str, str] = field(default_factory=dict)   # series -> the sweep's verdict on it
+
+
+def penalties(runs: list[RunResult]) -> dict[str, float]:
+    """{tier: the worst CPU-per-lookup ratio to the smallest size in the nodes series, never below 1}.
+
+    Only the nodes series: there the load grows with the service (paced per node, and with the shards
+    when --shards grows with --nodes), which is how a deployment grows. The shards series adds shards
+    at a fixed load; what it shows (each shard's fixed cost, spread over fewer lookups) is in its verdict,
+    and at production rates that fixed cost is a rounding error (docs/loadtests.md)."""
+    out = dict.fromkeys(TIERS, 1.0)
+    for row in scaling(by_series(runs).get("nodes", [])):
+        for tier in TIERS:
+            if not math.isnan(row.ratio(tier)):
+                out[tier] = max(out[tier], row.ratio(tier))
+    return out
 
 
 def _cost(run: RunResult) -> ScenarioCost:
@@ -74,8 +95,9 @@ def costs_from_report(report: Mapping[str, Any]) -> Costs:
     for r in runs:
         if r.label.startswith("calibrate:") and r.lookups > 0:
             scenarios[r.label.split(":", 1)[1]] = _cost(r)
-    sweep = [r for r in runs if r.label == "sweep" and r.lookups > 0]
-    rows = scaling(sweep)
+    usable = [r for r in runs if r.lookups > 0]
+    groups = by_series(usable)
+    rows = scaling(groups.get("nodes", []))
     if rows:
         base = rows[0].run
         mix = parse_mix(base.mix)
@@ -83,15 +105,15 @@ def costs_from_report(report: Mapping[str, Any]) -> Costs:
             scenarios.setdefault(next(iter(mix)), _cost(base))
     if not scenarios:
         raise ValueError("the sweep report has no usable run (no lookups measured)")
-    ratios = [r.cpu_ratio for r in rows if not math.isnan(r.cpu_ratio)]
-    penalty = max([1.0, *ratios])
+    worst = penalties(usable)
     sizes = [r.bytes_per_key for r in runs if r.redis_keys > 0 and not math.isnan(r.bytes_per_key)]
     light = [r for r in runs if r.label == "light" and r.lookups > 0]
     light_p99 = light[0].latency_ms.get("p99", math.nan) if light else math.nan
     sweep_p99 = rows[0].run.latency_ms.get("p99", math.nan) if rows else math.nan
     machine = report.get("machine", {})
-    return Costs(scenarios, penalty, max(sizes) if sizes else math.nan, light_p99, sweep_p99,
-                 str(machine.get("name", "?")), str(machine.get("date", "?")))
+    return Costs(scenarios, worst["node"], max(sizes) if sizes else math.nan, light_p99, sweep_p99,
+                 str(machine.get("name", "?")), str(machine.get("date", "?")), redis_penalty=worst["redis"],
+                 pg_penalty=worst["pg"], linearity={name: verdict(scaling(g)) for name, g in groups.items()})
 
 
 @dataclass(frozen=True)
@@ -174,13 +196,16 @@ def plan(req: Request, costs: Costs) -> Answer:
     redis_gb = keys * bytes_per_key / 1e9
     usable_gb = req.shard_memory_gb * (1 - req.headroom)
     shards_mem = max(1, math.ceil(redis_gb / usable_gb - 1e-9))
-    redis_cores = req.target * redis_cpu
+    redis_cores = req.target * redis_cpu * costs.redis_penalty
     shards_ops = max(1, math.ceil(redis_cores / (1 - req.headroom) - 1e-9))
-    if costs.scaling_penalty > 1.0:
-        notes.append(f"node CPU per lookup grew to {costs.scaling_penalty:.2f}x of the smallest size in the sweep; "
-                     "the node figure includes that penalty")
+    for name, penalty in (("node", costs.scaling_penalty), ("Redis", costs.redis_penalty),
+                          ("PostgreSQL", costs.pg_penalty)):
+        if penalty > 1.0:
+            notes.append(f"{name} CPU per lookup grew to {penalty:.2f}x of the smallest size in the sweep; "
+                         f"the {name} figure includes that penalty")
     return Answer(req, node_cores, cap, latency_cap, processes, pods, redis_cores, shards_mem, shards_ops,
-                  max(shards_mem, shards_ops), redis_gb, req.target * miss, req.target * pg_cpu, miss,
+                  max(shards_mem, shards_ops), redis_gb, req.target * miss, req.target * pg_cpu * costs.pg_penalty,
+                  miss,
                   {"node_cpu_ms": node_cpu * 1000, "redis_cpu_ms": redis_cpu * 1000, "pg_cpu_ms": pg_cpu * 1000},
                   feasible, notes)
 
@@ -208,6 +233,8 @@ def render(ans: Answer, costs: Costs, report_path: str) -> str:
         + (f"{costs.light_p99_ms:.2f} ms" if not math.isnan(costs.light_p99_ms) else "not measured")
         + (f" allows <= {100 * ans.latency_cap:.0f}% busy" if not math.isnan(ans.latency_cap) else ""),
         "  - one node process uses at most one core; CPU per lookup as measured, on that machine's cores",
+        *[f"  - linear cost, as the sweep measured it ({name} series): {text}"
+          for name, text in costs.linearity.items()],
         f"  - keys cached: {r.keys or r.customers * KEYS_PER_CUSTOMER:,.0f} "
         + ("" if r.keys else f"({r.customers:,.0f} customers x {KEYS_PER_CUSTOMER} keys each) ")
         + f"x {costs.bytes_per_key:.0f} bytes per key (Redis used_memory / keys in the sweep)",

@@ -28,8 +28,8 @@ from loadtests.shared.latency import Timeline, coefficient_of_variation
 from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
 from loadtests.shared.metrics import scrape_tiers
 from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
-from loadtests.shared.procs import cpu_delta, cpu_snapshot, pin
-from loadtests.sweep.report import RunResult, markdown, plot, scaling, to_csv, to_json, verdict
+from loadtests.shared.procs import cpu_delta, pin, runtime_snapshot
+from loadtests.sweep.report import RunResult, by_series, markdown, plot, scaling, to_csv, to_json, verdict
 
 DEFAULT_OUT = SWEEP_DIR
 
@@ -38,9 +38,16 @@ For each node count (and Redis shard count), start the service with that many no
 (`crs serve --workers N` on the embedded stack: PostgreSQL + Redis shards + demo data), drive it with
 locust workers (master + one worker per load core), and measure in a window after spawning and
 warm-up: lookups/s, p50/p95/p99 per call, error rate, and CPU-seconds per 1,000 lookups of the
-node processes, of Redis and of PostgreSQL (from /proc). Then write a report: sweep.csv,
-sweep.json, throughput.png (throughput vs nodes with the ideal line; matplotlib) and README.md
-with the scaling efficiency throughput(n) / (n x throughput(1)).
+node processes, of Redis and of PostgreSQL (scheduler run time from /proc, every thread). An idle
+window before each load gives every tier's fixed cost. Then write a report: sweep.csv, sweep.json,
+throughput.png (CPU per lookup vs size with the +-10% band, lookups/s vs the ideal; matplotlib) and
+README.md with PASS/FAIL per size: node, Redis and PostgreSQL CPU per lookup each within +-10% of the
+smallest size's (linear cost per transaction).
+
+Two series: --nodes (node processes grow; --shards fixed or one per size) and --shard-series (Redis
+shards grow at --shard-series-nodes nodes). Paced (--per-node-rate) every size sees the same load per
+node and the same users (connections) per node: that is how a machine too small to saturate the
+biggest size still compares sizes like with like.
 
 Before the scaling runs, each scenario in --calibrate runs alone on the smallest configuration and a
 light-load run measures service latency: `crs-load capacity` reads those per-scenario costs.
@@ -58,6 +65,8 @@ Examples:
   python -m loadtests.sweep --nodes 1,2,4,8 --shards 1,1,2,2 --customers 100000 \\
       --machine-name "16-core c7i.4xlarge"                                  # a 16-core machine
   python -m loadtests.sweep --nodes 1,2 --calibrate none --no-light --out /tmp/sweep
+  python -m loadtests.sweep --nodes 1,2,4,8 --shards 2 --shard-series 1,2,4,8,16 --shard-series-nodes 4 \\
+      --node-mode processes --per-node-rate 100 --seconds 20      # paced, past a 2-core machine's size
 
 Linux only (/proc, sched_setaffinity). Every server listens on 127.0.0.1; every run stops by itself
 (locust --run-time bounds it even if this process dies). Exit status: 0 done, 1 a run failed or
@@ -86,6 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--node-mode", choices=("workers", "processes"), default="workers",
                    help="N nodes = one `crs serve --workers N` (workers; default, how a pod runs) or N separate "
                         "`crs serve --workers 1` on one port (processes; like N single-core pods)")
+    g.add_argument("--shard-series", type=_int_list, default=[],
+                   help="a second series: these Redis shard counts, e.g. 1,2,4,8,16, each at "
+                        "--shard-series-nodes nodes (default: none)")
+    g.add_argument("--shard-series-nodes", type=int, default=4,
+                   help="node processes of every --shard-series run (default 4)")
     g.add_argument("--mix", default="retail",
                    help=f"scenario mix of the scaling runs, as locust's --crs-mix (default retail; "
                         f"scenarios: {', '.join(SCENARIOS)})")
@@ -104,9 +118,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--warmup", type=float, default=4.0, help="seconds after all users spawned, not measured "
                                                              "(default 4)")
     g.add_argument("--per-node-rate", type=float, default=0.0,
-                   help="offer this many calls/s per node (n nodes get n x this, paced evenly over the users) "
-                        "instead of a closed loop as fast as the users can go; the way to compare sizes on a "
-                        "machine whose load generator cannot saturate the biggest one (default 0 = closed loop)")
+                   help="offer this many calls/s per node (n nodes get n x this, from --users-per-node x n users "
+                        "each paced at a random phase) instead of a closed loop as fast as the users can go; the "
+                        "way to compare sizes on a machine whose load generator cannot saturate the biggest one "
+                        "(default 0 = closed loop)")
+    g.add_argument("--users-per-node", type=int, default=16,
+                   help="paced runs: simulated users (connections) per node, so every size sees the same "
+                        "connections per node (default 16)")
+    g.add_argument("--idle-seconds", type=float, default=5.0,
+                   help="an idle window before each load (fresh nodes, serving, no traffic) that measures each "
+                        "tier's fixed CPU cost (default 5; 0 = skip)")
+    g.add_argument("--rounds", type=int, default=1,
+                   help="run every sweep size this many times, interleaved (odd rounds smallest first, even rounds "
+                        "largest first), and pool the rounds per size: on a machine shared with other work one run "
+                        "per size can move +-15%% with the background load (default 1)")
     g.add_argument("--locust-workers", type=int, default=0,
                    help="locust worker processes (default 0 = one per load core)")
     g.add_argument("--users-per-worker", type=int, default=32,
@@ -131,6 +156,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="keep each run's locust CSV/HTML/logs here (default: a temporary directory, removed)")
     g.add_argument("--rerender", action="store_true",
                    help="run nothing: rewrite README.md, sweep.csv and throughput.png in --out from its sweep.json")
+    g.add_argument("--note", action="append", default=[],
+                   help="a paragraph for the report (what the numbers mean on this machine); repeatable, kept "
+                        "by --rerender")
     g.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -147,7 +175,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(str(exc))
     if args.seconds <= 0 or args.warmup < 0:
         p.error("--seconds must be > 0 and --warmup >= 0")
-    for name in ("customers", "users_per_worker", "light_users"):
+    if args.idle_seconds < 0:
+        p.error("--idle-seconds must be >= 0")
+    for name in ("customers", "users_per_worker", "light_users", "users_per_node", "shard_series_nodes", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.locust_workers < 0:
@@ -219,6 +249,17 @@ class LoadSpec:
     users_per_worker: int
     workers: int
     user_rate: float = 0.0
+    series: str = "nodes"
+    round: int = 1
+
+
+def paced_spec(series: str, mix: str, *, nodes: int, per_node_rate: float, users_per_node: int,
+               workers: int) -> LoadSpec:
+    """Same load and same users (connections) per node at every size: users_per_node x nodes users,
+    spread evenly over the locust workers, each offering per_node_rate x nodes / users calls/s."""
+    users_per_worker = math.ceil(users_per_node * nodes / workers)
+    rate = per_node_rate * nodes / (users_per_worker * workers)
+    return LoadSpec("sweep", mix, users_per_worker, workers, user_rate=rate, series=series)
 
 
 class LocustRun:
@@ -274,7 +315,9 @@ class LocustRun:
         for raw in iter(stream.readline, b""):
             self.master_log.write(raw)
             self.master_log.flush()
-            if b"All users spawned" in raw:
+            # A master whose worker reports late (a busy machine) logs "Spawning is complete and report
+            # waittime is expired ..." instead of "All users spawned"; the users run either way.
+            if b"All users spawned" in raw or b"Spawning is complete" in raw:
                 self.spawned.set()
         self.failed_start = self.failed_start or "locust master exited"
         self.spawned.set()
@@ -311,10 +354,10 @@ class LocustRun:
 class Stack:
     """One DevEnvironment (PostgreSQL + the most shards any configuration needs); nodes per configuration."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, shards: int) -> None:
         from devstack.environment import DevEnvironment
 
-        self.env = DevEnvironment(shards=max(args.shards), customers=args.customers, pg_binaries=args.pg_binaries)
+        self.env = DevEnvironment(shards=shards, customers=args.customers, pg_binaries=args.pg_binaries)
         self.nodes: list[Any] = []
         self.cache_ttl = float(args.cache_ttl)
 
@@ -454,6 +497,28 @@ class Stack:
 
 
 # -- one measured run ---------------------------------------------------------------------------------------
+# A node process that answers SERVING is still busy for several seconds (pools filling, first topology and
+# BIN loads, lazy imports): measured 0.9 CPU-s/s for 8 fresh processes on the 2-core VM. Before the idle
+# window (and the load), wait until the nodes use at most this much CPU per process, one second at a time.
+SETTLED_CORES_PER_NODE = 0.02
+SETTLE_TIMEOUT_SECONDS = 60.0
+
+
+def settle(node_pids: list[int], nodes: int, log: Callable[[str], None]) -> float:
+    """Wait until the node processes are quiet (see SETTLED_CORES_PER_NODE); returns the seconds waited."""
+    started = time.monotonic()
+    before = runtime_snapshot(node_pids)
+    while time.monotonic() - started < SETTLE_TIMEOUT_SECONDS:
+        time.sleep(1.0)
+        after = runtime_snapshot(node_pids)
+        if cpu_delta(before, after) <= SETTLED_CORES_PER_NODE * nodes:
+            return time.monotonic() - started
+        before = after
+    log(f"  warning: the nodes did not settle within {SETTLE_TIMEOUT_SECONDS:.0f}s; the idle figure includes "
+        "their start-up")
+    return time.monotonic() - started
+
+
 def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: Layout, args: argparse.Namespace,
             workdir: Path, log: Callable[[str], None]) -> RunResult:
     assert stack.nodes and stack.env.stack is not None
@@ -468,6 +533,18 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
             pin(redis_pids + pg_pids, layout.backends)
 
     pin_service()
+    idle_s, idle = 0.0, (0.0, 0.0, 0.0)
+    settled = settle(node_pids, nodes, log)
+    if args.verbose:
+        log(f"  nodes settled in {settled:.0f}s")
+    if args.idle_seconds > 0:
+        pin_service()
+        i0 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
+        started = time.monotonic()
+        time.sleep(args.idle_seconds)
+        i1 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
+        idle_s = time.monotonic() - started
+        idle = (cpu_delta(i0[0], i1[0]), cpu_delta(i0[1], i1[1]), cpu_delta(i0[2], i1[2]))
     max_seconds = 90 + args.warmup + args.seconds
     run = LocustRun(spec, host=stack.address, customers=args.customers, args=args, layout=layout, workdir=workdir,
                     max_seconds=max_seconds)
@@ -477,12 +554,12 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         t1 = t0 + math.ceil(args.seconds)
         time.sleep(max(0.0, t0 - time.time()))
         pin_service()   # PostgreSQL backends forked during the warm-up
-        n0, r0, p0 = cpu_snapshot(node_pids), cpu_snapshot(redis_pids), cpu_snapshot(pg_pids)
+        n0, r0, p0 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
+        w0 = time.time()   # the CPU window's start; the /metrics scrape after it took up to 6 s on a crowded machine
         tiers0 = scrape_tiers(metrics_urls)
-        w0 = time.time()
         time.sleep(max(0.0, t1 - time.time()))
         w1 = time.time()
-        n1, r1, p1 = cpu_snapshot(node_pids), cpu_snapshot(redis_pids), cpu_snapshot(pg_pids)
+        n1, r1, p1 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
         tiers1 = scrape_tiers(metrics_urls)
     finally:
         run.stop()
@@ -490,7 +567,7 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
     timeline = run.timeline()
     window = timeline.window(t0, t1)
     if abs((w1 - w0) - (t1 - t0)) > 0.5:
-        log(f"  warning: the CPU window was {w1 - w0:.2f}s for a {t1 - t0}s load window")
+        log(f"  warning: the CPU window was {w1 - w0:.2f}s for a {t1 - t0}s load window (the CPU snapshots were late)")
     return RunResult(
         label=spec.label, mix=spec.mix, nodes=nodes, shards=shards, node_cpus=len(layout.nodes),
         locust_workers=spec.workers, users=spec.users_per_worker * spec.workers, wall_s=float(t1 - t0),
@@ -500,7 +577,10 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         pg_cpu_s=cpu_delta(p0, p1),
         tiers={k: int(v - tiers0.get(k, 0.0)) for k, v in tiers1.items() if v - tiers0.get(k, 0.0) > 0},
         per_second=timeline.per_second(t0, t1), redis_keys=keys, redis_bytes=used_mem,
-        failure_kinds=dict(window.failure_kinds))
+        failure_kinds=dict(window.failure_kinds), series=spec.series, round=spec.round, started_at=float(t0),
+        idle_s=idle_s,
+        node_idle_cpu_s=idle[0],
+        redis_idle_cpu_s=idle[1], pg_idle_cpu_s=idle[2])
 
 
 def machine_info(name: str, layouts: dict[str, str]) -> dict[str, Any]:
@@ -532,12 +612,16 @@ def _summary_line(r: RunResult) -> str:
             f"node cores busy {r.node_cores_busy:.2f}, errors {r.failures}")
 
 
-def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any], config: dict[str, Any]) -> str:
+def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any], config: dict[str, Any],
+                 notes: Sequence[str] = ()) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(to_json(results, machine, config), indent=2) + "\n")
+    report = to_json(results, machine, config)
+    report["notes"] = list(notes)
+    (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "sweep.csv").write_text(to_csv(results))
     has_plot = plot(results, str(out / "throughput.png"))
-    (out / "README.md").write_text(markdown(results, machine, config, "throughput.png" if has_plot else None))
+    (out / "README.md").write_text(markdown(results, machine, config, "throughput.png" if has_plot else None,
+                                            notes))
     return f"wrote {out}/README.md, sweep.json, sweep.csv" + (", throughput.png" if has_plot else
                                                               " (no plot: pip install matplotlib)")
 
@@ -546,7 +630,7 @@ def rerender(out: Path) -> int:
     from loadtests.sweep.report import runs_from_report
 
     report = json.loads((out / "sweep.json").read_text())
-    print(write_report(out, runs_from_report(report), report["machine"], report["config"]))
+    print(write_report(out, runs_from_report(report), report["machine"], report["config"], report.get("notes", [])))
     return 0
 
 
@@ -566,7 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging("WARNING")
     cpus = sorted(os.sched_getaffinity(0))
-    configs = list(zip(args.nodes, args.shards, strict=True))
+    node_configs = list(zip(args.nodes, args.shards, strict=True))
+    sweeps = ([("nodes", n, s) for n, s in node_configs]
+              + [("shards", args.shard_series_nodes, s) for s in args.shard_series])
+    configs = [(n, s) for _, n, s in sweeps]
     layouts = {f"{n} nodes, {s} shards": plan_layout(cpus, n, s, args.locust_workers, not args.no_pin)
                for n, s in configs}
     started = time.monotonic()
@@ -574,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     artifacts = args.artifacts or Path(tempfile.mkdtemp(prefix="crs-sweep-"))
     artifacts.mkdir(parents=True, exist_ok=True)
     quiet = sys.stderr if args.verbose else open(os.devnull, "w")
-    stack = Stack(args)
+    stack = Stack(args, max(s for _, s in configs))
     results: list[RunResult] = []
     problems: list[str] = []
 
@@ -582,15 +669,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text, flush=True)
 
     try:
-        log(f"sweep: starting PostgreSQL + {max(args.shards)} Redis shard(s), loading {args.customers:,} demo "
-            "customers ...")
+        log(f"sweep: starting PostgreSQL + {max(s for _, s in configs)} Redis shard(s), loading "
+            f"{args.customers:,} demo customers ...")
         try:
             stack.start(quiet)
         except Exception as exc:
             print(f"sweep: the environment did not start: {exc}", file=sys.stderr)
             return 3
         plan: list[tuple[int, int, LoadSpec]] = []
-        n_first, s_first = min(configs)
+        n_first, s_first = min(node_configs)
         first_layout = layouts[f"{n_first} nodes, {s_first} shards"]
         for scenario in args.calibrate_list:
             plan.append((n_first, s_first, LoadSpec(f"calibrate:{scenario}", scenario,
@@ -599,17 +686,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_light:
             plan.append((n_first, s_first, LoadSpec("light", format_mix(parse_mix(args.mix)), args.light_users, 1,
                                                     user_rate=args.light_rate)))
-        for n, s in configs:
-            lay = layouts[f"{n} nodes, {s} shards"]
-            users = args.users_per_worker * lay.workers
-            rate = args.per_node_rate * n / users if args.per_node_rate > 0 else 0.0
-            plan.append((n, s, LoadSpec("sweep", format_mix(parse_mix(args.mix)), args.users_per_worker, lay.workers,
-                                        user_rate=rate)))
+        mix = format_mix(parse_mix(args.mix))
+        for round_no in range(1, args.rounds + 1):
+            for series, n, s in (sweeps if round_no % 2 else reversed(sweeps)):
+                lay = layouts[f"{n} nodes, {s} shards"]
+                if args.per_node_rate > 0:
+                    spec = paced_spec(series, mix, nodes=n, per_node_rate=args.per_node_rate,
+                                      users_per_node=args.users_per_node, workers=lay.workers)
+                else:
+                    spec = LoadSpec("sweep", mix, args.users_per_worker, lay.workers, series=series)
+                spec.round = round_no
+                plan.append((n, s, spec))
         if args.per_node_rate <= 0 and any(lay.mode != "dedicated" for lay in layouts.values()):
             log("sweep: note: the load generator shares this machine's cores; a closed loop gives every size "
                 "the same total load, so each node of a bigger size sees less traffic (and fewer near-cache "
                 "hits). --per-node-rate compares sizes at the same load per node.")
-        warmed = False
+        warmed_for: set[int] = set()   # the shard counts whose ring Redis was warmed for
         log(f"sweep: ready in {time.monotonic() - started:.0f}s; {len(plan)} runs of "
             f"~{args.warmup + args.seconds + 6:.0f}s; artifacts in {artifacts}")
         for i, (n, s, spec) in enumerate(plan, 1):
@@ -617,26 +709,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.cold:
                 stack.flush_redis()
             stack.start_node(n, s, args.node_mode)   # fresh node processes (empty near-caches) every run
-            if not args.cold and not warmed:
-                log(f"sweep: warming Redis: resolving all {DataSet(args.customers).keys:,} demo keys once ...")
+            if not args.cold and s not in warmed_for:
+                # Once per shard count: the ring of s shards places most keys on other shards than the last
+                # one did, and a run on half-empty shards would measure their filling. The copies stay (long
+                # TTL, no writes), so a ring warmed once is warm whenever it comes back.
+                log(f"sweep: warming Redis ({s} shard(s)): resolving all {DataSet(args.customers).keys:,} demo "
+                    "keys once ...")
                 log(f"    done in {stack.warm(args.customers):.0f}s")
-                warmed = True
-            log(f"[{i}/{len(plan)}] {spec.label}: {n} node(s), {s} shard(s), mix {spec.mix}, "
+                warmed_for.add(s)
+            what = (f"{spec.label} ({spec.series} series, round {spec.round}/{args.rounds})" if spec.label == "sweep"
+                    else spec.label)
+            log(f"[{i}/{len(plan)}] {what}: {n} node(s), {s} shard(s), mix {spec.mix}, "
                 f"{spec.users_per_worker * spec.workers} users on {spec.workers} locust worker(s) ...")
             try:
                 res = measure(stack, spec, nodes=n, shards=s, layout=lay, args=args,
                               workdir=artifacts / f"{i:02d}-{spec.label.replace(':', '-')}-{n}n{s}s", log=log)
             except (RuntimeError, OSError) as exc:
-                problems.append(f"{spec.label} at {n} nodes: {exc}")
+                problems.append(f"{spec.label} at {n} nodes, {s} shards: {exc}")
                 log(f"    FAILED: {exc}")
                 continue
             results.append(res)
             cv = coefficient_of_variation(res.per_second)
             log(f"    {_summary_line(res)}; per-second CV {cv:.2f}")
             if res.failures:
-                problems.append(f"{spec.label} at {n} nodes: {res.failures} unexpected status(es): {res.failure_kinds}")
+                problems.append(f"{spec.label} at {n} nodes, {s} shards: {res.failures} unexpected status(es): "
+                                f"{res.failure_kinds}")
             if res.lookups == 0:
-                problems.append(f"{spec.label} at {n} nodes: no lookups in the window")
+                problems.append(f"{spec.label} at {n} nodes, {s} shards: no lookups in the window")
     except KeyboardInterrupt:
         print("\nsweep: interrupted; stopping everything", file=sys.stderr)
         return 130
@@ -649,6 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine["load average at the start (1/5/15 min)"] = load_at_start
     config = {"nodes": ",".join(map(str, args.nodes)), "node_mode": args.node_mode,
               "shards": ",".join(map(str, args.shards)),
+              "shard_series": ",".join(map(str, args.shard_series)) or "none",
+              "shard_series_nodes": args.shard_series_nodes if args.shard_series else "-",
               "mix": args.mix, "calibrate": ",".join(args.calibrate_list) or "none", "customers": args.customers,
               "cards": args.customers * 2, "skew": args.skew, "unknown": args.unknown, "malformed": args.malformed,
               "per_node_rate": args.per_node_rate or "closed loop",
@@ -656,16 +757,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else f"warm (every demo key resolved once at the start; CRS_CACHE_TTL {args.cache_ttl:g}s)"),
               "seconds": args.seconds, "warmup": args.warmup,
               "users_per_worker": args.users_per_worker,
+              "users_per_node": args.users_per_node if args.per_node_rate > 0 else "-",
+              "rounds": args.rounds,
+              "idle_seconds": args.idle_seconds,
               "light": "off" if args.no_light else f"{args.light_users} users x {args.light_rate:g} calls/s",
               "total_seconds": round(time.monotonic() - started, 1)}
-    rows = scaling([r for r in results if r.label == "sweep"])
     print()
-    for row in rows:
-        r = row.run
-        print(f"{r.nodes} node(s) {r.shards} shard(s): {_summary_line(r)}; efficiency {row.efficiency:.2f}; "
-              f"CPU/lookup {row.cpu_ratio:.2f}x of the smallest ({row.linear})")
-    print(f"verdict: {verdict(rows)}")
-    print(write_report(args.out, results, machine, config))
+    for series, group in by_series(results).items():
+        rows = scaling(group)
+        for row in rows:
+            r = row.run
+            print(f"{series}: {r.nodes} node(s) {r.shards} shard(s): {_summary_line(r)}; efficiency "
+                  f"{row.efficiency:.2f}; CPU/lookup vs the smallest: node {row.cpu_ratio:.2f}x, Redis "
+                  f"{row.redis_cpu_ratio:.2f}x, PostgreSQL {row.pg_cpu_ratio:.2f}x ({row.verdict})")
+        print(f"verdict ({series}): {verdict(rows)}")
+    print(write_report(args.out, results, machine, config, args.note))
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
     return 1 if problems else 0

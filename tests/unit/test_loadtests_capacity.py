@@ -144,3 +144,31 @@ def test_crs_load_hands_sweep_and_bench_their_arguments(command: str, prog: str,
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"usage: python -m {prog} " in capsys.readouterr().out
+
+
+def test_penalties_per_tier_come_from_the_nodes_series() -> None:
+    """Nodes series whose Redis CPU per lookup grew 1.5x and PostgreSQL 1.2x at 2 nodes: the plan carries
+    those penalties into Redis cores (hence shards for load) and PostgreSQL cores. A shards series (fixed
+    load, more shards) is reported in the linearity lines but sets no penalty."""
+    base = synthetic_report()
+    runs = [r for r in runs_from_report(base) if r.label != "sweep"]
+    runs += [_run("sweep", "retail=100", 1, 20_000, 10.0, 0.4, 0.2, 200),
+             _run("sweep", "retail=100", 2, 40_000, 20.0, 1.2, 0.48, 400)]
+
+    def shard_run(shards: int, redis_cpu: float) -> RunResult:
+        r = _run("sweep", "retail=100", 2, 40_000, 20.0, redis_cpu, 0.4, 400)
+        r.series, r.shards = "shards", shards
+        return r
+
+    runs += [shard_run(1, 0.8), shard_run(16, 2.4)]   # 3x: each shard's fixed cost over the same load
+    report = json.loads(json.dumps(to_json(runs, {"name": "synthetic", "date": "d"}, {})))
+    costs = costs_from_report(report)
+    assert costs.scaling_penalty == 1.0
+    assert costs.redis_penalty == pytest.approx(1.5) and costs.pg_penalty == pytest.approx(1.2)
+    assert set(costs.linearity) == {"nodes", "shards"} and "3.00x at 16 shards" in costs.linearity["shards"]
+    ans = plan(Request(target=100_000, mix={"retail": 1.0}, p99_budget_ms=100, headroom=0.0), costs)
+    assert ans.redis_cores == pytest.approx(100_000 * 0.00002 * 1.5)           # 3 cores
+    assert ans.shards_for_ops == 3
+    assert ans.pg_cores == pytest.approx(100_000 * 0.00001 * 1.2)
+    assert ans.node_cores == pytest.approx(50)
+    assert any("Redis CPU per lookup grew to 1.50x" in n for n in ans.notes)

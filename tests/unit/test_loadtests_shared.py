@@ -122,6 +122,27 @@ def test_cpu_time_and_pinning_cover_the_whole_tree() -> None:
     assert procs.pin([parent.pid], [0]) == 0
 
 
+@pytest.mark.skipif(not procs.schedstat_available(), reason="no /proc/PID/task/TID/schedstat")
+def test_runtime_snapshot_agrees_with_process_times_at_finer_resolution() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert parent.stdout is not None and parent.stdin is not None
+    try:
+        child = int(parent.stdout.readline())
+        before, ticks_before = procs.runtime_snapshot([parent.pid]), procs.cpu_snapshot([parent.pid])
+        assert {parent.pid, child} <= set(before)          # keyed by thread id: main threads are the pids
+        assert parent.stdout.readline().strip() == "burnt"
+        after, ticks_after = procs.runtime_snapshot([parent.pid]), procs.cpu_snapshot([parent.pid])
+        burnt = procs.cpu_delta(before, after)
+        assert burnt >= 0.25
+        assert burnt == pytest.approx(procs.cpu_delta(ticks_before, ticks_after), abs=0.05)
+        assert any(v != round(v, 2) for v in after.values())   # finer than the 10 ms of clock ticks
+    finally:
+        parent.stdin.close()
+        parent.wait(10)
+    assert procs.runtime_snapshot([parent.pid]) == {}
+
+
 def test_cpu_seconds_of_this_process_is_its_process_time() -> None:
     end = time.process_time() + 0.05
     while time.process_time() < end:
