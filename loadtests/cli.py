@@ -36,11 +36,18 @@ def _identity_bench(argv: Sequence[str]) -> int:
     return main(argv)
 
 
+def _identity_import(argv: Sequence[str]) -> int:
+    from loadtests.bench.identity_import import main
+
+    return main(argv)
+
+
 # Commands with a parser of their own: everything after the name goes to their main(argv).
 RUNNERS: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
     "sweep": (_sweep, "the scaling sweep (python -m loadtests.sweep); --help for its options"),
     "bench": (_bench, "the benchmark (python -m loadtests.bench, ./crsw bench); --help for its options"),
     "identity-bench": (_identity_bench, "bulk import rows/s and IdentifyCustomer p50/p99 at 100k and 1M customers"),
+    "identity-import": (_identity_import, "bulk import rows/s and CPU into a preloaded database, repeatable (A/B)"),
 }
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from server.identity.attributes import AttributeProblem, has_name, parse_identity, parse_source_ref
+from server.identity.blocking import blocking_keys
 from server.store.bulk import ImportRow
 
 CUSTOMER_COLUMNS = ("source_ref", "given_name", "family_name", "date_of_birth", "national_id", "national_id_type",
@@ -33,6 +35,7 @@ _NUL = "\ue000"           # what a NUL byte is read as (the csv module refuses N
 ROW = "(row)"             # the column of a problem with the whole row
 REJECT_COLUMNS = ("row", "column", "reason", "shape")
 _SHAPE_KEEP = set(" -/.@'+,()#:_")
+_BAD_BYTE = re.compile("[\udc80-\udcff]")   # how surrogateescape reads a byte that is not UTF-8
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class SourceFile:
         if len(cells) != len(names):
             return Reject(row, ROW, f"has {len(cells)} columns; the header has {len(names)}")
         for name, cell in zip(names, cells, strict=True):
-            if any("\udc80" <= c <= "\udcff" for c in cell):
+            if not cell.isascii() and _BAD_BYTE.search(cell):
                 return Reject(row, name, "is not valid UTF-8", shape(cell))
             if _NUL in cell:
                 return Reject(row, name, "contains a NUL byte", shape(cell))
@@ -188,7 +191,7 @@ def customer_row(row: int, cells: dict[str, str], seen: SeenKeys) -> ImportRow |
     if not has_name(identity):
         why = "; ".join(w for w in warnings if w.startswith(("given_name", "family_name")))
         return Reject(row, "given_name,family_name", "no usable name" + (f" ({why})" if why else ""))
-    return ImportRow(row, key, identity, warnings)
+    return ImportRow(row, key, identity, warnings, tuple(blocking_keys(identity)))
 
 
 class Rejects:

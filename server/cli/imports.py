@@ -1,7 +1,9 @@
 """`crs import customers|accounts|cards FILE.csv --source SYSTEM --report OUT.csv`: bulk loads from a
 source system's extract (docs/identity.md, "Bulk import").
 
-Customers are identified as online (server/store/bulk.py) in batches, one transaction each; accounts
+Customers are identified as online (server/store/bulk.py) in batches, one transaction each, the next
+batch read, validated and sealed meanwhile (server/cli/import_reader.py: by a second process for large
+files, so parsing and PostgreSQL's writes use both cores); accounts
 and cards go through the admin write path one row at a time (server/store/admin.py: the same
 validation, fingerprints, encryption, feed events and cache invalidation as CreateAccount/IssueCard),
 with the source reference as the request id, so a re-run answers the first run's account or card.
@@ -16,7 +18,6 @@ import asyncio
 import csv
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,10 +31,10 @@ from server.cli.import_files import (
     Rejects,
     SeenKeys,
     SourceFile,
-    customer_row,
     file_digest,
     source_key,
 )
+from server.cli.import_reader import ReadAhead, batches, open_reader, sealed
 from server.identity.attributes import AttributeProblem, parse_source_ref
 from server.progress import ProgressBar
 from server.settings import Settings
@@ -82,24 +83,6 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
     return pool, keyring, await active_data_key(pool, keyring)
 
 
-def _batches(source: SourceFile, rejects: Rejects, parse: Callable[[int, dict[str, str]], Any],
-             size: int) -> Iterator[tuple[list[Any], int]]:
-    """Accepted rows in batches of `size`, with the last row each batch reaches; rejects written."""
-    batch: list[Any] = []
-    last = 1
-    for row, cells in source.read():
-        last = row
-        item = cells if isinstance(cells, Reject) else parse(row, cells)
-        if isinstance(item, Reject):
-            rejects.add(item)
-        else:
-            batch.append(item)
-        if len(batch) >= size:
-            yield batch, last
-            batch = []
-    yield batch, last
-
-
 async def import_customers(settings: Settings, path: Path, system: str, report: Path, rejects_path: Path | None,
                            batch: int, out: Any = None) -> Summary:
     from server.identity.model import MatchModel, Thresholds
@@ -107,8 +90,13 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
     from server.store.identity import IdentityCodec
 
     digest, lines = file_digest(path)
-    pool, keyring, data_key = await _open(settings)
-    summary, rejects = Summary(), Rejects(rejects_path)
+    reader = open_reader(path, batch, rejects_path, lines)    # a second process starts reading now
+    summary = Summary()
+    try:
+        pool, keyring, data_key = await _open(settings)
+    except BaseException:
+        reader.close()
+        raise
     try:
         bulk = BulkCustomers(pool=pool, codec=IdentityCodec(keyring=keyring, data_key=data_key),
                              model=MatchModel.load(settings.identity_weights or None),
@@ -122,24 +110,27 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                       " nothing will be created twice\n")
         elif done:
             err.write(f"resuming run {run}: rows up to {done} were committed before\n")
-        source = SourceFile(path, CUSTOMER_COLUMNS)
-        seen = SeenKeys()
         progress = ProgressBar(err, f"importing customers from {path.name}", max(lines - 1, 0))
-        with _report_file(report) as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(REPORT_COLUMNS["customers"])
-            for rows, last in _batches(source, rejects, lambda r, c: customer_row(r, c, seen), batch):
-                outcomes = await bulk.write_batch(rows, run, last) if rows else []
-                for o in outcomes:
-                    summary.decisions[o.decision] += 1
-                    writer.writerow((o.row, o.key, o.customer_id, o.decision,
-                                     "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
-                progress.update(source.rows_read, f"rejected {rejects.count}")
-        summary.read, summary.rejected = source.rows_read, rejects.count
-        progress.finish(f"rejected {rejects.count}")
-        await finish_run(pool, run, last_row(source))
+        ahead = ReadAhead(sealed(reader.batches(), bulk.seal))
+        try:
+            with _report_file(report) as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(REPORT_COLUMNS["customers"])
+                while (item := await ahead.next()) is not None:
+                    rows, last, seals = item
+                    outcomes = await bulk.write_batch(rows, run, last, seals) if rows else []
+                    for o in outcomes:
+                        summary.decisions[o.decision] += 1
+                        writer.writerow((o.row, o.key, o.customer_id, o.decision,
+                                         "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
+                    progress.update(max(last - 1, 0), f"rejected {reader.rejected}")
+        finally:
+            await ahead.close()
+        summary.read, summary.rejected = reader.rows_read, reader.rejected
+        progress.finish(f"rejected {reader.rejected}")
+        await finish_run(pool, run, summary.read + 1)
     finally:
-        rejects.close()
+        reader.close()
         await pool.close()
     return summary
 
@@ -177,8 +168,8 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
         with _report_file(report) as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(REPORT_COLUMNS[kind])
-            for rows, _ in _batches(source, rejects, check, BATCH // 10):
-                for item in rows:
+            for ready in batches(source, rejects, check, BATCH // 10):
+                for item in ready[0] if ready else ():
                     result = await writer_.write(kind, item, run)
                     if isinstance(result, Reject):
                         rejects.add(result)

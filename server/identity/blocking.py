@@ -14,8 +14,9 @@ number. A query's block that holds more than `MAX_BLOCK` records is skipped: it 
 from __future__ import annotations
 
 import hashlib
-import hmac
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import jellyfish
 
@@ -23,6 +24,7 @@ from server.identity.attributes import Identity
 
 MAX_BLOCK = 500
 _LABEL = b"crs:identity-block:"
+_SHA256_BLOCK = 64
 
 
 def _phonetic(name: str) -> str:
@@ -64,17 +66,27 @@ def blocking_keys(identity: Identity) -> list[str]:
 
 
 @lru_cache(maxsize=8)
-def _keyed(key: bytes) -> hmac.HMAC:
-    """An HMAC already keyed and fed the label: copying it skips re-deriving the key per hash."""
-    return hmac.new(key, _LABEL, hashlib.sha256)
+def _keyed(key: bytes) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) under `key` as its two SHA-256 states, the inner one already fed the
+    label: a hash copies both instead of an `hmac` object (0.8 us a hash instead of 1.4; an import
+    hashes ~7 keys a row)."""
+    if len(key) > _SHA256_BLOCK:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(_SHA256_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in key) + _LABEL)
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+    return inner, outer
 
 
 def block_hash(key: bytes, clear: str) -> int:
     """A blocking key as stored: HMAC-SHA256 under `key` (a fingerprint key), first 8 bytes, signed."""
-    mac = _keyed(key).copy()
-    mac.update(clear.encode("utf-8"))
-    return int.from_bytes(mac.digest()[:8], "big", signed=True)
+    keyed_inner, keyed_outer = _keyed(key)
+    inner, outer = keyed_inner.copy(), keyed_outer.copy()
+    inner.update(clear.encode("utf-8"))
+    outer.update(inner.digest())
+    return int.from_bytes(outer.digest()[:8], "big", signed=True)
 
 
-def block_hashes(key: bytes, identity: Identity) -> list[int]:
-    return sorted({block_hash(key, k) for k in blocking_keys(identity)})
+def block_hashes(key: bytes, identity: Identity, keys: Sequence[str] | None = None) -> list[int]:
+    """The identity's blocking keys hashed (`keys`: its blocking_keys when the caller has them)."""
+    return sorted({block_hash(key, k) for k in (blocking_keys(identity) if keys is None else keys)})

@@ -40,10 +40,12 @@ class Clusters:
     possible: list[tuple[int, int, Score]]      # pairs for review: review <= probability, not joined
 
 
-def candidate_pairs(identities: Sequence[Identity]) -> set[tuple[int, int]]:
+def candidate_pairs(identities: Sequence[Identity], keys: Sequence[Sequence[str]] | None = None
+                    ) -> set[tuple[int, int]]:
+    """Pairs sharing a blocking key (`keys`: each identity's blocking_keys when the caller has them)."""
     blocks: dict[str, list[int]] = defaultdict(list)
     for i, identity in enumerate(identities):
-        for key in blocking_keys(identity):
+        for key in blocking_keys(identity) if keys is None else keys[i]:
             blocks[key].append(i)
     pairs: set[tuple[int, int]] = set()
     for members in blocks.values():
@@ -53,9 +55,9 @@ def candidate_pairs(identities: Sequence[Identity]) -> set[tuple[int, int]]:
 
 
 def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thresholds,
-            margin: float = AMBIGUITY_MARGIN) -> Clusters:
+            margin: float = AMBIGUITY_MARGIN, keys: Sequence[Sequence[str]] | None = None) -> Clusters:
     scored: list[tuple[int, int, Score]] = []
-    for i, j in candidate_pairs(identities):
+    for i, j in candidate_pairs(identities, keys):
         s = model.score(identities[i], identities[j])
         if s.probability >= thresholds.review:
             scored.append((i, j, s))

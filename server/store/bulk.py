@@ -41,8 +41,8 @@ from server.proto import crs_pb2 as pb
 from server.store.admin import MAX_NAME, new_id
 from server.store.db import Conn, translate_db_errors
 from server.store.envelope import FEED_CHANNEL, FEED_LOCK
-from server.store.identity import IdentityCodec, candidates_many
-from server.store.identity_writes import MAX_CANDIDATES, queue_reviews
+from server.store.identity import IdentityCodec, SealedRecord, candidates_many
+from server.store.identity_writes import MAX_CANDIDATES, queue_reviews_many
 from server.store.messages import customer_msg
 
 IMPORT_CLIENT = "crs-import"     # the audit log's client id of bulk imports
@@ -60,6 +60,7 @@ class ImportRow:
     key: str                        # the source key (the system is the run's)
     identity: Identity
     warnings: tuple[str, ...] = ()  # "column: reason" of each attribute dropped (never a value)
+    keys: tuple[str, ...] | None = None   # its blocking_keys, when the reader made them (a second process)
 
 
 @dataclass(frozen=True)
@@ -129,36 +130,50 @@ class BulkCustomers:
             " WHERE s.source_system = $1 AND s.source_key = ANY($2::text[])", self.system, keys)
         return {r["source_key"]: r["customer_id"] for r in rows}
 
-    async def write_batch(self, rows: Sequence[ImportRow], run: str, rows_done: int) -> list[Outcome]:
-        """Identify and write one batch in one transaction; an outcome per row, in row order."""
+    def seal(self, row: ImportRow) -> SealedRecord:
+        """A row's sealed record (pure CPU: the import seals the next batch while one is written)."""
+        return self.codec.seal(row.identity, row.keys)
+
+    async def write_batch(self, rows: Sequence[ImportRow], run: str, rows_done: int,
+                          sealed: Sequence[SealedRecord] | None = None) -> list[Outcome]:
+        """Identify and write one batch in one transaction; an outcome per row, in row order.
+        `sealed`: the rows' `seal` when the caller made it already."""
         with translate_db_errors():
             async with self.pool.acquire() as conn, conn.transaction():
                 known = await self.existing(conn, [r.key for r in rows])
-                fresh = [r for r in rows if r.key not in known]
+                fresh = [i for i, r in enumerate(rows) if r.key not in known]
                 outcomes = [Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings)
                             for r in rows if r.key in known]
+                new_customers: dict[str, pb.Customer] = {}
                 if fresh:
-                    outcomes += await self._identify_and_write(conn, fresh)
-                created = sorted({o.customer_id for o in outcomes if o.decision in (NEW, POSSIBLE)})
+                    seals = [sealed[i] if sealed is not None else self.seal(rows[i]) for i in fresh]
+                    written, new_customers = await self._identify_and_write(conn, [rows[i] for i in fresh], seals)
+                    outcomes += written
+                created = sorted(new_customers)
                 joined = sorted({o.customer_id for o in outcomes if o.decision == MATCHED})
                 await self.progress(conn, run, rows_done, "ImportCustomers", "customer", created + joined)
                 if fresh:
-                    await self._feed(conn, created, joined, fresh)
+                    await self._feed(conn, new_customers, created, joined)
         return sorted(outcomes, key=lambda o: o.row)
 
-    async def _identify_and_write(self, conn: Conn, rows: list[ImportRow]) -> list[Outcome]:
+    async def _identify_and_write(self, conn: Conn, rows: list[ImportRow], sealed: list[SealedRecord]
+                                  ) -> tuple[list[Outcome], dict[str, pb.Customer]]:
+        """The rows' outcomes, and the customers created (their state as written: what the feed sends)."""
         identities = [r.identity for r in rows]
-        sealed = [self.codec.seal(i) for i in identities]
+        keys = [r.keys for r in rows if r.keys is not None]
         groups, pairs = self._decide(identities, await candidates_many(conn, self.codec, self.model, identities,
-                                                                       [s.blocks for s in sealed]))
+                                                                       [s.blocks for s in sealed]),
+                                     keys if len(keys) == len(rows) else None)
         by_row = {m: g for g in groups for m in g.members}
         new_groups = [g for g in groups if not g.joins]
         for g in new_groups:
             g.customer_id = new_id("cus_")
+        customers = [(g.customer_id, self._name(identities[g.members[0]]), "retail", pb.CUSTOMER_STATUS_ACTIVE,
+                      pb.KYC_STATUS_PENDING) for g in new_groups]
         await conn.copy_records_to_table(
-            "customers", columns=("customer_id", "display_name", "segment", "status", "kyc_status"),
-            records=[(g.customer_id, self._name(identities[g.members[0]]), "retail", pb.CUSTOMER_STATUS_ACTIVE,
-                      pb.KYC_STATUS_PENDING) for g in new_groups])
+            "customers", columns=("customer_id", "display_name", "segment", "status", "kyc_status"), records=customers)
+        created = {c[0]: pb.Customer(customer_id=c[0], display_name=c[1], segment=c[2], status=c[3], kyc_status=c[4],
+                                     version=1) for c in customers}    # version: the column's default
         record_ids = [r[0] for r in await conn.fetch(
             "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)", len(rows))]
         records, blocks = [], []
@@ -170,24 +185,22 @@ class BulkCustomers:
             blocks += [(v, b, record_id) for v, b in seal.block_rows]
         await conn.copy_records_to_table("source_records", columns=_RECORD_COLUMNS, records=records)
         await conn.copy_records_to_table("identity_blocks", columns=("version", "block", "record_id"), records=blocks)
-        queued = 0
-        for g in new_groups:
-            queued += await queue_reviews(conn, g.customer_id, sorted(g.reviews.items()), self.thresholds.review)
-        for a, b, s in pairs:    # two customers of this file that resemble each other without a MATCH
-            if a.customer_id != b.customer_id:
-                queued += await queue_reviews(conn, a.customer_id, [(b.customer_id, s)], self.thresholds.review)
+        reviews = [(g.customer_id, cid, s) for g in new_groups for cid, s in sorted(g.reviews.items())]
+        # ... and two customers of this file that resemble each other without a MATCH
+        reviews += [(a.customer_id, b.customer_id, s) for a, b, s in pairs if a.customer_id != b.customer_id]
+        await queue_reviews_many(conn, reviews, self.thresholds.review)
         out: list[Outcome] = []
         for i, row in enumerate(rows):
             g = by_row[i]
             decision = MATCHED if g.joins else POSSIBLE if g.reviews or g.possible else NEW
             out.append(Outcome(row.row, row.key, g.customer_id, decision, g.scores.get(i), row.warnings))
-        return out
+        return out, created
 
-    def _decide(self, identities: list[Identity], scored: list[list[tuple[str, Score]]]
-                ) -> tuple[list[_Group], list[tuple[_Group, _Group, Score]]]:
+    def _decide(self, identities: list[Identity], scored: list[list[tuple[str, Score]]],
+                keys: Sequence[Sequence[str]] | None = None) -> tuple[list[_Group], list[tuple[_Group, _Group, Score]]]:
         """Cluster the batch, then decide per cluster: join the one existing customer its rows MATCH,
         else a new customer with reviews of every possible match (stored or in the file)."""
-        clusters = cluster(identities, self.model, self.thresholds)
+        clusters = cluster(identities, self.model, self.thresholds, keys=keys)
         members: dict[int, list[int]] = defaultdict(list)
         for i, label in enumerate(clusters.labels):
             members[label].append(i)
@@ -231,12 +244,13 @@ class BulkCustomers:
     def _name(identity: Identity) -> str:
         return display_name(identity)[:MAX_NAME] or "(no name)"
 
-    async def _feed(self, conn: Conn, created: list[str], joined: list[str], rows: list[ImportRow]) -> None:
+    async def _feed(self, conn: Conn, states: dict[str, pb.Customer], created: list[str], joined: list[str]) -> None:
+        """Feed events of the batch: `states` holds the created customers; the joined ones' version goes up."""
+        states = dict(states)
         if joined:
-            await conn.execute("UPDATE customers SET version = version + 1, updated_at = now()"
-                               " WHERE customer_id = ANY($1::text[])", joined)
-        states = {r["customer_id"]: customer_msg(r) for r in await conn.fetch(
-            "SELECT * FROM customers WHERE customer_id = ANY($1::text[])", created + joined)}
+            for r in await conn.fetch("UPDATE customers SET version = version + 1, updated_at = now()"
+                                      " WHERE customer_id = ANY($1::text[]) RETURNING *", joined):
+                states[r["customer_id"]] = customer_msg(r)
         now = datetime.now(UTC)
         records = []
         for event, ids in (("customer.created", created), ("customer.record_added", joined)):

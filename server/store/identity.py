@@ -12,6 +12,7 @@ decrypt and score each customer by its best record.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,21 +58,22 @@ class IdentityCodec:
     def version(self) -> int:
         return self.keyring.fingerprint_version
 
-    def blocks(self, identity: Identity, version: int | None = None) -> list[int]:
-        return block_hashes(self.keyring.fingerprint_keys[version or self.version], identity)
+    def blocks(self, identity: Identity, version: int | None = None, keys: Sequence[str] | None = None) -> list[int]:
+        return block_hashes(self.keyring.fingerprint_keys[version or self.version], identity, keys)
 
     def national_id_fp(self, identity: Identity, version: int | None = None) -> bytes | None:
         key = identity.national_id_key
         return self.keyring.fingerprint(key, version) if key else None
 
-    def seal(self, identity: Identity) -> SealedRecord:
+    def seal(self, identity: Identity, keys: Sequence[str] | None = None) -> SealedRecord:
         """Blocks under every configured version: during a key rotation a node on either version
-        finds what the other wrote (the rotation fills in the records written before)."""
-        current = self.blocks(identity)
+        finds what the other wrote (the rotation fills in the records written before).
+        `keys`: the identity's blocking_keys when the caller has them."""
+        current = self.blocks(identity, keys=keys)
         rows = [(self.version, h) for h in current]
         for v in sorted(self.keyring.fingerprint_keys):
             if v != self.version:
-                rows += [(v, h) for h in self.blocks(identity, v)]
+                rows += [(v, h) for h in self.blocks(identity, v, keys)]
         target = self.keyring.rotation_target
         return SealedRecord(
             fingerprint_version=self.version, national_id_fp=self.national_id_fp(identity),

@@ -67,21 +67,34 @@ async def lock_blocks(conn: Conn, blocks: list[int]) -> None:
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", IDENTIFY_LOCK, b)
 
 
+_QUEUE_REVIEW = ("INSERT INTO identity_reviews (review_id, customer_id, candidate_id, probability, evidence, status)"
+                 " SELECT $1, $2, $3, $4, $5::jsonb, $6 WHERE NOT EXISTS (SELECT 1 FROM identity_distinct"
+                 "  WHERE customer_a = LEAST($2, $3) AND customer_b = GREATEST($2, $3))"
+                 " ON CONFLICT DO NOTHING")
+
+
+def _review_args(customer_id: str, candidate: str, score: Score) -> tuple[object, ...]:
+    return ("rev_" + secrets.token_hex(10), customer_id, candidate, score.probability,
+            orjson.dumps(evidence_json(score)).decode(), pb.REVIEW_STATUS_OPEN)
+
+
 async def queue_reviews(conn: Conn, customer_id: str, scored: list[tuple[str, Score]], review: float) -> int:
     """An open review task per candidate at or above the review threshold (one per pair)."""
     n = 0
     for candidate, score in scored:
         if score.probability < review or candidate == customer_id:
             continue
-        status = await conn.execute(
-            "INSERT INTO identity_reviews (review_id, customer_id, candidate_id, probability, evidence, status)"
-            " SELECT $1, $2, $3, $4, $5::jsonb, $6 WHERE NOT EXISTS (SELECT 1 FROM identity_distinct"
-            "  WHERE customer_a = LEAST($2, $3) AND customer_b = GREATEST($2, $3))"
-            " ON CONFLICT DO NOTHING",
-            "rev_" + secrets.token_hex(10), customer_id, candidate, score.probability,
-            orjson.dumps(evidence_json(score)).decode(), pb.REVIEW_STATUS_OPEN)
+        status = await conn.execute(_QUEUE_REVIEW, *_review_args(customer_id, candidate, score))
         n += status.endswith(" 1")
     return n
+
+
+async def queue_reviews_many(conn: Conn, pairs: list[tuple[str, str, Score]], review: float) -> None:
+    """`queue_reviews` for many (customer, candidate, score) in one round trip (a bulk import's batch)."""
+    args = [_review_args(c, candidate, s) for c, candidate, s in pairs
+            if s.probability >= review and candidate != c]
+    if args:
+        await conn.executemany(_QUEUE_REVIEW, args)
 
 
 class IdentityWrites(AdminStore):

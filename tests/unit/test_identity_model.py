@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import replace
 
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.identity.attributes import Identity
-from server.identity.blocking import block_hashes, blocking_keys
+from server.identity.blocking import block_hash, block_hashes, blocking_keys
 from server.identity.cluster import cluster
 from server.identity.compare import COMPARISONS, MISSING, compare, given_names_disagree
 from server.identity.model import EXACT_RULE, MatchModel, Thresholds, rules_forbid
@@ -155,6 +157,15 @@ def test_a_duplicate_shares_a_blocking_key(change: dict[str, str]) -> None:
 def test_blocking_keys_hold_no_clear_value_once_hashed() -> None:
     hashes = block_hashes(b"k" * 32, BASE)
     assert hashes and all(isinstance(h, int) and -(2**63) <= h < 2**63 for h in hashes)
+
+
+def test_block_hash_is_hmac_sha256_of_the_labelled_key() -> None:
+    """Stored blocking keys must not change with the implementation: the first 8 bytes, signed, of
+    HMAC-SHA256(fingerprint key, label + key), for any key length."""
+    for key in (b"k" * 32, b"short", b"x" * 64, b"long" * 40):
+        for clear in [*blocking_keys(BASE), "n\u00e9e|caf\u00e9"]:
+            mac = hmac.new(key, b"crs:identity-block:" + clear.encode(), hashlib.sha256).digest()
+            assert block_hash(key, clear) == int.from_bytes(mac[:8], "big", signed=True)
 
 
 # --- clustering -------------------------------------------------------------------------------------------
