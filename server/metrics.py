@@ -6,11 +6,13 @@ serves the merged view from the parent; a single process serves its own registry
 The two per-call metrics (RPC latency, answering tier) are counted in plain Python first and added
 to the Prometheus children by `flush()`, which the node runs every FLUSH_INTERVAL seconds: observing a
 prometheus_client histogram costs ~1.4 µs per call (more in multiprocess mode), 4% of a near-cache
-hit (docs/benchmarks). A scrape therefore lags by at most FLUSH_INTERVAL.
+hit (docs/benchmarks). A scrape therefore lags by at most FLUSH_INTERVAL. The counts take a lock:
+in the hybrid serving model gRPC threads count while the event loop flushes.
 """
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
 from typing import Any
 
@@ -102,17 +104,21 @@ class Metrics:
         self._tier_counts: dict[str, int] = {}
         # (method, code) -> [count per bucket..., sum of seconds]
         self._rpc_counts: dict[tuple[str, str], list[float]] = {}
+        self._counts_lock = threading.Lock()
 
     def tier_hit(self, tier: str) -> None:
-        counts = self._tier_counts
-        counts[tier] = counts.get(tier, 0) + 1
+        with self._counts_lock:
+            counts = self._tier_counts
+            counts[tier] = counts.get(tier, 0) + 1
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
-        row = self._rpc_counts.get((method, code))
-        if row is None:
-            row = self._rpc_counts[(method, code)] = [0.0] * (len(self._bounds) + 1)
-        row[bisect_left(self._bounds, seconds)] += 1   # buckets are "less or equal" bounds
-        row[-1] += seconds
+        bucket = bisect_left(self._bounds, seconds)   # buckets are "less or equal" bounds
+        with self._counts_lock:
+            row = self._rpc_counts.get((method, code))
+            if row is None:
+                row = self._rpc_counts[(method, code)] = [0.0] * (len(self._bounds) + 1)
+            row[bucket] += 1
+            row[-1] += seconds
 
     def feed_state(self, watchers: int, head: int) -> None:
         self.feed_watchers.set(watchers)
@@ -120,21 +126,21 @@ class Metrics:
 
     def flush(self) -> None:
         """Move the per-call counts into the Prometheus metrics."""
-        tiers, self._tier_counts = self._tier_counts, {}
+        with self._counts_lock:
+            tiers, self._tier_counts = self._tier_counts, {}
+            rows = [(key, row[:]) for key, row in self._rpc_counts.items() if any(row[:-1])]
+            for _, row in self._rpc_counts.items():
+                row[:] = [0.0] * len(row)
         for tier, n in tiers.items():
             self.lookups.labels(tier).inc(n)
-        for (method, code), row in self._rpc_counts.items():
-            if not any(row[:-1]):
-                continue
+        for (method, code), row in rows:
             child: Any = self.rpc_latency.labels(method, code)
             # prometheus_client has no public "add n observations"; its children keep one value per
             # bucket (non-cumulative) and the sum, which is what we add to.
             for i, count in enumerate(row[:-1]):
                 if count:
                     child._buckets[i].inc(count)
-                    row[i] = 0.0
             child._sum.inc(row[-1])
-            row[-1] = 0.0
 
     def pg_pool(self, size: int, idle: int, maximum: int) -> None:
         self.pg_pool_connections.set(size)
