@@ -52,6 +52,8 @@ class LoopBridge:
         self.loop = loop
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        if asyncio.iscoroutine(coro):
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
         return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self.loop)
 
     def call(self, later: Callable[[], Awaitable[T]], context: grpc.ServicerContext) -> T:

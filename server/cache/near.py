@@ -3,8 +3,11 @@
 The TTL bounds staleness even when an invalidation message is lost; eviction is LRU so hot cards stay.
 Each entry lives a random 80-100% of the TTL (never longer, so the bound holds): keys loaded together
 then expire apart instead of all refilling from Redis in the same instant.
-Thread-safe: in the hybrid serving model gRPC threads read it while the event loop fills it; one
-uncontended lock costs ~0.1 µs of a ~25 µs hit.
+Thread-safe: in the hybrid serving model gRPC threads read it while the event loop fills and
+invalidates it. Writes take a lock; a read takes none (a lock per read, contended under the GIL, cost
+17% of a BatchResolve's samples): each OrderedDict call is atomic under the GIL, and the one race a
+read can lose (the key discarded between its read and its LRU bump) leaves the answer it read, as if
+the read had come just before the discard.
 """
 
 from __future__ import annotations
@@ -37,15 +40,20 @@ class NearCache:
         return len(self._data)
 
     def get(self, key: str) -> bytes | None:
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
-                return None
-            if entry[0] < self._clock():
-                del self._data[key]
-                return None
-            self._data.move_to_end(key)
-            return entry[1]
+        data = self._data
+        entry = data.get(key)
+        if entry is None:
+            return None
+        if entry[0] < self._clock():
+            with self._lock:
+                if data.get(key) is entry:   # not replaced by a fill meanwhile
+                    del data[key]
+            return None
+        try:
+            data.move_to_end(key)
+        except KeyError:   # discarded since the read above
+            pass
+        return entry[1]
 
     def put(self, key: str, value: bytes) -> None:
         if not self._max:
