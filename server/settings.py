@@ -92,8 +92,9 @@ class Settings:
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
     # --- serving model (docs/decisions.md "Serving model: hybrid")
-    serving_model: str = "aio"            # "aio": grpc.aio on uvloop; "hybrid": sync grpc.server threads answer
-                                          # near-cache hits inline, everything else runs on the process's asyncio loop
+    serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
+                                          # everything else runs on the process's asyncio loop; "aio": grpc.aio
+                                          # on uvloop for every call (the previous model, kept for one release)
     serving_threads: int = 64             # hybrid: gRPC threads per node process; each call in flight holds one
                                           # (a StreamResolve two, a Watch one for its whole life)
     # --- transport security and callers (docs/security.md)

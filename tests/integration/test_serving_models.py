@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from devstack.environment import DevEnvironment, NodeProcess
@@ -19,7 +20,7 @@ from tests.integration.support import UsedSecrets, fresh_pan
 
 LOOKUP = rpc.methods(rpc.LOOKUP_SERVICE)
 FEED = rpc.methods(rpc.FEED_SERVICE)
-Outcome = tuple[str, Any, tuple[tuple[str, bytes], ...]]
+Outcome = tuple[str, Any, Any]
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +33,29 @@ def nodes(dev_env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
 
 
 def _unary(channel: grpc.Channel, method: rpc.Method, raw: bytes) -> Outcome:
-    """The raw answer bytes, or the status code, details and status-details trailer."""
+    """The answer, or the status code, details and status details (google.rpc.Status). Compared as
+    messages, not bytes: protobuf maps (ErrorInfo.metadata) serialize in no fixed order."""
     try:
-        return "OK", channel.unary_unary(method.path)(raw, timeout=10), ()
+        return "OK", method.response.FromString(channel.unary_unary(method.path)(raw, timeout=10)), None
     except grpc.RpcError as exc:
-        trailer = tuple((k, v) for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin")
-        return exc.code().name, exc.details(), trailer
+        trailer = [v for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
+        return exc.code().name, exc.details(), _details(trailer[0]) if trailer else None
+
+
+def _details(trailer: bytes) -> list[Any]:
+    """The status details unpacked: Any.value holds serialized bytes, which differ with map order."""
+    status = status_pb2.Status.FromString(trailer)
+    out: list[Any] = [status.code, status.message]
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, pb.BinRange):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                out.append(message)
+                break
+        else:
+            out.append(detail)
+    return out
 
 
 def _outcomes(node: NodeProcess, client: str, calls: list[tuple[rpc.Method, bytes]]) -> list[Outcome]:
@@ -73,9 +91,7 @@ def _requests(used: UsedSecrets) -> list[tuple[rpc.Method, bytes]]:
         (LOOKUP["BatchResolve"], pb.BatchResolveRequest(keys=keys).SerializeToString()),   # all from L1
         (LOOKUP["BatchResolve"], pb.BatchResolveRequest().SerializeToString()),
     ]
-    for key in keys:
-        if key.pan:
-            used.pans.add(key.pan)
+    used.pans.update({demo_pan(1), demo_pan(7)})   # full PANs sent; fresh_pan records its own
     return calls
 
 
@@ -99,12 +115,12 @@ def test_missing_scopes_are_refused_alike(nodes: dict[str, NodeProcess]) -> None
     assert [o[0] for o in _outcomes(nodes["hybrid"], "feed", calls)] == ["PERMISSION_DENIED"] * 3
 
 
-def _stream(node: NodeProcess, keys: list[pb.LookupKey]) -> list[tuple[str, int, bytes]]:
+def _stream(node: NodeProcess, keys: list[pb.LookupKey]) -> list[tuple[str, int, pb.LookupResult]]:
     with node.channel("admin") as channel:
         call = channel.stream_stream(LOOKUP["StreamResolve"].path, request_serializer=pb.LookupKey.SerializeToString,
                                      response_deserializer=pb.LookupResult.FromString)
         results = list(call(iter(keys), timeout=10))
-    return sorted((r.correlation_id, r.code, r.SerializeToString()) for r in results)
+    return sorted(((r.correlation_id, r.code, r) for r in results), key=lambda t: t[0])
 
 
 def test_stream_resolve_answers_are_the_same(nodes: dict[str, NodeProcess], used_secrets: UsedSecrets) -> None:

@@ -77,8 +77,8 @@ def test_near_cache_lru_ttl_and_discard() -> None:
 
 
 def test_serving_model_is_aio_or_hybrid() -> None:
-    assert load_settings({}).serving_model == "aio"
-    assert load_settings({"CRS_SERVING_MODEL": "hybrid"}).serving_model == "hybrid"
+    assert load_settings({}).serving_model == "hybrid"
+    assert load_settings({"CRS_SERVING_MODEL": "aio"}).serving_model == "aio"
     with pytest.raises(SettingsError) as info:
         load_settings({"CRS_SERVING_MODEL": "threads", "CRS_SERVING_THREADS": "2"})
     assert "CRS_SERVING_MODEL" in str(info.value) and "CRS_SERVING_THREADS" in str(info.value)
