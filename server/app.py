@@ -182,6 +182,8 @@ class Node:
         self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
+        self._executor: ThreadPoolExecutor | None = None  # hybrid: the gRPC threads
         self.port: int = 0
 
     async def start(self) -> None:
@@ -233,9 +235,10 @@ class Node:
         server: grpc.aio.Server | grpc.Server
         if isinstance(self.health, ThreadedHealth):
             # The hybrid model: gRPC threads answer near-cache hits, this loop does the rest (server/hybrid.py).
-            server = grpc.server(ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc"),
-                                 options=options)
-            threaded = HybridHandlers(bridge=LoopBridge(asyncio.get_running_loop()), metrics=self.metrics, gate=gate)
+            self._executor = ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
+            server = grpc.server(self._executor, options=options)
+            self._bridge = LoopBridge(asyncio.get_running_loop())
+            threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:
@@ -296,6 +299,10 @@ class Node:
             else:
                 await stopped
             self.server = None
+        if self._bridge is not None:   # hybrid: no gRPC thread may wait on this loop once it stops
+            self._bridge.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

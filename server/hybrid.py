@@ -21,6 +21,7 @@ import asyncio
 import concurrent.futures
 import logging
 import queue
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -29,7 +30,7 @@ import grpc
 from grpc_health.v1 import health
 
 from server import rpc
-from server.errors import CrsError, status_details_trailer, status_for
+from server.errors import BackendUnavailable, CrsError, status_details_trailer, status_for
 from server.gate import Gate, request_parser
 from server.lookup import Later, LookupHandlers
 from server.lookup_threads import stream_resolve
@@ -46,15 +47,40 @@ class CallEnded(Exception):
 
 
 class LoopBridge:
-    """Runs coroutines for gRPC threads on the node's event loop."""
+    """Runs coroutines for gRPC threads on the node's event loop.
+
+    `close()` (the node's stop, once the server has stopped) cancels every coroutine still pending
+    and refuses new ones: a gRPC thread never waits on a loop that will not run its work again, so
+    the process can exit (concurrent.futures joins its threads at exit)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._closed = False
 
     def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
-        if asyncio.iscoroutine(coro):
-            return asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return asyncio.run_coroutine_threadsafe(_as_coroutine(coro), self.loop)
+        if not asyncio.iscoroutine(coro):
+            coro = _as_coroutine(coro)
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise BackendUnavailable("the node is shutting down")
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
 
     def call(self, later: Callable[[], Awaitable[T]], context: grpc.ServicerContext) -> T:
         """Await `later()` on the loop; the calling thread waits at most until the call's deadline."""
@@ -82,8 +108,14 @@ class LoopBridge:
                 raise
             handoff.put((False, None))
 
+        def ended(future: concurrent.futures.Future[None]) -> None:
+            if future.cancelled():   # perhaps before pump() ever ran: wake the reader all the same
+                handoff.put((False, concurrent.futures.CancelledError()))
+            else:
+                future.exception()   # retrieved: pump() already handed it over
+
         future = self.submit(pump())
-        future.add_done_callback(_consume)
+        future.add_done_callback(ended)
         context.add_callback(future.cancel)
         try:
             while True:
@@ -102,11 +134,6 @@ class LoopBridge:
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
-
-
-def _consume(future: concurrent.futures.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 class ThreadedHealth:
