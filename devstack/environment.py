@@ -231,6 +231,7 @@ class DevEnvironment:
     pki: DevPki | None = None
     clients_file: Path | None = None
 
+    serving_model: str = ""    # CRS_SERVING_MODEL of every node started here ("" = the product's default)
     external_pg_dsn: str | None = None
     external_redis_urls: tuple[str, ...] = ()
     database: str | None = None
@@ -412,6 +413,8 @@ class DevEnvironment:
                     "CRS_TLS_CLIENT_CA_FILE": str(self.pki.ca_cert), "CRS_CLIENTS_FILE": str(self.clients_file)}
         else:
             env |= {"CRS_ALLOW_PLAINTEXT": "true", "CRS_ALLOW_ANONYMOUS": "true"}
+        if self.serving_model:
+            env["CRS_SERVING_MODEL"] = self.serving_model
         settings = load_settings(env)
         values: dict[str, object] = {"redis_shards": self.shard_addresses()} | overrides   # an override wins
         return replace(settings, **values)  # type: ignore[arg-type]

@@ -1,4 +1,8 @@
-"""Builds a node: the grpc.aio server with its services, health and reflection, from settings.
+"""Builds a node: the gRPC server with its services, health and reflection, from settings.
+
+The server is grpc.aio (CRS_SERVING_MODEL=aio) or the synchronous grpc.server with near-cache hits
+answered on its threads and everything else on this process's loop (hybrid, server/hybrid.py); the
+gate, the handlers, the error mapping and the metrics are the same objects in both.
 
 `Node` owns every resource of one node process (pools, cache tier, background tasks) and tears them
 down in reverse order. Health follows the lifecycle: SERVING only once the pools are ready,
@@ -10,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
 import asyncpg
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -27,13 +32,15 @@ from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.tier import RedisTier
-from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
+from server.caller import Caller
 from server.db_health import probe_database
 from server.decisions import DecisionTable, parse_network_codes
-from server.errors import BackendUnavailable, CrsError, InvalidKey, status_details_trailer, status_for
+from server.errors import BackendUnavailable, CrsError, status_details_trailer, status_for
 from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
+from server.gate import Gate, request_parser
+from server.hybrid import HybridHandlers, LoopBridge, ThreadedHealth
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
@@ -63,7 +70,7 @@ def build_authenticator(s: Settings) -> Authenticator:
                          mtls=bool(s.tls_client_ca_file))
 
 
-def bind_ports(server: grpc.aio.Server, s: Settings, metrics: Metrics | None = None) -> int:
+def bind_ports(server: grpc.aio.Server | grpc.Server, s: Settings, metrics: Metrics | None = None) -> int:
     """The gRPC port: mutual TLS when a client CA is configured, TLS otherwise, plaintext only when
     explicitly allowed. The optional token port: server-only TLS for bearer-token callers."""
     address = f"{s.grpc_host}:{s.grpc_port}"
@@ -85,42 +92,6 @@ def bind_ports(server: grpc.aio.Server, s: Settings, metrics: Metrics | None = N
     return port
 
 
-def _parser(method: rpc.Method) -> Callable[[bytes], Any]:
-    from_string = method.request.FromString
-    what = method.request.DESCRIPTOR.full_name
-
-    def parse(raw: bytes) -> Any:
-        try:
-            return from_string(raw)
-        except DecodeError as exc:
-            raise InvalidKey(f"request is not a valid {what} message") from exc
-
-    return parse
-
-
-class Gate:
-    """Runs before any handler work: who is calling (UNAUTHENTICATED), may they call this RPC
-    (PERMISSION_DENIED), and is their token bucket empty (RESOURCE_EXHAUSTED)."""
-
-    def __init__(self, authenticator: Authenticator) -> None:
-        self.authenticator = authenticator
-
-    def scopes_for(self, method: rpc.Method) -> frozenset[str]:
-        if method.service == rpc.LOOKUP_SERVICE.full_name:
-            return LOOKUP_RPC_SCOPE[method.name]
-        if method.service == rpc.FEED_SERVICE.full_name:
-            return frozenset({FEED_READ})
-        if method.service == rpc.IDENTITY_SERVICE.full_name:
-            return IDENTITY_RPC_SCOPE[method.name]
-        return frozenset({ADMIN_WRITE})
-
-    def admit(self, context: grpc.aio.ServicerContext, scopes: frozenset[str], name: str) -> Caller:
-        caller = self.authenticator.authenticate(context)
-        caller.require_any(scopes, name)
-        self.authenticator.admit(caller)
-        return caller
-
-
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
                 started: float) -> NoReturn:
     """End the call with the status errors.status_for maps `exc` to (the only place codes are chosen)."""
@@ -138,7 +109,7 @@ async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, me
 def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], metrics: Metrics,
            gate: Gate) -> grpc.RpcMethodHandler:
     name = method.name
-    parse = _parser(method)
+    parse = request_parser(method)
     scopes = gate.scopes_for(method)
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -161,7 +132,7 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
     """A server-streaming RPC (Watch, Snapshot) or a bidi one (StreamResolve): the same gate, the same
     failure path; only what the handler gets as its request differs (one message or a stream)."""
     name = method.name
-    parse = _parser(method)
+    parse = request_parser(method)
     scopes = gate.scopes_for(method)
 
     async def parsed(raw_items: AsyncIterator[bytes]) -> AsyncIterator[Any]:
@@ -205,12 +176,16 @@ class Node:
         self.read_pool: asyncpg.Pool | None = None   # replicas (CRS_PG_READ_DSN), for cache misses
         self.tier: RedisTier | None = None
         self.topology: TopologyWatcher | None = None
-        self.server: grpc.aio.Server | None = None
-        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | grpc.Server | None = None
+        self.hybrid = settings.serving_model == "hybrid"
+        self.health: health.aio.HealthServicer | ThreadedHealth = (
+            ThreadedHealth() if self.hybrid else health.aio.HealthServicer())
         self.resolver: Resolver | None = None
         self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
+        self._executor: ThreadPoolExecutor | None = None  # hybrid: the gRPC threads
         self.port: int = 0
 
     async def start(self) -> None:
@@ -264,21 +239,32 @@ class Node:
         if s.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
-        server = grpc.aio.server(options=options)
         gate = Gate(build_authenticator(s))
-        server.add_generic_rpc_handlers((
-            generic_handler(rpc.LOOKUP_SERVICE, lookup, self.metrics, gate),
-            generic_handler(rpc.ADMIN_SERVICE, admin, self.metrics, gate),
-            generic_handler(rpc.FEED_SERVICE, feed, self.metrics, gate),
-            generic_handler(rpc.IDENTITY_SERVICE, identity, self.metrics, gate),
-        ))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
+                    (rpc.IDENTITY_SERVICE, identity))
+        server: grpc.aio.Server | grpc.Server
+        if isinstance(self.health, ThreadedHealth):
+            # The hybrid model: gRPC threads answer near-cache hits, this loop does the rest (server/hybrid.py).
+            self._executor = ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
+            server = grpc.server(self._executor, options=options)
+            self._bridge = LoopBridge(asyncio.get_running_loop())
+            threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate)
+            server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        else:
+            server = grpc.aio.server(options=options)
+            server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate)
+                                                  for svc, target in services))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [svc.full_name for svc in rpc.SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                                        reflection.SERVICE_NAME], server)
         self.port = bind_ports(server, s, self.metrics)
         self.server = server
-        await server.start()
+        if isinstance(server, grpc.aio.Server):
+            await server.start()
+        else:
+            server.start()
         if self.tier is not None:
             self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
                 self.resolver.on_invalidated, near.clear, retry_interval=s.shard_retry_interval)))
@@ -295,7 +281,7 @@ class Node:
         self._tasks.append(asyncio.create_task(route.run()))
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}",
+        log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}", "serving_model": s.serving_model,
                                         "shards": [sh.name for sh in s.redis_shards]})
 
     async def _flush_metrics(self) -> None:
@@ -318,8 +304,16 @@ class Node:
         if self.tailer is not None:   # watch streams never end by themselves: end them, they resume elsewhere
             self.tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
         if self.server is not None:
-            await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+            stopped = self.server.stop(self.settings.grace_seconds if grace is None else grace)
+            if isinstance(stopped, threading.Event):   # the sync server stops on its own threads
+                await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+            else:
+                await stopped
             self.server = None
+        if self._bridge is not None:   # hybrid: no gRPC thread may wait on this loop once it stops
+            self._bridge.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -4,7 +4,8 @@ Identity comes from the client certificate of a mutual-TLS connection (its commo
 mapped to a client id in the clients file) or from a signed JWT bearer token (`sub` = client id,
 verified against a JWKS with audience and expiry checks). Scopes are granted per client id in the
 clients file; a token can only narrow them. Everything here runs before a handler touches
-PostgreSQL or Redis.
+PostgreSQL or Redis, on the event loop (grpc.aio) or on gRPC threads (the hybrid serving model): the
+caches and token buckets take a lock.
 
 The clients file (CRS_CLIENTS_FILE, JSON)::
 
@@ -17,6 +18,7 @@ The clients file (CRS_CLIENTS_FILE, JSON)::
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -108,6 +110,7 @@ class JwtVerifier:
         self.issuer = issuer
         self._cache: OrderedDict[str, tuple[float, str, frozenset[str]]] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def verify(self, token: str) -> tuple[str, frozenset[str]]:
         """(client id, scopes in the token) or Unauthenticated."""
@@ -126,9 +129,10 @@ class JwtVerifier:
         except (jwt.PyJWTError, KeyError) as exc:
             raise Unauthenticated("bearer token is not valid for this service") from exc
         scopes = frozenset(str(claims.get("scope", "")).split())
-        if len(self._cache) >= self._cache_size:
-            self._cache.popitem(last=False)
-        self._cache[token] = (float(claims["exp"]), str(claims["sub"]), scopes)
+        with self._lock:
+            if len(self._cache) >= self._cache_size:
+                self._cache.popitem(last=False)
+            self._cache[token] = (float(claims["exp"]), str(claims["sub"]), scopes)
         return str(claims["sub"]), scopes
 
 
@@ -160,8 +164,9 @@ class Authenticator:
         self._by_cert: OrderedDict[bytes, Caller | Unauthenticated] = OrderedDict()
         self._cert_cache_size = cert_cache_size
         self._buckets: dict[str, TokenBucket] = {}
+        self._lock = threading.Lock()
 
-    def authenticate(self, context: grpc.aio.ServicerContext) -> Caller:
+    def authenticate(self, context: grpc.ServicerContext | grpc.aio.ServicerContext) -> Caller:
         if self.jwt is not None:
             for key, value in context.invocation_metadata() or ():
                 if key == "authorization":
@@ -189,9 +194,10 @@ class Authenticator:
         cached = self._by_cert.get(pem)
         if cached is None:
             cached = self._identify_cert(pem)
-            if len(self._by_cert) >= self._cert_cache_size:
-                self._by_cert.popitem(last=False)
-            self._by_cert[pem] = cached
+            with self._lock:
+                if len(self._by_cert) >= self._cert_cache_size:
+                    self._by_cert.popitem(last=False)
+                self._by_cert[pem] = cached
         if isinstance(cached, Unauthenticated):
             raise Unauthenticated(cached.message)
         return cached
@@ -219,8 +225,10 @@ class Authenticator:
         policy = self.registry.clients.get(caller.client_id)
         if policy is None or not policy.rate_per_s:
             return
-        bucket = self._buckets.get(caller.client_id)
-        if bucket is None:
-            bucket = self._buckets[caller.client_id] = TokenBucket(policy.rate_per_s, policy.burst)
-        if not bucket.take(time.monotonic()):
+        with self._lock:
+            bucket = self._buckets.get(caller.client_id)
+            if bucket is None:
+                bucket = self._buckets[caller.client_id] = TokenBucket(policy.rate_per_s, policy.burst)
+            admitted = bucket.take(time.monotonic())
+        if not admitted:
             raise RateLimited(f"client {caller.client_id!r} is over its rate limit of {policy.rate_per_s:g}/s")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any, Protocol
 
 import asyncpg
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health_pb2
 
 from server.metrics import Metrics
 from server.store.db import DB_ERRORS
@@ -23,7 +24,13 @@ DATABASE_SERVICE = "crs.v1.Database"
 log = logging.getLogger("crs.health")
 
 
-async def probe_database(pool: asyncpg.Pool, servicer: health.aio.HealthServicer, metrics: Metrics, *,
+class HealthStatus(Protocol):
+    """The health servicer of either serving model (grpc.aio's, or server/hybrid.py's ThreadedHealth)."""
+
+    async def set(self, service: str, status: Any) -> None: ...
+
+
+async def probe_database(pool: asyncpg.Pool, servicer: HealthStatus, metrics: Metrics, *,
                          interval: float, timeout: float) -> None:
     up: bool | None = None
     while True:

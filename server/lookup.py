@@ -38,6 +38,11 @@ from server.store.read_route import Read as ReadQuery
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
+Later = Callable[[], Awaitable[bytes]]   # the part of a call that needs I/O, awaited on the event loop
+
+
+async def finish(now: bytes | Later) -> bytes:
+    return now if isinstance(now, bytes) else await now()
 
 
 class BinTableHolder(Protocol):
@@ -154,27 +159,74 @@ class LookupHandlers:
         return bin_range, hint.message().SerializeToString() if hint else None
 
     # -- unary RPCs ------------------------------------------------------------------------------
-    async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
+    # Each RPC is split in two: `*_now` does the work that needs no I/O (validate, fingerprint, the
+    # near-cache) and returns the answer, or `Later`: the rest, to await on the event loop. grpc.aio
+    # runs both halves on the loop; the hybrid serving model runs `*_now` on a gRPC thread and hands
+    # only `Later` to the loop (server/hybrid.py). One code path, so both models answer alike.
+    def inline_paths(self) -> dict[str, Callable[[Any, Caller], bytes | Later]]:
+        return {"ResolveCard": self.resolve_card_now, "ResolveAccount": self.resolve_account_now,
+                "GetCustomer": self.get_customer_now, "ResolveBin": self.resolve_bin_now,
+                "BatchResolve": self.batch_resolve_now}
+
+    def resolve_card_now(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes | Later:
         which = request.WhichOneof("key")
+        pan = request.pan if which == "pan" else None
         try:
             if which == "pan":
-                return await self.resolver.resolve(self.card_by_pan(request.pan))
-            if which == "token":
-                return await self.resolver.resolve(self.card_by_token(request.token))
-            raise InvalidKey("key is empty: set pan or token")
+                lookup = self.card_by_pan(request.pan)
+            elif which == "token":
+                lookup = self.card_by_token(request.token)
+            else:
+                raise InvalidKey("key is empty: set pan or token")
+            value = self.resolver.cached(lookup)
         except CrsError as exc:
-            raise self.card_failure(exc, request.pan if which == "pan" else None) from None
+            raise self.card_failure(exc, pan) from None
+        if value is not None:
+            return value
 
-    async def ResolveAccount(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes:
+        async def later() -> bytes:
+            try:
+                return await self.resolver.resolve(lookup)
+            except CrsError as exc:
+                raise self.card_failure(exc, pan) from None
+
+        return later
+
+    def resolve_account_now(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes | Later:
         try:
-            return await self.resolver.resolve(self.account(request.routing_number, request.account_number))
+            lookup = self.account(request.routing_number, request.account_number)
+            value = self.resolver.cached(lookup)
         except CrsError as exc:
             raise self.account_failure(exc, request.routing_number) from None
+        if value is not None:
+            return value
+
+        async def later() -> bytes:
+            try:
+                return await self.resolver.resolve(lookup)
+            except CrsError as exc:
+                raise self.account_failure(exc, request.routing_number) from None
+
+        return later
+
+    def get_customer_now(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes | Later:
+        lookup = self.customer(request.customer_id)
+        value = self.resolver.cached(lookup)
+        return value if value is not None else partial(self.resolver.resolve, lookup)
+
+    async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
+        return await finish(self.resolve_card_now(request, caller))
+
+    async def ResolveAccount(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes:
+        return await finish(self.resolve_account_now(request, caller))
 
     async def GetCustomer(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes:
-        return await self.resolver.resolve(self.customer(request.customer_id))
+        return await finish(self.get_customer_now(request, caller))
 
     async def ResolveBin(self, request: pb.ResolveBinRequest, caller: Caller) -> bytes:
+        return self.resolve_bin_now(request, caller)
+
+    def resolve_bin_now(self, request: pb.ResolveBinRequest, caller: Caller) -> bytes:
         which = request.WhichOneof("key")
         if which == "pan":
             digits = parse_pan(request.pan)
@@ -192,12 +244,17 @@ class LookupHandlers:
 
     # -- many keys -------------------------------------------------------------------------------
     async def BatchResolve(self, request: pb.BatchResolveRequest, caller: Caller) -> bytes:
+        return await finish(self.batch_resolve_now(request, caller))
+
+    def batch_resolve_now(self, request: pb.BatchResolveRequest, caller: Caller) -> bytes | Later:
         n = len(request.keys)
         if n == 0:
             raise InvalidKey("keys is empty")
         if n > self.batch_max:
             raise InvalidKey(f"too many keys: {n} > the maximum of {self.batch_max} per batch")
         prepared: list[tuple[str, Lookup | CrsError, int, pb.LookupKey]] = []
+        outcomes: list[bytes | CrsError | None] = []
+        misses: list[int] = []
         for key in request.keys:
             cid = key.correlation_id
             try:
@@ -206,15 +263,33 @@ class LookupHandlers:
                 lookup, field = self.for_key(key, caller)
             except CrsError as exc:
                 prepared.append((cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD, key))
-            else:
-                prepared.append((cid, lookup, field, key))
-        todo = [p[1] for p in prepared if isinstance(p[1], Lookup)]
-        answers = iter(await self.resolver.resolve_many(todo)) if todo else iter(())
-        results: list[bytes] = []
-        for cid, item, field, key in prepared:
-            outcome = next(answers) if isinstance(item, Lookup) else item
-            results.append(self._result(cid, outcome, field, key))
-        return batch_response(results)
+                outcomes.append(exc)
+                continue
+            prepared.append((cid, lookup, field, key))
+            try:
+                value: bytes | CrsError | None = self.resolver.cached(lookup)
+            except CrsError as exc:
+                value = exc
+            if value is None:
+                misses.append(len(outcomes))
+            outcomes.append(value)
+
+        def answer() -> bytes:
+            return batch_response([self.result_of(cid, outcome, field, key)
+                                   for (cid, _, field, key), outcome in zip(prepared, outcomes, strict=True)
+                                   if outcome is not None])
+
+        if not misses:
+            return answer()
+
+        async def later() -> bytes:
+            todo = [prepared[i][1] for i in misses]
+            found = await self.resolver.resolve_many([lk for lk in todo if isinstance(lk, Lookup)])
+            for i, outcome in zip(misses, found, strict=True):
+                outcomes[i] = outcome
+            return answer()
+
+        return later
 
     async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
         """Results in completion order (each carries its correlation id): a near-cache hit is answered
@@ -232,7 +307,7 @@ class LookupHandlers:
                 outcome, field = exc, RESOLUTION_FIELD
             finally:
                 window.release()
-            results.put_nowait(self._result(cid, outcome, field, key))
+            results.put_nowait(self.result_of(cid, outcome, field, key))
 
         async def read_keys() -> None:
             async for key in requests:
@@ -242,8 +317,12 @@ class LookupHandlers:
                         cid = cid[:MAX_CORRELATION_ID]
                         raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
                     lookup, field = self.for_key(key, caller)
+                    value = self.resolver.cached(lookup)
                 except CrsError as exc:
-                    results.put_nowait(self._result(cid, exc, RESOLUTION_FIELD, key))
+                    results.put_nowait(self.result_of(cid, exc, RESOLUTION_FIELD, key))
+                    continue
+                if value is not None:   # a near-cache hit needs no task
+                    results.put_nowait(self.result_of(cid, value, field, key))
                     continue
                 await window.acquire()
                 task = asyncio.create_task(resolve_one(cid, lookup, field, key))
@@ -269,7 +348,7 @@ class LookupHandlers:
                 task.cancel()
 
 
-    def _result(self, correlation_id: str, outcome: bytes | CrsError, field: int, key: pb.LookupKey) -> bytes:
+    def result_of(self, correlation_id: str, outcome: bytes | CrsError, field: int, key: pb.LookupKey) -> bytes:
         if isinstance(outcome, bytes):
             return lookup_result(correlation_id, 0, "", outcome, field)
         bin_range, decision = self.failure_extras(key, outcome)

@@ -30,17 +30,16 @@ def _is_ascii_digits(value: str) -> bool:
     return value.isascii() and value.isdigit()
 
 
+# Luhn-doubled value of each ASCII digit, as a bytes.translate table (other bytes map to themselves).
+_DOUBLED = bytes((2 * (b - 48) if b < 53 else 2 * (b - 48) - 9) if 48 <= b <= 57 else b for b in range(256))
+
+
 def luhn_ok(digits: str) -> bool:
-    total = 0
-    parity = len(digits) % 2
-    for i, ch in enumerate(digits):
-        d = ord(ch) - 48
-        if i % 2 == parity:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
+    """Luhn over ASCII digits (callers check that first), summed in C over byte slices: ~3x faster than
+    a loop per digit, which was ~12% of a BatchResolve key's CPU (docs/decisions.md, serving model)."""
+    backwards = digits.encode()[::-1]
+    kept = backwards[0::2]
+    return (sum(kept) - 48 * len(kept) + sum(backwards[1::2].translate(_DOUBLED))) % 10 == 0
 
 
 def luhn_check_digit(partial: str) -> str:

@@ -62,13 +62,23 @@ class Resolver:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
 
     # -- one key ---------------------------------------------------------------------------------
+    def cached(self, lookup: Lookup) -> bytes | None:
+        """The answer if the near-cache holds it (NotFound for a negative entry), else None. No I/O:
+        the hybrid serving model calls it on gRPC threads and answers a hit there."""
+        value = self.near.get(lookup.cache_key)
+        if value is None:
+            return None
+        self.metrics.tier_hit("l1")
+        if value == NEGATIVE:
+            raise NotFound(f"{lookup.what} not found")
+        return value
+
     async def resolve(self, lookup: Lookup) -> bytes:
         """The serialized answer for one key, or NotFound / BackendUnavailable."""
-        value = self.near.get(lookup.cache_key)
+        value = self.cached(lookup)
         if value is not None:
-            self.metrics.tier_hit("l1")
-        else:
-            value = await self._single_flight(lookup)
+            return value
+        value = await self._single_flight(lookup)
         if value == NEGATIVE:
             raise NotFound(f"{lookup.what} not found")
         return value

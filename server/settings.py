@@ -24,6 +24,7 @@ class SettingsError(ValueError):
 
 
 _SCHEMES = ("redis://", "rediss://", "unix://")
+SERVING_MODELS = ("aio", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,12 @@ class Settings:
     drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
+    # --- serving model (docs/decisions.md "Serving model: hybrid")
+    serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
+                                          # everything else runs on the process's asyncio loop; "aio": grpc.aio
+                                          # on uvloop for every call (the previous model, kept for one release)
+    serving_threads: int = 64             # hybrid: gRPC threads per node process; each call in flight holds one
+                                          # (a StreamResolve two, a Watch one for its whole life)
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)
@@ -246,6 +253,10 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_TOKEN_PORT must be 0-65535 (got {s.token_port})")
     if s.max_connection_age < 0:
         problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
+    if s.serving_model not in SERVING_MODELS:
+        problems.append(f"CRS_SERVING_MODEL must be {' or '.join(SERVING_MODELS)} (got {s.serving_model!r})")
+    if s.serving_threads < 4:
+        problems.append(f"CRS_SERVING_THREADS must be >= 4 (got {s.serving_threads})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay < 0:

@@ -1,4 +1,5 @@
-"""The ceiling: a bare grpc.aio unary server on uvloop that answers every call with canned bytes.
+"""The ceiling: a bare grpc.aio unary server on uvloop that answers every call with canned bytes
+(with --sync: the synchronous grpc.server on a thread pool, the ceiling of the hybrid serving model).
 
 It registers the same method path as the node (/crs.v1.LookupService/ResolveCard) and answers with
 the serialized Resolution the node returns for a demo card, so the load generator runs the very same
@@ -6,7 +7,7 @@ client code against it and the response has exactly the size of a real answer. I
 no parsing, no validation, no HMAC, no cache, no metrics. Whatever the node costs above this is the
 price of the service itself.
 
-    python -m loadtests.bench.echo_server --port 50099 --payload FILE
+    python -m loadtests.bench.echo_server --port 50099 --payload FILE [--sync [--threads 64]]
 
 Prints ``READY <port>`` on stdout once it is serving; SIGTERM/SIGINT stop it, and so does its parent
 process going away.
@@ -19,6 +20,8 @@ import asyncio
 import os
 import signal
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -68,6 +71,31 @@ async def serve(port: int, payload: bytes) -> None:
     await server.stop(0)
 
 
+def serve_sync(port: int, payload: bytes, threads: int) -> None:
+    """The same echo on the synchronous grpc.server, with the node's hybrid options (server/app.py)."""
+    handler = grpc.method_handlers_generic_handler(
+        ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(lambda raw, ctx: payload)})
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if not bound:
+        raise SystemExit(f"echo server: cannot bind 127.0.0.1:{port}")
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    parent = os.getppid()
+    print(f"READY {bound}", flush=True)
+    while not stop.wait(0.5):
+        if os.getppid() != parent:   # the benchmark died without stopping us
+            break
+    server.stop(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench.echo_server",
                                      description="Bare grpc.aio unary server answering canned bytes (the "
@@ -75,8 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--payload", type=Path, required=True,
                         help="file whose bytes are the answer to every call (a serialized Resolution)")
+    parser.add_argument("--sync", action="store_true", help="serve on the synchronous grpc.server instead")
+    parser.add_argument("--threads", type=int, default=64, help="--sync: thread pool size (default 64, as the"
+                                                                " node's CRS_SERVING_THREADS)")
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.port, args.payload.read_bytes()))
+    if args.sync:
+        serve_sync(args.port, args.payload.read_bytes(), args.threads)
+    else:
+        uvloop.run(serve(args.port, args.payload.read_bytes()))
     return 0
 
 

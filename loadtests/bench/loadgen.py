@@ -123,7 +123,15 @@ async def _drive(window: Window, spec: dict[str, Any], start_workers: Callable[[
 
 # -- gRPC, asyncio ---------------------------------------------------------------------------------
 def _channels(grpc: Any, spec: dict[str, Any]) -> list[Any]:
-    return [grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) for _ in range(spec["channels"])]
+    """Plaintext, or mutual TLS when the spec names the CA and a client certificate (spec["tls"])."""
+    tls = spec.get("tls")
+    if not tls:
+        return [grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) for _ in range(spec["channels"])]
+    creds = grpc.ssl_channel_credentials(root_certificates=open(tls["ca"], "rb").read(),
+                                         private_key=open(tls["key"], "rb").read(),
+                                         certificate_chain=open(tls["cert"], "rb").read())
+    options = [*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", "localhost")]
+    return [grpc.aio.secure_channel(spec["target"], creds, options=options) for _ in range(spec["channels"])]
 
 
 async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
@@ -139,10 +147,20 @@ async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
     pb.Resolution.FromString(await calls[0](reqs[0], timeout=10))   # a real answer, or fail loudly
     w = Window(spec)
 
+    # Paced (spec["rate"], calls/s in all): each worker sends on its own schedule; a late call is sent
+    # at once and the schedule kept, so the rate holds and no queueing hides in the client.
+    concurrency = spec["concurrency"]
+    interval = concurrency / spec["rate"] if spec.get("rate") else 0.0
+
     async def worker(i: int) -> None:
         call = calls[i % len(calls)]
         perf = time.perf_counter
+        due = perf() + i * interval / concurrency
         while not w.stop:
+            if interval:
+                if (wait := due - perf()) > 0:
+                    await asyncio.sleep(wait)
+                due += interval
             req = reqs[next(w.next_key) % n]
             t = perf()
             try:

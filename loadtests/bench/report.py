@@ -137,8 +137,8 @@ def ceiling_per_core(results: Mapping[str, PhaseResult]) -> float:
 class Target:
     name: str
     phase: str            # the phase measured
-    baseline: str         # the phase it is compared with ("ceiling" = echo)
-    threshold: float      # ratio that must be reached
+    baseline: str         # the phase it is compared with ("ceiling" = echo), or P99 (a latency bound)
+    threshold: float      # ratio that must be reached (for P99: milliseconds not to exceed)
     ratio: float          # measured (nan when a phase is missing)
     noise: float = math.nan   # relative run-to-run spread of the two phases compared, when known
 
@@ -146,6 +146,8 @@ class Target:
     def status(self) -> str:
         if math.isnan(self.ratio):
             return "N/A"
+        if self.baseline == P99:
+            return "PASS" if self.ratio <= self.threshold else "MISS"
         return "PASS" if self.ratio >= self.threshold else "MISS"
 
     @property
@@ -160,24 +162,38 @@ class Target:
         return self.status + (" (marginal)" if self.marginal else "")
 
 
-# (name, phase, baseline, threshold): every ratio is per server core.
-TARGETS = (
-    ("near-cache hit vs echo ceiling", "l1", "ceiling", 0.9),
-    ("Redis hit vs echo ceiling", "l2", "ceiling", 0.7),
-    ("BatchResolve(100) keys vs unary near-cache lookups", "batch", "l1", 20.0),
-    ("StreamResolve vs unary near-cache lookups", "stream", "l1", 2.5),
-)
+P99 = "p99 ms"   # a Target baseline: the phase's p99 latency under its load, in ms, must stay at or below
+
+
+def _targets(model: str) -> tuple[tuple[str, str, str, float], ...]:
+    x = "" if model == "aio" else f"_{model}"
+    return (
+        (f"[{model}] near-cache hit vs grpc.aio echo", f"l1{x}", "ceiling", 1.3),
+        (f"[{model}] near-cache hit vs sync grpc.server echo", f"l1{x}", "echo_sync", 0.85),
+        (f"[{model}] Redis hit vs grpc.aio echo", f"l2{x}", "ceiling", 1.0),
+        (f"[{model}] StreamResolve vs unary near-cache lookups", f"stream{x}", f"l1{x}", 2.5),
+        (f"[{model}] BatchResolve(100) keys vs grpc.aio echo calls", f"batch{x}", "ceiling", 35.0),
+        (f"[{model}] near-cache p99 at half of saturation (ms)", f"l1_half{x}", P99, 2.0),
+    )
+
+
+# (name, phase, baseline, threshold): every ratio is per server core; issue 12's targets, per serving model.
+TARGETS = _targets("aio") + _targets("hybrid")
 
 
 def ratio_to(results: Mapping[str, PhaseResult], phase: str, baseline: str) -> float:
     if phase not in results:
         return math.nan
+    if baseline == P99:
+        return results[phase].latency_ms.get("p99", math.nan)
     base = ceiling_per_core(results) if baseline == "ceiling" else (
         results[baseline].per_core if baseline in results else math.nan)
     return safe_div(results[phase].per_core, base) if not math.isnan(base) else math.nan
 
 
 def _noise(results: Mapping[str, PhaseResult], phase: str, baseline: str) -> float:
+    if baseline == P99:
+        return math.nan
     base = CEILING if baseline == "ceiling" else baseline
     spreads = [results[k].spread for k in (phase, base) if k in results and not math.isnan(results[k].spread)]
     return max(spreads) if spreads else math.nan
@@ -208,6 +224,14 @@ def _fmt_ratio(x: float) -> str:
 
 def _fmt_ms(x: float | None) -> str:
     return "-" if x is None or math.isnan(x) else (f"{x:.2f}" if x < 100 else f"{x:.0f}")
+
+
+def _fmt_target(t: Target) -> str:
+    return _fmt_ms(t.ratio) + " ms" if t.baseline == P99 else _fmt_ratio(t.ratio)
+
+
+def _fmt_needed(t: Target) -> str:
+    return f"<= {t.threshold:g} ms" if t.baseline == P99 else f">= {t.threshold:g}x"
 
 
 def _fmt_pct(x: float) -> str:
@@ -263,7 +287,7 @@ def console_table(results: Sequence[PhaseResult], targets: Sequence[Target]) -> 
     out.append("Ratios and targets use the per-server-core figure (work / CPU-seconds of the server process, "
                "best round); wall-clock rates pool all rounds.")
     for t in targets:
-        out.append(f"  {t.verdict:15}  {t.name}: {_fmt_ratio(t.ratio)} (target >= {t.threshold:g}x)")
+        out.append(f"  {t.verdict:15}  {t.name}: {_fmt_target(t)} (target {_fmt_needed(t)})")
     out.append(noise_line(results))
     return "\n".join(out)
 
@@ -292,7 +316,7 @@ def markdown(results: Sequence[PhaseResult], targets: Sequence[Target], machine:
     md += ["", "## Targets (per server core)", "", "| target | measured | needed | result |",
            "| --- | --- | --- | --- |"]
     for t in targets:
-        md.append(f"| {t.name} | {_fmt_ratio(t.ratio)} | >= {t.threshold:g}x | **{t.verdict}** |")
+        md.append(f"| {t.name} | {_fmt_target(t)} | {_fmt_needed(t)} | **{t.verdict}** |")
     md += ["", noise_line(results)]
     md += ["", "## Load and server-side CPU per phase", "",
            "| phase | load | server CPU us/item | backends CPU s | per core, server + backends | client CPU | items "

@@ -35,21 +35,36 @@ class Phase:
     key: str
     title: str
     kind: str            # loadgen kind: unary, batch, stream, asyncpg
-    target: str          # echo, l1, l2, l3 (which server), or pg
+    target: str          # which server: echo, echo_sync, l1, l2, l3, mtls (+ "_hybrid"), or pg
     unit: str = "lookups"
     client: str = ""     # unary client override ("threads" for the reference run)
     reference: bool = False
+    paced: bool = False  # unary at half of the rate the same server's saturation phase reached
+
+
+MODELS = ("aio", "hybrid")   # the node's serving models (CRS_SERVING_MODEL), measured side by side
+
+
+def _node_phases(model: str) -> tuple[Phase, ...]:
+    x = "" if model == "aio" else f"_{model}"
+    return (
+        Phase(f"l1{x}", f"ResolveCard, near-cache hit [{model}]", "unary", f"l1{x}"),
+        Phase(f"l1_half{x}", f"ResolveCard, near-cache, half of saturation [{model}]", "unary", f"l1{x}",
+              paced=True),
+        Phase(f"l1_mtls{x}", f"ResolveCard, near-cache, mutual TLS [{model}]", "unary", f"mtls{x}"),
+        Phase(f"batch{x}", f"BatchResolve x100, near-cache [{model}]", "batch", f"l1{x}", unit="keys"),
+        Phase(f"stream{x}", f"StreamResolve, near-cache [{model}]", "stream", f"l1{x}"),
+        Phase(f"l2{x}", f"ResolveCard, Redis hit (L1 off) [{model}]", "unary", f"l2{x}"),
+    )
 
 
 PHASES = (
-    Phase("echo", "echo server (ceiling)", "unary", "echo"),
+    Phase("echo", "grpc.aio echo server (ceiling)", "unary", "echo"),
+    Phase("echo_sync", "sync grpc.server echo (hybrid ceiling)", "unary", "echo_sync"),
     Phase("echo_threads", "echo server, sync-thread client (ref.)", "unary", "echo", client="threads",
           reference=True),
-    Phase("l1", "ResolveCard, near-cache hit", "unary", "l1"),
-    Phase("batch", "BatchResolve x100, near-cache", "batch", "l1", unit="keys"),
-    Phase("stream", "StreamResolve, near-cache", "stream", "l1"),
-    Phase("l2", "ResolveCard, Redis hit (L1 off)", "unary", "l2"),
-    Phase("l3", "ResolveCard, PostgreSQL (caches off)", "unary", "l3"),
+    *(ph for model in MODELS for ph in _node_phases(model)),
+    Phase("l3", "ResolveCard, PostgreSQL (caches off) [aio]", "unary", "l3"),
     Phase("asyncpg", "asyncpg card-row query, no service", "asyncpg", "pg"),
     Phase("asyncpg_join", "asyncpg, the node's full card query", "asyncpg", "pg"),
 )
@@ -60,13 +75,18 @@ Measure, in one run on this machine, how many lookups per second one CRS node co
 the ceiling of a bare grpc.aio server, and print PASS/MISS against the targets.
 
 The run starts its own PostgreSQL and Redis shards (devstack/, as `crs-dev up` does), loads a small
-demo data set, starts node processes (`crs serve`, workers=1, plaintext) and a bare grpc.aio echo
-server, then measures each phase after --warmup seconds of the same load:
+demo data set, starts node processes (`crs serve`, workers=1, plaintext unless stated) in both
+serving models (CRS_SERVING_MODEL=aio and hybrid; the hybrid phases carry the suffix _hybrid) and two
+bare echo servers, then measures each phase after --warmup seconds of the same load:
 
   echo          bare grpc.aio unary server on uvloop answering canned bytes the size of a ResolveCard
                 answer (loadtests/bench/echo_server.py): the ceiling
-  echo_threads  the same, driven by the sync-thread client instead (reference: which client saturates)
+  echo_sync     the same on the synchronous grpc.server (64 threads): the hybrid model's ceiling
+  echo_threads  the aio echo, driven by the sync-thread client instead (reference: which client saturates)
   l1            ResolveCard answered from the near-cache (the same --hot-keys PANs over and over)
+  l1_half       the same, paced at half the rate l1 reached in the same round: latency below saturation
+  l1_mtls       l1 on a node serving mutual TLS (dev PKI, the client presents a certificate): the
+                price of production transport security next to l1's plaintext
   batch         BatchResolve with --batch-size keys per call from the near-cache (keys/s)
   stream        StreamResolve: lookups over open bidi streams from the near-cache
   l2            ResolveCard answered from Redis (a node with near_cache_size=0)
@@ -90,8 +110,10 @@ there are at least two CPUs the server side (server + Redis + PostgreSQL) is pin
 CPU and the load generator to the second. In the asyncpg phases the server is PostgreSQL (the
 postmaster and all its backends).
 
-Targets (per server core, same run): near-cache hit >= 0.9x echo; Redis hit >= 0.7x echo;
-BatchResolve(100) keys/s >= 20x unary near-cache lookups/s; StreamResolve >= 2.5x unary.
+Targets (per server core, same run; each serving model judged on its own; issue 12): near-cache hit
+>= 1.3x grpc.aio echo and >= 0.85x sync grpc.server echo; Redis hit >= 1.0x grpc.aio echo;
+StreamResolve >= 2.5x unary near-cache; BatchResolve(100) keys/s >= 35x grpc.aio echo calls/s;
+near-cache p99 <= 2 ms at half of saturation.
 """
 
 EPILOG = """\
@@ -162,6 +184,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--phases: unknown phase(s) {', '.join(unknown) or '(none given)'}; choose from "
                 + ", ".join(PHASE_KEYS))
     args.phase_list = [ph for ph in PHASES if ph.key in chosen]
+    for ph in args.phase_list:
+        if ph.paced and ph.key.replace("l1_half", "l1") not in chosen:
+            p.error(f"--phases: {ph.key} is paced from {ph.key.replace('l1_half', 'l1')}'s rate: choose both")
     for name in ("seconds", "warmup", "idle_seconds"):
         if getattr(args, name) < 0 or (name == "seconds" and args.seconds <= 0):
             p.error(f"--{name.replace('_', '-')} must be {'> 0' if name == 'seconds' else '>= 0'}")
@@ -193,11 +218,11 @@ def choose_cpus(no_pin: bool) -> tuple[set[int], set[int]] | None:
 
 
 class EchoServer:
-    def __init__(self, payload: Path, log: Path) -> None:
+    def __init__(self, payload: Path, log: Path, *, sync: bool = False) -> None:
         self.log = log.open("wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.bench.echo_server", "--port", "0",
-                                      "--payload", str(payload)], cwd=REPO, stdout=subprocess.PIPE,
-                                     stderr=self.log, start_new_session=True)
+                                      "--payload", str(payload), *(["--sync"] if sync else [])], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)
         self.port = self._wait_ready(30.0)
 
     def _wait_ready(self, timeout: float) -> int:
@@ -254,6 +279,23 @@ def start_node_without_redis(env: Any, **overrides: object) -> Any:
     node = start_node(settings, log_path=log_dir / f"node-{settings.grpc_port}.log", **extra)
     env.nodes.append(node)   # env.stop() stops it
     return node
+
+
+def bench_pki(directory: Path) -> Any:
+    """A dev PKI and clients file for the mutual-TLS phases: the client presents the "switch" certificate."""
+    from devstack.environment import dev_clients_config
+    from devstack.pki import write_dev_pki
+
+    pki = write_dev_pki(directory, ("admin", "switch"))
+    (directory / "clients.json").write_text(json.dumps(dev_clients_config(), indent=2))
+    return pki
+
+
+def start_mtls_node(env: Any, pki: Any, **overrides: object) -> Any:
+    """A node serving mutual TLS only, as in production (no anonymous callers)."""
+    return env.start_node(workers=1, pki=pki, tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key),
+                          tls_client_ca_file=str(pki.ca_cert), clients_file=str(pki.directory / "clients.json"),
+                          allow_plaintext=False, allow_anonymous=False, **overrides)
 
 
 def fetch_answer(address: str, pan: str) -> bytes:
@@ -321,8 +363,12 @@ def run_loadgen(spec: dict[str, Any], *, timeout: float, verbose: bool) -> dict[
     return result
 
 
-SERVER_NAMES = {"echo": "echo server process", "l1": "node process", "l2": "node process", "l3": "node process",
+SERVER_NAMES = {"echo": "grpc.aio echo server process", "echo_sync": "sync grpc.server echo server process",
                 "pg": "PostgreSQL (postmaster + backends)"}
+
+
+def server_name(target: str) -> str:
+    return SERVER_NAMES.get(target, "node process")
 
 
 def phase_spec(phase: Phase, args: argparse.Namespace, *, window: float, cpus: tuple[set[int], set[int]] | None,
@@ -350,6 +396,8 @@ def phase_spec(phase: Phase, args: argparse.Namespace, *, window: float, cpus: t
 def describe_load(phase: Phase, spec: dict[str, Any]) -> str:
     if phase.kind == "unary" and spec.get("client") == "threads":
         return f"sync client, {spec['concurrency']} threads, {spec['channels']} channels"
+    if phase.kind == "unary" and phase.paced:
+        return f"aio client, paced to {spec['rate']:,.0f} calls/s, {spec['channels']} channels"
     if phase.kind == "unary":
         return f"aio client, {spec['concurrency']} in flight, {spec['channels']} channels"
     if phase.kind == "batch":
@@ -384,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     quiet: TextIO = sys.stderr if args.verbose else open(os.devnull, "w")
     env = DevEnvironment(shards=args.shards, customers=args.customers, pg_binaries=args.pg_binaries)
-    echo: EchoServer | None = None
+    echoes: dict[str, EchoServer] = {}
     watchers: FeedWatchers | None = None
     rounds: dict[str, list[dict[str, Any]]] = {}
     loads: dict[str, str] = {}
@@ -400,24 +448,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         assert env.stack is not None
         cards = 2 * args.customers
         targets_needed = {ph.target for ph in args.phase_list}
+        if targets_needed & {"echo", "echo_sync"}:
+            targets_needed.add("l1")   # the echo payload is a real answer
         nodes: dict[str, Any] = {}
-        if targets_needed & {"l1", "echo"}:
-            nodes["l1"] = env.start_node(workers=1)
-        if "l2" in targets_needed:
-            nodes["l2"] = env.start_node(workers=1, near_cache_size=0)
-        if "l3" in targets_needed:
-            nodes["l3"] = start_node_without_redis(env, near_cache_size=0)
-        if "echo" in targets_needed:
+        pki = None
+        for target in sorted(targets_needed):
+            tier, _, model = target.partition("_")
+            model = model or "aio"
+            if tier == "l1":
+                nodes[target] = env.start_node(workers=1, serving_model=model)
+            elif tier == "l2":
+                nodes[target] = env.start_node(workers=1, near_cache_size=0, serving_model=model)
+            elif tier == "l3":
+                nodes[target] = start_node_without_redis(env, near_cache_size=0, serving_model=model)
+            elif tier == "mtls":
+                pki = pki or bench_pki(Path(env.stack.base_dir) / "bench-pki")
+                nodes[target] = start_mtls_node(env, pki, serving_model=model)
+        if targets_needed & {"echo", "echo_sync"}:
             payload = fetch_answer(nodes["l1"].address, demo_pan(0))
             payload_path = Path(env.stack.base_dir) / "echo-payload.bin"
             payload_path.write_bytes(payload)
-            echo = EchoServer(payload_path, Path(env.stack.base_dir) / "logs" / "echo.log")
-            print(f"benchmark: echo server answers {len(payload)} bytes, the size of a ResolveCard answer",
+            for target in sorted(targets_needed & {"echo", "echo_sync"}):
+                echoes[target] = EchoServer(payload_path, Path(env.stack.base_dir) / "logs" / f"{target}.log",
+                                            sync=target == "echo_sync")
+            print(f"benchmark: echo servers answer {len(payload)} bytes, the size of a ResolveCard answer",
                   flush=True)
             if "l1" not in {ph.target for ph in args.phase_list}:
                 nodes.pop("l1").stop()   # started only to get a real answer for the echo payload
         if args.watchers:
-            watchers = FeedWatchers([n.address for n in nodes.values()], per_node=args.watchers)
+            watchers = FeedWatchers([n.address for t, n in nodes.items() if not t.startswith("mtls")],
+                                    per_node=args.watchers)
             print(f"benchmark: {args.watchers} Watch stream(s) attached to each node", flush=True)
         machine = machine_info(settings, env.stack, cpus)
         backends = [pid for pid in [env.stack.postgres.pid, *(r.pid for r in env.stack.redis)] if pid]
@@ -430,8 +490,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"of {args.warmup:g}s warm-up + {window:g}s measured + {args.idle_seconds:g}s idle latency", flush=True)
         for n, (rnd, phase) in enumerate(schedule, 1):
             spec = phase_spec(phase, args, window=window, cpus=cpus, hot=hot, cards=cards)
-            if phase.target == "echo":
-                assert echo is not None
+            if phase.paced:   # half of what the same server reached at saturation in this round
+                saturated = rounds.get(phase.key.replace("l1_half", "l1"), [])
+                if len(saturated) < rnd:
+                    failures.append(f"{phase.key} (round {rnd}): no saturation run of its server to pace from")
+                    continue
+                spec["rate"] = 0.5 * saturated[rnd - 1]["items"] / saturated[rnd - 1]["wall_s"]
+            if phase.target in echoes:
+                echo = echoes[phase.target]
                 spec.update(target=echo.address, server_pids=[echo.proc.pid], backend_pids=[])
             elif phase.target == "pg":
                 spec.update(server_pids=[env.stack.postgres.pid], backend_pids=[], dsn=settings.pg_dsn,
@@ -442,6 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 node = nodes[phase.target]
                 spec.update(target=node.address, server_pids=[node.proc.pid], backend_pids=backends,
                             metrics_url=f"http://127.0.0.1:{node.settings.metrics_port}/metrics")
+                if phase.target.startswith("mtls") and pki is not None:
+                    cert, key = pki.client_cert("switch")
+                    spec["tls"] = {"ca": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
             print(f"[{n}/{len(schedule)}] round {rnd}: {phase.title} ...", end=" ", flush=True)
             try:
                 raw = run_loadgen(spec, timeout=args.warmup + window + args.idle_seconds + 60, verbose=args.verbose)
@@ -468,14 +537,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if watchers is not None:
             watchers.stop()
-        if echo is not None:
+        for echo in echoes.values():
             echo.stop()
         env.stop()
         if quiet is not sys.stderr:
             quiet.close()
 
     results = [merge_rounds(rounds[ph.key], key=ph.key, title=ph.title, unit=ph.unit,
-                            server=SERVER_NAMES[ph.target], load=loads[ph.key], reference=ph.reference)
+                            server=server_name(ph.target), load=loads[ph.key], reference=ph.reference)
                for ph in args.phase_list if ph.key in rounds]
     targets = evaluate_targets({r.key: r for r in results})
     config = {

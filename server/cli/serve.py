@@ -13,7 +13,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.serve import serve
     from server.settings import check_serving
 
-    settings = settings_from_args(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host)
+    settings = settings_from_args(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host,
+                                  serving_model=args.serving_model)
     check_serving(settings)
     return serve(settings)
 
@@ -30,11 +31,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="run node processes (gRPC + metrics)", description=(
-        "Run N node processes sharing one gRPC port (SO_REUSEPORT), each on uvloop with its own\n"
-        "PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
+        "Run N node processes sharing one gRPC port (SO_REUSEPORT), each with an asyncio loop (uvloop),\n"
+        "its own PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
         "metrics on CRS_METRICS_PORT. SIGTERM drains: health NOT_SERVING, stop accepting, finish\n"
         "in-flight calls within CRS_GRACE_SECONDS, exit 0. Needs CRS_PG_DSN, CRS_REDIS_SHARDS,\n"
-        "CRS_FINGERPRINT_KEYS and CRS_KEK."), formatter_class=RAW)
+        "CRS_FINGERPRINT_KEYS and CRS_KEK.\n\n"
+        "Serving model (CRS_SERVING_MODEL): 'hybrid' (the default) serves on the synchronous\n"
+        "grpc.server, answers near-cache hits inline on its CRS_SERVING_THREADS threads and runs\n"
+        "everything else (Redis, PostgreSQL, admin, feed) on the process's asyncio loop; 'aio' serves\n"
+        "every call on grpc.aio (the previous model, kept for one release as a fallback). Callers see\n"
+        "the same answers, codes, deadlines, auth and limits either way."),
+        formatter_class=RAW)
+    s.add_argument("--serving-model", choices=("aio", "hybrid"),
+                   help="how calls are served (default CRS_SERVING_MODEL = hybrid)")
     s.add_argument("--workers", type=int, help="node processes (default CRS_WORKERS, 0 = CPU count)")
     s.add_argument("--port", type=int, help="gRPC port (default CRS_GRPC_PORT = 50051)")
     s.add_argument("--host", help="bind address (default CRS_GRPC_HOST = 127.0.0.1)")

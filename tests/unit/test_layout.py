@@ -36,8 +36,9 @@ LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the f
     ("server.topology",),
     ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
      "server.feed.retention", "server.bin_source", "server.db_health"),
-    ("server.lookup", "server.admin", "server.feed.service", "server.identity_service"),
-    ("server.app", "server.serve"),
+    ("server.lookup", "server.admin", "server.feed.service", "server.identity_service", "server.gate",
+     "server.lookup_threads"),
+    ("server.app", "server.serve", "server.hybrid"),
     ("server.cli",),
 ]
 # Packages hold docstrings only; their modules have layers.

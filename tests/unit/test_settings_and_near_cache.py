@@ -74,3 +74,42 @@ def test_near_cache_lru_ttl_and_discard() -> None:
     off = NearCache(max_entries=0, ttl=1.0)
     off.put("a", b"1")
     assert off.get("a") is None and not off.enabled
+
+
+def test_serving_model_is_aio_or_hybrid() -> None:
+    assert load_settings({}).serving_model == "hybrid"
+    assert load_settings({"CRS_SERVING_MODEL": "aio"}).serving_model == "aio"
+    with pytest.raises(SettingsError) as info:
+        load_settings({"CRS_SERVING_MODEL": "threads", "CRS_SERVING_THREADS": "2"})
+    assert "CRS_SERVING_MODEL" in str(info.value) and "CRS_SERVING_THREADS" in str(info.value)
+
+
+def test_near_cache_stays_consistent_under_threads() -> None:
+    """The hybrid model reads the near-cache on gRPC threads while the loop fills and invalidates it:
+    concurrent get/put/discard never raise, never exceed the bound, and a value read is one that was put."""
+    import threading
+
+    cache = NearCache(max_entries=64, ttl=60)
+    errors: list[BaseException] = []
+    values = {f"k{i}": f"v{i}".encode() for i in range(200)}
+
+    def work(seed: int) -> None:
+        try:
+            for n in range(5_000):
+                key = f"k{(n * 7 + seed) % 200}"
+                if n % 3 == 0:
+                    cache.put(key, values[key])
+                elif n % 3 == 1:
+                    got = cache.get(key)
+                    assert got is None or got == values[key]
+                else:
+                    cache.discard([key])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(cache) <= 64

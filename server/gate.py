@@ -1,0 +1,57 @@
+"""What every RPC runs around its handler, whichever serving model answers it (grpc.aio or hybrid):
+the request parser and the gate (who calls, may they, are they over their rate).
+
+Both models register the same method table (server/rpc.py) with no (de)serializers: requests are
+parsed here so a corrupt message maps to INVALID_ARGUMENT (grpc would answer UNKNOWN), and responses
+are already serialized bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from server import rpc
+from server.auth import Authenticator
+from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
+from server.errors import InvalidKey
+
+
+def request_parser(method: rpc.Method) -> Callable[[bytes], Any]:
+    from_string = method.request.FromString
+    what = method.request.DESCRIPTOR.full_name
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return from_string(raw)
+        except DecodeError as exc:
+            raise InvalidKey(f"request is not a valid {what} message") from exc
+
+    return parse
+
+
+class Gate:
+    """Runs before any handler work: who is calling (UNAUTHENTICATED), may they call this RPC
+    (PERMISSION_DENIED), and is their token bucket empty (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    def scopes_for(self, method: rpc.Method) -> frozenset[str]:
+        if method.service == rpc.LOOKUP_SERVICE.full_name:
+            return LOOKUP_RPC_SCOPE[method.name]
+        if method.service == rpc.FEED_SERVICE.full_name:
+            return frozenset({FEED_READ})
+        if method.service == rpc.IDENTITY_SERVICE.full_name:
+            return IDENTITY_RPC_SCOPE[method.name]
+        return frozenset({ADMIN_WRITE})
+
+    def admit(self, context: grpc.ServicerContext | grpc.aio.ServicerContext, scopes: frozenset[str],
+              name: str) -> Caller:
+        caller = self.authenticator.authenticate(context)
+        caller.require_any(scopes, name)
+        self.authenticator.admit(caller)
+        return caller

@@ -1,0 +1,241 @@
+"""The hybrid serving model (CRS_SERVING_MODEL=hybrid): the synchronous grpc.server answers
+near-cache hits on its own threads; everything that needs I/O runs on the process's one asyncio loop.
+
+Why (docs/decisions.md "Serving model: hybrid"): gRPC's own per-call cost dominates a near-cache hit,
+and the sync server's is ~1.6x lower than grpc.aio's. So a lookup RPC runs its `*_now` half
+(server/lookup.py: validate, fingerprint, near-cache) inline on the gRPC thread; only on a miss is its
+`Later` half handed to the loop (`run_coroutine_threadsafe`), where Redis, PostgreSQL, single-flight
+and fills stay asyncio. The thread waits for that one future and nothing else: no thread does I/O.
+Every other RPC (admin, identity, feed) is handed to the loop whole; server-streaming answers
+(Watch, Snapshot) come back through a bounded hand-off, so a slow reader still slows its producer.
+StreamResolve answers hits on a reader thread and sends misses to the loop (server/lookup_threads.py).
+
+The gate (auth, scopes, rate limits), the error mapping and the metrics are the ones grpc.aio uses
+(server/app.py), so a caller cannot tell the models apart. A call's deadline bounds the wait; a
+cancelled or expired call cancels its coroutine on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health
+
+from server import rpc
+from server.errors import BackendUnavailable, CrsError, status_details_trailer, status_for
+from server.gate import Gate, request_parser
+from server.lookup import Later, LookupHandlers
+from server.lookup_threads import stream_resolve
+from server.metrics import Metrics
+
+log = logging.getLogger("crs.node")
+T = TypeVar("T")
+STREAM_HANDOFF = 8          # server-streaming items the loop may run ahead of the gRPC thread sending them
+NO_DEADLINE = 86_400.0 * 365   # a call without a deadline reports a time_remaining of centuries
+
+
+class CallEnded(Exception):
+    """The caller cancelled, or the deadline passed, while the loop was working for the call."""
+
+
+class LoopBridge:
+    """Runs coroutines for gRPC threads on the node's event loop.
+
+    `close()` (the node's stop, once the server has stopped) cancels every coroutine still pending
+    and refuses new ones: a gRPC thread never waits on a loop that will not run its work again, so
+    the process can exit (concurrent.futures joins its threads at exit)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: set[concurrent.futures.Future[Any]] = set()
+        self._closed = False
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future[T]:
+        if not asyncio.iscoroutine(coro):
+            coro = _as_coroutine(coro)
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise BackendUnavailable("the node is shutting down")
+            future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            pending = list(self._pending)
+        for future in pending:
+            future.cancel()
+
+    def call(self, later: Callable[[], Awaitable[T]], context: grpc.ServicerContext) -> T:
+        """Await `later()` on the loop; the calling thread waits at most until the call's deadline."""
+        future = self.submit(later())
+        context.add_callback(future.cancel)   # the call ended (cancelled, deadline): stop its work
+        remaining = context.time_remaining()
+        try:
+            return future.result(timeout=remaining if remaining < NO_DEADLINE else None)
+        except (concurrent.futures.CancelledError, concurrent.futures.TimeoutError) as exc:
+            future.cancel()
+            raise CallEnded() from exc
+
+    def stream(self, items: AsyncIterator[T], context: grpc.ServicerContext) -> Iterator[T]:
+        """Iterate an async generator running on the loop, at most STREAM_HANDOFF items ahead."""
+        handoff: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+        credits = asyncio.Semaphore(STREAM_HANDOFF)
+
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    await credits.acquire()
+                    handoff.put((True, item))
+            except BaseException as exc:
+                handoff.put((False, exc))
+                raise
+            handoff.put((False, None))
+
+        def ended(future: concurrent.futures.Future[None]) -> None:
+            if future.cancelled():   # perhaps before pump() ever ran: wake the reader all the same
+                handoff.put((False, concurrent.futures.CancelledError()))
+            else:
+                future.exception()   # retrieved: pump() already handed it over
+
+        future = self.submit(pump())
+        future.add_done_callback(ended)
+        context.add_callback(future.cancel)
+        try:
+            while True:
+                more, item = handoff.get()
+                if not more:
+                    if item is None:
+                        return
+                    if isinstance(item, asyncio.CancelledError | concurrent.futures.CancelledError):
+                        raise CallEnded() from item
+                    raise item
+                yield item
+                self.loop.call_soon_threadsafe(credits.release)
+        finally:
+            future.cancel()
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
+class ThreadedHealth:
+    """The sync health servicer behind the awaitable interface the node and its probes use."""
+
+    def __init__(self) -> None:
+        self.servicer = health.HealthServicer()
+
+    async def set(self, service: str, status: Any) -> None:
+        self.servicer.set(service, status)
+
+    async def enter_graceful_shutdown(self) -> None:
+        self.servicer.enter_graceful_shutdown()
+
+
+def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:
+    """server/app.py's _fail for the sync server: the same status, message, details and metric."""
+    if isinstance(exc, CallEnded):   # the caller already has its status (as grpc.aio: no metric)
+        context.abort(grpc.StatusCode.CANCELLED, "the call ended")
+    code, message = status_for(exc)
+    if not isinstance(exc, CrsError):
+        log.exception("unhandled error", extra={"rpc": name})
+    metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+    trailer = status_details_trailer(exc)
+    if trailer:
+        context.set_trailing_metadata(trailer)
+    context.abort(code, message)
+    raise AssertionError("unreachable: abort raises")
+
+
+class HybridHandlers:
+    """Builds the sync server's method handlers around the node's (async) handler objects."""
+
+    def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate) -> None:
+        self.bridge = bridge
+        self.metrics = metrics
+        self.gate = gate
+
+    def generic_handler(self, service: Any, target: object) -> grpc.GenericRpcHandler:
+        inline = target.inline_paths() if isinstance(target, LookupHandlers) else {}
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for name, method in rpc.methods(service).items():
+            if method.client_streaming:
+                if not isinstance(target, LookupHandlers) or name != "StreamResolve":
+                    raise NotImplementedError(f"hybrid serving has no client-streaming bridge for {method.path}")
+                handlers[name] = self._stream_resolve(method, target)
+            elif method.server_streaming:
+                handlers[name] = self._server_streaming(method, getattr(target, name))
+            else:
+                handlers[name] = self._unary(method, getattr(target, name), inline.get(name))
+        return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+    def _unary(self, method: rpc.Method, fn: Callable[[Any, Any], Awaitable[bytes]],
+               now: Callable[[Any, Any], bytes | Later] | None) -> grpc.RpcMethodHandler:
+        name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        gate, metrics, bridge = self.gate, self.metrics, self.bridge
+
+        def handler(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            started = time.perf_counter()
+            try:
+                caller = gate.admit(context, scopes, name)
+                request = parse(raw)
+                if now is not None:
+                    answer = now(request, caller)
+                    response = answer if isinstance(answer, bytes) else bridge.call(answer, context)
+                else:
+                    response = bridge.call(lambda: fn(request, caller), context)
+            except Exception as exc:
+                _fail(context, exc, name, metrics, started)
+            metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+            return response
+
+        return grpc.unary_unary_rpc_method_handler(handler)
+
+    def _server_streaming(self, method: rpc.Method, fn: Callable[[Any, Any], AsyncIterator[bytes]]
+                          ) -> grpc.RpcMethodHandler:
+        name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        gate, metrics, bridge = self.gate, self.metrics, self.bridge
+
+        def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            started = time.perf_counter()
+            try:
+                caller = gate.admit(context, scopes, name)
+                yield from bridge.stream(fn(parse(raw), caller), context)
+            except Exception as exc:
+                _fail(context, exc, name, metrics, started)
+            metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+
+        return grpc.unary_stream_rpc_method_handler(handler)
+
+    def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
+        name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        gate, metrics, bridge = self.gate, self.metrics, self.bridge
+
+        def handler(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+            started = time.perf_counter()
+            try:
+                caller = gate.admit(context, scopes, name)
+                yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
+                                          submit=bridge.submit, on_end=context.add_callback)
+            except Exception as exc:
+                _fail(context, exc, name, metrics, started)
+            metrics.observe_rpc(name, "OK", time.perf_counter() - started)
+
+        return grpc.stream_stream_rpc_method_handler(handler)

@@ -1,0 +1,100 @@
+"""StreamResolve for the hybrid serving model: the same answers as LookupHandlers.StreamResolve, with
+the keys read on a thread and near-cache hits answered there, misses resolved on the event loop.
+
+A reader thread takes each key off the stream, validates it and answers a near-cache hit at once;
+a miss becomes a coroutine on the loop (at most `stream_window` per stream, as grpc.aio) whose result
+joins the answers when it completes. The gRPC thread that runs the call only sends answers, in
+completion order, so one slow key never holds up the keys behind it and a client that waits for each
+answer before sending the next key still works. A corrupt message ends the call with
+INVALID_ARGUMENT; a cancelled call cancels its misses.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from typing import Any
+
+from server.caller import Caller
+from server.encoding import RESOLUTION_FIELD
+from server.errors import CrsError, InvalidKey
+from server.lookup import MAX_CORRELATION_ID, LookupHandlers
+from server.proto import crs_pb2 as pb
+
+Submit = Callable[[Awaitable[bytes]], "concurrent.futures.Future[bytes]"]
+_END = object()
+
+
+def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller: Caller, *, submit: Submit,
+                   on_end: Callable[[Callable[[], None]], Any]) -> Iterator[bytes]:
+    """Answers for `keys` in completion order. `submit` runs a coroutine on the loop; `on_end`
+    registers a callback for when the call ends however it ends (grpc's context.add_callback)."""
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    window = threading.Semaphore(lookup.stream_window)
+    lock = threading.Lock()
+    pending: set[concurrent.futures.Future[bytes]] = set()
+    state = {"reading": True}
+
+    def finish_if_done() -> None:   # under `lock`
+        if not state["reading"] and not pending:
+            answers.put(_END)
+
+    def resolved(cid: str, field: int, key: pb.LookupKey, future: concurrent.futures.Future[bytes]) -> None:
+        window.release()
+        if not future.cancelled():
+            try:
+                answers.put(lookup.result_of(cid, future.result(), field, key))
+            except CrsError as exc:
+                answers.put(lookup.result_of(cid, exc, RESOLUTION_FIELD, key))
+            except Exception as exc:   # not ours to answer per key: it ends the call, as in grpc.aio
+                answers.put(exc)
+        with lock:
+            pending.discard(future)
+            finish_if_done()
+
+    def read() -> None:
+        try:
+            for key in keys:
+                cid = key.correlation_id
+                try:
+                    if len(cid) > MAX_CORRELATION_ID:
+                        cid = cid[:MAX_CORRELATION_ID]
+                        raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
+                    found, field = lookup.for_key(key, caller)
+                    value = lookup.resolver.cached(found)
+                except CrsError as exc:
+                    answers.put(lookup.result_of(cid, exc, RESOLUTION_FIELD, key))
+                    continue
+                if value is not None:
+                    answers.put(lookup.result_of(cid, value, field, key))
+                    continue
+                window.acquire()
+                future = submit(lookup.resolver.resolve(found))
+                with lock:
+                    pending.add(future)
+                future.add_done_callback(partial(resolved, cid, field, key))
+        except Exception as exc:   # a corrupt message, or the call went away under the iterator
+            answers.put(exc)
+        with lock:
+            state["reading"] = False
+            finish_if_done()
+
+    def cancel_all() -> None:
+        with lock:
+            futures = list(pending)
+        for future in futures:
+            future.cancel()
+        answers.put(_END)
+
+    on_end(cancel_all)
+    threading.Thread(target=read, name="crs-stream-reader", daemon=True).start()
+    try:
+        while (item := answers.get()) is not _END:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel_all()

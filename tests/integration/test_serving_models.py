@@ -1,0 +1,159 @@
+"""Both serving models (CRS_SERVING_MODEL=aio and hybrid) give every caller the same answers: the same
+bytes, status codes, messages and status details, for hits, misses, bad input, missing scopes and
+corrupt messages, unary, batch and streaming alike. The rest of the suite runs under either model
+(CRS_TEST_SERVING_MODEL); this module always starts one node of each, side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
+from devstack.environment import DevEnvironment, NodeProcess
+from server import rpc
+from server.proto import crs_pb2 as pb
+from tests.integration.support import UsedSecrets, fresh_pan
+
+LOOKUP = rpc.methods(rpc.LOOKUP_SERVICE)
+FEED = rpc.methods(rpc.FEED_SERVICE)
+Outcome = tuple[str, Any, Any]
+
+
+@pytest.fixture(scope="module")
+def nodes(dev_env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
+    started = {model: dev_env.start_node(workers=1, serving_model=model) for model in ("aio", "hybrid")}
+    yield started
+    for node in started.values():
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
+def _unary(channel: grpc.Channel, method: rpc.Method, raw: bytes) -> Outcome:
+    """The answer, or the status code, details and status details (google.rpc.Status). Compared as
+    messages, not bytes: protobuf maps (ErrorInfo.metadata) serialize in no fixed order."""
+    try:
+        return "OK", method.response.FromString(channel.unary_unary(method.path)(raw, timeout=10)), None
+    except grpc.RpcError as exc:
+        trailer = [v for k, v in (exc.trailing_metadata() or ()) if k == "grpc-status-details-bin"]
+        return exc.code().name, exc.details(), _details(trailer[0]) if trailer else None
+
+
+def _details(trailer: bytes) -> list[Any]:
+    """The status details unpacked: Any.value holds serialized bytes, which differ with map order."""
+    status = status_pb2.Status.FromString(trailer)
+    out: list[Any] = [status.code, status.message]
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, pb.BinRange):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                out.append(message)
+                break
+        else:
+            out.append(detail)
+    return out
+
+
+def _outcomes(node: NodeProcess, client: str, calls: list[tuple[rpc.Method, bytes]]) -> list[Outcome]:
+    with node.channel(client) as channel:
+        return [_unary(channel, method, raw) for method, raw in calls]
+
+
+def _requests(used: UsedSecrets) -> list[tuple[rpc.Method, bytes]]:
+    unknown = fresh_pan(used)
+    account = pb.AccountKey(routing_number=demo_routing(4), account_number=demo_account_number(4))
+    card, acct, customer = LOOKUP["ResolveCard"], LOOKUP["ResolveAccount"], LOOKUP["GetCustomer"]
+    keys = [pb.LookupKey(pan=demo_pan(1), correlation_id="a"), pb.LookupKey(pan="123", correlation_id="b"),
+            pb.LookupKey(card_token=demo_token(1, 2), correlation_id="c"),
+            pb.LookupKey(account=account, correlation_id="d"),
+            pb.LookupKey(customer_id=demo_customer_id(5), correlation_id="e"),
+            pb.LookupKey(pan=unknown, correlation_id="f"), pb.LookupKey(correlation_id="g")]
+    calls = [
+        (card, pb.ResolveCardRequest(pan=demo_pan(7)).SerializeToString()),
+        (card, pb.ResolveCardRequest(pan=demo_pan(7)).SerializeToString()),       # the same, from L1 now
+        (card, pb.ResolveCardRequest(token=demo_token(1, 7)).SerializeToString()),
+        (card, pb.ResolveCardRequest(pan=unknown).SerializeToString()),           # NOT_FOUND + BIN range
+        (card, pb.ResolveCardRequest(pan=unknown).SerializeToString()),           # negative entry, from L1
+        (card, pb.ResolveCardRequest(pan=demo_pan(7)[:-1] + "0").SerializeToString()),   # Luhn fails
+        (card, pb.ResolveCardRequest().SerializeToString()),
+        (card, b"\xff\xff\xff"),                                                  # not a message at all
+        (acct, pb.ResolveAccountRequest(routing_number=demo_routing(4),
+                                        account_number=demo_account_number(4)).SerializeToString()),
+        (acct, pb.ResolveAccountRequest(routing_number="123456789", account_number="1").SerializeToString()),
+        (customer, pb.GetCustomerRequest(customer_id=demo_customer_id(3)).SerializeToString()),
+        (customer, pb.GetCustomerRequest(customer_id="cus_missing000000").SerializeToString()),
+        (LOOKUP["ResolveBin"], pb.ResolveBinRequest(prefix="999001").SerializeToString()),
+        (LOOKUP["BatchResolve"], pb.BatchResolveRequest(keys=keys).SerializeToString()),
+        (LOOKUP["BatchResolve"], pb.BatchResolveRequest(keys=keys).SerializeToString()),   # all from L1
+        (LOOKUP["BatchResolve"], pb.BatchResolveRequest().SerializeToString()),
+    ]
+    used.pans.update({demo_pan(1), demo_pan(7)})   # full PANs sent; fresh_pan records its own
+    return calls
+
+
+def test_unary_answers_are_the_same_in_both_models(nodes: dict[str, NodeProcess], used_secrets: UsedSecrets) -> None:
+    calls = _requests(used_secrets)
+    aio, hybrid = (_outcomes(nodes[m], "admin", calls) for m in ("aio", "hybrid"))
+    assert [o[0] for o in aio] == ["OK", "OK", "OK", "NOT_FOUND", "NOT_FOUND", "INVALID_ARGUMENT",
+                                   "INVALID_ARGUMENT", "INVALID_ARGUMENT", "OK", "INVALID_ARGUMENT", "OK",
+                                   "NOT_FOUND", "OK", "OK", "OK", "INVALID_ARGUMENT"]
+    assert aio[3][2], "a card that is not ours carries its BIN range as status details"
+    assert hybrid == aio
+
+
+def test_missing_scopes_are_refused_alike(nodes: dict[str, NodeProcess]) -> None:
+    calls = [(LOOKUP["ResolveCard"], pb.ResolveCardRequest(pan=demo_pan(2)).SerializeToString()),
+             (LOOKUP["BatchResolve"], pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(2))]).SerializeToString()),
+             (LOOKUP["GetCustomer"], pb.GetCustomerRequest(customer_id=demo_customer_id(3)).SerializeToString())]
+    for client in ("csr", "feed"):
+        aio, hybrid = (_outcomes(nodes[m], client, calls) for m in ("aio", "hybrid"))
+        assert hybrid == aio
+    assert [o[0] for o in _outcomes(nodes["hybrid"], "feed", calls)] == ["PERMISSION_DENIED"] * 3
+
+
+def _stream(node: NodeProcess, keys: list[pb.LookupKey]) -> list[tuple[str, int, pb.LookupResult]]:
+    with node.channel("admin") as channel:
+        call = channel.stream_stream(LOOKUP["StreamResolve"].path, request_serializer=pb.LookupKey.SerializeToString,
+                                     response_deserializer=pb.LookupResult.FromString)
+        results = list(call(iter(keys), timeout=10))
+    return sorted(((r.correlation_id, r.code, r) for r in results), key=lambda t: t[0])
+
+
+def test_stream_resolve_answers_are_the_same(nodes: dict[str, NodeProcess], used_secrets: UsedSecrets) -> None:
+    keys = [pb.LookupKey(pan=demo_pan(i), correlation_id=f"k{i}") for i in range(40)]
+    keys += [pb.LookupKey(pan="bad", correlation_id="bad"),
+             pb.LookupKey(pan=fresh_pan(used_secrets), correlation_id="nf"),
+             pb.LookupKey(customer_id=demo_customer_id(2), correlation_id="cus"), pb.LookupKey(correlation_id="empty")]
+    aio, hybrid = _stream(nodes["aio"], keys), _stream(nodes["hybrid"], keys)
+    assert len(aio) == len(keys) and hybrid == aio
+    assert {cid: code for cid, code, _ in hybrid if not cid.startswith("k")} == {
+        "bad": 3, "nf": 5, "cus": 0, "empty": 3}
+
+
+def test_a_corrupt_stream_message_ends_the_stream_alike(nodes: dict[str, NodeProcess]) -> None:
+    def corrupt(node: NodeProcess) -> str:
+        with node.channel("admin") as channel:
+            call = channel.stream_stream(LOOKUP["StreamResolve"].path)
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(iter([pb.LookupKey(pan=demo_pan(1)).SerializeToString(), b"\xff\xff"]), timeout=10))
+        return f"{info.value.code().name}: {info.value.details()}"
+
+    assert corrupt(nodes["hybrid"]) == corrupt(nodes["aio"])
+    assert corrupt(nodes["hybrid"]).startswith("INVALID_ARGUMENT")
+
+
+def test_server_streaming_errors_are_the_same(nodes: dict[str, NodeProcess]) -> None:
+    def watch(node: NodeProcess, request: pb.WatchRequest) -> str:
+        with node.channel("admin") as channel:
+            call: Callable[..., Any] = channel.unary_stream(FEED["Watch"].path)
+            with pytest.raises(grpc.RpcError) as info:
+                list(call(request.SerializeToString(), timeout=10))
+        return f"{info.value.code().name}: {info.value.details()}"
+
+    bad = pb.WatchRequest(from_sequence=-1)
+    assert watch(nodes["hybrid"], bad) == watch(nodes["aio"], bad)
+    assert watch(nodes["hybrid"], bad).startswith("INVALID_ARGUMENT")
