@@ -43,6 +43,8 @@ def parse_announcement(text: str) -> tuple[list[str], int | None]:
         else:
             keys.append(line)
     return keys, position
+
+
 OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
 # How long one wait for a pub/sub message lasts before the loop looks again (and notices cancellation).
 LISTEN_POLL_SECONDS: Final = 1.0

@@ -8,8 +8,9 @@ value is a lower bound of what the read then sees), then reads. The answer holds
 committed before the newest poll whose position the replica has replayed: it is as fresh as a
 primary read made at that poll's start. The outbox relay deletes every write's keys again
 `reinvalidate_delay` after its commit, so a fill made within that delay of the poll is cleaned like a
-primary read that raced a write: the read may fill the cache until `covered + reinvalidate_delay`
-(`Loaded.fill_by`), and later not at all.
+primary read that raced a write: the read may fill the cache until `covered + fill_window`
+(`Loaded.fill_by`; the window is `reinvalidate_delay` less one Redis command's timeout, for the fill
+itself), and later not at all.
 
 That rule covers writes the node has not heard of. For the ones it has, it is stricter: every
 invalidation carries the primary's position read after the write committed (`write_position()`,
@@ -68,7 +69,9 @@ class Positions:
 
     def covered_since(self, replayed: int) -> float | None:
         """Start time of the newest poll at or below `replayed`: the replica holds every commit
-        made before it. None when the replica is behind every poll kept (or none was made)."""
+        made before it. None when the replica is behind every poll kept (or none was made). (Polls
+        may finish out of order; any poll at or below `replayed` is a true bound, an older one only
+        a more cautious one.)"""
         for started, position in reversed(self._polls):
             if position <= replayed:
                 return started
