@@ -27,15 +27,17 @@ def required(row: asyncpg.Record | None) -> asyncpg.Record:
 
 
 # What a lost, refusing or slow PostgreSQL raises through asyncpg: the background loops (relay, feed
-# tailer, compaction, topology watch) catch these, log, and try again later. TargetServerAttributeNotMatched:
-# a multi-host DSN found no host with its target_session_attrs (during a failover, only a standby answers).
-NO_SUITABLE_HOST = asyncpg.exceptions.TargetServerAttributeNotMatched
-DB_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, NO_SUITABLE_HOST)
+# tailer, compaction, topology watch) catch these, log, and try again later. InternalClientError covers
+# TargetServerAttributeNotMatched (a multi-host DSN found no host with its target_session_attrs: during a
+# failover only a standby answers) and a pooled connection left mid-operation by a server that died
+# under it ("cannot switch to state ..."; seen in the failover test).
+CLIENT_STATE = asyncpg.exceptions.InternalClientError
+DB_ERRORS = (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, CLIENT_STATE)
 # The server is going away, or is (still, or again) a read-only standby: a failover in progress.
 UNAVAILABLE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError,
                       asyncpg.TooManyConnectionsError, asyncpg.exceptions.AdminShutdownError,
                       asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.ReadOnlySQLTransactionError,
-                      NO_SUITABLE_HOST, OSError)
+                      CLIENT_STATE, OSError)
 
 
 T = TypeVar("T")
@@ -75,7 +77,7 @@ async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: i
             # Lookups run a handful of fixed statements: keep them all prepared (0 behind PgBouncer).
             statement_cache_size=settings.pg_statement_cache_size,
         )
-    except (TimeoutError, OSError, asyncpg.PostgresError, NO_SUITABLE_HOST) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError, CLIENT_STATE) as exc:
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
     assert pool is not None
     return pool
