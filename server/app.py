@@ -35,11 +35,11 @@ from server.cache.tier import RedisTier
 from server.caller import Caller
 from server.db_health import probe_database
 from server.decisions import DecisionTable, parse_network_codes
-from server.errors import BackendUnavailable, CrsError, status_details_trailer, status_for
+from server.errors import BackendUnavailable
 from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
-from server.gate import Gate, request_parser
+from server.gate import Gate, failed_call, request_parser
 from server.hybrid import HybridHandlers, LoopBridge, ThreadedHealth
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
@@ -57,7 +57,6 @@ from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 def build_authenticator(s: Settings) -> Authenticator:
@@ -94,12 +93,7 @@ def bind_ports(server: grpc.aio.Server | grpc.Server, s: Settings, metrics: Metr
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
                 started: float) -> NoReturn:
-    """End the call with the status errors.status_for maps `exc` to (the only place codes are chosen)."""
-    code, message = status_for(exc)
-    if not isinstance(exc, CrsError):
-        log.exception("unhandled error", extra={"rpc": name})
-    metrics.observe_rpc(name, code.name, time.perf_counter() - started)
-    trailer = status_details_trailer(exc)
+    code, message, trailer = failed_call(exc, name, metrics, started)
     if trailer:
         await context.abort(code, message, trailer)
     await context.abort(code, message)
@@ -231,11 +225,7 @@ class Node:
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
                             progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
                             snapshot_max=s.feed_snapshot_max)
-        options: list[tuple[str, int]] = [
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        options = list(rpc.SERVER_OPTIONS)
         if s.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]

@@ -8,6 +8,8 @@ are already serialized bytes.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,22 @@ from google.protobuf.message import DecodeError
 from server import rpc
 from server.auth import Authenticator
 from server.caller import ADMIN_WRITE, FEED_READ, IDENTITY_RPC_SCOPE, LOOKUP_RPC_SCOPE, Caller
-from server.errors import InvalidKey
+from server.errors import CrsError, InvalidKey, status_details_trailer, status_for
+from server.metrics import Metrics
+
+log = logging.getLogger("crs.node")
+
+
+def failed_call(exc: Exception, name: str, metrics: Metrics,
+                started: float) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """How a call that raised `exc` ends, in either serving model: the status errors.status_for maps
+    it to (the only place codes are chosen), its message and trailing details; the call is counted,
+    and an error that is not ours is logged."""
+    code, message = status_for(exc)
+    if not isinstance(exc, CrsError):
+        log.exception("unhandled error", extra={"rpc": name})
+    metrics.observe_rpc(name, code.name, time.perf_counter() - started)
+    return code, message, status_details_trailer(exc)
 
 
 def request_parser(method: rpc.Method) -> Callable[[bytes], Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import queue
 import threading
 import time
@@ -30,13 +29,12 @@ import grpc
 from grpc_health.v1 import health
 
 from server import rpc
-from server.errors import BackendUnavailable, CrsError, status_details_trailer, status_for
-from server.gate import Gate, request_parser
+from server.errors import BackendUnavailable
+from server.gate import Gate, failed_call, request_parser
 from server.lookup import Later, LookupHandlers
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
 
-log = logging.getLogger("crs.node")
 T = TypeVar("T")
 STREAM_HANDOFF = 8          # server-streaming items the loop may run ahead of the gRPC thread sending them
 NO_DEADLINE = 86_400.0 * 365   # a call without a deadline reports a time_remaining of centuries
@@ -153,11 +151,7 @@ def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Met
     """server/app.py's _fail for the sync server: the same status, message, details and metric."""
     if isinstance(exc, CallEnded):   # the caller already has its status (as grpc.aio: no metric)
         context.abort(grpc.StatusCode.CANCELLED, "the call ended")
-    code, message = status_for(exc)
-    if not isinstance(exc, CrsError):
-        log.exception("unhandled error", extra={"rpc": name})
-    metrics.observe_rpc(name, code.name, time.perf_counter() - started)
-    trailer = status_details_trailer(exc)
+    code, message, trailer = failed_call(exc, name, metrics, started)
     if trailer:
         context.set_trailing_metadata(trailer)
     context.abort(code, message)

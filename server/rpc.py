@@ -22,6 +22,15 @@ FEED_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["ChangeFee
 IDENTITY_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The node's server options, whichever serving model (server/app.py adds the connection age); the
+# benchmark's echo servers use them too, so both sides of its comparison are configured alike.
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 1),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+)
+
 
 @dataclass(frozen=True)
 class Method:

@@ -29,7 +29,6 @@ import uvloop
 
 from server import rpc
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 ECHO_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["ResolveCard"]
 
 
@@ -41,11 +40,7 @@ async def serve(port: int, payload: bytes) -> None:
     handler = grpc.method_handlers_generic_handler(
         ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(resolve)})
     # The node's server options (server/app.py), so both sides of the comparison are configured alike.
-    server = grpc.aio.server(options=[
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if not bound:
@@ -75,11 +70,7 @@ def serve_sync(port: int, payload: bytes, threads: int) -> None:
     """The same echo on the synchronous grpc.server, with the node's hybrid options (server/app.py)."""
     handler = grpc.method_handlers_generic_handler(
         ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(lambda raw, ctx: payload)})
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=[
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ])
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=rpc.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if not bound:
