@@ -178,26 +178,24 @@ class LookupHandlers:
                 lookup = self.card_by_token(request.token)
             else:
                 raise InvalidKey("key is empty: set pan or token")
-            value = self.resolver.cached(lookup)
         except CrsError as exc:
             raise self.card_failure(exc, pan) from None
-        if value is not None:
-            return value
-
-        async def later() -> bytes:
-            try:
-                return await self.resolver.resolve(lookup)
-            except CrsError as exc:
-                raise self.card_failure(exc, pan) from None
-
-        return later
+        return self._now_or_later(lookup, partial(self.card_failure, pan=pan))
 
     def resolve_account_now(self, request: pb.ResolveAccountRequest, caller: Caller) -> bytes | Later:
+        fail = partial(self.account_failure, routing_number=request.routing_number)
         try:
             lookup = self.account(request.routing_number, request.account_number)
+        except CrsError as exc:
+            raise fail(exc) from None
+        return self._now_or_later(lookup, fail)
+
+    def _now_or_later(self, lookup: Lookup, fail: Callable[[CrsError], CrsError]) -> bytes | Later:
+        """The near-cache answer now, or the resolve to await on the loop; errors go through `fail`."""
+        try:
             value = self.resolver.cached(lookup)
         except CrsError as exc:
-            raise self.account_failure(exc, request.routing_number) from None
+            raise fail(exc) from None
         if value is not None:
             return value
 
@@ -205,7 +203,7 @@ class LookupHandlers:
             try:
                 return await self.resolver.resolve(lookup)
             except CrsError as exc:
-                raise self.account_failure(exc, request.routing_number) from None
+                raise fail(exc) from None
 
         return later
 
@@ -311,18 +309,9 @@ class LookupHandlers:
 
         async def read_keys() -> None:
             async for key in requests:
-                cid = key.correlation_id
-                try:
-                    if len(cid) > MAX_CORRELATION_ID:
-                        cid = cid[:MAX_CORRELATION_ID]
-                        raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
-                    lookup, field = self.for_key(key, caller)
-                    value = self.resolver.cached(lookup)
-                except CrsError as exc:
-                    results.put_nowait(self.result_of(cid, exc, RESOLUTION_FIELD, key))
-                    continue
-                if value is not None:   # a near-cache hit needs no task
-                    results.put_nowait(self.result_of(cid, value, field, key))
+                cid, lookup, field = self.stream_key(key, caller)
+                if isinstance(lookup, bytes):   # answered now (a near-cache hit or a bad key): no task
+                    results.put_nowait(lookup)
                     continue
                 await window.acquire()
                 task = asyncio.create_task(resolve_one(cid, lookup, field, key))
@@ -347,6 +336,23 @@ class LookupHandlers:
             for task in list(pending):
                 task.cancel()
 
+
+    def stream_key(self, key: pb.LookupKey, caller: Caller) -> tuple[str, Lookup | bytes, int]:
+        """One StreamResolve key before any I/O (both serving models): its correlation id, then its
+        LookupResult when it is answered now (a near-cache hit, or an error) or else the Lookup to
+        resolve, and the result field."""
+        cid = key.correlation_id
+        try:
+            if len(cid) > MAX_CORRELATION_ID:
+                cid = cid[:MAX_CORRELATION_ID]
+                raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
+            lookup, field = self.for_key(key, caller)
+            value = self.resolver.cached(lookup)
+        except CrsError as exc:
+            return cid, self.result_of(cid, exc, RESOLUTION_FIELD, key), RESOLUTION_FIELD
+        if value is not None:
+            return cid, self.result_of(cid, value, field, key), field
+        return cid, lookup, field
 
     def result_of(self, correlation_id: str, outcome: bytes | CrsError, field: int, key: pb.LookupKey) -> bytes:
         if isinstance(outcome, bytes):

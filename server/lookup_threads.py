@@ -20,8 +20,8 @@ from typing import Any
 
 from server.caller import Caller
 from server.encoding import RESOLUTION_FIELD
-from server.errors import CrsError, InvalidKey
-from server.lookup import MAX_CORRELATION_ID, LookupHandlers
+from server.errors import CrsError
+from server.lookup import LookupHandlers
 from server.proto import crs_pb2 as pb
 
 Submit = Callable[[Awaitable[bytes]], "concurrent.futures.Future[bytes]"]
@@ -58,18 +58,9 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     def read() -> None:
         try:
             for key in keys:
-                cid = key.correlation_id
-                try:
-                    if len(cid) > MAX_CORRELATION_ID:
-                        cid = cid[:MAX_CORRELATION_ID]
-                        raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
-                    found, field = lookup.for_key(key, caller)
-                    value = lookup.resolver.cached(found)
-                except CrsError as exc:
-                    answers.put(lookup.result_of(cid, exc, RESOLUTION_FIELD, key))
-                    continue
-                if value is not None:
-                    answers.put(lookup.result_of(cid, value, field, key))
+                cid, found, field = lookup.stream_key(key, caller)
+                if isinstance(found, bytes):    # answered now: a near-cache hit or a bad key
+                    answers.put(found)
                     continue
                 window.acquire()
                 future = submit(lookup.resolver.resolve(found))
