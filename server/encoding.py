@@ -14,7 +14,15 @@ BIN_RANGE_FIELD = 6     # LookupResult.bin_range: the issuer range of a PAN that
 DECISION_FIELD = 7      # LookupResult.decision: the decision hint of a key that did not resolve
 
 
+_ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))    # every varint below 128, ready-made
+_TAG = {field: bytes(((field << 3) | 2,)) for field in range(1, 16)}   # length-delimited field tags
+
+
 def varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -24,13 +32,19 @@ def varint(n: int) -> bytes:
 
 
 def _len_field(field: int, payload: bytes) -> bytes:
-    return bytes(((field << 3) | 2,)) + varint(len(payload)) + payload
+    return _TAG[field] + varint(len(payload)) + payload
 
 
 def lookup_result(correlation_id: str, code: int, message: str, payload: bytes | None,
                   payload_field: int = RESOLUTION_FIELD, bin_range: bytes | None = None,
                   decision: bytes | None = None) -> bytes:
     """A serialized crs.v1.LookupResult. proto3 omits default scalars, and so do we."""
+    if not code and payload is not None and not message and bin_range is None and decision is None:
+        # A resolved key, the one shape a batch of hits is made of: assembled in one join.
+        if not correlation_id:
+            return b"".join((_TAG[payload_field], varint(len(payload)), payload))
+        cid = correlation_id.encode("utf-8")
+        return b"".join((b"\x0a", varint(len(cid)), cid, _TAG[payload_field], varint(len(payload)), payload))
     parts = []
     if correlation_id:
         parts.append(_len_field(1, correlation_id.encode("utf-8")))

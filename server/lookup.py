@@ -265,12 +265,15 @@ class LookupHandlers:
                 continue
             prepared.append((cid, lookup, field, key))
             try:
-                value: bytes | CrsError | None = self.resolver.cached(lookup)
+                value: bytes | CrsError | None = self.resolver.peek(lookup)
             except CrsError as exc:
                 value = exc
             if value is None:
                 misses.append(len(outcomes))
             outcomes.append(value)
+        hits = sum(1 for outcome in outcomes if isinstance(outcome, bytes))
+        if hits:
+            self.resolver.metrics.tier_hit("l1", hits)
 
         def answer() -> bytes:
             return batch_response([self.result_of(cid, outcome, field, key)

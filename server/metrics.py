@@ -126,9 +126,9 @@ class Metrics:
                 self._threads.append(mine)
         return mine
 
-    def tier_hit(self, tier: str) -> None:
+    def tier_hit(self, tier: str, n: int = 1) -> None:
         counts = self._counts()[0]
-        counts[tier] = counts.get(tier, 0) + 1
+        counts[tier] = counts.get(tier, 0) + n
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         rows = self._counts()[1]

@@ -39,7 +39,7 @@ class Phase:
     unit: str = "lookups"
     client: str = ""     # unary client override ("threads" for the reference run)
     reference: bool = False
-    paced: bool = False  # unary at half of the rate the same server's saturation phase reached
+    paced_from: str = ""  # unary at half of the rate this phase (same server, saturated) reached in the round
 
 
 MODELS = ("aio", "hybrid")   # the node's serving models (CRS_SERVING_MODEL), measured side by side
@@ -50,7 +50,7 @@ def _node_phases(model: str) -> tuple[Phase, ...]:
     return (
         Phase(f"l1{x}", f"ResolveCard, near-cache hit [{model}]", "unary", f"l1{x}"),
         Phase(f"l1_half{x}", f"ResolveCard, near-cache, half of saturation [{model}]", "unary", f"l1{x}",
-              paced=True),
+              paced_from=f"l1{x}"),
         Phase(f"l1_mtls{x}", f"ResolveCard, near-cache, mutual TLS [{model}]", "unary", f"mtls{x}"),
         Phase(f"batch{x}", f"BatchResolve x100, near-cache [{model}]", "batch", f"l1{x}", unit="keys"),
         Phase(f"stream{x}", f"StreamResolve, near-cache [{model}]", "stream", f"l1{x}"),
@@ -61,6 +61,9 @@ def _node_phases(model: str) -> tuple[Phase, ...]:
 PHASES = (
     Phase("echo", "grpc.aio echo server (ceiling)", "unary", "echo"),
     Phase("echo_sync", "sync grpc.server echo (hybrid ceiling)", "unary", "echo_sync"),
+    Phase("echo_half", "grpc.aio echo, half of saturation", "unary", "echo", paced_from="echo"),
+    Phase("echo_sync_half", "sync grpc.server echo, half of saturation", "unary", "echo_sync",
+          paced_from="echo_sync"),
     Phase("echo_threads", "echo server, sync-thread client (ref.)", "unary", "echo", client="threads",
           reference=True),
     *(ph for model in MODELS for ph in _node_phases(model)),
@@ -82,6 +85,9 @@ bare echo servers, then measures each phase after --warmup seconds of the same l
   echo          bare grpc.aio unary server on uvloop answering canned bytes the size of a ResolveCard
                 answer (loadtests/bench/echo_server.py): the ceiling
   echo_sync     the same on the synchronous grpc.server (64 threads): the hybrid model's ceiling
+  echo_half, echo_sync_half
+                each echo paced at half the rate it reached saturated in the same round: the latency
+                floor of each serving model's gRPC layer on this machine, next to l1_half
   echo_threads  the aio echo, driven by the sync-thread client instead (reference: which client saturates)
   l1            ResolveCard answered from the near-cache (the same --hot-keys PANs over and over)
   l1_half       the same, paced at half the rate l1 reached in the same round: latency below saturation
@@ -185,8 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                 + ", ".join(PHASE_KEYS))
     args.phase_list = [ph for ph in PHASES if ph.key in chosen]
     for ph in args.phase_list:
-        if ph.paced and ph.key.replace("l1_half", "l1") not in chosen:
-            p.error(f"--phases: {ph.key} is paced from {ph.key.replace('l1_half', 'l1')}'s rate: choose both")
+        if ph.paced_from and ph.paced_from not in chosen:
+            p.error(f"--phases: {ph.key} is paced from {ph.paced_from}'s rate: choose both")
     for name in ("seconds", "warmup", "idle_seconds"):
         if getattr(args, name) < 0 or (name == "seconds" and args.seconds <= 0):
             p.error(f"--{name.replace('_', '-')} must be {'> 0' if name == 'seconds' else '>= 0'}")
@@ -396,7 +402,7 @@ def phase_spec(phase: Phase, args: argparse.Namespace, *, window: float, cpus: t
 def describe_load(phase: Phase, spec: dict[str, Any]) -> str:
     if phase.kind == "unary" and spec.get("client") == "threads":
         return f"sync client, {spec['concurrency']} threads, {spec['channels']} channels"
-    if phase.kind == "unary" and phase.paced:
+    if phase.kind == "unary" and phase.paced_from:
         return f"aio client, paced to {spec['rate']:,.0f} calls/s, {spec['channels']} channels"
     if phase.kind == "unary":
         return f"aio client, {spec['concurrency']} in flight, {spec['channels']} channels"
@@ -490,8 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"of {args.warmup:g}s warm-up + {window:g}s measured + {args.idle_seconds:g}s idle latency", flush=True)
         for n, (rnd, phase) in enumerate(schedule, 1):
             spec = phase_spec(phase, args, window=window, cpus=cpus, hot=hot, cards=cards)
-            if phase.paced:   # half of what the same server reached at saturation in this round
-                saturated = rounds.get(phase.key.replace("l1_half", "l1"), [])
+            if phase.paced_from:   # half of what the same server reached at saturation in this round
+                saturated = rounds.get(phase.paced_from, [])
                 if len(saturated) < rnd:
                     failures.append(f"{phase.key} (round {rnd}): no saturation run of its server to pace from")
                     continue

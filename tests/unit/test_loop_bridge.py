@@ -1,0 +1,153 @@
+"""LoopBridge.call (server/hybrid.py): a gRPC thread's wait for one coroutine on the node's loop.
+
+A real event loop runs in a thread, as in a hybrid node; the gRPC side is a stand-in context with
+the two things the bridge uses (time_remaining, add_callback). The whole path through a real gRPC
+server is covered by tests/integration/test_serving_models.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from server.errors import BackendUnavailable, NotFound
+from server.hybrid import NO_DEADLINE, CallEnded, LoopBridge
+
+
+class Context:
+    """The call's side: a deadline, and the callbacks grpc runs when the call ends, however it ends."""
+
+    def __init__(self, remaining: float = NO_DEADLINE * 2) -> None:
+        self.remaining = remaining
+        self.callbacks: list[Callable[[], None]] = []
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        self.callbacks.append(callback)
+        return True
+
+    def end(self) -> None:
+        for callback in self.callbacks:
+            callback()
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield loop
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.close()
+
+
+def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
+    async def run() -> Any:
+        return fn()
+    return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
+
+
+def test_answer_and_error_come_back(loop: asyncio.AbstractEventLoop) -> None:
+    bridge = LoopBridge(loop)
+
+    async def answer() -> bytes:
+        await asyncio.sleep(0)
+        return b"resolution"
+
+    async def missing() -> bytes:
+        raise NotFound("card not found")
+
+    assert bridge.call(answer, Context()) == b"resolution"   # type: ignore[arg-type]
+    with pytest.raises(NotFound, match="card not found"):
+        bridge.call(missing, Context())   # type: ignore[arg-type]
+
+
+def test_deadline_cancels_the_coroutine(loop: asyncio.AbstractEventLoop) -> None:
+    bridge = LoopBridge(loop)
+    cancelled = threading.Event()
+
+    async def hangs() -> bytes:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    started = time.monotonic()
+    with pytest.raises(CallEnded):
+        bridge.call(hangs, Context(remaining=0.2))   # type: ignore[arg-type]
+    assert time.monotonic() - started < 2
+    assert cancelled.wait(2), "the coroutine of a call past its deadline kept running"
+
+
+def test_cancelled_call_releases_the_thread_and_cancels(loop: asyncio.AbstractEventLoop) -> None:
+    bridge = LoopBridge(loop)
+    cancelled = threading.Event()
+    context = Context()
+
+    async def hangs() -> bytes:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    threading.Timer(0.2, context.end).start()   # the client cancels: grpc runs the call's callbacks
+    with pytest.raises(CallEnded):
+        bridge.call(hangs, context)   # type: ignore[arg-type]
+    assert cancelled.wait(2)
+
+
+def test_answered_call_schedules_no_cancel(loop: asyncio.AbstractEventLoop) -> None:
+    """grpc runs a call's callbacks when it ends normally too: an answered call must cost nothing more."""
+    bridge = LoopBridge(loop)
+    context = Context()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def answer() -> bytes:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        return b"ok"
+
+    assert bridge.call(answer, context) == b"ok"   # type: ignore[arg-type]
+    context.end()
+    on_loop(loop, lambda: None)   # anything the end scheduled on the loop has run by now
+    assert tasks and not tasks[0].cancelled()
+    assert on_loop(loop, lambda: len(bridge._waiting)) == 0
+
+
+def test_close_releases_waiting_threads_and_refuses_new_calls(loop: asyncio.AbstractEventLoop) -> None:
+    bridge = LoopBridge(loop)
+    entered = threading.Event()
+    outcome: list[BaseException] = []
+
+    async def hangs() -> bytes:
+        entered.set()
+        await asyncio.sleep(60)
+        return b""
+
+    def wait() -> None:
+        try:
+            bridge.call(hangs, Context())   # type: ignore[arg-type]
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert entered.wait(2)
+    bridge.close()
+    waiter.join(2)
+    assert not waiter.is_alive(), "a thread still waits on a closed bridge"
+    assert isinstance(outcome[0], CallEnded)
+    with pytest.raises(BackendUnavailable):
+        bridge.call(hangs, Context())   # type: ignore[arg-type]
