@@ -196,7 +196,8 @@ class Node:
                           replica_timeout=s.pg_timeout / 4, on_read=self.metrics.pg_read,
                           on_staleness=self.metrics.pg_replica_staleness.set)
         await route.poll_once()   # the first replica reads are judged against a primary position already
-        near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl)
+        near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl,
+                         refresh=s.near_cache_ttl * s.near_cache_refresh)
         self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
         self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS
         self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, route=route,
@@ -269,6 +270,7 @@ class Node:
                                                               interval=s.feed_compact_interval)))
         self._tasks.append(asyncio.create_task(self._flush_metrics()))
         self._tasks.append(asyncio.create_task(route.run()))
+        self.resolver.start_refreshing(asyncio.get_running_loop())
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}", "serving_model": s.serving_model,
@@ -304,6 +306,8 @@ class Node:
             self._bridge.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.resolver is not None:
+            self.resolver.stop_refreshing()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -34,6 +34,10 @@ class Metrics:
                                      ["method", "code"], buckets=_LATENCY_BUCKETS, registry=reg)
         self.lookups = Counter("crs_lookups_total", "Keys answered, by the tier that answered them",
                                ["tier"], registry=reg)
+        self.near_refreshes = Counter("crs_near_cache_refreshes_total",
+                                      "Near-cache entries reloaded ahead of expiry, by outcome "
+                                      "(refreshed, failed, skipped: too many in flight)",
+                                      ["outcome"], registry=reg)
         self.shard_errors = Counter("crs_cache_shard_errors_total", "Failed Redis operations per shard",
                                     ["shard"], registry=reg)
         # An error reply (WRONGTYPE, OOM, ...) fails one command; unlike shard errors it never marks
@@ -125,6 +129,9 @@ class Metrics:
             with self._threads_lock:
                 self._threads.append(mine)
         return mine
+
+    def near_refresh(self, outcome: str) -> None:
+        self.near_refreshes.labels(outcome).inc()
 
     def tier_hit(self, tier: str, n: int = 1) -> None:
         counts = self._counts()[0]

@@ -26,6 +26,8 @@ from server.metrics import Metrics
 from server.store.db import DB_ERRORS, bounded
 from server.store.read_route import ALWAYS, Loaded, Read, ReadRoute
 
+REFRESH_LIMIT = 256   # near-cache refreshes in flight per node process
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -62,6 +64,9 @@ class Resolver:
         # Bounds the whole load, pool wait and (re)connect included, not just the query.
         self.load_timeout = load_timeout
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None   # refresh-ahead runs here once started
+        self._refreshes: set[asyncio.Task[None]] = set()
+        self._refresh_limit = REFRESH_LIMIT
 
     # -- one key ---------------------------------------------------------------------------------
     def cached(self, lookup: Lookup) -> bytes | None:
@@ -74,11 +79,53 @@ class Resolver:
 
     def peek(self, lookup: Lookup) -> bytes | None:
         """cached() without counting the hit: a batch counts its hits once."""
-        value = self.near.get(lookup.cache_key)
+        value, due = self.near.read(lookup.cache_key)
+        if due:
+            self._refresh_soon(lookup)
         if value == NEGATIVE:
             self.metrics.tier_hit("l1")
             raise NotFound(f"{lookup.what} not found")
         return value
+
+    # -- refresh-ahead (server/cache/near.py): a hot entry reloads before it expires -----------------
+    def start_refreshing(self, loop: asyncio.AbstractEventLoop, *, limit: int = REFRESH_LIMIT) -> None:
+        """Reload near-cache entries a hit found due, on `loop`, at most `limit` at once (more are
+        skipped: those entries expire and refill on a caller's miss, as without refresh-ahead)."""
+        self._loop = loop
+        self._refresh_limit = limit
+
+    def stop_refreshing(self) -> None:
+        self._loop = None
+        for task in list(self._refreshes):
+            task.cancel()
+
+    def _refresh_soon(self, lookup: Lookup) -> None:   # any thread: a gRPC thread or the loop
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._start_refresh, lookup)
+            except RuntimeError:   # the loop closed under us: the node is stopping
+                pass
+
+    def _start_refresh(self, lookup: Lookup) -> None:   # on the loop
+        if self._loop is None:
+            return
+        if len(self._refreshes) >= self._refresh_limit:
+            self.metrics.near_refresh("skipped")
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(lookup))
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
+
+    async def _refresh(self, lookup: Lookup) -> None:
+        try:
+            await self._single_flight(lookup, count=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception:   # the entry expires; the next caller's miss reports what is wrong
+            self.metrics.near_refresh("failed")
+        else:
+            self.metrics.near_refresh("refreshed")
 
     async def resolve(self, lookup: Lookup) -> bytes:
         """The serialized answer for one key, or NotFound / BackendUnavailable."""
@@ -90,16 +137,18 @@ class Resolver:
             raise NotFound(f"{lookup.what} not found")
         return value
 
-    async def _single_flight(self, lookup: Lookup) -> bytes:
+    async def _single_flight(self, lookup: Lookup, *, count: bool = True) -> bytes:
+        """`count`: the answer goes to a caller (counted by tier), not to a refresh."""
         key = lookup.cache_key
         pending = self._inflight.get(key)
         if pending is not None:
-            self.metrics.tier_hit("coalesced")
+            if count:
+                self.metrics.tier_hit("coalesced")
             return await asyncio.shield(pending)
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            value = await self._fill(lookup)
+            value = await self._fill(lookup, count)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: no "never retrieved" warning when nobody else waited
@@ -110,7 +159,7 @@ class Resolver:
         finally:
             del self._inflight[key]
 
-    async def _fill(self, lookup: Lookup) -> bytes:
+    async def _fill(self, lookup: Lookup, count: bool = True) -> bytes:
         key = lookup.cache_key
         tier_ok = self.tier is not None
         if self.tier is not None:
@@ -120,10 +169,11 @@ class Resolver:
                 tier_ok = False
                 cached = None
             if cached is not None:
-                self.metrics.tier_hit("l2")
+                if count:
+                    self.metrics.tier_hit("l2")
                 self.near.put(key, cached)
                 return cached
-        loaded = await self._load(lookup)
+        loaded = await self._load(lookup, count)
         value = NEGATIVE if loaded.value is None else loaded.value
         # A replica's answer may be cached only within its freshness window (server/store/read_route.py).
         if loaded.fill_by is ALWAYS or time.monotonic() < loaded.fill_by:
@@ -133,7 +183,7 @@ class Resolver:
                 self.near.put(key, value)
         return value
 
-    async def _load(self, lookup: Lookup) -> Loaded:
+    async def _load(self, lookup: Lookup, count: bool = True) -> Loaded:
         try:
             # Bounds the whole load, pool wait, reconnect and replica fallback included.
             loaded = await bounded(self.route.read(lookup.load), self.load_timeout)
@@ -143,7 +193,8 @@ class Resolver:
             raise BackendTimeout("the database did not answer in time") from exc
         except DB_ERRORS as exc:
             raise BackendUnavailable("the database is unavailable") from exc
-        self.metrics.tier_hit("l3" if loaded.value is not None else "l3_negative")
+        if count:
+            self.metrics.tier_hit("l3" if loaded.value is not None else "l3_negative")
         return loaded
 
     # -- many keys -------------------------------------------------------------------------------

@@ -137,6 +137,7 @@ class Settings:
     # --- near-cache (L1, in process)
     near_cache_size: int = 100_000        # entries per node process; 0 disables L1
     near_cache_ttl: float = 2.0           # seconds; also the worst-case staleness if pub/sub is lost
+    near_cache_refresh: float = 0.25      # refresh-ahead: a hit in the last this fraction of the TTL reloads (0 = off)
     # --- consistency
     reinvalidate_delay: float = 0.5       # the relay deletes a write's keys again this long after commit
     outbox_poll_interval: float = 0.5     # relay scan period, seconds
@@ -239,6 +240,9 @@ def _validate(s: Settings) -> None:
                  "db_health_interval", "pg_position_interval"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
+    if not 0 <= s.near_cache_refresh < 0.8:
+        problems.append(f"CRS_NEAR_CACHE_REFRESH must be in [0, 0.8): a fraction of CRS_NEAR_CACHE_TTL, below "
+                        f"the shortest entry life (got {s.near_cache_refresh})")
     if not 0 <= s.cache_ttl_jitter < 1:
         problems.append(f"CRS_CACHE_TTL_JITTER must be in [0, 1) (got {s.cache_ttl_jitter})")
     if bool(s.tls_cert_file) != bool(s.tls_key_file):

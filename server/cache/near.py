@@ -8,26 +8,43 @@ invalidates it. Writes take a lock; a read takes none (a lock per read, contende
 17% of a BatchResolve's samples): each OrderedDict call is atomic under the GIL, and the one race a
 read can lose (the key discarded between its read and its LRU bump) leaves the answer it read, as if
 the read had come just before the discard.
+
+Refresh-ahead (`refresh` > 0): a hit on an entry in the last `refresh` seconds of its life tells the
+caller, once, that the entry is due (`read`); the caller reloads it in the background while the entry
+keeps answering. A hot key then never expires under its callers, so none of them waits on a refill,
+and the staleness bound is unchanged: no entry answers past its expiry. A key read only now and then
+is not refreshed (cold keys are not kept warm). A refresh that fails is not retried: the entry
+expires and the next caller's miss reports what is wrong.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+_NOT_HERE: tuple[None, bool] = (None, False)
+_JITTER = 0.2   # an entry lives a random 80-100% of the TTL
+
 
 class NearCache:
-    __slots__ = ("_clock", "_data", "_lock", "_max", "_ttl", "evictions")
+    __slots__ = ("_clock", "_data", "_due", "_lock", "_max", "_refresh", "_ttl", "evictions")
 
-    def __init__(self, *, max_entries: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, max_entries: int, ttl: float, refresh: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries < 0 or ttl <= 0:
             raise ValueError(f"NearCache needs max_entries >= 0 and ttl > 0 (got {max_entries}, {ttl})")
-        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        if not 0 <= refresh < ttl * (1.0 - _JITTER):   # else an entry would be due as soon as it is filled
+            raise ValueError(f"NearCache needs 0 <= refresh < {1.0 - _JITTER:g} x ttl (got {refresh}, ttl {ttl})")
+        # key -> (expires, value, refresh due from)
+        self._data: OrderedDict[str, tuple[float, bytes, float]] = OrderedDict()
         self._max = max_entries
         self._ttl = ttl
+        self._refresh = refresh
+        self._due: set[str] = set()   # keys whose refresh was handed out and has not landed yet
         self._clock = clock
         self._lock = threading.Lock()
         self.evictions = 0
@@ -40,39 +57,57 @@ class NearCache:
         return len(self._data)
 
     def get(self, key: str) -> bytes | None:
+        return self.read(key)[0]
+
+    def read(self, key: str) -> tuple[bytes | None, bool]:
+        """(the value or None, whether the caller should refresh it now). True is answered once per
+        entry: until a put() replaces it, other readers get False."""
         data = self._data
         entry = data.get(key)
         if entry is None:
-            return None
-        if entry[0] < self._clock():
+            return _NOT_HERE
+        now = self._clock()
+        if entry[0] < now:
             with self._lock:
                 if data.get(key) is entry:   # not replaced by a fill meanwhile
                     del data[key]
-            return None
+                    self._due.discard(key)
+            return _NOT_HERE
         try:
             data.move_to_end(key)
         except KeyError:   # discarded since the read above
             pass
-        return entry[1]
+        if entry[2] < now and key not in self._due:
+            with self._lock:
+                if key in self._due or data.get(key) is not entry:
+                    return entry[1], False
+                self._due.add(key)
+            return entry[1], True
+        return entry[1], False
 
     def put(self, key: str, value: bytes) -> None:
         if not self._max:
             return
-        expires = self._clock() + self._ttl * (1.0 - 0.2 * random.random())
+        expires = self._clock() + self._ttl * (1.0 - _JITTER * random.random())
+        refresh_from = expires - self._refresh if self._refresh else math.inf
         with self._lock:
             data = self._data
-            data[key] = (expires, value)
+            data[key] = (expires, value, refresh_from)
             data.move_to_end(key)
+            self._due.discard(key)
             if len(data) > self._max:
-                data.popitem(last=False)
+                old, _ = data.popitem(last=False)
+                self._due.discard(old)
                 self.evictions += 1
 
     def discard(self, keys: Iterable[str]) -> None:
         with self._lock:
-            pop = self._data.pop
+            pop, due = self._data.pop, self._due.discard
             for key in keys:
                 pop(key, None)
+                due(key)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._due.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +76,18 @@ def clients_of(node: NodeProcess) -> Clients:
 def node_logs(env: DevEnvironment) -> str:
     logs = env.work_dir / "logs"
     return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log")))
+
+
+def metric(node: NodeProcess, name: str, **labels: str) -> float:
+    """Sum of the node's samples of `name` whose labels include `labels` (0 when none)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def expect_code(call: object, code: grpc.StatusCode) -> grpc.RpcError:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
+from devstack.environment import DevEnvironment
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+from tests.integration.support import (
+    Clients,
+    UsedSecrets,
+    clients_of,
+    expect_code,
+    fresh_account_number,
+    fresh_pan,
+    metric,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -228,3 +239,28 @@ def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, us
         assert [r.code for r in results] == [5] * 1000
     # Only the first batch reached PostgreSQL; the second was answered from the negative cache.
     assert metric('crs_lookups_total{tier="l3_negative"}') - before == 1000
+
+
+def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevEnvironment) -> None:
+    """Refresh-ahead (CRS_NEAR_CACHE_REFRESH): a card asked for steadily across several near-cache
+    lifetimes is answered from L1 every time after the first fill; its entry is reloaded in the
+    background before it expires (counted as refreshes, not as answers)."""
+    from server.metrics import FLUSH_INTERVAL
+
+    node = dev_env.start_node(workers=1, near_cache_ttl=0.4, near_cache_refresh=0.5)
+    try:
+        clients = clients_of(node)
+        request = pb.ResolveCardRequest(pan=demo_pan(41))
+        first = clients.lookup.ResolveCard(request, timeout=5)
+        until = time.monotonic() + 2.0                      # five near-cache lifetimes
+        while time.monotonic() < until:
+            assert clients.lookup.ResolveCard(request, timeout=5) == first
+            time.sleep(0.005)
+        time.sleep(FLUSH_INTERVAL * 1.5)
+        refreshed = metric(node, "crs_near_cache_refreshes_total", outcome="refreshed")
+        refills = metric(node, "crs_lookups_total", tier="l2") + metric(node, "crs_lookups_total", tier="l3")
+        assert refreshed >= 3, f"{refreshed} refreshes in five lifetimes of a hot entry"
+        assert refills == 1, f"callers waited on {refills} refills; only the first lookup should"
+        clients.channel.close()
+    finally:
+        node.stop()

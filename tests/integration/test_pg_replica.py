@@ -28,8 +28,7 @@ from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from tests.integration import load
-from tests.integration.support import own_env
-from tests.integration.test_replica_faults import metric
+from tests.integration.support import metric, own_env
 
 CARDS = 120
 NODE = dict(workers=1, pg_timeout=2.0, outbox_poll_interval=0.2, near_cache_ttl=0.5)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -28,7 +27,7 @@ from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import own_env
+from tests.integration.support import metric, own_env
 
 CARDS = 150
 SENTINEL = "crs-test:sentinel"
@@ -51,18 +50,6 @@ class Stack:
     def copies(self, name: str) -> list[redis.Redis]:
         assert self.env.stack is not None
         return [redis.Redis.from_url(u) for u in self.env.stack.shard_copies()[name]]
-
-
-def metric(node: NodeProcess, name: str, **labels: str) -> float:
-    """Sum of the node's samples of `name` whose labels include `labels` (0 when none)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def l3_share(node: NodeProcess, seconds: float) -> tuple[float, float]:

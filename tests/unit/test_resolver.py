@@ -168,3 +168,37 @@ async def test_batch_mixes_hits_misses_and_not_found_in_order() -> None:
                                            Lookup("k3", nothing, "account"), Lookup("k2", two, "card")])
     assert answers[0] == b"one" and answers[1] == b"two" and answers[3] == b"two"
     assert isinstance(answers[2], NotFound) and answers[2].message == "account not found"
+
+
+async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
+    """A hit on a due entry answers at once and reloads the key on the loop; the reload is counted
+    as a refresh, not as an answer, and a failed reload leaves the entry to expire."""
+    now = [0.0]
+    near = NearCache(max_entries=100, ttl=1.0, refresh=0.25, clock=lambda: now[0])
+    resolver = Resolver(near=near, tier=None, policy=CachePolicy(), metrics=Metrics(CollectorRegistry()),
+                        route=ReadRoute.primary_only(PRIMARY, timeout=2.0))
+    resolver.start_refreshing(asyncio.get_running_loop())
+    loader = SlowLoader(result=b"\x08\x01")
+    lookup = Lookup("crd:1:re", loader, "card")
+    loader.release.set()
+    assert await resolver.resolve(lookup) == b"\x08\x01"          # a miss: loaded once
+    assert loader.calls == 1
+    now[0] = 0.79
+    loader.result = b"\x08\x02"
+    assert resolver.cached(lookup) == b"\x08\x01"                  # due: still answered from L1 now
+    await until(lambda: loader.calls == 2, "the background reload")
+    await until(lambda: near.get("crd:1:re") == b"\x08\x02", "the reloaded value in L1")
+    assert tiers(resolver) == {"l1": 1, "l3": 1}                   # one answer each: the reload is no answer
+    refreshed = {s.labels["outcome"]: s.value for m in resolver.metrics.near_refreshes.collect()
+                 for s in m.samples if s.name == "crs_near_cache_refreshes_total"}
+    assert refreshed == {"refreshed": 1.0}
+    now[0] = 0.79 + 0.79
+    loader.error = asyncpg.PostgresConnectionError("down")
+    assert resolver.cached(lookup) == b"\x08\x02"
+    await until(lambda: loader.calls == 3, "the failing reload")
+    await until(lambda: any(s.labels.get("outcome") == "failed" for m in resolver.metrics.near_refreshes.collect()
+                            for s in m.samples), "the failure counted")
+    assert resolver.cached(lookup) == b"\x08\x02" and loader.calls == 3   # not retried
+    now[0] += 0.3
+    assert resolver.cached(lookup) is None                         # expired, never served past it
+    resolver.stop_refreshing()

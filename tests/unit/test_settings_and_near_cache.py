@@ -113,3 +113,34 @@ def test_near_cache_stays_consistent_under_threads() -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(cache) <= 64
+
+
+def test_near_cache_refresh_ahead_is_due_once_per_entry() -> None:
+    """A hit in an entry's last `refresh` seconds is due for a reload once; the entry still answers
+    until its expiry (never past it), and a put, discard or expiry starts the count again."""
+    now = [0.0]
+    cache = NearCache(max_entries=8, ttl=1.0, refresh=0.25, clock=lambda: now[0])
+    cache.put("a", b"1")                       # expires at 0.8-1.0 s (jitter), due from 0.55-0.75 s
+    assert cache.read("a") == (b"1", False)
+    now[0] = 0.76
+    assert cache.read("a") == (b"1", True)     # due: handed out once
+    assert cache.read("a") == (b"1", False)
+    assert cache.get("a") == b"1"
+    cache.put("a", b"2")                       # the refresh landed: a fresh entry, not due
+    assert cache.read("a") == (b"2", False)
+    now[0] = 0.76 + 0.76
+    assert cache.read("a") == (b"2", True)
+    cache.discard(["a"])
+    cache.put("a", b"3")
+    now[0] += 0.76
+    assert cache.read("a") == (b"3", True)     # discard forgot the handed-out refresh
+    now[0] += 0.3
+    assert cache.read("a") == (None, False)    # expired: no answer, refresh or not
+    never = NearCache(max_entries=8, ttl=1.0, clock=lambda: now[0])
+    never.put("b", b"1")
+    now[0] += 0.79
+    assert never.read("b") == (b"1", False)    # refresh=0: off
+    with pytest.raises(ValueError):
+        NearCache(max_entries=8, ttl=1.0, refresh=0.8)   # would be due as soon as filled
+    with pytest.raises(SettingsError, match="CRS_NEAR_CACHE_REFRESH"):
+        load_settings({"CRS_NEAR_CACHE_REFRESH": "0.9"})
