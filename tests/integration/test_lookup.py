@@ -137,8 +137,17 @@ def test_batch_resolve_size_limits(node_a: Clients) -> None:
     err = expect_code(lambda: node_a.lookup.BatchResolve(too_many, timeout=5), INVALID)
     assert "1000" in (err.details() or "")
     full = pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i % 600)) for i in range(1000)])
-    results = node_a.lookup.BatchResolve(full, timeout=30).results
-    assert len(results) == 1000 and all(r.code == 0 for r in results)
+    # Up to 600 loads queue for the pool, each bounded by pg_timeout (2 s) pool wait included: on a
+    # machine loaded by other work a few may answer DEADLINE_EXCEEDED per key, as designed. A client
+    # retries those; the rest are cached by then. Nothing else may fail.
+    for _ in range(3):
+        results = node_a.lookup.BatchResolve(full, timeout=30).results
+        assert len(results) == 1000
+        codes = {r.code for r in results}
+        assert codes <= {0, grpc.StatusCode.DEADLINE_EXCEEDED.value[0]}, codes
+        if codes == {0}:
+            break
+    assert codes == {0}
 
 
 def test_stream_resolve_echoes_correlation_ids(node_a: Clients) -> None:
@@ -199,9 +208,10 @@ def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Client
 
 def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients, used_secrets: UsedSecrets) -> None:
     """A switch that sends a key and waits for its answer before the next (request/response over one
-    stream) gets every answer, hits and misses alike."""
+    stream) gets every answer, hits and misses alike, a near-cache hit first."""
     import queue
 
+    node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(20)), timeout=5)   # in the near-cache now
     outbox: queue.Queue[pb.LookupKey | None] = queue.Queue()
 
     def keys() -> object:
