@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -26,8 +27,11 @@ def server() -> Iterator[RedisServer]:
     client = redis.Redis.from_url(srv.url)
     client.mset({f"k{i}": f"v{i}".encode() for i in range(100)})
     client.set("bin", bytes(range(256)))
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_get_mget_and_pipelining(server: RedisServer) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -38,8 +39,11 @@ def server() -> Iterator[RedisServer]:
     srv = RedisServer(name="auth", data_dir=base / "redis", requirepass=DEFAULT_PASSWORD,
                       acl_users={"alice": ["on", f">{ALICE_PASSWORD}", "~*", "+@all"]})
     srv.start()
-    yield srv
-    srv.stop()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

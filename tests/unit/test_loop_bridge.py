@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -54,6 +54,18 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
     return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
 
 
+def hanging(cancelled: threading.Event) -> Callable[[], Awaitable[bytes]]:
+    """A coroutine function whose coroutine waits for a minute and sets `cancelled` when cancelled."""
+    async def hangs() -> bytes:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+    return hangs
+
+
 def test_answer_and_error_come_back(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
 
@@ -72,15 +84,7 @@ def test_answer_and_error_come_back(loop: asyncio.AbstractEventLoop) -> None:
 def test_deadline_cancels_the_coroutine(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
     cancelled = threading.Event()
-
-    async def hangs() -> bytes:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return b""
-
+    hangs = hanging(cancelled)
     started = time.monotonic()
     with pytest.raises(CallEnded):
         bridge.call(hangs, Context(remaining=0.2))   # type: ignore[arg-type]
@@ -91,16 +95,8 @@ def test_deadline_cancels_the_coroutine(loop: asyncio.AbstractEventLoop) -> None
 def test_cancelled_call_releases_the_thread_and_cancels(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
     cancelled = threading.Event()
+    hangs = hanging(cancelled)
     context = Context()
-
-    async def hangs() -> bytes:
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
-        return b""
-
     threading.Timer(0.2, context.end).start()   # the client cancels: grpc runs the call's callbacks
     with pytest.raises(CallEnded):
         bridge.call(hangs, context)   # type: ignore[arg-type]
