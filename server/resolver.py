@@ -66,7 +66,6 @@ class Resolver:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None   # refresh-ahead runs here once started
         self._refreshes: set[asyncio.Task[None]] = set()
-        self._refresh_limit = REFRESH_LIMIT
 
     # -- one key ---------------------------------------------------------------------------------
     def cached(self, lookup: Lookup) -> bytes | None:
@@ -88,11 +87,10 @@ class Resolver:
         return value
 
     # -- refresh-ahead (server/cache/near.py): a hot entry reloads before it expires -----------------
-    def start_refreshing(self, loop: asyncio.AbstractEventLoop, *, limit: int = REFRESH_LIMIT) -> None:
-        """Reload near-cache entries a hit found due, on `loop`, at most `limit` at once (more are
-        skipped: those entries expire and refill on a caller's miss, as without refresh-ahead)."""
+    def start_refreshing(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reload near-cache entries a hit found due, on `loop`, at most REFRESH_LIMIT at once (more
+        are skipped: those entries expire and refill on a caller's miss, as without refresh-ahead)."""
         self._loop = loop
-        self._refresh_limit = limit
 
     def stop_refreshing(self) -> None:
         self._loop = None
@@ -110,7 +108,7 @@ class Resolver:
     def _start_refresh(self, lookup: Lookup) -> None:   # on the loop
         if self._loop is None:
             return
-        if len(self._refreshes) >= self._refresh_limit:
+        if len(self._refreshes) >= REFRESH_LIMIT:
             self.metrics.near_refresh("skipped")
             return
         task = asyncio.get_running_loop().create_task(self._refresh(lookup))
@@ -120,8 +118,6 @@ class Resolver:
     async def _refresh(self, lookup: Lookup) -> None:
         try:
             await self._single_flight(lookup, count=False)
-        except asyncio.CancelledError:
-            raise
         except Exception:   # the entry expires; the next caller's miss reports what is wrong
             self.metrics.near_refresh("failed")
         else:
