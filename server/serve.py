@@ -11,6 +11,7 @@ import asyncio
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -127,5 +128,6 @@ def serve(settings: Settings) -> int:
             p.kill()
             p.join()
     codes = [p.exitcode for p in procs.values()]
+    shutil.rmtree(multiproc_dir, ignore_errors=True)   # the workers' metric files: gone with them
     log.info("stopped", extra={"exitcodes": codes})
     return 0 if failures_in_a_row <= 5 * workers else 1

@@ -23,6 +23,9 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     node = dev_env.start_node(workers=2, grace_seconds=5.0)
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
     assert len(children.stdout.split()) >= 2, "two worker processes"
+    environ = open(f"/proc/{children.stdout.split()[0]}/environ", "rb").read().split(b"\0")
+    metrics_dir = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    assert os.path.isdir(metrics_dir), "the workers' shared metrics directory"
     calls: list[tuple[float, float, str]] = []   # (start, end, outcome)
     stop = threading.Event()
     lock = threading.Lock()
@@ -56,6 +59,7 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
         t.join(20)
     dev_env.nodes.remove(node)
     assert code == 0
+    assert not os.path.exists(metrics_dir), "the metrics directory goes with the workers"
     # A call that reached the server before SIGTERM (started well before it) completed normally...
     settled_before = [c for c in calls if c[0] < sigterm_at - 0.05]
     assert settled_before and all(outcome == "ok" for _, _, outcome in settled_before), settled_before
