@@ -2,7 +2,8 @@
 source system's extract (docs/identity.md, "Bulk import").
 
 Customers are identified as online (server/store/bulk.py) in batches, one transaction each, the next
-batch read, validated and sealed meanwhile (server/cli/import_reader.py: by a second process for large
+batch searched for candidates on the second connection meanwhile, and the one after read, validated
+and sealed (server/cli/import_reader.py: by a second process for large
 files, so parsing and PostgreSQL's writes use both cores); accounts
 and cards go through the admin write path one row at a time (server/store/admin.py: the same
 validation, fingerprints, encryption, feed events and cache invalidation as CreateAccount/IssueCard),
@@ -75,8 +76,11 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
     from server.store.db import active_data_key
 
     try:
+        # jit off: the candidate search's estimated cost passes jit_above_cost, and compiling it took
+        # ~5 ms a batch for a query that runs in ~50 (docs/identity.md, "Bulk import throughput").
         pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=POOL_SIZE,
-                                         command_timeout=max(settings.pg_timeout * 50, 60))
+                                         command_timeout=max(settings.pg_timeout * 50, 60),
+                                         server_settings={"jit": "off"})
     except (OSError, asyncpg.PostgresError) as exc:
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
     keyring = settings.keyring()
@@ -86,7 +90,7 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
 async def import_customers(settings: Settings, path: Path, system: str, report: Path, rejects_path: Path | None,
                            batch: int, out: Any = None) -> Summary:
     from server.identity.model import MatchModel, Thresholds
-    from server.store.bulk import BulkCustomers, begin_run, finish_run, run_id
+    from server.store.bulk import BulkCustomers, Outcome, begin_run, finish_run, run_id
     from server.store.identity import IdentityCodec
 
     digest, lines = file_digest(path)
@@ -116,14 +120,15 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
             with _report_file(report) as f:
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(REPORT_COLUMNS["customers"])
-                while (item := await ahead.next()) is not None:
-                    rows, last, seals = item
-                    outcomes = await bulk.write_batch(rows, run, last, seals) if rows else []
+
+                def committed(outcomes: list[Outcome], last: int) -> None:
                     for o in outcomes:
                         summary.decisions[o.decision] += 1
                         writer.writerow((o.row, o.key, o.customer_id, o.decision,
                                          "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
                     progress.update(max(last - 1, 0), f"rejected {reader.rejected}")
+
+                await bulk.import_batches(ahead.next, run, committed)
         finally:
             await ahead.close()
         summary.read, summary.rejected = reader.rows_read, reader.rejected

@@ -1,7 +1,8 @@
 """Bulk import of customers (`crs import customers`, docs/identity.md "Bulk import"): one PostgreSQL
 transaction per batch of a source file, with identification as online and the change feed as online.
 
-Per batch:
+Per batch, in three steps (`search` reads, `plan` decides, `write` is the transaction), pipelined by
+`import_batches` so that PostgreSQL searches batch N+1 while it writes batch N:
 1. rows whose source reference is already on file are answered with their customer (`existing`):
    the source reference is the idempotency key, so a re-run or a resumed run creates nothing twice;
 2. the new rows are clustered among themselves (server/identity/cluster.py: duplicates inside one
@@ -22,9 +23,10 @@ the same person during an import may make a twin, which the review queue or a la
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -41,7 +43,7 @@ from server.proto import crs_pb2 as pb
 from server.store.admin import MAX_NAME, new_id
 from server.store.db import Conn, translate_db_errors
 from server.store.envelope import FEED_CHANNEL, FEED_LOCK
-from server.store.identity import IdentityCodec, SealedRecord, candidates_many
+from server.store.identity import IdentityCodec, SealedRecord, Unwritten, candidates_many
 from server.store.identity_writes import MAX_CANDIDATES, queue_reviews_many
 from server.store.messages import customer_msg
 
@@ -83,6 +85,34 @@ class _Group:
     scores: dict[int, float] = field(default_factory=dict)   # per member: the score reported
     reviews: dict[str, Score] = field(default_factory=dict)  # candidate customer -> best score
     possible: bool = False                                   # resembles another cluster of the file
+
+
+_NO_GROUP = _Group([])
+Item = tuple[Sequence[ImportRow], int, Sequence[SealedRecord]]    # a batch, the rows done after it, the seals
+
+
+@dataclass(frozen=True)
+class Found:
+    """A batch after its search (`BulkCustomers.search`)."""
+
+    rows: int                                   # in the batch
+    known: list[Outcome]                        # rows whose source reference is on file already
+    fresh: list[ImportRow]                      # the others, in file order
+    seals: list[SealedRecord]                   # of `fresh`
+    scored: list[list[tuple[str, Score]]]       # of `fresh`: the stored customers they resemble
+    record_ids: list[int]                       # of `fresh`: their source records' ids
+    rows_done: int                              # the file's rows done once this batch commits
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A batch decided, not yet written (`BulkCustomers.plan`)."""
+
+    found: Found
+    groups: list[_Group]
+    by_row: list[_Group]                        # per fresh row: its group
+    pairs: list[tuple[_Group, _Group, Score]]   # clusters of the file that resemble each other
+    unwritten: Unwritten                        # its records, for the next batch's search
 
 
 def run_id(system: str, kind: str, content_sha256: str) -> str:
@@ -134,50 +164,107 @@ class BulkCustomers:
         """A row's sealed record (pure CPU: the import seals the next batch while one is written)."""
         return self.codec.seal(row.identity, row.keys)
 
-    async def write_batch(self, rows: Sequence[ImportRow], run: str, rows_done: int,
-                          sealed: Sequence[SealedRecord] | None = None) -> list[Outcome]:
-        """Identify and write one batch in one transaction; an outcome per row, in row order.
-        `sealed`: the rows' `seal` when the caller made it already."""
+    async def search(self, rows: Sequence[ImportRow], rows_done: int, sealed: Sequence[SealedRecord] | None = None,
+                     unwritten: Unwritten | None = None) -> Found:
+        """Step 1, reads only: which rows are on file already, and the candidates of the others.
+        `sealed`: the rows' `seal` when the caller made it already; `unwritten`: the previous batch's
+        records while its transaction is still open (`import_batches`)."""
+        with translate_db_errors():
+            async with self.pool.acquire() as conn:
+                known = await self.existing(conn, [r.key for r in rows]) if rows else {}
+                fresh = [i for i, r in enumerate(rows) if r.key not in known]
+                seals = [sealed[i] if sealed is not None else self.seal(rows[i]) for i in fresh]
+                scored = await candidates_many(conn, self.codec, self.model, [rows[i].identity for i in fresh],
+                                               [s.blocks for s in seals], unwritten) if fresh else []
+                # Ids drawn now (a sequence is outside transactions): the next batch's search tells
+                # this batch's records in PostgreSQL's answer from its Unwritten ones by them.
+                record_ids = [r[0] for r in await conn.fetch(
+                    "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)",
+                    len(fresh))] if fresh else []
+        return Found(len(rows), [Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings)
+                                 for r in rows if r.key in known], [rows[i] for i in fresh], seals, scored,
+                     record_ids, rows_done)
+
+    def plan(self, found: Found) -> Plan:
+        """Step 2, CPU only: clusters, decisions and the new customers' ids."""
+        rows = found.fresh
+        keys = [r.keys for r in rows if r.keys is not None]
+        groups, pairs = self._decide([r.identity for r in rows], found.scored,
+                                     keys if len(keys) == len(rows) else None)
+        by_row = [_NO_GROUP] * len(rows)
+        for g in groups:
+            for m in g.members:
+                by_row[m] = g
+            if not g.joins:
+                g.customer_id = new_id("cus_")
+        unwritten = Unwritten()
+        for row, seal, g, record_id in zip(rows, found.seals, by_row, found.record_ids, strict=True):
+            unwritten.add(record_id, g.customer_id, row.identity, seal.blocks)
+        return Plan(found, groups, by_row, pairs, unwritten)
+
+    async def write(self, plan: Plan, run: str) -> list[Outcome]:
+        """Step 3: the batch in one transaction; an outcome per row, in row order."""
+        found = plan.found
         with translate_db_errors():
             async with self.pool.acquire() as conn, conn.transaction():
-                known = await self.existing(conn, [r.key for r in rows])
-                fresh = [i for i, r in enumerate(rows) if r.key not in known]
-                outcomes = [Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings)
-                            for r in rows if r.key in known]
-                new_customers: dict[str, pb.Customer] = {}
-                if fresh:
-                    seals = [sealed[i] if sealed is not None else self.seal(rows[i]) for i in fresh]
-                    written, new_customers = await self._identify_and_write(conn, [rows[i] for i in fresh], seals)
+                outcomes, new_customers = list(found.known), dict[str, pb.Customer]()
+                if found.fresh:
+                    written, new_customers = await self._write(conn, plan)
                     outcomes += written
                 created = sorted(new_customers)
                 joined = sorted({o.customer_id for o in outcomes if o.decision == MATCHED})
-                await self.progress(conn, run, rows_done, "ImportCustomers", "customer", created + joined)
-                if fresh:
+                await self.progress(conn, run, found.rows_done, "ImportCustomers", "customer", created + joined)
+                if found.fresh:
                     await self._feed(conn, new_customers, created, joined)
         return sorted(outcomes, key=lambda o: o.row)
 
-    async def _identify_and_write(self, conn: Conn, rows: list[ImportRow], sealed: list[SealedRecord]
-                                  ) -> tuple[list[Outcome], dict[str, pb.Customer]]:
+    async def write_batch(self, rows: Sequence[ImportRow], run: str, rows_done: int,
+                          sealed: Sequence[SealedRecord] | None = None) -> list[Outcome]:
+        """The three steps for one batch, nothing else in flight."""
+        return await self.write(self.plan(await self.search(rows, rows_done, sealed)), run)
+
+    async def import_batches(self, next_batch: Callable[[], Awaitable[Item | None]], run: str,
+                             done: Callable[[list[Outcome], int], None]) -> None:
+        """Every batch `next_batch` gives (rows, rows done after it, their seals), pipelined: batch N+1
+        is fetched and searched on the pool's second connection while batch N's transaction writes on
+        the first. The search adds batch N's records to what PostgreSQL answers (it cannot see them
+        before the commit), and it starts only after batch N-1 committed: each batch is decided on
+        exactly what it would be decided on one batch at a time. `done(outcomes, rows_done)` after
+        each commit, in file order. The writes run in the caller's task: an error or an interrupt
+        stops the import there (the run resumes after the last commit), and the search is cancelled."""
+        found = await self._next(next_batch, None)
+        while found is not None:
+            if not found.rows:
+                done([], found.rows_done)
+                found = await self._next(next_batch, None)
+                continue
+            plan = self.plan(found)
+            ahead = asyncio.ensure_future(self._next(next_batch, plan.unwritten))
+            try:
+                done(await self.write(plan, run), found.rows_done)
+                found = await ahead
+            finally:
+                if not ahead.done():
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+
+    async def _next(self, next_batch: Callable[[], Awaitable[Item | None]], unwritten: Unwritten | None
+                    ) -> Found | None:
+        item = await next_batch()
+        return None if item is None else await self.search(item[0], item[1], item[2], unwritten)
+
+    async def _write(self, conn: Conn, plan: Plan) -> tuple[list[Outcome], dict[str, pb.Customer]]:
         """The rows' outcomes, and the customers created (their state as written: what the feed sends)."""
-        identities = [r.identity for r in rows]
-        keys = [r.keys for r in rows if r.keys is not None]
-        groups, pairs = self._decide(identities, await candidates_many(conn, self.codec, self.model, identities,
-                                                                       [s.blocks for s in sealed]),
-                                     keys if len(keys) == len(rows) else None)
-        by_row = {m: g for g in groups for m in g.members}
-        new_groups = [g for g in groups if not g.joins]
-        for g in new_groups:
-            g.customer_id = new_id("cus_")
-        customers = [(g.customer_id, self._name(identities[g.members[0]]), "retail", pb.CUSTOMER_STATUS_ACTIVE,
+        rows, by_row = plan.found.fresh, plan.by_row
+        new_groups = [g for g in plan.groups if not g.joins]
+        customers = [(g.customer_id, self._name(rows[g.members[0]].identity), "retail", pb.CUSTOMER_STATUS_ACTIVE,
                       pb.KYC_STATUS_PENDING) for g in new_groups]
         await conn.copy_records_to_table(
             "customers", columns=("customer_id", "display_name", "segment", "status", "kyc_status"), records=customers)
         created = {c[0]: pb.Customer(customer_id=c[0], display_name=c[1], segment=c[2], status=c[3], kyc_status=c[4],
                                      version=1) for c in customers}    # version: the column's default
-        record_ids = [r[0] for r in await conn.fetch(
-            "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)", len(rows))]
         records, blocks = [], []
-        for i, (row, record_id, seal) in enumerate(zip(rows, record_ids, sealed, strict=True)):
+        for i, (row, record_id, seal) in enumerate(zip(rows, plan.found.record_ids, plan.found.seals, strict=True)):
             cid = by_row[i].customer_id
             records.append((record_id, self.system, row.key, cid, cid, seal.fingerprint_version,
                             seal.national_id_fp, seal.national_id_last4, seal.ciphertext, seal.dek_id,
@@ -187,7 +274,7 @@ class BulkCustomers:
         await conn.copy_records_to_table("identity_blocks", columns=("version", "block", "record_id"), records=blocks)
         reviews = [(g.customer_id, cid, s) for g in new_groups for cid, s in sorted(g.reviews.items())]
         # ... and two customers of this file that resemble each other without a MATCH
-        reviews += [(a.customer_id, b.customer_id, s) for a, b, s in pairs if a.customer_id != b.customer_id]
+        reviews += [(a.customer_id, b.customer_id, s) for a, b, s in plan.pairs if a.customer_id != b.customer_id]
         await queue_reviews_many(conn, reviews, self.thresholds.review)
         out: list[Outcome] = []
         for i, row in enumerate(rows):

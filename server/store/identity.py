@@ -139,38 +139,40 @@ async def contributions(conn: Conn, codec: IdentityCodec, customer_ids: list[str
     return out
 
 
-_BLOCK_MEMBERS = ("SELECT b.k AS block, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
-                  " LATERAL (SELECT s.customer_id FROM identity_blocks ib JOIN source_records s USING (record_id)"
+_BLOCK_MEMBERS = ("SELECT b.k AS block, r.record_id, r.customer_id FROM unnest($1::bigint[]) AS b(k),"
+                  " LATERAL (SELECT s.record_id, s.customer_id"
+                  "          FROM identity_blocks ib JOIN source_records s USING (record_id)"
                   "          WHERE ib.version = $3 AND ib.block = b.k LIMIT $2) r")
 
 
-def _chosen(hashes: list[int], per_block: dict[int, list[str]], exclude: str = "",
+def _chosen(hashes: list[int], per_block: dict[int, dict[int, str]], exclude: str = "",
             limit: int | None = MAX_CANDIDATE_CUSTOMERS) -> list[str]:
     """The customers sharing a (not too common) block with a query, those sharing the most keys first:
     they are the likely matches when blocks are crowded."""
     hits: dict[str, int] = defaultdict(int)
     for h in hashes:
-        members = per_block.get(h, ())
-        if len(members) <= MAX_BLOCK:
-            for cid in set(members):
+        members = per_block.get(h)
+        if members is not None and len(members) <= MAX_BLOCK:
+            for cid in set(members.values()):
                 hits[cid] += 1
     hits.pop(exclude, None)
     return sorted(hits, key=lambda c: (-hits[c], c))[:limit]
 
 
-async def _block_members(conn: Conn, hashes: list[int], version: int) -> dict[int, list[str]]:
-    # Per block at most MAX_BLOCK + 1 rows: a block that fills them is too common and is skipped.
-    per_block: dict[int, list[str]] = defaultdict(list)
-    for r in await conn.fetch(_BLOCK_MEMBERS, hashes, MAX_BLOCK + 1, version):
-        per_block[r["block"]].append(r["customer_id"])
+async def _block_members(conn: Conn, hashes: list[int], version: int) -> dict[int, dict[int, str]]:
+    """Per block: record id -> customer id of its records. At most MAX_BLOCK + 1 records: a block that
+    fills them is too common and is skipped."""
+    per_block: dict[int, dict[int, str]] = defaultdict(dict)
+    for block, record_id, customer_id in await conn.fetch(_BLOCK_MEMBERS, hashes, MAX_BLOCK + 1, version):
+        per_block[block][record_id] = customer_id
     return per_block
 
 
 def _score(model: MatchModel, identity: Identity, chosen: list[str],
-           records: dict[str, list[Contribution]]) -> list[tuple[str, Score]]:
+           records: dict[str, list[Identity]]) -> list[tuple[str, Score]]:
     scored: list[tuple[str, Score]] = []
     for cid in chosen:
-        best = model.best(identity, (c.identity for c in records.get(cid, [])))
+        best = model.best(identity, records.get(cid, ()))
         if best is not None:
             scored.append((cid, best))
     return scored
@@ -190,20 +192,56 @@ async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identi
             " OR (customer_b = $1 AND customer_a = ANY($2))", exclude, chosen)}
         chosen = [c for c in chosen if c not in distinct]
     chosen = chosen[:MAX_CANDIDATE_CUSTOMERS]
-    return _score(model, identity, chosen, await contributions(conn, codec, chosen))
+    return _score(model, identity, chosen, _identities(await contributions(conn, codec, chosen)))
+
+
+def _identities(records: dict[str, list[Contribution]]) -> dict[str, list[Identity]]:
+    return {cid: [c.identity for c in cs] for cid, cs in records.items()}
+
+
+class Unwritten:
+    """Records whose commit the search may or may not see: a bulk import's previous batch, written
+    while the next batch's candidates are searched. The search adds those PostgreSQL did not answer
+    (by record id: the transaction may commit between its statements), so it finds what it would
+    find after that batch's commit (`candidates_many`)."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, dict[int, str]] = defaultdict(dict)                 # hash -> record -> customer
+        self.records: dict[str, dict[int, Identity]] = defaultdict(dict)           # customer -> record -> identity
+
+    def add(self, record_id: int, customer_id: str, identity: Identity, blocks: Sequence[int]) -> None:
+        """A record of `customer_id` (a new customer or an existing one it joins); `blocks`: its
+        hashes under the current fingerprint version."""
+        self.records[customer_id][record_id] = identity
+        for h in blocks:
+            self.blocks[h][record_id] = customer_id
 
 
 async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel, identities: list[Identity],
-                          hashes: list[list[int]] | None = None) -> list[list[tuple[str, Score]]]:
+                          hashes: list[list[int]] | None = None, unwritten: Unwritten | None = None
+                          ) -> list[list[tuple[str, Score]]]:
     """`candidates` for a batch (a bulk import): the blocks of every identity in one query, every
     candidate customer's records in one more, then each identity scored as `candidates` scores it.
-    `hashes`: the identities' blocking hashes when the caller has them (sealed records carry them)."""
+    `hashes`: the identities' blocking hashes when the caller has them (sealed records carry them).
+    `unwritten`: records to count as stored (see Unwritten). A block's members from PostgreSQL are
+    complete unless there are more than MAX_BLOCK of them, in which case the block is skipped with or
+    without the unwritten ones: adding them changes no decision but the one a commit would change."""
     hashes = hashes if hashes is not None else [codec.blocks(i) for i in identities]
     every = sorted({h for hs in hashes for h in hs})
     per_block = await _block_members(conn, every, codec.version) if every else {}
+    if unwritten is not None:
+        for h in every:
+            if h in unwritten.blocks:
+                per_block[h] = unwritten.blocks[h] | per_block.get(h, {})
     chosen = [_chosen(hs, per_block) for hs in hashes]
     wanted = sorted({cid for cs in chosen for cid in cs})
-    records = await contributions(conn, codec, wanted) if wanted else {}
+    stored = await contributions(conn, codec, wanted) if wanted else {}
+    records = _identities(stored)
+    if unwritten is not None:
+        for cid in wanted:
+            if cid in unwritten.records:
+                seen = {c.record_id for c in stored.get(cid, ())}
+                records[cid] = records.get(cid, []) + [i for r, i in unwritten.records[cid].items() if r not in seen]
     return [_score(model, identity, cs, records) for identity, cs in zip(identities, chosen, strict=True)]
 
 

@@ -282,12 +282,103 @@ def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
     assert _sql(dev_env, "SELECT count(*) AS n FROM customers")[0]["n"] == count
 
 
+def test_a_person_across_batches_is_one_customer(env_vars: None, dev_env: DevEnvironment, node_a: Clients,
+                                                used_secrets: UsedSecrets, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch N+1 is searched while batch N's transaction is still open (docs/identity.md, "Bulk
+    import"): it must still find the customers batch N creates, and batch N+2 a customer whose records
+    are partly committed and partly in the open transaction."""
+    search, write = BulkCustomers.search, BulkCustomers.write
+    searched: list[int] = []
+
+    async def counted(self: BulkCustomers, *args: Any, **kwargs: Any) -> Any:
+        found = await search(self, *args, **kwargs)
+        searched.append(found.rows_done)
+        return found
+
+    async def after_next_search(self: BulkCustomers, plan: Any, run: str) -> Any:
+        # Hold batch N's transaction until batch N+1 was searched, so that search cannot see it.
+        batches = len(searched)
+        for _ in range(400):
+            if len(searched) > batches or batches == 3:
+                break
+            await asyncio.sleep(0.005)
+        assert len(searched) > batches or batches == 3, "the next batch was not searched during the write"
+        return await write(self, plan, run)
+
+    monkeypatch.setattr(BulkCustomers, "search", counted)
+    monkeypatch.setattr(BulkCustomers, "write", after_next_search)
+    system = "span-" + uuid.uuid4().hex[:6]
+    first = _row(used_secrets, "P-1", given_name="Leopold", phone="")
+    y, m, d = first["date_of_birth"].split("-")
+    second = dict(first, source_ref="P-2", given_name="Leo", date_of_birth=f"{y}-{d}-{m}", email="")
+    third = dict(first, source_ref="P-3", email="")
+    fillers = [_row(used_secrets, f"F-{i}", given_name=name, address_line1=f"{random.randint(1, 999)} Weir Row",
+                    postcode=f"{random.randint(10000, 99999)}", phone="")
+               for i, name in enumerate(("Octavia", "Barnaby", "Clementine"))]
+    rows = [first, fillers[0], second, fillers[1], third, fillers[2]]    # batches of two: P-n in batch n
+    file = _write(tmp_path / "span.csv", [_line(r) for r in rows])
+    code, report, rejects = _import(tmp_path, "customers", file, system, "--batch", "2")
+    assert code == 0 and not rejects
+    got = {r["source_ref"]: r for r in report}
+    assert got["P-1"]["customer_id"] == got["P-2"]["customer_id"] == got["P-3"]["customer_id"]
+    assert [got[k]["decision"] for k in ("P-1", "P-2", "P-3")] == ["new", "matched", "matched"]
+    assert len({got[f"F-{i}"]["customer_id"] for i in range(3)} | {got["P-1"]["customer_id"]}) == 4
+    assert searched[:3] == [3, 5, 7]       # (the reader may end with an empty batch)
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=got["P-1"]["customer_id"]), timeout=5)
+    assert profile.customer.version == 3           # created, then a record added by each later batch
+    assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE customer_id = $1",
+                got["P-1"]["customer_id"])[0]["n"] == 3
+
+
+def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
+        dev_env: DevEnvironment, used_secrets: UsedSecrets, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next batch's search may see the previous batch committed (its transaction can commit
+    between the search's statements): its records then come from PostgreSQL and from Unwritten, and
+    must count once, or a block would look crowded and be skipped. With MAX_BLOCK at 2 a block holding
+    the previous batch's two records is used; counted twice it would be skipped and the match lost."""
+    from server.identity.attributes import parse_identity
+    from server.identity.model import MatchModel, Thresholds
+    from server.settings import load_settings
+    from server.store import identity as identity_store
+    from server.store.bulk import ImportRow
+    from server.store.db import active_data_key
+    from server.store.identity import IdentityCodec
+
+    monkeypatch.setattr(identity_store, "MAX_BLOCK", 2)
+    person = _row(used_secrets, "", phone="")
+    raw = {k: v for k, v in person.items() if k not in ("source_ref", "national_id_type")}
+    raw |= {"address_line1": person["address_line1"]}
+    identity = parse_identity(raw, strict=True)[0]
+    settings = load_settings(dict(dev_env.keys) | {"CRS_PG_DSN": dev_env.operator_dsn, "CRS_ALLOW_PLAINTEXT": "true",
+                                                  "CRS_ALLOW_ANONYMOUS": "true"})
+    system = "once-" + uuid.uuid4().hex[:6]
+
+    async def go() -> tuple[list[str], list[str]]:
+        pool = await asyncpg.create_pool(dev_env.operator_dsn, min_size=1, max_size=2)
+        try:
+            keyring = settings.keyring()
+            bulk = BulkCustomers(pool=pool, codec=IdentityCodec(keyring=keyring, data_key=await active_data_key(
+                pool, keyring)), model=MatchModel.load(), thresholds=Thresholds(), system=system)
+            first = bulk.plan(await bulk.search([ImportRow(2, "A-1", identity), ImportRow(3, "A-2", identity)], 3))
+            await bulk.write(first, "run-" + system)                      # committed before the next search
+            query = [ImportRow(4, "B-1", identity)]
+            both = await bulk.search(query, 4, unwritten=first.unwritten)  # PostgreSQL and Unwritten hold them
+            alone = await bulk.search(query, 4)
+            return [c for c, _ in both.scored[0]], [c for c, _ in alone.scored[0]]
+        finally:
+            await pool.close()
+
+    both, alone = asyncio.run(go())
+    assert both == alone and len(both) == 1
+
+
 def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets,
                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
     system = "resume-" + uuid.uuid4().hex[:6]
     file = _write(tmp_path / "big.csv", [_line(_row(used_secrets, f"P{i}", given_name=random.choice(
         ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "x" * i)) for i in range(30)])
-    real = BulkCustomers.write_batch
+    real = BulkCustomers.write
     calls = 0
 
     async def crash_on_third(self: BulkCustomers, *args: Any, **kwargs: Any) -> Any:
@@ -297,13 +388,13 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
             raise KeyboardInterrupt    # the operator's Ctrl-C (or a crash) after two committed batches
         return await real(self, *args, **kwargs)
 
-    monkeypatch.setattr(BulkCustomers, "write_batch", crash_on_third)
+    monkeypatch.setattr(BulkCustomers, "write", crash_on_third)
     code, _, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
     assert code == 130
     run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
     assert len(run) == 1 and run[0]["rows_done"] == 21 and run[0]["finished_at"] is None
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
-    monkeypatch.setattr(BulkCustomers, "write_batch", real)
+    monkeypatch.setattr(BulkCustomers, "write", real)
     code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
     assert code == 0 and len(report) == 30
     assert [r["decision"] for r in report].count("existing") == 20
