@@ -35,7 +35,7 @@ from server.cli.import_files import (
     file_digest,
     source_key,
 )
-from server.cli.import_reader import ReadAhead, batches, open_reader, sealed
+from server.cli.import_reader import ReadAhead, batches, bulk_gc, open_reader, sealed
 from server.identity.attributes import AttributeProblem, parse_source_ref
 from server.progress import ProgressBar
 from server.settings import Settings
@@ -117,7 +117,7 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
         progress = ProgressBar(err, f"importing customers from {path.name}", max(lines - 1, 0))
         ahead = ReadAhead(sealed(reader.batches(), bulk.seal))
         try:
-            with _report_file(report) as f:
+            with bulk_gc(), _report_file(report) as f:
                 writer = csv.writer(f, lineterminator="\n")
                 writer.writerow(REPORT_COLUMNS["customers"])
 
