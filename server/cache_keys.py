@@ -17,7 +17,12 @@ NEGATIVE = b"\xff"
 
 
 def card_key(fingerprint_version: int, fingerprint: bytes) -> str:
-    return f"{CARD_PREFIX}{fingerprint_version}:{fingerprint.hex()}"
+    return card_key_prefix(fingerprint_version) + fingerprint.hex()
+
+
+def card_key_prefix(fingerprint_version: int) -> str:
+    """What every card key of this fingerprint version starts with (then the fingerprint in hex)."""
+    return f"{CARD_PREFIX}{fingerprint_version}:"
 
 
 def token_key(token: str) -> str:

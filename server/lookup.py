@@ -23,6 +23,8 @@ from server.decisions import DecisionTable
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
 from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_code_number
 from server.pan import (
+    PAN_MAX_LEN,
+    PAN_MIN_LEN,
     aba_ok,
     parse_account_number,
     parse_customer_id,
@@ -62,6 +64,8 @@ class LookupHandlers:
         self.stream_window = stream_window
         current = keyring.fingerprint_version
         self._other_versions = sorted((v for v in keyring.fingerprint_keys if v != current), reverse=True)
+        self._card_prefix = ck.card_key_prefix(current)
+        self._card_hits = resolver.near.enabled      # without a near-cache, card_hit could only miss
 
     # -- key → Lookup ----------------------------------------------------------------------------
     def card_by_pan(self, pan: str) -> Lookup:
@@ -73,6 +77,20 @@ class LookupHandlers:
         if self._other_versions:
             load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
         return Lookup(ck.card_key(version, fp), load, "card")
+
+    def card_hit(self, pan: str) -> bytes | None:
+        """A PAN's card from the near-cache by its cache key alone (no Lookup, no loader built), not
+        counted; None for a miss or a negative entry, and the caller takes the general path. It
+        needs no Luhn or digits check: a card key is only ever made from a PAN that passed parse_pan
+        (card_by_pan), so one that fails it finds nothing here and is refused on the general path.
+        Only the length and ASCII come first, to bound the hashing and keep encode("ascii") total.
+        In-process, a BatchResolve key went 6.7 -> 4.2 us (docs/decisions.md, "The hit's fast path")."""
+        if not (self._card_hits and PAN_MIN_LEN <= len(pan) <= PAN_MAX_LEN and pan.isascii()):
+            return None
+        cached, due = self.resolver.read(self._card_prefix + self.keyring.fingerprint(pan).hex())
+        if due:     # only this reader is told: the reload must start here
+            self.resolver.refresh_soon(self.card_by_pan(pan))
+        return cached if cached is not None and cached != ck.NEGATIVE else None
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
@@ -171,6 +189,9 @@ class LookupHandlers:
     def resolve_card_now(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes | Later:
         which = request.WhichOneof("key")
         pan = request.pan if which == "pan" else None
+        if pan is not None and (cached := self.card_hit(pan)) is not None:
+            self.resolver.metrics.tier_hit("l1")
+            return cached
         try:
             if which == "pan":
                 lookup = self.card_by_pan(request.pan)
@@ -250,11 +271,17 @@ class LookupHandlers:
             raise InvalidKey("keys is empty")
         if n > self.batch_max:
             raise InvalidKey(f"too many keys: {n} > the maximum of {self.batch_max} per batch")
-        prepared: list[tuple[str, Lookup | CrsError, int, pb.LookupKey]] = []
+        prepared: list[tuple[str, Lookup | CrsError | None, int, pb.LookupKey]] = []
         outcomes: list[bytes | CrsError | None] = []
         misses: list[int] = []
+        pans, card_hit = caller.may(KEY_SCOPE["pan"]), self.card_hit
         for key in request.keys:
             cid = key.correlation_id
+            if pans and key.WhichOneof("key") == "pan" and (cached := card_hit(key.pan)) is not None \
+                    and len(cid) <= MAX_CORRELATION_ID:     # the fast path (card_hit)
+                prepared.append((cid, None, RESOLUTION_FIELD, key))
+                outcomes.append(cached)
+                continue
             try:
                 if len(cid) > MAX_CORRELATION_ID:
                     raise InvalidKey(f"correlation_id is longer than {MAX_CORRELATION_ID} characters")
@@ -345,6 +372,10 @@ class LookupHandlers:
         LookupResult when it is answered now (a near-cache hit, or an error) or else the Lookup to
         resolve, and the result field."""
         cid = key.correlation_id
+        if len(cid) <= MAX_CORRELATION_ID and key.WhichOneof("key") == "pan" and caller.may(KEY_SCOPE["pan"]) \
+                and (cached := self.card_hit(key.pan)) is not None:
+            self.resolver.metrics.tier_hit("l1")
+            return cid, lookup_result(cid, 0, "", cached), RESOLUTION_FIELD
         try:
             if len(cid) > MAX_CORRELATION_ID:
                 cid = cid[:MAX_CORRELATION_ID]

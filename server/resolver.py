@@ -80,7 +80,7 @@ class Resolver:
         """cached() without counting the hit: a batch counts its hits once."""
         value, due = self.near.read(lookup.cache_key)
         if due:
-            self._refresh_soon(lookup)
+            self.refresh_soon(lookup)
         if value == NEGATIVE:
             self.metrics.tier_hit("l1")
             raise NotFound(f"{lookup.what} not found")
@@ -97,7 +97,13 @@ class Resolver:
         for task in list(self._refreshes):
             task.cancel()
 
-    def _refresh_soon(self, lookup: Lookup) -> None:   # any thread: a gRPC thread or the loop
+    def read(self, cache_key: str) -> tuple[bytes | None, bool]:
+        """The near-cache's raw answer, for LookupHandlers.card_hit: (the value, NEGATIVE for a
+        negative entry, or None; not counted), and whether the entry is due for refresh, in which
+        case the caller must call `refresh_soon`: only one reader is told."""
+        return self.near.read(cache_key)
+
+    def refresh_soon(self, lookup: Lookup) -> None:   # any thread: a gRPC thread or the loop
         loop = self._loop
         if loop is not None:
             try:

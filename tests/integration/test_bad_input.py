@@ -85,11 +85,15 @@ def test_two_hundred_plus_malformed_keys(node_a: Clients) -> None:
             node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=cid), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         count += 1
-    # The same keys in one batch: one result each, all INVALID_ARGUMENT, in order.
-    batch = [pb.LookupKey(pan=p, correlation_id=str(i)) for i, p in enumerate(pans)]
+    # The same keys in one batch: one result each, all INVALID_ARGUMENT, in order; between two
+    # near-cache hits, so that BatchResolve's fast path (no Luhn check: server/lookup.py) sees them.
+    node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(11)), timeout=5)
+    good = pb.LookupKey(pan=demo_pan(11), correlation_id="good")
+    batch = [good, *(pb.LookupKey(pan=p, correlation_id=str(i)) for i, p in enumerate(pans)), good]
     results = node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=batch), timeout=10).results
-    assert [r.code for r in results] == [3] * len(pans)
-    assert [r.correlation_id for r in results] == [str(i) for i in range(len(pans))]
+    assert [r.code for r in results] == [0] + [3] * len(pans) + [0]
+    assert [r.correlation_id for r in results] == ["good", *(str(i) for i in range(len(pans))), "good"]
+    assert results[0].resolution.card.last4 == demo_pan(11)[-4:]
     count += len(pans)
     assert count >= 200
     # Raw garbage that is not even a protobuf message.

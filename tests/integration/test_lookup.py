@@ -251,20 +251,34 @@ def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, us
     assert metric('crs_lookups_total{tier="l3_negative"}') - before == 1000
 
 
-def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevEnvironment) -> None:
+@pytest.mark.parametrize("rpc_name", ["ResolveCard", "BatchResolve", "StreamResolve"])
+def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevEnvironment, rpc_name: str) -> None:
     """Refresh-ahead (CRS_NEAR_CACHE_REFRESH): a card asked for steadily across several near-cache
     lifetimes is answered from L1 every time after the first fill; its entry is reloaded in the
-    background before it expires (counted as refreshes, not as answers)."""
+    background before it expires (counted as refreshes, not as answers). Each RPC answers a card's
+    hit on the fast path (LookupHandlers.card_hit), which must start the refresh too."""
     from server.metrics import FLUSH_INTERVAL
 
     node = dev_env.start_node(workers=1, near_cache_ttl=0.4, near_cache_refresh=0.5)
     try:
         clients = clients_of(node)
-        request = pb.ResolveCardRequest(pan=demo_pan(41))
-        first = clients.lookup.ResolveCard(request, timeout=5)
+        pan = demo_pan({"ResolveCard": 41, "BatchResolve": 42, "StreamResolve": 43}[rpc_name])
+
+        def ask() -> pb.Resolution:
+            if rpc_name == "ResolveCard":
+                return clients.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+            if rpc_name == "BatchResolve":
+                results = list(clients.lookup.BatchResolve(pb.BatchResolveRequest(keys=[pb.LookupKey(pan=pan)]),
+                                                           timeout=5).results)
+            else:
+                results = list(clients.lookup.StreamResolve(iter([pb.LookupKey(pan=pan)]), timeout=5))
+            assert len(results) == 1 and results[0].code == 0
+            return results[0].resolution
+
+        first = ask()
         until = time.monotonic() + 2.0                      # five near-cache lifetimes
         while time.monotonic() < until:
-            assert clients.lookup.ResolveCard(request, timeout=5) == first
+            assert ask() == first
             time.sleep(0.005)
         time.sleep(FLUSH_INTERVAL * 1.5)
         refreshed = metric(node, "crs_near_cache_refreshes_total", outcome="refreshed")
