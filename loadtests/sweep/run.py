@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -743,6 +744,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.stop()
         if quiet is not sys.stderr:
             quiet.close()
+        if args.artifacts is None:      # a temporary directory: --help promises it goes
+            shutil.rmtree(artifacts, ignore_errors=True)
 
     machine = machine_info(args.machine_name, {k: v.describe() for k, v in layouts.items()})
     machine["load average at the start (1/5/15 min)"] = load_at_start

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from loadtests.sweep.capacity import costs_from_report
@@ -22,9 +25,19 @@ def test_a_two_size_paced_sweep_writes_its_report(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "loadtests.sweep", "--nodes", "1,2", "--shards", "1", "--node-mode", "processes",
            "--per-node-rate", "40", "--users-per-node", "2", "--customers", "200", "--calibrate", "none",
            "--no-light", "--seconds", "2", "--warmup", "1", "--idle-seconds", "1", "--locust-workers", "1",
-           "--out", str(out), "--artifacts", str(tmp_path / "artifacts"), "--note", "integration test"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+           "--out", str(out), "--note", "integration test"]
+    # Its TMPDIR, where its temporary artifacts directory goes and must go from. Not under tmp_path:
+    # the embedded PostgreSQL (run as 'nobody' when we are root) must traverse it.
+    tmp = Path(tempfile.mkdtemp(prefix="crs-sweep-test-"))
+    tmp.chmod(0o755)
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                              env=os.environ | {"TMPDIR": str(tmp)})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "artifacts in " + str(tmp) in proc.stderr + proc.stdout
+        assert not list(tmp.glob("crs-sweep-*")), "the temporary artifacts directory is removed"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     report = json.loads((out / "sweep.json").read_text())
     assert report["notes"] == ["integration test"] and set(report["verdicts"]) == {"nodes"}
