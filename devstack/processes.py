@@ -37,6 +37,7 @@ import psutil
 LOOPBACK: Final = "127.0.0.1"
 LOG_TAIL_LINES: Final = 25
 PORT_RETRIES: Final = 3   # a port the launcher picked itself was taken: try another this many times
+ABORT_RETRIES: Final = 8  # a child that aborted before exec (docs/decisions.md): start it this many times
 
 
 class EmbeddedServerError(RuntimeError):
@@ -375,18 +376,24 @@ class ChildServer:
 
     def _launch_with_retries(self, deadline: float) -> None:
         """Launch; a port taken meanwhile is replaced when we picked it (PORT_RETRIES times), and a
-        child that aborted before exec (ChildAbortedBeforeExec: nothing ran) is started again."""
-        for attempt in range(PORT_RETRIES):
+        child that aborted before exec (ChildAbortedBeforeExec: nothing ran) is started again, up to
+        ABORT_RETRIES times, a little later each time: the aborts come in runs (three in a row
+        failed a suite's fixture once), while the parent's gRPC threads are busy."""
+        ports = aborts = 0
+        while True:
             try:
                 self._launch_and_wait(deadline)
                 return
             except PortInUseError:
-                if not self._port_is_ours or attempt == PORT_RETRIES - 1:
+                ports += 1
+                if not self._port_is_ours or ports >= PORT_RETRIES:
                     raise
                 self.port = free_port()
             except ChildAbortedBeforeExec:
-                if attempt == PORT_RETRIES - 1:
+                aborts += 1
+                if aborts >= ABORT_RETRIES or time.monotonic() + 0.05 * aborts >= deadline:
                     raise
+                time.sleep(0.05 * aborts)
 
     def _signal_stop(self) -> None:
         """Ask for a shutdown without waiting (used to stop several servers at once)."""
