@@ -87,8 +87,8 @@ class LookupHandlers:
         In-process, a BatchResolve key went 6.7 -> 4.2 us (docs/decisions.md, "The hit's fast path")."""
         if not (self._card_hits and PAN_MIN_LEN <= len(pan) <= PAN_MAX_LEN and pan.isascii()):
             return None
-        cached, due = self.resolver.read(self._card_prefix + self.keyring.fingerprint(pan).hex())
-        if due:     # only this reader is told: the reload must start here
+        cached, due = self.resolver.near.read(self._card_prefix + self.keyring.fingerprint(pan).hex())
+        if due:     # only this reader is told (NearCache.read): the reload must start here
             self.resolver.refresh_soon(self.card_by_pan(pan))
         return cached if cached is not None and cached != ck.NEGATIVE else None
 

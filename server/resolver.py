@@ -97,12 +97,6 @@ class Resolver:
         for task in list(self._refreshes):
             task.cancel()
 
-    def read(self, cache_key: str) -> tuple[bytes | None, bool]:
-        """The near-cache's raw answer, for LookupHandlers.card_hit: (the value, NEGATIVE for a
-        negative entry, or None; not counted), and whether the entry is due for refresh, in which
-        case the caller must call `refresh_soon`: only one reader is told."""
-        return self.near.read(cache_key)
-
     def refresh_soon(self, lookup: Lookup) -> None:   # any thread: a gRPC thread or the loop
         loop = self._loop
         if loop is not None:

@@ -87,7 +87,6 @@ class _Group:
     possible: bool = False                                   # resembles another cluster of the file
 
 
-_NO_GROUP = _Group([])
 Item = tuple[Sequence[ImportRow], int, Sequence[SealedRecord]]    # a batch, the rows done after it, the seals
 
 
@@ -95,7 +94,6 @@ Item = tuple[Sequence[ImportRow], int, Sequence[SealedRecord]]    # a batch, the
 class Found:
     """A batch after its search (`BulkCustomers.search`)."""
 
-    rows: int                                   # in the batch
     known: list[Outcome]                        # rows whose source reference is on file already
     fresh: list[ImportRow]                      # the others, in file order
     seals: list[SealedRecord]                   # of `fresh`
@@ -110,7 +108,7 @@ class Plan:
 
     found: Found
     groups: list[_Group]
-    by_row: list[_Group]                        # per fresh row: its group
+    by_row: dict[int, _Group]                   # per fresh row: its group
     pairs: list[tuple[_Group, _Group, Score]]   # clusters of the file that resemble each other
     unwritten: Unwritten                        # its records, for the next batch's search
 
@@ -181,9 +179,8 @@ class BulkCustomers:
                 record_ids = [r[0] for r in await conn.fetch(
                     "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)",
                     len(fresh))] if fresh else []
-        return Found(len(rows), [Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings)
-                                 for r in rows if r.key in known], [rows[i] for i in fresh], seals, scored,
-                     record_ids, rows_done)
+        return Found([Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings) for r in rows if r.key in known],
+                     [rows[i] for i in fresh], seals, scored, record_ids, rows_done)
 
     def plan(self, found: Found) -> Plan:
         """Step 2, CPU only: clusters, decisions and the new customers' ids."""
@@ -191,15 +188,13 @@ class BulkCustomers:
         keys = [r.keys for r in rows if r.keys is not None]
         groups, pairs = self._decide([r.identity for r in rows], found.scored,
                                      keys if len(keys) == len(rows) else None)
-        by_row = [_NO_GROUP] * len(rows)
         for g in groups:
-            for m in g.members:
-                by_row[m] = g
             if not g.joins:
                 g.customer_id = new_id("cus_")
+        by_row = {m: g for g in groups for m in g.members}
         unwritten = Unwritten()
-        for row, seal, g, record_id in zip(rows, found.seals, by_row, found.record_ids, strict=True):
-            unwritten.add(record_id, g.customer_id, row.identity, seal.blocks)
+        for i, (row, seal, record_id) in enumerate(zip(rows, found.seals, found.record_ids, strict=True)):
+            unwritten.add(record_id, by_row[i].customer_id, row.identity, seal.blocks)
         return Plan(found, groups, by_row, pairs, unwritten)
 
     async def write(self, plan: Plan, run: str) -> list[Outcome]:
@@ -234,7 +229,7 @@ class BulkCustomers:
         stops the import there (the run resumes after the last commit), and the search is cancelled."""
         found = await self._next(next_batch, None)
         while found is not None:
-            if not found.rows:
+            if not found.known and not found.fresh:     # every row of the batch was rejected
                 done([], found.rows_done)
                 found = await self._next(next_batch, None)
                 continue
