@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,7 @@ def dev_keys() -> dict[str, str]:
 
 SERVICE_ROLE = "crs_node"   # the login role nodes use: a member of crs_app (migration 0003)
 OPERATOR_ROLE = "crs_sre"   # the login role for crs shards ...: a member of crs_operator (migration 0004)
+STACK_DUMP_WAIT = 1.0       # seconds a node that did not drain gets to write its threads' stacks
 
 
 async def prepare_database(settings: Settings, *, customers: int, seed: int = 1,
@@ -141,14 +144,27 @@ class NodeProcess:
         return open_channel(self.address, self.pki, client)
 
     def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait for the drain; a node still there after `timeout` writes every thread's
+        stack to its log (SIGUSR1, server/serve.py) and is killed: the log says what held it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGUSR1)
+                time.sleep(STACK_DUMP_WAIT)
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+    def log_tail(self, lines: int = 200) -> str:
+        """The last lines of this node's log, for an assertion message."""
+        try:
+            kept = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {self.log_path})"
+        return f"last lines of {self.log_path}:\n" + "\n".join(kept)
 
 
 def open_channel(address: str, pki: DevPki | None, client: str = "admin",

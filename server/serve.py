@@ -2,17 +2,21 @@
 
 The parent process supervises: it starts the workers, restarts one that dies, serves the merged
 Prometheus metrics, and on SIGTERM/SIGINT forwards SIGTERM so every worker drains (NOT_SERVING,
-stop accepting, finish in-flight calls within grace_seconds) before it exits.
+stop accepting, finish in-flight calls within grace_seconds) before it exits. SIGUSR1 makes every
+node process write the stacks of all its threads, then of all its asyncio tasks, to stderr (a node
+that does not drain: what holds it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from multiprocessing.context import SpawnProcess
@@ -39,6 +43,10 @@ def run_node_process(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # kill -USR1: every thread's stack to stderr at once (C level, even if the loop is stuck), then,
+        # from the loop, every task's coroutine stack (what a drain that does not end waits for).
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
         try:
             await node.start()
         except Exception as exc:
@@ -51,6 +59,14 @@ def run_node_process(settings: Settings) -> int:
         return 0
 
     return uvloop.run(main())
+
+
+def _dump_tasks() -> None:
+    tasks = asyncio.all_tasks()
+    print(f"asyncio: {len(tasks)} tasks", file=sys.stderr, flush=True)
+    for task in tasks:
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _worker(settings: Settings, index: int) -> None:
@@ -94,8 +110,14 @@ def serve(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
 
+    def dump_workers(signum: int, frame: object) -> None:
+        for p in list(procs.values()):
+            if p.pid is not None and p.exitcode is None:
+                os.kill(p.pid, signal.SIGUSR1)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, dump_workers)
 
     def start(i: int) -> None:
         p = ctx.Process(target=_worker, args=(settings, i), name=f"crs-node-{i}", daemon=False)

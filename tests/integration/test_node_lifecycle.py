@@ -50,7 +50,10 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     threads = [threading.Thread(target=caller, daemon=True) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    time.sleep(1.0)
+    # SIGUSR1 (forwarded to each worker) writes every thread's and task's stack to the log; serving goes on.
+    os.kill(node.proc.pid, signal.SIGUSR1)
+    time.sleep(0.5)
     sigterm_at = time.monotonic()
     node.proc.send_signal(signal.SIGTERM)
     code = node.proc.wait(20)
@@ -59,6 +62,9 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
         t.join(20)
     dev_env.nodes.remove(node)
     assert code == 0
+    log_text = node.log_tail(100_000)
+    assert log_text.count("Current thread 0x") == 2, "one dump of the threads' stacks per worker"
+    assert log_text.count("asyncio: ") == 2, "one dump of the tasks' stacks per worker"
     assert not os.path.exists(metrics_dir), "the metrics directory goes with the workers"
     # A call that reached the server before SIGTERM (started well before it) completed normally...
     settled_before = [c for c in calls if c[0] < sigterm_at - 0.05]

@@ -74,7 +74,8 @@ def test_rolling_restart_under_load_fails_no_call(dev_env: DevEnvironment) -> No
                 # Replace node k as a rollout does: the old one drains (SIGTERM), a new one starts
                 # on its address.
                 old = nodes[k]
-                assert old.stop() == 0
+                code = old.stop()
+                assert code == 0, f"the node did not drain (exit {code})\n{old.log_tail()}"
                 dev_env.nodes.remove(old)
                 nodes[k] = dev_env.start_node(workers=1, port=port, **overrides)
                 time.sleep(1.0)
