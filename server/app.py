@@ -40,7 +40,7 @@ from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
 from server.gate import Gate, failed_call, request_parser
-from server.hybrid import HybridHandlers, LoopBridge, ThreadedHealth
+from server.hybrid import HybridHandlers, LoopBridge
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
@@ -53,10 +53,11 @@ from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
 from server.store.read_route import ReadRoute
+from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
-
+TASK_STOP_SECONDS = 5.0   # stop(): how long the background tasks get to end once cancelled
 
 
 def build_authenticator(s: Settings) -> Authenticator:
@@ -304,15 +305,21 @@ class Node:
             self.server = None
         if self._bridge is not None:   # hybrid: no gRPC thread may wait on this loop once it stops
             self._bridge.close()
+        if isinstance(self.health, ThreadedHealth):
+            self.health.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.resolver is not None:
             self.resolver.stop_refreshing()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_SECONDS)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()   # retrieved: a task that failed earlier was logged where it failed
+            for task in stuck:   # a bug (a swallowed cancel): say which, and stop without it
+                log.error("background task did not end when cancelled", extra={"task": repr(task.get_coro())})
         self._tasks.clear()
         self.metrics.flush()
         if self.topology is not None:

@@ -25,7 +25,7 @@ log = logging.getLogger("crs.health")
 
 
 class HealthStatus(Protocol):
-    """The health servicer of either serving model (grpc.aio's, or server/hybrid.py's ThreadedHealth)."""
+    """The health servicer of either serving model (grpc.aio's, or server/sync_health.py's ThreadedHealth)."""
 
     async def set(self, service: str, status: Any) -> None: ...
 

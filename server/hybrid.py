@@ -28,7 +28,6 @@ from functools import partial
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
-from grpc_health.v1 import health
 
 from server import rpc
 from server.errors import BackendUnavailable
@@ -217,19 +216,6 @@ class LoopBridge:
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
-
-
-class ThreadedHealth:
-    """The sync health servicer behind the awaitable interface the node and its probes use."""
-
-    def __init__(self) -> None:
-        self.servicer = health.HealthServicer()
-
-    async def set(self, service: str, status: Any) -> None:
-        self.servicer.set(service, status)
-
-    async def enter_graceful_shutdown(self) -> None:
-        self.servicer.enter_graceful_shutdown()
 
 
 def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:

@@ -167,8 +167,8 @@ class PipelinedReader:
             raise RespAuthError(self._unusable)
         loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(self), self.host, self.port), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                transport, protocol = await loop.create_connection(lambda: _Protocol(self), self.host, self.port)
         except (OSError, TimeoutError) as exc:
             raise RespError(f"cannot connect to {self.address}: {type(exc).__name__}") from exc
         protocol.transport = transport   # uvloop may call connection_made after create_connection returns

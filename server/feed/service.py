@@ -80,7 +80,8 @@ class FeedHandlers:
         delivered = max(cursor, sub.start)
         while True:
             try:
-                item = await asyncio.wait_for(sub.queue.get(), self.progress_interval)
+                async with asyncio.timeout(self.progress_interval):
+                    item = await sub.queue.get()
             except TimeoutError:
                 # Idle: everything up to the tailer's last boundary has been delivered or filtered out.
                 # Never a mark below what was delivered (it would split a transaction on resume).

@@ -67,7 +67,8 @@ class FeedTailer:
     async def subscribe(self, types: frozenset[int]) -> Subscription:
         """A subscription to every event after the tailer's current head (`sub.start`)."""
         try:
-            await asyncio.wait_for(self._ready.wait(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                await self._ready.wait()
         except TimeoutError:
             raise BackendUnavailable("the change feed has not reached PostgreSQL yet; retry") from None
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
@@ -94,8 +95,11 @@ class FeedTailer:
                     self._end_all(BackendUnavailable("the change feed lost PostgreSQL; resume from your last sequence"))
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as the
+                # event is set (gh-86296), and the node's stop then waits for this loop for ever.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await self._wake.wait()
                 self._wake.clear()
         finally:
             if listener is not None:

@@ -35,7 +35,8 @@ async def read_stats(client: aioredis.Redis, *, timeout: float) -> ShardStats:
         info = await client.info()
         return keys, info
 
-    keys, info = await asyncio.wait_for(both(), timeout)
+    async with asyncio.timeout(timeout):
+        keys, info = await both()
     return ShardStats(keys=keys, memory_bytes=int(info.get("used_memory", 0)),
                       hits=int(info.get("keyspace_hits", 0)), misses=int(info.get("keyspace_misses", 0)),
                       error_replies=int(info.get("total_error_replies", 0)))
@@ -47,18 +48,21 @@ async def sample_keys(client: aioredis.Redis, *, limit: int, batch: int,
 
     SCAN walks Redis's own hash table, whose order is unrelated to the ring's MD5, so the first keys
     it returns are a fair sample for the planner."""
-    total = int(await asyncio.wait_for(client.dbsize(), timeout))
+    async with asyncio.timeout(timeout):
+        total = int(await client.dbsize())
     out: list[tuple[bytes | str, int]] = []
     cursor = 0
     while True:
-        cursor, keys = await asyncio.wait_for(client.scan(cursor=cursor, count=batch), timeout)
+        async with asyncio.timeout(timeout):
+            cursor, keys = await client.scan(cursor=cursor, count=batch)
         if limit:
             keys = keys[: limit - len(out)]
         if keys:
             async with client.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.memory_usage(key)
-                sizes = await asyncio.wait_for(pipe.execute(raise_on_error=False), timeout)
+                async with asyncio.timeout(timeout):
+                    sizes = await pipe.execute(raise_on_error=False)
             out += [(key, size if isinstance(size, int) else 0) for key, size in zip(keys, sizes, strict=True)]
         if cursor == 0 or (limit and len(out) >= limit):
             return total, out

@@ -19,6 +19,7 @@ from devstack.demo import demo_routing
 from devstack.environment import DevEnvironment
 from server import rpc
 from server.caller import Caller
+from server.feed.tailer import FeedTailer
 from server.proto import crs_pb2 as pb
 from server.store.envelope import Change, WriteEnvelope
 from tests.integration.support import (
@@ -420,6 +421,33 @@ def test_a_draining_node_ends_its_watches_unavailable_at_once(dev_env: DevEnviro
     finally:
         channel.close()
         node.stop()
+
+
+def test_the_tailer_ends_when_cancelled_as_a_change_arrives(dev_env: DevEnvironment) -> None:
+    """A node's stop cancels the tailer; a feed NOTIFY waking it at that very moment must not swallow
+    the cancel (asyncio.wait_for on 3.11 did, gh-86296: the tailer polled on and the node never
+    exited). The wake-up is placed 0 to 3 loop turns before the cancel, so some trial hits the turn
+    where the woken wait has finished but the tailer has not run yet."""
+    async def trial(turns: int, pool: asyncpg.Pool) -> bool:
+        tailer = FeedTailer(pool=pool, poll_interval=60.0, batch=100, queue_size=10, timeout=5.0)
+        task = asyncio.create_task(tailer.run())
+        await tailer.subscribe(frozenset())      # it has read the head...
+        await asyncio.sleep(0.2)                 # ...and waits for a wake-up (or the 60 s poll)
+        tailer._wake.set()                       # what a NOTIFY on the feed channel does
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=2.0)
+        return bool(done)
+
+    async def scenario() -> list[bool]:
+        pool = await asyncpg.create_pool(dev_env.settings().pg_dsn, min_size=1, max_size=2)
+        try:
+            return [await trial(turns, pool) for turns in range(4)]
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == [True] * 4
 
 
 def test_compaction_answers_out_of_range_with_the_oldest_retained() -> None:
