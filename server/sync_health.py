@@ -85,8 +85,10 @@ class SyncHealthServicer:
             self._watches.add(watch)
             self._dirty = True
             self._changed.notify()
-        # Runs on the completion-queue thread when the call ends: a moment's lock, no send.
-        context.add_callback(lambda: self._forget(watch))
+        # Runs on the completion-queue thread when the call ends: a moment's lock, no send. False: the
+        # call has already ended.
+        if not context.add_callback(lambda: self._forget(watch)):
+            self._forget(watch)
 
     Watch.experimental_non_blocking = True   # type: ignore[attr-defined]  # grpc: no thread per open Watch
 

@@ -76,6 +76,10 @@ def test_open_watches_hold_no_thread(served: tuple[SyncHealthServicer, grpc.Chan
     assert all(_next(w) == NOT_SERVING for w in watches)
     for w in watches:
         w.cancel()
+    deadline = time.monotonic() + 5   # each ended call is forgotten (its close callback ran)
+    while servicer._watches and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not servicer._watches
 
 
 def test_watches_starting_and_ending_while_statuses_change_never_stop_the_server(
