@@ -29,6 +29,7 @@ from devstack.processes import (
     RunAs,
     aborted_before_exec,
     child_pids,
+    exec_argv,
     free_port,
     live_servers,
     make_dirs,
@@ -298,14 +299,13 @@ class PostgresServer(ChildServer):
         log = self._log.open()
         try:
             result = subprocess.run(
-                argv,
+                exec_argv(argv, run_as=self._run_as, death_signal=signal.SIGTERM),   # vfork: see exec_argv
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
                 timeout=max(deadline - time.monotonic(), 1.0),
                 check=False,
-                **(self._run_as.popen_kwargs() if self._run_as is not None else {}),
             )
         except subprocess.TimeoutExpired as exc:
             raise EmbeddedServerError(f"{what} timed out\n{self._log.tail()}") from exc

@@ -14,8 +14,6 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import queue
 import re
@@ -30,7 +28,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Final
 
 import psutil
 
@@ -51,8 +49,9 @@ class PortInUseError(EmbeddedServerError):
 class ChildAbortedBeforeExec(EmbeddedServerError):
     """The forked child died of SIGABRT, having logged nothing but gRPC lines. gRPC >= 1.81 does this now and
     then in a process with live channels (the test suite): its post-fork handler restarts a poller
-    thread that aborts when ``close_fds`` closes its epoll descriptor (grpc/grpc#43055); subprocess
-    forks rather than vforks because of our preexec_fn. Nothing ran, so the start is retried."""
+    thread that aborts when ``close_fds`` closes its epoll descriptor (grpc/grpc#43055). Children now
+    start through ``exec_argv`` so subprocess vforks and no handler runs; the retry stays as a backstop.
+    Nothing ran, so the start is retried."""
 
 
 _GRPC_LOG_LINE = re.compile(r"[EWIF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]")
@@ -84,37 +83,17 @@ def aborted_before_exec(code: int, log_text: str) -> bool:
 # Process plumbing
 # --------------------------------------------------------------------------------------------------
 
-_PR_SET_PDEATHSIG: Final = 1
-_prctl: Callable[..., int] | None = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _prctl_fn = _libc.prctl
-        _prctl_fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _prctl_fn.restype = ctypes.c_int
-        _prctl = _prctl_fn
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _prctl = None
+CHILD_EXEC: Final = Path(__file__).with_name("child_exec.py")
 
 
-def _death_signal_preexec(sig: int) -> Callable[[], None] | None:
-    """A preexec_fn that makes the child receive ``sig`` when its parent dies (Linux only).
-
-    It runs in the child after subprocess has switched uid/gid (a credential change clears the
-    death signal, so it must come after), and does as little as possible: no imports, no allocation
-    beyond the ctypes call.
-    """
-    prctl = _prctl
-    if prctl is None:
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), sig)
-
-    return preexec
+def exec_argv(argv: Sequence[str | Path], *, run_as: RunAs | None, death_signal: int) -> list[str]:
+    """``argv`` run through devstack/child_exec.py: it drops to ``run_as``, arms ``death_signal`` (sent
+    when this thread goes away; 0 = none; Linux only) and execs. Popen then needs no preexec_fn and no
+    user/group, so it vforks: a fork would run gRPC's atfork handlers in the child, which abort it
+    now and then (grpc/grpc#43055; docs/decisions.md)."""
+    uid, gid = (str(run_as.uid), str(run_as.gid)) if run_as is not None else ("-", "-")
+    return [sys.executable, "-I", "-S", str(CHILD_EXEC), str(death_signal), str(os.getpid()), uid, gid, "--",
+            *(str(arg) for arg in argv)]
 
 
 @dataclass(frozen=True)
@@ -124,9 +103,6 @@ class RunAs:
     name: str
     uid: int
     gid: int
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
 class _Spawner:
@@ -182,20 +158,17 @@ def spawn(
     death_signal: int,
 ) -> subprocess.Popen[bytes]:
     """Start a server process: own process group, output to ``log``, death signal set (Linux)."""
-    extra = run_as.popen_kwargs() if run_as is not None else {}
-    preexec = _death_signal_preexec(death_signal)
+    command = exec_argv(argv, run_as=run_as, death_signal=death_signal)
 
     def job() -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [str(arg) for arg in argv],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
             process_group=0,
-            preexec_fn=preexec,
             close_fds=True,
-            **extra,
         )
 
     return _spawner.popen(job)

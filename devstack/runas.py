@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from devstack.binaries import is_executable
-from devstack.processes import EmbeddedServerError, RunAs
+from devstack.processes import EmbeddedServerError, RunAs, exec_argv
 
 _PG_USER_CANDIDATES: Final = ("nobody",)
 _PG_CREATED_USER: Final = "crs-pg"
@@ -85,13 +85,12 @@ def pg_run_as() -> RunAs | None:
 def probe_as(run_as: RunAs, script: str, *args: str | Path) -> bool:
     """Run a tiny shell test as ``run_as`` (ground truth, ACLs included); True when it succeeds."""
     result = subprocess.run(
-        ["/bin/sh", "-c", script, "sh", *(str(arg) for arg in args)],
+        exec_argv(["/bin/sh", "-c", script, "sh", *args], run_as=run_as, death_signal=0),   # vfork: see exec_argv
         cwd="/",
         stdin=subprocess.DEVNULL,
         capture_output=True,
         timeout=30,
         check=False,
-        **run_as.popen_kwargs(),
     )
     return result.returncode == 0
 
