@@ -48,7 +48,7 @@ from server.metrics import FLUSH_INTERVAL, Metrics
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings, replica_fill_window
-from server.store.db import DB_ERRORS, active_data_key, create_pool, verify_key_checks
+from server.store.db import DB_ERRORS, active_data_key, bounded, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
@@ -57,7 +57,17 @@ from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
-TASK_STOP_SECONDS = 5.0   # stop(): how long the background tasks get to end once cancelled
+TASK_STOP_SECONDS = 2.0   # stop(): how long the background tasks get to end once cancelled
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
+    """Close gracefully (each connection says goodbye to the server) within `timeout`; a database that
+    does not answer gets its connections dropped instead."""
+    try:
+        await bounded(pool.close(), timeout)   # bounded: asyncpg's cancel cleanup would wait on the database
+    except TimeoutError:
+        pool.terminate()
+        log.warning("PostgreSQL did not answer the pool's close in time; its connections were dropped")
 
 
 def build_authenticator(s: Settings) -> Authenticator:
@@ -318,19 +328,21 @@ class Node:
             for task in done:
                 if not task.cancelled():
                     task.exception()   # retrieved: a task that failed earlier was logged where it failed
-            for task in stuck:   # a bug (a swallowed cancel): say which, and stop without it
-                log.error("background task did not end when cancelled", extra={"task": repr(task.get_coro())})
+            for task in stuck:   # asyncpg cancelling a query on a database that does not answer, or a bug
+                log.warning("background task still running after its cancel; stopping without it",
+                            extra={"task": repr(task.get_coro()), "waited_s": TASK_STOP_SECONDS})
         self._tasks.clear()
         self.metrics.flush()
+        # What is left talks to PostgreSQL, which may not answer (a failover, a partition): each step
+        # is bounded by pg_timeout, so the node still exits.
         if self.topology is not None:
-            await self.topology.forget()
+            with contextlib.suppress(TimeoutError):   # best effort: the heartbeat's lease expires anyway
+                await bounded(self.topology.forget(), self.settings.pg_timeout)
         if self.tier is not None:
             await self.tier.close()
             self.tier = None
-        if self.read_pool is not None:
-            await asyncio.shield(self.read_pool.close())
-            self.read_pool = None
-        if self.pool is not None:
-            await asyncio.shield(self.pool.close())
-            self.pool = None
+        for pool in (self.read_pool, self.pool):
+            if pool is not None:
+                await close_pool(pool, self.settings.pg_timeout)
+        self.read_pool = self.pool = None
         log.info("node stopped")

@@ -269,6 +269,28 @@ def _process_tree(pid: int) -> list[int]:
     return [pid, *(int(p) for p in out.split())]
 
 
+def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
+    """SIGTERM while the database does not answer: the node still drains and exits within its grace
+    period and a few seconds, instead of waiting on PostgreSQL for ever (a rollout or a failover
+    would wait for the kubelet's SIGKILL)."""
+    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
+    node = faults.env.start_node(workers=1, pg_timeout=1.0, grace_seconds=2.0)
+    tree = _process_tree(faults.env.stack.postgres.pid)
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        code = node.stop(timeout=40)
+        took = time.monotonic() - started
+    finally:
+        for pid in tree:
+            os.kill(pid, signal.SIGCONT)
+        faults.env.nodes.remove(node)
+    assert code == 0, node.log_tail()
+    # drain delay 1 s + grace (no call in flight) + background tasks 2 s + heartbeat 1 s + pool 1 s
+    assert took < 10, f"stopping took {took:.1f} s\n{node.log_tail()}"
+
+
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
     """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
     assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
