@@ -191,6 +191,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
         self._executor: ThreadPoolExecutor | None = None  # hybrid: the gRPC threads
+        self._stream_executor: ThreadPoolExecutor | None = None  # hybrid: the streams' threads
         self.port: int = 0
 
     async def start(self) -> None:
@@ -248,9 +249,11 @@ class Node:
         if isinstance(self.health, ThreadedHealth):
             # The hybrid model: gRPC threads answer near-cache hits, this loop does the rest (server/hybrid.py).
             self._executor = ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
+            self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads, thread_name_prefix="crs-stream")
             server = grpc.server(self._executor, options=options)
             self._bridge = LoopBridge(asyncio.get_running_loop())
-            threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate)
+            threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
+                                      stream_pool=self._stream_executor)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:
@@ -317,8 +320,9 @@ class Node:
             self._bridge.close()
         if isinstance(self.health, ThreadedHealth):
             self.health.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in (self._executor, self._stream_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         if self.resolver is not None:
             self.resolver.stop_refreshing()
         for task in self._tasks:

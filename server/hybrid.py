@@ -232,10 +232,14 @@ def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Met
 class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
-    def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate) -> None:
+    def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
+                 stream_pool: concurrent.futures.ThreadPoolExecutor) -> None:
         self.bridge = bridge
         self.metrics = metrics
         self.gate = gate
+        # Streams hold their thread while open: they run on their own pool (grpc's per-handler
+        # experimental_thread_pool), so however many are open, unary calls keep the server's threads.
+        self.stream_pool = stream_pool
 
     def generic_handler(self, service: Any, target: object) -> grpc.GenericRpcHandler:
         inline = target.inline_paths() if isinstance(target, LookupHandlers) else {}
@@ -287,6 +291,7 @@ class HybridHandlers:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)
 
+        handler.experimental_thread_pool = self.stream_pool   # type: ignore[attr-defined]
         return grpc.unary_stream_rpc_method_handler(handler)
 
     def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
@@ -303,4 +308,5 @@ class HybridHandlers:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)
 
+        handler.experimental_thread_pool = self.stream_pool   # type: ignore[attr-defined]
         return grpc.stream_stream_rpc_method_handler(handler)

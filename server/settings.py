@@ -96,8 +96,10 @@ class Settings:
     serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
                                           # everything else runs on the process's asyncio loop; "aio": grpc.aio
                                           # on uvloop for every call (the previous model, kept for one release)
-    serving_threads: int = 64             # hybrid: gRPC threads per node process; each call in flight holds one
-                                          # (a StreamResolve two, a Watch one for its whole life)
+    serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
+                                          # flight holds one
+    stream_threads: int = 512             # hybrid: threads for streams (StreamResolve, Watch, Snapshot), apart,
+                                          # so open streams never take a unary call's thread; one per open stream
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)
@@ -226,7 +228,7 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 def _validate(s: Settings) -> None:
     problems: list[str] = []
     positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold",
-                "feed_queue_size", "feed_batch", "feed_snapshot_chunk", "feed_snapshot_max")
+                "stream_threads", "feed_queue_size", "feed_batch", "feed_snapshot_chunk", "feed_snapshot_max")
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")

@@ -38,7 +38,8 @@ def register(sub: Any) -> None:
         "CRS_FINGERPRINT_KEYS and CRS_KEK.\n\n"
         "Serving model (CRS_SERVING_MODEL): 'hybrid' (the default) serves on the synchronous\n"
         "grpc.server, answers near-cache hits inline on its CRS_SERVING_THREADS threads and runs\n"
-        "everything else (Redis, PostgreSQL, admin, feed) on the process's asyncio loop; 'aio' serves\n"
+        "everything else (Redis, PostgreSQL, admin, feed) on the process's asyncio loop; streams\n"
+        "(StreamResolve, Watch, Snapshot) hold one of CRS_STREAM_THREADS apart while open; 'aio' serves\n"
         "every call on grpc.aio (the previous model, kept for one release as a fallback). Callers see\n"
         "the same answers, codes, deadlines, auth and limits either way."),
         formatter_class=RAW)

@@ -5,6 +5,7 @@ corrupt messages, unary, batch and streaming alike. The rest of the suite runs u
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -157,3 +158,32 @@ def test_server_streaming_errors_are_the_same(nodes: dict[str, NodeProcess]) -> 
     bad = pb.WatchRequest(from_sequence=-1)
     assert watch(nodes["hybrid"], bad) == watch(nodes["aio"], bad)
     assert watch(nodes["hybrid"], bad).startswith("INVALID_ARGUMENT")
+
+
+def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment) -> None:
+    """Hybrid: every StreamResolve, Watch and Snapshot holds a gRPC thread while open. With more long-
+    lived streams open than CRS_SERVING_THREADS, unary lookups must still be answered (the streams run
+    on their own pool), and so must a further stream."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4)
+    release = threading.Event()
+
+    def idle_keys() -> Iterator[pb.LookupKey]:
+        yield pb.LookupKey(pan=demo_pan(1))
+        release.wait(30)
+
+    try:
+        with node.channel() as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            streams = [lookup.StreamResolve(idle_keys(), timeout=30) for _ in range(8)]
+            assert all(next(iter(s)).HasField("resolution") for s in streams)   # all eight are open
+            answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
+            assert answer.card.token.startswith("tok_")
+            one_more = lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=5)
+            assert [r.HasField("resolution") for r in one_more] == [True]
+            release.set()
+            for s in streams:
+                assert [r for r in s] == []   # each ends cleanly once its client stops sending
+    finally:
+        release.set()
+        node.stop()
+        dev_env.nodes.remove(node)
