@@ -40,7 +40,7 @@ from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
 from server.gate import Gate, failed_call, request_parser
-from server.hybrid import HybridHandlers, LoopBridge
+from server.hybrid import WAITING_SHARE, HybridHandlers, LoopBridge
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
@@ -251,7 +251,8 @@ class Node:
             self._executor = ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
             self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads, thread_name_prefix="crs-stream")
             server = grpc.server(self._executor, options=options)
-            self._bridge = LoopBridge(asyncio.get_running_loop())
+            self._bridge = LoopBridge(asyncio.get_running_loop(),
+                                      max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
             threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
                                       stream_pool=self._stream_executor)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))

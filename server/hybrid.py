@@ -37,6 +37,7 @@ from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
 
 T = TypeVar("T")
+WAITING_SHARE = 0.75        # of the gRPC threads, how many may wait on the loop at once (LoopBridge.max_waiting)
 STREAM_HANDOFF = 8          # server-streaming items the loop may run ahead of the gRPC thread sending them
 NO_DEADLINE = 86_400.0 * 365   # a call without a deadline reports a time_remaining of centuries
 
@@ -66,10 +67,16 @@ class LoopBridge:
 
     `close()` (the node's stop, once the server has stopped) cancels every coroutine still pending
     and refuses new ones: a gRPC thread never waits on a loop that will not run its work again, so
-    the process can exit (concurrent.futures joins its threads at exit)."""
+    the process can exit (concurrent.futures joins its threads at exit).
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    At most `max_waiting` threads wait at once; a call beyond that is refused at once, UNAVAILABLE
+    (clients retry on another node). Each waiting call holds a gRPC thread until its answer or its
+    deadline, so with a backend that hangs, waiting misses would otherwise take every thread and
+    the near-cache hits queued behind them would time out too."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_waiting: int | None = None) -> None:
         self.loop = loop
+        self.max_waiting = max_waiting
         self._lock = threading.Lock()
         self._pending: set[concurrent.futures.Future[Any]] = set()
         self._waiting: set[_Waiter] = set()
@@ -112,6 +119,9 @@ class LoopBridge:
         with self._lock:
             if self._closed:
                 raise BackendUnavailable("the node is shutting down")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise BackendUnavailable(f"this node already has {self.max_waiting} calls waiting for its cache and"
+                                         " database; retry on another node")
             self._waiting.add(waiter)
         self.loop.call_soon_threadsafe(self._start, waiter, later)
         context.add_callback(partial(self._call_ended, waiter))   # cancelled, deadline: stop its work

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -289,6 +290,50 @@ def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
     assert code == 0, node.log_tail()
     # drain delay 1 s + grace (no call in flight) + background tasks 2 s + heartbeat 1 s + pool 1 s
     assert took < 10, f"stopping took {took:.1f} s\n{node.log_tail()}"
+
+
+def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultStack) -> None:
+    """Hybrid: a miss holds a gRPC thread while it waits. With PostgreSQL hung, twenty callers of
+    unknown cards must not take all eight threads of a node: the waits beyond its share are refused
+    UNAVAILABLE at once (clients retry on another node), and a near-cache hit is still answered
+    promptly instead of queueing behind them."""
+    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
+    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
+    channel = grpc.insecure_channel(node.address)
+    lookup = rpc.stub(channel, "LookupService")
+    known = pb.ResolveCardRequest(pan=demo_pan(1))
+    lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
+    tree = _process_tree(faults.env.stack.postgres.pid)
+    codes: list[str] = []
+
+    def miss(i: int) -> None:
+        try:
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(CARDS + 100 + i)), timeout=10)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    for pid in tree:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        callers = [threading.Thread(target=miss, args=(i,)) for i in range(20)]
+        for t in callers:
+            t.start()
+        time.sleep(0.5)                                   # the misses are in and waiting
+        started = time.monotonic()
+        assert lookup.ResolveCard(known, timeout=5).card.token
+        hit_took = time.monotonic() - started
+        for t in callers:
+            t.join(15)
+    finally:
+        for pid in tree:
+            os.kill(pid, signal.SIGCONT)
+        channel.close()
+        node.stop()
+        faults.env.nodes.remove(node)
+    assert hit_took < 1.0, f"a near-cache hit took {hit_took:.2f} s behind the waiting misses"
+    assert "UNAVAILABLE" in codes, codes                 # shed beyond the share of threads
+    assert set(codes) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, codes
 
 
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:

@@ -147,3 +147,35 @@ def test_close_releases_waiting_threads_and_refuses_new_calls(loop: asyncio.Abst
     assert isinstance(outcome[0], CallEnded)
     with pytest.raises(BackendUnavailable):
         bridge.call(hangs, Context())   # type: ignore[arg-type]
+
+
+def test_calls_beyond_max_waiting_are_refused_at_once(loop: asyncio.AbstractEventLoop) -> None:
+    """Two threads wait (a backend that hangs); a third call is refused UNAVAILABLE without waiting,
+    and once the two are answered calls are taken again."""
+    bridge = LoopBridge(loop, max_waiting=2)
+    release = asyncio.Event()
+    entered = threading.Semaphore(0)
+
+    async def slow() -> bytes:
+        entered.release()
+        await release.wait()
+        return b"late"
+
+    results: list[bytes] = []
+    waiting = [threading.Thread(target=lambda: results.append(bridge.call(slow, Context()))) for _ in range(2)]  # type: ignore[arg-type]
+    for t in waiting:
+        t.start()
+    assert entered.acquire(timeout=5) and entered.acquire(timeout=5)
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="already has 2 calls waiting"):
+        bridge.call(slow, Context())   # type: ignore[arg-type]
+    assert time.monotonic() - started < 0.5
+    loop.call_soon_threadsafe(release.set)
+    for t in waiting:
+        t.join(5)
+    assert results == [b"late", b"late"]
+
+    async def quick() -> bytes:
+        return b"ok"
+
+    assert bridge.call(quick, Context()) == b"ok"   # type: ignore[arg-type]
