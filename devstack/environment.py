@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from devstack.bins import sample_rows
 from devstack.demo import load_demo
 from devstack.pki import DevPki, write_dev_pki
-from devstack.processes import free_port
+from devstack.processes import LogFile, free_port
 from devstack.stack import EmbeddedStack
 from server.bins import parse_row
 from server.crypto import generate_keys
@@ -160,11 +160,7 @@ class NodeProcess:
 
     def log_tail(self, lines: int = 200) -> str:
         """The last lines of this node's log, for an assertion message."""
-        try:
-            kept = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return f"(no log at {self.log_path})"
-        return f"last lines of {self.log_path}:\n" + "\n".join(kept)
+        return LogFile(self.log_path).tail(lines)
 
 
 def open_channel(address: str, pki: DevPki | None, client: str = "admin",

@@ -7,6 +7,7 @@ These tests have their own stack: they kill servers the other tests rely on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -265,27 +266,34 @@ def test_postgres_restart_ends_a_watch_unavailable_and_a_resume_loses_nothing(fa
     assert all(e.sequence > checkpoint for e in resumed)
 
 
-def _process_tree(pid: int) -> list[int]:
+@contextlib.contextmanager
+def _postgres_hung(stack: FaultStack) -> Iterator[None]:
+    """PostgreSQL (the postmaster and its children) stopped with SIGSTOP: it neither answers nor
+    refuses, until the block ends."""
+    assert stack.env.stack is not None and stack.env.stack.postgres.pid is not None
+    pid = stack.env.stack.postgres.pid
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [pid, *(int(p) for p in out.split())]
+    tree = [pid, *(int(p) for p in out.split())]
+    for p in tree:
+        os.kill(p, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for p in tree:
+            os.kill(p, signal.SIGCONT)
 
 
 def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
     """SIGTERM while the database does not answer: the node still drains and exits within its grace
     period and a few seconds, instead of waiting on PostgreSQL for ever (a rollout or a failover
     would wait for the kubelet's SIGKILL)."""
-    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
     node = faults.env.start_node(workers=1, pg_timeout=1.0, grace_seconds=2.0)
-    tree = _process_tree(faults.env.stack.postgres.pid)
-    for pid in tree:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        started = time.monotonic()
-        code = node.stop(timeout=40)
-        took = time.monotonic() - started
+        with _postgres_hung(faults):
+            started = time.monotonic()
+            code = node.stop(timeout=40)
+            took = time.monotonic() - started
     finally:
-        for pid in tree:
-            os.kill(pid, signal.SIGCONT)
         faults.env.nodes.remove(node)
     assert code == 0, node.log_tail()
     # drain delay 1 s + grace (no call in flight) + background tasks 2 s + heartbeat 1 s + pool 1 s
@@ -297,13 +305,11 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
     unknown cards must not take all eight threads of a node: the waits beyond its share are refused
     UNAVAILABLE at once (clients retry on another node), and a near-cache hit is still answered
     promptly instead of queueing behind them."""
-    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
     node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
     known = pb.ResolveCardRequest(pan=demo_pan(1))
     lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
-    tree = _process_tree(faults.env.stack.postgres.pid)
     codes: list[str] = []
 
     def miss(i: int) -> None:
@@ -313,21 +319,18 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
         except grpc.RpcError as exc:
             codes.append(exc.code().name)
 
-    for pid in tree:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        callers = [threading.Thread(target=miss, args=(i,)) for i in range(20)]
-        for t in callers:
-            t.start()
-        time.sleep(0.5)                                   # the misses are in and waiting
-        started = time.monotonic()
-        assert lookup.ResolveCard(known, timeout=5).card.token
-        hit_took = time.monotonic() - started
-        for t in callers:
-            t.join(15)
+        with _postgres_hung(faults):
+            callers = [threading.Thread(target=miss, args=(i,)) for i in range(20)]
+            for t in callers:
+                t.start()
+            time.sleep(0.5)                               # the misses are in and waiting
+            started = time.monotonic()
+            assert lookup.ResolveCard(known, timeout=5).card.token
+            hit_took = time.monotonic() - started
+            for t in callers:
+                t.join(15)
     finally:
-        for pid in tree:
-            os.kill(pid, signal.SIGCONT)
         channel.close()
         node.stop()
         faults.env.nodes.remove(node)
@@ -338,21 +341,14 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
 
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
     """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
-    assert faults.env.stack is not None and faults.env.stack.postgres.pid is not None
-    tree = _process_tree(faults.env.stack.postgres.pid)
     unknown = pb.ResolveCardRequest(pan=demo_pan(CARDS + 23))
-    for pid in tree:
-        os.kill(pid, signal.SIGSTOP)
-    try:
+    with _postgres_hung(faults):
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
             faults.lookup.ResolveCard(unknown, timeout=10)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
         assert time.monotonic() - started < 5
         assert faults.serving()
-    finally:
-        for pid in tree:
-            os.kill(pid, signal.SIGCONT)
     deadline = time.monotonic() + 10
     while True:
         try:

@@ -12,6 +12,7 @@ import time
 import grpc
 
 from devstack.environment import DevEnvironment
+from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
@@ -62,7 +63,7 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
         t.join(20)
     dev_env.nodes.remove(node)
     assert code == 0
-    log_text = node.log_tail(100_000)
+    log_text = LogFile(node.log_path).text()
     assert log_text.count("Current thread 0x") == 2, "one dump of the threads' stacks per worker"
     assert log_text.count("asyncio: ") == 2, "one dump of the tasks' stacks per worker"
     assert not os.path.exists(metrics_dir), "the metrics directory goes with the workers"
