@@ -31,6 +31,7 @@ from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.bin_source import BinSource
 from server.cache.near import NearCache
+from server.cache.thread_reads import ThreadReads
 from server.cache.tier import RedisTier
 from server.caller import Caller
 from server.db_health import probe_database
@@ -216,6 +217,9 @@ class Node:
                                  load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
+        if self.hybrid and s.redis_thread_connections > 0 and self.tier is not None:
+            # A Redis hit is read on the gRPC thread, not handed to this loop (server/cache/thread_reads.py).
+            self.resolver.thread_reads = ThreadReads(self.tier, asyncio.get_running_loop())
         self.bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval, timeout=s.pg_timeout)
         with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
             await self.bins.refresh()

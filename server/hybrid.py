@@ -3,9 +3,10 @@ near-cache hits on its own threads; everything that needs I/O runs on the proces
 
 Why (docs/decisions.md "Serving model: hybrid"): gRPC's own per-call cost dominates a near-cache hit,
 and the sync server's is ~1.6x lower than grpc.aio's. So a lookup RPC runs its `*_now` half
-(server/lookup.py: validate, fingerprint, near-cache) inline on the gRPC thread; only on a miss is its
-`Later` half handed to the loop (`LoopBridge.call`), where Redis, PostgreSQL, single-flight and
-fills stay asyncio. The thread waits for that one answer and nothing else: no thread does I/O.
+(server/lookup.py: validate, fingerprint, near-cache, then one blocking Redis GET on this thread:
+server/cache/thread_reads.py) inline on the gRPC thread; only when Redis cannot answer is its `Later` half
+handed to the loop (`LoopBridge.call`), where PostgreSQL, single-flight and fills stay asyncio. The
+thread waits for that one answer and nothing else.
 Every other RPC (admin, identity, feed) is handed to the loop whole; server-streaming answers
 (Watch, Snapshot) come back through a bounded hand-off, so a slow reader still slows its producer.
 StreamResolve answers hits on a reader thread and sends misses to the loop (server/lookup_threads.py).

@@ -212,17 +212,18 @@ class LookupHandlers:
         return self._now_or_later(lookup, fail)
 
     def _now_or_later(self, lookup: Lookup, fail: Callable[[CrsError], CrsError]) -> bytes | Later:
-        """The near-cache answer now, or the resolve to await on the loop; errors go through `fail`."""
+        """The answer now (the near-cache; hybrid: also a Redis hit read on this gRPC thread), or the
+        resolve to await on the loop; errors go through `fail`."""
         try:
-            value = self.resolver.cached(lookup)
+            now = self.resolver.now(lookup)
         except CrsError as exc:
             raise fail(exc) from None
-        if value is not None:
-            return value
+        if isinstance(now, bytes):
+            return now
 
         async def later() -> bytes:
             try:
-                return await self.resolver.resolve(lookup)
+                return await self.resolver.resolve(lookup, now)
             except CrsError as exc:
                 raise fail(exc) from None
 
@@ -230,8 +231,8 @@ class LookupHandlers:
 
     def get_customer_now(self, request: pb.GetCustomerRequest, caller: Caller) -> bytes | Later:
         lookup = self.customer(request.customer_id)
-        value = self.resolver.cached(lookup)
-        return value if value is not None else partial(self.resolver.resolve, lookup)
+        now = self.resolver.now(lookup)
+        return now if isinstance(now, bytes) else partial(self.resolver.resolve, lookup, now)
 
     async def ResolveCard(self, request: pb.ResolveCardRequest, caller: Caller) -> bytes:
         return await finish(self.resolve_card_now(request, caller))

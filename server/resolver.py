@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 from server.cache.near import NearCache
 from server.cache.shard import ShardUnavailable
+from server.cache.thread_reads import L2, ThreadReads
 from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
@@ -63,6 +64,8 @@ class Resolver:
         self.metrics = metrics
         # Bounds the whole load, pool wait and (re)connect included, not just the query.
         self.load_timeout = load_timeout
+        # The hybrid serving model sets it: `now` reads Redis on the gRPC thread (server/cache/thread_reads.py).
+        self.thread_reads: ThreadReads | None = None
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None   # refresh-ahead runs here once started
         self._refreshes: set[asyncio.Task[None]] = set()
@@ -75,6 +78,25 @@ class Resolver:
         if value is not None:
             self.metrics.tier_hit("l1")
         return value
+
+    def now(self, lookup: Lookup) -> bytes | L2:
+        """What can be answered without the event loop: the near-cache, then (with `thread_reads`, on a
+        gRPC thread) one blocking GET on the key's shard. The answer (NotFound for a negative entry),
+        or what that GET leaves `resolve` to do on the loop. A Redis hit is counted and kept in the
+        near-cache as `resolve` does it."""
+        value = self.cached(lookup)
+        if value is not None:
+            return value
+        if self.thread_reads is None:
+            return L2.ASK
+        got = self.thread_reads.get(lookup.cache_key)
+        if isinstance(got, L2):
+            return got
+        self.metrics.tier_hit("l2")
+        self.near.put(lookup.cache_key, got)
+        if got == NEGATIVE:
+            raise NotFound(f"{lookup.what} not found")
+        return got
 
     def peek(self, lookup: Lookup) -> bytes | None:
         """cached() without counting the hit: a batch counts its hits once."""
@@ -123,18 +145,20 @@ class Resolver:
         else:
             self.metrics.near_refresh("refreshed")
 
-    async def resolve(self, lookup: Lookup) -> bytes:
-        """The serialized answer for one key, or NotFound / BackendUnavailable."""
+    async def resolve(self, lookup: Lookup, l2: L2 = L2.ASK) -> bytes:
+        """The serialized answer for one key, or NotFound / BackendUnavailable. `l2`: what `now` left
+        to do (a key Redis was already asked for is not asked again)."""
         value = self.cached(lookup)
         if value is not None:
             return value
-        value = await self._single_flight(lookup)
+        value = await self._single_flight(lookup, l2=l2)
         if value == NEGATIVE:
             raise NotFound(f"{lookup.what} not found")
         return value
 
-    async def _single_flight(self, lookup: Lookup, *, count: bool = True) -> bytes:
-        """`count`: the answer goes to a caller (counted by tier), not to a refresh."""
+    async def _single_flight(self, lookup: Lookup, *, count: bool = True, l2: L2 = L2.ASK) -> bytes:
+        """`count`: the answer goes to a caller (counted by tier), not to a refresh. A caller that
+        joins a fill in flight takes its answer, whatever its own `l2`."""
         key = lookup.cache_key
         pending = self._inflight.get(key)
         if pending is not None:
@@ -144,7 +168,7 @@ class Resolver:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            value = await self._fill(lookup, count)
+            value = await self._fill(lookup, count, l2)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # mark retrieved: no "never retrieved" warning when nobody else waited
@@ -155,10 +179,10 @@ class Resolver:
         finally:
             del self._inflight[key]
 
-    async def _fill(self, lookup: Lookup, count: bool = True) -> bytes:
+    async def _fill(self, lookup: Lookup, count: bool = True, l2: L2 = L2.ASK) -> bytes:
         key = lookup.cache_key
-        tier_ok = self.tier is not None
-        if self.tier is not None:
+        tier_ok = self.tier is not None and l2 is not L2.DOWN
+        if self.tier is not None and l2 is L2.ASK:
             try:
                 cached = await self.tier.get(key)
             except ShardUnavailable:

@@ -123,6 +123,8 @@ class Settings:
     redis_shards: tuple[ShardAddress, ...] = ()
     redis_pool_size: int = 32             # connections per shard per node process
     redis_timeout: float = 0.25           # seconds per Redis command; a slow shard counts as a failure
+    redis_thread_connections: int = 8     # hybrid: connections per shard copy per process for GETs made on gRPC
+                                          # threads (a Redis hit answered without the loop); 0 = every read on the loop
     cache_ttl: float = 300.0              # L2 TTL for found keys, seconds
     cache_ttl_jitter: float = 0.1         # +- fraction of the TTL, so keys loaded together expire apart
     negative_ttl: float = 30.0            # L2 TTL for keys that matched nothing
@@ -232,7 +234,8 @@ def _validate(s: Settings) -> None:
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
-    nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size")
+    nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size",
+              "redis_thread_connections")
     for name in nonneg:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")

@@ -75,6 +75,19 @@ class ReplicatedShard:
         self._next = (start + 1) % len(self.copies)
         return self.copies[start:] + self.copies[:start]
 
+    def first_copy(self) -> Shard:
+        """The copy the next read tries first (where `_order` starts), without moving the round robin
+        on: a read on a gRPC thread that steps aside leaves that copy first for the loop's read."""
+        if self.preferred is not None:
+            return self.preferred[0]
+        return self.copies[self._next]
+
+    def took_first(self) -> None:
+        """A read on a gRPC thread used `first_copy()`: the next read starts at the next copy, as after
+        `_order`. (Two threads may both take the same copy; the spread stays even over many reads.)"""
+        if self.preferred is None:
+            self._next = (self._next + 1) % len(self.copies)
+
     async def read(self, op: Callable[[Shard], Awaitable[T]]) -> T:
         """`op` on one copy, the next one (round robin) first; a copy that is down, fails or times out
         is skipped for the next. ShardReplyError from the copy that answered (the caller's miss);

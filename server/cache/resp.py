@@ -83,13 +83,10 @@ class _Protocol(asyncio.Protocol):
                     return
                 fut, _ = waiters.popleft()
                 if isinstance(reply, hiredis.ReplyError):
-                    error = RespReplyError(str(reply))
-                    if error.code in CONNECTION_REPLY_CODES:
-                        kind = RespError if error.code == "LOADING" else RespAuthError
-                        failure = kind(f"{self.owner.address} answered {error}")
-                        failure.__cause__ = error
+                    error = reply_error(reply, self.owner.address)
+                    if isinstance(error, RespError):
                         waiters.appendleft((fut, 0.0))
-                        self.owner.fail(self, failure)
+                        self.owner.fail(self, error)
                         return
                     if not fut.done():
                         fut.set_exception(error)
@@ -102,7 +99,19 @@ class _Protocol(asyncio.Protocol):
         self.owner.fail(self, RespError("connection lost"))
 
 
-def _command(*parts: bytes) -> bytes:
+def reply_error(reply: hiredis.ReplyError, address: str) -> RespReplyError | RespError:
+    """What an error reply means: RespReplyError for the one command it answers, or RespError /
+    RespAuthError when it says the connection cannot serve at all (CONNECTION_REPLY_CODES)."""
+    error = RespReplyError(str(reply))
+    if error.code not in CONNECTION_REPLY_CODES:
+        return error
+    kind = RespError if error.code == "LOADING" else RespAuthError
+    failure = kind(f"{address} answered {error}")
+    failure.__cause__ = error
+    return failure
+
+
+def command(*parts: bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     for p in parts:
         out.append(b"$%d\r\n%s\r\n" % (len(p), p))
@@ -125,10 +134,10 @@ class PipelinedReader:
         password = unquote(parsed.password) if parsed.password else None
         # A user without a password cannot AUTH. Like redis-py, fail when connecting (a shard error the
         # breaker handles), not here: a topology naming such a URL must not stop the node swapping it in.
-        self._unusable = (f"the URL for {self.address} names user {self.username!r} without a password"
+        self.unusable = (f"the URL for {self.address} names user {self.username!r} without a password"
                           if self.username is not None and password is None else None)
         self._password = password
-        self._handshake = self._hello(self.username, password, self.db)
+        self.handshake = self._hello(self.username, password, self.db)
         self.timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
@@ -144,11 +153,11 @@ class PipelinedReader:
         steps: list[tuple[str, bytes]] = []
         if password is not None:
             if username is not None:
-                steps.append(("AUTH", _command(b"AUTH", username.encode(), password.encode())))
+                steps.append(("AUTH", command(b"AUTH", username.encode(), password.encode())))
             else:
-                steps.append(("AUTH", _command(b"AUTH", password.encode())))
+                steps.append(("AUTH", command(b"AUTH", password.encode())))
         if db:
-            steps.append(("SELECT", _command(b"SELECT", str(db).encode())))
+            steps.append(("SELECT", command(b"SELECT", str(db).encode())))
         return steps
 
     async def _connection(self) -> _Protocol:
@@ -163,8 +172,8 @@ class PipelinedReader:
                 self._connecting = None
 
     async def _connect(self) -> _Protocol:
-        if self._unusable is not None:
-            raise RespAuthError(self._unusable)
+        if self.unusable is not None:
+            raise RespAuthError(self.unusable)
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
@@ -185,20 +194,20 @@ class PipelinedReader:
 
     async def _greet(self, protocol: _Protocol) -> None:
         """AUTH and SELECT, answered before the connection is handed out: no command can overtake them."""
-        if not self._handshake:
+        if not self.handshake:
             return
         assert protocol.transport is not None
         loop = asyncio.get_running_loop()
-        futs: list[asyncio.Future[object]] = [loop.create_future() for _ in self._handshake]
+        futs: list[asyncio.Future[object]] = [loop.create_future() for _ in self.handshake]
         protocol.waiters.extend((f, 0.0) for f in futs)
-        protocol.transport.write(b"".join(payload for _, payload in self._handshake))
+        protocol.transport.write(b"".join(payload for _, payload in self.handshake))
         try:
             done, _ = await asyncio.wait(futs, timeout=self.timeout, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
             for f in futs:
                 f.cancel()
             raise
-        for (step, _), fut in zip(self._handshake, futs, strict=True):
+        for (step, _), fut in zip(self.handshake, futs, strict=True):
             if fut not in done:
                 fut.cancel()
                 raise RespError(f"no reply to {step} from {self.address} within {self.timeout}s")
@@ -210,10 +219,10 @@ class PipelinedReader:
                     else:
                         f.cancel()
                 if isinstance(exc, RespReplyError | RespAuthError):
-                    raise RespAuthError(self._refusal(step, exc)) from None
+                    raise RespAuthError(self.refusal(step, exc)) from None
                 raise exc   # lost, or LOADING: a connection failure like any other
 
-    def _refusal(self, step: str, exc: BaseException) -> str:
+    def refusal(self, step: str, exc: BaseException) -> str:
         who = f" as user {self.username!r}" if step == "AUTH" and self.username else ""
         if step == "SELECT":
             who = f" of db {self.db}"
@@ -258,7 +267,7 @@ class PipelinedReader:
             protocol.transport.abort()
 
     async def get(self, key: str) -> bytes | None:
-        reply = await self._send(_command(b"GET", key.encode()))
+        reply = await self._send(command(b"GET", key.encode()))
         assert reply is None or isinstance(reply, bytes)
         return reply
 
@@ -272,7 +281,7 @@ class PipelinedReader:
         futs: list[asyncio.Future[object]] = [loop.create_future() for _ in items]
         now = time.monotonic()
         protocol.waiters.extend((f, now) for f in futs)
-        protocol.transport.write(b"".join(_command(b"SET", k.encode(), v, b"PX", b"%d" % ttl) for k, v, ttl in items))
+        protocol.transport.write(b"".join(command(b"SET", k.encode(), v, b"PX", b"%d" % ttl) for k, v, ttl in items))
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check_age)
         try:
@@ -285,7 +294,7 @@ class PipelinedReader:
             raise first
 
     async def mget(self, keys: list[str]) -> list[bytes | None]:
-        reply = await self._send(_command(b"MGET", *(k.encode() for k in keys)))
+        reply = await self._send(command(b"MGET", *(k.encode() for k in keys)))
         assert isinstance(reply, list)
         return reply
 

@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from server.cache.blocking import BlockingReader
 from server.cache.breaker import Breaker, BreakerPolicy
 from server.cache.resp import PipelinedReader, RespReplyError
 
@@ -156,11 +157,11 @@ class Shard:
     `name` is the shard's (what places keys); `copy` says which copy this is; `ident` names both in
     logs and errors (`shard-0` for a primary, `shard-0/replica-1` for a replica)."""
 
-    __slots__ = ("breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader", "url",
-                 "warm_until", "warm_window")
+    __slots__ = ("blocking", "breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader",
+                 "url", "warm_until", "warm_window")
 
     def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: BreakerPolicy,
-                 copy: str = PRIMARY, warm_window: float = 0.0,
+                 copy: str = PRIMARY, warm_window: float = 0.0, thread_connections: int = 0,
                  on_state_change: Callable[[str, str, bool], None] = _ignore,
                  on_error: Callable[[str, str], None] = _ignore,
                  on_reply_error: Callable[[str], None] = _ignore) -> None:
@@ -181,6 +182,9 @@ class Shard:
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         self.reader = PipelinedReader(url, timeout=timeout) if url.startswith("redis://") else None
+        # Hybrid serving model: GETs from gRPC threads (server/cache/thread_reads.py), up to this many connections.
+        self.blocking = (BlockingReader(self.reader, max_connections=thread_connections)
+                         if self.reader is not None and thread_connections > 0 else None)
         self.breaker = Breaker(self.ident, policy, probe=self._ping_then_flush,
                                on_state_change=lambda _ident, up: on_state_change(name, copy, up))
 
@@ -247,5 +251,7 @@ class Shard:
         self.breaker.cancel_probe()
         if self.reader is not None:
             self.reader.close()
+        if self.blocking is not None:
+            self.blocking.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()

@@ -63,6 +63,7 @@ class RedisTier:
 
     def __init__(self, *, topology: Topology, pool_size: int, timeout: float, policy: BreakerPolicy,
                  copy_budget: float = DEFAULT_COPY_BUDGET, warm_window: float = 0.0, preferred_copy: str = "",
+                 thread_connections: int = 0,
                  on_error: Callable[[str], None] | None = None,
                  on_state_change: Callable[[str, bool], None] | None = None,
                  on_copy: Callable[[int], None] | None = None,
@@ -70,8 +71,11 @@ class RedisTier:
                  on_copy_state: Callable[[str, str, bool], None] | None = None,
                  on_copy_error: Callable[[str, str], None] | None = None) -> None:
         """`on_state_change(shard, up)`: the shard as a whole (up while any copy serves);
-        `on_copy_state(shard, copy, up)` and `on_copy_error(shard, copy)`: per copy."""
+        `on_copy_state(shard, copy, up)` and `on_copy_error(shard, copy)`: per copy.
+        `thread_connections` > 0 (the hybrid serving model): each copy keeps up to that many connections
+        for reads from gRPC threads (server/cache/thread_reads.py)."""
         self._pool_size = pool_size
+        self._thread_connections = thread_connections
         self._timeout = timeout
         self._policy = policy
         # A value copied from an old owner is kept only if read and written within this many seconds:
@@ -98,8 +102,8 @@ class RedisTier:
 
     def _new_copy(self, name: str, url: str, copy: str) -> Shard:
         return Shard(name, url, copy=copy, pool_size=self._pool_size, timeout=self._timeout, policy=self._policy,
-                     warm_window=self._warm_window, on_state_change=self._copy_state, on_error=self._copy_error,
-                     on_reply_error=self._on_reply_error)
+                     warm_window=self._warm_window, thread_connections=self._thread_connections,
+                     on_state_change=self._copy_state, on_error=self._copy_error, on_reply_error=self._on_reply_error)
 
     def _group(self, name: str, urls: tuple[str, ...], current: ReplicatedShard | None) -> ReplicatedShard:
         """The copies of shard `name` at `urls`: a copy whose URL and place are unchanged keeps its client

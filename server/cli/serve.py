@@ -37,8 +37,9 @@ def register(sub: Any) -> None:
         "in-flight calls within CRS_GRACE_SECONDS, exit 0. Needs CRS_PG_DSN, CRS_REDIS_SHARDS,\n"
         "CRS_FINGERPRINT_KEYS and CRS_KEK.\n\n"
         "Serving model (CRS_SERVING_MODEL): 'hybrid' (the default) serves on the synchronous\n"
-        "grpc.server, answers near-cache hits inline on its CRS_SERVING_THREADS threads and runs\n"
-        "everything else (Redis, PostgreSQL, admin, feed) on the process's asyncio loop; streams\n"
+        "grpc.server, answers near-cache hits, and Redis hits (up to CRS_REDIS_THREAD_CONNECTIONS\n"
+        "per shard), inline on its CRS_SERVING_THREADS threads and runs everything else (Redis\n"
+        "misses, PostgreSQL, fills, admin, feed) on the process's asyncio loop; streams\n"
         "(StreamResolve, Watch, Snapshot) hold one of CRS_STREAM_THREADS apart while open; 'aio' serves\n"
         "every call on grpc.aio (the previous model, kept for one release as a fallback). Callers see\n"
         "the same answers, codes, deadlines, auth and limits either way."),

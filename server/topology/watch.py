@@ -97,6 +97,7 @@ class TopologyWatcher:
                     copy_budget=s.reinvalidate_delay * COPY_BUDGET_FRACTION, on_error=self._shard_error,
                     warm_window=s.cache_ttl,   # by then traffic has refilled an emptied copy anyway
                     preferred_copy=s.cache_preferred_copy,
+                    thread_connections=s.redis_thread_connections if s.serving_model == "hybrid" else 0,
                     on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied,
                     on_reply_error=self.metrics.shard_reply_error, on_copy_state=self.metrics.copy_state,
                     on_copy_error=self.metrics.copy_error)

@@ -1,4 +1,5 @@
-"""The pipelined Redis reader on a real redis-server, under uvloop as the nodes run it."""
+"""The pipelined Redis reader on a real redis-server, under uvloop as the nodes run it, and the blocking
+reader the hybrid serving model's gRPC threads read with."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import asyncio
 import os
 import shutil
 import signal
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ import redis
 import uvloop
 
 from devstack import RedisServer
+from server.cache.blocking import BUSY, BlockingReader
 from server.cache.resp import PipelinedReader, RespError
 
 
@@ -82,3 +86,65 @@ def test_fills_pipeline_on_the_same_connection(server: RedisServer) -> None:
     uvloop.run(main())
     ttl = redis.Redis.from_url(server.url).pttl("fill7")
     assert 0 < ttl <= 60_000
+
+
+# -- BlockingReader: GETs from threads ---------------------------------------------------------------
+def test_thread_reads_answer_each_thread_its_own_key_over_bounded_connections(server: RedisServer) -> None:
+    blocking = BlockingReader(PipelinedReader(server.url, timeout=1.0), max_connections=3)
+    assert blocking.get("k1") == b"v1" and blocking.get("missing") is None
+    assert blocking.get("bin") == bytes(range(256))
+    wrong: list[str] = []
+    busy = [0]
+    ours: set[int] = set()
+
+    def reads(n: int) -> None:
+        for i in range(300):
+            key = f"k{(n * 7 + i) % 100}"
+            got = blocking.get(key)
+            if got is BUSY:
+                busy[0] += 1
+            elif got != f"v{key[1:]}".encode():
+                wrong.append(f"{key}: {got!r}")
+            if i == 150:   # mid-run: the connections the reader holds, seen from the server
+                with blocking._lock:
+                    ours.update(c.sock.getsockname()[1] for c in blocking._idle)
+
+    threads = [threading.Thread(target=reads, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert wrong == []
+    assert blocking._open <= 3 and len(ours) <= 3
+    clients = redis.Redis.from_url(server.url).client_list()
+    assert sum(1 for c in clients if int(c["addr"].rsplit(":", 1)[1]) in ours) == len(ours)
+    blocking.close()
+    assert blocking.get("k1") is BUSY and blocking._open == 0
+
+
+def test_a_thread_read_is_refused_busy_and_a_silent_server_times_out() -> None:
+    """One connection allowed: while a thread waits on a server that accepts and never answers, the next
+    read is told BUSY at once; the waiting read fails after the timeout and its connection is closed."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:   # the kernel accepts; nothing ever answers
+        port = silent.getsockname()[1]
+        blocking = BlockingReader(PipelinedReader(f"redis://127.0.0.1:{port}/0", timeout=0.4), max_connections=1)
+        outcome: list[BaseException | object] = []
+
+        def waiting() -> None:
+            try:
+                outcome.append(blocking.get("k1"))
+            except Exception as exc:
+                outcome.append(exc)
+
+        started = time.monotonic()
+        t = threading.Thread(target=waiting)
+        t.start()
+        while blocking._open == 0 and time.monotonic() - started < 2:
+            time.sleep(0.01)
+        assert blocking.get("k2") is BUSY
+        t.join(3)
+        assert isinstance(outcome[0], RespError) and "no reply" in str(outcome[0])
+        assert 0.35 < time.monotonic() - started < 2.0
+        assert blocking._open == 0 and blocking._idle == []      # closed, its place free again
+    with pytest.raises(RespError, match="cannot connect"):
+        BlockingReader(PipelinedReader("redis://127.0.0.1:1/0", timeout=0.3), max_connections=1).get("k1")

@@ -20,9 +20,11 @@ import redis
 import uvloop
 
 from devstack import RedisServer
+from server.cache.blocking import BlockingReader
 from server.cache.breaker import BreakerPolicy
 from server.cache.resp import PipelinedReader, RespAuthError, RespError, RespReplyError
 from server.cache.shard import ShardUnavailable
+from server.cache.thread_reads import L2, ThreadReads
 from server.cache.tier import RedisTier
 from shard_router.topology import Topology, TopologyShard
 
@@ -152,6 +154,31 @@ def test_an_error_reply_fails_one_command_and_keeps_the_connection(server: Redis
     assert admin.get(SENTINEL) == b"still here"
 
 
+def test_thread_reads_authenticate_and_keep_the_connection_on_an_error_reply(server: RedisServer,
+                                                                             admin: redis.Redis) -> None:
+    for user, password in ((None, DEFAULT_PASSWORD), ("alice", ALICE_PASSWORD)):
+        blocking = BlockingReader(PipelinedReader(server.url_as(user, password), timeout=1.0), max_connections=2)
+        assert blocking.get("k1") == b"v1" and blocking.get("nope") is None
+        with pytest.raises(RespReplyError) as info:
+            blocking.get("a-list")
+        assert info.value.code == "WRONGTYPE" and not isinstance(info.value, ConnectionError)
+        assert blocking.get("k2") == b"v2"
+        assert blocking._open == 1                               # the same connection all along
+        blocking.close()
+    in_db_2 = BlockingReader(PipelinedReader(server.url_as("alice", ALICE_PASSWORD, db=2), timeout=1.0),
+                             max_connections=1)
+    assert in_db_2.get("in-db-2") == b"two"                      # AUTH, then SELECT
+    in_db_2.close()
+    wrong = "not-the-Password-42"
+    for url in (server.url_as(None, wrong), server.url_as("alice", wrong)):
+        refused = BlockingReader(PipelinedReader(url, timeout=1.0), max_connections=1)
+        with pytest.raises(RespAuthError, match="refused AUTH") as auth:
+            refused.get("k1")
+        assert wrong not in str(auth.value) and refused._open == 0
+    with pytest.raises(RespAuthError, match="NOAUTH"):
+        BlockingReader(PipelinedReader(f"redis://127.0.0.1:{server.port}/0", timeout=1.0), max_connections=1).get("k1")
+
+
 # -- the tier on a password-protected shard -------------------------------------------------------
 def one_shard(url: str) -> Topology:
     return Topology(version=1, shards=(TopologyShard("shard-0", url),))
@@ -249,3 +276,40 @@ async def test_a_wrong_password_marks_the_shard_down_without_logging_it(
         assert wrong not in repr(tier.shards["shard-0"])
     finally:
         await tier.close()
+
+
+async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server: RedisServer,
+                                                                          admin: redis.Redis) -> None:
+    """ThreadReads.get, from a thread as a gRPC thread calls it: values and misses as `get` gives
+    them; an error reply is a miss counted as one; a hung shard is L2.DOWN at once (the lookup goes to
+    PostgreSQL) and its failure reaches the breaker on the loop, after which reads are left to `get`."""
+    events = Events()
+    tier = RedisTier(topology=one_shard(server.url_as("alice", ALICE_PASSWORD)), pool_size=2, timeout=0.4,
+                     policy=BreakerPolicy(failure_threshold=1, retry_interval=60.0), thread_connections=2,
+                     on_error=events.errors.append, on_reply_error=events.replies.append,
+                     on_state_change=lambda name, up: events.states.append((name, up)))
+    shard = tier.shards["shard-0"].primary
+    reads = ThreadReads(tier, asyncio.get_running_loop())
+    try:
+        assert await asyncio.to_thread(reads.get, "k3") == b"v3"
+        assert await asyncio.to_thread(reads.get, "nope") is L2.MISS
+        assert await asyncio.to_thread(reads.get, "a-list") is L2.MISS     # WRONGTYPE
+        await asyncio.sleep(0.01)                                    # the loop runs what the thread recorded
+        assert events.replies == ["shard-0"] and events.errors == [] and shard.breaker.serving
+        shard.warm_until = time.monotonic() + 60                     # warming: `get` asks a sibling first
+        assert await asyncio.to_thread(reads.get, "k3") is L2.ASK
+        shard.warm_until = 0.0
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            assert await asyncio.to_thread(reads.get, "k3") is L2.DOWN
+            assert time.monotonic() - started < 1.5
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        await asyncio.sleep(0.01)
+        assert events.errors == ["shard-0"] and events.states == [("shard-0", False)] and not shard.breaker.serving
+        assert await asyncio.to_thread(reads.get, "k3") is L2.ASK          # down: `get` probes it
+    finally:
+        await tier.close()
+    assert shard.blocking is not None and shard.blocking._open == 0

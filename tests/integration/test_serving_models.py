@@ -6,15 +6,19 @@ corrupt messages, unary, batch and streaming alike. The rest of the suite runs u
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import psutil
 import pytest
+import redis
 from google.rpc import error_details_pb2, status_pb2
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from tests.integration.support import UsedSecrets, fresh_pan
@@ -185,5 +189,77 @@ def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironmen
                 assert [r for r in s] == []   # each ends cleanly once its client stops sending
     finally:
         release.set()
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
+def _commands_on(urls: list[str], during: Callable[[], None]) -> list[tuple[int, str, str]]:
+    """(client port, command, first argument) of every command the Redis servers at `urls` ran during
+    `during()`, seen through MONITOR."""
+    seen: list[tuple[int, str, str]] = []
+    done = threading.Event()
+    clients = [redis.Redis.from_url(url) for url in urls]
+    monitors = [client.monitor() for client in clients]
+
+    def collect(monitor: Any) -> None:
+        while not done.is_set():
+            event = monitor.next_command()
+            parts = str(event["command"]).split(" ")
+            port = int(str(event.get("client_port") or 0))
+            seen.append((port, parts[0].upper(), parts[1].strip("'\"") if len(parts) > 1 else ""))
+
+    for monitor in monitors:
+        monitor.__enter__()
+    readers = [threading.Thread(target=collect, args=(m,), daemon=True) for m in monitors]
+    for reader in readers:
+        reader.start()
+    try:
+        time.sleep(0.1)
+        during()
+        time.sleep(0.2)
+    finally:
+        done.set()
+        for client, reader, monitor in zip(clients, readers, monitors, strict=True):
+            client.ping()   # one more command, so each collector's last read returns
+            reader.join(5)
+            monitor.__exit__(None, None, None)
+    return seen
+
+
+@pytest.mark.parametrize("thread_connections", [8, 0])
+def test_hybrid_reads_redis_hits_on_its_grpc_threads(dev_env: DevEnvironment, thread_connections: int) -> None:
+    """With the near-cache off every lookup reads Redis. Hybrid, CRS_REDIS_THREAD_CONNECTIONS > 0: the GETs
+    come on the node's thread connections (server/cache/thread_reads.py), never on the connection the event
+    loop's pipelined reader fills on; 0: every GET comes on that connection. The answers are the same."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", near_cache_size=0,
+                              redis_thread_connections=thread_connections)
+    try:
+        keyring = node.settings.keyring()
+        pan = demo_pan(7)
+        key = ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan))
+        urls = [shard.url for shard in node.settings.redis_shards]
+        for url in urls:
+            redis.Redis.from_url(url).delete(key)    # the first lookup misses Redis
+        answers: list[pb.ResolveCardResponse] = []
+
+        def lookups() -> None:
+            with node.channel() as channel:
+                lookup = rpc.stub(channel, "LookupService")
+                for _ in range(4):   # a miss (PostgreSQL, then the fill), then three Redis hits
+                    answers.append(lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5))
+
+        seen = _commands_on(urls, lookups)
+        assert node.proc.pid is not None
+        ports = {c.laddr.port for c in psutil.Process(node.proc.pid).net_connections(kind="tcp") if c.raddr}
+        gets = [port for port, cmd, k in seen if cmd == "GET" and k == key]
+        fills = {port for port, cmd, k in seen if cmd == "SET" and k == key}
+        assert len(answers) == 4 and len({a.SerializeToString() for a in answers}) == 1
+        assert answers[0].card.last4 == pan[-4:]
+        assert len(fills) == 1 and len(gets) == 4 and set(gets) | fills <= ports   # this node's connections
+        if thread_connections:
+            assert not set(gets) & fills, "a GET went through the loop's pipelined connection"
+        else:
+            assert set(gets) == fills, "with no thread connections every read is the loop's"
+    finally:
         node.stop()
         dev_env.nodes.remove(node)
