@@ -71,6 +71,10 @@ class RunResult:
     per_second: list[int] = field(default_factory=list)
     redis_keys: int = 0
     redis_bytes: int = 0            # used_memory above the empty shards' baseline, all shards in use
+    # Redis's own counters over the window, all shards in use (INFO stats; 0 = not measured): the work
+    # Redis did whatever its CPU cost on that machine.
+    redis_commands: int = 0         # total_commands_processed
+    redis_reads: int = 0            # total_reads_processed: read events (several commands, or part of one)
     failure_kinds: dict[str, int] = field(default_factory=dict)
     offered_calls_per_s: float = 0.0   # paced load (calls/s, all users); 0 = closed loop, as fast as possible
     series: str = "nodes"           # sweep runs: which series ("nodes" or "shards"); others ignore it
@@ -152,6 +156,16 @@ class RunResult:
         return safe_div(past_l1 + misses, self.resolved)
 
     @property
+    def redis_commands_per_lookup(self) -> float:
+        """Commands Redis ran per lookup, counted by Redis (nan when not measured)."""
+        return safe_div(self.redis_commands, self.lookups) if self.redis_commands else math.nan
+
+    @property
+    def redis_reads_per_lookup(self) -> float:
+        """Read events (a wake-up and a read on a client connection) per lookup, counted by Redis."""
+        return safe_div(self.redis_reads, self.lookups) if self.redis_reads else math.nan
+
+    @property
     def bytes_per_key(self) -> float:
         return safe_div(self.redis_bytes, self.redis_keys)
 
@@ -165,6 +179,8 @@ class RunResult:
                 "pg_cpu_per_1k": self.pg_cpu_per_1k, "node_cores_busy": self.node_cores_busy,
                 "node_util": self.node_util, "miss_ratio": self.miss_ratio, "l1_ratio": self.l1_ratio,
                 "redis_ops_per_lookup": self.redis_ops_per_lookup, "bytes_per_key": self.bytes_per_key,
+                "redis_commands_per_lookup": self.redis_commands_per_lookup,
+                "redis_reads_per_lookup": self.redis_reads_per_lookup,
                 **{f"{t}_idle_cores": self.idle_cores(t) for t in TIERS},
                 **{f"{t}_load_cpu_per_1k": self.load_cpu_per_1k(t) for t in TIERS}}
 
@@ -242,6 +258,7 @@ def pool(runs: Sequence[RunResult]) -> list[RunResult]:
             latency_ms=latency, node_cpu_s=total("node_cpu_s"), redis_cpu_s=total("redis_cpu_s"),
             pg_cpu_s=total("pg_cpu_s"), tiers=tiers, per_second=[x for r in group for x in r.per_second],
             redis_keys=max(r.redis_keys for r in group), redis_bytes=max(r.redis_bytes for r in group),
+            redis_commands=total("redis_commands"), redis_reads=total("redis_reads"),
             failure_kinds=kinds, offered_calls_per_s=first.offered_calls_per_s, series=first.series,
             idle_s=total("idle_s"), node_idle_cpu_s=total("node_idle_cpu_s"),
             redis_idle_cpu_s=total("redis_idle_cpu_s"), pg_idle_cpu_s=total("pg_idle_cpu_s"), round=0,
@@ -357,7 +374,8 @@ CSV_COLUMNS = ("label", "series", "round", "mix", "nodes", "shards", "locust_wor
                "redis_cpu_per_1k", "pg_cpu_per_1k", "cpu_ratio", "redis_cpu_ratio", "pg_cpu_ratio", "verdict",
                "idle_s", "node_idle_cores", "redis_idle_cores", "pg_idle_cores", "node_load_cpu_per_1k",
                "redis_load_cpu_per_1k", "pg_load_cpu_per_1k", "node_cores_busy", "node_util", "l1_ratio",
-               "miss_ratio", "redis_ops_per_lookup", "bytes_per_key")
+               "miss_ratio", "redis_ops_per_lookup", "redis_commands_per_lookup", "redis_reads_per_lookup",
+               "bytes_per_key")
 
 
 def to_csv(runs: Sequence[RunResult]) -> str:
@@ -466,14 +484,18 @@ def _series_tables(name: str, rows: Sequence[ScalingRow]) -> list[str]:
                   f"{_f(r.node_cores_busy, 2)} | {_pct(r.l1_ratio)} | {_pct(r.miss_ratio, 2)} |")
     if any(row.run.idle_s > 0 for row in rows):
         md += ["", "Fixed and load-driven cost: CPU-seconds per second of each tier at rest (measured just before "
-               "the load, same processes), and CPU-seconds per 1,000 lookups above that rate.", "",
+               "the load, same processes), and CPU-seconds per 1,000 lookups above that rate; and the work "
+               "Redis counted itself per lookup (INFO stats, whatever it cost on this machine): commands, "
+               "and read events (a wake-up and a read on one connection, which may carry several commands).",
+               "",
                f"| {unit} | node idle CPU-s/s | Redis idle CPU-s/s | PG idle CPU-s/s | node load CPU-s / 1k "
-               "| Redis load CPU-s / 1k | PG load CPU-s / 1k |",
-               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+               "| Redis load CPU-s / 1k | PG load CPU-s / 1k | Redis commands / lookup | Redis reads / lookup |",
+               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in rows:
             r = row.run
             md.append(f"| {row.size} | " + " | ".join(_f(r.idle_cores(t), 4) for t in TIERS) + " | "
-                      + " | ".join(_f(r.load_cpu_per_1k(t), 3) for t in TIERS) + " |")
+                      + " | ".join(_f(r.load_cpu_per_1k(t), 3) for t in TIERS) + " | "
+                      + f"{_f(r.redis_commands_per_lookup, 3)} | {_f(r.redis_reads_per_lookup, 3)} |")
     return [*md, ""]
 
 

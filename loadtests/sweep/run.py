@@ -493,6 +493,21 @@ class Stack:
                 client.close()
         return keys, max(0, used)
 
+    def redis_counters(self, shards: int) -> tuple[int, int]:
+        """(commands, read events) Redis counted so far (INFO stats), summed over the shards in use."""
+        import redis
+
+        commands = reads = 0
+        for r in self.used_redis(shards):
+            client = redis.Redis.from_url(r.url)
+            try:
+                stats = client.info("stats")
+                commands += int(stats.get("total_commands_processed", 0))
+                reads += int(stats.get("total_reads_processed", 0))
+            finally:
+                client.close()
+        return commands, reads
+
     def stop(self) -> None:
         self.env.stop()
 
@@ -555,12 +570,14 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         t1 = t0 + math.ceil(args.seconds)
         time.sleep(max(0.0, t0 - time.time()))
         pin_service()   # PostgreSQL backends forked during the warm-up
+        c0 = stack.redis_counters(shards)
         n0, r0, p0 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
         w0 = time.time()   # the CPU window's start; the /metrics scrape after it took up to 6 s on a crowded machine
         tiers0 = scrape_tiers(metrics_urls)
         time.sleep(max(0.0, t1 - time.time()))
         w1 = time.time()
         n1, r1, p1 = runtime_snapshot(node_pids), runtime_snapshot(redis_pids), runtime_snapshot(pg_pids)
+        c1 = stack.redis_counters(shards)
         tiers1 = scrape_tiers(metrics_urls)
     finally:
         run.stop()
@@ -578,6 +595,7 @@ def measure(stack: Stack, spec: LoadSpec, *, nodes: int, shards: int, layout: La
         pg_cpu_s=cpu_delta(p0, p1),
         tiers={k: int(v - tiers0.get(k, 0.0)) for k, v in tiers1.items() if v - tiers0.get(k, 0.0) > 0},
         per_second=timeline.per_second(t0, t1), redis_keys=keys, redis_bytes=used_mem,
+        redis_commands=c1[0] - c0[0], redis_reads=c1[1] - c0[1],
         failure_kinds=dict(window.failure_kinds), series=spec.series, round=spec.round, started_at=float(t0),
         idle_s=idle_s,
         node_idle_cpu_s=idle[0],

@@ -49,6 +49,7 @@ def test_a_two_size_paced_sweep_writes_its_report(tmp_path: Path) -> None:
         assert r.lookups > 0 and r.failures == 0
         assert r.node_cpu_s > 0 and r.redis_cpu_s > 0 and r.pg_cpu_s >= 0
         assert r.idle_s >= 1 and r.node_idle_cpu_s > 0 and r.started_at > 0
+        assert r.redis_commands > 0 and r.redis_reads > 0     # Redis's own counters over the window
         assert d["derived"]["verdict"] in ("PASS", "FAIL")
         for key in ("node_cpu_per_1k", "redis_cpu_per_1k", "pg_cpu_per_1k", "cpu_ratio", "redis_cpu_ratio",
                     "pg_cpu_ratio", "node_idle_cores", "node_load_cpu_per_1k"):

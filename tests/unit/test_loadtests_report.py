@@ -121,6 +121,10 @@ def test_derived_figures() -> None:
     assert r.redis_ops_per_lookup == pytest.approx(0.6)   # 50% past L1 + 10% SETs after a miss
     assert r.bytes_per_key == 400
     assert math.isnan(run(1, 0, 1.0).node_cpu_per_1k)
+    assert math.isnan(r.redis_commands_per_lookup)           # not measured (a report from before)
+    counted = run(1, 20_000, 9.0)
+    counted.redis_commands, counted.redis_reads = 16_000, 12_000
+    assert counted.redis_commands_per_lookup == pytest.approx(0.8) and counted.redis_reads_per_lookup == 0.6
 
 
 def test_scaling_efficiency_and_linearity() -> None:
