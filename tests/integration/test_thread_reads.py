@@ -5,9 +5,6 @@ Redis was already asked for is not asked again, and a shard that failed gets no 
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,21 +22,10 @@ from server.metrics import Metrics
 from server.resolver import CachePolicy, Lookup, Resolver
 from server.store.read_route import ReadRoute
 from shard_router.topology import Topology, TopologyShard
+from tests.integration.support import redis_servers
 
 pytestmark = pytest.mark.integration
 PRIMARY = object()   # what each load is given: the fake loads below ignore it
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    base = Path(tempfile.mkdtemp(prefix="crs-thread-reads-"))
-    srv = RedisServer(name="thread-reads", data_dir=base / "redis")
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class Loads:
@@ -58,7 +44,12 @@ def gets(client: redis.Redis) -> int:
     return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
 
 
-async def test_now_reads_redis_on_a_thread_and_resolve_takes_over_what_it_left(server: RedisServer) -> None:
+async def test_now_reads_redis_on_a_thread_and_resolve_takes_over_what_it_left(tmp_path: Path) -> None:
+    with redis_servers(tmp_path, ["thread-reads"]) as (server,):
+        await _now_then_resolve(server)
+
+
+async def _now_then_resolve(server: RedisServer) -> None:
     client = redis.Redis.from_url(server.url)
     client.flushall()
     client.set("crd:hit", b"cached answer")
