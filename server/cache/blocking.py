@@ -121,10 +121,12 @@ class BlockingReader:
         """The next reply on `conn`, waiting at most the reader's timeout for all of it."""
         parser = conn.parser
         deadline = 0.0
+        shortened = False   # settimeout costs syscalls: only a reply in several pieces pays them
         try:
             while (reply := parser.gets()) is False:
                 if deadline:   # a reply in more than one piece: what is left of the timeout
                     conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    shortened = True
                 else:
                     deadline = time.monotonic() + self._reader.timeout
                 data = conn.sock.recv(65536)
@@ -140,7 +142,7 @@ class BlockingReader:
                 raise
             raise RespError(f"connection to {self.address} failed: {type(exc).__name__}") from exc
         finally:
-            if deadline:
+            if shortened:
                 conn.sock.settimeout(self._reader.timeout)
         if isinstance(reply, hiredis.ReplyError):
             raise reply_error(reply, self.address)

@@ -93,6 +93,9 @@ def test_thread_reads_answer_each_thread_its_own_key_over_bounded_connections(se
     blocking = BlockingReader(PipelinedReader(server.url, timeout=1.0), max_connections=3)
     assert blocking.get("k1") == b"v1" and blocking.get("missing") is None
     assert blocking.get("bin") == bytes(range(256))
+    big = bytes(range(256)) * 2048                         # 512 KiB: a reply in many reads
+    redis.Redis.from_url(server.url).set("big", big)
+    assert blocking.get("big") == big and blocking.get("k2") == b"v2"
     wrong: list[str] = []
     busy = [0]
     ours: set[int] = set()
