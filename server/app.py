@@ -219,7 +219,8 @@ class Node:
                                                     negative_ttl=s.negative_ttl))
         if self.hybrid and s.redis_thread_connections > 0 and self.tier is not None:
             # A Redis hit is read on the gRPC thread, not handed to this loop (server/cache/thread_reads.py).
-            self.resolver.thread_reads = ThreadReads(self.tier, asyncio.get_running_loop())
+            self.resolver.thread_reads = ThreadReads(self.tier, asyncio.get_running_loop(),
+                                                     on_busy=self.metrics.thread_read_busy)
         self.bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval, timeout=s.pg_timeout)
         with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
             await self.bins.refresh()

@@ -45,6 +45,11 @@ class Metrics:
         self.shard_reply_errors = Counter("crs_cache_reply_errors_total",
                                           "Redis commands a shard answered with an error reply",
                                           ["shard"], registry=reg)
+        # Hybrid: Redis reads a gRPC thread left to the event loop, every thread connection being in use
+        # (server/cache/thread_reads.py): if it grows with the load, raise CRS_REDIS_THREAD_CONNECTIONS.
+        self.thread_reads_busy = Counter("crs_cache_thread_reads_busy_total",
+                                         "Redis reads left to the event loop: every thread connection to "
+                                         "the shard was in use", ["shard"], registry=reg)
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
                               ["shard"], multiprocess_mode="min", registry=reg)
         # Per copy of a shard (primary, replica-1, ...): a shard is up while any copy is.
@@ -195,6 +200,9 @@ class Metrics:
 
     def shard_error(self, shard: str) -> None:
         self.shard_errors.labels(shard).inc()
+
+    def thread_read_busy(self, shard: str) -> None:
+        self.thread_reads_busy.labels(shard).inc()
 
     def shard_reply_error(self, shard: str) -> None:
         self.shard_reply_errors.labels(shard).inc()

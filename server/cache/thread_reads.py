@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+from collections.abc import Callable
 
 from server.cache.blocking import BUSY
 from server.cache.shard import REPLY_ERRORS, SHARD_ERRORS, Shard
@@ -28,13 +29,20 @@ class L2(enum.Enum):
     DOWN = "down"   # the shard failed: load from PostgreSQL, no fill, as when `get` raises ShardUnavailable
 
 
+def _ignore(shard: str) -> None:
+    pass
+
+
 class ThreadReads:
     """`get` for gRPC threads over `tier`'s thread connections; failures are recorded on `loop`, where
-    the breakers live."""
+    the breakers live. `on_busy(shard)`: a read left to the loop because every thread connection to
+    that shard was in use (the sign CRS_REDIS_THREAD_CONNECTIONS is too low for the load)."""
 
-    def __init__(self, tier: RedisTier, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, tier: RedisTier, loop: asyncio.AbstractEventLoop,
+                 on_busy: Callable[[str], None] = _ignore) -> None:
         self.tier = tier
         self.loop = loop
+        self.on_busy = on_busy
 
     def get(self, key: str) -> bytes | L2:
         """The value, or what is left to the loop. A failure is recorded exactly as `RedisTier.get`
@@ -60,6 +68,7 @@ class ThreadReads:
             group.took_first()
             return L2.ASK
         if value is BUSY:
+            self.on_busy(copy.name)
             return L2.ASK
         if group.only is None:
             group.took_first()

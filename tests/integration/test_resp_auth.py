@@ -281,15 +281,17 @@ async def test_a_wrong_password_marks_the_shard_down_without_logging_it(
 async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server: RedisServer,
                                                                           admin: redis.Redis) -> None:
     """ThreadReads.get, from a thread as a gRPC thread calls it: values and misses as `get` gives
-    them; an error reply is a miss counted as one; a hung shard is L2.DOWN at once (the lookup goes to
-    PostgreSQL) and its failure reaches the breaker on the loop, after which reads are left to `get`."""
+    them; an error reply is a miss counted as one; a hung shard is L2.DOWN once its GET times out (the
+    lookup goes to PostgreSQL) and its failure reaches the breaker on the loop, after which reads are
+    left to `get`; a read that finds the one thread connection busy is left to the loop and counted."""
     events = Events()
     tier = RedisTier(topology=one_shard(server.url_as("alice", ALICE_PASSWORD)), pool_size=2, timeout=0.4,
-                     policy=BreakerPolicy(failure_threshold=1, retry_interval=60.0), thread_connections=2,
+                     policy=BreakerPolicy(failure_threshold=1, retry_interval=60.0), thread_connections=1,
                      on_error=events.errors.append, on_reply_error=events.replies.append,
                      on_state_change=lambda name, up: events.states.append((name, up)))
     shard = tier.shards["shard-0"].primary
-    reads = ThreadReads(tier, asyncio.get_running_loop())
+    busy: list[str] = []
+    reads = ThreadReads(tier, asyncio.get_running_loop(), on_busy=busy.append)
     try:
         assert await asyncio.to_thread(reads.get, "k3") == b"v3"
         assert await asyncio.to_thread(reads.get, "nope") is L2.MISS
@@ -303,7 +305,10 @@ async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server:
         os.kill(server.pid, signal.SIGSTOP)
         try:
             started = time.monotonic()
-            assert await asyncio.to_thread(reads.get, "k3") is L2.DOWN
+            waiting = asyncio.ensure_future(asyncio.to_thread(reads.get, "k3"))
+            await asyncio.sleep(0.1)                                 # it holds the one connection
+            assert await asyncio.to_thread(reads.get, "k4") is L2.ASK and busy == ["shard-0"]
+            assert await waiting is L2.DOWN
             assert time.monotonic() - started < 1.5
         finally:
             os.kill(server.pid, signal.SIGCONT)
