@@ -82,6 +82,10 @@ def test_serving_model_is_aio_or_hybrid() -> None:
     with pytest.raises(SettingsError) as info:
         load_settings({"CRS_SERVING_MODEL": "threads", "CRS_SERVING_THREADS": "2"})
     assert "CRS_SERVING_MODEL" in str(info.value) and "CRS_SERVING_THREADS" in str(info.value)
+    assert load_settings({}).redis_thread_connections == 8
+    assert load_settings({"CRS_REDIS_THREAD_CONNECTIONS": "0"}).redis_thread_connections == 0   # all on the loop
+    with pytest.raises(SettingsError, match="CRS_REDIS_THREAD_CONNECTIONS must be >= 0"):
+        load_settings({"CRS_REDIS_THREAD_CONNECTIONS": "-1"})
 
 
 def test_near_cache_stays_consistent_under_threads() -> None:
