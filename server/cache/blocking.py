@@ -64,9 +64,7 @@ class BlockingReader:
             self._give(conn)
             raise
         except BaseException:
-            conn.sock.close()
-            with self._lock:
-                self._open -= 1
+            self._drop(conn)
             raise
         self._give(conn)
         assert reply is None or isinstance(reply, bytes)
@@ -91,8 +89,13 @@ class BlockingReader:
             if not self._closed:
                 self._idle.append(conn)
                 return
-            self._open -= 1
+        self._drop(conn)
+
+    def _drop(self, conn: _Blocking) -> None:
+        """Close `conn` for good; its place is free for a new connection."""
         conn.sock.close()
+        with self._lock:
+            self._open -= 1
 
     def _connect(self) -> _Blocking:
         r = self._reader
