@@ -46,8 +46,13 @@ def parse_announcement(text: str) -> tuple[list[str], int | None]:
 
 
 OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
-# How long one wait for a pub/sub message lasts before the loop looks again (and notices cancellation).
-LISTEN_POLL_SECONDS: Final = 1.0
+# How long one wait for a pub/sub message lasts before the listener asks again. Cancellation does not
+# need it (it ends the wait at once) and nothing is noticed by it, so it is long: every wait that ends
+# empty costs the loop a wake-up and a run through redis-py's read path, per shard (a 1 s wait was a
+# node's main per-shard cost at rest and under load: 16 wake-ups a second at 16 shards). It is not
+# None: older redis-py releases (before the fix of redis-py #4098, 2026) read `timeout=None` as the
+# client's socket timeout (0.25 s here), which would end every wait with an error and a near-cache drop.
+LISTEN_POLL_SECONDS: Final = 300.0
 
 
 async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedShard], keys: Iterable[str], *,

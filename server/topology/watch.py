@@ -31,7 +31,7 @@ from server.metrics import Metrics
 from server.settings import Settings
 from server.store.db import DB_ERRORS
 from server.topology.policy import COPY_BUDGET_FRACTION
-from server.topology.shard_stats import STATS_ERRORS, read_stats
+from server.topology.shard_stats import STATS_ERRORS, read_stats, read_stats_lean
 from server.topology.store import (
     NodeReport,
     forget_node,
@@ -238,7 +238,10 @@ class TopologyWatcher:
             if shard is None:
                 return
             try:
-                stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * STATS_TIMEOUT_FACTOR)
+                if shard.reader is not None:   # plain redis://: the lean connection, a tenth of the CPU
+                    stats = await read_stats_lean(shard.reader)
+                else:
+                    stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * STATS_TIMEOUT_FACTOR)
             except STATS_ERRORS:
                 return
             self.metrics.shard_keys.labels(name).set(stats.keys)

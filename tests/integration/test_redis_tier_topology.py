@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from redis.asyncio.client import PubSub
 
 from devstack import RedisServer
 from server.cache.breaker import BreakerPolicy
@@ -149,6 +151,48 @@ async def test_a_shard_marked_down_is_skipped_then_flushed_before_it_serves(
             await asyncio.sleep(0.02)
     else:
         pytest.fail("shard-1 never came back")
+
+
+async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invalidation listener waits for messages far longer than the shards' socket timeout (0.5 s
+    here) on the same subscription, without waking up to ask again (each wake-up was a node's main
+    cost per shard: server/cache/invalidation.py LISTEN_POLL_SECONDS): no gap (a near-cache drop), no
+    new connection, and a message after the quiet spell still arrives."""
+    asks = [0]
+    get_message = PubSub.get_message
+
+    async def counted(self: PubSub, *args: Any, **kwargs: Any) -> Any:
+        asks[0] += 1
+        return await get_message(self, *args, **kwargs)
+
+    monkeypatch.setattr(PubSub, "get_message", counted)
+    got: list[str] = []
+    gaps: list[float] = []
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
+                                                             lambda: gaps.append(1.0), retry_interval=0.1))
+
+    def subscribers() -> dict[str, set[str]]:
+        return {name: {c["id"] for c in client.client_list() if c.get("sub") == "1"} for name, client in sync.items()}
+
+    try:
+        for _ in range(100):
+            if all(subscribers()[s.name] for s in servers[:3]):
+                break
+            await asyncio.sleep(0.02)
+        before, asked = subscribers(), asks[0]
+        await asyncio.sleep(1.6)
+        assert subscribers() == before and gaps == [] and asks[0] == asked
+        sync["shard-1"].publish("crs:invalidate", "crd:after-quiet")
+        for _ in range(100):
+            if "crd:after-quiet" in got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == ["crd:after-quiet"] and gaps == []
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
 
 
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],

@@ -88,6 +88,41 @@ def test_fills_pipeline_on_the_same_connection(server: RedisServer) -> None:
     assert 0 < ttl <= 60_000
 
 
+def test_shard_stats_over_the_lean_connection_match_redis_pys(server: RedisServer) -> None:
+    """The node's periodic DBSIZE + INFO (read_stats_lean) reads what `crs shards status` reads with
+    redis-py, and `call` keeps replies in order, failing only on an error reply."""
+    import redis.asyncio
+
+    from server.cache.resp import RespReplyError, command
+    from server.topology.shard_stats import read_stats, read_stats_lean
+
+    plain = redis.Redis.from_url(server.url)
+    plain.set("stats-hit", b"1")
+    plain.get("stats-hit")
+    plain.get("stats-miss")
+
+    async def main() -> None:
+        reader = PipelinedReader(server.url, timeout=1.0)
+        client = redis.asyncio.Redis.from_url(server.url)
+        try:
+            full = await read_stats(client, timeout=1.0)   # first: redis-py's connect costs error replies
+            lean = await read_stats_lean(reader)
+            assert (lean.keys, lean.hits, lean.misses, lean.error_replies) == (
+                full.keys, full.hits, full.misses, full.error_replies)
+            assert lean.keys == plain.dbsize() and lean.hits >= 1 and lean.misses >= 1
+            assert abs(lean.memory_bytes - full.memory_bytes) < full.memory_bytes * 0.2
+            assert await reader.call([]) == []
+            assert await reader.call([command(b"GET", b"k1"), command(b"DBSIZE")]) == [b"v1", plain.dbsize()]
+            with pytest.raises(RespReplyError, match="WRONGTYPE"):
+                await reader.call([command(b"GET", b"k1"), command(b"HGET", b"k1", b"f"), command(b"GET", b"k2")])
+            assert await reader.get("k3") == b"v3"      # an error reply leaves the connection in use
+        finally:
+            reader.close()
+            await client.aclose()
+
+    uvloop.run(main())
+
+
 # -- BlockingReader: GETs from threads ---------------------------------------------------------------
 def test_thread_reads_answer_each_thread_its_own_key_over_bounded_connections(server: RedisServer) -> None:
     blocking = BlockingReader(PipelinedReader(server.url, timeout=1.0), max_connections=3)

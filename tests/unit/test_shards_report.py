@@ -10,7 +10,7 @@ import textwrap
 
 from server.cli import shards_render
 from server.topology.report import Publication, ShardRow, StagedChange, StatusReport
-from server.topology.shard_stats import ShardStats
+from server.topology.shard_stats import ShardStats, info_field
 from server.topology.store import NodeReport, Progress
 from shard_router.topology import Phase
 
@@ -139,3 +139,14 @@ def test_replicas_are_listed_under_their_shard() -> None:
     replicas = with_replicas.as_dict()["replicas"]
     assert [(r["copy"], r["keys"], r["reachable"]) for r in replicas] == \
         [("replica-1", 9, True), ("replica-2", None, False)]
+
+
+def test_info_fields_are_read_by_exact_name() -> None:
+    text = (b"# Memory\r\nused_memory:1024\r\nused_memory_human:1.00K\r\nused_memory_rss:9000\r\n"
+            b"maxmemory:0\r\n")
+    assert info_field(text, b"used_memory") == 1024
+    assert info_field(text, b"used_memory_rss") == 9000
+    assert info_field(text, b"memory") == 0                    # a suffix of a name is not the name
+    assert info_field(text, b"keyspace_hits") == 0             # absent: 0, as read_stats
+    assert info_field(b"keyspace_hits:7", b"keyspace_hits") == 7   # first line, no line end
+    assert info_field(b"a:1\r\nkeyspace_misses:42", b"keyspace_misses") == 42
