@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,18 @@ class LocustRun:
 
 
 # -- the stack --------------------------------------------------------------------------------------------
+def _clients(servers: Sequence[Any]) -> Iterator[tuple[str, Any]]:
+    """(url, a redis-py client) for each Redis server, the client closed after its turn."""
+    import redis
+
+    for r in servers:
+        client = redis.Redis.from_url(r.url)
+        try:
+            yield r.url, client
+        finally:
+            client.close()
+
+
 class Stack:
     """One DevEnvironment (PostgreSQL + the most shards any configuration needs); nodes per configuration."""
 
@@ -470,42 +482,24 @@ class Stack:
         return [r for r in self.redis if r.url in urls] or self.redis[:shards]
 
     def flush_redis(self) -> None:
-        import redis
-
-        for r in self.redis:
-            client = redis.Redis.from_url(r.url)
-            try:
-                client.flushall()
-            finally:
-                client.close()
+        for _, client in _clients(self.redis):
+            client.flushall()
 
     def redis_memory(self, shards: int) -> tuple[int, int]:
         """(keys, bytes of used_memory above the empty server's) summed over the shards in use."""
-        import redis
-
         keys = used = 0
-        for r in self.used_redis(shards):
-            client = redis.Redis.from_url(r.url)
-            try:
-                keys += int(client.dbsize())
-                used += int(client.info("memory")["used_memory"]) - self.empty_memory.get(r.url, 0)
-            finally:
-                client.close()
+        for url, client in _clients(self.used_redis(shards)):
+            keys += int(client.dbsize())
+            used += int(client.info("memory")["used_memory"]) - self.empty_memory.get(url, 0)
         return keys, max(0, used)
 
     def redis_counters(self, shards: int) -> tuple[int, int]:
         """(commands, read events) Redis counted so far (INFO stats), summed over the shards in use."""
-        import redis
-
         commands = reads = 0
-        for r in self.used_redis(shards):
-            client = redis.Redis.from_url(r.url)
-            try:
-                stats = client.info("stats")
-                commands += int(stats.get("total_commands_processed", 0))
-                reads += int(stats.get("total_reads_processed", 0))
-            finally:
-                client.close()
+        for _, client in _clients(self.used_redis(shards)):
+            stats = client.info("stats")
+            commands += int(stats.get("total_commands_processed", 0))
+            reads += int(stats.get("total_reads_processed", 0))
         return commands, reads
 
     def stop(self) -> None:

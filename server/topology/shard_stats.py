@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from server.cache.resp import PipelinedReader, RespReplyError, command
 
-STATS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, RespReplyError)
+STATS_ERRORS = (RedisError, OSError, asyncio.TimeoutError, RespReplyError, ValueError)
 # What a node asks its shards every shard_stats_interval over the lean connection (read_stats_lean).
 _STATS_COMMANDS = [command(b"DBSIZE"), command(b"INFO", b"memory"), command(b"INFO", b"stats")]
 
@@ -52,14 +52,16 @@ async def read_stats_lean(reader: PipelinedReader) -> ShardStats:
     redis-py's `dbsize()` + `info()` (every field parsed into Python values) cost ~450 µs of node CPU
     per shard per poll, with every node polling every shard. Times out as the connection does."""
     keys, memory, stats = await reader.call(_STATS_COMMANDS)
-    assert isinstance(keys, int) and isinstance(memory, bytes) and isinstance(stats, bytes)
+    if not (isinstance(keys, int) and isinstance(memory, bytes) and isinstance(stats, bytes)):
+        raise ValueError(f"unexpected DBSIZE/INFO replies from {reader.address}")
     return ShardStats(keys=keys, memory_bytes=info_field(memory, b"used_memory"),
                       hits=info_field(stats, b"keyspace_hits"), misses=info_field(stats, b"keyspace_misses"),
                       error_replies=info_field(stats, b"total_error_replies"))
 
 
 def info_field(text: bytes, name: bytes) -> int:
-    """An integer field of an INFO reply ("name:value" lines); 0 if absent (as `read_stats`)."""
+    """An integer field of an INFO reply ("name:value" lines); 0 if absent (as `read_stats`), ValueError
+    if not an integer."""
     start = text.find(b"\n" + name + b":")
     if start < 0:
         if not text.startswith(name + b":"):

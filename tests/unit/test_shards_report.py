@@ -1,5 +1,6 @@
 """`crs shards status` drawn from a hand-made StatusReport: the text tables and the JSON form whose
-keys scripts and tests/integration/test_resharding.py read. Pure: no PostgreSQL, no Redis."""
+keys scripts and tests/integration/test_resharding.py read; and the INFO field reader behind the nodes'
+shard statistics. Pure: no PostgreSQL, no Redis."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import datetime as dt
 import io
 import json
 import textwrap
+
+import pytest
 
 from server.cli import shards_render
 from server.topology.report import Publication, ShardRow, StagedChange, StatusReport
@@ -150,3 +153,5 @@ def test_info_fields_are_read_by_exact_name() -> None:
     assert info_field(text, b"keyspace_hits") == 0             # absent: 0, as read_stats
     assert info_field(b"keyspace_hits:7", b"keyspace_hits") == 7   # first line, no line end
     assert info_field(b"a:1\r\nkeyspace_misses:42", b"keyspace_misses") == 42
+    with pytest.raises(ValueError):
+        info_field(b"used_memory:lots\r\n", b"used_memory")
