@@ -197,13 +197,13 @@ class Node:
 
     async def start(self) -> None:
         s = self.settings
-        self.pool = await create_pool(s)
+        self.pool = await create_pool(s, session_reset=False)   # the node keeps no session state
         async with self.pool.acquire() as conn:
             await check_schema(conn)
         await verify_key_checks(self.pool, self.keyring)
         data_key = await active_data_key(self.pool, self.keyring)
         if s.pg_read_dsn:   # no connection yet: a replica that is down must not stop a node from starting
-            self.read_pool = await create_pool(s, dsn=s.pg_read_dsn, min_size=0)
+            self.read_pool = await create_pool(s, dsn=s.pg_read_dsn, min_size=0, session_reset=False)
         route = ReadRoute(primary=self.pool, replica=self.read_pool, fill_window=replica_fill_window(s),
                           position_interval=s.pg_position_interval, timeout=s.pg_timeout,
                           replica_timeout=s.pg_timeout / 4, on_read=self.metrics.pg_read,
