@@ -43,19 +43,25 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) ->
 
 async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *, delay: float,
                     interval: float) -> None:
-    """Until cancelled. Database errors are logged and retried; they never stop the relay."""
+    """Until cancelled. Database errors are logged and retried; they never stop the relay.
+
+    Each pass first reads the backlog (count and age, for the metrics) and takes rows only when there
+    are some: at rest a pass is that one query, not four (BEGIN, the SELECT ... FOR UPDATE, COMMIT and
+    the count), with every node process running a pass every `interval`. The gauges show the backlog
+    as the pass began, so a settled row leaves them one pass later."""
     while True:
         try:
-            settled = await relay_once(pool, resolver, delay=delay)
-            # The partial index outbox_unsettled (on created_at) makes min() cheap.
+            # The partial index outbox_unsettled (on created_at) makes count() and min() cheap.
             row = await pool.fetchrow(
                 "SELECT count(*) AS n, coalesce(extract(epoch FROM clock_timestamp() - min(created_at)), 0)::float8"
                 " AS age FROM outbox WHERE settled_at IS NULL")
             if row is not None:   # an aggregate always returns its one row
                 metrics.outbox_pending.set(row["n"])
                 metrics.outbox_age.set(row["age"])
-            if settled == BATCH:
-                continue
+            if row is None or row["n"]:
+                settled = await relay_once(pool, resolver, delay=delay)
+                if settled == BATCH:
+                    continue
         except asyncio.CancelledError:
             raise
         except DB_ERRORS as exc:

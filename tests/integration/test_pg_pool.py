@@ -1,13 +1,19 @@
-"""The node's PostgreSQL pool hands connections back without asyncpg's reset query (server/store/db.py
-NoSessionReset): session state survives a release, so the node's code must keep none; an open
-transaction is still rolled back. The default pool (the CLIs') resets as before."""
+"""A node's PostgreSQL round trips. Its pool hands connections back without asyncpg's reset query
+(server/store/db.py NoSessionReset): session state survives a release, so the node's code must keep
+none; an open transaction is still rolled back. The default pool (the CLIs') resets as before. And the
+outbox relay at rest asks one query a pass (server/relay.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from devstack.environment import DevEnvironment
+from server.metrics import Metrics
+from server.relay import run_relay
 from server.settings import Settings
 from server.store.db import create_pool
 
@@ -40,3 +46,43 @@ def test_the_nodes_pool_skips_the_reset_query_but_still_ends_open_transactions(d
     assert local in (None, "") and not in_tx  # the open transaction was rolled back on release
     session, local, in_tx = asyncio.run(_after_release(settings, session_reset=True))
     assert session in (None, "") and local in (None, "") and not in_tx
+
+
+class _Counted:
+    """A real pool that counts what the relay asks of it."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool, self.acquired, self.fetchrows = pool, 0, 0
+
+    def acquire(self) -> Any:
+        self.acquired += 1
+        return self.pool.acquire()
+
+    async def fetchrow(self, *args: Any) -> Any:
+        self.fetchrows += 1
+        return await self.pool.fetchrow(*args)
+
+
+def test_the_relay_at_rest_asks_one_query_a_pass(dev_env: DevEnvironment) -> None:
+    """With nothing unsettled a pass is the backlog query alone: no transaction, no SELECT ... FOR UPDATE
+    (it was four round trips a pass, every node process, every CRS_OUTBOX_POLL_INTERVAL)."""
+    settings = dev_env.settings()
+
+    async def main() -> tuple[int, int, float]:
+        pool = await create_pool(dataclasses.replace(settings, pg_pool_min=1, pg_pool_max=2), session_reset=False)
+        try:
+            for _ in range(100):   # other tests' writes are settled by their nodes' relays
+                if not await pool.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL"):
+                    break
+                await asyncio.sleep(0.1)
+            counted, metrics = _Counted(pool), Metrics(CollectorRegistry())
+            relay = asyncio.create_task(run_relay(counted, None, metrics, delay=0.05, interval=0.05))  # type: ignore[arg-type]
+            await asyncio.sleep(0.5)
+            relay.cancel()
+            await asyncio.gather(relay, return_exceptions=True)
+            return counted.fetchrows, counted.acquired, metrics.outbox_pending._value.get()
+        finally:
+            await pool.close()
+
+    passes, transactions, pending = asyncio.run(main())
+    assert passes >= 4 and transactions == 0 and pending == 0
