@@ -62,14 +62,13 @@ async def read_stats_lean(reader: PipelinedReader) -> ShardStats:
 def info_field(text: bytes, name: bytes) -> int:
     """An integer field of an INFO reply ("name:value" lines); 0 if absent (as `read_stats`), ValueError
     if not an integer."""
+    text = b"\n" + text   # every line, the first too, starts after a newline
     start = text.find(b"\n" + name + b":")
     if start < 0:
-        if not text.startswith(name + b":"):
-            return 0
-        start = -1
+        return 0
     start += len(name) + 2
     end = text.find(b"\r", start)
-    return int(text[start:end if end >= 0 else len(text)])
+    return int(text[start:end if end >= 0 else None])
 
 
 async def sample_keys(client: aioredis.Redis, *, limit: int, batch: int,
