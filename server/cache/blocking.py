@@ -6,7 +6,9 @@ the protocol details (commands, error replies, AUTH and SELECT on connect) are t
 from __future__ import annotations
 
 import enum
+import errno
 import socket
+import struct
 import threading
 import time
 from typing import Final, NamedTuple
@@ -26,6 +28,18 @@ BUSY: Final = Busy.BUSY   # BlockingReader.get: every connection in use; read on
 class _Blocking(NamedTuple):
     sock: socket.socket
     parser: hiredis.Reader
+
+
+def _kernel_timeout(sock: socket.socket, seconds: float) -> None:
+    """Bound each send and receive on `sock` in the kernel (SO_SNDTIMEO, SO_RCVTIMEO): a socket left in
+    blocking mode makes one recv system call per read, where Python's own timeout polls first (poll,
+    then recv: one more system call and one more release of the GIL per GET). A wait past it raises
+    BlockingIOError (EAGAIN)."""
+    whole = int(seconds)
+    micros = max(int((seconds - whole) * 1_000_000), 0 if whole else 1)   # 0 and 0 would mean no limit
+    timeval = struct.pack("ll", whole, micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class BlockingReader:
@@ -58,7 +72,7 @@ class BlockingReader:
         if conn is None:
             return BUSY
         try:
-            conn.sock.sendall(command(b"GET", key.encode()))
+            self._send(conn, command(b"GET", key.encode()))
             reply = self._reply(conn)
         except RespReplyError:   # Redis answered this GET with an error: the connection is fine
             self._give(conn)
@@ -108,8 +122,10 @@ class BlockingReader:
         conn = _Blocking(sock, hiredis.Reader())
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)            # blocking: the kernel keeps the timeout (_kernel_timeout)
+            _kernel_timeout(sock, r.timeout)
             if r.handshake:
-                sock.sendall(b"".join(payload for _, payload in r.handshake))
+                self._send(conn, b"".join(payload for _, payload in r.handshake))
                 for step, _ in r.handshake:
                     try:
                         self._reply(conn)
@@ -120,15 +136,21 @@ class BlockingReader:
             raise
         return conn
 
+    def _send(self, conn: _Blocking, payload: bytes) -> None:
+        try:
+            conn.sock.sendall(payload)
+        except OSError as exc:
+            raise _failed(exc, self.address, self._reader.timeout, "cannot send to") from exc
+
     def _reply(self, conn: _Blocking) -> object:
         """The next reply on `conn`, waiting at most the reader's timeout for all of it."""
         parser = conn.parser
         deadline = 0.0
-        shortened = False   # settimeout costs syscalls: only a reply in several pieces pays them
+        shortened = False   # setsockopt costs system calls: only a reply in several pieces pays them
         try:
             while (reply := parser.gets()) is False:
                 if deadline:   # a reply in more than one piece: what is left of the timeout
-                    conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    _kernel_timeout(conn.sock, max(deadline - time.monotonic(), 0.001))
                     shortened = True
                 else:
                     deadline = time.monotonic() + self._reader.timeout
@@ -136,17 +158,15 @@ class BlockingReader:
                 if not data:
                     raise RespError(f"connection to {self.address} lost")
                 parser.feed(data)
-        except TimeoutError as exc:
-            raise RespError(f"no reply from {self.address} within {self._reader.timeout}s") from exc
         except hiredis.ProtocolError as exc:
             raise RespError(f"protocol error from {self.address}: {exc}") from exc
         except OSError as exc:
             if isinstance(exc, RespError):
                 raise
-            raise RespError(f"connection to {self.address} failed: {type(exc).__name__}") from exc
+            raise _failed(exc, self.address, self._reader.timeout, "no reply from") from exc
         finally:
             if shortened:
-                conn.sock.settimeout(self._reader.timeout)
+                _kernel_timeout(conn.sock, self._reader.timeout)
         if isinstance(reply, hiredis.ReplyError):
             raise reply_error(reply, self.address)
         return reply
@@ -159,3 +179,11 @@ class BlockingReader:
             self._open -= len(idle)
         for conn in idle:
             conn.sock.close()
+
+
+def _failed(exc: OSError, address: str, timeout: float, late: str) -> RespError:
+    """The RespError for a send or receive on a blocking connection that failed or ran out of time
+    (`late`: what a timeout says, "no reply from" or "cannot send to")."""
+    if isinstance(exc, TimeoutError) or exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return RespError(f"{late} {address} within {timeout}s")
+    return RespError(f"connection to {address} failed: {type(exc).__name__}")

@@ -4,6 +4,7 @@ reader the hybrid serving model's gRPC threads read with."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -186,3 +187,39 @@ def test_a_thread_read_is_refused_busy_and_a_silent_server_times_out() -> None:
         assert blocking._open == 0 and blocking._idle == []      # closed, its place free again
     with pytest.raises(RespError, match="cannot connect"):
         BlockingReader(PipelinedReader("redis://127.0.0.1:1/0", timeout=0.3), max_connections=1).get("k1")
+
+
+def test_a_thread_read_answered_a_byte_at_a_time_fails_within_its_timeout() -> None:
+    """The timeout bounds the whole reply: a server that starts a reply and then sends one byte every
+    0.1 s (each read on its own well within the timeout) fails the GET once the timeout has passed,
+    and the next GET on a new connection gets its answer."""
+    with socket.create_server(("127.0.0.1", 0)) as trickle:
+        port = trickle.getsockname()[1]
+        stop = threading.Event()
+
+        def serve() -> None:
+            first, _ = trickle.accept()
+            with first:
+                first.recv(100)
+                first.sendall(b"$1000\r\n")
+                for _ in range(30):   # 3 s at most: a reader that waits per read fails late, not never
+                    if stop.wait(0.1):
+                        break
+                    with contextlib.suppress(OSError):
+                        first.sendall(b"x")
+            second, _ = trickle.accept()
+            with second:
+                second.recv(100)
+                second.sendall(b"$2\r\nok\r\n")
+
+        t = threading.Thread(target=serve)
+        t.start()
+        blocking = BlockingReader(PipelinedReader(f"redis://127.0.0.1:{port}/0", timeout=0.4), max_connections=1)
+        started = time.monotonic()
+        with pytest.raises(RespError, match=r"no reply .* within 0\.4s"):
+            blocking.get("k1")
+        took = time.monotonic() - started
+        stop.set()
+        assert 0.35 < took < 1.0, took
+        assert blocking.get("k1") == b"ok"
+        t.join(3)
