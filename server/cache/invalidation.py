@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from server.cache.replicas import ReplicatedShard
 from server.cache.shard import SHARD_ERRORS, Shard
 from shard_router.topology import Routing
+
+log = logging.getLogger("crs.cache")
 
 INVALIDATION_CHANNEL: Final = "crs:invalidate"
 # An announcement is its keys, one per line, plus (with read replicas) one line "@wal:<position>":
@@ -46,13 +49,23 @@ def parse_announcement(text: str) -> tuple[list[str], int | None]:
 
 
 OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
-# How long one wait for a pub/sub message lasts before the listener asks again. Cancellation does not
-# need it (it ends the wait at once) and nothing is noticed by it, so it is long: every wait that ends
-# empty costs the loop a wake-up and a run through redis-py's read path, per shard (a 1 s wait was a
-# node's main per-shard cost at rest and under load: 16 wake-ups a second at 16 shards). It is not
-# None: older redis-py releases (before the fix of redis-py #4098, 2026) read `timeout=None` as the
-# client's socket timeout (0.25 s here), which would end every wait with an error and a near-cache drop.
-LISTEN_POLL_SECONDS: Final = 300.0
+# How long a subscription may stay quiet before the listener asks the shard whether it is still there
+# (a PING on the subscription, answered within PONG_SECONDS). A connection whose peer vanished without
+# closing it (a host gone, a partition) delivers nothing and raises nothing; without the question it
+# would stay silent for good and this node would miss every invalidation of the shard, its near-cache
+# bounded only by the entries' TTL. A quiet spell ends in one wake-up per shard; a 1 s wait was a
+# node's main per-shard cost at rest and under load (16 wake-ups a second at 16 shards).
+# Not `timeout=None` on the wait: older redis-py releases (before the fix of redis-py #4098, 2026)
+# read None as the client's socket timeout (0.25 s here), which would end every wait with an error
+# and a near-cache drop.
+QUIET_SECONDS: Final = 30.0
+# Generous: a missed answer costs a reconnect and a near-cache drop, so a busy shard must not trip it.
+PONG_SECONDS: Final = 5.0
+LIVENESS: Final = b"crs-listener-alive"
+
+
+class SubscriptionLost(ConnectionError):
+    """A subscription did not answer a PING within PONG_SECONDS (a SHARD_ERROR: the listener reconnects)."""
 
 
 async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedShard], keys: Iterable[str], *,
@@ -140,6 +153,7 @@ class InvalidationListeners:
 
 async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
                   retry_interval: float) -> None:
+    loop = asyncio.get_running_loop()
     first = True
     while True:
         pubsub = shard.client.pubsub()
@@ -148,11 +162,23 @@ async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
             if not first:
                 on_gap()
             first = False
+            asked = 0.0           # when a PING was sent that has not been answered; 0: none
             while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS)
-                if msg is not None and msg["type"] == "message":
+                wait = QUIET_SECONDS if not asked else asked + PONG_SECONDS - loop.time()
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=max(wait, 0.0))
+                if msg is None:
+                    if asked:
+                        raise SubscriptionLost(f"{shard.name}: no answer to a PING within {PONG_SECONDS}s")
+                    await pubsub.ping(LIVENESS)
+                    asked = loop.time()
+                elif msg["type"] == "message":
                     on_keys(*parse_announcement(msg["data"].decode()))
-        except SHARD_ERRORS:
+                elif msg["type"] == "pong" and msg["data"] == LIVENESS:
+                    asked = 0.0
+        except SHARD_ERRORS as exc:
+            if isinstance(exc, SubscriptionLost):   # rare, worth a line (a shard down logs via its breaker)
+                log.warning("invalidation subscription went silent; subscribing again, near-cache dropped",
+                            extra={"shard": shard.name})
             first = False
             on_gap()
             await asyncio.sleep(retry_interval)

@@ -13,6 +13,7 @@ import redis
 from redis.asyncio.client import PubSub
 
 from devstack import RedisServer
+from server.cache import invalidation
 from server.cache.breaker import BreakerPolicy
 from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
@@ -158,7 +159,7 @@ async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An invalidation listener waits for messages far longer than the shards' socket timeout (0.5 s
     here) on the same subscription, without waking up to ask again (each wake-up was a node's main
-    cost per shard: server/cache/invalidation.py LISTEN_POLL_SECONDS): no gap (a near-cache drop), no
+    cost per shard: server/cache/invalidation.py QUIET_SECONDS): no gap (a near-cache drop), no
     new connection, and a message after the quiet spell still arrives."""
     asks = [0]
     get_message = PubSub.get_message
@@ -193,6 +194,97 @@ async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
     finally:
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
+
+
+class FreezingProxy:
+    """A TCP proxy to a redis-server whose open connections can be frozen: from `freeze()` on, what
+    either side sends on them vanishes and nothing is closed (a peer gone without a FIN, as a host lost
+    in a partition looks). Connections opened later are forwarded normally."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.frozen: list[list[bool]] = []     # one flag per connection, shared by its two pumps
+        self._writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        for flag in self.frozen:
+            flag[0] = True
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [writer, up_writer]
+        flag = [False]
+        self.frozen.append(flag)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not flag[0]:
+                    dst.write(data)
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
+
+    async def close(self) -> None:
+        self._server.close()
+        for w in self._writers:
+            w.close()
+
+
+async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet subscription is asked (PING) whether it is still there: one that answers stays (no gap,
+    no new connection); one whose peer vanished without closing the connection is noticed within the
+    quiet spell plus the answer's wait, dropped (a gap: the node drops its near-cache, for it may have
+    missed invalidations) and subscribed again, and invalidations arrive again. Without the question
+    the frozen subscription would wait for ever and every later invalidation of the shard be missed."""
+    monkeypatch.setattr(invalidation, "QUIET_SECONDS", 0.3)
+    monkeypatch.setattr(invalidation, "PONG_SECONDS", 0.3)
+    proxy = FreezingProxy(servers[0].port)
+    await proxy.start()
+    topology = Topology(version=1, shards=(TopologyShard("shard-0", f"redis://127.0.0.1:{proxy.port}/0"),))
+    tier = RedisTier(topology=topology, pool_size=2, timeout=0.5,
+                     policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
+    got: list[str] = []
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
+                                                             lambda: gaps.append(loop.time()), retry_interval=0.1))
+
+    async def until_heard(key: str) -> None:
+        for _ in range(150):
+            sync["shard-0"].publish("crs:invalidate", key)
+            if key in got:
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail(f"{key} never arrived")
+
+    def subscribers() -> set[str]:
+        return {c["id"] for c in sync["shard-0"].client_list() if c.get("sub") == "1"}
+
+    try:
+        await until_heard("crd:before")
+        first = subscribers()
+        await asyncio.sleep(1.5)                # five quiet spells, each answered
+        assert gaps == [] and subscribers() == first
+        proxy.freeze()
+        frozen_at = loop.time()
+        sync["shard-0"].publish("crs:invalidate", "crd:lost")
+        for _ in range(150):
+            if gaps:
+                break
+            await asyncio.sleep(0.02)
+        assert gaps and gaps[0] - frozen_at < 0.3 + 0.3 + 0.5, gaps
+        await until_heard("crd:after")
+        assert "crd:lost" not in got         # missed while frozen: what the gap (near-cache drop) is for
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await tier.close()
+        await proxy.close()
 
 
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
