@@ -1,6 +1,6 @@
 """The client configuration we recommend to every caller (docs/deploy.md, "Clients"): a gRPC service
 config with round-robin balancing over every node address, client-side health checking (a draining
-node, NOT_SERVING, gets no new calls) and a retry policy for UNAVAILABLE. With it a rolling restart
+node, NOT_SERVING, gets no new calls) and a retry policy for UNAVAILABLE, and keepalive pings. With it a rolling restart
 of every node under load fails no call (tests/integration/test_rollout.py). `crs lookup` and the
 locust user use it; switches in other languages paste SERVICE_CONFIG_JSON into their channel setup.
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from typing import Any
+
+from server.rpc import keepalive_options
 
 RETRY_POLICY: dict[str, Any] = {
     "maxAttempts": 3,
@@ -34,9 +36,16 @@ SERVICE_CONFIG: dict[str, Any] = {
 }
 SERVICE_CONFIG_JSON = json.dumps(SERVICE_CONFIG, separators=(",", ":"))
 
+# Keepalive: a node that vanished without closing the connection (its host lost, a partition) is
+# noticed within 30 s and its calls go to the other nodes; without it the connection waits on TCP's
+# retransmissions, ~15 minutes on Linux, and every call balanced to it fails by its deadline. The
+# nodes accept a ping every 10 s or less often (server/rpc.py MIN_CLIENT_PING_INTERVAL_MS).
+KEEPALIVE_SECONDS = 20.0
+KEEPALIVE_TIMEOUT_SECONDS = 10.0
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.service_config", SERVICE_CONFIG_JSON),
     ("grpc.enable_retries", 1),
+    *keepalive_options(KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT_SECONDS),
 )
 
 

@@ -25,10 +25,31 @@ SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # The node's server options, whichever serving model (server/app.py adds the connection age); the
 # benchmark's echo servers use them too, so both sides of its comparison are configured alike.
+# Clients may send keepalive pings this often without a call or data in between (gRPC's default is
+# 5 minutes, and a client that pings more often is cut off with GOAWAY "too_many_pings"); the client
+# configuration we recommend pings every 20 s (server/client_config.py).
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
+
+
+def keepalive_options(every: float, timeout: float) -> tuple[tuple[str, int], ...]:
+    """gRPC channel arguments for HTTP/2 keepalive pings, server or client: a ping after `every`
+    seconds, the connection closed when one goes unanswered for `timeout` seconds. A peer that is gone
+    without closing the connection (its host lost, a partition) is noticed this way; TCP alone waits
+    out its retransmissions (~15 minutes on Linux) or, on a quiet connection, for ever.
+    grpcio 1.85 times the answer with grpc.http2.ping_timeout_ms (default 1 minute), not with
+    grpc.keepalive_timeout_ms alone (tests/integration/test_keepalive.py), so both are set; and it
+    stops pinging after two pings without data in between (a quiet Watch) unless max_pings_without_data
+    is 0."""
+    return (("grpc.keepalive_time_ms", int(every * 1000)), ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
+            ("grpc.http2.ping_timeout_ms", int(timeout * 1000)), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0))
+
+
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
 )
 
 

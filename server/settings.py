@@ -92,6 +92,10 @@ class Settings:
     drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
+    keepalive_time: float = 30.0          # seconds between the server's HTTP/2 pings on a connection: a client
+                                          # gone without closing it (host lost, partition) is dropped with its
+                                          # calls and streams after this plus keepalive_timeout
+    keepalive_timeout: float = 10.0       # seconds a ping may go unanswered before the connection is closed
     # --- serving model (docs/decisions.md "Serving model: hybrid")
     serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
                                           # everything else runs on the process's asyncio loop; "aio": grpc.aio
@@ -262,6 +266,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_TOKEN_PORT must be 0-65535 (got {s.token_port})")
     if s.max_connection_age < 0:
         problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
+    if s.keepalive_time <= 0 or s.keepalive_timeout <= 0:
+        problems.append("CRS_KEEPALIVE_TIME and CRS_KEEPALIVE_TIMEOUT must be > 0 seconds")
     if s.serving_model not in SERVING_MODELS:
         problems.append(f"CRS_SERVING_MODEL must be {' or '.join(SERVING_MODELS)} (got {s.serving_model!r})")
     if s.serving_threads < 4:

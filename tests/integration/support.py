@@ -3,8 +3,11 @@ sent (for the PCI scan), test data helpers, and where servers come from (see con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -139,3 +142,72 @@ def redis_servers(base: Path, names: list[str]) -> Iterator[list[Any]]:
         for s in started:
             s.stop()
 
+
+
+class FreezingProxy:
+    """A TCP proxy on 127.0.0.1 to `upstream_port` whose open connections can be frozen: from `freeze()`
+    on, what either side sends on them vanishes and nothing is closed, as a peer looks that is gone
+    without a FIN (its host lost, a partition). Connections opened later are forwarded normally.
+    Threads, so it serves sync and asyncio tests alike; `with FreezingProxy(port) as proxy:`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._open: list[tuple[socket.socket, socket.socket, list[bool]]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> FreezingProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def freeze(self) -> None:
+        with self._lock:
+            for _, _, frozen in self._open:
+                frozen[0] = True
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:            # closed
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:            # the upstream is down: so is this connection
+                client.close()
+                continue
+            frozen = [False]
+            with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
+                self._open.append((client, upstream, frozen))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, frozen), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, frozen: list[bool]) -> None:
+        try:
+            while data := src.recv(65536):
+                if not frozen[0]:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if not frozen[0]:              # one side closed: close the other, as a proxy does
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns, self._open = self._open, []
+        self._listener.close()
+        for client, upstream, _ in conns:
+            client.close()
+            upstream.close()

@@ -19,7 +19,7 @@ from server.cache.shard import ShardUnavailable
 from server.cache.tier import RedisTier
 from shard_router.moves import advance, begin, set_state, stage_add
 from shard_router.topology import ShardState, Topology, TopologyShard
-from tests.integration.support import redis_servers
+from tests.integration.support import FreezingProxy, redis_servers
 
 
 @pytest.fixture(scope="module")
@@ -196,44 +196,6 @@ async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
         await asyncio.gather(listener, return_exceptions=True)
 
 
-class FreezingProxy:
-    """A TCP proxy to a redis-server whose open connections can be frozen: from `freeze()` on, what
-    either side sends on them vanishes and nothing is closed (a peer gone without a FIN, as a host lost
-    in a partition looks). Connections opened later are forwarded normally."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.frozen: list[list[bool]] = []     # one flag per connection, shared by its two pumps
-        self._writers: list[asyncio.StreamWriter] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def freeze(self) -> None:
-        for flag in self.frozen:
-            flag[0] = True
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._writers += [writer, up_writer]
-        flag = [False]
-        self.frozen.append(flag)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                if not flag[0]:
-                    dst.write(data)
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer), return_exceptions=True)
-
-    async def close(self) -> None:
-        self._server.close()
-        for w in self._writers:
-            w.close()
-
-
 async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
         servers: list[RedisServer], sync: dict[str, redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
     """A quiet subscription is asked (PING) whether it is still there: one that answers stays (no gap,
@@ -244,7 +206,6 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
     monkeypatch.setattr(invalidation, "QUIET_SECONDS", 0.3)
     monkeypatch.setattr(invalidation, "PONG_SECONDS", 0.3)
     proxy = FreezingProxy(servers[0].port)
-    await proxy.start()
     topology = Topology(version=1, shards=(TopologyShard("shard-0", f"redis://127.0.0.1:{proxy.port}/0"),))
     tier = RedisTier(topology=topology, pool_size=2, timeout=0.5,
                      policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
@@ -284,7 +245,7 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
         listener.cancel()
         await asyncio.gather(listener, return_exceptions=True)
         await tier.close()
-        await proxy.close()
+        proxy.close()
 
 
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
