@@ -1,7 +1,8 @@
 """The client configuration we recommend to every caller (docs/deploy.md, "Clients"): a gRPC service
 config with round-robin balancing over every node address, client-side health checking (a draining
-node, NOT_SERVING, gets no new calls) and a retry policy for UNAVAILABLE, and keepalive pings. With it a rolling restart
-of every node under load fails no call (tests/integration/test_rollout.py). `crs lookup` and the
+node, NOT_SERVING, gets no new calls) and a retry policy for UNAVAILABLE, and keepalive pings (a node
+gone without closing its connections is left within ~30 s). With it a rolling restart of every node
+under load fails no call (tests/integration/test_rollout.py). `crs lookup` and the
 locust user use it; switches in other languages paste SERVICE_CONFIG_JSON into their channel setup.
 
 Writes are retried too: a retried AdminService or IdentityService write is safe only because it

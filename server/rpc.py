@@ -23,8 +23,6 @@ IDENTITY_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["Ident
 SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# The node's server options, whichever serving model (server/app.py adds the connection age); the
-# benchmark's echo servers use them too, so both sides of its comparison are configured alike.
 # Clients may send keepalive pings this often without a call or data in between (gRPC's default is
 # 5 minutes, and a client that pings more often is cut off with GOAWAY "too_many_pings"); the client
 # configuration we recommend pings every 20 s (server/client_config.py).
@@ -45,6 +43,9 @@ def keepalive_options(every: float, timeout: float) -> tuple[tuple[str, int], ..
             ("grpc.http2.max_pings_without_data", 0))
 
 
+# The node's server options, whichever serving model (server/app.py adds keepalive_options and the
+# connection age); the benchmark's echo servers use them too, so both sides of its comparison are
+# configured alike.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
