@@ -220,6 +220,6 @@ def test_a_thread_read_answered_a_byte_at_a_time_fails_within_its_timeout() -> N
             blocking.get("k1")
         took = time.monotonic() - started
         stop.set()
-        assert 0.35 < took < 1.0, took
+        assert 0.35 < took < 2.0, took      # a reader waiting per read takes the whole 3 s trickle
         assert blocking.get("k1") == b"ok"
         t.join(3)
