@@ -35,6 +35,7 @@ CRS_TEST_SERVING_MODEL=aio|hybrid runs every node the suite starts under that se
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,13 @@ from tests.integration.support import Clients, UsedSecrets, clients_of, shared_e
 
 HERE = Path(__file__).parent
 DEMO_CUSTOMERS = 300
+
+# A suite started with SIGINT ignored (a background job of a non-interactive shell, which is how some CI
+# runners and `cmd &` in a script start commands) would hand that on to every process it starts, and
+# `crs shards apply` would then finish instead of stopping at Ctrl-C (test_resharding sends SIGINT).
+# A Python handler, unlike SIG_IGN, is reset to the default when a child execs.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
