@@ -35,9 +35,9 @@ def keepalive_options(every: float, timeout: float) -> tuple[tuple[str, int], ..
     without closing the connection (its host lost, a partition) is noticed this way; TCP alone waits
     out its retransmissions (~15 minutes on Linux) or, on a quiet connection, for ever.
     grpcio 1.85 times the answer with grpc.http2.ping_timeout_ms (default 1 minute), not with
-    grpc.keepalive_timeout_ms alone (tests/integration/test_keepalive.py), so both are set; and it
-    stops pinging after two pings without data in between (a quiet Watch) unless max_pings_without_data
-    is 0."""
+    grpc.keepalive_timeout_ms alone (measured: docs/decisions.md "Keepalive"), so both are set; and
+    gRPC's keepalive guide says a sender stops pinging after two pings with no data in between (an
+    idle connection) unless max_pings_without_data is 0."""
     return (("grpc.keepalive_time_ms", int(every * 1000)), ("grpc.keepalive_timeout_ms", int(timeout * 1000)),
             ("grpc.http2.ping_timeout_ms", int(timeout * 1000)), ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0))
