@@ -8,6 +8,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,6 +92,16 @@ def metric(node: NodeProcess, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def wait_metric(node: NodeProcess, name: str, value: float, within: float = 15.0, **labels: str) -> float:
+    """Wait until `metric(node, name, **labels)` is `value`; the seconds that took. AssertionError
+    after `within`."""
+    started = time.monotonic()
+    while metric(node, name, **labels) != value:
+        assert time.monotonic() - started < within, f"{name}{labels} never became {value}"
+        time.sleep(0.1)
+    return time.monotonic() - started
 
 
 def expect_code(call: object, code: grpc.StatusCode) -> grpc.RpcError:

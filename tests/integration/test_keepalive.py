@@ -13,17 +13,7 @@ from devstack.environment import DevEnvironment, open_channel
 from server import rpc
 from server.client_config import CHANNEL_OPTIONS
 from server.proto import crs_pb2 as pb
-from tests.integration.support import FreezingProxy, metric
-
-
-def until(predicate: object, timeout: float) -> float:
-    """Seconds until `predicate()` held; AssertionError after `timeout`."""
-    assert callable(predicate)
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, "never happened"
-        time.sleep(0.05)
-    return time.monotonic() - started
+from tests.integration.support import FreezingProxy, metric, wait_metric
 
 
 def test_a_client_gone_without_closing_is_dropped_with_its_stream(dev_env: DevEnvironment) -> None:
@@ -36,11 +26,11 @@ def test_a_client_gone_without_closing_is_dropped_with_its_stream(dev_env: DevEn
             channel = open_channel(f"127.0.0.1:{proxy.port}", node.pki, "feed")
             call = rpc.stub(channel, "ChangeFeedService").Watch(
                 pb.WatchRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]))
-            until(lambda: metric(node, "crs_feed_watchers") == 1.0, timeout=20)
+            wait_metric(node, "crs_feed_watchers", 1.0, within=20)
             time.sleep(2.5)                # pings answered meanwhile: the live stream stays
             assert metric(node, "crs_feed_watchers") == 1.0
             proxy.freeze()
-            took = until(lambda: metric(node, "crs_feed_watchers") == 0.0, timeout=15)
+            took = wait_metric(node, "crs_feed_watchers", 0.0, within=15)
             assert took < 6, took          # 1 s to the next ping + 1 s unanswered, with slack
             call.cancel()
             channel.close()

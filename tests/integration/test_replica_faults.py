@@ -27,7 +27,7 @@ from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import metric, own_env
+from tests.integration.support import metric, own_env, wait_metric
 
 CARDS = 150
 SENTINEL = "crs-test:sentinel"
@@ -74,13 +74,6 @@ def stack() -> Iterator[Stack]:
         yield Stack(env)
     finally:
         env.stop()
-
-
-def wait_metric(node: NodeProcess, name: str, value: float, within: float = 15.0, **labels: str) -> None:
-    deadline = time.monotonic() + within
-    while metric(node, name, **labels) != value:
-        assert time.monotonic() < deadline, f"{name}{labels} never became {value}"
-        time.sleep(0.1)
 
 
 def outage(stack: Stack, node: NodeProcess) -> tuple[float, float, list[str]]:
