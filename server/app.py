@@ -277,8 +277,12 @@ class Node:
         else:
             server.start()
         if self.tier is not None:
+            def gap(shard: str, copy: str) -> None:
+                near.clear()
+                self.metrics.invalidation_gap(shard, copy)
+
             self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
-                self.resolver.on_invalidated, near.clear, retry_interval=s.shard_retry_interval)))
+                self.resolver.on_invalidated, gap, retry_interval=s.shard_retry_interval)))
         self._tasks.append(asyncio.create_task(run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))

@@ -57,6 +57,11 @@ class Metrics:
                              ["shard", "copy"], multiprocess_mode="min", registry=reg)
         self.copy_errors = Counter("crs_cache_copy_errors_total", "Failed Redis operations per shard copy",
                                    ["shard", "copy"], registry=reg)
+        # A copy's invalidation subscription lost (or failing to subscribe again, once per retry while
+        # the copy is down): announcements may have been missed, so the node dropped its near-cache.
+        self.invalidation_gaps = Counter("crs_invalidation_gaps_total",
+                                         "Invalidation subscriptions lost or not yet renewed, per shard copy; "
+                                         "each drops the near-cache", ["shard", "copy"], registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
                                     multiprocess_mode="max", registry=reg)
         self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
@@ -215,6 +220,9 @@ class Metrics:
 
     def copy_error(self, shard: str, copy: str) -> None:
         self.copy_errors.labels(shard, copy).inc()
+
+    def invalidation_gap(self, shard: str, copy: str) -> None:
+        self.invalidation_gaps.labels(shard, copy).inc()
 
     def copied(self, n: int) -> None:
         if n:

@@ -49,6 +49,7 @@ def parse_announcement(text: str) -> tuple[list[str], int | None]:
 
 
 OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
+OnGap = Callable[[str, str], None]                 # (shard, copy) whose messages may have been missed
 # How long a subscription may stay quiet before the listener asks the shard whether it is still there
 # (a PING on the subscription, answered within PONG_SECONDS). A connection whose peer vanished without
 # closing it (a host gone, a partition) delivers nothing and raises nothing; without the question it
@@ -104,16 +105,16 @@ async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedSha
 class InvalidationListeners:
     """One pub/sub subscription per shard copy of the topology in force, following its changes.
 
-    `on_gap` runs when a subscription was lost and re-established: messages may have been missed, so
-    the caller drops its near-cache.
+    `on_gap(shard, copy)` runs when a subscription was lost, and again at each failed try to subscribe
+    again: messages may have been missed, so the caller drops its near-cache.
     """
 
     def __init__(self) -> None:
-        self._listening: tuple[OnKeys, Callable[[], None], float] | None = None
+        self._listening: tuple[OnKeys, OnGap, float] | None = None
         self._tasks: dict[str, tuple[Shard, asyncio.Task[None]]] = {}
 
     async def run(self, shards: Callable[[], Iterable[Shard]], on_keys: OnKeys,
-                  on_gap: Callable[[], None], *, retry_interval: float) -> None:
+                  on_gap: OnGap, *, retry_interval: float) -> None:
         """Subscribe on every shard `shards()` names now (`follow` adds later ones) until cancelled."""
         self._listening = (on_keys, on_gap, retry_interval)
         for shard in shards():
@@ -151,8 +152,7 @@ class InvalidationListeners:
         self._tasks[shard.ident] = (shard, task)
 
 
-async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
-                  retry_interval: float) -> None:
+async def _listen(shard: Shard, on_keys: OnKeys, on_gap: OnGap, retry_interval: float) -> None:
     loop = asyncio.get_running_loop()
     first = True
     while True:
@@ -160,7 +160,7 @@ async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
         try:
             await pubsub.subscribe(INVALIDATION_CHANNEL)
             if not first:
-                on_gap()
+                on_gap(shard.name, shard.copy)
             first = False
             asked = 0.0           # when a PING was sent that has not been answered; 0: none
             while True:
@@ -180,7 +180,7 @@ async def _listen(shard: Shard, on_keys: OnKeys, on_gap: Callable[[], None],
                 log.warning("invalidation subscription went silent; subscribing again, near-cache dropped",
                             extra={"shard": shard.name})
             first = False
-            on_gap()
+            on_gap(shard.name, shard.copy)
             await asyncio.sleep(retry_interval)
         finally:
             with contextlib.suppress(*SHARD_ERRORS):

@@ -369,10 +369,11 @@ class RedisTier:
         return await delete_everywhere(view.routing, view.shards, keys, position=position)
 
     async def listen_invalidations(self, on_keys: Callable[[list[str], int | None], None],
-                                   on_gap: Callable[[], None], *, retry_interval: float) -> None:
+                                   on_gap: Callable[[str, str], None], *, retry_interval: float) -> None:
         """Subscribe on every shard of the topology in force (following its changes) until cancelled.
-        `on_keys(keys, position)` gets each announcement; `on_gap` runs when a subscription was lost
-        and re-established: messages may have been missed, so the caller drops its near-cache."""
+        `on_keys(keys, position)` gets each announcement; `on_gap(shard, copy)` runs when a subscription
+        was lost (and at each failed try to subscribe again): messages may have been missed, so the
+        caller drops its near-cache."""
         await self._listeners.run(self.copies, on_keys, on_gap,
                                   retry_interval=retry_interval)
 

@@ -30,7 +30,7 @@ from server.db_health import DATABASE_SERVICE
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import own_env
+from tests.integration.support import metric, own_env
 
 CARDS = 150
 SENTINEL = "crs-test:sentinel"
@@ -126,6 +126,11 @@ def test_killed_shard_loses_no_lookup_and_is_flushed_before_it_serves_again(faul
         assert faults.serving()
     assert load.failures == []
     assert faults.shard_up(victim.name) == 0, "the node marked the dead shard down"
+    # Its invalidation subscription went with it: the node may miss announcements, so it dropped its
+    # near-cache and says so per copy (the other shards' subscriptions were not touched).
+    assert metric(faults.node, "crs_invalidation_gaps_total", shard=victim.name, copy="primary") >= 1
+    assert all(metric(faults.node, "crs_invalidation_gaps_total", shard=r.name) == 0
+               for r in faults.env.stack.redis if r is not victim)
 
     # No lookups and no writes now: nothing routes to the shard, so the node cannot start its
     # recovery probe. The shard comes back empty; plant what a missed invalidation leaves behind.

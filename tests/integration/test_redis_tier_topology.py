@@ -172,7 +172,8 @@ async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
     got: list[str] = []
     gaps: list[float] = []
     listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
-                                                             lambda: gaps.append(1.0), retry_interval=0.1))
+                                                             lambda _shard, _copy: gaps.append(1.0),
+                                                             retry_interval=0.1))
 
     def subscribers() -> dict[str, set[str]]:
         return {name: {c["id"] for c in client.client_list() if c.get("sub") == "1"} for name, client in sync.items()}
@@ -211,9 +212,15 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
                      policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05), copy_budget=1.0)
     got: list[str] = []
     gaps: list[float] = []
+    gapped: set[tuple[str, str]] = set()
     loop = asyncio.get_running_loop()
-    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
-                                                             lambda: gaps.append(loop.time()), retry_interval=0.1))
+
+    def gap(shard: str, copy: str) -> None:
+        gaps.append(loop.time())
+        gapped.add((shard, copy))
+
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys), gap,
+                                                             retry_interval=0.1))
 
     async def until_heard(key: str) -> None:
         for _ in range(150):
@@ -239,6 +246,7 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
                 break
             await asyncio.sleep(0.02)
         assert gaps and gaps[0] - frozen_at < 0.3 + 0.3 + 2.0, gaps   # slack for a busy machine
+        assert gapped == {("shard-0", "primary")}                       # which copy (the node's metric labels)
         await until_heard("crd:after")
         assert "crd:lost" not in got         # missed while frozen: what the gap (near-cache drop) is for
     finally:
@@ -251,8 +259,8 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
                                                  tier: RedisTier) -> None:
     got: list[str] = []
-    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys), lambda: None,
-                                                             retry_interval=0.1))
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
+                                                             lambda _shard, _copy: None, retry_interval=0.1))
     try:
         tier.apply_topology(grow(servers))
         for _ in range(100):

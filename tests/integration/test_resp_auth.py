@@ -211,8 +211,8 @@ async def test_the_tier_serves_from_a_password_protected_shard(admin: redis.Redi
     assert admin.get("crd:filled") == b"value" and await tier.get("crd:filled") == b"value"
     assert await tier.ping_all() == {"shard-0": True}                # redis-py
     got: list[str] = []
-    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys), lambda: None,
-                                                             retry_interval=0.1))
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
+                                                             lambda _shard, _copy: None, retry_interval=0.1))
     try:
         for _ in range(100):                                         # until subscribed
             assert await tier.invalidate(["crd:filled"])
