@@ -59,6 +59,9 @@ def types_argument(allowed: Mapping[str, int]) -> Callable[[str], list[str]]:
 def event_json(event: pb.ChangeEvent) -> str:
     from google.protobuf.json_format import MessageToDict
 
+    if event.WhichOneof("payload") == "progress":   # spelled out: at sequence 0 the mapping would print {}
+        mark = str(event.progress.high_water_sequence)
+        return json.dumps({"sequence": mark, "progress": {"high_water_sequence": mark}}, separators=(",", ":"))
     return json.dumps(MessageToDict(event, preserving_proto_field_name=True), separators=(",", ":"),
                       ensure_ascii=False)
 
@@ -108,10 +111,13 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return 0
 
 
+MAX_SEQUENCE = 2**63 - 1    # int64, as WatchRequest.from_sequence
+
+
 def sequence(text: str) -> int:
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+    if not 0 <= value <= MAX_SEQUENCE:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEQUENCE}")
     return value
 
 
@@ -125,15 +131,17 @@ def register(sub: Any) -> None:
         "Print every change with sequence > --from as one JSON line on stdout, in commit order (protobuf\n"
         "JSON, proto field names: sequence, committed_at, entity_type, entity_id, op, version and the\n"
         "entity after the change: customer, account, card, relationship or merge — masked as every\n"
-        "answer). When nothing happens for a while the node sends a Progress mark, printed as\n"
+        "answer). Once it has sent everything committed when the tail connected, and then whenever\n"
+        "nothing happens for a while, the node sends a Progress mark, printed as\n"
         '{"sequence":"N","progress":{"high_water_sequence":"N"}}: everything up to N was printed or\n'
         "filtered out, so N is where to resume (--from N); --no-progress leaves marks out.\n\n"
         "--follow (default) keeps printing new changes as they commit; when the stream breaks\n"
         "(UNAVAILABLE, RESOURCE_EXHAUSTED) it resumes from the last sequence printed. --no-follow stops at\n"
-        "the first Progress mark, i.e. once it has printed everything committed so far (the mark is\n"
-        "printed, and `caught up at sequence N` goes to stderr).\n\n"
+        "the first Progress mark, i.e. once it has printed everything committed when it connected, however\n"
+        "busy the feed is (the mark is printed, and `caught up at sequence N` goes to stderr).\n\n"
         "Exit codes: 0 done (--no-follow) or stopped by a closed pipe, 1 a gRPC error (printed as\n"
-        "`CODE: details`; OUT_OF_RANGE: --from was compacted, start from crs export's sequence),\n"
+        "`CODE: details`; OUT_OF_RANGE: --from was compacted, or is beyond the newest change of this\n"
+        "database; start from crs export's sequence),\n"
         "2 bad usage (e.g. an unknown --types name), 130 interrupted."), formatter_class=RAW)
     s.add_argument("--from", dest="start", type=sequence, default=0, metavar="N",
                    help="print changes with sequence > N (default 0: from the oldest retained)")

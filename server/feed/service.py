@@ -1,5 +1,12 @@
 """ChangeFeedService handlers: Watch (resume from a sequence, then live, with progress marks) and
-Snapshot (every entity as of one sequence). Validation first, then the store or the tailer."""
+Snapshot (every entity as of one sequence). Validation first, then the store or the tailer.
+
+A Watch sends a Progress mark as soon as it has delivered everything committed when it began (the
+catch-up mark: `crs feed tail --no-follow` stops there however busy the feed is), and then whenever
+nothing was sent for `progress_interval`. A `from_sequence` beyond the newest committed sequence is
+refused (OUT_OF_RANGE): a checkpoint from the future means the consumer's copy holds changes this
+database never had (a database restored from an older backup, another environment's checkpoint),
+and waiting for the sequence to come round would skip every change up to it."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
 from server.store.db import translate_db_errors
-from server.store.feed import SNAPSHOT_TYPES, event_from_row, events_after, horizon, snapshot
+from server.store.feed import SNAPSHOT_TYPES, event_from_row, events_after, horizon, snapshot, window
 
 
 def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
@@ -45,14 +52,18 @@ class FeedHandlers:
         sub = await self.tailer.subscribe(types)   # first: nothing committed from here on can be missed
         try:
             with translate_db_errors():
-                oldest = await horizon(self.pool, timeout=self.timeout)
+                oldest, newest = await window(self.pool, timeout=self.timeout)
             if request.from_sequence and request.from_sequence < oldest:
                 raise OutOfRange(f"sequence {request.from_sequence} was compacted; the oldest retained is"
                                  f" {oldest + 1}: take a Snapshot and Watch from its sequence")
+            if request.from_sequence > newest:
+                raise OutOfRange(f"sequence {request.from_sequence} is beyond the newest committed one ({newest}):"
+                                 " this checkpoint is not from this database (restored from an older backup, or"
+                                 " another environment's); take a Snapshot and Watch from its sequence")
             cursor = max(request.from_sequence, oldest)
             async for data in self._catch_up(cursor, sub):
                 yield data
-            async for data in self._live(cursor, sub):
+            async for data in self._live(cursor, sub, caught_up_at=newest):
                 yield data
         finally:
             self.tailer.unsubscribe(sub)
@@ -76,9 +87,17 @@ class FeedHandlers:
                     yield event_from_row(row).SerializeToString()
         # Nothing (more) to read below the live start: the consumer is at it, even if nothing matched.
 
-    async def _live(self, cursor: int, sub: Subscription) -> AsyncIterator[bytes]:
+    async def _live(self, cursor: int, sub: Subscription, *, caught_up_at: int) -> AsyncIterator[bytes]:
+        """Live events, and Progress marks: one as soon as everything up to `caught_up_at` (the newest
+        sequence when the Watch began) is delivered, then one after each idle `progress_interval`.
+        A mark is only sent with the queue empty: every event up to `sub.boundary` was queued before
+        the boundary moved, so an empty queue means all of them were delivered (or filtered out)."""
         delivered = max(cursor, sub.start)
+        mark_due = True
         while True:
+            if mark_due and sub.queue.empty() and sub.boundary >= max(delivered, caught_up_at):
+                mark_due = False
+                yield progress_event(sub.boundary).SerializeToString()
             try:
                 async with asyncio.timeout(self.progress_interval):
                     item = await sub.queue.get()

@@ -47,10 +47,18 @@ async def horizon(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) ->
 
 async def head(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> int:
     """The highest committed sequence this connection's snapshot can see."""
-    value: int = await conn.fetchval(
-        "SELECT greatest((SELECT coalesce(max(seq), 0) FROM outbox),"
-        " (SELECT compacted_through FROM feed_horizon))", timeout=timeout)
-    return value
+    return (await window(conn, timeout=timeout))[1]
+
+
+async def window(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> tuple[int, int]:
+    """(horizon, head) in one query: a Watch may start from any sequence between them."""
+    row = await conn.fetchrow(
+        "SELECT h.compacted_through AS oldest,"
+        " greatest((SELECT coalesce(max(seq), 0) FROM outbox), h.compacted_through) AS newest"
+        " FROM feed_horizon h", timeout=timeout)
+    if row is None:
+        raise RuntimeError("feed_horizon has no row: the database's migrations did not run")
+    return int(row["oldest"]), int(row["newest"])
 
 
 COMPACTION_LOCK = 0x43525343   # "CRSC": one compaction at a time across nodes (transaction-level: PgBouncer-safe)

@@ -22,6 +22,7 @@ from server.caller import Caller
 from server.feed.tailer import FeedTailer
 from server.proto import crs_pb2 as pb
 from server.store.envelope import Change, WriteEnvelope
+from server.store.feed import head
 from tests.integration.support import (
     Clients,
     UsedSecrets,
@@ -285,6 +286,89 @@ def _seq_of(node: Clients, entity_id: str) -> int:
     finally:
         call.cancel()
     raise AssertionError(f"{entity_id} not in the feed")
+
+
+def _newest(env: DevEnvironment) -> int:
+    async def read() -> int:
+        conn = await asyncpg.connect(env.admin_dsn)
+        try:
+            return await head(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def _committed(env: DevEnvironment, after: int, through: int) -> list[int]:
+    async def read() -> list[int]:
+        conn = await asyncpg.connect(env.admin_dsn)
+        try:
+            rows = await conn.fetch("SELECT seq FROM outbox WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, through)
+            return [int(r["seq"]) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_a_watch_marks_the_moment_it_has_caught_up_however_busy_the_feed(
+        dev_env: DevEnvironment, node_a: Clients, feed_channel: grpc.Channel) -> None:
+    """With a write every 0.1 s the feed is never idle for the 2 s an idle mark waits, yet a Watch
+    sends a Progress mark as soon as it has delivered everything committed when it began (what
+    `crs feed tail --no-follow` stops at), and no event at or below the mark comes after it."""
+    stop = threading.Event()
+
+    def write() -> None:
+        while not stop.is_set():
+            new_customer(node_a.admin, "Keeps The Feed Busy")
+            time.sleep(0.1)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        start = _newest(dev_env) - 5               # a few committed events to catch up on
+        began = time.monotonic()
+        watcher = Watcher(feed_channel, pb.WatchRequest(from_sequence=start))
+        try:
+            deadline = began + WAIT_S
+            while True:
+                with watcher._lock:
+                    events = list(watcher.events)
+                marks = [i for i, e in enumerate(events) if e.WhichOneof("payload") == "progress"]
+                if marks:
+                    break
+                assert time.monotonic() < deadline, f"no Progress mark in {WAIT_S}s of a busy feed"
+                time.sleep(0.02)
+            time.sleep(0.5)                        # later events, to check none falls below the mark
+            with watcher._lock:
+                events = list(watcher.events)
+        finally:
+            watcher.close()
+    finally:
+        stop.set()
+        writer.join(5)
+    at = marks[0]
+    mark = events[at].progress.high_water_sequence
+    assert events[at].sequence == mark and mark >= start + 5
+    before, after = events[:at], [e for e in events[at + 1:] if e.WhichOneof("payload") != "progress"]
+    assert [e.sequence for e in before] == _committed(dev_env, start, mark), "everything up to the mark, first"
+    assert after and all(e.sequence > mark for e in after)
+
+
+def test_a_watch_from_beyond_the_newest_sequence_is_refused(dev_env: DevEnvironment,
+                                                            feed_channel: grpc.Channel) -> None:
+    """A checkpoint ahead of the database (restored from an older backup, another environment's):
+    waiting for the sequence would silently skip every change up to it, so it is OUT_OF_RANGE at once.
+    The newest sequence itself is a valid place to start (it is where a caught-up consumer stands)."""
+    feed = rpc.stub(feed_channel, "ChangeFeedService")
+    newest = _newest(dev_env)
+    for ahead in (newest + 1_000, 2**63 - 1):
+        err = expect_code(lambda ahead=ahead: next(iter(feed.Watch(pb.WatchRequest(from_sequence=ahead), timeout=5))),
+                          grpc.StatusCode.OUT_OF_RANGE)
+        assert "beyond the newest committed one" in (err.details() or ""), err.details()
+    first = next(iter(feed.Watch(pb.WatchRequest(from_sequence=newest), timeout=WAIT_S)))
+    assert first.WhichOneof("payload") == "progress" and first.progress.high_water_sequence >= newest
 
 
 def test_polling_alone_keeps_the_feed_moving(dev_env: DevEnvironment, node_a: Clients) -> None:

@@ -18,7 +18,7 @@ from google.protobuf.json_format import ParseDict
 
 from server.cli.base import CommandFailed
 from server.cli.export import COLUMNS, EXPORT_TYPES, MANIFEST, prepare_directory, write_extract
-from server.cli.feed import ENTITY_NAMES, tail, types_argument
+from server.cli.feed import ENTITY_NAMES, MAX_SEQUENCE, event_json, sequence, tail, types_argument
 from server.progress import ProgressBar
 from server.proto import crs_pb2 as pb
 
@@ -171,6 +171,20 @@ def test_tail_no_follow_stops_at_the_first_progress_mark() -> None:
     feed = FakeFeed(([_change(5), _mark(9)], None))
     assert tail(feed, start=4, types=[], follow=False, progress=False, timeout=None, out=out, err=err) == 0
     assert [json.loads(line)["sequence"] for line in out.getvalue().splitlines()] == ["5"]
+
+
+def test_a_progress_mark_prints_its_sequence_even_at_zero() -> None:
+    """protobuf's JSON mapping leaves fields at their default out: a mark at 0 would print {"progress":{}}."""
+    for seq in (0, 1240):
+        want = {"sequence": str(seq), "progress": {"high_water_sequence": str(seq)}}
+        assert json.loads(event_json(_mark(seq))) == want
+
+
+def test_from_is_a_non_negative_int64() -> None:
+    assert sequence("0") == 0 and sequence(str(MAX_SEQUENCE)) == 2**63 - 1
+    for bad in ("-1", str(MAX_SEQUENCE + 1), "99999999999999999999"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be from 0 to"):
+            sequence(bad)
 
 
 def test_tail_follow_resumes_from_the_last_sequence_after_unavailable_but_not_other_errors() -> None:
