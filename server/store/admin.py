@@ -31,7 +31,7 @@ from server.pan import (
 )
 from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required
-from server.store.envelope import Change, WriteEnvelope, WriteResult
+from server.store.envelope import Change, Request, WriteEnvelope, WriteResult
 from server.store.messages import account_msg, card_msg, customer_msg
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -47,8 +47,7 @@ def new_id(prefix: str, length: int = 20) -> str:
 
 class AdminStore(WriteEnvelope):
     def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, data_key: DataKey, timeout: float) -> None:
-        super().__init__(pool=pool, timeout=timeout)
-        self.keyring = keyring
+        super().__init__(pool=pool, keyring=keyring, timeout=timeout)
         self.data_key = data_key
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -172,9 +171,9 @@ class AdminStore(WriteEnvelope):
             return Change(customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
                           {"segment": segment, "kyc_status": kyc})
 
-        return await self._write("CreateCustomer", req.request_id, body, caller)
+        return await self._write("CreateCustomer", req, body, caller)
 
-    async def _change_customer(self, rpc: str, request_id: str, customer_id: str, expected: int,
+    async def _change_customer(self, rpc: str, req: Request, customer_id: str, expected: int,
                                changes: dict[str, Any], event: str, caller: Caller) -> WriteResult:
         parse_customer_id(customer_id)
 
@@ -193,7 +192,7 @@ class AdminStore(WriteEnvelope):
             return Change(customer_msg(row), stale, event, "customer", customer_id,
                           {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
 
-        return await self._write(rpc, request_id, body, caller)
+        return await self._write(rpc, req, body, caller)
 
     async def update_customer(self, req: pb.UpdateCustomerRequest, caller: Caller) -> WriteResult:
         changes: dict[str, Any] = {}
@@ -207,12 +206,12 @@ class AdminStore(WriteEnvelope):
         if req.kyc_status:
             self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
             changes["kyc_status"] = req.kyc_status
-        return await self._change_customer("UpdateCustomer", req.request_id, req.customer_id,
+        return await self._change_customer("UpdateCustomer", req, req.customer_id,
                                            req.expected_version, changes, "customer.updated", caller)
 
     async def set_customer_status(self, req: pb.SetCustomerStatusRequest, caller: Caller) -> WriteResult:
         self._check_enum(pb.CustomerStatus, req.status, "status")
-        return await self._change_customer("SetCustomerStatus", req.request_id, req.customer_id,
+        return await self._change_customer("SetCustomerStatus", req, req.customer_id,
                                            req.expected_version, {"status": req.status},
                                            "customer.status_changed", caller)
 
@@ -266,9 +265,9 @@ class AdminStore(WriteEnvelope):
                           {"owner": owner, "type": req.type, "currency": currency, "routing": routing},
                           also=(("relationship.linked", owned),))
 
-        return await self._write("CreateAccount", req.request_id, body, caller)
+        return await self._write("CreateAccount", req, body, caller)
 
-    async def _change_account_status(self, rpc: str, request_id: str, account_id: str, expected: int,
+    async def _change_account_status(self, rpc: str, req: Request, account_id: str, expected: int,
                                      status: int, caller: Caller) -> WriteResult:
         parse_account_id(account_id)
         self._check_enum(pb.AccountStatus, status, "status")
@@ -287,14 +286,14 @@ class AdminStore(WriteEnvelope):
             return Change(account_msg(row), stale, "account.status_changed", "account", account_id,
                           {"status": status, "version": row["version"]})
 
-        return await self._write(rpc, request_id, body, caller)
+        return await self._write(rpc, req, body, caller)
 
     async def set_account_status(self, req: pb.SetAccountStatusRequest, caller: Caller) -> WriteResult:
-        return await self._change_account_status("SetAccountStatus", req.request_id, req.account_id,
+        return await self._change_account_status("SetAccountStatus", req, req.account_id,
                                                  req.expected_version, req.status, caller)
 
     async def close_account(self, req: pb.CloseAccountRequest, caller: Caller) -> WriteResult:
-        return await self._change_account_status("CloseAccount", req.request_id, req.account_id,
+        return await self._change_account_status("CloseAccount", req, req.account_id,
                                                  req.expected_version, pb.ACCOUNT_STATUS_CLOSED, caller)
 
     # -- relationships -------------------------------------------------------------------------
@@ -319,7 +318,7 @@ class AdminStore(WriteEnvelope):
                           stale, "relationship.linked" if inserted else "relationship.role_changed", "account",
                           account_id, {"customer_id": customer_id, "role": req.role})
 
-        return await self._write("LinkCustomer", req.request_id, body, caller)
+        return await self._write("LinkCustomer", req, body, caller)
 
     async def unlink_customer(self, req: pb.UnlinkCustomerRequest, caller: Caller) -> WriteResult:
         account_id = parse_account_id(req.account_id)
@@ -341,7 +340,7 @@ class AdminStore(WriteEnvelope):
                                                   role=current[customer_id]),
                           stale, "relationship.unlinked", "account", account_id, {"customer_id": customer_id})
 
-        return await self._write("UnlinkCustomer", req.request_id, body, caller)
+        return await self._write("UnlinkCustomer", req, body, caller)
 
     # -- cards ---------------------------------------------------------------------------------
     async def issue_card(self, req: pb.IssueCardRequest, caller: Caller) -> WriteResult:
@@ -375,9 +374,9 @@ class AdminStore(WriteEnvelope):
             return Change(card_msg(row), stale, "card.issued", "card", token,
                           {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})
 
-        return await self._write("IssueCard", req.request_id, body, caller)
+        return await self._write("IssueCard", req, body, caller)
 
-    async def _change_card(self, rpc: str, request_id: str, token: str, expected: int,
+    async def _change_card(self, rpc: str, req: Request, token: str, expected: int,
                            status: int | None, account_id: str | None, caller: Caller) -> WriteResult:
         parse_token(token)
 
@@ -408,13 +407,13 @@ class AdminStore(WriteEnvelope):
             event = "card.status_changed" if status is not None else "card.linked"
             return Change(card_msg(row), stale, event, "card", token, payload)
 
-        return await self._write(rpc, request_id, body, caller)
+        return await self._write(rpc, req, body, caller)
 
     async def link_card(self, req: pb.LinkCardRequest, caller: Caller) -> WriteResult:
-        return await self._change_card("LinkCard", req.request_id, req.card_token, req.expected_version,
+        return await self._change_card("LinkCard", req, req.card_token, req.expected_version,
                                        None, parse_account_id(req.account_id), caller)
 
     async def set_card_status(self, req: pb.SetCardStatusRequest, caller: Caller) -> WriteResult:
         self._check_enum(pb.CardStatus, req.status, "status")
-        return await self._change_card("SetCardStatus", req.request_id, req.card_token, req.expected_version,
+        return await self._change_card("SetCardStatus", req, req.card_token, req.expected_version,
                                        req.status, None, caller)

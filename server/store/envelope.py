@@ -4,12 +4,15 @@ idempotency record and its audit row.
 Every write (server/store/admin.py) hands a body that changes rows and returns a `Change`; the
 envelope commits it together with the outbox row (the relay's retry list and the change feed, whose
 sequence it draws last, under FEED_LOCK, so that sequence order is commit order) and answers a
-retried `request_id` with the stored response instead of writing twice. A refused or
-failed write is audited too (`audit_failure`), after its transaction rolled back.
+retried `request_id` with the stored response instead of writing twice; the same request_id with
+other arguments is refused (ALREADY_EXISTS), told apart by an HMAC of the request under the fingerprint
+key (`request_digest`). A refused or failed write is audited too (`audit_failure`), after its
+transaction rolled back.
 """
 
 from __future__ import annotations
 
+import hmac
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ import orjson
 from google.protobuf.message import Message
 
 from server.caller import Caller
+from server.crypto import Keyring
 from server.errors import AlreadyExists, InvalidKey
 from server.feed.events import feed_fields
 from server.pan import redact_digits
@@ -59,20 +63,34 @@ class Change:
 
 
 Body = Callable[[Conn], Awaitable[Change]]
+Request = Message     # an admin write's request: its request_id field and what it asks
+
+
+def request_digest(keyring: Keyring, req: Request, version: int) -> bytes:
+    """What `req` asks, without its request_id (and fields this node does not know): the same for a
+    retry of it, whatever the client's encoding. Keyed, because a request may carry a PAN or a
+    national id, whose unkeyed hash may not be stored."""
+    asked = type(req)()
+    asked.CopyFrom(req)
+    asked.ClearField("request_id")
+    asked.DiscardUnknownFields()
+    return keyring.fingerprint(asked.SerializeToString(deterministic=True).hex(), version)
 
 
 class WriteEnvelope:
-    def __init__(self, *, pool: asyncpg.Pool, timeout: float) -> None:
+    def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, timeout: float) -> None:
         self.pool = pool
+        self.keyring = keyring
         self.timeout = timeout
 
-    async def _write(self, rpc: str, request_id: str, body: Body, caller: Caller) -> WriteResult:
+    async def _write(self, rpc: str, req: Request, body: Body, caller: Caller) -> WriteResult:
+        request_id = getattr(req, "request_id", "")
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
         with translate_db_errors():
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 if request_id:
-                    stored = await self._replay(conn, rpc, request_id, caller)
+                    stored = await self._replay(conn, rpc, req, caller)
                     if stored is not None:
                         return stored
                 try:
@@ -81,9 +99,11 @@ class WriteEnvelope:
                         response = change.response.SerializeToString()
                         outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
                         if request_id:
+                            version = self.keyring.fingerprint_version
                             await conn.execute(
-                                "INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, $2, $3)",
-                                request_id, rpc, response)
+                                "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version)"
+                                " VALUES ($1, $2, $3, $4, $5)",
+                                request_id, rpc, response, request_digest(self.keyring, req, version), version)
                         related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
                         await self._audit(conn, caller, rpc, request_id, change.entity_type,
                                           [change.entity_id, *related], "OK", outbox_id)
@@ -92,7 +112,7 @@ class WriteEnvelope:
                 except asyncpg.UniqueViolationError as exc:
                     if request_id and exc.constraint_name == "idempotency_pkey":
                         # A concurrent retry of the same request won the race: answer as it did.
-                        stored = await self._replay(conn, rpc, request_id, caller)
+                        stored = await self._replay(conn, rpc, req, caller)
                         if stored is not None:
                             return stored
                     raise
@@ -124,8 +144,9 @@ class WriteEnvelope:
                 extra.entity_id, extra.version, message.SerializeToString())
         await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)
 
-    async def _replay(self, conn: Conn, rpc: str, request_id: str, caller: Caller) -> WriteResult | None:
-        stored = await self._stored_answer(conn, rpc, request_id)
+    async def _replay(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> WriteResult | None:
+        request_id = getattr(req, "request_id", "")
+        stored = await self._stored_answer(conn, rpc, req)
         if stored is None:
             return None
         await self._audit(conn, caller, rpc, request_id, None, [], "OK_REPLAYED", None)
@@ -150,13 +171,19 @@ class WriteEnvelope:
                 await self._audit(conn, caller, rpc, getattr(request, "request_id", "")[:MAX_REQUEST_ID], None,
                                   ids, result, None)
 
-    @staticmethod
-    async def _stored_answer(conn: Conn, rpc: str, request_id: str) -> bytes | None:
-        row = await conn.fetchrow("SELECT rpc, response FROM idempotency WHERE request_id = $1", request_id)
+    async def _stored_answer(self, conn: Conn, rpc: str, req: Request) -> bytes | None:
+        row = await conn.fetchrow("SELECT rpc, response, request_digest, digest_version FROM idempotency"
+                                  " WHERE request_id = $1", getattr(req, "request_id", ""))
         if row is None:
             return None
         if row["rpc"] != rpc:
             raise AlreadyExists(f"request_id was already used for {row['rpc']}")
+        # Checked while the key it was made under is configured (a row from before 0009 has none).
+        version = row["digest_version"]
+        if version in self.keyring.fingerprint_keys and not hmac.compare_digest(
+                row["request_digest"], request_digest(self.keyring, req, version)):
+            raise AlreadyExists(f"request_id was already used for {rpc} with other arguments: a retry must repeat"
+                                " the request as it was; a new request needs a new request_id")
         response: bytes = row["response"]
         return response
 

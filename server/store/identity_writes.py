@@ -150,7 +150,7 @@ class IdentityWrites(AdminStore):
                           {"segment": segment, "kyc_status": kyc, "source_system": source.system,
                            "decision": "possible_match" if queued else "new", "reviews": queued})
 
-        return await self._write("CreateCustomer", req.request_id, body, caller)
+        return await self._write("CreateCustomer", req, body, caller)
 
     async def update_customer_identity(self, req: pb.UpdateCustomerIdentityRequest, caller: Caller) -> WriteResult:
         customer_id = parse_customer_id(req.customer_id)
@@ -188,4 +188,4 @@ class IdentityWrites(AdminStore):
             return Change(answer, await self.customer_keys(conn, [customer_id]), "customer.identity_updated",
                           "customer", customer_id, payload, feed_state=customer_msg(row))
 
-        return await self._write("UpdateCustomerIdentity", req.request_id, body, caller)
+        return await self._write("UpdateCustomerIdentity", req, body, caller)

@@ -194,7 +194,7 @@ class IdentityStore(IdentityWrites):
             return Change(moved.answer, moved.stale, "customer.merged", "customer", merged, moved.payload,
                           also=tuple(moved.also))
 
-        return await self._write("MergeCustomers", req.request_id, body, caller)
+        return await self._write("MergeCustomers", req, body, caller)
 
     # -- unmerge ---------------------------------------------------------------------------------
     async def _unmerge(self, conn: Conn, merged: str) -> Moved:
@@ -256,7 +256,7 @@ class IdentityStore(IdentityWrites):
             return Change(moved.answer, moved.stale, "customer.unmerged", "customer", merged, moved.payload,
                           also=tuple(moved.also))
 
-        return await self._write("UnmergeCustomer", req.request_id, body, caller)
+        return await self._write("UnmergeCustomer", req, body, caller)
 
     # -- the review queue ------------------------------------------------------------------------
     async def list_reviews(self, req: pb.ListReviewTasksRequest) -> pb.ListReviewTasksResponse:
@@ -305,4 +305,4 @@ class IdentityStore(IdentityWrites):
             return Change(review_msg(row), [], "customer.review_rejected", "customer", customer,
                           {"customer_id": candidate, "review_id": review_id}, feed_state=customer_msg(state))
 
-        return await self._write("DecideReviewTask", req.request_id, body, caller)
+        return await self._write("DecideReviewTask", req, body, caller)

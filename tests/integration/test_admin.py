@@ -83,6 +83,33 @@ def test_request_id_makes_retries_idempotent(node_a: Clients, node_b: Clients) -
         request_id=rid, customer_id=first.customer_id, segment="x"), timeout=5), grpc.StatusCode.ALREADY_EXISTS)
 
 
+def test_a_request_id_reused_with_other_arguments_is_refused(node_a: Clients, node_b: Clients,
+                                                              used_secrets: UsedSecrets) -> None:
+    """A retry repeats its request; the same request_id asking something else is a client's bug, and
+    answering it with the first request's answer would tell it that a write happened that did not."""
+    rid = str(uuid.uuid4())
+    first = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name="First Ask"), timeout=5)
+    err = expect_code(lambda: node_b.admin.CreateCustomer(pb.CreateCustomerRequest(
+        request_id=rid, display_name="Second Ask"), timeout=5), grpc.StatusCode.ALREADY_EXISTS)
+    assert "request_id was already used for CreateCustomer with other arguments" in (err.details() or "")
+    again = node_b.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name="First Ask"), timeout=5)
+    assert again == first                                        # the retry itself still replays
+
+    # A card: the request holds a PAN (digested under the fingerprint key, never echoed).
+    _customer, account, _card, _pan = _setup_card(node_a, used_secrets)
+    rid = str(uuid.uuid4())
+    issue = pb.IssueCardRequest(request_id=rid, pan=fresh_pan(used_secrets), expiry="2030-01",
+                                account_id=account.account_id)
+    issued = node_a.admin.IssueCard(issue, timeout=5)
+    assert node_b.admin.IssueCard(issue, timeout=5) == issued
+    other = pb.IssueCardRequest(request_id=rid, pan=fresh_pan(used_secrets), expiry="2030-01",
+                                account_id=account.account_id)
+    err = expect_code(lambda: node_a.admin.IssueCard(other, timeout=5), grpc.StatusCode.ALREADY_EXISTS)
+    assert "with other arguments" in (err.details() or "") and other.pan not in (err.details() or "")
+    expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=other.pan), timeout=5),
+                grpc.StatusCode.NOT_FOUND)                       # and nothing was issued
+
+
 def test_optimistic_concurrency(node_a: Clients) -> None:
     customer = new_customer(node_a.admin)
     v2 = node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=1,

@@ -149,7 +149,7 @@ def test_a_sequence_drawn_but_not_committed_holds_back_later_writers(
     async def scenario() -> str:
         pool = await asyncpg.create_pool(dev_env.settings().pg_dsn, min_size=1, max_size=2)
         try:
-            envelope = HoldingEnvelope(pool=pool, timeout=5.0)
+            envelope = HoldingEnvelope(pool=pool, keyring=dev_env.settings().keyring(), timeout=5.0)
             envelope.appended, envelope.release = asyncio.Event(), asyncio.Event()
 
             async def body(conn: asyncpg.Connection) -> Change:
@@ -158,7 +158,8 @@ def test_a_sequence_drawn_but_not_committed_holds_back_later_writers(
                     " RETURNING customer_id, display_name, segment, status, kyc_status, version", target.customer_id)
                 return Change(pb.Customer(**dict(row)), [], "customer.updated", "customer", target.customer_id, {})
 
-            t1 = asyncio.create_task(envelope._write("UpdateCustomer", "", body, Caller("test", frozenset(), "test")))
+            t1 = asyncio.create_task(envelope._write("UpdateCustomer", pb.UpdateCustomerRequest(), body,
+                                                         Caller("test", frozenset(), "test")))
             await envelope.appended.wait()
             t2 = asyncio.create_task(asyncio.to_thread(new_customer, node_a.admin, "Behind The Holder"))
             await asyncio.sleep(0.5)      # T2's chance to commit first, if anything let it
