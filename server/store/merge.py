@@ -87,6 +87,11 @@ def parse_review_id(value: str) -> str:
     return value
 
 
+def _status_word(status: int) -> str:
+    """REVIEW_STATUS_ACCEPTED -> "accepted": a message's word, not the enum's name."""
+    return pb.ReviewStatus.Name(status).removeprefix("REVIEW_STATUS_").lower()
+
+
 async def _lock_customers(conn: Conn, ids: list[str]) -> dict[str, asyncpg.Record]:
     """The customers' rows, locked in id order (two merges never wait on each other in a cycle)."""
     rows = await conn.fetch("SELECT customer_id, merged_into FROM customers WHERE customer_id = ANY($1::text[])"
@@ -103,9 +108,9 @@ class IdentityStore(IdentityWrites):
 
     # -- merge -----------------------------------------------------------------------------------
     async def _merge(self, conn: Conn, survivor: str, merged: str) -> Moved:
+        rows = await _lock_customers(conn, [survivor, merged])   # first: an unknown id is NOT_FOUND
         if survivor == merged:
             raise FailedPrecondition("a customer cannot be merged into itself")
-        rows = await _lock_customers(conn, [survivor, merged])
         if rows[merged]["merged_into"]:
             raise FailedPrecondition(f"customer {merged} was already merged into {rows[merged]['merged_into']}")
         if rows[survivor]["merged_into"]:
@@ -286,7 +291,7 @@ class IdentityStore(IdentityWrites):
             if task is None:
                 raise NotFound("review task not found")
             if task["status"] != OPEN:
-                raise FailedPrecondition(f"review task is already {pb.ReviewStatus.Name(task['status'])}")
+                raise FailedPrecondition(f"review task is already {_status_word(task['status'])}")
             customer, candidate = task["customer_id"], task["candidate_id"]
             if req.accept:
                 # The newer record (customer_id) joins the existing customer (candidate_id), which survives.

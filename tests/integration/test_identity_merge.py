@@ -206,9 +206,12 @@ def test_merge_errors(node_a: Clients, used_secrets: UsedSecrets) -> None:
     fp, nf, bad = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND,
                    grpc.StatusCode.INVALID_ARGUMENT)
     expect_code(lambda: _merge(node_a, x.customer_id, x.customer_id), fp)
+    expect_code(lambda: _merge(node_a, unknown, unknown), nf)    # unknown first, then "into itself"
     expect_code(lambda: _merge(node_a, x.customer_id, unknown), nf)
     expect_code(lambda: _merge(node_a, unknown, x.customer_id), nf)
-    expect_code(lambda: _merge(node_a, x.customer_id, "4111111111111111"), bad)
+    pan = fresh_pan(used_secrets)
+    err = expect_code(lambda: _merge(node_a, x.customer_id, pan), bad)
+    assert pan not in (err.details() or "")
     expect_code(lambda: _merge(node_a, "", x.customer_id), bad)
     expect_code(lambda: _unmerge(node_a, x.customer_id), fp)
     expect_code(lambda: _unmerge(node_a, unknown), nf)
@@ -323,7 +326,7 @@ def test_review_queue(node_a: Clients, used_secrets: UsedSecrets) -> None:
     assert _golden(node_a, task.customer_id).customer_id == task.candidate_id   # the existing customer survives
     err = expect_code(lambda: node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(
         review_id=task.review_id, accept=False), timeout=5), grpc.StatusCode.FAILED_PRECONDITION)
-    assert "ACCEPTED" in (err.details() or "")
+    assert "review task is already accepted" in (err.details() or "")
 
     other = mine[made[1][0]]
     rejected = node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(
