@@ -47,7 +47,7 @@ EXPORT_TYPES: dict[str, int] = {
 }
 # The CSV columns, fixed: a new proto field is appended here on purpose (tests/unit/test_export.py).
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "customers": ("customer_id", "display_name", "segment", "status", "kyc_status", "version"),
+    "customers": ("customer_id", "display_name", "segment", "status", "kyc_status", "version", "merged_into"),
     "accounts": ("account_id", "routing_number", "masked_account_number", "last4", "type", "currency", "status",
                  "version"),
     "cards": ("token", "masked_pan", "bin", "last4", "status", "expiry", "account_id", "version"),

@@ -27,7 +27,11 @@ def _status(value: int) -> str:
 
 def render_merge(m: pb.Merge) -> str:
     if m.unmerge:
-        return f"unmerged {m.loser_customer_id} from {m.winner_customer_id}"
+        done = f"unmerged {m.loser_customer_id} from {m.winner_customer_id}"
+        if m.skipped_account_ids:   # unlinked from the survivor since the merge: nothing to give back
+            done += (f"; not restored (unlinked from {m.winner_customer_id} since the merge): "
+                     + ", ".join(m.skipped_account_ids))
+        return done
     return f"merged {m.loser_customer_id} into {m.winner_customer_id}"
 
 

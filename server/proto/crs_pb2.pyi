@@ -175,20 +175,22 @@ class Account(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., routing_number: _Optional[str] = ..., masked_account_number: _Optional[str] = ..., last4: _Optional[str] = ..., type: _Optional[_Union[AccountType, str]] = ..., currency: _Optional[str] = ..., status: _Optional[_Union[AccountStatus, str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Customer(_message.Message):
-    __slots__ = ("customer_id", "display_name", "segment", "status", "kyc_status", "version")
+    __slots__ = ("customer_id", "display_name", "segment", "status", "kyc_status", "version", "merged_into")
     CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     KYC_STATUS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    MERGED_INTO_FIELD_NUMBER: _ClassVar[int]
     customer_id: str
     display_name: str
     segment: str
     status: CustomerStatus
     kyc_status: KycStatus
     version: int
-    def __init__(self, customer_id: _Optional[str] = ..., display_name: _Optional[str] = ..., segment: _Optional[str] = ..., status: _Optional[_Union[CustomerStatus, str]] = ..., kyc_status: _Optional[_Union[KycStatus, str]] = ..., version: _Optional[int] = ...) -> None: ...
+    merged_into: str
+    def __init__(self, customer_id: _Optional[str] = ..., display_name: _Optional[str] = ..., segment: _Optional[str] = ..., status: _Optional[_Union[CustomerStatus, str]] = ..., kyc_status: _Optional[_Union[KycStatus, str]] = ..., version: _Optional[int] = ..., merged_into: _Optional[str] = ...) -> None: ...
 
 class RelatedCustomer(_message.Message):
     __slots__ = ("customer", "role")
@@ -513,14 +515,16 @@ class Relationship(_message.Message):
     def __init__(self, account_id: _Optional[str] = ..., customer_id: _Optional[str] = ..., role: _Optional[_Union[RelationshipRole, str]] = ...) -> None: ...
 
 class Merge(_message.Message):
-    __slots__ = ("winner_customer_id", "loser_customer_id", "unmerge")
+    __slots__ = ("winner_customer_id", "loser_customer_id", "unmerge", "skipped_account_ids")
     WINNER_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     LOSER_CUSTOMER_ID_FIELD_NUMBER: _ClassVar[int]
     UNMERGE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_ACCOUNT_IDS_FIELD_NUMBER: _ClassVar[int]
     winner_customer_id: str
     loser_customer_id: str
     unmerge: bool
-    def __init__(self, winner_customer_id: _Optional[str] = ..., loser_customer_id: _Optional[str] = ..., unmerge: _Optional[bool] = ...) -> None: ...
+    skipped_account_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, winner_customer_id: _Optional[str] = ..., loser_customer_id: _Optional[str] = ..., unmerge: _Optional[bool] = ..., skipped_account_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("high_water_sequence",)

@@ -85,7 +85,8 @@ async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 
 
 SNAPSHOT_QUERIES: dict[int, tuple[str, str]] = {   # entity type -> (query, SnapshotChunk field)
     pb.ENTITY_TYPE_CUSTOMER: (
-        "SELECT customer_id, display_name, segment, status, kyc_status, version FROM customers ORDER BY customer_id",
+        "SELECT customer_id, display_name, segment, status, kyc_status, version, merged_into FROM customers"
+        " ORDER BY customer_id",
         "customers"),
     pb.ENTITY_TYPE_ACCOUNT: (
         "SELECT account_id, routing_number, account_last4, account_length, account_type, currency, status, version"

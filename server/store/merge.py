@@ -87,6 +87,14 @@ def parse_review_id(value: str) -> str:
     return value
 
 
+def _customers_changed(moved: Moved, rows: list[asyncpg.Record]) -> list[str]:
+    """Customers whose merged_into a merge or unmerge changed: each one's new state goes to the feed
+    (a copy built from Watch then holds what a Snapshot holds). Their ids."""
+    for row in rows:
+        moved.also.append(("customer.updated", customer_msg(row)))
+    return [row["customer_id"] for row in rows]
+
+
 def _status_word(status: int) -> str:
     """REVIEW_STATUS_ACCEPTED -> "accepted": a message's word, not the enum's name."""
     return pb.ReviewStatus.Name(status).removeprefix("REVIEW_STATUS_").lower()
@@ -144,10 +152,12 @@ class IdentityStore(IdentityWrites):
                 await conn.execute("UPDATE account_customers SET role = $3 WHERE account_id = $1"
                                    " AND customer_id = $2", account, survivor, role)
                 moved.also.append(("relationship.role_changed", _rel(account, survivor, role)))
-        aliases = [r["customer_id"] for r in await conn.fetch(
-            "UPDATE customers SET merged_into = $1 WHERE merged_into = $2 RETURNING customer_id", survivor, merged)]
-        await conn.execute("UPDATE customers SET merged_into = $1, merged_at = now() WHERE customer_id = $2",
-                           survivor, merged)
+        aliases = _customers_changed(moved, await conn.fetch(
+            "UPDATE customers SET merged_into = $1, version = version + 1, updated_at = now() WHERE merged_into = $2"
+            " RETURNING *", survivor, merged))
+        _customers_changed(moved, await conn.fetch(
+            "UPDATE customers SET merged_into = $1, merged_at = now(), version = version + 1, updated_at = now()"
+            " WHERE customer_id = $2 RETURNING *", survivor, merged))
         await conn.execute(
             "INSERT INTO customer_merges (survivor_id, merged_id, record_ids, relationships, aliases)"
             " VALUES ($1, $2, $3, $4::jsonb, $5)", survivor, merged, record_ids, orjson.dumps(recorded).decode(),
@@ -241,10 +251,13 @@ class IdentityStore(IdentityWrites):
                                        " AND customer_id = $2", account, survivor, before)
                     moved.also.append(("relationship.role_changed", _rel(account, survivor, before)))
             moved.also.append(("relationship.linked", _rel(account, merged, role)))
-        aliases = [r["customer_id"] for r in await conn.fetch(
-            "UPDATE customers SET merged_into = $1 WHERE customer_id = ANY($2::text[]) AND merged_into = $3"
-            " RETURNING customer_id", merged, m["aliases"], survivor)]
-        await conn.execute("UPDATE customers SET merged_into = NULL, merged_at = NULL WHERE customer_id = $1", merged)
+        moved.answer.skipped_account_ids.extend(skipped)
+        aliases = _customers_changed(moved, await conn.fetch(
+            "UPDATE customers SET merged_into = $1, version = version + 1, updated_at = now()"
+            " WHERE customer_id = ANY($2::text[]) AND merged_into = $3 RETURNING *", merged, m["aliases"], survivor))
+        _customers_changed(moved, await conn.fetch(
+            "UPDATE customers SET merged_into = NULL, merged_at = NULL, version = version + 1, updated_at = now()"
+            " WHERE customer_id = $1 RETURNING *", merged))
         await conn.execute("UPDATE customer_merges SET unmerged_at = now() WHERE merge_id = $1", m["merge_id"])
         moved.stale = await self.stale_keys_for_accounts(conn, [r["account_id"] for r in recorded])
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])

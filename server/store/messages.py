@@ -13,7 +13,7 @@ Row = Any   # an asyncpg.Record or a mapping with the columns named below
 def customer_msg(row: Row) -> pb.Customer:
     return pb.Customer(customer_id=row["customer_id"], display_name=row["display_name"],
                        segment=row["segment"], status=row["status"], kyc_status=row["kyc_status"],
-                       version=row["version"])
+                       version=row["version"], merged_into=row["merged_into"] or "")
 
 
 def account_msg(row: Row) -> pb.Account:

@@ -15,6 +15,7 @@ import pytest
 
 from devstack.demo import demo_routing
 from server import rpc
+from server.cli.identity import render_merge
 from server.cli.main import main as crs_main
 from server.proto import crs_pb2 as pb
 from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
@@ -262,6 +263,58 @@ def test_merge_reaches_the_feed(node_a: Clients, used_secrets: UsedSecrets) -> N
     assert moved == [(pb.OPERATION_DELETE, account.account_id, m.customer_id),
                      (pb.OPERATION_CREATE, account.account_id, s.customer_id)]
     assert [e.sequence for e in seen] == list(range(seen[0].sequence, seen[0].sequence + 3))   # one write
+
+
+def _customer_events(c: Clients, cid: str) -> list[pb.ChangeEvent]:
+    """Every customer and merge event about `cid` committed so far (up to the catch-up mark)."""
+    call = rpc.stub(c.channel, "ChangeFeedService").Watch(pb.WatchRequest(
+        entity_types=[pb.ENTITY_TYPE_CUSTOMER, pb.ENTITY_TYPE_MERGE]), timeout=20)
+    try:
+        events = []
+        for event in call:
+            if event.WhichOneof("payload") == "progress":
+                return events
+            if event.entity_id == cid:
+                events.append(event)
+    finally:
+        call.cancel()
+    raise AssertionError("the Watch ended before its catch-up mark")
+
+
+def _snapshot_customer(c: Clients, cid: str) -> pb.Customer:
+    chunks = rpc.stub(c.channel, "ChangeFeedService").Snapshot(pb.SnapshotRequest(
+        entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=60)
+    return next(x for chunk in chunks for x in chunk.customers if x.customer_id == cid)
+
+
+def test_an_alias_is_one_in_snapshots_and_the_feed_alike_and_an_unmerge_names_what_it_could_not_restore(
+        node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A consumer that starts from a Snapshot after a merge sees no Merge event: the merged customer
+    itself says whose alias it is (merged_into), in the snapshot and in the feed's customer events,
+    so copies built either way agree. An unmerge that could not give an account back (the survivor
+    was unlinked from it since) says so in its answer and in its Merge event."""
+    (s, _), (m, _), (owner, _) = (_customer(node_a, used_secrets) for _ in range(3))
+    shared, _, _ = _account(node_a, used_secrets, owner.customer_id)
+    node_a.admin.LinkCustomer(pb.LinkCustomerRequest(account_id=shared.account_id, customer_id=m.customer_id,
+                                                     role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
+    _merge(node_a, s.customer_id, m.customer_id)
+    merged = _snapshot_customer(node_a, m.customer_id)
+    assert merged.merged_into == s.customer_id and merged.version == m.version + 1
+    last = _customer_events(node_a, m.customer_id)[-1]
+    assert last.WhichOneof("payload") == "customer" and last.op == pb.OPERATION_UPDATE
+    assert last.customer == merged                      # the feed's copy is the snapshot's
+
+    node_a.admin.UnlinkCustomer(pb.UnlinkCustomerRequest(account_id=shared.account_id,
+                                                         customer_id=s.customer_id), timeout=5)
+    answer = _unmerge(node_a, m.customer_id)
+    assert list(answer.skipped_account_ids) == [shared.account_id]
+    assert render_merge(answer) == (f"unmerged {m.customer_id} from {s.customer_id}; not restored (unlinked"
+                                    f" from {s.customer_id} since the merge): {shared.account_id}")   # crs identity
+    restored = _snapshot_customer(node_a, m.customer_id)
+    assert restored.merged_into == "" and restored.version == merged.version + 1
+    events = _customer_events(node_a, m.customer_id)
+    assert events[-1].customer == restored
+    assert events[-2].merge == answer                   # the Merge event names the account too
 
 
 def _unique_person(given: str, dob: str) -> pb.IdentityAttributes:

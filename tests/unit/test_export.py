@@ -65,7 +65,8 @@ def test_an_extract_has_its_files_and_a_manifest_that_describes_them(tmp_path: P
     else:
         rows = list(csv.reader(io.StringIO((tmp_path / "customers.csv").read_text())))
         assert rows[0] == list(COLUMNS["customers"])
-        assert rows[1] == ["cus_1", "Zoë, \"Q\" Smith", "retail", "CUSTOMER_STATUS_ACTIVE", "KYC_STATUS_VERIFIED", "3"]
+        assert rows[1] == ["cus_1", "Zoë, \"Q\" Smith", "retail", "CUSTOMER_STATUS_ACTIVE", "KYC_STATUS_VERIFIED", "3",
+                           ""]                                            # merged_into: not merged
         assert len(rows) == 3
 
 
