@@ -7,6 +7,7 @@ a malformed "PAN" may still be a real card number with a typo.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from server.errors import InvalidKey
 
@@ -15,6 +16,11 @@ PAN_MAX_LEN = 19
 ACCOUNT_MIN_LEN = 4
 ACCOUNT_MAX_LEN = 17
 ROUTING_LEN = 9
+# Card-number-like runs in free text (contains_card_number). From 13: a 12-digit run is as often a phone
+# number with its country code or another system's reference, and refusing one in ten of them (the Luhn
+# odds) would refuse real addresses and keys; 12-digit PANs (some Maestro) are rare.
+CARD_RUN_MIN = 13
+CARD_RUN_MAX = PAN_MAX_LEN
 TOKEN_PREFIX = "tok_"
 CUSTOMER_PREFIX = "cus_"
 ACCOUNT_PREFIX = "acc_"
@@ -141,3 +147,47 @@ _LONG_DIGITS = re.compile(r"(?<![0-9])([0-9]{6})[0-9]{2,9}([0-9]{4})(?![0-9])")
 def redact_digits(text: str) -> str:
     """Mask any 12-19 digit run in free text: the last guard before a log line is written."""
     return _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)
+
+
+# Digit groups split by whitespace or by one dash (spaces around it allowed): "NNNN NNNN-NNNN NNNN".
+# Any other character (a letter, a dot, a slash, a second dash) ends the run. \d and \s are Unicode's:
+# fullwidth or Arabic-Indic digits and a no-break space are still a card number.
+_DIGIT_RUN = re.compile(r"\d+(?:(?:\s*-\s*|\s+)\d+)*")
+_SEPARATOR = re.compile(r"\D+")
+
+
+def contains_card_number(text: str) -> bool:
+    """Whether `text` holds what looks like a card number: 13-19 digits, written together or in groups
+    split by spaces or dashes, that pass the Luhn check. The guard for text that is kept or answered
+    in clear and so must never hold a PAN (identity attributes, source references: docs/security.md).
+
+    A run of groups is judged by its windows of whole groups ("NNNN NNNN NNNN NNNN 12 27": a card
+    number and its expiry is caught by its first four groups), leading zeros not counted (a
+    zero-padded field of a mainframe extract is still a card number). A single group of more than 19
+    digits without separators is a longer number (a PAN is at most 19 digits, ISO/IEC 7812), not judged
+    by its inner windows: one in ten of every 13-19 digit window passes Luhn by chance, so a 20-digit
+    key would be refused almost always (35 windows: 97%). Scanners that match card numbers between
+    word boundaries draw the same line."""
+    if len(text) < CARD_RUN_MIN:
+        return False
+    for match in _DIGIT_RUN.finditer(text):
+        run = match.group()
+        if len(run) < CARD_RUN_MIN:
+            continue
+        if not run.isascii():
+            run = "".join(str(unicodedata.digit(c)) if c.isdigit() else " " for c in run)
+        if _card_window(_SEPARATOR.split(run)):
+            return True
+    return False
+
+
+def _card_window(groups: list[str]) -> bool:
+    for start in range(len(groups)):
+        digits = ""
+        for group in groups[start:]:
+            digits = (digits + group).lstrip("0")
+            if len(digits) > CARD_RUN_MAX:
+                break
+            if len(digits) >= CARD_RUN_MIN and luhn_ok(digits):
+                return True
+    return False

@@ -253,6 +253,7 @@ def register(sub: Any) -> None:
             "An empty cell is unknown. Rows that cannot be used go to --rejects (row, column, reason,\n"
             "the cell's shape: never a value); the load goes on. The source reference is the\n"
             "idempotency key: re-running a file creates nothing twice, and an interrupted load resumes.\n"
+            "A source reference holding a card number rejects its row (PCI: no PAN outside the vault).\n"
             "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
             "1 a bad header (nothing loaded), 2 bad usage, 3 PostgreSQL unavailable."))

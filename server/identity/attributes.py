@@ -7,6 +7,12 @@ attribute as an `AttributeProblem` with its field name: an RPC refuses the reque
 (INVALID_ARGUMENT), a bulk import drops the attribute and lists a warning (a dirty date in a source
 system must not lose a customer). A problem's text never contains the value when the value is
 sensitive (national id, date of birth).
+
+Free text (names, address lines, locality, region, postcode, email) and source references are kept
+and answered in clear, so any of them holding what looks like a card number is refused
+(`server.pan.contains_card_number`): PCI DSS allows no PAN outside the card vault
+(docs/security.md). The phone is exempt: it is checked against its country's numbering plan, and
+one in ten long international numbers would pass Luhn.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import phonenumbers
 
 from server.identity.nationalid import NATIONAL_ID_TYPES, NationalIdError, normalise_national_id
+from server.pan import contains_card_number
 
 MAX_NAME = 100
 MAX_LINE = 200
@@ -27,6 +34,7 @@ MAX_EMAIL = 254
 MIN_BIRTH_YEAR = 1900
 _SOURCE_SYSTEM = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MAX_SOURCE_KEY = 128
+CARD_NUMBER = "looks like a card number (13-19 digits passing the Luhn check)"
 _EMAIL = re.compile(r"[^@\s]{1,64}@[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)+")
 _NAME_DROP = re.compile(r"[^\w '\-]|[\d_]")
 _SPACES = re.compile(r"\s+")
@@ -108,11 +116,17 @@ def parse_source_ref(system: str, key: str) -> SourceRef:
     if not key or len(key) > MAX_SOURCE_KEY or not key.isprintable() or key != key.strip():
         raise AttributeProblem("source_ref.key", f"must be 1-{MAX_SOURCE_KEY} printable characters without"
                                                  " leading or trailing spaces")
+    # Both are stored, listed and echoed in clear (source_records, import reports, GetCustomerIdentity).
+    if contains_card_number(system):
+        raise AttributeProblem("source_ref.system", CARD_NUMBER)
+    if contains_card_number(key):
+        raise AttributeProblem("source_ref.key", CARD_NUMBER)
     return SourceRef(system, key)
 
 
-def _clean_text(field: str, value: str, limit: int) -> str:
-    """NFKC, no control characters, collapsed spaces, within `limit` characters."""
+def _clean_text(field: str, value: str, limit: int, *, card_check: bool = True) -> str:
+    """NFKC, no control characters, collapsed spaces, within `limit` characters, and (unless
+    `card_check` is off) nothing that looks like a card number."""
     if value.isascii():
         # Most source data: NFKC leaves ASCII alone, and its only controls (Cc) are what
         # isprintable() refuses besides the space (a bulk import's fast path: ~3x cheaper).
@@ -126,6 +140,8 @@ def _clean_text(field: str, value: str, limit: int) -> str:
     text = _SPACES.sub(" ", text).strip()
     if len(text) > limit:
         raise AttributeProblem(field, f"is longer than {limit} characters")
+    if card_check and contains_card_number(text):
+        raise AttributeProblem(field, CARD_NUMBER)
     return text
 
 
@@ -183,7 +199,7 @@ def normalise_country(value: str) -> str:
 
 
 def normalise_phone(value: str, country: str) -> str:
-    text = _clean_text("phone", value, 32)
+    text = _clean_text("phone", value, 32, card_check=False)
     if not text:
         return ""
     try:

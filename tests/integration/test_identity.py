@@ -12,7 +12,7 @@ import grpc
 
 from devstack.environment import DevEnvironment
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, clients_of, expect_code
+from tests.integration.support import Clients, UsedSecrets, clients_of, expect_code, fresh_pan
 
 
 def _ref(system: str = "core") -> pb.SourceRef:
@@ -215,3 +215,60 @@ def test_update_identity_replaces_one_record_and_reidentifies(node_a: Clients, u
     expect_code(lambda: node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
         customer_id="cus_doesnotexist0000", source_ref=_ref(), attributes=moved), timeout=10),
         grpc.StatusCode.NOT_FOUND)
+
+
+def test_card_numbers_in_attributes_or_source_refs_are_invalid_argument_never_echoed(
+        node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """No card number outside the card vault (docs/security.md): one in a free-text attribute or a
+    source reference is INVALID_ARGUMENT naming the field, on every RPC that takes them, and the
+    answer never holds it."""
+    pans = [fresh_pan(used_secrets) for _ in range(3)]
+    spaced = " ".join(pans[1][i:i + 4] for i in range(0, 16, 4))
+    dashed = "-".join(pans[2][i:i + 4] for i in range(0, 16, 4))
+    ref, person = _ref("onboarding"), _person()
+    existing = _create(node_a, person, ref)
+
+    def with_address(**fields: str) -> pb.IdentityAttributes:
+        person = _person()
+        for name, value in fields.items():
+            setattr(person.address, name, value)
+        return person
+
+    identify, create = node_a.identity.IdentifyCustomer, node_a.admin.CreateCustomer
+    calls = [
+        ("identity.address_line2", lambda: identify(pb.IdentifyCustomerRequest(
+            attributes=with_address(line2=f"card {spaced} x")), timeout=5)),
+        ("identity.region", lambda: create(pb.CreateCustomerRequest(
+            identity=with_address(region=pans[0]), source_ref=_ref()), timeout=5)),
+        ("identity.family_name", lambda: create(pb.CreateCustomerRequest(
+            identity=_person(family_name=dashed), source_ref=_ref()), timeout=5)),
+        ("identity.email", lambda: node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            customer_id=existing.customer_id, source_ref=ref, attributes=_person(email=f"{pans[0]}@example.com")),
+            timeout=5)),
+        ("source_ref.key", lambda: create(pb.CreateCustomerRequest(
+            identity=_person(), source_ref=pb.SourceRef(system="cards", key=pans[0])), timeout=5)),
+        ("source_ref.key", lambda: node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            customer_id=existing.customer_id, source_ref=pb.SourceRef(system="cards", key=f"K {spaced}"),
+            attributes=_person()), timeout=5)),
+        ("source_ref.key", lambda: node_a.identity.ResolveSourceRef(pb.SourceRef(system="cards", key=dashed),
+                                                                    timeout=5)),
+        ("source_ref.key", lambda: node_a.identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(
+            source_ref=pb.SourceRef(system="cards", key=pans[1])), timeout=5)),
+        ("source_ref.system", lambda: node_a.identity.ResolveSourceRef(pb.SourceRef(system=pans[2], key="K-1"),
+                                                                       timeout=5)),
+    ]
+    for field, call in calls:
+        err = expect_code(call, grpc.StatusCode.INVALID_ARGUMENT)
+        details = err.details() or ""
+        assert details.startswith(f"{field} looks like a card number"), details
+        for pan in pans:
+            for form in (pan, spaced, dashed, pan[6:]):
+                assert form not in str(err), f"{field}: the card number was echoed"
+    # Nothing was written: the existing customer is as it was, with its one source reference.
+    golden = node_a.identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(customer_id=existing.customer_id),
+                                                 timeout=5)
+    assert [(r.system, r.key) for r in golden.source_refs] == [(ref.system, ref.key)]
+    assert golden.attributes.email == person.email
+    assert node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=existing.customer_id),
+                                     timeout=5).customer.version == existing.version
+    assert not any(form in str(golden) for pan in pans for form in (pan, pan[6:]))

@@ -15,16 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import pytest
 
 from devstack.environment import DevEnvironment
 from server.cli import import_reader
 from server.cli.import_files import CUSTOMER_COLUMNS
 from server.cli.main import main as crs
+from server.identity.attributes import CARD_NUMBER
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
 from server.store.bulk import BulkCustomers
-from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
 
 HEADER = ",".join(CUSTOMER_COLUMNS)
 
@@ -444,3 +446,103 @@ def test_accounts_and_cards_import_then_resolve_card(
     text = "".join(p.read_text() for p in tmp_path.glob("*-re*.csv"))
     for secret in used_secrets.pans | used_secrets.account_numbers:
         assert secret not in text
+
+
+def _forms(pan: str) -> list[str]:
+    """A PAN as it may be written, and its digits beyond the first six (all a mask may not show)."""
+    return [pan, " ".join(pan[i:i + 4] for i in range(0, 16, 4)), "-".join(pan[i:i + 4] for i in range(0, 16, 4)),
+            pan[6:]]
+
+
+def _assert_nowhere(pans: list[str], *texts: str) -> None:
+    for text in texts:
+        for pan in pans:
+            for form in _forms(pan):
+                assert form not in text, "a card number was echoed"
+
+
+def test_card_numbers_as_source_refs_or_in_attributes_are_refused_never_echoed(
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], reader: str) -> None:
+    """B3/B4 of the outside verification: a card number as a row's source_ref rejects the row (its
+    shape only); one in a free-text attribute drops the attribute with a warning. Neither is echoed
+    in the report, rejects, stdout or stderr, stored in source_records, or answered by GetCustomerIdentity."""
+    system = "pci-" + uuid.uuid4().hex[:6]
+    pans = [fresh_pan(used_secrets) for _ in range(7)]
+    rows = [_row(used_secrets, "P-ok"),
+            _row(used_secrets, pans[0]),                                 # row 3: the PAN as the key
+            _row(used_secrets, "CARD " + _forms(pans[1])[1]),            # row 4: inside it, in groups
+            _row(used_secrets, _forms(pans[2])[2]),                      # row 5: in groups with dashes
+            _row(used_secrets, "W-1", address_line2=f"card {_forms(pans[3])[1]} x", region=pans[4]),
+            _row(used_secrets, "W-2", given_name=f"Theodora {pans[5]}", email=f"{pans[6]}@example.com")]
+    file = _write(tmp_path / "pci.csv", [_line(r) for r in rows])
+    code, report, rejects = _import(tmp_path, "customers", file, system)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert [(r["row"], r["column"], r["reason"]) for r in rejects] == [
+        (str(n), "source_ref", CARD_NUMBER) for n in (3, 4, 5)]
+    assert [r["shape"] for r in rejects] == ["9999999999999999 (16 chars)", "XXXX 9999 9999 9999 9999 (24 chars)",
+                                             "9999-9999-9999-9999 (19 chars)"]
+    got = {r["source_ref"]: r for r in report}
+    assert set(got) == {"P-ok", "W-1", "W-2"} and got["P-ok"]["warnings"] == ""
+    assert got["W-1"]["warnings"].split("; ") == [f"address_line2: {CARD_NUMBER}", f"region: {CARD_NUMBER}"]
+    assert got["W-2"]["warnings"].split("; ") == [f"given_name: {CARD_NUMBER}", f"email: {CARD_NUMBER}"]
+    assert "3 rejected" in out.out
+    _assert_nowhere(pans, (tmp_path / "pci-report.csv").read_text(), (tmp_path / "pci-rejects.csv").read_text(),
+                    out.out, out.err)
+    keys = _sql(dev_env, "SELECT source_key FROM source_records WHERE source_system = $1", system)
+    assert sorted(k["source_key"] for k in keys) == ["P-ok", "W-1", "W-2"]
+    w1 = node_a.identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(customer_id=got["W-1"]["customer_id"]),
+                                             timeout=5)
+    assert w1.attributes.address.line2 == "" and w1.attributes.address.region == ""
+    assert w1.attributes.address.line1 and w1.attributes.given_name == "theodora"
+    w2 = node_a.identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(customer_id=got["W-2"]["customer_id"]),
+                                             timeout=5)
+    assert w2.attributes.given_name == "" and w2.attributes.family_name and w2.attributes.email == ""
+    _assert_nowhere(pans, str(w1), str(w2))
+    # A card number as a source reference is refused on the read path too, without echo.
+    err = expect_code(lambda: node_a.identity.ResolveSourceRef(pb.SourceRef(system=system, key=pans[0]), timeout=5),
+                      grpc.StatusCode.INVALID_ARGUMENT)
+    assert "source_ref.key" in (err.details() or "")
+    _assert_nowhere(pans, err.details() or "")
+
+
+def test_card_numbers_as_account_or_card_source_refs_are_rejected(
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """B3 for accounts and cards: a card file keyed by the PAN itself (or with its source_ref and pan
+    columns swapped) is rejected row by row, never reported as PAN next to its masked copy."""
+    system = "pci-links-" + uuid.uuid4().hex[:6]
+    code, _, _ = _import(tmp_path, "customers", _write(tmp_path / "owner.csv", [_line(_row(used_secrets, "O-1"))]),
+                         system)
+    assert code == 0
+    routing, number = "021000021", fresh_account_number(used_secrets)
+    pans = [fresh_pan(used_secrets) for _ in range(5)]
+    accounts = tmp_path / "pci-accounts.csv"
+    accounts.write_text("source_ref,customer_source_ref,routing_number,account_number,type,currency\n"
+                        f"A-1,O-1,{routing},{number},CHECKING,USD\n"
+                        f"{pans[0]},O-1,{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n"
+                        f"A-3,{pans[1]},{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n")
+    code, report, rejects = _import(tmp_path, "accounts", accounts, system)
+    assert code == 0 and [r["source_ref"] for r in report] == ["A-1"]
+    assert [(r["row"], r["column"], r["reason"]) for r in rejects] == [
+        ("3", "source_ref", CARD_NUMBER), ("4", "customer_source_ref", CARD_NUMBER)]
+    cards = tmp_path / "pci-cards.csv"
+    cards.write_text("source_ref,routing_number,account_number,pan,expiry\n"
+                     f"K-1,{routing},{number},{pans[2]},2030-11\n"
+                     f"{pans[3]},{routing},{number},{pans[3]},2030-11\n"        # keyed by the PAN itself
+                     f"{pans[4]},{routing},{number},K-5,2030-11\n")            # source_ref and pan swapped
+    code, report, rejects = _import(tmp_path, "cards", cards, system)
+    assert code == 0 and [(r["source_ref"], r["card"]) for r in report] == [
+        ("K-1", pans[2][:6] + "******" + pans[2][-4:])]
+    assert [(r["row"], r["column"], r["reason"], r["shape"]) for r in rejects] == [
+        (str(n), "source_ref", CARD_NUMBER, "9999999999999999 (16 chars)") for n in (3, 4)]
+    expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pans[3]), timeout=5),
+                grpc.StatusCode.NOT_FOUND)                                    # never issued
+    # A card number as the source system itself is bad usage, refused before anything is read.
+    code, _, _ = _import(tmp_path, "cards", cards, pans[0])
+    assert code == 2
+    out = capsys.readouterr()
+    assert "--source looks like a card number" in out.err
+    _assert_nowhere(pans, out.out, out.err, *(p.read_text() for p in tmp_path.glob("pci-*-re*.csv")))
+    assert not _sql(dev_env, "SELECT 1 FROM source_records WHERE source_key = ANY($1::text[])", pans)

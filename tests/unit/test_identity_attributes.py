@@ -12,7 +12,9 @@ from stdnum import luhn
 from stdnum.br import cpf
 from stdnum.es import dni
 
+from devstack.demo import TEST_BIN_PREFIX
 from server.identity.attributes import (
+    CARD_NUMBER,
     AttributeProblem,
     normalise_address_line,
     normalise_email,
@@ -20,8 +22,10 @@ from server.identity.attributes import (
     normalise_phone,
     normalise_postcode,
     parse_identity,
+    parse_source_ref,
 )
 from server.identity.nationalid import NationalIdError, normalise_national_id
+from server.pan import luhn_check_digit, luhn_ok
 
 rng = random.Random(20240601)
 
@@ -148,3 +152,79 @@ def test_parse_identity_lenient_drops_a_bad_attribute_and_strict_refuses() -> No
     assert all("666123456" not in str(p) for p in problems)
     with pytest.raises(AttributeProblem):
         parse_identity(raw, strict=True)
+
+
+# --- card numbers are refused in free text and source references -------------------------------------
+def made_up_pan(length: int = 16) -> str:
+    """Luhn-valid, in the reserved test BIN range, made at run time."""
+    body = TEST_BIN_PREFIX + "".join(str(rng.randrange(10)) for _ in range(length - len(TEST_BIN_PREFIX) - 1))
+    return body + luhn_check_digit(body)
+
+
+def spaced(pan: str) -> str:
+    return " ".join(pan[i:i + 4] for i in range(0, len(pan), 4))
+
+
+FREE_TEXT = {"given_name": "Ann {}", "family_name": "{}", "address_line1": "12 Main St {}",
+             "address_line2": "card {} x", "locality": "{}", "region": "{}", "postcode": "{}",
+             "email": "{}@example.com"}
+PERSON = {"given_name": "Ann", "family_name": "Lee", "address_line1": "12 Main Street", "locality": "Springfield",
+          "region": "IL", "postcode": "62704", "country": "US", "phone": "212 736 5000", "email": "ann@example.com"}
+
+
+@pytest.mark.parametrize("field", sorted(FREE_TEXT))
+@pytest.mark.parametrize("write", [str, spaced, lambda p: "-".join(spaced(p).split())], ids=["run", "spaced", "dashed"])
+def test_a_card_number_in_free_text_is_refused_never_echoed(field: str, write: object) -> None:
+    pan = made_up_pan(16 if field != "postcode" else 13)     # a postcode is at most 16 characters
+    value = FREE_TEXT[field].format(write(pan))  # type: ignore[operator]
+    if field == "postcode" and len(value) > 16:
+        value = pan
+    raw = dict(PERSON, **{field: value})
+    with pytest.raises(AttributeProblem) as caught:
+        parse_identity(raw, strict=True)                          # an RPC: INVALID_ARGUMENT
+    assert caught.value.field == field and caught.value.reason == CARD_NUMBER
+    identity, problems = parse_identity(raw, strict=False)        # an import: dropped, a warning
+    assert [(p.field, p.reason) for p in problems] == [(field, CARD_NUMBER)]
+    assert getattr(identity, field) == ""
+    kept = parse_identity(PERSON, strict=True)[0]
+    assert identity == kept.without(field)                        # everything else is kept
+    for text in (str(caught.value), *map(str, problems), repr(identity)):
+        assert pan not in text and pan[-8:] not in "".join(c for c in text if c.isdigit())
+
+
+def test_numbers_that_are_not_card_numbers_stay() -> None:
+    pan = made_up_pan()
+    bad = pan[:-1] + str((int(pan[-1]) + 1) % 10)
+    assert not luhn_ok(bad)
+    identity, problems = parse_identity(dict(PERSON, address_line2=f"ref {bad}", region="12345678901"), strict=False)
+    assert not problems and identity.address_line2 == f"ref {bad}" and identity.region == "12345678901"
+
+
+def test_the_phone_is_exempt() -> None:
+    """Checked against its numbering plan instead: a 13-digit mobile number passing Luhn is a phone."""
+    digits = "861380013800"
+    digits += luhn_check_digit(digits)
+    assert len(digits) == 13 and luhn_ok(digits)
+    identity, problems = parse_identity(dict(PERSON, phone="+" + digits), strict=True)
+    assert identity.phone == "+" + digits and not problems
+
+
+@pytest.mark.parametrize("key", ["{}", "{} ", "card-{}", "K {}", "{}-2027"])
+@pytest.mark.parametrize("write", [str, spaced], ids=["run", "spaced"])
+def test_a_source_ref_holding_a_card_number_is_refused(key: str, write: object) -> None:
+    pan = made_up_pan()
+    value = key.format(write(pan)).strip()  # type: ignore[operator]
+    with pytest.raises(AttributeProblem) as caught:
+        parse_source_ref("cards-platform", value)
+    assert caught.value.field == "source_ref.key" and caught.value.reason == CARD_NUMBER
+    assert pan not in str(caught.value) and pan[:6] not in str(caught.value)
+    with pytest.raises(AttributeProblem) as caught:
+        parse_source_ref(pan, "K-1")
+    assert caught.value.field == "source_ref.system" and pan not in str(caught.value)
+
+
+def test_source_refs_that_are_not_card_numbers_stay() -> None:
+    pan = made_up_pan()
+    for key in ("R-12345", "0b7d1c2e9f0a", "123456789012", pan[:-1] + str((int(pan[-1]) + 1) % 10),
+                pan + "1234"):                        # 20 digits: a longer number, not a card number
+        assert parse_source_ref("core", key).key == key

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from devstack.demo import demo_pan, demo_routing
+from devstack.demo import TEST_BIN_PREFIX, demo_pan, demo_routing
 from server.errors import InvalidKey
 from server.pan import (
     aba_ok,
+    contains_card_number,
     luhn_check_digit,
     luhn_ok,
     mask_pan,
@@ -91,3 +94,114 @@ def test_account_numbers_tokens_ids_expiry() -> None:
     for wrong in ("2029-13", "29-12", "2029-1", ""):
         with pytest.raises(InvalidKey):
             parse_expiry(wrong)
+
+
+# --- card numbers in free text (contains_card_number) ---------------------------------------------------
+def made_up_pan(length: int = 16, serial: int = 7) -> str:
+    """A Luhn-valid number of `length` digits in the reserved test BIN range, made at run time."""
+    body = f"{TEST_BIN_PREFIX}{serial:0{length - len(TEST_BIN_PREFIX) - 1}d}"
+    return body + luhn_check_digit(body)
+
+
+def wrong_check_digit(digits: str) -> str:
+    return digits[:-1] + str((int(digits[-1]) + 1) % 10)
+
+
+def grouped(digits: str, sep: str, size: int = 4) -> str:
+    return sep.join(digits[i:i + size] for i in range(0, len(digits), size))
+
+
+@pytest.mark.parametrize("length", range(13, 20))
+def test_card_numbers_of_every_length_are_found(length: int) -> None:
+    pan = made_up_pan(length)
+    assert contains_card_number(pan)
+    assert contains_card_number(f"card {pan} x")
+    assert contains_card_number(f"ref{pan}end")            # letters around it are not digits
+    assert not contains_card_number(wrong_check_digit(pan))
+
+
+@pytest.mark.parametrize("write", [
+    lambda p: grouped(p, " "),                               # 9990 0000 0000 0007
+    lambda p: grouped(p, "-"),                               # 9990-0000-0000-0007
+    lambda p: grouped(p, " - "),                             # a dash with spaces around it
+    lambda p: grouped(p, "  "),                              # several spaces
+    lambda p: grouped(p, "\u00a0"),                         # no-break spaces
+    lambda p: f"{p[:4]} {p[4:10]} {p[10:]}",                 # Amex-style 4-6-5 grouping
+    lambda p: f"card {grouped(p, ' ')} exp 12 27",
+    lambda p: f"{grouped(p, ' ')} 12 27",                    # a card number and its expiry: one run
+    lambda p: "0000" + p,                                    # zero-padded to 20 digits
+    lambda p: "0" * 8 + p,
+    lambda p: p.translate(str.maketrans("0123456789", "０１２３４５６７８９")),   # fullwidth digits
+    lambda p: p.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")),          # Arabic-Indic digits
+])
+def test_card_numbers_written_in_groups_or_padded_are_found(write: object) -> None:
+    pan = made_up_pan(16)
+    assert contains_card_number(write(pan))  # type: ignore[operator]
+    assert not contains_card_number(write(wrong_check_digit(pan)))  # type: ignore[operator]
+
+
+def test_what_is_not_a_card_number() -> None:
+    pan = made_up_pan(16)
+    twelve = made_up_pan(12)
+    assert not contains_card_number(twelve) and not contains_card_number(grouped(twelve, " "))   # 12 digits
+    assert not contains_card_number(wrong_check_digit(pan))                                     # fails Luhn
+    assert not contains_card_number("0" * 16) and not contains_card_number("0000 0000 0000 0000")
+    # Other punctuation ends a run: dots, slashes, two dashes, parentheses.
+    for sep in (".", "/", "--", ")("):
+        assert not contains_card_number(grouped(pan, sep)), sep
+    # Numbers split by words are separate runs.
+    assert not contains_card_number(f"{pan[:8]} and {pan[8:]}")
+    assert not contains_card_number("")
+
+
+@pytest.mark.parametrize(("phone", "one_run"), [
+    ("+86 138 0013 8000", True), ("+49 30 1234 567 890", True),
+    ("0044 20 7946 0958", True),                  # leading zeros do not count: 12 digits
+    ("0086 138 0013 8000", True),
+    ("+44 7700 900 123", True),                   # 12 digits: never a card number
+    ("+1 (415) 555-0134 ext 2", False),           # parentheses and words split it
+])
+def test_phone_like_shapes(phone: str, one_run: bool) -> None:
+    """A phone number is not a card number unless its digits pass Luhn; one long number in ten does,
+    so the phone attribute (checked against its country's numbering plan instead) is exempt."""
+    def ending(last: int) -> str:
+        return phone[:-1] + str(last)
+
+    digits = "".join(c for c in phone if c.isdigit())[:-1]
+    passing = next(d for d in range(10) if luhn_ok(digits + str(d)))
+    for d in range(10):
+        if d != passing:
+            assert not contains_card_number(ending(d))
+    assert contains_card_number(ending(passing)) == (one_run and len(digits.lstrip("0")) + 1 >= 13)
+
+
+def test_runs_of_more_than_19_digits() -> None:
+    """A single group of 20+ digits is a longer number, not judged by its inner 13-19 digit windows
+    (one in ten passes Luhn: nearly every 20-digit key would be refused); a zero-padded card number
+    and a run of groups are judged by their windows of whole groups."""
+    pan = made_up_pan(16)
+    assert not contains_card_number(pan + "1234")                 # 20 digits holding a Luhn-valid window
+    assert not contains_card_number("1" + pan + "00")
+    assert contains_card_number("0000" + pan)                     # zero-padded: still the card number
+    assert contains_card_number(grouped(pan, " ") + " 1234")      # its groups and one more
+    assert contains_card_number("1234 " + grouped(pan, " "))
+    assert contains_card_number(pan + " 1234") and contains_card_number(pan + "-1234")
+
+
+@given(length=st.integers(13, 19), serial=st.integers(0, 10**6), size=st.integers(1, 8),
+       sep=st.sampled_from([" ", "-", " - ", "\u00a0"]),
+       before=st.text(alphabet="abc XYZ,.#", max_size=12), after=st.text(alphabet="abc XYZ,.#", max_size=12))
+def test_any_grouping_of_a_card_number_in_text_is_found(length: int, serial: int, size: int, sep: str,
+                                                         before: str, after: str) -> None:
+    pan = made_up_pan(length, serial)
+    assert contains_card_number(before + grouped(pan, sep, size) + after)
+
+
+def test_a_long_adversarial_text_is_quick() -> None:
+    """Attribute cells reach 1,000 characters; the detector stays linear enough for them."""
+    import time
+
+    started = time.perf_counter()
+    for text in ("1 " * 500, "1-" * 500, "9" * 1000, " " * 999 + "1", "12 " * 333):
+        assert not contains_card_number(text)      # no window of ones, or of "12"s, passes Luhn
+    assert time.perf_counter() - started < 1.0
