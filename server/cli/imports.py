@@ -35,12 +35,13 @@ from server.cli.import_files import (
     file_digest,
     source_key,
 )
-from server.cli.import_reader import ReadAhead, batches, bulk_gc, open_reader, sealed
+from server.cli.import_reader import ReadAhead, bulk_gc, open_reader, sealed
 from server.identity.attributes import AttributeProblem, parse_source_ref
 from server.progress import ProgressBar
 from server.settings import Settings
 
 BATCH = 1000
+LINK_PROGRESS_EVERY = 100   # accounts and cards: rows between two updates of the progress bar
 POOL_SIZE = 2            # connections: an import must not starve the nodes' lookups
 KINDS = {"customers": CUSTOMER_COLUMNS, "accounts": ACCOUNT_COLUMNS, "cards": CARD_COLUMNS}
 REPORT_COLUMNS = {
@@ -147,7 +148,8 @@ def last_row(source: SourceFile) -> int:
 async def import_links(kind: str, settings: Settings, path: Path, system: str, report: Path,
                        rejects_path: Path | None, customer_system: str, out: Any = None) -> Summary:
     """Accounts (owned by a customer named by its source reference) or cards (of an account named by
-    routing and account number), one admin write each."""
+    routing and account number), one admin write each, in file order: a row's report or rejects line
+    (its parsing's or its write's) is written before the next row is read."""
     from server.cli.import_links import LinkWriter
     from server.store.bulk import run_id
 
@@ -163,6 +165,7 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
         seen = SeenKeys()
         progress = ProgressBar(out or sys.stderr, f"importing {kind} from {path.name}", max(lines - 1, 0))
         parse = writer_.parse_account if kind == "accounts" else writer_.parse_card
+        decision = REPORT_COLUMNS[kind].index("decision")
 
         def check(row: int, cells: dict[str, str]) -> Any:
             key = source_key(row, cells["source_ref"])
@@ -173,15 +176,17 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
         with _report_file(report) as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(REPORT_COLUMNS[kind])
-            for ready in batches(source, rejects, check, BATCH // 10):
-                for item in ready[0] if ready else ():
-                    result = await writer_.write(kind, item, run)
-                    if isinstance(result, Reject):
-                        rejects.add(result)
-                        continue
-                    summary.decisions[result[2]] += 1
+            for row, cells in source.read():
+                result = cells if isinstance(cells, Reject) else check(row, cells)
+                if not isinstance(result, Reject):
+                    result = await writer_.write(kind, result, run)
+                if isinstance(result, Reject):
+                    rejects.add(result)
+                else:
+                    summary.decisions[result[decision]] += 1
                     writer.writerow(result)
-                progress.update(source.rows_read, f"rejected {rejects.count}")
+                if source.rows_read % LINK_PROGRESS_EVERY == 0:
+                    progress.update(source.rows_read, f"rejected {rejects.count}")
         summary.read, summary.rejected = source.rows_read, rejects.count
         progress.finish(f"rejected {rejects.count}")
         await writer_.finish(run, last_row(source))

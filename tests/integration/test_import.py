@@ -404,7 +404,8 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
 
 
 def test_accounts_and_cards_import_then_resolve_card(
-        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path) -> None:
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     system = "cards-" + uuid.uuid4().hex[:6]
     people = _write(tmp_path / "owners.csv", [_line(_row(used_secrets, "O-1", given_name="Hyacinth")),
                                               _line(_row(used_secrets, "O-2", given_name="Ignatius"))])
@@ -418,11 +419,14 @@ def test_accounts_and_cards_import_then_resolve_card(
                         f"A-3,O-9,{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n"
                         f"A-4,O-1,123456789,{fresh_account_number(used_secrets)},CHECKING,USD\n"
                         f"A-5,O-1,{routing},12ab,CHECKING,USD\nA-6,O-1,{routing},{n1}0,LOAN,USD\n")
+    capsys.readouterr()
     code, acc_report, acc_rejects = _import(tmp_path, "accounts", accounts, system)
     assert code == 0
     assert [(r["source_ref"], r["decision"]) for r in acc_report] == [("A-1", "created"), ("A-2", "created")]
-    assert {(r["row"], r["column"]) for r in acc_rejects} == {("4", "customer_source_ref"), ("5", "routing_number"),
-                                                             ("6", "account_number"), ("7", "type")}
+    # In row order, a write's reject (row 4: no such customer) before the later rows' parsing ones.
+    assert [(r["row"], r["column"]) for r in acc_rejects] == [("4", "customer_source_ref"), ("5", "routing_number"),
+                                                             ("6", "account_number"), ("7", "type")]
+    assert "accounts: 6 rows read, 2 accepted (created 2), 4 rejected" in capsys.readouterr().out
     used_secrets.account_numbers.add(n1 + "0")
     pan, bad_pan = fresh_pan(used_secrets), fresh_pan(used_secrets)
     bad_pan = bad_pan[:-1] + str((int(bad_pan[-1]) + 1) % 10)
@@ -431,16 +435,21 @@ def test_accounts_and_cards_import_then_resolve_card(
     cards.write_text("source_ref,routing_number,account_number,pan,expiry\n"
                      f"K-1,{routing},{n1},{pan},2030-11\nK-2,{routing},{n2},{bad_pan},2030-11\n"
                      f"K-3,{routing},{n2},{fresh_pan(used_secrets)},11/30\n"
-                     f"K-4,{routing},{fresh_account_number(used_secrets)},{fresh_pan(used_secrets)},2030-11\n")
+                     f"K-4,{routing},{fresh_account_number(used_secrets)},{fresh_pan(used_secrets)},2030-11\n"
+                     f"K-5,{routing},{n2},{fresh_pan(used_secrets)},2030-13\n")
     code, card_report, card_rejects = _import(tmp_path, "cards", cards, system)
     assert code == 0 and [(r["source_ref"], r["decision"]) for r in card_report] == [("K-1", "created")]
-    assert {(r["row"], r["column"]) for r in card_rejects} == {("3", "pan"), ("4", "expiry"), ("5", "account_number")}
+    assert [(r["row"], r["column"]) for r in card_rejects] == [("3", "pan"), ("4", "expiry"), ("5", "account_number"),
+                                                              ("6", "expiry")]
+    # Accepted rows counted by decision (not by card token).
+    assert "cards: 5 rows read, 1 accepted (created 1), 4 rejected" in capsys.readouterr().out
     answer = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
     owner = next(r["customer_id"] for r in owners if r["source_ref"] == "O-1")
     assert answer.customer.customer_id == owner
     # Re-running creates nothing; no clear number in any report or rejects file.
     code, again, _ = _import(tmp_path, "cards", cards, system)
     assert code == 0 and [(r["source_ref"], r["decision"]) for r in again] == [("K-1", "existing")]
+    assert "1 accepted (existing 1)" in capsys.readouterr().out
     text = "".join(p.read_text() for p in tmp_path.glob("*-re*.csv"))
     for secret in used_secrets.pans | used_secrets.account_numbers:
         assert secret not in text
