@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.cli import lookup as product_lookup
-from server.cli.base import RAW, run_command, settings_from_args
+from server.cli.base import RAW, CommandFailed, run_command, settings_from_args
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
@@ -130,7 +130,10 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
 def cmd_sample_bins(args: argparse.Namespace) -> int:
     from devstack.bins import write_sample
 
-    n = write_sample(Path(args.out), args.ranges, args.seed)
+    try:
+        n = write_sample(Path(args.out), args.ranges, args.seed)
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {args.out}: {exc.strerror}") from exc
     print(f"wrote {n} ranges to {args.out}; import with: crs bins import {args.out}")
     return 0
 
@@ -173,7 +176,10 @@ def cmd_sample_customers(args: argparse.Namespace) -> int:
     if args.rows < 1:
         print("crs-dev sample-customers: --rows must be at least 1", file=sys.stderr)
         return 2
-    counts = write_sample(Path(args.out), args.rows, dirty=args.dirty, seed=args.seed)
+    try:
+        counts = write_sample(Path(args.out), args.rows, dirty=args.dirty, seed=args.seed)
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {args.out}: {exc.strerror}") from exc
     print(f"{args.out}: {args.rows} rows (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
     return 0
 

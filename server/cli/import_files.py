@@ -16,12 +16,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from server.cli.base import CommandFailed
 from server.identity.attributes import AttributeProblem, has_name, parse_identity, parse_source_ref
 from server.identity.blocking import blocking_keys
 from server.store.bulk import ImportRow
@@ -69,6 +71,33 @@ def file_digest(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             lines += chunk.count(b"\n")
     return digest.hexdigest(), lines
+
+
+def output_problem(source: Path, report: Path, rejects: Path | None) -> str | None:
+    """Why --report or --rejects cannot be written, found before anything is opened: an output that is
+    the input (by another name, a link, a symlink) would be truncated before the input is read, and
+    one in a missing directory would fail after the import began."""
+    outputs = [("--report", report)] + ([("--rejects", rejects)] if rejects else [])
+    for flag, out in outputs:
+        if same_file(out, source):
+            return f"{flag} {out} is the input file"
+    if rejects and same_file(report, rejects):
+        return f"--report and --rejects are the same file ({report})"
+    for flag, out in outputs:
+        if out.is_dir():
+            return f"{flag} {out} is a directory"
+        if not out.parent.is_dir():
+            return f"{flag} {out}: no directory {out.parent}"
+        if not os.access(out if out.exists() else out.parent, os.W_OK):
+            return f"{flag} {out}: permission denied"
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:      # one does not exist (yet): the same path once symlinks and ".." are resolved
+        return a.resolve() == b.resolve()
 
 
 class SourceFile:
@@ -199,7 +228,10 @@ class Rejects:
 
     def __init__(self, path: Path | None) -> None:
         self.count = 0
-        self.file = open(path, "w", newline="", encoding="utf-8") if path else None
+        try:
+            self.file = open(path, "w", newline="", encoding="utf-8") if path else None
+        except OSError as exc:      # checked before (output_problem): changed since
+            raise CommandFailed(f"cannot write --rejects {path}: {exc.strerror}") from exc
         self.writer = csv.writer(self.file, lineterminator="\n") if self.file else None
         if self.writer:
             self.writer.writerow(REJECT_COLUMNS)

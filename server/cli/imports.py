@@ -33,6 +33,7 @@ from server.cli.import_files import (
     SeenKeys,
     SourceFile,
     file_digest,
+    output_problem,
     source_key,
 )
 from server.cli.import_reader import ReadAhead, bulk_gc, open_reader, sealed
@@ -67,7 +68,10 @@ class Summary:
 
 
 def _report_file(path: Path) -> IO[str]:
-    return open(path, "w", newline="", encoding="utf-8")
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as exc:          # checked before (output_problem): changed since
+        raise CommandFailed(f"cannot write --report {path}: {exc.strerror}") from exc
 
 
 async def _open(settings: Settings) -> tuple[Any, Any, Any]:
@@ -210,12 +214,14 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.batch > 50_000:
         print("crs import: --batch must be 1-50000", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
     path, report = Path(args.file), Path(args.report)
     rejects = Path(args.rejects) if args.rejects else None
+    refused = f"{path} is not a file" if not path.is_file() else output_problem(path, report, rejects)
+    if refused:
+        print(f"crs import: {refused}; nothing was read or written", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
     try:
-        if not path.is_file():
-            raise CommandFailed(f"{path} is not a file", 2)
         if kind == "customers":
             summary = asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch))
         else:
@@ -260,7 +266,9 @@ def register(sub: Any) -> None:
             "idempotency key: re-running a file creates nothing twice, and an interrupted load resumes.\n"
             "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
-            "1 a bad header (nothing loaded), 2 bad usage, 3 PostgreSQL unavailable."))
+            "1 a bad header (nothing loaded), 2 bad usage (among others --report or --rejects naming the\n"
+            "input file, each other, or a missing directory: refused before anything is opened),\n"
+            "3 PostgreSQL unavailable."))
         k.add_argument("file", metavar="FILE.csv")
         k.add_argument("--source", required=True, metavar="SYSTEM", help="the source system, e.g. core-banking")
         k.add_argument("--report", required=True, metavar="OUT.csv", help="one line per accepted row")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 import random
 import uuid
 from collections.abc import Iterator
@@ -224,6 +225,37 @@ def test_header_problems_refuse_the_file(env_vars: None, tmp_path: Path, capsys:
     assert ("1", "email", "missing from the header") in problems and ("1", "region", "missing from the header") \
         in problems
     assert "nothing imported" in capsys.readouterr().err
+
+
+def test_outputs_naming_the_input_or_a_missing_directory_are_refused_before_anything_is_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--report or --rejects naming the input (by its path, another path to it, a symlink, a hard link)
+    truncated it before it was read; a missing directory ended in a traceback. Each is now one line
+    and exit 2, before settings, PostgreSQL or any file is opened: the input unchanged, nothing made."""
+    source = _write(tmp_path / "in.csv", [b"R1,Ann,Lee" + b"," * 11])
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "symlink.csv").symlink_to(source)
+    os.link(source, tmp_path / "hardlink.csv")
+    report, elsewhere = str(tmp_path / "report.csv"), str(tmp_path / "sub" / ".." / "report.csv")
+    cases = [
+        (["--report", str(source)], "--report"),
+        (["--report", str(tmp_path / "sub" / ".." / "in.csv")], "--report"),
+        (["--report", report, "--rejects", str(tmp_path / "symlink.csv")], "--rejects"),
+        (["--report", str(tmp_path / "hardlink.csv")], "--report"),
+        (["--report", report, "--rejects", elsewhere], "--report and --rejects are the same file"),
+        (["--report", "/nonexistent/dir/r.csv"], "no directory /nonexistent/dir"),
+        (["--report", report, "--rejects", "/nonexistent/dir/j.csv"], "no directory /nonexistent/dir"),
+        (["--report", str(tmp_path / "sub")], "is a directory"),
+    ]
+    files = sorted(tmp_path.rglob("*"))
+    for kind in ("customers", "cards"):
+        for extra, expect in cases:
+            code = crs(["import", kind, str(source), "--source", "s", *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and expect in err and "nothing was read or written" in err, \
+                (extra, err)
+            assert source.read_bytes() == before and sorted(tmp_path.rglob("*")) == files
 
 
 def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
