@@ -56,6 +56,7 @@ class Summary:
     def __init__(self) -> None:
         self.read = self.rejected = 0
         self.decisions: Counter[str] = Counter()
+        self.unread: tuple[int, int] | None = None    # SourceFile.unread
 
     @property
     def accepted(self) -> int:
@@ -63,8 +64,12 @@ class Summary:
 
     def line(self, kind: str) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items()))
+        lost = ""
+        if self.unread and self.unread[1] > self.unread[0]:
+            first, last = self.unread
+            lost = f"; lines {first}-{last} are one rejected row: a quote opened on line {first} is never closed"
         return (f"{kind}: {self.read} rows read, {self.accepted} accepted ({parts or 'none'}),"
-                f" {self.rejected} rejected")
+                f" {self.rejected} rejected{lost}")
 
 
 def _report_file(path: Path) -> IO[str]:
@@ -136,7 +141,7 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                 await bulk.import_batches(ahead.next, run, committed)
         finally:
             await ahead.close()
-        summary.read, summary.rejected = reader.rows_read, reader.rejected
+        summary.read, summary.rejected, summary.unread = reader.rows_read, reader.rejected, reader.unread
         progress.finish(f"rejected {reader.rejected}")
         await finish_run(pool, run, summary.read + 1)
     finally:
@@ -191,7 +196,7 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
                     writer.writerow(result)
                 if source.rows_read % LINK_PROGRESS_EVERY == 0:
                     progress.update(source.rows_read, f"rejected {rejects.count}")
-        summary.read, summary.rejected = source.rows_read, rejects.count
+        summary.read, summary.rejected, summary.unread = source.rows_read, rejects.count, source.unread
         progress.finish(f"rejected {rejects.count}")
         await writer_.finish(run, last_row(source))
     finally:
@@ -261,9 +266,12 @@ def register(sub: Any) -> None:
         k = ks.add_parser(kind, help=help_text[kind], formatter_class=RAW, description=(
             f"Load {kind} from FILE (CSV, UTF-8, a header row) for source system --source. Columns:\n"
             f"  {','.join(columns)}\n"
-            "An empty cell is unknown. Rows that cannot be used go to --rejects (row, column, reason,\n"
-            "the cell's shape: never a value); the load goes on. The source reference is the\n"
-            "idempotency key: re-running a file creates nothing twice, and an interrupted load resumes.\n"
+            "Header names are matched ignoring case and surrounding spaces. An empty cell is unknown.\n"
+            "Rows that cannot be used go to --rejects (row, column, reason, the cell's shape: never a\n"
+            "value); the load goes on. A row's number is the line its record starts on (header: line 1),\n"
+            "as an editor shows it; a quote never closed is one rejected row naming the lines it took.\n"
+            "The source reference is the idempotency key: re-running a file creates nothing twice, and\n"
+            "an interrupted load resumes.\n"
             "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
             "1 a bad header (nothing loaded), 2 bad usage (among others --report or --rejects naming the\n"

@@ -215,6 +215,27 @@ def test_rejects_and_warnings_name_row_column_reason_never_a_value(
     assert "Vasquez" not in (tmp_path / "dirty-rejects.csv").read_text()
 
 
+def test_rows_are_lines_and_a_quote_never_closed_names_the_lines_it_took(
+        env_vars: None, used_secrets: UsedSecrets, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        reader: str) -> None:
+    """A row is the line its record starts on (a quoted cell over two lines moves the next rows down
+    one), and a quote never closed is one rejected row naming the lines to the end of the file, in
+    the rejects file and in the summary (rows read = accepted + rejected still)."""
+    system = "lines-" + uuid.uuid4().hex[:6]
+    two_lines = _row(used_secrets, "L-2", address_line2="Flat 2\nthe Old Mill")
+    lines = [_line(_row(used_secrets, "L-1")), _line(two_lines), _line(_row(used_secrets, "L-3")),
+             b'"open quote, never closed' + b"," * 13, _line(_row(used_secrets, "L-5")),
+             _line(_row(used_secrets, "L-6"))]
+    code, report, rejects = _import(tmp_path, "customers", _write(tmp_path / "lines.csv", lines), system)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [(r["row"], r["source_ref"]) for r in report] == [("2", "L-1"), ("3", "L-2"), ("5", "L-3")]
+    assert [(r["row"], r["column"]) for r in rejects] == [("6", "(row)")]
+    assert "lines 6-8 (to the end of the file) could not be read" in rejects[0]["reason"]
+    assert "4 rows read, 3 accepted" in out and "1 rejected; lines 6-8 are one rejected row: a quote opened on" \
+        " line 6 is never closed" in out
+
+
 def test_header_problems_refuse_the_file(env_vars: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          reader: str) -> None:
     header = HEADER.replace("email", "e_mail").replace(",region", "").encode()
