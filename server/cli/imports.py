@@ -57,6 +57,7 @@ class Summary:
         self.read = self.rejected = 0
         self.decisions: Counter[str] = Counter()
         self.unread: tuple[int, int] | None = None    # SourceFile.unread
+        self.last_row = 0        # the last row done for good: committed, or rejected before it
 
     @property
     def accepted(self) -> int:
@@ -98,14 +99,14 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
 
 
 async def import_customers(settings: Settings, path: Path, system: str, report: Path, rejects_path: Path | None,
-                           batch: int, out: Any = None) -> Summary:
+                           batch: int, out: Any = None, summary: Summary | None = None) -> Summary:
     from server.identity.model import MatchModel, Thresholds
     from server.store.bulk import BulkCustomers, Outcome, begin_run, finish_run, run_id
     from server.store.identity import IdentityCodec
 
     digest, lines = file_digest(path)
     reader = open_reader(path, batch, rejects_path, lines)    # a second process starts reading now
-    summary = Summary()
+    summary = summary or Summary()
     try:
         pool, keyring, data_key = await _open(settings)
     except BaseException:
@@ -136,6 +137,7 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                         summary.decisions[o.decision] += 1
                         writer.writerow((o.row, o.key, o.customer_id, o.decision,
                                          "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
+                    summary.last_row = last
                     progress.update(max(last - 1, 0), f"rejected {reader.rejected}")
 
                 await bulk.import_batches(ahead.next, run, committed)
@@ -155,7 +157,8 @@ def last_row(source: SourceFile) -> int:
 
 
 async def import_links(kind: str, settings: Settings, path: Path, system: str, report: Path,
-                       rejects_path: Path | None, customer_system: str, out: Any = None) -> Summary:
+                       rejects_path: Path | None, customer_system: str, out: Any = None,
+                       summary: Summary | None = None) -> Summary:
     """Accounts (owned by a customer named by its source reference) or cards (of an account named by
     routing and account number), one admin write each, in file order: a row's report or rejects line
     (its parsing's or its write's) is written before the next row is read."""
@@ -164,7 +167,7 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
 
     digest, lines = file_digest(path)
     pool, keyring, data_key = await _open(settings)
-    summary, rejects = Summary(), Rejects(rejects_path)
+    summary, rejects = summary or Summary(), Rejects(rejects_path)
     try:
         writer_ = LinkWriter(pool=pool, keyring=keyring, data_key=data_key, timeout=settings.pg_timeout * 5,
                              system=system, customer_system=customer_system)
@@ -194,6 +197,7 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
                 else:
                     summary.decisions[result[decision]] += 1
                     writer.writerow(result)
+                summary.last_row = row
                 if source.rows_read % LINK_PROGRESS_EVERY == 0:
                     progress.update(source.rows_read, f"rejected {rejects.count}")
         summary.read, summary.rejected, summary.unread = source.rows_read, rejects.count, source.unread
@@ -226,12 +230,18 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"crs import: {refused}; nothing was read or written", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
+    summary = Summary()
     try:
         if kind == "customers":
-            summary = asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch))
+            asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch, summary=summary))
         else:
-            summary = asyncio.run(import_links(kind, settings, path, args.source, report, rejects,
-                                               args.customer_source or args.source))
+            asyncio.run(import_links(kind, settings, path, args.source, report, rejects,
+                                     args.customer_source or args.source, summary=summary))
+    except KeyboardInterrupt:
+        where = f"after row {summary.last_row} (committed)" if summary.last_row else "before any row was committed"
+        print(("\n" if sys.stderr.isatty() else "") + f"crs import: interrupted {where}; run the same command"
+              " again to resume", file=sys.stderr)
+        return 130
     except HeaderError as exc:
         if rejects:
             r = Rejects(rejects)
@@ -271,7 +281,8 @@ def register(sub: Any) -> None:
             "value); the load goes on. A row's number is the line its record starts on (header: line 1),\n"
             "as an editor shows it; a quote never closed is one rejected row naming the lines it took.\n"
             "The source reference is the idempotency key: re-running a file creates nothing twice, and\n"
-            "an interrupted load resumes.\n"
+            "an interrupted load (Ctrl-C or SIGINT: `interrupted after row N (committed)`, exit 130)\n"
+            "resumes when the same command is run again.\n"
             "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
             "1 a bad header (nothing loaded), 2 bad usage (among others --report or --rejects naming the\n"

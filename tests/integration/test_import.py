@@ -10,6 +10,9 @@ import asyncio
 import csv
 import os
 import random
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,27 @@ from server.store.bulk import BulkCustomers
 from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan
 
 HEADER = ",".join(CUSTOMER_COLUMNS)
+ROOT = Path(__file__).resolve().parents[2]
+# `crs import` in a child whose third batch write waits to be interrupted (two batches committed).
+HOLD_THIRD_WRITE = """
+import asyncio, signal, sys
+from server.cli import import_reader
+from server.cli.main import main
+from server.store.bulk import BulkCustomers
+print("sigint ignored" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "sigint handled", flush=True)
+if sys.argv[1] == "process":
+    import_reader.PROCESS_READER_ROWS = 1
+real, calls = BulkCustomers.write, 0
+async def write(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == 3:
+        print("holding", flush=True)
+        await asyncio.sleep(120)
+    return await real(self, *args, **kwargs)
+BulkCustomers.write = write
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 @pytest.fixture
@@ -427,7 +451,8 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
 
 
 def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets,
-                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     system = "resume-" + uuid.uuid4().hex[:6]
     file = _write(tmp_path / "big.csv", [_line(_row(used_secrets, f"P{i}", given_name=random.choice(
         ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "x" * i)) for i in range(30)])
@@ -442,8 +467,11 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
         return await real(self, *args, **kwargs)
 
     monkeypatch.setattr(BulkCustomers, "write", crash_on_third)
+    capsys.readouterr()
     code, _, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
     assert code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("crs import: interrupted after row 21 (committed); run the"
+                                                        " same command again to resume")
     run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
     assert len(run) == 1 and run[0]["rows_done"] == 21 and run[0]["finished_at"] is None
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
@@ -454,6 +482,36 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 30
     run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
     assert run[0]["rows_done"] == 31 and run[0]["finished_at"] is not None
+
+
+def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resumes(
+        env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets, tmp_path: Path, reader: str) -> None:
+    """A background job of a non-interactive shell (`crs import ... &` in a script, some CI runners)
+    starts with SIGINT ignored, and Python then sets no handler: the import never stopped on SIGINT.
+    `crs` installs Python's handler (server/cli/base.py, stop_on_sigint), so a real SIGINT in the
+    middle of a batch stops it after the last commit, with one line saying where, and exit 130."""
+    system = "sigint-" + uuid.uuid4().hex[:6]
+    file = _write(tmp_path / "sig.csv", [_line(_row(used_secrets, f"S{i}", given_name=random.choice(
+        ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "y" * i)) for i in range(30)])
+    argv = ["import", "customers", str(file), "--source", system, "--report", str(tmp_path / "r.csv"), "--batch", "10"]
+    child = subprocess.Popen([sys.executable, "-c", HOLD_THIRD_WRITE, reader, *argv], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "sigint ignored\n"
+        assert child.stdout.readline() == "holding\n"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err
+    assert err.splitlines()[-1] == "crs import: interrupted after row 21 (committed); run the same command again" \
+        " to resume" and "Traceback" not in err, err
+    assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
+    code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
+    assert code == 0 and [r["decision"] for r in report].count("existing") == 20 and len(report) == 30
 
 
 def test_accounts_and_cards_import_then_resolve_card(
