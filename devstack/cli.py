@@ -235,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(
         "Generate N customers with Faker at run time (made up, never committed): about 5% are another\n"
         "source record of an earlier person (nickname, typo, reformatted phone, day/month swap), which\n"
-        "the import makes one customer. --dirty breaks about 4% on purpose (impossible dates, bad\n"
-        "check digits, missing source_ref or name, repeated source_ref, bad phone, wrong column count,\n"
-        "control characters) to show the rejects file and the report's warnings."), formatter_class=RAW)
+        "the import makes one customer. --dirty breaks about 4% on purpose, and at least one row from\n"
+        "--rows 2 on (impossible dates, bad check digits, missing source_ref or name, repeated\n"
+        "source_ref, bad phone, wrong column count, control characters) to show the rejects file and\n"
+        "the report's warnings."), formatter_class=RAW)
     s.add_argument("out", metavar="OUT.csv")
     s.add_argument("--rows", type=int, default=1000, help="data rows (default 1000)")
-    s.add_argument("--dirty", action="store_true", help="include deliberately bad rows")
+    s.add_argument("--dirty", action="store_true",
+                   help="include deliberately bad rows (about 4%%; at least one from --rows 2 on)")
     s.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     s.set_defaults(func=cmd_sample_customers)
 
