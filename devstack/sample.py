@@ -6,7 +6,7 @@ family name, a reformatted phone, a day/month swap), which the import turns into
 --dirty about 4% of the rows are broken on purpose, one kind each (an impossible date, a national
 id failing its check digit, a missing source_ref, no name, a repeated source_ref, a malformed
 phone, a wrong number of columns, a control character), to show the rejects file and the report's
-warnings.
+warnings: at least one from MIN_DIRTY_ROWS rows on (4% of 30 rows used to round to none).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ _NICKNAMES = {"william": "Bill", "robert": "Bob", "elizabeth": "Liz", "margaret"
               "richard": "Dick", "katherine": "Kate", "michael": "Mike", "jennifer": "Jen", "thomas": "Tom"}
 DIRTY_KINDS = ("bad_date", "bad_ssn", "no_source_ref", "no_name", "repeated_ref", "bad_phone", "columns",
                "control")
+DUPLICATE_SHARE = 0.05    # rows that are another source record of an earlier person
+DIRTY_SHARE = 0.04        # --dirty: rows broken on purpose
+MIN_DIRTY_ROWS = 2        # --dirty: from this many rows on, at least one is broken (never the first)
 
 
 def _ssn(rng: random.Random) -> str:
@@ -85,6 +88,17 @@ def _dirty(p: dict[str, str], kind: str, rng: random.Random, refs: list[str]) ->
     return cells[:-2] if kind == "columns" else cells
 
 
+def dirty_rows(rows: int, rng: random.Random) -> dict[int, str]:
+    """Row index -> how --dirty breaks it: DIRTY_SHARE of the rows, at least one from MIN_DIRTY_ROWS
+    on, never the first (a repeated source_ref needs an earlier one); the kinds in turn from a random
+    start, so a small file shows as many kinds as it has dirty rows."""
+    if rows < MIN_DIRTY_ROWS:
+        return {}
+    picked = sorted(rng.sample(range(1, rows), max(1, round(rows * DIRTY_SHARE))))
+    first = rng.randrange(len(DIRTY_KINDS))
+    return {n: DIRTY_KINDS[(first + i) % len(DIRTY_KINDS)] for i, n in enumerate(picked)}
+
+
 def write_sample(out: Path, rows: int, *, dirty: bool = False, seed: int | None = None) -> dict[str, int]:
     """Write `rows` data rows; returns how many of each kind (people, duplicates, each dirty kind)."""
     from faker import Faker
@@ -93,19 +107,19 @@ def write_sample(out: Path, rows: int, *, dirty: bool = False, seed: int | None 
     fake = Faker("en_US")
     fake.seed_instance(rng.randrange(1 << 30))
     counts: dict[str, int] = {"people": 0, "duplicates": 0}
+    broken = dirty_rows(rows, rng) if dirty else {}
     people: list[dict[str, str]] = []
     refs: list[str] = []
     with open(out, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(CUSTOMER_COLUMNS)
         for n in range(rows):
-            roll = rng.random()
-            if dirty and roll < 0.04 and people:
-                kind = DIRTY_KINDS[n % len(DIRTY_KINDS)]
+            kind = broken.get(n)
+            if kind:
                 w.writerow(_dirty(_person(fake, rng, n), kind, rng, refs))
                 counts[kind] = counts.get(kind, 0) + 1
                 continue
-            if roll < 0.09 and people:
+            if rng.random() < DUPLICATE_SHARE and people:
                 row = _variant(rng.choice(people), rng, n)
                 counts["duplicates"] += 1
             else:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,9 +30,20 @@ def settings_from_args(args: argparse.Namespace, **overrides: object) -> Setting
     return load_settings(os.environ, config_file=config, overrides=given)
 
 
+def stop_on_sigint() -> None:
+    """Ctrl-C / SIGINT stops the command even when it was started with SIGINT ignored: a background job
+    of a non-interactive shell (`cmd &` in a script, some CI runners) inherits SIG_IGN, Python then
+    installs no handler of its own, and `crs import`, `crs shards apply`, `crs feed tail` or
+    `crs-dev up` would never stop on SIGINT (asyncio.run, too, takes SIGINT only when Python's handler
+    is set). A Python handler a caller set is kept; signal handlers belong to the main thread."""
+    if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, run the chosen command's `func`, and turn the errors every command shares into exit
-    codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C."""
+    codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C / SIGINT."""
+    stop_on_sigint()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

@@ -7,8 +7,12 @@ value it was without the value itself). Nothing from a cell is ever written anyw
 to the rejects file, the report, the logs or the terminal. Every row read is either accepted or
 rejected, and the counts say so.
 
-Rows are numbered as a spreadsheet numbers them: the header is row 1, the first data row row 2 (a
-quoted cell spanning lines counts from the line it starts on).
+A row's number is the line on which its record starts, as an editor numbers lines (the header is
+line 1): that is where an operator looks for it. It is a spreadsheet's row number too unless a quoted
+cell spans lines: each of its lines counts, so the rows after it are numbered further on. A record
+the file breaks (a quote opened and never closed) is one rejected row however many lines it covers,
+and its reason names them, so that `rows read = accepted + rejected` holds and nothing is lost unsaid.
+Header names are matched ignoring case and surrounding spaces (` Given_Name` is `given_name`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
+from server.cli.base import CommandFailed
 from server.identity.attributes import AttributeProblem, has_name, parse_identity, parse_source_ref
 from server.identity.blocking import blocking_keys
 from server.store.bulk import ImportRow
@@ -71,12 +77,40 @@ def file_digest(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), lines
 
 
+def output_problem(source: Path, report: Path, rejects: Path | None) -> str | None:
+    """Why --report or --rejects cannot be written, found before anything is opened: an output that is
+    the input (by another name, a link, a symlink) would be truncated before the input is read, and
+    one in a missing directory would fail after the import began."""
+    outputs = [("--report", report)] + ([("--rejects", rejects)] if rejects else [])
+    for flag, out in outputs:
+        if same_file(out, source):
+            return f"{flag} {out} is the input file"
+    if rejects and same_file(report, rejects):
+        return f"--report and --rejects are the same file ({report})"
+    for flag, out in outputs:
+        if out.is_dir():
+            return f"{flag} {out} is a directory"
+        if not out.parent.is_dir():
+            return f"{flag} {out}: no directory {out.parent}"
+        if not os.access(out if out.exists() else out.parent, os.W_OK):
+            return f"{flag} {out}: permission denied"
+    return None
+
+
+def same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:      # one does not exist (yet): the same path once symlinks and ".." are resolved
+        return a.resolve() == b.resolve()
+
+
 class SourceFile:
     """A CSV source file with a header row naming `columns` (in any order, each exactly once)."""
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.path, self.columns = path, tuple(columns)
         self.rows_read = 0
+        self.unread: tuple[int, int] | None = None   # lines from a never-closed quote to the end of the file
 
     def header_problems(self, header: list[str]) -> list[Reject]:
         problems = []
@@ -99,7 +133,7 @@ class SourceFile:
             yield from self._rows(text)
 
     def _rows(self, text: IO[str]) -> Iterator[tuple[int, dict[str, str] | Reject]]:
-        lines = (line.replace("\0", _NUL) for line in text)
+        lines = _Lines(text)
         reader = csv.reader(lines, strict=True)
         try:
             header = next(reader)
@@ -111,20 +145,26 @@ class SourceFile:
         if problems:
             raise HeaderError(problems)
         names = [h.strip().lower() for h in header]
-        start = reader.line_num + 1
+        start = reader.line_num + 1                  # the line the next record starts on
         while True:
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
+                end = reader.line_num
                 self.rows_read += 1
-                yield start, Reject(start, ROW, f"is not valid CSV ({_csv_reason(exc)})")
-                start = reader.line_num + 1
+                if lines.ended:
+                    self.unread = (start, end)
+                yield start, Reject(start, ROW, _broken(exc, start, end, lines.ended))
+                start = end + 1
                 continue
             row, start = start, reader.line_num + 1
             self.rows_read += 1
-            yield row, self._check(row, names, cells)
+            checked = self._check(row, names, cells)
+            if isinstance(checked, Reject) and start - 1 > row:     # e.g. a quote closed many lines later
+                checked = replace(checked, reason=f"{checked.reason} (the record spans lines {row}-{start - 1})")
+            yield row, checked
 
     @staticmethod
     def _check(row: int, names: list[str], cells: list[str]) -> dict[str, str] | Reject:
@@ -146,6 +186,35 @@ class HeaderError(Exception):
     def __init__(self, problems: list[Reject]) -> None:
         super().__init__("; ".join(f"{p.column}: {p.reason}" for p in problems))
         self.problems = problems
+
+
+class _Lines:
+    """The file's lines for the csv module (a NUL byte read as _NUL); `ended` once it asked past the
+    last one, which in the middle of a record means a quote that is never closed."""
+
+    def __init__(self, text: IO[str]) -> None:
+        self.text, self.ended = text, False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline()
+        if not line:
+            self.ended = True
+            raise StopIteration
+        return line.replace("\0", _NUL)
+
+
+def _broken(exc: csv.Error, start: int, end: int, at_end: bool) -> str:
+    """The reason of a record that is not CSV, naming every line it took with it."""
+    if at_end and end > start:
+        return (f"is not valid CSV: a quote opened on this line is never closed, so lines {start}-{end}"
+                " (to the end of the file) could not be read")
+    if at_end:
+        return "is not valid CSV: a quote opened on this line, the file's last, is never closed"
+    spans = f"; the record spans lines {start}-{end}, none of them loaded" if end > start else ""
+    return f"is not valid CSV ({_csv_reason(exc)}){spans}"
 
 
 def _printable(text: str) -> str:
@@ -199,7 +268,10 @@ class Rejects:
 
     def __init__(self, path: Path | None) -> None:
         self.count = 0
-        self.file = open(path, "w", newline="", encoding="utf-8") if path else None
+        try:
+            self.file = open(path, "w", newline="", encoding="utf-8") if path else None
+        except OSError as exc:      # checked before (output_problem): changed since
+            raise CommandFailed(f"cannot write --rejects {path}: {exc.strerror}") from exc
         self.writer = csv.writer(self.file, lineterminator="\n") if self.file else None
         if self.writer:
             self.writer.writerow(REJECT_COLUMNS)

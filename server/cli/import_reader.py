@@ -82,6 +82,10 @@ class InlineReader:
     def rejected(self) -> int:
         return self.rejects.count
 
+    @property
+    def unread(self) -> tuple[int, int] | None:
+        return self.source.unread
+
     async def batches(self) -> AsyncIterator[Batch]:
         seen = SeenKeys()
         for item in batches(self.source, self.rejects, lambda r, c: customer_row(r, c, seen), self.size,
@@ -116,7 +120,7 @@ def bulk_gc() -> Iterator[None]:
 
 def _read_in_child(path: str, size: int, rejects_path: str | None, out: Connection) -> None:
     """The second process: parse the file and send ("rows", batch, last, rows_read, rejected) per
-    batch, then ("done", rows_read, rejected); a bad header: ("header", problems)."""
+    batch, then ("done", rows_read, rejected, unread); a bad header: ("header", problems)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle; it ends us
     source, seen = SourceFile(Path(path), CUSTOMER_COLUMNS), SeenKeys()
     rejects = Rejects(Path(rejects_path) if rejects_path else None)
@@ -130,7 +134,7 @@ def _read_all(source: SourceFile, seen: SeenKeys, rejects: Rejects, size: int, o
             assert item is not None
             rows, last = item
             out.send(("rows", rows, last, source.rows_read, rejects.count))
-        out.send(("done", source.rows_read, rejects.count))
+        out.send(("done", source.rows_read, rejects.count, source.unread))
     except HeaderError as exc:
         out.send(("header", exc.problems))
     except BaseException as exc:   # the parent raises it: say what it was, never a cell's value
@@ -152,6 +156,7 @@ class ProcessReader:
         self.process.start()
         send.close()
         self.rows_read = self.rejected = 0
+        self.unread: tuple[int, int] | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
         while True:
@@ -164,7 +169,7 @@ class ProcessReader:
                 _, rows, last, self.rows_read, self.rejected = message
                 yield rows, last
             elif kind == "done":
-                _, self.rows_read, self.rejected = message
+                _, self.rows_read, self.rejected, self.unread = message
                 return
             elif kind == "header":
                 raise HeaderError(message[1])

@@ -33,14 +33,16 @@ from server.cli.import_files import (
     SeenKeys,
     SourceFile,
     file_digest,
+    output_problem,
     source_key,
 )
-from server.cli.import_reader import ReadAhead, batches, bulk_gc, open_reader, sealed
+from server.cli.import_reader import ReadAhead, bulk_gc, open_reader, sealed
 from server.identity.attributes import AttributeProblem, parse_source_ref
 from server.progress import ProgressBar
 from server.settings import Settings
 
 BATCH = 1000
+LINK_PROGRESS_EVERY = 100   # accounts and cards: rows between two updates of the progress bar
 POOL_SIZE = 2            # connections: an import must not starve the nodes' lookups
 KINDS = {"customers": CUSTOMER_COLUMNS, "accounts": ACCOUNT_COLUMNS, "cards": CARD_COLUMNS}
 REPORT_COLUMNS = {
@@ -54,6 +56,8 @@ class Summary:
     def __init__(self) -> None:
         self.read = self.rejected = 0
         self.decisions: Counter[str] = Counter()
+        self.unread: tuple[int, int] | None = None    # SourceFile.unread
+        self.last_row = 0        # the last row done for good: committed, or rejected before it
 
     @property
     def accepted(self) -> int:
@@ -61,12 +65,19 @@ class Summary:
 
     def line(self, kind: str) -> str:
         parts = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items()))
+        lost = ""
+        if self.unread and self.unread[1] > self.unread[0]:
+            first, last = self.unread
+            lost = f"; lines {first}-{last} are one rejected row: a quote opened on line {first} is never closed"
         return (f"{kind}: {self.read} rows read, {self.accepted} accepted ({parts or 'none'}),"
-                f" {self.rejected} rejected")
+                f" {self.rejected} rejected{lost}")
 
 
 def _report_file(path: Path) -> IO[str]:
-    return open(path, "w", newline="", encoding="utf-8")
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as exc:          # checked before (output_problem): changed since
+        raise CommandFailed(f"cannot write --report {path}: {exc.strerror}") from exc
 
 
 async def _open(settings: Settings) -> tuple[Any, Any, Any]:
@@ -88,14 +99,14 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
 
 
 async def import_customers(settings: Settings, path: Path, system: str, report: Path, rejects_path: Path | None,
-                           batch: int, out: Any = None) -> Summary:
+                           batch: int, out: Any = None, summary: Summary | None = None) -> Summary:
     from server.identity.model import MatchModel, Thresholds
     from server.store.bulk import BulkCustomers, Outcome, begin_run, finish_run, run_id
     from server.store.identity import IdentityCodec
 
     digest, lines = file_digest(path)
     reader = open_reader(path, batch, rejects_path, lines)    # a second process starts reading now
-    summary = Summary()
+    summary = summary or Summary()
     try:
         pool, keyring, data_key = await _open(settings)
     except BaseException:
@@ -126,12 +137,13 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                         summary.decisions[o.decision] += 1
                         writer.writerow((o.row, o.key, o.customer_id, o.decision,
                                          "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
+                    summary.last_row = last
                     progress.update(max(last - 1, 0), f"rejected {reader.rejected}")
 
                 await bulk.import_batches(ahead.next, run, committed)
         finally:
             await ahead.close()
-        summary.read, summary.rejected = reader.rows_read, reader.rejected
+        summary.read, summary.rejected, summary.unread = reader.rows_read, reader.rejected, reader.unread
         progress.finish(f"rejected {reader.rejected}")
         await finish_run(pool, run, summary.read + 1)
     finally:
@@ -145,15 +157,17 @@ def last_row(source: SourceFile) -> int:
 
 
 async def import_links(kind: str, settings: Settings, path: Path, system: str, report: Path,
-                       rejects_path: Path | None, customer_system: str, out: Any = None) -> Summary:
+                       rejects_path: Path | None, customer_system: str, out: Any = None,
+                       summary: Summary | None = None) -> Summary:
     """Accounts (owned by a customer named by its source reference) or cards (of an account named by
-    routing and account number), one admin write each."""
+    routing and account number), one admin write each, in file order: a row's report or rejects line
+    (its parsing's or its write's) is written before the next row is read."""
     from server.cli.import_links import LinkWriter
     from server.store.bulk import run_id
 
     digest, lines = file_digest(path)
     pool, keyring, data_key = await _open(settings)
-    summary, rejects = Summary(), Rejects(rejects_path)
+    summary, rejects = summary or Summary(), Rejects(rejects_path)
     try:
         writer_ = LinkWriter(pool=pool, keyring=keyring, data_key=data_key, timeout=settings.pg_timeout * 5,
                              system=system, customer_system=customer_system)
@@ -163,6 +177,7 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
         seen = SeenKeys()
         progress = ProgressBar(out or sys.stderr, f"importing {kind} from {path.name}", max(lines - 1, 0))
         parse = writer_.parse_account if kind == "accounts" else writer_.parse_card
+        decision = REPORT_COLUMNS[kind].index("decision")
 
         def check(row: int, cells: dict[str, str]) -> Any:
             key = source_key(row, cells["source_ref"])
@@ -173,16 +188,19 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
         with _report_file(report) as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(REPORT_COLUMNS[kind])
-            for ready in batches(source, rejects, check, BATCH // 10):
-                for item in ready[0] if ready else ():
-                    result = await writer_.write(kind, item, run)
-                    if isinstance(result, Reject):
-                        rejects.add(result)
-                        continue
-                    summary.decisions[result[2]] += 1
+            for row, cells in source.read():
+                result = cells if isinstance(cells, Reject) else check(row, cells)
+                if not isinstance(result, Reject):
+                    result = await writer_.write(kind, result, run)
+                if isinstance(result, Reject):
+                    rejects.add(result)
+                else:
+                    summary.decisions[result[decision]] += 1
                     writer.writerow(result)
-                progress.update(source.rows_read, f"rejected {rejects.count}")
-        summary.read, summary.rejected = source.rows_read, rejects.count
+                summary.last_row = row
+                if source.rows_read % LINK_PROGRESS_EVERY == 0:
+                    progress.update(source.rows_read, f"rejected {rejects.count}")
+        summary.read, summary.rejected, summary.unread = source.rows_read, rejects.count, source.unread
         progress.finish(f"rejected {rejects.count}")
         await writer_.finish(run, last_row(source))
     finally:
@@ -205,17 +223,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.batch < 1 or args.batch > 50_000:
         print("crs import: --batch must be 1-50000", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
     path, report = Path(args.file), Path(args.report)
     rejects = Path(args.rejects) if args.rejects else None
+    refused = f"{path} is not a file" if not path.is_file() else output_problem(path, report, rejects)
+    if refused:
+        print(f"crs import: {refused}; nothing was read or written", file=sys.stderr)
+        return 2
+    settings = settings_from_args(args)
+    summary = Summary()
     try:
-        if not path.is_file():
-            raise CommandFailed(f"{path} is not a file", 2)
         if kind == "customers":
-            summary = asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch))
+            asyncio.run(import_customers(settings, path, args.source, report, rejects, args.batch, summary=summary))
         else:
-            summary = asyncio.run(import_links(kind, settings, path, args.source, report, rejects,
-                                               args.customer_source or args.source))
+            asyncio.run(import_links(kind, settings, path, args.source, report, rejects,
+                                     args.customer_source or args.source, summary=summary))
+    except KeyboardInterrupt:
+        where = f"after row {summary.last_row} (committed)" if summary.last_row else "before any row was committed"
+        print(("\n" if sys.stderr.isatty() else "") + f"crs import: interrupted {where}; run the same command"
+              " again to resume", file=sys.stderr)
+        return 130
     except HeaderError as exc:
         if rejects:
             r = Rejects(rejects)
@@ -250,13 +276,19 @@ def register(sub: Any) -> None:
         k = ks.add_parser(kind, help=help_text[kind], formatter_class=RAW, description=(
             f"Load {kind} from FILE (CSV, UTF-8, a header row) for source system --source. Columns:\n"
             f"  {','.join(columns)}\n"
-            "An empty cell is unknown. Rows that cannot be used go to --rejects (row, column, reason,\n"
-            "the cell's shape: never a value); the load goes on. The source reference is the\n"
-            "idempotency key: re-running a file creates nothing twice, and an interrupted load resumes.\n"
-            "A source reference holding a card number rejects its row (PCI: no PAN outside the vault).\n"
+            "Header names are matched ignoring case and surrounding spaces. An empty cell is unknown.\n"
+            "Rows that cannot be used go to --rejects (row, column, reason, the cell's shape: never a\n"
+            "value); the load goes on. A row's number is the line its record starts on (header: line 1),\n"
+            "as an editor shows it; a quote never closed is one rejected row naming the lines it took.\n"
+            "The source reference is the idempotency key: re-running a file creates nothing twice, and\n"
+            "an interrupted load (Ctrl-C or SIGINT: `interrupted after row N (committed)`, exit 130)\n"
+            "resumes when the same command is run again. A source reference holding a card number\n"
+            "rejects its row (PCI: no PAN outside the vault).\n"
             "Needs CRS_PG_DSN, CRS_FINGERPRINT_KEYS and CRS_KEK (`crs-dev up` prints them).\n"
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
-            "1 a bad header (nothing loaded), 2 bad usage, 3 PostgreSQL unavailable."))
+            "1 a bad header (nothing loaded), 2 bad usage (among others --report or --rejects naming the\n"
+            "input file, each other, or a missing directory: refused before anything is opened),\n"
+            "3 PostgreSQL unavailable."))
         k.add_argument("file", metavar="FILE.csv")
         k.add_argument("--source", required=True, metavar="SYSTEM", help="the source system, e.g. core-banking")
         k.add_argument("--report", required=True, metavar="OUT.csv", help="one line per accepted row")

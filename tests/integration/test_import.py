@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import os
 import random
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +33,27 @@ from server.store.bulk import BulkCustomers
 from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
 
 HEADER = ",".join(CUSTOMER_COLUMNS)
+ROOT = Path(__file__).resolve().parents[2]
+# `crs import` in a child whose third batch write waits to be interrupted (two batches committed).
+HOLD_THIRD_WRITE = """
+import asyncio, signal, sys
+from server.cli import import_reader
+from server.cli.main import main
+from server.store.bulk import BulkCustomers
+print("sigint ignored" if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else "sigint handled", flush=True)
+if sys.argv[1] == "process":
+    import_reader.PROCESS_READER_ROWS = 1
+real, calls = BulkCustomers.write, 0
+async def write(self, *args, **kwargs):
+    global calls
+    calls += 1
+    if calls == 3:
+        print("holding", flush=True)
+        await asyncio.sleep(120)
+    return await real(self, *args, **kwargs)
+BulkCustomers.write = write
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 @pytest.fixture
@@ -216,6 +241,27 @@ def test_rejects_and_warnings_name_row_column_reason_never_a_value(
     assert "Vasquez" not in (tmp_path / "dirty-rejects.csv").read_text()
 
 
+def test_rows_are_lines_and_a_quote_never_closed_names_the_lines_it_took(
+        env_vars: None, used_secrets: UsedSecrets, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        reader: str) -> None:
+    """A row is the line its record starts on (a quoted cell over two lines moves the next rows down
+    one), and a quote never closed is one rejected row naming the lines to the end of the file, in
+    the rejects file and in the summary (rows read = accepted + rejected still)."""
+    system = "lines-" + uuid.uuid4().hex[:6]
+    two_lines = _row(used_secrets, "L-2", address_line2="Flat 2\nthe Old Mill")
+    lines = [_line(_row(used_secrets, "L-1")), _line(two_lines), _line(_row(used_secrets, "L-3")),
+             b'"open quote, never closed' + b"," * 13, _line(_row(used_secrets, "L-5")),
+             _line(_row(used_secrets, "L-6"))]
+    code, report, rejects = _import(tmp_path, "customers", _write(tmp_path / "lines.csv", lines), system)
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [(r["row"], r["source_ref"]) for r in report] == [("2", "L-1"), ("3", "L-2"), ("5", "L-3")]
+    assert [(r["row"], r["column"]) for r in rejects] == [("6", "(row)")]
+    assert "lines 6-8 (to the end of the file) could not be read" in rejects[0]["reason"]
+    assert "4 rows read, 3 accepted" in out and "1 rejected; lines 6-8 are one rejected row: a quote opened on" \
+        " line 6 is never closed" in out
+
+
 def test_header_problems_refuse_the_file(env_vars: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                          reader: str) -> None:
     header = HEADER.replace("email", "e_mail").replace(",region", "").encode()
@@ -226,6 +272,37 @@ def test_header_problems_refuse_the_file(env_vars: None, tmp_path: Path, capsys:
     assert ("1", "email", "missing from the header") in problems and ("1", "region", "missing from the header") \
         in problems
     assert "nothing imported" in capsys.readouterr().err
+
+
+def test_outputs_naming_the_input_or_a_missing_directory_are_refused_before_anything_is_opened(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--report or --rejects naming the input (by its path, another path to it, a symlink, a hard link)
+    truncated it before it was read; a missing directory ended in a traceback. Each is now one line
+    and exit 2, before settings, PostgreSQL or any file is opened: the input unchanged, nothing made."""
+    source = _write(tmp_path / "in.csv", [b"R1,Ann,Lee" + b"," * 11])
+    before = source.read_bytes()
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "symlink.csv").symlink_to(source)
+    os.link(source, tmp_path / "hardlink.csv")
+    report, elsewhere = str(tmp_path / "report.csv"), str(tmp_path / "sub" / ".." / "report.csv")
+    cases = [
+        (["--report", str(source)], "--report"),
+        (["--report", str(tmp_path / "sub" / ".." / "in.csv")], "--report"),
+        (["--report", report, "--rejects", str(tmp_path / "symlink.csv")], "--rejects"),
+        (["--report", str(tmp_path / "hardlink.csv")], "--report"),
+        (["--report", report, "--rejects", elsewhere], "--report and --rejects are the same file"),
+        (["--report", "/nonexistent/dir/r.csv"], "no directory /nonexistent/dir"),
+        (["--report", report, "--rejects", "/nonexistent/dir/j.csv"], "no directory /nonexistent/dir"),
+        (["--report", str(tmp_path / "sub")], "is a directory"),
+    ]
+    files = sorted(tmp_path.rglob("*"))
+    for kind in ("customers", "cards"):
+        for extra, expect in cases:
+            code = crs(["import", kind, str(source), "--source", "s", *extra])
+            err = capsys.readouterr().err
+            assert code == 2 and err.count("\n") == 1 and expect in err and "nothing was read or written" in err, \
+                (extra, err)
+            assert source.read_bytes() == before and sorted(tmp_path.rglob("*")) == files
 
 
 def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
@@ -376,7 +453,8 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
 
 
 def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets,
-                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     system = "resume-" + uuid.uuid4().hex[:6]
     file = _write(tmp_path / "big.csv", [_line(_row(used_secrets, f"P{i}", given_name=random.choice(
         ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "x" * i)) for i in range(30)])
@@ -391,8 +469,11 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
         return await real(self, *args, **kwargs)
 
     monkeypatch.setattr(BulkCustomers, "write", crash_on_third)
+    capsys.readouterr()
     code, _, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
     assert code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("crs import: interrupted after row 21 (committed); run the"
+                                                        " same command again to resume")
     run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
     assert len(run) == 1 and run[0]["rows_done"] == 21 and run[0]["finished_at"] is None
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
@@ -405,8 +486,39 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
     assert run[0]["rows_done"] == 31 and run[0]["finished_at"] is not None
 
 
+def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resumes(
+        env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets, tmp_path: Path, reader: str) -> None:
+    """A background job of a non-interactive shell (`crs import ... &` in a script, some CI runners)
+    starts with SIGINT ignored, and Python then sets no handler: the import never stopped on SIGINT.
+    `crs` installs Python's handler (server/cli/base.py, stop_on_sigint), so a real SIGINT in the
+    middle of a batch stops it after the last commit, with one line saying where, and exit 130."""
+    system = "sigint-" + uuid.uuid4().hex[:6]
+    file = _write(tmp_path / "sig.csv", [_line(_row(used_secrets, f"S{i}", given_name=random.choice(
+        ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "y" * i)) for i in range(30)])
+    argv = ["import", "customers", str(file), "--source", system, "--report", str(tmp_path / "r.csv"), "--batch", "10"]
+    child = subprocess.Popen([sys.executable, "-c", HOLD_THIRD_WRITE, reader, *argv], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "sigint ignored\n"
+        assert child.stdout.readline() == "holding\n"
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 130, err
+    assert err.splitlines()[-1] == "crs import: interrupted after row 21 (committed); run the same command again" \
+        " to resume" and "Traceback" not in err, err
+    assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
+    code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
+    assert code == 0 and [r["decision"] for r in report].count("existing") == 20 and len(report) == 30
+
+
 def test_accounts_and_cards_import_then_resolve_card(
-        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path) -> None:
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     system = "cards-" + uuid.uuid4().hex[:6]
     people = _write(tmp_path / "owners.csv", [_line(_row(used_secrets, "O-1", given_name="Hyacinth")),
                                               _line(_row(used_secrets, "O-2", given_name="Ignatius"))])
@@ -420,11 +532,14 @@ def test_accounts_and_cards_import_then_resolve_card(
                         f"A-3,O-9,{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n"
                         f"A-4,O-1,123456789,{fresh_account_number(used_secrets)},CHECKING,USD\n"
                         f"A-5,O-1,{routing},12ab,CHECKING,USD\nA-6,O-1,{routing},{n1}0,LOAN,USD\n")
+    capsys.readouterr()
     code, acc_report, acc_rejects = _import(tmp_path, "accounts", accounts, system)
     assert code == 0
     assert [(r["source_ref"], r["decision"]) for r in acc_report] == [("A-1", "created"), ("A-2", "created")]
-    assert {(r["row"], r["column"]) for r in acc_rejects} == {("4", "customer_source_ref"), ("5", "routing_number"),
-                                                             ("6", "account_number"), ("7", "type")}
+    # In row order, a write's reject (row 4: no such customer) before the later rows' parsing ones.
+    assert [(r["row"], r["column"]) for r in acc_rejects] == [("4", "customer_source_ref"), ("5", "routing_number"),
+                                                             ("6", "account_number"), ("7", "type")]
+    assert "accounts: 6 rows read, 2 accepted (created 2), 4 rejected" in capsys.readouterr().out
     used_secrets.account_numbers.add(n1 + "0")
     pan, bad_pan = fresh_pan(used_secrets), fresh_pan(used_secrets)
     bad_pan = bad_pan[:-1] + str((int(bad_pan[-1]) + 1) % 10)
@@ -433,16 +548,21 @@ def test_accounts_and_cards_import_then_resolve_card(
     cards.write_text("source_ref,routing_number,account_number,pan,expiry\n"
                      f"K-1,{routing},{n1},{pan},2030-11\nK-2,{routing},{n2},{bad_pan},2030-11\n"
                      f"K-3,{routing},{n2},{fresh_pan(used_secrets)},11/30\n"
-                     f"K-4,{routing},{fresh_account_number(used_secrets)},{fresh_pan(used_secrets)},2030-11\n")
+                     f"K-4,{routing},{fresh_account_number(used_secrets)},{fresh_pan(used_secrets)},2030-11\n"
+                     f"K-5,{routing},{n2},{fresh_pan(used_secrets)},2030-13\n")
     code, card_report, card_rejects = _import(tmp_path, "cards", cards, system)
     assert code == 0 and [(r["source_ref"], r["decision"]) for r in card_report] == [("K-1", "created")]
-    assert {(r["row"], r["column"]) for r in card_rejects} == {("3", "pan"), ("4", "expiry"), ("5", "account_number")}
+    assert [(r["row"], r["column"]) for r in card_rejects] == [("3", "pan"), ("4", "expiry"), ("5", "account_number"),
+                                                              ("6", "expiry")]
+    # Accepted rows counted by decision (not by card token).
+    assert "cards: 5 rows read, 1 accepted (created 1), 4 rejected" in capsys.readouterr().out
     answer = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
     owner = next(r["customer_id"] for r in owners if r["source_ref"] == "O-1")
     assert answer.customer.customer_id == owner
     # Re-running creates nothing; no clear number in any report or rejects file.
     code, again, _ = _import(tmp_path, "cards", cards, system)
     assert code == 0 and [(r["source_ref"], r["decision"]) for r in again] == [("K-1", "existing")]
+    assert "1 accepted (existing 1)" in capsys.readouterr().out
     text = "".join(p.read_text() for p in tmp_path.glob("*-re*.csv"))
     for secret in used_secrets.pans | used_secrets.account_numbers:
         assert secret not in text
