@@ -77,11 +77,12 @@ def parse_token(value: str) -> str:
     return value
 
 
-def parse_customer_id(value: str) -> str:
+def parse_customer_id(value: str, field: str = "customer_id") -> str:
+    """`field` names the request's field in the message (a merge has two customer ids)."""
     if not value:
-        raise InvalidKey("customer_id is empty")
+        raise InvalidKey(f"{field} is empty")
     if not _CUSTOMER_RE.fullmatch(value):
-        raise InvalidKey("customer_id is malformed (expected 'cus_' and 8-40 lowercase letters or digits)")
+        raise InvalidKey(f"{field} is malformed (expected 'cus_' and 8-40 lowercase letters or digits)")
     return value
 
 
@@ -191,3 +192,16 @@ def _card_window(groups: list[str]) -> bool:
             if len(digits) >= CARD_RUN_MIN and luhn_ok(digits):
                 return True
     return False
+
+
+def plain_text(field: str, value: str, limit: int) -> str:
+    """`value` of a field kept and answered in clear (a customer's display name or segment): 1 to
+    `limit` printable characters and no card number (PCI DSS: no PAN outside the card vault). The
+    message names the field, never the value."""
+    if not value or len(value) > limit:
+        raise InvalidKey(f"{field} must be 1-{limit} characters")
+    if not value.isprintable():
+        raise InvalidKey(f"{field} contains control characters")
+    if contains_card_number(value):
+        raise InvalidKey(f"{field} looks like a card number (13-19 digits passing the Luhn check)")
+    return value

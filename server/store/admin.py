@@ -28,6 +28,7 @@ from server.pan import (
     parse_pan,
     parse_routing_number,
     parse_token,
+    plain_text,
 )
 from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required
@@ -152,12 +153,10 @@ class AdminStore(WriteEnvelope):
     # -- customers -----------------------------------------------------------------------------
     def customer_fields(self, req: pb.CreateCustomerRequest, default_name: str = "") -> tuple[str, str, int]:
         """(display name, segment, KYC status) of a CreateCustomer request, validated."""
-        name = req.display_name.strip() or default_name
-        if not name or len(name) > MAX_NAME:
-            raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
+        name = plain_text("display_name", req.display_name.strip() or default_name, MAX_NAME)
         kyc = req.kyc_status or pb.KYC_STATUS_PENDING
         self._check_enum(pb.KycStatus, kyc, "kyc_status")
-        return name, req.segment or "retail", kyc
+        return name, plain_text("segment", req.segment or "retail", MAX_NAME), kyc
 
     async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
         name, segment, kyc = self.customer_fields(req)
@@ -197,12 +196,9 @@ class AdminStore(WriteEnvelope):
     async def update_customer(self, req: pb.UpdateCustomerRequest, caller: Caller) -> WriteResult:
         changes: dict[str, Any] = {}
         if req.display_name:
-            name = req.display_name.strip()
-            if not name or len(name) > MAX_NAME:
-                raise InvalidKey(f"display_name must be 1-{MAX_NAME} characters")
-            changes["display_name"] = name
+            changes["display_name"] = plain_text("display_name", req.display_name.strip(), MAX_NAME)
         if req.segment:
-            changes["segment"] = req.segment
+            changes["segment"] = plain_text("segment", req.segment, MAX_NAME)
         if req.kyc_status:
             self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
             changes["kyc_status"] = req.kyc_status

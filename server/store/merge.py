@@ -201,8 +201,8 @@ class IdentityStore(IdentityWrites):
         return {"accepted": closed, "repointed": repointed, "dropped": dropped}
 
     async def merge_customers(self, req: pb.MergeCustomersRequest, caller: Caller) -> WriteResult:
-        survivor = parse_customer_id(req.survivor_id)
-        merged = parse_customer_id(req.merged_id)
+        survivor = parse_customer_id(req.survivor_id, "survivor_id")
+        merged = parse_customer_id(req.merged_id, "merged_id")
 
         async def body(conn: Conn) -> Change:
             moved = await self._merge(conn, survivor, merged)
@@ -267,7 +267,7 @@ class IdentityStore(IdentityWrites):
         return moved
 
     async def unmerge_customer(self, req: pb.UnmergeCustomerRequest, caller: Caller) -> WriteResult:
-        merged = parse_customer_id(req.merged_id)
+        merged = parse_customer_id(req.merged_id, "merged_id")
 
         async def body(conn: Conn) -> Change:
             moved = await self._unmerge(conn, merged)

@@ -110,6 +110,29 @@ def test_a_request_id_reused_with_other_arguments_is_refused(node_a: Clients, no
                 grpc.StatusCode.NOT_FOUND)                       # and nothing was issued
 
 
+def test_text_answered_in_clear_holds_no_card_number(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A display name or segment is cached and answered in every Resolution: a card number typed
+    into one (with or without spaces) is refused without being echoed, as are control characters."""
+    customer = new_customer(node_a.admin, "Plain Name")
+    pan = fresh_pan(used_secrets)
+    spaced = " ".join(pan[i:i + 4] for i in range(0, len(pan), 4))
+    tries = [pb.CreateCustomerRequest(display_name=f"card {spaced}"), pb.CreateCustomerRequest(
+        display_name="Ok", segment=pan), pb.UpdateCustomerRequest(customer_id=customer.customer_id,
+                                                                  display_name=f"x {pan} y"),
+             pb.UpdateCustomerRequest(customer_id=customer.customer_id, segment=spaced)]
+    for request in tries:
+        call = node_a.admin.CreateCustomer if isinstance(request, pb.CreateCustomerRequest) else \
+            node_a.admin.UpdateCustomer
+        err = expect_code(lambda call=call, request=request: call(request, timeout=5), grpc.StatusCode.INVALID_ARGUMENT)
+        details = err.details() or ""
+        assert "looks like a card number" in details and pan not in details and spaced not in details, details
+    err = expect_code(lambda: node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(
+        customer_id=customer.customer_id, display_name="Bell\x07"), timeout=5), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "display_name contains control characters" in (err.details() or "")
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=customer.customer_id), timeout=5)
+    assert profile.customer.display_name == "Plain Name" and profile.customer.version == 1
+
+
 def test_optimistic_concurrency(node_a: Clients) -> None:
     customer = new_customer(node_a.admin)
     v2 = node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=1,
