@@ -1,11 +1,11 @@
 """Who is calling, what they may do, and how fast: caller identity, per-RPC scopes, rate limits.
 
 Identity comes from the client certificate of a mutual-TLS connection (its common name or a DNS SAN,
-mapped to a client id in the clients file) or from a signed JWT bearer token (`sub` = client id,
-verified against a JWKS with audience and expiry checks). Scopes are granted per client id in the
-clients file; a token can only narrow them. Everything here runs before a handler touches
-PostgreSQL or Redis, on the event loop (grpc.aio) or on gRPC threads (the hybrid serving model): the
-caches and token buckets take a lock.
+mapped to a client id in the clients file; names mapping to two clients are refused) or from a
+signed JWT bearer token (`sub` = client id, verified against a JWKS with audience and expiry
+checks). Scopes are granted per client id in the clients file; a token can only narrow them.
+Everything here runs before a handler touches PostgreSQL or Redis, on the event loop (grpc.aio) or
+on gRPC threads (the hybrid serving model): the caches and token buckets take a lock.
 
 The clients file (CRS_CLIENTS_FILE, JSON)::
 
@@ -84,11 +84,9 @@ class ClientRegistry:
         revoked = frozenset(int(s, 16) for s in data.get("revoked_serials", ()))
         return cls(clients, revoked)
 
-    def by_cert_name(self, names: Sequence[str]) -> ClientPolicy | None:
-        for policy in self.clients.values():
-            if any(n in policy.cert_names for n in names):
-                return policy
-        return None
+    def by_cert_name(self, names: Sequence[str]) -> list[ClientPolicy]:
+        """Every client one of `names` is registered to: a certificate must name exactly one."""
+        return [policy for policy in self.clients.values() if any(n in policy.cert_names for n in names)]
 
 
 class JwtVerifier:
@@ -215,10 +213,15 @@ class Authenticator:
                 x509.DNSName)
         except x509.ExtensionNotFound:
             pass
-        policy = self.registry.by_cert_name(names)
-        if policy is None:
+        matches = self.registry.by_cert_name(names)
+        if not matches:
             return Unauthenticated("client certificate is not registered with this service")
-        return Caller(policy.client_id, policy.scopes, "mtls")
+        if len(matches) > 1:
+            # Which one wins must not depend on the clients file's order: a certificate with CN=switch
+            # and a SAN naming admin would otherwise get whichever came first (admin's scopes, say).
+            return Unauthenticated("client certificate names more than one registered client ("
+                                   + ", ".join(sorted(p.client_id for p in matches)) + "): issue one per client")
+        return Caller(matches[0].client_id, matches[0].scopes, "mtls")
 
     def admit(self, caller: Caller) -> None:
         """Charge one call to the caller's token bucket (per node process); RateLimited when empty."""

@@ -34,7 +34,7 @@ class IdentityHandlers:
         self.DecideReviewTask = writes.handler("DecideReviewTask", store.decide_review)
 
     async def IdentifyCustomer(self, req: pb.IdentifyCustomerRequest, caller: Caller) -> bytes:
-        identity = parse_request_identity(req.attributes)
+        identity = parse_request_identity(req.attributes, "attributes")
         if not 0 <= req.max_candidates <= MAX_CANDIDATES_ASKED:
             raise InvalidKey(f"max_candidates must be 0-{MAX_CANDIDATES_ASKED}")
         decision = await self.reads.identify(identity, req.max_candidates or MAX_CANDIDATES)

@@ -77,6 +77,11 @@ def raw_attributes(msg: pb.IdentityAttributes) -> dict[str, str]:
             "region": a.region, "country": a.country, "phone": msg.phone, "email": msg.email}
 
 
+# parse_identity's field names (the import's columns) as IdentityAttributes spells them.
+REQUEST_FIELDS = {"address_line1": "address.line1", "address_line2": "address.line2", "locality": "address.locality",
+                  "postcode": "address.postcode", "region": "address.region", "country": "address.country"}
+
+
 def attributes_msg(identity: Identity) -> pb.IdentityAttributes:
     """An answer: normalised values, the national id as its last four only."""
     i = identity

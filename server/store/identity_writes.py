@@ -20,7 +20,7 @@ from server.caller import Caller
 from server.crypto import DataKey, Keyring
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound
 from server.identity.attributes import AttributeProblem, Identity, SourceRef, has_name, parse_identity, parse_source_ref
-from server.identity.golden import display_name, raw_attributes
+from server.identity.golden import REQUEST_FIELDS, display_name, raw_attributes
 from server.identity.model import MatchModel, Score, Thresholds
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
@@ -44,13 +44,14 @@ POLICIES = (POLICY_REVIEW, POLICY_REFUSE)
 MAX_CANDIDATES = 5
 
 
-def parse_request_identity(attributes: pb.IdentityAttributes) -> Identity:
+def parse_request_identity(attributes: pb.IdentityAttributes, field: str) -> Identity:
+    """`field`: the request's field that holds the attributes, for the messages (`identity.address.country`)."""
     try:
         identity, _ = parse_identity(raw_attributes(attributes), strict=True)
     except AttributeProblem as problem:
-        raise InvalidKey(f"identity.{problem.field} {problem.reason}") from None
+        raise InvalidKey(f"{field}.{REQUEST_FIELDS.get(problem.field, problem.field)} {problem.reason}") from None
     if not has_name(identity):
-        raise InvalidKey("identity needs a given_name or a family_name")
+        raise InvalidKey(f"{field} needs a given_name or a family_name")
     return identity
 
 
@@ -111,7 +112,7 @@ class IdentityWrites(AdminStore):
     async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
         if not req.HasField("identity") and not req.HasField("source_ref"):
             return await super().create_customer(req, caller)
-        identity = parse_request_identity(req.identity)
+        identity = parse_request_identity(req.identity, "identity")
         if not req.HasField("source_ref"):
             raise InvalidKey("source_ref is required with identity attributes (the record in your system)")
         source = parse_request_source(req.source_ref)
@@ -155,7 +156,7 @@ class IdentityWrites(AdminStore):
     async def update_customer_identity(self, req: pb.UpdateCustomerIdentityRequest, caller: Caller) -> WriteResult:
         customer_id = parse_customer_id(req.customer_id)
         source = parse_request_source(req.source_ref)
-        identity = parse_request_identity(req.attributes)
+        identity = parse_request_identity(req.attributes, "attributes")
 
         async def body(conn: Conn) -> Change:
             await lock_blocks(conn, self.codec.blocks(identity))

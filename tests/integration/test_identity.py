@@ -110,13 +110,16 @@ def test_twin_is_not_merged(node_a: Clients) -> None:
 
 
 def test_bad_identity_input(node_a: Clients) -> None:
-    bad = [
-        (_person(date_of_birth="1971-02-30"), "date_of_birth"),
+    nowhere = _person()
+    nowhere.address.country = "Atlantis"
+    bad = [   # each message names the request's field as the proto spells it
+        (_person(date_of_birth="1971-02-30"), "attributes.date_of_birth"),
+        (nowhere, "attributes.address.country"),
         (_person(national_id="000-12-3456", national_id_type="US_SSN"), "national_id"),
         (_person(national_id="123", national_id_type="XX_NOPE"), "national_id_type"),
         (_person(phone="12"), "phone"),
         (_person(email="not-an-email"), "email"),
-        (pb.IdentityAttributes(date_of_birth="1971-04-09"), "given_name or a family_name"),
+        (pb.IdentityAttributes(date_of_birth="1971-04-09"), "attributes needs a given_name or a family_name"),
     ]
     for attrs, word in bad:
         err = expect_code(lambda a=attrs: node_a.identity.IdentifyCustomer(  # type: ignore[misc]
@@ -236,13 +239,13 @@ def test_card_numbers_in_attributes_or_source_refs_are_invalid_argument_never_ec
 
     identify, create = node_a.identity.IdentifyCustomer, node_a.admin.CreateCustomer
     calls = [
-        ("identity.address_line2", lambda: identify(pb.IdentifyCustomerRequest(
+        ("attributes.address.line2", lambda: identify(pb.IdentifyCustomerRequest(
             attributes=with_address(line2=f"card {spaced} x")), timeout=5)),
-        ("identity.region", lambda: create(pb.CreateCustomerRequest(
+        ("identity.address.region", lambda: create(pb.CreateCustomerRequest(
             identity=with_address(region=pans[0]), source_ref=_ref()), timeout=5)),
         ("identity.family_name", lambda: create(pb.CreateCustomerRequest(
             identity=_person(family_name=dashed), source_ref=_ref()), timeout=5)),
-        ("identity.email", lambda: node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+        ("attributes.email", lambda: node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
             customer_id=existing.customer_id, source_ref=ref, attributes=_person(email=f"{pans[0]}@example.com")),
             timeout=5)),
         ("source_ref.key", lambda: create(pb.CreateCustomerRequest(

@@ -155,6 +155,49 @@ def test_refused_callers_get_the_right_status_and_reach_no_backend(secure: Secur
     assert _backend_activity(dev_env, secure.node) == before, "a refused call reached Redis or PostgreSQL"
 
 
+def _issue(pki: DevPki, name: str, common_name: str, dns: list[str]) -> None:
+    """A client certificate from the test's own CA (its key is in the PKI directory)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = pki.client_cert(name)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+def test_a_certificate_naming_two_clients_is_refused(secure: SecureNode) -> None:
+    """CN=switch with a SAN naming admin: which client it is must not depend on the clients file's
+    order (it got admin's scopes when admin came first); it is refused, naming both, and a
+    certificate whose names all point at one client still works."""
+    _issue(secure.pki, "two-faced", "switch", ["admin"])
+    with secure.channel("two-faced") as ch:
+        err = None
+        try:
+            rpc.stub(ch, "AdminService").CreateCustomer(pb.CreateCustomerRequest(display_name="x"), timeout=5)
+        except grpc.RpcError as exc:
+            err = exc
+        assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "names more than one registered client (admin, switch)" in (err.details() or "")
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)),
+                                                                       timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
+    _issue(secure.pki, "one-face", "switch", ["switch", "unregistered.example"])
+    with secure.channel("one-face") as ch:
+        assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5).card.token
+
+
 def test_allowed_callers_and_per_key_scopes(secure: SecureNode) -> None:
     with secure.channel("switch") as ch:
         lookup = rpc.stub(ch, "LookupService")
