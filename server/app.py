@@ -221,7 +221,10 @@ class Node:
             # A Redis hit is read on the gRPC thread, not handed to this loop (server/cache/thread_reads.py).
             self.resolver.thread_reads = ThreadReads(self.tier, asyncio.get_running_loop(),
                                                      on_busy=self.metrics.thread_read_busy)
-        self.bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval, timeout=s.pg_timeout)
+        cached_for = s.cache_ttl * (1 + s.cache_ttl_jitter) + s.near_cache_ttl   # a card answer's longest life
+        self.bins = bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval,
+                                     timeout=s.pg_timeout, cached_for=cached_for)
+        self.resolver.bin_versions = lambda: bins.versions
         with contextlib.suppress(*DB_ERRORS):   # no table yet is no reason not to serve; run() keeps trying
             await self.bins.refresh()
         lookup = LookupHandlers(resolver=self.resolver, keyring=self.keyring,
@@ -284,7 +287,8 @@ class Node:
             self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
                 self.resolver.on_invalidated, gap, retry_interval=s.shard_retry_interval)))
         self._tasks.append(asyncio.create_task(run_relay(
-            self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval)))
+            self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval,
+            cached_for=self.bins.cached_for)))
         self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
         self._tasks.append(asyncio.create_task(self.tailer.run()))
         self._tasks.append(asyncio.create_task(self.bins.run()))

@@ -23,22 +23,28 @@ log = logging.getLogger("crs.bins")
 
 
 class BinSource:
-    def __init__(self, *, pool: asyncpg.Pool, metrics: Metrics, interval: float, timeout: float) -> None:
+    def __init__(self, *, pool: asyncpg.Pool, metrics: Metrics, interval: float, timeout: float,
+                 cached_for: float) -> None:
         self.pool = pool
         self.metrics = metrics
         self.interval = interval
         self.timeout = timeout
+        self.cached_for = cached_for    # how long a card answer may stay cached (the Redis TTL, at most)
         self.table: BinTable = EMPTY
+        # The BIN versions card answers may be cached under, as of the last poll (cache_keys.with_bin_versions).
+        self.versions: tuple[int, ...] = (0,)
 
     async def refresh(self) -> bool:
         """Load the active version if it is not the one held; True when the table changed."""
         async with self.pool.acquire(timeout=self.timeout) as conn:
             version = await store.active_version(conn)
+            self.versions = (0, *await store.recent_versions(conn, within=self.cached_for))
             if version == self.table.version:
                 return False
             rows = await store.load_rows(conn, version) if version else []
         started = time.perf_counter()
         table = await asyncio.to_thread(build, rows, version)
+        self.versions = tuple(sorted({*self.versions, version}))
         self.table = table
         self.metrics.bin_table_version.set(version)
         self.metrics.bin_table_ranges.set(len(table))

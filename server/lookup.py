@@ -64,8 +64,18 @@ class LookupHandlers:
         self.stream_window = stream_window
         current = keyring.fingerprint_version
         self._other_versions = sorted((v for v in keyring.fingerprint_keys if v != current), reverse=True)
-        self._card_prefix = ck.card_key_prefix(current)
+        self._card_prefix = (0, ck.card_key_prefix(current))   # (BIN table version, card key prefix)
         self._card_hits = resolver.near.enabled      # without a near-cache, card_hit could only miss
+
+    def _card_key_prefix(self) -> str:
+        """Card keys name the BIN table version their answers are built with (server/cache_keys.py).
+        One tuple, swapped whole: a gRPC thread never pairs a prefix with another version."""
+        version, prefix = self._card_prefix
+        table = self.bins.table.version
+        if table != version:
+            prefix = ck.card_key_prefix(self.keyring.fingerprint_version, table)
+            self._card_prefix = (table, prefix)
+        return prefix
 
     # -- key → Lookup ----------------------------------------------------------------------------
     def card_by_pan(self, pan: str) -> Lookup:
@@ -76,7 +86,7 @@ class LookupHandlers:
                                   timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
             load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
-        return Lookup(ck.card_key(version, fp), load, "card")
+        return Lookup(self._card_key_prefix() + fp.hex(), load, "card")
 
     def card_hit(self, pan: str) -> bytes | None:
         """A PAN's card from the near-cache by its cache key alone (no Lookup, no loader built), not
@@ -87,15 +97,15 @@ class LookupHandlers:
         In-process, a BatchResolve key went 6.7 -> 4.2 us (docs/decisions.md, "The hit's fast path")."""
         if not (self._card_hits and PAN_MIN_LEN <= len(pan) <= PAN_MAX_LEN and pan.isascii()):
             return None
-        cached, due = self.resolver.near.read(self._card_prefix + self.keyring.fingerprint(pan).hex())
+        cached, due = self.resolver.near.read(self._card_key_prefix() + self.keyring.fingerprint(pan).hex())
         if due:     # only this reader is told (NearCache.read): the reload must start here
             self.resolver.refresh_soon(self.card_by_pan(pan))
         return cached if cached is not None and cached != ck.NEGATIVE else None
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
-        return Lookup(ck.token_key(token), partial(reads.card_by_token, token=token, timeout=self.pg_timeout,
-                                                   hints=self.hints), "card")
+        return Lookup(ck.token_key(token, self.bins.table.version), partial(
+            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=self.hints), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
         parse_routing_number(routing_number)

@@ -17,14 +17,18 @@ import asyncpg
 
 from server.metrics import Metrics
 from server.resolver import Resolver
+from server.store.bins import recent_versions
 from server.store.db import DB_ERRORS
 
 log = logging.getLogger("crs.relay")
 BATCH = 500
 
 
-async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) -> int:
-    """One pass; returns how many rows it settled."""
+async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, cached_for: float) -> int:
+    """One pass; returns how many rows it settled. Card keys go under every BIN table version the
+    database says their answers may be cached under (`cached_for`: the cache TTL), not only the ones
+    this node knows of: a node that has not loaded a newly activated table yet still deletes the
+    keys of nodes that have (server/cache_keys.py)."""
     async with pool.acquire() as conn, conn.transaction():
         rows = await conn.fetch(
             "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
@@ -32,7 +36,9 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) ->
             dt.timedelta(seconds=delay), BATCH)
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None
-        settled = [r["id"] for r in rows if await resolver.invalidate(r["cache_keys"], position=position)]
+        versions = await recent_versions(conn, within=cached_for) if rows else []
+        settled = [r["id"] for r in rows
+                   if await resolver.invalidate(r["cache_keys"], position=position, bin_versions=versions)]
         if settled:
             await conn.execute(
                 "UPDATE outbox SET settled_at = clock_timestamp(),"
@@ -42,7 +48,7 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float) ->
 
 
 async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *, delay: float,
-                    interval: float) -> None:
+                    interval: float, cached_for: float) -> None:
     """Until cancelled. Database errors are logged and retried; they never stop the relay.
 
     Each pass first reads the backlog (count and age, for the metrics) and takes rows only when there
@@ -59,7 +65,7 @@ async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *,
                 metrics.outbox_pending.set(row["n"])
                 metrics.outbox_age.set(row["age"])
             if row is None or row["n"]:
-                settled = await relay_once(pool, resolver, delay=delay)
+                settled = await relay_once(pool, resolver, delay=delay, cached_for=cached_for)
                 if settled == BATCH:
                     continue
         except asyncio.CancelledError:

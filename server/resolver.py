@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from server import cache_keys as ck
 from server.cache.near import NearCache
 from server.cache.shard import ShardUnavailable
 from server.cache.thread_reads import L2, ThreadReads
@@ -66,6 +67,8 @@ class Resolver:
         self.load_timeout = load_timeout
         # The hybrid serving model sets it: `now` reads Redis on the gRPC thread (server/cache/thread_reads.py).
         self.thread_reads: ThreadReads | None = None
+        # The BIN table versions card answers may be cached under (server/bin_source.py sets it).
+        self.bin_versions: Callable[[], Iterable[int]] = lambda: (0,)
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None   # refresh-ahead runs here once started
         self._refreshes: set[asyncio.Task[None]] = set()
@@ -259,11 +262,15 @@ class Resolver:
         return final
 
     # -- invalidation --------------------------------------------------------------------------
-    async def invalidate(self, keys: Sequence[str], *, position: int | None = None) -> bool:
+    async def invalidate(self, keys: Sequence[str], *, position: int | None = None,
+                         bin_versions: Iterable[int] | None = None) -> bool:
         """Drop keys here, on their shards, and (via pub/sub) on every other node. True if all acked.
 
         Call it after the write committed. With read replicas the announcement carries the primary's
-        position (`position`, else read now), so no node answers from a replica older than the write."""
+        position (`position`, else read now), so no node answers from a replica older than the write.
+        Card keys go under every BIN table version their answers may be cached under (`bin_versions`,
+        else this node's: cache_keys.with_bin_versions)."""
+        keys = ck.with_bin_versions(keys, self.bin_versions() if bin_versions is None else bin_versions)
         if position is None:
             position = await self.route.write_position()
         self.on_invalidated(keys, position)

@@ -60,10 +60,19 @@ async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, 
     return version
 
 
+async def recent_versions(conn: Conn | asyncpg.Pool, *, within: float) -> list[int]:
+    """The active version and those that stopped being active less than `within` seconds ago:
+    the versions card answers may still be cached under (server/cache_keys.py)."""
+    rows = await conn.fetch("SELECT version FROM bin_tables WHERE active"
+                            " OR deactivated_at > now() - make_interval(secs => $1)", within)
+    return sorted(int(r["version"]) for r in rows)
+
+
 async def _activate(conn: Conn, version: int) -> None:
-    await conn.execute("UPDATE bin_tables SET active = false WHERE active AND version <> $1", version)
-    status = await conn.execute("UPDATE bin_tables SET active = true, activated_at = now() WHERE version = $1",
-                                version)
+    await conn.execute("UPDATE bin_tables SET active = false, deactivated_at = now() WHERE active AND version <> $1",
+                       version)
+    status = await conn.execute("UPDATE bin_tables SET active = true, activated_at = now(), deactivated_at = NULL"
+                                " WHERE version = $1", version)
     if status.endswith(" 0"):
         raise NotFound(f"BIN table version {version} does not exist")
 

@@ -20,8 +20,10 @@ import grpc
 import pytest
 
 from devstack.environment import DevEnvironment, NodeProcess
+from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
+from server.settings import Settings
 
 # Which PostgreSQL binaries the suite's own servers use: auto (PATH first), system or pgserver.
 PG_BINARIES = os.environ.get("CRS_TEST_PG_BINARIES", "auto")
@@ -222,3 +224,22 @@ class FreezingProxy:
         for client, upstream, _ in conns:
             client.close()
             upstream.close()
+
+
+def card_key(settings: Settings, pan: str) -> str:
+    """A card's cache key as the nodes name it: under the active BIN table version (server/cache_keys.py)."""
+    import asyncio
+
+    import asyncpg
+
+    from server.store.bins import active_version
+
+    async def version() -> int:
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            return await active_version(conn)
+        finally:
+            await conn.close()
+
+    keyring = settings.keyring()
+    return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan), asyncio.run(version()))

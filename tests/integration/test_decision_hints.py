@@ -4,6 +4,12 @@ stream, and the per-network code substitution configured on a node."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -11,6 +17,7 @@ from grpc_status import rpc_status
 from devstack.demo import demo_routing
 from devstack.environment import DevEnvironment
 from server.proto import crs_pb2 as pb
+from server.store import bins as bin_store
 from tests.integration.support import Clients, UsedSecrets, clients_of, expect_code, fresh_account_number, fresh_pan
 
 
@@ -187,3 +194,65 @@ def test_per_network_codes_are_configuration(dev_env: DevEnvironment, node_a: Cl
         node.channel.close()
         node.node.stop()
         dev_env.nodes.remove(node.node)
+
+
+def test_a_new_bin_table_changes_cached_card_answers_at_once(dev_env: DevEnvironment,
+                                                             used_secrets: UsedSecrets) -> None:
+    """A card's decision code depends on its BIN's network: a table that moves the test range to
+    another network is answered from the moment the node loads it, by PAN and by token, although
+    the old answers are still cached (near-cache and Redis): card keys name the BIN table version.
+    Going back to the previous table answers from what is cached under it, which the writes made
+    meanwhile invalidated."""
+    node = clients_of(dev_env.start_node(workers=1, bin_poll_interval=0.2, decision_network_codes="othernet:46=05"))
+
+    async def tables(change: Callable[[asyncpg.Connection, int], Awaitable[int]]) -> int:
+        conn = await asyncpg.connect(dev_env.admin_dsn)
+        try:
+            return await change(conn, await bin_store.active_version(conn))
+        finally:
+            await conn.close()
+
+    async def moved(conn: asyncpg.Connection, active: int) -> int:
+        rows = [dataclasses.replace(r, network="othernet") if r.network == "testnet" else r
+                for r in await bin_store.load_rows(conn, active)]
+        return await bin_store.import_table(conn, rows, source_file="moved.csv", sha256="-", rejected=0)
+
+    def version() -> int:
+        return node.lookup.ResolveBin(pb.ResolveBinRequest(prefix=closed.pan[:6]), timeout=5).table_version
+
+    def wait_for(wanted: int) -> None:
+        deadline = time.monotonic() + 30
+        while version() != wanted:
+            assert time.monotonic() < deadline, f"the node never loaded BIN table {wanted}"
+            time.sleep(0.1)
+
+    def by_token() -> str:
+        return node.lookup.ResolveCard(pb.ResolveCardRequest(token=closed.card.token), timeout=5) \
+            .decision.iso8583_response_code
+
+    try:
+        closed = Card(node, used_secrets, account=pb.ACCOUNT_STATUS_CLOSED)
+        before = version()
+        assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("46", "46")   # testnet: 46, now cached
+        after = asyncio.run(tables(moved))
+        try:
+            wait_for(after)
+            assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("05", "05")
+            assert closed.by_pan(node).reason == "ACCOUNT_CLOSED"
+            # A write now must also reach the answers cached under the previous table (a node, or
+            # this one after a rollback, may read them): a card key is deleted under both versions.
+            node.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=closed.card.token,
+                                                             status=pb.CARD_STATUS_STOLEN), timeout=5)
+        finally:
+            asyncio.run(tables(lambda conn, _active: _activate(conn, before)))
+        wait_for(before)
+        assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("43", "43")
+    finally:
+        node.channel.close()
+        node.node.stop()
+        dev_env.nodes.remove(node.node)
+
+
+async def _activate(conn: asyncpg.Connection, version: int) -> int:
+    await bin_store.activate(conn, version)
+    return version

@@ -24,13 +24,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
-from server import cache_keys as ck
 from server import rpc
 from server.db_health import DATABASE_SERVICE
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import metric, own_env
+from tests.integration.support import card_key, metric, own_env
 
 CARDS = 150
 SENTINEL = "crs-test:sentinel"
@@ -47,8 +46,7 @@ class FaultStack:
     expected_last4: dict[int, str] = field(default_factory=dict)
 
     def card_key(self, i: int) -> str:
-        keyring = self.node.settings.keyring()
-        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+        return card_key(self.node.settings, demo_pan(i))
 
     def shard_of_card(self, i: int) -> str:
         return self.ring.node_for(self.card_key(i))

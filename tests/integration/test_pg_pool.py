@@ -76,7 +76,7 @@ def test_the_relay_at_rest_asks_one_query_a_pass(dev_env: DevEnvironment) -> Non
                     break
                 await asyncio.sleep(0.1)
             counted, metrics = _Counted(pool), Metrics(CollectorRegistry())
-            relay = asyncio.create_task(run_relay(counted, None, metrics, delay=0.05, interval=0.05))  # type: ignore[arg-type]
+            relay = asyncio.create_task(run_relay(counted, None, metrics, delay=0.05, interval=0.05, cached_for=300.0))  # type: ignore[arg-type]
             await asyncio.sleep(0.5)
             relay.cancel()
             await asyncio.gather(relay, return_exceptions=True)

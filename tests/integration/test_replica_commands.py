@@ -19,11 +19,10 @@ import redis
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
-from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import own_env, redis_servers
+from tests.integration.support import card_key, own_env, redis_servers
 
 NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
 
@@ -45,12 +44,11 @@ def _crs(env: DevEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
 
 def _card_on(env: DevEnvironment, node: NodeProcess, shard: str) -> tuple[int, str]:
     """A demo card whose cache key lives on `shard` (by the ring), and that key."""
-    keyring = env.settings().keyring()
     from shard_router import Ring, ShardSpec
 
     ring = Ring([ShardSpec(name, 1) for name in sorted(env.shard_urls())])
     for i in range(80):
-        key = ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+        key = card_key(env.settings(), demo_pan(i))
         if ring.node_for(key) == shard:
             return i, key
     raise AssertionError(f"no demo card on {shard}")
@@ -96,8 +94,7 @@ def test_a_move_copies_to_and_cleans_every_copy(env: DevEnvironment, tmp_path: P
         lookup = rpc.stub(channel, "LookupService")
         for name, server in (("shard-0", copy0), ("shard-1", copy1)):
             assert _crs(env, "add-replica", name, server.url).returncode == 0
-        keyring = env.settings().keyring()
-        keys = {i: ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i))) for i in cards}
+        keys = {i: card_key(env.settings(), demo_pan(i)) for i in cards}
         replicas = {"shard-0": redis.Redis.from_url(copy0.url), "shard-1": redis.Redis.from_url(copy1.url)}
         from shard_router import Ring, ShardSpec
 

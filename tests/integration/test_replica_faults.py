@@ -22,12 +22,11 @@ import redis
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
-from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import metric, own_env, wait_metric
+from tests.integration.support import card_key, metric, own_env, wait_metric
 
 CARDS = 150
 SENTINEL = "crs-test:sentinel"
@@ -44,8 +43,7 @@ class Stack:
     env: DevEnvironment
 
     def card_key(self, node: NodeProcess, i: int) -> str:
-        keyring = node.settings.keyring()
-        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+        return card_key(node.settings, demo_pan(i))
 
     def copies(self, name: str) -> list[redis.Redis]:
         assert self.env.stack is not None

@@ -31,13 +31,12 @@ import redis
 from devstack import free_port
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, start_node
-from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import Settings, settings_to_env
 from shard_router import Ring, ShardSpec
 from tests.integration import load
-from tests.integration.support import own_env
+from tests.integration.support import card_key, own_env
 
 CUSTOMERS = 600
 WRITTEN_CARDS = 8          # cards whose status a writer flips during a move (readers skip them)
@@ -96,8 +95,7 @@ class ReshardStack:
         return doc
 
     def card_key(self, i: int) -> str:
-        keyring = self.settings.keyring()
-        return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+        return card_key(self.settings, demo_pan(i))
 
     def reader_cards(self) -> range:
         return range(WRITTEN_CARDS, self.cards)

@@ -18,10 +18,9 @@ from google.rpc import error_details_pb2, status_pb2
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
 from devstack.environment import DevEnvironment, NodeProcess
-from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import UsedSecrets, fresh_pan
+from tests.integration.support import UsedSecrets, card_key, fresh_pan
 
 LOOKUP = rpc.methods(rpc.LOOKUP_SERVICE)
 FEED = rpc.methods(rpc.FEED_SERVICE)
@@ -234,9 +233,8 @@ def test_hybrid_reads_redis_hits_on_its_grpc_threads(dev_env: DevEnvironment, th
     node = dev_env.start_node(workers=1, serving_model="hybrid", near_cache_size=0,
                               redis_thread_connections=thread_connections)
     try:
-        keyring = node.settings.keyring()
         pan = demo_pan(7)
-        key = ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan))
+        key = card_key(node.settings, pan)
         urls = [shard.url for shard in node.settings.redis_shards]
         for url in urls:
             redis.Redis.from_url(url).delete(key)    # the first lookup misses Redis
