@@ -103,8 +103,9 @@ class Breaker:
         self.failures += 1
         if self.state is BreakerState.CLOSED and max(self.failures, streak or 0) >= self.policy.failure_threshold:
             self._open()
-            log.warning("cache shard marked down", extra={"shard": self.name, "error": type(exc).__name__,
-                                                          "retry_in_s": self.policy.retry_interval})
+            # A copy: "shard-0" is the primary, "shard-0/replica-1" a replica; its siblings, if any, serve on.
+            log.warning("cache shard copy marked down", extra={"shard": self.name, "error": type(exc).__name__,
+                                                               "retry_in_s": self.policy.retry_interval})
             self._on_state_change(self.name, False)
 
     def _open(self) -> None:
@@ -146,13 +147,13 @@ class Breaker:
         except Exception as exc:   # any failure leaves the shard down; never a stuck probe
             if self.state is BreakerState.PROBING:
                 self._open()
-            log.info("cache shard still down", extra={"shard": self.name, "error": type(exc).__name__})
+            log.info("cache shard copy still down", extra={"shard": self.name, "error": type(exc).__name__})
         else:
             # Held or released while the probe ran: its result is stale, the state decides.
             if self.state is BreakerState.PROBING:
                 self.failures = 0
                 self._enter(BreakerState.CLOSED)
-                log.warning("cache shard back after flush", extra={"shard": self.name})
+                log.warning("cache shard copy back after flush", extra={"shard": self.name})
                 self._on_state_change(self.name, True)
         finally:
             self._probe_task = None
@@ -162,7 +163,7 @@ class Breaker:
         """Marked down in the topology: skip the shard (its keys go to PostgreSQL) until released."""
         if self.state is not BreakerState.HELD:
             self._enter(BreakerState.HELD)
-            log.warning("cache shard marked down by the topology", extra={"shard": self.name})
+            log.warning("cache shard copy marked down by the topology", extra={"shard": self.name})
             self._on_state_change(self.name, False)
 
     def release(self) -> None:
