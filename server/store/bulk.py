@@ -49,6 +49,7 @@ from server.store.messages import customer_msg
 
 IMPORT_CLIENT = "crs-import"     # the audit log's client id of bulk imports
 NEW, MATCHED, POSSIBLE, EXISTING = "new", "matched", "possible_match", "existing"
+ATTRIBUTES_DIFFER = "attributes: differ from the record on file, not applied (UpdateCustomerIdentity changes it)"
 _OUTBOX_COLUMNS = ("event_type", "entity_type", "entity_id", "payload", "cache_keys", "feed_type", "feed_op",
                    "feed_id", "feed_version", "state", "invalidated_at", "settled_at")
 _RECORD_COLUMNS = ("record_id", "source_system", "source_key", "customer_id", "home_customer_id",
@@ -150,13 +151,25 @@ class BulkCustomers:
             " VALUES ($1, 'cli', $2, $3, $4, $5, 'OK')", IMPORT_CLIENT, rpc, run, entity, ids)
 
     # -- customers -----------------------------------------------------------------------------
-    async def existing(self, conn: Conn, keys: list[str]) -> dict[str, str]:
-        """Source key -> the customer it belongs to now (a merged one answers its survivor)."""
-        rows = await conn.fetch(
-            "SELECT s.source_key, coalesce(c.merged_into, s.customer_id) AS customer_id FROM source_records s"
-            " JOIN customers c ON c.customer_id = s.customer_id"
-            " WHERE s.source_system = $1 AND s.source_key = ANY($2::text[])", self.system, keys)
-        return {r["source_key"]: r["customer_id"] for r in rows}
+    async def existing(self, conn: Conn, rows: Sequence[ImportRow]) -> dict[str, Outcome]:
+        """Source key -> the row's outcome when the key is on file: the customer it belongs to now (a
+        merged one answers its survivor). A row whose attributes differ from the record on file says
+        so: the source reference is the idempotency key, so they are not applied (UpdateCustomerIdentity
+        changes a record) and must not go unnoticed."""
+        found = await conn.fetch(
+            "SELECT s.source_key, coalesce(c.merged_into, s.customer_id) AS customer_id, s.attributes_ciphertext,"
+            " s.dek_id FROM source_records s JOIN customers c ON c.customer_id = s.customer_id"
+            " WHERE s.source_system = $1 AND s.source_key = ANY($2::text[])", self.system, [r.key for r in rows])
+        on_file = {f["source_key"]: f for f in found}
+        out: dict[str, Outcome] = {}
+        for r in rows:
+            f = on_file.get(r.key)
+            if f is None:
+                continue
+            stored = await self.codec.open(conn, f["attributes_ciphertext"], f["dek_id"])
+            warnings = r.warnings if stored == r.identity else (*r.warnings, ATTRIBUTES_DIFFER)
+            out[r.key] = Outcome(r.row, r.key, f["customer_id"], EXISTING, None, warnings)
+        return out
 
     def seal(self, row: ImportRow) -> SealedRecord:
         """A row's sealed record (pure CPU: the import seals the next batch while one is written)."""
@@ -169,7 +182,7 @@ class BulkCustomers:
         records while its transaction is still open (`import_batches`)."""
         with translate_db_errors():
             async with self.pool.acquire() as conn:
-                known = await self.existing(conn, [r.key for r in rows]) if rows else {}
+                known = await self.existing(conn, rows) if rows else {}
                 fresh = [i for i, r in enumerate(rows) if r.key not in known]
                 seals = [sealed[i] if sealed is not None else self.seal(rows[i]) for i in fresh]
                 scored = await candidates_many(conn, self.codec, self.model, [rows[i].identity for i in fresh],
@@ -179,7 +192,7 @@ class BulkCustomers:
                 record_ids = [r[0] for r in await conn.fetch(
                     "SELECT nextval('source_records_record_id_seq') FROM generate_series(1, $1)",
                     len(fresh))] if fresh else []
-        return Found([Outcome(r.row, r.key, known[r.key], EXISTING, None, r.warnings) for r in rows if r.key in known],
+        return Found([known[r.key] for r in rows if r.key in known],
                      [rows[i] for i in fresh], seals, scored, record_ids, rows_done)
 
     def plan(self, found: Found) -> Plan:

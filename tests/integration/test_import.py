@@ -359,6 +359,14 @@ def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
     assert code == 0 and {r["decision"] for r in again} == {"existing"}
     assert {r["source_ref"]: r["customer_id"] for r in again} == {k: v["customer_id"] for k, v in got.items()}
     assert _sql(dev_env, "SELECT count(*) AS n FROM customers")[0]["n"] == count
+    assert not any("differ from the record on file" in r["warnings"] for r in again)
+    # The same references with changed attributes: still `existing` (the reference is the key), but
+    # each changed row says its attributes were not applied instead of dropping them unseen.
+    changed = _write(tmp_path / "people-changed.csv", [_line(dict(loner, family_name="Renamed")), _line(twin_a)])
+    code, third, _ = _import(tmp_path, "customers", changed, system)
+    assert code == 0 and [(r["source_ref"], r["decision"]) for r in third] == [("L-1", "existing"), ("T-1", "existing")]
+    assert "attributes: differ from the record on file, not applied" in third[0]["warnings"]
+    assert "differ from the record on file" not in third[1]["warnings"]
 
 
 def test_a_person_across_batches_is_one_customer(env_vars: None, dev_env: DevEnvironment, node_a: Clients,
