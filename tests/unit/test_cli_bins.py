@@ -1,0 +1,77 @@
+"""`crs bins` without servers: what it does with bad input and with a PostgreSQL it cannot reach
+(`crs --help`: exit 2 for bad usage, 3 for a dependency down; one line on stderr, never a traceback),
+and where it takes a card number (standard input only).
+
+Every PAN here is made up in the reserved test range 999xxx."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.cli.base import CommandFailed
+from server.cli.bins import lookup_digits
+from server.pan import luhn_check_digit
+
+ROOT = Path(__file__).resolve().parents[2]
+PAN = "999150123456789" + luhn_check_digit("999150123456789")
+BAD_LUHN = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
+
+
+@pytest.fixture(scope="module")
+def closed_dsn() -> Iterator[str]:
+    """A DSN whose port refuses connections: bound (so nothing else takes it) but not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
+
+
+def _crs(dsn: str, *args: str, stdin: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": dsn}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert PAN not in r.stdout + r.stderr and BAD_LUHN not in r.stdout + r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("args, stdin, said", [
+    (("lookup", PAN), "", "standard input"),             # a full PAN on the command line: never
+    (("lookup", BAD_LUHN), "", "standard input"),
+    (("lookup", "12345678901234"), "", "standard input"),
+    (("lookup", "abc123"), "", "6-11 ASCII digits"),
+    (("lookup", "1234"), "", "6-11 ASCII digits"),        # too short to be a BIN
+    (("lookup", "９９９１５０"), "", "6-11 ASCII digits"),   # fullwidth digits
+    (("lookup",), BAD_LUHN + "\n", "Luhn"),               # the PAN on stdin is still checked
+    (("lookup",), "\n", "empty"),
+    (("import", "no-such-file.csv"), "", "no-such-file.csv"),
+])
+def test_bad_usage_is_exit_2_in_one_line(closed_dsn: str, args: tuple[str, ...], stdin: str, said: str) -> None:
+    r = _crs(closed_dsn, "bins", *args, stdin=stdin)
+    assert r.returncode == 2 and said in _one_line(r)
+
+
+@pytest.mark.parametrize("args, stdin", [
+    (("lookup", "999150"), ""), (("lookup",), PAN + "\n"), (("versions",), ""), (("activate", "999"), "")])
+def test_postgresql_unreachable_is_exit_3_in_one_line(closed_dsn: str, args: tuple[str, ...], stdin: str) -> None:
+    r = _crs(closed_dsn, "bins", *args, stdin=stdin)
+    assert r.returncode == 3 and "PostgreSQL unavailable" in _one_line(r)
+
+
+def test_lookup_digits() -> None:
+    assert lookup_digits("999150", lambda: "") == ("999150", "999150")
+    assert lookup_digits("99915012345", lambda: "") == ("99915012345", "99915012345")
+    assert lookup_digits(None, lambda: PAN) == (PAN, "999150******" + PAN[-4:])
+    for bad in ("99915", "999150123456", "", " 999150", "99915a"):
+        with pytest.raises(CommandFailed) as info:
+            lookup_digits(bad, lambda: "")
+        assert info.value.code == 2
