@@ -1,10 +1,10 @@
 """`crs bins import|lookup|versions|activate`: the BIN table (docs/bins.md).
 
-`import` validates every row, writes a rejects file (row number, column, reason), reports
-overlapping ranges, and only when the rejected rows are within `--max-rejects` stores the file as a
-new version and activates it in one transaction: a bad file never replaces a good table. Nodes pick
-the new version up within CRS_BIN_POLL_INTERVAL. `lookup` takes a prefix on the command line, a full PAN
-only on standard input.
+`import` validates every row, writes a rejects file (row number, column, reason), collapses identical
+duplicate rows, reports overlapping ranges, and only when the rejected rows are within `--max-rejects`
+and no range is given twice with different values stores the file as a new version and activates it
+in one transaction: a bad file never replaces a good table. Nodes pick the new version up within
+CRS_BIN_POLL_INTERVAL. `lookup` takes a prefix on the command line, a full PAN only on standard input.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import io
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -29,8 +30,9 @@ SHOWN_OVERLAPS = 10
 T = TypeVar("T")
 
 
-def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, str]:
-    """(accepted rows, rejected count, sha256) of a BIN table CSV; CommandFailed for a file that is not one."""
+def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[int], int, str]:
+    """(accepted rows, their row numbers, rejected count, sha256) of a BIN table CSV; CommandFailed for a
+    file that is not one."""
     from server.bins import COLUMNS, BinRowError, parse_row
 
     try:
@@ -46,7 +48,7 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, st
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise CommandFailed(f"{path}: the header lacks {', '.join(missing)} (columns: {', '.join(COLUMNS)})", 2)
-    rows, rejects = [], []
+    rows, numbers, rejects = [], [], []
     for number, cells in enumerate(reader, start=2):
         if not cells or cells == [""]:
             continue
@@ -55,6 +57,7 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, st
             continue
         try:
             rows.append(parse_row(dict(zip(header, cells, strict=True))))
+            numbers.append(number)
         except BinRowError as exc:
             rejects.append((number, exc.column, exc.reason))
     if rejects_out is not None:
@@ -65,15 +68,57 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, st
                 w.writerows(rejects)
         except OSError as exc:
             raise CommandFailed(f"cannot write --rejects {rejects_out}: {exc.strerror}", 2) from None
-    return rows, len(rejects), hashlib.sha256(data).hexdigest()
+    return rows, numbers, len(rejects), hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Duplicates:
+    """Rows covering exactly the same PANs as an earlier row (the same span on the 11-digit prefix line)."""
+
+    kept: list[Any] = field(default_factory=list)          # every span once, its first row
+    kept_numbers: list[int] = field(default_factory=list)
+    collapsed: list[tuple[int, int]] = field(default_factory=list)    # (row number, the identical earlier row)
+    conflicts: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)   # (earlier, row, columns)
+
+
+def duplicates(rows: list[Any], numbers: list[int]) -> Duplicates:
+    """Identical rows collapse to one; rows with the same span that differ in any column (issuer, country,
+    product, on_us, network, pan_length, or low/high written with another length) conflict: no rule can
+    pick one (the narrowest range wins, and they are as narrow), so the import refuses the file."""
+    from server.bins import COLUMNS
+
+    found = Duplicates()
+    first: dict[tuple[int, int], int] = {}
+    for row, number in zip(rows, numbers, strict=True):
+        k = first.setdefault((row.start, row.end), len(found.kept))
+        if k == len(found.kept):
+            found.kept.append(row)
+            found.kept_numbers.append(number)
+            continue
+        differ = tuple(c for c in COLUMNS if getattr(row, c) != getattr(found.kept[k], c))
+        if differ:
+            found.conflicts.append((found.kept_numbers[k], number, differ))
+        else:
+            found.collapsed.append((number, found.kept_numbers[k]))
+    return found
 
 
 def cmd_bins_import(args: argparse.Namespace) -> int:
     from server.bins import overlaps
 
-    rows, rejected, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
-    print(f"read {len(rows) + rejected} rows: {len(rows)} accepted, {rejected} rejected"
+    read, numbers, rejected, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
+    print(f"read {len(read) + rejected} rows: {len(read)} accepted, {rejected} rejected"
           + (f" (listed in {args.rejects})" if args.rejects and rejected else ""))
+    same = duplicates(read, numbers)
+    rows = same.kept
+    if same.collapsed or same.conflicts:
+        shown = ", ".join(f"row {n} = row {k}" for n, k in same.collapsed[:SHOWN_OVERLAPS])
+        print(f"duplicates: {len(same.collapsed)} identical rows collapsed" + (f" ({shown})" if shown else "")
+              + f", {len(same.conflicts)} conflicting")
+        for earlier, number, columns in same.conflicts[:SHOWN_OVERLAPS]:
+            a, b = read[numbers.index(earlier)], read[numbers.index(number)]
+            print(f"  conflicting duplicate: rows {earlier} and {number} ({a.low}-{a.high} and {b.low}-{b.high})"
+                  f" cover the same PANs but differ in {', '.join(columns)}")
     found = overlaps(rows)
     partial = [o for o in found if not o.nested]
     print(f"overlaps: {len(found) - len(partial)} nested (the narrower range wins), {len(partial)} partial")
@@ -83,6 +128,9 @@ def cmd_bins_import(args: argparse.Namespace) -> int:
     if rejected > args.max_rejects:
         raise CommandFailed(f"{rejected} rejected rows > --max-rejects {args.max_rejects}: the table was not"
                             " replaced", 2)
+    if same.conflicts:
+        raise CommandFailed(f"{len(same.conflicts)} conflicting duplicates (the same range twice with different"
+                            " values: neither can win): fix the file; the table was not replaced", 2)
     if partial and not args.allow_partial_overlaps:
         raise CommandFailed(f"{len(partial)} partial overlaps (a range that starts inside another and ends"
                             " outside it): fix the file or pass --allow-partial-overlaps; the table was not"
@@ -195,7 +243,9 @@ def register(sub: Any) -> None:
         "low/high: PAN prefixes of 6-11 digits, both the same length. product: credit, debit, prepaid,\n"
         "commercial. on_us: true/false. Overlapping ranges: the narrower one wins; a partial overlap\n"
         "(starting inside a range, ending outside it) refuses the file unless --allow-partial-overlaps.\n"
-        "Exit 2 for a refused file, 3 when PostgreSQL cannot be reached."),
+        "Identical rows are collapsed to one (the summary counts them); the same range twice with any\n"
+        "value different refuses the file (neither could win). docs/bins.md lists what each column\n"
+        "accepts. Exit 2 for a refused file, 3 when PostgreSQL cannot be reached."),
         formatter_class=RAW)
     b.add_argument("file", help="the CSV file")
     b.add_argument("--rejects", help="write rejected rows (row, column, reason) to this CSV")

@@ -161,6 +161,30 @@ def test_import_refuses_bad_files_and_keeps_the_table(dev_env: DevEnvironment, f
     assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before
 
 
+def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
+        dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+    one = ["999500", "999599", "16", "testnet", "Dup One", "US", "credit", "false"]
+    two = ["999500", "999599", "16", "testnet", "Dup Two", "FR", "debit", "true"]
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "conflict.csv", [one, two])))
+    assert r.returncode == 2 and "1 conflicting duplicates" in r.stderr and "rows 2 and 3" in r.stdout
+    assert _crs(dev_env, "bins", "versions").stdout.startswith(f"* v{before} ")   # the table was not replaced
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])))
+    assert r.returncode == 0 and "1 identical rows collapsed" in r.stdout and "(1 ranges)" in r.stdout, r.stderr
+    versions = _crs(dev_env, "bins", "versions").stdout.splitlines()
+    assert versions[0].startswith("* v") and " 1 ranges" in versions[0]
+    assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
+    deadline = time.monotonic() + 30
+    while True:    # the one-range table holds no 999100: NOT_FOUND until the node is back on `before`
+        try:
+            if fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
+                break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+        assert time.monotonic() < deadline, "the node did not go back to the previous table"
+        time.sleep(POLL)
+
+
 def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
     before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
     stop, failures, answered = threading.Event(), [], [0]

@@ -1,11 +1,12 @@
 """`crs bins` without servers: what it does with bad input and with a PostgreSQL it cannot reach
 (`crs --help`: exit 2 for bad usage, 3 for a dependency down; one line on stderr, never a traceback),
-and where it takes a card number (standard input only).
+where it takes a card number (standard input only), and duplicate ranges in a file.
 
 Every PAN here is made up in the reserved test range 999xxx."""
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import subprocess
@@ -15,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from server.bins import COLUMNS, parse_row
 from server.cli.base import CommandFailed
-from server.cli.bins import lookup_digits
+from server.cli.bins import duplicates, lookup_digits
 from server.pan import luhn_check_digit
 
 ROOT = Path(__file__).resolve().parents[2]
 PAN = "999150123456789" + luhn_check_digit("999150123456789")
 BAD_LUHN = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
+ROW = ["999100", "999199", "16", "testnet", "Test Issuer A", "US", "credit", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,42 @@ def test_lookup_digits() -> None:
         with pytest.raises(CommandFailed) as info:
             lookup_digits(bad, lambda: "")
         assert info.value.code == 2
+
+
+def _rows(*rows: list[str]) -> tuple[list[object], list[int]]:
+    return [parse_row(dict(zip(COLUMNS, r, strict=True))) for r in rows], list(range(2, 2 + len(rows)))
+
+
+def test_identical_rows_collapse_and_conflicting_ones_are_named() -> None:
+    other = ["999200", "999299", "16", "testnet", "Test Issuer B", "GB", "debit", "true"]
+    rows, numbers = _rows(ROW, other, ROW, ["999100", "999199", "16", "testnet", "Dup Two", "FR", "debit", "true"],
+                          ["99910000", "99919999", "16", "testnet", "Test Issuer A", "US", "credit", "false"],
+                          ["999100", "999199", "16", "TESTNET", "Test Issuer A", "us", "credit", "no"])
+    found = duplicates(rows, numbers)
+    assert found.kept == rows[:2] and found.kept_numbers == [2, 3]
+    assert found.collapsed == [(4, 2), (7, 2)]        # the last one is the same row once normalised
+    assert found.conflicts == [(2, 5, ("issuer_name", "issuer_country", "product", "on_us")),
+                               (2, 6, ("low", "high"))]   # the same PANs, spelled as an 8-digit range
+
+
+def _write(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+    return path
+
+
+def test_a_conflicting_duplicate_refuses_the_file_before_any_database(closed_dsn: str, tmp_path: Path) -> None:
+    dup = ["999100", "999199", "16", "testnet", "Dup Two", "FR", "debit", "true"]
+    r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "dup.csv", [ROW, dup])))
+    assert r.returncode == 2 and "1 conflicting duplicates" in _one_line(r)
+    assert ("conflicting duplicate: rows 2 and 3 (999100-999199 and 999100-999199) cover the same PANs but differ"
+            " in issuer_name, issuer_country, product, on_us") in r.stdout
+    assert "overlaps: 0 nested" in r.stdout                 # no longer counted as a nested range
+
+
+def test_identical_duplicates_are_collapsed_and_said(closed_dsn: str, tmp_path: Path) -> None:
+    r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "same.csv", [ROW, ROW])))
+    assert "duplicates: 1 identical rows collapsed (row 3 = row 2), 0 conflicting" in r.stdout
+    assert r.returncode == 3 and "PostgreSQL unavailable" in _one_line(r)   # got as far as storing it
