@@ -26,14 +26,16 @@ class CommandFailed(Exception):
 
 @contextlib.contextmanager
 def postgres_errors() -> Iterator[None]:
-    """A PostgreSQL that cannot be reached, refuses the login or fails a statement, as one line and exit
-    3 (a dependency unavailable, `crs --help`) instead of a traceback. Wrap only database work: an OSError
+    """A PostgreSQL that cannot be reached, refuses the login or fails a statement: one line and exit 3
+    (a dependency unavailable, `crs --help`) instead of a traceback. Wrap only database work: an OSError
     of a file the user named is bad usage, not an outage."""
     import asyncpg
 
     try:
         yield
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+    except asyncpg.PostgresError as exc:     # it answered: a refused login, too many connections, no schema
+        raise CommandFailed(f"PostgreSQL refused: {type(exc).__name__}: {exc}", 3) from exc
+    except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
         raise CommandFailed(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}", 3) from exc
 
 
