@@ -240,8 +240,11 @@ def register(sub: Any) -> None:
     bs = s.add_subparsers(dest="bins_command", required=True, metavar="BINS_COMMAND")
     b = bs.add_parser("import", help="validate a BIN table CSV and make it the active version", description=(
         "Columns (header row): low, high, pan_length, network, issuer_name, issuer_country, product, on_us.\n"
-        "low/high: PAN prefixes of 6-11 digits, both the same length. product: credit, debit, prepaid,\n"
-        "commercial. on_us: true/false. Overlapping ranges: the narrower one wins; a partial overlap\n"
+        "low/high: PAN prefixes of 6-11 digits, both the same length. pan_length: 12-19. network: a\n"
+        "scheme name (letters, digits, '-'). issuer_country: two letters (the shape is checked, not the\n"
+        "ISO list). product: credit, debit, prepaid, commercial. on_us: true/false (also yes/no, y/n,\n"
+        "1/0; empty = false). Keywords in any case, stored lower case (country upper case); spaces\n"
+        "around cells are dropped. Overlapping ranges: the narrower one wins; a partial overlap\n"
         "(starting inside a range, ending outside it) refuses the file unless --allow-partial-overlaps.\n"
         "Identical rows are collapsed to one (the summary counts them); the same range twice with any\n"
         "value different refuses the file (neither could win). docs/bins.md lists what each column\n"

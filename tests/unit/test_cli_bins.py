@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bins import COLUMNS, parse_row
+from server.bins import COLUMNS, BinRowError, parse_row
 from server.cli.base import CommandFailed
 from server.cli.bins import duplicates, lookup_digits
 from server.pan import luhn_check_digit
@@ -117,3 +117,26 @@ def test_identical_duplicates_are_collapsed_and_said(closed_dsn: str, tmp_path: 
     r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "same.csv", [ROW, ROW])))
     assert "duplicates: 1 identical rows collapsed (row 3 = row 2), 0 conflicting" in r.stdout
     assert r.returncode == 3 and "PostgreSQL unavailable" in _one_line(r)   # got as far as storing it
+
+
+@pytest.mark.parametrize("column, given, stored", [
+    ("network", "VISA", "visa"), ("network", " Testnet-Domestic ", "testnet-domestic"),
+    ("issuer_country", "zz", "ZZ"), ("issuer_country", "XX", "XX"),
+    ("product", "Prepaid", "prepaid"), ("issuer_name", " Banque Égée ", "Banque Égée"),
+    ("on_us", "yes", True), ("on_us", "Y", True), ("on_us", "1", True), ("on_us", "TRUE", True),
+    ("on_us", "no", False), ("on_us", "n", False), ("on_us", "0", False), ("on_us", "", False),
+])
+def test_a_cell_is_accepted_and_stored_as_docs_bins_md_says(column: str, given: str, stored: object) -> None:
+    row = parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
+    assert getattr(row, column) == stored
+
+
+@pytest.mark.parametrize("column, given", [
+    ("network", "v"), ("network", "9visa"), ("network", "visa card"), ("network", "v" * 33),
+    ("issuer_country", "USA"), ("issuer_country", "U5"), ("issuer_country", "É1"),
+    ("on_us", "maybe"), ("on_us", "oui"), ("product", "gold"), ("issuer_name", "a\tb"), ("pan_length", "16.0"),
+])
+def test_a_cell_outside_docs_bins_md_is_refused(column: str, given: str) -> None:
+    with pytest.raises(BinRowError) as info:
+        parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
+    assert info.value.column == column
