@@ -23,6 +23,7 @@ import redis
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devstack.demo import demo_customer_id, demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, open_channel
@@ -169,6 +170,24 @@ def test_allowed_callers_and_per_key_scopes(secure: SecureNode) -> None:
     with secure.token_channel(None) as ch:        # health stays open for probes
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _services(ch: grpc.Channel) -> set[str]:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([request]), timeout=5)
+    return {s.name for s in answer.list_services_response.service}
+
+
+def test_reflection_for_registered_callers_health_for_everyone(secure: SecureNode) -> None:
+    with secure.channel("switch") as ch:          # any registered client, whatever its scopes
+        assert {"crs.v1.LookupService", "grpc.health.v1.Health"} <= _services(ch)
+    with secure.token_channel(secure.token("token-switch")) as ch:
+        assert "crs.v1.LookupService" in _services(ch)
+    for refused in (secure.channel("stranger"), secure.token_channel(None)):    # our CA but unregistered; no token
+        with refused as ch:
+            assert _code(lambda ch=ch: _services(ch)) == grpc.StatusCode.UNAUTHENTICATED
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING   # open: probes carry no credentials
 
 
 def test_rate_limit_answers_resource_exhausted(secure: SecureNode) -> None:
