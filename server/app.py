@@ -24,7 +24,6 @@ from typing import Any, NoReturn
 import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from server import rpc
 from server.admin import AdminHandlers
@@ -46,6 +45,8 @@ from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
+from server.reflection import SERVICE_NAME as REFLECTION
+from server.reflection import add_reflection
 from server.relay import run_relay
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings, replica_fill_window
@@ -270,9 +271,8 @@ class Node:
             server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate)
                                                   for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [svc.full_name for svc in rpc.SERVICES] + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                                       reflection.SERVICE_NAME], server)
+        add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only
+                       + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION], gate.authenticator)
         self.port = bind_ports(server, s, self.metrics)
         self.server = server
         if isinstance(server, grpc.aio.Server):

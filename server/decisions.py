@@ -6,8 +6,9 @@ NACHA return reason code. When several things are wrong at once the first rule i
 list that applies decides, so the answer is the one the acquirer or ODFI must act on first (a
 stolen card on a closed account is "43 pick up", not "46 closed account").
 
-Networks differ in places: `46` (closed account) is Visa's; other networks answer `05` for it. Those
-differences are configuration (CRS_DECISION_NETWORK_CODES), not code.
+Networks differ in places: `46` (closed account) is Visa's; some networks answer `05` for it. Those
+differences are configuration (CRS_DECISION_NETWORK_CODES), not code: a network it does not name
+(Visa, a domestic scheme, a BIN in no range) gets the table's code.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ CARD_LOST = Hint("41", "", "CARD_LOST")                      # lost card, pick u
 CARD_EXPIRED = Hint("54", "", "CARD_EXPIRED")                # expired card
 CARD_BLOCKED = Hint("62", "", "CARD_BLOCKED")                # restricted card
 CARD_CLOSED = Hint("05", "", "CARD_CLOSED")                  # do not honour
-CARD_ACCOUNT_CLOSED = Hint("46", "", "ACCOUNT_CLOSED")       # closed account (Visa); 05 elsewhere
+CARD_ACCOUNT_CLOSED = Hint("46", "", "ACCOUNT_CLOSED")       # closed account; 05 where the network codes say
 CARD_ACCOUNT_FROZEN = Hint("05", "", "ACCOUNT_FROZEN")
 CARD_ACCOUNT_DORMANT = Hint("05", "", "ACCOUNT_DORMANT")
 CARD_NOT_LINKED = Hint("05", "", "CARD_NOT_LINKED")          # a card with no account behind it

@@ -16,6 +16,8 @@ PAN_MAX_LEN = 19
 ACCOUNT_MIN_LEN = 4
 ACCOUNT_MAX_LEN = 17
 ROUTING_LEN = 9
+# The most characters an error message counts: a 16 MB "pan" is reported as "more than 9999".
+COUNTED_MAX = 9999
 # Card-number-like runs in free text (contains_card_number). From 13: a 12-digit run is as often a phone
 # number with its country code or another system's reference, and refusing one in ten of them (the Luhn
 # odds) would refuse real addresses and keys; 12-digit PANs (some Maestro) are rare.
@@ -61,7 +63,8 @@ def parse_pan(value: str) -> str:
     if not value:
         raise InvalidKey("pan is empty")
     if len(value) < PAN_MIN_LEN or len(value) > PAN_MAX_LEN:
-        raise InvalidKey(f"pan must be {PAN_MIN_LEN}-{PAN_MAX_LEN} digits (got {min(len(value), 9999)} characters)")
+        got = f"more than {COUNTED_MAX}" if len(value) > COUNTED_MAX else str(len(value))
+        raise InvalidKey(f"pan must be {PAN_MIN_LEN}-{PAN_MAX_LEN} digits (got {got} characters)")
     if not _is_ascii_digits(value):
         raise InvalidKey("pan must contain only ASCII digits 0-9")
     if not luhn_ok(value):

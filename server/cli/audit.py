@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from server.cli.base import RAW, settings_from_args
+from server.cli.base import RAW, postgres_errors, settings_from_args
 from server.cli.render import table
 
 if TYPE_CHECKING:
@@ -30,7 +30,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
 
-    rows = asyncio.run(query())
+    with postgres_errors():
+        rows = asyncio.run(query())
     table([("at (UTC)", "client", "via", "rpc", "result", "entities"),
            *((r["at"].strftime("%Y-%m-%d %H:%M:%S.%f"), r["client_id"], r["via"], r["rpc"], r["result"],
               " ".join(r["entity_ids"])) for r in rows)])

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from server.settings import Settings, SettingsError, load_settings
@@ -21,6 +22,21 @@ class CommandFailed(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+@contextlib.contextmanager
+def postgres_errors() -> Iterator[None]:
+    """A PostgreSQL that cannot be reached, refuses the login or fails a statement: one line and exit 3
+    (a dependency unavailable, `crs --help`) instead of a traceback. Wrap only database work: an OSError
+    of a file the user named is bad usage, not an outage."""
+    import asyncpg
+
+    try:
+        yield
+    except asyncpg.PostgresError as exc:     # it answered: a refused login, too many connections, no schema
+        raise CommandFailed(f"PostgreSQL refused: {type(exc).__name__}: {exc}", 3) from exc
+    except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+        raise CommandFailed(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}", 3) from exc
 
 
 def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:

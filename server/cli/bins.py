@@ -1,9 +1,10 @@
 """`crs bins import|lookup|versions|activate`: the BIN table (docs/bins.md).
 
-`import` validates every row, writes a rejects file (row number, column, reason), reports
-overlapping ranges, and only when the rejected rows are within `--max-rejects` stores the file as a
-new version and activates it in one transaction: a bad file never replaces a good table. Nodes pick
-the new version up within CRS_BIN_POLL_INTERVAL.
+`import` validates every row, writes a rejects file (row number, column, reason), collapses identical
+duplicate rows, reports overlapping ranges, and only when the rejected rows are within `--max-rejects`
+and no range is given twice with different values stores the file as a new version and activates it
+in one transaction: a bad file never replaces a good table. Nodes pick the new version up within
+CRS_BIN_POLL_INTERVAL. `lookup` takes a prefix on the command line, a full PAN only on standard input.
 """
 
 from __future__ import annotations
@@ -14,19 +15,30 @@ import csv
 import hashlib
 import io
 import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from server.cli.base import RAW, CommandFailed, settings_from_args
+from server.cli.base import RAW, CommandFailed, postgres_errors, settings_from_args
+from server.cli.lookup import from_stdin
+
+if TYPE_CHECKING:
+    from server.store.db import Conn
 
 SHOWN_OVERLAPS = 10
+T = TypeVar("T")
 
 
-def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, str]:
-    """(accepted rows, rejected count, sha256) of a BIN table CSV; CommandFailed for a file that is not one."""
+def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[int], int, str]:
+    """(accepted rows, their row numbers, rejected count, sha256) of a BIN table CSV; CommandFailed for a
+    file that is not one."""
     from server.bins import COLUMNS, BinRowError, parse_row
 
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CommandFailed(f"{path}: {exc.strerror}", 2) from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -36,7 +48,7 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, st
     missing = [c for c in COLUMNS if c not in header]
     if missing:
         raise CommandFailed(f"{path}: the header lacks {', '.join(missing)} (columns: {', '.join(COLUMNS)})", 2)
-    rows, rejects = [], []
+    rows, numbers, rejects = [], [], []
     for number, cells in enumerate(reader, start=2):
         if not cells or cells == [""]:
             continue
@@ -45,22 +57,68 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], int, st
             continue
         try:
             rows.append(parse_row(dict(zip(header, cells, strict=True))))
+            numbers.append(number)
         except BinRowError as exc:
             rejects.append((number, exc.column, exc.reason))
     if rejects_out is not None:
-        with rejects_out.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["row", "column", "reason"])
-            w.writerows(rejects)
-    return rows, len(rejects), hashlib.sha256(data).hexdigest()
+        try:
+            with rejects_out.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["row", "column", "reason"])
+                w.writerows(rejects)
+        except OSError as exc:
+            raise CommandFailed(f"cannot write --rejects {rejects_out}: {exc.strerror}", 2) from None
+    return rows, numbers, len(rejects), hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Duplicates:
+    """Rows covering exactly the same PANs as an earlier row (the same span on the 11-digit prefix line)."""
+
+    kept: list[Any] = field(default_factory=list)          # every span once, its first row
+    kept_numbers: list[int] = field(default_factory=list)
+    collapsed: list[tuple[int, int]] = field(default_factory=list)    # (row number, the identical earlier row)
+    conflicts: list[tuple[int, int, tuple[str, ...]]] = field(default_factory=list)   # (earlier, row, columns)
+
+
+def duplicates(rows: list[Any], numbers: list[int]) -> Duplicates:
+    """Identical rows collapse to one; rows with the same span that differ in any column (issuer, country,
+    product, on_us, network, pan_length, or low/high written with another length) conflict: no rule can
+    pick one (the narrowest range wins, and they are as narrow), so the import refuses the file."""
+    from server.bins import COLUMNS
+
+    found = Duplicates()
+    first: dict[tuple[int, int], int] = {}
+    for row, number in zip(rows, numbers, strict=True):
+        k = first.setdefault((row.start, row.end), len(found.kept))
+        if k == len(found.kept):
+            found.kept.append(row)
+            found.kept_numbers.append(number)
+            continue
+        differ = tuple(c for c in COLUMNS if getattr(row, c) != getattr(found.kept[k], c))
+        if differ:
+            found.conflicts.append((found.kept_numbers[k], number, differ))
+        else:
+            found.collapsed.append((number, found.kept_numbers[k]))
+    return found
 
 
 def cmd_bins_import(args: argparse.Namespace) -> int:
     from server.bins import overlaps
 
-    rows, rejected, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
-    print(f"read {len(rows) + rejected} rows: {len(rows)} accepted, {rejected} rejected"
+    read, numbers, rejected, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
+    print(f"read {len(read) + rejected} rows: {len(read)} accepted, {rejected} rejected"
           + (f" (listed in {args.rejects})" if args.rejects and rejected else ""))
+    same = duplicates(read, numbers)
+    rows = same.kept
+    if same.collapsed or same.conflicts:
+        shown = ", ".join(f"row {n} = row {k}" for n, k in same.collapsed[:SHOWN_OVERLAPS])
+        print(f"duplicates: {len(same.collapsed)} identical rows collapsed" + (f" ({shown})" if shown else "")
+              + f", {len(same.conflicts)} conflicting")
+        for earlier, number, columns in same.conflicts[:SHOWN_OVERLAPS]:
+            a, b = read[numbers.index(earlier)], read[numbers.index(number)]
+            print(f"  conflicting duplicate: rows {earlier} and {number} ({a.low}-{a.high} and {b.low}-{b.high})"
+                  f" cover the same PANs but differ in {', '.join(columns)}")
     found = overlaps(rows)
     partial = [o for o in found if not o.nested]
     print(f"overlaps: {len(found) - len(partial)} nested (the narrower range wins), {len(partial)} partial")
@@ -70,84 +128,110 @@ def cmd_bins_import(args: argparse.Namespace) -> int:
     if rejected > args.max_rejects:
         raise CommandFailed(f"{rejected} rejected rows > --max-rejects {args.max_rejects}: the table was not"
                             " replaced", 2)
+    if same.conflicts:
+        raise CommandFailed(f"{len(same.conflicts)} conflicting duplicates (the same range twice with different"
+                            " values: neither can win): fix the file; the table was not replaced", 2)
     if partial and not args.allow_partial_overlaps:
         raise CommandFailed(f"{len(partial)} partial overlaps (a range that starts inside another and ends"
                             " outside it): fix the file or pass --allow-partial-overlaps; the table was not"
                             " replaced", 2)
     if not rows:
         raise CommandFailed("no accepted rows: the table was not replaced", 2)
-    version = asyncio.run(_import(args, rows, rejected, digest))
+    version = _import(args, rows, rejected, digest)
     print(f"BIN table version {version} is active ({len(rows)} ranges); nodes load it within"
           " CRS_BIN_POLL_INTERVAL")
     return 0
 
 
-async def _import(args: argparse.Namespace, rows: list[Any], rejected: int, digest: str) -> int:
+def _with_database(args: argparse.Namespace, work: Callable[[Conn], Awaitable[T]]) -> T:
+    """`work` on one connection; an unreachable or failing PostgreSQL is exit 3 (postgres_errors)."""
     import asyncpg
 
+    settings = settings_from_args(args)
+
+    async def run() -> T:
+        conn = await asyncpg.connect(settings.pg_dsn)
+        try:
+            return await work(conn)
+        finally:
+            await asyncio.shield(conn.close())
+
+    with postgres_errors():
+        return asyncio.run(run())
+
+
+def _import(args: argparse.Namespace, rows: list[Any], rejected: int, digest: str) -> int:
     from server.store import bins as store
 
-    conn = await asyncpg.connect(settings_from_args(args).pg_dsn)
-    try:
-        return await store.import_table(conn, rows, source_file=Path(args.file).name, sha256=digest,
-                                        rejected=rejected)
-    finally:
-        await conn.close()
+    return _with_database(args, lambda conn: store.import_table(
+        conn, rows, source_file=Path(args.file).name, sha256=digest, rejected=rejected))
 
 
 def cmd_bins_versions(args: argparse.Namespace) -> int:
-    import asyncpg
-
     from server.store import bins as store
 
-    async def run() -> None:
-        conn = await asyncpg.connect(settings_from_args(args).pg_dsn)
-        try:
-            if args.bins_command == "activate":
-                await store.activate(conn, args.version)
-                print(f"BIN table version {args.version} is active")
-                return
-            for t in await store.versions(conn):
-                mark = "*" if t.active else " "
-                print(f"{mark} v{t.version:<4} {t.ranges:>9,} ranges  {t.rejected:>6,} rejected  "
-                      f"{t.imported_at:%Y-%m-%d %H:%M}  {t.source_file}  sha256 {t.sha256[:12]}")
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
+    for t in _with_database(args, store.versions):
+        mark = "*" if t.active else " "
+        print(f"{mark} v{t.version:<4} {t.ranges:>9,} ranges  {t.rejected:>6,} rejected  "
+              f"{t.imported_at:%Y-%m-%d %H:%M}  {t.source_file}  sha256 {t.sha256[:12]}")
     return 0
 
 
-def cmd_bins_lookup(args: argparse.Namespace) -> int:
+def cmd_bins_activate(args: argparse.Namespace) -> int:
+    from server.errors import NotFound
+    from server.store import bins as store
+
+    try:
+        _with_database(args, lambda conn: store.activate(conn, args.version))
+    except NotFound as exc:
+        raise CommandFailed(f"{exc.message} (crs bins versions lists the stored ones)", 2) from None
+    print(f"BIN table version {args.version} is active")
+    return 0
+
+
+def lookup_digits(prefix: str | None, read_pan: Callable[[], str]) -> tuple[str, str]:
+    """(digits to look up, how to show them) from the command line's prefix or, without one, a PAN read
+    from `read_pan` (standard input). CommandFailed exit 2 for anything else; never echoes the value."""
+    from server.bins import MIN_PREFIX, PREFIX_DIGITS
+    from server.errors import InvalidKey
+    from server.pan import PAN_MIN_LEN, mask_pan, parse_pan
+
+    if prefix is None:
+        try:
+            pan = parse_pan(read_pan())
+        except InvalidKey as exc:
+            raise CommandFailed(f"the card number on standard input: {exc.message}", 2) from None
+        return pan, mask_pan(pan)
+    if prefix.isascii() and prefix.isdigit() and len(prefix) >= PAN_MIN_LEN:
+        raise CommandFailed("a card number is read from standard input, never from the command line (shell"
+                            " history and ps keep it): give a 6-11 digit prefix, or none and the PAN on stdin", 2)
+    if not (prefix.isascii() and prefix.isdigit() and MIN_PREFIX <= len(prefix) <= PREFIX_DIGITS):
+        raise CommandFailed(f"a prefix must be {MIN_PREFIX}-{PREFIX_DIGITS} ASCII digits (a BIN or longer)", 2)
+    return prefix, prefix
+
+
+def cmd_bins_lookup(args: argparse.Namespace, read_pan: Callable[[], str] = from_stdin) -> int:
     from google.protobuf.json_format import MessageToJson
 
-    from server.bins import build
-    from server.pan import mask_pan, parse_pan
+    from server.bins import BinTable, build
+    from server.store import bins as store
 
-    async def run() -> int:
-        import asyncpg
+    digits, shown = lookup_digits(args.prefix, read_pan)
 
-        from server.store import bins as store
+    async def active_table(conn: Conn) -> BinTable:
+        version = await store.active_version(conn)
+        return build(await store.load_rows(conn, version), version)
 
-        conn = await asyncpg.connect(settings_from_args(args).pg_dsn)
-        try:
-            version = await store.active_version(conn)
-            table = build(await store.load_rows(conn, version), version)
-        finally:
-            await conn.close()
-        digits = args.number
-        shown = digits
-        if len(digits) > 11:
-            parse_pan(digits)
-            shown = mask_pan(digits)
-        row = table.lookup(digits)
-        if row is None:
-            print(f"{shown}: no range in BIN table version {version}", file=sys.stderr)
-            return 1
-        print(MessageToJson(row.message(version), indent=2))
-        return 0
-
-    return asyncio.run(run())
+    table = _with_database(args, active_table)
+    if table.version == 0:
+        print("no BIN table is active yet (crs bins import FILE.csv)", file=sys.stderr)
+        return 1
+    row = table.lookup(digits)
+    if row is None:
+        print(f"{shown}: no range in BIN table version {table.version}", file=sys.stderr)
+        return 1
+    print(MessageToJson(row.message(table.version), indent=2))
+    return 0
 
 
 def register(sub: Any) -> None:
@@ -156,9 +240,15 @@ def register(sub: Any) -> None:
     bs = s.add_subparsers(dest="bins_command", required=True, metavar="BINS_COMMAND")
     b = bs.add_parser("import", help="validate a BIN table CSV and make it the active version", description=(
         "Columns (header row): low, high, pan_length, network, issuer_name, issuer_country, product, on_us.\n"
-        "low/high: PAN prefixes of 6-11 digits, both the same length. product: credit, debit, prepaid,\n"
-        "commercial. on_us: true/false. Overlapping ranges: the narrower one wins; a partial overlap\n"
-        "(starting inside a range, ending outside it) refuses the file unless --allow-partial-overlaps."),
+        "low/high: PAN prefixes of 6-11 digits, both the same length. pan_length: 12-19. network: a\n"
+        "scheme name (letters, digits, '-'). issuer_country: two letters (the shape is checked, not the\n"
+        "ISO list). product: credit, debit, prepaid, commercial. on_us: true/false (also yes/no, y/n,\n"
+        "1/0; empty = false). Keywords in any case, stored lower case (country upper case); spaces\n"
+        "around cells are dropped. Overlapping ranges: the narrower one wins; a partial overlap\n"
+        "(starting inside a range, ending outside it) refuses the file unless --allow-partial-overlaps.\n"
+        "Identical rows are collapsed to one (the summary counts them); the same range twice with any\n"
+        "value different refuses the file (neither could win). docs/bins.md lists what each column\n"
+        "accepts. Exit 2 for a refused file, 3 when PostgreSQL cannot be reached."),
         formatter_class=RAW)
     b.add_argument("file", help="the CSV file")
     b.add_argument("--rejects", help="write rejected rows (row, column, reason) to this CSV")
@@ -166,11 +256,16 @@ def register(sub: Any) -> None:
                    help="refuse the file when more rows than this are rejected (default 0)")
     b.add_argument("--allow-partial-overlaps", action="store_true", help="accept partially overlapping ranges")
     b.set_defaults(func=cmd_bins_import)
-    b = bs.add_parser("lookup", help="the range of a PAN or a 6-11 digit prefix in the active table")
-    b.add_argument("number", help="a PAN (masked in the output) or a prefix")
+    b = bs.add_parser("lookup", help="the range of a 6-11 digit prefix, or of a PAN read from stdin", description=(
+        "The most specific range holding a prefix (6-11 digits: a BIN, or longer) in the active table.\n"
+        "Without PREFIX, one PAN is read from standard input (never from the command line, where shell\n"
+        "history would keep it) and masked in the output. Exit 1 when no range holds it, 2 for a bad\n"
+        "prefix or PAN, 3 when PostgreSQL cannot be reached."), formatter_class=RAW)
+    b.add_argument("prefix", nargs="?", help="6-11 ASCII digits; omit it to read a PAN from standard input")
     b.set_defaults(func=cmd_bins_lookup)
     b = bs.add_parser("versions", help="stored table versions (* = active)")
     b.set_defaults(func=cmd_bins_versions)
-    b = bs.add_parser("activate", help="make a stored version the active one (roll back a bad table)")
+    b = bs.add_parser("activate", help="make a stored version the active one (roll back a bad table)",
+                      description="Exit 2 when no such version is stored, 3 when PostgreSQL cannot be reached.")
     b.add_argument("version", type=int)
-    b.set_defaults(func=cmd_bins_versions)
+    b.set_defaults(func=cmd_bins_activate)

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from server.cli.base import RAW, settings_from_args
+from server.cli.base import RAW, postgres_errors, settings_from_args
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -25,22 +25,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     try:
-        if args.keys_command == "rotate-fingerprint":
-            done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
-                                                           batch=args.batch))
-            print(f"re-fingerprinted {done['cards']} cards, {done['accounts']} accounts and"
-                  f" {done['source_records']} identity records with version {args.to}")
-        elif args.keys_command == "retire-fingerprint":
-            moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
-            print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"
-                  " use their newer fingerprint; remove the key from CRS_FINGERPRINT_KEYS")
-        elif args.keys_command == "rotate-kek":
-            n = asyncio.run(rotation.rotate_kek(settings.pg_dsn, settings.keyring()))
-            print(f"re-wrapped {n} data key(s) under KEK version {settings.kek_version};"
-                  " CRS_KEK_PREVIOUS can now be removed")
-        else:
-            for table, line in asyncio.run(rotation.key_status(settings.pg_dsn)):
-                print(f"{table:12} {line}")
+        with postgres_errors():
+            if args.keys_command == "rotate-fingerprint":
+                done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
+                                                               batch=args.batch))
+                print(f"re-fingerprinted {done['cards']} cards, {done['accounts']} accounts and"
+                      f" {done['source_records']} identity records with version {args.to}")
+            elif args.keys_command == "retire-fingerprint":
+                moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
+                print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"
+                      " use their newer fingerprint; remove the key from CRS_FINGERPRINT_KEYS")
+            elif args.keys_command == "rotate-kek":
+                n = asyncio.run(rotation.rotate_kek(settings.pg_dsn, settings.keyring()))
+                print(f"re-wrapped {n} data key(s) under KEK version {settings.kek_version};"
+                      " CRS_KEK_PREVIOUS can now be removed")
+            else:
+                for table, line in asyncio.run(rotation.key_status(settings.pg_dsn)):
+                    print(f"{table:12} {line}")
     except KeyConfigError as exc:
         print(f"crs keys: {exc}", file=sys.stderr)
         return 2

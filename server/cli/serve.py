@@ -6,7 +6,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from server.cli.base import RAW, settings_from_args
+from server.cli.base import RAW, postgres_errors, settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -23,7 +23,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from server.store.migrate import migrate
 
     settings = settings_from_args(args)
-    applied = asyncio.run(migrate(settings.pg_dsn))
+    with postgres_errors():
+        applied = asyncio.run(migrate(settings.pg_dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))
     return 0

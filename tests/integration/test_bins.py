@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -54,10 +55,10 @@ def _detail(err: grpc.RpcError) -> pb.BinRange:
     return found
 
 
-def _crs(env: DevEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
+def _crs(env: DevEnvironment, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
     return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=child, capture_output=True,
-                          text=True, timeout=120)
+                          input=stdin, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,30 @@ def test_import_refuses_bad_files_and_keeps_the_table(dev_env: DevEnvironment, f
     assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before
 
 
+def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
+        dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+    one = ["999500", "999599", "16", "testnet", "Dup One", "US", "credit", "false"]
+    two = ["999500", "999599", "16", "testnet", "Dup Two", "FR", "debit", "true"]
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "conflict.csv", [one, two])))
+    assert r.returncode == 2 and "1 conflicting duplicates" in r.stderr and "rows 2 and 3" in r.stdout
+    assert _crs(dev_env, "bins", "versions").stdout.startswith(f"* v{before} ")   # the table was not replaced
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])))
+    assert r.returncode == 0 and "1 identical rows collapsed" in r.stdout and "(1 ranges)" in r.stdout, r.stderr
+    versions = _crs(dev_env, "bins", "versions").stdout.splitlines()
+    assert versions[0].startswith("* v") and " 1 ranges" in versions[0]
+    assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
+    deadline = time.monotonic() + 30
+    while True:    # the one-range table holds no 999100: NOT_FOUND until the node is back on `before`
+        try:
+            if fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
+                break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
+        assert time.monotonic() < deadline, "the node did not go back to the previous table"
+        time.sleep(POLL)
+
+
 def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
     before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
     stop, failures, answered = threading.Event(), [], [0]
@@ -186,6 +211,8 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
     try:
         r = _crs(dev_env, "bins", "import", str(sample))
         assert r.returncode == 0, r.stderr
+        imported = re.search(r"BIN table version (\d+) is active", r.stdout)
+        assert imported is not None, r.stdout
         deadline = time.monotonic() + 30
         while fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
             assert time.monotonic() < deadline, "the node did not load the new table"
@@ -196,12 +223,25 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
             t.join(10)
     assert failures == [] and answered[0] > 10
     versions = _crs(dev_env, "bins", "versions")
-    assert f"* v{before + 1}" in versions.stdout and "50," in versions.stdout
+    assert f"* v{imported[1]} " in versions.stdout and "50," in versions.stdout
     assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
     deadline = time.monotonic() + 30
-    while fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version != before:
+    while True:    # the one-range table holds no 999100: NOT_FOUND until the node is back on `before`
+        try:
+            if fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
+                break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND
         assert time.monotonic() < deadline, "the node did not go back to the previous table"
         time.sleep(POLL)
     pan = _pan("999150")
-    shown = _crs(dev_env, "bins", "lookup", pan)
+    shown = _crs(dev_env, "bins", "lookup", stdin=pan + "\n")      # a PAN only ever on standard input
     assert shown.returncode == 0 and "Test Issuer A" in shown.stdout and pan not in shown.stdout + shown.stderr
+    assert '"low": "999100"' in _crs(dev_env, "bins", "lookup", "99915012").stdout
+    nowhere = _crs(dev_env, "bins", "lookup", "999950")
+    assert nowhere.returncode == 1 and f"no range in BIN table version {before}" in nowhere.stderr
+    refused = _crs(dev_env, "bins", "lookup", pan)
+    assert refused.returncode == 2 and "standard input" in refused.stderr and pan not in refused.stderr
+    missing = _crs(dev_env, "bins", "activate", "999999")
+    assert missing.returncode == 2 and missing.stderr.splitlines() == [
+        "crs: BIN table version 999999 does not exist (crs bins versions lists the stored ones)"]

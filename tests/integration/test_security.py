@@ -23,6 +23,7 @@ import redis
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from devstack.demo import demo_customer_id, demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, open_channel
@@ -114,6 +115,34 @@ def _code(call: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def _signed_by_our_ca(pki: DevPki, name: str, problem: str) -> tuple[bytes, bytes]:
+    """(certificate, key) PEM for `name` from the dev CA, expired or with the serverAuth usage only."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki.directory / "ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    ends = now - dt.timedelta(days=1) if problem == "expired" else now + dt.timedelta(days=30)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if problem == "server-only" else ExtendedKeyUsageOID.CLIENT_AUTH
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=30)).not_valid_after(ends)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(ca_key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()))
+
+
+def _channel_with(secure: SecureNode, pair: tuple[bytes, bytes]) -> grpc.Channel:
+    return grpc.secure_channel(secure.node.address, grpc.ssl_channel_credentials(
+        root_certificates=secure.pki.ca_cert.read_bytes(), certificate_chain=pair[0], private_key=pair[1]))
+
+
 def test_refused_callers_get_the_right_status_and_reach_no_backend(secure: SecureNode,
                                                                    dev_env: DevEnvironment) -> None:
     card = pb.ResolveCardRequest(pan=demo_pan(2))
@@ -134,6 +163,10 @@ def test_refused_callers_get_the_right_status_and_reach_no_backend(secure: Secur
     with open_channel(secure.node.address, secure.other_ca, "admin") as ch:   # wrong CA: no handshake
         assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
             == grpc.StatusCode.UNAVAILABLE
+    for problem in ("expired", "server-only"):   # our CA, a registered name, but TLS refuses it: no status to send
+        with _channel_with(secure, _signed_by_our_ca(secure.pki, "switch", problem)) as ch:
+            assert _code(lambda ch=ch: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) \
+                == grpc.StatusCode.UNAVAILABLE, problem
     no_cert = grpc.secure_channel(secure.node.address,
                                   grpc.ssl_channel_credentials(root_certificates=secure.pki.ca_cert.read_bytes()))
     with no_cert as ch:                           # mTLS port without a client certificate: no handshake
@@ -153,6 +186,8 @@ def test_refused_callers_get_the_right_status_and_reach_no_backend(secure: Secur
         with secure.token_channel(token) as ch:
             assert _code(lambda ch=ch: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) == expected, token
     assert _backend_activity(dev_env, secure.node) == before, "a refused call reached Redis or PostgreSQL"
+    with _channel_with(secure, _signed_by_our_ca(secure.pki, "switch", "none")) as ch:   # the control: valid
+        assert rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5).card.last4
 
 
 def _issue(pki: DevPki, name: str, common_name: str, dns: list[str]) -> None:
@@ -212,6 +247,24 @@ def test_allowed_callers_and_per_key_scopes(secure: SecureNode) -> None:
     with secure.token_channel(None) as ch:        # health stays open for probes
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _services(ch: grpc.Channel) -> set[str]:
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (answer,) = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(iter([request]), timeout=5)
+    return {s.name for s in answer.list_services_response.service}
+
+
+def test_reflection_for_registered_callers_health_for_everyone(secure: SecureNode) -> None:
+    with secure.channel("switch") as ch:          # any registered client, whatever its scopes
+        assert {"crs.v1.LookupService", "grpc.health.v1.Health"} <= _services(ch)
+    with secure.token_channel(secure.token("token-switch")) as ch:
+        assert "crs.v1.LookupService" in _services(ch)
+    for refused in (secure.channel("stranger"), secure.token_channel(None)):    # our CA but unregistered; no token
+        with refused as ch:
+            assert _code(lambda ch=ch: _services(ch)) == grpc.StatusCode.UNAUTHENTICATED
+            reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING   # open: probes carry no credentials
 
 
 def test_rate_limit_answers_resource_exhausted(secure: SecureNode) -> None:

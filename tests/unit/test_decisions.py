@@ -62,6 +62,8 @@ def test_networks_that_do_not_use_46_answer_05() -> None:
     closed = {"account_status": pb.ACCOUNT_STATUS_CLOSED}
     assert card(network="visa", **closed)[0] == "46"
     assert card(network="", **closed)[0] == "46"
+    for network in ("testnet", "testnet-domestic", "elo", "rupay"):    # not named in the setting: the table's code
+        assert card(network=network, **closed)[0] == "46"
     for network in ("mastercard", "amex", "discover", "jcb", "unionpay"):
         assert card(network=network, **closed) == ("05", "ACCOUNT_CLOSED")
     assert card(network="mastercard", card_status=pb.CARD_STATUS_STOLEN) == ("43", "CARD_STOLEN")

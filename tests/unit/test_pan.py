@@ -60,6 +60,15 @@ def test_bad_pans(bad: str, fragment: str) -> None:
         assert digits not in info.value.message
 
 
+@pytest.mark.parametrize("length, said", [(11, "got 11 characters"), (9999, "got 9999 characters"),
+                                          (10_000, "got more than 9999 characters"),
+                                          (16 << 20, "got more than 9999 characters")])
+def test_oversized_pan_length_is_counted_up_to_a_cap(length: int, said: str) -> None:
+    with pytest.raises(InvalidKey) as info:
+        parse_pan("4" * length)
+    assert info.value.message == f"pan must be 12-19 digits ({said})"
+
+
 def test_mask_pan_shows_first6_last4_only() -> None:
     pan = demo_pan(42)
     assert mask_pan(pan) == pan[:6] + "******" + pan[-4:]

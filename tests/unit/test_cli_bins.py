@@ -1,0 +1,142 @@
+"""`crs bins` without servers: what it does with bad input and with a PostgreSQL it cannot reach
+(`crs --help`: exit 2 for bad usage, 3 for a dependency down; one line on stderr, never a traceback),
+where it takes a card number (standard input only), and duplicate ranges in a file.
+
+Every PAN here is made up in the reserved test range 999xxx."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.bins import COLUMNS, BinRowError, parse_row
+from server.cli.base import CommandFailed
+from server.cli.bins import duplicates, lookup_digits
+from server.pan import luhn_check_digit
+
+ROOT = Path(__file__).resolve().parents[2]
+PAN = "999150123456789" + luhn_check_digit("999150123456789")
+BAD_LUHN = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
+ROW = ["999100", "999199", "16", "testnet", "Test Issuer A", "US", "credit", "false"]
+
+
+@pytest.fixture(scope="module")
+def closed_dsn() -> Iterator[str]:
+    """A DSN whose port refuses connections: bound (so nothing else takes it) but not listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
+
+
+def _crs(dsn: str, *args: str, stdin: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": dsn}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=cwd, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def _one_line(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert PAN not in r.stdout + r.stderr and BAD_LUHN not in r.stdout + r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("args, stdin, said", [
+    (("lookup", PAN), "", "standard input"),             # a full PAN on the command line: never
+    (("lookup", BAD_LUHN), "", "standard input"),
+    (("lookup", "12345678901234"), "", "standard input"),
+    (("lookup", "abc123"), "", "6-11 ASCII digits"),
+    (("lookup", "1234"), "", "6-11 ASCII digits"),        # too short to be a BIN
+    (("lookup", "９９９１５０"), "", "6-11 ASCII digits"),   # fullwidth digits
+    (("lookup",), BAD_LUHN + "\n", "Luhn"),               # the PAN on stdin is still checked
+    (("lookup",), "\n", "empty"),
+    (("import", "no-such-file.csv"), "", "no-such-file.csv"),
+])
+def test_bad_usage_is_exit_2_in_one_line(closed_dsn: str, args: tuple[str, ...], stdin: str, said: str) -> None:
+    r = _crs(closed_dsn, "bins", *args, stdin=stdin)
+    assert r.returncode == 2 and said in _one_line(r)
+
+
+@pytest.mark.parametrize("args, stdin", [
+    (("lookup", "999150"), ""), (("lookup",), PAN + "\n"), (("versions",), ""), (("activate", "999"), "")])
+def test_postgresql_unreachable_is_exit_3_in_one_line(closed_dsn: str, args: tuple[str, ...], stdin: str) -> None:
+    r = _crs(closed_dsn, "bins", *args, stdin=stdin)
+    assert r.returncode == 3 and "PostgreSQL unavailable" in _one_line(r)
+
+
+def test_lookup_digits() -> None:
+    assert lookup_digits("999150", lambda: "") == ("999150", "999150")
+    assert lookup_digits("99915012345", lambda: "") == ("99915012345", "99915012345")
+    assert lookup_digits(None, lambda: PAN) == (PAN, "999150******" + PAN[-4:])
+    for bad in ("99915", "999150123456", "", " 999150", "99915a"):
+        with pytest.raises(CommandFailed) as info:
+            lookup_digits(bad, lambda: "")
+        assert info.value.code == 2
+
+
+def _rows(*rows: list[str]) -> tuple[list[object], list[int]]:
+    return [parse_row(dict(zip(COLUMNS, r, strict=True))) for r in rows], list(range(2, 2 + len(rows)))
+
+
+def test_identical_rows_collapse_and_conflicting_ones_are_named() -> None:
+    other = ["999200", "999299", "16", "testnet", "Test Issuer B", "GB", "debit", "true"]
+    rows, numbers = _rows(ROW, other, ROW, ["999100", "999199", "16", "testnet", "Dup Two", "FR", "debit", "true"],
+                          ["99910000", "99919999", "16", "testnet", "Test Issuer A", "US", "credit", "false"],
+                          ["999100", "999199", "16", "TESTNET", "Test Issuer A", "us", "credit", "no"])
+    found = duplicates(rows, numbers)
+    assert found.kept == rows[:2] and found.kept_numbers == [2, 3]
+    assert found.collapsed == [(4, 2), (7, 2)]        # the last one is the same row once normalised
+    assert found.conflicts == [(2, 5, ("issuer_name", "issuer_country", "product", "on_us")),
+                               (2, 6, ("low", "high"))]   # the same PANs, spelled as an 8-digit range
+
+
+def _write(path: Path, rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(rows)
+    return path
+
+
+def test_a_conflicting_duplicate_refuses_the_file_before_any_database(closed_dsn: str, tmp_path: Path) -> None:
+    dup = ["999100", "999199", "16", "testnet", "Dup Two", "FR", "debit", "true"]
+    r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "dup.csv", [ROW, dup])))
+    assert r.returncode == 2 and "1 conflicting duplicates" in _one_line(r)
+    assert ("conflicting duplicate: rows 2 and 3 (999100-999199 and 999100-999199) cover the same PANs but differ"
+            " in issuer_name, issuer_country, product, on_us") in r.stdout
+    assert "overlaps: 0 nested" in r.stdout                 # no longer counted as a nested range
+
+
+def test_identical_duplicates_are_collapsed_and_said(closed_dsn: str, tmp_path: Path) -> None:
+    r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "same.csv", [ROW, ROW])))
+    assert "duplicates: 1 identical rows collapsed (row 3 = row 2), 0 conflicting" in r.stdout
+    assert r.returncode == 3 and "PostgreSQL unavailable" in _one_line(r)   # got as far as storing it
+
+
+@pytest.mark.parametrize("column, given, stored", [
+    ("network", "VISA", "visa"), ("network", " Testnet-Domestic ", "testnet-domestic"),
+    ("issuer_country", "zz", "ZZ"), ("issuer_country", "XX", "XX"),
+    ("product", "Prepaid", "prepaid"), ("issuer_name", " Banque Égée ", "Banque Égée"),
+    ("on_us", "yes", True), ("on_us", "Y", True), ("on_us", "1", True), ("on_us", "TRUE", True),
+    ("on_us", "no", False), ("on_us", "n", False), ("on_us", "0", False), ("on_us", "", False),
+])
+def test_a_cell_is_accepted_and_stored_as_docs_bins_md_says(column: str, given: str, stored: object) -> None:
+    row = parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
+    assert getattr(row, column) == stored
+
+
+@pytest.mark.parametrize("column, given", [
+    ("network", "v"), ("network", "9visa"), ("network", "visa card"), ("network", "v" * 33),
+    ("issuer_country", "USA"), ("issuer_country", "U5"), ("issuer_country", "É1"),
+    ("on_us", "maybe"), ("on_us", "oui"), ("product", "gold"), ("issuer_name", "a\tb"), ("pan_length", "16.0"),
+])
+def test_a_cell_outside_docs_bins_md_is_refused(column: str, given: str) -> None:
+    with pytest.raises(BinRowError) as info:
+        parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
+    assert info.value.column == column

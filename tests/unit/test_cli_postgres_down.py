@@ -1,0 +1,33 @@
+"""`crs --help` promises exit 3 when a dependency is down: every command that talks to PostgreSQL
+directly says so in one line on stderr (server/cli/base.py `postgres_errors`), never a traceback.
+No servers: PostgreSQL is a loopback port that refuses connections. (`crs bins`: test_cli_bins.py.)"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def closed_dsn() -> Iterator[str]:
+    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
+        s.bind(("127.0.0.1", 0))
+        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
+
+
+@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("shards", "status")])
+def test_postgresql_unreachable_is_exit_3_in_one_line(closed_dsn: str, command: tuple[str, ...]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": closed_dsn}
+    r = subprocess.run([sys.executable, "-m", "server.cli", *command], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "ConnectionRefusedError" in r.stderr

@@ -1,0 +1,73 @@
+"""Every `crs`, `crs-dev` and `crs-load` command the README, docs/ and the runbooks show exists, with
+the flags it is shown with (an outside check found a runbook's `crs audit --since 10m`: the flag is
+`--hours`). Checked against the real parsers, not their --help text."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from devstack.cli import build_parser as crs_dev
+from loadtests.cli import RUNNERS
+from loadtests.cli import build_parser as crs_load
+from server.cli.main import build_parser as crs
+
+ROOT = Path(__file__).resolve().parents[2]
+PARSERS = {"crs": crs(), "crs-dev": crs_dev(), "crs-load": crs_load()}
+# A command name where a command would start: not `kubectl -n crs ...`, not a path or a longer name.
+INVOCATION = re.compile(r"(?<![-\w/.=])(crs|crs-dev|crs-load)((?:[ \t]+[^\s`|;&)\"'#<>\]]+)+)")
+KUBECTL = re.compile(r"(-n|--namespace)[ =]$")
+WORD = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def _documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "k8s").rglob("*.md"))]
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def problems_in(text: str, where: str) -> list[str]:
+    found = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        for m in INVOCATION.finditer(line):
+            if KUBECTL.search(line[:m.start()]):
+                continue
+            prog, words = m.group(1), m.group(2).split()
+            parser, path = PARSERS[prog], [prog]
+            for word in words:
+                subs = _subcommands(parser)
+                if not subs or not WORD.fullmatch(word):
+                    break
+                if word not in subs:
+                    found.append(f"{where}:{lineno}: `{' '.join(path)} {word}` is no command")
+                    break
+                parser, path = subs[word], [*path, word]
+            if prog == "crs-load" and len(path) > 1 and path[1] in RUNNERS:
+                continue        # a runner parses its own arguments (checked by its own --help)
+            known = _flags(parser)
+            for word in words[len(path) - 1:]:
+                flag = word.split("=")[0].rstrip(".,:")
+                if flag.startswith("--") and flag != "--" and flag not in known:
+                    found.append(f"{where}:{lineno}: `{' '.join(path)}` has no {flag}")
+    return found
+
+
+def test_the_checker_finds_what_it_should() -> None:
+    assert problems_in("run `crs audit --since 10m` and `crs capacity`", "x") == [
+        "x:1: `crs audit` has no --since", "x:1: `crs capacity` is no command"]
+    assert problems_in("`crs audit --hours 1`, `kubectl -n crs get pods`, ./crsw crs-dev up --replicas 1", "x") == []
+
+
+def test_every_documented_command_and_flag_exists() -> None:
+    found = [p for doc in _documents() for p in problems_in(doc.read_text(), str(doc.relative_to(ROOT)))]
+    assert found == []
