@@ -104,6 +104,28 @@ def bind_ports(server: grpc.aio.Server | grpc.Server, s: Settings, metrics: Metr
     return port
 
 
+async def serve_health_alone(health_service: Any, s: Settings) -> grpc.aio.Server | grpc.Server:
+    """grpc.health.v1.Health alone, in plaintext, on CRS_HEALTH_PORT: for probes that cannot do TLS
+    (Kubernetes' gRPC probes). What it tells is no secret, and nothing else answers there; the same
+    health object as the main port's, so both say the same. Started and stopped with the node."""
+    address = f"{s.grpc_host}:{s.health_port}"
+    server: grpc.aio.Server | grpc.Server
+    if isinstance(health_service, ThreadedHealth):
+        server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="crs-health"),
+                             options=rpc.SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
+    else:
+        server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
+    if not server.add_insecure_port(address):
+        raise RuntimeError(f"cannot bind {address}")
+    if isinstance(server, grpc.aio.Server):
+        await server.start()
+    else:
+        server.start()
+    return server
+
+
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
                 started: float) -> NoReturn:
     code, message, trailer = failed_call(exc, name, metrics, started)
@@ -184,6 +206,7 @@ class Node:
         self.tier: RedisTier | None = None
         self.topology: TopologyWatcher | None = None
         self.server: grpc.aio.Server | grpc.Server | None = None
+        self._health_server: grpc.aio.Server | grpc.Server | None = None   # CRS_HEALTH_PORT
         self.hybrid = settings.serving_model == "hybrid"
         self.health: health.aio.HealthServicer | ThreadedHealth = (
             ThreadedHealth() if self.hybrid else health.aio.HealthServicer())
@@ -274,6 +297,8 @@ class Node:
         add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only
                        + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION], gate.authenticator)
         self.port = bind_ports(server, s, self.metrics)
+        if s.health_port:
+            self._health_server = await serve_health_alone(self.health, s)
         self.server = server
         if isinstance(server, grpc.aio.Server):
             await server.start()
@@ -330,6 +355,11 @@ class Node:
             else:
                 await stopped
             self.server = None
+        if self._health_server is not None:   # last: probes saw NOT_SERVING through the drain
+            stopped = self._health_server.stop(0)
+            if not isinstance(stopped, threading.Event):
+                await stopped
+            self._health_server = None
         if self._bridge is not None:   # hybrid: no gRPC thread may wait on this loop once it stops
             self._bridge.close()
         if isinstance(self.health, ThreadedHealth):

@@ -109,6 +109,7 @@ class Settings:
     tls_key_file: str = field(default="", repr=False)
     tls_client_ca_file: str = ""          # CA for client certificates: set = mutual TLS required on grpc_port
     token_port: int = 0                   # optional second port: server-only TLS, callers use bearer tokens
+    health_port: int = 0                  # optional plaintext port serving grpc.health.v1.Health only (probes)
     allow_plaintext: bool = False         # dev only: no TLS at all (the node logs a warning)
     allow_anonymous: bool = False         # dev only: callers without credentials get every scope
     clients_file: str = ""                # JSON: client ids, scopes, certificate names, rate limits
@@ -262,8 +263,9 @@ def _validate(s: Settings) -> None:
         problems.append("CRS_TOKEN_PORT needs CRS_TLS_CERT_FILE and CRS_JWT_JWKS_FILE")
     if (s.tls_client_ca_file or s.jwt_jwks_file) and not s.clients_file:
         problems.append("CRS_CLIENTS_FILE is required to map certificates and tokens to clients and scopes")
-    if not 0 <= s.token_port < 65536:
-        problems.append(f"CRS_TOKEN_PORT must be 0-65535 (got {s.token_port})")
+    for name in ("token_port", "health_port"):
+        if not 0 <= getattr(s, name) < 65536:
+            problems.append(f"CRS_{name.upper()} must be 0-65535 (got {getattr(s, name)})")
     if s.max_connection_age < 0:
         problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
     if s.keepalive_time <= 0 or s.keepalive_timeout <= 0:

@@ -42,6 +42,7 @@ class SecureNode:
     other_ca: DevPki
     signing_key: ec.EllipticCurvePrivateKey
     token_port: int
+    health_port: int
 
     def channel(self, client: str) -> grpc.Channel:
         return open_channel(self.node.address, self.pki, client)
@@ -85,12 +86,12 @@ def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) ->
     jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signing_key.public_key()))
     jwks_file = base / "jwks.json"
     jwks_file.write_text(json.dumps({"keys": [jwk | {"kid": "test-1", "alg": "ES256", "use": "sig"}]}))
-    token_port = free_port()
+    token_port, health_port = free_port(), free_port()
     node = dev_env.start_node(
         tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
         clients_file=str(clients_file), jwt_jwks_file=str(jwks_file), jwt_audience=AUDIENCE, token_port=token_port,
-        pki=pki)
-    yield SecureNode(node, pki, other_ca, signing_key, token_port)
+        health_port=health_port, pki=pki)
+    yield SecureNode(node, pki, other_ca, signing_key, token_port, health_port)
 
 
 def _backend_activity(dev_env: DevEnvironment, node: NodeProcess) -> tuple[int, float]:
@@ -231,6 +232,24 @@ def test_a_certificate_naming_two_clients_is_refused(secure: SecureNode) -> None
     _issue(secure.pki, "one-face", "switch", ["switch", "unregistered.example"])
     with secure.channel("one-face") as ch:
         assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5).card.token
+
+
+def test_the_health_port_answers_health_in_plaintext_and_nothing_else(secure: SecureNode) -> None:
+    """Kubernetes' gRPC probes cannot do TLS: CRS_HEALTH_PORT serves grpc.health.v1.Health alone in
+    plaintext, the same statuses as the mutual-TLS port; every other service is UNIMPLEMENTED there."""
+    with grpc.insecure_channel(f"127.0.0.1:{secure.health_port}") as ch:
+        probe = health_pb2_grpc.HealthStub(ch)
+        for service in ("", "crs.v1.LookupService"):
+            assert probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        card = pb.ResolveCardRequest(pan=demo_pan(2))
+        assert _code(lambda: rpc.stub(ch, "LookupService").ResolveCard(card, timeout=5)) == \
+            grpc.StatusCode.UNIMPLEMENTED
+        assert _code(lambda: rpc.stub(ch, "AdminService").CreateCustomer(pb.CreateCustomerRequest(display_name="x"),
+                                                                           timeout=5)) == grpc.StatusCode.UNIMPLEMENTED
+    with grpc.insecure_channel(secure.node.address) as ch:   # the main port stays mutual TLS
+        assert _code(lambda: health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)) == \
+            grpc.StatusCode.UNAVAILABLE
 
 
 def test_allowed_callers_and_per_key_scopes(secure: SecureNode) -> None:

@@ -25,7 +25,7 @@ import pytest
 
 from server import rpc
 from server.crypto import encode_key, new_key
-from server.settings import Settings, load_settings
+from server.settings import Settings, check_serving, load_settings
 
 yaml = pytest.importorskip("yaml")
 
@@ -186,7 +186,7 @@ def _effective_env(docs: list[Doc], pod: Doc, container: Doc, tmp_path: Path) ->
         env[var["name"]] = str(math.ceil(cpu))   # the downward API rounds up
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     backing: dict[str, str] = {}
-    for name in [n for n in env if n.endswith("_FILE")]:
+    for name in [n for n in env if n.endswith("_FILE") and n not in SETTING_NAMES]:   # CRS_TLS_CERT_FILE is one
         path = env[name]
         [mount] = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
         secret = volumes[mount["name"]]["secret"]
@@ -222,7 +222,7 @@ def test_crs_names_in_k8s_are_real_settings(tmp_path: Path) -> None:
     assert "CRS_REDIS_SHARDS" in used and "CRS_KEK_FILE" in used
     unknown = {n for n in used if n not in SETTING_NAMES and not n.endswith("_FILE")}
     assert not unknown, f"not settings in server/settings.py: {sorted(unknown)}"
-    for name in sorted(n for n in used if n.endswith("_FILE")):
+    for name in sorted(n for n in used if n.endswith("_FILE") and n not in SETTING_NAMES):
         base = name.removesuffix("_FILE")
         assert base in SETTING_NAMES, f"{name}: {base} is not a setting"
         value = FAKE_SECRETS.get(base, lambda: "x")()
@@ -244,13 +244,19 @@ def test_node_environment_loads_with_the_real_settings(rendered: list[Doc], tmp_
                        "CRS_PG_DSN_FILE": "CRS_PG_DSN", "CRS_PG_READ_DSN_FILE": "CRS_PG_READ_DSN"}
     assert not {"CRS_KEK", "CRS_FINGERPRINT_KEYS", "CRS_PG_DSN"} & set(env)
     settings = load_settings(env)
-    settings.keyring()
+    check_serving(settings)    # what `crs serve` checks before it starts: a node that would refuse to start fails here
+    assert settings.tls_cert_file and settings.tls_client_ca_file, "the gRPC port must be mutual TLS"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for path in (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file, settings.clients_file):
+        [mount] = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+        source = volumes[mount["name"]].get("secret") or volumes[mount["name"]]["configMap"]
+        assert path.rsplit("/", 1)[1] in {i["path"] for i in source["items"]}, f"{path} is not mounted"
     assert settings.pg_dsn.startswith("postgresql://")
     assert settings.grpc_host == "0.0.0.0", "a pod must bind every interface"
     # One node process per requested core.
     assert settings.workers == math.ceil(_cpu(container["resources"]["requests"]["cpu"])) >= 1
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
+    assert ports == {"grpc": settings.grpc_port, "health": settings.health_port, "metrics": settings.metrics_port}
     annotations = _find(docs, "Deployment", "crs-node")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(settings.metrics_port)
@@ -260,14 +266,17 @@ def test_node_environment_loads_with_the_real_settings(rendered: list[Doc], tmp_
     assert pod["terminationGracePeriodSeconds"] >= float(sleep[1]) + settings.grace_seconds + 5
 
 
-def test_node_probes_use_grpc_health_on_the_grpc_port(rendered: list[Doc], tmp_path: Path) -> None:
+def test_node_probes_use_grpc_health_on_the_plaintext_health_port(rendered: list[Doc], tmp_path: Path) -> None:
+    """Kubernetes' gRPC probes cannot do TLS: on the mutual-TLS gRPC port they would fail every
+    handshake, and no pod would ever be ready. They ask CRS_HEALTH_PORT."""
     _, pod, container = _node(rendered)
-    grpc_port = load_settings(_effective_env(rendered, pod, container, tmp_path)[0]).grpc_port
+    settings = load_settings(_effective_env(rendered, pod, container, tmp_path)[0])
+    assert settings.health_port and settings.health_port != settings.grpc_port
     services = {""} | {svc.full_name for svc in rpc.SERVICES}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
         assert set(spec) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, f"{probe} is not a gRPC probe"
-        assert spec["grpc"]["port"] == grpc_port, f"{probe} probes port {spec['grpc']['port']}"
+        assert spec["grpc"]["port"] == settings.health_port, f"{probe} probes port {spec['grpc']['port']}"
         assert spec["grpc"].get("service", "") in services
 
 
