@@ -173,12 +173,17 @@ def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
     assert r.returncode == 0 and "1 identical rows collapsed" in r.stdout and "(1 ranges)" in r.stdout, r.stderr
     versions = _crs(dev_env, "bins", "versions").stdout.splitlines()
     assert versions[0].startswith("* v") and " 1 ranges" in versions[0]
-    assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
+    _roll_back(dev_env, fast_node, before)
+
+
+def _roll_back(env: DevEnvironment, node: Clients, before: int) -> None:
+    """Activate `before` again and wait until the node answers from it."""
+    assert _crs(env, "bins", "activate", str(before)).returncode == 0
     deadline = time.monotonic() + 30
-    while True:    # the one-range table holds no 999100: NOT_FOUND until the node is back on `before`
+    while True:    # a table without 999100 answers NOT_FOUND until the node is back on `before`
         try:
-            if fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
-                break
+            if node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
+                return
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND
         assert time.monotonic() < deadline, "the node did not go back to the previous table"
@@ -224,16 +229,7 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
     assert failures == [] and answered[0] > 10
     versions = _crs(dev_env, "bins", "versions")
     assert f"* v{imported[1]} " in versions.stdout and "50," in versions.stdout
-    assert _crs(dev_env, "bins", "activate", str(before)).returncode == 0
-    deadline = time.monotonic() + 30
-    while True:    # the one-range table holds no 999100: NOT_FOUND until the node is back on `before`
-        try:
-            if fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before:
-                break
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.NOT_FOUND
-        assert time.monotonic() < deadline, "the node did not go back to the previous table"
-        time.sleep(POLL)
+    _roll_back(dev_env, fast_node, before)
     pan = _pan("999150")
     shown = _crs(dev_env, "bins", "lookup", stdin=pan + "\n")      # a PAN only ever on standard input
     assert shown.returncode == 0 and "Test Issuer A" in shown.stdout and pan not in shown.stdout + shown.stderr
