@@ -27,6 +27,7 @@ from server.crypto import ACCOUNT_PURPOSE, IDENTITY_PURPOSE, PAN_PURPOSE, DataKe
 from server.identity.attributes import Identity
 from server.identity.blocking import block_hashes
 from server.progress import ProgressBar
+from server.store.db import CONNECT_TIMEOUT
 
 BATCH = 1000
 
@@ -61,7 +62,7 @@ async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, bat
     """Give every card and account a `to_version` fingerprint. Returns rows done per table."""
     if to_version not in keyring.fingerprint_keys:
         raise KeyConfigError(f"fingerprint key version {to_version} is not configured in CRS_FINGERPRINT_KEYS")
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     done: dict[str, int] = {}
     try:
         deks = await _data_keys(conn, keyring)
@@ -128,7 +129,7 @@ async def _rotate_identity(conn: asyncpg.Connection, keyring: Keyring, deks: dic
 
 async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
     """Promote the next fingerprints of rows still primary under `version`; refuse if any lacks one."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     moved: dict[str, int] = {}
     try:
         async with conn.transaction():
@@ -170,7 +171,7 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
 
 async def rotate_kek(dsn: str, keyring: Keyring) -> int:
     """Re-wrap every data key not yet under the current KEK. Returns how many were re-wrapped."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     try:
         async with conn.transaction():
             rows = await conn.fetch("SELECT dek_id, wrapped_key, kek_version FROM data_keys WHERE kek_version <> $1"
@@ -185,7 +186,7 @@ async def rotate_kek(dsn: str, keyring: Keyring) -> int:
 
 
 async def key_status(dsn: str) -> list[tuple[str, str]]:
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     try:
         lines = []
         for spec in (CARDS, ACCOUNTS):

@@ -19,7 +19,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
 
     async def query() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(settings.pg_dsn)
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
         try:
             return await conn.fetch(
                 "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"

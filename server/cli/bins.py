@@ -150,7 +150,7 @@ def _with_database(args: argparse.Namespace, work: Callable[[Conn], Awaitable[T]
     settings = settings_from_args(args)
 
     async def run() -> T:
-        conn = await asyncpg.connect(settings.pg_dsn)
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
         try:
             return await work(conn)
         finally:

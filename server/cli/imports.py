@@ -90,6 +90,7 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
         # jit off: the candidate search's estimated cost passes jit_above_cost, and compiling it took
         # ~5 ms a batch for a query that runs in ~50 (docs/identity.md, "Bulk import throughput").
         pool = await asyncpg.create_pool(settings.pg_dsn, min_size=1, max_size=POOL_SIZE,
+                                         timeout=settings.pg_timeout * 5,
                                          command_timeout=max(settings.pg_timeout * 50, 60),
                                          server_settings={"jit": "off"})
     except (OSError, asyncpg.PostgresError) as exc:

@@ -79,6 +79,11 @@ class NoSessionReset(asyncpg.Connection):
         return ""
 
 
+# A command's own connection (migrate, key rotation): a PostgreSQL host that drops packets must not
+# hold it for asyncpg's default minute. Commands with settings use CRS_PG_TIMEOUT x 5, as the pools.
+CONNECT_TIMEOUT = 10.0
+
+
 async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: int | None = None,
                       session_reset: bool = True) -> asyncpg.Pool:
     """A pool sized for this node process, on CRS_PG_DSN unless `dsn` is given. Fails fast with

@@ -12,7 +12,7 @@ from importlib import resources
 
 import asyncpg
 
-from server.store.db import Conn
+from server.store.db import CONNECT_TIMEOUT, Conn
 
 _LOCK_ID = 0x435253  # "CRS"
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -47,7 +47,7 @@ async def applied_versions(conn: Conn) -> set[int]:
 
 async def migrate(dsn: str) -> list[Migration]:
     """Apply every pending migration; return the ones applied now (empty when up to date)."""
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     applied_now: list[Migration] = []
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)

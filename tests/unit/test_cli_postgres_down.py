@@ -31,3 +31,22 @@ def test_postgresql_unreachable_is_exit_3_in_one_line(closed_dsn: str, command: 
     assert r.returncode == 3, r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
     assert "ConnectionRefusedError" in r.stderr
+
+
+def test_a_postgresql_that_never_answers_is_exit_3_within_the_connect_timeout() -> None:
+    """A host that takes the connection and says nothing (a black-holed or hung PostgreSQL): the
+    command gives up after CRS_PG_TIMEOUT x 5, not asyncpg's default minute."""
+    import time
+
+    with socket.socket() as silent:   # listening: the kernel completes the handshake, nothing answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        dsn = f"postgresql://crs@127.0.0.1:{silent.getsockname()[1]}/crs"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": dsn,
+                                                                                    "CRS_PG_TIMEOUT": "0.4"}
+        started = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "server.cli", "audit"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=60)
+        took = time.monotonic() - started
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    assert took < 15, f"{took:.1f}s: the connect waited for asyncpg's default timeout"
