@@ -98,7 +98,8 @@ def parse_row(cells: dict[str, str]) -> BinRow:
 class Overlap:
     outer: int      # row indexes
     inner: int
-    nested: bool    # inner lies wholly inside outer (a sub-range: fine); False = a partial overlap
+    nested: bool    # inner lies wholly inside outer and is narrower (a sub-range: fine)
+    same: bool = False   # both cover exactly the same PANs: neither is more specific (a duplicate)
 
 
 def overlaps(rows: Sequence[BinRow]) -> list[Overlap]:
@@ -110,7 +111,8 @@ def overlaps(rows: Sequence[BinRow]) -> list[Overlap]:
         start = rows[i].start
         open_ = [j for j in open_ if rows[j].end >= start]
         for j in open_:
-            found.append(Overlap(j, i, rows[i].end <= rows[j].end))
+            same = rows[i].start == rows[j].start and rows[i].end == rows[j].end
+            found.append(Overlap(j, i, rows[i].end <= rows[j].end and not same, same))
         open_.append(i)
     return found
 

@@ -140,3 +140,19 @@ def test_a_cell_outside_docs_bins_md_is_refused(column: str, given: str) -> None
     with pytest.raises(BinRowError) as info:
         parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
     assert info.value.column == column
+
+
+def test_overlaps_tell_a_sub_range_from_a_partial_overlap_and_from_the_same_range() -> None:
+    """server.bins.overlaps: the same PANs twice (even spelled with other prefix lengths) is a
+    duplicate, not a nested range: neither is more specific."""
+    from server.bins import BinRow, overlaps
+
+    def row(low: str, high: str) -> BinRow:
+        return BinRow(low, high, 16, "testnet", "Test Issuer", "US", "credit", False)
+
+    rows = [row("999100", "999199"), row("99912000", "99912999"), row("999150", "999299"),
+            row("99910000", "99919999")]
+    kinds = {(o.outer, o.inner): (o.nested, o.same) for o in overlaps(rows)}
+    assert kinds[(0, 1)] == (True, False)                  # a sub-range
+    assert kinds[(0, 2)] == (False, False)                 # a partial overlap
+    assert kinds.get((0, 3), kinds.get((3, 0))) == (False, True)   # the same PANs, other spelling
