@@ -30,7 +30,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
 
-    with postgres_errors():
+    with postgres_errors(settings.pg_dsn):
         rows = asyncio.run(query())
     table([("at (UTC)", "client", "via", "rpc", "result", "entities"),
            *((r["at"].strftime("%Y-%m-%d %H:%M:%S.%f"), r["client_id"], r["via"], r["rpc"], r["result"],

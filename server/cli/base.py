@@ -24,13 +24,23 @@ class CommandFailed(Exception):
         self.code = code
 
 
+def require_dsn(dsn: str) -> None:
+    """No CRS_PG_DSN is bad configuration (exit 2), not an outage: without it asyncpg would try
+    libpq's defaults (127.0.0.1:5432, PG* variables), which may be another database."""
+    if not dsn:
+        raise CommandFailed("CRS_PG_DSN is not set: this command reads PostgreSQL (`crs-dev up` prints the"
+                            " export line for its dev stack)", 2)
+
+
 @contextlib.contextmanager
-def postgres_errors() -> Iterator[None]:
+def postgres_errors(dsn: str) -> Iterator[None]:
     """A PostgreSQL that cannot be reached, refuses the login or fails a statement: one line and exit 3
-    (a dependency unavailable, `crs --help`) instead of a traceback. Wrap only database work: an OSError
-    of a file the user named is bad usage, not an outage."""
+    (a dependency unavailable, `crs --help`) instead of a traceback; no `dsn` at all is exit 2
+    (require_dsn). Wrap only database work: an OSError of a file the user named is bad usage, not an
+    outage."""
     import asyncpg
 
+    require_dsn(dsn)
     try:
         yield
     except asyncpg.PostgresError as exc:     # it answered: a refused login, too many connections, no schema

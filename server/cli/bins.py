@@ -156,7 +156,7 @@ def _with_database(args: argparse.Namespace, work: Callable[[Conn], Awaitable[T]
         finally:
             await asyncio.shield(conn.close())
 
-    with postgres_errors():
+    with postgres_errors(settings.pg_dsn):
         return asyncio.run(run())
 
 

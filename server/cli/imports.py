@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import IO, Any
 
-from server.cli.base import RAW, CommandFailed, settings_from_args
+from server.cli.base import RAW, CommandFailed, require_dsn, settings_from_args
 from server.cli.import_files import (
     ACCOUNT_COLUMNS,
     CARD_COLUMNS,
@@ -231,6 +231,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"crs import: {refused}; nothing was read or written", file=sys.stderr)
         return 2
     settings = settings_from_args(args)
+    require_dsn(settings.pg_dsn)
     summary = Summary()
     try:
         if kind == "customers":

@@ -25,7 +25,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     try:
-        with postgres_errors():
+        with postgres_errors(settings.pg_dsn):
             if args.keys_command == "rotate-fingerprint":
                 done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
                                                                batch=args.batch))

@@ -23,7 +23,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from server.store.migrate import migrate
 
     settings = settings_from_args(args)
-    with postgres_errors():
+    with postgres_errors(settings.pg_dsn):
         applied = asyncio.run(migrate(settings.pg_dsn))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))

@@ -50,3 +50,18 @@ def test_a_postgresql_that_never_answers_is_exit_3_within_the_connect_timeout() 
         took = time.monotonic() - started
     assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
     assert took < 15, f"{took:.1f}s: the connect waited for asyncpg's default timeout"
+
+
+@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("bins", "versions"),
+                                     ("import", "customers", "{file}", "--source", "s", "--report", "{report}")])
+def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """Without CRS_PG_DSN asyncpg would try libpq's defaults (127.0.0.1:5432, PG* variables): maybe
+    another database. It is exit 2 naming the setting, before anything is read or written."""
+    source = tmp_path / "in.csv"
+    source.write_text("source_ref,given_name\nA-1,Ann\n")
+    argv = [a.format(file=source, report=tmp_path / "report.csv") for a in command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRS_", "PG"))}
+    r = subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "CRS_PG_DSN is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "report.csv").exists()
