@@ -122,10 +122,17 @@ def _read_in_child(path: str, size: int, rejects_path: str | None, out: Connecti
     """The second process: parse the file and send ("rows", batch, last, rows_read, rejected) per
     batch, then ("done", rows_read, rejected, unread); a bad header: ("header", problems)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the parent's to handle; it ends us
+    # ... with SIGTERM (ProcessReader.close): unwind, so the rejects file gets what was refused so far
+    # (killed outright, its buffer was lost: an interrupted import left an empty rejects file).
+    signal.signal(signal.SIGTERM, _unwind)
     source, seen = SourceFile(Path(path), CUSTOMER_COLUMNS), SeenKeys()
     rejects = Rejects(Path(rejects_path) if rejects_path else None)
     with bulk_gc():
         _read_all(source, seen, rejects, size, out)
+
+
+def _unwind(_signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 def _read_all(source: SourceFile, seen: SeenKeys, rejects: Rejects, size: int, out: Connection) -> None:
@@ -137,6 +144,8 @@ def _read_all(source: SourceFile, seen: SeenKeys, rejects: Rejects, size: int, o
         out.send(("done", source.rows_read, rejects.count, source.unread))
     except HeaderError as exc:
         out.send(("header", exc.problems))
+    except SystemExit:             # the parent ended us (it is not reading any more)
+        raise
     except BaseException as exc:   # the parent raises it: say what it was, never a cell's value
         out.send(("error", type(exc).__name__))
         raise

@@ -35,6 +35,7 @@ from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_a
 HEADER = ",".join(CUSTOMER_COLUMNS)
 ROOT = Path(__file__).resolve().parents[2]
 # `crs import` in a child whose third batch write waits to be interrupted (two batches committed).
+SIGINT_ROWS = 3000
 HOLD_THIRD_WRITE = """
 import asyncio, signal, sys
 from server.cli import import_reader
@@ -501,9 +502,14 @@ def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resume
     `crs` installs Python's handler (server/cli/base.py, stop_on_sigint), so a real SIGINT in the
     middle of a batch stops it after the last commit, with one line saying where, and exit 130."""
     system = "sigint-" + uuid.uuid4().hex[:6]
-    file = _write(tmp_path / "sig.csv", [_line(_row(used_secrets, f"S{i}", given_name=random.choice(
-        ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "y" * i)) for i in range(30)])
-    argv = ["import", "customers", str(file), "--source", system, "--report", str(tmp_path / "r.csv"), "--batch", "10"]
+    bad = _line(dict(_row(used_secrets, "S-bad"), source_ref=""))      # row 2: rejected when read
+    # Enough rows that the reader (in its own process, with `process`) is still at work when the
+    # interrupt comes: it must not lose what it already wrote to the rejects file.
+    file = _write(tmp_path / "sig.csv", [bad, *(_line(_row(used_secrets, f"S{i}", given_name=random.choice(
+        ("Ada", "Bram", "Cyril", "Dora", "Enid", "Felix")) + "y" * (i % 40))) for i in range(SIGINT_ROWS))])
+    rejects = tmp_path / "sig-rejects.csv"
+    argv = ["import", "customers", str(file), "--source", system, "--report", str(tmp_path / "r.csv"), "--batch", "10",
+            "--rejects", str(rejects)]
     child = subprocess.Popen([sys.executable, "-c", HOLD_THIRD_WRITE, reader, *argv], cwd=ROOT, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -517,11 +523,14 @@ def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resume
         if child.poll() is None:
             child.kill()
     assert child.returncode == 130, err
-    assert err.splitlines()[-1] == "crs import: interrupted after row 21 (committed); run the same command again" \
+    assert err.splitlines()[-1] == "crs import: interrupted after row 22 (committed); run the same command again" \
         " to resume" and "Traceback" not in err, err
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
+    # What was refused before the interrupt is in the rejects file (the reader process used to be
+    # killed with its rows still in its buffer: an empty file).
+    assert [(r["row"], r["column"]) for r in _read(rejects)] == [("2", "source_ref")]
     code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
-    assert code == 0 and [r["decision"] for r in report].count("existing") == 20 and len(report) == 30
+    assert code == 0 and [r["decision"] for r in report].count("existing") == 20 and len(report) == SIGINT_ROWS
 
 
 def test_accounts_and_cards_import_then_resolve_card(
