@@ -153,17 +153,19 @@ def redact_digits(text: str) -> str:
     return _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)
 
 
-# Digit groups split by whitespace or by one dash (spaces around it allowed): "NNNN NNNN-NNNN NNNN".
-# Any other character (a letter, a dot, a slash, a second dash) ends the run. \d and \s are Unicode's:
-# fullwidth or Arabic-Indic digits and a no-break space are still a card number.
-_DIGIT_RUN = re.compile(r"\d+(?:(?:\s*-\s*|\s+)\d+)*")
+# Digit groups split by whitespace or by one separator mark (spaces around it allowed): a dash of any
+# kind, a dot, a slash or an underscore, "NNNN NNNN-NNNN.NNNN". Anything else (a letter, two marks in
+# a row, brackets) ends the run. \d and \s are Unicode's: fullwidth or Arabic-Indic digits and a
+# no-break space are still a card number.
+_DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212./_]\s*|\s+)\d+)*")
 _SEPARATOR = re.compile(r"\D+")
 
 
 def contains_card_number(text: str) -> bool:
     """Whether `text` holds what looks like a card number: 13-19 digits, written together or in groups
-    split by spaces or dashes, that pass the Luhn check. The guard for text that is kept or answered
-    in clear and so must never hold a PAN (identity attributes, source references: docs/security.md).
+    split by spaces, dashes, dots, slashes or underscores, that pass the Luhn check. The guard for
+    text that is kept or answered in clear and so must never hold a PAN (identity attributes, source
+    references, customer names: docs/security.md).
 
     A run of groups is judged by its windows of whole groups ("NNNN NNNN NNNN NNNN 12 27": a card
     number and its expiry is caught by its first four groups), leading zeros not counted (a
