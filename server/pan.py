@@ -153,19 +153,22 @@ def redact_digits(text: str) -> str:
     return _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)
 
 
-# Digit groups split by whitespace or by one separator mark (spaces around it allowed): a dash of any
-# kind, a dot, a slash or an underscore, "NNNN NNNN-NNNN.NNNN". Anything else (a letter, two marks in
-# a row, brackets) ends the run. \d and \s are Unicode's: fullwidth or Arabic-Indic digits and a
-# no-break space are still a card number.
-_DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212./_]\s*|\s+)\d+)*")
+# Digit groups split by whitespace or by one dash of any kind (spaces around it allowed): "NNNN NNNN-NNNN
+# NNNN". Anything else (a letter, two dashes, brackets) ends the run. \d and \s are Unicode's:
+# fullwidth or Arabic-Indic digits and a no-break space are still a card number.
+_DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212]\s*|\s+)\d+)*")
+# A dot, a slash or an underscore splits many keys and dates ("20240115.000123", "2024/01/15/0012345")
+# whose digits would pass Luhn one time in ten: those marks count only in a card's own grouping,
+# 4-4-4-4 (up to 4-4-4-4-3) or 4-6-5 / 4-6-4, the same mark throughout.
+_MARKED_PAN = re.compile(r"(?<!\d)(?:\d{4}([./_])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,3})?|\d{4}([./_])\d{6}\2\d{4,5})(?!\d)")
 _SEPARATOR = re.compile(r"\D+")
 
 
 def contains_card_number(text: str) -> bool:
     """Whether `text` holds what looks like a card number: 13-19 digits, written together or in groups
-    split by spaces, dashes, dots, slashes or underscores, that pass the Luhn check. The guard for
-    text that is kept or answered in clear and so must never hold a PAN (identity attributes, source
-    references, customer names: docs/security.md).
+    split by spaces or dashes (or by dots, slashes or underscores in a card's own grouping), that pass
+    the Luhn check. The guard for text that is kept or answered in clear and so must never hold a PAN
+    (identity attributes, source references, customer names: docs/security.md).
 
     A run of groups is judged by its windows of whole groups ("NNNN NNNN NNNN NNNN 12 27": a card
     number and its expiry is caught by its first four groups), leading zeros not counted (a
@@ -183,6 +186,10 @@ def contains_card_number(text: str) -> bool:
         if not run.isascii():
             run = "".join(str(unicodedata.digit(c)) if c.isdigit() else " " for c in run)
         if _card_window(_SEPARATOR.split(run)):
+            return True
+    for match in _MARKED_PAN.finditer(text):
+        digits = "".join(str(unicodedata.digit(c)) for c in match.group() if c.isdigit())
+        if CARD_RUN_MIN <= len(digits) <= CARD_RUN_MAX and luhn_ok(digits):
             return True
     return False
 

@@ -135,7 +135,7 @@ def test_card_numbers_of_every_length_are_found(length: int) -> None:
     lambda p: grouped(p, " - "),                             # a dash with spaces around it
     lambda p: grouped(p, "  "),                              # several spaces
     lambda p: grouped(p, "\u00a0"),                         # no-break spaces
-    lambda p: grouped(p, "."), lambda p: grouped(p, "/"), lambda p: grouped(p, "_"),
+    lambda p: grouped(p, "."), lambda p: grouped(p, "/"), lambda p: grouped(p, "_"),   # a card's 4-4-4-4
     lambda p: grouped(p, "\u2013"), lambda p: grouped(p, " \u2014 "),   # en and em dashes
     lambda p: f"{p[:4]} {p[4:10]} {p[10:]}",                 # Amex-style 4-6-5 grouping
     lambda p: f"card {grouped(p, ' ')} exp 12 27",
@@ -151,6 +151,12 @@ def test_card_numbers_written_in_groups_or_padded_are_found(write: object) -> No
     assert not contains_card_number(write(wrong_check_digit(pan)))  # type: ignore[operator]
 
 
+def test_an_amex_grouping_with_dots_is_found() -> None:
+    pan = made_up_pan(15)
+    assert contains_card_number(f"{pan[:4]}.{pan[4:10]}.{pan[10:]}")          # 4-6-5
+    assert not contains_card_number(f"{pan[:4]}.{pan[4:10]}.{wrong_check_digit(pan)[10:]}")
+
+
 def test_what_is_not_a_card_number() -> None:
     pan = made_up_pan(16)
     twelve = made_up_pan(12)
@@ -160,6 +166,16 @@ def test_what_is_not_a_card_number() -> None:
     # Other punctuation ends a run: two marks in a row, brackets, a comma, a colon.
     for sep in ("--", "..", ")(", ",", ":"):
         assert not contains_card_number(grouped(pan, sep)), sep
+    # Dots, slashes, underscores only in a card's grouping: keys and dates split by them are not
+    # joined, although their digits pass Luhn (chosen so: the last digit makes them pass).
+    for shape in ("{}.{}", "{}/{}", "{}_{}"):
+        body = "20240115" + "00012"
+        key = body + next(str(d) for d in range(10) if luhn_ok(body + str(d)))
+        assert not contains_card_number(shape.format(key[:8], key[8:])), shape
+    dated = "2024011500123"
+    dated += next(str(d) for d in range(10) if luhn_ok(dated + str(d)))
+    assert not contains_card_number(f"{dated[:4]}/{dated[4:6]}/{dated[6:8]}/{dated[8:]}")
+    assert not contains_card_number(f"{pan[:4]}.{pan[4:8]}/{pan[8:12]}.{pan[12:]}")   # marks mixed
     # Numbers split by words are separate runs.
     assert not contains_card_number(f"{pan[:8]} and {pan[8:]}")
     assert not contains_card_number("")
@@ -200,7 +216,7 @@ def test_runs_of_more_than_19_digits() -> None:
 
 
 @given(length=st.integers(13, 19), serial=st.integers(0, 10**6), size=st.integers(1, 8),
-       sep=st.sampled_from([" ", "-", " - ", "\u00a0", ".", "/", "_", "\u2013"]),
+       sep=st.sampled_from([" ", "-", " - ", "\u00a0", "\u2013"]),
        before=st.text(alphabet="abc XYZ,.#", max_size=12), after=st.text(alphabet="abc XYZ,.#", max_size=12))
 def test_any_grouping_of_a_card_number_in_text_is_found(length: int, serial: int, size: int, sep: str,
                                                          before: str, after: str) -> None:
