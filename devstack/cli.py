@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shlex
 import signal
 import sys
@@ -71,9 +72,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  logs       {node.log_path}")
         tls = f" --tls-dir {shlex.quote(str(env.pki.directory))}" if env.pki else ""
         target = "" if args.port == 50051 else f" --target {node.address}"
-        print(f"\nTry:  ./crsw crs-dev lookup card --demo 7{target}{tls}")
-        print(f"      ./crsw crs-dev lookup account --demo 3{target}{tls}")
-        print(f"      ./crsw crs-dev lookup customer --demo 1{target}{tls} --client admin")
+        crsw = shlex.quote(os.environ.get("CRSW", "./crsw"))   # as the caller named it (crsw sets it)
+        print(f"\nTry:  {crsw} crs-dev lookup card --demo 7{target}{tls}")
+        print(f"      {crsw} crs-dev lookup account --demo 3{target}{tls}")
+        print(f"      {crsw} crs-dev lookup customer --demo 1{target}{tls} --client admin")
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin', 'switch', 'feed' and 'csr')")
@@ -82,8 +84,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"      {sre}")
         print(f"Bulk import (docs/identity.md, \"Bulk import\") needs that and this dev stack's throwaway keys:\n"
               f"      {bulk}\n"
-              "      ./crsw crs-dev sample-customers /tmp/customers.csv --rows 10000 --dirty\n"
-              "      ./crsw crs import customers /tmp/customers.csv --source core-banking"
+              f"      {crsw} crs-dev sample-customers /tmp/customers.csv --rows 10000 --dirty\n"
+              f"      {crsw} crs import customers /tmp/customers.csv --source core-banking"
               " --report /tmp/report.csv --rejects /tmp/rejects.csv")
         print("Ctrl-C stops everything.", flush=True)
         while not stop and node.proc.poll() is None:
