@@ -515,8 +515,13 @@ def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resume
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         assert child.stdout is not None
-        assert child.stdout.readline() == "sigint ignored\n"
-        assert child.stdout.readline() == "holding\n"
+        for expected in ("sigint ignored\n", "holding\n"):
+            said = child.stdout.readline()
+            if said != expected:   # say why: a child that ended early left its reason on stderr
+                child.kill()
+                _, err = child.communicate(timeout=30)
+                pytest.fail(f"the import said {said!r}, not {expected!r}; exit {child.returncode};"
+                            f" stderr:\n{err[-3000:]}")
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=60)
     finally:
