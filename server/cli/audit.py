@@ -3,35 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import TYPE_CHECKING, Any
 
-from server.cli.base import RAW, postgres_errors, settings_from_args
+from server.cli.base import RAW, settings_from_args, with_database
 from server.cli.render import table
 
 if TYPE_CHECKING:
     import asyncpg
 
+    from server.store.db import Conn
+
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import asyncpg
+    async def query(conn: Conn) -> list[asyncpg.Record]:
+        return await conn.fetch(
+            "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
+            " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
+            " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
+            " AND at >= now() - make_interval(hours => $4) ORDER BY id DESC LIMIT $5",
+            args.client, args.rpc, args.entity, args.hours, args.limit)
 
-    settings = settings_from_args(args)
-
-    async def query() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
-        try:
-            return await conn.fetch(
-                "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
-                " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
-                " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
-                " AND at >= now() - make_interval(hours => $4) ORDER BY id DESC LIMIT $5",
-                args.client, args.rpc, args.entity, args.hours, args.limit)
-        finally:
-            await conn.close()
-
-    with postgres_errors(settings.pg_dsn):
-        rows = asyncio.run(query())
+    rows = with_database(settings_from_args(args), query)
     table([("at (UTC)", "client", "via", "rpc", "result", "entities"),
            *((r["at"].strftime("%Y-%m-%d %H:%M:%S.%f"), r["client_id"], r["via"], r["rpc"], r["result"],
               " ".join(r["entity_ids"])) for r in rows)])

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from server.settings import Settings, SettingsError, load_settings
 
+if TYPE_CHECKING:
+    from server.store.db import Conn
+
 RAW = argparse.RawDescriptionHelpFormatter
+T = TypeVar("T")
 
 
 class CommandFailed(Exception):
@@ -47,6 +53,22 @@ def postgres_errors(dsn: str) -> Iterator[None]:
         raise CommandFailed(f"PostgreSQL refused: {type(exc).__name__}: {exc}", 3) from exc
     except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
         raise CommandFailed(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}", 3) from exc
+
+
+def with_database(settings: Settings, work: Callable[[Conn], Awaitable[T]]) -> T:
+    """`work` on one connection of its own (connect bounded by CRS_PG_TIMEOUT x 5); no CRS_PG_DSN is
+    exit 2, an unreachable or failing PostgreSQL exit 3 (postgres_errors)."""
+    import asyncpg
+
+    async def run() -> T:
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
+        try:
+            return await work(conn)
+        finally:
+            await asyncio.shield(conn.close())
+
+    with postgres_errors(settings.pg_dsn):
+        return asyncio.run(run())
 
 
 def settings_from_args(args: argparse.Namespace, **overrides: object) -> Settings:

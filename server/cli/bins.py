@@ -10,7 +10,6 @@ CRS_BIN_POLL_INTERVAL. `lookup` takes a prefix on the command line, a full PAN o
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import hashlib
 import io
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from server.cli.base import RAW, CommandFailed, postgres_errors, settings_from_args
+from server.cli.base import RAW, CommandFailed, settings_from_args, with_database
 from server.cli.lookup import from_stdin
 
 if TYPE_CHECKING:
@@ -144,20 +143,7 @@ def cmd_bins_import(args: argparse.Namespace) -> int:
 
 
 def _with_database(args: argparse.Namespace, work: Callable[[Conn], Awaitable[T]]) -> T:
-    """`work` on one connection; an unreachable or failing PostgreSQL is exit 3 (postgres_errors)."""
-    import asyncpg
-
-    settings = settings_from_args(args)
-
-    async def run() -> T:
-        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
-        try:
-            return await work(conn)
-        finally:
-            await asyncio.shield(conn.close())
-
-    with postgres_errors(settings.pg_dsn):
-        return asyncio.run(run())
+    return with_database(settings_from_args(args), work)
 
 
 def _import(args: argparse.Namespace, rows: list[Any], rejected: int, digest: str) -> int:
