@@ -119,11 +119,24 @@ async def serve_health_alone(health_service: Any, s: Settings) -> grpc.aio.Serve
         health_pb2_grpc.add_HealthServicer_to_server(health_service, server)
     if not server.add_insecure_port(address):
         raise RuntimeError(f"cannot bind {address}")
+    await start_server(server)
+    return server
+
+
+async def start_server(server: grpc.aio.Server | grpc.Server) -> None:
     if isinstance(server, grpc.aio.Server):
         await server.start()
     else:
         server.start()
-    return server
+
+
+async def stop_server(server: grpc.aio.Server | grpc.Server, grace: float | None) -> None:
+    """Stop either kind of server and wait until it has: the sync server stops on its own threads."""
+    stopped = server.stop(grace)
+    if isinstance(stopped, threading.Event):
+        await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
+    else:
+        await stopped
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
@@ -300,10 +313,7 @@ class Node:
         if s.health_port:
             self._health_server = await serve_health_alone(self.health, s)
         self.server = server
-        if isinstance(server, grpc.aio.Server):
-            await server.start()
-        else:
-            server.start()
+        await start_server(server)
         if self.tier is not None:
             def gap(shard: str, copy: str) -> None:
                 near.clear()
@@ -349,16 +359,10 @@ class Node:
         if self.tailer is not None:   # watch streams never end by themselves: end them, they resume elsewhere
             self.tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
         if self.server is not None:
-            stopped = self.server.stop(self.settings.grace_seconds if grace is None else grace)
-            if isinstance(stopped, threading.Event):   # the sync server stops on its own threads
-                await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
-            else:
-                await stopped
+            await stop_server(self.server, self.settings.grace_seconds if grace is None else grace)
             self.server = None
         if self._health_server is not None:   # last: probes saw NOT_SERVING through the drain
-            stopped = self._health_server.stop(0)
-            if not isinstance(stopped, threading.Event):
-                await stopped
+            await stop_server(self._health_server, 0)
             self._health_server = None
         if self._bridge is not None:   # hybrid: no gRPC thread may wait on this loop once it stops
             self._bridge.close()
