@@ -16,13 +16,10 @@ from typing import Any
 from server.cli.base import RAW
 from server.cli.lookup import DEFAULT_TIMEOUT, add_connection_arguments, open_channel, rpc_failed
 from server.proto import crs_pb2 as pb
+from server.store.messages import review_status_word
 
 STATUSES = {"open": pb.REVIEW_STATUS_OPEN, "accepted": pb.REVIEW_STATUS_ACCEPTED,
             "rejected": pb.REVIEW_STATUS_REJECTED}
-
-
-def _status(value: int) -> str:
-    return pb.ReviewStatus.Name(value).removeprefix("REVIEW_STATUS_").lower()
 
 
 def render_merge(m: pb.Merge) -> str:
@@ -37,7 +34,7 @@ def render_merge(m: pb.Merge) -> str:
 
 def render_task(t: pb.ReviewTask) -> str:
     evidence = ", ".join(f"{e.attribute}={e.level}" for e in t.evidence)
-    return (f"{t.review_id}  {_status(t.status):8}  {t.customer_id} ~ {t.candidate_id}"
+    return (f"{t.review_id}  {review_status_word(t.status):8}  {t.customer_id} ~ {t.candidate_id}"
             f"  p={t.probability:.3f}  {evidence}")
 
 

@@ -27,7 +27,7 @@ from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required, translate_db_errors
 from server.store.envelope import Change, WriteResult
 from server.store.identity_writes import IdentityWrites
-from server.store.messages import customer_msg
+from server.store.messages import customer_msg, review_status_word
 
 OPEN, ACCEPTED, REJECTED = pb.REVIEW_STATUS_OPEN, pb.REVIEW_STATUS_ACCEPTED, pb.REVIEW_STATUS_REJECTED
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -93,11 +93,6 @@ def _customers_changed(moved: Moved, rows: list[asyncpg.Record]) -> list[str]:
     for row in rows:
         moved.also.append(("customer.updated", customer_msg(row)))
     return [row["customer_id"] for row in rows]
-
-
-def _status_word(status: int) -> str:
-    """REVIEW_STATUS_ACCEPTED -> "accepted": a message's word, not the enum's name."""
-    return pb.ReviewStatus.Name(status).removeprefix("REVIEW_STATUS_").lower()
 
 
 async def _lock_customers(conn: Conn, ids: list[str]) -> dict[str, asyncpg.Record]:
@@ -304,7 +299,7 @@ class IdentityStore(IdentityWrites):
             if task is None:
                 raise NotFound("review task not found")
             if task["status"] != OPEN:
-                raise FailedPrecondition(f"review task is already {_status_word(task['status'])}")
+                raise FailedPrecondition(f"review task is already {review_status_word(task['status'])}")
             customer, candidate = task["customer_id"], task["candidate_id"]
             if req.accept:
                 # The newer record (customer_id) joins the existing customer (candidate_id), which survives.

@@ -33,3 +33,8 @@ def card_msg(row: Row) -> pb.Card:
 
 def relationship_msg(row: Row) -> pb.Relationship:
     return pb.Relationship(account_id=row["account_id"], customer_id=row["customer_id"], role=row["role"])
+
+
+def review_status_word(status: int) -> str:
+    """REVIEW_STATUS_ACCEPTED -> "accepted": a message's or a listing's word, not the enum's name."""
+    return pb.ReviewStatus.Name(status).removeprefix("REVIEW_STATUS_").lower()
