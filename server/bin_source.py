@@ -37,8 +37,8 @@ class BinSource:
     async def refresh(self) -> bool:
         """Load the active version if it is not the one held; True when the table changed."""
         async with self.pool.acquire(timeout=self.timeout) as conn:
-            version = await store.active_version(conn)
-            self.versions = (0, *await store.recent_versions(conn, within=self.cached_for))
+            version, recent = await store.versions_in_use(conn, within=self.cached_for)   # one query a poll
+            self.versions = (0, *recent)
             if version == self.table.version:
                 return False
             rows = await store.load_rows(conn, version) if version else []

@@ -17,7 +17,7 @@ import asyncpg
 
 from server.metrics import Metrics
 from server.resolver import Resolver
-from server.store.bins import recent_versions
+from server.store.bins import versions_in_use
 from server.store.db import DB_ERRORS
 
 log = logging.getLogger("crs.relay")
@@ -36,7 +36,7 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
             dt.timedelta(seconds=delay), BATCH)
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None
-        versions = await recent_versions(conn, within=cached_for) if rows else []
+        versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
         settled = [r["id"] for r in rows
                    if await resolver.invalidate(r["cache_keys"], position=position, bin_versions=versions)]
         if settled:

@@ -60,12 +60,13 @@ async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, 
     return version
 
 
-async def recent_versions(conn: Conn | asyncpg.Pool, *, within: float) -> list[int]:
-    """The active version and those that stopped being active less than `within` seconds ago:
-    the versions card answers may still be cached under (server/cache_keys.py)."""
-    rows = await conn.fetch("SELECT version FROM bin_tables WHERE active"
+async def versions_in_use(conn: Conn | asyncpg.Pool, *, within: float) -> tuple[int, list[int]]:
+    """(the active version, 0 when none; it and those that stopped being active less than `within`
+    seconds ago): the versions card answers may still be cached under (server/cache_keys.py)."""
+    rows = await conn.fetch("SELECT version, active FROM bin_tables WHERE active"
                             " OR deactivated_at > now() - make_interval(secs => $1)", within)
-    return sorted(int(r["version"]) for r in rows)
+    active = next((int(r["version"]) for r in rows if r["active"]), 0)
+    return active, sorted(int(r["version"]) for r in rows)
 
 
 async def _activate(conn: Conn, version: int) -> None:
