@@ -10,11 +10,11 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -35,6 +35,8 @@ if bool(EXTERNAL_PG_DSN) != bool(EXTERNAL_REDIS_URLS):
 EXTERNAL = bool(EXTERNAL_PG_DSN)
 # The serving model every node of the suite runs (CRS_SERVING_MODEL: aio or hybrid); "" = the default.
 SERVING_MODEL = os.environ.get("CRS_TEST_SERVING_MODEL", "").strip()
+
+T = TypeVar("T")
 
 
 def shared_env(**options: Any) -> DevEnvironment:
@@ -226,20 +228,31 @@ class FreezingProxy:
             upstream.close()
 
 
-def card_key(settings: Settings, pan: str) -> str:
-    """A card's cache key as the nodes name it: under the active BIN table version (server/cache_keys.py)."""
+def on_database(dsn: str, work: Callable[[Any], Awaitable[T]]) -> T:
+    """`work(connection)` on a connection of its own to `dsn`, from synchronous test code."""
     import asyncio
 
     import asyncpg
 
-    from server.store.bins import active_version
-
-    async def version() -> int:
-        conn = await asyncpg.connect(settings.pg_dsn)
+    async def run() -> T:
+        conn = await asyncpg.connect(dsn)
         try:
-            return await active_version(conn)
+            return await work(conn)
         finally:
             await conn.close()
 
+    return asyncio.run(run())
+
+
+def sql(dsn: str, query: str, *args: Any) -> list[Any]:
+    """The rows of one query (asyncpg Records)."""
+    return list(on_database(dsn, lambda conn: conn.fetch(query, *args)))
+
+
+def card_key(settings: Settings, pan: str) -> str:
+    """A card's cache key as the nodes name it: under the active BIN table version (server/cache_keys.py)."""
+    from server.store.bins import active_version
+
     keyring = settings.keyring()
-    return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan), asyncio.run(version()))
+    version = on_database(settings.pg_dsn, active_version)
+    return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan), version)

@@ -31,7 +31,9 @@ from tests.integration.support import (
     fresh_account_number,
     fresh_pan,
     new_customer,
+    on_database,
     own_env,
+    sql,
 )
 
 WAIT_S = 10.0   # generous bound for an event to arrive (the latency target is 1 s; see docs/feed.md)
@@ -290,26 +292,12 @@ def _seq_of(node: Clients, entity_id: str) -> int:
 
 
 def _newest(env: DevEnvironment) -> int:
-    async def read() -> int:
-        conn = await asyncpg.connect(env.admin_dsn)
-        try:
-            return await head(conn)
-        finally:
-            await conn.close()
-
-    return asyncio.run(read())
+    return on_database(env.admin_dsn, head)
 
 
 def _committed(env: DevEnvironment, after: int, through: int) -> list[int]:
-    async def read() -> list[int]:
-        conn = await asyncpg.connect(env.admin_dsn)
-        try:
-            rows = await conn.fetch("SELECT seq FROM outbox WHERE seq > $1 AND seq <= $2 ORDER BY seq", after, through)
-            return [int(r["seq"]) for r in rows]
-        finally:
-            await conn.close()
-
-    return asyncio.run(read())
+    return [int(r["seq"]) for r in sql(env.admin_dsn, "SELECT seq FROM outbox WHERE seq > $1 AND seq <= $2"
+                                       " ORDER BY seq", after, through)]
 
 
 def test_a_watch_marks_the_moment_it_has_caught_up_however_busy_the_feed(

@@ -30,7 +30,7 @@ from server.identity.attributes import CARD_NUMBER
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
 from server.store.bulk import BulkCustomers
-from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, sql
 
 HEADER = ",".join(CUSTOMER_COLUMNS)
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,14 +67,7 @@ def env_vars(dev_env: DevEnvironment, monkeypatch: pytest.MonkeyPatch) -> Iterat
 
 
 def _sql(env: DevEnvironment, query: str, *args: Any) -> list[asyncpg.Record]:
-    async def go() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(env.admin_dsn)
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
+    return sql(env.admin_dsn, query, *args)
 
 
 def _dob(used: UsedSecrets) -> str:
