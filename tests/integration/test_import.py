@@ -31,6 +31,7 @@ from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
 from server.store.bulk import BulkCustomers
 from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, sql
+from tests.sigint import with_sigint_ignored
 
 HEADER = ",".join(CUSTOMER_COLUMNS)
 ROOT = Path(__file__).resolve().parents[2]
@@ -503,9 +504,8 @@ def test_sigint_stops_an_import_started_with_sigint_ignored_and_the_rerun_resume
     rejects = tmp_path / "sig-rejects.csv"
     argv = ["import", "customers", str(file), "--source", system, "--report", str(tmp_path / "r.csv"), "--batch", "10",
             "--rejects", str(rejects)]
-    child = subprocess.Popen([sys.executable, "-c", HOLD_THIRD_WRITE, reader, *argv], cwd=ROOT, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    child = subprocess.Popen(with_sigint_ignored([sys.executable, "-c", HOLD_THIRD_WRITE, reader, *argv]), cwd=ROOT,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdout is not None
         for expected in ("sigint ignored\n", "holding\n"):

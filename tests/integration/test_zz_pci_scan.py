@@ -6,7 +6,6 @@ the session's tests sent."""
 from __future__ import annotations
 
 import asyncio
-import re
 import urllib.request
 from pathlib import Path
 
@@ -48,6 +47,16 @@ class Needles:
         text = data.decode("latin-1") if isinstance(data, bytes) else data   # needles are ASCII
         return {needle for _, needle in self.automaton.iter(text)}
 
+    def found_whole(self, text: str) -> set[str]:
+        """Needles standing alone as numbers: neither a digit nor a '.' before, no digit after (demo
+        account 700000000000 is also inside float samples such as 0.47000000000000003)."""
+        return {needle for end, needle in self.automaton.iter(text)
+                if not _part_of_a_number(text, end - len(needle), end + 1)}
+
+
+def _part_of_a_number(text: str, start: int, after: int) -> bool:
+    return (start > 0 and text[start - 1] in "0123456789.") or (after < len(text) and text[after].isdigit())
+
 
 def test_no_clear_pan_or_account_number_anywhere(dev_env: DevEnvironment, node_a: Clients, node_b: Clients,
                                                  used_secrets: UsedSecrets) -> None:
@@ -86,6 +95,5 @@ def test_no_clear_pan_or_account_number_anywhere(dev_env: DevEnvironment, node_a
     for clients in (node_a, node_b):
         url = f"http://127.0.0.1:{clients.node.settings.metrics_port}/metrics"
         metrics = urllib.request.urlopen(url, timeout=5).read().decode()
-        # Whole numbers only: demo account 700000000000 is also in float sample values such as
-        # process_cpu_seconds_total 0.47000000000000003 (utime + stime, in ticks).
-        assert not [s for s in secrets if re.search(rf"(?<![0-9.]){s}(?![0-9])", metrics)]
+        # One pass, as above: a regular expression per needle took a minute over ~20k needles.
+        assert not needles.found_whole(metrics) & secrets, "a clear number in the metrics output"

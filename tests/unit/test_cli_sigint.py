@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.sigint import with_sigint_ignored
+
 ROOT = Path(__file__).resolve().parents[2]
 WAITS = """
 import argparse, signal, sys, time
@@ -25,12 +29,16 @@ sys.exit(run_command(parser, []))
 
 
 def test_a_command_started_with_sigint_ignored_stops_on_sigint_with_130() -> None:
-    child = subprocess.Popen([sys.executable, "-c", WAITS], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    child = subprocess.Popen(with_sigint_ignored([sys.executable, "-c", WAITS]), cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdout is not None
-        assert child.stdout.readline() == "sigint ignored\n"
-        assert child.stdout.readline() == "waiting\n"
+        for expected in ("sigint ignored\n", "waiting\n"):
+            said = child.stdout.readline()
+            if said != expected:   # say why: a child that ended early left its reason on stderr
+                child.kill()
+                _, err = child.communicate(timeout=30)
+                pytest.fail(f"the child said {said!r}, not {expected!r}; exit {child.returncode}; stderr:\n{err}")
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=20) == 130
     finally:
