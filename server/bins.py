@@ -6,6 +6,10 @@ belongs to the *most specific* range holding it, the one that covers the fewest 
 resolves that once, when the table is built: every range becomes an interval on the 11-digit
 prefix line, the line is cut into elementary segments, each segment keeps its narrowest range, and
 a lookup is one bisect over the segment starts (about 1 µs; docs/bins.md has the measurements).
+Two equally narrow ranges can both hold a PAN only when they overlap partially (an import refuses
+that unless told otherwise); the PAN then belongs to the one that starts lower. The answer never
+depends on the order of the rows given (PostgreSQL returns them in heap order, which can differ
+between readers of a large table: synchronized sequential scans).
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ class BinTable:
                 p = free[p]
             return p
 
-        for i in sorted(range(n), key=lambda i: (ends[i] - starts[i], i)):
+        for i in sorted(range(n), key=lambda i: (ends[i] - starts[i], starts[i], i)):
             p = next_free(where[starts[i]])
             hi = where[ends[i] + 1]
             while p < hi:

@@ -204,9 +204,9 @@ def cmd_bins_lookup(args: argparse.Namespace, read_pan: Callable[[], str] = from
 
     digits, shown = lookup_digits(args.prefix, read_pan)
 
-    async def active_table(conn: Conn) -> BinTable:
+    async def active_table(conn: Conn) -> BinTable:   # only the ranges holding the digits, not 500k of them
         version = await store.active_version(conn)
-        return build(await store.load_rows(conn, version), version)
+        return build(await store.covering_rows(conn, version, digits), version)
 
     table = _with_database(args, active_table)
     if table.version == 0:

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import asyncpg
 
-from server.bins import BinRow
+from server.bins import PREFIX_DIGITS, BinRow
 from server.errors import NotFound
 from server.store.db import Conn
 
@@ -37,12 +37,29 @@ async def active_version(conn: Conn | asyncpg.Pool) -> int:
     return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM bin_tables WHERE active"))
 
 
-async def load_rows(conn: Conn, version: int) -> list[BinRow]:
-    rows = await conn.fetch(
-        "SELECT low, high, pan_length, network, issuer_name, issuer_country, product, on_us FROM bin_ranges"
-        " WHERE version = $1", version)
+# The ranges as the 11-digit interval BinRow.start / BinRow.end, in C collation (digit strings of one
+# length compare as numbers).
+_START = "rpad(low, 11, '0') COLLATE \"C\""
+_END = "rpad(high, 11, '9') COLLATE \"C\""
+_SELECT = ("SELECT low, high, pan_length, network, issuer_name, issuer_country, product, on_us FROM bin_ranges"
+           " WHERE version = $1")
+
+
+def _rows(records: list[asyncpg.Record]) -> list[BinRow]:
     return [BinRow(r["low"], r["high"], r["pan_length"], r["network"], r["issuer_name"], r["issuer_country"],
-                   r["product"], r["on_us"]) for r in rows]
+                   r["product"], r["on_us"]) for r in records]
+
+
+async def load_rows(conn: Conn, version: int) -> list[BinRow]:
+    """Every range of `version`, in no particular order (BinTable's answers do not depend on it)."""
+    return _rows(await conn.fetch(_SELECT, version))
+
+
+async def covering_rows(conn: Conn, version: int, digits: str) -> list[BinRow]:
+    """The ranges of `version` holding `digits` (6 or more ASCII digits): a BinTable built from them
+    answers `digits` as one built from the whole table does, at 500k ranges in ~0.1 s instead of ~6."""
+    point = digits[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0")
+    return _rows(await conn.fetch(f"{_SELECT} AND {_START} <= $2 AND {_END} >= $2", version, point))
 
 
 async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, sha256: str, rejected: int) -> int:

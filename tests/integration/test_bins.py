@@ -179,6 +179,35 @@ def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
     _roll_back(dev_env, fast_node, before)
 
 
+def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
+        dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
+    """Two ranges as wide as each other, overlapping in 999150-999199: every reader gives those PANs to
+    the one that starts lower, whatever the file's order (the nodes used to take PostgreSQL's heap
+    order, which a large table's synchronized scans can rotate per reader)."""
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+    upper = ["999150", "999249", "16", "testnet", "Upper", "US", "credit", "false"]
+    lower = ["999100", "999199", "16", "testnet", "Lower", "US", "debit", "false"]
+    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "ties.csv", [upper, lower])), "--allow-partial-overlaps")
+    assert r.returncode == 0, r.stderr
+    imported = re.search(r"BIN table version (\d+) is active", r.stdout)
+    assert imported is not None, r.stdout
+    deadline = time.monotonic() + 30
+    while fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version != int(
+            imported[1]):
+        assert time.monotonic() < deadline, "the node did not load the new table"
+        time.sleep(POLL)
+    try:
+        for prefix, issuer in (("999160", "Lower"), ("99919999", "Lower"), ("999120", "Lower"), ("999200", "Upper")):
+            assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix=prefix), timeout=5).issuer_name == issuer
+            shown = _crs(dev_env, "bins", "lookup", prefix)
+            assert shown.returncode == 0 and f'"issuerName": "{issuer}"' in shown.stdout, (prefix, shown)
+        pan = _pan("999170")
+        by_pan = _crs(dev_env, "bins", "lookup", stdin=pan + "\n")
+        assert '"issuerName": "Lower"' in by_pan.stdout and pan not in by_pan.stdout
+    finally:
+        _roll_back(dev_env, fast_node, before)
+
+
 def _roll_back(env: DevEnvironment, node: Clients, before: int) -> None:
     """Activate `before` again and wait until the node answers from it."""
     assert _crs(env, "bins", "activate", str(before)).returncode == 0

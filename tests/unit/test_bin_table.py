@@ -1,0 +1,60 @@
+"""The BIN index (server/bins.py, BinTable) against the rule it implements, checked the slow way: a
+prefix belongs to the narrowest range holding it, and of equally narrow ones to the one starting lower,
+whatever the order of the rows."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.bins import PREFIX_DIGITS, BinRow, BinTable
+
+
+def _row(low: str, high: str, n: int) -> BinRow:
+    return BinRow(low, high, 16, "testnet", f"Issuer {n}", "US", "credit", False)
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> list[BinRow]:
+    """Up to 12 ranges over a few hundred PANs' prefixes (9990xxxxxxx), of 6 to 8 digits, so they
+    nest, overlap partially, and repeat one another's width; never two covering the same PANs."""
+    rows = []
+    for n in range(draw(st.integers(0, 12))):
+        width = draw(st.integers(6, 8))
+        a = draw(st.integers(0, 10 ** (width - 4) - 1))
+        b = draw(st.integers(a, min(a + 30, 10 ** (width - 4) - 1)))
+        row = _row("9990" + str(a).zfill(width - 4), "9990" + str(b).zfill(width - 4), n)
+        if all((row.start, row.end) != (r.start, r.end) for r in rows):   # an import refuses the same range twice
+            rows.append(row)
+    return rows
+
+
+def _slowly(rows: list[BinRow], digits: str) -> BinRow | None:
+    point = int(digits[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0"))
+    holding = [(r.end - r.start, r.start, i) for i, r in enumerate(rows) if r.start <= point <= r.end]
+    return rows[min(holding)[2]] if holding else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(), st.lists(st.integers(0, 10 ** 7 - 1), min_size=1, max_size=20))
+def test_each_prefix_gets_the_narrowest_range_holding_it_and_of_equals_the_lower(
+        rows: list[BinRow], points: list[int]) -> None:
+    table, backwards = BinTable(rows, 1), BinTable(rows[::-1], 1)
+    # Every boundary and its neighbours, and some points anywhere in the block.
+    edges = {v for r in rows for e in (r.start, r.end) for v in (e - 1, e, e + 1)}
+    digits = [str(v).zfill(PREFIX_DIGITS) for v in edges] + ["9990" + str(p).zfill(7) for p in points]
+    for d in digits:
+        if d.startswith("9990"):
+            assert table.lookup(d) == backwards.lookup(d) == _slowly(rows, d), d
+
+
+def test_a_subset_holding_the_prefix_answers_as_the_whole_table() -> None:
+    """What `crs bins lookup` relies on (store.bins.covering_rows): only the ranges holding a prefix
+    give the same answer as all of them."""
+    rows = [_row("999000", "999099", 0), _row("999050", "999149", 1), _row("9990550", "9990559", 2),
+            _row("99906000", "99906999", 3), _row("999060", "999069", 4)]
+    whole = BinTable(rows, 1)
+    for digits in ("99906012345", "99905550000", "99901000000", "99914000000"):
+        point = int(digits)
+        subset = [r for r in rows if r.start <= point <= r.end]
+        assert BinTable(subset, 1).lookup(digits) == whole.lookup(digits)
