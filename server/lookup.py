@@ -36,6 +36,7 @@ from server.proto import crs_pb2 as pb
 from server.resolver import Lookup, Resolver
 from server.store import reads
 from server.store.read_route import Read as ReadQuery
+from server.store.read_route import Uncacheable
 
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
@@ -119,16 +120,21 @@ class LookupHandlers:
             load = partial(self._any_version, reads.account_by_fingerprint, value, load)
         return Lookup(ck.account_key(version, fp), load, "account")
 
-    async def _any_version(self, read: Read, value: str, current: ReadQuery, conn: Any) -> bytes | None:
+    async def _any_version(self, read: Read, value: str, current: ReadQuery, conn: Any) -> bytes | Uncacheable | None:
         """During a fingerprint-key rotation a row may carry only another configured version yet:
-        a miss under the current version tries the others before answering NOT_FOUND."""
+        a miss under the current version tries the others before answering NOT_FOUND. What is
+        found that way is answered but not cached: a write invalidates a row's keys under the
+        versions stored on it, so an answer cached under this node's version would outlive the
+        row's next change (a card reported lost answering "approve" for the cache TTL)."""
         found = await current(conn)
+        if found is not None:
+            return found
         for version in self._other_versions:
-            if found is not None:
-                break
-            found = await read(conn, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
+            other = await read(conn, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
                                hints=self.hints)
-        return found
+            if other is not None:
+                return Uncacheable(other)
+        return None
 
     def customer(self, customer_id: str) -> Lookup:
         parse_customer_id(customer_id)

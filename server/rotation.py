@@ -1,13 +1,15 @@
 """Key rotation, online: fingerprint keys (re-fingerprint every card and account) and the KEK.
 
 Fingerprint rotation from version A to B (runbook: docs/security.md):
-  1. configure key B on every node next to A (CRS_FINGERPRINT_KEYS="A:..,B:.."), current still A;
-     from then on new cards and accounts get a B fingerprint too;
+  1. configure key B on every node next to A (CRS_FINGERPRINT_KEYS="A:..,B:.."), current still A
+     (CRS_FINGERPRINT_KEY_VERSION=A: with two keys it must be named); from then on new cards and
+     accounts get a B fingerprint too;
   2. `crs keys rotate-fingerprint --to B` decrypts each stored number and writes its B fingerprint
      next to the A one (resumable: it only takes rows without one, in batches, with progress), and
      gives every identity source record its B blocking keys and national-id fingerprint;
   3. switch nodes to CRS_FINGERPRINT_KEY_VERSION=B (a rolling restart); lookups by either version
-     find every row throughout, and a node that misses under one version tries the others;
+     find every row throughout, and a node that misses under one version tries the others (and
+     answers what it finds there uncached: a write invalidates only the versions the row carries);
   4. `crs keys retire-fingerprint --version A` promotes B to the primary columns (refusing while any
      row lacks a B fingerprint) and drops the A blocking keys, then A is removed from the configuration.
 KEK rotation: configure the new KEK as CRS_KEK (+ version) and the old as CRS_KEK_PREVIOUS, run

@@ -175,7 +175,7 @@ class Settings:
     identity_weights: str = ""               # a trained weights file; "" = the packaged one
     # --- keys (never in repr)
     fingerprint_keys: str = field(default="", repr=False)   # "1:BASE64,2:BASE64"
-    fingerprint_key_version: int = 0      # 0 = the highest configured version
+    fingerprint_key_version: int = 0      # 0 = the only configured version (refused with two or more)
     kek: str = field(default="", repr=False)                # "BASE64" (32 bytes)
     kek_version: int = 1
     kek_previous: str = field(default="", repr=False)       # the KEK being rotated away from (rotate-kek)
@@ -186,6 +186,13 @@ class Settings:
     def keyring(self) -> Keyring:
         try:
             fp_keys = parse_versioned_keys(self.fingerprint_keys, what="CRS_FINGERPRINT_KEYS")
+            if not self.fingerprint_key_version and len(fp_keys) > 1:
+                # "The highest" would switch a node to a key added for a rotation before any row has
+                # a fingerprint under it (docs/security.md, "Rotation runbooks", step 1).
+                raise KeyConfigError(
+                    f"CRS_FINGERPRINT_KEY_VERSION must name the version to use when CRS_FINGERPRINT_KEYS holds"
+                    f" more than one key (versions {sorted(fp_keys)}): during a rotation keep the old one until"
+                    " `crs keys rotate-fingerprint --to NEW` has run")
             version = self.fingerprint_key_version or max(fp_keys)
             previous = {}
             if self.kek_previous:

@@ -57,8 +57,9 @@ def register(sub: Any) -> None:
                       description=(
         "Online and resumable: decrypts each stored number and writes its fingerprint under key version\n"
         "--to next to the current one, in batches, showing progress; lookups by either version keep\n"
-        "working. Run it with the new version configured in CRS_FINGERPRINT_KEYS (nodes too), then\n"
-        "switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then retire-fingerprint the old version.\n"
+        "working. Run it with the new version configured in CRS_FINGERPRINT_KEYS (nodes too, still on\n"
+        "CRS_FINGERPRINT_KEY_VERSION=OLD), then switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then\n"
+        "retire-fingerprint the old version.\n"
         "Runbook: docs/security.md."), formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
     k.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")

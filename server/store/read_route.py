@@ -41,7 +41,16 @@ from server.store.db import DB_ERRORS, bounded
 
 log = logging.getLogger("crs.read_route")
 
-Read = Callable[[Any], Awaitable[bytes | None]]   # one lookup's query, given a pool or connection
+
+@dataclass(frozen=True, slots=True)
+class Uncacheable:
+    """A query's answer that may be served but not cached: no write would ever invalidate the key it
+    would be cached under (a row found under another fingerprint version than the reader's own:
+    server/lookup.py, `_any_version`)."""
+    value: bytes | None
+
+
+Read = Callable[[Any], Awaitable[bytes | Uncacheable | None]]   # one lookup's query, given a pool or connection
 # NULL on a primary (after a promotion pg_last_wal_replay_lsn() stays at the end of recovery).
 REPLAY_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8 END"
 POSITION_SQL = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
@@ -53,6 +62,12 @@ NEVER = -math.inf
 class Loaded:
     value: bytes | None
     fill_by: float   # monotonic time until which the value may be written to the caches
+
+
+def _loaded(value: bytes | Uncacheable | None, fill_by: float) -> Loaded:
+    if isinstance(value, Uncacheable):
+        return Loaded(value.value, NEVER)
+    return Loaded(value, fill_by)
 
 
 class Positions:
@@ -106,7 +121,7 @@ class ReadRoute:
         """The value and until when it may be cached. Raises the driver's error only when neither
         a replica nor the primary answered."""
         if self.replica is None:
-            return Loaded(await query(self.primary), ALWAYS)
+            return _loaded(await query(self.primary), ALWAYS)
         primary_out = False
         if self.lagging:   # the poller saw the replica behind: its answer could not be cached
             try:
@@ -115,7 +130,7 @@ class ReadRoute:
                 primary_out = True
             else:
                 self._on_read("primary_replica_behind")
-                return Loaded(value, ALWAYS)
+                return _loaded(value, ALWAYS)
         try:
             replayed, value = await self._replica_read(query)
         except DB_ERRORS as exc:
@@ -123,14 +138,14 @@ class ReadRoute:
                 raise
             self._on_read("primary_replica_failed")
             log.debug("replica read failed; reading the primary", extra={"error": type(exc).__name__})
-            return Loaded(await query(self.primary), ALWAYS)
+            return _loaded(await query(self.primary), ALWAYS)
         if replayed is None:            # the read DSN reached a primary (e.g. one just promoted)
             self._on_read("replica")
-            return Loaded(value, ALWAYS)
+            return _loaded(value, ALWAYS)
         covered = self.positions.covered_since(replayed)
         if self.usable(replayed) and covered is not None and self._clock() < covered + self.fill_window:
             self._on_read("replica")
-            return Loaded(value, covered + self.fill_window)
+            return _loaded(value, covered + self.fill_window)
         if not primary_out:
             try:
                 fresh = await query(self.primary)
@@ -138,17 +153,17 @@ class ReadRoute:
                 pass
             else:
                 self._on_read("primary_replica_behind")
-                return Loaded(fresh, ALWAYS)
+                return _loaded(fresh, ALWAYS)
         self._on_read("replica_uncached")   # the primary is out: answer, but cache nothing
-        return Loaded(value, NEVER)
+        return _loaded(value, NEVER)
 
-    async def _replica_read(self, query: Read) -> tuple[int | None, bytes | None]:
+    async def _replica_read(self, query: Read) -> tuple[int | None, bytes | Uncacheable | None]:
         """(replayed position, value), within `replica_timeout`. A hung replica is abandoned, not
         waited for (asyncpg's cancel of a query on a hung server would hang too)."""
         assert self.replica is not None
         replica = self.replica
 
-        async def attempt() -> tuple[int | None, bytes | None]:
+        async def attempt() -> tuple[int | None, bytes | Uncacheable | None]:
             async with replica.acquire(timeout=self.replica_timeout) as conn:
                 replayed = await conn.fetchval(REPLAY_SQL, timeout=self.replica_timeout)
                 return replayed, await query(conn)

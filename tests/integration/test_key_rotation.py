@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -161,6 +162,70 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     status = _crs(env, "keys", "status", keys=only_2)
     assert "version 1 retired" in status.stdout and "fingerprinted with version 1" not in status.stdout
     env.keys = only_2   # the environment now runs on version 2 only
+
+
+def _and_a_newer_key(keys: dict[str, str]) -> tuple[int, str]:
+    """(the version of the environment's one fingerprint key, CRS_FINGERPRINT_KEYS with a new next one)."""
+    old = int(keys["CRS_FINGERPRINT_KEYS"].split(":")[0])
+    return old, f"{keys['CRS_FINGERPRINT_KEYS']},{old + 1}:{encode_key(new_key())}"
+
+
+def test_a_change_reaches_nodes_on_either_version_while_they_roll(env: DevEnvironment) -> None:
+    """Rotation step 3 half done: one node on the old version, one on the new, both keys on both. A card
+    and an account created on the new-version node carry only the new fingerprint; the old-version
+    node finds them under it. It used to cache that answer under its own version's key, which no
+    write deletes (a write invalidates the versions the row carries): a card reported LOST answered
+    ACTIVE by PAN there, and a frozen account active, for the cache TTL."""
+    keys = dict(env.keys)
+    old, both = _and_a_newer_key(keys)
+    on_old = _node(env, keys | {"CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": str(old)})
+    on_new = _node(env, keys | {"CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": str(old + 1)})
+    try:
+        with on_new.channel() as ch:
+            admin = rpc.stub(ch, "AdminService")
+            customer = admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Mid Roll"), timeout=5)
+            number = "777000123"
+            account = admin.CreateAccount(pb.CreateAccountRequest(
+                routing_number=demo_routing(4), account_number=number, type=pb.ACCOUNT_TYPE_CHECKING,
+                owner_customer_id=customer.customer_id), timeout=5)
+            pan = demo_pan(CARDS + 601)
+            card = admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id),
+                                   timeout=5)
+        by_pan = pb.ResolveCardRequest(pan=pan)
+        by_number = pb.ResolveAccountRequest(routing_number=demo_routing(4), account_number=number)
+        with on_old.channel() as ch:
+            lookup = rpc.stub(ch, "LookupService")
+            for _ in range(3):   # a miss, then what would have been cached
+                assert lookup.ResolveCard(by_pan, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
+                assert lookup.ResolveAccount(by_number, timeout=5).account.status == pb.ACCOUNT_STATUS_OPEN
+        with on_new.channel() as ch:
+            admin = rpc.stub(ch, "AdminService")
+            admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_LOST), timeout=5)
+            admin.SetAccountStatus(pb.SetAccountStatusRequest(account_id=account.account_id,
+                                                              status=pb.ACCOUNT_STATUS_FROZEN), timeout=5)
+        deadline = time.monotonic() + 5
+        with on_old.channel() as ch:
+            lookup = rpc.stub(ch, "LookupService")
+            while (lookup.ResolveCard(by_pan, timeout=5).card.status, lookup.ResolveAccount(
+                    by_number, timeout=5).account.status) != (pb.CARD_STATUS_LOST, pb.ACCOUNT_STATUS_FROZEN):
+                assert time.monotonic() < deadline, "the old-version node still answers the card or account as before"
+                time.sleep(0.1)
+    finally:
+        for node in (on_old, on_new):
+            node.stop()
+            env.nodes.remove(node)
+
+
+def test_two_fingerprint_keys_need_the_version_named(env: DevEnvironment) -> None:
+    keys = dict(env.keys)
+    _, both = _and_a_newer_key(keys)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+    child = base | settings_to_env(env.settings(workers=1, metrics_port=0)) | keys | {
+        "CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": "0"}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=child, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "CRS_FINGERPRINT_KEY_VERSION must name the version" in r.stderr, r.stderr
+    assert keys["CRS_FINGERPRINT_KEYS"].split(":")[1] not in r.stderr
 
 
 def test_kek_rotation_and_bad_keys_fail_at_start(env: DevEnvironment) -> None:
