@@ -35,7 +35,7 @@ from locust import User
 from locust.exception import LocustError
 
 from server import rpc
-from server.client_config import CHANNEL_OPTIONS as CLIENT_OPTIONS
+from server.client_config import channel_options
 
 grpc_gevent.init_gevent()   # before any channel exists: grpc's I/O then yields to other greenlets
 
@@ -44,7 +44,7 @@ grpc_gevent.init_gevent()   # before any channel exists: grpc's I/O then yields 
 # with several worker processes (SO_REUSEPORT spreads connections, not calls) would see all the
 # load on one worker.
 # The retry policy and balancing we recommend to every caller (server/client_config.py).
-CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.use_local_subchannel_pool", 1), *CLIENT_OPTIONS)
+LOCAL_SUBCHANNELS: tuple[str, Any] = ("grpc.use_local_subchannel_pool", 1)
 
 LABEL_KEY = "x-locust-name"      # request metadata the interceptor reads and strips (never sent)
 EXPECT_KEY = "x-locust-expect"
@@ -92,8 +92,11 @@ def split_host(host: str) -> tuple[str, bool]:
 
 
 def channel_for(target: str, tls: TlsOptions | None = None,
-                options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> grpc.Channel:
-    """THE place channels are made (the TLS hook)."""
+                options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """THE place channels are made (the TLS hook); by default with the recommended configuration for
+    the target (server/client_config.py) on a connection of its own."""
+    if options is None:
+        options = (LOCAL_SUBCHANNELS, *channel_options(target))
     if tls is not None:
         opts = list(options)
         if tls.server_name:

@@ -31,7 +31,9 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 def add_connection_arguments(s: argparse.ArgumentParser, *, client: str = "switch") -> None:
     """How any `crs` command that calls a node reaches it: --target, TLS (--tls-dir/--client or
     --ca/--cert/--key) and a bearer token; `open_channel` turns them into a channel."""
-    s.add_argument("--target", default=DEFAULT_TARGET, help=f"node address (default {DEFAULT_TARGET})")
+    s.add_argument("--target", default=DEFAULT_TARGET, help=(
+        f"node address (default {DEFAULT_TARGET}); several: ipv4:A:P,B:P or dns:///HEADLESS-SERVICE:P"
+        " (then health-checked, docs/deploy.md)"))
     s.add_argument("--tls-dir", help="a dev PKI directory (crs-dev up prints it): ca.pem + client-NAME.pem/.key")
     s.add_argument("--client", default=client, help=f"client certificate name in --tls-dir (default {client})")
     s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS")
@@ -82,9 +84,9 @@ def run(args: argparse.Namespace, *, pan: Callable[[], str] = from_stdin,
 def open_channel(args: argparse.Namespace) -> Any:
     import grpc
 
-    from server.client_config import CHANNEL_OPTIONS
+    from server.client_config import channel_options
 
-    options = list(CHANNEL_OPTIONS)   # the recommended retry policy (docs/deploy.md, "Clients")
+    options = list(channel_options(args.target))   # the recommended configuration (docs/deploy.md, "Clients")
     ca, cert, key = args.ca, args.cert, args.key
     if args.tls_dir:
         tls = Path(args.tls_dir)

@@ -1,10 +1,14 @@
 """A rolling restart of every node process under load, with the client configuration we recommend
 (server/client_config.py: round robin over the nodes, client-side health checking, retries on
-UNAVAILABLE), fails no call. Nodes drain on SIGTERM (NOT_SERVING, then finish in-flight calls) and
-send GOAWAY after CRS_MAX_CONNECTION_AGE, so clients also move their connections on their own."""
+UNAVAILABLE and CANCELLED), fails no call; so do workers drained one by one behind one address.
+Nodes drain on SIGTERM (NOT_SERVING, then finish in-flight calls) and send GOAWAY after
+CRS_MAX_CONNECTION_AGE, so clients also move their connections on their own."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 
@@ -13,7 +17,7 @@ import grpc
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from server import rpc
-from server.client_config import CHANNEL_OPTIONS, multi_target
+from server.client_config import CHANNEL_OPTIONS, channel_options, multi_target
 from server.proto import crs_pb2 as pb
 
 NODES = 3
@@ -92,3 +96,39 @@ def test_rolling_restart_under_load_fails_no_call(dev_env: DevEnvironment) -> No
             if n in dev_env.nodes:
                 n.stop()
                 dev_env.nodes.remove(n)
+
+
+def _workers(node: NodeProcess) -> set[int]:
+    """The node's worker processes (multiprocessing's spawned children, not its resource tracker)."""
+    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True,
+                           text=True)
+    return {int(line.split()[0]) for line in found.stdout.splitlines() if "spawn_main" in line}
+
+
+def test_behind_one_address_draining_workers_fail_no_call(dev_env: DevEnvironment) -> None:
+    """One address standing for several servers, as an L4 load balancer's VIP or a ClusterIP stands
+    for nodes: here one node's two workers sharing a port. Each drains in turn (SIGTERM; the node
+    starts a new one). A channel with the recommended configuration for one address
+    (`channel_options`: no health checking) fails no call. With health checking it failed every call
+    for the drain delay (302 of 3,600 in an outside check): NOT_SERVING left it no address to use."""
+    node = dev_env.start_node(workers=2, grace_seconds=5.0)
+    channel = open_channel(node.address, dev_env.pki, "admin", channel_options(node.address))
+    try:
+        with Load(channel) as load:
+            time.sleep(1.0)
+            workers = _workers(node)
+            assert len(workers) == 2, workers
+            for victim in sorted(workers):
+                started = node.log_path.read_text().count('"node serving"')
+                os.kill(victim, signal.SIGTERM)
+                deadline = time.monotonic() + 60
+                while node.log_path.read_text().count('"node serving"') == started:   # its successor is up
+                    assert time.monotonic() < deadline, f"no worker took over from {victim}\n{node.log_tail()}"
+                    time.sleep(0.1)
+                time.sleep(1.0)
+        assert load.failures == [], load.failures[:5]
+        assert load.ok > 100 and len(load.written) > 5
+    finally:
+        channel.close()
+        node.stop()
+        dev_env.nodes.remove(node)
