@@ -47,6 +47,9 @@ def demo_account_number(index: int) -> str:
     return f"7{index:011d}"
 
 
+_TOKEN_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
 def demo_customer_id(index: int) -> str:
     return f"cus_demo{index:010d}"
 
@@ -56,7 +59,10 @@ def demo_account_id(index: int) -> str:
 
 
 def demo_token(seed: int, index: int) -> str:
-    return "tok_" + hashlib.sha256(f"{seed}:card:{index}".encode()).hexdigest()[:24]
+    """Deterministic, in the alphabet of real tokens (a-z0-9, server/store/admin.py new_id): hex
+    digests held 13+ digit runs often enough that `crs pci scan` flagged ~1 demo token in 800."""
+    digest = hashlib.sha256(f"{seed}:card:{index}".encode()).digest()
+    return "tok_" + "".join(_TOKEN_ALPHABET[b % 36] for b in digest[:24])
 
 
 @dataclass(frozen=True)

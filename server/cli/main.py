@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from server.cli import audit, bins, export, feed, identity, imports, keys, lookup, serve, shards
+from server.cli import audit, bins, export, feed, identity, imports, keys, lookup, pci, serve, shards
 from server.cli.base import run_command
 
 EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="TOML settings file (same names as the CRS_* variables, lower case)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for family in (serve, audit, keys, lookup, export, feed, identity, shards, bins, imports):
+    for family in (serve, audit, keys, lookup, export, feed, identity, shards, bins, imports, pci):
         family.register(sub)
     return p
 

@@ -7,6 +7,8 @@ import contextlib
 import os
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -23,7 +25,7 @@ from devstack.environment import DevEnvironment, NodeProcess
 from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
-from server.settings import Settings
+from server.settings import Settings, settings_to_env
 
 # Which PostgreSQL binaries the suite's own servers use: auto (PATH first), system or pgserver.
 PG_BINARIES = os.environ.get("CRS_TEST_PG_BINARIES", "auto")
@@ -242,6 +244,18 @@ def on_database(dsn: str, work: Callable[[Any], Awaitable[T]]) -> T:
             await conn.close()
 
     return asyncio.run(run())
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def crs_command(env: DevEnvironment, *args: str, stdin: str = "", overrides: dict[str, str] | None = None,
+                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`crs ARGS` in a child process, from the repository, with the environment's settings as CRS_*
+    variables (then `overrides`) and none of this process's own."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=child | (overrides or {}),
+                          capture_output=True, input=stdin, text=True, timeout=timeout)
 
 
 def sql(dsn: str, query: str, *args: Any) -> list[Any]:

@@ -8,11 +8,8 @@ issuers that are not ours), generated at run time."""
 from __future__ import annotations
 
 import csv
-import os
 import random
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +23,8 @@ from devstack.bins import write_sample
 from devstack.environment import DevEnvironment
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
-from server.settings import settings_to_env
-from tests.integration.support import Clients, clients_of, expect_code
+from tests.integration.support import Clients, clients_of, crs_command, expect_code
 
-REPO = Path(__file__).resolve().parents[2]
 POLL = 0.2     # the reloading node's CRS_BIN_POLL_INTERVAL
 
 
@@ -53,12 +48,6 @@ def _ranges(err: grpc.RpcError) -> list[pb.BinRange]:
 def _detail(err: grpc.RpcError) -> pb.BinRange:
     (found,) = _ranges(err)
     return found
-
-
-def _crs(env: DevEnvironment, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=REPO, env=child, capture_output=True,
-                          input=stdin, text=True, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -144,19 +133,19 @@ def test_import_refuses_bad_files_and_keeps_the_table(dev_env: DevEnvironment, f
         ["999300", "999399", "16", "visa"],                                          # column count
     ]
     rejects = tmp_path / "rejects.csv"
-    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "bad.csv", bad_rows)), "--rejects", str(rejects))
+    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "bad.csv", bad_rows)), "--rejects", str(rejects))
     assert r.returncode == 2 and "10 rejected rows > --max-rejects 0: the table was not replaced" in r.stderr
     got = list(csv.DictReader(rejects.open()))
     assert [(g["row"], g["column"]) for g in got] == [
         ("3", "low"), ("4", "high"), ("5", "high"), ("6", "pan_length"), ("7", "network"), ("8", "issuer_name"),
         ("9", "issuer_country"), ("10", "product"), ("11", "on_us"), ("12", "")]
     partial = [good, ["999150", "999250", "16", "testnet", "Straddles", "US", "credit", "false"]]
-    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "partial.csv", partial)))
+    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "partial.csv", partial)))
     assert r.returncode == 2 and "1 partial" in r.stdout and "partial overlaps" in r.stderr
     not_utf8 = tmp_path / "latin1.csv"
     not_utf8.write_bytes(b"low,high,pan_length,network,issuer_name,issuer_country,product,on_us\n"
                          b"999100,999199,16,testnet,Caf\xe9,US,credit,false\n")
-    assert _crs(dev_env, "bins", "import", str(not_utf8)).returncode == 2
+    assert crs_command(dev_env, "bins", "import", str(not_utf8)).returncode == 2
     time.sleep(POLL * 3)
     assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version == before
 
@@ -166,15 +155,15 @@ def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
     before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
     one = ["999500", "999599", "16", "testnet", "Dup One", "US", "credit", "false"]
     two = ["999500", "999599", "16", "testnet", "Dup Two", "FR", "debit", "true"]
-    listed = _crs(dev_env, "bins", "versions").stdout
-    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "conflict.csv", [one, two])))
+    listed = crs_command(dev_env, "bins", "versions").stdout
+    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "conflict.csv", [one, two])))
     assert r.returncode == 2 and "1 conflicting duplicates" in r.stderr and "rows 2 and 3" in r.stdout
     # The table was not replaced: no new version, `before` still the active one (not always the newest:
     # another module may have rolled back to it).
-    assert _crs(dev_env, "bins", "versions").stdout == listed and f"* v{before} " in listed
-    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])))
+    assert crs_command(dev_env, "bins", "versions").stdout == listed and f"* v{before} " in listed
+    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])))
     assert r.returncode == 0 and "1 identical rows collapsed" in r.stdout and "(1 ranges)" in r.stdout, r.stderr
-    versions = _crs(dev_env, "bins", "versions").stdout.splitlines()
+    versions = crs_command(dev_env, "bins", "versions").stdout.splitlines()
     assert versions[0].startswith("* v") and " 1 ranges" in versions[0]
     _roll_back(dev_env, fast_node, before)
 
@@ -187,7 +176,8 @@ def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
     before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
     upper = ["999150", "999249", "16", "testnet", "Upper", "US", "credit", "false"]
     lower = ["999100", "999199", "16", "testnet", "Lower", "US", "debit", "false"]
-    r = _crs(dev_env, "bins", "import", str(_write(tmp_path / "ties.csv", [upper, lower])), "--allow-partial-overlaps")
+    ties = _write(tmp_path / "ties.csv", [upper, lower])
+    r = crs_command(dev_env, "bins", "import", str(ties), "--allow-partial-overlaps")
     assert r.returncode == 0, r.stderr
     imported = re.search(r"BIN table version (\d+) is active", r.stdout)
     assert imported is not None, r.stdout
@@ -199,10 +189,10 @@ def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
     try:
         for prefix, issuer in (("999160", "Lower"), ("99919999", "Lower"), ("999120", "Lower"), ("999200", "Upper")):
             assert fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix=prefix), timeout=5).issuer_name == issuer
-            shown = _crs(dev_env, "bins", "lookup", prefix)
+            shown = crs_command(dev_env, "bins", "lookup", prefix)
             assert shown.returncode == 0 and f'"issuerName": "{issuer}"' in shown.stdout, (prefix, shown)
         pan = _pan("999170")
-        by_pan = _crs(dev_env, "bins", "lookup", stdin=pan + "\n")
+        by_pan = crs_command(dev_env, "bins", "lookup", stdin=pan + "\n")
         assert '"issuerName": "Lower"' in by_pan.stdout and pan not in by_pan.stdout
     finally:
         _roll_back(dev_env, fast_node, before)
@@ -210,7 +200,7 @@ def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
 
 def _roll_back(env: DevEnvironment, node: Clients, before: int) -> None:
     """Activate `before` again and wait until the node answers from it."""
-    assert _crs(env, "bins", "activate", str(before)).returncode == 0
+    assert crs_command(env, "bins", "activate", str(before)).returncode == 0
     deadline = time.monotonic() + 30
     while True:    # a table without 999100 answers NOT_FOUND until the node is back on `before`
         try:
@@ -246,7 +236,7 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
     for t in threads:
         t.start()
     try:
-        r = _crs(dev_env, "bins", "import", str(sample))
+        r = crs_command(dev_env, "bins", "import", str(sample))
         assert r.returncode == 0, r.stderr
         imported = re.search(r"BIN table version (\d+) is active", r.stdout)
         assert imported is not None, r.stdout
@@ -259,17 +249,17 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
         for t in threads:
             t.join(10)
     assert failures == [] and answered[0] > 10
-    versions = _crs(dev_env, "bins", "versions")
+    versions = crs_command(dev_env, "bins", "versions")
     assert f"* v{imported[1]} " in versions.stdout and "50," in versions.stdout
     _roll_back(dev_env, fast_node, before)
     pan = _pan("999150")
-    shown = _crs(dev_env, "bins", "lookup", stdin=pan + "\n")      # a PAN only ever on standard input
+    shown = crs_command(dev_env, "bins", "lookup", stdin=pan + "\n")      # a PAN only ever on standard input
     assert shown.returncode == 0 and "Test Issuer A" in shown.stdout and pan not in shown.stdout + shown.stderr
-    assert '"low": "999100"' in _crs(dev_env, "bins", "lookup", "99915012").stdout
-    nowhere = _crs(dev_env, "bins", "lookup", "999950")
+    assert '"low": "999100"' in crs_command(dev_env, "bins", "lookup", "99915012").stdout
+    nowhere = crs_command(dev_env, "bins", "lookup", "999950")
     assert nowhere.returncode == 1 and f"no range in BIN table version {before}" in nowhere.stderr
-    refused = _crs(dev_env, "bins", "lookup", pan)
+    refused = crs_command(dev_env, "bins", "lookup", pan)
     assert refused.returncode == 2 and "standard input" in refused.stderr and pan not in refused.stderr
-    missing = _crs(dev_env, "bins", "activate", "999999")
+    missing = crs_command(dev_env, "bins", "activate", "999999")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
         "crs: BIN table version 999999 does not exist (crs bins versions lists the stored ones)"]

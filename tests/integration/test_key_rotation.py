@@ -19,7 +19,7 @@ from server import rpc
 from server.crypto import encode_key, new_key
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import own_env
+from tests.integration.support import crs_command, own_env
 
 CUSTOMERS = 150
 CARDS = CUSTOMERS * 2
@@ -31,13 +31,6 @@ def env() -> Iterator[DevEnvironment]:
     e.start()
     yield e
     e.stop()
-
-
-def _crs(env: DevEnvironment, *args: str, keys: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-    child_env = base | settings_to_env(env.settings()) | keys
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], env=child_env, capture_output=True,
-                          text=True, timeout=120)
 
 
 def _node(env: DevEnvironment, keys: dict[str, str]) -> NodeProcess:
@@ -124,7 +117,7 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     during = _node(env, both_on_1)
     people[1] = _create_person(during, 1)
     with Load(during) as load:
-        r = _crs(env, "keys", "rotate-fingerprint", "--to", "2", "--batch", "50", keys=both_on_1)
+        r = crs_command(env, "keys", "rotate-fingerprint", "--to", "2", "--batch", "50", overrides=both_on_1)
         assert r.returncode == 0, r.stderr
         assert f"re-fingerprinted {CARDS} cards" in r.stdout and "and 1 identity records" in r.stdout
     assert load.errors == [] and load.ok > 0
@@ -150,7 +143,7 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     for node in (during, switched):
         with node.channel() as ch:
             assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).card.last4
-    r = _crs(env, "keys", "retire-fingerprint", "--version", "1", keys=both_on_2)
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_2)
     assert r.returncode == 0, r.stderr
     for node in (before, during, switched):
         node.stop()
@@ -159,7 +152,7 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     _check_all(after, range(CARDS))
     for n, customer_id in people.items():
         _identifies(after, n, customer_id)
-    status = _crs(env, "keys", "status", keys=only_2)
+    status = crs_command(env, "keys", "status", overrides=only_2)
     assert "version 1 retired" in status.stdout and "fingerprinted with version 1" not in status.stdout
     env.keys = only_2   # the environment now runs on version 2 only
 
@@ -235,7 +228,7 @@ def test_kek_rotation_and_bad_keys_fail_at_start(env: DevEnvironment) -> None:
                        "CRS_KEK_PREVIOUS_VERSION": "1"}
     node = _node(env, rotating)
     with Load(node) as load:
-        r = _crs(env, "keys", "rotate-kek", keys=rotating)
+        r = crs_command(env, "keys", "rotate-kek", overrides=rotating)
         assert r.returncode == 0, r.stderr
         assert "re-wrapped 1 data key(s)" in r.stdout
     assert load.errors == [] and load.ok > 0

@@ -6,12 +6,9 @@ replicas copies to, and cleans, every copy."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from server.settings import settings_to_env
-from tests.integration.support import card_key, own_env, redis_servers
+from tests.integration.support import card_key, crs_command, own_env, redis_servers
 
 NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
 
@@ -36,10 +32,8 @@ def env() -> Iterator[DevEnvironment]:
 
 
 def _crs(env: DevEnvironment, *args: str) -> subprocess.CompletedProcess[str]:
-    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-    child |= settings_to_env(replace(env.settings(), pg_dsn=env.operator_dsn))   # an SRE's credentials
-    return subprocess.run([sys.executable, "-m", "server.cli", "shards", *args], env=child, capture_output=True,
-                          text=True, timeout=60)
+    """`crs shards ARGS` with an SRE's credentials."""
+    return crs_command(env, "shards", *args, overrides={"CRS_PG_DSN": env.operator_dsn}, timeout=60)
 
 
 def _card_on(env: DevEnvironment, node: NodeProcess, shard: str) -> tuple[int, str]:
