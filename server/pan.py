@@ -162,6 +162,15 @@ _DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212]\s*|\s+)\d+)*")
 # 4-4-4-4 (up to 4-4-4-4-3) or 4-6-5 / 4-6-4, the same mark throughout.
 _MARKED_PAN = re.compile(r"(?<!\d)(?:\d{4}([./_])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,3})?|\d{4}([./_])\d{6}\2\d{4,5})(?!\d)")
 _SEPARATOR = re.compile(r"\D+")
+# Words no card number is written as, blanked before the search: a UUID, and a hex string of 16 or
+# more characters with a letter in it (a hash, an ObjectId, a hex key or run id). Their digits make
+# 13-19 digit runs that pass Luhn by chance: about one uuid4 in 10^4 and one 32-hex id in 10^3 would
+# be refused as a source reference or request id, and flagged by `crs pci scan`, while no one writes
+# a card number that way. (A card number hidden inside hex letters is not found: this guards against
+# card data pasted into text, not against someone disguising it.)
+_NOT_CARD_WORDS = re.compile(
+    r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    r"|(?=[0-9]*[A-Fa-f])[0-9A-Fa-f]{16,})(?![0-9A-Za-z])")
 
 
 def contains_card_number(text: str) -> bool:
@@ -176,9 +185,15 @@ def contains_card_number(text: str) -> bool:
     digits without separators is a longer number (a PAN is at most 19 digits, ISO/IEC 7812), not judged
     by its inner windows: one in ten of every 13-19 digit window passes Luhn by chance, so a 20-digit
     key would be refused almost always (35 windows: 97%). Scanners that match card numbers between
-    word boundaries draw the same line."""
-    if len(text) < CARD_RUN_MIN:
+    word boundaries draw the same line. UUIDs and hex strings with a letter are not read (_NOT_CARD_WORDS)."""
+    if len(text) < CARD_RUN_MIN or not _holds_card_number(text):
         return False
+    # Only a text that holds one pays for the second look, without its ids. "#" never joins digit
+    # groups, so this can only find less (a space would join "1111 <hex> 1111" into one run).
+    return _holds_card_number(_NOT_CARD_WORDS.sub("#", text))
+
+
+def _holds_card_number(text: str) -> bool:
     for match in _DIGIT_RUN.finditer(text):
         run = match.group()
         if len(run) < CARD_RUN_MIN:

@@ -26,7 +26,7 @@ from server.caller import Caller
 from server.crypto import Keyring
 from server.errors import AlreadyExists, InvalidKey
 from server.feed.events import feed_fields
-from server.pan import redact_digits
+from server.pan import contains_card_number, redact_digits
 from server.store.db import Conn, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
@@ -87,6 +87,8 @@ class WriteEnvelope:
         request_id = getattr(req, "request_id", "")
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        if contains_card_number(request_id):   # it is kept in clear (idempotency, audit log)
+            raise InvalidKey("request_id looks like a card number (13-19 digits passing the Luhn check)")
         with translate_db_errors():
             async with self.pool.acquire(timeout=self.timeout) as conn:
                 if request_id:
