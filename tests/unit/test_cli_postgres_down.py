@@ -65,3 +65,16 @@ def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[
                        text=True, timeout=60)
     assert r.returncode == 2 and "CRS_PG_DSN is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "report.csv").exists()
+
+
+@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",)])
+@pytest.mark.parametrize("dsn", ["garbage", "mysql://crs:s3cret-pw@127.0.0.1/crs",
+                                 "postgresql://crs:s3cret-pw@127.0.0.1/crs?sslmode=sometimes"])
+def test_a_dsn_the_driver_cannot_use_is_bad_configuration(command: tuple[str, ...], dsn: str) -> None:
+    """Not an outage (exit 3, "PostgreSQL unavailable: ClientConfigurationError"): nothing was reached.
+    Exit 2 naming CRS_PG_DSN, in one line, without the password it holds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRS_", "PG"))} | {"CRS_PG_DSN": dsn}
+    r = subprocess.run([sys.executable, "-m", "server.cli", *command], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "CRS_PG_DSN cannot be used" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr
