@@ -28,6 +28,11 @@ class TopologyConflict(Exception):
     """Someone else published a topology version first; re-read it and decide again."""
 
 
+class TopologyFileError(TopologyError):
+    """CRS_TOPOLOGY_FILE cannot be used: its directory is missing, or the file cannot be read or does
+    not parse. Configuration (exit 2), not a refusal."""
+
+
 class TopologyStore(Protocol):
     """A topology source a node polls and an operator publishes to."""
 
@@ -112,10 +117,19 @@ class FileTopologyStore:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: cannot read it: {exc.strerror}") from exc
         try:
             return Topology.from_document(orjson.loads(raw))
         except (orjson.JSONDecodeError, TopologyError) as exc:
-            raise TopologyError(f"{self.path}: {exc}") from exc
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: {exc}") from exc
+
+    def check(self) -> None:
+        """Before a command uses the file: its directory exists (a publish creates the file there) and
+        the file, where there is one, parses. TopologyFileError otherwise."""
+        if not self.path.parent.is_dir():
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: directory {self.path.parent} does not exist")
+        self._read()
 
     async def current(self) -> Topology | None:
         return await asyncio.to_thread(self._read)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
+from server.settings import settings_to_env
 from tests.integration.support import Clients
 
 AUDIENCE = "crs-lookup-test"
@@ -384,3 +386,18 @@ def test_only_operators_change_the_shard_topology(dev_env: DevEnvironment) -> No
             await operator.close()
 
     asyncio.run(check())
+    # The CLI says so in one line: a change needs an operator login (configuration, exit 2, not an outage).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(dev_env.settings())
+    r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "add", "shard-9", "--address",
+                        "redis://127.0.0.1:9/0", "--no-check"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lacks the rights of crs_operator" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    # Read-only commands work with the nodes' login; a reader that stops early (| head) ends them quietly.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "status"], stdout=write_end,
+                           stderr=subprocess.PIPE, env=env | {"PYTHONUNBUFFERED": "1"}, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")

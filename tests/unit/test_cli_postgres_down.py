@@ -53,7 +53,8 @@ def test_a_postgresql_that_never_answers_is_exit_3_within_the_connect_timeout() 
 
 
 @pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("bins", "versions"),
-                                     ("import", "customers", "{file}", "--source", "s", "--report", "{report}")])
+                                     ("import", "customers", "{file}", "--source", "s", "--report", "{report}"),
+                                     ("shards", "status")])
 def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[str, ...]) -> None:
     """Without CRS_PG_DSN asyncpg would try libpq's defaults (127.0.0.1:5432, PG* variables): maybe
     another database. It is exit 2 naming the setting, before anything is read or written."""
@@ -67,7 +68,7 @@ def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[
     assert not (tmp_path / "report.csv").exists()
 
 
-@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",)])
+@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("shards", "status")])
 @pytest.mark.parametrize("dsn", ["garbage", "mysql://crs:s3cret-pw@127.0.0.1/crs",
                                  "postgresql://crs:s3cret-pw@127.0.0.1/crs?sslmode=sometimes"])
 def test_a_dsn_the_driver_cannot_use_is_bad_configuration(command: tuple[str, ...], dsn: str) -> None:
