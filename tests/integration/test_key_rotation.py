@@ -116,6 +116,8 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     people = {0: _create_person(before, 0)}      # identity blocking keys are fingerprinted too
     during = _node(env, both_on_1)
     people[1] = _create_person(during, 1)
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_1)   # too early: refused
+    assert r.returncode == 1 and f"{CARDS} cards rows have no newer fingerprint yet" in r.stderr, r.stderr
     with Load(during) as load:
         r = crs_command(env, "keys", "rotate-fingerprint", "--to", "2", "--batch", "50", overrides=both_on_1)
         assert r.returncode == 0, r.stderr
