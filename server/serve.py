@@ -23,6 +23,7 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 from server.logs import configure_logging
+from server.preflight import CONFIGURATION_ERRORS
 from server.settings import Settings
 
 log = logging.getLogger("crs.serve")
@@ -52,7 +53,7 @@ def run_node_process(settings: Settings) -> int:
         except Exception as exc:
             log.error("node failed to start", extra={"error": type(exc).__name__, "reason": str(exc)})
             await node.stop(grace=0)
-            return 3
+            return 2 if isinstance(exc, CONFIGURATION_ERRORS) else 3   # `crs --help`'s exit codes
         await stop.wait()
         log.info("draining", extra={"grace_s": settings.grace_seconds})
         await node.stop()

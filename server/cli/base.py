@@ -83,9 +83,13 @@ def postgres_errors(dsn: str) -> Iterator[None]:
     of a file the user named is bad usage, not an outage."""
     import asyncpg
 
+    from server.errors import BackendUnavailable
+
     require_dsn(dsn)
     try:
         yield
+    except BackendUnavailable as exc:       # server/store/db.py's words for the same: it says what failed
+        raise CommandFailed(str(exc), 3) from exc
     except (asyncpg.PostgresError, asyncpg.ClientConfigurationError) as exc:
         if (misconfigured := postgres_misconfigured(exc, dsn)) is not None:
             raise misconfigured from exc

@@ -8,9 +8,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from pathlib import Path
 
 import grpc
 
+from devstack import free_port
 from devstack.environment import DevEnvironment
 from devstack.processes import LogFile
 from server import rpc
@@ -81,20 +84,33 @@ def _serve(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProc
                           timeout=timeout)
 
 
-def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvironment) -> None:
+def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvironment, tmp_path: Path) -> None:
+    """Configuration is exit 2 in one line naming the setting (`crs --help`), before any node process
+    starts, whatever the number of workers; only a PostgreSQL out of reach is exit 3."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-    good = settings_to_env(dev_env.settings(workers=1))
+    good = settings_to_env(dev_env.settings(workers=2, grpc_port=free_port(), metrics_port=0))
     r = _serve(base | good | {"CRS_KEK": "not-a-key"})
     assert r.returncode == 2 and "CRS_KEK" in r.stderr
     r = _serve(base | good | {"CRS_GRPC_PORT": "seventy"})
     assert r.returncode == 2 and "CRS_GRPC_PORT" in r.stderr
     r = _serve(base | {k: v for k, v in good.items() if k != "CRS_PG_DSN"} | {"CRS_PG_DSN": ""})
     assert r.returncode == 2 and "CRS_PG_DSN" in r.stderr
-    # A KEK that parses but is not the one the data keys were wrapped with: refused at start-up.
     from server.crypto import encode_key, new_key
 
-    r = _serve(base | good | {"CRS_KEK": encode_key(new_key()), "CRS_WORKERS": "1", "CRS_METRICS_PORT": "0"})
-    assert r.returncode != 0 and "wrong key-encryption key" in r.stderr
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("not json")
+    dsn = urllib.parse.urlsplit(good["CRS_PG_DSN"])
+    unreachable = dsn._replace(netloc=dsn.netloc.replace(f":{dsn.port}", f":{free_port()}")).geturl()
+    for change, says, code in (
+            # Keys that parse but are not the ones the database was written with.
+            ({"CRS_KEK": encode_key(new_key())}, "wrong key-encryption key", 2),
+            ({"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}"}, "not the key this database was fingerprinted", 2),
+            ({"CRS_PG_DSN": "garbage"}, "CRS_PG_DSN cannot be used", 2),
+            ({"CRS_CLIENTS_FILE": str(garbage)}, "CRS_CLIENTS_FILE", 2),
+            ({"CRS_CLIENTS_FILE": str(tmp_path / "missing.json")}, "CRS_CLIENTS_FILE", 2),
+            ({"CRS_PG_DSN": unreachable}, "cannot connect to PostgreSQL", 3)):
+        r = _serve(base | good | change)
+        assert (r.returncode, len(r.stderr.splitlines())) == (code, 1) and says in r.stderr, (change, r.stderr)
 
 
 def test_cli_help_is_a_manual() -> None:
