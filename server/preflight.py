@@ -1,19 +1,26 @@
 """What `crs serve` checks once, in the process it was started as, before any node process starts.
 
 A configuration mistake found here is one line naming the setting and exit 2 (`crs --help`) instead
-of node processes failing one after the other as they start (each restarted by the supervisor): a
-clients file that does not parse, and, as `check_database` asks PostgreSQL, keys that are not the ones
-this database was written with (a wrong one was exit 3, an outage's code). A node process checks the
-same again as it starts; CONFIGURATION_ERRORS are what it then answers with exit 2 rather than 3 (a
-dependency unavailable).
+of node processes failing one after the other as they start (each restarted by the supervisor), deep
+in grpc or asyncpg: a TLS key that does not match its certificate was "Failed to bind to address ...;
+set GRPC_VERBOSITY=debug" (exit 3); a clients file that does not parse; and, as `check_database` asks
+PostgreSQL, keys that are not the ones this database was written with (exit 3, an outage's code). A
+node process checks the same again as it starts; CONFIGURATION_ERRORS are what it then answers with
+exit 2 rather than 3 (a dependency unavailable).
 """
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from server.auth import ClientRegistry, ConfigError, JwtVerifier
 from server.crypto import KeyConfigError
@@ -28,6 +35,7 @@ CONFIGURATION_ERRORS = (SettingsError, KeyConfigError, ConfigError, TopologyErro
 
 def check_before_serving(s: Settings) -> None:
     """Everything a node needs that can be checked without serving or PostgreSQL; SettingsError."""
+    check_tls(s)
     try:
         if s.clients_file:
             ClientRegistry.from_file(Path(s.clients_file))
@@ -35,6 +43,78 @@ def check_before_serving(s: Settings) -> None:
             JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer)
     except ConfigError as exc:     # its messages name the setting
         raise SettingsError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# TLS: each file on its own (which one is wrong), then the pair and the CA as OpenSSL loads them
+# --------------------------------------------------------------------------------------------------
+
+
+def check_tls(s: Settings) -> None:
+    """The certificate chain, its key and the client CA parse and fit together; the message names the
+    CRS_TLS_* variable and its path, never what a key file holds."""
+    if not s.tls_cert_file:
+        return
+    cert, key = s.tls_cert_file, s.tls_key_file
+    cert_pem, key_pem = _read("CRS_TLS_CERT_FILE", cert), _read("CRS_TLS_KEY_FILE", key)
+    swapped = " (CRS_TLS_CERT_FILE and CRS_TLS_KEY_FILE swapped?)"
+    chain = _certificates(cert_pem)
+    if not chain:
+        hint = swapped if _private_key(cert_pem) != "none" else ""
+        raise SettingsError(f"CRS_TLS_CERT_FILE={cert} holds no PEM certificate{hint}")
+    private = _private_key(key_pem)
+    if private == "encrypted":
+        raise SettingsError(f"CRS_TLS_KEY_FILE={key} is encrypted: the node needs the key unencrypted")
+    if isinstance(private, str):
+        hint = swapped if _certificates(key_pem) else ""
+        raise SettingsError(f"CRS_TLS_KEY_FILE={key} holds no PEM private key{hint}")
+    if _public(chain[0].public_key()) != _public(private.public_key()):
+        raise SettingsError(f"CRS_TLS_KEY_FILE={key} is not the key of the certificate in CRS_TLS_CERT_FILE={cert}"
+                            " (its first certificate: the server's own, then the chain)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)    # as OpenSSL loads them, for anything else it refuses
+    try:
+        context.load_cert_chain(cert, key, password=lambda: b"")   # never OpenSSL's own prompt
+    except ssl.SSLError as exc:
+        raise SettingsError(f"CRS_TLS_CERT_FILE={cert} with CRS_TLS_KEY_FILE={key}: OpenSSL refuses the pair"
+                            f" ({exc.reason or exc.library})") from exc
+    ca = s.tls_client_ca_file
+    if ca:
+        if not _certificates(_read("CRS_TLS_CLIENT_CA_FILE", ca)):
+            raise SettingsError(f"CRS_TLS_CLIENT_CA_FILE={ca} holds no PEM certificate (the CA that signs the"
+                                " clients' certificates)")
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise SettingsError(f"CRS_TLS_CLIENT_CA_FILE={ca}: OpenSSL refuses it ({exc.reason or exc.library})"
+                                ) from exc
+
+
+def _read(variable: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"{variable}={path}: cannot read it: {exc.strerror}") from exc
+
+
+def _certificates(pem: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        return []
+
+
+def _private_key(pem: bytes) -> PrivateKeyTypes | str:
+    """The key, or 'encrypted', or 'none' (nothing cryptography can read as a private key)."""
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:          # "Password was not given but private key is encrypted"
+        return "encrypted"
+    except (ValueError, UnsupportedAlgorithm):
+        return "none"
+
+
+def _public(key: Any) -> bytes:
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,100 @@
+"""`crs serve` checks its configuration before any node process starts (server/preflight.py): broken
+TLS files are one line naming the setting and what is wrong, exit 2, not "Failed to bind". No
+servers: PostgreSQL is a loopback port that refuses connections, which `crs serve` only reaches after
+these checks (then exit 3)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from devstack.pki import DevPki, write_dev_pki
+from server.crypto import generate_keys
+from server.preflight import check_tls
+from server.settings import Settings, SettingsError, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    return write_dev_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def closed_dsn() -> Iterator[str]:
+    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
+        s.bind(("127.0.0.1", 0))
+        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
+
+
+def _tls(pki: DevPki, **files: Path) -> Settings:
+    paths = {"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key, "tls_client_ca_file": pki.ca_cert}
+    return Settings(**{k: str(v) for k, v in (paths | files).items()}, metrics_port=0)   # type: ignore[arg-type]
+
+
+def _refused(settings: Settings, *phrases: str) -> str:
+    with pytest.raises(SettingsError) as info:
+        check_tls(settings)
+    message = str(info.value)
+    assert all(p in message for p in phrases), message
+    assert "\n" not in message and "PRIVATE KEY" not in message
+    return message
+
+
+def test_good_tls_files_pass_and_a_chain_file_too(pki: DevPki, tmp_path: Path) -> None:
+    check_tls(_tls(pki))
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pki.server_cert.read_bytes() + pki.ca_cert.read_bytes())     # the server's own first
+    check_tls(_tls(pki, tls_cert_file=chain))
+
+
+def test_each_broken_tls_file_is_named_with_what_is_wrong(pki: DevPki, tmp_path: Path) -> None:
+    garbage, empty = tmp_path / "garbage.pem", tmp_path / "empty.pem"
+    garbage.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    empty.write_bytes(b"")
+    other_key = pki.client_cert("admin")[1]                  # a real key, another certificate's
+    _refused(_tls(pki, tls_key_file=other_key), "CRS_TLS_KEY_FILE", "is not the key of the certificate")
+    _refused(_tls(pki, tls_key_file=garbage), "CRS_TLS_KEY_FILE", "holds no PEM private key")
+    _refused(_tls(pki, tls_cert_file=empty), "CRS_TLS_CERT_FILE", "holds no PEM certificate")
+    _refused(_tls(pki, tls_cert_file=pki.server_key, tls_key_file=pki.server_cert), "CRS_TLS_CERT_FILE", "swapped?")
+    _refused(_tls(pki, tls_key_file=pki.server_cert), "CRS_TLS_KEY_FILE", "swapped?")
+    _refused(_tls(pki, tls_client_ca_file=garbage), "CRS_TLS_CLIENT_CA_FILE", "holds no PEM certificate")
+    _refused(_tls(pki, tls_client_ca_file=empty), "CRS_TLS_CLIENT_CA_FILE", "holds no PEM certificate")
+    _refused(_tls(pki, tls_cert_file=tmp_path / "nope.pem"), "CRS_TLS_CERT_FILE", "No such file")
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), password=None)
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"pw")))
+    _refused(_tls(pki, tls_key_file=encrypted), "CRS_TLS_KEY_FILE", "is encrypted")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+    return subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=base | env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_crs_serve_answers_each_in_one_line_with_exit_2(pki: DevPki, closed_dsn: str) -> None:
+    env = generate_keys() | {"CRS_PG_DSN": closed_dsn, "CRS_METRICS_PORT": "0", "CRS_WORKERS": "1",
+                             "CRS_GRPC_PORT": str(_free_port()),
+                             "CRS_TLS_CERT_FILE": str(pki.server_cert), "CRS_TLS_KEY_FILE": str(pki.server_key)}
+    load_settings(env)
+    r = _serve(env | {"CRS_TLS_KEY_FILE": str(pki.client_cert("admin")[1])})
+    assert r.returncode == 2 and "CRS_TLS_KEY_FILE=" in r.stderr and "is not the key of the certificate" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Failed to bind" not in r.stderr, r.stderr
+    r = _serve(env)             # all of that in order: PostgreSQL is next, and out of reach
+    assert r.returncode == 3 and r.stderr.splitlines() == ["crs: cannot connect to PostgreSQL: ConnectionRefusedError"]
