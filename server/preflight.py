@@ -3,7 +3,8 @@
 A configuration mistake found here is one line naming the setting and exit 2 (`crs --help`) instead
 of node processes failing one after the other as they start (each restarted by the supervisor), deep
 in grpc or asyncpg: a TLS key that does not match its certificate was "Failed to bind to address ...;
-set GRPC_VERBOSITY=debug" (exit 3); a clients file that does not parse; and, as `check_database` asks
+set GRPC_VERBOSITY=debug" (exit 3); a port another node already serves was shared with it without a
+word (grpc sets SO_REUSEPORT); a clients file that does not parse; and, as `check_database` asks
 PostgreSQL, keys that are not the ones this database was written with (exit 3, an outage's code). A
 node process checks the same again as it starts; CONFIGURATION_ERRORS are what it then answers with
 exit 2 rather than 3 (a dependency unavailable).
@@ -11,6 +12,8 @@ exit 2 rather than 3 (a dependency unavailable).
 
 from __future__ import annotations
 
+import errno
+import socket
 import ssl
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +39,7 @@ CONFIGURATION_ERRORS = (SettingsError, KeyConfigError, ConfigError, TopologyErro
 def check_before_serving(s: Settings) -> None:
     """Everything a node needs that can be checked without serving or PostgreSQL; SettingsError."""
     check_tls(s)
+    check_ports(s)
     try:
         if s.clients_file:
             ClientRegistry.from_file(Path(s.clients_file))
@@ -115,6 +119,47 @@ def _private_key(pem: bytes) -> PrivateKeyTypes | str:
 
 def _public(key: Any) -> bytes:
     return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+# --------------------------------------------------------------------------------------------------
+# Ports
+# --------------------------------------------------------------------------------------------------
+
+
+def check_ports(s: Settings) -> None:
+    """Every port this node will listen on is free. The gRPC, token and health ports are bound with
+    SO_REUSEPORT (a node's processes share them), so a second node on a port another already serves
+    would start and take part of its connections; the probe binds without it, as nothing else would
+    (SO_REUSEADDR only, so a previous run's TIME_WAIT connections are no owner). CRS_SHARE_PORT=true
+    skips those three, for node processes meant to share a port."""
+    ports = [("CRS_METRICS_PORT", s.metrics_port)]
+    if not s.share_port:
+        ports = [("CRS_GRPC_PORT", s.grpc_port), ("CRS_TOKEN_PORT", s.token_port),
+                 ("CRS_HEALTH_PORT", s.health_port), *ports]
+    for variable, port in ports:
+        if port and _in_use(s.grpc_host, port):
+            shared = (" (two nodes on one port share its connections: set CRS_SHARE_PORT=true if that is meant)"
+                      if variable != "CRS_METRICS_PORT" else " (0 = no metrics)")
+            raise SettingsError(f"{variable}={port}: {s.grpc_host}:{port} is already in use by another process:"
+                                f" stop it, or choose another port{shared}")
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Another socket listens on host:port. Other failures (an address of no interface here, a port
+    below 1024) are left to the bind that follows, which names them."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+    return False
 
 
 # --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from server.logs import configure_logging
 from server.preflight import CONFIGURATION_ERRORS
-from server.settings import Settings
+from server.settings import Settings, SettingsError
 
 log = logging.getLogger("crs.serve")
 RESTART_BACKOFF = 1.0
@@ -76,18 +76,24 @@ def _worker(settings: Settings, index: int) -> None:
 
 
 def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
+    """The /metrics server on CRS_METRICS_PORT; SettingsError, naming it, when it cannot listen there
+    (preflight found the port free; another process may have taken it since)."""
     if not settings.metrics_port:
         return
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-    if multiproc_dir is None:
-        start_http_server(settings.metrics_port, addr=settings.grpc_host)
-        return
-    from prometheus_client import multiprocess
+    registry = REGISTRY
+    if multiproc_dir is not None:
+        from prometheus_client import multiprocess
 
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-    start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    port, host = settings.metrics_port, settings.grpc_host
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise SettingsError(f"CRS_METRICS_PORT={port}: cannot serve metrics on {host}:{port}: {exc.strerror}"
+                            " (0 = no metrics)") from exc
 
 
 def serve(settings: Settings) -> int:
@@ -102,7 +108,11 @@ def serve(settings: Settings) -> int:
     multiproc_dir = Path(tempfile.mkdtemp(prefix="crs-metrics-"))
     # Must be in the environment before prometheus_client is imported by a worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-    _start_metrics(settings, multiproc_dir)
+    try:
+        _start_metrics(settings, multiproc_dir)
+    except SettingsError:
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
+        raise
     ctx = mp.get_context("spawn")
     procs: dict[int, SpawnProcess] = {}
     stopping = False

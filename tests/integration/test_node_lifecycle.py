@@ -9,9 +9,11 @@ import sys
 import threading
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack import free_port
 from devstack.environment import DevEnvironment
@@ -77,6 +79,24 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert any(end > sigterm_at for start, end, _ in settled_before), "no call was in flight at SIGTERM"
     # Calls racing the shutdown were refused, not cut: nothing hung, nothing failed otherwise.
     assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
+
+
+def test_a_second_node_on_a_port_already_served_is_refused(dev_env: DevEnvironment) -> None:
+    """A node's workers share its port on purpose (SO_REUSEPORT; the check that the port was free came
+    before they bound it). A second node on that port would share it too, without a word, and take
+    part of its connections: it is refused, and the first serves on."""
+    node = dev_env.start_node(workers=2)
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+        second = _serve(base | settings_to_env(replace(node.settings, metrics_port=0, workers=1)))
+        assert second.returncode == 2 and len(second.stderr.splitlines()) == 1, second.stderr
+        assert f"CRS_GRPC_PORT={node.settings.grpc_port}" in second.stderr and "already in use" in second.stderr
+        with node.channel() as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        node.stop()
+        dev_env.nodes.remove(node)
 
 
 def _serve(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,7 @@
 """`crs serve` checks its configuration before any node process starts (server/preflight.py): broken
-TLS files are one line naming the setting and what is wrong, exit 2, not "Failed to bind". No
-servers: PostgreSQL is a loopback port that refuses connections, which `crs serve` only reaches after
-these checks (then exit 3)."""
+TLS files and a port another process serves are one line naming the setting, exit 2. No servers:
+PostgreSQL is a loopback port that refuses connections, which `crs serve` only reaches after these
+checks (then exit 3)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from devstack.pki import DevPki, write_dev_pki
 from server.crypto import generate_keys
-from server.preflight import check_tls
+from server.preflight import check_ports, check_tls
+from server.serve import _start_metrics
 from server.settings import Settings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,10 +77,44 @@ def test_each_broken_tls_file_is_named_with_what_is_wrong(pki: DevPki, tmp_path:
     _refused(_tls(pki, tls_key_file=encrypted), "CRS_TLS_KEY_FILE", "is encrypted")
 
 
+def _listener(reuseport: bool) -> socket.socket:
+    listener = socket.socket()
+    if reuseport:                      # as grpc binds: a second such socket would share the port silently
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("reuseport", [False, True])
+def test_a_port_another_process_serves_is_refused(reuseport: bool) -> None:
+    free = _free_port()            # not the default 50051, which something else on the machine may serve
+    with _listener(reuseport) as taken:
+        port = taken.getsockname()[1]
+        for variable, settings in (("CRS_GRPC_PORT", Settings(grpc_port=port, metrics_port=0)),
+                                   ("CRS_HEALTH_PORT", Settings(grpc_port=free, health_port=port, metrics_port=0)),
+                                   ("CRS_METRICS_PORT", Settings(grpc_port=free, metrics_port=port))):
+            with pytest.raises(SettingsError, match=f"{variable}={port}: 127.0.0.1:{port} is already in use"):
+                check_ports(settings)
+        check_ports(Settings(grpc_port=port, metrics_port=0, share_port=True))   # meant to share it
+        with pytest.raises(SettingsError, match="CRS_METRICS_PORT"):             # but never the metrics port
+            check_ports(Settings(grpc_port=port, metrics_port=port, share_port=True))
+    check_ports(Settings(grpc_port=port, metrics_port=0))                        # free again
+
+
+def test_the_metrics_server_names_its_port_when_it_cannot_listen() -> None:
+    """The check before serving found the port free; another process may take it before the parent
+    starts its metrics server."""
+    with _listener(False) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SettingsError, match=f"CRS_METRICS_PORT={port}: cannot serve metrics on 127.0.0.1"):
+            _start_metrics(Settings(metrics_port=port), None)
 
 
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -93,8 +128,14 @@ def test_crs_serve_answers_each_in_one_line_with_exit_2(pki: DevPki, closed_dsn:
                              "CRS_GRPC_PORT": str(_free_port()),
                              "CRS_TLS_CERT_FILE": str(pki.server_cert), "CRS_TLS_KEY_FILE": str(pki.server_key)}
     load_settings(env)
-    r = _serve(env | {"CRS_TLS_KEY_FILE": str(pki.client_cert("admin")[1])})
-    assert r.returncode == 2 and "CRS_TLS_KEY_FILE=" in r.stderr and "is not the key of the certificate" in r.stderr
-    assert len(r.stderr.splitlines()) == 1 and "Failed to bind" not in r.stderr, r.stderr
+    other_key = str(pki.client_cert("admin")[1])
+    with _listener(True) as taken:
+        port = str(taken.getsockname()[1])
+        for change, says in (({"CRS_TLS_KEY_FILE": other_key}, "CRS_TLS_KEY_FILE="),
+                             ({"CRS_GRPC_PORT": port}, f"CRS_GRPC_PORT={port}"),
+                             ({"CRS_METRICS_PORT": port}, f"CRS_METRICS_PORT={port}")):
+            r = _serve(env | change)
+            assert r.returncode == 2 and says in r.stderr, (change, r.returncode, r.stderr)
+            assert len(r.stderr.splitlines()) == 1 and "Failed to bind" not in r.stderr, r.stderr
     r = _serve(env)             # all of that in order: PostgreSQL is next, and out of reach
     assert r.returncode == 3 and r.stderr.splitlines() == ["crs: cannot connect to PostgreSQL: ConnectionRefusedError"]
