@@ -4,10 +4,11 @@ A configuration mistake found here is one line naming the setting and exit 2 (`c
 of node processes failing one after the other as they start (each restarted by the supervisor), deep
 in grpc or asyncpg: a TLS key that does not match its certificate was "Failed to bind to address ...;
 set GRPC_VERBOSITY=debug" (exit 3); a port another node already serves was shared with it without a
-word (grpc sets SO_REUSEPORT); a clients file that does not parse; and, as `check_database` asks
-PostgreSQL, keys that are not the ones this database was written with (exit 3, an outage's code). A
-node process checks the same again as it starts; CONFIGURATION_ERRORS are what it then answers with
-exit 2 rather than 3 (a dependency unavailable).
+word (grpc sets SO_REUSEPORT); a CRS_TOPOLOGY_FILE that does not exist ran the ring of
+CRS_REDIS_SHARDS; a clients file that does not parse was exit 3. `check_database` then asks
+PostgreSQL what only it can tell: the keys are the ones this database was written with (a wrong one
+was exit 3 too, an outage's code). A node process checks the same again as it starts;
+CONFIGURATION_ERRORS are what it then answers with exit 2 rather than 3 (a dependency unavailable).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from server.errors import BackendUnavailable
 from server.settings import Settings, SettingsError
 from server.store.db import active_data_key, create_pool, verify_key_checks
 from server.store.migrate import check_schema
+from server.topology.store import FileTopologyStore
 from shard_router.topology import TopologyError
 
 CONFIGURATION_ERRORS = (SettingsError, KeyConfigError, ConfigError, TopologyError, asyncpg.ClientConfigurationError)
@@ -41,11 +43,13 @@ def check_before_serving(s: Settings) -> None:
     check_tls(s)
     check_ports(s)
     try:
+        if s.topology_file:
+            FileTopologyStore(Path(s.topology_file)).check(must_exist=True)
         if s.clients_file:
             ClientRegistry.from_file(Path(s.clients_file))
         if s.jwt_jwks_file:
             JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer)
-    except ConfigError as exc:     # its messages name the setting
+    except (TopologyError, ConfigError) as exc:     # their messages name the setting
         raise SettingsError(str(exc)) from exc
 
 

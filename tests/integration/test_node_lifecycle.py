@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -126,11 +127,36 @@ def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvir
             ({"CRS_KEK": encode_key(new_key())}, "wrong key-encryption key", 2),
             ({"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}"}, "not the key this database was fingerprinted", 2),
             ({"CRS_PG_DSN": "garbage"}, "CRS_PG_DSN cannot be used", 2),
+            ({"CRS_TOPOLOGY_FILE": str(garbage)}, "CRS_TOPOLOGY_FILE", 2),
             ({"CRS_CLIENTS_FILE": str(garbage)}, "CRS_CLIENTS_FILE", 2),
             ({"CRS_CLIENTS_FILE": str(tmp_path / "missing.json")}, "CRS_CLIENTS_FILE", 2),
             ({"CRS_PG_DSN": unreachable}, "cannot connect to PostgreSQL", 3)):
         r = _serve(base | good | change)
         assert (r.returncode, len(r.stderr.splitlines())) == (code, 1) and says in r.stderr, (change, r.stderr)
+
+
+def test_the_start_log_names_the_topology_in_force(dev_env: DevEnvironment, tmp_path: Path) -> None:
+    """Not CRS_REDIS_SHARDS's names whatever runs: the version, where it comes from, the shards."""
+    shards = dev_env.settings().redis_shards
+    published = tmp_path / "topology.json"
+    published.write_text(json.dumps({"version": 4, "shards": [
+        {"name": s.name, "address": s.url, "weight": 1, "state": "down" if i == 1 else "active"}
+        for i, s in enumerate(shards)]}))
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    for path, expected in ((published, {"topology_version": 4, "topology_source": f"file {published}",
+                                        "shards": [shards[0].name, f"{shards[1].name} (down)",
+                                                   *(s.name for s in shards[2:])]}),
+                           (empty, {"topology_version": 0, "shards": [s.name for s in shards],
+                                    "topology_source": "CRS_REDIS_SHARDS (no topology published yet)"})):
+        node = dev_env.start_node(workers=1, topology_file=str(path))
+        try:
+            serving = next(json.loads(line) for line in LogFile(node.log_path).text().splitlines()
+                           if '"node serving"' in line)
+        finally:
+            node.stop()
+            dev_env.nodes.remove(node)
+        assert {k: serving.get(k) for k in expected} == expected, serving
 
 
 def test_cli_help_is_a_manual() -> None:

@@ -1,15 +1,17 @@
 """`crs serve` checks its configuration before any node process starts (server/preflight.py): broken
-TLS files and a port another process serves are one line naming the setting, exit 2. No servers:
-PostgreSQL is a loopback port that refuses connections, which `crs serve` only reaches after these
-checks (then exit 3)."""
+TLS files, a port another process serves, a CRS_TOPOLOGY_FILE that does not exist are one line naming
+the setting and exit 2. No servers: PostgreSQL is a loopback port that refuses connections, which
+`crs serve` only reaches after these checks (then exit 3)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from devstack.pki import DevPki, write_dev_pki
 from server.crypto import generate_keys
-from server.preflight import check_ports, check_tls
+from server.preflight import check_before_serving, check_ports, check_tls
 from server.serve import _start_metrics
 from server.settings import Settings, SettingsError, load_settings
 
@@ -117,13 +119,28 @@ def test_the_metrics_server_names_its_port_when_it_cannot_listen() -> None:
             _start_metrics(Settings(metrics_port=port), None)
 
 
+def test_a_topology_file_a_node_would_not_find_is_refused(tmp_path: Path) -> None:
+    """A node at a mistyped path ran the ring of CRS_REDIS_SHARDS while the others ran the published
+    topology; an empty file is how one says "nothing published yet"."""
+    base = Settings(metrics_port=0)
+    for path, says in ((tmp_path / "nope.json", "does not exist: correct the path, or create the file empty"),
+                       (tmp_path / "no-dir" / "t.json", "directory"), (tmp_path, "cannot read it")):
+        with pytest.raises(SettingsError, match=f"CRS_TOPOLOGY_FILE {re.escape(str(path))}.*{says}"):
+            check_before_serving(replace(base, topology_file=str(path)))
+    (tmp_path / "garbage.json").write_text("{")
+    with pytest.raises(SettingsError, match=r"CRS_TOPOLOGY_FILE .*garbage\.json: "):
+        check_before_serving(replace(base, topology_file=str(tmp_path / "garbage.json")))
+    (tmp_path / "empty.json").write_text("\n")
+    check_before_serving(replace(base, topology_file=str(tmp_path / "empty.json")))
+
+
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
     return subprocess.run([sys.executable, "-m", "server.cli", "serve"], cwd=ROOT, env=base | env,
                           capture_output=True, text=True, timeout=60)
 
 
-def test_crs_serve_answers_each_in_one_line_with_exit_2(pki: DevPki, closed_dsn: str) -> None:
+def test_crs_serve_answers_each_in_one_line_with_exit_2(pki: DevPki, closed_dsn: str, tmp_path: Path) -> None:
     env = generate_keys() | {"CRS_PG_DSN": closed_dsn, "CRS_METRICS_PORT": "0", "CRS_WORKERS": "1",
                              "CRS_GRPC_PORT": str(_free_port()),
                              "CRS_TLS_CERT_FILE": str(pki.server_cert), "CRS_TLS_KEY_FILE": str(pki.server_key)}
@@ -133,7 +150,8 @@ def test_crs_serve_answers_each_in_one_line_with_exit_2(pki: DevPki, closed_dsn:
         port = str(taken.getsockname()[1])
         for change, says in (({"CRS_TLS_KEY_FILE": other_key}, "CRS_TLS_KEY_FILE="),
                              ({"CRS_GRPC_PORT": port}, f"CRS_GRPC_PORT={port}"),
-                             ({"CRS_METRICS_PORT": port}, f"CRS_METRICS_PORT={port}")):
+                             ({"CRS_METRICS_PORT": port}, f"CRS_METRICS_PORT={port}"),
+                             ({"CRS_TOPOLOGY_FILE": str(tmp_path / "nope.json")}, "CRS_TOPOLOGY_FILE")):
             r = _serve(env | change)
             assert r.returncode == 2 and says in r.stderr, (change, r.returncode, r.stderr)
             assert len(r.stderr.splitlines()) == 1 and "Failed to bind" not in r.stderr, r.stderr
