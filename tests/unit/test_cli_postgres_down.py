@@ -8,19 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def closed_dsn() -> Iterator[str]:
-    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
-        s.bind(("127.0.0.1", 0))
-        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
 
 
 @pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("shards", "status")])

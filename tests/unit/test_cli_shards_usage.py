@@ -5,22 +5,13 @@ refuses connections, so anything that got as far as the database would be exit 3
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def closed_dsn() -> Iterator[str]:
-    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
-        s.bind(("127.0.0.1", 0))
-        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
 
 
 def _shards(dsn: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
     return write_dev_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def closed_dsn() -> Iterator[str]:
-    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
-        s.bind(("127.0.0.1", 0))
-        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
 
 
 def _tls(pki: DevPki, **files: Path) -> Settings:
