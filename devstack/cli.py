@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from server.settings import ShardAddress
 
 EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted
-(Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is).
+(Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is), 141
+standard output closed early (`... | head`): the command stops without a word.
 The product's own commands (serve, migrate, keys, audit, lookup, shards) are in `crs --help`."""
 
 NODE_POLL_SECONDS = 0.5   # how often `up` checks that its node is still alive

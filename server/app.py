@@ -337,7 +337,7 @@ class Node:
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}", "serving_model": s.serving_model,
-                                        "shards": [sh.name for sh in s.redis_shards]})
+                                        **self.topology.in_force()})
 
     async def _flush_metrics(self) -> None:
         while True:

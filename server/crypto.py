@@ -29,12 +29,15 @@ class KeyConfigError(ValueError):
 
 
 def decode_key(text: str, *, what: str) -> bytes:
-    """A 32-byte key from base64 (standard or urlsafe, padding optional)."""
+    """A 32-byte key from base64 (standard or urlsafe, padding optional), decoded strictly: a stray
+    character is a typo to report, not one to skip (base64's default skips it, and the key decoded from
+    the rest was then "not the key this database was fingerprinted with"). Messages never hold the key."""
     raw = text.strip()
     try:
-        key = base64.urlsafe_b64decode(raw.replace("+", "-").replace("/", "_") + "=" * (-len(raw) % 4))
+        key = base64.b64decode(raw.replace("-", "+").replace("_", "/") + "=" * (-len(raw) % 4), validate=True)
     except (ValueError, TypeError) as exc:
-        raise KeyConfigError(f"{what} is not valid base64") from exc
+        raise KeyConfigError(f"{what} is not valid base64 (a character outside A-Z a-z 0-9 + / - _, or '='"
+                             " padding that is not at the end)") from exc
     if len(key) != KEY_BYTES:
         raise KeyConfigError(f"{what} must decode to {KEY_BYTES} bytes (got {len(key)})")
     return key
@@ -60,7 +63,7 @@ def parse_versioned_keys(text: str, *, what: str) -> dict[int, bytes]:
         if not part:
             continue
         version, sep, material = part.partition(":")
-        if not sep or not version.isdigit() or int(version) <= 0:
+        if not sep or not (version.isascii() and version.isdigit()) or int(version) <= 0:
             raise KeyConfigError(f"{what}: each entry must be VERSION:BASE64KEY with VERSION a positive integer")
         if int(version) in keys:
             raise KeyConfigError(f"{what}: version {version} given twice")

@@ -23,7 +23,8 @@ from multiprocessing.context import SpawnProcess
 from pathlib import Path
 
 from server.logs import configure_logging
-from server.settings import Settings
+from server.preflight import CONFIGURATION_ERRORS
+from server.settings import Settings, SettingsError
 
 log = logging.getLogger("crs.serve")
 RESTART_BACKOFF = 1.0
@@ -52,7 +53,7 @@ def run_node_process(settings: Settings) -> int:
         except Exception as exc:
             log.error("node failed to start", extra={"error": type(exc).__name__, "reason": str(exc)})
             await node.stop(grace=0)
-            return 3
+            return 2 if isinstance(exc, CONFIGURATION_ERRORS) else 3   # `crs --help`'s exit codes
         await stop.wait()
         log.info("draining", extra={"grace_s": settings.grace_seconds})
         await node.stop()
@@ -75,18 +76,24 @@ def _worker(settings: Settings, index: int) -> None:
 
 
 def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
+    """The /metrics server on CRS_METRICS_PORT; SettingsError, naming it, when it cannot listen there
+    (preflight found the port free; another process may have taken it since)."""
     if not settings.metrics_port:
         return
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-    if multiproc_dir is None:
-        start_http_server(settings.metrics_port, addr=settings.grpc_host)
-        return
-    from prometheus_client import multiprocess
+    registry = REGISTRY
+    if multiproc_dir is not None:
+        from prometheus_client import multiprocess
 
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-    start_http_server(settings.metrics_port, addr=settings.grpc_host, registry=registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    port, host = settings.metrics_port, settings.grpc_host
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise SettingsError(f"CRS_METRICS_PORT={port}: cannot serve metrics on {host}:{port}: {exc.strerror}"
+                            " (0 = no metrics)") from exc
 
 
 def serve(settings: Settings) -> int:
@@ -101,7 +108,11 @@ def serve(settings: Settings) -> int:
     multiproc_dir = Path(tempfile.mkdtemp(prefix="crs-metrics-"))
     # Must be in the environment before prometheus_client is imported by a worker.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
-    _start_metrics(settings, multiproc_dir)
+    try:
+        _start_metrics(settings, multiproc_dir)
+    except SettingsError:
+        shutil.rmtree(multiproc_dir, ignore_errors=True)
+        raise
     ctx = mp.get_context("spawn")
     procs: dict[int, SpawnProcess] = {}
     stopping = False

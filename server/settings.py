@@ -87,6 +87,9 @@ class Settings:
     grpc_host: str = "127.0.0.1"          # bind address; 0.0.0.0 in a pod
     grpc_port: int = 50051
     workers: int = 0                      # node processes sharing the port (SO_REUSEPORT); 0 = CPU count
+    share_port: bool = False              # start even if other processes serve grpc_port (and the token and
+                                          # health ports) already: N single-process nodes on one port. False:
+                                          # a port in use is refused at start
     metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
     drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)

@@ -453,8 +453,11 @@ class Stack:
         port = free_port()
         count, workers = (nodes, 1) if mode == "processes" else (1, nodes)
         for i in range(count):
+            # share_port: the processes mode's nodes serve one port together on purpose (crs serve refuses
+            # a port already served otherwise).
             settings = dataclasses.replace(self.env.settings(grpc_port=port, workers=workers, metrics_port=free_port(),
-                                                             cache_ttl=self.cache_ttl), redis_shards=used)
+                                                             cache_ttl=self.cache_ttl, share_port=count > 1),
+                                           redis_shards=used)
             node = start_node(settings, log_path=log_dir / f"node-{port}-{i}.log")
             self.nodes.append(node)
             self.env.nodes.append(node)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from server.cli.base import RAW, settings_from_args, with_database
+from server.cli.base import RAW, CommandFailed, settings_from_args, with_database
 from server.cli.render import table
 
 if TYPE_CHECKING:
@@ -14,14 +15,23 @@ if TYPE_CHECKING:
     from server.store.db import Conn
 
 
+MAX_HOURS = 24 * 365 * 100    # --hours beyond this overflows the interval; no trail is that old
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
+    if not 0 < args.hours <= MAX_HOURS or args.limit <= 0:
+        raise CommandFailed(f"--hours must be > 0 and at most {MAX_HOURS:,} (100 years), --limit > 0", 2)
+    # An interval, not make_interval(hours => ...): that takes a whole number, and asyncpg turned
+    # --hours 0.2 into 0 hours (no row at all).
+    since = timedelta(hours=args.hours)
+
     async def query(conn: Conn) -> list[asyncpg.Record]:
         return await conn.fetch(
             "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
             " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
             " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
-            " AND at >= now() - make_interval(hours => $4) ORDER BY id DESC LIMIT $5",
-            args.client, args.rpc, args.entity, args.hours, args.limit)
+            " AND at >= now() - $4::interval ORDER BY id DESC LIMIT $5",
+            args.client, args.rpc, args.entity, since, args.limit)
 
     rows = with_database(settings_from_args(args), query)
     table([("at (UTC)", "client", "via", "rpc", "result", "entities"),
@@ -39,6 +49,7 @@ def register(sub: Any) -> None:
     s.add_argument("--client", help="only this client id")
     s.add_argument("--rpc", help="only this RPC, e.g. SetCardStatus")
     s.add_argument("--entity", help="only writes touching this id (cus_..., acc_..., tok_...)")
-    s.add_argument("--hours", type=float, default=24.0, help="how far back (default 24)")
+    s.add_argument("--hours", type=float, default=24.0,
+                   help="how far back, in hours; fractions too: 0.25 = the last 15 minutes (default 24)")
     s.add_argument("--limit", type=int, default=100, help="at most this many rows (default 100)")
     s.set_defaults(func=cmd_audit)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from server.crypto import KeyConfigError
 from server.settings import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 
 RAW = argparse.RawDescriptionHelpFormatter
 T = TypeVar("T")
+STDOUT_CLOSED = 141          # 128 + SIGPIPE: what a shell reports for `yes | head -1`'s yes
 
 
 class CommandFailed(Exception):
@@ -38,20 +41,63 @@ def require_dsn(dsn: str) -> None:
                             " export line for its dev stack)", 2)
 
 
+def without_password(message: str, dsn: str) -> str:
+    """`message` (a driver's words about `dsn`) with the DSN's password, if it holds one, masked."""
+    userinfo = dsn.partition("://")[2].rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return message.replace(password, "***") if password else message
+
+
+def stdout_closed(exc: BaseException) -> bool:
+    """`exc` is standard output's reader gone (`crs shards status | head -2`), not a socket's peer: a
+    pipe whose reading end is closed polls as an error on its writing end (a socket as a hang-up)."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError):    # no stdout to ask (closed, or replaced by an object without a file)
+        return False
+
+
+def postgres_misconfigured(exc: BaseException, dsn: str, needs: str = "the rights this command needs"
+                           ) -> CommandFailed | None:
+    """The exit-2 answer when the driver's `exc` is configuration, not an outage: a login in CRS_PG_DSN
+    without the rights a command `needs`, or a DSN the driver cannot use (nothing was reached); None
+    for anything else."""
+    import asyncpg
+
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return CommandFailed(f"PostgreSQL refused: {exc}: the login in CRS_PG_DSN lacks {needs}", 2)
+    if isinstance(exc, asyncpg.ClientConfigurationError):
+        return CommandFailed(f"CRS_PG_DSN cannot be used: {without_password(str(exc), dsn)}", 2)
+    return None
+
+
 @contextlib.contextmanager
 def postgres_errors(dsn: str) -> Iterator[None]:
     """A PostgreSQL that cannot be reached, refuses the login or fails a statement: one line and exit 3
-    (a dependency unavailable, `crs --help`) instead of a traceback; no `dsn` at all is exit 2
-    (require_dsn). Wrap only database work: an OSError of a file the user named is bad usage, not an
-    outage."""
+    (a dependency unavailable, `crs --help`) instead of a traceback. Configuration is exit 2: no `dsn`
+    at all (require_dsn), or what postgres_misconfigured says is. Wrap only database work: an OSError
+    of a file the user named is bad usage, not an outage."""
     import asyncpg
+
+    from server.errors import BackendUnavailable
 
     require_dsn(dsn)
     try:
         yield
-    except asyncpg.PostgresError as exc:     # it answered: a refused login, too many connections, no schema
+    except BackendUnavailable as exc:       # server/store/db.py's words for the same: it says what failed
+        raise CommandFailed(str(exc), 3) from exc
+    except (asyncpg.PostgresError, asyncpg.ClientConfigurationError) as exc:
+        if (misconfigured := postgres_misconfigured(exc, dsn)) is not None:
+            raise misconfigured from exc
+        # it answered: a refused login, too many connections, no schema
         raise CommandFailed(f"PostgreSQL refused: {type(exc).__name__}: {exc}", 3) from exc
     except (OSError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+        if stdout_closed(exc):
+            raise
         raise CommandFailed(f"PostgreSQL unavailable: {type(exc).__name__}: {exc}", 3) from exc
 
 
@@ -90,13 +136,15 @@ def stop_on_sigint() -> None:
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, run the chosen command's `func`, and turn the errors every command shares into exit
-    codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C / SIGINT."""
+    codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C / SIGINT, 141 (a
+    shell's code for SIGPIPE) without a word when standard output's reader stopped reading."""
     stop_on_sigint()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()          # here, where a closed pipe can still be told from a failure
         return code
-    except SettingsError as exc:
+    except (SettingsError, KeyConfigError) as exc:
         print(f"{parser.prog}: {exc}", file=sys.stderr)
         return 2
     except CommandFailed as exc:
@@ -104,3 +152,9 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
         return exc.code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError as exc:
+        if not stdout_closed(exc):
+            raise
+        # Nobody reads what is left: point stdout at /dev/null, or the interpreter's last flush fails again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return STDOUT_CLOSED

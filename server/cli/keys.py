@@ -44,12 +44,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     print(f"{table:12} {line}")
     except KeyConfigError as exc:
         print(f"crs keys: {exc}", file=sys.stderr)
-        return 2
+        # retire-fingerprint reads no key: what it raises is its refusal (rows without a newer fingerprint).
+        return 1 if args.keys_command == "retire-fingerprint" else 2
     return 0
 
 
+EPILOG = """Exit codes: 0 done, 1 refused (retire-fingerprint while rows still lack a newer fingerprint:
+nothing changed; run rotate-fingerprint first), 2 bad usage or configuration (a key missing or
+malformed, a version that is not configured), 3 PostgreSQL unavailable, 130 interrupted (rotations
+resume where they stopped)."""
+
+
 def register(sub: Any) -> None:
-    s = sub.add_parser("keys", help="key utilities")
+    s = sub.add_parser("keys", help="key utilities", epilog=EPILOG, formatter_class=RAW)
     ks = s.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
     k = ks.add_parser("generate", help="print fresh random CRS_FINGERPRINT_KEYS and CRS_KEK values")
     k.set_defaults(func=cmd_keys_generate)
@@ -60,20 +67,22 @@ def register(sub: Any) -> None:
         "working. Run it with the new version configured in CRS_FINGERPRINT_KEYS (nodes too, still on\n"
         "CRS_FINGERPRINT_KEY_VERSION=OLD), then switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then\n"
         "retire-fingerprint the old version.\n"
-        "Runbook: docs/security.md."), formatter_class=RAW)
+        "Runbook: docs/security.md."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
     k.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("retire-fingerprint", help="promote the newer fingerprints and retire a key version",
                       description=(
         "Make every row's newer fingerprint its primary one and mark --version retired. Refuses while\n"
-        "any row still lacks a newer fingerprint (run rotate-fingerprint again first)."), formatter_class=RAW)
+        "any row still lacks a newer fingerprint (run rotate-fingerprint again first): exit 1, nothing\n"
+        "changed."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--version", type=int, required=True, help="the fingerprint key version to retire")
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("rotate-kek", help="re-wrap every data key under the current KEK", description=(
         "Set CRS_KEK/CRS_KEK_VERSION to the new key-encryption key and CRS_KEK_PREVIOUS/\n"
         "CRS_KEK_PREVIOUS_VERSION to the old one (nodes too), run this, then remove the old key.\n"
-        "Card and account rows are not touched: only the wrapped data keys change."), formatter_class=RAW)
+        "Card and account rows are not touched: only the wrapped data keys change."), epilog=EPILOG,
+        formatter_class=RAW)
     k.set_defaults(func=cmd_keys)
-    k = ks.add_parser("status", help="which key versions the stored rows use")
+    k = ks.add_parser("status", help="which key versions the stored rows use", epilog=EPILOG, formatter_class=RAW)
     k.set_defaults(func=cmd_keys)

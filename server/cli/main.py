@@ -9,11 +9,13 @@ from server.cli import audit, bins, export, feed, identity, imports, keys, looku
 from server.cli.base import run_command
 
 EPILOG = """Configuration comes from CRS_* environment variables and/or a TOML file (--config or
-CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 2 bad usage or configuration,
-3 a dependency (PostgreSQL, Redis) unavailable, 130 interrupted (Ctrl-C or SIGINT, which stops every
-command, also one started with SIGINT ignored, as a background job of a script is). Development
-commands (a local stack, demo data, dev certificates) are in `crs-dev --help`; the capacity model in
-`crs-load --help`."""
+CRS_CONFIG); README.md lists every setting. Exit codes: 0 ok, 1 refused or not finished (the message
+says why and what to do next), 2 bad usage or configuration (a setting missing or malformed, a key
+that is not the database's, a database login without the rights the command needs), 3 a dependency
+(PostgreSQL, Redis) unavailable, 130 interrupted (Ctrl-C or SIGINT, which stops every command, also
+one started with SIGINT ignored, as a background job of a script is), 141 standard output closed
+early (`crs ... | head`): the command stops without a word. Development commands (a local stack, demo
+data, dev certificates) are in `crs-dev --help`; the capacity model in `crs-load --help`."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,12 +10,18 @@ from server.cli.base import RAW, postgres_errors, settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from server.preflight import check_before_serving, check_database
     from server.serve import serve
     from server.settings import check_serving
 
     settings = settings_from_args(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host,
                                   serving_model=args.serving_model)
     check_serving(settings)
+    # Once, here, before any node process starts (with several, each would fail the same way and be
+    # restarted): configuration is exit 2 in one line, PostgreSQL out of reach exit 3.
+    check_before_serving(settings)
+    with postgres_errors(settings.pg_dsn):
+        asyncio.run(check_database(settings))
     return serve(settings)
 
 
@@ -28,6 +34,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))
     return 0
+
+
+SERVE_EXIT_CODES = """Before any node process starts, the configuration is checked: the TLS files (each parses, the
+key is the certificate's), the ports (free: a port another process serves is refused, see
+CRS_SHARE_PORT), CRS_TOPOLOGY_FILE (exists; an empty file means nothing published yet), the clients and
+JWKS files, then in PostgreSQL the schema and that the keys are the ones the database was written with.
+Exit codes: 0 stopped after SIGTERM/SIGINT (drained), 1 node processes kept failing, 2 configuration
+(the message names the setting: a file that does not parse, a key that is not the database's, a port in
+use, CRS_PG_DSN unusable), 3 PostgreSQL unavailable, or its schema not migrated (`crs migrate`)."""
 
 
 def register(sub: Any) -> None:
@@ -44,7 +59,7 @@ def register(sub: Any) -> None:
         "(StreamResolve, Watch, Snapshot) hold one of CRS_STREAM_THREADS apart while open; 'aio' serves\n"
         "every call on grpc.aio (the previous model, kept for one release as a fallback). Callers see\n"
         "the same answers, codes, deadlines, auth and limits either way."),
-        formatter_class=RAW)
+        epilog=SERVE_EXIT_CODES, formatter_class=RAW)
     s.add_argument("--serving-model", choices=("aio", "hybrid"),
                    help="how calls are served (default CRS_SERVING_MODEL = hybrid)")
     s.add_argument("--workers", type=int, help="node processes (default CRS_WORKERS, 0 = CPU count)")

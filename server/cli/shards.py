@@ -7,6 +7,7 @@ server/cli/shards_commands.py, the text they draw server/cli/shards_render.py.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 from server.cli.base import RAW
@@ -24,6 +25,7 @@ from server.cli.shards_commands import (
 )
 from server.settings import Settings
 from server.topology.policy import MIN_WAIT_TIMEOUT, WAIT_LEASES
+from shard_router.ring import MAX_WEIGHT
 
 # `plan` examines this many keys per shard by default: the sampling error of the moving fraction stays
 # well under a percent, and a shard is read in seconds.
@@ -36,7 +38,9 @@ topology, the staged change, the move's progress and the nodes' heartbeats live 
 CRS_REDIS_SHARDS (the ring nodes run until a topology is first published), CRS_TOPOLOGY_FILE,
 CRS_TOPOLOGY_LEASE, CRS_MIGRATION_RATE, CRS_MIGRATION_BATCH, CRS_REINVALIDATE_DELAY.
 Exit codes: 0 done, 1 refused or stopped (the message says why and what to do next), 2 bad usage or
-configuration, 3 PostgreSQL or a Redis shard unreachable, 130 interrupted (a move resumes with apply).
+configuration (CRS_PG_DSN not set or unusable; a change with a login that is not a member of
+crs_operator; CRS_TOPOLOGY_FILE in a directory that does not exist, or not parsing), 3 PostgreSQL or a
+Redis shard unreachable, 130 interrupted (a move resumes with apply), 141 standard output closed early.
 Runbook: docs/runbooks/resharding.md."""
 
 OVERVIEW = """See and change the Redis shards nodes cache on, without a restart and without a failed lookup.
@@ -54,6 +58,18 @@ Typical session:
   crs shards plan                                     keys and bytes each shard gains and loses
   crs shards apply                                    move them (progress bar; Ctrl-C resumes later)
   crs shards abort                                    at any point: back to the ring you started from"""
+
+
+def weight(text: str) -> int:
+    """--weight: a whole number in 1..MAX_WEIGHT, checked while parsing (bad usage, exit 2), before a
+    command publishes or stages anything."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_WEIGHT}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -97,7 +113,7 @@ def register(sub: Any) -> None:
         "and the share of the hash space that will move; `crs shards plan` counts real keys."))
     s.add_argument("name", help="shard name, e.g. shard-4")
     s.add_argument("--address", required=True, help="redis://HOST:PORT/DB of the new shard")
-    s.add_argument("--weight", type=int, default=1, help="relative weight (default 1)")
+    s.add_argument("--weight", type=weight, default=1, help="relative weight, >= 1 (default 1)")
     s.add_argument("--no-check", action="store_true", help="do not PING the new shard now")
     s.set_defaults(func=cmd_add)
 
@@ -114,7 +130,7 @@ def register(sub: Any) -> None:
         "Stage changing shard NAME's weight. Note that with ketama (twemproxy's float32 arithmetic)\n"
         "a weight change also moves some keys between the other shards: `crs shards plan` shows them."))
     s.add_argument("name")
-    s.add_argument("--weight", type=int, required=True, help="new relative weight (>= 1)")
+    s.add_argument("--weight", type=weight, required=True, help="new relative weight (>= 1)")
     s.set_defaults(func=cmd_reweight)
 
     s = ss.add_parser("mark", help="take a shard out (down) or put it back (active); no key moves",

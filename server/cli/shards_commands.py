@@ -12,10 +12,11 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from server.cli import shards_render as render
-from server.cli.base import CommandFailed, settings_from_args
+from server.cli.base import CommandFailed, postgres_misconfigured, require_dsn, settings_from_args, stdout_closed
 from server.settings import Settings
 from shard_router.topology import redact_url
 
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     from server.topology.store import TopologyStore
     from shard_router.topology import TopologyShard
 
+# What a login needs to change the topology (migration 0004); `status` and `plan` work with the nodes' own.
+OPERATOR_LOGIN = "the rights of crs_operator, which changing the topology needs (docs/runbooks/resharding.md)"
 # A `crs shards` run holds the driver's advisory-lock connection plus a few concurrent queries (progress
 # saves, heartbeats, the version watch); it must not take a node's share of PostgreSQL's connections.
 CLI_POOL_MIN = 1
@@ -39,7 +42,7 @@ def _run(args: argparse.Namespace, body: Callable[[Settings, asyncpg.Pool, Topol
     from server.errors import BackendUnavailable
     from server.store.db import create_pool
     from server.topology.errors import MigrationError, ShardUnreachable
-    from server.topology.store import TopologyConflict, open_store
+    from server.topology.store import FileTopologyStore, TopologyConflict, TopologyFileError, open_store
     from shard_router.topology import TopologyError
 
     settings = settings_from_args(args)
@@ -52,10 +55,16 @@ def _run(args: argparse.Namespace, body: Callable[[Settings, asyncpg.Pool, Topol
             await asyncio.shield(pool.close())
 
     try:
+        require_dsn(settings.pg_dsn)
+        if settings.topology_file:
+            FileTopologyStore(Path(settings.topology_file)).check()
         return asyncio.run(main())
     except CommandFailed as exc:
         print(f"crs shards: {exc}", file=sys.stderr)
         return exc.code
+    except TopologyFileError as exc:
+        print(f"crs shards: {exc}", file=sys.stderr)
+        return 2
     except (MigrationError, TopologyError, TopologyConflict) as exc:
         print(f"crs shards: {exc}", file=sys.stderr)
         return 1
@@ -63,6 +72,11 @@ def _run(args: argparse.Namespace, body: Callable[[Settings, asyncpg.Pool, Topol
         print(f"crs shards: {exc}", file=sys.stderr)
         return 3
     except (BackendUnavailable, RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        if stdout_closed(exc):
+            raise           # run_command ends quietly
+        if (misconfigured := postgres_misconfigured(exc, settings.pg_dsn, needs=OPERATOR_LOGIN)) is not None:
+            print(f"crs shards: {misconfigured}", file=sys.stderr)
+            return misconfigured.code
         print(f"crs shards: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 3
 

@@ -153,6 +153,6 @@ async def active_data_key(pool: asyncpg.Pool, keyring: Keyring) -> DataKey:
     try:
         return DataKey(row["dek_id"], keyring.unwrap(row["wrapped_key"], row["dek_id"], row["kek_version"]))
     except InvalidTag as exc:
-        raise RuntimeError(
+        raise KeyConfigError(
             f"CRS_KEK cannot unwrap data key {row['dek_id']} (wrapped under KEK version {row['kek_version']}):"
             " wrong key-encryption key for this database") from exc

@@ -28,6 +28,11 @@ class TopologyConflict(Exception):
     """Someone else published a topology version first; re-read it and decide again."""
 
 
+class TopologyFileError(TopologyError):
+    """CRS_TOPOLOGY_FILE cannot be used: its directory is missing, or the file cannot be read or does
+    not parse. Configuration (exit 2), not a refusal."""
+
+
 class TopologyStore(Protocol):
     """A topology source a node polls and an operator publishes to."""
 
@@ -112,10 +117,26 @@ class FileTopologyStore:
             raw = self.path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: cannot read it: {exc.strerror}") from exc
+        if not raw.strip():      # created empty ahead of the first publish: nothing published yet
+            return None
         try:
             return Topology.from_document(orjson.loads(raw))
         except (orjson.JSONDecodeError, TopologyError) as exc:
-            raise TopologyError(f"{self.path}: {exc}") from exc
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: {exc}") from exc
+
+    def check(self, *, must_exist: bool = False) -> None:
+        """Before a command uses the file: its directory exists (a publish creates the file there) and
+        the file, where there is one, parses. A node (`must_exist`) also needs the file itself: at a
+        mistyped path it would run the ring of CRS_REDIS_SHARDS while the other nodes run the published
+        topology, and its fills and deletes would go to other shards than theirs. TopologyFileError."""
+        if not self.path.parent.is_dir():
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path}: directory {self.path.parent} does not exist")
+        if must_exist and not self.path.exists():
+            raise TopologyFileError(f"CRS_TOPOLOGY_FILE {self.path} does not exist: correct the path, or create"
+                                    " the file empty (nothing published yet: nodes run CRS_REDIS_SHARDS)")
+        self._read()
 
     async def current(self) -> Topology | None:
         return await asyncio.to_thread(self._read)

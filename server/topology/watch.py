@@ -108,6 +108,16 @@ class TopologyWatcher:
             self.tier.renew_lease(started + s.topology_lease)
         return self.tier
 
+    def in_force(self) -> dict[str, object]:
+        """The topology this node runs, for its start-up log line: version, phase, where it comes from
+        and its shards (with their state where not active); CRS_REDIS_SHARDS only while none is published."""
+        t = self.topology
+        if t is None:
+            return {"topology": "none: no shard (CRS_REDIS_SHARDS is empty), every miss reads PostgreSQL"}
+        source = self.store.where if t.version else "CRS_REDIS_SHARDS (no topology published yet)"
+        return {"topology_version": t.version, "topology_phase": t.phase.value, "topology_source": source,
+                "shards": [s.name if s.state is ShardState.ACTIVE else f"{s.name} ({s.state.value})" for s in t.shards]}
+
     def _shard_error(self, shard: str) -> None:
         self.shard_errors[shard] += 1
         self.metrics.shard_error(shard)

@@ -116,6 +116,8 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     people = {0: _create_person(before, 0)}      # identity blocking keys are fingerprinted too
     during = _node(env, both_on_1)
     people[1] = _create_person(during, 1)
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_1)   # too early: refused
+    assert r.returncode == 1 and f"{CARDS} cards rows have no newer fingerprint yet" in r.stderr, r.stderr
     with Load(during) as load:
         r = crs_command(env, "keys", "rotate-fingerprint", "--to", "2", "--batch", "50", overrides=both_on_1)
         assert r.returncode == 0, r.stderr
@@ -249,11 +251,11 @@ def test_kek_rotation_and_bad_keys_fail_at_start(env: DevEnvironment) -> None:
                               text=True, timeout=60)
 
     r = serve({"CRS_KEK": keys["CRS_KEK"], "CRS_KEK_VERSION": "1"})          # the retired KEK
-    assert r.returncode != 0 and "KEK version 2, which is not configured" in r.stderr
+    assert r.returncode == 2 and "KEK version 2, which is not configured" in r.stderr
     r = serve({"CRS_KEK": encode_key(new_key())})                             # a wrong KEK, same version
-    assert r.returncode != 0 and "wrong key-encryption key" in r.stderr
+    assert r.returncode == 2 and "wrong key-encryption key" in r.stderr
     r = serve({"CRS_FINGERPRINT_KEYS": f"2:{encode_key(new_key())}"})         # a wrong fingerprint key
-    assert r.returncode != 0 and "not the key this database was fingerprinted with" in r.stderr
+    assert r.returncode == 2 and "not the key this database was fingerprinted with" in r.stderr
     r = serve({"CRS_FINGERPRINT_KEYS": ""})                                   # a missing one
     assert r.returncode == 2 and "CRS_FINGERPRINT_KEYS" in r.stderr
     env.keys = rotated

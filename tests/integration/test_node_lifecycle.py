@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from devstack import free_port
 from devstack.environment import DevEnvironment
 from devstack.processes import LogFile
 from server import rpc
@@ -76,25 +82,81 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
 
 
+def test_a_second_node_on_a_port_already_served_is_refused(dev_env: DevEnvironment) -> None:
+    """A node's workers share its port on purpose (SO_REUSEPORT; the check that the port was free came
+    before they bound it). A second node on that port would share it too, without a word, and take
+    part of its connections: it is refused, and the first serves on."""
+    node = dev_env.start_node(workers=2)
+    try:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+        second = _serve(base | settings_to_env(replace(node.settings, metrics_port=0, workers=1)))
+        assert second.returncode == 2 and len(second.stderr.splitlines()) == 1, second.stderr
+        assert f"CRS_GRPC_PORT={node.settings.grpc_port}" in second.stderr and "already in use" in second.stderr
+        with node.channel() as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
 def _serve(env: dict[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
-def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvironment) -> None:
+def test_bad_configuration_fails_at_start_with_a_clear_message(dev_env: DevEnvironment, tmp_path: Path) -> None:
+    """Configuration is exit 2 in one line naming the setting (`crs --help`), before any node process
+    starts, whatever the number of workers; only a PostgreSQL out of reach is exit 3."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-    good = settings_to_env(dev_env.settings(workers=1))
+    good = settings_to_env(dev_env.settings(workers=2, grpc_port=free_port(), metrics_port=0))
     r = _serve(base | good | {"CRS_KEK": "not-a-key"})
     assert r.returncode == 2 and "CRS_KEK" in r.stderr
     r = _serve(base | good | {"CRS_GRPC_PORT": "seventy"})
     assert r.returncode == 2 and "CRS_GRPC_PORT" in r.stderr
     r = _serve(base | {k: v for k, v in good.items() if k != "CRS_PG_DSN"} | {"CRS_PG_DSN": ""})
     assert r.returncode == 2 and "CRS_PG_DSN" in r.stderr
-    # A KEK that parses but is not the one the data keys were wrapped with: refused at start-up.
     from server.crypto import encode_key, new_key
 
-    r = _serve(base | good | {"CRS_KEK": encode_key(new_key()), "CRS_WORKERS": "1", "CRS_METRICS_PORT": "0"})
-    assert r.returncode != 0 and "wrong key-encryption key" in r.stderr
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("not json")
+    dsn = urllib.parse.urlsplit(good["CRS_PG_DSN"])
+    unreachable = dsn._replace(netloc=dsn.netloc.replace(f":{dsn.port}", f":{free_port()}")).geturl()
+    for change, says, code in (
+            # Keys that parse but are not the ones the database was written with.
+            ({"CRS_KEK": encode_key(new_key())}, "wrong key-encryption key", 2),
+            ({"CRS_FINGERPRINT_KEYS": f"1:{encode_key(new_key())}"}, "not the key this database was fingerprinted", 2),
+            ({"CRS_PG_DSN": "garbage"}, "CRS_PG_DSN cannot be used", 2),
+            ({"CRS_TOPOLOGY_FILE": str(garbage)}, "CRS_TOPOLOGY_FILE", 2),
+            ({"CRS_CLIENTS_FILE": str(garbage)}, "CRS_CLIENTS_FILE", 2),
+            ({"CRS_CLIENTS_FILE": str(tmp_path / "missing.json")}, "CRS_CLIENTS_FILE", 2),
+            ({"CRS_PG_DSN": unreachable}, "cannot connect to PostgreSQL", 3)):
+        r = _serve(base | good | change)
+        assert (r.returncode, len(r.stderr.splitlines())) == (code, 1) and says in r.stderr, (change, r.stderr)
+
+
+def test_the_start_log_names_the_topology_in_force(dev_env: DevEnvironment, tmp_path: Path) -> None:
+    """Not CRS_REDIS_SHARDS's names whatever runs: the version, where it comes from, the shards."""
+    shards = dev_env.settings().redis_shards
+    published = tmp_path / "topology.json"
+    published.write_text(json.dumps({"version": 4, "shards": [
+        {"name": s.name, "address": s.url, "weight": 1, "state": "down" if i == 1 else "active"}
+        for i, s in enumerate(shards)]}))
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    for path, expected in ((published, {"topology_version": 4, "topology_source": f"file {published}",
+                                        "shards": [shards[0].name, f"{shards[1].name} (down)",
+                                                   *(s.name for s in shards[2:])]}),
+                           (empty, {"topology_version": 0, "shards": [s.name for s in shards],
+                                    "topology_source": "CRS_REDIS_SHARDS (no topology published yet)"})):
+        node = dev_env.start_node(workers=1, topology_file=str(path))
+        try:
+            serving = next(json.loads(line) for line in LogFile(node.log_path).text().splitlines()
+                           if '"node serving"' in line)
+        finally:
+            node.stop()
+            dev_env.nodes.remove(node)
+        assert {k: serving.get(k) for k in expected} == expected, serving
 
 
 def test_cli_help_is_a_manual() -> None:

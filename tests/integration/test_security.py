@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +31,7 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
+from server.settings import settings_to_env
 from tests.integration.support import Clients
 
 AUDIENCE = "crs-lookup-test"
@@ -334,6 +336,38 @@ def test_admin_writes_are_audited_and_the_trail_is_append_only(node_a: Clients, 
     assert "OK_REPLAYED" in out.stdout and customer.customer_id in out.stdout
 
 
+def test_audit_hours_may_be_a_fraction(dev_env: DevEnvironment) -> None:
+    """`crs audit --hours 0.2` (the database runbook's "last 12 minutes") found nothing: the window was
+    make_interval(hours => $4), a whole number, and asyncpg sent 0.2 as 0."""
+    client = f"audit-window-{time.monotonic_ns()}"
+
+    async def write() -> None:
+        owner = await asyncpg.connect(dev_env.admin_dsn)
+        try:
+            for minutes, rpc_name in ((5, "FiveMinutesAgo"), (30, "HalfAnHourAgo")):
+                await owner.execute("INSERT INTO audit_log (at, client_id, via, rpc, result)"
+                                    " VALUES (now() - make_interval(mins => $1), $2, 'mtls', $3, 'OK')",
+                                    minutes, client, rpc_name)
+        finally:
+            await owner.close()
+
+    asyncio.run(write())
+
+    def audit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server.cli", "audit", "--client", client, *args],
+                              env={"CRS_PG_DSN": dev_env.settings().pg_dsn, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=30)
+
+    for hours, seen in (("0.2", {"FiveMinutesAgo"}), ("0.05", set()), ("1", {"FiveMinutesAgo", "HalfAnHourAgo"})):
+        out = audit("--hours", hours)
+        assert out.returncode == 0, out.stderr
+        assert {r for r in ("FiveMinutesAgo", "HalfAnHourAgo") if r in out.stdout} == seen, (hours, out.stdout)
+        assert f"({len(seen)} rows)" in out.stdout
+    for bad in ("0", "-1", "nan", "1e12"):
+        out = audit("--hours", bad)
+        assert out.returncode == 2 and "--hours" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_only_operators_change_the_shard_topology(dev_env: DevEnvironment) -> None:
     async def check() -> None:
         service = await asyncpg.connect(dev_env.settings().pg_dsn)
@@ -352,3 +386,18 @@ def test_only_operators_change_the_shard_topology(dev_env: DevEnvironment) -> No
             await operator.close()
 
     asyncio.run(check())
+    # The CLI says so in one line: a change needs an operator login (configuration, exit 2, not an outage).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(dev_env.settings())
+    r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "add", "shard-9", "--address",
+                        "redis://127.0.0.1:9/0", "--no-check"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lacks the rights of crs_operator" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr
+    # Read-only commands work with the nodes' login; a reader that stops early (| head) ends them quietly.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "status"], stdout=write_end,
+                           stderr=subprocess.PIPE, env=env | {"PYTHONUNBUFFERED": "1"}, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PAN = "999150123456789" + luhn_check_digit("999150123456789")
 BAD_LUHN = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
 ROW = ["999100", "999199", "16", "testnet", "Test Issuer A", "US", "credit", "false"]
-
-
-@pytest.fixture(scope="module")
-def closed_dsn() -> Iterator[str]:
-    """A DSN whose port refuses connections: bound (so nothing else takes it) but not listening."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
 
 
 def _crs(dsn: str, *args: str, stdin: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

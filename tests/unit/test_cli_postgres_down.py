@@ -8,19 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def closed_dsn() -> Iterator[str]:
-    with socket.socket() as s:       # bound, so nothing else takes the port, but not listening
-        s.bind(("127.0.0.1", 0))
-        yield f"postgresql://crs@127.0.0.1:{s.getsockname()[1]}/crs"
 
 
 @pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("shards", "status")])
@@ -53,7 +45,8 @@ def test_a_postgresql_that_never_answers_is_exit_3_within_the_connect_timeout() 
 
 
 @pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("bins", "versions"),
-                                     ("import", "customers", "{file}", "--source", "s", "--report", "{report}")])
+                                     ("import", "customers", "{file}", "--source", "s", "--report", "{report}"),
+                                     ("shards", "status")])
 def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[str, ...]) -> None:
     """Without CRS_PG_DSN asyncpg would try libpq's defaults (127.0.0.1:5432, PG* variables): maybe
     another database. It is exit 2 naming the setting, before anything is read or written."""
@@ -65,3 +58,16 @@ def test_no_dsn_is_bad_configuration_not_a_guess(tmp_path: Path, command: tuple[
                        text=True, timeout=60)
     assert r.returncode == 2 and "CRS_PG_DSN is not set" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "report.csv").exists()
+
+
+@pytest.mark.parametrize("command", [("audit",), ("keys", "status"), ("migrate",), ("shards", "status")])
+@pytest.mark.parametrize("dsn", ["garbage", "mysql://crs:s3cret-pw@127.0.0.1/crs",
+                                 "postgresql://crs:s3cret-pw@127.0.0.1/crs?sslmode=sometimes"])
+def test_a_dsn_the_driver_cannot_use_is_bad_configuration(command: tuple[str, ...], dsn: str) -> None:
+    """Not an outage (exit 3, "PostgreSQL unavailable: ClientConfigurationError"): nothing was reached.
+    Exit 2 naming CRS_PG_DSN, in one line, without the password it holds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRS_", "PG"))} | {"CRS_PG_DSN": dsn}
+    r = subprocess.run([sys.executable, "-m", "server.cli", *command], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "CRS_PG_DSN cannot be used" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr

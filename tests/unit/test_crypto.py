@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from cryptography.exceptions import InvalidTag
 
@@ -70,3 +72,20 @@ def test_key_parsing_errors_are_clear_and_secret_free() -> None:
     with pytest.raises(KeyConfigError, match="version 3"):
         _keyring(fingerprint_version=3)
     assert encode_key(key) not in repr(_keyring(kek=key))
+
+
+def test_a_stray_character_in_a_key_is_a_parse_error_naming_the_variable_and_version() -> None:
+    """base64's lenient decoding skipped characters outside its alphabet: `1:<key>!!` gave the same key
+    (or, with a character inside it, another one, reported later as "wrong key for this environment?")."""
+    key = new_key()
+    good = encode_key(key)
+    standard = base64.b64encode(key).decode()
+    assert decode_key(standard, what="k") == key == decode_key(good, what="k") == decode_key(f" {good}\n", what="k")
+    for typo in (f"{good}!!", f"{good[:10]}!{good[10:]}", f"{good[:20]} {good[20:]}", f"{good[:8]}={good[8:]}"):
+        with pytest.raises(KeyConfigError, match="CRS_FINGERPRINT_KEYS version 2 is not valid base64") as info:
+            parse_versioned_keys(f"1:{good},2:{typo}", what="CRS_FINGERPRINT_KEYS")
+        assert good not in str(info.value) and good[:8] not in str(info.value)
+        with pytest.raises(KeyConfigError, match="CRS_KEK is not valid base64"):
+            decode_key(typo, what="CRS_KEK")
+    with pytest.raises(KeyConfigError, match="VERSION:BASE64KEY"):     # a non-ASCII digit is no version
+        parse_versioned_keys(f"\u0661:{good}", what="CRS_FINGERPRINT_KEYS")

@@ -42,3 +42,18 @@ async def test_a_corrupt_file_names_itself(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(TopologyError, match=r"t\.json"):
         await FileTopologyStore(path).current()
+
+
+async def test_an_empty_file_is_nothing_published_yet(tmp_path: Path) -> None:
+    """Created empty ahead of the first publish (nodes refuse a file that does not exist): version 0,
+    the nodes' CRS_REDIS_SHARDS ring, and the first publish goes into it."""
+    path = tmp_path / "topology.json"
+    path.write_text("\n")
+    store = FileTopologyStore(path)
+    store.check(must_exist=True)
+    assert await store.current() is None and await store.current_version() == 0
+    await store.publish(topo(1), reason="first")
+    assert await store.current() == topo(1)
+    with pytest.raises(TopologyError, match="does not exist"):
+        FileTopologyStore(tmp_path / "typo.json").check(must_exist=True)
+    FileTopologyStore(tmp_path / "typo.json").check()        # `crs shards` publishes into a missing file
