@@ -59,6 +59,10 @@ def _fingerprint_input(spec: TableSpec, clear: str, routing: str | None) -> str:
     return clear if spec is CARDS else f"{routing}:{clear}"
 
 
+class RetireRefused(KeyConfigError):
+    """retire-fingerprint found rows without a newer fingerprint: nothing was changed."""
+
+
 async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, batch: int = BATCH,
                              out: TextIO | None = None) -> dict[str, int]:
     """Give every card and account a `to_version` fingerprint. Returns rows done per table."""
@@ -140,7 +144,7 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
                     f"SELECT count(*) FROM {spec.table} WHERE fingerprint_version = $1 AND {spec.next_fingerprint}"
                     " IS NULL", version))
                 if missing:
-                    raise KeyConfigError(f"{missing} {spec.table} rows have no newer fingerprint yet: run"
+                    raise RetireRefused(f"{missing} {spec.table} rows have no newer fingerprint yet: run"
                                          " `crs keys rotate-fingerprint --to NEW` first")
                 status = await conn.execute(
                     f"UPDATE {spec.table} SET fingerprint_version = next_fingerprint_version,"
@@ -154,7 +158,7 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
                 "SELECT count(*) FROM source_records WHERE fingerprint_version = $1"
                 " AND next_fingerprint_version IS NULL", version))
             if missing:
-                raise KeyConfigError(f"{missing} identity records have no newer fingerprint yet: run"
+                raise RetireRefused(f"{missing} identity records have no newer fingerprint yet: run"
                                      " `crs keys rotate-fingerprint --to NEW` first")
             status = await conn.execute(
                 "UPDATE source_records SET fingerprint_version = next_fingerprint_version,"

@@ -44,8 +44,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
                     print(f"{table:12} {line}")
     except KeyConfigError as exc:
         print(f"crs keys: {exc}", file=sys.stderr)
-        # retire-fingerprint reads no key: what it raises is its refusal (rows without a newer fingerprint).
-        return 1 if args.keys_command == "retire-fingerprint" else 2
+        return 1 if isinstance(exc, rotation.RetireRefused) else 2
     return 0
 
 
