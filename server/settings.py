@@ -371,6 +371,27 @@ def load_settings(environ: Mapping[str, str], *, config_file: Path | None = None
     return settings
 
 
+# CRS_* variables that are not settings: read by the command line, the node's own workers, the tests.
+_OTHER_VARIABLES = frozenset({"CRS_CONFIG", "CRS_WORKER_INDEX", "CRS_PG_BINDIR"})
+_OTHER_PREFIXES = ("CRS_TEST_",)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The CRS_* variables in `environ` that nothing reads, each with the setting it may have meant
+    ("CRS_REDIS_SHARD (CRS_REDIS_SHARDS?)"): names only, never a value. A typo was silently ignored,
+    the setting then taking its default."""
+    import difflib
+
+    known = {_ENV_PREFIX + f.name.upper() for f in fields(Settings)} | set(_FILE_VARIANTS.values()) | _OTHER_VARIABLES
+    out = []
+    for name in sorted(environ):
+        if not name.startswith(_ENV_PREFIX) or name in known or name.startswith(_OTHER_PREFIXES):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        out.append(f"{name} ({close[0]}?)" if close else name)
+    return out
+
+
 def settings_to_env(s: Settings) -> dict[str, str]:
     """The environment that reproduces `s` in a child process (used to start node workers)."""
     env: dict[str, str] = {}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 from typing import Any
 
 from server.cli.base import RAW, postgres_errors, settings_from_args
@@ -12,10 +14,13 @@ from server.cli.base import RAW, postgres_errors, settings_from_args
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.preflight import check_before_serving, check_database
     from server.serve import serve
-    from server.settings import check_serving
+    from server.settings import check_serving, unknown_variables
 
     settings = settings_from_args(args, workers=args.workers, grpc_port=args.port, grpc_host=args.host,
                                   serving_model=args.serving_model)
+    unknown = unknown_variables(os.environ)
+    if unknown:   # a mistyped setting would otherwise take its default without a word
+        print(f"crs serve: warning: no such setting, ignored: {', '.join(unknown)}", file=sys.stderr)
     check_serving(settings)
     # Once, here, before any node process starts (with several, each would fail the same way and be
     # restarted): configuration is exit 2 in one line, PostgreSQL out of reach exit 3.

@@ -148,3 +148,13 @@ def test_near_cache_refresh_ahead_is_due_once_per_entry() -> None:
         NearCache(max_entries=8, ttl=1.0, refresh=0.8)   # would be due as soon as filled
     with pytest.raises(SettingsError, match="CRS_NEAR_CACHE_REFRESH"):
         load_settings({"CRS_NEAR_CACHE_REFRESH": "0.9"})
+
+
+def test_unknown_crs_variables_are_named_with_what_they_may_mean() -> None:
+    from server.settings import unknown_variables
+
+    environ = {"CRS_REDIS_SHARD": "s=redis://x:1/0", "CRS_PG_DSN": "postgresql://u@h/db", "CRS_KEK_FILE": "/k",
+               "CRS_CONFIG": "/c.toml", "CRS_TEST_SERVING_MODEL": "aio", "CRS_BOGUS": "1", "PATH": "/bin",
+               "CRS_CACHE_TLL": "30"}
+    assert unknown_variables(environ) == ["CRS_BOGUS", "CRS_CACHE_TLL (CRS_CACHE_TTL?)",
+                                          "CRS_REDIS_SHARD (CRS_REDIS_SHARDS?)"]
