@@ -10,6 +10,12 @@ hit (docs/benchmarks). A scrape therefore lags by at most FLUSH_INTERVAL. In the
 gRPC threads count while the event loop flushes: each thread counts into its own totals, which only
 grow, and `flush()` adds what they gained since the last flush (no lock per call: a shared one,
 contended under the GIL, cost ~5% of a BatchResolve's samples).
+
+Several workers (docs/slo.md, "Node metrics with several workers"): every gauge says what a process
+sees now, so it merges in a `live*` mode: when a worker dies the supervisor calls `mark_process_dead`,
+which deletes that worker's gauge files, and its last values (a topology version, a PostgreSQL or
+shard outage it saw before dying) stop counting. Its counter and histogram files stay: a node's
+counters never go back.
 """
 
 from __future__ import annotations
@@ -50,11 +56,12 @@ class Metrics:
         self.thread_reads_busy = Counter("crs_cache_thread_reads_busy_total",
                                          "Redis reads left to the event loop: every thread connection to "
                                          "the shard was in use", ["shard"], registry=reg)
+        # Shard and copy states merge by minimum: 0 when any live worker has it down.
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
-                              ["shard"], multiprocess_mode="min", registry=reg)
+                              ["shard"], multiprocess_mode="livemin", registry=reg)
         # Per copy of a shard (primary, replica-1, ...): a shard is up while any copy is.
         self.copy_up = Gauge("crs_cache_copy_up", "1 when the shard copy serves, 0 when marked down",
-                             ["shard", "copy"], multiprocess_mode="min", registry=reg)
+                             ["shard", "copy"], multiprocess_mode="livemin", registry=reg)
         self.copy_errors = Counter("crs_cache_copy_errors_total", "Failed Redis operations per shard copy",
                                    ["shard", "copy"], registry=reg)
         # A copy's invalidation subscription lost (or failing to subscribe again, once per retry while
@@ -63,44 +70,44 @@ class Metrics:
                                          "Invalidation subscriptions lost or not yet renewed, per shard copy; "
                                          "each drops the near-cache", ["shard", "copy"], registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
-                                    multiprocess_mode="max", registry=reg)
+                                    multiprocess_mode="livemax", registry=reg)
         self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
                                 "Age of the oldest outbox row not yet settled (0 when none)",
-                                multiprocess_mode="max", registry=reg)
+                                multiprocess_mode="livemax", registry=reg)
         # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
-        self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node", multiprocess_mode="sum",
-                                   registry=reg)
+        self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node",
+                                   multiprocess_mode="livesum", registry=reg)
         self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
-                               multiprocess_mode="min", registry=reg)
+                               multiprocess_mode="livemin", registry=reg)
         self.database_up = Gauge("crs_database_up", "1 when PostgreSQL answered the node's last probe",
-                                 multiprocess_mode="min", registry=reg)
+                                 multiprocess_mode="livemin", registry=reg)
         # The BIN table (docs/bins.md) this process answers from.
         self.bin_table_version = Gauge("crs_bin_table_version", "BIN table version this node process answers from",
-                                       multiprocess_mode="min", registry=reg)
+                                       multiprocess_mode="livemin", registry=reg)
         self.bin_table_ranges = Gauge("crs_bin_table_ranges", "Ranges in the BIN table this node process holds",
-                                      multiprocess_mode="min", registry=reg)
+                                      multiprocess_mode="livemin", registry=reg)
         # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
         # per shard what `crs shards status` prints.
         self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",
-                                      multiprocess_mode="min", registry=reg)
+                                      multiprocess_mode="livemin", registry=reg)
         self.topology_phase = Gauge("crs_topology_phase", "1 for the phase of the topology this process runs",
-                                    ["phase"], multiprocess_mode="max", registry=reg)
+                                    ["phase"], multiprocess_mode="livemax", registry=reg)
         self.topology_confirmed = Gauge("crs_topology_confirmed_timestamp_seconds",
                                         "Unix time this process last checked the topology version",
-                                        multiprocess_mode="min", registry=reg)
+                                        multiprocess_mode="livemin", registry=reg)
         self.shard_weight = Gauge("crs_cache_shard_weight", "Shard weight in the target ring (0 when draining)",
-                                  ["shard"], multiprocess_mode="max", registry=reg)
+                                  ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_share = Gauge("crs_cache_shard_share", "Fraction of the keyspace the shard owns in the target ring",
-                                 ["shard"], multiprocess_mode="max", registry=reg)
+                                 ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_topology_state = Gauge("crs_cache_shard_state", "1 for the shard's state in the topology",
-                                          ["shard", "state"], multiprocess_mode="max", registry=reg)
+                                          ["shard", "state"], multiprocess_mode="livemax", registry=reg)
         self.shard_keys = Gauge("crs_cache_shard_keys", "Keys on the shard (DBSIZE)", ["shard"],
-                                multiprocess_mode="max", registry=reg)
+                                multiprocess_mode="livemax", registry=reg)
         self.shard_memory = Gauge("crs_cache_shard_memory_bytes", "Memory the shard uses (INFO used_memory)",
-                                  ["shard"], multiprocess_mode="max", registry=reg)
+                                  ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_hit_ratio = Gauge("crs_cache_shard_hit_ratio",
                                      "keyspace_hits / (hits + misses) since the shard started (INFO stats)",
-                                     ["shard"], multiprocess_mode="max", registry=reg)
+                                     ["shard"], multiprocess_mode="livemax", registry=reg)
         # This process's asyncpg pool (server/store): connections open, idle among them, and the cap.
         # In use = open - idle; a pod sums its workers (livesum: exited workers drop out).
         self.pg_pool_connections = Gauge("crs_pg_pool_connections", "PostgreSQL connections open in the pool",
@@ -115,11 +122,11 @@ class Metrics:
                                 " out), primary_replica_behind, primary_replica_failed", ["route"], registry=reg)
         self.pg_replica_staleness = Gauge("crs_pg_replica_staleness_seconds",
                                           "Age of the newest primary WAL position the read replica has replayed",
-                                          multiprocess_mode="max", registry=reg)
+                                          multiprocess_mode="livemax", registry=reg)
         # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
         self.tls_cert_expiry = Gauge("crs_tls_certificate_expiry_timestamp_seconds",
                                      "Unix time the earliest certificate of the served chain expires",
-                                     multiprocess_mode="min", registry=reg)
+                                     multiprocess_mode="livemin", registry=reg)
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)

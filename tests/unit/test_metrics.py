@@ -1,8 +1,16 @@
-"""Per-call counts reach the Prometheus histogram and counter exactly at flush()."""
+"""Per-call counts reach the Prometheus histogram and counter exactly at flush(); with several
+workers, the supervisor's merged view holds what live workers see (server/metrics.py)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from server.metrics import Metrics
 
@@ -30,3 +38,91 @@ def test_batched_counts_match_direct_observation() -> None:
     m.flush()   # nothing new: nothing added twice
     assert registry.get_sample_value("crs_rpc_latency_seconds_count", labels) == len(samples)
     assert registry.get_sample_value("crs_lookups_total", {"tier": "l3"}) == 1
+
+
+# --- several workers: prometheus_client's multiprocess files, merged as the supervisor serves them ---
+
+class Workers:
+    """Simulated worker processes writing metric files into one directory, as `crs serve` workers do
+    (each a prometheus_client MultiProcessValue with its own pid), and the supervisor's merged view."""
+
+    def __init__(self, directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.directory = directory
+        self._monkeypatch = monkeypatch
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+        self._values: dict[int, Any] = {}
+
+    @contextmanager
+    def worker(self, pid: int) -> Iterator[None]:
+        """Metric values created inside belong to worker `pid` (prometheus_client picks the value class
+        when a value is created)."""
+        value_class = self._values.setdefault(pid, values.MultiProcessValue(lambda: pid))
+        self._monkeypatch.setattr(values, "ValueClass", value_class)
+        yield
+
+    def metrics(self, pid: int) -> Metrics:
+        with self.worker(pid):
+            return Metrics(CollectorRegistry())
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=str(self.directory))
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in registry.collect() for s in f.samples}
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.scrape().get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture
+def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workers:
+    return Workers(tmp_path, monkeypatch)
+
+
+def _set_every_gauge(m: Metrics, value: float) -> set[str]:
+    """Give every gauge of `m` a value (labelled ones one series); their names."""
+    names = set()
+    for attr in vars(m).values():
+        if isinstance(attr, Gauge):
+            child = attr.labels(*(["x"] * len(attr._labelnames))) if attr._labelnames else attr
+            child.set(value)
+            names.add(attr._name)
+    return names
+
+
+def test_a_dead_workers_gauges_leave_the_merge_and_its_counters_stay(workers: Workers) -> None:
+    """Every gauge says what a live process sees: none outlives its worker (the supervisor's
+    mark_process_dead); counters and histograms do, so a node's totals never go back."""
+    dead = workers.metrics(101)
+    with workers.worker(101):
+        gauges = _set_every_gauge(dead, 11)
+        dead.tier_hit("l2", 5)
+        dead.observe_rpc("ResolveCard", "OK", 0.001)
+        dead.flush()
+    assert {name for name, _ in workers.scrape()} >= gauges
+    multiprocess.mark_process_dead(101, str(workers.directory))
+    left = {name for name, _ in workers.scrape()}
+    assert not left & gauges, f"gauges of a dead worker still merged: {sorted(left & gauges)}"
+    assert workers.value("crs_lookups_total", tier="l2") == 5
+    assert workers.value("crs_rpc_latency_seconds_count", method="ResolveCard", code="OK") == 1
+
+
+def test_the_merge_of_live_workers_ignores_a_dead_ones_last_state(workers: Workers) -> None:
+    """The outside check: a worker dead on topology 11, with PostgreSQL and a shard down, pinned the
+    node at that state (CRSTopologyNodeBehind, CRSDatabaseUnreachable, CRSCacheShardDown)."""
+    dead, live = workers.metrics(101), workers.metrics(102)
+    with workers.worker(101):
+        dead.topology_version.set(11)
+        dead.topology_confirmed.set(1000.0)
+        dead.database_up.set(0)
+        dead.shard_state("shard-1", False)
+    with workers.worker(102):
+        live.topology_version.set(15)
+        live.topology_confirmed.set(2000.0)
+        live.database_up.set(1)
+        live.shard_state("shard-1", True)
+    assert workers.value("crs_topology_version") == 11 and workers.value("crs_database_up") == 0
+    multiprocess.mark_process_dead(101, str(workers.directory))
+    assert workers.value("crs_topology_version") == 15
+    assert workers.value("crs_topology_confirmed_timestamp_seconds") == 2000.0
+    assert workers.value("crs_database_up") == 1
+    assert workers.value("crs_cache_shard_up", shard="shard-1") == 1

@@ -1,0 +1,111 @@
+"""A node's metrics as Prometheus scrapes them from a `crs serve` with two workers (server/metrics.py,
+server/serve.py): the supervisor's merged view of the workers' files.
+
+- A worker that dies takes its gauges with it: its last state (the topology it ran, when it last
+  checked it) no longer pins the node's (the outside check: `CRSTopologyNodeBehind` firing until the
+  pod restarted). Its counters stay.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from devstack.environment import DevEnvironment, NodeProcess
+from devstack.processes import LogFile
+from server import rpc
+from server.proto import crs_pb2 as pb
+from tests.integration.support import UsedSecrets, fresh_pan, metric, own_env, running
+
+NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)
+_SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+Sample = tuple[str, dict[str, str], float]
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[DevEnvironment]:
+    yield from running(own_env(shards=3, replicas=1))
+
+
+def scrape(node: NodeProcess) -> list[Sample]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
+    found = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = _SAMPLE.match(line)
+            assert m is not None, line
+            found.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
+    return found
+
+
+def wait_for(what: str, check: Callable[[], bool], within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.1)
+
+
+def worker_pids(node: NodeProcess) -> set[int]:
+    """The node's worker processes (not multiprocessing's resource tracker, its other child)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True).stdout
+    pids = set()
+    for pid in map(int, out.split()):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def metrics_dir(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")))
+
+
+def stop(env: DevEnvironment, node: NodeProcess) -> None:
+    node.stop()
+    env.nodes.remove(node)
+
+
+def test_a_dead_workers_last_state_leaves_the_node_metrics(env: DevEnvironment, used_secrets: UsedSecrets) -> None:
+    node = env.start_node(**NODE)
+    try:
+        wait_for("two workers", lambda: len(worker_pids(node)) == 2)
+        pids = worker_pids(node)
+        directory = metrics_dir(min(pids))
+        for _ in range(6):   # a connection each: SO_REUSEPORT spreads them over the workers
+            with node.channel() as channel:
+                lookup = rpc.stub(channel, "LookupService")
+                lookup.BatchResolve(pb.BatchResolveRequest(keys=[pb.LookupKey(pan=fresh_pan(used_secrets))]),
+                                    timeout=5)
+        wait_for("the calls counted", lambda: metric(node, "crs_rpc_latency_seconds_count") >= 6)
+        counted = metric(node, "crs_rpc_latency_seconds_count")
+        # A worker that answered some of them: its counts must stay in the node's.
+        victim = min(pid for pid in pids if (directory / f"histogram_{pid}.db").exists())
+        os.kill(victim, signal.SIGTERM)     # it drains and exits; the supervisor starts another
+        wait_for("the worker gone", lambda: victim not in worker_pids(node))
+        gone_at = time.time()
+        wait_for("the worker replaced", lambda: len(worker_pids(node)) == 2)
+        # The dead worker's last check (before gone_at) would be the node's minimum for ever.
+        wait_for("the node's topology check is current",
+                 lambda: metric(node, "crs_topology_confirmed_timestamp_seconds") > gone_at + 0.5)
+        files = {p.name for p in directory.iterdir()}
+        assert not [f for f in files if f.startswith("gauge_") and f.endswith(f"_{victim}.db")], files
+        assert f"counter_{victim}.db" in files and f"histogram_{victim}.db" in files
+        assert metric(node, "crs_rpc_latency_seconds_count") >= counted, "counters never go back"
+        assert metric(node, "crs_database_up") == 1
+        assert metric(node, "crs_topology_version") == 0     # CRS_REDIS_SHARDS: nothing published
+        assert "worker exited; restarting" in LogFile(node.log_path).text()
+    finally:
+        stop(env, node)
