@@ -11,18 +11,21 @@ gRPC threads count while the event loop flushes: each thread counts into its own
 grow, and `flush()` adds what they gained since the last flush (no lock per call: a shared one,
 contended under the GIL, cost ~5% of a BatchResolve's samples).
 
-Several workers (docs/slo.md, "Node metrics with several workers"): every gauge says what a process
-sees now, so it merges in a `live*` mode: when a worker dies the supervisor calls `mark_process_dead`,
-which deletes that worker's gauge files, and its last values (a topology version, a PostgreSQL or
-shard outage it saw before dying) stop counting. Its counter and histogram files stay: a node's
-counters never go back.
+Several workers (docs/slo.md, "Node metrics with several workers"):
+- Every gauge says what a process sees now, so it merges in a `live*` mode: when a worker dies the
+  supervisor calls `mark_process_dead`, which deletes that worker's gauge files, and its last values
+  (a topology version, a PostgreSQL or shard outage it saw before dying) stop counting. Its counter
+  and histogram files stay: a node's counters never go back.
+- A gauge without labels whose value a process must learn (`LearnedGauge`) is absent until the process
+  has learned it, not 0: a worker that has just started must not pull its node's minimum to 0, and a
+  value that does not apply (no read replica, no TLS) must not read as one.
 """
 
 from __future__ import annotations
 
 import threading
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Literal
 
 from cryptography import x509
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -32,10 +35,39 @@ FLUSH_INTERVAL = 1.0
 # Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
+LiveMode = Literal["livemin", "livemax", "livesum"]
+
+
+class LearnedGauge:
+    """A gauge without labels that this process exports only once `set` gives it a value: absent
+    before, where a plain Gauge would export 0 from the start."""
+
+    def __init__(self, name: str, documentation: str, *, mode: LiveMode, registry: CollectorRegistry) -> None:
+        self.name = name
+        self._documentation = documentation
+        self._mode = mode
+        self._registry = registry
+        self._gauge: Gauge | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        gauge = self._gauge
+        if gauge is None:
+            with self._lock:
+                if self._gauge is None:
+                    self._gauge = Gauge(self.name, self._documentation, multiprocess_mode=self._mode,
+                                        registry=self._registry)
+                gauge = self._gauge
+        gauge.set(value)
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
+
+        def learned(name: str, documentation: str, mode: LiveMode = "livemin") -> LearnedGauge:
+            return LearnedGauge(name, documentation, mode=mode, registry=reg)
+
         self.rpc_latency = Histogram("crs_rpc_latency_seconds", "RPC handling time by method and status",
                                      ["method", "code"], buckets=_LATENCY_BUCKETS, registry=reg)
         self.lookups = Counter("crs_lookups_total", "Keys answered, by the tier that answered them",
@@ -77,24 +109,18 @@ class Metrics:
         # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
         self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node",
                                    multiprocess_mode="livesum", registry=reg)
-        self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
-                               multiprocess_mode="livemin", registry=reg)
-        self.database_up = Gauge("crs_database_up", "1 when PostgreSQL answered the node's last probe",
-                                 multiprocess_mode="livemin", registry=reg)
+        self.feed_head = learned("crs_feed_head_sequence", "Highest feed sequence this node process has read")
+        self.database_up = learned("crs_database_up", "1 when PostgreSQL answered the node's last probe")
         # The BIN table (docs/bins.md) this process answers from.
-        self.bin_table_version = Gauge("crs_bin_table_version", "BIN table version this node process answers from",
-                                       multiprocess_mode="livemin", registry=reg)
-        self.bin_table_ranges = Gauge("crs_bin_table_ranges", "Ranges in the BIN table this node process holds",
-                                      multiprocess_mode="livemin", registry=reg)
+        self.bin_table_version = learned("crs_bin_table_version", "BIN table version this node process answers from")
+        self.bin_table_ranges = learned("crs_bin_table_ranges", "Ranges in the BIN table this node process holds")
         # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
         # per shard what `crs shards status` prints.
-        self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",
-                                      multiprocess_mode="livemin", registry=reg)
+        self.topology_version = learned("crs_topology_version", "Shard topology version this node process runs")
         self.topology_phase = Gauge("crs_topology_phase", "1 for the phase of the topology this process runs",
                                     ["phase"], multiprocess_mode="livemax", registry=reg)
-        self.topology_confirmed = Gauge("crs_topology_confirmed_timestamp_seconds",
-                                        "Unix time this process last checked the topology version",
-                                        multiprocess_mode="livemin", registry=reg)
+        self.topology_confirmed = learned("crs_topology_confirmed_timestamp_seconds",
+                                          "Unix time this process last checked the topology version")
         self.shard_weight = Gauge("crs_cache_shard_weight", "Shard weight in the target ring (0 when draining)",
                                   ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_share = Gauge("crs_cache_shard_share", "Fraction of the keyspace the shard owns in the target ring",
@@ -117,16 +143,15 @@ class Metrics:
         self.pg_pool_max = Gauge("crs_pg_pool_max_connections", "Most connections the pool may open",
                                  multiprocess_mode="livesum", registry=reg)
         # Cache-miss reads with CRS_PG_READ_DSN (server/store/read_route.py): which server answered, and
-        # how far behind the primary the replica last showed itself to be.
+        # how far behind the primary the replica last showed itself to be (absent without a replica).
         self.pg_reads = Counter("crs_pg_reads_total", "Cache-miss reads by route: replica, replica_uncached (primary"
                                 " out), primary_replica_behind, primary_replica_failed", ["route"], registry=reg)
-        self.pg_replica_staleness = Gauge("crs_pg_replica_staleness_seconds",
-                                          "Age of the newest primary WAL position the read replica has replayed",
-                                          multiprocess_mode="livemax", registry=reg)
+        self.pg_replica_staleness = learned("crs_pg_replica_staleness_seconds",
+                                            "Age of the newest primary WAL position the read replica has replayed",
+                                            "livemax")
         # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
-        self.tls_cert_expiry = Gauge("crs_tls_certificate_expiry_timestamp_seconds",
-                                     "Unix time the earliest certificate of the served chain expires",
-                                     multiprocess_mode="livemin", registry=reg)
+        self.tls_cert_expiry = learned("crs_tls_certificate_expiry_timestamp_seconds",
+                                       "Unix time the earliest certificate of the served chain expires")
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)

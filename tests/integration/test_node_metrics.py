@@ -4,6 +4,7 @@ server/serve.py): the supervisor's merged view of the workers' files.
 - A worker that dies takes its gauges with it: its last state (the topology it ran, when it last
   checked it) no longer pins the node's (the outside check: `CRSTopologyNodeBehind` firing until the
   pod restarted). Its counters stay.
+- A gauge that does not apply (no read replica, no TLS) is absent, not 0.
 """
 
 from __future__ import annotations
@@ -107,5 +108,9 @@ def test_a_dead_workers_last_state_leaves_the_node_metrics(env: DevEnvironment, 
         assert metric(node, "crs_database_up") == 1
         assert metric(node, "crs_topology_version") == 0     # CRS_REDIS_SHARDS: nothing published
         assert "worker exited; restarting" in LogFile(node.log_path).text()
+        names = {name for name, _, _ in scrape(node)}
+        # Nothing to say, nothing said: no replica (CRS_PG_READ_DSN), no TLS in this stack.
+        assert "crs_pg_replica_staleness_seconds" not in names
+        assert "crs_tls_certificate_expiry_timestamp_seconds" not in names
     finally:
         stop(env, node)

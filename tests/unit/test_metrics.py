@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from server.metrics import Metrics
+from server.metrics import LearnedGauge, Metrics
 
 
 def test_batched_counts_match_direct_observation() -> None:
@@ -82,7 +82,10 @@ def _set_every_gauge(m: Metrics, value: float) -> set[str]:
     """Give every gauge of `m` a value (labelled ones one series); their names."""
     names = set()
     for attr in vars(m).values():
-        if isinstance(attr, Gauge):
+        if isinstance(attr, LearnedGauge):
+            attr.set(value)
+            names.add(attr.name)
+        elif isinstance(attr, Gauge):
             child = attr.labels(*(["x"] * len(attr._labelnames))) if attr._labelnames else attr
             child.set(value)
             names.add(attr._name)
@@ -126,3 +129,25 @@ def test_the_merge_of_live_workers_ignores_a_dead_ones_last_state(workers: Worke
     assert workers.value("crs_topology_confirmed_timestamp_seconds") == 2000.0
     assert workers.value("crs_database_up") == 1
     assert workers.value("crs_cache_shard_up", shard="shard-1") == 1
+
+
+def test_a_gauge_a_process_has_not_learned_is_absent_not_zero(workers: Workers) -> None:
+    """A worker that has just started must not pull its node's minimum to 0; no read replica and no
+    TLS must not read as a fresh replica and a certificate that expired in 1970."""
+    running, starting = workers.metrics(101), workers.metrics(102)
+    with workers.worker(101):
+        running.topology_version.set(15)
+        running.database_up.set(1)
+    assert workers.value("crs_topology_version") == 15 and workers.value("crs_database_up") == 1
+    assert workers.value("crs_pg_replica_staleness_seconds") is None
+    assert workers.value("crs_tls_certificate_expiry_timestamp_seconds") is None
+    with workers.worker(102):
+        starting.pg_replica_staleness.set(0.25)
+    assert workers.value("crs_pg_replica_staleness_seconds") == 0.25
+    # One process alone (`crs serve` with one worker): the same, from its own registry.
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    assert registry.get_sample_value("crs_pg_replica_staleness_seconds") is None
+    assert registry.get_sample_value("crs_database_up") is None
+    m.database_up.set(0)
+    assert registry.get_sample_value("crs_database_up") == 0
