@@ -19,22 +19,34 @@ Several workers (docs/slo.md, "Node metrics with several workers"):
 - A gauge without labels whose value a process must learn (`LearnedGauge`) is absent until the process
   has learned it, not 0: a worker that has just started must not pull its node's minimum to 0, and a
   value that does not apply (no read replica, no TLS) must not read as one.
+- A labelled series is dropped (`forget_shard`, `forget_copy`) by removing the child; with workers its
+  last value would live on in the process's file, so it is overwritten first with the value that the
+  merge keeps only when no worker has a real one (+inf under livemin, -inf under livemax), and
+  `WorkerMetricsCollector`, which the supervisor serves, leaves infinite gauge samples out.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import warnings
 from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 from cryptography import x509
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 FLUSH_INTERVAL = 1.0
 
 # Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
+# What a forgotten series is set to in a worker's file: the merge keeps it only when every worker has
+# forgotten the series, and WorkerMetricsCollector then leaves it out. No gauge of ours is infinite.
+_FORGOTTEN = {"livemin": math.inf, "livemax": -math.inf}
 LiveMode = Literal["livemin", "livemax", "livesum"]
 
 
@@ -59,6 +71,33 @@ class LearnedGauge:
                                         registry=self._registry)
                 gauge = self._gauge
         gauge.set(value)
+
+
+def _forget(gauge: Gauge, mode: Literal["livemin", "livemax"], *labelvalues: str) -> None:
+    """Drop one labelled series of `gauge` (merged in `mode`), also from a multiprocess merge."""
+    child = gauge.labels(*labelvalues)
+    # prometheus_client warns that remove() does not reach the files of multiprocess mode: the line
+    # below does. (catch_warnings swaps the process's filters: this runs rarely, on the event loop.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Removal of labels has not been implemented", category=UserWarning)
+        gauge.remove(*labelvalues)
+    # After remove(): a scrape of this process's own registry never sees the value. With workers the
+    # child's value lives in this process's file until overwritten.
+    child.set(_FORGOTTEN[mode])
+
+
+class WorkerMetricsCollector(MultiProcessCollector):
+    """The workers' files merged (prometheus_client), less the gauge series every live worker has
+    forgotten (`_forget`)."""
+
+    def __init__(self, registry: CollectorRegistry, *, path: str) -> None:
+        super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():  # type: ignore[no-untyped-call]
+            if family.type == "gauge":
+                family.samples = [s for s in family.samples if not math.isinf(s.value)]
+            yield family
 
 
 class Metrics:
@@ -249,6 +288,21 @@ class Metrics:
 
     def copy_state(self, shard: str, copy: str, up: bool) -> None:
         self.copy_up.labels(shard, copy).set(1 if up else 0)
+
+    def forget_shard(self, shard: str, *, copies: Iterable[str], states: Iterable[str]) -> None:
+        """The shard left the topology: its gauges go. Its counters stay (a counter never goes back; a
+        series that stops growing is what a dashboard expects of a shard that is gone)."""
+        _forget(self.shard_up, "livemin", shard)
+        for copy in copies:
+            self.forget_copy(shard, copy)
+        for gauge in (self.shard_weight, self.shard_share, self.shard_keys, self.shard_memory, self.shard_hit_ratio):
+            _forget(gauge, "livemax", shard)
+        for state in states:
+            _forget(self.shard_topology_state, "livemax", shard, state)
+
+    def forget_copy(self, shard: str, copy: str) -> None:
+        """A replica removed from the shard (or the shard removed)."""
+        _forget(self.copy_up, "livemin", shard, copy)
 
     def copy_error(self, shard: str, copy: str) -> None:
         self.copy_errors.labels(shard, copy).inc()

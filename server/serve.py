@@ -84,10 +84,10 @@ def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
 
     registry = REGISTRY
     if multiproc_dir is not None:
-        from prometheus_client import multiprocess
+        from server.metrics import WorkerMetricsCollector
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        WorkerMetricsCollector(registry, path=str(multiproc_dir))
     port, host = settings.metrics_port, settings.grpc_host
     try:
         start_http_server(port, addr=host, registry=registry)

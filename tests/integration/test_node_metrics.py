@@ -4,7 +4,9 @@ server/serve.py): the supervisor's merged view of the workers' files.
 - A worker that dies takes its gauges with it: its last state (the topology it ran, when it last
   checked it) no longer pins the node's (the outside check: `CRSTopologyNodeBehind` firing until the
   pod restarted). Its counters stay.
-- A gauge that does not apply (no read replica, no TLS) is absent, not 0.
+- A shard removed from the topology, and a replica removed from a shard, leave the scrape.
+
+These tests have their own stack: they change the shard topology.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import UsedSecrets, fresh_pan, metric, own_env, running
+from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running
 
 NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
@@ -47,6 +49,12 @@ def scrape(node: NodeProcess) -> list[Sample]:
             assert m is not None, line
             found.append((m[1], dict(_LABEL.findall(m[2] or "")), float(m[3])))
     return found
+
+
+def gauges_of_shard(samples: list[Sample], shard: str) -> set[str]:
+    """What the scrape shows about `shard` besides counters (which stay: they never go back)."""
+    return {f"{name}{sorted(labels.items())}" for name, labels, _ in samples
+            if labels.get("shard") == shard and not name.endswith(("_total", "_created"))}
 
 
 def wait_for(what: str, check: Callable[[], bool], within: float = 15.0) -> None:
@@ -112,5 +120,44 @@ def test_a_dead_workers_last_state_leaves_the_node_metrics(env: DevEnvironment, 
         # Nothing to say, nothing said: no replica (CRS_PG_READ_DSN), no TLS in this stack.
         assert "crs_pg_replica_staleness_seconds" not in names
         assert "crs_tls_certificate_expiry_timestamp_seconds" not in names
+    finally:
+        stop(env, node)
+
+
+def test_a_shard_removed_from_the_topology_leaves_the_node_metrics(env: DevEnvironment) -> None:
+    node = env.start_node(**NODE)
+
+    def crs_shards(*args: str) -> None:
+        r = crs_command(env, "shards", *args, overrides={"CRS_PG_DSN": env.operator_dsn})   # an SRE's login
+        assert r.returncode == 0, f"crs shards {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
+
+    try:
+        wait_for("shard-2's stats", lambda: any(name == "crs_cache_shard_keys" and labels == {"shard": "shard-2"}
+                                                for name, labels, _ in scrape(node)))
+        before = gauges_of_shard(scrape(node), "shard-2")
+        assert {"crs_cache_shard_up[('shard', 'shard-2')]",
+                "crs_cache_shard_memory_bytes[('shard', 'shard-2')]"} <= before, before
+
+        shard0 = next(a for a in env.shard_addresses() if a.name == "shard-0")
+        crs_shards("remove-replica", "shard-0", shard0.replicas[0])
+
+        def replica_gone() -> bool:
+            copies = {labels["copy"] for name, labels, _ in scrape(node)
+                      if name == "crs_cache_copy_up" and labels["shard"] == "shard-0"}
+            return copies == {"primary"}
+
+        wait_for("shard-0's replica left the scrape", replica_gone)
+
+        crs_shards("remove", "shard-2")
+        crs_shards("apply")
+        wait_for("shard-2 left the scrape", lambda: gauges_of_shard(scrape(node), "shard-2") == set())
+        time.sleep(1.0)   # a few more stats rounds and topology polls: nothing comes back
+        samples = scrape(node)
+        assert gauges_of_shard(samples, "shard-2") == set()
+        for shard in ("shard-0", "shard-1"):
+            assert {f"crs_cache_shard_up[('shard', '{shard}')]", f"crs_cache_shard_keys[('shard', '{shard}')]",
+                    f"crs_cache_shard_state[('shard', '{shard}'), ('state', 'active')]"} <= gauges_of_shard(
+                        samples, shard)
+        assert not any(value in (float("inf"), float("-inf")) for _, _, value in samples)
     finally:
         stop(env, node)

@@ -3,6 +3,8 @@ workers, the supervisor's merged view holds what live workers see (server/metric
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,9 +12,8 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, multiprocess, values
-from prometheus_client.multiprocess import MultiProcessCollector
 
-from server.metrics import LearnedGauge, Metrics
+from server.metrics import LearnedGauge, Metrics, WorkerMetricsCollector
 
 
 def test_batched_counts_match_direct_observation() -> None:
@@ -66,7 +67,7 @@ class Workers:
 
     def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.directory))
+        WorkerMetricsCollector(registry, path=str(self.directory))
         return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in registry.collect() for s in f.samples}
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -151,3 +152,59 @@ def test_a_gauge_a_process_has_not_learned_is_absent_not_zero(workers: Workers) 
     assert registry.get_sample_value("crs_database_up") is None
     m.database_up.set(0)
     assert registry.get_sample_value("crs_database_up") == 0
+
+
+def test_a_forgotten_shard_leaves_the_merge_once_every_worker_forgot_it(workers: Workers) -> None:
+    first, second = workers.metrics(101), workers.metrics(102)
+    states = ["active", "down"]
+    for pid, m, up, keys in ((101, first, False, 100), (102, second, True, 7)):
+        with workers.worker(pid):
+            for shard in ("shard-0", "shard-1"):
+                m.shard_state(shard, up)
+                m.copy_state(shard, "primary", up)
+                m.copy_state(shard, "replica-1", up)
+                m.shard_keys.labels(shard).set(keys)
+                m.shard_weight.labels(shard).set(1)
+                m.shard_topology_state.labels(shard, "active").set(1)
+                m.shard_error(shard)
+    assert workers.value("crs_cache_shard_up", shard="shard-1") == 0
+    assert workers.value("crs_cache_shard_keys", shard="shard-1") == 100
+    with workers.worker(101), warnings.catch_warnings(record=True) as caught:
+        first.forget_shard("shard-1", copies=["primary", "replica-1"], states=states)
+    assert caught == [], "prometheus_client's 'not implemented in multi-process mode': handled, not logged"
+    # The other worker still runs the old topology: its values, not the forgotten ones, and no sentinel.
+    assert workers.value("crs_cache_shard_up", shard="shard-1") == 1
+    assert workers.value("crs_cache_copy_up", shard="shard-1", copy="replica-1") == 1
+    assert workers.value("crs_cache_shard_keys", shard="shard-1") == 7
+    assert workers.value("crs_cache_shard_state", shard="shard-1", state="active") == 1
+    with workers.worker(102):
+        second.forget_shard("shard-1", copies=["primary", "replica-1"], states=states)
+    scraped = workers.scrape()
+    assert [key for key in scraped if ("shard", "shard-1") in key[1] and not key[0].endswith("_total")] == []
+    assert not any(math.isinf(v) for v in scraped.values())
+    assert workers.value("crs_cache_shard_errors_total", shard="shard-1") == 2, "counters stay"
+    assert workers.value("crs_cache_shard_up", shard="shard-0") == 0
+    assert workers.value("crs_cache_shard_keys", shard="shard-0") == 100
+    # A replica removed from a shard that stays; then the shard back: its series come back.
+    for pid, m in ((101, first), (102, second)):
+        with workers.worker(pid):
+            m.forget_copy("shard-0", "replica-1")
+    assert workers.value("crs_cache_copy_up", shard="shard-0", copy="replica-1") is None
+    assert workers.value("crs_cache_copy_up", shard="shard-0", copy="primary") == 0
+    with workers.worker(102):
+        second.shard_state("shard-1", True)
+        second.shard_keys.labels("shard-1").set(3)
+    assert workers.value("crs_cache_shard_up", shard="shard-1") == 1
+    assert workers.value("crs_cache_shard_keys", shard="shard-1") == 3
+
+
+def test_a_forgotten_shard_leaves_a_single_process_registry() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    m.shard_state("shard-1", True)
+    m.copy_state("shard-1", "primary", True)
+    m.shard_keys.labels("shard-1").set(5)
+    m.shard_error("shard-1")
+    m.forget_shard("shard-1", copies=["primary"], states=["active"])
+    samples = [s for f in registry.collect() for s in f.samples if s.labels.get("shard") == "shard-1"]
+    assert {s.name for s in samples} == {"crs_cache_shard_errors_total", "crs_cache_shard_errors_created"}
