@@ -26,6 +26,7 @@ import asyncpg
 
 from server.cache.breaker import BreakerPolicy
 from server.cache.replicas import ReplicatedShard
+from server.cache.shard import SHARD_ERRORS, Shard
 from server.cache.tier import RedisTier
 from server.metrics import Metrics
 from server.settings import Settings
@@ -58,6 +59,22 @@ DRAIN_SLACK = 1.0
 # The INFO for metrics may take this many CRS_REDIS_TIMEOUTs: it is DBSIZE plus INFO, a far larger
 # reply than a lookup's, and it runs apart from lookups, so a slow answer costs nothing but a sample.
 STATS_TIMEOUT_FACTOR = 4
+
+
+async def probe_copies(tier: RedisTier, *, timeout: float) -> None:
+    """At start, one PING per copy: a copy that does not answer is marked down (its breaker probes it
+    again after CRS_SHARD_RETRY_INTERVAL, and flushes it before it serves), so `crs_cache_shard_up` and
+    `crs_cache_copy_up` say from the first scrape what the first lookups would find out."""
+    async def one(copy: Shard) -> None:
+        if not copy.is_up:
+            return   # marked down by the topology
+        try:
+            async with asyncio.timeout(timeout):
+                await copy.client.ping()
+        except SHARD_ERRORS as exc:
+            copy.breaker.mark_down(exc)
+
+    await asyncio.gather(*(one(copy) for copy in tier.copies()))
 
 
 def node_identity() -> str:
@@ -101,11 +118,13 @@ class TopologyWatcher:
                     on_state_change=self._shard_state, on_copy=self.metrics.copied,
                     on_reply_error=self.metrics.shard_reply_error, on_copy_state=self._copy_state,
                     on_copy_error=self.metrics.copy_error)
-                self._export(topology)
             started = time.monotonic()
             await heartbeat(conn, self.report())
         if self.tier is not None:
             self.tier.renew_lease(started + s.topology_lease)
+            await probe_copies(self.tier, timeout=s.redis_timeout)
+        if topology is not None:
+            self._export(topology)
         return self.tier
 
     def in_force(self) -> dict[str, object]:

@@ -4,9 +4,11 @@ server/serve.py): the supervisor's merged view of the workers' files.
 - A worker that dies takes its gauges with it: its last state (the topology it ran, when it last
   checked it) no longer pins the node's (the outside check: `CRSTopologyNodeBehind` firing until the
   pod restarted). Its counters stay.
+- A shard that does not answer at start is down from the first scrape, and the log says why.
 - A shard removed from the topology, and a replica removed from a shard, leave the scrape.
 
-These tests have their own stack: they change the shard topology.
+These tests have their own stack: they change the shard topology. They run in this order (the third
+publishes a topology; the second needs none published: its node runs CRS_REDIS_SHARDS).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import pytest
 
+from devstack import free_port
 from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
+from server.settings import ShardAddress
 from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running
 
 NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)
@@ -120,6 +124,28 @@ def test_a_dead_workers_last_state_leaves_the_node_metrics(env: DevEnvironment, 
         # Nothing to say, nothing said: no replica (CRS_PG_READ_DSN), no TLS in this stack.
         assert "crs_pg_replica_staleness_seconds" not in names
         assert "crs_tls_certificate_expiry_timestamp_seconds" not in names
+    finally:
+        stop(env, node)
+
+
+def test_a_shard_that_does_not_answer_at_start_is_down_from_the_first_scrape(env: DevEnvironment) -> None:
+    password = "metrics-test-pw-7f3a"
+    dead = ShardAddress("shard-9", f"redis://:{password}@127.0.0.1:{free_port()}/0")
+    node = env.start_node(redis_shards=(*env.shard_addresses(), dead), **NODE)
+    try:
+        # Both workers serving (start_node waits for one); no lookup has used shard-9.
+        wait_for("two workers serving", lambda: LogFile(node.log_path).text().count('"node serving"') == 2)
+        samples = scrape(node)
+        up = {labels["shard"]: value for name, labels, value in samples if name == "crs_cache_shard_up"}
+        assert up == {"shard-0": 1, "shard-1": 1, "shard-2": 1, "shard-9": 0}
+        copies = {(labels["shard"], labels["copy"]): value for name, labels, value in samples
+                  if name == "crs_cache_copy_up"}
+        assert copies[("shard-9", "primary")] == 0 and copies[("shard-0", "replica-1")] == 1
+        log = LogFile(node.log_path).text()
+        down = [line for line in log.splitlines() if "cache shard copy marked down" in line and "shard-9" in line]
+        assert len(down) == 2, log                      # once per worker
+        assert all("ECONNREFUSED" in line and "ConnectionRefusedError" in line for line in down), down
+        assert password not in log
     finally:
         stop(env, node)
 
