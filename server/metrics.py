@@ -10,26 +10,103 @@ hit (docs/benchmarks). A scrape therefore lags by at most FLUSH_INTERVAL. In the
 gRPC threads count while the event loop flushes: each thread counts into its own totals, which only
 grow, and `flush()` adds what they gained since the last flush (no lock per call: a shared one,
 contended under the GIL, cost ~5% of a BatchResolve's samples).
+
+Several workers (docs/slo.md, "Node metrics with several workers"):
+- Every gauge says what a process sees now, so it merges in a `live*` mode: when a worker dies the
+  supervisor calls `mark_process_dead`, which deletes that worker's gauge files, and its last values
+  (a topology version, a PostgreSQL or shard outage it saw before dying) stop counting. Its counter
+  and histogram files stay: a node's counters never go back.
+- A gauge without labels whose value a process must learn (`LearnedGauge`) is absent until the process
+  has learned it, not 0: a worker that has just started must not pull its node's minimum to 0, and a
+  value that does not apply (no read replica, no TLS) must not read as one.
+- A labelled series is dropped (`forget_shard`, `forget_copy`) by removing the child; with workers its
+  last value would live on in the process's file, so it is overwritten first with the value that the
+  merge keeps only when no worker has a real one (+inf under livemin, -inf under livemax), and
+  `WorkerMetricsCollector`, which the supervisor serves, leaves infinite gauge samples out.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import warnings
 from bisect import bisect_left
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Literal
 
 from cryptography import x509
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 FLUSH_INTERVAL = 1.0
 
 # Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
 _LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 
+# What a forgotten series is set to in a worker's file: the merge keeps it only when every worker has
+# forgotten the series, and WorkerMetricsCollector then leaves it out. No gauge of ours is infinite.
+_FORGOTTEN = {"livemin": math.inf, "livemax": -math.inf}
+LiveMode = Literal["livemin", "livemax", "livesum"]
+
+
+class LearnedGauge:
+    """A gauge without labels that this process exports only once `set` gives it a value: absent
+    before, where a plain Gauge would export 0 from the start."""
+
+    def __init__(self, name: str, documentation: str, *, mode: LiveMode, registry: CollectorRegistry) -> None:
+        self.name = name
+        self._documentation = documentation
+        self._mode = mode
+        self._registry = registry
+        self._gauge: Gauge | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        gauge = self._gauge
+        if gauge is None:
+            with self._lock:
+                if self._gauge is None:
+                    self._gauge = Gauge(self.name, self._documentation, multiprocess_mode=self._mode,
+                                        registry=self._registry)
+                gauge = self._gauge
+        gauge.set(value)
+
+
+def _forget(gauge: Gauge, mode: Literal["livemin", "livemax"], *labelvalues: str) -> None:
+    """Drop one labelled series of `gauge` (merged in `mode`), also from a multiprocess merge."""
+    child = gauge.labels(*labelvalues)
+    # prometheus_client warns that remove() does not reach the files of multiprocess mode: the line
+    # below does. (catch_warnings swaps the process's filters: this runs rarely, on the event loop.)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Removal of labels has not been implemented", category=UserWarning)
+        gauge.remove(*labelvalues)
+    # After remove(): a scrape of this process's own registry never sees the value. With workers the
+    # child's value lives in this process's file until overwritten.
+    child.set(_FORGOTTEN[mode])
+
+
+class WorkerMetricsCollector(MultiProcessCollector):
+    """The workers' files merged (prometheus_client), less the gauge series every live worker has
+    forgotten (`_forget`)."""
+
+    def __init__(self, registry: CollectorRegistry, *, path: str) -> None:
+        super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():  # type: ignore[no-untyped-call]
+            if family.type == "gauge":
+                family.samples = [s for s in family.samples if not math.isinf(s.value)]
+            yield family
+
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
+
+        def learned(name: str, documentation: str, mode: LiveMode = "livemin") -> LearnedGauge:
+            return LearnedGauge(name, documentation, mode=mode, registry=reg)
+
         self.rpc_latency = Histogram("crs_rpc_latency_seconds", "RPC handling time by method and status",
                                      ["method", "code"], buckets=_LATENCY_BUCKETS, registry=reg)
         self.lookups = Counter("crs_lookups_total", "Keys answered, by the tier that answered them",
@@ -50,11 +127,12 @@ class Metrics:
         self.thread_reads_busy = Counter("crs_cache_thread_reads_busy_total",
                                          "Redis reads left to the event loop: every thread connection to "
                                          "the shard was in use", ["shard"], registry=reg)
+        # Shard and copy states merge by minimum: 0 when any live worker has it down.
         self.shard_up = Gauge("crs_cache_shard_up", "1 when the shard is in use, 0 when marked down",
-                              ["shard"], multiprocess_mode="min", registry=reg)
+                              ["shard"], multiprocess_mode="livemin", registry=reg)
         # Per copy of a shard (primary, replica-1, ...): a shard is up while any copy is.
         self.copy_up = Gauge("crs_cache_copy_up", "1 when the shard copy serves, 0 when marked down",
-                             ["shard", "copy"], multiprocess_mode="min", registry=reg)
+                             ["shard", "copy"], multiprocess_mode="livemin", registry=reg)
         self.copy_errors = Counter("crs_cache_copy_errors_total", "Failed Redis operations per shard copy",
                                    ["shard", "copy"], registry=reg)
         # A copy's invalidation subscription lost (or failing to subscribe again, once per retry while
@@ -63,44 +141,38 @@ class Metrics:
                                          "Invalidation subscriptions lost or not yet renewed, per shard copy; "
                                          "each drops the near-cache", ["shard", "copy"], registry=reg)
         self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
-                                    multiprocess_mode="max", registry=reg)
+                                    multiprocess_mode="livemax", registry=reg)
         self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
                                 "Age of the oldest outbox row not yet settled (0 when none)",
-                                multiprocess_mode="max", registry=reg)
+                                multiprocess_mode="livemax", registry=reg)
         # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
-        self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node", multiprocess_mode="sum",
-                                   registry=reg)
-        self.feed_head = Gauge("crs_feed_head_sequence", "Highest feed sequence this node process has read",
-                               multiprocess_mode="min", registry=reg)
-        self.database_up = Gauge("crs_database_up", "1 when PostgreSQL answered the node's last probe",
-                                 multiprocess_mode="min", registry=reg)
+        self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node",
+                                   multiprocess_mode="livesum", registry=reg)
+        self.feed_head = learned("crs_feed_head_sequence", "Highest feed sequence this node process has read")
+        self.database_up = learned("crs_database_up", "1 when PostgreSQL answered the node's last probe")
         # The BIN table (docs/bins.md) this process answers from.
-        self.bin_table_version = Gauge("crs_bin_table_version", "BIN table version this node process answers from",
-                                       multiprocess_mode="min", registry=reg)
-        self.bin_table_ranges = Gauge("crs_bin_table_ranges", "Ranges in the BIN table this node process holds",
-                                      multiprocess_mode="min", registry=reg)
+        self.bin_table_version = learned("crs_bin_table_version", "BIN table version this node process answers from")
+        self.bin_table_ranges = learned("crs_bin_table_ranges", "Ranges in the BIN table this node process holds")
         # Shard topology (docs/runbooks/resharding.md): the version and phase this process runs, and
         # per shard what `crs shards status` prints.
-        self.topology_version = Gauge("crs_topology_version", "Shard topology version this node process runs",
-                                      multiprocess_mode="min", registry=reg)
+        self.topology_version = learned("crs_topology_version", "Shard topology version this node process runs")
         self.topology_phase = Gauge("crs_topology_phase", "1 for the phase of the topology this process runs",
-                                    ["phase"], multiprocess_mode="max", registry=reg)
-        self.topology_confirmed = Gauge("crs_topology_confirmed_timestamp_seconds",
-                                        "Unix time this process last checked the topology version",
-                                        multiprocess_mode="min", registry=reg)
+                                    ["phase"], multiprocess_mode="livemax", registry=reg)
+        self.topology_confirmed = learned("crs_topology_confirmed_timestamp_seconds",
+                                          "Unix time this process last checked the topology version")
         self.shard_weight = Gauge("crs_cache_shard_weight", "Shard weight in the target ring (0 when draining)",
-                                  ["shard"], multiprocess_mode="max", registry=reg)
+                                  ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_share = Gauge("crs_cache_shard_share", "Fraction of the keyspace the shard owns in the target ring",
-                                 ["shard"], multiprocess_mode="max", registry=reg)
+                                 ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_topology_state = Gauge("crs_cache_shard_state", "1 for the shard's state in the topology",
-                                          ["shard", "state"], multiprocess_mode="max", registry=reg)
+                                          ["shard", "state"], multiprocess_mode="livemax", registry=reg)
         self.shard_keys = Gauge("crs_cache_shard_keys", "Keys on the shard (DBSIZE)", ["shard"],
-                                multiprocess_mode="max", registry=reg)
+                                multiprocess_mode="livemax", registry=reg)
         self.shard_memory = Gauge("crs_cache_shard_memory_bytes", "Memory the shard uses (INFO used_memory)",
-                                  ["shard"], multiprocess_mode="max", registry=reg)
+                                  ["shard"], multiprocess_mode="livemax", registry=reg)
         self.shard_hit_ratio = Gauge("crs_cache_shard_hit_ratio",
                                      "keyspace_hits / (hits + misses) since the shard started (INFO stats)",
-                                     ["shard"], multiprocess_mode="max", registry=reg)
+                                     ["shard"], multiprocess_mode="livemax", registry=reg)
         # This process's asyncpg pool (server/store): connections open, idle among them, and the cap.
         # In use = open - idle; a pod sums its workers (livesum: exited workers drop out).
         self.pg_pool_connections = Gauge("crs_pg_pool_connections", "PostgreSQL connections open in the pool",
@@ -110,16 +182,15 @@ class Metrics:
         self.pg_pool_max = Gauge("crs_pg_pool_max_connections", "Most connections the pool may open",
                                  multiprocess_mode="livesum", registry=reg)
         # Cache-miss reads with CRS_PG_READ_DSN (server/store/read_route.py): which server answered, and
-        # how far behind the primary the replica last showed itself to be.
+        # how far behind the primary the replica last showed itself to be (absent without a replica).
         self.pg_reads = Counter("crs_pg_reads_total", "Cache-miss reads by route: replica, replica_uncached (primary"
                                 " out), primary_replica_behind, primary_replica_failed", ["route"], registry=reg)
-        self.pg_replica_staleness = Gauge("crs_pg_replica_staleness_seconds",
-                                          "Age of the newest primary WAL position the read replica has replayed",
-                                          multiprocess_mode="max", registry=reg)
+        self.pg_replica_staleness = learned("crs_pg_replica_staleness_seconds",
+                                            "Age of the newest primary WAL position the read replica has replayed",
+                                            "livemax")
         # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
-        self.tls_cert_expiry = Gauge("crs_tls_certificate_expiry_timestamp_seconds",
-                                     "Unix time the earliest certificate of the served chain expires",
-                                     multiprocess_mode="min", registry=reg)
+        self.tls_cert_expiry = learned("crs_tls_certificate_expiry_timestamp_seconds",
+                                       "Unix time the earliest certificate of the served chain expires")
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)
@@ -217,6 +288,21 @@ class Metrics:
 
     def copy_state(self, shard: str, copy: str, up: bool) -> None:
         self.copy_up.labels(shard, copy).set(1 if up else 0)
+
+    def forget_shard(self, shard: str, *, copies: Iterable[str], states: Iterable[str]) -> None:
+        """The shard left the topology: its gauges go. Its counters stay (a counter never goes back; a
+        series that stops growing is what a dashboard expects of a shard that is gone)."""
+        _forget(self.shard_up, "livemin", shard)
+        for copy in copies:
+            self.forget_copy(shard, copy)
+        for gauge in (self.shard_weight, self.shard_share, self.shard_keys, self.shard_memory, self.shard_hit_ratio):
+            _forget(gauge, "livemax", shard)
+        for state in states:
+            _forget(self.shard_topology_state, "livemax", shard, state)
+
+    def forget_copy(self, shard: str, copy: str) -> None:
+        """A replica removed from the shard (or the shard removed)."""
+        _forget(self.copy_up, "livemin", shard, copy)
 
     def copy_error(self, shard: str, copy: str) -> None:
         self.copy_errors.labels(shard, copy).inc()

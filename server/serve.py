@@ -84,16 +84,26 @@ def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
 
     registry = REGISTRY
     if multiproc_dir is not None:
-        from prometheus_client import multiprocess
+        from server.metrics import WorkerMetricsCollector
 
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+        WorkerMetricsCollector(registry, path=str(multiproc_dir))
     port, host = settings.metrics_port, settings.grpc_host
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise SettingsError(f"CRS_METRICS_PORT={port}: cannot serve metrics on {host}:{port}: {exc.strerror}"
                             " (0 = no metrics)") from exc
+
+
+def _forget_worker(multiproc_dir: Path, pid: int | None) -> None:
+    """A worker exited: its gauges (live* modes, server/metrics.py) leave the merged view, so the last
+    state it saw (a topology version, an outage) stops counting. Its counters stay: they never go back.
+    Done before the replacement starts, which may get the same pid."""
+    from prometheus_client import multiprocess
+
+    if pid is not None:
+        multiprocess.mark_process_dead(pid, str(multiproc_dir))  # type: ignore[no-untyped-call]
 
 
 def serve(settings: Settings) -> int:
@@ -145,6 +155,7 @@ def serve(settings: Settings) -> int:
             if p.exitcode is not None and not stopping:
                 failures_in_a_row += 1
                 log.error("worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
+                _forget_worker(multiproc_dir, p.pid)
                 if failures_in_a_row > 5 * workers:
                     log.error("workers keep failing; giving up")
                     stopping = True

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +32,27 @@ log = logging.getLogger("crs.cache")
 
 DEFAULT_FAILURE_THRESHOLD = 3
 DEFAULT_RETRY_INTERVAL = 5.0
+
+
+def error_cause(exc: BaseException) -> str | None:
+    """What lies under a shard error, for a log line: the innermost exception it was raised from (or
+    during), by class and errno, e.g. `ConnectionRefusedError: ECONNREFUSED (Connection refused)`;
+    None when nothing does. Never an exception's text, which may quote a URL."""
+    seen = {id(exc)}
+    inner: BaseException | None = None
+    nxt = exc.__cause__ or exc.__context__
+    # asyncio.timeout raises TimeoutError from the CancelledError it used: that one is no cause.
+    while nxt is not None and id(nxt) not in seen and not isinstance(nxt, asyncio.CancelledError):
+        seen.add(id(nxt))
+        inner = nxt
+        nxt = nxt.__cause__ or nxt.__context__
+    if inner is None:
+        return None
+    cause = type(inner).__name__
+    code = inner.errno if isinstance(inner, OSError) else None
+    if isinstance(code, int):
+        cause += f": {errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+    return cause
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +125,18 @@ class Breaker:
         """The shard did not answer (connection lost, timeout, refused). Opens at the threshold."""
         self.failures += 1
         if self.state is BreakerState.CLOSED and max(self.failures, streak or 0) >= self.policy.failure_threshold:
-            self._open()
-            # A copy: "shard-0" is the primary, "shard-0/replica-1" a replica; its siblings, if any, serve on.
-            log.warning("cache shard copy marked down", extra={"shard": self.name, "error": type(exc).__name__,
-                                                               "retry_in_s": self.policy.retry_interval})
-            self._on_state_change(self.name, False)
+            self.mark_down(exc)
+
+    def mark_down(self, exc: BaseException) -> None:
+        """Open now, whatever the streak: the node's start-up PING found the copy unreachable."""
+        if self.state is not BreakerState.CLOSED:
+            return
+        self._open()
+        # A copy: "shard-0" is the primary, "shard-0/replica-1" a replica; its siblings, if any, serve on.
+        log.warning("cache shard copy marked down", extra={"shard": self.name, "error": type(exc).__name__,
+                                                           "cause": error_cause(exc),
+                                                           "retry_in_s": self.policy.retry_interval})
+        self._on_state_change(self.name, False)
 
     def _open(self) -> None:
         self.delete_failures = 0
@@ -147,7 +177,8 @@ class Breaker:
         except Exception as exc:   # any failure leaves the shard down; never a stuck probe
             if self.state is BreakerState.PROBING:
                 self._open()
-            log.info("cache shard copy still down", extra={"shard": self.name, "error": type(exc).__name__})
+            log.info("cache shard copy still down", extra={"shard": self.name, "error": type(exc).__name__,
+                                                           "cause": error_cause(exc)})
         else:
             # Held or released while the probe ran: its result is stale, the state decides.
             if self.state is BreakerState.PROBING:

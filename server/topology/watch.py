@@ -26,6 +26,7 @@ import asyncpg
 
 from server.cache.breaker import BreakerPolicy
 from server.cache.replicas import ReplicatedShard
+from server.cache.shard import SHARD_ERRORS, Shard
 from server.cache.tier import RedisTier
 from server.metrics import Metrics
 from server.settings import Settings
@@ -60,6 +61,22 @@ DRAIN_SLACK = 1.0
 STATS_TIMEOUT_FACTOR = 4
 
 
+async def probe_copies(tier: RedisTier, *, timeout: float) -> None:
+    """At start, one PING per copy: a copy that does not answer is marked down (its breaker probes it
+    again after CRS_SHARD_RETRY_INTERVAL, and flushes it before it serves), so `crs_cache_shard_up` and
+    `crs_cache_copy_up` say from the first scrape what the first lookups would find out."""
+    async def one(copy: Shard) -> None:
+        if not copy.is_up:
+            return   # marked down by the topology
+        try:
+            async with asyncio.timeout(timeout):
+                await copy.client.ping()
+        except SHARD_ERRORS as exc:
+            copy.breaker.mark_down(exc)
+
+    await asyncio.gather(*(one(copy) for copy in tier.copies()))
+
+
 def node_identity() -> str:
     return f"{socket.gethostname()}/{os.getpid()}"
 
@@ -76,7 +93,7 @@ class TopologyWatcher:
         self.tier: RedisTier | None = None
         self.shard_errors: Counter[str] = Counter()
         self._failing = False
-        self._exported: set[str] = set()
+        self._exported: dict[str, set[str]] = {}   # shard -> copies whose series this process exports
         self._reported = -1             # the version in the last heartbeat
         self._next_beat = 0.0
 
@@ -98,14 +115,16 @@ class TopologyWatcher:
                     warm_window=s.cache_ttl,   # by then traffic has refilled an emptied copy anyway
                     preferred_copy=s.cache_preferred_copy,
                     thread_connections=s.redis_thread_connections if s.serving_model == "hybrid" else 0,
-                    on_state_change=self.metrics.shard_state, on_copy=self.metrics.copied,
-                    on_reply_error=self.metrics.shard_reply_error, on_copy_state=self.metrics.copy_state,
+                    on_state_change=self._shard_state, on_copy=self.metrics.copied,
+                    on_reply_error=self.metrics.shard_reply_error, on_copy_state=self._copy_state,
                     on_copy_error=self.metrics.copy_error)
-                self._export(topology)
             started = time.monotonic()
             await heartbeat(conn, self.report())
         if self.tier is not None:
             self.tier.renew_lease(started + s.topology_lease)
+            await probe_copies(self.tier, timeout=s.redis_timeout)
+        if topology is not None:
+            self._export(topology)
         return self.tier
 
     def in_force(self) -> dict[str, object]:
@@ -121,6 +140,17 @@ class TopologyWatcher:
     def _shard_error(self, shard: str) -> None:
         self.shard_errors[shard] += 1
         self.metrics.shard_error(shard)
+
+    # A copy of a shard that left the topology may still change state while its client closes: its
+    # series are gone (`_export`) and must stay gone.
+    def _shard_state(self, shard: str, up: bool) -> None:
+        if self.tier is not None and shard in self.tier.shards:
+            self.metrics.shard_state(shard, up)
+
+    def _copy_state(self, shard: str, copy: str, up: bool) -> None:
+        group = self.tier.shards.get(shard) if self.tier is not None else None
+        if group is not None and any(c.copy == copy for c in group.copies):
+            self.metrics.copy_state(shard, copy, up)
 
     async def run(self, *, host: str, port: int) -> None:
         """Poll, swap, heartbeat, until cancelled. Database errors keep the current version."""
@@ -220,24 +250,26 @@ class TopologyWatcher:
         for phase in Phase:
             m.topology_phase.labels(phase.value).set(1 if phase is t.phase else 0)
         share = t.target_ring.share()
+        exported: dict[str, set[str]] = {}
         for s in t.shards:
             draining = s.state is ShardState.DRAINING
             m.shard_weight.labels(s.name).set(0 if draining else s.weight)
             m.shard_share.labels(s.name).set(share.get(s.name, 0.0))
             for state in ShardState:
                 m.shard_topology_state.labels(s.name, state.value).set(1 if state is s.state else 0)
+            copies: set[str] = set()
             if self.tier is not None:
                 group = self.tier.shards[s.name]
                 m.shard_state(s.name, group.is_up)
                 for copy in group.copies:
                     m.copy_state(s.name, copy.copy, copy.is_up)
-        gone = set(self._exported) - {s.name for s in t.shards}
-        for name in gone:   # removed from the topology: no share, no state
-            m.shard_weight.labels(name).set(0)
-            m.shard_share.labels(name).set(0)
-            for state in ShardState:
-                m.shard_topology_state.labels(name, state.value).set(0)
-        self._exported = {s.name for s in t.shards} | gone
+                copies = {copy.copy for copy in group.copies}
+            for label in self._exported.get(s.name, set()) - copies:   # a replica removed
+                m.forget_copy(s.name, label)
+            exported[s.name] = copies
+        for name in self._exported.keys() - exported.keys():   # removed from the topology: its series go
+            m.forget_shard(name, copies=self._exported[name], states=[state.value for state in ShardState])
+        self._exported = exported
 
     async def collect_stats(self) -> None:
         if self.tier is None:
@@ -254,6 +286,8 @@ class TopologyWatcher:
                     stats = await read_stats(shard.client, timeout=self.settings.redis_timeout * STATS_TIMEOUT_FACTOR)
             except STATS_ERRORS:
                 return
+            if self.tier is None or name not in self.tier.shards:
+                return   # removed from the topology while INFO ran: its series are gone
             self.metrics.shard_keys.labels(name).set(stats.keys)
             self.metrics.shard_memory.labels(name).set(stats.memory_bytes)
             if stats.hit_ratio is not None:

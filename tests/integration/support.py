@@ -58,6 +58,15 @@ def own_env(**options: Any) -> DevEnvironment:
     return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, **options)
 
 
+def running(env: DevEnvironment) -> Iterator[DevEnvironment]:
+    """A module fixture's body: `yield from running(own_env(...))` starts the servers, then stops them."""
+    env.start()
+    try:
+        yield env
+    finally:
+        env.stop()
+
+
 @dataclass
 class Clients:
     node: NodeProcess

@@ -4,14 +4,21 @@ servers. And the guard every command runs under, with the same breaker."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 
 import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from server.cache.breaker import Breaker, BreakerPolicy, BreakerState
-from server.cache.resp import RespError, RespReplyError
+from devstack import free_port
+from server.cache.breaker import Breaker, BreakerPolicy, BreakerState, error_cause
+from server.cache.resp import PipelinedReader, RespError, RespReplyError
 from server.cache.shard import ShardGuard, ShardReplyError, ShardUnavailable
+from server.logs import JsonFormatter
 
 POLICY = BreakerPolicy(failure_threshold=3, retry_interval=5.0)
 
@@ -283,3 +290,63 @@ async def test_the_spelled_out_guard_of_the_read_path_decides_the_same() -> None
     assert probe.calls == 1
     await probe.finish()
     assert b.serving
+
+
+async def _refused(url: str) -> BaseException:
+    """What the lean client and redis-py raise for a shard whose port refuses connections."""
+    reader = PipelinedReader(url, timeout=1.0)
+    try:
+        await reader.get("k")
+    except RespError as exc:
+        return exc
+    finally:
+        reader.close()
+    raise AssertionError("the connection was not refused")
+
+
+async def test_mark_down_opens_at_once_and_the_log_says_the_connection_was_refused(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The node's start-up PING (server/topology/watch.py probe_copies): an unreachable copy is down
+    from the first scrape, not after its first three lookups; the log line names the refusal (class and
+    errno), never the exception's text, which may hold the URL."""
+    url = f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"
+    lean = await _refused(url)
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 0))
+    with pytest.raises(RedisConnectionError) as redis_py:
+        await client.ping()
+    await client.aclose()
+    refused = "ConnectionRefusedError: ECONNREFUSED (Connection refused)"
+    assert error_cause(lean) == refused and error_cause(redis_py.value) == refused
+    assert error_cause(RespError("no reply")) is None
+    try:
+        async with asyncio.timeout(0.001):
+            await asyncio.sleep(1)
+    except TimeoutError as exc:
+        assert error_cause(exc) is None, "the CancelledError asyncio.timeout used is no cause"
+
+    b, _, _, changes = breaker()
+    with caplog.at_level(logging.INFO, logger="crs.cache"):
+        b.mark_down(lean)
+        b.mark_down(lean)                  # already down: said once
+    assert b.state is BreakerState.OPEN and not b.serving and changes == [("shard-0", False)]
+    [record] = [r for r in caplog.records if r.getMessage() == "cache shard copy marked down"]
+    line = JsonFormatter().format(record)
+    assert json.loads(line)["cause"] == refused and json.loads(line)["error"] == "RespError"
+    assert "s3cret" not in line
+    held, _, _, held_changes = breaker()
+    held.hold()
+    held.mark_down(lean)                   # marked down by the topology: stays held
+    assert held.state is BreakerState.HELD and held_changes == [("shard-0", False)]
+
+
+def test_the_threshold_path_logs_the_cause_too(caplog: pytest.LogCaptureFixture) -> None:
+    b, _, _, _ = breaker()
+    try:
+        raise RespError("cannot connect") from TimeoutError()
+    except RespError as exc:
+        error = exc
+    with caplog.at_level(logging.WARNING, logger="crs.cache"):
+        for _ in range(3):
+            b.record_failure(error)
+    [record] = [r for r in caplog.records if r.getMessage() == "cache shard copy marked down"]
+    assert json.loads(JsonFormatter().format(record))["cause"] == "TimeoutError"

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from scripts import monitoring_manifests as mm
-from server.metrics import _LATENCY_BUCKETS, Metrics
+from server.metrics import _LATENCY_BUCKETS, LearnedGauge, Metrics
 
 yaml = pytest.importorskip("yaml")
 promql_parser = pytest.importorskip("promql_parser")
@@ -55,15 +55,16 @@ GRAFANA_VARS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
 def exported_names() -> set[str]:
     """The sample names /metrics can show, from the metric objects themselves (prometheus_client
-    appends _total to counters; histograms expose _bucket/_sum/_count; both may add _created)."""
+    appends _total to counters; histograms expose _bucket/_sum/_count; both may add _created), and
+    the gauges a process exports once it has learned their value."""
     registry = CollectorRegistry()
-    Metrics(registry=registry)
+    metrics = Metrics(registry=registry)
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
                 "gauge": ("",), "summary": ("", "_sum", "_count", "_created")}
     names: set[str] = set()
     for family in registry.collect():
         names |= {family.name + s for s in suffixes[family.type]}
-    return names
+    return names | {g.name for g in vars(metrics).values() if isinstance(g, LearnedGauge)}
 
 
 def test_exported_names_follow_prometheus_client_suffixes() -> None:
