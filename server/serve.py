@@ -154,7 +154,9 @@ def serve(settings: Settings) -> int:
         for i, p in list(procs.items()):
             if p.exitcode is not None and not stopping:
                 failures_in_a_row += 1
-                log.error("worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
+                # Exit 0: it drained on a SIGTERM of its own (an operator's), no failure to page on.
+                (log.warning if p.exitcode == 0 else log.error)(
+                    "worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
                 _forget_worker(multiproc_dir, p.pid)
                 if failures_in_a_row > 5 * workers:
                     log.error("workers keep failing; giving up")
