@@ -145,12 +145,16 @@ def mask_account_number(last4: str, length: int = 10) -> str:
     return "*" * max(length - 4, 2) + last4
 
 
+_ANY_DIGIT = re.compile(r"\d")
 _LONG_DIGITS = re.compile(r"(?<![0-9])([0-9]{6})[0-9]{2,9}([0-9]{4})(?![0-9])")
 
 
 def redact_digits(text: str) -> str:
-    """Mask any 12-19 digit run in free text: the last guard before a log line is written."""
-    return _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)
+    """Mask any 12-19 digit run in free text: the last guard before a log line or an audit row is
+    written. A card number written in groups ("NNNN NNNN NNNN NNNN", dashes, a card's dotted grouping)
+    is no such run: when what is left still holds one (contains_card_number), every digit is masked."""
+    masked = _LONG_DIGITS.sub(lambda m: m.group(1) + "******" + m.group(2), text)
+    return _ANY_DIGIT.sub("*", masked) if contains_card_number(masked) else masked
 
 
 # Digit groups split by whitespace or by one dash of any kind (spaces around it allowed): "NNNN NNNN-NNNN

@@ -9,8 +9,17 @@ import uuid
 import grpc
 
 from devstack.demo import demo_routing
+from devstack.environment import DevEnvironment
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, new_customer
+from tests.integration.support import (
+    Clients,
+    UsedSecrets,
+    expect_code,
+    fresh_account_number,
+    fresh_pan,
+    new_customer,
+    sql,
+)
 
 # README ("Consistency"): a committed write is visible on every node within near_cache_ttl (2 s) even
 # if its pub/sub invalidation is lost; normally within milliseconds.
@@ -110,7 +119,8 @@ def test_a_request_id_reused_with_other_arguments_is_refused(node_a: Clients, no
                 grpc.StatusCode.NOT_FOUND)                       # and nothing was issued
 
 
-def test_text_answered_in_clear_holds_no_card_number(node_a: Clients, used_secrets: UsedSecrets) -> None:
+def test_text_answered_in_clear_holds_no_card_number(dev_env: DevEnvironment, node_a: Clients,
+                                                    used_secrets: UsedSecrets) -> None:
     """A display name or segment is cached and answered in every Resolution: a card number typed
     into one (with or without spaces) is refused without being echoed, as are control characters."""
     customer = new_customer(node_a.admin, "Plain Name")
@@ -131,6 +141,11 @@ def test_text_answered_in_clear_holds_no_card_number(node_a: Clients, used_secre
     err = expect_code(lambda: node_a.admin.UpdateCustomer(pb.UpdateCustomerRequest(
         customer_id=customer.customer_id, display_name="Bell\x07"), timeout=5), grpc.StatusCode.INVALID_ARGUMENT)
     assert "display_name contains control characters" in (err.details() or "")
+    # The refused request_id is in the audit log (refusals are audited), its digits masked: it held
+    # no 12-19 digit run for the old redaction to catch.
+    audited = [r["request_id"] for r in sql(dev_env.settings().pg_dsn,
+                                            "SELECT request_id FROM audit_log WHERE request_id LIKE 'retry-%'")]
+    assert "retry-**** **** **** ****" in audited and not [r for r in audited if pan[-4:] in r], audited
     profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=customer.customer_id), timeout=5)
     assert profile.customer.display_name == "Plain Name" and profile.customer.version == 1
     # A UUID is no card number, although its first groups can read as one (one uuid4 in ~400 did).

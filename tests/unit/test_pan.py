@@ -77,6 +77,10 @@ def test_mask_pan_shows_first6_last4_only() -> None:
     assert mask_pan(pan) == pan[:6] + "******" + pan[-4:]
     assert redact_digits(f"card {pan} declined") == f"card {pan[:6]}******{pan[-4:]} declined"
     assert redact_digits("order 12345 ok") == "order 12345 ok"
+    # Written in groups it is no 12-19 digit run, but still a card number: every digit goes.
+    spaced = " ".join(pan[i:i + 4] for i in range(0, 16, 4))
+    assert redact_digits(f"retry-{spaced} at 10:30") == "retry-**** **** **** **** at **:**"
+    assert redact_digits(f"retry-{pan[:4]}-{pan[4:8]}-{pan[8:12]}-{pan[12:]}").count("*") == 16
 
 
 def test_routing_numbers() -> None:
