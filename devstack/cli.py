@@ -81,7 +81,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin', 'switch', 'feed' and 'csr')")
         sre, bulk = operator_exports(env.operator_dsn, env.shard_addresses(), env.keys)
-        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status, crs bins) need:\n"
+        print(f"SRE commands (crs shards status|plan|..., crs audit, crs keys status, crs bins, crs pci scan) need:\n"
               f"      {sre}")
         print(f"Bulk import (docs/identity.md, \"Bulk import\") needs that and this dev stack's throwaway keys:\n"
               f"      {bulk}\n"
