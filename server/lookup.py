@@ -86,7 +86,7 @@ class LookupHandlers:
         load: ReadQuery = partial(reads.card_by_fingerprint, version=version, fingerprint=fp,
                                   timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
-            load = partial(self._any_version, reads.card_by_fingerprint, pan, load)
+            load = partial(self._any_version, "card", reads.card_by_fingerprint, pan, load)
         return Lookup(self._card_key_prefix() + fp.hex(), load, "card")
 
     def card_hit(self, pan: str) -> bytes | None:
@@ -117,10 +117,11 @@ class LookupHandlers:
         load: ReadQuery = partial(reads.account_by_fingerprint, version=version, fingerprint=fp,
                                   timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
-            load = partial(self._any_version, reads.account_by_fingerprint, value, load)
+            load = partial(self._any_version, "account", reads.account_by_fingerprint, value, load)
         return Lookup(ck.account_key(version, fp), load, "account")
 
-    async def _any_version(self, read: Read, value: str, current: ReadQuery, conn: Any) -> bytes | Uncacheable | None:
+    async def _any_version(self, kind: str, read: Read, value: str, current: ReadQuery,
+                           conn: Any) -> bytes | Uncacheable | None:
         """During a fingerprint-key rotation a row may carry only another configured version yet:
         a miss under the current version tries the others before answering NOT_FOUND. What is
         found that way is answered but not cached: a write invalidates a row's keys under the
@@ -133,6 +134,7 @@ class LookupHandlers:
             other = await read(conn, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
                                hints=self.hints)
             if other is not None:
+                self.resolver.metrics.other_key_version.labels(kind).inc()
                 return Uncacheable(other)
         return None
 

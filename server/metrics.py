@@ -191,6 +191,11 @@ class Metrics:
         # notAfter of the certificate chain the gRPC port serves (earliest of the chain); absent without TLS.
         self.tls_cert_expiry = learned("crs_tls_certificate_expiry_timestamp_seconds",
                                        "Unix time the earliest certificate of the served chain expires")
+        # A fingerprint-key rotation under way (docs/security.md): lookups that found their row only under
+        # another configured key version than the node's, answered uncached (server/lookup.py).
+        self.other_key_version = Counter("crs_lookups_other_key_version_total",
+                                         "Card and account lookups found only under another fingerprint key"
+                                         " version than this node's (answered, not cached)", ["kind"], registry=reg)
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)

@@ -19,7 +19,7 @@ from server import rpc
 from server.crypto import encode_key, new_key
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import crs_command, own_env
+from tests.integration.support import crs_command, own_env, wait_metric
 
 CUSTOMERS = 150
 CARDS = CUSTOMERS * 2
@@ -193,6 +193,9 @@ def test_a_change_reaches_nodes_on_either_version_while_they_roll(env: DevEnviro
             for _ in range(3):   # a miss, then what would have been cached
                 assert lookup.ResolveCard(by_pan, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
                 assert lookup.ResolveAccount(by_number, timeout=5).account.status == pb.ACCOUNT_STATUS_OPEN
+        # Each of them read PostgreSQL, and the node counts them: the sign of a roll under way.
+        for kind in ("card", "account"):
+            wait_metric(on_old, "crs_lookups_other_key_version_total", 3, kind=kind)
         with on_new.channel() as ch:
             admin = rpc.stub(ch, "AdminService")
             admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_LOST), timeout=5)
