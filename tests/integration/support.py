@@ -267,6 +267,19 @@ def crs_command(env: DevEnvironment, *args: str, stdin: str = "", overrides: dic
                           capture_output=True, input=stdin, text=True, timeout=timeout)
 
 
+def worker_pids(node: NodeProcess) -> set[int]:
+    """The node's worker processes (not multiprocessing's resource tracker, its other child)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True).stdout
+    pids = set()
+    for pid in map(int, out.split()):
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(pid)
+        except FileNotFoundError:
+            pass
+    return pids
+
+
 def sql(dsn: str, query: str, *args: Any) -> list[Any]:
     """The rows of one query (asyncpg Records)."""
     return list(on_database(dsn, lambda conn: conn.fetch(query, *args)))

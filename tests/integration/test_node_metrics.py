@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import ShardAddress
-from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running
+from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running, worker_pids
 
 NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
@@ -66,19 +65,6 @@ def wait_for(what: str, check: Callable[[], bool], within: float = 15.0) -> None
     while not check():
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.1)
-
-
-def worker_pids(node: NodeProcess) -> set[int]:
-    """The node's worker processes (not multiprocessing's resource tracker, its other child)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True).stdout
-    pids = set()
-    for pid in map(int, out.split()):
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                pids.add(pid)
-        except FileNotFoundError:
-            pass
-    return pids
 
 
 def metrics_dir(pid: int) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -19,6 +18,7 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from server import rpc
 from server.client_config import CHANNEL_OPTIONS, channel_options, multi_target
 from server.proto import crs_pb2 as pb
+from tests.integration.support import worker_pids
 
 NODES = 3
 CALL_TIMEOUT = 2.0
@@ -98,13 +98,6 @@ def test_rolling_restart_under_load_fails_no_call(dev_env: DevEnvironment) -> No
                 dev_env.nodes.remove(n)
 
 
-def _workers(node: NodeProcess) -> set[int]:
-    """The node's worker processes (multiprocessing's spawned children, not its resource tracker)."""
-    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True,
-                           text=True)
-    return {int(line.split()[0]) for line in found.stdout.splitlines() if "spawn_main" in line}
-
-
 def test_behind_one_address_draining_workers_fail_no_call(dev_env: DevEnvironment) -> None:
     """One address standing for several servers, as an L4 load balancer's VIP or a ClusterIP stands
     for nodes: here one node's two workers sharing a port. Each drains in turn (SIGTERM; the node
@@ -116,7 +109,7 @@ def test_behind_one_address_draining_workers_fail_no_call(dev_env: DevEnvironmen
     try:
         with Load(channel) as load:
             time.sleep(1.0)
-            workers = _workers(node)
+            workers = worker_pids(node)
             assert len(workers) == 2, workers
             for victim in sorted(workers):
                 started = node.log_path.read_text().count('"node serving"')
