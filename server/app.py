@@ -40,6 +40,7 @@ from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
 from server.gate import Gate, failed_call, request_parser
+from server.grpc_pool import GrpcThreadPool
 from server.hybrid import WAITING_SHARE, HybridHandlers, LoopBridge
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
@@ -228,7 +229,7 @@ class Node:
         self.tailer: FeedTailer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
-        self._executor: ThreadPoolExecutor | None = None  # hybrid: the gRPC threads
+        self._executor: GrpcThreadPool | None = None  # hybrid: the gRPC threads
         self._stream_executor: ThreadPoolExecutor | None = None  # hybrid: the streams' threads
         self.port: int = 0
 
@@ -292,8 +293,9 @@ class Node:
                     (rpc.IDENTITY_SERVICE, identity))
         server: grpc.aio.Server | grpc.Server
         if isinstance(self.health, ThreadedHealth):
-            # The hybrid model: gRPC threads answer near-cache hits, this loop does the rest (server/hybrid.py).
-            self._executor = ThreadPoolExecutor(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
+            # The hybrid model: gRPC threads (server/grpc_pool.py) answer near-cache hits, this loop does the
+            # rest (server/hybrid.py).
+            self._executor = GrpcThreadPool(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
             self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads, thread_name_prefix="crs-stream")
             server = grpc.server(self._executor, options=options)
             self._bridge = LoopBridge(asyncio.get_running_loop(),

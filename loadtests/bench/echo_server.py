@@ -1,5 +1,6 @@
 """The ceiling: a bare grpc.aio unary server on uvloop that answers every call with canned bytes
-(with --sync: the synchronous grpc.server on a thread pool, the ceiling of the hybrid serving model).
+(with --sync: the synchronous grpc.server on a thread pool, the ceiling of the hybrid serving model;
+--pool node puts it on the node's own pool, server/grpc_pool.py).
 
 It registers the same method path as the node (/crs.v1.LookupService/ResolveCard) and answers with
 the serialized Resolution the node returns for a demo card, so the load generator runs the very same
@@ -7,7 +8,7 @@ client code against it and the response has exactly the size of a real answer. I
 no parsing, no validation, no HMAC, no cache, no metrics. Whatever the node costs above this is the
 price of the service itself.
 
-    python -m loadtests.bench.echo_server --port 50099 --payload FILE [--sync [--threads 64]]
+    python -m loadtests.bench.echo_server --port 50099 --payload FILE [--sync [--threads 64] [--pool node]]
 
 Prints ``READY <port>`` on stdout once it is serving; SIGTERM/SIGINT stop it, and so does its parent
 process going away.
@@ -28,6 +29,7 @@ import grpc
 import uvloop
 
 from server import rpc
+from server.grpc_pool import GrpcThreadPool
 
 ECHO_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["ResolveCard"]
 
@@ -66,11 +68,15 @@ async def serve(port: int, payload: bytes) -> None:
     await server.stop(0)
 
 
-def serve_sync(port: int, payload: bytes, threads: int) -> None:
-    """The same echo on the synchronous grpc.server, with the node's hybrid options (server/app.py)."""
+def serve_sync(port: int, payload: bytes, threads: int, pool: str = "futures") -> None:
+    """The same echo on the synchronous grpc.server, with the node's hybrid options (server/app.py).
+    `pool`: "futures" (concurrent.futures.ThreadPoolExecutor, grpc's documented default: the
+    benchmark's ceiling) or "node" (the node's own GrpcThreadPool, server/grpc_pool.py)."""
     handler = grpc.method_handlers_generic_handler(
         ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(lambda raw, ctx: payload)})
-    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=rpc.SERVER_OPTIONS)
+    executor = (GrpcThreadPool(threads, thread_name_prefix="echo") if pool == "node"
+                else ThreadPoolExecutor(max_workers=threads))
+    server = grpc.server(executor, options=rpc.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     if not bound:
@@ -97,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sync", action="store_true", help="serve on the synchronous grpc.server instead")
     parser.add_argument("--threads", type=int, default=64, help="--sync: thread pool size (default 64, as the"
                                                                 " node's CRS_SERVING_THREADS)")
+    parser.add_argument("--pool", choices=("futures", "node"), default="futures",
+                        help="--sync: the server's thread pool: futures (concurrent.futures, the default and"
+                             " the ceiling) or node (the node's GrpcThreadPool)")
     args = parser.parse_args(argv)
     if args.sync:
-        serve_sync(args.port, args.payload.read_bytes(), args.threads)
+        serve_sync(args.port, args.payload.read_bytes(), args.threads, args.pool)
     else:
         uvloop.run(serve(args.port, args.payload.read_bytes()))
     return 0

@@ -1,0 +1,127 @@
+"""The hybrid model's gRPC threads: a thread pool that does what grpc.server needs of one and no more.
+
+grpc's sync server hands every call to its pool (`executor.submit`) and adds one done-callback to
+what submit returns, to count the call as finished; it never waits on it or reads its result.
+concurrent.futures.ThreadPoolExecutor does more for each call in Python: a Future with its
+Condition (an RLock) taken three times, a pure-Python Semaphore taken on submit and released after
+the work, a shutdown lock. Measured, a submit, its run and its callback on one core (16 in flight,
+64 threads): 7.6-8.1 us of CPU with ThreadPoolExecutor, 2.9-3.1 us here. (docs/decisions.md,
+"The gRPC threads' pool".)
+
+Same behaviour otherwise: threads start as the load needs them, up to `max_workers` (a thread is
+started when no idle one is waiting), run each call in submission order, and `shutdown` drops
+calls not yet started (their callbacks still run, as a cancelled Future's do). A call that raises
+is logged: grpc catches its handlers' exceptions itself, so one reaching here is grpc's own bug.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_Item = tuple["CallDone", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class CallDone:
+    """What submit returns: add_done_callback, nothing else (all grpc.server uses).
+
+    Without a lock: a callback is appended, then `done` is read; the worker sets `done`, then runs
+    what is there. Whichever of the two comes second pops the callback, and list.pop hands each one
+    to exactly one thread."""
+
+    __slots__ = ("_callbacks", "done")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[CallDone], object]] = []
+        self.done = False
+
+    def add_done_callback(self, fn: Callable[[CallDone], object]) -> None:
+        self._callbacks.append(fn)
+        if self.done:
+            self._run_callbacks()
+
+    def finish(self) -> None:
+        self.done = True
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        callbacks = self._callbacks
+        while True:
+            try:
+                fn = callbacks.pop()
+            except IndexError:
+                return
+            try:
+                fn(self)
+            except Exception:
+                log.exception("a gRPC call's done-callback failed")
+
+
+class GrpcThreadPool(concurrent.futures.Executor):
+    """Threads for grpc.server's calls (see the module's docstring)."""
+
+    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+        if max_workers < 1:
+            raise ValueError("max_workers must be at least 1")
+        self.max_workers = max_workers
+        self._prefix = thread_name_prefix
+        self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()   # one token per thread waiting for work
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()   # starting threads, shutting down
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallDone:  # type: ignore[override]
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new calls after shutdown")
+        done = CallDone()
+        self._work.put((done, fn, args, kwargs))
+        try:
+            self._idle.get_nowait()      # an idle thread will take it
+        except queue.Empty:
+            self._start_thread()
+        return done
+
+    def _start_thread(self) -> None:
+        with self._lock:
+            if self._shutdown or len(self._threads) >= self.max_workers:
+                return     # a busy thread takes the call when it is free
+            thread = threading.Thread(target=self._serve, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            self._threads.append(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        take, idle = self._work.get, self._idle.put
+        while (item := take()) is not None:
+            done, fn, args, kwargs = item
+            try:
+                fn(*args, **kwargs)
+            except BaseException:
+                log.exception("a gRPC call raised out of grpc's own handling")
+            done.finish()
+            del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
+            idle(None)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].finish()
+        for _ in threads:
+            self._work.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()

@@ -1,0 +1,150 @@
+"""The hybrid model's gRPC thread pool (server/grpc_pool.py): what grpc.server relies on of its
+executor (each call run once, each done-callback run once whenever it is added, threads bounded),
+and what the node's stop relies on (shutdown drops queued calls but still runs their callbacks)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+
+from server.grpc_pool import GrpcThreadPool
+
+
+def _wait(event: threading.Event) -> None:
+    assert event.wait(10), "timed out"
+
+
+def test_runs_each_call_with_its_arguments_and_its_callback_once() -> None:
+    pool = GrpcThreadPool(4, "t")
+    seen: list[tuple[int, str]] = []
+    called: list[object] = []
+    finished = threading.Event()
+    done = pool.submit(lambda a, *, b: seen.append((a, b)), 1, b="x")
+
+    def callback(d: object) -> None:
+        called.append(d)
+        finished.set()
+
+    done.add_done_callback(callback)
+    _wait(finished)
+    time.sleep(0.05)   # a second run of the callback, if there were one, has had its time
+    assert seen == [(1, "x")]
+    assert called == [done]
+    late: list[object] = []
+    done.add_done_callback(late.append)   # added after the call finished: runs at once, here
+    assert late == [done]
+    pool.shutdown()
+
+
+def test_a_callback_added_while_the_call_runs_runs_once_when_it_ends() -> None:
+    pool = GrpcThreadPool(2, "t")
+    release = threading.Event()
+    ran = threading.Event()
+    counted: list[object] = []
+    done = pool.submit(release.wait, 10)
+    done.add_done_callback(lambda d: (counted.append(d), ran.set()))
+    assert not ran.is_set()
+    release.set()
+    _wait(ran)
+    pool.shutdown()
+    assert len(counted) == 1
+
+
+def test_every_callback_runs_exactly_once_under_contention() -> None:
+    """Submitters on several threads racing the workers, as grpc's poll thread adds its callback
+    right after submit: each of 20,000 calls counted once, none lost, none twice."""
+    pool = GrpcThreadPool(8, "t")
+    counts = [0] * 20_000
+    lock = threading.Lock()
+    all_done = threading.Event()
+    total = [0]
+
+    def count(i: int) -> None:
+        with lock:
+            counts[i] += 1
+            total[0] += 1
+            if total[0] == len(counts):
+                all_done.set()
+
+    def submitter(start: int) -> None:
+        for i in range(start, len(counts), 4):
+            pool.submit(lambda: None).add_done_callback(lambda _d, i=i: count(i))
+
+    threads = [threading.Thread(target=submitter, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    _wait(all_done)
+    pool.shutdown()
+    assert set(counts) == {1}
+
+
+def test_threads_start_as_needed_and_never_past_the_bound() -> None:
+    pool = GrpcThreadPool(3, "crs-test")
+    for _ in range(50):   # one at a time: the one idle thread takes each
+        finished = threading.Event()
+        pool.submit(finished.set)
+        _wait(finished)
+        time.sleep(0.001)
+    one = {t.name for t in threading.enumerate() if t.name.startswith("crs-test_")}
+    assert len(one) == 1
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        gate.wait(10)
+
+    for _ in range(6):   # more than the bound at once: three run, three wait their turn
+        pool.submit(hold)
+    for _ in range(3):
+        assert started.acquire(timeout=10)
+    assert not started.acquire(timeout=0.2)
+    assert len({t.name for t in threading.enumerate() if t.name.startswith("crs-test_")}) == 3
+    gate.set()
+    for _ in range(3):
+        assert started.acquire(timeout=10)
+    pool.shutdown(wait=True)
+    assert not [t for t in threading.enumerate() if t.name.startswith("crs-test_")]
+
+
+def test_shutdown_drops_waiting_calls_runs_their_callbacks_and_refuses_new_ones() -> None:
+    pool = GrpcThreadPool(1, "t")
+    gate = threading.Event()
+    running = threading.Event()
+    ran: list[int] = []
+    callbacks: list[int] = []
+    first = pool.submit(lambda: (running.set(), gate.wait(10)))
+    first.add_done_callback(lambda _d: callbacks.append(0))
+    _wait(running)
+    for i in range(1, 4):
+        pool.submit(ran.append, i).add_done_callback(lambda _d, i=i: callbacks.append(i))
+    pool.shutdown(wait=False, cancel_futures=True)
+    assert sorted(callbacks) == [1, 2, 3]   # dropped, and counted as ended (grpc's active-call count)
+    with pytest.raises(RuntimeError):
+        pool.submit(ran.append, 9)
+    gate.set()
+    pool.shutdown(wait=True)
+    assert ran == []                        # none of the dropped calls ran
+    assert sorted(callbacks) == [0, 1, 2, 3]
+
+
+def test_a_call_that_raises_is_logged_and_the_thread_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    pool = GrpcThreadPool(1, "t")
+    ended = threading.Event()
+
+    def boom() -> None:
+        raise ValueError("grpc's own bug")
+
+    with caplog.at_level(logging.ERROR, logger="server.grpc_pool"):
+        pool.submit(boom).add_done_callback(lambda _d: ended.set())
+        _wait(ended)
+        after = threading.Event()
+        pool.submit(after.set)
+        _wait(after)
+    pool.shutdown()
+    assert any("raised out of grpc's own handling" in r.getMessage() and r.exc_info for r in caplog.records)
