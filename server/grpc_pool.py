@@ -9,7 +9,8 @@ the work, a shutdown lock. Measured, a submit, its run and its callback on one c
 "The gRPC threads' pool".)
 
 Same behaviour otherwise: threads start as the load needs them, up to `max_workers` (a thread is
-started when no idle one is waiting), run each call in submission order, and `shutdown` drops
+started when no idle one is waiting; an idle thread leaves a token in a queue for submit to take),
+run each call in submission order, and `shutdown` drops
 calls not yet started (their callbacks still run, as a cancelled Future's do). A call that raises
 is logged: grpc catches its handlers' exceptions itself, so one reaching here is grpc's own bug.
 """
@@ -76,16 +77,20 @@ class GrpcThreadPool(concurrent.futures.Executor):
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()   # starting threads, shutting down
         self._shutdown = False
+        # Once every thread is started the idle tokens have no use, and none are kept: under
+        # saturation each call that waited for a thread would otherwise leave one more behind.
+        self._full = False
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallDone:  # type: ignore[override]
         if self._shutdown:
             raise RuntimeError("cannot schedule new calls after shutdown")
         done = CallDone()
         self._work.put((done, fn, args, kwargs))
-        try:
-            self._idle.get_nowait()      # an idle thread will take it
-        except queue.Empty:
-            self._start_thread()
+        if not self._full:
+            try:
+                self._idle.get_nowait()      # an idle thread will take it
+            except queue.Empty:
+                self._start_thread()
         return done
 
     def _start_thread(self) -> None:
@@ -93,8 +98,9 @@ class GrpcThreadPool(concurrent.futures.Executor):
             if self._shutdown or len(self._threads) >= self.max_workers:
                 return     # a busy thread takes the call when it is free
             thread = threading.Thread(target=self._serve, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            thread.start()
             self._threads.append(thread)
-        thread.start()
+            self._full = len(self._threads) >= self.max_workers
 
     def _serve(self) -> None:
         take, idle = self._work.get, self._idle.put
@@ -106,7 +112,8 @@ class GrpcThreadPool(concurrent.futures.Executor):
                 log.exception("a gRPC call raised out of grpc's own handling")
             done.finish()
             del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
-            idle(None)
+            if not self._full:
+                idle(None)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

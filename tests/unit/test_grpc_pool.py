@@ -148,3 +148,18 @@ def test_a_call_that_raises_is_logged_and_the_thread_goes_on(caplog: pytest.LogC
         _wait(after)
     pool.shutdown()
     assert any("raised out of grpc's own handling" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_a_saturated_pool_keeps_no_idle_tokens_for_the_calls_that_waited() -> None:
+    """Each call that waited for a busy thread must not leave an idle token behind: under a day of
+    saturation they would be millions (memory), and each one a lie about an idle thread."""
+    pool = GrpcThreadPool(2, "t")
+    gate = threading.Event()
+    ended = threading.Semaphore(0)
+    for _ in range(200):
+        pool.submit(gate.wait, 10).add_done_callback(lambda _d: ended.release())
+    gate.set()
+    for _ in range(200):
+        assert ended.acquire(timeout=10)
+    assert pool._idle.qsize() <= 2   # private, but the tokens are the point of this test
+    pool.shutdown()
