@@ -41,7 +41,7 @@ from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
 from server.gate import Gate, failed_call, request_parser
 from server.grpc_pool import GrpcThreadPool
-from server.hybrid import WAITING_SHARE, HybridHandlers, LoopBridge
+from server.hybrid import REFUSAL_THREADS, WAITING_SHARE, HybridHandlers, LoopBridge
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
@@ -296,12 +296,13 @@ class Node:
             # The hybrid model: gRPC threads (server/grpc_pool.py) answer near-cache hits, this loop does the
             # rest (server/hybrid.py).
             self._executor = GrpcThreadPool(max_workers=s.serving_threads, thread_name_prefix="crs-grpc")
-            self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads, thread_name_prefix="crs-stream")
+            self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads + REFUSAL_THREADS,
+                                                       thread_name_prefix="crs-stream")
             server = grpc.server(self._executor, options=options)
             self._bridge = LoopBridge(asyncio.get_running_loop(),
                                       max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
             threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
-                                      stream_pool=self._stream_executor)
+                                      stream_pool=self._stream_executor, max_streams=s.stream_threads)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:

@@ -40,6 +40,7 @@ from server.metrics import Metrics
 T = TypeVar("T")
 WAITING_SHARE = 0.75        # of the gRPC threads, how many may wait on the loop at once (LoopBridge.max_waiting)
 STREAM_HANDOFF = 8          # server-streaming items the loop may run ahead of the gRPC thread sending them
+REFUSAL_THREADS = 16        # threads of the streams' pool beyond its open streams: they tell one more it is refused
 NO_DEADLINE = 86_400.0 * 365   # a call without a deadline reports a time_remaining of centuries
 
 
@@ -244,13 +245,28 @@ class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
     def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
-                 stream_pool: concurrent.futures.ThreadPoolExecutor) -> None:
+                 stream_pool: concurrent.futures.ThreadPoolExecutor, max_streams: int) -> None:
         self.bridge = bridge
         self.metrics = metrics
         self.gate = gate
         # Streams hold their thread while open: they run on their own pool (grpc's per-handler
         # experimental_thread_pool), so however many are open, unary calls keep the server's threads.
+        # The pool has REFUSAL_THREADS more threads than `max_streams`, so a stream past the limit
+        # gets a thread at once and is refused there; grpc would otherwise queue it, silently, until
+        # an open stream ends (a Watch without a deadline: for ever).
         self.stream_pool = stream_pool
+        self.max_streams = max_streams
+        self._stream_slots = threading.BoundedSemaphore(max_streams)
+
+    @contextlib.contextmanager
+    def _stream_slot(self) -> Iterator[None]:
+        if not self._stream_slots.acquire(blocking=False):
+            raise BackendUnavailable(f"this node process already serves its {self.max_streams} open streams"
+                                     " (CRS_STREAM_THREADS); retry on another node")
+        try:
+            yield
+        finally:
+            self._stream_slots.release()
 
     def generic_handler(self, service: Any, target: object) -> grpc.GenericRpcHandler:
         inline = target.inline_paths() if isinstance(target, LookupHandlers) else {}
@@ -291,13 +307,14 @@ class HybridHandlers:
     def _server_streaming(self, method: rpc.Method, fn: Callable[[Any, Any], AsyncIterator[bytes]]
                           ) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
-        gate, metrics, bridge = self.gate, self.metrics, self.bridge
+        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self._stream_slot
 
         def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name)
-                yield from bridge.stream(fn(parse(raw), caller), context)
+                with slot():
+                    yield from bridge.stream(fn(parse(raw), caller), context)
             except Exception as exc:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)
@@ -307,14 +324,15 @@ class HybridHandlers:
 
     def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
-        gate, metrics, bridge = self.gate, self.metrics, self.bridge
+        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self._stream_slot
 
         def handler(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name)
-                yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
-                                          submit=bridge.submit, on_end=context.add_callback)
+                with slot():
+                    yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
+                                              submit=bridge.submit, on_end=context.add_callback)
             except Exception as exc:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)

@@ -105,8 +105,9 @@ class Settings:
                                           # on uvloop for every call (the previous model, kept for one release)
     serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
                                           # flight holds one
-    stream_threads: int = 512             # hybrid: threads for streams (StreamResolve, Watch, Snapshot), apart,
-                                          # so open streams never take a unary call's thread; one per open stream
+    stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot) per process, each
+                                          # on a thread of its own pool (never a unary call's); one more is
+                                          # refused at once, UNAVAILABLE (clients retry on another node)
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)

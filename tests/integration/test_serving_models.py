@@ -192,6 +192,53 @@ def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironmen
         dev_env.nodes.remove(node)
 
 
+def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnvironment) -> None:
+    """Hybrid: each open stream holds one of CRS_STREAM_THREADS for its life. One more must be told at
+    once, UNAVAILABLE (clients retry on another node), not wait for a thread without a word: a Watch
+    has no deadline, so it would have waited for ever. A slot freed is a stream accepted again."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", stream_threads=2)
+    release = threading.Event()
+
+    def idle_keys() -> Iterator[pb.LookupKey]:
+        yield pb.LookupKey(pan=demo_pan(1))
+        release.wait(30)
+
+    try:
+        with node.channel() as channel, node.channel("feed") as feed_channel:
+            lookup = rpc.stub(channel, "LookupService")
+            open_streams = [lookup.StreamResolve(idle_keys(), timeout=30)]
+            assert next(iter(open_streams[0])).HasField("resolution")
+            watch = rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=30)
+            time.sleep(0.5)   # the Watch holds the second thread (it sends nothing until a change)
+            for refused in (lambda: list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(2))]), timeout=10)),
+                            lambda: list(rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(),
+                                                                                          timeout=10))):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as failed:
+                    refused()
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+                assert "2 open streams" in str(failed.value.details()), failed.value.details()
+                assert time.monotonic() - started < 5
+            answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)   # unary: its own threads
+            assert answer.card.token.startswith("tok_")
+            watch.cancel()
+            deadline = time.monotonic() + 10
+            while True:   # the cancelled Watch's slot comes back
+                try:
+                    again = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                    time.sleep(0.1)
+            assert [r.HasField("resolution") for r in again] == [True]
+            release.set()
+            assert [r for r in open_streams[0]] == []
+    finally:
+        release.set()
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
 def _commands_on(urls: list[str], during: Callable[[], None]) -> list[tuple[int, str, str]]:
     """(client port, command, first argument) of every command the Redis servers at `urls` ran during
     `during()`, seen through MONITOR."""
