@@ -256,17 +256,19 @@ class HybridHandlers:
         # an open stream ends (a Watch without a deadline: for ever).
         self.stream_pool = stream_pool
         self.max_streams = max_streams
-        self._stream_slots = threading.BoundedSemaphore(max_streams)
+        self.stream_slots = threading.BoundedSemaphore(max_streams)
 
     @contextlib.contextmanager
-    def _stream_slot(self) -> Iterator[None]:
-        if not self._stream_slots.acquire(blocking=False):
+    def stream_slot(self) -> Iterator[None]:
+        """One of the process's open-stream slots for as long as the stream is open, or
+        BackendUnavailable (UNAVAILABLE) when every one is taken."""
+        if not self.stream_slots.acquire(blocking=False):
             raise BackendUnavailable(f"this node process already serves its {self.max_streams} open streams"
                                      " (CRS_STREAM_THREADS); retry on another node")
         try:
             yield
         finally:
-            self._stream_slots.release()
+            self.stream_slots.release()
 
     def generic_handler(self, service: Any, target: object) -> grpc.GenericRpcHandler:
         inline = target.inline_paths() if isinstance(target, LookupHandlers) else {}
@@ -307,7 +309,7 @@ class HybridHandlers:
     def _server_streaming(self, method: rpc.Method, fn: Callable[[Any, Any], AsyncIterator[bytes]]
                           ) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
-        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self._stream_slot
+        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
 
         def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
@@ -324,7 +326,7 @@ class HybridHandlers:
 
     def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
-        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self._stream_slot
+        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
 
         def handler(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()

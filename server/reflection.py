@@ -12,11 +12,14 @@ them with no check at all.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from server.auth import Authenticator
 from server.errors import CrsError, status_for
@@ -25,18 +28,24 @@ SERVICE_NAME: str = reflection.SERVICE_NAME
 
 
 class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
-    """The synchronous server's (hybrid model) reflection: the caller is checked before the first answer."""
+    """The synchronous server's (hybrid model) reflection: the caller is checked before the first answer.
+    With `slot`, an admitted stream then holds one of the node's stream slots while open (hybrid.py,
+    HybridHandlers.stream_slot): refused UNAVAILABLE when there is none, as any stream."""
 
-    def __init__(self, service_names: Iterable[str], authenticator: Authenticator) -> None:
+    def __init__(self, service_names: Iterable[str], authenticator: Authenticator,
+                 slot: Callable[[], AbstractContextManager[None]] | None = None) -> None:
         super().__init__(tuple(service_names))
         self.authenticator = authenticator
+        self.slot = slot or contextlib.nullcontext
 
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            self.authenticator.authenticate(context)
-        except CrsError as exc:
-            context.abort(*status_for(exc))
-        yield from super().ServerReflectionInfo(request_iterator, context)
+        with contextlib.ExitStack() as held:
+            try:
+                self.authenticator.authenticate(context)
+                held.enter_context(self.slot())
+            except CrsError as exc:
+                context.abort(*status_for(exc))
+            yield from super().ServerReflectionInfo(request_iterator, context)
 
 
 class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
@@ -57,6 +66,23 @@ class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
 
 
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],
-                   authenticator: Authenticator) -> None:
-    servicer = (AsyncReflection if isinstance(server, grpc.aio.Server) else Reflection)(service_names, authenticator)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+                   authenticator: Authenticator, *, stream_pool: ThreadPoolExecutor | None = None,
+                   slot: Callable[[], AbstractContextManager[None]] | None = None) -> None:
+    """`stream_pool` and `slot` (the synchronous server): reflection streams run where the node's own
+    streams do, on their pool and within their limit, never on the unary calls' threads: a client
+    library that keeps a reflection stream open per channel would otherwise hold one each."""
+    if isinstance(server, grpc.aio.Server):
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(AsyncReflection(service_names, authenticator),
+                                                                   server)
+        return
+    servicer = Reflection(service_names, authenticator, slot)
+
+    def info(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        return servicer.ServerReflectionInfo(request_iterator, context)
+
+    if stream_pool is not None:
+        info.experimental_thread_pool = stream_pool   # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            info, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))

@@ -105,9 +105,9 @@ class Settings:
                                           # on uvloop for every call (the previous model, kept for one release)
     serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
                                           # flight holds one
-    stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot) per process, each
-                                          # on a thread of its own pool (never a unary call's); one more is
-                                          # refused at once, UNAVAILABLE (clients retry on another node)
+    stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot, reflection) per
+                                          # process, each on a thread of its own pool (never a unary call's);
+                                          # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)

@@ -239,6 +239,41 @@ def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnviron
         dev_env.nodes.remove(node)
 
 
+def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment) -> None:
+    """Hybrid: a reflection stream is a stream like the others. A client library that keeps its
+    reflection stream open for its channel's life (one per channel) must not hold the unary calls'
+    threads: with more such streams open than CRS_SERVING_THREADS, lookups are still answered, and
+    reflection streams count against CRS_STREAM_THREADS like every stream."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4, stream_threads=6)
+    release = threading.Event()
+
+    def ask_and_stay() -> Iterator[Any]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        release.wait(30)
+
+    try:
+        with node.channel() as channel:
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            streams = [reflect.ServerReflectionInfo(ask_and_stay(), timeout=30) for _ in range(6)]
+            assert all(next(iter(s)).HasField("list_services_response") for s in streams)   # six are open
+            lookup = rpc.stub(channel, "LookupService")
+            answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
+            assert answer.card.token.startswith("tok_")
+            with pytest.raises(grpc.RpcError) as refused:   # the seventh stream: past CRS_STREAM_THREADS
+                list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                  timeout=10))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+            release.set()
+            for s in streams:
+                assert list(s) == []
+    finally:
+        release.set()
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
 def _commands_on(urls: list[str], during: Callable[[], None]) -> list[tuple[int, str, str]]:
     """(client port, command, first argument) of every command the Redis servers at `urls` ran during
     `during()`, seen through MONITOR."""
