@@ -163,21 +163,23 @@ def test_server_streaming_errors_are_the_same(nodes: dict[str, NodeProcess]) -> 
     assert watch(nodes["hybrid"], bad).startswith("INVALID_ARGUMENT")
 
 
+def _then_wait(first: Any, release: threading.Event) -> Iterator[Any]:
+    """A client stream that sends `first` and then nothing, open until `release` (30 s at most)."""
+    yield first
+    release.wait(30)
+
+
 def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment) -> None:
     """Hybrid: every StreamResolve, Watch and Snapshot holds a gRPC thread while open. With more long-
     lived streams open than CRS_SERVING_THREADS, unary lookups must still be answered (the streams run
     on their own pool), and so must a further stream."""
     node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4)
     release = threading.Event()
-
-    def idle_keys() -> Iterator[pb.LookupKey]:
-        yield pb.LookupKey(pan=demo_pan(1))
-        release.wait(30)
-
     try:
         with node.channel() as channel:
             lookup = rpc.stub(channel, "LookupService")
-            streams = [lookup.StreamResolve(idle_keys(), timeout=30) for _ in range(8)]
+            streams = [lookup.StreamResolve(_then_wait(pb.LookupKey(pan=demo_pan(1)), release), timeout=30)
+                       for _ in range(8)]
             assert all(next(iter(s)).HasField("resolution") for s in streams)   # all eight are open
             answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
             assert answer.card.token.startswith("tok_")
@@ -198,15 +200,10 @@ def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnviron
     has no deadline, so it would have waited for ever. A slot freed is a stream accepted again."""
     node = dev_env.start_node(workers=1, serving_model="hybrid", stream_threads=2)
     release = threading.Event()
-
-    def idle_keys() -> Iterator[pb.LookupKey]:
-        yield pb.LookupKey(pan=demo_pan(1))
-        release.wait(30)
-
     try:
         with node.channel() as channel, node.channel("feed") as feed_channel:
             lookup = rpc.stub(channel, "LookupService")
-            open_streams = [lookup.StreamResolve(idle_keys(), timeout=30)]
+            open_streams = [lookup.StreamResolve(_then_wait(pb.LookupKey(pan=demo_pan(1)), release), timeout=30)]
             assert next(iter(open_streams[0])).HasField("resolution")
             watch = rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=30)
             time.sleep(0.5)   # the Watch holds the second thread (it sends nothing until a change)
@@ -248,15 +245,11 @@ def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: De
 
     node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4, stream_threads=6)
     release = threading.Event()
-
-    def ask_and_stay() -> Iterator[Any]:
-        yield reflection_pb2.ServerReflectionRequest(list_services="")
-        release.wait(30)
-
     try:
         with node.channel() as channel:
             reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
-            streams = [reflect.ServerReflectionInfo(ask_and_stay(), timeout=30) for _ in range(6)]
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            streams = [reflect.ServerReflectionInfo(_then_wait(ask, release), timeout=30) for _ in range(6)]
             assert all(next(iter(s)).HasField("list_services_response") for s in streams)   # six are open
             lookup = rpc.stub(channel, "LookupService")
             answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
