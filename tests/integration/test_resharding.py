@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -340,6 +341,8 @@ def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
     assert load.failures == []
     assert apply.returncode == 1 and "an abort?" in apply_out, apply_out
     assert "stable" in out
+    finals = {m[1]: m[2] for m in re.finditer(r"^\s*(copy|cleanup)\s*\[[#-]+\]\s+(\d+)%", out, re.M)}
+    assert finals and set(finals.values()) == {"100"}, out   # each step's last line: every key examined
     after = stack.status()
     assert after["phase"] == "stable" and [s["name"] for s in after["shards"]] == ["shard-0", "shard-1", "shard-2"]
     assert after["version"] > before["version"] and after["node_versions"] == [after["version"]]
