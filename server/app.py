@@ -377,7 +377,7 @@ class Node:
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
         if self.resolver is not None:
-            self.resolver.stop_refreshing()
+            self.resolver.stop()
         for task in self._tasks:
             task.cancel()
         if self._tasks:

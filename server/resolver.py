@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from server import cache_keys as ck
@@ -69,7 +70,7 @@ class Resolver:
         self.thread_reads: ThreadReads | None = None
         # The BIN table versions card answers may be cached under (server/bin_source.py sets it).
         self.bin_versions: Callable[[], Iterable[int]] = lambda: (0,)
-        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None   # refresh-ahead runs here once started
         self._refreshes: set[asyncio.Task[None]] = set()
 
@@ -117,9 +118,11 @@ class Resolver:
         are skipped: those entries expire and refill on a caller's miss, as without refresh-ahead)."""
         self._loop = loop
 
-    def stop_refreshing(self) -> None:
+    def stop(self) -> None:
+        """The node is stopping (its server has): no more refreshes, and the refreshes and fills
+        still in flight are cancelled (their callers have ended)."""
         self._loop = None
-        for task in list(self._refreshes):
+        for task in [*self._refreshes, *self._inflight.values()]:
             task.cancel()
 
     def refresh_soon(self, lookup: Lookup) -> None:   # any thread: a gRPC thread or the loop
@@ -161,26 +164,28 @@ class Resolver:
 
     async def _single_flight(self, lookup: Lookup, *, count: bool = True, l2: L2 = L2.ASK) -> bytes:
         """`count`: the answer goes to a caller (counted by tier), not to a refresh. A caller that
-        joins a fill in flight takes its answer, whatever its own `l2`."""
+        joins a fill in flight takes its answer, whatever its own `l2`.
+
+        The fill is a task of its own, not the first caller's: every caller, the first included,
+        only waits for it (shielded), so a caller that leaves (its deadline, a cancel) stops its own
+        wait and nobody else's. When the fill ran inside the first caller, its cancellation was
+        handed to every caller that had joined (CANCELLED at once, or a stream key never answered).
+        A fill nobody waits for any more still ends (bounded by load_timeout) and fills the caches."""
         key = lookup.cache_key
-        pending = self._inflight.get(key)
-        if pending is not None:
-            if count:
-                self.metrics.tier_hit("coalesced")
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = fut
-        try:
-            value = await self._fill(lookup, count, l2)
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: no "never retrieved" warning when nobody else waited
-            raise
-        else:
-            fut.set_result(value)
-            return value
-        finally:
+        fill = self._inflight.get(key)
+        if fill is None:
+            fill = asyncio.get_running_loop().create_task(self._fill(lookup, count, l2))
+            self._inflight[key] = fill
+            fill.add_done_callback(partial(self._filled, key))
+        elif count:
+            self.metrics.tier_hit("coalesced")
+        return await asyncio.shield(fill)
+
+    def _filled(self, key: str, fill: asyncio.Task[bytes]) -> None:
+        if self._inflight.get(key) is fill:
             del self._inflight[key]
+        if not fill.cancelled():
+            fill.exception()   # retrieved: no "never retrieved" warning when every caller had left
 
     async def _fill(self, lookup: Lookup, count: bool = True, l2: L2 = L2.ASK) -> bytes:
         key = lookup.cache_key

@@ -189,9 +189,13 @@ async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
     await until(lambda: loader.calls == 2, "the background reload")
     await until(lambda: near.get("crd:1:re") == b"\x08\x02", "the reloaded value in L1")
     assert tiers(resolver) == {"l1": 1, "l3": 1}                   # one answer each: the reload is no answer
-    refreshed = {s.labels["outcome"]: s.value for m in resolver.metrics.near_refreshes.collect()
-                 for s in m.samples if s.name == "crs_near_cache_refreshes_total"}
-    assert refreshed == {"refreshed": 1.0}
+
+    def refreshed() -> dict[str, float]:
+        return {s.labels["outcome"]: s.value for m in resolver.metrics.near_refreshes.collect()
+                for s in m.samples if s.name == "crs_near_cache_refreshes_total"}
+
+    await until(lambda: refreshed() != {}, "the reload counted")   # once its wait for the fill returns
+    assert refreshed() == {"refreshed": 1.0}
     now[0] = 0.79 + 0.79
     loader.error = asyncpg.PostgresConnectionError("down")
     assert resolver.cached(lookup) == b"\x08\x02"
@@ -201,4 +205,4 @@ async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
     assert resolver.cached(lookup) == b"\x08\x02" and loader.calls == 3   # not retried
     now[0] += 0.3
     assert resolver.cached(lookup) is None                         # expired, never served past it
-    resolver.stop_refreshing()
+    resolver.stop()
