@@ -48,6 +48,10 @@ class CallEnded(Exception):
     """The caller cancelled, or the deadline passed, while the loop was working for the call."""
 
 
+class DeadlinePassed(CallEnded):
+    """The call's deadline passed while its thread waited for the loop."""
+
+
 class _Waiter:
     """One gRPC thread waiting for one coroutine on the loop: a lock the loop releases when the answer
     is in. Cheaper than run_coroutine_threadsafe's pair of chained futures and their Condition (a
@@ -130,7 +134,7 @@ class LoopBridge:
         remaining = context.time_remaining()
         if not waiter.done.acquire(timeout=max(remaining, 0.0) if remaining < NO_DEADLINE else -1):
             self._call_ended(waiter)
-            raise CallEnded()
+            raise DeadlinePassed()
         if waiter.error is not None:
             if isinstance(waiter.error, asyncio.CancelledError):
                 raise CallEnded() from waiter.error
@@ -232,7 +236,12 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
 
 def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:
     """server/app.py's _fail for the sync server: the same status, message, details and metric."""
-    if isinstance(exc, CallEnded):   # the caller already has its status (as grpc.aio: no metric)
+    if isinstance(exc, CallEnded):   # the caller has, or is about to have, its status (as grpc.aio: no metric)
+        # Past the deadline the status is DEADLINE_EXCEEDED, as gRPC's own: this thread's wait ends at
+        # the deadline as the server sees it, which may come a moment before the client's, and the
+        # client then got this status, not its own (CANCELLED "the call ended" for a deadline).
+        if isinstance(exc, DeadlinePassed) or context.time_remaining() <= 0:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         context.abort(grpc.StatusCode.CANCELLED, "the call ended")
     code, message, trailer = failed_call(exc, name, metrics, started)
     if trailer:
@@ -335,6 +344,8 @@ class HybridHandlers:
                 with slot():
                     yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
                                               submit=bridge.submit, on_end=context.add_callback)
+                if not context.is_active():   # its answers ended because the call did (cancel, deadline)
+                    raise CallEnded()
             except Exception as exc:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)

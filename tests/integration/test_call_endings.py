@@ -1,6 +1,7 @@
 """How a call ends when it waits on PostgreSQL, in both serving models: one caller's deadline or
-cancellation never ends another caller's call. (Found by an outside check of the hybrid model; it
-held in both models.) PostgreSQL is made to wait by a lock held on the cards table."""
+cancellation never ends another caller's call, a deadline is reported as DEADLINE_EXCEEDED, and a
+stream that ended that way is not counted OK. (Found by an outside check of the hybrid model; the
+first finding held in both models.) PostgreSQL is made to wait by a lock held on the cards table."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import card_key
+from tests.integration.support import card_key, metric
 
 MODELS = ("aio", "hybrid")
 _fresh = itertools.count(150)   # demo cards no other test of this module has asked for
@@ -113,3 +114,56 @@ def test_a_caller_joining_a_load_outlives_the_first_callers_deadline(
                 ("x", 0, pan[-4:])]
         else:
             assert [(r.correlation_id, r.code, r.resolution.card.last4) for r in stream] == [("x", 0, pan[-4:])]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_miss_past_its_deadline_ends_deadline_exceeded(nodes: dict[str, NodeProcess], dev_env: DevEnvironment,
+                                                         model: str) -> None:
+    """Short deadlines on misses while PostgreSQL waits: every one ends DEADLINE_EXCEEDED. The hybrid
+    node answered CANCELLED ("the call ended") when its own wait for the loop ran out just before the
+    client's deadline (4 and 10 of 12 in the outside check)."""
+    node = nodes[model]
+    pans = [_uncached(node) for _ in range(9)]
+    with node.channel() as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # connected, warm
+        with CardsLocked(dev_env.admin_dsn, 1.5):
+            endings = [_outcome(lookup.ResolveCard.future(pb.ResolveCardRequest(pan=pan),
+                                                          timeout=(0.02, 0.05, 0.1)[i % 3]))
+                       for i, pan in enumerate(pans)]
+    assert all(e.startswith("DEADLINE_EXCEEDED") for e in endings), endings
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict[str, NodeProcess],
+                                                                     dev_env: DevEnvironment, model: str) -> None:
+    node = nodes[model]
+    with node.channel() as channel:
+        rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
+    time.sleep(1.2)   # the metrics flush
+    counted_before = metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK")
+    pans = [_uncached(node) for _ in range(6)]
+    hold = threading.Event()
+
+    def keys() -> Iterator[pb.LookupKey]:
+        for i, pan in enumerate(pans):
+            yield pb.LookupKey(pan=pan, correlation_id=str(i))
+        hold.wait(5)
+
+    with node.channel() as channel, CardsLocked(dev_env.admin_dsn, 1.5):
+        lookup = rpc.stub(channel, "LookupService")
+        cancelled = [lookup.StreamResolve(keys(), timeout=10) for _ in range(2)]
+        expiring = [lookup.StreamResolve(keys(), timeout=0.4) for _ in range(2)]
+        time.sleep(0.2)
+        for stream in cancelled:
+            stream.cancel()
+        endings = []
+        for stream in cancelled + expiring:
+            try:
+                endings.append(f"OK {len(list(stream))}")
+            except grpc.RpcError as exc:
+                endings.append(exc.code().name)
+        hold.set()
+    assert endings == ["CANCELLED"] * 2 + ["DEADLINE_EXCEEDED"] * 2
+    time.sleep(2.5)   # the streams' ends reach the metrics
+    assert metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK") == counted_before
