@@ -41,6 +41,8 @@ from server.store.read_route import Uncacheable
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
+STREAM_UNSENT = 512   # keys of a stream read but not yet answered on the wire; past it the node stops
+                      # reading the stream, and HTTP/2 flow control stops a client that does not read
 Later = Callable[[], Awaitable[bytes]]   # the part of a call that needs I/O, awaited on the event loop
 
 
@@ -342,9 +344,11 @@ class LookupHandlers:
         """Results in completion order (each carries its correlation id): a near-cache hit is answered
         at once, misses run concurrently (at most `stream_window` per stream), so one slow key never
         holds up the keys behind it and a client that waits for each answer before sending the next
-        key still works."""
+        key still works. At most STREAM_UNSENT keys are read ahead of the answers written: a client
+        that sends without reading is held back by flow control, not buffered without end."""
         results: asyncio.Queue[bytes | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
+        unsent = asyncio.Semaphore(STREAM_UNSENT)   # released as each answer is written
         pending: set[asyncio.Task[None]] = set()
 
         async def resolve_one(cid: str, lookup: Lookup, field: int, key: pb.LookupKey) -> None:
@@ -358,6 +362,7 @@ class LookupHandlers:
 
         async def read_keys() -> None:
             async for key in requests:
+                await unsent.acquire()
                 cid, lookup, field = self.stream_key(key, caller)
                 if isinstance(lookup, bytes):   # answered now (a near-cache hit or a bad key): no task
                     results.put_nowait(lookup)
@@ -379,6 +384,7 @@ class LookupHandlers:
         try:
             while (item := await results.get()) is not None:
                 yield item
+                unsent.release()
             await reader   # re-raises what ended the reader early (e.g. a corrupt message)
         finally:
             reader.cancel()

@@ -5,8 +5,9 @@ A reader thread takes each key off the stream, validates it and answers a near-c
 a miss becomes a coroutine on the loop (at most `stream_window` per stream, as grpc.aio) whose result
 joins the answers when it completes. The gRPC thread that runs the call only sends answers, in
 completion order, so one slow key never holds up the keys behind it and a client that waits for each
-answer before sending the next key still works. A corrupt message ends the call with
-INVALID_ARGUMENT; a cancelled call cancels its misses.
+answer before sending the next key still works. At most STREAM_UNSENT keys are read ahead of the
+answers sent, as in grpc.aio. A corrupt message ends the call with INVALID_ARGUMENT; a cancelled
+call cancels its misses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 from server.caller import Caller
 from server.encoding import RESOLUTION_FIELD
 from server.errors import CrsError
-from server.lookup import LookupHandlers
+from server.lookup import STREAM_UNSENT, LookupHandlers
 from server.proto import crs_pb2 as pb
 
 Submit = Callable[[Awaitable[bytes]], "concurrent.futures.Future[bytes]"]
@@ -34,9 +35,10 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     registers a callback for when the call ends however it ends (grpc's context.add_callback)."""
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     window = threading.Semaphore(lookup.stream_window)
+    unsent = threading.Semaphore(STREAM_UNSENT)   # keys read ahead of the answers sent (as grpc.aio)
     lock = threading.Lock()
     pending: set[concurrent.futures.Future[bytes]] = set()
-    state = {"reading": True}
+    state = {"reading": True, "ended": False}
 
     def finish_if_done() -> None:   # under `lock`
         if not state["reading"] and not pending:
@@ -58,6 +60,9 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     def read() -> None:
         try:
             for key in keys:
+                unsent.acquire()
+                if state["ended"]:
+                    break
                 cid, found, field = lookup.stream_key(key, caller)
                 if isinstance(found, bytes):    # answered now: a near-cache hit or a bad key
                     answers.put(found)
@@ -78,6 +83,8 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
             futures = list(pending)
         for future in futures:
             future.cancel()
+        state["ended"] = True
+        unsent.release()   # a reader waiting for room wakes, sees the end and stops
         answers.put(_END)
 
     on_end(cancel_all)
@@ -87,5 +94,6 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
             if isinstance(item, Exception):
                 raise item
             yield item
+            unsent.release()
     finally:
         cancel_all()

@@ -20,7 +20,7 @@ from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import UsedSecrets, card_key, fresh_pan
+from tests.integration.support import UsedSecrets, card_key, fresh_pan, metric
 
 LOOKUP = rpc.methods(rpc.LOOKUP_SERVICE)
 FEED = rpc.methods(rpc.FEED_SERVICE)
@@ -265,6 +265,39 @@ def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: De
         release.set()
         node.stop()
         dev_env.nodes.remove(node)
+
+
+@pytest.mark.parametrize("model", ["aio", "hybrid"])
+def test_a_stream_client_that_does_not_read_is_held_back(nodes: dict[str, NodeProcess], model: str) -> None:
+    """A StreamResolve client that sends keys without reading the answers: the node reads at most
+    STREAM_UNSENT keys ahead of the answers it got onto the wire, then stops reading, and HTTP/2
+    flow control stops the client. It read every key and queued every answer before (the node's
+    memory grew ~3 MB a second, 60 MB in 20 s, until the client stopped)."""
+    node = nodes[model]
+    key = pb.LookupKey(pan=demo_pan(1), correlation_id="c")
+    stop = threading.Event()
+
+    def keys() -> Iterator[pb.LookupKey]:
+        while not stop.is_set():
+            yield key
+        stop.wait(30)
+
+    with node.channel() as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # cached: every key a hit
+        before = metric(node, "crs_lookups_total", tier="l1")
+        stream = lookup.StreamResolve(keys(), timeout=60)   # never read
+        try:
+            deadline, last = time.monotonic() + 25, -1.0
+            while (read := metric(node, "crs_lookups_total", tier="l1") - before) != last or not read:
+                assert time.monotonic() < deadline, f"the node kept reading the stream: {read:.0f} keys"
+                last = read
+                time.sleep(1.5)   # the metrics flush every second
+        finally:
+            stream.cancel()
+            stop.set()
+    # What it read: STREAM_UNSENT keys plus the answers the client's own buffers took (~17k here).
+    assert 0 < read < 50_000, read
 
 
 def _commands_on(urls: list[str], during: Callable[[], None]) -> list[tuple[int, str, str]]:
