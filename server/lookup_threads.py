@@ -35,7 +35,9 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     registers a callback for when the call ends however it ends (grpc's context.add_callback)."""
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     window = threading.Semaphore(lookup.stream_window)
-    unsent = threading.Semaphore(STREAM_UNSENT)   # keys read ahead of the answers sent (as grpc.aio)
+    unsent: queue.SimpleQueue[None] = queue.SimpleQueue()   # a token per key that may be read ahead of the
+    for _ in range(STREAM_UNSENT):                          # answers sent (as grpc.aio); C-level, unlike
+        unsent.put(None)                                    # threading.Semaphore: one take per key
     lock = threading.Lock()
     pending: set[concurrent.futures.Future[bytes]] = set()
     state = {"reading": True, "ended": False}
@@ -60,7 +62,7 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     def read() -> None:
         try:
             for key in keys:
-                unsent.acquire()
+                unsent.get()
                 if state["ended"]:
                     break
                 cid, found, field = lookup.stream_key(key, caller)
@@ -84,7 +86,7 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
         for future in futures:
             future.cancel()
         state["ended"] = True
-        unsent.release()   # a reader waiting for room wakes, sees the end and stops
+        unsent.put(None)   # a reader waiting for room wakes, sees the end and stops
         answers.put(_END)
 
     on_end(cancel_all)
@@ -94,6 +96,6 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
             if isinstance(item, Exception):
                 raise item
             yield item
-            unsent.release()
+            unsent.put(None)
     finally:
         cancel_all()
