@@ -5,14 +5,14 @@ what submit returns, to count the call as finished; it never waits on it or read
 concurrent.futures.ThreadPoolExecutor does more for each call in Python: a Future with its
 Condition (an RLock) taken three times, a pure-Python Semaphore taken on submit and released after
 the work, a shutdown lock. Measured, a submit, its run and its callback on one core (16 in flight,
-64 threads): 7.6-8.1 us of CPU with ThreadPoolExecutor, 2.9-3.1 us here. (docs/decisions.md,
-"The gRPC threads' pool".)
+64 threads): 7.6-10.8 us of CPU with ThreadPoolExecutor, 2.9-4.2 us here
+(`python -m loadtests.bench.thread_pool`; docs/decisions.md, "The gRPC threads' pool").
 
 Same behaviour otherwise: threads start as the load needs them, up to `max_workers` (a thread is
 started when no idle one is waiting; an idle thread leaves a token in a queue for submit to take),
-run each call in submission order, and `shutdown` drops
-calls not yet started (their callbacks still run, as a cancelled Future's do). A call that raises
-is logged: grpc catches its handlers' exceptions itself, so one reaching here is grpc's own bug.
+run each call in submission order, and `shutdown` drops calls not yet started (their callbacks
+still run, as a cancelled Future's do). A call that raises is logged: grpc catches its handlers'
+exceptions itself, so one reaching here is grpc's own bug.
 """
 
 from __future__ import annotations
