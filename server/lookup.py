@@ -25,12 +25,12 @@ from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_
 from server.pan import (
     PAN_MAX_LEN,
     PAN_MIN_LEN,
-    aba_ok,
     parse_account_number,
     parse_customer_id,
     parse_pan,
     parse_routing_number,
     parse_token,
+    routing_number_ok,
 )
 from server.proto import crs_pb2 as pb
 from server.resolver import Lookup, Resolver
@@ -41,8 +41,7 @@ from server.store.read_route import Uncacheable
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
-STREAM_UNSENT = 512   # keys of a stream read but not yet answered on the wire; past it the node stops
-                      # reading the stream, and HTTP/2 flow control stops a client that does not read
+STREAM_UNSENT = 512   # keys read ahead of the answers written: then flow control holds the client back
 Later = Callable[[], Awaitable[bytes]]   # the part of a call that needs I/O, awaited on the event loop
 
 
@@ -93,11 +92,10 @@ class LookupHandlers:
 
     def card_hit(self, pan: str) -> bytes | None:
         """A PAN's card from the near-cache by its cache key alone (no Lookup, no loader built), not
-        counted; None for a miss or a negative entry, and the caller takes the general path. It
-        needs no Luhn or digits check: a card key is only ever made from a PAN that passed parse_pan
-        (card_by_pan), so one that fails it finds nothing here and is refused on the general path.
-        Only the length and ASCII come first, to bound the hashing and keep encode("ascii") total.
-        In-process, a BatchResolve key went 6.7 -> 4.2 us (docs/decisions.md, "The hit's fast path")."""
+        counted; None for a miss or a negative entry: the caller takes the general path. No Luhn or
+        digits check: a card key is only made from a PAN that passed parse_pan (card_by_pan), so one
+        that fails it finds nothing here and is refused on the general path. Length and ASCII come
+        first, to bound the hashing (docs/decisions.md, "The hit's fast path")."""
         if not (self._card_hits and PAN_MIN_LEN <= len(pan) <= PAN_MAX_LEN and pan.isascii()):
             return None
         cached, due = self.resolver.near.read(self._card_key_prefix() + self.keyring.fingerprint(pan).hex())
@@ -180,7 +178,7 @@ class LookupHandlers:
 
     @staticmethod
     def account_failure(exc: CrsError, routing_number: str) -> CrsError:
-        hint = decisions.account_error(exc.code.name, routing_ok=_routing_ok(routing_number))
+        hint = decisions.account_error(exc.code.name, routing_ok=routing_number_ok(routing_number))
         return type(exc)(exc.message, details=(hint.error_info(),)) if hint else exc
 
     def failure_extras(self, key: pb.LookupKey, outcome: CrsError) -> tuple[bytes | None, bytes | None]:
@@ -191,7 +189,8 @@ class LookupHandlers:
             hint = decisions.card_error(code)
             bin_range = self.bins.table.message_bytes(key.pan) if which == "pan" and code == "NOT_FOUND" else None
         elif which == "account":
-            hint, bin_range = decisions.account_error(code, routing_ok=_routing_ok(key.account.routing_number)), None
+            ok = routing_number_ok(key.account.routing_number)
+            hint, bin_range = decisions.account_error(code, routing_ok=ok), None
         else:
             return None, None
         return bin_range, hint.message().SerializeToString() if hint else None
@@ -344,8 +343,7 @@ class LookupHandlers:
         """Results in completion order (each carries its correlation id): a near-cache hit is answered
         at once, misses run concurrently (at most `stream_window` per stream), so one slow key never
         holds up the keys behind it and a client that waits for each answer before sending the next
-        key still works. At most STREAM_UNSENT keys are read ahead of the answers written: a client
-        that sends without reading is held back by flow control, not buffered without end."""
+        key still works. At most STREAM_UNSENT keys are read ahead of the answers written."""
         results: asyncio.Queue[bytes | None] = asyncio.Queue()
         window = asyncio.Semaphore(self.stream_window)
         unsent = asyncio.Semaphore(STREAM_UNSENT)   # released as each answer is written
@@ -391,7 +389,6 @@ class LookupHandlers:
             for task in list(pending):
                 task.cancel()
 
-
     def stream_key(self, key: pb.LookupKey, caller: Caller) -> tuple[str, Lookup | bytes, int]:
         """One StreamResolve key before any I/O (both serving models): its correlation id, then its
         LookupResult when it is answered now (a near-cache hit, or an error) or else the Lookup to
@@ -419,8 +416,3 @@ class LookupHandlers:
         bin_range, decision = self.failure_extras(key, outcome)
         return lookup_result(correlation_id, rpc_code_number(outcome.code), outcome.message, None,
                              bin_range=bin_range, decision=decision)
-
-
-def _routing_ok(routing_number: str) -> bool:
-    return len(routing_number) == 9 and routing_number.isascii() and routing_number.isdigit() \
-        and aba_ok(routing_number)

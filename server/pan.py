@@ -108,6 +108,11 @@ def aba_check_digit(first8: str) -> str:
     raise AssertionError("unreachable: one of ten digits always satisfies the ABA checksum")
 
 
+def routing_number_ok(value: str) -> bool:
+    """parse_routing_number's verdict without its message: 9 ASCII digits passing the ABA check."""
+    return len(value) == ROUTING_LEN and _is_ascii_digits(value) and aba_ok(value)
+
+
 def parse_routing_number(value: str) -> str:
     if not value:
         raise InvalidKey("routing_number is empty")

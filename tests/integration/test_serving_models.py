@@ -292,7 +292,7 @@ def test_a_stream_client_that_does_not_read_is_held_back(nodes: dict[str, NodePr
             while (read := metric(node, "crs_lookups_total", tier="l1") - before) != last or not read:
                 assert time.monotonic() < deadline, f"the node kept reading the stream: {read:.0f} keys"
                 last = read
-                time.sleep(1.5)   # the metrics flush every second
+                time.sleep(1.1)   # the metrics flush every second
         finally:
             stream.cancel()
             stop.set()

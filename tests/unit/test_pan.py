@@ -24,6 +24,7 @@ from server.pan import (
     parse_routing_number,
     parse_token,
     redact_digits,
+    routing_number_ok,
 )
 
 
@@ -259,3 +260,14 @@ def test_ids_are_not_card_numbers() -> None:
     assert not [u for u in (str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(20_000))
                 if contains_card_number(u)]
     assert not [h for h in (f"{rng.getrandbits(128):032x}" for _ in range(20_000)) if contains_card_number(h)]
+
+
+@pytest.mark.parametrize("value", ["011000015", "011000016", "01100001", "0110000150", "", "01100001x", "０11000015",
+                                   "021000021", " 21000021"])
+def test_routing_number_ok_agrees_with_parse_routing_number(value: str) -> None:
+    try:
+        parse_routing_number(value)
+        parsed = True
+    except InvalidKey:
+        parsed = False
+    assert routing_number_ok(value) is parsed
