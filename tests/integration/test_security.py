@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -339,7 +340,9 @@ def test_admin_writes_are_audited_and_the_trail_is_append_only(node_a: Clients, 
 def test_audit_hours_may_be_a_fraction(dev_env: DevEnvironment) -> None:
     """`crs audit --hours 0.2` (the database runbook's "last 12 minutes") found nothing: the window was
     make_interval(hours => $4), a whole number, and asyncpg sent 0.2 as 0."""
-    client = f"audit-window-{time.monotonic_ns()}"
+    # Unique, and never a digit run: a 13-16 digit time passed Luhn one run in ten, and the suite's
+    # last PCI scan (crs pci scan) then found a "card number" in audit_log.client_id.
+    client = f"audit-window-{uuid.uuid4()}"
 
     async def write() -> None:
         owner = await asyncpg.connect(dev_env.admin_dsn)
