@@ -244,6 +244,7 @@ class DevEnvironment:
     clients_file: Path | None = None
 
     serving_model: str = ""    # CRS_SERVING_MODEL of every node started here ("" = the product's default)
+    node_defaults: dict[str, object] = field(default_factory=dict)   # settings of every node started here
     external_pg_dsn: str | None = None
     external_redis_urls: tuple[str, ...] = ()
     database: str | None = None
@@ -434,8 +435,8 @@ class DevEnvironment:
     def start_node(self, *, workers: int = 1, port: int | None = None, pki: DevPki | None = None,
                    **overrides: object) -> NodeProcess:
         """A `crs serve` with these setting overrides; `pki` when the overrides name another PKI's files."""
-        defaults: dict[str, object] = {"grpc_port": port or free_port(), "workers": workers,
-                                       "metrics_port": free_port()}
+        defaults: dict[str, object] = self.node_defaults | {"grpc_port": port or free_port(), "workers": workers,
+                                                            "metrics_port": free_port()}
         settings = self.settings(**(defaults | overrides))
         log_dir = self.work_dir / "logs"
         log_dir.mkdir(exist_ok=True)

@@ -41,13 +41,19 @@ SERVING_MODEL = os.environ.get("CRS_TEST_SERVING_MODEL", "").strip()
 T = TypeVar("T")
 
 
+# Nodes the tests start drain for 0.1 s on SIGTERM, not the product's 1 s: the suite stops some 70
+# of them. The tests of drains themselves (test_rollout, test_node_lifecycle) set the product's.
+NODE_DEFAULTS: dict[str, object] = {"drain_delay": 0.1}
+
+
 def shared_env(**options: Any) -> DevEnvironment:
     """The session's environment: on the external servers when CRS_TEST_PG_DSN/CRS_TEST_REDIS_URLS
     are set (a fresh database crs_test_<random>; the Redis DBs flushed), else on servers of its own."""
     if EXTERNAL:
         return DevEnvironment(external_pg_dsn=EXTERNAL_PG_DSN, external_redis_urls=EXTERNAL_REDIS_URLS,
-                              database=f"crs_test_{secrets.token_hex(4)}", serving_model=SERVING_MODEL, **options)
-    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, **options)
+                              database=f"crs_test_{secrets.token_hex(4)}", serving_model=SERVING_MODEL,
+                              node_defaults=NODE_DEFAULTS, **options)
+    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, node_defaults=NODE_DEFAULTS, **options)
 
 
 def own_env(**options: Any) -> DevEnvironment:
@@ -55,7 +61,7 @@ def own_env(**options: Any) -> DevEnvironment:
     that kill, stop or add servers, and for those that load demo data of their own (the demo data is
     deterministic, so its cache keys, e.g. tok:<token> and cus:<id>, would collide with the shared
     environment's on the same Redis databases, and the invalidation channel is server-wide)."""
-    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, **options)
+    return DevEnvironment(pg_binaries=PG_BINARIES, serving_model=SERVING_MODEL, node_defaults=NODE_DEFAULTS, **options)
 
 
 def running(env: DevEnvironment) -> Iterator[DevEnvironment]:

@@ -27,7 +27,7 @@ from tests.integration.support import UsedSecrets, fresh_pan
 
 def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:
     """In-flight calls finish after SIGTERM; later calls are refused, never left hanging."""
-    node = dev_env.start_node(workers=2, grace_seconds=5.0)
+    node = dev_env.start_node(workers=2, grace_seconds=5.0, drain_delay=1.0)
     children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
     assert len(children.stdout.split()) >= 2, "two worker processes"
     environ = open(f"/proc/{children.stdout.split()[0]}/environ", "rb").read().split(b"\0")

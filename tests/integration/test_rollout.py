@@ -67,7 +67,7 @@ class Load:
 
 
 def test_rolling_restart_under_load_fails_no_call(dev_env: DevEnvironment) -> None:
-    overrides: dict[str, object] = {"max_connection_age": 2.0, "grace_seconds": 5.0}
+    overrides: dict[str, object] = {"max_connection_age": 2.0, "grace_seconds": 5.0, "drain_delay": 1.0}
     nodes: list[NodeProcess] = [dev_env.start_node(workers=1, **overrides) for _ in range(NODES)]
     ports = [n.settings.grpc_port for n in nodes]
     channel = open_channel(multi_target([n.address for n in nodes]), dev_env.pki, "admin", CHANNEL_OPTIONS)
@@ -104,7 +104,7 @@ def test_behind_one_address_draining_workers_fail_no_call(dev_env: DevEnvironmen
     starts a new one). A channel with the recommended configuration for one address
     (`channel_options`: no health checking) fails no call. With health checking it failed every call
     for the drain delay (302 of 3,600 in an outside check): NOT_SERVING left it no address to use."""
-    node = dev_env.start_node(workers=2, grace_seconds=5.0)
+    node = dev_env.start_node(workers=2, grace_seconds=5.0, drain_delay=1.0)
     channel = open_channel(node.address, dev_env.pki, "admin", channel_options(node.address))
     try:
         with Load(channel) as load:
