@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from devstack.environment import DevEnvironment
+from devstack.environment import DevEnvironment, NodeProcess
 from tests.integration.support import Clients, UsedSecrets, clients_of, shared_env
 
 HERE = Path(__file__).parent
@@ -88,3 +88,13 @@ def node_b(dev_env: DevEnvironment) -> Iterator[Clients]:
     clients = clients_of(dev_env.start_node(workers=1))
     yield clients
     clients.channel.close()
+
+
+@pytest.fixture(scope="module")
+def nodes(dev_env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
+    """One node of each serving model, side by side, for a module that compares them."""
+    started = {model: dev_env.start_node(workers=1, serving_model=model) for model in ("aio", "hybrid")}
+    yield started
+    for node in started.values():
+        node.stop()
+        dev_env.nodes.remove(node)

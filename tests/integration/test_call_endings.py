@@ -27,15 +27,6 @@ MODELS = ("aio", "hybrid")
 _fresh = itertools.count(150)   # demo cards no other test of this module has asked for
 
 
-@pytest.fixture(scope="module")
-def nodes(dev_env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
-    started = {model: dev_env.start_node(workers=1, serving_model=model) for model in MODELS}
-    yield started
-    for node in started.values():
-        node.stop()
-        dev_env.nodes.remove(node)
-
-
 class CardsLocked:
     """ACCESS EXCLUSIVE on `cards` for `seconds`: every card load from PostgreSQL waits for it."""
 

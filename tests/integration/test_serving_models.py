@@ -27,15 +27,6 @@ FEED = rpc.methods(rpc.FEED_SERVICE)
 Outcome = tuple[str, Any, Any]
 
 
-@pytest.fixture(scope="module")
-def nodes(dev_env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
-    started = {model: dev_env.start_node(workers=1, serving_model=model) for model in ("aio", "hybrid")}
-    yield started
-    for node in started.values():
-        node.stop()
-        dev_env.nodes.remove(node)
-
-
 def _unary(channel: grpc.Channel, method: rpc.Method, raw: bytes) -> Outcome:
     """The answer, or the status code, details and status details (google.rpc.Status). Compared as
     messages, not bytes: protobuf maps (ErrorInfo.metadata) serialize in no fixed order."""
