@@ -35,9 +35,9 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
     registers a callback for when the call ends however it ends (grpc's context.add_callback)."""
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     window = threading.Semaphore(lookup.stream_window)
-    unsent: queue.SimpleQueue[None] = queue.SimpleQueue()   # a token per key that may be read ahead of the
-    for _ in range(STREAM_UNSENT):                          # answers sent (as grpc.aio); C-level, unlike
-        unsent.put(None)                                    # threading.Semaphore: one take per key
+    # Keys read ahead of the answers sent (as grpc.aio): the first STREAM_UNSENT keys are read freely,
+    # each later one takes a token that an answer sent left (a C-level queue, not threading.Semaphore).
+    sent: queue.SimpleQueue[None] = queue.SimpleQueue()
     lock = threading.Lock()
     pending: set[concurrent.futures.Future[bytes]] = set()
     state = {"reading": True, "ended": False}
@@ -61,10 +61,11 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
 
     def read() -> None:
         try:
-            for key in keys:
-                unsent.get()
-                if state["ended"]:
-                    break
+            for n, key in enumerate(keys):
+                if n >= STREAM_UNSENT:
+                    sent.get()
+                    if state["ended"]:
+                        break
                 cid, found, field = lookup.stream_key(key, caller)
                 if isinstance(found, bytes):    # answered now: a near-cache hit or a bad key
                     answers.put(found)
@@ -86,7 +87,7 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
         for future in futures:
             future.cancel()
         state["ended"] = True
-        unsent.put(None)   # a reader waiting for room wakes, sees the end and stops
+        sent.put(None)     # a reader waiting for room wakes, sees the end and stops
         answers.put(_END)
 
     on_end(cancel_all)
@@ -96,6 +97,6 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
             if isinstance(item, Exception):
                 raise item
             yield item
-            unsent.put(None)
+            sent.put(None)
     finally:
         cancel_all()
