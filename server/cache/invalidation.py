@@ -175,10 +175,15 @@ async def _listen(shard: Shard, on_keys: OnKeys, on_gap: OnGap, retry_interval: 
                     on_keys(*parse_announcement(msg["data"].decode()))
                 elif msg["type"] == "pong" and msg["data"] == LIVENESS:
                     asked = 0.0
-        except SHARD_ERRORS as exc:
+        except Exception as exc:
             if isinstance(exc, SubscriptionLost):   # rare, worth a line (a shard down logs via its breaker)
                 log.warning("invalidation subscription went silent; subscribing again, near-cache dropped",
                             extra={"shard": shard.name})
+            elif not isinstance(exc, SHARD_ERRORS):
+                # A bug here or in the client library must not end the listener in silence: this node
+                # would miss every later invalidation of the shard. Said loudly, then as a lost subscription.
+                log.error("invalidation listener failed; subscribing again, near-cache dropped",
+                          extra={"shard": shard.name, "copy": shard.copy}, exc_info=True)
             first = False
             on_gap(shard.name, shard.copy)
             await asyncio.sleep(retry_interval)

@@ -256,6 +256,41 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
         proxy.close()
 
 
+async def test_a_listener_survives_an_announcement_it_cannot_read(
+        servers: list[RedisServer], sync: dict[str, redis.Redis], tier: RedisTier) -> None:
+    """Bytes that are no announcement (not UTF-8: a stray publisher, a bug) on a shard's channel end no
+    listener: it logs the error, counts a gap (the near-cache drop) for that copy and subscribes again,
+    and the shard's later invalidations still arrive. A listener that died there would leave the node
+    deaf to the shard's invalidations, with nothing said."""
+    got: list[str] = []
+    gapped: list[tuple[str, str]] = []
+    listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys),
+                                                             lambda shard, copy: gapped.append((shard, copy)),
+                                                             retry_interval=0.05))
+
+    async def until_heard(key: str) -> None:
+        for _ in range(150):
+            sync["shard-1"].publish("crs:invalidate", key)
+            if key in got:
+                return
+            await asyncio.sleep(0.02)
+        pytest.fail(f"{key} never arrived")
+
+    try:
+        await until_heard("crd:before")
+        sync["shard-1"].publish("crs:invalidate", b"\xff\xfe not an announcement")
+        for _ in range(150):
+            if gapped:
+                break
+            await asyncio.sleep(0.02)
+        assert gapped == [("shard-1", "primary")]
+        await until_heard("crd:after")
+        assert not listener.done()
+    finally:
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+
+
 async def test_subscriptions_follow_the_topology(servers: list[RedisServer], sync: dict[str, redis.Redis],
                                                  tier: RedisTier) -> None:
     got: list[str] = []
