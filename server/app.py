@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from server import rpc
 from server.admin import AdminHandlers
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
+from server.background import BackgroundTasks
 from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.thread_reads import ThreadReads
@@ -60,7 +61,6 @@ from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
 log = logging.getLogger("crs.node")
-TASK_STOP_SECONDS = 2.0   # stop(): how long the background tasks get to end once cancelled
 
 
 async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
@@ -227,7 +227,7 @@ class Node:
         self.resolver: Resolver | None = None
         self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self.background = BackgroundTasks()   # .broken: one failed; the process exits 1
         self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
         self._executor: GrpcThreadPool | None = None  # hybrid: the gRPC threads
         self._stream_executor: ThreadPoolExecutor | None = None  # hybrid: the streams' threads
@@ -324,20 +324,20 @@ class Node:
                 near.clear()
                 self.metrics.invalidation_gap(shard, copy)
 
-            self._tasks.append(asyncio.create_task(self.tier.listen_invalidations(
-                self.resolver.on_invalidated, gap, retry_interval=s.shard_retry_interval)))
-        self._tasks.append(asyncio.create_task(run_relay(
+            self.background.start("invalidations", self.tier.listen_invalidations(
+                self.resolver.on_invalidated, gap, retry_interval=s.shard_retry_interval))
+        self.background.start("relay", run_relay(
             self.pool, self.resolver, self.metrics, delay=s.reinvalidate_delay, interval=s.outbox_poll_interval,
-            cached_for=self.bins.cached_for)))
-        self._tasks.append(asyncio.create_task(self.topology.run(host=s.grpc_host, port=self.port)))
-        self._tasks.append(asyncio.create_task(self.tailer.run()))
-        self._tasks.append(asyncio.create_task(self.bins.run()))
-        self._tasks.append(asyncio.create_task(probe_database(
-            self.pool, self.health, self.metrics, interval=s.db_health_interval, timeout=s.pg_timeout)))
-        self._tasks.append(asyncio.create_task(run_compaction(self.pool, retention=s.feed_retention,
-                                                              interval=s.feed_compact_interval)))
-        self._tasks.append(asyncio.create_task(self._flush_metrics()))
-        self._tasks.append(asyncio.create_task(route.run()))
+            cached_for=self.bins.cached_for))
+        self.background.start("topology", self.topology.run(host=s.grpc_host, port=self.port))
+        self.background.start("feed-tailer", self.tailer.run())
+        self.background.start("bins", self.bins.run())
+        self.background.start("database-probe", probe_database(
+            self.pool, self.health, self.metrics, interval=s.db_health_interval, timeout=s.pg_timeout))
+        self.background.start("feed-compaction", run_compaction(self.pool, retention=s.feed_retention,
+                                                           interval=s.feed_compact_interval))
+        self.background.start("metrics-flush", self._flush_metrics())
+        self.background.start("read-route", route.run())
         self.resolver.start_refreshing(asyncio.get_running_loop())
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
@@ -358,6 +358,7 @@ class Node:
         seconds (lame duck): clients that watch health (server/client_config.py) move their new
         calls to other nodes first, so none arrives at a server that is closing (those fail
         CANCELLED, which no retry policy should retry)."""
+        self.background.stopping()
         await self.health.enter_graceful_shutdown()
         if grace != 0 and self.server is not None and self.settings.drain_delay:
             await asyncio.sleep(self.settings.drain_delay)
@@ -378,17 +379,7 @@ class Node:
                 executor.shutdown(wait=False, cancel_futures=True)
         if self.resolver is not None:
             self.resolver.stop()
-        for task in self._tasks:
-            task.cancel()
-        if self._tasks:
-            done, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_SECONDS)
-            for task in done:
-                if not task.cancelled():
-                    task.exception()   # retrieved: a task that failed earlier was logged where it failed
-            for task in stuck:   # asyncpg cancelling a query on a database that does not answer, or a bug
-                log.warning("background task still running after its cancel; stopping without it",
-                            extra={"task": repr(task.get_coro()), "waited_s": TASK_STOP_SECONDS})
-        self._tasks.clear()
+        await self.background.stop()
         self.metrics.flush()
         # What is left talks to PostgreSQL, which may not answer (a failover, a partition): each step
         # is bounded by pg_timeout, so the node still exits.

@@ -54,10 +54,15 @@ def run_node_process(settings: Settings) -> int:
             log.error("node failed to start", extra={"error": type(exc).__name__, "reason": str(exc)})
             await node.stop(grace=0)
             return 2 if isinstance(exc, CONFIGURATION_ERRORS) else 3   # `crs --help`'s exit codes
-        await stop.wait()
-        log.info("draining", extra={"grace_s": settings.grace_seconds})
+        # SIGTERM/SIGINT, or a background task that failed (server/background.py): drain either way.
+        waits = [asyncio.create_task(stop.wait()), asyncio.create_task(node.background.broken.wait())]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        broken = node.background.broken.is_set()
+        log.info("draining", extra={"grace_s": settings.grace_seconds, "reason": "broken" if broken else "signal"})
         await node.stop()
-        return 0
+        return 1 if broken else 0
 
     return uvloop.run(main())
 
