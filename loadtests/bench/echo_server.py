@@ -8,6 +8,11 @@ client code against it and the response has exactly the size of a real answer. I
 no parsing, no validation, no HMAC, no cache, no metrics. Whatever the node costs above this is the
 price of the service itself.
 
+It also serves /crs.v1.LookupService/StreamResolve, the streams' ceiling: each key read is answered
+with a LookupResult holding that Resolution and the key's correlation id, built once per distinct
+request (the benchmark cycles through a few hundred keys) and then looked up by the request's bytes.
+On the sync server one thread reads and answers each stream, grpc's plainest bidi handler.
+
     python -m loadtests.bench.echo_server --port 50099 --payload FILE [--sync [--threads 64] [--pool node]]
 
 Prints ``READY <port>`` on stdout once it is serving; SIGTERM/SIGINT stop it, and so does its parent
@@ -22,25 +27,53 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import uvloop
 
 from server import rpc
 from server.grpc_pool import GrpcThreadPool
+from server.proto import crs_pb2 as pb
 
 ECHO_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["ResolveCard"]
+STREAM_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["StreamResolve"]
+
+
+class StreamAnswers(dict[bytes, bytes]):
+    """A LookupKey's bytes -> the LookupResult answering it (the canned Resolution, its correlation id)."""
+
+    def __init__(self, payload: bytes) -> None:
+        super().__init__()
+        self.resolution = pb.Resolution.FromString(payload)
+
+    def __missing__(self, raw: bytes) -> bytes:
+        cid = pb.LookupKey.FromString(raw).correlation_id
+        answer = self[raw] = pb.LookupResult(correlation_id=cid, resolution=self.resolution).SerializeToString()
+        return answer
+
+
+def _handlers(unary: Callable[..., Any], stream: Callable[..., Any]) -> grpc.GenericRpcHandler:
+    # Identity (de)serializers, as the node uses: bytes in, bytes out.
+    return grpc.method_handlers_generic_handler(ECHO_METHOD.service, {
+        ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(unary),
+        STREAM_METHOD.name: grpc.stream_stream_rpc_method_handler(stream)})
 
 
 async def serve(port: int, payload: bytes) -> None:
+    answers = StreamAnswers(payload)
+
     async def resolve(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return payload
 
-    # Identity (de)serializers, as the node uses: bytes in, bytes out.
-    handler = grpc.method_handlers_generic_handler(
-        ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(resolve)})
+    async def stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for raw in raws:
+            yield answers[raw]
+
+    handler = _handlers(resolve, stream)
     # The node's server options (server/app.py), so both sides of the comparison are configured alike.
     server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
     server.add_generic_rpc_handlers((handler,))
@@ -72,8 +105,13 @@ def serve_sync(port: int, payload: bytes, threads: int, pool: str = "futures") -
     """The same echo on the synchronous grpc.server, with the node's hybrid options (server/app.py).
     `pool`: "futures" (concurrent.futures.ThreadPoolExecutor, grpc's documented default: the
     benchmark's ceiling) or "node" (the node's own GrpcThreadPool, server/grpc_pool.py)."""
-    handler = grpc.method_handlers_generic_handler(
-        ECHO_METHOD.service, {ECHO_METHOD.name: grpc.unary_unary_rpc_method_handler(lambda raw, ctx: payload)})
+    answers = StreamAnswers(payload)
+
+    def stream(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for raw in raws:
+            yield answers[raw]
+
+    handler = _handlers(lambda raw, ctx: payload, stream)
     executor = (GrpcThreadPool(threads, thread_name_prefix="echo") if pool == "node"
                 else ThreadPoolExecutor(max_workers=threads))
     server = grpc.server(executor, options=rpc.SERVER_OPTIONS)
@@ -95,8 +133,8 @@ def serve_sync(port: int, payload: bytes, threads: int, pool: str = "futures") -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.bench.echo_server",
-                                     description="Bare grpc.aio unary server answering canned bytes (the "
-                                                 "benchmark's ceiling).")
+                                     description="Bare grpc.aio server answering canned bytes to ResolveCard "
+                                                 "and StreamResolve (the benchmark's ceilings).")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--payload", type=Path, required=True,
                         help="file whose bytes are the answer to every call (a serialized Resolution)")

@@ -204,6 +204,27 @@ def evaluate_targets(results: Mapping[str, PhaseResult]) -> list[Target]:
             for name, phase, base, threshold in TARGETS]
 
 
+# (label, stream ceiling, its unary ceiling, the node's stream, the node's unary): what each gRPC server's
+# own streams reach against its own unary calls, the bound on the node's "StreamResolve vs unary" ratio.
+STREAM_CEILINGS = (("grpc.aio", "echo_stream", "echo", "stream", "l1"),
+                   ("sync grpc.server", "echo_sync_stream", "echo_sync", "stream_hybrid", "l1_hybrid"))
+
+
+def ceilings_line(results: Mapping[str, PhaseResult]) -> str:
+    """The stream ceilings next to the node's stream ratio, or "" when the echo stream phases did not run."""
+    parts = []
+    for label, stream, unary, node_stream, node_unary in STREAM_CEILINGS:
+        ceiling = ratio_to(results, stream, unary)
+        if math.isnan(ceiling):
+            continue
+        part = f"{label} echo's own streams {_fmt_ratio(ceiling)} its unary calls"
+        node = ratio_to(results, node_stream, node_unary)
+        if not math.isnan(node):
+            part += f" (the node on it: {_fmt_ratio(node)})"
+        parts.append(part)
+    return ("Ceilings, per server core: " + "; ".join(parts) + ".") if parts else ""
+
+
 def noise_line(results: Sequence[PhaseResult]) -> str:
     measured = [r for r in results if not math.isnan(r.spread)]
     if not measured:
@@ -288,6 +309,8 @@ def console_table(results: Sequence[PhaseResult], targets: Sequence[Target]) -> 
                "best round); wall-clock rates pool all rounds.")
     for t in targets:
         out.append(f"  {t.verdict:15}  {t.name}: {_fmt_target(t)} (target {_fmt_needed(t)})")
+    if ceilings := ceilings_line({r.key: r for r in results}):
+        out.append(ceilings)
     out.append(noise_line(results))
     return "\n".join(out)
 
@@ -317,6 +340,8 @@ def markdown(results: Sequence[PhaseResult], targets: Sequence[Target], machine:
            "| --- | --- | --- | --- |"]
     for t in targets:
         md.append(f"| {t.name} | {_fmt_target(t)} | {_fmt_needed(t)} | **{t.verdict}** |")
+    if ceilings := ceilings_line({r.key: r for r in results}):
+        md += ["", ceilings]
     md += ["", noise_line(results)]
     md += ["", "## Load and server-side CPU per phase", "",
            "| phase | load | server CPU us/item | backends CPU s | per core, server + backends | client CPU | items "

@@ -64,6 +64,9 @@ PHASES = (
     Phase("echo_half", "grpc.aio echo, half of saturation", "unary", "echo", paced_from="echo"),
     Phase("echo_sync_half", "sync grpc.server echo, half of saturation", "unary", "echo_sync",
           paced_from="echo_sync"),
+    Phase("echo_stream", "grpc.aio echo, StreamResolve (streams' ceiling)", "stream", "echo"),
+    Phase("echo_sync_stream", "sync grpc.server echo, StreamResolve (hybrid streams' ceiling)", "stream",
+          "echo_sync"),
     Phase("echo_threads", "echo server, sync-thread client (ref.)", "unary", "echo", client="threads",
           reference=True),
     *(ph for model in MODELS for ph in _node_phases(model)),
@@ -88,6 +91,10 @@ bare echo servers, then measures each phase after --warmup seconds of the same l
   echo_half, echo_sync_half
                 each echo paced at half the rate it reached saturated in the same round: the latency
                 floor of each serving model's gRPC layer on this machine, next to l1_half
+  echo_stream, echo_sync_stream
+                each echo answering StreamResolve keys with canned answers (one thread per stream on
+                the sync server): the streams' ceiling, so the stream target's ratio can be read
+                against what each gRPC server itself reaches (the report's "Ceilings" lines)
   echo_threads  the aio echo, driven by the sync-thread client instead (reference: which client saturates)
   l1            ResolveCard answered from the near-cache (the same --hot-keys PANs over and over)
   l1_half       the same, paced at half the rate l1 reached in the same round: latency below saturation

@@ -143,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  round {rnd + 1}: " + ", ".join(f"{name} {us:.1f}" for name, us in figures.items()))
     os.sched_setaffinity(0, saved)
     print(f"sync grpc.server echo, server CPU us per call ({args.windows} alternating windows of {args.seconds:g}s):")
-    for name, figures in echoes(args.windows, args.seconds).items():
-        print(f"  {name:8} median {median(figures):6.1f}  min {min(figures):6.1f}  max {max(figures):6.1f}")
+    for name, us in echoes(args.windows, args.seconds).items():
+        print(f"  {name:8} median {median(us):6.1f}  min {min(us):6.1f}  max {max(us):6.1f}")
     return 0
 
 

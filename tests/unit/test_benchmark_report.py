@@ -10,6 +10,7 @@ import pytest
 from loadtests.bench.report import (
     PhaseResult,
     ceiling_per_core,
+    ceilings_line,
     console_table,
     evaluate_targets,
     latency_summary,
@@ -149,3 +150,13 @@ def test_outputs_agree_and_json_has_no_nan() -> None:
     encoded = json.dumps(doc, allow_nan=False)          # NaN would raise here
     assert json.loads(encoded)["phases"][1]["ratio_to_ceiling_per_core"] == pytest.approx(0.75)
     assert doc["phases"][0]["spread"] is None           # one round: unknown, and null rather than NaN
+
+
+def test_stream_ceilings_are_each_echo_streams_over_its_own_unary_calls() -> None:
+    results = {r.key: r for r in (phase("echo", 10_000, 1.0), phase("echo_stream", 25_000, 1.0),
+                                  phase("echo_sync", 15_000, 1.0), phase("echo_sync_stream", 30_000, 1.0),
+                                  phase("stream_hybrid", 27_000, 1.0), phase("l1_hybrid", 12_000, 1.0))}
+    assert ceilings_line(results) == ("Ceilings, per server core: grpc.aio echo's own streams 2.50x its unary "
+                                      "calls; sync grpc.server echo's own streams 2.00x its unary calls (the "
+                                      "node on it: 2.25x).")
+    assert ceilings_line({"echo": results["echo"]}) == ""     # the echo stream phases did not run
