@@ -1,11 +1,15 @@
 """StreamResolve for the hybrid serving model: the same answers as LookupHandlers.StreamResolve, with
 the keys read on a thread and near-cache hits answered there, misses resolved on the event loop.
 
-A reader thread takes each key off the stream, validates it and answers a near-cache hit at once;
-a miss becomes a coroutine on the loop (at most `stream_window` per stream, as grpc.aio) whose result
-joins the answers when it completes. The gRPC thread that runs the call only sends answers, in
-completion order, so one slow key never holds up the keys behind it and a client that waits for each
-answer before sending the next key still works. At most STREAM_UNSENT keys are read ahead of the
+While every key is answered at once (near-cache hits, bad keys), the gRPC thread that runs the call
+reads each key and sends its answer, as the bare sync echo does. From the first miss on, a reader
+thread takes each key off the stream, validates it and answers a near-cache hit at once; a miss
+becomes a coroutine on the loop (at most `stream_window` per stream, as grpc.aio) whose result joins
+the answers when it completes. The call's thread then only sends answers, in completion order, so one
+slow key never holds up the keys behind it and a client that waits for each answer before sending
+the next key still works. A stream that only hits holds one thread, not two: with 32 streams of 8
+keys outstanding that lifted the node from 0.60x to 0.72x of the sync server's bare stream echo
+(docs/decisions.md, "The streams' ceiling"). At most STREAM_UNSENT keys are read ahead of the
 answers sent, as in grpc.aio. A corrupt message ends the call with INVALID_ARGUMENT; a cancelled
 call cancels its misses.
 """
@@ -13,6 +17,7 @@ call cancels its misses.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import queue
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -24,6 +29,7 @@ from server.encoding import RESOLUTION_FIELD
 from server.errors import CrsError
 from server.lookup import STREAM_UNSENT, LookupHandlers
 from server.proto import crs_pb2 as pb
+from server.resolver import Lookup
 
 Submit = Callable[[Awaitable[bytes]], "concurrent.futures.Future[bytes]"]
 _END = object()
@@ -33,6 +39,21 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
                    on_end: Callable[[Callable[[], None]], Any]) -> Iterator[bytes]:
     """Answers for `keys` in completion order. `submit` runs a coroutine on the loop; `on_end`
     registers a callback for when the call ends however it ends (grpc's context.add_callback)."""
+    keys = iter(keys)
+    for key in keys:   # while every key is answered at once, the call's thread alone reads and answers
+        cid, found, field = lookup.stream_key(key, caller)
+        if isinstance(found, bytes):
+            yield found
+            continue
+        yield from _with_reader(lookup, keys, caller, submit=submit, on_end=on_end, first=(cid, found, field, key))
+        return
+
+
+def _with_reader(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller: Caller, *, submit: Submit,
+                 on_end: Callable[[Callable[[], None]], Any],
+                 first: tuple[str, Lookup, int, pb.LookupKey]) -> Iterator[bytes]:
+    """From the stream's first miss (`first`: its id, lookup, field and key) on: a reader thread takes
+    the keys, the call's thread sends the answers."""
     answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
     window = threading.Semaphore(lookup.stream_window)
     # Keys read ahead of the answers sent (as grpc.aio): the first STREAM_UNSENT keys are read freely,
@@ -61,12 +82,12 @@ def stream_resolve(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller:
 
     def read() -> None:
         try:
-            for n, key in enumerate(keys):
+            for n, key in enumerate(itertools.chain([first[3]], keys)):
                 if n >= STREAM_UNSENT:
                     sent.get()
                     if state["ended"]:
                         break
-                cid, found, field = lookup.stream_key(key, caller)
+                cid, found, field = first[:3] if n == 0 else lookup.stream_key(key, caller)
                 if isinstance(found, bytes):    # answered now: a near-cache hit or a bad key
                     answers.put(found)
                     continue

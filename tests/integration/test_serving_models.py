@@ -129,6 +129,33 @@ def test_stream_resolve_answers_are_the_same(nodes: dict[str, NodeProcess], used
         "bad": 3, "nf": 5, "cus": 0, "empty": 3}
 
 
+def test_a_stream_answers_every_key_around_its_first_miss(nodes: dict[str, NodeProcess],
+                                                         used_secrets: UsedSecrets) -> None:
+    """The hybrid node answers a stream's near-cache hits on the call's thread alone until the first
+    miss, then hands the rest of the stream to a reader thread: the keys before the switch, the miss
+    itself and the keys after it are each answered once, as on aio; a corrupt message after the
+    switch ends the stream as one before it does."""
+    hits = [pb.LookupKey(pan=demo_pan(i), correlation_id=f"h{i}") for i in range(20)]
+    for node in nodes.values():
+        _stream(node, hits)                      # now near-cache hits on both nodes (TTL 2 s)
+    miss = pb.LookupKey(pan=fresh_pan(used_secrets), correlation_id="miss")   # in no near-cache
+    after = [pb.LookupKey(pan=demo_pan(i), correlation_id=f"a{i}") for i in range(20)]
+    keys = [*hits, miss, *after]
+    aio, hybrid = _stream(nodes["aio"], keys), _stream(nodes["hybrid"], keys)
+    assert [cid for cid, _, _ in hybrid] == sorted(k.correlation_id for k in keys) and hybrid == aio
+    assert {cid: code for cid, code, _ in hybrid if code} == {"miss": 5}
+
+    def corrupt_after_the_miss(node: NodeProcess) -> str:
+        raws = [k.SerializeToString() for k in (*hits[:5], miss)] + [b"\xff\xff"]
+        with node.channel("admin") as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                list(channel.stream_stream(LOOKUP["StreamResolve"].path)(iter(raws), timeout=10))
+        return f"{info.value.code().name}: {info.value.details()}"
+
+    assert corrupt_after_the_miss(nodes["hybrid"]) == corrupt_after_the_miss(nodes["aio"])
+    assert corrupt_after_the_miss(nodes["hybrid"]).startswith("INVALID_ARGUMENT")
+
+
 def test_a_corrupt_stream_message_ends_the_stream_alike(nodes: dict[str, NodeProcess]) -> None:
     def corrupt(node: NodeProcess) -> str:
         with node.channel("admin") as channel:
