@@ -1,11 +1,12 @@
 """A node's background tasks: the relay, the topology watch, the invalidation listeners, the feed
 tailer... Each runs until the node stops it; none may end unseen.
 
-A task that fails (an exception it did not handle: a bug, a library's surprise) leaves the node serving without it: no
-relay, a topology it no longer follows, a shard's invalidations unheard. It is logged at once
-(critical, with its traceback) and `broken` is set: the node process drains and exits 1, and its
-supervisor (`crs serve`'s parent, or Kubernetes) starts a fresh one. Restarting the task in place
-would hide the bug and could repeat it in a tight loop; a fresh process starts from a known state.
+A task that fails (an exception it did not handle: a bug, a library's surprise) leaves the node
+serving without it: no relay, a topology it no longer follows, a shard's invalidations unheard. It
+is logged at once (critical, with its traceback) and `broken` is set: the node process drains and
+exits 1, and its supervisor (`crs serve`'s parent, or Kubernetes) starts a fresh one. Restarting the
+task in place would hide the bug and could repeat it in a tight loop; a fresh process starts from a
+known state. A task that returns has finished its work (the read route without a replica).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class BackgroundTasks:
         done, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS)
         for task in done:
             if not task.cancelled():
-                task.exception()   # retrieved: one that ended by itself was logged when it ended
+                task.exception()   # retrieved: one that failed was logged when it failed
         for task in stuck:   # asyncpg cancelling a query on a database that does not answer, or a bug
             log.warning("background task still running after its cancel; stopping without it",
                         extra={"task": task.get_name(), "coroutine": repr(task.get_coro()), "waited_s": STOP_SECONDS})

@@ -45,7 +45,8 @@ SERVE_EXIT_CODES = """Before any node process starts, the configuration is check
 key is the certificate's), the ports (free: a port another process serves is refused, see
 CRS_SHARE_PORT), CRS_TOPOLOGY_FILE (exists; an empty file means nothing published yet), the clients and
 JWKS files, then in PostgreSQL the schema and that the keys are the ones the database was written with.
-Exit codes: 0 stopped after SIGTERM/SIGINT (drained), 1 node processes kept failing, 2 configuration
+Exit codes: 0 stopped after SIGTERM/SIGINT (drained), 1 node processes kept failing (with one
+worker: its background task failed, logged critical; it drained first), 2 configuration
 (the message names the setting: a file that does not parse, a key that is not the database's, a port in
 use, CRS_PG_DSN unusable), 3 PostgreSQL unavailable, or its schema not migrated (`crs migrate`)."""
 
