@@ -204,6 +204,14 @@ class LoopBridge:
             except BaseException as exc:
                 handoff.put((False, exc))
                 raise
+            finally:
+                # The call's end cancels this task at credits.acquire(), outside the generator, which
+                # would stay suspended at its yield holding what it holds (a Snapshot's transaction and
+                # PostgreSQL connection, a Watch's feed subscription) for good: close it here, as grpc.aio
+                # does by cancelling inside it.
+                aclose = getattr(items, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             handoff.put((False, None))
 
         def ended(future: concurrent.futures.Future[None]) -> None:

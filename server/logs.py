@@ -35,6 +35,24 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class ClientGoneFilter(logging.Filter):
+    """grpc.aio logs at ERROR, with a traceback, a stream's send that failed because the call had
+    already ended: the client went away (killed, cancelled, its deadline) while the node was writing
+    to it, which is no fault of the node's and would page on every extract job restarted. Said here
+    in one INFO line naming the method; grpc's own (grpc/grpc#32551) is replaced."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method ["
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            record.method = message[len(self.PREFIX):].split("]", 1)[0]
+            record.msg, record.args = "a stream's client went away while the node was sending to it", ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(level: str, *, stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
@@ -44,3 +62,6 @@ def configure_logging(level: str, *, stream: Any = None) -> None:
     # Driver chatter at INFO can quote query parameters; keep third parties at WARNING.
     for noisy in ("asyncio", "grpc", "asyncpg", "redis"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, ClientGoneFilter) for f in cygrpc.filters):
+        cygrpc.addFilter(ClientGoneFilter())

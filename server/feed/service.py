@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from server.caller import Caller
-from server.errors import CrsError, InvalidKey, OutOfRange
+from server.errors import CrsError, FeedOverload, InvalidKey, OutOfRange
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
@@ -118,7 +118,16 @@ class FeedHandlers:
     async def Snapshot(self, request: pb.SnapshotRequest, caller: Caller) -> AsyncIterator[bytes]:
         types = _types(request.entity_types, frozenset(SNAPSHOT_TYPES)) or frozenset(SNAPSHOT_TYPES)
         ordered = [t for t in SNAPSHOT_TYPES if t in types]
-        with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
-                async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk):
-                    yield chunk.SerializeToString()
+        # Each snapshot holds a pooled connection and a transaction while its reader reads: a bound, so
+        # that slow or stalled extract jobs never take the connections lookups load misses with.
+        if self._snapshots_running >= self.snapshot_max:
+            raise FeedOverload(f"this node already runs {self.snapshot_max} snapshots (CRS_FEED_SNAPSHOT_MAX); "
+                               "retry later or on another node")
+        self._snapshots_running += 1
+        try:
+            with translate_db_errors():
+                async with self.pool.acquire(timeout=self.timeout) as conn:
+                    async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk):
+                        yield chunk.SerializeToString()
+        finally:
+            self._snapshots_running -= 1
