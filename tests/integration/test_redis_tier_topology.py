@@ -197,6 +197,16 @@ async def test_idle_subscriptions_wait_quietly_past_the_socket_timeout(
         await asyncio.gather(listener, return_exceptions=True)
 
 
+async def _until_heard(shard: redis.Redis, got: list[str], key: str) -> None:
+    """Publish `key` on the shard's invalidation channel until the listener has heard it (3 s at most)."""
+    for _ in range(150):
+        shard.publish("crs:invalidate", key)
+        if key in got:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{key} never arrived")
+
+
 async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
         servers: list[RedisServer], sync: dict[str, redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
     """A quiet subscription is asked (PING) whether it is still there: one that answers stays (no gap,
@@ -222,19 +232,11 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
     listener = asyncio.create_task(tier.listen_invalidations(lambda keys, _position: got.extend(keys), gap,
                                                              retry_interval=0.1))
 
-    async def until_heard(key: str) -> None:
-        for _ in range(150):
-            sync["shard-0"].publish("crs:invalidate", key)
-            if key in got:
-                return
-            await asyncio.sleep(0.02)
-        pytest.fail(f"{key} never arrived")
-
     def subscribers() -> set[str]:
         return {c["id"] for c in sync["shard-0"].client_list() if c.get("sub") == "1"}
 
     try:
-        await until_heard("crd:before")
+        await _until_heard(sync["shard-0"], got, "crd:before")
         first = subscribers()
         await asyncio.sleep(1.5)                # five quiet spells, each answered
         assert gaps == [] and subscribers() == first
@@ -247,7 +249,7 @@ async def test_a_subscription_whose_peer_vanished_is_noticed_and_renewed(
             await asyncio.sleep(0.02)
         assert gaps and gaps[0] - frozen_at < 0.3 + 0.3 + 2.0, gaps   # slack for a busy machine
         assert gapped == {("shard-0", "primary")}                       # which copy (the node's metric labels)
-        await until_heard("crd:after")
+        await _until_heard(sync["shard-0"], got, "crd:after")
         assert "crd:lost" not in got         # missed while frozen: what the gap (near-cache drop) is for
     finally:
         listener.cancel()
@@ -268,23 +270,15 @@ async def test_a_listener_survives_an_announcement_it_cannot_read(
                                                              lambda shard, copy: gapped.append((shard, copy)),
                                                              retry_interval=0.05))
 
-    async def until_heard(key: str) -> None:
-        for _ in range(150):
-            sync["shard-1"].publish("crs:invalidate", key)
-            if key in got:
-                return
-            await asyncio.sleep(0.02)
-        pytest.fail(f"{key} never arrived")
-
     try:
-        await until_heard("crd:before")
+        await _until_heard(sync["shard-1"], got, "crd:before")
         sync["shard-1"].publish("crs:invalidate", b"\xff\xfe not an announcement")
         for _ in range(150):
             if gapped:
                 break
             await asyncio.sleep(0.02)
         assert gapped == [("shard-1", "primary")]
-        await until_heard("crd:after")
+        await _until_heard(sync["shard-1"], got, "crd:after")
         assert not listener.done()
     finally:
         listener.cancel()
