@@ -176,3 +176,37 @@ def test_cli_help_is_a_manual() -> None:
     r = subprocess.run([sys.executable, "-m", "server.cli", "keys", "generate"], capture_output=True, text=True,
                        timeout=30)
     assert "CRS_KEK=" in r.stdout and "CRS_FINGERPRINT_KEYS=1:" in r.stdout
+
+
+# A node process whose database probe (one of its background tasks) fails with a bug a second after it
+# serves: the probe is replaced before `crs serve` runs, nothing else is.
+_FAILING_PROBE = """
+import asyncio, sys
+import server.app
+
+async def probe_database(*args, **kwargs):
+    await asyncio.sleep(1.0)
+    raise RuntimeError("a bug in the probe")
+
+server.app.probe_database = probe_database
+from server.cli.main import main
+sys.exit(main(["serve"]))
+"""
+
+
+def test_a_background_task_that_fails_stops_the_node_process(dev_env: DevEnvironment) -> None:
+    """server/background.py: a failed background task is logged critical with its name, and the node
+    drains and exits 1 (its supervisor starts a fresh one) instead of serving on without it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
+    env = base | settings_to_env(dev_env.settings(workers=1, grpc_port=free_port(), metrics_port=free_port(),
+                                                  drain_delay=0.1))
+    r = subprocess.run([sys.executable, "-c", _FAILING_PROBE], env=env, capture_output=True, text=True, timeout=30,
+                       cwd=Path(__file__).resolve().parents[2])
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    failed = [e for e in lines if e["level"] == "CRITICAL"]
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert [(e["task"], e["error"]) for e in failed] == [("database-probe", "RuntimeError")]
+    assert failed[0]["msg"] == "background task failed; the node stops so that a fresh one takes its place"
+    assert "a bug in the probe" in failed[0]["trace"]
+    assert any(e["msg"] == "node serving" for e in lines) and any(e["msg"] == "node stopped" for e in lines)
+    assert any(e["msg"] == "draining" and e["reason"] == "broken" for e in lines)
