@@ -244,6 +244,8 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
 
 def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:
     """server/app.py's _fail for the sync server: the same status, message, details and metric."""
+    if isinstance(exc, grpc.RpcError):   # grpc's request iterator: the call ended (cancel, deadline, client gone)
+        exc = CallEnded()
     if isinstance(exc, CallEnded):   # the caller has, or is about to have, its status (as grpc.aio: no metric)
         # Past the deadline the status is DEADLINE_EXCEEDED, as gRPC's own: this thread's wait ends at
         # the deadline as the server sees it, which may come a moment before the client's, and the

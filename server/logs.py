@@ -50,6 +50,7 @@ class ClientGoneFilter(logging.Filter):
             record.msg, record.args = "a stream's client went away while the node was sending to it", ()
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
+            return logging.getLogger().isEnabledFor(logging.INFO)   # the node's level, not grpc's WARNING
         return True
 
 

@@ -43,3 +43,10 @@ def test_a_send_to_a_client_gone_is_one_info_line_naming_the_method() -> None:
     assert first["level"] == "INFO" and first["method"] == "/crs.v1.ChangeFeedService/Snapshot"
     assert first["msg"] == "a stream's client went away while the node was sending to it" and "trace" not in first
     assert second["level"] == "ERROR" and "Unexpected [ValueError]" in second["msg"]   # other errors stay errors
+
+
+def test_at_warning_the_client_gone_line_is_not_written() -> None:
+    out = io.StringIO()
+    configure_logging("WARNING", stream=out)
+    _grpc_failed_send(logging.getLogger("grpc._cython.cygrpc"))
+    assert out.getvalue() == ""
