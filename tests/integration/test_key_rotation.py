@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from devstack import free_port
 from devstack.demo import demo_account_number, demo_pan, demo_routing
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
@@ -218,7 +219,7 @@ def test_two_fingerprint_keys_need_the_version_named(env: DevEnvironment) -> Non
     keys = dict(env.keys)
     _, both = _and_a_newer_key(keys)
     base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-    child = base | settings_to_env(env.settings(workers=1, metrics_port=0)) | keys | {
+    child = base | settings_to_env(env.settings(workers=1, grpc_port=free_port(), metrics_port=0)) | keys | {
         "CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": "0"}
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=child, capture_output=True, text=True,
                        timeout=60)
@@ -249,7 +250,8 @@ def test_kek_rotation_and_bad_keys_fail_at_start(env: DevEnvironment) -> None:
 
     def serve(overrides: dict[str, str]) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")}
-        child = base | settings_to_env(env.settings(workers=1, metrics_port=0)) | rotated | overrides
+        settings = env.settings(workers=1, grpc_port=free_port(), metrics_port=0)
+        child = base | settings_to_env(settings) | rotated | overrides
         return subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=child, capture_output=True,
                               text=True, timeout=60)
 
