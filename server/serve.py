@@ -28,6 +28,28 @@ from server.settings import Settings, SettingsError
 
 log = logging.getLogger("crs.serve")
 RESTART_BACKOFF = 1.0
+STABLE_SECONDS = 60.0   # a worker that served this long ends a row of failures
+
+
+class RestartBudget:
+    """How many worker exits in a row the parent restarts before it gives up (5 per worker). A worker
+    that ran STABLE_SECONDS or more ends the row: exits spread over a pod's life (a background task's
+    failure, an operator's SIGTERM to one worker) never add up to giving up."""
+
+    def __init__(self, workers: int) -> None:
+        self.limit = 5 * workers
+        self.in_a_row = 0
+
+    def exited(self, ran_for: float) -> bool:
+        """A worker exited after `ran_for` seconds; True: give up."""
+        if ran_for >= STABLE_SECONDS:
+            self.in_a_row = 0
+        self.in_a_row += 1
+        return self.exhausted
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row > self.limit
 
 
 def run_node_process(settings: Settings) -> int:
@@ -145,25 +167,28 @@ def serve(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGUSR1, dump_workers)
 
+    started: dict[int, float] = {}
+
     def start(i: int) -> None:
         p = ctx.Process(target=_worker, args=(settings, i), name=f"crs-node-{i}", daemon=False)
         p.start()
         procs[i] = p
+        started[i] = time.monotonic()
 
     for i in range(workers):
         start(i)
     log.info("serving", extra={"workers": workers, "port": settings.grpc_port})
-    failures_in_a_row = 0
+    budget = RestartBudget(workers)
     while not stopping:
         time.sleep(0.2)
         for i, p in list(procs.items()):
             if p.exitcode is not None and not stopping:
-                failures_in_a_row += 1
+                give_up = budget.exited(time.monotonic() - started[i])
                 # Exit 0: it drained on a SIGTERM of its own (an operator's), no failure to page on.
                 (log.warning if p.exitcode == 0 else log.error)(
                     "worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
                 _forget_worker(multiproc_dir, p.pid)
-                if failures_in_a_row > 5 * workers:
+                if give_up:
                     log.error("workers keep failing; giving up")
                     stopping = True
                     break
@@ -181,4 +206,4 @@ def serve(settings: Settings) -> int:
     codes = [p.exitcode for p in procs.values()]
     shutil.rmtree(multiproc_dir, ignore_errors=True)   # the workers' metric files: gone with them
     log.info("stopped", extra={"exitcodes": codes})
-    return 0 if failures_in_a_row <= 5 * workers else 1
+    return 1 if budget.exhausted else 0
