@@ -103,6 +103,25 @@ def node_logs(env: DevEnvironment) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(logs.glob("*.log")))
 
 
+def errors_logged(node: NodeProcess, since: int) -> list[str]:
+    """The node's log lines at ERROR written after byte `since` (its log's size taken earlier)."""
+    with node.log_path.open("rb") as log:
+        log.seek(since)
+        return [line for line in log.read().decode(errors="replace").splitlines() if '"level":"ERROR"' in line]
+
+
+def until(what: str, condition: Callable[[], bool], within: float, *, poll: float = 0.02,
+          check: Callable[[], None] = lambda: None) -> None:
+    """Wait until `condition()`; `check()` runs at each try (to fail early). AssertionError naming
+    `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        check()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within}s: {what}")
+        time.sleep(poll)
+
+
 def metric(node: NodeProcess, name: str, **labels: str) -> float:
     """Sum of the node's samples of `name` whose labels include `labels` (0 when none)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()

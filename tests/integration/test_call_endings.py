@@ -21,7 +21,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import card_key, metric
+from tests.integration.support import card_key, errors_logged, metric
 
 MODELS = ("aio", "hybrid")
 _fresh = itertools.count(150)   # demo cards no other test of this module has asked for
@@ -195,6 +195,4 @@ def test_a_stream_of_hits_that_ends_while_waiting_for_keys_is_no_error(nodes: di
     assert endings == ["CANCELLED", "DEADLINE_EXCEEDED"] * 2
     time.sleep(1.5)   # the metrics flush
     assert metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL") == internal
-    with node.log_path.open("rb") as log:
-        log.seek(log_from)
-        assert [line for line in log.read().decode().splitlines() if '"level":"ERROR"' in line] == []
+    assert errors_logged(node, since=log_from) == []

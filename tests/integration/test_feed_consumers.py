@@ -20,7 +20,7 @@ from devstack.demo import demo_routing
 from devstack.environment import DevEnvironment
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan, until
 
 WAIT_S = 30.0            # generous bound on any condition (a loaded 2-core machine)
 WRITES_PER_WRITER = 80   # two writers: 160 writes, ~200 feed events
@@ -28,12 +28,7 @@ WRITES_PER_WRITER = 80   # two writers: 160 writes, ~200 feed events
 
 def _until(what: str, condition: Callable[[], bool], timeout: float = WAIT_S,
            check: Callable[[], None] = lambda: None) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        check()
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.02)
+    until(what, condition, timeout, check=check)
 
 
 class Consumer:

@@ -18,7 +18,7 @@ from server import rpc
 from server.cli.identity import render_merge
 from server.cli.main import main as crs_main
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan
+from tests.integration.support import Clients, UsedSecrets, expect_code, fresh_account_number, fresh_pan, until
 from tests.integration.test_identity import _person, _ref, random_dob
 
 STALENESS_BOUND_S = 2.0   # README "Consistency", as tests/integration/test_admin.py
@@ -29,10 +29,7 @@ INVALIDATED_S = 0.75
 
 
 def _until(what: str, condition: Callable[[], bool], bound: float = STALENESS_BOUND_S) -> None:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < bound, f"not within {bound}s: {what}"
-        time.sleep(0.01)
+    until(what, condition, bound, poll=0.01)
 
 
 def _rid() -> str:

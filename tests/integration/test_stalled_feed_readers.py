@@ -11,7 +11,7 @@ without a data set of many megabytes."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,7 +19,7 @@ import pytest
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import metric, own_env, running, sql
+from tests.integration.support import errors_logged, metric, own_env, running, sql, until
 
 MODELS = ("aio", "hybrid")
 SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
@@ -49,13 +49,6 @@ def _busy_connections(node: NodeProcess) -> float:
     return metric(node, "crs_pg_pool_connections") - metric(node, "crs_pg_pool_idle_connections")
 
 
-def _until(check: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
 def _stalled(channel: grpc.Channel, kind: str, timeout: float) -> grpc.Future:
     """A Snapshot or Watch that read its first message and then reads nothing."""
     feed = rpc.stub(channel, "ChangeFeedService")
@@ -70,27 +63,23 @@ def _stalled(channel: grpc.Channel, kind: str, timeout: float) -> grpc.Future:
 def test_an_ended_stalled_stream_lets_go_of_its_connection_and_subscription(
         nodes: dict[str, NodeProcess], model: str, ending: str) -> None:
     node = nodes[model]
-    _until(lambda: _busy_connections(node) == 0 and metric(node, "crs_feed_watchers") == 0, 10, "not at rest")
+    until("at rest", lambda: _busy_connections(node) == 0 and metric(node, "crs_feed_watchers") == 0, 10)
     log_from = node.log_path.stat().st_size
     timeout = 3.0 if ending == "deadline" else 30.0
     with grpc.insecure_channel(node.address, options=SMALL_WINDOW) as channel:
         calls = [_stalled(channel, kind, timeout) for kind in ("snapshot", "watch", "watch")]
-        _until(lambda: _busy_connections(node) >= 1 and metric(node, "crs_feed_watchers") == 2, 5,
-               "the stalled streams are not held open")
+        until("the stalled streams held open",
+              lambda: _busy_connections(node) >= 1 and metric(node, "crs_feed_watchers") == 2, 5)
         if ending == "cancelled":
             for call in calls:
                 call.cancel()
-        _until(lambda: _busy_connections(node) == 0, timeout + 5,
-               f"the Snapshot's PostgreSQL connection was not given back ({_busy_connections(node):g} busy)")
-        _until(lambda: metric(node, "crs_feed_watchers") == 0, 5, "the Watches are still subscribed")
+        until("the Snapshot's PostgreSQL connection given back", lambda: _busy_connections(node) == 0, timeout + 5)
+        until("the Watches unsubscribed", lambda: metric(node, "crs_feed_watchers") == 0, 5)
     assert sql(node.settings.pg_dsn, "SELECT count(*) AS n FROM pg_stat_activity WHERE state = 'idle in transaction'"
                " AND usename = current_user AND pid <> pg_backend_pid()")[0]["n"] == 0
     # A client that went away is no error of the node's: nothing at ERROR (grpc.aio logged its failed
     # send as an ERROR with a traceback; server/logs.py says it in one INFO line).
-    with node.log_path.open("rb") as log:
-        log.seek(log_from)
-        errors = [line for line in log.read().decode().splitlines() if '"level":"ERROR"' in line]
-    assert errors == []
+    assert errors_logged(node, since=log_from) == []
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -98,7 +87,7 @@ def test_snapshots_past_the_limit_are_refused(nodes: dict[str, NodeProcess], mod
     """CRS_FEED_SNAPSHOT_MAX=2: two stalled Snapshots run, a third is refused RESOURCE_EXHAUSTED at once
     (the connections are for lookups), and once one ends another is admitted."""
     node = nodes[model]
-    _until(lambda: _busy_connections(node) == 0, 10, "not at rest")
+    until("at rest", lambda: _busy_connections(node) == 0, 10)
     with grpc.insecure_channel(node.address, options=SMALL_WINDOW) as channel:
         held = [_stalled(channel, "snapshot", 30) for _ in range(2)]
         started = time.monotonic()
@@ -107,7 +96,7 @@ def test_snapshots_past_the_limit_are_refused(nodes: dict[str, NodeProcess], mod
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() - started < 5
         assert "CRS_FEED_SNAPSHOT_MAX" in (info.value.details() or "")
         held.pop().cancel()
-        _until(lambda: _busy_connections(node) <= 1, 5, "the cancelled Snapshot's connection was not given back")
+        until("the cancelled Snapshot's connection given back", lambda: _busy_connections(node) <= 1, 5)
         held.append(_stalled(channel, "snapshot", 30))                     # admitted again
         for call in held:
             call.cancel()
