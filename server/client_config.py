@@ -14,6 +14,17 @@ delay). SINGLE_ADDRESS_SERVICE_CONFIG leaves it out: calls go on over the draini
 its GOAWAY moves the channel to a new one, which the balancer gives to a node that serves.
 `channel_options(target)` picks one of the two for a gRPC target.
 
+Behind one address the channel also WAITS FOR READY (within each call's deadline). Its one
+connection can be reset as it reconnects: a draining worker's listener (workers share a port,
+SO_REUSEPORT) closes with the new connection still in its queue or mid-handshake. gRPC then waits its
+reconnect backoff (1 s by default) before the next attempt, and fail-fast calls all failed meanwhile
+(10,944 in one test run; retries do not help, they are spent in milliseconds and then throttled).
+With waitForReady they wait for the next attempt, which starts after 100 ms
+(RECONNECT_BACKOFF_OPTIONS). The price: when that address is really down, a call fails at its
+deadline (DEADLINE_EXCEEDED) rather than at once; a client with several addresses fails fast, as
+round robin moves its calls to the nodes still up. A one-shot command (the `crs` CLI) asks
+`channel_options(target, wait_for_ready=False)` and says "unreachable" at once.
+
 Writes are retried too: a retried AdminService or IdentityService write is safe only because it
 carries a `request_id` (the server answers a retry with the first answer), so always send one.
 Retried: UNAVAILABLE, and CANCELLED, which a node answers a call that reached it as it stopped
@@ -47,8 +58,12 @@ SERVICE_CONFIG: dict[str, Any] = {
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 SERVICE_CONFIG_JSON = json.dumps(SERVICE_CONFIG, separators=(",", ":"))
-SINGLE_ADDRESS_SERVICE_CONFIG: dict[str, Any] = {k: v for k, v in SERVICE_CONFIG.items() if k != "healthCheckConfig"}
+SINGLE_ADDRESS_SERVICE_CONFIG: dict[str, Any] = {
+    **{k: v for k, v in SERVICE_CONFIG.items() if k != "healthCheckConfig"},
+    "methodConfig": [{**SERVICE_CONFIG["methodConfig"][0], "waitForReady": True}],
+}
 SINGLE_ADDRESS_SERVICE_CONFIG_JSON = json.dumps(SINGLE_ADDRESS_SERVICE_CONFIG, separators=(",", ":"))
+ONE_SHOT_SERVICE_CONFIG: dict[str, Any] = {k: v for k, v in SERVICE_CONFIG.items() if k != "healthCheckConfig"}
 
 # Keepalive: a node that vanished without closing the connection (its host lost, a partition) is
 # noticed within 30 s and its calls go to the other nodes; without it the connection waits on TCP's
@@ -56,13 +71,22 @@ SINGLE_ADDRESS_SERVICE_CONFIG_JSON = json.dumps(SINGLE_ADDRESS_SERVICE_CONFIG, s
 # nodes accept a ping every 10 s or less often (server/rpc.py MIN_CLIENT_PING_INTERVAL_MS).
 KEEPALIVE_SECONDS = 20.0
 KEEPALIVE_TIMEOUT_SECONDS = 10.0
+# Reconnecting: a failed connection attempt is tried again after 100 ms (gRPC: 1 s), then 160 ms,
+# 256 ms, ... at most every 2 s (gRPC: 2 minutes), so a channel is back within ~2 s of its server.
+RECONNECT_BACKOFF_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.service_config", SERVICE_CONFIG_JSON),
     ("grpc.enable_retries", 1),
+    *RECONNECT_BACKOFF_OPTIONS,
     *keepalive_options(KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT_SECONDS),
 )
 SINGLE_ADDRESS_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.service_config", SINGLE_ADDRESS_SERVICE_CONFIG_JSON), *CHANNEL_OPTIONS[1:])
+ONE_SHOT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.service_config", json.dumps(ONE_SHOT_SERVICE_CONFIG, separators=(",", ":"))), *CHANNEL_OPTIONS[1:])
 
 
 def names_several_nodes(target: str) -> bool:
@@ -75,9 +99,12 @@ def names_several_nodes(target: str) -> bool:
     return scheme == "dns"
 
 
-def channel_options(target: str) -> tuple[tuple[str, Any], ...]:
-    """The recommended options for `target`: health checking only where the channel can move away."""
-    return CHANNEL_OPTIONS if names_several_nodes(target) else SINGLE_ADDRESS_CHANNEL_OPTIONS
+def channel_options(target: str, *, wait_for_ready: bool = True) -> tuple[tuple[str, Any], ...]:
+    """The recommended options for `target`: health checking only where the channel can move away,
+    waiting for ready where it cannot; `wait_for_ready=False` for a one-shot command."""
+    if names_several_nodes(target):
+        return CHANNEL_OPTIONS
+    return SINGLE_ADDRESS_CHANNEL_OPTIONS if wait_for_ready else ONE_SHOT_CHANNEL_OPTIONS
 
 
 def multi_target(addresses: list[str]) -> str:

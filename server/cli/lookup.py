@@ -86,7 +86,9 @@ def open_channel(args: argparse.Namespace) -> Any:
 
     from server.client_config import channel_options
 
-    options = list(channel_options(args.target))   # the recommended configuration (docs/deploy.md, "Clients")
+    # The recommended configuration (docs/deploy.md, "Clients"), failing fast: a command makes one call
+    # and says at once that a node is unreachable, where a switch would wait for it within a deadline.
+    options = list(channel_options(args.target, wait_for_ready=False))
     ca, cert, key = args.ca, args.cert, args.key
     if args.tls_dir:
         tls = Path(args.tls_dir)

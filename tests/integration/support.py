@@ -7,6 +7,7 @@ import contextlib
 import os
 import secrets
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -199,6 +200,8 @@ class FreezingProxy:
     """A TCP proxy on 127.0.0.1 to `upstream_port` whose open connections can be frozen: from `freeze()`
     on, what either side sends on them vanishes and nothing is closed, as a peer looks that is gone
     without a FIN (its host lost, a partition). Connections opened later are forwarded normally.
+    `reset(n)` instead resets every open connection and the next `n` new ones before a byte is
+    forwarded, as a server's listener closing with connections in its queue resets them.
     Threads, so it serves sync and asyncio tests alike; `with FreezingProxy(port) as proxy:`."""
 
     def __init__(self, upstream_port: int) -> None:
@@ -208,6 +211,9 @@ class FreezingProxy:
         self._lock = threading.Lock()
         self._open: list[tuple[socket.socket, socket.socket, list[bool]]] = []
         self._closed = False
+        self._to_reset = 0
+        self.accepted = 0
+        self.reset_connections = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def __enter__(self) -> FreezingProxy:
@@ -221,12 +227,28 @@ class FreezingProxy:
             for _, _, frozen in self._open:
                 frozen[0] = True
 
+    def reset(self, next_connections: int = 0) -> None:
+        with self._lock:
+            self._to_reset = next_connections
+            conns, self._open = self._open, []
+        for client, upstream, frozen in conns:
+            frozen[0] = True
+            _reset(client)
+            upstream.close()
+
     def _accept(self) -> None:
         while True:
             try:
                 client, _ = self._listener.accept()
             except OSError:            # closed
                 return
+            with self._lock:
+                self.accepted += 1
+                if self._to_reset > 0:
+                    self._to_reset -= 1
+                    self.reset_connections += 1
+                    _reset(client)
+                    continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:            # the upstream is down: so is this connection
@@ -262,6 +284,13 @@ class FreezingProxy:
         for client, upstream, _ in conns:
             client.close()
             upstream.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close `sock` with a TCP reset (SO_LINGER 0), not a FIN."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def on_database(dsn: str, work: Callable[[Any], Awaitable[T]]) -> T:

@@ -18,7 +18,7 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from server import rpc
 from server.client_config import CHANNEL_OPTIONS, channel_options, multi_target
 from server.proto import crs_pb2 as pb
-from tests.integration.support import worker_pids
+from tests.integration.support import Clients, FreezingProxy, until, worker_pids
 
 NODES = 3
 CALL_TIMEOUT = 2.0
@@ -125,3 +125,38 @@ def test_behind_one_address_draining_workers_fail_no_call(dev_env: DevEnvironmen
         channel.close()
         node.stop()
         dev_env.nodes.remove(node)
+
+
+def reset_reconnects(node: NodeProcess, options: tuple[tuple[str, object], ...], times: int = 3) -> Load:
+    """Load through one address (a proxy in front of `node`) whose connection is reset `times` times
+    together with the channel's next connection attempt: what a client behind one address meets when a
+    draining worker's listener closes with its new connection still queued or mid-handshake."""
+    with FreezingProxy(node.settings.grpc_port) as proxy:
+        target = f"127.0.0.1:{proxy.port}"
+        channel = open_channel(target, node.pki, "admin", options)
+        try:
+            with Load(channel) as load:
+                until("calls answered", lambda: load.ok > 20, within=10)
+                for k in range(times):
+                    proxy.reset(next_connections=1)
+                    accepted, ok = 1 + 2 * (k + 1), load.ok + 20   # the first, then a reset and a good one each
+                    until("the channel reconnected",
+                          lambda a=accepted, o=ok: proxy.accepted >= a and load.ok > o, within=10)
+            assert proxy.reset_connections == times
+        finally:
+            channel.close()
+    return load
+
+
+def test_behind_one_address_a_reset_reconnect_fails_no_call(node_a: Clients) -> None:
+    """The drain test above, made deterministic: the channel's one connection is reset and so is its
+    first attempt to reconnect. gRPC then waits its reconnect backoff (1 s) before trying again, and
+    with its default fail-fast calls every call meanwhile fails UNAVAILABLE (the control, below:
+    thousands of them). The recommended single-address configuration waits for the channel to be
+    ready (`waitForReady`, within the call's deadline) and starts reconnecting after 100 ms."""
+    load = reset_reconnects(node_a.node, channel_options("127.0.0.1:1"))
+    assert load.failures == [], (len(load.failures), load.failures[:3])
+    # The control: fail fast (as the `crs` CLI), with gRPC's own reconnect backoff.
+    options = tuple(o for o in channel_options("127.0.0.1:1", wait_for_ready=False) if "reconnect_backoff" not in o[0])
+    control = reset_reconnects(node_a.node, options, times=1)
+    assert control.failures and all(f.startswith("UNAVAILABLE") for f in control.failures), control.failures[:3]

@@ -24,3 +24,11 @@ def test_health_checking_only_where_the_channel_can_move_away(target: str, sever
     assert {k: v for k, v in options.items() if k != "grpc.service_config"} == {
         k: v for k, v in dict(CHANNEL_OPTIONS).items() if k != "grpc.service_config"}
     assert options == dict(CHANNEL_OPTIONS if several else SINGLE_ADDRESS_CHANNEL_OPTIONS)
+    # Behind one address calls wait for the channel to reconnect (within their deadline), except for a
+    # one-shot command; with several addresses round robin moves them and they fail fast.
+    assert config["methodConfig"][0].get("waitForReady", False) is not several
+    one_shot = json.loads(dict(channel_options(target, wait_for_ready=False))["grpc.service_config"])
+    assert "waitForReady" not in one_shot["methodConfig"][0]
+    assert ("healthCheckConfig" in one_shot) is several
+    # A failed connection attempt is tried again within 100 ms, and never more than 2 s apart.
+    assert options["grpc.initial_reconnect_backoff_ms"] == 100 and options["grpc.max_reconnect_backoff_ms"] == 2000
