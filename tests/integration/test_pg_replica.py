@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,8 +28,9 @@ from devstack.environment import DevEnvironment, NodeProcess
 from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
+from server.settings import replica_fill_window
 from tests.integration import load
-from tests.integration.support import metric, own_env
+from tests.integration.support import metric, own_env, until
 
 CARDS = 120
 NODE = dict(workers=1, pg_timeout=2.0, outbox_poll_interval=0.2, near_cache_ttl=0.5)
@@ -63,9 +65,24 @@ def flush_caches(env: DevEnvironment) -> None:
             client.flushdb()
 
 
+def staleness(node: NodeProcess) -> float:
+    """The node's crs_pg_replica_staleness_seconds; -1 before its first poll has set it (a gauge the
+    node exports only once set)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
+    values = [float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("crs_pg_replica_staleness_seconds ")]
+    return values[0] if values else -1.0
+
+
 def test_misses_read_the_standby(env: DevEnvironment) -> None:
     node = env.start_node(**NODE)
     flush_caches(env)
+    # A node uses the standby once it has seen it replay the primary's recent positions (staleness
+    # under the fill window, 0.25 s here). Right after its start it may not have: the start's own
+    # WAL, or WAL that waits for the primary's WAL writer, can keep the standby that far behind on a
+    # busy machine, and every miss then reads the primary ("primary_replica_behind"), as it must.
+    window = replica_fill_window(node.settings)
+    until("the node sees the standby fresh", lambda: 0 <= staleness(node) < window, within=15, poll=0.2)
     lookup = rpc.stub(node.channel(), "LookupService")
     for i in range(20):
         assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
