@@ -1,6 +1,7 @@
 """A rolling restart of every node process under load, with the client configuration we recommend
 (server/client_config.py: round robin over the nodes, client-side health checking, retries on
-UNAVAILABLE and CANCELLED), fails no call; so do workers drained one by one behind one address.
+UNAVAILABLE and CANCELLED), fails no call; so do workers drained one by one behind one address, and
+a reconnect reset there (calls wait for ready); a dead single address costs calls their deadline.
 Nodes drain on SIGTERM (NOT_SERVING, then finish in-flight calls) and send GOAWAY after
 CRS_MAX_CONNECTION_AGE, so clients also move their connections on their own."""
 
@@ -160,3 +161,49 @@ def test_behind_one_address_a_reset_reconnect_fails_no_call(node_a: Clients) -> 
     options = tuple(o for o in channel_options("127.0.0.1:1", wait_for_ready=False) if "reconnect_backoff" not in o[0])
     control = reset_reconnects(node_a.node, options, times=1)
     assert control.failures and all(f.startswith("UNAVAILABLE") for f in control.failures), control.failures[:3]
+
+
+def test_behind_one_address_a_dead_node_fails_calls_at_their_deadline_and_is_used_again_promptly(
+        dev_env: DevEnvironment) -> None:
+    """What waiting for ready costs, and the reconnect backoff's bound: with its one address dead
+    (SIGKILL, nothing listening) a call fails DEADLINE_EXCEEDED at its deadline, not at once; when a
+    node serves there again the channel uses it within ~2 s (reconnect attempts at most 2 s apart),
+    however long the outage. With gRPC's defaults the attempts back off to 2 minutes apart: after
+    this outage's ~10 s the next could come 6 s after the node's return."""
+    node = dev_env.start_node(workers=1)
+    port = node.settings.grpc_port
+    channel = open_channel(node.address, dev_env.pki, "admin", channel_options(node.address))
+    lookup = rpc.stub(channel, "LookupService")
+    request = pb.ResolveCardRequest(pan=demo_pan(1))
+    try:
+        lookup.ResolveCard(request, timeout=5)
+        os.killpg(node.proc.pid, signal.SIGKILL)
+        node.proc.wait()
+        dev_env.nodes.remove(node)
+        outage: list[tuple[str, float]] = []
+        until_back = time.monotonic() + 4.0
+        while time.monotonic() < until_back:       # the channel keeps trying meanwhile, backing off
+            started = time.monotonic()
+            try:
+                lookup.ResolveCard(request, timeout=0.3)
+            except grpc.RpcError as exc:
+                outage.append((exc.code().name, time.monotonic() - started))
+        assert outage and {code for code, _ in outage} == {"DEADLINE_EXCEEDED"}, outage[:3]
+        assert min(took for _, took in outage) >= 0.29, outage[:3]
+        node = dev_env.start_node(workers=1, port=port)     # "node serving" when it returns
+        serving = time.monotonic()
+        while True:
+            try:
+                lookup.ResolveCard(request, timeout=0.3)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                assert time.monotonic() - serving < 10, "the channel did not come back"
+        back = time.monotonic() - serving
+        print(f"outage: {len(outage)} calls failed DEADLINE_EXCEEDED; back {back:.2f} s after the node served")
+        assert back < 2.6, back                    # 2 s, +20% jitter, + one call
+    finally:
+        channel.close()
+        if node in dev_env.nodes:
+            node.stop()
+            dev_env.nodes.remove(node)
