@@ -58,12 +58,10 @@ SERVICE_CONFIG: dict[str, Any] = {
     "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
 }
 SERVICE_CONFIG_JSON = json.dumps(SERVICE_CONFIG, separators=(",", ":"))
-SINGLE_ADDRESS_SERVICE_CONFIG: dict[str, Any] = {
-    **{k: v for k, v in SERVICE_CONFIG.items() if k != "healthCheckConfig"},
-    "methodConfig": [{**SERVICE_CONFIG["methodConfig"][0], "waitForReady": True}],
-}
-SINGLE_ADDRESS_SERVICE_CONFIG_JSON = json.dumps(SINGLE_ADDRESS_SERVICE_CONFIG, separators=(",", ":"))
 ONE_SHOT_SERVICE_CONFIG: dict[str, Any] = {k: v for k, v in SERVICE_CONFIG.items() if k != "healthCheckConfig"}
+SINGLE_ADDRESS_SERVICE_CONFIG: dict[str, Any] = {
+    **ONE_SHOT_SERVICE_CONFIG, "methodConfig": [{**SERVICE_CONFIG["methodConfig"][0], "waitForReady": True}]}
+SINGLE_ADDRESS_SERVICE_CONFIG_JSON = json.dumps(SINGLE_ADDRESS_SERVICE_CONFIG, separators=(",", ":"))
 
 # Keepalive: a node that vanished without closing the connection (its host lost, a partition) is
 # noticed within 30 s and its calls go to the other nodes; without it the connection waits on TCP's
