@@ -201,7 +201,7 @@ def test_behind_one_address_a_dead_node_fails_calls_at_their_deadline_and_is_use
                 assert time.monotonic() - serving < 10, "the channel did not come back"
         back = time.monotonic() - serving
         print(f"outage: {len(outage)} calls failed DEADLINE_EXCEEDED; back {back:.2f} s after the node served")
-        assert back < 2.6, back                    # 2 s, +20% jitter, + one call
+        assert back < 3.0, back                    # 2 s, +20% jitter, a handshake and one call
     finally:
         channel.close()
         if node in dev_env.nodes:
