@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -49,7 +50,7 @@ from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
 from server.reflection import SERVICE_NAME as REFLECTION
 from server.reflection import add_reflection
-from server.relay import run_relay
+from server.relay import run_relay, unsettled_keys
 from server.resolver import CachePolicy, Resolver
 from server.settings import Settings, replica_fill_window
 from server.store.db import DB_ERRORS, active_data_key, bounded, create_pool, verify_key_checks
@@ -251,6 +252,10 @@ class Node:
                          refresh=s.near_cache_ttl * s.near_cache_refresh)
         self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
         self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS
+        cached_for = s.cache_ttl * (1 + s.cache_ttl_jitter) + s.near_cache_ttl   # a card answer's longest life
+        if self.tier is not None:   # a copy back from an outage deletes these keys, not all (server/cache/shard.py)
+            self.tier.missed_deletes = functools.partial(unsettled_keys, self.pool, cached_for=cached_for,
+                                                         timeout=s.pg_timeout)
         self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, route=route,
                                  load_timeout=s.pg_timeout,
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
@@ -259,7 +264,6 @@ class Node:
             # A Redis hit is read on the gRPC thread, not handed to this loop (server/cache/thread_reads.py).
             self.resolver.thread_reads = ThreadReads(self.tier, asyncio.get_running_loop(),
                                                      on_busy=self.metrics.thread_read_busy)
-        cached_for = s.cache_ttl * (1 + s.cache_ttl_jitter) + s.near_cache_ttl   # a card answer's longest life
         self.bins = bins = BinSource(pool=self.pool, metrics=self.metrics, interval=s.bin_poll_interval,
                                      timeout=s.pg_timeout, cached_for=cached_for)
         self.resolver.bin_versions = lambda: bins.versions

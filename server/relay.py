@@ -15,6 +15,7 @@ import logging
 
 import asyncpg
 
+from server import cache_keys as ck
 from server.metrics import Metrics
 from server.resolver import Resolver
 from server.store.bins import versions_in_use
@@ -22,6 +23,9 @@ from server.store.db import DB_ERRORS
 
 log = logging.getLogger("crs.relay")
 BATCH = 500
+# A cache copy coming back deletes the keys of at most this many unsettled rows (a few ms); past it,
+# FLUSHDB is the cheaper way to drop what it may have missed (unsettled_keys).
+MISSED_ROWS_MAX = 2_000
 
 
 async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, cached_for: float) -> int:
@@ -45,6 +49,27 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
                 " invalidated_at = coalesce(invalidated_at, clock_timestamp()) WHERE id = ANY($1::bigint[])",
                 settled)
     return len(settled)
+
+
+async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: float,
+                         limit: int = MISSED_ROWS_MAX) -> list[str] | None:
+    """Every cache key a delete may still owe: the keys of every unsettled outbox row (card keys under
+    every BIN table version in use within `cached_for`, as the relay deletes them), or None when that
+    is not known: more than `limit` rows, PostgreSQL unreachable or slower than `timeout`.
+
+    A row stays unsettled until every copy of every owning shard acknowledged its delete, and the
+    feed's compaction removes only settled rows, so a Redis server that kept running while this node
+    could not reach it has missed, at most, the deletes of these rows (server/cache/shard.py)."""
+    try:
+        async with asyncio.timeout(timeout), pool.acquire() as conn:
+            rows = await conn.fetch("SELECT cache_keys FROM outbox WHERE settled_at IS NULL ORDER BY id LIMIT $1",
+                                    limit + 1)
+            if len(rows) > limit:
+                return None
+            versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
+    except DB_ERRORS:
+        return None
+    return ck.with_bin_versions(dict.fromkeys(k for r in rows for k in r["cache_keys"]), versions)
 
 
 async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *, delay: float,

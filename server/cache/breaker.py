@@ -1,13 +1,14 @@
 """One shard's circuit breaker: when a Redis shard may serve, and how it comes back.
 
-The policy (DESIGN.md §4, docs/decisions.md "A shard that comes back is flushed") in one place:
+The policy (DESIGN.md §3-4, docs/decisions.md "A shard that comes back holds nothing a missed delete
+left behind") in one place:
 
 - CLOSED: the shard serves. `failure_threshold` consecutive failures open the breaker.
 - OPEN: the shard's keys go to PostgreSQL — never to a neighbour, which would serve them stale
   later — until `retry_interval` has passed. Then a probe is due.
-- PROBING: exactly one probe runs (the shard passes PING, then FLUSHDB: it may have missed deletes
-  while we could not reach it, so nothing it holds can be trusted). Only a probe that completes
-  closes the breaker; a failed one opens it for another `retry_interval`.
+- PROBING: exactly one probe runs (the shard passes PING, then what it may hold from deletes it
+  missed while we could not reach it is dropped: server/cache/shard.py `_recover`). Only a probe
+  that completes closes the breaker; a failed one opens it for another `retry_interval`.
 - HELD: an operator marked the shard down in the topology. It never probes while held; `release`
   makes a probe due at once, so a shard marked active again is flushed before it serves too.
 
@@ -184,7 +185,7 @@ class Breaker:
             if self.state is BreakerState.PROBING:
                 self.failures = 0
                 self._enter(BreakerState.CLOSED)
-                log.warning("cache shard copy back after flush", extra={"shard": self.name})
+                log.warning("cache shard copy back", extra={"shard": self.name})
                 self._on_state_change(self.name, True)
         finally:
             self._probe_task = None

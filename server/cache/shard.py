@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Final, Literal, NoReturn, cast
 
@@ -134,6 +134,14 @@ class ShardGuard:
         return ShardUnavailable(self._name)
 
 
+# Missed deletes are sent to a returning copy this many keys to a DEL.
+DEL_CHUNK: Final = 500
+
+
+async def _unknown() -> Sequence[str] | None:
+    return None
+
+
 def _ignore(*args: object) -> None:
     pass
 
@@ -157,14 +165,17 @@ class Shard:
     `name` is the shard's (what places keys); `copy` says which copy this is; `ident` names both in
     logs and errors (`shard-0` for a primary, `shard-0/replica-1` for a replica)."""
 
-    __slots__ = ("blocking", "breaker", "client", "copy", "delete_guard", "guard", "ident", "name", "reader",
-                 "url", "warm_until", "warm_window")
+    __slots__ = ("blocking", "breaker", "client", "copy", "delete_guard", "guard", "ident", "missed", "must_flush",
+                 "name", "reader", "run_id", "url", "warm_until", "warm_window")
 
     def __init__(self, name: str, url: str, *, pool_size: int, timeout: float, policy: BreakerPolicy,
                  copy: str = PRIMARY, warm_window: float = 0.0, thread_connections: int = 0,
                  on_state_change: Callable[[str, str, bool], None] = _ignore,
                  on_error: Callable[[str, str], None] = _ignore,
-                 on_reply_error: Callable[[str], None] = _ignore) -> None:
+                 on_reply_error: Callable[[str], None] = _ignore,
+                 missed: Callable[[], Awaitable[Sequence[str] | None]] = _unknown) -> None:
+        """`missed()`: the keys whose deletes a copy that could not be reached may have missed (the
+        unsettled outbox rows', server/relay.py), or None when not known; see `_recover`."""
         self.name = name
         self.url = url
         self.copy = copy
@@ -174,6 +185,11 @@ class Shard:
         # of reads to PostgreSQL.
         self.warm_window = warm_window
         self.warm_until = 0.0
+        self.missed = missed
+        # The redis-server this copy last served from (INFO's run_id; None: not known), and whether the
+        # next recovery must flush whatever the server says (marked down and up again by the topology).
+        self.run_id: str | None = None
+        self.must_flush = False
         # from_url passes the URL's user name, password (URL-decoded) and db to every connection:
         # deletes, pub/sub, the recovery probe and stats all authenticate like the lean client.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -185,7 +201,7 @@ class Shard:
         # Hybrid serving model: GETs from gRPC threads (server/cache/thread_reads.py), up to this many connections.
         self.blocking = (BlockingReader(self.reader, max_connections=thread_connections)
                          if self.reader is not None and thread_connections > 0 else None)
-        self.breaker = Breaker(self.ident, policy, probe=self._ping_then_flush,
+        self.breaker = Breaker(self.ident, policy, probe=self._recover,
                                on_state_change=lambda _ident, up: on_state_change(name, copy, up))
 
         def copy_error(_ident: str) -> None:
@@ -206,13 +222,54 @@ class Shard:
     def is_up(self) -> bool:
         return self.breaker.serving
 
-    async def _ping_then_flush(self) -> None:
-        """The recovery probe. It may have missed deletes while unreachable: nothing it holds can be
-        trusted, so it is emptied before it serves again (its keys are never remapped meanwhile).
-        Per copy: a replica that was away is flushed like a primary, its siblings serving meanwhile."""
-        await self.client.ping()
-        await self.client.flushdb()
-        self.warm_until = time.monotonic() + self.warm_window
+    async def server_run_id(self) -> str | None:
+        """The run_id of the redis-server behind this copy (new at each start of the server), or None
+        where INFO is refused (a managed Redis may rename it)."""
+        try:
+            info = await self.client.info("server")
+        except REPLY_ERRORS:
+            return None
+        run_id = info.get("run_id")
+        return run_id if isinstance(run_id, str) and run_id else None
+
+    async def remember_server(self) -> None:
+        """At start, while the copy answers: the server whose contents this node may trust on return."""
+        self.run_id = await self.server_run_id()
+
+    async def _recover(self) -> None:
+        """The recovery probe: PING, then make sure the copy holds nothing a missed delete left behind
+        before it serves again (DESIGN.md section 3). Its keys were never remapped meanwhile.
+
+        - The same redis-server as before (its run_id unchanged: it kept running, so it lost no
+          delete it acknowledged), and the keys of every write whose delete is not acknowledged
+          everywhere are known (`missed`, the unsettled outbox rows): those keys are deleted here, and
+          the rest is kept. A copy marked down under load (timeouts, a slow PING) keeps its contents.
+        - Otherwise FLUSHDB: another server (restarted, possibly from a snapshot older than deletes
+          it acknowledged; or replaced), a copy marked down and up by the topology, the outbox not
+          readable or too long. Nothing it holds can be trusted; it warms from its siblings.
+        Per copy: a replica that was away is recovered like a primary, its siblings serving meanwhile."""
+        # A put_back while this probe runs sets it again, for the next probe: this one may be past its flush.
+        must_flush, self.must_flush = self.must_flush, False
+        try:
+            await self.client.ping()
+            run_id = await self.server_run_id()
+            keys = None
+            if not must_flush and run_id is not None and run_id == self.run_id:
+                keys = await self.missed()
+            if keys is None:
+                await self.client.flushdb()
+                self.warm_until = time.monotonic() + self.warm_window
+                log.info("cache shard copy flushed", extra={"shard": self.ident})
+            else:
+                keys = list(keys)
+                for start in range(0, len(keys), DEL_CHUNK):
+                    await self.client.delete(*keys[start:start + DEL_CHUNK])
+                log.info("cache shard copy kept: the same server; its missed deletes done",
+                         extra={"shard": self.ident, "deleted_keys": len(keys)})
+        except BaseException:
+            self.must_flush = self.must_flush or must_flush
+            raise
+        self.run_id = run_id
 
     @property
     def warming(self) -> bool:
@@ -245,6 +302,7 @@ class Shard:
 
     def put_back(self) -> None:
         """Marked active again (or its address changed): probed and flushed before it serves."""
+        self.must_flush = True
         self.breaker.release()
 
     async def close(self) -> None:

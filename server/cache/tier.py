@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, cast
 
 from server.cache.breaker import BreakerPolicy
@@ -95,6 +95,9 @@ class RedisTier:
         self.fill_lease_until = math.inf
         self._listeners = InvalidationListeners()
         self._retiring: set[asyncio.Task[None]] = set()
+        # The keys whose deletes a copy back from an outage may have missed (the node sets it: the
+        # outbox's unsettled rows, server/relay.py); None: not known, so such a copy is flushed.
+        self.missed_deletes: Callable[[], Awaitable[Sequence[str] | None]] | None = None
         self._view = TierView(topology, {s.name: self._group(s.name, s.copies, None) for s in topology.shards})
         for s in topology.shards:
             if s.state is ShardState.DOWN:
@@ -103,7 +106,11 @@ class RedisTier:
     def _new_copy(self, name: str, url: str, copy: str) -> Shard:
         return Shard(name, url, copy=copy, pool_size=self._pool_size, timeout=self._timeout, policy=self._policy,
                      warm_window=self._warm_window, thread_connections=self._thread_connections,
-                     on_state_change=self._copy_state, on_error=self._copy_error, on_reply_error=self._on_reply_error)
+                     on_state_change=self._copy_state, on_error=self._copy_error, on_reply_error=self._on_reply_error,
+                     missed=self._missed)
+
+    async def _missed(self) -> Sequence[str] | None:
+        return None if self.missed_deletes is None else await self.missed_deletes()
 
     def _group(self, name: str, urls: tuple[str, ...], current: ReplicatedShard | None) -> ReplicatedShard:
         """The copies of shard `name` at `urls`: a copy whose URL and place are unchanged keeps its client

@@ -64,13 +64,16 @@ STATS_TIMEOUT_FACTOR = 4
 async def probe_copies(tier: RedisTier, *, timeout: float) -> None:
     """At start, one PING per copy: a copy that does not answer is marked down (its breaker probes it
     again after CRS_SHARD_RETRY_INTERVAL, and flushes it before it serves), so `crs_cache_shard_up` and
-    `crs_cache_copy_up` say from the first scrape what the first lookups would find out."""
+    `crs_cache_copy_up` say from the first scrape what the first lookups would find out. A copy that
+    answers is asked its server's run_id: the server whose contents survive an outage of this node's
+    connection to it (server/cache/shard.py `_recover`)."""
     async def one(copy: Shard) -> None:
         if not copy.is_up:
             return   # marked down by the topology
         try:
             async with asyncio.timeout(timeout):
                 await copy.client.ping()
+                await copy.remember_server()
         except SHARD_ERRORS as exc:
             copy.breaker.mark_down(exc)
 
