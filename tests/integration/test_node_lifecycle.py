@@ -73,11 +73,14 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert log_text.count("Current thread 0x") == 2, "one dump of the threads' stacks per worker"
     assert log_text.count("asyncio: ") == 2, "one dump of the tasks' stacks per worker"
     assert not os.path.exists(metrics_dir), "the metrics directory goes with the workers"
-    # A call that reached the server before SIGTERM (started well before it) completed normally...
-    settled_before = [c for c in calls if c[0] < sigterm_at - 0.05]
-    assert settled_before and all(outcome == "ok" for _, _, outcome in settled_before), settled_before
-    # ...including calls still running when SIGTERM arrived: the drain waited for them.
-    assert any(end > sigterm_at for start, end, _ in settled_before), "no call was in flight at SIGTERM"
+    # Every call started before SIGTERM, or in the first half of the lame-duck second after it (the
+    # listener still open: drain_delay), completed normally...
+    answered = [c for c in calls if c[0] < sigterm_at + 0.5]
+    assert answered and all(outcome == "ok" for _, _, outcome in answered), answered
+    # ...including the calls running when SIGTERM arrived (three callers, each always in a call but for
+    # its connection's set-up; a batch is over in tens of ms on a fast machine, so a call "started 50 ms
+    # before SIGTERM" was often over before it: CI failed on that once).
+    assert any(start < sigterm_at < end for start, end, _ in answered), "no call was in flight at SIGTERM"
     # Calls racing the shutdown were refused, not cut: nothing hung, nothing failed otherwise.
     assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
 

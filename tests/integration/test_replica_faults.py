@@ -33,7 +33,7 @@ SENTINEL = "crs-test:sentinel"
 VICTIM = "shard-1"
 WINDOW = 4.0          # seconds of load per measurement
 # A short L2 TTL, so that the steady state reads PostgreSQL too (keys expire and are loaded again):
-# the figure compared is the share of lookups answered by PostgreSQL (tier l3).
+# the figure compared is PostgreSQL's reads per second (lookups answered at tier l3).
 NODE = dict(workers=1, near_cache_size=0, redis_timeout=0.2, shard_failure_threshold=2, shard_retry_interval=0.5,
             pg_timeout=2.0, outbox_poll_interval=0.2, cache_ttl=1.0, cache_ttl_jitter=0.3)
 
@@ -50,13 +50,24 @@ class Stack:
         return [redis.Redis.from_url(u) for u in self.env.stack.shard_copies()[name]]
 
 
-def l3_share(node: NodeProcess, seconds: float) -> tuple[float, float]:
-    """(share of lookups answered by PostgreSQL, lookups) over the next `seconds` (load running)."""
+@dataclass(frozen=True)
+class Reads:
+    """PostgreSQL's part in the lookups of one window of load."""
+    per_second: float       # lookups answered by PostgreSQL (tier l3), per second
+    share: float            # ... as a share of all lookups
+
+    def __str__(self) -> str:
+        return f"{self.per_second:.0f}/s ({self.share:.3f} of lookups)"
+
+
+def pg_reads(node: NodeProcess, seconds: float) -> Reads:
+    """PostgreSQL's reads over the next `seconds` (load running)."""
     l3, every = metric(node, "crs_lookups_total", tier="l3"), metric(node, "crs_lookups_total")
+    started = time.monotonic()
     time.sleep(seconds)
     l3, every = metric(node, "crs_lookups_total", tier="l3") - l3, metric(node, "crs_lookups_total") - every
     assert every > 0, "no lookups counted"
-    return l3 / every, every
+    return Reads(l3 / (time.monotonic() - started), l3 / every)
 
 
 def LookupLoad(node: NodeProcess, threads: int = 4) -> load.LookupLoad:
@@ -74,17 +85,17 @@ def stack() -> Iterator[Stack]:
         env.stop()
 
 
-def outage(stack: Stack, node: NodeProcess) -> tuple[float, float, list[str]]:
-    """Under load on `node`: the PostgreSQL share in the steady state, then with VICTIM's primary
+def outage(stack: Stack, node: NodeProcess) -> tuple[Reads, Reads, list[str]]:
+    """Under load on `node`: PostgreSQL's reads in the steady state, then with VICTIM's primary
     killed; the primary is restarted (empty) afterwards. Returns (steady, outage, failures)."""
     assert stack.env.stack is not None
     primary = next(r for r in stack.env.stack.redis if r.name == VICTIM)
     with LookupLoad(node) as running:
         time.sleep(2.0)                      # warm: every card cached
-        steady, _ = l3_share(node, WINDOW)
+        steady = pg_reads(node, WINDOW)
         primary.kill()
         time.sleep(0.5)
-        during, _ = l3_share(node, WINDOW)
+        during = pg_reads(node, WINDOW)
     primary.restart()
     return steady, during, running.failures
 
@@ -101,18 +112,19 @@ def test_a_replica_keeps_a_dead_primarys_keys_off_postgres(stack: Stack) -> None
     # With one replica per shard.
     node = env.start_node(**NODE)
     steady1, spike1, failures1 = outage(stack, node)
-    figures = (f"PostgreSQL share of lookups: without replicas {steady0:.3f} steady -> {spike0:.3f} with {VICTIM}'s"
-               f" primary dead ({spike0 / max(steady0, 1e-9):.2f}x); with 1 replica {steady1:.3f} -> {spike1:.3f}"
-               f" ({spike1 / max(steady1, 1e-9):.2f}x)")
+    figures = (f"PostgreSQL reads: without replicas {steady0} steady -> {spike0} with {VICTIM}'s primary dead;"
+               f" with 1 replica {steady1} -> {spike1}")
     print(figures)
     assert failures1 == [], figures
-    # The control shows the outage (a third of the keys lose their Redis copy); the replica takes
-    # nearly all of it: what reaches PostgreSQL beyond the steady share is at most a quarter of what
-    # does without one. (Not "within 1.2x of the steady share": that share is a few percent, and on
-    # a busy machine the failover's first seconds moved it by 1.23-1.28x in runs where the control
-    # rose 3.4x.)
-    assert spike0 > 1.2 * steady0 and spike0 > spike1, figures
-    assert spike1 - steady1 <= 0.25 * (spike0 - steady0), figures
+    # The control shows the outage (the victim's keys lose their Redis copy); the replica takes nearly
+    # all of it: what reaches PostgreSQL per second beyond the steady state (keys expiring: about
+    # CARDS per cache_ttl) is at most a quarter of what does without one. Reads per second, not their
+    # share of lookups: a node slowed by the outage answers fewer lookups, which raises the share with
+    # no more reads (a CI run failed on the share: 0.084 -> 0.114 with a replica, against 0.137 -> 0.247
+    # without one, where this machine measures 0.06-0.07 steady and 1.0x with a replica).
+    p0, p1 = spike0.per_second - steady0.per_second, spike1.per_second - steady1.per_second
+    assert spike0.per_second > 1.2 * steady0.per_second and spike0.per_second > spike1.per_second, figures
+    assert p1 <= 0.25 * p0, figures
     assert metric(node, "crs_cache_copy_up", shard=VICTIM, copy="primary") == 0, "the dead copy is marked down"
     assert metric(node, "crs_cache_shard_up", shard=VICTIM) == 1, "the shard itself stays up on its replica"
     assert metric(node, "crs_cache_copy_errors_total", shard=VICTIM, copy="primary") > 0
