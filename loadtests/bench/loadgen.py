@@ -19,10 +19,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import shutil
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from loadtests.shared import procs
@@ -386,6 +391,112 @@ def unary_threads(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+# -- h2load (nghttp2's C HTTP/2 load generator) ----------------------------------------------------
+H2LOAD_HINT = "the h2load client needs nghttp2's h2load on PATH (Debian: apt-get install nghttp2-client)"
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """A gRPC request body: no compression, the length (big-endian), the message."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def failed_rpcs(url: str | None) -> float:
+    """The node's RPCs that ended with a status other than OK, all methods (0 without metrics)."""
+    if not url:
+        return 0.0
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        text = resp.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "crs_rpc_latency_seconds_count" and sample.labels.get("code") != "OK")
+
+
+def _h2load(h2load: str, spec: dict[str, Any], body: Path, log: Path, *, clients: int, streams: int,
+            seconds: float, warmup: float = 0.0) -> subprocess.Popen[bytes]:
+    # Durations in ms: h2load takes whole numbers with a unit ("0.5" is refused, "500ms" is not).
+    cmd = [h2load, "-c", str(clients), "-m", str(streams), "-D", f"{round(seconds * 1000)}ms",
+           "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body), "--log-file", str(log),
+           f"http://{spec['target']}{RESOLVE_CARD}"]
+    if warmup:
+        cmd[7:7] = ["--warm-up-time", f"{round(warmup * 1000)}ms"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _h2load_log(log: Path, since: float = 0.0, until: float = float("inf")) -> tuple[list[float], int, int]:
+    """(latencies in seconds, answered, refused) of the requests h2load started in [since, until)
+    (epoch seconds); its log has one line per request: start (us since the epoch), HTTP status, us."""
+    latencies, refused = [], 0
+    for line in log.read_text().splitlines():
+        start_us, status, took_us = line.split("\t")
+        if since <= int(start_us) / 1e6 < until:
+            if status == "200":
+                latencies.append(int(took_us) / 1e6)
+            else:
+                refused += 1
+    return latencies, len(latencies), refused
+
+
+def unary_h2load(spec: dict[str, Any]) -> dict[str, Any]:
+    """ResolveCard from h2load, a C client: per call it costs the client core a fraction of what
+    grpc's Python clients do, so a fast server is saturated and a latency is the server's, not the
+    client's event loop. One key for every call (h2load posts one body), so only for phases whose
+    answer does not depend on the key's variety (echo servers, near-cache and Redis hits). h2load sees
+    HTTP statuses, not gRPC's (they come in trailers): a node's non-OK calls are read from its metrics
+    across the run and counted as errors; the first answer is checked with grpc before the load."""
+    import grpc
+
+    from devstack.demo import demo_pan
+    from server.proto import crs_pb2 as pb
+
+    h2load = shutil.which("h2load")
+    if h2load is None:
+        raise RuntimeError(H2LOAD_HINT)
+    if spec.get("tls"):
+        raise RuntimeError("the h2load client sends no client certificate: mutual TLS phases use --client aio")
+    request = pb.ResolveCardRequest(pan=demo_pan(spec["keys"][0])).SerializeToString()
+    with grpc.insecure_channel(spec["target"]) as channel:   # a real answer, or fail loudly
+        pb.Resolution.FromString(channel.unary_unary(RESOLVE_CARD)(request, timeout=10))
+    clients = spec["channels"]
+    streams = max(1, spec["concurrency"] // clients)
+    w = Window(spec)
+    with tempfile.TemporaryDirectory(prefix="crs-h2load-") as tmp:
+        body, log, idle_log = Path(tmp, "body"), Path(tmp, "load.tsv"), Path(tmp, "idle.tsv")
+        body.write_bytes(grpc_frame(request))
+        w.pin_servers()
+        failed0 = failed_rpcs(w.metrics_url)
+        proc = _h2load(h2load, spec, body, log, clients=clients, streams=streams, seconds=spec["seconds"],
+                       warmup=spec["warmup"])
+        try:
+            time.sleep(spec["warmup"])
+            cl0 = procs.cpu_snapshot([proc.pid])
+            w.begin()
+            since = time.time()
+            time.sleep(spec["seconds"])
+            until = time.time()
+            result = w.end()
+            client_cpu = procs.cpu_delta(cl0, procs.cpu_snapshot([proc.pid]))
+            output, _ = proc.communicate(timeout=spec["warmup"] + spec["seconds"] + 30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0:
+            raise RuntimeError(f"h2load exited {proc.returncode}: {output.decode(errors='replace')[-400:]}")
+        latencies, answered, refused = _h2load_log(log, since, until)
+        failed = failed_rpcs(w.metrics_url) - failed0
+        idle = _h2load(h2load, spec, body, idle_log, clients=1, streams=1, seconds=max(spec["idle_seconds"], 0.1))
+        output, _ = idle.communicate(timeout=spec["idle_seconds"] + 30)
+        if idle.returncode != 0:
+            raise RuntimeError(f"h2load (idle) exited {idle.returncode}: {output.decode(errors='replace')[-400:]}")
+        idle_latencies = _h2load_log(idle_log)[0]
+    result.update(items=answered, calls=answered, errors=refused + int(failed), latency_s=samples(latencies),
+                  client_cpu_s=client_cpu, idle_latency_s=samples(idle_latencies),
+                  error_sample=(f"{refused} HTTP status(es) other than 200, {int(failed)} call(s) not OK"
+                                " in the node's metrics" if refused or failed else ""))
+    return result
+
+
 # -- asyncpg ---------------------------------------------------------------------------------------
 async def direct_asyncpg(spec: dict[str, Any]) -> dict[str, Any]:
     import asyncpg
@@ -442,6 +553,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     kind = spec["kind"]
     if kind == "unary" and spec.get("client") == "threads":
         return unary_threads(spec)
+    if kind == "unary" and spec.get("client") == "h2load":
+        return unary_h2load(spec)
     runners = {"unary": unary_aio, "batch": batch_aio, "stream": stream_aio, "asyncpg": direct_asyncpg}
     if kind not in runners:
         raise SystemExit(f"loadgen: unknown kind {kind!r}")
