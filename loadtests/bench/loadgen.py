@@ -25,13 +25,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loadtests.shared import procs
-from loadtests.shared.metrics import scrape_tiers
+from loadtests.shared.metrics import failed_calls_in, page, scrape_tiers
 
 CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection per channel
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
@@ -402,30 +401,23 @@ def grpc_frame(message: bytes) -> bytes:
 
 def failed_rpcs(url: str | None) -> float:
     """The node's RPCs that ended with a status other than OK, all methods (0 without metrics)."""
-    if not url:
-        return 0.0
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        text = resp.read().decode()
-    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
-               if sample.name == "crs_rpc_latency_seconds_count" and sample.labels.get("code") != "OK")
+    return failed_calls_in(page(url, timeout=2)) if url else 0.0
 
 
 def _h2load(h2load: str, spec: dict[str, Any], body: Path, log: Path, *, clients: int, streams: int,
             seconds: float, warmup: float = 0.0) -> subprocess.Popen[bytes]:
     # Durations in ms: h2load takes whole numbers with a unit ("0.5" is refused, "500ms" is not).
-    cmd = [h2load, "-c", str(clients), "-m", str(streams), "-D", f"{round(seconds * 1000)}ms",
+    warm = ["--warm-up-time", f"{round(warmup * 1000)}ms"] if warmup else []
+    cmd = [h2load, "-c", str(clients), "-m", str(streams), "-D", f"{round(seconds * 1000)}ms", *warm,
            "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(body), "--log-file", str(log),
            f"http://{spec['target']}{RESOLVE_CARD}"]
-    if warmup:
-        cmd[7:7] = ["--warm-up-time", f"{round(warmup * 1000)}ms"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def _h2load_log(log: Path, since: float = 0.0, until: float = float("inf")) -> tuple[list[float], int, int]:
-    """(latencies in seconds, answered, refused) of the requests h2load started in [since, until)
-    (epoch seconds); its log has one line per request: start (us since the epoch), HTTP status, us."""
+def _h2load_log(log: Path, since: float = 0.0, until: float = float("inf")) -> tuple[list[float], int]:
+    """(latencies in seconds of the answered, count of the refused) of the requests h2load started in
+    [since, until) (epoch seconds); its log has one line per request: start (us since the epoch), HTTP
+    status, us taken."""
     latencies, refused = [], 0
     for line in log.read_text().splitlines():
         start_us, status, took_us = line.split("\t")
@@ -434,7 +426,7 @@ def _h2load_log(log: Path, since: float = 0.0, until: float = float("inf")) -> t
                 latencies.append(int(took_us) / 1e6)
             else:
                 refused += 1
-    return latencies, len(latencies), refused
+    return latencies, refused
 
 
 def unary_h2load(spec: dict[str, Any]) -> dict[str, Any]:
@@ -483,7 +475,8 @@ def unary_h2load(spec: dict[str, Any]) -> dict[str, Any]:
                 proc.wait()
         if proc.returncode != 0:
             raise RuntimeError(f"h2load exited {proc.returncode}: {output.decode(errors='replace')[-400:]}")
-        latencies, answered, refused = _h2load_log(log, since, until)
+        latencies, refused = _h2load_log(log, since, until)
+        answered = len(latencies)
         failed = failed_rpcs(w.metrics_url) - failed0
         idle = _h2load(h2load, spec, body, idle_log, clients=1, streams=1, seconds=max(spec["idle_seconds"], 0.1))
         output, _ = idle.communicate(timeout=spec["idle_seconds"] + 30)
