@@ -4,7 +4,7 @@ A worker takes whole groups. Every test that uses the session's shared environme
 its PostgreSQL, Redis shards and nodes) is one group, so they all run on one worker, in file order,
 on one environment, and test_zz_pci_scan, last among them, scans everything they sent (each worker
 would otherwise start an environment of its own and the scan would see half the suite). Every other
-test is grouped by its module, so a module's own servers (module-scoped fixtures) start once.
+test is grouped by its module (its path), so a module's own servers (module-scoped fixtures) start once.
 Without xdist (`-n 0`, or `-p no:xdist`) the marks are inert and the suite runs in one process, in
 file order, as before.
 """
@@ -16,12 +16,14 @@ import pytest
 SHARED_ENV_GROUP = "shared-env"
 
 
+def _group(item: pytest.Item) -> str:
+    return SHARED_ENV_GROUP if "dev_env" in getattr(item, "fixturenames", ()) else item.nodeid.partition("::")[0]
+
+
 @pytest.hookimpl(tryfirst=True)     # before xdist's own hook, which reads the marks into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        group = SHARED_ENV_GROUP if "dev_env" in getattr(item, "fixturenames", ()) else item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-
+        item.add_marker(pytest.mark.xdist_group(_group(item)))
 
 
 _UNGROUPED = pytest.StashKey[str]()
@@ -33,7 +35,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     spread one module's tests over both workers, each on fresh module fixtures: every test then fails
     with this reason instead of some failing for want of what an earlier test of their module did."""
     if getattr(session.config.option, "loadgroup", False):
-        ungrouped = [item.nodeid for item in session.items if "@" not in item.nodeid.rpartition("::")[2]]
+        ungrouped = [item.nodeid for item in session.items if not item.nodeid.endswith("@" + _group(item))]
         if ungrouped:
             session.config.stash[_UNGROUPED] = (
                 f"--dist loadgroup did not group {ungrouped[0]} ({len(ungrouped)} tests): this pytest and"
