@@ -20,7 +20,8 @@ Where the servers come from:
     * Redis: FLUSHDB on the database named in each URL at the start, then uses it as a cache shard
       (keys with a TTL, PUBLISH/SUBSCRIBE on the server-wide channel crs:invalidate); it leaves its
       cache keys behind. Do not point two concurrent runs, or anything else, at the same Redis
-      databases: they would serve each other's cache entries.
+      databases: they would serve each other's cache entries. On two xdist workers (`./crsw test`)
+      only one worker uses them: every test of the shared environment runs there (tests/conftest.py).
   Some modules always start servers of their own, whatever is set, and never skip (a skipped fault
   test would look green): those that kill, stop or add servers (test_faults, test_resharding through
   support.own_env; test_redis_tier_topology, test_resp, test_embedded with devstack's servers
