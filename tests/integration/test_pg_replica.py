@@ -91,8 +91,8 @@ def test_misses_read_the_standby(env: DevEnvironment) -> None:
     for first in range(0, CARDS, 10):
         for i in range(first, first + 10):
             assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5).card.last4 == demo_pan(i)[-4:]
-        if first + 10 < 20:
-            continue
+        if first < 10:
+            continue      # the first count after 20 cards
         time.sleep(1.2)   # metrics flush
         routes = {r: metric(node, "crs_pg_reads_total", route=r) for r in ROUTES}
         assert routes["replica"] + routes["primary_replica_behind"] == first + 10, f"a miss read neither: {routes}"
