@@ -52,9 +52,10 @@ class Load:
         i = 0
         while not self.stop.is_set():
             i += 1
-            sent, method = self.at(), "CreateCustomer" if i % 10 == 0 else "ResolveCard"
+            write = i % 10 == 0
+            sent, method = self.at(), "CreateCustomer" if write else "ResolveCard"
             try:
-                if i % 10 == 0:
+                if write:
                     request_id = f"rollout-{t}-{i}"
                     c = self.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=request_id,
                                                                            display_name="Rollout"),
