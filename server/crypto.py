@@ -166,6 +166,7 @@ class DataKey:
 PAN_PURPOSE = b"crs:pan"
 ACCOUNT_PURPOSE = b"crs:account-number"
 IDENTITY_PURPOSE = b"crs:identity"
+ANSWER_PURPOSE = b"crs:stored-answer"   # a write's answer kept for replays (idempotency)
 
 
 def account_fingerprint_input(routing: str, account_number: str) -> str:

@@ -16,7 +16,8 @@ The tree (two families: the caller's fault and a dependency's fault)::
     │   └── FeedOverload            RESOURCE_EXHAUSTED a watcher too far behind, or too many snapshots on a node
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
-        └── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
+        ├── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
+        └── WriteConflict           ABORTED            PostgreSQL broke a lock cycle between two writes
 
 Messages are written for the caller and must never contain a full PAN or account number: the core
 builds them from masked values or lengths only. `status_for` is the only place that knows gRPC codes.
@@ -100,6 +101,13 @@ class BackendUnavailable(BackendError):
 
 class BackendTimeout(BackendError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class WriteConflict(BackendError):
+    """PostgreSQL chose this write to end a deadlock (or a serialization failure): nothing was
+    written, and the same request, retried, will normally succeed."""
+
+    code = grpc.StatusCode.ABORTED
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

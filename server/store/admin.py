@@ -31,6 +31,7 @@ from server.pan import (
     plain_text,
 )
 from server.proto import crs_pb2 as pb
+from server.store import edges
 from server.store.db import Conn, required
 from server.store.envelope import Change, Request, WriteEnvelope, WriteResult
 from server.store.messages import account_msg, card_msg, customer_msg
@@ -52,37 +53,7 @@ class AdminStore(WriteEnvelope):
         self.data_key = data_key
 
     # -- helpers ---------------------------------------------------------------------------------
-    @staticmethod
-    async def stale_keys_for_accounts(conn: Conn, account_ids: Iterable[str]) -> list[str]:
-        """Every cached answer that embeds one of these accounts: the account, its cards (by PAN
-        fingerprint and by token) and the profiles of its customers."""
-        ids = [a for a in set(account_ids) if a]
-        if not ids:
-            return []
-        # Both fingerprint versions during a key rotation: answers may be cached under either.
-        rows = await conn.fetch(
-            "SELECT 'a' AS kind, fingerprint_version AS v, account_fingerprint AS fp, NULL AS ref"
-            " FROM accounts WHERE account_id = ANY($1::text[])"
-            " UNION ALL SELECT 'a', next_fingerprint_version, next_account_fingerprint, NULL FROM accounts"
-            " WHERE account_id = ANY($1::text[]) AND next_account_fingerprint IS NOT NULL"
-            " UNION ALL SELECT 'c', fingerprint_version, pan_fingerprint, token FROM cards"
-            " WHERE account_id = ANY($1::text[])"
-            " UNION ALL SELECT 'c', next_fingerprint_version, next_pan_fingerprint, token FROM cards"
-            " WHERE account_id = ANY($1::text[]) AND next_pan_fingerprint IS NOT NULL"
-            " UNION ALL SELECT 'u', NULL, NULL, customer_id FROM account_customers"
-            " WHERE account_id = ANY($1::text[])"
-            # A merged customer's id (an alias) answers its survivor's profile: cached under the alias.
-            " UNION ALL SELECT 'u', NULL, NULL, m.customer_id FROM account_customers ac"
-            " JOIN customers m ON m.merged_into = ac.customer_id WHERE ac.account_id = ANY($1::text[])", ids)
-        out: list[str] = []
-        for r in rows:
-            if r["kind"] == "a":
-                out.append(ck.account_key(r["v"], r["fp"]))
-            elif r["kind"] == "c":
-                out += [ck.card_key(r["v"], r["fp"]), ck.token_key(r["ref"])]
-            else:
-                out.append(ck.customer_key(r["ref"]))
-        return out
+    stale_keys_for_accounts = staticmethod(edges.stale_keys_for_accounts)
 
     @staticmethod
     async def customer_keys(conn: Conn, customer_ids: Iterable[str]) -> list[str]:
@@ -102,6 +73,15 @@ class AdminStore(WriteEnvelope):
     async def _accounts_of(conn: Conn, customer_id: str) -> list[str]:
         return [r["account_id"] for r in await conn.fetch(
             "SELECT account_id FROM account_customers WHERE customer_id = $1", customer_id)]
+
+    @staticmethod
+    async def _roles(conn: Conn, account_id: str) -> dict[str, int]:
+        return {r["customer_id"]: r["role"] for r in await conn.fetch(
+            "SELECT customer_id, role FROM account_customers WHERE account_id = $1", account_id)}
+
+    @staticmethod
+    def _owners(roles: dict[str, int]) -> list[str]:
+        return [c for c, role in roles.items() if role == pb.RELATIONSHIP_ROLE_OWNER]
 
     @staticmethod
     def _check_version(entity: str, expected: int, actual: int) -> None:
@@ -142,8 +122,11 @@ class AdminStore(WriteEnvelope):
                 return str(found)
         return None
 
+    lock_accounts = staticmethod(edges.lock_accounts)
+
     async def _open_account(self, conn: Conn, account_id: str) -> asyncpg.Record:
-        row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR SHARE", account_id)
+        """An open account, locked as one whose cards or customers this write changes (`lock_accounts`)."""
+        row = await conn.fetchrow("SELECT * FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE", account_id)
         if row is None:
             raise NotFound("account not found")
         if row["status"] == pb.ACCOUNT_STATUS_CLOSED:
@@ -186,8 +169,10 @@ class AdminStore(WriteEnvelope):
             row = required(await conn.fetchrow(
                 f"UPDATE customers SET {sets}{', ' if sets else ''}version = version + 1, updated_at = now()"
                 " WHERE customer_id = $1 RETURNING *", customer_id, *changes.values()))
+            accounts = await self._accounts_of(conn, customer_id)
+            await self.lock_accounts(conn, accounts, edges=False)
             stale = await self.customer_keys(conn, [customer_id])
-            stale += await self.stale_keys_for_accounts(conn, await self._accounts_of(conn, customer_id))
+            stale += await self.stale_keys_for_accounts(conn, accounts)
             return Change(customer_msg(row), stale, event, "customer", customer_id,
                           {k: v for k, v in changes.items() if k != "display_name"} | {"version": row["version"]})
 
@@ -299,12 +284,17 @@ class AdminStore(WriteEnvelope):
         self._check_enum(pb.RelationshipRole, req.role, "role")
 
         async def body(conn: Conn) -> Change:
-            await self._open_account(conn, account_id)
             cust = await conn.fetchrow("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
                                        customer_id)
             if cust is None:
                 raise NotFound("customer not found")
             self.refuse_merged(cust)
+            await self._open_account(conn, account_id)
+            roles = await self._roles(conn, account_id)
+            if (roles.get(customer_id) == pb.RELATIONSHIP_ROLE_OWNER and req.role != pb.RELATIONSHIP_ROLE_OWNER
+                    and self._owners(roles) == [customer_id]):
+                raise FailedPrecondition("cannot change the role of the only owner of an account:"
+                                         " link another owner first")
             inserted = await conn.fetchval(
                 "INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)"
                 " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role"
@@ -321,19 +311,19 @@ class AdminStore(WriteEnvelope):
         customer_id = parse_customer_id(req.customer_id)
 
         async def body(conn: Conn) -> Change:
-            rows = await conn.fetch("SELECT customer_id, role FROM account_customers WHERE account_id = $1"
-                                    " FOR UPDATE", account_id)
-            current = {r["customer_id"]: r["role"] for r in rows}
+            # The customer, then the account, as every write that changes an account's customers.
+            await conn.execute("SELECT 1 FROM customers WHERE customer_id = $1 FOR SHARE", customer_id)
+            await self.lock_accounts(conn, [account_id], edges=True)
+            current = await self._roles(conn, account_id)
             if customer_id not in current:
                 raise NotFound("customer is not related to this account")
-            owners = [c for c, role in current.items() if role == pb.RELATIONSHIP_ROLE_OWNER]
-            if owners == [customer_id]:
+            if self._owners(current) == [customer_id]:
                 raise FailedPrecondition("cannot unlink the only owner of an account")
             stale = await self.stale_keys_for_accounts(conn, [account_id])
             await conn.execute("DELETE FROM account_customers WHERE account_id = $1 AND customer_id = $2",
                                account_id, customer_id)
             return Change(pb.RelationshipResponse(account_id=account_id, customer_id=customer_id,
-                                                  role=current[customer_id]),
+                                                  role=current[customer_id]),  # type: ignore[arg-type]
                           stale, "relationship.unlinked", "account", account_id, {"customer_id": customer_id})
 
         return await self._write("UnlinkCustomer", req, body, caller)
@@ -386,7 +376,11 @@ class AdminStore(WriteEnvelope):
             if account_id is not None:
                 if cur["status"] == pb.CARD_STATUS_CLOSED:
                     raise FailedPrecondition("card is closed")
+                # The card leaves one account for another: both change (the new one must be open).
+                await self.lock_accounts(conn, [cur["account_id"], account_id], edges=True)
                 await self._open_account(conn, account_id)
+            else:
+                await self.lock_accounts(conn, [cur["account_id"]], edges=False)
             row = required(await conn.fetchrow(
                 "UPDATE cards SET status = coalesce($2, status), account_id = coalesce($3, account_id),"
                 " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",

@@ -44,7 +44,7 @@ from server.store.admin import MAX_NAME, new_id
 from server.store.db import Conn, translate_db_errors
 from server.store.envelope import FEED_CHANNEL, FEED_LOCK
 from server.store.identity import IdentityCodec, SealedRecord, Unwritten, candidates_many
-from server.store.identity_writes import MAX_CANDIDATES, queue_reviews_many
+from server.store.identity_writes import MAX_CANDIDATES, live_customer, queue_reviews_many
 from server.store.messages import customer_msg
 
 IMPORT_CLIENT = "crs-import"     # the audit log's client id of bulk imports
@@ -264,6 +264,10 @@ class BulkCustomers:
     async def _write(self, conn: Conn, plan: Plan) -> tuple[list[Outcome], dict[str, pb.Customer]]:
         """The rows' outcomes, and the customers created (their state as written: what the feed sends)."""
         rows, by_row = plan.found.fresh, plan.by_row
+        # The customers rows join were chosen before this transaction: a merge may have moved one since.
+        # Locked in id order, as merges lock theirs.
+        for g in sorted((g for g in plan.groups if g.joins), key=lambda g: g.customer_id):
+            g.customer_id = await live_customer(conn, g.customer_id)
         new_groups = [g for g in plan.groups if not g.joins]
         customers = [(g.customer_id, self._name(rows[g.members[0]].identity), "retail", pb.CUSTOMER_STATUS_ACTIVE,
                       pb.KYC_STATUS_PENDING) for g in new_groups]

@@ -13,7 +13,7 @@ import asyncpg
 from cryptography.exceptions import InvalidTag
 
 from server.crypto import DataKey, KeyConfigError, Keyring, new_key
-from server.errors import BackendTimeout, BackendUnavailable
+from server.errors import BackendTimeout, BackendUnavailable, WriteConflict
 from server.settings import Settings
 
 # A plain connection or one borrowed from a pool: every query helper accepts both.
@@ -39,6 +39,8 @@ UNAVAILABLE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, a
                       asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.ReadOnlySQLTransactionError,
                       CLIENT_STATE, OSError)
 
+# PostgreSQL ended the transaction to break a lock cycle (or a serialization failure): retryable.
+CONFLICT_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
 T = TypeVar("T")
 
@@ -106,11 +108,14 @@ async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: i
 
 @contextlib.contextmanager
 def translate_db_errors() -> Iterator[None]:
-    """Driver and network failures become BackendUnavailable/BackendTimeout; nothing else changes."""
+    """Driver and network failures become BackendUnavailable/BackendTimeout, a deadlock or serialization
+    failure WriteConflict (ABORTED); nothing else changes."""
     try:
         yield
     except TimeoutError as exc:
         raise BackendTimeout("the database did not answer in time") from exc
+    except CONFLICT_ERRORS as exc:
+        raise WriteConflict("the write conflicted with a concurrent one and was rolled back: retry it") from exc
     except UNAVAILABLE_ERRORS as exc:
         raise BackendUnavailable("the database is unavailable") from exc
 

@@ -12,6 +12,7 @@ transaction rolled back.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ _SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_REQUEST_ID = 128
 FEED_LOCK = 0x43525346      # "CRSF": the transaction-level lock feed sequences are drawn under
 FEED_CHANNEL = "crs_feed"   # NOTIFY on commit wakes every node's feed tailer
+REQUEST_LOCK = 0x43525352   # "CRSR": with a request_id's hash, the lock a write and its retries queue on
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,18 @@ class Change:
     # The entity the feed publishes when it is not the answer (UpdateCustomerIdentity answers the
     # golden record, which is PII; the feed carries the Customer).
     feed_state: Message | None = None
+    # The answer holds personal data (UpdateCustomerIdentity's golden record): the idempotency table
+    # keeps it sealed under the data key, as the source records are.
+    sealed: bool = False
 
 
 Body = Callable[[Conn], Awaitable[Change]]
 Request = Message     # an admin write's request: its request_id field and what it asks
+
+
+def request_lock_key(request_id: str) -> int:
+    """A request_id's advisory lock key (32 bits: another id sharing it only waits a little longer)."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=4).digest(), "big", signed=True)
 
 
 def request_digest(keyring: Keyring, req: Request, version: int) -> bytes:
@@ -95,30 +105,38 @@ class WriteEnvelope:
                     stored = await self._replay(conn, rpc, req, caller)
                     if stored is not None:
                         return stored
-                try:
-                    async with conn.transaction():
-                        change = await body(conn)
-                        response = change.response.SerializeToString()
-                        outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
-                        if request_id:
-                            version = self.keyring.fingerprint_version
-                            await conn.execute(
-                                "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version)"
-                                " VALUES ($1, $2, $3, $4, $5)",
-                                request_id, rpc, response, request_digest(self.keyring, req, version), version)
-                        related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
-                        await self._audit(conn, caller, rpc, request_id, change.entity_type,
-                                          [change.entity_id, *related], "OK", outbox_id)
-                        state = change.feed_state.SerializeToString() if change.feed_state else response
-                        await self._append_to_feed(conn, outbox_id, change, state)
-                except asyncpg.UniqueViolationError as exc:
-                    if request_id and exc.constraint_name == "idempotency_pkey":
-                        # A concurrent retry of the same request won the race: answer as it did.
+                async with conn.transaction():
+                    if request_id:
+                        # Claimed first: a retry that arrives while the original is still running waits
+                        # here for its commit and then replays its answer (or, if it rolled back, writes).
+                        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", REQUEST_LOCK,
+                                           request_lock_key(request_id))
                         stored = await self._replay(conn, rpc, req, caller)
                         if stored is not None:
                             return stored
-                    raise
+                    change = await body(conn)
+                    response = change.response.SerializeToString()
+                    outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
+                    if request_id:
+                        version = self.keyring.fingerprint_version
+                        kept, dek_id = self.seal_answer(response) if change.sealed else (response, None)
+                        await conn.execute(
+                            "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version,"
+                            " answer_dek_id) VALUES ($1, $2, $3, $4, $5, $6)",
+                            request_id, rpc, kept, request_digest(self.keyring, req, version), version, dek_id)
+                    related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
+                    await self._audit(conn, caller, rpc, request_id, change.entity_type,
+                                      [change.entity_id, *related], "OK", outbox_id)
+                    state = change.feed_state.SerializeToString() if change.feed_state else response
+                    await self._append_to_feed(conn, outbox_id, change, state)
                 return WriteResult(response, change.stale_keys, int(outbox_id))
+
+    def seal_answer(self, response: bytes) -> tuple[bytes, int]:
+        """An answer that holds personal data, sealed for the idempotency table: (blob, data key id)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no sealed answers")
+
+    async def open_answer(self, conn: Conn, blob: bytes, dek_id: int) -> bytes:
+        raise NotImplementedError(f"{type(self).__name__} keeps no sealed answers")
 
     @staticmethod
     async def _append_to_feed(conn: Conn, outbox_id: int, change: Change, state: bytes) -> None:
@@ -174,7 +192,7 @@ class WriteEnvelope:
                                   ids, result, None)
 
     async def _stored_answer(self, conn: Conn, rpc: str, req: Request) -> bytes | None:
-        row = await conn.fetchrow("SELECT rpc, response, request_digest, digest_version FROM idempotency"
+        row = await conn.fetchrow("SELECT rpc, response, request_digest, digest_version, answer_dek_id FROM idempotency"
                                   " WHERE request_id = $1", getattr(req, "request_id", ""))
         if row is None:
             return None
@@ -187,6 +205,8 @@ class WriteEnvelope:
             raise AlreadyExists(f"request_id was already used for {rpc} with other arguments: a retry must repeat"
                                 " the request as it was; a new request needs a new request_id")
         response: bytes = row["response"]
+        if row["answer_dek_id"] is not None:
+            return await self.open_answer(conn, response, row["answer_dek_id"])
         return response
 
     async def mark_invalidated(self, outbox_id: int) -> None:

@@ -82,7 +82,8 @@ class IdentityCodec:
             dek_id=self.data_key.dek_id, blocks=current, block_rows=rows, next_fingerprint_version=target,
             next_national_id_fp=self.national_id_fp(identity, target) if target else None)
 
-    async def open(self, conn: Conn, ciphertext: bytes, dek_id: int) -> Identity:
+    async def data_key_for(self, conn: Conn, dek_id: int) -> DataKey:
+        """Data key `dek_id`, unwrapped with the KEK on first use."""
         dek = self._deks.get(dek_id)
         if dek is None:
             row = await conn.fetchrow("SELECT wrapped_key, kek_version FROM data_keys WHERE dek_id = $1", dek_id)
@@ -90,6 +91,10 @@ class IdentityCodec:
                 raise RuntimeError(f"data key {dek_id} of an identity record is missing")
             dek = self._deks[dek_id] = DataKey(dek_id, self.keyring.unwrap(row["wrapped_key"], dek_id,
                                                                            row["kek_version"]))
+        return dek
+
+    async def open(self, conn: Conn, ciphertext: bytes, dek_id: int) -> Identity:
+        dek = await self.data_key_for(conn, dek_id)
         return Identity.from_dict(orjson.loads(dek.open(bytes(ciphertext), purpose=IDENTITY_PURPOSE)))
 
 

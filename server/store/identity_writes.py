@@ -17,8 +17,8 @@ import orjson
 
 from server import cache_keys as ck
 from server.caller import Caller
-from server.crypto import DataKey, Keyring
-from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound
+from server.crypto import ANSWER_PURPOSE, DataKey, Keyring
+from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, WriteConflict
 from server.identity.attributes import AttributeProblem, Identity, SourceRef, has_name, parse_identity, parse_source_ref
 from server.identity.golden import REQUEST_FIELDS, display_name, raw_attributes
 from server.identity.model import MatchModel, Score, Thresholds
@@ -98,6 +98,31 @@ async def queue_reviews_many(conn: Conn, pairs: list[tuple[str, str, Score]], re
         await conn.executemany(_QUEUE_REVIEW, args)
 
 
+async def live_customer(conn: Conn, customer_id: str) -> str:
+    """The customer a new record may join, locked FOR SHARE so that no merge moves it away before
+    this write commits: `customer_id` itself, or, when a merge committed since it was chosen, the
+    survivor that merge named (merges keep alias chains one step long)."""
+    for _ in range(3):
+        merged_into = await conn.fetchval("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
+                                          customer_id)
+        if merged_into is None:
+            return customer_id
+        customer_id = merged_into
+    raise WriteConflict("the matched customer kept being merged: retry")
+
+
+async def add_record(conn: Conn, codec: IdentityCodec, *, customer_id: str, source: SourceRef,
+                     identity: Identity) -> int:
+    """`insert_record`, with a source reference a concurrent write took first answered ALREADY_EXISTS."""
+    try:
+        return await insert_record(conn, codec, customer_id=customer_id, source=source, identity=identity)
+    except asyncpg.UniqueViolationError as exc:
+        if exc.table_name != "source_records":
+            raise
+        raise AlreadyExists(f"source reference {source.system}/{source.key} was just filed by another write") \
+            from None
+
+
 class IdentityWrites(AdminStore):
     """AdminStore whose CreateCustomer identifies when it is given identity attributes."""
 
@@ -128,8 +153,8 @@ class IdentityWrites(AdminStore):
             scored = [] if req.force_new else await candidates(conn, self.codec, self.model, identity)
             decision = self.model.decide(scored, self.thresholds, MAX_CANDIDATES)
             if decision.decision == "MATCH":
-                cid = decision.candidates[0][0]
-                await insert_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
+                cid = await live_customer(conn, decision.candidates[0][0])
+                await add_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
                 row = required(await conn.fetchrow(
                     "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1"
                     " RETURNING *", cid))
@@ -145,13 +170,19 @@ class IdentityWrites(AdminStore):
                 " VALUES ($1, $2, $3, $4, $5) RETURNING *",
                 new_id("cus_"), name, segment, pb.CUSTOMER_STATUS_ACTIVE, kyc))
             cid = row["customer_id"]
-            await insert_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
+            await add_record(conn, self.codec, customer_id=cid, source=source, identity=identity)
             queued = await queue_reviews(conn, cid, list(decision.candidates), self.thresholds.review)
             return Change(customer_msg(row), [ck.customer_key(cid)], "customer.created", "customer", cid,
                           {"segment": segment, "kyc_status": kyc, "source_system": source.system,
                            "decision": "possible_match" if queued else "new", "reviews": queued})
 
         return await self._write("CreateCustomer", req, body, caller)
+
+    def seal_answer(self, response: bytes) -> tuple[bytes, int]:
+        return self.codec.data_key.seal(response, purpose=ANSWER_PURPOSE), self.codec.data_key.dek_id
+
+    async def open_answer(self, conn: Conn, blob: bytes, dek_id: int) -> bytes:
+        return (await self.codec.data_key_for(conn, dek_id)).open(bytes(blob), purpose=ANSWER_PURPOSE)
 
     async def update_customer_identity(self, req: pb.UpdateCustomerIdentityRequest, caller: Caller) -> WriteResult:
         customer_id = parse_customer_id(req.customer_id)
@@ -171,7 +202,7 @@ class IdentityWrites(AdminStore):
                 raise FailedPrecondition(f"source reference {source.system}/{source.key} belongs to"
                                          f" {rec['customer_id']}, not to this customer")
             if rec is None:
-                await insert_record(conn, self.codec, customer_id=customer_id, source=source, identity=identity)
+                await add_record(conn, self.codec, customer_id=customer_id, source=source, identity=identity)
             else:
                 await replace_record(conn, self.codec, rec["record_id"], identity)
             # Identifying attributes changed: another customer may now look like the same person. Two
@@ -182,11 +213,12 @@ class IdentityWrites(AdminStore):
                 "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1 RETURNING *",
                 customer_id))
             answer = await golden_identity(conn, self.codec, customer_id)
-            # The answer is kept in the idempotency table for replays: no date of birth in it (the
-            # national id is already last-four only). GetCustomerIdentity reads the whole record.
+            # No date of birth in the answer (the national id is already last-four only);
+            # GetCustomerIdentity reads the whole record. The rest (address, phone, email) is kept
+            # for replays sealed under the data key.
             answer.attributes.date_of_birth = ""
             payload: dict[str, Any] = {"source_system": source.system, "reviews": queued, "version": row["version"]}
             return Change(answer, await self.customer_keys(conn, [customer_id]), "customer.identity_updated",
-                          "customer", customer_id, payload, feed_state=customer_msg(row))
+                          "customer", customer_id, payload, feed_state=customer_msg(row), sealed=True)
 
         return await self._write("UpdateCustomerIdentity", req, body, caller)

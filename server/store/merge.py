@@ -21,7 +21,7 @@ import orjson
 from google.protobuf.message import Message
 
 from server.caller import Caller
-from server.errors import FailedPrecondition, InvalidKey, NotFound
+from server.errors import FailedPrecondition, InvalidKey, NotFound, WriteConflict
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
 from server.store.db import Conn, required, translate_db_errors
@@ -120,6 +120,9 @@ class IdentityStore(IdentityWrites):
             raise FailedPrecondition(f"survivor {survivor} was merged into {rows[survivor]['merged_into']}:"
                                      " merge into that one")
         moved = Moved(pb.Merge(winner_customer_id=survivor, loser_customer_id=merged))
+        # The merged customer's accounts change customers: locked after the customers (docs/decisions.md,
+        # "Lock order"). Its relationships cannot change meanwhile: that takes its row, locked above.
+        await self.lock_accounts(conn, await self._accounts_of(conn, merged), edges=True)
         record_ids = [r["record_id"] for r in await conn.fetch(
             "UPDATE source_records SET customer_id = $1 WHERE customer_id = $2 RETURNING record_id", survivor, merged)]
         rels = await conn.fetch("SELECT account_id, role, created_at FROM account_customers WHERE customer_id = $1"
@@ -225,6 +228,7 @@ class IdentityStore(IdentityWrites):
         recorded = m["relationships"]
         if isinstance(recorded, str):
             recorded = orjson.loads(recorded)
+        await self.lock_accounts(conn, [rel["account_id"] for rel in recorded], edges=True)
         skipped: list[str] = []
         for rel in recorded:
             account, role, before = rel["account_id"], rel["role"], rel["survivor_role"]
@@ -291,13 +295,29 @@ class IdentityStore(IdentityWrites):
             answer.next_page_token = page_token(rows[size - 1])
         return answer
 
+    @staticmethod
+    async def _lock_review(conn: Conn, review_id: str) -> asyncpg.Record:
+        """The review task, locked after its two customers: a merge locks customers, then re-points
+        their reviews, so taking the task first could wait on a merge in a cycle. A merge that
+        committed meanwhile may have re-pointed the task to other customers: lock those, again."""
+        for _ in range(3):
+            pair = await conn.fetchrow("SELECT customer_id, candidate_id FROM identity_reviews WHERE review_id = $1",
+                                       review_id)
+            if pair is None:
+                raise NotFound("review task not found")
+            await _lock_customers(conn, sorted({pair["customer_id"], pair["candidate_id"]}))
+            task = await conn.fetchrow("SELECT * FROM identity_reviews WHERE review_id = $1 FOR UPDATE", review_id)
+            if task is None:
+                raise NotFound("review task not found")
+            if (task["customer_id"], task["candidate_id"]) == (pair["customer_id"], pair["candidate_id"]):
+                return required(task)
+        raise WriteConflict("the review task kept changing under concurrent merges: retry")
+
     async def decide_review(self, req: pb.DecideReviewTaskRequest, caller: Caller) -> WriteResult:
         review_id = parse_review_id(req.review_id)
 
         async def body(conn: Conn) -> Change:
-            task = await conn.fetchrow("SELECT * FROM identity_reviews WHERE review_id = $1 FOR UPDATE", review_id)
-            if task is None:
-                raise NotFound("review task not found")
+            task = await self._lock_review(conn, review_id)
             if task["status"] != OPEN:
                 raise FailedPrecondition(f"review task is already {review_status_word(task['status'])}")
             customer, candidate = task["customer_id"], task["candidate_id"]

@@ -1,0 +1,52 @@
+"""What a write's stale cache keys are found through: an account's cards and customers, and the
+locks that keep those edges still until the write commits (docs/decisions.md, "Lock order")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from server import cache_keys as ck
+from server.store.db import Conn
+
+
+async def stale_keys_for_accounts(conn: Conn, account_ids: Iterable[str]) -> list[str]:
+    """Every cached answer that embeds one of these accounts: the account, its cards (by PAN
+    fingerprint and by token) and the profiles of its customers."""
+    ids = [a for a in set(account_ids) if a]
+    if not ids:
+        return []
+    # Both fingerprint versions during a key rotation: answers may be cached under either.
+    rows = await conn.fetch(
+        "SELECT 'a' AS kind, fingerprint_version AS v, account_fingerprint AS fp, NULL AS ref"
+        " FROM accounts WHERE account_id = ANY($1::text[])"
+        " UNION ALL SELECT 'a', next_fingerprint_version, next_account_fingerprint, NULL FROM accounts"
+        " WHERE account_id = ANY($1::text[]) AND next_account_fingerprint IS NOT NULL"
+        " UNION ALL SELECT 'c', fingerprint_version, pan_fingerprint, token FROM cards"
+        " WHERE account_id = ANY($1::text[])"
+        " UNION ALL SELECT 'c', next_fingerprint_version, next_pan_fingerprint, token FROM cards"
+        " WHERE account_id = ANY($1::text[]) AND next_pan_fingerprint IS NOT NULL"
+        " UNION ALL SELECT 'u', NULL, NULL, customer_id FROM account_customers"
+        " WHERE account_id = ANY($1::text[])"
+        # A merged customer's id (an alias) answers its survivor's profile: cached under the alias.
+        " UNION ALL SELECT 'u', NULL, NULL, m.customer_id FROM account_customers ac"
+        " JOIN customers m ON m.merged_into = ac.customer_id WHERE ac.account_id = ANY($1::text[])", ids)
+    out: list[str] = []
+    for r in rows:
+        if r["kind"] == "a":
+            out.append(ck.account_key(r["v"], r["fp"]))
+        elif r["kind"] == "c":
+            out += [ck.card_key(r["v"], r["fp"]), ck.token_key(r["ref"])]
+        else:
+            out.append(ck.customer_key(r["ref"]))
+    return out
+
+
+async def lock_accounts(conn: Conn, account_ids: Iterable[str], *, edges: bool) -> None:
+    """Lock accounts' rows, in id order (see "Lock order" in docs/decisions.md). `edges`: this write
+    adds or removes one of their cards or customers (FOR NO KEY UPDATE); otherwise its stale keys
+    were found through their cards and customers, which must stay as they are until it commits
+    (FOR SHARE): a card issued meanwhile would otherwise keep an answer it never invalidates."""
+    ids = sorted({a for a in account_ids if a})
+    if ids:
+        await conn.execute("SELECT 1 FROM accounts WHERE account_id = ANY($1::text[]) ORDER BY account_id"
+                           f" FOR {'NO KEY UPDATE' if edges else 'SHARE'}", ids)

@@ -1,0 +1,250 @@
+"""Writes that overlap: each test drives a real interleaving on the shared stack, a side transaction
+(admin DSN) holding one lock for a moment so that two RPCs overlap every time (docs/decisions.md,
+"Lock order")."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from devstack.demo import demo_routing
+from devstack.environment import DevEnvironment
+from server.proto import crs_pb2 as pb
+from server.store.envelope import FEED_LOCK
+from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan, sql
+from tests.integration.test_identity import _person, _ref
+
+
+class Side:
+    """A transaction on its own connection, in its own thread: runs `statements`, then holds until release()."""
+
+    def __init__(self, dsn: str, statements: list[tuple[str, tuple[Any, ...]]], commit: bool = False) -> None:
+        self.dsn, self.statements, self.commit = dsn, statements, commit
+        self.ready, self.go = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10)
+
+    async def _run(self) -> None:
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            tr = conn.transaction()
+            await tr.start()
+            for q, args in self.statements:
+                await conn.execute(q, *args)
+            self.ready.set()
+            await asyncio.to_thread(self.go.wait)
+            await (tr.commit() if self.commit else tr.rollback())
+        finally:
+            await conn.close()
+
+    def release(self) -> None:
+        self.go.set()
+        self.thread.join(10)
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["ok"] = call()
+        except grpc.RpcError as exc:
+            out["err"] = (exc.code().name, exc.details())
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+def _rid() -> str:
+    return "race-" + uuid.uuid4().hex
+
+
+def _account(c: Clients, used: UsedSecrets, owner: str) -> tuple[pb.Account, str]:
+    number = fresh_account_number(used)
+    acc = c.admin.CreateAccount(pb.CreateAccountRequest(
+        request_id=_rid(), routing_number=demo_routing(3), account_number=number, type=pb.ACCOUNT_TYPE_CHECKING,
+        currency="USD", owner_customer_id=owner), timeout=5)
+    return acc, number
+
+
+def _plain_customer(c: Clients) -> pb.Customer:
+    return c.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=_rid(), display_name="Audit Person"), timeout=5)
+
+
+def _identity_customer(c: Clients, used: UsedSecrets) -> tuple[pb.Customer, pb.IdentityAttributes]:
+    person = _person()
+    used.identity.add(person.date_of_birth)
+    made = c.admin.CreateCustomer(pb.CreateCustomerRequest(request_id=_rid(), identity=person, source_ref=_ref(),
+                                                           force_new=True), timeout=10)
+    return made, person
+
+
+# A retry that overlaps its original waits for it and gets the original's answer.
+def test_a_retry_overlapping_its_issue_card_is_replayed(dev_env: DevEnvironment, node_a: Clients,
+                                                        used_secrets: UsedSecrets) -> None:
+    owner = _plain_customer(node_a)
+    acc, _ = _account(node_a, used_secrets, owner.customer_id)
+    req = pb.IssueCardRequest(request_id=_rid(), pan=fresh_pan(used_secrets), expiry="2031-01",
+                              account_id=acc.account_id)
+    side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])   # commit of the 1st waits
+    t1, r1 = in_thread(lambda: node_a.admin.IssueCard(req, timeout=15))
+    time.sleep(0.5)
+    t2, r2 = in_thread(lambda: node_a.admin.IssueCard(req, timeout=15))   # the client's retry, same request
+    time.sleep(0.7)
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "ok" in r1 and "ok" in r2 and r1["ok"].token == r2["ok"].token, (r1, r2)
+
+
+def test_a_retry_overlapping_its_merge_is_replayed(dev_env: DevEnvironment, node_a: Clients,
+                                                   used_secrets: UsedSecrets) -> None:
+    s, _ = _identity_customer(node_a, used_secrets)
+    m, _ = _identity_customer(node_a, used_secrets)
+    req = pb.MergeCustomersRequest(request_id=_rid(), survivor_id=s.customer_id, merged_id=m.customer_id)
+    side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])
+    t1, r1 = in_thread(lambda: node_a.identity.MergeCustomers(req, timeout=15))
+    time.sleep(0.5)
+    t2, r2 = in_thread(lambda: node_a.identity.MergeCustomers(req, timeout=15))
+    time.sleep(0.7)
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "ok" in r1 and "ok" in r2, (r1, r2)
+
+
+# A card issued while its owner's status changes: the issue waits for the status change (the account
+# is locked FOR SHARE by it), so the card's first answer already carries the new status.
+def test_a_card_issued_during_its_customers_suspension_answers_suspended(
+        dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets) -> None:
+    owner = _plain_customer(node_a)
+    acc, _ = _account(node_a, used_secrets, owner.customer_id)
+    hold = _rid()
+    # The suspension's own idempotency insert waits on this uncommitted row, after its stale keys are found.
+    side = Side(dev_env.admin_dsn, [("INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, 'x', '')",
+                                     (hold,))])
+    t1, r1 = in_thread(lambda: node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        request_id=hold, customer_id=owner.customer_id, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=15))
+    time.sleep(0.5)
+    pan = fresh_pan(used_secrets)
+    t2, r2 = in_thread(lambda: node_a.admin.IssueCard(pb.IssueCardRequest(
+        request_id=_rid(), pan=pan, expiry="2031-01", account_id=acc.account_id), timeout=15))
+    time.sleep(1.5)      # longer than the re-invalidation delay: the old code cached the card ACTIVE here
+    assert "ok" not in r2, "the card was issued while its customer's status change was uncommitted"
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "ok" in r1 and "ok" in r2, (r1, r2)
+    time.sleep(3.0)   # > near-cache TTL (2 s) and the relay's second delete (0.5 s)
+    later = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert later.customer.status == pb.CUSTOMER_STATUS_SUSPENDED and not later.in_good_standing
+
+
+# DecideReviewTask(accept) locks the customers before the task, as a merge does: no deadlock.
+def test_accepting_a_review_beside_a_merge_is_no_internal_error(dev_env: DevEnvironment, node_a: Clients,
+                                             used_secrets: UsedSecrets) -> None:
+    x, _ = _identity_customer(node_a, used_secrets)
+    y, _ = _identity_customer(node_a, used_secrets)
+    z, _ = _identity_customer(node_a, used_secrets)
+    _account(node_a, used_secrets, x.customer_id)
+    review = "rev_" + uuid.uuid4().hex[:20]
+    sql(dev_env.admin_dsn, "INSERT INTO identity_reviews (review_id, customer_id, candidate_id, probability, evidence,"
+        " status) VALUES ($1, $2, $3, 0.9, '[]', 1)", review, x.customer_id, y.customer_id)
+    side = Side(dev_env.admin_dsn, [("SELECT 1 FROM account_customers WHERE customer_id = $1 FOR UPDATE",
+                                     (x.customer_id,))])
+    t2, r2 = in_thread(lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+        request_id=_rid(), survivor_id=z.customer_id, merged_id=x.customer_id), timeout=15))
+    time.sleep(0.5)
+    t1, r1 = in_thread(lambda: node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(
+        request_id=_rid(), review_id=review, accept=True), timeout=15))
+    time.sleep(0.5)
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "INTERNAL" not in (r1.get("err") or ("",))[0] and "INTERNAL" not in (r2.get("err") or ("",))[0]
+
+
+# LinkCustomer may not demote an account's only owner (UnlinkCustomer may not remove it).
+def test_link_customer_refuses_to_demote_the_only_owner(dev_env: DevEnvironment, node_a: Clients,
+                                              used_secrets: UsedSecrets) -> None:
+    owner = _plain_customer(node_a)
+    acc, _ = _account(node_a, used_secrets, owner.customer_id)
+    with pytest.raises(grpc.RpcError) as refused:
+        node_a.admin.LinkCustomer(pb.LinkCustomerRequest(request_id=_rid(), account_id=acc.account_id,
+                                                         customer_id=owner.customer_id,
+                                                         role=pb.RELATIONSHIP_ROLE_AUTHORIZED_SIGNER), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    roles = sql(dev_env.admin_dsn, "SELECT role FROM account_customers WHERE account_id = $1", acc.account_id)
+    assert any(r["role"] == pb.RELATIONSHIP_ROLE_OWNER for r in roles), "account left without an owner"
+
+
+# Two creates of one source reference with different attributes (no shared blocking key).
+def test_two_creates_of_one_source_ref_answer_already_exists(dev_env: DevEnvironment, node_a: Clients,
+                                                       used_secrets: UsedSecrets) -> None:
+    ref = _ref("core")
+    p1, p2 = _person(given_name="Wilhelmina"), _person(given_name="Bartholomew", phone="+1 212 555 0199")
+    used_secrets.identity.update({p1.date_of_birth, p2.date_of_birth})
+    side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])
+    t1, r1 = in_thread(lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+        request_id=_rid(), identity=p1, source_ref=ref), timeout=15))
+    time.sleep(0.5)
+    t2, r2 = in_thread(lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+        request_id=_rid(), identity=p2, source_ref=ref), timeout=15))
+    time.sleep(0.7)
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "ok" in r1, r1
+    assert r2.get("err", ("",))[0] == "ALREADY_EXISTS", r2
+
+
+# UnlinkCustomer takes the customer, then the account, as a merge does: no deadlock.
+def test_unlinking_beside_a_merge_is_no_internal_error(dev_env: DevEnvironment, node_a: Clients,
+                                                       used_secrets: UsedSecrets) -> None:
+    c1, _ = _identity_customer(node_a, used_secrets)
+    c2, _ = _identity_customer(node_a, used_secrets)
+    s, m = sorted([c1.customer_id, c2.customer_id])        # the survivor sorts first on the account
+    t = _plain_customer(node_a)
+    acc, _ = _account(node_a, used_secrets, s)
+    for cid in (m, t.customer_id):
+        node_a.admin.LinkCustomer(pb.LinkCustomerRequest(request_id=_rid(), account_id=acc.account_id,
+                                                         customer_id=cid, role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
+    side = Side(dev_env.admin_dsn, [("SELECT 1 FROM account_customers WHERE account_id = $1 AND customer_id = $2"
+                                     " FOR UPDATE", (acc.account_id, m))])
+    t1, r1 = in_thread(lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+        request_id=_rid(), survivor_id=s, merged_id=m), timeout=15))
+    time.sleep(0.5)
+    t2, r2 = in_thread(lambda: node_a.admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
+        request_id=_rid(), account_id=acc.account_id, customer_id=t.customer_id), timeout=15))
+    time.sleep(0.5)
+    side.release()
+    t1.join(15), t2.join(15)
+    assert "INTERNAL" not in (r1.get("err") or ("",))[0] + (r2.get("err") or ("",))[0]
+
+
+# UpdateCustomerIdentity's answer is kept for replays sealed (address, phone, email).
+def test_update_identity_answer_is_stored_sealed(dev_env: DevEnvironment, node_a: Clients,
+                                                used_secrets: UsedSecrets) -> None:
+    c, person = _identity_customer(node_a, used_secrets)
+    ref = sql(dev_env.admin_dsn, "SELECT source_system, source_key FROM source_records WHERE customer_id = $1",
+              c.customer_id)[0]
+    rid = _rid()
+    node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+        request_id=rid, customer_id=c.customer_id, source_ref=pb.SourceRef(system=ref["source_system"],
+                                                                           key=ref["source_key"]),
+        attributes=person), timeout=10)
+    row = sql(dev_env.admin_dsn, "SELECT response, answer_dek_id FROM idempotency WHERE request_id = $1", rid)[0]
+    assert row["answer_dek_id"] is not None
+    for clear in (person.email, person.phone, person.address.line1):
+        assert clear and clear.encode() not in bytes(row["response"])
+    # A retry is answered the stored answer, opened again
+    again = node_a.identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+        request_id=rid, customer_id=c.customer_id, source_ref=pb.SourceRef(system=ref["source_system"],
+                                                                           key=ref["source_key"]),
+        attributes=person), timeout=10)
+    assert again.attributes.email == person.email and again.customer_id == c.customer_id
