@@ -101,7 +101,8 @@ def find_postgres_bindir(prefer: str = "auto") -> tuple[Path, str]:
             "the PyPI package 'pgserver' is not installed (or has no pginstall/bin/initdb and postgres)"
         )
     raise EmbeddedServerError(
-        "no PostgreSQL binaries found: put initdb/postgres on PATH, install the PyPI package 'pgserver',"
+        "no PostgreSQL binaries found: put initdb/postgres on PATH, install the PyPI package 'pgserver'"
+        " (wheels for Python 3.11 and 3.12: `PYTHON=python3.12 ./crsw ...` after removing .venv),"
         f" or point ${PG_BINDIR_ENV} at a bindir"
     )
 

@@ -52,7 +52,7 @@ from server.reflection import SERVICE_NAME as REFLECTION
 from server.reflection import add_reflection
 from server.relay import run_relay, unsettled_keys
 from server.resolver import CachePolicy, Resolver
-from server.settings import Settings, replica_fill_window
+from server.settings import Settings, fill_window_of
 from server.store.db import DB_ERRORS, active_data_key, bounded, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
@@ -243,7 +243,7 @@ class Node:
         data_key = await active_data_key(self.pool, self.keyring)
         if s.pg_read_dsn:   # no connection yet: a replica that is down must not stop a node from starting
             self.read_pool = await create_pool(s, dsn=s.pg_read_dsn, min_size=0, session_reset=False)
-        route = ReadRoute(primary=self.pool, replica=self.read_pool, fill_window=replica_fill_window(s),
+        route = ReadRoute(primary=self.pool, replica=self.read_pool, fill_window=fill_window_of(s),
                           position_interval=s.pg_position_interval, timeout=s.pg_timeout,
                           replica_timeout=s.pg_timeout / 4, on_read=self.metrics.pg_read,
                           on_staleness=self.metrics.pg_replica_staleness.set)

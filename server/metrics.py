@@ -196,6 +196,11 @@ class Metrics:
         self.other_key_version = Counter("crs_lookups_other_key_version_total",
                                          "Card and account lookups found only under another fingerprint key"
                                          " version than this node's (answered, not cached)", ["kind"], registry=reg)
+        # A cache-miss answer whose read took longer than its fill window (server/store/read_route.py):
+        # served, not cached. Growing steadily: reads slower than CRS_REINVALIDATE_DELAY - CRS_REDIS_TIMEOUT.
+        self.fills_dropped = Counter("crs_cache_fills_dropped_total",
+                                     "Cache-miss answers served but not cached: their read finished past its"
+                                     " fill window", registry=reg)
         self.migration_copies = Counter("crs_cache_migration_copies_total",
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)
@@ -215,6 +220,9 @@ class Metrics:
             with self._threads_lock:
                 self._threads.append(mine)
         return mine
+
+    def fill_dropped(self) -> None:
+        self.fills_dropped.inc()
 
     def near_refresh(self, outcome: str) -> None:
         self.near_refreshes.labels(outcome).inc()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +26,7 @@ from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
 from server.metrics import Metrics
 from server.store.db import DB_ERRORS, bounded
-from server.store.read_route import ALWAYS, Loaded, Read, ReadRoute
+from server.store.read_route import Loaded, Read, ReadRoute
 
 REFRESH_LIMIT = 256   # near-cache refreshes in flight per node process
 
@@ -203,12 +202,17 @@ class Resolver:
                 return cached
         loaded = await self._load(lookup, count)
         value = NEGATIVE if loaded.value is None else loaded.value
-        # A replica's answer may be cached only within its freshness window (server/store/read_route.py).
-        if loaded.fill_by is ALWAYS or time.monotonic() < loaded.fill_by:
+        # An answer may be cached only within its read's freshness window (server/store/read_route.py).
+        clock = self.route.clock
+        if clock() < loaded.fill_by:
             if tier_ok and self.tier is not None:
                 await self.tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
-            if loaded.fill_by is ALWAYS or time.monotonic() < loaded.fill_by:
+            if clock() < loaded.fill_by:
                 self.near.put(key, value)
+            else:
+                self.metrics.fill_dropped()
+        else:
+            self.metrics.fill_dropped()
         return value
 
     async def _load(self, lookup: Lookup, count: bool = True) -> Loaded:

@@ -287,11 +287,13 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_SERVING_THREADS must be >= 4 (got {s.serving_threads})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
-    if s.reinvalidate_delay < 0:
-        problems.append("CRS_REINVALIDATE_DELAY must be >= 0")
+    if s.reinvalidate_delay <= s.redis_timeout:
+        problems.append(f"CRS_REINVALIDATE_DELAY must exceed CRS_REDIS_TIMEOUT ({s.redis_timeout} s): a cache-miss"
+                        " answer is cached only if its read and fill end within the difference (docs/decisions.md,"
+                        f" \"Slow reads\"; got {s.reinvalidate_delay})")
     if s.cache_preferred_copy and not re.fullmatch(r"primary|replica-[1-9][0-9]*", s.cache_preferred_copy):
         problems.append(f"CRS_CACHE_PREFERRED_COPY must be primary or replica-N (got {s.cache_preferred_copy!r})")
-    if s.pg_read_dsn and s.pg_position_interval * 2 >= replica_fill_window(s):
+    if s.pg_read_dsn and s.pg_position_interval * 2 >= fill_window_of(s):
         problems.append("with CRS_PG_READ_DSN, CRS_PG_POSITION_INTERVAL must be under half of CRS_REINVALIDATE_DELAY"
                         " - CRS_REDIS_TIMEOUT: a replica's answer is cached only within that window of a primary"
                         " position it has replayed (docs/deploy.md)")
@@ -321,10 +323,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def replica_fill_window(s: Settings) -> float:
-    """How long after a primary position a replica's answer covers may it still be cached: the
-    relay's second delete comes `reinvalidate_delay` after a commit, less one Redis command's time
-    for the fill itself (server/store/read_route.py)."""
+def fill_window_of(s: Settings) -> float:
+    """How long after its snapshot a cache-miss answer may still be cached (a primary read's start,
+    or the primary position a replica's answer covers): the relay's second delete comes
+    `reinvalidate_delay` after a commit, less one Redis command's time for the fill itself
+    (server/store/read_route.py)."""
     return s.reinvalidate_delay - s.redis_timeout
 
 

@@ -21,7 +21,13 @@ near-cache entry is dropped, no read there answers older data, from a cache or f
 A replica that cannot show it is fresh enough (paused replay, lag, no recent primary position) is
 not used for that key: the primary answers. When the primary cannot (it is down), the replica's
 answer is served but not cached. A replica that fails falls back to the primary. With no replica
-configured every read goes to the primary and may always fill, as before.
+configured every read goes to the primary.
+
+A primary read is bound by the same rule: its snapshot holds every write committed before the query
+was sent, so it may fill the caches until the query's start + `fill_window`, and later not at all. A
+read that took longer (a slow plan, a pool wait, a stalled connection) is served but not cached:
+otherwise a snapshot taken before a write commits could be written to Redis after the relay's second
+delete of that write, and answer the old row for the whole TTL (docs/decisions.md, "Slow reads").
 """
 
 from __future__ import annotations
@@ -54,7 +60,6 @@ Read = Callable[[Any], Awaitable[bytes | Uncacheable | None]]   # one lookup's q
 # NULL on a primary (after a promotion pg_last_wal_replay_lsn() stays at the end of recovery).
 REPLAY_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8 END"
 POSITION_SQL = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8"
-ALWAYS = math.inf
 NEVER = -math.inf
 
 
@@ -109,28 +114,36 @@ class ReadRoute:
         self.positions = Positions(keep=max(60.0, fill_window * 4))
         self._on_read = on_read or (lambda _route: None)
         self._on_staleness = on_staleness or (lambda _seconds: None)
-        self._clock = clock
+        self.clock = clock   # monotonic seconds: the fill deadlines (Loaded.fill_by) are on this clock
 
     @classmethod
-    def primary_only(cls, primary: Any, *, timeout: float) -> ReadRoute:
-        """Every read on `primary` (a pool, or anything the queries accept), always cacheable."""
-        return cls(primary=primary, replica=None, fill_window=0.0, position_interval=1.0, timeout=timeout,
-                   replica_timeout=timeout)
+    def primary_only(cls, primary: Any, *, timeout: float, fill_window: float,
+                     clock: Callable[[], float] = time.monotonic) -> ReadRoute:
+        """Every read on `primary` (a pool, or anything the queries accept), cacheable within
+        `fill_window` of its start."""
+        return cls(primary=primary, replica=None, fill_window=fill_window, position_interval=1.0,
+                   timeout=timeout, replica_timeout=timeout, clock=clock)
+
+    async def _primary(self, query: Read) -> Loaded:
+        """A read on the primary: cacheable until its start + fill_window (the module's docstring)."""
+        started = self.clock()
+        return _loaded(await query(self.primary), started + self.fill_window)
 
     async def read(self, query: Read) -> Loaded:
         """The value and until when it may be cached. Raises the driver's error only when neither
         a replica nor the primary answered."""
         if self.replica is None:
-            return _loaded(await query(self.primary), ALWAYS)
+            return await self._primary(query)
         primary_out = False
         if self.lagging:   # the poller saw the replica behind: its answer could not be cached
             try:
-                value = await query(self.primary)
+                loaded = await self._primary(query)
             except DB_ERRORS:
                 primary_out = True
             else:
                 self._on_read("primary_replica_behind")
-                return _loaded(value, ALWAYS)
+                return loaded
+        started = self.clock()
         try:
             replayed, value = await self._replica_read(query)
         except DB_ERRORS as exc:
@@ -138,22 +151,22 @@ class ReadRoute:
                 raise
             self._on_read("primary_replica_failed")
             log.debug("replica read failed; reading the primary", extra={"error": type(exc).__name__})
-            return _loaded(await query(self.primary), ALWAYS)
+            return await self._primary(query)
         if replayed is None:            # the read DSN reached a primary (e.g. one just promoted)
             self._on_read("replica")
-            return _loaded(value, ALWAYS)
+            return _loaded(value, started + self.fill_window)
         covered = self.positions.covered_since(replayed)
-        if self.usable(replayed) and covered is not None and self._clock() < covered + self.fill_window:
+        if self.usable(replayed) and covered is not None and self.clock() < covered + self.fill_window:
             self._on_read("replica")
             return _loaded(value, covered + self.fill_window)
         if not primary_out:
             try:
-                fresh = await query(self.primary)
+                loaded = await self._primary(query)
             except DB_ERRORS:
                 pass
             else:
                 self._on_read("primary_replica_behind")
-                return _loaded(fresh, ALWAYS)
+                return loaded
         self._on_read("replica_uncached")   # the primary is out: answer, but cache nothing
         return _loaded(value, NEVER)
 
@@ -191,7 +204,7 @@ class ReadRoute:
         before this call (None without replicas, or when the primary does not answer)."""
         if self.replica is None:
             return None
-        started = self._clock()
+        started = self.clock()
         try:
             position = await self.primary.fetchval(POSITION_SQL, timeout=self.timeout)
         except DB_ERRORS:
@@ -213,7 +226,7 @@ class ReadRoute:
     async def poll_once(self) -> None:
         if self.replica is None:
             return
-        started = self._clock()
+        started = self.clock()
         try:
             position = await self.primary.fetchval(POSITION_SQL, timeout=self.timeout)
         except DB_ERRORS:
@@ -229,5 +242,5 @@ class ReadRoute:
             self._staleness = 0.0
         else:
             covered = self.positions.covered_since(int(replayed))
-            self._staleness = self._clock() - covered if covered is not None else self.positions.keep
+            self._staleness = self.clock() - covered if covered is not None else self.positions.keep
         self._on_staleness(self._staleness)

@@ -530,7 +530,7 @@ def test_compaction_answers_out_of_range_with_the_oldest_retained() -> None:
     env.start()
     try:
         node = env.start_node(workers=1, feed_retention=1.0, feed_compact_interval=0.5,
-                              reinvalidate_delay=0.1, outbox_poll_interval=0.1)
+                              reinvalidate_delay=0.3, outbox_poll_interval=0.1)
         _compaction_scenario(env, clients_of(node))
     finally:
         env.stop()

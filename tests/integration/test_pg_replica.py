@@ -28,7 +28,7 @@ from devstack.environment import DevEnvironment, NodeProcess
 from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
-from server.settings import replica_fill_window
+from server.settings import fill_window_of
 from tests.integration import load
 from tests.integration.support import metric, own_env, until
 
@@ -81,7 +81,7 @@ def test_misses_read_the_standby(env: DevEnvironment) -> None:
     # under the fill window, 0.25 s here). Right after its start it may not have: the start's own
     # WAL, or WAL that waits for the primary's WAL writer, can keep the standby that far behind on a
     # busy machine, and every miss then reads the primary ("primary_replica_behind"), as it must.
-    window = replica_fill_window(node.settings)
+    window = fill_window_of(node.settings)
     until("the node sees the standby fresh", lambda: 0 <= staleness(node) < window, within=15, poll=0.2)
     # It may also fall behind again for a moment while it serves (the suite's other worker keeps the
     # machine busy): those misses read the primary, correctly. So distinct cards, each one miss, are

@@ -57,7 +57,8 @@ async def _now_then_resolve(server: RedisServer) -> None:
     tier = RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", server.url),)), pool_size=2,
                      timeout=0.5, policy=BreakerPolicy(), thread_connections=2)
     resolver = Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(),
-                        metrics=Metrics(CollectorRegistry()), route=ReadRoute.primary_only(PRIMARY, timeout=2.0))
+                        metrics=Metrics(CollectorRegistry()),
+                        route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=60.0))
     try:
         hit = Lookup("crd:hit", Loads(b"from postgres"), "card")
         assert await asyncio.to_thread(resolver.now, hit) == L2.ASK       # thread reads off: the loop's

@@ -20,7 +20,8 @@ PRIMARY = object()   # what each query is given: these fakes of the PostgreSQL l
 
 def _resolver() -> Resolver:
     return Resolver(near=NearCache(max_entries=100, ttl=60), tier=None, policy=CachePolicy(),
-                    metrics=Metrics(CollectorRegistry()), route=ReadRoute.primary_only(PRIMARY, timeout=2.0))
+                    metrics=Metrics(CollectorRegistry()),
+                    route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=60.0))
 
 
 def tiers(resolver: Resolver) -> dict[str, int]:
@@ -176,7 +177,7 @@ async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
     now = [0.0]
     near = NearCache(max_entries=100, ttl=1.0, refresh=0.25, clock=lambda: now[0])
     resolver = Resolver(near=near, tier=None, policy=CachePolicy(), metrics=Metrics(CollectorRegistry()),
-                        route=ReadRoute.primary_only(PRIMARY, timeout=2.0))
+                        route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=60.0))
     resolver.start_refreshing(asyncio.get_running_loop())
     loader = SlowLoader(result=b"\x08\x01")
     lookup = Lookup("crd:1:re", loader, "card")

@@ -8,7 +8,7 @@ import pytest
 
 from server.cache.near import NearCache
 from server.crypto import encode_key, new_key
-from server.settings import SettingsError, load_settings, parse_shards, settings_to_env
+from server.settings import SettingsError, fill_window_of, load_settings, parse_shards, settings_to_env
 
 
 def test_defaults_and_env_override() -> None:
@@ -86,6 +86,17 @@ def test_serving_model_is_aio_or_hybrid() -> None:
     assert load_settings({"CRS_REDIS_THREAD_CONNECTIONS": "0"}).redis_thread_connections == 0   # all on the loop
     with pytest.raises(SettingsError, match="CRS_REDIS_THREAD_CONNECTIONS must be >= 0"):
         load_settings({"CRS_REDIS_THREAD_CONNECTIONS": "-1"})
+
+
+def test_the_fill_window_must_be_positive() -> None:
+    """A miss's answer is cached only within CRS_REINVALIDATE_DELAY - CRS_REDIS_TIMEOUT of its read:
+    a delay at or under the Redis timeout would silently cache nothing."""
+    assert fill_window_of(load_settings({})) == pytest.approx(0.25)
+    for delay in ("0.25", "0.1"):
+        with pytest.raises(SettingsError, match="CRS_REINVALIDATE_DELAY must exceed CRS_REDIS_TIMEOUT"):
+            load_settings({"CRS_REINVALIDATE_DELAY": delay})
+    assert fill_window_of(load_settings({"CRS_REINVALIDATE_DELAY": "0.3", "CRS_REDIS_TIMEOUT": "0.1"})) \
+        == pytest.approx(0.2)
 
 
 def test_near_cache_stays_consistent_under_threads() -> None:

@@ -1,0 +1,82 @@
+"""A cache-miss read slower than its fill window is served, not cached (docs/decisions.md, "Slow reads").
+
+The outbox relay deletes every write's keys a second time `reinvalidate_delay` after its commit. A read
+whose snapshot was taken before a write committed, and whose answer arrives after that second delete,
+would otherwise leave the old row in Redis for the whole TTL (a card set LOST answering "00"). The
+route's clock is a fake one the loads advance, so "slow" is exact; Redis is a real redis-server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client import CollectorRegistry
+
+from server.cache.breaker import BreakerPolicy
+from server.cache.near import NearCache
+from server.cache.tier import RedisTier
+from server.errors import NotFound
+from server.metrics import Metrics
+from server.resolver import CachePolicy, Lookup, Resolver
+from server.store.read_route import ReadRoute
+from shard_router.topology import Topology, TopologyShard
+from tests.integration.support import redis_servers
+
+pytestmark = pytest.mark.integration
+PRIMARY = object()   # what each load is given: the fake loads below ignore it
+WINDOW = 0.25        # reinvalidate_delay 0.5 less redis_timeout 0.25, the defaults
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TakesSeconds:
+    """A fake of the PostgreSQL load whose query takes `seconds` on the route's clock."""
+
+    def __init__(self, clock: Clock, seconds: float, value: bytes | None) -> None:
+        self.clock, self.seconds, self.value = clock, seconds, value
+        self.calls = 0
+
+    async def __call__(self, _conn: object) -> bytes | None:
+        self.calls += 1
+        self.clock.now += self.seconds
+        return self.value
+
+
+async def test_a_read_past_its_fill_window_is_answered_but_cached_nowhere(tmp_path: Path) -> None:
+    with redis_servers(tmp_path, ["slow-reads"]) as (server,):
+        client = redis.Redis.from_url(server.url)
+        client.flushall()
+        clock = Clock()
+        tier = RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", server.url),)),
+                         pool_size=2, timeout=0.5, policy=BreakerPolicy())
+        metrics = Metrics(CollectorRegistry())
+        resolver = Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(),
+                            metrics=metrics, route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=WINDOW,
+                                                                          clock=clock))
+        try:
+            slow = TakesSeconds(clock, WINDOW + 0.01, b"ACTIVE, read before the LOST commit")
+            lookup = Lookup("crd:slow", slow, "card")
+            assert await resolver.resolve(lookup) == b"ACTIVE, read before the LOST commit"
+            assert client.get("crd:slow") is None and resolver.near.get("crd:slow") is None
+            assert await resolver.resolve(lookup) == b"ACTIVE, read before the LOST commit"
+            assert slow.calls == 2, "the slow answer was kept somewhere: the second call did not load"
+
+            unknown = TakesSeconds(clock, WINDOW + 0.01, None)   # NOT_FOUND read before an IssueCard commit
+            with pytest.raises(NotFound):
+                await resolver.resolve(Lookup("crd:unknown", unknown, "card"))
+            assert client.get("crd:unknown") is None and resolver.near.get("crd:unknown") is None
+            assert metrics.fills_dropped._value.get() == 3
+
+            quick = TakesSeconds(clock, WINDOW - 0.01, b"fresh")   # within the window: cached as always
+            assert await resolver.resolve(Lookup("crd:quick", quick, "card")) == b"fresh"
+            assert client.get("crd:quick") == b"fresh" and resolver.near.get("crd:quick") == b"fresh"
+            assert metrics.fills_dropped._value.get() == 3
+        finally:
+            await tier.close()
