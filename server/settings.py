@@ -363,6 +363,11 @@ def load_settings(environ: Mapping[str, str], *, config_file: Path | None = None
         if env_name in environ:
             values[name] = _coerce(name, environ[env_name], default)
         file_var = _FILE_VARIANTS.get(name)
+        if file_var and environ.get(file_var) and env_name in environ:
+            # Either could be meant: an override of a mounted file (an operator's login in a node's pod)
+            # silently losing to the file ran with the node's login.
+            raise SettingsError(f"{env_name} and {file_var} are both set: set one (to use {env_name} where a"
+                                f" file is mounted: env -u {file_var} {env_name}=... crs ...)")
         if file_var and environ.get(file_var):
             try:
                 values[name] = Path(environ[file_var]).read_text().strip()

@@ -266,6 +266,29 @@ def test_node_environment_loads_with_the_real_settings(rendered: list[Doc], tmp_
     assert pod["terminationGracePeriodSeconds"] >= float(sleep[1]) + settings.grace_seconds + 5
 
 
+def test_the_migration_logs_in_as_the_owner_and_the_nodes_do_not(rendered: list[Doc]) -> None:
+    """The nodes' login is a member of crs_app, never the schema owner (docs/security.md): the DSN they
+    mount (Secret crs-pg) is not the one the crs-migrate Job mounts (crs-pg-owner), and the reference
+    cluster creates that login in crs_app."""
+    def dsn_secret(pod: Doc, container: Doc) -> str:
+        [var] = [v for v in container["env"] if v["name"] == "CRS_PG_DSN_FILE"]
+        [mount] = [m for m in container["volumeMounts"] if var["value"].startswith(m["mountPath"].rstrip("/") + "/")]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        return str(volume["secret"]["secretName"])
+
+    _, pod, container = _node(rendered)
+    job = _find(rendered, "Job", "crs-migrate")["spec"]["template"]["spec"]
+    assert dsn_secret(pod, container) == "crs-pg"
+    assert dsn_secret(job, job["containers"][0]) == "crs-pg-owner"
+    examples = {d["metadata"]["name"]: d for d in _load_docs(K8S / "base" / "secret.example.yaml")}
+    assert examples["crs-pg"]["stringData"]["CRS_PG_DSN"].startswith("postgresql://crs_node:")
+    assert examples["crs-pg-owner"]["stringData"]["CRS_PG_DSN"].startswith("postgresql://crs:")
+    [cluster] = _load_docs(K8S / "postgres" / "cloudnativepg-cluster.yaml")
+    roles = {r["name"]: r for r in cluster["spec"]["managed"]["roles"]}
+    assert roles["crs_node"]["login"] and roles["crs_node"]["inRoles"] == ["crs_app"]
+    assert cluster["spec"]["bootstrap"]["initdb"]["owner"] not in roles
+
+
 def test_node_probes_use_grpc_health_on_the_plaintext_health_port(rendered: list[Doc], tmp_path: Path) -> None:
     """Kubernetes' gRPC probes cannot do TLS: on the mutual-TLS gRPC port they would fail every
     handshake, and no pod would ever be ready. They ask CRS_HEALTH_PORT."""

@@ -58,6 +58,20 @@ def test_secrets_stay_out_of_repr_and_keys_checked(tmp_path: Path) -> None:
         load_settings({"CRS_KEK": "short", "CRS_FINGERPRINT_KEYS": fp}).keyring()
 
 
+def test_a_value_and_its_file_variant_together_are_refused(tmp_path: Path) -> None:
+    """The runbooks' in-cluster `crs shards` with an operator's CRS_PG_DSN, in a pod whose CRS_PG_DSN_FILE
+    holds the node's login, ran as the node (the file silently won). Both set: one line naming both,
+    never a value; either alone is taken."""
+    mounted = tmp_path / "dsn"
+    mounted.write_text("postgresql://crs_node:nodepw@h/db\n")
+    both = {"CRS_PG_DSN": "postgresql://operator:operatorpw@h/db", "CRS_PG_DSN_FILE": str(mounted)}
+    with pytest.raises(SettingsError, match="CRS_PG_DSN and CRS_PG_DSN_FILE are both set") as info:
+        load_settings(both)
+    assert "pw" not in str(info.value) and "env -u CRS_PG_DSN_FILE" in str(info.value)
+    assert load_settings({"CRS_PG_DSN_FILE": str(mounted)}).pg_dsn == "postgresql://crs_node:nodepw@h/db"
+    assert load_settings({**both, "CRS_PG_DSN_FILE": ""}).pg_dsn == "postgresql://operator:operatorpw@h/db"
+
+
 def test_near_cache_lru_ttl_and_discard() -> None:
     now = [0.0]
     cache = NearCache(max_entries=2, ttl=1.0, clock=lambda: now[0])
