@@ -51,8 +51,11 @@ class Side:
         self.thread.join(10)
 
 
-def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    out: dict[str, Any] = {}
+Outcome = dict[str, Any]   # {"ok": the answer} or {"err": (status code name, details)}
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, Outcome]:
+    out: Outcome = {}
 
     def run() -> None:
         try:
@@ -63,6 +66,25 @@ def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t, out
+
+
+def overlap(side: Side, first: Callable[[], Any], second: Callable[[], Any], *, settle: float = 0.5,
+            hold: float = 0.7, while_held: Callable[[Outcome, Outcome], None] | None = None) -> tuple[Outcome, Outcome]:
+    """`first`, then `settle` later (when it waits on the side's lock) `second`; the side released `hold`
+    after that (`while_held` checks the outcomes so far just before), both outcomes once both ended."""
+    t1, r1 = in_thread(first)
+    time.sleep(settle)
+    t2, r2 = in_thread(second)
+    time.sleep(hold)
+    if while_held is not None:
+        while_held(r1, r2)
+    side.release()
+    t1.join(15), t2.join(15)
+    return r1, r2
+
+
+def code(outcome: Outcome) -> str:
+    return str(outcome.get("err", ("",))[0])
 
 
 def _rid() -> str:
@@ -97,12 +119,8 @@ def test_a_retry_overlapping_its_issue_card_is_replayed(dev_env: DevEnvironment,
     req = pb.IssueCardRequest(request_id=_rid(), pan=fresh_pan(used_secrets), expiry="2031-01",
                               account_id=acc.account_id)
     side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])   # commit of the 1st waits
-    t1, r1 = in_thread(lambda: node_a.admin.IssueCard(req, timeout=15))
-    time.sleep(0.5)
-    t2, r2 = in_thread(lambda: node_a.admin.IssueCard(req, timeout=15))   # the client's retry, same request
-    time.sleep(0.7)
-    side.release()
-    t1.join(15), t2.join(15)
+    r1, r2 = overlap(side, lambda: node_a.admin.IssueCard(req, timeout=15),
+                     lambda: node_a.admin.IssueCard(req, timeout=15))   # the client's retry, same request
     assert "ok" in r1 and "ok" in r2 and r1["ok"].token == r2["ok"].token, (r1, r2)
 
 
@@ -112,12 +130,8 @@ def test_a_retry_overlapping_its_merge_is_replayed(dev_env: DevEnvironment, node
     m, _ = _identity_customer(node_a, used_secrets)
     req = pb.MergeCustomersRequest(request_id=_rid(), survivor_id=s.customer_id, merged_id=m.customer_id)
     side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])
-    t1, r1 = in_thread(lambda: node_a.identity.MergeCustomers(req, timeout=15))
-    time.sleep(0.5)
-    t2, r2 = in_thread(lambda: node_a.identity.MergeCustomers(req, timeout=15))
-    time.sleep(0.7)
-    side.release()
-    t1.join(15), t2.join(15)
+    r1, r2 = overlap(side, lambda: node_a.identity.MergeCustomers(req, timeout=15),
+                     lambda: node_a.identity.MergeCustomers(req, timeout=15))
     assert "ok" in r1 and "ok" in r2, (r1, r2)
 
 
@@ -131,16 +145,17 @@ def test_a_card_issued_during_its_customers_suspension_answers_suspended(
     # The suspension's own idempotency insert waits on this uncommitted row, after its stale keys are found.
     side = Side(dev_env.admin_dsn, [("INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, 'x', '')",
                                      (hold,))])
-    t1, r1 = in_thread(lambda: node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
-        request_id=hold, customer_id=owner.customer_id, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=15))
-    time.sleep(0.5)
     pan = fresh_pan(used_secrets)
-    t2, r2 = in_thread(lambda: node_a.admin.IssueCard(pb.IssueCardRequest(
-        request_id=_rid(), pan=pan, expiry="2031-01", account_id=acc.account_id), timeout=15))
-    time.sleep(1.5)      # longer than the re-invalidation delay: the old code cached the card ACTIVE here
-    assert "ok" not in r2, "the card was issued while its customer's status change was uncommitted"
-    side.release()
-    t1.join(15), t2.join(15)
+
+    def issue_waited(_r1: Outcome, r2: Outcome) -> None:
+        assert "ok" not in r2, "the card was issued while its customer's status change was uncommitted"
+
+    r1, r2 = overlap(side, lambda: node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        request_id=hold, customer_id=owner.customer_id, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=15),
+                     lambda: node_a.admin.IssueCard(pb.IssueCardRequest(
+                         request_id=_rid(), pan=pan, expiry="2031-01", account_id=acc.account_id), timeout=15),
+                     # longer than the re-invalidation delay: the old code cached the card ACTIVE here
+                     hold=1.5, while_held=issue_waited)
     assert "ok" in r1 and "ok" in r2, (r1, r2)
     time.sleep(3.0)   # > near-cache TTL (2 s) and the relay's second delete (0.5 s)
     later = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
@@ -149,7 +164,7 @@ def test_a_card_issued_during_its_customers_suspension_answers_suspended(
 
 # DecideReviewTask(accept) locks the customers before the task, as a merge does: no deadlock.
 def test_accepting_a_review_beside_a_merge_is_no_internal_error(dev_env: DevEnvironment, node_a: Clients,
-                                             used_secrets: UsedSecrets) -> None:
+                                                                used_secrets: UsedSecrets) -> None:
     x, _ = _identity_customer(node_a, used_secrets)
     y, _ = _identity_customer(node_a, used_secrets)
     z, _ = _identity_customer(node_a, used_secrets)
@@ -159,20 +174,36 @@ def test_accepting_a_review_beside_a_merge_is_no_internal_error(dev_env: DevEnvi
         " status) VALUES ($1, $2, $3, 0.9, '[]', 1)", review, x.customer_id, y.customer_id)
     side = Side(dev_env.admin_dsn, [("SELECT 1 FROM account_customers WHERE customer_id = $1 FOR UPDATE",
                                      (x.customer_id,))])
-    t2, r2 = in_thread(lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
-        request_id=_rid(), survivor_id=z.customer_id, merged_id=x.customer_id), timeout=15))
-    time.sleep(0.5)
-    t1, r1 = in_thread(lambda: node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(
-        request_id=_rid(), review_id=review, accept=True), timeout=15))
-    time.sleep(0.5)
-    side.release()
-    t1.join(15), t2.join(15)
-    assert "INTERNAL" not in (r1.get("err") or ("",))[0] and "INTERNAL" not in (r2.get("err") or ("",))[0]
+    merged, decided = overlap(side, lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+        request_id=_rid(), survivor_id=z.customer_id, merged_id=x.customer_id), timeout=15),
+                              lambda: node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(
+                                  request_id=_rid(), review_id=review, accept=True), timeout=15), hold=0.5)
+    assert "INTERNAL" not in (code(merged), code(decided)), (merged, decided)
+
+
+# A record matched to a customer whose merge commits before the record's write locks it joins the
+# survivor (live_customer follows merged_into), never the merged customer.
+def test_a_record_matched_to_a_customer_being_merged_joins_the_survivor(dev_env: DevEnvironment, node_a: Clients,
+                                                                         used_secrets: UsedSecrets) -> None:
+    x, person = _identity_customer(node_a, used_secrets)
+    y, _ = _identity_customer(node_a, used_secrets)
+    ref = _ref("branch")
+    # The merge takes x first and waits here; the create matches x meanwhile and waits behind the merge.
+    side = Side(dev_env.admin_dsn, [("SELECT 1 FROM customers WHERE customer_id = $1 FOR UPDATE", (x.customer_id,))])
+    merged, created = overlap(side, lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+        request_id=_rid(), survivor_id=y.customer_id, merged_id=x.customer_id), timeout=15),
+                              lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+                                  request_id=_rid(), identity=person, source_ref=ref), timeout=15))
+    assert "ok" in merged and "ok" in created, (merged, created)
+    assert created["ok"].customer_id == y.customer_id
+    owner = sql(dev_env.admin_dsn, "SELECT customer_id FROM source_records WHERE source_system = $1"
+                " AND source_key = $2", ref.system, ref.key)
+    assert [r["customer_id"] for r in owner] == [y.customer_id], "the record joined the merged customer"
 
 
 # LinkCustomer may not demote an account's only owner (UnlinkCustomer may not remove it).
 def test_link_customer_refuses_to_demote_the_only_owner(dev_env: DevEnvironment, node_a: Clients,
-                                              used_secrets: UsedSecrets) -> None:
+                                                         used_secrets: UsedSecrets) -> None:
     owner = _plain_customer(node_a)
     acc, _ = _account(node_a, used_secrets, owner.customer_id)
     with pytest.raises(grpc.RpcError) as refused:
@@ -186,21 +217,17 @@ def test_link_customer_refuses_to_demote_the_only_owner(dev_env: DevEnvironment,
 
 # Two creates of one source reference with different attributes (no shared blocking key).
 def test_two_creates_of_one_source_ref_answer_already_exists(dev_env: DevEnvironment, node_a: Clients,
-                                                       used_secrets: UsedSecrets) -> None:
+                                                             used_secrets: UsedSecrets) -> None:
     ref = _ref("core")
     p1, p2 = _person(given_name="Wilhelmina"), _person(given_name="Bartholomew", phone="+1 212 555 0199")
     used_secrets.identity.update({p1.date_of_birth, p2.date_of_birth})
     side = Side(dev_env.admin_dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])
-    t1, r1 = in_thread(lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
-        request_id=_rid(), identity=p1, source_ref=ref), timeout=15))
-    time.sleep(0.5)
-    t2, r2 = in_thread(lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
-        request_id=_rid(), identity=p2, source_ref=ref), timeout=15))
-    time.sleep(0.7)
-    side.release()
-    t1.join(15), t2.join(15)
+    r1, r2 = overlap(side, lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+        request_id=_rid(), identity=p1, source_ref=ref), timeout=15),
+                     lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
+                         request_id=_rid(), identity=p2, source_ref=ref), timeout=15))
     assert "ok" in r1, r1
-    assert r2.get("err", ("",))[0] == "ALREADY_EXISTS", r2
+    assert code(r2) == "ALREADY_EXISTS", r2
 
 
 # UnlinkCustomer takes the customer, then the account, as a merge does: no deadlock.
@@ -216,20 +243,17 @@ def test_unlinking_beside_a_merge_is_no_internal_error(dev_env: DevEnvironment, 
                                                          customer_id=cid, role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
     side = Side(dev_env.admin_dsn, [("SELECT 1 FROM account_customers WHERE account_id = $1 AND customer_id = $2"
                                      " FOR UPDATE", (acc.account_id, m))])
-    t1, r1 = in_thread(lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
-        request_id=_rid(), survivor_id=s, merged_id=m), timeout=15))
-    time.sleep(0.5)
-    t2, r2 = in_thread(lambda: node_a.admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
-        request_id=_rid(), account_id=acc.account_id, customer_id=t.customer_id), timeout=15))
-    time.sleep(0.5)
-    side.release()
-    t1.join(15), t2.join(15)
-    assert "INTERNAL" not in (r1.get("err") or ("",))[0] + (r2.get("err") or ("",))[0]
+    merged, unlinked = overlap(side, lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+        request_id=_rid(), survivor_id=s, merged_id=m), timeout=15),
+                               lambda: node_a.admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
+                                   request_id=_rid(), account_id=acc.account_id, customer_id=t.customer_id),
+                                   timeout=15), hold=0.5)
+    assert "INTERNAL" not in (code(merged), code(unlinked)), (merged, unlinked)
 
 
 # UpdateCustomerIdentity's answer is kept for replays sealed (address, phone, email).
 def test_update_identity_answer_is_stored_sealed(dev_env: DevEnvironment, node_a: Clients,
-                                                used_secrets: UsedSecrets) -> None:
+                                                 used_secrets: UsedSecrets) -> None:
     c, person = _identity_customer(node_a, used_secrets)
     ref = sql(dev_env.admin_dsn, "SELECT source_system, source_key FROM source_records WHERE customer_id = $1",
               c.customer_id)[0]
