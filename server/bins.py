@@ -208,6 +208,18 @@ class BinTable:
         i = self.find(int(digits[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0")))
         return self.row(i) if i >= 0 else None
 
+    def network_covering(self, prefix: str) -> str:
+        """The network of every card number that starts with `prefix` (a card's stored 6 or 8 digits):
+        "" where a number with that prefix is in no range, or where the ranges that split the prefix
+        name different networks (`lookup` would answer for the prefix's first number only)."""
+        first = bisect.bisect_right(self._starts, int(prefix.ljust(PREFIX_DIGITS, "0"))) - 1
+        last = bisect.bisect_right(self._starts, int(prefix.ljust(PREFIX_DIGITS, "9"))) - 1
+        if first < 0:
+            return ""
+        networks = {self._strings[self._codes[4 * owner]] if owner >= 0 else ""
+                    for owner in self._owners[first:last + 1]}
+        return networks.pop() if len(networks) == 1 else ""
+
     def message_bytes(self, digits: str) -> bytes | None:
         """The serialized BinRange for these digits (NOT_FOUND answers carry it)."""
         row = self.lookup(digits)

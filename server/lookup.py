@@ -158,9 +158,9 @@ class LookupHandlers:
         raise InvalidKey("key is empty: set one of pan, card_token, account, customer_id")
 
     # -- answers that did not resolve: decision hints and the BIN range --------------------------
-    def _network_of(self, bin6: str) -> str:
-        row = self.bins.table.lookup(bin6)
-        return row.network if row is not None else ""
+    def _network_of(self, iin: str) -> str:
+        """The network of a card known by its first 6 or 8 digits ("" where the table splits them)."""
+        return self.bins.table.network_covering(iin)
 
     def card_failure(self, exc: CrsError, pan: str | None) -> CrsError:
         """A card key's error with its decision hint (ErrorInfo) and, for a PAN that is not ours, its

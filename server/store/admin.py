@@ -347,10 +347,10 @@ class AdminStore(WriteEnvelope):
                 row = required(await conn.fetchrow(
                     "INSERT INTO cards (token, fingerprint_version, pan_fingerprint, bin, last4, pan_length,"
                     " pan_ciphertext, dek_id, expiry, account_id, status, next_fingerprint_version,"
-                    " next_pan_fingerprint) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13) RETURNING *",
+                    " next_pan_fingerprint, iin8) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14) RETURNING *",
                     token, version, fp, pan[:6], pan[-4:], len(pan),
                     self.data_key.encrypt(pan, purpose=PAN_PURPOSE), self.data_key.dek_id, expiry, account_id,
-                    pb.CARD_STATUS_ACTIVE, next_version, next_fp))
+                    pb.CARD_STATUS_ACTIVE, next_version, next_fp, pan[:8] if len(pan) >= 16 else None))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"card {mask_pan(pan)} is already issued") from exc
             stale = [ck.card_key(version, fp), ck.token_key(token)]

@@ -39,7 +39,8 @@ _ACCOUNT_COLS = (
 )
 
 CARD_BY_FINGERPRINT_SQL = (
-    "SELECT c.token, c.bin, c.last4, c.pan_length, c.status AS card_status, c.expiry, c.version AS card_version,"
+    "SELECT c.token, c.bin, coalesce(c.iin8, c.bin) AS iin, c.last4, c.pan_length, c.status AS card_status,"
+    " c.expiry, c.version AS card_version,"
     f" {_ACCOUNT_COLS}, {_RELATED_SQL} AS related"
     " FROM cards c LEFT JOIN accounts a ON a.account_id = c.account_id"
     " WHERE (c.fingerprint_version = $1 AND c.pan_fingerprint = $2)"
@@ -47,7 +48,8 @@ CARD_BY_FINGERPRINT_SQL = (
 )
 
 CARD_BY_TOKEN_SQL = (
-    "SELECT c.token, c.bin, c.last4, c.pan_length, c.status AS card_status, c.expiry, c.version AS card_version,"
+    "SELECT c.token, c.bin, coalesce(c.iin8, c.bin) AS iin, c.last4, c.pan_length, c.status AS card_status,"
+    " c.expiry, c.version AS card_version,"
     f" {_ACCOUNT_COLS}, {_RELATED_SQL} AS related"
     " FROM cards c LEFT JOIN accounts a ON a.account_id = c.account_id"
     " WHERE c.token = $1"
@@ -147,7 +149,7 @@ def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date, hints: 
     account_status = row["account_status"] if row["account_id"] is not None else None
     if with_card:
         hint = hints.table.card(card_status=row["card_status"], expired=expired, account_status=account_status,
-                                owner_status=owner_status, network=hints.network_of(row["bin"]))
+                                owner_status=owner_status, network=hints.network_of(row["iin"]))
     else:
         hint = hints.table.account(account_status=row["account_status"], account_type=row["account_type"],
                                    owner_status=owner_status, other_statuses=others)

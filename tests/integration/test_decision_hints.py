@@ -36,14 +36,14 @@ class Card:
 
     def __init__(self, c: Clients, used: UsedSecrets, *, card: int = pb.CARD_STATUS_ACTIVE, expiry: str = "2031-01",
                  account: int = pb.ACCOUNT_STATUS_OPEN, owner: int = pb.CUSTOMER_STATUS_ACTIVE,
-                 account_type: int = pb.ACCOUNT_TYPE_CHECKING, joint: int | None = None) -> None:
+                 account_type: int = pb.ACCOUNT_TYPE_CHECKING, joint: int | None = None, pan: str = "") -> None:
         admin = c.admin
         self.customer = admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Hint Holder"), timeout=5)
         self.routing, self.number = demo_routing(3), fresh_account_number(used)
         self.account = admin.CreateAccount(pb.CreateAccountRequest(
             routing_number=self.routing, account_number=self.number, type=account_type, currency="USD",
             owner_customer_id=self.customer.customer_id), timeout=5)
-        self.pan = fresh_pan(used)
+        self.pan = pan or fresh_pan(used)
         self.card = admin.IssueCard(pb.IssueCardRequest(pan=self.pan, expiry=expiry,
                                                         account_id=self.account.account_id), timeout=5)
         if joint is not None:
@@ -205,26 +205,19 @@ def test_a_new_bin_table_changes_cached_card_answers_at_once(dev_env: DevEnviron
     meanwhile invalidated."""
     node = clients_of(dev_env.start_node(workers=1, bin_poll_interval=0.2, decision_network_codes="othernet:46=05"))
 
-    async def tables(change: Callable[[asyncpg.Connection, int], Awaitable[int]]) -> int:
-        conn = await asyncpg.connect(dev_env.admin_dsn)
-        try:
-            return await change(conn, await bin_store.active_version(conn))
-        finally:
-            await conn.close()
-
     async def moved(conn: asyncpg.Connection, active: int) -> int:
         rows = [dataclasses.replace(r, network="othernet") if r.network == "testnet" else r
                 for r in await bin_store.load_rows(conn, active)]
         return await bin_store.import_table(conn, rows, source_file="moved.csv", sha256="-", rejected=0)
 
+    def tables(change: Callable[[asyncpg.Connection, int], Awaitable[int]]) -> int:
+        return _tables(dev_env, change)
+
     def version() -> int:
-        return node.lookup.ResolveBin(pb.ResolveBinRequest(prefix=closed.pan[:6]), timeout=5).table_version
+        return _table_version(node, closed.pan)
 
     def wait_for(wanted: int) -> None:
-        deadline = time.monotonic() + 30
-        while version() != wanted:
-            assert time.monotonic() < deadline, f"the node never loaded BIN table {wanted}"
-            time.sleep(0.1)
+        _wait_for_table(node, closed.pan, wanted)
 
     def by_token() -> str:
         return node.lookup.ResolveCard(pb.ResolveCardRequest(token=closed.card.token), timeout=5) \
@@ -234,7 +227,7 @@ def test_a_new_bin_table_changes_cached_card_answers_at_once(dev_env: DevEnviron
         closed = Card(node, used_secrets, account=pb.ACCOUNT_STATUS_CLOSED)
         before = version()
         assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("46", "46")   # testnet: 46, now cached
-        after = asyncio.run(tables(moved))
+        after = tables(moved)
         try:
             wait_for(after)
             assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("05", "05")
@@ -244,7 +237,7 @@ def test_a_new_bin_table_changes_cached_card_answers_at_once(dev_env: DevEnviron
             node.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=closed.card.token,
                                                              status=pb.CARD_STATUS_STOLEN), timeout=5)
         finally:
-            asyncio.run(tables(lambda conn, _active: _activate(conn, before)))
+            tables(lambda conn, _active: _activate(conn, before))
         wait_for(before)
         assert (closed.by_pan(node).iso8583_response_code, by_token()) == ("43", "43")
     finally:
@@ -256,3 +249,62 @@ def test_a_new_bin_table_changes_cached_card_answers_at_once(dev_env: DevEnviron
 async def _activate(conn: asyncpg.Connection, version: int) -> int:
     await bin_store.activate(conn, version)
     return version
+
+
+def _tables(dev_env: DevEnvironment, change: Callable[[asyncpg.Connection, int], Awaitable[int]]) -> int:
+    """`change(conn, active table version)` on the admin connection; its answer (a table version)."""
+    async def run() -> int:
+        conn = await asyncpg.connect(dev_env.admin_dsn)
+        try:
+            return await change(conn, await bin_store.active_version(conn))
+        finally:
+            await conn.close()
+    return asyncio.run(run())
+
+
+def _table_version(node: Clients, pan: str) -> int:
+    return node.lookup.ResolveBin(pb.ResolveBinRequest(prefix=pan[:6]), timeout=5).table_version
+
+
+def _wait_for_table(node: Clients, pan: str, wanted: int) -> None:
+    deadline = time.monotonic() + 30
+    while _table_version(node, pan) != wanted:
+        assert time.monotonic() < deadline, f"the node never loaded BIN table {wanted}"
+        time.sleep(0.1)
+
+
+def test_a_card_in_an_eight_digit_range_gets_that_ranges_network(dev_env: DevEnvironment,
+                                                                  used_secrets: UsedSecrets) -> None:
+    """An 8-digit range inside the test cards' 6-digit block, on another network: a card in it answers
+    that network's code. (Hints used the card's stored 6 digits, whose first number, ...00, is in the
+    6-digit range: the wrong network.)"""
+    from server.pan import luhn_check_digit
+
+    base = fresh_pan(used_secrets)
+    body = base[:6] + "57" + base[8:-1]           # digits 7-8 not "00": outside what the 6 digits pointed at
+    pan = body + luhn_check_digit(body)
+    used_secrets.pans.add(pan)
+    node = clients_of(dev_env.start_node(workers=1, bin_poll_interval=0.2, decision_network_codes="othernet:46=05"))
+
+    async def narrowed(conn: asyncpg.Connection, active: int) -> int:
+        rows = await bin_store.load_rows(conn, active)
+        [block] = [r for r in rows if r.start <= int(pan[:11]) <= r.end and len(r.low) <= 6]
+        rows.append(dataclasses.replace(block, low=pan[:8], high=pan[:8], network="othernet"))
+        return await bin_store.import_table(conn, rows, source_file="narrowed.csv", sha256="-", rejected=0)
+
+    try:
+        before = _table_version(node, pan)
+        after = _tables(dev_env, narrowed)
+        try:
+            _wait_for_table(node, pan, after)
+            closed = Card(node, used_secrets, account=pb.ACCOUNT_STATUS_CLOSED, pan=pan)
+            assert (closed.by_pan(node).iso8583_response_code, closed.by_pan(node).reason) == ("05", "ACCOUNT_CLOSED")
+            neighbour = Card(node, used_secrets, account=pb.ACCOUNT_STATUS_CLOSED)   # digits 7-8 "00": testnet
+            assert neighbour.by_pan(node).iso8583_response_code == "46"
+        finally:
+            _tables(dev_env, lambda conn, _active: _activate(conn, before))
+        _wait_for_table(node, pan, before)
+    finally:
+        node.channel.close()
+        node.node.stop()
+        dev_env.nodes.remove(node.node)

@@ -58,3 +58,35 @@ def test_a_subset_holding_the_prefix_answers_as_the_whole_table() -> None:
         point = int(digits)
         subset = [r for r in rows if r.start <= point <= r.end]
         assert BinTable(subset, 1).lookup(digits) == whole.lookup(digits)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(), st.lists(st.sampled_from(["visa", "mastercard"]), min_size=12, max_size=12),
+       st.lists(st.integers(0, 9999), min_size=1, max_size=10), st.integers(6, 8))
+def test_a_cards_network_is_the_one_every_number_of_its_prefix_gets(
+        rows: list[BinRow], networks: list[str], prefixes: list[int], width: int) -> None:
+    """A card known by its first 6 (or 8) digits: its network is the one every number with those digits
+    gets from `lookup`, or "" where they get different ones (a table with 8-digit ranges inside the
+    6-digit block) or some get none."""
+    import dataclasses
+
+    rows = [dataclasses.replace(r, network=networks[i]) for i, r in enumerate(rows)]
+    table = BinTable(rows, 1)
+    for p in prefixes:
+        prefix = "9990" + str(p).zfill(4)[:width - 4]
+        low, high = int(prefix.ljust(PREFIX_DIGITS, "0")), int(prefix.ljust(PREFIX_DIGITS, "9"))
+        # Every number of the block where the answer may change: its start and each range edge inside.
+        points = {low} | {v for r in rows for v in (r.start, r.end + 1) if low <= v <= high}
+        got = {(row.network if (row := _slowly(rows, str(v))) else "") for v in points}
+        assert table.network_covering(prefix) == (got.pop() if len(got) == 1 else ""), prefix
+
+
+def test_an_eight_digit_range_inside_a_six_digit_block() -> None:
+    rows = [BinRow("999012", "999012", 16, "visa", "Issuer", "US", "credit", False),
+            BinRow("99901257", "99901257", 16, "othernet", "Issuer", "US", "credit", False)]
+    table = BinTable(rows, 1)
+    assert table.network_covering("99901257") == "othernet"   # a card's stored 8 digits
+    assert table.network_covering("99901200") == "visa"
+    assert table.network_covering("999012") == ""             # 6 digits only: split, so unknown
+    assert table.lookup("999012") is not None and table.lookup("999012").network == "visa"   # what hints used
+    assert table.network_covering("999013") == ""             # no range
