@@ -293,6 +293,7 @@ class Node:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
         gate = Gate(build_authenticator(s))
+        lookup.charge = gate.authenticator.admit   # a batch's and a stream's keys pay too
         services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
                     (rpc.IDENTITY_SERVICE, identity))
         server: grpc.aio.Server | grpc.Server

@@ -141,11 +141,13 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = burst, time.monotonic()
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, n: float = 1.0) -> bool:
+        """`n` tokens, when there are that many (or a full bucket, for an `n` above the burst: the
+        bucket then owes the rest, so a batch larger than the burst is slowed, never refused for good)."""
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= min(n, self.burst):
+            self.tokens -= n
             return True
         return False
 
@@ -223,8 +225,12 @@ class Authenticator:
                                    + ", ".join(sorted(p.client_id for p in matches)) + "): issue one per client")
         return Caller(matches[0].client_id, matches[0].scopes, "mtls")
 
-    def admit(self, caller: Caller) -> None:
-        """Charge one call to the caller's token bucket (per node process); RateLimited when empty."""
+    def admit(self, caller: Caller, cost: int = 1) -> None:
+        """Charge `cost` to the caller's token bucket (per node process); RateLimited when empty. The
+        Gate charges every call one, but a BatchResolve, which pays one per key; a StreamResolve pays
+        for each key as well."""
+        if cost <= 0:
+            return
         policy = self.registry.clients.get(caller.client_id)
         if policy is None or not policy.rate_per_s:
             return
@@ -232,6 +238,6 @@ class Authenticator:
             bucket = self._buckets.get(caller.client_id)
             if bucket is None:
                 bucket = self._buckets[caller.client_id] = TokenBucket(policy.rate_per_s, policy.burst)
-            admitted = bucket.take(time.monotonic())
+            admitted = bucket.take(time.monotonic(), cost)
         if not admitted:
             raise RateLimited(f"client {caller.client_id!r} is over its rate limit of {policy.rate_per_s:g}/s")

@@ -7,7 +7,6 @@ through an identity serializer.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import Any, Protocol
@@ -68,6 +67,9 @@ class LookupHandlers:
         self._other_versions = sorted((v for v in keyring.fingerprint_keys if v != current), reverse=True)
         self._card_prefix = (0, ck.card_key_prefix(current))   # (BIN table version, card key prefix)
         self._card_hits = resolver.near.enabled      # without a near-cache, card_hit could only miss
+        # Charges a caller's rate limit (Authenticator.admit): the Gate charges each call one but a
+        # batch, which pays one per key here; a stream pays for each key too (docs/security.md).
+        self.charge: Callable[[Caller, int], None] = lambda caller, cost: None
 
     def _card_key_prefix(self) -> str:
         """Card keys name the BIN table version their answers are built with (server/cache_keys.py).
@@ -287,6 +289,7 @@ class LookupHandlers:
 
     def batch_resolve_now(self, request: pb.BatchResolveRequest, caller: Caller) -> bytes | Later:
         n = len(request.keys)
+        self.charge(caller, max(1, min(n, self.batch_max)))   # one per key (the Gate leaves batches to us)
         if n == 0:
             raise InvalidKey("keys is empty")
         if n > self.batch_max:
@@ -339,61 +342,20 @@ class LookupHandlers:
 
         return later
 
-    async def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
-        """Results in completion order (each carries its correlation id): a near-cache hit is answered
-        at once, misses run concurrently (at most `stream_window` per stream), so one slow key never
-        holds up the keys behind it and a client that waits for each answer before sending the next
-        key still works. At most STREAM_UNSENT keys are read ahead of the answers written."""
-        results: asyncio.Queue[bytes | None] = asyncio.Queue()
-        window = asyncio.Semaphore(self.stream_window)
-        unsent = asyncio.Semaphore(STREAM_UNSENT)   # released as each answer is written
-        pending: set[asyncio.Task[None]] = set()
-
-        async def resolve_one(cid: str, lookup: Lookup, field: int, key: pb.LookupKey) -> None:
-            try:
-                outcome: bytes | CrsError = await self.resolver.resolve(lookup)
-            except CrsError as exc:
-                outcome, field = exc, RESOLUTION_FIELD
-            finally:
-                window.release()
-            results.put_nowait(self.result_of(cid, outcome, field, key))
-
-        async def read_keys() -> None:
-            async for key in requests:
-                await unsent.acquire()
-                cid, lookup, field = self.stream_key(key, caller)
-                if isinstance(lookup, bytes):   # answered now (a near-cache hit or a bad key): no task
-                    results.put_nowait(lookup)
-                    continue
-                await window.acquire()
-                task = asyncio.create_task(resolve_one(cid, lookup, field, key))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.gather(*list(pending))
-            results.put_nowait(None)
-
-        def reader_done(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                results.put_nowait(None)   # wake the writer; `await reader` below re-raises
-
-        reader = asyncio.create_task(read_keys())
-        reader.add_done_callback(reader_done)
-        try:
-            while (item := await results.get()) is not None:
-                yield item
-                unsent.release()
-            await reader   # re-raises what ended the reader early (e.g. a corrupt message)
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+    def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
+        from server.lookup_stream import stream_resolve  # grpc.aio's; the hybrid model's: lookup_threads
+        return stream_resolve(self, requests, caller)
 
     def stream_key(self, key: pb.LookupKey, caller: Caller) -> tuple[str, Lookup | bytes, int]:
         """One StreamResolve key before any I/O (both serving models): its correlation id, then its
         LookupResult when it is answered now (a near-cache hit, or an error) or else the Lookup to
         resolve, and the result field."""
         cid = key.correlation_id
+        try:
+            self.charge(caller, 1)
+        except CrsError as exc:
+            return cid[:MAX_CORRELATION_ID], self.result_of(cid[:MAX_CORRELATION_ID], exc, RESOLUTION_FIELD, key), \
+                RESOLUTION_FIELD
         if len(cid) <= MAX_CORRELATION_ID and key.WhichOneof("key") == "pan" and caller.may(KEY_SCOPE["pan"]) \
                 and (cached := self.card_hit(key.pan)) is not None:
             self.resolver.metrics.tier_hit("l1")
