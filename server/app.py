@@ -52,7 +52,7 @@ from server.reflection import SERVICE_NAME as REFLECTION
 from server.reflection import add_reflection
 from server.relay import run_relay, unsettled_keys
 from server.resolver import CachePolicy, Resolver
-from server.settings import Settings, fill_window_of
+from server.settings import Settings, fill_window_of, streams_per_client_of
 from server.store.db import DB_ERRORS, active_data_key, bounded, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
@@ -308,7 +308,8 @@ class Node:
             self._bridge = LoopBridge(asyncio.get_running_loop(),
                                       max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
             threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
-                                      stream_pool=self._stream_executor, max_streams=s.stream_threads)
+                                      stream_pool=self._stream_executor, max_streams=s.stream_threads,
+                                      per_client=streams_per_client_of(s))
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:

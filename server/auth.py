@@ -11,8 +11,12 @@ The clients file (CRS_CLIENTS_FILE, JSON)::
 
     {"clients": {"switch-east": {"scopes": ["lookup:card", "lookup:account"],
                                  "cert_names": ["switch-east", "switch-east.payments.internal"],
-                                 "rate_per_s": 20000, "burst": 40000}},
+                                 "rate_per_s": 20000, "burst": 40000, "max_streams": 64}},
      "revoked_serials": ["3f9a..."]}
+
+`rate_per_s`/`burst`: a token bucket per node process, one token per key looked up (docs/security.md);
+`max_streams`: open streams the client may hold per node process (hybrid model; default
+CRS_STREAMS_PER_CLIENT).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class ClientPolicy:
     cert_names: tuple[str, ...] = ()
     rate_per_s: float = 0.0   # 0 = unlimited
     burst: float = 0.0
+    max_streams: int = 0      # open streams per node process (hybrid); 0 = CRS_STREAMS_PER_CLIENT
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,11 @@ class ClientRegistry:
             rate, burst = float(spec.get("rate_per_s", 0)), float(spec.get("burst", 0))
             if rate < 0 or burst < 0:
                 raise ConfigError(f"CRS_CLIENTS_FILE: client {client_id!r}: rate_per_s and burst must be >= 0")
-            policy = ClientPolicy(client_id, scopes, tuple(spec.get("cert_names", ())), rate, burst or rate)
+            max_streams = spec.get("max_streams", 0)
+            if not isinstance(max_streams, int) or isinstance(max_streams, bool) or max_streams < 0:
+                raise ConfigError(f"CRS_CLIENTS_FILE: client {client_id!r}: max_streams must be a whole number >= 0")
+            policy = ClientPolicy(client_id, scopes, tuple(spec.get("cert_names", ())), rate, burst or rate,
+                                  max_streams)
             for name in policy.cert_names:
                 if name in names:
                     raise ConfigError(f"CRS_CLIENTS_FILE: certificate name {name!r} maps to both"

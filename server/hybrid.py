@@ -31,7 +31,8 @@ from typing import Any, NoReturn, TypeVar, cast
 import grpc
 
 from server import rpc
-from server.errors import BackendUnavailable
+from server.caller import Caller
+from server.errors import BackendUnavailable, RateLimited
 from server.gate import Gate, failed_call, request_parser
 from server.lookup import Later, LookupHandlers
 from server.lookup_threads import stream_resolve
@@ -264,7 +265,7 @@ class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
     def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
-                 stream_pool: concurrent.futures.ThreadPoolExecutor, max_streams: int) -> None:
+                 stream_pool: concurrent.futures.ThreadPoolExecutor, max_streams: int, per_client: int) -> None:
         self.bridge = bridge
         self.metrics = metrics
         self.gate = gate
@@ -276,16 +277,38 @@ class HybridHandlers:
         self.stream_pool = stream_pool
         self.max_streams = max_streams
         self.stream_slots = threading.BoundedSemaphore(max_streams)
+        # One client may hold at most `per_client` of them (its clients-file max_streams, if set): one
+        # client's streams must not lock every other client out of the node.
+        self.per_client = per_client
+        self._held: dict[str, int] = {}
+        self._held_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """One of the process's open-stream slots for as long as the stream is open, or
-        BackendUnavailable (UNAVAILABLE) when every one is taken."""
+    def stream_slot(self, caller: Caller) -> Iterator[None]:
+        """One of the process's open-stream slots for as long as the stream is open: BackendUnavailable
+        (UNAVAILABLE: retry on another node) when every one is taken, RateLimited (RESOURCE_EXHAUSTED)
+        when the caller holds its share already."""
         if not self.stream_slots.acquire(blocking=False):
             raise BackendUnavailable(f"this node process already serves its {self.max_streams} open streams"
                                      " (CRS_STREAM_THREADS); retry on another node")
+        who = caller.client_id
         try:
-            yield
+            policy = self.gate.authenticator.registry.clients.get(who)
+            share = policy.max_streams if policy is not None and policy.max_streams else self.per_client
+            with self._held_lock:
+                held = self._held.get(who, 0)
+                if held >= share:
+                    raise RateLimited(f"client {who!r} already holds {held} open streams on this node process,"
+                                      " its share (max_streams, CRS_STREAMS_PER_CLIENT)")
+                self._held[who] = held + 1
+            try:
+                yield
+            finally:
+                with self._held_lock:
+                    if self._held[who] > 1:
+                        self._held[who] -= 1
+                    else:
+                        del self._held[who]
         finally:
             self.stream_slots.release()
 
@@ -334,7 +357,7 @@ class HybridHandlers:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name)
-                with slot():
+                with slot(caller):
                     yield from bridge.stream(fn(parse(raw), caller), context)
             except Exception as exc:
                 _fail(context, exc, name, metrics, started)
@@ -351,7 +374,7 @@ class HybridHandlers:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name)
-                with slot():
+                with slot(caller):
                     yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
                                               submit=bridge.submit, on_end=context.add_callback)
                 if not context.is_active():   # its answers ended because the call did (cancel, deadline)

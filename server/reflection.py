@@ -22,6 +22,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from server.auth import Authenticator
+from server.caller import Caller
 from server.errors import CrsError, status_for
 
 SERVICE_NAME: str = reflection.SERVICE_NAME
@@ -33,16 +34,15 @@ class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
     HybridHandlers.stream_slot): refused UNAVAILABLE when there is none, as any stream."""
 
     def __init__(self, service_names: Iterable[str], authenticator: Authenticator,
-                 slot: Callable[[], AbstractContextManager[None]] | None = None) -> None:
+                 slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
         super().__init__(tuple(service_names))
         self.authenticator = authenticator
-        self.slot = slot or contextlib.nullcontext
+        self.slot = slot or (lambda caller: contextlib.nullcontext())
 
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         with contextlib.ExitStack() as held:
             try:
-                self.authenticator.authenticate(context)
-                held.enter_context(self.slot())
+                held.enter_context(self.slot(self.authenticator.authenticate(context)))
             except CrsError as exc:
                 context.abort(*status_for(exc))
             yield from super().ServerReflectionInfo(request_iterator, context)
@@ -67,7 +67,7 @@ class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
 
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],
                    authenticator: Authenticator, *, stream_pool: ThreadPoolExecutor | None = None,
-                   slot: Callable[[], AbstractContextManager[None]] | None = None) -> None:
+                   slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
     """`stream_pool` and `slot` (the synchronous server): reflection streams run where the node's own
     streams do, on their pool and within their limit, never on the unary calls' threads: a client
     library that keeps a reflection stream open per channel would otherwise hold one each."""

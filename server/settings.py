@@ -108,6 +108,8 @@ class Settings:
     stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot, reflection) per
                                           # process, each on a thread of its own pool (never a unary call's);
                                           # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
+    streams_per_client: int = 0           # hybrid: of those, the most one client may hold open (a clients-file
+                                          # "max_streams" overrides it per client); 0 = 3/4 of stream_threads
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)
@@ -224,7 +226,10 @@ _FILE_VARIANTS = {"kek": "CRS_KEK_FILE", "fingerprint_keys": "CRS_FINGERPRINT_KE
 def _coerce(name: str, raw: Any, default: Any) -> Any:
     where = _ENV_PREFIX + name.upper()
     if name == "redis_shards":
-        return parse_shards(raw) if isinstance(raw, str) else raw
+        if not isinstance(raw, str):   # only a TOML file gives other types; the value (a password?) not shown
+            raise SettingsError(f"redis_shards ({where}) in the config file must be one string,"
+                                f' "NAME=redis://HOST:PORT/DB,..." (got a TOML {type(raw).__name__})')
+        return parse_shards(raw)
     try:
         if isinstance(default, bool):
             if isinstance(raw, bool):
@@ -251,7 +256,7 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
     nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size",
-              "redis_thread_connections")
+              "redis_thread_connections", "streams_per_client")
     for name in nonneg:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
@@ -297,6 +302,11 @@ def _validate(s: Settings) -> None:
         problems.append("with CRS_PG_READ_DSN, CRS_PG_POSITION_INTERVAL must be under half of CRS_REINVALIDATE_DELAY"
                         " - CRS_REDIS_TIMEOUT: a replica's answer is cached only within that window of a primary"
                         " position it has replayed (docs/deploy.md)")
+    for name in ("pg_dsn", "pg_read_dsn"):   # asyncpg fails on port 70000 or "x" with a traceback; never show the DSN
+        hosts = getattr(s, name).partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[2]
+        ports = (h.rpartition("]")[2].partition(":")[2] for h in hosts.split(","))   # [::1]:5432, h:5432, h
+        if any(p and not (re.fullmatch("[0-9]{1,5}", p) and 0 < int(p) < 65536) for p in ports):
+            problems.append(f"CRS_{name.upper()}: a port is not a number from 1 to 65535")
     if not 0 < s.grpc_port < 65536:
         problems.append(f"CRS_GRPC_PORT must be 1-65535 (got {s.grpc_port})")
     if s.pg_pool_min > s.pg_pool_max:
@@ -320,7 +330,12 @@ def _validate(s: Settings) -> None:
     if s.identity_possible_match not in ("review", "refuse"):
         problems.append(f"CRS_IDENTITY_POSSIBLE_MATCH must be review or refuse (got {s.identity_possible_match!r})")
     if problems:
-        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise SettingsError("invalid configuration: " + "; ".join(problems))
+
+
+def streams_per_client_of(s: Settings) -> int:
+    """The open streams one client may hold on a node process, unless its clients-file entry says."""
+    return s.streams_per_client or max(1, s.stream_threads - s.stream_threads // 4)
 
 
 def fill_window_of(s: Settings) -> float:
@@ -339,7 +354,7 @@ def check_serving(s: Settings) -> None:
     if not s.tls_cert_file and not s.allow_plaintext:
         problems.append("CRS_TLS_CERT_FILE is not set: configure TLS, or set CRS_ALLOW_PLAINTEXT=true (dev only)")
     if problems:
-        raise SettingsError("invalid configuration:\n  " + "\n  ".join(problems))
+        raise SettingsError("invalid configuration: " + "; ".join(problems))
     s.keyring()
 
 

@@ -254,6 +254,47 @@ def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnviron
         dev_env.nodes.remove(node)
 
 
+def test_one_client_holds_at_most_its_share_of_the_stream_threads(dev_env: DevEnvironment) -> None:
+    """Hybrid: a client past its share of open streams (CRS_STREAMS_PER_CLIENT) is refused at once,
+    RESOURCE_EXHAUSTED, while another client still opens streams on the same node; a stream it ends
+    gives its share back. (One client could hold every one of CRS_STREAM_THREADS.)"""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", stream_threads=6, streams_per_client=2)
+    release, release_one = threading.Event(), threading.Event()
+    try:
+        with node.channel() as channel, node.channel("feed") as feed_channel:
+            lookup = rpc.stub(channel, "LookupService")
+            held = [lookup.StreamResolve(_then_wait(pb.LookupKey(pan=demo_pan(1)), gate), timeout=30)
+                    for gate in (release_one, release)]
+            for stream in held:
+                assert next(iter(stream)).HasField("resolution")
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(2))]), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            assert "already holds 2 open streams" in str(refused.value.details())
+            assert time.monotonic() - started < 5
+            watch = rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=30)
+            time.sleep(0.5)
+            assert watch.running(), "another client's stream was refused"   # no answer yet: it is open
+            release_one.set()
+            assert [r for r in held[0]] == []
+            deadline = time.monotonic() + 10
+            while True:   # the ended stream's share comes back
+                try:
+                    again = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
+                    time.sleep(0.1)
+            assert [r.HasField("resolution") for r in again] == [True]
+            watch.cancel()
+    finally:
+        release.set()
+        release_one.set()
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
 def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment) -> None:
     """Hybrid: a reflection stream is a stream like the others. A client library that keeps its
     reflection stream open for its channel's life (one per channel) must not hold the unary calls'
@@ -261,7 +302,9 @@ def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: De
     reflection streams count against CRS_STREAM_THREADS like every stream."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4, stream_threads=6)
+    # One client opens them all: its share (CRS_STREAMS_PER_CLIENT) is the node's whole stream pool here.
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4, stream_threads=6,
+                              streams_per_client=6)
     release = threading.Event()
     try:
         with node.channel() as channel:
