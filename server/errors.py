@@ -14,6 +14,7 @@ The tree (two families: the caller's fault and a dependency's fault)::
     │   ├── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
     │   ├── OutOfRange              OUT_OF_RANGE       a Watch from a sequence compaction removed
     │   └── FeedOverload            RESOURCE_EXHAUSTED a watcher too far behind, or too many snapshots on a node
+    ├── InternalError               INTERNAL           a bug met while answering one key (logged where it happened)
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
         ├── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
@@ -87,6 +88,13 @@ class OutOfRange(ClientError):
 
 class FeedOverload(ClientError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class InternalError(CrsError):
+    """An unexpected error (a bug) while answering one key of a batch or a stream, logged where it
+    happened: that key answers INTERNAL and the others go on."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 class BackendError(CrsError):

@@ -11,6 +11,7 @@ Everything a lookup does after validation happens here, top to bottom:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,10 +24,12 @@ from server.cache.shard import ShardUnavailable
 from server.cache.thread_reads import L2, ThreadReads
 from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
-from server.errors import BackendTimeout, BackendUnavailable, CrsError, NotFound
+from server.errors import BackendTimeout, BackendUnavailable, CrsError, InternalError, NotFound
 from server.metrics import Metrics
 from server.store.db import DB_ERRORS, bounded
 from server.store.read_route import Loaded, Read, ReadRoute
+
+log = logging.getLogger("crs.resolver")
 
 REFRESH_LIMIT = 256   # near-cache refreshes in flight per node process
 
@@ -187,6 +190,15 @@ class Resolver:
             fill.exception()   # retrieved: no "never retrieved" warning when every caller had left
 
     async def _fill(self, lookup: Lookup, count: bool = True, l2: L2 = L2.ASK) -> bytes:
+        try:
+            return await self._fill_now(lookup, count, l2)
+        except CrsError:
+            raise
+        except Exception as exc:   # a bug: logged once per fill; each caller's key answers INTERNAL
+            log.exception("unhandled error while loading", extra={"kind": lookup.what})
+            raise InternalError("internal error while loading") from exc
+
+    async def _fill_now(self, lookup: Lookup, count: bool, l2: L2) -> bytes:
         key = lookup.cache_key
         tier_ok = self.tier is not None and l2 is not L2.DOWN
         if self.tier is not None and l2 is L2.ASK:
@@ -261,9 +273,7 @@ class Resolver:
                 if isinstance(r, CrsError | bytes):
                     out[i] = r
                 elif isinstance(r, BaseException):
-                    if not isinstance(r, Exception):
-                        raise r
-                    out[i] = BackendUnavailable("internal error while loading")
+                    raise r   # a cancellation: _fill turns every error into a CrsError
         final: list[bytes | CrsError] = []
         for lk, answer in zip(lookups, out, strict=True):
             assert answer is not None

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.cache.near import NearCache
-from server.errors import BackendTimeout, BackendUnavailable, NotFound
+from server.errors import BackendTimeout, BackendUnavailable, InternalError, NotFound
 from server.metrics import Metrics
 from server.resolver import CachePolicy, Lookup, Resolver
 from server.store.read_route import ReadRoute
@@ -169,6 +169,31 @@ async def test_batch_mixes_hits_misses_and_not_found_in_order() -> None:
                                            Lookup("k3", nothing, "account"), Lookup("k2", two, "card")])
     assert answers[0] == b"one" and answers[1] == b"two" and answers[3] == b"two"
     assert isinstance(answers[2], NotFound) and answers[2].message == "account not found"
+
+
+async def test_a_bug_while_loading_is_internal_for_its_key_only_and_logged_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected error in a load (a bug, not a database error): INTERNAL for that key, logged once
+    however many callers waited; the batch's other keys are answered. It was UNAVAILABLE (retry: it
+    will fail again), and unlogged, for a batch key, and it ended a whole stream."""
+    resolver = _resolver()
+
+    async def broken(_conn: object) -> bytes:
+        raise KeyError("a column the query no longer returns")
+
+    async def fine(_conn: object) -> bytes:
+        return b"fine"
+
+    with caplog.at_level("ERROR", logger="crs.resolver"):
+        answers = await resolver.resolve_many([Lookup("k1", broken, "card"), Lookup("k2", fine, "card"),
+                                               Lookup("k1", broken, "card")])
+        with pytest.raises(InternalError, match="internal error while loading"):
+            await resolver.resolve(Lookup("k3", broken, "account"))
+    assert isinstance(answers[0], InternalError) and answers[0].code.name == "INTERNAL"
+    assert answers[1] == b"fine" and isinstance(answers[2], InternalError)
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error while loading"]
+    assert [r.kind for r in logged] == ["card", "account"] and logged[0].exc_info   # type: ignore[attr-defined]
+    assert resolver.near.get("k1") is None   # nothing cached
 
 
 async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
