@@ -227,14 +227,18 @@ def _csv_reason(exc: csv.Error) -> str:
 
 
 class SeenKeys:
-    """Source keys already read in this file: the second row with one is rejected."""
+    """Source keys this file's rows have taken: a later row with one is rejected. A row takes its key
+    only once it is accepted (`take`), so a rejected row leaves it to a corrected row further down."""
 
     def __init__(self) -> None:
         self.first: dict[str, int] = {}
 
     def check(self, row: int, key: str, column: str = "source_ref") -> Reject | None:
-        first = self.first.setdefault(key, row)
+        first = self.first.get(key, row)
         return None if first == row else Reject(row, column, f"duplicates the source_ref of row {first}")
+
+    def take(self, row: int, key: str) -> None:
+        self.first.setdefault(key, row)
 
 
 def source_key(row: int, value: str, column: str = "source_ref") -> str | Reject:
@@ -260,6 +264,7 @@ def customer_row(row: int, cells: dict[str, str], seen: SeenKeys) -> ImportRow |
     if not has_name(identity):
         why = "; ".join(w for w in warnings if w.startswith(("given_name", "family_name")))
         return Reject(row, "given_name,family_name", "no usable name" + (f" ({why})" if why else ""))
+    seen.take(row, key)
     return ImportRow(row, key, identity, warnings, tuple(blocking_keys(identity)))
 
 

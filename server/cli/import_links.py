@@ -139,14 +139,34 @@ class LinkWriter(AdminStore):
             self.customer_system, item.customer_key, timeout=self.timeout)
         if owner is None:
             raise NotFound(f"no customer of {self.customer_system} has this customer_source_ref")
+        masked = f"{item.routing} {mask_account_number(item.number[-4:], len(item.number))}"
+        existing = await self._existing_account(item, owner)
+        if existing is not None:
+            return item.row, item.key, existing, "existing", owner, masked
         result = await self.create_account(pb.CreateAccountRequest(
             request_id=self._request_id("account", item.key), owner_customer_id=owner,
             routing_number=item.routing, account_number=item.number, type=item.type,  # type: ignore[arg-type]
             currency=item.currency), _CALLER)
         account = pb.Account.FromString(result.response)
         decision = "existing" if result.outbox_id is None else "created"
-        return (item.row, item.key, account.account_id, decision, owner,
-                f"{item.routing} {mask_account_number(item.number[-4:], len(item.number))}")
+        return item.row, item.key, account.account_id, decision, owner, masked
+
+    async def _existing_account(self, item: AccountRow, owner: str) -> str | None:
+        """The row's account when a run before this one loaded it: answered from the table, not by
+        replaying the request (whose owner a merge since may have changed to its survivor). One that
+        is not this row's (another owner, type or currency) is refused as CreateAccount would."""
+        account_id = await self.find_account(item.routing, item.number)
+        if account_id is None:
+            return None
+        found = await self.pool.fetchrow(
+            "SELECT a.account_type, a.currency, (SELECT customer_id FROM account_customers"
+            " WHERE account_id = a.account_id AND role = $2) AS owner FROM accounts a WHERE a.account_id = $1",
+            account_id, pb.RELATIONSHIP_ROLE_OWNER, timeout=self.timeout)
+        if found is None or (found["account_type"], found["currency"], found["owner"]) != (item.type, item.currency,
+                                                                                           owner):
+            raise AlreadyExists("this routing and account number is already another account (another owner,"
+                                " type or currency)")
+        return account_id
 
     async def _card(self, item: CardRow) -> tuple[Any, ...]:
         account_id = await self.find_account(item.routing, item.number)

@@ -192,7 +192,10 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
             for row, cells in source.read():
                 result = cells if isinstance(cells, Reject) else check(row, cells)
                 if not isinstance(result, Reject):
+                    key = result.key
                     result = await writer_.write(kind, result, run)
+                    if not isinstance(result, Reject):   # a row written takes its source_ref (SeenKeys)
+                        seen.take(row, key)
                 if isinstance(result, Reject):
                     rejects.add(result)
                 else:

@@ -697,3 +697,38 @@ def test_card_numbers_as_account_or_card_source_refs_are_rejected(
     assert "--source looks like a card number" in out.err
     _assert_nowhere(pans, out.out, out.err, *(p.read_text() for p in tmp_path.glob("pci-*-re*.csv")))
     assert not _sql(dev_env, "SELECT 1 FROM source_records WHERE source_key = ANY($1::text[])", pans)
+
+
+def test_a_rejected_row_leaves_its_source_ref_and_a_rerun_after_a_merge_finds_its_account(
+        env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path) -> None:
+    """A row rejected (no usable name; no such customer) takes no source_ref: a corrected row further
+    down the file with the same one is loaded. And re-running an accounts import after the owner was
+    merged finds the account it loaded (the owner is now the survivor): it was rejected, the replayed
+    request naming another owner than the stored one."""
+    system = "rerun-" + uuid.uuid4().hex[:6]
+    people = _write(tmp_path / "people.csv", [
+        _line(_row(used_secrets, "O-1", given_name="Hyacinth")), _line(_row(used_secrets, "O-2", given_name="Ignatius")),
+        _line(_row(used_secrets, "O-3", given_name="", family_name="")),
+        _line(_row(used_secrets, "O-3", given_name="Perpetua"))])
+    code, owners, rejects = _import(tmp_path, "customers", people, system)
+    assert code == 0 and [(r["row"], r["column"]) for r in rejects] == [("4", "given_name,family_name")]
+    assert sorted(r["source_ref"] for r in owners) == ["O-1", "O-2", "O-3"]
+    ids = {r["source_ref"]: r["customer_id"] for r in owners}
+    routing, number = "021000021", fresh_account_number(used_secrets)
+    accounts = tmp_path / "accounts.csv"
+    accounts.write_text("source_ref,customer_source_ref,routing_number,account_number,type,currency\n"
+                        f"A-1,O-9,{routing},{number},CHECKING,USD\nA-1,O-1,{routing},{number},CHECKING,USD\n")
+    code, report, rejects = _import(tmp_path, "accounts", accounts, system)
+    assert code == 0 and [(r["row"], r["column"]) for r in rejects] == [("2", "customer_source_ref")]
+    assert [(r["row"], r["decision"], r["customer_id"]) for r in report] == [("3", "created", ids["O-1"])]
+    node_a.identity.MergeCustomers(pb.MergeCustomersRequest(survivor_id=ids["O-2"], merged_id=ids["O-1"]), timeout=10)
+    code, again, rejects = _import(tmp_path, "accounts", accounts, system)
+    assert code == 0 and [(r["row"], r["column"]) for r in rejects] == [("2", "customer_source_ref")]
+    assert [(r["row"], r["decision"], r["account_id"], r["customer_id"]) for r in again] == [
+        ("3", "existing", report[0]["account_id"], ids["O-2"])]
+    # The same numbers under another owner are still refused, as CreateAccount refuses them.
+    other = tmp_path / "other.csv"
+    other.write_text("source_ref,customer_source_ref,routing_number,account_number,type,currency\n"
+                     f"A-7,O-3,{routing},{number},CHECKING,USD\n")
+    code, report, rejects = _import(tmp_path, "accounts", other, system)
+    assert report == [] and [(r["row"], r["column"]) for r in rejects] == [("2", "account_number")]
