@@ -21,6 +21,7 @@ from server.crypto import Keyring, account_fingerprint_input
 from server.decisions import DecisionTable
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
 from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_code_number
+from server.lookup_stream import stream_resolve
 from server.pan import (
     PAN_MAX_LEN,
     PAN_MIN_LEN,
@@ -40,7 +41,6 @@ from server.store.read_route import Uncacheable
 MAX_CORRELATION_ID = 128
 Read = Callable[..., Awaitable[bytes | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
-STREAM_UNSENT = 512   # keys read ahead of the answers written: then flow control holds the client back
 Later = Callable[[], Awaitable[bytes]]   # the part of a call that needs I/O, awaited on the event loop
 
 
@@ -343,8 +343,7 @@ class LookupHandlers:
         return later
 
     def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
-        from server.lookup_stream import stream_resolve  # grpc.aio's; the hybrid model's: lookup_threads
-        return stream_resolve(self, requests, caller)
+        return stream_resolve(self, requests, caller)   # grpc.aio's; the hybrid model's: lookup_threads
 
     def stream_key(self, key: pb.LookupKey, caller: Caller) -> tuple[str, Lookup | bytes, int]:
         """One StreamResolve key before any I/O (both serving models): its correlation id, then its

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from server.caller import Caller
 from server.encoding import RESOLUTION_FIELD
 from server.errors import CrsError
-from server.lookup import STREAM_UNSENT, LookupHandlers
 from server.proto import crs_pb2 as pb
-from server.resolver import Lookup
+from server.resolver import Lookup, Resolver
+
+STREAM_UNSENT = 512   # keys read ahead of the answers written: then flow control holds the client back
 
 
-async def stream_resolve(handlers: LookupHandlers, requests: AsyncIterator[pb.LookupKey],
+class StreamHandlers(Protocol):
+    """What a stream asks of LookupHandlers (server/lookup.py, which imports this module)."""
+
+    resolver: Resolver
+    stream_window: int
+
+    def stream_key(self, key: pb.LookupKey, caller: Caller) -> tuple[str, Lookup | bytes, int]: ...
+
+    def result_of(self, correlation_id: str, outcome: bytes | CrsError, field: int, key: pb.LookupKey) -> bytes: ...
+
+
+async def stream_resolve(handlers: StreamHandlers, requests: AsyncIterator[pb.LookupKey],
                          caller: Caller) -> AsyncIterator[bytes]:
     """Results in completion order (each carries its correlation id): a near-cache hit is answered
     at once, misses run concurrently (at most `stream_window` per stream), so one slow key never

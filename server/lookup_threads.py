@@ -27,7 +27,8 @@ from typing import Any
 from server.caller import Caller
 from server.encoding import RESOLUTION_FIELD
 from server.errors import CrsError
-from server.lookup import STREAM_UNSENT, LookupHandlers
+from server.lookup import LookupHandlers
+from server.lookup_stream import STREAM_UNSENT
 from server.proto import crs_pb2 as pb
 from server.resolver import Lookup
 

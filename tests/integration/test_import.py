@@ -707,7 +707,8 @@ def test_a_rejected_row_leaves_its_source_ref_and_a_rerun_after_a_merge_finds_it
     request naming another owner than the stored one."""
     system = "rerun-" + uuid.uuid4().hex[:6]
     people = _write(tmp_path / "people.csv", [
-        _line(_row(used_secrets, "O-1", given_name="Hyacinth")), _line(_row(used_secrets, "O-2", given_name="Ignatius")),
+        _line(_row(used_secrets, "O-1", given_name="Hyacinth")),
+        _line(_row(used_secrets, "O-2", given_name="Ignatius")),
         _line(_row(used_secrets, "O-3", given_name="", family_name="")),
         _line(_row(used_secrets, "O-3", given_name="Perpetua"))])
     code, owners, rejects = _import(tmp_path, "customers", people, system)

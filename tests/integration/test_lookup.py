@@ -243,12 +243,16 @@ def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, us
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
     before = metric('crs_lookups_total{tier="l3_negative"}')
+    dropped_before = metric("crs_cache_fills_dropped_total")
     keys = [pb.LookupKey(pan=fresh_pan(used_secrets)) for _ in range(1000)]
     for _ in range(2):
         results = node_b.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=30).results
         assert [r.code for r in results] == [5] * 1000
-    # Only the first batch reached PostgreSQL; the second was answered from the negative cache.
-    assert metric('crs_lookups_total{tier="l3_negative"}') - before == 1000
+    # Only the first batch reached PostgreSQL; the second was answered from the negative cache, but for
+    # a fill whose read outlasted its fill window on a busy machine (docs/decisions.md, "Slow reads").
+    dropped = metric("crs_cache_fills_dropped_total") - dropped_before
+    assert dropped < 100, f"{dropped} of 1,000 fills dropped: the fill window is measured from the pool wait?"
+    assert metric('crs_lookups_total{tier="l3_negative"}') - before == 1000 + dropped
 
 
 def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevEnvironment) -> None:
