@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import shlex
 import signal
+import socket
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.cli import lookup as product_lookup
-from server.cli.base import RAW, CommandFailed, run_command, settings_from_args
+from server.cli.base import RAW, CommandFailed, postgres_errors, require_dsn, run_command, settings_from_args
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
@@ -35,11 +38,16 @@ SAMPLE_TIMEOUT = 5.0      # seconds for the sample lookups `up` prints
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from devstack.demo import plan
     from devstack.environment import DevEnvironment
+    from devstack.processes import LogFile
     from server.logs import configure_logging
 
     configure_logging("WARNING")
-    base = Path(args.data_dir).resolve() if args.data_dir else None
+    if port_in_use(args.port):   # found now, not after PostgreSQL, Redis and the demo data are up
+        raise CommandFailed(f"--port {args.port}: 127.0.0.1:{args.port} is already in use by another process"
+                            " (another crs-dev up?): stop it, or choose another --port", 2)
+    base = usable_data_dir(args.data_dir) if args.data_dir else None
     env = DevEnvironment(shards=args.shards, replicas=args.replicas, customers=args.customers, base_dir=base,
                          pg_replica=args.pg_replica, tls=not args.plaintext, pg_binaries=args.pg_binaries,
                          keep=base is not None)
@@ -58,9 +66,17 @@ def cmd_up(args: argparse.Namespace) -> int:
         env.start(out=sys.stdout)
         assert env.stack is not None
         print(f"crs-dev: starting {args.workers} node process(es) on 127.0.0.1:{args.port} ...", flush=True)
-        node = env.start_node(workers=args.workers, port=args.port)
+        try:
+            node = env.start_node(workers=args.workers, port=args.port)
+        except (RuntimeError, TimeoutError) as exc:   # crs serve refused to start (its last line says why)
+            log = LogFile(env.work_dir / "logs" / f"node-{args.port}.log").text().strip().splitlines()
+            raise CommandFailed(f"the node did not start: {exc}" + (f": {log[-1]}" if log else "")) from None
         print(f"crs-dev: ready in {time.monotonic() - started:.1f}s\n")
-        _print_samples(node)
+        if args.customers:
+            _print_samples(node)
+        else:
+            print("No demo data (--customers 0): no sample lookup to print, and `crs-dev lookup --demo N` finds"
+                  " nothing; load your own (Bulk import, below) or start again with --customers N.")
         pg = env.stack.postgres
         print("\nEndpoints")
         print(f"  gRPC       {node.address}   (crs.v1 Lookup, Admin, Identity, ChangeFeed; health; reflection)")
@@ -74,9 +90,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         tls = f" --tls-dir {shlex.quote(str(env.pki.directory))}" if env.pki else ""
         target = "" if args.port == 50051 else f" --target {node.address}"
         crsw = shlex.quote(os.environ.get("CRSW", "./crsw"))   # as the caller named it (crsw sets it)
-        print(f"\nTry:  {crsw} crs-dev lookup card --demo 7{target}{tls}")
-        print(f"      {crsw} crs-dev lookup account --demo 3{target}{tls}")
-        print(f"      {crsw} crs-dev lookup customer --demo 1{target}{tls} --client admin")
+        if args.customers:
+            size = plan(args.customers)   # demo keys that exist, also with a handful of customers
+            card, account, customer = min(7, size.cards - 1), min(3, size.accounts - 1), min(1, size.customers - 1)
+            print(f"\nTry:  {crsw} crs-dev lookup card --demo {card}{target}{tls}")
+            print(f"      {crsw} crs-dev lookup account --demo {account}{target}{tls}")
+            print(f"      {crsw} crs-dev lookup customer --demo {customer}{target}{tls} --client admin")
         if env.pki:
             print(f"  (mutual TLS: dev CA, server and client certificates in {env.pki.directory};"
                   " clients 'admin', 'switch', 'feed' and 'csr')")
@@ -100,6 +119,54 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("\ncrs-dev: stopping ...", flush=True)
         env.stop()
     return 0
+
+
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` (to `high`), refused while parsing (exit 2) with
+    the range in the message, before any server starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            limits = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number {limits}")
+        return value
+    return parse
+
+
+def port_in_use(port: int) -> bool:
+    """Another socket listens on 127.0.0.1:`port` (where the dev nodes listen). Bound with
+    SO_REUSEADDR only, as crs serve's own check does: a previous run's TIME_WAIT connections own nothing."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def usable_data_dir(text: str) -> Path:
+    """--data-dir, created as the stack creates it (755 when PostgreSQL runs as another user) and
+    written to once: a file there, or a directory that cannot be created or written, is one line
+    before any server starts (exit 2), not a traceback from the first server that tries."""
+    from devstack.processes import make_dirs
+
+    path = Path(text).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        blocker = "" if existing == path else f": {existing}"
+        raise CommandFailed(f"--data-dir {text}{blocker} is not a directory", 2)
+    try:
+        make_dirs(path, open_up=os.geteuid() == 0)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and Path(exc.filename) != path else ""
+        raise CommandFailed(f"--data-dir {text}: {exc.strerror or type(exc).__name__}{where}", 2) from None
+    return path
 
 
 def export_line(variables: Mapping[str, str]) -> str:
@@ -138,10 +205,17 @@ def _print_samples(node: NodeProcess) -> None:
 
 
 def cmd_load_demo(args: argparse.Namespace) -> int:
+    from devstack.demo import DemoDataPresent
     from devstack.environment import prepare_database
 
     settings = settings_from_args(args)
-    asyncio.run(prepare_database(settings, customers=args.customers, seed=args.seed))
+    require_dsn(settings.pg_dsn)   # never libpq's default database (127.0.0.1:5432, PG* variables)
+    settings.keyring()             # CRS_FINGERPRINT_KEYS / CRS_KEK checked before anything is written
+    try:
+        with postgres_errors(settings.pg_dsn):
+            asyncio.run(prepare_database(settings, customers=args.customers, seed=args.seed))
+    except DemoDataPresent as exc:
+        raise CommandFailed(f"{exc} (a fresh database: crs-dev up, or createdb)") from None
     return 0
 
 
@@ -217,16 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
         "Ctrl-C (SIGINT, even in a script's background job) or SIGTERM, then stop every process it\n"
         "started. Data lives in a temporary directory unless --data-dir is given.\n"
         "`./crsw dev` runs this."), formatter_class=RAW)
-    s.add_argument("--customers", type=int, default=100_000, help="demo customers (default 100000)")
-    s.add_argument("--shards", type=int, default=4, help="Redis shards (default 4)")
-    s.add_argument("--replicas", type=int, default=0,
+    s.add_argument("--customers", type=whole_number(0), default=100_000,
+                   help="demo customers (default 100000; 0: an empty database, no sample lookup printed)")
+    s.add_argument("--shards", type=whole_number(0, 64), default=4, help="Redis shards (default 4)")
+    s.add_argument("--replicas", type=whole_number(0, 4), default=0,
                    help="more Redis servers per shard, written alongside the primary, read on failover (default 0)")
     s.add_argument("--pg-replica", action="store_true",
                    help="a PostgreSQL hot standby (pg_basebackup, synchronous): nodes read cache misses from it"
                         " (CRS_PG_READ_DSN) and name both servers in CRS_PG_DSN, so a promoted standby takes over")
-    s.add_argument("--workers", type=int, default=2, help="node processes (default 2)")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051)")
-    s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory)")
+    s.add_argument("--workers", type=whole_number(1), default=2, help="node processes (default 2)")
+    s.add_argument("--port", type=whole_number(1, 65535), default=50051,
+                   help="gRPC port (default 50051); in use by another process: refused before anything starts")
+    s.add_argument("--data-dir", help="keep servers' data here (default: a temporary directory); created if"
+                                      " missing, and must be a directory we can write")
     s.add_argument("--pg-binaries", choices=("auto", "system", "pgserver"), default="auto",
                    help="which PostgreSQL binaries to use (default auto: PATH first)")
     s.add_argument("--plaintext", action="store_true",
@@ -236,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("load-demo", help="migrate and load the synthetic demo data set", description=(
         "Load deterministic synthetic customers (~1.5 accounts and ~2 cards each; test BIN 99900x,\n"
         "routing numbers 999xxxxxx) with COPY, showing progress. Refuses a database that holds data.\n"
-        "Needs CRS_PG_DSN (the schema owner), CRS_FINGERPRINT_KEYS and CRS_KEK."), formatter_class=RAW)
-    s.add_argument("--customers", type=int, default=100_000, help="customers to create (default 100000)")
+        "Needs CRS_PG_DSN (the schema owner; not set: exit 2, never libpq's default database),\n"
+        "CRS_FINGERPRINT_KEYS and CRS_KEK. Exit 1 for a database that holds customers, 3 when PostgreSQL\n"
+        "cannot be reached."), formatter_class=RAW)
+    s.add_argument("--customers", type=whole_number(1), default=100_000, help="customers to create (default 100000)")
     s.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     s.set_defaults(func=cmd_load_demo)
 

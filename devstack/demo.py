@@ -139,6 +139,10 @@ _COLUMNS = {
 CHUNK = 20_000
 
 
+class DemoDataPresent(RuntimeError):
+    """The database already holds customers: demo data loads only into an empty one."""
+
+
 async def load_demo(dsn: str, keyring: Keyring, dek: DataKey, *, customers: int, seed: int = 1,
                     out: TextIO | None = None) -> DemoSize:
     """Load the demo set into an empty database (refuses if customers exist). Returns the sizes."""
@@ -146,7 +150,7 @@ async def load_demo(dsn: str, keyring: Keyring, dek: DataKey, *, customers: int,
     conn = await asyncpg.connect(dsn)
     try:
         if await conn.fetchval("SELECT count(*) FROM customers") > 0:
-            raise RuntimeError("the database already holds customers; demo data loads only into an empty one")
+            raise DemoDataPresent("the database already holds customers; demo data loads only into an empty one")
         rng = random.Random(seed)
         # Relationships are ~1.25 per account (owners plus some joint holders and signers).
         total = size.customers + size.accounts * 9 // 4 + size.cards

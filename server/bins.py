@@ -20,6 +20,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from server.pan import contains_card_number
 from server.proto import crs_pb2 as pb
 
 PREFIX_DIGITS = 11          # the index's resolution: the longest prefix a range may have
@@ -31,6 +32,8 @@ _COUNTRY = re.compile(r"[A-Z]{2}")
 MAX_ISSUER = 120
 ROW_CACHE = 4096            # BinRow objects kept per table (hot BINs); cleared when full
 _TRUE, _FALSE = frozenset({"true", "yes", "1", "y"}), frozenset({"false", "no", "0", "n", ""})
+# The reason of a cell refused for holding a card number: never stored, answered or echoed (PCI DSS 3).
+CARD_NUMBER = "holds a card number (13-19 digits passing the Luhn check; not shown)"
 
 
 class BinRowError(ValueError):
@@ -86,6 +89,9 @@ def parse_row(cells: dict[str, str]) -> BinRow:
     issuer = cells.get("issuer_name", "").strip()
     if not issuer or len(issuer) > MAX_ISSUER or not issuer.isprintable():
         raise BinRowError("issuer_name", f"must be 1-{MAX_ISSUER} printable characters")
+    for name, text in (("network", network), ("issuer_name", issuer)):   # ResolveBin answers them in clear
+        if contains_card_number(text):
+            raise BinRowError(name, CARD_NUMBER)
     country = cells.get("issuer_country", "").strip().upper()
     if not _COUNTRY.fullmatch(country):
         raise BinRowError("issuer_country", "must be an ISO 3166-1 alpha-2 code such as US")

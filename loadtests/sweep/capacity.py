@@ -151,12 +151,19 @@ class Answer:
 
 
 def plan(req: Request, costs: Costs) -> Answer:
+    numbers = (req.target, req.headroom, req.keys, req.customers, req.shard_memory_gb, req.p99_budget_ms)
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError("every number of the request must be finite (not inf or nan)")
     if req.target <= 0:
         raise ValueError("target lookups/s must be > 0")
     if not 0 <= req.headroom < 1:
         raise ValueError("headroom must be in [0, 1)")
     if req.cores_per_pod < 1 or req.shard_memory_gb <= 0 or req.p99_budget_ms <= 0:
         raise ValueError("cores per pod, shard memory and the p99 budget must be > 0")
+    if req.keys < 0 or req.customers < 0:
+        raise ValueError("keys and customers must be >= 0")
+    if req.miss_ratio is not None and not 0 <= req.miss_ratio <= 1:   # also nan
+        raise ValueError(f"the miss ratio is a fraction of lookups, in [0, 1] (got {req.miss_ratio})")
     missing = [s for s in req.mix if s not in costs.scenarios]
     if missing:
         raise ValueError(f"the sweep report has no measured cost for {', '.join(missing)}; rerun "
@@ -248,6 +255,27 @@ def render(ans: Answer, costs: Costs, report_path: str) -> str:
 
 
 # -- CLI -------------------------------------------------------------------------------------------------
+def number(low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False,
+           whole: bool = False) -> Any:
+    """An argparse type: a finite number within [low, high] (a bound open where asked), refused while
+    parsing with the range in the message; `plan` checks the same, for callers other than the CLI."""
+    if high == math.inf:
+        limits = f"{'>' if open_low else '>='} {low:g}"
+    else:
+        limits = f"in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            value = math.nan
+        inside = (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+        if not (math.isfinite(value) and inside):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if whole else ''}number {limits}")
+        return value
+    return parse
+
+
 def _args_to_request(args: argparse.Namespace, costs: Costs) -> Request:
     mix = parse_mix(args.mix) if args.mix else None
     if mix is None:   # default: the measured scenarios, equally weighted
@@ -260,11 +288,16 @@ def _args_to_request(args: argparse.Namespace, costs: Costs) -> Request:
 def cmd_capacity(args: argparse.Namespace) -> int:
     try:
         report = json.loads(Path(args.report).read_text())
+        if not isinstance(report, dict):
+            raise ValueError(f"{args.report} is not a sweep report (a JSON object)")
         costs = costs_from_report(report)
         answer = plan(_args_to_request(args, costs), costs)
     except FileNotFoundError:
         print(f"crs-load capacity: no sweep report at {args.report}; run `python -m loadtests.sweep` first",
               file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"crs-load capacity: --report {args.report}: cannot read it: {exc.strerror}", file=sys.stderr)
         return 2
     except (ValueError, KeyError, json.JSONDecodeError) as exc:
         print(f"crs-load capacity: {exc}", file=sys.stderr)
@@ -286,18 +319,23 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         epilog="Example: crs-load capacity --target 50000 --mix retail=80,ach=15,customer=5 --p99-ms 20 "
                "--cores-per-pod 4 --customers 30000000\nExit status: 0 feasible, 1 not feasible as asked "
                "(p99 budget), 2 bad input or no report.")
-    p.add_argument("--target", type=float, required=True, help="peak lookups per second to serve")
+    p.add_argument("--target", type=number(0, open_low=True), required=True, help="peak lookups per second to serve")
     p.add_argument("--mix", default="", help=f"share of lookups by scenario, e.g. retail=80,ach=20 (scenarios: "
                                              f"{', '.join(SCENARIOS)}; default: every measured scenario equally)")
-    p.add_argument("--p99-ms", type=float, default=50.0, help="p99 latency budget in ms (default 50)")
-    p.add_argument("--cores-per-pod", type=int, default=4, help="cores (= node processes) per pod (default 4)")
-    p.add_argument("--headroom", type=float, default=0.3, help="fraction of capacity kept spare (default 0.3)")
-    p.add_argument("--customers", type=float, default=10_000_000,
+    p.add_argument("--p99-ms", type=number(0, open_low=True), default=50.0,
+                   help="p99 latency budget in ms (default 50)")
+    p.add_argument("--cores-per-pod", type=number(1, whole=True), default=4,
+                   help="cores (= node processes) per pod (default 4)")
+    p.add_argument("--headroom", type=number(0, 1, open_high=True), default=0.3,
+                   help="fraction of capacity kept spare, in [0, 1) (default 0.3)")
+    p.add_argument("--customers", type=number(0), default=10_000_000,
                    help=f"customers whose keys stay cached ({KEYS_PER_CUSTOMER} keys each; default 10000000)")
-    p.add_argument("--keys", type=float, default=0, help="distinct cached keys (overrides --customers)")
-    p.add_argument("--shard-memory-gb", type=float, default=8.0, help="memory per Redis shard (default 8)")
-    p.add_argument("--miss-ratio", type=float, default=None,
-                   help="cache-miss ratio to plan PostgreSQL for (default: as measured)")
+    p.add_argument("--keys", type=number(0), default=0, help="distinct cached keys (overrides --customers)")
+    p.add_argument("--shard-memory-gb", type=number(0, open_low=True), default=8.0,
+                   help="memory per Redis shard (default 8)")
+    p.add_argument("--miss-ratio", type=number(0, 1), default=None,
+                   help="cache-miss ratio to plan PostgreSQL for, a fraction in [0, 1]: 0.05 = 5%% of lookups"
+                        " (default: as measured)")
     p.add_argument("--report", default=str(DEFAULT_REPORT), help="sweep.json to read (default: the committed one)")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=cmd_capacity)

@@ -33,12 +33,23 @@ class CommandFailed(Exception):
         self.code = code
 
 
-def require_dsn(dsn: str) -> None:
+def require_dsn(dsn: str, variable: str = "CRS_PG_DSN") -> None:
     """No CRS_PG_DSN is bad configuration (exit 2), not an outage: without it asyncpg would try
-    libpq's defaults (127.0.0.1:5432, PG* variables), which may be another database."""
+    libpq's defaults (127.0.0.1:5432, PG* variables), which may be another database. So is a port
+    no connection can use (70000, "x"): asyncpg would fail with a traceback. Never shows the DSN."""
     if not dsn:
-        raise CommandFailed("CRS_PG_DSN is not set: this command reads PostgreSQL (`crs-dev up` prints the"
+        raise CommandFailed(f"{variable} is not set: this command reads PostgreSQL (`crs-dev up` prints the"
                             " export line for its dev stack)", 2)
+    if not dsn_ports_usable(dsn):
+        raise CommandFailed(f"{variable}: a port is not a number from 1 to 65535", 2)
+
+
+def dsn_ports_usable(dsn: str) -> bool:
+    """Every port in a URL DSN's host list is 1-65535 ("u:pw@pg-a:5432,[::1]:5433/db"; no port: the
+    default). Other DSN mistakes are the driver's to name (postgres_misconfigured)."""
+    hosts = dsn.partition("://")[2].partition("/")[0].partition("?")[0].rpartition("@")[2]
+    ports = (host.rpartition("]")[2].partition(":")[2] for host in hosts.split(","))
+    return all(not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536) for port in ports)
 
 
 def without_password(message: str, dsn: str) -> str:

@@ -29,9 +29,9 @@ SHOWN_OVERLAPS = 10
 T = TypeVar("T")
 
 
-def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[int], int, str]:
-    """(accepted rows, their row numbers, rejected count, sha256) of a BIN table CSV; CommandFailed for a
-    file that is not one."""
+def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[int], list[tuple[int, str, str]], str]:
+    """(accepted rows, their row numbers, rejected rows as (row number, column, reason), sha256) of a BIN
+    table CSV; CommandFailed for a file that is not one."""
     from server.bins import COLUMNS, BinRowError, parse_row
 
     try:
@@ -67,7 +67,7 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[in
                 w.writerows(rejects)
         except OSError as exc:
             raise CommandFailed(f"cannot write --rejects {rejects_out}: {exc.strerror}", 2) from None
-    return rows, numbers, len(rejects), hashlib.sha256(data).hexdigest()
+    return rows, numbers, rejects, hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -103,11 +103,21 @@ def duplicates(rows: list[Any], numbers: list[int]) -> Duplicates:
 
 
 def cmd_bins_import(args: argparse.Namespace) -> int:
-    from server.bins import overlaps
+    from server.bins import CARD_NUMBER, overlaps
+    from server.store.bins import TableShrinks
 
-    read, numbers, rejected, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
+    read, numbers, rejects, digest = read_table(Path(args.file), Path(args.rejects) if args.rejects else None)
+    rejected = len(rejects)
     print(f"read {len(read) + rejected} rows: {len(read)} accepted, {rejected} rejected"
           + (f" (listed in {args.rejects})" if args.rejects and rejected else ""))
+    # Named here whatever --rejects says: card data in a BIN file is an incident to follow up (the file
+    # itself is cardholder data now), not one bad row among others.
+    holding = [(number, column) for number, column, reason in rejects if reason == CARD_NUMBER]
+    for number, column in holding[:SHOWN_OVERLAPS]:
+        print(f"  card number: row {number}, {column}: rejected (the value is not shown; the file holds"
+              " cardholder data)")
+    if len(holding) > SHOWN_OVERLAPS:
+        print(f"  card number: {len(holding) - SHOWN_OVERLAPS} more rows (--rejects FILE lists every one)")
     same = duplicates(read, numbers)
     rows = same.kept
     if same.collapsed or same.conflicts:
@@ -136,7 +146,12 @@ def cmd_bins_import(args: argparse.Namespace) -> int:
                             " replaced", 2)
     if not rows:
         raise CommandFailed("no accepted rows: the table was not replaced", 2)
-    version = _import(args, rows, rejected, digest)
+    try:
+        version = _import(args, rows, rejected, digest)
+    except TableShrinks as exc:
+        raise CommandFailed(f"the file has {len(rows):,} ranges and {exc}: a table under half the active one"
+                            " would leave most cards without a range (a truncated or partial file?); pass"
+                            " --allow-shrink if it is meant; the table was not replaced", 2) from None
     print(f"BIN table version {version} is active ({len(rows)} ranges); nodes load it within"
           " CRS_BIN_POLL_INTERVAL")
     return 0
@@ -150,7 +165,8 @@ def _import(args: argparse.Namespace, rows: list[Any], rejected: int, digest: st
     from server.store import bins as store
 
     return _with_database(args, lambda conn: store.import_table(
-        conn, rows, source_file=Path(args.file).name, sha256=digest, rejected=rejected))
+        conn, rows, source_file=Path(args.file).name, sha256=digest, rejected=rejected,
+        allow_shrink=args.allow_shrink))
 
 
 def cmd_bins_versions(args: argparse.Namespace) -> int:
@@ -233,14 +249,19 @@ def register(sub: Any) -> None:
         "around cells are dropped. Overlapping ranges: the narrower one wins; a partial overlap\n"
         "(starting inside a range, ending outside it) refuses the file unless --allow-partial-overlaps.\n"
         "Identical rows are collapsed to one (the summary counts them); the same range twice with any\n"
-        "value different refuses the file (neither could win). docs/bins.md lists what each column\n"
-        "accepts. Exit 2 for a refused file, 3 when PostgreSQL cannot be reached."),
+        "value different refuses the file (neither could win). A network or issuer_name holding a card\n"
+        "number (13-19 digits passing Luhn) is a rejected row, named by its row number, never shown. A\n"
+        "file with under half the active table's ranges refuses unless --allow-shrink (a truncated file\n"
+        "would leave most cards without a range). docs/bins.md lists what each column accepts.\n"
+        "Exit 2 for a refused file, 3 when PostgreSQL cannot be reached."),
         formatter_class=RAW)
     b.add_argument("file", help="the CSV file")
     b.add_argument("--rejects", help="write rejected rows (row, column, reason) to this CSV")
     b.add_argument("--max-rejects", type=int, default=0,
                    help="refuse the file when more rows than this are rejected (default 0)")
     b.add_argument("--allow-partial-overlaps", action="store_true", help="accept partially overlapping ranges")
+    b.add_argument("--allow-shrink", action="store_true",
+                   help="accept a table with under half the active table's ranges (default: refused)")
     b.set_defaults(func=cmd_bins_import)
     b = bs.add_parser("lookup", help="the range of a 6-11 digit prefix, or of a PAN read from stdin", description=(
         "The most specific range holding a prefix (6-11 digits: a BIN, or longer) in the active table.\n"

@@ -189,8 +189,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     names: list[str] = args.types or list(EXPORT_TYPES)
     out = Path(args.out)
     try:
-        prepare_directory(out, force=args.force)
-        with open_channel(args) as channel:
+        with open_channel(args) as channel:      # bad TLS arguments: refused before --out is touched
+            prepare_directory(out, force=args.force)
             request = pb.SnapshotRequest(entity_types=[EXPORT_TYPES[n] for n in names])  # type: ignore[misc]
             call = rpc.stub(channel, "ChangeFeedService").Snapshot(request, timeout=args.timeout)
             try:

@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.cli.base import RAW
+from server.cli.base import RAW, CommandFailed
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0   # seconds: generous for a human at a terminal; a node answers in about a millisecond
+CERT, KEY = "CERTIFICATE", "PRIVATE KEY"    # the PEM blocks --ca/--cert and --key must hold
 
 
 def add_arguments(s: argparse.ArgumentParser) -> None:
@@ -36,10 +37,12 @@ def add_connection_arguments(s: argparse.ArgumentParser, *, client: str = "switc
         " (then health-checked, docs/deploy.md)"))
     s.add_argument("--tls-dir", help="a dev PKI directory (crs-dev up prints it): ca.pem + client-NAME.pem/.key")
     s.add_argument("--client", default=client, help=f"client certificate name in --tls-dir (default {client})")
-    s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS")
-    s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS")
-    s.add_argument("--key", help="client private key (PEM) for mutual TLS")
-    s.add_argument("--token-file", help="file holding a bearer token (JWT) to send")
+    s.add_argument("--ca", help="CA certificate (PEM) to verify the server; enables TLS (without it or"
+                                " --tls-dir: plaintext)")
+    s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS; with --key and --ca")
+    s.add_argument("--key", help="client private key (PEM) for mutual TLS; with --cert and --ca")
+    s.add_argument("--token-file", help="file holding a bearer token (JWT) to send; needs TLS (--ca or"
+                                        " --tls-dir): refused over plaintext, where it would travel in clear")
 
 
 def rpc_failed(exc: Any) -> int:
@@ -89,20 +92,69 @@ def open_channel(args: argparse.Namespace) -> Any:
     # The recommended configuration (docs/deploy.md, "Clients"), failing fast: a command makes one call
     # and says at once that a node is unreachable, where a switch would wait for it within a deadline.
     options = list(channel_options(args.target, wait_for_ready=False))
-    ca, cert, key = args.ca, args.cert, args.key
-    if args.tls_dir:
-        tls = Path(args.tls_dir)
-        ca, cert, key = tls / "ca.pem", tls / f"client-{args.client}.pem", tls / f"client-{args.client}.key"
-    if not ca:
+    credentials = channel_credentials(args)
+    if credentials is None:
         return grpc.insecure_channel(args.target, options=options)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes(), private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None)
-    call_creds = []
-    if args.token_file:
-        call_creds.append(grpc.access_token_call_credentials(Path(args.token_file).read_text().strip()))
-    return grpc.secure_channel(args.target, grpc.composite_channel_credentials(creds, *call_creds)
-                               if call_creds else creds, options=options)
+    return grpc.secure_channel(args.target, credentials, options=options)
+
+
+def channel_credentials(args: argparse.Namespace) -> Any:
+    """The TLS (and bearer token) credentials the connection arguments name, None for plaintext; a
+    file that cannot be read, or a flag that would be silently ignored, is CommandFailed exit 2
+    naming the flag. A token without TLS is refused rather than sent: over plaintext every hop
+    would read it, and a caller who named a token meant a secure channel."""
+    import grpc
+
+    given = [flag for flag, value in (("--ca", args.ca), ("--cert", args.cert), ("--key", args.key)) if value]
+    if args.tls_dir and given:
+        raise CommandFailed(f"--tls-dir and {'/'.join(given)} both name TLS files: give one or the other", 2)
+    ca: Path | str | None
+    if args.tls_dir:
+        tls, name = Path(args.tls_dir), args.client
+        flags = (f"--tls-dir (--client {name})",) * 3
+        ca, cert, key = tls / "ca.pem", tls / f"client-{name}.pem", tls / f"client-{name}.key"
+    else:
+        if (args.cert or args.key) and not args.ca:
+            raise CommandFailed("--cert/--key need --ca: without it the channel is plaintext and no client"
+                                " certificate is sent", 2)
+        if bool(args.cert) != bool(args.key):
+            raise CommandFailed("--cert and --key go together (a client certificate and its private key)", 2)
+        flags = ("--ca", "--cert", "--key")
+        ca, cert, key = args.ca, args.cert, args.key
+    if not ca:
+        if args.token_file:
+            raise CommandFailed("--token-file needs TLS (--ca or --tls-dir): a bearer token over plaintext would"
+                                " be sent in clear", 2)
+        return None
+    creds = grpc.ssl_channel_credentials(root_certificates=_read(flags[0], ca, CERT),
+                                         private_key=_read(flags[2], key, KEY) if key else None,
+                                         certificate_chain=_read(flags[1], cert, CERT) if cert else None)
+    if not args.token_file:
+        return creds
+    return grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(bearer_token(args.token_file)))
+
+
+def _read(flag: str, path: str | Path, pem: str = "") -> bytes:
+    """The file's bytes; with `pem` (CERTIFICATE, PRIVATE KEY) it must hold such a PEM block, or gRPC
+    would log its own lines and fail the call with UNAVAILABLE, as if the node were down."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CommandFailed(f"{flag}: cannot read {path}: {exc.strerror or type(exc).__name__}", 2) from None
+    if pem and not (b"-----BEGIN " in data and f"{pem}-----".encode() in data):
+        raise CommandFailed(f"{flag}: {path} holds no PEM {pem.lower()}", 2)
+    return data
+
+
+def bearer_token(path: str) -> str:
+    """The token in `path`, stripped; the message of a file that is no token never holds its content."""
+    try:
+        token = _read("--token-file", path).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CommandFailed(f"--token-file: {path} is not a token (non-ASCII bytes)", 2) from None
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise CommandFailed(f"--token-file: {path} is not a token (empty, or more than one word)", 2)
+    return token
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:

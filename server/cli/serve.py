@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from server.cli.base import RAW, postgres_errors, settings_from_args
+from server.cli.base import RAW, postgres_errors, require_dsn, settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -25,6 +25,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Once, here, before any node process starts (with several, each would fail the same way and be
     # restarted): configuration is exit 2 in one line, PostgreSQL out of reach exit 3.
     check_before_serving(settings)
+    if settings.pg_read_dsn:
+        require_dsn(settings.pg_read_dsn, "CRS_PG_READ_DSN")   # CRS_PG_DSN: postgres_errors checks it
     with postgres_errors(settings.pg_dsn):
         asyncio.run(check_database(settings))
     return serve(settings)

@@ -62,10 +62,30 @@ async def covering_rows(conn: Conn, version: int, digits: str) -> list[BinRow]:
     return _rows(await conn.fetch(f"{_SELECT} AND {_START} <= $2 AND {_END} >= $2", version, point))
 
 
-async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, sha256: str, rejected: int) -> int:
-    """Store `rows` as a new version and activate it, atomically. Returns the version."""
+SHRINK_LIMIT = 0.5   # a new table under this fraction of the active one's ranges needs allow_shrink
+
+
+class TableShrinks(Exception):
+    """The new table has under SHRINK_LIMIT of the active table's ranges: most likely a truncated or
+    partial file, which would leave most cards without a range (crs bins import --allow-shrink)."""
+
+    def __init__(self, version: int, ranges: int) -> None:
+        super().__init__(f"the active table, version {version}, has {ranges:,} ranges")
+        self.version = version
+        self.ranges = ranges
+
+
+async def import_table(conn: Conn, rows: Sequence[BinRow], *, source_file: str, sha256: str, rejected: int,
+                       allow_shrink: bool = True) -> int:
+    """Store `rows` as a new version and activate it, atomically. Returns the version. Without
+    `allow_shrink`, TableShrinks (nothing written) when `rows` are under SHRINK_LIMIT of the active
+    table's ranges; checked under the import lock, so against the table it would replace."""
     async with conn.transaction():
         await conn.execute("LOCK TABLE bin_tables IN SHARE ROW EXCLUSIVE MODE")   # one import at a time
+        if not allow_shrink:
+            active = await conn.fetchrow("SELECT version, ranges FROM bin_tables WHERE active")
+            if active is not None and len(rows) < active["ranges"] * SHRINK_LIMIT:
+                raise TableShrinks(int(active["version"]), int(active["ranges"]))
         version = int(await conn.fetchval("SELECT coalesce(max(version), 0) + 1 FROM bin_tables"))
         await conn.execute("INSERT INTO bin_tables (version, source_file, sha256, ranges, rejected)"
                            " VALUES ($1, $2, $3, $4, $5)", version, source_file, sha256, len(rows), rejected)

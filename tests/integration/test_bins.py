@@ -161,7 +161,7 @@ def test_duplicate_ranges_collapse_when_identical_and_refuse_the_file_when_not(
     # The table was not replaced: no new version, `before` still the active one (not always the newest:
     # another module may have rolled back to it).
     assert crs_command(dev_env, "bins", "versions").stdout == listed and f"* v{before} " in listed
-    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])))
+    r = crs_command(dev_env, "bins", "import", str(_write(tmp_path / "same.csv", [one, one])), "--allow-shrink")
     assert r.returncode == 0 and "1 identical rows collapsed" in r.stdout and "(1 ranges)" in r.stdout, r.stderr
     versions = crs_command(dev_env, "bins", "versions").stdout.splitlines()
     assert versions[0].startswith("* v") and " 1 ranges" in versions[0]
@@ -177,7 +177,7 @@ def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
     upper = ["999150", "999249", "16", "testnet", "Upper", "US", "credit", "false"]
     lower = ["999100", "999199", "16", "testnet", "Lower", "US", "debit", "false"]
     ties = _write(tmp_path / "ties.csv", [upper, lower])
-    r = crs_command(dev_env, "bins", "import", str(ties), "--allow-partial-overlaps")
+    r = crs_command(dev_env, "bins", "import", str(ties), "--allow-partial-overlaps", "--allow-shrink")
     assert r.returncode == 0, r.stderr
     imported = re.search(r"BIN table version (\d+) is active", r.stdout)
     assert imported is not None, r.stdout
@@ -194,6 +194,36 @@ def test_equally_narrow_partial_overlaps_go_to_the_lower_range_on_nodes_and_cli(
         pan = _pan("999170")
         by_pan = crs_command(dev_env, "bins", "lookup", stdin=pan + "\n")
         assert '"issuerName": "Lower"' in by_pan.stdout and pan not in by_pan.stdout
+    finally:
+        _roll_back(dev_env, fast_node, before)
+
+
+def test_a_much_smaller_table_needs_allow_shrink(dev_env: DevEnvironment, fast_node: Clients, tmp_path: Path) -> None:
+    """A one-row file (a truncated export, the wrong file) would replace the whole table and leave most
+    cards without a range: refused, nothing written, unless --allow-shrink says it is meant. Half the
+    active table's ranges or more goes through without it."""
+    before = fast_node.lookup.ResolveBin(pb.ResolveBinRequest(prefix="999100"), timeout=5).table_version
+
+    def table(name: str, n: int) -> Path:   # n one-prefix ranges, 999100 (the rolled-back-to check) first
+        return _write(tmp_path / name, [[f"{999_100 + i}", f"{999_100 + i}", "16", "testnet", "Test Issuer A", "US",
+                                          "credit", "false"] for i in range(n)])
+
+    try:
+        r = crs_command(dev_env, "bins", "import", str(table("forty.csv", 40)), "--allow-shrink")   # whatever was on
+        forty = re.search(r"BIN table version (\d+) is active \(40 ranges\)", r.stdout)
+        assert r.returncode == 0 and forty is not None, (r.stdout, r.stderr)
+        listed = crs_command(dev_env, "bins", "versions").stdout
+        r = crs_command(dev_env, "bins", "import", str(table("one.csv", 1)))
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert (f"the file has 1 ranges and the active table, version {forty[1]}, has 40 ranges" in r.stderr
+                and "pass --allow-shrink if it is meant; the table was not replaced" in r.stderr), r.stderr
+        assert crs_command(dev_env, "bins", "versions").stdout == listed        # nothing written
+        r = crs_command(dev_env, "bins", "import", str(table("nineteen.csv", 19)))
+        assert r.returncode == 2 and "the file has 19 ranges" in r.stderr, r.stderr
+        r = crs_command(dev_env, "bins", "import", str(table("twenty.csv", 20)))   # half: no flag needed
+        assert r.returncode == 0 and "(20 ranges)" in r.stdout, r.stderr
+        r = crs_command(dev_env, "bins", "import", str(table("one.csv", 1)), "--allow-shrink")
+        assert r.returncode == 0 and "(1 ranges)" in r.stdout, r.stderr
     finally:
         _roll_back(dev_env, fast_node, before)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server.bins import COLUMNS, BinRowError, parse_row
+from server.bins import CARD_NUMBER, COLUMNS, BinRowError, parse_row
 from server.cli.base import CommandFailed
 from server.cli.bins import duplicates, lookup_digits
 from server.pan import luhn_check_digit
@@ -146,3 +146,38 @@ def test_overlaps_tell_a_sub_range_from_a_partial_overlap_and_from_the_same_rang
     assert kinds[(0, 1)] == (True, False)                  # a sub-range
     assert kinds[(0, 2)] == (False, False)                 # a partial overlap
     assert kinds.get((0, 3), kinds.get((3, 0))) == (False, True)   # the same PANs, other spelling
+
+
+@pytest.mark.parametrize("column, given", [
+    ("issuer_name", f"Issuer {PAN}"), ("issuer_name", f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"),
+    ("issuer_name", f"{PAN[:4]}-{PAN[4:8]}-{PAN[8:12]}-{PAN[12:]} Bank"), ("network", f"net{PAN}"),
+])
+def test_a_card_number_in_a_text_cell_is_a_refused_row(column: str, given: str) -> None:
+    """ResolveBin answers these cells in clear to every switch: a PAN there would be served (and
+    `crs pci scan` would find it in bin_ranges). The reason never holds the number."""
+    with pytest.raises(BinRowError) as info:
+        parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {column: given})
+    assert info.value.column == column and info.value.reason == CARD_NUMBER and PAN not in str(info.value)
+
+
+@pytest.mark.parametrize("issuer", ["Bank 1234567", "Caisse 2024-01-15", f"Issuer {BAD_LUHN}"])
+def test_digits_that_are_no_card_number_stay(issuer: str) -> None:
+    assert parse_row(dict(zip(COLUMNS, ROW, strict=True)) | {"issuer_name": issuer}).issuer_name == issuer
+
+
+def test_an_import_names_the_rows_holding_a_card_number_never_the_number(closed_dsn: str, tmp_path: Path) -> None:
+    rows = [ROW, [*ROW[:4], f"Issuer {PAN}", *ROW[5:]], ["999200", "999299", "16", f"v{PAN}", *ROW[4:]]]
+    rejects = tmp_path / "rejects.csv"
+    r = _crs(closed_dsn, "bins", "import", str(_write(tmp_path / "pan.csv", rows)), "--rejects", str(rejects))
+    assert r.returncode == 2 and "2 rejected rows > --max-rejects 0" in _one_line(r)
+    assert "card number: row 3, issuer_name: rejected" in r.stdout and "card number: row 4, network" in r.stdout
+    assert PAN not in rejects.read_text() and "3,issuer_name,holds a card number" in rejects.read_text()
+    allowed = _crs(closed_dsn, "bins", "import", str(tmp_path / "pan.csv"), "--max-rejects", "2")
+    assert allowed.returncode == 3 and "card number: row 3" in allowed.stdout   # the good row went on to the database
+    assert PAN not in allowed.stdout + allowed.stderr
+
+
+def test_import_help_says_what_is_refused() -> None:
+    r = subprocess.run([sys.executable, "-m", "server.cli", "bins", "import", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert "--allow-shrink" in r.stdout and "card" in r.stdout and "under half the active table" in r.stdout

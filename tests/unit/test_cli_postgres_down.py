@@ -1,6 +1,8 @@
 """`crs --help` promises exit 3 when a dependency is down: every command that talks to PostgreSQL
-directly says so in one line on stderr (server/cli/base.py `postgres_errors`), never a traceback.
-No servers: PostgreSQL is a loopback port that refuses connections. (`crs bins`: test_cli_bins.py.)"""
+directly says so in one line on stderr (server/cli/base.py `postgres_errors`), never a traceback;
+configuration it cannot use (no DSN, a port no connection can use, a TOML value of the wrong type) is
+exit 2, also in one line. No servers: PostgreSQL is a loopback port that refuses connections.
+(`crs bins`: test_cli_bins.py.)"""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from server.cli.base import CommandFailed, dsn_ports_usable, require_dsn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,3 +75,39 @@ def test_a_dsn_the_driver_cannot_use_is_bad_configuration(command: tuple[str, ..
                        text=True, timeout=60)
     assert r.returncode == 2 and "CRS_PG_DSN cannot be used" in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr
+
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://crs:s3cret-pw@127.0.0.1:70000/crs", "postgresql://crs:s3cret-pw@db:x/crs",
+                                 "postgresql://crs:s3cret-pw@pg-a:5432,pg-b:-5/crs", "postgres://crs:s3cret-pw@[::1]:0/crs"])
+def test_a_dsn_port_no_connection_can_use_is_bad_configuration(dsn: str) -> None:
+    """The audit's reproduction (`crs shards status` with port 70000): a traceback (OverflowError from
+    connect(); ValueError for "x") instead of one line, exit 2, without the DSN's password."""
+    assert not dsn_ports_usable(dsn)
+    with pytest.raises(CommandFailed) as info:
+        require_dsn(dsn, "CRS_PG_READ_DSN")
+    assert info.value.code == 2 and str(info.value) == "CRS_PG_READ_DSN: a port is not a number from 1 to 65535"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRS_", "PG"))} | {"CRS_PG_DSN": dsn}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "status"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr
+    assert "CRS_PG_DSN: a port is not a number from 1 to 65535" in r.stderr
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://crs:pw@127.0.0.1:65535/crs", "postgresql://crs@h1:5432,h2/crs",
+                                 "postgresql:///crs?host=/var/run/postgresql", "postgresql://[::1]/crs",
+                                 "postgresql://crs@[::1]:5432/crs?target_session_attrs=read-write", "garbage"])
+def test_usable_dsn_ports_pass(dsn: str) -> None:
+    assert dsn_ports_usable(dsn)
+    require_dsn(dsn)
+
+
+def test_a_non_string_redis_shards_in_the_config_file_is_one_line(closed_dsn: str, tmp_path: Path) -> None:
+    config = tmp_path / "crs.toml"
+    config.write_text('redis_shards = ["shard-0=redis://:s3cret-pw@127.0.0.1:6379/0"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRS_", "PG"))}
+    r = subprocess.run([sys.executable, "-m", "server.cli", "shards", "status"], cwd=ROOT,
+                       env=env | {"CRS_PG_DSN": closed_dsn, "CRS_CONFIG": str(config)},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "s3cret" not in r.stderr, r.stderr
+    assert "redis_shards in a config file must be one string (got list)" in r.stderr

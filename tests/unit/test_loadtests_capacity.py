@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,48 @@ def test_penalties_per_tier_come_from_the_nodes_series() -> None:
     assert ans.pg_cores == pytest.approx(100_000 * 0.00001 * 1.2)
     assert ans.node_cores == pytest.approx(50)
     assert any("Redis CPU per lookup grew to 1.50x" in n for n in ans.notes)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--miss-ratio", "2"), ("--miss-ratio", "-0.1"), ("--miss-ratio", "5%"), ("--miss-ratio", "nan"),
+    ("--headroom", "1"), ("--headroom", "-0.2"), ("--target", "0"), ("--target", "inf"), ("--p99-ms", "0"),
+    ("--cores-per-pod", "0"), ("--cores-per-pod", "2.5"), ("--shard-memory-gb", "-8"), ("--keys", "-1"),
+    ("--customers", "-1"), ("--customers", "inf"),
+])
+def test_a_number_outside_its_range_is_refused_naming_the_flag(flag: str, value: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`--miss-ratio 2` used to plan PostgreSQL for twice the lookups; ratios and fractions are within
+    [0, 1] (headroom below 1), counts and sizes finite and not negative."""
+    from loadtests.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["capacity", "--target", "1000", flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}: {value!r} is not a" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag, value", [("--miss-ratio", "0"), ("--miss-ratio", "1"), ("--headroom", "0"),
+                                         ("--keys", "0"), ("--customers", "0")])
+def test_the_ends_of_each_range_are_accepted(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.cli import main
+
+    assert main(["capacity", "--target", "1000", "--p99-ms", "1000", flag, value]) == 0
+    assert "node processes" in capsys.readouterr().out
+
+
+def test_the_model_refuses_what_the_flags_refuse() -> None:
+    """plan() is also called without the CLI (tests, notebooks): the same limits hold there."""
+    costs = costs_from_report(synthetic_report())
+    for bad in ({"miss_ratio": 2.0}, {"miss_ratio": math.nan}, {"keys": -1.0}, {"customers": math.inf}):
+        with pytest.raises(ValueError):
+            plan(Request(target=1000, mix={"retail": 1.0}, p99_budget_ms=10, **bad), costs)   # type: ignore[arg-type]
+
+
+def test_a_report_that_cannot_be_read_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtests.cli import main
+
+    (tmp_path / "list.json").write_text("[]")
+    for report, said in ((tmp_path, "cannot read it"), (tmp_path / "list.json", "is not a sweep report")):
+        assert main(["capacity", "--target", "1000", "--report", str(report)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err

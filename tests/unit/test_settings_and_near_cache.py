@@ -183,3 +183,15 @@ def test_unknown_crs_variables_are_named_with_what_they_may_mean() -> None:
                "CRS_CACHE_TLL": "30"}
     assert unknown_variables(environ) == ["CRS_BOGUS", "CRS_CACHE_TLL (CRS_CACHE_TTL?)",
                                           "CRS_REDIS_SHARD (CRS_REDIS_SHARDS?)"]
+
+
+@pytest.mark.parametrize("toml", ['redis_shards = ["shard-0=redis://:pw@127.0.0.1:6379/0"]', "redis_shards = 4",
+                                  'redis_shards = {shard-0 = "redis://:pw@127.0.0.1:6379/0"}'])
+def test_redis_shards_in_a_config_file_is_one_string(tmp_path: Path, toml: str) -> None:
+    """A TOML list or table used to pass through unparsed and fail later with a traceback."""
+    cfg = tmp_path / "crs.toml"
+    cfg.write_text(toml + "\n")
+    with pytest.raises(SettingsError, match="CRS_REDIS_SHARDS: redis_shards in a config file must be one string"):
+        load_settings({}, config_file=cfg)
+    cfg.write_text('redis_shards = "shard-0=redis://127.0.0.1:6379/0"\n')
+    assert [s.name for s in load_settings({}, config_file=cfg).redis_shards] == ["shard-0"]
