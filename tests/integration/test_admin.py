@@ -201,6 +201,113 @@ def test_error_statuses(node_a: Clients, used_secrets: UsedSecrets) -> None:
                 grpc.StatusCode.INVALID_ARGUMENT)
 
 
+UNKNOWN_CUSTOMER, UNKNOWN_ACCOUNT, UNKNOWN_CARD = "cus_" + "0" * 20, "acc_" + "0" * 20, "tok_" + "0" * 24
+
+
+def _refused(call: object, code: grpc.StatusCode, message: str, *secrets: str) -> None:
+    """`call()` ends with `code`, its message holds `message`, and no secret of the request (a full
+    card or account number) is in it."""
+    err = expect_code(call, code)
+    details = err.details() or ""
+    assert message in details, f"expected {message!r} in {details!r}"
+    leaked = [s for s in secrets if s in details or s in str(err)]
+    assert not leaked, f"the message echoes a number of the request: {details!r}"
+
+
+def test_every_admin_write_answers_not_found_for_an_unknown_id(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    customer, account, card, _pan = _setup_card(node_a, used_secrets)
+    stranger = new_customer(node_a.admin, "Not Related")
+    admin, nf = node_a.admin, grpc.StatusCode.NOT_FOUND
+    _refused(lambda: admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=UNKNOWN_CUSTOMER, segment="x"),
+                                          timeout=5), nf, "customer not found")
+    _refused(lambda: admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        customer_id=UNKNOWN_CUSTOMER, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5), nf, "customer not found")
+    number = fresh_account_number(used_secrets)
+    _refused(lambda: admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(1), account_number=number, type=pb.ACCOUNT_TYPE_CHECKING, currency="USD",
+        owner_customer_id=UNKNOWN_CUSTOMER), timeout=5), nf, "owner customer not found", number)
+    _refused(lambda: admin.SetAccountStatus(pb.SetAccountStatusRequest(
+        account_id=UNKNOWN_ACCOUNT, status=pb.ACCOUNT_STATUS_FROZEN), timeout=5), nf, "account not found")
+    _refused(lambda: admin.CloseAccount(pb.CloseAccountRequest(account_id=UNKNOWN_ACCOUNT), timeout=5),
+             nf, "account not found")
+    _refused(lambda: admin.LinkCustomer(pb.LinkCustomerRequest(
+        account_id=account.account_id, customer_id=UNKNOWN_CUSTOMER, role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5),
+        nf, "customer not found")
+    _refused(lambda: admin.LinkCustomer(pb.LinkCustomerRequest(
+        account_id=UNKNOWN_ACCOUNT, customer_id=stranger.customer_id, role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5),
+        nf, "account not found")
+    _refused(lambda: admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
+        account_id=account.account_id, customer_id=stranger.customer_id), timeout=5),
+        nf, "customer is not related to this account")
+    _refused(lambda: admin.UnlinkCustomer(pb.UnlinkCustomerRequest(
+        account_id=UNKNOWN_ACCOUNT, customer_id=customer.customer_id), timeout=5),
+        nf, "customer is not related to this account")
+    new_pan = fresh_pan(used_secrets)
+    _refused(lambda: admin.IssueCard(pb.IssueCardRequest(pan=new_pan, expiry="2030-01", account_id=UNKNOWN_ACCOUNT),
+                                     timeout=5), nf, "account not found", new_pan, new_pan[6:])
+    _refused(lambda: admin.LinkCard(pb.LinkCardRequest(card_token=UNKNOWN_CARD, account_id=account.account_id),
+                                    timeout=5), nf, "card not found")
+    _refused(lambda: admin.LinkCard(pb.LinkCardRequest(card_token=card.token, account_id=UNKNOWN_ACCOUNT),
+                                    timeout=5), nf, "account not found")
+    _refused(lambda: admin.SetCardStatus(pb.SetCardStatusRequest(card_token=UNKNOWN_CARD,
+                                                                 status=pb.CARD_STATUS_BLOCKED), timeout=5),
+             nf, "card not found")
+    # Nothing was written: the card stayed where it was, the new PAN was never issued.
+    assert node_a.lookup.ResolveCard(pb.ResolveCardRequest(token=card.token), timeout=5).account.account_id == \
+        account.account_id
+    expect_code(lambda: node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=new_pan), timeout=5), nf)
+
+
+def test_create_account_refuses_a_bad_currency_a_closed_owner_and_a_taken_number(
+        node_a: Clients, used_secrets: UsedSecrets) -> None:
+    admin = node_a.admin
+    owner = new_customer(admin, "Account Owner")
+    routing = demo_routing(2)
+
+    def create(number: str, currency: str = "USD", owner_id: str = owner.customer_id) -> pb.Account:
+        reply: pb.Account = admin.CreateAccount(pb.CreateAccountRequest(
+            routing_number=routing, account_number=number, type=pb.ACCOUNT_TYPE_SAVINGS, currency=currency,
+            owner_customer_id=owner_id), timeout=5)
+        return reply
+
+    number = fresh_account_number(used_secrets)
+    for currency in ("usd", "US", "EURO", "U$D", "ÉUR", "ＵＳＤ", "U D"):
+        _refused(lambda currency=currency: create(number, currency), grpc.StatusCode.INVALID_ARGUMENT,
+                 "currency must be an ISO 4217 code", number)
+    assert create(number, "CHF").currency == "CHF"      # the control: the same number, a good currency
+    _refused(lambda: create(number), grpc.StatusCode.ALREADY_EXISTS, "already exists at this routing number",
+             number)
+    err = expect_code(lambda: create(number, "EUR"), grpc.StatusCode.ALREADY_EXISTS)
+    assert number[-4:] in (err.details() or ""), "the message names the account by its last four"
+    closed = new_customer(admin, "Closed Owner")
+    admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=closed.customer_id,
+                                                        status=pb.CUSTOMER_STATUS_CLOSED), timeout=5)
+    other = fresh_account_number(used_secrets)
+    _refused(lambda: create(other, owner_id=closed.customer_id), grpc.StatusCode.FAILED_PRECONDITION,
+             "owner customer is closed", other)
+    # Nothing was created for the refused number: it resolves to nothing.
+    expect_code(lambda: node_a.lookup.ResolveAccount(pb.ResolveAccountRequest(
+        routing_number=routing, account_number=other), timeout=5), grpc.StatusCode.NOT_FOUND)
+
+
+def test_a_closed_card_changes_status_no_more(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    _customer, account, card, pan = _setup_card(node_a, used_secrets)
+    _other_customer, elsewhere, _other_card, _ = _setup_card(node_a, used_secrets)
+    admin = node_a.admin
+    closed = admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_CLOSED),
+                                 timeout=5)
+    assert closed.status == pb.CARD_STATUS_CLOSED
+    for status in (pb.CARD_STATUS_ACTIVE, pb.CARD_STATUS_BLOCKED, pb.CARD_STATUS_LOST, pb.CARD_STATUS_STOLEN):
+        _refused(lambda status=status: admin.SetCardStatus(pb.SetCardStatusRequest(
+            card_token=card.token, status=status), timeout=5), grpc.StatusCode.FAILED_PRECONDITION,
+            "card is closed; a closed card cannot change status", pan, pan[6:])
+    _refused(lambda: admin.LinkCard(pb.LinkCardRequest(card_token=card.token, account_id=elsewhere.account_id),
+                                    timeout=5), grpc.StatusCode.FAILED_PRECONDITION, "card is closed", pan, pan[6:])
+    answer = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert answer.card.status == pb.CARD_STATUS_CLOSED and answer.card.version == closed.version
+    assert answer.account.account_id == account.account_id and not answer.in_good_standing
+
+
 def _wait_for(predicate: object, bound: float) -> float:
     assert callable(predicate)
     start = time.monotonic()
@@ -241,25 +348,50 @@ def test_write_on_one_node_is_seen_on_another_within_bound(node_a: Clients, node
         pb.GetCustomerRequest(customer_id=other_customer.customer_id), timeout=5).cards], STALENESS_BOUND_S)
 
 
-def test_outbox_rows_are_written_and_settled(node_a: Clients, dev_env: object, used_secrets: UsedSecrets) -> None:
-    import asyncio
+def test_outbox_rows_are_written_and_settled(node_a: Clients, dev_env: DevEnvironment,
+                                            used_secrets: UsedSecrets) -> None:
+    """Each write leaves its outbox row in its own transaction: the event, the entity, and the cache
+    keys it made stale (the customer's profile, the account's by number, the card's by PAN and by
+    token); the relay then invalidates and settles every one of them."""
+    from server import cache_keys as ck
+    from server.crypto import account_fingerprint_input
 
-    import asyncpg
+    customer = new_customer(node_a.admin)
+    routing, number = demo_routing(1), fresh_account_number(used_secrets)
+    account = node_a.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=routing, account_number=number, type=pb.ACCOUNT_TYPE_CHECKING, currency="USD",
+        owner_customer_id=customer.customer_id), timeout=5)
+    pan = fresh_pan(used_secrets)
+    card = node_a.admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-01", account_id=account.account_id),
+                                  timeout=5)
+    settings = dev_env.settings()
+    keyring = settings.keyring()
+    version = keyring.fingerprint_version
+    ids = [customer.customer_id, account.account_id, card.token]
+    rows = sql(settings.pg_dsn, "SELECT event_type, entity_type, entity_id, cache_keys FROM outbox"
+                                " WHERE entity_id = ANY($1::text[]) AND cache_keys <> '{}' ORDER BY seq", ids)
+    assert [(r["event_type"], r["entity_type"], r["entity_id"]) for r in rows] == [
+        ("customer.created", "customer", customer.customer_id), ("account.created", "account", account.account_id),
+        ("card.issued", "card", card.token)]
+    made_stale = [set(r["cache_keys"]) for r in rows]
+    profile = ck.customer_key(customer.customer_id)
+    assert profile in made_stale[0]
+    assert {ck.account_key(version, keyring.fingerprint(account_fingerprint_input(routing, number))),
+            profile} <= made_stale[1]
+    assert {ck.card_key(version, keyring.fingerprint(pan)), ck.token_key(card.token)} <= made_stale[2]
+    assert not [k for keys in made_stale for k in keys if pan[6:] in k or number in k], "a number in a key"
 
-    from devstack.environment import DevEnvironment
-
-    assert isinstance(dev_env, DevEnvironment)
-    _setup_card(node_a, used_secrets)
-    dsn = dev_env.settings().pg_dsn
-
-    async def unsettled() -> int:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return int(await conn.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL"))
-        finally:
-            await conn.close()
+    def unsettled() -> list[str]:
+        return [r["event_type"] for r in sql(
+            settings.pg_dsn, "SELECT event_type FROM outbox WHERE entity_id = ANY($1::text[])"
+                             " AND (invalidated_at IS NULL OR settled_at IS NULL)", ids)]
 
     deadline = time.monotonic() + 10
-    while asyncio.run(unsettled()) and time.monotonic() < deadline:
+    while unsettled() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert asyncio.run(unsettled()) == 0
+    assert unsettled() == [], "the relay did not invalidate and settle these writes' rows"
+    deadline = time.monotonic() + 10     # nor any other write's (other tests', before this one)
+    while sql(settings.pg_dsn, "SELECT 1 FROM outbox WHERE settled_at IS NULL LIMIT 1") and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sql(settings.pg_dsn, "SELECT count(*) AS n FROM outbox WHERE settled_at IS NULL")[0]["n"] == 0

@@ -105,3 +105,25 @@ def test_two_hundred_plus_malformed_keys(node_a: Clients) -> None:
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(11)), timeout=5).card.last4
     assert node_a.node.proc.poll() is None
+
+
+def test_an_over_long_correlation_id_is_refused_key_by_key(node_a: Clients) -> None:
+    """A correlation id over 128 characters: that key alone is INVALID_ARGUMENT, in BatchResolve and
+    StreamResolve alike, whether its card is a near-cache hit (the fast path) or not; its result
+    carries the id cut to 128 characters, and the message does not repeat the key."""
+    hit, other = demo_pan(11), demo_pan(12)
+    node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=hit), timeout=5)      # a near-cache hit now
+    keys = [pb.LookupKey(pan=hit, correlation_id="a" * 129), pb.LookupKey(pan=other, correlation_id="b" * 500),
+            pb.LookupKey(account=pb.AccountKey(routing_number=demo_routing(0), account_number="123456"),
+                         correlation_id="c" * 129),
+            pb.LookupKey(pan=hit, correlation_id="d" * 128)]                   # the longest allowed
+    batch = node_a.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=10).results
+    streamed = {r.correlation_id: r for r in node_a.lookup.StreamResolve(iter(keys), timeout=10)}
+    for results in (list(batch), [streamed.get(k.correlation_id[:128], pb.LookupResult()) for k in keys]):
+        assert [r.correlation_id for r in results] == [k.correlation_id[:128] for k in keys]
+        assert [r.code for r in results] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]] * 3 + [0]
+        for r in results[:3]:
+            assert r.message == "correlation_id is longer than 128 characters", r.message
+            assert not r.HasField("resolution")
+            assert hit not in str(r) and other not in str(r) and hit[6:] not in str(r)
+        assert results[3].resolution.card.last4 == hit[-4:]

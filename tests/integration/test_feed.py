@@ -5,6 +5,7 @@ bad requests, scopes, and compaction -> OUT_OF_RANGE (in a database of its own).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import threading
 import time
 import urllib.request
@@ -16,13 +17,13 @@ import grpc
 import pytest
 
 from devstack.demo import demo_routing
-from devstack.environment import DevEnvironment
+from devstack.environment import DevEnvironment, open_channel
 from server import rpc
 from server.caller import Caller
 from server.feed.tailer import FeedTailer
 from server.proto import crs_pb2 as pb
 from server.store.envelope import Change, WriteEnvelope
-from server.store.feed import head
+from server.store.feed import compact, head
 from tests.integration.support import (
     Clients,
     UsedSecrets,
@@ -33,6 +34,7 @@ from tests.integration.support import (
     new_customer,
     on_database,
     own_env,
+    running,
     sql,
 )
 
@@ -459,8 +461,9 @@ def test_a_slow_consumer_is_cut_off_not_buffered(dev_env: DevEnvironment, node_a
         node.stop()
 
 
-async def _commit_many(env: DevEnvironment, n: int) -> None:
-    """n customer events in one transaction, the way the envelope appends them (under the feed lock)."""
+async def _commit_many(env: DevEnvironment, n: int, name_size: int = 200) -> None:
+    """n customer events in one transaction, the way the envelope appends them (under the feed lock),
+    each carrying a customer state with a `name_size`-character name."""
     conn = await asyncpg.connect(env.admin_dsn)
     try:
         async with conn.transaction():
@@ -471,7 +474,7 @@ async def _commit_many(env: DevEnvironment, n: int) -> None:
                 " SELECT nextval('feed_seq'), 'customer.updated', 'customer', 'cus_bulk' || i, $1, $2,"
                 " 'cus_bulk' || i, $3, now() FROM generate_series(1, $4) AS i",
                 pb.ENTITY_TYPE_CUSTOMER, pb.OPERATION_UPDATE,
-                pb.Customer(customer_id="cus_bulk", display_name="x" * 200).SerializeToString(), n)
+                pb.Customer(customer_id="cus_bulk", display_name="x" * name_size).SerializeToString(), n)
             await conn.execute("SELECT pg_notify('crs_feed', '')")
     finally:
         await conn.close()
@@ -523,17 +526,65 @@ def test_the_tailer_ends_when_cancelled_as_a_change_arrives(dev_env: DevEnvironm
     assert asyncio.run(scenario()) == [True] * 4
 
 
-def test_compaction_answers_out_of_range_with_the_oldest_retained() -> None:
-    """A node with a one-second retention compacts (as the service role, on its own schedule) in a
-    database of its own: the shared one keeps its outbox for the PCI scan."""
-    env = own_env(shards=1, customers=0, tls=True)
-    env.start()
-    try:
-        node = env.start_node(workers=1, feed_retention=1.0, feed_compact_interval=0.5,
+@pytest.fixture(scope="module")
+def feed_db() -> Iterator[DevEnvironment]:
+    """A database of its own for the tests that compact the feed: the shared one keeps its outbox for
+    the PCI scan."""
+    yield from running(own_env(shards=1, customers=0, tls=True))
+
+
+def test_compaction_answers_out_of_range_with_the_oldest_retained(feed_db: DevEnvironment) -> None:
+    """A node with a one-second retention compacts (as the service role, on its own schedule)."""
+    node = feed_db.start_node(workers=1, feed_retention=1.0, feed_compact_interval=0.5,
                               reinvalidate_delay=0.3, outbox_poll_interval=0.1)
-        _compaction_scenario(env, clients_of(node))
+    try:
+        _compaction_scenario(feed_db, clients_of(node))
     finally:
-        env.stop()
+        node.stop()
+        feed_db.nodes.remove(node)
+
+
+def test_compaction_while_a_watch_catches_up_ends_it_out_of_range(feed_db: DevEnvironment) -> None:
+    """A Watch reading old events in batches (catch-up) while compaction removes the rows ahead of it
+    would skip them silently: it ends OUT_OF_RANGE instead, naming the oldest retained sequence. The
+    consumer stops reading after the first event, so the node's catch-up waits (HTTP/2 flow control)
+    between batches, far short of the 12 MB of events, while the feed is compacted past it."""
+    start = _newest(feed_db)
+    asyncio.run(_commit_many(feed_db, 3000, name_size=4000))
+    # Started after the commit, its feed reader starts at the head: all 3000 are catch-up, none live.
+    node = feed_db.start_node(workers=1, feed_batch=20)     # its own retention (7 days) compacts nothing
+    # No BDP probing: the stream's window stays at its initial 64 KiB instead of growing to megabytes.
+    channel = open_channel(node.address, node.pki, "feed", options=[("grpc.http2.bdp_probe", 0)])
+    call = rpc.stub(channel, "ChangeFeedService").Watch(
+        pb.WatchRequest(from_sequence=start, entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=20)
+    try:
+        first = next(call)
+        assert first.sequence == start + 1 and first.entity_id.startswith("cus_bulk"), first.entity_id
+        time.sleep(0.5)                               # the node fills the window and waits on the consumer
+
+        async def compact_everything() -> int:
+            pool = await asyncpg.create_pool(feed_db.admin_dsn, min_size=1, max_size=1)
+            try:
+                return await compact(pool, older_than=dt.timedelta(0))
+            finally:
+                await pool.close()
+
+        assert asyncio.run(compact_everything()) >= 3000
+        received = 1
+        with pytest.raises(grpc.RpcError) as info:
+            for _event in call:
+                received += 1
+        err = info.value
+        assert err.code() == grpc.StatusCode.OUT_OF_RANGE, f"{err.code().name}: {err.details()}"
+        details = err.details() or ""
+        assert "was compacted while this Watch caught up" in details, details
+        oldest = int(details.split("oldest retained is ")[1].split(":")[0])
+        assert oldest > start + 3000 and received < 3000, (oldest, received)
+    finally:
+        call.cancel()
+        channel.close()
+        node.stop()
+        feed_db.nodes.remove(node)
 
 
 def _compaction_scenario(env: DevEnvironment, c: Clients) -> None:

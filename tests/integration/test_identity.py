@@ -137,6 +137,75 @@ def test_bad_identity_input(node_a: Clients) -> None:
                 grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def test_identity_rpcs_check_their_arguments(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """Each IdentityService RPC refuses a malformed or missing argument with INVALID_ARGUMENT naming
+    it (an unknown one with NOT_FOUND), and no answer echoes a card number put where an id goes."""
+    identity = node_a.identity
+    pan = fresh_pan(used_secrets)
+    bad, nf = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    ref, person = _ref("onboarding"), _person()
+    existing = _create(node_a, person, ref)
+    nameless = pb.IdentityAttributes(email="nameless@example.com")
+    cases = [
+        ("max_candidates must be 0-50", bad, lambda: identity.IdentifyCustomer(pb.IdentifyCustomerRequest(
+            attributes=person, max_candidates=51), timeout=5)),
+        ("max_candidates must be 0-50", bad, lambda: identity.IdentifyCustomer(pb.IdentifyCustomerRequest(
+            attributes=person, max_candidates=-1), timeout=5)),
+        ("attributes needs a given_name or a family_name", bad, lambda: identity.IdentifyCustomer(
+            pb.IdentifyCustomerRequest(), timeout=5)),
+        ("give a customer_id or a source_ref", bad, lambda: identity.GetCustomerIdentity(
+            pb.GetCustomerIdentityRequest(), timeout=5)),
+        ("customer_id is malformed", bad, lambda: identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(
+            customer_id=pan), timeout=5)),
+        ("customer_id is empty", bad, lambda: identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(
+            customer_id=""), timeout=5)),
+        ("customer not found", nf, lambda: identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(
+            customer_id="cus_" + "0" * 20), timeout=5)),
+        ("no customer has this source reference", nf, lambda: identity.GetCustomerIdentity(
+            pb.GetCustomerIdentityRequest(source_ref=_ref()), timeout=5)),
+        ("source_ref.system must be", bad, lambda: identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(
+            source_ref=pb.SourceRef(system="", key="k-1")), timeout=5)),
+        ("source_ref.key must be 1-128 printable characters", bad, lambda: identity.ResolveSourceRef(
+            pb.SourceRef(system="core", key=""), timeout=5)),
+        ("source_ref.key must be 1-128 printable characters", bad, lambda: identity.ResolveSourceRef(
+            pb.SourceRef(system="core", key=" k-1"), timeout=5)),
+        ("source_ref.key must be 1-128 printable characters", bad, lambda: identity.ResolveSourceRef(
+            pb.SourceRef(system="core", key="k" * 129), timeout=5)),
+        ("source_ref.system must be", bad, lambda: identity.ResolveSourceRef(
+            pb.SourceRef(system="Core", key="k-1"), timeout=5)),
+        ("customer_id is empty", bad, lambda: identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            source_ref=ref, attributes=person), timeout=5)),
+        ("customer_id is malformed", bad, lambda: identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            customer_id=pan, source_ref=ref, attributes=person), timeout=5)),
+        ("source_ref.system must be", bad, lambda: identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            customer_id=existing.customer_id, attributes=person), timeout=5)),
+        ("attributes needs a given_name or a family_name", bad, lambda: identity.UpdateCustomerIdentity(
+            pb.UpdateCustomerIdentityRequest(customer_id=existing.customer_id, source_ref=ref, attributes=nameless),
+            timeout=5)),
+        ("attributes.date_of_birth", bad, lambda: identity.UpdateCustomerIdentity(pb.UpdateCustomerIdentityRequest(
+            customer_id=existing.customer_id, source_ref=ref, attributes=_person(date_of_birth="1971-02-30")),
+            timeout=5)),
+    ]
+    wrong = []
+    for message, code, call in cases:
+        try:
+            call()
+            wrong.append((message, "OK", ""))
+            continue
+        except grpc.RpcError as exc:
+            details = exc.details() or ""
+            if exc.code() != code or message not in details:
+                wrong.append((message, exc.code().name, details))
+            assert pan not in str(exc) and pan[6:] not in str(exc), f"a card number echoed: {details}"
+    assert wrong == [], wrong
+    # The controls: the bounds themselves are accepted, and nothing was changed by the refusals.
+    assert identity.IdentifyCustomer(pb.IdentifyCustomerRequest(attributes=person, max_candidates=50),
+                                     timeout=10).candidates[0].customer_id == existing.customer_id
+    assert identity.ResolveSourceRef(ref, timeout=5).customer_id == existing.customer_id
+    golden = identity.GetCustomerIdentity(pb.GetCustomerIdentityRequest(customer_id=existing.customer_id), timeout=5)
+    assert golden.attributes.email == person.email and len(golden.source_refs) == 1
+
+
 def test_switch_may_not_read_identity(dev_env: object, node_a: Clients) -> None:
     channel = node_a.node.channel("switch")
     try:

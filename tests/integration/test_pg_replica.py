@@ -25,11 +25,11 @@ import redis
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
-from server import cache_keys as ck
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import fill_window_of
 from tests.integration import load
+from tests.integration.support import card_key as support_card_key
 from tests.integration.support import metric, own_env, until
 
 CARDS = 120
@@ -55,8 +55,9 @@ def replay(env: DevEnvironment, *, paused: bool) -> None:
 
 
 def card_key(node: NodeProcess, i: int) -> str:
-    keyring = node.settings.keyring()
-    return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(demo_pan(i)))
+    """Card i's cache key as the node names it: under the active BIN table version too (a key built
+    without it names no entry the node ever writes)."""
+    return support_card_key(node.settings, demo_pan(i))
 
 
 def flush_caches(env: DevEnvironment) -> None:
@@ -113,6 +114,7 @@ def test_a_stale_standby_answer_is_never_cached(env: DevEnvironment) -> None:
     req = pb.ResolveCardRequest(pan=demo_pan(n))
     card = lookup.ResolveCard(req, timeout=5).card
     new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    key = card_key(reader, n)
     replay(env, paused=True)
     try:
         admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=new_status), timeout=5)
@@ -125,11 +127,14 @@ def test_a_stale_standby_answer_is_never_cached(env: DevEnvironment) -> None:
         while time.monotonic() < deadline:
             assert lookup.ResolveCard(req, timeout=5).card.status == new_status
             time.sleep(0.05)
+        # The primary's answer was cached (on the one shard the key belongs to), never the standby's.
+        cached = []
         for url in env.shard_urls().values():
             with redis.Redis.from_url(url) as client:
-                cached = client.get(card_key(reader, n))
-                if cached is not None:
-                    assert pb.Resolution.FromString(cached).card.status == new_status
+                value = client.get(key)
+                if value is not None:
+                    cached.append(pb.Resolution.FromString(value).card.status)
+        assert cached == [new_status], f"cached {cached} under {key}: expected the new status, once"
         time.sleep(1.2)
         assert metric(reader, "crs_pg_reads_total", route="primary_replica_behind") >= 1
         assert metric(reader, "crs_pg_replica_staleness_seconds") > 0.3

@@ -8,6 +8,7 @@ PostgreSQL or Redis.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 import redis
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -36,6 +38,39 @@ from server.settings import settings_to_env
 from tests.integration.support import Clients
 
 AUDIENCE = "crs-lookup-test"
+
+# The scope each RPC needs, as the documentation states it (an RPC listed with two scopes takes
+# either): docs/security.md ("7 access by need to know": feed:read for ChangeFeedService, identity:read
+# for IdentityService reads, admin:write for writes), docs/identity.md (its RPC table), docs/bins.md
+# (ResolveBin: lookup:card), README.md (BatchResolve and StreamResolve take keys of any kind: one
+# lookup scope to call them, then each key is checked against its own). Written out here, not read
+# from server/caller.py, so that a change to the server's table has to be a change to this one too.
+LOOKUP_ANY = frozenset({"lookup:card", "lookup:account", "lookup:customer"})
+DOCUMENTED_SCOPES: dict[str, dict[str, frozenset[str]]] = {
+    "LookupService": {
+        "ResolveCard": frozenset({"lookup:card"}),
+        "ResolveAccount": frozenset({"lookup:account"}),
+        "GetCustomer": frozenset({"lookup:customer"}),
+        "BatchResolve": LOOKUP_ANY,
+        "StreamResolve": LOOKUP_ANY,
+        "ResolveBin": frozenset({"lookup:card"}),
+    },
+    "AdminService": {name: frozenset({"admin:write"}) for name in (
+        "CreateCustomer", "UpdateCustomer", "SetCustomerStatus", "CreateAccount", "SetAccountStatus",
+        "CloseAccount", "LinkCustomer", "UnlinkCustomer", "IssueCard", "LinkCard", "SetCardStatus")},
+    "ChangeFeedService": {"Watch": frozenset({"feed:read"}), "Snapshot": frozenset({"feed:read"})},
+    "IdentityService": {
+        "IdentifyCustomer": frozenset({"identity:read"}),
+        "GetCustomerIdentity": frozenset({"identity:read"}),
+        "ResolveSourceRef": frozenset({"identity:read", "lookup:customer"}),
+        "ListReviewTasks": frozenset({"identity:read"}),
+        "UpdateCustomerIdentity": frozenset({"admin:write"}),
+        "MergeCustomers": frozenset({"admin:write"}),
+        "UnmergeCustomer": frozenset({"admin:write"}),
+        "DecideReviewTask": frozenset({"admin:write"}),
+    },
+}
+EVERY_SCOPE = frozenset(s for rpcs in DOCUMENTED_SCOPES.values() for scopes in rpcs.values() for s in scopes)
 
 
 @dataclass
@@ -80,6 +115,7 @@ def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) ->
             "revoked": {"scopes": ["lookup:card"], "cert_names": ["revoked"]},
             "limited": {"scopes": ["lookup:card"], "cert_names": ["limited"], "rate_per_s": 1, "burst": 3},
             "token-switch": {"scopes": ["lookup:card", "lookup:account"]},
+            "token-all": {"scopes": sorted(EVERY_SCOPE)},     # its tokens narrow it, one scope set per test
         },
         "revoked_serials": [format(revoked_serial, "x")],
     }
@@ -404,3 +440,96 @@ def test_only_operators_change_the_shard_topology(dev_env: DevEnvironment) -> No
     finally:
         os.close(write_end)
     assert (r.returncode, r.stderr) == (141, "")
+
+
+def _every_rpc() -> Iterator[tuple[ServiceDescriptor, rpc.Method]]:
+    """Every RPC of every service in the generated descriptors (not the server's own list)."""
+    for service in pb.DESCRIPTOR.services_by_name.values():
+        for method in rpc.methods(service).values():
+            yield service, method
+
+
+def test_the_scope_table_has_every_rpc_with_its_documented_scope() -> None:
+    """A new RPC (or service) without a row in DOCUMENTED_SCOPES fails here, and so does any
+    difference between what the documentation says an RPC needs and what the node's gate requires."""
+    from server.auth import Authenticator
+    from server.caller import ALL_SCOPES
+    from server.gate import Gate
+
+    generated = {(service.name, method.name) for service, method in _every_rpc()}
+    documented = {(service, name) for service, rpcs in DOCUMENTED_SCOPES.items() for name in rpcs}
+    assert generated == documented, f"RPCs without a documented scope: {sorted(generated - documented)};" \
+                                    f" documented RPCs that do not exist: {sorted(documented - generated)}"
+    assert EVERY_SCOPE == ALL_SCOPES
+    gate = Gate(Authenticator(registry=None, jwt=None, allow_anonymous=False))
+    differ = {f"{service.name}/{method.name}": sorted(gate.scopes_for(method))
+              for service, method in _every_rpc()
+              if gate.scopes_for(method) != DOCUMENTED_SCOPES[service.name][method.name]}
+    assert differ == {}, f"the gate's scopes differ from the documented ones: {differ}"
+
+
+def _outcome(channel: grpc.Channel, service: ServiceDescriptor, method: rpc.Method,
+             token: str) -> tuple[grpc.StatusCode, str]:
+    """How `method`, called with an empty request (no request at all on a client stream) and this
+    bearer token, ends: OK once a first answer came (a stream is cancelled then), else its status."""
+    call = getattr(rpc.Stub(channel, service), method.name)
+    metadata = (("authorization", f"Bearer {token}"),)
+    try:
+        if not method.server_streaming:
+            call(method.request(), timeout=5, metadata=metadata)
+            return grpc.StatusCode.OK, ""
+        answers = call(iter(()) if method.client_streaming else method.request(), timeout=5, metadata=metadata)
+        with contextlib.suppress(StopIteration):
+            next(answers)
+        answers.cancel()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_every_rpc_refuses_a_caller_without_its_scope_and_admits_one_with_it(secure: SecureNode,
+                                                                            dev_env: DevEnvironment) -> None:
+    """For each RPC of each service: a caller holding every scope but the ones it needs is refused
+    PERMISSION_DENIED, naming exactly the needed scopes, before any backend is touched; a caller holding
+    any one of them alone gets past the gate (its empty request is then answered as the handler
+    sees fit: INVALID_ARGUMENT mostly)."""
+    with secure.token_channel(None) as ch:         # the token goes with each call
+        before = _backend_activity(dev_env, secure.node)
+        refused: dict[str, tuple[str, str]] = {}
+        for service, method in _every_rpc():
+            needed = DOCUMENTED_SCOPES[service.name][method.name]
+            token = secure.token("token-all", scope=" ".join(sorted(EVERY_SCOPE - needed)))
+            code, details = _outcome(ch, service, method, token)
+            expected = f"client 'token-all' may not call {method.name} (needs {' or '.join(sorted(needed))})"
+            if (code, details) != (grpc.StatusCode.PERMISSION_DENIED, expected):
+                refused[f"{service.name}/{method.name}"] = (code.name, details)
+        assert refused == {}, f"callers without the RPC's scope were not refused as documented: {refused}"
+        assert _backend_activity(dev_env, secure.node) == before, "a refused call reached Redis or PostgreSQL"
+        admitted_wrongly: dict[str, tuple[str, str]] = {}
+        for service, method in _every_rpc():
+            for scope in sorted(DOCUMENTED_SCOPES[service.name][method.name]):
+                code, details = _outcome(ch, service, method, secure.token("token-all", scope=scope))
+                if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                            grpc.StatusCode.UNIMPLEMENTED):
+                    admitted_wrongly[f"{service.name}/{method.name} with {scope}"] = (code.name, details)
+        assert admitted_wrongly == {}, f"callers with the documented scope were refused: {admitted_wrongly}"
+
+
+def test_a_cached_token_is_refused_once_it_expires(secure: SecureNode) -> None:
+    """Verified tokens are cached (server/auth.py, JwtVerifier): the cached entry must end at the
+    token's exp, not outlive it. A token with a 1-2 s lifetime is verified (and cached), used again
+    from the cache, then refused as expired right after its exp."""
+    token = secure.token("token-switch", ttl=2)
+    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+    card = pb.ResolveCardRequest(pan=demo_pan(2))
+    with secure.token_channel(token) as ch:
+        lookup = rpc.stub(ch, "LookupService")
+        assert time.time() < expires, "the machine was too slow to use the token before it expired"
+        for _ in range(2):      # the first verifies and caches it, the second is answered from the cache
+            assert lookup.ResolveCard(card, timeout=5).card.last4 == demo_pan(2)[-4:]
+        while time.time() < expires + 0.3:
+            time.sleep(0.1)
+        with pytest.raises(grpc.RpcError) as info:
+            lookup.ResolveCard(card, timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    assert info.value.details() == "bearer token has expired"
