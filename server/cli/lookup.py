@@ -41,6 +41,8 @@ def add_connection_arguments(s: argparse.ArgumentParser, *, client: str = "switc
                                 " --tls-dir: plaintext)")
     s.add_argument("--cert", help="client certificate chain (PEM) for mutual TLS; with --key and --ca")
     s.add_argument("--key", help="client private key (PEM) for mutual TLS; with --cert and --ca")
+    s.add_argument("--server-name", help="the name the server's certificate must carry, when --target does"
+                                         " not say it (a kubectl port-forward to 127.0.0.1: crs-node.crs.svc)")
     s.add_argument("--token-file", help="file holding a bearer token (JWT) to send; needs TLS (--ca or"
                                         " --tls-dir): refused over plaintext, where it would travel in clear")
 
@@ -94,7 +96,11 @@ def open_channel(args: argparse.Namespace) -> Any:
     options = list(channel_options(args.target, wait_for_ready=False))
     credentials = channel_credentials(args)
     if credentials is None:
+        if args.server_name:
+            raise CommandFailed("--server-name needs TLS (--ca or --tls-dir): it names the server's certificate", 2)
         return grpc.insecure_channel(args.target, options=options)
+    if args.server_name:
+        options.append(("grpc.ssl_target_name_override", args.server_name))
     return grpc.secure_channel(args.target, credentials, options=options)
 
 

@@ -533,3 +533,17 @@ def test_a_cached_token_is_refused_once_it_expires(secure: SecureNode) -> None:
             lookup.ResolveCard(card, timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
     assert info.value.details() == "bearer token has expired"
+
+
+def test_crs_lookup_checks_the_server_name_it_is_given(secure: SecureNode, capsys: pytest.CaptureFixture[str]) -> None:
+    """`crs lookup --server-name`: the name the node's certificate must carry when the target does not
+    say it (a port-forward to 127.0.0.1). The dev certificate names localhost: that name passes, one it
+    does not carry fails the TLS handshake (UNAVAILABLE, exit 1), never connecting to an impostor."""
+    from server.cli.main import main as crs
+
+    base = ["lookup", "customer", "--customer-id", demo_customer_id(1), "--target", secure.node.address,
+            "--tls-dir", str(secure.pki.directory), "--client", "admin", "--timeout", "5"]
+    assert crs([*base, "--server-name", "localhost"]) == 0
+    assert demo_customer_id(1) in capsys.readouterr().out
+    assert crs([*base, "--server-name", "crs-node.elsewhere.example"]) == 1
+    assert capsys.readouterr().err.startswith("UNAVAILABLE")

@@ -76,6 +76,7 @@ def test_a_tls_file_that_cannot_be_used_is_one_line_exit_2(files: Path, target: 
     (("--tls-dir", "{tmp}", "--ca", "{tmp}/ca.pem"), "--tls-dir and --ca both name TLS files"),
     (("--ca", "{tmp}/ca.pem", "--token-file", "{tmp}/ca.pem"), "--token-file: {tmp}/ca.pem is not a token"),
     (("--ca", "{tmp}/ca.pem", "--token-file", "{tmp}/missing"), "--token-file: cannot read {tmp}/missing"),
+    (("--server-name", "crs-node.crs.svc"), "--server-name needs TLS"),
 ])
 def test_a_flag_that_would_be_ignored_or_sent_in_clear_is_refused(files: Path, target: str, flags: tuple[str, ...],
                                                                   said: str,
