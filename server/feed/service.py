@@ -102,9 +102,11 @@ class FeedHandlers:
                 async with asyncio.timeout(self.progress_interval):
                     item = await sub.queue.get()
             except TimeoutError:
-                # Idle: everything up to the tailer's last boundary has been delivered or filtered out.
-                # Never a mark below what was delivered (it would split a transaction on resume).
-                if sub.boundary >= delivered:
+                # Idle: everything up to the tailer's last boundary has been delivered or filtered out,
+                # unless the tailer queued events in the very turn the wait ran out (then they go first:
+                # a mark ahead of them would be checkpointed past them). Never a mark below what was
+                # delivered (it would split a transaction on resume).
+                if sub.queue.empty() and sub.boundary >= delivered:
                     yield progress_event(sub.boundary).SerializeToString()
                 continue
             if isinstance(item, CrsError):
