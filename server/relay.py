@@ -34,10 +34,12 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
     this node knows of: a node that has not loaded a newly activated table yet still deletes the
     keys of nodes that have (server/cache_keys.py)."""
     async with pool.acquire() as conn, conn.transaction():
+        # Rows never tried first, then the ones tried longest ago (migration 0013): rows a down shard
+        # keeps unsettled go round behind the others instead of taking every pass.
         rows = await conn.fetch(
             "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
-            " AND created_at < clock_timestamp() - $1::interval ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-            dt.timedelta(seconds=delay), BATCH)
+            " AND created_at < clock_timestamp() - $1::interval ORDER BY attempted_at NULLS FIRST, id LIMIT $2"
+            " FOR UPDATE SKIP LOCKED", dt.timedelta(seconds=delay), BATCH)
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None
         versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
@@ -48,6 +50,11 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
                 "UPDATE outbox SET settled_at = clock_timestamp(),"
                 " invalidated_at = coalesce(invalidated_at, clock_timestamp()) WHERE id = ANY($1::bigint[])",
                 settled)
+        done = set(settled)
+        owed = [r["id"] for r in rows if r["id"] not in done]
+        if owed:
+            await conn.execute("UPDATE outbox SET attempted_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+                               owed)
     return len(settled)
 
 

@@ -1,0 +1,71 @@
+"""The outbox relay's second delete reaches every write while some rows stay owed to a down shard: rows
+never tried go first, then the ones tried longest ago (migration 0013). Ordered by id alone, a batch of
+rows a shard never acknowledged took every pass, and no newer write was re-invalidated, on any shard
+(reproduced: a card set LOST answered BLOCKED for the cache TTL with 521 rows owed to one shard).
+Real PostgreSQL (a database of its own, no node: no other relay); the cache tier is a fake that
+refuses the down shard's keys."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator, Sequence
+
+import asyncpg
+import pytest
+
+from devstack.environment import DevEnvironment
+from server import relay
+from tests.integration.support import own_env, running
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def quiet_db() -> Iterator[DevEnvironment]:
+    yield from running(own_env(shards=1, customers=0))
+
+
+class Route:
+    async def write_position(self) -> int | None:
+        return None
+
+
+class Tier:
+    """What relay_once asks of the Resolver: keys on shard "down" are never acknowledged."""
+
+    route = Route()
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def invalidate(self, keys: Sequence[str], *, position: int | None = None,
+                         bin_versions: Iterable[int] | None = None) -> bool:
+        self.asked += keys
+        return not any(k.startswith("down:") for k in keys)
+
+
+def test_rows_owed_to_a_down_shard_do_not_hold_back_newer_writes(quiet_db: DevEnvironment,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "BATCH", 3)
+
+    async def scenario() -> tuple[list[bool], list[str]]:
+        pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute("DELETE FROM outbox")
+                for keys in [[f"down:{i}"] for i in range(5)] + [["ok:newer-write"]]:   # the owed rows, older
+                    await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at)"
+                                       " VALUES ('card.updated', 'card', 'x', $1, clock_timestamp() - interval '1 h')",
+                                       keys)
+            tier = Tier()
+            for _ in range(2):   # two passes of three rows
+                await relay.relay_once(pool, tier, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+            rows = await pool.fetch("SELECT cache_keys, settled_at IS NOT NULL AS settled FROM outbox ORDER BY id")
+            return [r["settled"] for r in rows], tier.asked
+        finally:
+            await pool.close()
+
+    settled, asked = asyncio.run(scenario())
+    assert settled == [False] * 5 + [True], "the newer write's second delete waited behind the owed rows"
+    assert asked.count("ok:newer-write") == 1 and sorted(set(asked) - {"ok:newer-write"}) == [
+        f"down:{i}" for i in range(5)], asked   # every owed row tried in two passes, none starved
