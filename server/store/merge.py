@@ -97,7 +97,7 @@ def _customers_changed(moved: Moved, rows: list[asyncpg.Record]) -> list[str]:
 
 async def _lock_customers(conn: Conn, ids: list[str]) -> dict[str, asyncpg.Record]:
     """The customers' rows, locked in id order (two merges never wait on each other in a cycle)."""
-    rows = await conn.fetch("SELECT customer_id, merged_into FROM customers WHERE customer_id = ANY($1::text[])"
+    rows = await conn.fetch("SELECT customer_id, merged_into, status FROM customers WHERE customer_id = ANY($1::text[])"
                             " ORDER BY customer_id FOR UPDATE", ids)
     found = {r["customer_id"]: r for r in rows}
     for cid in ids:
@@ -119,6 +119,13 @@ class IdentityStore(IdentityWrites):
         if rows[survivor]["merged_into"]:
             raise FailedPrecondition(f"survivor {survivor} was merged into {rows[survivor]['merged_into']}:"
                                      " merge into that one")
+        statuses = rows[survivor]["status"], rows[merged]["status"]
+        if statuses[0] != statuses[1]:
+            # The survivor's status decides its cards' answers: a merge would lift the merged one's hold
+            # (a SUSPENDED customer's cards approved), or put the survivor's on it. A person decides.
+            names = " and ".join(pb.CustomerStatus.Name(x).removeprefix("CUSTOMER_STATUS_") for x in statuses)
+            raise FailedPrecondition(f"the customers' statuses differ ({names}): give them the same status"
+                                     " (SetCustomerStatus) before merging")
         moved = Moved(pb.Merge(winner_customer_id=survivor, loser_customer_id=merged))
         # The merged customer's accounts change customers: locked after the customers (docs/decisions.md,
         # "Lock order"). Its relationships cannot change meanwhile: that takes its row, locked above.
@@ -210,6 +217,21 @@ class IdentityStore(IdentityWrites):
         return await self._write("MergeCustomers", req, body, caller)
 
     # -- unmerge ---------------------------------------------------------------------------------
+    @staticmethod
+    async def _no_later_merge_on_its_accounts(conn: Conn, m: Any) -> None:
+        """Merges into one survivor are undone last first where they share an account: a later merge
+        may have changed the survivor's row there (its role, or deleted the merged one's), and undoing
+        the earlier one first would carry that row away (an account left without its owner)."""
+        later = await conn.fetchval(
+            "SELECT merged_id FROM customer_merges WHERE survivor_id = $1 AND unmerged_at IS NULL AND merge_id > $2"
+            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(relationships) r, jsonb_array_elements($3::jsonb) o"
+            " WHERE r->>'account_id' = o->>'account_id') ORDER BY merge_id DESC LIMIT 1",
+            m["survivor_id"], m["merge_id"], m["relationships"] if isinstance(m["relationships"], str)
+            else orjson.dumps(m["relationships"]).decode())
+        if later is not None:
+            raise FailedPrecondition(f"customer {later} was merged into {m['survivor_id']} after"
+                                     f" {m['merged_id']}, on an account they share: unmerge {later} first")
+
     async def _unmerge(self, conn: Conn, merged: str) -> Moved:
         m = await conn.fetchrow("SELECT * FROM customer_merges WHERE merged_id = $1 AND unmerged_at IS NULL",
                                 merged)
@@ -222,6 +244,11 @@ class IdentityStore(IdentityWrites):
         if now_into != survivor:
             raise FailedPrecondition(f"customer {merged} was merged into {survivor}, which was merged into"
                                      f" {now_into} since: unmerge {survivor} first")
+        # Read before the locks: unmerged and merged again meanwhile, it is another merge now.
+        if await conn.fetchval("SELECT merge_id FROM customer_merges WHERE merged_id = $1 AND unmerged_at IS NULL",
+                               merged) != m["merge_id"]:
+            raise WriteConflict(f"customer {merged} was unmerged and merged again meanwhile: retry")
+        await self._no_later_merge_on_its_accounts(conn, m)
         moved = Moved(pb.Merge(winner_customer_id=survivor, loser_customer_id=merged, unmerge=True))
         records = await conn.fetch("UPDATE source_records SET customer_id = $1 WHERE record_id = ANY($2::bigint[])"
                                    " AND customer_id = $3 RETURNING record_id", merged, m["record_ids"], survivor)

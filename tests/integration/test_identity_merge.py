@@ -412,3 +412,40 @@ def test_cli_merge_show_unmerge(node_a: Clients, used_secrets: UsedSecrets, caps
     assert "unmerged" in capsys.readouterr().out
     assert crs_main(["identity", "unmerge", m.customer_id, *conn]) == 1
     assert "FAILED_PRECONDITION" in capsys.readouterr().err
+
+
+def test_merges_into_one_survivor_sharing_an_account_are_undone_last_first(node_a: Clients,
+                                                                          used_secrets: UsedSecrets) -> None:
+    """A (JOINT) and C (OWNER) share an account; A then C merged into B (B takes C's OWNER row). Undoing
+    A's merge first carried B's row, OWNER since C's merge, away to A as JOINT, and C's unmerge then
+    found nothing: the account left without an owner, its cards declined. Refused: C's first."""
+    (a, _), (b, _), (c, _) = (_customer(node_a, used_secrets) for _ in range(3))
+    shared, number, pan = _account(node_a, used_secrets, c.customer_id)
+    node_a.admin.LinkCustomer(pb.LinkCustomerRequest(account_id=shared.account_id, customer_id=a.customer_id,
+                                                     role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5)
+    routing = demo_routing(3)
+    before = _roles(node_a, routing, number)
+    _merge(node_a, b.customer_id, a.customer_id)
+    _merge(node_a, b.customer_id, c.customer_id)
+    assert _roles(node_a, routing, number) == {b.customer_id: pb.RELATIONSHIP_ROLE_OWNER}
+    err = expect_code(lambda: _unmerge(node_a, a.customer_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f"unmerge {c.customer_id} first" in (err.details() or "")
+    assert not _unmerge(node_a, c.customer_id).skipped_account_ids
+    assert not _unmerge(node_a, a.customer_id).skipped_account_ids
+    assert _roles(node_a, routing, number) == before == {c.customer_id: pb.RELATIONSHIP_ROLE_OWNER,
+                                                         a.customer_id: pb.RELATIONSHIP_ROLE_JOINT}
+    assert node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).in_good_standing
+
+
+def test_a_merge_never_lifts_or_imposes_a_hold(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """The survivor's status decides the cards' answers: merging a SUSPENDED customer into an ACTIVE one
+    approved its cards. Customers of different statuses are not merged until a person aligns them."""
+    (held, _), (clean, _) = (_customer(node_a, used_secrets) for _ in range(2))
+    _, _, pan = _account(node_a, used_secrets, held.customer_id)
+    node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=held.customer_id,
+                                                               status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5)
+    for survivor, merged in ((clean, held), (held, clean)):
+        err = expect_code(lambda s=survivor, m=merged: _merge(node_a, s.customer_id, m.customer_id),
+                          grpc.StatusCode.FAILED_PRECONDITION)
+        assert "statuses differ" in (err.details() or "")
+    assert node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).decision.iso8583_response_code == "57"
