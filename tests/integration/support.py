@@ -145,6 +145,16 @@ def wait_metric(node: NodeProcess, name: str, value: float, within: float = 15.0
     return time.monotonic() - started
 
 
+def status_of(call: object) -> grpc.StatusCode:
+    """The status `call()` ends with (OK when it returns)."""
+    assert callable(call)
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
 def expect_code(call: object, code: grpc.StatusCode) -> grpc.RpcError:
     """Run `call()` and return its RpcError, failing unless its status is `code`."""
     assert callable(call)

@@ -17,6 +17,7 @@ from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
+from tests.integration.support import status_of
 
 pytestmark = pytest.mark.integration
 CLIENTS = ("batcher", "streamer")
@@ -40,15 +41,6 @@ def limited(request: pytest.FixtureRequest, dev_env: DevEnvironment) -> Iterator
         dev_env.nodes.remove(node)
 
 
-def _code(call: object) -> grpc.StatusCode:
-    assert callable(call)
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
-
-
 def test_a_batch_pays_for_each_key(limited: tuple[NodeProcess, DevPki]) -> None:
     node, pki = limited
     with open_channel(node.address, pki, "batcher") as ch:
@@ -57,7 +49,7 @@ def test_a_batch_pays_for_each_key(limited: tuple[NodeProcess, DevPki]) -> None:
         batch = lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=5)
         assert [r.code for r in batch.results] == [0, 0, 0]
         # The three keys took the whole burst: the next call is over the limit.
-        assert _code(lambda: lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)) \
+        assert status_of(lambda: lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)) \
             == grpc.StatusCode.RESOURCE_EXHAUSTED
         time.sleep(REFILL)
         # A batch larger than the burst is not refused for good: a full bucket lets it through, in debt.

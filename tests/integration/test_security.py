@@ -35,7 +35,9 @@ from devstack.pki import DevPki, write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import Clients
+from tests.integration.support import Clients, status_of
+
+_code = status_of   # the status a call ends with
 
 AUDIENCE = "crs-lookup-test"
 
@@ -144,15 +146,6 @@ def _backend_activity(dev_env: DevEnvironment, node: NodeProcess) -> tuple[int, 
     text = urllib.request.urlopen(f"http://127.0.0.1:{node.settings.metrics_port}/metrics", timeout=5).read().decode()
     tiers = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("crs_lookups_total{"))
     return calls, tiers
-
-
-def _code(call: object) -> grpc.StatusCode:
-    assert callable(call)
-    try:
-        call()
-    except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
 
 
 def _signed_by_our_ca(pki: DevPki, name: str, problem: str) -> tuple[bytes, bytes]:

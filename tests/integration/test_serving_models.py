@@ -212,6 +212,19 @@ def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironmen
         dev_env.nodes.remove(node)
 
 
+def _stream_accepted_again(lookup: Any, *, while_refused: grpc.StatusCode) -> None:
+    """A StreamResolve is accepted again within 10 s (a slot or share freed), refused `while_refused` till then."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == while_refused and time.monotonic() < deadline, exc
+            time.sleep(0.1)
+    assert [r.HasField("resolution") for r in again] == [True]
+
+
 def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnvironment) -> None:
     """Hybrid: each open stream holds one of CRS_STREAM_THREADS for its life. One more must be told at
     once, UNAVAILABLE (clients retry on another node), not wait for a thread without a word: a Watch
@@ -237,15 +250,7 @@ def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnviron
             answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)   # unary: its own threads
             assert answer.card.token.startswith("tok_")
             watch.cancel()
-            deadline = time.monotonic() + 10
-            while True:   # the cancelled Watch's slot comes back
-                try:
-                    again = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
-                    time.sleep(0.1)
-            assert [r.HasField("resolution") for r in again] == [True]
+            _stream_accepted_again(lookup, while_refused=grpc.StatusCode.UNAVAILABLE)   # the Watch's slot back
             release.set()
             assert [r for r in open_streams[0]] == []
     finally:
@@ -278,15 +283,7 @@ def test_one_client_holds_at_most_its_share_of_the_stream_threads(dev_env: DevEn
             assert watch.running(), "another client's stream was refused"   # no answer yet: it is open
             release_one.set()
             assert [r for r in held[0]] == []
-            deadline = time.monotonic() + 10
-            while True:   # the ended stream's share comes back
-                try:
-                    again = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
-                    break
-                except grpc.RpcError as exc:
-                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
-                    time.sleep(0.1)
-            assert [r.HasField("resolution") for r in again] == [True]
+            _stream_accepted_again(lookup, while_refused=grpc.StatusCode.RESOURCE_EXHAUSTED)   # its share back
             watch.cancel()
     finally:
         release.set()
