@@ -63,6 +63,7 @@ class FeedTailer:
         self._on_change = on_change         # (watchers, head) for the metrics
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
+        self._failed = False                # a read failed: check the head before reading on
 
     async def subscribe(self, types: frozenset[int]) -> Subscription:
         """A subscription to every event after the tailer's current head (`sub.start`)."""
@@ -89,10 +90,14 @@ class FeedTailer:
                     if not self._ready.is_set():
                         self.head = self.boundary = await head(self.pool, timeout=self.timeout)
                         self._ready.set()
+                    elif self._failed:
+                        await self._check_head()
+                    self._failed = False
                     await self._read_all()
                 except DB_ERRORS as exc:
                     log.warning("feed read failed; watchers end with UNAVAILABLE", extra={"error": type(exc).__name__})
                     self._end_all(BackendUnavailable("the change feed lost PostgreSQL; resume from your last sequence"))
+                    self._failed = True
                     await asyncio.sleep(RETRY_SECONDS)
                     continue
                 # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives as the
@@ -106,6 +111,18 @@ class FeedTailer:
                 listener.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await listener
+
+    async def _check_head(self) -> None:
+        """Back from a failed read: a database restored from a backup, or a failover that lost commits,
+        has a head below what was read. Sequences are handed out again from there, so reading on from
+        the old head would skip them and draw Progress marks above the database's head: start from its
+        head instead (watchers ended with the failure; a checkpoint past it answers OUT_OF_RANGE)."""
+        newest = await head(self.pool, timeout=self.timeout)
+        if newest < self.head:
+            log.error("the change feed's head went back (a restored database, or a failover that lost commits):"
+                      " reading on from the database's head", extra={"was": self.head, "now": newest})
+            self.head = self.boundary = newest
+            self._on_change(len(self._subs), self.head)
 
     async def _read_all(self) -> None:
         while True:
