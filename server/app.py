@@ -287,7 +287,7 @@ class Node:
             connect=(lambda: asyncpg.connect(s.pg_dsn, timeout=s.pg_timeout)) if s.feed_listen else None)
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
                             progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
-                            snapshot_max=s.feed_snapshot_max)
+                            snapshot_max=s.feed_snapshot_max, snapshot_stall=s.feed_snapshot_stall)
         options = [*rpc.SERVER_OPTIONS, *rpc.keepalive_options(s.keepalive_time, s.keepalive_timeout)]
         if s.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),

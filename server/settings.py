@@ -167,6 +167,7 @@ class Settings:
     feed_batch: int = 1000                # events per read (tailer, catch-up)
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
+    feed_snapshot_stall: float = 120.0    # seconds a Snapshot chunk may wait unread before its transaction ends
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
     # --- decision hints (docs/decision-hints.md)
     decision_network_codes: str = DEFAULT_NETWORK_CODES   # per-network code substitutions, NETWORK:CODE=CODE,...
@@ -249,8 +250,8 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 
 def _validate(s: Settings) -> None:
     problems: list[str] = []
-    positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold",
-                "stream_threads", "feed_queue_size", "feed_batch", "feed_snapshot_chunk", "feed_snapshot_max")
+    positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold", "feed_batch",
+                "stream_threads", "feed_queue_size", "feed_snapshot_chunk", "feed_snapshot_max", "feed_snapshot_stall")
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")

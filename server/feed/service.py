@@ -11,6 +11,7 @@ and waiting for the sequence to come round would skip every change up to it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +22,7 @@ from server.errors import CrsError, FeedOverload, InvalidKey, OutOfRange
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
-from server.store.db import translate_db_errors
+from server.store.db import DB_ERRORS, translate_db_errors
 from server.store.feed import SNAPSHOT_TYPES, event_from_row, events_after, horizon, snapshot, window
 
 
@@ -35,7 +36,8 @@ def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
 
 class FeedHandlers:
     def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
-                 progress_interval: float, snapshot_chunk: int, snapshot_max: int) -> None:
+                 progress_interval: float, snapshot_chunk: int, snapshot_max: int,
+                 snapshot_stall: float = 120.0) -> None:
         self.pool = pool
         self.tailer = tailer
         self.timeout = timeout
@@ -43,6 +45,7 @@ class FeedHandlers:
         self.progress_interval = progress_interval
         self.snapshot_chunk = snapshot_chunk
         self.snapshot_max = snapshot_max
+        self.snapshot_stall = snapshot_stall   # seconds a reader may leave a chunk unread (the transaction waits)
         self._snapshots_running = 0
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:
@@ -127,9 +130,21 @@ class FeedHandlers:
                                "retry later or on another node")
         self._snapshots_running += 1
         try:
+            stalled = False
             with translate_db_errors():
                 async with self.pool.acquire(timeout=self.timeout) as conn:
-                    async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk):
-                        yield chunk.SerializeToString()
+                    try:
+                        async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk,
+                                                    stall=self.snapshot_stall):
+                            handed = time.monotonic()
+                            yield chunk.SerializeToString()
+                            stalled = time.monotonic() - handed > self.snapshot_stall
+                    except DB_ERRORS:
+                        if not stalled:
+                            raise
+                        # PostgreSQL ended the transaction the stalled reader held open (VACUUM waited on it).
+                        raise FeedOverload(f"the reader left a chunk unread for over {self.snapshot_stall:g} s"
+                                           " (CRS_FEED_SNAPSHOT_STALL): the snapshot's transaction was ended;"
+                                           " start the Snapshot again") from None
         finally:
             self._snapshots_running -= 1

@@ -104,11 +104,16 @@ _BUILDERS: dict[int, Callable[[Any], Message]] = {
 SNAPSHOT_TYPES = tuple(SNAPSHOT_QUERIES)
 
 
-async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int) -> AsyncIterator[pb.SnapshotChunk]:
+async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int,
+                   stall: float = 0.0) -> AsyncIterator[pb.SnapshotChunk]:
     """Every entity of `types` as of one point, in chunks of at most `chunk_size` entities, each
     chunk stamped with the point's sequence; the last chunk has `last` set. Runs in one REPEATABLE
-    READ transaction on `conn`, reading with server-side cursors: memory stays one chunk."""
+    READ transaction on `conn`, reading with server-side cursors: memory stays one chunk. `stall`
+    (seconds, 0: none): PostgreSQL ends the transaction when a chunk waits that long to be taken,
+    so a reader that stops reading does not hold back VACUUM for good."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        if stall > 0:
+            await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(stall * 1000))}")
         sequence = await head(conn)
         chunk = pb.SnapshotChunk(sequence=sequence)
         items = 0

@@ -37,7 +37,7 @@ class Event:
     def __init__(self, row: dict[str, Any]) -> None:
         self.tag = row["tag"]
 
-    def SerializeToString(self) -> bytes:   # noqa: N802 (protobuf's name)
+    def SerializeToString(self) -> bytes:   # protobuf's name
         return self.tag.encode()
 
 
@@ -53,7 +53,8 @@ async def test_a_head_that_went_back_is_read_on_from(monkeypatch: pytest.MonkeyP
         before = await tailer.subscribe(frozenset())
         assert before.start == 7
         feed.down = True                                     # restored from a backup taken at sequence 3
-        assert isinstance(await asyncio.wait_for(before.queue.get(), 1), BackendUnavailable)
+        async with asyncio.timeout(1):
+            assert isinstance(await before.queue.get(), BackendUnavailable)
         feed.rows = [(seq, f"old-{seq}") for seq in range(1, 4)] + [(4, "new-4"), (5, "new-5")]
         feed.down = False
         for _ in range(100):
@@ -63,7 +64,8 @@ async def test_a_head_that_went_back_is_read_on_from(monkeypatch: pytest.MonkeyP
         after = await tailer.subscribe(frozenset())
         assert after.start <= 5 and tailer.boundary == 5, (after.start, tailer.head)
         feed.rows.append((6, "new-6"))
-        got = await asyncio.wait_for(after.queue.get(), 1)
+        async with asyncio.timeout(1):
+            got = await after.queue.get()
         assert got == (6, b"new-6")
         assert tailer.head == 6
     finally:

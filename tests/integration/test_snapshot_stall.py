@@ -1,0 +1,58 @@
+"""A Snapshot whose reader stops reading no longer holds its REPEATABLE READ transaction for good
+(CRS_FEED_SNAPSHOT_STALL): PostgreSQL ends the transaction once a chunk waits that long unread, and the
+reader, if it comes back, is told so (RESOURCE_EXHAUSTED, start again). It held the transaction, hence
+VACUUM, for as long as the job stayed connected (an outside check: 60 s and counting, dead rows left).
+The handler's generator on a real PostgreSQL; a generator left suspended at its yield is what gRPC's
+flow control does to it when the reader stops."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import asyncpg
+import pytest
+
+from devstack.environment import DevEnvironment
+from server.caller import Caller
+from server.errors import FeedOverload
+from server.feed.service import FeedHandlers
+from server.proto import crs_pb2 as pb
+
+pytestmark = pytest.mark.integration
+STALL = 1.0
+
+
+def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: DevEnvironment) -> None:
+    async def scenario() -> None:
+        pool = await asyncpg.create_pool(dev_env.admin_dsn, min_size=1, max_size=2)
+        handlers = FeedHandlers(pool=pool, tailer=None, timeout=5.0, batch=10,  # type: ignore[arg-type]
+                                progress_interval=1.0, snapshot_chunk=1, snapshot_max=1, snapshot_stall=STALL)
+        chunks = handlers.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]),
+                                   Caller("extract", frozenset(), "mtls"))
+        try:
+            assert pb.SnapshotChunk.FromString(await chunks.__anext__()).customers
+            pid = await pool.fetchval("SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction'"
+                                      " AND query LIKE '%FROM customers%' LIMIT 1")
+            assert pid is not None, "the snapshot's transaction is not open"
+            await asyncio.sleep(STALL + 1.5)     # the reader stops reading
+            gone = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+            assert gone == 0, "the stalled snapshot still holds its transaction"
+            with pytest.raises(FeedOverload, match="CRS_FEED_SNAPSHOT_STALL"):
+                while True:
+                    await chunks.__anext__()
+            assert handlers._snapshots_running == 0
+        finally:   # a failed check must not leave the snapshot's connection holding pool.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await chunks.aclose()
+            try:
+                async with asyncio.timeout(5):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    started = time.monotonic()
+    asyncio.run(scenario())
+    assert time.monotonic() - started < 20
