@@ -196,7 +196,8 @@ def cmd_mark(args: argparse.Namespace) -> int:
         from shard_router.moves import set_state
         from shard_router.topology import ShardState
 
-        current = await ensure_published(store, pool, settings, out=sys.stdout)
+        current = await ensure_published(store, pool, settings, out=sys.stdout,
+                                         check=lambda seed: set_state(seed, args.name, ShardState(args.state)))
         new = set_state(current, args.name, ShardState(args.state))
         await publish(store, pool, new, reason=f"mark {args.name} {args.state}")
         print(f"published topology version {new.version}: {args.name} is {args.state}"
@@ -214,7 +215,8 @@ def cmd_replica(args: argparse.Namespace) -> int:
         from server.topology.store import publish
         from shard_router.moves import set_replicas
 
-        current = await ensure_published(store, pool, settings, out=sys.stdout)
+        current = await ensure_published(store, pool, settings, out=sys.stdout,
+                                         check=lambda seed: seed.shard(args.name))
         replicas = list(current.shard(args.name).replicas)
         if args.shards_command == "add-replica":
             if args.address in replicas:

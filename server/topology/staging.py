@@ -37,9 +37,10 @@ async def current_or_bootstrap(store: TopologyStore, settings: Settings) -> Topo
 
 
 async def ensure_published(store: TopologyStore, pool: asyncpg.Pool, settings: Settings,
-                           out: TextIO | None = None) -> Topology:
+                           out: TextIO | None = None, check: Callable[[Topology], object] | None = None) -> Topology:
     """The topology in force; when none was ever published, version 1 from CRS_REDIS_SHARDS — but only
-    if every live node runs that same ring (they all run the bootstrap until then)."""
+    if every live node runs that same ring (they all run the bootstrap until then), and only once
+    `check` (the command's own change, tried on it) passed: a command that fails publishes nothing."""
     current = await store.current()
     if current is not None:
         return current
@@ -55,6 +56,11 @@ async def ensure_published(store: TopologyStore, pool: asyncpg.Pool, settings: S
             + "; ".join(f"{n.node_id} runs {n.ring or 'no shard'}" for n in odd[:NODES_NAMED])
             + ". Run this command with the nodes' CRS_REDIS_SHARDS.")
     first = Topology(version=1, shards=boot.shards)
+    if check is not None:
+        try:
+            check(first)
+        except (TopologyError, TypeError) as exc:
+            raise MigrationError(str(exc)) from exc
     await publish(store, pool, first, reason="seeded from CRS_REDIS_SHARDS")
     if out is not None:
         out.write(f"topology version 1 published from CRS_REDIS_SHARDS ({ring})\n")
@@ -65,7 +71,7 @@ async def stage_change(store: TopologyStore, pool: asyncpg.Pool, settings: Setti
                        change: Callable[[Sequence[TopologyShard]], Sequence[TopologyShard]],
                        out: TextIO | None = None) -> tuple[Topology, Draft]:
     """Apply `change` to the draft (starting from the stable topology in force) and save it."""
-    current = await ensure_published(store, pool, settings, out)
+    current = await ensure_published(store, pool, settings, out, check=lambda seed: change(seed.shards))
     if not current.is_stable:
         raise MigrationError(f"topology version {current.version} is {current.phase.value}: finish that move"
                              " (crs shards apply) or abort it (crs shards abort) before staging another change")

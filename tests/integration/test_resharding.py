@@ -396,6 +396,13 @@ def test_a_node_follows_a_topology_file_and_a_shard_marked_down(stack: ReshardSt
     assert stack.env.stack is not None
     path = stack.env.stack.base_dir / "topology.json"
     file_settings = replace(stack.settings, topology_file=str(path))
+    # A command that fails publishes nothing, not even the seed (a misspelt one published the
+    # operator's CRS_REDIS_SHARDS as version 1, and nothing could take it back).
+    for failing in (("mark", "shard-9", "down"), ("add-replica", "shard-9", "redis://127.0.0.1:1/0", "--no-check"),
+                    ("remove", "shard-9")):
+        r = stack.crs(*failing, settings=file_settings, check=False)
+        assert r.returncode == 1 and "no shard named 'shard-9'" in r.stderr, (failing, r.stderr)
+        assert not path.exists(), f"crs shards {' '.join(failing)} failed but published"
     out = stack.crs("mark", "shard-2", "down", settings=file_settings).stdout
     assert "version 1 published from CRS_REDIS_SHARDS" in out and "version 2" in out
     node_settings = replace(stack.nodes[0].settings, grpc_port=free_port(), metrics_port=free_port(),
