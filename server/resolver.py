@@ -27,7 +27,7 @@ from server.cache_keys import NEGATIVE
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, InternalError, NotFound
 from server.metrics import Metrics
 from server.store.db import DB_ERRORS, bounded
-from server.store.read_route import Loaded, Read, ReadRoute
+from server.store.read_route import NEVER, Loaded, Read, ReadRoute
 
 log = logging.getLogger("crs.resolver")
 
@@ -223,7 +223,7 @@ class Resolver:
                 self.near.put(key, value)
             else:
                 self.metrics.fill_dropped()
-        else:
+        elif loaded.fill_by != NEVER:   # NEVER: not cacheable at all (Uncacheable, a replica while the primary is out)
             self.metrics.fill_dropped()
         return value
 

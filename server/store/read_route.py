@@ -25,7 +25,7 @@ configured every read goes to the primary.
 
 A primary read is bound by the same rule: its snapshot holds every write committed before the query
 was sent, so it may fill the caches until the query's start + `fill_window`, and later not at all. A
-read that took longer (a slow plan, a pool wait, a stalled connection) is served but not cached:
+read that took longer (a slow plan, a lock, a stalled connection) is served but not cached:
 otherwise a snapshot taken before a write commits could be written to Redis after the relay's second
 delete of that write, and answer the old row for the whole TTL (docs/decisions.md, "Slow reads").
 """
