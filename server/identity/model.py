@@ -132,7 +132,8 @@ class MatchModel:
         if levels["national_id"] == "exact" and levels["date_of_birth"] == "exact":
             rule, probability = EXACT_RULE, 1.0
         may_match = rule == EXACT_RULE or not (_disagree(a, b, levels) or _contact_contradicts(levels)
-                                               or _names_only(levels) or _new_name_elsewhere(levels))
+                                               or _names_only(levels) or _new_name_elsewhere(levels)
+                                               or _maybe_twins(a, b, levels) or _year_apart(a, b, levels))
         return Score(weight, probability, evidence, rule, may_match)
 
     def best(self, query: Identity, records: Iterable[Identity]) -> Score | None:
@@ -202,6 +203,26 @@ def _contact_contradicts(levels: dict[str, str]) -> bool:
         return False
     contact = (levels["phone"], levels["email"])
     return "exact" not in contact and any(level not in (MISSING, "exact") for level in contact)
+
+
+def _maybe_twins(a: Identity, b: Identity, levels: dict[str, str]) -> bool:
+    """One birthday and given names alike but for their ending (Daniel/Danielle, Julian/Juliana,
+    Alexander/Alexandra, Frances/Francis): a boy and a girl of one birth as often as a typo, so a
+    person decides (POSSIBLE_MATCH), never the model alone."""
+    x, y = a.given_name, b.given_name
+    if levels["given_name"] != "jw_high" or levels["date_of_birth"] != "exact":
+        return False
+    short, long_ = sorted((x, y), key=len)
+    return long_.startswith(short) or (len(x) == len(y) and x[:-2] == y[:-2])
+
+
+def _year_apart(a: Identity, b: Identity, levels: dict[str, str]) -> bool:
+    """Birth dates one digit apart in the year (1961/1991): a father and a son who share a birthday as
+    often as a typo; a person decides."""
+    if levels["date_of_birth"] != "one_typo":
+        return False
+    x, y = a.date_of_birth, b.date_of_birth
+    return len(x) == len(y) and x[:4] != y[:4] and x[4:] == y[4:]
 
 
 def _probability(weight: float) -> float:
