@@ -95,6 +95,13 @@ def _customers_changed(moved: Moved, rows: list[asyncpg.Record]) -> list[str]:
     return [row["customer_id"] for row in rows]
 
 
+async def _survivor_changed(conn: Conn, moved: Moved, survivor: str) -> None:
+    """A merge or unmerge changes the survivor's accounts and golden record: its version moves (a write
+    prepared with the old expected_version is refused), and its state goes to the feed."""
+    _customers_changed(moved, await conn.fetch(
+        "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1 RETURNING *", survivor))
+
+
 async def _lock_customers(conn: Conn, ids: list[str]) -> dict[str, asyncpg.Record]:
     """The customers' rows, locked in id order (two merges never wait on each other in a cycle)."""
     rows = await conn.fetch("SELECT customer_id, merged_into, status FROM customers WHERE customer_id = ANY($1::text[])"
@@ -163,6 +170,7 @@ class IdentityStore(IdentityWrites):
         _customers_changed(moved, await conn.fetch(
             "UPDATE customers SET merged_into = $1, merged_at = now(), version = version + 1, updated_at = now()"
             " WHERE customer_id = $2 RETURNING *", survivor, merged))
+        await _survivor_changed(conn, moved, survivor)
         await conn.execute(
             "INSERT INTO customer_merges (survivor_id, merged_id, record_ids, relationships, aliases)"
             " VALUES ($1, $2, $3, $4::jsonb, $5)", survivor, merged, record_ids, orjson.dumps(recorded).decode(),
@@ -284,6 +292,7 @@ class IdentityStore(IdentityWrites):
         _customers_changed(moved, await conn.fetch(
             "UPDATE customers SET merged_into = NULL, merged_at = NULL, version = version + 1, updated_at = now()"
             " WHERE customer_id = $1 RETURNING *", merged))
+        await _survivor_changed(conn, moved, survivor)
         await conn.execute("UPDATE customer_merges SET unmerged_at = now() WHERE merge_id = $1", m["merge_id"])
         moved.stale = await self.stale_keys_for_accounts(conn, [r["account_id"] for r in recorded])
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])

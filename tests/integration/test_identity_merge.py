@@ -449,3 +449,18 @@ def test_a_merge_never_lifts_or_imposes_a_hold(node_a: Clients, used_secrets: Us
                           grpc.StatusCode.FAILED_PRECONDITION)
         assert "statuses differ" in (err.details() or "")
     assert node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).decision.iso8583_response_code == "57"
+
+
+def test_a_merge_moves_the_survivors_version(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """The survivor's accounts and golden record change with a merge (and an unmerge): its version moves,
+    so a write prepared against the survivor as it was is refused (ABORTED), not applied blind."""
+    (s, _), (m, _) = _customer(node_a, used_secrets), _customer(node_a, used_secrets)
+    before = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=s.customer_id), timeout=5).customer.version
+    _merge(node_a, s.customer_id, m.customer_id)
+    expect_code(lambda: node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(
+        customer_id=s.customer_id, expected_version=before, status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5),
+        grpc.StatusCode.ABORTED)
+    merged = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=s.customer_id), timeout=5).customer.version
+    _unmerge(node_a, m.customer_id)
+    after = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=s.customer_id), timeout=5).customer.version
+    assert before < merged < after
