@@ -231,11 +231,11 @@ class IdentityStore(IdentityWrites):
         may have changed the survivor's row there (its role, or deleted the merged one's), and undoing
         the earlier one first would carry that row away (an account left without its owner)."""
         later = await conn.fetchval(
-            "SELECT merged_id FROM customer_merges WHERE survivor_id = $1 AND unmerged_at IS NULL AND merge_id > $2"
-            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(relationships) r, jsonb_array_elements($3::jsonb) o"
-            " WHERE r->>'account_id' = o->>'account_id') ORDER BY merge_id DESC LIMIT 1",
-            m["survivor_id"], m["merge_id"], m["relationships"] if isinstance(m["relationships"], str)
-            else orjson.dumps(m["relationships"]).decode())
+            "SELECT l.merged_id FROM customer_merges e JOIN customer_merges l ON l.survivor_id = e.survivor_id"
+            " AND l.merge_id > e.merge_id AND l.unmerged_at IS NULL WHERE e.merge_id = $1"
+            " AND EXISTS (SELECT 1 FROM jsonb_array_elements(l.relationships) r,"
+            " jsonb_array_elements(e.relationships) o WHERE r->>'account_id' = o->>'account_id')"
+            " ORDER BY l.merge_id DESC LIMIT 1", m["merge_id"])
         if later is not None:
             raise FailedPrecondition(f"customer {later} was merged into {m['survivor_id']} after"
                                      f" {m['merged_id']}, on an account they share: unmerge {later} first")
