@@ -80,3 +80,36 @@ async def test_a_read_past_its_fill_window_is_answered_but_cached_nowhere(tmp_pa
             assert metrics.fills_dropped._value.get() == 3
         finally:
             await tier.close()
+
+
+async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_only(tmp_path: Path) -> None:
+    """The SET went out within the window, so Redis holds the answer (it lands before the relay's second
+    delete); only the near-cache copy, put after the SET, is skipped. Not counted as dropped: the next
+    lookup is an L2 hit, not another PostgreSQL read (CI once saw 1,000 reads against 1,008 "dropped")."""
+    with redis_servers(tmp_path, ["slow-set"]) as (server,):
+        client = redis.Redis.from_url(server.url)
+        client.flushall()
+        clock = Clock()
+        tier = RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", server.url),)),
+                         pool_size=2, timeout=0.5, policy=BreakerPolicy())
+        sent = tier.set_many
+
+        async def slow_set(items: list[tuple[str, bytes, int]]) -> None:
+            await sent(items)
+            clock.now += 0.02   # the reply came back past the fill window
+
+        tier.set_many = slow_set   # type: ignore[method-assign]
+        metrics = Metrics(CollectorRegistry())
+        resolver = Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(),
+                            metrics=metrics, route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=WINDOW,
+                                                                          clock=clock))
+        try:
+            read = TakesSeconds(clock, WINDOW - 0.01, b"ACTIVE")
+            lookup = Lookup("crd:edge", read, "card")
+            assert await resolver.resolve(lookup) == b"ACTIVE"
+            assert client.get("crd:edge") == b"ACTIVE" and resolver.near.get("crd:edge") is None
+            assert metrics.fills_dropped._value.get() == 0
+            assert await resolver.resolve(lookup) == b"ACTIVE"
+            assert read.calls == 1, "answered from Redis, not read again"
+        finally:
+            await tier.close()
