@@ -8,7 +8,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from shard_router.topology import Phase, ShardState, Topology, TopologyError, TopologyShard, ring_text
+from shard_router.topology import (
+    Phase,
+    ShardState,
+    Topology,
+    TopologyError,
+    TopologyShard,
+    redact_url,
+    ring_text,
+)
 
 # --------------------------------------------------------------------------------------------------
 # Staging a change (the draft: the target shard list, all active)
@@ -42,7 +50,8 @@ def stage_reweight(draft: Sequence[TopologyShard], name: str, weight: int) -> tu
         raise TopologyError(f"no shard named {name!r} to reweight")
     return _check_draftable([replace(s, weight=weight) if s.name == name else s for s in draft])
 
-__all__ = ["abort", "advance", "begin", "set_state", "stage_add", "stage_remove", "stage_reweight"]
+__all__ = ["abort", "add_replica", "advance", "begin", "retire_replica", "set_state", "settle_replica", "stage_add",
+           "stage_remove", "stage_reweight"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +75,10 @@ def begin(current: Topology, draft: Sequence[TopologyShard]) -> Topology:
     if not current.is_stable:
         raise TopologyError(f"topology version {current.version} is {current.phase.value}: finish it"
                             " (crs shards apply) or abort it (crs shards abort) first")
+    halfway = [s.name for s in current.shards if s.write_only]
+    if halfway:
+        raise TopologyError(f"shard(s) {', '.join(halfway)} have a write-only replica: finish adding or removing it"
+                            " (crs shards add-replica / remove-replica again) before moving keys")
     down = [s.name for s in current.shards if s.state is ShardState.DOWN]
     if down:
         raise TopologyError(f"shard(s) {', '.join(down)} marked down: mark them active before moving keys")
@@ -123,14 +136,58 @@ def set_state(current: Topology, name: str, state: ShardState) -> Topology:
     return Topology(version=current.version + 1, shards=shards)
 
 
-def set_replicas(current: Topology, name: str, replicas: Sequence[str]) -> Topology:
-    """Give shard `name` these replicas (its primary unchanged) without moving any key: placement is
-    by shard name, so the ring is the same; nodes flush a new copy before it serves."""
+# --------------------------------------------------------------------------------------------------
+# A shard's replicas: added or removed in two versions, never read by a node that another misses
+# --------------------------------------------------------------------------------------------------
+# A node still on the version before an added copy deletes only on the copies it knows, so a node on
+# the new version must not read the new copy (it would keep a value a write changed) until every node
+# writes it, and then only after a flush. Removing is the mirror: a copy stops being read on every node
+# before anyone stops deleting on it. Both go through a write-only version (TopologyShard.write_only):
+#
+#     add:    +copy write-only  -> every live node runs it -> flush the copy -> copy readable
+#     remove: copy write-only   -> every live node runs it ->                   copy gone
+#
+# A run interrupted between the two leaves the copy write-only; either command finishes it.
+
+
+def _stable_for_replicas(current: Topology) -> None:
     if not current.is_stable:
         raise TopologyError(f"topology version {current.version} is {current.phase.value}:"
                             " a shard's replicas can change only in a stable topology")
+
+
+def add_replica(current: Topology, name: str, url: str) -> Topology:
+    """The first version of adding copy `url` to shard `name`: written, not read."""
+    _stable_for_replicas(current)
     shard = current.shard(name)
-    if tuple(replicas) == shard.replicas:
-        raise TopologyError(f"shard {name!r} already has exactly these replicas")
-    shards = tuple(replace(s, replicas=tuple(replicas)) if s.name == name else s for s in current.shards)
+    if url in shard.copies:
+        raise TopologyError(f"shard {name!r} already has the copy {redact_url(url)}")
+    new = replace(shard, replicas=(*shard.replicas, url), write_only=(*shard.write_only, url))
+    return _with_shard(current, new)
+
+
+def retire_replica(current: Topology, name: str, url: str) -> Topology:
+    """The first version of removing replica `url` from shard `name`: still written, no longer read."""
+    _stable_for_replicas(current)
+    shard = current.shard(name)
+    if url not in shard.replicas:
+        raise TopologyError(f"{redact_url(url)} is not a replica of {name!r}")
+    if url in shard.write_only:
+        raise TopologyError(f"replica {redact_url(url)} of {name!r} is already write-only")
+    return _with_shard(current, replace(shard, write_only=(*shard.write_only, url)))
+
+
+def settle_replica(current: Topology, name: str, url: str, *, keep: bool) -> Topology:
+    """The second version: write-only copy `url` of shard `name` readable (`keep`; flush it first) or gone."""
+    _stable_for_replicas(current)
+    shard = current.shard(name)
+    if url not in shard.write_only:
+        raise TopologyError(f"{redact_url(url)} is not a write-only replica of {name!r}")
+    write_only = tuple(u for u in shard.write_only if u != url)
+    replicas = shard.replicas if keep else tuple(u for u in shard.replicas if u != url)
+    return _with_shard(current, replace(shard, replicas=replicas, write_only=write_only))
+
+
+def _with_shard(current: Topology, new: TopologyShard) -> Topology:
+    shards = tuple(new if s.name == new.name else s for s in current.shards)
     return Topology(version=current.version + 1, shards=shards)

@@ -80,13 +80,17 @@ class TopologyShard:
     """One shard as the topology records it. ``name`` and ``weight`` place keys (see ``ShardSpec``);
     ``address`` (a redis:// URL) only says where to reach it, so changing it moves no key.
     ``replicas``: more copies of the same shard (reads go to one copy, writes to all); like the
-    address they never take part in placement."""
+    address they never take part in placement. ``write_only``: replicas that get every write (fills,
+    copies, deletes) but no read yet: one being added (nodes that still run the previous version do not
+    delete on it, so it may serve only once every node writes it, and after a flush) or removed (nodes
+    that still read it must get every delete until none does). shard_router/moves.py, add_replica."""
 
     name: str
     address: str
     weight: int = 1
     state: ShardState = ShardState.ACTIVE
     replicas: tuple[str, ...] = ()
+    write_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -99,6 +103,10 @@ class TopologyShard:
             _check_address(self.name, address)
         if len(set(self.copies)) != len(self.copies):
             raise TopologyError(f"shard {self.name!r}: a copy is listed twice")
+        if not isinstance(self.write_only, tuple) or len(set(self.write_only)) != len(self.write_only) \
+                or not set(self.write_only) <= set(self.replicas):
+            raise TopologyError(f"shard {self.name!r}: write_only must list some of its replicas, each once"
+                                f" (got {_copies_text(tuple(map(str, self.write_only)))})")
         if not isinstance(self.state, ShardState):
             raise TopologyError(f"shard {self.name!r}: state must be a ShardState (got {self.state!r})")
 
@@ -110,6 +118,11 @@ class TopologyShard:
     def copies(self) -> tuple[str, ...]:
         """Every copy's URL, the primary (``address``) first."""
         return (self.address, *self.replicas)
+
+    @property
+    def readable(self) -> tuple[str, ...]:
+        """The copies reads may go to: every copy but the write-only ones."""
+        return tuple(u for u in self.copies if u not in self.write_only)
 
 
 def _check_address(name: str, address: object) -> None:
@@ -178,6 +191,7 @@ class Topology:
             "phase": self.phase.value,
             "shards": [{"name": s.name, "address": s.address, "weight": s.weight, "state": s.state.value}
                        | ({"replicas": list(s.replicas)} if s.replicas else {})
+                       | ({"write_only": list(s.write_only)} if s.write_only else {})
                        for s in self.shards],
         }
         if self.source:
@@ -233,7 +247,7 @@ def _list_of_objects(value: Any, what: str) -> list[Mapping[str, Any]]:
 
 
 def _shard_from(item: Mapping[str, Any]) -> TopologyShard:
-    unknown = set(item) - {"name", "address", "weight", "state", "replicas"}
+    unknown = set(item) - {"name", "address", "weight", "state", "replicas", "write_only"}
     if unknown:
         raise TopologyError(f"unknown shard field(s): {', '.join(sorted(unknown))}")
     try:
@@ -243,10 +257,11 @@ def _shard_from(item: Mapping[str, Any]) -> TopologyShard:
                             f" {', '.join(s.value for s in ShardState)} (got {item.get('state')!r})") from None
     try:
         replicas = item.get("replicas", [])
-        if not isinstance(replicas, list):
-            raise TopologyError(f"shard {item.get('name')!r}: replicas must be a list of URLs")
+        write_only = item.get("write_only", [])
+        if not isinstance(replicas, list) or not isinstance(write_only, list):
+            raise TopologyError(f"shard {item.get('name')!r}: replicas and write_only must be lists of URLs")
         return TopologyShard(name=item["name"], address=item["address"], weight=item.get("weight", 1), state=state,
-                             replicas=tuple(replicas))
+                             replicas=tuple(replicas), write_only=tuple(write_only))
     except KeyError as exc:
         raise TopologyError(f"a shard lacks {exc.args[0]!r}") from None
     except TypeError as exc:
@@ -295,6 +310,8 @@ def _problems(t: Topology) -> list[str]:
         return problems
     if not t.source:
         problems.append(f"a {t.phase.value} topology needs its source ring")
+    if any(s.write_only for s in t.shards):
+        problems.append("no replica can be write-only during a move (finish adding or removing it first)")
     if by_state[ShardState.DOWN]:
         problems.append(f"no shard can be down during a move (down: {', '.join(sorted(by_state[ShardState.DOWN]))})")
     unknown = set(source_names) - set(names)
@@ -383,6 +400,10 @@ def _copies_text(urls: tuple[str, ...]) -> str:
     return "|".join(redact_url(u) for u in urls) or "none"
 
 
+def _replicas_text(s: TopologyShard) -> str:
+    return "|".join(redact_url(u) + (" (write-only)" if u in s.write_only else "") for u in s.replicas) or "none"
+
+
 def diff(before: Iterable[TopologyShard], after: Iterable[TopologyShard]) -> list[Change]:
     """What changes from `before` to `after`, in the order of `before` then the added shards.
     Addresses appear without their passwords (redact_url): these lines are logged and printed."""
@@ -398,8 +419,8 @@ def diff(before: Iterable[TopologyShard], after: Iterable[TopologyShard]) -> lis
             changes.append(Change("reweight", name, str(s.weight), str(n.weight)))
         if n.address != s.address:
             changes.append(Change("address", name, redact_url(s.address), redact_url(n.address)))
-        if n.replicas != s.replicas:
-            changes.append(Change("replicas", name, _copies_text(s.replicas), _copies_text(n.replicas)))
+        if n.replicas != s.replicas or n.write_only != s.write_only:
+            changes.append(Change("replicas", name, _replicas_text(s), _replicas_text(n)))
         if n.state is not s.state:
             changes.append(Change("state", name, s.state.value, n.state.value))
     for name, n in new.items():

@@ -11,6 +11,7 @@ routing is mcrouter's:
 - fills (SET), copies and invalidations (DEL + publish) go to every copy (AllSyncRoute). A delete is
   acknowledged only when every copy acknowledged it, so the outbox relay retries the write until
   all copies have seen it — exactly the guarantee a single shard had.
+- a write-only copy (one being added or removed: shard_router/moves.py) gets every write but no read.
 - every copy has its own breaker (server/cache/breaker.py): a copy that failed is skipped while its
   siblings serve its keys, and is flushed before it serves again (its recovery probe), so a copy
   that missed deletes while it was away never answers stale. The shard as a whole is down — its
@@ -22,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar, cast
 
 from server.cache.shard import PTTL_NO_KEY, Shard, ShardReplyError, ShardUnavailable
@@ -33,20 +34,26 @@ T = TypeVar("T")
 class ReplicatedShard:
     """The copies of one shard, the primary first. One per shard name per topology version."""
 
-    __slots__ = ("_next", "copies", "name", "only", "preferred")
+    __slots__ = ("_next", "copies", "name", "only", "preferred", "readers", "write_only")
 
-    def __init__(self, name: str, copies: Sequence[Shard], *, preferred: str = "") -> None:
-        """`preferred`: the copy label (`primary`, `replica-1`, ...) reads try first; "" spreads them."""
+    def __init__(self, name: str, copies: Sequence[Shard], *, preferred: str = "",
+                 write_only: Collection[str] = ()) -> None:
+        """`preferred`: the copy label (`primary`, `replica-1`, ...) reads try first; "" spreads them.
+        `write_only`: URLs of copies that get every write but no read (never the primary)."""
         if not copies:
             raise ValueError(f"shard {name!r} needs at least one copy")
         self.name = name
         self.copies = tuple(copies)
+        self.write_only = frozenset(write_only)
+        if self.copies[0].url in self.write_only:
+            raise ValueError(f"shard {name!r}: its primary cannot be write-only")
+        self.readers = tuple(c for c in self.copies if c.url not in self.write_only)
         # The one copy of a shard without replicas: the tier's GET takes its lean path then.
         self.only = self.copies[0] if len(self.copies) == 1 else None
         self._next = 0
-        first = next((c for c in self.copies if c.copy == preferred), None)
+        first = next((c for c in self.readers if c.copy == preferred), None)
         # The preferred copy, then the others in their order (a shard without that copy spreads).
-        self.preferred = (first, *(c for c in self.copies if c is not first)) if first is not None else None
+        self.preferred = (first, *(c for c in self.readers if c is not first)) if first is not None else None
 
     def __repr__(self) -> str:   # the URLs may hold passwords
         return f"<ReplicatedShard {self.name} {' '.join(repr(c) for c in self.copies)}>"
@@ -61,32 +68,32 @@ class ReplicatedShard:
 
     @property
     def is_up(self) -> bool:
-        """Some copy serves: the shard's keys are answered from Redis, not PostgreSQL."""
-        return any(c.breaker.serving for c in self.copies)
+        """Some copy reads may use serves: the shard's keys are answered from Redis, not PostgreSQL."""
+        return any(c.breaker.serving for c in self.readers)
 
     def serving_copy(self) -> Shard | None:
-        return next((c for c in self.copies if c.breaker.serving), None)
+        return next((c for c in self.readers if c.breaker.serving), None)
 
     # -- reads: one copy, failing over -------------------------------------------------------------
     def _order(self) -> tuple[Shard, ...]:
         if self.preferred is not None:
             return self.preferred
         start = self._next
-        self._next = (start + 1) % len(self.copies)
-        return self.copies[start:] + self.copies[:start]
+        self._next = (start + 1) % len(self.readers)
+        return self.readers[start:] + self.readers[:start]
 
     def first_copy(self) -> Shard:
         """The copy the next read tries first (where `_order` starts), without moving the round robin
         on: a read on a gRPC thread that steps aside leaves that copy first for the loop's read."""
         if self.preferred is not None:
             return self.preferred[0]
-        return self.copies[self._next]
+        return self.readers[self._next]
 
     def took_first(self) -> None:
         """A read on a gRPC thread used `first_copy()`: the next read starts at the next copy, as after
         `_order`. (Two threads may both take the same copy; the spread stays even over many reads.)"""
         if self.preferred is None:
-            self._next = (self._next + 1) % len(self.copies)
+            self._next = (self._next + 1) % len(self.readers)
 
     async def read(self, op: Callable[[Shard], Awaitable[T]]) -> T:
         """`op` on one copy, the next one (round robin) first; a copy that is down, fails or times out
@@ -118,7 +125,7 @@ class ReplicatedShard:
         raise ShardUnavailable(self.name)
 
     async def _from_sibling(self, warming: Shard, key: str, *, copy_budget: float, may_copy: bool) -> bytes | None:
-        sibling = next((c for c in self.copies if c is not warming and c.breaker.serving and not c.warming), None)
+        sibling = next((c for c in self.readers if c is not warming and c.breaker.serving and not c.warming), None)
         if sibling is None:
             return None
         started = time.monotonic()

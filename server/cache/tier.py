@@ -31,7 +31,7 @@ from server.cache.invalidation import InvalidationListeners, delete_everywhere
 from server.cache.replicas import ReplicatedShard
 from server.cache.shard import PTTL_NO_KEY, SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label
 from shard_router import Ring
-from shard_router.topology import Routing, ShardState, Topology, routing_for
+from shard_router.topology import Routing, ShardState, Topology, TopologyShard, routing_for
 
 DEFAULT_COPY_BUDGET: Final = 0.25
 # How often `drain` looks whether the writes of a view have landed.
@@ -98,7 +98,7 @@ class RedisTier:
         # The keys whose deletes a copy back from an outage may have missed (the node sets it: the
         # outbox's unsettled rows, server/relay.py); None: not known, so such a copy is flushed.
         self.missed_deletes: Callable[[], Awaitable[Sequence[str] | None]] | None = None
-        self._view = TierView(topology, {s.name: self._group(s.name, s.copies, None) for s in topology.shards})
+        self._view = TierView(topology, {s.name: self._group(s, None) for s in topology.shards})
         for s in topology.shards:
             if s.state is ShardState.DOWN:
                 self._view.shards[s.name].take_out()
@@ -112,11 +112,13 @@ class RedisTier:
     async def _missed(self) -> Sequence[str] | None:
         return None if self.missed_deletes is None else await self.missed_deletes()
 
-    def _group(self, name: str, urls: tuple[str, ...], current: ReplicatedShard | None) -> ReplicatedShard:
-        """The copies of shard `name` at `urls`: a copy whose URL and place are unchanged keeps its client
-        and breaker; a new copy of a shard that existed is probed and flushed before it serves (whatever
-        that server holds was never invalidated)."""
-        if current is not None and current.urls == urls:
+    def _group(self, spec: TopologyShard, current: ReplicatedShard | None) -> ReplicatedShard:
+        """The copies of shard `spec`: a copy whose URL and place are unchanged keeps its client and
+        breaker (a write-only copy made readable too: the operator flushed it meanwhile); a new copy of
+        a shard that existed is probed and flushed before it is used (whatever that server holds was
+        never invalidated)."""
+        name, urls = spec.name, spec.copies
+        if current is not None and current.urls == urls and current.write_only == frozenset(spec.write_only):
             return current   # (the preference is a node setting: it cannot differ between versions)
         kept = {(c.copy, c.url): c for c in current.copies} if current is not None else {}
         copies = []
@@ -127,7 +129,7 @@ class RedisTier:
                 if current is not None:
                     copy.put_back()
             copies.append(copy)
-        return ReplicatedShard(name, copies, preferred=self._preferred_copy)
+        return ReplicatedShard(name, copies, preferred=self._preferred_copy, write_only=spec.write_only)
 
     def _copy_state(self, name: str, copy: str, up: bool) -> None:
         self._on_copy_state(name, copy, up)
@@ -173,7 +175,7 @@ class RedisTier:
         """Run `topology` from now on; returns the previous view (see `drain`). Copies whose shard,
         address and place are unchanged keep their client, breaker and subscription."""
         old = self._view
-        shards = {spec.name: self._group(spec.name, spec.copies, old.shards.get(spec.name)) for spec in topology.shards}
+        shards = {spec.name: self._group(spec, old.shards.get(spec.name)) for spec in topology.shards}
         self._view = TierView(topology, shards)
         for spec in topology.shards:
             if spec.state is ShardState.DOWN:

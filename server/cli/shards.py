@@ -145,22 +145,30 @@ def register(sub: Any) -> None:
 
     s = ss.add_parser("add-replica", help="give a shard another copy (reads fail over to it); no key moves",
                       epilog=EPILOG, formatter_class=RAW, description=(
-        "Publish a new version where shard NAME has one more copy at ADDRESS: nodes write every fill and\n"
-        "delete to all copies and read from one, failing over to the next (docs/decisions.md,\n"
-        "\"Replicated shards\"). Nodes flush the new copy before it serves; then a miss on it asks a\n"
-        "sibling copy and copies the value over, so it refills without loading PostgreSQL.\n"
-        "Placement is by shard name, so no key moves. Only in a stable topology."))
+        "Give shard NAME one more copy at ADDRESS: nodes write every fill and delete to all copies and\n"
+        "read from one, failing over to the next (docs/decisions.md, \"Replicated shards\"). Two\n"
+        "versions: first the copy is written but not read; once every live node runs that version\n"
+        "(--wait-timeout) the copy is flushed, then a second version lets nodes read it. A miss on it\n"
+        "then asks a sibling copy and copies the value over, so it refills without loading PostgreSQL.\n"
+        "Placement is by shard name, so no key moves. Only in a stable topology. Interrupted, run it\n"
+        "again (or remove-replica) to finish."))
     s.add_argument("name")
     s.add_argument("address", help="redis://[user:password@]host:port/db of the new copy")
     s.add_argument("--no-check", action="store_true", help="do not PING the new copy now")
+    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each version"
+                   f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")
     s.set_defaults(func=cmd_replica)
 
     s = ss.add_parser("remove-replica", help="take a copy away from a shard; no key moves", epilog=EPILOG,
                       formatter_class=RAW, description=(
-        "Publish a new version without the replica at ADDRESS of shard NAME. Stop that Redis only after\n"
-        "`crs shards status` shows the new version on every node. Only in a stable topology."))
+        "Take the replica at ADDRESS away from shard NAME in two versions: first nodes stop reading it\n"
+        "(and still delete on it); once every live node runs that version (--wait-timeout), a second\n"
+        "version drops it. Stop that Redis once the command has finished. Only in a stable topology.\n"
+        "Interrupted, run it again to finish."))
     s.add_argument("name")
     s.add_argument("address")
+    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each version"
+                   f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")
     s.set_defaults(func=cmd_replica)
 
     s = ss.add_parser("apply", help="start the staged change and move the keys (resumable)", epilog=EPILOG,

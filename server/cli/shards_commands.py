@@ -209,39 +209,40 @@ def cmd_mark(args: argparse.Namespace) -> int:
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
-    """add-replica / remove-replica: publish at once, like mark (no key moves)."""
+    """add-replica / remove-replica: two published versions, the copy write-only in between (no key moves)."""
+    adding = args.shards_command == "add-replica"
+
     async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
+        from server.topology.migrator import Migrator
+        from server.topology.policy import MigrationPolicy
         from server.topology.staging import ensure_published
-        from server.topology.store import publish
-        from shard_router.moves import set_replicas
 
         current = await ensure_published(store, pool, settings, out=sys.stdout,
                                          check=lambda seed: seed.shard(args.name))
-        replicas = list(current.shard(args.name).replicas)
-        if args.shards_command == "add-replica":
-            if args.address in replicas:
-                raise CommandFailed(f"{redact_url(args.address)} is already a replica of {args.name}", 2)
-            if not args.no_check:
-                from server.topology.shard_stats import STATS_ERRORS
-                from server.topology.staging import probe_shard
+        shard = current.shard(args.name)
+        halfway = args.address in shard.write_only
+        if adding and args.address in shard.copies and not halfway:
+            raise CommandFailed(f"{redact_url(args.address)} is already a replica of {args.name}", 2)
+        if not adding and args.address not in shard.replicas:
+            raise CommandFailed(f"{redact_url(args.address)} is not a replica of {args.name}", 2)
+        if adding and not halfway and not args.no_check:
+            from server.topology.shard_stats import STATS_ERRORS
+            from server.topology.staging import probe_shard
 
-                try:
-                    held = await probe_shard(args.address)
-                except STATS_ERRORS as exc:
-                    raise CommandFailed(f"{redact_url(args.address)} does not answer ({type(exc).__name__});"
-                                        " start it first, or pass --no-check", 3) from exc
-                if held:
-                    print(f"note: {redact_url(args.address)} holds {held:,} key(s); nodes flush it before it serves")
-            replicas.append(args.address)
-        else:
-            if args.address not in replicas:
-                raise CommandFailed(f"{redact_url(args.address)} is not a replica of {args.name}", 2)
-            replicas.remove(args.address)
-        new = set_replicas(current, args.name, replicas)
-        verb = "added to" if args.shards_command == "add-replica" else "removed from"
-        await publish(store, pool, new, reason=f"{args.shards_command} {args.name}")
-        print(f"published topology version {new.version}: {redact_url(args.address)} {verb} {args.name}"
-              f" ({len(replicas)} replica(s) now; no key moves)")
+            try:
+                held = await probe_shard(args.address)
+            except STATS_ERRORS as exc:
+                raise CommandFailed(f"{redact_url(args.address)} does not answer ({type(exc).__name__});"
+                                    " start it first, or pass --no-check", 3) from exc
+            if held:
+                print(f"note: {redact_url(args.address)} holds {held:,} key(s); it is flushed before it serves")
+        policy = MigrationPolicy.from_settings(settings, wait_timeout=args.wait_timeout)
+        migrator = Migrator(pool=pool, store=store, policy=policy, out=sys.stdout)
+        new = await migrator.change_replica(args.name, args.address, adding=adding)
+        replicas = len(new.shard(args.name).replicas)
+        verb = "added to" if adding else "removed from"
+        print(f"topology version {new.version}: {redact_url(args.address)} {verb} {args.name}"
+              f" ({replicas} replica(s) now; no key moves)")
         return 0
 
     return _run(args, body)

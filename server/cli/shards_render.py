@@ -39,8 +39,9 @@ def status_text(r: StatusReport, out: TextIO) -> None:
                      f"{s.down_on_nodes} node(s)" if s.down_on_nodes else "-"])
         for c in s.replicas:   # a replica: same shard, same keys expected; not part of placement
             cs = c.stats
-            rows.append([f"  {c.label}", "", c.address, "", "", f"{cs.keys:,}" if cs else c.error,
-                         size(cs.memory_bytes) if cs else "-", percent(cs.hit_ratio if cs else None), "", ""])
+            rows.append([f"  {c.label}", "write-only" if c.write_only else "", c.address, "", "",
+                         f"{cs.keys:,}" if cs else c.error, size(cs.memory_bytes) if cs else "-",
+                         percent(cs.hit_ratio if cs else None), "", ""])
     table(rows, out)
     out.write(f"\nNodes: {len(r.nodes)} live (heartbeat within CRS_TOPOLOGY_LEASE = {r.lease:g}s)\n")
     if r.nodes:

@@ -99,22 +99,26 @@ class KeySteps:
     async def flush_joining(self, t: Topology) -> None:
         """Shards joining the ring may hold anything (nobody invalidated them): empty every copy of
         them while no node reads or fills them (preparing)."""
-        joining = [s for s in t.shards if s.state is ShardState.WARMING]
-        clients = self._clients(t)
+        for s in (s for s in t.shards if s.state is ShardState.WARMING):
+            held = 0
+            for url in s.copies:
+                held += await self.flush_copy(url, f"joining shard {s.name}")
+            copies = f" on {len(s.copies)} copies" if len(s.copies) > 1 else ""
+            self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it{copies})")
+
+    async def flush_copy(self, url: str, what: str) -> int:
+        """FLUSHDB on the Redis at `url` (`what` names it in the error); how many keys it held."""
+        timeout = self.policy.redis_timeout
+        client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         try:
-            for s in joining:
-                held = 0
-                for url, client in zip(s.copies, clients[s.name], strict=True):
-                    try:
-                        held += int(await client.dbsize())
-                        await client.flushdb()
-                    except REDIS_ERRORS as exc:
-                        raise MigrationError(f"cannot flush joining shard {s.name} at {redact_url(url)}:"
-                                             f" {exc}") from exc
-                copies = f" on {len(s.copies)} copies" if len(s.copies) > 1 else ""
-                self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it{copies})")
+            held = int(await client.dbsize())
+            await client.flushdb()
+            return held
+        except REDIS_ERRORS as exc:
+            raise MigrationError(f"cannot flush {what} at {redact_url(url)}: {exc}") from exc
         finally:
-            await _close_all(clients)
+            with contextlib.suppress(*REDIS_ERRORS):
+                await client.aclose()
 
     async def scan_step(self, t: Topology, step: str) -> None:
         """copy: every key an old owner holds whose owner changes goes to its new owner (read from the

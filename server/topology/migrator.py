@@ -39,8 +39,8 @@ from server.topology.store import (
     load_draft,
     publish,
 )
-from shard_router.moves import abort, advance, begin
-from shard_router.topology import Phase, Topology, TopologyError, ring_text
+from shard_router.moves import abort, add_replica, advance, begin, retire_replica, settle_replica
+from shard_router.topology import Phase, Topology, TopologyError, redact_url, ring_text
 
 _LOCK_ID = 0x43525302          # "CRS" + 2: one resharding driver at a time (migrate uses 0x435253)
 # `apply` never queues behind another driver: two at once is an operator mistake, refused at once.
@@ -120,6 +120,35 @@ class Migrator:
             current = await self.store.current()
             assert current is not None
             return await self._drive(current)
+
+    async def change_replica(self, name: str, url: str, *, adding: bool) -> Topology:
+        """`crs shards add-replica` / `remove-replica`: two published versions with the copy write-only
+        in between (shard_router/moves.py); an added copy is flushed once every live node writes it.
+        A run interrupted halfway is finished by either command."""
+        async with self._driver_lock(wait=APPLY_LOCK_WAIT):
+            current = await self.store.current()
+            if current is None:
+                raise MigrationError("no topology published yet")
+            try:
+                shard = current.shard(name)
+                if url in shard.write_only:
+                    self.say(f"{redact_url(url)} is a write-only copy of {name} (a run stopped halfway): finishing")
+                else:
+                    first = add_replica(current, name, url) if adding else retire_replica(current, name, url)
+                    await self._publish(first, f"{'add' if adding else 'remove'}-replica {name}: write-only")
+                    current = first
+                last = settle_replica(current, name, url, keep=adding)
+            except TopologyError as exc:
+                raise MigrationError(str(exc)) from exc
+            # Every node now deletes on the copy (added) or no longer reads it (removed).
+            await self.wait_for_nodes(current.version)
+            await VersionWatch(self.store, current.version, self.clock).check()
+            if adding:
+                held = await self.keys.flush_copy(url, f"new copy of {name}")
+                self.say(f"  flushed the new copy ({held:,} key(s) were on it)")
+            await self._publish(last, f"{'add' if adding else 'remove'}-replica {name}")
+            await self.wait_for_nodes(last.version)
+            return last
 
     # -- the loop ----------------------------------------------------------------------------------
     async def _drive(self, t: Topology) -> Topology:

@@ -67,12 +67,13 @@ class CopyRow:
     address: str
     stats: ShardStats | None     # None: unreachable, and `error` says why
     error: str | None
+    write_only: bool = False     # being added or removed: written, not read (shard_router/moves.py)
 
     def as_dict(self) -> dict[str, Any]:
         st = self.stats
         return {"copy": self.label, "address": self.address, "keys": st.keys if st else None,
                 "memory_bytes": st.memory_bytes if st else None, "hit_ratio": st.hit_ratio if st else None,
-                "reachable": st is not None, "error": self.error}
+                "reachable": st is not None, "error": self.error, "write_only": self.write_only}
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,7 @@ async def gather_status(settings: Settings, pool: asyncpg.Pool, store: TopologyS
     for s in t.shards:
         copies[s.name] = tuple(
             CopyRow(f"replica-{i}", redact_url(url), st if isinstance(st, ShardStats) else None,
-                    None if isinstance(st, ShardStats) else st)
+                    None if isinstance(st, ShardStats) else st, write_only=url in s.write_only)
             for i, (url, st) in enumerate(((u, next(it)) for u in s.replicas), start=1))
     share = t.target_ring.share()
     source_share = t.source_ring.share() if not t.is_stable else share

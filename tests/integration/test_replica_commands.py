@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import card_key, crs_command, own_env, redis_servers
+from tests.integration.support import card_key, clients_of, crs_command, metric, own_env, redis_servers
 
 NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
 
@@ -57,6 +58,9 @@ def test_add_and_remove_a_replica_live(env: DevEnvironment, tmp_path: Path) -> N
         r = _crs(env, "add-replica", "shard-0", extra.url)
         assert r.returncode == 0, r.stderr
         assert "no key moves" in r.stdout and "holds 1 key(s)" in r.stdout
+        assert "flushed the new copy (1 key(s) were on it)" in r.stdout, r.stdout
+        history = _crs(env, "history").stdout
+        assert "add-replica shard-0: write-only" in history, "two versions: written first, read after"
         i, key = _card_on(env, node, "shard-0")
         deadline = time.monotonic() + 15
         while copy.exists("stale:left-behind") or not copy.exists(key):
@@ -112,3 +116,57 @@ def test_a_move_copies_to_and_cleans_every_copy(env: DevEnvironment, tmp_path: P
             "the cleanup deleted them from every copy of shard-1"
     node.stop()
     env.nodes.remove(node)
+
+
+def test_a_new_copy_is_read_only_once_every_node_deletes_on_it(env: DevEnvironment, tmp_path: Path) -> None:
+    """docs/audit-2026-12-04.md, shards 7: published in one step, a node still on the old version
+    changed a card and deleted its key on the primary alone, while a node on the new version read the
+    new copy, which kept the old answer for its TTL. Now the copy is written but not read until every
+    live node runs the version that writes it, then flushed, then read."""
+    lease = {"topology_lease": 30.0}
+    fast = env.start_node(workers=1, **NODE_SETTINGS | lease)
+    slow = env.start_node(workers=1, **NODE_SETTINGS | lease | {"topology_poll_interval": 8.0})
+    with redis_servers(tmp_path, ["late-copy"]) as (extra,):
+        reader, writer = clients_of(fast), clients_of(slow)
+        i, key = _card_on(env, fast, "shard-0")
+        req = pb.ResolveCardRequest(pan=demo_pan(i))
+        card = reader.lookup.ResolveCard(req, timeout=5).card
+        before = metric(fast, "crs_topology_version")
+        assert metric(slow, "crs_topology_version") == before
+        done: dict[str, subprocess.CompletedProcess[str]] = {}
+        command = threading.Thread(target=lambda: done.update(r=crs_command(
+            env, "shards", "add-replica", "shard-0", extra.url, timeout=90,
+            overrides={"CRS_PG_DSN": env.operator_dsn, "CRS_TOPOLOGY_LEASE": "30"})))
+        command.start()
+        try:
+            deadline = time.monotonic() + 10
+            while metric(fast, "crs_topology_version") == before:
+                assert time.monotonic() < deadline, "the fast node never ran the new version"
+                time.sleep(0.05)
+            # The fast node runs the new version (the copy listed), the slow one still the old one.
+            copy, primary = redis.Redis.from_url(extra.url), redis.Redis.from_url(env.shard_urls()["shard-0"])
+            status = card.status
+            for _ in range(6):   # each read after the write goes to one copy first (round robin): try several
+                while not copy.exists(key):   # a miss (the key expired): the fast node fills every copy it writes
+                    assert time.monotonic() < deadline, "the fast node never filled the new copy"
+                    primary.delete(key)
+                    reader.lookup.ResolveCard(req, timeout=5)
+                    time.sleep(0.02)
+                status = pb.CARD_STATUS_LOST if status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_ACTIVE
+                writer.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
+                assert reader.lookup.ResolveCard(req, timeout=5).card.status == status, "a stale copy answered"
+            assert metric(slow, "crs_topology_version") == before, "timing: the slow node moved on too early"
+        finally:
+            command.join(timeout=90)
+        r = done["r"]
+        assert r.returncode == 0, r.stderr
+        assert "waiting for" in r.stdout and "all 2 live node(s) run version" in r.stdout, r.stdout
+        assert metric(fast, "crs_topology_version") == metric(slow, "crs_topology_version") == before + 2
+        for _ in range(6):
+            assert reader.lookup.ResolveCard(req, timeout=5).card.status == status
+        assert copy.get(key) in (None, primary.get(key))
+        r = _crs(env, "remove-replica", "shard-0", extra.url, "--wait-timeout", "60")
+        assert r.returncode == 0, r.stderr
+    for node in (fast, slow):
+        node.stop()
+        env.nodes.remove(node)

@@ -57,7 +57,7 @@ def test_bad_replicas_in_a_topology_are_refused() -> None:
         TopologyShard("shard-0", A, replicas=(A,))
     with pytest.raises(TopologyError, match="must start with"):
         TopologyShard("shard-0", A, replicas=("http://x/0",))
-    with pytest.raises(TopologyError, match="replicas must be a list"):
+    with pytest.raises(TopologyError, match="replicas and write_only must be lists"):
         Topology.from_document({"version": 1, "shards": [{"name": "s", "address": A, "replicas": B}]})
 
 
@@ -67,20 +67,62 @@ def test_diff_names_a_replica_change() -> None:
     assert [str(c) for c in diff(before, after)] == [f"~ shard-0 replicas none -> {B}"]
 
 
-def test_set_replicas_publishes_without_moving_keys() -> None:
-    import pytest
+def test_a_replica_is_added_and_removed_through_a_write_only_version_without_moving_keys() -> None:
+    from shard_router.moves import add_replica, begin, retire_replica, settle_replica
 
-    from shard_router.moves import set_replicas
-    from shard_router.topology import Topology, TopologyError, TopologyShard
+    t = Topology(version=3, shards=(TopologyShard("shard-0", A), TopologyShard("shard-1", B)))
+    half = add_replica(t, "shard-0", C)
+    assert half.version == 4 and half.shard("shard-0").replicas == (C,) and half.shard("shard-0").write_only == (C,)
+    assert half.shard("shard-0").readable == (A,)
+    assert Topology.from_document(half.to_document()) == half
+    assert [str(c) for c in diff(t.shards, half.shards)] == [f"~ shard-0 replicas none -> {C} (write-only)"]
+    with pytest.raises(TopologyError, match="write-only replica: finish"):
+        begin(half, (TopologyShard("shard-0", A), TopologyShard("shard-1", B), TopologyShard("shard-2", D)))
+    done = settle_replica(half, "shard-0", C, keep=True)
+    assert done.version == 5 and done.shard("shard-0").write_only == () and done.shard("shard-0").readable == (A, C)
+    assert "write_only" not in done.to_document()["shards"][0]
+    with pytest.raises(TopologyError, match="already has the copy"):
+        add_replica(done, "shard-0", C)
+    with pytest.raises(TopologyError, match="not a write-only replica"):
+        settle_replica(done, "shard-0", C, keep=False)
+    leaving = retire_replica(done, "shard-0", C)
+    assert leaving.shard("shard-0").readable == (A,) and leaving.shard("shard-0").replicas == (C,)
+    with pytest.raises(TopologyError, match="already write-only"):
+        retire_replica(leaving, "shard-0", C)
+    gone = settle_replica(leaving, "shard-0", C, keep=False)
+    assert gone.shard("shard-0").replicas == () and gone.version == 7
+    with pytest.raises(TopologyError, match="not a replica"):
+        retire_replica(gone, "shard-0", C)
+    for each in (half, done, leaving, gone):   # placement is by name and weight: no key moves
+        assert [s.spec for s in each.shards] == [s.spec for s in t.shards]
+        assert each.target_ring.node_for("some-key") == t.target_ring.node_for("some-key")
 
-    t = Topology(version=3, shards=(TopologyShard("shard-0", "redis://a:1/0"), TopologyShard("shard-1", "redis://b:1/0")))
-    new = set_replicas(t, "shard-0", ["redis://c:1/0"])
-    assert new.version == 4 and new.shard("shard-0").replicas == ("redis://c:1/0",)
-    assert new.target_ring.node_for("some-key") == t.target_ring.node_for("some-key")
-    assert [s.spec for s in new.shards] == [s.spec for s in t.shards]
-    with pytest.raises(TopologyError, match="already has exactly these replicas"):
-        set_replicas(new, "shard-0", ["redis://c:1/0"])
-    assert set_replicas(new, "shard-0", []).shard("shard-0").replicas == ()
+
+@pytest.mark.parametrize(("write_only", "message"), [((A,), "some of its replicas"), ((C,), "some of its replicas"),
+                                                     ((B, B), "each once")])
+def test_only_replicas_can_be_write_only(write_only: tuple[str, ...], message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        TopologyShard("shard-0", A, replicas=(B,), write_only=write_only)
+    with pytest.raises(TopologyError, match="write_only must be lists"):
+        Topology.from_document({"version": 1, "shards": [{"name": "s", "address": A, "replicas": [B],
+                                                          "write_only": B}]})
+
+
+def test_a_write_only_copy_is_written_but_never_read() -> None:
+    group = ReplicatedShard("shard-0", _copies(3), write_only=("redis://127.0.0.1:10/0",))
+    assert [c.copy for c in group.readers] == ["primary", "replica-2"]
+    firsts = [group._order()[0].copy for _ in range(4)]
+    assert firsts == ["primary", "replica-2"] * 2
+    seen = []
+    for _ in range(2):   # a read on a gRPC thread
+        seen.append(group.first_copy().copy)
+        group.took_first()
+    assert seen == ["primary", "replica-2"]
+    assert group.only is None and len(group.copies) == 3   # writes go to all three
+    preferring = ReplicatedShard("shard-0", _copies(2), preferred="replica-1", write_only=("redis://127.0.0.1:10/0",))
+    assert preferring.preferred is None and [c.copy for c in preferring._order()] == ["primary"]
+    with pytest.raises(ValueError, match="primary cannot be write-only"):
+        ReplicatedShard("shard-0", _copies(2), write_only=("redis://127.0.0.1:9/0",))
 
 
 def _copies(n: int) -> list[Shard]:
