@@ -17,13 +17,13 @@ from typing import Any
 
 from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
 from server.decisions import DEFAULT_NETWORK_CODES, parse_network_codes
+from shard_router.topology import address_key
 
 
 class SettingsError(ValueError):
     """A configuration value is missing or wrong; the message names it."""
 
 
-_SCHEMES = ("redis://", "rediss://", "unix://")
 SERVING_MODELS = ("aio", "hybrid")
 
 
@@ -62,15 +62,15 @@ def parse_shards(text: str) -> tuple[ShardAddress, ...]:
             weight = int(val)
         copies = [u.strip() for u in urls.split("|")]
         for url in copies:
-            if not url.startswith(_SCHEMES):
+            if not url.startswith(("redis://", "rediss://", "unix://")):
                 raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: every url (copies separated by '|')"
                                     " must start with redis://, rediss:// or unix://")
-        if len(set(copies)) != len(copies):
+        if len({address_key(u) for u in copies}) != len(copies):
             raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: a copy is listed twice")
         shards.append(ShardAddress(name=name, url=copies[0], weight=weight, replicas=tuple(copies[1:])))
     if len({s.name for s in shards}) != len(shards):
         raise SettingsError("CRS_REDIS_SHARDS: shard names must be unique")
-    every = [u for s in shards for u in s.copies]
+    every = [address_key(u) for s in shards for u in s.copies]
     if len(set(every)) != len(every):
         raise SettingsError("CRS_REDIS_SHARDS: two shards (or copies) cannot share a url")
     return tuple(shards)

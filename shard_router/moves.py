@@ -14,6 +14,7 @@ from shard_router.topology import (
     Topology,
     TopologyError,
     TopologyShard,
+    address_key,
     redact_url,
     ring_text,
 )
@@ -160,7 +161,7 @@ def add_replica(current: Topology, name: str, url: str) -> Topology:
     """The first version of adding copy `url` to shard `name`: written, not read."""
     _stable_for_replicas(current)
     shard = current.shard(name)
-    if url in shard.copies:
+    if address_key(url) in {address_key(u) for u in shard.copies}:
         raise TopologyError(f"shard {name!r} already has the copy {redact_url(url)}")
     new = replace(shard, replicas=(*shard.replicas, url), write_only=(*shard.write_only, url))
     return _with_shard(current, new)

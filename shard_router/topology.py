@@ -32,6 +32,7 @@ move in the opposite direction.
 from __future__ import annotations
 
 import enum
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -101,7 +102,7 @@ class TopologyShard:
             raise TopologyError(f"shard {self.name!r}: replicas must be a tuple of URLs (got {self.replicas!r})")
         for address in (self.address, *self.replicas):
             _check_address(self.name, address)
-        if len(set(self.copies)) != len(self.copies):
+        if len({address_key(u) for u in self.copies}) != len(self.copies):
             raise TopologyError(f"shard {self.name!r}: a copy is listed twice")
         if not isinstance(self.write_only, tuple) or len(set(self.write_only)) != len(self.write_only) \
                 or not set(self.write_only) <= set(self.replicas):
@@ -123,6 +124,27 @@ class TopologyShard:
     def readable(self) -> tuple[str, ...]:
         """The copies reads may go to: every copy but the write-only ones."""
         return tuple(u for u in self.copies if u not in self.write_only)
+
+
+LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
+
+
+def address_key(address: str) -> str:
+    """The Redis server and database an address names, so that two spellings of one server are seen
+    as one (a joining copy's flush would otherwise empty a live shard): host in lower case, every
+    loopback name alike, port 6379 and database 0 when left out; user, password and scheme aside
+    (one port speaks TLS or not). `unix://` addresses: the socket path and database."""
+    parts = urllib.parse.urlsplit(address)
+    query = urllib.parse.parse_qs(parts.query)
+    db = parts.path.strip("/") if parts.scheme != "unix" and parts.path.strip("/") else query.get("db", ["0"])[0]
+    if parts.scheme == "unix":
+        return f"unix:{parts.path}/{db}"
+    host = (parts.hostname or "").lower()
+    try:
+        port: object = parts.port or 6379
+    except ValueError:   # not a number: compared as written
+        port = parts.netloc.rpartition(":")[2]
+    return f"{'127.0.0.1' if host in LOOPBACK else host}:{port}/{db}"
 
 
 def _check_address(name: str, address: object) -> None:
@@ -290,9 +312,9 @@ def _problems(t: Topology) -> list[str]:
     names = [s.name for s in t.shards]
     if len(set(names)) != len(names):
         problems.append(f"shard names must be unique (got {names})")
-    addresses = [a for s in t.shards for a in s.copies]
+    addresses = [address_key(a) for s in t.shards for a in s.copies]
     if len(set(addresses)) != len(addresses):
-        dup = sorted({redact_url(a) for a in addresses if addresses.count(a) > 1})
+        dup = sorted({a for a in addresses if addresses.count(a) > 1})
         problems.append(f"two shards cannot share an address ({', '.join(dup)})")
     by_state = {state: {s.name for s in t.shards if s.state is state} for state in ShardState}
     source_names = [s.name for s in t.source]
@@ -328,6 +350,14 @@ def _problems(t: Topology) -> list[str]:
     if not any(s.state is not ShardState.DRAINING for s in t.shards):
         problems.append("the target ring needs at least one shard")
     return problems
+
+
+def seed_text(shards: Iterable[tuple[str, int, Iterable[str]]]) -> str:
+    """A canonical one-line form of a shard list with its servers, from (name, weight, copies) items:
+    what a node started with (CRS_REDIS_SHARDS), compared with the list a first published version
+    seeds. Servers as `address_key` writes them: never a password."""
+    return ",".join(f"{name}={'|'.join(address_key(u) for u in copies)};{weight}"
+                    for name, weight, copies in sorted(shards, key=lambda item: item[0]))
 
 
 def ring_text(specs: Iterable[ShardSpec]) -> str:

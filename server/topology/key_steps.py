@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from server.cache.shard import PTTL_NO_KEY, copy_label
 from server.progress import ProgressBar
-from server.topology.errors import MigrationError
+from server.topology.errors import MigrationError, ShardUnreachable
 from server.topology.policy import MigrationPolicy
 from server.topology.store import Progress, TopologyStore, load_progress, save_progress
 from shard_router import Ring
@@ -115,7 +115,7 @@ class KeySteps:
             await client.flushdb()
             return held
         except REDIS_ERRORS as exc:
-            raise MigrationError(f"cannot flush {what} at {redact_url(url)}: {exc}") from exc
+            raise ShardUnreachable(f"cannot flush {what} at {redact_url(url)}: {exc}") from exc
         finally:
             with contextlib.suppress(*REDIS_ERRORS):
                 await client.aclose()
@@ -144,7 +144,7 @@ class KeySteps:
                 try:
                     totals[name] = int(await clients[name].dbsize())
                 except REDIS_ERRORS as exc:
-                    raise MigrationError(f"cannot reach shard {name}: {exc}") from exc
+                    raise ShardUnreachable(f"cannot reach shard {name}: {exc}") from exc
             for name in sources:
                 stats.shards[name] = saved.get(name, Progress(name))
             resumed = sum(p.scanned for p in stats.shards.values())
@@ -171,7 +171,7 @@ class KeySteps:
                         elif keys:
                             await self._cleanup_batch(t, name.partition("/")[0], keys, clients[name], p)
                     except REDIS_ERRORS as exc:
-                        raise MigrationError(f"{step} on shard {name} failed: {type(exc).__name__}: {exc}."
+                        raise ShardUnreachable(f"{step} on shard {name} failed: {type(exc).__name__}: {exc}."
                                              " Rerun `crs shards apply` to resume from the last batch") from exc
                     p.scanned += len(keys)
                     p.scan_cursor = int(cursor)

@@ -157,7 +157,8 @@ class Migrator:
             direction = " (abort)" if t.aborting else ""
             self.say(f"topology version {t.version}: {t.phase.value}{direction} — "
                      f"{ring_text(t.source_specs)} -> {ring_text(t.target_specs)}")
-            await self.wait_for_nodes(t.version)
+            nodes = await self.wait_for_nodes(t.version)
+            self.keys.policy = self.policy.within_nodes(n.reinvalidate_delay_s for n in nodes)
             await VersionWatch(self.store, t.version, self.clock).check()
             if t.phase is Phase.PREPARING:
                 await self.keys.flush_joining(t)
@@ -217,8 +218,9 @@ class Migrator:
                                   for n in behind[:NODES_NAMED])
                 raise MigrationError(
                     f"{len(behind)} live node(s) still run an older version after {self.policy.wait_timeout:.0f}s:"
-                    f" {names}. A node that stopped heartbeating is presumed gone after CRS_TOPOLOGY_LEASE"
-                    f" ({self.policy.lease:g}s). Rerun `crs shards apply` to go on, or `crs shards abort`.")
+                    f" {names}. A node that stopped heartbeating is presumed gone after its CRS_TOPOLOGY_LEASE"
+                    f" (or this command's, {self.policy.lease:g}s, if longer)."
+                    " Rerun `crs shards apply` to go on, or `crs shards abort`.")
             if not announced:
                 self.say(f"  waiting for {len(behind)} of {len(nodes)} live node(s) to run version {version} ...")
                 announced = True

@@ -6,7 +6,8 @@ node's watcher uses the same copy budget as the driver.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 from server.settings import Settings
 
@@ -46,3 +47,9 @@ class MigrationPolicy:
                    poll=min(MAX_NODE_POLL, s.topology_poll_interval / LOOKS_PER_NODE_POLL),
                    copy_budget=s.reinvalidate_delay * COPY_BUDGET_FRACTION,
                    redis_timeout=max(MIN_REDIS_TIMEOUT, REDIS_TIMEOUT_FACTOR * s.redis_timeout))
+
+    def within_nodes(self, reinvalidate_delays: Iterable[float | None]) -> MigrationPolicy:
+        """This policy with a copy budget inside every node's: half the shortest CRS_REINVALIDATE_DELAY
+        among this command's and the live nodes' (None: a node that does not report it)."""
+        budgets = [d * COPY_BUDGET_FRACTION for d in reinvalidate_delays if d is not None]
+        return replace(self, copy_budget=min([self.copy_budget, *budgets]))

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from server.settings import Settings
 from server.topology.errors import NODES_NAMED, MigrationError
 from server.topology.store import Draft, TopologyStore, live_nodes, load_draft, publish, save_draft
-from shard_router.topology import Topology, TopologyError, TopologyShard, ring_text
+from shard_router.topology import Topology, TopologyError, TopologyShard, ring_text, seed_text
 
 # Seconds to connect to and hear from a shard being added: it is checked interactively, so a wrong
 # address should fail fast; a healthy Redis answers PING and DBSIZE in milliseconds.
@@ -49,12 +49,22 @@ async def ensure_published(store: TopologyStore, pool: asyncpg.Pool, settings: S
                              " to the shards the nodes run")
     boot = bootstrap(store, settings)
     ring = ring_text(boot.target_specs)
-    odd = [n for n in await live_nodes(pool, settings.topology_lease) if n.ring != ring]
+    nodes = await live_nodes(pool, settings.topology_lease)
+    odd = [n for n in nodes if n.ring != ring]
     if odd:
         raise MigrationError(
             f"CRS_REDIS_SHARDS here is {ring}, but live node(s) run another ring: "
             + "; ".join(f"{n.node_id} runs {n.ring or 'no shard'}" for n in odd[:NODES_NAMED])
             + ". Run this command with the nodes' CRS_REDIS_SHARDS.")
+    # Same names and weights is not enough: the servers become every node's on version 1 (a port-forward
+    # address here would take every node's shards away). Nodes older than migration 0015 do not say.
+    seed = seed_text((s.name, s.weight, s.copies) for s in boot.shards)
+    elsewhere = [n for n in nodes if n.bootstrap_shards is not None and n.bootstrap_shards != seed]
+    if elsewhere:
+        raise MigrationError(
+            f"CRS_REDIS_SHARDS here names other servers than live node(s) use: here {seed}; "
+            + "; ".join(f"{n.node_id}: {n.bootstrap_shards}" for n in elsewhere[:NODES_NAMED])
+            + ". Run this command with the nodes' CRS_REDIS_SHARDS (the addresses they reach the shards at).")
     first = Topology(version=1, shards=boot.shards)
     if check is not None:
         try:

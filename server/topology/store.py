@@ -282,17 +282,24 @@ class NodeReport:
     shards_down: tuple[str, ...] = ()
     shard_errors: Mapping[str, int] | None = None
     age_s: float = 0.0           # seconds since its last heartbeat, by the database clock
+    # The node's own settings a driver honours (migration 0015); None from an older node.
+    lease_s: float | None = None
+    reinvalidate_delay_s: float | None = None
+    bootstrap_shards: str | None = None   # shard_router.topology.seed_text of its CRS_REDIS_SHARDS
 
 
 async def heartbeat(conn: Conn | asyncpg.Pool, report: NodeReport) -> None:
     await conn.execute(
-        "INSERT INTO node_status (node_id, address, topology_version, phase, ring, shards_down, shard_errors)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)"
+        "INSERT INTO node_status (node_id, address, topology_version, phase, ring, shards_down, shard_errors,"
+        " lease_s, reinvalidate_delay_s, bootstrap_shards) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10)"
         " ON CONFLICT (node_id) DO UPDATE SET address = excluded.address,"
         " topology_version = excluded.topology_version, phase = excluded.phase, ring = excluded.ring,"
-        " shards_down = excluded.shards_down, shard_errors = excluded.shard_errors, seen_at = clock_timestamp()",
+        " shards_down = excluded.shards_down, shard_errors = excluded.shard_errors, lease_s = excluded.lease_s,"
+        " reinvalidate_delay_s = excluded.reinvalidate_delay_s, bootstrap_shards = excluded.bootstrap_shards,"
+        " seen_at = clock_timestamp()",
         report.node_id, report.address, report.topology_version, report.phase, report.ring,
-        list(report.shards_down), orjson.dumps(dict(report.shard_errors or {})).decode())
+        list(report.shards_down), orjson.dumps(dict(report.shard_errors or {})).decode(),
+        report.lease_s, report.reinvalidate_delay_s, report.bootstrap_shards)
 
 
 async def forget_node(conn: Conn | asyncpg.Pool, node_id: str) -> None:
@@ -305,18 +312,21 @@ async def prune_nodes(conn: Conn | asyncpg.Pool, older_than: float) -> None:
 
 
 async def live_nodes(conn: Conn | asyncpg.Pool, within: float) -> list[NodeReport]:
-    """Nodes whose last heartbeat is at most `within` seconds old (database clock), oldest version first."""
+    """Nodes whose last heartbeat (database clock) is younger than their own lease or `within`
+    seconds, whichever is longer (a node heartbeats every third of its own lease), oldest version first."""
     rows = await conn.fetch(
-        "SELECT node_id, address, topology_version, phase, ring, shards_down, shard_errors,"
-        " extract(epoch FROM clock_timestamp() - seen_at)::float8 AS age"
-        " FROM node_status WHERE seen_at >= clock_timestamp() - $1::interval"
-        " ORDER BY topology_version, node_id", dt.timedelta(seconds=within))
+        "SELECT node_id, address, topology_version, phase, ring, shards_down, shard_errors, lease_s,"
+        " reinvalidate_delay_s, bootstrap_shards, extract(epoch FROM clock_timestamp() - seen_at)::float8 AS age"
+        " FROM node_status"
+        " WHERE seen_at >= clock_timestamp() - greatest(coalesce(lease_s, $1), $1) * interval '1 second'"
+        " ORDER BY topology_version, node_id", float(within))
     return [_report(r) for r in rows]
 
 
 def _report(r: asyncpg.Record) -> NodeReport:
     return NodeReport(r["node_id"], r["address"], r["topology_version"], r["phase"], r["ring"],
-                      tuple(r["shards_down"]), orjson.loads(r["shard_errors"]), r["age"])
+                      tuple(r["shards_down"]), orjson.loads(r["shard_errors"]), r["age"], r["lease_s"],
+                      r["reinvalidate_delay_s"], r["bootstrap_shards"])
 
 
 def lagging(nodes: Sequence[NodeReport], version: int) -> list[NodeReport]:

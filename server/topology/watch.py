@@ -41,7 +41,7 @@ from server.topology.store import (
     prune_nodes,
     registration,
 )
-from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text
+from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text, seed_text
 
 log = logging.getLogger("crs.topology")
 
@@ -87,6 +87,7 @@ def node_identity() -> str:
 class TopologyWatcher:
     def __init__(self, *, settings: Settings, pool: asyncpg.Pool, metrics: Metrics) -> None:
         self.settings = settings
+        self._seed = seed_text((a.name, a.weight, a.copies) for a in settings.redis_shards)
         self.pool = pool
         self.metrics = metrics
         self.store = open_store(pool, settings.topology_file)
@@ -245,7 +246,9 @@ class TopologyWatcher:
                           topology_version=t.version if t else 0,
                           phase=t.phase.value if t else Phase.STABLE.value,
                           ring=ring_text(tier.view.routing.read.shards) if tier else "",
-                          shards_down=down, shard_errors=dict(self.shard_errors))
+                          shards_down=down, shard_errors=dict(self.shard_errors),
+                          lease_s=self.settings.topology_lease, reinvalidate_delay_s=self.settings.reinvalidate_delay,
+                          bootstrap_shards=self._seed)
 
     def _export(self, t: Topology) -> None:
         m = self.metrics

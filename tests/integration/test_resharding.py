@@ -251,6 +251,43 @@ def test_cli_help_is_a_manual() -> None:
         assert len(r.stdout) > 900, f"`crs shards {sub} --help` is too thin to be a manual"
 
 
+def test_the_first_version_must_name_the_servers_the_nodes_use(stack: ReshardStack) -> None:
+    """docs/audit-2026-12-04.md, shards 8: the first changing command seeds version 1 from its own
+    CRS_REDIS_SHARDS; one run through a port-forward (same names and weights, other addresses) took
+    every node's shards away. Nodes now report their servers in their heartbeat; a seed that differs is
+    refused and nothing is published."""
+    boot = stack.settings.redis_shards
+    forwarded = replace(stack.settings, redis_shards=(replace(boot[0], url="redis://127.0.0.1:1/0"), *boot[1:]))
+    r = stack.crs("mark", "shard-0", "down", settings=forwarded, check=False)
+    assert r.returncode == 1 and "names other servers than live node(s) use" in r.stderr, r.stderr
+    assert "127.0.0.1:1/0" in r.stderr and stack.status()["published"] is False
+
+
+def test_a_node_is_live_until_its_own_lease_runs_out(stack: ReshardStack) -> None:
+    """docs/audit-2026-12-04.md, shards 9: apply/abort judged liveness with the command's
+    CRS_TOPOLOGY_LEASE; a node with a longer lease (heartbeating every third of it) was skipped."""
+    from server.topology.store import live_nodes
+
+    async def check() -> set[str]:
+        conn = await asyncpg.connect(stack.env.admin_dsn)
+        try:
+            rows = [("test/long-lease", 30.0, 15), ("test/old-node", None, 15), ("test/short-lease", 5.0, 15),
+                    ("test/short-recent", 5.0, 8)]
+            for node_id, lease, age in rows:
+                await conn.execute(
+                    "INSERT INTO node_status (node_id, address, topology_version, phase, ring, lease_s, seen_at)"
+                    " VALUES ($1, 'test:1', 0, 'stable', '', $2, clock_timestamp() - $3 * interval '1 second')",
+                    node_id, lease, float(age))
+            try:
+                return {n.node_id for n in await live_nodes(conn, 10.0) if n.node_id.startswith("test/")}
+            finally:
+                await conn.execute("DELETE FROM node_status WHERE node_id LIKE 'test/%'")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(check()) == {"test/long-lease", "test/short-recent"}
+
+
 def test_grow_3_to_4_then_shrink_to_3_under_load(stack: ReshardStack) -> None:
     status = stack.status()
     assert status["version"] == 0 and not status["published"]     # nodes run CRS_REDIS_SHARDS
@@ -389,6 +426,11 @@ def test_staging_is_checked_and_abort_discards_a_draft(stack: ReshardStack) -> N
     assert "discarded" in stack.crs("abort").stdout
     assert stack.status()["draft"] is None
     assert "nothing to do" in stack.crs("apply").stdout
+    # A shard the move must flush does not answer: exit 3, as --help says (it was 1), and abort goes back.
+    stack.crs("add", "shard-9", "--address", "redis://127.0.0.1:1/0", "--no-check")
+    r = stack.crs("apply", "--wait-timeout", "30", check=False)
+    assert r.returncode == 3 and "cannot flush joining shard shard-9" in r.stderr, r.stderr
+    assert "stable" in stack.crs("abort").stdout and stack.status()["phase"] == "stable"
 
 
 def test_a_node_follows_a_topology_file_and_a_shard_marked_down(stack: ReshardStack) -> None:
