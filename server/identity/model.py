@@ -216,13 +216,19 @@ def _maybe_twins(a: Identity, b: Identity, levels: dict[str, str]) -> bool:
     return long_.startswith(short) or (len(x) == len(y) and x[:-2] == y[:-2])
 
 
+# Birth years at least this far apart may be a parent and a child; nearer, a one-digit difference is a typo.
+GENERATION_YEARS = 15
+
+
 def _year_apart(a: Identity, b: Identity, levels: dict[str, str]) -> bool:
     """Birth dates one digit apart in the year (1961/1991): a father and a son who share a birthday as
     often as a typo; a person decides."""
     if levels["date_of_birth"] != "one_typo":
         return False
     x, y = a.date_of_birth, b.date_of_birth
-    return len(x) == len(y) and x[:4] != y[:4] and x[4:] == y[4:]
+    if len(x) != len(y) or x[4:] != y[4:] or not (x[:4].isdigit() and y[:4].isdigit()):
+        return False
+    return abs(int(x[:4]) - int(y[:4])) >= GENERATION_YEARS
 
 
 def _probability(weight: float) -> float:
