@@ -171,11 +171,11 @@ class IdentityStore(IdentityWrites):
             "UPDATE customers SET merged_into = $1, merged_at = now(), version = version + 1, updated_at = now()"
             " WHERE customer_id = $2 RETURNING *", survivor, merged))
         await _survivor_changed(conn, moved, survivor)
+        reviews, repointed = await self._repoint_reviews(conn, survivor, merged)
         await conn.execute(
-            "INSERT INTO customer_merges (survivor_id, merged_id, record_ids, relationships, aliases)"
-            " VALUES ($1, $2, $3, $4::jsonb, $5)", survivor, merged, record_ids, orjson.dumps(recorded).decode(),
-            sorted(aliases))
-        reviews = await self._repoint_reviews(conn, survivor, merged)
+            "INSERT INTO customer_merges (survivor_id, merged_id, record_ids, relationships, aliases, reviews)"
+            " VALUES ($1, $2, $3, $4::jsonb, $5, $6)", survivor, merged, record_ids, orjson.dumps(recorded).decode(),
+            sorted(aliases), repointed)
         moved.stale = await self.stale_keys_for_accounts(conn, accounts)
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])
         moved.payload = {"customer_id": survivor, "records": len(record_ids), "relationships": len(recorded),
@@ -184,15 +184,16 @@ class IdentityStore(IdentityWrites):
         return moved
 
     @staticmethod
-    async def _repoint_reviews(conn: Conn, survivor: str, merged: str) -> dict[str, int]:
+    async def _repoint_reviews(conn: Conn, survivor: str, merged: str) -> tuple[dict[str, int], list[str]]:
         """Open reviews naming the merged customer: the pair itself is decided (ACCEPTED); one with a
-        third customer names the survivor instead, unless the survivor already has an open review with
-        that customer or a person said they are two people (then it goes: it asks nothing new)."""
+        third customer names the survivor instead (their ids returned, for an unmerge), unless the
+        survivor already has an open review with that customer or a person said they are two people
+        (then it goes: it asks nothing new)."""
         status = await conn.execute(
             "UPDATE identity_reviews SET status = $3, decided_at = now() WHERE status = $4"
             " AND ((customer_id = $1 AND candidate_id = $2) OR (customer_id = $2 AND candidate_id = $1))",
             survivor, merged, ACCEPTED, OPEN)
-        closed, repointed, dropped = int(status.split()[-1]), 0, 0
+        closed, repointed, dropped = int(status.split()[-1]), [], 0
         for r in await conn.fetch("SELECT review_id, customer_id, candidate_id FROM identity_reviews"
                                   " WHERE status = $2 AND $1 IN (customer_id, candidate_id) ORDER BY review_id"
                                   " FOR UPDATE", merged, OPEN):
@@ -210,8 +211,8 @@ class IdentityStore(IdentityWrites):
                     "UPDATE identity_reviews SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
                     " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END WHERE review_id = $3",
                     survivor, merged, r["review_id"])
-                repointed += 1
-        return {"accepted": closed, "repointed": repointed, "dropped": dropped}
+                repointed.append(r["review_id"])
+        return {"accepted": closed, "repointed": len(repointed), "dropped": dropped}, repointed
 
     async def merge_customers(self, req: pb.MergeCustomersRequest, caller: Caller) -> WriteResult:
         survivor = parse_customer_id(req.survivor_id, "survivor_id")
@@ -294,6 +295,15 @@ class IdentityStore(IdentityWrites):
             " WHERE customer_id = $1 RETURNING *", merged))
         await _survivor_changed(conn, moved, survivor)
         await conn.execute("UPDATE customer_merges SET unmerged_at = now() WHERE merge_id = $1", m["merge_id"])
+        # The merge's re-pointed review tasks, still open on the survivor, ask about the merged customer again.
+        # (Unless the merged customer has an open task with that customer already: one per pair.)
+        await conn.execute(
+            "UPDATE identity_reviews r SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
+            " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END"
+            " WHERE review_id = ANY($3::text[]) AND status = $4 AND $2 IN (customer_id, candidate_id)"
+            " AND NOT EXISTS (SELECT 1 FROM identity_reviews o WHERE o.status = $4 AND $1 IN (o.customer_id,"
+            " o.candidate_id) AND (CASE r.customer_id WHEN $2 THEN r.candidate_id ELSE r.customer_id END)"
+            " IN (o.customer_id, o.candidate_id))", merged, survivor, m["reviews"], OPEN)
         moved.stale = await self.stale_keys_for_accounts(conn, [r["account_id"] for r in recorded])
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])
         moved.payload = {"customer_id": survivor, "records": len(records),
@@ -358,10 +368,15 @@ class IdentityStore(IdentityWrites):
                 raise FailedPrecondition(f"review task is already {review_status_word(task['status'])}")
             customer, candidate = task["customer_id"], task["candidate_id"]
             if req.accept:
-                # The newer record (customer_id) joins the existing customer (candidate_id), which survives.
-                moved = await self._merge(conn, candidate, customer)   # also marks this task ACCEPTED
+                # The newer customer joins the older, which survives: the task's candidate_id, but for a task a
+                # merge re-pointed to its survivor, which may be the older of the two.
+                older = await conn.fetchval("SELECT customer_id FROM customers WHERE customer_id = ANY($1::text[])"
+                                            " ORDER BY created_at, customer_id = $2 DESC LIMIT 1",
+                                            [customer, candidate], candidate)
+                survivor, merged = (candidate, customer) if older == candidate else (customer, candidate)
+                moved = await self._merge(conn, survivor, merged)   # also marks this task ACCEPTED
                 row = required(await conn.fetchrow("SELECT * FROM identity_reviews WHERE review_id = $1", review_id))
-                return Change(review_msg(row), moved.stale, "customer.merged", "customer", customer,
+                return Change(review_msg(row), moved.stale, "customer.merged", "customer", merged,
                               moved.payload | {"review_id": review_id}, also=tuple(moved.also),
                               feed_state=moved.answer)
             row = required(await conn.fetchrow(

@@ -395,6 +395,33 @@ def test_review_queue(node_a: Clients, used_secrets: UsedSecrets) -> None:
                 == {other.customer_id, other.candidate_id}]
 
 
+def test_a_review_task_a_merge_moved_is_decided_older_first_and_moves_back_on_unmerge(
+        node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """docs/audit-2026-12-04.md, identity 6. Task (C, X): C new, X its candidate. C merged into an older
+    S re-points it to (S, X); accepting it merged S, the oldest, into X (the task's "new" side always
+    joined the candidate). And after C's unmerge the task stayed on S, asking about a pair nobody proposed."""
+    def merge(survivor: str, merged: str) -> None:
+        node_a.identity.MergeCustomers(pb.MergeCustomersRequest(request_id=_rid(), survivor_id=survivor,
+                                                                merged_id=merged), timeout=10)
+
+    older, _ = _customer(node_a, used_secrets)
+    c, x, _, _ = _twins(node_a, used_secrets)
+    merge(older.customer_id, c)
+    task = next(t for t in _open_tasks(node_a) if {t.customer_id, t.candidate_id} == {older.customer_id, x})
+    node_a.identity.DecideReviewTask(pb.DecideReviewTaskRequest(request_id=_rid(), review_id=task.review_id,
+                                                                accept=True), timeout=10)
+    assert _golden(node_a, x).customer_id == older.customer_id, "the older customer survives"
+
+    other, _ = _customer(node_a, used_secrets)
+    c2, x2, _, _ = _twins(node_a, used_secrets)
+    task2 = next(t for t in _open_tasks(node_a) if t.customer_id == c2)
+    merge(other.customer_id, c2)
+    assert {t.review_id: (t.customer_id, t.candidate_id) for t in _open_tasks(node_a)}[task2.review_id] \
+        == (other.customer_id, x2)
+    node_a.identity.UnmergeCustomer(pb.UnmergeCustomerRequest(request_id=_rid(), merged_id=c2), timeout=10)
+    assert {t.review_id: (t.customer_id, t.candidate_id) for t in _open_tasks(node_a)}[task2.review_id] == (c2, x2)
+
+
 def test_cli_merge_show_unmerge(node_a: Clients, used_secrets: UsedSecrets, capsys: pytest.CaptureFixture[str]) -> None:
     (s, _), (m, ref) = _customer(node_a, used_secrets), _customer(node_a, used_secrets)
     assert node_a.node.pki is not None
