@@ -154,12 +154,12 @@ def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], me
            gate: Gate) -> grpc.RpcMethodHandler:
     name = method.name
     parse = request_parser(method)
-    scopes = gate.scopes_for(method)
+    scopes, cost = gate.scopes_for(method), gate.entry_cost(method)
 
     async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         started = time.perf_counter()
         try:
-            caller = gate.admit(context, scopes, name)
+            caller = gate.admit(context, scopes, name, cost)
             response = await fn(parse(raw), caller)
         except Exception as exc:
             await _fail(context, exc, name, metrics, started)
@@ -177,7 +177,7 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
     failure path; only what the handler gets as its request differs (one message or a stream)."""
     name = method.name
     parse = request_parser(method)
-    scopes = gate.scopes_for(method)
+    scopes, cost = gate.scopes_for(method), gate.entry_cost(method)
 
     async def parsed(raw_items: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for raw in raw_items:
@@ -186,7 +186,7 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         started = time.perf_counter()
         try:
-            caller = gate.admit(context, scopes, name)
+            caller = gate.admit(context, scopes, name, cost)
             async for item in fn(parsed(request) if method.client_streaming else parse(request), caller):
                 yield item
         except Exception as exc:

@@ -234,6 +234,12 @@ class Authenticator:
                                    + ", ".join(sorted(p.client_id for p in matches)) + "): issue one per client")
         return Caller(matches[0].client_id, matches[0].scopes, "mtls")
 
+    def stream_share(self, caller: Caller, default: int) -> int:
+        """The open streams `caller` may hold per node process: its clients-file `max_streams`, else
+        `default` (CRS_STREAMS_PER_CLIENT)."""
+        policy = self.registry.clients.get(caller.client_id)
+        return policy.max_streams if policy is not None and policy.max_streams else default
+
     def admit(self, caller: Caller, cost: int = 1) -> None:
         """Charge `cost` to the caller's token bucket (per node process); RateLimited when empty. The
         Gate charges every call one, but a BatchResolve, which pays one per key; a StreamResolve pays

@@ -50,6 +50,11 @@ def request_parser(method: rpc.Method) -> Callable[[bytes], Any]:
     return parse
 
 
+# RPCs whose handler charges the rate limit one per key (LookupHandlers.charge): a batch of 1,000 keys
+# costs 1,000, not one more. (A StreamResolve pays one to open, then one per key.)
+CHARGED_BY_HANDLER = frozenset({(rpc.LOOKUP_SERVICE.full_name, "BatchResolve")})
+
+
 class Gate:
     """Runs before any handler work: who is calling (UNAUTHENTICATED), may they call this RPC
     (PERMISSION_DENIED), and is their token bucket empty (RESOURCE_EXHAUSTED)."""
@@ -66,10 +71,15 @@ class Gate:
             return IDENTITY_RPC_SCOPE[method.name]
         return frozenset({ADMIN_WRITE})
 
+    @staticmethod
+    def entry_cost(method: rpc.Method) -> int:
+        """What a call costs the caller's token bucket on entry, decided once when handlers are built:
+        one, but nothing for an RPC whose handler charges one per key itself (CHARGED_BY_HANDLER)."""
+        return 0 if (method.service, method.name) in CHARGED_BY_HANDLER else 1
+
     def admit(self, context: grpc.ServicerContext | grpc.aio.ServicerContext, scopes: frozenset[str],
-              name: str) -> Caller:
+              name: str, cost: int) -> Caller:
         caller = self.authenticator.authenticate(context)
         caller.require_any(scopes, name)
-        if name != "BatchResolve":   # charged one per key by its handler (LookupHandlers.charge)
-            self.authenticator.admit(caller)
+        self.authenticator.admit(caller, cost)
         return caller

@@ -293,8 +293,7 @@ class HybridHandlers:
                                      " (CRS_STREAM_THREADS); retry on another node")
         who = caller.client_id
         try:
-            policy = self.gate.authenticator.registry.clients.get(who)
-            share = policy.max_streams if policy is not None and policy.max_streams else self.per_client
+            share = self.gate.authenticator.stream_share(caller, self.per_client)
             with self._held_lock:
                 held = self._held.get(who, 0)
                 if held >= share:
@@ -329,12 +328,13 @@ class HybridHandlers:
     def _unary(self, method: rpc.Method, fn: Callable[[Any, Any], Awaitable[bytes]],
                now: Callable[[Any, Any], bytes | Later] | None) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        cost = self.gate.entry_cost(method)
         gate, metrics, bridge = self.gate, self.metrics, self.bridge
 
         def handler(raw: bytes, context: grpc.ServicerContext) -> bytes:
             started = time.perf_counter()
             try:
-                caller = gate.admit(context, scopes, name)
+                caller = gate.admit(context, scopes, name, cost)
                 request = parse(raw)
                 if now is not None:
                     answer = now(request, caller)
@@ -351,12 +351,13 @@ class HybridHandlers:
     def _server_streaming(self, method: rpc.Method, fn: Callable[[Any, Any], AsyncIterator[bytes]]
                           ) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        cost = self.gate.entry_cost(method)
         gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
 
         def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
-                caller = gate.admit(context, scopes, name)
+                caller = gate.admit(context, scopes, name, cost)
                 with slot(caller):
                     yield from bridge.stream(fn(parse(raw), caller), context)
             except Exception as exc:
@@ -368,12 +369,13 @@ class HybridHandlers:
 
     def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
+        cost = self.gate.entry_cost(method)
         gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
 
         def handler(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
-                caller = gate.admit(context, scopes, name)
+                caller = gate.admit(context, scopes, name, cost)
                 with slot(caller):
                     yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
                                               submit=bridge.submit, on_end=context.add_callback)
