@@ -533,15 +533,17 @@ class Progress(_message.Message):
     def __init__(self, high_water_sequence: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("from_sequence", "entity_types")
+    __slots__ = ("from_sequence", "entity_types", "epoch")
     FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ENTITY_TYPES_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     from_sequence: int
     entity_types: _containers.RepeatedScalarFieldContainer[EntityType]
-    def __init__(self, from_sequence: _Optional[int] = ..., entity_types: _Optional[_Iterable[_Union[EntityType, str]]] = ...) -> None: ...
+    epoch: str
+    def __init__(self, from_sequence: _Optional[int] = ..., entity_types: _Optional[_Iterable[_Union[EntityType, str]]] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class ChangeEvent(_message.Message):
-    __slots__ = ("sequence", "committed_at", "entity_type", "entity_id", "op", "version", "customer", "account", "card", "relationship", "merge", "progress")
+    __slots__ = ("sequence", "committed_at", "entity_type", "entity_id", "op", "version", "customer", "account", "card", "relationship", "merge", "progress", "epoch")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENTITY_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -554,6 +556,7 @@ class ChangeEvent(_message.Message):
     RELATIONSHIP_FIELD_NUMBER: _ClassVar[int]
     MERGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     committed_at: _timestamp_pb2.Timestamp
     entity_type: EntityType
@@ -566,7 +569,8 @@ class ChangeEvent(_message.Message):
     relationship: Relationship
     merge: Merge
     progress: Progress
-    def __init__(self, sequence: _Optional[int] = ..., committed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entity_type: _Optional[_Union[EntityType, str]] = ..., entity_id: _Optional[str] = ..., op: _Optional[_Union[Operation, str]] = ..., version: _Optional[int] = ..., customer: _Optional[_Union[Customer, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., relationship: _Optional[_Union[Relationship, _Mapping]] = ..., merge: _Optional[_Union[Merge, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    epoch: str
+    def __init__(self, sequence: _Optional[int] = ..., committed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entity_type: _Optional[_Union[EntityType, str]] = ..., entity_id: _Optional[str] = ..., op: _Optional[_Union[Operation, str]] = ..., version: _Optional[int] = ..., customer: _Optional[_Union[Customer, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., relationship: _Optional[_Union[Relationship, _Mapping]] = ..., merge: _Optional[_Union[Merge, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class SnapshotRequest(_message.Message):
     __slots__ = ("entity_types",)
@@ -575,20 +579,22 @@ class SnapshotRequest(_message.Message):
     def __init__(self, entity_types: _Optional[_Iterable[_Union[EntityType, str]]] = ...) -> None: ...
 
 class SnapshotChunk(_message.Message):
-    __slots__ = ("sequence", "customers", "accounts", "cards", "relationships", "last")
+    __slots__ = ("sequence", "customers", "accounts", "cards", "relationships", "last", "epoch")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CUSTOMERS_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTS_FIELD_NUMBER: _ClassVar[int]
     CARDS_FIELD_NUMBER: _ClassVar[int]
     RELATIONSHIPS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     customers: _containers.RepeatedCompositeFieldContainer[Customer]
     accounts: _containers.RepeatedCompositeFieldContainer[Account]
     cards: _containers.RepeatedCompositeFieldContainer[Card]
     relationships: _containers.RepeatedCompositeFieldContainer[Relationship]
     last: bool
-    def __init__(self, sequence: _Optional[int] = ..., customers: _Optional[_Iterable[_Union[Customer, _Mapping]]] = ..., accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ..., last: _Optional[bool] = ...) -> None: ...
+    epoch: str
+    def __init__(self, sequence: _Optional[int] = ..., customers: _Optional[_Iterable[_Union[Customer, _Mapping]]] = ..., accounts: _Optional[_Iterable[_Union[Account, _Mapping]]] = ..., cards: _Optional[_Iterable[_Union[Card, _Mapping]]] = ..., relationships: _Optional[_Iterable[_Union[Relationship, _Mapping]]] = ..., last: _Optional[bool] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class SourceRef(_message.Message):
     __slots__ = ("system", "key")
