@@ -59,9 +59,9 @@ def relationship_id(account_id: str, customer_id: str) -> str:
 
 
 def change_event(*, sequence: int, committed_at: datetime, entity_type: int, op: int, entity_id: str,
-                 version: int, state: bytes | None) -> pb.ChangeEvent:
+                 version: int, state: bytes | None, epoch: str = "") -> pb.ChangeEvent:
     event = pb.ChangeEvent(sequence=sequence, entity_type=entity_type, entity_id=entity_id,  # type: ignore[arg-type]
-                           op=op, version=version)  # type: ignore[arg-type]
+                           op=op, version=version, epoch=epoch)  # type: ignore[arg-type]
     event.committed_at.FromDatetime(committed_at)
     field = PAYLOAD_FIELD.get(entity_type)
     if field is not None and state is not None:
@@ -69,5 +69,5 @@ def change_event(*, sequence: int, committed_at: datetime, entity_type: int, op:
     return event
 
 
-def progress_event(high_water: int) -> pb.ChangeEvent:
-    return pb.ChangeEvent(sequence=high_water, progress=pb.Progress(high_water_sequence=high_water))
+def progress_event(high_water: int, epoch: str = "") -> pb.ChangeEvent:
+    return pb.ChangeEvent(sequence=high_water, progress=pb.Progress(high_water_sequence=high_water), epoch=epoch)

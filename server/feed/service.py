@@ -6,7 +6,9 @@ catch-up mark: `crs feed tail --no-follow` stops there however busy the feed is)
 nothing was sent for `progress_interval`. A `from_sequence` beyond the newest committed sequence is
 refused (OUT_OF_RANGE): a checkpoint from the future means the consumer's copy holds changes this
 database never had (a database restored from an older backup, another environment's checkpoint),
-and waiting for the sequence to come round would skip every change up to it."""
+and waiting for the sequence to come round would skip every change up to it. A `from_sequence` with the
+epoch of a history this database no longer has (restored from a backup, a failover that lost commits)
+is refused too (OUT_OF_RANGE, server/feed/epochs.py), however far the new history has gone since."""
 
 from __future__ import annotations
 
@@ -19,11 +21,21 @@ import asyncpg
 
 from server.caller import Caller
 from server.errors import CrsError, FeedOverload, InvalidKey, OutOfRange
+from server.feed.epochs import stale_checkpoint
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
 from server.store.db import DB_ERRORS, translate_db_errors
-from server.store.feed import SNAPSHOT_TYPES, event_from_row, events_after, horizon, snapshot, window
+from server.store.feed import (
+    SNAPSHOT_TYPES,
+    current_epoch,
+    event_from_row,
+    horizon,
+    known_epochs,
+    read_events,
+    snapshot,
+    window,
+)
 
 
 def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
@@ -56,6 +68,7 @@ class FeedHandlers:
         try:
             with translate_db_errors():
                 oldest, newest = await window(self.pool, timeout=self.timeout)
+                await self._check_epoch(request)
             if request.from_sequence and request.from_sequence < oldest:
                 raise OutOfRange(f"sequence {request.from_sequence} was compacted; the oldest retained is"
                                  f" {oldest + 1}: take a Snapshot and Watch from its sequence")
@@ -71,11 +84,24 @@ class FeedHandlers:
         finally:
             self.tailer.unsubscribe(sub)
 
+    async def _check_epoch(self, request: pb.WatchRequest) -> None:
+        """OUT_OF_RANGE for a checkpoint from a history this database no longer has (an empty epoch: a
+        consumer from before epochs, not checked)."""
+        if not request.epoch:
+            return
+        current = await current_epoch(self.pool, timeout=self.timeout)
+        if request.epoch == current:
+            return
+        why = stale_checkpoint(epoch=request.epoch, from_sequence=request.from_sequence, current=current,
+                               first_sequences=await known_epochs(self.pool, timeout=self.timeout))
+        if why is not None:
+            raise OutOfRange(why)
+
     async def _catch_up(self, cursor: int, sub: Subscription) -> AsyncIterator[bytes]:
         """Events between the consumer's sequence and where the live subscription starts, from the table."""
         while cursor < sub.start:
             with translate_db_errors():
-                rows = await events_after(self.pool, cursor, self.batch, timeout=self.timeout)
+                epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
                 oldest = await horizon(self.pool, timeout=self.timeout)
             if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
                 raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
@@ -87,7 +113,7 @@ class FeedHandlers:
                     return
                 cursor = row["seq"]
                 if sub.wants(row["feed_type"]):
-                    yield event_from_row(row).SerializeToString()
+                    yield event_from_row(row, epoch).SerializeToString()
         # Nothing (more) to read below the live start: the consumer is at it, even if nothing matched.
 
     async def _live(self, cursor: int, sub: Subscription, *, caught_up_at: int) -> AsyncIterator[bytes]:
@@ -100,7 +126,7 @@ class FeedHandlers:
         while True:
             if mark_due and sub.queue.empty() and sub.boundary >= max(delivered, caught_up_at):
                 mark_due = False
-                yield progress_event(sub.boundary).SerializeToString()
+                yield progress_event(sub.boundary, sub.epoch).SerializeToString()
             try:
                 async with asyncio.timeout(self.progress_interval):
                     item = await sub.queue.get()
@@ -110,7 +136,7 @@ class FeedHandlers:
                 # a mark ahead of them would be checkpointed past them). Never a mark below what was
                 # delivered (it would split a transaction on resume).
                 if sub.queue.empty() and sub.boundary >= delivered:
-                    yield progress_event(sub.boundary).SerializeToString()
+                    yield progress_event(sub.boundary, sub.epoch).SerializeToString()
                 continue
             if isinstance(item, CrsError):
                 raise item

@@ -13,6 +13,10 @@ their resume loses nothing because they resume from what they applied, not from 
 `Subscription.boundary` is the highest sequence at which the tailer had read everything committed
 (a read that came back short): the events of one transaction become visible together, so a boundary
 never falls inside a transaction, and Progress marks are only ever drawn from it.
+
+Each read names the database's epoch (server/feed/epochs.py) along with its rows, and events and marks
+carry it. Another epoch than the one read so far (a restore, a promoted standby) ends every watcher:
+they resume with their sequence and epoch, and a checkpoint from a lost history is refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import asyncpg
 from server.errors import BackendUnavailable, CrsError, FeedOverload
 from server.store.db import DB_ERRORS
 from server.store.envelope import FEED_CHANNEL
-from server.store.feed import event_from_row, events_after, head
+from server.store.feed import current_epoch, event_from_row, head, read_events
 
 log = logging.getLogger("crs.feed")
 
@@ -42,6 +46,7 @@ class Subscription:
     start: int                          # live events are those with sequence > start
     queue: asyncio.Queue[Item]
     boundary: int = 0                   # everything <= boundary was read (and queued if it matched)
+    epoch: str = ""                     # the epoch of the read that moved the boundary
 
     def wants(self, entity_type: int) -> bool:
         return not self.types or entity_type in self.types
@@ -59,6 +64,7 @@ class FeedTailer:
         self.timeout = timeout
         self.head = 0                       # highest sequence read so far
         self.boundary = 0
+        self.epoch = ""                     # the database's epoch as last read (server/feed/epochs.py)
         self._subs: set[Subscription] = set()
         self._on_change = on_change         # (watchers, head) for the metrics
         self._wake = asyncio.Event()
@@ -73,7 +79,7 @@ class FeedTailer:
         except TimeoutError:
             raise BackendUnavailable("the change feed has not reached PostgreSQL yet; retry") from None
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
-                           boundary=self.boundary)
+                           boundary=self.boundary, epoch=self.epoch)
         self._subs.add(sub)
         self._on_change(len(self._subs), self.head)
         return sub
@@ -88,6 +94,7 @@ class FeedTailer:
             while True:
                 try:
                     if not self._ready.is_set():
+                        self.epoch = await current_epoch(self.pool, timeout=self.timeout)
                         self.head = self.boundary = await head(self.pool, timeout=self.timeout)
                         self._ready.set()
                     elif self._failed:
@@ -117,29 +124,51 @@ class FeedTailer:
         has a head below what was read. Sequences are handed out again from there, so reading on from
         the old head would skip them and draw Progress marks above the database's head: start from its
         head instead (watchers ended with the failure; a checkpoint past it answers OUT_OF_RANGE)."""
+        epoch = await current_epoch(self.pool, timeout=self.timeout)
         newest = await head(self.pool, timeout=self.timeout)
-        if newest < self.head:
+        if epoch != self.epoch:
+            self._new_epoch(epoch, newest)
+        elif newest < self.head:
             log.error("the change feed's head went back (a restored database, or a failover that lost commits):"
                       " reading on from the database's head", extra={"was": self.head, "now": newest})
             self.head = self.boundary = newest
             self._on_change(len(self._subs), self.head)
 
+    def _new_epoch(self, epoch: str, newest: int) -> None:
+        """The database is in another history than the one read so far (a restore, a promoted standby),
+        with or without a failed read (a pool reconnects by itself): its sequences from some point on
+        are other changes. Every watcher ends (UNAVAILABLE) and resumes with its sequence and epoch,
+        which Watch checks; with no watcher left, reading on from the database's head skips nothing
+        (a Watch catches up from the table up to where its subscription starts)."""
+        level = logging.ERROR if newest < self.head else logging.WARNING   # commits lost, or a clean failover
+        log.log(level, "the change feed's epoch changed (a restored database, a promoted standby): watchers end"
+                " and resume with their epoch",
+                extra={"was": self.epoch, "now": epoch, "head_was": self.head, "head_now": newest})
+        self._end_all(BackendUnavailable("the database's history changed (a restore, a failover): resume from"
+                                         " the last sequence you applied, with its epoch"))
+        self.head = self.boundary = newest
+        self.epoch = epoch
+        self._on_change(len(self._subs), self.head)
+
     async def _read_all(self) -> None:
         while True:
-            rows = await events_after(self.pool, self.head, self.batch, timeout=self.timeout)
+            epoch, rows = await read_events(self.pool, self.head, self.batch, timeout=self.timeout)
+            if epoch != self.epoch:
+                self._new_epoch(epoch, await head(self.pool, timeout=self.timeout))
+                continue
             if rows:
                 for row in rows:
                     encoded: bytes | None = None
                     for sub in list(self._subs):
                         if sub.wants(row["feed_type"]):
-                            encoded = encoded or event_from_row(row).SerializeToString()
+                            encoded = encoded or event_from_row(row, epoch).SerializeToString()
                             self._offer(sub, (row["seq"], encoded))
                 self.head = rows[-1]["seq"]
                 self._on_change(len(self._subs), self.head)
             if len(rows) < self.batch:          # caught up: a transaction boundary
                 self.boundary = self.head
                 for sub in self._subs:
-                    sub.boundary = self.boundary
+                    sub.boundary, sub.epoch = self.boundary, self.epoch
                 return
 
     def _offer(self, sub: Subscription, item: Item) -> None:

@@ -5,6 +5,9 @@ Sequences are drawn under one lock held until commit (server/store/envelope.py),
 any reader sees are a prefix of the sequence (with holes only where a transaction rolled back after
 drawing). That is what makes `seq > last ORDER BY seq` correct here, and what gives a snapshot its
 point: the highest sequence its transaction can see.
+
+Each read also names the feed epoch (migration 0014, server/feed/epochs.py): the history of the database
+its sequences belong to. `feed_epoch()` records the current epoch first when it is new.
 """
 
 from __future__ import annotations
@@ -24,19 +27,33 @@ from server.store.messages import account_msg, card_msg, customer_msg, relations
 _EVENT_COLUMNS = "seq, created_at, feed_type, feed_op, feed_id, feed_version, state"
 
 
-def event_from_row(row: asyncpg.Record) -> pb.ChangeEvent:
+def event_from_row(row: asyncpg.Record, epoch: str) -> pb.ChangeEvent:
     return change_event(sequence=row["seq"], committed_at=row["created_at"], entity_type=row["feed_type"],
                         op=row["feed_op"], entity_id=row["feed_id"], version=row["feed_version"],
-                        state=row["state"])
+                        state=row["state"], epoch=epoch)
 
 
-async def events_after(conn: Conn | asyncpg.Pool, after: int, limit: int, *,
-                       timeout: float | None = None) -> list[asyncpg.Record]:
-    """Up to `limit` feed rows with seq > after, in sequence order."""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        f"SELECT {_EVENT_COLUMNS} FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit,
-        timeout=timeout)
-    return rows
+async def read_events(conn: Conn | asyncpg.Pool, after: int, limit: int, *,
+                      timeout: float | None = None) -> tuple[str, list[asyncpg.Record]]:
+    """(the current epoch, up to `limit` feed rows with seq > after in sequence order), in one statement:
+    the rows are labelled with the epoch of the database they were read from."""
+    rows = await conn.fetch(
+        f"WITH e AS MATERIALIZED (SELECT feed_epoch() AS epoch) SELECT e.epoch, o.* FROM e LEFT JOIN LATERAL"
+        f" (SELECT {_EVENT_COLUMNS} FROM outbox WHERE seq > $1 ORDER BY seq LIMIT $2) o ON true ORDER BY o.seq",
+        after, limit, timeout=timeout)
+    return str(rows[0]["epoch"]), [row for row in rows if row["seq"] is not None]
+
+
+async def current_epoch(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> str:
+    """The database's epoch, recorded in feed_epochs first if it is new (never in a read-only transaction)."""
+    epoch: str = await conn.fetchval("SELECT feed_epoch()", timeout=timeout)
+    return epoch
+
+
+async def known_epochs(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> dict[str, int]:
+    """feed_epochs: every epoch of this history, with the first sequence handed out in it."""
+    rows = await conn.fetch("SELECT epoch, first_sequence FROM feed_epochs", timeout=timeout)
+    return {row["epoch"]: int(row["first_sequence"]) for row in rows}
 
 
 async def horizon(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> int:
@@ -110,12 +127,15 @@ async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int,
     chunk stamped with the point's sequence; the last chunk has `last` set. Runs in one REPEATABLE
     READ transaction on `conn`, reading with server-side cursors: memory stays one chunk. `stall`
     (seconds, 0: none): PostgreSQL ends the transaction when a chunk waits that long to be taken,
-    so a reader that stops reading does not hold back VACUUM for good."""
+    so a reader that stops reading does not hold back VACUUM for good. Every chunk names the epoch
+    the point belongs to (recorded before the read-only transaction begins)."""
+    await current_epoch(conn)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         if stall > 0:
             await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(stall * 1000))}")
         sequence = await head(conn)
-        chunk = pb.SnapshotChunk(sequence=sequence)
+        epoch = await conn.fetchval("SELECT feed_current_epoch()")
+        chunk = pb.SnapshotChunk(sequence=sequence, epoch=epoch)
         items = 0
         for entity_type in types:
             query, repeated = SNAPSHOT_QUERIES[entity_type]
@@ -125,6 +145,6 @@ async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int,
                 items += 1
                 if items >= chunk_size:
                     yield chunk
-                    chunk, items = pb.SnapshotChunk(sequence=sequence), 0
+                    chunk, items = pb.SnapshotChunk(sequence=sequence, epoch=epoch), 0
         chunk.last = True
         yield chunk

@@ -41,14 +41,15 @@ def test_change_event_carries_the_stored_state_in_its_payload() -> None:
     at = dt.datetime(2026, 12, 1, 9, 30, tzinfo=dt.UTC)
     event = change_event(sequence=7, committed_at=at, entity_type=pb.ENTITY_TYPE_RELATIONSHIP,
                          op=pb.OPERATION_CREATE, entity_id=relationship_id("acc_1", "cus_2"), version=0,
-                         state=relationship.SerializeToString())
-    assert event.WhichOneof("payload") == "relationship"
+                         state=relationship.SerializeToString(), epoch="7/1")
+    assert event.WhichOneof("payload") == "relationship" and event.epoch == "7/1"
     assert event.relationship == pb.Relationship(account_id="acc_1", customer_id="cus_2",
                                                  role=pb.RELATIONSHIP_ROLE_JOINT)
     assert event.committed_at.ToDatetime(dt.UTC) == at and event.sequence == 7
 
 
 def test_progress_event_is_only_a_mark() -> None:
-    event = progress_event(42)
+    event = progress_event(42, "7/2")
     assert event.WhichOneof("payload") == "progress" and event.progress.high_water_sequence == 42
+    assert event.epoch == "7/2"
     assert not event.entity_id and event.entity_type == pb.ENTITY_TYPE_UNSPECIFIED
