@@ -1,7 +1,8 @@
 """`crs export`: a consistent extract of the repository from one Snapshot, with a manifest.
 
-One Snapshot RPC is one consistent point: every file is as of the manifest's `sequence`, and
-`Watch(from_sequence=sequence)` (or `crs feed tail --from sequence`) continues exactly from there.
+One Snapshot RPC is one consistent point: every file is as of the manifest's `sequence` (in its
+`epoch`), and `Watch(from_sequence=sequence, epoch=epoch)` (or `crs feed tail --from sequence --epoch
+epoch`) continues exactly from there.
 Rows are written as chunks arrive (memory: one chunk), each file under a temporary name that is
 renamed when the snapshot is complete; manifest.json comes last, so a directory with a manifest
 holds a complete extract and a failed export leaves none.
@@ -124,13 +125,14 @@ def write_extract(chunks: Iterable[pb.SnapshotChunk], out: Path, names: list[str
                 output.csv = csv.writer(sink, lineterminator="\n")
                 output.csv.writerow(COLUMNS[name])
             outputs[name] = output
-        sequence = _write_chunks(chunks, outputs, progress)
+        sequence, epoch = _write_chunks(chunks, outputs, progress)
         for output in outputs.values():
             output.sink.file.flush()
             os.fsync(output.sink.file.fileno())
             output.sink.file.close()
         manifest = {
-            "format_version": FORMAT_VERSION, "format": fmt, "sequence": sequence, "exported_at": exported_at,
+            "format_version": FORMAT_VERSION, "format": fmt, "sequence": sequence, "epoch": epoch,
+            "exported_at": exported_at,
             "types": names,
             "files": {o.name: {"file": o.final.name, "rows": o.rows, "bytes": o.sink.bytes,
                                "sha256": o.sink.sha256.hexdigest()} for o in outputs.values()},
@@ -152,8 +154,9 @@ def write_extract(chunks: Iterable[pb.SnapshotChunk], out: Path, names: list[str
         (out / f".{MANIFEST}.partial").unlink(missing_ok=True)
 
 
-def _write_chunks(chunks: Iterable[pb.SnapshotChunk], outputs: dict[str, _Output], progress: ProgressBar) -> int:
-    """Write every entity of every chunk; the snapshot's sequence (the same in every chunk)."""
+def _write_chunks(chunks: Iterable[pb.SnapshotChunk], outputs: dict[str, _Output],
+                  progress: ProgressBar) -> tuple[int, str]:
+    """Write every entity of every chunk; the snapshot's sequence and epoch (the same in every chunk)."""
     sequence: int | None = None
     for chunk in chunks:
         if sequence is None:
@@ -168,7 +171,7 @@ def _write_chunks(chunks: Iterable[pb.SnapshotChunk], outputs: dict[str, _Output
         progress.advance(rows, current)
         if chunk.last:
             progress.finish(f"sequence {sequence}")
-            return sequence
+            return sequence, chunk.epoch
     raise CommandFailed("the snapshot stream ended before its last chunk; nothing was written")
 
 
@@ -215,8 +218,9 @@ def _summary(manifest: dict[str, Any], out: Path, stream: TextIO) -> None:
     files = manifest["files"]
     table([("type", "file", "rows", "size"),
            *((name, f["file"], f"{f['rows']:,}", size(f["bytes"])) for name, f in files.items())], stream)
+    epoch = f" --epoch {manifest['epoch']}" if manifest.get("epoch") else ""
     stream.write(f"{out / MANIFEST}: sequence {manifest['sequence']}; continue with"
-                 f" `crs feed tail --from {manifest['sequence']}` (or Watch from_sequence)\n")
+                 f" `crs feed tail --from {manifest['sequence']}{epoch}` (or Watch from_sequence and epoch)\n")
 
 
 def register(sub: Any) -> None:
@@ -224,10 +228,11 @@ def register(sub: Any) -> None:
                        description=(
         "Write every customer, account, card and relationship (or --types) as of one point — one\n"
         "ChangeFeedService.Snapshot of a running node — into --out: one file per type (customers.jsonl,\n"
-        "accounts.csv, ...) and manifest.json: format_version, format, sequence (continue from it with\n"
-        "`crs feed tail --from SEQUENCE` or Watch), exported_at, types, and per file its rows, bytes and\n"
-        "SHA-256. Files are written as the snapshot streams (memory: one chunk) under temporary names\n"
-        "and renamed at the end; manifest.json is written last, so only a complete extract has one.\n"
+        "accounts.csv, ...) and manifest.json: format_version, format, sequence and epoch (continue from\n"
+        "them with `crs feed tail --from SEQUENCE --epoch EPOCH` or Watch), exported_at, types, and per\n"
+        "file its rows, bytes and SHA-256. Files are written as the snapshot streams (memory: one chunk)\n"
+        "under temporary names and renamed at the end; manifest.json is written last, so only a complete\n"
+        "extract has one.\n"
         "Every entity is masked as every answer: no PAN or account number in clear.\n\n"
         "jsonl: one protobuf JSON object a line (proto field names, every field; enums by name, version\n"
         "as a string). csv: a header row, then the columns below, the same values:\n"

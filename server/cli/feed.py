@@ -3,8 +3,10 @@
 One line per ChangeEvent on stdout, in commit order, in protobuf's JSON mapping with the proto field
 names (`json_format.MessageToDict(..., preserving_proto_field_name=True)`; int64 fields such as
 `sequence` and `version` are strings there, and fields at their default are left out). Progress marks
-are printed too (`{"sequence": "N", "progress": {"high_water_sequence": "N"}}`: a consumer checkpoints
-N) unless --no-progress. docs/feed.md is the manual.
+are printed too (`{"sequence": "N", "epoch": "E", "progress": {"high_water_sequence": "N"}}`: a consumer
+checkpoints N and E) unless --no-progress. Every line carries the feed epoch (the database history its
+sequence belongs to): resume with `--from N --epoch E`, and a checkpoint from a history the database no
+longer has (restored from a backup) is refused instead of resumed. docs/feed.md is the manual.
 
 Also the `--types` parsing `crs export` shares: entity type names, singular or plural.
 """
@@ -61,19 +63,23 @@ def event_json(event: pb.ChangeEvent) -> str:
 
     if event.WhichOneof("payload") == "progress":   # spelled out: at sequence 0 the mapping would print {}
         mark = str(event.progress.high_water_sequence)
-        return json.dumps({"sequence": mark, "progress": {"high_water_sequence": mark}}, separators=(",", ":"))
+        line = {"sequence": mark, **({"epoch": event.epoch} if event.epoch else {}),
+                "progress": {"high_water_sequence": mark}}
+        return json.dumps(line, separators=(",", ":"))
     return json.dumps(MessageToDict(event, preserving_proto_field_name=True), separators=(",", ":"),
                       ensure_ascii=False)
 
 
 def tail(feed: Any, *, start: int, types: list[int], follow: bool, progress: bool, timeout: float | None,
-         out: TextIO, err: TextIO, sleep: Callable[[float], None] = time.sleep) -> int:
-    """Watch from `start` and print each event; see `register` for the behaviour. Returns the exit code."""
+         out: TextIO, err: TextIO, sleep: Callable[[float], None] = time.sleep, epoch: str = "") -> int:
+    """Watch from `start` (in `epoch`) and print each event; see `register` for the behaviour. A resume
+    sends the sequence and the epoch of the last event printed. Returns the exit code."""
     import grpc
 
     cursor, delivered_any, delay = start, False, 1.0
     while True:
-        call = feed.Watch(pb.WatchRequest(from_sequence=cursor, entity_types=types), timeout=timeout)  # type: ignore[arg-type]
+        call = feed.Watch(pb.WatchRequest(from_sequence=cursor, entity_types=types, epoch=epoch),  # type: ignore[arg-type]
+                          timeout=timeout)
         try:
             for event in call:
                 delivered_any, delay = True, 1.0
@@ -81,10 +87,11 @@ def tail(feed: Any, *, start: int, types: list[int], follow: bool, progress: boo
                 if progress or not is_mark:
                     out.write(event_json(event) + "\n")
                     out.flush()
-                cursor = event.sequence
+                cursor, epoch = event.sequence, event.epoch or epoch
                 if is_mark and not follow:
                     call.cancel()
-                    print(f"caught up at sequence {cursor} (resume with --from {cursor})", file=err)
+                    resume = f"--from {cursor}" + (f" --epoch {epoch}" if epoch else "")
+                    print(f"caught up at sequence {cursor} (resume with {resume})", file=err)
                     return 0
         except grpc.RpcError as exc:
             if follow and delivered_any and exc.code().name in RESUMABLE:
@@ -105,7 +112,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
     try:
         with open_channel(args) as channel:
             return tail(rpc.stub(channel, "ChangeFeedService"), start=args.start, types=types, follow=args.follow,
-                        progress=args.progress, timeout=args.timeout, out=sys.stdout, err=sys.stderr)
+                        progress=args.progress, timeout=args.timeout, out=sys.stdout, err=sys.stderr,
+                        epoch=args.epoch)
     except BrokenPipeError:          # `crs feed tail | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -133,18 +141,24 @@ def register(sub: Any) -> None:
         "entity after the change: customer, account, card, relationship or merge — masked as every\n"
         "answer). Once it has sent everything committed when the tail connected, and then whenever\n"
         "nothing happens for a while, the node sends a Progress mark, printed as\n"
-        '{"sequence":"N","progress":{"high_water_sequence":"N"}}: everything up to N was printed or\n'
-        "filtered out, so N is where to resume (--from N); --no-progress leaves marks out.\n\n"
+        '{"sequence":"N","epoch":"E","progress":{"high_water_sequence":"N"}}: everything up to N was\n'
+        "printed or filtered out, so N is where to resume (--from N --epoch E); --no-progress leaves marks\n"
+        "out. The epoch names the database history the sequence belongs to: with --epoch, a --from from a\n"
+        "history the database no longer has (it was restored from a backup, or a failover lost commits)\n"
+        "is refused (OUT_OF_RANGE) instead of resumed among sequences handed out again.\n\n"
         "--follow (default) keeps printing new changes as they commit; when the stream breaks\n"
         "(UNAVAILABLE, RESOURCE_EXHAUSTED) it resumes from the last sequence printed. --no-follow stops at\n"
         "the first Progress mark, i.e. once it has printed everything committed when it connected, however\n"
         "busy the feed is (the mark is printed, and `caught up at sequence N` goes to stderr).\n\n"
         "Exit codes: 0 done (--no-follow) or stopped by a closed pipe, 1 a gRPC error (printed as\n"
-        "`CODE: details`; OUT_OF_RANGE: --from was compacted, or is beyond the newest change of this\n"
-        "database; start from crs export's sequence),\n"
+        "`CODE: details`; OUT_OF_RANGE: --from was compacted, is beyond the newest change of this\n"
+        "database, or --from and --epoch are from a history it no longer has; start from crs export's\n"
+        "sequence and epoch),\n"
         "2 bad usage (e.g. an unknown --types name), 130 interrupted."), formatter_class=RAW)
     s.add_argument("--from", dest="start", type=sequence, default=0, metavar="N",
                    help="print changes with sequence > N (default 0: from the oldest retained)")
+    s.add_argument("--epoch", default="", metavar="E",
+                   help="the epoch of the event or mark --from was printed with (default: not checked)")
     s.add_argument("--types", type=types_argument(ENTITY_NAMES), metavar="T,T,...",
                    help=f"only these entity types: {', '.join(ENTITY_NAMES)} (default all)")
     s.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,

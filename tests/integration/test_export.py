@@ -23,7 +23,7 @@ from devstack.environment import DevEnvironment
 from server import rpc
 from server.cli.export import COLUMNS, FORMAT_VERSION, MANIFEST
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan, new_customer
+from tests.integration.support import Clients, UsedSecrets, fresh_account_number, fresh_pan, new_customer, sql
 
 REPO = Path(__file__).resolve().parents[2]
 TYPES = ("customers", "accounts", "cards", "relationships")
@@ -103,6 +103,8 @@ def test_export_every_type_in_both_formats_is_the_database_at_one_point(
             assert {tuple(r[k] for k in KEYS[name]) for r in rows} == database[name], name
     # Nothing was written between the two: the same point and the same values in both formats.
     assert manifests["jsonl"]["sequence"] == manifests["csv"]["sequence"]
+    epoch = sql(dev_env.admin_dsn, "SELECT feed_current_epoch() AS epoch")[0]["epoch"]
+    assert manifests["jsonl"]["epoch"] == manifests["csv"]["epoch"] == epoch
     for name in TYPES:
         as_text = [{k: str(v) for k, v in row.items()} for row in extracted["jsonl"][name]]
         assert as_text == extracted["csv"][name], name
@@ -173,7 +175,9 @@ def test_feed_tail_no_follow_prints_what_was_committed_after_from_and_exits(
         type=pb.ACCOUNT_TYPE_SAVINGS, currency="USD", owner_customer_id=customer.customer_id), timeout=5)
 
     started = time.monotonic()
-    r = _crs("feed", "tail", "--no-follow", "--from", str(point), *_connection(dev_env, node_a), timeout=60)
+    epoch = sql(dev_env.admin_dsn, "SELECT feed_current_epoch() AS epoch")[0]["epoch"]
+    r = _crs("feed", "tail", "--no-follow", "--from", str(point), "--epoch", epoch, *_connection(dev_env, node_a),
+             timeout=60)
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - started < 30
     lines = [json.loads(line) for line in r.stdout.splitlines()]
@@ -186,7 +190,9 @@ def test_feed_tail_no_follow_prints_what_was_committed_after_from_and_exits(
     sequences = [int(e["sequence"]) for e in changes]
     assert sequences == sorted(sequences) and sequences[0] > point
     assert int(last["progress"]["high_water_sequence"]) >= sequences[-1]
-    assert f"caught up at sequence {last['sequence']}" in r.stderr
+    assert {line["epoch"] for line in lines} == {epoch}
+    assert f"caught up at sequence {last['sequence']} (resume with --from {last['sequence']} --epoch {epoch})" \
+        in r.stderr
 
     # Filtered to customers, progress marks left out.
     r = _crs("feed", "tail", "--no-follow", "--no-progress", "--from", str(point), "--types", "customer",
@@ -206,3 +212,8 @@ def test_feed_tail_reports_an_error_as_its_status(dev_env: DevEnvironment, node_
     r = _crs("feed", "tail", "--no-follow", *_connection(dev_env, node_a, client="switch"), timeout=30)
     assert r.returncode == 1 and r.stderr.strip().startswith("PERMISSION_DENIED: "), r.stderr
     assert grpc.StatusCode.PERMISSION_DENIED.name in r.stderr
+    # A checkpoint from a history this database does not have (docs/feed.md, "a restored database").
+    r = _crs("feed", "tail", "--no-follow", "--from", "1", "--epoch", "5eed/1", *_connection(dev_env, node_a),
+             timeout=30)
+    assert r.returncode == 1 and r.stderr.strip().startswith("OUT_OF_RANGE: epoch '5eed/1' is not one of this"
+                                                              " database's histories"), r.stderr

@@ -28,10 +28,11 @@ CARD = pb.Card(token="tok_1", masked_pan="999912******1234", bin="999912", last4
                status=pb.CARD_STATUS_ACTIVE, expiry="2031-01", version=1)          # account_id "" (unlinked)
 
 
-def _chunks(sequence: int = 42) -> list[pb.SnapshotChunk]:
-    return [pb.SnapshotChunk(sequence=sequence, customers=[CUSTOMER]),
-            pb.SnapshotChunk(sequence=sequence, customers=[pb.Customer(customer_id="cus_2")], cards=[CARD]),
-            pb.SnapshotChunk(sequence=sequence, last=True)]
+def _chunks(sequence: int = 42, epoch: str = "7/1") -> list[pb.SnapshotChunk]:
+    return [pb.SnapshotChunk(sequence=sequence, epoch=epoch, customers=[CUSTOMER]),
+            pb.SnapshotChunk(sequence=sequence, epoch=epoch, customers=[pb.Customer(customer_id="cus_2")],
+                             cards=[CARD]),
+            pb.SnapshotChunk(sequence=sequence, epoch=epoch, last=True)]
 
 
 def _bar() -> ProgressBar:
@@ -50,6 +51,7 @@ def test_an_extract_has_its_files_and_a_manifest_that_describes_them(tmp_path: P
     manifest = write_extract(iter(_chunks()), tmp_path, ["customers", "cards"], fmt, progress=_bar())
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
     assert manifest["sequence"] == 42 and manifest["format"] == fmt and manifest["format_version"] == 1
+    assert manifest["epoch"] == "7/1"
     assert manifest["types"] == ["customers", "cards"] and manifest["exported_at"].endswith("Z")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([MANIFEST, f"customers.{fmt}", f"cards.{fmt}"])
     for name, expected_rows in (("customers", 2), ("cards", 1)):
@@ -157,8 +159,8 @@ def _change(seq: int) -> pb.ChangeEvent:
                           op=pb.OPERATION_UPDATE, customer=pb.Customer(customer_id=f"cus_{seq}"))
 
 
-def _mark(seq: int) -> pb.ChangeEvent:
-    return pb.ChangeEvent(sequence=seq, progress=pb.Progress(high_water_sequence=seq))
+def _mark(seq: int, epoch: str = "") -> pb.ChangeEvent:
+    return pb.ChangeEvent(sequence=seq, progress=pb.Progress(high_water_sequence=seq), epoch=epoch)
 
 
 def test_tail_no_follow_stops_at_the_first_progress_mark() -> None:
@@ -202,3 +204,21 @@ def test_tail_follow_resumes_from_the_last_sequence_after_unavailable_but_not_ot
     assert tail(feed, start=0, types=[], follow=True, progress=True, timeout=None, out=out, err=err,
                 sleep=slept.append) == 1
     assert len(feed.requests) == 1
+
+
+def test_tail_sends_its_epoch_and_resumes_with_the_epoch_of_the_last_event() -> None:
+    """--epoch goes out with --from; after a break the tail resumes with the sequence and the epoch of the
+    last line it printed (a promoted standby's new epoch included), and prints a mark's epoch."""
+    promoted = _change(9)
+    promoted.epoch = "7/2"
+    feed = FakeFeed(([_change(5), _mark(8, "7/1")], grpc.StatusCode.UNAVAILABLE),
+                    ([promoted], grpc.StatusCode.UNAVAILABLE), ([_mark(9, "7/2")], None))
+    out, err = io.StringIO(), io.StringIO()
+    assert tail(feed, start=4, types=[], follow=True, progress=True, timeout=None, out=out, err=err,
+                sleep=lambda _s: None, epoch="7/1") == 1
+    assert [(r.from_sequence, r.epoch) for r in feed.requests] == [(4, "7/1"), (8, "7/1"), (9, "7/2")]
+    assert json.loads(out.getvalue().splitlines()[1]) == {
+        "sequence": "8", "epoch": "7/1", "progress": {"high_water_sequence": "8"}}
+    feed = FakeFeed(([_mark(9, "7/2")], None))
+    assert tail(feed, start=4, types=[], follow=False, progress=True, timeout=None, out=out, err=err) == 0
+    assert feed.requests[0].epoch == "" and "resume with --from 9 --epoch 7/2" in err.getvalue()
