@@ -31,6 +31,9 @@ class BinSource:
         self.timeout = timeout
         self.cached_for = cached_for    # how long a card answer may stay cached (the Redis TTL, at most)
         self.table: BinTable = EMPTY
+        # False until a poll has read which version is active (version 0 then means: none is): until then
+        # an empty table is not an answer (ResolveBin UNAVAILABLE, not NOT_FOUND).
+        self.known = False
         # The BIN versions card answers may be cached under, as of the last poll (cache_keys.with_bin_versions).
         self.versions: tuple[int, ...] = (0,)
 
@@ -40,12 +43,14 @@ class BinSource:
             version, recent = await store.versions_in_use(conn, within=self.cached_for)   # one query a poll
             self.versions = (0, *recent)
             if version == self.table.version:
+                self.known = True
                 return False
             rows = await store.load_rows(conn, version) if version else []
         started = time.perf_counter()
         table = await asyncio.to_thread(build, rows, version)
         self.versions = tuple(sorted({*self.versions, version}))
         self.table = table
+        self.known = True
         self.metrics.bin_table_version.set(version)
         self.metrics.bin_table_ranges.set(len(table))
         log.info("BIN table loaded", extra={"version": version, "ranges": len(table),

@@ -214,17 +214,29 @@ class BinTable:
         i = self.find(int(digits[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0")))
         return self.row(i) if i >= 0 else None
 
+    def _span_owners(self, prefix: str) -> set[int]:
+        """The most specific range (-1: none) of each stretch of the numbers that start with `prefix`."""
+        first = bisect.bisect_right(self._starts, int(prefix[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "0"))) - 1
+        last = bisect.bisect_right(self._starts, int(prefix[:PREFIX_DIGITS].ljust(PREFIX_DIGITS, "9"))) - 1
+        return {-1, *self._owners[0:last + 1]} if first < 0 else set(self._owners[first:last + 1])
+
     def network_covering(self, prefix: str) -> str:
         """The network of every card number that starts with `prefix` (a card's stored 6 or 8 digits):
         "" where a number with that prefix is in no range, or where the ranges that split the prefix
         name different networks (`lookup` would answer for the prefix's first number only)."""
-        first = bisect.bisect_right(self._starts, int(prefix.ljust(PREFIX_DIGITS, "0"))) - 1
-        last = bisect.bisect_right(self._starts, int(prefix.ljust(PREFIX_DIGITS, "9"))) - 1
-        if first < 0:
-            return ""
-        networks = {self._strings[self._codes[4 * owner]] if owner >= 0 else ""
-                    for owner in self._owners[first:last + 1]}
+        networks = {self._strings[self._codes[4 * owner]] if owner >= 0 else "" for owner in self._span_owners(prefix)}
         return networks.pop() if len(networks) == 1 else ""
+
+    def covering(self, prefix: str) -> BinRow | None:
+        """The most specific range holding every card number that starts with `prefix`; None when no
+        one range does: the prefix is split between ranges, or partly (`touches`) or wholly in none.
+        (`lookup` answers for one number: the prefix's first.)"""
+        owners = self._span_owners(prefix)
+        return self.row(owners.pop()) if len(owners) == 1 and -1 not in owners else None
+
+    def touches(self, prefix: str) -> bool:
+        """Some card number that starts with `prefix` is in a range."""
+        return any(owner >= 0 for owner in self._span_owners(prefix))
 
     def message_bytes(self, digits: str) -> bytes | None:
         """The serialized BinRange for these digits (NOT_FOUND answers carry it)."""

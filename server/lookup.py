@@ -20,7 +20,15 @@ from server.caller import KEY_SCOPE, Caller
 from server.crypto import Keyring, account_fingerprint_input
 from server.decisions import DecisionTable
 from server.encoding import CUSTOMER_FIELD, RESOLUTION_FIELD, batch_response, lookup_result
-from server.errors import CrsError, InvalidKey, NotFound, PermissionDenied, rpc_code_number
+from server.errors import (
+    BackendUnavailable,
+    CrsError,
+    FailedPrecondition,
+    InvalidKey,
+    NotFound,
+    PermissionDenied,
+    rpc_code_number,
+)
 from server.lookup_stream import stream_resolve
 from server.pan import (
     PAN_MAX_LEN,
@@ -50,6 +58,7 @@ async def finish(now: bytes | Later) -> bytes:
 
 class BinTableHolder(Protocol):
     table: BinTable     # replaced whole when a new version is loaded (server/bin_source.py)
+    known: bool         # the active version was read (False: the database was out since the start)
 
 
 class LookupHandlers:
@@ -58,39 +67,45 @@ class LookupHandlers:
                  stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
         self.bins = bins
-        self.hints = reads.Hints(decisions, self._network_of)
+        self.decisions = decisions
+        self.hints = reads.Hints(decisions, self._network_of)   # account answers (no network in their hints)
         self.keyring = keyring
         self.pg_timeout = pg_timeout
         self.batch_max = batch_max
         self.stream_window = stream_window
         current = keyring.fingerprint_version
         self._other_versions = sorted((v for v in keyring.fingerprint_keys if v != current), reverse=True)
-        self._card_prefix = (0, ck.card_key_prefix(current))   # (BIN table version, card key prefix)
+        # (BIN table, card key prefix, decision hints) of one table, swapped whole (_card_table)
+        self._card_tables: tuple[BinTable | None, str, reads.Hints] = (None, "", self.hints)
         self._card_hits = resolver.near.enabled      # without a near-cache, card_hit could only miss
         # Charges a caller's rate limit (Authenticator.admit): the Gate charges each call one but a
         # batch, which pays one per key here; a stream pays for each key too (docs/security.md).
         self.charge: Callable[[Caller, int], None] = lambda caller, cost: None
 
-    def _card_key_prefix(self) -> str:
-        """Card keys name the BIN table version their answers are built with (server/cache_keys.py).
-        One tuple, swapped whole: a gRPC thread never pairs a prefix with another version."""
-        version, prefix = self._card_prefix
-        table = self.bins.table.version
-        if table != version:
-            prefix = ck.card_key_prefix(self.keyring.fingerprint_version, table)
-            self._card_prefix = (table, prefix)
-        return prefix
+    def _card_table(self) -> tuple[BinTable | None, str, reads.Hints]:
+        """The BIN table a card lookup uses, its card key prefix, and decision hints that take the card's
+        network from that same table: card keys name the table version their answers are built with
+        (server/cache_keys.py), so an answer loaded while the node swaps tables is built with the table
+        its key names (it took the network from the new one: a rollback then served its decisions for the
+        TTL). One tuple, swapped whole: a gRPC thread never pairs a prefix with another table."""
+        current = self._card_tables
+        table = self.bins.table
+        if current[0] is not table:
+            current = self._card_tables = (table, ck.card_key_prefix(self.keyring.fingerprint_version, table.version),
+                                           reads.Hints(self.decisions, table.network_covering))
+        return current
 
     # -- key → Lookup ----------------------------------------------------------------------------
     def card_by_pan(self, pan: str) -> Lookup:
         parse_pan(pan)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
+        _, prefix, hints = self._card_table()
         load: ReadQuery = partial(reads.card_by_fingerprint, version=version, fingerprint=fp,
-                                  timeout=self.pg_timeout, hints=self.hints)
+                                  timeout=self.pg_timeout, hints=hints)
         if self._other_versions:
-            load = partial(self._any_version, "card", reads.card_by_fingerprint, pan, load)
-        return Lookup(self._card_key_prefix() + fp.hex(), load, "card")
+            load = partial(self._any_version, "card", reads.card_by_fingerprint, pan, load, hints)
+        return Lookup(prefix + fp.hex(), load, "card")
 
     def card_hit(self, pan: str) -> bytes | None:
         """A PAN's card from the near-cache by its cache key alone (no Lookup, no loader built), not
@@ -100,15 +115,17 @@ class LookupHandlers:
         first, to bound the hashing (docs/decisions.md, "The hit's fast path")."""
         if not (self._card_hits and PAN_MIN_LEN <= len(pan) <= PAN_MAX_LEN and pan.isascii()):
             return None
-        cached, due = self.resolver.near.read(self._card_key_prefix() + self.keyring.fingerprint(pan).hex())
+        cached, due = self.resolver.near.read(self._card_table()[1] + self.keyring.fingerprint(pan).hex())
         if due:     # only this reader is told (NearCache.read): the reload must start here
             self.resolver.refresh_soon(self.card_by_pan(pan))
         return cached if cached is not None and cached != ck.NEGATIVE else None
 
     def card_by_token(self, token: str) -> Lookup:
         parse_token(token)
-        return Lookup(ck.token_key(token, self.bins.table.version), partial(
-            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=self.hints), "card")
+        table, _, hints = self._card_table()
+        assert table is not None
+        return Lookup(ck.token_key(token, table.version), partial(
+            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=hints), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
         parse_routing_number(routing_number)
@@ -119,10 +136,10 @@ class LookupHandlers:
         load: ReadQuery = partial(reads.account_by_fingerprint, version=version, fingerprint=fp,
                                   timeout=self.pg_timeout, hints=self.hints)
         if self._other_versions:
-            load = partial(self._any_version, "account", reads.account_by_fingerprint, value, load)
+            load = partial(self._any_version, "account", reads.account_by_fingerprint, value, load, self.hints)
         return Lookup(ck.account_key(version, fp), load, "account")
 
-    async def _any_version(self, kind: str, read: Read, value: str, current: ReadQuery,
+    async def _any_version(self, kind: str, read: Read, value: str, current: ReadQuery, hints: reads.Hints,
                            conn: Any) -> bytes | Uncacheable | None:
         """During a fingerprint-key rotation a row may carry only another configured version yet:
         a miss under the current version tries the others before answering NOT_FOUND. What is
@@ -134,7 +151,7 @@ class LookupHandlers:
             return found
         for version in self._other_versions:
             other = await read(conn, version, self.keyring.fingerprint(value, version), timeout=self.pg_timeout,
-                               hints=self.hints)
+                               hints=hints)
             if other is not None:
                 self.resolver.metrics.other_key_version.labels(kind).inc()
                 return Uncacheable(other)
@@ -278,9 +295,15 @@ class LookupHandlers:
         else:
             raise InvalidKey("key is empty: set pan or prefix")
         table = self.bins.table
-        row = table.lookup(digits)
+        row = table.lookup(digits) if which == "pan" else table.covering(digits)
         if row is None:
-            raise NotFound("no BIN range holds this number" if table.version else "no BIN table is loaded")
+            if which == "prefix" and table.touches(digits):
+                # Answering the range of the prefix's first number sent a whole BIN to its first sub-range.
+                raise FailedPrecondition("the card numbers that start with this prefix are in more than one BIN"
+                                         " range (or partly in none): look up more digits, or the card number")
+            if not table.version and not self.bins.known:   # a switch takes NOT_FOUND as final
+                raise BackendUnavailable("the BIN table has not been loaded yet (the database is unreachable); retry")
+            raise NotFound("no BIN range holds this number" if table.version else "no BIN table is active")
         return row.message(table.version).SerializeToString()
 
     # -- many keys -------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[in
     """(accepted rows, their row numbers, rejected rows as (row number, column, reason), sha256) of a BIN
     table CSV; CommandFailed for a file that is not one."""
     from server.bins import COLUMNS, BinRowError, parse_row
+    from server.cli.import_files import same_file
 
+    if rejects_out is not None and same_file(rejects_out, path):   # it would be truncated after the read
+        raise CommandFailed(f"--rejects {rejects_out} is the input file", 2)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -43,22 +46,30 @@ def read_table(path: Path, rejects_out: Path | None) -> tuple[list[Any], list[in
     except UnicodeDecodeError as exc:
         raise CommandFailed(f"{path}: not UTF-8 (byte {exc.start})", 2) from None
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip().lower() for h in next(reader, [])]
-    missing = [c for c in COLUMNS if c not in header]
-    if missing:
-        raise CommandFailed(f"{path}: the header lacks {', '.join(missing)} (columns: {', '.join(COLUMNS)})", 2)
-    rows, numbers, rejects = [], [], []
-    for number, cells in enumerate(reader, start=2):
-        if not cells or cells == [""]:
-            continue
-        if len(cells) != len(header):
-            rejects.append((number, "", f"has {len(cells)} columns, the header {len(header)}"))
-            continue
-        try:
-            rows.append(parse_row(dict(zip(header, cells, strict=True))))
-            numbers.append(number)
-        except BinRowError as exc:
-            rejects.append((number, exc.column, exc.reason))
+    try:
+        header = [h.strip().lower() for h in next(reader, [])]
+        missing = [c for c in COLUMNS if c not in header]
+        if missing:
+            raise CommandFailed(f"{path}: the header lacks {', '.join(missing)} (columns: {', '.join(COLUMNS)})", 2)
+        twice = sorted({h for h in header if h and header.count(h) > 1})
+        if twice:   # zip() into a dict kept the last of the two, silently
+            raise CommandFailed(f"{path}: column {', '.join(twice)} appears twice in the header", 2)
+        rows, numbers, rejects = [], [], []
+        start = reader.line_num + 1     # the line a record starts on (a quoted cell may span several)
+        for cells in reader:
+            number, start = start, reader.line_num + 1
+            if not cells or cells == [""]:
+                continue
+            if len(cells) != len(header):
+                rejects.append((number, "", f"has {len(cells)} columns, the header {len(header)}"))
+                continue
+            try:
+                rows.append(parse_row(dict(zip(header, cells, strict=True))))
+                numbers.append(number)
+            except BinRowError as exc:
+                rejects.append((number, exc.column, exc.reason))
+    except csv.Error as exc:
+        raise CommandFailed(f"{path}: not a readable CSV file at line {reader.line_num}: {exc}", 2) from None
     if rejects_out is not None:
         try:
             with rejects_out.open("w", newline="") as f:
@@ -228,9 +239,12 @@ def cmd_bins_lookup(args: argparse.Namespace, read_pan: Callable[[], str] = from
     if table.version == 0:
         print("no BIN table is active yet (crs bins import FILE.csv)", file=sys.stderr)
         return 1
-    row = table.lookup(digits)
+    row = table.covering(digits) if args.prefix else table.lookup(digits)
     if row is None:
-        print(f"{shown}: no range in BIN table version {table.version}", file=sys.stderr)
+        split = args.prefix and table.touches(digits)
+        print(f"{shown}: " + (f"the card numbers that start with it are in more than one range (or partly in none)"
+                              f" of BIN table version {table.version}: look up more digits" if split else
+                              f"no range in BIN table version {table.version}"), file=sys.stderr)
         return 1
     print(MessageToJson(row.message(table.version), indent=2))
     return 0

@@ -90,3 +90,34 @@ def test_an_eight_digit_range_inside_a_six_digit_block() -> None:
     assert table.network_covering("999012") == ""             # 6 digits only: split, so unknown
     assert table.lookup("999012") is not None and table.lookup("999012").network == "visa"   # what hints used
     assert table.network_covering("999013") == ""             # no range
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(), st.lists(st.integers(0, 9999), min_size=1, max_size=10), st.integers(6, 8))
+def test_a_prefix_gets_the_narrowest_range_holding_all_its_numbers_or_none(
+        rows: list[BinRow], prefixes: list[int], width: int) -> None:
+    """ResolveBin(prefix) (docs/bins.md): the range every number with the prefix gets, when they all get
+    one and the same; None where they are split or some get none (`touches` tells the two apart). It
+    answered the range of the prefix's first number: a whole BIN went to its first sub-range."""
+    table = BinTable(rows, 1)
+    for p in prefixes:
+        prefix = "9990" + str(p).zfill(4)[:width - 4]
+        low, high = int(prefix.ljust(PREFIX_DIGITS, "0")), int(prefix.ljust(PREFIX_DIGITS, "9"))
+        points = {low} | {v for r in rows for v in (r.start, r.end + 1) if low <= v <= high}
+        got = {_slowly(rows, str(v)) for v in points}
+        assert table.covering(prefix) == (got.pop() if len(got) == 1 else None), prefix
+        assert table.touches(prefix) == any(_slowly(rows, str(v)) is not None for v in points), prefix
+        subset = [r for r in rows if r.start <= high and r.end >= low]   # what `crs bins lookup` loads
+        assert BinTable(subset, 1).covering(prefix) == table.covering(prefix)
+
+
+def test_a_sub_range_at_the_start_of_a_bin_does_not_answer_for_the_bin() -> None:
+    block = BinRow("453201", "453201", 16, "visa", "Issuer", "GB", "credit", False)
+    cobrand = BinRow("45320100", "45320100", 16, "mastercard", "Tiny Co-brand", "GB", "credit", False)
+    table = BinTable([block, cobrand], 1)
+    assert table.lookup("453201") == cobrand                     # the first number's range
+    assert table.covering("453201") is None and table.touches("453201")
+    assert table.covering("45320100") == cobrand and table.covering("45320101") == block
+    late = BinTable([BinRow("45320150", "45320199", 16, "visa", "Issuer", "GB", "credit", False)], 1)
+    assert late.lookup("453201") is None and late.covering("453201") is None and late.touches("453201")
+    assert not late.touches("453202")

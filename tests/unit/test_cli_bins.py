@@ -181,3 +181,31 @@ def test_import_help_says_what_is_refused() -> None:
     r = subprocess.run([sys.executable, "-m", "server.cli", "bins", "import", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=60)
     assert "--allow-shrink" in r.stdout and "card" in r.stdout and "under half the active table" in r.stdout
+
+
+def test_a_header_naming_a_column_twice_is_refused(closed_dsn: str, tmp_path: Path) -> None:
+    """The later of two `network` columns won silently (mastercard for a visa row)."""
+    path = tmp_path / "twice.csv"
+    path.write_text(",".join([*COLUMNS, "network"]) + "\n" + ",".join([*ROW, "othernet"]) + "\n")
+    r = _crs(closed_dsn, "bins", "import", str(path))
+    assert r.returncode == 2 and "column network appears twice in the header" in _one_line(r)
+
+
+def test_rejects_naming_the_input_is_refused_before_it_is_truncated(closed_dsn: str, tmp_path: Path) -> None:
+    path = _write(tmp_path / "bins.csv", [ROW])
+    before = path.read_text()
+    r = _crs(closed_dsn, "bins", "import", str(path), "--rejects", str(path))
+    assert r.returncode == 2 and "is the input file" in _one_line(r) and path.read_text() == before
+
+
+def test_an_unreadable_csv_is_exit_2_and_rows_are_numbered_by_line(closed_dsn: str, tmp_path: Path) -> None:
+    huge = tmp_path / "huge.csv"
+    huge.write_text(",".join(COLUMNS) + "\n" + ",".join(ROW[:4]) + ',"' + "x" * 200_000 + '",US,credit,false\n')
+    r = _crs(closed_dsn, "bins", "import", str(huge))
+    assert r.returncode == 2 and "not a readable CSV file" in _one_line(r)
+    spanning = tmp_path / "spanning.csv"   # a quoted cell over two lines: the next record starts on line 4
+    spanning.write_text(",".join(COLUMNS) + "\n" + ",".join(ROW[:4]) + ',"Two\nLines",US,credit,false\n'
+                        + ",".join(ROW[:6]) + ",nonsense,false\n")
+    rejects = tmp_path / "rejects.csv"
+    _crs(closed_dsn, "bins", "import", str(spanning), "--rejects", str(rejects))
+    assert [r[:2] for r in list(csv.reader(rejects.open()))[1:]] == [["2", "issuer_name"], ["4", "product"]]
