@@ -77,9 +77,11 @@ def tail(feed: Any, *, start: int, types: list[int], follow: bool, progress: boo
     import grpc
 
     cursor, delivered_any, delay = start, False, 1.0
+    deadline = None if timeout is None else time.monotonic() + timeout   # the whole run's, resumes included
     while True:
+        left = None if deadline is None else max(0.001, deadline - time.monotonic())
         call = feed.Watch(pb.WatchRequest(from_sequence=cursor, entity_types=types, epoch=epoch),  # type: ignore[arg-type]
-                          timeout=timeout)
+                          timeout=left)
         try:
             for event in call:
                 delivered_any, delay = True, 1.0
@@ -94,6 +96,10 @@ def tail(feed: Any, *, start: int, types: list[int], follow: bool, progress: boo
                     print(f"caught up at sequence {cursor} (resume with {resume})", file=err)
                     return 0
         except grpc.RpcError as exc:
+            if deadline is not None and time.monotonic() >= deadline and exc.code().name == "DEADLINE_EXCEEDED":
+                resume = f"--from {cursor}" + (f" --epoch {epoch}" if epoch else "")
+                print(f"--timeout reached at sequence {cursor} (resume with {resume})", file=err)
+                return 0
             if follow and delivered_any and exc.code().name in RESUMABLE:
                 print(f"{exc.code().name}: {exc.details()}; resuming from sequence {cursor} in {delay:g}s",
                       file=err)
@@ -150,8 +156,8 @@ def register(sub: Any) -> None:
         "(UNAVAILABLE, RESOURCE_EXHAUSTED) it resumes from the last sequence printed. --no-follow stops at\n"
         "the first Progress mark, i.e. once it has printed everything committed when it connected, however\n"
         "busy the feed is (the mark is printed, and `caught up at sequence N` goes to stderr).\n\n"
-        "Exit codes: 0 done (--no-follow) or stopped by a closed pipe, 1 a gRPC error (printed as\n"
-        "`CODE: details`; OUT_OF_RANGE: --from was compacted, is beyond the newest change of this\n"
+        "Exit codes: 0 done (--no-follow, or --timeout reached) or stopped by a closed pipe, 1 a gRPC\n"
+        "error (printed as `CODE: details`; OUT_OF_RANGE: --from was compacted, is beyond the newest change of this\n"
         "database, or --from and --epoch are from a history it no longer has; start from crs export's\n"
         "sequence and epoch),\n"
         "2 bad usage (e.g. an unknown --types name), 130 interrupted."), formatter_class=RAW)
@@ -165,6 +171,7 @@ def register(sub: Any) -> None:
                    help="keep following new changes (default), or stop once caught up")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="print Progress marks (default) or only changes")
-    s.add_argument("--timeout", type=float, help="end after this many seconds (default: no limit)")
+    s.add_argument("--timeout", type=float, help="end after this many seconds in all, resumes included (exit 0,"
+                   " naming the sequence to resume from; default: no limit)")
     add_connection_arguments(s, client="feed")
     s.set_defaults(func=cmd_tail)

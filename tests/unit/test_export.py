@@ -123,9 +123,11 @@ class FakeFeed:
     def __init__(self, *streams: tuple[list[pb.ChangeEvent], grpc.StatusCode | None]) -> None:
         self.streams = list(streams)
         self.requests: list[pb.WatchRequest] = []
+        self.timeouts: list[float | None] = []
 
     def Watch(self, request: pb.WatchRequest, timeout: float | None = None) -> Any:
         self.requests.append(request)
+        self.timeouts.append(timeout)
         events, code = self.streams.pop(0)
         return FakeCall(events, code)
 
@@ -222,3 +224,22 @@ def test_tail_sends_its_epoch_and_resumes_with_the_epoch_of_the_last_event() -> 
     feed = FakeFeed(([_mark(9, "7/2")], None))
     assert tail(feed, start=4, types=[], follow=False, progress=True, timeout=None, out=out, err=err) == 0
     assert feed.requests[0].epoch == "" and "resume with --from 9 --epoch 7/2" in err.getvalue()
+
+
+def test_tail_timeout_is_for_the_whole_run_and_ends_it_with_exit_0() -> None:
+    """--timeout restarted on every resume (a tail that kept breaking never ended), and ended with exit 1
+    "DEADLINE_EXCEEDED" as if it had failed. Now one limit for the run; reached, exit 0 and where to resume."""
+    import time
+
+    class Slow(FakeFeed):
+        def Watch(self, request: pb.WatchRequest, timeout: float | None = None) -> Any:
+            time.sleep(0.05)
+            return super().Watch(request, timeout)
+
+    feed = Slow(([_change(5)], grpc.StatusCode.UNAVAILABLE), ([_change(6)], grpc.StatusCode.DEADLINE_EXCEEDED))
+    out, err = io.StringIO(), io.StringIO()
+    assert tail(feed, start=0, types=[], follow=True, progress=True, timeout=0.1, out=out, err=err,
+                sleep=lambda _s: time.sleep(0.06)) == 0
+    first, second = feed.timeouts
+    assert first is not None and second is not None and second < first <= 0.1
+    assert "--timeout reached at sequence 6 (resume with --from 6)" in err.getvalue()
