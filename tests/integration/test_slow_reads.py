@@ -49,17 +49,22 @@ class TakesSeconds:
         return self.value
 
 
+def _tier(url: str) -> RedisTier:
+    redis.Redis.from_url(url).flushall()
+    return RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", url),)), pool_size=2, timeout=0.5,
+                     policy=BreakerPolicy())
+
+
+def _resolver(tier: RedisTier, clock: Clock, metrics: Metrics) -> Resolver:
+    return Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(), metrics=metrics,
+                    route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=WINDOW, clock=clock))
+
+
 async def test_a_read_past_its_fill_window_is_answered_but_cached_nowhere(tmp_path: Path) -> None:
     with redis_servers(tmp_path, ["slow-reads"]) as (server,):
-        client = redis.Redis.from_url(server.url)
-        client.flushall()
-        clock = Clock()
-        tier = RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", server.url),)),
-                         pool_size=2, timeout=0.5, policy=BreakerPolicy())
+        client, clock, tier = redis.Redis.from_url(server.url), Clock(), _tier(server.url)
         metrics = Metrics(CollectorRegistry())
-        resolver = Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(),
-                            metrics=metrics, route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=WINDOW,
-                                                                          clock=clock))
+        resolver = _resolver(tier, clock, metrics)
         try:
             slow = TakesSeconds(clock, WINDOW + 0.01, b"ACTIVE, read before the LOST commit")
             lookup = Lookup("crd:slow", slow, "card")
@@ -87,11 +92,8 @@ async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_on
     delete); only the near-cache copy, put after the SET, is skipped. Not counted as dropped: the next
     lookup is an L2 hit, not another PostgreSQL read (CI once saw 1,000 reads against 1,008 "dropped")."""
     with redis_servers(tmp_path, ["slow-set"]) as (server,):
-        client = redis.Redis.from_url(server.url)
-        client.flushall()
-        clock = Clock()
-        tier = RedisTier(topology=Topology(version=1, shards=(TopologyShard("shard-0", server.url),)),
-                         pool_size=2, timeout=0.5, policy=BreakerPolicy())
+        client, clock, tier = redis.Redis.from_url(server.url), Clock(), _tier(server.url)
+        metrics = Metrics(CollectorRegistry())
         sent = tier.set_many
 
         async def slow_set(items: list[tuple[str, bytes, int]]) -> None:
@@ -99,10 +101,7 @@ async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_on
             clock.now += 0.02   # the reply came back past the fill window
 
         tier.set_many = slow_set   # type: ignore[method-assign]
-        metrics = Metrics(CollectorRegistry())
-        resolver = Resolver(near=NearCache(max_entries=100, ttl=60), tier=tier, policy=CachePolicy(),
-                            metrics=metrics, route=ReadRoute.primary_only(PRIMARY, timeout=2.0, fill_window=WINDOW,
-                                                                          clock=clock))
+        resolver = _resolver(tier, clock, metrics)
         try:
             read = TakesSeconds(clock, WINDOW - 0.01, b"ACTIVE")
             lookup = Lookup("crd:edge", read, "card")
