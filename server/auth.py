@@ -129,11 +129,14 @@ class JwtVerifier:
         try:
             kid = jwt.get_unverified_header(token).get("kid")
             key = self._keys[kid] if kid else self._keys.keys[0]
-            claims = jwt.decode(token, key.key, algorithms=list(self.ALGORITHMS), audience=self.audience,
+            # Only the key's own algorithm: an RS256 token naming an EC key made PyJWT raise TypeError,
+            # answered INTERNAL with a traceback logged per call (anyone could flood the logs).
+            algorithms = [key.algorithm_name] if key.algorithm_name in self.ALGORITHMS else []
+            claims = jwt.decode(token, key.key, algorithms=algorithms, audience=self.audience,
                                 issuer=self.issuer or None, options={"require": ["exp", "sub", "aud"]})
         except jwt.ExpiredSignatureError as exc:
             raise Unauthenticated("bearer token has expired") from exc
-        except (jwt.PyJWTError, KeyError) as exc:
+        except (jwt.PyJWTError, KeyError, TypeError, ValueError) as exc:   # whatever a forged token makes PyJWT raise
             raise Unauthenticated("bearer token is not valid for this service") from exc
         scopes = frozenset(str(claims.get("scope", "")).split())
         with self._lock:

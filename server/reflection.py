@@ -13,6 +13,7 @@ them with no check at all.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -24,6 +25,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from server.auth import Authenticator
 from server.caller import Caller
 from server.errors import CrsError, status_for
+
+log = logging.getLogger("crs.node")
 
 SERVICE_NAME: str = reflection.SERVICE_NAME
 
@@ -43,7 +46,8 @@ class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(self.slot(self.authenticator.authenticate(context)))
-            except CrsError as exc:
+            except Exception as exc:   # a CrsError's status; anything else INTERNAL, never its text
+                _unexpected(exc)
                 context.abort(*status_for(exc))
             yield from super().ServerReflectionInfo(request_iterator, context)
 
@@ -59,10 +63,16 @@ class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             self.authenticator.authenticate(context)
-        except CrsError as exc:
+        except Exception as exc:
+            _unexpected(exc)
             await context.abort(*status_for(exc))
         async for answer in super().ServerReflectionInfo(request_iterator, context):
             yield answer
+
+
+def _unexpected(exc: Exception) -> None:
+    if not isinstance(exc, CrsError):
+        log.exception("unhandled error", extra={"rpc": "ServerReflectionInfo"})
 
 
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],

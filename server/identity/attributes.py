@@ -218,6 +218,11 @@ def normalise_email(value: str) -> str:
     return text
 
 
+# The attributes kept as text a person wrote (the others are dates, codes or a phone number).
+_FREE_TEXT = frozenset({"given_name", "family_name", "address_line1", "address_line2", "locality", "region",
+                        "postcode", "email"})
+
+
 def parse_identity(raw: dict[str, str], *, strict: bool) -> tuple[Identity, list[AttributeProblem]]:
     """Normalise `raw` (the IdentityAttributes field names, address fields flattened with an
     `address_` prefix for line1/line2). strict: raise the first problem; else drop the attribute and
@@ -227,7 +232,13 @@ def parse_identity(raw: dict[str, str], *, strict: bool) -> tuple[Identity, list
 
     def take(field: str, parse: Any, *args: Any) -> None:
         try:
-            out[field] = parse(*args)
+            value = parse(*args)
+            # Checked again as stored: normalising joins what the raw text's check kept apart
+            # ("4111;1111;1111;1111" in an address line becomes spaced digit groups; a postcode loses
+            # its dashes), and the stored value is what GetCustomerIdentity answers.
+            if field in _FREE_TEXT and contains_card_number(value):
+                raise AttributeProblem(field, CARD_NUMBER)
+            out[field] = value
         except AttributeProblem as problem:
             if strict:
                 raise

@@ -122,8 +122,9 @@ class WriteEnvelope:
                         kept, dek_id = self.seal_answer(response) if change.sealed else (response, None)
                         await conn.execute(
                             "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version,"
-                            " answer_dek_id) VALUES ($1, $2, $3, $4, $5, $6)",
-                            request_id, rpc, kept, request_digest(self.keyring, req, version), version, dek_id)
+                            " answer_dek_id, client_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                            request_id, rpc, kept, request_digest(self.keyring, req, version), version, dek_id,
+                            caller.client_id)
                     related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
                     await self._audit(conn, caller, rpc, request_id, change.entity_type,
                                       [change.entity_id, *related], "OK", outbox_id)
@@ -166,7 +167,7 @@ class WriteEnvelope:
 
     async def _replay(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> WriteResult | None:
         request_id = getattr(req, "request_id", "")
-        stored = await self._stored_answer(conn, rpc, req)
+        stored = await self._stored_answer(conn, rpc, req, caller)
         if stored is None:
             return None
         await self._audit(conn, caller, rpc, request_id, None, [], "OK_REPLAYED", None)
@@ -191,9 +192,12 @@ class WriteEnvelope:
                 await self._audit(conn, caller, rpc, getattr(request, "request_id", "")[:MAX_REQUEST_ID], None,
                                   ids, result, None)
 
-    async def _stored_answer(self, conn: Conn, rpc: str, req: Request) -> bytes | None:
+    async def _stored_answer(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> bytes | None:
+        """The answer `caller` got for this request_id (migration 0017: a request_id is its client's; a
+        row from before names none and is anyone's), or None."""
         row = await conn.fetchrow("SELECT rpc, response, request_digest, digest_version, answer_dek_id FROM idempotency"
-                                  " WHERE request_id = $1", getattr(req, "request_id", ""))
+                                  " WHERE request_id = $1 AND client_id IN ($2, '') ORDER BY client_id DESC LIMIT 1",
+                                  getattr(req, "request_id", ""), caller.client_id)
         if row is None:
             return None
         if row["rpc"] != rpc:

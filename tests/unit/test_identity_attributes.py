@@ -192,6 +192,23 @@ def test_a_card_number_in_free_text_is_refused_never_echoed(field: str, write: o
         assert pan not in text and pan[-8:] not in "".join(c for c in text if c.isdigit())
 
 
+@pytest.mark.parametrize(("field", "write"), [
+    ("address_line1", lambda p: ";".join(spaced(p).split())),      # normalising turns ; , . into spaces
+    ("address_line2", lambda p: ".".join(p[i:i + 2] for i in range(0, len(p), 2))),
+    ("postcode", lambda p: p[:6] + "--" + p[6:]),                   # a postcode loses its dashes
+])
+def test_a_card_number_that_normalising_joins_is_refused(field: str, write: object) -> None:
+    """The raw text's check keeps digit groups split by ; , . or a double dash apart (docs/security.md),
+    but the value as stored (and answered by GetCustomerIdentity) had them joined: checked again."""
+    pan = made_up_pan(16 if field != "postcode" else 13)
+    raw = dict(PERSON, **{field: write(pan)})  # type: ignore[operator]
+    with pytest.raises(AttributeProblem) as caught:
+        parse_identity(raw, strict=True)
+    assert caught.value.field == field and caught.value.reason == CARD_NUMBER
+    identity, problems = parse_identity(raw, strict=False)
+    assert [(p.field, p.reason) for p in problems] == [(field, CARD_NUMBER)] and getattr(identity, field) == ""
+
+
 def test_numbers_that_are_not_card_numbers_stay() -> None:
     pan = made_up_pan()
     bad = pan[:-1] + str((int(pan[-1]) + 1) % 10)
