@@ -142,9 +142,10 @@ def test_a_card_issued_during_its_customers_suspension_answers_suspended(
     owner = _plain_customer(node_a)
     acc, _ = _account(node_a, used_secrets, owner.customer_id)
     hold = _rid()
-    # The suspension's own idempotency insert waits on this uncommitted row, after its stale keys are found.
-    side = Side(dev_env.admin_dsn, [("INSERT INTO idempotency (request_id, rpc, response) VALUES ($1, 'x', '')",
-                                     (hold,))])
+    # The suspension's own idempotency insert waits on this uncommitted row, after its stale keys are found
+    # (the same client and request_id: migration 0017 keys them together).
+    side = Side(dev_env.admin_dsn, [("INSERT INTO idempotency (request_id, rpc, response, client_id)"
+                                     " VALUES ($1, 'x', '', 'admin')", (hold,))])
     pan = fresh_pan(used_secrets)
 
     def issue_waited(_r1: Outcome, r2: Outcome) -> None:
