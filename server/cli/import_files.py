@@ -118,10 +118,10 @@ class SourceFile:
         for name in header:
             clean = name.strip().lower()
             if clean in seen:
-                problems.append(Reject(1, clean[:64], "column appears twice in the header"))
+                problems.append(Reject(1, _column_name(clean), "column appears twice in the header"))
             elif clean not in self.columns:
-                problems.append(Reject(1, "(header)", f"unknown column {_printable(clean)!r}; expected"
-                                                      f" {', '.join(self.columns)}"))
+                problems.append(Reject(1, "(header)", f"unknown column {_column_name(clean)}; expected"
+                                                      f" {', '.join(self.columns)} (is the header row missing?)"))
             seen.add(clean)
         problems += [Reject(1, c, "missing from the header") for c in self.columns if c not in seen]
         return problems
@@ -129,7 +129,8 @@ class SourceFile:
     def read(self) -> Iterator[tuple[int, dict[str, str] | Reject]]:
         """(row, cells by column) per data row, or (row, Reject); a bad header raises HeaderError."""
         with open(self.path, "rb") as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+            # utf-8-sig: a BOM before a quoted header name made it read as '"source_ref"'.
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="")
             yield from self._rows(text)
 
     def _rows(self, text: IO[str]) -> Iterator[tuple[int, dict[str, str] | Reject]]:
@@ -215,6 +216,17 @@ def _broken(exc: csv.Error, start: int, end: int, at_end: bool) -> str:
         return "is not valid CSV: a quote opened on this line, the file's last, is never closed"
     spans = f"; the record spans lines {start}-{end}, none of them loaded" if end > start else ""
     return f"is not valid CSV ({_csv_reason(exc)}){spans}"
+
+
+_COLUMN_NAME = re.compile(r"[a-z][a-z_ ]{0,39}")
+
+
+def _column_name(clean: str) -> str:
+    """A header cell as a message may show it: quoted when it reads as a column name (letters, spaces,
+    underscores), else only its shape. A file without its header row has data in the first line — a
+    card number, a national id, a birth date — and the "unknown column" reason went to the terminal
+    and the rejects file in clear."""
+    return repr(clean) if _COLUMN_NAME.fullmatch(clean) else f"shaped {shape(clean)}"
 
 
 def _printable(text: str) -> str:

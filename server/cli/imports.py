@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import sys
 from collections import Counter
@@ -44,6 +45,9 @@ from server.settings import Settings
 BATCH = 1000
 LINK_PROGRESS_EVERY = 100   # accounts and cards: rows between two updates of the progress bar
 POOL_SIZE = 2            # connections: an import must not starve the nodes' lookups
+# One customer import at a time per database (a session advisory lock, "CRSI"): two at once cannot see each
+# other's people until they commit, so one person loaded from two systems in parallel became two customers.
+IMPORT_LOCK = 0x43525349
 KINDS = {"customers": CUSTOMER_COLUMNS, "accounts": ACCOUNT_COLUMNS, "cards": CARD_COLUMNS}
 REPORT_COLUMNS = {
     "customers": ("row", "source_ref", "customer_id", "decision", "score", "warnings"),
@@ -113,14 +117,17 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
     except BaseException:
         reader.close()
         raise
+    stack = contextlib.AsyncExitStack()
     try:
         bulk = BulkCustomers(pool=pool, codec=IdentityCodec(keyring=keyring, data_key=data_key),
                              model=MatchModel.load(settings.identity_weights or None),
                              thresholds=Thresholds(match=settings.identity_match_threshold,
                                                    review=settings.identity_review_threshold), system=system)
+        err = out or sys.stderr
+        lock = await _import_lock(settings, err)
+        stack.push_async_callback(lock.close)   # lets the next import go
         run = run_id(system, "customers", digest)
         done, finished = await begin_run(pool, run, system, "customers")
-        err = out or sys.stderr
         if finished is not None:
             err.write(f"this file was imported for {system} on {finished:%Y-%m-%d %H:%M}: checking every row,"
                       " nothing will be created twice\n")
@@ -150,7 +157,29 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
     finally:
         reader.close()
         await pool.close()
+        await stack.aclose()
     return summary
+
+
+async def _import_lock(settings: Settings, err: Any) -> Any:
+    """A connection of its own holding IMPORT_LOCK for the whole run; waits for another import first."""
+    import asyncpg
+
+    from server.errors import BackendUnavailable
+
+    try:
+        conn = await asyncpg.connect(settings.pg_dsn, timeout=settings.pg_timeout * 5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
+    try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", IMPORT_LOCK):
+            err.write("another customer import is running against this database: waiting for it (two at once"
+                      " cannot see each other's people, and would load one person twice)\n")
+            await conn.execute("SELECT pg_advisory_lock($1)", IMPORT_LOCK)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 def last_row(source: SourceFile) -> int:
@@ -214,7 +243,9 @@ async def import_links(kind: str, settings: Settings, path: Path, system: str, r
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from server.errors import BackendUnavailable
+    import asyncpg
+
+    from server.errors import BackendError
 
     kind: str = args.import_kind
     try:
@@ -258,8 +289,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     except CommandFailed as exc:
         print(f"crs import: {exc}", file=sys.stderr)
         return exc.code
-    except BackendUnavailable as exc:
-        print(f"crs import: {exc}", file=sys.stderr)
+    except (BackendError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # Whatever PostgreSQL said mid-file: what is committed stays, and a re-run resumes after it.
+        where = f"after row {summary.last_row} (committed)" if summary.last_row else "before any row was committed"
+        what = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__} from PostgreSQL"
+        print(f"crs import: {what}; stopped {where}: run the same command again to resume", file=sys.stderr)
         return 3
     print(summary.line(kind))
     print(f"report: {report}" + (f"; rejects: {rejects}" if rejects else ""))
@@ -293,7 +327,8 @@ def register(sub: Any) -> None:
             "docs/identity.md, \"Bulk import\", has the details. Exit codes: 0 loaded (rejects included),\n"
             "1 a bad header (nothing loaded), 2 bad usage (among others --report or --rejects naming the\n"
             "input file, each other, or a missing directory: refused before anything is opened),\n"
-            "3 PostgreSQL unavailable."))
+            "3 PostgreSQL unavailable or failing mid-file (what was committed stays: run it again to\n"
+            "resume). Customer imports run one at a time per database; a second one waits for the first."))
         k.add_argument("file", metavar="FILE.csv")
         k.add_argument("--source", required=True, metavar="SYSTEM", help="the source system, e.g. core-banking")
         k.add_argument("--report", required=True, metavar="OUT.csv", help="one line per accepted row")

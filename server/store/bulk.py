@@ -318,7 +318,12 @@ class BulkCustomers:
                 for cid, s in decision.candidates:
                     if cid not in g.reviews or s.probability > g.reviews[cid].probability:
                         g.reviews[cid] = s
-            if len(matched) == 1:
+            # The cluster joins the one customer its rows MATCH only if none of its other rows is told
+            # apart from that customer by the rules: an undated row MATCHing a father and clustered
+            # with his son's row filed the son under the father (online, the undated row alone would
+            # have been a POSSIBLE_MATCH). Then: a new customer, with reviews (cid among them).
+            if len(matched) == 1 and all(s.may_match for i in g.members for c, s in scored[i]
+                                         if c == next(iter(matched))):
                 cid = next(iter(matched))
                 g.joins, g.customer_id, g.reviews = True, cid, {}
                 for i in g.members:
