@@ -114,7 +114,7 @@ def test_the_metrics_server_names_its_port_when_it_cannot_listen() -> None:
 def test_a_topology_file_a_node_would_not_find_is_refused(tmp_path: Path) -> None:
     """A node at a mistyped path ran the ring of CRS_REDIS_SHARDS while the others ran the published
     topology; an empty file is how one says "nothing published yet"."""
-    base = Settings(metrics_port=0)
+    base = Settings(metrics_port=0, grpc_port=_free_port())   # not 50051, which a dev stack may be serving
     for path, says in ((tmp_path / "nope.json", "does not exist: correct the path, or create the file empty"),
                        (tmp_path / "no-dir" / "t.json", "directory"), (tmp_path, "cannot read it")):
         with pytest.raises(SettingsError, match=f"CRS_TOPOLOGY_FILE {re.escape(str(path))}.*{says}"):
