@@ -322,9 +322,8 @@ class BulkCustomers:
             # apart from that customer by the rules: an undated row MATCHing a father and clustered
             # with his son's row filed the son under the father (online, the undated row alone would
             # have been a POSSIBLE_MATCH). Then: a new customer, with reviews (cid among them).
-            if len(matched) == 1 and all(s.may_match for i in g.members for c, s in scored[i]
-                                         if c == next(iter(matched))):
-                cid = next(iter(matched))
+            cid = next(iter(matched)) if len(matched) == 1 else ""
+            if cid and all(s.may_match for i in g.members for c, s in scored[i] if c == cid):
                 g.joins, g.customer_id, g.reviews = True, cid, {}
                 for i in g.members:
                     own = {c: s for c, s in scored[i]}.get(cid)
