@@ -77,6 +77,22 @@ class Summary:
                 f" {self.rejected} rejected{lost}")
 
 
+def keep_earlier_report(path: Path) -> Path | None:
+    """A resumed or repeated run keeps the report an earlier run of the file wrote (its rows' decisions:
+    `new`, `matched`, `possible_match`; this run can only call them `existing`) under the first free
+    name REPORT.1, REPORT.2, ...; the path it moved it to, or None when there was none."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    n = 1
+    while (kept := path.with_name(f"{path.name}.{n}")).exists():
+        n += 1
+    try:
+        path.rename(kept)
+    except OSError as exc:
+        raise CommandFailed(f"cannot keep the earlier --report {path} as {kept.name}: {exc.strerror}") from exc
+    return kept
+
+
 def _report_file(path: Path) -> IO[str]:
     try:
         return open(path, "w", newline="", encoding="utf-8")
@@ -133,6 +149,9 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                       " nothing will be created twice\n")
         elif done:
             err.write(f"resuming run {run}: rows up to {done} were committed before\n")
+        if done and (kept := keep_earlier_report(report)) is not None:
+            # This run reports the rows committed before as `existing`: their first decisions are there.
+            err.write(f"the earlier run's report is kept as {kept.name}\n")
         progress = ProgressBar(err, f"importing customers from {path.name}", max(lines - 1, 0))
         ahead = ReadAhead(sealed(reader.batches(), bulk.seal))
         try:

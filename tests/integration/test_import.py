@@ -497,9 +497,13 @@ def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, 
     assert len(run) == 1 and run[0]["rows_done"] == 21 and run[0]["finished_at"] is None
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 20
     monkeypatch.setattr(BulkCustomers, "write", real)
+    first_report = (tmp_path / "big-report.csv").read_text()
     code, report, _ = _import(tmp_path, "customers", file, system, "--batch", "10")
     assert code == 0 and len(report) == 30
     assert [r["decision"] for r in report].count("existing") == 20
+    # The interrupted run's report, with those 20 rows' own decisions, is kept beside the new one.
+    assert (tmp_path / "big-report.csv.1").read_text() == first_report and first_report.count("\n") == 21
+    assert "the earlier run's report is kept as big-report.csv.1" in capsys.readouterr().err
     assert _sql(dev_env, "SELECT count(*) AS n FROM source_records WHERE source_system = $1", system)[0]["n"] == 30
     run = _sql(dev_env, "SELECT rows_done, finished_at FROM import_runs WHERE source_system = $1", system)
     assert run[0]["rows_done"] == 31 and run[0]["finished_at"] is not None
