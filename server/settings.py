@@ -17,7 +17,7 @@ from typing import Any
 
 from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
 from server.decisions import DEFAULT_NETWORK_CODES, parse_network_codes
-from shard_router.topology import address_key
+from shard_router.addresses import address_key
 
 
 class SettingsError(ValueError):

@@ -8,16 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from shard_router.topology import (
-    Phase,
-    ShardState,
-    Topology,
-    TopologyError,
-    TopologyShard,
-    address_key,
-    redact_url,
-    ring_text,
-)
+from shard_router.addresses import address_key, redact_url
+from shard_router.topology import Phase, ShardState, Topology, TopologyError, TopologyShard, ring_text
 
 # --------------------------------------------------------------------------------------------------
 # Staging a change (the draft: the target shard list, all active)

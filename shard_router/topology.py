@@ -32,12 +32,12 @@ move in the opposite direction.
 from __future__ import annotations
 
 import enum
-import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from shard_router.addresses import address_key, redact_url
 from shard_router.ring import Ring, ShardSpec
 
 __all__ = [
@@ -124,27 +124,6 @@ class TopologyShard:
     def readable(self) -> tuple[str, ...]:
         """The copies reads may go to: every copy but the write-only ones."""
         return tuple(u for u in self.copies if u not in self.write_only)
-
-
-LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
-
-
-def address_key(address: str) -> str:
-    """The Redis server and database an address names, so that two spellings of one server are seen
-    as one (a joining copy's flush would otherwise empty a live shard): host in lower case, every
-    loopback name alike, port 6379 and database 0 when left out; user, password and scheme aside
-    (one port speaks TLS or not). `unix://` addresses: the socket path and database."""
-    parts = urllib.parse.urlsplit(address)
-    query = urllib.parse.parse_qs(parts.query)
-    db = parts.path.strip("/") if parts.scheme != "unix" and parts.path.strip("/") else query.get("db", ["0"])[0]
-    if parts.scheme == "unix":
-        return f"unix:{parts.path}/{db}"
-    host = (parts.hostname or "").lower()
-    try:
-        port: object = parts.port or 6379
-    except ValueError:   # not a number: compared as written
-        port = parts.netloc.rpartition(":")[2]
-    return f"{'127.0.0.1' if host in LOOPBACK else host}:{port}/{db}"
 
 
 def _check_address(name: str, address: object) -> None:
@@ -352,14 +331,6 @@ def _problems(t: Topology) -> list[str]:
     return problems
 
 
-def seed_text(shards: Iterable[tuple[str, int, Iterable[str]]]) -> str:
-    """A canonical one-line form of a shard list with its servers, from (name, weight, copies) items:
-    what a node started with (CRS_REDIS_SHARDS), compared with the list a first published version
-    seeds. Servers as `address_key` writes them: never a password."""
-    return ",".join(f"{name}={'|'.join(address_key(u) for u in copies)};{weight}"
-                    for name, weight, copies in sorted(shards, key=lambda item: item[0]))
-
-
 def ring_text(specs: Iterable[ShardSpec]) -> str:
     """A canonical one-line form of a ring ('shard-0:1,shard-1:2'): what nodes report, for comparing."""
     return ",".join(f"{s.name}:{s.weight}" for s in sorted(specs, key=lambda s: s.name))
@@ -413,17 +384,6 @@ class Change:
         if self.kind == "remove":
             return f"- {self.name} ({self.before})"
         return f"~ {self.name} {self.kind} {self.before} -> {self.after}"
-
-
-def redact_url(address: str) -> str:
-    """`address` with its password (if any) replaced by ***, for logs and messages: a shard URL may
-    carry one (redis://user:password@host), and it is decoded and sent only to Redis."""
-    scheme, sep, rest = address.partition("://")
-    userinfo, at, hostpart = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return address
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{hostpart}"
 
 
 def _copies_text(urls: tuple[str, ...]) -> str:

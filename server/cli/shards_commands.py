@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from server.cli import shards_render as render
 from server.cli.base import CommandFailed, postgres_misconfigured, require_dsn, settings_from_args, stdout_closed
 from server.settings import Settings
-from shard_router.topology import redact_url
+from shard_router.addresses import redact_url
 
 if TYPE_CHECKING:
     import asyncpg

@@ -23,8 +23,9 @@ from server.topology.errors import MigrationError, ShardUnreachable
 from server.topology.policy import MigrationPolicy
 from server.topology.store import Progress, TopologyStore, load_progress, save_progress
 from shard_router import Ring
+from shard_router.addresses import redact_url
 from shard_router.pacing import Pacer
-from shard_router.topology import ShardState, Topology, redact_url
+from shard_router.topology import ShardState, Topology
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 # The steps that copy and delete keys, by the name their progress is saved under.

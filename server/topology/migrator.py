@@ -39,8 +39,9 @@ from server.topology.store import (
     load_draft,
     publish,
 )
+from shard_router.addresses import redact_url
 from shard_router.moves import abort, add_replica, advance, begin, retire_replica, settle_replica
-from shard_router.topology import Phase, Topology, TopologyError, redact_url, ring_text
+from shard_router.topology import Phase, Topology, TopologyError, ring_text
 
 _LOCK_ID = 0x43525302          # "CRS" + 2: one resharding driver at a time (migrate uses 0x435253)
 # `apply` never queues behind another driver: two at once is an operator mistake, refused at once.

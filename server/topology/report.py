@@ -32,8 +32,9 @@ from server.topology.store import (
     load_progress,
 )
 from shard_router import Ring
+from shard_router.addresses import redact_url
 from shard_router.planner import MovePlan, ShardSample, plan_moves
-from shard_router.topology import Phase, diff, redact_url, ring_text
+from shard_router.topology import Phase, diff, ring_text
 
 # `status` answers promptly even with a shard down: seconds to connect to and hear from a shard, and
 # for its DBSIZE + INFO together.

@@ -16,7 +16,8 @@ import redis.asyncio as aioredis
 from server.settings import Settings
 from server.topology.errors import NODES_NAMED, MigrationError
 from server.topology.store import Draft, TopologyStore, live_nodes, load_draft, publish, save_draft
-from shard_router.topology import Topology, TopologyError, TopologyShard, ring_text, seed_text
+from shard_router.addresses import seed_text
+from shard_router.topology import Topology, TopologyError, TopologyShard, ring_text
 
 # Seconds to connect to and hear from a shard being added: it is checked interactively, so a wrong
 # address should fail fast; a healthy Redis answers PING and DBSIZE in milliseconds.

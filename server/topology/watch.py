@@ -41,7 +41,8 @@ from server.topology.store import (
     prune_nodes,
     registration,
 )
-from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text, seed_text
+from shard_router.addresses import seed_text
+from shard_router.topology import Phase, ShardState, Topology, TopologyError, diff, ring_text
 
 log = logging.getLogger("crs.topology")
 

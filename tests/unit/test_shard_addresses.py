@@ -8,7 +8,8 @@ import pytest
 
 from server.settings import SettingsError, parse_shards
 from server.topology.policy import MigrationPolicy
-from shard_router.topology import Topology, TopologyError, TopologyShard, address_key, seed_text
+from shard_router.addresses import address_key, seed_text
+from shard_router.topology import Topology, TopologyError, TopologyShard
 
 
 @pytest.mark.parametrize(("one", "other"), [

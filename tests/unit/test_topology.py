@@ -11,6 +11,7 @@ import pytest
 
 import shard_router
 from shard_router import Ring, ShardSpec
+from shard_router.addresses import redact_url
 from shard_router.moves import abort, advance, begin, set_state, stage_add, stage_remove, stage_reweight
 from shard_router.topology import (
     Change,
@@ -20,7 +21,6 @@ from shard_router.topology import (
     TopologyError,
     TopologyShard,
     diff,
-    redact_url,
     ring_text,
     routing_for,
 )
