@@ -217,12 +217,12 @@ class Resolver:
         # An answer may be cached only within its read's freshness window (server/store/read_route.py).
         clock = self.route.clock
         if clock() < loaded.fill_by:
-            in_l2 = tier_ok and self.tier is not None
-            if in_l2 and self.tier is not None:
-                await self.tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
+            tier = self.tier if tier_ok else None
+            if tier is not None:
+                await tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
             if clock() < loaded.fill_by:
                 self.near.put(key, value)
-            elif not in_l2:   # sent to Redis in time, so cached there: only the near-cache copy is skipped
+            elif tier is None:   # sent to Redis in time, so cached there: only the near-cache copy is skipped
                 self.metrics.fill_dropped()
         elif loaded.fill_by != NEVER:   # NEVER: not cacheable at all (Uncacheable, a replica while the primary is out)
             self.metrics.fill_dropped()

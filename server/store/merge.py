@@ -30,6 +30,9 @@ from server.store.identity_writes import IdentityWrites
 from server.store.messages import customer_msg, review_status_word
 
 OPEN, ACCEPTED, REJECTED = pb.REVIEW_STATUS_OPEN, pb.REVIEW_STATUS_ACCEPTED, pb.REVIEW_STATUS_REJECTED
+# A review task naming customer $2 names $1 instead (a merge re-points to the survivor, an unmerge back).
+_SWAP_CUSTOMER = ("UPDATE identity_reviews r SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
+                  " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 _REVIEW_ID = re.compile(r"rev_[0-9a-z]{4,40}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -207,10 +210,7 @@ class IdentityStore(IdentityWrites):
                 await conn.execute("DELETE FROM identity_reviews WHERE review_id = $1", r["review_id"])
                 dropped += 1
             else:
-                await conn.execute(
-                    "UPDATE identity_reviews SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
-                    " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END WHERE review_id = $3",
-                    survivor, merged, r["review_id"])
+                await conn.execute(_SWAP_CUSTOMER + " WHERE review_id = $3", survivor, merged, r["review_id"])
                 repointed.append(r["review_id"])
         return {"accepted": closed, "repointed": len(repointed), "dropped": dropped}, repointed
 
@@ -298,9 +298,7 @@ class IdentityStore(IdentityWrites):
         # The merge's re-pointed review tasks, still open on the survivor, ask about the merged customer again.
         # (Unless the merged customer has an open task with that customer already: one per pair.)
         await conn.execute(
-            "UPDATE identity_reviews r SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
-            " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END"
-            " WHERE review_id = ANY($3::text[]) AND status = $4 AND $2 IN (customer_id, candidate_id)"
+            _SWAP_CUSTOMER + " WHERE review_id = ANY($3::text[]) AND status = $4 AND $2 IN (customer_id, candidate_id)"
             " AND NOT EXISTS (SELECT 1 FROM identity_reviews o WHERE o.status = $4 AND $1 IN (o.customer_id,"
             " o.candidate_id) AND (CASE r.customer_id WHEN $2 THEN r.candidate_id ELSE r.customer_id END)"
             " IN (o.customer_id, o.candidate_id))", merged, survivor, m["reviews"], OPEN)
