@@ -26,7 +26,7 @@ from server.cli.base import RAW, CommandFailed, postgres_errors, require_dsn, ru
 
 if TYPE_CHECKING:
     from devstack.environment import NodeProcess
-    from server.settings import ShardAddress
+    from shard_router.addresses import ShardAddress
 
 EPILOG = """Exit codes: 0 ok, 1 a node or lookup failed, 2 bad usage or configuration, 130 interrupted
 (Ctrl-C or SIGINT, also when started with SIGINT ignored, as a background job of a script is), 141
@@ -177,7 +177,7 @@ def export_line(variables: Mapping[str, str]) -> str:
 
 def operator_exports(dsn: str, shards: tuple[ShardAddress, ...], keys: Mapping[str, str]) -> tuple[str, str]:
     """The two `export` lines `up` prints: what SRE commands need, and that plus the stack's data keys."""
-    from server.settings import format_shards
+    from shard_router.addresses import format_shards
 
     sre = {"CRS_PG_DSN": dsn, "CRS_REDIS_SHARDS": format_shards(shards)}
     return export_line(sre), export_line(sre | dict(sorted(keys.items())))

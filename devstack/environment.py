@@ -35,10 +35,11 @@ from devstack.processes import LogFile, free_port
 from devstack.stack import EmbeddedStack
 from server.bins import parse_row
 from server.crypto import generate_keys
-from server.settings import Settings, ShardAddress, load_settings, settings_to_env
+from server.settings import Settings, load_settings, settings_to_env
 from server.store import bins as bin_store
 from server.store.db import active_data_key, create_pool
 from server.store.migrate import migrate
+from shard_router.addresses import ShardAddress
 
 
 def dev_keys() -> dict[str, str]:

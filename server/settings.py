@@ -17,7 +17,7 @@ from typing import Any
 
 from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
 from server.decisions import DEFAULT_NETWORK_CODES, parse_network_codes
-from shard_router.addresses import address_key
+from shard_router.addresses import ShardAddress, ShardListError, format_shards, parse_shards
 
 
 class SettingsError(ValueError):
@@ -25,60 +25,6 @@ class SettingsError(ValueError):
 
 
 SERVING_MODELS = ("aio", "hybrid")
-
-
-@dataclass(frozen=True)
-class ShardAddress:
-    """One shard of CRS_REDIS_SHARDS: its name and weight place keys; `url` is its primary copy and
-    `replicas` its other copies (docs/decisions.md "Replicated shards"), which never move a key."""
-
-    name: str
-    url: str
-    weight: int = 1
-    replicas: tuple[str, ...] = ()
-
-    @property
-    def copies(self) -> tuple[str, ...]:
-        return (self.url, *self.replicas)
-
-
-def parse_shards(text: str) -> tuple[ShardAddress, ...]:
-    """'shard-0=redis://a:6379/0|redis://b:6379/0,shard-1=redis://...;weight=2' -> ShardAddress list.
-    Copies of one shard are separated by '|': the first is the primary, the others its replicas."""
-    shards: list[ShardAddress] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, rest = part.partition("=")
-        name = name.strip()
-        if not sep or not name or not rest:
-            raise SettingsError(f"CRS_REDIS_SHARDS: entry {part!r} is not NAME=redis://HOST:PORT/DB[|REPLICA_URL...][;weight=N]")
-        urls, _, opts = rest.partition(";")
-        weight = 1
-        if opts:
-            key, _, val = opts.partition("=")
-            if key != "weight" or not val.isdigit() or int(val) <= 0:
-                raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: option {opts!r} is not weight=N (N > 0)")
-            weight = int(val)
-        copies = [u.strip() for u in urls.split("|")]
-        for url in copies:
-            if not url.startswith(("redis://", "rediss://", "unix://")):
-                raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: every url (copies separated by '|')"
-                                    " must start with redis://, rediss:// or unix://")
-        if len({address_key(u) for u in copies}) != len(copies):
-            raise SettingsError(f"CRS_REDIS_SHARDS: shard {name!r}: a copy is listed twice")
-        shards.append(ShardAddress(name=name, url=copies[0], weight=weight, replicas=tuple(copies[1:])))
-    if len({s.name for s in shards}) != len(shards):
-        raise SettingsError("CRS_REDIS_SHARDS: shard names must be unique")
-    every = [address_key(u) for s in shards for u in s.copies]
-    if len(set(every)) != len(every):
-        raise SettingsError("CRS_REDIS_SHARDS: two shards (or copies) cannot share a url")
-    return tuple(shards)
-
-
-def format_shards(shards: tuple[ShardAddress, ...]) -> str:
-    return ",".join(f"{s.name}={'|'.join(s.copies)}" + (f";weight={s.weight}" if s.weight != 1 else "")
-                    for s in shards)
 
 
 @dataclass(frozen=True)
@@ -229,7 +175,10 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
     if name == "redis_shards":
         if not isinstance(raw, str):   # only a TOML file gives another type; the value (a password?) not shown
             raise SettingsError(f"{where}: redis_shards in a config file must be one string (got {type(raw).__name__})")
-        return parse_shards(raw)
+        try:
+            return parse_shards(raw)
+        except ShardListError as exc:
+            raise SettingsError(f"{where}: {exc}") from exc
     try:
         if isinstance(default, bool):
             if isinstance(raw, bool):

@@ -1,12 +1,14 @@
 """Shard addresses as messages and comparisons need them, pure: a URL with its password masked
 (`redact_url`), the server an address names whatever its spelling (`address_key`), and a shard
-list's servers in one canonical line (`seed_text`: what a node reports in its heartbeat).
+list's servers in one canonical line (`seed_text`: what a node reports in its heartbeat), and the
+shard list itself (`parse_shards`, `format_shards`: the syntax of CRS_REDIS_SHARDS).
 """
 
 from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 
 def redact_url(address: str) -> str:
@@ -47,3 +49,61 @@ def seed_text(shards: Iterable[tuple[str, int, Iterable[str]]]) -> str:
     seeds. Servers as `address_key` writes them: never a password."""
     return ",".join(f"{name}={'|'.join(address_key(u) for u in copies)};{weight}"
                     for name, weight, copies in sorted(shards, key=lambda item: item[0]))
+
+
+class ShardListError(ValueError):
+    """A shard list (CRS_REDIS_SHARDS's syntax) is malformed; the message names the shard."""
+
+
+@dataclass(frozen=True)
+class ShardAddress:
+    """One shard of CRS_REDIS_SHARDS: its name and weight place keys; `url` is its primary copy and
+    `replicas` its other copies (docs/decisions.md "Replicated shards"), which never move a key."""
+
+    name: str
+    url: str
+    weight: int = 1
+    replicas: tuple[str, ...] = ()
+
+    @property
+    def copies(self) -> tuple[str, ...]:
+        return (self.url, *self.replicas)
+
+
+def parse_shards(text: str) -> tuple[ShardAddress, ...]:
+    """'shard-0=redis://a:6379/0|redis://b:6379/0,shard-1=redis://...;weight=2' -> ShardAddress list.
+    Copies of one shard are separated by '|': the first is the primary, the others its replicas."""
+    shards: list[ShardAddress] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, rest = part.partition("=")
+        name = name.strip()
+        if not sep or not name or not rest:
+            raise ShardListError(f"entry {part!r} is not NAME=redis://HOST:PORT/DB[|REPLICA_URL...][;weight=N]")
+        urls, _, opts = rest.partition(";")
+        weight = 1
+        if opts:
+            key, _, val = opts.partition("=")
+            if key != "weight" or not val.isdigit() or int(val) <= 0:
+                raise ShardListError(f"shard {name!r}: option {opts!r} is not weight=N (N > 0)")
+            weight = int(val)
+        copies = [u.strip() for u in urls.split("|")]
+        for url in copies:
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                raise ShardListError(f"shard {name!r}: every url (copies separated by '|')"
+                                    " must start with redis://, rediss:// or unix://")
+        if len({address_key(u) for u in copies}) != len(copies):
+            raise ShardListError(f"shard {name!r}: a copy is listed twice")
+        shards.append(ShardAddress(name=name, url=copies[0], weight=weight, replicas=tuple(copies[1:])))
+    if len({s.name for s in shards}) != len(shards):
+        raise ShardListError("shard names must be unique")
+    every = [address_key(u) for s in shards for u in s.copies]
+    if len(set(every)) != len(every):
+        raise ShardListError("two shards (or copies) cannot share a url")
+    return tuple(shards)
+
+
+def format_shards(shards: tuple[ShardAddress, ...]) -> str:
+    return ",".join(f"{s.name}={'|'.join(s.copies)}" + (f";weight={s.weight}" if s.weight != 1 else "")
+                    for s in shards)

@@ -28,7 +28,7 @@ from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
-from server.settings import ShardAddress
+from shard_router.addresses import ShardAddress
 from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running, worker_pids
 
 NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)

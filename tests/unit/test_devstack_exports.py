@@ -9,7 +9,7 @@ import subprocess
 
 from devstack.cli import export_line, operator_exports
 from devstack.environment import dev_keys
-from server.settings import ShardAddress, format_shards, parse_shards
+from shard_router.addresses import ShardAddress, format_shards, parse_shards
 
 DSN = ("postgresql://crs_sre:p%40ss@127.0.0.1:46001/crs?target_session_attrs=prefer-standby"
        "&host=/tmp/pg run")

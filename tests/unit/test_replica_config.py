@@ -9,7 +9,8 @@ import pytest
 from server.cache.breaker import BreakerPolicy
 from server.cache.replicas import ReplicatedShard
 from server.cache.shard import Shard, copy_label
-from server.settings import SettingsError, format_shards, load_settings, parse_shards
+from server.settings import SettingsError, load_settings
+from shard_router.addresses import ShardListError, format_shards, parse_shards
 from shard_router.topology import Topology, TopologyError, TopologyShard, diff
 
 A, B, C, D = (f"redis://127.0.0.1:{p}/0" for p in (6001, 6002, 6003, 6004))
@@ -31,7 +32,7 @@ def test_copies_are_separated_by_a_bar_and_the_old_syntax_still_parses() -> None
     (f"shard-0={A}|{B},shard-1={B}", "cannot share a url"),
 ])
 def test_bad_copies_are_refused_naming_the_shard(text: str, message: str) -> None:
-    with pytest.raises(SettingsError, match=message):
+    with pytest.raises(ShardListError, match=message):
         parse_shards(text)
 
 

@@ -8,7 +8,8 @@ import pytest
 
 from server.cache.near import NearCache
 from server.crypto import encode_key, new_key
-from server.settings import SettingsError, fill_window_of, load_settings, parse_shards, settings_to_env
+from server.settings import SettingsError, fill_window_of, load_settings, settings_to_env
+from shard_router.addresses import ShardListError, parse_shards
 
 
 def test_defaults_and_env_override() -> None:
@@ -38,9 +39,9 @@ def test_config_file_env_wins_and_unknown_keys_rejected(tmp_path: Path) -> None:
 def test_shards_parse_and_round_trip() -> None:
     shards = parse_shards("shard-0=redis://127.0.0.1:1/0, shard-1=redis://127.0.0.1:2/0;weight=2")
     assert [(s.name, s.weight) for s in shards] == [("shard-0", 1), ("shard-1", 2)]
-    with pytest.raises(SettingsError, match="unique"):
+    with pytest.raises(ShardListError, match="unique"):
         parse_shards("a=redis://x:1/0,a=redis://x:2/0")
-    with pytest.raises(SettingsError, match="weight"):
+    with pytest.raises(ShardListError, match="weight"):
         parse_shards("a=redis://x:1/0;weight=0")
 
 
@@ -195,3 +196,8 @@ def test_redis_shards_in_a_config_file_is_one_string(tmp_path: Path, toml: str) 
         load_settings({}, config_file=cfg)
     cfg.write_text('redis_shards = "shard-0=redis://127.0.0.1:6379/0"\n')
     assert [s.name for s in load_settings({}, config_file=cfg).redis_shards] == ["shard-0"]
+
+
+def test_a_malformed_shard_list_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="CRS_REDIS_SHARDS: shard 'a': option 'weight=0'"):
+        load_settings({"CRS_REDIS_SHARDS": "a=redis://x:1/0;weight=0"})

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.settings import SettingsError, parse_shards
 from server.topology.policy import MigrationPolicy
-from shard_router.addresses import address_key, seed_text
+from shard_router.addresses import ShardListError, address_key, parse_shards, seed_text
 from shard_router.topology import Topology, TopologyError, TopologyShard
 
 
@@ -24,7 +23,7 @@ def test_spellings_of_one_server_are_one(one: str, other: str) -> None:
         Topology(version=1, shards=(TopologyShard("shard-0", one), TopologyShard("shard-1", other)))
     with pytest.raises(TopologyError, match="listed twice"):
         TopologyShard("shard-0", one, replicas=(other,))
-    with pytest.raises(SettingsError, match="cannot share a url"):
+    with pytest.raises(ShardListError, match="cannot share a url"):
         parse_shards(f"shard-0={one},shard-1={other}")
 
 
