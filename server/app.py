@@ -38,11 +38,11 @@ from server.caller import Caller
 from server.db_health import probe_database
 from server.decisions import DecisionTable, parse_network_codes
 from server.errors import BackendUnavailable
-from server.feed.retention import run_compaction
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
 from server.gate import Gate, failed_call, request_parser
 from server.grpc_pool import GrpcThreadPool
+from server.housekeeping import compaction, idempotency_pruning
 from server.hybrid import REFUSAL_THREADS, WAITING_SHARE, HybridHandlers, LoopBridge
 from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
@@ -340,8 +340,9 @@ class Node:
         self.background.start("bins", self.bins.run())
         self.background.start("database-probe", probe_database(
             self.pool, self.health, self.metrics, interval=s.db_health_interval, timeout=s.pg_timeout))
-        self.background.start("feed-compaction", run_compaction(self.pool, retention=s.feed_retention,
-                                                           interval=s.feed_compact_interval))
+        self.background.start("feed-compaction", compaction(self.pool, retention=s.feed_retention,
+                                                            interval=s.feed_compact_interval))
+        self.background.start("idempotency-pruning", idempotency_pruning(self.pool, retention=s.idempotency_retention))
         self.background.start("metrics-flush", self._flush_metrics())
         self.background.start("read-route", route.run())
         self.resolver.start_refreshing(asyncio.get_running_loop())

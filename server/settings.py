@@ -104,6 +104,8 @@ class Settings:
     outbox_poll_interval: float = 0.5     # relay scan period, seconds
     # --- API limits
     batch_max: int = 1000                 # keys per BatchResolve
+    idempotency_retention: float = 604_800.0  # seconds a write's request_id replays its answer (7 days); then
+                                              # pruned, and a retry with it is a new write
     # --- change feed (docs/feed.md)
     feed_retention: float = 604_800.0     # seconds events are kept (7 days); older ones are compacted
     feed_listen: bool = True              # LISTEN for commits; false behind PgBouncer in transaction mode (poll only)
@@ -211,6 +213,7 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
                  "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
+                 "idempotency_retention",
                  "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
                  "db_health_interval", "pg_position_interval"):
         if getattr(s, name) <= 0:

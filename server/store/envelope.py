@@ -12,6 +12,7 @@ transaction rolled back.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import hmac
 import re
@@ -37,6 +38,7 @@ MAX_REQUEST_ID = 128
 FEED_LOCK = 0x43525346      # "CRSF": the transaction-level lock feed sequences are drawn under
 FEED_CHANNEL = "crs_feed"   # NOTIFY on commit wakes every node's feed tailer
 REQUEST_LOCK = 0x43525352   # "CRSR": with a request_id's hash, the lock a write and its retries queue on
+PRUNE_LOCK = 0x43525350     # "CRSP": one node at a time prunes the idempotency table
 
 
 @dataclass(frozen=True)
@@ -217,3 +219,21 @@ class WriteEnvelope:
         with translate_db_errors():
             await self.pool.execute("UPDATE outbox SET invalidated_at = clock_timestamp() WHERE id = $1",
                                     outbox_id, timeout=self.timeout)
+
+
+async def prune_idempotency(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 5_000) -> int:
+    """Delete idempotency rows older than `older_than`, oldest first, `batch` rows a transaction (each
+    short: writes never wait long on it). A retry after that answers as a new request. Returns how
+    many rows went; 0 when another node is at it (a transaction-level lock: PgBouncer-safe)."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
+                return removed
+            status = await conn.execute(
+                "DELETE FROM idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency"
+                " WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT $2))", older_than, batch)
+        count = int(status.split()[-1])
+        removed += count
+        if count < batch:
+            return removed

@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the f
     ("server.cache", "server.store"),
     ("server.topology",),
     ("server.resolver", "server.relay", "server.rotation", "server.auth", "server.feed.tailer",
-     "server.feed.retention", "server.bin_source", "server.db_health", "server.sync_health"),
+     "server.housekeeping", "server.bin_source", "server.db_health", "server.sync_health"),
     ("server.lookup", "server.admin", "server.feed.service", "server.identity_service", "server.gate",
      "server.lookup_threads", "server.lookup_stream", "server.reflection"),
     ("server.app", "server.serve", "server.hybrid", "server.preflight"),
