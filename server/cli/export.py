@@ -11,7 +11,10 @@ Formats (FORMAT_VERSION 1):
   jsonl  one entity a line: protobuf JSON (`MessageToDict`, proto field names, every field even at
          its default; enums by name, int64 `version` as a string), readable back with ParseDict
   csv    a header row, then one entity a row, the columns of COLUMNS (the proto fields, in field
-         order), the same values as jsonl; UTF-8, `\\n` line ends, quoted only where needed
+         order), the same values as jsonl; UTF-8, `\\n` line ends, quoted only where needed. A cell
+         that a spreadsheet would run as a formula (it starts with = + - @, a tab or a carriage
+         return: a display name is anyone's text) starts with an apostrophe, as OWASP advises
+         ("CSV injection"); `--csv-verbatim` writes it as is, for programs (the manifest says which)
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "relationships": ("account_id", "customer_id", "role"),
 }
 FORMATS = ("jsonl", "csv")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def formula_guarded(cell: Any) -> Any:
+    """`cell` as a spreadsheet shows it rather than runs it: an apostrophe before a formula's start."""
+    return f"'{cell}" if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) else cell
 
 
 def entity_dict(message: Any) -> dict[str, Any]:
@@ -88,11 +97,13 @@ class _Output:
     fmt: str
     rows: int = 0
     csv: Any = field(default=None)
+    guard: bool = True   # csv: formula_guarded cells
 
     def write(self, message: Any) -> None:
         row = entity_dict(message)
         if self.fmt == "csv":
-            self.csv.writerow([row.get(c, "") for c in COLUMNS[self.name]])
+            cells = [row.get(c, "") for c in COLUMNS[self.name]]
+            self.csv.writerow([formula_guarded(c) for c in cells] if self.guard else cells)
         else:
             self.sink.write(json.dumps(row, separators=(",", ":"), ensure_ascii=False) + "\n")
         self.rows += 1
@@ -112,15 +123,16 @@ def prepare_directory(out: Path, *, force: bool) -> None:
 
 
 def write_extract(chunks: Iterable[pb.SnapshotChunk], out: Path, names: list[str], fmt: str, *,
-                  progress: ProgressBar, now: dt.datetime | None = None) -> dict[str, Any]:
+                  progress: ProgressBar, now: dt.datetime | None = None, csv_verbatim: bool = False) -> dict[str, Any]:
     """Write the files of `names` (file names: "customers", ...) from a Snapshot's chunks into `out`,
-    then the manifest; returns the manifest. Any error leaves no new file and no manifest behind."""
+    then the manifest; returns the manifest. Any error leaves no new file and no manifest behind.
+    `csv_verbatim`: CSV cells as they are, formulas included (see the module's docstring)."""
     exported_at = (now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds").replace("+00:00", "Z")
     outputs: dict[str, _Output] = {}
     try:
         for name in names:
             sink = _HashingFile(out / f".{name}.{fmt}.partial")
-            output = _Output(name, out / f"{name}.{fmt}", sink, fmt)
+            output = _Output(name, out / f"{name}.{fmt}", sink, fmt, guard=not csv_verbatim)
             if fmt == "csv":
                 output.csv = csv.writer(sink, lineterminator="\n")
                 output.csv.writerow(COLUMNS[name])
@@ -134,6 +146,7 @@ def write_extract(chunks: Iterable[pb.SnapshotChunk], out: Path, names: list[str
             "format_version": FORMAT_VERSION, "format": fmt, "sequence": sequence, "epoch": epoch,
             "exported_at": exported_at,
             "types": names,
+            **({"csv_formula_guard": not csv_verbatim} if fmt == "csv" else {}),
             "files": {o.name: {"file": o.final.name, "rows": o.rows, "bytes": o.sink.bytes,
                                "sha256": o.sink.sha256.hexdigest()} for o in outputs.values()},
         }
@@ -197,7 +210,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             request = pb.SnapshotRequest(entity_types=[EXPORT_TYPES[n] for n in names])  # type: ignore[misc]
             call = rpc.stub(channel, "ChangeFeedService").Snapshot(request, timeout=args.timeout)
             try:
-                manifest = write_extract(call, out, names, args.format,
+                manifest = write_extract(call, out, names, args.format, csv_verbatim=args.csv_verbatim,
                                          progress=ProgressBar(sys.stderr, "exporting", None, unit="rows"))
             except BaseException:
                 call.cancel()
@@ -235,7 +248,9 @@ def register(sub: Any) -> None:
         "extract has one.\n"
         "Every entity is masked as every answer: no PAN or account number in clear.\n\n"
         "jsonl: one protobuf JSON object a line (proto field names, every field; enums by name, version\n"
-        "as a string). csv: a header row, then the columns below, the same values:\n"
+        "as a string). csv: a header row, then the columns below, the same values, except that a cell a\n"
+        "spreadsheet would run as a formula (starting = + - @, tab or CR) starts with an apostrophe\n"
+        "(manifest: csv_formula_guard; --csv-verbatim writes cells as they are, for programs):\n"
         + "".join(f"  {name + ':':15}{','.join(cols)}\n" for name, cols in COLUMNS.items()) +
         "\nNeeds a client with scope feed:read (dev stack: --tls-dir DIR --client feed, the default).\n"
         "Exit codes: 0 written, 1 a gRPC error (`CODE: details`) or --out not empty without --force,\n"
@@ -244,6 +259,8 @@ def register(sub: Any) -> None:
     s.add_argument("--types", type=types_argument(EXPORT_TYPES), metavar="T,T,...",
                    help="customers, accounts, cards, relationships (default all)")
     s.add_argument("--format", choices=FORMATS, default="jsonl", help="jsonl (default) or csv")
+    s.add_argument("--csv-verbatim", action="store_true",
+                   help="csv: write cells as they are, a leading = + - @ included (for programs, not spreadsheets)")
     s.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (its manifest is removed first; same-named files replaced)")
     s.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")

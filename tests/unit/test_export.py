@@ -72,6 +72,27 @@ def test_an_extract_has_its_files_and_a_manifest_that_describes_them(tmp_path: P
         assert len(rows) == 3
 
 
+@pytest.mark.parametrize("verbatim", [False, True])
+def test_csv_cells_a_spreadsheet_would_run_start_with_an_apostrophe(tmp_path: Path, verbatim: bool) -> None:
+    """A display name is anyone's text: `=HYPERLINK(...)` opened in a spreadsheet runs (OWASP "CSV
+    injection"). Guarded by default; --csv-verbatim keeps it for programs; the manifest says which."""
+    names = ["=HYPERLINK(\"http://x\",\"y\")", "+1", "-2", "@SUM(A1)", "\tTab", "Plain = fine", "O'Neil"]
+    customers = [pb.Customer(customer_id=f"cus_{i}", display_name=n) for i, n in enumerate(names)]
+    chunk = pb.SnapshotChunk(sequence=1, last=True, customers=customers)
+    manifest = write_extract(iter([chunk]), tmp_path, ["customers"], "csv", progress=_bar(), csv_verbatim=verbatim)
+    assert manifest["csv_formula_guard"] is (not verbatim)
+    rows = list(csv.reader(io.StringIO((tmp_path / "customers.csv").read_text(), newline="")))
+    written = [r[1] for r in rows[1:]]
+    if verbatim:
+        assert written == names
+    else:
+        assert written == [f"'{n}" for n in names[:5]] + names[5:]
+        assert [r[0] for r in rows[1:]] == [f"cus_{i}" for i in range(len(names))]   # ids untouched
+    (tmp_path / "j").mkdir()
+    jsonl = write_extract(iter([chunk]), tmp_path / "j", ["customers"], "jsonl", progress=_bar())
+    assert "csv_formula_guard" not in jsonl                                           # jsonl: values as they are
+
+
 def _failing(after: int) -> Iterator[pb.SnapshotChunk]:
     yield from _chunks()[:after]
     raise OSError("connection reset")
