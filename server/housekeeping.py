@@ -31,19 +31,19 @@ async def run_every(interval: float, what: str, job: Callable[[], Awaitable[int]
         try:
             removed = await job()
             if removed:
-                log.info(what, extra={"rows": removed})
+                log.info(f"{what} removed rows", extra={"rows": removed})
         except DB_ERRORS as exc:
             log.warning(f"{what}: failed; retrying next interval", extra={"error": type(exc).__name__})
 
 
 def compaction(pool: asyncpg.Pool, *, retention: float, interval: float) -> Coroutine[Any, Any, None]:
     """Feed events older than `retention` seconds compacted every `interval` seconds."""
-    return run_every(interval, "feed compacted",
+    return run_every(interval, "feed compaction",
                      lambda: compact(pool, older_than=dt.timedelta(seconds=retention)))
 
 
 def idempotency_pruning(pool: asyncpg.Pool, *, retention: float) -> Coroutine[Any, Any, None]:
     """Idempotency rows older than `retention` seconds pruned every tenth of it (at most PRUNE_EVERY):
     a row lives at most 1.1 x the retention."""
-    return run_every(min(retention / 10, PRUNE_EVERY), "idempotency rows pruned",
+    return run_every(min(retention / 10, PRUNE_EVERY), "idempotency pruning",
                      lambda: prune_idempotency(pool, older_than=dt.timedelta(seconds=retention)))

@@ -2,7 +2,8 @@
 
 The parent process supervises: it starts the workers, restarts one that dies, serves the merged
 Prometheus metrics, and on SIGTERM/SIGINT forwards SIGTERM so every worker drains (NOT_SERVING,
-stop accepting, finish in-flight calls within grace_seconds) before it exits. SIGUSR1 makes every
+answer for drain_delay, stop accepting, finish in-flight calls within grace_seconds) before it exits;
+it waits drain_delay + grace_seconds + 5 s for them, then kills what is left. SIGUSR1 makes every
 node process write the stacks of all its threads, then of all its asyncio tasks, to stderr (a node
 that does not drain: what holds it).
 """
@@ -197,7 +198,8 @@ def serve(settings: Settings) -> int:
     for p in procs.values():
         if p.is_alive() and p.pid is not None:
             os.kill(p.pid, signal.SIGTERM)
-    deadline = time.monotonic() + settings.grace_seconds + 5
+    # Each worker answers for drain_delay (lame duck), then finishes its calls within grace_seconds.
+    deadline = time.monotonic() + settings.drain_delay + settings.grace_seconds + 5
     for p in procs.values():
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():

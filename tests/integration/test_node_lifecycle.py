@@ -85,6 +85,19 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
 
 
+def test_the_supervisor_waits_out_its_workers_drain_delay_too(dev_env: DevEnvironment) -> None:
+    """A worker spends drain_delay answering (lame duck) before its grace period starts: the
+    supervisor, which waited grace_seconds + 5 only, killed a worker still draining (exit -9) when
+    drain_delay was 5 s or more, its calls in flight with it."""
+    node = dev_env.start_node(workers=2, grace_seconds=0.5, drain_delay=6.0)
+    node.proc.send_signal(signal.SIGTERM)
+    assert node.proc.wait(30) == 0
+    dev_env.nodes.remove(node)
+    stopped = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
+               if line.startswith("{") and '"stopped"' in line]
+    assert [entry["exitcodes"] for entry in stopped] == [[0, 0]], stopped
+
+
 def test_a_second_node_on_a_port_already_served_is_refused(dev_env: DevEnvironment) -> None:
     """A node's workers share its port on purpose (SO_REUSEPORT; the check that the port was free came
     before they bound it). A second node on that port would share it too, without a word, and take
