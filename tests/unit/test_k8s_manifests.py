@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from server import rpc
+from server.cli.shards_commands import CLI_POOL_MAX
 from server.crypto import encode_key, new_key
 from server.settings import Settings, check_serving, load_settings
 
@@ -260,10 +261,75 @@ def test_node_environment_loads_with_the_real_settings(rendered: list[Doc], tmp_
     annotations = _find(docs, "Deployment", "crs-node")["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(settings.metrics_port)
-    # Drain: the preStop sleep, then CRS_GRACE_SECONDS, then the 5 s `crs serve` waits for its workers.
+    # Drain: the preStop sleep, then CRS_DRAIN_DELAY (NOT_SERVING, still answering), then CRS_GRACE_SECONDS
+    # for the calls in flight, then the 5 s `crs serve` waits for its workers.
     sleep = container["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep[0] == "sleep"
-    assert pod["terminationGracePeriodSeconds"] >= float(sleep[1]) + settings.grace_seconds + 5
+    needed = float(sleep[1]) + settings.drain_delay + settings.grace_seconds + 5
+    assert pod["terminationGracePeriodSeconds"] >= needed, f"the kubelet SIGKILLs before the drain ends ({needed} s)"
+
+
+def test_the_prometheus_operator_scrapes_every_node(rendered: list[Doc], tmp_path: Path) -> None:
+    """k8s/monitoring is what a Prometheus Operator installation applies, and the operator ignores the
+    pods' prometheus.io/* annotations: unless a ServiceMonitor or PodMonitor there reaches the node's
+    metrics port, no node is scraped and no rule in the PrometheusRule beside it can ever fire."""
+    _, pod, container = _node(rendered)
+    settings = load_settings(_effective_env(rendered, pod, container, tmp_path)[0])
+    labels = _find(rendered, "Deployment", "crs-node")["spec"]["template"]["metadata"]["labels"]
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+
+    def container_port(port: str | int) -> int | None:
+        return port if isinstance(port, int) else container_ports.get(port)
+
+    scraped: set[tuple[int | None, str]] = set()
+    for monitor in render_builtin(K8S / "monitoring"):
+        kind = monitor["kind"]
+        if kind not in ("ServiceMonitor", "PodMonitor"):
+            continue
+        spec = monitor["spec"]
+        assert set(spec["selector"]) == {"matchLabels"}, f"{kind}/{monitor['metadata']['name']}: matchLabels only"
+        wanted = spec["selector"]["matchLabels"].items()
+        if kind == "PodMonitor":
+            if wanted <= labels.items():
+                scraped |= {(container_port(e["port"]), e.get("path", "/metrics")) for e in spec["podMetricsEndpoints"]}
+            continue
+        for service in [d for d in rendered if d["kind"] == "Service"]:
+            if not wanted <= service["metadata"].get("labels", {}).items():
+                continue
+            if not service["spec"].get("selector") or not service["spec"]["selector"].items() <= labels.items():
+                continue
+            ports = {p["name"]: p for p in service["spec"]["ports"]}
+            scraped |= {(container_port(ports[e["port"]]["targetPort"]), e.get("path", "/metrics"))
+                        for e in spec["endpoints"] if e.get("port") in ports}
+    assert (settings.metrics_port, "/metrics") in scraped, f"nothing in k8s/monitoring scrapes :{settings.metrics_port}"
+
+
+def _max_surge(deployment: Doc, replicas: int) -> int:
+    """Pods a rollout may run over `replicas` (Kubernetes rounds a percentage up; default 25%)."""
+    surge = deployment["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge", "25%")
+    return math.ceil(replicas * int(surge[:-1]) / 100) if isinstance(surge, str) else int(surge)
+
+
+def test_postgres_connections_fit_even_mid_rollout(tmp_path: Path) -> None:
+    """The reference PostgreSQL (k8s/postgres) holds the production overlay's worst case: every process
+    of the HPA's largest count of pods, plus the pods a rollout surges at that size, each with a full
+    pool and its LISTEN connection, plus the migration Job, one `crs shards` run and the
+    superuser-reserved slots. Past max_connections, new connections fail and so do misses and writes."""
+    docs = render_builtin(K8S / "overlays" / "production")
+    deployment, pod, container = _node(docs)
+    settings = load_settings(_effective_env(docs, pod, container, tmp_path)[0])
+    most = _find(docs, "HorizontalPodAutoscaler", "crs-node")["spec"]["maxReplicas"]
+    pods = most + _max_surge(deployment, most)
+    per_process = settings.pg_pool_max + (1 if settings.feed_listen else 0)
+    [cluster] = _load_docs(K8S / "postgres" / "cloudnativepg-cluster.yaml")
+    parameters = cluster["spec"]["postgresql"]["parameters"]
+    others = 1 + CLI_POOL_MAX + int(parameters.get("superuser_reserved_connections", 3))
+    needed = pods * settings.workers * per_process + others
+    assert needed <= int(parameters["max_connections"]), (
+        f"{pods} pods ({most} + rollout surge) x {settings.workers} workers x {per_process} + {others}"
+        f" = {needed} connections > max_connections {parameters['max_connections']}")
+    assert _max_surge({"spec": {}}, 24) == 6
+    assert _max_surge({"spec": {"strategy": {"rollingUpdate": {"maxSurge": 2}}}}, 24) == 2
 
 
 def test_the_migration_logs_in_as_the_owner_and_the_nodes_do_not(rendered: list[Doc]) -> None:

@@ -45,6 +45,7 @@ K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # the test fails if the list names a kind no manifest uses (or a new CRD kind appears).
 CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),   # k8s/monitoring (Prometheus Operator)
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),   # k8s/monitoring (Prometheus Operator)
     ("postgresql.cnpg.io/v1", "Cluster"),             # k8s/postgres (CloudNativePG)
 }
 # Grafana's variables, replaced by something PromQL parses before the expression is checked.
