@@ -71,3 +71,36 @@ def test_the_checker_finds_what_it_should() -> None:
 def test_every_documented_command_and_flag_exists() -> None:
     found = [p for doc in _documents() for p in problems_in(doc.read_text(), str(doc.relative_to(ROOT)))]
     assert found == []
+
+
+# `crs shards` subcommands that only read; every other one changes the topology, which the nodes' own
+# login may not (migration 0004: crs_operator), so `crs` refuses it (exit 2) run with a node pod's
+# mounted CRS_PG_DSN_FILE. The operator login replaces that file's DSN as resharding.md shows.
+READ_ONLY_SHARDS = {"status", "plan", "history"}
+NODE_POD_CRS = re.compile(r"\bexec\b[^`\n]*\bcrs-node\b[^`\n]*--[ \t]+crs\b")
+OPERATOR_LOGIN = "unset CRS_PG_DSN_FILE"
+
+
+def test_topology_changes_are_never_shown_with_the_nodes_login() -> None:
+    """A runbook that runs `crs` in a node's pod (`kubectl exec deploy/crs-node -- crs ...`: the node's
+    login) and tells to change the topology must say how to run that change with an operator login."""
+    shards = _subcommands(_subcommands(PARSERS["crs"])["shards"])
+    assert READ_ONLY_SHARDS < set(shards)
+    found = []
+    for doc in _documents():
+        text = doc.read_text()
+        if not NODE_POD_CRS.search(text) or OPERATOR_LOGIN in text:
+            continue
+        changes = sorted({w for w in re.findall(r"\bcrs shards ([a-z-]+)", text) if w not in READ_ONLY_SHARDS})
+        if changes:
+            found.append(f"{doc.relative_to(ROOT)}: `crs shards {'/'.join(changes)}` with the node's login")
+    assert found == []
+
+
+def test_alert_runbooks_never_change_the_bootstrap_shard_list() -> None:
+    """CRS_REDIS_SHARDS is only the ring nodes run until a topology is published (resharding.md explains
+    it): editing it afterwards changes nothing, and before, a rollout with a new list has nodes on two
+    rings or deleting on different copies. Alert runbooks change shards with `crs shards` only."""
+    runbooks = [p for p in sorted((ROOT / "docs" / "runbooks").glob("*.md")) if p.name != "resharding.md"]
+    assert len(runbooks) >= 10
+    assert [p.name for p in runbooks if "CRS_REDIS_SHARDS" in p.read_text()] == []
