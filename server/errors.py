@@ -13,7 +13,7 @@ The tree (two families: the caller's fault and a dependency's fault)::
     │   ├── FailedPrecondition      FAILED_PRECONDITION  e.g. a card on a closed account
     │   ├── VersionConflict         ABORTED            optimistic concurrency: expected_version stale
     │   ├── OutOfRange              OUT_OF_RANGE       a Watch from a sequence compaction removed
-    │   └── FeedOverload            RESOURCE_EXHAUSTED a watcher too far behind, or too many snapshots on a node
+    │   └── FeedOverload            RESOURCE_EXHAUSTED too many snapshots on a node, or a stalled one's reader
     ├── InternalError               INTERNAL           a bug met while answering one key (logged where it happened)
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable

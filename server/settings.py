@@ -111,7 +111,7 @@ class Settings:
     feed_listen: bool = True              # LISTEN for commits; false behind PgBouncer in transaction mode (poll only)
     feed_poll_interval: float = 0.5       # seconds between the tailer's reads when no NOTIFY wakes it
     feed_progress_interval: float = 2.0   # an idle watcher gets a Progress mark this often, seconds
-    feed_queue_size: int = 10_000         # events a slow watcher may fall behind before RESOURCE_EXHAUSTED
+    feed_queue_size: int = 10_000         # events queued per watcher; one further behind catches up from PostgreSQL
     feed_batch: int = 1000                # events per read (tailer, catch-up)
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)

@@ -8,7 +8,13 @@ refused (OUT_OF_RANGE): a checkpoint from the future means the consumer's copy h
 database never had (a database restored from an older backup, another environment's checkpoint),
 and waiting for the sequence to come round would skip every change up to it. A `from_sequence` with the
 epoch of a history this database no longer has (restored from a backup, a failover that lost commits)
-is refused too (OUT_OF_RANGE, server/feed/epochs.py), however far the new history has gone since."""
+is refused too (OUT_OF_RANGE, server/feed/epochs.py), however far the new history has gone since.
+
+A watcher whose queue overflowed (server/feed/tailer.py) is not ended: `_live` finds CATCH_UP in its
+queue, reads on from the table with the same `_catch_up` a Watch from an old checkpoint starts with,
+and rejoins the tailer's broadcast at its head. It is not bounded further: it holds one page, and reads
+one page per `batch` events its consumer takes, the reads it would make anyway after being cut off and
+reconnecting. How far behind it may fall is the retention: compacted past, it ends OUT_OF_RANGE."""
 
 from __future__ import annotations
 
@@ -20,10 +26,10 @@ from typing import Any
 import asyncpg
 
 from server.caller import Caller
-from server.errors import CrsError, FeedOverload, InvalidKey, OutOfRange
+from server.errors import BackendUnavailable, CrsError, FeedOverload, InvalidKey, OutOfRange
 from server.feed.epochs import stale_checkpoint
 from server.feed.events import ENTITY_TYPES, progress_event
-from server.feed.tailer import FeedTailer, Subscription
+from server.feed.tailer import EPOCH_CHANGED, CatchUp, FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
 from server.store.db import DB_ERRORS, translate_db_errors
 from server.store.feed import (
@@ -77,7 +83,7 @@ class FeedHandlers:
                                  " this checkpoint is not from this database (restored from an older backup, or"
                                  " another environment's); take a Snapshot and Watch from its sequence")
             cursor = max(request.from_sequence, oldest)
-            async for data in self._catch_up(cursor, sub):
+            async for data in self._catch_up(cursor, sub, until=sub.start):
                 yield data
             async for data in self._live(cursor, sub, caught_up_at=newest):
                 yield data
@@ -97,24 +103,30 @@ class FeedHandlers:
         if why is not None:
             raise OutOfRange(why)
 
-    async def _catch_up(self, cursor: int, sub: Subscription) -> AsyncIterator[bytes]:
-        """Events between the consumer's sequence and where the live subscription starts, from the table."""
-        while cursor < sub.start:
+    async def _catch_up(self, cursor: int, sub: Subscription, *, until: int) -> AsyncIterator[bytes]:
+        """Events after `cursor` up to `until`, from the table: up to where the live subscription starts,
+        and again up to the tailer's head whenever the watcher fell behind its queue. Once it returns,
+        everything up to `until` was delivered or filtered out."""
+        while cursor < until:
             with translate_db_errors():
                 epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
                 oldest = await horizon(self.pool, timeout=self.timeout)
             if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
                 raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
                                  f" retained is {oldest + 1}: take a Snapshot and Watch from its sequence")
+            if epoch != sub.epoch:   # rows of another history than this stream's: as the tailer would end it
+                raise BackendUnavailable(EPOCH_CHANGED)
             if not rows:
                 break
             for row in rows:
-                if row["seq"] > sub.start:
+                if sub.ended is not None:   # a draining node, a lost database: not after the whole catch-up
+                    raise sub.ended
+                if row["seq"] > until:
                     return
                 cursor = row["seq"]
                 if sub.wants(row["feed_type"]):
                     yield event_from_row(row, epoch).SerializeToString()
-        # Nothing (more) to read below the live start: the consumer is at it, even if nothing matched.
+        # Nothing (more) to read up to `until`: the consumer is at it, even if nothing matched.
 
     async def _live(self, cursor: int, sub: Subscription, *, caught_up_at: int) -> AsyncIterator[bytes]:
         """Live events, and Progress marks: one as soon as everything up to `caught_up_at` (the newest
@@ -140,6 +152,16 @@ class FeedHandlers:
                 continue
             if isinstance(item, CrsError):
                 raise item
+            if isinstance(item, CatchUp):   # the queue overflowed (the tailer dropped it): the table, then live again
+                while True:
+                    until = max(self.tailer.head, delivered)
+                    async for data in self._catch_up(delivered, sub, until=until):
+                        yield data
+                    delivered = until
+                    # In the turn that checks the head: no event can be read between the check and the move.
+                    if self.tailer.rejoin(sub, delivered):
+                        break
+                continue
             sequence, data = item
             if sequence <= delivered:
                 continue

@@ -5,9 +5,15 @@ delivered at commit) wakes it, and every `poll_interval` anyway: behind PgBounce
 mode LISTEN does not work and polling alone keeps the feed moving. A hundred watchers cost one
 reader, not a hundred.
 
-Each watcher has a bounded queue. A watcher that falls further behind than its queue holds is cut
-off (FeedOverload -> RESOURCE_EXHAUSTED) instead of growing memory; it resumes from its last
-sequence. When PostgreSQL fails, every watcher's stream ends (BackendUnavailable -> UNAVAILABLE);
+Each watcher has a bounded queue. A watcher that falls further behind than its queue holds (a bulk
+import, a consumer slower than the burst) is not cut off: the tailer drops what its queue held, puts
+CATCH_UP in its place and stops offering it events (it is "unsynced", as etcd's watchable store calls
+it). The watcher then reads on from PostgreSQL after the last sequence it sent, `batch` events at a
+time, with the same catch-up a Watch from an old checkpoint makes, and `rejoin`s the broadcast once it
+has reached the tailer's head: in one loop turn, so no event is read in between (no gap), and the
+events it read from the table are never offered again (no duplicate). Memory stays one queue, or one
+page, per watcher; ending every overflowing watcher at once sent them all back reconnecting together.
+When PostgreSQL fails, every watcher's stream ends (BackendUnavailable -> UNAVAILABLE);
 their resume loses nothing because they resume from what they applied, not from what was sent.
 
 `Subscription.boundary` is the highest sequence at which the tailer had read everything committed
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from server.errors import BackendUnavailable, CrsError, FeedOverload
+from server.errors import BackendUnavailable, CrsError
 from server.store.db import DB_ERRORS
 from server.store.envelope import FEED_CHANNEL
 from server.store.feed import current_epoch, event_from_row, head, read_events
@@ -37,7 +43,16 @@ from server.store.feed import current_epoch, event_from_row, head, read_events
 log = logging.getLogger("crs.feed")
 
 RETRY_SECONDS = 1.0         # after a failed read or a lost LISTEN connection
-Item = tuple[int, bytes] | CrsError   # (sequence, encoded ChangeEvent), or why the stream ends
+EPOCH_CHANGED = ("the database's history changed (a restore, a failover): resume from the last sequence you"
+                 " applied, with its epoch")
+
+
+class CatchUp:
+    """Queued in place of a watcher's events when its queue overflowed: read on from PostgreSQL."""
+
+
+CATCH_UP = CatchUp()
+Item = tuple[int, bytes] | CrsError | CatchUp   # (sequence, encoded ChangeEvent), why the stream ends, or CATCH_UP
 
 
 @dataclass(eq=False)
@@ -47,6 +62,7 @@ class Subscription:
     queue: asyncio.Queue[Item]
     boundary: int = 0                   # everything <= boundary was read (and queued if it matched)
     epoch: str = ""                     # the epoch of the read that moved the boundary
+    ended: CrsError | None = None       # why the stream ends, for a watcher reading from the table meanwhile
 
     def wants(self, entity_type: int) -> bool:
         return not self.types or entity_type in self.types
@@ -65,7 +81,8 @@ class FeedTailer:
         self.head = 0                       # highest sequence read so far
         self.boundary = 0
         self.epoch = ""                     # the database's epoch as last read (server/feed/epochs.py)
-        self._subs: set[Subscription] = set()
+        self._subs: set[Subscription] = set()        # offered every event read (etcd's synced watchers)
+        self._unsynced: set[Subscription] = set()    # overflowed: catching up from the table, offered nothing
         self._on_change = on_change         # (watchers, head) for the metrics
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
@@ -81,12 +98,32 @@ class FeedTailer:
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
                            boundary=self.boundary, epoch=self.epoch)
         self._subs.add(sub)
-        self._on_change(len(self._subs), self.head)
+        self._on_change(self.watchers, self.head)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
-        self._on_change(len(self._subs), self.head)
+        self._unsynced.discard(sub)
+        self._on_change(self.watchers, self.head)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._subs) + len(self._unsynced)
+
+    def rejoin(self, sub: Subscription, at: int) -> bool:
+        """An unsynced watcher that has delivered (or filtered out) everything up to `at` takes the live
+        broadcast again if `at` is the tailer's head: every event after it is yet to be read, and will be
+        offered (an event up to `at` offered again is skipped by the watcher). While it says False (the
+        head moved on), read on from the table. True for a watcher that was ended meanwhile: its queue
+        holds why."""
+        if sub.ended is not None:
+            return True
+        if at < self.head:
+            return False
+        self._unsynced.discard(sub)
+        self._subs.add(sub)
+        sub.boundary, sub.epoch = self.boundary, self.epoch
+        return True
 
     async def run(self) -> None:
         listener = asyncio.create_task(self._listen()) if self._connect is not None else None
@@ -132,7 +169,7 @@ class FeedTailer:
             log.error("the change feed's head went back (a restored database, or a failover that lost commits):"
                       " reading on from the database's head", extra={"was": self.head, "now": newest})
             self.head = self.boundary = newest
-            self._on_change(len(self._subs), self.head)
+            self._on_change(self.watchers, self.head)
 
     def _new_epoch(self, epoch: str, newest: int) -> None:
         """The database is in another history than the one read so far (a restore, a promoted standby),
@@ -144,11 +181,10 @@ class FeedTailer:
         log.log(level, "the change feed's epoch changed (a restored database, a promoted standby): watchers end"
                 " and resume with their epoch",
                 extra={"was": self.epoch, "now": epoch, "head_was": self.head, "head_now": newest})
-        self._end_all(BackendUnavailable("the database's history changed (a restore, a failover): resume from"
-                                         " the last sequence you applied, with its epoch"))
+        self._end_all(BackendUnavailable(EPOCH_CHANGED))
         self.head = self.boundary = newest
         self.epoch = epoch
-        self._on_change(len(self._subs), self.head)
+        self._on_change(self.watchers, self.head)
 
     async def _read_all(self) -> None:
         while True:
@@ -164,7 +200,7 @@ class FeedTailer:
                             encoded = encoded or event_from_row(row, epoch).SerializeToString()
                             self._offer(sub, (row["seq"], encoded))
                 self.head = rows[-1]["seq"]
-                self._on_change(len(self._subs), self.head)
+                self._on_change(self.watchers, self.head)
             if len(rows) < self.batch:          # caught up: a transaction boundary
                 self.boundary = self.head
                 for sub in self._subs:
@@ -175,24 +211,38 @@ class FeedTailer:
         try:
             sub.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self._end(sub, FeedOverload(f"the watcher fell more than {self.queue_size} events behind;"
-                                        " resume from the last sequence you applied"))
+            self._unsync(sub)
+
+    def _unsync(self, sub: Subscription) -> None:
+        """The watcher fell more than its queue behind. What it has not taken is dropped, all of it (only
+        the oldest would leave a hole behind a later event): it reads them again from the table, from the
+        last event it delivered, and is offered nothing until it rejoins."""
+        self._subs.discard(sub)
+        self._unsynced.add(sub)
+        self._drop_queued(sub, CATCH_UP)
+        log.info("a watcher fell behind its queue; it catches up from PostgreSQL",
+                 extra={"queue_size": self.queue_size, "head": self.head})
 
     def _end(self, sub: Subscription, why: CrsError) -> None:
         """End a watcher's stream with `why`. What it has not taken from its queue is dropped, all of
         it: the watcher then stops at the last event it delivered, and a resume from there reads the
-        dropped ones again (dropping only the oldest would leave a hole behind a later event)."""
+        dropped ones again. A watcher catching up from the table stops there (`sub.ended`)."""
+        sub.ended = why
         self.unsubscribe(sub)
+        self._drop_queued(sub, why)
+
+    @staticmethod
+    def _drop_queued(sub: Subscription, then: Item) -> None:
         while not sub.queue.empty():
             sub.queue.get_nowait()
-        sub.queue.put_nowait(why)
+        sub.queue.put_nowait(then)
 
     def close(self, why: CrsError) -> None:
         """End every watcher's stream now (a draining node: they resume on another one)."""
         self._end_all(why)
 
     def _end_all(self, why: CrsError) -> None:
-        for sub in list(self._subs):
+        for sub in list(self._subs | self._unsynced):
             self._end(sub, why)
 
     async def _listen(self) -> None:

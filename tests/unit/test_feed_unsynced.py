@@ -1,0 +1,138 @@
+"""A watcher whose queue overflows is not ended: it catches up from the table and rejoins the broadcast
+(server/feed/tailer.py, FeedHandlers._live). The real tailer loop and the real Watch code on one event
+loop; the database is a fake holding (sequence, tag) rows, and writes land while the watcher is
+behind, so it has to read on past where it first aimed before it can rejoin."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+import server.feed.service as service
+from server.errors import BackendUnavailable
+from server.feed import tailer as tailer_module
+from server.feed.service import FeedHandlers
+from server.feed.tailer import FeedTailer, Subscription
+from server.proto import crs_pb2 as pb
+
+
+class FakeFeed:
+    def __init__(self, through: int) -> None:
+        self.rows = list(range(1, through + 1))
+        self.reads = 0                               # the watcher's reads (the tailer's are not counted)
+
+    def write(self, through: int) -> None:
+        self.rows += range(self.rows[-1] + 1, through + 1)
+
+    async def read_events(self, _pool: Any, after: int, limit: int, **_: Any) -> tuple[str, list[dict[str, Any]]]:
+        await asyncio.sleep(0)                       # a read lets the other side run, as a real one does
+        return "1/1", [{"seq": s, "feed_type": 1} for s in self.rows if s > after][:limit]
+
+    async def counted_read(self, pool: Any, after: int, limit: int, **kw: Any) -> tuple[str, list[dict[str, Any]]]:
+        self.reads += 1
+        return await self.read_events(pool, after, limit, **kw)
+
+    async def current_epoch(self, _pool: Any, **_: Any) -> str:
+        return "1/1"
+
+    async def head(self, _pool: Any, **_: Any) -> int:
+        return self.rows[-1]
+
+    async def horizon(self, _pool: Any, **_: Any) -> int:
+        return 0
+
+
+class Event:
+    def __init__(self, row: dict[str, Any], epoch: str) -> None:
+        self.sequence = row["seq"]
+
+    def SerializeToString(self) -> bytes:   # protobuf's name
+        return f"event {self.sequence}".encode()
+
+
+@pytest.fixture
+def feed(monkeypatch: pytest.MonkeyPatch) -> FakeFeed:
+    feed = FakeFeed(through=7)
+    for module in (tailer_module, service):
+        monkeypatch.setattr(module, "event_from_row", Event)
+    monkeypatch.setattr(tailer_module, "read_events", feed.read_events)
+    monkeypatch.setattr(tailer_module, "current_epoch", feed.current_epoch)
+    monkeypatch.setattr(tailer_module, "head", feed.head)
+    monkeypatch.setattr(service, "read_events", feed.counted_read)
+    monkeypatch.setattr(service, "horizon", feed.horizon)
+    return feed
+
+
+def _read(item: bytes) -> str:
+    return item.decode() if item.startswith(b"event ") else f"mark {pb.ChangeEvent.FromString(item).sequence}"
+
+
+async def _watch(tailer: FeedTailer) -> tuple[Subscription, AsyncIterator[bytes]]:
+    sub = await tailer.subscribe(frozenset())
+    handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=4, progress_interval=5.0,  # type: ignore[arg-type]
+                            snapshot_chunk=10, snapshot_max=1)
+    return sub, handlers._live(sub.start, sub, caught_up_at=sub.start)
+
+
+async def test_an_overflowing_watcher_catches_up_from_the_table_and_rejoins(feed: FakeFeed) -> None:
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    try:
+        sub, live = await _watch(tailer)
+        assert sub.start == 7 and _read(await live.__anext__()) == "mark 7"
+        feed.write(through=40)                       # a burst: 33 events for a queue of 2
+        got: list[str] = []
+        while "event 40" not in got:
+            async with asyncio.timeout(2):
+                got.append(_read(await live.__anext__()))
+            if got[-1] == "event 12":
+                assert sub in tailer._unsynced, "the queue overflowed: the watcher is reading the table"
+                feed.write(through=60)               # the head moves on while it does
+            await asyncio.sleep(0.002)               # a consumer slower than the tailer
+        while "event 60" not in got:
+            async with asyncio.timeout(2):
+                got.append(_read(await live.__anext__()))
+        events = [int(g.split()[1]) for g in got if g.startswith("event")]
+        assert events == list(range(8, 61)), "a hole, a repeat or a reordering"
+        assert feed.reads >= 2
+        # Asked for more, it rejoins at the head (60): a later write comes through the queue.
+        following = asyncio.ensure_future(live.__anext__())
+        for _ in range(100):
+            if sub in tailer._subs:
+                break
+            await asyncio.sleep(0.01)
+        assert sub in tailer._subs and sub not in tailer._unsynced and tailer.watchers == 1
+        reads = feed.reads
+        feed.write(through=61)
+        async with asyncio.timeout(2):
+            assert _read(await following) == "event 61"
+        assert feed.reads == reads, "from the broadcast, not the table"
+        await live.aclose()
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_watcher_reading_the_table_ends_at_once_with_the_node(feed: FakeFeed) -> None:
+    """A draining node (or a lost database) ends a watcher that is catching up from the table at its
+    next event, not after the whole catch-up."""
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    try:
+        sub, live = await _watch(tailer)
+        assert _read(await live.__anext__()) == "mark 7"
+        feed.write(through=500)
+        async with asyncio.timeout(2):
+            assert _read(await live.__anext__()) == "event 8"
+        assert sub in tailer._unsynced
+        tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
+        with pytest.raises(BackendUnavailable, match="shutting down"):
+            async with asyncio.timeout(2):
+                await live.__anext__()
+        assert tailer.watchers == 0
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
