@@ -148,6 +148,9 @@ class Metrics:
         # The change feed (docs/feed.md): watchers following it here, and how far this process has read.
         self.feed_watchers = Gauge("crs_feed_watchers", "Watch streams open on this node",
                                    multiprocess_mode="livesum", registry=reg)
+        self.feed_catching_up = Gauge("crs_feed_watchers_catching_up",
+                                      "Of those, streams reading from PostgreSQL: they fell behind their queue",
+                                      multiprocess_mode="livesum", registry=reg)
         self.feed_head = learned("crs_feed_head_sequence", "Highest feed sequence this node process has read")
         self.database_up = learned("crs_database_up", "1 when PostgreSQL answered the node's last probe")
         # The BIN table (docs/bins.md) this process answers from.
@@ -239,8 +242,9 @@ class Metrics:
         row[bisect_left(self._bounds, seconds)] += 1   # buckets are "less or equal" bounds
         row[-1] += seconds
 
-    def feed_state(self, watchers: int, head: int) -> None:
+    def feed_state(self, watchers: int, catching_up: int, head: int) -> None:
         self.feed_watchers.set(watchers)
+        self.feed_catching_up.set(catching_up)
         self.feed_head.set(head)
 
     def flush(self) -> None:

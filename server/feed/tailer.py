@@ -71,7 +71,7 @@ class Subscription:
 class FeedTailer:
     def __init__(self, *, pool: asyncpg.Pool, connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
                  poll_interval: float, batch: int, queue_size: int, timeout: float,
-                 on_change: Callable[[int, int], None] = lambda watchers, head: None) -> None:
+                 on_change: Callable[[int, int, int], None] = lambda watchers, catching_up, head: None) -> None:
         self.pool = pool
         self._connect = connect             # a dedicated LISTEN connection (None: poll only)
         self.poll_interval = poll_interval
@@ -83,7 +83,7 @@ class FeedTailer:
         self.epoch = ""                     # the database's epoch as last read (server/feed/epochs.py)
         self._subs: set[Subscription] = set()        # offered every event read (etcd's synced watchers)
         self._unsynced: set[Subscription] = set()    # overflowed: catching up from the table, offered nothing
-        self._on_change = on_change         # (watchers, head) for the metrics
+        self._on_change = on_change         # (watchers, of them catching up, head) for the metrics
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._failed = False                # a read failed: check the head before reading on
@@ -98,17 +98,20 @@ class FeedTailer:
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
                            boundary=self.boundary, epoch=self.epoch)
         self._subs.add(sub)
-        self._on_change(self.watchers, self.head)
+        self._changed()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
         self._unsynced.discard(sub)
-        self._on_change(self.watchers, self.head)
+        self._changed()
 
     @property
     def watchers(self) -> int:
         return len(self._subs) + len(self._unsynced)
+
+    def _changed(self) -> None:
+        self._on_change(self.watchers, len(self._unsynced), self.head)
 
     def rejoin(self, sub: Subscription, at: int) -> bool:
         """An unsynced watcher that has delivered (or filtered out) everything up to `at` takes the live
@@ -123,6 +126,7 @@ class FeedTailer:
         self._unsynced.discard(sub)
         self._subs.add(sub)
         sub.boundary, sub.epoch = self.boundary, self.epoch
+        self._changed()
         return True
 
     async def run(self) -> None:
@@ -169,7 +173,7 @@ class FeedTailer:
             log.error("the change feed's head went back (a restored database, or a failover that lost commits):"
                       " reading on from the database's head", extra={"was": self.head, "now": newest})
             self.head = self.boundary = newest
-            self._on_change(self.watchers, self.head)
+            self._changed()
 
     def _new_epoch(self, epoch: str, newest: int) -> None:
         """The database is in another history than the one read so far (a restore, a promoted standby),
@@ -184,7 +188,7 @@ class FeedTailer:
         self._end_all(BackendUnavailable(EPOCH_CHANGED))
         self.head = self.boundary = newest
         self.epoch = epoch
-        self._on_change(self.watchers, self.head)
+        self._changed()
 
     async def _read_all(self) -> None:
         while True:
@@ -200,7 +204,7 @@ class FeedTailer:
                             encoded = encoded or event_from_row(row, epoch).SerializeToString()
                             self._offer(sub, (row["seq"], encoded))
                 self.head = rows[-1]["seq"]
-                self._on_change(self.watchers, self.head)
+                self._changed()
             if len(rows) < self.batch:          # caught up: a transaction boundary
                 self.boundary = self.head
                 for sub in self._subs:
@@ -220,6 +224,7 @@ class FeedTailer:
         self._subs.discard(sub)
         self._unsynced.add(sub)
         self._drop_queued(sub, CATCH_UP)
+        self._changed()
         log.info("a watcher fell behind its queue; it catches up from PostgreSQL",
                  extra={"queue_size": self.queue_size, "head": self.head})
 

@@ -78,7 +78,9 @@ async def _watch(tailer: FeedTailer) -> tuple[Subscription, AsyncIterator[bytes]
 
 
 async def test_an_overflowing_watcher_catches_up_from_the_table_and_rejoins(feed: FakeFeed) -> None:
-    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
+    states: list[tuple[int, int]] = []              # what the metrics see: (watchers, of them catching up)
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0,  # type: ignore[arg-type]
+                        on_change=lambda watchers, catching_up, head: states.append((watchers, catching_up)))
     runner = asyncio.create_task(tailer.run())
     try:
         sub, live = await _watch(tailer)
@@ -105,6 +107,7 @@ async def test_an_overflowing_watcher_catches_up_from_the_table_and_rejoins(feed
                 break
             await asyncio.sleep(0.01)
         assert sub in tailer._subs and sub not in tailer._unsynced and tailer.watchers == 1
+        assert (1, 1) in states and states[-1] == (1, 0), "crs_feed_watchers_catching_up went up, then down"
         reads = feed.reads
         feed.write(through=61)
         async with asyncio.timeout(2):
