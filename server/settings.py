@@ -116,6 +116,7 @@ class Settings:
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_snapshot_stall: float = 120.0    # seconds a Snapshot chunk may wait unread before its transaction ends
+                                          # (and one snapshot read may run)
     feed_compact_interval: float = 300.0  # seconds between compaction runs (one node at a time)
     # --- decision hints (docs/decision-hints.md)
     decision_network_codes: str = DEFAULT_NETWORK_CODES   # per-network code substitutions, NETWORK:CODE=CODE,...

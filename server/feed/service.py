@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from server.caller import Caller
-from server.errors import BackendUnavailable, CrsError, FeedOverload, InvalidKey, OutOfRange
+from server.errors import BackendTimeout, BackendUnavailable, CrsError, FeedOverload, InvalidKey, OutOfRange
 from server.feed.epochs import stale_checkpoint
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import EPOCH_CHANGED, CatchUp, FeedTailer, Subscription
@@ -187,6 +187,10 @@ class FeedHandlers:
                             handed = time.monotonic()
                             yield chunk.SerializeToString()
                             stalled = time.monotonic() - handed > self.snapshot_stall
+                    except asyncpg.exceptions.QueryCanceledError as exc:
+                        raise BackendTimeout(f"a snapshot read ran over {self.snapshot_stall:g} s"
+                                             " (CRS_FEED_SNAPSHOT_STALL; a table locked by a migration?):"
+                                             " start the Snapshot again") from exc
                     except DB_ERRORS:
                         if not stalled:
                             raise

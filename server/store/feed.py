@@ -127,12 +127,15 @@ async def snapshot(conn: Conn, types: Sequence[int], *, chunk_size: int,
     chunk stamped with the point's sequence; the last chunk has `last` set. Runs in one REPEATABLE
     READ transaction on `conn`, reading with server-side cursors: memory stays one chunk. `stall`
     (seconds, 0: none): PostgreSQL ends the transaction when a chunk waits that long to be taken,
-    so a reader that stops reading does not hold back VACUUM for good. Every chunk names the epoch
+    so a reader that stops reading does not hold back VACUUM for good, and cancels a read that runs
+    that long (a table locked by a migration: QueryCanceledError). Every chunk names the epoch
     the point belongs to (recorded before the read-only transaction begins)."""
     await current_epoch(conn)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        if stall > 0:
-            await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(stall * 1000))}")
+        if stall > 0:   # idle between chunks (an unread one), or one read (a lock it waits on) that long
+            ms = max(1, int(stall * 1000))
+            await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {ms};"
+                               f" SET LOCAL statement_timeout = {ms}")
         sequence = await head(conn)
         epoch = await conn.fetchval("SELECT feed_current_epoch()")
         chunk = pb.SnapshotChunk(sequence=sequence, epoch=epoch)

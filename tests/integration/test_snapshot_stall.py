@@ -16,7 +16,7 @@ import pytest
 
 from devstack.environment import DevEnvironment
 from server.caller import Caller
-from server.errors import FeedOverload
+from server.errors import BackendTimeout, FeedOverload
 from server.feed.service import FeedHandlers
 from server.proto import crs_pb2 as pb
 
@@ -56,3 +56,33 @@ def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: De
     started = time.monotonic()
     asyncio.run(scenario())
     assert time.monotonic() - started < 20
+
+
+def test_a_snapshot_read_waiting_on_a_lock_is_ended_not_left_waiting(dev_env: DevEnvironment) -> None:
+    """A snapshot read that runs (here: waits on a lock a migration holds) longer than the stall bound
+    is cancelled and the reader told DEADLINE_EXCEEDED; it waited on with its connection for as long as
+    the lock was held, whatever the reader's own patience."""
+    async def scenario() -> None:
+        pool = await asyncpg.create_pool(dev_env.admin_dsn, min_size=1, max_size=3)
+        handlers = FeedHandlers(pool=pool, tailer=None, timeout=5.0, batch=10,  # type: ignore[arg-type]
+                                progress_interval=1.0, snapshot_chunk=1, snapshot_max=1, snapshot_stall=STALL)
+        chunks = handlers.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_ACCOUNT]),
+                                   Caller("extract", frozenset(), "mtls"))
+        try:
+            async with pool.acquire() as migration, migration.transaction():
+                await migration.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+                with pytest.raises(BackendTimeout, match="CRS_FEED_SNAPSHOT_STALL"):
+                    async with asyncio.timeout(STALL + 4):
+                        await chunks.__anext__()
+            assert handlers._snapshots_running == 0
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await chunks.aclose()
+            try:
+                async with asyncio.timeout(5):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    asyncio.run(scenario())
