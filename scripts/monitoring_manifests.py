@@ -143,6 +143,13 @@ def _burn(slo: str, alerts: tuple[tuple[str, str, str, float], ...], name: str, 
 
 def component_alerts() -> list[dict[str, Any]]:
     return [
+        # Every other alert reads node metrics: with none scraped they all stay silent, lookups failing or not.
+        _alert("CRSNodeMetricsAbsent",
+               "absent(crs_database_up)",
+               for_="5m", severity="page",
+               summary="No CRS node has been scraped for 5 minutes: every other CRS alert is blind",
+               description="Either no node runs (every lookup fails) or Prometheus cannot scrape them (the "
+                           "ServiceMonitor, a NetworkPolicy, the metrics port)."),
         _alert("CRSCacheShardDown",
                'min by (job, shard) (crs_cache_shard_up) == 0\n'
                'unless on (job, shard)\n'
@@ -209,8 +216,8 @@ def component_alerts() -> list[dict[str, Any]]:
                "crs:feed_head_lag:sequences > 10000",
                for_="5m", severity="ticket",
                summary="{{ $labels.instance }} is {{ $value }} change-feed events behind the other nodes",
-               description="Its Watch streams deliver late; a lag over CRS_FEED_QUEUE_SIZE ends them "
-                           "RESOURCE_EXHAUSTED."),
+               description="Its Watch streams deliver late; a watcher further behind than CRS_FEED_QUEUE_SIZE "
+                           "reads on from PostgreSQL (crs_feed_watchers_catching_up)."),
         _alert("CRSBinTableVersionSkew",
                "max by (job) (crs_bin_table_version) != min by (job) (crs_bin_table_version)",
                for_="5m", severity="ticket",
