@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncGenerator
 
 import asyncpg
 import pytest
@@ -22,6 +23,18 @@ from server.proto import crs_pb2 as pb
 
 pytestmark = pytest.mark.integration
 STALL = 1.0
+
+
+async def _close(chunks: AsyncGenerator[bytes, None], pool: asyncpg.Pool) -> None:
+    """A failed check must not leave the snapshot's connection holding pool.close()."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5):
+            await chunks.aclose()
+    try:
+        async with asyncio.timeout(5):
+            await pool.close()
+    except TimeoutError:
+        pool.terminate()
 
 
 def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: DevEnvironment) -> None:
@@ -43,15 +56,8 @@ def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: De
                 while True:
                     await chunks.__anext__()
             assert handlers._snapshots_running == 0
-        finally:   # a failed check must not leave the snapshot's connection holding pool.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await chunks.aclose()
-            try:
-                async with asyncio.timeout(5):
-                    await pool.close()
-            except TimeoutError:
-                pool.terminate()
+        finally:
+            await _close(chunks, pool)
 
     started = time.monotonic()
     asyncio.run(scenario())
@@ -76,13 +82,6 @@ def test_a_snapshot_read_waiting_on_a_lock_is_ended_not_left_waiting(dev_env: De
                         await chunks.__anext__()
             assert handlers._snapshots_running == 0
         finally:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(5):
-                    await chunks.aclose()
-            try:
-                async with asyncio.timeout(5):
-                    await pool.close()
-            except TimeoutError:
-                pool.terminate()
+            await _close(chunks, pool)
 
     asyncio.run(scenario())
