@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -25,11 +25,11 @@ pytestmark = pytest.mark.integration
 STALL = 1.0
 
 
-async def _close(chunks: AsyncGenerator[bytes, None], pool: asyncpg.Pool) -> None:
+async def _close(chunks: AsyncIterator[bytes], pool: asyncpg.Pool) -> None:
     """A failed check must not leave the snapshot's connection holding pool.close()."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(5):
-            await chunks.aclose()
+            await chunks.aclose()  # type: ignore[attr-defined]  # an async generator
     try:
         async with asyncio.timeout(5):
             await pool.close()
