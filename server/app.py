@@ -52,7 +52,7 @@ from server.reflection import SERVICE_NAME as REFLECTION
 from server.reflection import add_reflection
 from server.relay import run_relay, unsettled_keys
 from server.resolver import CachePolicy, Resolver
-from server.settings import Settings, fill_window_of, streams_per_client_of
+from server.settings import Settings, catch_up_reads_of, fill_window_of, streams_per_client_of
 from server.store.db import DB_ERRORS, active_data_key, bounded, create_pool, verify_key_checks
 from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
@@ -287,7 +287,8 @@ class Node:
             connect=(lambda: asyncpg.connect(s.pg_dsn, timeout=s.pg_timeout)) if s.feed_listen else None)
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
                             progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
-                            snapshot_max=s.feed_snapshot_max, snapshot_stall=s.feed_snapshot_stall)
+                            snapshot_max=s.feed_snapshot_max, snapshot_stall=s.feed_snapshot_stall,
+                            catch_up_reads=catch_up_reads_of(s))
         options = [*rpc.SERVER_OPTIONS, *rpc.keepalive_options(s.keepalive_time, s.keepalive_timeout)]
         if s.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),

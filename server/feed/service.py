@@ -55,7 +55,7 @@ def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
 class FeedHandlers:
     def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
                  progress_interval: float, snapshot_chunk: int, snapshot_max: int,
-                 snapshot_stall: float = 120.0) -> None:
+                 snapshot_stall: float = 120.0, catch_up_reads: int = 4) -> None:
         self.pool = pool
         self.tailer = tailer
         self.timeout = timeout
@@ -65,6 +65,9 @@ class FeedHandlers:
         self.snapshot_max = snapshot_max
         self.snapshot_stall = snapshot_stall   # seconds a reader may leave a chunk unread (the transaction waits)
         self._snapshots_running = 0
+        # Page reads of watchers behind the live tail (an old checkpoint, an overflowed queue), at once:
+        # the others wait their turn rather than take the pool connections lookups' misses need.
+        self._catch_up_reads = asyncio.Semaphore(catch_up_reads)
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:
         if request.from_sequence < 0:
@@ -108,9 +111,10 @@ class FeedHandlers:
         and again up to the tailer's head whenever the watcher fell behind its queue. Once it returns,
         everything up to `until` was delivered or filtered out."""
         while cursor < until:
-            with translate_db_errors():
-                epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
-                oldest = await horizon(self.pool, timeout=self.timeout)
+            async with self._catch_up_reads:
+                with translate_db_errors():
+                    epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
+                    oldest = await horizon(self.pool, timeout=self.timeout)
             if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
                 raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
                                  f" retained is {oldest + 1}: take a Snapshot and Watch from its sequence")

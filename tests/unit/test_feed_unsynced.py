@@ -139,3 +139,50 @@ async def test_a_watcher_reading_the_table_ends_at_once_with_the_node(feed: Fake
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_watchers_behind_the_tail_read_a_few_at_a_time(feed: FakeFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ten watchers overflowed by one burst each read it from the table: without a bound they took ten
+    pool connections at once, the ones lookups' cache misses load with. At most `catch_up_reads` read
+    at once; the others wait their turn, and every one still gets every event once, in order."""
+    reading, most = 0, 0
+
+    async def slow_read(pool: Any, after: int, limit: int, **kw: Any) -> tuple[str, list[dict[str, Any]]]:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        try:
+            await asyncio.sleep(0.003)
+            return await feed.read_events(pool, after, limit, **kw)
+        finally:
+            reading -= 1
+
+    monkeypatch.setattr(service, "read_events", slow_read)
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    try:
+        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=4,  # type: ignore[arg-type]
+                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=2)
+        subs = [await tailer.subscribe(frozenset()) for _ in range(10)]
+        lives = [handlers._live(sub.start, sub, caught_up_at=sub.start) for sub in subs]
+        for live in lives:
+            assert _read(await live.__anext__()) == "mark 7"
+        feed.write(through=60)
+
+        async def follow(live: AsyncIterator[bytes]) -> list[int]:
+            got: list[int] = []
+            while not got or got[-1] < 60:
+                async with asyncio.timeout(5):
+                    item = _read(await live.__anext__())
+                if item.startswith("event"):
+                    got.append(int(item.split()[1]))
+            return got
+
+        results = await asyncio.gather(*(follow(live) for live in lives))
+        assert all(got == list(range(8, 61)) for got in results)
+        assert 1 < most <= 2, f"{most} catch-up reads at once"
+        for live in lives:
+            await live.aclose()  # type: ignore[attr-defined]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
