@@ -22,7 +22,7 @@ from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import UsedSecrets, fresh_pan
+from tests.integration.support import UsedSecrets, fresh_pan, until
 
 
 def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:
@@ -90,6 +90,9 @@ def test_the_supervisor_waits_out_its_workers_drain_delay_too(dev_env: DevEnviro
     supervisor, which waited grace_seconds + 5 only, killed a worker still draining (exit -9) when
     drain_delay was 5 s or more, its calls in flight with it."""
     node = dev_env.start_node(workers=2, grace_seconds=0.5, drain_delay=6.0)
+    # Both workers serving (one still starting dies of the signal at once, before it has a call to drain).
+    until("both workers serve", lambda: LogFile(node.log_path).text().count('"msg":"node serving"') == 2, within=30,
+          poll=0.1)
     node.proc.send_signal(signal.SIGTERM)
     assert node.proc.wait(30) == 0
     dev_env.nodes.remove(node)
