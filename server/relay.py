@@ -36,9 +36,15 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
     async with pool.acquire() as conn, conn.transaction():
         # Rows never tried first, then the ones tried longest ago (migration 0013): rows a down shard
         # keeps unsettled go round behind the others instead of taking every pass.
+        # `delay` after the writer's own delete when it made one (invalidated_at, set after its commit),
+        # not only after the row's insert: a commit that took longer than `delay` (a synchronous standby
+        # or an fsync that stalls) otherwise got its second delete at once, beside the first, and a read
+        # racing the commit filled the old row after both for the whole TTL (docs/decisions.md).
         rows = await conn.fetch(
             "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
-            " AND created_at < clock_timestamp() - $1::interval ORDER BY attempted_at NULLS FIRST, id LIMIT $2"
+            " AND created_at < clock_timestamp() - $1::interval"
+            " AND (invalidated_at IS NULL OR invalidated_at < clock_timestamp() - $1::interval)"
+            " ORDER BY attempted_at NULLS FIRST, id LIMIT $2"
             " FOR UPDATE SKIP LOCKED", dt.timedelta(seconds=delay), BATCH)
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None

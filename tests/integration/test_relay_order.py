@@ -69,3 +69,37 @@ def test_rows_owed_to_a_down_shard_do_not_hold_back_newer_writes(quiet_db: DevEn
     assert settled == [False] * 5 + [True], "the newer write's second delete waited behind the owed rows"
     assert asked.count("ok:newer-write") == 1 and sorted(set(asked) - {"ok:newer-write"}) == [
         f"down:{i}" for i in range(5)], asked   # every owed row tried in two passes, none starved
+
+
+def test_the_second_delete_comes_the_delay_after_the_writers_delete_not_after_the_insert(
+        quiet_db: DevEnvironment) -> None:
+    """A commit that takes longer than the re-invalidation delay (a synchronous standby or an fsync that
+    stalls): the outbox row's created_at is its insert, a second before the commit, so the relay's
+    second delete came at once, beside the writer's first, and a read whose snapshot missed the write
+    (taken just before the commit) filled the old row after both, for the whole TTL: the race the
+    second delete exists for. The writer's delete is after its commit (invalidated_at); the second
+    delete waits the delay after it."""
+    async def scenario() -> tuple[list[str], list[str]]:
+        pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute("DELETE FROM outbox")
+                # Inserted 2 s ago, committed and deleted by its writer just now.
+                await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at,"
+                                   " invalidated_at) VALUES ('card.updated', 'card', 'x', $1,"
+                                   " clock_timestamp() - interval '2 s', clock_timestamp())", ["crd:slow-commit"])
+                # A write with no first delete (its shard was down): the delay runs from its insert, as before.
+                await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at)"
+                                   " VALUES ('card.updated', 'card', 'y', $1, clock_timestamp() - interval '2 s')",
+                                   ["crd:first-delete-failed"])
+            at_once, later = Tier(), Tier()
+            await relay.relay_once(pool, at_once, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+            await asyncio.sleep(0.6)
+            await relay.relay_once(pool, later, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+            return at_once.asked, later.asked
+        finally:
+            await pool.close()
+
+    at_once, later = asyncio.run(scenario())
+    assert "crd:slow-commit" not in at_once, "the second delete came at once, beside the writer's first"
+    assert at_once == ["crd:first-delete-failed"] and later == ["crd:slow-commit"], (at_once, later)
