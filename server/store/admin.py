@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import asyncpg
@@ -54,6 +54,11 @@ class AdminStore(WriteEnvelope):
 
     # -- helpers ---------------------------------------------------------------------------------
     stale_keys_for_accounts = staticmethod(edges.stale_keys_for_accounts)
+
+    def every_version(self, key: Callable[[int, bytes], str], value: str) -> list[str]:
+        """A new card's or account's key under every configured fingerprint version: a node still on an
+        older version than this one (rotation step 3) may hold NOT_FOUND for it under its own key."""
+        return [key(v, self.keyring.fingerprint(value, v)) for v in sorted(self.keyring.fingerprint_keys)]
 
     @staticmethod
     async def customer_keys(conn: Conn, customer_ids: Iterable[str]) -> list[str]:
@@ -238,9 +243,8 @@ class AdminStore(WriteEnvelope):
             await conn.execute("INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)",
                                account_id, owner, pb.RELATIONSHIP_ROLE_OWNER)
             # The account key may hold a negative entry from an earlier lookup of this number.
-            stale = [ck.account_key(version, fp), *await self.customer_keys(conn, [owner])]
-            if next_version and next_fp:
-                stale.append(ck.account_key(next_version, next_fp))
+            stale = [*self.every_version(ck.account_key, account_fingerprint_input(routing, number)),
+                     *await self.customer_keys(conn, [owner])]
             owned = pb.RelationshipResponse(account_id=account_id, customer_id=owner, role=pb.RELATIONSHIP_ROLE_OWNER)
             return Change(account_msg(row), stale, "account.created", "account", account_id,
                           {"owner": owner, "type": req.type, "currency": currency, "routing": routing},
@@ -353,9 +357,7 @@ class AdminStore(WriteEnvelope):
                     pb.CARD_STATUS_ACTIVE, next_version, next_fp, pan[:8] if len(pan) >= 16 else None))
             except asyncpg.UniqueViolationError as exc:
                 raise AlreadyExists(f"card {mask_pan(pan)} is already issued") from exc
-            stale = [ck.card_key(version, fp), ck.token_key(token)]
-            if next_version and next_fp:
-                stale.append(ck.card_key(next_version, next_fp))
+            stale = [*self.every_version(ck.card_key, pan), ck.token_key(token)]
             stale += await self.stale_keys_for_accounts(conn, [account_id])
             return Change(card_msg(row), stale, "card.issued", "card", token,
                           {"account_id": account_id, "bin": pan[:6], "last4": pan[-4:]})

@@ -160,10 +160,14 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     env.keys = only_2   # the environment now runs on version 2 only
 
 
+_NEWER_KEYS: dict[int, str] = {}   # one key per version for the module's database (its key_checks row)
+
+
 def _and_a_newer_key(keys: dict[str, str]) -> tuple[int, str]:
     """(the version of the environment's one fingerprint key, CRS_FINGERPRINT_KEYS with a new next one)."""
     old = int(keys["CRS_FINGERPRINT_KEYS"].split(":")[0])
-    return old, f"{keys['CRS_FINGERPRINT_KEYS']},{old + 1}:{encode_key(new_key())}"
+    newer = _NEWER_KEYS.setdefault(old + 1, encode_key(new_key()))
+    return old, f"{keys['CRS_FINGERPRINT_KEYS']},{old + 1}:{newer}"
 
 
 def test_a_change_reaches_nodes_on_either_version_while_they_roll(env: DevEnvironment) -> None:
@@ -209,6 +213,51 @@ def test_a_change_reaches_nodes_on_either_version_while_they_roll(env: DevEnviro
                     by_number, timeout=5).account.status) != (pb.CARD_STATUS_LOST, pb.ACCOUNT_STATUS_FROZEN):
                 assert time.monotonic() < deadline, "the old-version node still answers the card or account as before"
                 time.sleep(0.1)
+    finally:
+        for node in (on_old, on_new):
+            node.stop()
+            env.nodes.remove(node)
+
+
+def test_a_card_issued_on_a_new_version_node_is_found_by_an_old_version_node_that_missed_it(
+        env: DevEnvironment) -> None:
+    """Rotation step 3 half done. A node on the old version looks up a card and an account not issued
+    yet: NOT_FOUND, cached under its own version's key. Both are then created on a new-version node,
+    which deleted only its own version's keys (and the rotation's target: none, it is the newest):
+    the old-version node answered NOT_FOUND for the negative TTL (30 s), a new card declined."""
+    keys = dict(env.keys)
+    old, both = _and_a_newer_key(keys)
+    on_old = _node(env, keys | {"CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": str(old)})
+    on_new = _node(env, keys | {"CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": str(old + 1)})
+    pan, number = demo_pan(CARDS + 701), "777000456"
+    by_pan = pb.ResolveCardRequest(pan=pan)
+    by_number = pb.ResolveAccountRequest(routing_number=demo_routing(5), account_number=number)
+    try:
+        with on_old.channel() as ch:
+            lookup = rpc.stub(ch, "LookupService")
+            for call, request in ((lookup.ResolveCard, by_pan), (lookup.ResolveAccount, by_number)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call(request, timeout=5)
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        with on_new.channel() as ch:
+            admin = rpc.stub(ch, "AdminService")
+            customer = admin.CreateCustomer(pb.CreateCustomerRequest(display_name="New Card"), timeout=5)
+            account = admin.CreateAccount(pb.CreateAccountRequest(
+                routing_number=demo_routing(5), account_number=number, type=pb.ACCOUNT_TYPE_CHECKING,
+                owner_customer_id=customer.customer_id), timeout=5)
+            admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id), timeout=5)
+        deadline = time.monotonic() + 5   # the relay's second delete is 0.5-1 s after the commit
+        with on_old.channel() as ch:
+            lookup = rpc.stub(ch, "LookupService")
+            while True:
+                try:
+                    lookup.ResolveCard(by_pan, timeout=5)
+                    lookup.ResolveAccount(by_number, timeout=5)
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+                    assert time.monotonic() < deadline, "the old-version node still answers NOT_FOUND"
+                    time.sleep(0.1)
     finally:
         for node in (on_old, on_new):
             node.stop()
