@@ -32,7 +32,10 @@ def address_key(address: str) -> str:
     (one port speaks TLS or not). `unix://` addresses: the socket path and database."""
     parts = urllib.parse.urlsplit(address)
     query = urllib.parse.parse_qs(parts.query)
-    db = parts.path.strip("/") if parts.scheme != "unix" and parts.path.strip("/") else query.get("db", ["0"])[0]
+    # The database as redis-py reads it (the node's clients all do: server/cache/resp.py): `?db=N` first,
+    # then the path's digits, else 0.
+    path_db = parts.path.replace("/", "") if parts.scheme != "unix" else ""
+    db = query.get("db", [path_db if path_db.isdigit() else "0"])[0]
     if parts.scheme == "unix":
         return f"unix:{parts.path}/{db}"
     host = (parts.hostname or "").lower()
@@ -41,6 +44,22 @@ def address_key(address: str) -> str:
     except ValueError:   # not a number: compared as written
         port = parts.netloc.rpartition(":")[2]
     return f"{'127.0.0.1' if host in LOOPBACK else host}:{port}/{db}"
+
+
+def address_problem(address: str) -> str | None:
+    """What the node's Redis clients would refuse in `address`, or None: a port that is not a number
+    from 1 to 65535, a `db` that is not a number. Refused when the address is read (a topology, the
+    shard list), not when a node opens its clients: a version naming one stopped every node."""
+    parts = urllib.parse.urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 and parts.scheme != "unix" and ":" in parts.netloc.rpartition("@")[2].rpartition("]")[2]:
+        return "the port must be a number from 1 to 65535"
+    if any(not db.isdigit() for db in urllib.parse.parse_qs(parts.query).get("db", [])):
+        return "db must be a number"
+    return None
 
 
 def seed_text(shards: Iterable[tuple[str, int, Iterable[str]]]) -> str:
@@ -93,6 +112,8 @@ def parse_shards(text: str) -> tuple[ShardAddress, ...]:
             if not url.startswith(("redis://", "rediss://", "unix://")):
                 raise ShardListError(f"shard {name!r}: every url (copies separated by '|')"
                                     " must start with redis://, rediss:// or unix://")
+            if (problem := address_problem(url)) is not None:
+                raise ShardListError(f"shard {name!r}: {problem} in {redact_url(url)!r}")
         if len({address_key(u) for u in copies}) != len(copies):
             raise ShardListError(f"shard {name!r}: a copy is listed twice")
         shards.append(ShardAddress(name=name, url=copies[0], weight=weight, replicas=tuple(copies[1:])))

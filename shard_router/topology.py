@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from shard_router.addresses import address_key, redact_url
+from shard_router.addresses import address_key, address_problem, redact_url
 from shard_router.ring import Ring, ShardSpec
 
 __all__ = [
@@ -134,6 +134,8 @@ def _check_address(name: str, address: object) -> None:
     if not address.startswith(("redis://", "rediss://", "unix://")):
         raise TopologyError(f"shard {name!r}: address must start with redis://, rediss:// or unix://"
                             f" (got {redact_url(address)!r})")
+    if (problem := address_problem(address)) is not None:
+        raise TopologyError(f"shard {name!r}: {problem} (got {redact_url(address)!r})")
 
 
 @dataclass(frozen=True)

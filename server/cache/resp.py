@@ -31,9 +31,10 @@ import asyncio
 import collections
 import time
 from typing import Final, cast
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import hiredis
+from redis.asyncio.connection import parse_url
 
 DEFAULT_PORT: Final = 6379
 # Error replies that mean the connection, not the command, is unusable (as redis-py classifies them).
@@ -123,16 +124,19 @@ class PipelinedReader:
     """GET/MGET/SET PX over one pipelined connection. Not thread-safe: one per event loop (node process)."""
 
     def __init__(self, url: str, *, timeout: float) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme != "redis":
+        if urlparse(url).scheme != "redis":
             raise ValueError("the pipelined reader speaks plain redis:// only")
-        self.host = parsed.hostname or "127.0.0.1"
-        self.port = parsed.port or DEFAULT_PORT
-        self.db = int((parsed.path or "/0").lstrip("/") or 0)
+        # Read as redis-py reads it (its from_url): deletes, pub/sub and the recovery probe's FLUSHDB go
+        # through redis-py, so a URL must name one database and one user for both. Read apart, `?db=2`
+        # (which redis-py takes before the path) put fills in database 0 and every delete in database 2.
+        # An empty user name is none; user and password are URL-decoded (from the query too).
+        named = parse_url(url)
+        self.host = named.get("host") or "127.0.0.1"
+        self.port = named.get("port") or DEFAULT_PORT
+        self.db = named.get("db") or 0
         self.address = f"{self.host}:{self.port}"
-        # As redis-py's from_url: an empty user name is none; both parts are URL-decoded.
-        self.username = unquote(parsed.username) if parsed.username else None
-        password = unquote(parsed.password) if parsed.password else None
+        self.username = named.get("username") or None
+        password = named.get("password") or None
         # A user without a password cannot AUTH. Like redis-py, fail when connecting (a shard error the
         # breaker handles), not here: a topology naming such a URL must not stop the node swapping it in.
         self.unusable = (f"the URL for {self.address} names user {self.username!r} without a password"

@@ -318,3 +318,29 @@ async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server:
     finally:
         await tier.close()
     assert shard.blocking is not None and shard.blocking._open == 0
+
+
+@pytest.mark.parametrize("spelling", ["?db=2", "/0?db=2", "/2/"])
+async def test_every_client_of_a_shard_uses_the_database_its_url_names(server: RedisServer, admin: redis.Redis,
+                                                                       spelling: str) -> None:
+    """The lean client (lookups' GETs and fills, the threads' GETs) read the database from the URL's
+    path only; redis-py (deletes, the recovery probe's FLUSHDB) takes `?db=N` first, and a path like
+    `/2/`. With such a URL, fills went to database 0 and every write's delete to database 2: each change
+    stayed cached (a card set LOST answering ACTIVE) for the TTL, and a flush never emptied what was read."""
+    url = server.url_as("alice", ALICE_PASSWORD).rsplit("/", 1)[0] + spelling
+    tier = RedisTier(topology=one_shard(url), pool_size=2, timeout=0.5, thread_connections=1,
+                     policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05))
+    try:
+        await tier.set_many([("crd:split", b"old answer", 60_000)])       # a fill
+        assert await tier.get("crd:split") == b"old answer"
+        admin.select(2)
+        try:
+            assert admin.get("crd:split") == b"old answer", "the fill went to another database than the URL's"
+        finally:
+            admin.select(0)
+        assert await tier.invalidate(["crd:split"])                        # a write's delete
+        assert await tier.get("crd:split") is None, "the delete went to another database than the fill"
+        reads = ThreadReads(tier, asyncio.get_running_loop())
+        assert await asyncio.to_thread(reads.get, "crd:split") is L2.MISS
+    finally:
+        await tier.close()

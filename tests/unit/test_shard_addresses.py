@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from server.cache.breaker import BreakerPolicy
+from server.cache.shard import Shard
 from server.topology.policy import MigrationPolicy
 from shard_router.addresses import ShardListError, address_key, parse_shards, seed_text
 from shard_router.topology import Topology, TopologyError, TopologyShard
@@ -50,3 +52,26 @@ def test_the_copy_budget_fits_inside_every_node_reinvalidation_delay() -> None:
     assert policy.within_nodes([None, 2.0]).copy_budget == 0.25
     assert policy.within_nodes([0.5, 0.2, None]).copy_budget == pytest.approx(0.1)
     assert policy.within_nodes([]).copy_budget == 0.25
+
+
+@pytest.mark.parametrize("address", ["redis://127.0.0.1:99999/0", "redis://127.0.0.1:port/0",
+                                     "redis://127.0.0.1:0/0", "redis://127.0.0.1:6379?db=two"])
+def test_an_address_the_nodes_clients_refuse_is_refused_when_read(address: str) -> None:
+    """Such an address passed the topology's checks (and `crs shards`' probe: redis-py ignores a db it
+    cannot read), and the node's own clients raised ValueError when it switched to the version: the
+    topology task failed, the node stopped, and every restart failed again on the same version."""
+    with pytest.raises(TopologyError, match=r"port|db"):
+        TopologyShard("shard-0", address)
+    with pytest.raises(ShardListError, match=r"port|db"):
+        parse_shards(f"shard-0={address}")
+
+
+@pytest.mark.parametrize(("address", "db"), [("redis://127.0.0.1:6379?db=2", 2), ("redis://127.0.0.1:6379/1?db=2", 2),
+                                             ("redis://127.0.0.1:6379/2/", 2), ("redis://127.0.0.1:6379/x", 0)])
+def test_every_client_reads_the_database_an_address_names_alike(address: str, db: int) -> None:
+    """The lean client (lookups), redis-py (deletes, the recovery flush) and the address's identity
+    name one database: a fill and the delete of its key must meet (tests/integration/test_resp_auth.py)."""
+    shard = Shard("shard-0", address, pool_size=1, timeout=1.0, policy=BreakerPolicy())
+    assert shard.reader is not None and shard.reader.db == db
+    assert shard.client.connection_pool.connection_kwargs.get("db", 0) == db
+    assert address_key(address) == f"127.0.0.1:6379/{db}"
