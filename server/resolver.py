@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -218,8 +219,9 @@ class Resolver:
         clock = self.route.clock
         if clock() < loaded.fill_by:
             tier = self.tier if tier_ok else None
-            if tier is not None:
-                await tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))])
+            if tier is not None:   # sent within the window too, a connection (re)opened meanwhile included
+                await tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))],
+                                    not_after=time.monotonic() + loaded.fill_by - clock())
             if clock() < loaded.fill_by:
                 self.near.put(key, value)
             elif tier is None:   # sent to Redis in time, so cached there: only the near-cache copy is skipped

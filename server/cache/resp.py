@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from typing import Final, cast
 from urllib.parse import urlparse
@@ -276,11 +277,19 @@ class PipelinedReader:
         assert reply is None or isinstance(reply, bytes)
         return reply
 
-    async def set_px(self, items: list[tuple[str, bytes, int]]) -> None:
+    async def set_px(self, items: list[tuple[str, bytes, int]], *, not_after: float = math.inf) -> bool:
         """SET key value PX ttl_ms for each item, written at once; raises if any fails. Fills go here
         rather than through a connection pool: a 1,000-key batch of misses would otherwise queue for
-        pooled connections and time out, which the tier would count against a healthy shard."""
+        pooled connections and time out, which the tier would count against a healthy shard.
+        Nothing is written once `not_after` (time.monotonic()) has passed, and False is returned: a
+        connection opened meanwhile (connect, AUTH, SELECT) may take two timeouts, and a fill sent
+        after its read's window may land after the relay's second delete (docs/decisions.md)."""
+        if self._protocol is None:
+            await self._connection()
+        if time.monotonic() >= not_after:
+            return False
         await self.call([command(b"SET", k.encode(), v, b"PX", b"%d" % ttl) for k, v, ttl in items])
+        return True
 
     async def call(self, payloads: list[bytes]) -> list[object]:
         """Write the commands (`command(...)` each) at once; their replies, in order. Raises the first

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
@@ -286,9 +287,12 @@ class Shard:
             return await self.reader.mget(keys)
         return cast("list[bytes | None]", await self.client.mget(keys))
 
-    async def fill(self, items: list[tuple[str, bytes, int]]) -> None:
+    async def fill(self, items: list[tuple[str, bytes, int]], not_after: float = math.inf) -> None:
+        """SET PX each item; nothing once `not_after` (time.monotonic()) has passed (RedisTier.set_many)."""
         if self.reader is not None:
-            await self.reader.set_px(items)
+            await self.reader.set_px(items, not_after=not_after)
+            return
+        if time.monotonic() >= not_after:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for key, value, ttl_ms in items:

@@ -353,8 +353,9 @@ class RedisTier:
             view.writes -= 1
 
     # -- writes ------------------------------------------------------------------------------------
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]]) -> None:
-        """Best effort: SET key value PX ttl_ms per item, pipelined per shard. Errors only count."""
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]], *, not_after: float = math.inf) -> None:
+        """Best effort: SET key value PX ttl_ms per item, pipelined per shard. Errors only count. Not
+        sent to a copy once `not_after` (time.monotonic()) has passed: a fill's window (Loaded.fill_by)."""
         view = self._view
         if not self._may_write(view):
             return
@@ -363,7 +364,7 @@ class RedisTier:
         async def one(name: str, idx: list[int]) -> None:
             # Every copy; a failure is counted by the copy's guard and the next miss fills again.
             batch = [items[i] for i in idx]
-            await view.shards[name].write_all(lambda copy: copy.fill(batch))
+            await view.shards[name].write_all(lambda copy: copy.fill(batch, not_after))
 
         view.writes += 1
         try:

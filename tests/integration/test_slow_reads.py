@@ -96,8 +96,8 @@ async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_on
         metrics = Metrics(CollectorRegistry())
         sent = tier.set_many
 
-        async def slow_set(items: list[tuple[str, bytes, int]]) -> None:
-            await sent(items)
+        async def slow_set(items: list[tuple[str, bytes, int]], *, not_after: float) -> None:
+            await sent(items)   # sent in time (`not_after` is on the real clock; this test's runs on `clock`)
             clock.now += 0.02   # the reply came back past the fill window
 
         tier.set_many = slow_set   # type: ignore[method-assign]
