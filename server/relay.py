@@ -4,7 +4,9 @@ Every node runs one. It takes unsettled outbox rows older than `reinvalidate_del
 nodes share the work), deletes their cache keys again and publishes them, then marks them settled.
 The delay closes the read/write race: a reader that loaded the old row from PostgreSQL just before
 the commit may SET it into Redis just after the writer's delete; the relay's delete comes later.
-A row whose shards did not all acknowledge stays unsettled and is retried on the next pass.
+A row whose shards did not all acknowledge stays unsettled and is retried on the next pass. A row
+whose writer recorded no delete (`invalidated_at`: its shard was down, it failed, or a slow commit's
+writer had not marked it yet) gets two from the relay, `reinvalidate_delay` apart.
 """
 
 from __future__ import annotations
@@ -29,19 +31,20 @@ MISSED_ROWS_MAX = 2_000
 
 
 async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, cached_for: float) -> int:
-    """One pass; returns how many rows it settled. Card keys go under every BIN table version the
-    database says their answers may be cached under (`cached_for`: the cache TTL), not only the ones
-    this node knows of: a node that has not loaded a newly activated table yet still deletes the
-    keys of nodes that have (server/cache_keys.py)."""
+    """One pass; returns how many rows it deleted (settled, or given their first delete). Card keys go
+    under every BIN table version the database says their answers may be cached under (`cached_for`:
+    the cache TTL), not only the ones this node knows of: a node that has not loaded a newly activated
+    table yet still deletes the keys of nodes that have (server/cache_keys.py)."""
     async with pool.acquire() as conn, conn.transaction():
         # Rows never tried first, then the ones tried longest ago (migration 0013): rows a down shard
         # keeps unsettled go round behind the others instead of taking every pass.
-        # `delay` after the writer's own delete when it made one (invalidated_at, set after its commit),
-        # not only after the row's insert: a commit that took longer than `delay` (a synchronous standby
-        # or an fsync that stalls) otherwise got its second delete at once, beside the first, and a read
-        # racing the commit filled the old row after both for the whole TTL (docs/decisions.md).
+        # The second delete comes `delay` after the first (invalidated_at: the writer's, after its
+        # commit), not only after the row's insert: a commit that took longer than `delay` (a synchronous
+        # standby, an fsync that stalls) got both at once, and a read racing the commit filled the old
+        # row after both, for the TTL (docs/decisions.md "Slow reads"). A row no first delete was
+        # recorded for (the writer's failed, or is not marked yet) gets one here, and its second later.
         rows = await conn.fetch(
-            "SELECT id, cache_keys FROM outbox WHERE settled_at IS NULL"
+            "SELECT id, cache_keys, invalidated_at IS NOT NULL AS first_done FROM outbox WHERE settled_at IS NULL"
             " AND created_at < clock_timestamp() - $1::interval"
             " AND (invalidated_at IS NULL OR invalidated_at < clock_timestamp() - $1::interval)"
             " ORDER BY attempted_at NULLS FIRST, id LIMIT $2"
@@ -49,19 +52,21 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None
         versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
-        settled = [r["id"] for r in rows
-                   if await resolver.invalidate(r["cache_keys"], position=position, bin_versions=versions)]
+        acked = [r for r in rows
+                 if await resolver.invalidate(r["cache_keys"], position=position, bin_versions=versions)]
+        settled = [r["id"] for r in acked if r["first_done"]]
         if settled:
-            await conn.execute(
-                "UPDATE outbox SET settled_at = clock_timestamp(),"
-                " invalidated_at = coalesce(invalidated_at, clock_timestamp()) WHERE id = ANY($1::bigint[])",
-                settled)
-        done = set(settled)
+            await conn.execute("UPDATE outbox SET settled_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+                               settled)
+        if first := [r["id"] for r in acked if not r["first_done"]]:
+            await conn.execute("UPDATE outbox SET invalidated_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
+                               first)
+        done = {r["id"] for r in acked}
         owed = [r["id"] for r in rows if r["id"] not in done]
         if owed:
             await conn.execute("UPDATE outbox SET attempted_at = clock_timestamp() WHERE id = ANY($1::bigint[])",
                                owed)
-    return len(settled)
+    return len(acked)
 
 
 async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: float,
@@ -103,8 +108,8 @@ async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *,
                 metrics.outbox_pending.set(row["n"])
                 metrics.outbox_age.set(row["age"])
             if row is None or row["n"]:
-                settled = await relay_once(pool, resolver, delay=delay, cached_for=cached_for)
-                if settled == BATCH:
+                deleted = await relay_once(pool, resolver, delay=delay, cached_for=cached_for)
+                if deleted == BATCH:
                     continue
         except asyncio.CancelledError:
             raise

@@ -8,6 +8,7 @@ refuses the down shard's keys."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Iterable, Iterator, Sequence
 
 import asyncpg
@@ -54,9 +55,12 @@ def test_rows_owed_to_a_down_shard_do_not_hold_back_newer_writes(quiet_db: DevEn
             async with pool.acquire() as conn:
                 await conn.execute("DELETE FROM outbox")
                 for keys in [[f"down:{i}"] for i in range(5)] + [["ok:newer-write"]]:   # the owed rows, older
-                    await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at)"
-                                       " VALUES ('card.updated', 'card', 'x', $1, clock_timestamp() - interval '1 h')",
-                                       keys)
+                    # The writers' own deletes: refused by the down shard, done for the newer write.
+                    await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at,"
+                                       " invalidated_at) VALUES ('card.updated', 'card', 'x', $1,"
+                                       " clock_timestamp() - interval '1 h', $2)",
+                                       keys, None if keys[0].startswith("down:") else dt.datetime.now(dt.UTC)
+                                       - dt.timedelta(hours=1))
             tier = Tier()
             for _ in range(2):   # two passes of three rows
                 await relay.relay_once(pool, tier, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
@@ -71,15 +75,15 @@ def test_rows_owed_to_a_down_shard_do_not_hold_back_newer_writes(quiet_db: DevEn
         f"down:{i}" for i in range(5)], asked   # every owed row tried in two passes, none starved
 
 
-def test_the_second_delete_comes_the_delay_after_the_writers_delete_not_after_the_insert(
-        quiet_db: DevEnvironment) -> None:
+def test_the_second_delete_comes_the_delay_after_the_first_not_after_the_insert(quiet_db: DevEnvironment) -> None:
     """A commit that takes longer than the re-invalidation delay (a synchronous standby or an fsync that
-    stalls): the outbox row's created_at is its insert, a second before the commit, so the relay's
+    stalls): the outbox row's created_at is its insert, seconds before the commit, so the relay's
     second delete came at once, beside the writer's first, and a read whose snapshot missed the write
     (taken just before the commit) filled the old row after both, for the whole TTL: the race the
-    second delete exists for. The writer's delete is after its commit (invalidated_at); the second
-    delete waits the delay after it."""
-    async def scenario() -> tuple[list[str], list[str]]:
+    second delete exists for. It now comes the delay after the first: the writer's (invalidated_at,
+    after its commit), or, where none is recorded yet (its delete failed, or it has not marked the
+    row yet), the relay's own first one."""
+    async def scenario() -> tuple[list[str], list[str], list[str], list[bool]]:
         pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
         try:
             async with pool.acquire() as conn:
@@ -88,18 +92,22 @@ def test_the_second_delete_comes_the_delay_after_the_writers_delete_not_after_th
                 await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at,"
                                    " invalidated_at) VALUES ('card.updated', 'card', 'x', $1,"
                                    " clock_timestamp() - interval '2 s', clock_timestamp())", ["crd:slow-commit"])
-                # A write with no first delete (its shard was down): the delay runs from its insert, as before.
+                # The same, its writer's delete not recorded (failed, or not marked yet).
                 await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at)"
                                    " VALUES ('card.updated', 'card', 'y', $1, clock_timestamp() - interval '2 s')",
-                                   ["crd:first-delete-failed"])
-            at_once, later = Tier(), Tier()
+                                   ["crd:not-marked"])
+            at_once, again, later = Tier(), Tier(), Tier()
             await relay.relay_once(pool, at_once, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+            await relay.relay_once(pool, again, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
             await asyncio.sleep(0.6)
             await relay.relay_once(pool, later, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
-            return at_once.asked, later.asked
+            rows = await pool.fetch("SELECT settled_at IS NOT NULL AS settled FROM outbox ORDER BY id")
+            return at_once.asked, again.asked, later.asked, [r["settled"] for r in rows]
         finally:
             await pool.close()
 
-    at_once, later = asyncio.run(scenario())
+    at_once, again, later, settled = asyncio.run(scenario())
     assert "crd:slow-commit" not in at_once, "the second delete came at once, beside the writer's first"
-    assert at_once == ["crd:first-delete-failed"] and later == ["crd:slow-commit"], (at_once, later)
+    assert at_once == ["crd:not-marked"], at_once                 # its first delete, not yet its second
+    assert again == [], "a second delete beside the first"
+    assert sorted(later) == ["crd:not-marked", "crd:slow-commit"] and settled == [True, True], (later, settled)
