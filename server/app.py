@@ -257,7 +257,7 @@ class Node:
             self.tier.missed_deletes = functools.partial(unsettled_keys, self.pool, cached_for=cached_for,
                                                          timeout=s.pg_timeout)
         self.resolver = Resolver(near=near, tier=self.tier, metrics=self.metrics, route=route,
-                                 load_timeout=s.pg_timeout,
+                                 load_timeout=s.pg_timeout, batch_loads=max(1, s.pg_pool_max // 2),
                                  policy=CachePolicy(ttl=s.cache_ttl, ttl_jitter=s.cache_ttl_jitter,
                                                     negative_ttl=s.negative_ttl))
         if self.hybrid and s.redis_thread_connections > 0 and self.tier is not None:

@@ -61,7 +61,7 @@ class Lookup(NamedTuple):
 
 class Resolver:
     def __init__(self, *, near: NearCache, tier: RedisTier | None, policy: CachePolicy,
-                 metrics: Metrics, route: ReadRoute, load_timeout: float = 2.0) -> None:
+                 metrics: Metrics, route: ReadRoute, load_timeout: float = 2.0, batch_loads: int = 0) -> None:
         self.route = route
         self.near = near
         self.tier = tier
@@ -69,6 +69,9 @@ class Resolver:
         self.metrics = metrics
         # Bounds the whole load, pool wait and (re)connect included, not just the query.
         self.load_timeout = load_timeout
+        # One batch's PostgreSQL loads at once (0: all): the others wait their turn, outside load_timeout,
+        # instead of queueing for the pool inside it (1,000 misses timed out behind each other).
+        self.batch_loads = batch_loads
         # The hybrid serving model sets it: `now` reads Redis on the gRPC thread (server/cache/thread_reads.py).
         self.thread_reads: ThreadReads | None = None
         # The BIN table versions card answers may be cached under (server/bin_source.py sets it).
@@ -247,7 +250,7 @@ class Resolver:
     # -- many keys -------------------------------------------------------------------------------
     async def resolve_many(self, lookups: Sequence[Lookup]) -> list[bytes | CrsError]:
         """Answers in order; each key fails on its own. L2 is read with one MGET per shard, all
-        shards concurrently; the misses load from PostgreSQL concurrently (bounded by the pool)."""
+        shards concurrently; the misses load from PostgreSQL concurrently, `batch_loads` at a time."""
         out: list[bytes | CrsError | None] = [None] * len(lookups)
         missing: list[int] = []
         for i, lk in enumerate(lookups):
@@ -270,8 +273,13 @@ class Resolver:
             missing = still
         if missing:
             # Duplicate keys in one batch load once: _single_flight coalesces them.
-            results = await asyncio.gather(*(self._single_flight(lookups[i]) for i in missing),
-                                           return_exceptions=True)
+            turns = asyncio.Semaphore(self.batch_loads or len(missing))
+
+            async def load(lookup: Lookup) -> bytes:
+                async with turns:
+                    return await self._single_flight(lookup)
+
+            results = await asyncio.gather(*(load(lookups[i]) for i in missing), return_exceptions=True)
             for i, r in zip(missing, results, strict=True):
                 if isinstance(r, CrsError | bytes):
                     out[i] = r
