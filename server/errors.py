@@ -18,6 +18,7 @@ The tree (two families: the caller's fault and a dependency's fault)::
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
         ├── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
+        ├── WriteOutcomeUnknown     DEADLINE_EXCEEDED  PostgreSQL lost during a COMMIT, no request_id to retry with
         └── WriteConflict           ABORTED            PostgreSQL broke a lock cycle between two writes
 
 Messages are written for the caller and must never contain a full PAN or account number: the core
@@ -108,6 +109,15 @@ class BackendUnavailable(BackendError):
 
 
 class BackendTimeout(BackendError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class WriteOutcomeUnknown(BackendError):
+    """The connection to PostgreSQL was lost during a write's COMMIT, which may have been applied, and
+    the request has no request_id: a retry could write it twice. DEADLINE_EXCEEDED, which gRPC defines
+    as "may have completed" and which the recommended retry policy (server/client_config.py) does not
+    retry; with a request_id the same loss answers UNAVAILABLE, retried safely."""
+
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 

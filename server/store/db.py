@@ -39,6 +39,16 @@ UNAVAILABLE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, a
                       asyncpg.exceptions.CrashShutdownError, asyncpg.exceptions.ReadOnlySQLTransactionError,
                       CLIENT_STATE, OSError)
 
+# The server itself is short of something (disk full, out of memory: SQLSTATE class 53), its
+# filesystem failed (class 58), or it ended an idle transaction's session: the database's fault, not
+# the request's; the statement did nothing.
+SERVER_TROUBLE = (asyncpg.exceptions.InsufficientResourcesError, asyncpg.exceptions.PostgresSystemError,
+                  asyncpg.exceptions.IdleInTransactionSessionTimeoutError)
+# Raised by a COMMIT, these leave its outcome unknown: the server may have committed before the
+# connection went (or, waiting on a synchronous standby, committed locally as it was cancelled).
+COMMIT_LOST = (TimeoutError, OSError, asyncpg.InterfaceError, CLIENT_STATE, asyncpg.PostgresConnectionError,
+               asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CrashShutdownError)
+
 # PostgreSQL ended the transaction to break a lock cycle (or a serialization failure): retryable.
 CONFLICT_ERRORS = (asyncpg.exceptions.DeadlockDetectedError, asyncpg.exceptions.SerializationError)
 
@@ -108,15 +118,22 @@ async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: i
 
 @contextlib.contextmanager
 def translate_db_errors() -> Iterator[None]:
-    """Driver and network failures become BackendUnavailable/BackendTimeout, a deadlock or serialization
-    failure WriteConflict (ABORTED); nothing else changes."""
+    """Driver and network failures become BackendUnavailable/BackendTimeout, a statement the server
+    ended for its statement_timeout or lock_timeout BackendTimeout, a deadlock or serialization failure
+    WriteConflict (ABORTED); nothing else changes (a bug, or the caller's fault, stays INTERNAL)."""
     try:
         yield
     except TimeoutError as exc:
         raise BackendTimeout("the database did not answer in time") from exc
     except CONFLICT_ERRORS as exc:
         raise WriteConflict("the write conflicted with a concurrent one and was rolled back: retry it") from exc
-    except UNAVAILABLE_ERRORS as exc:
+    except asyncpg.exceptions.LockNotAvailableError as exc:
+        raise BackendTimeout("the database ended a statement that waited on a lock past its lock_timeout:"
+                             " nothing was written; retry later") from exc
+    except asyncpg.exceptions.QueryCanceledError as exc:
+        raise BackendTimeout("the database ended a statement at its statement_timeout (or an operator cancelled"
+                             " it): nothing was written; retry later") from exc
+    except (*UNAVAILABLE_ERRORS, *SERVER_TROUBLE) as exc:
         raise BackendUnavailable("the database is unavailable") from exc
 
 

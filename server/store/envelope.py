@@ -26,10 +26,10 @@ from google.protobuf.message import Message
 
 from server.caller import Caller
 from server.crypto import Keyring
-from server.errors import AlreadyExists, InvalidKey
+from server.errors import AlreadyExists, BackendUnavailable, InvalidKey, WriteOutcomeUnknown
 from server.feed.events import feed_fields
 from server.pan import contains_card_number, redact_digits
-from server.store.db import Conn, translate_db_errors
+from server.store.db import COMMIT_LOST, Conn, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
 _REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id", "survivor_id", "merged_id")
@@ -89,6 +89,21 @@ def request_digest(keyring: Keyring, req: Request, version: int) -> bytes:
     return keyring.fingerprint(asked.SerializeToString(deterministic=True).hex(), version)
 
 
+def commit_lost(request_id: str) -> BackendUnavailable | WriteOutcomeUnknown:
+    """What a write answers when the connection went during its COMMIT: PostgreSQL may have applied it.
+    With a request_id, UNAVAILABLE: the recommended channel retries it, and the retry answers the first
+    write's result if it was applied (writes it if not). Without one a retry could write twice, so
+    DEADLINE_EXCEEDED ("may have completed"), which nothing retries on its own (docs/decisions.md,
+    "A write's lost COMMIT")."""
+    if request_id:
+        return BackendUnavailable("the database was lost while the write committed, so it may have been applied:"
+                                  " retry with the same request_id, which answers its result if it was")
+    return WriteOutcomeUnknown("the database was lost while the write committed: it may have been applied. It"
+                               " carried no request_id, so it was not retried: read it back before writing"
+                               " again, and send a request_id with every write (a retry then answers the first"
+                               " write's result)")
+
+
 class WriteEnvelope:
     def __init__(self, *, pool: asyncpg.Pool, keyring: Keyring, timeout: float) -> None:
         self.pool = pool
@@ -107,32 +122,44 @@ class WriteEnvelope:
                     stored = await self._replay(conn, rpc, req, caller)
                     if stored is not None:
                         return stored
-                async with conn.transaction():
-                    if request_id:
-                        # Claimed first: a retry that arrives while the original is still running waits
-                        # here for its commit and then replays its answer (or, if it rolled back, writes).
-                        await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", REQUEST_LOCK,
-                                           request_lock_key(request_id))
-                        stored = await self._replay(conn, rpc, req, caller)
-                        if stored is not None:
-                            return stored
-                    change = await body(conn)
-                    response = change.response.SerializeToString()
-                    outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
-                    if request_id:
-                        version = self.keyring.fingerprint_version
-                        kept, dek_id = self.seal_answer(response) if change.sealed else (response, None)
-                        await conn.execute(
-                            "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version,"
-                            " answer_dek_id, client_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                            request_id, rpc, kept, request_digest(self.keyring, req, version), version, dek_id,
-                            caller.client_id)
-                    related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
-                    await self._audit(conn, caller, rpc, request_id, change.entity_type,
-                                      [change.entity_id, *related], "OK", outbox_id)
-                    state = change.feed_state.SerializeToString() if change.feed_state else response
-                    await self._append_to_feed(conn, outbox_id, change, state)
-                return WriteResult(response, change.stale_keys, int(outbox_id))
+                committing = False   # set once the body is done: an error from then on is the COMMIT's
+                try:
+                    async with conn.transaction():
+                        result = await self._in_transaction(conn, rpc, req, body, caller, request_id)
+                        committing = True
+                except COMMIT_LOST as exc:
+                    if committing:
+                        raise commit_lost(request_id) from exc
+                    raise
+                return result
+
+    async def _in_transaction(self, conn: Conn, rpc: str, req: Request, body: Body, caller: Caller,
+                              request_id: str) -> WriteResult:
+        if request_id:
+            # Claimed first: a retry that arrives while the original is still running waits
+            # here for its commit and then replays its answer (or, if it rolled back, writes).
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", REQUEST_LOCK,
+                               request_lock_key(request_id))
+            stored = await self._replay(conn, rpc, req, caller)
+            if stored is not None:
+                return stored
+        change = await body(conn)
+        response = change.response.SerializeToString()
+        outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
+        if request_id:
+            version = self.keyring.fingerprint_version
+            kept, dek_id = self.seal_answer(response) if change.sealed else (response, None)
+            await conn.execute(
+                "INSERT INTO idempotency (request_id, rpc, response, request_digest, digest_version,"
+                " answer_dek_id, client_id) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                request_id, rpc, kept, request_digest(self.keyring, req, version), version, dek_id,
+                caller.client_id)
+        related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
+        await self._audit(conn, caller, rpc, request_id, change.entity_type,
+                          [change.entity_id, *related], "OK", outbox_id)
+        state = change.feed_state.SerializeToString() if change.feed_state else response
+        await self._append_to_feed(conn, outbox_id, change, state)
+        return WriteResult(response, change.stale_keys, int(outbox_id))
 
     def seal_answer(self, response: bytes) -> tuple[bytes, int]:
         """An answer that holds personal data, sealed for the idempotency table: (blob, data key id)."""

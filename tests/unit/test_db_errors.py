@@ -1,0 +1,34 @@
+"""translate_db_errors: what the server raises when it is short of something or ended a statement
+for its own limits is the database's fault, answered UNAVAILABLE / DEADLINE_EXCEEDED, never INTERNAL
+"internal error" with a traceback per call (the statement and lock timeouts are also checked on a real
+PostgreSQL: tests/integration/test_pg_write_outcomes.py)."""
+
+from __future__ import annotations
+
+import asyncpg
+import grpc
+import pytest
+
+from server.errors import status_for
+from server.store.db import translate_db_errors
+
+E = asyncpg.exceptions
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (E.DiskFullError("could not extend file: No space left on device"), grpc.StatusCode.UNAVAILABLE),
+    (E.OutOfMemoryError("out of memory"), grpc.StatusCode.UNAVAILABLE),
+    (E.PostgresIOError("could not read block"), grpc.StatusCode.UNAVAILABLE),
+    (E.IdleInTransactionSessionTimeoutError("terminating connection due to idle-in-transaction timeout"),
+     grpc.StatusCode.UNAVAILABLE),
+    (E.QueryCanceledError("canceling statement due to statement timeout"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.LockNotAvailableError("canceling statement due to lock timeout"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.UniqueViolationError("duplicate key"), grpc.StatusCode.INTERNAL),   # a bug stays one
+])
+def test_the_servers_own_troubles_are_a_dependencys_fault(error: Exception, code: grpc.StatusCode) -> None:
+    with pytest.raises(Exception) as caught:
+        with translate_db_errors():
+            raise error
+    assert status_for(caught.value)[0] == code
+    if code != grpc.StatusCode.INTERNAL:
+        assert caught.value.__cause__ is error
