@@ -4,8 +4,10 @@ during a PostgreSQL outage").
 A node stays SERVING while PostgreSQL is down: it still answers every cached key. Probes and
 dashboards still need to tell a PostgreSQL outage from a node outage, so the node publishes a
 second health status under its own service name, DATABASE_SERVICE: every `interval` seconds one
-`SELECT 1` through the pool; SERVING when it answers within `timeout`, NOT_SERVING otherwise.
-The metric `crs_database_up` says the same.
+query through the pool; SERVING when it answers within `timeout` from a server that takes writes,
+NOT_SERVING otherwise: unreachable, or a read-only standby (a demoted primary the pool still reaches
+during a failover: lookups' misses read, every write fails UNAVAILABLE). The metric
+`crs_database_up` says the same.
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ async def probe_database(pool: asyncpg.Pool, servicer: HealthStatus, metrics: Me
     up: bool | None = None
     while True:
         try:
-            await pool.fetchval("SELECT 1", timeout=timeout)
-            now = True
+            now = not await pool.fetchval("SELECT pg_is_in_recovery()", timeout=timeout)
+            if not now and up is not False:
+                log.warning("PostgreSQL is a read-only standby (a failover in progress?): writes fail; health %s"
+                            " NOT_SERVING", DATABASE_SERVICE)
         except DB_ERRORS as exc:
             now = False
             if up is not False:

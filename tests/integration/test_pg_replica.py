@@ -12,20 +12,27 @@ These tests have their own stack: they pause, kill and promote servers.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2
+from prometheus_client import CollectorRegistry
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
+from server.db_health import probe_database
+from server.metrics import Metrics
 from server.proto import crs_pb2 as pb
 from server.settings import fill_window_of
 from tests.integration import load
@@ -189,6 +196,35 @@ class Writes:
                         break
                 i += 1
                 time.sleep(0.02)
+
+
+def test_the_database_status_is_not_serving_on_a_read_only_server(env: DevEnvironment) -> None:
+    """A pool that reaches a standby (a demoted primary during a failover) answered `SELECT 1`: the
+    crs.v1.Database status said SERVING while every write failed UNAVAILABLE."""
+    statuses: dict[str, list[int]] = {"primary": [], "standby": []}
+
+    class Servicer:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        async def set(self, service: str, status: Any) -> None:
+            statuses[self.name].append(status)
+
+    async def probe(name: str, dsn: str) -> None:
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+        try:
+            task = asyncio.create_task(probe_database(pool, Servicer(name), Metrics(CollectorRegistry()),
+                                                      interval=0.05, timeout=2.0))
+            await asyncio.sleep(0.3)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            await pool.close()
+
+    asyncio.run(probe("primary", env.admin_dsn))
+    asyncio.run(probe("standby", env.read_dsn))
+    assert statuses == {"primary": [health_pb2.HealthCheckResponse.SERVING],
+                        "standby": [health_pb2.HealthCheckResponse.NOT_SERVING]}
 
 
 def test_the_primary_dies_and_the_standby_is_promoted(env: DevEnvironment) -> None:
