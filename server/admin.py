@@ -14,6 +14,7 @@ from server.caller import Caller
 from server.errors import BackendError, CrsError
 from server.resolver import Resolver
 from server.store.admin import AdminStore
+from server.store.db import bounded
 from server.store.envelope import WriteResult
 
 log = logging.getLogger("crs.admin")
@@ -50,9 +51,13 @@ class AdminHandlers:
         return handle
 
     async def _audit_failure(self, caller: Caller, rpc: str, request: Any, exc: CrsError) -> None:
+        """Record the refusal or failure. After a database failure, within one CRS_PG_TIMEOUT: the
+        database that just failed would otherwise hold the caller's answer up to 5 x more (its
+        statements' bound), and the answer is what the caller waits for."""
+        audit = self.store.audit_failure(caller, rpc, request, exc.code.name)
         try:
-            await self.store.audit_failure(caller, rpc, request, exc.code.name)
-        except BackendError:
+            await (bounded(audit, self.store.timeout) if isinstance(exc, BackendError) else audit)
+        except (BackendError, TimeoutError):
             log.warning("could not record a failed write in the audit log", extra={"rpc": rpc})
 
     async def _invalidate(self, rpc: str, result: WriteResult) -> None:
