@@ -33,13 +33,13 @@ from datetime import UTC, datetime
 import asyncpg
 import orjson
 
-from server import cache_keys as ck
 from server.feed.events import feed_fields
 from server.identity.attributes import Identity
 from server.identity.cluster import cluster
 from server.identity.golden import display_name
 from server.identity.model import MatchModel, Score, Thresholds
 from server.proto import crs_pb2 as pb
+from server.store import edges
 from server.store.admin import MAX_NAME, new_id
 from server.store.db import Conn, translate_db_errors
 from server.store.envelope import FEED_CHANNEL, FEED_LOCK
@@ -354,6 +354,11 @@ class BulkCustomers:
             for r in await conn.fetch("UPDATE customers SET version = version + 1, updated_at = now()"
                                       " WHERE customer_id = ANY($1::text[]) RETURNING *", joined):
                 states[r["customer_id"]] = customer_msg(r)
+            # Their version moved: their aliases' profiles and their accounts' answers carry it too. The
+            # accounts are locked in one pass, in id order, before each customer's keys are read.
+            await edges.lock_accounts(conn, [r["account_id"] for r in await conn.fetch(
+                "SELECT account_id FROM account_customers WHERE customer_id = ANY($1::text[])", joined)], edges=False)
+        stale = {cid: await edges.stale_keys_for_customers(conn, [cid]) for cid in joined}
         now = datetime.now(UTC)
         records = []
         for event, ids in (("customer.created", created), ("customer.record_added", joined)):
@@ -363,7 +368,7 @@ class BulkCustomers:
                 payload = {"source_system": self.system, "decision": "import", "version": state.version}
                 # A new customer id was never cached: its row is settled at once. A joined customer's
                 # cached answer is stale: the relay deletes its key (throttled by the relay's batches).
-                keys = [ck.customer_key(cid)] if event == "customer.record_added" else []
+                keys = stale[cid] if event == "customer.record_added" else []
                 settled = None if keys else now
                 records.append((event, "customer", cid, orjson.dumps(payload).decode(), keys, feed.entity_type,
                                 feed.op, feed.entity_id, feed.version, state.SerializeToString(), settled, settled))

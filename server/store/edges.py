@@ -50,3 +50,21 @@ async def lock_accounts(conn: Conn, account_ids: Iterable[str], *, edges: bool) 
     if ids:
         await conn.execute("SELECT 1 FROM accounts WHERE account_id = ANY($1::text[]) ORDER BY account_id"
                            f" FOR {'NO KEY UPDATE' if edges else 'SHARE'}", ids)
+
+
+async def stale_keys_for_customers(conn: Conn, customer_ids: Iterable[str]) -> list[str]:
+    """Every cached answer that embeds one of these customers (its version too, which a caller sends
+    back as expected_version): their profiles and their aliases', and every answer of each account they
+    are related to. Call it with the customers' rows locked or updated (their relationships then stay
+    as they are until commit); their accounts are locked FOR SHARE here, after them (the lock order),
+    so that no card is issued on one unseen."""
+    ids = sorted({c for c in customer_ids if c})
+    if not ids:
+        return []
+    rows = await conn.fetch(
+        "SELECT customer_id AS ref, true AS alias FROM customers WHERE merged_into = ANY($1::text[])"
+        " UNION ALL SELECT account_id, false FROM account_customers WHERE customer_id = ANY($1::text[])", ids)
+    accounts = [r["ref"] for r in rows if not r["alias"]]
+    await lock_accounts(conn, accounts, edges=False)
+    return ([ck.customer_key(c) for c in ids] + [ck.customer_key(r["ref"]) for r in rows if r["alias"]]
+            + await stale_keys_for_accounts(conn, accounts))

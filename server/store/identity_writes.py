@@ -24,6 +24,7 @@ from server.identity.golden import REQUEST_FIELDS, display_name, raw_attributes
 from server.identity.model import MatchModel, Score, Thresholds
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
+from server.store import edges
 from server.store.admin import AdminStore, new_id
 from server.store.db import Conn, required
 from server.store.envelope import Change, WriteResult
@@ -158,7 +159,9 @@ class IdentityWrites(AdminStore):
                 row = required(await conn.fetchrow(
                     "UPDATE customers SET version = version + 1, updated_at = now() WHERE customer_id = $1"
                     " RETURNING *", cid))
-                return Change(customer_msg(row), await self.customer_keys(conn, [cid]), "customer.record_added",
+                # Its version moved: the answers of its accounts carry it, as its profile does.
+                return Change(customer_msg(row), await edges.stale_keys_for_customers(conn, [cid]),
+                              "customer.record_added",
                               "customer", cid,
                               {"source_system": source.system, "decision": "match", "version": row["version"]})
             if decision.decision == "POSSIBLE_MATCH" and self.policy == POLICY_REFUSE:
@@ -218,7 +221,8 @@ class IdentityWrites(AdminStore):
             # for replays sealed under the data key.
             answer.attributes.date_of_birth = ""
             payload: dict[str, Any] = {"source_system": source.system, "reviews": queued, "version": row["version"]}
-            return Change(answer, await self.customer_keys(conn, [customer_id]), "customer.identity_updated",
-                          "customer", customer_id, payload, feed_state=customer_msg(row), sealed=True)
+            stale = await edges.stale_keys_for_customers(conn, [customer_id])
+            return Change(answer, stale, "customer.identity_updated", "customer", customer_id, payload,
+                          feed_state=customer_msg(row), sealed=True)
 
         return await self._write("UpdateCustomerIdentity", req, body, caller)

@@ -24,6 +24,7 @@ from server.caller import Caller
 from server.errors import FailedPrecondition, InvalidKey, NotFound, WriteConflict
 from server.pan import parse_customer_id
 from server.proto import crs_pb2 as pb
+from server.store import edges
 from server.store.db import Conn, required, translate_db_errors
 from server.store.envelope import Change, WriteResult
 from server.store.identity_writes import IdentityWrites
@@ -139,7 +140,9 @@ class IdentityStore(IdentityWrites):
         moved = Moved(pb.Merge(winner_customer_id=survivor, loser_customer_id=merged))
         # The merged customer's accounts change customers: locked after the customers (docs/decisions.md,
         # "Lock order"). Its relationships cannot change meanwhile: that takes its row, locked above.
-        await self.lock_accounts(conn, await self._accounts_of(conn, merged), edges=True)
+        # The survivor's own accounts too: its version moves, which their answers carry (one pass, id order).
+        theirs_too = await self._accounts_of(conn, survivor)
+        await self.lock_accounts(conn, [*await self._accounts_of(conn, merged), *theirs_too], edges=True)
         record_ids = [r["record_id"] for r in await conn.fetch(
             "UPDATE source_records SET customer_id = $1 WHERE customer_id = $2 RETURNING record_id", survivor, merged)]
         rels = await conn.fetch("SELECT account_id, role, created_at FROM account_customers WHERE customer_id = $1"
@@ -181,6 +184,7 @@ class IdentityStore(IdentityWrites):
             sorted(aliases), repointed)
         moved.stale = await self.stale_keys_for_accounts(conn, accounts)
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])
+        moved.stale += await edges.stale_keys_for_customers(conn, [survivor])   # its version moved
         moved.payload = {"customer_id": survivor, "records": len(record_ids), "relationships": len(recorded),
                          "conflicts": sum(1 for r in recorded if r["survivor_role"] is not None),
                          "aliases": sorted(aliases), "reviews": reviews}
@@ -264,7 +268,8 @@ class IdentityStore(IdentityWrites):
         recorded = m["relationships"]
         if isinstance(recorded, str):
             recorded = orjson.loads(recorded)
-        await self.lock_accounts(conn, [rel["account_id"] for rel in recorded], edges=True)
+        await self.lock_accounts(conn, [*(rel["account_id"] for rel in recorded),
+                                        *await self._accounts_of(conn, survivor)], edges=True)
         skipped: list[str] = []
         for rel in recorded:
             account, role, before = rel["account_id"], rel["role"], rel["survivor_role"]
@@ -304,6 +309,7 @@ class IdentityStore(IdentityWrites):
             " IN (o.customer_id, o.candidate_id))", merged, survivor, m["reviews"], OPEN)
         moved.stale = await self.stale_keys_for_accounts(conn, [r["account_id"] for r in recorded])
         moved.stale += await self.customer_keys(conn, [survivor, merged, *aliases])
+        moved.stale += await edges.stale_keys_for_customers(conn, [survivor])   # its version moved
         moved.payload = {"customer_id": survivor, "records": len(records),
                          "relationships": len(recorded) - len(skipped),
                          "skipped_accounts": skipped, "aliases": sorted(aliases)}
