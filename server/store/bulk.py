@@ -354,11 +354,9 @@ class BulkCustomers:
             for r in await conn.fetch("UPDATE customers SET version = version + 1, updated_at = now()"
                                       " WHERE customer_id = ANY($1::text[]) RETURNING *", joined):
                 states[r["customer_id"]] = customer_msg(r)
-            # Their version moved: their aliases' profiles and their accounts' answers carry it too. The
-            # accounts are locked in one pass, in id order, before each customer's keys are read.
-            await edges.lock_accounts(conn, [r["account_id"] for r in await conn.fetch(
-                "SELECT account_id FROM account_customers WHERE customer_id = ANY($1::text[])", joined)], edges=False)
-        stale = {cid: await edges.stale_keys_for_customers(conn, [cid]) for cid in joined}
+        # Their version moved: their aliases' profiles and their accounts' answers carry it too (the
+        # accounts locked in one pass, in id order, before the keys are read).
+        stale = await edges.stale_keys_by_customer(conn, joined)
         now = datetime.now(UTC)
         records = []
         for event, ids in (("customer.created", created), ("customer.record_added", joined)):
