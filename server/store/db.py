@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -76,6 +76,22 @@ async def bounded(work: Awaitable[T], timeout: float) -> T:
         task.add_done_callback(_consume)
         raise TimeoutError(f"no answer within {timeout:g} s")
     return task.result()
+
+
+async def one_node_in_batches(pool: asyncpg.Pool, lock: int,
+                              step: Callable[[Conn], Awaitable[tuple[int, bool]]]) -> int:
+    """Run `step` (rows removed, whether there may be more) in transactions of its own until it says
+    there is no more, each under the transaction-level advisory lock `lock` (PgBouncer-safe): short
+    transactions, one node at a time. Returns how many rows went in all; 0 when another node holds it."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", lock):
+                return removed
+            count, more = await step(conn)
+        removed += count
+        if not more:
+            return removed
 
 
 class NoSessionReset(asyncpg.Connection):

@@ -29,7 +29,7 @@ from server.crypto import Keyring
 from server.errors import AlreadyExists, BackendUnavailable, InvalidKey, WriteOutcomeUnknown
 from server.feed.events import feed_fields
 from server.pan import contains_card_number, redact_digits
-from server.store.db import COMMIT_LOST, Conn, translate_db_errors
+from server.store.db import COMMIT_LOST, Conn, one_node_in_batches, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
 _REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id", "survivor_id", "merged_id")
@@ -251,16 +251,12 @@ class WriteEnvelope:
 async def prune_idempotency(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 5_000) -> int:
     """Delete idempotency rows older than `older_than`, oldest first, `batch` rows a transaction (each
     short: writes never wait long on it). A retry after that answers as a new request. Returns how
-    many rows went; 0 when another node is at it (a transaction-level lock: PgBouncer-safe)."""
-    removed = 0
-    while True:
-        async with pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK):
-                return removed
-            status = await conn.execute(
-                "DELETE FROM idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency"
-                " WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT $2))", older_than, batch)
+    many rows went; 0 when another node is at it."""
+    async def step(conn: Conn) -> tuple[int, bool]:
+        status = await conn.execute(
+            "DELETE FROM idempotency WHERE ctid = ANY(ARRAY(SELECT ctid FROM idempotency"
+            " WHERE created_at < now() - $1::interval ORDER BY created_at LIMIT $2))", older_than, batch)
         count = int(status.split()[-1])
-        removed += count
-        if count < batch:
-            return removed
+        return count, count == batch
+
+    return await one_node_in_batches(pool, PRUNE_LOCK, step)

@@ -21,7 +21,7 @@ from google.protobuf.message import Message
 
 from server.feed.events import change_event
 from server.proto import crs_pb2 as pb
-from server.store.db import Conn
+from server.store.db import Conn, one_node_in_batches
 from server.store.messages import account_msg, card_msg, customer_msg, relationship_msg
 
 _EVENT_COLUMNS = "seq, created_at, feed_type, feed_op, feed_id, feed_version, state"
@@ -85,19 +85,17 @@ async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 
     """Delete settled feed rows older than the retention window, `batch` sequences at a time, and move
     the horizon past them. Rows the relay has not settled yet stay (it still needs them) but are
     below the horizon all the same. Returns how many rows went; 0 when another node is at it."""
-    removed = 0
-    while True:
-        async with pool.acquire() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", COMPACTION_LOCK):
-                return removed
-            through = await conn.fetchval(
-                "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE seq > (SELECT compacted_through FROM feed_horizon)"
-                " AND created_at < now() - $1::interval ORDER BY seq LIMIT $2) AS old", older_than, batch)
-            if through is None:
-                return removed
-            status = await conn.execute("DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
-            await conn.execute("UPDATE feed_horizon SET compacted_through = $1, compacted_at = now()", through)
-            removed += int(status.split()[-1])
+    async def step(conn: Conn) -> tuple[int, bool]:
+        through = await conn.fetchval(
+            "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE seq > (SELECT compacted_through FROM feed_horizon)"
+            " AND created_at < now() - $1::interval ORDER BY seq LIMIT $2) AS old", older_than, batch)
+        if through is None:
+            return 0, False
+        status = await conn.execute("DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
+        await conn.execute("UPDATE feed_horizon SET compacted_through = $1, compacted_at = now()", through)
+        return int(status.split()[-1]), True
+
+    return await one_node_in_batches(pool, COMPACTION_LOCK, step)
 
 
 SNAPSHOT_QUERIES: dict[int, tuple[str, str]] = {   # entity type -> (query, SnapshotChunk field)
