@@ -25,6 +25,14 @@ pytestmark = pytest.mark.integration
 STALL = 1.0
 
 
+def _snapshot(pool: asyncpg.Pool, entity_type: int) -> tuple[FeedHandlers, AsyncIterator[bytes]]:
+    """A Snapshot of one entity type through the real handler, one entity a chunk, STALL as its bound."""
+    handlers = FeedHandlers(pool=pool, tailer=None, timeout=5.0, batch=10,  # type: ignore[arg-type]
+                            progress_interval=1.0, snapshot_chunk=1, snapshot_max=1, snapshot_stall=STALL)
+    return handlers, handlers.Snapshot(pb.SnapshotRequest(entity_types=[entity_type]),  # type: ignore[list-item]
+                                       Caller("extract", frozenset(), "mtls"))
+
+
 async def _close(chunks: AsyncIterator[bytes], pool: asyncpg.Pool) -> None:
     """A failed check must not leave the snapshot's connection holding pool.close()."""
     with contextlib.suppress(Exception):
@@ -40,10 +48,7 @@ async def _close(chunks: AsyncIterator[bytes], pool: asyncpg.Pool) -> None:
 def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: DevEnvironment) -> None:
     async def scenario() -> None:
         pool = await asyncpg.create_pool(dev_env.admin_dsn, min_size=1, max_size=2)
-        handlers = FeedHandlers(pool=pool, tailer=None, timeout=5.0, batch=10,  # type: ignore[arg-type]
-                                progress_interval=1.0, snapshot_chunk=1, snapshot_max=1, snapshot_stall=STALL)
-        chunks = handlers.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]),
-                                   Caller("extract", frozenset(), "mtls"))
+        handlers, chunks = _snapshot(pool, pb.ENTITY_TYPE_CUSTOMER)
         try:
             assert pb.SnapshotChunk.FromString(await chunks.__anext__()).customers
             pid = await pool.fetchval("SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction'"
@@ -70,10 +75,7 @@ def test_a_snapshot_read_waiting_on_a_lock_is_ended_not_left_waiting(dev_env: De
     the lock was held, whatever the reader's own patience."""
     async def scenario() -> None:
         pool = await asyncpg.create_pool(dev_env.admin_dsn, min_size=1, max_size=3)
-        handlers = FeedHandlers(pool=pool, tailer=None, timeout=5.0, batch=10,  # type: ignore[arg-type]
-                                progress_interval=1.0, snapshot_chunk=1, snapshot_max=1, snapshot_stall=STALL)
-        chunks = handlers.Snapshot(pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_ACCOUNT]),
-                                   Caller("extract", frozenset(), "mtls"))
+        handlers, chunks = _snapshot(pool, pb.ENTITY_TYPE_ACCOUNT)
         try:
             async with pool.acquire() as migration, migration.transaction():
                 await migration.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
