@@ -20,6 +20,8 @@ mkdir -p "$OUT"
 log="$OUT/sweep16.log"
 exec > >(tee "$log") 2>&1
 echo "== $(date -u +%FT%TZ) $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $($PYTHON --version), kernel $(uname -r)"
+lscpu 2>/dev/null | grep -E '^(Model name|Thread|Core|Socket|NUMA node\(s\)|L3)' || true
+echo "== siblings: $(cat /sys/devices/system/cpu/cpu*/topology/thread_siblings_list 2>/dev/null | sort -u | tr '\n' ' ')"
 ls .whl/*.whl > /dev/null || { echo "no wheels in .whl/: run loadtests/device/fetch-wheels.sh here and carry .whl"; exit 3; }
 started=$(date +%s)
 $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
@@ -33,6 +35,11 @@ print("== imports:", "grpcio", grpc.__version__, "protobuf", google.protobuf.__v
 PY
 # Sizes: the 1/2/4/8 nodes, one shard per two nodes, unpaced (closed loop: as fast as the
 # load generator drives them), 2 rounds. About 5 minutes on 16 cores; the tool allows 10 a call.
+# Users: 12 per node (n nodes, 12 n users), not a fixed number per locust worker. The first device run
+# (2026-12-04) gave every size 48 users per worker, so the 1-node size got 672 BatchResolves in flight
+# on one core: calls queued past their 5 s deadline, the node spent its CPU on answers nobody waited for
+# (0.108 CPU-s/1k against 0.032 at 8 nodes) and 74% of calls failed. 12 batches of ~275 keys per node
+# keep a core busy with ~0.1 s of queue.
 # The mix is BatchResolve (200 keys a call): 8 nodes leave 6-7 cores to locust, and a locust worker
 # costs about what a node does per unary call or stream key. Measured here (2 cores: one node, one
 # locust worker, Redis and PostgreSQL; this script at a small size, 2026-12-03), the worker kept the
@@ -43,10 +50,10 @@ PY
 # nodes 2% would make PostgreSQL, not the nodes, the limit. SWEEP_MIX=retail to compare.
 timeout "${SWEEP_TIMEOUT:-500}" $PYTHON -m loadtests.sweep \
   --nodes "${SWEEP_NODES:-1,2,4,8}" --shards "${SWEEP_SHARDS:-1,1,2,4}" --node-mode workers \
-  --customers "${SWEEP_CUSTOMERS:-10000}" --seconds "${SWEEP_SECONDS:-20}" --warmup "${SWEEP_WARMUP:-5}" \
+  --customers "${SWEEP_CUSTOMERS:-6000}" --seconds "${SWEEP_SECONDS:-15}" --warmup "${SWEEP_WARMUP:-4}" \
   --idle-seconds 3 --rounds "${SWEEP_ROUNDS:-2}" --calibrate none --no-light --mix "${SWEEP_MIX:-batch}" \
   --unknown "${SWEEP_UNKNOWN:-0.002}" \
-  --users-per-worker "${SWEEP_USERS_PER_WORKER:-48}" \
+  --users-per-node "${SWEEP_USERS_PER_NODE:-12}" \
   --machine-name "${SWEEP_MACHINE:-the device machine ($(nproc) cores)}" \
   --out "$OUT/sweep-16core" --note "unpaced 1/2/4/8-node sweep, mix ${SWEEP_MIX:-batch}, loadtests/device/sweep16.sh"
 rc=$?

@@ -26,7 +26,15 @@ from typing import Any
 
 from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
 from loadtests.shared.latency import Timeline, coefficient_of_variation
-from loadtests.shared.machine import cpu_model, git_commit, kernel, utc_now
+from loadtests.shared.machine import (
+    cores_first,
+    cpu_model,
+    describe_topology,
+    git_commit,
+    kernel,
+    sibling_sets,
+    utc_now,
+)
 from loadtests.shared.metrics import scrape_tiers
 from loadtests.shared.paths import LOCUSTFILE, REPO, SWEEP_DIR
 from loadtests.shared.procs import cpu_delta, pin, runtime_snapshot
@@ -123,9 +131,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "each paced at a random phase) instead of a closed loop as fast as the users can go; the "
                         "way to compare sizes on a machine whose load generator cannot saturate the biggest one "
                         "(default 0 = closed loop)")
-    g.add_argument("--users-per-node", type=int, default=16,
-                   help="paced runs: simulated users (connections) per node, so every size sees the same "
-                        "connections per node (default 16)")
+    g.add_argument("--users-per-node", type=int, default=None,
+                   help="simulated users (connections) per node, so every size sees the same connections per "
+                        "node: n nodes get n x this, spread over the locust workers (paced runs: default 16; "
+                        "closed loop: default unset = --users-per-worker x workers, the same total at every "
+                        "size; set it when the smallest size would otherwise queue past its deadlines)")
     g.add_argument("--idle-seconds", type=float, default=5.0,
                    help="an idle window before each load (fresh nodes, serving, no traffic) that measures each "
                         "tier's fixed CPU cost (default 5; 0 = skip)")
@@ -178,6 +188,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--seconds must be > 0 and --warmup >= 0")
     if args.idle_seconds < 0:
         p.error("--idle-seconds must be >= 0")
+    closed_per_node = args.users_per_node is not None and args.per_node_rate <= 0
+    args.closed_users_per_node = args.users_per_node if closed_per_node else 0
+    if args.users_per_node is None:
+        args.users_per_node = 16
     for name in ("customers", "users_per_worker", "light_users", "users_per_node", "shard_series_nodes", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -224,7 +238,8 @@ def backend_cores(shards: int) -> int:
 
 
 def plan_layout(cpus: Sequence[int], nodes: int, shards: int, locust_workers: int = 0, pin: bool = True) -> Layout:
-    cpus = tuple(sorted(cpus))
+    """Hands out `cpus` in the order given (machine.cores_first: whole physical cores first)."""
+    cpus = tuple(cpus)
     if not pin or len(cpus) < 2:
         return Layout("off", (), (), (), locust_workers or 1)
     need = nodes + backend_cores(shards)
@@ -257,7 +272,9 @@ class LoadSpec:
 def paced_spec(series: str, mix: str, *, nodes: int, per_node_rate: float, users_per_node: int,
                workers: int) -> LoadSpec:
     """Same load and same users (connections) per node at every size: users_per_node x nodes users,
-    spread evenly over the locust workers, each offering per_node_rate x nodes / users calls/s."""
+    spread evenly over the locust workers, each offering per_node_rate x nodes / users calls/s (0: a
+    closed loop, each user as fast as its answers come)."""
+    workers = max(1, min(workers, users_per_node * nodes))   # no locust worker without a user
     users_per_worker = math.ceil(users_per_node * nodes / workers)
     rate = per_node_rate * nodes / (users_per_worker * workers)
     return LoadSpec("sweep", mix, users_per_worker, workers, user_rate=rate, series=series)
@@ -612,6 +629,7 @@ def machine_info(name: str, layouts: dict[str, str]) -> dict[str, Any]:
     info: dict[str, Any] = {
         "name": name or f"{socket.gethostname()} ({cores} cores)",
         "date": utc_now(), "cpu_model": cpu_model(), "cores": cores, "kernel": kernel(),
+        "topology": describe_topology(sibling_sets(os.sched_getaffinity(0))),
         "python": platform.python_version(), "grpcio": pkg("grpcio"), "locust": pkg("locust"),
     }
     for key, text in layouts.items():
@@ -665,7 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from server.logs import configure_logging
 
     configure_logging("WARNING")
-    cpus = sorted(os.sched_getaffinity(0))
+    topology = sibling_sets(os.sched_getaffinity(0))
+    cpus = cores_first(topology)
     node_configs = list(zip(args.nodes, args.shards, strict=True))
     sweeps = ([("nodes", n, s) for n, s in node_configs]
               + [("shards", args.shard_series_nodes, s) for s in args.shard_series])
@@ -709,6 +728,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if args.per_node_rate > 0:
                     spec = paced_spec(series, mix, nodes=n, per_node_rate=args.per_node_rate,
                                       users_per_node=args.users_per_node, workers=lay.workers)
+                elif args.closed_users_per_node:
+                    spec = paced_spec(series, mix, nodes=n, per_node_rate=0.0,
+                                      users_per_node=args.closed_users_per_node, workers=lay.workers)
                 else:
                     spec = LoadSpec("sweep", mix, args.users_per_worker, lay.workers, series=series)
                 spec.round = round_no
@@ -775,7 +797,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          else f"warm (every demo key resolved once at the start; CRS_CACHE_TTL {args.cache_ttl:g}s)"),
               "seconds": args.seconds, "warmup": args.warmup,
               "users_per_worker": args.users_per_worker,
-              "users_per_node": args.users_per_node if args.per_node_rate > 0 else "-",
+              "users_per_node": (args.users_per_node if args.per_node_rate > 0
+                                 else args.closed_users_per_node or "-"),
               "rounds": args.rounds,
               "idle_seconds": args.idle_seconds,
               "light": "off" if args.no_light else f"{args.light_users} users x {args.light_rate:g} calls/s",

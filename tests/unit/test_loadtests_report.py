@@ -7,6 +7,7 @@ import io
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ from loadtests.shared.latency import (
     bucket_upper_ms,
     coefficient_of_variation,
 )
+from loadtests.shared.machine import cores_first, describe_topology, parse_cpu_list, sibling_sets
 from loadtests.sweep.report import (
     RunResult,
     by_series,
@@ -32,7 +34,7 @@ from loadtests.sweep.report import (
     verdict,
     within,
 )
-from loadtests.sweep.run import calibration_users, paced_spec, plan_layout
+from loadtests.sweep.run import calibration_users, paced_spec, parse_args, plan_layout
 
 
 # -- histograms --------------------------------------------------------------------------------------
@@ -335,3 +337,37 @@ def test_probe_comparison_lines_up_windows(tmp_path) -> None:  # type: ignore[no
     text = compare(str(tmp_path / "probe.jsonl"), str(tmp_path / "sweep.json")).splitlines()
     assert "(1.00x), probe 1000 us/job (1.00x)" in text[0]
     assert "8 node(s) 2 shard(s): node CPU 0.750 CPU-s/1k (1.50x), probe 1200 us/job (1.20x)" in text[1]
+
+
+def test_a_closed_loop_per_node_gives_each_size_users_in_proportion() -> None:
+    """The first 16-core run gave 1 node 672 users (48 on each of 14 workers): its calls queued past their
+    deadlines. Users per node: 12 x n users, no worker without one, no pacing."""
+    one = paced_spec("nodes", "batch=100", nodes=1, per_node_rate=0.0, users_per_node=12, workers=14)
+    assert (one.workers, one.users_per_worker, one.user_rate) == (12, 1, 0.0)
+    eight = paced_spec("nodes", "batch=100", nodes=8, per_node_rate=0.0, users_per_node=12, workers=6)
+    assert (eight.workers, eight.users_per_worker) == (6, 16)
+    args = parse_args(["--users-per-node", "12"])
+    assert args.closed_users_per_node == 12
+    assert parse_args([]).closed_users_per_node == 0 and parse_args([]).users_per_node == 16
+    paced = parse_args(["--per-node-rate", "50", "--users-per-node", "8"])
+    assert (paced.closed_users_per_node, paced.users_per_node) == (0, 8)
+
+
+def test_cpus_are_handed_out_one_per_physical_core_first(tmp_path: Path) -> None:
+    """16 CPUs on 8 cores, siblings n and n+8 (as Linux numbers most SMT machines): nodes 0..3 get four
+    whole cores, not two cores' two threads each."""
+    for cpu in range(16):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        topo.joinpath("thread_siblings_list").write_text(f"{cpu % 8},{cpu % 8 + 8}\n")
+    groups = sibling_sets(range(16), root=tmp_path)
+    assert groups[:2] == [(0, 8), (1, 9)] and len(groups) == 8
+    order = cores_first(groups)
+    assert order == [*range(8), *range(8, 16)]
+    assert "16 CPUs on 8 cores" in describe_topology(groups)
+    adjacent = [(0, 1), (2, 3), (4, 5)]   # the other numbering: siblings side by side
+    assert cores_first(adjacent) == [0, 2, 4, 1, 3, 5]
+    assert plan_layout(cores_first(adjacent), nodes=2, shards=1).nodes == (0, 2)
+    assert sibling_sets([0, 1], root=tmp_path / "absent") == [(0,), (1,)]
+    assert describe_topology([(0,), (1,)]) == "2 CPUs, one thread per core"
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
