@@ -383,6 +383,11 @@ class AdminStore(WriteEnvelope):
                 await self._open_account(conn, account_id)
             else:
                 await self.lock_accounts(conn, [cur["account_id"]], edges=False)
+                if status == pb.CARD_STATUS_ACTIVE and await conn.fetchval(
+                        "SELECT status FROM accounts WHERE account_id = $1", cur["account_id"]) == \
+                        pb.ACCOUNT_STATUS_CLOSED:
+                    raise FailedPrecondition("the card's account is closed: a card on a closed account is never"
+                                             " activated (link it to an open account first)")
             row = required(await conn.fetchrow(
                 "UPDATE cards SET status = coalesce($2, status), account_id = coalesce($3, account_id),"
                 " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",

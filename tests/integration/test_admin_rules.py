@@ -1,0 +1,50 @@
+"""AdminService business rules the tenth audit (docs/audit-2026-12-04.md) found open: which state
+changes are refused, with which status, and what a malformed request_id answers."""
+
+from __future__ import annotations
+
+import grpc
+
+from devstack.demo import demo_routing
+from server.proto import crs_pb2 as pb
+from tests.integration.support import (
+    Clients,
+    UsedSecrets,
+    expect_code,
+    fresh_account_number,
+    fresh_pan,
+    new_customer,
+)
+
+
+def _account(c: Clients, used: UsedSecrets, owner: pb.Customer) -> pb.Account:
+    reply: pb.Account = c.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(1), account_number=fresh_account_number(used), type=pb.ACCOUNT_TYPE_CHECKING,
+        currency="USD", owner_customer_id=owner.customer_id), timeout=5)
+    return reply
+
+
+def _refused(call: object, code: grpc.StatusCode, message: str) -> None:
+    err = expect_code(call, code)
+    assert message in (err.details() or ""), f"expected {message!r} in {err.details()!r}"
+
+
+def test_a_card_on_a_closed_account_is_not_activated_again(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """IssueCard and LinkCard refuse a closed account; SetCardStatus ACTIVE did not: a card blocked
+    before its account closed came back ACTIVE on it. Reporting it lost, stolen or closed still works
+    (a pick-up code outranks the closed account's)."""
+    admin = node_a.admin
+    account = _account(node_a, used_secrets, new_customer(admin, "Card Holder"))
+    pan = fresh_pan(used_secrets)
+    card = admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-01", account_id=account.account_id), timeout=5)
+    blocked = admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_BLOCKED),
+                                  timeout=5)
+    admin.CloseAccount(pb.CloseAccountRequest(account_id=account.account_id), timeout=5)
+    _refused(lambda: admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_ACTIVE),
+                                         timeout=5),
+             grpc.StatusCode.FAILED_PRECONDITION, "the card's account is closed")
+    answer = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert answer.card.status == pb.CARD_STATUS_BLOCKED and answer.card.version == blocked.version
+    for status in (pb.CARD_STATUS_LOST, pb.CARD_STATUS_STOLEN, pb.CARD_STATUS_CLOSED):
+        assert admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status),
+                                   timeout=5).status == status
