@@ -288,11 +288,13 @@ class AdminStore(WriteEnvelope):
         self._check_enum(pb.RelationshipRole, req.role, "role")
 
         async def body(conn: Conn) -> Change:
-            cust = await conn.fetchrow("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
+            cust = await conn.fetchrow("SELECT status, merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
                                        customer_id)
             if cust is None:
                 raise NotFound("customer not found")
             self.refuse_merged(cust)
+            if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:     # as CreateAccount's owner
+                raise FailedPrecondition("customer is closed")
             await self._open_account(conn, account_id)
             roles = await self._roles(conn, account_id)
             if (roles.get(customer_id) == pb.RELATIONSHIP_ROLE_OWNER and req.role != pb.RELATIONSHIP_ROLE_OWNER

@@ -48,3 +48,19 @@ def test_a_card_on_a_closed_account_is_not_activated_again(node_a: Clients, used
     for status in (pb.CARD_STATUS_LOST, pb.CARD_STATUS_STOLEN, pb.CARD_STATUS_CLOSED):
         assert admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status),
                                    timeout=5).status == status
+
+
+def test_a_closed_customer_is_linked_to_no_account(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """CreateAccount refuses a closed owner; LinkCustomer took a closed customer, as OWNER too."""
+    admin = node_a.admin
+    owner = new_customer(admin, "Open Owner")
+    account = _account(node_a, used_secrets, owner)
+    closed = new_customer(admin, "Closed Customer")
+    admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=closed.customer_id,
+                                                        status=pb.CUSTOMER_STATUS_CLOSED), timeout=5)
+    for role in (pb.RELATIONSHIP_ROLE_OWNER, pb.RELATIONSHIP_ROLE_JOINT):
+        _refused(lambda role=role: admin.LinkCustomer(pb.LinkCustomerRequest(
+            account_id=account.account_id, customer_id=closed.customer_id, role=role), timeout=5),
+            grpc.StatusCode.FAILED_PRECONDITION, "customer is closed")
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=closed.customer_id), timeout=5)
+    assert not profile.accounts
