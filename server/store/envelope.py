@@ -89,6 +89,11 @@ def request_digest(keyring: Keyring, req: Request, version: int) -> bytes:
     return keyring.fingerprint(asked.SerializeToString(deterministic=True).hex(), version)
 
 
+def printable(text: str) -> str:
+    """`text` with each character that is not printable (a NUL, a line break, an escape) as U+FFFD."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def commit_lost(request_id: str) -> BackendUnavailable | WriteOutcomeUnknown:
     """What a write answers when the connection went during its COMMIT: PostgreSQL may have applied it.
     With a request_id, UNAVAILABLE: the recommended channel retries it, and the retry answers the first
@@ -114,6 +119,8 @@ class WriteEnvelope:
         request_id = getattr(req, "request_id", "")
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        if not request_id.isprintable():   # a NUL PostgreSQL cannot store; line breaks and escapes in the audit log
+            raise InvalidKey("request_id contains control characters")
         if contains_card_number(request_id):   # it is kept in clear (idempotency, audit log)
             raise InvalidKey("request_id looks like a card number (13-19 digits passing the Luhn check)")
         with translate_db_errors():
@@ -218,8 +225,8 @@ class WriteEnvelope:
         ids = [i for i in ids if isinstance(i, str) and _SAFE_ID.fullmatch(i)]
         with translate_db_errors():
             async with self.pool.acquire(timeout=self.timeout) as conn:
-                await self._audit(conn, caller, rpc, getattr(request, "request_id", "")[:MAX_REQUEST_ID], None,
-                                  ids, result, None)
+                await self._audit(conn, caller, rpc, printable(getattr(request, "request_id", "")[:MAX_REQUEST_ID]),
+                                  None, ids, result, None)
 
     async def _stored_answer(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> bytes | None:
         """The answer `caller` got for this request_id (migration 0017: a request_id is its client's; a

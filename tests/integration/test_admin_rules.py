@@ -3,9 +3,12 @@ changes are refused, with which status, and what a malformed request_id answers.
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 
 from devstack.demo import demo_routing
+from devstack.environment import DevEnvironment
 from server.proto import crs_pb2 as pb
 from tests.integration.support import (
     Clients,
@@ -14,6 +17,7 @@ from tests.integration.support import (
     fresh_account_number,
     fresh_pan,
     new_customer,
+    sql,
 )
 
 
@@ -64,3 +68,16 @@ def test_a_closed_customer_is_linked_to_no_account(node_a: Clients, used_secrets
             grpc.StatusCode.FAILED_PRECONDITION, "customer is closed")
     profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=closed.customer_id), timeout=5)
     assert not profile.accounts
+
+
+def test_a_request_id_postgresql_cannot_keep_is_refused_and_audited(dev_env: DevEnvironment, node_a: Clients) -> None:
+    """A NUL in a request_id failed in PostgreSQL: INTERNAL, a traceback, and no audit row (the
+    refusal's own audit insert failed the same way). Control characters went into the audit log."""
+    admin, run = node_a.admin, uuid.uuid4().hex[:12]
+    for rid in (f"retry\x00nul-{run}", f"retry\nnewline-{run}", f"retry\x1b[31mescape-{run}"):
+        _refused(lambda rid=rid: admin.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name="Ok"),
+                                                      timeout=5),
+                 grpc.StatusCode.INVALID_ARGUMENT, "request_id contains control characters")
+    audited = {r["request_id"] for r in sql(dev_env.settings().pg_dsn, "SELECT request_id FROM audit_log"
+                                            " WHERE request_id LIKE $1 AND result = 'INVALID_ARGUMENT'", f"%-{run}")}
+    assert audited == {f"retry\ufffdnul-{run}", f"retry\ufffdnewline-{run}", f"retry\ufffd[31mescape-{run}"}
