@@ -119,6 +119,8 @@ class WriteEnvelope:
         request_id = getattr(req, "request_id", "")
         if len(request_id) > MAX_REQUEST_ID:
             raise InvalidKey(f"request_id is longer than {MAX_REQUEST_ID} characters")
+        if getattr(req, "expected_version", 0) < 0:   # 0: no check; below it no version at all, never ABORTED
+            raise InvalidKey("expected_version must be 0 (no check) or the version the write was prepared from")
         if not request_id.isprintable():   # a NUL PostgreSQL cannot store; line breaks and escapes in the audit log
             raise InvalidKey("request_id contains control characters")
         if contains_card_number(request_id):   # it is kept in clear (idempotency, audit log)

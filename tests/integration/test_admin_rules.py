@@ -81,3 +81,23 @@ def test_a_request_id_postgresql_cannot_keep_is_refused_and_audited(dev_env: Dev
     audited = {r["request_id"] for r in sql(dev_env.settings().pg_dsn, "SELECT request_id FROM audit_log"
                                             " WHERE request_id LIKE $1 AND result = 'INVALID_ARGUMENT'", f"%-{run}")}
     assert audited == {f"retry\ufffdnul-{run}", f"retry\ufffdnewline-{run}", f"retry\ufffd[31mescape-{run}"}
+
+
+def test_a_negative_expected_version_is_an_invalid_argument(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """expected_version 0 means "no check"; a negative one is no version at all: INVALID_ARGUMENT,
+    not ABORTED (which tells a client to re-read and retry, for ever)."""
+    admin = node_a.admin
+    customer = new_customer(admin)
+    account = _account(node_a, used_secrets, customer)
+    card = admin.IssueCard(pb.IssueCardRequest(pan=fresh_pan(used_secrets), expiry="2030-01",
+                                               account_id=account.account_id), timeout=5)
+    calls = [
+        lambda: admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=-1,
+                                                              segment="x"), timeout=5),
+        lambda: admin.SetAccountStatus(pb.SetAccountStatusRequest(account_id=account.account_id, expected_version=-1,
+                                                                  status=pb.ACCOUNT_STATUS_FROZEN), timeout=5),
+        lambda: admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, expected_version=-1,
+                                                            status=pb.CARD_STATUS_BLOCKED), timeout=5),
+    ]
+    for call in calls:
+        _refused(call, grpc.StatusCode.INVALID_ARGUMENT, "expected_version must be")
