@@ -192,6 +192,8 @@ class AdminStore(WriteEnvelope):
         if req.kyc_status:
             self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
             changes["kyc_status"] = req.kyc_status
+        if not changes:   # it would still move the version: every other client's expected_version goes stale
+            raise InvalidKey("UpdateCustomer changes nothing: set display_name, segment or kyc_status")
         return await self._change_customer("UpdateCustomer", req, req.customer_id,
                                            req.expected_version, changes, "customer.updated", caller)
 

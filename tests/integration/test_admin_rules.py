@@ -101,3 +101,16 @@ def test_a_negative_expected_version_is_an_invalid_argument(node_a: Clients, use
     ]
     for call in calls:
         _refused(call, grpc.StatusCode.INVALID_ARGUMENT, "expected_version must be")
+
+
+def test_an_update_that_changes_nothing_is_refused(node_a: Clients) -> None:
+    """Every field of UpdateCustomerRequest empty ("unchanged") moved the version anyway: a write that
+    changed nothing made every other client's expected_version stale (ABORTED)."""
+    admin = node_a.admin
+    customer = new_customer(admin)
+    _refused(lambda: admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id,
+                                                                   expected_version=1), timeout=5),
+             grpc.StatusCode.INVALID_ARGUMENT, "changes nothing")
+    updated = admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=1,
+                                                            segment="premier"), timeout=5)
+    assert updated.version == 2
