@@ -144,7 +144,7 @@ class AdminStore(WriteEnvelope):
         name = plain_text("display_name", req.display_name.strip() or default_name, MAX_NAME)
         kyc = req.kyc_status or pb.KYC_STATUS_PENDING
         self._check_enum(pb.KycStatus, kyc, "kyc_status")
-        return name, plain_text("segment", req.segment or "retail", MAX_NAME), kyc
+        return name, plain_text("segment", req.segment.strip() or "retail", MAX_NAME), kyc
 
     async def create_customer(self, req: pb.CreateCustomerRequest, caller: Caller) -> WriteResult:
         name, segment, kyc = self.customer_fields(req)
@@ -188,7 +188,7 @@ class AdminStore(WriteEnvelope):
         if req.display_name:
             changes["display_name"] = plain_text("display_name", req.display_name.strip(), MAX_NAME)
         if req.segment:
-            changes["segment"] = plain_text("segment", req.segment, MAX_NAME)
+            changes["segment"] = plain_text("segment", req.segment.strip(), MAX_NAME)
         if req.kyc_status:
             self._check_enum(pb.KycStatus, req.kyc_status, "kyc_status")
             changes["kyc_status"] = req.kyc_status

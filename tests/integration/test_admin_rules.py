@@ -114,3 +114,16 @@ def test_an_update_that_changes_nothing_is_refused(node_a: Clients) -> None:
     updated = admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=customer.customer_id, expected_version=1,
                                                             segment="premier"), timeout=5)
     assert updated.version == 2
+
+
+def test_a_blank_segment_is_no_segment(node_a: Clients) -> None:
+    """display_name is stripped, segment was not: "   " was stored and answered as a customer's segment,
+    and " premier " as another segment than "premier"."""
+    admin = node_a.admin
+    created = admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Blank Segment", segment="   "), timeout=5)
+    assert created.segment == "retail"
+    _refused(lambda: admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=created.customer_id, segment=" \t"),
+                                          timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "segment must be 1-200")
+    updated = admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=created.customer_id, segment=" premier "),
+                                   timeout=5)
+    assert (updated.segment, updated.version) == ("premier", 2)
