@@ -40,6 +40,7 @@ _ID_ALPHABET = string.ascii_lowercase + string.digits
 # Random bytes below 252 (7 x 36) map to it without bias, the rest are dropped (~1 us an id; 38 by secrets.choice)
 _ID_TABLE, _ID_DROP = bytes(ord(_ID_ALPHABET[b % 36]) for b in range(252)) + bytes(4), bytes(range(252, 256))
 MAX_NAME = 200
+GONE = {pb.CUSTOMER_STATUS_CLOSED: "closed", pb.CUSTOMER_STATUS_DECEASED: "deceased"}   # take nothing new
 
 
 def new_id(prefix: str, length: int = 20) -> str:
@@ -224,8 +225,8 @@ class AdminStore(WriteEnvelope):
             if cust is None:
                 raise NotFound("owner customer not found")
             self.refuse_merged(cust, "owner customer")
-            if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:
-                raise FailedPrecondition("owner customer is closed")
+            if cust["status"] in GONE:
+                raise FailedPrecondition(f"owner customer is {GONE[cust['status']]}")
             account_id = new_id("acc_")
             if await self._taken_under_any_version(conn, "account", account_fingerprint_input(routing, number)):
                 raise AlreadyExists(f"an account {mask_account_number(number[-4:])} already exists"
@@ -295,8 +296,8 @@ class AdminStore(WriteEnvelope):
             if cust is None:
                 raise NotFound("customer not found")
             self.refuse_merged(cust)
-            if cust["status"] == pb.CUSTOMER_STATUS_CLOSED:     # as CreateAccount's owner
-                raise FailedPrecondition("customer is closed")
+            if cust["status"] in GONE:     # as CreateAccount's owner
+                raise FailedPrecondition(f"customer is {GONE[cust['status']]}")
             await self._open_account(conn, account_id)
             roles = await self._roles(conn, account_id)
             if (roles.get(customer_id) == pb.RELATIONSHIP_ROLE_OWNER and req.role != pb.RELATIONSHIP_ROLE_OWNER
@@ -387,11 +388,9 @@ class AdminStore(WriteEnvelope):
                 await self._open_account(conn, account_id)
             else:
                 await self.lock_accounts(conn, [cur["account_id"]], edges=False)
-                if status == pb.CARD_STATUS_ACTIVE and await conn.fetchval(
-                        "SELECT status FROM accounts WHERE account_id = $1", cur["account_id"]) == \
-                        pb.ACCOUNT_STATUS_CLOSED:
-                    raise FailedPrecondition("the card's account is closed: a card on a closed account is never"
-                                             " activated (link it to an open account first)")
+                if status == pb.CARD_STATUS_ACTIVE and pb.ACCOUNT_STATUS_CLOSED == await conn.fetchval(
+                        "SELECT status FROM accounts WHERE account_id = $1", cur["account_id"]):
+                    raise FailedPrecondition("the card's account is closed: link the card to an open account first")
             row = required(await conn.fetchrow(
                 "UPDATE cards SET status = coalesce($2, status), account_id = coalesce($3, account_id),"
                 " version = version + 1, updated_at = now() WHERE token = $1 RETURNING *",

@@ -127,3 +127,25 @@ def test_a_blank_segment_is_no_segment(node_a: Clients) -> None:
     updated = admin.UpdateCustomer(pb.UpdateCustomerRequest(customer_id=created.customer_id, segment=" premier "),
                                    timeout=5)
     assert (updated.segment, updated.version) == ("premier", 2)
+
+
+def test_a_deceased_customer_opens_no_account_and_joins_none(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A closed customer was already refused as a new account's owner; a deceased one was not, nor as
+    LinkCustomer's customer: an account opened in a dead person's name. Their existing accounts keep
+    them (the decision hints answer R15 / 05 for those)."""
+    admin = node_a.admin
+    deceased = new_customer(admin, "Late Customer")
+    account = _account(node_a, used_secrets, deceased)
+    admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=deceased.customer_id,
+                                                        status=pb.CUSTOMER_STATUS_DECEASED), timeout=5)
+    number = fresh_account_number(used_secrets)
+    _refused(lambda: admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(1), account_number=number, type=pb.ACCOUNT_TYPE_CHECKING, currency="USD",
+        owner_customer_id=deceased.customer_id), timeout=5),
+        grpc.StatusCode.FAILED_PRECONDITION, "owner customer is deceased")
+    other = _account(node_a, used_secrets, new_customer(admin, "Living Owner"))
+    _refused(lambda: admin.LinkCustomer(pb.LinkCustomerRequest(
+        account_id=other.account_id, customer_id=deceased.customer_id, role=pb.RELATIONSHIP_ROLE_JOINT), timeout=5),
+        grpc.StatusCode.FAILED_PRECONDITION, "customer is deceased")
+    profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=deceased.customer_id), timeout=5)
+    assert [a.account.account_id for a in profile.accounts] == [account.account_id]
