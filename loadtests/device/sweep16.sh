@@ -48,15 +48,22 @@ PY
 # 8 nodes with. Check "node cores busy" in the report: near 8 at 8 nodes, or the run says nothing.
 # Unknown keys are 0.2% (sweep default 2%): each is a PostgreSQL load, and at the ~300k keys/s of 8
 # nodes 2% would make PostgreSQL, not the nodes, the limit. SWEEP_MIX=retail to compare.
-timeout "${SWEEP_TIMEOUT:-500}" $PYTHON -m loadtests.sweep \
+# SWEEP_PER_NODE_RATE=R (calls/s per node; a batch call is ~275 keys) paces every size at the same load
+# per node instead, so that every node sees the same near-cache hit ratio: the second call that tells a
+# rising cost per lookup from fewer near-cache hits (docs/benchmarks/sweep-16core). Its report goes to
+# sweep-16core-paced.
+rate=${SWEEP_PER_NODE_RATE:-0}
+name=sweep-16core; how="unpaced, closed loop"
+[ "$rate" != 0 ] && { name=sweep-16core-paced; how="paced at $rate calls/s per node"; }
+timeout "${SWEEP_TIMEOUT:-500}" $PYTHON -m loadtests.sweep --per-node-rate "$rate" \
   --nodes "${SWEEP_NODES:-1,2,4,8}" --shards "${SWEEP_SHARDS:-1,1,2,4}" --node-mode workers \
   --customers "${SWEEP_CUSTOMERS:-6000}" --seconds "${SWEEP_SECONDS:-15}" --warmup "${SWEEP_WARMUP:-4}" \
   --idle-seconds 3 --rounds "${SWEEP_ROUNDS:-2}" --calibrate none --no-light --mix "${SWEEP_MIX:-batch}" \
   --unknown "${SWEEP_UNKNOWN:-0.002}" \
   --users-per-node "${SWEEP_USERS_PER_NODE:-12}" \
   --machine-name "${SWEEP_MACHINE:-the device machine ($(nproc) cores)}" \
-  --out "$OUT/sweep-16core" --note "unpaced 1/2/4/8-node sweep, mix ${SWEEP_MIX:-batch}, loadtests/device/sweep16.sh"
+  --out "$OUT/$name" --note "1/2/4/8-node sweep, $how, mix ${SWEEP_MIX:-batch}, loadtests/device/sweep16.sh"
 rc=$?
 echo "== sweep exit $rc after $(( $(date +%s) - started )) s"
-ls -l "$OUT/sweep-16core" 2>/dev/null
+ls -l "$OUT/$name" 2>/dev/null
 exit $rc
