@@ -100,12 +100,13 @@ async def queue_reviews_many(conn: Conn, pairs: list[tuple[str, str, Score]], re
 
 
 async def live_customer(conn: Conn, customer_id: str) -> str:
-    """The customer a new record may join, locked FOR SHARE so that no merge moves it away before
-    this write commits: `customer_id` itself, or, when a merge committed since it was chosen, the
-    survivor that merge named (merges keep alias chains one step long)."""
+    """The customer a new record may join, locked so that no merge moves it away before this write
+    commits: `customer_id` itself, or, when a merge committed since it was chosen, the survivor that
+    merge named (merges keep alias chains one step long). FOR NO KEY UPDATE, the lock the join's version
+    bump takes anyway: two joins that each held FOR SHARE deadlocked upgrading it."""
     for _ in range(3):
-        merged_into = await conn.fetchval("SELECT merged_into FROM customers WHERE customer_id = $1 FOR SHARE",
-                                          customer_id)
+        merged_into = await conn.fetchval(
+            "SELECT merged_into FROM customers WHERE customer_id = $1 FOR NO KEY UPDATE", customer_id)
         if merged_into is None:
             return customer_id
         customer_id = merged_into

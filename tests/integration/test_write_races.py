@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -273,3 +274,35 @@ def test_update_identity_answer_is_stored_sealed(dev_env: DevEnvironment, node_a
                                                                            key=ref["source_key"]),
         attributes=person), timeout=10)
     assert again.attributes.email == person.email and again.customer_id == c.customer_id
+
+
+# Two records joining one customer at once (two imports, or an import beside an online create, which
+# share no blocking-key lock): each locked the customer FOR SHARE, then raised its version, which needs
+# the row for update: each waited on the other's share lock, and PostgreSQL aborted one (deadlock).
+def test_two_records_joining_one_customer_at_once_both_commit(dev_env: DevEnvironment, node_a: Clients) -> None:
+    from server.store.identity_writes import live_customer
+
+    cid = _plain_customer(node_a).customer_id
+
+    async def join(arrived: asyncio.Event, other: asyncio.Event) -> str:
+        conn = await asyncpg.connect(dev_env.admin_dsn)
+        try:
+            async with conn.transaction():
+                joined = await live_customer(conn, cid)
+                arrived.set()
+                with contextlib.suppress(TimeoutError):   # both hold the customer now, or the other waits for it
+                    async with asyncio.timeout(1.5):
+                        await other.wait()
+                await conn.execute("UPDATE customers SET version = version + 1 WHERE customer_id = $1", joined)
+                return joined
+        finally:
+            await conn.close()
+
+    async def both() -> list[str]:
+        a, b = asyncio.Event(), asyncio.Event()
+        return list(await asyncio.gather(join(a, b), join(b, a)))
+
+    before = sql(dev_env.admin_dsn, "SELECT version FROM customers WHERE customer_id = $1", cid)[0]["version"]
+    assert asyncio.run(both()) == [cid, cid]
+    after = sql(dev_env.admin_dsn, "SELECT version FROM customers WHERE customer_id = $1", cid)[0]["version"]
+    assert after == before + 2
