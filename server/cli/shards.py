@@ -100,7 +100,8 @@ def register(sub: Any) -> None:
         "space fraction is exact. Read-only: nothing moves until `crs shards apply`."))
     s.add_argument("--sample", type=int, default=DEFAULT_PLAN_SAMPLE, metavar="N",
                    help=f"keys examined per shard (default {DEFAULT_PLAN_SAMPLE}; 0 = all, exact)")
-    s.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of tables (nothing staged and"
+                   " no move in progress: keys_moving 0, staged false)")
     s.set_defaults(func=cmd_plan)
 
     s = ss.add_parser("add", help="stage a new shard (nothing moves until apply)", epilog=EPILOG,

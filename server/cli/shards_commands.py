@@ -111,10 +111,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.sample < 0:
             raise CommandFailed("--sample must be >= 0", code=2)
         report = await gather_plan(settings, pool, store, sample=args.sample)
-        if isinstance(report, NothingToPlan):
-            render.nothing_to_plan_text(report.version, sys.stdout)
-        elif args.json:
+        if args.json:
             _json(report.as_dict(), sys.stdout)
+        elif isinstance(report, NothingToPlan):
+            render.nothing_to_plan_text(report.version, sys.stdout)
         else:
             render.plan_text(report, sys.stdout)
         return 0

@@ -211,6 +211,14 @@ class NothingToPlan:
 
     version: int
 
+    def as_dict(self) -> dict[str, Any]:
+        """`plan --json`'s object for "nothing moves": PlanReport's keys, nothing counted (keys_total and
+        bytes_total unknown: no shard was read), and `staged` false."""
+        return {"what": f"nothing staged: topology version {self.version} is stable", "staged": False,
+                "version": self.version, "exact": True, "hash_fraction": 0.0, "key_fraction": 0.0,
+                "keys_total": None, "keys_moving": 0, "bytes_total": None, "bytes_moving": 0, "shards": {},
+                "pairs": []}
+
 
 @dataclass(frozen=True)
 class PlanReport:

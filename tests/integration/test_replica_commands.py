@@ -49,6 +49,16 @@ def _card_on(env: DevEnvironment, node: NodeProcess, shard: str) -> tuple[int, s
     raise AssertionError(f"no demo card on {shard}")
 
 
+def test_plan_json_is_json_even_with_nothing_to_plan(env: DevEnvironment) -> None:
+    """`crs shards plan --json` promises one JSON object: a script asking how much a change moves got
+    a sentence of text (and a json.loads traceback) whenever nothing was staged."""
+    r = _crs(env, "plan", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["keys_moving"] == 0 and plan["hash_fraction"] == 0 and plan["pairs"] == [], plan
+    assert plan["staged"] is False and plan["version"] == 0, plan
+
+
 def test_add_and_remove_a_replica_live(env: DevEnvironment, tmp_path: Path) -> None:
     node = env.start_node(workers=1, **NODE_SETTINGS)
     with redis_servers(tmp_path, ["extra-copy"]) as (extra,), node.channel() as channel:
