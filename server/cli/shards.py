@@ -72,6 +72,17 @@ def weight(text: str) -> int:
     return value
 
 
+def at_least_one(text: str) -> int:
+    """--limit: a whole number >= 1, checked while parsing (exit 2), not by PostgreSQL's LIMIT (exit 3)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def register(sub: Any) -> None:
     """Add `shards` and its subcommands to the `crs` parser's subcommands."""
     p = sub.add_parser("shards", help="Redis shard topology: status, plan, add/remove/reweight, apply, abort",
@@ -210,6 +221,6 @@ def register(sub: Any) -> None:
         "by which database role each was published, and why (seeded from CRS_REDIS_SHARDS, a step of\n"
         "apply or abort, mark). The table is append-only: the highest version is the one in force.\n"
         "To go back to an older ring after a finished move, stage it again with add/remove/reweight."))
-    s.add_argument("--limit", type=int, default=DEFAULT_HISTORY_LIMIT,
+    s.add_argument("--limit", type=at_least_one, default=DEFAULT_HISTORY_LIMIT,
                    help=f"versions to show (default {DEFAULT_HISTORY_LIMIT})")
     s.set_defaults(func=cmd_history)

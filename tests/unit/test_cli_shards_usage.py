@@ -40,3 +40,11 @@ def test_a_topology_file_that_cannot_be_used_is_configuration(closed_dsn: str, t
         assert len(r.stderr.splitlines()) == 1, r.stderr
     r = _shards(closed_dsn, "status", CRS_TOPOLOGY_FILE=str(tmp_path / "not-yet.json"))   # publishing creates it
     assert r.returncode == 3 and "ConnectionRefusedError" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "x"])
+def test_a_history_limit_below_one_is_bad_usage(closed_dsn: str, limit: str) -> None:
+    """--limit -1 reached PostgreSQL and came back as exit 3 ("InvalidRowCountInLimitClauseError": an
+    outage, to a script); --limit 0 printed "no topology published yet" whatever was published."""
+    r = _shards(closed_dsn, "history", "--limit", limit)
+    assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
