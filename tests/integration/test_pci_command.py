@@ -56,3 +56,11 @@ def test_a_key_holding_a_card_number_is_masked_in_the_finding(dev_env: DevEnviro
         assert mine and all(pan not in line for line in found), mine
     finally:
         sql(dsn, "DELETE FROM idempotency WHERE request_id = $1", request_id)
+
+
+def test_a_negative_limit_is_bad_usage(dev_env: DevEnvironment) -> None:
+    """--limit -1 printed every finding but the last, then "... and N+1 more (--limit)": with nothing
+    found, "... and 1 more", a finding that was not there, and exit 0 beside it."""
+    r = crs_command(dev_env, "pci", "scan", "--limit", "-1")
+    assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "more" not in r.stdout, r.stdout
