@@ -145,6 +145,18 @@ def stop_on_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def at_least_one(text: str) -> int:
+    """An argparse `type=` for a count or a batch size (--limit, --batch): a whole number >= 1, checked
+    while parsing (exit 2), not by PostgreSQL's LIMIT (exit 3) nor found out as a batch that takes no row."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse, run the chosen command's `func`, and turn the errors every command shares into exit
     codes: 2 for bad configuration (the message names the setting), 130 for Ctrl-C / SIGINT, 141 (a

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from server.cli.base import RAW, postgres_errors, settings_from_args
+from server.cli.base import RAW, at_least_one, postgres_errors, settings_from_args
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
         "retire-fingerprint the old version.\n"
         "Runbook: docs/security.md."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
-    k.add_argument("--batch", type=int, default=1000, help="rows per transaction (default 1000)")
+    k.add_argument("--batch", type=at_least_one, default=1000, help="rows per transaction (default 1000)")
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("retire-fingerprint", help="promote the newer fingerprints and retire a key version",
                       description=(

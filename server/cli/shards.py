@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from server.cli.base import RAW
+from server.cli.base import RAW, at_least_one
 from server.cli.shards_commands import (
     cmd_abort,
     cmd_add,
@@ -69,17 +69,6 @@ def weight(text: str) -> int:
         value = 0
     if not 1 <= value <= MAX_WEIGHT:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to {MAX_WEIGHT}")
-    return value
-
-
-def at_least_one(text: str) -> int:
-    """--limit: a whole number >= 1, checked while parsing (exit 2), not by PostgreSQL's LIMIT (exit 3)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return value
 
 
