@@ -101,7 +101,7 @@ class TopologyShard:
         if not isinstance(self.replicas, tuple):
             raise TopologyError(f"shard {self.name!r}: replicas must be a tuple of URLs (got {self.replicas!r})")
         for address in (self.address, *self.replicas):
-            _check_address(self.name, address)
+            check_address(self.name, address)
         if len({address_key(u) for u in self.copies}) != len(self.copies):
             raise TopologyError(f"shard {self.name!r}: a copy is listed twice")
         if not isinstance(self.write_only, tuple) or len(set(self.write_only)) != len(self.write_only) \
@@ -126,7 +126,7 @@ class TopologyShard:
         return tuple(u for u in self.copies if u not in self.write_only)
 
 
-def _check_address(name: str, address: object) -> None:
+def check_address(name: str, address: object) -> None:
     if not isinstance(address, str) or not address or len(address) > MAX_ADDRESS_LENGTH \
             or any(ch.isspace() for ch in address):
         raise TopologyError(f"shard {name!r}: address must be a non-empty URL without spaces,"

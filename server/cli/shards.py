@@ -72,6 +72,18 @@ def weight(text: str) -> int:
     return value
 
 
+def redis_address(text: str) -> str:
+    """A shard's or a copy's address: a redis://, rediss:// or unix:// URL the nodes' clients can use,
+    checked while parsing (exit 2), before a probe would call a mistyped one unreachable (exit 3)."""
+    from shard_router.topology import TopologyError, check_address
+
+    try:
+        check_address("", text)
+    except TopologyError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("shard '': ")) from None
+    return text
+
+
 def register(sub: Any) -> None:
     """Add `shards` and its subcommands to the `crs` parser's subcommands."""
     p = sub.add_parser("shards", help="Redis shard topology: status, plan, add/remove/reweight, apply, abort",
@@ -113,7 +125,7 @@ def register(sub: Any) -> None:
         "shard must be reachable; whatever it holds is flushed when the move starts. Prints the change\n"
         "and the share of the hash space that will move; `crs shards plan` counts real keys."))
     s.add_argument("name", help="shard name, e.g. shard-4")
-    s.add_argument("--address", required=True, help="redis://HOST:PORT/DB of the new shard")
+    s.add_argument("--address", required=True, type=redis_address, help="redis://HOST:PORT/DB of the new shard")
     s.add_argument("--weight", type=weight, default=1, help="relative weight, >= 1 (default 1)")
     s.add_argument("--no-check", action="store_true", help="do not PING the new shard now")
     s.set_defaults(func=cmd_add)
@@ -154,7 +166,7 @@ def register(sub: Any) -> None:
         "Placement is by shard name, so no key moves. Only in a stable topology. Interrupted, run it\n"
         "again (or remove-replica) to finish."))
     s.add_argument("name")
-    s.add_argument("address", help="redis://[user:password@]host:port/db of the new copy")
+    s.add_argument("address", type=redis_address, help="redis://[user:password@]host:port/db of the new copy")
     s.add_argument("--no-check", action="store_true", help="do not PING the new copy now")
     s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each version"
                    f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")

@@ -48,3 +48,14 @@ def test_a_history_limit_below_one_is_bad_usage(closed_dsn: str, limit: str) -> 
     outage, to a script); --limit 0 printed "no topology published yet" whatever was published."""
     r = _shards(closed_dsn, "history", "--limit", limit)
     assert r.returncode == 2 and "--limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args", [("add", "shard-4", "--address", "redis-4:6379"),
+                                  ("add", "shard-4", "--address", "http://redis-4:6379/0", "--no-check"),
+                                  ("add", "shard-4", "--address", "redis://redis-4:637900/0"),
+                                  ("add-replica", "shard-0", "redis-0b:6379")])
+def test_an_address_that_is_no_redis_url_is_bad_usage(closed_dsn: str, args: tuple[str, ...]) -> None:
+    """A mistyped address was probed first: "does not answer (ValueError ...); start it first", exit 3,
+    as if the shard were down (with --no-check: exit 1, a refusal). Refused while parsing, exit 2."""
+    r = _shards(closed_dsn, *args)
+    assert r.returncode == 2 and "redis://" in r.stderr and "does not answer" not in r.stderr, r.stderr
