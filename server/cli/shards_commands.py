@@ -245,7 +245,14 @@ def cmd_replica(args: argparse.Namespace) -> int:
               f" ({replicas} replica(s) now; no key moves)")
         return 0
 
-    return _run(args, body)
+    try:
+        return _run(args, body)
+    except KeyboardInterrupt:   # maybe between its two versions: the copy written but not read, or still read
+        again = f"crs shards {args.shards_command} {args.name} {redact_url(args.address)}"
+        print(f"\ninterrupted: the change may be half done; `{again}` finishes it" + (
+              f", `crs shards remove-replica {args.name} {redact_url(args.address)}` takes the copy back"
+              if adding else ""), file=sys.stderr)
+        raise
 
 
 # --------------------------------------------------------------------------------------------------
