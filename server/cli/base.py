@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
 import select
 import signal
@@ -154,6 +155,18 @@ def at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
+def seconds(text: str) -> float:
+    """An argparse `type=` for --timeout: a finite number of seconds > 0. gRPC takes 0, a negative
+    number, nan or inf as a deadline already past: DEADLINE_EXCEEDED at once, as if the node were slow."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
     return value
 
 

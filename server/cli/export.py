@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TextIO
 
-from server.cli.base import RAW, CommandFailed
+from server.cli.base import RAW, CommandFailed, seconds
 from server.cli.feed import types_argument
 from server.cli.lookup import add_connection_arguments, open_channel, rpc_failed
 from server.cli.render import size, table
@@ -263,6 +263,6 @@ def register(sub: Any) -> None:
                    help="csv: write cells as they are, a leading = + - @ included (for programs, not spreadsheets)")
     s.add_argument("--force", action="store_true",
                    help="write into a non-empty --out (its manifest is removed first; same-named files replaced)")
-    s.add_argument("--timeout", type=float, help="give up after this many seconds (default: no limit)")
+    s.add_argument("--timeout", type=seconds, help="give up after this many seconds (default: no limit)")
     add_connection_arguments(s, client="feed")
     s.set_defaults(func=cmd_export)

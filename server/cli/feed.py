@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from server.cli.base import RAW
+from server.cli.base import RAW, seconds
 from server.cli.lookup import add_connection_arguments, open_channel, rpc_failed
 from server.proto import crs_pb2 as pb
 
@@ -171,7 +171,7 @@ def register(sub: Any) -> None:
                    help="keep following new changes (default), or stop once caught up")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="print Progress marks (default) or only changes")
-    s.add_argument("--timeout", type=float, help="end after this many seconds in all, resumes included (exit 0,"
+    s.add_argument("--timeout", type=seconds, help="end after this many seconds in all, resumes included (exit 0,"
                    " naming the sequence to resume from; default: no limit)")
     add_connection_arguments(s, client="feed")
     s.set_defaults(func=cmd_tail)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from server.cli.base import RAW
+from server.cli.base import RAW, seconds
 from server.cli.lookup import DEFAULT_TIMEOUT, add_connection_arguments, open_channel, rpc_failed
 from server.proto import crs_pb2 as pb
 from server.store.messages import review_status_word
@@ -130,7 +130,8 @@ def register(sub: Any) -> None:
         if write:
             s.add_argument("--request-id", help="idempotency key (default: a fresh one); reuse it to retry")
         s.add_argument("--json", action="store_true", help="print the answer as protobuf JSON")
-        s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})")
+        s.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT,
+                       help=f"seconds (default {DEFAULT_TIMEOUT:g})")
         add_connection_arguments(s, client="admin")
         s.set_defaults(func=func)
         return s

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from server.cli.base import RAW, CommandFailed
+from server.cli.base import RAW, CommandFailed, seconds
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 5.0   # seconds: generous for a human at a terminal; a node answers in about a millisecond
@@ -25,7 +25,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--token", help="card token (card lookups)")
     s.add_argument("--routing", help="ABA routing number (account lookups; account number from stdin)")
     s.add_argument("--customer-id", help="customer id (customer lookups)")
-    s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})")
+    s.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, help=f"seconds (default {DEFAULT_TIMEOUT:g})")
     add_connection_arguments(s)
 
 

@@ -105,3 +105,17 @@ def test_usable_files_reach_the_node(files: Path, target: str, capsys: pytest.Ca
                            "--key", str(files / "client.key"), "--token-file", str(files / "token"),
                            "--target", target, "--timeout", "2"], capsys)
     assert code == 1 and err.startswith("UNAVAILABLE"), err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_a_timeout_that_is_no_time_to_wait_is_bad_usage(tmp_path: Path, target: str, command: tuple[str, ...],
+                                                       seconds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--timeout 0 (meant as "no limit", as feed tail and export have by default) or -1 was sent as a
+    deadline already past: DEADLINE_EXCEEDED, exit 1, as if the node were too slow; export had by
+    then created --out. Refused while parsing, exit 2, nothing created."""
+    argv = [a.format(tmp=tmp_path) for a in command] + ["--target", target, "--timeout", seconds]
+    with pytest.raises(SystemExit) as ended:
+        crs(argv)
+    assert ended.value.code == 2 and "--timeout" in capsys.readouterr().err
+    assert not (tmp_path / "extract").exists()
