@@ -142,13 +142,18 @@ class Migrator:
             except TopologyError as exc:
                 raise MigrationError(str(exc)) from exc
             # Every node now deletes on the copy (added) or no longer reads it (removed).
-            await self.wait_for_nodes(current.version)
+            verb = "add" if adding else "remove"
+            again = f"`crs shards {verb}-replica {name} {redact_url(url)}`"
+            await self.wait_for_nodes(current.version, f"Rerun {again} to go on" + (
+                f", or `crs shards remove-replica {name} {redact_url(url)}` to take the copy back." if adding
+                else "."))
             await VersionWatch(self.store, current.version, self.clock).check()
             if adding:
                 held = await self.keys.flush_copy(url, f"new copy of {name}")
                 self.say(f"  flushed the new copy ({held:,} key(s) were on it)")
             await self._publish(last, f"{'add' if adding else 'remove'}-replica {name}")
-            await self.wait_for_nodes(last.version)
+            await self.wait_for_nodes(last.version, f"Version {last.version} is published, the change made:"
+                                      " those nodes run it at their next poll.")
             return last
 
     # -- the loop ----------------------------------------------------------------------------------
@@ -201,8 +206,10 @@ class Migrator:
             await self.pool.release(conn)
 
     # -- waiting for nodes -------------------------------------------------------------------------
-    async def wait_for_nodes(self, version: int) -> list[NodeReport]:
-        """Until every node with a heartbeat younger than the lease runs `version` (or newer)."""
+    async def wait_for_nodes(self, version: int, next_step: str = "Rerun `crs shards apply` to go on, or"
+                             " `crs shards abort`.") -> list[NodeReport]:
+        """Until every node with a heartbeat younger than the lease runs `version` (or newer); past the
+        wait timeout MigrationError, ending with `next_step` (what the operator runs then)."""
         deadline = self.clock() + self.policy.wait_timeout
         started = self.clock()
         announced = False
@@ -220,8 +227,7 @@ class Migrator:
                 raise MigrationError(
                     f"{len(behind)} live node(s) still run an older version after {self.policy.wait_timeout:.0f}s:"
                     f" {names}. A node that stopped heartbeating is presumed gone after its CRS_TOPOLOGY_LEASE"
-                    f" (or this command's, {self.policy.lease:g}s, if longer)."
-                    " Rerun `crs shards apply` to go on, or `crs shards abort`.")
+                    f" (or this command's, {self.policy.lease:g}s, if longer). {next_step}")
             if not announced:
                 self.say(f"  waiting for {len(behind)} of {len(nodes)} live node(s) to run version {version} ...")
                 announced = True

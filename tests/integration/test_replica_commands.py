@@ -5,8 +5,12 @@ replicas copies to, and cleans, every copy."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +23,8 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import card_key, clients_of, crs_command, metric, own_env, redis_servers
+from server.settings import settings_to_env
+from tests.integration.support import card_key, clients_of, crs_command, metric, own_env, redis_servers, sql
 
 NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
 
@@ -184,46 +189,57 @@ def test_a_new_copy_is_read_only_once_every_node_deletes_on_it(env: DevEnvironme
     env.nodes.remove(fast)
 
 
-def test_an_interrupted_add_replica_says_how_to_finish_or_undo(env: DevEnvironment, tmp_path: Path) -> None:
-    """Ctrl-C while add-replica waits for the nodes leaves a published version with the copy
-    write-only: half done. It ended exit 130 without a word (apply and abort say what to run next)."""
-    import os
-    import signal
-    import sys
-
-    from server.settings import settings_to_env
-    from tests.integration.support import sql
-
+@contextlib.contextmanager
+def _stuck_node(env: DevEnvironment) -> Iterator[NodeProcess]:
+    """A running node and, beside it, a live node that never moves on (a long lease, its version left
+    behind): a command that waits for every live node waits for it until its --wait-timeout."""
     node = env.start_node(workers=1, **NODE_SETTINGS)
     dsn = env.operator_dsn
     deadline = time.monotonic() + 10
     while not sql(dsn, "SELECT 1 FROM node_status WHERE node_id NOT LIKE 'test/%' AND seen_at > now() - interval '5s'"):
         assert time.monotonic() < deadline, "the node never reported"
         time.sleep(0.1)
-    # A live node that never moves on (a long lease, its version left behind): the command waits for it.
     sql(dsn, "INSERT INTO node_status (node_id, address, topology_version, phase, ring, lease_s, seen_at,"
              " bootstrap_shards, reinvalidate_delay_s) SELECT 'test/stuck', 'test:1', topology_version, phase, ring,"
              " 600, clock_timestamp(), bootstrap_shards, reinvalidate_delay_s FROM node_status"
              " WHERE node_id NOT LIKE 'test/%' ORDER BY seen_at DESC LIMIT 1")
-    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
     try:
-        with redis_servers(tmp_path, ["half-copy"]) as (extra,):
-            command = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "shards", "add-replica", "shard-0", extra.url,
-                 "--wait-timeout", "60"], cwd=Path(__file__).resolve().parents[2], text=True,
-                env=child | {"CRS_PG_DSN": dsn}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert command.stdout is not None
-            for line in command.stdout:
-                if "waiting for" in line:
-                    break
-            command.send_signal(signal.SIGINT)          # Ctrl-C
-            _, err = command.communicate(timeout=30)
-            assert command.returncode == 130, err
-            assert "interrupted" in err and f"add-replica shard-0 {extra.url}" in err and "remove-replica" in err, err
-            sql(dsn, "DELETE FROM node_status WHERE node_id = 'test/stuck'")
-            r = _crs(env, "remove-replica", "shard-0", extra.url)     # undo, as the message says
-            assert r.returncode == 0, r.stderr
+        yield node
     finally:
         sql(dsn, "DELETE FROM node_status WHERE node_id = 'test/stuck'")
         node.stop()
         env.nodes.remove(node)
+
+
+def test_an_interrupted_add_replica_says_how_to_finish_or_undo(env: DevEnvironment, tmp_path: Path) -> None:
+    """Ctrl-C while add-replica waits for the nodes leaves a published version with the copy
+    write-only: half done. It ended exit 130 without a word (apply and abort say what to run next)."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(env.settings())
+    with _stuck_node(env), redis_servers(tmp_path, ["half-copy"]) as (extra,):
+        command = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "shards", "add-replica", "shard-0", extra.url,
+             "--wait-timeout", "60"], cwd=Path(__file__).resolve().parents[2], text=True,
+            env=child | {"CRS_PG_DSN": env.operator_dsn}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert command.stdout is not None
+        for line in command.stdout:
+            if "waiting for" in line:
+                break
+        command.send_signal(signal.SIGINT)          # Ctrl-C
+        _, err = command.communicate(timeout=30)
+        assert command.returncode == 130, err
+        assert "interrupted" in err and f"add-replica shard-0 {extra.url}" in err and "remove-replica" in err, err
+        sql(env.operator_dsn, "DELETE FROM node_status WHERE node_id = 'test/stuck'")
+        r = _crs(env, "remove-replica", "shard-0", extra.url)     # undo, as the message says
+        assert r.returncode == 0, r.stderr
+
+
+def test_a_replica_change_that_outwaits_a_node_names_itself_to_rerun(env: DevEnvironment, tmp_path: Path) -> None:
+    """A node still on the old version after --wait-timeout: the message said "Rerun `crs shards
+    apply` to go on, or `crs shards abort`", which answer "nothing to do" to a replica change."""
+    with _stuck_node(env), redis_servers(tmp_path, ["slow-copy"]) as (extra,):
+        r = _crs(env, "add-replica", "shard-0", extra.url, "--wait-timeout", "1")
+        assert r.returncode == 1 and f"crs shards add-replica shard-0 {extra.url}" in r.stderr, r.stderr
+        assert "crs shards apply" not in r.stderr and "abort" not in r.stderr, r.stderr
+        sql(env.operator_dsn, "DELETE FROM node_status WHERE node_id = 'test/stuck'")
+        assert _crs(env, "add-replica", "shard-0", extra.url).returncode == 0     # as the message says
+        assert _crs(env, "remove-replica", "shard-0", extra.url).returncode == 0
