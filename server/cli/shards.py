@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from server.cli.base import RAW, at_least_one
+from server.cli.base import RAW, at_least_one, seconds
 from server.cli.shards_commands import (
     cmd_abort,
     cmd_add,
@@ -168,7 +168,7 @@ def register(sub: Any) -> None:
     s.add_argument("name")
     s.add_argument("address", type=redis_address, help="redis://[user:password@]host:port/db of the new copy")
     s.add_argument("--no-check", action="store_true", help="do not PING the new copy now")
-    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each version"
+    s.add_argument("--wait-timeout", type=seconds, help="seconds to wait for nodes at each version"
                    f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")
     s.set_defaults(func=cmd_replica)
 
@@ -180,7 +180,7 @@ def register(sub: Any) -> None:
         "Interrupted, run it again to finish."))
     s.add_argument("name")
     s.add_argument("address")
-    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each version"
+    s.add_argument("--wait-timeout", type=seconds, help="seconds to wait for nodes at each version"
                    f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")
     s.set_defaults(func=cmd_replica)
 
@@ -200,7 +200,7 @@ def register(sub: Any) -> None:
                    help=f"keys examined per second (default CRS_MIGRATION_RATE = {Settings.migration_rate})")
     s.add_argument("--batch", type=int,
                    help=f"keys per SCAN step (default CRS_MIGRATION_BATCH = {Settings.migration_batch})")
-    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each step"
+    s.add_argument("--wait-timeout", type=seconds, help="seconds to wait for nodes at each step"
                    f" (default max({MIN_WAIT_TIMEOUT:g}, {WAIT_LEASES} x CRS_TOPOLOGY_LEASE))")
     s.set_defaults(func=cmd_apply)
 
@@ -213,7 +213,7 @@ def register(sub: Any) -> None:
         "current batch, and this command takes over. Interrupted, it resumes with `crs shards apply`."))
     s.add_argument("--rate", type=int, help="keys examined per second (default CRS_MIGRATION_RATE)")
     s.add_argument("--batch", type=int, help="keys per SCAN step (default CRS_MIGRATION_BATCH)")
-    s.add_argument("--wait-timeout", type=float, help="seconds to wait for nodes at each step")
+    s.add_argument("--wait-timeout", type=seconds, help="seconds to wait for nodes at each step")
     s.set_defaults(func=cmd_abort)
 
     s = ss.add_parser("history", help="the last topology versions, who published them and why", epilog=EPILOG,

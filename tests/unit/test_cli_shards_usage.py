@@ -59,3 +59,14 @@ def test_an_address_that_is_no_redis_url_is_bad_usage(closed_dsn: str, args: tup
     as if the shard were down (with --no-check: exit 1, a refusal). Refused while parsing, exit 2."""
     r = _shards(closed_dsn, *args)
     assert r.returncode == 2 and "redis://" in r.stderr and "does not answer" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("command", [("apply",), ("abort",), ("add-replica", "shard-0", "redis://127.0.0.1:6390/0"),
+                                     ("remove-replica", "shard-0", "redis://127.0.0.1:6390/0")])
+@pytest.mark.parametrize("seconds", ["-5", "0", "nan"])
+def test_a_wait_timeout_that_is_no_time_to_wait_is_bad_usage(closed_dsn: str, command: tuple[str, ...],
+                                                              seconds: str) -> None:
+    """--wait-timeout -5 published the first version, waited not at all and failed "after -5s", exit 1
+    (a refusal), with a replica change half done. Refused while parsing, exit 2, nothing published."""
+    r = _shards(closed_dsn, *command, "--wait-timeout", seconds)
+    assert r.returncode == 2 and "--wait-timeout" in r.stderr, r.stderr
