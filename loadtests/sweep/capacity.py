@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtests.shared.arith import json_safe
 from loadtests.shared.keys import SCENARIOS, format_mix, parse_mix
 from loadtests.shared.paths import SWEEP_REPORT
 from loadtests.sweep.report import TIERS, RunResult, by_series, runs_from_report, scaling, verdict
@@ -305,7 +306,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     if args.json:
         out = asdict(answer)
         out["costs"] = asdict(costs)
-        print(json.dumps(out, indent=2, default=str))
+        print(json.dumps(json_safe(out), indent=2, allow_nan=False))   # standard JSON: "no value" is null
     else:
         print(render(answer, costs, str(args.report)))
     return 0 if answer.feasible else 1

@@ -218,3 +218,28 @@ def test_a_report_that_cannot_be_read_is_one_line(tmp_path: Path, capsys: pytest
         assert main(["capacity", "--target", "1000", "--report", str(report)]) == 2
         err = capsys.readouterr().err
         assert said in err and len(err.splitlines()) == 1, err
+
+
+def _strict_json(text: str) -> object:
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("extra", [["--p99-ms", "1"], ["--p99-ms", "200"]])
+def test_the_json_answer_is_standard_json(extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--json is for other programs: a budget below the light-load p99 (latency cap nan) or a report
+    without a light run or a Redis figure wrote NaN, which JSON has not (jq, JavaScript, Go refuse it).
+    "No value" is null."""
+    from loadtests.cli import main
+
+    runs = [r for r in runs_from_report(synthetic_report()) if r.label != "light"]
+    for r in runs:
+        r.redis_keys = 0
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(to_json(runs, {"name": "synthetic", "date": "d"}, {})))
+    for report in (str(DEFAULT_REPORT), str(bare)):
+        main(["capacity", "--target", "1000", "--json", "--report", report, *extra])
+        answer = _strict_json(capsys.readouterr().out)
+        assert isinstance(answer, dict) and answer["request"]["target"] == 1000
+    assert answer["latency_cap"] is None and answer["costs"]["bytes_per_key"] is None
