@@ -162,14 +162,22 @@ class CrsUser(GrpcUser):
     def batch(self) -> None:
         n = self.rng.randint(*self.batch_range)
         keys = [self.keys.any_key(MANY_KEY_KINDS) for _ in range(n)]
-        reply = self.call("BatchResolve", pb.BatchResolveRequest(keys=[lookup_key(k, str(i)) for i, k in
-                                                                      enumerate(keys)]), name="BatchResolve")
-        if reply is not None:
-            for key, result in zip(keys, reply.results, strict=False):
-                self._check_result(f"BatchResolve {key.kind}", key, result, 0.0, "grpc-batch-key")
-            if len(reply.results) != len(keys):
-                self._fire("grpc-batch-key", "BatchResolve key", 0.0, GrpcStatus(
-                    "MISSING_RESULTS", f"{len(keys)} keys sent, {len(reply.results)} results"))
+        request = pb.BatchResolveRequest(keys=[lookup_key(k, str(i)) for i, k in enumerate(keys)])
+        # Reported here, not by the interceptor: the call's lookups are the keys answered as expected,
+        # which only the answer says (a key answered UNAVAILABLE is a failure, not a lookup).
+        started = time.perf_counter()
+        try:
+            reply = self.raw_stub.BatchResolve(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            self._fire("grpc", "BatchResolve", (time.perf_counter() - started) * 1000, _status_of(exc))
+            return
+        ms = (time.perf_counter() - started) * 1000
+        answered = sum(self._check_result(f"BatchResolve {key.kind}", key, result, 0.0, "grpc-batch-key")
+                       for key, result in zip(keys, reply.results, strict=False))
+        self._fire("grpc", "BatchResolve", ms, None, length=reply.ByteSize(), lookups=answered)
+        if len(reply.results) != len(keys):
+            self._fire("grpc-batch-key", "BatchResolve key", 0.0, GrpcStatus(
+                "MISSING_RESULTS", f"{len(keys)} keys sent, {len(reply.results)} results"))
 
     @tag("stream")
     @task(2)
@@ -200,28 +208,35 @@ class CrsUser(GrpcUser):
                 self._check_result(f"StreamResolve {key.kind}", key, result,
                                    (time.perf_counter() - t_sent) * 1000, "grpc-stream")
         except Exception as exc:   # grpc.RpcError, or anything the stream raised
-            code = exc.code().name if hasattr(exc, "code") and callable(exc.code) else type(exc).__name__
-            details = exc.details() if hasattr(exc, "details") and callable(exc.details) else str(exc)
-            self._fire("grpc-stream", "StreamResolve", (time.perf_counter() - started) * 1000,
-                       GrpcStatus(code, details or ""))
+            self._fire("grpc-stream", "StreamResolve", (time.perf_counter() - started) * 1000, _status_of(exc))
             return
         if received != len(keys):
             self._fire("grpc-stream", "StreamResolve", (time.perf_counter() - started) * 1000,
                        GrpcStatus("MISSING_RESULTS", f"{len(keys)} keys sent, {received} results"))
 
     # -- reporting of per-key results (batch and stream) -------------------------------------------
-    def _check_result(self, name: str, key: Key, result: pb.LookupResult, ms: float, request_type: str) -> None:
+    def _check_result(self, name: str, key: Key, result: pb.LookupResult, ms: float, request_type: str) -> bool:
+        """Whether the key was answered as expected; a key that was not is reported as a failure."""
         code = _code_name(result.code)
         if code == key.expect:
             if request_type == "grpc-stream":   # batch keys that answered as expected are in the call's row
                 self._fire(request_type, report_name(name, key.expect), ms, None, length=result.ByteSize())
-            return
+            return True
         self._fire(request_type, report_name(name, key.expect), ms, GrpcStatus(code, result.message, key.expect))
+        return False
 
-    def _fire(self, request_type: str, name: str, ms: float, exc: Exception | None, length: int = 0) -> None:
+    def _fire(self, request_type: str, name: str, ms: float, exc: Exception | None, length: int = 0,
+              lookups: int = 1) -> None:
         self.environment.events.request.fire(request_type=request_type, name=name, response_time=ms,
                                              response_length=length, response=None,
-                                             context={"lookups": 1 if exc is None else 0}, exception=exc)
+                                             context={"lookups": lookups if exc is None else 0}, exception=exc)
+
+
+def _status_of(exc: Exception) -> GrpcStatus:
+    """A failed call's status (a grpc.RpcError's code and details, else the exception's type)."""
+    code = exc.code().name if hasattr(exc, "code") and callable(exc.code) else type(exc).__name__
+    details = exc.details() if hasattr(exc, "details") and callable(exc.details) else str(exc)
+    return GrpcStatus(code, details or "")
 
 
 def lookup_key(key: Key, correlation_id: str) -> pb.LookupKey:
