@@ -83,9 +83,9 @@ def _cost(run: RunResult) -> ScenarioCost:
     def per(x: float) -> float:
         return x / run.lookups if run.lookups else math.nan
 
-    miss = run.miss_ratio
-    return ScenarioCost(per(run.node_cpu_s), per(run.redis_cpu_s), per(run.pg_cpu_s),
-                        0.0 if math.isnan(miss) else miss, f"{run.label} ({run.nodes} node(s))")
+    # nan when the run counted no tiers (its /metrics could not be scraped): unknown, not 0
+    return ScenarioCost(per(run.node_cpu_s), per(run.redis_cpu_s), per(run.pg_cpu_s), run.miss_ratio,
+                        f"{run.label} ({run.nodes} node(s))")
 
 
 def costs_from_report(report: Mapping[str, Any]) -> Costs:
@@ -180,6 +180,10 @@ def plan(req: Request, costs: Costs) -> Answer:
     miss = req.miss_ratio if req.miss_ratio is not None else weighted("miss_ratio")
     notes: list[str] = []
     feasible = True
+    if math.isnan(miss):
+        unmeasured = sorted(s for s in mix if math.isnan(costs.scenarios[s].miss_ratio))
+        notes.append(f"the sweep measured no cache-miss ratio for {', '.join(unmeasured)} (no tier counters): "
+                     "PostgreSQL reads/s not planned; give --miss-ratio")
 
     latency_cap = math.nan
     if not math.isnan(costs.light_p99_ms):
@@ -231,8 +235,9 @@ def render(ans: Answer, costs: Costs, report_path: str) -> str:
         f"  Redis        {ans.shards} shard(s): {ans.shards_for_memory} for memory ({ans.redis_gb:,.1f} GB of "
         f"cached answers in {r.shard_memory_gb:g} GB shards), {ans.shards_for_ops} for load "
         f"({ans.redis_cores:.2f} Redis cores)",
-        f"  PostgreSQL   {ans.pg_reads_per_s:,.0f} reads/s at a {100 * ans.miss_ratio:.2f}% cache-miss ratio; "
-        f"~{ans.pg_cores:.2f} cores of PostgreSQL CPU",
+        (f"  PostgreSQL   {ans.pg_reads_per_s:,.0f} reads/s at a {100 * ans.miss_ratio:.2f}% cache-miss ratio; "
+         if not math.isnan(ans.miss_ratio) else "  PostgreSQL   reads/s not measured (see the notes); ")
+        + f"~{ans.pg_cores:.2f} cores of PostgreSQL CPU",
         "",
         "Assumptions:",
         f"  - headroom {100 * r.headroom:.0f}%: nodes, Redis CPU and Redis memory are planned at most "

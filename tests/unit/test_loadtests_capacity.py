@@ -243,3 +243,23 @@ def test_the_json_answer_is_standard_json(extra: list[str], tmp_path: Path, caps
         answer = _strict_json(capsys.readouterr().out)
         assert isinstance(answer, dict) and answer["request"]["target"] == 1000
     assert answer["latency_cap"] is None and answer["costs"]["bytes_per_key"] is None
+
+
+def test_a_miss_ratio_the_sweep_did_not_measure_is_not_planned_as_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """A calibration run without tier counters (the nodes' /metrics could not be scraped: scrape_tiers
+    skips what it cannot fetch) has no miss ratio. It was read as 0: "0 reads/s at a 0.00% cache-miss
+    ratio", PostgreSQL planned for no load at all. Unmeasured, it is said so, and --miss-ratio plans it."""
+    runs = runs_from_report(synthetic_report())
+    for r in runs:
+        if r.label == "calibrate:ach":
+            r.tiers = {}
+    costs = costs_from_report(json.loads(json.dumps(to_json(runs, {"name": "synthetic", "date": "d"}, {}))))
+    ans = plan(Request(target=10_000, mix={"retail": 0.5, "ach": 0.5}, p99_budget_ms=20), costs)
+    assert math.isnan(ans.pg_reads_per_s) and math.isnan(ans.miss_ratio)
+    assert any("no cache-miss ratio for ach" in n and "--miss-ratio" in n for n in ans.notes), ans.notes
+    from loadtests.sweep.capacity import render
+    assert "0 reads/s" not in render(ans, costs, "r.json") and "not measured" in render(ans, costs, "r.json")
+    given = plan(Request(target=10_000, mix={"retail": 0.5, "ach": 0.5}, p99_budget_ms=20, miss_ratio=0.05), costs)
+    assert given.pg_reads_per_s == pytest.approx(500) and not any("cache-miss" in n for n in given.notes)
+    retail_only = plan(Request(target=10_000, mix={"retail": 1.0}, p99_budget_ms=20), costs)
+    assert retail_only.pg_reads_per_s == pytest.approx(100)
