@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,38 +145,18 @@ async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
     from server.proto import crs_pb2 as pb
 
     reqs = [pb.ResolveCardRequest(pan=demo_pan(i)).SerializeToString() for i in spec["keys"]]
-    n = len(reqs)
     channels = _channels(grpc, spec)
     calls = [ch.unary_unary(RESOLVE_CARD) for ch in channels]
     pb.Resolution.FromString(await calls[0](reqs[0], timeout=10))   # a real answer, or fail loudly
     w = Window(spec)
 
-    # Paced (spec["rate"], calls/s in all): each worker sends on its own schedule; a late call is sent
-    # at once and the schedule kept, so the rate holds and no queueing hides in the client.
     concurrency = spec["concurrency"]
     interval = concurrency / spec["rate"] if spec.get("rate") else 0.0
 
-    async def worker(i: int) -> None:
-        call = calls[i % len(calls)]
-        perf = time.perf_counter
-        due = perf() + i * interval / concurrency
-        while not w.stop:
-            if interval:
-                if (wait := due - perf()) > 0:
-                    await asyncio.sleep(wait)
-                due += interval
-            req = reqs[next(w.next_key) % n]
-            t = perf()
-            try:
-                await call(req)
-            except grpc.aio.AioRpcError as exc:
-                if w.measuring:
-                    w.failed(exc)
-                continue
-            if w.measuring:
-                w.latencies.append(perf() - t)
-                w.items += 1
-                w.calls += 1
+    def worker(i: int) -> Any:
+        return unary_worker(w, calls[i % len(calls)], reqs, interval=interval,
+                            first_due=time.perf_counter() + i * interval / concurrency,
+                            rpc_error=grpc.aio.AioRpcError)
 
     async def idle(seconds: float) -> list[float]:
         return await _idle_calls(calls[0], reqs, seconds)
@@ -187,6 +167,39 @@ async def unary_aio(spec: dict[str, Any]) -> dict[str, Any]:
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def unary_worker(w: Window, call: Callable[[bytes], Awaitable[Any]], reqs: Sequence[bytes], *,
+                       interval: float = 0.0, first_due: float = 0.0,
+                       rpc_error: type[BaseException] = Exception) -> None:
+    """One worker of a unary phase, one call in flight, until `w.stop`: back to back, or paced (a call
+    every `interval` seconds from `first_due`). Paced, a call that is late because the previous one ran
+    past its slot is sent at once and the schedule kept, so the rate holds; its latency counts from the
+    time it was due, so the wait a slow answer imposed on the calls behind it is measured, not hidden in
+    the client (coordinated omission). A call merely woken late by the client's own loop counts from
+    when it was sent."""
+    perf = time.perf_counter
+    due = first_due
+    while not w.stop:
+        start: float | None = None
+        if interval:
+            if (wait := due - perf()) > 0:
+                await asyncio.sleep(wait)
+            else:
+                start = due
+            due += interval
+        req = reqs[next(w.next_key) % len(reqs)]
+        t = perf()
+        try:
+            await call(req)
+        except rpc_error as exc:
+            if w.measuring:
+                w.failed(exc)
+            continue
+        if w.measuring:
+            w.latencies.append(perf() - (t if start is None else start))
+            w.items += 1
+            w.calls += 1
 
 
 async def _idle_calls(call: Any, reqs: list[bytes], seconds: float) -> list[float]:

@@ -1,0 +1,58 @@
+"""The benchmark's paced unary client (loadtests/bench/loadgen.py, the *_half phases and their p99 target)
+against a small grpc.aio server on an ephemeral port that stalls once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+
+from loadtests.bench import loadgen
+
+STALL_S = 0.2
+
+
+async def _stalling_server(stall_at: int) -> tuple[grpc.aio.Server, int]:
+    """ResolveCard answered at once (an empty Resolution), except call number `stall_at`: STALL_S late."""
+    seen = 0
+
+    async def resolve(request: bytes, context: Any) -> bytes:
+        nonlocal seen
+        seen += 1
+        if seen == stall_at:
+            await asyncio.sleep(STALL_S)
+        return b""
+
+    handler = grpc.method_handlers_generic_handler("crs.v1.LookupService", {
+        "ResolveCard": grpc.unary_unary_rpc_method_handler(resolve)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+def test_a_paced_phase_measures_the_wait_a_stall_imposed_on_the_calls_behind_it() -> None:
+    """Paced at 200 calls/s on one connection, one call in flight: a 200 ms stall delays the ~40 calls
+    due during it, which are then sent back to back. Their latency counts from when they were due; it
+    counted from when the client got round to sending them, so one slow call in 200+ was all the p99
+    (the l1_half target, "p99 at half of saturation") could see of the stall (coordinated omission)."""
+    async def main() -> dict[str, Any]:
+        server, port = await _stalling_server(stall_at=60)
+        try:
+            return await loadgen.unary_aio({"target": f"127.0.0.1:{port}", "keys": [1, 2, 3], "channels": 1,
+                                            "concurrency": 1, "rate": 200.0, "warmup": 0.1, "seconds": 1.2,
+                                            "idle_seconds": 0.05})
+        finally:
+            await server.stop(None)
+
+    started = time.monotonic()
+    result = asyncio.run(main())
+    assert time.monotonic() - started < 10
+    latencies = result["latency_s"]
+    assert result["errors"] == 0 and len(latencies) > 150, result
+    delayed = [x for x in latencies if x > STALL_S / 4]
+    assert len(delayed) >= 10, sorted(latencies)[-15:]
+    assert max(latencies) < STALL_S * 2
