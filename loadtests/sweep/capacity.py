@@ -11,7 +11,9 @@ against a sweep report.
   node processes     = ceil(node CPU / utilisation cap); one process uses at most one core
   utilisation cap    = min(1 - headroom, 1 - light-load p99 / p99 budget)   (M/M/1: waiting time grows
                        as 1 / (1 - utilisation), so p99 ~ light-load p99 / (1 - utilisation))
-  pods               = ceil(processes / cores per pod)            (crs serve --workers = cores per pod)
+  pods               = ceil(processes / cores per pod)            (crs serve --workers = cores per pod),
+                       raised until the pods left after losing the zone with the most of them, ceil(pods /
+                       zones), run the node CPU within the latency cap (under 100% busy without one)
   Redis shards       = max(ceil(keys x bytes per key / (shard memory x (1 - headroom))),
                            ceil(target x Redis CPU-s per lookup x Redis penalty / (1 - headroom)))
                        (Redis: 1 core each; the penalty is the worst Redis ratio of the nodes series)
@@ -128,6 +130,7 @@ class Request:
     customers: float = 10_000_000
     shard_memory_gb: float = 8.0
     miss_ratio: float | None = None         # override the measured one
+    zones: int = 3                          # zones the pods are spread over; 1 = no zone-loss check
 
 
 @dataclass
@@ -159,8 +162,8 @@ def plan(req: Request, costs: Costs) -> Answer:
         raise ValueError("target lookups/s must be > 0")
     if not 0 <= req.headroom < 1:
         raise ValueError("headroom must be in [0, 1)")
-    if req.cores_per_pod < 1 or req.shard_memory_gb <= 0 or req.p99_budget_ms <= 0:
-        raise ValueError("cores per pod, shard memory and the p99 budget must be > 0")
+    if req.cores_per_pod < 1 or req.shard_memory_gb <= 0 or req.p99_budget_ms <= 0 or req.zones < 1:
+        raise ValueError("cores per pod, zones, shard memory and the p99 budget must be > 0")
     if req.keys < 0 or req.customers < 0:
         raise ValueError("keys and customers must be >= 0")
     if req.miss_ratio is not None and not 0 <= req.miss_ratio <= 1:   # also nan
@@ -200,6 +203,19 @@ def plan(req: Request, costs: Costs) -> Answer:
     node_cores = req.target * node_cpu * costs.scaling_penalty
     processes = max(1, math.ceil(node_cores / cap - 1e-9))
     pods = math.ceil(processes / req.cores_per_pod)
+    if req.zones > 1:
+        # A lost zone takes the most pods any zone holds, ceil(pods / zones); the pods left must carry the
+        # whole load within the latency cap (headroom is for the normal day), or under 100% busy.
+        zone_cap = latency_cap if not math.isnan(latency_cap) else 1.0
+        survivors = max(1, math.ceil(node_cores / zone_cap - 1e-9))
+        zone_pods = pods
+        while (zone_pods - math.ceil(zone_pods / req.zones)) * req.cores_per_pod < survivors:
+            zone_pods += 1
+        if zone_pods > pods:
+            pods, processes = zone_pods, zone_pods * req.cores_per_pod
+        left = pods - math.ceil(pods / req.zones)
+        notes.append(f"sized to lose one of {req.zones} zones: {left} pod(s) left, at <= "
+                     f"{100 * node_cores / (left * req.cores_per_pod):.0f}% busy")
 
     keys = req.keys if req.keys > 0 else req.customers * KEYS_PER_CUSTOMER
     bytes_per_key = costs.bytes_per_key if not math.isnan(costs.bytes_per_key) else 1024.0
@@ -241,7 +257,7 @@ def render(ans: Answer, costs: Costs, report_path: str) -> str:
         "",
         "Assumptions:",
         f"  - headroom {100 * r.headroom:.0f}%: nodes, Redis CPU and Redis memory are planned at most "
-        f"{100 * (1 - r.headroom):.0f}% used (a lost zone, a retry storm, a cold cache after a deploy)",
+        f"{100 * (1 - r.headroom):.0f}% used (a retry storm, a cold cache after a deploy; a lost zone: below)",
         "  - latency rule: p99 ~ light-load p99 / (1 - utilisation) (M/M/1); light-load p99 "
         + (f"{costs.light_p99_ms:.2f} ms" if not math.isnan(costs.light_p99_ms) else "not measured")
         + (f" allows <= {100 * ans.latency_cap:.0f}% busy" if not math.isnan(ans.latency_cap) else ""),
@@ -288,7 +304,7 @@ def _args_to_request(args: argparse.Namespace, costs: Costs) -> Request:
         mix = {s: 1 / len(costs.scenarios) for s in costs.scenarios}
     return Request(target=args.target, mix=mix, p99_budget_ms=args.p99_ms, cores_per_pod=args.cores_per_pod,
                    headroom=args.headroom, keys=args.keys, customers=args.customers,
-                   shard_memory_gb=args.shard_memory_gb, miss_ratio=args.miss_ratio)
+                   shard_memory_gb=args.shard_memory_gb, miss_ratio=args.miss_ratio, zones=args.zones)
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
@@ -337,6 +353,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--customers", type=number(0), default=10_000_000,
                    help=f"customers whose keys stay cached ({KEYS_PER_CUSTOMER} keys each; default 10000000)")
     p.add_argument("--keys", type=number(0), default=0, help="distinct cached keys (overrides --customers)")
+    p.add_argument("--zones", type=number(1, whole=True), default=3,
+                   help="zones the node pods are spread over: the pods left after losing one must carry the "
+                        "peak within the p99 budget (default 3; 1 = no zone-loss check)")
     p.add_argument("--shard-memory-gb", type=number(0, open_low=True), default=8.0,
                    help="memory per Redis shard (default 8)")
     p.add_argument("--miss-ratio", type=number(0, 1), default=None,
