@@ -185,10 +185,13 @@ class CrsUser(GrpcUser):
         keys = [self.keys.any_key(MANY_KEY_KINDS) for _ in range(self.stream_keys)]
         window = Semaphore(self.stream_window)
         sent: dict[str, float] = {}
+        ended = False
 
-        def requests() -> Any:
+        def requests() -> Any:   # read by grpc on a thread (greenlet) of its own
             for i, key in enumerate(keys):
                 window.acquire()
+                if ended:        # the call is over: no answer will free another slot
+                    return
                 sent[str(i)] = time.perf_counter()
                 yield lookup_key(key, str(i))
 
@@ -210,6 +213,9 @@ class CrsUser(GrpcUser):
         except Exception as exc:   # grpc.RpcError, or anything the stream raised
             self._fire("grpc-stream", "StreamResolve", (time.perf_counter() - started) * 1000, _status_of(exc))
             return
+        finally:
+            ended = True
+            window.release()     # wakes a request reader still waiting for a slot, which then stops
         if received != len(keys):
             self._fire("grpc-stream", "StreamResolve", (time.perf_counter() - started) * 1000,
                        GrpcStatus("MISSING_RESULTS", f"{len(keys)} keys sent, {received} results"))

@@ -75,3 +75,46 @@ def test_a_batch_counts_as_lookups_only_the_keys_answered_as_expected() -> None:
     failures = [e for e in events if e["failed"]]
     assert lookups == 4, events
     assert len(failures) == 2 and all(e["name"] == "BatchResolve pan" for e in failures), events
+
+
+STREAM = textwrap.dedent("""
+    import json, random, types
+    import gevent
+    from loadtests.scenarios import locustfile as lf
+    from loadtests.shared.keys import Key
+
+    fired, consumers = [], []
+    env = types.SimpleNamespace(events=types.SimpleNamespace(
+        request=types.SimpleNamespace(fire=lambda **kw: fired.append(kw))))
+
+    class Failed(Exception):
+        def code(self): return types.SimpleNamespace(name="UNAVAILABLE")
+        def details(self): return "the node went away"
+
+    class Stub:   # grpc reads the request iterator on a thread of its own (a greenlet under gevent)
+        def StreamResolve(self, requests, timeout=None):
+            consumers.append(gevent.spawn(lambda: [None for _ in requests]))
+            gevent.sleep(0.05)          # the window's keys are sent; no answer comes back
+            raise Failed()
+
+    user = object.__new__(lf.CrsUser)
+    user.environment, user.timeout, user.rng = env, 5.0, random.Random(1)
+    user.stream_keys, user.stream_window = 50, 4
+    user.keys = types.SimpleNamespace(any_key=lambda kinds: Key("pan", "OK", pan="4"))
+    user.raw_stub = Stub()
+    user.stream()
+    gevent.sleep(0.2)
+    print(json.dumps({"consumer_done": consumers[0].dead,
+                      "events": [{"name": e["name"], "failed": e["exception"] is not None} for e in fired]}))
+""")
+
+
+def test_a_failed_stream_leaves_no_request_reader_waiting() -> None:
+    """A stream that fails with keys outstanding: its request generator waited for a window slot that
+    no answer would ever free, so grpc's request reader (a greenlet per stream) waited for ever; a load
+    test against a failing node piled one up per failed stream. It ends with the call now."""
+    done = subprocess.run([sys.executable, "-c", STREAM], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["events"] == [{"name": "StreamResolve", "failed": True}], out
+    assert out["consumer_done"], out
