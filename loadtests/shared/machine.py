@@ -82,7 +82,7 @@ def cores_first(groups: Sequence[tuple[int, ...]]) -> list[int]:
 
 
 def describe_topology(groups: Sequence[tuple[int, ...]]) -> str:
-    """"16 CPUs on 8 cores (2 threads each: 0,8 1,9 ...)" or "4 CPUs, one thread per core"."""
+    """"16 CPUs on 8 cores (siblings: 0,8 1,9 ...)" or "4 CPUs, one thread per core"."""
     cpus = sum(len(g) for g in groups)
     if all(len(g) == 1 for g in groups):
         return f"{cpus} CPUs, one thread per core"
