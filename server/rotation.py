@@ -6,7 +6,8 @@ Fingerprint rotation from version A to B (runbook: docs/security.md):
      accounts get a B fingerprint too;
   2. `crs keys rotate-fingerprint --to B` decrypts each stored number and writes its B fingerprint
      next to the A one (resumable: it only takes rows without one, in batches, with progress), and
-     gives every identity source record its B blocking keys and national-id fingerprint;
+     gives every identity source record its B blocking keys and national-id fingerprint; rows a write
+     holds locked are taken after the pass, waiting for their locks; it is done only when none is left;
   3. switch nodes to CRS_FINGERPRINT_KEY_VERSION=B (a rolling restart); lookups by either version
      find every row throughout, and a node that misses under one version tries the others (and
      answers what it finds there uncached: a write invalidates only the versions the row carries);
@@ -19,6 +20,8 @@ KEK rotation: configure the new KEK as CRS_KEK (+ version) and the old as CRS_KE
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -32,6 +35,7 @@ from server.progress import ProgressBar
 from server.store.db import CONNECT_TIMEOUT
 
 BATCH = 1000
+LOCK_WAIT = 30.0   # seconds the rotation waits, after its pass, for each table's rows a write held locked
 
 
 @dataclass(frozen=True)
@@ -64,73 +68,107 @@ class RetireRefused(KeyConfigError):
 
 
 async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, batch: int = BATCH,
-                             out: TextIO | None = None) -> dict[str, int]:
-    """Give every card and account a `to_version` fingerprint. Returns rows done per table."""
+                             lock_wait: float = LOCK_WAIT, out: TextIO | None = None,
+                             ) -> tuple[dict[str, int], dict[str, int]]:
+    """Give every card, account and identity record a `to_version` fingerprint.
+
+    Returns (rows done, rows left) per table: a row is left only when a write held it locked for
+    longer than `lock_wait` seconds; the rotation is done when every count left is 0."""
     if to_version not in keyring.fingerprint_keys:
         raise KeyConfigError(f"fingerprint key version {to_version} is not configured in CRS_FINGERPRINT_KEYS")
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     done: dict[str, int] = {}
+    left: dict[str, int] = {}
     try:
         deks = await _data_keys(conn, keyring)
         for spec in (CARDS, ACCOUNTS):
-            todo_sql = (f" FROM {spec.table} WHERE fingerprint_version <> $1"
-                        f" AND next_fingerprint_version IS DISTINCT FROM $1")
-            total = int(await conn.fetchval("SELECT count(*)" + todo_sql, to_version))
-            progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {spec.table}", total)
-            done[spec.table] = 0
             routing_col = "routing_number" if spec is ACCOUNTS else "NULL"
-            while True:
-                async with conn.transaction():
-                    rows = await conn.fetch(
-                        f"SELECT {spec.key} AS id, {spec.ciphertext} AS blob, dek_id, {routing_col} AS routing"
-                        + todo_sql + f" ORDER BY {spec.key} LIMIT $2 FOR UPDATE SKIP LOCKED", to_version, batch)
-                    if not rows:
-                        break
-                    updates = []
-                    for r in rows:
-                        clear = deks[r["dek_id"]].decrypt(r["blob"], purpose=spec.purpose)
-                        fp = keyring.fingerprint(_fingerprint_input(spec, clear, r["routing"]), to_version)
-                        updates.append((r["id"], to_version, fp))
-                    await conn.executemany(
-                        f"UPDATE {spec.table} SET next_fingerprint_version = $2, {spec.next_fingerprint} = $3"
-                        f" WHERE {spec.key} = $1", updates)
-                done[spec.table] += len(rows)
-                progress.advance(len(rows), spec.table)
-            progress.finish()
-        done["source_records"] = await _rotate_identity(conn, keyring, deks, to_version, batch, out)
-    finally:
-        await conn.close()
-    return done
 
+            async def numbers(rows: list[asyncpg.Record], spec: TableSpec = spec) -> None:
+                updates = []
+                for r in rows:
+                    clear = deks[r["dek_id"]].decrypt(r["blob"], purpose=spec.purpose)
+                    updates.append((r["id"], to_version,
+                                    keyring.fingerprint(_fingerprint_input(spec, clear, r["routing"]), to_version)))
+                await conn.executemany(f"UPDATE {spec.table} SET next_fingerprint_version = $2,"
+                                       f" {spec.next_fingerprint} = $3 WHERE {spec.key} = $1", updates)
 
-async def _rotate_identity(conn: asyncpg.Connection, keyring: Keyring, deks: dict[int, DataKey], to_version: int,
-                           batch: int, out: TextIO | None) -> int:
-    """Identity source records: `to_version` blocking keys and national-id fingerprint for each."""
-    todo_sql = " FROM source_records WHERE fingerprint_version <> $1 AND next_fingerprint_version IS DISTINCT FROM $1"
-    total = int(await conn.fetchval("SELECT count(*)" + todo_sql, to_version))
-    progress = ProgressBar(out or sys.stderr, "re-fingerprinting identity records", total)
-    key = keyring.fingerprint_keys[to_version]
-    done = 0
-    while True:
-        async with conn.transaction():
-            rows = await conn.fetch("SELECT record_id, attributes_ciphertext AS blob, dek_id" + todo_sql
-                                    + " ORDER BY record_id LIMIT $2 FOR UPDATE SKIP LOCKED", to_version, batch)
-            if not rows:
-                break
+            done[spec.table], left[spec.table] = await _rotate_rows(
+                conn, _Rows(spec.table, spec.key, f"{spec.ciphertext} AS blob, dek_id, {routing_col} AS routing",
+                            spec.table, numbers), to_version, batch, lock_wait, out)
+        key = keyring.fingerprint_keys[to_version]
+
+        async def identities(rows: list[asyncpg.Record]) -> None:
             updates, blocks = [], []
             for r in rows:
                 identity = Identity.from_dict(orjson.loads(deks[r["dek_id"]].open(r["blob"], purpose=IDENTITY_PURPOSE)))
                 nid = identity.national_id_key
-                updates.append((r["record_id"], to_version, keyring.fingerprint(nid, to_version) if nid else None))
-                blocks += [(to_version, h, r["record_id"]) for h in block_hashes(key, identity)]
+                updates.append((r["id"], to_version, keyring.fingerprint(nid, to_version) if nid else None))
+                blocks += [(to_version, h, r["id"]) for h in block_hashes(key, identity)]
             await conn.executemany("UPDATE source_records SET next_fingerprint_version = $2, next_national_id_fp = $3"
                                    " WHERE record_id = $1", updates)
             await conn.executemany("INSERT INTO identity_blocks (version, block, record_id) VALUES ($1, $2, $3)"
                                    " ON CONFLICT DO NOTHING", blocks)
-        done += len(rows)
-        progress.advance(len(rows), "source records")
+
+        done["source_records"], left["source_records"] = await _rotate_rows(
+            conn, _Rows("source_records", "record_id", "attributes_ciphertext AS blob, dek_id", "identity records",
+                        identities), to_version, batch, lock_wait, out)
+    finally:
+        await conn.close()
+    return done, left
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One table's rows to re-fingerprint: what to read of each (besides its key, as `id`) and how to
+    write a batch of them (inside the transaction that locked them)."""
+    table: str
+    key: str
+    columns: str
+    label: str
+    rewrite: Callable[[list[asyncpg.Record]], Awaitable[None]]
+
+
+async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, batch: int, lock_wait: float,
+                       out: TextIO | None) -> tuple[int, int]:
+    """(rows done, rows left). One pass in batches over the rows no one holds (SKIP LOCKED: the pass
+    never queues behind a write), then the rows it skipped again, one at a time, each waiting for its
+    lock until `lock_wait` seconds after the pass: a row is left only if a write held it that long."""
+    todo = (f" FROM {rows.table} WHERE fingerprint_version <> $1"
+            f" AND next_fingerprint_version IS DISTINCT FROM $1")
+    select = f"SELECT {rows.key} AS id, {rows.columns}" + todo
+    progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {rows.label}",
+                           int(await conn.fetchval("SELECT count(*)" + todo, to_version)))
+    done = 0
+    while True:
+        async with conn.transaction():
+            batch_rows = await conn.fetch(select + f" ORDER BY {rows.key} LIMIT $2 FOR UPDATE SKIP LOCKED",
+                                          to_version, batch)
+            if not batch_rows:
+                break
+            await rows.rewrite(batch_rows)
+        done += len(batch_rows)
+        progress.advance(len(batch_rows), rows.label)
+    deadline = time.monotonic() + lock_wait
+    while skipped := await conn.fetch(f"SELECT {rows.key} AS id" + todo + f" ORDER BY {rows.key} LIMIT $2",
+                                      to_version, batch):
+        for row in skipped:
+            wait_ms = int((deadline - time.monotonic()) * 1000)
+            if wait_ms < 1:   # 0 would be no limit
+                progress.finish()
+                return done, int(await conn.fetchval("SELECT count(*)" + todo, to_version))
+            try:
+                async with conn.transaction():   # holds no other lock while it waits: no deadlock
+                    await conn.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                    locked = await conn.fetch(select + f" AND {rows.key} = $2 FOR UPDATE", to_version, row["id"])
+                    if locked:   # none: done (or gone) meanwhile
+                        await rows.rewrite(locked)
+            except asyncpg.exceptions.LockNotAvailableError:
+                continue   # past the deadline: the next row counts what is left
+            done += len(locked)
+            progress.advance(len(locked), rows.label)
     progress.finish()
-    return done
+    return done, 0
 
 
 async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:

@@ -27,10 +27,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
     try:
         with postgres_errors(settings.pg_dsn):
             if args.keys_command == "rotate-fingerprint":
-                done = asyncio.run(rotation.rotate_fingerprint(settings.pg_dsn, settings.keyring(), to_version=args.to,
-                                                               batch=args.batch))
+                done, left = asyncio.run(rotation.rotate_fingerprint(
+                    settings.pg_dsn, settings.keyring(), to_version=args.to, batch=args.batch,
+                    lock_wait=args.lock_wait))
                 print(f"re-fingerprinted {done['cards']} cards, {done['accounts']} accounts and"
                       f" {done['source_records']} identity records with version {args.to}")
+                if any(left.values()):
+                    print(f"crs keys: not done: {left['cards']} cards, {left['accounts']} accounts and"
+                          f" {left['source_records']} identity records still have no version {args.to} fingerprint"
+                          f" (a write held them locked for longer than --lock-wait {args.lock_wait:g}s). Do not"
+                          f" switch nodes to version {args.to} yet: run `crs keys rotate-fingerprint --to {args.to}`"
+                          " again (it takes only the rows left), then check `crs keys status`", file=sys.stderr)
+                    return 1
             elif args.keys_command == "retire-fingerprint":
                 moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
                 print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"
@@ -48,10 +56,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG = """Exit codes: 0 done, 1 refused (retire-fingerprint while rows still lack a newer fingerprint:
-nothing changed; run rotate-fingerprint first), 2 bad usage or configuration (a key missing or
-malformed, a version that is not configured), 3 PostgreSQL unavailable, 130 interrupted (rotations
-resume where they stopped)."""
+EPILOG = """Exit codes: 0 done, 1 refused or not done (retire-fingerprint while rows still lack a newer
+fingerprint: nothing changed, run rotate-fingerprint first; rotate-fingerprint that left rows a
+write held locked past --lock-wait: it says how many, run it again), 2 bad usage or configuration
+(a key missing or malformed, a version that is not configured), 3 PostgreSQL unavailable,
+130 interrupted (rotations resume where they stopped)."""
+
+
+def _seconds(text: str) -> float:
+    """--lock-wait: a finite number of seconds >= 0, checked while parsing (exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -63,12 +83,18 @@ def register(sub: Any) -> None:
                       description=(
         "Online and resumable: decrypts each stored number and writes its fingerprint under key version\n"
         "--to next to the current one, in batches, showing progress; lookups by either version keep\n"
-        "working. Run it with the new version configured in CRS_FINGERPRINT_KEYS (nodes too, still on\n"
-        "CRS_FINGERPRINT_KEY_VERSION=OLD), then switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then\n"
-        "retire-fingerprint the old version.\n"
+        "working. Rows a concurrent write holds locked are skipped, then taken again after the pass,\n"
+        "waiting for their locks up to --lock-wait per table; it exits 0 only when every row has the new\n"
+        "fingerprint (else 1, saying how many are left: run it again). Run it with the new version\n"
+        "configured in CRS_FINGERPRINT_KEYS (nodes too, still on CRS_FINGERPRINT_KEY_VERSION=OLD), then,\n"
+        "once it exits 0, switch nodes to CRS_FINGERPRINT_KEY_VERSION=NEW, then retire-fingerprint the\n"
+        "old version.\n"
         "Runbook: docs/security.md."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
     k.add_argument("--batch", type=at_least_one, default=1000, help="rows per transaction (default 1000)")
+    k.add_argument("--lock-wait", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="after the pass, how long to wait for the rows of each table a write held locked"
+                        " (default 30)")
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("retire-fingerprint", help="promote the newer fingerprints and retire a key version",
                       description=(

@@ -20,7 +20,8 @@ from server import rpc
 from server.crypto import encode_key, new_key
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import crs_command, own_env, wait_metric
+from tests.integration.support import crs_command, own_env, sql, wait_metric
+from tests.integration.test_write_races import Side
 
 CUSTOMERS = 150
 CARDS = CUSTOMERS * 2
@@ -313,3 +314,62 @@ def test_kek_rotation_and_bad_keys_fail_at_start(env: DevEnvironment) -> None:
     r = serve({"CRS_FINGERPRINT_KEYS": ""})                                   # a missing one
     assert r.returncode == 2 and "CRS_FINGERPRINT_KEYS" in r.stderr
     env.keys = rotated
+
+
+def _cards_without(env: DevEnvironment, version: int, but: str = "") -> int:
+    """Cards with no `version` fingerprint (but the one whose token is `but`)."""
+    return int(sql(env.admin_dsn, "SELECT count(*) AS n FROM cards WHERE fingerprint_version <> $1"
+                                  " AND next_fingerprint_version IS DISTINCT FROM $1 AND token <> $2",
+                   version, but)[0]["n"])
+
+
+def _rotating(env: DevEnvironment) -> tuple[int, dict[str, str]]:
+    keys = dict(env.keys)
+    old, both = _and_a_newer_key(keys)
+    return old + 1, keys | {"CRS_FINGERPRINT_KEYS": both, "CRS_FINGERPRINT_KEY_VERSION": str(old)}
+
+
+def test_a_rotation_that_could_not_lock_a_row_says_so(env: DevEnvironment) -> None:
+    """A concurrent write holds a card row locked for longer than --lock-wait: rotate-fingerprint skipped
+    it and still said "re-fingerprinted ...", exit 0, and the runbook's next step (nodes on the new
+    version) would not have found that card. Now: how many rows are left, rerun, exit 1."""
+    new, rotating = _rotating(env)
+    token = sql(env.admin_dsn, "SELECT token FROM cards ORDER BY token OFFSET 7 LIMIT 1")[0]["token"]
+    side = Side(env.admin_dsn, [("SELECT 1 FROM cards WHERE token = $1 FOR UPDATE", (token,))])
+    try:
+        r = crs_command(env, "keys", "rotate-fingerprint", "--to", str(new), "--batch", "50", "--lock-wait", "1",
+                        overrides=rotating)
+    finally:
+        side.release()
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "1 cards" in r.stderr and f"rotate-fingerprint --to {new}" in r.stderr and "again" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert _cards_without(env, new) == 1
+
+
+def test_a_rotation_waits_for_a_row_a_write_holds_and_finishes_it(env: DevEnvironment) -> None:
+    """A concurrent write holds one card row locked while the rotation passes it, then commits: the
+    rotation went round again for it and ended with every card on the new version. It used to skip it
+    (SKIP LOCKED) and report done, exit 0, with that card left on the old version only."""
+    new, rotating = _rotating(env)
+    token = sql(env.admin_dsn, "SELECT token FROM cards ORDER BY token OFFSET 11 LIMIT 1")[0]["token"]
+    side = Side(env.admin_dsn, [("SELECT 1 FROM cards WHERE token = $1 FOR UPDATE", (token,))])
+    result: dict[str, subprocess.CompletedProcess[str]] = {}
+    run = threading.Thread(target=lambda: result.setdefault("r", crs_command(
+        env, "keys", "rotate-fingerprint", "--to", str(new), "--batch", "50", overrides=rotating)), daemon=True)
+    run.start()
+    try:
+        deadline = time.monotonic() + 60
+        while _cards_without(env, new, but=token) and run.is_alive():   # the rotation has gone past the locked row
+            assert time.monotonic() < deadline, "the rotation did not get through the cards"
+            time.sleep(0.1)
+        time.sleep(1)
+    finally:
+        side.release()
+    run.join(120)
+    r = result["r"]
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert _cards_without(env, new) == 0
+    status = crs_command(env, "keys", "status", overrides=rotating)
+    assert f"(+ version {new})" in status.stdout
+
