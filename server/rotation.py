@@ -51,6 +51,7 @@ class TableSpec:
 CARDS = TableSpec("cards", "token", "pan_ciphertext", "pan_fingerprint", "next_pan_fingerprint", PAN_PURPOSE)
 ACCOUNTS = TableSpec("accounts", "account_id", "account_ciphertext", "account_fingerprint",
                      "next_account_fingerprint", ACCOUNT_PURPOSE)
+_VERSIONED = ("cards", "accounts", "source_records")   # the tables whose rows carry fingerprint versions
 
 
 async def _data_keys(conn: asyncpg.Connection, keyring: Keyring) -> dict[int, DataKey]:
@@ -177,6 +178,7 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
     moved: dict[str, int] = {}
     try:
         async with conn.transaction():
+            await _known_version(conn, version)
             for spec in (CARDS, ACCOUNTS):
                 missing = int(await conn.fetchval(
                     f"SELECT count(*) FROM {spec.table} WHERE fingerprint_version = $1 AND {spec.next_fingerprint}"
@@ -211,6 +213,22 @@ async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
     finally:
         await conn.close()
     return moved
+
+
+async def _known_version(conn: asyncpg.Connection, version: int) -> None:
+    """Refuse (bad usage) a version never configured here (no key check) that no row uses: nothing to retire."""
+    if await conn.fetchval("SELECT EXISTS (SELECT 1 FROM key_checks WHERE kind = 'fingerprint' AND version = $1)"
+                           + "".join(f" OR EXISTS (SELECT 1 FROM {t} WHERE fingerprint_version = $1"
+                                     " OR next_fingerprint_version = $1)" for t in _VERSIONED), version):
+        return
+    checks = {r["version"]: r["retired_at"] for r in await conn.fetch(
+        "SELECT version, retired_at FROM key_checks WHERE kind = 'fingerprint'")}
+    used = {r["v"] for r in await conn.fetch(" UNION ".join(
+        f"SELECT fingerprint_version AS v FROM {t} UNION SELECT next_fingerprint_version FROM {t}"
+        " WHERE next_fingerprint_version IS NOT NULL" for t in _VERSIONED))}
+    known = ", ".join(f"{v}{' (retired)' if checks.get(v) else ''}" for v in sorted(set(checks) | used)) or "none"
+    raise KeyConfigError(f"fingerprint key version {version} was never configured here and no row uses it: nothing"
+                         f" to retire (fingerprint key versions here: {known})")
 
 
 async def rotate_kek(dsn: str, keyring: Keyring) -> int:

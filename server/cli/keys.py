@@ -59,7 +59,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 EPILOG = """Exit codes: 0 done, 1 refused or not done (retire-fingerprint while rows still lack a newer
 fingerprint: nothing changed, run rotate-fingerprint first; rotate-fingerprint that left rows a
 write held locked past --lock-wait: it says how many, run it again), 2 bad usage or configuration
-(a key missing or malformed, a version that is not configured), 3 PostgreSQL unavailable,
+(a key missing or malformed, a version that is not configured; retire-fingerprint of a version
+never configured here that no row uses: nothing to retire), 3 PostgreSQL unavailable,
 130 interrupted (rotations resume where they stopped)."""
 
 
@@ -100,7 +101,8 @@ def register(sub: Any) -> None:
                       description=(
         "Make every row's newer fingerprint its primary one and mark --version retired. Refuses while\n"
         "any row still lacks a newer fingerprint (run rotate-fingerprint again first): exit 1, nothing\n"
-        "changed."), epilog=EPILOG, formatter_class=RAW)
+        "changed. A version never configured here that no row uses has nothing to retire: exit 2, with\n"
+        "the versions there are."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--version", type=int, required=True, help="the fingerprint key version to retire")
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("rotate-kek", help="re-wrap every data key under the current KEK", description=(

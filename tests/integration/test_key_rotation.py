@@ -373,3 +373,14 @@ def test_a_rotation_waits_for_a_row_a_write_holds_and_finishes_it(env: DevEnviro
     status = crs_command(env, "keys", "status", overrides=rotating)
     assert f"(+ version {new})" in status.stdout
 
+
+
+def test_retiring_a_version_nothing_knows_is_bad_usage(env: DevEnvironment) -> None:
+    """`retire-fingerprint --version 9`, a version never configured and used by no row, printed
+    "version 9 retired" and exited 0. Now: nothing to retire, the versions there are, exit 2."""
+    current = env.keys["CRS_FINGERPRINT_KEYS"].split(":")[0]
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "9")
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "version 9" in r.stderr and "nothing to retire" in r.stderr and "retired:" not in r.stdout, r.stderr
+    assert current in r.stderr.split("versions")[-1], r.stderr
+    assert sql(env.admin_dsn, "SELECT count(*) AS n FROM key_checks WHERE version = 9")[0]["n"] == 0
