@@ -222,12 +222,13 @@ class Resolver:
         clock = self.route.clock
         if clock() < loaded.fill_by:
             tier = self.tier if tier_ok else None
+            in_redis = False
             if tier is not None:   # sent within the window too, a connection (re)opened meanwhile included
-                await tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))],
-                                    not_after=time.monotonic() + loaded.fill_by - clock())
+                in_redis = await tier.set_many([(key, value, self.policy.ttl_ms(value == NEGATIVE))],
+                                               not_after=time.monotonic() + loaded.fill_by - clock())
             if clock() < loaded.fill_by:
                 self.near.put(key, value)
-            elif tier is None:   # sent to Redis in time, so cached there: only the near-cache copy is skipped
+            elif not in_redis:   # sent to Redis in time, it is cached there: only the near-cache copy is skipped
                 self.metrics.fill_dropped()
         elif loaded.fill_by != NEVER:   # NEVER: not cacheable at all (Uncacheable, a replica while the primary is out)
             self.metrics.fill_dropped()

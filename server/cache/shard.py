@@ -287,17 +287,18 @@ class Shard:
             return await self.reader.mget(keys)
         return cast("list[bytes | None]", await self.client.mget(keys))
 
-    async def fill(self, items: list[tuple[str, bytes, int]], not_after: float = math.inf) -> None:
-        """SET PX each item; nothing once `not_after` (time.monotonic()) has passed (RedisTier.set_many)."""
+    async def fill(self, items: list[tuple[str, bytes, int]], not_after: float = math.inf) -> bool:
+        """SET PX each item; nothing once `not_after` (time.monotonic()) has passed (RedisTier.set_many).
+        False when nothing was sent for that reason."""
         if self.reader is not None:
-            await self.reader.set_px(items, not_after=not_after)
-            return
+            return await self.reader.set_px(items, not_after=not_after)
         if time.monotonic() >= not_after:
-            return
+            return False
         async with self.client.pipeline(transaction=False) as pipe:
             for key, value, ttl_ms in items:
                 pipe.set(key, value, px=ttl_ms)
             await pipe.execute()
+        return True
 
     # -- the topology --------------------------------------------------------------------------
     def take_out(self) -> None:

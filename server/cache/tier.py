@@ -353,24 +353,33 @@ class RedisTier:
             view.writes -= 1
 
     # -- writes ------------------------------------------------------------------------------------
-    async def set_many(self, items: Sequence[tuple[str, bytes, int]], *, not_after: float = math.inf) -> None:
+    async def set_many(self, items: Sequence[tuple[str, bytes, int]], *, not_after: float = math.inf) -> bool:
         """Best effort: SET key value PX ttl_ms per item, pipelined per shard. Errors only count. Not
-        sent to a copy once `not_after` (time.monotonic()) has passed: a fill's window (Loaded.fill_by)."""
+        sent to a copy once `not_after` (time.monotonic()) has passed: a fill's window (Loaded.fill_by).
+        False when some copy was sent nothing for that reason, or fills are paused (the topology lease):
+        not cached in Redis, the caller counts the fill as dropped if the near-cache skips it too."""
         view = self._view
         if not self._may_write(view):
-            return
+            return False
         keys = [k for k, _, _ in items]
+        late = False
+
+        async def fill(copy: Shard, batch: list[tuple[str, bytes, int]]) -> None:
+            nonlocal late
+            if not await copy.fill(batch, not_after):
+                late = True
 
         async def one(name: str, idx: list[int]) -> None:
             # Every copy; a failure is counted by the copy's guard and the next miss fills again.
             batch = [items[i] for i in idx]
-            await view.shards[name].write_all(lambda copy: copy.fill(batch, not_after))
+            await view.shards[name].write_all(lambda copy: fill(copy, batch))
 
         view.writes += 1
         try:
             await asyncio.gather(*(one(name, idx) for name, idx in view.routing.read.group_by_node(keys).items()))
         finally:
             view.writes -= 1
+        return not late
 
     async def invalidate(self, keys: Iterable[str], *, position: int | None = None) -> bool:
         """DEL the keys on their owners and announce them (server/cache/invalidation.py), with the

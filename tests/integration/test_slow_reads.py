@@ -96,9 +96,10 @@ async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_on
         metrics = Metrics(CollectorRegistry())
         sent = tier.set_many
 
-        async def slow_set(items: list[tuple[str, bytes, int]], *, not_after: float) -> None:
-            await sent(items)   # sent in time (`not_after` is on the real clock; this test's runs on `clock`)
+        async def slow_set(items: list[tuple[str, bytes, int]], *, not_after: float) -> bool:
+            done = await sent(items)   # sent in time (`not_after` is on the real clock; this test's runs on `clock`)
             clock.now += 0.02   # the reply came back past the fill window
+            return done
 
         tier.set_many = slow_set   # type: ignore[method-assign]
         resolver = _resolver(tier, clock, metrics)
@@ -110,5 +111,32 @@ async def test_a_fill_whose_redis_set_ends_past_the_window_is_cached_in_redis_on
             assert metrics.fills_dropped._value.get() == 0
             assert await resolver.resolve(lookup) == b"ACTIVE"
             assert read.calls == 1, "answered from Redis, not read again"
+        finally:
+            await tier.close()
+
+
+async def test_a_fill_that_never_reached_redis_is_counted_as_dropped(tmp_path: Path) -> None:
+    """The SET was not sent at all: its window passed while the shard's connection (re)opened, so
+    `set_px` wrote nothing. Nothing holds the answer, the next lookup reads PostgreSQL again, and the
+    drop is counted (CI saw 1,004 reads of 1,000 keys against 1 counted drop)."""
+    with redis_servers(tmp_path, ["never-set"]) as (server,):
+        client, clock, tier = redis.Redis.from_url(server.url), Clock(), _tier(server.url)
+        metrics = Metrics(CollectorRegistry())
+        sent = tier.set_many
+
+        async def late_set(items: list[tuple[str, bytes, int]], *, not_after: float) -> bool:
+            clock.now += 0.02                               # the connection took the rest of the window
+            return await sent(items, not_after=0.0)         # ... so nothing is sent
+
+        tier.set_many = late_set   # type: ignore[method-assign]
+        resolver = _resolver(tier, clock, metrics)
+        try:
+            read = TakesSeconds(clock, WINDOW - 0.01, b"ACTIVE")
+            lookup = Lookup("crd:never", read, "card")
+            assert await resolver.resolve(lookup) == b"ACTIVE"
+            assert client.get("crd:never") is None and resolver.near.get("crd:never") is None
+            assert metrics.fills_dropped._value.get() == 1
+            assert await resolver.resolve(lookup) == b"ACTIVE"
+            assert read.calls == 2
         finally:
             await tier.close()
