@@ -699,6 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = Stack(args, max(s for _, s in configs))
     results: list[RunResult] = []
     problems: list[str] = []
+    plan: list[tuple[int, int, LoadSpec]] = []
+    interrupted = False
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -711,7 +713,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             print(f"sweep: the environment did not start: {exc}", file=sys.stderr)
             return 3
-        plan: list[tuple[int, int, LoadSpec]] = []
         n_first, s_first = min(node_configs)
         first_layout = layouts[f"{n_first} nodes, {s_first} shards"]
         for scenario in args.calibrate_list:
@@ -775,8 +776,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if res.lookups == 0:
                 problems.append(f"{spec.label} at {n} nodes, {s} shards: no lookups in the window")
     except KeyboardInterrupt:
-        print("\nsweep: interrupted; stopping everything", file=sys.stderr)
-        return 130
+        # A report of the windows measured so far: a device call's time limit (SIGTERM from `timeout`)
+        # used to leave nothing but the log of a five-minute run.
+        print(f"\nsweep: interrupted; stopping everything (report of the {len(results)} window(s) measured)",
+              file=sys.stderr)
+        interrupted = True
+        args.note = [*args.note, f"Interrupted after {len(results)} of {len(plan)} windows: the sizes and rounds "
+                                 "that did not run are missing from this report."]
     finally:
         stack.stop()
         if quiet is not sys.stderr:
@@ -784,6 +790,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.artifacts is None:      # a temporary directory: --help promises it goes
             shutil.rmtree(artifacts, ignore_errors=True)
 
+    if interrupted and not results:
+        return 130
     machine = machine_info(args.machine_name, {k: v.describe() for k, v in layouts.items()})
     machine["load average at the start (1/5/15 min)"] = load_at_start
     config = {"nodes": ",".join(map(str, args.nodes)), "node_mode": args.node_mode,
@@ -815,7 +823,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(write_report(args.out, results, machine, config, args.note))
     for problem in problems:
         print(f"problem: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    return 130 if interrupted else 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -60,3 +60,37 @@ def test_a_two_size_paced_sweep_writes_its_report(tmp_path: Path) -> None:
     assert "## Nodes grow, 1 shard(s) fixed" in readme and "integration test" in readme
     costs = costs_from_report(report)        # the capacity model reads what the sweep wrote
     assert costs.scenarios["retail"].node_cpu_s > 0 and costs.scaling_penalty >= 1
+
+
+def test_an_interrupted_sweep_reports_the_windows_it_measured(tmp_path: Path) -> None:
+    """SIGTERM (a device call's `timeout`) after the first window: the report holds that window and
+    says the sweep was interrupted; exit 130. It used to write nothing."""
+    import signal
+    import time
+
+    out = tmp_path / "report"
+    cmd = [sys.executable, "-m", "loadtests.sweep", "--nodes", "1,2", "--shards", "1", "--node-mode", "processes",
+           "--per-node-rate", "40", "--users-per-node", "2", "--customers", "200", "--calibrate", "none",
+           "--no-light", "--seconds", "2", "--warmup", "1", "--idle-seconds", "0", "--locust-workers", "1",
+           "--out", str(out)]
+    tmp = Path(tempfile.mkdtemp(prefix="crs-sweep-test-"))
+    tmp.chmod(0o755)
+    try:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=os.environ | {"TMPDIR": str(tmp), "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:   # the first window's summary, then the second window starts
+            if line.startswith("[2/2]") or time.monotonic() > deadline:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stdout.read()
+        assert proc.wait(120) == 130, rest[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = json.loads((out / "sweep.json").read_text())
+    assert [(r.nodes, r.label) for r in runs_from_report(report)] == [(1, "sweep")]
+    assert any(n.startswith("Interrupted after 1 of 2 windows") for n in report["notes"])
+    assert "Interrupted after 1 of 2 windows" in (out / "README.md").read_text()
