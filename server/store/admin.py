@@ -2,8 +2,7 @@
 (server/store/envelope.py: one transaction with its outbox, idempotency and audit rows).
 
 Each write returns the serialized response, the cache keys it made stale and the outbox row id.
-The caller (server/admin.py) invalidates those keys after commit; the relay retries what failed.
-"""
+The caller (server/admin.py) invalidates those keys after commit; the relay retries what failed."""
 
 from __future__ import annotations
 
@@ -304,14 +303,16 @@ class AdminStore(WriteEnvelope):
                     and self._owners(roles) == [customer_id]):
                 raise FailedPrecondition("cannot change the role of the only owner of an account:"
                                          " link another owner first")
+            answer = pb.RelationshipResponse(account_id=account_id, customer_id=customer_id, role=req.role)
+            if roles.get(customer_id) == req.role:   # held already: nothing to write or announce
+                return Change(answer, [], "", "account", account_id, {"customer_id": customer_id}, unchanged=True)
             inserted = await conn.fetchval(
                 "INSERT INTO account_customers (account_id, customer_id, role) VALUES ($1, $2, $3)"
                 " ON CONFLICT (account_id, customer_id) DO UPDATE SET role = EXCLUDED.role"
                 " RETURNING xmax = 0", account_id, customer_id, req.role)
-            stale = await self.stale_keys_for_accounts(conn, [account_id])
-            return Change(pb.RelationshipResponse(account_id=account_id, customer_id=customer_id, role=req.role),
-                          stale, "relationship.linked" if inserted else "relationship.role_changed", "account",
-                          account_id, {"customer_id": customer_id, "role": req.role})
+            return Change(answer, await self.stale_keys_for_accounts(conn, [account_id]), "relationship.linked"
+                          if inserted else "relationship.role_changed", "account", account_id,
+                          {"customer_id": customer_id, "role": req.role})
 
         return await self._write("LinkCustomer", req, body, caller)
 

@@ -67,6 +67,9 @@ class Change:
     # The answer holds personal data (UpdateCustomerIdentity's golden record): the idempotency table
     # keeps it sealed under the data key, as the source records are.
     sealed: bool = False
+    # Nothing was written (a LinkCustomer repeating the role held): no feed event and no stale key, an
+    # answer and an audit row only (WriteResult.outbox_id None, as a replay's).
+    unchanged: bool = False
 
 
 Body = Callable[[Conn], Awaitable[Change]]
@@ -154,7 +157,7 @@ class WriteEnvelope:
                 return stored
         change = await body(conn)
         response = change.response.SerializeToString()
-        outbox_id = int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
+        outbox_id = None if change.unchanged else int(await conn.fetchval("SELECT nextval('outbox_id_seq')"))
         if request_id:
             version = self.keyring.fingerprint_version
             kept, dek_id = self.seal_answer(response) if change.sealed else (response, None)
@@ -165,10 +168,12 @@ class WriteEnvelope:
                 caller.client_id)
         related = [v for k, v in change.payload.items() if k in _ID_FIELDS and isinstance(v, str)]
         await self._audit(conn, caller, rpc, request_id, change.entity_type,
-                          [change.entity_id, *related], "OK", outbox_id)
+                          [change.entity_id, *related], "OK" if outbox_id else "OK_UNCHANGED", outbox_id)
+        if outbox_id is None:
+            return WriteResult(response, [], None)
         state = change.feed_state.SerializeToString() if change.feed_state else response
         await self._append_to_feed(conn, outbox_id, change, state)
-        return WriteResult(response, change.stale_keys, int(outbox_id))
+        return WriteResult(response, change.stale_keys, outbox_id)
 
     def seal_answer(self, response: bytes) -> tuple[bytes, int]:
         """An answer that holds personal data, sealed for the idempotency table: (blob, data key id)."""

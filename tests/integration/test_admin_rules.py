@@ -149,3 +149,35 @@ def test_a_deceased_customer_opens_no_account_and_joins_none(node_a: Clients, us
         grpc.StatusCode.FAILED_PRECONDITION, "customer is deceased")
     profile = node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=deceased.customer_id), timeout=5)
     assert [a.account.account_id for a in profile.accounts] == [account.account_id]
+
+
+def test_linking_a_customer_in_the_role_it_holds_writes_and_announces_nothing(
+        dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A LinkCustomer that repeats the role already held was a write: a feed event
+    `relationship.role_changed` with nothing changed, which every extract consumer acted on. Now it
+    answers the relationship as it is, audited (OK_UNCHANGED), with no outbox row; a real role
+    change still is one."""
+    admin, dsn = node_a.admin, dev_env.settings().pg_dsn
+    account = _account(node_a, used_secrets, new_customer(admin, "Owner"))
+    joint = new_customer(admin, "Joint Holder")
+
+    def link(role: int) -> pb.RelationshipResponse:
+        reply: pb.RelationshipResponse = admin.LinkCustomer(pb.LinkCustomerRequest(
+            request_id=str(uuid.uuid4()), account_id=account.account_id, customer_id=joint.customer_id, role=role),
+            timeout=5)
+        return reply
+
+    def events() -> list[str]:
+        return [r["event_type"] for r in sql(dsn, "SELECT event_type FROM outbox WHERE entity_id = $1 ORDER BY id",
+                                             account.account_id)]
+
+    first = link(pb.RELATIONSHIP_ROLE_JOINT)
+    before = events()
+    assert before[-1] == "relationship.linked"
+    assert link(pb.RELATIONSHIP_ROLE_JOINT) == first
+    assert events() == before, "a repeated link announced a change"
+    audited = sql(dsn, "SELECT result, outbox_id FROM audit_log WHERE rpc = 'LinkCustomer' AND $1 = ANY(entity_ids)"
+                       " ORDER BY id", account.account_id)
+    assert [(r["result"], r["outbox_id"] is None) for r in audited][-2:] == [("OK", False), ("OK_UNCHANGED", True)]
+    assert link(pb.RELATIONSHIP_ROLE_AUTHORIZED_SIGNER).role == pb.RELATIONSHIP_ROLE_AUTHORIZED_SIGNER
+    assert events() == [*before, "relationship.role_changed"]
