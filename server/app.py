@@ -48,7 +48,7 @@ from server.identity.model import MatchModel, Thresholds
 from server.identity_service import IdentityHandlers
 from server.lookup import LookupHandlers
 from server.metrics import FLUSH_INTERVAL, Metrics
-from server.reflection import SERVICE_NAME as REFLECTION
+from server.reflection import SERVICE_NAMES as REFLECTION
 from server.reflection import add_reflection
 from server.relay import run_relay, unsettled_keys
 from server.resolver import CachePolicy, Resolver
@@ -319,7 +319,7 @@ class Node:
                                                   for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only
-                       + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, REFLECTION], gate.authenticator,
+                       + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, *REFLECTION], gate.authenticator,
                        stream_pool=self._stream_executor, slot=threaded.stream_slot if threaded else None)
         self.port = bind_ports(server, s, self.metrics)
         if s.health_port:

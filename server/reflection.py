@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from server.auth import Authenticator
 from server.caller import Caller
@@ -29,6 +29,11 @@ from server.errors import CrsError, status_for
 log = logging.getLogger("crs.node")
 
 SERVICE_NAME: str = reflection.SERVICE_NAME
+# grpc.reflection.v1 is v1alpha under its final name, message for message (the same fields and numbers):
+# one servicer answers both. grpcio-reflection ships only v1alpha; grpcurl and other current clients
+# ask v1 first.
+V1_SERVICE_NAME = "grpc.reflection.v1.ServerReflection"
+SERVICE_NAMES = (SERVICE_NAME, V1_SERVICE_NAME)
 
 
 class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
@@ -81,18 +86,19 @@ def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterabl
     """`stream_pool` and `slot` (the synchronous server): reflection streams run where the node's own
     streams do, on their pool and within their limit, never on the unary calls' threads: a client
     library that keeps a reflection stream open per channel would otherwise hold one each."""
+    info: Callable[..., Any]
     if isinstance(server, grpc.aio.Server):
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(AsyncReflection(service_names, authenticator),
-                                                                   server)
-        return
-    servicer = Reflection(service_names, authenticator, slot)
+        info = AsyncReflection(service_names, authenticator).ServerReflectionInfo
+    else:
+        servicer = Reflection(service_names, authenticator, slot)
 
-    def info(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        return servicer.ServerReflectionInfo(request_iterator, context)
+        def info(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            return servicer.ServerReflectionInfo(request_iterator, context)
 
-    if stream_pool is not None:
-        info.experimental_thread_pool = stream_pool   # type: ignore[attr-defined]
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
-        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
-            info, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}),))
+        if stream_pool is not None:
+            info.experimental_thread_pool = stream_pool   # type: ignore[attr-defined]
+    handler = grpc.stream_stream_rpc_method_handler(
+        info, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+                                          for name in SERVICE_NAMES))

@@ -173,6 +173,16 @@ def test_health_and_reflection(node_a: Clients) -> None:
                                              timeout=5))
     names = {s.name for s in replies[0].list_services_response.service}
     assert {"crs.v1.LookupService", "crs.v1.AdminService", "grpc.health.v1.Health"} <= names
+    # grpc.reflection.v1 (what grpcurl asks first): the same messages under the final name.
+    v1 = node_a.channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                      request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                      response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+    (answer,) = list(v1(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    assert {s.name for s in answer.list_services_response.service} == names
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    (found,) = list(v1(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="crs.v1.LookupService")]),
+                       timeout=5))
+    assert found.file_descriptor_response.file_descriptor_proto
 
 
 def _counters(node: Clients) -> dict[str, float]:
