@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from server.crypto import KeyConfigError
 from server.settings import Settings, SettingsError, load_settings
@@ -146,28 +146,27 @@ def stop_on_sigint() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def at_least_one(text: str) -> int:
-    """An argparse `type=` for a count or a batch size (--limit, --batch): a whole number >= 1, checked
-    while parsing (exit 2), not by PostgreSQL's LIMIT (exit 3) nor found out as a batch that takes no row."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return value
+def number(low: float, *, whole: bool = False, above: bool = False, unit: str = "") -> Callable[[str], Any]:
+    """An argparse `type=`: a finite number >= `low` (> with `above`), whole with `whole`, checked while
+    parsing (exit 2, the bound in the message) rather than found out later: a --limit below 1 as
+    PostgreSQL's LIMIT error (exit 3), a --batch 0 as a pass that takes no row, a --timeout of 0, -1,
+    nan or inf as a deadline already past (DEADLINE_EXCEEDED at once, as if the node were slow)."""
+    bound = f"{'>' if above else '>='} {low:g}"
+    what = f"{'whole ' if whole else ''}number{f' of {unit}' if unit else ''} {bound}"
+
+    def parse(text: str) -> Any:
+        try:
+            value: float = int(text) if whole else float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}")
+        return value
+    return parse
 
 
-def seconds(text: str) -> float:
-    """An argparse `type=` for --timeout: a finite number of seconds > 0. gRPC takes 0, a negative
-    number, nan or inf as a deadline already past: DEADLINE_EXCEEDED at once, as if the node were slow."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
-    return value
+at_least_one = number(1, whole=True)                 # a count or a batch size: --limit, --batch
+seconds = number(0, above=True, unit="seconds")      # --timeout, --wait-timeout
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

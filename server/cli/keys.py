@@ -7,7 +7,7 @@ import asyncio
 import sys
 from typing import Any
 
-from server.cli.base import RAW, at_least_one, postgres_errors, settings_from_args
+from server.cli.base import RAW, at_least_one, number, postgres_errors, settings_from_args
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -64,17 +64,6 @@ never configured here that no row uses: nothing to retire), 3 PostgreSQL unavail
 130 interrupted (rotations resume where they stopped)."""
 
 
-def _seconds(text: str) -> float:
-    """--lock-wait: a finite number of seconds >= 0, checked while parsing (exit 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
-
-
 def register(sub: Any) -> None:
     s = sub.add_parser("keys", help="key utilities", epilog=EPILOG, formatter_class=RAW)
     ks = s.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
@@ -93,7 +82,7 @@ def register(sub: Any) -> None:
         "Runbook: docs/security.md."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
     k.add_argument("--batch", type=at_least_one, default=1000, help="rows per transaction (default 1000)")
-    k.add_argument("--lock-wait", type=_seconds, default=30.0, metavar="SECONDS",
+    k.add_argument("--lock-wait", type=number(0, unit="seconds"), default=30.0, metavar="SECONDS",
                    help="after the pass, how long to wait for the rows of each table a write held locked"
                         " (default 30)")
     k.set_defaults(func=cmd_keys)

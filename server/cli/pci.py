@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.cli.base import RAW, settings_from_args, with_database
+from server.cli.base import RAW, number, settings_from_args, with_database
 
 if TYPE_CHECKING:
     from server.store.db import Conn
@@ -81,17 +81,6 @@ async def scan(conn: Conn, *, progress: Any = None) -> tuple[list[Finding], int]
     return findings, rows
 
 
-def findings_limit(text: str) -> int:
-    """--limit: a whole number >= 0 (0: count only); a negative one sliced the list from its end."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
-    return value
-
-
 def cmd_pci_scan(args: argparse.Namespace) -> int:
     from server.progress import ProgressBar
 
@@ -118,6 +107,6 @@ def register(sub: Any) -> None:
         "number: 13-19 digits, grouped or not, passing the Luhn check. Never prints a value.\n"
         "Exit codes: 0 none found, 1 found, 2 bad usage or configuration, 3 PostgreSQL unavailable.\n"
         "Needs CRS_PG_DSN with read access to every table (the crs_sre login)."), formatter_class=RAW)
-    p.add_argument("--limit", type=findings_limit, default=100,
+    p.add_argument("--limit", type=number(0, whole=True), default=100,
                    help="print at most this many findings (default 100; 0: only count them)")
     p.set_defaults(func=cmd_pci_scan)
