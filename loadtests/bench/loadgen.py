@@ -36,6 +36,7 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
 BATCH_RESOLVE = "/crs.v1.LookupService/BatchResolve"
 STREAM_RESOLVE = "/crs.v1.LookupService/StreamResolve"
+SETTLE_S = 0.2   # between the tier scrape that opens a window and the window (Window.mark_tiers)
 CARD_ROW_SQL = ("SELECT token, bin, last4, pan_length, status, expiry, account_id, version FROM cards"
                 " WHERE fingerprint_version = $1 AND pan_fingerprint = $2")
 
@@ -69,9 +70,15 @@ class Window:
     def _scrape_tiers(self) -> dict[str, float]:
         return scrape_tiers([self.metrics_url] if self.metrics_url else [], timeout=2)
 
+    def mark_tiers(self) -> None:
+        """Read the answering tiers' counters for the window's start, SETTLE_S before it starts: a
+        /metrics scrape (the node renders the page, the client parses it) held the client's loop and
+        the node's GIL for milliseconds, and inside the window it stalled the calls around it, tens of
+        them at the half-load phases' rates, each counted from when it was due."""
+        self._tiers0 = self._scrape_tiers()
+
     def begin(self) -> None:
         self.pin_servers()   # PostgreSQL backends may have been forked during the warm-up
-        self._tiers0 = self._scrape_tiers()
         self._srv0 = procs.cpu_snapshot(self.server_roots)
         self._bk0 = procs.cpu_snapshot(self.backend_roots)
         self._cl0 = time.process_time()
@@ -114,6 +121,8 @@ async def _drive(window: Window, spec: dict[str, Any], start_workers: Callable[[
     tasks = start_workers()
     try:
         await asyncio.sleep(spec["warmup"])
+        await asyncio.to_thread(window.mark_tiers)
+        await asyncio.sleep(SETTLE_S)
         window.begin()
         await asyncio.sleep(spec["seconds"])
         result = window.end()
@@ -383,6 +392,8 @@ def unary_threads(spec: dict[str, Any]) -> dict[str, Any]:
         th.start()
     try:
         time.sleep(spec["warmup"])
+        w.mark_tiers()
+        time.sleep(SETTLE_S)
         w.begin()
         time.sleep(spec["seconds"])
         result = w.end(collect)
@@ -474,6 +485,7 @@ def unary_h2load(spec: dict[str, Any]) -> dict[str, Any]:
                        warmup=spec["warmup"])
         try:
             time.sleep(spec["warmup"])
+            w.mark_tiers()
             cl0 = procs.cpu_snapshot([proc.pid])
             w.begin()
             since = time.time()

@@ -56,3 +56,48 @@ def test_a_paced_phase_measures_the_wait_a_stall_imposed_on_the_calls_behind_it(
     delayed = [x for x in latencies if x > STALL_S / 4]
     assert len(delayed) >= 10, sorted(latencies)[-15:]
     assert max(latencies) < STALL_S * 2
+
+
+def test_the_tier_scrape_that_opens_a_window_stalls_no_call_in_it() -> None:
+    """The window reads the node's tier counters from /metrics as it opens. That scrape blocked the
+    client's loop and the calls due meanwhile counted from when they were due, so the near-cache phase
+    at half load (the only paced phase with a metrics page) showed the scrape as tens of calls at
+    15-35 ms: most of its p99. It is now read off the loop, SETTLE_S before the window."""
+    import http.server
+    import threading
+
+    scrapes: list[int] = []
+
+    class SlowMetrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            time.sleep(STALL_S)
+            scrapes.append(1)
+            body = f'crs_lookups_total{{tier="l1"}} {100 * len(scrapes)}.0\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    metrics = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowMetrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+
+    async def main() -> dict[str, Any]:
+        server, port = await _stalling_server(stall_at=0)
+        try:
+            return await loadgen.unary_aio({"target": f"127.0.0.1:{port}", "keys": [1, 2, 3], "channels": 1,
+                                            "concurrency": 1, "rate": 200.0, "warmup": 0.1, "seconds": 1.0,
+                                            "idle_seconds": 0.05,
+                                            "metrics_url": f"http://127.0.0.1:{metrics.server_port}/metrics"})
+        finally:
+            await server.stop(None)
+
+    try:
+        result = asyncio.run(main())
+    finally:
+        metrics.shutdown()
+    assert result["errors"] == 0 and len(result["latency_s"]) > 150, result
+    assert result["tiers"] == {"l1": 100}, result["tiers"]   # both edges were read
+    assert max(result["latency_s"]) < STALL_S / 2, sorted(result["latency_s"])[-15:]
