@@ -387,6 +387,27 @@ def test_node_services_headless_and_clusterip(rendered: list[Doc]) -> None:
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
+def test_only_labelled_callers_and_prometheus_reach_the_nodes(rendered: list[Doc]) -> None:
+    """The node pods' ports were open to every pod in the cluster (PCI DSS 1.3): the NetworkPolicy
+    admits the gRPC port from pods labelled as callers and the metrics port from Prometheus, by the
+    container's port names, and nothing from everywhere."""
+    deployment, _, container = _node(rendered)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    policy = _find(rendered, "NetworkPolicy", "crs-node")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    opened: dict[str, list[dict[str, str]]] = {}
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from"), "a rule without 'from' admits every source"
+        for peer in rule["from"]:
+            assert peer["podSelector"]["matchLabels"], "an empty podSelector admits every pod"
+        for port in rule["ports"]:
+            assert port["port"] in ports, f"{port['port']} is no port of the node container"
+            opened[port["port"]] = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert opened == {"grpc": [{"crs-lookup/client": "true"}], "metrics": [{"app.kubernetes.io/name": "prometheus"}]}
+
+
 def test_shard_list_names_every_statefulset_pod(rendered: list[Doc], tmp_path: Path) -> None:
     _, pod, container = _node(rendered)
     shards = load_settings(_effective_env(rendered, pod, container, tmp_path)[0]).redis_shards
