@@ -30,7 +30,7 @@ from server.pan import (
     plain_text,
 )
 from server.proto import crs_pb2 as pb
-from server.store import edges
+from server.store import edges, lifecycle
 from server.store.db import Conn, required
 from server.store.envelope import Change, Request, WriteEnvelope, WriteResult
 from server.store.messages import account_msg, card_msg, customer_msg
@@ -379,8 +379,8 @@ class AdminStore(WriteEnvelope):
             if cur is None:
                 raise NotFound("card not found")
             self._check_version("card", expected, cur["version"])
-            if cur["status"] == pb.CARD_STATUS_CLOSED and status is not None and status != pb.CARD_STATUS_CLOSED:
-                raise FailedPrecondition("card is closed; a closed card cannot change status")
+            if status is not None and (why := lifecycle.card_status_refused(cur["status"], status)):
+                raise FailedPrecondition(why)
             if account_id is not None:
                 if cur["status"] == pb.CARD_STATUS_CLOSED:
                     raise FailedPrecondition("card is closed")

@@ -181,3 +181,31 @@ def test_linking_a_customer_in_the_role_it_holds_writes_and_announces_nothing(
     assert [(r["result"], r["outbox_id"] is None) for r in audited][-2:] == [("OK", False), ("OK_UNCHANGED", True)]
     assert link(pb.RELATIONSHIP_ROLE_AUTHORIZED_SIGNER).role == pb.RELATIONSHIP_ROLE_AUTHORIZED_SIGNER
     assert events() == [*before, "relationship.role_changed"]
+
+
+def test_a_lost_or_stolen_card_is_final(node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A card reported lost or stolen is hot-carded: a new card replaces it (server/store/lifecycle.py).
+    SetCardStatus set it ACTIVE again, and whoever held the old plastic had a working card (answered
+    "00"). Lost may still become stolen, and either closed; BLOCKED stays the reversible hold."""
+    admin, lookup = node_a.admin, node_a.lookup
+    account = _account(node_a, used_secrets, new_customer(admin, "Card Holder"))
+    pan = fresh_pan(used_secrets)
+    card = admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2030-01", account_id=account.account_id), timeout=5)
+
+    def set_status(status: int) -> pb.Card:
+        reply: pb.Card = admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
+        return reply
+
+    for status in (pb.CARD_STATUS_BLOCKED, pb.CARD_STATUS_ACTIVE, pb.CARD_STATUS_LOST, pb.CARD_STATUS_LOST):
+        assert set_status(status).status == status      # a hold comes and goes; lost again is no change of state
+    for status in (pb.CARD_STATUS_ACTIVE, pb.CARD_STATUS_BLOCKED):
+        _refused(lambda status=status: set_status(status), grpc.StatusCode.FAILED_PRECONDITION,
+                 "card was reported lost; it may only be reported stolen or closed: issue a new card")
+    answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
+    assert answer.card.status == pb.CARD_STATUS_LOST and not answer.in_good_standing
+    assert set_status(pb.CARD_STATUS_STOLEN).status == pb.CARD_STATUS_STOLEN
+    for status in (pb.CARD_STATUS_ACTIVE, pb.CARD_STATUS_BLOCKED, pb.CARD_STATUS_LOST):
+        _refused(lambda status=status: set_status(status), grpc.StatusCode.FAILED_PRECONDITION,
+                 "card was reported stolen; it may only be closed: issue a new card")
+    assert lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).card.status == pb.CARD_STATUS_STOLEN
+    assert set_status(pb.CARD_STATUS_CLOSED).status == pb.CARD_STATUS_CLOSED

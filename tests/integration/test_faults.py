@@ -192,7 +192,7 @@ def test_hung_shard_never_serves_a_value_changed_while_it_was_away_and_keeps_the
     assert other_answer is not None
     client = redis.Redis.from_url(victim.url)
     client.set(KEPT, b"on the shard before it hung")
-    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_STOLEN
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGSTOP)
     try:

@@ -120,7 +120,7 @@ def test_a_stale_standby_answer_is_never_cached(env: DevEnvironment) -> None:
     n = 7
     req = pb.ResolveCardRequest(pan=demo_pan(n))
     card = lookup.ResolveCard(req, timeout=5).card
-    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_STOLEN
     key = card_key(reader, n)
     replay(env, paused=True)
     try:

@@ -167,7 +167,7 @@ def test_a_new_copy_is_read_only_once_every_node_deletes_on_it(env: DevEnvironme
                     primary.delete(key)
                     reader.lookup.ResolveCard(req, timeout=5)
                     time.sleep(0.02)
-                status = pb.CARD_STATUS_LOST if status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_ACTIVE
+                status = pb.CARD_STATUS_BLOCKED if status != pb.CARD_STATUS_BLOCKED else pb.CARD_STATUS_ACTIVE
                 writer.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
                 assert reader.lookup.ResolveCard(req, timeout=5).card.status == status, "a stale copy answered"
             assert metric(slow, "crs_topology_version") == before, "timing: the slow node moved on too early"

@@ -181,7 +181,7 @@ def test_a_change_written_while_a_copy_hangs_is_never_answered_stale(stack: Stac
         assert time.monotonic() < deadline, "a fill did not reach every copy"
         lookup.ResolveCard(req, timeout=5)
         time.sleep(0.05)
-    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_BLOCKED
+    new_status = pb.CARD_STATUS_LOST if card.status != pb.CARD_STATUS_LOST else pb.CARD_STATUS_STOLEN
     victim = next(r for r in env.stack.redis if r.name == VICTIM)
     assert victim.pid is not None
     os.kill(victim.pid, signal.SIGSTOP)
