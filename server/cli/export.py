@@ -198,12 +198,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    names: list[str] = args.types or list(EXPORT_TYPES)
+    out = Path(args.out)
+    created = not out.exists()
+    try:
+        return _export(args, out, names)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()      # a failed export (the node unreachable, say) leaves no empty --out behind
+
+
+def _export(args: argparse.Namespace, out: Path, names: list[str]) -> int:
     import grpc
 
     from server import rpc
 
-    names: list[str] = args.types or list(EXPORT_TYPES)
-    out = Path(args.out)
     try:
         with open_channel(args) as channel:      # bad TLS arguments: refused before --out is touched
             prepare_directory(out, force=args.force)

@@ -119,3 +119,16 @@ def test_a_timeout_that_is_no_time_to_wait_is_bad_usage(tmp_path: Path, target: 
         crs(argv)
     assert ended.value.code == 2 and "--timeout" in capsys.readouterr().err
     assert not (tmp_path / "extract").exists()
+
+
+def test_an_export_to_an_unreachable_node_leaves_no_empty_out(tmp_path: Path, target: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--out was created before the Snapshot call and left behind, empty, when the node did not answer;
+    a directory that was there before stays."""
+    out = tmp_path / "new" / "extract"
+    code, err = _run(crs, ["export", "--out", str(out), "--target", target, "--timeout", "5"], capsys)
+    assert code == 1 and err.startswith("UNAVAILABLE: "), err
+    assert not out.exists()
+    out.mkdir()
+    code, _ = _run(crs, ["export", "--out", str(out), "--target", target, "--timeout", "5"], capsys)
+    assert code == 1 and out.is_dir()
