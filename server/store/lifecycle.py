@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from server.proto import crs_pb2 as pb
 
-FINAL = {
+FINAL: dict[int, tuple[tuple[int, ...], str]] = {
     pb.CARD_STATUS_CLOSED: ((pb.CARD_STATUS_CLOSED,), "card is closed; a closed card cannot change status"),
     pb.CARD_STATUS_LOST: ((pb.CARD_STATUS_LOST, pb.CARD_STATUS_STOLEN, pb.CARD_STATUS_CLOSED),
                           "card was reported lost; it may only be reported stolen or closed: issue a new card"),
