@@ -15,6 +15,7 @@ from server.cli.shards_commands import (
     cmd_abort,
     cmd_add,
     cmd_apply,
+    cmd_flush,
     cmd_history,
     cmd_mark,
     cmd_plan,
@@ -215,6 +216,19 @@ def register(sub: Any) -> None:
     s.add_argument("--batch", type=int, help="keys per SCAN step (default CRS_MIGRATION_BATCH)")
     s.add_argument("--wait-timeout", type=seconds, help="seconds to wait for nodes at each step")
     s.set_defaults(func=cmd_abort)
+
+    s = ss.add_parser("flush", help="empty every copy of every shard (after a PostgreSQL restore)", epilog=EPILOG,
+                      formatter_class=RAW, description=(
+        "FLUSHDB on every copy of every shard in the topology in force (the bootstrap ring when none\n"
+        "was published). For after a PostgreSQL restore, or a failover that lost commits: the shards\n"
+        "still hold answers read from the history that was lost, and nothing else deletes them\n"
+        "(docs/deploy.md, section 3). Run it once the restored database takes connections. Every\n"
+        "lookup then misses once and loads from PostgreSQL: on a busy system that is a wave of reads.\n"
+        "Moves no key and publishes nothing; safe during a move (the keys are only a cache). A copy\n"
+        "that does not answer is reported and the others are still flushed: exit 3, run it again."))
+    s.add_argument("--yes", action="store_true", required=True,
+                   help="required: every cached answer is dropped (`crs shards status` lists the copies)")
+    s.set_defaults(func=cmd_flush)
 
     s = ss.add_parser("history", help="the last topology versions, who published them and why", epilog=EPILOG,
                       formatter_class=RAW, description=(

@@ -293,3 +293,41 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_abort(args: argparse.Namespace) -> int:
     return _drive(args, aborting=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# flush: after a PostgreSQL restore
+# --------------------------------------------------------------------------------------------------
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    async def body(settings: Settings, pool: asyncpg.Pool, store: TopologyStore) -> int:
+        from server.cache.shard import copy_label
+        from server.topology.errors import ShardUnreachable
+        from server.topology.key_steps import flush_copy
+        from server.topology.policy import MigrationPolicy
+        from server.topology.staging import current_or_bootstrap
+
+        t = await current_or_bootstrap(store, settings)
+        timeout = MigrationPolicy.from_settings(settings).redis_timeout
+        failed = 0
+        for shard in t.shards:       # every shard of the version in force, joining and leaving ones too
+            for i, url in enumerate(shard.copies):
+                where = f"{shard.name} {copy_label(i)} {redact_url(url)}"
+                try:
+                    held = await flush_copy(url, f"{shard.name} {copy_label(i)}", timeout)
+                except ShardUnreachable as exc:
+                    failed += 1
+                    print(f"crs shards: {exc}", file=sys.stderr)
+                    continue
+                print(f"flushed {where} ({held:,} key(s) were on it)")
+        copies = sum(len(s.copies) for s in t.shards)
+        if failed:
+            print(f"crs shards: {failed} of {copies} copies not flushed: run it again once they answer",
+                  file=sys.stderr)
+            return 3
+        print(f"topology version {t.version}: every copy of its {len(t.shards)} shard(s) is empty; the nodes'"
+              " near-caches expire within CRS_NEAR_CACHE_TTL")
+        return 0
+
+    return _run(args, body)

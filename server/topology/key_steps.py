@@ -75,6 +75,20 @@ class VersionWatch:
                                  f" {self.version} (an abort?): stopping here")
 
 
+async def flush_copy(url: str, what: str, timeout: float) -> int:
+    """FLUSHDB on the Redis at `url` (`what` names it in the error); how many keys it held."""
+    client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        held = int(await client.dbsize())
+        await client.flushdb()
+        return held
+    except REDIS_ERRORS as exc:
+        raise ShardUnreachable(f"cannot flush {what} at {redact_url(url)}: {exc}") from exc
+    finally:
+        with contextlib.suppress(*REDIS_ERRORS):
+            await client.aclose()
+
+
 class KeySteps:
     """Runs the key work of one step at a time; `stats` keeps every copy/cleanup step run, finished or not."""
 
@@ -108,18 +122,7 @@ class KeySteps:
             self.say(f"  flushed joining shard {s.name} ({held:,} key(s) were on it{copies})")
 
     async def flush_copy(self, url: str, what: str) -> int:
-        """FLUSHDB on the Redis at `url` (`what` names it in the error); how many keys it held."""
-        timeout = self.policy.redis_timeout
-        client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            held = int(await client.dbsize())
-            await client.flushdb()
-            return held
-        except REDIS_ERRORS as exc:
-            raise ShardUnreachable(f"cannot flush {what} at {redact_url(url)}: {exc}") from exc
-        finally:
-            with contextlib.suppress(*REDIS_ERRORS):
-                await client.aclose()
+        return await flush_copy(url, what, self.policy.redis_timeout)
 
     async def scan_step(self, t: Topology, step: str) -> None:
         """copy: every key an old owner holds whose owner changes goes to its new owner (read from the

@@ -243,3 +243,32 @@ def test_a_replica_change_that_outwaits_a_node_names_itself_to_rerun(env: DevEnv
         sql(env.operator_dsn, "DELETE FROM node_status WHERE node_id = 'test/stuck'")
         assert _crs(env, "add-replica", "shard-0", extra.url).returncode == 0     # as the message says
         assert _crs(env, "remove-replica", "shard-0", extra.url).returncode == 0
+
+
+def test_shards_flush_empties_every_copy(env: DevEnvironment, tmp_path: Path) -> None:
+    """After a PostgreSQL restore the shards hold answers from the lost history: `crs shards flush --yes`
+    empties every copy of every shard in the topology in force (a replica too), and lookups refill."""
+    node = env.start_node(workers=1, **NODE_SETTINGS)
+    with redis_servers(tmp_path, ["flush-copy"]) as (extra,), node.channel() as channel:
+        lookup = rpc.stub(channel, "LookupService")
+        r = _crs(env, "add-replica", "shard-1", extra.url)
+        assert r.returncode == 0, r.stderr
+        for i in range(8):
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
+        copies = {**{f"{name} primary": url for name, url in env.shard_urls().items()}, "shard-1 replica-1": extra.url}
+        clients = {where: redis.Redis.from_url(url) for where, url in copies.items()}
+        for c in clients.values():
+            c.set("stale:lost-history", "x")
+        r = _crs(env, "flush")
+        assert r.returncode == 2 and "--yes" in r.stderr, r.stderr
+        assert all(c.exists("stale:lost-history") for c in clients.values()), "flushed without --yes"
+        r = _crs(env, "flush", "--yes")
+        assert r.returncode == 0, r.stderr
+        for where, c in clients.items():
+            assert c.dbsize() == 0, where
+            assert f"flushed {where} " in r.stdout, r.stdout
+        assert "every copy of its 2 shard(s) is empty" in r.stdout, r.stdout
+        assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(3)), timeout=5).card.token
+        r = _crs(env, "remove-replica", "shard-1", extra.url)
+        assert r.returncode == 0, r.stderr
+    node.stop()
