@@ -58,6 +58,7 @@ class PhaseResult:
     load: str = ""                 # how it was driven, e.g. "aio, 64 in flight, 4 channels"
     reference: bool = False        # shown, but not part of the targets (e.g. the other client)
     round_per_core: list[float] = field(default_factory=list)   # per-core rate of each round
+    round_p99_ms: list[float] = field(default_factory=list)     # p99 under load of each round
 
     @property
     def spread(self) -> float:
@@ -126,7 +127,8 @@ def merge_rounds(raws: Sequence[Mapping[str, Any]], **describe: Any) -> PhaseRes
         client_cpu_s=total("client_cpu_s"),
         latency_ms=latency_summary([x for r in raws for x in r.get("latency_s", ())]),
         idle_latency_ms=latency_summary([x for r in raws for x in r.get("idle_latency_s", ())]),
-        tiers=tiers, round_per_core=[safe_div(r["items"], r["server_cpu_s"]) for r in raws], **describe)
+        tiers=tiers, round_per_core=[safe_div(r["items"], r["server_cpu_s"]) for r in raws],
+        round_p99_ms=[latency_summary(r.get("latency_s", ()))["p99"] for r in raws], **describe)
 
 
 def ceiling_per_core(results: Mapping[str, PhaseResult]) -> float:
@@ -225,6 +227,28 @@ def ceilings_line(results: Mapping[str, PhaseResult]) -> str:
     return ("Ceilings, per server core: " + "; ".join(parts) + ".") if parts else ""
 
 
+# (label, the node's half-load phase, the bare server's): the p99 target next to its gRPC server's own floor.
+HALF_LOAD_FLOORS = (("aio", "l1_half", "echo_half", "grpc.aio echo"),
+                    ("hybrid", "l1_half_hybrid", "echo_sync_half", "sync grpc.server echo"))
+
+
+def half_load_line(results: Mapping[str, PhaseResult]) -> str:
+    """The p99 at half of saturation of each round, the node's next to the bare gRPC server's paced the
+    same way in the same rounds: the pooled p99 alone hides a round that one stall (of this machine, or
+    of the node) made, and the floor below which no node on that server can answer."""
+    def rounds(key: str) -> str:
+        return " / ".join(_fmt_ms(x) for x in results[key].round_p99_ms) + " ms"
+
+    parts = []
+    for model, node, echo, label in HALF_LOAD_FLOORS:
+        if node in results and results[node].round_p99_ms:
+            part = f"[{model}] node {rounds(node)}"
+            if echo in results and results[echo].round_p99_ms:
+                part += f", the bare {label} {rounds(echo)}"
+            parts.append(part)
+    return ("p99 at half of saturation, per round: " + "; ".join(parts) + ".") if parts else ""
+
+
 def noise_line(results: Sequence[PhaseResult]) -> str:
     measured = [r for r in results if not math.isnan(r.spread)]
     if not measured:
@@ -311,6 +335,8 @@ def console_table(results: Sequence[PhaseResult], targets: Sequence[Target]) -> 
         out.append(f"  {t.verdict:15}  {t.name}: {_fmt_target(t)} (target {_fmt_needed(t)})")
     if ceilings := ceilings_line({r.key: r for r in results}):
         out.append(ceilings)
+    if half := half_load_line({r.key: r for r in results}):
+        out.append(half)
     out.append(noise_line(results))
     return "\n".join(out)
 
@@ -342,6 +368,8 @@ def markdown(results: Sequence[PhaseResult], targets: Sequence[Target], machine:
         md.append(f"| {t.name} | {_fmt_target(t)} | {_fmt_needed(t)} | **{t.verdict}** |")
     if ceilings := ceilings_line({r.key: r for r in results}):
         md += ["", ceilings]
+    if half := half_load_line({r.key: r for r in results}):
+        md += ["", half]
     md += ["", noise_line(results)]
     md += ["", "## Load and server-side CPU per phase", "",
            "| phase | load | server CPU us/item | backends CPU s | per core, server + backends | client CPU | items "

@@ -13,6 +13,7 @@ from loadtests.bench.report import (
     ceilings_line,
     console_table,
     evaluate_targets,
+    half_load_line,
     latency_summary,
     markdown,
     merge_rounds,
@@ -160,3 +161,24 @@ def test_stream_ceilings_are_each_echo_streams_over_its_own_unary_calls() -> Non
                                       "calls; sync grpc.server echo's own streams 2.00x its unary calls (the "
                                       "node on it: 2.25x).")
     assert ceilings_line({"echo": results["echo"]}) == ""     # the echo stream phases did not run
+
+
+def test_the_half_load_p99_is_shown_per_round_next_to_its_bare_server() -> None:
+    """The p99 target pools every round's calls, so one stalled round made the whole figure; each
+    round's p99 is now printed with the bare gRPC server's, paced alike in the same rounds."""
+    def rounds(key: str, *p99s_ms: float) -> PhaseResult:
+        raws = [{"items": 100, "calls": 100, "wall_s": 1.0, "server_cpu_s": 0.5,
+                 "latency_s": [0.001] * 98 + [p99 / 1000] * 2} for p99 in p99s_ms]
+        return merge_rounds(raws, key=key, title=key, unit="lookups", server="test")
+
+    results = {r.key: r for r in (rounds("l1_half_hybrid", 5.7, 9.6, 30.1), rounds("echo_sync_half", 5.3, 5.4, 6.3),
+                                  rounds("l1_half", 4.0))}
+    assert results["l1_half_hybrid"].round_p99_ms == pytest.approx([5.7, 9.6, 30.1])
+    line = half_load_line(results)
+    assert line == ("p99 at half of saturation, per round: [aio] node 4.00 ms; [hybrid] node 5.70 / 9.60 / 30.10 ms,"
+                    " the bare sync grpc.server echo 5.30 / 5.40 / 6.30 ms.")
+    assert half_load_line({"l1": results["l1_half"]}) == ""
+    report = markdown(list(results.values()), evaluate_targets(results), {}, {})
+    assert line in report and line in console_table(list(results.values()), evaluate_targets(results))
+    doc = json.loads(json.dumps(to_json(list(results.values()), evaluate_targets(results), {}, {})))
+    assert [p["round_p99_ms"] for p in doc["phases"] if p["key"] == "echo_sync_half"] == [[5.3, 5.4, 6.3]]
