@@ -535,8 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     cert, key = pki.client_cert("switch")
                     spec["tls"] = {"ca": str(pki.ca_cert), "cert": str(cert), "key": str(key)}
             print(f"[{n}/{len(schedule)}] round {rnd}: {phase.title} ...", end=" ", flush=True)
+            # The other nodes and echo servers sleep through this phase: idle, each still woke for its
+            # pollers, relay and health, on the server core, and their wake-ups were in every latency.
+            others = [s.proc.pid for s in (*nodes.values(), *echoes.values()) if s.proc.pid not in spec["server_pids"]]
             try:
-                raw = run_loadgen(spec, timeout=args.warmup + window + args.idle_seconds + 60, verbose=args.verbose)
+                with procs.paused(others):
+                    raw = run_loadgen(spec, timeout=args.warmup + window + args.idle_seconds + 60,
+                                      verbose=args.verbose)
             except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
                 print("FAILED")
                 failures.append(f"{phase.key} (round {rnd}): {exc}")

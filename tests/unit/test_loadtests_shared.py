@@ -122,6 +122,34 @@ def test_cpu_time_and_pinning_cover_the_whole_tree() -> None:
     assert procs.pin([parent.pid], [0]) == 0
 
 
+def test_paused_stops_the_whole_tree_for_the_block_and_resumes_it_even_on_an_error() -> None:
+    """The benchmark stops the servers it is not measuring (their idle wake-ups shared the server core)."""
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                               "print(c.pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    try:
+        child = int(parent.stdout.readline())
+        tree = [psutil.Process(parent.pid), psutil.Process(child)]
+        with pytest.raises(RuntimeError), procs.paused([parent.pid, 99999999]) as stopped:
+            assert stopped == 2
+            deadline = time.monotonic() + 5     # a signal takes effect asynchronously
+            while [p.status() for p in tree] != [psutil.STATUS_STOPPED] * 2:
+                assert time.monotonic() < deadline, [p.status() for p in tree]
+                time.sleep(0.01)
+            raise RuntimeError("the phase failed")
+        deadline = time.monotonic() + 5
+        while psutil.STATUS_STOPPED in [p.status() for p in tree]:
+            assert time.monotonic() < deadline, "still stopped after the block"
+            time.sleep(0.01)
+    finally:
+        parent.kill()
+        parent.wait(10)
+        psutil.Process(child).kill()
+
+
 @pytest.mark.skipif(not procs.schedstat_available(), reason="no /proc/PID/task/TID/schedstat")
 def test_runtime_snapshot_agrees_with_process_times_at_finer_resolution() -> None:
     parent = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
