@@ -17,6 +17,7 @@ server core busy. Batch and stream answers are parsed, to count per-key errors.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import json
 import shutil
@@ -36,7 +37,7 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1)]   # one TCP connection
 RESOLVE_CARD = "/crs.v1.LookupService/ResolveCard"
 BATCH_RESOLVE = "/crs.v1.LookupService/BatchResolve"
 STREAM_RESOLVE = "/crs.v1.LookupService/StreamResolve"
-SETTLE_S = 0.2   # between the tier scrape that opens a window and the window (Window.mark_tiers)
+SETTLE_S = 0.2   # between what opens a window and the window (Window.prepare)
 CARD_ROW_SQL = ("SELECT token, bin, last4, pan_length, status, expiry, account_id, version FROM cards"
                 " WHERE fingerprint_version = $1 AND pan_fingerprint = $2")
 
@@ -70,15 +71,21 @@ class Window:
     def _scrape_tiers(self) -> dict[str, float]:
         return scrape_tiers([self.metrics_url] if self.metrics_url else [], timeout=2)
 
-    def mark_tiers(self) -> None:
-        """Read the answering tiers' counters for the window's start, SETTLE_S before it starts: a
-        /metrics scrape (the node renders the page, the client parses it) held the client's loop and
-        the node's GIL for milliseconds, and inside the window it stalled the calls around it, tens of
-        them at the half-load phases' rates, each counted from when it was due."""
+    def prepare(self) -> None:
+        """What opens a window, done SETTLE_S before it: pin the servers again (PostgreSQL backends may
+        have been forked during the warm-up), read the answering tiers' counters, and stop this
+        process's cycle collector until `end`. Each of these, at the window's edge, held the client's
+        loop for milliseconds (pinning every thread of the server tree ~16 ms, a /metrics scrape and
+        its parse as long, a full collection of the client's heap ~16 ms), and the calls due meanwhile
+        counted from when they were due: tens of calls at the half-load phases' rates, most of their
+        p99. The load generator's own pauses are not the server's latency."""
+        self.pin_servers()
         self._tiers0 = self._scrape_tiers()
+        gc.collect()
+        gc.freeze()      # what the warm-up built is never scanned again
+        gc.disable()     # reference counting still frees what the window makes; cycles wait for `end`
 
     def begin(self) -> None:
-        self.pin_servers()   # PostgreSQL backends may have been forked during the warm-up
         self._srv0 = procs.cpu_snapshot(self.server_roots)
         self._bk0 = procs.cpu_snapshot(self.backend_roots)
         self._cl0 = time.process_time()
@@ -90,6 +97,8 @@ class Window:
     def end(self, collect: Callable[[], None] | None = None) -> dict[str, Any]:
         self.measuring = False
         t1 = time.perf_counter()
+        gc.enable()
+        gc.unfreeze()
         if collect is not None:
             collect()
         items, calls, errors = self.items, self.calls, self.errors
@@ -121,7 +130,7 @@ async def _drive(window: Window, spec: dict[str, Any], start_workers: Callable[[
     tasks = start_workers()
     try:
         await asyncio.sleep(spec["warmup"])
-        await asyncio.to_thread(window.mark_tiers)
+        await asyncio.to_thread(window.prepare)
         await asyncio.sleep(SETTLE_S)
         window.begin()
         await asyncio.sleep(spec["seconds"])
@@ -392,7 +401,7 @@ def unary_threads(spec: dict[str, Any]) -> dict[str, Any]:
         th.start()
     try:
         time.sleep(spec["warmup"])
-        w.mark_tiers()
+        w.prepare()
         time.sleep(SETTLE_S)
         w.begin()
         time.sleep(spec["seconds"])
@@ -485,7 +494,7 @@ def unary_h2load(spec: dict[str, Any]) -> dict[str, Any]:
                        warmup=spec["warmup"])
         try:
             time.sleep(spec["warmup"])
-            w.mark_tiers()
+            w.prepare()
             cl0 = procs.cpu_snapshot([proc.pid])
             w.begin()
             since = time.time()

@@ -101,3 +101,23 @@ def test_the_tier_scrape_that_opens_a_window_stalls_no_call_in_it() -> None:
     assert result["errors"] == 0 and len(result["latency_s"]) > 150, result
     assert result["tiers"] == {"l1": 100}, result["tiers"]   # both edges were read
     assert max(result["latency_s"]) < STALL_S / 2, sorted(result["latency_s"])[-15:]
+
+
+def test_the_load_generator_collects_no_cycles_inside_a_window() -> None:
+    """A full collection of the client's heap (~16 ms) inside a paced window held back the calls due
+    meanwhile, counted as the server's latency: the window opens with the collector stopped and its
+    warm-up heap frozen, and `end` starts it again."""
+    import gc
+
+    w = loadgen.Window({})
+    assert gc.isenabled()
+    try:
+        w.prepare()
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        w.begin()
+        result = w.end()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    assert result["calls"] == 0 and result["tiers"] == {}
