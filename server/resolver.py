@@ -25,9 +25,9 @@ from server.cache.shard import ShardUnavailable
 from server.cache.thread_reads import L2, ThreadReads
 from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
-from server.errors import BackendTimeout, BackendUnavailable, CrsError, InternalError, NotFound
+from server.errors import BackendUnavailable, CrsError, InternalError, NotFound
 from server.metrics import Metrics
-from server.store.db import DB_ERRORS, bounded
+from server.store.db import DB_ERRORS, bounded, pool_timeout
 from server.store.read_route import NEVER, Loaded, Read, ReadRoute
 
 log = logging.getLogger("crs.resolver")
@@ -241,7 +241,7 @@ class Resolver:
         except CrsError:
             raise
         except TimeoutError as exc:
-            raise BackendTimeout("the database did not answer in time") from exc
+            raise pool_timeout(self.route.primary) from exc
         except DB_ERRORS as exc:
             raise BackendUnavailable("the database is unavailable") from exc
         if count:

@@ -31,7 +31,7 @@ from server.feed.epochs import stale_checkpoint
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import EPOCH_CHANGED, CatchUp, FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
-from server.store.db import DB_ERRORS, translate_db_errors
+from server.store.db import DB_ERRORS, acquire, translate_db_errors
 from server.store.feed import (
     SNAPSHOT_TYPES,
     current_epoch,
@@ -184,7 +184,7 @@ class FeedHandlers:
         try:
             stalled = False
             with translate_db_errors():
-                async with self.pool.acquire(timeout=self.timeout) as conn:
+                async with acquire(self.pool, self.timeout) as conn:
                     try:
                         async for chunk in snapshot(conn, ordered, chunk_size=self.snapshot_chunk,
                                                     stall=self.snapshot_stall):

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
@@ -130,6 +130,34 @@ async def create_pool(settings: Settings, *, dsn: str | None = None, min_size: i
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
     assert pool is not None
     return pool
+
+
+def pool_timeout(pool: Any) -> BackendTimeout:
+    """A bound that passed while the call waited for `pool`: says so when every connection of it was in
+    use, the node's own limit (CRS_PG_POOL_MAX), rather than only "the database did not answer", which
+    sent operators to a database that was fine."""
+    try:
+        full = pool.get_size() >= pool.get_max_size() and pool.get_idle_size() == 0
+    except (AttributeError, TypeError):    # not an asyncpg pool (a single connection)
+        full = False
+    if full:
+        return BackendTimeout(f"no database connection came free in time: all {pool.get_max_size()} of this node's"
+                              " (CRS_PG_POOL_MAX) were in use, by more concurrent work than that or each waiting on"
+                              " a slow database")
+    return BackendTimeout("the database did not answer in time")
+
+
+@contextlib.asynccontextmanager
+async def acquire(pool: asyncpg.Pool, timeout: float) -> AsyncIterator[Conn]:
+    """`pool.acquire(timeout=...)`, a wait past `timeout` answered by `pool_timeout`."""
+    try:
+        conn = await pool.acquire(timeout=timeout)
+    except TimeoutError as exc:
+        raise pool_timeout(pool) from exc
+    try:
+        yield conn
+    finally:
+        await pool.release(conn)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from server.crypto import Keyring
 from server.errors import AlreadyExists, BackendUnavailable, InvalidKey, WriteOutcomeUnknown
 from server.feed.events import feed_fields
 from server.pan import contains_card_number, redact_digits
-from server.store.db import COMMIT_LOST, Conn, one_node_in_batches, translate_db_errors
+from server.store.db import COMMIT_LOST, Conn, acquire, one_node_in_batches, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
 _REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id", "survivor_id", "merged_id")
@@ -129,7 +129,7 @@ class WriteEnvelope:
         if contains_card_number(request_id):   # it is kept in clear (idempotency, audit log)
             raise InvalidKey("request_id looks like a card number (13-19 digits passing the Luhn check)")
         with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+            async with acquire(self.pool, self.timeout) as conn:
                 if request_id:
                     stored = await self._replay(conn, rpc, req, caller)
                     if stored is not None:
@@ -231,7 +231,7 @@ class WriteEnvelope:
         # Only well-formed ids: a malformed field may be anything, a pasted card number included.
         ids = [i for i in ids if isinstance(i, str) and _SAFE_ID.fullmatch(i)]
         with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+            async with acquire(self.pool, self.timeout) as conn:
                 await self._audit(conn, caller, rpc, printable(getattr(request, "request_id", "")[:MAX_REQUEST_ID]),
                                   None, ids, result, None)
 

@@ -26,7 +26,7 @@ from server.identity.blocking import MAX_BLOCK, block_hashes
 from server.identity.golden import Contribution, attributes_msg, golden
 from server.identity.model import Decision, MatchModel, Score, Thresholds
 from server.proto import crs_pb2 as pb
-from server.store.db import Conn, translate_db_errors
+from server.store.db import Conn, acquire, translate_db_errors
 
 MAX_CANDIDATE_CUSTOMERS = 50   # scored per query at most (the blocks' best are kept, see `candidates`)
 
@@ -295,7 +295,7 @@ class IdentityReads:
 
     async def identify(self, identity: Identity, limit: int) -> Decision:
         with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+            async with acquire(self.pool, self.timeout) as conn:
                 scored = await candidates(conn, self.codec, self.model, identity)
         return self.model.decide(scored, self.thresholds, limit)
 
@@ -314,7 +314,7 @@ class IdentityReads:
     async def customer_identity(self, customer_id: str) -> pb.CustomerIdentity:
         """The golden record of `customer_id`, or of its survivor when it was merged."""
         with translate_db_errors():
-            async with self.pool.acquire(timeout=self.timeout) as conn:
+            async with acquire(self.pool, self.timeout) as conn:
                 row = await conn.fetchrow("SELECT customer_id, merged_into FROM customers WHERE customer_id = $1",
                                           customer_id)
                 if row is None:

@@ -1,7 +1,8 @@
 """A node's PostgreSQL round trips. Its pool hands connections back without asyncpg's reset query
 (server/store/db.py NoSessionReset): session state survives a release, so the node's code must keep
 none; an open transaction is still rolled back. The default pool (the CLIs') resets as before. And the
-outbox relay at rest asks one query a pass (server/relay.py)."""
+outbox relay at rest asks one query a pass (server/relay.py). A wait for a connection past its bound
+says whether the node's own pool was the limit."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from devstack.environment import DevEnvironment
+from server.errors import BackendTimeout
 from server.metrics import Metrics
 from server.relay import run_relay
 from server.settings import Settings
-from server.store.db import create_pool
+from server.store.db import acquire, create_pool
 
 
 async def _after_release(settings: Settings, *, session_reset: bool) -> tuple[str | None, str | None, bool]:
@@ -86,3 +88,27 @@ def test_the_relay_at_rest_asks_one_query_a_pass(dev_env: DevEnvironment) -> Non
 
     passes, transactions, pending = asyncio.run(main())
     assert passes >= 4 and transactions == 0 and pending == 0
+
+
+def test_a_wait_for_a_full_pool_says_the_pool_was_full(dev_env: DevEnvironment) -> None:
+    """Every connection in use answered "the database did not answer in time", which sent operators to
+    a database that was fine: the node's own pool (CRS_PG_POOL_MAX) was the limit, and now it says so."""
+    async def main() -> tuple[str, str]:
+        pool = await create_pool(dataclasses.replace(dev_env.settings(), pg_pool_min=1, pg_pool_max=1))
+        try:
+            async with acquire(pool, 1.0) as held:
+                assert await held.fetchval("SELECT 1") == 1
+                try:
+                    async with acquire(pool, 0.2):
+                        raise AssertionError("a second connection from a pool of one")
+                except BackendTimeout as exc:
+                    full = exc.message
+            async with acquire(pool, 1.0) as conn:      # released: it is there again
+                assert await conn.fetchval("SELECT 2") == 2
+            return full, str(pool.get_idle_size())
+        finally:
+            await pool.close()
+
+    full, idle = asyncio.run(main())
+    assert "all 1 of this node's (CRS_PG_POOL_MAX) were in use" in full, full
+    assert idle == "1"
