@@ -87,7 +87,7 @@ def redis_address(text: str) -> str:
 
 def register(sub: Any) -> None:
     """Add `shards` and its subcommands to the `crs` parser's subcommands."""
-    p = sub.add_parser("shards", help="Redis shard topology: status, plan, add/remove/reweight, apply, abort",
+    p = sub.add_parser("shards", help="Redis shard topology: status, plan, add/remove/reweight, apply, abort, flush",
                        description=OVERVIEW, epilog=EPILOG, formatter_class=RAW)
     ss = p.add_subparsers(dest="shards_command", required=True, metavar="SHARDS_COMMAND")
 
