@@ -129,6 +129,8 @@ def test_a_move_copies_to_and_cleans_every_copy(env: DevEnvironment, tmp_path: P
         assert all(replicas["shard-0"].exists(keys[i]) for i in moved), "...and to shard-0's replica"
         assert not any(c.exists(keys[i]) for c in (primary1, replicas["shard-1"]) for i in on_1), \
             "the cleanup deleted them from every copy of shard-1"
+        # Leave no copy behind whose server stops with this block (the next tests' topology).
+        assert _crs(env, "remove-replica", "shard-0", copy0.url).returncode == 0
     node.stop()
     env.nodes.remove(node)
 
