@@ -249,6 +249,13 @@ def half_load_line(results: Mapping[str, PhaseResult]) -> str:
     return ("p99 at half of saturation, per round: " + "; ".join(parts) + ".") if parts else ""
 
 
+def target_notes(results: Sequence[PhaseResult]) -> list[str]:
+    """The lines printed under the targets (console and markdown alike): the stream ceilings and the
+    half-load p99 per round, each where its phases ran."""
+    by_key = {r.key: r for r in results}
+    return [line for line in (ceilings_line(by_key), half_load_line(by_key)) if line]
+
+
 def noise_line(results: Sequence[PhaseResult]) -> str:
     measured = [r for r in results if not math.isnan(r.spread)]
     if not measured:
@@ -333,11 +340,7 @@ def console_table(results: Sequence[PhaseResult], targets: Sequence[Target]) -> 
                "best round); wall-clock rates pool all rounds.")
     for t in targets:
         out.append(f"  {t.verdict:15}  {t.name}: {_fmt_target(t)} (target {_fmt_needed(t)})")
-    if ceilings := ceilings_line({r.key: r for r in results}):
-        out.append(ceilings)
-    if half := half_load_line({r.key: r for r in results}):
-        out.append(half)
-    out.append(noise_line(results))
+    out += [*target_notes(results), noise_line(results)]
     return "\n".join(out)
 
 
@@ -366,11 +369,8 @@ def markdown(results: Sequence[PhaseResult], targets: Sequence[Target], machine:
            "| --- | --- | --- | --- |"]
     for t in targets:
         md.append(f"| {t.name} | {_fmt_target(t)} | {_fmt_needed(t)} | **{t.verdict}** |")
-    if ceilings := ceilings_line({r.key: r for r in results}):
-        md += ["", ceilings]
-    if half := half_load_line({r.key: r for r in results}):
-        md += ["", half]
-    md += ["", noise_line(results)]
+    for note in (*target_notes(results), noise_line(results)):
+        md += ["", note]
     md += ["", "## Load and server-side CPU per phase", "",
            "| phase | load | server CPU us/item | backends CPU s | per core, server + backends | client CPU | items "
            "| calls | errors |",
