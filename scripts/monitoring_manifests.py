@@ -196,6 +196,13 @@ def component_alerts() -> list[dict[str, Any]]:
                summary="{{ $labels.instance }} uses {{ $value | humanizePercentage }} of its PostgreSQL pools",
                description="Cache misses and writes queue for a connection and then time out "
                            "(DEADLINE_EXCEEDED / UNAVAILABLE)."),
+        _alert("CRSNodeShedding",
+               "sum by (instance) (rate(crs_calls_shed_total[5m])) > 0",
+               for_="5m", severity="ticket",
+               summary="{{ $labels.instance }} refuses {{ $value | humanize }} calls/s unanswered: it is over its"
+                       " capacity",
+               description="Its gRPC threads have a queue that stays (CRS_SHED_QUEUE_MS); calls past it are "
+                           "refused UNAVAILABLE at once and clients retry on another node."),
         _alert("CRSDatabaseUnreachable",
                "min by (instance) (crs_database_up) == 0",
                for_="1m", severity="page",

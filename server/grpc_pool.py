@@ -13,6 +13,12 @@ started when no idle one is waiting; an idle thread leaves a token in a queue fo
 run each call in submission order, and `shutdown` drops calls not yet started (their callbacks
 still run, as a cancelled Future's do). A call that raises is logged: grpc catches its handlers'
 exceptions itself, so one reaching here is grpc's own bug.
+
+One thing more: the pool times how long each call waited for a thread, and under a standing queue
+marks the thread's call as one to refuse (`QueueDelay`, `shed_wait`): the handler then answers
+UNAVAILABLE before doing any work (server/hybrid.py). grpc's sync server hands a call to the pool
+whatever the pool's backlog, so without this an overloaded node worked through calls whose callers had
+given up, and every caller waited (docs/decisions.md "Shedding where the queue is").
 """
 
 from __future__ import annotations
@@ -21,12 +27,54 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_Item = tuple["CallDone", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_Item = tuple["CallDone", Callable[..., Any], tuple[Any, ...], dict[str, Any], float]
+CODEL_INTERVAL = 0.100   # seconds: the window whose shortest wait tells a standing queue from a burst
+
+
+class QueueDelay:
+    """CoDel's test for a standing queue (Nichols and Jacobson, "Controlling Queue Delay", ACM Queue
+    2012), as Facebook's Thrift servers apply it to their request queues ("Fail at Scale", ACM Queue
+    2015): if even the shortest wait for a thread in the last CODEL_INTERVAL was over `target`, the
+    queue is not a burst draining but a backlog that stays, and until an interval shows otherwise a
+    call that waited more than twice `target` is refused. A burst (some calls waiting, some not) is
+    never refused, nor a call with nothing queued behind it: refusing it would free nobody.
+
+    Called by every pool thread without a lock: the GIL makes each step atomic, and a race loses one
+    sample of a minimum, which the next call's corrects."""
+
+    __slots__ = ("_min", "_until", "overloaded", "slough", "target")
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+        self.slough = 2 * target
+        self.overloaded = False
+        self._min = 0.0      # the shortest wait in the interval so far; no interval yet: no queue
+        self._until = 0.0
+
+    def shed(self, waited: float, now: float, behind: int) -> bool:
+        """Whether to refuse a call that waited `waited` seconds, with `behind` calls queued after it."""
+        if now >= self._until:
+            self.overloaded = self._min > self.target
+            self._min = waited
+            self._until = now + CODEL_INTERVAL
+        elif waited < self._min:
+            self._min = waited
+        return self.overloaded and waited > self.slough and behind > 0
+
+
+_shed = threading.local()
+
+
+def shed_wait() -> float:
+    """On a pool thread: how long the running call waited for it, when the pool decided to refuse the
+    call (0.0 when the call is to be served, or off the pool)."""
+    return getattr(_shed, "waited", 0.0)
 
 
 class CallDone:
@@ -67,10 +115,12 @@ class CallDone:
 class GrpcThreadPool(concurrent.futures.Executor):
     """Threads for grpc.server's calls (see the module's docstring)."""
 
-    def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
+    def __init__(self, max_workers: int, thread_name_prefix: str, shed_target: float = 0.0) -> None:
+        """`shed_target`: seconds, QueueDelay's target (0: every call is served however long it waited)."""
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         self.max_workers = max_workers
+        self.delay = QueueDelay(shed_target) if shed_target > 0 else None
         self._prefix = thread_name_prefix
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()   # one token per thread waiting for work
@@ -85,7 +135,7 @@ class GrpcThreadPool(concurrent.futures.Executor):
         if self._shutdown:
             raise RuntimeError("cannot schedule new calls after shutdown")
         done = CallDone()
-        self._work.put((done, fn, args, kwargs))
+        self._work.put((done, fn, args, kwargs, time.perf_counter()))
         if not self._full:
             try:
                 self._idle.get_nowait()      # an idle thread will take it
@@ -103,13 +153,21 @@ class GrpcThreadPool(concurrent.futures.Executor):
             self._full = len(self._threads) >= self.max_workers
 
     def _serve(self) -> None:
-        take, idle = self._work.get, self._idle.put
+        take, idle, backlog = self._work.get, self._idle.put, self._work.qsize
+        clock, delay = time.perf_counter, self.delay
+        mark = _shed
+        mark.waited = 0.0
         while (item := take()) is not None:
-            done, fn, args, kwargs = item
+            done, fn, args, kwargs, queued = item
+            if delay is not None:
+                now = clock()
+                if delay.shed(now - queued, now, backlog()):
+                    mark.waited = now - queued
             try:
                 fn(*args, **kwargs)
             except BaseException:
                 log.exception("a gRPC call raised out of grpc's own handling")
+            mark.waited = 0.0
             done.finish()
             del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
             if not self._full:

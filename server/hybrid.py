@@ -34,6 +34,7 @@ from server import rpc
 from server.caller import Caller
 from server.errors import BackendUnavailable, RateLimited
 from server.gate import Gate, failed_call, request_parser
+from server.grpc_pool import shed_wait
 from server.lookup import Later, LookupHandlers
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
@@ -334,6 +335,11 @@ class HybridHandlers:
         def handler(raw: bytes, context: grpc.ServicerContext) -> bytes:
             started = time.perf_counter()
             try:
+                if waited := shed_wait():
+                    metrics.calls_shed.labels(name).inc()
+                    raise BackendUnavailable(f"this node is over its capacity: the call waited {waited * 1000:.0f} ms"
+                                             " for a thread behind a standing queue (CRS_SHED_QUEUE_MS); retry on"
+                                             " another node")
                 caller = gate.admit(context, scopes, name, cost)
                 request = parse(raw)
                 if now is not None:

@@ -115,6 +115,10 @@ class Metrics:
                                       "Near-cache entries reloaded ahead of expiry, by outcome "
                                       "(refreshed, failed, skipped: too many in flight)",
                                       ["outcome"], registry=reg)
+        # Hybrid: unary calls refused UNAVAILABLE before any work, having waited for a gRPC thread behind
+        # a standing queue (server/grpc_pool.py QueueDelay, CRS_SHED_QUEUE_MS): the node is past its capacity.
+        self.calls_shed = Counter("crs_calls_shed_total", "Unary calls refused unanswered (UNAVAILABLE): they"
+                                  " waited for a gRPC thread behind a standing queue", ["method"], registry=reg)
         self.shard_errors = Counter("crs_cache_shard_errors_total", "Failed Redis operations per shard",
                                     ["shard"], registry=reg)
         # An error reply (WRONGTYPE, OOM, ...) fails one command; unlike shard errors it never marks

@@ -51,6 +51,9 @@ class Settings:
                                           # on uvloop for every call (the previous model, kept for one release)
     serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
                                           # flight holds one
+    shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
+                                          # longer than this, a call that waited twice as long is refused
+                                          # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never
     stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot, reflection) per
                                           # process, each on a thread of its own pool (never a unary call's);
                                           # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
@@ -246,6 +249,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_SERVING_MODEL must be {' or '.join(SERVING_MODELS)} (got {s.serving_model!r})")
     if s.serving_threads < 4:
         problems.append(f"CRS_SERVING_THREADS must be >= 4 (got {s.serving_threads})")
+    if not 0 <= s.shed_queue_ms <= 1000:
+        problems.append(f"CRS_SHED_QUEUE_MS must be 0 (off) to 1000 milliseconds (got {s.shed_queue_ms})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay <= s.redis_timeout:

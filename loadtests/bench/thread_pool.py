@@ -32,10 +32,11 @@ from typing import Any
 
 from loadtests.shared import procs
 from server.grpc_pool import GrpcThreadPool
+from server.settings import Settings
 
 POOLS: dict[str, Callable[[], Executor]] = {
     "futures": lambda: ThreadPoolExecutor(max_workers=64),
-    "node": lambda: GrpcThreadPool(64, thread_name_prefix="bench"),
+    "node": lambda: GrpcThreadPool(64, thread_name_prefix="bench", shed_target=Settings().shed_queue_ms / 1000),
 }
 
 

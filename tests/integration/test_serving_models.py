@@ -212,6 +212,47 @@ def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironmen
         dev_env.nodes.remove(node)
 
 
+def test_an_overloaded_node_refuses_at_once_what_it_cannot_answer_in_time(dev_env: DevEnvironment) -> None:
+    """Hybrid: 64 BatchResolves kept in flight against 4 gRPC threads make a queue that stays. The node
+    must refuse some of them UNAVAILABLE without working on them, saying it is over its capacity (and
+    count them), answer the rest, and let no call run into its deadline; with the flood over, a call
+    is answered again."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4)
+    request = pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i), correlation_id=str(i)) for i in range(100)])
+    codes: dict[grpc.StatusCode, int] = {}
+    shed_messages: list[str] = []
+    slots = threading.Semaphore(64)
+    lock = threading.Lock()
+
+    def ended(future: Any) -> None:
+        exc = future.exception()
+        code = grpc.StatusCode.OK if exc is None else exc.code()
+        with lock:
+            codes[code] = codes.get(code, 0) + 1
+            if exc is not None and "over its capacity" in exc.details():
+                shed_messages.append(exc.details())
+        slots.release()
+
+    try:
+        with node.channel() as channel:
+            batch = rpc.stub(channel, "LookupService").BatchResolve
+            assert len(batch(request, timeout=10).results) == 100   # and the near-cache is warm
+            until = time.monotonic() + 4
+            while time.monotonic() < until:
+                assert slots.acquire(timeout=30)
+                batch.future(request, timeout=5).add_done_callback(ended)
+            for _ in range(64):
+                assert slots.acquire(timeout=30)
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+            assert codes.get(grpc.StatusCode.OK, 0) > 0 and shed_messages, codes
+            assert all("retry on another node" in m for m in shed_messages), shed_messages[:1]
+            assert metric(node, "crs_calls_shed_total", method="BatchResolve") == len(shed_messages)
+            assert len(batch(request, timeout=5).results) == 100
+    finally:
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
 def _stream_accepted_again(lookup: Any, *, while_refused: grpc.StatusCode) -> None:
     """A StreamResolve is accepted again within 10 s (a slot or share freed), refused `while_refused` till then."""
     deadline = time.monotonic() + 10

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from server.grpc_pool import GrpcThreadPool
+from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, shed_wait
 
 
 def _wait(event: threading.Event) -> None:
@@ -163,3 +163,69 @@ def test_a_saturated_pool_keeps_no_idle_tokens_for_the_calls_that_waited() -> No
         assert ended.acquire(timeout=10)
     assert pool._idle.qsize() <= 2   # private, but the tokens are the point of this test
     pool.shutdown()
+
+
+def test_queue_delay_refuses_only_behind_a_queue_that_stays() -> None:
+    """CoDel's test: a burst, where some calls got a thread at once, is never refused; once a whole
+    interval's shortest wait was over the target, a call that waited over twice the target is, unless
+    nothing waits behind it; an interval with a short wait ends it."""
+    d = QueueDelay(0.005)
+    t = 100.0
+    assert not d.shed(0.0, t, behind=50)                   # the first interval opens
+    assert not d.shed(0.500, t + 0.05, behind=50)          # a burst: the interval also had a wait of 0
+    assert not d.shed(0.500, t + CODEL_INTERVAL, behind=50)   # judged on that interval: no standing queue
+    for i in range(1, 5):                                  # every wait of this interval is long
+        assert not d.shed(0.020, t + CODEL_INTERVAL + i * 0.01, behind=50)
+    t2 = t + 2 * CODEL_INTERVAL
+    assert d.shed(0.020, t2, behind=50)                    # standing: over twice the target, refused
+    assert not d.shed(0.009, t2 + 0.01, behind=50)         # within twice the target: served
+    assert not d.shed(0.500, t2 + 0.02, behind=0)          # nothing behind it: refusing frees nobody
+    assert d.shed(0.500, t2 + 0.03, behind=1)
+    # The 0.009 wait was this interval's shortest (over the target): still standing in the next one ...
+    t3 = t2 + CODEL_INTERVAL
+    assert d.shed(0.011, t3, behind=5)
+    assert not d.shed(0.001, t3 + 0.01, behind=5)          # ... where the queue drained
+    assert not d.shed(0.500, t3 + CODEL_INTERVAL, behind=5)   # so the interval after refuses nothing
+
+
+def test_the_pool_marks_the_calls_that_waited_behind_a_standing_queue() -> None:
+    """One thread, 40 calls queued at once, each holding the thread 20 ms unless marked. The queue
+    stands for over two intervals, so calls are marked, each with its wait; the first interval's
+    calls are not (a burst until an interval proves otherwise), nor is the last (nobody behind it).
+    Off the pool, and on a thread after a marked call, shed_wait() is 0."""
+    pool = GrpcThreadPool(1, "t", shed_target=0.002)
+    seen: list[float] = []
+    after: list[float] = []
+    ended = threading.Semaphore(0)
+
+    def call() -> None:
+        waited = shed_wait()
+        seen.append(waited)
+        if not waited:
+            time.sleep(0.02)
+
+    for _ in range(40):
+        pool.submit(call).add_done_callback(lambda _d: ended.release())
+    for _ in range(40):
+        assert ended.acquire(timeout=10)
+    pool.submit(lambda: after.append(shed_wait())).add_done_callback(lambda _d: ended.release())
+    assert ended.acquire(timeout=10)
+    pool.shutdown()
+    assert shed_wait() == 0.0 and after == [0.0]
+    marked = [w for w in seen if w]
+    assert not any(seen[:4]), seen
+    assert len(marked) >= 10 and min(marked) > 0.004, seen
+    assert seen[-1] == 0.0, seen
+
+
+def test_a_pool_without_a_target_marks_nothing() -> None:
+    pool = GrpcThreadPool(1, "t")
+    seen: list[float] = []
+    ended = threading.Semaphore(0)
+    for _ in range(20):
+        pool.submit(lambda: (seen.append(shed_wait()), time.sleep(0.02))).add_done_callback(
+            lambda _d: ended.release())
+    for _ in range(20):
+        assert ended.acquire(timeout=10)
+    pool.shutdown()
+    assert seen == [0.0] * 20
