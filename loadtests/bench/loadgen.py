@@ -61,6 +61,7 @@ class Window:
         self.calls = 0
         self.errors = 0
         self.error_sample = ""
+        self.failure_codes: dict[str, int] = {}   # failed calls in the window, by status code
         self.latencies: list[float] = []
         self.next_key = itertools.count()
 
@@ -90,6 +91,7 @@ class Window:
         self._bk0 = procs.cpu_snapshot(self.backend_roots)
         self._cl0 = time.process_time()
         self.items = self.calls = self.errors = 0
+        self.failure_codes = {}
         self.latencies = []
         self._t0 = time.perf_counter()
         self.measuring = True
@@ -113,14 +115,17 @@ class Window:
             "backend_cpu_s": procs.cpu_delta(self._bk0, bk1),
             "client_cpu_s": cl1 - self._cl0,
             "latency_s": samples(self.latencies),
+            "failure_codes": dict(self.failure_codes),
             "tiers": {k: int(v - self._tiers0.get(k, 0.0)) for k, v in tiers1.items()
                       if v - self._tiers0.get(k, 0.0) > 0},
         }
 
     def failed(self, exc: BaseException) -> None:
         self.errors += 1
+        code = getattr(exc, "code", None)
+        name = code().name if callable(code) else type(exc).__name__
+        self.failure_codes[name] = self.failure_codes.get(name, 0) + 1
         if not self.error_sample:
-            code = getattr(exc, "code", None)
             self.error_sample = f"{code().name}: {exc.details()}" if callable(code) else repr(exc)  # type: ignore[attr-defined]
 
 
@@ -247,34 +252,56 @@ async def batch_aio(spec: dict[str, Any]) -> dict[str, Any]:
     calls = [ch.unary_unary(BATCH_RESOLVE, response_deserializer=pb.BatchResolveResponse.FromString)
              for ch in channels]
     w = Window(spec)
+    deadline, rate = spec.get("deadline"), float(spec.get("rate") or 0.0)
 
-    async def worker(i: int) -> None:
-        call = calls[i % len(calls)]
+    async def one(i: int) -> None:
         perf = time.perf_counter
-        while not w.stop:
-            req = reqs[next(w.next_key) % len(reqs)]
-            t = perf()
-            try:
-                resp = await call(req)
-            except grpc.aio.AioRpcError as exc:
-                if w.measuring:
-                    w.failed(exc)
-                continue
+        req = reqs[next(w.next_key) % len(reqs)]
+        t = perf()
+        try:
+            resp = await calls[i % len(calls)](req, timeout=deadline)
+        except grpc.aio.AioRpcError as exc:
             if w.measuring:
-                w.latencies.append(perf() - t)
-                bad = sum(1 for r in resp.results if r.code)
-                w.calls += 1
-                w.items += len(resp.results) - bad
-                if bad:
-                    w.errors += bad
-                    w.error_sample = w.error_sample or next(r.message for r in resp.results if r.code)
+                w.failed(exc)
+            return
+        if w.measuring:
+            w.latencies.append(perf() - t)
+            bad = sum(1 for r in resp.results if r.code)
+            w.calls += 1
+            w.items += len(resp.results) - bad
+            if bad:
+                w.errors += bad
+                w.error_sample = w.error_sample or next(r.message for r in resp.results if r.code)
+
+    async def worker(i: int) -> None:   # a closed loop: the next call when the last one ends
+        while not w.stop:
+            await one(i)
+
+    async def schedule() -> None:
+        """An open loop: `rate` calls a second, each sent when due whatever the earlier ones are doing
+        (as a payment switch's traffic arrives), so an overloaded node's queue grows as it would."""
+        pending: set[asyncio.Task[None]] = set()
+        start, sent = time.perf_counter(), 0
+        while not w.stop:
+            due = int((time.perf_counter() - start) * rate)
+            while sent < due:
+                task = asyncio.create_task(one(sent))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+                sent += 1
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def idle(seconds: float) -> list[float]:
         return await _idle_calls(calls[0], reqs, seconds)
 
+    def start() -> list[asyncio.Task[None]]:
+        if rate:
+            return [asyncio.create_task(schedule())]
+        return [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])]
+
     try:
-        return await _drive(w, spec, lambda: [asyncio.create_task(worker(i)) for i in range(spec["concurrency"])],
-                            idle)
+        return await _drive(w, spec, start, idle)
     finally:
         for ch in channels:
             await ch.close()

@@ -179,6 +179,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--channels", type=int, default=4, help="gRPC channels (TCP connections) (default 4)")
     g.add_argument("--batch-size", type=int, default=100, help="keys per BatchResolve call (default 100)")
     g.add_argument("--batch-concurrency", type=int, default=8, help="BatchResolve calls in flight (default 8)")
+    g.add_argument("--batch-rate", type=float, default=0.0,
+                   help="BatchResolve calls a second sent on a schedule whatever the answers (an open loop, as"
+                        " traffic arrives; above the node's capacity: overload); 0 = a closed loop of"
+                        " --batch-concurrency calls (default)")
+    g.add_argument("--deadline", type=float, default=None,
+                   help="seconds: each BatchResolve's deadline (default: none); the failed calls are then"
+                        " counted by status code")
     g.add_argument("--streams", type=int, default=8, help="open StreamResolve streams (default 8)")
     g.add_argument("--stream-window", type=int, default=16,
                    help="requests outstanding per stream (default 16)")
@@ -210,6 +217,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  "batch_concurrency", "streams", "stream_window", "pg_connections"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.batch_rate < 0 or (args.deadline is not None and args.deadline <= 0):
+        p.error("--batch-rate must be >= 0 and --deadline > 0")
     if args.shards < 1:
         p.error("--shards must be >= 1 (the Redis phase needs a shard)")
     if args.watchers < 0:
@@ -406,7 +415,8 @@ def phase_spec(phase: Phase, args: argparse.Namespace, *, window: float, cpus: t
     if phase.kind == "unary":
         spec.update(client=client, concurrency=args.threads if client == "threads" else args.concurrency)
     elif phase.kind == "batch":
-        spec.update(concurrency=args.batch_concurrency, batch_size=args.batch_size)
+        spec.update(concurrency=args.batch_concurrency, batch_size=args.batch_size, rate=args.batch_rate or None,
+                    deadline=args.deadline)
     elif phase.kind == "stream":
         spec.update(streams=args.streams, window=args.stream_window)
     else:
@@ -424,8 +434,12 @@ def describe_load(phase: Phase, spec: dict[str, Any]) -> str:
     if phase.kind == "unary":
         return f"aio client, {spec['concurrency']} in flight, {spec['channels']} channels"
     if phase.kind == "batch":
+        deadline = f", {spec['deadline']:g} s deadline" if spec.get("deadline") else ""
+        if spec.get("rate"):
+            return (f"aio, open loop: {spec['rate']:g} batches of {spec['batch_size']} a second, "
+                    f"{spec['channels']} channels{deadline}")
         return (f"aio, {spec['concurrency']} batches of {spec['batch_size']} in flight, "
-                f"{spec['channels']} channels")
+                f"{spec['channels']} channels{deadline}")
     if phase.kind == "stream":
         return (f"aio, {spec['streams']} streams x {spec['window']} outstanding, "
                 f"{spec['channels']} channels")
@@ -550,7 +564,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             rounds.setdefault(phase.key, []).append(raw)
             loads[phase.key] = describe_load(phase, spec)
             if raw["errors"]:
-                failures.append(f"{phase.key} (round {rnd}): {raw['errors']} error(s), e.g. {raw.get('error_sample')}")
+                codes = ", ".join(f"{n} {c}" for c, n in sorted(raw.get("failure_codes", {}).items()))
+                failures.append(f"{phase.key} (round {rnd}): {raw['errors']} error(s)"
+                                f"{f' ({codes} calls)' if codes else ''}, e.g. {raw.get('error_sample')}")
             wall, per_core = raw["items"] / raw["wall_s"], raw["items"] / max(raw["server_cpu_s"], 1e-9)
             print(f"{wall:,.0f} {phase.unit}/s wall, {per_core:,.0f} per server core "
                   f"(server CPU {100 * raw['server_cpu_s'] / raw['wall_s']:.0f}%)"
@@ -580,7 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "customers": args.customers, "cards": 2 * args.customers, "hot_keys": args.hot_keys,
         "shards": args.shards, "node_workers": 1, "near_cache_ttl": settings.near_cache_ttl,
         "client": args.client, "concurrency": args.concurrency, "threads": args.threads, "channels": args.channels,
-        "batch_size": args.batch_size, "batch_concurrency": args.batch_concurrency, "streams": args.streams,
+        "batch_size": args.batch_size, "batch_concurrency": args.batch_concurrency, "batch_rate": args.batch_rate,
+        "deadline": args.deadline, "streams": args.streams,
         "stream_window": args.stream_window, "pg_connections": args.pg_connections,
         "phases": ",".join(ph.key for ph in args.phase_list),
         "total_seconds": round(time.monotonic() - started, 1),

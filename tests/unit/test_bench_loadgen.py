@@ -121,3 +121,32 @@ def test_the_load_generator_collects_no_cycles_inside_a_window() -> None:
         gc.unfreeze()
     assert gc.isenabled() and gc.get_freeze_count() == 0
     assert result["calls"] == 0 and result["tiers"] == {}
+
+
+def test_an_open_loop_batch_phase_sends_on_schedule_and_counts_failures_by_code() -> None:
+    """`--batch-rate`: calls are sent when due whatever the earlier ones are doing, as traffic arrives.
+    Against a server that answers each BatchResolve 0.3 s late, with a 0.1 s deadline, a closed loop
+    of 2 would send ~20 calls a second; the open loop sends its 100 and every one fails, counted by
+    its status code."""
+    async def main() -> dict[str, Any]:
+        async def slow(request: bytes, context: Any) -> bytes:
+            await asyncio.sleep(0.3)
+            return b""
+
+        handler = grpc.method_handlers_generic_handler("crs.v1.LookupService", {
+            "BatchResolve": grpc.unary_unary_rpc_method_handler(slow)})
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await loadgen.batch_aio({"target": f"127.0.0.1:{port}", "keys": [1, 2, 3], "batch_size": 2,
+                                            "channels": 1, "concurrency": 2, "rate": 100.0, "deadline": 0.1,
+                                            "warmup": 0.2, "seconds": 1.0, "idle_seconds": 0.0})
+        finally:
+            await server.stop(None)
+
+    result = asyncio.run(main())
+    assert result["calls"] == 0 and result["latency_s"] == []
+    failed = result["failure_codes"].get("DEADLINE_EXCEEDED", 0)
+    assert set(result["failure_codes"]) == {"DEADLINE_EXCEEDED"} and 70 <= failed <= 110, result["failure_codes"]
