@@ -49,8 +49,9 @@ class Settings:
     serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
                                           # everything else runs on the process's asyncio loop; "aio": grpc.aio
                                           # on uvloop for every call (the previous model, kept for one release)
-    serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
-                                          # flight holds one
+    serving_threads: int = 16             # hybrid: gRPC threads per node process for unary calls; each call in
+                                          # flight holds one. More serve no more (they share the GIL) and, past
+                                          # capacity, starve grpc's poller: docs/decisions.md "Shedding ..."
     shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
                                           # longer than this, a call that waited twice as long is refused
                                           # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never

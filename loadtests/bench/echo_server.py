@@ -38,6 +38,7 @@ import uvloop
 from server import rpc
 from server.grpc_pool import GrpcThreadPool
 from server.proto import crs_pb2 as pb
+from server.settings import Settings
 
 ECHO_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["ResolveCard"]
 STREAM_METHOD = rpc.methods(rpc.LOOKUP_SERVICE)["StreamResolve"]
@@ -139,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--payload", type=Path, required=True,
                         help="file whose bytes are the answer to every call (a serialized Resolution)")
     parser.add_argument("--sync", action="store_true", help="serve on the synchronous grpc.server instead")
-    parser.add_argument("--threads", type=int, default=64, help="--sync: thread pool size (default 64, as the"
-                                                                " node's CRS_SERVING_THREADS)")
+    parser.add_argument("--threads", type=int, default=Settings().serving_threads,
+                        help="--sync: thread pool size (default: the node's CRS_SERVING_THREADS default,"
+                             f" {Settings().serving_threads})")
     parser.add_argument("--pool", choices=("futures", "node"), default="futures",
                         help="--sync: the server's thread pool: futures (concurrent.futures, the default and"
                              " the ceiling) or node (the node's GrpcThreadPool)")

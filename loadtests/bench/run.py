@@ -87,7 +87,7 @@ bare echo servers, then measures each phase after --warmup seconds of the same l
 
   echo          bare grpc.aio unary server on uvloop answering canned bytes the size of a ResolveCard
                 answer (loadtests/bench/echo_server.py): the ceiling
-  echo_sync     the same on the synchronous grpc.server (64 threads): the hybrid model's ceiling
+  echo_sync     the same on the synchronous grpc.server (the node's default thread count): the hybrid ceiling
   echo_half, echo_sync_half
                 each echo paced at half the rate it reached saturated in the same round: the latency
                 floor of each serving model's gRPC layer on this machine, next to l1_half
