@@ -35,7 +35,7 @@ from server.caller import Caller
 from server.errors import BackendUnavailable, RateLimited
 from server.gate import Gate, failed_call, request_parser
 from server.grpc_pool import shed_wait
-from server.lookup import Later, LookupHandlers
+from server.lookup import Later, LookupHandlers, Partial
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
 
@@ -52,6 +52,10 @@ class CallEnded(Exception):
 
 class DeadlinePassed(CallEnded):
     """The call's deadline passed while its thread waited for the loop."""
+
+
+class LoopFull(BackendUnavailable):
+    """`LoopBridge.max_waiting` calls already wait on the loop: this one is refused at once."""
 
 
 class _Waiter:
@@ -128,7 +132,7 @@ class LoopBridge:
             if self._closed:
                 raise BackendUnavailable("the node is shutting down")
             if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
-                raise BackendUnavailable(f"this node already has {self.max_waiting} calls waiting for its cache and"
+                raise LoopFull(f"this node already has {self.max_waiting} calls waiting for its cache and"
                                          " database; retry on another node")
             self._waiting.add(waiter)
         self.loop.call_soon_threadsafe(self._start, waiter, later)
@@ -244,6 +248,17 @@ async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
+def _later(bridge: LoopBridge, later: Later, context: grpc.ServicerContext) -> bytes:
+    """A call's I/O half on the loop. A batch the loop cannot take now answers its near-cache hits and
+    refuses only its misses, each UNAVAILABLE, instead of throwing the hits' work away with the call."""
+    try:
+        return bridge.call(later, context)
+    except LoopFull as exc:
+        if isinstance(later, Partial):
+            return later.refused(exc)
+        raise
+
+
 def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:
     """server/app.py's _fail for the sync server: the same status, message, details and metric."""
     if isinstance(exc, grpc.RpcError):   # grpc's request iterator: the call ended (cancel, deadline, client gone)
@@ -344,7 +359,7 @@ class HybridHandlers:
                 request = parse(raw)
                 if now is not None:
                     answer = now(request, caller)
-                    response = answer if isinstance(answer, bytes) else bridge.call(answer, context)
+                    response = answer if isinstance(answer, bytes) else _later(bridge, answer, context)
                 else:
                     response = bridge.call(lambda: fn(request, caller), context)
             except Exception as exc:

@@ -56,6 +56,19 @@ async def finish(now: bytes | Later) -> bytes:
     return now if isinstance(now, bytes) else await now()
 
 
+class Partial:
+    """A `Later` that can also be answered without its I/O (a batch's misses): `refused(exc)` answers
+    now, each key still to look up answering `exc` (server/hybrid.py, when the loop is full)."""
+
+    __slots__ = ("later", "refused")
+
+    def __init__(self, later: Later, refused: Callable[[CrsError], bytes]) -> None:
+        self.later, self.refused = later, refused
+
+    def __call__(self) -> Awaitable[bytes]:
+        return self.later()
+
+
 class BinTableHolder(Protocol):
     table: BinTable     # replaced whole when a new version is loaded (server/bin_source.py)
     known: bool         # the active version was read (False: the database was out since the start)
@@ -363,7 +376,12 @@ class LookupHandlers:
                 outcomes[i] = outcome
             return answer()
 
-        return later
+        def refused(exc: CrsError) -> bytes:
+            for i in misses:
+                outcomes[i] = exc
+            return answer()
+
+        return Partial(later, refused)
 
     def StreamResolve(self, requests: AsyncIterator[pb.LookupKey], caller: Caller) -> AsyncIterator[bytes]:
         return stream_resolve(self, requests, caller)   # grpc.aio's; the hybrid model's: lookup_threads

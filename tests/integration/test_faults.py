@@ -465,6 +465,42 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
     assert set(codes) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}, codes
 
 
+def test_a_batch_the_loop_cannot_take_answers_its_hits_and_refuses_only_its_misses(faults: FaultStack) -> None:
+    """Hybrid: with PostgreSQL hung and a node's share of threads already waiting on it, a
+    BatchResolve of a near-cache hit and an unknown card must answer the hit and refuse the miss
+    alone, UNAVAILABLE for that key (retry it elsewhere). It was refused whole, its hits worked out
+    and thrown away, and the caller had to send them again."""
+    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
+    channel = grpc.insecure_channel(node.address)
+    lookup = rpc.stub(channel, "LookupService")
+    known = pb.ResolveCardRequest(pan=demo_pan(1))
+    lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
+
+    def miss(i: int) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(CARDS + 300 + i)), timeout=10)
+
+    try:
+        with _postgres_hung(faults):
+            callers = [threading.Thread(target=miss, args=(i,)) for i in range(10)]
+            for t in callers:
+                t.start()
+            time.sleep(0.5)                               # six misses wait, the rest were refused
+            answer = lookup.BatchResolve(pb.BatchResolveRequest(keys=[
+                pb.LookupKey(pan=demo_pan(1), correlation_id="hit"),
+                pb.LookupKey(pan=demo_pan(CARDS + 299), correlation_id="miss")]), timeout=5)
+            for t in callers:
+                t.join(15)
+    finally:
+        channel.close()
+        node.stop()
+        faults.env.nodes.remove(node)
+    hit, refused = answer.results
+    assert hit.correlation_id == "hit" and hit.code == 0 and hit.resolution.card.token
+    assert refused.correlation_id == "miss" and refused.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "calls waiting" in refused.message and "retry" in refused.message, refused.message
+
+
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
     """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
     unknown = pb.ResolveCardRequest(pan=demo_pan(CARDS + 23))
