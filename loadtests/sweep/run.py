@@ -169,7 +169,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="run nothing: rewrite README.md, sweep.csv and throughput.png in --out from its sweep.json")
     g.add_argument("--note", action="append", default=[],
                    help="a paragraph for the report (what the numbers mean on this machine); repeatable, kept "
-                        "by --rerender")
+                        "by --rerender, or replaced by the --note paragraphs given with it")
     g.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -660,18 +660,20 @@ def write_report(out: Path, results: Sequence[RunResult], machine: dict[str, Any
                                                               " (no plot: pip install matplotlib)")
 
 
-def rerender(out: Path) -> int:
+def rerender(out: Path, notes: list[str]) -> int:
+    """Rewrite the report from its sweep.json; `notes`, when given, replace the notes it holds."""
     from loadtests.sweep.report import runs_from_report
 
     report = json.loads((out / "sweep.json").read_text())
-    print(write_report(out, runs_from_report(report), report["machine"], report["config"], report.get("notes", [])))
+    print(write_report(out, runs_from_report(report), report["machine"], report["config"],
+                       notes or report.get("notes", [])))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.rerender:
-        return rerender(args.out)
+        return rerender(args.out, args.note)
     if not Path("/proc/self/stat").exists():
         print("sweep: needs Linux (/proc)", file=sys.stderr)
         return 2

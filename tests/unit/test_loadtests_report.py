@@ -34,7 +34,7 @@ from loadtests.sweep.report import (
     verdict,
     within,
 )
-from loadtests.sweep.run import calibration_users, paced_spec, parse_args, plan_layout
+from loadtests.sweep.run import calibration_users, paced_spec, parse_args, plan_layout, rerender
 
 
 # -- histograms --------------------------------------------------------------------------------------
@@ -371,3 +371,20 @@ def test_cpus_are_handed_out_one_per_physical_core_first(tmp_path: Path) -> None
     assert sibling_sets([0, 1], root=tmp_path / "absent") == [(0,), (1,)]
     assert describe_topology([(0,), (1,)]) == "2 CPUs, one thread per core"
     assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+
+
+def test_rerender_keeps_the_notes_or_takes_the_ones_given(tmp_path: Path) -> None:
+    """--rerender rewrites the report from sweep.json: with no --note it keeps the notes stored there,
+    with --note paragraphs they replace them (a re-run's notes were otherwise lost, or needed a new run)."""
+    committed = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "sweep" / "sweep.json"
+    report = json.loads(committed.read_text())
+    report["notes"] = ["the stored note"]
+    (tmp_path / "sweep.json").write_text(json.dumps(report))
+    assert rerender(tmp_path, []) == 0
+    assert "the stored note" in (tmp_path / "README.md").read_text()
+    assert rerender(tmp_path, ["a new note", "and a second"]) == 0
+    text = (tmp_path / "README.md").read_text()
+    assert "a new note" in text and "and a second" in text and "the stored note" not in text
+    assert json.loads((tmp_path / "sweep.json").read_text())["notes"] == ["a new note", "and a second"]
+    assert rerender(tmp_path, []) == 0
+    assert "a new note" in (tmp_path / "README.md").read_text()

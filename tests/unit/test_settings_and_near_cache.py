@@ -201,3 +201,11 @@ def test_redis_shards_in_a_config_file_is_one_string(tmp_path: Path, toml: str) 
 def test_a_malformed_shard_list_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="CRS_REDIS_SHARDS: shard 'a': option 'weight=0'"):
         load_settings({"CRS_REDIS_SHARDS": "a=redis://x:1/0;weight=0"})
+
+
+def test_shed_queue_ms_is_off_or_a_target_up_to_a_second() -> None:
+    assert load_settings({}).shed_queue_ms == 5.0
+    assert load_settings({"CRS_SHED_QUEUE_MS": "0"}).shed_queue_ms == 0.0     # never refuse
+    for bad in ("-1", "1001"):
+        with pytest.raises(SettingsError, match="CRS_SHED_QUEUE_MS must be 0 \\(off\\) to 1000"):
+            load_settings({"CRS_SHED_QUEUE_MS": bad})
