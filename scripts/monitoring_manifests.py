@@ -319,6 +319,10 @@ def dashboard() -> dict[str, Any]:
             ("Latency p99 by method (OK calls)",
              [(f'histogram_quantile(0.99, sum by (method, le) (rate(crs_rpc_latency_seconds_bucket{{{J},code="OK"}}'
                f'{rate})))', "{{method}}")], "s", "StreamResolve/Watch: the whole stream's life."),
+            ("Calls refused over capacity/s by pod and method",
+             [(f"sum by (instance, method) (rate(crs_calls_shed_total{{{J}}}{rate}))", "{{instance}} {{method}}")],
+             "reqps", "Refused UNAVAILABLE before any work: they waited for a gRPC thread behind a queue that "
+                      "stayed (CRS_SHED_QUEUE_MS; CRSNodeShedding). Clients retry them on another node."),
         ]),
         ("Tier that answered", [
             ("Keys answered/s by tier", [(f"sum by (tier) (rate(crs_lookups_total{{{J}}}{rate}))", "{{tier}}")],
