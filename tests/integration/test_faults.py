@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 import grpc
@@ -426,6 +427,29 @@ def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
     assert took < 10, f"stopping took {took:.1f} s\n{node.log_tail()}"
 
 
+@contextlib.contextmanager
+def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes: list[str]) -> Iterator[None]:
+    """PostgreSQL hung, and one caller per unknown card of `cards` sent 0.5 s before the block runs
+    (those within the node's share wait, the others are refused); each one's status code in `codes`."""
+    def miss(card: int) -> None:
+        try:
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(card)), timeout=10)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    with _postgres_hung(stack):
+        callers = [threading.Thread(target=miss, args=(card,)) for card in cards]
+        for t in callers:
+            t.start()
+        time.sleep(0.5)                                   # the misses are in and waiting
+        try:
+            yield
+        finally:
+            for t in callers:
+                t.join(15)
+
+
 def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultStack) -> None:
     """Hybrid: a miss holds a gRPC thread while it waits. With PostgreSQL hung, twenty callers of
     unknown cards must not take all eight threads of a node: the waits beyond its share are refused
@@ -437,25 +461,11 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
     known = pb.ResolveCardRequest(pan=demo_pan(1))
     lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
     codes: list[str] = []
-
-    def miss(i: int) -> None:
-        try:
-            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(CARDS + 100 + i)), timeout=10)
-            codes.append("OK")
-        except grpc.RpcError as exc:
-            codes.append(exc.code().name)
-
     try:
-        with _postgres_hung(faults):
-            callers = [threading.Thread(target=miss, args=(i,)) for i in range(20)]
-            for t in callers:
-                t.start()
-            time.sleep(0.5)                               # the misses are in and waiting
+        with _misses_on_hung_postgres(faults, lookup, range(CARDS + 100, CARDS + 120), codes):
             started = time.monotonic()
             assert lookup.ResolveCard(known, timeout=5).card.token
             hit_took = time.monotonic() - started
-            for t in callers:
-                t.join(15)
     finally:
         channel.close()
         node.stop()
@@ -473,24 +483,12 @@ def test_a_batch_the_loop_cannot_take_answers_its_hits_and_refuses_only_its_miss
     node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
-    known = pb.ResolveCardRequest(pan=demo_pan(1))
-    lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
-
-    def miss(i: int) -> None:
-        with contextlib.suppress(grpc.RpcError):
-            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(CARDS + 300 + i)), timeout=10)
-
+    lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # now in the near-cache
     try:
-        with _postgres_hung(faults):
-            callers = [threading.Thread(target=miss, args=(i,)) for i in range(10)]
-            for t in callers:
-                t.start()
-            time.sleep(0.5)                               # six misses wait, the rest were refused
+        with _misses_on_hung_postgres(faults, lookup, range(CARDS + 300, CARDS + 310), []):   # six wait
             answer = lookup.BatchResolve(pb.BatchResolveRequest(keys=[
                 pb.LookupKey(pan=demo_pan(1), correlation_id="hit"),
                 pb.LookupKey(pan=demo_pan(CARDS + 299), correlation_id="miss")]), timeout=5)
-            for t in callers:
-                t.join(15)
     finally:
         channel.close()
         node.stop()

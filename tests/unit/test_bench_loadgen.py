@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -12,6 +13,17 @@ import grpc
 from loadtests.bench import loadgen
 
 STALL_S = 0.2
+
+
+async def _server(method: str, answer: Callable[[bytes, Any], Awaitable[bytes]]) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server on an ephemeral loopback port answering LookupService's `method` with `answer`."""
+    handler = grpc.method_handlers_generic_handler("crs.v1.LookupService", {
+        method: grpc.unary_unary_rpc_method_handler(answer)})
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
 
 
 async def _stalling_server(stall_at: int) -> tuple[grpc.aio.Server, int]:
@@ -25,13 +37,7 @@ async def _stalling_server(stall_at: int) -> tuple[grpc.aio.Server, int]:
             await asyncio.sleep(STALL_S)
         return b""
 
-    handler = grpc.method_handlers_generic_handler("crs.v1.LookupService", {
-        "ResolveCard": grpc.unary_unary_rpc_method_handler(resolve)})
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+    return await _server("ResolveCard", resolve)
 
 
 def test_a_paced_phase_measures_the_wait_a_stall_imposed_on_the_calls_behind_it() -> None:
@@ -133,12 +139,7 @@ def test_an_open_loop_batch_phase_sends_on_schedule_and_counts_failures_by_code(
             await asyncio.sleep(0.3)
             return b""
 
-        handler = grpc.method_handlers_generic_handler("crs.v1.LookupService", {
-            "BatchResolve": grpc.unary_unary_rpc_method_handler(slow)})
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((handler,))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
+        server, port = await _server("BatchResolve", slow)
         try:
             return await loadgen.batch_aio({"target": f"127.0.0.1:{port}", "keys": [1, 2, 3], "batch_size": 2,
                                             "channels": 1, "concurrency": 2, "rate": 100.0, "deadline": 0.1,
