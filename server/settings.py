@@ -49,9 +49,10 @@ class Settings:
     serving_model: str = "hybrid"         # "hybrid": sync grpc.server threads answer near-cache hits inline,
                                           # everything else runs on the process's asyncio loop; "aio": grpc.aio
                                           # on uvloop for every call (the previous model, kept for one release)
-    serving_threads: int = 16             # hybrid: gRPC threads per node process for unary calls; each call in
-                                          # flight holds one. More serve no more (they share the GIL) and, past
-                                          # capacity, starve grpc's poller: docs/decisions.md "Shedding ..."
+    serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
+                                          # flight holds one, also while it waits on Redis or PostgreSQL (16
+                                          # sheds better past capacity, and refuses misses: docs/decisions.md
+                                          # "Shedding where the queue is")
     shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
                                           # longer than this, a call that waited twice as long is refused
                                           # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never

@@ -499,6 +499,37 @@ def test_a_batch_the_loop_cannot_take_answers_its_hits_and_refuses_only_its_miss
     assert "calls waiting" in refused.message and "retry" in refused.message, refused.message
 
 
+def test_a_burst_of_misses_on_a_slow_database_waits_instead_of_being_refused(faults: FaultStack) -> None:
+    """Hybrid, default threads: 24 misses at once on a database that answers 0.5 s late (a failover,
+    a Redis shard down sending its keys to PostgreSQL) all wait and are answered. With 16 gRPC threads
+    only 12 might wait and the rest were refused UNAVAILABLE (docs/decisions.md "Shedding where the
+    queue is"): the default must leave room for a miss storm."""
+    node = faults.env.start_node(workers=1, serving_model="hybrid", pg_timeout=5.0)
+    channel = grpc.insecure_channel(node.address)
+    lookup = rpc.stub(channel, "LookupService")
+    codes: list[str] = []
+
+    def miss(card: int) -> None:
+        try:
+            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(card)), timeout=10)
+            codes.append("OK")
+        except grpc.RpcError as exc:
+            codes.append(exc.code().name)
+
+    callers = [threading.Thread(target=miss, args=(card,)) for card in range(CARDS + 500, CARDS + 524)]
+    try:
+        with _postgres_hung(faults):
+            for t in callers:
+                t.start()
+            time.sleep(0.5)
+        for t in callers:
+            t.join(15)
+    finally:
+        channel.close()
+        node.stop()
+        faults.env.nodes.remove(node)
+    assert codes == ["NOT_FOUND"] * 24, codes
+
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
     """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
     unknown = pb.ResolveCardRequest(pan=demo_pan(CARDS + 23))
