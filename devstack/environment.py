@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from devstack.bins import sample_rows
 from devstack.demo import load_demo
 from devstack.pki import DevPki, write_dev_pki
-from devstack.processes import LogFile, free_port
+from devstack.processes import LogFile, free_port, reap_killed
 from devstack.stack import EmbeddedStack
 from server.bins import parse_row
 from server.crypto import generate_keys
@@ -156,7 +156,7 @@ class NodeProcess:
                     os.killpg(self.proc.pid, signal.SIGUSR1)
                 time.sleep(STACK_DUMP_WAIT)
                 self.proc.kill()
-                self.proc.wait()
+                reap_killed(self.proc)
         return self.proc.returncode
 
     def log_tail(self, lines: int = 200) -> str:

@@ -33,6 +33,7 @@ from devstack.processes import (
     free_port,
     live_servers,
     make_dirs,
+    reap_killed,
     require_kw_path,
     require_port,
     require_timeout,
@@ -392,7 +393,7 @@ class PostgresServer(ChildServer):
         for pid in children:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-        proc.wait()
+        reap_killed(proc)
         wait_pids_gone(children, 5.0)
 
     # -- SQL ---------------------------------------------------------------------------------------

@@ -196,6 +196,22 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     return True
 
 
+def reap_killed(proc: subprocess.Popen[bytes], patience: float = 10.0) -> None:
+    """Wait for a child sent SIGKILL: through its Popen for up to `patience` seconds, then with
+    os.waitpid directly. Popen.wait() without a timeout blocks for ever on Popen's own lock when an
+    exception raised by a signal handler (the sweep turns SIGTERM into KeyboardInterrupt) landed
+    inside subprocess's poll of that child and left the lock held: a sweep interrupted by its time
+    limit then hung in its clean-up with a zombie redis-server (tests/integration/test_sweep_smoke.py)."""
+    if wait_exit(proc, patience):
+        return
+    try:
+        _, status = os.waitpid(proc.pid, 0)
+    except ChildProcessError:     # already reaped, by whoever held the lock
+        proc.returncode = proc.returncode if proc.returncode is not None else -signal.SIGKILL
+        return
+    proc.returncode = os.waitstatus_to_exitcode(status)
+
+
 def child_pids(pid: int) -> list[int]:
     """The pids whose parent is ``pid`` (empty when it is gone)."""
     try:
@@ -400,7 +416,7 @@ class ChildServer:
 
     def _kill_now(self, proc: subprocess.Popen[bytes]) -> None:
         signal_group(proc, signal.SIGKILL)
-        proc.wait()
+        reap_killed(proc)
 
     def __del__(self) -> None:
         proc = getattr(self, "_proc", None)

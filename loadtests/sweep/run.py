@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devstack.processes import reap_killed
 from loadtests.shared.keys import SCENARIOS, DataSet, format_mix, parse_mix
 from loadtests.shared.latency import Timeline, coefficient_of_variation
 from loadtests.shared.machine import (
@@ -358,7 +359,7 @@ class LocustRun:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:
                     pass
-                proc.wait()
+                reap_killed(proc)
         self.master_log.close()
 
     def timeline(self) -> Timeline:
