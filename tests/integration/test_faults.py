@@ -427,10 +427,8 @@ def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
     assert took < 10, f"stopping took {took:.1f} s\n{node.log_tail()}"
 
 
-@contextlib.contextmanager
-def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes: list[str]) -> Iterator[None]:
-    """PostgreSQL hung, and one caller per unknown card of `cards` sent 0.5 s before the block runs
-    (those within the node's share wait, the others are refused); each one's status code in `codes`."""
+def _callers(lookup: Any, cards: range, codes: list[str]) -> list[threading.Thread]:
+    """One thread per card of `cards` (not started) that looks it up and notes its status code in `codes`."""
     def miss(card: int) -> None:
         try:
             lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(card)), timeout=10)
@@ -438,8 +436,15 @@ def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes
         except grpc.RpcError as exc:
             codes.append(exc.code().name)
 
+    return [threading.Thread(target=miss, args=(card,)) for card in cards]
+
+
+@contextlib.contextmanager
+def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes: list[str]) -> Iterator[None]:
+    """PostgreSQL hung, and one caller per unknown card of `cards` sent 0.5 s before the block runs
+    (those within the node's share wait, the others are refused); each one's status code in `codes`."""
     with _postgres_hung(stack):
-        callers = [threading.Thread(target=miss, args=(card,)) for card in cards]
+        callers = _callers(lookup, cards, codes)
         for t in callers:
             t.start()
         time.sleep(0.5)                                   # the misses are in and waiting
@@ -508,15 +513,7 @@ def test_a_burst_of_misses_on_a_slow_database_waits_instead_of_being_refused(fau
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
     codes: list[str] = []
-
-    def miss(card: int) -> None:
-        try:
-            lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(card)), timeout=10)
-            codes.append("OK")
-        except grpc.RpcError as exc:
-            codes.append(exc.code().name)
-
-    callers = [threading.Thread(target=miss, args=(card,)) for card in range(CARDS + 500, CARDS + 524)]
+    callers = _callers(lookup, range(CARDS + 500, CARDS + 524), codes)
     try:
         with _postgres_hung(faults):
             for t in callers:
