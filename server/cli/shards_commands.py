@@ -313,14 +313,14 @@ def cmd_flush(args: argparse.Namespace) -> int:
         failed = 0
         for shard in t.shards:       # every shard of the version in force, joining and leaving ones too
             for i, url in enumerate(shard.copies):
-                where = f"{shard.name} {copy_label(i)} {redact_url(url)}"
+                label = f"{shard.name} {copy_label(i)}"
                 try:
-                    held = await flush_copy(url, f"{shard.name} {copy_label(i)}", timeout)
+                    held = await flush_copy(url, label, timeout)
                 except ShardUnreachable as exc:
                     failed += 1
                     print(f"crs shards: {exc}", file=sys.stderr)
                     continue
-                print(f"flushed {where} ({held:,} key(s) were on it)")
+                print(f"flushed {label} {redact_url(url)} ({held:,} key(s) were on it)")
         copies = sum(len(s.copies) for s in t.shards)
         if failed:
             print(f"crs shards: {failed} of {copies} copies not flushed: run it again once they answer",
