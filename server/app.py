@@ -303,7 +303,7 @@ class Node:
             # The hybrid model: gRPC threads (server/grpc_pool.py) answer near-cache hits, this loop does the
             # rest (server/hybrid.py).
             self._executor = GrpcThreadPool(max_workers=s.serving_threads, thread_name_prefix="crs-grpc",
-                                            shed_target=s.shed_queue_ms / 1000)
+                                            shed_target=s.shed_queue_ms / 1000, active=s.serving_active)
             self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads + REFUSAL_THREADS,
                                                        thread_name_prefix="crs-stream")
             server = grpc.server(self._executor, options=options)

@@ -19,10 +19,18 @@ marks the thread's call as one to refuse (`QueueDelay`, `shed_wait`): the handle
 UNAVAILABLE before doing any work (server/hybrid.py). grpc's sync server hands a call to the pool
 whatever the pool's backlog, so without this an overloaded node worked through calls whose callers had
 given up, and every caller waited (docs/decisions.md "Shedding where the queue is").
+
+And at most `active` threads take calls at once (`Turns`): only a thread holding one of `active`
+turns takes a call from the queue, and a call about to wait on the event loop (a cache miss,
+PostgreSQL, an admin call) gives its turn to another thread first (`step_aside`). So a node past
+capacity keeps its backlog in this queue, where the rule above sees it, as a pool of `active`
+threads would; and up to `max_workers` calls may still wait on the loop at once, as a pool of
+`max_workers` would let them (docs/decisions.md "Threads that wait and threads that work").
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -71,6 +79,51 @@ class QueueDelay:
 _shed = threading.local()
 
 
+class Turns:
+    """`n` turns among the pool's threads. A thread keeps its turn from call to call; a thread that
+    gives its turn away hands it to the thread that has waited longest for one, or leaves it free for
+    the next to ask. Without a turn a thread waits on a lock of its own (no GIL, no spinning)."""
+
+    __slots__ = ("_free", "_lock", "_mine", "_waiting")
+
+    def __init__(self, n: int) -> None:
+        self._free = n
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[threading.Lock] = collections.deque()
+        self._mine = threading.local()
+
+    def take(self) -> None:
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                return
+            mine: threading.Lock | None = getattr(self._mine, "lock", None)
+            if mine is None:
+                mine = self._mine.lock = threading.Lock()
+            mine.acquire()
+            self._waiting.append(mine)
+        mine.acquire()       # give() releases it: the turn is this thread's
+        mine.release()
+
+    def give(self) -> None:
+        with self._lock:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
+                self._free += 1
+
+
+def step_aside() -> None:
+    """On a pool thread whose call is about to wait for something other than this thread (the event
+    loop): give the thread's turn to another, which takes the next call. The call finishes without a
+    turn (what is left is sending its answer); the thread takes one again before its next call.
+    Off the pool, or on a pool without turns, it does nothing."""
+    turns: Turns | None = getattr(_shed, "turns", None)
+    if turns is not None and _shed.holding:
+        _shed.holding = False
+        turns.give()
+
+
 def shed_wait() -> float:
     """On a pool thread: how long the running call waited for it, when the pool decided to refuse the
     call (0.0 when the call is to be served, or off the pool)."""
@@ -115,12 +168,17 @@ class CallDone:
 class GrpcThreadPool(concurrent.futures.Executor):
     """Threads for grpc.server's calls (see the module's docstring)."""
 
-    def __init__(self, max_workers: int, thread_name_prefix: str, shed_target: float = 0.0) -> None:
-        """`shed_target`: seconds, QueueDelay's target (0: every call is served however long it waited)."""
+    def __init__(self, max_workers: int, thread_name_prefix: str, shed_target: float = 0.0,
+                 active: int = 0) -> None:
+        """`shed_target`: seconds, QueueDelay's target (0: every call is served however long it waited).
+        `active`: how many threads take calls at once (0, or `max_workers` or more: all of them)."""
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
+        if active < 0:
+            raise ValueError("active must be 0 (all) or more")
         self.max_workers = max_workers
         self.delay = QueueDelay(shed_target) if shed_target > 0 else None
+        self.turns = Turns(active) if 0 < active < max_workers else None
         self._prefix = thread_name_prefix
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()   # one token per thread waiting for work
@@ -157,7 +215,14 @@ class GrpcThreadPool(concurrent.futures.Executor):
         clock, delay = time.perf_counter, self.delay
         mark = _shed
         mark.waited = 0.0
-        while (item := take()) is not None:
+        turns = mark.turns = self.turns
+        mark.holding = turns is None     # without turns every thread may take calls
+        while True:
+            if turns is not None and not mark.holding:
+                turns.take()     # only a thread with a turn takes a call: the others' calls stay queued
+                mark.holding = True
+            if (item := take()) is None:
+                break
             done, fn, args, kwargs, queued = item
             if delay is not None:
                 now = clock()
@@ -170,8 +235,10 @@ class GrpcThreadPool(concurrent.futures.Executor):
             mark.waited = 0.0
             done.finish()
             del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
-            if not self._full:
+            if not self._full and mark.holding:
                 idle(None)
+        if turns is not None:
+            turns.give()         # shutting down: the threads still waiting for a turn take theirs and stop
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

@@ -34,7 +34,7 @@ from server import rpc
 from server.caller import Caller
 from server.errors import BackendUnavailable, RateLimited
 from server.gate import Gate, failed_call, request_parser
-from server.grpc_pool import shed_wait
+from server.grpc_pool import shed_wait, step_aside
 from server.lookup import Later, LookupHandlers, Partial
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
@@ -138,6 +138,7 @@ class LoopBridge:
         self.loop.call_soon_threadsafe(self._start, waiter, later)
         context.add_callback(partial(self._call_ended, waiter))   # cancelled, deadline: stop its work
         remaining = context.time_remaining()
+        step_aside()     # while this thread waits, another takes calls (server/grpc_pool.py)
         if not waiter.done.acquire(timeout=max(remaining, 0.0) if remaining < NO_DEADLINE else -1):
             self._call_ended(waiter)
             raise DeadlinePassed()

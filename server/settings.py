@@ -50,9 +50,13 @@ class Settings:
                                           # everything else runs on the process's asyncio loop; "aio": grpc.aio
                                           # on uvloop for every call (the previous model, kept for one release)
     serving_threads: int = 64             # hybrid: gRPC threads per node process for unary calls; each call in
-                                          # flight holds one, also while it waits on Redis or PostgreSQL (16
-                                          # sheds better past capacity, and refuses misses: docs/decisions.md
-                                          # "Shedding where the queue is")
+                                          # flight holds one, also while it waits on the event loop (a cache
+                                          # miss, PostgreSQL); at most 3/4 of them wait there at once
+    serving_active: int = 16              # hybrid: of those, how many take calls at once; a call that waits on
+                                          # the loop lets another thread take calls in its place, so a node past
+                                          # capacity queues (and sheds) as 16 threads would, while 48 misses may
+                                          # wait as 64 threads let them (docs/decisions.md "Threads that wait
+                                          # and threads that work"); >= serving_threads: every thread
     shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
                                           # longer than this, a call that waited twice as long is refused
                                           # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never
@@ -251,6 +255,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_SERVING_MODEL must be {' or '.join(SERVING_MODELS)} (got {s.serving_model!r})")
     if s.serving_threads < 4:
         problems.append(f"CRS_SERVING_THREADS must be >= 4 (got {s.serving_threads})")
+    if s.serving_active < 1:
+        problems.append(f"CRS_SERVING_ACTIVE must be >= 1 (got {s.serving_active})")
     if not 0 <= s.shed_queue_ms <= 1000:
         problems.append(f"CRS_SHED_QUEUE_MS must be 0 (off) to 1000 milliseconds (got {s.shed_queue_ms})")
     if s.drain_delay < 0:

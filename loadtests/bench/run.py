@@ -55,6 +55,7 @@ def _node_phases(model: str) -> tuple[Phase, ...]:
         Phase(f"batch{x}", f"BatchResolve x100, near-cache [{model}]", "batch", f"l1{x}", unit="keys"),
         Phase(f"stream{x}", f"StreamResolve, near-cache [{model}]", "stream", f"l1{x}"),
         Phase(f"l2{x}", f"ResolveCard, Redis hit (L1 off) [{model}]", "unary", f"l2{x}"),
+        Phase(f"l3{x}", f"ResolveCard, PostgreSQL (caches off) [{model}]", "unary", f"l3{x}"),
     )
 
 
@@ -70,7 +71,6 @@ PHASES = (
     Phase("echo_threads", "echo server, sync-thread client (ref.)", "unary", "echo", client="threads",
           reference=True),
     *(ph for model in MODELS for ph in _node_phases(model)),
-    Phase("l3", "ResolveCard, PostgreSQL (caches off) [aio]", "unary", "l3"),
     Phase("asyncpg", "asyncpg card-row query, no service", "asyncpg", "pg"),
     Phase("asyncpg_join", "asyncpg, the node's full card query", "asyncpg", "pg"),
 )
@@ -404,10 +404,10 @@ def phase_spec(phase: Phase, args: argparse.Namespace, *, window: float, cpus: t
         "channels": args.channels, "client_cpus": sorted(cpus[1]) if cpus else [],
         "server_cpus": sorted(cpus[0]) if cpus else [],
         # PostgreSQL phases walk every card: concurrent calls never share a key (no single-flight help).
-        "keys": list(range(cards)) if phase.target in ("l3", "pg") else hot,
+        "keys": list(range(cards)) if phase.target.startswith(("l3", "pg")) else hot,
     }
     client = phase.client or args.client
-    if client == "h2load" and (phase.target.startswith("mtls") or phase.target == "l3" or phase.paced_from):
+    if client == "h2load" and (phase.target.startswith("mtls") or phase.target.startswith("l3") or phase.paced_from):
         # h2load sends no client certificate and one key (PostgreSQL phases walk every card), and its
         # --rps sends in bursts (a timer tick releases every request due: gaps p99 ~10 ms measured),
         # which is no "half of saturation" latency: those phases keep the aio client's even schedule.

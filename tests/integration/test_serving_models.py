@@ -212,12 +212,14 @@ def test_open_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironmen
         dev_env.nodes.remove(node)
 
 
-def test_an_overloaded_node_refuses_at_once_what_it_cannot_answer_in_time(dev_env: DevEnvironment) -> None:
-    """Hybrid: 64 BatchResolves kept in flight against 4 gRPC threads make a queue that stays. The node
-    must refuse some of them UNAVAILABLE without working on them, saying it is over its capacity (and
-    count them), answer the rest, and let no call run into its deadline; with the flood over, a call
-    is answered again."""
-    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4)
+@pytest.mark.parametrize(("threads", "active"), [(4, 4), (64, 4)], ids=["4-threads", "64-threads-4-active"])
+def test_an_overloaded_node_refuses_at_once_what_it_cannot_answer_in_time(dev_env: DevEnvironment, threads: int,
+                                                                          active: int) -> None:
+    """Hybrid: 64 BatchResolves kept in flight against 4 gRPC threads, or 4 active of 64 (calls that wait
+    for a turn stay in the pool's queue), make a queue that stays. The node must refuse some of them
+    UNAVAILABLE without working on them, saying it is over its capacity (and count them), answer the
+    rest, and let no call run into its deadline; with the flood over, a call is answered again."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=threads, serving_active=active)
     request = pb.BatchResolveRequest(keys=[pb.LookupKey(pan=demo_pan(i), correlation_id=str(i)) for i in range(100)])
     codes: dict[grpc.StatusCode, int] = {}
     shed_messages: list[str] = []

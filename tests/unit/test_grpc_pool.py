@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, shed_wait
+from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, shed_wait, step_aside
 
 
 def _wait(event: threading.Event) -> None:
@@ -229,3 +229,56 @@ def test_a_pool_without_a_target_marks_nothing() -> None:
         assert ended.acquire(timeout=10)
     pool.shutdown()
     assert seen == [0.0] * 20
+
+
+def test_at_most_active_threads_take_calls_and_one_that_steps_aside_gives_up_its_place() -> None:
+    """8 threads, 2 active, 4 calls that block. Two run; the others stay queued. When one steps aside
+    (as a call about to wait on the event loop does) the third starts; when it finishes, its thread
+    takes no further call until a turn is free again. Shutdown stops every thread, also one that
+    waits for a turn."""
+    pool = GrpcThreadPool(8, "t", active=2)
+    started = threading.Semaphore(0)
+    gates = [threading.Event() for _ in range(4)]
+    aside = threading.Event()
+    running: list[int] = []
+
+    def call(i: int) -> None:
+        running.append(i)
+        started.release()
+        if i == 0:
+            _wait(aside)
+            step_aside()
+            step_aside()    # twice is once: a thread has at most one turn to give
+        _wait(gates[i])
+
+    for i in range(4):
+        pool.submit(call, i)
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)
+    assert not started.acquire(timeout=0.3), running
+    assert sorted(running) == [0, 1]
+    aside.set()
+    assert started.acquire(timeout=10)
+    assert running[2] == 2
+    gates[0].set()                                  # 0 ends without a turn: 1 and 2 hold both
+    assert not started.acquire(timeout=0.3), running
+    gates[1].set()
+    assert started.acquire(timeout=10)
+    assert running == [*running[:2], 2, 3]
+    gates[2].set()
+    gates[3].set()
+    stopper = threading.Thread(target=pool.shutdown)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive(), "shutdown hung on a thread waiting for a turn"
+    assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_step_aside_off_the_pool_does_nothing() -> None:
+    step_aside()
+    pool = GrpcThreadPool(2, "t")          # no turns: active 0
+    done = threading.Event()
+    pool.submit(lambda: (step_aside(), done.set()))
+    _wait(done)
+    pool.shutdown()
+    with pytest.raises(ValueError, match="active"):
+        GrpcThreadPool(2, "t", active=-1)

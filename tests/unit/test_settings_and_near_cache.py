@@ -209,3 +209,11 @@ def test_shed_queue_ms_is_off_or_a_target_up_to_a_second() -> None:
     for bad in ("-1", "1001"):
         with pytest.raises(SettingsError, match="CRS_SHED_QUEUE_MS must be 0 \\(off\\) to 1000"):
             load_settings({"CRS_SHED_QUEUE_MS": bad})
+
+
+def test_serving_active_is_at_least_one_thread() -> None:
+    assert load_settings({}).serving_active == 16
+    assert load_settings({"CRS_SERVING_ACTIVE": "64"}).serving_active == 64     # every thread: no turns
+    for bad in ("0", "-3"):
+        with pytest.raises(SettingsError, match="CRS_SERVING_ACTIVE must be >= 1"):
+            load_settings({"CRS_SERVING_ACTIVE": bad})
