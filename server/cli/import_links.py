@@ -19,6 +19,7 @@ import asyncpg
 from server.caller import ADMIN_WRITE, Caller
 from server.cli.import_files import Reject, shape, source_key
 from server.crypto import DataKey, Keyring
+from server.currencies import DEFAULT_CURRENCY, is_currency
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound
 from server.pan import (
     mask_account_number,
@@ -86,8 +87,8 @@ class LinkWriter(AdminStore):
         kind = cells["type"].strip().upper() or "CHECKING"
         if kind not in _ACCOUNT_TYPES:
             return Reject(row, "type", f"must be one of {', '.join(_ACCOUNT_TYPES)}", shape(cells["type"]))
-        currency = cells["currency"].strip() or "USD"
-        if len(currency) != 3 or not currency.isascii() or not currency.isalpha() or not currency.isupper():
+        currency = cells["currency"].strip() or DEFAULT_CURRENCY
+        if not is_currency(currency):
             return Reject(row, "currency", "must be an ISO 4217 code such as USD", shape(cells["currency"]))
         return AccountRow(row, key, owner, *parsed, _ACCOUNT_TYPES[kind], currency)
 

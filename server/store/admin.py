@@ -16,6 +16,7 @@ import asyncpg
 from server import cache_keys as ck
 from server.caller import Caller
 from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, account_fingerprint_input
+from server.currencies import parse_currency
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, VersionConflict
 from server.pan import (
     mask_account_number,
@@ -208,9 +209,7 @@ class AdminStore(WriteEnvelope):
         routing = parse_routing_number(req.routing_number)
         number = parse_account_number(req.account_number)
         self._check_enum(pb.AccountType, req.type, "type")
-        currency = req.currency or "USD"
-        if len(currency) != 3 or not currency.isascii() or not currency.isalpha() or not currency.isupper():
-            raise InvalidKey("currency must be an ISO 4217 code such as USD")
+        currency = parse_currency(req.currency)
         owner = parse_customer_id(req.owner_customer_id)
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(account_fingerprint_input(routing, number))

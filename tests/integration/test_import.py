@@ -566,15 +566,17 @@ def test_accounts_and_cards_import_then_resolve_card(
                         f"A-1,O-1,{routing},{n1},CHECKING,USD\nA-2,O-2,{routing},{n2},savings,\n"
                         f"A-3,O-9,{routing},{fresh_account_number(used_secrets)},CHECKING,USD\n"
                         f"A-4,O-1,123456789,{fresh_account_number(used_secrets)},CHECKING,USD\n"
-                        f"A-5,O-1,{routing},12ab,CHECKING,USD\nA-6,O-1,{routing},{n1}0,LOAN,USD\n")
+                        f"A-5,O-1,{routing},12ab,CHECKING,USD\nA-6,O-1,{routing},{n1}0,LOAN,USD\n"
+                        f"A-7,O-1,{routing},{fresh_account_number(used_secrets)},CHECKING,ZZZ\n")
     capsys.readouterr()
     code, acc_report, acc_rejects = _import(tmp_path, "accounts", accounts, system)
     assert code == 0
     assert [(r["source_ref"], r["decision"]) for r in acc_report] == [("A-1", "created"), ("A-2", "created")]
     # In row order, a write's reject (row 4: no such customer) before the later rows' parsing ones.
     assert [(r["row"], r["column"]) for r in acc_rejects] == [("4", "customer_source_ref"), ("5", "routing_number"),
-                                                             ("6", "account_number"), ("7", "type")]
-    assert "accounts: 6 rows read, 2 accepted (created 2), 4 rejected" in capsys.readouterr().out
+                                                             ("6", "account_number"), ("7", "type"),
+                                                             ("8", "currency")]
+    assert "accounts: 7 rows read, 2 accepted (created 2), 5 rejected" in capsys.readouterr().out
     used_secrets.account_numbers.add(n1 + "0")
     pan, bad_pan = fresh_pan(used_secrets), fresh_pan(used_secrets)
     bad_pan = bad_pan[:-1] + str((int(bad_pan[-1]) + 1) % 10)
