@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.currencies import DEFAULT_CURRENCY, is_currency, parse_currency
+from server.currencies import DEFAULT_CURRENCY, ISO_4217, is_currency, parse_currency
 from server.errors import InvalidKey
 
 
@@ -23,3 +23,13 @@ def test_made_up_withdrawn_or_misspelt_codes_are_refused(code: str) -> None:
 
 def test_no_currency_is_the_default() -> None:
     assert parse_currency("") == DEFAULT_CURRENCY == "USD"
+
+
+def test_the_list_is_iso_4217_as_pycountry_has_it_now() -> None:
+    """When the ISO 4217 maintenance agency adds or withdraws a code, pycountry follows; so must the
+    node's list (server/currencies.py says how)."""
+    import pycountry
+
+    reference = {currency.alpha_3 for currency in pycountry.currencies}
+    assert not reference - ISO_4217, f"codes to add: {sorted(reference - ISO_4217)}"
+    assert not ISO_4217 - reference, f"codes withdrawn: {sorted(ISO_4217 - reference)}"
