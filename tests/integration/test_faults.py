@@ -455,12 +455,15 @@ def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes
                 t.join(15)
 
 
-def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultStack) -> None:
+@pytest.mark.parametrize("active", [8, 2], ids=["all-active", "2-active"])
+def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultStack, active: int) -> None:
     """Hybrid: a miss holds a gRPC thread while it waits. With PostgreSQL hung, twenty callers of
     unknown cards must not take all eight threads of a node: the waits beyond its share are refused
     UNAVAILABLE at once (clients retry on another node), and a near-cache hit is still answered
-    promptly instead of queueing behind them."""
-    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
+    promptly instead of queueing behind them. With 2 of the 8 threads active, a waiting miss must give
+    its turn away, or the two first misses would hold both and the hit would wait for them."""
+    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, serving_active=active,
+                                 pg_timeout=3.0)
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
     known = pb.ResolveCardRequest(pan=demo_pan(1))
