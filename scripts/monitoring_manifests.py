@@ -323,6 +323,12 @@ def dashboard() -> dict[str, Any]:
              [(f"sum by (instance, method) (rate(crs_calls_shed_total{{{J}}}{rate}))", "{{instance}} {{method}}")],
              "reqps", "Refused UNAVAILABLE before any work: they waited for a gRPC thread behind a queue that "
                       "stayed (CRS_SHED_QUEUE_MS; CRSNodeShedding). Clients retry them on another node."),
+            ("Calls queued for a gRPC thread, and waiting on the event loop, by pod",
+             [(f"sum by (instance) (crs_grpc_calls_queued{{{J}}})", "{{instance}} queued"),
+              (f"sum by (instance) (crs_grpc_calls_on_loop{{{J}}})", "{{instance}} on the loop")],
+             "short", "Hybrid nodes, sampled each second. Queued: not yet taken by one of CRS_SERVING_ACTIVE "
+                      "threads (a queue that stays is shed). On the loop: misses, PostgreSQL and admin calls "
+                      "waiting; at 3/4 of CRS_SERVING_THREADS per process more are refused."),
         ]),
         ("Tier that answered", [
             ("Keys answered/s by tier", [(f"sum by (tier) (rate(crs_lookups_total{{{J}}}{rate}))", "{{tier}}")],

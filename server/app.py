@@ -357,6 +357,8 @@ class Node:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.metrics.flush()
+            if self._executor is not None and self._bridge is not None:
+                self.metrics.serving_waits(self._executor.backlog(), self._bridge.waiting())
             if self.pool is not None:
                 self.metrics.pg_pool(self.pool.get_size(), self.pool.get_idle_size(), self.pool.get_max_size())
 

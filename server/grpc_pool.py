@@ -189,6 +189,10 @@ class GrpcThreadPool(concurrent.futures.Executor):
         # saturation each call that waited for a thread would otherwise leave one more behind.
         self._full = False
 
+    def backlog(self) -> int:
+        """Calls submitted and not yet taken by a thread."""
+        return self._work.qsize()
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> CallDone:  # type: ignore[override]
         if self._shutdown:
             raise RuntimeError("cannot schedule new calls after shutdown")

@@ -125,6 +125,10 @@ class LoopBridge:
             waiter.done.release()
             self._cancel_task(waiter)
 
+    def waiting(self) -> int:
+        """Calls whose thread waits for the loop now."""
+        return len(self._waiting)
+
     def call(self, later: Callable[[], Awaitable[T]], context: grpc.ServicerContext) -> T:
         """Await `later()` on the loop; the calling thread waits at most until the call's deadline."""
         waiter = _Waiter()

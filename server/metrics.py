@@ -115,6 +115,13 @@ class Metrics:
                                       "Near-cache entries reloaded ahead of expiry, by outcome "
                                       "(refreshed, failed, skipped: too many in flight)",
                                       ["outcome"], registry=reg)
+        # The hybrid model's two waits (server/grpc_pool.py, server/hybrid.py), sampled once a second:
+        # unary calls queued for one of the CRS_SERVING_ACTIVE threads, and calls whose thread waits on
+        # the event loop (Redis misses, PostgreSQL, admin), at most 3/4 of CRS_SERVING_THREADS.
+        self.calls_queued = learned("crs_grpc_calls_queued", "Unary calls waiting for a gRPC thread to take them"
+                                    " (hybrid; sampled each second)", "livesum")
+        self.calls_on_loop = learned("crs_grpc_calls_on_loop", "Unary calls whose gRPC thread waits on the event"
+                                     " loop: Redis misses, PostgreSQL, admin (hybrid; sampled each second)", "livesum")
         # Hybrid: unary calls refused UNAVAILABLE before any work, having waited for a gRPC thread behind
         # a standing queue (server/grpc_pool.py QueueDelay, CRS_SHED_QUEUE_MS): the node is past its capacity.
         self.calls_shed = Counter("crs_calls_shed_total", "Unary calls refused unanswered (UNAVAILABLE): they"
@@ -284,6 +291,10 @@ class Metrics:
 
     def pg_read(self, route: str) -> None:
         self.pg_reads.labels(route).inc()
+
+    def serving_waits(self, queued: int, on_loop: int) -> None:
+        self.calls_queued.set(queued)
+        self.calls_on_loop.set(on_loop)
 
     def pg_pool(self, size: int, idle: int, maximum: int) -> None:
         self.pg_pool_connections.set(size)

@@ -41,6 +41,7 @@ from tests.integration.support import (
     fresh_pan,
     metric,
     own_env,
+    wait_metric,
 )
 
 CARDS = 150
@@ -474,6 +475,9 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
             started = time.monotonic()
             assert lookup.ResolveCard(known, timeout=5).card.token
             hit_took = time.monotonic() - started
+            # The node's share (6 of 8 threads) waits on the loop, and the metric says so within its second.
+            wait_metric(node, "crs_grpc_calls_on_loop", 6, within=2.0)
+            assert metric(node, "crs_grpc_calls_queued") == 0
     finally:
         channel.close()
         node.stop()
