@@ -306,3 +306,55 @@ def test_two_records_joining_one_customer_at_once_both_commit(dev_env: DevEnviro
     assert asyncio.run(both()) == [cid, cid]
     after = sql(dev_env.admin_dsn, "SELECT version FROM customers WHERE customer_id = $1", cid)[0]["version"]
     assert after == before + 2
+
+
+def _waiting(dsn: str, event: str) -> list[str]:
+    """The queries of the backends waiting on a lock of this kind now (pg_stat_activity's wait_event)."""
+    return [r["query"] for r in sql(dsn, "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                         " AND wait_event = $1", event)]
+
+
+def _until(what: Callable[[], list[str]], within: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + within
+    while not (found := what()):
+        assert time.monotonic() < deadline, "nothing waited as expected"
+        time.sleep(0.05)
+    return found
+
+
+def test_a_merge_cannot_commit_between_a_card_writes_alias_read_and_its_commit(
+        dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A card write lists its account's customers and their aliases (a merged id answers its survivor's
+    profile, which embeds the card) among the keys it invalidates; a merge into the account's owner
+    adds an alias. Were the merge to commit between that read and the card write's commit, nobody
+    would invalidate the new alias's profile, filled meanwhile with the card's old status. The card
+    write holds the account FOR SHARE from before its read to its commit, and the merge locks the
+    survivor's accounts FOR NO KEY UPDATE before its own changes: held at FEED_LOCK after its read,
+    the card write must make the merge wait on the account's row (not on FEED_LOCK, as any write
+    would), and the merge then lists what the card write changed."""
+    survivor, _ = _identity_customer(node_a, used_secrets)
+    merged, _ = _identity_customer(node_a, used_secrets)
+    acc, _ = _account(node_a, used_secrets, survivor.customer_id)
+    card = node_a.admin.IssueCard(pb.IssueCardRequest(request_id=_rid(), pan=fresh_pan(used_secrets),
+                                                      expiry="2031-01", account_id=acc.account_id), timeout=5)
+    dsn = dev_env.admin_dsn
+    side = Side(dsn, [("SELECT pg_advisory_xact_lock($1)", (FEED_LOCK,))])
+    try:
+        t1, r1 = in_thread(lambda: node_a.admin.SetCardStatus(pb.SetCardStatusRequest(
+            request_id=_rid(), card_token=card.token, status=pb.CARD_STATUS_BLOCKED), timeout=15))
+        assert len(_until(lambda: _waiting(dsn, "advisory"))) == 1     # the card write, its keys read
+        t2, r2 = in_thread(lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
+            request_id=_rid(), survivor_id=survivor.customer_id, merged_id=merged.customer_id), timeout=15))
+        on_row = _until(lambda: _waiting(dsn, "transactionid"))
+        assert any("accounts" in q for q in on_row), on_row             # the merge, on the account's row
+        time.sleep(0.3)
+        assert len(_waiting(dsn, "advisory")) == 1, "the merge got past the card write's account"
+        assert not r2
+    finally:
+        side.release()
+    t1.join(15), t2.join(15)
+    assert "ok" in r1 and "ok" in r2, (r1, r2)
+    last = {r["entity_id"]: r["id"] for r in sql(dsn, "SELECT entity_id, max(id) AS id FROM outbox"
+                                                      " WHERE entity_id = ANY($1::text[]) GROUP BY entity_id",
+                                                 [card.token, survivor.customer_id])}
+    assert last[card.token] < last[survivor.customer_id], last      # the card write committed first
