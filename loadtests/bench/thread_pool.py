@@ -36,7 +36,8 @@ from server.settings import Settings
 
 POOLS: dict[str, Callable[[], Executor]] = {
     "futures": lambda: ThreadPoolExecutor(max_workers=64),
-    "node": lambda: GrpcThreadPool(64, thread_name_prefix="bench", shed_target=Settings().shed_queue_ms / 1000),
+    "node": lambda: GrpcThreadPool(64, thread_name_prefix="bench", shed_target=Settings().shed_queue_ms / 1000,
+                                   active=Settings().serving_active),
 }
 
 
