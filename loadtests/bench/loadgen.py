@@ -126,7 +126,7 @@ class Window:
         name = code().name if callable(code) else type(exc).__name__
         self.failure_codes[name] = self.failure_codes.get(name, 0) + 1
         if not self.error_sample:
-            self.error_sample = f"{code().name}: {exc.details()}" if callable(code) else repr(exc)  # type: ignore[attr-defined]
+            self.error_sample = f"{name}: {exc.details()}" if callable(code) else repr(exc)  # type: ignore[attr-defined]
 
 
 async def _drive(window: Window, spec: dict[str, Any], start_workers: Callable[[], list[asyncio.Task[None]]],

@@ -534,6 +534,7 @@ def test_a_burst_of_misses_on_a_slow_database_waits_instead_of_being_refused(fau
         faults.env.nodes.remove(node)
     assert codes == ["NOT_FOUND"] * 24, codes
 
+
 def test_hung_postgres_answers_deadline_exceeded_then_recovers(faults: FaultStack) -> None:
     """A database that stops answering (not refusing) costs the caller pg_timeout, never a hang."""
     unknown = pb.ResolveCardRequest(pan=demo_pan(CARDS + 23))
