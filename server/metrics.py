@@ -100,6 +100,20 @@ class WorkerMetricsCollector(MultiProcessCollector):
             yield family
 
 
+_Counts = tuple[dict[str, int], dict[tuple[str, str], list[float]]]
+
+
+def _add(total: _Counts, counts: _Counts) -> None:
+    """Add one thread's counts (tier -> lookups, (method, code) -> row) to `total`."""
+    tiers, rpcs = total
+    for tier, n in counts[0].copy().items():   # copy(): atomic while the thread counts on
+        tiers[tier] = tiers.get(tier, 0) + n
+    for key, row in counts[1].copy().items():
+        into = rpcs.setdefault(key, [0.0] * len(row))
+        for i, x in enumerate(row[:]):
+            into[i] += x
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
@@ -219,20 +233,23 @@ class Metrics:
                                         "Values a read copied from a key's old owner to its new one while keys move",
                                         registry=reg)
         self._bounds = [*_LATENCY_BUCKETS, float("inf")]
-        # Per thread: tier -> lookups, and (method, code) -> [count per bucket..., sum of seconds].
+        # Per thread: tier -> lookups, and (method, code) -> [count per bucket..., sum of seconds]. A
+        # thread that ended leaves its counts to `_ended` at the next flush (a StreamResolve's reader
+        # is a thread of its own: kept, they grew by one per stream, and so did every flush).
         self._local = threading.local()
-        self._threads: list[tuple[dict[str, int], dict[tuple[str, str], list[float]]]] = []
+        self._threads: list[tuple[threading.Thread, _Counts]] = []
         self._threads_lock = threading.Lock()   # taken once per thread, on its first count
+        self._ended: _Counts = ({}, {})
         self._flushed_tiers: dict[str, int] = {}
         self._flushed_rpcs: dict[tuple[str, str], list[float]] = {}
 
-    def _counts(self) -> tuple[dict[str, int], dict[tuple[str, str], list[float]]]:
+    def _counts(self) -> _Counts:
         try:
-            mine: tuple[dict[str, int], dict[tuple[str, str], list[float]]] = self._local.counts
+            mine: _Counts = self._local.counts
         except AttributeError:
             mine = self._local.counts = ({}, {})
             with self._threads_lock:
-                self._threads.append(mine)
+                self._threads.append((threading.current_thread(), mine))
         return mine
 
     def fill_dropped(self) -> None:
@@ -261,16 +278,20 @@ class Metrics:
     def flush(self) -> None:
         """Move what the per-call counts gained since the last flush into the Prometheus metrics."""
         with self._threads_lock:
-            threads = list(self._threads)
-        tiers: dict[str, int] = {}
-        rpcs: dict[tuple[str, str], list[float]] = {}
-        for thread_tiers, thread_rpcs in threads:
-            for tier, n in thread_tiers.copy().items():   # copy(): atomic while the thread counts on
-                tiers[tier] = tiers.get(tier, 0) + n
-            for key, row in thread_rpcs.copy().items():
-                total = rpcs.setdefault(key, [0.0] * len(row))
-                for i, x in enumerate(row[:]):
-                    total[i] += x
+            ended, live, kept = [], [], []
+            for entry in self._threads:   # a thread that ended counts no more: its counts are final
+                if entry[0].is_alive():
+                    kept.append(entry)
+                    live.append(entry[1])
+                else:
+                    ended.append(entry[1])
+            self._threads = kept
+        for counts in ended:
+            _add(self._ended, counts)
+        tiers: dict[str, int] = dict(self._ended[0])
+        rpcs = {key: row[:] for key, row in self._ended[1].items()}
+        for counts in live:
+            _add((tiers, rpcs), counts)
         for tier, n in tiers.items():
             if n > (before := self._flushed_tiers.get(tier, 0)):
                 self.lookups.labels(tier).inc(n - before)

@@ -4,6 +4,7 @@ workers, the supervisor's merged view holds what live workers see (server/metric
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,38 @@ def test_batched_counts_match_direct_observation() -> None:
     assert registry.get_sample_value("crs_rpc_latency_seconds_count", labels) == len(samples)
     assert registry.get_sample_value("crs_lookups_total", {"tier": "l3"}) == 1
 
+
+
+def test_threads_that_ended_leave_their_counts_and_are_not_kept() -> None:
+    """A StreamResolve's reader is a thread of its own, one per stream that meets a miss: the counts of
+    threads that ended stay in the totals, and their per-thread entries go at the next flush (kept,
+    they grew by one per stream, and every flush walked them all)."""
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+
+    def count() -> None:
+        m.tier_hit("l1")
+        m.observe_rpc("StreamResolve", "OK", 0.001)
+
+    for _ in range(50):
+        thread = threading.Thread(target=count)
+        thread.start()
+        thread.join()
+    m.tier_hit("l1")   # this thread, alive throughout
+    m.flush()
+    assert registry.get_sample_value("crs_lookups_total", {"tier": "l1"}) == 51
+    labels = {"method": "StreamResolve", "code": "OK"}
+    assert registry.get_sample_value("crs_rpc_latency_seconds_count", labels) == 50
+    assert len(m._threads) == 1
+    for _ in range(3):
+        thread = threading.Thread(target=count)
+        thread.start()
+        thread.join()
+    m.flush()
+    m.flush()   # nothing new: nothing added twice
+    assert registry.get_sample_value("crs_lookups_total", {"tier": "l1"}) == 54
+    assert registry.get_sample_value("crs_rpc_latency_seconds_count", labels) == 53
+    assert len(m._threads) == 1
 
 # --- several workers: prometheus_client's multiprocess files, merged as the supervisor serves them ---
 
