@@ -140,7 +140,8 @@ class LoopBridge:
                                          " database; retry on another node")
             self._waiting.add(waiter)
         self.loop.call_soon_threadsafe(self._start, waiter, later)
-        context.add_callback(partial(self._call_ended, waiter))   # cancelled, deadline: stop its work
+        if not context.add_callback(partial(self._call_ended, waiter)):   # cancelled, deadline: stop its work
+            self._call_ended(waiter)     # it ended already (grpc will not run the callback): end it now
         remaining = context.time_remaining()
         step_aside()     # while this thread waits, another takes calls (server/grpc_pool.py)
         if not waiter.done.acquire(timeout=max(remaining, 0.0) if remaining < NO_DEADLINE else -1):
@@ -233,7 +234,8 @@ class LoopBridge:
 
         future = self.submit(pump())
         future.add_done_callback(ended)
-        context.add_callback(future.cancel)
+        if not context.add_callback(future.cancel):   # the call ended already
+            future.cancel()
         try:
             while True:
                 more, item = handoff.get()

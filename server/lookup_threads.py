@@ -112,7 +112,8 @@ def _with_reader(lookup: LookupHandlers, keys: Iterator[pb.LookupKey], caller: C
         sent.put(None)     # a reader waiting for room wakes, sees the end and stops
         answers.put(_END)
 
-    on_end(cancel_all)
+    if on_end(cancel_all) is False:   # the call ended already: grpc will not run it
+        cancel_all()
     threading.Thread(target=read, name="crs-stream-reader", daemon=True).start()
     try:
         while (item := answers.get()) is not _END:

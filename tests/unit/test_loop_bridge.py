@@ -7,9 +7,10 @@ server is covered by tests/integration/test_serving_models.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -102,6 +103,50 @@ def test_cancelled_call_releases_the_thread_and_cancels(loop: asyncio.AbstractEv
         bridge.call(hangs, context)   # type: ignore[arg-type]
     assert cancelled.wait(2)
 
+
+
+class EndedContext(Context):
+    """A call that ended before its handler registered anything: grpc's add_callback then answers False
+    and will never run the callback."""
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+def test_a_call_that_ended_before_it_reached_the_loop_does_not_wait_for_its_work(
+        loop: asyncio.AbstractEventLoop) -> None:
+    """A client that cancels while the handler is still on its thread (the gate, a Redis GET): the call
+    ends at the bridge, its coroutine cancelled (or never started), instead of holding a thread and a
+    waiting slot for the whole load."""
+    bridge = LoopBridge(loop)
+    cancelled = threading.Event()
+    started = time.monotonic()
+    with pytest.raises(CallEnded):
+        bridge.call(hanging(cancelled), EndedContext())   # type: ignore[arg-type]
+    assert time.monotonic() - started < 2
+    assert on_loop(loop, lambda: len(bridge._waiting)) == 0
+
+
+def test_a_stream_that_ended_before_it_reached_the_loop_stops_its_generator(
+        loop: asyncio.AbstractEventLoop) -> None:
+    closed = threading.Event()
+
+    async def items() -> AsyncIterator[int]:
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield 1
+        finally:
+            closed.set()
+
+    bridge = LoopBridge(loop)
+    answers = bridge.stream(items(), EndedContext())   # type: ignore[arg-type]
+    started = time.monotonic()
+    with contextlib.suppress(CallEnded):
+        for n, _ in enumerate(answers):
+            assert n < 1000, "the stream of an ended call ran on"
+    assert time.monotonic() - started < 5
+    assert closed.wait(2)
 
 def test_answered_call_schedules_no_cancel(loop: asyncio.AbstractEventLoop) -> None:
     """grpc runs a call's callbacks when it ends normally too: an answered call must cost nothing more."""
