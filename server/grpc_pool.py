@@ -68,7 +68,9 @@ class QueueDelay:
     def shed(self, waited: float, now: float, behind: int) -> bool:
         """Whether to refuse a call that waited `waited` seconds, with `behind` calls queued after it."""
         if now >= self._until:
-            self.overloaded = self._min > self.target
+            # A whole interval without a call taken: the pool was idle, so whatever the last busy
+            # interval was, the queue is gone; a burst after an idle gap starts unjudged.
+            self.overloaded = self._min > self.target and now < self._until + CODEL_INTERVAL
             self._min = waited
             self._until = now + CODEL_INTERVAL
         elif waited < self._min:

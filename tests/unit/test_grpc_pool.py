@@ -188,6 +188,23 @@ def test_queue_delay_refuses_only_behind_a_queue_that_stays() -> None:
     assert not d.shed(0.500, t3 + CODEL_INTERVAL, behind=5)   # so the interval after refuses nothing
 
 
+
+def test_a_burst_after_an_idle_gap_is_not_judged_on_the_busy_interval_before_it() -> None:
+    """The interval turns only when a call is taken: after an idle pool, the last busy interval (a
+    standing queue, perhaps minutes ago) must not mark the next burst's calls for refusal."""
+    d = QueueDelay(0.005)
+    t = 100.0
+    for i in range(10):                                    # a standing queue: every wait long
+        d.shed(0.050, t + i * 0.02, behind=50)
+    assert d.shed(0.050, t + CODEL_INTERVAL + 0.01, behind=50)   # judged standing, refused
+    idle_until = t + 30.0                                  # 30 s without a call, then a burst
+    refused = [d.shed(0.001 * i, idle_until + 0.001 * i, behind=20 - i) for i in range(20)]
+    assert not any(refused)
+    # A queue that stands again is refused again, from the interval after it.
+    for i in range(10):
+        d.shed(0.050, idle_until + CODEL_INTERVAL + i * 0.005, behind=50)
+    assert d.shed(0.050, idle_until + 2 * CODEL_INTERVAL, behind=50)
+
 def test_the_pool_marks_the_calls_that_waited_behind_a_standing_queue() -> None:
     """One thread, 40 calls queued at once, each holding the thread 20 ms unless marked. The queue
     stands for over two intervals, so calls are marked, each with its wait; the first interval's
