@@ -325,10 +325,14 @@ def dashboard() -> dict[str, Any]:
                       "stayed (CRS_SHED_QUEUE_MS; CRSNodeShedding). Clients retry them on another node."),
             ("Calls queued for a gRPC thread, and waiting on the event loop, by pod",
              [(f"sum by (instance) (crs_grpc_calls_queued{{{J}}})", "{{instance}} queued"),
-              (f"sum by (instance) (crs_grpc_calls_on_loop{{{J}}})", "{{instance}} on the loop")],
+              (f"sum by (instance) (crs_grpc_calls_on_loop{{{J}}})", "{{instance}} on the loop"),
+              (f"sum by (instance) (increase(crs_grpc_turns_revoked_total{{{J}}}{rate}))",
+               "{{instance}} turns taken from calls without their message")],
              "short", "Hybrid nodes, sampled each second. Queued: not yet taken by one of CRS_SERVING_ACTIVE "
                       "threads (a queue that stays is shed). On the loop: misses, PostgreSQL and admin calls "
-                      "waiting; at 3/4 of CRS_SERVING_THREADS per process more are refused."),
+                      "waiting; at 3/4 of CRS_SERVING_THREADS per process more are refused. Turns taken: "
+                      "calls that held a thread for 100 ms without their request message while calls "
+                      "queued (a client that opens calls and sends nothing: CRSNodeShedding step 5)."),
         ]),
         ("Tier that answered", [
             ("Keys answered/s by tier", [(f"sum by (tier) (rate(crs_lookups_total{{{J}}}{rate}))", "{{tier}}")],

@@ -358,7 +358,8 @@ class Node:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.metrics.flush()
             if self._executor is not None and self._bridge is not None:
-                self.metrics.serving_waits(self._executor.backlog(), self._bridge.waiting())
+                self.metrics.serving_waits(self._executor.backlog(), self._bridge.waiting(),
+                                           self._executor.revoked)
             if self.pool is not None:
                 self.metrics.pg_pool(self.pool.get_size(), self.pool.get_idle_size(), self.pool.get_max_size())
 

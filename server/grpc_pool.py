@@ -25,7 +25,10 @@ turns takes a call from the queue, and a call about to wait on the event loop (a
 PostgreSQL, an admin call) gives its turn to another thread first (`step_aside`). So a node past
 capacity keeps its backlog in this queue, where the rule above sees it, as a pool of `active`
 threads would; and up to `max_workers` calls may still wait on the loop at once, as a pool of
-`max_workers` would let them (docs/decisions.md "Threads that wait and threads that work").
+`max_workers` would let them (docs/decisions.md "Threads that wait and threads that work"). A watch
+takes the turn of a call that has run an interval without reaching its handler while calls queue:
+grpc waits for a unary call's message on the pool's thread, so calls whose messages never come would
+otherwise hold every turn (docs/decisions.md "Calls that never send their message").
 """
 
 from __future__ import annotations
@@ -81,38 +84,78 @@ class QueueDelay:
 _shed = threading.local()
 
 
+class Seat:
+    """A pool thread's place: whether it holds a turn, and since when (perf_counter) its call has run
+    without reaching its handler (0.0: no such call). Both change under the Turns lock or on the
+    thread itself; the pool's watch reads them (`Turns.revoke`)."""
+
+    __slots__ = ("holding", "since")
+
+    def __init__(self, holding: bool) -> None:
+        self.holding = holding
+        self.since = 0.0
+
+
 class Turns:
     """`n` turns among the pool's threads. A thread keeps its turn from call to call; a thread that
     gives its turn away hands it to the thread that has waited longest for one, or leaves it free for
-    the next to ask. Without a turn a thread waits on a lock of its own (no GIL, no spinning)."""
+    the next to ask. Without a turn a thread waits on a lock of its own (no GIL, no spinning). A turn
+    changes hands only under this lock, and a seat's `holding` with it."""
 
     __slots__ = ("_free", "_lock", "_mine", "_waiting")
 
     def __init__(self, n: int) -> None:
         self._free = n
         self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Lock] = collections.deque()
+        self._waiting: collections.deque[tuple[threading.Lock, Seat]] = collections.deque()
         self._mine = threading.local()
 
-    def take(self) -> None:
+    def take(self, seat: Seat) -> None:
         with self._lock:
             if self._free > 0:
                 self._free -= 1
+                seat.holding = True
                 return
             mine: threading.Lock | None = getattr(self._mine, "lock", None)
             if mine is None:
                 mine = self._mine.lock = threading.Lock()
             mine.acquire()
-            self._waiting.append(mine)
-        mine.acquire()       # give() releases it: the turn is this thread's
+            self._waiting.append((mine, seat))
+        mine.acquire()       # _hand_over() releases it: the turn is this thread's
         mine.release()
 
-    def give(self) -> None:
+    def give(self, seat: Seat) -> None:
+        """`seat`'s turn to the next thread, if it still holds one (the watch may have taken it)."""
         with self._lock:
-            if self._waiting:
-                self._waiting.popleft().release()
-            else:
-                self._free += 1
+            if seat.holding:
+                seat.holding = False
+                self._hand_over()
+
+    def revoke(self, seats: list[Seat], started_before: float) -> int:
+        """Take the turns of seats whose call started before `started_before` and has not reached its
+        handler (grpc's sync server waits for a unary call's message on the pool thread, before the
+        handler: a call whose message never comes would hold its turn for good). Their calls go on
+        without a turn, as a call that stepped aside does. Answers how many were taken."""
+        taken = 0
+        with self._lock:
+            for seat in seats:
+                if seat.holding and 0.0 < seat.since < started_before:
+                    seat.holding = False
+                    self._hand_over()
+                    taken += 1
+        return taken
+
+    def free(self) -> int:
+        """Turns no thread holds or waits for."""
+        return self._free
+
+    def _hand_over(self) -> None:   # under _lock
+        if self._waiting:
+            lock, seat = self._waiting.popleft()
+            seat.holding = True
+            lock.release()
+        else:
+            self._free += 1
 
 
 def step_aside() -> None:
@@ -121,14 +164,17 @@ def step_aside() -> None:
     turn (what is left is sending its answer); the thread takes one again before its next call.
     Off the pool, or on a pool without turns, it does nothing."""
     turns: Turns | None = getattr(_shed, "turns", None)
-    if turns is not None and _shed.holding:
-        _shed.holding = False
-        turns.give()
+    if turns is not None and _shed.seat.holding:
+        turns.give(_shed.seat)
 
 
 def shed_wait() -> float:
     """On a pool thread: how long the running call waited for it, when the pool decided to refuse the
-    call (0.0 when the call is to be served, or off the pool)."""
+    call (0.0 when the call is to be served, or off the pool). A handler calls it first: it also tells
+    the pool that the call reached its handler (its message came), so the watch leaves its turn be."""
+    seat: Seat | None = getattr(_shed, "seat", None)
+    if seat is not None:
+        seat.since = 0.0
     return getattr(_shed, "waited", 0.0)
 
 
@@ -185,8 +231,11 @@ class GrpcThreadPool(concurrent.futures.Executor):
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()   # one token per thread waiting for work
         self._threads: list[threading.Thread] = []
+        self._seats: list[Seat] = []
         self._lock = threading.Lock()   # starting threads, shutting down
         self._shutdown = False
+        self._stopped = threading.Event()   # wakes the watch at shutdown
+        self.revoked = 0   # turns the watch took from calls that did not reach their handler
         # Once every thread is started the idle tokens have no use, and none are kept: under
         # saturation each call that waited for a thread would otherwise leave one more behind.
         self._full = False
@@ -211,45 +260,71 @@ class GrpcThreadPool(concurrent.futures.Executor):
         with self._lock:
             if self._shutdown or len(self._threads) >= self.max_workers:
                 return     # a busy thread takes the call when it is free
-            thread = threading.Thread(target=self._serve, name=f"{self._prefix}_{len(self._threads)}", daemon=True)
+            if not self._threads and self.turns is not None:
+                threading.Thread(target=self._watch, name=f"{self._prefix}_watch", daemon=True).start()
+            seat = Seat(holding=self.turns is None)   # without turns every thread may take calls
+            thread = threading.Thread(target=self._serve, args=(seat,), name=f"{self._prefix}_{len(self._threads)}",
+                                      daemon=True)
             thread.start()
             self._threads.append(thread)
+            self._seats.append(seat)
             self._full = len(self._threads) >= self.max_workers
 
-    def _serve(self) -> None:
+    def _serve(self, seat: Seat) -> None:
         take, idle, backlog = self._work.get, self._idle.put, self._work.qsize
         clock, delay = time.perf_counter, self.delay
         mark = _shed
         mark.waited = 0.0
+        mark.seat = seat
         turns = mark.turns = self.turns
-        mark.holding = turns is None     # without turns every thread may take calls
         while True:
-            if turns is not None and not mark.holding:
-                turns.take()     # only a thread with a turn takes a call: the others' calls stay queued
-                mark.holding = True
+            if turns is not None and not seat.holding:
+                turns.take(seat)     # only a thread with a turn takes a call: the others' calls stay queued
             if (item := take()) is None:
                 break
             done, fn, args, kwargs, queued = item
-            if delay is not None:
-                now = clock()
-                if delay.shed(now - queued, now, backlog()):
-                    mark.waited = now - queued
+            now = seat.since = clock()   # until its handler starts (shed_wait): see _watch
+            if delay is not None and delay.shed(now - queued, now, backlog()):
+                mark.waited = now - queued
             try:
                 fn(*args, **kwargs)
             except BaseException:
                 log.exception("a gRPC call raised out of grpc's own handling")
-            mark.waited = 0.0
+            seat.since = mark.waited = 0.0
             done.finish()
             del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
-            if not self._full and mark.holding:
+            if not self._full and seat.holding:
                 idle(None)
         if turns is not None:
-            turns.give()         # shutting down: the threads still waiting for a turn take theirs and stop
+            turns.give(seat)     # shutting down: the threads still waiting for a turn take theirs and stop
+
+    def _watch(self) -> None:
+        """Every CODEL_INTERVAL while calls queue: take the turns of calls that have run for an interval
+        without reaching their handler. grpc's sync server waits for a unary call's request message on
+        the pool's thread, before the handler, so a client that opens calls and never sends their
+        messages would otherwise hold every turn and stop the node (outside audit, 2026-12-05); a call
+        whose message is late only loses its turn, as a call that waits on the loop gives it. A turn
+        taken goes to a thread waiting for one, or to a thread started for it."""
+        assert self.turns is not None
+        while not self._stopped.wait(CODEL_INTERVAL):
+            if not self._work.qsize():
+                continue
+            with self._lock:
+                seats = list(self._seats)
+            taken = self.turns.revoke(seats, time.perf_counter() - CODEL_INTERVAL)
+            if taken:
+                self.revoked += taken
+                log.warning("%d gRPC call(s) held a thread's turn for over %.0f ms without their request"
+                            " message while calls queued: their turns went to other threads", taken,
+                            CODEL_INTERVAL * 1000)
+                for _ in range(self.turns.free()):
+                    self._start_thread()   # no thread was waiting for a turn: one started takes it
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
             threads = list(self._threads)
+        self._stopped.set()
         if cancel_futures:
             while True:
                 try:

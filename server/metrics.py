@@ -136,6 +136,12 @@ class Metrics:
                                     " (hybrid; sampled each second)", "livesum")
         self.calls_on_loop = learned("crs_grpc_calls_on_loop", "Unary calls whose gRPC thread waits on the event"
                                      " loop: Redis misses, PostgreSQL, admin (hybrid; sampled each second)", "livesum")
+        # Hybrid: calls whose turn the pool's watch took, having run an interval without reaching their
+        # handler (their request message had not come: server/grpc_pool.py GrpcThreadPool._watch).
+        self.turns_revoked = Counter("crs_grpc_turns_revoked_total", "Unary calls that held a gRPC thread's turn"
+                                     " without their request message while calls queued; the turn went to"
+                                     " another thread (hybrid)", registry=reg)
+        self._revoked_seen = 0
         # Hybrid: unary calls refused UNAVAILABLE before any work, having waited for a gRPC thread behind
         # a standing queue (server/grpc_pool.py QueueDelay, CRS_SHED_QUEUE_MS): the node is past its capacity.
         self.calls_shed = Counter("crs_calls_shed_total", "Unary calls refused unanswered (UNAVAILABLE): they"
@@ -313,9 +319,14 @@ class Metrics:
     def pg_read(self, route: str) -> None:
         self.pg_reads.labels(route).inc()
 
-    def serving_waits(self, queued: int, on_loop: int) -> None:
+    def serving_waits(self, queued: int, on_loop: int, revoked: int) -> None:
+        """Sampled each second: the pool's queue, the calls waiting on the loop, and the pool's running
+        count of turns it took from calls without their message."""
         self.calls_queued.set(queued)
         self.calls_on_loop.set(on_loop)
+        if revoked > self._revoked_seen:
+            self.turns_revoked.inc(revoked - self._revoked_seen)
+            self._revoked_seen = revoked
 
     def pg_pool(self, size: int, idle: int, maximum: int) -> None:
         self.pg_pool_connections.set(size)

@@ -20,7 +20,7 @@ from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
-from tests.integration.support import UsedSecrets, card_key, fresh_pan, metric
+from tests.integration.support import UsedSecrets, card_key, fresh_pan, metric, wait_metric
 
 LOOKUP = rpc.methods(rpc.LOOKUP_SERVICE)
 FEED = rpc.methods(rpc.FEED_SERVICE)
@@ -254,6 +254,37 @@ def test_an_overloaded_node_refuses_at_once_what_it_cannot_answer_in_time(dev_en
         node.stop()
         dev_env.nodes.remove(node)
 
+
+def test_calls_that_never_send_their_message_do_not_stop_a_hybrid_node(dev_env: DevEnvironment) -> None:
+    """grpc's sync server waits for a unary call's request message on the pool's thread, before the
+    handler (and the gate). Calls that open ResolveCard and never send their message took every one of
+    CRS_SERVING_ACTIVE turns, and the node answered nothing more: any client past the TLS handshake
+    could do it (outside audit, 2026-12-05). Now the pool's watch takes such calls' turns once calls
+    queue behind them: a lookup is answered, the count shows, and the held calls are answered too when
+    their messages come at last."""
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=16, serving_active=4)
+    late = threading.Event()
+    path = f"/{pb.DESCRIPTOR.services_by_name['LookupService'].full_name}/ResolveCard"
+
+    def headers_only() -> Iterator[bytes]:
+        late.wait(30)
+        yield pb.ResolveCardRequest(pan=demo_pan(4)).SerializeToString()
+
+    try:
+        with node.channel() as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            held = [channel.stream_unary(path).future(headers_only(), timeout=30) for _ in range(4)]
+            time.sleep(0.5)
+            answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
+            assert answer.card.token.startswith("tok_")
+            wait_metric(node, "crs_grpc_turns_revoked_total", 4)
+            late.set()
+            for call in held:
+                assert pb.Resolution.FromString(call.result(timeout=10)).card.token.startswith("tok_")
+    finally:
+        late.set()
+        node.stop()
+        dev_env.nodes.remove(node)
 
 def _stream_accepted_again(lookup: Any, *, while_refused: grpc.StatusCode) -> None:
     """A StreamResolve is accepted again within 10 s (a slot or share freed), refused `while_refused` till then."""

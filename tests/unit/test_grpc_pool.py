@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, shed_wait, step_aside
@@ -260,6 +262,7 @@ def test_at_most_active_threads_take_calls_and_one_that_steps_aside_gives_up_its
     running: list[int] = []
 
     def call(i: int) -> None:
+        shed_wait()     # as a handler does first: the call reached its handler
         running.append(i)
         started.release()
         if i == 0:
@@ -299,3 +302,81 @@ def test_step_aside_off_the_pool_does_nothing() -> None:
     pool.shutdown()
     with pytest.raises(ValueError, match="active"):
         GrpcThreadPool(2, "t", active=-1)
+
+
+def test_calls_that_never_reach_their_handler_lose_their_turns_to_queued_calls() -> None:
+    """grpc's sync server waits for a unary call's request message on the pool thread, before the
+    handler. Two such calls hold both turns (they never call shed_wait, as a call whose message never
+    comes never reaches its handler): within an interval or two the watch takes their turns, and the
+    queued call runs. A call whose handler started keeps its turn however long it runs."""
+    pool = GrpcThreadPool(8, "t", active=2)
+    release = threading.Event()
+    ran = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def stuck() -> None:
+        _wait(release)
+
+    def working() -> None:
+        shed_wait()
+        entered.release()
+        _wait(release)
+
+    pool.submit(stuck)
+    pool.submit(stuck)
+    pool.submit(ran.set)
+    started = time.monotonic()
+    assert ran.wait(5), "a queued call waited behind calls that never reached their handler"
+    assert time.monotonic() - started < 1.0
+    assert pool.revoked == 2
+    release.set()
+    pool.shutdown()
+
+    pool = GrpcThreadPool(8, "t", active=2)
+    release.clear()
+    ran.clear()
+    pool.submit(working)
+    pool.submit(working)
+    assert entered.acquire(timeout=5) and entered.acquire(timeout=5)
+    pool.submit(ran.set)
+    assert not ran.wait(3 * CODEL_INTERVAL), "a call in its handler lost its turn"
+    assert pool.revoked == 0
+    release.set()
+    assert ran.wait(5)
+    pool.shutdown()
+
+
+def test_unary_calls_whose_message_never_comes_do_not_stop_a_grpc_server_on_the_pool() -> None:
+    """The same through grpc.server: as many calls as turns open a unary method and never send their
+    message (headers only); a call sent after them is answered, not left queued until its deadline."""
+    pool = GrpcThreadPool(16, "t", shed_target=0.005, active=4)
+    server = grpc.server(pool)
+
+    def echo(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        shed_wait()
+        return raw
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.S", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    never = threading.Event()
+
+    def headers_only() -> Iterator[bytes]:
+        never.wait(30)
+        yield b"late"
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        held = [channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30) for _ in range(4)]
+        time.sleep(0.5)
+        assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
+        assert pool.revoked == 4
+        never.set()
+        for call in held:
+            assert call.result(timeout=10) == b"late"
+    finally:
+        never.set()
+        channel.close()
+        server.stop(0).wait()
+        pool.shutdown()
