@@ -114,6 +114,15 @@ def _add(total: _Counts, counts: _Counts) -> None:
             into[i] += x
 
 
+def _alive(thread: threading.Thread) -> bool:
+    """Whether `thread` may still count. A thread threading did not start (a C library's, seen as a
+    dummy thread) is taken as alive whatever its is_alive() says or raises: its counts are kept."""
+    try:
+        return thread.is_alive()
+    except RuntimeError:
+        return True
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         reg = registry if registry is not None else REGISTRY
@@ -286,7 +295,7 @@ class Metrics:
         with self._threads_lock:
             ended, live, kept = [], [], []
             for entry in self._threads:   # a thread that ended counts no more: its counts are final
-                if entry[0].is_alive():
+                if _alive(entry[0]):
                     kept.append(entry)
                     live.append(entry[1])
                 else:
