@@ -29,6 +29,7 @@ ACCOUNT_PREFIX = "acc_"
 _TOKEN_RE = re.compile(r"tok_[0-9a-z]{20,40}")
 _CUSTOMER_RE = re.compile(r"cus_[0-9a-z]{8,40}")
 _ACCOUNT_ID_RE = re.compile(r"acc_[0-9a-z]{8,40}")
+_SAFE_ID_RE = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 _EXPIRY_RE = re.compile(r"(20[0-9]{2})-(0[1-9]|1[0-2])")
 _ABA_WEIGHTS = (3, 7, 1, 3, 7, 1, 3, 7, 1)
 
@@ -77,7 +78,7 @@ def parse_token(value: str) -> str:
         raise InvalidKey("card token is empty")
     if not _TOKEN_RE.fullmatch(value):
         raise InvalidKey("card token is malformed (expected 'tok_' and 20-40 lowercase letters or digits)")
-    return value
+    return _no_card_number("card token", value)
 
 
 def parse_customer_id(value: str, field: str = "customer_id") -> str:
@@ -86,7 +87,7 @@ def parse_customer_id(value: str, field: str = "customer_id") -> str:
         raise InvalidKey(f"{field} is empty")
     if not _CUSTOMER_RE.fullmatch(value):
         raise InvalidKey(f"{field} is malformed (expected 'cus_' and 8-40 lowercase letters or digits)")
-    return value
+    return _no_card_number(field, value)
 
 
 def parse_account_id(value: str) -> str:
@@ -94,7 +95,21 @@ def parse_account_id(value: str) -> str:
         raise InvalidKey("account_id is empty")
     if not _ACCOUNT_ID_RE.fullmatch(value):
         raise InvalidKey("account_id is malformed (expected 'acc_' and 8-40 lowercase letters or digits)")
+    return _no_card_number("account_id", value)
+
+
+def _no_card_number(field: str, value: str) -> str:
+    """An id holding a card number ("cus_<PAN>") is refused before it reaches a cache key, the audit
+    log or a NOT_FOUND message; never echoed. The ids new_id makes never hold one (it draws again)."""
+    if contains_card_number(value):
+        raise InvalidKey(f"{field} holds what looks like a card number (13-19 digits passing the Luhn check)")
     return value
+
+
+def is_safe_id(value: str) -> bool:
+    """A well-formed customer, account or token id holding no card number: what the audit log keeps
+    of a refused request's ids."""
+    return bool(_SAFE_ID_RE.fullmatch(value)) and not contains_card_number(value)
 
 
 def aba_ok(routing: str) -> bool:

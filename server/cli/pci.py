@@ -1,10 +1,10 @@
 """`crs pci scan`: look for card numbers kept in clear in PostgreSQL (docs/security.md).
 
-Every column that can hold text (text, varchar, char, json, jsonb; and bytea read as Latin-1, since a
-serialized answer in the outbox or the idempotency table carries its strings as they are) of every
-table in the schema, row by row, through `server.pan.contains_card_number`: the test that refuses a
-card number in a name, a segment or a source reference at the door. What it finds here was written
-before those checks or around the service. A finding prints the table, the column and the row's
+Every column that can hold text (text, varchar, char, json, jsonb, arrays read as their text; and bytea
+read as Latin-1, since a serialized answer in the outbox or the idempotency table carries its strings
+as they are) of every table in the schema, row by row, through `server.pan.contains_card_number`:
+the test that refuses a card number in a name, a segment or a source reference at the door. What it
+finds here was written before those checks or around the service. A finding prints the table, the column and the row's
 key, with its digit runs masked, never the value. Encrypted columns are random bytes: ten or more
 ASCII digits in a row essentially never occur in them, so they pass quietly.
 
@@ -24,12 +24,12 @@ from server.cli.base import RAW, number, settings_from_args, with_database
 if TYPE_CHECKING:
     from server.store.db import Conn
 
-TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb", "bytea")
+TEXT_TYPES = ("text", "character varying", "character", "json", "jsonb", "bytea", "ARRAY")
 FOUND = 1           # exit status when a card number was found (0: none)
 BATCH = 2000        # rows a cursor fetches at a time
 
 _COLUMNS = (
-    "SELECT c.table_name AS t, c.column_name AS c FROM information_schema.columns c"
+    "SELECT c.table_name AS t, c.column_name AS c, c.data_type AS d FROM information_schema.columns c"
     " JOIN information_schema.tables USING (table_schema, table_name)"
     " WHERE c.table_schema = current_schema() AND table_type = 'BASE TABLE' AND c.data_type = ANY($1::text[])"
     " ORDER BY c.table_name, c.ordinal_position")
@@ -58,14 +58,18 @@ async def scan(conn: Conn, *, progress: Any = None) -> tuple[list[Finding], int]
     from server.pan import contains_card_number, redact_digits
 
     columns: dict[str, list[str]] = {}
+    arrays: set[tuple[str, str]] = set()
     for r in await conn.fetch(_COLUMNS, list(TEXT_TYPES)):
         columns.setdefault(r["t"], []).append(r["c"])
+        if r["d"] == "ARRAY":       # audit_log.entity_ids: read as its text, '{cus_...,acc_...}'
+            arrays.add((r["t"], r["c"]))
     findings: list[Finding] = []
     rows = 0
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         for table, cols in columns.items():
             key = [r["name"] for r in await conn.fetch(_KEY, _ident(table))] or ["ctid"]
-            select = ", ".join([*(f"{_ident(k)}::text" for k in key), *(_ident(c) for c in cols)])
+            select = ", ".join([*(f"{_ident(k)}::text" for k in key),
+                                *(_ident(c) + ("::text" if (table, c) in arrays else "") for c in cols)])
             async for row in conn.cursor(f"SELECT {select} FROM {_ident(table)}", prefetch=BATCH):
                 rows += 1
                 for i, column in enumerate(cols, start=len(key)):
@@ -102,7 +106,7 @@ def register(sub: Any) -> None:
                        description=__doc__, formatter_class=RAW)
     ps = s.add_subparsers(dest="pci_command", required=True, metavar="PCI_COMMAND")
     p = ps.add_parser("scan", help="look for card numbers in clear in every table", description=(
-        "Read every text, JSON and bytea column of every table (one read-only snapshot) and print\n"
+        "Read every text, JSON, array and bytea column of every table (one read-only snapshot) and print\n"
         "TABLE.COLUMN and the row's key (digit runs masked) for each value holding what looks like a card\n"
         "number: 13-19 digits, grouped or not, passing the Luhn check. Never prints a value.\n"
         "Exit codes: 0 none found, 1 found, 2 bad usage or configuration, 3 PostgreSQL unavailable.\n"

@@ -19,6 +19,7 @@ from server.crypto import ACCOUNT_PURPOSE, PAN_PURPOSE, DataKey, Keyring, accoun
 from server.currencies import parse_currency
 from server.errors import AlreadyExists, FailedPrecondition, InvalidKey, NotFound, VersionConflict
 from server.pan import (
+    contains_card_number,
     mask_account_number,
     mask_pan,
     parse_account_id,
@@ -44,8 +45,8 @@ GONE = {pb.CUSTOMER_STATUS_CLOSED: "closed", pb.CUSTOMER_STATUS_DECEASED: "decea
 
 
 def new_id(prefix: str, length: int = 20) -> str:
-    chars = secrets.token_bytes(length + 8).translate(_ID_TABLE, _ID_DROP)     # short: p < 1e-6, draw again
-    return prefix + chars[:length].decode("ascii") if len(chars) >= length else new_id(prefix, length)
+    chars = secrets.token_bytes(length + 8).translate(_ID_TABLE, _ID_DROP)[:length].decode("ascii")
+    return prefix + chars if len(chars) == length and not contains_card_number(chars) else new_id(prefix, length)
 
 
 class AdminStore(WriteEnvelope):

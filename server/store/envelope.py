@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,12 +27,11 @@ from server.caller import Caller
 from server.crypto import Keyring
 from server.errors import AlreadyExists, BackendUnavailable, InvalidKey, WriteOutcomeUnknown
 from server.feed.events import feed_fields
-from server.pan import contains_card_number, redact_digits
+from server.pan import contains_card_number, is_safe_id, redact_digits
 from server.store.db import COMMIT_LOST, Conn, acquire, one_node_in_batches, translate_db_errors
 
 _ID_FIELDS = ("customer_id", "account_id", "owner")
 _REQUEST_ID_FIELDS = ("customer_id", "account_id", "card_token", "owner_customer_id", "survivor_id", "merged_id")
-_SAFE_ID = re.compile(r"(cus|acc|tok)_[0-9a-z]{8,40}")
 MAX_REQUEST_ID = 128
 FEED_LOCK = 0x43525346      # "CRSF": the transaction-level lock feed sequences are drawn under
 FEED_CHANNEL = "crs_feed"   # NOTIFY on commit wakes every node's feed tailer
@@ -228,8 +226,9 @@ class WriteEnvelope:
     async def audit_failure(self, caller: Caller, rpc: str, request: Any, result: str) -> None:
         """Record a refused or failed write (its transaction, if any, rolled back)."""
         ids = [getattr(request, f) for f in _REQUEST_ID_FIELDS if getattr(request, f, "")]
-        # Only well-formed ids: a malformed field may be anything, a pasted card number included.
-        ids = [i for i in ids if isinstance(i, str) and _SAFE_ID.fullmatch(i)]
+        # Only well-formed ids holding no card number: a refused field may be anything, a pasted card
+        # number included ("cus_<PAN>" is well-formed); digit runs masked all the same.
+        ids = [redact_digits(i) for i in ids if isinstance(i, str) and is_safe_id(i)]
         with translate_db_errors():
             async with acquire(self.pool, self.timeout) as conn:
                 await self._audit(conn, caller, rpc, printable(getattr(request, "request_id", "")[:MAX_REQUEST_ID]),
