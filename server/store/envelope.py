@@ -229,10 +229,12 @@ class WriteEnvelope:
         # Only well-formed ids holding no card number: a refused field may be anything, a pasted card
         # number included ("cus_<PAN>" is well-formed); digit runs masked all the same.
         ids = [redact_digits(i) for i in ids if isinstance(i, str) and is_safe_id(i)]
+        # Masked before it is cut: a card number across the cut would leave its first digits unmasked. Its
+        # first 8 x MAX_REQUEST_ID characters only (redact_digits is not linear on megabytes of digit groups).
+        request_id = printable(redact_digits(getattr(request, "request_id", "")[:8 * MAX_REQUEST_ID]))
         with translate_db_errors():
             async with acquire(self.pool, self.timeout) as conn:
-                await self._audit(conn, caller, rpc, printable(getattr(request, "request_id", "")[:MAX_REQUEST_ID]),
-                                  None, ids, result, None)
+                await self._audit(conn, caller, rpc, request_id[:MAX_REQUEST_ID], None, ids, result, None)
 
     async def _stored_answer(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> bytes | None:
         """The answer `caller` got for this request_id (migration 0017: a request_id is its client's; a

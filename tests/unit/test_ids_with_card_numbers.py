@@ -109,3 +109,17 @@ async def test_pci_scan_reads_array_columns_as_text() -> None:
     conn = ScanConn()
     findings, rows = await pci.scan(conn)  # type: ignore[arg-type]
     assert rows == 1 and [f.line() for f in findings] == ["audit_log.entity_ids  id=1"], conn.selects
+
+
+@pytest.mark.parametrize("sep", [" ", "-", "\n"])
+async def test_a_long_request_id_is_masked_before_it_is_cut(monkeypatch: pytest.MonkeyPatch, sep: str) -> None:
+    """F5: a request_id over 128 characters is refused and audited cut to 128; a card number across the
+    cut was cut first, its first groups no card number any more, and kept in clear."""
+    conn = Recorder()
+    grouped = sep.join(PAN[i:i + 4] for i in range(0, 16, 4))
+    request = pb.UpdateCustomerRequest(request_id="x" * (envelope.MAX_REQUEST_ID - 12) + grouped,
+                                       customer_id="cus_demo0000000001")
+    await _store(conn, monkeypatch).audit_failure(CALLER, "UpdateCustomer", request, "INVALID_ARGUMENT")
+    [row] = conn.rows
+    kept = row[3]
+    assert len(kept) <= envelope.MAX_REQUEST_ID and not any(c.isdigit() for c in kept), kept
