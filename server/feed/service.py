@@ -27,7 +27,7 @@ import asyncpg
 
 from server.caller import Caller
 from server.errors import BackendTimeout, BackendUnavailable, CrsError, FeedOverload, InvalidKey, OutOfRange
-from server.feed.epochs import stale_checkpoint
+from server.feed.epochs import epoch_shape_ok, stale_checkpoint
 from server.feed.events import ENTITY_TYPES, progress_event
 from server.feed.tailer import EPOCH_CHANGED, CatchUp, FeedTailer, Subscription
 from server.proto import crs_pb2 as pb
@@ -101,6 +101,8 @@ class FeedHandlers:
         current = await current_epoch(self.pool, timeout=self.timeout)
         if request.epoch == current:
             return
+        if not epoch_shape_ok(request.epoch):   # never quoted back: it may be anything
+            raise InvalidKey("epoch is malformed (expected one a Snapshot or an event answered: HEX/TIMELINE)")
         why = stale_checkpoint(epoch=request.epoch, from_sequence=request.from_sequence, current=current,
                                first_sequences=await known_epochs(self.pool, timeout=self.timeout))
         if why is not None:

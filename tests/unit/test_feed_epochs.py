@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.feed.epochs import stale_checkpoint
+from server.feed.epochs import epoch_shape_ok, stale_checkpoint
 
 RESTORED_TWICE = {"A": 1, "C": 31}                 # B's row was not in the backup C was restored from
 FAILED_OVER = {"A": 1, "C": 31, "D": 81}
@@ -32,7 +32,7 @@ def test_an_older_epoch_resumes_below_where_the_next_one_began() -> None:
 def test_an_older_epoch_at_or_past_the_fork_is_refused(epoch: str, sequence: int, fork: int) -> None:
     why = check(epoch, sequence, "D", FAILED_OVER)
     assert why is not None
-    assert f"sequence {sequence} of epoch '{epoch}' is from a history this database no longer has" in why
+    assert f"sequence {sequence} of the checkpoint's epoch is from a history this database no longer has" in why
     assert f"sequences from {fork} on were handed out again" in why
     assert why.endswith("take a Snapshot and Watch from its sequence and epoch")
 
@@ -40,7 +40,7 @@ def test_an_older_epoch_at_or_past_the_fork_is_refused(epoch: str, sequence: int
 def test_an_unknown_epoch_is_refused() -> None:
     """B's history (51..) is not this database's: its checkpoint is refused even below C's head."""
     why = check("B", 40, "C", RESTORED_TWICE)
-    assert why is not None and "epoch 'B' is not one of this database's histories (current: 'C')" in why
+    assert why is not None and "the checkpoint's epoch is not one of this database's histories (current: 'C')" in why
 
 
 def test_sequence_zero_holds_nothing_and_is_not_checked() -> None:
@@ -57,3 +57,19 @@ def test_an_epoch_starting_where_another_does_is_taken_as_the_earlier_one() -> N
 
 def test_an_epoch_after_the_current_one_is_not_its_past() -> None:
     assert check("D", 10, "C", {"A": 1, "C": 31, "D": 81}) is not None
+
+
+@pytest.mark.parametrize("sequence", [10, 40])
+def test_the_callers_epoch_is_never_quoted(sequence: int) -> None:
+    """F2: the epoch is the caller's text; a card number there came back in the OUT_OF_RANGE message."""
+    from server.pan import luhn_check_digit
+    body = "999000048172635"
+    mine = body + luhn_check_digit(body) + "/1"                  # a well-shaped epoch holding a card number
+    why = check(mine, sequence, "c0ffee/2", {mine: 1, "c0ffee/2": 31} if sequence == 40 else {"c0ffee/2": 31})
+    assert why is not None and body not in why and "c0ffee/2" in why
+
+
+def test_the_epoch_shape() -> None:
+    assert epoch_shape_ok("7/1") and epoch_shape_ok("6f3c0d1e2a4b5c6d/4294967295") and epoch_shape_ok("123/9")
+    for bad in ("", "7", "7/", "/1", "G/1", "7F/1", "7/1 ", "7/-1", "1" * 17 + "/1", "7/" + "1" * 11, "x" * 3000):
+        assert not epoch_shape_ok(bad), bad
