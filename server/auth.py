@@ -115,12 +115,12 @@ class JwtVerifier:
         self._jwt = jwt
         self.audience = audience
         self.issuer = issuer
-        self._cache: OrderedDict[str, tuple[float, str, frozenset[str]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, str, frozenset[str] | None]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
 
-    def verify(self, token: str) -> tuple[str, frozenset[str]]:
-        """(client id, scopes in the token) or Unauthenticated."""
+    def verify(self, token: str) -> tuple[str, frozenset[str] | None]:
+        """(client id, scopes in the token: None when it has no scope claim) or Unauthenticated."""
         now = time.time()
         hit = self._cache.get(token)
         if hit is not None and hit[0] > now:
@@ -138,12 +138,28 @@ class JwtVerifier:
             raise Unauthenticated("bearer token has expired") from exc
         except (jwt.PyJWTError, KeyError, TypeError, ValueError) as exc:   # whatever a forged token makes PyJWT raise
             raise Unauthenticated("bearer token is not valid for this service") from exc
-        scopes = frozenset(str(claims.get("scope", "")).split())
+        scopes = token_scopes(claims)
         with self._lock:
             if len(self._cache) >= self._cache_size:
                 self._cache.popitem(last=False)
             self._cache[token] = (float(claims["exp"]), str(claims["sub"]), scopes)
         return str(claims["sub"]), scopes
+
+
+def token_scopes(claims: Mapping[str, object]) -> frozenset[str] | None:
+    """The scopes a token grants: `scope` (RFC 8693/9068: space-separated) and `scp` (a list, or a string
+    as `scope`), together. None when it has neither claim: the token then narrows nothing (the client's
+    scopes). A claim that is present but empty, or of another type, grants none."""
+    if "scope" not in claims and "scp" not in claims:
+        return None
+    found: set[str] = set()
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            found.update(value.split())
+        elif isinstance(value, list):
+            found.update(s for v in value if isinstance(v, str) for s in v.split())
+    return frozenset(found)
 
 
 class TokenBucket:
@@ -196,11 +212,11 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization metadata must be 'Bearer <token>'")
         assert self.jwt is not None
-        client_id, token_scopes = self.jwt.verify(token.strip())
+        client_id, scopes = self.jwt.verify(token.strip())
         policy = self.registry.clients.get(client_id)
         if policy is None:
             raise Unauthenticated("bearer token names a client this service does not know")
-        return Caller(client_id, policy.scopes & token_scopes if token_scopes else policy.scopes, "jwt")
+        return Caller(client_id, policy.scopes if scopes is None else policy.scopes & scopes, "jwt")
 
     def _from_cert(self, pem: bytes) -> Caller:
         cached = self._by_cert.get(pem)

@@ -51,3 +51,28 @@ def test_good_tokens_of_either_key_are_accepted(verifier: JwtVerifier) -> None:
 def test_a_token_that_does_not_fit_is_unauthenticated(verifier: JwtVerifier, token: str) -> None:
     with pytest.raises(Unauthenticated, match="not valid for this service"):
         verifier.verify(token)
+
+
+@pytest.mark.parametrize(("extra", "granted"), [
+    ({}, {"lookup:card", "lookup:customer", "admin:write"}),              # no scope claim: the client's scopes
+    ({"scope": "lookup:card"}, {"lookup:card"}),
+    ({"scope": ""}, set()),                                             # present but empty: none (was all)
+    ({"scope": "   "}, set()),
+    ({"scope": []}, set()),
+    ({"scope": None}, set()),
+    ({"scp": "lookup:card lookup:customer"}, {"lookup:card", "lookup:customer"}),   # scp was ignored: all
+    ({"scp": ["lookup:card"]}, {"lookup:card"}),
+    ({"scp": []}, set()),
+    ({"scp": ["lookup:card", 7, "nope"]}, {"lookup:card"}),            # not the client's, not a string: dropped
+    ({"scope": "lookup:card", "scp": ["admin:write"]}, {"lookup:card", "admin:write"}),
+], ids=["none", "scope", "scope-empty", "scope-blank", "scope-empty-list", "scope-null", "scp-string", "scp-list",
+        "scp-empty", "scp-mixed", "both"])
+def test_a_tokens_scope_claims_narrow_the_clients_scopes(verifier: JwtVerifier, extra: dict[str, object],
+                                                         granted: set[str]) -> None:
+    """F4: a scope claim present but empty granted every scope of the client, and `scp` was ignored."""
+    from server.auth import Authenticator, ClientPolicy, ClientRegistry
+
+    policy = ClientPolicy("switch", frozenset({"lookup:card", "lookup:customer", "admin:write"}))
+    auth = Authenticator(registry=ClientRegistry({"switch": policy}), jwt=verifier, allow_anonymous=False)
+    token = jwt.encode(CLAIMS | extra, EC_KEY, "ES256", headers={"kid": "ec1"})
+    assert auth._from_token(f"Bearer {token}").scopes == granted
