@@ -99,9 +99,15 @@ class DevPki:
 
 
 def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
-    path.write_bytes(data)
-    if secret:
-        os.chmod(path, 0o600)
+    """A secret (a private key) is created 0600, never readable by others for a moment (written with the
+    umask, then chmod'ed, it was: 0644 under the usual 022); an existing file is narrowed before the key
+    is written into it (O_CREAT's mode applies only to a new file)."""
+    if not secret:
+        path.write_bytes(data)
+        return
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data)
 
 
 def write_dev_pki(directory: Path, clients: tuple[str, ...] = ("admin", "switch")) -> DevPki:
