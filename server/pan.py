@@ -186,7 +186,8 @@ _DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212]\s*|\s+)\d+)*")
 # 4-4-4-4 (up to 4-4-4-4-3) or 4-6-5 / 4-6-4, the same mark throughout.
 _MARKED_PAN = re.compile(r"(?<!\d)(?:\d{4}([./_])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,3})?|\d{4}([./_])\d{6}\2\d{4,5})(?!\d)")
 _SEPARATOR = re.compile(r"\D+")
-# Words no card number is written as, blanked before the search: a UUID, and a hex string of 16 or
+# Words no card number is written as, blanked before the search: a UUID (with its dashes, or without
+# them as uuid4().hex: 32 hex digits with the version and variant nibbles), and a hex string of 16 or
 # more characters with a letter in it (a hash, an ObjectId, a hex key or run id) and no run of 13 or
 # more digits. Their digits, joined across a UUID's dashes, make 13-19 digit runs that pass Luhn by
 # chance: about one uuid4 in 400 would be refused as a source reference or request id, and flagged
@@ -197,6 +198,7 @@ _SEPARATOR = re.compile(r"\D+")
 # data pasted into text, not against someone disguising it.)
 _NOT_CARD_WORDS = re.compile(
     r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
+    r"|[0-9A-Fa-f]{12}[1-8][0-9A-Fa-f]{3}[89ABab][0-9A-Fa-f]{15}"
     r"|(?=[0-9]*[A-Fa-f])(?![0-9A-Fa-f]*?[0-9]{" + str(CARD_RUN_MIN) + r"})[0-9A-Fa-f]{16,})(?![0-9A-Za-z])")
 
 
