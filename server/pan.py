@@ -186,20 +186,22 @@ _DIGIT_RUN = re.compile(r"\d+(?:(?:\s*[-\u2010-\u2015\u2212]\s*|\s+)\d+)*")
 # 4-4-4-4 (up to 4-4-4-4-3) or 4-6-5 / 4-6-4, the same mark throughout.
 _MARKED_PAN = re.compile(r"(?<!\d)(?:\d{4}([./_])\d{4}(?:\1\d{4}){1,2}(?:\1\d{1,3})?|\d{4}([./_])\d{6}\2\d{4,5})(?!\d)")
 _SEPARATOR = re.compile(r"\D+")
-# Words no card number is written as, blanked before the search: a UUID (with its dashes, or without
-# them as uuid4().hex: 32 hex digits with the version and variant nibbles), and a hex string of 16 or
-# more characters with a letter in it (a hash, an ObjectId, a hex key or run id) and no run of 13 or
-# more digits. Their digits, joined across a UUID's dashes, make 13-19 digit runs that pass Luhn by
-# chance: about one uuid4 in 400 would be refused as a source reference or request id, and flagged
-# by `crs pci scan`, while no one writes a card number that way. A hex word holding 13+ digits in a
-# row is read ("<PAN>a", "A<PAN>", "tok_<PAN>abcd" are card numbers with a letter beside them): about
-# one random 32-hex id in 600 is then refused (its digit run passes Luhn), the price of not letting
-# one letter hide a PAN. (A card number split by hex letters is not found: this guards against card
-# data pasted into text, not against someone disguising it.)
+# Words no card number is written as, blanked before the search: a UUID; a hex word of a hash's or an
+# id's length (24: an ObjectId; 32: MD5 or a UUID without dashes; 40, 48, 56, 64, 96, 128: the SHA
+# digests) with a letter in it; and any other hex string of 16 or more characters with a letter in it
+# and no run of 13 or more digits. Their digits make 13-19 digit runs that pass Luhn by chance: about
+# one uuid4 in 400, and one random 32-hex id in 600, would be refused as a source reference or request
+# id and flagged by `crs pci scan`, while no one writes a card number that way. Any other hex word
+# holding 13+ digits in a row is read ("<PAN>a", "A<PAN>", "tok_<PAN>abcd" are card numbers with a
+# letter beside them: outside audit, 2026-12-05). (A card number split by hex letters, or padded with
+# letters to a hash's length, is not found: this guards against card data pasted into text, not
+# against someone disguising it.)
+_HEX = "[0-9A-Fa-f]"
 _NOT_CARD_WORDS = re.compile(
-    r"(?<![0-9A-Za-z])(?:[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
-    r"|[0-9A-Fa-f]{12}[1-8][0-9A-Fa-f]{3}[89ABab][0-9A-Fa-f]{15}"
-    r"|(?=[0-9]*[A-Fa-f])(?![0-9A-Fa-f]*?[0-9]{" + str(CARD_RUN_MIN) + r"})[0-9A-Fa-f]{16,})(?![0-9A-Za-z])")
+    rf"(?<![0-9A-Za-z])(?:{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}}"
+    rf"|(?=[0-9]*[A-Fa-f])(?:{_HEX}{{128}}|{_HEX}{{96}}|{_HEX}{{64}}|{_HEX}{{56}}|{_HEX}{{48}}|{_HEX}{{40}}"
+    rf"|{_HEX}{{32}}|{_HEX}{{24}})(?![0-9A-Za-z])"
+    rf"|(?=[0-9]*[A-Fa-f])(?!{_HEX}*?[0-9]{{{CARD_RUN_MIN}}}){_HEX}{{16,}})(?![0-9A-Za-z])")
 
 
 def contains_card_number(text: str) -> bool:
@@ -214,8 +216,8 @@ def contains_card_number(text: str) -> bool:
     digits without separators is a longer number (a PAN is at most 19 digits, ISO/IEC 7812), not judged
     by its inner windows: one in ten of every 13-19 digit window passes Luhn by chance, so a 20-digit
     key would be refused almost always (35 windows: 97%). Scanners that match card numbers between
-    word boundaries draw the same line. UUIDs, and hex strings with a letter and no 13-digit run, are
-    not read (_NOT_CARD_WORDS)."""
+    word boundaries draw the same line. UUIDs, hash-length hex words, and other hex strings with a
+    letter and no 13-digit run, are not read (_NOT_CARD_WORDS)."""
     if len(text) < CARD_RUN_MIN or not _holds_card_number(text):
         return False
     # Only a text that holds one pays for the second look, without its ids. "#" never joins digit
