@@ -4,6 +4,7 @@ resolving demo cards until stopped; every answer checked, every failure recorded
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,7 +48,7 @@ class LookupLoad:
                         self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
 
     def _resolve(self, lookup: Any, n: int) -> pb.Resolution:
-        """One lookup, retried (at most 3 times) when the node shed it, over its capacity, as a client
+        """One lookup, retried (at most 3 times, backing off 0.1-0.3 s) when the node shed it, over its capacity, as a client
         does on another node: on this 2-core machine a busy test run can starve a node long enough for
         its queue to look standing (CRS_SHED_QUEUE_MS). Sheds are counted apart; no other answer is
         retried, so what these tests check (faults, resharding) is not hidden by retries."""
@@ -60,6 +61,7 @@ class LookupLoad:
                     raise
                 with self.lock:
                     self.shed += 1
+                time.sleep(0.1 * (attempt + 1))   # backoff, as a client's retry policy: past the shed interval
         raise AssertionError("unreachable")
 
     def __enter__(self) -> LookupLoad:
