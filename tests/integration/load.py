@@ -48,10 +48,10 @@ class LookupLoad:
                         self.failures.append(f"card {n}: {exc.code().name} {exc.details()}")
 
     def _resolve(self, lookup: Any, n: int) -> pb.Resolution:
-        """One lookup, retried (at most 3 times, backing off 0.1-0.3 s) when the node shed it, over its capacity, as a client
-        does on another node: on this 2-core machine a busy test run can starve a node long enough for
-        its queue to look standing (CRS_SHED_QUEUE_MS). Sheds are counted apart; no other answer is
-        retried, so what these tests check (faults, resharding) is not hidden by retries."""
+        """One lookup, retried (at most 3 times, backing off 0.1-0.3 s) when the node shed it, over its
+        capacity, as a client does on another node: on this 2-core machine a busy test run can starve a
+        node long enough for its queue to look standing (CRS_SHED_QUEUE_MS). Sheds are counted apart; no
+        other answer is retried, so what these tests check (faults, resharding) is not hidden by retries."""
         for attempt in range(4):
             try:
                 return lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(n)), timeout=5)  # type: ignore[no-any-return]
