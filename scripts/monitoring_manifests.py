@@ -327,12 +327,16 @@ def dashboard() -> dict[str, Any]:
              [(f"sum by (instance) (crs_grpc_calls_queued{{{J}}})", "{{instance}} queued"),
               (f"sum by (instance) (crs_grpc_calls_on_loop{{{J}}})", "{{instance}} on the loop"),
               (f"sum by (instance) (increase(crs_grpc_turns_revoked_total{{{J}}}{rate}))",
-               "{{instance}} turns taken from calls without their message")],
+               "{{instance}} turns taken from calls without their message"),
+              (f"sum by (instance) (increase(crs_grpc_calls_closed_without_message_total{{{J}}}{rate}))",
+               "{{instance}} calls closed without their message")],
              "short", "Hybrid nodes, sampled each second. Queued: not yet taken by one of CRS_SERVING_ACTIVE "
                       "threads (a queue that stays is shed). On the loop: misses, PostgreSQL and admin calls "
                       "waiting; at 3/4 of CRS_SERVING_THREADS per process more are refused. Turns taken: "
                       "calls that held a thread for 100 ms without their request message while calls "
-                      "queued (a client that opens calls and sends nothing: CRSNodeShedding step 5)."),
+                      "queued. Closed: such calls ended UNAVAILABLE after CRS_MESSAGE_WAIT_MS, or 100 ms "
+                      "while calls waited for a thread (a client that opens calls and sends nothing: "
+                      "CRSNodeShedding step 5)."),
         ]),
         ("Tier that answered", [
             ("Keys answered/s by tier", [(f"sum by (tier) (rate(crs_lookups_total{{{J}}}{rate}))", "{{tier}}")],

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -106,15 +105,19 @@ def bind_ports(server: grpc.aio.Server | grpc.Server, s: Settings, metrics: Metr
     return port
 
 
-async def serve_health_alone(health_service: Any, s: Settings) -> grpc.aio.Server | grpc.Server:
+async def serve_health_alone(health_service: Any, s: Settings, pool: GrpcThreadPool | None = None
+                             ) -> grpc.aio.Server | grpc.Server:
     """grpc.health.v1.Health alone, in plaintext, on CRS_HEALTH_PORT: for probes that cannot do TLS
     (Kubernetes' gRPC probes). What it tells is no secret, and nothing else answers there; the same
-    health object as the main port's, so both say the same. Started and stopped with the node."""
+    health object as the main port's, so both say the same. Started and stopped with the node.
+    `pool`: the synchronous server's threads (hybrid; its owner shuts it down). Its watch closes calls
+    that never send their message: two such calls would otherwise fail every probe."""
     address = f"{s.grpc_host}:{s.health_port}"
     server: grpc.aio.Server | grpc.Server
     if isinstance(health_service, ThreadedHealth):
-        server = grpc.server(ThreadPoolExecutor(max_workers=2, thread_name_prefix="crs-health"),
-                             options=rpc.SERVER_OPTIONS)
+        if pool is None:
+            raise ValueError("the synchronous health server needs its pool")
+        server = grpc.server(pool, options=rpc.SERVER_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(health_service.servicer, server)
     else:
         server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
@@ -231,7 +234,8 @@ class Node:
         self.background = BackgroundTasks()   # .broken: one failed; the process exits 1
         self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
         self._executor: GrpcThreadPool | None = None  # hybrid: the gRPC threads
-        self._stream_executor: ThreadPoolExecutor | None = None  # hybrid: the streams' threads
+        self._stream_executor: GrpcThreadPool | None = None  # hybrid: the streams' threads
+        self._health_executor: GrpcThreadPool | None = None  # hybrid: CRS_HEALTH_PORT's threads
         self.port: int = 0
 
     async def start(self) -> None:
@@ -302,10 +306,12 @@ class Node:
         if isinstance(self.health, ThreadedHealth):
             # The hybrid model: gRPC threads (server/grpc_pool.py) answer near-cache hits, this loop does the
             # rest (server/hybrid.py).
+            wait = s.message_wait_ms / 1000
             self._executor = GrpcThreadPool(max_workers=s.serving_threads, thread_name_prefix="crs-grpc",
-                                            shed_target=s.shed_queue_ms / 1000, active=s.serving_active)
-            self._stream_executor = ThreadPoolExecutor(max_workers=s.stream_threads + REFUSAL_THREADS,
-                                                       thread_name_prefix="crs-stream")
+                                            shed_target=s.shed_queue_ms / 1000, active=s.serving_active,
+                                            message_wait=wait)
+            self._stream_executor = GrpcThreadPool(max_workers=s.stream_threads + REFUSAL_THREADS,
+                                                   thread_name_prefix="crs-stream", message_wait=wait)
             server = grpc.server(self._executor, options=options)
             self._bridge = LoopBridge(asyncio.get_running_loop(),
                                       max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
@@ -324,7 +330,10 @@ class Node:
                        stream_pool=self._stream_executor, slot=threaded.stream_slot if threaded else None)
         self.port = bind_ports(server, s, self.metrics)
         if s.health_port:
-            self._health_server = await serve_health_alone(self.health, s)
+            if isinstance(self.health, ThreadedHealth):
+                self._health_executor = GrpcThreadPool(max_workers=2, thread_name_prefix="crs-health",
+                                                       message_wait=s.message_wait_ms / 1000)
+            self._health_server = await serve_health_alone(self.health, s, self._health_executor)
         self.server = server
         await start_server(server)
         if self.tier is not None:
@@ -358,8 +367,9 @@ class Node:
             await asyncio.sleep(FLUSH_INTERVAL)
             self.metrics.flush()
             if self._executor is not None and self._bridge is not None:
-                self.metrics.serving_waits(self._executor.backlog(), self._bridge.waiting(),
-                                           self._executor.revoked)
+                closed = sum(p.closed for p in (self._executor, self._stream_executor, self._health_executor) if p)
+                self.metrics.serving_waits(self._executor.backlog(), self._bridge.waiting(), self._executor.revoked,
+                                           closed)
             if self.pool is not None:
                 self.metrics.pg_pool(self.pool.get_size(), self.pool.get_idle_size(), self.pool.get_max_size())
 
@@ -386,7 +396,7 @@ class Node:
             self._bridge.close()
         if isinstance(self.health, ThreadedHealth):
             self.health.close()
-        for executor in (self._executor, self._stream_executor):
+        for executor in (self._executor, self._stream_executor, self._health_executor):
             if executor is not None:
                 executor.shutdown(wait=False, cancel_futures=True)
         if self.resolver is not None:

@@ -28,7 +28,8 @@ threads would; and up to `max_workers` calls may still wait on the loop at once,
 `max_workers` would let them (docs/decisions.md "Threads that wait and threads that work"). A watch
 takes the turn of a call that has run an interval without reaching its handler while calls queue:
 grpc waits for a unary call's message on the pool's thread, so calls whose messages never come would
-otherwise hold every turn (docs/decisions.md "Calls that never send their message").
+otherwise hold every turn, and every thread: the watch also closes them, UNAVAILABLE, when late
+(`message_wait`; docs/decisions.md "Calls that never send their message").
 """
 
 from __future__ import annotations
@@ -42,10 +43,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
+
 log = logging.getLogger(__name__)
 
 _Item = tuple["CallDone", Callable[..., Any], tuple[Any, ...], dict[str, Any], float]
 CODEL_INTERVAL = 0.100   # seconds: the window whose shortest wait tells a standing queue from a burst
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 
 
 class QueueDelay:
@@ -85,15 +89,46 @@ _shed = threading.local()
 
 
 class Seat:
-    """A pool thread's place: whether it holds a turn, and since when (perf_counter) its call has run
-    without reaching its handler (0.0: no such call). Both change under the Turns lock or on the
-    thread itself; the pool's watch reads them (`Turns.revoke`)."""
+    """A pool thread's place: whether it holds a turn, since when (perf_counter) its call has run
+    without reaching its handler (0.0: no such call), and `claim`: the call's grpc handle while the
+    thread waits for its request message. `holding` changes under the Turns lock, the others on the
+    thread itself; the pool's watch reads them (`Turns.revoke`, `GrpcThreadPool._close`)."""
 
-    __slots__ = ("holding", "since")
+    __slots__ = ("claim", "holding", "since")
 
     def __init__(self, holding: bool) -> None:
         self.holding = holding
         self.since = 0.0
+        self.claim: list[Any] = []
+
+
+def _await_message(args: tuple[Any, ...], seat: Seat) -> tuple[Any, ...] | None:
+    """A call's arguments as grpc.server handed them, its wait for its request message timed on
+    `seat`; None when not grpc's known shape (then only `shed_wait` ends `seat.since`). grpc 1.85
+    submits `context.run, _unary_response_in_pool, rpc_event, state, behavior, argument_thunk, ...`
+    (older ones, without `context.run`), and a unary request's thunk (`unary_request`) waits for
+    the message, untimed. Until it returns `seat.claim` holds the call's handle; of this thread and
+    the watch, whoever pops it first decides: the watch closes the call (its wait ends, and its
+    handler never runs, even if the message came that instant). A streaming request has no wait."""
+    at = 1 if len(args) > 4 and getattr(args[1], "call", None) is not None else 0
+    if len(args) < at + 4 or getattr(args[at], "call", None) is None:
+        return None
+    thunk = args[at + 3]
+    if getattr(thunk, "__name__", None) != "unary_request":
+        seat.since = 0.0
+        return args
+    claim = seat.claim = [args[at].call]
+
+    def request() -> Any:
+        got = thunk()
+        seat.since = 0.0
+        try:
+            claim.pop()
+        except IndexError:
+            return None    # the watch closed the call: grpc ends it without running the handler
+        return got
+
+    return (*args[:at + 3], request, *args[at + 4:])
 
 
 class Turns:
@@ -148,6 +183,10 @@ class Turns:
     def free(self) -> int:
         """Turns no thread holds or waits for."""
         return self._free
+
+    def waiting(self) -> int:
+        """Threads waiting for a turn."""
+        return len(self._waiting)
 
     def _hand_over(self) -> None:   # under _lock
         if self._waiting:
@@ -213,29 +252,36 @@ class CallDone:
                 log.exception("a gRPC call's done-callback failed")
 
 
-class GrpcThreadPool(concurrent.futures.Executor):
-    """Threads for grpc.server's calls (see the module's docstring)."""
+class GrpcThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """Threads for grpc.server's calls (see the module's docstring). A ThreadPoolExecutor by type only
+    (its __init__ is not run; none of its own methods is used): grpc takes a handler's own pool
+    (`experimental_thread_pool`, the streams') only if it is one, and else runs it on the server's."""
 
     def __init__(self, max_workers: int, thread_name_prefix: str, shed_target: float = 0.0,
-                 active: int = 0) -> None:
+                 active: int = 0, message_wait: float = 0.0) -> None:
         """`shed_target`: seconds, QueueDelay's target (0: every call is served however long it waited).
-        `active`: how many threads take calls at once (0, or `max_workers` or more: all of them)."""
-        if max_workers < 1:
-            raise ValueError("max_workers must be at least 1")
-        if active < 0:
-            raise ValueError("active must be 0 (all) or more")
+        `active`: how many threads take calls at once (0, or `max_workers` or more: all of them).
+        `message_wait`: seconds a call may wait on its thread for its request message before the
+        watch closes it (and CODEL_INTERVAL while calls wait for a thread and every thread holds a
+        call); 0: as long as its deadline lets it."""
+        if max_workers < 1 or active < 0 or message_wait < 0:
+            raise ValueError(f"max_workers must be at least 1, active (0: all) and message_wait (0: none) 0 or more"
+                             f" (got {max_workers}, {active}, {message_wait})")
+        self.message_wait = message_wait
         self.max_workers = max_workers
         self.delay = QueueDelay(shed_target) if shed_target > 0 else None
         self.turns = Turns(active) if 0 < active < max_workers else None
         self._prefix = thread_name_prefix
         self._work: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._idle: queue.SimpleQueue[None] = queue.SimpleQueue()   # one token per thread waiting for work
-        self._threads: list[threading.Thread] = []
+        self._started: list[threading.Thread] = []
         self._seats: list[Seat] = []
         self._lock = threading.Lock()   # starting threads, shutting down
         self._shutdown = False
         self._stopped = threading.Event()   # wakes the watch at shutdown
         self.revoked = 0   # turns the watch took from calls that did not reach their handler
+        self.closed = 0    # calls the watch closed: their request message did not come in time
+        self._unknown = False   # warned once: grpc handed a call in a shape _await_message does not know
         # Once every thread is started the idle tokens have no use, and none are kept: under
         # saturation each call that waited for a thread would otherwise leave one more behind.
         self._full = False
@@ -258,17 +304,17 @@ class GrpcThreadPool(concurrent.futures.Executor):
 
     def _start_thread(self) -> None:
         with self._lock:
-            if self._shutdown or len(self._threads) >= self.max_workers:
+            if self._shutdown or len(self._started) >= self.max_workers:
                 return     # a busy thread takes the call when it is free
-            if not self._threads and self.turns is not None:
+            if not self._started and (self.turns is not None or self.message_wait):
                 threading.Thread(target=self._watch, name=f"{self._prefix}_watch", daemon=True).start()
             seat = Seat(holding=self.turns is None)   # without turns every thread may take calls
-            thread = threading.Thread(target=self._serve, args=(seat,), name=f"{self._prefix}_{len(self._threads)}",
+            thread = threading.Thread(target=self._serve, args=(seat,), name=f"{self._prefix}_{len(self._started)}",
                                       daemon=True)
             thread.start()
-            self._threads.append(thread)
+            self._started.append(thread)
             self._seats.append(seat)
-            self._full = len(self._threads) >= self.max_workers
+            self._full = len(self._started) >= self.max_workers
 
     def _serve(self, seat: Seat) -> None:
         take, idle, backlog = self._work.get, self._idle.put, self._work.qsize
@@ -283,47 +329,80 @@ class GrpcThreadPool(concurrent.futures.Executor):
             if (item := take()) is None:
                 break
             done, fn, args, kwargs, queued = item
-            now = seat.since = clock()   # until its handler starts (shed_wait): see _watch
+            now = seat.since = clock()   # until its message comes, or its handler starts (shed_wait): see _watch
             if delay is not None and delay.shed(now - queued, now, backlog()):
                 mark.waited = now - queued
+            if (timed := _await_message(args, seat)) is not None:
+                args = timed
+            elif self.message_wait and not self._unknown:
+                self._unknown = True
+                log.warning("grpc handed the pool a call in a shape it does not know (grpcio %s): calls whose"
+                            " request message does not come are not closed before their deadline", grpc.__version__)
             try:
                 fn(*args, **kwargs)
             except BaseException:
                 log.exception("a gRPC call raised out of grpc's own handling")
             seat.since = mark.waited = 0.0
             done.finish()
-            del item, done, fn, args, kwargs   # nothing of the call outlives it while this thread waits
+            del item, done, fn, args, kwargs, timed   # nothing of the call outlives it while this thread waits
             if not self._full and seat.holding:
                 idle(None)
         if turns is not None:
             turns.give(seat)     # shutting down: the threads still waiting for a turn take theirs and stop
 
     def _watch(self) -> None:
-        """Every CODEL_INTERVAL while calls queue: take the turns of calls that have run for an interval
-        without reaching their handler. grpc's sync server waits for a unary call's request message on
-        the pool's thread, before the handler, so a client that opens calls and never sends their
-        messages would otherwise hold every turn and stop the node (outside audit, 2026-12-05); a call
-        whose message is late only loses its turn, as a call that waits on the loop gives it. A turn
-        taken goes to a thread waiting for one, or to a thread started for it."""
-        assert self.turns is not None
+        """Every CODEL_INTERVAL, while calls queue: take the turns of calls that have run an interval
+        without reaching their handler (grpc waits for a unary call's message on the pool's thread, so
+        calls whose messages never come held every turn: outside audit, 2026-12-05). Such a call only
+        loses its turn; the turn goes to a thread waiting for one, or to one started for it.
+        And close calls whose message is `message_wait` late, or an interval late while calls wait for
+        a thread and none will come (all started, none waiting for a turn): each holds its thread."""
+        turns = self.turns
         while not self._stopped.wait(CODEL_INTERVAL):
-            if not self._work.qsize():
+            queued = self._work.qsize()
+            if not queued and not self.message_wait:
                 continue
             with self._lock:
                 seats = list(self._seats)
-            taken = self.turns.revoke(seats, time.perf_counter() - CODEL_INTERVAL)
-            if taken:
+            now = time.perf_counter()
+            if queued and turns is not None and (taken := turns.revoke(seats, now - CODEL_INTERVAL)):
                 self.revoked += taken
                 log.warning("%d gRPC call(s) held a thread's turn for over %.0f ms without their request"
                             " message while calls queued: their turns went to other threads", taken,
                             CODEL_INTERVAL * 1000)
-                for _ in range(self.turns.free()):
+                for _ in range(turns.free()):
                     self._start_thread()   # no thread was waiting for a turn: one started takes it
+            if self.message_wait:
+                short = queued > 0 and self._full and (turns is None or not turns.waiting())
+                self._close(seats, now - (CODEL_INTERVAL if short else self.message_wait), short)
+
+    def _close(self, seats: list[Seat], started_before: float, short: bool) -> None:
+        """Close, UNAVAILABLE, the calls that began waiting for their request message before
+        `started_before` and wait still (`_await_message`: whoever pops the claim decides)."""
+        closed = 0
+        for seat in seats:
+            claim, since = seat.claim, seat.since   # in this order: a newer call's start is never older
+            if not (claim and 0.0 < since < started_before):
+                continue
+            try:
+                call = claim.pop()
+            except IndexError:
+                continue          # its message came meanwhile
+            waited = time.perf_counter() - since
+            call.cancel(_UNAVAILABLE, f"the call sent no request message for {waited * 1000:.0f} ms after a server"
+                        " thread took it; the node closed it (CRS_MESSAGE_WAIT_MS); retry")
+            closed += 1
+        if closed:
+            self.closed += closed
+            log.warning("%d gRPC call(s) sent no request message within %.0f ms of a thread taking them%s:"
+                        " closed UNAVAILABLE", closed,
+                        (CODEL_INTERVAL if short else self.message_wait) * 1000,
+                        " while calls waited for a thread" if short else "")
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
             self._shutdown = True
-            threads = list(self._threads)
+            threads = list(self._started)
         self._stopped.set()
         if cancel_futures:
             while True:

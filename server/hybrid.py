@@ -288,7 +288,7 @@ class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
     def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
-                 stream_pool: concurrent.futures.ThreadPoolExecutor, max_streams: int, per_client: int) -> None:
+                 stream_pool: concurrent.futures.Executor, max_streams: int, per_client: int) -> None:
         self.bridge = bridge
         self.metrics = metrics
         self.gate = gate

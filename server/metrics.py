@@ -151,6 +151,12 @@ class Metrics:
                                      " without their request message while calls queued; the turn went to"
                                      " another thread (hybrid)", registry=reg)
         self._revoked_seen = 0
+        # Hybrid: calls the pools' watch closed UNAVAILABLE, their request message late (CRS_MESSAGE_WAIT_MS).
+        self.calls_closed = Counter("crs_grpc_calls_closed_without_message_total", "Calls closed UNAVAILABLE"
+                                    " before their handler: their request message had not come CRS_MESSAGE_WAIT_MS"
+                                    " (or 100 ms while calls waited for a thread) after a gRPC thread took them"
+                                    " (hybrid)", registry=reg)
+        self._closed_seen = 0
         # Hybrid: unary calls refused UNAVAILABLE before any work, having waited for a gRPC thread behind
         # a standing queue (server/grpc_pool.py QueueDelay, CRS_SHED_QUEUE_MS): the node is past its capacity.
         self.calls_shed = Counter("crs_calls_shed_total", "Unary calls refused unanswered (UNAVAILABLE): they"
@@ -328,14 +334,17 @@ class Metrics:
     def pg_read(self, route: str) -> None:
         self.pg_reads.labels(route).inc()
 
-    def serving_waits(self, queued: int, on_loop: int, revoked: int) -> None:
-        """Sampled each second: the pool's queue, the calls waiting on the loop, and the pool's running
-        count of turns it took from calls without their message."""
+    def serving_waits(self, queued: int, on_loop: int, revoked: int, closed: int) -> None:
+        """Sampled each second: the pool's queue, the calls waiting on the loop, and the pools' running
+        counts of turns taken from calls without their message, and of such calls closed."""
         self.calls_queued.set(queued)
         self.calls_on_loop.set(on_loop)
         if revoked > self._revoked_seen:
             self.turns_revoked.inc(revoked - self._revoked_seen)
             self._revoked_seen = revoked
+        if closed > self._closed_seen:
+            self.calls_closed.inc(closed - self._closed_seen)
+            self._closed_seen = closed
 
     def pg_pool(self, size: int, idle: int, maximum: int) -> None:
         self.pg_pool_connections.set(size)

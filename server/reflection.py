@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -81,7 +81,7 @@ def _unexpected(exc: Exception) -> None:
 
 
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],
-                   authenticator: Authenticator, *, stream_pool: ThreadPoolExecutor | None = None,
+                   authenticator: Authenticator, *, stream_pool: Executor | None = None,
                    slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
     """`stream_pool` and `slot` (the synchronous server): reflection streams run where the node's own
     streams do, on their pool and within their limit, never on the unary calls' threads: a client

@@ -60,6 +60,10 @@ class Settings:
     shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
                                           # longer than this, a call that waited twice as long is refused
                                           # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never
+    message_wait_ms: float = 1000.0       # hybrid: a call whose request message has not come this long after a
+                                          # gRPC thread took it is closed UNAVAILABLE (after 100 ms while calls
+                                          # wait for a thread that none frees): it holds the thread meanwhile;
+                                          # 0 = wait for it as long as the call's deadline lets it
     stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot, reflection) per
                                           # process, each on a thread of its own pool (never a unary call's);
                                           # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
@@ -259,6 +263,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_SERVING_ACTIVE must be >= 1 (got {s.serving_active})")
     if not 0 <= s.shed_queue_ms <= 1000:
         problems.append(f"CRS_SHED_QUEUE_MS must be 0 (off) to 1000 milliseconds (got {s.shed_queue_ms})")
+    if s.message_wait_ms != 0 and not 100 <= s.message_wait_ms <= 60_000:
+        problems.append(f"CRS_MESSAGE_WAIT_MS must be 0 (off) or 100 to 60000 milliseconds (got {s.message_wait_ms})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.reinvalidate_delay <= s.redis_timeout:

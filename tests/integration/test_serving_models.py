@@ -15,9 +15,10 @@ import psutil
 import pytest
 import redis
 from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.demo import demo_account_number, demo_customer_id, demo_pan, demo_routing, demo_token
-from devstack.environment import DevEnvironment, NodeProcess
+from devstack.environment import DevEnvironment, NodeProcess, free_port
 from server import rpc
 from server.proto import crs_pb2 as pb
 from tests.integration.support import UsedSecrets, card_key, fresh_pan, metric, wait_metric
@@ -262,7 +263,8 @@ def test_calls_that_never_send_their_message_do_not_stop_a_hybrid_node(dev_env: 
     could do it (outside audit, 2026-12-05). Now the pool's watch takes such calls' turns once calls
     queue behind them: a lookup is answered, the count shows, and the held calls are answered too when
     their messages come at last."""
-    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=16, serving_active=4)
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=16, serving_active=4,
+                              message_wait_ms=30_000)   # the calls wait for their message: see the test below
     late = threading.Event()
     path = f"/{pb.DESCRIPTOR.services_by_name['LookupService'].full_name}/ResolveCard"
 
@@ -285,6 +287,62 @@ def test_calls_that_never_send_their_message_do_not_stop_a_hybrid_node(dev_env: 
         late.set()
         node.stop()
         dev_env.nodes.remove(node)
+
+def test_calls_that_never_send_their_message_are_closed_on_every_pool_of_a_hybrid_node(dev_env: DevEnvironment
+                                                                                      ) -> None:
+    """Calls that never send their message hold their gRPC thread until it comes (or their deadline, if
+    any): as many as a pool has threads stopped it, turns or not (outside audit, 2026-12-05, left open
+    then). Each of the node's three pools, filled so: the unary calls' (8 threads), the streams' (4 +
+    16 that refuse) and the health port's (2). Calls wait for a thread and none will come, so within an
+    interval or two the held calls are closed UNAVAILABLE, saying why, though CRS_MESSAGE_WAIT_MS is
+    30 s, and a later call of each kind is answered."""
+    health_port = free_port()
+    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=8, serving_active=4,
+                              stream_threads=4, health_port=health_port, message_wait_ms=30_000)
+    never = threading.Event()
+
+    def headers_only() -> Iterator[bytes]:
+        never.wait(30)
+        yield b""
+
+    def closed(calls: list[Any]) -> list[str]:
+        """The details of those calls that have ended (a stream's call and its answers are one object)."""
+        return [call.details() or "" for call in calls if call.done()]
+
+    lookup_path = LOOKUP["ResolveCard"].path
+    health_path = "/grpc.health.v1.Health/Check"
+    try:
+        with node.channel() as channel, grpc.insecure_channel(f"127.0.0.1:{health_port}") as plain:
+            lookup = rpc.stub(channel, "LookupService")
+            held: list[Any] = [channel.stream_unary(lookup_path).future(headers_only(), timeout=60) for _ in range(8)]
+            held += [channel.stream_stream(FEED["Watch"].path)(headers_only(), timeout=60) for _ in range(20)]
+            held += [plain.stream_unary(health_path).future(headers_only(), timeout=60) for _ in range(2)]
+            time.sleep(0.3)
+            started = time.monotonic()
+            assert lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=10).card.token.startswith("tok_")
+            answers = list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(3))]), timeout=10))
+            assert [a.HasField("resolution") for a in answers] == [True]
+            probe = health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING
+            assert time.monotonic() - started < 8
+            groups = (held[:8], held[8:28], held[28:])
+            until = time.monotonic() + 5
+            while not all(closed(group) for group in groups) and time.monotonic() < until:
+                time.sleep(0.05)
+            ended = [closed(group) for group in groups]
+            assert all(ended), ended     # in each pool, calls were closed to free a thread
+            for group in groups:
+                assert all(call.code() == grpc.StatusCode.UNAVAILABLE for call in group if call.done())
+            details = [d for group in ended for d in group]
+            assert all("sent no request message" in d and "CRS_MESSAGE_WAIT_MS" in d for d in details), details
+            wait_metric(node, "crs_grpc_calls_closed_without_message_total", len(details))
+            for call in held:
+                call.cancel()
+    finally:
+        never.set()
+        node.stop()
+        dev_env.nodes.remove(node)
+
 
 def _stream_accepted_again(lookup: Any, *, while_refused: grpc.StatusCode) -> None:
     """A StreamResolve is accepted again within 10 s (a slot or share freed), refused `while_refused` till then."""

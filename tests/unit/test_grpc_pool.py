@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, shed_wait, step_aside
+from server.grpc_pool import CODEL_INTERVAL, GrpcThreadPool, QueueDelay, Seat, _await_message, shed_wait, step_aside
 
 
 def _wait(event: threading.Event) -> None:
@@ -290,7 +290,7 @@ def test_at_most_active_threads_take_calls_and_one_that_steps_aside_gives_up_its
     stopper.start()
     stopper.join(10)
     assert not stopper.is_alive(), "shutdown hung on a thread waiting for a turn"
-    assert not any(t.is_alive() for t in pool._threads)
+    assert not any(t.is_alive() for t in pool._started)
 
 
 def test_step_aside_off_the_pool_does_nothing() -> None:
@@ -380,3 +380,164 @@ def test_unary_calls_whose_message_never_comes_do_not_stop_a_grpc_server_on_the_
         channel.close()
         server.stop(0).wait()
         pool.shutdown()
+
+
+def test_the_wait_for_a_request_message_is_timed_and_whoever_claims_the_call_first_decides() -> None:
+    """grpc's arguments for a unary request (`unary_request` at index 4, the call event at 1): while
+    the thunk waits, the seat holds the call's handle; the thunk's return ends the wait. If the watch
+    took the handle first (it closes the call), the thunk answers None, so grpc runs no handler even
+    when the message came that instant. A streaming request starts its handler at once; an unknown
+    shape is left alone (None)."""
+    class Event:
+        call = object()
+
+    def unary_request() -> bytes:
+        return b"message"
+
+    args = (print, Event(), "state", "behavior", unary_request, None, None)
+    seat = Seat(holding=True)
+    seat.since = 5.0
+    timed = _await_message(args, seat)
+    assert timed is not None and timed[:4] == args[:4] and timed[5:] == args[5:]
+    assert seat.claim == [Event.call] and seat.since == 5.0
+    assert timed[4]() == b"message"
+    assert seat.claim == [] and seat.since == 0.0
+
+    seat.since = 6.0
+    timed = _await_message(args, seat)
+    assert timed is not None
+    assert seat.claim.pop() is Event.call      # the watch, first
+    assert timed[4]() is None                  # the handler never runs
+
+    seat.since = 7.0
+    streaming = (print, Event(), "state", "behavior", lambda: iter(()), None, None)
+    assert _await_message(streaming, seat) == streaming
+    assert seat.since == 0.0 and seat.claim == []
+    assert _await_message((print, "no call", 1), seat) is None
+    older = (Event(), "state", "behavior", unary_request, None, None)   # grpc without context.run
+    timed = _await_message(older, seat)
+    assert timed is not None and timed[:3] == older[:3] and timed[4:] == older[4:]
+    assert seat.claim == [Event.call] and timed[3]() == b"message" and seat.claim == []
+    assert _await_message((print, 1, 2, 3, 4), seat) is None
+
+
+def _message_server(pool: GrpcThreadPool) -> tuple[grpc.Server, grpc.Channel]:
+    """grpc.server on `pool`: Echo (unary, no shed_wait: no handler needs to tell the pool anything),
+    Slow (unary, 0.8 s in its handler) and Count (client-streaming: how many messages came)."""
+    server = grpc.server(pool)
+
+    def slow(raw: bytes, context: grpc.ServicerContext) -> bytes:
+        time.sleep(0.8)
+        return raw
+
+    def count(raws: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        return str(sum(1 for _ in raws)).encode()
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.S", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda raw, context: raw),
+        "Slow": grpc.unary_unary_rpc_method_handler(slow),
+        "Count": grpc.stream_unary_rpc_method_handler(count)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, grpc.insecure_channel(f"127.0.0.1:{port}")
+
+
+def test_a_call_whose_message_does_not_come_in_message_wait_is_closed_and_others_are_not() -> None:
+    """A unary call whose message has not come `message_wait` after a thread took it is closed
+    UNAVAILABLE, not before, with a message saying why; its thread is free again. A call 0.8 s in its
+    handler, and a client stream 0.8 s between its messages, are past the wait too and are not closed."""
+    pool = GrpcThreadPool(8, "t", message_wait=0.3)
+    server, channel = _message_server(pool)
+    never = threading.Event()
+
+    def headers_only() -> Iterator[bytes]:
+        never.wait(30)
+        yield b"late"
+
+    def two_slowly() -> Iterator[bytes]:
+        yield b"a"
+        time.sleep(0.8)
+        yield b"b"
+
+    try:
+        started = time.monotonic()
+        held = channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30)
+        slow = channel.unary_unary("/t.S/Slow").future(b"slow", timeout=10)
+        counted = channel.stream_unary("/t.S/Count").future(two_slowly(), timeout=10)
+        with pytest.raises(grpc.RpcError) as closed:
+            held.result(timeout=10)
+        took = time.monotonic() - started
+        assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "sent no request message" in (closed.value.details() or "")
+        assert 0.3 <= took < 3.0, took
+        assert slow.result(timeout=10) == b"slow"
+        assert counted.result(timeout=10) == b"2"
+        assert pool.closed == 1
+        assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
+        assert not pool._unknown   # grpc's shape was known: if this fails, grpcio changed _server.py
+    finally:
+        never.set()
+        channel.close()
+        server.stop(0).wait()
+        pool.shutdown()
+
+
+def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an_interval_or_two() -> None:
+    """As many calls as threads, without their messages: a call queued behind them would wait the whole
+    `message_wait` (30 s here). Calls wait for a thread, every thread is started and none waits for a
+    turn, so the watch closes held calls an interval after they began (those past it when it looks),
+    and the queued call runs; a call left holding its thread is answered when its message comes."""
+    pool = GrpcThreadPool(2, "t", message_wait=30)
+    server, channel = _message_server(pool)
+    never = threading.Event()
+
+    def headers_only() -> Iterator[bytes]:
+        never.wait(30)
+        yield b"late"
+
+    try:
+        held = [channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30) for _ in range(2)]
+        time.sleep(0.05)
+        started = time.monotonic()
+        assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
+        assert time.monotonic() - started < 2.0
+        assert pool.closed >= 1
+        never.set()
+        codes = []
+        for call in held:
+            try:
+                assert call.result(timeout=10) == b"late"
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert sorted(c.value[0] for c in codes) in ([0, 14], [14, 14])
+        assert codes.count(grpc.StatusCode.UNAVAILABLE) == pool.closed
+    finally:
+        never.set()
+        channel.close()
+        server.stop(0).wait()
+        pool.shutdown()
+
+
+def test_grpc_runs_a_handler_on_its_own_pool_when_that_pool_is_a_grpc_thread_pool() -> None:
+    """grpc.server runs a handler on the pool named by its `experimental_thread_pool` only if that is a
+    ThreadPoolExecutor, and else, silently, on the server's own: the node's streams would then hold the
+    unary calls' threads (test_open_streams_never_starve_unary_calls_of_threads)."""
+    main, own = GrpcThreadPool(2, "main"), GrpcThreadPool(2, "own", message_wait=1.0)
+    server = grpc.server(main)
+
+    def where(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield threading.current_thread().name.encode()
+
+    where.experimental_thread_pool = own   # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.S", {"Where": grpc.unary_stream_rpc_method_handler(where)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert [n.decode() for n in channel.unary_stream("/t.S/Where")(b"", timeout=5)] == ["own_0"]
+    finally:
+        server.stop(0).wait()
+        main.shutdown()
+        own.shutdown()
