@@ -14,7 +14,7 @@ from devstack.demo import TEST_BIN_PREFIX
 from server.caller import Caller
 from server.cli import pci
 from server.errors import InvalidKey
-from server.pan import luhn_check_digit, parse_account_id, parse_customer_id, parse_token
+from server.pan import is_safe_id, luhn_check_digit, parse_account_id, parse_customer_id, parse_token
 from server.proto import crs_pb2 as pb
 from server.store import admin, envelope
 
@@ -43,6 +43,14 @@ def test_ids_without_a_card_number_still_parse() -> None:
     wrong = PAN[:-1] + str((int(PAN[-1]) + 1) % 10)
     assert parse_customer_id(f"cus_{wrong}") and parse_account_id("acc_demo0000000001")
     assert parse_token("tok_" + "1234567890ab" * 2) and parse_customer_id("cus_" + "123456789012")
+
+
+def test_the_audit_keeps_of_a_refused_request_only_ids_the_parsers_would_take() -> None:
+    """is_safe_id: the parsers' own patterns (a token is tok_ and 20-40 characters, not 8), and no
+    card number inside."""
+    assert is_safe_id("cus_abcdefgh") and is_safe_id("acc_demo0000000001") and is_safe_id("tok_" + "a1" * 10)
+    assert not is_safe_id("tok_abcdefgh") and not is_safe_id("cus_abc") and not is_safe_id("xyz_abcdefgh")
+    assert not is_safe_id(f"cus_{PAN}") and not is_safe_id(f"tok_{PAN}abcd")
 
 
 def test_new_id_draws_again_rather_than_make_one_holding_a_card_number(monkeypatch: pytest.MonkeyPatch) -> None:
