@@ -4,6 +4,7 @@ and what the node's stop relies on (shutdown drops queued calls but still runs t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -421,9 +422,17 @@ def test_the_wait_for_a_request_message_is_timed_and_whoever_claims_the_call_fir
     assert _await_message((print, 1, 2, 3, 4), seat) is None
 
 
-def _message_server(pool: GrpcThreadPool) -> tuple[grpc.Server, grpc.Channel]:
+def _headers_only(never: threading.Event) -> Iterator[bytes]:
+    """A call's requests that do not come (headers only) until `never` is set."""
+    never.wait(30)
+    yield b"late"
+
+
+@contextlib.contextmanager
+def _message_server(pool: GrpcThreadPool) -> Iterator[tuple[grpc.Channel, threading.Event]]:
     """grpc.server on `pool`: Echo (unary, no shed_wait: no handler needs to tell the pool anything),
-    Slow (unary, 0.8 s in its handler) and Count (client-streaming: how many messages came)."""
+    Slow (unary, 0.8 s in its handler) and Count (client-streaming: how many messages came); a channel
+    to it, and the event that lets _headers_only's calls send at last. All stopped after."""
     server = grpc.server(pool)
 
     def slow(raw: bytes, context: grpc.ServicerContext) -> bytes:
@@ -439,7 +448,15 @@ def _message_server(pool: GrpcThreadPool) -> tuple[grpc.Server, grpc.Channel]:
         "Count": grpc.stream_unary_rpc_method_handler(count)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    return server, grpc.insecure_channel(f"127.0.0.1:{port}")
+    never = threading.Event()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel, never
+    finally:
+        never.set()
+        channel.close()
+        server.stop(0).wait()
+        pool.shutdown()
 
 
 def test_a_call_whose_message_does_not_come_in_message_wait_is_closed_and_others_are_not() -> None:
@@ -447,21 +464,15 @@ def test_a_call_whose_message_does_not_come_in_message_wait_is_closed_and_others
     UNAVAILABLE, not before, with a message saying why; its thread is free again. A call 0.8 s in its
     handler, and a client stream 0.8 s between its messages, are past the wait too and are not closed."""
     pool = GrpcThreadPool(8, "t", message_wait=0.3)
-    server, channel = _message_server(pool)
-    never = threading.Event()
-
-    def headers_only() -> Iterator[bytes]:
-        never.wait(30)
-        yield b"late"
 
     def two_slowly() -> Iterator[bytes]:
         yield b"a"
         time.sleep(0.8)
         yield b"b"
 
-    try:
+    with _message_server(pool) as (channel, never):
         started = time.monotonic()
-        held = channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30)
+        held = channel.stream_unary("/t.S/Echo").future(_headers_only(never), timeout=30)
         slow = channel.unary_unary("/t.S/Slow").future(b"slow", timeout=10)
         counted = channel.stream_unary("/t.S/Count").future(two_slowly(), timeout=10)
         with pytest.raises(grpc.RpcError) as closed:
@@ -475,11 +486,6 @@ def test_a_call_whose_message_does_not_come_in_message_wait_is_closed_and_others
         assert pool.closed == 1
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
         assert not pool._unknown   # grpc's shape was known: if this fails, grpcio changed _server.py
-    finally:
-        never.set()
-        channel.close()
-        server.stop(0).wait()
-        pool.shutdown()
 
 
 def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an_interval_or_two() -> None:
@@ -488,15 +494,8 @@ def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an
     turn, so the watch closes held calls an interval after they began (those past it when it looks),
     and the queued call runs; a call left holding its thread is answered when its message comes."""
     pool = GrpcThreadPool(2, "t", message_wait=30)
-    server, channel = _message_server(pool)
-    never = threading.Event()
-
-    def headers_only() -> Iterator[bytes]:
-        never.wait(30)
-        yield b"late"
-
-    try:
-        held = [channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30) for _ in range(2)]
+    with _message_server(pool) as (channel, never):
+        held = [channel.stream_unary("/t.S/Echo").future(_headers_only(never), timeout=30) for _ in range(2)]
         time.sleep(0.05)
         started = time.monotonic()
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
@@ -512,11 +511,6 @@ def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an
                 codes.append(exc.code())
         assert sorted(c.value[0] for c in codes) in ([0, 14], [14, 14])
         assert codes.count(grpc.StatusCode.UNAVAILABLE) == pool.closed
-    finally:
-        never.set()
-        channel.close()
-        server.stop(0).wait()
-        pool.shutdown()
 
 
 def test_grpc_runs_a_handler_on_its_own_pool_when_that_pool_is_a_grpc_thread_pool() -> None:
