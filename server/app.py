@@ -227,7 +227,7 @@ class Node:
         self._health_server: grpc.aio.Server | grpc.Server | None = None   # CRS_HEALTH_PORT
         self.hybrid = settings.serving_model == "hybrid"
         self.health: health.aio.HealthServicer | ThreadedHealth = (
-            ThreadedHealth() if self.hybrid else health.aio.HealthServicer())
+            ThreadedHealth(settings.loop_stall_seconds) if self.hybrid else health.aio.HealthServicer())
         self.resolver: Resolver | None = None
         self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None

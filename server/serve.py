@@ -1,11 +1,14 @@
 """`crs serve`: N node processes on one port (SO_REUSEPORT), uvloop, graceful SIGTERM.
 
-The parent process supervises: it starts the workers, restarts one that dies, serves the merged
-Prometheus metrics, and on SIGTERM/SIGINT forwards SIGTERM so every worker drains (NOT_SERVING,
-answer for drain_delay, stop accepting, finish in-flight calls within grace_seconds) before it exits;
-it waits drain_delay + grace_seconds + 5 s for them, then kills what is left. SIGUSR1 makes every
-node process write the stacks of all its threads, then of all its asyncio tasks, to stderr (a node
-that does not drain: what holds it).
+The parent process supervises: it starts the workers, restarts one that exits (backing off:
+`Supervision`), kills and restarts one whose event loop has stopped beating for
+CRS_LOOP_STALL_SECONDS (SIGSTOP, a deadlock), serves the merged Prometheus metrics, and on
+SIGTERM/SIGINT/SIGHUP forwards SIGTERM so every worker drains (NOT_SERVING, answer for drain_delay,
+stop accepting, finish in-flight calls within grace_seconds, tear down) before it exits; it waits
+for them that long plus the teardown's bounds and 5 s, then kills what is left (and exits 1). A
+worker whose parent dies gets SIGTERM and drains (Linux). SIGUSR1 makes every node process write
+the stacks of all its threads, then of all its asyncio tasks, to stderr (a node that does not
+drain: what holds it).
 """
 
 from __future__ import annotations
@@ -20,52 +23,84 @@ import signal
 import sys
 import tempfile
 import time
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
+from typing import Any
 
+from server.background import STOP_SECONDS
 from server.logs import configure_logging
 from server.preflight import CONFIGURATION_ERRORS
 from server.settings import Settings, SettingsError
 
 log = logging.getLogger("crs.serve")
-RESTART_BACKOFF = 1.0
-STABLE_SECONDS = 60.0   # a worker that served this long ends a row of failures
+RESTART_BACKOFF = 1.0       # seconds before a worker's first restart; doubled for each exit in a row
+RESTART_BACKOFF_MAX = 30.0  # ... up to this
+STABLE_SECONDS = 60.0       # a worker that ran this long ends its row of exits
+GIVE_UP_AFTER = 5           # exits in a row per worker, none serving meanwhile, before the parent gives up
+HEARTBEAT_INTERVAL = 1.0    # seconds between a worker's event-loop beats (its health, its parent)
+STACK_DUMP_WAIT = 1.0       # seconds a stuck worker gets to write its stacks (SIGUSR1) before SIGKILL
+EXIT_CONFIGURATION = 2      # `crs --help`'s exit codes: 2 the configuration is wrong, 3 a dependency is down
 
 
-class RestartBudget:
-    """How many worker exits in a row the parent restarts before it gives up (5 per worker). A worker
-    that ran STABLE_SECONDS or more ends the row: exits spread over a pod's life (a background task's
-    failure, an operator's SIGTERM to one worker) never add up to giving up."""
+class Supervision:
+    """When the parent restarts a worker that exited, and when it gives up.
+
+    A worker is restarted after RESTART_BACKOFF seconds, doubled for each exit in its row up to
+    RESTART_BACKOFF_MAX; one that ran STABLE_SECONDS ends its row, so exits spread over a pod's life
+    never add up. The parent gives up (stops the workers; `crs serve` exits 1, or 2 when the last
+    exit said the configuration is wrong) only while no worker serves: GIVE_UP_AFTER exits per worker
+    in a row, or one exit 2. While a sibling serves, a worker that keeps failing is retried for ever
+    and the sibling is never stopped for it: with PostgreSQL down a replacement exits 3 until it is
+    back, while the sibling still answers from Redis (giving up took the pod down: CrashLoopBackOff)."""
 
     def __init__(self, workers: int) -> None:
-        self.limit = 5 * workers
-        self.in_a_row = 0
+        self.limit = GIVE_UP_AFTER * workers
+        self.rows = [0] * workers   # each worker's exits in a row
+        self.unserved = 0           # exits since a worker last served
+        self.verdict = 0            # once given up: the exit code for `crs serve`
 
-    def exited(self, ran_for: float) -> bool:
-        """A worker exited after `ran_for` seconds; True: give up."""
-        if ran_for >= STABLE_SECONDS:
-            self.in_a_row = 0
-        self.in_a_row += 1
-        return self.exhausted
+    def serving(self) -> None:
+        """A worker serves now: the exits before do not count towards giving up."""
+        self.unserved = 0
 
-    @property
-    def exhausted(self) -> bool:
-        return self.in_a_row > self.limit
+    def exited(self, worker: int, ran_for: float, exitcode: int, others_serving: bool) -> float | None:
+        """Worker `worker` exited after `ran_for` seconds: seconds until its restart, or None to give up."""
+        if ran_for >= STABLE_SECONDS:   # it served until now: its row and the count start again
+            self.rows[worker] = self.unserved = 0
+        self.rows[worker] += 1
+        if others_serving:
+            self.unserved = 0
+        else:
+            self.unserved += 1
+            if exitcode == EXIT_CONFIGURATION or self.unserved > self.limit:
+                self.verdict = EXIT_CONFIGURATION if exitcode == EXIT_CONFIGURATION else 1
+                return None
+        return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF * 2.0 ** (self.rows[worker] - 1))
 
 
-def run_node_process(settings: Settings) -> int:
-    """Run one node until SIGTERM/SIGINT. Returns the process exit code."""
+def run_node_process(settings: Settings, beat: Any = None) -> int:
+    """Run one node until SIGTERM/SIGINT/SIGHUP. Returns the process exit code. `beat`: a shared
+    double the loop sets to time.monotonic() each HEARTBEAT_INTERVAL (the parent's view of it)."""
     import uvloop
 
     from server.app import Node
+    from server.sync_health import ThreadedHealth
 
     configure_logging(settings.log_level)
+
+    async def heartbeat(health: ThreadedHealth | None) -> None:
+        while True:
+            if health is not None:
+                health.beat()
+            if beat is not None:
+                beat.value = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def main() -> int:
         node = Node(settings)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):   # SIGHUP: a closed terminal
             loop.add_signal_handler(sig, stop.set)
         # kill -USR1: every thread's stack to stderr at once (C level, even if the loop is stuck), then,
         # from the loop, every task's coroutine stack (what a drain that does not end waits for).
@@ -76,7 +111,8 @@ def run_node_process(settings: Settings) -> int:
         except Exception as exc:
             log.error("node failed to start", extra={"error": type(exc).__name__, "reason": str(exc)})
             await node.stop(grace=0)
-            return 2 if isinstance(exc, CONFIGURATION_ERRORS) else 3   # `crs --help`'s exit codes
+            return EXIT_CONFIGURATION if isinstance(exc, CONFIGURATION_ERRORS) else 3
+        beats = asyncio.create_task(heartbeat(node.health if isinstance(node.health, ThreadedHealth) else None))
         # SIGTERM/SIGINT, or a background task that failed (server/background.py): drain either way.
         waits = [asyncio.create_task(stop.wait()), asyncio.create_task(node.background.broken.wait())]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -85,6 +121,7 @@ def run_node_process(settings: Settings) -> int:
         broken = node.background.broken.is_set()
         log.info("draining", extra={"grace_s": settings.grace_seconds, "reason": "broken" if broken else "signal"})
         await node.stop()
+        beats.cancel()
         return 1 if broken else 0
 
     return uvloop.run(main())
@@ -98,9 +135,22 @@ def _dump_tasks() -> None:
     sys.stderr.flush()
 
 
-def _worker(settings: Settings, index: int) -> None:
+def _worker(settings: Settings, index: int, beat: Any, parent: int) -> None:
     os.environ["CRS_WORKER_INDEX"] = str(index)
-    raise SystemExit(run_node_process(settings))
+    _die_with(parent)
+    raise SystemExit(run_node_process(settings, beat))
+
+
+def _die_with(parent: int) -> None:
+    """SIGTERM (a drain) when the parent dies, however it dies (SIGKILL, the OOM killer): a worker must
+    not serve on unsupervised, its metrics unmerged, holding the port. Linux only (PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    if os.getppid() != parent:   # it died before the line above: no signal will come
+        raise SystemExit(0)
 
 
 def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
@@ -134,8 +184,25 @@ def _forget_worker(multiproc_dir: Path, pid: int | None) -> None:
         multiprocess.mark_process_dead(pid, str(multiproc_dir))  # type: ignore[no-untyped-call]
 
 
+class _Slot:
+    """One worker's place: its current process, when that started, its heartbeat, its next restart."""
+
+    def __init__(self, index: int, ctx: SpawnContext) -> None:
+        self.index = index
+        self.beat: Any = ctx.RawValue("d", 0.0)   # time.monotonic() of the worker loop's last beat; 0: none yet
+        self.proc: SpawnProcess | None = None
+        self.started = 0.0
+        self.restart_at: float | None = None
+        self.killed = False   # at shutdown: it did not end in time
+
+    def serving(self, now: float, stall: float) -> bool:
+        beat = self.beat.value
+        return self.proc is not None and self.proc.exitcode is None and beat > 0 \
+            and (not stall or now - beat <= stall)
+
+
 def serve(settings: Settings) -> int:
-    """Blocking: run the node processes until SIGTERM/SIGINT; the exit code for the CLI."""
+    """Blocking: run the node processes until SIGTERM/SIGINT/SIGHUP; the exit code for the CLI."""
     configure_logging(settings.log_level)
     settings.keyring()  # refuse to start workers with a bad key: the error is clearer here
     workers = settings.effective_workers()
@@ -152,7 +219,7 @@ def serve(settings: Settings) -> int:
         shutil.rmtree(multiproc_dir, ignore_errors=True)
         raise
     ctx = mp.get_context("spawn")
-    procs: dict[int, SpawnProcess] = {}
+    slots = [_Slot(i, ctx) for i in range(workers)]
     stopping = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -160,52 +227,87 @@ def serve(settings: Settings) -> int:
         stopping = True
 
     def dump_workers(signum: int, frame: object) -> None:
-        for p in list(procs.values()):
-            if p.pid is not None and p.exitcode is None:
-                os.kill(p.pid, signal.SIGUSR1)
+        for slot in slots:
+            if slot.proc is not None and slot.proc.pid is not None and slot.proc.exitcode is None:
+                os.kill(slot.proc.pid, signal.SIGUSR1)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     signal.signal(signal.SIGUSR1, dump_workers)
 
-    started: dict[int, float] = {}
+    def start(slot: _Slot) -> None:
+        slot.beat.value = 0.0
+        slot.proc = ctx.Process(target=_worker, args=(settings, slot.index, slot.beat, os.getpid()),
+                                name=f"crs-node-{slot.index}", daemon=False)
+        slot.proc.start()
+        slot.started, slot.restart_at = time.monotonic(), None
 
-    def start(i: int) -> None:
-        p = ctx.Process(target=_worker, args=(settings, i), name=f"crs-node-{i}", daemon=False)
-        p.start()
-        procs[i] = p
-        started[i] = time.monotonic()
-
-    for i in range(workers):
-        start(i)
+    for slot in slots:
+        start(slot)
     log.info("serving", extra={"workers": workers, "port": settings.grpc_port})
-    budget = RestartBudget(workers)
+    supervision = Supervision(workers)
+    stall = settings.loop_stall_seconds
     while not stopping:
         time.sleep(0.2)
-        for i, p in list(procs.items()):
-            if p.exitcode is not None and not stopping:
-                give_up = budget.exited(time.monotonic() - started[i])
-                # Exit 0: it drained on a SIGTERM of its own (an operator's), no failure to page on.
-                (log.warning if p.exitcode == 0 else log.error)(
-                    "worker exited; restarting", extra={"worker": i, "exitcode": p.exitcode})
-                _forget_worker(multiproc_dir, p.pid)
-                if give_up:
-                    log.error("workers keep failing; giving up")
-                    stopping = True
-                    break
-                time.sleep(RESTART_BACKOFF)
-                start(i)
-    for p in procs.values():
+        now = time.monotonic()
+        if any(slot.serving(now, stall) for slot in slots):
+            supervision.serving()
+        for slot in slots:
+            if stopping:
+                break
+            if slot.restart_at is not None:
+                if now >= slot.restart_at:
+                    start(slot)
+                continue
+            if slot.proc is None:
+                continue
+            if slot.proc.exitcode is None:
+                if stall and slot.beat.value and now - slot.beat.value > stall:
+                    _kill_stuck(slot.proc, now - slot.beat.value)
+                continue
+            code = slot.proc.exitcode
+            others = any(other.serving(now, stall) for other in slots if other is not slot)
+            delay = supervision.exited(slot.index, now - slot.started, code, others)
+            # Exit 0: it drained on a SIGTERM of its own (an operator's), no failure to page on.
+            (log.warning if code == 0 else log.error)(
+                "worker exited; restarting" if delay is not None else "worker exited",
+                extra={"worker": slot.index, "exitcode": code, "restart_in_s": delay})
+            _forget_worker(multiproc_dir, slot.proc.pid)
+            if delay is None:
+                log.error("no worker serves and they keep failing; giving up", extra={"exitcode": supervision.verdict})
+                stopping = True
+                break
+            slot.restart_at = now + delay
+    procs = [slot.proc for slot in slots if slot.proc is not None]
+    for p in procs:
         if p.is_alive() and p.pid is not None:
             os.kill(p.pid, signal.SIGTERM)
-    # Each worker answers for drain_delay (lame duck), then finishes its calls within grace_seconds.
-    deadline = time.monotonic() + settings.drain_delay + settings.grace_seconds + 5
-    for p in procs.values():
+    # Each worker answers for drain_delay (lame duck), finishes its calls within grace_seconds, then
+    # tears down: its background tasks (STOP_SECONDS) and three PostgreSQL steps, each up to pg_timeout.
+    deadline = time.monotonic() + settings.drain_delay + settings.grace_seconds + STOP_SECONDS \
+        + 3 * settings.pg_timeout + 5
+    killed = []
+    for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
+            killed.append(p.name)
             p.kill()
             p.join()
-    codes = [p.exitcode for p in procs.values()]
+    codes = [p.exitcode for p in procs]
     shutil.rmtree(multiproc_dir, ignore_errors=True)   # the workers' metric files: gone with them
+    if killed:
+        log.error("workers did not stop in time; killed", extra={"workers": killed})
     log.info("stopped", extra={"exitcodes": codes})
-    return 1 if budget.exhausted else 0
+    return supervision.verdict or (1 if killed else 0)
+
+
+def _kill_stuck(proc: SpawnProcess, silent_for: float) -> None:
+    """A worker alive whose event loop has not beaten for CRS_LOOP_STALL_SECONDS (stopped with SIGSTOP,
+    deadlocked, blocked in a call) answers none of the connections the kernel gives it: its stacks go to
+    the log, then it is killed; the loop restarts it like any worker that exited."""
+    log.error("worker's event loop stopped; killing it", extra={"worker": proc.name, "silent_s": round(silent_for, 1)})
+    if proc.pid is not None:
+        os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(STACK_DUMP_WAIT)
+    proc.kill()
+    proc.join(5)

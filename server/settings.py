@@ -39,6 +39,9 @@ class Settings:
     metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
     drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)
+    loop_stall_seconds: float = 10.0      # a node process whose event loop has not run this long is stuck: its
+                                          # health answers NOT_SERVING (hybrid; on grpc.aio health runs on the
+                                          # loop) and `crs serve` kills it and starts another; 0 = never
     max_connection_age: float = 0.0       # seconds before the server asks a client to reconnect (0 = never);
                                           # lets round-robin clients find pods an autoscaler added
     keepalive_time: float = 30.0          # seconds between the server's HTTP/2 pings on a connection: a client
@@ -267,6 +270,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_MESSAGE_WAIT_MS must be 0 (off) or 100 to 60000 milliseconds (got {s.message_wait_ms})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
+    if s.loop_stall_seconds != 0 and not 3 <= s.loop_stall_seconds <= 3600:
+        problems.append(f"CRS_LOOP_STALL_SECONDS must be 0 (off) or 3 to 3600 seconds (got {s.loop_stall_seconds})")
     if s.reinvalidate_delay <= s.redis_timeout:
         problems.append(f"CRS_REINVALIDATE_DELAY must exceed CRS_REDIS_TIMEOUT ({s.redis_timeout} s): a cache-miss"
                         " answer is cached only if its read and fill end within the difference (docs/decisions.md,"

@@ -16,12 +16,18 @@ runs is sent once, as its latest value: the client acts on the current status on
 `enter_graceful_shutdown` only record and wake the sender, so calling them from the event loop never
 blocks it. A Watch holds no thread while it is open (grpc's non-blocking handler form), so open
 health streams do not use up the server's threads.
+
+Because it answers from threads, health here would say SERVING from a process whose event loop is
+stuck (a blocking call, a deadlock), which answers no miss, admin call or stream: the loop beats
+(`beat`, each second: server/serve.py), and after `stall` seconds without a beat every service
+answers NOT_SERVING until it beats again (CRS_LOOP_STALL_SECONDS).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,7 +55,10 @@ class _Watch:
 class SyncHealthServicer:
     """Check and Watch over the statuses `set` records; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall: float = 0.0) -> None:
+        self._stall = stall               # seconds without a beat before the loop counts as stuck; 0 = never
+        self._beat: float | None = None   # time.monotonic() of the loop's last beat; None: no beat yet
+        self._stalled = False             # sender thread: what it last found (logged on each change)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._status: dict[str, int] = {"": SERVING}
@@ -64,6 +73,8 @@ class SyncHealthServicer:
               context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
         with self._lock:
             status = self._status.get(request.service)
+            if status is not None and self._loop_stuck():
+                status = NOT_SERVING
         if status is None:
             context.set_code(grpc.StatusCode.NOT_FOUND)
             return health_pb2.HealthCheckResponse()
@@ -111,6 +122,14 @@ class SyncHealthServicer:
             self._dirty = True
             self._changed.notify()
 
+    def beat(self) -> None:
+        """The event loop runs (called from it)."""
+        self._beat = time.monotonic()
+
+    def _loop_stuck(self) -> bool:
+        beat = self._beat
+        return bool(self._stall) and beat is not None and time.monotonic() - beat > self._stall
+
     def close(self) -> None:
         """Stop the sender thread (the server has stopped: no watcher is left to tell)."""
         with self._lock:
@@ -124,12 +143,16 @@ class SyncHealthServicer:
     def _send_changes(self) -> None:
         while True:
             with self._lock:
-                while not self._dirty and not self._closed:
-                    self._changed.wait()
+                while not self._dirty and not self._closed and not self._stall_changed():
+                    # With a stall limit, look at the loop's beat each second (or half stall): watchers learn of a stuck
+                    # loop (and of its recovery) with no `set` to wake this thread.
+                    self._changed.wait(min(1.0, self._stall / 2) if self._stall else None)
                 if self._closed:
                     return
                 self._dirty = False
-                due = [(w, self._status.get(w.service, SERVICE_UNKNOWN)) for w in self._watches]
+                stuck = self._stalled
+                due = [(w, NOT_SERVING if stuck and w.service in self._status else
+                        self._status.get(w.service, SERVICE_UNKNOWN)) for w in self._watches]
             for watch, status in due:
                 if watch.sent == status:
                     continue
@@ -140,12 +163,28 @@ class SyncHealthServicer:
                 watch.sent = status
 
 
+    def _stall_changed(self) -> bool:   # under the lock, sender thread
+        stuck = self._loop_stuck()
+        if stuck == self._stalled:
+            return False
+        self._stalled = stuck
+        if stuck:
+            log.error("the event loop has not run for CRS_LOOP_STALL_SECONDS: health answers NOT_SERVING",
+                      extra={"stall_s": self._stall})
+        else:
+            log.warning("the event loop runs again: health answers as before")
+        return True
+
+
 class ThreadedHealth:
     """SyncHealthServicer behind the awaitable interface the node and its probes use (as grpc.aio's
     health servicer): `set` and `enter_graceful_shutdown` never block the loop."""
 
-    def __init__(self) -> None:
-        self.servicer = SyncHealthServicer()
+    def __init__(self, stall: float = 0.0) -> None:
+        self.servicer = SyncHealthServicer(stall)
+
+    def beat(self) -> None:
+        self.servicer.beat()
 
     async def set(self, service: str, status: Any) -> None:
         self.servicer.set(service, status)

@@ -47,8 +47,9 @@ SERVE_EXIT_CODES = """Before any node process starts, the configuration is check
 key is the certificate's), the ports (free: a port another process serves is refused, see
 CRS_SHARE_PORT), CRS_TOPOLOGY_FILE (exists; an empty file means nothing published yet), the clients and
 JWKS files, then in PostgreSQL the schema and that the keys are the ones the database was written with.
-Exit codes: 0 stopped after SIGTERM/SIGINT (drained), 1 node processes kept failing (with one
-worker: its background task failed, logged critical; it drained first), 2 configuration
+Exit codes: 0 stopped after SIGTERM/SIGINT/SIGHUP (drained), 1 node processes kept failing with
+none serving, or a worker had to be killed at shutdown (with one worker: its background task failed,
+logged critical; it drained first), 2 configuration
 (the message names the setting: a file that does not parse, a key that is not the database's, a port in
 use, CRS_PG_DSN unusable), 3 PostgreSQL unavailable, or its schema not migrated (`crs migrate`)."""
 
@@ -57,9 +58,11 @@ def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="run node processes (gRPC + metrics)", description=(
         "Run N node processes sharing one gRPC port (SO_REUSEPORT), each with an asyncio loop (uvloop),\n"
         "its own PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
-        "metrics on CRS_METRICS_PORT. SIGTERM drains: health NOT_SERVING, stop accepting, finish\n"
-        "in-flight calls within CRS_GRACE_SECONDS, exit 0. Needs CRS_PG_DSN, CRS_REDIS_SHARDS,\n"
-        "CRS_FINGERPRINT_KEYS and CRS_KEK.\n\n"
+        "metrics on CRS_METRICS_PORT. SIGTERM (SIGINT, SIGHUP) drains: health NOT_SERVING, stop\n"
+        "accepting, finish in-flight calls within CRS_GRACE_SECONDS, exit 0. The parent restarts a\n"
+        "worker that exits (backing off 1 s doubling to 30 s; it gives up only while no worker serves)\n"
+        "and kills and restarts one whose event loop stops for CRS_LOOP_STALL_SECONDS; workers drain\n"
+        "if the parent dies. Needs CRS_PG_DSN, CRS_REDIS_SHARDS, CRS_FINGERPRINT_KEYS and CRS_KEK.\n\n"
         "Serving model (CRS_SERVING_MODEL): 'hybrid' (the default) serves on the synchronous\n"
         "grpc.server, answers near-cache hits, and Redis hits (up to CRS_REDIS_THREAD_CONNECTIONS\n"
         "per shard), inline on its CRS_SERVING_THREADS threads (CRS_SERVING_ACTIVE of them taking\n"

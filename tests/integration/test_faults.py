@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from devstack import free_port
 from devstack.demo import demo_pan, demo_routing
 from devstack.environment import DevEnvironment, NodeProcess
+from devstack.processes import LogFile
 from server import rpc
 from server.db_health import DATABASE_SERVICE
 from server.proto import crs_pb2 as pb
@@ -41,6 +43,7 @@ from tests.integration.support import (
     fresh_pan,
     metric,
     own_env,
+    until,
     wait_metric,
 )
 
@@ -426,6 +429,50 @@ def test_a_node_stops_promptly_while_postgres_hangs(faults: FaultStack) -> None:
     assert code == 0, node.log_tail()
     # drain delay 1 s + grace (no call in flight) + background tasks 2 s + heartbeat 1 s + pool 1 s
     assert took < 10, f"stopping took {took:.1f} s\n{node.log_tail()}"
+
+
+def test_a_worker_that_cannot_start_while_postgres_is_down_never_takes_its_sibling_down(faults: FaultStack) -> None:
+    """PostgreSQL down and one worker of two crashes: its replacement cannot start (exit 3). The parent
+    gave up after 5 exits per worker and SIGTERMed the sibling that still answered from Redis, and the
+    pod went into CrashLoopBackOff. Now it backs off (1, 2, 4 s...) for as long as the sibling serves, and the
+    replacement serves once the database is back."""
+    assert faults.env.stack is not None
+    pg = faults.env.stack.postgres
+    node = faults.env.start_node(workers=2, near_cache_size=0, pg_timeout=1.0)
+    log = LogFile(node.log_path)
+    try:
+        until("both workers serve", lambda: log.text().count('"msg":"node serving"') == 2, within=30, poll=0.1)
+        with grpc.insecure_channel(node.address) as channel:
+            lookup = rpc.stub(channel, "LookupService")
+            cached = pb.ResolveCardRequest(pan=demo_pan(5))
+            lookup.ResolveCard(cached, timeout=5)   # now in Redis
+            workers = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True,
+                                     text=True).stdout.splitlines()
+            victim = int(next(line for line in workers if "resource_tracker" not in line).split()[0])
+            pg.kill()
+            try:
+                os.kill(victim, signal.SIGKILL)
+                until("the replacement failed to start twice", lambda: len(_restarts(log)) >= 3, within=40,
+                      poll=0.2)
+                assert node.proc.poll() is None, log.text()[-3000:]
+                # The sibling answers throughout (this connection went to it or the kernel moved it there).
+                assert lookup.ResolveCard(cached, timeout=5).card.last4 == demo_pan(5)[-4:]
+            finally:
+                pg.start()
+        restarts = _restarts(log)
+        assert [r["exitcode"] for r in restarts[:3]] == [-9, 3, 3], restarts
+        assert [r["restart_in_s"] for r in restarts[:3]] == [1.0, 2.0, 4.0], restarts
+        until("the replacement serves", lambda: log.text().count('"msg":"node serving"') == 3, within=40, poll=0.2)
+        assert "giving up" not in log.text()
+    finally:
+        assert node.stop() == 0, log.text()[-3000:]
+        faults.env.nodes.remove(node)
+    faults.wait_database(True, within=20)
+
+
+def _restarts(log: LogFile) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in log.text().splitlines()
+            if line.startswith("{") and '"worker exited; restarting"' in line]
 
 
 def _callers(lookup: Any, cards: range, codes: list[str]) -> list[threading.Thread]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack import free_port
-from devstack.environment import DevEnvironment
+from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
@@ -107,6 +109,72 @@ def test_the_supervisor_waits_out_its_workers_drain_delay_too(dev_env: DevEnviro
     stopped = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
                if line.startswith("{") and '"stopped"' in line]
     assert [entry["exitcodes"] for entry in stopped] == [[0, 0]], stopped
+
+
+def _workers(node: NodeProcess) -> list[int]:
+    """The node's worker processes (not multiprocessing's resource tracker, its child too)."""
+    ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in ps.stdout.splitlines() if "resource_tracker" not in line]
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie (reparented to an init that has not reaped it yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _serving_count(node: NodeProcess) -> int:
+    return LogFile(node.log_path).text().count('"msg":"node serving"')
+
+
+def test_a_worker_whose_event_loop_stops_is_killed_and_replaced(dev_env: DevEnvironment) -> None:
+    """One worker of two stopped (SIGSTOP; a deadlock looks the same): the kernel still gives it about
+    half the new connections, which time out, and the parent did nothing. Its loop stops beating: after
+    CRS_LOOP_STALL_SECONDS the parent kills it and starts another, and every connection is answered."""
+    node = dev_env.start_node(workers=2, loop_stall_seconds=3.0)
+    victim = 0
+    try:
+        until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
+        victim = _workers(node)[0]
+        os.kill(victim, signal.SIGSTOP)
+        until("the stopped worker is killed and another serves", lambda: _gone(victim) and _serving_count(node) == 3,
+              within=30, poll=0.2)
+        assert "worker's event loop stopped; killing it" in LogFile(node.log_path).text()
+        assert node.proc.poll() is None
+        for _ in range(8):   # new connections, spread over both workers: each answered
+            with node.channel() as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        if victim:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+        node.stop()
+        dev_env.nodes.remove(node)
+
+
+def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) -> None:
+    """`crs serve` killed (SIGKILL, the OOM killer): its workers served on unsupervised, holding the
+    port. Each now gets SIGTERM when the parent dies and drains."""
+    node = dev_env.start_node(workers=2)
+    until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
+    workers = _workers(node)
+    assert len(workers) == 2
+    node.proc.kill()
+    node.proc.wait(10)
+    dev_env.nodes.remove(node)
+    try:
+        until("the workers exit", lambda: all(_gone(pid) for pid in workers), within=30, poll=0.1)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert LogFile(node.log_path).text().count('"msg":"draining"') == 2
+    with socket.socket() as sock:   # the port is free
+        assert sock.connect_ex(("127.0.0.1", node.settings.grpc_port)) != 0
 
 
 def test_a_second_node_on_a_port_already_served_is_refused(dev_env: DevEnvironment) -> None:

@@ -20,8 +20,8 @@ Request = health_pb2.HealthCheckRequest
 
 
 @pytest.fixture
-def served() -> Iterator[tuple[SyncHealthServicer, grpc.Channel]]:
-    servicer = SyncHealthServicer()
+def served(request: pytest.FixtureRequest) -> Iterator[tuple[SyncHealthServicer, grpc.Channel]]:
+    servicer = SyncHealthServicer(stall=getattr(request, "param", 0.0))
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -124,3 +124,46 @@ def test_watches_starting_and_ending_while_statuses_change_never_stop_the_server
     assert errors == []
     assert cycles[0] > 100
     assert health_pb2_grpc.HealthStub(channel).Check(Request(), timeout=2).status == SERVING
+
+
+@pytest.mark.parametrize("served", [0.6], indirect=True)
+def test_a_stuck_event_loop_answers_not_serving_until_it_beats_again(
+        served: tuple[SyncHealthServicer, grpc.Channel]) -> None:
+    """Health answers from threads, so a node process whose event loop is stuck (which answers no miss,
+    admin call or stream) said SERVING: with no beat for `stall` seconds every service it knows answers
+    NOT_SERVING, to Check and to open Watch streams, and SERVING again once the loop beats."""
+    servicer, channel = served
+    stub = health_pb2_grpc.HealthStub(channel)
+    servicer.set("crs.v1.LookupService", SERVING)
+    assert stub.Check(Request(), timeout=5).status == SERVING, "no beat yet: the loop is starting"
+    running, done = threading.Event(), threading.Event()
+
+    def loop() -> None:   # the node's loop beats each second; here every 0.1 s while `running`
+        while not done.wait(0.1):
+            if running.is_set():
+                servicer.beat()
+
+    beats = threading.Thread(target=loop, daemon=True)
+    beats.start()
+    try:
+        running.set()
+        watch = stub.Watch(Request(service="crs.v1.LookupService"), timeout=20)
+        assert _next(watch) == SERVING
+        time.sleep(1.0)   # beating: more than the stall passes, all is well
+        assert stub.Check(Request(), timeout=5).status == SERVING
+        running.clear()   # the loop is stuck
+        stuck = time.monotonic()
+        assert _next(watch) == NOT_SERVING
+        assert 0.5 <= time.monotonic() - stuck <= 3.0
+        assert stub.Check(Request(), timeout=5).status == NOT_SERVING
+        assert stub.Check(Request(service="crs.v1.LookupService"), timeout=5).status == NOT_SERVING
+        with pytest.raises(grpc.RpcError) as missing:   # a service it does not know stays unknown
+            stub.Check(Request(service="crs.v1.Nothing"), timeout=5)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        running.set()
+        assert _next(watch) == SERVING
+        assert stub.Check(Request(), timeout=5).status == SERVING
+        watch.cancel()
+    finally:
+        done.set()
+        beats.join(5)
