@@ -12,7 +12,9 @@ it). The watcher then reads on from PostgreSQL after the last sequence it sent, 
 time, with the same catch-up a Watch from an old checkpoint makes, and `rejoin`s the broadcast once it
 has reached the tailer's head: in one loop turn, so no event is read in between (no gap), and the
 events it read from the table are never offered again (no duplicate). Memory stays one queue, or one
-page, per watcher; ending every overflowing watcher at once sent them all back reconnecting together.
+page, per watcher, and QUEUED_MAX events over all of them (past it, those furthest behind are unsynced
+as if their queues had overflowed); ending every overflowing watcher at once sent them all back
+reconnecting together.
 When PostgreSQL fails, every watcher's stream ends (BackendUnavailable -> UNAVAILABLE);
 their resume loses nothing because they resume from what they applied, not from what was sent.
 
@@ -43,6 +45,8 @@ from server.store.feed import current_epoch, event_from_row, head, read_events
 log = logging.getLogger("crs.feed")
 
 RETRY_SECONDS = 1.0         # after a failed read or a lost LISTEN connection
+QUEUED_MAX = 1_000_000      # events queued over all of a process's watchers (~70 MB: they share each event's bytes)
+YIELD_OFFERS = 20_000       # offers to watchers between two turns given back to the event loop (a few ms)
 EPOCH_CHANGED = ("the database's history changed (a restore, a failover): resume from the last sequence you"
                  " applied, with its epoch")
 
@@ -197,19 +201,49 @@ class FeedTailer:
                 self._new_epoch(epoch, await head(self.pool, timeout=self.timeout))
                 continue
             if rows:
-                for row in rows:
-                    encoded: bytes | None = None
-                    for sub in list(self._subs):
-                        if sub.wants(row["feed_type"]):
-                            encoded = encoded or event_from_row(row, epoch).SerializeToString()
-                            self._offer(sub, (row["seq"], encoded))
-                self.head = rows[-1]["seq"]
-                self._changed()
+                await self._fan_out(rows, epoch)
             if len(rows) < self.batch:          # caught up: a transaction boundary
                 self.boundary = self.head
                 for sub in self._subs:
                     sub.boundary, sub.epoch = self.boundary, self.epoch
                 return
+
+    async def _fan_out(self, rows: list[asyncpg.Record], epoch: str) -> None:
+        """Offer each row to every watcher that wants it. The head moves row by row, and the loop is
+        given back every YIELD_OFFERS offers: a thousand watchers times a page of rows is millions of
+        offers, and a miss waiting behind them waited seconds. A watcher that subscribes or rejoins
+        meanwhile starts after the head, i.e. after the last row offered: no gap, no duplicate.
+        Queued events are counted over every watcher: past QUEUED_MAX those furthest behind are unsynced
+        (their queues dropped; they read on from PostgreSQL when they read at all), so memory stays
+        bounded however many watchers stop reading."""
+        offers = 0
+        for n, row in enumerate(rows, 1):
+            encoded: bytes | None = None
+            for sub in list(self._subs):
+                if sub.wants(row["feed_type"]):
+                    encoded = encoded or event_from_row(row, epoch).SerializeToString()
+                    self._offer(sub, (row["seq"], encoded))
+            self.head = row["seq"]
+            offers += len(self._subs) + 1
+            if offers >= YIELD_OFFERS or n == len(rows):   # the bound is checked as often: past it by a turn's worth
+                offers = 0
+                if sum(sub.queue.qsize() for sub in self._subs) > QUEUED_MAX:
+                    self._shed()
+                self._changed()
+                await asyncio.sleep(0)
+
+    def _shed(self) -> None:
+        """Past QUEUED_MAX: unsync the watchers furthest behind until half the bound is left."""
+        behind = sorted(self._subs, key=lambda sub: sub.queue.qsize(), reverse=True)
+        queued, shed = sum(sub.queue.qsize() for sub in behind), 0
+        for sub in behind:
+            if queued <= QUEUED_MAX // 2:
+                break
+            queued -= sub.queue.qsize()
+            self._unsync(sub, quiet=True)
+            shed += 1
+        log.warning("watchers' queues held more than the node's bound: those furthest behind catch up from"
+                    " PostgreSQL", extra={"watchers": shed, "bound": QUEUED_MAX, "head": self.head})
 
     def _offer(self, sub: Subscription, item: Item) -> None:
         try:
@@ -217,7 +251,7 @@ class FeedTailer:
         except asyncio.QueueFull:
             self._unsync(sub)
 
-    def _unsync(self, sub: Subscription) -> None:
+    def _unsync(self, sub: Subscription, *, quiet: bool = False) -> None:
         """The watcher fell more than its queue behind. What it has not taken is dropped, all of it (only
         the oldest would leave a hole behind a later event): it reads them again from the table, from the
         last event it delivered, and is offered nothing until it rejoins."""
@@ -225,8 +259,9 @@ class FeedTailer:
         self._unsynced.add(sub)
         self._drop_queued(sub, CATCH_UP)
         self._changed()
-        log.info("a watcher fell behind its queue; it catches up from PostgreSQL",
-                 extra={"queue_size": self.queue_size, "head": self.head})
+        if not quiet:
+            log.info("a watcher fell behind its queue; it catches up from PostgreSQL",
+                     extra={"queue_size": self.queue_size, "head": self.head})
 
     def _end(self, sub: Subscription, why: CrsError) -> None:
         """End a watcher's stream with `why`. What it has not taken from its queue is dropped, all of

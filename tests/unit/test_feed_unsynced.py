@@ -186,3 +186,59 @@ async def test_watchers_behind_the_tail_read_a_few_at_a_time(feed: FakeFeed, mon
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+
+async def _fan_out_to_stalled(feed: FakeFeed, *, stalled_watchers: int,
+                              events: int) -> tuple[FeedTailer, list[Subscription], int]:
+    """`stalled_watchers` that never read and one that reads every event; `events` written at once.
+    Returns the tailer, the stalled subscriptions and how many turns other work had meanwhile."""
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=200, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    turns = 0
+
+    async def other_work() -> None:   # a lookup's share of the loop
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    try:
+        stalled = [await tailer.subscribe(frozenset()) for _ in range(stalled_watchers)]
+        sub, live = await _watch(tailer)
+        assert _read(await live.__anext__()) == "mark 7"
+        ticker = asyncio.create_task(other_work())
+        feed.write(through=7 + events)
+        got: list[str] = []
+        while f"event {7 + events}" not in got:
+            async with asyncio.timeout(5):
+                got.append(_read(await live.__anext__()))
+        ticker.cancel()
+        assert [int(g.split()[1]) for g in got if g.startswith("event")] == list(range(8, 8 + events)), \
+            "the reader missed or repeated an event"
+        assert sub in tailer._subs, "the reader kept its place in the broadcast"
+        await live.aclose()
+        return tailer, stalled, turns
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_fan_out_to_many_watchers_gives_the_loop_back(feed: FakeFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outside audit: 1,000 Watches and 5,000 events, and a lookup waited 3.7 s behind the fan-out
+    (every offer to every watcher in one turn of the loop). Now other work runs every YIELD_OFFERS."""
+    monkeypatch.setattr(tailer_module, "YIELD_OFFERS", 500)
+    _, _, turns = await _fan_out_to_stalled(feed, stalled_watchers=100, events=400)   # 40,400 offers
+    assert turns >= 60, f"the loop ran other work only {turns} times during the fan-out"
+
+
+async def test_watchers_that_stop_reading_hold_no_more_than_the_nodes_bound(
+        feed: FakeFeed, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same audit: those 1,000 unread Watches took the node from 115 to 463 MB, each queueing every
+    event up to CRS_FEED_QUEUE_SIZE (10,000). Past the node's bound on queued events the watchers
+    furthest behind read on from the table instead (when they read at all): their queues are dropped."""
+    monkeypatch.setattr(tailer_module, "QUEUED_MAX", 20_000)
+    monkeypatch.setattr(tailer_module, "YIELD_OFFERS", 500)   # the reader takes its events every few rows
+    tailer, stalled, _ = await _fan_out_to_stalled(feed, stalled_watchers=100, events=400)   # 40,000 queued
+    assert sum(s.queue.qsize() for s in stalled) <= 20_000, "queued events past the node's bound"
+    assert sum(s in tailer._unsynced for s in stalled) >= 50, "the watchers that stopped reading read on from the table"
