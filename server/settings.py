@@ -63,7 +63,7 @@ class Settings:
     shed_queue_ms: float = 5.0            # hybrid: when even the shortest wait for a gRPC thread over 100 ms was
                                           # longer than this, a call that waited twice as long is refused
                                           # UNAVAILABLE unanswered (CoDel, server/grpc_pool.py); 0 = never
-    message_wait_ms: float = 1000.0       # hybrid: a call whose request message has not come this long after a
+    message_wait_ms: float = 5000.0       # hybrid: a call whose request message has not come this long after a
                                           # gRPC thread took it is closed UNAVAILABLE (after 100 ms while calls
                                           # wait for a thread that none frees): it holds the thread meanwhile;
                                           # 0 = wait for it as long as the call's deadline lets it

@@ -56,12 +56,15 @@ def test_a_paced_phase_measures_the_wait_a_stall_imposed_on_the_calls_behind_it(
 
     started = time.monotonic()
     result = asyncio.run(main())
-    assert time.monotonic() - started < 10
+    took = time.monotonic() - started
+    assert took < 10
     latencies = result["latency_s"]
     assert result["errors"] == 0 and len(latencies) > 150, result
     delayed = [x for x in latencies if x > STALL_S / 4]
     assert len(delayed) >= 10, sorted(latencies)[-15:]
-    assert max(latencies) < STALL_S * 2
+    # No call waited much longer than the stall, give or take what the machine itself stalled the run
+    # (a CI run on two starved cores saw 1.2 s: the run took that much longer than its 1.35 s too).
+    assert max(latencies) < STALL_S * 2 + max(0.0, took - 1.35), (max(latencies), took)
 
 
 def test_the_tier_scrape_that_opens_a_window_stalls_no_call_in_it() -> None:
@@ -150,4 +153,6 @@ def test_an_open_loop_batch_phase_sends_on_schedule_and_counts_failures_by_code(
     result = asyncio.run(main())
     assert result["calls"] == 0 and result["latency_s"] == []
     failed = result["failure_codes"].get("DEADLINE_EXCEEDED", 0)
-    assert set(result["failure_codes"]) == {"DEADLINE_EXCEEDED"} and 70 <= failed <= 110, result["failure_codes"]
+    # ~100 (a run on two starved cores counted 113, the window's edges moving with the stalls), far
+    # from the ~20 of a closed loop and the 200 of calls counted twice.
+    assert set(result["failure_codes"]) == {"DEADLINE_EXCEEDED"} and 70 <= failed <= 130, result["failure_codes"]
