@@ -164,10 +164,6 @@ async def test_watchers_behind_the_tail_read_a_few_at_a_time(feed: FakeFeed, mon
         handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=4,  # type: ignore[arg-type]
                                 progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=2)
         subs = [await tailer.subscribe(frozenset()) for _ in range(10)]
-        lives = [handlers._live(sub.start, sub, caught_up_at=sub.start) for sub in subs]
-        for live in lives:
-            assert _read(await live.__anext__()) == "mark 7"
-        feed.write(through=60)
 
         async def follow(live: AsyncIterator[bytes]) -> list[int]:
             got: list[int] = []
@@ -176,13 +172,18 @@ async def test_watchers_behind_the_tail_read_a_few_at_a_time(feed: FakeFeed, mon
                     item = _read(await live.__anext__())
                 if item.startswith("event"):
                     got.append(int(item.split()[1]))
+            await live.aclose()  # type: ignore[attr-defined]   # a consumer that has what it wanted goes
             return got
 
+        # Each client reads CATCH_UPS_PER_CLIENT at a time: ten clients here, so the pool's bound shows.
+        lives = [handlers._live(sub.start, sub, caught_up_at=sub.start, client=f"c{n}")
+                 for n, sub in enumerate(subs)]
+        for live in lives:
+            assert _read(await live.__anext__()) == "mark 7"
+        feed.write(through=60)
         results = await asyncio.gather(*(follow(live) for live in lives))
         assert all(got == list(range(8, 61)) for got in results)
         assert 1 < most <= 2, f"{most} catch-up reads at once"
-        for live in lives:
-            await live.aclose()  # type: ignore[attr-defined]
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -242,3 +243,45 @@ async def test_watchers_that_stop_reading_hold_no_more_than_the_nodes_bound(
     tailer, stalled, _ = await _fan_out_to_stalled(feed, stalled_watchers=100, events=400)   # 40,000 queued
     assert sum(s.queue.qsize() for s in stalled) <= 20_000, "queued events past the node's bound"
     assert sum(s in tailer._unsynced for s in stalled) >= 50, "the watchers that stopped reading read on from the table"
+
+
+async def test_one_clients_watches_read_the_table_two_at_a_time_and_a_drain_ends_those_waiting(
+        feed: FakeFeed) -> None:
+    """An outside audit: 384 Watches from sequence 0, one client, kept the loop decoding events and held a
+    lookup's miss 3.9 s. A client's Watches now read from the table CATCH_UPS_PER_CLIENT at a time; its
+    others wait their turn, another client's do not wait for them, and a draining node ends the waiting
+    ones at once (UNAVAILABLE, resume elsewhere), not after the grace period."""
+    feed.write(through=400)
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=10, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    try:
+        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=10,  # type: ignore[arg-type]
+                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=8)
+        assert service.CATCH_UPS_PER_CLIENT == 2
+
+        async def from_zero(client: str) -> tuple[Subscription, AsyncIterator[bytes]]:
+            sub = await tailer.subscribe(frozenset())
+            return sub, handlers._catch_up(0, sub, until=sub.start, client=client)
+
+        greedy = [await from_zero("greedy") for _ in range(5)]
+        firsts = [asyncio.ensure_future(stream.__anext__()) for _, stream in greedy]
+        await asyncio.sleep(0.2)
+        assert [f.done() for f in firsts] == [True, True, False, False, False], "two of the client's at a time"
+        other_sub, other = await from_zero("other")
+        async with asyncio.timeout(1):
+            assert await other.__anext__() == b"event 1", "another client does not wait for them"
+        await greedy[0][1].aclose()   # one is done: the next of the client's takes its turn
+        async with asyncio.timeout(1):
+            assert await firsts[2] == b"event 1"
+        assert not firsts[3].done()
+        tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
+        for waiting in firsts[3:]:
+            with pytest.raises(BackendUnavailable, match="shutting down"):
+                async with asyncio.timeout(service.TURN_POLL_SECONDS + 1):
+                    await waiting
+        for _, stream in (*greedy[1:], (other_sub, other)):
+            await stream.aclose()  # type: ignore[attr-defined]
+        assert handlers._catch_up_turns._clients == {}, "no client's turns are kept once none waits"
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
