@@ -1,8 +1,8 @@
 """Builds a node: the gRPC server with its services, health and reflection, from settings.
 
-The server is grpc.aio (CRS_SERVING_MODEL=aio) or the synchronous grpc.server with near-cache hits
-answered on its threads and everything else on this process's loop (hybrid, server/hybrid.py); the
-gate, the handlers, the error mapping and the metrics are the same objects in both.
+The server is grpc.aio (CRS_SERVING_MODEL=aio, server/aio_handlers.py) or the synchronous grpc.server
+with near-cache hits answered on its threads and everything else on this process's loop (hybrid,
+server/hybrid.py); the gate, the handlers, the error mapping and the metrics are the same objects in both.
 
 `Node` owns every resource of one node process (pools, cache tier, background tasks) and tears them
 down in reverse order. Health follows the lifecycle: SERVING only once the pools are ready,
@@ -16,10 +16,8 @@ import contextlib
 import functools
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import asyncpg
 import grpc
@@ -27,19 +25,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from server import rpc
 from server.admin import AdminHandlers
+from server.aio_handlers import generic_handler
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.background import BackgroundTasks
 from server.bin_source import BinSource
 from server.cache.near import NearCache
 from server.cache.thread_reads import ThreadReads
 from server.cache.tier import RedisTier
-from server.caller import Caller
 from server.db_health import probe_database
 from server.decisions import DecisionTable, parse_network_codes
 from server.errors import BackendUnavailable
 from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
-from server.gate import Gate, failed_call, request_parser
+from server.gate import Gate
 from server.grpc_pool import GrpcThreadPool
 from server.housekeeping import compaction, idempotency_pruning
 from server.hybrid import REFUSAL_THREADS, WAITING_SHARE, HybridHandlers, LoopBridge
@@ -142,74 +140,6 @@ async def stop_server(server: grpc.aio.Server | grpc.Server, grace: float | None
         await asyncio.get_running_loop().run_in_executor(None, stopped.wait)
     else:
         await stopped
-
-
-async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
-                started: float) -> NoReturn:
-    code, message, trailer = failed_call(exc, name, metrics, started)
-    if trailer:
-        await context.abort(code, message, trailer)
-    await context.abort(code, message)
-    raise AssertionError("unreachable: abort raises")
-
-
-def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], metrics: Metrics,
-           gate: Gate) -> grpc.RpcMethodHandler:
-    name = method.name
-    parse = request_parser(method)
-    scopes, cost = gate.scopes_for(method), gate.entry_cost(method)
-
-    async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        started = time.perf_counter()
-        try:
-            caller = gate.admit(context, scopes, name, cost)
-            response = await fn(parse(raw), caller)
-        except Exception as exc:
-            await _fail(context, exc, name, metrics, started)
-        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
-        return response
-
-    # No (de)serializers: requests are parsed inside the handler so a corrupt message maps to
-    # INVALID_ARGUMENT (grpc would answer UNKNOWN), and responses are already serialized bytes.
-    return grpc.unary_unary_rpc_method_handler(handler)
-
-
-def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
-               gate: Gate) -> grpc.RpcMethodHandler:
-    """A server-streaming RPC (Watch, Snapshot) or a bidi one (StreamResolve): the same gate, the same
-    failure path; only what the handler gets as its request differs (one message or a stream)."""
-    name = method.name
-    parse = request_parser(method)
-    scopes, cost = gate.scopes_for(method), gate.entry_cost(method)
-
-    async def parsed(raw_items: AsyncIterator[bytes]) -> AsyncIterator[Any]:
-        async for raw in raw_items:
-            yield parse(raw)
-
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        started = time.perf_counter()
-        try:
-            caller = gate.admit(context, scopes, name, cost)
-            async for item in fn(parsed(request) if method.client_streaming else parse(request), caller):
-                yield item
-        except Exception as exc:
-            await _fail(context, exc, name, metrics, started)
-        metrics.observe_rpc(name, "OK", time.perf_counter() - started)
-
-    if method.client_streaming:
-        return grpc.stream_stream_rpc_method_handler(handler)
-    return grpc.unary_stream_rpc_method_handler(handler)
-
-
-def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate) -> grpc.GenericRpcHandler:
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
-    for name, method in rpc.methods(service).items():
-        fn = getattr(target, name)
-        if method.server_streaming:
-            handlers[name] = _streaming(method, fn, metrics, gate)
-        else:
-            handlers[name] = _unary(method, fn, metrics, gate)
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 class Node:

@@ -267,7 +267,7 @@ def _later(bridge: LoopBridge, later: Later, context: grpc.ServicerContext) -> b
 
 
 def _fail(context: grpc.ServicerContext, exc: Exception, name: str, metrics: Metrics, started: float) -> NoReturn:
-    """server/app.py's _fail for the sync server: the same status, message, details and metric."""
+    """server/aio_handlers.py's _fail for the sync server: the same status, message, details and metric."""
     if isinstance(exc, grpc.RpcError):   # grpc's request iterator: the call ended (cancel, deadline, client gone)
         exc = CallEnded()
     if isinstance(exc, CallEnded):   # the caller has, or is about to have, its status (as grpc.aio: no metric)

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the f
      "server.housekeeping", "server.bin_source", "server.db_health", "server.sync_health"),
     ("server.lookup", "server.admin", "server.feed.service", "server.identity_service", "server.gate",
      "server.lookup_threads", "server.lookup_stream", "server.reflection"),
-    ("server.app", "server.serve", "server.hybrid", "server.preflight"),
+    ("server.app", "server.serve", "server.hybrid", "server.aio_handlers", "server.preflight"),
     ("server.cli",),
 ]
 # Packages hold docstrings only; their modules have layers.
