@@ -72,6 +72,8 @@ class Settings:
                                           # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
     streams_per_client: int = 0           # hybrid: of those, the most one client may hold open (a clients-file
                                           # "max_streams" overrides it per client); 0 = 3/4 of stream_threads
+    stream_stall: float = 120.0           # seconds a stream's message may wait unsent (its client stopped reading)
+                                          # before the node ends it, RESOURCE_EXHAUSTED (server/stream_stall.py)
     # --- transport security and callers (docs/security.md)
     tls_cert_file: str = ""               # server certificate chain (PEM); empty = plaintext (needs allow_plaintext)
     tls_key_file: str = field(default="", repr=False)
@@ -235,7 +237,7 @@ def _validate(s: Settings) -> None:
                  "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
                  "idempotency_retention",
                  "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
-                 "db_health_interval", "pg_position_interval"):
+                 "db_health_interval", "pg_position_interval", "stream_stall"):
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 seconds (got {getattr(s, name)})")
     if not 0 <= s.near_cache_refresh < 0.8:
