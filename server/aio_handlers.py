@@ -14,6 +14,7 @@ from server import rpc
 from server.caller import Caller
 from server.gate import Gate, failed_call, request_parser
 from server.metrics import Metrics
+from server.stream_stall import StallWatch
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
@@ -47,7 +48,7 @@ def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], me
 
 
 def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
-               gate: Gate) -> grpc.RpcMethodHandler:
+               gate: Gate, stalls: StallWatch) -> grpc.RpcMethodHandler:
     """A server-streaming RPC (Watch, Snapshot) or a bidi one (StreamResolve): the same gate, the same
     failure path; only what the handler gets as its request differs (one message or a stream)."""
     name = method.name
@@ -62,7 +63,8 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
         started = time.perf_counter()
         try:
             caller = gate.admit(context, scopes, name, cost)
-            async for item in fn(parsed(request) if method.client_streaming else parse(request), caller):
+            items = fn(parsed(request) if method.client_streaming else parse(request), caller)
+            async for item in stalls.aio_stream(name, items, context):   # a stalled reader is ended there
                 yield item
         except Exception as exc:
             await _fail(context, exc, name, metrics, started)
@@ -73,12 +75,13 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
     return grpc.unary_stream_rpc_method_handler(handler)
 
 
-def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate) -> grpc.GenericRpcHandler:
+def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate,
+                    stalls: StallWatch) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, method in rpc.methods(service).items():
         fn = getattr(target, name)
         if method.server_streaming:
-            handlers[name] = _streaming(method, fn, metrics, gate)
+            handlers[name] = _streaming(method, fn, metrics, gate, stalls)
         else:
             handlers[name] = _unary(method, fn, metrics, gate)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

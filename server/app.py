@@ -55,6 +55,7 @@ from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
 from server.store.read_route import ReadRoute
+from server.stream_stall import StallWatch
 from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
@@ -228,6 +229,7 @@ class Node:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
         gate = Gate(build_authenticator(s))
+        stalls = StallWatch(limit=s.stream_stall, limits={"Snapshot": s.feed_snapshot_stall}, metrics=self.metrics)
         lookup.charge = gate.authenticator.admit   # a batch's and a stream's keys pay too
         services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
                     (rpc.IDENTITY_SERVICE, identity))
@@ -247,12 +249,12 @@ class Node:
                                       max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
             threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
                                       stream_pool=self._stream_executor, max_streams=s.stream_threads,
-                                      per_client=streams_per_client_of(s))
+                                      per_client=streams_per_client_of(s), stalls=stalls)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:
             server = grpc.aio.server(options=options)
-            server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate)
+            server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate, stalls)
                                                   for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only
@@ -286,6 +288,7 @@ class Node:
         self.background.start("idempotency-pruning", idempotency_pruning(self.pool, retention=s.idempotency_retention))
         self.background.start("metrics-flush", self._flush_metrics())
         self.background.start("read-route", route.run())
+        self.background.start("stream-stalls", stalls.run())
         self.resolver.start_refreshing(asyncio.get_running_loop())
         for svc in ("", *(svc.full_name for svc in rpc.SERVICES)):
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)

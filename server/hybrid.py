@@ -38,6 +38,7 @@ from server.grpc_pool import shed_wait, step_aside
 from server.lookup import Later, LookupHandlers, Partial
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
+from server.stream_stall import StallWatch
 
 T = TypeVar("T")
 WAITING_SHARE = 0.75        # of the gRPC threads, how many may wait on the loop at once (LoopBridge.max_waiting)
@@ -288,8 +289,10 @@ class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
     def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
-                 stream_pool: concurrent.futures.Executor, max_streams: int, per_client: int) -> None:
+                 stream_pool: concurrent.futures.Executor, max_streams: int, per_client: int,
+                 stalls: StallWatch) -> None:
         self.bridge = bridge
+        self.stalls = stalls   # ends a stream whose client stopped reading (server/stream_stall.py)
         self.metrics = metrics
         self.gate = gate
         # Streams hold their thread while open: they run on their own pool (grpc's per-handler
@@ -380,14 +383,14 @@ class HybridHandlers:
                           ) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
         cost = self.gate.entry_cost(method)
-        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
+        gate, metrics, bridge, slot, stalls = self.gate, self.metrics, self.bridge, self.stream_slot, self.stalls
 
         def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name, cost)
                 with slot(caller):
-                    yield from bridge.stream(fn(parse(raw), caller), context)
+                    yield from stalls.sync_stream(name, bridge.stream(fn(parse(raw), caller), context), context)
             except Exception as exc:
                 _fail(context, exc, name, metrics, started)
             metrics.observe_rpc(name, "OK", time.perf_counter() - started)
@@ -398,15 +401,15 @@ class HybridHandlers:
     def _stream_resolve(self, method: rpc.Method, lookup: LookupHandlers) -> grpc.RpcMethodHandler:
         name, parse, scopes = method.name, request_parser(method), self.gate.scopes_for(method)
         cost = self.gate.entry_cost(method)
-        gate, metrics, bridge, slot = self.gate, self.metrics, self.bridge, self.stream_slot
+        gate, metrics, bridge, slot, stalls = self.gate, self.metrics, self.bridge, self.stream_slot, self.stalls
 
         def handler(raws: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
             started = time.perf_counter()
             try:
                 caller = gate.admit(context, scopes, name, cost)
                 with slot(caller):
-                    yield from stream_resolve(lookup, (parse(raw) for raw in raws), caller,
-                                              submit=bridge.submit, on_end=context.add_callback)
+                    yield from stalls.sync_stream(name, stream_resolve(lookup, (parse(raw) for raw in raws), caller,
+                                                  submit=bridge.submit, on_end=context.add_callback), context)
                 if not context.is_active():   # its answers ended because the call did (cancel, deadline)
                     raise CallEnded()
             except Exception as exc:

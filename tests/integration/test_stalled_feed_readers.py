@@ -4,6 +4,8 @@ client gone) the node must let go of what the stream held, and Snapshots are bou
 (CRS_FEED_SNAPSHOT_MAX) so that stalled ones cannot take the connections lookups need. Both serving
 models. (Found by an outside check: on hybrid an ended Snapshot kept its PostgreSQL connection and
 transaction, an ended Watch its feed subscription, for good; the limit was documented, not enforced.)
+A stream whose send waits CRS_STREAM_STALL (a Snapshot: CRS_FEED_SNAPSHOT_STALL) is ended by the node
+itself (the last two tests; before, two stalled Snapshots refused every other client's for good).
 
 The client's HTTP/2 window is kept small (no BDP probe), so a stalled reader stalls the node's writes
 without a data set of many megabytes."""
@@ -16,6 +18,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
@@ -112,3 +115,93 @@ def test_snapshots_past_the_limit_are_refused(nodes: dict[str, NodeProcess], mod
         until("a Snapshot admitted again", admitted, 5)
         for call in held:
             call.cancel()
+
+
+STALL = 1.5   # CRS_STREAM_STALL and CRS_FEED_SNAPSHOT_STALL of the nodes below
+
+
+@pytest.fixture(scope="module")
+def quick_nodes(env: DevEnvironment) -> Iterator[dict[str, NodeProcess]]:
+    """Nodes that end a stream whose message waits STALL s unsent; 3 streams per client (hybrid)."""
+    started = {model: env.start_node(workers=1, serving_model=model, feed_snapshot_max=2, stream_stall=STALL,
+                                     feed_snapshot_stall=STALL, streams_per_client=3) for model in MODELS}
+    yield started
+    for node in started.values():
+        node.stop()
+
+
+def _told_it_stopped_reading(call: grpc.Future) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in call:
+            pass
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+    assert "stopped reading" in (info.value.details() or ""), info.value
+
+
+def _whole_snapshot(channel: grpc.Channel) -> int | None:
+    """Customers in a Snapshot read to its end; None when the node refuses it (CRS_FEED_SNAPSHOT_MAX)."""
+    try:
+        chunks = list(rpc.stub(channel, "ChangeFeedService").Snapshot(
+            pb.SnapshotRequest(entity_types=[pb.ENTITY_TYPE_CUSTOMER]), timeout=20))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or "CRS_FEED_SNAPSHOT_MAX" not in (exc.details() or ""):
+            raise
+        return None
+    return sum(len(chunk.customers) for chunk in chunks)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stalled_snapshots_are_ended_and_another_client_snapshots_again(
+        quick_nodes: dict[str, NodeProcess], model: str) -> None:
+    """Two stalled Snapshots held both of CRS_FEED_SNAPSHOT_MAX's slots for as long as their client stayed
+    connected: every other client's Snapshot was refused RESOURCE_EXHAUSTED, for good. Now each is ended
+    once a chunk waits CRS_FEED_SNAPSHOT_STALL unsent, and the slots are free again."""
+    node = quick_nodes[model]
+    until("at rest", lambda: _busy_connections(node) == 0, 10)
+    log_from = node.log_path.stat().st_size
+    with grpc.insecure_channel(node.address, options=SMALL_WINDOW) as stalled, \
+            grpc.insecure_channel(node.address) as other:
+        held = [_stalled(stalled, "snapshot", 60) for _ in range(2)]
+        started = time.monotonic()
+        assert _whole_snapshot(other) is None, "the stalled Snapshots do not hold the node's slots"
+        customers: list[int] = []
+        until("another client's Snapshot admitted",
+              lambda: (n := _whole_snapshot(other)) is not None and not customers.append(n), STALL * 2 + 8)
+        assert customers[0] >= 3000 and time.monotonic() - started < STALL * 2 + 8
+        for call in held:
+            _told_it_stopped_reading(call)
+    until("the stalled Snapshots' connections given back", lambda: _busy_connections(node) == 0, 5)
+    until("the ended Snapshots counted", lambda: metric(
+        node, "crs_rpc_latency_seconds_count", method="Snapshot", code="RESOURCE_EXHAUSTED") >= 2, 5)
+    assert errors_logged(node, since=log_from) == []
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_stalled_streams_are_ended_and_free_their_slots(quick_nodes: dict[str, NodeProcess], model: str) -> None:
+    """Watches and a StreamResolve whose client reads nothing more: ended (RESOURCE_EXHAUSTED, it stopped
+    reading) once a message waits CRS_STREAM_STALL unsent; their feed subscriptions and (hybrid) the
+    client's stream slots are given back, so the same client opens a stream again."""
+    node = quick_nodes[model]
+    until("at rest", lambda: metric(node, "crs_feed_watchers") == 0, 10)
+    log_from = node.log_path.stat().st_size
+
+    def keys() -> Iterator[pb.LookupKey]:
+        for i in range(20_000):       # ~6 MB of answers, never read
+            yield pb.LookupKey(pan=demo_pan(1), correlation_id=str(i))
+
+    with grpc.insecure_channel(node.address, options=SMALL_WINDOW) as channel:
+        resolving = rpc.stub(channel, "LookupService").StreamResolve(keys(), timeout=60)
+        next(iter(resolving))
+        held = [_stalled(channel, "watch", 60) for _ in range(2)] + [resolving]
+        until("the Watches subscribed", lambda: metric(node, "crs_feed_watchers") == 2, 5)
+        if model == "hybrid":   # the client's 3 stream slots are all held
+            with pytest.raises(grpc.RpcError) as info:
+                _stalled(channel, "watch", 5)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "holds 3 open streams" in str(
+                info.value.details())
+        until("the stalled Watches unsubscribed", lambda: metric(node, "crs_feed_watchers") == 0, STALL * 2 + 8)
+        for call in held:
+            _told_it_stopped_reading(call)
+        again = _stalled(channel, "watch", 30)     # a slot of the client's is free again
+        again.cancel()
+    assert errors_logged(node, since=log_from) == []

@@ -20,7 +20,7 @@ def _slots(clients: dict[str, Any], *, max_streams: int, per_client: int) -> Hyb
     registry = ClientRegistry.from_dict({"clients": clients})
     gate = Gate(Authenticator(registry=registry, jwt=None, allow_anonymous=False))
     return HybridHandlers(bridge=None, metrics=None, gate=gate, stream_pool=None,  # type: ignore[arg-type]
-                          max_streams=max_streams, per_client=per_client)
+                          max_streams=max_streams, per_client=per_client, stalls=None)
 
 
 def _caller(client_id: str) -> Caller:

@@ -1,0 +1,121 @@
+"""Streams whose client stopped reading are ended (server/stream_stall.py): which ones the check picks,
+and, on a bare grpc server of each kind, that the reader is told RESOURCE_EXHAUSTED with why and the
+handler's generator is closed (what frees a node stream's slot, thread, transaction, subscription)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from server.stream_stall import StallWatch, _Stream
+
+BIG = b"x" * 100_000     # a few fill the client's HTTP/2 window (no BDP probe: 64 KiB)
+LIMIT = 0.5
+WINDOW = [("grpc.http2.bdp_probe", 0)]
+
+
+def test_only_a_send_waiting_past_its_limit_is_ended() -> None:
+    watch = StallWatch(limit=10, limits={"Snapshot": 2})
+    ended: list[str] = []
+    streams = {name: _Stream(name, watch._limit(name), ended.append) for name in ("Watch", "Snapshot", "idle")}
+    for stream in streams.values():
+        watch._open.add(stream)
+    now = time.monotonic()
+    streams["Watch"].sending_since = now - 5          # under its 10 s
+    streams["Snapshot"].sending_since = now - 3       # past its own 2 s
+    assert watch.check(now) == 1 and len(ended) == 1 and "CRS_FEED_SNAPSHOT_STALL" in ended[0]
+    assert watch.check(now + 6) == 1 and "CRS_STREAM_STALL" in ended[1]   # Watch, now 11 s; once each
+    assert watch.check(now + 3600) == 0                  # "idle" waits for messages, not on its reader
+    with pytest.raises(ValueError, match="> 0"):
+        StallWatch(limit=0)
+
+
+def _read_one_then_stall(port: int) -> tuple[grpc.RpcError, float]:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=WINDOW) as channel:
+        call = channel.unary_stream("/t.S/M")(b"", timeout=30)
+        responses = iter(call)
+        next(responses)
+        time.sleep(LIMIT * 4 + 1)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in responses:
+                pass
+        return info.value, time.monotonic() - started
+
+
+def _told(error: grpc.RpcError) -> None:
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+    assert "stopped reading" in (error.details() or "") and "CRS_STREAM_STALL" in (error.details() or "")
+
+
+def test_a_stalled_reader_of_a_sync_server_stream_is_told_and_its_generator_closed() -> None:
+    """Also holds grpc to the private call object the sync path cancels through (`context._rpc_event.call`:
+    a status and a message; the public cancel() tells only CANCELLED, and this test would fail)."""
+    watch = StallWatch(limit=LIMIT)
+    closed = threading.Event()
+
+    def handler(raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        def messages() -> Iterator[bytes]:
+            try:
+                while True:
+                    yield BIG
+            finally:
+                closed.set()
+        yield from watch.sync_stream("M", messages(), context)
+
+    server = grpc.server(ThreadPoolExecutor(4), options=WINDOW)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.S", {"M": grpc.unary_stream_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    checker = threading.Thread(target=lambda: [watch.check() or time.sleep(0.05) for _ in range(100)], daemon=True)
+    checker.start()
+    try:
+        error, waited = _read_one_then_stall(port)
+        _told(error)
+        assert waited < 1, "the status was not there when the reader came back"
+        assert closed.wait(2) and watch.open_streams() == 0
+    finally:
+        server.stop(0).wait()
+
+
+def test_a_stalled_reader_of_an_aio_server_stream_is_told_and_its_generator_closed() -> None:
+    async def scenario() -> None:
+        watch = StallWatch(limit=LIMIT)
+        closed = asyncio.Event()
+
+        async def handler(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            async def messages() -> AsyncIterator[bytes]:
+                try:
+                    while True:
+                        yield BIG
+                finally:
+                    closed.set()
+            async for item in watch.aio_stream("M", messages(), context):
+                yield item
+
+        server = grpc.aio.server(options=WINDOW)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "t.S", {"M": grpc.unary_stream_rpc_method_handler(handler)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        checker = asyncio.create_task(watch.run())
+        try:
+            error, waited = await asyncio.get_running_loop().run_in_executor(None, _read_one_then_stall, port)
+            _told(error)
+            assert waited < 1, "the status was not there when the reader came back"
+            async with asyncio.timeout(2):
+                await closed.wait()
+            assert watch.open_streams() == 0
+        finally:
+            checker.cancel()
+            await server.stop(0)
+
+    asyncio.run(scenario())
+
