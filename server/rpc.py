@@ -43,14 +43,34 @@ def keepalive_options(every: float, timeout: float) -> tuple[tuple[str, int], ..
             ("grpc.http2.max_pings_without_data", 0))
 
 
+# Calls (HTTP/2 streams) one client connection may have open at once, unary calls included. gRPC's
+# default is unlimited, and each open stream may hold its flow-control windows' worth of buffers
+# (~64 KiB each way without BDP probing): 256 bound one connection to ~32 MiB. 256, the most the audit
+# allowed, because a call past it is refused, not queued (grpcio 1.85: RST_STREAM REFUSED_STREAM, the
+# client sees UNAVAILABLE, which the recommended client configuration retries): it is 4x a hybrid
+# process's 64 serving threads and 16x what one bench connection carries (16 calls over 4 channels,
+# 8 streams). It is below a client's default share of a process's open streams (CRS_STREAMS_PER_CLIENT,
+# 3/4 of 512 = 384), which counts all of the client's connections: a client that holds more than 256
+# streams on one node process needs a second channel (docs/decisions.md "HTTP/2 windows and calls per
+# connection").
+MAX_STREAMS_PER_CONNECTION = 256
+
 # The node's server options, whichever serving model (server/app.py adds keepalive_options and the
 # connection age); the benchmark's echo servers use them too, so both sides of its comparison are
-# configured alike.
+# configured alike. No HTTP/2 BDP probing on the node's side: it grows the windows of a connection
+# with traffic to several MB a stream, and a client that then stops reading left that much buffered
+# in the node per stream, for as long as the stream lived (an outside audit: 40 unread StreamResolves
+# took a node from 122 to 275 MB; a bare server without the probe, 36 to 41 MB). The node's own
+# receive window only paces what clients send it (keys, small); what it sends is paced by the
+# client's window, which the client's own BDP probe still grows (a Snapshot's throughput is unchanged:
+# docs/decisions.md "HTTP/2 windows and calls per connection").
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 1),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
 )
 
 
