@@ -31,7 +31,7 @@ from server.proto import crs_pb2 as pb
 
 def rss_mb(node: NodeProcess) -> float:
     root = psutil.Process(node.proc.pid)
-    return sum(p.memory_info().rss for p in (root, *root.children(recursive=True))) / 2**20
+    return float(sum(p.memory_info().rss for p in (root, *root.children(recursive=True)))) / 2**20
 
 
 def stall(address: str, streams: int, read: int) -> tuple[grpc.Channel, list[grpc.Future]]:
