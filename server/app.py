@@ -162,6 +162,7 @@ class Node:
         self.resolver: Resolver | None = None
         self.bins: BinSource | None = None
         self.tailer: FeedTailer | None = None
+        self.stalls: StallWatch | None = None   # the open server streams (server/stream_stall.py)
         self.background = BackgroundTasks()   # .broken: one failed; the process exits 1
         self._bridge: LoopBridge | None = None          # hybrid: gRPC threads -> this loop
         self._executor: GrpcThreadPool | None = None  # hybrid: the gRPC threads
@@ -229,7 +230,8 @@ class Node:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),
                         ("grpc.max_connection_age_grace_ms", int(s.grace_seconds * 1000))]
         gate = Gate(build_authenticator(s))
-        stalls = StallWatch(limit=s.stream_stall, limits={"Snapshot": s.feed_snapshot_stall}, metrics=self.metrics)
+        self.stalls = stalls = StallWatch(limit=s.stream_stall, limits={"Snapshot": s.feed_snapshot_stall},
+                                          metrics=self.metrics)
         lookup.charge = gate.authenticator.admit   # a batch's and a stream's keys pay too
         services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
                     (rpc.IDENTITY_SERVICE, identity))
@@ -319,6 +321,9 @@ class Node:
             await asyncio.sleep(self.settings.drain_delay)
         if self.tailer is not None:   # watch streams never end by themselves: end them, they resume elsewhere
             self.tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
+        if self.stalls is not None:   # nor do StreamResolves: cut at the end of the grace, their keys unanswered
+            self.stalls.end_all("StreamResolve", grpc.StatusCode.UNAVAILABLE, "the node is shutting down; send"
+                                " the keys not answered on this stream to another node")
         if self.server is not None:
             await stop_server(self.server, self.settings.grace_seconds if grace is None else grace)
             self.server = None

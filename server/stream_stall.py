@@ -34,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from functools import partial
 from typing import Any
 
 import grpc
@@ -48,10 +49,10 @@ ABORT_WAIT = 1.0            # grpc.aio: seconds the status may take to go out be
 class _Stream:
     __slots__ = ("end", "limit", "method", "opened", "sending_since")
 
-    def __init__(self, method: str, limit: float, end: Callable[[str], None]) -> None:
+    def __init__(self, method: str, limit: float, end: Callable[[grpc.StatusCode, str], None]) -> None:
         self.method = method
         self.limit = limit
-        self.end = end                    # cancels the call with the message given (any thread; the loop's)
+        self.end = end                    # cancels the call with the status given (any thread; the loop's)
         self.opened = time.monotonic()
         self.sending_since = 0.0          # when grpc took the message it is sending; 0: not sending
 
@@ -92,7 +93,7 @@ class StallWatch:
     def sync_stream(self, method: str, items: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         """A hybrid stream's messages, as grpc's sync server sends them (it resumes this generator once the
         message before is sent)."""
-        with self._tracked(_Stream(method, self._limit(method), lambda why: _cancel(context, why))) as stream:
+        with self._tracked(_Stream(method, self._limit(method), partial(_cancel, context))) as stream:
             for item in items:
                 stream.sending_since = time.monotonic()
                 yield item
@@ -104,8 +105,8 @@ class StallWatch:
         generator in the call's own task)."""
         call_task = asyncio.current_task()
 
-        def end(why: str) -> None:
-            task = asyncio.get_running_loop().create_task(_abort(context, why, call_task))
+        def end(code: grpc.StatusCode, why: str) -> None:
+            task = asyncio.get_running_loop().create_task(_abort(context, code, why, call_task))
             self._aborts.add(task)
             task.add_done_callback(self._aborts.discard)
 
@@ -127,7 +128,7 @@ class StallWatch:
                    f" ({'CRS_FEED_SNAPSHOT_STALL' if stream.method in self.limits else 'CRS_STREAM_STALL'});"
                    " the node ended it to free what it held; read the stream as it comes, then call again")
             try:
-                stream.end(why)
+                stream.end(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             except Exception:   # the call ended meanwhile: nothing left to free
                 log.debug("ending a stalled %s stream failed", stream.method, exc_info=True)
                 continue
@@ -138,6 +139,22 @@ class StallWatch:
                         "/".join(sorted({s.method for s in stalled})))
         return len(stalled)
 
+    def end_all(self, method: str, code: grpc.StatusCode, why: str) -> int:
+        """End every open `method` stream now, with `code` and `why`: a draining node's StreamResolves, which
+        would otherwise hold the whole grace period and then be cut without a word. How many."""
+        now = time.monotonic()
+        with self._lock:
+            streams = [s for s in self._open if s.method == method]
+            self._open.difference_update(streams)
+        for stream in streams:
+            try:
+                stream.end(code, why)
+            except Exception:   # the call ended meanwhile
+                continue
+            if self.metrics is not None:
+                self.metrics.observe_rpc(method, code.name, now - stream.opened)
+        return len(streams)
+
     async def run(self) -> None:
         """Check until cancelled (the node's background task)."""
         interval = min(1.0, min([self.limit, *self.limits.values()]) / CHECKS_PER_LIMIT)
@@ -146,22 +163,23 @@ class StallWatch:
             self.check()
 
 
-def _cancel(context: grpc.ServicerContext, why: str) -> None:
-    """Cancel a sync-server call with RESOURCE_EXHAUSTED and `why`, from any thread."""
+def _cancel(context: grpc.ServicerContext, code: grpc.StatusCode, why: str) -> None:
+    """Cancel a sync-server call with `code` and `why`, from any thread."""
     call: Any = getattr(getattr(context, "_rpc_event", None), "call", None)
     if call is None:    # another grpc's context: a bare CANCELLED still frees everything
         context.cancel()
         return
-    call.cancel(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], why)
+    call.cancel(code.value[0], why)
 
 
-async def _abort(context: grpc.aio.ServicerContext, why: str, call_task: asyncio.Task[Any] | None) -> None:
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str,
+                 call_task: asyncio.Task[Any] | None) -> None:
     """Send the status, then cancel the call's task: grpc.aio leaves the handler's send pending after the
     status (until the client reads or goes), and the stream's generator with it; cancelled, the generator
     is closed (asyncio finalises it), and what it held is freed at once (measured: not before, otherwise)."""
     try:
         async with asyncio.timeout(ABORT_WAIT):
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+            await context.abort(code, why)
     except Exception:   # grpc's AbortError once sent; UsageError if the call ended first
         pass
     finally:

@@ -12,13 +12,16 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack import free_port
+from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
@@ -93,6 +96,40 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert any(start < sigterm_at < end for start, end, _ in answered), "no call was in flight at SIGTERM"
     # Calls racing the shutdown were refused, not cut: nothing hung, nothing failed otherwise.
     assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
+
+
+@pytest.mark.parametrize("model", ["hybrid", "aio"])
+def test_a_drain_ends_open_stream_resolves_after_the_lame_duck_not_at_the_end_of_the_grace(
+        dev_env: DevEnvironment, model: str) -> None:
+    """An open StreamResolve never ends by itself: a draining node held it for the whole grace period
+    (its client kept sending keys to a node on its way out), then cut it. Now it is ended after the
+    drain delay, UNAVAILABLE, telling the client to send its unanswered keys elsewhere, as Watch
+    streams are; with nothing else in flight the node then exits at once."""
+    node = dev_env.start_node(workers=1, serving_model=model, grace_seconds=15.0, drain_delay=0.5)
+    stop_sending = threading.Event()
+
+    def keys() -> Iterator[pb.LookupKey]:
+        yield pb.LookupKey(pan=demo_pan(1), correlation_id="first")
+        stop_sending.wait(30)   # then the client sends nothing more, but keeps its stream open
+
+    try:
+        with node.channel() as channel:
+            stream = rpc.stub(channel, "LookupService").StreamResolve(keys(), timeout=30)
+            assert next(stream).correlation_id == "first"
+            sigterm_at = time.monotonic()
+            node.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(stream)
+            took = time.monotonic() - sigterm_at
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE, ended.value.details()
+            assert "shutting down" in (ended.value.details() or "") and "another node" in (ended.value.details() or "")
+            assert took < 5, f"the stream ended {took:.1f} s after SIGTERM (grace 15 s)"
+        assert node.proc.wait(20) == 0
+        assert time.monotonic() - sigterm_at < 10, "the node waited out its grace for a stream it had ended"
+    finally:
+        stop_sending.set()
+        node.stop()
+        dev_env.nodes.remove(node)
 
 
 def test_the_supervisor_waits_out_its_workers_drain_delay_too(dev_env: DevEnvironment) -> None:
