@@ -22,7 +22,14 @@ FEED_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["ChangeFee
 IDENTITY_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 
+# A response (a BatchResolve's answers, a Snapshot chunk), and what clients accept.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# A request, as the node accepts it: gRPC reads the whole message into memory before any handler, the
+# gate (authentication, rate limits) included, so whoever can open a connection could make the node
+# hold this much per call (16 MiB each before, 256 calls a connection). The largest request there is,
+# a BatchResolve of CRS_BATCH_MAX (1,000) keys with 128-character correlation ids, is ~170 KiB; a
+# larger one is refused RESOURCE_EXHAUSTED by gRPC.
+MAX_REQUEST_BYTES = 1024 * 1024
 # Clients may send keepalive pings this often without a call or data in between (gRPC's default is
 # 5 minutes, and a client that pings more often is cut off with GOAWAY "too_many_pings"); the client
 # configuration we recommend pings every 20 s (server/client_config.py).
@@ -66,7 +73,7 @@ MAX_STREAMS_PER_CONNECTION = 256
 # docs/decisions.md "HTTP/2 windows and calls per connection").
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 1),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ("grpc.http2.bdp_probe", 0),

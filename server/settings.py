@@ -272,6 +272,8 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_MESSAGE_WAIT_MS must be 0 (off) or 100 to 60000 milliseconds (got {s.message_wait_ms})")
     if s.drain_delay < 0:
         problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
+    if s.batch_max > 5000:   # ~170 bytes a key at most: a batch must fit in rpc.MAX_REQUEST_BYTES (1 MiB)
+        problems.append(f"CRS_BATCH_MAX must be at most 5000 keys, what a 1 MiB request holds (got {s.batch_max})")
     if s.loop_stall_seconds != 0 and not 3 <= s.loop_stall_seconds <= 3600:
         problems.append(f"CRS_LOOP_STALL_SECONDS must be 0 (off) or 3 to 3600 seconds (got {s.loop_stall_seconds})")
     if s.reinvalidate_delay <= s.redis_timeout:

@@ -94,3 +94,31 @@ def test_a_connection_has_at_most_its_limit_of_calls_open() -> None:
         assert open_calls + len(refused) == limit + 10
 
     asyncio.run(_serving({"M": grpc.unary_unary_rpc_method_handler(handler)}, body))
+
+
+def test_the_largest_request_there_is_is_taken_and_one_past_the_bound_is_refused_before_any_handler() -> None:
+    """gRPC reads a request whole before any handler (the gate included): the node took 16 MiB per call
+    from anyone who could connect. The largest real request, a BatchResolve of 1,000 keys, each with a
+    token and a 128-character correlation id, still fits under MAX_REQUEST_BYTES."""
+    from server.proto import crs_pb2 as pb
+
+    largest = pb.BatchResolveRequest(keys=[pb.LookupKey(card_token="tok_" + "a" * 36, correlation_id="c" * 128)
+                                           for _ in range(1000)]).SerializeToString()
+    assert len(largest) < rpc.MAX_REQUEST_BYTES / 4
+    seen: list[int] = []
+
+    async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(len(request))
+        return b""
+
+    async def body(channel: grpc.aio.Channel) -> None:
+        call = channel.unary_unary("/t.S/M")
+        await call(largest)
+        try:
+            await call(b"x" * (rpc.MAX_REQUEST_BYTES + 1))
+            raise AssertionError("a request past MAX_REQUEST_BYTES was taken")
+        except grpc.aio.AioRpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+
+    asyncio.run(_serving({"M": grpc.unary_unary_rpc_method_handler(handler)}, body))
+    assert seen == [len(largest)], "the handler saw the largest request only"

@@ -24,6 +24,12 @@ def test_every_bad_value_is_named() -> None:
     assert "CRS_PG_POOL_MAX" in text and "CRS_CACHE_TTL_JITTER" in text and "CRS_LOG_LEVEL" in text
     with pytest.raises(SettingsError, match="CRS_GRPC_PORT='x'"):
         load_settings({"CRS_GRPC_PORT": "x"})
+    # A batch must fit the node's bound on a request (server/rpc.py MAX_REQUEST_BYTES); the stall limit
+    # must leave the loop a few beats.
+    with pytest.raises(SettingsError) as info:
+        load_settings({"CRS_BATCH_MAX": "5001", "CRS_LOOP_STALL_SECONDS": "2"})
+    assert "CRS_BATCH_MAX must be at most 5000" in str(info.value) and "CRS_LOOP_STALL_SECONDS" in str(info.value)
+    assert load_settings({"CRS_BATCH_MAX": "5000", "CRS_LOOP_STALL_SECONDS": "0"}).batch_max == 5000
 
 
 def test_config_file_env_wins_and_unknown_keys_rejected(tmp_path: Path) -> None:
