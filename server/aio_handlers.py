@@ -14,7 +14,7 @@ from server import rpc
 from server.caller import Caller
 from server.gate import Gate, failed_call, request_parser
 from server.metrics import Metrics
-from server.stream_stall import StallWatch
+from server.stream_stall import StallWatch, StreamSlots
 
 
 async def _fail(context: grpc.aio.ServicerContext, exc: Exception, name: str, metrics: Metrics,
@@ -48,9 +48,10 @@ def _unary(method: rpc.Method, fn: Callable[[Any, Caller], Awaitable[bytes]], me
 
 
 def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[bytes]], metrics: Metrics,
-               gate: Gate, stalls: StallWatch) -> grpc.RpcMethodHandler:
+               gate: Gate, stalls: StallWatch, slots: StreamSlots) -> grpc.RpcMethodHandler:
     """A server-streaming RPC (Watch, Snapshot) or a bidi one (StreamResolve): the same gate, the same
-    failure path; only what the handler gets as its request differs (one message or a stream)."""
+    failure path; only what the handler gets as its request differs (one message or a stream). Open, it
+    holds one of the process's stream slots within its client's share, as in the hybrid model."""
     name = method.name
     parse = request_parser(method)
     scopes, cost = gate.scopes_for(method), gate.entry_cost(method)
@@ -63,9 +64,10 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
         started = time.perf_counter()
         try:
             caller = gate.admit(context, scopes, name, cost)
-            items = fn(parsed(request) if method.client_streaming else parse(request), caller)
-            async for item in stalls.aio_stream(name, items, context):   # a stalled reader is ended there
-                yield item
+            with slots.slot(caller):
+                items = fn(parsed(request) if method.client_streaming else parse(request), caller)
+                async for item in stalls.aio_stream(name, items, context):   # a stalled reader is ended there
+                    yield item
         except Exception as exc:
             await _fail(context, exc, name, metrics, started)
         metrics.observe_rpc(name, "OK", time.perf_counter() - started)
@@ -76,12 +78,12 @@ def _streaming(method: rpc.Method, fn: Callable[[Any, Caller], AsyncIterator[byt
 
 
 def generic_handler(service: Any, target: object, metrics: Metrics, gate: Gate,
-                    stalls: StallWatch) -> grpc.GenericRpcHandler:
+                    stalls: StallWatch, slots: StreamSlots) -> grpc.GenericRpcHandler:
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for name, method in rpc.methods(service).items():
         fn = getattr(target, name)
         if method.server_streaming:
-            handlers[name] = _streaming(method, fn, metrics, gate, stalls)
+            handlers[name] = _streaming(method, fn, metrics, gate, stalls, slots)
         else:
             handlers[name] = _unary(method, fn, metrics, gate)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

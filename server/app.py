@@ -55,7 +55,7 @@ from server.store.identity import IdentityCodec, IdentityReads
 from server.store.merge import IdentityStore
 from server.store.migrate import check_schema
 from server.store.read_route import ReadRoute
-from server.stream_stall import StallWatch
+from server.stream_stall import StallWatch, StreamSlots
 from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
@@ -232,6 +232,8 @@ class Node:
         gate = Gate(build_authenticator(s))
         self.stalls = stalls = StallWatch(limit=s.stream_stall, limits={"Snapshot": s.feed_snapshot_stall},
                                           metrics=self.metrics)
+        per_client = streams_per_client_of(s)
+        slots = StreamSlots(s.stream_threads, lambda caller: gate.authenticator.stream_share(caller, per_client))
         lookup.charge = gate.authenticator.admit   # a batch's and a stream's keys pay too
         services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
                     (rpc.IDENTITY_SERVICE, identity))
@@ -250,13 +252,12 @@ class Node:
             self._bridge = LoopBridge(asyncio.get_running_loop(),
                                       max_waiting=max(1, int(s.serving_threads * WAITING_SHARE)))
             threaded = HybridHandlers(bridge=self._bridge, metrics=self.metrics, gate=gate,
-                                      stream_pool=self._stream_executor, max_streams=s.stream_threads,
-                                      per_client=streams_per_client_of(s), stalls=stalls)
+                                      stream_pool=self._stream_executor, slots=slots, stalls=stalls)
             server.add_generic_rpc_handlers(tuple(threaded.generic_handler(svc, target) for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         else:
             server = grpc.aio.server(options=options)
-            server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate, stalls)
+            server.add_generic_rpc_handlers(tuple(generic_handler(svc, target, self.metrics, gate, stalls, slots)
                                                   for svc, target in services))
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only

@@ -15,7 +15,7 @@ The clients file (CRS_CLIENTS_FILE, JSON)::
      "revoked_serials": ["3f9a..."]}
 
 `rate_per_s`/`burst`: a token bucket per node process, one token per key looked up (docs/security.md);
-`max_streams`: open streams the client may hold per node process (hybrid model; default
+`max_streams`: open streams the client may hold per node process (either serving model; default
 CRS_STREAMS_PER_CLIENT).
 """
 
@@ -49,7 +49,7 @@ class ClientPolicy:
     cert_names: tuple[str, ...] = ()
     rate_per_s: float = 0.0   # 0 = unlimited
     burst: float = 0.0
-    max_streams: int = 0      # open streams per node process (hybrid); 0 = CRS_STREAMS_PER_CLIENT
+    max_streams: int = 0      # open streams per node process; 0 = CRS_STREAMS_PER_CLIENT
 
 
 @dataclass(frozen=True)

@@ -31,14 +31,13 @@ from typing import Any, NoReturn, TypeVar, cast
 import grpc
 
 from server import rpc
-from server.caller import Caller
-from server.errors import BackendUnavailable, RateLimited
+from server.errors import BackendUnavailable
 from server.gate import Gate, failed_call, request_parser
 from server.grpc_pool import shed_wait, step_aside
 from server.lookup import Later, LookupHandlers, Partial
 from server.lookup_threads import stream_resolve
 from server.metrics import Metrics
-from server.stream_stall import StallWatch
+from server.stream_stall import StallWatch, StreamSlots
 
 T = TypeVar("T")
 WAITING_SHARE = 0.75        # of the gRPC threads, how many may wait on the loop at once (LoopBridge.max_waiting)
@@ -289,53 +288,18 @@ class HybridHandlers:
     """Builds the sync server's method handlers around the node's (async) handler objects."""
 
     def __init__(self, *, bridge: LoopBridge, metrics: Metrics, gate: Gate,
-                 stream_pool: concurrent.futures.Executor, max_streams: int, per_client: int,
-                 stalls: StallWatch) -> None:
+                 stream_pool: concurrent.futures.Executor, slots: StreamSlots, stalls: StallWatch) -> None:
         self.bridge = bridge
         self.stalls = stalls   # ends a stream whose client stopped reading (server/stream_stall.py)
         self.metrics = metrics
         self.gate = gate
         # Streams hold their thread while open: they run on their own pool (grpc's per-handler
         # experimental_thread_pool), so however many are open, unary calls keep the server's threads.
-        # The pool has REFUSAL_THREADS more threads than `max_streams`, so a stream past the limit
+        # The pool has REFUSAL_THREADS more threads than `slots.max_streams`, so a stream past the limit
         # gets a thread at once and is refused there; grpc would otherwise queue it, silently, until
         # an open stream ends (a Watch without a deadline: for ever).
         self.stream_pool = stream_pool
-        self.max_streams = max_streams
-        self.stream_slots = threading.BoundedSemaphore(max_streams)
-        # One client may hold at most `per_client` of them (its clients-file max_streams, if set): one
-        # client's streams must not lock every other client out of the node.
-        self.per_client = per_client
-        self._held: dict[str, int] = {}
-        self._held_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def stream_slot(self, caller: Caller) -> Iterator[None]:
-        """One of the process's open-stream slots for as long as the stream is open: BackendUnavailable
-        (UNAVAILABLE: retry on another node) when every one is taken, RateLimited (RESOURCE_EXHAUSTED)
-        when the caller holds its share already."""
-        if not self.stream_slots.acquire(blocking=False):
-            raise BackendUnavailable(f"this node process already serves its {self.max_streams} open streams"
-                                     " (CRS_STREAM_THREADS); retry on another node")
-        who = caller.client_id
-        try:
-            share = self.gate.authenticator.stream_share(caller, self.per_client)
-            with self._held_lock:
-                held = self._held.get(who, 0)
-                if held >= share:
-                    raise RateLimited(f"client {who!r} already holds {held} open streams on this node process,"
-                                      " its share (max_streams, CRS_STREAMS_PER_CLIENT)")
-                self._held[who] = held + 1
-            try:
-                yield
-            finally:
-                with self._held_lock:
-                    if self._held[who] > 1:
-                        self._held[who] -= 1
-                    else:
-                        del self._held[who]
-        finally:
-            self.stream_slots.release()
+        self.stream_slot = slots.slot   # one of the process's open streams, within the caller's share
 
     def generic_handler(self, service: Any, target: object) -> grpc.GenericRpcHandler:
         inline = target.inline_paths() if isinstance(target, LookupHandlers) else {}

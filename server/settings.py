@@ -67,10 +67,10 @@ class Settings:
                                           # gRPC thread took it is closed UNAVAILABLE (after 100 ms while calls
                                           # wait for a thread that none frees): it holds the thread meanwhile;
                                           # 0 = wait for it as long as the call's deadline lets it
-    stream_threads: int = 512             # hybrid: open streams (StreamResolve, Watch, Snapshot, reflection) per
-                                          # process, each on a thread of its own pool (never a unary call's);
-                                          # one more is refused at once, UNAVAILABLE (clients retry elsewhere)
-    streams_per_client: int = 0           # hybrid: of those, the most one client may hold open (a clients-file
+    stream_threads: int = 512             # open streams (StreamResolve, Watch, Snapshot; hybrid: reflection) per
+                                          # process, hybrid: each on a thread of its own pool (never a unary
+                                          # call's); one more is refused at once, UNAVAILABLE (retry elsewhere)
+    streams_per_client: int = 0           # of those, the most one client may hold open (a clients-file
                                           # "max_streams" overrides it per client); 0 = 3/4 of stream_threads
     stream_stall: float = 120.0           # seconds a stream's message may wait unsent (its client stopped reading)
                                           # before the node ends it, RESOURCE_EXHAUSTED (server/stream_stall.py)

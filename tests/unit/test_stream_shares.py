@@ -1,4 +1,4 @@
-"""A client's share of a node process's open streams (hybrid model): the clients file's max_streams, else
+"""A client's share of a node process's open streams (both models): the clients file's max_streams, else
 CRS_STREAMS_PER_CLIENT (3/4 of CRS_STREAM_THREADS when unset). Pure: the slots without a server."""
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ import pytest
 from server.auth import Authenticator, ClientRegistry, ConfigError
 from server.caller import Caller
 from server.errors import BackendUnavailable, RateLimited
-from server.gate import Gate
-from server.hybrid import HybridHandlers
 from server.settings import load_settings, streams_per_client_of
+from server.stream_stall import StreamSlots
 
 
-def _slots(clients: dict[str, Any], *, max_streams: int, per_client: int) -> HybridHandlers:
+def _slots(clients: dict[str, Any], *, max_streams: int, per_client: int) -> StreamSlots:
     registry = ClientRegistry.from_dict({"clients": clients})
-    gate = Gate(Authenticator(registry=registry, jwt=None, allow_anonymous=False))
-    return HybridHandlers(bridge=None, metrics=None, gate=gate, stream_pool=None,  # type: ignore[arg-type]
-                          max_streams=max_streams, per_client=per_client, stalls=None)
+    authenticator = Authenticator(registry=registry, jwt=None, allow_anonymous=False)
+    return StreamSlots(max_streams, lambda caller: authenticator.stream_share(caller, per_client))
 
 
 def _caller(client_id: str) -> Caller:
@@ -32,21 +30,21 @@ def test_a_client_past_its_share_is_refused_and_gets_it_back() -> None:
                     "other": {"scopes": ["lookup:card"]}}, max_streams=6, per_client=2)
     with ExitStack() as held:
         for _ in range(2):
-            held.enter_context(slots.stream_slot(_caller("switch")))
+            held.enter_context(slots.slot(_caller("switch")))
         with pytest.raises(RateLimited, match="'switch' already holds 2 open streams"), \
-                slots.stream_slot(_caller("switch")):
+                slots.slot(_caller("switch")):
             pass
         for _ in range(3):   # its own max_streams, above the node's default share
-            held.enter_context(slots.stream_slot(_caller("big")))
-        with pytest.raises(RateLimited), slots.stream_slot(_caller("big")):
+            held.enter_context(slots.slot(_caller("big")))
+        with pytest.raises(RateLimited), slots.slot(_caller("big")):
             pass
-        held.enter_context(slots.stream_slot(_caller("other")))   # the sixth: the node is full now
-        with pytest.raises(BackendUnavailable, match="6 open streams"), slots.stream_slot(_caller("other")):
+        held.enter_context(slots.slot(_caller("other")))   # the sixth: the node is full now
+        with pytest.raises(BackendUnavailable, match="6 open streams"), slots.slot(_caller("other")):
             pass
     # Every stream ended: every share and slot is back (a refused stream kept none).
     with ExitStack() as held:
         for who in ("switch", "switch", "big", "big", "big", "other"):
-            held.enter_context(slots.stream_slot(_caller(who)))
+            held.enter_context(slots.slot(_caller(who)))
 
 
 def test_the_default_share_and_a_bad_max_streams() -> None:

@@ -23,7 +23,12 @@ WINDOW = [("grpc.http2.bdp_probe", 0)]
 def test_only_a_send_waiting_past_its_limit_is_ended() -> None:
     watch = StallWatch(limit=10, limits={"Snapshot": 2})
     ended: list[str] = []
-    streams = {name: _Stream(name, watch._limit(name), ended.append) for name in ("Watch", "Snapshot", "idle")}
+
+    def end(code: grpc.StatusCode, why: str) -> None:
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        ended.append(why)
+
+    streams = {name: _Stream(name, watch._limit(name), end) for name in ("Watch", "Snapshot", "idle")}
     for stream in streams.values():
         watch._open.add(stream)
     now = time.monotonic()
@@ -34,6 +39,17 @@ def test_only_a_send_waiting_past_its_limit_is_ended() -> None:
     assert watch.check(now + 3600) == 0                  # "idle" waits for messages, not on its reader
     with pytest.raises(ValueError, match="> 0"):
         StallWatch(limit=0)
+
+
+def test_a_drain_ends_every_open_stream_of_a_method_with_its_own_status() -> None:
+    watch = StallWatch(limit=10)
+    ended: list[tuple[str, grpc.StatusCode, str]] = []
+    streams = [_Stream(name, 10, lambda code, why, name=name: ended.append((name, code, why)))
+               for name in ("StreamResolve", "StreamResolve", "Snapshot")]
+    watch._open.update(streams)
+    assert watch.end_all("StreamResolve", grpc.StatusCode.UNAVAILABLE, "shutting down") == 2
+    assert ended == [("StreamResolve", grpc.StatusCode.UNAVAILABLE, "shutting down")] * 2
+    assert watch.open_streams() == 1 and watch.end_all("StreamResolve", grpc.StatusCode.UNAVAILABLE, "") == 0
 
 
 def _read_one_then_stall(port: int) -> tuple[grpc.RpcError, float]:
