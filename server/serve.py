@@ -39,6 +39,7 @@ STABLE_SECONDS = 60.0       # a worker that ran this long ends its row of exits
 GIVE_UP_AFTER = 5           # exits in a row per worker, none serving meanwhile, before the parent gives up
 HEARTBEAT_INTERVAL = 1.0    # seconds between a worker's event-loop beats (its health, its parent)
 STACK_DUMP_WAIT = 1.0       # seconds a stuck worker gets to write its stacks (SIGUSR1) before SIGKILL
+STACK_DUMP_GAP = 0.3        # seconds between two workers' dumps (kill -USR1 on the parent)
 EXIT_CONFIGURATION = 2      # `crs --help`'s exit codes: 2 the configuration is wrong, 3 a dependency is down
 
 
@@ -227,9 +228,12 @@ def serve(settings: Settings) -> int:
         stopping = True
 
     def dump_workers(signum: int, frame: object) -> None:
+        # One worker at a time: they write to the same stderr, and dumps written at once interleave
+        # mid-line (a CI run found one worker's "Current thread" line cut in two).
         for slot in slots:
             if slot.proc is not None and slot.proc.pid is not None and slot.proc.exitcode is None:
                 os.kill(slot.proc.pid, signal.SIGUSR1)
+                time.sleep(STACK_DUMP_GAP)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
