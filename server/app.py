@@ -59,6 +59,7 @@ from server.stream_stall import StallWatch, StreamSlots
 from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
+SHARD_IDLE_PROBE_SECONDS = 30.0   # unasked for this long, a shard marked down is probed by the node itself
 log = logging.getLogger("crs.node")
 
 
@@ -290,6 +291,7 @@ class Node:
                                                             interval=s.feed_compact_interval))
         self.background.start("idempotency-pruning", idempotency_pruning(self.pool, retention=s.idempotency_retention))
         self.background.start("metrics-flush", self._flush_metrics())
+        self.background.start("shard-idle-probes", self._probe_idle_shards())
         self.background.start("read-route", route.run())
         self.background.start("stream-stalls", stalls.run())
         self.resolver.start_refreshing(asyncio.get_running_loop())
@@ -297,6 +299,14 @@ class Node:
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         log.info("node serving", extra={"address": f"{s.grpc_host}:{self.port}", "serving_model": s.serving_model,
                                         **self.topology.in_force()})
+
+    async def _probe_idle_shards(self) -> None:
+        """Take back a shard that came back while this process had no traffic for it (the lookups that
+        want a shard start its probe: server/cache/breaker.py, Breaker.start_idle_probe)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for copy in self.tier.copies() if self.tier is not None else ():
+                copy.breaker.start_idle_probe(SHARD_IDLE_PROBE_SECONDS)
 
     async def _flush_metrics(self) -> None:
         while True:

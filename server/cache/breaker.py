@@ -85,7 +85,7 @@ class Breaker:
     """
 
     __slots__ = ("_clock", "_on_state_change", "_probe", "_probe_task", "delete_failures", "failures", "name",
-                 "policy", "retry_at", "serving", "state")
+                 "policy", "retry_at", "serving", "state", "wanted_at")
 
     def __init__(self, name: str, policy: BreakerPolicy, *, probe: Callable[[], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic,
@@ -100,6 +100,7 @@ class Breaker:
         self.failures = 0            # consecutive failures while closed
         self.delete_failures = 0     # consecutive failed deletes: reads that succeed do not reset it
         self.retry_at = 0.0          # OPEN: clock time from which a probe is due
+        self.wanted_at = 0.0         # not serving: when a command last asked for the shard (or it went down)
         self._probe_task: asyncio.Task[None] | None = None
 
     def _enter(self, state: BreakerState) -> None:
@@ -141,6 +142,8 @@ class Breaker:
 
     def _open(self) -> None:
         self.delete_failures = 0
+        if self.state is BreakerState.CLOSED:
+            self.wanted_at = self._clock()
         self.retry_at = self._clock() + self.policy.retry_interval
         self._enter(BreakerState.OPEN)
 
@@ -162,6 +165,20 @@ class Breaker:
         """Start the recovery probe in the background if one is due; True if this call started it.
         Never more than one at a time. The caller still treats the shard as unavailable: it serves
         only once the probe has completed."""
+        self.wanted_at = self._clock()
+        return self._start_probe()
+
+    def start_idle_probe(self, idle: float) -> bool:
+        """Start the probe if one is due and no command has asked for the shard for `idle` seconds. A node
+        process with no traffic for the shard never started one, so it never took the shard back, and its
+        crs_cache_shard_up (0) kept its pod's, the minimum over the workers, down: CRSCacheShardDown
+        fired on a quiet night. Only then, so that a shard in use comes back as it always did: the
+        first lookup that wants it starts the probe."""
+        if self._clock() - self.wanted_at < idle:
+            return False
+        return self._start_probe()
+
+    def _start_probe(self) -> bool:
         if not self.probe_due():
             return False
         self._enter(BreakerState.PROBING)

@@ -104,6 +104,34 @@ async def test_probe_is_due_after_the_retry_interval_and_is_an_explicit_step() -
     await probe.finish()
 
 
+async def test_a_shard_nothing_asks_for_is_probed_after_a_while_and_one_in_use_as_before() -> None:
+    """A node process with no traffic for a shard never started its probe, so it never took the shard
+    back and its crs_cache_shard_up (0) kept the pod's, the minimum over its workers, down. Once no
+    command has asked for the shard for `idle` seconds the node starts the probe itself; while
+    lookups want it they start it, as before, and the idle one waits."""
+    b, clock, probe, changes = breaker()
+    fail(b, 3)                                   # down at 1000
+    clock.now += 20
+    assert b.probe_due() and not b.start_idle_probe(idle=30)
+    clock.now += 10                              # unasked for 30 s
+    assert b.start_idle_probe(idle=30)
+    await asyncio.sleep(0)
+    await probe.finish(RespError("still down"))  # a failed probe: down again, the idle clock runs on
+    assert not b.start_idle_probe(idle=30), "not before the retry interval"
+    clock.now += 5
+    assert b.start_idle_probe(idle=30)
+    await asyncio.sleep(0)
+    await probe.finish()
+    assert b.serving and changes[-1] == ("shard-0", True)
+    fail(b, 3)                                   # down again; a lookup wants it 10 s later
+    clock.now += 10
+    assert b.start_probe_if_due()
+    await asyncio.sleep(0)
+    await probe.finish(RespError("still down"))
+    clock.now += 25                              # asked for 25 s ago: the lookups' own probes go on
+    assert not b.start_idle_probe(idle=30) and b.probe_due()
+
+
 async def test_exactly_one_probe_at_a_time() -> None:
     b, clock, probe, _ = breaker()
     fail(b, 3)
