@@ -100,7 +100,8 @@ class Breaker:
         self.failures = 0            # consecutive failures while closed
         self.delete_failures = 0     # consecutive failed deletes: reads that succeed do not reset it
         self.retry_at = 0.0          # OPEN: clock time from which a probe is due
-        self.wanted_at = 0.0         # not serving: when a command last asked for the shard (or it went down)
+        self.wanted_at = clock()     # not serving: when a command last asked for it (or it went down, came back
+                                     # in the topology, was made)
         self._probe_task: asyncio.Task[None] | None = None
 
     def _enter(self, state: BreakerState) -> None:
@@ -219,7 +220,7 @@ class Breaker:
         """Marked active again, or a new address: it may have missed deletes, so a probe (and its
         flush) is due at once, exactly as for a shard that recovers by itself."""
         self.failures = 0
-        self.retry_at = self._clock()
+        self.retry_at = self.wanted_at = self._clock()
         self._enter(BreakerState.OPEN)
 
     def cancel_probe(self) -> None:

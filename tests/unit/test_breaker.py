@@ -130,6 +130,17 @@ async def test_a_shard_nothing_asks_for_is_probed_after_a_while_and_one_in_use_a
     await probe.finish(RespError("still down"))
     clock.now += 25                              # asked for 25 s ago: the lookups' own probes go on
     assert not b.start_idle_probe(idle=30) and b.probe_due()
+    # A copy just made, or released by the topology: its probe waits for a lookup (or `crs shards`,
+    # which flushes a new copy itself) as before; the idle clock starts then.
+    fresh, fresh_clock, fresh_probe, _ = breaker()
+    fresh.hold()
+    fresh_clock.now += 60
+    fresh.release()
+    assert fresh.probe_due() and not fresh.start_idle_probe(idle=30)
+    fresh_clock.now += 30
+    assert fresh.start_idle_probe(idle=30)
+    await asyncio.sleep(0)
+    await fresh_probe.finish()
 
 
 async def test_exactly_one_probe_at_a_time() -> None:
