@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -200,6 +201,8 @@ def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) 
     until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
     workers = _workers(node)
     assert len(workers) == 2
+    environ = open(f"/proc/{workers[0]}/environ", "rb").read().split(b"\0")
+    metrics_dir = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
     node.proc.kill()
     node.proc.wait(10)
     dev_env.nodes.remove(node)
@@ -209,6 +212,7 @@ def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) 
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(metrics_dir, ignore_errors=True)   # the parent, killed, could not remove it
     assert LogFile(node.log_path).text().count('"msg":"draining"') == 2
     with socket.socket() as sock:   # the port is free
         assert sock.connect_ex(("127.0.0.1", node.settings.grpc_port)) != 0
