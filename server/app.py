@@ -239,7 +239,6 @@ class Node:
         services = ((rpc.LOOKUP_SERVICE, lookup), (rpc.ADMIN_SERVICE, admin), (rpc.FEED_SERVICE, feed),
                     (rpc.IDENTITY_SERVICE, identity))
         server: grpc.aio.Server | grpc.Server
-        threaded: HybridHandlers | None = None
         if isinstance(self.health, ThreadedHealth):
             # The hybrid model: gRPC threads (server/grpc_pool.py) answer near-cache hits, this loop does the
             # rest (server/hybrid.py).
@@ -263,7 +262,7 @@ class Node:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         add_reflection(server, [svc.full_name for svc in rpc.SERVICES]    # registered callers only
                        + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, *REFLECTION], gate.authenticator,
-                       stream_pool=self._stream_executor, slot=threaded.stream_slot if threaded else None)
+                       stream_pool=self._stream_executor, slot=slots.slot)
         self.port = bind_ports(server, s, self.metrics)
         if s.health_port:
             if isinstance(self.health, ThreadedHealth):

@@ -38,8 +38,8 @@ SERVICE_NAMES = (SERVICE_NAME, V1_SERVICE_NAME)
 
 class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
     """The synchronous server's (hybrid model) reflection: the caller is checked before the first answer.
-    With `slot`, an admitted stream then holds one of the node's stream slots while open (hybrid.py,
-    HybridHandlers.stream_slot): refused UNAVAILABLE when there is none, as any stream."""
+    With `slot`, an admitted stream then holds one of the node's stream slots while open
+    (server/stream_stall.py, StreamSlots): refused UNAVAILABLE when there is none, as any stream."""
 
     def __init__(self, service_names: Iterable[str], authenticator: Authenticator,
                  slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
@@ -58,21 +58,24 @@ class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
 
 
 class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
-    """The grpc.aio server's reflection, with the same check."""
+    """The grpc.aio server's reflection, with the same check and, with `slot`, the same stream slot."""
 
-    def __init__(self, service_names: Iterable[str], authenticator: Authenticator) -> None:
+    def __init__(self, service_names: Iterable[str], authenticator: Authenticator,
+                 slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
         super().__init__(tuple(service_names))
         self.authenticator = authenticator
+        self.slot = slot or (lambda caller: contextlib.nullcontext())
 
     async def ServerReflectionInfo(self, request_iterator: AsyncIterator[Any],
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            self.authenticator.authenticate(context)
-        except Exception as exc:
-            _unexpected(exc)
-            await context.abort(*status_for(exc))
-        async for answer in super().ServerReflectionInfo(request_iterator, context):
-            yield answer
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.slot(self.authenticator.authenticate(context)))
+            except Exception as exc:
+                _unexpected(exc)
+                await context.abort(*status_for(exc))
+            async for answer in super().ServerReflectionInfo(request_iterator, context):
+                yield answer
 
 
 def _unexpected(exc: Exception) -> None:
@@ -83,12 +86,13 @@ def _unexpected(exc: Exception) -> None:
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],
                    authenticator: Authenticator, *, stream_pool: Executor | None = None,
                    slot: Callable[[Caller], AbstractContextManager[None]] | None = None) -> None:
-    """`stream_pool` and `slot` (the synchronous server): reflection streams run where the node's own
-    streams do, on their pool and within their limit, never on the unary calls' threads: a client
-    library that keeps a reflection stream open per channel would otherwise hold one each."""
+    """`slot`: a reflection stream holds one of the node's stream slots while open, as its own streams
+    do (either server); `stream_pool` (the synchronous server): it runs on their pool, never on the
+    unary calls' threads: a client library that keeps a reflection stream open per channel would
+    otherwise hold one each."""
     info: Callable[..., Any]
     if isinstance(server, grpc.aio.Server):
-        info = AsyncReflection(service_names, authenticator).ServerReflectionInfo
+        info = AsyncReflection(service_names, authenticator, slot).ServerReflectionInfo
     else:
         servicer = Reflection(service_names, authenticator, slot)
 

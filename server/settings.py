@@ -67,7 +67,7 @@ class Settings:
                                           # gRPC thread took it is closed UNAVAILABLE (after 100 ms while calls
                                           # wait for a thread that none frees): it holds the thread meanwhile;
                                           # 0 = wait for it as long as the call's deadline lets it
-    stream_threads: int = 512             # open streams (StreamResolve, Watch, Snapshot; hybrid: reflection) per
+    stream_threads: int = 512             # open streams (StreamResolve, Watch, Snapshot, reflection) per
                                           # process, hybrid: each on a thread of its own pool (never a unary
                                           # call's); one more is refused at once, UNAVAILABLE (retry elsewhere)
     streams_per_client: int = 0           # of those, the most one client may hold open (a clients-file

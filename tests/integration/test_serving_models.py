@@ -427,15 +427,16 @@ def test_one_client_holds_at_most_its_share_of_the_stream_threads(dev_env: DevEn
         dev_env.nodes.remove(node)
 
 
-def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment) -> None:
-    """Hybrid: a reflection stream is a stream like the others. A client library that keeps its
-    reflection stream open for its channel's life (one per channel) must not hold the unary calls'
-    threads: with more such streams open than CRS_SERVING_THREADS, lookups are still answered, and
-    reflection streams count against CRS_STREAM_THREADS like every stream."""
+@pytest.mark.parametrize("model", ["hybrid", "aio"])
+def test_open_reflection_streams_never_starve_unary_calls_of_threads(dev_env: DevEnvironment, model: str) -> None:
+    """A reflection stream is a stream like the others. A client library that keeps its reflection
+    stream open for its channel's life (one per channel) must not hold the unary calls' threads (hybrid):
+    with more such streams open than CRS_SERVING_THREADS, lookups are still answered, and reflection
+    streams count against CRS_STREAM_THREADS like every stream (grpc.aio's did not)."""
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     # One client opens them all: its share (CRS_STREAMS_PER_CLIENT) is the node's whole stream pool here.
-    node = dev_env.start_node(workers=1, serving_model="hybrid", serving_threads=4, stream_threads=6,
+    node = dev_env.start_node(workers=1, serving_model=model, serving_threads=4, stream_threads=6,
                               streams_per_client=6)
     release = threading.Event()
     try:
