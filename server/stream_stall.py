@@ -121,21 +121,14 @@ class StallWatch:
     def check(self, now: float | None = None) -> int:
         """End every stream whose send has waited past its limit; how many were ended."""
         now = time.monotonic() if now is None else now
-        with self._lock:
-            stalled = [s for s in self._open if s.sending_since and now - s.sending_since > s.limit]
-            for stream in stalled:     # ended once: its generator is closed a moment later, on its own thread
-                self._open.discard(stream)
-        for stream in stalled:
-            why = (f"the client stopped reading this stream: a message waited over {stream.limit:g} s to be sent"
-                   f" ({'CRS_FEED_SNAPSHOT_STALL' if stream.method in self.limits else 'CRS_STREAM_STALL'});"
-                   " the node ended it to free what it held; read the stream as it comes, then call again")
-            try:
-                stream.end(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
-            except Exception:   # the call ended meanwhile: nothing left to free
-                log.debug("ending a stalled %s stream failed", stream.method, exc_info=True)
-                continue
-            if self.metrics is not None:
-                self.metrics.observe_rpc(stream.method, "RESOURCE_EXHAUSTED", now - stream.opened)
+
+        def why(stream: _Stream) -> str:
+            return (f"the client stopped reading this stream: a message waited over {stream.limit:g} s to be sent"
+                    f" ({'CRS_FEED_SNAPSHOT_STALL' if stream.method in self.limits else 'CRS_STREAM_STALL'});"
+                    " the node ended it to free what it held; read the stream as it comes, then call again")
+
+        stalled = self._end(lambda s: bool(s.sending_since) and now - s.sending_since > s.limit,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED, why, now)
         if stalled:
             log.warning("%d %s stream(s) ended: their client left a message unread past its limit", len(stalled),
                         "/".join(sorted({s.method for s in stalled})))
@@ -144,18 +137,24 @@ class StallWatch:
     def end_all(self, method: str, code: grpc.StatusCode, why: str) -> int:
         """End every open `method` stream now, with `code` and `why`: a draining node's StreamResolves, which
         would otherwise hold the whole grace period and then be cut without a word. How many."""
-        now = time.monotonic()
+        return len(self._end(lambda s: s.method == method, code, lambda s: why, time.monotonic()))
+
+    def _end(self, picked: Callable[[_Stream], bool], code: grpc.StatusCode, why: Callable[[_Stream], str],
+             now: float) -> list[_Stream]:
+        """End the open streams `picked` chooses, each once (its generator is closed a moment later, on its
+        own thread), and count each in the metrics under `code`."""
         with self._lock:
-            streams = [s for s in self._open if s.method == method]
+            streams = [s for s in self._open if picked(s)]
             self._open.difference_update(streams)
         for stream in streams:
             try:
-                stream.end(code, why)
-            except Exception:   # the call ended meanwhile
+                stream.end(code, why(stream))
+            except Exception:   # the call ended meanwhile: nothing left to free
+                log.debug("ending a %s stream failed", stream.method, exc_info=True)
                 continue
             if self.metrics is not None:
-                self.metrics.observe_rpc(method, code.name, now - stream.opened)
-        return len(streams)
+                self.metrics.observe_rpc(stream.method, code.name, now - stream.opened)
+        return streams
 
     async def run(self) -> None:
         """Check until cancelled (the node's background task)."""
