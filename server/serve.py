@@ -194,12 +194,18 @@ class _Slot:
         self.proc: SpawnProcess | None = None
         self.started = 0.0
         self.restart_at: float | None = None
-        self.killed = False   # at shutdown: it did not end in time
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the worker's loop last beat; 0 before its first beat (it is starting)."""
+        beat: float = self.beat.value
+        return now - beat if beat else 0.0
+
+    def stuck(self, now: float, stall: float) -> bool:
+        return bool(stall) and self.silent_for(now) > stall
 
     def serving(self, now: float, stall: float) -> bool:
-        beat = self.beat.value
-        return self.proc is not None and self.proc.exitcode is None and beat > 0 \
-            and (not stall or now - beat <= stall)
+        return self.proc is not None and self.proc.exitcode is None and self.beat.value > 0 \
+            and not self.stuck(now, stall)
 
 
 def serve(settings: Settings) -> int:
@@ -266,8 +272,8 @@ def serve(settings: Settings) -> int:
             if slot.proc is None:
                 continue
             if slot.proc.exitcode is None:
-                if stall and slot.beat.value and now - slot.beat.value > stall:
-                    _kill_stuck(slot.proc, now - slot.beat.value)
+                if slot.stuck(now, stall):
+                    _kill_stuck(slot.proc, slot.silent_for(now))
                 continue
             code = slot.proc.exitcode
             others = any(other.serving(now, stall) for other in slots if other is not slot)
