@@ -227,15 +227,15 @@ class FeedTailer:
             offers += len(self._subs) + 1
             if offers >= YIELD_OFFERS or n == len(rows):   # the bound is checked as often: past it by a turn's worth
                 offers = 0
-                if sum(sub.queue.qsize() for sub in self._subs) > QUEUED_MAX:
-                    self._shed()
+                if (queued := sum(sub.queue.qsize() for sub in self._subs)) > QUEUED_MAX:
+                    self._shed(queued)
                 self._changed()
                 await asyncio.sleep(0)
 
-    def _shed(self) -> None:
-        """Past QUEUED_MAX: unsync the watchers furthest behind until half the bound is left."""
+    def _shed(self, queued: int) -> None:
+        """`queued` past QUEUED_MAX: unsync the watchers furthest behind until half the bound is left."""
         behind = sorted(self._subs, key=lambda sub: sub.queue.qsize(), reverse=True)
-        queued, shed = sum(sub.queue.qsize() for sub in behind), 0
+        shed = 0
         for sub in behind:
             if queued <= QUEUED_MAX // 2:
                 break
