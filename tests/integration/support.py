@@ -331,6 +331,12 @@ def crs_command(env: DevEnvironment, *args: str, stdin: str = "", overrides: dic
                           capture_output=True, input=stdin, text=True, timeout=timeout)
 
 
+def metrics_dir(pid: int) -> Path:
+    """The shared metrics directory (PROMETHEUS_MULTIPROC_DIR) a node's worker process was started with."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return Path(next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")))
+
+
 def worker_pids(node: NodeProcess) -> set[int]:
     """The node's worker processes (not multiprocessing's resource tracker, its other child)."""
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True).stdout

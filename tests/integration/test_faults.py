@@ -45,6 +45,7 @@ from tests.integration.support import (
     own_env,
     until,
     wait_metric,
+    worker_pids,
 )
 
 CARDS = 150
@@ -446,9 +447,7 @@ def test_a_worker_that_cannot_start_while_postgres_is_down_never_takes_its_sibli
             lookup = rpc.stub(channel, "LookupService")
             cached = pb.ResolveCardRequest(pan=demo_pan(5))
             lookup.ResolveCard(cached, timeout=5)   # now in Redis
-            workers = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True,
-                                     text=True).stdout.splitlines()
-            victim = int(next(line for line in workers if "resource_tracker" not in line).split()[0])
+            victim = min(worker_pids(node))
             pg.kill()
             try:
                 os.kill(victim, signal.SIGKILL)

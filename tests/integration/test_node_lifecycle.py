@@ -28,7 +28,7 @@ from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import UsedSecrets, fresh_pan, until
+from tests.integration.support import UsedSecrets, fresh_pan, metrics_dir, until, worker_pids
 
 
 def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:
@@ -39,11 +39,10 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     # (UNAVAILABLE), as it should be. A generous grace keeps the test about the drain, not about
     # PostgreSQL's speed; a drain ends when its calls do, so the test takes no longer for it.
     node = dev_env.start_node(workers=2, grace_seconds=15.0, drain_delay=1.0)
-    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
-    assert len(children.stdout.split()) >= 2, "two worker processes"
-    environ = open(f"/proc/{children.stdout.split()[0]}/environ", "rb").read().split(b"\0")
-    metrics_dir = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
-    assert os.path.isdir(metrics_dir), "the workers' shared metrics directory"
+    workers = worker_pids(node)
+    assert len(workers) == 2, "two worker processes"
+    shared = metrics_dir(min(workers))
+    assert shared.is_dir(), "the workers' shared metrics directory"
     calls: list[tuple[float, float, str]] = []   # (start, end, outcome)
     details: list[str] = []   # what each failed call was told, for the assertion messages
     stop = threading.Event()
@@ -85,7 +84,7 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     log_text = LogFile(node.log_path).text()
     assert log_text.count("Current thread 0x") == 2, "one dump of the threads' stacks per worker"
     assert log_text.count("asyncio: ") == 2, "one dump of the tasks' stacks per worker"
-    assert not os.path.exists(metrics_dir), "the metrics directory goes with the workers"
+    assert not shared.exists(), "the metrics directory goes with the workers"
     # Every call started before SIGTERM, or in the first half of the lame-duck second after it (the
     # listener still open: drain_delay), completed normally...
     answered = [c for c in calls if c[0] < sigterm_at + 0.5]
@@ -149,12 +148,6 @@ def test_the_supervisor_waits_out_its_workers_drain_delay_too(dev_env: DevEnviro
     assert [entry["exitcodes"] for entry in stopped] == [[0, 0]], stopped
 
 
-def _workers(node: NodeProcess) -> list[int]:
-    """The node's worker processes (not multiprocessing's resource tracker, its child too)."""
-    ps = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(node.proc.pid)], capture_output=True, text=True)
-    return [int(line.split()[0]) for line in ps.stdout.splitlines() if "resource_tracker" not in line]
-
-
 def _gone(pid: int) -> bool:
     """Exited: no such process, or a zombie (reparented to an init that has not reaped it yet)."""
     try:
@@ -176,7 +169,7 @@ def test_a_worker_whose_event_loop_stops_is_killed_and_replaced(dev_env: DevEnvi
     victim = 0
     try:
         until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
-        victim = _workers(node)[0]
+        victim = min(worker_pids(node))
         os.kill(victim, signal.SIGSTOP)
         until("the stopped worker is killed and another serves", lambda: _gone(victim) and _serving_count(node) == 3,
               within=30, poll=0.2)
@@ -199,10 +192,9 @@ def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) 
     port. Each now gets SIGTERM when the parent dies and drains."""
     node = dev_env.start_node(workers=2)
     until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
-    workers = _workers(node)
+    workers = worker_pids(node)
     assert len(workers) == 2
-    environ = open(f"/proc/{workers[0]}/environ", "rb").read().split(b"\0")
-    metrics_dir = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+    shared = metrics_dir(min(workers))
     node.proc.kill()
     node.proc.wait(10)
     dev_env.nodes.remove(node)
@@ -212,7 +204,7 @@ def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) 
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(metrics_dir, ignore_errors=True)   # the parent, killed, could not remove it
+        shutil.rmtree(shared, ignore_errors=True)   # the parent, killed, could not remove it
     assert LogFile(node.log_path).text().count('"msg":"draining"') == 2
     with socket.socket() as sock:   # the port is free
         assert sock.connect_ex(("127.0.0.1", node.settings.grpc_port)) != 0

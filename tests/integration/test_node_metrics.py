@@ -19,7 +19,6 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -29,7 +28,16 @@ from devstack.processes import LogFile
 from server import rpc
 from server.proto import crs_pb2 as pb
 from shard_router.addresses import ShardAddress
-from tests.integration.support import UsedSecrets, crs_command, fresh_pan, metric, own_env, running, worker_pids
+from tests.integration.support import (
+    UsedSecrets,
+    crs_command,
+    fresh_pan,
+    metric,
+    metrics_dir,
+    own_env,
+    running,
+    worker_pids,
+)
 
 NODE: dict[str, object] = dict(workers=2, topology_poll_interval=0.2, topology_lease=2.0, shard_stats_interval=0.2)
 _SAMPLE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
@@ -65,11 +73,6 @@ def wait_for(what: str, check: Callable[[], bool], within: float = 15.0) -> None
     while not check():
         assert time.monotonic() < deadline, f"never: {what}"
         time.sleep(0.1)
-
-
-def metrics_dir(pid: int) -> Path:
-    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    return Path(next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")))
 
 
 def stop(env: DevEnvironment, node: NodeProcess) -> None:
