@@ -76,3 +76,60 @@ def test_a_tokens_scope_claims_narrow_the_clients_scopes(verifier: JwtVerifier, 
     auth = Authenticator(registry=ClientRegistry({"switch": policy}), jwt=verifier, allow_anonymous=False)
     token = jwt.encode(CLAIMS | extra, EC_KEY, "ES256", headers={"kid": "ec1"})
     assert auth._from_token(f"Bearer {token}").scopes == granted
+
+
+def _counting_decode(verifier: JwtVerifier, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+    decode = jwt.decode
+
+    def counted(token: str, *args: object, **kwargs: object) -> object:
+        calls.append(token)
+        return decode(token, *args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(verifier._jwt, "decode", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("claims", "why"), [
+    (CLAIMS | {"exp": int(time.time()) - 60}, "has expired"),
+    (CLAIMS | {"aud": "other"}, "not valid for this service"),
+], ids=["expired", "wrong-aud"])
+def test_a_refused_token_is_refused_again_without_a_second_signature_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, claims: dict[str, object], why: str) -> None:
+    """A client retrying an expired or forged token in a loop cost a signature check (~105 µs) per call."""
+    verifier = _verifier(tmp_path)
+    calls = _counting_decode(verifier, monkeypatch)
+    token = jwt.encode(claims, EC_KEY, "ES256", headers={"kid": "ec1"})
+    for _ in range(3):
+        with pytest.raises(Unauthenticated, match=why):
+            verifier.verify(token)
+    assert len(calls) == 1
+    good = jwt.encode(CLAIMS, EC_KEY, "ES256", headers={"kid": "ec1"})
+    assert verifier.verify(good)[0] == "switch"   # another token is checked on its own
+    assert len(calls) == 2
+
+
+def test_a_token_not_valid_yet_is_checked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nbf (or iat) in the future: refused now, good later, so never kept as refused."""
+    verifier = _verifier(tmp_path)
+    calls = _counting_decode(verifier, monkeypatch)
+    token = jwt.encode(CLAIMS | {"nbf": int(time.time()) + 3600}, EC_KEY, "ES256", headers={"kid": "ec1"})
+    for _ in range(2):
+        with pytest.raises(Unauthenticated, match="not valid for this service"):
+            verifier.verify(token)
+    assert len(calls) == 2
+
+
+def test_refused_tokens_kept_are_bounded(tmp_path: Path) -> None:
+    verifier = _verifier(tmp_path, cache_size=2)
+    for n in range(5):
+        with pytest.raises(Unauthenticated):
+            verifier.verify(jwt.encode(CLAIMS | {"aud": f"other-{n}"}, EC_KEY, "ES256", headers={"kid": "ec1"}))
+    assert len(verifier._refused) == 2
+
+
+def _verifier(tmp_path: Path, cache_size: int = 10_000) -> JwtVerifier:
+    key = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key())) | {"kid": "ec1", "alg": "ES256"}
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [key]}))
+    return JwtVerifier(jwks_file=path, audience="crs-lookup", cache_size=cache_size)
