@@ -3,8 +3,10 @@
 Reflection lists every service and sends the descriptors of every message: a map of the API, not
 data, but nothing a stranger needs. A call is admitted as any crs.v1 call is (a registered client
 certificate, a bearer token naming a known client, or anonymous where CRS_ALLOW_ANONYMOUS is on); no
-scope is needed, so `grpcurl` works for every client. Health is left open on purpose: Kubernetes
-probes and client-side health checking carry no credentials.
+scope is needed, so `grpcurl` works for every client. Each request on the stream costs the caller one
+token of its rate limit (the clients file's `rate_per_s`, as a lookup does): a registered client
+looping on reflection requests was not limited at all (tenth audit, DoS 5). Health is left open on
+purpose: Kubernetes probes and client-side health checking carry no credentials (docs/security.md).
 
 grpc_reflection's servicers are used as they are, wrapped; `enable_server_reflection` would register
 them with no check at all.
@@ -50,11 +52,17 @@ class Reflection(reflection.ReflectionServicer):  # type: ignore[misc]
     def ServerReflectionInfo(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(self.slot(self.authenticator.authenticate(context)))
+                caller = self.authenticator.authenticate(context)
+                held.enter_context(self.slot(caller))
+                yield from super().ServerReflectionInfo(self._charged(request_iterator, caller), context)
             except Exception as exc:   # a CrsError's status; anything else INTERNAL, never its text
                 _unexpected(exc)
                 context.abort(*status_for(exc))
-            yield from super().ServerReflectionInfo(request_iterator, context)
+
+    def _charged(self, requests: Iterator[Any], caller: Caller) -> Iterator[Any]:
+        for request in requests:
+            self.authenticator.admit(caller)
+            yield request
 
 
 class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
@@ -70,12 +78,18 @@ class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
                                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(self.slot(self.authenticator.authenticate(context)))
+                caller = self.authenticator.authenticate(context)
+                held.enter_context(self.slot(caller))
+                async for answer in super().ServerReflectionInfo(self._charged(request_iterator, caller), context):
+                    yield answer
             except Exception as exc:
                 _unexpected(exc)
                 await context.abort(*status_for(exc))
-            async for answer in super().ServerReflectionInfo(request_iterator, context):
-                yield answer
+
+    async def _charged(self, requests: AsyncIterator[Any], caller: Caller) -> AsyncIterator[Any]:
+        async for request in requests:
+            self.authenticator.admit(caller)
+            yield request
 
 
 def _unexpected(exc: Exception) -> None:

@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from server import rpc
 from server.auth import Authenticator
+from server.caller import Caller
 from server.reflection import SERVICE_NAME, AsyncReflection, Reflection
 
 NAMES = [svc.full_name for svc in rpc.SERVICES] + [SERVICE_NAME]
@@ -95,3 +96,46 @@ def test_a_known_caller_lists_the_services(flavour: Any) -> None:
     assert context.aborted is None
     (answer,) = answers
     assert {s.name for s in answer.list_services_response.service} == set(NAMES)
+
+
+class _Switch(Authenticator):
+    """A registered client `switch` allowed 2 calls in a burst and nearly nothing after."""
+
+    def __init__(self) -> None:
+        from server.auth import ClientPolicy, ClientRegistry
+
+        policy = ClientPolicy("switch", frozenset(), rate_per_s=0.001, burst=2)
+        super().__init__(registry=ClientRegistry({"switch": policy}), jwt=None, allow_anonymous=False)
+
+    def authenticate(self, context: Any) -> Caller:
+        return Caller("switch", frozenset(), "mtls")
+
+
+@pytest.mark.parametrize("model", ["sync", "aio"])
+def test_each_reflection_request_costs_the_caller_a_token(model: str) -> None:
+    """A registered client looping on reflection requests was not rate-limited at all (tenth audit)."""
+    requests = [LIST] * 3
+    if model == "sync":
+        context: FakeContext = FakeContext()
+        answers: list[Any] = []
+        with pytest.raises(Aborted):
+            for answer in Reflection(NAMES, _Switch()).ServerReflectionInfo(iter(requests), context):
+                answers.append(answer)
+    else:
+        context = FakeAsyncContext()
+
+        async def feed() -> AsyncIterator[Any]:
+            for request in requests:
+                yield request
+
+        async def run() -> list[Any]:
+            got = []
+            with pytest.raises(Aborted):
+                async for answer in AsyncReflection(NAMES, _Switch()).ServerReflectionInfo(feed(), context):
+                    got.append(answer)
+            return got
+
+        answers = asyncio.run(run())
+    assert len(answers) == 2
+    assert context.aborted is not None and context.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over its rate limit" in context.aborted[1]
