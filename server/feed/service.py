@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
@@ -88,6 +88,43 @@ class ClientTurns:
                 self._clients[client] = (turns, users - 1)
 
 
+class SnapshotSlots:
+    """At most `limit` Snapshots at once per node process (CRS_FEED_SNAPSHOT_MAX: each holds a pooled
+    connection and a transaction while its reader reads), and a share: the last free one goes only to
+    a client that runs none here, so one client (an extract job starting one per entity type, or one
+    that stalls) never holds them all. Anonymous callers are not told apart (dev stacks,
+    CRS_ALLOW_ANONYMOUS): the limit bounds them, the share does not. One event loop: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self._held: dict[str, int] = {}   # identified client: its Snapshots running
+
+    @contextlib.contextmanager
+    def slot(self, caller: Caller) -> Iterator[None]:
+        if self.running >= self.limit:
+            raise FeedOverload(f"this node already runs {self.limit} snapshots (CRS_FEED_SNAPSHOT_MAX); "
+                               "retry later or on another node")
+        client = "" if caller.via == "anonymous" else caller.client_id
+        held = self._held.get(client, 0) if client else 0
+        if held and self.running == self.limit - 1:
+            raise FeedOverload(f"client {client!r} already runs {held} of this node's {self.limit} snapshots"
+                               " (CRS_FEED_SNAPSHOT_MAX); the last one is kept for a client that runs none:"
+                               " retry when one of yours ends, or on another node")
+        self.running += 1
+        if client:
+            self._held[client] = held + 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if client:
+                if self._held[client] == 1:
+                    del self._held[client]
+                else:
+                    self._held[client] -= 1
+
+
 def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
     types = frozenset(int(t) for t in requested)
     unknown = types - allowed
@@ -108,7 +145,7 @@ class FeedHandlers:
         self.snapshot_chunk = snapshot_chunk
         self.snapshot_max = snapshot_max
         self.snapshot_stall = snapshot_stall   # seconds a reader may leave a chunk unread (the transaction waits)
-        self._snapshots_running = 0
+        self._snapshots = SnapshotSlots(snapshot_max)
         # Page reads of watchers behind the live tail (an old checkpoint, an overflowed queue), at once:
         # the others wait their turn rather than take the pool connections lookups' misses need.
         self._catch_up_reads = asyncio.Semaphore(catch_up_reads)
@@ -230,13 +267,7 @@ class FeedHandlers:
     async def Snapshot(self, request: pb.SnapshotRequest, caller: Caller) -> AsyncIterator[bytes]:
         types = _types(request.entity_types, frozenset(SNAPSHOT_TYPES)) or frozenset(SNAPSHOT_TYPES)
         ordered = [t for t in SNAPSHOT_TYPES if t in types]
-        # Each snapshot holds a pooled connection and a transaction while its reader reads: a bound, so
-        # that slow or stalled extract jobs never take the connections lookups load misses with.
-        if self._snapshots_running >= self.snapshot_max:
-            raise FeedOverload(f"this node already runs {self.snapshot_max} snapshots (CRS_FEED_SNAPSHOT_MAX); "
-                               "retry later or on another node")
-        self._snapshots_running += 1
-        try:
+        with self._snapshots.slot(caller):
             stalled = False
             with translate_db_errors():
                 async with acquire(self.pool, self.timeout) as conn:
@@ -257,5 +288,3 @@ class FeedHandlers:
                         raise FeedOverload(f"the reader left a chunk unread for over {self.snapshot_stall:g} s"
                                            " (CRS_FEED_SNAPSHOT_STALL): the snapshot's transaction was ended;"
                                            " start the Snapshot again") from None
-        finally:
-            self._snapshots_running -= 1

@@ -12,6 +12,7 @@ without a data set of many megabytes."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 
@@ -19,7 +20,8 @@ import grpc
 import pytest
 
 from devstack.demo import demo_pan
-from devstack.environment import DevEnvironment, NodeProcess
+from devstack.environment import DevEnvironment, NodeProcess, open_channel
+from devstack.pki import write_dev_pki
 from server import rpc
 from server.proto import crs_pb2 as pb
 from tests.integration.support import errors_logged, metric, own_env, running, sql, until
@@ -209,3 +211,44 @@ def test_stalled_streams_are_ended_and_free_their_slots(quick_nodes: dict[str, N
         again = _stalled(channel, "watch", 30)     # a slot of the client's is free again
         again.cancel()
     assert errors_logged(node, since=log_from) == []
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_one_client_leaves_a_snapshot_slot_to_the_others(env: DevEnvironment, model: str) -> None:
+    """CRS_FEED_SNAPSHOT_MAX=2 and two extract jobs, each with its own certificate: the first job's
+    second Snapshot is refused while its first stalls (the last slot is kept for a client that runs
+    none), the other job's runs to its end, and the first job's is admitted again once its own ended.
+    Before, one client holding both slots refused every other client's Snapshot for as long as it
+    read (tenth audit, DoS 2)."""
+    base = env.work_dir / f"snapshot-share-{model}"
+    pki = write_dev_pki(base / "pki", ("admin", "extract-a", "extract-b"))   # start_node checks as admin
+    clients_file = base / "clients.json"
+    clients_file.write_text(json.dumps({"clients": {
+        name: {"scopes": ["feed:read"], "cert_names": [name]} for name in ("extract-a", "extract-b")}}))
+    node = env.start_node(workers=1, serving_model=model, feed_snapshot_max=2, tls_cert_file=str(pki.server_cert),
+                          tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
+                          clients_file=str(clients_file), pki=pki)
+    try:
+        with open_channel(node.address, pki, "extract-a", SMALL_WINDOW) as a, \
+                open_channel(node.address, pki, "extract-b") as b:
+            held = _stalled(a, "snapshot", 60)
+            with pytest.raises(grpc.RpcError) as refused:
+                _stalled(a, "snapshot", 30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+            assert "'extract-a' already runs 1 of this node's 2 snapshots" in (refused.value.details() or "")
+            assert (_whole_snapshot(b) or 0) >= 3000, "the other client's Snapshot runs while extract-a's stalls"
+            held.cancel()
+
+            def admitted() -> bool:   # the slot frees a loop turn or two after the cancel reaches the node
+                try:
+                    _stalled(a, "snapshot", 30).cancel()
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        raise
+                    return False
+                return True
+
+            until("extract-a's Snapshot admitted again", admitted, 5)
+    finally:
+        node.stop()
+        env.nodes.remove(node)
