@@ -59,7 +59,6 @@ from server.stream_stall import StallWatch, StreamSlots
 from server.sync_health import ThreadedHealth
 from server.topology.watch import TopologyWatcher
 
-SHARD_IDLE_PROBE_SECONDS = 30.0   # unasked for this long, a shard marked down is probed by the node itself
 log = logging.getLogger("crs.node")
 
 
@@ -305,7 +304,7 @@ class Node:
         while True:
             await asyncio.sleep(1.0)
             for copy in self.tier.copies() if self.tier is not None else ():
-                copy.breaker.start_idle_probe(SHARD_IDLE_PROBE_SECONDS)
+                copy.breaker.start_idle_probe(self.settings.shard_idle_probe)
 
     async def _flush_metrics(self) -> None:
         while True:

@@ -106,6 +106,7 @@ class Settings:
     cache_preferred_copy: str = ""        # copy reads try first: primary, replica-1, ... (its zone's); "" = spread
     shard_failure_threshold: int = 3      # consecutive errors before a shard is marked down
     shard_retry_interval: float = 5.0     # seconds a down shard is skipped before it is probed again
+    shard_idle_probe: float = 30.0        # seconds a down shard nothing asks for waits before the node probes it itself
     # --- shard topology and resharding (docs/runbooks/resharding.md)
     topology_file: str = ""               # JSON topology file instead of the shard_topology table ("" = PostgreSQL)
     topology_poll_interval: float = 1.0   # seconds between a node's topology checks (bounds the pickup delay)
@@ -234,7 +235,7 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
-                 "shard_retry_interval", "outbox_poll_interval", "grace_seconds", "feed_retention",
+                 "shard_retry_interval", "shard_idle_probe", "outbox_poll_interval", "grace_seconds", "feed_retention",
                  "idempotency_retention",
                  "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
                  "db_health_interval", "pg_position_interval", "stream_stall"):
