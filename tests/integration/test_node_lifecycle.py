@@ -26,6 +26,7 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from devstack.processes import LogFile
 from server import rpc
+from server.background import STOP_SECONDS
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
 from tests.integration.support import UsedSecrets, fresh_pan, metrics_dir, until, worker_pids
@@ -185,6 +186,37 @@ def test_a_worker_whose_event_loop_stops_is_killed_and_replaced(dev_env: DevEnvi
                 os.kill(victim, signal.SIGCONT)
         node.stop()
         dev_env.nodes.remove(node)
+
+
+def test_a_worker_that_does_not_stop_in_time_is_killed_and_the_node_exits_1(dev_env: DevEnvironment) -> None:
+    """SIGTERM, and one worker never exits (stopped here; a teardown hung on a dead peer looks the same):
+    the parent waits out the allowance (drain delay, grace, the teardown's bounds), kills it, says which
+    one, and exits 1, so that the orchestrator and the operator see a stop that lost calls. It exited 0
+    after killing workers before. The loop-stall check is off: it would replace the worker first."""
+    node = dev_env.start_node(workers=2, loop_stall_seconds=0, drain_delay=0.2, grace_seconds=0.5, pg_timeout=0.5)
+    victim = 0
+    try:
+        until("both workers serve", lambda: _serving_count(node) == 2, within=30, poll=0.1)
+        victim = min(worker_pids(node))
+        os.kill(victim, signal.SIGSTOP)
+        started = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(60) == 1, node.log_tail(20)
+        took = time.monotonic() - started
+        allowance = 0.2 + 0.5 + STOP_SECONDS + 3 * 0.5 + 5
+        assert allowance - 0.5 <= took < allowance + 15, took
+        assert _gone(victim)
+    finally:
+        if victim:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        dev_env.nodes.remove(node)
+    killed = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
+              if line.startswith("{") and '"workers did not stop in time; killed"' in line]
+    assert len(killed) == 1 and len(killed[0]["workers"]) == 1, killed
+    stopped = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
+               if line.startswith("{") and '"msg":"stopped"' in line]
+    assert sorted(stopped[-1]["exitcodes"]) == [-9, 0], stopped
 
 
 def test_workers_drain_and_exit_when_their_parent_dies(dev_env: DevEnvironment) -> None:
