@@ -113,7 +113,7 @@ def storm(node: NodeProcess, pki: DevPki, clients: list[str],
                     break
         except grpc.RpcError as exc:
             failed.append(exc)
-        call.cancel()   # a connection carries 256 calls at most (rpc.SERVER_OPTIONS): the rest wait for these
+        call.cancel()   # caught up: give its place back (the node takes 256 calls a connection: rpc.SERVER_OPTIONS)
         done.release()
 
     result, stop = probe(node, pki, 10**6)
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node = env.start_node(workers=1, serving_model=args.model, tls_cert_file=str(pki.server_cert),
                               tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
                               clients_file=str(clients_file), pki=pki)
-        wait, _stop = probe(node, pki, 0, count=200)   # _stop kept: the child unpickles it
+        wait, _stop = probe(node, pki, 2 * 10**6, count=200)   # _stop kept: the child unpickles it
         alone = wait()
         print(f"{args.model}: alone: {summary(alone)}")
         during, seconds, failed = storm(node, pki, clients, args.watches)
