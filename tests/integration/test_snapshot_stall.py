@@ -60,7 +60,7 @@ def test_a_stalled_snapshot_reader_loses_its_transaction_and_is_told(dev_env: De
             with pytest.raises(FeedOverload, match="CRS_FEED_SNAPSHOT_STALL"):
                 while True:
                     await chunks.__anext__()
-            assert handlers._snapshots_running == 0
+            assert handlers._snapshots.running == 0
         finally:
             await _close(chunks, pool)
 
@@ -82,7 +82,7 @@ def test_a_snapshot_read_waiting_on_a_lock_is_ended_not_left_waiting(dev_env: De
                 with pytest.raises(BackendTimeout, match="CRS_FEED_SNAPSHOT_STALL"):
                     async with asyncio.timeout(STALL + 4):
                         await chunks.__anext__()
-            assert handlers._snapshots_running == 0
+            assert handlers._snapshots.running == 0
         finally:
             await _close(chunks, pool)
 
