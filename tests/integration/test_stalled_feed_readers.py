@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -87,6 +87,18 @@ def test_an_ended_stalled_stream_lets_go_of_its_connection_and_subscription(
     assert errors_logged(node, since=log_from) == []
 
 
+def _admitted(channel: grpc.Channel, keep: Callable[[grpc.Future], object]) -> bool:
+    """Whether the node admits a (stalled) Snapshot now: handed to `keep` if so; False when it is
+    refused RESOURCE_EXHAUSTED."""
+    try:
+        keep(_stalled(channel, "snapshot", 30))
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        return False
+    return True
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_snapshots_past_the_limit_are_refused(nodes: dict[str, NodeProcess], model: str) -> None:
     """CRS_FEED_SNAPSHOT_MAX=2: two stalled Snapshots run, a third is refused RESOURCE_EXHAUSTED at once
@@ -103,18 +115,9 @@ def test_snapshots_past_the_limit_are_refused(nodes: dict[str, NodeProcess], mod
         held.pop().cancel()
         until("the cancelled Snapshot's connection given back", lambda: _busy_connections(node) <= 1, 5)
 
-        def admitted() -> bool:
-            # The slot frees a loop turn or two after the connection shows idle (asyncpg releases it in
-            # a shielded task; the handler's `finally` runs after), and the gauges flush every second.
-            try:
-                held.append(_stalled(channel, "snapshot", 30))
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                return False
-            return True
-
-        until("a Snapshot admitted again", admitted, 5)
+        # The slot frees a loop turn or two after the connection shows idle (asyncpg releases it in a
+        # shielded task; the handler's `finally` runs after), and the gauges flush every second.
+        until("a Snapshot admitted again", lambda: _admitted(channel, held.append), 5)
         for call in held:
             call.cancel()
 
@@ -239,16 +242,8 @@ def test_one_client_leaves_a_snapshot_slot_to_the_others(env: DevEnvironment, mo
             assert (_whole_snapshot(b) or 0) >= 3000, "the other client's Snapshot runs while extract-a's stalls"
             held.cancel()
 
-            def admitted() -> bool:   # the slot frees a loop turn or two after the cancel reaches the node
-                try:
-                    _stalled(a, "snapshot", 30).cancel()
-                except grpc.RpcError as exc:
-                    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        raise
-                    return False
-                return True
-
-            until("extract-a's Snapshot admitted again", admitted, 5)
+            # The slot frees a loop turn or two after the cancel reaches the node.
+            until("extract-a's Snapshot admitted again", lambda: _admitted(a, lambda call: call.cancel()), 5)
     finally:
         node.stop()
         env.nodes.remove(node)
