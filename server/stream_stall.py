@@ -106,17 +106,29 @@ class StallWatch:
         """A grpc.aio stream's messages: the same, for the checker on this loop (grpc iterates this
         generator in the call's own task)."""
         call_task = asyncio.current_task()
+        ended = False
 
         def end(code: grpc.StatusCode, why: str) -> None:
+            nonlocal ended
+            ended = True
             task = asyncio.get_running_loop().create_task(_abort(context, code, why, call_task))
             self._aborts.add(task)
             task.add_done_callback(self._aborts.discard)
 
         with self._tracked(_Stream(method, self._limit(method), end)) as stream:
-            async for item in items:
-                stream.sending_since = time.monotonic()
-                yield item
-                stream.sending_since = 0.0
+            try:
+                async for item in items:
+                    stream.sending_since = time.monotonic()
+                    yield item
+                    stream.sending_since = 0.0
+            except Exception:
+                # Ended here, its status sent or on its way: the stream's own error since (a Snapshot's
+                # transaction ended by PostgreSQL for the same stall) must not reach the handler, whose
+                # abort would be the call's second: grpc logs that as an ERROR ("Abort already called!",
+                # a suite run). The call is being cancelled anyway.
+                if ended:
+                    raise asyncio.CancelledError() from None
+                raise
 
     def check(self, now: float | None = None) -> int:
         """End every stream whose send has waited past its limit; how many were ended."""

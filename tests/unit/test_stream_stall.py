@@ -135,3 +135,38 @@ def test_a_stalled_reader_of_an_aio_server_stream_is_told_and_its_generator_clos
 
     asyncio.run(scenario())
 
+
+
+def test_an_aio_stream_ended_for_a_stall_keeps_its_own_later_error_from_the_handler() -> None:
+    """The reader comes back after the node ended its stream, the pending send completes, and the
+    stream's generator fails (a Snapshot: PostgreSQL ended its idle transaction for the same stall)
+    before the call's task is cancelled: that error reached the handler, which aborted the call a
+    second time, and grpc logged "Abort already called!" as an ERROR (a suite run, aio model)."""
+    async def scenario() -> None:
+        watch = StallWatch(limit=LIMIT)
+        aborts: list[grpc.StatusCode] = []
+        sent = asyncio.Event()
+
+        class Context:
+            async def abort(self, code: grpc.StatusCode, why: str) -> None:
+                aborts.append(code)
+                await asyncio.sleep(0.05)   # sending the status takes loop turns
+                raise RuntimeError("grpc's AbortError")
+
+        async def messages() -> AsyncIterator[bytes]:
+            yield b"one"
+            raise RuntimeError("the snapshot's transaction was ended")
+
+        async def call() -> None:
+            async for _ in watch.aio_stream("Snapshot", messages(), Context()):   # type: ignore[arg-type]
+                await sent.wait()   # the send is pending: the reader stopped
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.05)
+        assert watch.check(time.monotonic() + 10 * LIMIT) == 1
+        sent.set()   # the reader came back before the status went out
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert aborts == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+    asyncio.run(scenario())
