@@ -29,12 +29,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from server.caller import ALL_SCOPES, ANONYMOUS, Caller
 from server.errors import RateLimited, Unauthenticated
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,13 @@ class ClientRegistry:
         return [policy for policy in self.clients.values() if any(n in policy.cert_names for n in names)]
 
 
+def _keep(cache: OrderedDict[K, V], key: K, value: V, size: int) -> None:
+    """Put `key` in a cache of at most `size` entries, the oldest put first out (the caller holds its lock)."""
+    if len(cache) >= size:
+        cache.popitem(last=False)
+    cache[key] = value
+
+
 class JwtVerifier:
     """Verifies signed bearer tokens (ES256/RS256/EdDSA) against a JWKS file; caches good tokens until
     they expire, and refused ones (by a digest of the token) for good: a client retrying an expired or
@@ -152,16 +162,12 @@ class JwtVerifier:
             raise self._refuse(digest, "bearer token is not valid for this service") from exc
         scopes = token_scopes(claims)
         with self._lock:
-            if len(self._cache) >= self._cache_size:
-                self._cache.popitem(last=False)
-            self._cache[token] = (float(claims["exp"]), str(claims["sub"]), scopes)
+            _keep(self._cache, token, (float(claims["exp"]), str(claims["sub"]), scopes), self._cache_size)
         return str(claims["sub"]), scopes
 
     def _refuse(self, digest: bytes, why: str) -> Unauthenticated:
         with self._lock:
-            if len(self._refused) >= self._cache_size:
-                self._refused.popitem(last=False)
-            self._refused[digest] = why
+            _keep(self._refused, digest, why, self._cache_size)
         return Unauthenticated(why)
 
 
@@ -242,9 +248,7 @@ class Authenticator:
         if cached is None:
             cached = self._identify_cert(pem)
             with self._lock:
-                if len(self._by_cert) >= self._cert_cache_size:
-                    self._by_cert.popitem(last=False)
-                self._by_cert[pem] = cached
+                _keep(self._by_cert, pem, cached, self._cert_cache_size)
         if isinstance(cached, Unauthenticated):
             raise Unauthenticated(cached.message)
         return cached

@@ -143,7 +143,6 @@ class FeedHandlers:
         self.batch = batch
         self.progress_interval = progress_interval
         self.snapshot_chunk = snapshot_chunk
-        self.snapshot_max = snapshot_max
         self.snapshot_stall = snapshot_stall   # seconds a reader may leave a chunk unread (the transaction waits)
         self._snapshots = SnapshotSlots(snapshot_max)
         # Page reads of watchers behind the live tail (an old checkpoint, an overflowed queue), at once:

@@ -211,11 +211,10 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_the_node_exits_1(dev_
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         dev_env.nodes.remove(node)
-    killed = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
-              if line.startswith("{") and '"workers did not stop in time; killed"' in line]
+    lines = [line for line in LogFile(node.log_path).text().splitlines() if line.startswith("{")]
+    killed = [json.loads(line) for line in lines if '"workers did not stop in time; killed"' in line]
     assert len(killed) == 1 and len(killed[0]["workers"]) == 1, killed
-    stopped = [json.loads(line) for line in LogFile(node.log_path).text().splitlines()
-               if line.startswith("{") and '"msg":"stopped"' in line]
+    stopped = [json.loads(line) for line in lines if '"msg":"stopped"' in line]
     assert sorted(stopped[-1]["exitcodes"]) == [-9, 0], stopped
 
 
