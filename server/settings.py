@@ -132,9 +132,9 @@ class Settings:
     feed_progress_interval: float = 2.0   # an idle watcher gets a Progress mark this often, seconds
     feed_queue_size: int = 10_000         # events queued per watcher; one further behind catches up from PostgreSQL
     feed_batch: int = 1000                # events per read (tailer, catch-up)
-    feed_catch_up_reads: int = 0          # catch-up reads at once per process (watchers behind the live tail; the
-                                          # others wait their turn, leaving the pool to lookups' misses); 0 = half
-                                          # of pg_pool_max
+    feed_catch_up_reads: int = 0          # Watches behind the live tail reading from the table and delivering what
+                                          # they read at once per process (the others wait their turn, leaving the
+                                          # pool and the node to lookups); 0 = 4, at most half of pg_pool_max
     feed_snapshot_chunk: int = 500        # entities per SnapshotChunk
     feed_snapshot_max: int = 2            # Snapshots running at once per node process (each holds a connection)
     feed_snapshot_stall: float = 120.0    # seconds a Snapshot chunk may wait unread before its transaction ends
@@ -291,7 +291,7 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_GRPC_PORT must be 1-65535 (got {s.grpc_port})")
     if s.pg_pool_min > s.pg_pool_max:
         problems.append("CRS_PG_POOL_MIN must be <= CRS_PG_POOL_MAX")
-    if s.feed_catch_up_reads >= s.pg_pool_max:   # 0 (half the pool) passes
+    if s.feed_catch_up_reads >= s.pg_pool_max:   # 0 (the default) passes
         problems.append(f"CRS_FEED_CATCH_UP_READS must be below CRS_PG_POOL_MAX ({s.pg_pool_max}): each holds a"
                         f" connection, and lookups' misses need the rest (got {s.feed_catch_up_reads})")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -321,9 +321,13 @@ def streams_per_client_of(s: Settings) -> int:
     return s.streams_per_client or max(1, s.stream_threads - s.stream_threads // 4)
 
 
+CATCH_UP_READS = 4   # the default of CRS_FEED_CATCH_UP_READS (docs/feed.md: 128 clients' Watches catching up)
+
+
 def catch_up_reads_of(s: Settings) -> int:
-    """How many watchers behind the live tail read a page at once on a node process."""
-    return s.feed_catch_up_reads or max(1, s.pg_pool_max // 2)
+    """How many Watches behind the live tail read from the table and deliver what they read at once on a
+    node process."""
+    return s.feed_catch_up_reads or max(1, min(CATCH_UP_READS, s.pg_pool_max // 2))
 
 
 def fill_window_of(s: Settings) -> float:

@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=1, help="extract jobs the Watches are dealt over (default 1)")
     p.add_argument("--events", type=int, default=5_000, help="change events to catch up on (default 5000)")
     p.add_argument("--customers", type=int, default=2_000, help="demo customers (default 2000)")
+    p.add_argument("--catch-up-reads", type=int, default=0,
+                   help="CRS_FEED_CATCH_UP_READS of the node (default 0: the node's own default)")
     args = p.parse_args(argv)
     if args.watches < 1 or args.clients < 1:
         p.error("--watches and --clients must be at least 1")
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         clients_file.write_text(json.dumps({"clients": policies}))
         node = env.start_node(workers=1, serving_model=args.model, tls_cert_file=str(pki.server_cert),
                               tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
-                              clients_file=str(clients_file), pki=pki)
+                              clients_file=str(clients_file), pki=pki, feed_catch_up_reads=args.catch_up_reads)
         wait, _stop = probe(node, pki, 2 * 10**6, count=200)   # _stop kept: the child unpickles it
         alone = wait()
         print(f"{args.model}: alone: {summary(alone)}")

@@ -16,16 +16,18 @@ and rejoins the tailer's broadcast at its head. It is not bounded further: it ho
 one page per `batch` events its consumer takes, the reads it would make anyway after being cut off and
 reconnecting. How far behind it may fall is the retention: compacted past, it ends OUT_OF_RANGE.
 
-Reading from the table costs the node's loop a decode per event and a page of memory per watcher: one
-client's Watches read from it CATCH_UPS_PER_CLIENT at a time, its others waiting their turn (an outside
-audit's 384 Watches from sequence 0, one client, held a lookup's miss 3.9 s)."""
+Reading from the table costs the node's loop a decode per event, a page of memory and a busy stream
+per watcher: one client's Watches read from it CATCH_UPS_PER_CLIENT at a time, its others waiting their
+turn (an outside audit's 384 Watches from sequence 0, one client, held a lookup's miss 3.9 s), and the
+node's CRS_FEED_CATCH_UP_READS at a time, whichever clients they are of (NodeTurns: 128 clients' Watches
+catching up at once held misses 0.5 s at p99 when a turn covered only a page's read, 0.1 s now)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -50,6 +52,25 @@ from server.store.feed import (
 
 CATCH_UPS_PER_CLIENT = 2   # a client's Watches reading from the table at once; its others wait their turn
 TURN_POLL_SECONDS = 0.5    # how soon a Watch waiting for its turn sees the node draining
+CATCH_UP_SLICE = 1.0       # seconds a Watch holds one of the node's catch-up turns before the next in line
+
+
+async def _take(turns: asyncio.Semaphore, sub: Subscription, waiting: Callable[[], None] = lambda: None) -> None:
+    """One of `turns`, first come first served; while it waits, `sub` ending (a draining node) ends the
+    wait with why, and `waiting()` runs every TURN_POLL_SECONDS."""
+    acquire = asyncio.ensure_future(turns.acquire())
+    try:
+        while not acquire.done():
+            await asyncio.wait({acquire}, timeout=TURN_POLL_SECONDS)
+            if not acquire.done():
+                if sub.ended is not None:
+                    raise sub.ended
+                waiting()
+    except BaseException:   # ended, or the call went: no turn taken, or the one just given back
+        if acquire.done() and not acquire.cancelled():
+            turns.release()
+        acquire.cancel()
+        raise
 
 
 class ClientTurns:
@@ -65,17 +86,7 @@ class ClientTurns:
         turns, users = self._clients.get(client, (asyncio.Semaphore(self.per_client), 0))
         self._clients[client] = (turns, users + 1)
         try:
-            acquire = asyncio.ensure_future(turns.acquire())
-            try:
-                while not acquire.done():
-                    await asyncio.wait({acquire}, timeout=TURN_POLL_SECONDS)
-                    if not acquire.done() and sub.ended is not None:
-                        raise sub.ended
-            except BaseException:   # ended, or the call went: no turn taken, or the one just given back
-                if acquire.done() and not acquire.cancelled():
-                    turns.release()
-                acquire.cancel()
-                raise
+            await _take(turns, sub)
             try:
                 yield
             finally:
@@ -86,6 +97,71 @@ class ClientTurns:
                 del self._clients[client]
             else:
                 self._clients[client] = (turns, users - 1)
+
+
+class Turn:
+    """One of a node's catch-up turns, held by one Watch: see NodeTurns."""
+
+    __slots__ = ("_since", "_sub", "_turns", "held", "reading")
+
+    def __init__(self, turns: NodeTurns, sub: Subscription) -> None:
+        self._turns = turns
+        self._sub = sub
+        self._since = 0.0
+        self.held = False
+        self.reading = False   # a page read under way: its turn is not taken back (it holds a connection)
+
+    async def take(self) -> None:
+        await _take(self._turns.semaphore, self._sub, self._turns.take_back_overdue)
+        self.held = True
+        self._since = time.monotonic()
+        self._turns.holders.add(self)
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self._turns.holders.discard(self)
+            self._turns.semaphore.release()
+
+    def overdue(self, now: float) -> bool:
+        return now - self._since >= self._turns.slice and not self.reading
+
+    async def share(self) -> None:
+        """Between two events: held a slice, the turn goes to the back of the line (and comes back at once
+        when no other Watch waits); taken back while the consumer did not read, it is waited for again."""
+        if self.held and self.overdue(time.monotonic()):
+            self.give_back()
+        if not self.held:
+            await self.take()
+
+
+class NodeTurns:
+    """At most `turns` Watches of a node process read from the table and deliver what they read at once
+    (CRS_FEED_CATCH_UP_READS), first come first served. A turn goes to the back of the line once held
+    `slice` seconds, so that a Watch far behind, or one whose consumer reads slowly, does not keep the
+    others waiting for its whole catch-up; one whose consumer stopped reading (it waits at an event
+    unsent) has its turn taken back by the next Watch in line, a poll later."""
+
+    def __init__(self, turns: int, slice: float = CATCH_UP_SLICE) -> None:
+        self.semaphore = asyncio.Semaphore(turns)
+        self.slice = slice
+        self.holders: set[Turn] = set()
+
+    def take_back_overdue(self) -> None:
+        """A Watch waits: the turns held past their slice go to the line (their holders wait for one again
+        at their next event)."""
+        now = time.monotonic()
+        for turn in [t for t in self.holders if t.overdue(now)]:
+            turn.give_back()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, sub: Subscription) -> AsyncIterator[Turn]:
+        turn = Turn(self, sub)
+        await turn.take()
+        try:
+            yield turn
+        finally:
+            turn.give_back()
 
 
 class SnapshotSlots:
@@ -145,9 +221,10 @@ class FeedHandlers:
         self.snapshot_chunk = snapshot_chunk
         self.snapshot_stall = snapshot_stall   # seconds a reader may leave a chunk unread (the transaction waits)
         self._snapshots = SnapshotSlots(snapshot_max)
-        # Page reads of watchers behind the live tail (an old checkpoint, an overflowed queue), at once:
-        # the others wait their turn rather than take the pool connections lookups' misses need.
-        self._catch_up_reads = asyncio.Semaphore(catch_up_reads)
+        # Watches behind the live tail (an old checkpoint, an overflowed queue) reading from the table and
+        # delivering what they read, at once: the others wait their turn rather than take the pool
+        # connections lookups' misses need, or keep a stream thread and the loop busy each.
+        self._node_turns = NodeTurns(catch_up_reads)
         self._catch_up_turns = ClientTurns(CATCH_UPS_PER_CLIENT)
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:
@@ -195,31 +272,38 @@ class FeedHandlers:
         everything up to `until` was delivered or filtered out. In one of `client`'s turns."""
         if cursor >= until:
             return
-        async with self._catch_up_turns.turn(client, sub):
-            async for data in self._pages(cursor, sub, until=until):
+        async with self._catch_up_turns.turn(client, sub), contextlib.aclosing(
+                self._pages(cursor, sub, until=until)) as pages:   # closed with this one: its turn given back
+            async for data in pages:
                 yield data
 
-    async def _pages(self, cursor: int, sub: Subscription, *, until: int) -> AsyncIterator[bytes]:
-        while cursor < until:
-            async with self._catch_up_reads:
-                with translate_db_errors():
-                    epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
-                    oldest = await horizon(self.pool, timeout=self.timeout)
-            if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
-                raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
-                                 f" retained is {oldest + 1}: take a Snapshot and Watch from its sequence")
-            if epoch != sub.epoch:   # rows of another history than this stream's: as the tailer would end it
-                raise BackendUnavailable(EPOCH_CHANGED)
-            if not rows:
-                break
-            for row in rows:
-                if sub.ended is not None:   # a draining node, a lost database: not after the whole catch-up
-                    raise sub.ended
-                if row["seq"] > until:
-                    return
-                cursor = row["seq"]
-                if sub.wants(row["feed_type"]):
-                    yield event_from_row(row, epoch).SerializeToString()
+    async def _pages(self, cursor: int, sub: Subscription, *, until: int) -> AsyncGenerator[bytes, None]:
+        async with self._node_turns.turn(sub) as turn:
+            while cursor < until:
+                await turn.share()
+                turn.reading = True
+                try:
+                    with translate_db_errors():
+                        epoch, rows = await read_events(self.pool, cursor, self.batch, timeout=self.timeout)
+                        oldest = await horizon(self.pool, timeout=self.timeout)
+                finally:
+                    turn.reading = False
+                if oldest > cursor:   # compaction ran since this Watch began: the rows read may have holes
+                    raise OutOfRange(f"sequence {cursor} was compacted while this Watch caught up; the oldest"
+                                     f" retained is {oldest + 1}: take a Snapshot and Watch from its sequence")
+                if epoch != sub.epoch:   # rows of another history than this stream's: as the tailer would end it
+                    raise BackendUnavailable(EPOCH_CHANGED)
+                if not rows:
+                    break
+                for row in rows:
+                    if sub.ended is not None:   # a draining node, a lost database: not after the whole catch-up
+                        raise sub.ended
+                    if row["seq"] > until:
+                        return
+                    cursor = row["seq"]
+                    if sub.wants(row["feed_type"]):
+                        await turn.share()
+                        yield event_from_row(row, epoch).SerializeToString()
         # Nothing (more) to read up to `until`: the consumer is at it, even if nothing matched.
 
     async def _live(self, cursor: int, sub: Subscription, *, caught_up_at: int,
