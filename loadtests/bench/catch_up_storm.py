@@ -12,7 +12,10 @@ that the Watch readers' threads do not hold its GIL), and misses while every Wat
 sequence 1 and reads to its first Progress mark (caught up, then cancelled). Printed: the misses'
 p50 / p99 / max in each phase, how long the Watches took to catch up, and the Watches that failed.
 An outside audit measured a miss held 3.9 s by 384 Watches of one client from sequence 0. On a
-2-core machine the readers share the cores with the node: compare runs of one machine only.
+2-core machine the readers share the cores with the node: compare runs of one machine only, and
+--split-cpus (Linux) keeps this process, the Watches' readers, on the last CPU and everything it
+started (the node, PostgreSQL, Redis, the miss prober) on the others, so that the readers cannot
+starve the node as no consumer on another machine would.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import queue
 import statistics
 import threading
@@ -30,10 +34,12 @@ from typing import Any
 
 import asyncpg
 import grpc
+import psutil
 
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
+from loadtests.shared.procs import pin, pin_self
 from server import rpc
 from server.proto import crs_pb2 as pb
 
@@ -98,8 +104,18 @@ def summary(took: list[float]) -> str:
             f" max {ordered[-1]:.1f} ms")
 
 
-def storm(node: NodeProcess, pki: DevPki, clients: list[str],
-          watches: int) -> tuple[list[float], float, dict[str, int]]:
+def split_cpus() -> tuple[int, list[int]]:
+    """This process on the last CPU, every process it started on the others: (the readers' CPU, the rest)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--split-cpus needs at least 2 CPUs")
+    pin([child.pid for child in psutil.Process().children()], cpus[:-1])
+    pin_self({cpus[-1]})
+    return cpus[-1], cpus[:-1]
+
+
+def storm(node: NodeProcess, pki: DevPki, clients: list[str], watches: int,
+          split: bool = False) -> tuple[list[float], float, dict[str, int]]:
     """Misses while the Watches catch up; (miss latencies, seconds until every Watch was caught up or
     failed, the failures by code and message)."""
     channels = {client: open_channel(node.address, pki, client) for client in clients}
@@ -118,6 +134,9 @@ def storm(node: NodeProcess, pki: DevPki, clients: list[str],
 
     result, stop = probe(node, pki, 10**6)
     time.sleep(2.0)   # the prober's process started and probing
+    if split:
+        readers, rest = split_cpus()
+        print(f"readers on CPU {readers}; the node, PostgreSQL, Redis and the miss prober on {rest}")
     began = time.perf_counter()
     for n in range(watches):
         feed = rpc.stub(channels[clients[n % len(clients)]], "ChangeFeedService")
@@ -147,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--customers", type=int, default=2_000, help="demo customers (default 2000)")
     p.add_argument("--catch-up-reads", type=int, default=0,
                    help="CRS_FEED_CATCH_UP_READS of the node (default 0: the node's own default)")
+    p.add_argument("--split-cpus", action="store_true",
+                   help="Linux: the Watches' readers on the last CPU, the node and its servers on the others")
     args = p.parse_args(argv)
     if args.watches < 1 or args.clients < 1:
         p.error("--watches and --clients must be at least 1")
@@ -167,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         wait, _stop = probe(node, pki, 2 * 10**6, count=200)   # _stop kept: the child unpickles it
         alone = wait()
         print(f"{args.model}: alone: {summary(alone)}")
-        during, seconds, failed = storm(node, pki, clients, args.watches)
+        during, seconds, failed = storm(node, pki, clients, args.watches, args.split_cpus)
         print(f"{args.model}: while {args.watches} Watches of {args.clients} client(s) catch up on {args.events:,}"
               f" events: {summary(during)}; all caught up in {seconds:.1f} s;"
               f" {sum(failed.values())} Watch(es) failed{': ' if failed else ''}{failed or ''}")

@@ -111,20 +111,21 @@ def pin(roots: Iterable[int], cpus: Iterable[int]) -> int:
     whether it was on.
     """
     cpus = set(cpus)
-    if not cpus:
+    return sum(_pin_threads(proc, cpus) for proc in _processes(roots)) if cpus else 0
+
+
+def _pin_threads(proc: psutil.Process, cpus: set[int]) -> int:
+    try:
+        threads = proc.threads()
+    except psutil.Error:
         return 0
     done = 0
-    for proc in _processes(roots):
+    for thread in threads:
         try:
-            threads = proc.threads()
-        except psutil.Error:
-            continue
-        for thread in threads:
-            try:
-                os.sched_setaffinity(thread.id, cpus)
-                done += 1
-            except OSError:
-                pass
+            os.sched_setaffinity(thread.id, cpus)
+            done += 1
+        except OSError:
+            pass
     return done
 
 
@@ -148,5 +149,7 @@ def paused(roots: Iterable[int]) -> Iterator[int]:
 
 
 def pin_self(cpus: set[int]) -> None:
-    """Pin every thread of this process (call it early: later threads inherit it)."""
-    pin([os.getpid()], cpus)
+    """Pin every thread of this process, not the processes it started (call it early: later threads and
+    children inherit it). It pinned its children too, so a bench that pinned its servers and then
+    itself put them all on its own CPU (server_model.py, thread_pool.py; found 2026-12-05)."""
+    _pin_threads(psutil.Process(), set(cpus))

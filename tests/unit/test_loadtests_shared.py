@@ -122,6 +122,26 @@ def test_cpu_time_and_pinning_cover_the_whole_tree() -> None:
     assert procs.pin([parent.pid], [0]) == 0
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="Linux, 2 CPUs")
+def test_pin_self_leaves_the_processes_it_started_where_they_were_pinned() -> None:
+    """A bench pins its servers to one CPU and itself to another: pin_self pinned its children too, so the
+    servers ran on the bench's own CPU (server_model.py, thread_pool.py, catch_up_storm --split-cpus)."""
+    mine = os.sched_getaffinity(0)
+    server_cpu, own_cpu = sorted(mine)[:2]
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        procs.pin([child.pid], [server_cpu])
+        procs.pin_self({own_cpu})
+        assert os.sched_getaffinity(0) == {own_cpu}
+        assert os.sched_getaffinity(child.pid) == {server_cpu}
+    finally:
+        procs.pin_self(mine)
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(10)
+
+
 def test_paused_stops_the_whole_tree_for_the_block_and_resumes_it_even_on_an_error() -> None:
     """The benchmark stops the servers it is not measuring (their idle wake-ups shared the server core)."""
     import psutil
