@@ -266,3 +266,27 @@ def test_one_client_leaves_a_snapshot_slot_to_the_others(env: DevEnvironment, mo
     finally:
         node.stop()
         env.nodes.remove(node)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_stalled_watch_does_not_keep_the_nodes_one_catch_up_turn(env: DevEnvironment, model: str) -> None:
+    """CRS_FEED_CATCH_UP_READS=1: a Watch catching up holds the node's one turn across what it delivers;
+    its consumer stops reading, and the next Watch in line takes the turn back once it was held a slice
+    (server/feed/service.py, NodeTurns), catches up to its Progress mark and reads on. Without that,
+    every other Watch from an old checkpoint would wait for the stalled one's CRS_STREAM_STALL."""
+    node = env.start_node(workers=1, serving_model=model, feed_catch_up_reads=1)
+    try:
+        with grpc.insecure_channel(node.address, options=SMALL_WINDOW) as stalled_channel, \
+                grpc.insecure_channel(node.address) as other:
+            stalled = _stalled(stalled_channel, "watch", 60)
+            started = time.monotonic()
+            events = 0
+            for event in rpc.stub(other, "ChangeFeedService").Watch(pb.WatchRequest(from_sequence=1), timeout=30):
+                if event.HasField("progress"):
+                    break
+                events += 1
+            assert events >= FEED_EVENTS - 1 and time.monotonic() - started < 20   # all after sequence 1
+            stalled.cancel()
+    finally:
+        node.stop()
+        env.nodes.remove(node)
