@@ -398,6 +398,7 @@ def dashboard() -> dict[str, Any]:
         ("Change feed, BIN table, certificates", [
             ("Feed watchers", [(f"sum(crs_feed_watchers{{{J}}})", "watch streams"),
                                (f"sum(crs_feed_watchers_catching_up{{{J}}})", "catching up from PostgreSQL"),
+                               (f"sum(crs_feed_watchers_waiting_turn{{{J}}})", "waiting for a catch-up turn"),
                                (f"crs_feed_watchers{{{J}}}", "{{instance}}")], "short", ""),
             ("Feed head per node and lag behind the furthest node",
              [(f"crs_feed_head_sequence{{{J}}}", "{{instance}} head"),

@@ -197,6 +197,9 @@ class Metrics:
         self.feed_catching_up = Gauge("crs_feed_watchers_catching_up",
                                       "Of those, streams reading from PostgreSQL: they fell behind their queue",
                                       multiprocess_mode="livesum", registry=reg)
+        self.feed_waiting_turn = Gauge("crs_feed_watchers_waiting_turn",
+                                       "Watches behind the live tail waiting for one of the process's catch-up"
+                                       " turns (CRS_FEED_CATCH_UP_READS)", multiprocess_mode="livesum", registry=reg)
         self.feed_head = learned("crs_feed_head_sequence", "Highest feed sequence this node process has read")
         self.database_up = learned("crs_database_up", "1 when PostgreSQL answered the node's last probe")
         # The BIN table (docs/bins.md) this process answers from.

@@ -112,7 +112,14 @@ class Turn:
         self.reading = False   # a page read under way: its turn is not taken back (it holds a connection)
 
     async def take(self) -> None:
-        await _take(self._turns.semaphore, self._sub, self._turns.take_back_overdue)
+        waits = self._turns.semaphore.locked()   # else taken at once: not counted as waiting
+        if waits:
+            self._turns.count_waiting(1)
+        try:
+            await _take(self._turns.semaphore, self._sub, self._turns.take_back_overdue)
+        finally:
+            if waits:
+                self._turns.count_waiting(-1)
         self.held = True
         self._since = time.monotonic()
         self._turns.holders.add(self)
@@ -142,10 +149,17 @@ class NodeTurns:
     others waiting for its whole catch-up; one whose consumer stopped reading (it waits at an event
     unsent) has its turn taken back by the next Watch in line, a poll later."""
 
-    def __init__(self, turns: int, slice: float = CATCH_UP_SLICE) -> None:
+    def __init__(self, turns: int, slice: float = CATCH_UP_SLICE,
+                 on_waiting: Callable[[int], None] = lambda waiting: None) -> None:
         self.semaphore = asyncio.Semaphore(turns)
         self.slice = slice
         self.holders: set[Turn] = set()
+        self.waiting = 0
+        self._on_waiting = on_waiting   # Watches waiting for a turn, for the metrics
+
+    def count_waiting(self, change: int) -> None:
+        self.waiting += change
+        self._on_waiting(self.waiting)
 
     def take_back_overdue(self) -> None:
         """A Watch waits: the turns held past their slice go to the line (their holders wait for one again
@@ -212,7 +226,8 @@ def _types(requested: Any, allowed: frozenset[int]) -> frozenset[int]:
 class FeedHandlers:
     def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
                  progress_interval: float, snapshot_chunk: int, snapshot_max: int,
-                 snapshot_stall: float = 120.0, catch_up_reads: int = 4) -> None:
+                 snapshot_stall: float = 120.0, catch_up_reads: int = 4,
+                 on_catch_up_waiting: Callable[[int], None] = lambda waiting: None) -> None:
         self.pool = pool
         self.tailer = tailer
         self.timeout = timeout
@@ -224,7 +239,7 @@ class FeedHandlers:
         # Watches behind the live tail (an old checkpoint, an overflowed queue) reading from the table and
         # delivering what they read, at once: the others wait their turn rather than take the pool
         # connections lookups' misses need, or keep a stream thread and the loop busy each.
-        self._node_turns = NodeTurns(catch_up_reads)
+        self._node_turns = NodeTurns(catch_up_reads, on_waiting=on_catch_up_waiting)
         self._catch_up_turns = ClientTurns(CATCH_UPS_PER_CLIENT)
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:

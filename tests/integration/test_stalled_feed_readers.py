@@ -12,6 +12,7 @@ without a data set of many megabytes."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -280,12 +281,29 @@ def test_a_stalled_watch_does_not_keep_the_nodes_one_catch_up_turn(env: DevEnvir
                 grpc.insecure_channel(node.address) as other:
             stalled = _stalled(stalled_channel, "watch", 60)
             started = time.monotonic()
-            events = 0
-            for event in rpc.stub(other, "ChangeFeedService").Watch(pb.WatchRequest(from_sequence=1), timeout=30):
-                if event.HasField("progress"):
-                    break
-                events += 1
-            assert events >= FEED_EVENTS - 1 and time.monotonic() - started < 20   # all after sequence 1
+
+            def catch_up() -> int:
+                events = 0
+                for event in rpc.stub(other, "ChangeFeedService").Watch(pb.WatchRequest(from_sequence=1),
+                                                                         timeout=30):
+                    if event.HasField("progress"):
+                        return events
+                    events += 1
+                raise AssertionError("the Watch ended before its Progress mark")
+
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                events = pool.submit(catch_up)
+
+                def still_waiting() -> None:
+                    if events.done():
+                        events.result()
+                        pytest.fail("caught up without being seen waiting for the turn")
+
+                # Held for a slice (1 s) before it is taken back: the other Watch is seen waiting meanwhile.
+                until("the other Watch waiting for the turn",
+                      lambda: metric(node, "crs_feed_watchers_waiting_turn") == 1, 5, check=still_waiting)
+                assert events.result() >= FEED_EVENTS - 1 and time.monotonic() - started < 20   # all after seq 1
+            until("none waiting", lambda: metric(node, "crs_feed_watchers_waiting_turn") == 0, 5)
             stalled.cancel()
     finally:
         node.stop()

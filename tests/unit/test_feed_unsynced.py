@@ -297,8 +297,10 @@ async def test_the_nodes_watches_catch_up_a_few_at_a_time_and_in_slices(feed: Fa
     tailer = FeedTailer(pool=None, poll_interval=0.005, batch=10, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(tailer.run())
     try:
+        waiting: list[int] = []   # what crs_feed_watchers_waiting_turn shows
         handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=10,  # type: ignore[arg-type]
-                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=1)
+                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=1,
+                                on_catch_up_waiting=waiting.append)
         handlers._node_turns.slice = 0.05
         delivered: list[tuple[str, int]] = []
 
@@ -320,6 +322,7 @@ async def test_the_nodes_watches_catch_up_a_few_at_a_time_and_in_slices(feed: Fa
         assert max(p[0] for p in positions.values()) < min(p[-1] for p in positions.values()), \
             "a Watch waited for another's whole catch-up"
         assert handlers._node_turns.holders == set()
+        assert waiting[-1] == 0 and max(waiting) >= 1, "the others wait while one delivers"
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
