@@ -70,6 +70,11 @@ def _read(item: bytes) -> str:
     return item.decode() if item.startswith(b"event ") else f"mark {pb.ChangeEvent.FromString(item).sequence}"
 
 
+def _catch_up_handlers(tailer: FeedTailer, *, batch: int, catch_up_reads: int, **kw: Any) -> FeedHandlers:
+    return FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=batch, progress_interval=5.0,  # type: ignore[arg-type]
+                        snapshot_chunk=10, snapshot_max=1, catch_up_reads=catch_up_reads, **kw)
+
+
 async def _watch(tailer: FeedTailer) -> tuple[Subscription, AsyncIterator[bytes]]:
     sub = await tailer.subscribe(frozenset())
     handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=4, progress_interval=5.0,  # type: ignore[arg-type]
@@ -161,8 +166,7 @@ async def test_watchers_behind_the_tail_read_a_few_at_a_time(feed: FakeFeed, mon
     tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(tailer.run())
     try:
-        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=4,  # type: ignore[arg-type]
-                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=2)
+        handlers = _catch_up_handlers(tailer, batch=4, catch_up_reads=2)
         subs = [await tailer.subscribe(frozenset()) for _ in range(10)]
 
         async def follow(live: AsyncIterator[bytes]) -> list[int]:
@@ -255,8 +259,7 @@ async def test_one_clients_watches_read_the_table_two_at_a_time_and_a_drain_ends
     tailer = FeedTailer(pool=None, poll_interval=0.005, batch=10, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(tailer.run())
     try:
-        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=10,  # type: ignore[arg-type]
-                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=8)
+        handlers = _catch_up_handlers(tailer, batch=10, catch_up_reads=8)
         assert service.CATCH_UPS_PER_CLIENT == 2
 
         async def from_zero(client: str) -> tuple[Subscription, AsyncIterator[bytes]]:
@@ -298,9 +301,7 @@ async def test_the_nodes_watches_catch_up_a_few_at_a_time_and_in_slices(feed: Fa
     runner = asyncio.create_task(tailer.run())
     try:
         waiting: list[int] = []   # what crs_feed_watchers_waiting_turn shows
-        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=10,  # type: ignore[arg-type]
-                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=1,
-                                on_catch_up_waiting=waiting.append)
+        handlers = _catch_up_handlers(tailer, batch=10, catch_up_reads=1, on_catch_up_waiting=waiting.append)
         handlers._node_turns.slice = 0.05
         delivered: list[tuple[str, int]] = []
 
@@ -336,8 +337,7 @@ async def test_a_stalled_watch_has_its_turn_taken_back_and_a_drain_ends_one_wait
     tailer = FeedTailer(pool=None, poll_interval=0.005, batch=10, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(tailer.run())
     try:
-        handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=10,  # type: ignore[arg-type]
-                                progress_interval=5.0, snapshot_chunk=10, snapshot_max=1, catch_up_reads=1)
+        handlers = _catch_up_handlers(tailer, batch=10, catch_up_reads=1)
         handlers._node_turns.slice = 0.05
         streams: list[AsyncIterator[bytes]] = []
         for client in ("stalled", "next"):
