@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import queue
-import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ import psutil
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess, open_channel
 from devstack.pki import DevPki, write_dev_pki
+from loadtests.bench.report import percentile
 from loadtests.shared.procs import pin, pin_self
 from server import rpc
 from server.proto import crs_pb2 as pb
@@ -99,8 +99,7 @@ def probe(node: NodeProcess, pki: DevPki, start: int, count: int = 0) -> tuple[C
 
 def summary(took: list[float]) -> str:
     ordered = sorted(took)
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-    return (f"{len(took)} misses: p50 {statistics.median(ordered):.1f} ms, p99 {p99:.1f} ms,"
+    return (f"{len(took)} misses: p50 {percentile(ordered, 50):.1f} ms, p99 {percentile(ordered, 99):.1f} ms,"
             f" max {ordered[-1]:.1f} ms")
 
 

@@ -25,6 +25,7 @@ import asyncpg
 import grpc
 
 from devstack.environment import DevEnvironment
+from loadtests.bench.report import percentile
 from server import rpc
 from server.proto import crs_pb2 as pb
 
@@ -56,11 +57,6 @@ class FeedWatchers:
             t.join(5)
         for c in self._channels:
             c.close()
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def _watch(address: str, stop: asyncio.Event, latencies: list[float], seen: list[set[str]]) -> None:
@@ -140,9 +136,10 @@ async def run(args: argparse.Namespace, address: str, admin_dsn: str) -> None:
     expected = set(made)
     lost = sum(len(expected - ids) for ids in seen)
     ms = [1000 * x for x in latencies]
+    ordered = sorted(ms)
     print(f"feed bench: {len(made)} writes in {args.seconds:g}s ({len(made) / args.seconds:.0f}/s),"
           f" {len(ms)} deliveries to {args.watchers} watchers")
-    print(f"  commit -> delivery ms: p50 {percentile(ms, 0.5):.1f}  p99 {percentile(ms, 0.99):.1f}"
+    print(f"  commit -> delivery ms: p50 {percentile(ordered, 50):.1f}  p99 {percentile(ordered, 99):.1f}"
           f"  max {max(ms, default=float('nan')):.1f}")
     print(f"  events lost: {lost}   node PostgreSQL connections while writing: {during}")
 
