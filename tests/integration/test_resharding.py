@@ -74,11 +74,14 @@ class ReshardStack:
             assert r.returncode == 0, f"crs shards {' '.join(args)} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r
 
+    def crs_in_background(self, *args: str) -> subprocess.Popen[str]:
+        """`crs shards ARGS` started, not waited for; its stdout and stderr together."""
+        return subprocess.Popen([sys.executable, "-m", "server.cli", "shards", *args], env=self.cli_env(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
     def slow_apply_in_copy(self) -> subprocess.Popen[str]:
         """`crs shards apply`, paced slowly, in the background; returns once its copy step has begun."""
-        apply = subprocess.Popen([sys.executable, "-m", "server.cli", "shards", "apply", "--rate", "150", "--batch",
-                                  "20"], env=self.cli_env(), text=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT)
+        apply = self.crs_in_background("apply", "--rate", "150", "--batch", "20")
         deadline = time.monotonic() + 30
         while True:
             st = self.status()
@@ -369,14 +372,28 @@ def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
     stack.crs("add", "shard-3", "--address", shard3.url)
     with LookupLoad(stack) as load:
         apply = stack.slow_apply_in_copy()
+        # The apply is held mid-copy until the abort has published its reversal. Left running, it
+        # could finish its copy and cleanup on a busy machine before `crs shards abort` even started
+        # (a CI run did), and the abort found nothing to abort.
+        apply.send_signal(signal.SIGSTOP)
+        abort = None
         try:
-            out = stack.crs("abort").stdout
+            abort = stack.crs_in_background("abort")
+            deadline = time.monotonic() + 60
+            while not stack.status()["aborting"]:
+                assert abort.poll() is None and time.monotonic() < deadline, "the abort published nothing"
+                time.sleep(0.1)
+            apply.send_signal(signal.SIGCONT)
             apply_out, _ = apply.communicate(timeout=30)
+            out, _ = abort.communicate(timeout=120)
         finally:
-            if apply.poll() is None:
-                apply.kill()
+            for proc in (apply, abort):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
     assert load.failures == []
     assert apply.returncode == 1 and "an abort?" in apply_out, apply_out
+    assert abort.returncode == 0, out
     assert "stable" in out
     finals = {m[1]: m[2] for m in re.finditer(r"^\s*(copy|cleanup)\s*\[[#-]+\]\s+(\d+)%", out, re.M)}
     assert finals and set(finals.values()) == {"100"}, out   # each step's last line: every key examined
