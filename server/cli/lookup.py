@@ -29,10 +29,20 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     add_connection_arguments(s)
 
 
+def node_target(text: str) -> str:
+    """An argparse `type=` for --target: a gRPC target has no space or control character in it. An
+    empty one let grpc's C core print its own lines on stderr before the one-line error (exit 1, as if
+    a node did not answer); refused while parsing, exit 2."""
+    if not text or any(c.isspace() or not c.isprintable() for c in text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node address (HOST:PORT, ipv4:A:P,B:P or"
+                                         " dns:///NAME:PORT)")
+    return text
+
+
 def add_connection_arguments(s: argparse.ArgumentParser, *, client: str = "switch") -> None:
     """How any `crs` command that calls a node reaches it: --target, TLS (--tls-dir/--client or
     --ca/--cert/--key) and a bearer token; `open_channel` turns them into a channel."""
-    s.add_argument("--target", default=DEFAULT_TARGET, help=(
+    s.add_argument("--target", type=node_target, default=DEFAULT_TARGET, help=(
         f"node address (default {DEFAULT_TARGET}); several: ipv4:A:P,B:P or dns:///HEADLESS-SERVICE:P"
         " (then health-checked, docs/deploy.md)"))
     s.add_argument("--tls-dir", help="a dev PKI directory (crs-dev up prints it): ca.pem + client-NAME.pem/.key")

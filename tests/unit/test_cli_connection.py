@@ -121,6 +121,21 @@ def test_a_timeout_that_is_no_time_to_wait_is_bad_usage(tmp_path: Path, target: 
     assert not (tmp_path / "extract").exists()
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("address", ["", " ", "127.0.0.1:1 ", "a\tb:1"])
+def test_a_target_that_is_no_address_is_bad_usage(tmp_path: Path, command: tuple[str, ...], address: str,
+                                                  capfd: pytest.CaptureFixture[str]) -> None:
+    """An empty --target made grpc's C core print its own lines ("no server name supplied in dns URI",
+    a source location trace) before the one-line error, exit 1 as if a node were down. Refused while
+    parsing, exit 2, one line, nothing created."""
+    argv = [a.format(tmp=tmp_path) for a in command] + ["--target", address, "--timeout", "1"]
+    with pytest.raises(SystemExit) as ended:
+        crs(argv)
+    err = capfd.readouterr().err
+    assert ended.value.code == 2 and "--target" in err and "is not a node address" in err, err
+    assert "dns_resolver" not in err and not (tmp_path / "extract").exists()
+
+
 def test_an_export_to_an_unreachable_node_leaves_no_empty_out(tmp_path: Path, target: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """--out was created before the Snapshot call and left behind, empty, when the node did not answer;
