@@ -54,7 +54,7 @@ class AdminHandlers:
         """Record the refusal or failure. After a database failure, within one CRS_PG_TIMEOUT: the
         database that just failed would otherwise hold the caller's answer up to 5 x more (its
         statements' bound), and the answer is what the caller waits for."""
-        audit = self.store.audit_failure(caller, rpc, request, exc.code.name)
+        audit = self.store.audit_failure(caller, rpc, request, exc.audit_result or exc.code.name)
         try:
             await (bounded(audit, self.store.timeout) if isinstance(exc, BackendError) else audit)
         except (BackendError, TimeoutError):

@@ -17,6 +17,7 @@ The tree (two families: the caller's fault and a dependency's fault)::
     ├── InternalError               INTERNAL           a bug met while answering one key (logged where it happened)
     └── BackendError                a dependency failed; the caller may retry
         ├── BackendUnavailable      UNAVAILABLE        PostgreSQL (or every cache path) unreachable
+        │   └── CommitLost          UNAVAILABLE        PostgreSQL lost during a COMMIT, a request_id to retry with
         ├── BackendTimeout          DEADLINE_EXCEEDED  a dependency did not answer in time
         ├── WriteOutcomeUnknown     DEADLINE_EXCEEDED  PostgreSQL lost during a COMMIT, no request_id to retry with
         └── WriteConflict           ABORTED            PostgreSQL broke a lock cycle between two writes
@@ -26,6 +27,8 @@ builds them from masked values or lengths only. `status_for` is the only place t
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -40,6 +43,8 @@ class CrsError(Exception):
     sent as google.rpc.Status details (the rich error model) next to the code and message."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # What the audit trail records for an admin write that failed with it; empty: the status's name.
+    audit_result: ClassVar[str] = ""
 
     def __init__(self, message: str, *, details: tuple[Message, ...] = ()) -> None:
         super().__init__(message)
@@ -116,9 +121,18 @@ class WriteOutcomeUnknown(BackendError):
     """The connection to PostgreSQL was lost during a write's COMMIT, which may have been applied, and
     the request has no request_id: a retry could write it twice. DEADLINE_EXCEEDED, which gRPC defines
     as "may have completed" and which the recommended retry policy (server/client_config.py) does not
-    retry; with a request_id the same loss answers UNAVAILABLE, retried safely."""
+    retry; with a request_id the same loss answers UNAVAILABLE (CommitLost), retried safely. Audited
+    COMMIT_LOST, not as a failure: the write's own row says OK if it was applied."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+    audit_result = "COMMIT_LOST"
+
+
+class CommitLost(BackendUnavailable):
+    """The same loss for a request with a request_id: UNAVAILABLE, which the channel retries, and the
+    retry answers the first write's result if it was applied. Audited COMMIT_LOST."""
+
+    audit_result = "COMMIT_LOST"
 
 
 class WriteConflict(BackendError):

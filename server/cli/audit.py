@@ -44,8 +44,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     s = sub.add_parser("audit", help="query the audit trail of admin writes", description=(
         "Print admin writes from the append-only audit_log, newest first: when, which client (and how\n"
-        "it authenticated), which RPC, the result (OK, OK_REPLAYED for an idempotent retry, or the gRPC\n"
-        "status), and the entity ids. Needs CRS_PG_DSN (read access is enough)."), formatter_class=RAW)
+        "it authenticated), which RPC, the result (OK, OK_REPLAYED for an idempotent retry, OK_UNCHANGED\n"
+        "for a write that changed nothing, COMMIT_LOST when the database went during the COMMIT: then the\n"
+        "write's own OK row is there if it was applied; else the gRPC status), and the entity ids. Needs\n"
+        "CRS_PG_DSN (read access is enough)."), formatter_class=RAW)
     s.add_argument("--client", help="only this client id")
     s.add_argument("--rpc", help="only this RPC, e.g. SetCardStatus")
     s.add_argument("--entity", help="only writes touching this id (cus_..., acc_..., tok_...)")

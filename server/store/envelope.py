@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 
 from server.caller import Caller
 from server.crypto import Keyring
-from server.errors import AlreadyExists, BackendUnavailable, InvalidKey, WriteOutcomeUnknown
+from server.errors import AlreadyExists, CommitLost, InvalidKey, WriteOutcomeUnknown
 from server.feed.events import feed_fields
 from server.pan import contains_card_number, is_safe_id, redact_digits
 from server.store.db import COMMIT_LOST, Conn, acquire, one_node_in_batches, translate_db_errors
@@ -95,14 +95,14 @@ def printable(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
-def commit_lost(request_id: str) -> BackendUnavailable | WriteOutcomeUnknown:
+def commit_lost(request_id: str) -> CommitLost | WriteOutcomeUnknown:
     """What a write answers when the connection went during its COMMIT: PostgreSQL may have applied it.
     With a request_id, UNAVAILABLE: the recommended channel retries it, and the retry answers the first
     write's result if it was applied (writes it if not). Without one a retry could write twice, so
     DEADLINE_EXCEEDED ("may have completed"), which nothing retries on its own (docs/decisions.md,
     "A write's lost COMMIT")."""
     if request_id:
-        return BackendUnavailable("the database was lost while the write committed, so it may have been applied:"
+        return CommitLost("the database was lost while the write committed, so it may have been applied:"
                                   " retry with the same request_id, which answers its result if it was")
     return WriteOutcomeUnknown("the database was lost while the write committed: it may have been applied. It"
                                " carried no request_id, so it was not retried: read it back before writing"

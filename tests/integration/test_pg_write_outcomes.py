@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import grpc
 import pytest
 
 from devstack.environment import DevEnvironment
+from server.admin import AdminHandlers
 from server.caller import Caller
 from server.client_config import RETRY_POLICY
 from server.errors import status_for
 from server.proto import crs_pb2 as pb
+from server.resolver import Resolver
 from server.store.admin import AdminStore
 from server.store.db import active_data_key, create_pool
 
@@ -85,6 +87,22 @@ def test_a_write_whose_commit_was_lost_is_never_answered_as_retryable_without_a_
             again = await sound.create_customer(pb.CreateCustomerRequest(request_id=rid, display_name=name), OPS)
             assert again.outbox_id is None                             # replayed, not written twice
             assert await _customers_named(pool, name) == 1
+            # The audit trail through the handler the node runs: the write's own row says OK, and the
+            # failure's says COMMIT_LOST (it said UNAVAILABLE: a failure beside a write that was applied).
+            handlers = AdminHandlers(store=store, resolver=cast(Resolver, None))   # no cache on a failure
+            for rid in (f"lost-{uuid.uuid4()}", ""):
+                lost_before = await pool.fetchval("SELECT count(*) FROM audit_log WHERE result = 'COMMIT_LOST'")
+                name = f"Commit Lost {uuid.uuid4()}"
+                with pytest.raises(Exception) as caught:
+                    await handlers.CreateCustomer(pb.CreateCustomerRequest(request_id=rid, display_name=name), OPS)
+                assert status_for(caught.value)[0] == (grpc.StatusCode.UNAVAILABLE if rid
+                                                       else grpc.StatusCode.DEADLINE_EXCEEDED)
+                assert await _customers_named(pool, name) == 1
+                lost = await pool.fetchval("SELECT count(*) FROM audit_log WHERE result = 'COMMIT_LOST'")
+                assert lost == lost_before + 1
+                if rid:
+                    rows = await pool.fetch("SELECT result FROM audit_log WHERE request_id = $1 ORDER BY id", rid)
+                    assert [r["result"] for r in rows] == ["OK", "COMMIT_LOST"]
         finally:
             await lossy.close()
             await pool.close()
