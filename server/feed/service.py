@@ -251,6 +251,9 @@ class FeedHandlers:
             with translate_db_errors():
                 oldest, newest = await window(self.pool, timeout=self.timeout)
                 await self._check_epoch(request)
+            if newest < sub.start:   # read after subscribing: the database came back with less than the reader read
+                raise BackendUnavailable("the database's feed went back (a restore?) and this node has not read it"
+                                         " again yet: retry in a moment")
             if request.from_sequence and request.from_sequence < oldest:
                 raise OutOfRange(f"sequence {request.from_sequence} was compacted; the oldest retained is"
                                  f" {oldest + 1}: take a Snapshot and Watch from its sequence")

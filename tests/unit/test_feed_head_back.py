@@ -113,3 +113,69 @@ async def test_a_new_epoch_ends_the_watchers_even_when_no_read_failed(monkeypatc
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_watch_opened_while_the_reader_retries_starts_from_the_database_s_head(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database restored in the same epoch (a volume snapshot: same cluster, same timeline), and a
+    consumer that resumes from its checkpoint 3 while the reader waits out its retry: it subscribed at
+    the reader's old head, 7, and its Watch sent a Progress mark 7 above the database's head at once,
+    then skipped the reissued 4-7 as already delivered (an audit, 2026-12-05). A Watch reads the
+    database's head after subscribing: below the subscription's start, the database came back with less
+    than the reader read, and the Watch is refused (UNAVAILABLE: retry) until the reader is back at it."""
+    import server.feed.service as service
+    from server.caller import Caller
+    from server.feed.service import FeedHandlers
+    from server.proto import crs_pb2 as pb
+
+    feed = FakeFeed()
+    monkeypatch.setattr(tailer_module, "read_events", feed.read_events)
+    monkeypatch.setattr(tailer_module, "current_epoch", feed.current_epoch)
+    monkeypatch.setattr(tailer_module, "head", feed.head)
+    monkeypatch.setattr(tailer_module, "RETRY_SECONDS", 0.3)
+    for module in (tailer_module, service):
+        monkeypatch.setattr(module, "event_from_row", Event)
+    monkeypatch.setattr(service, "read_events", feed.read_events)
+
+    async def window(pool: Any, **_: Any) -> tuple[int, int]:
+        return 0, await feed.head(pool)
+
+    async def horizon(_pool: Any, **_: Any) -> int:
+        return 0
+
+    monkeypatch.setattr(service, "window", window)
+    monkeypatch.setattr(service, "horizon", horizon)
+    tailer = FeedTailer(pool=None, poll_interval=0.01, batch=100, queue_size=100, timeout=1.0)  # type: ignore[arg-type]
+    handlers = FeedHandlers(pool=None, tailer=tailer, timeout=1, batch=100, progress_interval=5.0,  # type: ignore[arg-type]
+                            snapshot_chunk=10, snapshot_max=1)
+    runner = asyncio.create_task(tailer.run())
+    try:
+        before = await tailer.subscribe(frozenset())
+        assert before.start == 7
+        feed.down = True
+        async with asyncio.timeout(1):
+            assert isinstance(await before.queue.get(), BackendUnavailable)
+        feed.rows = [(seq, f"old-{seq}") for seq in range(1, 4)]   # back at 3, in the same epoch
+        feed.down = False
+        assert tailer._failed and tailer.head == 7, "the reader waits out its retry"
+        watch = handlers.Watch(pb.WatchRequest(from_sequence=3), Caller("c", frozenset(), "mtls"))
+        try:
+            async with asyncio.timeout(2):
+                first = await watch.__anext__()
+        except BackendUnavailable:
+            first = b"refused"
+        assert first in (b"refused", b"new-4@1/1"), \
+            f"a Progress mark {pb.ChangeEvent.FromString(first).sequence} above the database's head, 3"
+        if first == b"refused":   # retried: the reader knows the database's head by then
+            for _ in range(100):
+                if not tailer._failed:
+                    break
+                await asyncio.sleep(0.01)
+            watch = handlers.Watch(pb.WatchRequest(from_sequence=3), Caller("c", frozenset(), "mtls"))
+            feed.rows.append((4, "new-4"))
+            async with asyncio.timeout(2):
+                assert await watch.__anext__() == b"new-4@1/1"
+        await watch.aclose()  # type: ignore[attr-defined]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
