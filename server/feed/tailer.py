@@ -91,6 +91,7 @@ class FeedTailer:
         self._wake = asyncio.Event()
         self._ready = asyncio.Event()
         self._failed = False                # a read failed: check the head before reading on
+        self._closed = ""                   # why close() ended every watcher: a later one is refused as well
 
     async def subscribe(self, types: frozenset[int]) -> Subscription:
         """A subscription to every event after the tailer's current head (`sub.start`)."""
@@ -99,6 +100,8 @@ class FeedTailer:
                 await self._ready.wait()
         except TimeoutError:
             raise BackendUnavailable("the change feed has not reached PostgreSQL yet; retry") from None
+        if self._closed:   # the node drains: a Watch the server took just before would hold its stop
+            raise BackendUnavailable(self._closed)
         sub = Subscription(types=types, start=self.head, queue=asyncio.Queue(self.queue_size),
                            boundary=self.boundary, epoch=self.epoch)
         self._subs.add(sub)
@@ -278,7 +281,9 @@ class FeedTailer:
         sub.queue.put_nowait(then)
 
     def close(self, why: CrsError) -> None:
-        """End every watcher's stream now (a draining node: they resume on another one)."""
+        """End every watcher's stream now, and any that subscribes later (a draining node: they resume
+        on another one)."""
+        self._closed = str(why)
         self._end_all(why)
 
     def _end_all(self, why: CrsError) -> None:

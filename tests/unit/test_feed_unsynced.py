@@ -360,3 +360,22 @@ async def test_a_stalled_watch_has_its_turn_taken_back_and_a_drain_ends_one_wait
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_watch_that_starts_after_the_drain_ended_the_others_is_refused(feed: FakeFeed) -> None:
+    """A node's stop ends every Watch (they resume elsewhere), then stops taking calls: a Watch the
+    server had taken just before, whose subscription came after the drain's, was left open and held
+    the node's stop for its whole grace period, to be cut without a word at its end."""
+    tailer = FeedTailer(pool=None, poll_interval=0.005, batch=3, queue_size=2, timeout=1.0)  # type: ignore[arg-type]
+    runner = asyncio.create_task(tailer.run())
+    try:
+        _, live = await _watch(tailer)
+        assert _read(await live.__anext__()) == "mark 7"
+        tailer.close(BackendUnavailable("the node is shutting down; resume from your last sequence"))
+        with pytest.raises(BackendUnavailable, match="shutting down"):
+            late = await tailer.subscribe(frozenset())
+            tailer.unsubscribe(late)
+        assert tailer.watchers == 0
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
