@@ -14,9 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
+import server.feed.service as service
+from server.caller import Caller
 from server.errors import BackendUnavailable
 from server.feed import tailer as tailer_module
+from server.feed.service import FeedHandlers
 from server.feed.tailer import FeedTailer
+from server.proto import crs_pb2 as pb
 
 
 class FakeFeed:
@@ -123,11 +127,6 @@ async def test_a_watch_opened_while_the_reader_retries_starts_from_the_database_
     then skipped the reissued 4-7 as already delivered (an audit, 2026-12-05). A Watch reads the
     database's head after subscribing: below the subscription's start, the database came back with less
     than the reader read, and the Watch is refused (UNAVAILABLE: retry) until the reader is back at it."""
-    import server.feed.service as service
-    from server.caller import Caller
-    from server.feed.service import FeedHandlers
-    from server.proto import crs_pb2 as pb
-
     feed = FakeFeed()
     monkeypatch.setattr(tailer_module, "read_events", feed.read_events)
     monkeypatch.setattr(tailer_module, "current_epoch", feed.current_epoch)
