@@ -24,6 +24,10 @@ from tests.integration.support import Clients, UsedSecrets, fresh_account_number
 
 WAIT_S = 30.0            # generous bound on any condition (a loaded 2-core machine)
 WRITES_PER_WRITER = 80   # two writers: 160 writes, ~200 feed events
+# Each writer's last writes wait for consumer 3's snapshot: left running, the writers could finish
+# all their writes while it was taken (a slow Snapshot on a loaded machine), and consumer 3 would
+# not start mid-run at all.
+HELD_BACK = 20
 
 
 def _until(what: str, condition: Callable[[], bool], timeout: float = WAIT_S,
@@ -148,10 +152,11 @@ class Touched:
             raise AssertionError(f"a writer failed: {self.errors[0]!r}") from self.errors[0]
 
 
-def _writer(admin: rpc.Stub, seed: int, touched: Touched, used: UsedSecrets, stop: threading.Event) -> None:
+def _writer(admin: rpc.Stub, seed: int, touched: Touched, used: UsedSecrets, stop: threading.Event,
+            resume: threading.Event) -> None:
     """A mix of writes through one node: customers (its own, and the other writer's for status changes
     and joint links), accounts with an owner, cards, card and customer status changes, and joint
-    holders linked and unlinked on its own accounts."""
+    holders linked and unlinked on its own accounts. The last HELD_BACK writes wait for `resume`."""
     rng = random.Random(seed)
     mine: dict[str, set[str]] = {}          # my account -> its customers (owner included)
     joint: set[tuple[str, str]] = set()     # (my account, joint customer)
@@ -214,7 +219,11 @@ def _writer(admin: rpc.Stub, seed: int, touched: Touched, used: UsedSecrets, sto
         joint.discard((account, cid))
 
     try:
-        for _ in range(WRITES_PER_WRITER):
+        for n in range(WRITES_PER_WRITER):
+            if n == WRITES_PER_WRITER - HELD_BACK:
+                while not resume.wait(0.1):
+                    if stop.is_set():
+                        return
             if stop.is_set():
                 return
             choices: list[tuple[Callable[[], None], int]] = [(create_customer, 2)]
@@ -264,8 +273,9 @@ def test_writers_on_two_nodes_and_three_consumers_end_with_the_same_copy(
     first, second, third = Consumer("1 (node A)"), Consumer("2 (node B, killed, resumed on node A)"), \
         Consumer("3 (snapshot mid-run, node B)")
     consumers = (first, second, third)
-    touched, stop = Touched(), threading.Event()
-    writers = [threading.Thread(target=_writer, args=(admin, seed, touched, used_secrets, stop), daemon=True)
+    touched, stop, third_has_snapshot = Touched(), threading.Event(), threading.Event()
+    writers = [threading.Thread(target=_writer, args=(admin, seed, touched, used_secrets, stop, third_has_snapshot),
+                                daemon=True)
                for seed, admin in ((1, node_a.admin), (2, node_b.admin))]
 
     def healthy() -> None:
@@ -287,7 +297,8 @@ def test_writers_on_two_nodes_and_three_consumers_end_with_the_same_copy(
         second.kill()
         killed_at = second.checkpoint
         _until("half of the writes", lambda: touched.done() >= total // 2, check=healthy)
-        third.snapshot(feed_b)
+        third.snapshot(feed_b)                  # writes go on meanwhile, and the held-back ones after it
+        third_has_snapshot.set()
         third.watch(feed_b)
         _until("two thirds of the writes", lambda: touched.done() >= 2 * total // 3, check=healthy)
         gap = _outbox_head(dev_env) - killed_at
