@@ -486,6 +486,12 @@ def _callers(lookup: Any, cards: range, codes: list[str]) -> list[threading.Thre
     return [threading.Thread(target=miss, args=(card,)) for card in cards]
 
 
+# The near-cache life of the hits the two tests below look up while PostgreSQL hangs. With the default
+# 2 s, a loaded machine could take that long from caching the hit to asking for it (the ps, the callers,
+# their 0.5 s): the "hit" was then a Redis read on the full loop and was refused with the misses.
+HIT_TTL = 60.0
+
+
 @contextlib.contextmanager
 def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes: list[str]) -> Iterator[None]:
     """PostgreSQL hung, and one caller per unknown card of `cards` sent 0.5 s before the block runs
@@ -510,7 +516,7 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
     promptly instead of queueing behind them. With 2 of the 8 threads active, a waiting miss must give
     its turn away, or the two first misses would hold both and the hit would wait for them."""
     node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, serving_active=active,
-                                 pg_timeout=3.0)
+                                 pg_timeout=3.0, near_cache_ttl=HIT_TTL)
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
     known = pb.ResolveCardRequest(pan=demo_pan(1))
@@ -538,7 +544,8 @@ def test_a_batch_the_loop_cannot_take_answers_its_hits_and_refuses_only_its_miss
     BatchResolve of a near-cache hit and an unknown card must answer the hit and refuse the miss
     alone, UNAVAILABLE for that key (retry it elsewhere). It was refused whole, its hits worked out
     and thrown away, and the caller had to send them again."""
-    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0)
+    node = faults.env.start_node(workers=1, serving_model="hybrid", serving_threads=8, pg_timeout=3.0,
+                                 near_cache_ttl=HIT_TTL)
     channel = grpc.insecure_channel(node.address)
     lookup = rpc.stub(channel, "LookupService")
     lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # now in the near-cache
