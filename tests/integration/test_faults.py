@@ -487,21 +487,25 @@ def _callers(lookup: Any, cards: range, codes: list[str]) -> list[threading.Thre
 
 
 # The near-cache life of the hits the two tests below look up while PostgreSQL hangs. With the default
-# 2 s, a loaded machine could take that long from caching the hit to asking for it (the ps, the callers,
-# their 0.5 s): the "hit" was then a Redis read on the full loop and was refused with the misses.
+# 2 s, a loaded machine could take that long from caching the hit to asking for it (the ps, the callers
+# getting to their waits): the "hit" was then a Redis read on the full loop and was refused with the misses.
 HIT_TTL = 60.0
 
 
 @contextlib.contextmanager
-def _misses_on_hung_postgres(stack: FaultStack, lookup: Any, cards: range, codes: list[str]) -> Iterator[None]:
-    """PostgreSQL hung, and one caller per unknown card of `cards` sent 0.5 s before the block runs
-    (those within the node's share wait, the others are refused); each one's status code in `codes`."""
+def _misses_on_hung_postgres(stack: FaultStack, node: NodeProcess, lookup: Any, cards: range,
+                             codes: list[str]) -> Iterator[None]:
+    """PostgreSQL hung, and one caller per unknown card of `cards` sent before the block runs; the block
+    runs once the node's share of them (6 of 8 threads) waits on the loop (the others are refused). Each
+    one's status code in `codes`. (A fixed 0.5 s for the callers to get there was not always enough on a
+    loaded machine: the block's own miss then took a place in the share and waited with them.)"""
     with _postgres_hung(stack):
         callers = _callers(lookup, cards, codes)
         for t in callers:
             t.start()
-        time.sleep(0.5)                                   # the misses are in and waiting
         try:
+            # Waiting misses end at pg_timeout (3 s): the block must run before.
+            wait_metric(node, "crs_grpc_calls_on_loop", 6, within=3.0)
             yield
         finally:
             for t in callers:
@@ -523,7 +527,7 @@ def test_misses_waiting_on_a_hung_postgres_leave_threads_for_hits(faults: FaultS
     lookup.ResolveCard(known, timeout=5)                  # now in the near-cache
     codes: list[str] = []
     try:
-        with _misses_on_hung_postgres(faults, lookup, range(CARDS + 100, CARDS + 120), codes):
+        with _misses_on_hung_postgres(faults, node, lookup, range(CARDS + 100, CARDS + 120), codes):
             started = time.monotonic()
             assert lookup.ResolveCard(known, timeout=5).card.token
             hit_took = time.monotonic() - started
@@ -550,7 +554,7 @@ def test_a_batch_the_loop_cannot_take_answers_its_hits_and_refuses_only_its_miss
     lookup = rpc.stub(channel, "LookupService")
     lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # now in the near-cache
     try:
-        with _misses_on_hung_postgres(faults, lookup, range(CARDS + 300, CARDS + 310), []):   # six wait
+        with _misses_on_hung_postgres(faults, node, lookup, range(CARDS + 300, CARDS + 310), []):   # six wait
             answer = lookup.BatchResolve(pb.BatchResolveRequest(keys=[
                 pb.LookupKey(pan=demo_pan(1), correlation_id="hit"),
                 pb.LookupKey(pan=demo_pan(CARDS + 299), correlation_id="miss")]), timeout=5)
