@@ -18,6 +18,7 @@ from tests.integration.support import (
     fresh_account_number,
     fresh_pan,
     metric,
+    until,
 )
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -186,34 +187,54 @@ def test_health_and_reflection(node_a: Clients) -> None:
 
 
 def _counters(node: Clients) -> dict[str, float]:
-    """crs_lookups_total per tier and crs_rpc_latency_seconds_count per (method, code), scraped after
-    the node's next metrics flush (per-call counts reach Prometheus every FLUSH_INTERVAL)."""
-    import time
+    """crs_lookups_total per tier and crs_rpc_latency_seconds_count per (method, code), as scraped now."""
     import urllib.request
 
-    from server.metrics import FLUSH_INTERVAL
-
-    time.sleep(FLUSH_INTERVAL * 1.5)
     url = f"http://127.0.0.1:{node.node.settings.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     return {name: float(value) for name, value in (line.rsplit(" ", 1) for line in text.splitlines())
             if name.startswith(("crs_lookups_total{", "crs_rpc_latency_seconds_count{"))}
 
 
+def _settled_counters(node: Clients) -> dict[str, float]:
+    """`_counters` once a metrics flush adds nothing: two scrapes a flush and a half apart agree (per-call
+    counts reach Prometheus at the node's next flush, every FLUSH_INTERVAL; later on a busy machine)."""
+    from server.metrics import FLUSH_INTERVAL
+
+    deadline = time.monotonic() + 30
+    last = _counters(node)
+    while True:
+        time.sleep(FLUSH_INTERVAL * 1.5)
+        now = _counters(node)
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, "the node's lookup counters never settled"
+        last = now
+
+
 def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Clients, used_secrets: UsedSecrets) -> None:
     """Two lookups of a PAN nobody has asked for: one answered by PostgreSQL (negatively), the second
     by the near-cache; each RPC observed once. The counters move by exactly that, nothing else."""
-    before = _counters(node_a)
-    req = pb.ResolveCardRequest(pan=fresh_pan(used_secrets))
-    for _ in range(2):
-        expect_code(lambda: node_a.lookup.ResolveCard(req, timeout=5), NOT_FOUND)
-    after = _counters(node_a)
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after.keys() | before.keys()}
-    assert {k: v for k, v in delta.items() if v} == {
+    expected = {
         'crs_lookups_total{tier="l3_negative"}': 1.0,
         'crs_lookups_total{tier="l1"}': 1.0,
         'crs_rpc_latency_seconds_count{code="NOT_FOUND",method="ResolveCard"}': 2.0,
     }
+    before = _settled_counters(node_a)     # earlier tests' calls all counted
+
+    def moved() -> dict[str, float]:
+        after = _counters(node_a)
+        return {k: v for k in after.keys() | before.keys() if (v := after.get(k, 0.0) - before.get(k, 0.0))}
+
+    req = pb.ResolveCardRequest(pan=fresh_pan(used_secrets))
+    for _ in range(2):
+        expect_code(lambda: node_a.lookup.ResolveCard(req, timeout=5), NOT_FOUND)
+    # The flush that counts them comes within a second or so: wait for it, not a fixed 1.5 s (a busy
+    # node flushes later), then for the counters to settle, so that a count added later is seen too.
+    until("the two lookups counted", lambda: all(moved().get(k, 0.0) >= v for k, v in expected.items()), 15,
+          poll=0.1)
+    _settled_counters(node_a)
+    assert moved() == expected
 
 
 def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients, used_secrets: UsedSecrets) -> None:
@@ -240,24 +261,23 @@ def test_stream_resolve_answers_each_key_before_the_next_is_sent(node_a: Clients
 
 def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, used_secrets: UsedSecrets) -> None:
     """1,000 keys that miss every cache: 1,000 fills at once must not look like shard failures."""
-    import time
     import urllib.request
 
-    from server.metrics import FLUSH_INTERVAL
-
     def metric(name: str) -> float:
-        time.sleep(FLUSH_INTERVAL * 1.5)   # per-call counts reach Prometheus at the next flush
         url = f"http://127.0.0.1:{node_b.node.settings.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         assert "crs_cache_shard_errors_total{" not in text
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
-    before = metric('crs_lookups_total{tier="l3_negative"}')
+    negative = 'crs_lookups_total{tier="l3_negative"}'
+    before = _settled_counters(node_b).get(negative, 0.0)   # per-call counts: flushed every second or so
     dropped_before = metric("crs_cache_fills_dropped_total")
     keys = [pb.LookupKey(pan=fresh_pan(used_secrets)) for _ in range(1000)]
     for _ in range(2):
         results = node_b.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=30).results
         assert [r.code for r in results] == [5] * 1000
+    until("the first batch's misses counted", lambda: metric(negative) - before >= 1000, 15, poll=0.1)
+    _settled_counters(node_b)
     # Only the first batch reached PostgreSQL; the second was answered from the negative cache, but for
     # a fill whose read outlasted its fill window on a busy machine (docs/decisions.md, "Slow reads").
     dropped = metric("crs_cache_fills_dropped_total") - dropped_before
@@ -292,8 +312,8 @@ def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevE
 
         cards = {"ResolveCard": demo_pan(41), "BatchResolve": demo_pan(42), "StreamResolve": demo_pan(43)}
         first = {rpc_name: ask(rpc_name, pan) for rpc_name, pan in cards.items()}
-        until = time.monotonic() + 4.0                      # five near-cache lifetimes
-        while time.monotonic() < until:
+        end = time.monotonic() + 4.0                        # five near-cache lifetimes
+        while time.monotonic() < end:
             for rpc_name, pan in cards.items():
                 assert ask(rpc_name, pan) == first[rpc_name], rpc_name
             time.sleep(0.005)
