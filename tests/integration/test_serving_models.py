@@ -375,7 +375,9 @@ def test_a_stream_past_the_stream_threads_is_refused_at_once(dev_env: DevEnviron
             open_streams = [lookup.StreamResolve(_then_wait(pb.LookupKey(pan=demo_pan(1)), release), timeout=30)]
             assert next(iter(open_streams[0])).HasField("resolution")
             watch = rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=30)
-            time.sleep(0.5)   # the Watch holds the second thread (it sends nothing until a change)
+            # The Watch holds the second thread (it sends nothing until a change) once the node counts it:
+            # it comes on a connection of its own, whose handshake a fixed 0.5 s may not cover on a busy machine.
+            wait_metric(node, "crs_feed_watchers", 1)
             for refused in (lambda: list(lookup.StreamResolve(iter([pb.LookupKey(pan=demo_pan(2))]), timeout=10)),
                             lambda: list(rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(),
                                                                                           timeout=10))):
@@ -418,7 +420,7 @@ def test_one_client_holds_at_most_its_share_of_the_stream_threads(dev_env: DevEn
             assert "already holds 2 open streams" in str(refused.value.details())
             assert time.monotonic() - started < 5
             watch = rpc.stub(feed_channel, "ChangeFeedService").Watch(pb.WatchRequest(), timeout=30)
-            time.sleep(0.5)
+            wait_metric(node, "crs_feed_watchers", 1)   # accepted: the node counts it (not a fixed 0.5 s)
             assert watch.running(), "another client's stream was refused"   # no answer yet: it is open
             release_one.set()
             assert [r for r in held[0]] == []
