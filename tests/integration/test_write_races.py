@@ -70,11 +70,18 @@ def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, Outcome]:
 
 
 def overlap(side: Side, first: Callable[[], Any], second: Callable[[], Any], *, settle: float = 0.5,
-            hold: float = 0.7, while_held: Callable[[Outcome, Outcome], None] | None = None) -> tuple[Outcome, Outcome]:
-    """`first`, then `settle` later (when it waits on the side's lock) `second`; the side released `hold`
-    after that (`while_held` checks the outcomes so far just before), both outcomes once both ended."""
+            first_waits: str = "", hold: float = 0.7,
+            while_held: Callable[[Outcome, Outcome], None] | None = None) -> tuple[Outcome, Outcome]:
+    """`first`, then `second` once `first` waits on the side's lock: when a backend waits on a lock of
+    kind `first_waits` (pg_stat_activity's wait_event: "advisory", "transactionid"), else `settle`
+    later, where the order does not decide the outcome (a fixed wait can be too short on a
+    busy machine: `second` came first). The side released `hold` after that (`while_held` checks the
+    outcomes so far just before), both outcomes once both ended."""
     t1, r1 = in_thread(first)
-    time.sleep(settle)
+    if first_waits:
+        _until(lambda: _waiting(side.dsn, first_waits))
+    else:
+        time.sleep(settle)
     t2, r2 = in_thread(second)
     time.sleep(hold)
     if while_held is not None:
@@ -157,7 +164,7 @@ def test_a_card_issued_during_its_customers_suspension_answers_suspended(
                      lambda: node_a.admin.IssueCard(pb.IssueCardRequest(
                          request_id=_rid(), pan=pan, expiry="2031-01", account_id=acc.account_id), timeout=15),
                      # longer than the re-invalidation delay: the old code cached the card ACTIVE here
-                     hold=1.5, while_held=issue_waited)
+                     first_waits="transactionid", hold=1.5, while_held=issue_waited)
     assert "ok" in r1 and "ok" in r2, (r1, r2)
     time.sleep(3.0)   # > near-cache TTL (2 s) and the relay's second delete (0.5 s)
     later = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5)
@@ -195,7 +202,8 @@ def test_a_record_matched_to_a_customer_being_merged_joins_the_survivor(dev_env:
     merged, created = overlap(side, lambda: node_a.identity.MergeCustomers(pb.MergeCustomersRequest(
         request_id=_rid(), survivor_id=y.customer_id, merged_id=x.customer_id), timeout=15),
                               lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
-                                  request_id=_rid(), identity=person, source_ref=ref), timeout=15))
+                                  request_id=_rid(), identity=person, source_ref=ref), timeout=15),
+                              first_waits="transactionid")
     assert "ok" in merged and "ok" in created, (merged, created)
     assert created["ok"].customer_id == y.customer_id
     owner = sql(dev_env.admin_dsn, "SELECT customer_id FROM source_records WHERE source_system = $1"
@@ -227,7 +235,7 @@ def test_two_creates_of_one_source_ref_answer_already_exists(dev_env: DevEnviron
     r1, r2 = overlap(side, lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
         request_id=_rid(), identity=p1, source_ref=ref), timeout=15),
                      lambda: node_a.admin.CreateCustomer(pb.CreateCustomerRequest(
-                         request_id=_rid(), identity=p2, source_ref=ref), timeout=15))
+                         request_id=_rid(), identity=p2, source_ref=ref), timeout=15), first_waits="advisory")
     assert "ok" in r1, r1
     assert code(r2) == "ALREADY_EXISTS", r2
 
