@@ -83,24 +83,30 @@ def test_the_second_delete_comes_the_delay_after_the_first_not_after_the_insert(
     second delete exists for. It now comes the delay after the first: the writer's (invalidated_at,
     after its commit), or, where none is recorded yet (its delete failed, or it has not marked the
     row yet), the relay's own first one."""
+    # The re-invalidation delay of these relay passes: long enough that the steps which must come within
+    # it (the inserts and the first two passes) do, even on a busy machine (with 0.5 s, a stall that long
+    # there made the first pass find the writer's delete already a delay old).
+    delay = 2.0
+
     async def scenario() -> tuple[list[str], list[str], list[str], list[bool]]:
         pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
         try:
             async with pool.acquire() as conn:
                 await conn.execute("DELETE FROM outbox")
-                # Inserted 2 s ago, committed and deleted by its writer just now.
+                # Inserted two delays ago, committed and deleted by its writer just now.
                 await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at,"
                                    " invalidated_at) VALUES ('card.updated', 'card', 'x', $1,"
-                                   " clock_timestamp() - interval '2 s', clock_timestamp())", ["crd:slow-commit"])
+                                   " clock_timestamp() - 2 * $2::interval, clock_timestamp())", ["crd:slow-commit"],
+                                   dt.timedelta(seconds=delay))
                 # The same, its writer's delete not recorded (failed, or not marked yet).
                 await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at)"
-                                   " VALUES ('card.updated', 'card', 'y', $1, clock_timestamp() - interval '2 s')",
-                                   ["crd:not-marked"])
+                                   " VALUES ('card.updated', 'card', 'y', $1, clock_timestamp() - 2 * $2::interval)",
+                                   ["crd:not-marked"], dt.timedelta(seconds=delay))
             at_once, again, later = Tier(), Tier(), Tier()
-            await relay.relay_once(pool, at_once, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
-            await relay.relay_once(pool, again, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
-            await asyncio.sleep(0.6)
-            await relay.relay_once(pool, later, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+            await relay.relay_once(pool, at_once, delay=delay, cached_for=300.0)   # type: ignore[arg-type]
+            await relay.relay_once(pool, again, delay=delay, cached_for=300.0)   # type: ignore[arg-type]
+            await asyncio.sleep(delay + 0.1)
+            await relay.relay_once(pool, later, delay=delay, cached_for=300.0)   # type: ignore[arg-type]
             rows = await pool.fetch("SELECT settled_at IS NOT NULL AS settled FROM outbox ORDER BY id")
             return at_once.asked, again.asked, later.asked, [r["settled"] for r in rows]
         finally:
