@@ -53,8 +53,10 @@ def test_the_nodes_pool_skips_the_reset_query_but_still_ends_open_transactions(d
 class _Counted:
     """A real pool that counts what the relay asks of it."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, passes: int) -> None:
         self.pool, self.acquired, self.fetchrows = pool, 0, 0
+        self.enough = asyncio.Event()   # `passes` backlog queries answered
+        self.passes = passes
 
     def acquire(self) -> Any:
         self.acquired += 1
@@ -62,7 +64,11 @@ class _Counted:
 
     async def fetchrow(self, *args: Any) -> Any:
         self.fetchrows += 1
-        return await self.pool.fetchrow(*args)
+        try:
+            return await self.pool.fetchrow(*args)
+        finally:
+            if self.fetchrows >= self.passes:
+                self.enough.set()
 
 
 def test_the_relay_at_rest_asks_one_query_a_pass(dev_env: DevEnvironment) -> None:
@@ -77,11 +83,14 @@ def test_the_relay_at_rest_asks_one_query_a_pass(dev_env: DevEnvironment) -> Non
                 if not await pool.fetchval("SELECT count(*) FROM outbox WHERE settled_at IS NULL"):
                     break
                 await asyncio.sleep(0.1)
-            counted, metrics = _Counted(pool), Metrics(CollectorRegistry())
+            counted, metrics = _Counted(pool, passes=4), Metrics(CollectorRegistry())
             relay = asyncio.create_task(run_relay(counted, None, metrics, delay=0.05, interval=0.05, cached_for=300.0))  # type: ignore[arg-type]
-            await asyncio.sleep(0.5)
-            relay.cancel()
-            await asyncio.gather(relay, return_exceptions=True)
+            # Four passes, however long they take (a fixed 0.5 s held fewer when each query was slow).
+            enough = asyncio.ensure_future(counted.enough.wait())
+            await asyncio.wait([relay, enough], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            for task in (relay, enough):
+                task.cancel()
+            await asyncio.gather(relay, enough, return_exceptions=True)
             return counted.fetchrows, counted.acquired, metrics.outbox_pending._value.get()
         finally:
             await pool.close()
