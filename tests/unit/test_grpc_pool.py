@@ -370,7 +370,14 @@ def test_unary_calls_whose_message_never_comes_do_not_stop_a_grpc_server_on_the_
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
         held = [channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30) for _ in range(4)]
-        time.sleep(0.5)
+        # Every turn held by them, and each an interval old or more: the watch then takes all four. (A
+        # fixed 0.5 s assumed the calls had arrived by then, which a busy machine need not grant.)
+        deadline = time.monotonic() + 10
+        assert pool.turns is not None
+        while pool.turns.free():
+            assert time.monotonic() < deadline, "the calls never took every turn"
+            time.sleep(0.01)
+        time.sleep(2 * CODEL_INTERVAL)
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
         assert pool.revoked == 4
         never.set()
