@@ -80,19 +80,30 @@ class ReshardStack:
                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     def slow_apply_in_copy(self) -> subprocess.Popen[str]:
-        """`crs shards apply`, paced slowly, in the background; returns once its copy step has begun."""
+        """`crs shards apply`, paced slowly, in the background; returns it stopped (SIGSTOP) in its copy
+        step, some keys copied and some not yet examined: the caller continues it (SIGCONT). It runs
+        0.5 s at a time between looks, and each look is taken with it stopped: left running, it could
+        finish its copy (or the whole move) on a busy machine before the caller's next step (a CI run's
+        abort found the move finished), and the caller's step would find nothing to interrupt."""
         apply = self.crs_in_background("apply", "--rate", "150", "--batch", "20")
-        deadline = time.monotonic() + 30
-        while True:
-            st = self.status()
-            examined = sum(p["scanned"] for p in st["progress"].get("copy", {}).values())
-            copied = sum(p["moved"] for p in st["progress"].get("copy", {}).values())
-            if st["phase"] == "migrating" and examined and copied:
-                return apply
-            if time.monotonic() > deadline or apply.poll() is not None:
-                apply.kill()
-                raise AssertionError(f"the copy step did not start: {st}")
-            time.sleep(0.1)
+        deadline = time.monotonic() + 60
+        try:
+            while True:
+                time.sleep(0.5)
+                apply.send_signal(signal.SIGSTOP)
+                st = self.status()
+                copy = st["progress"].get("copy", {})
+                examined = sum(p["scanned"] for p in copy.values())
+                copied = sum(p["moved"] for p in copy.values())
+                if st["phase"] == "migrating" and examined and copied and not all(p["done"] for p in copy.values()):
+                    return apply
+                if time.monotonic() > deadline or apply.poll() is not None:
+                    raise AssertionError(f"the apply was not seen in its copy step: {st}")
+                apply.send_signal(signal.SIGCONT)
+        except BaseException:
+            apply.kill()
+            apply.communicate()
+            raise
 
     def status(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads(self.crs("status", "--json").stdout)
@@ -372,10 +383,9 @@ def test_abort_midway_returns_to_the_old_ring(stack: ReshardStack) -> None:
     stack.crs("add", "shard-3", "--address", shard3.url)
     with LookupLoad(stack) as load:
         apply = stack.slow_apply_in_copy()
-        # The apply is held mid-copy until the abort has published its reversal. Left running, it
-        # could finish its copy and cleanup on a busy machine before `crs shards abort` even started
+        # The apply is held mid-copy (stopped) until the abort has published its reversal. Left running,
+        # it could finish its copy and cleanup on a busy machine before `crs shards abort` even started
         # (a CI run did), and the abort found nothing to abort.
-        apply.send_signal(signal.SIGSTOP)
         abort = None
         try:
             abort = stack.crs_in_background("abort")
@@ -410,9 +420,10 @@ def test_an_interrupted_apply_resumes_where_it_stopped(stack: ReshardStack) -> N
     shard3 = next(r for r in stack.env.stack.redis if r.name == "shard-3")
     stack.crs("add", "shard-3", "--address", shard3.url)
     with LookupLoad(stack) as load:
-        apply = stack.slow_apply_in_copy()
+        apply = stack.slow_apply_in_copy()          # held mid-copy
         try:
-            apply.send_signal(signal.SIGINT)          # Ctrl-C
+            apply.send_signal(signal.SIGINT)          # Ctrl-C, delivered as it goes on
+            apply.send_signal(signal.SIGCONT)
             first, _ = apply.communicate(timeout=30)
         finally:
             if apply.poll() is None:
