@@ -166,7 +166,10 @@ def test_a_thread_read_is_refused_busy_and_a_silent_server_times_out() -> None:
     read is told BUSY at once; the waiting read fails after the timeout and its connection is closed."""
     with socket.create_server(("127.0.0.1", 0)) as silent:   # the kernel accepts; nothing ever answers
         port = silent.getsockname()[1]
-        blocking = BlockingReader(PipelinedReader(f"redis://127.0.0.1:{port}/0", timeout=0.4), max_connections=1)
+        # The waiting read's timeout: the BUSY read below must come within it, even on a busy machine
+        # (with 0.4 s, a stall that long before it let the waiting read time out and free its place).
+        timeout = 2.0
+        blocking = BlockingReader(PipelinedReader(f"redis://127.0.0.1:{port}/0", timeout=timeout), max_connections=1)
         outcome: list[BaseException | object] = []
 
         def waiting() -> None:
@@ -181,9 +184,9 @@ def test_a_thread_read_is_refused_busy_and_a_silent_server_times_out() -> None:
         while blocking._open == 0 and time.monotonic() - started < 2:
             time.sleep(0.01)
         assert blocking.get("k2") is BUSY
-        t.join(3)
+        t.join(timeout + 3)
         assert isinstance(outcome[0], RespError) and "no reply" in str(outcome[0])
-        assert 0.35 < time.monotonic() - started < 2.0
+        assert timeout - 0.05 < time.monotonic() - started < timeout + 2.5
         assert blocking._open == 0 and blocking._idle == []      # closed, its place free again
     with pytest.raises(RespError, match="cannot connect"):
         BlockingReader(PipelinedReader("redis://127.0.0.1:1/0", timeout=0.3), max_connections=1).get("k1")
