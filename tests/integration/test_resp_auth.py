@@ -285,7 +285,10 @@ async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server:
     lookup goes to PostgreSQL) and its failure reaches the breaker on the loop, after which reads are
     left to `get`; a read that finds the one thread connection busy is left to the loop and counted."""
     events = Events()
-    tier = RedisTier(topology=one_shard(server.url_as("alice", ALICE_PASSWORD)), pool_size=2, timeout=0.4,
+    # The read timeout: the hung GET below must still hold the one thread connection when the second read
+    # comes (with 0.4 s, a stall of 0.5 s before it let the first time out and the second find it free).
+    timeout = 2.0
+    tier = RedisTier(topology=one_shard(server.url_as("alice", ALICE_PASSWORD)), pool_size=2, timeout=timeout,
                      policy=BreakerPolicy(failure_threshold=1, retry_interval=60.0), thread_connections=1,
                      on_error=events.errors.append, on_reply_error=events.replies.append,
                      on_state_change=lambda name, up: events.states.append((name, up)))
@@ -306,10 +309,14 @@ async def test_thread_reads_through_the_tier_record_outcomes_on_the_loop(server:
         try:
             started = time.monotonic()
             waiting = asyncio.ensure_future(asyncio.to_thread(reads.get, "k3"))
-            await asyncio.sleep(0.1)                                 # it holds the one connection
+            assert shard.blocking is not None
+            for _ in range(2000):                                    # until it holds the one connection
+                if not shard.blocking._idle or waiting.done():
+                    break
+                await asyncio.sleep(0.005)
             assert await asyncio.to_thread(reads.get, "k4") is L2.ASK and busy == ["shard-0"]
             assert await waiting is L2.DOWN
-            assert time.monotonic() - started < 1.5
+            assert time.monotonic() - started < timeout + 1.5
         finally:
             os.kill(server.pid, signal.SIGCONT)
         await asyncio.sleep(0.01)
