@@ -276,10 +276,18 @@ def test_calls_that_never_send_their_message_do_not_stop_a_hybrid_node(dev_env: 
         with node.channel() as channel:
             lookup = rpc.stub(channel, "LookupService")
             held = [channel.stream_unary(path).future(headers_only(), timeout=30) for _ in range(4)]
-            time.sleep(0.5)
-            answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
-            assert answer.card.token.startswith("tok_")
-            wait_metric(node, "crs_grpc_turns_revoked_total", 4)
+            # Lookups until one came while the held calls had every turn (the count shows it): a lookup
+            # sent before their headers arrived would have taken a turn first, and a fixed wait for them
+            # can be too short on a busy machine. Every lookup must be answered either way.
+            deadline = time.monotonic() + 30
+            while True:
+                answer = lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(2)), timeout=5)
+                assert answer.card.token.startswith("tok_")
+                try:
+                    wait_metric(node, "crs_grpc_turns_revoked_total", 4, within=2.0)
+                    break
+                except AssertionError:
+                    assert time.monotonic() < deadline, "the held calls' turns were never taken back"
             late.set()
             for call in held:
                 assert pb.Resolution.FromString(call.result(timeout=10)).card.token.startswith("tok_")
