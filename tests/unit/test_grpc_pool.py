@@ -503,7 +503,12 @@ def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an
     pool = GrpcThreadPool(2, "t", message_wait=30)
     with _message_server(pool) as (channel, never):
         held = [channel.stream_unary("/t.S/Echo").future(_headers_only(never), timeout=30) for _ in range(2)]
-        time.sleep(0.05)
+        # Both threads started and both calls taken (a fixed 0.05 s for it let the call below take a
+        # thread first on a busy machine, and nothing was closed).
+        deadline = time.monotonic() + 10
+        while not (pool._full and pool.backlog() == 0):
+            assert time.monotonic() < deadline, "the held calls never took both threads"
+            time.sleep(0.01)
         started = time.monotonic()
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
         assert time.monotonic() - started < 2.0
