@@ -28,7 +28,7 @@ from server.admin import AdminHandlers
 from server.aio_handlers import generic_handler
 from server.auth import Authenticator, ClientRegistry, JwtVerifier
 from server.background import BackgroundTasks
-from server.bin_source import BinSource
+from server.bin_source import BinSource, card_answer_life
 from server.cache.near import NearCache
 from server.cache.thread_reads import ThreadReads
 from server.cache.tier import RedisTier
@@ -188,7 +188,7 @@ class Node:
                          refresh=s.near_cache_ttl * s.near_cache_refresh)
         self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
         self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS
-        cached_for = s.cache_ttl * (1 + s.cache_ttl_jitter) + s.near_cache_ttl   # a card answer's longest life
+        cached_for = card_answer_life(s)   # after its version's deactivation
         if self.tier is not None:   # a copy back from an outage deletes these keys, not all (server/cache/shard.py)
             self.tier.missed_deletes = functools.partial(unsettled_keys, self.pool, cached_for=cached_for,
                                                          timeout=s.pg_timeout)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 from google.protobuf.message import Message
 
 from server import cache_keys as ck
 from server import decisions
+from server.bin_source import BinTableHolder
 from server.bins import MIN_PREFIX, PREFIX_DIGITS, BinTable
 from server.caller import KEY_SCOPE, Caller
 from server.crypto import Keyring, account_fingerprint_input
@@ -69,11 +70,6 @@ class Partial:
         return self.later()
 
 
-class BinTableHolder(Protocol):
-    table: BinTable     # replaced whole when a new version is loaded (server/bin_source.py)
-    known: bool         # the active version was read (False: the database was out since the start)
-
-
 class LookupHandlers:
     def __init__(self, *, resolver: Resolver, keyring: Keyring, pg_timeout: float,
                  batch_max: int, bins: BinTableHolder, decisions: DecisionTable,
@@ -118,7 +114,7 @@ class LookupHandlers:
                                   timeout=self.pg_timeout, hints=hints)
         if self._other_versions:
             load = partial(self._any_version, "card", reads.card_by_fingerprint, pan, load, hints)
-        return Lookup(prefix + fp.hex(), load, "card")
+        return Lookup(prefix + fp.hex(), self.bins.cacheable(load), "card")
 
     def card_hit(self, pan: str) -> bytes | None:
         """A PAN's card from the near-cache by its cache key alone (no Lookup, no loader built), not
@@ -137,8 +133,8 @@ class LookupHandlers:
         parse_token(token)
         table, _, hints = self._card_table()
         assert table is not None
-        return Lookup(ck.token_key(token, table.version), partial(
-            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=hints), "card")
+        return Lookup(ck.token_key(token, table.version), self.bins.cacheable(partial(
+            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=hints)), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
         parse_routing_number(routing_number)

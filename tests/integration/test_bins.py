@@ -7,6 +7,8 @@ issuers that are not ours), generated at run time."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import csv
 import random
 import re
@@ -15,15 +17,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
+import redis
 from grpc_status import rpc_status
 
 from devstack.bins import write_sample
+from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, clients_of, crs_command, expect_code
+from tests.integration.support import Clients, card_key, clients_of, crs_command, expect_code, until
 
 POLL = 0.2     # the reloading node's CRS_BIN_POLL_INTERVAL
 
@@ -293,3 +298,66 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
     missing = crs_command(dev_env, "bins", "activate", "999999")
     assert missing.returncode == 2 and missing.stderr.splitlines() == [
         "crs: BIN table version 999999 does not exist (crs bins versions lists the stored ones)"]
+
+
+@contextlib.contextmanager
+def _bin_tables_locked(dsn: str) -> Iterator[None]:
+    """bin_tables held ACCESS EXCLUSIVE by another session: every node's poll of it hangs (card reads do
+    not touch it) until the block ends."""
+    held, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE bin_tables IN ACCESS EXCLUSIVE MODE")
+                held.set()
+                await asyncio.to_thread(release.wait, 60)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10), "could not lock bin_tables"
+        yield
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_a_node_that_cannot_confirm_its_table_version_caches_no_card_answer(dev_env: DevEnvironment,
+                                                                            fast_node: Clients) -> None:
+    """Writers delete a card's keys under a BIN table version until CRS_CACHE_TTL and a little more after
+    its deactivation. A node whose polls of bin_tables fail (or hang) cannot know its version was
+    deactivated meanwhile (a rollback): answers it cached under it after that would outlive every
+    write (a card reported lost answering ACTIVE for the TTL; audit 2026-12-04, seventh, left open).
+    Past two polls without a confirmation its card answers are served, not cached; once a poll gets
+    through, cached again."""
+    node = fast_node.node
+    # Demo cards no other test asks for, their keys named before the lock (reading the active version
+    # waits on it too).
+    cards = iter([(pb.ResolveCardRequest(pan=demo_pan(i)), card_key(node.settings, demo_pan(i)))
+                  for i in range(520, 560)])
+
+    def fresh_card() -> tuple[pb.ResolveCardRequest, str]:
+        request, key = next(cards)
+        for shard in node.settings.redis_shards:
+            redis.Redis.from_url(shard.url).delete(key)
+        return request, key
+
+    def cached(key: str) -> bool:
+        return any(redis.Redis.from_url(shard.url).exists(key) for shard in node.settings.redis_shards)
+
+    def answered_and_cached() -> bool:
+        request, key = fresh_card()
+        assert fast_node.lookup.ResolveCard(request, timeout=5).card.token.startswith("tok_")
+        time.sleep(0.2)   # a fill follows the answer
+        return cached(key)
+
+    until("a card answer cached (the node's version confirmed)", answered_and_cached, 10, poll=0.1)
+    with _bin_tables_locked(dev_env.admin_dsn):
+        time.sleep(POLL * 3 + 0.2)   # two polls' grace gone
+        for _ in range(3):
+            assert not answered_and_cached(), "cached under a version no poll confirmed for 3 polls"
+    until("card answers cached again once a poll got through", answered_and_cached, 10, poll=0.1)

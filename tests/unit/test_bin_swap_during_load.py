@@ -19,6 +19,7 @@ from server.decisions import DEFAULT_NETWORK_CODES, DecisionTable, parse_network
 from server.lookup import LookupHandlers
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
+from server.store.read_route import Read
 
 DECISIONS = DecisionTable(parse_network_codes(DEFAULT_NETWORK_CODES))
 V1 = build([BinRow("999300", "999399", 16, "mastercard", "Issuer", "US", "credit", False)], 1)
@@ -28,6 +29,9 @@ V2 = build([BinRow("999300", "999399", 16, "visa", "Issuer", "US", "credit", Fal
 class Bins:
     table: BinTable = V1
     known = True
+
+    def cacheable(self, load: Read) -> Read:
+        return load
 
 
 class _Near:

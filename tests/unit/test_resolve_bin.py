@@ -14,6 +14,7 @@ from server.decisions import DEFAULT_NETWORK_CODES, DecisionTable, parse_network
 from server.errors import BackendUnavailable, CrsError, FailedPrecondition, NotFound
 from server.lookup import LookupHandlers
 from server.proto import crs_pb2 as pb
+from server.store.read_route import Read
 
 TABLE = build([BinRow("453201", "453201", 16, "visa", "Issuer", "GB", "credit", False),
                BinRow("45320100", "45320100", 16, "mastercard", "Tiny Co-brand", "GB", "credit", False)], 3)
@@ -23,6 +24,9 @@ CALLER = Caller("switch", frozenset({"lookup:card"}), "mtls")
 class Bins:
     def __init__(self, table: BinTable, known: bool) -> None:
         self.table, self.known = table, known
+
+    def cacheable(self, load: Read) -> Read:
+        return load
 
 
 class _Near:
