@@ -90,7 +90,16 @@ def test_a_stalled_reader_of_a_sync_server_stream_is_told_and_its_generator_clos
         "t.S", {"M": grpc.unary_stream_rpc_method_handler(handler)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    checker = threading.Thread(target=lambda: [watch.check() or time.sleep(0.05) for _ in range(100)], daemon=True)
+    # The check runs every 0.05 s until the test ends, as the node's does (not for a fixed 100 rounds,
+    # about 5 s: a set-up that slow on a busy machine left the stall unchecked and the stream unended).
+    done = threading.Event()
+
+    def check() -> None:
+        while not done.is_set():
+            watch.check()
+            done.wait(0.05)
+
+    checker = threading.Thread(target=check, daemon=True)
     checker.start()
     try:
         error, waited = _read_one_then_stall(port)
@@ -98,6 +107,8 @@ def test_a_stalled_reader_of_a_sync_server_stream_is_told_and_its_generator_clos
         assert waited < 1, "the status was not there when the reader came back"
         assert closed.wait(2) and watch.open_streams() == 0
     finally:
+        done.set()
+        checker.join(5)
         server.stop(0).wait()
 
 
