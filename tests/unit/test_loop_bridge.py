@@ -55,9 +55,12 @@ def on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
     return asyncio.run_coroutine_threadsafe(run(), loop).result(5)
 
 
-def hanging(cancelled: threading.Event) -> Callable[[], Awaitable[bytes]]:
-    """A coroutine function whose coroutine waits for a minute and sets `cancelled` when cancelled."""
+def hanging(cancelled: threading.Event, entered: threading.Event | None = None) -> Callable[[], Awaitable[bytes]]:
+    """A coroutine function whose coroutine sets `entered` (if given), waits for a minute and sets
+    `cancelled` when cancelled."""
     async def hangs() -> bytes:
+        if entered is not None:
+            entered.set()
         try:
             await asyncio.sleep(60)
         except asyncio.CancelledError:
@@ -96,9 +99,21 @@ def test_deadline_cancels_the_coroutine(loop: asyncio.AbstractEventLoop) -> None
 def test_cancelled_call_releases_the_thread_and_cancels(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
     cancelled = threading.Event()
-    hangs = hanging(cancelled)
+    entered = threading.Event()
+    hangs = hanging(cancelled, entered)
     context = Context()
-    threading.Timer(0.2, context.end).start()   # the client cancels: grpc runs the call's callbacks
+
+    def cancel() -> None:
+        """The client cancels (grpc runs the call's callbacks) once the thread waits on the running
+        coroutine: not 0.2 s after the start, which a busy machine can reach before the call registered
+        its callback (the stand-in then never runs it) or before its coroutine started (never cancelled)."""
+        assert entered.wait(5)
+        deadline = time.monotonic() + 5
+        while not context.callbacks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        context.end()
+
+    threading.Thread(target=cancel, daemon=True).start()
     with pytest.raises(CallEnded):
         bridge.call(hangs, context)   # type: ignore[arg-type]
     assert cancelled.wait(2)
