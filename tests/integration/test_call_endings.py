@@ -20,6 +20,7 @@ import redis
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
+from server.metrics import FLUSH_INTERVAL
 from server.proto import crs_pb2 as pb
 from tests.integration.support import card_key, errors_logged, metric
 
@@ -28,11 +29,14 @@ _fresh = itertools.count(150)   # demo cards no other test of this module has as
 
 
 class CardsLocked:
-    """ACCESS EXCLUSIVE on `cards` for `seconds`: every card load from PostgreSQL waits for it."""
+    """ACCESS EXCLUSIVE on `cards` until the `with` block ends (`seconds` at most): every card load from
+    PostgreSQL waits for it. Not for a fixed time from the lock: a busy machine could reach the block's
+    calls only after that, and a miss meant to wait on PostgreSQL was answered (OK, not DEADLINE_EXCEEDED)."""
 
-    def __init__(self, dsn: str, seconds: float) -> None:
+    def __init__(self, dsn: str, seconds: float = 30.0) -> None:
         self.dsn, self.seconds = dsn, seconds
         self.held = threading.Event()
+        self.release = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
 
     async def _hold(self) -> None:
@@ -41,7 +45,7 @@ class CardsLocked:
             async with conn.transaction():
                 await conn.execute("LOCK TABLE cards IN ACCESS EXCLUSIVE MODE")
                 self.held.set()
-                await asyncio.sleep(self.seconds)
+                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, self.seconds)
         finally:
             await conn.close()
 
@@ -51,6 +55,7 @@ class CardsLocked:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release.set()
         self.thread.join(30)
 
 
@@ -60,6 +65,20 @@ def _uncached(node: NodeProcess) -> str:
     for shard in node.settings.redis_shards:
         redis.Redis.from_url(shard.url).delete(key)
     return pan
+
+
+def _settled(node: NodeProcess, name: str, **labels: str) -> float:
+    """`metric(node, name, **labels)` once a metrics flush adds nothing: two scrapes a flush and a half
+    apart agree."""
+    deadline = time.monotonic() + 30
+    last = metric(node, name, **labels)
+    while True:
+        time.sleep(FLUSH_INTERVAL * 1.5)
+        now = metric(node, name, **labels)
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"{name}{labels} never settled"
+        last = now
 
 
 def _outcome(call: Any) -> str:
@@ -81,7 +100,7 @@ def test_a_caller_joining_a_load_outlives_the_first_callers_deadline(
     pan = _uncached(node)
     with node.channel() as channel:
         lookup = rpc.stub(channel, "LookupService")
-        with CardsLocked(dev_env.admin_dsn, 1.0):
+        with CardsLocked(dev_env.admin_dsn):
             first = lookup.ResolveCard.future(pb.ResolveCardRequest(pan=pan), timeout=0.3)
             time.sleep(0.05)
             if how == "ResolveCard":
@@ -118,7 +137,7 @@ def test_a_miss_past_its_deadline_ends_deadline_exceeded(nodes: dict[str, NodePr
     with node.channel() as channel:
         lookup = rpc.stub(channel, "LookupService")
         lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # connected, warm
-        with CardsLocked(dev_env.admin_dsn, 1.5):
+        with CardsLocked(dev_env.admin_dsn):
             endings = [_outcome(lookup.ResolveCard.future(pb.ResolveCardRequest(pan=pan),
                                                           timeout=(0.02, 0.05, 0.1)[i % 3]))
                        for i, pan in enumerate(pans)]
@@ -131,8 +150,9 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
     node = nodes[model]
     with node.channel() as channel:
         rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
-    time.sleep(1.2)   # the metrics flush
-    counted_before = metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK")
+    # Every StreamResolve counted so far (earlier tests' too): per-call counts reach Prometheus at the
+    # node's next flush, every second or so, later on a busy machine; not a fixed 1.2 s.
+    counted_before = _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK")
     pans = [_uncached(node) for _ in range(6)]
     hold = threading.Event()
 
@@ -141,7 +161,7 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
             yield pb.LookupKey(pan=pan, correlation_id=str(i))
         hold.wait(5)
 
-    with node.channel() as channel, CardsLocked(dev_env.admin_dsn, 1.0):
+    with node.channel() as channel, CardsLocked(dev_env.admin_dsn):
         lookup = rpc.stub(channel, "LookupService")
         cancelled = [lookup.StreamResolve(keys(), timeout=10) for _ in range(2)]
         expiring = [lookup.StreamResolve(keys(), timeout=0.4) for _ in range(2)]
@@ -156,8 +176,8 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
                 endings.append(exc.code().name)
         hold.set()
     assert endings == ["CANCELLED"] * 2 + ["DEADLINE_EXCEEDED"] * 2
-    time.sleep(1.5)   # the streams' ends reach the metrics (flushed every second)
-    assert metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK") == counted_before
+    # the streams' ends reach the metrics at the next flush: wait until they stop moving
+    assert _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK") == counted_before
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -171,7 +191,7 @@ def test_a_stream_of_hits_that_ends_while_waiting_for_keys_is_no_error(nodes: di
     with node.channel() as channel:
         rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
     log_from = node.log_path.stat().st_size
-    internal = metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL")
+    internal = _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL")
     release = threading.Event()
 
     def hits_then_wait() -> Iterator[pb.LookupKey]:
@@ -193,6 +213,5 @@ def test_a_stream_of_hits_that_ends_while_waiting_for_keys_is_no_error(nodes: di
             endings.append(info.value.code().name)
     release.set()
     assert endings == ["CANCELLED", "DEADLINE_EXCEEDED"] * 2
-    time.sleep(1.5)   # the metrics flush
-    assert metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL") == internal
+    assert _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL") == internal
     assert errors_logged(node, since=log_from) == []
