@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
 import grpc
+import pytest
 
 from devstack.demo import demo_routing
 from devstack.environment import DevEnvironment
@@ -14,6 +16,7 @@ from server.proto import crs_pb2 as pb
 from tests.integration.support import (
     Clients,
     UsedSecrets,
+    clients_of,
     expect_code,
     fresh_account_number,
     fresh_pan,
@@ -25,10 +28,24 @@ from tests.integration.support import (
 # if its pub/sub invalidation is lost; normally within milliseconds.
 STALENESS_BOUND_S = 2.0
 # Normally an invalidation lands in milliseconds. The near-cache TTL (2 s) alone would also meet the
-# bound, so before each write node B's entries are reloaded (just after they expired): then only an
-# invalidation (the Redis delete and the pub/sub discard) can show the new state within this.
-INVALIDATED_S = 0.75
-NEAR_CACHE_TTL_S = 2.0
+# bound, so the reading node of the bound test keeps its entries a minute: only an invalidation (the
+# Redis delete and the pub/sub discard) can show it the new state within the bound. (Entries of the
+# default 2 s, reloaded just before each write and required to change within 0.75 s, made any stall of
+# that node over 0.75 s look like a lost invalidation.)
+LONG_NEAR_CACHE_TTL_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def long_near_cache(dev_env: DevEnvironment) -> Iterator[Clients]:
+    """A node whose near-cache entries live a minute (CRS_NEAR_CACHE_TTL)."""
+    node = dev_env.start_node(workers=1, near_cache_ttl=LONG_NEAR_CACHE_TTL_S)
+    clients = clients_of(node)
+    try:
+        yield clients
+    finally:
+        clients.channel.close()
+        node.stop()
+        dev_env.nodes.remove(node)
 
 
 def _setup_card(c: Clients, used: UsedSecrets) -> tuple[pb.Customer, pb.Account, pb.Card, str]:
@@ -318,28 +335,24 @@ def _wait_for(predicate: object, bound: float) -> float:
     return time.monotonic() - start
 
 
-def test_write_on_one_node_is_seen_on_another_within_bound(node_a: Clients, node_b: Clients,
+def test_write_on_one_node_is_seen_on_another_within_bound(node_a: Clients, long_near_cache: Clients,
                                                           used_secrets: UsedSecrets) -> None:
+    node_b = long_near_cache   # its near-cache entries outlive the test: only invalidations refresh them
     customer, _account, card, pan = _setup_card(node_a, used_secrets)
     req = pb.ResolveCardRequest(pan=pan)
     for _ in range(3):   # warm node B's near-cache and the Redis shard with the current state
         assert node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
-    time.sleep(NEAR_CACHE_TTL_S + 0.1)   # node B's entry expires and is reloaded, from Redis, just now
-    assert node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_ACTIVE
     node_a.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=pb.CARD_STATUS_STOLEN),
                                timeout=5)
-    card_lag = _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_STOLEN,
-                         STALENESS_BOUND_S)
-    assert card_lag <= INVALIDATED_S, f"seen after {card_lag:.2f} s: only the near-cache TTL refreshed it"
+    _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).card.status == pb.CARD_STATUS_STOLEN,
+              STALENESS_BOUND_S)
     assert not node_b.lookup.ResolveCard(req, timeout=5).in_good_standing
     # A customer-level change reaches the card answers that embed the customer.
-    time.sleep(NEAR_CACHE_TTL_S + 0.1)
     assert node_b.lookup.ResolveCard(req, timeout=5).customer.status == pb.CUSTOMER_STATUS_ACTIVE
     node_a.admin.SetCustomerStatus(pb.SetCustomerStatusRequest(customer_id=customer.customer_id,
                                                                status=pb.CUSTOMER_STATUS_SUSPENDED), timeout=5)
-    lag = _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).customer.status ==
-                    pb.CUSTOMER_STATUS_SUSPENDED, STALENESS_BOUND_S)
-    assert lag <= INVALIDATED_S, f"seen after {lag:.2f} s: only the near-cache TTL refreshed it"
+    _wait_for(lambda: node_b.lookup.ResolveCard(req, timeout=5).customer.status == pb.CUSTOMER_STATUS_SUSPENDED,
+              STALENESS_BOUND_S)
     # Linking the card to another account moves it in both customers' profiles.
     other_customer, other_account, _, _ = _setup_card(node_a, used_secrets)
     node_b.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=other_customer.customer_id), timeout=5)
