@@ -36,6 +36,7 @@ from tests.integration.support import (
     own_env,
     running,
     sql,
+    until,
 )
 
 WAIT_S = 10.0   # generous bound for an event to arrive (the latency target is 1 s; see docs/feed.md)
@@ -311,17 +312,21 @@ def test_a_watch_marks_the_moment_it_has_caught_up_however_busy_the_feed(
     sends a Progress mark as soon as it has delivered everything committed when it began (what
     `crs feed tail --no-follow` stops at), and no event at or below the mark comes after it."""
     stop = threading.Event()
+    written = [0]
 
     def write() -> None:
         while not stop.is_set():
             new_customer(node_a.admin, "Keeps The Feed Busy")
+            written[0] += 1
             time.sleep(0.1)
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()
     try:
-        time.sleep(0.5)
-        start = _newest(dev_env) - 5               # a few committed events to catch up on
+        # A few committed events to catch up on: the writer's first five (not those of a fixed 0.5 s,
+        # which a slow writer left fewer than five of, and a test run alone a negative from_sequence).
+        until("the writer's first writes", lambda: written[0] >= 5, WAIT_S)
+        start = _newest(dev_env) - 5
         began = time.monotonic()
         watcher = Watcher(feed_channel, pb.WatchRequest(from_sequence=start))
         try:
@@ -334,9 +339,16 @@ def test_a_watch_marks_the_moment_it_has_caught_up_however_busy_the_feed(
                     break
                 assert time.monotonic() < deadline, f"no Progress mark in {WAIT_S}s of a busy feed"
                 time.sleep(0.02)
-            time.sleep(0.5)                        # later events, to check none falls below the mark
-            with watcher._lock:
-                events = list(watcher.events)
+            # Later events, to check none falls below the mark: wait for a few (a writer slower than
+            # a fixed 0.5 s on a busy machine left none, and nothing checked).
+            deadline = time.monotonic() + WAIT_S
+            while True:
+                with watcher._lock:
+                    events = list(watcher.events)
+                if sum(e.WhichOneof("payload") != "progress" for e in events[marks[0] + 1:]) >= 3:
+                    break
+                assert time.monotonic() < deadline, f"no events after the mark in {WAIT_S}s of a busy feed"
+                time.sleep(0.02)
         finally:
             watcher.close()
     finally:
