@@ -7,6 +7,7 @@ the feed and the outbox carry the events; imported accounts and cards resolve th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import os
 import random
@@ -388,19 +389,24 @@ def test_a_person_across_batches_is_one_customer(env_vars: None, dev_env: DevEnv
     are partly committed and partly in the open transaction."""
     search, write = BulkCustomers.search, BulkCustomers.write
     searched: list[int] = []
+    another_search = asyncio.Event()
 
     async def counted(self: BulkCustomers, *args: Any, **kwargs: Any) -> Any:
         found = await search(self, *args, **kwargs)
         searched.append(found.rows_done)
+        another_search.set()
         return found
 
     async def after_next_search(self: BulkCustomers, plan: Any, run: str) -> Any:
-        # Hold batch N's transaction until batch N+1 was searched, so that search cannot see it.
+        # Hold batch N's transaction until batch N+1 was searched, so that search cannot see it. That
+        # search runs meanwhile: give it all the time a busy machine may need (not 400 x 5 ms, which a
+        # search slowed 2.5 s outlasted), since the wait ends as soon as it is done.
         batches = len(searched)
-        for _ in range(400):
-            if len(searched) > batches or batches == 3:
-                break
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(30):
+                while not (len(searched) > batches or batches == 3):
+                    another_search.clear()
+                    await another_search.wait()
         assert len(searched) > batches or batches == 3, "the next batch was not searched during the write"
         return await write(self, plan, run)
 
