@@ -512,18 +512,27 @@ def test_a_cached_token_is_refused_once_it_expires(secure: SecureNode) -> None:
     """Verified tokens are cached (server/auth.py, JwtVerifier): the cached entry must end at the
     token's exp, not outlive it. A token with a 1-2 s lifetime is verified (and cached), used again
     from the cache, then refused as expired right after its exp."""
-    token = secure.token("token-switch", ttl=2)
-    expires = jwt.decode(token, options={"verify_signature": False})["exp"]
     card = pb.ResolveCardRequest(pan=demo_pan(2))
-    with secure.token_channel(token) as ch:
-        lookup = rpc.stub(ch, "LookupService")
-        assert time.time() < expires, "the machine was too slow to use the token before it expired"
-        for _ in range(2):      # the first verifies and caches it, the second is answered from the cache
-            assert lookup.ResolveCard(card, timeout=5).card.last4 == demo_pan(2)[-4:]
-        while time.time() < expires + 0.3:
-            time.sleep(0.1)
-        with pytest.raises(grpc.RpcError) as info:
-            lookup.ResolveCard(card, timeout=5)
+    for _attempt in range(5):
+        token = secure.token("token-switch", ttl=2)
+        expires = jwt.decode(token, options={"verify_signature": False})["exp"]
+        with secure.token_channel(token) as ch:
+            lookup = rpc.stub(ch, "LookupService")
+            try:
+                for _ in range(2):  # the first verifies and caches it, the second is answered from the cache
+                    assert lookup.ResolveCard(card, timeout=5).card.last4 == demo_pan(2)[-4:]
+            except grpc.RpcError as exc:
+                # Refused once its exp had passed: a machine too slow to use a 1-2 s token twice (a
+                # stall between the calls), not what this test is about; again, with a new token.
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and time.time() >= expires, exc
+                continue
+            while time.time() < expires + 0.3:
+                time.sleep(0.1)
+            with pytest.raises(grpc.RpcError) as info:
+                lookup.ResolveCard(card, timeout=5)
+        break
+    else:
+        pytest.fail("the machine was too slow to use a token twice before it expired, five times")
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
     assert info.value.details() == "bearer token has expired"
 
