@@ -87,12 +87,22 @@ def test_answer_and_error_come_back(loop: asyncio.AbstractEventLoop) -> None:
 
 def test_deadline_cancels_the_coroutine(loop: asyncio.AbstractEventLoop) -> None:
     bridge = LoopBridge(loop)
-    cancelled = threading.Event()
-    hangs = hanging(cancelled)
-    started = time.monotonic()
+    cancelled, entered = threading.Event(), threading.Event()
+    hangs = hanging(cancelled, entered)
+
+    class Started(Context):
+        """The call's 0.2 s left once its coroutine runs: a deadline that passed before the loop started it
+        (a loop thread not scheduled for 0.2 s) leaves it never started, and nothing to cancel."""
+
+        def time_remaining(self) -> float:
+            assert entered.wait(5), "the loop never started the call's coroutine"
+            self.started = time.monotonic()
+            return self.remaining
+
+    context = Started(remaining=0.2)
     with pytest.raises(CallEnded):
-        bridge.call(hangs, Context(remaining=0.2))   # type: ignore[arg-type]
-    assert time.monotonic() - started < 2
+        bridge.call(hangs, context)   # type: ignore[arg-type]
+    assert time.monotonic() - context.started < 2
     assert cancelled.wait(2), "the coroutine of a call past its deadline kept running"
 
 
