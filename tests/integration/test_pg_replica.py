@@ -206,15 +206,22 @@ def test_the_database_status_is_not_serving_on_a_read_only_server(env: DevEnviro
     class Servicer:
         def __init__(self, name: str) -> None:
             self.name = name
+            self.answered = asyncio.Event()
 
         async def set(self, service: str, status: Any) -> None:
             statuses[self.name].append(status)
+            self.answered.set()
 
     async def probe(name: str, dsn: str) -> None:
         pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
         try:
-            task = asyncio.create_task(probe_database(pool, Servicer(name), Metrics(CollectorRegistry()),
+            servicer = Servicer(name)
+            task = asyncio.create_task(probe_database(pool, servicer, Metrics(CollectorRegistry()),
                                                       interval=0.05, timeout=2.0))
+            # Its first answer (a probe slower than a fixed 0.3 s on a busy machine had set none), then a
+            # few more rounds, in which it must not change its mind.
+            async with asyncio.timeout(10):
+                await servicer.answered.wait()
             await asyncio.sleep(0.3)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
