@@ -39,12 +39,13 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     # PostgreSQL was slow) and one started 0.5 s after SIGTERM ran past a 5 s grace and was cut
     # (UNAVAILABLE), as it should be. A generous grace keeps the test about the drain, not about
     # PostgreSQL's speed; a drain ends when its calls do, so the test takes no longer for it.
-    node = dev_env.start_node(workers=2, grace_seconds=15.0, drain_delay=1.0)
+    drain_delay = 1.0
+    node = dev_env.start_node(workers=2, grace_seconds=15.0, drain_delay=drain_delay)
     workers = worker_pids(node)
     assert len(workers) == 2, "two worker processes"
     shared = metrics_dir(min(workers))
     assert shared.is_dir(), "the workers' shared metrics directory"
-    calls: list[tuple[float, float, str]] = []   # (start, end, outcome)
+    calls: list[tuple[float, float, str, str]] = []   # (start, end, outcome, what a failed call was told)
     details: list[str] = []   # what each failed call was told, for the assertion messages
     stop = threading.Event()
     lock = threading.Lock()
@@ -57,13 +58,14 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
             # A new connection per call: SO_REUSEPORT spreads connections over the workers.
             with node.channel() as channel:
                 started = time.monotonic()
+                told = ""
                 try:
                     rpc.stub(channel, "LookupService").BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=20)
                     outcome = "ok"
                 except grpc.RpcError as exc:
-                    outcome = exc.code().name
-                    details.append(f"{started:.3f} {outcome}: {exc.details()}")
-                calls.append((started, time.monotonic(), outcome))
+                    outcome, told = exc.code().name, exc.details() or ""
+                    details.append(f"{started:.3f} {outcome}: {told}")
+                calls.append((started, time.monotonic(), outcome, told))
                 if outcome != "ok":
                     return
 
@@ -88,15 +90,21 @@ def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, 
     assert not shared.exists(), "the metrics directory goes with the workers"
     # Every call started before SIGTERM, or in the first half of the lame-duck second after it (the
     # listener still open: drain_delay), completed normally...
-    answered = [c for c in calls if c[0] < sigterm_at + 0.5]
-    assert answered and all(outcome == "ok" for _, _, outcome in answered), \
+    # (A call whose connection was refused once the lame-duck second was over came too late, whenever
+    # it started: its caller's thread, not run for a while on a busy machine, connected only then.)
+    def refused_after_the_lame_duck(call: tuple[float, float, str, str]) -> bool:
+        _, end, outcome, told = call
+        return outcome == "UNAVAILABLE" and "Connection refused" in told and end >= sigterm_at + drain_delay
+
+    answered = [c for c in calls if c[0] < sigterm_at + 0.5 and not refused_after_the_lame_duck(c)]
+    assert answered and all(outcome == "ok" for _, _, outcome, _ in answered), \
         (sigterm_at, answered, details)
     # ...including the calls running when SIGTERM arrived (three callers, each always in a call but for
     # its connection's set-up; a batch is over in tens of ms on a fast machine, so a call "started 50 ms
     # before SIGTERM" was often over before it: CI failed on that once).
-    assert any(start < sigterm_at < end for start, end, _ in answered), "no call was in flight at SIGTERM"
+    assert any(start < sigterm_at < end for start, end, _, _ in answered), "no call was in flight at SIGTERM"
     # Calls racing the shutdown were refused, not cut: nothing hung, nothing failed otherwise.
-    assert {outcome for _, _, outcome in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
+    assert {outcome for _, _, outcome, _ in calls} <= {"ok", "UNAVAILABLE", "CANCELLED"}
 
 
 @pytest.mark.parametrize("model", ["hybrid", "aio"])
