@@ -268,6 +268,9 @@ async def test_one_clients_watches_read_the_table_two_at_a_time_and_a_drain_ends
 
         greedy = [await from_zero("greedy") for _ in range(5)]
         firsts = [asyncio.ensure_future(stream.__anext__()) for _, stream in greedy]
+        # The first two read their first event (however long that takes: a loop not run for a while
+        # woke to a fixed 0.2 s sleep's end first), then the others have had time to, were they let.
+        await asyncio.wait(firsts[:2], timeout=5)
         await asyncio.sleep(0.2)
         assert [f.done() for f in firsts] == [True, True, False, False, False], "two of the client's at a time"
         other_sub, other = await from_zero("other")
