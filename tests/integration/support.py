@@ -3,6 +3,7 @@ sent (for the PCI scan), test data helpers, and where servers come from (see con
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -362,3 +363,53 @@ def card_key(settings: Settings, pan: str) -> str:
     keyring = settings.keyring()
     version = on_database(settings.pg_dsn, active_version)
     return ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan), version)
+
+
+class TableLocked:
+    """ACCESS EXCLUSIVE on `table`, taken by a session of its own, until the `with` block ends (`seconds`
+    at most): every query of it waits. Not for a fixed time from the lock: a busy machine could reach the
+    block's calls only after that."""
+
+    def __init__(self, dsn: str, table: str, seconds: float = 30.0) -> None:
+        self.dsn, self.table, self.seconds = dsn, table, seconds
+        self.held = threading.Event()
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
+
+    async def _hold(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute(f"LOCK TABLE {self.table} IN ACCESS EXCLUSIVE MODE")
+                self.held.set()
+                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, self.seconds)
+        finally:
+            await conn.close()
+
+    def __enter__(self) -> TableLocked:
+        self.thread.start()
+        assert self.held.wait(10), f"could not lock {self.table}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.thread.join(30)
+
+
+def settled(read: Callable[[], T], what: str) -> T:
+    """`read()` once a node's metrics flush adds nothing: two reads a flush and a half apart agree
+    (per-call counts reach /metrics at the node's next flush, every FLUSH_INTERVAL; later on a busy
+    machine)."""
+    from server.metrics import FLUSH_INTERVAL
+
+    deadline = time.monotonic() + 30
+    last = read()
+    while True:
+        time.sleep(FLUSH_INTERVAL * 1.5)
+        now = read()
+        if now == last:
+            return now
+        assert time.monotonic() < deadline, f"{what} never settled"
+        last = now

@@ -7,8 +7,6 @@ issuers that are not ours), generated at run time."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import csv
 import random
 import re
@@ -17,7 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import grpc
 import pytest
 import redis
@@ -28,7 +25,15 @@ from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment
 from server.pan import luhn_check_digit
 from server.proto import crs_pb2 as pb
-from tests.integration.support import Clients, card_key, clients_of, crs_command, expect_code, until
+from tests.integration.support import (
+    Clients,
+    TableLocked,
+    card_key,
+    clients_of,
+    crs_command,
+    expect_code,
+    until,
+)
 
 POLL = 0.2     # the reloading node's CRS_BIN_POLL_INTERVAL
 
@@ -300,32 +305,6 @@ def test_reload_under_load_then_roll_back(dev_env: DevEnvironment, fast_node: Cl
         "crs: BIN table version 999999 does not exist (crs bins versions lists the stored ones)"]
 
 
-@contextlib.contextmanager
-def _bin_tables_locked(dsn: str) -> Iterator[None]:
-    """bin_tables held ACCESS EXCLUSIVE by another session: every node's poll of it hangs (card reads do
-    not touch it) until the block ends."""
-    held, release = threading.Event(), threading.Event()
-
-    async def hold() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE bin_tables IN ACCESS EXCLUSIVE MODE")
-                held.set()
-                await asyncio.to_thread(release.wait, 60)
-        finally:
-            await conn.close()
-
-    holder = threading.Thread(target=asyncio.run, args=(hold(),), daemon=True)
-    holder.start()
-    try:
-        assert held.wait(10), "could not lock bin_tables"
-        yield
-    finally:
-        release.set()
-        holder.join(30)
-
-
 def test_a_node_that_cannot_confirm_its_table_version_caches_no_card_answer(dev_env: DevEnvironment,
                                                                             fast_node: Clients) -> None:
     """Writers delete a card's keys under a BIN table version until CRS_CACHE_TTL and a little more after
@@ -356,7 +335,7 @@ def test_a_node_that_cannot_confirm_its_table_version_caches_no_card_answer(dev_
         return cached(key)
 
     until("a card answer cached (the node's version confirmed)", answered_and_cached, 10, poll=0.1)
-    with _bin_tables_locked(dev_env.admin_dsn):
+    with TableLocked(dev_env.admin_dsn, "bin_tables"):
         time.sleep(POLL * 3 + 0.2)   # two polls' grace gone
         for _ in range(3):
             assert not answered_and_cached(), "cached under a version no poll confirmed for 3 polls"

@@ -5,14 +5,12 @@ first finding held in both models.) PostgreSQL is made to wait by a lock held on
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 import redis
@@ -20,43 +18,11 @@ import redis
 from devstack.demo import demo_pan
 from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
-from server.metrics import FLUSH_INTERVAL
 from server.proto import crs_pb2 as pb
-from tests.integration.support import card_key, errors_logged, metric
+from tests.integration.support import TableLocked, card_key, errors_logged, metric, settled
 
 MODELS = ("aio", "hybrid")
 _fresh = itertools.count(150)   # demo cards no other test of this module has asked for
-
-
-class CardsLocked:
-    """ACCESS EXCLUSIVE on `cards` until the `with` block ends (`seconds` at most): every card load from
-    PostgreSQL waits for it. Not for a fixed time from the lock: a busy machine could reach the block's
-    calls only after that, and a miss meant to wait on PostgreSQL was answered (OK, not DEADLINE_EXCEEDED)."""
-
-    def __init__(self, dsn: str, seconds: float = 30.0) -> None:
-        self.dsn, self.seconds = dsn, seconds
-        self.held = threading.Event()
-        self.release = threading.Event()
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
-
-    async def _hold(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
-        try:
-            async with conn.transaction():
-                await conn.execute("LOCK TABLE cards IN ACCESS EXCLUSIVE MODE")
-                self.held.set()
-                await asyncio.get_running_loop().run_in_executor(None, self.release.wait, self.seconds)
-        finally:
-            await conn.close()
-
-    def __enter__(self) -> CardsLocked:
-        self.thread.start()
-        assert self.held.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.thread.join(30)
 
 
 def _uncached(node: NodeProcess) -> str:
@@ -67,18 +33,10 @@ def _uncached(node: NodeProcess) -> str:
     return pan
 
 
-def _settled(node: NodeProcess, name: str, **labels: str) -> float:
-    """`metric(node, name, **labels)` once a metrics flush adds nothing: two scrapes a flush and a half
-    apart agree."""
-    deadline = time.monotonic() + 30
-    last = metric(node, name, **labels)
-    while True:
-        time.sleep(FLUSH_INTERVAL * 1.5)
-        now = metric(node, name, **labels)
-        if now == last:
-            return now
-        assert time.monotonic() < deadline, f"{name}{labels} never settled"
-        last = now
+def _streams_ended(node: NodeProcess, code: str) -> float:
+    """StreamResolves the node counted ended with `code`, once its metrics flush adds nothing."""
+    return settled(lambda: metric(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code=code),
+                   f"StreamResolve {code}")
 
 
 def _outcome(call: Any) -> str:
@@ -100,7 +58,7 @@ def test_a_caller_joining_a_load_outlives_the_first_callers_deadline(
     pan = _uncached(node)
     with node.channel() as channel:
         lookup = rpc.stub(channel, "LookupService")
-        with CardsLocked(dev_env.admin_dsn):
+        with TableLocked(dev_env.admin_dsn, "cards"):
             first = lookup.ResolveCard.future(pb.ResolveCardRequest(pan=pan), timeout=0.3)
             time.sleep(0.05)
             if how == "ResolveCard":
@@ -137,7 +95,7 @@ def test_a_miss_past_its_deadline_ends_deadline_exceeded(nodes: dict[str, NodePr
     with node.channel() as channel:
         lookup = rpc.stub(channel, "LookupService")
         lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)   # connected, warm
-        with CardsLocked(dev_env.admin_dsn):
+        with TableLocked(dev_env.admin_dsn, "cards"):
             endings = [_outcome(lookup.ResolveCard.future(pb.ResolveCardRequest(pan=pan),
                                                           timeout=(0.02, 0.05, 0.1)[i % 3]))
                        for i, pan in enumerate(pans)]
@@ -152,7 +110,7 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
         rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
     # Every StreamResolve counted so far (earlier tests' too): per-call counts reach Prometheus at the
     # node's next flush, every second or so, later on a busy machine; not a fixed 1.2 s.
-    counted_before = _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK")
+    counted_before = _streams_ended(node, "OK")
     pans = [_uncached(node) for _ in range(6)]
     hold = threading.Event()
 
@@ -161,7 +119,7 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
             yield pb.LookupKey(pan=pan, correlation_id=str(i))
         hold.wait(5)
 
-    with node.channel() as channel, CardsLocked(dev_env.admin_dsn):
+    with node.channel() as channel, TableLocked(dev_env.admin_dsn, "cards"):
         lookup = rpc.stub(channel, "LookupService")
         cancelled = [lookup.StreamResolve(keys(), timeout=10) for _ in range(2)]
         expiring = [lookup.StreamResolve(keys(), timeout=0.4) for _ in range(2)]
@@ -177,7 +135,7 @@ def test_streams_cancelled_or_past_their_deadline_are_not_counted_ok(nodes: dict
         hold.set()
     assert endings == ["CANCELLED"] * 2 + ["DEADLINE_EXCEEDED"] * 2
     # the streams' ends reach the metrics at the next flush: wait until they stop moving
-    assert _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="OK") == counted_before
+    assert _streams_ended(node, "OK") == counted_before
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -191,7 +149,7 @@ def test_a_stream_of_hits_that_ends_while_waiting_for_keys_is_no_error(nodes: di
     with node.channel() as channel:
         rpc.stub(channel, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=demo_pan(1)), timeout=5)
     log_from = node.log_path.stat().st_size
-    internal = _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL")
+    internal = _streams_ended(node, "INTERNAL")
     release = threading.Event()
 
     def hits_then_wait() -> Iterator[pb.LookupKey]:
@@ -213,5 +171,5 @@ def test_a_stream_of_hits_that_ends_while_waiting_for_keys_is_no_error(nodes: di
             endings.append(info.value.code().name)
     release.set()
     assert endings == ["CANCELLED", "DEADLINE_EXCEEDED"] * 2
-    assert _settled(node, "crs_rpc_latency_seconds_count", method="StreamResolve", code="INTERNAL") == internal
+    assert _streams_ended(node, "INTERNAL") == internal
     assert errors_logged(node, since=log_from) == []

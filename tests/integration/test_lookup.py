@@ -18,6 +18,7 @@ from tests.integration.support import (
     fresh_account_number,
     fresh_pan,
     metric,
+    settled,
     until,
 )
 
@@ -196,22 +197,6 @@ def _counters(node: Clients) -> dict[str, float]:
             if name.startswith(("crs_lookups_total{", "crs_rpc_latency_seconds_count{"))}
 
 
-def _settled_counters(node: Clients) -> dict[str, float]:
-    """`_counters` once a metrics flush adds nothing: two scrapes a flush and a half apart agree (per-call
-    counts reach Prometheus at the node's next flush, every FLUSH_INTERVAL; later on a busy machine)."""
-    from server.metrics import FLUSH_INTERVAL
-
-    deadline = time.monotonic() + 30
-    last = _counters(node)
-    while True:
-        time.sleep(FLUSH_INTERVAL * 1.5)
-        now = _counters(node)
-        if now == last:
-            return now
-        assert time.monotonic() < deadline, "the node's lookup counters never settled"
-        last = now
-
-
 def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Clients, used_secrets: UsedSecrets) -> None:
     """Two lookups of a PAN nobody has asked for: one answered by PostgreSQL (negatively), the second
     by the near-cache; each RPC observed once. The counters move by exactly that, nothing else."""
@@ -220,7 +205,7 @@ def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Client
         'crs_lookups_total{tier="l1"}': 1.0,
         'crs_rpc_latency_seconds_count{code="NOT_FOUND",method="ResolveCard"}': 2.0,
     }
-    before = _settled_counters(node_a)     # earlier tests' calls all counted
+    before = settled(lambda: _counters(node_a), "node A's lookup counters")     # earlier tests' calls all counted
 
     def moved() -> dict[str, float]:
         after = _counters(node_a)
@@ -233,7 +218,7 @@ def test_metrics_count_each_lookup_once_by_the_tier_that_answered(node_a: Client
     # node flushes later), then for the counters to settle, so that a count added later is seen too.
     until("the two lookups counted", lambda: all(moved().get(k, 0.0) >= v for k, v in expected.items()), 15,
           poll=0.1)
-    _settled_counters(node_a)
+    settled(lambda: _counters(node_a), "node A's lookup counters")
     assert moved() == expected
 
 
@@ -270,14 +255,15 @@ def test_a_batch_of_misses_does_not_take_healthy_shards_down(node_b: Clients, us
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
     negative = 'crs_lookups_total{tier="l3_negative"}'
-    before = _settled_counters(node_b).get(negative, 0.0)   # per-call counts: flushed every second or so
+    # Per-call counts: flushed every second or so.
+    before = settled(lambda: _counters(node_b), "node B's lookup counters").get(negative, 0.0)
     dropped_before = metric("crs_cache_fills_dropped_total")
     keys = [pb.LookupKey(pan=fresh_pan(used_secrets)) for _ in range(1000)]
     for _ in range(2):
         results = node_b.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=30).results
         assert [r.code for r in results] == [5] * 1000
     until("the first batch's misses counted", lambda: metric(negative) - before >= 1000, 15, poll=0.1)
-    _settled_counters(node_b)
+    settled(lambda: _counters(node_b), "node B's lookup counters")
     # Only the first batch reached PostgreSQL; the second was answered from the negative cache, but for
     # a fill whose read outlasted its fill window on a busy machine (docs/decisions.md, "Slow reads").
     dropped = metric("crs_cache_fills_dropped_total") - dropped_before
