@@ -8,7 +8,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -372,11 +372,9 @@ def test_unary_calls_whose_message_never_comes_do_not_stop_a_grpc_server_on_the_
         held = [channel.stream_unary("/t.S/Echo").future(headers_only(), timeout=30) for _ in range(4)]
         # Every turn held by them, and each an interval old or more: the watch then takes all four. (A
         # fixed 0.5 s assumed the calls had arrived by then, which a busy machine need not grant.)
-        deadline = time.monotonic() + 10
-        assert pool.turns is not None
-        while pool.turns.free():
-            assert time.monotonic() < deadline, "the calls never took every turn"
-            time.sleep(0.01)
+        turns = pool.turns
+        assert turns is not None
+        _until(lambda: not turns.free(), "the calls never took every turn")
         time.sleep(2 * CODEL_INTERVAL)
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
         assert pool.revoked == 4
@@ -427,6 +425,14 @@ def test_the_wait_for_a_request_message_is_timed_and_whoever_claims_the_call_fir
     assert timed is not None and timed[:3] == older[:3] and timed[4:] == older[4:]
     assert seat.claim == [Event.call] and timed[3]() == b"message" and seat.claim == []
     assert _await_message((print, 1, 2, 3, 4), seat) is None
+
+
+def _until(condition: Callable[[], bool], failed: str, within: float = 10.0) -> None:
+    """Wait until `condition()`: the state a busy machine may take a while to reach."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, failed
+        time.sleep(0.01)
 
 
 def _headers_only(never: threading.Event) -> Iterator[bytes]:
@@ -505,10 +511,7 @@ def test_calls_without_their_message_that_hold_every_thread_are_closed_within_an
         held = [channel.stream_unary("/t.S/Echo").future(_headers_only(never), timeout=30) for _ in range(2)]
         # Both threads started and both calls taken (a fixed 0.05 s for it let the call below take a
         # thread first on a busy machine, and nothing was closed).
-        deadline = time.monotonic() + 10
-        while not (pool._full and pool.backlog() == 0):
-            assert time.monotonic() < deadline, "the held calls never took both threads"
-            time.sleep(0.01)
+        _until(lambda: pool._full and pool.backlog() == 0, "the held calls never took both threads")
         started = time.monotonic()
         assert channel.unary_unary("/t.S/Echo")(b"hello", timeout=5) == b"hello"
         assert time.monotonic() - started < 2.0
