@@ -399,6 +399,8 @@ def dashboard() -> dict[str, Any]:
             ("Feed watchers", [(f"sum(crs_feed_watchers{{{J}}})", "watch streams"),
                                (f"sum(crs_feed_watchers_catching_up{{{J}}})", "catching up from PostgreSQL"),
                                (f"sum(crs_feed_watchers_waiting_turn{{{J}}})", "waiting for a catch-up turn"),
+                               (f"sum(rate(crs_feed_catch_up_turns_taken_back_total{{{J}}}[5m]))",
+                                "catch-up turns taken back /s (a consumer slow or stopped)"),
                                (f"crs_feed_watchers{{{J}}}", "{{instance}}")], "short", ""),
             ("Feed head per node and lag behind the furthest node",
              [(f"crs_feed_head_sequence{{{J}}}", "{{instance}} head"),

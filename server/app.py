@@ -224,7 +224,8 @@ class Node:
         feed = FeedHandlers(pool=self.pool, tailer=self.tailer, timeout=s.pg_timeout, batch=s.feed_batch,
                             progress_interval=s.feed_progress_interval, snapshot_chunk=s.feed_snapshot_chunk,
                             snapshot_max=s.feed_snapshot_max, snapshot_stall=s.feed_snapshot_stall,
-                            catch_up_reads=catch_up_reads_of(s), on_catch_up_waiting=self.metrics.feed_waiting_turn.set)
+                            catch_up_reads=catch_up_reads_of(s), on_catch_up_waiting=self.metrics.feed_waiting_turn.set,
+                            on_catch_up_taken_back=self.metrics.feed_turns_taken_back.inc)
         options = [*rpc.SERVER_OPTIONS, *rpc.keepalive_options(s.keepalive_time, s.keepalive_timeout)]
         if s.max_connection_age:
             options += [("grpc.max_connection_age_ms", int(s.max_connection_age * 1000)),

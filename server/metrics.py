@@ -200,6 +200,9 @@ class Metrics:
         self.feed_waiting_turn = Gauge("crs_feed_watchers_waiting_turn",
                                        "Watches behind the live tail waiting for one of the process's catch-up"
                                        " turns (CRS_FEED_CATCH_UP_READS)", multiprocess_mode="livesum", registry=reg)
+        self.feed_turns_taken_back = Counter("crs_feed_catch_up_turns_taken_back",
+                                             "Catch-up turns taken back from a Watch that held one past its slice"
+                                             " while another waited (its consumer slow or stopped)", registry=reg)
         self.feed_head = learned("crs_feed_head_sequence", "Highest feed sequence this node process has read")
         self.database_up = learned("crs_database_up", "1 when PostgreSQL answered the node's last probe")
         # The BIN table (docs/bins.md) this process answers from.

@@ -150,12 +150,14 @@ class NodeTurns:
     unsent) has its turn taken back by the next Watch in line, a poll later."""
 
     def __init__(self, turns: int, slice: float = CATCH_UP_SLICE,
-                 on_waiting: Callable[[int], None] = lambda waiting: None) -> None:
+                 on_waiting: Callable[[int], None] = lambda waiting: None,
+                 on_taken_back: Callable[[], None] = lambda: None) -> None:
         self.semaphore = asyncio.Semaphore(turns)
         self.slice = slice
         self.holders: set[Turn] = set()
         self.waiting = 0
         self._on_waiting = on_waiting   # Watches waiting for a turn, for the metrics
+        self._on_taken_back = on_taken_back   # a turn taken back from its holder, for the metrics
 
     def count_waiting(self, change: int) -> None:
         self.waiting += change
@@ -167,6 +169,7 @@ class NodeTurns:
         now = time.monotonic()
         for turn in [t for t in self.holders if t.overdue(now)]:
             turn.give_back()
+            self._on_taken_back()
 
     @contextlib.asynccontextmanager
     async def turn(self, sub: Subscription) -> AsyncIterator[Turn]:
@@ -227,7 +230,8 @@ class FeedHandlers:
     def __init__(self, *, pool: asyncpg.Pool, tailer: FeedTailer, timeout: float, batch: int,
                  progress_interval: float, snapshot_chunk: int, snapshot_max: int,
                  snapshot_stall: float = 120.0, catch_up_reads: int = 4,
-                 on_catch_up_waiting: Callable[[int], None] = lambda waiting: None) -> None:
+                 on_catch_up_waiting: Callable[[int], None] = lambda waiting: None,
+                 on_catch_up_taken_back: Callable[[], None] = lambda: None) -> None:
         self.pool = pool
         self.tailer = tailer
         self.timeout = timeout
@@ -239,7 +243,8 @@ class FeedHandlers:
         # Watches behind the live tail (an old checkpoint, an overflowed queue) reading from the table and
         # delivering what they read, at once: the others wait their turn rather than take the pool
         # connections lookups' misses need, or keep a stream thread and the loop busy each.
-        self._node_turns = NodeTurns(catch_up_reads, on_waiting=on_catch_up_waiting)
+        self._node_turns = NodeTurns(catch_up_reads, on_waiting=on_catch_up_waiting,
+                                     on_taken_back=on_catch_up_taken_back)
         self._catch_up_turns = ClientTurns(CATCH_UPS_PER_CLIENT)
 
     async def Watch(self, request: pb.WatchRequest, caller: Caller) -> AsyncIterator[bytes]:

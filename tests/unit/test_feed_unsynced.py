@@ -340,7 +340,9 @@ async def test_a_stalled_watch_has_its_turn_taken_back_and_a_drain_ends_one_wait
     tailer = FeedTailer(pool=None, poll_interval=0.005, batch=10, queue_size=10_000, timeout=1.0)  # type: ignore[arg-type]
     runner = asyncio.create_task(tailer.run())
     try:
-        handlers = _catch_up_handlers(tailer, batch=10, catch_up_reads=1)
+        taken_back: list[None] = []   # crs_feed_catch_up_turns_taken_back_total
+        handlers = _catch_up_handlers(tailer, batch=10, catch_up_reads=1,
+                                      on_catch_up_taken_back=lambda: taken_back.append(None))
         handlers._node_turns.slice = 0.05
         streams: list[AsyncIterator[bytes]] = []
         for client in ("stalled", "next"):
@@ -350,6 +352,7 @@ async def test_a_stalled_watch_has_its_turn_taken_back_and_a_drain_ends_one_wait
         assert await stalled.__anext__() == b"event 1"       # and then reads nothing
         async with asyncio.timeout(service.TURN_POLL_SECONDS + 1):
             assert await following.__anext__() == b"event 1", "the stalled Watch's turn was taken back"
+        assert len(taken_back) == 1, "the take-back is counted"
         handlers._node_turns.slice = 60.0                     # `following` keeps it from here on
         resumed = asyncio.ensure_future(stalled.__anext__())
         await asyncio.sleep(service.TURN_POLL_SECONDS + 0.2)
