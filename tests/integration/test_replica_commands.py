@@ -24,7 +24,17 @@ from devstack.environment import DevEnvironment, NodeProcess
 from server import rpc
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import card_key, clients_of, crs_command, metric, own_env, redis_servers, sql
+from tests.integration.support import (
+    TableLocked,
+    card_key,
+    clients_of,
+    crs_command,
+    metric,
+    own_env,
+    redis_servers,
+    sql,
+    until,
+)
 
 NODE_SETTINGS = dict(near_cache_size=0, topology_poll_interval=0.2, topology_lease=2.0)
 
@@ -150,6 +160,11 @@ def test_a_new_copy_is_read_only_once_every_node_deletes_on_it(env: DevEnvironme
         card = reader.lookup.ResolveCard(req, timeout=5).card
         before = metric(fast, "crs_topology_version")
         assert metric(slow, "crs_topology_version") == before
+        # Start the command just after the slow node's check: its next is 8 s away, by when shard_topology
+        # is locked (below) and the check waits until the test is done with the two versions side by side.
+        checked = metric(slow, "crs_topology_confirmed_timestamp_seconds")
+        until("a check of the slow node's",
+              lambda: metric(slow, "crs_topology_confirmed_timestamp_seconds") != checked, 20)
         done: dict[str, subprocess.CompletedProcess[str]] = {}
         command = threading.Thread(target=lambda: done.update(r=crs_command(
             env, "shards", "add-replica", "shard-0", extra.url, timeout=90,
@@ -160,19 +175,23 @@ def test_a_new_copy_is_read_only_once_every_node_deletes_on_it(env: DevEnvironme
             while metric(fast, "crs_topology_version") == before:
                 assert time.monotonic() < deadline, "the fast node never ran the new version"
                 time.sleep(0.05)
-            # The fast node runs the new version (the copy listed), the slow one still the old one.
-            copy, primary = redis.Redis.from_url(extra.url), redis.Redis.from_url(env.shard_urls()["shard-0"])
-            status = card.status
-            for _ in range(6):   # each read after the write goes to one copy first (round robin): try several
-                while not copy.exists(key):   # a miss (the key expired): the fast node fills every copy it writes
-                    assert time.monotonic() < deadline, "the fast node never filled the new copy"
-                    primary.delete(key)
-                    reader.lookup.ResolveCard(req, timeout=5)
-                    time.sleep(0.02)
-                status = pb.CARD_STATUS_BLOCKED if status != pb.CARD_STATUS_BLOCKED else pb.CARD_STATUS_ACTIVE
-                writer.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
-                assert reader.lookup.ResolveCard(req, timeout=5).card.status == status, "a stale copy answered"
-            assert metric(slow, "crs_topology_version") == before, "timing: the slow node moved on too early"
+            # The fast node runs the new version (the copy listed), the slow one still the old one, and
+            # keeps it while the table is locked: its checks wait (and the fast node's, and the command's).
+            with TableLocked(env.operator_dsn, "shard_topology"):
+                assert metric(slow, "crs_topology_version") == before, "timing: the slow node moved on too early"
+                copy, primary = redis.Redis.from_url(extra.url), redis.Redis.from_url(env.shard_urls()["shard-0"])
+                status = card.status
+                for _ in range(6):   # each read after the write goes to one copy first (round robin): try several
+                    fill_by = time.monotonic() + 10
+                    while not copy.exists(key):   # a miss (the key expired): the fast node fills every copy it writes
+                        assert time.monotonic() < fill_by, "the fast node never filled the new copy"
+                        primary.delete(key)
+                        reader.lookup.ResolveCard(req, timeout=5)
+                        time.sleep(0.02)
+                    status = pb.CARD_STATUS_BLOCKED if status != pb.CARD_STATUS_BLOCKED else pb.CARD_STATUS_ACTIVE
+                    writer.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
+                    assert reader.lookup.ResolveCard(req, timeout=5).card.status == status, "a stale copy answered"
+                assert metric(slow, "crs_topology_version") == before
         finally:
             command.join(timeout=90)
         r = done["r"]
