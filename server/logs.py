@@ -2,18 +2,27 @@
 
 Code never logs a PAN or account number; as defence in depth the formatter masks any 12-19 digit
 run in the message and in string fields (first six / last four kept).
+
+A line a call, a command or a poll can repeat while a fault lasts (a shard refusing every fill, a
+bug failing every call) carries `extra={LIMIT_KEY: (...)}`: RepeatLimiter writes the first at once,
+then one per (logger, message, key) per CRS_LOG_REPEAT_INTERVAL with `suppressed`, how many it left out.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, Final
 
 import orjson
 
 from server.pan import redact_digits
+
+LIMIT_KEY: Final = "limit_key"   # the record attribute RepeatLimiter reads (and removes)
+DEFAULT_REPEAT_INTERVAL: Final = 60.0
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -46,7 +55,8 @@ class ClientGoneFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         if message.startswith(self.PREFIX):
-            record.method = message[len(self.PREFIX):].split("]", 1)[0]
+            method = record.method = message[len(self.PREFIX):].split("]", 1)[0]
+            record.__dict__[LIMIT_KEY] = (method,)   # a client can end its streams as fast as it likes: limited
             record.msg, record.args = "a stream's client went away while the node was sending to it", ()
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
@@ -54,9 +64,46 @@ class ClientGoneFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str, *, stream: Any = None) -> None:
+class RepeatLimiter(logging.Filter):
+    """One line per (logger, message template, `limit_key`) per `interval` seconds. The first is
+    written at once; those that follow within the interval are counted, not written; the first after it
+    is written with `suppressed` (how many were left out since the last one written, 0 when none).
+    Records without a `limit_key` pass untouched: lines that say a state changed are never limited.
+    Thread-safe (hybrid: grpc threads log too). At most `max_keys` kinds are tracked; past that, kinds
+    not seen for an interval are forgotten, and a new kind that still finds no room is written."""
+
+    def __init__(self, interval: float = DEFAULT_REPEAT_INTERVAL, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 1024) -> None:
+        super().__init__()
+        if not interval > 0:
+            raise ValueError(f"interval must be positive, not {interval}")
+        self.interval, self._clock, self._max_keys = interval, clock, max_keys
+        self._lock = threading.Lock()
+        self._seen: dict[Hashable, list[float]] = {}   # kind -> [when last written, suppressed since]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        limit = record.__dict__.pop(LIMIT_KEY, None)
+        if limit is None:
+            return True
+        kind = (record.name, record.msg, limit)
+        now = self._clock()
+        with self._lock:
+            seen = self._seen.get(kind)
+            if seen is not None and now - seen[0] < self.interval:
+                seen[1] += 1
+                return False
+            if seen is None and len(self._seen) >= self._max_keys:
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
+            record.suppressed = int(seen[1]) if seen is not None else 0
+            if seen is not None or len(self._seen) < self._max_keys:
+                self._seen[kind] = [now, 0]
+        return True
+
+
+def configure_logging(level: str, *, stream: Any = None, repeat_interval: float = DEFAULT_REPEAT_INTERVAL) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RepeatLimiter(repeat_interval))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -87,7 +87,7 @@ def run_node_process(settings: Settings, beat: Any = None) -> int:
     from server.app import Node
     from server.sync_health import ThreadedHealth
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, repeat_interval=settings.log_repeat_interval)
 
     async def heartbeat(health: ThreadedHealth | None) -> None:
         while True:
@@ -210,7 +210,7 @@ class _Slot:
 
 def serve(settings: Settings) -> int:
     """Blocking: run the node processes until SIGTERM/SIGINT/SIGHUP; the exit code for the CLI."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, repeat_interval=settings.log_repeat_interval)
     settings.keyring()  # refuse to start workers with a bad key: the error is clearer here
     workers = settings.effective_workers()
     if workers == 1:

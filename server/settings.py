@@ -160,6 +160,7 @@ class Settings:
     kek_previous_version: int = 0
     # --- logging
     log_level: str = "INFO"
+    log_repeat_interval: float = 60.0     # seconds: a line each call of a fault repeats, once per (server/logs.py)
 
     def keyring(self) -> Keyring:
         try:
@@ -236,7 +237,7 @@ def _validate(s: Settings) -> None:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
     for name in ("pg_timeout", "redis_timeout", "cache_ttl", "negative_ttl", "near_cache_ttl",
                  "shard_retry_interval", "shard_idle_probe", "outbox_poll_interval", "grace_seconds", "feed_retention",
-                 "idempotency_retention",
+                 "idempotency_retention", "log_repeat_interval",
                  "feed_poll_interval", "feed_progress_interval", "feed_compact_interval", "bin_poll_interval",
                  "db_health_interval", "pg_position_interval", "stream_stall"):
         if getattr(s, name) <= 0:
