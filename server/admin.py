@@ -12,6 +12,7 @@ from typing import Any
 
 from server.caller import Caller
 from server.errors import BackendError, CrsError
+from server.logs import LIMIT_KEY
 from server.resolver import Resolver
 from server.store.admin import AdminStore
 from server.store.db import bounded
@@ -58,16 +59,17 @@ class AdminHandlers:
         try:
             await (bounded(audit, self.store.timeout) if isinstance(exc, BackendError) else audit)
         except (BackendError, TimeoutError):
-            log.warning("could not record a failed write in the audit log", extra={"rpc": rpc})
+            log.warning("could not record a failed write in the audit log", extra={"rpc": rpc, LIMIT_KEY: (rpc,)})
 
     async def _invalidate(self, rpc: str, result: WriteResult) -> None:
         assert result.outbox_id is not None
         if not await self.resolver.invalidate(result.stale_keys):
+            # Every write while a shard is down: limited per RPC (the relay retries each row; its backlog is a metric).
             log.warning("invalidation incomplete; the outbox relay will retry",
-                        extra={"rpc": rpc, "outbox_id": result.outbox_id})
+                        extra={"rpc": rpc, "outbox_id": result.outbox_id, LIMIT_KEY: (rpc,)})
             return
         try:
             await self.store.mark_invalidated(result.outbox_id)
         except BackendError:
             # Committed and invalidated; only the bookkeeping failed. The relay settles the row.
-            log.warning("could not mark outbox row invalidated", extra={"outbox_id": result.outbox_id})
+            log.warning("could not mark outbox row invalidated", extra={"outbox_id": result.outbox_id, LIMIT_KEY: ()})

@@ -8,11 +8,10 @@ the work, a shutdown lock. Measured, a submit, its run and its callback on one c
 64 threads): 7.6-10.8 us of CPU with ThreadPoolExecutor, 2.9-4.2 us here
 (`python -m loadtests.bench.thread_pool`; docs/decisions.md, "The gRPC threads' pool").
 
-Same behaviour otherwise: threads start as the load needs them, up to `max_workers` (a thread is
-started when no idle one is waiting; an idle thread leaves a token in a queue for submit to take),
-run each call in submission order, and `shutdown` drops calls not yet started (their callbacks
-still run, as a cancelled Future's do). A call that raises is logged: grpc catches its handlers'
-exceptions itself, so one reaching here is grpc's own bug.
+Same behaviour otherwise: threads start as the load needs them, up to `max_workers` (a thread is started when no idle
+one is waiting; an idle thread leaves a token in a queue for submit to take), run each call in submission order, and
+`shutdown` drops calls not yet started (their callbacks still run, as a cancelled Future's do). A call that raises is
+logged: grpc catches its handlers' exceptions itself, so one reaching here is grpc's own bug.
 
 One thing more: the pool times how long each call waited for a thread, and under a standing queue
 marks the thread's call as one to refuse (`QueueDelay`, `shed_wait`): the handler then answers
@@ -44,6 +43,8 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from server.logs import LIMIT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ class CallDone:
             try:
                 fn(self)
             except Exception:
-                log.exception("a gRPC call's done-callback failed")
+                log.exception("a gRPC call's done-callback failed", extra={LIMIT_KEY: ()})
 
 
 class GrpcThreadPool(concurrent.futures.ThreadPoolExecutor):
@@ -341,7 +342,7 @@ class GrpcThreadPool(concurrent.futures.ThreadPoolExecutor):
             try:
                 fn(*args, **kwargs)
             except BaseException:
-                log.exception("a gRPC call raised out of grpc's own handling")
+                log.exception("a gRPC call raised out of grpc's own handling", extra={LIMIT_KEY: ()})
             seat.since = mark.waited = 0.0
             done.finish()
             del item, done, fn, args, kwargs, timed   # nothing of the call outlives it while this thread waits
@@ -369,7 +370,7 @@ class GrpcThreadPool(concurrent.futures.ThreadPoolExecutor):
                 self.revoked += taken
                 log.warning("%d gRPC call(s) held a thread's turn for over %.0f ms without their request"
                             " message while calls queued: their turns went to other threads", taken,
-                            CODEL_INTERVAL * 1000)
+                            CODEL_INTERVAL * 1000, extra={LIMIT_KEY: ()})   # crs_grpc_turns_revoked_total counts all
                 for _ in range(turns.free()):
                     self._start_thread()   # no thread was waiting for a turn: one started takes it
             if self.message_wait:
@@ -397,7 +398,7 @@ class GrpcThreadPool(concurrent.futures.ThreadPoolExecutor):
             log.warning("%d gRPC call(s) sent no request message within %.0f ms of a thread taking them%s:"
                         " closed UNAVAILABLE", closed,
                         (CODEL_INTERVAL if short else self.message_wait) * 1000,
-                        " while calls waited for a thread" if short else "")
+                        " while calls waited for a thread" if short else "", extra={LIMIT_KEY: (short,)})
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:

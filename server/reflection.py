@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from server.auth import Authenticator
 from server.caller import Caller
 from server.errors import CrsError, status_for
+from server.logs import LIMIT_KEY
 
 log = logging.getLogger("crs.node")
 
@@ -94,7 +95,7 @@ class AsyncReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]
 
 def _unexpected(exc: Exception) -> None:
     if not isinstance(exc, CrsError):
-        log.exception("unhandled error", extra={"rpc": "ServerReflectionInfo"})
+        log.exception("unhandled error", extra={"rpc": "ServerReflectionInfo", LIMIT_KEY: (type(exc).__name__,)})
 
 
 def add_reflection(server: grpc.Server | grpc.aio.Server, service_names: Iterable[str],

@@ -18,6 +18,7 @@ import logging
 import asyncpg
 
 from server import cache_keys as ck
+from server.logs import LIMIT_KEY
 from server.metrics import Metrics
 from server.resolver import Resolver
 from server.store.bins import versions_in_use
@@ -114,5 +115,6 @@ async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *,
         except asyncio.CancelledError:
             raise
         except DB_ERRORS as exc:
-            log.warning("outbox relay pass failed; retrying", extra={"error": type(exc).__name__})
+            log.warning("outbox relay pass failed; retrying",   # each pass while PostgreSQL is out: limited
+                        extra={"error": type(exc).__name__, LIMIT_KEY: (type(exc).__name__,)})
         await asyncio.sleep(interval)

@@ -26,6 +26,7 @@ from server.cache.thread_reads import L2, ThreadReads
 from server.cache.tier import RedisTier
 from server.cache_keys import NEGATIVE
 from server.errors import BackendUnavailable, CrsError, InternalError, NotFound
+from server.logs import LIMIT_KEY
 from server.metrics import Metrics
 from server.store.db import DB_ERRORS, bounded, pool_timeout
 from server.store.read_route import NEVER, Loaded, Read, ReadRoute
@@ -199,7 +200,8 @@ class Resolver:
         except CrsError:
             raise
         except Exception as exc:   # a bug: logged once per fill; each caller's key answers INTERNAL
-            log.exception("unhandled error while loading", extra={"kind": lookup.what})
+            log.exception("unhandled error while loading",
+                          extra={"kind": lookup.what, LIMIT_KEY: (lookup.what, type(exc).__name__)})
             raise InternalError("internal error while loading") from exc
 
     async def _fill_now(self, lookup: Lookup, count: bool, l2: L2) -> bytes:

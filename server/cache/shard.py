@@ -16,11 +16,12 @@ Two kinds of error, kept apart (docs/decisions.md "The lean RESP client"):
 - shard errors (connection lost or refused, timeout, authentication): the shard may be gone. They
   count towards the breaker's threshold and surface as ShardUnavailable (the key goes to PostgreSQL).
 - error replies (`-WRONGTYPE`, `-OOM`, ...: RespReplyError from the lean client, ResponseError from
-  redis-py): the shard answered; that one command failed. Logged at warning, counted
-  (`on_reply_error`), raised as ShardReplyError; the tier treats a failed read as a miss and a
-  failed fill as not done. They are not shard failures — the shard is not marked down nor flushed —
-  except under `delete_guard`: a shard that refuses a delete may keep serving a value that changed,
-  so for deletes an error reply counts like a lost connection.
+  redis-py): the shard answered; that one command failed. Logged at warning (a line per shard and
+  code per CRS_LOG_REPEAT_INTERVAL: server/logs.py), counted (`on_reply_error`), raised as
+  ShardReplyError; the tier treats a failed read as a miss and a failed fill as not done. They are
+  not shard failures — the shard is not marked down nor flushed — except under `delete_guard`: a
+  shard that refuses a delete may keep serving a value that changed, so for deletes an error reply
+  counts like a lost connection.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from redis.exceptions import RedisError, ResponseError
 from server.cache.blocking import BlockingReader
 from server.cache.breaker import Breaker, BreakerPolicy
 from server.cache.resp import PipelinedReader, RespReplyError
+from server.logs import LIMIT_KEY
 
 log = logging.getLogger("crs.cache")
 
@@ -120,8 +122,10 @@ class ShardGuard:
         if isinstance(exc, REPLY_ERRORS):
             code = _reply_code(exc)
             self._on_reply_error(self._name)
+            # Per command while it lasts (a full shard refuses every fill): limited per shard and code.
             log.warning("cache shard answered an error reply", extra={
-                "shard": self._name, "error": code, "counted_as_failure": self._reply_is_failure})
+                "shard": self._name, "error": code, "counted_as_failure": self._reply_is_failure,
+                LIMIT_KEY: (self._name, code, self._reply_is_failure)})
             if not self._reply_is_failure:
                 self._breaker.record_success()      # it answered: the connection is fine
                 return ShardReplyError(self._name, code)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from server.errors import BackendUnavailable, CrsError
+from server.logs import LIMIT_KEY
 from server.store.db import DB_ERRORS
 from server.store.envelope import FEED_CHANNEL
 from server.store.feed import current_epoch, event_from_row, head, read_events
@@ -150,7 +151,8 @@ class FeedTailer:
                     self._failed = False
                     await self._read_all()
                 except DB_ERRORS as exc:
-                    log.warning("feed read failed; watchers end with UNAVAILABLE", extra={"error": type(exc).__name__})
+                    log.warning("feed read failed; watchers end with UNAVAILABLE",   # each retry: limited
+                                extra={"error": type(exc).__name__, LIMIT_KEY: (type(exc).__name__,)})
                     self._end_all(BackendUnavailable("the change feed lost PostgreSQL; resume from your last sequence"))
                     self._failed = True
                     await asyncio.sleep(RETRY_SECONDS)
@@ -263,8 +265,8 @@ class FeedTailer:
         self._drop_queued(sub, CATCH_UP)
         self._changed()
         if not quiet:
-            log.info("a watcher fell behind its queue; it catches up from PostgreSQL",
-                     extra={"queue_size": self.queue_size, "head": self.head})
+            log.info("a watcher fell behind its queue; it catches up from PostgreSQL",   # one per Watch: limited
+                     extra={"queue_size": self.queue_size, "head": self.head, LIMIT_KEY: ()})
 
     def _end(self, sub: Subscription, why: CrsError) -> None:
         """End a watcher's stream with `why`. What it has not taken from its queue is dropped, all of
@@ -302,7 +304,8 @@ class FeedTailer:
                 self._wake.set()          # anything committed while we were not listening
                 await lost.wait()
             except DB_ERRORS as exc:
-                log.info("feed LISTEN unavailable; polling", extra={"error": type(exc).__name__})
+                log.info("feed LISTEN unavailable; polling",
+                         extra={"error": type(exc).__name__, LIMIT_KEY: (type(exc).__name__,)})
             finally:
                 if conn is not None:
                     with contextlib.suppress(Exception):
