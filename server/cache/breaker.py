@@ -29,6 +29,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from server.logs import LIMIT_KEY
+
 log = logging.getLogger("crs.cache")
 
 DEFAULT_FAILURE_THRESHOLD = 3
@@ -197,7 +199,7 @@ class Breaker:
             if self.state is BreakerState.PROBING:
                 self._open()
             log.info("cache shard copy still down", extra={"shard": self.name, "error": type(exc).__name__,
-                                                           "cause": error_cause(exc)})
+                                                           "cause": error_cause(exc), LIMIT_KEY: (self.name,)})
         else:
             # Held or released while the probe ran: its result is stale, the state decides.
             if self.state is BreakerState.PROBING:

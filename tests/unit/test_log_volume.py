@@ -351,3 +351,18 @@ def test_a_pool_call_raising_every_time_is_one_line_per_interval(logged: Logged)
         assert done.acquire(timeout=10)
     pool.shutdown()
     assert len(logged.lines("a gRPC call raised out of grpc's own handling")) == 1
+
+
+async def test_a_copy_that_stays_down_says_so_once_an_interval_not_at_every_probe(logged: Logged) -> None:
+    async def refused() -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    clock = Clock()
+    breaker = Breaker("shard-0", BreakerPolicy(failure_threshold=1, retry_interval=0.5), probe=refused, clock=clock)
+    breaker.record_failure(ConnectionRefusedError(111, "Connection refused"))
+    for _ in range(50):                           # a probe every retry_interval, each one failing
+        clock.now += 0.5
+        assert breaker.start_probe_if_due()
+        await _until(lambda: not breaker.probing)
+    assert len(logged.lines("cache shard copy marked down")) == 1
+    assert len(logged.lines("cache shard copy still down")) == 1
