@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from server.cli.base import RAW, postgres_errors, require_dsn, settings_from_args
+from server.cli.base import RAW, postgres_errors, require_dsn, seconds, settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     with postgres_errors(settings.pg_dsn):
-        applied = asyncio.run(migrate(settings.pg_dsn))
+        applied = asyncio.run(migrate(settings.pg_dsn, lock_timeout=args.lock_timeout, lock_wait=args.lock_wait))
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))
     return 0
@@ -55,6 +55,8 @@ use, CRS_PG_DSN unusable), 3 PostgreSQL unavailable, or its schema not migrated 
 
 
 def register(sub: Any) -> None:
+    from server.store.migrate import LOCK_TIMEOUT, LOCK_WAIT
+
     s = sub.add_parser("serve", help="run node processes (gRPC + metrics)", description=(
         "Run N node processes sharing one gRPC port (SO_REUSEPORT), each with an asyncio loop (uvloop),\n"
         "its own PostgreSQL pool, Redis connections and near-cache; the parent serves merged Prometheus\n"
@@ -81,5 +83,13 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser("migrate", help="apply pending schema migrations (idempotent)", description=(
         "Apply every pending migration in order, each in one transaction, recorded in schema_versions.\n"
-        "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN."), formatter_class=RAW)
+        "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN.\n"
+        "A migration waits at most --lock-timeout for each lock (queries of that table queue behind\n"
+        "it meanwhile), then rolls back and tries again, until --lock-wait: then exit 3, naming the\n"
+        "oldest open transactions (what it likely waited for); nothing of that migration is applied."),
+        formatter_class=RAW)
+    s.add_argument("--lock-timeout", type=seconds, default=LOCK_TIMEOUT, metavar="SECONDS",
+                   help=f"the longest one try waits for a lock (default {LOCK_TIMEOUT:g})")
+    s.add_argument("--lock-wait", type=seconds, default=LOCK_WAIT, metavar="SECONDS",
+                   help=f"how long to keep trying before giving up (default {LOCK_WAIT:g})")
     s.set_defaults(func=cmd_migrate)

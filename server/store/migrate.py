@@ -2,20 +2,48 @@
 
 Files are `migrations/NNNN_name.sql`, applied in number order, each in its own transaction, under
 an advisory lock so several nodes starting at once apply each migration exactly once.
+
+A migration waits at most `lock_timeout` for each lock it takes (PostgreSQL's lock_timeout), then
+rolls back and tries again a little later, until `lock_wait` has passed. Without that, a migration
+queued for ACCESS EXCLUSIVE on a hot table (an ALTER TABLE cards) behind one long transaction (an
+extract, a key rotation batch, an operator's psql) made every later query of that table wait behind
+it: every lookup miss and write on it stalled, for as long as that transaction lasted
+(docs/decisions.md, "Migrations wait for their locks a little at a time").
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
 import asyncpg
 
+from server.errors import BackendUnavailable
 from server.store.db import CONNECT_TIMEOUT, Conn
 
 _LOCK_ID = 0x435253  # "CRS"
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+# How long one try of a migration waits for a lock: every query of the table it waits on queues behind
+# it meanwhile, so it stays well under a lookup's CRS_PG_TIMEOUT (2 s).
+LOCK_TIMEOUT = 0.2
+# How long a migration goes on trying before `crs migrate` gives up (exit 3): the Job's 10 minutes.
+LOCK_WAIT = 600.0
+# The pause between tries: doubling from RETRY_FIRST to RETRY_MAX seconds, with jitter, so queries
+# run between two tries and two migrate runs on two databases do not beat in step.
+RETRY_FIRST = 0.05
+RETRY_MAX = 2.0
+# Open transactions named when a migration gives up (the likely holders of what it waited for).
+BLOCKERS_NAMED = 3
+
+
+class MigrationBlocked(BackendUnavailable):
+    """A migration could not take its locks within `lock_wait`: nothing of it was applied."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +73,10 @@ async def applied_versions(conn: Conn) -> set[int]:
     return {r["version"] for r in await conn.fetch("SELECT version FROM schema_versions")}
 
 
-async def migrate(dsn: str) -> list[Migration]:
-    """Apply every pending migration; return the ones applied now (empty when up to date)."""
+async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: float = LOCK_WAIT,
+                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[Migration]:
+    """Apply every pending migration; return the ones applied now (empty when up to date).
+    MigrationBlocked when one could not take its locks within `lock_wait` seconds."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     applied_now: list[Migration] = []
     try:
@@ -61,17 +91,54 @@ async def migrate(dsn: str) -> list[Migration]:
             for mig in available_migrations():
                 if mig.version in done:
                     continue
-                async with conn.transaction():
-                    await conn.execute(mig.sql)
-                    await conn.execute(
-                        "INSERT INTO schema_versions (version, name) VALUES ($1, $2)", mig.version, mig.name
-                    )
+                await _apply(conn, mig, lock_timeout=lock_timeout, lock_wait=lock_wait, sleep=sleep)
                 applied_now.append(mig)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
     finally:
         await conn.close()
     return applied_now
+
+
+async def _apply(conn: Conn, mig: Migration, *, lock_timeout: float, lock_wait: float,
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+    """`mig` in one transaction whose lock waits are bounded by `lock_timeout`, tried again until
+    `lock_wait` has passed."""
+    give_up = time.monotonic() + lock_wait
+    pause = RETRY_FIRST
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            async with conn.transaction():
+                # LOCAL: the setting ends with the transaction; in milliseconds, at least 1 (0 = no limit).
+                await conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout * 1000))}")
+                await conn.execute(mig.sql)
+                await conn.execute(
+                    "INSERT INTO schema_versions (version, name) VALUES ($1, $2)", mig.version, mig.name
+                )
+            return
+        except asyncpg.exceptions.LockNotAvailableError:
+            if time.monotonic() + pause >= give_up:
+                raise MigrationBlocked(
+                    f"migration {mig.version:04d}_{mig.name} could not take its locks in {tries} tries over"
+                    f" {lock_wait:g} s (each waited at most {lock_timeout:g} s, so that queries of the table"
+                    f" did not queue behind it); nothing of it was applied. The oldest open transactions:"
+                    f" {await _open_transactions(conn)}. Run `crs migrate` again once they ended") from None
+        await sleep(pause * random.uniform(0.5, 1.5))
+        pause = min(pause * 2, RETRY_MAX)
+
+
+async def _open_transactions(conn: Conn) -> str:
+    """The oldest transactions open on the database (never their query text: it may be anyone's)."""
+    rows = await conn.fetch(
+        "SELECT pid, usename, application_name, state, extract(epoch FROM clock_timestamp() - xact_start) AS age"
+        " FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND xact_start IS NOT NULL ORDER BY xact_start LIMIT $1", BLOCKERS_NAMED)
+    if not rows:
+        return "none now"
+    return "; ".join(f"pid {r['pid']} ({r['usename']}, {r['application_name'] or 'no application_name'},"
+                     f" {r['state']}, open {float(r['age']):.0f} s)" for r in rows)
 
 
 async def check_schema(conn: Conn) -> None:

@@ -1,0 +1,174 @@
+"""`crs migrate` during a rolling upgrade, on a PostgreSQL of its own: the nodes of the running release
+keep reading and writing the tables a migration alters, so a migration that waits for a lock must not
+make their queries wait behind it; two migrate runs at once apply each migration once; a node of the
+previous release starts on the newer schema, and a node refuses a schema missing its migrations.
+
+A migration is "pending again" here by undoing it: 0012 adds cards.iin8, so dropping the column and its
+schema_versions row puts the database back where it was before 0012, with every later one applied."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from devstack.postgres import PostgresServer
+from server.store.migrate import available_migrations, check_schema, migrate
+from tests.integration.support import PG_BINARIES, REPO
+
+# A lookup miss's bound (CRS_PG_TIMEOUT's default): a query of cards that waits longer has failed a call.
+LOOKUP_BOUND = 2.0
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    base = Path(tempfile.mkdtemp(prefix="crs-migrations-"))
+    base.chmod(0o755)   # PostgreSQL may run as another user (the suite as root): it must reach its data_dir
+    server = PostgresServer(data_dir=base / "pg", binaries=PG_BINARIES)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_databases = iter(range(1, 1000))
+
+
+@pytest.fixture
+def dsn(pg: PostgresServer) -> str:
+    """A fresh, empty database for each test."""
+    name = f"crs_migrations_{next(_databases)}"
+    pg.create_database(name)
+    return pg.dsn(name)
+
+
+async def _undo_0012(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ALTER TABLE cards DROP COLUMN iin8; DELETE FROM schema_versions WHERE version = 12")
+    finally:
+        await conn.close()
+
+
+async def _has_iin8(conn: asyncpg.Connection) -> bool:
+    return bool(await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_name = 'cards' AND column_name = 'iin8')"))
+
+
+def test_a_migration_behind_a_long_transaction_does_not_stall_the_tables_queries(dsn: str) -> None:
+    """A migration that alters cards (ACCESS EXCLUSIVE) behind a transaction that read cards (an extract's
+    snapshot) queued for the lock without a bound, and every later query of cards, which is every lookup
+    miss and card write of the nodes still serving, queued behind it for as long as that transaction
+    lasted. Now each try waits at most lock_timeout, so a query of cards waits that long at most, and the
+    migration is applied once the transaction ends."""
+    async def run() -> None:
+        await migrate(dsn)
+        await _undo_0012(dsn)
+        extract = await asyncpg.connect(dsn)
+        lookups = await asyncpg.connect(dsn)
+        try:
+            snapshot = extract.transaction(isolation="repeatable_read")
+            await snapshot.start()
+            await extract.fetchval("SELECT count(*) FROM cards")
+            migration = asyncio.ensure_future(migrate(dsn))
+            try:
+                # Until the migration has tried (and waited on cards) a few times: its session shows it.
+                deadline = time.monotonic() + 10
+                while not await lookups.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'cards'::regclass"):
+                    assert time.monotonic() < deadline, "the migration never waited for cards"
+                    assert not migration.done(), migration.result()
+                    await asyncio.sleep(0.01)
+                waits = []
+                for _ in range(10):
+                    started = time.monotonic()
+                    try:
+                        await lookups.fetchrow("SELECT * FROM cards WHERE token = $1", "tok-none",
+                                               timeout=LOOKUP_BOUND * 2)
+                    except TimeoutError:
+                        pytest.fail(f"a query of cards waited more than {LOOKUP_BOUND * 2:g} s behind the migration")
+                    waits.append(time.monotonic() - started)
+                    await asyncio.sleep(0.1)
+                assert max(waits) < LOOKUP_BOUND, waits
+                assert not migration.done(), "applied while the long transaction held cards?"
+            finally:
+                await snapshot.rollback()
+            applied = await migration
+            assert [m.version for m in applied] == [12]
+            assert await _has_iin8(lookups)
+        finally:
+            await extract.close()
+            await lookups.close()
+
+    asyncio.run(run())
+
+
+def test_a_migration_that_cannot_take_its_locks_gives_up_naming_the_open_transactions(dsn: str) -> None:
+    """Past --lock-wait, `crs migrate` ends with exit 3, names the migration and the oldest open
+    transaction (its pid, not its query), and leaves nothing of that migration applied."""
+    async def run() -> None:
+        await migrate(dsn)
+        await _undo_0012(dsn)
+        holder = await asyncpg.connect(dsn, server_settings={"application_name": "long-extract"})
+        try:
+            async with holder.transaction(isolation="repeatable_read"):
+                await holder.fetchval("SELECT count(*) FROM cards")
+                pid = await holder.fetchval("SELECT pg_backend_pid()")
+                env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": dsn}
+                started = time.monotonic()
+                r = await asyncio.to_thread(
+                    subprocess.run, [sys.executable, "-m", "server.cli", "migrate", "--lock-wait", "1"],
+                    cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+                took = time.monotonic() - started
+            assert r.returncode == 3, (r.returncode, r.stdout, r.stderr)
+            assert "0012_card_iin8" in r.stderr and f"pid {pid} " in r.stderr and "long-extract" in r.stderr, r.stderr
+            assert "count(*)" not in r.stderr
+            assert took < 30, took
+            assert not await _has_iin8(holder)
+            assert 12 not in {r["version"] for r in await holder.fetch("SELECT version FROM schema_versions")}
+        finally:
+            await holder.close()
+        assert [m.version for m in await migrate(dsn)] == [12]    # and a later run applies it
+
+    asyncio.run(run())
+
+
+def test_two_migrate_runs_at_once_apply_each_migration_once(dsn: str) -> None:
+    """Two migrate Jobs (or a Job and `crs dev`) at once: the advisory lock makes the second wait, then
+    find everything applied."""
+    async def run() -> None:
+        first, second = await asyncio.gather(migrate(dsn), migrate(dsn))
+        versions = [m.version for m in first] + [m.version for m in second]
+        assert sorted(versions) == [m.version for m in available_migrations()]
+
+    asyncio.run(run())
+
+
+def test_a_node_starts_on_a_newer_schema_and_refuses_an_older_one(dsn: str) -> None:
+    """During a rollout the previous release's nodes start (a restart, a scale-up) on the schema the new
+    release migrated: versions they do not know are no reason to refuse. A node whose own migrations are
+    missing refuses, saying which and what to run."""
+    async def run() -> None:
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("INSERT INTO schema_versions (version, name) VALUES (9999, 'a_later_release')")
+            await check_schema(conn)
+            await conn.execute("DELETE FROM schema_versions WHERE version IN (12, 18)")
+            with pytest.raises(RuntimeError, match=r"missing migrations \[12, 18\]\): run `crs migrate`"):
+                await check_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
