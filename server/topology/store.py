@@ -59,8 +59,14 @@ class PgTopologyStore:
         self.where = "PostgreSQL table shard_topology"
 
     async def current(self) -> Topology | None:
-        row = await self.pool.fetchrow("SELECT document FROM shard_topology ORDER BY version DESC LIMIT 1")
-        return None if row is None else _topology_from_json(row["document"])
+        row = await self.pool.fetchrow("SELECT version, document FROM shard_topology ORDER BY version DESC LIMIT 1")
+        if row is None:
+            return None
+        try:
+            return _topology_from_json(row["document"])
+        except TopologyError as exc:   # a newer release's command published it: say so, not just the field
+            raise TopologyError(f"shard topology version {row['version']} in PostgreSQL is not one this release"
+                                f" can read ({exc}): a newer release published it?") from exc
 
     async def current_version(self) -> int:
         return int(await self.pool.fetchval("SELECT coalesce(max(version), 0) FROM shard_topology"))

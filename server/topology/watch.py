@@ -101,6 +101,7 @@ class TopologyWatcher:
         self._exported: dict[str, set[str]] = {}   # shard -> copies whose series this process exports
         self._reported = -1             # the version in the last heartbeat
         self._next_beat = 0.0
+        self._unreadable_reason = ""   # why the topology in force was last found unreadable (logged once)
 
     async def open_tier(self) -> RedisTier | None:
         """The Redis tier for the topology in force, or None when there is no shard at all. The node
@@ -200,14 +201,23 @@ class TopologyWatcher:
     async def check(self) -> None:
         """One poll: switch to a newer version if there is one, then report the version in force."""
         running = self.topology.version if self.topology is not None else 0
-        version = await self.store.current_version()
-        if version > running:
-            topology = await self.store.current()
+        confirmed = True
+        try:
+            version = await self.store.current_version()
+            topology = await self.store.current() if version > running else None
+        except TopologyError as exc:
+            # A document this release cannot read (one a newer release published mid-rollout, or a file
+            # that does not parse): stay on the running version and go on reporting it, so `crs shards
+            # apply` waits for this node instead of presuming it gone after its lease while it serves on
+            # the old ring. Not confirmed: CRSTopologyNodeBehind says so.
+            self._unreadable(exc)
+            confirmed = False
+        else:
             if topology is not None and topology.version > running:
                 await self.switch(topology)
-        elif version < running and version:
-            log.error("the stored topology version went backwards; keeping the one in force",
-                      extra={"stored": version, "running": running})
+            elif version < running and version:
+                log.error("the stored topology version went backwards; keeping the one in force",
+                          extra={"stored": version, "running": running})
         report = self.report()
         now = time.monotonic()
         if report.topology_version != self._reported or now >= self._next_beat:
@@ -219,7 +229,17 @@ class TopologyWatcher:
             self._next_beat = now + beat_every
             if self.tier is not None:
                 self.tier.renew_lease(now + self.settings.topology_lease)
-        self.metrics.topology_confirmed.set(time.time())
+        if confirmed:
+            self.metrics.topology_confirmed.set(time.time())
+            self._unreadable_reason = ""
+
+    def _unreadable(self, exc: TopologyError) -> None:
+        reason = str(exc)[:200]
+        if reason != self._unreadable_reason:     # once per document, not once per poll
+            log.error("the shard topology in force is not one this release can read: staying on the running"
+                      " version (a newer release's command published it? finish the rollout first)",
+                      extra={"running": self.topology.version if self.topology else 0, "reason": reason})
+        self._unreadable_reason = reason
 
     async def switch(self, topology: Topology) -> None:
         old = self.topology
