@@ -39,6 +39,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from server.metric_files import FILES_LOCK
+
 FLUSH_INTERVAL = 1.0
 
 # Buckets centred on the 1 ms target: hits take tens of microseconds, misses a few hundred.
@@ -87,14 +89,16 @@ def _forget(gauge: Gauge, mode: Literal["livemin", "livemax"], *labelvalues: str
 
 
 class WorkerMetricsCollector(MultiProcessCollector):
-    """The workers' files merged (prometheus_client), less the gauge series every live worker has
-    forgotten (`_forget`)."""
+    """The workers' files merged (prometheus_client), the retired workers' among them, less the gauge
+    series every live worker has forgotten (`_forget`)."""
 
     def __init__(self, registry: CollectorRegistry, *, path: str) -> None:
         super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
 
     def collect(self) -> Iterator[Metric]:
-        for family in super().collect():  # type: ignore[no-untyped-call]
+        with FILES_LOCK:   # not while a dead worker's counts move to the retired files (server/metric_files.py)
+            families = list(super().collect())  # type: ignore[no-untyped-call]
+        for family in families:
             if family.type == "gauge":
                 family.samples = [s for s in family.samples if not math.isinf(s.value)]
             yield family

