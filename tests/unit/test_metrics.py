@@ -176,6 +176,22 @@ def test_the_files_of_dead_workers_do_not_pile_up(workers: Workers) -> None:
     assert workers.value("crs_rpc_latency_seconds_bucket", method="GetCustomer", code="NOT_FOUND", le="0.1") == 0
 
 
+def test_a_dead_worker_whose_counts_cannot_be_folded_keeps_its_file(workers: Workers) -> None:
+    """The fold writes a file (the directory may be full): failing, it leaves the worker's file as it
+    was, counted, and never raises into the supervisor's loop."""
+    from server.serve import _forget_worker
+
+    dead = workers.metrics(101)
+    with workers.worker(101):
+        dead.tier_hit("l2", 3)
+        dead.flush()
+    (workers.directory / "counter_retired.db.new").mkdir()   # os.replace cannot put a file there
+    (workers.directory / "counter_retired.db.new" / "x").touch()
+    _forget_worker(workers.directory, 101)
+    assert (workers.directory / "counter_101.db").exists()
+    assert workers.value("crs_lookups_total", tier="l2") == 3
+
+
 def _totals(scrape: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[Any, float]:
     """A scrape's counter and histogram samples: what must never go back."""
     return {k: v for k, v in scrape.items() if k[0].endswith(("_total", "_bucket", "_count", "_sum"))}
