@@ -17,6 +17,7 @@ from typing import Any
 
 from server.crypto import KeyConfigError, Keyring, decode_key, parse_versioned_keys
 from server.decisions import DEFAULT_NETWORK_CODES, parse_network_codes
+from server.logs import DEFAULT_REPEAT_INTERVAL
 from shard_router.addresses import ShardAddress, ShardListError, format_shards, parse_shards
 
 
@@ -160,7 +161,7 @@ class Settings:
     kek_previous_version: int = 0
     # --- logging
     log_level: str = "INFO"
-    log_repeat_interval: float = 60.0     # seconds: a line each call of a fault repeats, once per (server/logs.py)
+    log_repeat_interval: float = DEFAULT_REPEAT_INTERVAL   # seconds (server/logs.py, RepeatLimiter)
 
     def keyring(self) -> Keyring:
         try:
