@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from server.cli.base import RAW, postgres_errors, require_dsn, seconds, settings_from_args
+from server.cli.base import RAW, CommandFailed, postgres_errors, require_dsn, seconds, settings_from_args
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -33,11 +33,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from server.store.migrate import migrate
+    from server.store.migrate import SchemaMismatch, migrate
 
     settings = settings_from_args(args)
     with postgres_errors(settings.pg_dsn):
-        applied = asyncio.run(migrate(settings.pg_dsn, lock_timeout=args.lock_timeout, lock_wait=args.lock_wait))
+        try:
+            applied = asyncio.run(migrate(settings.pg_dsn, lock_timeout=args.lock_timeout, lock_wait=args.lock_wait))
+        except SchemaMismatch as exc:     # not an outage: retrying cannot help
+            raise CommandFailed(str(exc), 1) from exc
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))
     return 0
@@ -86,7 +89,9 @@ def register(sub: Any) -> None:
         "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN.\n"
         "A migration waits at most --lock-timeout for each lock (queries of that table queue behind\n"
         "it meanwhile), then rolls back and tries again, until --lock-wait: then exit 3, naming the\n"
-        "oldest open transactions (what it likely waited for); nothing of that migration is applied."),
+        "oldest open transactions (what it likely waited for); nothing of that migration is applied.\n"
+        "A number the database applied under another name than this release's (two branches that each\n"
+        "shipped a 0019) is exit 1, nothing applied: a node would refuse that schema too."),
         formatter_class=RAW)
     s.add_argument("--lock-timeout", type=seconds, default=LOCK_TIMEOUT, metavar="SECONDS",
                    help=f"the longest one try waits for a lock (default {LOCK_TIMEOUT:g})")

@@ -66,11 +66,23 @@ def available_migrations() -> list[Migration]:
     return found
 
 
-async def applied_versions(conn: Conn) -> set[int]:
+class SchemaMismatch(RuntimeError):
+    """The database holds a migration under a number this release gives another one (two branches
+    that each shipped their own 0019): neither `crs migrate` nor a node start goes on over it."""
+
+
+async def applied_migrations(conn: Conn) -> dict[int, str]:
+    """The migrations recorded in schema_versions: number -> name (empty before the first)."""
     exists = await conn.fetchval("SELECT to_regclass('schema_versions') IS NOT NULL")
     if not exists:
-        return set()
-    return {r["version"] for r in await conn.fetch("SELECT version FROM schema_versions")}
+        return {}
+    return {r["version"]: r["name"] for r in await conn.fetch("SELECT version, name FROM schema_versions")}
+
+
+def _not_ours(applied: dict[int, str], available: list[Migration]) -> str:
+    """What the database applied under this release's numbers but another name ("" when nothing)."""
+    return "; ".join(f"{m.version:04d} was applied as {applied[m.version]!r}, this release's {m.version:04d} is"
+                     f" {m.name!r}" for m in available if applied.get(m.version, m.name) != m.name)
 
 
 async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: float = LOCK_WAIT,
@@ -87,8 +99,13 @@ async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: fl
                 " version integer PRIMARY KEY, name text NOT NULL,"
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = await applied_versions(conn)
-            for mig in available_migrations():
+            done = await applied_migrations(conn)
+            available = available_migrations()
+            if foreign := _not_ours(done, available):
+                # Skipping the number would answer "up to date" over a schema without this release's change.
+                raise SchemaMismatch(f"the database's migrations are not this release's: {foreign}. Nothing was"
+                                     " applied: the two releases' schemas must be reconciled by hand")
+            for mig in available:
                 if mig.version in done:
                     continue
                 await _apply(conn, mig, lock_timeout=lock_timeout, lock_wait=lock_wait, sleep=sleep)
@@ -143,7 +160,11 @@ async def _open_transactions(conn: Conn) -> str:
 
 async def check_schema(conn: Conn) -> None:
     """Raise with a clear message if the database is not fully migrated (checked at node start)."""
-    missing = {m.version for m in available_migrations()} - await applied_versions(conn)
+    available = available_migrations()
+    applied = await applied_migrations(conn)
+    if foreign := _not_ours(applied, available):
+        raise SchemaMismatch(f"database schema is not this release's: {foreign}")
+    missing = {m.version for m in available} - applied.keys()
     if missing:
         raise RuntimeError(
             f"database schema is not up to date (missing migrations {sorted(missing)}): run `crs migrate`")

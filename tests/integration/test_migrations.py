@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from devstack.postgres import PostgresServer
-from server.store.migrate import available_migrations, check_schema, migrate
+from server.store.migrate import SchemaMismatch, available_migrations, check_schema, migrate
 from tests.integration.support import PG_BINARIES, REPO
 
 # A lookup miss's bound (CRS_PG_TIMEOUT's default): a query of cards that waits longer has failed a call.
@@ -167,6 +167,35 @@ def test_a_node_starts_on_a_newer_schema_and_refuses_an_older_one(dsn: str) -> N
             await check_schema(conn)
             await conn.execute("DELETE FROM schema_versions WHERE version IN (12, 18)")
             with pytest.raises(RuntimeError, match=r"missing migrations \[12, 18\]\): run `crs migrate`"):
+                await check_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_a_number_applied_under_another_name_is_refused_not_skipped(dsn: str) -> None:
+    """Two branches that each shipped their own 0018: the database has the other's. `crs migrate` used
+    to skip the number as applied and answer "schema up to date" over a schema without this release's
+    change, and nodes started on it. Now both refuse, naming the two, and nothing is applied."""
+    ours = next(m for m in available_migrations() if m.version == 18)
+
+    async def run() -> None:
+        await migrate(dsn)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE schema_versions SET name = 'another_branch' WHERE version = 18")
+            await conn.execute("DELETE FROM schema_versions WHERE version = 12")   # one pending: not applied
+            with pytest.raises(SchemaMismatch, match=f"0018 was applied as 'another_branch', this release's"
+                                                     f" 0018 is '{ours.name}'"):
+                await migrate(dsn)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | {"CRS_PG_DSN": dsn}
+            r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "server.cli", "migrate"],
+                                        cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 1 and "another_branch" in r.stderr and "Traceback" not in r.stderr, r
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert 12 not in {r["version"] for r in await conn.fetch("SELECT version FROM schema_versions")}
+            with pytest.raises(SchemaMismatch, match="0018 was applied as 'another_branch'"):
                 await check_schema(conn)
         finally:
             await conn.close()
