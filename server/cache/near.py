@@ -15,6 +15,11 @@ keeps answering. A hot key then never expires under its callers, so none of them
 and the staleness bound is unchanged: no entry answers past its expiry. A key read only now and then
 is not refreshed (cold keys are not kept warm). A refresh that fails is not retried: the entry
 expires and the next caller's miss reports what is wrong.
+
+Negative entries (keys that match nothing) are kept apart, in at most a tenth of the entries, with
+their own LRU: a stream of unknown keys (card testing: random card numbers through a switch, a
+scanner) evicts other unknown keys and at most that tenth of the answers, instead of every hot card
+in `max_entries / rate` seconds. A read looks there only when the answers do not hold the key.
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
+from server.cache_keys import NEGATIVE
+
 _NOT_HERE: tuple[None, bool] = (None, False)
 _JITTER = 0.2   # an entry lives a random 80-100% of the TTL
+NEGATIVE_SHARE = 10   # negative entries: at most max_entries // NEGATIVE_SHARE (at least 1)
 
 
 class NearCache:
-    __slots__ = ("_clock", "_data", "_due", "_lock", "_max", "_refresh", "_ttl", "evictions")
+    __slots__ = ("_clock", "_data", "_due", "_lock", "_max", "_max_negative", "_negative", "_refresh", "_ttl",
+                 "evictions")
 
     def __init__(self, *, max_entries: int, ttl: float, refresh: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,7 +50,9 @@ class NearCache:
             raise ValueError(f"NearCache needs 0 <= refresh < {1.0 - _JITTER:g} x ttl (got {refresh}, ttl {ttl})")
         # key -> (expires, value, refresh due from)
         self._data: OrderedDict[str, tuple[float, bytes, float]] = OrderedDict()
+        self._negative: OrderedDict[str, tuple[float, bytes, float]] = OrderedDict()   # the same, NEGATIVE values
         self._max = max_entries
+        self._max_negative = max(1, max_entries // NEGATIVE_SHARE)
         self._ttl = ttl
         self._refresh = refresh
         self._due: set[str] = set()   # keys whose refresh was handed out and has not landed yet
@@ -54,7 +65,7 @@ class NearCache:
         return self._max > 0
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._data) + len(self._negative)
 
     def get(self, key: str) -> bytes | None:
         return self.read(key)[0]
@@ -65,7 +76,10 @@ class NearCache:
         data = self._data
         entry = data.get(key)
         if entry is None:
-            return _NOT_HERE
+            data = self._negative
+            entry = data.get(key)
+            if entry is None:
+                return _NOT_HERE
         now = self._clock()
         if entry[0] < now:
             with self._lock:
@@ -90,24 +104,33 @@ class NearCache:
             return
         expires = self._clock() + self._ttl * (1.0 - _JITTER * random.random())
         refresh_from = expires - self._refresh if self._refresh else math.inf
+        negative = value == NEGATIVE
+        data, other = (self._negative, self._data) if negative else (self._data, self._negative)
         with self._lock:
-            data = self._data
+            other.pop(key, None)   # an answer that became NOT_FOUND, or the other way round
             data[key] = (expires, value, refresh_from)
             data.move_to_end(key)
             self._due.discard(key)
-            if len(data) > self._max:
-                old, _ = data.popitem(last=False)
-                self._due.discard(old)
-                self.evictions += 1
+            if negative and len(data) > self._max_negative:
+                self._evict(data)
+            if len(self._data) + len(self._negative) > self._max:
+                self._evict(self._data if self._data else self._negative)
+
+    def _evict(self, data: OrderedDict[str, tuple[float, bytes, float]]) -> None:
+        old, _ = data.popitem(last=False)
+        self._due.discard(old)
+        self.evictions += 1
 
     def discard(self, keys: Iterable[str]) -> None:
         with self._lock:
-            pop, due = self._data.pop, self._due.discard
+            pop, pop_negative, due = self._data.pop, self._negative.pop, self._due.discard
             for key in keys:
                 pop(key, None)
+                pop_negative(key, None)
                 due(key)
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._negative.clear()
             self._due.clear()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.cache.near import NearCache
+from server.cache_keys import NEGATIVE
 from server.crypto import encode_key, new_key
 from server.settings import SettingsError, fill_window_of, load_settings, settings_to_env
 from shard_router.addresses import ShardListError, parse_shards
@@ -95,6 +96,33 @@ def test_near_cache_lru_ttl_and_discard() -> None:
     off = NearCache(max_entries=0, ttl=1.0)
     off.put("a", b"1")
     assert off.get("a") is None and not off.enabled
+
+
+def test_unknown_keys_do_not_push_the_hot_answers_out() -> None:
+    """Card testing through a switch (random card numbers) or a scanner: every key is new and matches
+    nothing. Negative entries used to share the one LRU, so such a stream evicted every hot answer in
+    max_entries / rate seconds (each hot card then a Redis round trip). Now they take at most a tenth of
+    the entries, evicting each other."""
+    cache = NearCache(max_entries=100, ttl=60)
+    hot = [f"crd:1:hot{i}" for i in range(100)]
+    for key in hot:
+        cache.put(key, b"answer " + key.encode())
+    for n in range(10_000):
+        cache.put(f"crd:1:unknown{n}", NEGATIVE)
+    kept = [key for key in hot if cache.get(key) == b"answer " + key.encode()]
+    assert len(kept) == 90 and kept == hot[10:], "only the tenth the negatives may hold was evicted"
+    assert len(cache) == 100
+    assert [cache.get(f"crd:1:unknown{n}") for n in range(9_990, 10_000)] == [NEGATIVE] * 10
+    assert cache.get("crd:1:unknown0") is None
+    # A key that changes kind is found as it is now, once: an answer that became NOT_FOUND and back.
+    cache.put(hot[50], NEGATIVE)
+    assert cache.get(hot[50]) == NEGATIVE
+    cache.put(hot[50], b"issued again")
+    assert cache.get(hot[50]) == b"issued again" and len(cache) == 99   # one negative went for it
+    cache.discard([hot[50], "crd:1:unknown9999"])
+    assert cache.get(hot[50]) is None and cache.get("crd:1:unknown9999") is None
+    cache.clear()
+    assert len(cache) == 0
 
 
 def test_serving_model_is_aio_or_hybrid() -> None:
