@@ -286,6 +286,33 @@ def _synopsis(argv: list[str]) -> list[str]:
     return [word.strip("[]").split("|")[0] for word in argv if word.strip("[]")]
 
 
+# Values tried in place of a placeholder that a type refuses (`--from N`, `add-replica shard-N NEW-ADDRESS`),
+# so that the rest of the line is still checked.
+FILL_INS = ("1", "redis://placeholder:6379/0", "placeholder")
+
+
+def _parse_filled_in(program: str, argv: list[str]) -> str | None:
+    """_parse's complaint, after filling in placeholders its types refuse; None when only a placeholder
+    was refused with every fill-in (a choice: `crs shards mark shard-N STATE`)."""
+    def quoted(problem: str | None) -> list[str]:
+        return re.findall(r"'([^']*)'", problem.split(":", 1)[-1]) if problem else []
+
+    argv = list(argv)
+    for _ in range(len(argv) + 1):
+        problem = _parse(program, list(argv))
+        refused = [q for q in quoted(problem) if _placeholder(q)]
+        if problem is None or not refused or refused[0] not in argv:
+            return None if problem is None or refused else problem
+        at = argv.index(refused[0])
+        for value in FILL_INS:
+            if not {refused[0], value} & set(quoted(_parse(program, [*argv[:at], value, *argv[at + 1:]]))):
+                argv[at] = value
+                break
+        else:
+            return None         # nothing fits: a choice left to the reader
+    return None
+
+
 def command_line_problems_in(text: str, where: str) -> list[str]:
     found = []
     for lineno, command, whole in _shell_lines(text):
@@ -296,14 +323,11 @@ def command_line_problems_in(text: str, where: str) -> list[str]:
             program, argv = invocation
             cut = next((i for i, w in enumerate(argv) if w in ("...", "…")), None)
             argv = _synopsis(argv[:cut])
-            problem = _parse(program, list(argv))
+            problem = _parse_filled_in(program, argv)
             if problem is None or (where, " ".join(segment)) in NOT_COMMAND_LINES:
                 continue
             if (not whole or cut is not None) and any(e in problem for e in FRAGMENT_ERRORS):
                 continue
-            quoted = re.findall(r"'([^']*)'", problem.split(":", 1)[-1])
-            if any(_placeholder(q) for q in quoted):
-                continue            # `crs bins activate N`: N is the reader's to fill in
             found.append(f"{where}:{lineno}: `{' '.join(segment)}`: {problem}")
     return found
 
@@ -313,6 +337,7 @@ def test_the_command_line_checker_finds_what_it_should() -> None:
            "```sh\n./crsw crs shards add shard-4 --address redis://r:6379/0 --weight 2 \\\n  --wait\n"
            "crs shards mark shard-N down && crs shards plan --sample many   # comment --nothing\n"
            "crs bins activate <previous version>; crs feed tail --from N --epoch E 2>&1 | head\n"
+           "crs feed tail --from N --nofollow\n"
            "kubectl -n crs exec deploy/crs-node -- crs shards status --yaml\n"
            "python -m loadtests.sweep --nodes 1,2 --node-mode threads\n"
            "crs-load identity-bench --customers many\n"
@@ -325,11 +350,12 @@ def test_the_command_line_checker_finds_what_it_should() -> None:
         ("1", "crs audit: error: argument --hours: invalid float value: '2h'"),
         ("4", "crs: error: unrecognized arguments: --wait"),
         ("6", "crs shards plan: error: argument --sample: invalid int value: 'many'"),
-        ("8", "crs: error: unrecognized arguments: --yaml"),
-        ("9", "python -m loadtests.sweep: error: argument --node-mode: invalid choice: 'threads'"),
-        ("10", "crs-load identity-bench: error: argument --customers: invalid int value: 'many'"),
-        ("11", "crs-load identity-bench: error: unrecognized arguments: --checkpoint 10"),
-        ("15", "crs identity reviews: error: argument --status: invalid choice: 'closed'"),
+        ("8", "crs: error: unrecognized arguments: --nofollow"),
+        ("9", "crs: error: unrecognized arguments: --yaml"),
+        ("10", "python -m loadtests.sweep: error: argument --node-mode: invalid choice: 'threads'"),
+        ("11", "crs-load identity-bench: error: argument --customers: invalid int value: 'many'"),
+        ("12", "crs-load identity-bench: error: unrecognized arguments: --checkpoint 10"),
+        ("16", "crs identity reviews: error: argument --status: invalid choice: 'closed'"),
     ]
     assert len(found) == len(expected), found
     assert [(n, m[:len(e)]) for (n, m), (_, e) in zip(found, expected, strict=True)] == expected, found
