@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import re
 import shlex
 from collections.abc import Callable, Sequence
@@ -379,3 +380,34 @@ def test_documented_locust_options_exist() -> None:
     shown = {(str(doc.relative_to(ROOT)), flag) for doc in _documents()
              for flag in re.findall(r"(?<![\w-])--crs-[a-z]+(?:-[a-z]+)*(?![\w-])", doc.read_text())}
     assert sorted((d, f) for d, f in shown if f not in known) == []
+
+
+# A dashboard panel a runbook sends the reader to: `Dashboard → "Feed watchers", "waiting for ..."`,
+# `the dashboard's "Caller errors/s ..." panel`. At 3 a.m. the reader searches the dashboard for it.
+DASHBOARD = ROOT / "k8s" / "monitoring" / "crs-dashboard.json"
+PANEL_NAMES = re.compile(r"[Dd]ashboard(?:'s)?(?: \*[^*]+\*)? (?:→ )?((?:\"[^\"]+\"(?:,? (?:and )?|, )?)+)")
+
+
+def _dashboard_names() -> tuple[set[str], list[str]]:
+    """Panel and row titles, and the series' legends (a legend names a line within a panel)."""
+    def panels(ps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [q for p in ps for q in (p, *panels(p.get("panels", [])))]
+    board = json.loads(DASHBOARD.read_text())
+    every = panels(board["panels"])
+    return ({p["title"] for p in every if p.get("title")},
+            [t.get("legendFormat", "") for p in every for t in p.get("targets", [])])
+
+
+def test_dashboard_panels_the_docs_name_exist() -> None:
+    titles, legends = _dashboard_names()
+    assert "Feed watchers" in titles and len(titles) >= 20
+    found, named = [], 0
+    for doc in _documents():
+        text = " ".join(doc.read_text().split())
+        for m in PANEL_NAMES.finditer(text):
+            for name in re.findall(r"\"([^\"]+)\"", m.group(1)):
+                named += 1
+                if name not in titles and not any(name in legend for legend in legends):
+                    found.append(f"{doc.relative_to(ROOT)}: dashboard panel \"{name}\" is not the dashboard's")
+    assert named >= 10
+    assert found == []
