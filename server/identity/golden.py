@@ -5,7 +5,9 @@ Survivorship rules (docs/identity.md, "Survivorship"), applied per attribute gro
 that belong together are never mixed from two records:
 - national id (with its type) and date of birth: the value most records agree on; a tie goes to
   the most recently updated record. A typo in one source does not outvote two that agree.
-- name (given and family together): the most recently updated record that has both, else any part.
+- name (given and family together): the most recently updated record that has both, else any part;
+  a given name that is only an initial gives way to an older record of the same family name that
+  spells it out ("b morrow" after "brittany morrow": brittany).
 - postal address (every line together): the most recently updated record with a first line.
 - phone, email: the most recently updated record that has one.
 Nothing is overwritten: every record keeps what its source said, so an unmerge recomputes each
@@ -58,7 +60,8 @@ def golden(records: Sequence[Contribution]) -> Identity:
     voted("date_of_birth")
     both = [r for r in newest_first if r.identity.given_name and r.identity.family_name]
     if both:
-        out["given_name"], out["family_name"] = both[0].identity.given_name, both[0].identity.family_name
+        name = _spelt_out(both)
+        out["given_name"], out["family_name"] = name.given_name, name.family_name
     else:
         newest("given_name")
         newest("family_name")
@@ -66,6 +69,18 @@ def golden(records: Sequence[Contribution]) -> Identity:
     newest("phone")
     newest("email")
     return Identity(**out)
+
+
+def _spelt_out(named: Sequence[Contribution]) -> Identity:
+    """The newest record's name, unless its given name is an initial that a record of the same family
+    name spells out: then the newest such record's (an initial adds nothing the full name lacks)."""
+    newest = named[0].identity
+    if len(newest.given_name) == 1:
+        for r in named[1:]:
+            given = r.identity.given_name
+            if r.identity.family_name == newest.family_name and len(given) > 1 and given[0] == newest.given_name:
+                return r.identity
+    return newest
 
 
 def raw_attributes(msg: pb.IdentityAttributes) -> dict[str, str]:

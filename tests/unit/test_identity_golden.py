@@ -53,6 +53,20 @@ def test_name_pair_from_the_newest_record_that_has_both() -> None:
     assert (halves.given_name, halves.family_name) == ("sol", "ortiz")
 
 
+def test_an_initial_gives_way_to_the_name_it_stands_for() -> None:
+    """Seen importing a dirty extract: "B." Morrow, the newest record, made the golden name "b morrow"
+    over the "brittany morrow" of an older one. An initial names no more than the full name does."""
+    out = golden([rec(0, given_name="b", family_name="morrow"),
+                  rec(3, given_name="brittany", family_name="morrow"),
+                  rec(5, given_name="bea", family_name="morrow")])
+    assert (out.given_name, out.family_name) == ("brittany", "morrow")
+    # Not the same family name, or not the initial's letter: the newest record's name stands.
+    other = golden([rec(0, given_name="b", family_name="morrow"), rec(1, given_name="brittany", family_name="moore")])
+    assert (other.given_name, other.family_name) == ("b", "morrow")
+    letter = golden([rec(0, given_name="k", family_name="morrow"), rec(1, given_name="brittany", family_name="morrow")])
+    assert letter.given_name == "k"
+
+
 def test_address_lines_are_never_mixed_from_two_records() -> None:
     out = golden([rec(0, locality="newtown", postcode="99999"),          # no first line: not an address
                   rec(1, address_line1="1 elm st", postcode="11111", country="US"),
