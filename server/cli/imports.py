@@ -60,6 +60,7 @@ class Summary:
     def __init__(self) -> None:
         self.read = self.rejected = 0
         self.decisions: Counter[str] = Counter()
+        self.joined = 0   # `new` rows that joined a customer an earlier row of the file created (scored)
         self.unread: tuple[int, int] | None = None    # SourceFile.unread
         self.last_row = 0        # the last row done for good: committed, or rejected before it
 
@@ -68,7 +69,8 @@ class Summary:
         return sum(self.decisions.values())
 
     def line(self, kind: str) -> str:
-        parts = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items()))
+        parts = ", ".join(f"{k} {v}" + (f" ({v - self.joined} customers)" if k == "new" and self.joined else "")
+                          for k, v in sorted(self.decisions.items()))
         lost = ""
         if self.unread and self.unread[1] > self.unread[0]:
             first, last = self.unread
@@ -162,6 +164,7 @@ async def import_customers(settings: Settings, path: Path, system: str, report: 
                 def committed(outcomes: list[Outcome], last: int) -> None:
                     for o in outcomes:
                         summary.decisions[o.decision] += 1
+                        summary.joined += o.decision == "new" and o.score is not None
                         writer.writerow((o.row, o.key, o.customer_id, o.decision,
                                          "" if o.score is None else f"{o.score:.4f}", "; ".join(o.warnings)))
                     summary.last_row = last

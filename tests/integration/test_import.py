@@ -319,7 +319,7 @@ def test_outputs_naming_the_input_or_a_missing_directory_are_refused_before_anyt
 
 def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
         env_vars: None, dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets, tmp_path: Path,
-        reader: str) -> None:
+        reader: str, capsys: pytest.CaptureFixture[str]) -> None:
     system = "core-" + uuid.uuid4().hex[:6]
     ssn = _ssn(used_secrets)
     existing_row = _row(used_secrets, "X", national_id=ssn, national_id_type="US_SSN")
@@ -342,6 +342,8 @@ def test_matching_in_file_and_against_existing_then_rerun_creates_nothing(
 
     code, report, rejects = _import(tmp_path, "customers", file, system)
     assert code == 0 and not rejects
+    # Three rows are `new` (the twin's second record joined the first's), two customers were created.
+    assert "4 rows read, 4 accepted (matched 1, new 3 (2 customers)), 0 rejected" in capsys.readouterr().out
     got = {r["source_ref"]: r for r in report}
     assert got["J-1"]["customer_id"] == existing.customer_id and got["J-1"]["decision"] == "matched"
     assert float(got["J-1"]["score"]) >= 0.99
