@@ -21,19 +21,12 @@ from server.metrics import Metrics
 from server.resolver import CachePolicy, Lookup, Resolver
 from server.store.read_route import ReadRoute
 from shard_router.topology import Topology, TopologyShard
+from tests.clock import Clock
 from tests.integration.support import redis_servers
 
 pytestmark = pytest.mark.integration
 PRIMARY = object()   # what each load is given: the fake loads below ignore it
 WINDOW = 0.25        # reinvalidate_delay 0.5 less redis_timeout 0.25, the defaults
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class TakesSeconds:

@@ -16,6 +16,7 @@ from server.bin_source import FILL_GRACE_POLLS, BinSource, card_answer_life
 from server.metrics import Metrics
 from server.settings import Settings
 from server.store.read_route import Uncacheable
+from tests.clock import Clock
 
 INTERVAL = 5.0
 
@@ -37,14 +38,6 @@ class Pool:
         if "FROM bin_tables" in query:
             return [{"version": self.active, "active": True}] if self.active else []
         return []     # the ranges of a version: none
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def _answer(conn: Any) -> bytes | Uncacheable | None:

@@ -19,16 +19,9 @@ from server.cache.breaker import Breaker, BreakerPolicy, BreakerState, error_cau
 from server.cache.resp import PipelinedReader, RespError, RespReplyError
 from server.cache.shard import ShardGuard, ShardReplyError, ShardUnavailable
 from server.logs import JsonFormatter
+from tests.clock import Clock
 
 POLICY = BreakerPolicy(failure_threshold=3, retry_interval=5.0)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Probe:

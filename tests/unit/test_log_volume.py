@@ -35,16 +35,9 @@ from server.metrics import Metrics
 from server.resolver import CachePolicy, Lookup, Resolver
 from server.store.envelope import WriteResult
 from server.store.read_route import ReadRoute
+from tests.clock import Clock
 
 CALLS = 1_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Logged:
