@@ -81,10 +81,13 @@ class ReshardStack:
 
     def slow_apply_in_copy(self) -> subprocess.Popen[str]:
         """`crs shards apply`, paced slowly, in the background; returns it stopped (SIGSTOP) in its copy
-        step, some keys copied and some not yet examined: the caller continues it (SIGCONT). It runs
-        0.5 s at a time between looks, and each look is taken with it stopped: left running, it could
-        finish its copy (or the whole move) on a busy machine before the caller's next step (a CI run's
-        abort found the move finished), and the caller's step would find nothing to interrupt."""
+        step, some keys examined and some not yet: the caller continues it (SIGCONT). It runs 0.5 s at
+        a time between looks, and each look is taken with it stopped: left running, it could finish its
+        copy (or the whole move) on a busy machine before the caller's next step (a CI run's abort found
+        the move finished), and the caller's step would find nothing to interrupt. "Examined", not
+        "copied": the lookup load fills the joining shard with the keys it will own, and a copy that
+        comes after the load has warmed every one of them skips them all (CI stop 40: 296 of 296
+        skipped, none copied, and the wait ran out)."""
         apply = self.crs_in_background("apply", "--rate", "150", "--batch", "20")
         deadline = time.monotonic() + 60
         try:
@@ -94,8 +97,7 @@ class ReshardStack:
                 st = self.status()
                 copy = st["progress"].get("copy", {})
                 examined = sum(p["scanned"] for p in copy.values())
-                copied = sum(p["moved"] for p in copy.values())
-                if st["phase"] == "migrating" and examined and copied and not all(p["done"] for p in copy.values()):
+                if st["phase"] == "migrating" and examined and not all(p["done"] for p in copy.values()):
                     return apply
                 if time.monotonic() > deadline or apply.poll() is not None:
                     raise AssertionError(f"the apply was not seen in its copy step: {st}")
@@ -147,6 +149,19 @@ def stack() -> Iterator[ReshardStack]:
         yield s
     finally:
         env.stop()
+
+
+@pytest.fixture(autouse=True)
+def back_to_stable(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails mid-move leaves the next ones a stable ring: its move is aborted (CI stop 40:
+    one failure left version 15 migrating, and the two tests after it failed on that alone)."""
+    yield
+    if "stack" not in request.fixturenames:
+        return
+    stack: ReshardStack = request.getfixturevalue("stack")
+    status = stack.status()
+    if status["phase"] != "stable" or status["draft"] is not None:
+        stack.crs("abort")
 
 
 def LookupLoad(stack: ReshardStack, threads: int = 4) -> load.LookupLoad:
