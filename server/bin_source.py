@@ -72,7 +72,7 @@ class BinSource:
         # False until a poll has read which version is active (version 0 then means: none is): until then
         # an empty table is not an answer (ResolveBin UNAVAILABLE, not NOT_FOUND).
         self.known = False
-        # The BIN versions card answers may be cached under, as of the last poll (cache_keys.with_bin_versions).
+        # The BIN versions card answers may be cached under, as of the last poll (cache_keys.invalidation_keys).
         self.versions: tuple[int, ...] = (0,)
 
     async def refresh(self) -> bool:

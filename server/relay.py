@@ -35,7 +35,9 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
     """One pass; returns how many rows it deleted (settled, or given their first delete). Card keys go
     under every BIN table version the database says their answers may be cached under (`cached_for`:
     the cache TTL), not only the ones this node knows of: a node that has not loaded a newly activated
-    table yet still deletes the keys of nodes that have (server/cache_keys.py)."""
+    table yet still deletes the keys of nodes that have; and every key under the cache format
+    generations either side of this release's, so a pass of either release of a rollout deletes the
+    other's keys (server/cache_keys.py)."""
     async with pool.acquire() as conn, conn.transaction():
         # Rows never tried first, then the ones tried longest ago (migration 0013): rows a down shard
         # keeps unsettled go round behind the others instead of taking every pass.
@@ -88,7 +90,7 @@ async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: floa
             versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
     except DB_ERRORS:
         return None
-    return ck.with_bin_versions(dict.fromkeys(k for r in rows for k in r["cache_keys"]), versions)
+    return ck.invalidation_keys(dict.fromkeys(k for r in rows for k in r["cache_keys"]), versions)
 
 
 async def run_relay(pool: asyncpg.Pool, resolver: Resolver, metrics: Metrics, *, delay: float,

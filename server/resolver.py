@@ -301,9 +301,10 @@ class Resolver:
 
         Call it after the write committed. With read replicas the announcement carries the primary's
         position (`position`, else read now), so no node answers from a replica older than the write.
-        Card keys go under every BIN table version their answers may be cached under (`bin_versions`,
-        else this node's: cache_keys.with_bin_versions)."""
-        keys = ck.with_bin_versions(keys, self.bin_versions() if bin_versions is None else bin_versions)
+        Each key goes under the cache format generations either side of this release's too, and card
+        keys under every BIN table version their answers may be cached under (`bin_versions`, else
+        this node's): cache_keys.invalidation_keys."""
+        keys = ck.invalidation_keys(keys, self.bin_versions() if bin_versions is None else bin_versions)
         if position is None:
             position = await self.route.write_position()
         self.on_invalidated(keys, position)

@@ -408,3 +408,67 @@ def test_outbox_rows_are_written_and_settled(node_a: Clients, dev_env: DevEnviro
             time.monotonic() < deadline:
         time.sleep(0.2)
     assert sql(settings.pg_dsn, "SELECT count(*) AS n FROM outbox WHERE settled_at IS NULL")[0]["n"] == 0
+
+
+def test_a_write_deletes_the_next_release_s_cached_answers_at_once_and_on_the_relay_s_pass(
+        node_a: Clients, dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:
+    """Cache format generations (server/cache_keys.py): nodes of the next release read and fill keys of
+    their own generation. A write this release's node takes deletes those too, at once and on the
+    relay's passes, so during a rollout no node of the next release serves the answer from before it
+    (a stale card status for up to CRS_CACHE_TTL)."""
+    import redis
+
+    from server import cache_keys as ck
+    from shard_router import Ring, ShardSpec
+
+    customer, _account, card, pan = _setup_card(node_a, used_secrets)
+    settings = dev_env.settings()
+    keyring = settings.keyring()
+    shards = {s.name: redis.Redis.from_url(s.url) for s in settings.redis_shards}
+    ring = Ring(ShardSpec(s.name, s.weight) for s in settings.redis_shards)
+    tag = ck.generation_tag(ck.GENERATION + 1)
+    theirs = [tag + k for k in (ck.card_key(keyring.fingerprint_version, keyring.fingerprint(pan)),
+                                ck.token_key(card.token), ck.customer_key(customer.customer_id))]
+
+    def cached_by_the_next_release() -> list[str]:
+        return [k for k in theirs if shards[ring.node_for(k)].exists(k)]
+
+    def fill() -> None:   # what a node of the next release caches on a lookup
+        for k in theirs:
+            shards[ring.node_for(k)].set(k, b"an answer from before the write", px=60_000)
+
+    def write_row(after: int) -> tuple[int, bool]:
+        """The write's outbox row (the first after seq `after`), and whether the relay's deleting passes
+        of it are all still to come (none can have started: SELECT ... WHERE in server/relay.py)."""
+        rows = sql(settings.pg_dsn, "SELECT seq, settled_at IS NULL AND (invalidated_at IS NULL OR invalidated_at"
+                                    " > clock_timestamp() - make_interval(secs => $3)) AS to_come FROM outbox"
+                                    " WHERE entity_id = $1 AND seq > $2 AND event_type = 'card.status_changed'",
+                   card.token, after, node_a.node.settings.reinvalidate_delay)
+        assert len(rows) == 1, rows
+        return rows[0]["seq"], rows[0]["to_come"]
+
+    def settled(seq: int) -> bool:
+        return bool(sql(settings.pg_dsn, "SELECT settled_at IS NOT NULL AS s FROM outbox WHERE seq = $1", seq)[0]["s"])
+
+    seq = sql(settings.pg_dsn, "SELECT coalesce(max(seq), 0) AS seq FROM outbox")[0]["seq"]
+    try:
+        # The second fill must come before the relay's passes; a stall that made it late: again.
+        for status in (pb.CARD_STATUS_BLOCKED, pb.CARD_STATUS_ACTIVE, pb.CARD_STATUS_BLOCKED):
+            fill()
+            assert cached_by_the_next_release() == theirs
+            node_a.admin.SetCardStatus(pb.SetCardStatusRequest(card_token=card.token, status=status), timeout=5)
+            assert cached_by_the_next_release() == []       # the writer's own delete, before it answered
+            fill()                                          # a read racing the commit fills the old row again
+            seq, to_come = write_row(seq)
+            if to_come:
+                break
+        else:
+            pytest.fail("every second fill came after the relay's passes")
+        deadline = time.monotonic() + 15
+        while not settled(seq) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert settled(seq) and cached_by_the_next_release() == [], "the relay's pass left the next release's keys"
+    finally:
+        for client in shards.values():
+            client.delete(*theirs)
+            client.close()
