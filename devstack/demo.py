@@ -9,6 +9,7 @@ exist without storing any clear PAN.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import random
 import sys
@@ -118,12 +119,15 @@ def _relationships(size: DemoSize, rng: random.Random) -> Iterator[tuple[object,
 def _cards(size: DemoSize, seed: int, keyring: Keyring, dek: DataKey,
            rng: random.Random) -> Iterator[tuple[object, ...]]:
     version = keyring.fingerprint_version
+    year = dt.datetime.now(dt.UTC).year
     for i in range(size.cards):
         pan = demo_pan(i)
         roll = rng.random()
         status = (pb.CARD_STATUS_LOST if roll < 0.01 else pb.CARD_STATUS_BLOCKED if roll < 0.03
                   else pb.CARD_STATUS_ACTIVE)
-        expiry = f"{2024 if roll > 0.97 else 2027 + rng.randrange(5)}-{1 + rng.randrange(12):02d}"
+        # 3% expired two years ago, the rest good for 1-5 more years: relative to this year, so the demo
+        # data's answers do not change with the calendar (fixed years expired every card by 2032).
+        expiry = f"{year - 2 if roll > 0.97 else year + 1 + rng.randrange(5)}-{1 + rng.randrange(12):02d}"
         yield (demo_token(seed, i), version, keyring.fingerprint(pan), pan[:6], pan[-4:], len(pan),
                dek.encrypt(pan, purpose=PAN_PURPOSE), dek.dek_id, expiry, demo_account_id(i % size.accounts), status)
 

@@ -207,7 +207,8 @@ class Node:
             await self.bins.refresh()
         lookup = LookupHandlers(resolver=self.resolver, keyring=self.keyring,
                                 pg_timeout=s.pg_timeout, batch_max=s.batch_max, bins=self.bins,
-                                decisions=DecisionTable(parse_network_codes(s.decision_network_codes)))
+                                decisions=DecisionTable(parse_network_codes(s.decision_network_codes)),
+                                card_answer_life=cached_for)
         codec = IdentityCodec(keyring=self.keyring, data_key=data_key)
         model = MatchModel.load(s.identity_weights or None)
         thresholds = Thresholds(match=s.identity_match_threshold, review=s.identity_review_threshold)

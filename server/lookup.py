@@ -48,7 +48,7 @@ from server.store.read_route import Read as ReadQuery
 from server.store.read_route import Uncacheable
 
 MAX_CORRELATION_ID = 128
-Read = Callable[..., Awaitable[bytes | None]]
+Read = Callable[..., Awaitable[bytes | Uncacheable | None]]
 STREAM_WINDOW = 128   # concurrent misses per stream; a bounded queue of work per caller
 Later = Callable[[], Awaitable[bytes]]   # the part of a call that needs I/O, awaited on the event loop
 
@@ -72,9 +72,12 @@ class Partial:
 
 class LookupHandlers:
     def __init__(self, *, resolver: Resolver, keyring: Keyring, pg_timeout: float,
-                 batch_max: int, bins: BinTableHolder, decisions: DecisionTable,
+                 batch_max: int, bins: BinTableHolder, decisions: DecisionTable, card_answer_life: float,
                  stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
+        # How long a card answer may stay cached: one built closer than this to its card's expiry is not
+        # cached (server/store/reads.py, _card_answer).
+        self.card_answer_life = card_answer_life
         self.bins = bins
         self.decisions = decisions
         self.hints = reads.Hints(decisions, self._network_of)   # account answers (no network in their hints)
@@ -110,10 +113,10 @@ class LookupHandlers:
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
         _, prefix, hints = self._card_table()
-        load: ReadQuery = partial(reads.card_by_fingerprint, version=version, fingerprint=fp,
-                                  timeout=self.pg_timeout, hints=hints)
+        read = partial(reads.card_by_fingerprint, cached_for=self.card_answer_life)
+        load: ReadQuery = partial(read, version=version, fingerprint=fp, timeout=self.pg_timeout, hints=hints)
         if self._other_versions:
-            load = partial(self._any_version, "card", reads.card_by_fingerprint, pan, load, hints)
+            load = partial(self._any_version, "card", read, pan, load, hints)
         return Lookup(prefix + fp.hex(), self.bins.cacheable(load), "card")
 
     def card_hit(self, pan: str) -> bytes | None:
@@ -134,7 +137,8 @@ class LookupHandlers:
         table, _, hints = self._card_table()
         assert table is not None
         return Lookup(ck.token_key(token, table.version), self.bins.cacheable(partial(
-            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=hints)), "card")
+            reads.card_by_token, token=token, timeout=self.pg_timeout, hints=hints,
+            cached_for=self.card_answer_life)), "card")
 
     def account(self, routing_number: str, account_number: str) -> Lookup:
         parse_routing_number(routing_number)
@@ -163,7 +167,7 @@ class LookupHandlers:
                                hints=hints)
             if other is not None:
                 self.resolver.metrics.other_key_version.labels(kind).inc()
-                return Uncacheable(other)
+                return other if isinstance(other, Uncacheable) else Uncacheable(other)
         return None
 
     def customer(self, customer_id: str) -> Lookup:

@@ -16,6 +16,7 @@ import orjson
 from server.decisions import DecisionTable
 from server.pan import mask_account_number, mask_pan_parts
 from server.proto import crs_pb2 as pb
+from server.store.read_route import Uncacheable
 
 ACTIVE_CARD = pb.CARD_STATUS_ACTIVE
 OPEN_ACCOUNT = pb.ACCOUNT_STATUS_OPEN
@@ -95,6 +96,23 @@ def _expired(expiry: str, today: dt.date) -> bool:
     return (year, month) < (today.year, today.month)
 
 
+def _card_answer(row: asyncpg.Record, *, hints: Hints, cached_for: float) -> bytes | Uncacheable:
+    """A card's Resolution, judged expired or not in UTC (a card is good through its expiry month's last
+    day, UTC), on every node alike. An answer that would still be cached when the card expires (its
+    month ends within `cached_for` seconds: the longest an answer stays in Redis and the near-cache)
+    is served but not cached: a cached one said "in good standing" for up to the TTL after the expiry,
+    and nothing deletes it (no write happens). Only cards of the month's end, in its last minutes."""
+    now = dt.datetime.now(dt.UTC)
+    value = _resolution(row, with_card=True, today=now.date(), hints=hints)
+    return Uncacheable(value) if expires_within(row["expiry"], now, cached_for) else value
+
+
+def expires_within(expiry: str, now: dt.datetime, seconds: float) -> bool:
+    """A card of `expiry` (YYYY-MM) is good at `now` and expired `seconds` later, in UTC."""
+    now = now.astimezone(dt.UTC)
+    return not _expired(expiry, now.date()) and _expired(expiry, (now + dt.timedelta(seconds=seconds)).date())
+
+
 def _customer(obj: dict[str, Any]) -> pb.Customer:
     return pb.Customer(customer_id=obj["id"], display_name=obj["name"], segment=obj["segment"],
                        status=obj["status"], kyc_status=obj["kyc"], version=obj["version"])
@@ -158,21 +176,22 @@ def _resolution(row: asyncpg.Record, *, with_card: bool, today: dt.date, hints: 
 
 
 async def card_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
-                              *, timeout: float, hints: Hints) -> bytes | None:
+                              *, timeout: float, hints: Hints, cached_for: float) -> bytes | Uncacheable | None:
     row = await conn.fetchrow(CARD_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=True, today=dt.date.today(), hints=hints)
+    return None if row is None else _card_answer(row, hints=hints, cached_for=cached_for)
 
 
 async def card_by_token(conn: asyncpg.Connection | asyncpg.Pool, token: str, *, timeout: float,
-                        hints: Hints) -> bytes | None:
+                        hints: Hints, cached_for: float) -> bytes | Uncacheable | None:
     row = await conn.fetchrow(CARD_BY_TOKEN_SQL, token, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=True, today=dt.date.today(), hints=hints)
+    return None if row is None else _card_answer(row, hints=hints, cached_for=cached_for)
 
 
 async def account_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, version: int, fingerprint: bytes,
                                  *, timeout: float, hints: Hints) -> bytes | None:
     row = await conn.fetchrow(ACCOUNT_BY_FINGERPRINT_SQL, version, fingerprint, timeout=timeout)
-    return None if row is None else _resolution(row, with_card=False, today=dt.date.today(), hints=hints)
+    return None if row is None else _resolution(row, with_card=False, today=dt.datetime.now(dt.UTC).date(),
+                                                hints=hints)
 
 
 async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id: str,

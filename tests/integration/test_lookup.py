@@ -41,11 +41,14 @@ def test_resolve_card_by_pan_and_token_agree(node_a: Clients, used_secrets: Used
 
 
 def test_good_standing_reflects_statuses(node_a: Clients) -> None:
+    import datetime as dt
+
+    this_month = dt.datetime.now(dt.UTC).strftime("%Y-%m")    # a card is good through its month, UTC
     seen = {True: 0, False: 0}
     for i in range(60):
         r = node_a.lookup.ResolveCard(pb.ResolveCardRequest(pan=demo_pan(i)), timeout=5)
         expected = (r.card.status == pb.CARD_STATUS_ACTIVE and r.account.status == pb.ACCOUNT_STATUS_OPEN
-                    and r.customer.status == pb.CUSTOMER_STATUS_ACTIVE and r.card.expiry >= "2026-11")
+                    and r.customer.status == pb.CUSTOMER_STATUS_ACTIVE and r.card.expiry >= this_month)
         assert r.in_good_standing == expected
         seen[r.in_good_standing] += 1
     assert seen[True] > 0
@@ -311,3 +314,47 @@ def test_a_hot_card_is_refreshed_ahead_and_never_waits_on_a_refill(dev_env: DevE
         clients.channel.close()
     finally:
         node.stop()
+
+
+def test_a_card_answer_that_would_outlive_the_card_s_expiry_is_served_but_not_cached(
+        dev_env: DevEnvironment, node_a: Clients, used_secrets: UsedSecrets) -> None:
+    """A card answer stays cached up to CRS_CACHE_TTL (and the near-cache's): one built within that of
+    its card's expiry (the end of the expiry month, UTC) would say "in good standing" after it, and no
+    write comes to delete it. A node whose cache TTL is 40 days sees every card of this month that way:
+    it answers it, from PostgreSQL each time, and caches a card of next year's."""
+    import datetime as dt
+
+    import redis
+
+    from shard_router import Ring, ShardSpec
+    from tests.integration.support import card_key
+
+    now = dt.datetime.now(dt.UTC)
+    customer = node_a.admin.CreateCustomer(pb.CreateCustomerRequest(display_name="Month End"), timeout=5)
+    account = node_a.admin.CreateAccount(pb.CreateAccountRequest(
+        routing_number=demo_routing(1), account_number=fresh_account_number(used_secrets),
+        type=pb.ACCOUNT_TYPE_CHECKING, currency="USD", owner_customer_id=customer.customer_id), timeout=5)
+    pans = {}
+    for expiry in (now.strftime("%Y-%m"), f"{now.year + 1}-{now.month:02d}"):
+        pans[expiry] = fresh_pan(used_secrets)
+        node_a.admin.IssueCard(pb.IssueCardRequest(pan=pans[expiry], expiry=expiry, account_id=account.account_id),
+                               timeout=5)
+    this_month, next_year = pans.values()
+    node = dev_env.start_node(workers=1, cache_ttl=40 * 86400.0)
+    try:
+        clients = clients_of(node)
+        ring = Ring(ShardSpec(s.name, s.weight) for s in node.settings.redis_shards)
+        urls = {s.name: s.url for s in node.settings.redis_shards}
+
+        def cached(pan: str) -> bool:   # (a failure names no card number)
+            key = card_key(node.settings, pan)
+            return bool(redis.Redis.from_url(urls[ring.node_for(key)]).exists(key))
+
+        for pan in (this_month, next_year):
+            answers = [clients.lookup.ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5) for _ in range(2)]
+            assert answers[0] == answers[1] and answers[0].in_good_standing
+        assert [cached(this_month), cached(next_year)] == [False, True]
+        clients.channel.close()
+    finally:
+        node.stop()
+        dev_env.nodes.remove(node)

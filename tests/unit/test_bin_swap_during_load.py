@@ -68,7 +68,8 @@ def test_an_answer_loaded_across_a_table_swap_is_built_with_its_key_table() -> N
     bins = Bins()
     handlers = LookupHandlers(resolver=_Resolver(), keyring=Keyring(fingerprint_keys={1: new_key()},  # type: ignore[arg-type]
                                                                     fingerprint_version=1, kek=new_key()),
-                              pg_timeout=2, batch_max=10, bins=bins, decisions=DECISIONS)
+                              pg_timeout=2, batch_max=10, bins=bins, decisions=DECISIONS,
+                              card_answer_life=330)
     pan = "999300123456789"
     pan += luhn_check_digit(pan)
     row = _row(pan)

@@ -40,7 +40,7 @@ class _Resolver:
 def _handlers(bins: Bins) -> LookupHandlers:
     return LookupHandlers(resolver=_Resolver(), keyring=Keyring(fingerprint_keys={1: new_key()},  # type: ignore[arg-type]
                                                                 fingerprint_version=1, kek=new_key()),
-                          pg_timeout=2, batch_max=10, bins=bins,
+                          pg_timeout=2, batch_max=10, bins=bins, card_answer_life=330,
                           decisions=DecisionTable(parse_network_codes(DEFAULT_NETWORK_CODES)))
 
 
