@@ -33,13 +33,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from server.store.migrate import SchemaMismatch, migrate
+    from server.store.migrate import MigrationFailed, SchemaMismatch, migrate
 
     settings = settings_from_args(args)
     with postgres_errors(settings.pg_dsn):
         try:
             applied = asyncio.run(migrate(settings.pg_dsn, lock_timeout=args.lock_timeout, lock_wait=args.lock_wait))
-        except SchemaMismatch as exc:     # not an outage: retrying cannot help
+        except (SchemaMismatch, MigrationFailed) as exc:     # not an outage: retrying cannot help
             raise CommandFailed(str(exc), 1) from exc
     print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
                                                     if applied else " (schema up to date)"))
@@ -91,7 +91,11 @@ def register(sub: Any) -> None:
         "it meanwhile), then rolls back and tries again, until --lock-wait: then exit 3, naming the\n"
         "oldest open transactions (what it likely waited for); nothing of that migration is applied.\n"
         "A number the database applied under another name than this release's (two branches that each\n"
-        "shipped a 0019) is exit 1, nothing applied: a node would refuse that schema too."),
+        "shipped a 0019) is exit 1, nothing applied: a node would refuse that schema too.\n"
+        "A migration that builds indexes CONCURRENTLY blocks no query or write: each build waits for the\n"
+        "transactions open before it for up to --lock-wait (then exit 3, naming them); one that fails on\n"
+        "the data (a UNIQUE index over duplicates) is exit 1. Either way its index is left INVALID and\n"
+        "the next run drops and builds it again."),
         formatter_class=RAW)
     s.add_argument("--lock-timeout", type=seconds, default=LOCK_TIMEOUT, metavar="SECONDS",
                    help=f"the longest one try waits for a lock (default {LOCK_TIMEOUT:g})")

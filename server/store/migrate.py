@@ -3,6 +3,14 @@
 Files are `migrations/NNNN_name.sql`, applied in number order, each in its own transaction, under
 an advisory lock so several nodes starting at once apply each migration exactly once.
 
+A file that starts with `-- crs: concurrent` builds (or drops) indexes without blocking the table's
+writes: its statements, each `CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS ...` or `DROP INDEX
+CONCURRENTLY IF EXISTS ...`, run one at a time outside any transaction (PostgreSQL refuses them
+inside one). A build that failed or was cut short leaves its index INVALID: unused by queries but
+updated by every write, and `IF NOT EXISTS` would skip it. So before each build an invalid index of
+that name is dropped; a run cut short anywhere is run again whole, and the migration is recorded
+only once all of it is done (docs/decisions.md, "Indexes built concurrently").
+
 A migration waits at most `lock_timeout` for each lock it takes (PostgreSQL's lock_timeout), then
 rolls back and tries again a little later, until `lock_wait` has passed. Without that, a migration
 queued for ACCESS EXCLUSIVE on a hot table (an ALTER TABLE cards) behind one long transaction (an
@@ -28,6 +36,11 @@ from server.store.db import CONNECT_TIMEOUT, Conn
 
 _LOCK_ID = 0x435253  # "CRS"
 _NAME_RE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+CONCURRENT_MARK = "-- crs: concurrent"
+# What a concurrent migration may hold: statements a rerun repeats harmlessly. (group 1: a built index)
+_CONCURRENT_RE = re.compile(r"CREATE\s+(?:UNIQUE\s+)?INDEX\s+CONCURRENTLY\s+IF\s+NOT\s+EXISTS\s+([a-z_][a-z0-9_]*)"
+                            r"\s+ON\s+\S.*|DROP\s+INDEX\s+CONCURRENTLY\s+IF\s+EXISTS\s+[a-z_][a-z0-9_]*",
+                            re.IGNORECASE | re.DOTALL)
 
 # How long one try of a migration waits for a lock: every query of the table it waits on queues behind
 # it meanwhile, so it stays well under a lookup's CRS_PG_TIMEOUT (2 s).
@@ -46,11 +59,35 @@ class MigrationBlocked(BackendUnavailable):
     """A migration could not take its locks within `lock_wait`: nothing of it was applied."""
 
 
+class MigrationFailed(RuntimeError):
+    """A concurrent index build failed on the table's data (a UNIQUE index over duplicates): retrying
+    cannot help until the data is mended."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
     name: str
     sql: str
+
+    @property
+    def concurrent(self) -> bool:
+        return self.sql.startswith(CONCURRENT_MARK)
+
+    def statements(self) -> list[tuple[str, str | None]]:
+        """A concurrent migration's statements, each with the index it builds (None for a drop).
+        ValueError for anything else: a statement a rerun could not repeat, or ';' inside one."""
+        text = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--"))
+        out: list[tuple[str, str | None]] = []
+        for statement in filter(None, (part.strip() for part in text.split(";"))):
+            if not (m := _CONCURRENT_RE.fullmatch(statement)):
+                raise ValueError(f"migration {self.version:04d}_{self.name} is marked concurrent, so each statement"
+                                 " must be CREATE [UNIQUE] INDEX CONCURRENTLY IF NOT EXISTS or DROP INDEX"
+                                 f" CONCURRENTLY IF EXISTS: not {statement[:60]!r}")
+            out.append((statement, m.group(1)))
+        if not out:
+            raise ValueError(f"migration {self.version:04d}_{self.name} is marked concurrent and holds no statement")
+        return out
 
 
 def available_migrations() -> list[Migration]:
@@ -63,6 +100,9 @@ def available_migrations() -> list[Migration]:
     versions = [mig.version for mig in found]
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration numbers in {versions}")
+    for mig in found:
+        if mig.concurrent:
+            mig.statements()     # refused here, before any is applied
     return found
 
 
@@ -86,13 +126,20 @@ def _not_ours(applied: dict[int, str], available: list[Migration]) -> str:
 
 
 async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: float = LOCK_WAIT,
-                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> list[Migration]:
-    """Apply every pending migration; return the ones applied now (empty when up to date).
-    MigrationBlocked when one could not take its locks within `lock_wait` seconds."""
+                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                  migrations: list[Migration] | None = None) -> list[Migration]:
+    """Apply every pending migration (this release's, or `migrations`); return the ones applied now
+    (empty when up to date). MigrationBlocked when one could not take its locks within `lock_wait`."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     applied_now: list[Migration] = []
     try:
-        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        # Asked for again and again, not waited for: a session waiting in pg_advisory_lock is a running
+        # statement, and the other run's CREATE INDEX CONCURRENTLY would wait for it to end, which
+        # waits for that run: a deadlock.
+        pause = RETRY_FIRST
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
+            await sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, RETRY_MAX)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_versions ("
@@ -100,7 +147,7 @@ async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: fl
                 " applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = await applied_migrations(conn)
-            available = available_migrations()
+            available = available_migrations() if migrations is None else migrations
             if foreign := _not_ours(done, available):
                 # Skipping the number would answer "up to date" over a schema without this release's change.
                 raise SchemaMismatch(f"the database's migrations are not this release's: {foreign}. Nothing was"
@@ -108,7 +155,10 @@ async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: fl
             for mig in available:
                 if mig.version in done:
                     continue
-                await _apply(conn, mig, lock_timeout=lock_timeout, lock_wait=lock_wait, sleep=sleep)
+                if mig.concurrent:
+                    await _apply_concurrently(conn, mig, lock_wait=lock_wait)
+                else:
+                    await _apply(conn, mig, lock_timeout=lock_timeout, lock_wait=lock_wait, sleep=sleep)
                 applied_now.append(mig)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
@@ -144,6 +194,46 @@ async def _apply(conn: Conn, mig: Migration, *, lock_timeout: float, lock_wait: 
                     f" {await _open_transactions(conn)}. Run `crs migrate` again once they ended") from None
         await sleep(pause * random.uniform(0.5, 1.5))
         pause = min(pause * 2, RETRY_MAX)
+
+
+async def _apply_concurrently(conn: Conn, mig: Migration, *, lock_wait: float) -> None:
+    """`mig`'s statements one at a time, outside any transaction (each is its own). They block no
+    query or write of the table, so each may wait out the transactions open before it for all that
+    is left of `lock_wait`; a build's own time is not bounded."""
+    give_up = time.monotonic() + lock_wait
+    for statement, index in mig.statements():
+        if index is not None and await conn.fetchval(
+                "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass($1)", index):
+            await _bounded(conn, mig, f"DROP INDEX CONCURRENTLY IF EXISTS {index}", give_up, lock_wait, index)
+        await _bounded(conn, mig, statement, give_up, lock_wait, index)
+    await conn.execute("INSERT INTO schema_versions (version, name) VALUES ($1, $2)", mig.version, mig.name)
+
+
+async def _bounded(conn: Conn, mig: Migration, statement: str, give_up: float, lock_wait: float,
+                   index: str | None) -> None:
+    left = give_up - time.monotonic()
+    try:
+        if left <= 0:
+            raise asyncpg.exceptions.LockNotAvailableError("no time left")
+        await conn.execute(f"SET lock_timeout = {max(1, round(left * 1000))}")
+        try:
+            await conn.execute(statement)
+        finally:
+            await conn.execute("RESET lock_timeout")
+    except asyncpg.exceptions.LockNotAvailableError:
+        left_behind = (f" Its index {index} is left INVALID (no query uses it); the next run drops and builds it"
+                       " again." if index else "")
+        raise MigrationBlocked(
+            f"migration {mig.version:04d}_{mig.name} waited {lock_wait:g} s for the transactions open before it"
+            f" to end (a concurrent index build waits for them; it blocks no query meanwhile), and is not"
+            f" recorded.{left_behind} The oldest open transactions: {await _open_transactions(conn)}. Run"
+            " `crs migrate` again once they ended") from None
+    except asyncpg.exceptions.IntegrityConstraintViolationError as exc:
+        # Its message, not its DETAIL: that names the duplicated values, which may be anyone's data.
+        raise MigrationFailed(
+            f"migration {mig.version:04d}_{mig.name} failed building index {index}: {exc.args[0]}. The index is left"
+            " INVALID (no query uses it) and the migration is not recorded: mend the data, then run `crs migrate`"
+            " again (it drops the index and builds it again)") from None
 
 
 async def _open_transactions(conn: Conn) -> str:

@@ -22,7 +22,15 @@ import asyncpg
 import pytest
 
 from devstack.postgres import PostgresServer
-from server.store.migrate import SchemaMismatch, available_migrations, check_schema, migrate
+from server.store.migrate import (
+    Migration,
+    MigrationBlocked,
+    MigrationFailed,
+    SchemaMismatch,
+    available_migrations,
+    check_schema,
+    migrate,
+)
 from tests.integration.support import PG_BINARIES, REPO
 
 # A lookup miss's bound (CRS_PG_TIMEOUT's default): a query of cards that waits longer has failed a call.
@@ -197,6 +205,107 @@ def test_a_number_applied_under_another_name_is_refused_not_skipped(dsn: str) ->
             assert 12 not in {r["version"] for r in await conn.fetch("SELECT version FROM schema_versions")}
             with pytest.raises(SchemaMismatch, match="0018 was applied as 'another_branch'"):
                 await check_schema(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+# A concurrent migration (server/store/migrate.py) after this release's, on a table of the test's own.
+PAYMENTS = Migration(9001, "test_payments", "CREATE TABLE test_payments (id bigserial PRIMARY KEY, ref int)")
+BY_REF = Migration(9002, "test_payments_by_ref",
+                   "-- crs: concurrent\n-- a comment line\n"
+                   "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS test_payments_ref ON test_payments (ref);\n")
+
+
+def _with(*extra: Migration) -> list[Migration]:
+    return [*available_migrations(), *extra]
+
+
+async def _index_state(conn: asyncpg.Connection) -> str:
+    """'valid', 'INVALID' or 'absent': test_payments_ref."""
+    valid = await conn.fetchval("SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass('test_payments_ref')")
+    return "absent" if valid is None else "valid" if valid else "INVALID"
+
+
+async def _recorded(conn: asyncpg.Connection, version: int) -> bool:
+    return bool(await conn.fetchval("SELECT EXISTS (SELECT FROM schema_versions WHERE version = $1)", version))
+
+
+def test_a_concurrent_index_build_waits_for_a_long_transaction_without_blocking_writes(dsn: str) -> None:
+    """A plain CREATE INDEX holds off every write of its table for the whole build, and 0017/0018 built
+    theirs that way (thirteenth audit, 5). A concurrent migration builds outside any transaction: while
+    it waits out an extract's snapshot, the table takes writes as before, and the index is built and the
+    migration recorded once the snapshot ends."""
+    async def run() -> None:
+        await migrate(dsn, migrations=_with(PAYMENTS))
+        extract, writer = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+        try:
+            snapshot = extract.transaction(isolation="repeatable_read")
+            await snapshot.start()
+            await extract.fetchval("SELECT count(*) FROM test_payments")
+            migration = asyncio.ensure_future(migrate(dsn, migrations=_with(PAYMENTS, BY_REF), lock_wait=60))
+            try:
+                deadline = time.monotonic() + 20
+                while await _index_state(writer) != "INVALID":      # built, waiting for older snapshots
+                    assert time.monotonic() < deadline and not migration.done(), "the build never started"
+                    await asyncio.sleep(0.02)
+                for ref in range(20):
+                    started = time.monotonic()
+                    await writer.execute("INSERT INTO test_payments (ref) VALUES ($1)", ref, timeout=LOOKUP_BOUND * 2)
+                    assert time.monotonic() - started < LOOKUP_BOUND
+                assert not migration.done()
+            finally:
+                await snapshot.rollback()
+            assert [m.version for m in await migration] == [BY_REF.version]
+            assert await _index_state(writer) == "valid" and await _recorded(writer, BY_REF.version)
+        finally:
+            await extract.close()
+            await writer.close()
+
+    asyncio.run(run())
+
+
+def test_a_concurrent_build_cut_short_leaves_no_record_and_is_built_again(dsn: str) -> None:
+    """A build that fails on the data (duplicates under a UNIQUE index) is exit 1; one that waits past
+    --lock-wait gives up (exit 3, naming the transaction it waited for). Either leaves an INVALID index,
+    which IF NOT EXISTS alone would skip for good: the next run drops it and builds it."""
+    async def run() -> None:
+        await migrate(dsn, migrations=_with(PAYMENTS))
+        conn = await asyncpg.connect(dsn)
+        holder = await asyncpg.connect(dsn, server_settings={"application_name": "long-extract"})
+        try:
+            await conn.execute("INSERT INTO test_payments (ref) VALUES (7), (7), (8)")
+            with pytest.raises(MigrationFailed, match=r"test_payments_ref.*mend the data") as failed:
+                await migrate(dsn, migrations=_with(PAYMENTS, BY_REF))
+            assert "=(7)" not in str(failed.value)      # one line, and no one's data (the DETAIL's key values)
+            assert await _index_state(conn) == "INVALID" and not await _recorded(conn, BY_REF.version)
+            await conn.execute("DELETE FROM test_payments WHERE id = (SELECT max(id) FROM test_payments WHERE ref = 7)")
+            async with holder.transaction(isolation="repeatable_read"):
+                await holder.fetchval("SELECT count(*) FROM test_payments")
+                with pytest.raises(MigrationBlocked, match="long-extract") as blocked:
+                    await migrate(dsn, migrations=_with(PAYMENTS, BY_REF), lock_wait=1)
+                assert "test_payments_ref is left INVALID" in str(blocked.value)
+                assert await _index_state(conn) == "INVALID" and not await _recorded(conn, BY_REF.version)
+            assert [m.version for m in await migrate(dsn, migrations=_with(PAYMENTS, BY_REF))] == [BY_REF.version]
+            assert await _index_state(conn) == "valid" and await _recorded(conn, BY_REF.version)
+        finally:
+            await holder.close()
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def test_two_migrate_runs_at_once_with_a_concurrent_build_both_finish(dsn: str) -> None:
+    """The second run waiting for the advisory lock inside pg_advisory_lock was a running statement the
+    first run's concurrent build waited for: each waited for the other (a deadlock PostgreSQL broke by
+    failing one). It asks for the lock again and again instead."""
+    async def run() -> None:
+        runs = await asyncio.gather(*(migrate(dsn, migrations=_with(PAYMENTS, BY_REF)) for _ in range(2)))
+        assert sorted(m.version for applied in runs for m in applied) == [m.version for m in _with(PAYMENTS, BY_REF)]
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await _index_state(conn) == "valid"
         finally:
             await conn.close()
 
