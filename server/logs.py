@@ -68,6 +68,8 @@ class RepeatLimiter(logging.Filter):
     """One line per (logger, message template, `limit_key`) per `interval` seconds. The first is
     written at once; those that follow within the interval are counted, not written; the first after it
     is written with `suppressed` (how many were left out since the last one written, 0 when none).
+    A kind that left lines out and has been quiet for an interval has its last one written by `flush`
+    (configure_logging runs it), so a burst that stopped still says how big it was.
     Records without a `limit_key` pass untouched: lines that say a state changed are never limited.
     Thread-safe (hybrid: grpc threads log too). At most `max_keys` kinds are tracked; past that, kinds
     not seen for an interval are forgotten, and a new kind that still finds no room is written."""
@@ -79,7 +81,8 @@ class RepeatLimiter(logging.Filter):
             raise ValueError(f"interval must be positive, not {interval}")
         self.interval, self._clock, self._max_keys = interval, clock, max_keys
         self._lock = threading.Lock()
-        self._seen: dict[Hashable, list[float]] = {}   # kind -> [when last written, suppressed since]
+        # kind -> [when last written, how many left out since, the last one left out]
+        self._seen: dict[Hashable, list[Any]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         limit = record.__dict__.pop(LIMIT_KEY, None)
@@ -91,21 +94,52 @@ class RepeatLimiter(logging.Filter):
             seen = self._seen.get(kind)
             if seen is not None and now - seen[0] < self.interval:
                 seen[1] += 1
+                seen[2] = record
                 return False
             if seen is None and len(self._seen) >= self._max_keys:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval}
-            record.suppressed = int(seen[1]) if seen is not None else 0
+            record.suppressed = seen[1] if seen is not None else 0
             if seen is not None or len(self._seen) < self._max_keys:
-                self._seen[kind] = [now, 0]
+                self._seen[kind] = [now, 0, None]
         return True
+
+    def flush(self, write: Callable[[logging.LogRecord], object]) -> int:
+        """Write (with `write`) the last line left out of each kind whose interval has passed since its
+        last line written, with `suppressed`: how many others were left out. Returns how many."""
+        now = self._clock()
+        due: list[logging.LogRecord] = []
+        with self._lock:
+            for seen in self._seen.values():
+                if seen[1] and now - seen[0] >= self.interval:
+                    seen[2].suppressed = seen[1] - 1
+                    due.append(seen[2])
+                    seen[:] = [now, 0, None]
+        for record in due:
+            write(record)
+        return len(due)
+
+
+_flusher_stop: threading.Event | None = None   # the running flusher's (configure_logging replaces it)
+
+
+def _flush_every(limiter: RepeatLimiter, handler: logging.Handler, stop: threading.Event) -> None:
+    while not stop.wait(limiter.interval / 4):
+        limiter.flush(handler.handle)
 
 
 def configure_logging(level: str, *, stream: Any = None, repeat_interval: float = DEFAULT_REPEAT_INTERVAL) -> None:
+    global _flusher_stop
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    handler.addFilter(RepeatLimiter(repeat_interval))
+    limiter = RepeatLimiter(repeat_interval)
+    handler.addFilter(limiter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if _flusher_stop is not None:
+        _flusher_stop.set()
+    _flusher_stop = threading.Event()
+    threading.Thread(target=_flush_every, args=(limiter, handler, _flusher_stop), name="log-repeats",
+                     daemon=True).start()
     root.setLevel(level.upper())
     # Driver chatter at INFO can quote query parameters; keep third parties at WARNING.
     for noisy in ("asyncio", "grpc", "asyncpg", "redis"):

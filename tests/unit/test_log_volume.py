@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -81,6 +82,53 @@ def test_the_first_line_is_written_at_once_the_repeats_once_an_interval_with_the
     logged.clock.now += 61.0                      # quiet since: nothing was left out
     log.warning("shard refused", extra={"shard": "shard-0", LIMIT_KEY: ("shard-0",)})
     assert [e["suppressed"] for e in logged.lines()] == [0, CALLS, 0]
+
+
+def test_a_burst_that_stopped_says_how_big_it_was_an_interval_later() -> None:
+    """Before, the count of a burst's left-out lines came only with the kind's next line: a burst of a
+    thousand errors that then stopped showed as one line, for good."""
+    clock = Clock()
+    limiter = RepeatLimiter(60.0, clock=clock)
+    written: list[logging.LogRecord] = []
+
+    def log(i: int) -> None:
+        r = logging.LogRecord("crs.test", logging.WARNING, __file__, 1, "refused %d", (i,), None)
+        r.__dict__[LIMIT_KEY] = ("shard-0",)
+        if limiter.filter(r):
+            written.append(r)
+
+    for i in range(CALLS):
+        log(i)
+        clock.now += 0.01
+    assert limiter.flush(written.append) == 0                 # within the interval: nothing yet
+    assert [r.getMessage() for r in written] == ["refused 0"]
+    clock.now += 60.0
+    assert limiter.flush(written.append) == 1                 # the last one, with the others' count
+    assert [(r.getMessage(), r.__dict__["suppressed"]) for r in written] == [
+        ("refused 0", 0), (f"refused {CALLS - 1}", CALLS - 2)]
+    assert limiter.flush(written.append) == 0                 # said once
+    log(CALLS)                                                # within an interval of that line: held
+    clock.now += 61.0
+    log(CALLS + 1)
+    assert [r.__dict__["suppressed"] for r in written] == [0, CALLS - 2, 1]
+
+
+def test_configure_logging_writes_a_stopped_burst_s_count_by_itself() -> None:
+    out = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", stream=out, repeat_interval=0.2)
+        for _ in range(5):
+            logging.getLogger("crs.test").warning("refused", extra={LIMIT_KEY: ()})
+        deadline = time.monotonic() + 10
+        while len(out.getvalue().splitlines()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [json.loads(line)["suppressed"] for line in out.getvalue().splitlines()] == [0, 3]
+    finally:
+        configure_logging("WARNING", stream=io.StringIO())
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def test_each_logger_message_and_key_is_limited_on_its_own(logged: Logged) -> None:
