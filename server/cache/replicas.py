@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar, cast
 
-from server.cache.shard import PTTL_NO_KEY, Shard, ShardReplyError, ShardUnavailable
+from server.cache.shard import Shard, ShardReplyError, ShardUnavailable, copyable
 
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ class ReplicatedShard:
                     value, ttl = await pipe.execute()
         except (ShardUnavailable, ShardReplyError):
             return None
-        if value is None or ttl == PTTL_NO_KEY:
+        if value is None or not copyable(ttl):   # 0: expiring now
             return None
         if may_copy and time.monotonic() - started <= copy_budget:
             with contextlib.suppress(ShardUnavailable, ShardReplyError):

@@ -155,6 +155,15 @@ PRIMARY: Final = "primary"
 
 
 PTTL_NO_KEY: Final = -2   # PTTL's answer for a key that does not exist
+PTTL_NO_TTL: Final = -1   # and for one without a TTL
+
+
+def copyable(pttl: object) -> bool:
+    """Whether a key PTTL answered `pttl` for may be copied to another server (SET PX `pttl`; no PX for
+    a key without a TTL). Not one in its last millisecond: Redis answers PTTL 0, and GET its value, while
+    its clock reads the key's expiry, and the copy, written without PX, never expired (a card answer
+    in good standing long after the card's month ended)."""
+    return isinstance(pttl, int) and (pttl > 0 or pttl == PTTL_NO_TTL)
 
 
 def copy_label(index: int) -> str:

@@ -29,7 +29,7 @@ from typing import Final, cast
 from server.cache.breaker import BreakerPolicy
 from server.cache.invalidation import InvalidationListeners, delete_everywhere
 from server.cache.replicas import ReplicatedShard
-from server.cache.shard import PTTL_NO_KEY, SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label
+from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label, copyable
 from shard_router import Ring
 from shard_router.topology import Routing, ShardState, Topology, TopologyShard, routing_for
 
@@ -312,7 +312,7 @@ class RedisTier:
             found: list[tuple[str, bytes, int]] = []
             for n, i in enumerate(idx):
                 value, ttl = replies[2 * n], replies[2 * n + 1]
-                if value is not None and ttl != PTTL_NO_KEY:
+                if value is not None and copyable(ttl):
                     out[i] = cast("bytes", value)
                     found.append((keys[i], cast("bytes", value), cast("int", ttl)))
             if found:

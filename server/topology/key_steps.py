@@ -17,7 +17,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cache.shard import PTTL_NO_KEY, copy_label
+from server.cache.shard import copy_label, copyable
 from server.progress import ProgressBar
 from server.topology.errors import MigrationError, ShardUnreachable
 from server.topology.policy import MigrationPolicy
@@ -222,7 +222,7 @@ class KeySteps:
         found = {key: (replies[2 * i], replies[2 * i + 1]) for i, key in enumerate(order)}
         for owner, group in moving.items():
             items = [(k, *found[k]) for k in group
-                     if isinstance(found[k][0], bytes) and isinstance(found[k][1], int) and found[k][1] != PTTL_NO_KEY]
+                     if isinstance(found[k][0], bytes) and copyable(found[k][1])]
             p.skipped += len(group) - len(items)
             if not items:
                 continue

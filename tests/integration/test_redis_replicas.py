@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
+from redis.asyncio.client import Pipeline
 
 from devstack import RedisServer
 from server.cache.breaker import BreakerPolicy
@@ -144,3 +146,21 @@ async def test_a_replica_added_by_the_topology_is_flushed_before_it_serves(
     assert group.copies[2].is_up and sync[2].get("crd:a") is None
     await t.set_many([("crd:b", b"B", 60_000)])
     assert [c.get("crd:b") for c in sync] == [b"B"] * 3
+
+
+async def test_a_warming_copy_does_not_copy_a_key_in_its_last_millisecond_without_a_ttl(
+        servers: list[RedisServer], sync: list[redis.Redis], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy back from a flush takes a sibling's key on a miss (GET + PTTL): PTTL 0, the key's last
+    millisecond, was written without PX, a key that never expired there."""
+    t = RedisTier(topology=one_shard(servers), pool_size=4, timeout=0.3, warm_window=60.0,
+                  policy=BreakerPolicy(failure_threshold=1, retry_interval=0.05))
+    try:
+        group = t.shards["shard-0"]
+        group.copies[1].warm_until = time.monotonic() + 60.0   # as after its recovery flush
+        sync[0].set("crd:w", b"v", px=60_000)
+        monkeypatch.setattr(Pipeline, "pttl", lambda self, name: self.execute_command("EVAL", "return 0", 0))
+        for _ in range(4):                                     # round robin: each copy answers some
+            await t.get("crd:w")
+        assert sync[1].pttl("crd:w") == -2
+    finally:
+        await t.close()
