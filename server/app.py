@@ -74,7 +74,8 @@ async def close_pool(pool: asyncpg.Pool, timeout: float) -> None:
 
 def build_authenticator(s: Settings) -> Authenticator:
     registry = ClientRegistry.from_file(Path(s.clients_file)) if s.clients_file else None
-    verifier = (JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer)
+    verifier = (JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer,
+                            leeway=s.jwt_leeway)
                 if s.jwt_jwks_file else None)
     if s.allow_anonymous:
         log.warning("CRS_ALLOW_ANONYMOUS is on: callers without credentials get every scope (dev only)")

@@ -102,6 +102,13 @@ class ClientRegistry:
         return [policy for policy in self.clients.values() if any(n in policy.cert_names for n in names)]
 
 
+# Seconds a token's time claims (exp, nbf, iat) may be off by the node's clock. Without it a token from
+# an issuer whose clock ran a second ahead of the node's was refused ("iat in the future") as it was
+# handed out, and a client whose clock ran behind went on sending a token the node had found expired
+# (refused, and kept refused) until its own clock said so. The default of CRS_JWT_LEEWAY.
+CLOCK_SKEW = 30.0
+
+
 def _keep(cache: OrderedDict[K, V], key: K, value: V, size: int) -> None:
     """Put `key` in a cache of at most `size` entries, the oldest put first out (the caller holds its lock)."""
     if len(cache) >= size:
@@ -118,7 +125,8 @@ class JwtVerifier:
 
     ALGORITHMS = ("ES256", "RS256", "EdDSA")
 
-    def __init__(self, *, jwks_file: Path, audience: str, issuer: str = "", cache_size: int = 10_000) -> None:
+    def __init__(self, *, jwks_file: Path, audience: str, issuer: str = "", cache_size: int = 10_000,
+                 leeway: float = CLOCK_SKEW) -> None:
         import jwt
 
         try:
@@ -130,6 +138,7 @@ class JwtVerifier:
         self._jwt = jwt
         self.audience = audience
         self.issuer = issuer
+        self.leeway = leeway   # seconds the token issuer's clock and this node's may differ by
         self._cache: OrderedDict[str, tuple[float, str, frozenset[str] | None]] = OrderedDict()
         self._cache_size = cache_size
         self._refused: OrderedDict[bytes, str] = OrderedDict()   # sha256 of a token: why it was refused
@@ -153,7 +162,8 @@ class JwtVerifier:
             # answered INTERNAL with a traceback logged per call (anyone could flood the logs).
             algorithms = [key.algorithm_name] if key.algorithm_name in self.ALGORITHMS else []
             claims = jwt.decode(token, key.key, algorithms=algorithms, audience=self.audience,
-                                issuer=self.issuer or None, options={"require": ["exp", "sub", "aud"]})
+                                issuer=self.issuer or None, leeway=self.leeway,
+                                options={"require": ["exp", "sub", "aud"]})
         except jwt.ImmatureSignatureError as exc:   # good later: not kept
             raise Unauthenticated("bearer token is not valid for this service") from exc
         except jwt.ExpiredSignatureError as exc:
@@ -162,7 +172,8 @@ class JwtVerifier:
             raise self._refuse(digest, "bearer token is not valid for this service") from exc
         scopes = token_scopes(claims)
         with self._lock:
-            _keep(self._cache, token, (float(claims["exp"]), str(claims["sub"]), scopes), self._cache_size)
+            _keep(self._cache, token, (float(claims["exp"]) + self.leeway, str(claims["sub"]), scopes),
+                  self._cache_size)
         return str(claims["sub"]), scopes
 
     def _refuse(self, digest: bytes, why: str) -> Unauthenticated:

@@ -48,7 +48,8 @@ def check_before_serving(s: Settings) -> None:
         if s.clients_file:
             ClientRegistry.from_file(Path(s.clients_file))
         if s.jwt_jwks_file:
-            JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer)
+            JwtVerifier(jwks_file=Path(s.jwt_jwks_file), audience=s.jwt_audience, issuer=s.jwt_issuer,
+                        leeway=s.jwt_leeway)
     except (TopologyError, ConfigError) as exc:     # their messages name the setting
         raise SettingsError(str(exc)) from exc
 

@@ -87,6 +87,7 @@ class Settings:
     jwt_jwks_file: str = ""               # JWKS with the public keys bearer tokens are signed with
     jwt_audience: str = "crs-lookup"
     jwt_issuer: str = ""                  # required issuer ("" = not checked)
+    jwt_leeway: float = 30.0              # seconds a token's exp/nbf/iat may be off by this node's clock
     # --- PostgreSQL (system of record)
     pg_dsn: str = field(default="", repr=False)
     pg_pool_min: int = 2
@@ -232,7 +233,7 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
     nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size",
-              "redis_thread_connections", "streams_per_client", "feed_catch_up_reads")
+              "redis_thread_connections", "streams_per_client", "feed_catch_up_reads", "jwt_leeway")
     for name in nonneg:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")

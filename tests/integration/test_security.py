@@ -40,6 +40,7 @@ from tests.integration.support import Clients, status_of
 _code = status_of   # the status a call ends with
 
 AUDIENCE = "crs-lookup-test"
+LEEWAY = 1.0   # CRS_JWT_LEEWAY of the secure node: a token refused as expired 1 s after its exp
 
 # The scope each RPC needs, as the documentation states it (an RPC listed with two scopes takes
 # either): docs/security.md ("7 access by need to know": feed:read for ChangeFeedService, identity:read
@@ -131,7 +132,7 @@ def secure(dev_env: DevEnvironment, tmp_path_factory: pytest.TempPathFactory) ->
     node = dev_env.start_node(
         tls_cert_file=str(pki.server_cert), tls_key_file=str(pki.server_key), tls_client_ca_file=str(pki.ca_cert),
         clients_file=str(clients_file), jwt_jwks_file=str(jwks_file), jwt_audience=AUDIENCE, token_port=token_port,
-        health_port=health_port, pki=pki)
+        jwt_leeway=LEEWAY, health_port=health_port, pki=pki)
     yield SecureNode(node, pki, other_ca, signing_key, token_port, health_port)
 
 
@@ -510,7 +511,7 @@ def test_every_rpc_refuses_a_caller_without_its_scope_and_admits_one_with_it(sec
 
 def test_a_cached_token_is_refused_once_it_expires(secure: SecureNode) -> None:
     """Verified tokens are cached (server/auth.py, JwtVerifier): the cached entry must end at the
-    token's exp, not outlive it. A token with a 1-2 s lifetime is verified (and cached), used again
+    token's exp (and CRS_JWT_LEEWAY), not outlive it. A token with a 1-2 s lifetime is verified (and cached), used again
     from the cache, then refused as expired right after its exp."""
     card = pb.ResolveCardRequest(pan=demo_pan(2))
     for _attempt in range(5):
@@ -526,7 +527,7 @@ def test_a_cached_token_is_refused_once_it_expires(secure: SecureNode) -> None:
                 # stall between the calls), not what this test is about; again, with a new token.
                 assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and time.time() >= expires, exc
                 continue
-            while time.time() < expires + 0.3:
+            while time.time() < expires + LEEWAY + 0.3:
                 time.sleep(0.1)
             with pytest.raises(grpc.RpcError) as info:
                 lookup.ResolveCard(card, timeout=5)

@@ -120,6 +120,24 @@ def test_a_token_not_valid_yet_is_checked_again(tmp_path: Path, monkeypatch: pyt
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+def test_a_token_from_an_issuer_whose_clock_runs_ahead_is_accepted(tmp_path: Path, claim: str) -> None:
+    """An issuer 5 s ahead of the node: its fresh token's iat (or nbf) is in the node's future. It was
+    refused until the node's clock caught up (PyJWT's leeway is 0 unless asked)."""
+    token = jwt.encode(CLAIMS | {claim: int(time.time()) + 5}, EC_KEY, "ES256", headers={"kid": "ec1"})
+    assert _verifier(tmp_path).verify(token)[0] == "switch"
+
+
+def test_a_token_expired_past_the_leeway_is_refused_and_a_good_one_kept_no_longer(tmp_path: Path) -> None:
+    verifier = _verifier(tmp_path)
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(jwt.encode(CLAIMS | {"exp": int(time.time()) - 31}, EC_KEY, "ES256", headers={"kid": "ec1"}))
+    exp = int(time.time()) - 5                   # expired on the issuer's clock, within the leeway
+    token = jwt.encode(CLAIMS | {"exp": exp}, EC_KEY, "ES256", headers={"kid": "ec1"})
+    assert verifier.verify(token)[0] == "switch"
+    assert verifier._cache[token][0] == exp + 30
+
+
 def test_refused_tokens_kept_are_bounded(tmp_path: Path) -> None:
     verifier = _verifier(tmp_path, cache_size=2)
     for n in range(5):
