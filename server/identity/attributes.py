@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, fields, replace
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import phonenumbers
@@ -163,6 +163,12 @@ def normalise_name(field: str, value: str) -> str:
     return folded
 
 
+# The first zone to start each day (UTC+14, Kiribati's Line Islands): a birth date is refused as "after
+# today" only once it is in the future everywhere. date.today() was the node's local date, so a node on
+# UTC (or further west) refused the date of someone born today east of it, for up to a day.
+_FIRST_ZONE = timezone(timedelta(hours=14))
+
+
 def normalise_date_of_birth(value: str, *, today: date | None = None) -> str:
     text = value.strip()
     if not text:
@@ -173,7 +179,7 @@ def normalise_date_of_birth(value: str, *, today: date | None = None) -> str:
         born = date.fromisoformat(text)
     except ValueError:
         raise AttributeProblem("date_of_birth", "is not a calendar date") from None
-    if born.year < MIN_BIRTH_YEAR or born > (today or date.today()):
+    if born.year < MIN_BIRTH_YEAR or born > (today or datetime.now(_FIRST_ZONE).date()):
         raise AttributeProblem("date_of_birth", f"must be between {MIN_BIRTH_YEAR} and today")
     return born.isoformat()
 

@@ -3,7 +3,9 @@ National ids are made up at run time with python-stdnum's own check-digit functi
 
 from __future__ import annotations
 
+import datetime as dt
 import random
+import time
 
 import pytest
 from hypothesis import given
@@ -17,6 +19,7 @@ from server.identity.attributes import (
     CARD_NUMBER,
     AttributeProblem,
     normalise_address_line,
+    normalise_date_of_birth,
     normalise_email,
     normalise_name,
     normalise_phone,
@@ -245,3 +248,19 @@ def test_source_refs_that_are_not_card_numbers_stay() -> None:
     for key in ("R-12345", "0b7d1c2e9f0a", "123456789012", pan[:-1] + str((int(pan[-1]) + 1) % 10),
                 pan + "1234"):                        # 20 digits: a longer number, not a card number
         assert parse_source_ref("core", key).key == key
+
+
+def test_a_birth_date_that_is_today_somewhere_is_accepted_whatever_the_nodes_zone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check was date.today(): the node's local date. On a node at UTC-12 the date in UTC+14 is a day
+    or two ahead, and a baby born there today was refused ("must be between 1900 and today")."""
+    monkeypatch.setenv("TZ", "Etc/GMT+12")      # POSIX sign: UTC-12
+    time.tzset()
+    try:
+        born = dt.datetime.now(dt.timezone(dt.timedelta(hours=14))).date()
+        assert normalise_date_of_birth(born.isoformat()) == born.isoformat()
+        with pytest.raises(AttributeProblem, match="between"):
+            normalise_date_of_birth((born + dt.timedelta(days=1)).isoformat())
+    finally:
+        monkeypatch.undo()
+        time.tzset()
