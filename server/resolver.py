@@ -43,10 +43,11 @@ class CachePolicy:
     negative_ttl: float = 30.0
 
     def ttl_ms(self, negative: bool) -> int:
+        """The PX of a fill: at least 1 (Redis refuses PX 0, and a TTL under 1 ms passes the settings)."""
         if negative:
-            return int(self.negative_ttl * 1000)
+            return max(1, int(self.negative_ttl * 1000))
         spread = self.ttl * self.ttl_jitter
-        return int((self.ttl + random.uniform(-spread, spread)) * 1000)
+        return max(1, int((self.ttl + random.uniform(-spread, spread)) * 1000))
 
 
 class Lookup(NamedTuple):

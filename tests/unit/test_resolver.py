@@ -232,3 +232,11 @@ async def test_refresh_ahead_reloads_a_hot_entry_in_the_background() -> None:
     now[0] += 0.3
     assert resolver.cached(lookup) is None                         # expired, never served past it
     resolver.stop()
+
+
+def test_a_fill_s_ttl_is_a_whole_millisecond_at_least() -> None:
+    """Redis refuses SET ... PX 0 (every fill of such a node failed), and a TTL under 1 ms passes the
+    settings' check (> 0); seventeenth audit, open item."""
+    policy = CachePolicy(ttl=0.0004, ttl_jitter=0.1, negative_ttl=0.0002)
+    assert policy.ttl_ms(False) == 1 and policy.ttl_ms(True) == 1
+    assert CachePolicy().ttl_ms(True) == 30_000 and 270_000 <= CachePolicy().ttl_ms(False) <= 330_000
