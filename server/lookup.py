@@ -113,10 +113,11 @@ class LookupHandlers:
         version = self.keyring.fingerprint_version
         fp = self.keyring.fingerprint(pan)
         _, prefix, hints = self._card_table()
-        read = partial(reads.card_by_fingerprint, cached_for=self.card_answer_life)
-        load: ReadQuery = partial(read, version=version, fingerprint=fp, timeout=self.pg_timeout, hints=hints)
+        load: ReadQuery = partial(reads.card_by_fingerprint, version=version, fingerprint=fp, timeout=self.pg_timeout,
+                                  hints=hints, cached_for=self.card_answer_life)
         if self._other_versions:
-            load = partial(self._any_version, "card", read, pan, load, hints)
+            load = partial(self._any_version, "card", partial(reads.card_by_fingerprint,
+                                                              cached_for=self.card_answer_life), pan, load, hints)
         return Lookup(prefix + fp.hex(), self.bins.cacheable(load), "card")
 
     def card_hit(self, pan: str) -> bytes | None:
