@@ -79,6 +79,13 @@ async def window(conn: Conn | asyncpg.Pool, *, timeout: float | None = None) -> 
 
 
 COMPACTION_LOCK = 0x43525343   # "CRSC": one compaction at a time across nodes (transaction-level: PgBouncer-safe)
+# How far one compaction step goes: the newest event old enough among the next `batch` past the horizon.
+# The age is judged after the LIMIT, so a step reads `batch` rows at most: filtered inside it, the scan
+# read on through every event younger than the retention looking for old ones (there are none: the
+# sequence follows time), which the last step of every run did: 5 million events in the window, 1.6 s.
+COMPACT_THROUGH_SQL = (
+    "SELECT max(seq) FROM (SELECT seq, created_at FROM outbox WHERE seq > (SELECT compacted_through FROM feed_horizon)"
+    " ORDER BY seq LIMIT $2) AS next WHERE created_at < now() - $1::interval")
 
 
 async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 10_000) -> int:
@@ -86,9 +93,7 @@ async def compact(pool: asyncpg.Pool, *, older_than: dt.timedelta, batch: int = 
     the horizon past them. Rows the relay has not settled yet stay (it still needs them) but are
     below the horizon all the same. Returns how many rows went; 0 when another node is at it."""
     async def step(conn: Conn) -> tuple[int, bool]:
-        through = await conn.fetchval(
-            "SELECT max(seq) FROM (SELECT seq FROM outbox WHERE seq > (SELECT compacted_through FROM feed_horizon)"
-            " AND created_at < now() - $1::interval ORDER BY seq LIMIT $2) AS old", older_than, batch)
+        through = await conn.fetchval(COMPACT_THROUGH_SQL, older_than, batch)
         if through is None:
             return 0, False
         status = await conn.execute("DELETE FROM outbox WHERE seq <= $1 AND settled_at IS NOT NULL", through)
