@@ -83,8 +83,10 @@ async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: floa
     could not reach it has missed, at most, the deletes of these rows (server/cache/shard.py)."""
     try:
         async with asyncio.timeout(timeout), pool.acquire() as conn:
-            rows = await conn.fetch("SELECT cache_keys FROM outbox WHERE settled_at IS NULL ORDER BY id LIMIT $1",
-                                    limit + 1)
+            # In created_at order, outbox_unsettled's: it holds the unsettled rows alone. In id order the plan
+            # could walk the primary key through the settled history first (5 million rows: 0.94 s).
+            rows = await conn.fetch("SELECT cache_keys FROM outbox WHERE settled_at IS NULL ORDER BY created_at"
+                                    " LIMIT $1", limit + 1)
             if len(rows) > limit:
                 return None
             versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
