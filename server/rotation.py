@@ -141,13 +141,23 @@ async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, b
     progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {rows.label}",
                            int(await conn.fetchval("SELECT count(*)" + todo, to_version)))
     done = 0
+    # Each batch starts after the last key of the one before: from the first key, each read again (and
+    # filtered out) every row the batches before had done, a rotation read n^2 / 2 / batch rows in all
+    # (5 million cards, batch 1000: 2.5 million rows a batch by the middle, 1 s, 5,000 batches). A row
+    # a write held (skipped) or one written behind the cursor is found by the second pass.
+    after: str | int | None = None
     while True:
         async with conn.transaction():
-            batch_rows = await conn.fetch(select + f" ORDER BY {rows.key} LIMIT $2 FOR UPDATE SKIP LOCKED",
-                                          to_version, batch)
+            if after is None:
+                batch_rows = await conn.fetch(select + f" ORDER BY {rows.key} LIMIT $2 FOR UPDATE SKIP LOCKED",
+                                              to_version, batch)
+            else:
+                batch_rows = await conn.fetch(select + f" AND {rows.key} > $3 ORDER BY {rows.key} LIMIT $2"
+                                              " FOR UPDATE SKIP LOCKED", to_version, batch, after)
             if not batch_rows:
                 break
             await rows.rewrite(batch_rows)
+        after = batch_rows[-1]["id"]
         done += len(batch_rows)
         progress.advance(len(batch_rows), rows.label)
     deadline = time.monotonic() + lock_wait
