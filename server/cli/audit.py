@@ -26,11 +26,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     since = timedelta(hours=args.hours)
 
     async def query(conn: Conn) -> list[asyncpg.Record]:
+        # Newest first by time, the order of the indexes on `at`: a scan of one stops at the window's
+        # start. In id order, when fewer than --limit rows matched (one card's writes), the plan walked
+        # the primary key back past the window to the first row ever written (5 million rows over 60
+        # days, --entity with --hours 240: 3.5 s, against 0.36 s for the window's 830,000).
         return await conn.fetch(
             "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
             " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
             " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
-            " AND at >= now() - $4::interval ORDER BY id DESC LIMIT $5",
+            " AND at >= now() - $4::interval ORDER BY at DESC LIMIT $5",
             args.client, args.rpc, args.entity, since, args.limit)
 
     rows = with_database(settings_from_args(args), query)
