@@ -128,6 +128,9 @@ class _Rows:
     columns: str
     label: str
     rewrite: Callable[[list[asyncpg.Record]], Awaitable[None]]
+    # Which rows are to do: " FROM table WHERE (...)", $1 the version, one condition that a batch's
+    # " AND key > $3" can follow (default: those without a fingerprint under the version yet).
+    todo: str = ""
 
 
 async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, batch: int, lock_wait: float,
@@ -135,8 +138,8 @@ async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, b
     """(rows done, rows left). One pass in batches over the rows no one holds (SKIP LOCKED: the pass
     never queues behind a write), then the rows it skipped again, one at a time, each waiting for its
     lock until `lock_wait` seconds after the pass: a row is left only if a write held it that long."""
-    todo = (f" FROM {rows.table} WHERE fingerprint_version <> $1"
-            f" AND next_fingerprint_version IS DISTINCT FROM $1")
+    todo = rows.todo or (f" FROM {rows.table} WHERE fingerprint_version <> $1"
+                         f" AND next_fingerprint_version IS DISTINCT FROM $1")
     select = f"SELECT {rows.key} AS id, {rows.columns}" + todo
     progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {rows.label}",
                            int(await conn.fetchval("SELECT count(*)" + todo, to_version)))
@@ -182,47 +185,61 @@ async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, b
     return done, 0
 
 
-async def retire_fingerprint(dsn: str, *, version: int) -> dict[str, int]:
-    """Promote the next fingerprints of rows still primary under `version`; refuse if any lacks one."""
+# Each table's retire: the rows still refused (a row under the version without a newer fingerprint),
+# and how a row's newer fingerprint becomes its primary one.
+_RETIRE = (("cards", "token", "next_pan_fingerprint IS NULL",
+            "pan_fingerprint = next_pan_fingerprint, next_pan_fingerprint = NULL"),
+           ("accounts", "account_id", "next_account_fingerprint IS NULL",
+            "account_fingerprint = next_account_fingerprint, next_account_fingerprint = NULL"),
+           ("source_records", "record_id", "next_fingerprint_version IS NULL",
+            "national_id_fp = next_national_id_fp, next_national_id_fp = NULL"))
+
+
+async def retire_fingerprint(dsn: str, *, version: int, batch: int = BATCH, lock_wait: float = LOCK_WAIT,
+                             out: TextIO | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """Make the newer fingerprint of every row still primary under `version` its primary one, then mark
+    the version retired and drop its blocking keys. Refuses, changing nothing, while any row has no
+    newer fingerprint. Returns (rows moved, rows left) per table; a row is left only when a write held
+    it locked past `lock_wait` (or a node still gave a new row only `version`'s): then nothing is marked
+    retired, and a rerun takes the rows left.
+
+    In batches, each its own transaction, the way rotate_fingerprint takes its rows: one statement over
+    the table held every row it had changed locked until it ended, and a write to any card waited that
+    long (1 million accounts: 20 s; 5 million cards: minutes, past every write's timeout). Each row's
+    two columns move together, and lookups read both, so every row is found throughout."""
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     moved: dict[str, int] = {}
+    left: dict[str, int] = {}
     try:
-        async with conn.transaction():
-            await _known_version(conn, version)
-            for spec in (CARDS, ACCOUNTS):
-                missing = int(await conn.fetchval(
-                    f"SELECT count(*) FROM {spec.table} WHERE fingerprint_version = $1 AND {spec.next_fingerprint}"
-                    " IS NULL", version))
-                if missing:
-                    raise RetireRefused(f"{missing} {spec.table} rows have no newer fingerprint yet: run"
-                                         " `crs keys rotate-fingerprint --to NEW` first")
-                status = await conn.execute(
-                    f"UPDATE {spec.table} SET fingerprint_version = next_fingerprint_version,"
-                    f" {spec.fingerprint} = {spec.next_fingerprint}, next_fingerprint_version = NULL,"
-                    f" {spec.next_fingerprint} = NULL WHERE fingerprint_version = $1", version)
-                moved[spec.table] = int(status.split()[-1])
-                await conn.execute(
-                    f"UPDATE {spec.table} SET next_fingerprint_version = NULL, {spec.next_fingerprint} = NULL"
-                    " WHERE next_fingerprint_version = fingerprint_version")
+        await _known_version(conn, version)
+        for table, _, refused, _ in _RETIRE:
             missing = int(await conn.fetchval(
-                "SELECT count(*) FROM source_records WHERE fingerprint_version = $1"
-                " AND next_fingerprint_version IS NULL", version))
+                f"SELECT count(*) FROM {table} WHERE fingerprint_version = $1 AND {refused}", version))
             if missing:
-                raise RetireRefused(f"{missing} identity records have no newer fingerprint yet: run"
-                                     " `crs keys rotate-fingerprint --to NEW` first")
-            status = await conn.execute(
-                "UPDATE source_records SET fingerprint_version = next_fingerprint_version,"
-                " national_id_fp = next_national_id_fp, next_fingerprint_version = NULL, next_national_id_fp = NULL"
-                " WHERE fingerprint_version = $1", version)
-            moved["source_records"] = int(status.split()[-1])
-            await conn.execute("UPDATE source_records SET next_fingerprint_version = NULL, next_national_id_fp = NULL"
-                               " WHERE next_fingerprint_version = fingerprint_version")
-            await conn.execute("DELETE FROM identity_blocks WHERE version = $1", version)
-            await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint' AND version = $1",
-                               version)
+                what = "identity records" if table == "source_records" else f"{table} rows"
+                raise RetireRefused(f"{missing} {what} have no newer fingerprint yet: run"
+                                    " `crs keys rotate-fingerprint --to NEW` first")
+        for table, key, refused, promote in _RETIRE:
+            async def rewrite(rows: list[asyncpg.Record], table: str = table, key: str = key,
+                              promote: str = promote) -> None:
+                await conn.execute(f"UPDATE {table} SET fingerprint_version = next_fingerprint_version, {promote},"
+                                   f" next_fingerprint_version = NULL WHERE {key} = ANY($1)", [r["id"] for r in rows])
+
+            # Rows under the version with a newer fingerprint, and rows whose newer one is their own.
+            todo = (f" FROM {table} WHERE ((fingerprint_version = $1 AND NOT ({refused}))"
+                    " OR next_fingerprint_version = fingerprint_version)")
+            moved[table], _ = await _rotate_rows(conn, _Rows(table, key, "1", table, rewrite, todo), version,
+                                                 batch, lock_wait, out)
+            left[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE fingerprint_version = $1",
+                                                  version))
+        if not any(left.values()):
+            async with conn.transaction():
+                await conn.execute("DELETE FROM identity_blocks WHERE version = $1", version)
+                await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint'"
+                                   " AND version = $1", version)
     finally:
         await conn.close()
-    return moved
+    return moved, left
 
 
 async def _known_version(conn: asyncpg.Connection, version: int) -> None:

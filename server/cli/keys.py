@@ -40,7 +40,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
                           " again (it takes only the rows left), then check `crs keys status`", file=sys.stderr)
                     return 1
             elif args.keys_command == "retire-fingerprint":
-                moved = asyncio.run(rotation.retire_fingerprint(settings.pg_dsn, version=args.version))
+                moved, left = asyncio.run(rotation.retire_fingerprint(
+                    settings.pg_dsn, version=args.version, batch=args.batch, lock_wait=args.lock_wait))
+                if any(left.values()):
+                    print(f"crs keys: not done: {left['cards']} cards, {left['accounts']} accounts and"
+                          f" {left['source_records']} identity records still use version {args.version} (a write"
+                          f" held them locked for longer than --lock-wait {args.lock_wait:g}s, or a node still on"
+                          f" version {args.version} wrote them: `crs keys status`). Keep the key configured and"
+                          f" run `crs keys retire-fingerprint --version {args.version}` again (it takes only the"
+                          " rows left)", file=sys.stderr)
+                    return 1
                 print(f"version {args.version} retired: {moved['cards']} cards and {moved['accounts']} accounts now"
                       " use their newer fingerprint; remove the key from CRS_FINGERPRINT_KEYS")
             elif args.keys_command == "rotate-kek":
@@ -57,11 +66,19 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 EPILOG = """Exit codes: 0 done, 1 refused or not done (retire-fingerprint while rows still lack a newer
-fingerprint: nothing changed, run rotate-fingerprint first; rotate-fingerprint that left rows a
-write held locked past --lock-wait: it says how many, run it again), 2 bad usage or configuration
+fingerprint: nothing changed, run rotate-fingerprint first; rotate- or retire-fingerprint that left
+rows a write held locked past --lock-wait: it says how many, run it again), 2 bad usage or configuration
 (a key missing or malformed, a version that is not configured; retire-fingerprint of a version
 never configured here that no row uses: nothing to retire), 3 PostgreSQL unavailable,
 130 interrupted (rotations resume where they stopped)."""
+
+
+def _batches(k: Any) -> None:
+    """The options of the commands that go through every row in batches."""
+    k.add_argument("--batch", type=at_least_one, default=1000, help="rows per transaction (default 1000)")
+    k.add_argument("--lock-wait", type=number(0, unit="seconds"), default=30.0, metavar="SECONDS",
+                   help="after the pass, how long to wait for the rows of each table a write held locked"
+                        " (default 30)")
 
 
 def register(sub: Any) -> None:
@@ -81,18 +98,20 @@ def register(sub: Any) -> None:
         "old version.\n"
         "Runbook: docs/security.md."), epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--to", type=int, required=True, help="the new fingerprint key version")
-    k.add_argument("--batch", type=at_least_one, default=1000, help="rows per transaction (default 1000)")
-    k.add_argument("--lock-wait", type=number(0, unit="seconds"), default=30.0, metavar="SECONDS",
-                   help="after the pass, how long to wait for the rows of each table a write held locked"
-                        " (default 30)")
+    _batches(k)
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("retire-fingerprint", help="promote the newer fingerprints and retire a key version",
                       description=(
         "Make every row's newer fingerprint its primary one and mark --version retired. Refuses while\n"
         "any row still lacks a newer fingerprint (run rotate-fingerprint again first): exit 1, nothing\n"
-        "changed. A version never configured here that no row uses has nothing to retire: exit 2, with\n"
-        "the versions there are."), epilog=EPILOG, formatter_class=RAW)
+        "changed. Online and resumable, in batches of --batch rows (each its own transaction: a write\n"
+        "waits for one batch at most; lookups find every row throughout); rows a write holds locked are\n"
+        "taken after the pass, waiting up to --lock-wait per table, and it marks the version retired\n"
+        "only when no row is left (else exit 1, saying how many: run it again). A version never\n"
+        "configured here that no row uses has nothing to retire: exit 2, with the versions there are."),
+        epilog=EPILOG, formatter_class=RAW)
     k.add_argument("--version", type=int, required=True, help="the fingerprint key version to retire")
+    _batches(k)
     k.set_defaults(func=cmd_keys)
     k = ks.add_parser("rotate-kek", help="re-wrap every data key under the current KEK", description=(
         "Set CRS_KEK/CRS_KEK_VERSION to the new key-encryption key and CRS_KEK_PREVIOUS/\n"

@@ -368,10 +368,11 @@ def card_key(settings: Settings, pan: str) -> str:
 class TableLocked:
     """ACCESS EXCLUSIVE on `table`, taken by a session of its own, until the `with` block ends (`seconds`
     at most): every query of it waits. Not for a fixed time from the lock: a busy machine could reach the
-    block's calls only after that."""
+    block's calls only after that. With `statement` (a SELECT ... FOR UPDATE), what it locks instead."""
 
-    def __init__(self, dsn: str, table: str, seconds: float = 30.0) -> None:
+    def __init__(self, dsn: str, table: str, seconds: float = 30.0, *, statement: str = "") -> None:
         self.dsn, self.table, self.seconds = dsn, table, seconds
+        self.statement = statement or f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
         self.held = threading.Event()
         self.release = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._hold()), daemon=True)
@@ -382,7 +383,7 @@ class TableLocked:
         conn = await asyncpg.connect(self.dsn)
         try:
             async with conn.transaction():
-                await conn.execute(f"LOCK TABLE {self.table} IN ACCESS EXCLUSIVE MODE")
+                await conn.execute(self.statement)
                 self.held.set()
                 await asyncio.get_running_loop().run_in_executor(None, self.release.wait, self.seconds)
         finally:

@@ -20,7 +20,7 @@ from server import rpc
 from server.crypto import encode_key, new_key
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import crs_command, own_env, sql, wait_metric
+from tests.integration.support import TableLocked, crs_command, own_env, sql, wait_metric
 from tests.integration.test_write_races import Side
 
 CUSTOMERS = 150
@@ -140,15 +140,39 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
             routing_number=demo_routing(1), account_number="555000111", type=pb.ACCOUNT_TYPE_CHECKING,
             owner_customer_id=customer.customer_id), timeout=5)
         pan = demo_pan(CARDS + 501)
-        admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id), timeout=5)
+        issued = admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id),
+                                 timeout=5)
         with pytest.raises(grpc.RpcError) as info:   # the same PAN again, known under the other version
             admin.IssueCard(pb.IssueCardRequest(pan=pan, expiry="2031-01", account_id=account.account_id), timeout=5)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
     for node in (during, switched):
         with node.channel() as ch:
             assert rpc.stub(ch, "LookupService").ResolveCard(pb.ResolveCardRequest(pan=pan), timeout=5).card.last4
-    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_2)
-    assert r.returncode == 0, r.stderr
+    # Retired in batches (eighteenth audit): one statement over each table held every row it had moved
+    # until it ended. A write holding one card now leaves that card to a rerun, and while the retire
+    # waits for it, a write to another card goes through.
+    held = sql(env.admin_dsn, "SELECT token FROM cards WHERE token <> $1 ORDER BY token LIMIT 1", issued.token)[0][0]
+    with TableLocked(env.admin_dsn, "cards", statement=f"SELECT 1 FROM cards WHERE token = '{held}' FOR UPDATE"):
+        retire: list[subprocess.CompletedProcess[str]] = []
+        thread = threading.Thread(target=lambda: retire.append(crs_command(
+            env, "keys", "retire-fingerprint", "--version", "1", "--batch", "50", "--lock-wait", "3",
+            overrides=both_on_2)))
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not sql(env.admin_dsn, "SELECT 1 FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"):
+            assert time.monotonic() < deadline and thread.is_alive(), "the retire never waited for the held card"
+            time.sleep(0.02)
+        started = time.monotonic()
+        with switched.channel() as ch:
+            rpc.stub(ch, "AdminService").SetCardStatus(pb.SetCardStatusRequest(
+                card_token=issued.token, status=pb.CARD_STATUS_BLOCKED), timeout=5)
+        assert time.monotonic() - started < 2.0, "a write to another card waited for the retire"
+        thread.join(60)
+    r = retire[0]
+    assert r.returncode == 1 and "not done: 1 cards, 0 accounts and 0 identity records" in r.stderr, r.stderr
+    assert "retired" not in crs_command(env, "keys", "status", overrides=both_on_2).stdout
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_2)   # the one left
+    assert r.returncode == 0 and "version 1 retired" in r.stdout, r.stderr
     for node in (before, during, switched):
         node.stop()
         env.nodes.remove(node)
