@@ -190,7 +190,8 @@ class Metrics:
         self.invalidation_gaps = Counter("crs_invalidation_gaps_total",
                                          "Invalidation subscriptions lost or not yet renewed, per shard copy; "
                                          "each drops the near-cache", ["shard", "copy"], registry=reg)
-        self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay",
+        self.outbox_pending = Gauge("crs_outbox_unsettled", "Outbox rows not yet settled by the relay"
+                                    " (counted up to 20,000)",
                                     multiprocess_mode="livemax", registry=reg)
         self.outbox_age = Gauge("crs_outbox_oldest_unsettled_age_seconds",
                                 "Age of the oldest outbox row not yet settled (0 when none)",
