@@ -48,6 +48,16 @@ def parse_announcement(text: str) -> tuple[list[str], int | None]:
     return keys, position
 
 
+# Keys per DEL and per announcement, each pair a pipeline of its own, sent one after another. A
+# write to a big customer names every key of its cards and accounts (a corporate customer with
+# 120,000 cards: a million keys with their generation and BIN forms). Sent as one pipeline a shard,
+# tens of MB that redis-py must write within CRS_REDIS_TIMEOUT while Redis works through the DEL,
+# the write timed out: the delete failed (left to the relay, which failed the same way) and the copy
+# was marked down, its reads sent to PostgreSQL. 2,000 keys are ~100 KB and about a millisecond of
+# Redis, which serves its other clients between them.
+DELETE_CHUNK: Final = 2_000
+
+
 OnKeys = Callable[[list[str], int | None], None]   # keys announced, the write's position if known
 OnGap = Callable[[str, str], None]                 # (shard, copy) whose messages may have been missed
 # How long a subscription may stay quiet before the listener asks the shard whether it is still there
@@ -90,10 +100,12 @@ async def delete_everywhere(routing: Routing, shards: Mapping[str, ReplicatedSha
             per_shard.setdefault(name, {}).update(dict.fromkeys(key_list[i] for i in idx))
 
     async def on_copy(shard: Shard, group: list[str]) -> None:
-        async with shard.client.pipeline(transaction=False) as pipe:
-            pipe.delete(*group)
-            pipe.publish(INVALIDATION_CHANNEL, announcement(group, position))
-            await pipe.execute()
+        for start in range(0, len(group), DELETE_CHUNK):
+            part = group[start:start + DELETE_CHUNK]
+            async with shard.client.pipeline(transaction=False) as pipe:
+                pipe.delete(*part)
+                pipe.publish(INVALIDATION_CHANNEL, announcement(part, position))
+                await pipe.execute()
 
     async def one(shard: ReplicatedShard, group: list[str]) -> bool:
         return await shard.write_all(lambda copy: on_copy(copy, group), delete=True)
