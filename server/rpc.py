@@ -22,8 +22,15 @@ FEED_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["ChangeFee
 IDENTITY_SERVICE: ServiceDescriptor = crs_pb2.DESCRIPTOR.services_by_name["IdentityService"]
 SERVICES = (LOOKUP_SERVICE, ADMIN_SERVICE, FEED_SERVICE, IDENTITY_SERVICE)
 
-# A response (a BatchResolve's answers, a Snapshot chunk), and what clients accept.
+# The node's own bound on what it sends (a Snapshot chunk is a few hundred rows; answers are
+# ANSWER_MAX_BYTES at most).
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# An answer, as the node sends it: what a gRPC client accepts by default (grpc.max_receive_message_length,
+# 4 MiB in every gRPC library), so that no caller must be configured to read one. A bigger message
+# reached the caller as RESOURCE_EXHAUSTED "CLIENT: Received message larger than max" from its own
+# library, which says nothing of why. A customer profile over it is refused FAILED_PRECONDITION
+# (server/store/reads.py).
+ANSWER_MAX_BYTES = 4 * 1024 * 1024
 # A request, as the node accepts it: gRPC reads the whole message into memory before any handler, the
 # gate (authentication, rate limits) included, so whoever can open a connection could make the node
 # hold this much per call (16 MiB each before, 256 calls a connection). The largest request there is,

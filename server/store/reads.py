@@ -14,8 +14,10 @@ import asyncpg
 import orjson
 
 from server.decisions import DecisionTable
+from server.errors import FailedPrecondition
 from server.pan import mask_account_number, mask_pan_parts
 from server.proto import crs_pb2 as pb
+from server.rpc import ANSWER_MAX_BYTES
 from server.store.read_route import Uncacheable
 
 ACTIVE_CARD = pb.CARD_STATUS_ACTIVE
@@ -62,24 +64,32 @@ ACCOUNT_BY_FINGERPRINT_SQL = (
     "    OR (a.next_fingerprint_version = $1 AND a.next_account_fingerprint = $2)"
 )
 
+# The accounts and the cards a profile lists, each at most PROFILE_ROWS_MAX (+1, to know there are more).
 CUSTOMER_PROFILE_SQL = (
     "SELECT cu.customer_id, cu.display_name, cu.segment, cu.status, cu.kyc_status, cu.version,"
     " asked.customer_id AS asked,"
-    " (SELECT coalesce(json_agg(json_build_object("
+    " (SELECT coalesce(json_agg(s.j ORDER BY s.created_at, s.id), '[]') FROM (SELECT json_build_object("
     "    'id', a.account_id, 'routing', a.routing_number, 'last4', a.account_last4, 'len', a.account_length,"
     "    'type', a.account_type, 'currency', a.currency, 'status', a.status, 'version', a.version,"
-    "    'role', ac.role) ORDER BY ac.created_at, a.account_id), '[]')"
+    "    'role', ac.role) AS j, ac.created_at, a.account_id AS id"
     "  FROM account_customers ac JOIN accounts a ON a.account_id = ac.account_id"
-    "  WHERE ac.customer_id = cu.customer_id) AS accounts,"
-    " (SELECT coalesce(json_agg(json_build_object("
+    "  WHERE ac.customer_id = cu.customer_id ORDER BY ac.created_at, a.account_id LIMIT $2) s) AS accounts,"
+    " (SELECT coalesce(json_agg(s.j ORDER BY s.created_at, s.token), '[]') FROM (SELECT json_build_object("
     "    'token', c.token, 'bin', c.bin, 'last4', c.last4, 'len', c.pan_length, 'status', c.status,"
-    "    'expiry', c.expiry, 'account', c.account_id, 'version', c.version) ORDER BY c.created_at, c.token), '[]')"
+    "    'expiry', c.expiry, 'account', c.account_id, 'version', c.version) AS j, c.created_at, c.token"
     "  FROM account_customers ac JOIN cards c ON c.account_id = ac.account_id"
-    "  WHERE ac.customer_id = cu.customer_id) AS cards"
+    "  WHERE ac.customer_id = cu.customer_id ORDER BY c.created_at, c.token LIMIT $2) s) AS cards"
     # A merged customer's id (an alias) answers its survivor's profile, with merged_from = the id asked.
     " FROM customers asked JOIN customers cu ON cu.customer_id = coalesce(asked.merged_into, asked.customer_id)"
     " WHERE asked.customer_id = $1"
 )
+# A profile is one message, at most what a client accepts (rpc.ANSWER_MAX_BYTES), less room for the
+# LookupResult a BatchResolve or StreamResolve wraps it in (a 128-character correlation id and tags).
+# A bigger one (a corporate customer: 40,000 cards are ~6 MB) is refused FAILED_PRECONDITION, never
+# cached. A card entry is at least ~84 bytes, so a list of more than 50,000 cannot fit: PostgreSQL
+# reads no more than that (a customer with 120,000 cards took 1.3 s of the 2 s CRS_PG_TIMEOUT).
+PROFILE_MAX_BYTES = ANSWER_MAX_BYTES - 1024
+PROFILE_ROWS_MAX = 50_000
 
 
 @dataclass(frozen=True)
@@ -196,7 +206,7 @@ async def account_by_fingerprint(conn: asyncpg.Connection | asyncpg.Pool, versio
 
 async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id: str,
                            *, timeout: float) -> bytes | None:
-    row = await conn.fetchrow(CUSTOMER_PROFILE_SQL, customer_id, timeout=timeout)
+    row = await conn.fetchrow(CUSTOMER_PROFILE_SQL, customer_id, PROFILE_ROWS_MAX + 1, timeout=timeout)
     if row is None:
         return None
     profile = pb.CustomerProfile(customer=pb.Customer(
@@ -213,4 +223,12 @@ async def customer_profile(conn: asyncpg.Connection | asyncpg.Pool, customer_id:
         profile.cards.add(token=c["token"], bin=c["bin"], last4=c["last4"],
                           masked_pan=mask_pan_parts(c["bin"], c["last4"], c["len"]), status=c["status"],
                           expiry=c["expiry"], account_id=c["account"] or "", version=c["version"])
+    accounts, cards = len(profile.accounts), len(profile.cards)
+    if max(accounts, cards) > PROFILE_ROWS_MAX or profile.ByteSize() > PROFILE_MAX_BYTES:
+        def count(n: int) -> str:
+            return f"more than {PROFILE_ROWS_MAX:,}" if n > PROFILE_ROWS_MAX else f"{n:,}"
+        raise FailedPrecondition(
+            f"customer {row['customer_id']} holds {count(accounts)} accounts and {count(cards)} cards: its profile"
+            f" is larger than the {ANSWER_MAX_BYTES // 2**20} MiB an answer may be; look its accounts and cards"
+            " up one by one, or read them from the change feed (Snapshot, crs export)")
     return profile.SerializeToString()
