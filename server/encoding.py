@@ -8,10 +8,16 @@ tests/unit/test_encoding.py checks every shape against the protobuf library.
 
 from __future__ import annotations
 
+from server.rpc import ANSWER_MAX_BYTES
+
 RESOLUTION_FIELD = 4
 CUSTOMER_FIELD = 5
 BIN_RANGE_FIELD = 6     # LookupResult.bin_range: the issuer range of a PAN that is not ours
 DECISION_FIELD = 7      # LookupResult.decision: the decision hint of a key that did not resolve
+
+RESOURCE_EXHAUSTED = 8  # google.rpc.Code
+OVER_BATCH_LIMIT = (f"this batch's answers are larger than the {ANSWER_MAX_BYTES // 2**20} MiB an answer may be;"
+                    " ask for this key again in another batch")
 
 
 _ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))    # every varint below 128, ready-made
@@ -61,6 +67,38 @@ def lookup_result(correlation_id: str, code: int, message: str, payload: bytes |
     return b"".join(parts)
 
 
-def batch_response(results: list[bytes]) -> bytes:
-    """A serialized crs.v1.BatchResolveResponse from serialized LookupResults."""
-    return b"".join([b"\x0a" + varint(len(r)) + r for r in results])
+def batch_response(results: list[bytes], limit: int = ANSWER_MAX_BYTES) -> bytes:
+    """A serialized crs.v1.BatchResolveResponse from serialized LookupResults, at most `limit` bytes
+    (what a client accepts by default: server/rpc.py). Answers that are more together (customer
+    profiles of a few MB each) went out whole, and the caller's library refused the batch with no word
+    of why, every key of it unanswered; now each answer that does not fit, in request order, is
+    answered RESOURCE_EXHAUSTED with its correlation id, to be asked for again in another batch."""
+    framed = [b"\x0a" + varint(len(r)) + r for r in results]
+    if sum(map(len, framed)) <= limit:
+        return b"".join(framed)
+    refusals = [b"\x0a" + varint(len(r)) + r for r in
+                (lookup_result(_correlation_id(r), RESOURCE_EXHAUSTED, OVER_BATCH_LIMIT, None) for r in results)]
+    size = sum(map(len, refusals))
+    out = []
+    for answer, refusal in zip(framed, refusals, strict=True):
+        if size - len(refusal) + len(answer) <= limit:
+            size += len(answer) - len(refusal)
+            out.append(answer)
+        else:
+            out.append(refusal)
+    return b"".join(out)
+
+
+def _correlation_id(result: bytes) -> str:
+    """The correlation id of a LookupResult built by lookup_result (field 1 comes first, when set)."""
+    if not result or result[0] != 0x0A:
+        return ""
+    length, shift, i = 0, 0, 1
+    while True:
+        byte = result[i]
+        length |= (byte & 0x7F) << shift
+        i += 1
+        if byte < 0x80:
+            break
+        shift += 7
+    return result[i:i + length].decode("utf-8")

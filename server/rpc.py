@@ -29,7 +29,8 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 # 4 MiB in every gRPC library), so that no caller must be configured to read one. A bigger message
 # reached the caller as RESOURCE_EXHAUSTED "CLIENT: Received message larger than max" from its own
 # library, which says nothing of why. A customer profile over it is refused FAILED_PRECONDITION
-# (server/store/reads.py).
+# (server/store/reads.py); a BatchResolve's answers over it are answered a key at a time
+# (server/encoding.py).
 ANSWER_MAX_BYTES = 4 * 1024 * 1024
 # A request, as the node accepts it: gRPC reads the whole message into memory before any handler, the
 # gate (authentication, rate limits) included, so whoever can open a connection could make the node

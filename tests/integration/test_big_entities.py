@@ -45,3 +45,17 @@ def test_a_customer_too_big_for_one_answer_is_refused_with_a_status_that_says_wh
     medium = clients.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=MEDIUM), timeout=30)
     assert len(medium.accounts) == 6_000 and len(medium.cards) == 6_000
 
+
+def test_a_batch_of_big_profiles_answers_what_fits_and_the_rest_key_by_key(clients: Clients) -> None:
+    """Five ~0.9 MB profiles are more than 4 MiB together: before, the whole batch was refused by
+    the caller's library, no key answered."""
+    keys = [pb.LookupKey(customer_id=MEDIUM, correlation_id=f"m{i}") for i in range(5)]
+    keys.append(pb.LookupKey(customer_id=BIG, correlation_id="big"))
+    answer = clients.lookup.BatchResolve(pb.BatchResolveRequest(keys=keys), timeout=30)
+    assert answer.ByteSize() <= 4 * 1024 * 1024
+    assert [r.correlation_id for r in answer.results] == ["m0", "m1", "m2", "m3", "m4", "big"]
+    assert [r.code for r in answer.results] == [0, 0, 0, 0, 8, 9]
+    assert len(answer.results[0].customer.cards) == 6_000 and "another batch" in answer.results[4].message
+    streamed = list(clients.lookup.StreamResolve(iter([pb.LookupKey(customer_id=BIG, correlation_id="s")]),
+                                                 timeout=30))
+    assert [(r.correlation_id, r.code) for r in streamed] == [("s", 9)]

@@ -42,3 +42,24 @@ def test_customer_payload_and_batch() -> None:
     assert decoded.results[1].code == 5 and decoded.results[1].message == "card not found"
     assert decoded.results[2].customer.customer.customer_id == "cus_demo0000000001"
     assert batch_response([]) == b""
+
+
+def test_a_batch_larger_than_a_client_accepts_answers_the_keys_that_do_not_fit_one_by_one() -> None:
+    """Three 1.5 MB profiles and a card: 4.5 MB whole, over the 4 MiB a gRPC client reads by default,
+    which refused the whole batch with no word of why. The third profile is refused on its own
+    (RESOURCE_EXHAUSTED, its correlation id kept), the card after it still answered."""
+    cards = [pb.Card(token=f"tok_{i:024d}", masked_pan="999000******0000", account_id=f"acc_{i:020d}")
+             for i in range(20_000)]
+    profile = pb.CustomerProfile(customer=pb.Customer(customer_id="cus_demo0000000001"), cards=cards)
+    big = profile.SerializeToString()
+    assert 1_400_000 < len(big) < 1_600_000
+    items = [lookup_result(f"p{i}", 0, "", big, CUSTOMER_FIELD) for i in range(3)]
+    items.append(lookup_result("card" * 32, 0, "", _resolution(7)))
+    answer = batch_response(items)
+    assert len(answer) <= 4 * 1024 * 1024
+    decoded = pb.BatchResolveResponse.FromString(answer)
+    assert [r.correlation_id for r in decoded.results] == ["p0", "p1", "p2", "card" * 32]
+    assert [r.code for r in decoded.results] == [0, 0, 8, 0]
+    assert decoded.results[0].customer == profile and decoded.results[3].resolution.card.token
+    assert "4 MiB" in decoded.results[2].message and not decoded.results[2].HasField("customer")
+    assert batch_response(items[:2]) == b"".join(b"\x0a" + varint(len(r)) + r for r in items[:2])   # fits: as before
