@@ -33,6 +33,12 @@ from server.store.read_route import NEVER, Loaded, Read, ReadRoute
 
 log = logging.getLogger("crs.resolver")
 
+# Keys a write names, invalidated a step at a time, the event loop free between steps. A write to a
+# corporate customer names every key of its cards (34,000 cards: 97,000 keys, 390,000 with their
+# generation and BIN forms); expanded, dropped from the near-cache, sorted and hashed to their shards
+# at once, that held the node process's event loop for most of a second, and every lookup it served
+# waited (measured: 9 ms at most before, 930 ms during the write).
+INVALIDATE_STEP = 5_000
 REFRESH_LIMIT = 256   # near-cache refreshes in flight per node process
 
 
@@ -305,13 +311,18 @@ class Resolver:
         Each key goes under the cache format generations either side of this release's too, and card
         keys under every BIN table version their answers may be cached under (`bin_versions`, else
         this node's): cache_keys.invalidation_keys."""
-        keys = ck.invalidation_keys(keys, self.bin_versions() if bin_versions is None else bin_versions)
+        versions = list(self.bin_versions() if bin_versions is None else bin_versions)
         if position is None:
             position = await self.route.write_position()
-        self.on_invalidated(keys, position)
-        if self.tier is None:
-            return True
-        return await self.tier.invalidate(keys, position=position)
+        acked = True
+        for start in range(0, max(len(keys), 1), INVALIDATE_STEP):
+            part = ck.invalidation_keys(keys[start:start + INVALIDATE_STEP], versions)
+            self.on_invalidated(part, position)
+            if self.tier is not None:
+                acked = await self.tier.invalidate(part, position=position) and acked
+            elif len(keys) > INVALIDATE_STEP:
+                await asyncio.sleep(0)
+        return acked
 
     def on_invalidated(self, keys: Sequence[str], position: int | None) -> None:
         """Keys another node (or this one) invalidated, with the write's primary position if known."""
