@@ -32,6 +32,12 @@ MISSED_ROWS_MAX = 2_000
 # The backlog gauge counts unsettled rows up to this (past it, it says this): above CRSOutboxBacklog's
 # 10,000, and a bounded read for every pass of every node process however long the backlog grows.
 BACKLOG_COUNTED = 20_000
+# Cache keys a pass holds at most (and a copy coming back deletes at most: past it, FLUSHDB). A write
+# to a corporate customer names every key of its cards: 97,000 at 34,000 cards, 9 MB of the node's
+# memory once read. A pass took BATCH rows whatever their size, and rows stay unsettled while a shard
+# copy is down: 40 such rows took a pass from 90 to 463 MB, and 500 would be ~4.6 GB, past a node's
+# 2 GiB limit, on every node that took them in turn.
+KEYS_MAX = 500_000
 
 
 async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, cached_for: float) -> int:
@@ -49,12 +55,26 @@ async def relay_once(pool: asyncpg.Pool, resolver: Resolver, *, delay: float, ca
         # standby, an fsync that stalls) got both at once, and a read racing the commit filled the old
         # row after both, for the TTL (docs/decisions.md "Slow reads"). A row no first delete was
         # recorded for (the writer's failed, or is not marked yet) gets one here, and its second later.
-        rows = await conn.fetch(
-            "SELECT id, cache_keys, invalidated_at IS NOT NULL AS first_done FROM outbox WHERE settled_at IS NULL"
+        candidates = await conn.fetch(
+            "SELECT id, coalesce(cardinality(cache_keys), 0) AS n, invalidated_at IS NOT NULL AS first_done"
+            " FROM outbox WHERE settled_at IS NULL"
             " AND created_at < clock_timestamp() - $1::interval"
             " AND (invalidated_at IS NULL OR invalidated_at < clock_timestamp() - $1::interval)"
             " ORDER BY attempted_at NULLS FIRST, id LIMIT $2"
             " FOR UPDATE SKIP LOCKED", dt.timedelta(seconds=delay), BATCH)
+        # Their keys, as many rows as KEYS_MAX allows (one at least); the others wait for the next pass.
+        taken: list[asyncpg.Record] = []
+        total = 0
+        for c in candidates:
+            if taken and total + c["n"] > KEYS_MAX:
+                break
+            taken.append(c)
+            total += c["n"]
+        keys: dict[int, list[str] | None] = {}
+        if taken:
+            keys = {r["id"]: r["cache_keys"] for r in await conn.fetch(
+                "SELECT id, cache_keys FROM outbox WHERE id = ANY($1::bigint[])", [c["id"] for c in taken])}
+        rows = [{"id": c["id"], "first_done": c["first_done"], "cache_keys": keys[c["id"]] or []} for c in taken]
         # These rows' writes committed before this read of the primary's position (read replicas).
         position = await resolver.route.write_position() if rows else None
         versions = (await versions_in_use(conn, within=cached_for))[1] if rows else []
@@ -79,7 +99,7 @@ async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: floa
                          limit: int = MISSED_ROWS_MAX) -> list[str] | None:
     """Every cache key a delete may still owe: the keys of every unsettled outbox row (card keys under
     every BIN table version in use within `cached_for`, as the relay deletes them), or None when that
-    is not known: more than `limit` rows, PostgreSQL unreachable or slower than `timeout`.
+    is not known: more than `limit` rows or KEYS_MAX keys, PostgreSQL unreachable or slower than `timeout`.
 
     A row stays unsettled until every copy of every owning shard acknowledged its delete, and the
     feed's compaction removes only settled rows, so a Redis server that kept running while this node
@@ -87,7 +107,13 @@ async def unsettled_keys(pool: asyncpg.Pool, *, cached_for: float, timeout: floa
     try:
         async with asyncio.timeout(timeout), pool.acquire() as conn:
             # In created_at order, outbox_unsettled's: it holds the unsettled rows alone. In id order the plan
-            # could walk the primary key through the settled history first (5 million rows: 0.94 s).
+            # could walk the primary key through the settled history first (5 million rows: 0.94 s). The
+            # sizes first, of as many rows as may be taken: their keys are read only when they fit KEYS_MAX.
+            owed = await conn.fetchrow(
+                "SELECT count(*) AS n, coalesce(sum(k), 0) AS keys FROM (SELECT cardinality(cache_keys) AS k"
+                " FROM outbox WHERE settled_at IS NULL ORDER BY created_at LIMIT $1) u", limit + 1)
+            if owed is None or owed["n"] > limit or owed["keys"] > KEYS_MAX:
+                return None
             rows = await conn.fetch("SELECT cache_keys FROM outbox WHERE settled_at IS NULL ORDER BY created_at"
                                     " LIMIT $1", limit + 1)
             if len(rows) > limit:

@@ -117,3 +117,60 @@ def test_the_second_delete_comes_the_delay_after_the_first_not_after_the_insert(
     assert at_once == ["crd:not-marked"], at_once                 # its first delete, not yet its second
     assert again == [], "a second delete beside the first"
     assert sorted(later) == ["crd:not-marked", "crd:slow-commit"] and settled == [True, True], (later, settled)
+
+
+def test_a_pass_holds_at_most_keys_max_keys_however_big_the_rows(quiet_db: DevEnvironment,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write to a corporate customer names ~97,000 keys (34,000 cards). A pass took BATCH rows
+    whatever their size: 40 such rows held 463 MB, 500 would be past a node's memory limit. Now a pass
+    takes rows up to KEYS_MAX keys (one row at least, however big); the rest go in later passes.
+    Here KEYS_MAX is 1,000 and the rows hold 600 keys (and one 1,500)."""
+    monkeypatch.setattr(relay, "KEYS_MAX", 1_000, raising=False)
+
+    async def scenario() -> tuple[list[int], list[bool]]:
+        pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
+        try:
+            async with pool.acquire() as conn:
+                await conn.execute("DELETE FROM outbox")
+                for row, size in enumerate([600, 600, 1_500, 600]):
+                    await conn.execute("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys, created_at,"
+                                       " invalidated_at) VALUES ('customer.updated', 'customer', 'x', $1,"
+                                       " clock_timestamp() - interval '1 h', clock_timestamp() - interval '1 h')",
+                                       [f"ok:{row}:{i}" for i in range(size)])
+            asked = []
+            for _ in range(5):
+                tier = Tier()
+                await relay.relay_once(pool, tier, delay=0.5, cached_for=300.0)   # type: ignore[arg-type]
+                asked.append(len(tier.asked))
+            rows = await pool.fetch("SELECT settled_at IS NOT NULL AS settled FROM outbox ORDER BY id")
+            return asked, [r["settled"] for r in rows]
+        finally:
+            await pool.close()
+
+    asked, settled = asyncio.run(scenario())
+    assert asked == [600, 600, 1_500, 600, 0] and settled == [True] * 4, asked
+
+
+def test_a_copy_coming_back_is_flushed_when_the_owed_keys_are_more_than_keys_max(
+        quiet_db: DevEnvironment, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unsettled_keys, for a copy that comes back: past MISSED_ROWS_MAX rows it answered None (FLUSHDB
+    is cheaper), but 2,000 rows of a corporate customer's writes are ~190 million keys. Now past
+    KEYS_MAX keys too."""
+    monkeypatch.setattr(relay, "KEYS_MAX", 1_000, raising=False)
+
+    async def scenario() -> tuple[int | None, int | None]:
+        pool = await asyncpg.create_pool(quiet_db.admin_dsn, min_size=1, max_size=2)
+        try:
+            await pool.execute("DELETE FROM outbox")
+            insert = ("INSERT INTO outbox (event_type, entity_type, entity_id, cache_keys)"
+                      " VALUES ('customer.updated', 'customer', 'x', $1)")
+            await pool.execute(insert, [f"crd:1:{i:04x}" for i in range(600)])
+            under = await relay.unsettled_keys(pool, cached_for=300.0, timeout=5.0)
+            await pool.execute(insert, [f"crd:1:{i:04x}" for i in range(600, 1_200)])
+            over = await relay.unsettled_keys(pool, cached_for=300.0, timeout=5.0)
+            return (None if under is None else len(under)), (None if over is None else len(over))
+        finally:
+            await pool.close()
+
+    under, over = asyncio.run(scenario())
+    assert under is not None and under >= 600 and over is None, (under, over)
