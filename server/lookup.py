@@ -75,9 +75,7 @@ class LookupHandlers:
                  batch_max: int, bins: BinTableHolder, decisions: DecisionTable, card_answer_life: float,
                  stream_window: int = STREAM_WINDOW) -> None:
         self.resolver = resolver
-        # How long a card answer may stay cached: one built closer than this to its card's expiry is not
-        # cached (server/store/reads.py, _card_answer).
-        self.card_answer_life = card_answer_life
+        self.card_answer_life = card_answer_life   # none is cached this close to its expiry (reads._card_answer)
         self.bins = bins
         self.decisions = decisions
         self.hints = reads.Hints(decisions, self._network_of)   # account answers (no network in their hints)
