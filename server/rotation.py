@@ -131,6 +131,7 @@ class _Rows:
     # Which rows are to do: " FROM table WHERE (...)", $1 the version, one condition that a batch's
     # " AND key > $3" can follow (default: those without a fingerprint under the version yet).
     todo: str = ""
+    doing: str = "re-fingerprinting"   # the progress bar's label
 
 
 async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, batch: int, lock_wait: float,
@@ -141,7 +142,7 @@ async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, b
     todo = rows.todo or (f" FROM {rows.table} WHERE fingerprint_version <> $1"
                          f" AND next_fingerprint_version IS DISTINCT FROM $1")
     select = f"SELECT {rows.key} AS id, {rows.columns}" + todo
-    progress = ProgressBar(out or sys.stderr, f"re-fingerprinting {rows.label}",
+    progress = ProgressBar(out or sys.stderr, f"{rows.doing} {rows.label}",
                            int(await conn.fetchval("SELECT count(*)" + todo, to_version)))
     done = 0
     # Each batch starts after the last key of the one before: from the first key, each read again (and
@@ -228,15 +229,23 @@ async def retire_fingerprint(dsn: str, *, version: int, batch: int = BATCH, lock
             # Rows under the version with a newer fingerprint, and rows whose newer one is their own.
             todo = (f" FROM {table} WHERE ((fingerprint_version = $1 AND NOT ({refused}))"
                     " OR next_fingerprint_version = fingerprint_version)")
-            moved[table], _ = await _rotate_rows(conn, _Rows(table, key, "1", table, rewrite, todo), version,
-                                                 batch, lock_wait, out)
+            moved[table], _ = await _rotate_rows(conn, _Rows(table, key, "1", table, rewrite, todo, "retiring"),
+                                                 version, batch, lock_wait, out)
             left[table] = int(await conn.fetchval(f"SELECT count(*) FROM {table} WHERE fingerprint_version = $1",
                                                   version))
         if not any(left.values()):
-            async with conn.transaction():
-                await conn.execute("DELETE FROM identity_blocks WHERE version = $1", version)
-                await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint'"
-                                   " AND version = $1", version)
+            # The version's blocking keys, a batch a statement too (5 million of them in one held every
+            # identity record's update that replaces its keys), each after the last one's (from the start,
+            # each would step over the index entries of every row deleted before it); then the mark: a run
+            # cut short marks nothing.
+            after: tuple[int, int] = (-2**63, -1)
+            while done := await conn.fetch(
+                    "DELETE FROM identity_blocks WHERE (version, block, record_id) IN (SELECT version, block,"
+                    " record_id FROM identity_blocks WHERE version = $1 AND (block, record_id) > ($2, $3)"
+                    " ORDER BY block, record_id LIMIT $4) RETURNING block, record_id", version, *after, batch):
+                after = max((r["block"], r["record_id"]) for r in done)
+            await conn.execute("UPDATE key_checks SET retired_at = now() WHERE kind = 'fingerprint' AND version = $1",
+                               version)
     finally:
         await conn.close()
     return moved, left

@@ -93,7 +93,7 @@ def register(sub: Any) -> None:
         "A number the database applied under another name than this release's (two branches that each\n"
         "shipped a 0019) is exit 1, nothing applied: a node would refuse that schema too.\n"
         "A migration that builds indexes CONCURRENTLY blocks no query or write: each build waits for the\n"
-        "transactions open before it for up to --lock-wait (then exit 3, naming them); one that fails on\n"
+        "transactions open before it for about --lock-wait (then exit 3, naming them); one that fails on\n"
         "the data (a UNIQUE index over duplicates) is exit 1. Either way its index is left INVALID and\n"
         "the next run drops and builds it again."),
         formatter_class=RAW)

@@ -198,8 +198,9 @@ async def _apply(conn: Conn, mig: Migration, *, lock_timeout: float, lock_wait: 
 
 async def _apply_concurrently(conn: Conn, mig: Migration, *, lock_wait: float) -> None:
     """`mig`'s statements one at a time, outside any transaction (each is its own). They block no
-    query or write of the table, so each may wait out the transactions open before it for all that
-    is left of `lock_wait`; a build's own time is not bounded."""
+    query or write of the table, so each may wait out the transactions open before it for what is left
+    of `lock_wait` (for each lock it waits on: a build waits several times, so about `lock_wait` in
+    all); a build's own time is not bounded."""
     give_up = time.monotonic() + lock_wait
     for statement, index in mig.statements():
         if index is not None and await conn.fetchval(
@@ -215,11 +216,13 @@ async def _bounded(conn: Conn, mig: Migration, statement: str, give_up: float, l
     try:
         if left <= 0:
             raise asyncpg.exceptions.LockNotAvailableError("no time left")
-        await conn.execute(f"SET lock_timeout = {max(1, round(left * 1000))}")
+        # No statement_timeout: a database's or role's default (managed services set one) cancelled every
+        # build past it, and the rerun dropped the INVALID index and was cancelled the same way, for good.
+        await conn.execute(f"SET lock_timeout = {max(1, round(left * 1000))}; SET statement_timeout = 0")
         try:
             await conn.execute(statement)
         finally:
-            await conn.execute("RESET lock_timeout")
+            await conn.execute("RESET lock_timeout; RESET statement_timeout")
     except asyncpg.exceptions.LockNotAvailableError:
         left_behind = (f" Its index {index} is left INVALID (no query uses it); the next run drops and builds it"
                        " again." if index else "")

@@ -171,8 +171,11 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
     r = retire[0]
     assert r.returncode == 1 and "not done: 1 cards, 0 accounts and 0 identity records" in r.stderr, r.stderr
     assert "retired" not in crs_command(env, "keys", "status", overrides=both_on_2).stdout
-    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", overrides=both_on_2)   # the one left
+    assert sql(env.admin_dsn, "SELECT count(*) FROM identity_blocks WHERE version = 1")[0][0] > 5
+    r = crs_command(env, "keys", "retire-fingerprint", "--version", "1", "--batch", "5",   # the one left
+                    overrides=both_on_2)
     assert r.returncode == 0 and "version 1 retired" in r.stdout, r.stderr
+    assert sql(env.admin_dsn, "SELECT count(*) FROM identity_blocks WHERE version = 1")[0][0] == 0   # 5 a batch
     for node in (before, during, switched):
         node.stop()
         env.nodes.remove(node)

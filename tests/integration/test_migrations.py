@@ -310,3 +310,21 @@ def test_two_migrate_runs_at_once_with_a_concurrent_build_both_finish(dsn: str) 
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_a_concurrent_build_outlasts_the_database_s_statement_timeout(dsn: str) -> None:
+    """A statement_timeout the database (or the role) sets, as managed services do, cancelled every
+    build that took longer, and the rerun dropped the INVALID index and was cancelled again, for good."""
+    async def run() -> None:
+        await migrate(dsn, migrations=_with(PAYMENTS))
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("INSERT INTO test_payments (ref) SELECT g FROM generate_series(1, 500000) g")
+            await conn.execute(f"ALTER DATABASE {await conn.fetchval('SELECT current_database()')}"
+                               " SET statement_timeout = '50ms'")     # the build takes longer
+            assert [m.version for m in await migrate(dsn, migrations=_with(PAYMENTS, BY_REF))] == [BY_REF.version]
+            assert await _index_state(conn) == "valid"
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
