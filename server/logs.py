@@ -14,6 +14,7 @@ import logging
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Hashable
 from typing import Any, Final
 
@@ -124,7 +125,10 @@ _flusher_stop: threading.Event | None = None   # the running flusher's (configur
 
 def _flush_every(limiter: RepeatLimiter, handler: logging.Handler, stop: threading.Event) -> None:
     while not stop.wait(limiter.interval / 4):
-        limiter.flush(handler.handle)
+        try:
+            limiter.flush(handler.handle)
+        except Exception:   # a record that will not format: said on stderr, and the thread goes on
+            traceback.print_exc(file=sys.stderr)
 
 
 def configure_logging(level: str, *, stream: Any = None, repeat_interval: float = DEFAULT_REPEAT_INTERVAL) -> None:

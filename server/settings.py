@@ -233,7 +233,8 @@ def _validate(s: Settings) -> None:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")
     nonneg = ("workers", "metrics_port", "near_cache_size", "fingerprint_key_version", "pg_statement_cache_size",
-              "redis_thread_connections", "streams_per_client", "feed_catch_up_reads", "jwt_leeway")
+              "redis_thread_connections", "streams_per_client", "feed_catch_up_reads", "max_connection_age",
+              "drain_delay")
     for name in nonneg:
         if getattr(s, name) < 0:
             problems.append(f"CRS_{name.upper()} must be >= 0 (got {getattr(s, name)})")
@@ -260,8 +261,8 @@ def _validate(s: Settings) -> None:
     for name in ("token_port", "health_port"):
         if not 0 <= getattr(s, name) < 65536:
             problems.append(f"CRS_{name.upper()} must be 0-65535 (got {getattr(s, name)})")
-    if s.max_connection_age < 0:
-        problems.append("CRS_MAX_CONNECTION_AGE must be >= 0 seconds")
+    if not 0 <= s.jwt_leeway <= 300:   # past minutes, a typo (86400) would take tokens a day after they expired
+        problems.append(f"CRS_JWT_LEEWAY must be 0 to 300 seconds (got {s.jwt_leeway})")
     if s.keepalive_time <= 0 or s.keepalive_timeout <= 0:
         problems.append("CRS_KEEPALIVE_TIME and CRS_KEEPALIVE_TIMEOUT must be > 0 seconds")
     if s.serving_model not in SERVING_MODELS:
@@ -274,8 +275,6 @@ def _validate(s: Settings) -> None:
         problems.append(f"CRS_SHED_QUEUE_MS must be 0 (off) to 1000 milliseconds (got {s.shed_queue_ms})")
     if s.message_wait_ms != 0 and not 100 <= s.message_wait_ms <= 60_000:
         problems.append(f"CRS_MESSAGE_WAIT_MS must be 0 (off) or 100 to 60000 milliseconds (got {s.message_wait_ms})")
-    if s.drain_delay < 0:
-        problems.append("CRS_DRAIN_DELAY must be >= 0 seconds")
     if s.batch_max > 5000:   # ~170 bytes a key at most: a batch must fit in rpc.MAX_REQUEST_BYTES (1 MiB)
         problems.append(f"CRS_BATCH_MAX must be at most 5000 keys, what a 1 MiB request holds (got {s.batch_max})")
     if s.loop_stall_seconds != 0 and not 3 <= s.loop_stall_seconds <= 3600:

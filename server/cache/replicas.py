@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import TypeVar, cast
 
-from server.cache.shard import Shard, ShardReplyError, ShardUnavailable, copyable
+from server.cache.shard import Shard, ShardReplyError, ShardUnavailable, copy_px, copyable
 
 T = TypeVar("T")
 
@@ -142,7 +142,7 @@ class ReplicatedShard:
         if may_copy and time.monotonic() - started <= copy_budget:
             with contextlib.suppress(ShardUnavailable, ShardReplyError):
                 with warming.guard:
-                    await warming.client.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                    await warming.client.set(key, value, px=copy_px(ttl), nx=True)
                 if time.monotonic() - started > copy_budget:
                     # Too slow: a write may have deleted the key in between (as RedisTier._copy).
                     with warming.delete_guard:

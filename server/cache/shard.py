@@ -166,6 +166,11 @@ def copyable(pttl: object) -> bool:
     return isinstance(pttl, int) and (pttl > 0 or pttl == PTTL_NO_TTL)
 
 
+def copy_px(pttl: int) -> int | None:
+    """The PX a copy of a `copyable` key is written with: its PTTL, none for a key without a TTL."""
+    return pttl if pttl > 0 else None
+
+
 def copy_label(index: int) -> str:
     """The name of a shard's copy in metrics and logs: `primary`, then `replica-1`, `replica-2`, ..."""
     return PRIMARY if index == 0 else f"replica-{index}"

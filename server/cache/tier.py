@@ -29,7 +29,7 @@ from typing import Final, cast
 from server.cache.breaker import BreakerPolicy
 from server.cache.invalidation import InvalidationListeners, delete_everywhere
 from server.cache.replicas import ReplicatedShard
-from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label, copyable
+from server.cache.shard import SHARD_ERRORS, Shard, ShardReplyError, ShardUnavailable, copy_label, copy_px, copyable
 from shard_router import Ring
 from shard_router.topology import Routing, ShardState, Topology, TopologyShard, routing_for
 
@@ -329,7 +329,7 @@ class RedisTier:
             async with shard.client.pipeline(transaction=False) as pipe:
                 for i in idx:
                     key, value, ttl = items[i]
-                    pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                    pipe.set(key, value, px=copy_px(ttl), nx=True)
                 replies = await pipe.execute()
             written = [keys[i] for i, ok in zip(idx, replies, strict=True) if ok]
             if written and time.monotonic() - started > self.copy_budget:

@@ -34,7 +34,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
             "SELECT at, client_id, via, rpc, result, entity_type, entity_ids, request_id FROM audit_log"
             " WHERE ($1::text IS NULL OR client_id = $1) AND ($2::text IS NULL OR rpc = $2)"
             " AND ($3::text IS NULL OR $3 = ANY(entity_ids))"
-            " AND at >= now() - $4::interval ORDER BY at DESC LIMIT $5",
+            " AND at >= now() - $4::interval ORDER BY at DESC, id DESC LIMIT $5",
             args.client, args.rpc, args.entity, since, args.limit)
 
     rows = with_database(settings_from_args(args), query)

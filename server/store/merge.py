@@ -335,11 +335,14 @@ class IdentityStore(IdentityWrites):
             raise InvalidKey(f"page_size must be 0-{MAX_PAGE} (0 = {DEFAULT_PAGE})")
         after = parse_page_token(req.page_token)
         with translate_db_errors():
-            rows = await self.pool.fetch(
-                "SELECT * FROM identity_reviews WHERE status = $1"
-                " AND ($2::timestamptz IS NULL OR (created_at, review_id) > ($2::timestamptz, $3::text))"
-                " ORDER BY created_at, review_id LIMIT $4", status, after[0] if after else None,
-                after[1] if after else "", size + 1, timeout=self.timeout)
+            # A later page seeks past the last one's (created_at, review_id), not "$2 IS NULL OR ...": the OR
+            # kept the index scan from starting there, and it read every task of the pages before.
+            rows = await (self.pool.fetch(
+                "SELECT * FROM identity_reviews WHERE status = $1 AND (created_at, review_id) > ($2, $3)"
+                " ORDER BY created_at, review_id LIMIT $4", status, after[0], after[1], size + 1, timeout=self.timeout)
+                if after else self.pool.fetch(
+                "SELECT * FROM identity_reviews WHERE status = $1 ORDER BY created_at, review_id LIMIT $2", status,
+                size + 1, timeout=self.timeout))
         answer = pb.ListReviewTasksResponse(tasks=[review_msg(r) for r in rows[:size]])
         if len(rows) > size:
             answer.next_page_token = page_token(rows[size - 1])

@@ -77,7 +77,7 @@ class Migration:
     def statements(self) -> list[tuple[str, str | None]]:
         """A concurrent migration's statements, each with the index it builds (None for a drop).
         ValueError for anything else: a statement a rerun could not repeat, or ';' inside one."""
-        text = "\n".join(line for line in self.sql.splitlines() if not line.lstrip().startswith("--"))
+        text = re.sub(r"--[^\n]*", "", self.sql)   # comments, whole lines or after a statement
         out: list[tuple[str, str | None]] = []
         for statement in filter(None, (part.strip() for part in text.split(";"))):
             if not (m := _CONCURRENT_RE.fullmatch(statement)):

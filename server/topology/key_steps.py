@@ -17,7 +17,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.cache.shard import copy_label, copyable
+from server.cache.shard import copy_label, copy_px, copyable
 from server.progress import ProgressBar
 from server.topology.errors import MigrationError, ShardUnreachable
 from server.topology.policy import MigrationPolicy
@@ -230,7 +230,7 @@ class KeySteps:
             for copy in shard_clients[owner]:     # every copy of the new owner
                 async with copy.pipeline(transaction=False) as pipe:
                     for key, value, ttl in items:
-                        pipe.set(key, value, px=ttl if ttl > 0 else None, nx=True)
+                        pipe.set(key, value, px=copy_px(ttl), nx=True)
                     on_copy = [k for (k, _, _), ok in zip(items, await pipe.execute(), strict=True) if ok]
                 if on_copy and self.clock() - started > self.policy.copy_budget:
                     # Too slow to be sure a write did not delete the key in between (see RedisTier._copy).

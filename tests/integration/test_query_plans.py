@@ -93,6 +93,10 @@ class ExplainingPool:
         async with self.acquire() as conn:
             return await conn.fetchrow(query, *args, **kw)
 
+    async def fetch(self, query: str, *args: Any, **kw: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetch(query, *args, **kw)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
@@ -264,3 +268,45 @@ def test_the_relay_s_backlog_gauge_counts_up_to_its_cap(env: DevEnvironment) -> 
         _admin(env, "UPDATE outbox SET settled_at = now() WHERE settled_at IS NULL")
     assert pending == 100 and 50 <= age < 3600
     assert seen[0][1] <= 110, f"read {seen[0][1]} rows to count 100: {seen[0][0]}"
+
+
+def test_a_later_page_of_decided_review_tasks_starts_where_the_last_ended(env: DevEnvironment) -> None:
+    """`crs identity reviews --status accepted`: decided tasks had no index (a sort of the table a page),
+    and a later page's "$2 IS NULL OR (created_at, review_id) > ..." kept the scan from starting at the
+    last page's end: it read every task of the pages before. Migration 0019 and a seek."""
+    from types import SimpleNamespace
+
+    from server.proto import crs_pb2 as pb
+    from server.store.merge import IdentityStore
+
+    async def run() -> list[tuple[str, int]]:
+        conn = await asyncpg.connect(env.admin_dsn)
+        try:
+            ids = [r["customer_id"] for r in await conn.fetch("SELECT customer_id FROM customers ORDER BY 1")]
+            pairs = [(a, b) for n, a in enumerate(ids) for b in ids[n + 1:]][:1500]
+            await conn.executemany(
+                "INSERT INTO identity_reviews (review_id, customer_id, candidate_id, probability, evidence, status,"
+                " created_at) VALUES ('rev_page' || $1::int, $2, $3, 0.9, '{}', 2, now() - $1::int * interval '1 s')",
+                [(i, a, b) for i, (a, b) in enumerate(pairs)])
+            await conn.execute("ANALYZE identity_reviews")
+        finally:
+            await conn.close()
+        async with explaining_pool(env.admin_dsn, enable_sort="off") as pool:
+            store = SimpleNamespace(pool=pool, timeout=5.0)
+            request = pb.ListReviewTasksRequest(status=pb.REVIEW_STATUS_ACCEPTED, page_size=100)
+            token = ""
+            for _ in range(5):                          # to the sixth page
+                request.page_token = token
+                token = (await IdentityStore.list_reviews(store, request)).next_page_token  # type: ignore[arg-type]
+                assert token
+            pool.seen.clear()
+            request.page_token = token
+            assert len((await IdentityStore.list_reviews(store, request)).tasks) == 100  # type: ignore[arg-type]
+            return pool.seen
+
+    try:
+        seen = asyncio.run(run())
+    finally:
+        _admin(env, "DELETE FROM identity_reviews WHERE review_id LIKE 'rev_page%'")
+    worst = max(seen, key=lambda s: s[1])
+    assert worst[1] <= 110, f"the sixth page of 100 read {worst[1]} rows: {worst[0]}"

@@ -17,7 +17,7 @@ def test_a_concurrent_migration_holds_index_statements_a_rerun_repeats() -> None
                       "CREATE INDEX CONCURRENTLY IF NOT EXISTS outbox_by_attempt ON outbox (attempted_at)\n"
                       "  WHERE settled_at IS NULL;\n"
                       "create unique index concurrently if not exists cards_ref on cards (ref);\n"
-                      "DROP INDEX CONCURRENTLY IF EXISTS an_old_one;\n")
+                      "DROP INDEX CONCURRENTLY IF EXISTS an_old_one;   -- replaced by cards_ref\n")
     assert mig.concurrent
     assert [index for _, index in mig.statements()] == ["outbox_by_attempt", "cards_ref", None]
     assert mig.statements()[0][0].endswith("WHERE settled_at IS NULL")

@@ -251,3 +251,14 @@ def test_serving_active_is_at_least_one_thread() -> None:
     for bad in ("0", "-3"):
         with pytest.raises(SettingsError, match="CRS_SERVING_ACTIVE must be >= 1"):
             load_settings({"CRS_SERVING_ACTIVE": bad})
+
+
+def test_the_jwt_leeway_is_minutes_at_most() -> None:
+    """A leeway is clock slack: a typo of a day (86400) would take a token a day after it expired."""
+    assert load_settings({"CRS_JWT_LEEWAY": "300"}).jwt_leeway == 300
+    for wrong in ("-1", "86400"):
+        with pytest.raises(SettingsError, match="CRS_JWT_LEEWAY must be 0 to 300 seconds"):
+            load_settings({"CRS_JWT_LEEWAY": wrong})
+    for name in ("CRS_MAX_CONNECTION_AGE", "CRS_DRAIN_DELAY"):
+        with pytest.raises(SettingsError, match=f"{name} must be >= 0"):
+            load_settings({name: "-1"})

@@ -3,14 +3,15 @@
 -- docs/audit-2026-12-04.md). A merge takes the open review tasks that name the merged customer on
 -- either side, and an unmerge checks the survivor's; neither column was indexed, so each merge read
 -- every open task while it held its customers' locks (50,000 open: 44 ms and 15 ms; 0.09 and 0.18 ms
--- with these). Listing accepted or rejected tasks sorted the whole table a page; an unmerge joined
+-- with these). Listing accepted or rejected tasks sorted the whole table a page (open ones have
+-- identity_reviews_open); an unmerge joined
 -- the survivor's active merges unindexed. Built concurrently: review tasks and merges keep being
 -- written meanwhile (server/store/migrate.py).
 CREATE INDEX CONCURRENTLY IF NOT EXISTS identity_reviews_open_by_customer
     ON identity_reviews (customer_id) WHERE status = 1;
 CREATE INDEX CONCURRENTLY IF NOT EXISTS identity_reviews_open_by_candidate
     ON identity_reviews (candidate_id) WHERE status = 1;
-CREATE INDEX CONCURRENTLY IF NOT EXISTS identity_reviews_by_status
-    ON identity_reviews (status, created_at, review_id);
+CREATE INDEX CONCURRENTLY IF NOT EXISTS identity_reviews_decided
+    ON identity_reviews (status, created_at, review_id) WHERE status <> 1;   -- open ones: identity_reviews_open
 CREATE INDEX CONCURRENTLY IF NOT EXISTS customer_merges_by_survivor
     ON customer_merges (survivor_id) WHERE unmerged_at IS NULL;
