@@ -188,10 +188,8 @@ async def _rotate_rows(conn: asyncpg.Connection, rows: _Rows, to_version: int, b
 
 # Each table's retire: the rows still refused (a row under the version without a newer fingerprint),
 # and how a row's newer fingerprint becomes its primary one.
-_RETIRE = (("cards", "token", "next_pan_fingerprint IS NULL",
-            "pan_fingerprint = next_pan_fingerprint, next_pan_fingerprint = NULL"),
-           ("accounts", "account_id", "next_account_fingerprint IS NULL",
-            "account_fingerprint = next_account_fingerprint, next_account_fingerprint = NULL"),
+_RETIRE = (*((t.table, t.key, f"{t.next_fingerprint} IS NULL",
+              f"{t.fingerprint} = {t.next_fingerprint}, {t.next_fingerprint} = NULL") for t in (CARDS, ACCOUNTS)),
            ("source_records", "record_id", "next_fingerprint_version IS NULL",
             "national_id_fp = next_national_id_fp, next_national_id_fp = NULL"))
 
