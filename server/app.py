@@ -185,7 +185,7 @@ class Node:
                           replica_timeout=s.pg_timeout / 4, on_read=self.metrics.pg_read,
                           on_staleness=self.metrics.pg_replica_staleness.set)
         await route.poll_once()   # the first replica reads are judged against a primary position already
-        near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl,
+        near = NearCache(max_entries=s.near_cache_size, ttl=s.near_cache_ttl, max_bytes=s.near_cache_bytes,
                          refresh=s.near_cache_ttl * s.near_cache_refresh)
         self.topology = TopologyWatcher(settings=s, pool=self.pool, metrics=self.metrics)
         self.tier = await self.topology.open_tier()   # the published topology, else CRS_REDIS_SHARDS

@@ -34,9 +34,8 @@ class Settings:
     grpc_host: str = "127.0.0.1"          # bind address; 0.0.0.0 in a pod
     grpc_port: int = 50051
     workers: int = 0                      # node processes sharing the port (SO_REUSEPORT); 0 = CPU count
-    share_port: bool = False              # start even if other processes serve grpc_port (and the token and
-                                          # health ports) already: N single-process nodes on one port. False:
-                                          # a port in use is refused at start
+    share_port: bool = False              # start even if other processes serve grpc_port (the token and health
+                                          # ports too): N single-process nodes on one port; False: refused
     metrics_port: int = 9464              # Prometheus /metrics on the same host; 0 = off
     grace_seconds: float = 10.0           # SIGTERM: stop accepting, finish in-flight calls this long
     drain_delay: float = 1.0              # SIGTERM: NOT_SERVING but still answering this long first (lame duck)
@@ -118,6 +117,7 @@ class Settings:
     migration_batch: int = 500            # keys per SCAN step of the warmer and cleanup
     # --- near-cache (L1, in process)
     near_cache_size: int = 100_000        # entries per node process; 0 disables L1
+    near_cache_bytes: int = 256 * 1024 * 1024   # the answers' bytes per node process (big profiles)
     near_cache_ttl: float = 2.0           # seconds; also the worst-case staleness if pub/sub is lost
     near_cache_refresh: float = 0.25      # refresh-ahead: a hit in the last this fraction of the TTL reloads (0 = off)
     # --- consistency
@@ -228,7 +228,8 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
 def _validate(s: Settings) -> None:
     problems: list[str] = []
     positive = ("pg_pool_min", "pg_pool_max", "redis_pool_size", "batch_max", "shard_failure_threshold", "feed_batch",
-                "stream_threads", "feed_queue_size", "feed_snapshot_chunk", "feed_snapshot_max", "feed_snapshot_stall")
+                "stream_threads", "feed_queue_size", "feed_snapshot_chunk", "feed_snapshot_max", "feed_snapshot_stall",
+                "near_cache_bytes")
     for name in positive:
         if getattr(s, name) <= 0:
             problems.append(f"CRS_{name.upper()} must be > 0 (got {getattr(s, name)})")

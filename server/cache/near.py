@@ -20,6 +20,11 @@ Negative entries (keys that match nothing) are kept apart, in at most a tenth of
 their own LRU: a stream of unknown keys (card testing: random card numbers through a switch, a
 scanner) evicts other unknown keys and at most that tenth of the answers, instead of every hot card
 in `max_entries / rate` seconds. A read looks there only when the answers do not hold the key.
+
+The answers' bytes are bounded too (`max_bytes`, CRS_NEAR_CACHE_BYTES): answers run from 300 bytes (a
+card) to megabytes (the profile of a customer with thousands of cards), and 100,000 entries of 200 KB
+profiles would be 20 GB in one process. Past the bound the least recently used answers go; one larger
+than the bound is served, not kept.
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ from server.cache_keys import NEGATIVE
 _NOT_HERE: tuple[None, bool] = (None, False)
 _JITTER = 0.2   # an entry lives a random 80-100% of the TTL
 NEGATIVE_SHARE = 10   # negative entries: at most max_entries // NEGATIVE_SHARE (at least 1)
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024   # CRS_NEAR_CACHE_BYTES: per node process
 
 
 class NearCache:
-    __slots__ = ("_clock", "_data", "_due", "_lock", "_max", "_max_negative", "_negative", "_refresh", "_ttl",
-                 "evictions")
+    __slots__ = ("_bytes", "_clock", "_data", "_due", "_lock", "_max", "_max_bytes", "_max_negative", "_negative",
+                 "_refresh", "_ttl", "evictions")
 
-    def __init__(self, *, max_entries: int, ttl: float, refresh: float = 0.0,
+    def __init__(self, *, max_entries: int, ttl: float, refresh: float = 0.0, max_bytes: int = DEFAULT_MAX_BYTES,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if max_entries < 0 or ttl <= 0:
             raise ValueError(f"NearCache needs max_entries >= 0 and ttl > 0 (got {max_entries}, {ttl})")
@@ -52,6 +58,8 @@ class NearCache:
         self._data: OrderedDict[str, tuple[float, bytes, float]] = OrderedDict()
         self._negative: OrderedDict[str, tuple[float, bytes, float]] = OrderedDict()   # the same, NEGATIVE values
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0   # of the answers' values held (negative entries are one byte each: not counted)
         self._max_negative = max(1, max_entries // NEGATIVE_SHARE)
         self._ttl = ttl
         self._refresh = refresh
@@ -84,8 +92,7 @@ class NearCache:
         if entry[0] < now:
             with self._lock:
                 if data.get(key) is entry:   # not replaced by a fill meanwhile
-                    del data[key]
-                    self._due.discard(key)
+                    self._drop(data, key)
             return _NOT_HERE
         try:
             data.move_to_end(key)
@@ -102,12 +109,21 @@ class NearCache:
     def put(self, key: str, value: bytes) -> None:
         if not self._max:
             return
+        size = len(value)
+        if size > self._max_bytes:   # would push out everything else, and still not fit
+            self.discard((key,))
+            return
         expires = self._clock() + self._ttl * (1.0 - _JITTER * random.random())
         refresh_from = expires - self._refresh if self._refresh else math.inf
         negative = value == NEGATIVE
         data, other = (self._negative, self._data) if negative else (self._data, self._negative)
         with self._lock:
-            other.pop(key, None)   # an answer that became NOT_FOUND, or the other way round
+            held = other.pop(key, None)   # an answer that became NOT_FOUND, or the other way round
+            if negative:
+                self._bytes -= len(held[1]) if held is not None else 0
+            else:
+                held = data.get(key)
+                self._bytes += size - (len(held[1]) if held is not None else 0)
             data[key] = (expires, value, refresh_from)
             data.move_to_end(key)
             self._due.discard(key)
@@ -115,22 +131,42 @@ class NearCache:
                 self._evict(data)
             if len(self._data) + len(self._negative) > self._max:
                 self._evict(self._data if self._data else self._negative)
+            while self._bytes > self._max_bytes:
+                self._evict(self._data)
 
     def _evict(self, data: OrderedDict[str, tuple[float, bytes, float]]) -> None:
-        old, _ = data.popitem(last=False)
+        old, entry = data.popitem(last=False)
+        if data is self._data:
+            self._bytes -= len(entry[1])
         self._due.discard(old)
         self.evictions += 1
 
+    def _drop(self, data: OrderedDict[str, tuple[float, bytes, float]], key: str) -> None:
+        """`key` out of `data` if there (the caller holds the lock)."""
+        entry = data.pop(key, None)
+        if entry is not None and data is self._data:
+            self._bytes -= len(entry[1])
+        self._due.discard(key)
+
     def discard(self, keys: Iterable[str]) -> None:
-        with self._lock:
-            pop, pop_negative, due = self._data.pop, self._negative.pop, self._due.discard
+        with self._lock:   # (a write can name 100,000 keys: the loop's names bound once)
+            pop, pop_negative, due, freed = self._data.pop, self._negative.pop, self._due.discard, 0
             for key in keys:
-                pop(key, None)
+                entry = pop(key, None)
+                if entry is not None:
+                    freed += len(entry[1])
                 pop_negative(key, None)
                 due(key)
+            self._bytes -= freed
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
             self._negative.clear()
             self._due.clear()
+            self._bytes = 0
+
+    @property
+    def size_bytes(self) -> int:
+        """The answers' bytes held now."""
+        return self._bytes

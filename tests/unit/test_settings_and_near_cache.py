@@ -177,6 +177,32 @@ def test_near_cache_stays_consistent_under_threads() -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(cache) <= 64
+    assert cache.size_bytes == sum(len(entry[1]) for entry in cache._data.values())   # counted as held
+
+
+def test_near_cache_holds_at_most_its_bytes_of_answers() -> None:
+    """Bounded by entries alone, 100,000 profiles of 200 KB would be 20 GB in one process. Past
+    `max_bytes` the least recently used answers go; one bigger than the bound is served, not kept."""
+    now = [0.0]
+    cache = NearCache(max_entries=1000, ttl=60, max_bytes=10_000, clock=lambda: now[0])
+    for i in range(10):
+        cache.put(f"p{i}", bytes(1500))                  # 15,000 bytes asked to be held
+    assert cache.size_bytes <= 10_000 and len(cache) == 6
+    assert cache.get("p0") is None and cache.get("p9") == bytes(1500)   # the oldest went first
+    cache.put("p9", bytes(100))                          # replaced: its old size no longer counts
+    assert cache.size_bytes == 5 * 1500 + 100
+    cache.put("big", bytes(10_001))
+    assert cache.get("big") is None and cache.size_bytes == 7_600
+    cache.put("p8", NEGATIVE)                            # an answer that became NOT_FOUND
+    assert cache.size_bytes == 6_100
+    cache.discard(["p7", "p6"])
+    assert cache.size_bytes == 3_100
+    now[0] += 61                                        # expired entries leave as they are read
+    assert cache.get("p5") is None and cache.size_bytes == 1_600
+    cache.clear()
+    assert cache.size_bytes == 0 and len(cache) == 0
+    with pytest.raises(SettingsError, match="CRS_NEAR_CACHE_BYTES must be > 0"):
+        load_settings({"CRS_NEAR_CACHE_BYTES": "0"})
 
 
 def test_near_cache_refresh_ahead_is_due_once_per_entry() -> None:
