@@ -195,15 +195,20 @@ class WriteEnvelope:
             outbox_id, change.event_type, change.entity_type, change.entity_id,
             orjson.dumps(change.payload).decode(), sorted(set(change.stale_keys)),
             feed.entity_type, feed.op, feed.entity_id, feed.version, state)
+        # Feed-only rows: the main row carries the write's cache keys, so these are settled at once. One
+        # executemany (pipelined, in order): a merge of thousands of accounts has twice as many, and a
+        # round trip each held FEED_LOCK, every other write's commit, for seconds.
+        rows = []
         for event_type, message in change.also:
-            # Feed-only rows: the main row carries the write's cache keys, so these are settled at once.
             extra = feed_fields(event_type, message)
-            await conn.execute(
+            rows.append((event_type, event_type.partition(".")[0], extra.entity_id, extra.entity_type, extra.op,
+                         extra.entity_id, extra.version, message.SerializeToString()))
+        if rows:
+            await conn.executemany(
                 "INSERT INTO outbox (seq, event_type, entity_type, entity_id, feed_type, feed_op, feed_id,"
                 " feed_version, state, invalidated_at, settled_at)"
                 " VALUES (nextval('feed_seq'), $1, $2, $3, $4, $5, $6, $7, $8, clock_timestamp(), clock_timestamp())",
-                event_type, event_type.partition(".")[0], extra.entity_id, extra.entity_type, extra.op,
-                extra.entity_id, extra.version, message.SerializeToString())
+                rows)
         await conn.execute("SELECT pg_notify($1, '')", FEED_CHANNEL)
 
     async def _replay(self, conn: Conn, rpc: str, req: Request, caller: Caller) -> WriteResult | None:

@@ -34,6 +34,9 @@ OPEN, ACCEPTED, REJECTED = pb.REVIEW_STATUS_OPEN, pb.REVIEW_STATUS_ACCEPTED, pb.
 # A review task naming customer $2 names $1 instead (a merge re-points to the survivor, an unmerge back).
 _SWAP_CUSTOMER = ("UPDATE identity_reviews r SET customer_id = CASE customer_id WHEN $2 THEN $1 ELSE customer_id END,"
                   " candidate_id = CASE candidate_id WHEN $2 THEN $1 ELSE candidate_id END")
+# The roles of customer $1 on accounts $2, one each from $3.
+_SET_ROLES = ("UPDATE account_customers c SET role = n.role FROM unnest($2::text[], $3::smallint[])"
+              " AS n(account_id, role) WHERE c.customer_id = $1 AND c.account_id = n.account_id")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 _REVIEW_ID = re.compile(r"rev_[0-9a-z]{4,40}")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -152,6 +155,7 @@ class IdentityStore(IdentityWrites):
             "SELECT account_id, role FROM account_customers WHERE customer_id = $1 AND account_id = ANY($2::text[])"
             " FOR UPDATE", survivor, accounts)}
         recorded: list[dict[str, Any]] = []
+        kept, stronger = [], []   # accounts both are on: the merged one's row goes; the survivor's role may rise
         for r in rels:
             account, role = r["account_id"], r["role"]
             before = theirs.get(account)
@@ -159,17 +163,19 @@ class IdentityStore(IdentityWrites):
                              "created_at": r["created_at"].isoformat()})
             moved.also.append(("relationship.unlinked", _rel(account, merged, role)))
             if before is None:   # the row moves as it is (its created_at, hence the answers' order, too)
-                await conn.execute("UPDATE account_customers SET customer_id = $3 WHERE account_id = $1"
-                                   " AND customer_id = $2", account, merged, survivor)
                 moved.also.append(("relationship.linked", _rel(account, survivor, role)))
                 continue
             # Both on one account: one row for the survivor with the stronger role (lower number).
-            await conn.execute("DELETE FROM account_customers WHERE account_id = $1 AND customer_id = $2",
-                               account, merged)
+            kept.append(account)
             if role < before:
-                await conn.execute("UPDATE account_customers SET role = $3 WHERE account_id = $1"
-                                   " AND customer_id = $2", account, survivor, role)
+                stronger.append((account, role))
                 moved.also.append(("relationship.role_changed", _rel(account, survivor, role)))
+        # A statement for each kind of change, whatever the number of accounts: a statement a relationship
+        # took a 24,000-account customer's merge 15 s (docs/audit-2026-12-04.md, "Twentieth audit").
+        await conn.execute("DELETE FROM account_customers WHERE customer_id = $1 AND account_id = ANY($2::text[])",
+                           merged, kept)
+        await conn.execute("UPDATE account_customers SET customer_id = $1 WHERE customer_id = $2", survivor, merged)
+        await conn.execute(_SET_ROLES, survivor, [a for a, _ in stronger], [role for _, role in stronger])
         aliases = _customers_changed(moved, await conn.fetch(
             "UPDATE customers SET merged_into = $1, version = version + 1, updated_at = now() WHERE merged_into = $2"
             " RETURNING *", survivor, merged))
@@ -270,27 +276,37 @@ class IdentityStore(IdentityWrites):
             recorded = orjson.loads(recorded)
         await self.lock_accounts(conn, [*(rel["account_id"] for rel in recorded),
                                         *await self._accounts_of(conn, survivor)], edges=True)
+        now_roles = {r["account_id"]: r["role"] for r in await conn.fetch(
+            "SELECT account_id, role FROM account_customers WHERE customer_id = $1 AND account_id = ANY($2::text[])"
+            " ORDER BY account_id FOR UPDATE", survivor, [rel["account_id"] for rel in recorded])}
         skipped: list[str] = []
+        back, again, weaker = [], [], []   # rows that move back; rows made again; the survivor's roles restored
         for rel in recorded:
             account, role, before = rel["account_id"], rel["role"], rel["survivor_role"]
-            now = await conn.fetchval("SELECT role FROM account_customers WHERE account_id = $1 AND customer_id = $2"
-                                      " FOR UPDATE", account, survivor)
+            now = now_roles.get(account)
             if now is None:   # unlinked since the merge: nothing to give back
                 skipped.append(account)
                 continue
             if before is None:
-                await conn.execute("UPDATE account_customers SET customer_id = $3, role = $4 WHERE account_id = $1"
-                                   " AND customer_id = $2", account, survivor, merged, role)
+                back.append((account, role))
                 moved.also.append(("relationship.unlinked", _rel(account, survivor, now)))
             else:
-                await conn.execute(
-                    "INSERT INTO account_customers (account_id, customer_id, role, created_at) VALUES ($1, $2, $3, $4)",
-                    account, merged, role, dt.datetime.fromisoformat(rel["created_at"]))
+                again.append((account, role, dt.datetime.fromisoformat(rel["created_at"])))
                 if now != before:
-                    await conn.execute("UPDATE account_customers SET role = $3 WHERE account_id = $1"
-                                       " AND customer_id = $2", account, survivor, before)
+                    weaker.append((account, before))
                     moved.also.append(("relationship.role_changed", _rel(account, survivor, before)))
             moved.also.append(("relationship.linked", _rel(account, merged, role)))
+        # A statement for each kind of change, whatever the number of accounts (as the merge).
+        await conn.execute(
+            "UPDATE account_customers c SET customer_id = $2, role = n.role FROM unnest($3::text[], $4::smallint[])"
+            " AS n(account_id, role) WHERE c.customer_id = $1 AND c.account_id = n.account_id",
+            survivor, merged, [a for a, _ in back], [role for _, role in back])
+        await conn.execute(
+            "INSERT INTO account_customers (account_id, customer_id, role, created_at)"
+            " SELECT account_id, $1, role, created_at FROM unnest($2::text[], $3::smallint[], $4::timestamptz[])"
+            " AS n(account_id, role, created_at)",
+            merged, [a for a, _, _ in again], [role for _, role, _ in again], [at for _, _, at in again])
+        await conn.execute(_SET_ROLES, survivor, [a for a, _ in weaker], [role for _, role in weaker])
         moved.answer.skipped_account_ids.extend(skipped)
         aliases = _customers_changed(moved, await conn.fetch(
             "UPDATE customers SET merged_into = $1, version = version + 1, updated_at = now()"
