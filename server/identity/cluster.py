@@ -56,6 +56,37 @@ def candidate_pairs(identities: Sequence[Identity], keys: Sequence[Sequence[str]
 
 def cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thresholds,
             margin: float = AMBIGUITY_MARGIN, keys: Sequence[Sequence[str]] | None = None) -> Clusters:
+    """Rows with the same attributes are one person when the model MATCHes such a row with itself:
+    they join the first of them before blocking. Otherwise a source system's thousands of records of
+    one person filled every block of theirs past MAX_BLOCK, and each became a customer of its own (a
+    file of 3,000 made 3,000 customers and no review task; docs/audit-2026-12-04.md, "Twentieth audit")."""
+    first: dict[Identity, int] = {}
+    twins: list[tuple[int, int, Score]] = []    # (first row, a later row with its attributes, their score)
+    own: dict[Identity, Score] = {}
+    for i, identity in enumerate(identities):
+        j = first.setdefault(identity, i)
+        if j != i:
+            if identity not in own:
+                own[identity] = model.score(identity, identity)
+            s = own[identity]
+            if s.probability >= thresholds.match and s.may_match:
+                twins.append((j, i, s))
+    if not twins:
+        return _cluster(identities, model, thresholds, margin, keys)
+    gone = {i for _, i, _ in twins}
+    kept = [i for i in range(len(identities)) if i not in gone]
+    inner = _cluster([identities[i] for i in kept], model, thresholds, margin,
+                     None if keys is None else [keys[i] for i in kept])
+    label = {i: kept[inner.labels[n]] for n, i in enumerate(kept)}
+    for j, i, _ in twins:
+        label[i] = label[j]
+    return Clusters([label[i] for i in range(len(identities))],
+                    [(kept[a], kept[b], s) for a, b, s in inner.joined] + twins,
+                    [(kept[a], kept[b], s) for a, b, s in inner.possible])
+
+
+def _cluster(identities: Sequence[Identity], model: MatchModel, thresholds: Thresholds, margin: float,
+             keys: Sequence[Sequence[str]] | None) -> Clusters:
     scored: list[tuple[int, int, Score]] = []
     for i, j in candidate_pairs(identities, keys):
         s = model.score(identities[i], identities[j])

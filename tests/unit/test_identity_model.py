@@ -179,6 +179,25 @@ def test_cluster_joins_duplicates_and_not_across_two_national_ids() -> None:
     assert labels[0] != labels[1]
 
 
+def test_cluster_joins_thousands_of_records_of_one_person_however_crowded_their_blocks() -> None:
+    """A source system's 1,200 records of one person, and a variant: before, each of the 1,200 was a
+    customer of its own (their blocks held more than MAX_BLOCK records, so no pair was scored)."""
+    moved = replace(BASE, address_line1="12 linden way")
+    rows = [BASE] * 1_200 + [moved, BASE]
+    found = cluster(rows, MODEL, Thresholds())
+    assert set(found.labels) == {0}
+    assert not found.possible
+    # Each later row reports the score it joined with; the variant MATCHes a row of the same person.
+    assert sorted(max(i, j) for i, j, _ in found.joined) == list(range(1, len(rows)))
+
+
+def test_cluster_keeps_identical_records_apart_that_do_not_match_themselves() -> None:
+    """A name alone may MATCH nobody, a record of the same name alone included: each stays its own."""
+    bare = Identity(given_name="margaret", family_name="kowalski")
+    assert not MODEL.score(bare, bare).may_match
+    assert cluster([bare, bare, BASE], MODEL, Thresholds()).labels == [0, 1, 2]
+
+
 def test_cluster_does_not_chain_father_and_son_through_a_record_without_birth_date() -> None:
     father = BASE.without("national_id")
     son = replace(father, date_of_birth="2008-01-30")
