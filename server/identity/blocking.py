@@ -8,7 +8,8 @@ its original while a key's block stays small (docs/identity.md lists them and wh
 Keys are stored and searched as keyed hashes (`block_hash`: the first 8 bytes of an HMAC under the
 fingerprint key, as a signed 64-bit integer): the blocking table holds no clear name, date or
 number. A query's block that holds more than `MAX_BLOCK` records is skipped: it is too common
-(a family name and a birth year shared by thousands) to tell anyone apart.
+(a family name and a birth year shared by thousands) to tell anyone apart; unless the records
+are one customer's (server/store/identity.py `_chosen`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ server/store/identity_writes.py (create, update) and server/store/merge.py (merg
 A source record's attributes are stored as one AES-256-GCM ciphertext of its normalised JSON under a
 data key; its national id also as a keyed fingerprint (exact-match index) and last four; its
 blocking keys as keyed 64-bit hashes. Candidate search: the query's blocking hashes -> the records
-sharing one (a block bigger than MAX_BLOCK is skipped) -> every record of those records' customers ->
-decrypt and score each customer by its best record.
+sharing one (a block bigger than MAX_BLOCK is skipped, unless its records are one customer's) ->
+every record of those records' customers -> decrypt and score each customer by its best record.
 """
 
 from __future__ import annotations
@@ -153,12 +153,18 @@ _BLOCK_MEMBERS = ("SELECT b.k AS block, r.record_id, r.customer_id FROM unnest($
 def _chosen(hashes: list[int], per_block: dict[int, dict[int, str]], exclude: str = "",
             limit: int | None = MAX_CANDIDATE_CUSTOMERS) -> list[str]:
     """The customers sharing a (not too common) block with a query, those sharing the most keys first:
-    they are the likely matches when blocks are crowded."""
+    they are the likely matches when blocks are crowded. A block crowded by one customer's records
+    alone (a person a source system holds thousands of records of) names that customer: skipped, the
+    person's next record found no one and became a customer of its own, every time, with no review
+    (docs/audit-2026-12-04.md, "Twentieth audit")."""
     hits: dict[str, int] = defaultdict(int)
     for h in hashes:
         members = per_block.get(h)
-        if members is not None and len(members) <= MAX_BLOCK:
-            for cid in set(members.values()):
+        if members is None:
+            continue
+        customers = set(members.values())
+        if len(members) <= MAX_BLOCK or len(customers) == 1:
+            for cid in customers:
                 hits[cid] += 1
     hits.pop(exclude, None)
     return sorted(hits, key=lambda c: (-hits[c], c))[:limit]
@@ -166,7 +172,7 @@ def _chosen(hashes: list[int], per_block: dict[int, dict[int, str]], exclude: st
 
 async def _block_members(conn: Conn, hashes: list[int], version: int) -> dict[int, dict[int, str]]:
     """Per block: record id -> customer id of its records. At most MAX_BLOCK + 1 records: a block that
-    fills them is too common and is skipped."""
+    fills them is too common and is skipped, unless they are all one customer's (`_chosen`)."""
     per_block: dict[int, dict[int, str]] = defaultdict(dict)
     for block, record_id, customer_id in await conn.fetch(_BLOCK_MEMBERS, hashes, MAX_BLOCK + 1, version):
         per_block[block][record_id] = customer_id
@@ -201,7 +207,9 @@ async def candidates(conn: Conn, codec: IdentityCodec, model: MatchModel, identi
 
 
 def _identities(records: dict[str, list[Contribution]]) -> dict[str, list[Identity]]:
-    return {cid: [c.identity for c in cs] for cid, cs in records.items()}
+    """Each customer's distinct identities: a customer's best score is its best record's, and a person
+    with thousands of records holds few distinct ones (each was scored, a second's work a batch)."""
+    return {cid: list(dict.fromkeys(c.identity for c in cs)) for cid, cs in records.items()}
 
 
 class Unwritten:
@@ -246,8 +254,14 @@ async def candidates_many(conn: Conn, codec: IdentityCodec, model: MatchModel, i
         for cid in wanted:
             if cid in unwritten.records:
                 seen = {c.record_id for c in stored.get(cid, ())}
-                records[cid] = records.get(cid, []) + [i for r, i in unwritten.records[cid].items() if r not in seen]
-    return [_score(model, identity, cs, records) for identity, cs in zip(identities, chosen, strict=True)]
+                records[cid] = list(dict.fromkeys([*records.get(cid, []),
+                                                   *(i for r, i in unwritten.records[cid].items() if r not in seen)]))
+    # A batch's rows with the same attributes and candidates are scored once.
+    done: dict[tuple[Identity, tuple[str, ...]], list[tuple[str, Score]]] = {}
+    for identity, cs in zip(identities, chosen, strict=True):
+        if (identity, tuple(cs)) not in done:
+            done[identity, tuple(cs)] = _score(model, identity, cs, records)
+    return [done[identity, tuple(cs)] for identity, cs in zip(identities, chosen, strict=True)]
 
 
 async def golden_identity(conn: Conn, codec: IdentityCodec, customer_id: str) -> pb.CustomerIdentity:
