@@ -466,8 +466,10 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
         dev_env: DevEnvironment, used_secrets: UsedSecrets, monkeypatch: pytest.MonkeyPatch) -> None:
     """The next batch's search may see the previous batch committed (its transaction can commit
     between the search's statements): its records then come from PostgreSQL and from Unwritten, and
-    must count once, or a block would look crowded and be skipped. With MAX_BLOCK at 2 a block holding
-    the previous batch's two records is used; counted twice it would be skipped and the match lost."""
+    must count once, or a block would look crowded and be skipped (a block crowded by many customers'
+    records is). Checked on the blocks' counts themselves, as `_chosen` gets them: a block crowded by
+    one customer's records is no longer skipped (twentieth audit), so the match alone would not show a
+    double count."""
     from server.identity.attributes import parse_identity
     from server.identity.model import MatchModel, Thresholds
     from server.settings import load_settings
@@ -476,7 +478,14 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
     from server.store.db import active_data_key
     from server.store.identity import IdentityCodec
 
-    monkeypatch.setattr(identity_store, "MAX_BLOCK", 2)
+    counted: list[dict[int, int]] = []
+    chosen = identity_store._chosen
+
+    def counting(hashes: list[int], per_block: dict[int, dict[int, str]], *args: Any) -> list[str]:
+        counted.append({h: len(per_block.get(h, {})) for h in hashes})
+        return chosen(hashes, per_block, *args)
+
+    monkeypatch.setattr(identity_store, "_chosen", counting)
     person = _row(used_secrets, "", phone="")
     raw = {k: v for k, v in person.items() if k not in ("source_ref", "national_id_type")}
     raw |= {"address_line1": person["address_line1"]}
@@ -494,6 +503,7 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
             first = bulk.plan(await bulk.search([ImportRow(2, "A-1", identity), ImportRow(3, "A-2", identity)], 3))
             await bulk.write(first, "run-" + system)                      # committed before the next search
             query = [ImportRow(4, "B-1", identity)]
+            counted.clear()
             both = await bulk.search(query, 4, unwritten=first.unwritten)  # PostgreSQL and Unwritten hold them
             alone = await bulk.search(query, 4)
             return [c for c, _ in both.scored[0]], [c for c, _ in alone.scored[0]]
@@ -502,6 +512,8 @@ def test_a_search_counts_each_record_once_whenever_the_previous_batch_commits(
 
     both, alone = asyncio.run(go())
     assert both == alone and len(both) == 1
+    assert len(counted) == 2 and counted[0] == counted[1], counted        # each record once, from either source
+    assert set(counted[0].values()) == {2}, counted                     # A-1 and A-2 in each of the person's blocks
 
 
 def test_an_interrupted_import_resumes(env_vars: None, dev_env: DevEnvironment, used_secrets: UsedSecrets,
