@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
@@ -122,6 +123,22 @@ def until(what: str, condition: Callable[[], bool], within: float, *, poll: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {within}s: {what}")
         time.sleep(poll)
+
+
+def log_records(text: str, msg: str) -> list[dict[str, Any]]:
+    """The JSON log records of a node's log text whose message is `msg`. Read where each record starts,
+    not line by line: a worker SIGKILLed mid-line leaves its last record cut short, and the next record
+    (the supervisor's) runs on after it on the same line."""
+    decoder, found = json.JSONDecoder(), []
+    for line in text.splitlines():
+        start = line.find('{"ts":')
+        while start >= 0:
+            with contextlib.suppress(ValueError):
+                record, _ = decoder.raw_decode(line, start)
+                if record.get("msg") == msg:
+                    found.append(record)
+            start = line.find('{"ts":', start + 1)
+    return found
 
 
 def metric(node: NodeProcess, name: str, **labels: str) -> float:

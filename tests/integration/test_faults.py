@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -41,6 +40,7 @@ from tests.integration.support import (
     card_key,
     fresh_account_number,
     fresh_pan,
+    log_records,
     metric,
     own_env,
     until,
@@ -470,19 +470,7 @@ def test_a_worker_that_cannot_start_while_postgres_is_down_never_takes_its_sibli
 
 
 def _restarts(log: LogFile) -> list[dict[str, Any]]:
-    """The supervisor's restart lines. The killed worker may leave its last line cut short (SIGKILL) with
-    the supervisor's next line run on after it, so each record is read where it starts, not by line (a
-    CI run failed to parse such a line)."""
-    decoder, found = json.JSONDecoder(), []
-    for line in log.text().splitlines():
-        start = line.find('{"ts":')
-        while start >= 0:
-            with contextlib.suppress(ValueError):
-                record, _ = decoder.raw_decode(line, start)
-                if record.get("msg") == "worker exited; restarting":
-                    found.append(record)
-            start = line.find('{"ts":', start + 1)
-    return found
+    return log_records(log.text(), "worker exited; restarting")
 
 
 def _callers(lookup: Any, cards: range, codes: list[str]) -> list[threading.Thread]:

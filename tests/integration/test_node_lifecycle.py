@@ -29,7 +29,7 @@ from server import rpc
 from server.background import STOP_SECONDS
 from server.proto import crs_pb2 as pb
 from server.settings import settings_to_env
-from tests.integration.support import UsedSecrets, fresh_pan, metrics_dir, until, worker_pids
+from tests.integration.support import UsedSecrets, fresh_pan, log_records, metrics_dir, until, worker_pids
 
 
 def test_two_workers_share_a_port_and_drain_on_sigterm(dev_env: DevEnvironment, used_secrets: UsedSecrets) -> None:
@@ -219,10 +219,10 @@ def test_a_worker_that_does_not_stop_in_time_is_killed_and_the_node_exits_1(dev_
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         dev_env.nodes.remove(node)
-    lines = [line for line in LogFile(node.log_path).text().splitlines() if line.startswith("{")]
-    killed = [json.loads(line) for line in lines if '"workers did not stop in time; killed"' in line]
+    text = LogFile(node.log_path).text()          # (a worker killed mid-line: log_records)
+    killed = log_records(text, "workers did not stop in time; killed")
     assert len(killed) == 1 and len(killed[0]["workers"]) == 1, killed
-    stopped = [json.loads(line) for line in lines if '"msg":"stopped"' in line]
+    stopped = log_records(text, "stopped")
     assert sorted(stopped[-1]["exitcodes"]) == [-9, 0], stopped
 
 
