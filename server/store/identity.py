@@ -20,12 +20,13 @@ import asyncpg
 import orjson
 
 from server.crypto import IDENTITY_PURPOSE, DataKey, Keyring
-from server.errors import NotFound
+from server.errors import FailedPrecondition, NotFound
 from server.identity.attributes import Identity, SourceRef
 from server.identity.blocking import MAX_BLOCK, block_hashes
 from server.identity.golden import Contribution, attributes_msg, golden
 from server.identity.model import Decision, MatchModel, Score, Thresholds
 from server.proto import crs_pb2 as pb
+from server.rpc import ANSWER_MAX_BYTES
 from server.store.db import Conn, acquire, translate_db_errors
 
 MAX_CANDIDATE_CUSTOMERS = 50   # scored per query at most (the blocks' best are kept, see `candidates`)
@@ -337,4 +338,11 @@ class IdentityReads:
                 answer = await golden_identity(conn, self.codec, survivor)
         if survivor != customer_id:
             answer.merged_from = customer_id
+        if answer.ByteSize() > ANSWER_MAX_BYTES - 1024:   # room for what a batch wraps an answer in
+            # A client's library would refuse it unexplained (RESOURCE_EXHAUSTED): about 60,000 source
+            # records, which a source system's records of one person can make (twentieth audit).
+            raise FailedPrecondition(
+                f"customer {survivor}'s golden record, with {len(answer.source_refs):,} source records and"
+                f" {len(answer.merged_ids):,} merged customers, is larger than the {ANSWER_MAX_BYTES // 2**20} MiB"
+                " an answer may be")
         return answer

@@ -9,8 +9,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import pytest
 
 from devstack.environment import DevEnvironment
+from server.errors import FailedPrecondition
 from server.proto import crs_pb2 as pb
 from tests.integration.support import Clients, UsedSecrets, clients_of, expect_code, fresh_pan
 
@@ -344,3 +346,38 @@ def test_card_numbers_in_attributes_or_source_refs_are_invalid_argument_never_ec
     assert node_a.lookup.GetCustomer(pb.GetCustomerRequest(customer_id=existing.customer_id),
                                      timeout=5).customer.version == existing.version
     assert not any(form in str(golden) for pan in pans for form in (pan, pan[6:]))
+
+
+def test_a_golden_record_too_big_for_one_answer_is_refused_with_a_status_that_says_why(
+        dev_env: DevEnvironment, node_a: Clients, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source system's records of one person make one customer now (twentieth audit): at about
+    60,000 of them its golden record passed the 4 MiB a client accepts, and GetCustomerIdentity failed
+    with the client library's RESOURCE_EXHAUSTED, unexplained. Here the bound is made small instead."""
+    import asyncio
+
+    import asyncpg
+
+    from server.identity.model import MatchModel, Thresholds
+    from server.settings import load_settings
+    from server.store import identity as identity_store
+    from server.store.db import active_data_key
+
+    customer = _create(node_a, _person())
+    settings = load_settings(dict(dev_env.keys) | {"CRS_PG_DSN": dev_env.operator_dsn, "CRS_ALLOW_PLAINTEXT": "true",
+                                                  "CRS_ALLOW_ANONYMOUS": "true"})
+
+    async def read(bound: int) -> pb.CustomerIdentity:
+        monkeypatch.setattr(identity_store, "ANSWER_MAX_BYTES", bound)
+        pool = await asyncpg.create_pool(dev_env.operator_dsn, min_size=1, max_size=1)
+        try:
+            keyring = settings.keyring()
+            reads = identity_store.IdentityReads(
+                pool=pool, codec=identity_store.IdentityCodec(keyring=keyring, data_key=await active_data_key(
+                    pool, keyring)), model=MatchModel.load(), thresholds=Thresholds(), timeout=5.0)
+            return await reads.customer_identity(customer.customer_id)
+        finally:
+            await pool.close()
+
+    assert asyncio.run(read(4 * 1024 * 1024)).source_refs
+    with pytest.raises(FailedPrecondition, match="1 source records and 0 merged customers, is larger than the 0 MiB"):
+        asyncio.run(read(1024 + 10))
