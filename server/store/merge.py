@@ -174,7 +174,8 @@ class IdentityStore(IdentityWrites):
         # took a 24,000-account customer's merge 15 s (docs/audit-2026-12-04.md, "Twentieth audit").
         await conn.execute("DELETE FROM account_customers WHERE customer_id = $1 AND account_id = ANY($2::text[])",
                            merged, kept)
-        await conn.execute("UPDATE account_customers SET customer_id = $1 WHERE customer_id = $2", survivor, merged)
+        await conn.execute("UPDATE account_customers SET customer_id = $1 WHERE customer_id = $2"
+                           " AND account_id = ANY($3::text[])", survivor, merged, accounts)   # the rows recorded
         await conn.execute(_SET_ROLES, survivor, [a for a, _ in stronger], [role for _, role in stronger])
         aliases = _customers_changed(moved, await conn.fetch(
             "UPDATE customers SET merged_into = $1, version = version + 1, updated_at = now() WHERE merged_into = $2"
