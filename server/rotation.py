@@ -32,7 +32,7 @@ from server.crypto import ACCOUNT_PURPOSE, IDENTITY_PURPOSE, PAN_PURPOSE, DataKe
 from server.identity.attributes import Identity
 from server.identity.blocking import block_hashes
 from server.progress import ProgressBar
-from server.store.db import CONNECT_TIMEOUT
+from server.store.db import CONNECT_TIMEOUT, verify_key_checks
 
 BATCH = 1000
 LOCK_WAIT = 30.0   # seconds the rotation waits, after its pass, for each table's rows a write held locked
@@ -81,6 +81,9 @@ async def rotate_fingerprint(dsn: str, keyring: Keyring, *, to_version: int, bat
     done: dict[str, int] = {}
     left: dict[str, int] = {}
     try:
+        # Records `to_version`'s key check now, not at the first node's start: a node given another key
+        # for it is then refused, instead of switching to a version whose fingerprints it cannot match.
+        await verify_key_checks(conn, keyring)
         deks = await _data_keys(conn, keyring)
         for spec in (CARDS, ACCOUNTS):
             routing_col = "routing_number" if spec is ACCOUNTS else "NULL"
@@ -290,6 +293,10 @@ async def key_status(dsn: str) -> list[tuple[str, str]]:
                                       f" FROM {spec.table} GROUP BY 1, 2 ORDER BY 1, 2"):
                 nxt = f" (+ version {r['nv']})" if r["nv"] is not None else ""
                 lines.append((spec.table, f"{r['n']} rows fingerprinted with version {r['v']}{nxt}"))
+        for r in await conn.fetch("SELECT fingerprint_version AS v, next_fingerprint_version AS nv, count(*) AS n"
+                                  " FROM source_records GROUP BY 1, 2 ORDER BY 1, 2"):
+            nxt = f" (+ version {r['nv']})" if r["nv"] is not None else ""
+            lines.append(("identities", f"{r['n']} records fingerprinted with version {r['v']}{nxt}"))
         for r in await conn.fetch("SELECT kek_version, count(*) AS n FROM data_keys GROUP BY 1 ORDER BY 1"):
             lines.append(("data_keys", f"{r['n']} wrapped under KEK version {r['kek_version']}"))
         for r in await conn.fetch("SELECT version, retired_at FROM key_checks WHERE kind = 'fingerprint' ORDER BY 1"):

@@ -106,7 +106,7 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
     import asyncpg
 
     from server.errors import BackendUnavailable
-    from server.store.db import active_data_key
+    from server.store.db import active_data_key, verify_key_checks
 
     try:
         # jit off: the candidate search's estimated cost passes jit_above_cost, and compiling it took
@@ -118,6 +118,7 @@ async def _open(settings: Settings) -> tuple[Any, Any, Any]:
     except (OSError, asyncpg.PostgresError) as exc:
         raise BackendUnavailable(f"cannot connect to PostgreSQL: {type(exc).__name__}") from exc
     keyring = settings.keyring()
+    await verify_key_checks(pool, keyring)   # a wrong or retired key wrote records no node could find
     return pool, keyring, await active_data_key(pool, keyring)
 
 

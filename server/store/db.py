@@ -184,19 +184,28 @@ def translate_db_errors() -> Iterator[None]:
 KEY_CHECK_LABEL = b"crs:key-check:v1"
 
 
-async def verify_key_checks(pool: asyncpg.Pool, keyring: Keyring) -> None:
-    """Refuse to start with a fingerprint key that differs from the one this database used for the
-    same version (it would silently turn every lookup into NOT_FOUND). First use records the check."""
-    async with pool.acquire() as conn:
+async def verify_key_checks(db: asyncpg.Pool | Conn, keyring: Keyring) -> None:
+    """Refuse a fingerprint key that differs from the one this database used for the same version (it
+    would silently turn every lookup into NOT_FOUND), and a current version that was retired (its rows
+    moved to the newer one: the same). First use of a version records its check. Nodes run it at start;
+    so do the commands that write fingerprints (`crs import customers`, `crs keys rotate-fingerprint`),
+    which wrote rows a node could never find (an outside check, 2026-12-06)."""
+    async with contextlib.AsyncExitStack() as stack:
+        conn = await stack.enter_async_context(db.acquire()) if isinstance(db, asyncpg.Pool) else db
         for version in sorted(keyring.fingerprint_keys):
             check = hmac.new(keyring.fingerprint_keys[version], KEY_CHECK_LABEL, hashlib.sha256).digest()
             await conn.execute("INSERT INTO key_checks (kind, version, check_value) VALUES ('fingerprint', $1, $2)"
                                " ON CONFLICT DO NOTHING", version, check)
-            stored = await conn.fetchval(
-                "SELECT check_value FROM key_checks WHERE kind = 'fingerprint' AND version = $1", version)
-            if not hmac.compare_digest(bytes(stored), check):
+            stored = await conn.fetchrow("SELECT check_value, retired_at FROM key_checks WHERE kind = 'fingerprint'"
+                                         " AND version = $1", version)
+            assert stored is not None   # inserted above if it was not there
+            if not hmac.compare_digest(bytes(stored["check_value"]), check):
                 raise KeyConfigError(f"CRS_FINGERPRINT_KEYS version {version} is not the key this database was"
                                      " fingerprinted with: wrong key for this environment?")
+            if version == keyring.fingerprint_version and stored["retired_at"] is not None:
+                raise KeyConfigError(f"fingerprint key version {version} was retired (crs keys retire-fingerprint,"
+                                     f" {stored['retired_at']:%Y-%m-%d}): its rows use the newer version now; set"
+                                     " CRS_FINGERPRINT_KEYS and CRS_FINGERPRINT_KEY_VERSION to that one")
 
 
 async def active_data_key(pool: asyncpg.Pool, keyring: Keyring) -> DataKey:

@@ -125,6 +125,9 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
         assert r.returncode == 0, r.stderr
         assert f"re-fingerprinted {CARDS} cards" in r.stdout and "and 1 identity records" in r.stdout
     assert load.errors == [] and load.ok > 0
+    # Version 2's key check is recorded by the rotation itself, before any node runs version 2.
+    status = crs_command(env, "keys", "status", overrides=both_on_1).stdout
+    assert "fingerprint version 2" in status and "identities" in status, status
     switched = _node(env, both_on_2)
     _check_all(switched, range(CARDS))
     people[2] = _create_person(switched, 2)
@@ -176,6 +179,25 @@ def test_fingerprint_rotation_online(env: DevEnvironment) -> None:
                     overrides=both_on_2)
     assert r.returncode == 0 and "version 1 retired" in r.stdout, r.stderr
     assert sql(env.admin_dsn, "SELECT count(*) FROM identity_blocks WHERE version = 1")[0][0] == 0   # 5 a batch
+    # What writes or serves fingerprints refuses a retired current version, or a key other than the one
+    # the database was fingerprinted with (an outside check: a node served NOT_FOUND for every card on
+    # the retired key, and an import wrote records under it, or under a wrong key, that no node matched).
+    def serve(overrides: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        child = {k: v for k, v in os.environ.items() if not k.startswith("CRS_")} | settings_to_env(
+            env.settings(workers=1, grpc_port=free_port(), metrics_port=0)) | overrides
+        return subprocess.run([sys.executable, "-m", "server.cli", "serve"], env=child, capture_output=True,
+                              text=True, timeout=60)
+
+    r = serve(old)
+    assert r.returncode == 2 and "version 1 was retired" in r.stderr, r.stderr
+    wrong_2 = old | {"CRS_FINGERPRINT_KEYS": f"2:{encode_key(new_key())}", "CRS_FINGERPRINT_KEY_VERSION": "2"}
+    assert env.stack is not None
+    csv_file = env.stack.base_dir / "people.csv"
+    csv_file.write_text("source_ref,given_name,family_name,date_of_birth\nk1,Ada,Keyholder,1980-02-03\n")
+    for command in (("import", "customers", "--source", "keys", "--report", str(csv_file.with_suffix(".out")),
+                     str(csv_file)), ("keys", "rotate-fingerprint", "--to", "2")):
+        r = crs_command(env, *command, overrides=wrong_2)
+        assert r.returncode == 2 and "not the key this database was fingerprinted with" in r.stderr, r.stderr
     for node in (before, during, switched):
         node.stop()
         env.nodes.remove(node)
