@@ -85,7 +85,8 @@ def register(sub: Any) -> None:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("migrate", help="apply pending schema migrations (idempotent)", description=(
-        "Apply every pending migration in order, each in one transaction, recorded in schema_versions.\n"
+        "Apply every pending migration in order, each in one transaction (a concurrent one, below,\n"
+        "statement by statement), recorded in schema_versions. Run it as the schema's owner.\n"
         "Safe to run from several places at once (advisory lock). Needs CRS_PG_DSN.\n"
         "A migration waits at most --lock-timeout for each lock (queries of that table queue behind\n"
         "it meanwhile), then rolls back and tries again, until --lock-wait: then exit 3, naming the\n"
