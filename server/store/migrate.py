@@ -25,7 +25,7 @@ import asyncio
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -136,10 +136,9 @@ async def migrate(dsn: str, *, lock_timeout: float = LOCK_TIMEOUT, lock_wait: fl
         # Asked for again and again, not waited for: a session waiting in pg_advisory_lock is a running
         # statement, and the other run's CREATE INDEX CONCURRENTLY would wait for it to end, which
         # waits for that run: a deadlock.
-        pause = RETRY_FIRST
+        pauses = _pauses()
         while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
-            await sleep(pause * random.uniform(0.5, 1.5))
-            pause = min(pause * 2, RETRY_MAX)
+            await sleep(_jittered(next(pauses)))
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_versions ("
@@ -172,7 +171,7 @@ async def _apply(conn: Conn, mig: Migration, *, lock_timeout: float, lock_wait: 
     """`mig` in one transaction whose lock waits are bounded by `lock_timeout`, tried again until
     `lock_wait` has passed."""
     give_up = time.monotonic() + lock_wait
-    pause = RETRY_FIRST
+    pauses = _pauses()
     tries = 0
     while True:
         tries += 1
@@ -186,14 +185,26 @@ async def _apply(conn: Conn, mig: Migration, *, lock_timeout: float, lock_wait: 
                 )
             return
         except asyncpg.exceptions.LockNotAvailableError:
+            pause = next(pauses)
             if time.monotonic() + pause >= give_up:
                 raise MigrationBlocked(
                     f"migration {mig.version:04d}_{mig.name} could not take its locks in {tries} tries over"
                     f" {lock_wait:g} s (each waited at most {lock_timeout:g} s, so that queries of the table"
                     f" did not queue behind it); nothing of it was applied. The oldest open transactions:"
                     f" {await _open_transactions(conn)}. Run `crs migrate` again once they ended") from None
-        await sleep(pause * random.uniform(0.5, 1.5))
+        await sleep(_jittered(pause))
+
+
+def _pauses() -> Iterator[float]:
+    """The pauses between tries (RETRY_FIRST, doubling to RETRY_MAX), before jitter."""
+    pause = RETRY_FIRST
+    while True:
+        yield pause
         pause = min(pause * 2, RETRY_MAX)
+
+
+def _jittered(pause: float) -> float:
+    return pause * random.uniform(0.5, 1.5)
 
 
 async def _apply_concurrently(conn: Conn, mig: Migration, *, lock_wait: float) -> None:
