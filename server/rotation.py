@@ -288,15 +288,12 @@ async def key_status(dsn: str) -> list[tuple[str, str]]:
     conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
     try:
         lines = []
-        for spec in (CARDS, ACCOUNTS):
+        for table, name, rows in ((CARDS.table, CARDS.table, "rows"), (ACCOUNTS.table, ACCOUNTS.table, "rows"),
+                                  ("source_records", "identities", "records")):
             for r in await conn.fetch(f"SELECT fingerprint_version AS v, next_fingerprint_version AS nv, count(*) AS n"
-                                      f" FROM {spec.table} GROUP BY 1, 2 ORDER BY 1, 2"):
+                                      f" FROM {table} GROUP BY 1, 2 ORDER BY 1, 2"):
                 nxt = f" (+ version {r['nv']})" if r["nv"] is not None else ""
-                lines.append((spec.table, f"{r['n']} rows fingerprinted with version {r['v']}{nxt}"))
-        for r in await conn.fetch("SELECT fingerprint_version AS v, next_fingerprint_version AS nv, count(*) AS n"
-                                  " FROM source_records GROUP BY 1, 2 ORDER BY 1, 2"):
-            nxt = f" (+ version {r['nv']})" if r["nv"] is not None else ""
-            lines.append(("identities", f"{r['n']} records fingerprinted with version {r['v']}{nxt}"))
+                lines.append((name, f"{r['n']} {rows} fingerprinted with version {r['v']}{nxt}"))
         for r in await conn.fetch("SELECT kek_version, count(*) AS n FROM data_keys GROUP BY 1 ORDER BY 1"):
             lines.append(("data_keys", f"{r['n']} wrapped under KEK version {r['kek_version']}"))
         for r in await conn.fetch("SELECT version, retired_at FROM key_checks WHERE kind = 'fingerprint' ORDER BY 1"):
